@@ -1,0 +1,13 @@
+"""torchbp: hand-written backpropagation for PyTorch.
+
+Public surface: :mod:`torchbp.functional`, :mod:`torchbp.nn`, :func:`torchbp.convert`,
+:mod:`torchbp.autograd` (the Functions) and :mod:`torchbp.verify` (checks for any
+autograd Function). Importing torchbp never imports Lightning.
+"""
+
+from torchbp import autograd, functional, nn
+from torchbp.convert import convert
+
+__version__ = "0.1.0"
+
+__all__ = ["autograd", "functional", "nn", "convert", "__version__"]

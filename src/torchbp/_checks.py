@@ -1,0 +1,85 @@
+"""Argument checks shared by the wrappers: clear errors that name the problem."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor has the wrong shape (a ``ValueError``; also a ``RuntimeError`` like
+    native's, so existing ``except RuntimeError`` code keeps working)."""
+
+
+class DTypeError(TypeError, RuntimeError):
+    """A tensor has the wrong dtype (a ``TypeError`` and a ``RuntimeError``)."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensors live on different devices."""
+
+
+class ClassIndexError(IndexError, RuntimeError):
+    """A class index lies outside ``[0, C)`` and is not ``ignore_index``."""
+
+
+def values_inspectable(t: torch.Tensor) -> bool:
+    """Whether a check may look at ``t``'s values (not while torch.compile traces, and not
+    on a torch.func-wrapped tensor, where data-dependent Python control flow is illegal)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    named = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in named.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in named.items())
+        raise DeviceError(f"{op}: expected all tensors on one device, got {listing}")
+
+
+def check_floating(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise DTypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(
+            f"{reduction} is not a valid value for reduction (expected 'none', 'mean' or 'sum')"
+        )
+
+
+def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Raise :class:`ClassIndexError` naming the first bad class index (eager only: on CUDA
+    this costs one host sync, and it replaces a device-side assert)."""
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise DTypeError(
+            f"{op}: expected class-index target of dtype int64 (Long) or uint8 (Byte), "
+            f"got {target.dtype}"
+        )
+    if target.numel() == 0 or not values_inspectable(target):
+        return
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise ClassIndexError(
+            f"{op}: target {value} is out of bounds: class indices must lie in [0, {classes}) "
+            f"(C = {classes}) or equal ignore_index = {ignore_index}"
+        )
+
+
+def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.shape[0] != classes:
+        raise ShapeError(
+            f"{op}: weight must have shape ({classes},), one entry per class, "
+            f"got {tuple(weight.shape)}"
+        )
+    check_floating(op, "weight", weight)
+    if weight.requires_grad:
+        raise RuntimeError(
+            f"{op}: class weights are not differentiable (as in torch.nn.functional); "
+            "pass weight.detach()"
+        )

@@ -1,0 +1,88 @@
+"""Affine layer ``y = x Wᵀ + b`` with a hand-written backward."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+
+def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
+    """View ``(*, features)`` as ``(M, features)`` (copies only if the strides demand it)."""
+    return t.reshape(-1, features)
+
+
+class _Linear(Function):
+    """jvp-free twin of :class:`LinearFunction` (used under torch.compile)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias):
+        # x: (*, in), weight: (out, in), bias: (out,) or None -> y: (*, out)
+        out_features, in_features = weight.shape
+        x2 = _flatten(x, in_features)
+        if bias is None:
+            y2 = x2 @ weight.t()
+        else:
+            y2 = torch.addmm(bias, x2, weight.t())
+        return y2.reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        needs_x, needs_w, _ = ctx.needs_input_grad
+        # dW needs x and dx needs W: save each only if the *other* gradient is wanted.
+        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
+        ctx.set_materialize_grads(False)
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return None, None, None
+        x, weight = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad
+        out_features = grad_y.shape[-1]
+        # g: (M, out) -- reshape, never view: grad_y may be expanded or transposed.
+        g = grad_y.reshape(-1, out_features)
+        grad_x = grad_w = grad_b = None
+        if needs_x:
+            # dL/dx = g W              (M, out) @ (out, in) -> (M, in)
+            grad_x = (g @ weight).reshape(ctx.x_shape)
+        if needs_w:
+            # dL/dW = gᵀ x             (out, M) @ (M, in) -> (out, in)
+            grad_w = g.t() @ _flatten(x, x.shape[-1])
+        if needs_b and ctx.has_bias:
+            # dL/db = Σ_rows g          summed over every leading dim -> (out,)
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class LinearFunction(_Linear):
+    """``y = x Wᵀ + b`` for ``x`` of shape ``(*, in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``.
+
+    Backward: ``dx = g W``, ``dW = gᵀ x``, ``db = Σ g`` over every leading dim, where ``g``
+    is ``dL/dy`` flattened to ``(M, out)``. Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
+    Saves ``x`` only when ``W`` needs a gradient and ``W`` only when ``x`` does.
+    """
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Linear.setup_context(ctx, inputs, output)
+        x, weight, _ = inputs
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        x, weight = ctx.saved_tensors
+        out = None
+        # dy = dx Wᵀ + x dWᵀ + db
+        if x_t is not None:
+            out = x_t @ weight.t()
+        if weight_t is not None:
+            term = x @ weight_t.t()
+            out = term if out is None else out + term
+        if bias_t is not None:
+            out = bias_t.expand(*x.shape[:-1], weight.shape[0]) if out is None else out + bias_t
+        return out

@@ -1,0 +1,324 @@
+"""Negative log-likelihood and the fused log-softmax + NLL cross-entropy.
+
+Both Functions work on 2-D ``(M, C)`` inputs (class dim last) and return one loss per
+row; :mod:`torchbp.functional` moves the class dim, flattens K-dim inputs and reduces
+(``mean`` divides by the summed target weights, as native does).
+
+Notation, per row ``i`` with target ``y_i``, class weights ``w`` (1 if absent), label
+smoothing ``ε`` over ``C`` classes, ``p = softmax(z)``:
+
+* NLL: ``ℓ_i = -w_{y_i} logp_{i, y_i}`` (0 for ``y_i == ignore_index``).
+* Cross-entropy with class indices: ``ℓ_i = (1-ε) w_{y_i} (lse_i - z_{i,y_i})
+  + (ε/C) Σ_c w_c (lse_i - z_{ic})``; with probability targets ``t``:
+  ``ℓ_i = -Σ_c w_c t'_{ic} logp_{ic}``, ``t' = (1-ε) t + ε/C``.
+
+  Both have the form ``ℓ_i = a_i lse_i - Σ_c B_{ic} z_{ic}`` with ``Σ_c B_{ic} = a_i``, so
+  ``∂ℓ_i/∂z_i = a_i p_i - B_i`` — for plain cross-entropy the familiar ``p - onehot(y)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+# Rows are processed in chunks of about this many elements, so that the few passes over
+# a chunk (max, exp, sum, normalise) stay in cache and each logit is read from memory once.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(rows: int, classes: int) -> int:
+    if torch.compiler.is_compiling():
+        return max(rows, 1)  # one chunk: Inductor fuses the passes itself
+    return max(1, _CHUNK_ELEMENTS // max(classes, 1))
+
+
+# --------------------------------------------------------------------------- NLL
+class _NLLLoss(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logp, target, weight, ignore_index):
+        # logp: (M, C), target: (M,) -> ℓ: (M,) with ℓ_i = -w_{y_i} logp_{i, y_i}
+        valid = target != ignore_index
+        safe = torch.where(valid, target, 0)
+        picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        w = _target_weight(weight, safe, valid, logp.dtype)
+        return torch.where(valid, -w * picked, torch.zeros((), dtype=logp.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logp, target, weight, ignore_index = inputs
+        # The gradient does not depend on logp's values: save only the target (and weight).
+        ctx.save_for_backward(target, weight)
+        ctx.ignore_index = ignore_index
+        ctx.classes = logp.shape[1]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if grad_rows is None:
+            return None, None, None, None
+        target, weight = ctx.saved_tensors
+        valid = target != ctx.ignore_index
+        safe = torch.where(valid, target, 0)
+        w = _target_weight(weight, safe, valid, grad_rows.dtype)
+        # ∂ℓ_i/∂logp_{ic} = -w_{y_i} [c = y_i]: scatter -w_{y_i} g_i into a zero (M, C) grad.
+        src = torch.where(valid, -w * grad_rows, torch.zeros((), dtype=grad_rows.dtype))
+        shape = (target.shape[0], ctx.classes)
+        grad = torch.zeros(shape, dtype=grad_rows.dtype, device=grad_rows.device)
+        return grad.scatter(1, safe.unsqueeze(1), src.unsqueeze(1)), None, None, None
+
+
+def _target_weight(weight, safe_target, valid, dtype) -> torch.Tensor:
+    """``w_{y_i}`` per row (1 without class weights), 0 on ignored rows."""
+    if weight is None:
+        return valid.to(dtype)
+    return torch.where(valid, weight.to(dtype)[safe_target], torch.zeros((), dtype=dtype))
+
+
+class NLLLossFunction(_NLLLoss):
+    """Per-row negative log-likelihood ``ℓ_i = -w_{y_i} logp_{i, y_i}`` of ``(M, C)``
+    log-probabilities; backward scatters ``-w_{y_i} g_i`` to the target column.
+    Saves only the target and weight (native saves the whole input too)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _NLLLoss.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2])
+
+    @staticmethod
+    def jvp(ctx, logp_t, _target_t, _weight_t, _ignore):
+        if logp_t is None:
+            return None
+        target, weight = ctx.saved_tensors
+        valid = target != ctx.ignore_index
+        safe = torch.where(valid, target, 0)
+        w = _target_weight(weight, safe, valid, logp_t.dtype)
+        picked = logp_t.gather(1, safe.unsqueeze(1)).squeeze(1)
+        return torch.where(valid, -w * picked, torch.zeros((), dtype=logp_t.dtype))
+
+
+# --------------------------------------------------------------------------- cross-entropy
+def _hard_coefficients(target, weight, ignore_index, smoothing, classes, dtype):
+    """For class-index targets: ``valid`` rows, safe target indices, ``w_{y_i}`` and
+    ``a_i = (1-ε) w_{y_i} + (ε/C) Σ_c w_c`` (0 on ignored rows)."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    w_y = _target_weight(weight, safe, valid, dtype)
+    a = (1 - smoothing) * w_y
+    if smoothing:
+        w_sum = classes if weight is None else weight.to(dtype).sum()
+        a = a + valid.to(dtype) * (smoothing / classes) * w_sum
+    return valid, safe, w_y, a
+
+
+def _soft_b(target, weight, smoothing, classes, dtype):
+    """For probability targets: ``B = w ⊙ ((1-ε) t + ε/C)``, shape ``(m, C)``."""
+    b = target.to(dtype)
+    if smoothing:
+        b = b * (1 - smoothing) + smoothing / classes
+    if weight is not None:
+        b = b * weight.to(dtype)
+    return b
+
+
+def _ce_chunk(z, target, weight, ignore_index, smoothing, rows_out, grad_out, lse_out):
+    """Forward of one chunk of rows: fills ``ℓ`` (rows_out), ``∂ℓ/∂z`` (grad_out) and
+    ``lse`` (lse_out). Everything is computed in the accumulation dtype of ``rows_out``;
+    the gradient is rounded to ``grad_out``'s dtype once, at the end, so that
+    ``p_y - 1`` of a confident row keeps its precision in bfloat16."""
+    acc = rows_out.dtype
+    classes = z.shape[1]
+    soft = target.is_floating_point()
+    # s = z - m with m the row max: every exponent is <= 0 (log-sum-exp trick).
+    m = z.amax(1, keepdim=True).to(acc)
+    s = grad_out if grad_out.dtype == acc else torch.empty(z.shape, dtype=acc, device=z.device)
+    torch.sub(z, m, out=s)
+    # Linear part Σ_c B_ic s_ic, taken before s is overwritten by exp(s).
+    if soft:
+        b = _soft_b(target, weight, smoothing, classes, acc)
+        a = b.sum(1)
+        linear = (b * s).sum(1)
+        valid = None
+    else:
+        valid, safe, w_y, a = _hard_coefficients(
+            target, weight, ignore_index, smoothing, classes, acc
+        )
+        linear = (1 - smoothing) * w_y * s.gather(1, safe.unsqueeze(1)).squeeze(1)
+        if smoothing:
+            s_w = s.sum(1) if weight is None else s @ weight.to(acc)
+            linear = linear + (smoothing / classes) * s_w
+    # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0.
+    e = s.exp_()
+    log_sum = e.sum(1, keepdim=True).log_()
+    lse_out.copy_((m + log_sum).squeeze(1))
+    # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ e - Σ_c B_ic s_ic   (m cancels: Σ B = a)
+    loss = a * log_sum.squeeze(1) - linear
+    if valid is not None:
+        loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
+    rows_out.copy_(loss)
+    # ∂ℓ_i/∂z_i = a_i p_i - B_i,  p_i = e_i / Σ e_i
+    grad = e.div_(log_sum.exp_()).mul_(a.unsqueeze(1))
+    if soft:
+        grad.sub_(b)
+    else:
+        if smoothing:
+            w_row = torch.ones(classes, dtype=acc, device=z.device) if weight is None else weight
+            grad.addr_(valid.to(acc), w_row.to(acc), alpha=-smoothing / classes)
+        grad.scatter_add_(1, safe.unsqueeze(1), (-(1 - smoothing) * w_y).unsqueeze(1))
+    if grad is not grad_out:
+        grad_out.copy_(grad)
+
+
+def _ce_b_dense(target, weight, ignore_index, smoothing, classes, dtype):
+    """``B`` and ``a`` as dense tensors, for the second-order term (double backward)."""
+    if target.is_floating_point():
+        b = _soft_b(target, weight, smoothing, classes, dtype)
+        return b, b.sum(1)
+    valid, safe, w_y, a = _hard_coefficients(
+        target, weight, ignore_index, smoothing, classes, dtype
+    )
+    b = torch.zeros((target.shape[0], classes), dtype=dtype, device=target.device)
+    b = b.scatter(1, safe.unsqueeze(1), ((1 - smoothing) * w_y).unsqueeze(1))
+    if smoothing:
+        w_row = torch.ones(classes, dtype=dtype, device=target.device) if weight is None else weight
+        b = b + torch.outer(valid.to(dtype), w_row.to(dtype)) * (smoothing / classes)
+    return b, a
+
+
+class _CrossEntropy(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, weight, ignore_index, label_smoothing):
+        # logits: (M, C); target: (M,) class indices or (M, C) probabilities.
+        # Returns ℓ (M,) in the accumulation dtype, ∂ℓ/∂z (M, C) in the logits' dtype, and
+        # lse (M,). The gradient is computed here, where the softmax is at hand, so that
+        # e^z is evaluated once per logit (native evaluates it again in backward).
+        rows, classes = logits.shape
+        acc = _acc_dtype(logits.dtype)
+        loss = torch.empty(rows, dtype=acc, device=logits.device)
+        lse = torch.empty(rows, dtype=acc, device=logits.device)
+        grad = torch.empty((rows, classes), dtype=logits.dtype, device=logits.device)
+        step = _rows_per_chunk(rows, classes)
+        for start in range(0, rows, step):
+            chunk = slice(start, start + step)
+            _ce_chunk(
+                logits[chunk],
+                target[chunk],
+                weight,
+                ignore_index,
+                label_smoothing,
+                loss[chunk],
+                grad[chunk],
+                lse[chunk],
+            )
+        return loss, grad, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index, label_smoothing = inputs
+        _loss, grad, lse = output
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = label_smoothing
+        ctx.soft = target.is_floating_point()
+        needs_target = ctx.needs_input_grad[1]
+        # ∂ℓ/∂z is all the logits' gradient needs; the soft target's gradient
+        # -(1-ε) w ⊙ logp needs the logits and lse as well.
+        ctx.save_for_backward(
+            grad, target, weight, logits if needs_target else None, lse if needs_target else None
+        )
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_grad, grad_lse):
+        grad, target, weight, logits, lse = ctx.saved_tensors
+        classes = grad.shape[1]
+        grad_logits = grad_target = None
+        if grad_loss is not None:
+            if ctx.soft:
+                scale = grad_loss
+            else:
+                # Ignored rows get exactly 0, even when the upstream scale is inf or NaN
+                # (mean over no valid rows divides by 0: native leaves those rows 0 too).
+                scale = torch.where(target != ctx.ignore_index, grad_loss, 0)
+            # dz_i = g_i ∂ℓ_i/∂z_i
+            grad_logits = grad * scale.unsqueeze(1).to(grad.dtype)
+            if ctx.needs_input_grad[1]:
+                # ∂ℓ_i/∂t_ic = -(1-ε) w_c logp_ic
+                logp = logits.to(lse.dtype) - lse.unsqueeze(1)
+                coef = -(1 - ctx.label_smoothing) * grad_loss.to(lse.dtype).unsqueeze(1)
+                grad_target = coef * logp
+                if weight is not None:
+                    grad_target = grad_target * weight.to(lse.dtype)
+        if grad_grad is not None or grad_lse is not None:
+            # Reached only by double backward (through dz = g ⊙ ∂ℓ/∂z, or through lse in
+            # the soft target's gradient). Recover p = (∂ℓ/∂z + B) / a from the saved grad.
+            b, a = _ce_b_dense(
+                target, weight, ctx.ignore_index, ctx.label_smoothing, classes, grad.dtype
+            )
+            a = a.unsqueeze(1)
+            p = (grad + b) / torch.where(a == 0, torch.ones((), dtype=a.dtype), a)
+            terms = []
+            if grad_grad is not None:
+                v = grad_grad
+                pv = (p * v).sum(1, keepdim=True)
+                # ∂(a_i p_ij - B_ij)/∂z_ik = a_i p_ij (δ_jk - p_ik)
+                terms.append(a * p * (v - pv))
+                if ctx.needs_input_grad[1]:
+                    # ∂(a_i p_ij - B_ij)/∂t_ik = (1-ε) w_k (p_ij - δ_jk)
+                    cross = (1 - ctx.label_smoothing) * (pv - v)
+                    if weight is not None:
+                        cross = cross * weight.to(cross.dtype)
+                    grad_target = cross if grad_target is None else grad_target + cross
+            if grad_lse is not None:
+                # ∂lse_i/∂z_ij = p_ij
+                terms.append(grad_lse.unsqueeze(1).to(p.dtype) * p)
+            for term in terms:
+                grad_logits = term if grad_logits is None else grad_logits + term
+        return grad_logits, grad_target, None, None, None
+
+
+class CrossEntropyFunction(_CrossEntropy):
+    """Fused log-softmax + NLL over ``(M, C)`` logits, one loss per row.
+
+    Forward (per row, max trick): ``lse = m + log Σ_c e^{z_c - m}``; class index ``y``:
+    ``ℓ = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c)``; probabilities ``t``:
+    ``ℓ = -Σ_c w_c t'_c (z_c - lse)``. Backward: ``dz = g ⊙ (a p - B)`` — for plain
+    cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
+    softmax evaluation and saved (one tensor the size of the logits; the logits
+    themselves are not kept). Returns ``(ℓ, ∂ℓ/∂z, lse)``; the wrappers expose ``ℓ``.
+    """
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _CrossEntropy.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output[1], inputs[1], inputs[2])
+
+    @staticmethod
+    def jvp(ctx, logits_t, target_t, _weight_t, _ignore, _smoothing):
+        grad, target, weight = ctx.saved_tensors
+        if target_t is not None:
+            raise NotImplementedError(
+                "torchbp cross_entropy: forward-mode AD w.r.t. probability targets is not "
+                "supported; detach the target"
+            )
+        if logits_t is None:
+            return None, None, None
+        classes = grad.shape[1]
+        # dℓ_i = Σ_j ∂ℓ_i/∂z_ij dz_ij
+        loss_t = (grad.to(logits_t.dtype) * logits_t).sum(1).to(_acc_dtype(grad.dtype))
+        b, a = _ce_b_dense(
+            target, weight, ctx.ignore_index, ctx.label_smoothing, classes, grad.dtype
+        )
+        a = a.unsqueeze(1)
+        p = (grad + b) / torch.where(a == 0, torch.ones((), dtype=a.dtype), a)
+        pv = (p * logits_t).sum(1, keepdim=True)
+        grad_t = a * p * (logits_t - pv)
+        lse_t = pv.squeeze(1).to(loss_t.dtype)
+        return loss_t, grad_t, lse_t

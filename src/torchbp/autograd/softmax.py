@@ -1,0 +1,103 @@
+"""Softmax and log-softmax along one dim, with the max trick and hand-written backward."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+
+def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
+    # Max trick: softmax(x) = softmax(x - m) for m = max_j x_j, and x - m <= 0 keeps
+    # exp() from overflowing. A row that is all -inf keeps m = -inf (x - m is then NaN,
+    # as in native); a 0-size dim has no max, and its result is empty anyway.
+    if x.shape[dim] == 0:
+        return x.clone()
+    return x - x.amax(dim, keepdim=True)
+
+
+def _softmax_grad(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    # y = softmax(x): ∂y_i/∂x_j = y_i (δ_ij - y_j)  =>  dx = y ⊙ (g - Σ_j g_j y_j)
+    return y * (g - (g * y).sum(dim, keepdim=True))
+
+
+def _log_softmax_grad(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    # y = log softmax(x): ∂y_i/∂x_j = δ_ij - softmax_j  =>  dx = g - e^y Σ_i g_i
+    return g - torch.exp(y) * g.sum(dim, keepdim=True)
+
+
+class _Softmax(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, dim):
+        e = torch.exp(_shifted(x, dim))
+        return e / e.sum(dim, keepdim=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return None, None
+        (y,) = ctx.saved_tensors
+        return _softmax_grad(grad_y, y, ctx.dim), None
+
+
+class SoftmaxFunction(_Softmax):
+    """``y = e^{x - m} / Σ e^{x - m}`` along ``dim`` (``m`` the max, for stability);
+    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Softmax.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, x_t, _dim):
+        (y,) = ctx.saved_tensors
+        return None if x_t is None else _softmax_grad(x_t, y, ctx.dim)
+
+
+class _LogSoftmax(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, dim):
+        # log softmax(x) = (x - m) - log Σ e^{x - m}
+        s = _shifted(x, dim)
+        return s - torch.exp(s).sum(dim, keepdim=True).log()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return None, None
+        (y,) = ctx.saved_tensors
+        return _log_softmax_grad(grad_y, y, ctx.dim), None
+
+
+class LogSoftmaxFunction(_LogSoftmax):
+    """``y = (x - m) - log Σ e^{x - m}`` along ``dim``; backward ``dx = g - e^y Σ g``.
+    Saves ``y``. Forward-mode: ``dy = dx - Σ e^y dx``."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LogSoftmax.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, x_t, _dim):
+        (y,) = ctx.saved_tensors
+        if x_t is None:
+            return None
+        # dy = J dx with J_ij = δ_ij - softmax_j  =>  dy = dx - Σ_j e^{y_j} dx_j
+        return x_t - (torch.exp(y) * x_t).sum(ctx.dim, keepdim=True)

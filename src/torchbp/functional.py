@@ -1,0 +1,416 @@
+"""Drop-in replacements for :mod:`torch.nn.functional`, backed by torchbp's Functions.
+
+Every function has the signature, defaults and semantics of its native namesake
+(``torch.sigmoid`` / ``torch.tanh`` for those two). The wrappers check arguments (clear
+errors instead of failures deep inside), apply autocast the way native ops are listed
+(``linear`` in the low-precision dtype; ``nll_loss`` / ``cross_entropy``, and on CUDA
+also ``softmax`` / ``log_softmax``, in float32), move the class dim of K-dimensional
+losses last, and reduce per-row losses.
+
+Examples::
+
+    >>> import torch, torchbp.functional as TF
+    >>> x = torch.randn(8, 4, requires_grad=True)
+    >>> loss = TF.cross_entropy(TF.linear(x, torch.randn(3, 4)), torch.randint(3, (8,)))
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.nn import _reduction
+
+from torchbp import _checks
+from torchbp.autograd import (
+    CrossEntropyFunction,
+    GELUFunction,
+    LeakyReLUFunction,
+    LinearFunction,
+    LogSoftmaxFunction,
+    NLLLossFunction,
+    ReLUFunction,
+    SigmoidFunction,
+    SiLUFunction,
+    SoftmaxFunction,
+    TanhFunction,
+)
+from torchbp.autograd._compile import apply
+
+__all__ = [
+    "linear",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "gelu",
+    "silu",
+    "softmax",
+    "log_softmax",
+    "nll_loss",
+    "cross_entropy",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- autocast
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    device = t.device.type
+    if device not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _cast_low(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    # Autocast casts floating tensors other than float64, as native does.
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _run_without_autocast(device_type: str, fn, *args):
+    with torch.autocast(device_type, enabled=False):
+        return fn(*args)
+
+
+# --------------------------------------------------------------------------- linear
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    r"""Affine map :math:`y = x W^T + b` (as :func:`torch.nn.functional.linear`).
+
+    Args:
+        input: ``(*, in_features)``.
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features,)`` or ``None``.
+
+    Shape:
+        Output ``(*, out_features)``.
+
+    Examples::
+
+        >>> y = linear(torch.randn(2, 5, 3), torch.randn(4, 3), torch.randn(4))
+        >>> y.shape
+        torch.Size([2, 5, 4])
+    """
+    op = "linear"
+    if weight.dim() != 2:
+        raise _checks.ShapeError(
+            f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
+        )
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise _checks.ShapeError(
+            f"{op}: input's last dim must equal weight's in_features: input {tuple(input.shape)}, "
+            f"weight {tuple(weight.shape)} (in_features = {weight.shape[1]})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise _checks.ShapeError(
+            f"{op}: bias must have shape ({weight.shape[0]},) to match weight "
+            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
+    _checks.check_same_device(op, input=input, weight=weight, bias=bias)
+    amp = _autocast_dtype(input)
+    if amp is not None:
+        input, weight, bias = (_cast_low(t, amp) for t in (input, weight, bias))
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = f"input {input.dtype}, weight {weight.dtype}"
+        got += f", bias {bias.dtype}" if bias is not None else ""
+        raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
+    if amp is not None:
+        return _run_without_autocast(input.device.type, apply, LinearFunction, input, weight, bias)
+    return apply(LinearFunction, input, weight, bias)
+
+
+# --------------------------------------------------------------------------- activations
+def sigmoid(input: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x."""
+    return apply(SigmoidFunction, input)
+
+
+def tanh(input: torch.Tensor) -> torch.Tensor:
+    r""":math:`\tanh(x)` (as :func:`torch.tanh`); derivative :math:`1 - \tanh^2(x)`."""
+    return apply(TanhFunction, input)
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    r""":math:`\max(x, 0)` (as :func:`torch.nn.functional.relu`); gradient 0 at 0.
+
+    With ``inplace=True`` the result overwrites ``input`` (which is returned).
+    """
+    return apply(ReLUFunction, input, bool(inplace))
+
+
+def leaky_relu(
+    input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False
+) -> torch.Tensor:
+    r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
+    :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
+    ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
+    return apply(LeakyReLUFunction, input, float(negative_slope), bool(inplace))
+
+
+def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    r""":math:`x \Phi(x)`, or its tanh approximation with ``approximate='tanh'`` (as
+    :func:`torch.nn.functional.gelu`)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return apply(GELUFunction, input, approximate)
+
+
+def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    r""":math:`x \sigma(x)` (as :func:`torch.nn.functional.silu`).
+
+    ``inplace=True`` writes the result into ``input``; when autograd records it, the
+    Function works on a copy of ``input`` (its backward needs the original values).
+    """
+    if not inplace:
+        return apply(SiLUFunction, input)
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return input.mul_(torch.sigmoid(input))
+    return input.copy_(apply(SiLUFunction, input.clone()))
+
+
+# --------------------------------------------------------------------------- softmax family
+def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _softmax_common(name, function, input, dim, stacklevel, dtype):
+    if dim is None:
+        dim = _softmax_dim(name, input.dim(), stacklevel + 1)
+    if dtype is not None:
+        input = input.to(dtype)
+    _checks.check_floating(name, "input", input)
+    if input.device.type == "cuda" and _autocast_dtype(input) is not None and dtype is None:
+        # CUDA autocast runs softmax / log_softmax in float32 (not so on CPU).
+        input = input.float()
+        return _run_without_autocast("cuda", _softmax_apply, function, input, dim)
+    return _softmax_apply(function, input, dim)
+
+
+def _softmax_apply(function, input, dim):
+    if input.dim() == 0:
+        if dim not in (0, -1):
+            raise IndexError(
+                f"Dimension out of range (expected to be in range of [-1, 0], got {dim})"
+            )
+        return apply(function, input.reshape(1), 0).reshape(())
+    return apply(function, input, dim)
+
+
+def softmax(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r"""Softmax along ``dim`` with the max trick (as :func:`torch.nn.functional.softmax`).
+
+    Args:
+        input: any shape.
+        dim: the dim that sums to 1 (``None`` picks one as native does, with its warning).
+        dtype: if given, ``input`` is cast to it first.
+    """
+    return _softmax_common("softmax", SoftmaxFunction, input, dim, _stacklevel, dtype)
+
+
+def log_softmax(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r"""Log-softmax :math:`(x - m) - \log \sum e^{x - m}` along ``dim`` (as
+    :func:`torch.nn.functional.log_softmax`)."""
+    return _softmax_common("log_softmax", LogSoftmaxFunction, input, dim, _stacklevel, dtype)
+
+
+# --------------------------------------------------------------------------- losses
+def _legacy_reduction(size_average, reduce, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _class_layout(op: str, input: torch.Tensor):
+    """``(classes, class_dim, batch_shape)`` for input ``(C,)``, ``(N, C)`` or
+    ``(N, C, d1, ..., dK)``."""
+    if input.dim() == 0:
+        raise _checks.ShapeError(
+            f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor"
+        )
+    if input.dim() == 1:
+        return input.shape[0], 0, ()
+    return input.shape[1], 1, (input.shape[0], *input.shape[2:])
+
+
+def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
+    """``(..., C, ...)`` -> ``(M, C)`` with the class dim last."""
+    if t.dim() == 1:
+        return t.reshape(1, classes)
+    return t.movedim(class_dim, -1).reshape(-1, classes)
+
+
+def _check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_shape) -> None:
+    if tuple(target.shape) == tuple(batch_shape):
+        return
+    if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
+        got = target.shape[0] if target.dim() else "a 0-dim target"
+        raise _checks.ShapeError(
+            f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({got}); input {tuple(input.shape)}, target {tuple(target.shape)}"
+        )
+    raise _checks.ShapeError(
+        f"{op}: target of class indices must have shape {tuple(batch_shape)} for input "
+        f"{tuple(input.shape)} (the input's shape without the class dim), "
+        f"got {tuple(target.shape)}"
+    )
+
+
+def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
+    """Σ over non-ignored rows of ``w_{y_i}``: the denominator of ``reduction='mean'``."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    safe = torch.where(valid, target, 0)
+    return torch.where(valid, weight.to(dtype)[safe], torch.zeros((), dtype=dtype)).sum()
+
+
+def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
+    if reduction == "none":
+        return rows.reshape(batch_shape).to(out_dtype)
+    total = rows.sum()
+    if reduction == "sum":
+        return total.to(out_dtype)
+    return (total / denominator).to(out_dtype)
+
+
+def nll_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Negative log-likelihood of log-probabilities (as :func:`torch.nn.functional.nll_loss`).
+
+    Args:
+        input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+        target: class indices (int64 or uint8) of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``.
+        weight: per-class weights ``(C,)``.
+        ignore_index: target value that contributes neither loss nor gradient.
+        reduction: ``'none'`` | ``'mean'`` (divided by the summed weights of the non-ignored
+            targets) | ``'sum'``.
+    """
+    op = "nll_loss"
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    _checks.check_reduction(reduction)
+    classes, class_dim, batch_shape = _class_layout(op, input)
+    _checks.check_floating(op, "input", input)
+    if target.is_floating_point():
+        raise _checks.DTypeError(
+            f"{op}: target must hold class indices (int64 or uint8), got {target.dtype}; "
+            "for class probabilities use cross_entropy"
+        )
+    _check_hard_target(op, input, target, batch_shape)
+    _checks.check_class_weight(op, weight, classes)
+    _checks.check_same_device(op, input=input, target=target, weight=weight)
+    _checks.check_class_indices(op, target, classes, ignore_index)
+    amp = _autocast_dtype(input)
+    if amp is not None and input.dtype in _LOW_PRECISION:
+        input = input.float()
+    flat_target = target.reshape(-1)
+    rows = apply(
+        NLLLossFunction, _rows(input, class_dim, classes), flat_target, weight, ignore_index
+    )
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    denominator = None
+    if reduction == "mean":
+        denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
+    return _reduce(rows.to(acc), reduction, batch_shape, input.dtype, denominator)
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Cross-entropy of unnormalised logits, fused log-softmax + NLL in one Function (as
+    :func:`torch.nn.functional.cross_entropy`).
+
+    Args:
+        input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
+        target: class indices (int64 or uint8) of the input's shape without the class dim,
+            or class probabilities of the input's shape.
+        weight: per-class weights ``(C,)``.
+        ignore_index: class-index target value to skip (not allowed with probabilities).
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``; with class indices ``'mean'``
+            divides by the summed weights of the non-ignored targets, with probabilities by
+            the number of rows.
+        label_smoothing: ε in [0, 1]: the target becomes ``(1-ε) target + ε/C``.
+
+    The gradient ``softmax(z) - target`` is computed in the forward pass from the single
+    softmax evaluation (in float32 for half-precision logits) and kept instead of the
+    log-probabilities, so backward only scales it.
+
+    Examples::
+
+        >>> logits = torch.randn(4, 10, requires_grad=True)
+        >>> cross_entropy(logits, torch.tensor([1, 0, 9, 3]), label_smoothing=0.1).backward()
+    """
+    op = "cross_entropy"
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    _checks.check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    classes, class_dim, batch_shape = _class_layout(op, input)
+    _checks.check_floating(op, "input", input)
+    _checks.check_class_weight(op, weight, classes)
+    _checks.check_same_device(op, input=input, target=target, weight=weight)
+    soft = input.shape == target.shape
+    if soft:
+        if not target.is_floating_point():
+            raise _checks.DTypeError(
+                f"{op}: target of input's shape {tuple(input.shape)} is read as class "
+                f"probabilities and must be floating point, got {target.dtype}"
+            )
+        if ignore_index >= 0:
+            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
+    else:
+        if target.is_floating_point():
+            raise _checks.ShapeError(
+                f"{op}: floating-point target must have the input's shape "
+                f"{tuple(input.shape)} (class probabilities), got {tuple(target.shape)}"
+            )
+        _check_hard_target(op, input, target, batch_shape)
+        _checks.check_class_indices(op, target, classes, ignore_index)
+    amp = _autocast_dtype(input)
+    if amp is not None and input.dtype in _LOW_PRECISION:
+        input = input.float()
+    if soft and target.dtype != input.dtype:
+        common = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(common), target.to(common)
+    logits = _rows(input, class_dim, classes)
+    flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1)
+    rows, _grad, _lse = apply(
+        CrossEntropyFunction, logits, flat_target, weight, ignore_index, float(label_smoothing)
+    )
+    denominator = None
+    if reduction == "mean":
+        if soft:
+            denominator = torch.tensor(logits.shape[0], dtype=rows.dtype, device=rows.device)
+        else:
+            denominator = _target_weight_sum(flat_target, weight, ignore_index, rows.dtype)
+    return _reduce(rows, reduction, batch_shape, input.dtype, denominator)

@@ -1,0 +1,207 @@
+"""Drop-in :mod:`torch.nn` modules whose forward runs torchbp's Functions.
+
+Each class subclasses its :mod:`torch.nn` namesake and overrides only ``forward``, so
+constructor arguments (``device`` / ``dtype`` included), parameter names, initialisation
+(``reset_parameters``), ``state_dict`` keys, ``extra_repr`` and ``isinstance`` checks are
+exactly torch's: a checkpoint moves between the two without conversion.
+
+Examples::
+
+    >>> import torch, torchbp
+    >>> model = torch.nn.Sequential(torchbp.nn.Linear(4, 8), torchbp.nn.ReLU(),
+    ...                             torchbp.nn.Linear(8, 3))
+    >>> loss = torchbp.nn.CrossEntropyLoss()(model(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchbp import functional as F
+
+__all__ = [
+    "Linear",
+    "Sigmoid",
+    "Tanh",
+    "ReLU",
+    "LeakyReLU",
+    "GELU",
+    "SiLU",
+    "Softmax",
+    "LogSoftmax",
+    "NLLLoss",
+    "CrossEntropyLoss",
+]
+
+
+class Linear(nn.Linear):
+    r"""Affine layer :math:`y = x W^T + b` with torchbp's hand-written backward.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias (default ``True``).
+        device, dtype: factory kwargs for the parameters.
+
+    Shape:
+        Input ``(*, in_features)``, output ``(*, out_features)``.
+
+    Attributes:
+        weight: ``(out_features, in_features)``, initialised from
+            :math:`\mathcal{U}(-\sqrt{k}, \sqrt{k})`, :math:`k = 1/\text{in\_features}`
+            (exactly as :class:`torch.nn.Linear`).
+        bias: ``(out_features,)``, same distribution.
+
+    Examples::
+
+        >>> m = Linear(20, 30)
+        >>> m(torch.randn(128, 20)).shape
+        torch.Size([128, 30])
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias)
+
+
+class Sigmoid(nn.Sigmoid):
+    r""":math:`\sigma(x) = 1/(1 + e^{-x})`; backward saves only the output.
+
+    Shape: input ``(*)``, output the same shape.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.sigmoid(input)
+
+
+class Tanh(nn.Tanh):
+    r""":math:`\tanh(x)`; backward :math:`g (1 - y^2)` from the saved output.
+
+    Shape: input ``(*)``, output the same shape.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.tanh(input)
+
+
+class ReLU(nn.ReLU):
+    r""":math:`\max(x, 0)`.
+
+    Args:
+        inplace: overwrite the input (default ``False``).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.relu(input, inplace=self.inplace)
+
+
+class LeakyReLU(nn.LeakyReLU):
+    r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise.
+
+    Args:
+        negative_slope: :math:`\alpha` (default ``1e-2``).
+        inplace: overwrite the input (default ``False``).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(input, self.negative_slope, self.inplace)
+
+
+class GELU(nn.GELU):
+    r""":math:`x \Phi(x)` (``approximate='none'``) or its tanh approximation.
+
+    Args:
+        approximate: ``'none'`` or ``'tanh'``.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.gelu(input, approximate=self.approximate)
+
+
+class SiLU(nn.SiLU):
+    r""":math:`x \sigma(x)`.
+
+    Args:
+        inplace: overwrite the input (default ``False``).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.silu(input, inplace=self.inplace)
+
+
+class Softmax(nn.Softmax):
+    r"""Softmax along ``dim`` with the max trick.
+
+    Args:
+        dim: the dim that sums to 1.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.softmax(input, self.dim, _stacklevel=5)
+
+
+class LogSoftmax(nn.LogSoftmax):
+    r"""Log-softmax along ``dim``.
+
+    Args:
+        dim: the dim to normalise over.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class NLLLoss(nn.NLLLoss):
+    r"""Negative log-likelihood of log-probabilities.
+
+    Args:
+        weight: per-class weights ``(C,)``.
+        ignore_index: target value to skip (default ``-100``).
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        size_average, reduce: deprecated, as in torch.
+
+    Shape:
+        Input ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dK)``; target ``(N)``, ``()`` or
+        ``(N, d1, ..., dK)`` of class indices.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    r"""Fused log-softmax + NLL cross-entropy of logits.
+
+    Args:
+        weight: per-class weights ``(C,)``.
+        ignore_index: class-index target to skip (default ``-100``).
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        label_smoothing: ε in [0, 1].
+        size_average, reduce: deprecated, as in torch.
+
+    Shape:
+        Input ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dK)``; target class indices of the
+        input's shape without ``C``, or probabilities of the input's shape.
+
+    Examples::
+
+        >>> loss = CrossEntropyLoss(label_smoothing=0.1)
+        >>> loss(torch.randn(3, 5, requires_grad=True), torch.tensor([1, 0, 4])).backward()
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
