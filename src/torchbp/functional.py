@@ -242,7 +242,7 @@ def _class_layout(op: str, input: torch.Tensor):
     ``(N, C, d1, ..., dK)``."""
     if input.dim() == 0:
         raise _checks.ShapeError(
-            f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor"
+            f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...); got 0-dim"
         )
     if input.dim() == 1:
         return input.shape[0], 0, ()

@@ -10,7 +10,8 @@ Examples::
     >>> import torch, torchbp
     >>> model = torch.nn.Sequential(torchbp.nn.Linear(4, 8), torchbp.nn.ReLU(),
     ...                             torchbp.nn.Linear(8, 3))
-    >>> loss = torchbp.nn.CrossEntropyLoss()(model(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1]))
+    >>> target = torch.tensor([0, 1, 2, 0, 1])
+    >>> loss = torchbp.nn.CrossEntropyLoss()(model(torch.randn(5, 4)), target)
     >>> loss.backward()
 """
 
