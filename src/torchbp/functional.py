@@ -36,7 +36,7 @@ from torchbp.autograd import (
     SoftmaxFunction,
     TanhFunction,
 )
-from torchbp.autograd._compile import apply
+from torchbp.autograd._compile import apply, pair
 
 __all__ = [
     "linear",
@@ -53,6 +53,19 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# (Function, jvp-free twin) pairs for autograd._compile.apply
+_CROSSENTROPY = pair(CrossEntropyFunction)
+_GELU = pair(GELUFunction)
+_LEAKYRELU = pair(LeakyReLUFunction)
+_LINEAR = pair(LinearFunction)
+_LOGSOFTMAX = pair(LogSoftmaxFunction)
+_NLLLOSS = pair(NLLLossFunction)
+_RELU = pair(ReLUFunction)
+_SIGMOID = pair(SigmoidFunction)
+_SILU = pair(SiLUFunction)
+_SOFTMAX = pair(SoftmaxFunction)
+_TANH = pair(TanhFunction)
 
 
 # --------------------------------------------------------------------------- autocast
@@ -117,19 +130,19 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         got += f", bias {bias.dtype}" if bias is not None else ""
         raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
     if amp is not None:
-        return _run_without_autocast(input.device.type, apply, LinearFunction, input, weight, bias)
-    return apply(LinearFunction, input, weight, bias)
+        return _run_without_autocast(input.device.type, apply, _LINEAR, input, weight, bias)
+    return apply(_LINEAR, input, weight, bias)
 
 
 # --------------------------------------------------------------------------- activations
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x."""
-    return apply(SigmoidFunction, input)
+    return apply(_SIGMOID, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     r""":math:`\tanh(x)` (as :func:`torch.tanh`); derivative :math:`1 - \tanh^2(x)`."""
-    return apply(TanhFunction, input)
+    return apply(_TANH, input)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -137,7 +150,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     With ``inplace=True`` the result overwrites ``input`` (which is returned).
     """
-    return apply(ReLUFunction, input, bool(inplace))
+    return apply(_RELU, input, bool(inplace))
 
 
 def leaky_relu(
@@ -146,7 +159,7 @@ def leaky_relu(
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
     :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
     ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
-    return apply(LeakyReLUFunction, input, float(negative_slope), bool(inplace))
+    return apply(_LEAKYRELU, input, float(negative_slope), bool(inplace))
 
 
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -154,7 +167,7 @@ def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     :func:`torch.nn.functional.gelu`)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return apply(GELUFunction, input, approximate)
+    return apply(_GELU, input, approximate)
 
 
 def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -164,10 +177,10 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     Function works on a copy of ``input`` (its backward needs the original values).
     """
     if not inplace:
-        return apply(SiLUFunction, input)
+        return apply(_SILU, input)
     if not (torch.is_grad_enabled() and input.requires_grad):
         return input.mul_(torch.sigmoid(input))
-    return input.copy_(apply(SiLUFunction, input.clone()))
+    return input.copy_(apply(_SILU, input.clone()))
 
 
 # --------------------------------------------------------------------------- softmax family
@@ -216,7 +229,7 @@ def softmax(
         dim: the dim that sums to 1 (``None`` picks one as native does, with its warning).
         dtype: if given, ``input`` is cast to it first.
     """
-    return _softmax_common("softmax", SoftmaxFunction, input, dim, _stacklevel, dtype)
+    return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
 
 
 def log_softmax(
@@ -227,7 +240,7 @@ def log_softmax(
 ) -> torch.Tensor:
     r"""Log-softmax :math:`(x - m) - \log \sum e^{x - m}` along ``dim`` (as
     :func:`torch.nn.functional.log_softmax`)."""
-    return _softmax_common("log_softmax", LogSoftmaxFunction, input, dim, _stacklevel, dtype)
+    return _softmax_common("log_softmax", _LOGSOFTMAX, input, dim, _stacklevel, dtype)
 
 
 # --------------------------------------------------------------------------- losses
@@ -327,8 +340,7 @@ def nll_loss(
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()
     flat_target = target.reshape(-1)
-    rows = apply(
-        NLLLossFunction, _rows(input, class_dim, classes), flat_target, weight, ignore_index
+    rows = apply(_NLLLOSS, _rows(input, class_dim, classes), flat_target, weight, ignore_index
     )
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     denominator = None
@@ -404,8 +416,7 @@ def cross_entropy(
         input, target = input.to(common), target.to(common)
     logits = _rows(input, class_dim, classes)
     flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1)
-    rows, _grad, _lse = apply(
-        CrossEntropyFunction, logits, flat_target, weight, ignore_index, float(label_smoothing)
+    rows, _grad, _lse = apply(_CROSSENTROPY, logits, flat_target, weight, ignore_index, float(label_smoothing)
     )
     denominator = None
     if reduction == "mean":

@@ -15,6 +15,8 @@ import math
 import torch
 from torch.autograd import Function
 
+from torchbp.autograd._compile import register_twins
+
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -307,3 +309,6 @@ class SiLUFunction(_SiLU):
     def jvp(ctx, x_t):
         (x,) = ctx.saved_tensors
         return None if x_t is None else _silu_grad(x_t, x)
+
+
+register_twins(globals())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from torchbp.autograd._compile import register_twins
+
 
 def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
     """View ``(*, features)`` as ``(M, features)`` (copies only if the strides demand it)."""
@@ -86,3 +88,6 @@ class LinearFunction(_Linear):
         if bias_t is not None:
             out = bias_t.expand(*x.shape[:-1], weight.shape[0]) if out is None else out + bias_t
         return out
+
+
+register_twins(globals())

@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from torchbp._checks import values_inspectable
+from torchbp.autograd._compile import register_twins
+
 # Rows are processed in chunks of about this many elements, so that the few passes over
 # a chunk (max, exp, sum, normalise) stay in cache and each logit is read from memory once.
 _CHUNK_ELEMENTS = 1 << 16
@@ -33,7 +36,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rows_per_chunk(rows: int, classes: int) -> int:
     if torch.compiler.is_compiling():
-        return max(rows, 1)  # one chunk: Inductor fuses the passes itself
+        return max(rows, 1)  # one block: Inductor fuses the passes itself
     return max(1, _CHUNK_ELEMENTS // max(classes, 1))
 
 
@@ -127,24 +130,24 @@ def _soft_b(target, weight, smoothing, classes, dtype):
     return b
 
 
-def _ce_chunk(z, target, weight, ignore_index, smoothing, rows_out, grad_out, lse_out):
-    """Forward of one chunk of rows: fills ``ℓ`` (rows_out), ``∂ℓ/∂z`` (grad_out) and
-    ``lse`` (lse_out). Everything is computed in the accumulation dtype of ``rows_out``;
-    the gradient is rounded to ``grad_out``'s dtype once, at the end, so that
-    ``p_y - 1`` of a confident row keeps its precision in bfloat16."""
-    acc = rows_out.dtype
+def _ce_rows(z, target, weight, ignore_index, smoothing):
+    """Cross-entropy forward of a block of rows ``z`` (m, C).
+
+    Returns ``ℓ`` (m,), ``∂ℓ/∂z`` (m, C) and ``lse`` (m,), all in the accumulation dtype
+    (float32 for half inputs, so that ``p_y - 1`` of a confident row keeps its precision;
+    the caller rounds the gradient once). In-place ops touch only fresh temporaries.
+    """
+    acc = _acc_dtype(z.dtype)
     classes = z.shape[1]
     soft = target.is_floating_point()
     # s = z - m with m the row max: every exponent is <= 0 (log-sum-exp trick).
     m = z.amax(1, keepdim=True).to(acc)
-    s = grad_out if grad_out.dtype == acc else torch.empty(z.shape, dtype=acc, device=z.device)
-    torch.sub(z, m, out=s)
+    s = z.to(acc) - m
     # Linear part Σ_c B_ic s_ic, taken before s is overwritten by exp(s).
     if soft:
         b = _soft_b(target, weight, smoothing, classes, acc)
         a = b.sum(1)
         linear = (b * s).sum(1)
-        valid = None
     else:
         valid, safe, w_y, a = _hard_coefficients(
             target, weight, ignore_index, smoothing, classes, acc
@@ -155,24 +158,22 @@ def _ce_chunk(z, target, weight, ignore_index, smoothing, rows_out, grad_out, ls
             linear = linear + (smoothing / classes) * s_w
     # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0.
     e = s.exp_()
-    log_sum = e.sum(1, keepdim=True).log_()
-    lse_out.copy_((m + log_sum).squeeze(1))
+    total = e.sum(1, keepdim=True)
+    log_total = total.log()
+    lse = (m + log_total).squeeze(1)
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ e - Σ_c B_ic s_ic   (m cancels: Σ B = a)
-    loss = a * log_sum.squeeze(1) - linear
-    if valid is not None:
-        loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
-    rows_out.copy_(loss)
+    loss = a * log_total.squeeze(1) - linear
     # ∂ℓ_i/∂z_i = a_i p_i - B_i,  p_i = e_i / Σ e_i
-    grad = e.div_(log_sum.exp_()).mul_(a.unsqueeze(1))
+    grad = e.div_(total).mul_(a.unsqueeze(1))
     if soft:
         grad.sub_(b)
     else:
+        loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
         if smoothing:
             w_row = torch.ones(classes, dtype=acc, device=z.device) if weight is None else weight
-            grad.addr_(valid.to(acc), w_row.to(acc), alpha=-smoothing / classes)
+            grad.sub_(torch.outer(valid.to(acc), w_row.to(acc)), alpha=smoothing / classes)
         grad.scatter_add_(1, safe.unsqueeze(1), (-(1 - smoothing) * w_y).unsqueeze(1))
-    if grad is not grad_out:
-        grad_out.copy_(grad)
+    return loss, grad, lse
 
 
 def _ce_b_dense(target, weight, ignore_index, smoothing, classes, dtype):
@@ -201,23 +202,22 @@ class _CrossEntropy(Function):
         # lse (M,). The gradient is computed here, where the softmax is at hand, so that
         # e^z is evaluated once per logit (native evaluates it again in backward).
         rows, classes = logits.shape
+        step = _rows_per_chunk(rows, classes)
+        if rows <= step or not values_inspectable(logits):
+            # One block (also under torch.func transforms, which forbid writes into
+            # preallocated buffers).
+            loss, grad, lse = _ce_rows(logits, target, weight, ignore_index, label_smoothing)
+            return loss, grad.to(logits.dtype), lse
+        # Chunks of rows small enough that the passes over each stay in cache.
         acc = _acc_dtype(logits.dtype)
         loss = torch.empty(rows, dtype=acc, device=logits.device)
         lse = torch.empty(rows, dtype=acc, device=logits.device)
         grad = torch.empty((rows, classes), dtype=logits.dtype, device=logits.device)
-        step = _rows_per_chunk(rows, classes)
         for start in range(0, rows, step):
             chunk = slice(start, start + step)
-            _ce_chunk(
-                logits[chunk],
-                target[chunk],
-                weight,
-                ignore_index,
-                label_smoothing,
-                loss[chunk],
-                grad[chunk],
-                lse[chunk],
-            )
+            parts = _ce_rows(logits[chunk], target[chunk], weight, ignore_index, label_smoothing)
+            for out, part in zip((loss, grad, lse), parts):
+                out[chunk].copy_(part)
         return loss, grad, lse
 
     @staticmethod
@@ -322,3 +322,6 @@ class CrossEntropyFunction(_CrossEntropy):
         grad_t = a * p * (logits_t - pv)
         lse_t = pv.squeeze(1).to(loss_t.dtype)
         return loss_t, grad_t, lse_t
+
+
+register_twins(globals())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from torchbp.autograd._compile import register_twins
+
 
 def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
     # Max trick: softmax(x) = softmax(x - m) for m = max_j x_j, and x - m <= 0 keeps
@@ -101,3 +103,6 @@ class LogSoftmaxFunction(_LogSoftmax):
             return None
         # dy = J dx with J_ij = δ_ij - softmax_j  =>  dy = dx - Σ_j e^{y_j} dx_j
         return x_t - (torch.exp(y) * x_t).sum(ctx.dim, keepdim=True)
+
+
+register_twins(globals())
