@@ -23,6 +23,19 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_C = 0.044715
 
 
+def _opmath(derivative):
+    """Evaluate a derivative formula in float32 for half-precision tensors and round once,
+    as native kernels do (``1 - y²`` in bfloat16 loses every digit as ``y -> 1``)."""
+
+    def wrapped(g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
+        if g.dtype in (torch.float16, torch.bfloat16):
+            return derivative(g.float(), saved.float(), *args).to(g.dtype)
+        return derivative(g, saved, *args)
+
+    wrapped.__doc__ = derivative.__doc__
+    return wrapped
+
+
 def _tangent_out(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """An in-place forward must update its input's tangent in place too."""
     if ctx.inplace:
@@ -38,9 +51,10 @@ def _save(ctx, tensor, for_forward: bool):
 
 
 # --------------------------------------------------------------------------- sigmoid
+@_opmath
 def _sigmoid_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # σ'(x) = σ(x)(1 - σ(x)) = y (1 - y)
-    return g * (y - y * y)
+    return g * (y * (1 - y))
 
 
 class _Sigmoid(Function):
@@ -77,9 +91,10 @@ class SigmoidFunction(_Sigmoid):
 
 
 # --------------------------------------------------------------------------- tanh
+@_opmath
 def _tanh_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # tanh'(x) = 1 - tanh²(x) = 1 - y²
-    return g - g * y * y
+    return g * (1 - y * y)
 
 
 class _Tanh(Function):
@@ -171,6 +186,11 @@ def _leaky_relu_grad(g: torch.Tensor, saved: torch.Tensor, slope: float) -> torc
     return torch.where(saved > 0, g, g * slope)
 
 
+def _leaky_relu_saved(x: torch.Tensor, negative_slope: float, y: torch.Tensor) -> torch.Tensor:
+    # A negative slope flips the sign, so then only the input tells the branch.
+    return y if negative_slope >= 0 else x
+
+
 class _LeakyReLU(Function):
     generate_vmap_rule = True
 
@@ -189,9 +209,7 @@ class _LeakyReLU(Function):
         if inplace:
             ctx.mark_dirty(x)
         ctx.negative_slope = negative_slope
-        # A negative slope flips the sign, so then only the input tells the branch.
-        saved = output if negative_slope >= 0 else x
-        _save(ctx, saved, for_forward=False)
+        _save(ctx, _leaky_relu_saved(x, negative_slope, output), for_forward=False)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -210,7 +228,8 @@ class LeakyReLUFunction(_LeakyReLU):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _LeakyReLU.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*ctx.saved_tensors)
+        x, negative_slope, _ = inputs
+        ctx.save_for_forward(_leaky_relu_saved(x, negative_slope, output))
 
     @staticmethod
     def jvp(ctx, x_t, _slope, _inplace):
@@ -221,6 +240,7 @@ class LeakyReLUFunction(_LeakyReLU):
 
 
 # --------------------------------------------------------------------------- GELU
+@_opmath
 def _gelu_grad(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate == "tanh":
         # y = ½x(1 + tanh u), u = √(2/π)(x + c x³)
@@ -273,6 +293,7 @@ class GELUFunction(_GELU):
 
 
 # --------------------------------------------------------------------------- SiLU
+@_opmath
 def _silu_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # y = x σ(x);  y' = σ(x) (1 + x (1 - σ(x)))
     s = torch.sigmoid(x)
