@@ -17,6 +17,7 @@ Examples::
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -27,6 +28,7 @@ from torchbp.autograd import (
     CrossEntropyFunction,
     GELUFunction,
     LeakyReLUFunction,
+    LinearCrossEntropyFunction,
     LinearFunction,
     LogSoftmaxFunction,
     NLLLossFunction,
@@ -37,6 +39,7 @@ from torchbp.autograd import (
     TanhFunction,
 )
 from torchbp.autograd._compile import apply, pair
+from torchbp.autograd.linear_cross_entropy import default_chunk_size
 
 __all__ = [
     "linear",
@@ -50,6 +53,7 @@ __all__ = [
     "log_softmax",
     "nll_loss",
     "cross_entropy",
+    "linear_cross_entropy",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -159,6 +163,12 @@ def leaky_relu(
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
     :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
     ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
+    if inplace and negative_slope < 0 and torch.is_grad_enabled() and input.requires_grad:
+        # The output would overwrite the only tensor that tells the branch (its sign flips).
+        raise ValueError(
+            "leaky_relu: inplace=True with a negative slope cannot be differentiated (the "
+            "input is overwritten and its sign is lost); use inplace=False"
+        )
     return apply(_LEAKYRELU, input, float(negative_slope), bool(inplace))
 
 
@@ -425,3 +435,163 @@ def cross_entropy(
         else:
             denominator = _target_weight_sum(flat_target, weight, ignore_index, rows.dtype)
     return _reduce(rows, reduction, batch_shape, input.dtype, denominator)
+
+
+# --------------------------------------------------------------------------- linear + CE
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` computed
+    chunk by chunk of rows, without ever holding the ``(N, C)`` logits (as
+    :func:`torch.nn.functional.linear_cross_entropy`, plus ``chunk_size``).
+
+    Args:
+        input: ``(d,)`` or ``(*, d)``; every leading dim is a batch dim (class dim last,
+            unlike ``cross_entropy`` of K-dim logits; torch accepts only ``(d,)``/``(N, d)``).
+        linear_weight: ``(C, d)``.
+        target: class indices (int64 or uint8) of shape ``input.shape[:-1]``, or class
+            probabilities of shape ``(*input.shape[:-1], C)``.
+        linear_bias: ``(C,)`` or ``None``.
+        weight: per-class weights ``(C,)``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``, as :func:`cross_entropy`.
+        ignore_index: class-index target to skip (``None`` means ``-100``, as torch's).
+        label_smoothing: ε in [0, 1].
+        chunk_size: rows per chunk. Default: chosen so that the ``(chunk, C)`` working set
+            (logits chunk plus its float32 gradient) is about
+            ``autograd.linear_cross_entropy.CHUNK_BUDGET_BYTES`` (64 MiB on CPU, 256 MiB on
+            CUDA); see :func:`torchbp.autograd.linear_cross_entropy.default_chunk_size`.
+
+    Peak extra memory is O(chunk · C + N · d + C · d), never O(N · C). With ``'mean'`` /
+    ``'sum'`` the input, weight and bias gradients are computed in the forward pass (3
+    matmuls in all, as the unfused pair) and backward only scales them; with ``'none'``
+    backward recomputes the logits chunk by chunk (4 matmuls). Gradients are accumulated
+    in float32 for half-precision inputs. Double backward raises a clear error.
+
+    Examples::
+
+        >>> x = torch.randn(8, 16, requires_grad=True)
+        >>> w = torch.randn(100, 16, requires_grad=True)
+        >>> linear_cross_entropy(x, w, torch.randint(100, (8,)), chunk_size=4).backward()
+    """
+    op = "linear_cross_entropy"
+    if ignore_index is None:
+        ignore_index = -100
+    _checks.check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if linear_weight.dim() != 2:
+        raise _checks.ShapeError(
+            f"{op}: linear_weight must be 2-D (num_classes, in_features), got shape "
+            f"{tuple(linear_weight.shape)}"
+        )
+    classes, features = linear_weight.shape
+    if input.dim() == 0 or input.shape[-1] != features:
+        raise _checks.ShapeError(
+            f"{op}: input's last dim must equal linear_weight's in_features: input "
+            f"{tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)} "
+            f"(in_features = {features})"
+        )
+    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
+        raise _checks.ShapeError(
+            f"{op}: linear_bias must have shape ({classes},) to match linear_weight "
+            f"{tuple(linear_weight.shape)}, got {tuple(linear_bias.shape)}"
+        )
+    _checks.check_floating(op, "input", input)
+    _checks.check_floating(op, "linear_weight", linear_weight)
+    _checks.check_class_weight(op, weight, classes)
+    _checks.check_same_device(
+        op,
+        input=input,
+        linear_weight=linear_weight,
+        linear_bias=linear_bias,
+        target=target,
+        weight=weight,
+    )
+    batch_shape = tuple(input.shape[:-1])
+    soft = tuple(target.shape) == (*batch_shape, classes)
+    if soft:
+        if not target.is_floating_point():
+            raise _checks.DTypeError(
+                f"{op}: target of shape {tuple(target.shape)} = (*input.shape[:-1], C) is "
+                f"read as class probabilities and must be floating point, got {target.dtype}"
+            )
+        if ignore_index >= 0:
+            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
+    else:
+        if target.is_floating_point():
+            raise _checks.ShapeError(
+                f"{op}: floating-point target must have shape {(*batch_shape, classes)} "
+                f"(class probabilities), got {tuple(target.shape)}"
+            )
+        if tuple(target.shape) != batch_shape:
+            raise _checks.ShapeError(
+                f"{op}: target of class indices must have shape {batch_shape} for input "
+                f"{tuple(input.shape)} (the input's shape without in_features), "
+                f"got {tuple(target.shape)}"
+            )
+        _checks.check_class_indices(op, target, classes, ignore_index)
+    amp = _autocast_dtype(input)
+    if amp is not None:
+        # Autocast runs the linear in the low-precision dtype and the loss in float32.
+        input, linear_weight, linear_bias = (
+            _cast_low(t, amp) for t in (input, linear_weight, linear_bias)
+        )
+    if input.dtype != linear_weight.dtype or (
+        linear_bias is not None and linear_bias.dtype != linear_weight.dtype
+    ):
+        got = f"input {input.dtype}, linear_weight {linear_weight.dtype}"
+        got += f", linear_bias {linear_bias.dtype}" if linear_bias is not None else ""
+        raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
+    rows = math.prod(batch_shape)
+    x = input.reshape(rows, features)
+    flat_target = target.reshape(rows, classes) if soft else target.reshape(rows)
+    if soft and flat_target.dtype != x.dtype:
+        flat_target = flat_target.to(x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    denominator = None
+    if reduction == "mean":
+        if soft:
+            denominator = torch.tensor(rows, dtype=acc, device=x.device)
+        else:
+            denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(rows, classes, x.dtype, x.device)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(
+        bool(grad_on and t is not None and t.requires_grad)
+        for t in (x, linear_weight, linear_bias, flat_target if soft else None)
+    )
+    args = (
+        x,
+        linear_weight,
+        linear_bias,
+        flat_target,
+        weight,
+        ignore_index,
+        float(label_smoothing),
+        reduction,
+        denominator,
+        chunk_size,
+        needs,
+    )
+    if amp is not None:
+        loss = _run_without_autocast(x.device.type, LinearCrossEntropyFunction.apply, *args)[0]
+    else:
+        loss = LinearCrossEntropyFunction.apply(*args)[0]
+    out_dtype = torch.float32 if amp is not None and x.dtype in _LOW_PRECISION else input.dtype
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    return loss.to(out_dtype)

@@ -14,6 +14,7 @@ from torchbp.autograd.activations import (
     TanhFunction,
 )
 from torchbp.autograd.linear import LinearFunction
+from torchbp.autograd.linear_cross_entropy import LinearCrossEntropyFunction
 from torchbp.autograd.losses import CrossEntropyFunction, NLLLossFunction
 from torchbp.autograd.softmax import LogSoftmaxFunction, SoftmaxFunction
 
@@ -29,4 +30,5 @@ __all__ = [
     "LogSoftmaxFunction",
     "NLLLossFunction",
     "CrossEntropyFunction",
+    "LinearCrossEntropyFunction",
 ]

@@ -86,7 +86,9 @@ class LinearFunction(_Linear):
             term = x @ weight_t.t()
             out = term if out is None else out + term
         if bias_t is not None:
-            out = bias_t.expand(*x.shape[:-1], weight.shape[0]) if out is None else out + bias_t
+            shape = (*x.shape[:-1], weight.shape[0])
+            # A tangent must be laid out like the output: materialise the broadcast.
+            out = bias_t.expand(shape).contiguous() if out is None else out + bias_t
         return out
 
 

@@ -24,9 +24,9 @@ from torch.autograd import Function
 from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
 
-# Rows are processed in chunks of about this many elements, so that the few passes over
-# a chunk (max, exp, sum, normalise) stay in cache and each logit is read from memory once.
-_CHUNK_ELEMENTS = 1 << 16
+# Rows are processed in blocks of about this many elements: large enough that the
+# per-op overhead vanishes, small enough to bound the float32 temporaries of half inputs.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -130,19 +130,20 @@ def _soft_b(target, weight, smoothing, classes, dtype):
     return b
 
 
-def _ce_rows(z, target, weight, ignore_index, smoothing):
+def _ce_rows(z, target, weight, ignore_index, smoothing, out=None):
     """Cross-entropy forward of a block of rows ``z`` (m, C).
 
     Returns ``ℓ`` (m,), ``∂ℓ/∂z`` (m, C) and ``lse`` (m,), all in the accumulation dtype
     (float32 for half inputs, so that ``p_y - 1`` of a confident row keeps its precision;
-    the caller rounds the gradient once). In-place ops touch only fresh temporaries.
+    the caller rounds the gradient once). ``∂ℓ/∂z`` is built in ``out`` when given (a
+    buffer of the accumulation dtype), else in a fresh tensor; no other tensor is written.
     """
     acc = _acc_dtype(z.dtype)
     classes = z.shape[1]
     soft = target.is_floating_point()
     # s = z - m with m the row max: every exponent is <= 0 (log-sum-exp trick).
     m = z.amax(1, keepdim=True).to(acc)
-    s = z.to(acc) - m
+    s = z.to(acc) - m if out is None else torch.sub(z, m, out=out)
     # Linear part Σ_c B_ic s_ic, taken before s is overwritten by exp(s).
     if soft:
         b = _soft_b(target, weight, smoothing, classes, acc)
@@ -164,7 +165,7 @@ def _ce_rows(z, target, weight, ignore_index, smoothing):
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ e - Σ_c B_ic s_ic   (m cancels: Σ B = a)
     loss = a * log_total.squeeze(1) - linear
     # ∂ℓ_i/∂z_i = a_i p_i - B_i,  p_i = e_i / Σ e_i
-    grad = e.div_(total).mul_(a.unsqueeze(1))
+    grad = e.mul_(a.unsqueeze(1) / total)
     if soft:
         grad.sub_(b)
     else:
@@ -208,16 +209,20 @@ class _CrossEntropy(Function):
             # preallocated buffers).
             loss, grad, lse = _ce_rows(logits, target, weight, ignore_index, label_smoothing)
             return loss, grad.to(logits.dtype), lse
-        # Chunks of rows small enough that the passes over each stay in cache.
         acc = _acc_dtype(logits.dtype)
         loss = torch.empty(rows, dtype=acc, device=logits.device)
         lse = torch.empty(rows, dtype=acc, device=logits.device)
         grad = torch.empty((rows, classes), dtype=logits.dtype, device=logits.device)
         for start in range(0, rows, step):
             chunk = slice(start, start + step)
-            parts = _ce_rows(logits[chunk], target[chunk], weight, ignore_index, label_smoothing)
-            for out, part in zip((loss, grad, lse), parts):
-                out[chunk].copy_(part)
+            # Full-precision logits build their gradient in place in the saved buffer.
+            out = grad[chunk] if logits.dtype == acc else None
+            parts = _ce_rows(
+                logits[chunk], target[chunk], weight, ignore_index, label_smoothing, out
+            )
+            for buffer, part in zip((loss, grad, lse), parts):
+                if part is not out:
+                    buffer[chunk].copy_(part)
         return loss, grad, lse
 
     @staticmethod

@@ -1,0 +1,340 @@
+"""Fused linear + cross-entropy that never materialises the ``(N, C)`` logits.
+
+Shapes: input ``x`` ``(N, d)``, linear weight ``W`` ``(C, d)``, bias ``b`` ``(C,)``,
+logits ``z = x Wᵀ + b`` ``(N, C)`` (never held whole), class-index target ``(N,)`` or
+probability target ``(N, C)``.
+
+Per row the cross-entropy of :mod:`torchbp.autograd.losses` has the form
+``ℓ_i = a_i lse_i - Σ_c B_ic z_ic`` with ``G_i := ∂ℓ_i/∂z_i = a_i p_i - B_i``. With a
+per-row scale ``s_i`` (``1`` for ``sum``, ``1/Σ w_{y_i}`` for ``mean``, the upstream
+gradient ``g_i`` for ``none``; 0 on ignored rows) the chain rule through ``z = x Wᵀ + b``:
+
+* ``dx_i = s_i G_i W``                     — ``(m, C) @ (C, d)`` per chunk of rows,
+* ``dW   = Σ_i s_i G_iᵀ x_i = Gᵀ (s ⊙ x)`` — accumulated over chunks (in float32 for half),
+* ``db   = Σ_i s_i G_i = sᵀ G``,
+* ``dt_ic = -(1-ε) w_c logp_ic s_i``       — probability targets that require grad.
+
+The scale ``s`` is applied to the ``(m, d)`` operands, never to the ``(m, C)`` chunk, so
+``∂ℓ/∂z`` is used exactly as ``_ce_rows`` returns it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+from torchbp.autograd.losses import _acc_dtype, _ce_rows
+
+__all__ = ["LinearCrossEntropyFunction", "default_chunk_size"]
+
+# Default chunk of rows: its (chunk, C) working set (the logits chunk, the float32
+# gradient chunk and _ce_rows' temporaries) stays near this many bytes. On CPU, 32 MiB per
+# buffer is also glibc's largest mmap threshold, so the buffers are recycled from the heap
+# instead of being mapped and zero-faulted afresh for every chunk. On CUDA larger chunks
+# mean fewer kernel launches; the caching allocator recycles them.
+CHUNK_BUDGET_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+_DEFAULT_BUDGET = 64 << 20
+
+_DOUBLE_BACKWARD = (
+    b"torchbp linear_cross_entropy: double backward is not supported (the gradients are "
+    b"computed chunk by chunk and the logits are never kept). For higher-order derivatives "
+    b"use torchbp.functional.cross_entropy(torchbp.functional.linear(...), ...)."
+)
+
+
+def default_chunk_size(rows: int, classes: int, dtype: torch.dtype, device) -> int:
+    """Rows per chunk such that ``chunk × C`` logits plus their float32 gradient (and, for
+    half inputs, the float32 upcast) fit ``CHUNK_BUDGET_BYTES[device type]``; a multiple of
+    8 when possible, at least 1, at most ``rows``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # logits (input dtype) + s = z - max and the gradient (accumulation dtype, 2 buffers)
+    per_row = max(classes, 1) * (itemsize + 2 * max(itemsize, 4))
+    budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, _DEFAULT_BUDGET)
+    chunk = budget // per_row
+    if chunk >= 16:
+        chunk -= chunk % 8
+    return int(max(1, min(max(rows, 1), chunk)))
+
+
+def _is_wrapped(t: torch.Tensor) -> bool:
+    """A torch.func-wrapped tensor (vmap over backward, e.g. ``check_batched_grad``):
+    it cannot be written into preallocated buffers, so that path works out of place."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` possibly half:
+    each chunk's product comes out of one GEMM (fp32 accumulation inside it) and is summed
+    across chunks in ``acc``'s dtype, so there is no bf16 drift over many chunks."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # cuBLAS: half in, fp32 out
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.add_(torch.mm(a, b))
+
+
+def _lce_chunks(
+    x,
+    w,
+    b,
+    target,
+    weight,
+    ignore_index,
+    smoothing,
+    chunk,
+    scale,
+    want,
+    rows_out=None,
+):
+    """The chunk loop shared by forward and the ``none`` backward.
+
+    ``scale``: ``None`` (no gradients), a 0-dim tensor (the same ``s`` for every row) or
+    an ``(N,)`` tensor; ignored rows are zeroed here. ``want = (dx, dW, db, dt)`` flags.
+    Fills ``rows_out`` (N,) with the per-row losses when given. Returns
+    ``(dx, dW, dB, dt)`` in the accumulation dtype for dW / db, else the input's dtype,
+    ``None`` where not wanted.
+    """
+    n, d = x.shape
+    classes = w.shape[0]
+    acc = _acc_dtype(x.dtype)
+    soft = target.is_floating_point()
+    want_dx, want_dw, want_db, want_dt = want
+    any_grad = scale is not None and any(want)
+    # Out-of-place accumulation under torch.func transforms (the scale is then batched).
+    inplace = scale is None or not _is_wrapped(scale)
+    dev = x.device
+
+    if scale is not None:
+        scale = scale.to(acc)
+        if not soft:
+            # Ignored rows contribute exactly 0, even when s is inf or NaN (a mean over no
+            # valid rows divides by 0; native leaves those rows' gradient 0 too).
+            scale = torch.where(target != ignore_index, scale, torch.zeros((), dtype=acc))
+        elif scale.dim() == 0:
+            scale = scale.expand(n)
+
+    dx = dw = db = dt = None
+    dx_parts, dt_parts = [], []
+    if want_dx and inplace:
+        dx = torch.empty((n, d), dtype=x.dtype, device=dev)
+    if want_dw:
+        dw = torch.zeros((classes, d), dtype=acc, device=dev)
+    if want_db:
+        db = torch.zeros(classes, dtype=acc, device=dev)
+    if want_dt and inplace:
+        dt = torch.empty((n, classes), dtype=target.dtype, device=dev)
+    w_t = w.t()
+    zbuf = torch.empty((min(chunk, n), classes), dtype=x.dtype, device=dev) if n else None
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        xc = x[start:stop]
+        # z = x Wᵀ + b for this chunk only, into a buffer reused across chunks.
+        z = zbuf[: stop - start]
+        if b is None:
+            torch.mm(xc, w_t, out=z)
+        else:
+            torch.addmm(b, xc, w_t, out=z)
+        loss, grad, lse = _ce_rows(z, target[start:stop], weight, ignore_index, smoothing)
+        if rows_out is not None:
+            rows_out[start:stop].copy_(loss)
+        if not any_grad:
+            continue
+        s = scale[start:stop]
+        if want_dt:
+            # ∂ℓ_i/∂t_ic = -(1-ε) w_c logp_ic, logp = z - lse
+            part = (z.to(acc) - lse.unsqueeze(1)) * (-(1 - smoothing) * s).unsqueeze(1)
+            if weight is not None:
+                part = part * weight.to(acc)
+            if inplace:
+                dt[start:stop].copy_(part)
+            else:
+                dt_parts.append(part.to(target.dtype))
+        # G (chunk, C) in the GEMMs' dtype: for half inputs rounded once, from float32.
+        g_mm = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+        if want_dx:
+            # dx_i = s_i (G_i W)
+            if inplace:
+                out = dx[start:stop]
+                if x.dtype == acc:
+                    torch.mm(g_mm, w, out=out).mul_(s.unsqueeze(1))
+                else:  # scaled in float32, rounded once into the half-precision dx
+                    torch.mul(torch.mm(g_mm, w), s.unsqueeze(1), out=out)
+            else:
+                dx_parts.append(((g_mm @ w).to(acc) * s.unsqueeze(1)).to(x.dtype))
+        if want_dw:
+            # dW += Gᵀ (s ⊙ x)
+            xs = (xc.to(acc) * s.unsqueeze(1)).to(x.dtype)
+            if inplace:
+                _addmm_acc(dw, g_mm.t(), xs)
+            else:
+                dw = dw + (g_mm.t() @ xs).to(acc)
+        if want_db:
+            # db += sᵀ G (float32 G)
+            if inplace:
+                db.addmv_(grad.t(), s)
+            else:
+                db = db + grad.t() @ s
+    if not inplace:
+        if want_dx:
+            dx = torch.cat(dx_parts) if dx_parts else x.new_zeros((n, d))
+        if want_dt:
+            dt = torch.cat(dt_parts) if dt_parts else target.new_zeros((n, classes))
+    return dx, dw, db, dt
+
+
+def _no_double_backward(grads):
+    """With ``create_graph=True``, return the gradients behind a node that raises a clear
+    error if anything differentiates through them (as ``once_differentiable`` does, but
+    also when the incoming gradient does not require grad, and with our message)."""
+    if not torch.is_grad_enabled():
+        return grads
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(present))
+    wrapped = err(*[g.detach().requires_grad_() for g in present])
+    if isinstance(wrapped, torch.Tensor):
+        wrapped = (wrapped,)
+    it = iter(wrapped)
+    return tuple(next(it) if g is not None else None for g in grads)
+
+
+class LinearCrossEntropyFunction(Function):
+    """``cross_entropy(x Wᵀ + b, target)`` over chunks of rows, logits never held whole.
+
+    Forward, per chunk of ``m`` rows: ``z = x_c Wᵀ + b`` ``(m, C)``, then the fused
+    cross-entropy rows (``ℓ``, ``G = ∂ℓ/∂z = a p - B``, ``lse``; see
+    :mod:`torchbp.autograd.losses`). Backward (math in the module docstring):
+    ``dx = s ⊙ (G W)``, ``dW = Gᵀ (s ⊙ x)``, ``db = sᵀ G``.
+
+    * ``reduction='sum'`` / ``'mean'``: the gradients are computed in forward, in the same
+      chunk loop (3 matmuls in all, as the unfused pair), with ``s`` the reduction's scale.
+      Saved: ``dx`` ``(N, d)``, ``dW`` ``(C, d)``, ``db`` ``(C,)`` (and ``dt`` ``(N, C)``
+      for a probability target that requires grad) — O(N·d + C·d), not O(N·C). Backward
+      multiplies them by the scalar upstream gradient.
+    * ``reduction='none'``: the upstream gradient ``g`` (one per row) is unknown in
+      forward, and ``dW = Σ_i g_i G_iᵀ x_i`` cannot be recovered from a ``g``-free summary.
+      Forward computes the losses only (1 matmul) and saves the inputs; backward
+      recomputes the logits chunk by chunk with ``s = g`` (3 matmuls): 4 matmuls in all.
+
+    Peak extra memory: the ``(chunk, C)`` working set plus the outputs above; ``dW`` and
+    ``db`` are accumulated in float32 for half inputs and rounded once to the parameter's
+    dtype. Nothing the caller passed is written to.
+
+    Arguments (all positional): ``input (N, d)``, ``linear_weight (C, d)``,
+    ``linear_bias (C,) | None``, ``target (N,) | (N, C)``, ``weight (C,) | None``,
+    ``ignore_index``, ``label_smoothing``, ``reduction`` (``'none' | 'sum' | 'mean'``),
+    ``denominator`` (0-dim tensor, for ``'mean'``), ``chunk_size``, ``needs`` (four bools:
+    which of ``dx, dW, db, dt`` to compute in forward for ``'sum'`` / ``'mean'``).
+    Returns ``(loss, dx, dW, db, dt)``: ``loss`` is ``()`` (or ``(N,)`` for ``'none'``) in
+    the accumulation dtype; the rest are non-differentiable internals (or ``None``).
+
+    Double backward raises a clear error (torch's chunked path raises too); use the
+    unfused ``cross_entropy(linear(...))`` for higher-order derivatives. There is no
+    ``jvp`` (forward-mode AD is unsupported) and no vmap rule, hence no jvp-free twin.
+    """
+
+    @staticmethod
+    def forward(
+        input,
+        linear_weight,
+        linear_bias,
+        target,
+        weight,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        denominator,
+        chunk_size,
+        needs,
+    ):
+        n = input.shape[0]
+        acc = _acc_dtype(input.dtype)
+        rows = torch.empty(n, dtype=acc, device=input.device)
+        scale = None
+        want = (False, False, False, False)
+        if reduction != "none" and any(needs):
+            want = tuple(bool(f) for f in needs)
+            one = torch.ones((), dtype=acc, device=input.device)
+            scale = one / denominator.to(acc) if reduction == "mean" else one
+        dx, dw, db, dt = _lce_chunks(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            scale,
+            want,
+            rows_out=rows,
+        )
+        if reduction == "none":
+            return rows, None, None, None, None
+        loss = rows.sum()
+        if reduction == "mean":
+            loss = loss / denominator.to(acc)
+        # Round the float32 accumulators once, to the parameters' dtype.
+        if dw is not None:
+            dw = dw.to(linear_weight.dtype)
+        if db is not None:
+            db = db.to(linear_bias.dtype)
+        return loss, dx, dw, db, dt
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, w, b, target, weight, ignore_index, smoothing, reduction, _den, chunk, _needs) = (
+            inputs
+        )
+        _loss, dx, dw, db, dt = output
+        ctx.reduction = reduction
+        ctx.ignore_index = ignore_index
+        ctx.label_smoothing = smoothing
+        ctx.chunk_size = chunk
+        ctx.has_bias = b is not None
+        if reduction == "none":
+            # Recomputed in backward: keep the inputs (alive anyway), not the gradients.
+            ctx.save_for_backward(x, w, b, target, weight)
+        else:
+            ctx.save_for_backward(dx, dw, db, dt)
+        ctx.mark_non_differentiable(*[t for t in (dx, dw, db, dt) if t is not None])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_dt):
+        none = (None,) * 7
+        if grad_loss is None:
+            return (None, None, None, None, *none)
+        needs = ctx.needs_input_grad
+        want = (needs[0], needs[1], ctx.has_bias and needs[2], needs[3])
+        if ctx.reduction == "none":
+            x, w, b, target, weight = ctx.saved_tensors
+            with torch.no_grad():
+                dx, dw, db, dt = _lce_chunks(
+                    x,
+                    w,
+                    b,
+                    target,
+                    weight,
+                    ctx.ignore_index,
+                    ctx.label_smoothing,
+                    ctx.chunk_size,
+                    grad_loss,
+                    want,
+                )
+            dw = dw.to(w.dtype) if dw is not None else None
+            db = db.to(b.dtype) if db is not None else None
+        else:
+            saved = ctx.saved_tensors
+            # The saved gradients already carry the reduction's scale: multiply by g.
+            dx, dw, db, dt = (
+                t * grad_loss.to(t.dtype) if t is not None and f else None
+                for t, f in zip(saved, want)
+            )
+        return (*_no_double_backward((dx, dw, db, dt)), *none)

@@ -1,0 +1,646 @@
+"""LightningDataModules for ERM classification that work offline.
+
+Every DataModule exposes ``num_features`` and ``num_classes``; the ``torchbp-train`` CLI links
+them to ``ERMClassifier(input_size=..., num_classes=...)`` so a config never repeats them.
+
+- :class:`DigitsDataModule`: scikit-learn's bundled 8x8 handwritten digits (1797 x 64, 10 classes).
+- :class:`SklearnToyDataModule`: iris, wine or breast_cancer (bundled with scikit-learn).
+- :class:`SyntheticDataModule`: seeded Gaussian-mixture or teacher-network data, generated
+  batch by batch (millions of samples cost no memory); the scale knob for benchmarks.
+- :class:`TabularFileDataModule`: a user's CSV, NPZ or ``.pt`` file.
+
+Array-backed modules split stratified train/val/test from ``seed`` and standardise features
+with statistics fitted on the training split only. Shuffling uses a sampler seeded by
+``(seed, epoch)``, so a run resumed from a checkpoint sees the same batches as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler, TensorDataset
+
+__all__ = [
+    "ClassificationDataModule",
+    "ArrayDataModule",
+    "DigitsDataModule",
+    "SklearnToyDataModule",
+    "SyntheticDataModule",
+    "TabularFileDataModule",
+    "DataConfigError",
+]
+
+
+class DataConfigError(ValueError):
+    """Raised for invalid data (missing file or column, bad values, too few rows)."""
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before each training epoch, so the order of batches in
+    epoch ``k`` is the same whether or not the run was resumed from a checkpoint.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base class of torchbp's DataModules: a classification task with a known input size.
+
+    Subclasses provide ``num_features`` and ``num_classes`` (available right after
+    ``__init__``, before ``setup``) and the train/val/test/predict dataloaders.
+    """
+
+    @property
+    def num_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+
+class ArrayDataModule(ClassificationDataModule):
+    """Base class for datasets that fit in memory as a feature matrix and a label vector.
+
+    Subclasses implement ``_load_arrays() -> (X float array (N, F), y int array (N,))``
+    with labels already in ``0..C-1``.
+
+    Args:
+        batch_size: Mini-batch size for all splits.
+        val_fraction: Fraction of samples in the validation split.
+        test_fraction: Fraction of samples in the test split.
+        seed: Seed of the stratified split and of the shuffling order.
+        standardize: Standardise features with the training split's mean and std.
+        shuffle: Shuffle the training split each epoch.
+        num_workers: DataLoader worker processes (0 is fastest for small data).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        standardize: bool = True,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataConfigError(f"batch_size must be >= 1, got {batch_size}")
+        for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < frac < 1.0:
+                raise DataConfigError(f"{name} must be in (0, 1), got {frac}")
+        if val_fraction + test_fraction >= 1.0:
+            raise DataConfigError(
+                f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}"
+            )
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.standardize = standardize
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+        self._splits: dict[str, TensorDataset] | None = None
+
+    # -- data -----------------------------------------------------------------------------
+    def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The full ``(X, y)`` before splitting (loaded and validated once)."""
+        if self._arrays is None:
+            X, y = self._load_arrays()
+            X = np.asarray(X, dtype=np.float32)
+            y = np.asarray(y, dtype=np.int64)
+            self._check_split_sizes(y)
+            self._arrays = (X, y)
+        return self._arrays
+
+    @property
+    def num_features(self) -> int:
+        return int(self.arrays[0].shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.arrays[1].max()) + 1
+
+    def _check_split_sizes(self, y: np.ndarray) -> None:
+        n = len(y)
+        classes, counts = np.unique(y, return_counts=True)
+        if len(classes) < 2:
+            raise DataConfigError(
+                f"the labels contain a single class ({classes.tolist()}); "
+                "classification needs at least 2 classes"
+            )
+        k = len(classes)
+        # every split must be able to hold one sample of each class
+        n_test = math.floor(self.test_fraction * n)
+        n_val = math.floor(self.val_fraction * n)
+        n_train = n - n_test - n_val
+        need = max(
+            math.ceil(k / self.test_fraction),
+            math.ceil(k / self.val_fraction),
+            math.ceil(k / (1.0 - self.test_fraction - self.val_fraction)),
+        )
+        if min(n_test, n_val, n_train) < k or n < need:
+            raise DataConfigError(
+                f"too few rows: {n} rows with {k} classes; val_fraction={self.val_fraction} and "
+                f"test_fraction={self.test_fraction} need at least {need} rows so that every "
+                "split can hold one sample per class"
+            )
+        if counts.min() < 3:
+            rare = classes[counts < 3].tolist()
+            raise DataConfigError(
+                f"class(es) {rare} have fewer than 3 samples; a stratified "
+                "train/val/test split needs at least 3 per class"
+            )
+
+    def _split(self) -> dict[str, TensorDataset]:
+        from sklearn.model_selection import train_test_split
+
+        X, y = self.arrays
+        idx = np.arange(len(y))
+        n_test = max(math.floor(self.test_fraction * len(y)), self.num_classes)
+        n_val = max(math.floor(self.val_fraction * len(y)), self.num_classes)
+        rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=self.seed)
+        train, val = train_test_split(
+            rest, test_size=n_val, stratify=y[rest], random_state=self.seed + 1
+        )
+        train, val, test = np.sort(train), np.sort(val), np.sort(test)
+        Xtr = X[train]
+        if self.standardize:
+            mean = Xtr.mean(axis=0)
+            std = Xtr.std(axis=0)
+            std[std == 0] = 1.0  # constant features (e.g. digits' corner pixels)
+        else:
+            mean = np.zeros(X.shape[1], dtype=np.float32)
+            std = np.ones(X.shape[1], dtype=np.float32)
+        self.mean, self.std = torch.from_numpy(mean), torch.from_numpy(std)
+
+        def make(ix: np.ndarray) -> TensorDataset:
+            xs = torch.from_numpy((X[ix] - mean) / std).float()
+            return TensorDataset(xs, torch.from_numpy(y[ix]))
+
+        return {"train": make(train), "val": make(val), "test": make(test)}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is None:
+            self._splits = self._split()
+
+    @property
+    def splits(self) -> dict[str, TensorDataset]:
+        self.setup()
+        assert self._splits is not None
+        return self._splits
+
+    # -- loaders --------------------------------------------------------------------------
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        ds = self.splits[split]
+        sampler = EpochSeededSampler(len(ds), self.seed) if train and self.shuffle else None
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class DigitsDataModule(ArrayDataModule):
+    """scikit-learn's bundled handwritten digits: 1797 8x8 images (64 features), 10 classes.
+
+    Args:
+        batch_size: Mini-batch size for all splits.
+        val_fraction: Fraction of samples in the validation split.
+        test_fraction: Fraction of samples in the test split.
+        seed: Seed of the stratified split and of the shuffling order.
+        standardize: Standardise features with the training split's mean and std.
+        shuffle: Shuffle the training split each epoch.
+        num_workers: DataLoader worker processes (0 is fastest for small data).
+    """
+
+    def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.data, d.target
+
+
+class SklearnToyDataModule(ArrayDataModule):
+    """A small dataset bundled with scikit-learn: iris (4 features, 3 classes), wine (13, 3) or
+    breast_cancer (30, 2).
+
+    Args:
+        name: Which dataset.
+        batch_size: Mini-batch size for all splits.
+        val_fraction: Fraction of samples in the validation split.
+        test_fraction: Fraction of samples in the test split.
+        seed: Seed of the stratified split and of the shuffling order.
+        standardize: Standardise features with the training split's mean and std.
+        shuffle: Shuffle the training split each epoch.
+        num_workers: DataLoader worker processes (0 is fastest for small data).
+    """
+
+    def __init__(
+        self,
+        name: Literal["iris", "wine", "breast_cancer"] = "iris",
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        standardize: bool = True,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size, val_fraction, test_fraction, seed, standardize, shuffle, num_workers
+        )
+        if name not in ("iris", "wine", "breast_cancer"):
+            raise DataConfigError(f"unknown toy dataset {name!r}; use iris, wine or breast_cancer")
+        self.name = name
+
+    def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        import sklearn.datasets as ds
+
+        d = getattr(ds, f"load_{self.name}")()
+        return d.data, d.target
+
+
+# -------------------------------------------------------------------------------------------
+# Tabular files
+# -------------------------------------------------------------------------------------------
+
+
+def _encode_labels(raw: np.ndarray) -> np.ndarray:
+    """Map arbitrary labels (ints, floats holding ints, strings) to 0..C-1 in sorted order."""
+    _, y = np.unique(raw, return_inverse=True)
+    return y.reshape(-1)
+
+
+class TabularFileDataModule(ArrayDataModule):
+    """A user's table: CSV (with a header row), NPZ or ``.pt`` file.
+
+    - CSV: one column is the label (any values; mapped to 0..C-1 in sorted order), every other
+      column must be numeric (or listed in ``drop_columns``).
+    - NPZ / ``.pt`` (a dict of arrays/tensors): either a 2-D array under ``features_key`` plus
+      the label array under ``label_column``, or one 1-D array per column.
+
+    Errors name the problem precisely: missing file, missing label column, non-numeric value
+    (column and row), NaN/inf (column and row), a single class, too few rows for the split.
+
+    Args:
+        path: Path of the ``.csv``, ``.npz`` or ``.pt`` file.
+        label_column: Name of the label column (or array key).
+        features_key: For NPZ/``.pt``: key of a 2-D feature array; if absent, every other 1-D
+            array is a feature column.
+        drop_columns: Columns to ignore (e.g. an id column).
+        batch_size: Mini-batch size for all splits.
+        val_fraction: Fraction of samples in the validation split.
+        test_fraction: Fraction of samples in the test split.
+        seed: Seed of the stratified split and of the shuffling order.
+        standardize: Standardise features with the training split's mean and std.
+        shuffle: Shuffle the training split each epoch.
+        num_workers: DataLoader worker processes (0 is fastest for small data).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        label_column: str = "label",
+        features_key: str = "X",
+        drop_columns: list[str] | None = None,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        standardize: bool = True,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size, val_fraction, test_fraction, seed, standardize, shuffle, num_workers
+        )
+        self.path = str(path)
+        self.label_column = label_column
+        self.features_key = features_key
+        self.drop_columns = list(drop_columns or [])
+        self.feature_names: list[str] = []
+        self.class_names: list = []
+
+    def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        p = Path(self.path)
+        if not p.is_file():
+            raise DataConfigError(f"data file not found: {os.path.abspath(p)}")
+        suffix = p.suffix.lower()
+        if suffix == ".csv":
+            names, X, raw_y = self._read_csv(p)
+        elif suffix in (".npz", ".pt", ".pth"):
+            names, X, raw_y = self._read_arrays(p)
+        else:
+            raise DataConfigError(f"unsupported file type {suffix!r} ({p}); use .csv, .npz or .pt")
+        if X.shape[0] == 0:
+            raise DataConfigError(f"{p} has no data rows")
+        if X.shape[1] == 0:
+            raise DataConfigError(f"{p} has no feature columns besides {self.label_column!r}")
+        bad = ~np.isfinite(X)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataConfigError(
+                f"{p}: non-finite value {X[r, c]} in column {names[c]!r} at row {r + 1} "
+                f"({int(bad.sum())} non-finite value(s) in total); clean or impute the data"
+            )
+        self.feature_names = names
+        self.class_names = np.unique(raw_y).tolist()
+        return X, _encode_labels(raw_y)
+
+    def _missing_label(self, p: Path, columns: list[str]) -> DataConfigError:
+        return DataConfigError(
+            f"label column {self.label_column!r} not found in {p}; available columns: "
+            f"{', '.join(map(str, columns))}"
+        )
+
+    def _read_csv(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+        with open(p, newline="") as f:
+            reader = csv.reader(f)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise DataConfigError(f"{p} is empty (expected a header row)") from None
+            if self.label_column not in header:
+                raise self._missing_label(p, header)
+            li = header.index(self.label_column)
+            keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
+            rows: list[list[float]] = []
+            labels: list[str] = []
+            for r, row in enumerate(reader, start=1):
+                if not row or all(not v.strip() for v in row):
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise DataConfigError(
+                        f"{p}: row {r} (line {reader.line_num}) has {len(row)} fields, "
+                        f"the header has {len(header)}"
+                    )
+                vals = []
+                for i in keep:
+                    v = row[i].strip()
+                    try:
+                        vals.append(float(v))
+                    except ValueError:
+                        raise DataConfigError(
+                            f"{p}: non-numeric value {v!r} in column {header[i]!r} at row {r} "
+                            f"(line {reader.line_num}); feature columns must be numbers "
+                            "(drop the column with drop_columns)"
+                        ) from None
+                rows.append(vals)
+                labels.append(row[li].strip())
+        X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
+        raw = np.asarray(labels)
+        try:  # numeric labels sort numerically ("10" after "9")
+            as_num = raw.astype(np.float64)
+            if np.all(as_num == np.round(as_num)):
+                raw = as_num.astype(np.int64)
+        except ValueError:
+            pass
+        return [header[i] for i in keep], X, raw
+
+    def _read_arrays(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+        if p.suffix.lower() == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise DataConfigError(f"{p} must hold a dict of tensors, got {type(obj).__name__}")
+            data = {
+                str(k): (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                for k, v in obj.items()
+            }
+        if self.label_column not in data:
+            raise self._missing_label(p, list(data))
+        raw_y = np.asarray(data.pop(self.label_column)).reshape(-1)
+        for c in self.drop_columns:
+            data.pop(c, None)
+        if self.features_key in data:
+            X = np.asarray(data[self.features_key])
+            if X.ndim != 2:
+                raise DataConfigError(
+                    f"{p}: {self.features_key!r} must be 2-D (rows, features), got {X.shape}"
+                )
+            names = [f"{self.features_key}[{j}]" for j in range(X.shape[1])]
+        else:
+            names = list(data)
+            cols = [np.asarray(data[k]).reshape(-1) for k in names]
+            X = np.stack(cols, axis=1) if cols else np.zeros((len(raw_y), 0))
+        if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+            raise DataConfigError(f"{p}: features must be real numbers, got dtype {X.dtype}")
+        if X.shape[0] != raw_y.shape[0]:
+            raise DataConfigError(f"{p}: {X.shape[0]} feature rows but {raw_y.shape[0]} labels")
+        if raw_y.dtype.kind == "f" and not np.all(np.isfinite(raw_y)):
+            r = int(np.argwhere(~np.isfinite(raw_y))[0][0])
+            raise DataConfigError(
+                f"{p}: non-finite label in column {self.label_column!r} at row {r + 1}"
+            )
+        return names, X.astype(np.float64), raw_y
+
+
+# -------------------------------------------------------------------------------------------
+# Synthetic data, generated batch by batch
+# -------------------------------------------------------------------------------------------
+
+
+class _SyntheticTask:
+    """The fixed (seeded) generative model: class means or a random teacher MLP."""
+
+    def __init__(self, kind: str, n_features: int, n_classes: int, seed: int, sep: float):
+        g = torch.Generator().manual_seed(seed)
+        self.kind = kind
+        self.n_features = n_features
+        self.n_classes = n_classes
+        if kind == "gaussian_mixture":
+            means = torch.randn(n_classes, n_features, generator=g)
+            self.means = sep * means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            hidden = max(2 * n_features, 16)
+            self.w1 = torch.randn(n_features, hidden, generator=g) / math.sqrt(n_features)
+            self.w2 = torch.randn(hidden, n_classes, generator=g) * sep / math.sqrt(hidden)
+
+    def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "gaussian_mixture":
+            y = torch.randint(self.n_classes, (n,), generator=g)
+            x = self.means[y] + torch.randn(n, self.n_features, generator=g)
+        else:
+            x = torch.randn(n, self.n_features, generator=g)
+            y = (torch.tanh(x @ self.w1) @ self.w2).argmax(dim=1)
+        return x, y
+
+
+class _SyntheticBatches(IterableDataset):
+    """Yields whole batches; batch ``b`` of a split is a pure function of ``(seed, split, b)``.
+
+    Under DDP each rank takes every ``world_size``-th batch (the count is rounded down so
+    every rank does the same number of steps). Nothing beyond the current batch is stored.
+    """
+
+    def __init__(self, task, n_samples, batch_size, seed, shuffle):
+        self.task = task
+        self.n_samples = n_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _num_batches_total(self) -> int:
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def __len__(self) -> int:
+        _, world = self._world()
+        return self._num_batches_total() // world if world > 1 else self._num_batches_total()
+
+    def __iter__(self):
+        rank, world = self._world()
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        nb = self._num_batches_total()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(nb, generator=g).tolist()
+        else:
+            order = list(range(nb))
+        order = order[: len(self) * world][rank::world][wid::nworkers]
+        for b in order:
+            size = min(self.batch_size, self.n_samples - b * self.batch_size)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+            yield self.task.sample(size, g)
+
+
+class SyntheticDataModule(ClassificationDataModule):
+    """Seeded synthetic classification data, generated batch by batch (never materialised).
+
+    ``gaussian_mixture``: a class ``y`` uniform in ``0..C-1``, ``x = mu_y + N(0, I)`` with
+    ``|mu_y| = separation``. ``teacher``: ``x ~ N(0, I)``, ``y = argmax(tanh(x W1) W2)`` for a
+    fixed random teacher MLP. Each batch is a pure function of ``(seed, split, batch index)``,
+    so millions of samples cost a batch of memory and runs are reproducible.
+
+    Args:
+        n_samples: Training samples per epoch.
+        n_features: Input dimension.
+        n_classes: Number of classes.
+        kind: ``gaussian_mixture`` or ``teacher``.
+        separation: Distance of class means from the origin (mixture) or teacher logit scale.
+        n_val: Validation samples.
+        n_test: Test samples.
+        batch_size: Mini-batch size for all splits.
+        seed: Seed of the task and of every batch.
+        shuffle: Visit the training batches in a new (seeded) order each epoch.
+        num_workers: DataLoader worker processes generating batches.
+    """
+
+    def __init__(
+        self,
+        n_samples: int = 100_000,
+        n_features: int = 32,
+        n_classes: int = 10,
+        kind: Literal["gaussian_mixture", "teacher"] = "gaussian_mixture",
+        separation: float = 3.0,
+        n_val: int = 5_000,
+        n_test: int = 5_000,
+        batch_size: int = 512,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, v in (("n_samples", n_samples), ("n_features", n_features), ("n_val", n_val)):
+            if v < 1:
+                raise DataConfigError(f"{name} must be >= 1, got {v}")
+        if n_test < 1 or batch_size < 1:
+            raise DataConfigError("n_test and batch_size must be >= 1")
+        if n_classes < 2:
+            raise DataConfigError(f"n_classes must be >= 2, got {n_classes}")
+        if kind not in ("gaussian_mixture", "teacher"):
+            raise DataConfigError(f"unknown kind {kind!r}; use gaussian_mixture or teacher")
+        self.n_samples, self.n_features, self.n_classes = n_samples, n_features, n_classes
+        self.kind, self.separation = kind, separation
+        self.n_val, self.n_test = n_val, n_test
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.num_workers = num_workers
+        self.task = _SyntheticTask(kind, n_features, n_classes, seed, separation)
+
+    @property
+    def num_features(self) -> int:
+        return self.n_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.n_classes
+
+    def _loader(self, n: int, split_seed: int, shuffle: bool) -> DataLoader:
+        ds = _SyntheticBatches(self.task, n, self.batch_size, split_seed, shuffle)
+        return DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            # not persistent: workers must see the epoch set by ``set_epoch``
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.n_samples, self.seed * 3 + 1, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.n_val, self.seed * 3 + 2, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.n_test, self.seed * 3 + 3, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

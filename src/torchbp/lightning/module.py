@@ -1,0 +1,243 @@
+"""ERMClassifier: an MLP trained by empirical risk minimisation with torchbp's hand-written
+backward passes (or, for side-by-side comparison, with stock ``torch.nn``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+__all__ = ["ERMClassifier", "ACTIVATIONS", "build_mlp"]
+
+#: activation name -> class name in ``torchbp.nn`` / ``torch.nn``
+ACTIVATIONS: dict[str, str] = {
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "relu": "ReLU",
+    "leaky_relu": "LeakyReLU",
+    "gelu": "GELU",
+    "silu": "SiLU",
+}
+
+Backend = Literal["torchbp", "torch"]
+Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu"]
+
+
+def _backend_modules(backend: str) -> tuple[Any, Any]:
+    """``(nn, functional)`` modules of a backend: torchbp's twins or torch's own."""
+    if backend == "torchbp":
+        return importlib.import_module("torchbp.nn"), importlib.import_module("torchbp.functional")
+    if backend == "torch":
+        return torch.nn, torch.nn.functional
+    raise ValueError(f"unknown backend {backend!r}; use 'torchbp' or 'torch'")
+
+
+def build_mlp(
+    input_size: int,
+    num_classes: int,
+    hidden_sizes: Sequence[int],
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    bias: bool = True,
+    backend: str = "torchbp",
+) -> torch.nn.Sequential:
+    """``Linear -> act -> ... -> Linear`` from ``backend``'s modules.
+
+    Layers are constructed in the same order for both backends, and torchbp.nn mirrors
+    torch.nn's initialisation, so the same RNG state gives identical weights.
+    """
+    nn, _ = _backend_modules(backend)
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+        )
+    act_cls = getattr(nn, ACTIVATIONS[activation])
+    layers: list[torch.nn.Module] = []
+    sizes = [input_size, *hidden_sizes]
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        layers.append(nn.Linear(fan_in, fan_out, bias=bias))
+        layers.append(act_cls(negative_slope) if activation == "leaky_relu" else act_cls())
+    layers.append(nn.Linear(sizes[-1], num_classes, bias=bias))
+    return torch.nn.Sequential(*layers)
+
+
+class ZeroOneError(MulticlassAccuracy):
+    """The 0-1 risk: ``1 - accuracy`` (micro-averaged)."""
+
+    def compute(self) -> torch.Tensor:
+        return 1.0 - super().compute()
+
+
+class ERMClassifier(pl.LightningModule):
+    """MLP classifier trained by empirical risk minimisation (mean cross-entropy).
+
+    The network is ``Linear -> activation -> ... -> Linear`` built from ``torchbp.nn`` (hand-written
+    backward passes) or, with ``backend="torch"``, from ``torch.nn`` with the same architecture
+    and the same initialisation for the same seed, so the two can be compared side by side and
+    their checkpoints are interchangeable. The loss is ``cross_entropy`` of the same backend.
+
+    Logged per epoch: ``train/loss`` (the empirical risk), ``train/acc``, and for ``val/`` and
+    ``test/``: ``loss``, ``acc``, ``error`` (0-1 risk) and ``f1`` (macro).
+
+    Args:
+        input_size: Number of input features (linked from the DataModule by the CLI).
+        num_classes: Number of classes (linked from the DataModule by the CLI).
+        hidden_sizes: Widths of the hidden layers; ``[]`` gives multinomial logistic regression.
+        activation: Hidden activation: sigmoid, tanh, relu, leaky_relu, gelu or silu.
+        negative_slope: Slope for ``x < 0`` of leaky_relu (ignored by other activations).
+        bias: Whether the Linear layers have a bias.
+        backend: ``torchbp`` (hand-written backprop) or ``torch`` (stock autograd).
+        class_weight: Optional per-class weights of the loss (length ``num_classes``).
+        label_smoothing: Label smoothing of the cross-entropy, in ``[0, 1)``.
+        optimizer: Optimizer factory, e.g. ``torch.optim.SGD`` with ``lr`` and ``momentum``,
+            ``torch.optim.Adam`` or ``torch.optim.AdamW`` (default: Adam, lr=1e-3).
+        lr_scheduler: Optional LR scheduler factory, e.g. ``torch.optim.lr_scheduler.StepLR``
+            or ``CosineAnnealingLR``; stepped once per epoch.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 64,
+        num_classes: int = 10,
+        hidden_sizes: list[int] = [128],  # noqa: B006 (jsonargparse needs a literal default)
+        activation: Activation = "relu",
+        negative_slope: float = 0.01,
+        bias: bool = True,
+        backend: Backend = "torchbp",
+        class_weight: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_sizes = list(hidden_sizes)
+        if input_size < 1:
+            raise ValueError(f"input_size must be >= 1, got {input_size}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        bad = [h for h in hidden_sizes if int(h) != h or h < 1]
+        if bad:
+            raise ValueError(f"hidden_sizes must be positive integers, got {hidden_sizes}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if backend not in ("torchbp", "torch"):
+            raise ValueError(f"unknown backend {backend!r}; use 'torchbp' or 'torch'")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if class_weight is not None and len(class_weight) != num_classes:
+            raise ValueError(
+                f"class_weight has {len(class_weight)} entries but there are {num_classes} classes"
+            )
+        self.save_hyperparameters()
+
+        self.net = build_mlp(
+            input_size, num_classes, hidden_sizes, activation, negative_slope, bias, backend
+        )
+        self.backend = backend
+        cw = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32)
+        self.register_buffer("class_weight", cw)
+        self.label_smoothing = label_smoothing
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self._check_optimizer()
+
+        # separate metric objects per stage (torchmetrics' advice)
+        def collection(prefix: str, full: bool) -> MetricCollection:
+            m: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+            if full:
+                m["error"] = ZeroOneError(num_classes, average="micro")
+                m["f1"] = MulticlassF1Score(num_classes, average="macro")
+            return MetricCollection(m, prefix=prefix)
+
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_metrics = collection("train/", full=False)
+        self.val_metrics = collection("val/", full=True)
+        self.test_metrics = collection("test/", full=True)
+
+    @property
+    def _F(self) -> Any:
+        """The backend's functional module (``torchbp.functional`` or ``torch.nn.functional``)."""
+        return _backend_modules(self.backend)[1]
+
+    # -- optimisation ---------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+        return self.optimizer_factory(self.parameters())
+
+    def _check_optimizer(self) -> None:
+        """Build the optimizer (and scheduler) once so bad arguments fail before training."""
+        try:
+            opt = self._make_optimizer()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"invalid optimizer arguments: {e}") from e
+        if self.scheduler_factory is not None:
+            try:
+                self.scheduler_factory(opt)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
+
+    def configure_optimizers(self) -> Any:
+        opt = self._make_optimizer()
+        if self.scheduler_factory is None:
+            return opt
+        sched = self.scheduler_factory(opt)
+        cfg: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            cfg["monitor"] = "val/loss"
+        return {"optimizer": opt, "lr_scheduler": cfg}
+
+    # -- forward / loss -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` for inputs ``(N, input_size)``."""
+        return self.net(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the backend (the empirical risk on a batch)."""
+        return self._F.cross_entropy(
+            logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing
+        )
+
+    def _step(self, batch, loss_metric: MeanMetric, metrics: MetricCollection) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        loss_metric.update(loss.detach().float(), weight=y.shape[0])
+        metrics.update(logits.detach().float(), y)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch)
+        dl = self.trainer.train_dataloader
+        ds = getattr(dl, "dataset", None)
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(self.current_epoch)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, self.train_loss, self.train_metrics)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.val_loss, self.val_metrics)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=False)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.test_loss, self.test_metrics)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities ``(N, num_classes)``."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self._F.softmax(self(x).float(), dim=-1)

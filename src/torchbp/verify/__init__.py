@@ -1,0 +1,29 @@
+"""Verification suite: check any autograd Function (or differentiable callable).
+
+:func:`check_function` runs gradcheck, gradgradcheck, forward-mode AD, vmap, batched and
+undefined grads, gradient shapes, grad_output safety, torch.compile parity and parity with a
+reference on example inputs and returns a :class:`Report`. The ``torchbp-verify`` command
+(:mod:`torchbp.verify.cli`) runs it over every torchbp op (:mod:`torchbp.verify.cases`).
+
+Examples:
+    >>> import torch
+    >>> from torchbp.verify import check_function
+    >>> report = check_function(torch.sigmoid, torch.randn(3, 4), reference=torch.sigmoid)
+    >>> report.ok
+    True
+"""
+
+from torchbp.verify.checks import CHECK_DESCRIPTIONS, CHECKS, check_function, tolerances
+from torchbp.verify.report import FAIL, PASS, SKIP, CheckResult, Report
+
+__all__ = [
+    "CHECKS",
+    "CHECK_DESCRIPTIONS",
+    "FAIL",
+    "PASS",
+    "SKIP",
+    "CheckResult",
+    "Report",
+    "check_function",
+    "tolerances",
+]

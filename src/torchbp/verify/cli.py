@@ -1,0 +1,425 @@
+"""``torchbp-verify``: check every torchbp op on every device and dtype.
+
+Runs :func:`torchbp.verify.check_function` on each case of :mod:`torchbp.verify.cases`,
+shows a progress bar while it runs and prints a table (op x check) at the end.
+
+Exit status: 0 if every check passed, 1 if any check failed, 2 on a usage error.
+
+Examples:
+    $ torchbp-verify                         # every op, cpu (+ cuda if present)
+    $ torchbp-verify --op cross_entropy --op linear --dtype float64 --fast
+    $ torchbp-verify --device cuda --json verify-cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchbp.verify.cases import LOW_PRECISION_CHECKS, Case, cases_for, op_names, unregistered_ops
+from torchbp.verify.checks import CHECKS, check_function
+from torchbp.verify.report import FAIL, PASS, SKIP, CheckResult, Report
+
+__all__ = ["main", "run"]
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEVICES = ("cpu", "cuda")
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit status 2)."""
+
+
+@dataclass
+class Job:
+    case: Case
+    device: str
+    dtype: str
+
+
+@dataclass
+class Outcome:
+    job: Job
+    report: Report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchbp-verify",
+        description=(
+            "Verify every torchbp op against autograd and native PyTorch: gradcheck, "
+            "gradgradcheck, forward-mode AD, vmap, batched/undefined grads, gradient shapes, "
+            "grad_output safety, torch.compile and parity with torch.nn.functional."
+        ),
+        epilog="Exit status: 0 all passed, 1 a check failed, 2 usage error.",
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        metavar="NAME",
+        help="cpu or cuda (repeatable; default: cpu, plus cuda when a GPU is present)",
+    )
+    p.add_argument(
+        "--op",
+        action="append",
+        metavar="NAME",
+        help="op to check (repeatable or comma-separated; default: all). See --list.",
+    )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        metavar="NAME",
+        help=(
+            "float64 (all checks), float32, bfloat16, float16 (parity with native); "
+            "repeatable; default: float64, float32, bfloat16 (+ float16 on cuda)"
+        ),
+    )
+    p.add_argument("--fast", action="store_true", help="gradcheck fast_mode (random projections)")
+    p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    p.add_argument(
+        "--compile-backend",
+        default="aot_eager",
+        metavar="NAME",
+        help="torch.compile backend for the compile check (default: aot_eager)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile checks")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU threads for torch (default 1: the cases are tiny, threads only add overhead)",
+    )
+    p.add_argument("--list", action="store_true", help="list ops and their cases, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or ():
+        out += [s.strip() for s in v.split(",") if s.strip()]
+    return out
+
+
+def _resolve(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    ops_valid = op_names()
+    ops = _split(args.op) or ops_valid
+    bad = [o for o in ops if o not in ops_valid]
+    if bad:
+        raise UsageError(f"unknown op {', '.join(bad)}; valid ops: {', '.join(ops_valid)}")
+    devices = _split(args.device)
+    bad = [d for d in devices if d not in DEVICES]
+    if bad:
+        raise UsageError(f"unknown device {', '.join(bad)}; valid devices: {', '.join(DEVICES)}")
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was asked for, but no CUDA GPU is available to this PyTorch "
+            f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}); "
+            "run on a machine with a GPU or use --device cpu"
+        )
+    if not devices:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    dtypes = _split(args.dtype)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise UsageError(f"unknown dtype {', '.join(bad)}; valid dtypes: {', '.join(DTYPES)}")
+    return ops, list(dict.fromkeys(devices)), list(dict.fromkeys(dtypes))
+
+
+def _jobs(ops: list[str], devices: list[str], dtypes: list[str]) -> list[Job]:
+    jobs = []
+    for device in devices:
+        chosen = dtypes or (
+            ["float64", "float32", "bfloat16"] + (["float16"] if device == "cuda" else [])
+        )
+        for op in ops:
+            for case in cases_for(op):
+                for dtype in chosen:
+                    jobs.append(Job(case, device, dtype))
+    return jobs
+
+
+def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]]) -> dict[str, Any]:
+    checks = list(job.case.checks or CHECKS)
+    if job.dtype != "float64":
+        checks = [c for c in checks if c in LOW_PRECISION_CHECKS]
+    # compile: once per op, device and dtype family, on the op's main case (it is slow)
+    key = (job.case.op, job.device)
+    want_compile = (
+        not args.no_compile
+        and job.case.compile
+        and job.dtype in ("float64", "float32")
+        and (key + (job.dtype,)) not in compiled
+    )
+    if want_compile:
+        compiled.add(key + (job.dtype,))
+        checks.append("compile")
+    else:
+        checks = [c for c in checks if c != "compile"]
+    checks = [c for c in checks if c not in job.case.unsupported]
+    return {
+        "dtype": DTYPES[job.dtype],
+        "device": job.device,
+        "grad_inputs": job.case.grad_inputs,
+        "checks": checks,
+        "fast_mode": args.fast,
+        "compile_backend": args.compile_backend,
+        "name": f"{job.case.label} {job.device} {job.dtype}",
+    }
+
+
+def run(
+    jobs: list[Job], args: argparse.Namespace, progress: Any | None = None, task: Any = None
+) -> list[Outcome]:
+    """Run every job; advance the (rich) progress bar if one is given.
+
+    Args:
+        jobs: what to check.
+        args: parsed command-line options.
+        progress: a ``rich.progress.Progress`` or None.
+        task: its task id.
+
+    Returns:
+        One :class:`Outcome` per job.
+    """
+    import torch._dynamo
+
+    outcomes: list[Outcome] = []
+    compiled: set[tuple[str, str]] = set()
+    for job in jobs:
+        if progress is not None:
+            progress.update(task, description=f"{job.case.label} ({job.device}, {job.dtype})")
+        opts = _options(job, args, compiled)
+        if "compile" in opts["checks"]:
+            torch._dynamo.reset()
+        try:
+            report = check_function(
+                job.case.fn(), *job.case.inputs(), reference=job.case.reference(), **opts
+            )
+        except (TypeError, ValueError) as exc:  # a broken case is a failure, not a crash
+            report = Report(opts["name"], [CheckResult("forward", FAIL, f"bad case: {exc}")])
+        report.meta.update({"op": job.case.op, "case": job.case.name, "note": job.case.note})
+        if job.dtype == "float64":
+            for name, reason in job.case.unsupported.items():
+                if job.case.checks is None or name in job.case.checks:
+                    report.checks.append(CheckResult(name, SKIP, f"not supported {reason}"))
+            report.checks.sort(key=lambda r: CHECKS.index(r.name) if r.name in CHECKS else 99)
+        outcomes.append(Outcome(job, report))
+        if progress is not None:
+            progress.advance(task)
+    return outcomes
+
+
+def _cell(results: list) -> tuple[str, str]:
+    """Text and style of one table cell aggregating several CheckResults."""
+    ran = [r for r in results if r.status != SKIP]
+    if not results:
+        return "", ""
+    if not ran:
+        return "skip", "dim"
+    failed = [r for r in ran if r.status == FAIL]
+    errs = [r.max_abs_err for r in ran if r.max_abs_err is not None and r.status == PASS]
+    if failed:
+        return f"FAIL {len(failed)}/{len(ran)}", "bold red"
+    err = f" {max(errs):.0e}" if errs else ""
+    return f"pass{err}", "green"
+
+
+def _table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[tuple[str, list, float]]]:
+    by_op: dict[tuple[str, str], dict[str, list]] = {}
+    times: dict[tuple[str, str], float] = {}
+    for oc in outcomes:
+        key = (oc.job.case.op, oc.job.device)
+        cells = by_op.setdefault(key, {})
+        times[key] = times.get(key, 0.0) + oc.report.seconds
+        for r in oc.report:
+            cells.setdefault(r.name, []).append(r)
+    checks = [c for c in CHECKS if any(c in cells for cells in by_op.values())]
+    rows = []
+    for (op, device), cells in by_op.items():
+        rows.append(
+            (f"{op} ({device})", [_cell(cells.get(c, [])) for c in checks], times[(op, device)])
+        )
+    return checks, rows
+
+
+def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
+    from rich.table import Table
+
+    checks, rows = _table_rows(outcomes)
+    table = Table(title="torchbp-verify", show_lines=False, header_style="bold")
+    table.add_column("op (device)", no_wrap=True)
+    for c in checks:
+        table.add_column(c.replace("_", " "), no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    for name, cells, secs in rows:
+        table.add_row(
+            name,
+            *[f"[{style}]{text}[/]" if style else text for text, style in cells],
+            f"{secs:.1f}s",
+        )
+    console.print(table)
+    console.print(
+        "cells: pass + largest max-abs-error over the op's cases and dtypes, or FAIL "
+        "failed/ran; skip = not applicable"
+    )
+    failures = [(oc, r) for oc in outcomes for r in oc.report if r.status == FAIL]
+    for oc, r in failures[:40]:
+        console.print(
+            f"[bold red]FAIL[/] {oc.report.name} {r.name}: {r.message}",
+            highlight=False,
+            markup=True,
+            soft_wrap=True,
+        )
+    if len(failures) > 40:
+        console.print(f"... and {len(failures) - 40} more failures (see --json)")
+    missing = unregistered_ops()
+    if missing:
+        console.print(f"[yellow]no verification cases for: {', '.join(missing)}[/]")
+    console.print(_summary(outcomes, wall), highlight=False)
+
+
+def _counts(outcomes: list[Outcome]) -> dict[str, int]:
+    results = [r for oc in outcomes for r in oc.report]
+    return {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIP)}
+
+
+def _summary(outcomes: list[Outcome], wall: float) -> str:
+    n = _counts(outcomes)
+    ops = len({oc.job.case.op for oc in outcomes})
+    verdict = "ALL PASSED" if n[FAIL] == 0 else f"{n[FAIL]} CHECK(S) FAILED"
+    devices = ",".join(dict.fromkeys(oc.job.device for oc in outcomes))
+    return (
+        f"{verdict}: {ops} ops, {len(outcomes)} case runs on {devices}, {n[PASS]} checks passed, "
+        f"{n[FAIL]} failed, {n[SKIP]} skipped in {wall:.1f}s (torch {torch.__version__})"
+    )
+
+
+def _write_json(path: str, outcomes: list[Outcome], wall: float, argv: list[str]) -> None:
+    n = _counts(outcomes)
+    data = {
+        "ok": n[FAIL] == 0,
+        "summary": _summary(outcomes, wall),
+        "counts": n,
+        "wall_seconds": round(wall, 3),
+        "argv": argv,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device_names": {
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": [
+            {
+                "op": oc.job.case.op,
+                "case": oc.job.case.name,
+                "device": oc.job.device,
+                "dtype": oc.job.dtype,
+                **oc.report.to_dict(),
+            }
+            for oc in outcomes
+        ],
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1)
+
+
+def _list(console: Any) -> None:
+    for op in op_names():
+        names = ", ".join(c.name for c in cases_for(op))
+        console.print(f"[bold]{op}[/]: {names}", highlight=False)
+    missing = unregistered_ops()
+    if missing:
+        console.print(f"no cases yet: {', '.join(missing)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``torchbp-verify``.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 if every check passed, 1 if a check failed, 2 on a usage error.
+
+    Examples:
+        >>> main(["--op", "relu", "--dtype", "float64", "--no-progress"])  # doctest: +SKIP
+        0
+    """
+    from rich.console import Console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    err_console = Console(stderr=True)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse prints its own message
+        return int(exc.code or 0) if exc.code in (0, None) else 2
+    if args.list:
+        _list(console)
+        return 0
+    try:
+        ops, devices, dtypes = _resolve(args)
+    except UsageError as exc:
+        err_console.print(f"torchbp-verify: error: {exc}", highlight=False)
+        return 2
+    if args.threads < 1:
+        err_console.print("torchbp-verify: error: --threads must be at least 1")
+        return 2
+    torch.set_num_threads(args.threads)
+    jobs = _jobs(ops, devices, dtypes)
+    if not jobs:
+        err_console.print("torchbp-verify: error: nothing to check")
+        return 2
+    start = time.perf_counter()
+    if args.no_progress or not err_console.is_terminal:
+        outcomes = run(jobs, args)
+    else:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("starting", total=len(jobs))
+            outcomes = run(jobs, args, progress, task)
+    wall = time.perf_counter() - start
+    _print_table(console, outcomes, wall)
+    if args.json:
+        try:
+            _write_json(args.json, outcomes, wall, argv)
+        except OSError as exc:
+            err_console.print(f"torchbp-verify: error: cannot write {args.json}: {exc}")
+            return 2
+        console.print(f"wrote {args.json}", highlight=False)
+    return 1 if _counts(outcomes)[FAIL] else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Linear: parity with F.linear over shapes, dtypes, layouts; gradcheck; saved tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import torchbp.functional as TF
+from tests._support import DEVICES, TOL, grads, make
+
+INPUT_SHAPES = [(3,), (5, 3), (2, 4, 3), (2, 1, 2, 3), (0, 3), (2, 0, 3), (1, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", INPUT_SHAPES, ids=str)
+def test_parity_with_native(shape, bias, dtype, device):
+    x = make(shape, dtype, device)
+    w = make((4, 3), dtype, device, seed=1)
+    args = (x, w) + ((make((4,), dtype, device, seed=2),) if bias else ())
+    out, g = grads(TF.linear, *args)
+    ref, r = grads(F.linear, *args)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    for a, b in zip(g, r):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["transposed_input", "sliced_input", "expanded_grad", "transposed_grad"])
+def test_non_contiguous(layout):
+    w, b = make((4, 6), torch.float64, seed=1), make((4,), torch.float64, seed=2)
+    base = make((6, 5), torch.float64)
+    x = {"transposed_input": base.t(), "sliced_input": make((5, 12), torch.float64)[:, ::2]}.get(
+        layout, make((5, 6), torch.float64)
+    )
+    if layout == "expanded_grad":
+        g = torch.ones((), dtype=torch.float64).expand(5, 4)
+    elif layout == "transposed_grad":
+        g = make((4, 5), torch.float64, seed=7).t()
+    else:
+        g = None
+    out, gs = grads(TF.linear, x, w, b, grad_output=g)
+    ref, rs = grads(F.linear, x, w, b, grad_output=g)
+    torch.testing.assert_close(out, ref)
+    for a, c in zip(gs, rs):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", [(3,), (2, 3), (2, 2, 3)], ids=str)
+def test_gradcheck_and_gradgradcheck(shape, bias):
+    x = make(shape, torch.float64).requires_grad_()
+    w = make((2, 3), torch.float64, seed=1).requires_grad_()
+    args = (x, w) + ((make((2,), torch.float64, seed=2).requires_grad_(),) if bias else ())
+    flags = dict(check_undefined_grad=True, check_batched_grad=True)
+    assert gradcheck(TF.linear, args, check_forward_ad=True, check_batched_forward_grad=True, **flags)
+    assert gradgradcheck(TF.linear, args, check_fwd_over_rev=True, **flags)
+
+
+def test_bias_gradient_reduced_over_every_leading_dim():
+    x = make((2, 3, 5, 4), torch.float64)
+    w = make((6, 4), torch.float64, seed=1)
+    b = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    g = make((2, 3, 5, 6), torch.float64, seed=2)
+    TF.linear(x, w, b).backward(g)
+    assert b.grad.shape == (6,)
+    torch.testing.assert_close(b.grad, g.sum(dim=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "input"])
+def test_saves_only_what_the_wanted_gradients_need(frozen):
+    x = make((8, 4), torch.float32).requires_grad_(frozen == "weight")
+    w = make((3, 4), torch.float32, seed=1).requires_grad_(frozen == "input")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        TF.linear(x, w)
+    # dx needs only W; dW needs only x.
+    assert [tuple(t.shape) for t in saved] == ([(3, 4)] if frozen == "weight" else [(8, 4)])

@@ -1,0 +1,90 @@
+"""Softmax / log-softmax: parity, dims, dtype argument, max trick, gradcheck."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import torchbp.functional as TF
+from tests._support import DEVICES, TOL, grads, make
+
+OPS = {"softmax": (TF.softmax, F.softmax), "log_softmax": (TF.log_softmax, F.log_softmax)}
+CASES = [((), 0), ((5,), 0), ((0,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 0, 4), 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,dim", CASES, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_parity_with_native(name, shape, dim, dtype, device):
+    ours, native = OPS[name]
+    x = make(shape, dtype, device, scale=4.0)
+    out, (gx,) = grads(lambda t: ours(t, dim), x)
+    ref, (rx,) = grads(lambda t: native(t, dim), x)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(gx, rx, **TOL[dtype])
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_dtype_argument_casts_first(name):
+    ours, native = OPS[name]
+    x = make((3, 4), torch.float32)
+    out = ours(x, 1, dtype=torch.float64)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, native(x, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_implicit_dim_warns_and_picks_native_dim(name):
+    ours, native = OPS[name]
+    for shape in [(4,), (3, 4), (2, 3, 4), (2, 3, 4, 5)]:
+        x = make(shape, torch.float64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = ours(x)
+        assert any("Implicit dimension choice" in str(w.message) for w in caught)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(out, native(x))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_max_trick_keeps_huge_logits_finite(name):
+    ours, native = OPS[name]
+    x = torch.tensor([[1e4, 1e4 - 1.0, -1e4], [-1e38, 1e38, 0.0]], requires_grad=True)
+    out = ours(x, 1)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out, native(x.detach(), 1))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_masked_entries_and_nan_propagate_as_native(name):
+    ours, native = OPS[name]
+    x = torch.tensor([[0.5, -float("inf"), 1.0], [float("nan"), 0.0, 1.0], [-float("inf")] * 3])
+    out, (gx,) = grads(lambda t: ours(t, 1), x, grad_output=torch.ones(3, 3))
+    ref, (rx,) = grads(lambda t: native(t, 1), x, grad_output=torch.ones(3, 3))
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    torch.testing.assert_close(gx, rx, equal_nan=True)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("name", OPS)
+def test_gradcheck_and_gradgradcheck(name, dim):
+    ours, _ = OPS[name]
+    x = make((3, 4), torch.float64).requires_grad_()
+    fn = lambda t: ours(t, dim)  # noqa: E731
+    flags = dict(check_undefined_grad=True, check_batched_grad=True)
+    assert gradcheck(fn, (x,), check_forward_ad=True, check_batched_forward_grad=True, **flags)
+    assert gradgradcheck(fn, (x,), check_fwd_over_rev=True, **flags)
+
+
+def test_softmax_is_a_distribution():
+    p = TF.softmax(make((6, 9), torch.float64, scale=10.0), dim=1)
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(1), torch.ones(6, dtype=torch.float64))
