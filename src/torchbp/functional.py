@@ -349,9 +349,8 @@ def nll_loss(
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()
-    flat_target = target.reshape(-1)
-    rows = apply(_NLLLOSS, _rows(input, class_dim, classes), flat_target, weight, ignore_index
-    )
+    flat_target = target.reshape(-1).long()  # uint8 indices are accepted, as native does
+    rows = apply(_NLLLOSS, _rows(input, class_dim, classes), flat_target, weight, ignore_index)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     denominator = None
     if reduction == "mean":
@@ -425,8 +424,10 @@ def cross_entropy(
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
     logits = _rows(input, class_dim, classes)
-    flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1)
-    rows, _grad, _lse = apply(_CROSSENTROPY, logits, flat_target, weight, ignore_index, float(label_smoothing)
+    # uint8 class indices are accepted, as native does
+    flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1).long()
+    rows, _grad, _lse = apply(
+        _CROSSENTROPY, logits, flat_target, weight, ignore_index, float(label_smoothing)
     )
     denominator = None
     if reduction == "mean":

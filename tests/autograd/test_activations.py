@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests._support import DEVICES, TOL, grads, make
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
-from tests._support import DEVICES, TOL, grads, make
 
 # name -> (torchbp op, native op, has a kink at 0)
 OPS = {

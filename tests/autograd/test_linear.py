@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests._support import DEVICES, TOL, grads, make
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
-from tests._support import DEVICES, TOL, grads, make
 
 INPUT_SHAPES = [(3,), (5, 3), (2, 4, 3), (2, 1, 2, 3), (0, 3), (2, 0, 3), (1, 3)]
 
@@ -30,7 +30,9 @@ def test_parity_with_native(shape, bias, dtype, device):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
-@pytest.mark.parametrize("layout", ["transposed_input", "sliced_input", "expanded_grad", "transposed_grad"])
+@pytest.mark.parametrize(
+    "layout", ["transposed_input", "sliced_input", "expanded_grad", "transposed_grad"]
+)
 def test_non_contiguous(layout):
     w, b = make((4, 6), torch.float64, seed=1), make((4,), torch.float64, seed=2)
     base = make((6, 5), torch.float64)
@@ -57,7 +59,9 @@ def test_gradcheck_and_gradgradcheck(shape, bias):
     w = make((2, 3), torch.float64, seed=1).requires_grad_()
     args = (x, w) + ((make((2,), torch.float64, seed=2).requires_grad_(),) if bias else ())
     flags = dict(check_undefined_grad=True, check_batched_grad=True)
-    assert gradcheck(TF.linear, args, check_forward_ad=True, check_batched_forward_grad=True, **flags)
+    assert gradcheck(
+        TF.linear, args, check_forward_ad=True, check_batched_forward_grad=True, **flags
+    )
     assert gradgradcheck(TF.linear, args, check_fwd_over_rev=True, **flags)
 
 

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from tests._support import DEVICES, TOL, grads, make
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
-from tests._support import DEVICES, TOL, grads, make
 
 OPS = {"softmax": (TF.softmax, F.softmax), "log_softmax": (TF.log_softmax, F.log_softmax)}
 CASES = [((), 0), ((5,), 0), ((0,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 0, 4), 1)]

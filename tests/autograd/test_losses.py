@@ -1,0 +1,280 @@
+"""NLL and fused cross-entropy: parity with native over every option, numerics, gradcheck."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests._support import DEVICES, TOL, grads, make
+from torch.autograd import gradcheck, gradgradcheck
+
+import torchbp.functional as TF
+
+C = 5
+# input shape -> class-index target shape
+LAYOUTS = {
+    "NC": ((6, C), (6,)),
+    "C": ((C,), ()),
+    "NCd": ((3, C, 4), (3, 4)),
+    "NCdd": ((2, C, 2, 3), (2, 2, 3)),
+    "empty": ((0, C), (0,)),
+}
+
+
+def class_target(shape, seed=0, ignore=None, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(C, shape, generator=g)
+    if ignore is not None and t.numel() > 1:
+        t.view(-1)[::3] = ignore
+    return t.to(device)
+
+
+def prob_target(shape, dtype, seed=0, device="cpu"):
+    dim = 0 if len(shape) == 1 else 1
+    return torch.softmax(make(shape, torch.float64, seed=seed) * 2, dim).to(dtype).to(device)
+
+
+CE_CASES = [
+    dict(kind=k, weight=w, ignore=i, reduction=r, smoothing=s)
+    for k, w, i, r, s in itertools.product(
+        ["index", "prob"], [False, True], [None, -100, 1], ["mean", "sum", "none"], [0.0, 0.3]
+    )
+    if not (k == "prob" and i is not None)
+]
+
+
+def case_id(c):
+    return "-".join(f"{k}={v}" for k, v in c.items())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CE_CASES, ids=case_id)
+def test_cross_entropy_parity(case, layout, dtype, device):
+    in_shape, t_shape = LAYOUTS[layout]
+    x = make(in_shape, dtype, device, scale=3.0)
+    kwargs = dict(reduction=case["reduction"], label_smoothing=case["smoothing"])
+    if case["weight"]:
+        kwargs["weight"] = make((C,), dtype, device, seed=4).abs() + 0.1
+    if case["kind"] == "index":
+        target = class_target(t_shape, ignore=case["ignore"], device=device)
+        if case["ignore"] is not None:
+            kwargs["ignore_index"] = case["ignore"]
+        out, (gx,) = grads(lambda z: TF.cross_entropy(z, target, **kwargs), x)
+        ref, (rx,) = grads(lambda z: F.cross_entropy(z, target, **kwargs), x)
+    else:
+        target = prob_target(in_shape, dtype, device=device)
+        out, (gx, gt) = grads(lambda z, t: TF.cross_entropy(z, t, **kwargs), x, target)
+        ref, (rx, rt) = grads(lambda z, t: F.cross_entropy(z, t, **kwargs), x, target)
+        torch.testing.assert_close(gt, rt, **TOL[dtype])
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(gx, rx, **TOL[dtype], equal_nan=True)
+
+
+NLL_CASES = list(itertools.product([False, True], [None, -100, 2], ["mean", "sum", "none"]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("weighted,ignore,reduction", NLL_CASES, ids=str)
+def test_nll_loss_parity(weighted, ignore, reduction, layout, dtype, device):
+    in_shape, t_shape = LAYOUTS[layout]
+    dim = 0 if len(in_shape) == 1 else 1
+    logp = torch.log_softmax(make(in_shape, torch.float64, scale=2.0), dim).to(dtype).to(device)
+    target = class_target(t_shape, ignore=ignore, device=device)
+    kwargs = dict(reduction=reduction)
+    if weighted:
+        kwargs["weight"] = make((C,), dtype, device, seed=4).abs() + 0.1
+    if ignore is not None:
+        kwargs["ignore_index"] = ignore
+    out, (g,) = grads(lambda z: TF.nll_loss(z, target, **kwargs), logp)
+    ref, (r,) = grads(lambda z: F.nll_loss(z, target, **kwargs), logp)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(g, r, **TOL[dtype], equal_nan=True)
+
+
+GRADCHECK_CASES = [
+    dict(),
+    dict(label_smoothing=0.2),
+    dict(weight=True, reduction="sum"),
+    dict(weight=True, label_smoothing=0.1, ignore=True),
+    dict(reduction="none", ignore=True),
+    dict(prob=True),
+    dict(prob=True, weight=True, label_smoothing=0.3, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=case_id)
+def test_cross_entropy_gradcheck_and_gradgradcheck(case):
+    case = dict(case)
+    x = make((4, 3), torch.float64).requires_grad_()
+    kwargs = {"reduction": case.get("reduction", "mean")}
+    if "label_smoothing" in case:
+        kwargs["label_smoothing"] = case["label_smoothing"]
+    if case.get("weight"):
+        kwargs["weight"] = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    if case.get("prob"):
+        t = torch.softmax(make((4, 3), torch.float64, seed=3), 1).requires_grad_()
+        inputs = (x, t)
+        fn = lambda z, p: TF.cross_entropy(z, p, **kwargs)  # noqa: E731
+    else:
+        target = torch.tensor([0, 2, 1, -100 if case.get("ignore") else 1])
+        inputs = (x,)
+        fn = lambda z: TF.cross_entropy(z, target, **kwargs)  # noqa: E731
+    flags = dict(check_undefined_grad=True, check_batched_grad=True)
+    fwd = not case.get("prob")  # forward-mode AD w.r.t. probability targets: not supported
+    assert gradcheck(fn, inputs, check_forward_ad=fwd, check_batched_forward_grad=fwd, **flags)
+    assert gradgradcheck(fn, inputs, check_fwd_over_rev=fwd, **flags)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nll_loss_gradcheck(reduction):
+    logp = make((4, 3), torch.float64).requires_grad_()
+    target = torch.tensor([0, 2, -100, 1])
+    w = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    fn = lambda z: TF.nll_loss(z, target, weight=w, reduction=reduction)  # noqa: E731
+    flags = dict(check_undefined_grad=True, check_batched_grad=True)
+    assert gradcheck(fn, (logp,), check_forward_ad=True, check_batched_forward_grad=True, **flags)
+    assert gradgradcheck(fn, (logp,), **flags)
+
+
+@pytest.mark.parametrize("op", [TF.cross_entropy, TF.nll_loss], ids=["cross_entropy", "nll"])
+def test_all_targets_ignored_mean_is_nan_with_zero_grad(op):
+    x = make((4, C), torch.float32).requires_grad_()
+    loss = op(x, torch.full((4,), -100))
+    ref = F.cross_entropy(x.detach(), torch.full((4,), -100))
+    assert torch.isnan(loss) and torch.isnan(ref)
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_cross_entropy_fused_matches_own_log_softmax_then_nll():
+    x = make((7, 6), torch.float64, scale=5.0)
+    t = torch.tensor([0, 5, 3, -100, 2, 1, 1])
+    w = torch.rand(6, dtype=torch.float64)
+    fused, (gf,) = grads(lambda z: TF.cross_entropy(z, t, weight=w), x)
+    composed, (gc,) = grads(lambda z: TF.nll_loss(TF.log_softmax(z, 1), t, weight=w), x)
+    torch.testing.assert_close(fused, composed)
+    torch.testing.assert_close(gf, gc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_extreme_logits_give_finite_loss_and_grad(dtype):
+    # float32: logits of magnitude 1e4; float16: logits spanning [max/2, max] of its finite
+    # range (every loss <= max/2 + log C is representable); bfloat16 shares float32's
+    # range, where a sum of such losses would overflow the float32 accumulator (native's
+    # too), so it gets [top/2, top] with top = 1e36.
+    u = torch.rand((8, 10), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if dtype == torch.float32:
+        x64 = (u * 2 - 1) * 1e4
+    else:
+        top = torch.finfo(dtype).max if dtype == torch.float16 else 1e36
+        x64 = (0.5 + 0.5 * u) * top
+    x = x64.to(dtype)
+    t = torch.arange(8) % 10
+    out, (g,) = grads(
+        lambda z: TF.cross_entropy(z, t), x, grad_output=torch.tensor(1.0, dtype=dtype)
+    )
+    ref = F.cross_entropy(x.double(), t)
+    assert torch.isfinite(out) and torch.isfinite(g).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=0)
+
+
+def test_nan_and_inf_logits_propagate_as_native():
+    x = make((4, C), torch.float32)
+    x[1, 2] = float("nan")
+    x[2, 0] = float("inf")
+    x[3, 1] = -float("inf")
+    t = torch.tensor([0, 1, 2, 3])
+    for reduction in ["none", "sum"]:
+        out, (g,) = grads(lambda z: TF.cross_entropy(z, t, reduction=reduction), x)  # noqa: B023
+        ref, (r,) = grads(lambda z: F.cross_entropy(z, t, reduction=reduction), x)  # noqa: B023
+        torch.testing.assert_close(out, ref, equal_nan=True)
+        torch.testing.assert_close(g, r, equal_nan=True)
+
+
+@pytest.mark.parametrize("p_true", [0.9, 0.99, 0.999, 0.9999])
+def test_confident_bfloat16_gradient_as_accurate_as_native(p_true):
+    # Logits whose softmax puts p_true on the target class: dz_y = (p_y - 1) / N is tiny
+    # and must not be lost to bfloat16 rounding.
+    n, classes = 16, 128
+    rest = (1 - p_true) / (classes - 1)
+    gap = torch.log(torch.tensor(p_true / rest, dtype=torch.float64))
+    noise = make((n, classes), torch.float64, scale=0.01)
+    z64 = noise.clone()
+    t = torch.arange(n) % classes
+    z64[torch.arange(n), t] += gap
+    z = z64.to(torch.bfloat16).double()  # the exact values bfloat16 holds
+    exact = torch.softmax(z, 1)
+    exact[torch.arange(n), t] -= 1
+    exact /= n
+
+    def true_class_error(fn):
+        x = z.to(torch.bfloat16).requires_grad_()
+        fn(x, t).backward()
+        got = x.grad.double()[torch.arange(n), t]
+        want = exact[torch.arange(n), t]
+        return ((got - want).abs() / want.abs()).max().item()
+
+    ours, native = true_class_error(TF.cross_entropy), true_class_error(F.cross_entropy)
+    assert ours <= max(native, 2**-8)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_caller_tensors_never_overwritten(kind):
+    x = make((5, C), torch.float32).requires_grad_()
+    t = class_target((5,)) if kind == "index" else prob_target((5, C), torch.float32)
+    g = torch.tensor(2.0)
+    before = [x.detach().clone(), t.clone(), g.clone()]
+    loss = TF.cross_entropy(x, t, label_smoothing=0.1)
+    loss.backward(g, retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(g)  # a second backward through the same graph gives the same gradient
+    torch.testing.assert_close(x.grad, 2 * first)
+    for a, b in zip([x.detach(), t, g], before):
+        assert torch.equal(a, b)
+
+
+def test_uint8_target_accepted_like_native():
+    x = make((4, C), torch.float64)
+    t = torch.tensor([0, 1, 4, 2], dtype=torch.uint8)
+    torch.testing.assert_close(TF.cross_entropy(x, t), F.cross_entropy(x, t))
+
+
+def test_deprecated_size_average_and_reduce():
+    x = make((4, C), torch.float64)
+    t = class_target((4,))
+    for kw in [dict(size_average=False), dict(reduce=False), dict(size_average=True, reduce=True)]:
+        with pytest.warns(UserWarning):
+            ours = TF.cross_entropy(x, t, **kw)
+        with pytest.warns(UserWarning):
+            ref = F.cross_entropy(x, t, **kw)
+        torch.testing.assert_close(ours, ref)
+
+
+def test_soft_target_dtype_promotion_as_native():
+    x = make((3, C), torch.float32)
+    t = prob_target((3, C), torch.float64)
+    out, ref = TF.cross_entropy(x, t), F.cross_entropy(x, t)
+    assert out.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(out, ref)
+
+
+def test_large_inputs_use_the_chunked_path_with_identical_results(monkeypatch):
+    import torchbp.autograd.losses as losses
+
+    x = make((33, 7), torch.float32, scale=3.0)
+    t = class_target((33,), ignore=-100).clamp(max=6)
+    kw = dict(label_smoothing=0.1, weight=torch.rand(7) + 0.5)
+    whole, (gw,) = grads(lambda z: TF.cross_entropy(z, t, **kw), x)
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 20)  # 2 rows per block
+    for dtype in [torch.float32, torch.bfloat16]:
+        chunked, (gc,) = grads(lambda z: TF.cross_entropy(z, t, **kw), x.to(dtype))  # noqa: B023
+        torch.testing.assert_close(chunked.float(), whole, **TOL[dtype])
+        torch.testing.assert_close(gc.float(), gw, **TOL[dtype])

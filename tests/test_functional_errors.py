@@ -1,0 +1,168 @@
+"""Bad input gets a clear error that names the problem (and never a silent wrong answer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchbp.functional as TF
+from torchbp._checks import ClassIndexError, DeviceError, DTypeError, ShapeError
+
+
+def test_error_classes_are_also_runtime_errors():
+    # Code written against native's RuntimeErrors keeps catching ours.
+    for cls in (ShapeError, DTypeError, DeviceError, ClassIndexError):
+        assert issubclass(cls, RuntimeError)
+
+
+# --------------------------------------------------------------------------- linear
+@pytest.mark.parametrize(
+    "x_shape,w_shape,b_shape,match",
+    [
+        ((4, 3), (5, 2), None, r"input \(4, 3\), weight \(5, 2\)"),
+        ((), (5, 3), None, r"input \(\), weight \(5, 3\)"),
+        ((4, 3), (5, 3, 1), None, r"weight must be 2-D .* got shape \(5, 3, 1\)"),
+        ((4, 3), (5,), None, r"weight must be 2-D"),
+        ((4, 3), (5, 3), (4,), r"bias must have shape \(5,\) .* got \(4,\)"),
+        ((4, 3), (5, 3), (1, 5), r"bias must have shape \(5,\)"),
+    ],
+)
+def test_linear_shape_errors(x_shape, w_shape, b_shape, match):
+    b = None if b_shape is None else torch.randn(b_shape)
+    with pytest.raises(ShapeError, match=match):
+        TF.linear(torch.randn(x_shape), torch.randn(w_shape), b)
+
+
+def test_linear_dtype_mismatch_names_both():
+    with pytest.raises(DTypeError, match="input torch.float64, weight torch.float32"):
+        TF.linear(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3))
+    with pytest.raises(DTypeError, match="bias torch.float16"):
+        TF.linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4).half())
+
+
+def test_linear_device_mismatch_names_both():
+    w = torch.empty(4, 3, device="meta")
+    with pytest.raises(DeviceError, match="input on cpu, weight on meta"):
+        TF.linear(torch.randn(2, 3), w)
+
+
+# --------------------------------------------------------------------------- losses
+LOSSES = [TF.cross_entropy, TF.nll_loss]
+IDS = ["cross_entropy", "nll_loss"]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+@pytest.mark.parametrize("bad", [5, 17, -1, -101])
+def test_class_index_out_of_range_names_value_and_classes(loss, bad):
+    target = torch.tensor([0, bad, 1])
+    with pytest.raises(ClassIndexError, match=rf"target {bad} is out of bounds.*\[0, 5\)"):
+        loss(torch.randn(3, 5), target)
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+def test_class_index_check_covers_k_dim_and_custom_ignore_index(loss):
+    target = torch.zeros(2, 3, dtype=torch.long)
+    target[1, 2] = 9
+    with pytest.raises(ClassIndexError, match="target 9"):
+        loss(torch.randn(2, 4, 3), target)
+    target[1, 2] = 7  # allowed: it is the ignore_index
+    loss(torch.randn(2, 4, 3), target, ignore_index=7)
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.bool])
+def test_integer_target_dtype(loss, dtype):
+    with pytest.raises(DTypeError, match=f"got {dtype}"):
+        loss(torch.randn(3, 5), torch.tensor([0, 1, 1]).to(dtype))
+
+
+def test_float_target_for_nll_loss():
+    with pytest.raises(DTypeError, match="class indices .* use cross_entropy"):
+        TF.nll_loss(torch.randn(3, 5), torch.rand(3, 5))
+
+
+def test_long_probability_target_for_cross_entropy():
+    with pytest.raises(DTypeError, match="probabilities and must be floating point"):
+        TF.cross_entropy(torch.randn(3, 5), torch.ones(3, 5, dtype=torch.long))
+
+
+def test_float_target_of_wrong_shape():
+    with pytest.raises(ShapeError, match=r"floating-point target must have the input's shape"):
+        TF.cross_entropy(torch.randn(3, 5), torch.rand(3))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+@pytest.mark.parametrize(
+    "x_shape,t_shape,match",
+    [
+        ((4, 5), (3,), r"input batch_size \(4\) to match target batch_size \(3\)"),
+        ((4, 5, 2), (4, 3), r"must have shape \(4, 2\)"),
+        ((4, 5), (4, 1), r"must have shape \(4,\)"),
+        ((5,), (1,), r"must have shape \(\)"),
+    ],
+)
+def test_target_shape_mismatch(loss, x_shape, t_shape, match):
+    with pytest.raises(ShapeError, match=match):
+        loss(torch.randn(x_shape), torch.zeros(t_shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+@pytest.mark.parametrize("w_shape", [(4,), (5, 1), ()])
+def test_weight_shape(loss, w_shape):
+    with pytest.raises(ShapeError, match=r"weight must have shape \(5,\)"):
+        loss(torch.randn(3, 5), torch.tensor([0, 1, 2]), weight=torch.ones(w_shape))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+def test_weight_requiring_grad(loss):
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        loss(torch.randn(3, 5), torch.tensor([0, 1, 2]), weight=torch.ones(5, requires_grad=True))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+def test_unknown_reduction(loss):
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        loss(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg")
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.5])
+def test_label_smoothing_range(smoothing):
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
+        TF.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=smoothing)
+
+
+def test_ignore_index_with_probabilities():
+    with pytest.raises(ValueError, match="ignore_index is not supported for probability"):
+        TF.cross_entropy(torch.randn(3, 5), torch.rand(3, 5), ignore_index=1)
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+def test_zero_dim_input(loss):
+    with pytest.raises(ShapeError, match="must have a class dim"):
+        loss(torch.tensor(1.0), torch.tensor(0))
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+def test_integer_input(loss):
+    with pytest.raises(DTypeError, match="input must be a floating-point tensor"):
+        loss(torch.ones(3, 5, dtype=torch.long), torch.tensor([0, 1, 2]))
+
+
+# --------------------------------------------------------------------------- activations etc.
+def test_gelu_unknown_approximation():
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        TF.gelu(torch.randn(3), approximate="fast")
+
+
+def test_leaky_relu_inplace_negative_slope_under_autograd():
+    h = torch.randn(3, requires_grad=True) * 1
+    with pytest.raises(ValueError, match="negative slope cannot be differentiated"):
+        TF.leaky_relu(h, -0.2, inplace=True)
+
+
+@pytest.mark.parametrize("op", [TF.softmax, TF.log_softmax], ids=["softmax", "log_softmax"])
+def test_softmax_dim_out_of_range(op):
+    with pytest.raises(IndexError, match="out of range"):
+        op(torch.randn(3, 4), dim=2)
+    with pytest.raises(IndexError, match="out of range"):
+        op(torch.tensor(1.0), dim=1)
