@@ -5,9 +5,9 @@ Public surface: :mod:`torchbp.functional`, :mod:`torchbp.nn`, :func:`torchbp.con
 autograd Function). Importing torchbp never imports Lightning.
 """
 
-from torchbp import autograd, functional, nn
+from torchbp import autograd, functional, nn, verify
 from torchbp.convert import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["autograd", "functional", "nn", "convert", "__version__"]
+__all__ = ["autograd", "functional", "nn", "convert", "verify", "__version__"]

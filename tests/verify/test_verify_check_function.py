@@ -1,0 +1,281 @@
+"""check_function on plain callables: report structure, options and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchbp.verify import CHECKS, CheckResult, Report, check_function, tolerances
+
+
+def _x(*shape, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+NO_COMPILE = {"skip": ["compile"]}
+
+
+def test_native_op_passes_and_report_is_complete():
+    report = check_function(torch.tanh, _x(3, 4), reference=torch.tanh, **NO_COMPILE)
+    assert report.ok, str(report)
+    assert report.names() == [c for c in CHECKS if c != "compile"]
+    gc = report["gradcheck"]
+    assert gc.passed and gc.max_abs_err is not None and gc.max_abs_err < 1e-6
+    assert gc.seconds >= 0
+    # native ops have no custom Function node
+    assert (
+        report["grad_shapes"].skipped
+        and "no custom autograd.Function" in report["grad_shapes"].message
+    )
+
+
+def test_str_table_and_to_dict():
+    report = check_function(torch.sigmoid, _x(2, 3), checks=["gradcheck", "reference"])
+    text = str(report)
+    assert text.splitlines()[0].endswith("OK")
+    assert "gradcheck" in text and "reference" in text and "max abs err" in text
+    assert "no reference given" in text  # skipped checks show their reason
+    data = report.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["ok"] is True
+    assert data["meta"]["dtype"] == "float64"
+    assert [c["status"] for c in data["checks"]] == ["pass", "pass", "skipped"]
+
+
+def test_report_ok_semantics():
+    assert not Report("empty").ok
+    assert not Report("only skipped", [CheckResult("a", "skipped")]).ok
+    assert Report("one pass", [CheckResult("a", "pass"), CheckResult("b", "skipped")]).ok
+    assert not Report("one fail", [CheckResult("a", "pass"), CheckResult("b", "fail")]).ok
+    with pytest.raises(KeyError, match="no check named"):
+        Report("x", [CheckResult("a", "pass")])["zzz"]
+
+
+def test_non_tensor_scalar_args_and_integer_targets():
+    x, t = _x(4, 5), torch.tensor([0, 2, 4, 1])
+    report = check_function(F.cross_entropy, x, t, None, reference=F.cross_entropy, **NO_COMPILE)
+    assert report.ok, str(report)
+    assert report.meta["grad_inputs"] == [0]
+    report = check_function(F.softmax, _x(3, 4), 1, reference=F.softmax, **NO_COMPILE)
+    assert report.ok, str(report)
+
+
+def test_lower_precision_skips_numerical_checks_with_reason():
+    report = check_function(
+        torch.sigmoid, _x(3, 4), reference=torch.sigmoid, dtype=torch.float32, **NO_COMPILE
+    )
+    assert report.ok, str(report)
+    for name in ("gradcheck", "gradgradcheck", "forward_ad"):
+        assert report[name].skipped and "float64" in report[name].message
+    assert report["reference"].passed
+    assert report.meta["dtype"] == "float32"
+
+
+def test_dtype_none_keeps_input_dtype():
+    report = check_function(
+        torch.tanh, _x(2, 2, dtype=torch.float32), dtype=None, checks=["forward"]
+    )
+    assert report.meta["dtype"] == "float32"
+
+
+def test_fast_mode():
+    report = check_function(F.linear, _x(3, 4), _x(5, 4), _x(5), fast_mode=True, **NO_COMPILE)
+    assert report.ok, str(report)
+    assert report.meta["fast_mode"] is True
+
+
+def test_compile_check_runs_with_chosen_backend():
+    report = check_function(torch.tanh, _x(3), checks=["compile"], compile_backend="eager")
+    assert report["compile"].passed, str(report)
+    assert "eager" in report["compile"].message
+
+
+def test_reference_shape_mismatch_is_a_failed_check():
+    report = check_function(
+        torch.tanh, _x(3, 4), reference=lambda x: torch.tanh(x).sum(0), **NO_COMPILE
+    )
+    assert not report.ok
+    assert report["reference"].failed
+    assert "has shape (3, 4) but the reference gives (4,)" in report["reference"].message
+
+
+def test_reference_that_raises_is_a_failed_check():
+    def broken(x):
+        raise RuntimeError("boom")
+
+    report = check_function(torch.tanh, _x(3), reference=broken, checks=["reference"])
+    assert report["reference"].failed and "the reference raised RuntimeError: boom" in (
+        report["reference"].message
+    )
+
+
+def test_fn_that_raises_fails_forward_and_skips_the_rest():
+    def bad(x):
+        return x @ torch.ones(7, 2, dtype=x.dtype)
+
+    report = check_function(bad, _x(3, 4))
+    assert not report.ok
+    assert report["forward"].failed and report["forward"].message.startswith("fn raised")
+    assert all(c.skipped for c in report if c.name != "forward")
+
+
+def test_detached_output_is_reported():
+    report = check_function(lambda x: torch.tanh(x).detach(), _x(3))
+    assert report["forward"].failed and "no output requires grad" in report["forward"].message
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: check_function(42, _x(3)), TypeError, "fn must be callable"),
+        (lambda: check_function(torch.tanh, [1.0, 2.0]), TypeError, "input 0 is a list"),
+        (lambda: check_function(torch.tanh), ValueError, "at least one example input"),
+        (lambda: check_function(torch.tanh, 3.0), TypeError, "none of the inputs is a tensor"),
+        (
+            lambda: check_function(F.nll_loss, _x(2, 3), torch.tensor([0, 1]), grad_inputs=(1,)),
+            ValueError,
+            "input 1 is an integer tensor",
+        ),
+        (
+            lambda: check_function(torch.neg, torch.arange(3)),
+            ValueError,
+            "no floating-point tensor input",
+        ),
+        (lambda: check_function(torch.tanh, _x(3), bogus=1), TypeError, "unknown option"),
+        (lambda: check_function(torch.tanh, _x(3), checks=["nope"]), ValueError, "unknown check"),
+        (lambda: check_function(torch.tanh, _x(3), reference=5), TypeError, "reference must be"),
+        (lambda: check_function(torch.tanh, _x(3), dtype=torch.int32), TypeError, "dtype must"),
+        (
+            lambda: check_function(torch.tanh, _x(3), grad_inputs=(3,)),
+            ValueError,
+            "not a valid input position",
+        ),
+    ],
+)
+def test_bad_input_gives_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match) as info:
+        call()
+    # raised by check_function itself, not from deep inside torch
+    assert info.traceback[-1].path.name == "checks.py"
+
+
+def test_tolerances_are_dtype_aware():
+    assert (
+        tolerances(torch.float64)[1] < tolerances(torch.float32)[1] < tolerances(torch.bfloat16)[1]
+    )
+
+
+def test_autograd_function_subclass_is_accepted_and_named():
+    class Square(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 2 * x * t
+
+    report = check_function(Square, _x(3), reference=lambda x: x**2, **NO_COMPILE)
+    assert report.name == "Square"
+    assert report.ok, str(report)
+    assert report["grad_shapes"].passed
+
+
+def test_no_jvp_is_reported_in_words():
+    class NoJvp(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return 3 * g
+
+    report = check_function(NoJvp, _x(3), checks=["forward_ad"])
+    assert report["forward_ad"].failed
+    assert "Function has no jvp" in report["forward_ad"].message
+
+
+def test_no_vmap_rule_is_reported_in_words():
+    class NoVmap(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return 3 * g
+
+    report = check_function(NoVmap, _x(3), checks=["vmap"])
+    assert report["vmap"].failed
+    assert "Function has no vmap rule" in report["vmap"].message
+
+
+def test_undefined_grad_not_handled_is_reported():
+    class TwoOut(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * 2, x * 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+
+        @staticmethod
+        def backward(ctx, ga, gb):
+            return 2 * ga + 3 * gb  # breaks when one of them is None
+
+    report = check_function(TwoOut, _x(3), checks=["undefined_grad"])
+    assert report["undefined_grad"].failed
+    assert "undefined" in report["undefined_grad"].message
+
+
+def test_view_in_backward_fails_for_strided_grad_output():
+    class ViewLinear(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x, w):
+            return x @ w.t()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            g2 = g.view(-1, g.shape[-1])  # breaks on a transposed grad_output
+            return g @ w, g2.t() @ x.reshape(-1, x.shape[-1])
+
+    report = check_function(ViewLinear, _x(2, 3, 4), _x(5, 4), checks=["grad_output_safety"])
+    assert report["grad_output_safety"].failed
+    assert "use .reshape()" in report["grad_output_safety"].message
