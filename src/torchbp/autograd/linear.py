@@ -88,7 +88,7 @@ class LinearFunction(_Linear):
         if bias_t is not None:
             shape = (*x.shape[:-1], weight.shape[0])
             # A tangent must be laid out like the output: materialise the broadcast.
-            out = bias_t.expand(shape).contiguous() if out is None else out + bias_t
+            out = bias_t.expand(shape).clone() if out is None else out + bias_t
         return out
 
 
