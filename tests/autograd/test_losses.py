@@ -278,3 +278,23 @@ def test_large_inputs_use_the_chunked_path_with_identical_results(monkeypatch):
         chunked, (gc,) = grads(lambda z: TF.cross_entropy(z, t, **kw), x.to(dtype))  # noqa: B023
         torch.testing.assert_close(chunked.float(), whole, **TOL[dtype])
         torch.testing.assert_close(gc.float(), gw, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [c for c in CE_CASES if c["reduction"] == "none"], ids=case_id)
+def test_fused_softmax_path_matches_reference_formulation(case, dtype):
+    # The eager float32/float64 fast path (one fused softmax kernel) against the reference
+    # max-trick formulation, on the same inputs.
+    from torchbp.autograd.losses import _ce_rows, _ce_rows_fused
+
+    z = make((9, C), dtype, scale=4.0)
+    z[0] = torch.tensor([30.0, -30.0, 0.0, 1.0, 2.0])  # a confident row
+    weight = make((C,), dtype, seed=4).abs() + 0.1 if case["weight"] else None
+    if case["kind"] == "index":
+        target = class_target((9,), ignore=case["ignore"])
+        ignore = case["ignore"] if case["ignore"] is not None else -100
+    else:
+        target, ignore = prob_target((9, C), dtype), -100
+    args = (z, target, weight, ignore, case["smoothing"])
+    for ours, ref in zip(_ce_rows_fused(*args), _ce_rows(*args)):
+        torch.testing.assert_close(ours, ref, **TOL[dtype])

@@ -15,6 +15,7 @@ import math
 import torch
 from torch.autograd import Function
 
+from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
 
 _SQRT_2 = math.sqrt(2.0)
@@ -23,17 +24,32 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_C = 0.044715
 
 
-def _opmath(derivative):
-    """Evaluate a derivative formula in float32 for half-precision tensors and round once,
-    as native kernels do (``1 - y²`` in bfloat16 loses every digit as ``y -> 1``)."""
+def _derivative(fast):
+    """Decorate a derivative formula ``(g, saved, *args) -> g * f'`` written in
+    differentiable torch ops with ``fast``, an equivalent that builds the result in one
+    fresh buffer with in-place ops: fewer passes over memory and fewer page-faulting
+    allocations. ``fast`` runs for first-order backward in eager mode (grad mode off, no
+    torch.func wrapper, not compiling); double backward, torch.func and torch.compile get
+    the differentiable formula. Half-precision tensors are computed in float32 and rounded
+    once, as native kernels do (``1 - y²`` in bfloat16 loses every digit as ``y -> 1``).
+    """
 
-    def wrapped(g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
-        if g.dtype in (torch.float16, torch.bfloat16):
-            return derivative(g.float(), saved.float(), *args).to(g.dtype)
-        return derivative(g, saved, *args)
+    def decorate(formula):
+        def wrapped(g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
+            dtype = g.dtype
+            half = dtype in (torch.float16, torch.bfloat16)
+            if half:
+                g, saved = g.float(), saved.float()
+            if torch.is_grad_enabled() or not values_inspectable(g):
+                out = formula(g, saved, *args)
+            else:
+                out = fast(g, saved, *args)
+            return out.to(dtype) if half else out
 
-    wrapped.__doc__ = derivative.__doc__
-    return wrapped
+        wrapped.formula, wrapped.fast = formula, fast
+        return wrapped
+
+    return decorate
 
 
 def _tangent_out(ctx, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +67,12 @@ def _save(ctx, tensor, for_forward: bool):
 
 
 # --------------------------------------------------------------------------- sigmoid
-@_opmath
+def _sigmoid_grad_fast(g, y):
+    d = torch.mul(g, y)
+    return d.addcmul_(d, y, value=-1)  # g y - g y y
+
+
+@_derivative(_sigmoid_grad_fast)
 def _sigmoid_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # σ'(x) = σ(x)(1 - σ(x)) = y (1 - y)
     return g * (y * (1 - y))
@@ -91,7 +112,12 @@ class SigmoidFunction(_Sigmoid):
 
 
 # --------------------------------------------------------------------------- tanh
-@_opmath
+def _tanh_grad_fast(g, y):
+    d = torch.mul(g, y).mul_(y)
+    return torch.sub(g, d, out=d)  # g - g y²
+
+
+@_derivative(_tanh_grad_fast)
 def _tanh_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # tanh'(x) = 1 - tanh²(x) = 1 - y²
     return g * (1 - y * y)
@@ -180,6 +206,12 @@ class ReLUFunction(_ReLU):
 
 
 # --------------------------------------------------------------------------- LeakyReLU
+def _leaky_relu_grad_fast(g, saved, slope):
+    d = torch.mul(g, slope)
+    return torch.where(saved > 0, g, d, out=d)
+
+
+@_derivative(_leaky_relu_grad_fast)
 def _leaky_relu_grad(g: torch.Tensor, saved: torch.Tensor, slope: float) -> torch.Tensor:
     # f'(x) = 1 if x > 0 else slope. For slope >= 0, y > 0 exactly when x > 0, so the
     # output can stand in for the input (native saves the input).
@@ -240,7 +272,19 @@ class LeakyReLUFunction(_LeakyReLU):
 
 
 # --------------------------------------------------------------------------- GELU
-@_opmath
+def _gelu_grad_fast(g, x, approximate):
+    if approximate == "tanh":
+        c = _SQRT_2_OVER_PI
+        inner = torch.mul(x, x)  # x²
+        half_dinner = torch.mul(inner, 3 * _GELU_TANH_C * c).add_(c).mul_(x).mul_(0.5)
+        t = inner.mul_(_GELU_TANH_C).add_(1).mul_(x).mul_(c).tanh_()  # tanh u
+        d = torch.mul(t, t).neg_().add_(1).mul_(half_dinner)  # ½x(1 - tanh²u) du/dx
+        return d.add_(t.add_(1).mul_(0.5)).mul_(g)
+    d = torch.mul(x, x).mul_(-0.5).exp_().mul_(x).mul_(_INV_SQRT_2PI)  # x φ(x)
+    return d.add_(torch.special.ndtr(x)).mul_(g)  # (Φ(x) + x φ(x)) g
+
+
+@_derivative(_gelu_grad_fast)
 def _gelu_grad(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate == "tanh":
         # y = ½x(1 + tanh u), u = √(2/π)(x + c x³)
@@ -293,7 +337,13 @@ class GELUFunction(_GELU):
 
 
 # --------------------------------------------------------------------------- SiLU
-@_opmath
+def _silu_grad_fast(g, x):
+    s = torch.sigmoid(x)
+    d = torch.mul(x, s)
+    return d.addcmul_(d, s, value=-1).add_(s).mul_(g)  # (s + x s (1 - s)) g
+
+
+@_derivative(_silu_grad_fast)
 def _silu_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # y = x σ(x);  y' = σ(x) (1 + x (1 - σ(x)))
     s = torch.sigmoid(x)

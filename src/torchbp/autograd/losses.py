@@ -131,7 +131,7 @@ def _soft_b(target, weight, smoothing, classes, dtype):
 
 
 def _ce_rows(z, target, weight, ignore_index, smoothing, out=None):
-    """Cross-entropy forward of a block of rows ``z`` (m, C).
+    """Cross-entropy forward of a block of rows ``z`` (m, C): the reference formulation.
 
     Returns ``ℓ`` (m,), ``∂ℓ/∂z`` (m, C) and ``lse`` (m,), all in the accumulation dtype
     (float32 for half inputs, so that ``p_y - 1`` of a confident row keeps its precision;
@@ -139,41 +139,74 @@ def _ce_rows(z, target, weight, ignore_index, smoothing, out=None):
     buffer of the accumulation dtype), else in a fresh tensor; no other tensor is written.
     """
     acc = _acc_dtype(z.dtype)
-    classes = z.shape[1]
-    soft = target.is_floating_point()
     # s = z - m with m the row max: every exponent is <= 0 (log-sum-exp trick).
     m = z.amax(1, keepdim=True).to(acc)
     s = z.to(acc) - m if out is None else torch.sub(z, m, out=out)
-    # Linear part Σ_c B_ic s_ic, taken before s is overwritten by exp(s).
-    if soft:
-        b = _soft_b(target, weight, smoothing, classes, acc)
-        a = b.sum(1)
-        linear = (b * s).sum(1)
-    else:
-        valid, safe, w_y, a = _hard_coefficients(
-            target, weight, ignore_index, smoothing, classes, acc
-        )
-        linear = (1 - smoothing) * w_y * s.gather(1, safe.unsqueeze(1)).squeeze(1)
-        if smoothing:
-            s_w = s.sum(1) if weight is None else s @ weight.to(acc)
-            linear = linear + (smoothing / classes) * s_w
+    # The linear part Σ_c B_ic s_ic is taken before s is overwritten by e = exp(s).
+    a, linear, b, hard = _ce_linear_part(s, None, target, weight, ignore_index, smoothing)
     # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0.
     e = s.exp_()
     total = e.sum(1, keepdim=True)
     log_total = total.log()
+    # ∂ℓ_i/∂z_i = a_i p_i - B_i with p_i = e_i / Σ e_i
+    grad = e.mul_(a.unsqueeze(1) / total)
+    return _ce_finish(grad, log_total, m, a, linear, b, hard, smoothing)
+
+
+def _ce_rows_fused(z, target, weight, ignore_index, smoothing):
+    """The same for float32 / float64 rows in eager mode, with one fused softmax kernel
+    (which also evaluates ``e^{z - m}`` once per logit) instead of separate passes."""
+    m, argmax = z.max(1, keepdim=True)
+    p = torch.softmax(z, 1)
+    # At the row max p = e^0 / Σ e^{z-m}, so log Σ e^{z-m} = -log p_max: no second exp pass.
+    log_total = p.gather(1, argmax).log_().neg_()
+    a, linear, b, hard = _ce_linear_part(z, m, target, weight, ignore_index, smoothing)
+    if not (weight is None and smoothing == 0 and hard is not None and bool(hard[0].all())):
+        p.mul_(a.unsqueeze(1))  # a_i = 1 on every row unless weighted, smoothed or ignored
+    return _ce_finish(p, log_total, m, a, linear, b, hard, smoothing)
+
+
+def _ce_linear_part(x, shift, target, weight, ignore_index, smoothing):
+    """``a_i`` and the linear part ``Σ_c B_ic (x_ic - shift_i)`` of the loss (``x`` already
+    shifted when ``shift`` is None), plus what :func:`_ce_finish` needs to form ``B``."""
+    acc = _acc_dtype(x.dtype)
+    classes = x.shape[1]
+    if target.is_floating_point():
+        b = _soft_b(target, weight, smoothing, classes, acc)
+        a = b.sum(1)
+        linear = (b * x).sum(1)
+        if shift is not None:
+            linear = linear - a * shift.squeeze(1)
+        return a, linear, b, None
+    valid, safe, w_y, a = _hard_coefficients(target, weight, ignore_index, smoothing, classes, acc)
+    picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    if shift is not None:
+        picked = picked - shift.squeeze(1)
+    linear = (1 - smoothing) * w_y * picked
+    if smoothing:
+        x_w = x.sum(1) if weight is None else x @ weight.to(acc)
+        if shift is not None:
+            w_sum = classes if weight is None else weight.to(acc).sum()
+            x_w = x_w - w_sum * shift.squeeze(1)
+        linear = linear + (smoothing / classes) * x_w
+    return a, linear, None, (valid, safe, w_y, weight)
+
+
+def _ce_finish(grad, log_total, m, a, linear, b, hard, smoothing):
+    """Subtract ``B`` from ``grad = a ⊙ p`` in place and assemble ``(ℓ, ∂ℓ/∂z, lse)``."""
+    acc = grad.dtype
+    classes = grad.shape[1]
     lse = (m + log_total).squeeze(1)
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ e - Σ_c B_ic s_ic   (m cancels: Σ B = a)
     loss = a * log_total.squeeze(1) - linear
-    # ∂ℓ_i/∂z_i = a_i p_i - B_i,  p_i = e_i / Σ e_i
-    grad = e.mul_(a.unsqueeze(1) / total)
-    if soft:
-        grad.sub_(b)
-    else:
-        loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
-        if smoothing:
-            w_row = torch.ones(classes, dtype=acc, device=z.device) if weight is None else weight
-            grad.sub_(torch.outer(valid.to(acc), w_row.to(acc)), alpha=smoothing / classes)
-        grad.scatter_add_(1, safe.unsqueeze(1), (-(1 - smoothing) * w_y).unsqueeze(1))
+    if hard is None:
+        return loss, grad.sub_(b), lse
+    valid, safe, w_y, weight = hard
+    loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
+    if smoothing:
+        w_row = torch.ones(classes, dtype=acc, device=grad.device) if weight is None else weight
+        grad.sub_(torch.outer(valid.to(acc), w_row.to(acc)), alpha=smoothing / classes)
+    grad.scatter_add_(1, safe.unsqueeze(1), (-(1 - smoothing) * w_y).unsqueeze(1))
     return loss, grad, lse
 
 
@@ -203,8 +236,11 @@ class _CrossEntropy(Function):
         # lse (M,). The gradient is computed here, where the softmax is at hand, so that
         # e^z is evaluated once per logit (native evaluates it again in backward).
         rows, classes = logits.shape
+        eager = values_inspectable(logits)
+        if eager and logits.dtype == _acc_dtype(logits.dtype) and rows * classes:
+            return _ce_rows_fused(logits, target, weight, ignore_index, label_smoothing)
         step = _rows_per_chunk(rows, classes)
-        if rows <= step or not values_inspectable(logits):
+        if rows <= step or not eager:
             # One block (also under torch.func transforms, which forbid writes into
             # preallocated buffers).
             loss, grad, lse = _ce_rows(logits, target, weight, ignore_index, label_smoothing)
