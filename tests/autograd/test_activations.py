@@ -165,3 +165,30 @@ def test_retain_graph_second_backward(name):
     (g1,) = torch.autograd.grad(y, x, retain_graph=True)
     (g2,) = torch.autograd.grad(y, x)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        ("_sigmoid_grad", ()),
+        ("_tanh_grad", ()),
+        ("_leaky_relu_grad", (0.1,)),
+        ("_leaky_relu_grad", (-0.5,)),
+        ("_gelu_grad", ("none",)),
+        ("_gelu_grad", ("tanh",)),
+        ("_silu_grad", ()),
+    ],
+)
+def test_fast_first_order_backward_matches_formula(name, args):
+    # The in-place first-order path against the differentiable formula, same inputs.
+    from torchbp.autograd import activations
+
+    derivative = getattr(activations, name)
+    saved = make((1000,), torch.float64, scale=3.0)
+    if name in ("_sigmoid_grad", "_tanh_grad"):
+        saved = torch.sigmoid(saved) if name == "_sigmoid_grad" else torch.tanh(saved)
+    g = make((1000,), torch.float64, seed=1)
+    g_before, saved_before = g.clone(), saved.clone()
+    fast = derivative.fast(g, saved, *args)
+    torch.testing.assert_close(fast, derivative.formula(g, saved, *args), rtol=1e-12, atol=1e-14)
+    assert torch.equal(g, g_before) and torch.equal(saved, saved_before)
