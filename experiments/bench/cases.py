@@ -1,0 +1,546 @@
+"""Benchmark cases: shapes, inputs, and the implementations compared side by side.
+
+A case owns its input tensors and a dict of implementations. Each implementation is a
+zero-argument callable that runs one forward+backward (or one training step); the harness
+times it, counts what it saves for backward and measures its peak memory. ``torchbp`` is
+always the implementation under test; every other one is a reference.
+
+Optional systems are looked up lazily and skipped when missing: torchbp itself (so the
+harness runs before the core ops exist), torchbp's ``linear_cross_entropy`` and its
+``cross_entropy(..., inplace=True)`` option, torch's chunked ``F.linear_cross_entropy``
+(torch >= 2.13), Liger-Kernel and cut-cross-entropy (CUDA + Triton only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclass
+class Impl:
+    """One system's forward+backward for a case."""
+
+    fn: Callable[[], None]
+    pre: Callable[[], None] | None = None  # untimed, before every call (e.g. restore logits)
+    compiled: bool = False  # first call includes torch.compile's compile time
+    note: str = ""
+
+
+@dataclass
+class Case:
+    name: str
+    group: str  # loss | activation | linear | model | memory
+    desc: str  # shapes and dtype, for the report
+    impls: dict[str, Impl]
+    # not counted as saved for backward: parameters, and a model's input batch. A single
+    # op's inputs do count: inside a model they are the previous layer's activations.
+    exclude: list[torch.Tensor]
+    reset: Callable[[], None]  # drop gradients between calls (untimed)
+    timed: bool = True  # memory-only cases are not timed
+    peak_rss: bool = False  # CPU: measure peak RSS in a fresh subprocess per impl
+    batch: int | None = None  # rows / samples, for bytes-per-sample figures
+    logits_bytes: int | None = None  # size of the logits (CE targets are relative to it)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Options:
+    device: str
+    quick: bool
+    compile: str  # auto | all | none
+    peers: bool = True
+
+
+# ------------------------------------------------------------------------ optional systems
+
+
+def _torchbp_functional():
+    try:
+        return importlib.import_module("torchbp.functional")
+    except Exception:  # noqa: BLE001 - the core may not exist yet
+        return None
+
+
+def tbp(name: str):
+    """``torchbp.functional.<name>`` or None."""
+    mod = _torchbp_functional()
+    return getattr(mod, name, None) if mod is not None else None
+
+
+def torchbp_version() -> str | None:
+    try:
+        return importlib.import_module("torchbp").__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _accepts(fn, kw: str) -> bool:
+    try:
+        return kw in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_LIGER_MODULES = {
+    "LigerCrossEntropyLoss": "liger_kernel.transformers.cross_entropy",
+    "LigerFusedLinearCrossEntropyLoss": "liger_kernel.transformers.fused_linear_cross_entropy",
+}
+
+
+def _liger(name: str):
+    try:
+        return getattr(importlib.import_module(_LIGER_MODULES[name]), name)
+    except Exception:  # noqa: BLE001 - needs triton + CUDA
+        return None
+
+
+def _cce():
+    try:
+        return importlib.import_module("cut_cross_entropy").linear_cross_entropy
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def peer_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist in ("liger-kernel", "cut-cross-entropy", "triton"):
+        try:
+            from importlib.metadata import version
+
+            out[dist] = version(dist)
+        except Exception:  # noqa: BLE001
+            out[dist] = None
+    return out
+
+
+def _use_compile(opts: Options, wanted_by_targets: bool) -> bool:
+    if opts.compile == "all":
+        return True
+    if opts.compile == "none":
+        return False
+    return wanted_by_targets
+
+
+def _compiled(f):
+    return torch.compile(f, dynamic=False)
+
+
+def _seed(opts: Options) -> None:
+    torch.manual_seed(0)
+    if opts.device == "cuda":
+        torch.cuda.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
+    """Cross-entropy on logits (N, C): loss.backward() -> logits.grad."""
+    cuda = opts.device == "cuda"
+    if opts.quick:
+        N, C = (1024, 8192) if cuda else (256, 1024)
+    else:
+        N, C = (8192, 128256) if cuda else (4096, 32768)
+    _seed(opts)
+    logits = torch.randn(N, C, device=opts.device, dtype=torch.float32).mul_(2.0)
+    logits = logits.to(dtype).requires_grad_()
+    target = torch.randint(0, C, (N,), device=opts.device)
+    pristine: torch.Tensor | None = None
+
+    def restore():
+        # in-place systems overwrite the logits with their gradient: restore them untimed
+        with torch.no_grad():
+            logits.copy_(pristine)
+
+    def fwd_bwd(f):
+        def run():
+            f(logits, target).backward()
+
+        return run
+
+    impls: dict[str, Impl] = {}
+    ce = tbp("cross_entropy")
+    if ce is not None:
+        impls["torchbp"] = Impl(fwd_bwd(ce))
+        if _accepts(ce, "inplace"):
+            pristine = logits.detach().clone()
+            impls["torchbp_inplace"] = Impl(
+                fwd_bwd(lambda z, t: ce(z, t, inplace=True)),
+                pre=restore,
+                note="gradient written into the logits' storage",
+            )
+    impls["native"] = Impl(fwd_bwd(F.cross_entropy))
+    if dtype != torch.float32:
+        impls["native_fp32"] = Impl(
+            fwd_bwd(lambda z, t: F.cross_entropy(z.float(), t)), note="logits upcast to fp32"
+        )
+    if _use_compile(opts, True):
+        impls["compile"] = Impl(fwd_bwd(_compiled(F.cross_entropy)), compiled=True)
+    if cuda and opts.peers:
+        liger_ce = _liger("LigerCrossEntropyLoss")
+        if liger_ce is not None:
+            if pristine is None:
+                pristine = logits.detach().clone()
+            loss_mod = liger_ce()
+            impls["liger"] = Impl(
+                fwd_bwd(loss_mod), pre=restore, note="writes the gradient into the logits"
+            )
+
+    def reset():
+        logits.grad = None
+
+    return Case(
+        name=name,
+        group="loss",
+        desc=f"N={N}, C={C}, {str(dtype).removeprefix('torch.')}",
+        impls=impls,
+        exclude=[pristine] if pristine is not None else [],
+        reset=reset,
+        peak_rss=not cuda,
+        batch=N,
+        logits_bytes=logits.numel() * logits.element_size(),
+    )
+
+
+_ACTIVATIONS: dict[str, Callable] = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "leaky_relu": F.leaky_relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def build_activation(opts: Options, op: str) -> Case:
+    cuda = opts.device == "cuda"
+    n = (2**20 if cuda else 2**16) if opts.quick else (2**28 if cuda else 2**24)
+    _seed(opts)
+    x = torch.randn(n, device=opts.device).requires_grad_()
+    gout = torch.randn(n, device=opts.device)
+
+    def fwd_bwd(f):
+        def run():
+            f(x).backward(gout)
+
+        return run
+
+    impls: dict[str, Impl] = {}
+    f_bp = tbp(op)
+    if f_bp is not None:
+        impls["torchbp"] = Impl(fwd_bwd(f_bp))
+    impls["native"] = Impl(fwd_bwd(_ACTIVATIONS[op]))
+    if _use_compile(opts, False):
+        impls["compile"] = Impl(fwd_bwd(_compiled(_ACTIVATIONS[op])), compiled=True)
+
+    def reset():
+        x.grad = None
+
+    return Case(
+        name=f"act_{op}",
+        group="activation",
+        desc=f"2^{n.bit_length() - 1} float32",
+        impls=impls,
+        exclude=[gout],
+        reset=reset,
+    )
+
+
+def build_linear(opts: Options) -> Case:
+    cuda = opts.device == "cuda"
+    if opts.quick:
+        N, K, M = (1024, 512, 512) if cuda else (128, 64, 64)
+    else:
+        N, K, M = (16384, 4096, 4096) if cuda else (4096, 1024, 1024)
+    _seed(opts)
+    x = torch.randn(N, K, device=opts.device).requires_grad_()
+    w = (torch.randn(M, K, device=opts.device) * K**-0.5).requires_grad_()
+    b = torch.randn(M, device=opts.device).requires_grad_()
+    gout = torch.randn(N, M, device=opts.device)
+
+    def fwd_bwd(f):
+        def run():
+            f(x, w, b).backward(gout)
+
+        return run
+
+    impls: dict[str, Impl] = {}
+    f_bp = tbp("linear")
+    if f_bp is not None:
+        impls["torchbp"] = Impl(fwd_bwd(f_bp))
+    impls["native"] = Impl(fwd_bwd(F.linear))
+    if _use_compile(opts, False):
+        impls["compile"] = Impl(fwd_bwd(_compiled(F.linear)), compiled=True)
+
+    def reset():
+        x.grad = w.grad = b.grad = None
+
+    return Case(
+        name="linear",
+        group="linear",
+        desc=f"({N}x{K}) @ ({K}x{M})^T + bias, float32",
+        impls=impls,
+        exclude=[w, b, gout],
+        reset=reset,
+    )
+
+
+_MODULES = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
+
+
+def _mlp(sizes: list[int], act: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(_MODULES[act]())
+    return nn.Sequential(*layers)
+
+
+def _to_torchbp(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """A deep copy of ``model`` with its layers swapped for torchbp's (same weights)."""
+    try:
+        torchbp = importlib.import_module("torchbp")
+        twin = torchbp.convert(copy.deepcopy(model), inplace=True)
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchbp.convert unavailable: {type(e).__name__}: {e}"
+    mods = [type(m).__module__ for m in twin.modules() if not isinstance(m, nn.Sequential)]
+    if not any(m.startswith("torchbp") for m in mods):
+        return None, "torchbp.convert left every layer native"
+    return twin, ""
+
+
+def _mlp_shapes(opts: Options) -> tuple[list[int], int]:
+    cuda = opts.device == "cuda"
+    if opts.quick:
+        return ([1024, 512, 512, 10], 1024) if cuda else ([784, 64, 64, 10], 32)
+    return ([1024, 4096, 4096, 10], 16384) if cuda else ([784, 1024, 1024, 10], 256)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
+    """One SGD training step: zero_grad, forward, cross-entropy, backward, step."""
+    sizes, B = _mlp_shapes(opts)
+    _seed(opts)
+    native = _mlp(sizes, "relu").to(opts.device)
+    x = torch.randn(B, sizes[0], device=opts.device)
+    y = torch.randint(0, sizes[-1], (B,), device=opts.device)
+    ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if precision == "tf32":
+        ctx = lambda: _tf32(True)  # noqa: E731
+    elif precision == "bf16":
+        ctx = lambda: torch.autocast(opts.device, dtype=torch.bfloat16)  # noqa: E731
+
+    def stepper(model, loss_fn):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with ctx():
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    impls: dict[str, Impl] = {}
+    notes: list[str] = []
+    params = list(native.parameters())
+    twin, why = _to_torchbp(native)
+    ce = tbp("cross_entropy")
+    if twin is not None and ce is not None:
+        impls["torchbp"] = Impl(stepper(twin, ce))
+        params += list(twin.parameters())
+    elif why:
+        notes.append(why)
+    impls["native"] = Impl(stepper(native, F.cross_entropy))
+    if _use_compile(opts, False):
+        other = copy.deepcopy(native)
+        params += list(other.parameters())
+        impls["compile"] = Impl(stepper(_compiled(other), F.cross_entropy), compiled=True)
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return Case(
+        name=f"mlp_step{suffix}",
+        group="model",
+        desc=f"{'-'.join(map(str, sizes))}, batch {B}, ReLU, SGD, {precision}",
+        impls=impls,
+        exclude=params + [x],
+        reset=lambda: None,
+        batch=B,
+        notes=notes,
+    )
+
+
+def build_mlp_saved(opts: Options, act: str) -> Case:
+    """Memory only: bytes an MLP + cross-entropy saves for backward, per sample."""
+    sizes = [784, 64, 64, 10] if opts.quick else [784, 1024, 1024, 10]
+    B = 32 if opts.quick else 256
+    _seed(opts)
+    native = _mlp(sizes, act).to(opts.device)
+    x = torch.randn(B, sizes[0], device=opts.device)
+    y = torch.randint(0, sizes[-1], (B,), device=opts.device)
+
+    def fwd_bwd(model, loss_fn):
+        def run():
+            loss_fn(model(x), y).backward()
+
+        return run
+
+    impls: dict[str, Impl] = {}
+    notes: list[str] = []
+    params = list(native.parameters())
+    twin, why = _to_torchbp(native)
+    ce = tbp("cross_entropy")
+    if twin is not None and ce is not None:
+        impls["torchbp"] = Impl(fwd_bwd(twin, ce))
+        params += list(twin.parameters())
+    elif why:
+        notes.append(why)
+    impls["native"] = Impl(fwd_bwd(native, F.cross_entropy))
+
+    def reset():
+        for p in params:
+            p.grad = None
+
+    return Case(
+        name=f"mlp_saved_{act}",
+        group="memory",
+        desc=f"{'-'.join(map(str, sizes))}, batch {B}, {act}, cross-entropy",
+        impls=impls,
+        exclude=params + [x],
+        reset=reset,
+        timed=False,
+        batch=B,
+        notes=notes,
+    )
+
+
+def build_linear_cross_entropy(opts: Options) -> Case:
+    """Linear + cross-entropy (issue 6): grads of the hidden states and the weight."""
+    cuda = opts.device == "cuda"
+    if opts.quick:
+        N, d, C = (1024, 512, 8192) if cuda else (256, 64, 1024)
+    else:
+        N, d, C = (8192, 4096, 128256) if cuda else (4096, 512, 32768)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    _seed(opts)
+    h = torch.randn(N, d, device=opts.device).to(dtype).requires_grad_()
+    w = (torch.randn(C, d, device=opts.device) * d**-0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, C, (N,), device=opts.device)
+
+    def fwd_bwd(f):
+        def run():
+            f(h, w, t).backward()
+
+        return run
+
+    def naive(h_, w_, t_):
+        z = F.linear(h_, w_)
+        return F.cross_entropy(z.float() if z.dtype != torch.float32 else z, t_)
+
+    impls: dict[str, Impl] = {}
+    notes: list[str] = []
+    lce = tbp("linear_cross_entropy")
+    if lce is not None:
+        impls["torchbp"] = Impl(fwd_bwd(lce))
+    elif _torchbp_functional() is not None:
+        notes.append("torchbp.functional.linear_cross_entropy not available yet")
+    impls["native"] = Impl(fwd_bwd(naive), note="linear then cross_entropy (fp32 logits)")
+    if hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions"):
+        opt = nn.LinearCrossEntropyOptions()
+        impls["torch_chunked"] = Impl(
+            fwd_bwd(lambda a, b, c: F.linear_cross_entropy(a, b, c, options=opt)),
+            note="F.linear_cross_entropy(options=LinearCrossEntropyOptions())",
+        )
+    else:
+        notes.append(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+    if _use_compile(opts, cuda):
+        impls["compile"] = Impl(fwd_bwd(_compiled(naive)), compiled=True)
+    if cuda and opts.peers:
+        flce = _liger("LigerFusedLinearCrossEntropyLoss")
+        if flce is not None:
+            mod = flce()
+            impls["liger"] = Impl(fwd_bwd(lambda a, b, c: mod(b, a, c)))
+        cce = _cce()
+        if cce is not None:
+            impls["cce"] = Impl(fwd_bwd(cce))
+
+    def reset():
+        h.grad = w.grad = None
+
+    return Case(
+        name="linear_cross_entropy",
+        group="loss",
+        desc=f"N={N}, d={d}, C={C}, {str(dtype).removeprefix('torch.')}",
+        impls=impls,
+        exclude=[w],
+        reset=reset,
+        peak_rss=not cuda,
+        batch=N,
+        logits_bytes=N * C * 4,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+BUILDERS: dict[str, Callable[[Options], Case]] = {
+    "cross_entropy": lambda o: build_cross_entropy(o, torch.float32, "cross_entropy"),
+    "cross_entropy_bf16": lambda o: build_cross_entropy(o, torch.bfloat16, "cross_entropy_bf16"),
+    **{f"act_{op}": (lambda o, op=op: build_activation(o, op)) for op in _ACTIVATIONS},
+    "linear": build_linear,
+    "mlp_step": lambda o: build_mlp_step(o, "fp32"),
+    "mlp_step_tf32": lambda o: build_mlp_step(o, "tf32"),
+    "mlp_step_bf16": lambda o: build_mlp_step(o, "bf16"),
+    "linear_cross_entropy": build_linear_cross_entropy,
+    **{f"mlp_saved_{a}": (lambda o, a=a: build_mlp_saved(o, a)) for a in _MODULES},
+}
+
+_CUDA_ONLY = {"cross_entropy_bf16", "mlp_step_tf32", "mlp_step_bf16"}
+
+
+# on CUDA the headline cases go first: a run cut short by a time limit still has them
+_CUDA_ORDER = [
+    "cross_entropy_bf16",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "mlp_step",
+    "mlp_step_tf32",
+    "mlp_step_bf16",
+]
+
+
+def default_cases(device: str) -> list[str]:
+    if device == "cuda":
+        return _CUDA_ORDER + [n for n in BUILDERS if n not in _CUDA_ORDER]
+    return [n for n in BUILDERS if n not in _CUDA_ONLY]
+
+
+def build(name: str, opts: Options) -> Case:
+    if name not in BUILDERS:
+        raise KeyError(f"unknown case {name!r}; known: {', '.join(BUILDERS)}")
+    return BUILDERS[name](opts)
