@@ -20,8 +20,37 @@ def pair(function: type[Function]) -> tuple[type[Function], type[Function]]:
 
 
 def apply(functions: tuple[type[Function], type[Function]], *args):
-    """``Function.apply(*args)`` of the pair's first, or its twin while torch.compile traces."""
-    return functions[1 if torch.compiler.is_compiling() else 0].apply(*args)
+    """``Function.apply(*args)`` of the pair's first, or its twin while torch.compile traces.
+
+    The wrappers pass every argument positionally, so in plain eager mode this skips the
+    ``inspect.signature`` binding that ``Function.apply`` does on each call (it costs
+    more than a small layer's matmul); under torch.func transforms and torch.compile it
+    goes through ``Function.apply`` itself.
+    """
+    if torch.compiler.is_compiling():
+        return functions[1].apply(*args)
+    function = functions[0]
+    if _base_apply is None or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _base_apply(function, *_unwrap_dead_wrappers(args))
+
+
+def _find_base_apply():
+    """``Function.apply`` minus the argument binding: the C ``_FunctionBase.apply``, as
+    ``Function.apply`` itself calls it in eager mode (None if this torch lays it out
+    differently, and then the public path is used)."""
+    try:
+        from torch._functorch.utils import unwrap_dead_wrappers
+    except ImportError:  # pragma: no cover - other torch layouts
+        return None, None
+
+    def base_apply(function, *args):
+        return super(Function, function).apply(*args)
+
+    return base_apply, unwrap_dead_wrappers
+
+
+_base_apply, _unwrap_dead_wrappers = _find_base_apply()
 
 
 def register_twins(namespace: dict) -> None:

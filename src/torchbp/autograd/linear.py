@@ -21,13 +21,12 @@ class _Linear(Function):
     @staticmethod
     def forward(x, weight, bias):
         # x: (*, in), weight: (out, in), bias: (out,) or None -> y: (*, out)
-        out_features, in_features = weight.shape
-        x2 = _flatten(x, in_features)
-        if bias is None:
-            y2 = x2 @ weight.t()
-        else:
-            y2 = torch.addmm(bias, x2, weight.t())
-        return y2.reshape(*x.shape[:-1], out_features)
+        # The result is always a fresh tensor, never a view, so callers may modify it in
+        # place (e.g. a following ReLU(inplace=True)).
+        if bias is not None and x.dim() == 2:
+            return torch.addmm(bias, x, weight.t())
+        y = torch.matmul(x, weight.t())
+        return y if bias is None else y.add_(bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

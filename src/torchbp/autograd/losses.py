@@ -268,17 +268,28 @@ class _CrossEntropy(Function):
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = label_smoothing
         ctx.soft = target.is_floating_point()
-        needs_target = ctx.needs_input_grad[1]
-        # ∂ℓ/∂z is all the logits' gradient needs; the soft target's gradient
-        # -(1-ε) w ⊙ logp needs the logits and lse as well.
-        ctx.save_for_backward(
-            grad, target, weight, logits if needs_target else None, lse if needs_target else None
-        )
+        # ∂ℓ/∂z is all the logits' gradient needs. A probability target that needs a
+        # gradient, -(1-ε) w ⊙ logp, needs the logits instead; lse and ∂ℓ/∂z are then
+        # recomputed from them in backward, so that no more is kept than native keeps.
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(None, target, weight, logits)
+        else:
+            ctx.save_for_backward(grad, target, weight, None)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_grad, grad_lse):
-        grad, target, weight, logits, lse = ctx.saved_tensors
+        grad, target, weight, logits = ctx.saved_tensors
+        p = lse = None
+        if grad is None:
+            # ∂ℓ/∂z = a p - B with p = e^{z - lse}
+            z = logits.to(_acc_dtype(logits.dtype))
+            lse = torch.logsumexp(z, 1)
+            b, a = _ce_b_dense(
+                target, weight, ctx.ignore_index, ctx.label_smoothing, z.shape[1], z.dtype
+            )
+            p = torch.exp(z - lse.unsqueeze(1))
+            grad = (a.unsqueeze(1) * p - b).to(logits.dtype)
         classes = grad.shape[1]
         grad_logits = grad_target = None
         if grad_loss is not None:
@@ -304,7 +315,8 @@ class _CrossEntropy(Function):
                 target, weight, ctx.ignore_index, ctx.label_smoothing, classes, grad.dtype
             )
             a = a.unsqueeze(1)
-            p = (grad + b) / torch.where(a == 0, torch.ones((), dtype=a.dtype), a)
+            if p is None:
+                p = (grad + b) / torch.where(a == 0, torch.ones((), dtype=a.dtype), a)
             terms = []
             if grad_grad is not None:
                 v = grad_grad

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 __all__ = [
     "ClassificationDataModule",
@@ -44,27 +44,74 @@ class DataConfigError(ValueError):
     """Raised for invalid data (missing file or column, bad values, too few rows)."""
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Random permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    Lightning calls ``set_epoch`` before each training epoch, so the order of batches in
-    epoch ``k`` is the same whether or not the run was resumed from a checkpoint.
+
+class EpochSeededSampler(DistributedSampler):
+    """Sampler whose order depends only on ``(seed, epoch)``, and which shards itself under DDP.
+
+    - Shuffled order: a permutation seeded by ``(seed, epoch)``; Lightning calls ``set_epoch``
+      before each training epoch, so epoch ``k`` sees the same batches whether or not the run
+      was resumed from a checkpoint.
+    - Under ``torch.distributed`` with ``W`` processes, rank ``r`` takes ``order[r::W]``. With a
+      per-process batch ``B``, the ``W`` ranks' ``k``-th batches together are exactly the
+      single-process run's ``k``-th batch of size ``W*B``, so DDP reproduces the single-process
+      run. For training (``drop_remainder``) the last ``n % W`` samples of each epoch's order are
+      dropped so every rank does the same number of steps; evaluation shards are uneven instead,
+      so every sample is evaluated exactly once.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning keeps it
+    rather than substituting its own; rank and world size are read when iterating.
+
+    Args:
+        n: Dataset length.
+        seed: Seed of the order.
+        shuffle: Random order (else ``0..n-1``).
+        drop_remainder: Under DDP, drop ``n % world_size`` samples (for training).
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, drop_remainder: bool = True):
+        # DistributedSampler.__init__ is deliberately not called: it would fix rank/world now
         self.n = n
         self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_remainder
         self.epoch = 0
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return _rank_world()[0]
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        return _rank_world()[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        rank, world = _rank_world()
+        if world > 1:
+            if self.drop_last:
+                order = order[: self.n - self.n % world]
+            order = order[rank::world]
+        return iter(order.tolist())
 
     def __len__(self) -> int:
-        return self.n
+        rank, world = _rank_world()
+        if world == 1:
+            return self.n
+        if self.drop_last:
+            return self.n // world
+        return len(range(rank, self.n, world))
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -224,7 +271,9 @@ class ArrayDataModule(ClassificationDataModule):
     # -- loaders --------------------------------------------------------------------------
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         ds = self.splits[split]
-        sampler = EpochSeededSampler(len(ds), self.seed) if train and self.shuffle else None
+        sampler = EpochSeededSampler(
+            len(ds), self.seed, shuffle=train and self.shuffle, drop_remainder=train
+        )
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -534,9 +583,7 @@ class _SyntheticBatches(IterableDataset):
         self.epoch = epoch
 
     def _world(self) -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return _rank_world()
 
     def _num_batches_total(self) -> int:
         return math.ceil(self.n_samples / self.batch_size)

@@ -1,0 +1,48 @@
+"""Helpers for the Lightning tests (imported by name; kept out of conftest.py)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+
+# quiet, fast runs; tests never depend on a progress bar or the model summary
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def run_cli(*args: str):
+    """Run ``torchbp-train`` in-process and return the CLI object."""
+    from torchbp.lightning.cli import cli_main
+
+    return cli_main([*args, *QUIET])
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def epoch_series(rows: list[dict[str, float]], key: str) -> list[float]:
+    """Values of ``key`` in epoch order (one per epoch)."""
+    out = {}
+    for r in rows:
+        if key in r:
+            out[int(r["epoch"])] = r[key]
+    return [out[e] for e in sorted(out)]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for ``python -m torchbp.lightning.cli`` subprocesses."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO / "src")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,288 @@
+"""``torchbp-train`` end to end: run folder, reproducibility, resume, interrupts, bad configs,
+DDP on CPU, checkpoint portability between backends, every shipped config."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tests.lightning.lightning_helpers import (
+    CONFIGS,
+    PYTHON,
+    epoch_series,
+    read_metrics,
+    run_cli,
+    subprocess_env,
+)
+
+from torchbp.lightning import ERMClassifier
+
+DIGITS = str(CONFIGS / "digits.yaml")
+
+
+def fit_digits(run_dir: Path, *extra: str):
+    return run_cli("fit", "--config", DIGITS, f"--run_dir={run_dir}", *extra)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A 2-epoch digits run shared by several tests."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("short")
+    fit_digits(root, "--trainer.max_epochs=2")
+    return root / "digits" / "version_0"
+
+
+def test_fit_writes_run_folder_and_tests_best_checkpoint(short_run, capsys):
+    assert (short_run / "config.yaml").is_file()
+    cfg = yaml.safe_load((short_run / "config.yaml").read_text())
+    assert cfg["seed_everything"] == 0 and cfg["model"]["backend"] == "torchbp"
+    hp = yaml.safe_load((short_run / "hparams.yaml").read_text())
+    assert hp["input_size"] == 64 and hp["num_classes"] == 10  # linked from the DataModule
+    ckpts = sorted(p.name for p in (short_run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ckpts and any(n.startswith("epoch") for n in ckpts)
+    rows = read_metrics(short_run / "metrics.csv")
+    for key in ("train/loss", "val/loss", "val/acc", "val/error", "val/f1"):
+        assert len(epoch_series(rows, key)) == 2, key
+    test = [r for r in rows if "test/acc" in r]
+    assert len(test) == 1
+    assert test[0]["test/error"] == pytest.approx(1 - test[0]["test/acc"], abs=1e-6)
+    assert test[0]["test/acc"] > 0.85
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    for name in ("a", "b"):
+        fit_digits(tmp_path, "--trainer.max_epochs=3", f"--run_name={name}")
+    a = read_metrics(tmp_path / "a/version_0/metrics.csv")
+    b = read_metrics(tmp_path / "b/version_0/metrics.csv")
+    assert a == b and len(a) > 0
+
+
+def test_resume_from_last_matches_uninterrupted(tmp_path):
+    fit_digits(tmp_path, "--trainer.max_epochs=4", "--run_name=full")
+    fit_digits(tmp_path, "--trainer.max_epochs=2", "--run_name=resumed")
+    fit_digits(tmp_path, "--trainer.max_epochs=4", "--run_name=resumed", "--ckpt_path=last")
+    assert not (tmp_path / "resumed/version_1").exists()  # resumed in the same run folder
+    full = read_metrics(tmp_path / "full/version_0/metrics.csv")
+    res = read_metrics(tmp_path / "resumed/version_0/metrics.csv")
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert epoch_series(full, key) == epoch_series(res, key), key
+    final = lambda rows: [r for r in rows if "test/acc" in r][-1]  # noqa: E731
+    assert final(full) == final(res)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.activation=swish"], "swish"),
+        (["--model.hidden_sizes=[64, -3]"], "hidden_sizes must be positive integers"),
+        (["--model.optimizer.init_args.lr=-0.5"], "invalid optimizer arguments"),
+        (["--model.optimizer.init_args.betas=[1.5, 0.9]"], "invalid optimizer arguments"),
+        (["--model.optimizer.init_args.momentum=0.9"], "momentum"),  # Adam has no momentum
+        (["--data.init_args.val_fraction=1.5"], "val_fraction must be in (0, 1)"),
+    ],
+)
+def test_invalid_config_is_a_cli_error_before_training(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        fit_digits(tmp_path, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_missing_label_column_is_a_cli_error(tmp_path, capsys):
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b,cls\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(60)))
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--data=torchbp.lightning.data.TabularFileDataModule",
+            f"--data.path={csv}",
+            "--data.label_column=label",
+            f"--run_dir={tmp_path}",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "label column 'label' not found" in err and "a, b, cls" in err
+    # and the same file trains with the right column
+    run_cli(
+        "fit",
+        "--data=torchbp.lightning.data.TabularFileDataModule",
+        f"--data.path={csv}",
+        "--data.label_column=cls",
+        "--trainer.max_epochs=1",
+        f"--run_dir={tmp_path}",
+        "--run_name=tab",
+    )
+    assert (tmp_path / "tab/version_0/checkpoints/last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_fit_leaves_loadable_checkpoint(tmp_path, sig):
+    cmd = [
+        PYTHON,
+        "-m",
+        "torchbp.lightning.cli",
+        "fit",
+        "--config",
+        DIGITS,
+        f"--run_dir={tmp_path}",
+        "--trainer.max_epochs=100000",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    ckpt_dir = tmp_path / "digits/version_0/checkpoints"
+    deadline = time.time() + 120
+    try:
+        while not (ckpt_dir / "last.ckpt").is_file():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)  # now mid-training
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Ctrl-C exits with 1; Lightning treats SIGTERM as a graceful stop (SystemExit)
+    if sig == signal.SIGINT:
+        assert proc.returncode != 0, out
+    assert "Received SIGTERM" in out or "KeyboardInterrupt" in out, out
+    assert "test metrics" not in out  # no test after an interrupted fit
+    ckpts = list(ckpt_dir.glob("*.ckpt"))
+    assert ckpts
+    for p in ckpts:
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        assert "state_dict" in ck and "epoch" in ck
+    model = ERMClassifier.load_from_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
+    assert model(torch.randn(3, 64)).shape == (3, 10)
+
+
+def test_torchbp_checkpoint_loads_into_torch_backend(short_run):
+    import torchbp.nn
+
+    ckpt = short_run / "checkpoints/last.ckpt"
+    a = ERMClassifier.load_from_checkpoint(ckpt, weights_only=False).eval()
+    b = ERMClassifier.load_from_checkpoint(ckpt, backend="torch", weights_only=False).eval()
+    assert type(a.net[0]) is torchbp.nn.Linear and type(b.net[0]) is torch.nn.Linear
+    from torchbp.lightning import DigitsDataModule
+
+    x, _ = DigitsDataModule().splits["test"].tensors
+    with torch.no_grad():
+        pa, pb = a(x), b(x)
+    torch.testing.assert_close(pa, pb)
+    assert torch.equal(pa.argmax(1), pb.argmax(1))
+
+
+def test_test_and_predict_subcommands(short_run, tmp_path):
+    ckpt = str(short_run / "checkpoints/last.ckpt")
+    cli = run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={ckpt}")
+    assert cli.trainer.callback_metrics["test/acc"] > 0.85
+    cli = run_cli("predict", "--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={ckpt}")
+    assert cli.trainer.predict_loop.predictions is not None
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "ddp_cpu.yaml")
+)
+def test_every_config_runs(tmp_path, config):
+    run_cli(
+        "fit",
+        "--config",
+        str(CONFIGS / config),
+        f"--run_dir={tmp_path}",
+        "--trainer.fast_dev_run=2",
+        "--trainer.accelerator=cpu",
+    )
+
+
+def test_ddp_config_parses(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", str(CONFIGS / "ddp_cpu.yaml"), "--print_config")
+    assert e.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["devices"] == 2
+    assert cfg["trainer"]["strategy"]["init_args"]["process_group_backend"] == "gloo"
+
+
+# DDP on CPU: EpochSeededSampler gives rank r the samples order[r::2] of the single-process
+# order, so with the same global batch (2 x 32 vs 1 x 64) both runs see the same batches and
+# DDP's averaged gradient equals the single-process mean-loss gradient: the curves agree up to
+# float32 summation order.
+DDP_TOL = 1e-4  # max |difference| of per-epoch train/loss, val/loss; val/acc must be equal
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes_matches_single_process(tmp_path):
+    common = [
+        "--trainer.max_epochs=3",
+        # 1797 rows -> 1168 train / 270 val / 359 test: even splits, so no sampler padding
+        "--data.init_args.val_fraction=0.1503",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--run_dir={tmp_path}",
+    ]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torchbp.lightning.cli",
+        "fit",
+        "--config",
+        str(CONFIGS / "ddp_cpu.yaml"),
+        "--run_name=ddp",
+        *common,
+    ]
+    out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_cli(
+        "fit",
+        "--config",
+        str(CONFIGS / "ddp_cpu.yaml"),
+        "--run_name=single",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--data.init_args.batch_size=64",
+        *common[:3],
+        f"--run_dir={tmp_path}",
+    )
+    ddp = read_metrics(tmp_path / "ddp/version_0/metrics.csv")
+    one = read_metrics(tmp_path / "single/version_0/metrics.csv")
+    for key in ("train/loss", "val/loss"):
+        a, b = epoch_series(ddp, key), epoch_series(one, key)
+        assert len(a) == len(b) == 3
+        diff = max(abs(x - y) for x, y in zip(a, b))
+        print(f"DDP vs single process, max |diff| of per-epoch {key}: {diff:.2e}")
+        assert diff < DDP_TOL, (key, a, b, diff)
+    assert epoch_series(ddp, "val/acc") == epoch_series(one, "val/acc")
+
+
+@pytest.mark.slow
+def test_main_job_reaches_97_percent(tmp_path):
+    """The README's main job, unchanged: test accuracy >= 0.97."""
+    fit_digits(tmp_path)
+    rows = read_metrics(tmp_path / "digits/version_0/metrics.csv")
+    test = [r for r in rows if "test/acc" in r][-1]
+    assert test["test/acc"] >= 0.97, test
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    """The CUDA command uses ``--trainer.precision bf16-mixed``; CPU autocast exercises the same
+    code path (low-precision Linear, float32 loss and metrics)."""
+    cli = fit_digits(
+        tmp_path, "--trainer.precision=bf16-mixed", "--trainer.max_epochs=2", "--run_name=bf16"
+    )
+    assert cli.trainer.precision == "bf16-mixed"
+    rows = read_metrics(tmp_path / "bf16/version_0/metrics.csv")
+    losses = epoch_series(rows, "train/loss")
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert [r for r in rows if "test/acc" in r][-1]["test/acc"] > 0.8

@@ -1,0 +1,190 @@
+"""DataModules: splits, standardisation, synthetic generation, tabular files and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from torchbp.lightning.data import (
+    DataConfigError,
+    DigitsDataModule,
+    EpochSeededSampler,
+    SklearnToyDataModule,
+    SyntheticDataModule,
+    TabularFileDataModule,
+)
+
+
+def _all(ds):
+    return ds.tensors
+
+
+def test_digits_split_stratified_standardised_on_train_only():
+    dm = DigitsDataModule(seed=3)
+    assert (dm.num_features, dm.num_classes) == (64, 10)
+    dm.setup()
+    (xtr, ytr), (xva, yva), (xte, yte) = (_all(dm.splits[s]) for s in ("train", "val", "test"))
+    assert len(ytr) + len(yva) + len(yte) == 1797
+    assert len(yte) == int(0.2 * 1797) and len(yva) == int(0.15 * 1797)
+    # stratified: every class in every split, proportions close to the full set's
+    for y in (ytr, yva, yte):
+        frac = torch.bincount(y, minlength=10).float() / len(y)
+        assert frac.min() > 0.07 and frac.max() < 0.13
+    # training split is standardised exactly (non-constant columns); val/test use train stats
+    std = xtr.std(dim=0, unbiased=False)
+    nonconst = std > 0
+    torch.testing.assert_close(xtr.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(std[nonconst], torch.ones(int(nonconst.sum())), atol=1e-4, rtol=0)
+    assert not torch.allclose(xte.mean(0), torch.zeros(64), atol=1e-3)
+    # deterministic from the seed, different for another seed
+    dm2 = DigitsDataModule(seed=3)
+    dm2.setup()
+    assert torch.equal(dm2.splits["test"].tensors[1], yte)
+    dm3 = DigitsDataModule(seed=4)
+    dm3.setup()
+    assert not torch.equal(dm3.splits["test"].tensors[0], xte)
+
+
+def test_epoch_seeded_sampler():
+    s = EpochSeededSampler(50, seed=1)
+    s.set_epoch(0)
+    a = list(s)
+    s.set_epoch(1)
+    b = list(s)
+    s.set_epoch(0)
+    assert list(s) == a and a != b and sorted(a) == list(range(50))
+
+
+@pytest.mark.parametrize(
+    "name, shape", [("iris", (4, 3)), ("wine", (13, 3)), ("breast_cancer", (30, 2))]
+)
+def test_toy_datasets(name, shape):
+    dm = SklearnToyDataModule(name=name)
+    assert (dm.num_features, dm.num_classes) == shape
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape[1] == shape[0]
+
+
+def test_toy_unknown_name():
+    with pytest.raises(DataConfigError, match="unknown toy dataset"):
+        SklearnToyDataModule(name="mnist")
+
+
+def test_synthetic_deterministic_lazy_and_sharded():
+    dm = SyntheticDataModule(n_samples=1000, n_features=5, n_classes=3, batch_size=64, seed=7)
+    dl = dm.train_dataloader()
+    assert len(dl) == 16
+    batches = list(dl)
+    assert sum(len(b[1]) for b in batches) == 1000
+    assert batches[0][0].shape == (64, 5)
+    again = list(dm.train_dataloader())
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    # a new epoch visits the same batches in another order
+    ds = dl.dataset
+    ds.set_epoch(1)
+    e1 = list(dl)
+    assert not torch.equal(e1[0][0], batches[0][0])
+    key = lambda bs: sorted(float(b[0].sum()) for b in bs)  # noqa: E731
+    assert key(e1) == pytest.approx(key(batches))
+    # labels are learnable (mixture classes are separated) and all classes occur
+    y = torch.cat([b[1] for b in batches])
+    assert set(y.tolist()) == {0, 1, 2}
+    # val / test differ from train
+    assert not torch.equal(next(iter(dm.val_dataloader()))[0], batches[0][0])
+
+
+def test_synthetic_teacher_and_scale_without_materialising():
+    # a million samples: only the batch being produced exists
+    dm = SyntheticDataModule(n_samples=1_000_000, n_features=8, kind="teacher", batch_size=4096)
+    dl = dm.train_dataloader()
+    assert len(dl) == 245
+    x, y = next(iter(dl))
+    assert x.shape == (4096, 8) and y.max() < 10
+    assert not hasattr(dl.dataset, "data")
+
+
+def _write_csv(path, header, rows):
+    path.write_text("\n".join([",".join(header)] + [",".join(map(str, r)) for r in rows]) + "\n")
+
+
+def _good_rows(n=40, k=2):
+    rng = np.random.default_rng(0)
+    return [[f"{v:.3f}" for v in rng.normal(size=3)] + [f"c{i % k}"] for i in range(n)]
+
+
+def test_tabular_csv_ok(tmp_path):
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], _good_rows(40, 3))
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    assert (dm.num_features, dm.num_classes) == (3, 3)
+    assert dm.class_names == ["c0", "c1", "c2"]
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1] == 3
+
+
+def test_tabular_npz_and_pt(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4)).astype(np.float32)
+    y = np.arange(60) % 3
+    np.savez(tmp_path / "d.npz", X=X, label=y)
+    dm = TabularFileDataModule(path=str(tmp_path / "d.npz"))
+    assert (dm.num_features, dm.num_classes) == (4, 3)
+    torch.save(
+        {"f1": torch.randn(60), "f2": torch.randn(60), "y": torch.tensor(y)}, tmp_path / "d.pt"
+    )
+    dm = TabularFileDataModule(path=str(tmp_path / "d.pt"), label_column="y")
+    assert (dm.num_features, dm.num_classes) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_file", "data file not found"),
+        ("missing_label", "label column 'target' not found.*available columns: a, b, c, y"),
+        ("non_numeric", r"non-numeric value 'abc' in column 'b' at row 5"),
+        ("nan", r"non-finite value nan in column 'c' at row 7"),
+        ("inf", r"non-finite value inf in column 'a' at row 2"),
+        ("single_class", "single class"),
+        ("too_few", "too few rows"),
+        ("rare_class", "fewer than 3 samples"),
+        ("bad_suffix", "unsupported file type"),
+    ],
+)
+def test_tabular_errors(tmp_path, case, match):
+    p = tmp_path / "t.csv"
+    rows = _good_rows(40, 2)
+    label = "target"
+    if case == "missing_label":
+        label = "y"
+    if case == "non_numeric":
+        rows[4][1] = "abc"
+    if case == "nan":
+        rows[6][2] = "nan"
+    if case == "inf":
+        rows[1][0] = "inf"
+    if case == "single_class":
+        rows = [r[:3] + ["c0"] for r in rows]
+    if case == "too_few":
+        rows = rows[:8]
+    if case == "rare_class":
+        rows[0][3] = "rare"
+    _write_csv(p, ["a", "b", "c", label], rows)
+    if case == "missing_file":
+        p = tmp_path / "nope.csv"
+    if case == "bad_suffix":
+        p = p.rename(tmp_path / "t.xlsx")
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataConfigError, match=match):
+        _ = dm.num_features
+
+
+def test_tabular_npz_errors(tmp_path):
+    np.savez(tmp_path / "d.npz", X=np.ones((30, 2)), label=np.zeros(29))
+    with pytest.raises(DataConfigError, match="30 feature rows but 29 labels"):
+        _ = TabularFileDataModule(path=str(tmp_path / "d.npz")).num_features
+    X = np.ones((30, 2))
+    X[3, 1] = np.nan
+    np.savez(tmp_path / "e.npz", X=X, label=np.arange(30) % 2)
+    with pytest.raises(DataConfigError, match=r"column 'X\[1\]' at row 4"):
+        _ = TabularFileDataModule(path=str(tmp_path / "e.npz")).num_features

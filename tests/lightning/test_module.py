@@ -1,0 +1,118 @@
+"""ERMClassifier: architecture, identical init across backends, loss, validation of arguments."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from torchbp.lightning import ERMClassifier, build_mlp
+from torchbp.lightning.module import ACTIVATIONS
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_same_init_and_outputs_both_backends(activation):
+    models = {}
+    for backend in ("torchbp", "torch"):
+        torch.manual_seed(123)
+        models[backend] = ERMClassifier(
+            input_size=7, num_classes=4, hidden_sizes=[5, 6], activation=activation, backend=backend
+        )
+    a, b = models["torchbp"], models["torch"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    # torchbp layers really are torchbp's (and torch's are torch's)
+    import torchbp.nn
+
+    assert type(a.net[0]) is torchbp.nn.Linear
+    assert type(b.net[0]) is torch.nn.Linear
+    x = torch.randn(9, 7)
+    y = torch.randint(4, (9,))
+    torch.testing.assert_close(a(x), b(x))
+    la, lb = a.loss(a(x), y), b.loss(b(x), y)
+    torch.testing.assert_close(la, lb)
+    la.backward()
+    lb.backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_architecture_and_options():
+    m = ERMClassifier(
+        input_size=3,
+        num_classes=2,
+        hidden_sizes=[8, 4],
+        activation="leaky_relu",
+        negative_slope=0.2,
+        bias=False,
+    )
+    kinds = [type(l).__name__ for l in m.net]
+    assert kinds == ["Linear", "LeakyReLU", "Linear", "LeakyReLU", "Linear"]
+    assert m.net[1].negative_slope == 0.2
+    assert all(l.bias is None for l in m.net if type(l).__name__ == "Linear")
+    assert m(torch.randn(5, 3)).shape == (5, 2)
+    # logistic regression
+    lr = build_mlp(3, 2, [], backend="torch")
+    assert len(lr) == 1
+
+
+def test_loss_weight_and_label_smoothing_match_torch():
+    torch.manual_seed(0)
+    m = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        hidden_sizes=[6],
+        class_weight=[1.0, 2.0, 0.5],
+        label_smoothing=0.1,
+    )
+    x, y = torch.randn(10, 4), torch.randint(3, (10,))
+    logits = m(x)
+    ref = torch.nn.functional.cross_entropy(
+        logits, y, weight=torch.tensor([1.0, 2.0, 0.5]), label_smoothing=0.1
+    )
+    torch.testing.assert_close(m.loss(logits, y), ref)
+
+
+def test_hparams_saved():
+    m = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[6], activation="tanh")
+    assert m.hparams.hidden_sizes == [6]
+    assert m.hparams.activation == "tanh"
+    assert m.hparams.backend == "torchbp"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"activation": "swish"}, "unknown activation"),
+        ({"hidden_sizes": [8, -1]}, "hidden_sizes must be positive"),
+        ({"hidden_sizes": [0]}, "hidden_sizes must be positive"),
+        ({"backend": "jax"}, "unknown backend"),
+        ({"label_smoothing": 1.5}, "label_smoothing"),
+        ({"class_weight": [1.0]}, "class_weight has 1 entries"),
+        ({"optimizer": partial(torch.optim.SGD, lr=-0.1)}, "invalid optimizer arguments"),
+        ({"optimizer": partial(torch.optim.SGD, lr=0.1, momentum=-1)}, "invalid optimizer"),
+        ({"optimizer": partial(torch.optim.Adam, betas=(1.5, 0.9))}, "invalid optimizer"),
+        ({"optimizer": partial(torch.optim.SGD, lr=0.1, bogus=1)}, "invalid optimizer"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ERMClassifier(input_size=4, num_classes=3, **kwargs)
+
+
+def test_configure_optimizers_and_scheduler():
+    m = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=2),
+    )
+    cfg = m.configure_optimizers()
+    assert isinstance(cfg["optimizer"], torch.optim.SGD)
+    assert cfg["optimizer"].defaults["momentum"] == 0.9
+    assert isinstance(cfg["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    default = ERMClassifier(input_size=4, num_classes=3).configure_optimizers()
+    assert isinstance(default, torch.optim.Adam)

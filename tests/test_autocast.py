@@ -1,0 +1,166 @@
+"""Autocast: torchbp's output and gradient dtypes equal native's, values agree.
+
+CPU bfloat16 (and float16) autocast always; CUDA float16 / bfloat16 variants skip without a
+GPU. Inputs arrive in float32 (autocast casts them) and in the low-precision dtype (what a
+layer after an autocast Linear receives).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchbp
+import torchbp.functional as BP
+
+pytestmark = pytest.mark.usefixtures("seed")
+
+NATIVE = SimpleNamespace(
+    linear=F.linear,
+    sigmoid=torch.sigmoid,
+    tanh=torch.tanh,
+    relu=F.relu,
+    leaky_relu=F.leaky_relu,
+    gelu=F.gelu,
+    silu=F.silu,
+    softmax=F.softmax,
+    log_softmax=F.log_softmax,
+    nll_loss=F.nll_loss,
+    cross_entropy=F.cross_entropy,
+)
+AMP_DTYPES = [torch.bfloat16, torch.float16]
+TOL = {torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
+
+W = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+B = torch.randn(3, generator=torch.Generator().manual_seed(2))
+TARGET = torch.tensor([0, 2, 1, 2])
+CLASS_WEIGHT = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.5])
+PROBS = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(3)), dim=1)
+
+# name -> fn(ns, x, extras) where extras holds device-placed constants
+OPS = {
+    "linear": lambda ns, x, e: ns.linear(x, e["w"], e["b"]),
+    "linear_nobias": lambda ns, x, e: ns.linear(x, e["w"]),
+    "sigmoid": lambda ns, x, e: ns.sigmoid(x),
+    "tanh": lambda ns, x, e: ns.tanh(x),
+    "relu": lambda ns, x, e: ns.relu(x),
+    "leaky_relu": lambda ns, x, e: ns.leaky_relu(x, 0.1),
+    "gelu": lambda ns, x, e: ns.gelu(x),
+    "gelu_tanh": lambda ns, x, e: ns.gelu(x, approximate="tanh"),
+    "silu": lambda ns, x, e: ns.silu(x),
+    "softmax": lambda ns, x, e: ns.softmax(x, dim=1),
+    "log_softmax": lambda ns, x, e: ns.log_softmax(x, dim=1),
+    "nll_loss": lambda ns, x, e: ns.nll_loss(x, e["t"]),
+    "nll_loss_weight_none": lambda ns, x, e: ns.nll_loss(
+        x, e["t"], weight=e["cw"], reduction="none"
+    ),
+    "cross_entropy": lambda ns, x, e: ns.cross_entropy(x, e["t"]),
+    "cross_entropy_smooth_weight_sum": lambda ns, x, e: ns.cross_entropy(
+        x, e["t"], weight=e["cw"], label_smoothing=0.1, reduction="sum"
+    ),
+    "cross_entropy_probs": lambda ns, x, e: ns.cross_entropy(x, e["p"]),
+}
+
+
+def _extras(device):
+    return {
+        "w": W.to(device).requires_grad_(),
+        "b": B.to(device).requires_grad_(),
+        "t": TARGET.to(device),
+        "cw": CLASS_WEIGHT.to(device),
+        "p": PROBS.to(device),
+    }
+
+
+def _run(ns, op, x0, extras, device, amp_dtype):
+    x = x0.detach().clone().requires_grad_()
+    leaves = [x] + [v for v in extras.values() if v.requires_grad]
+    for t in leaves[1:]:
+        t.grad = None
+    with torch.autocast(device, dtype=amp_dtype):
+        out = OPS[op](ns, x, extras)
+    # a cotangent in the output's dtype, as an upstream op under autocast would send
+    g = torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape).to(out.dtype)
+    out.backward(g)
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
+@pytest.mark.parametrize("in_dtype", ["float32", "low"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_op_dtypes_under_autocast(op, in_dtype, amp_dtype, device):
+    x0 = torch.randn(4, 5).to(device)
+    if in_dtype == "low":
+        x0 = x0.to(amp_dtype)
+    got, got_grads = _run(BP, op, x0, _extras(device), device, amp_dtype)
+    want, want_grads = _run(NATIVE, op, x0, _extras(device), device, amp_dtype)
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    tol = TOL[amp_dtype]
+    torch.testing.assert_close(got, want, **tol)
+    assert got_grads[0] is not None  # the input's
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None)  # parameters the op does not use get none
+        if g is None:
+            continue
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
+def test_autocast_off_inside_leaves_float32(amp_dtype, device):
+    """``autocast(enabled=False)`` (and no autocast at all) keeps float32 linear in float32."""
+    x = torch.randn(4, 5, device=device)
+    with torch.autocast(device, dtype=amp_dtype):
+        with torch.autocast(device, enabled=False):
+            y = BP.linear(x, W.to(device))
+        z = BP.linear(x, W.to(device))
+    assert y.dtype == torch.float32
+    assert z.dtype == amp_dtype
+
+
+ACTS = {
+    "sigmoid": (torchbp.nn.Sigmoid, torch.nn.Sigmoid),
+    "tanh": (torchbp.nn.Tanh, torch.nn.Tanh),
+    "relu": (torchbp.nn.ReLU, torch.nn.ReLU),
+    "leaky_relu": (torchbp.nn.LeakyReLU, torch.nn.LeakyReLU),
+    "gelu": (torchbp.nn.GELU, torch.nn.GELU),
+    "silu": (torchbp.nn.SiLU, torch.nn.SiLU),
+}
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_model_under_autocast(act, amp_dtype, device):
+    """MLP + cross-entropy: loss dtype, activation dtypes and float32 parameter grads match
+    native's, and the values agree to the low-precision tolerance."""
+    bp_act, torch_act = ACTS[act]
+
+    def build(nn, a):
+        return torch.nn.Sequential(nn.Linear(8, 16), a(), nn.Linear(16, 4)).to(device)
+
+    bp = build(torchbp.nn, bp_act)
+    native = build(torch.nn, torch_act)
+    native.load_state_dict(bp.state_dict())
+    x = torch.randn(6, 8, device=device)
+    y = torch.randint(4, (6,), device=device)
+    results = []
+    for model, loss_fn in ((bp, torchbp.nn.CrossEntropyLoss()), (native, torch.nn.functional)):
+        with torch.autocast(device, dtype=amp_dtype):
+            hidden = model[1](model[0](x))
+            logits = model[2](hidden)
+            loss = loss_fn(logits, y) if model is bp else loss_fn.cross_entropy(logits, y)
+        loss.backward()
+        results.append((hidden, logits, loss, [p.grad for p in model.parameters()]))
+    (h, z, loss, grads), (h_ref, z_ref, loss_ref, grads_ref) = results
+    assert (h.dtype, z.dtype, loss.dtype) == (h_ref.dtype, z_ref.dtype, loss_ref.dtype)
+    assert z.dtype == amp_dtype and loss.dtype == torch.float32
+    tol = TOL[amp_dtype]
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == g_ref.dtype == torch.float32
+        torch.testing.assert_close(g, g_ref, **tol)
