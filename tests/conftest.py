@@ -3,8 +3,9 @@
 * ``DEVICES`` -- ``["cpu", "cuda"]`` as pytest params; the CUDA one carries the ``cuda``
   marker and is skipped without a GPU. Any test that takes a ``device`` argument (and does
   not parametrise it itself) is run once per device.
-* ``TOL`` -- ``(atol, rtol)`` per dtype for comparisons with native; the ``close`` fixture
-  calls :func:`torch.testing.assert_close` with them.
+* ``TOL`` -- ``rtol`` / ``atol`` per dtype for comparisons with native (from
+  ``tests/_support.py``); the ``close`` fixture calls :func:`torch.testing.assert_close`
+  with them.
 * ``seed`` -- seeds torch's global generator (0) before the test.
 """
 
@@ -12,29 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-HAS_CUDA = torch.cuda.is_available()
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
-    ),
-]
-
-TOL: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (2e-2, 2e-2),
-}
+from tests._support import DEVICES, TOL
 
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
     """``atol`` / ``rtol`` keyword arguments for ``dtype``."""
-    atol, rtol = TOL[dtype]
-    return {"atol": atol, "rtol": rtol}
+    return dict(TOL[dtype])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
