@@ -23,11 +23,19 @@ class ClassIndexError(IndexError, RuntimeError):
 
 
 def values_inspectable(t: torch.Tensor) -> bool:
-    """Whether a check may look at ``t``'s values (not while torch.compile traces, and not
-    on a torch.func-wrapped tensor, where data-dependent Python control flow is illegal)."""
+    """Whether code may look at ``t``'s values or write into buffers of its own (not while
+    torch.compile traces, and not on a torch.func-wrapped or batched tensor, where
+    data-dependent control flow and in-place writes mixing batched and plain tensors are
+    illegal)."""
     if torch.compiler.is_compiling():
         return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    functorch = torch._C._functorch
+    if functorch.is_functorch_wrapped_tensor(t):
+        return False
+    # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) uses the legacy
+    # batching
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    return not (legacy is not None and legacy(t))
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
@@ -59,6 +67,9 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
             f"got {target.dtype}"
         )
     if target.numel() == 0 or not values_inspectable(target):
+        return
+    low, high = torch.aminmax(target)
+    if 0 <= int(low) and int(high) < classes:  # the common case: one reduction
         return
     bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
     if bool(bad.any()):

@@ -34,6 +34,7 @@ __all__ = [
     "LogSoftmax",
     "NLLLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
 ]
 
 
@@ -205,4 +206,87 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+        )
+
+
+class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+    r"""Linear layer + cross-entropy in one fused op that never holds the ``(N, C)``
+    logits (:func:`torchbp.functional.linear_cross_entropy`).
+
+    Mirrors torch 2.13's ``nn.LinearCrossEntropyLoss``: it owns the linear layer as
+    ``self.linear`` (an :class:`torch.nn.Linear` ``in_features -> num_classes``, default
+    init, no bias by default), so the ``state_dict`` keys (``linear.weight``,
+    ``linear.bias``, and the ``weight`` buffer) are the same and a checkpoint moves between
+    the two. ``options`` (torch's chunking strategy) is replaced by ``chunk_size``; K-dim
+    ``out_features`` are not supported.
+
+    Args:
+        in_features: size of each input sample ``d``.
+        num_classes: number of classes ``C``.
+        bias: learn a bias for the logits (default ``False``, as torch's).
+        device, dtype: factory kwargs for the linear parameters.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        weight: per-class weights ``(C,)``.
+        ignore_index: class-index target to skip (``None`` means ``-100``).
+        label_smoothing: ε in [0, 1].
+        chunk_size: rows per chunk (default: from a memory budget, see the functional).
+
+    Shape:
+        Input ``(d,)`` or ``(*, d)``; target class indices of shape ``(*)`` or
+        probabilities ``(*, C)``; output a scalar, or ``(*)`` with ``reduction='none'``.
+
+    Double backward raises a clear error.
+
+    Examples::
+
+        >>> loss = LinearCrossEntropyLoss(16, 1000, bias=True, label_smoothing=0.1)
+        >>> loss(torch.randn(32, 16, requires_grad=True), torch.randint(1000, (32,))).backward()
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = -100,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(
+                f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), "
+                f"got {tuple(weight.shape)}"
+            )
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(
+                f"LinearCrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}"
+            )
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(
+                f"LinearCrossEntropyLoss: chunk_size must be a positive int or None, "
+                f"got {chunk_size!r}"
+            )
+        super().__init__(weight=weight, reduction=reduction)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
         )

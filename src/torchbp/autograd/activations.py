@@ -159,7 +159,7 @@ class TanhFunction(_Tanh):
 def _relu_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # relu'(x) = 1 if x > 0 else 0, read off y = max(x, 0): y > 0 exactly when x > 0.
     # Written as "y <= 0 -> 0" so that a NaN input passes g through, as native does.
-    return torch.where(y <= 0, torch.zeros((), dtype=g.dtype, device=g.device), g)
+    return torch.where(y <= 0, 0.0, g)
 
 
 class _ReLU(Function):

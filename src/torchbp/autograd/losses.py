@@ -23,6 +23,7 @@ from torch.autograd import Function
 
 from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
+from torchbp.autograd._engine import may_reuse_saved
 
 # Rows are processed in blocks of about this many elements: large enough that the
 # per-op overhead vanishes, small enough to bound the float32 temporaries of half inputs.
@@ -51,7 +52,7 @@ class _NLLLoss(Function):
         safe = torch.where(valid, target, 0)
         picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)
         w = _target_weight(weight, safe, valid, logp.dtype)
-        return torch.where(valid, -w * picked, torch.zeros((), dtype=logp.dtype))
+        return torch.where(valid, -w * picked, 0.0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -71,7 +72,7 @@ class _NLLLoss(Function):
         safe = torch.where(valid, target, 0)
         w = _target_weight(weight, safe, valid, grad_rows.dtype)
         # ∂ℓ_i/∂logp_{ic} = -w_{y_i} [c = y_i]: scatter -w_{y_i} g_i into a zero (M, C) grad.
-        src = torch.where(valid, -w * grad_rows, torch.zeros((), dtype=grad_rows.dtype))
+        src = torch.where(valid, -w * grad_rows, 0.0)
         shape = (target.shape[0], ctx.classes)
         grad = torch.zeros(shape, dtype=grad_rows.dtype, device=grad_rows.device)
         return grad.scatter(1, safe.unsqueeze(1), src.unsqueeze(1)), None, None, None
@@ -81,7 +82,7 @@ def _target_weight(weight, safe_target, valid, dtype) -> torch.Tensor:
     """``w_{y_i}`` per row (1 without class weights), 0 on ignored rows."""
     if weight is None:
         return valid.to(dtype)
-    return torch.where(valid, weight.to(dtype)[safe_target], torch.zeros((), dtype=dtype))
+    return torch.where(valid, weight.to(dtype)[safe_target], 0.0)
 
 
 class NLLLossFunction(_NLLLoss):
@@ -103,7 +104,7 @@ class NLLLossFunction(_NLLLoss):
         safe = torch.where(valid, target, 0)
         w = _target_weight(weight, safe, valid, logp_t.dtype)
         picked = logp_t.gather(1, safe.unsqueeze(1)).squeeze(1)
-        return torch.where(valid, -w * picked, torch.zeros((), dtype=logp_t.dtype))
+        return torch.where(valid, -w * picked, 0.0)
 
 
 # --------------------------------------------------------------------------- cross-entropy
@@ -202,7 +203,7 @@ def _ce_finish(grad, log_total, m, a, linear, b, hard, smoothing):
     if hard is None:
         return loss, grad.sub_(b), lse
     valid, safe, w_y, weight = hard
-    loss = torch.where(valid, loss, torch.zeros((), dtype=acc))
+    loss = torch.where(valid, loss, 0.0)
     if smoothing:
         w_row = torch.ones(classes, dtype=acc, device=grad.device) if weight is None else weight
         grad.sub_(torch.outer(valid.to(acc), w_row.to(acc)), alpha=smoothing / classes)
@@ -271,10 +272,11 @@ class _CrossEntropy(Function):
         # ∂ℓ/∂z is all the logits' gradient needs. A probability target that needs a
         # gradient, -(1-ε) w ⊙ logp, needs the logits instead; lse and ∂ℓ/∂z are then
         # recomputed from them in backward, so that no more is kept than native keeps.
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(None, target, weight, logits)
-        else:
+        ctx.saved_grad = not ctx.needs_input_grad[1]
+        if ctx.saved_grad:
             ctx.save_for_backward(grad, target, weight, None)
+        else:
+            ctx.save_for_backward(None, target, weight, logits)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -299,8 +301,14 @@ class _CrossEntropy(Function):
                 # Ignored rows get exactly 0, even when the upstream scale is inf or NaN
                 # (mean over no valid rows divides by 0: native leaves those rows 0 too).
                 scale = torch.where(target != ctx.ignore_index, grad_loss, 0)
-            # dz_i = g_i ∂ℓ_i/∂z_i
-            grad_logits = grad * scale.unsqueeze(1).to(grad.dtype)
+            # dz_i = g_i ∂ℓ_i/∂z_i. The saved ∂ℓ/∂z is this Function's own buffer: when the
+            # graph is freed after this backward, it is scaled in place and handed over
+            # (no second logits-sized allocation); otherwise a new tensor is returned.
+            scale = scale.unsqueeze(1).to(grad.dtype)
+            if ctx.saved_grad and may_reuse_saved(grad, scale):
+                grad_logits = grad.mul_(scale)
+            else:
+                grad_logits = grad * scale
             if ctx.needs_input_grad[1]:
                 # ∂ℓ_i/∂t_ic = -(1-ε) w_c logp_ic
                 logp = logits.to(lse.dtype) - lse.unsqueeze(1)
@@ -346,6 +354,8 @@ class CrossEntropyFunction(_CrossEntropy):
     cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
     softmax evaluation and saved (one tensor the size of the logits; the logits
     themselves are not kept). Returns ``(ℓ, ∂ℓ/∂z, lse)``; the wrappers expose ``ℓ``.
+    The second output is the Function's own buffer: a backward that frees the graph
+    scales it in place and hands it over as the logits' gradient, so do not keep it.
     """
 
     @staticmethod

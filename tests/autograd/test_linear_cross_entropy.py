@@ -1,0 +1,463 @@
+"""Fused linear + cross-entropy: parity with ``cross_entropy(linear(...))``, gradcheck,
+memory (never an (N, C) tensor), double backward, bad input, the nn module."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests._support import make
+from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchbp
+import torchbp.functional as TF
+from torchbp._checks import ClassIndexError, DTypeError, ShapeError
+from torchbp.autograd import LinearCrossEntropyFunction
+from torchbp.autograd.linear_cross_entropy import default_chunk_size
+
+N, D, C = 11, 6, 9
+CHUNK = 4  # 11 rows -> chunks of 4, 4, 3
+
+
+def hard_target(shape, seed=0, ignore=None):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(C, shape, generator=g)
+    if ignore is not None and t.numel() > 1:
+        t.view(-1)[::3] = ignore
+    return t
+
+
+def soft_target(shape, dtype=torch.float64, seed=0):
+    return torch.softmax(make(shape, torch.float64, seed=seed) * 2, -1).to(dtype)
+
+
+def reference(x, w, t, b=None, **kw):
+    """Native torch: ``cross_entropy(linear(x, W, b), t)`` over rows (class dim last)."""
+    logits = F.linear(x, w, b)
+    soft = t.is_floating_point()
+    flat = F.cross_entropy(
+        logits.reshape(-1, w.shape[0]),
+        t.reshape(-1, w.shape[0]) if soft else t.reshape(-1),
+        **kw,
+    )
+    if kw.get("reduction") == "none":
+        return flat.reshape(x.shape[:-1])
+    return flat
+
+
+def run(fn, x, w, t, b, grad_out_seed=7, **kw):
+    """(loss, grads of x, W, b and a floating target) of ``fn`` with a fixed grad_output."""
+    leaves = [x, w, b, t if t.is_floating_point() else None]
+    leaves = [v.detach().clone().requires_grad_() if v is not None else None for v in leaves]
+    x_, w_, b_, t_ = leaves
+    out = fn(x_, w_, t_ if t_ is not None else t, b_, **kw)
+    g = make(out.shape, out.dtype, seed=grad_out_seed)
+    out.backward(g)
+    return out.detach(), [v.grad if v is not None else None for v in leaves]
+
+
+def ours(x, w, t, b=None, chunk_size=CHUNK, **kw):
+    return TF.linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk_size, **kw)
+
+
+def assert_same(a, b, **tol):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, equal_nan=True, **tol)
+    for ga, gb in zip(grads_a, grads_b):
+        if gb is None:
+            assert ga is None
+        else:
+            torch.testing.assert_close(ga, gb, equal_nan=True, **tol)
+
+
+# --------------------------------------------------------------------------- parity
+CASES = [
+    dict(kind=k, reduction=r, weight=wt, smoothing=s, bias=bs, ignore=ig)
+    for k, r, wt, s, bs, ig in itertools.product(
+        ("hard", "soft"),
+        ("none", "mean", "sum"),
+        (False, True),
+        (0.0, 0.2),
+        (False, True),
+        (None, -100, 3),
+    )
+    if not (k == "soft" and ig is not None)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_parity_float64(case):
+    x, w = make((N, D), torch.float64, seed=1), make((C, D), torch.float64, seed=2)
+    b = make((C,), torch.float64, seed=3) if case["bias"] else None
+    if case["kind"] == "hard":
+        t = hard_target((N,), ignore=case["ignore"])
+    else:
+        t = soft_target((N, C))
+    kw = dict(reduction=case["reduction"], label_smoothing=case["smoothing"])
+    if case["weight"]:
+        kw["weight"] = torch.rand(
+            C, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
+        )
+    if case["ignore"] is not None:
+        kw["ignore_index"] = case["ignore"]
+    assert_same(run(ours, x, w, t, b, **kw), run(reference, x, w, t, b, **kw))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, N, 100, None])
+def test_chunk_sizes_agree(chunk):
+    x, w, b = make((N, D), torch.float64), make((C, D), torch.float64, seed=1), make((C,), seed=2)
+    b = b.double()
+    t = hard_target((N,), ignore=-100)
+    for reduction in ("mean", "none"):
+        kw = dict(reduction=reduction, chunk_size=chunk)
+        assert_same(run(ours, x, w, t, b, **kw), run(reference, x, w, t, b, reduction=reduction))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3), (), (2, 1, 3)], ids=str)
+def test_leading_batch_dims(shape, soft, reduction):
+    x, w = make((*shape, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = soft_target((*shape, C)) if soft else hard_target(shape)
+    got = run(ours, x, w, t, None, reduction=reduction)
+    assert_same(got, run(reference, x, w, t, None, reduction=reduction))
+    if reduction == "none":
+        assert got[0].shape == shape
+
+
+def test_empty_batch():
+    x, w = make((0, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = hard_target((0,))
+    for reduction in ("none", "mean", "sum"):
+        assert_same(
+            run(ours, x, w, t, None, reduction=reduction),
+            run(reference, x, w, t, None, reduction=reduction),
+        )
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_ignored(weighted):
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = torch.full((N,), -100)
+    kw = {"weight": torch.rand(C, dtype=torch.float64)} if weighted else {}
+    for reduction in ("none", "mean", "sum"):
+        got = run(ours, x, w, t, None, reduction=reduction, **kw)
+        assert_same(got, run(reference, x, w, t, None, reduction=reduction, **kw))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in got[1][:2])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_float32(reduction):
+    x, w, b = make((64, 32)), make((300, 32), seed=1, scale=0.3), make((300,), seed=2)
+    t = hard_target((64,)) * 30 + 7
+    tol = dict(atol=2e-5, rtol=1e-4)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    assert_same(run(ours, x, w, t, b, chunk_size=10, **kw), run(reference, x, w, t, b, **kw), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision(dtype, reduction):
+    # Compare with a float64 reference on the same (rounded) inputs; the result dtypes
+    # are the native ones.
+    x, w = make((64, 32), dtype), make((300, 32), dtype, seed=1, scale=0.3)
+    b = make((300,), dtype, seed=2)
+    t = hard_target((64,)) * 30 + 7
+    got = run(ours, x, w, t, b, chunk_size=10, reduction=reduction)
+    nat = run(reference, x, w, t, b, reduction=reduction)
+    ref = run(reference, x.double(), w.double(), t, b.double(), reduction=reduction)
+    assert got[0].dtype == nat[0].dtype == dtype
+    assert [g.dtype for g in got[1][:3]] == [dtype] * 3
+    # Error relative to the largest reference entry: within twice native's own error.
+    for a, n, r in zip([got[0], *got[1][:3]], [nat[0], *nat[1][:3]], [ref[0], *ref[1][:3]]):
+        scale = r.abs().max()
+        ours_err = (a.double() - r).abs().max() / scale
+        native_err = (n.double() - r).abs().max() / scale
+        assert ours_err <= 2 * native_err + 1e-3, (ours_err, native_err)
+
+
+def test_bfloat16_confident_rows():
+    # softmax(z)_y -> 1: p_y - 1 must be computed in float32 before rounding.
+    d = 8
+    w = torch.eye(d, dtype=torch.float64)[:, :d] * 12
+    x = torch.eye(d, dtype=torch.float64)
+    t = torch.arange(d)
+    ref = run(reference, x, w, t, None, reduction="sum")
+    got = run(ours, x.bfloat16(), w.bfloat16(), t, None, reduction="sum", chunk_size=3)
+    torch.testing.assert_close(got[1][0].double(), ref[1][0], rtol=2e-2, atol=1e-7)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=2e-2, atol=1e-5)
+
+
+def test_weight_grad_accumulated_in_float32():
+    # Many chunks of bf16: the weight gradient must not drift (accumulator in float32).
+    x, w = make((512, 16), torch.bfloat16), make((40, 16), torch.bfloat16, seed=1, scale=0.3)
+    t = torch.randint(40, (512,), generator=torch.Generator().manual_seed(0))
+    got = run(ours, x, w, t, None, reduction="sum", chunk_size=2)
+    ref = run(reference, x.double(), w.double(), t, None, reduction="sum")
+    err = (got[1][1].double() - ref[1][1]).abs().max() / ref[1][1].abs().max()
+    assert err < 1e-2
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13")
+def test_matches_torch_linear_cross_entropy():
+    x, w, b = make((N, D), torch.float64), make((C, D), torch.float64, seed=1), None
+    t = hard_target((N,), ignore=-100)
+
+    def native(x, w, t, b, **kw):
+        return F.linear_cross_entropy(x, w, t, **kw)
+
+    for reduction in ("none", "mean", "sum"):
+        assert_same(
+            run(ours, x, w, t, b, reduction=reduction), run(native, x, w, t, b, reduction=reduction)
+        )
+
+
+def test_autocast_cpu_dtypes():
+    x, w, b = make((N, D)), make((C, D), seed=1), make((C,), seed=2)
+    t = hard_target((N,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(x, w, t, b)
+        nat = F.cross_entropy(F.linear(x, w, b), t)
+    assert got.dtype == nat.dtype
+    torch.testing.assert_close(got, nat, atol=2e-2, rtol=2e-2)
+
+
+def test_no_grad_and_partial_requires_grad():
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = hard_target((N,))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, w, t), reference(x, w, t))
+    w_ = w.clone().requires_grad_()
+    ours(x, w_, t).backward()
+    ref = w.clone().requires_grad_()
+    reference(x, ref, t).backward()
+    torch.testing.assert_close(w_.grad, ref.grad)
+
+
+def test_retain_graph_and_inputs_untouched():
+    x, w, b = (
+        make((N, D), torch.float64).requires_grad_(),
+        make((C, D), torch.float64, seed=1).requires_grad_(),
+        make((C,), torch.float64, seed=2).requires_grad_(),
+    )
+    t = hard_target((N,), ignore=-100)
+    copies = [v.detach().clone() for v in (x, w, b)]
+    ref = torch.autograd.grad(reference(x, w, t, b), (x, w, b))
+    for reduction in ("mean", "none"):
+        loss = ours(x, w, t, b, reduction=reduction)
+        if reduction == "none":
+            loss = loss.sum() / (t != -100).sum()
+        for v in (x, w, b):
+            v.grad = None
+        loss.backward(retain_graph=True)
+        loss.backward(retain_graph=True)
+        for v, r in zip((x, w, b), ref):
+            torch.testing.assert_close(v.grad, 2 * r)
+            v.grad.zero_()  # must not corrupt the retained graph's saved gradients
+        loss.backward()
+        for v, r in zip((x, w, b), ref):
+            torch.testing.assert_close(v.grad, r)
+    for v, c in zip((x, w, b), copies):
+        assert torch.equal(v.detach(), c)
+
+
+# --------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_gradcheck(reduction, kind):
+    x = make((5, 3), torch.float64).requires_grad_()
+    w = make((4, 3), torch.float64, seed=1).requires_grad_()
+    b = make((4,), torch.float64, seed=2).requires_grad_()
+    if kind == "hard":
+        t = torch.tensor([0, 3, -100, 1, 2])
+        weight = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
+    else:
+        t = soft_target((5, 4)).requires_grad_()
+        weight = None
+
+    def fn(x, w, b, t):
+        return TF.linear_cross_entropy(
+            x,
+            w,
+            t,
+            linear_bias=b,
+            weight=weight,
+            reduction=reduction,
+            label_smoothing=0.1,
+            chunk_size=2,
+        )
+
+    inputs = (x, w, b, t)
+    assert gradcheck(fn, inputs, check_batched_grad=True)
+
+
+def test_double_backward_raises():
+    x = make((5, 3), torch.float64).requires_grad_()
+    w = make((4, 3), torch.float64, seed=1).requires_grad_()
+    t = torch.tensor([0, 3, 1, 1, 2])
+    for reduction in ("mean", "none"):
+        loss = TF.linear_cross_entropy(x, w, t, reduction=reduction).sum()
+        gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            (gx.sum() + gw.sum()).backward()
+
+
+# --------------------------------------------------------------------------- memory
+def saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (numel) any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_saved_memory_is_not_n_by_c(reduction):
+    n, d, c = 512, 16, 2048
+    x = make((n, d)).requires_grad_()
+    w = make((c, d), seed=1).requires_grad_()
+    t = hard_target((n,)) * 200
+    _, ours_bytes = saved_bytes(lambda: TF.linear_cross_entropy(x, w, t, reduction=reduction))
+    _, native_bytes = saved_bytes(lambda: F.cross_entropy(F.linear(x, w), t, reduction=reduction))
+    # dx (N, d) + dW (C, d) (or the inputs x, W, target for 'none') and a few vectors.
+    assert ours_bytes <= 4 * (n * d + c * d) + 16 * n + 8 * c
+    assert native_bytes >= 4 * n * c  # log-softmax output
+    assert ours_bytes < native_bytes / 10
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_tensor_of_n_by_c(reduction):
+    n, d, c, chunk = 256, 8, 1024, 16
+    x = make((n, d)).requires_grad_()
+    w = make((c, d), seed=1).requires_grad_()
+    t = hard_target((n,)) * 100
+    with LargestTensor() as mode:
+        loss = TF.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=chunk)
+        loss.sum().backward()
+    assert mode.largest <= max(chunk * c, c * d, n * d)
+
+
+def test_default_chunk_size_from_budget():
+    assert default_chunk_size(4096, 32768, torch.float32, "cpu") == 384  # 48 MiB
+    assert default_chunk_size(4096, 32768, torch.bfloat16, "cpu") == 256  # bf16 + fp32 bufs
+    assert default_chunk_size(10, 32768, torch.float32, "cpu") == 10
+    assert default_chunk_size(4096, 10**9, torch.float32, "cpu") == 1
+    assert default_chunk_size(0, 5, torch.float32, "cpu") == 1
+
+
+# --------------------------------------------------------------------------- bad input
+BAD = [
+    ("weight 1-D", dict(w=torch.randn(C)), ShapeError, "linear_weight must be 2-D"),
+    ("weight 3-D", dict(w=torch.randn(C, D, 1)), ShapeError, "linear_weight must be 2-D"),
+    ("in_features", dict(x=torch.randn(N, D + 1)), ShapeError, "in_features"),
+    ("0-dim input", dict(x=torch.tensor(1.0)), ShapeError, "in_features"),
+    ("bias shape", dict(b=torch.randn(C + 1)), ShapeError, "linear_bias must have shape"),
+    ("bias 2-D", dict(b=torch.randn(1, C)), ShapeError, "linear_bias must have shape"),
+    ("chunk 0", dict(chunk_size=0), ValueError, "chunk_size"),
+    ("chunk -1", dict(chunk_size=-1), ValueError, "chunk_size"),
+    ("chunk float", dict(chunk_size=2.5), ValueError, "chunk_size"),
+    ("chunk bool", dict(chunk_size=True), ValueError, "chunk_size"),
+    ("reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("smoothing", dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    ("class weight shape", dict(weight=torch.ones(C + 1)), ShapeError, "weight must have shape"),
+    ("target range", dict(t=torch.full((N,), C)), ClassIndexError, "out of bounds"),
+    ("target negative", dict(t=torch.full((N,), -1)), ClassIndexError, "out of bounds"),
+    ("target shape", dict(t=torch.zeros(N + 1, dtype=torch.long)), ShapeError, "target"),
+    ("target dtype", dict(t=torch.zeros(N, dtype=torch.int32)), DTypeError, "int64"),
+    ("float target shape", dict(t=torch.rand(N, C + 1)), ShapeError, "floating-point target"),
+    (
+        "int probabilities",
+        dict(t=torch.zeros(N, C, dtype=torch.long)),
+        DTypeError,
+        "floating point",
+    ),
+    ("ignore with probs", dict(t=torch.rand(N, C), ignore_index=0), ValueError, "ignore_index"),
+    ("int input", dict(x=torch.ones(N, D, dtype=torch.long)), DTypeError, "floating-point"),
+    ("dtype mix", dict(w=torch.randn(C, D, dtype=torch.float64)), DTypeError, "one dtype"),
+    ("bias dtype", dict(b=torch.randn(C, dtype=torch.float64)), DTypeError, "one dtype"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(bad):
+    _, change, error, match = bad
+    args = dict(x=torch.randn(N, D), w=torch.randn(C, D), t=torch.randint(C, (N,)), b=None)
+    kw = {}
+    for k, v in change.items():
+        (args if k in args else kw)[k] = v
+    with pytest.raises(error, match=match):
+        TF.linear_cross_entropy(args["x"], args["w"], args["t"], linear_bias=args["b"], **kw)
+
+
+def test_class_weight_requires_grad_rejected():
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        TF.linear_cross_entropy(
+            torch.randn(N, D),
+            torch.randn(C, D),
+            torch.randint(C, (N,)),
+            weight=torch.ones(C, requires_grad=True),
+        )
+
+
+# --------------------------------------------------------------------------- nn module
+def test_module_parity_and_state_dict():
+    torch.manual_seed(0)
+    m = torchbp.nn.LinearCrossEntropyLoss(D, C, bias=True, label_smoothing=0.1, chunk_size=3)
+    assert set(m.state_dict()) == {"linear.weight", "linear.bias"}
+    x, t = make((N, D)).requires_grad_(), hard_target((N,))
+    loss = m(x, t)
+    ref = F.cross_entropy(F.linear(x, m.linear.weight, m.linear.bias), t, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert m.linear.weight.grad is not None and m.linear.bias.grad is not None
+    if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+        native = torch.nn.LinearCrossEntropyLoss(D, C, bias=True, label_smoothing=0.1)
+        assert set(native.state_dict()) == set(m.state_dict())
+        native.load_state_dict(m.state_dict())
+        torch.testing.assert_close(native(x, t), loss)
+
+
+def test_module_weight_buffer_and_checks():
+    weight = torch.rand(C)
+    m = torchbp.nn.LinearCrossEntropyLoss(D, C, weight=weight, reduction="sum")
+    assert set(m.state_dict()) == {"linear.weight", "weight"}
+    assert m.linear.bias is None
+    x, t = make((N, D)), hard_target((N,))
+    ref = F.cross_entropy(F.linear(x, m.linear.weight), t, weight=weight, reduction="sum")
+    torch.testing.assert_close(m(x, t), ref)
+    with pytest.raises(ValueError, match="weight"):
+        torchbp.nn.LinearCrossEntropyLoss(D, C, weight=torch.ones(C + 1))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        torchbp.nn.LinearCrossEntropyLoss(D, C, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        torchbp.nn.LinearCrossEntropyLoss(D, C, chunk_size=0)
+
+
+def test_function_is_public():
+    assert torchbp.autograd.LinearCrossEntropyFunction is LinearCrossEntropyFunction
+    assert "linear_cross_entropy" in TF.__all__
+    assert "LinearCrossEntropyLoss" in torchbp.nn.__all__
