@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as _torch_F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -82,6 +83,16 @@ class ERMClassifier(pl.LightningModule):
     and the same initialisation for the same seed, so the two can be compared side by side and
     their checkpoints are interchangeable. The loss is ``cross_entropy`` of the same backend.
 
+    With ``fused_head=True`` the last Linear layer and the loss are computed together by
+    ``linear_cross_entropy`` (:func:`torchbp.functional.linear_cross_entropy`, which never
+    holds the ``(N, num_classes)`` logits in the autograd graph; with ``backend="torch"``,
+    :func:`torch.nn.functional.linear_cross_entropy`, chunked when ``label_smoothing == 0``).
+    The parameters, the ``state_dict`` and ``forward`` are unchanged (the last layer is still a
+    Linear module, and checkpoints are interchangeable with unfused runs); only the loss of the
+    train/val/test steps is computed from the hidden features and the last layer's ``weight``
+    and ``bias``. The logits the accuracy/F1 metrics need are then computed without a graph.
+    Loss and gradients equal the unfused ones up to floating-point rounding.
+
     Logged per epoch: ``train/loss`` (the empirical risk), ``train/acc``, and for ``val/`` and
     ``test/``: ``loss``, ``acc``, ``error`` (0-1 risk) and ``f1`` (macro).
 
@@ -95,6 +106,10 @@ class ERMClassifier(pl.LightningModule):
         backend: ``torchbp`` (hand-written backprop) or ``torch`` (stock autograd).
         class_weight: Optional per-class weights of the loss (length ``num_classes``).
         label_smoothing: Label smoothing of the cross-entropy, in ``[0, 1)``.
+        fused_head: Compute the last Linear layer and the cross-entropy together with
+            ``linear_cross_entropy`` of the backend (see above). ``backend="torch"`` needs a
+            torch that has ``torch.nn.functional.linear_cross_entropy`` (2.13+); with an older
+            torch the option is rejected with a ``ValueError``.
         optimizer: Optimizer factory, e.g. ``torch.optim.SGD`` with ``lr`` and ``momentum``,
             ``torch.optim.Adam`` or ``torch.optim.AdamW`` (default: Adam, lr=1e-3).
         lr_scheduler: Optional LR scheduler factory, e.g. ``torch.optim.lr_scheduler.StepLR``
@@ -112,6 +127,7 @@ class ERMClassifier(pl.LightningModule):
         backend: Backend = "torchbp",
         class_weight: list[float] | None = None,
         label_smoothing: float = 0.0,
+        fused_head: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -136,6 +152,12 @@ class ERMClassifier(pl.LightningModule):
             raise ValueError(
                 f"class_weight has {len(class_weight)} entries but there are {num_classes} classes"
             )
+        if fused_head and backend == "torch" and not hasattr(_torch_F, "linear_cross_entropy"):
+            raise ValueError(
+                f"fused_head=True with backend='torch' needs "
+                f"torch.nn.functional.linear_cross_entropy (torch >= 2.13), which torch "
+                f"{torch.__version__} lacks; use backend='torchbp' or fused_head=False"
+            )
         self.save_hyperparameters()
 
         self.net = build_mlp(
@@ -145,6 +167,7 @@ class ERMClassifier(pl.LightningModule):
         cw = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", cw)
         self.label_smoothing = label_smoothing
+        self.fused_head = bool(fused_head)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self._check_optimizer()
@@ -206,10 +229,44 @@ class ERMClassifier(pl.LightningModule):
             logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing
         )
 
+    @property
+    def head(self) -> torch.nn.Module:
+        """The last Linear layer (the classification head)."""
+        return self.net[-1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden features ``(N, d)``: the input of the last Linear layer (``x`` itself for
+        logistic regression)."""
+        for layer in self.net[:-1]:
+            x = layer(x)
+        return x
+
+    def fused_loss(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``loss(head(features), y)`` computed by the backend's ``linear_cross_entropy``,
+        without the logits in the autograd graph."""
+        head = self.head
+        kwargs: dict[str, Any] = dict(
+            linear_bias=head.bias, weight=self.class_weight, label_smoothing=self.label_smoothing
+        )
+        if self.backend == "torch":
+            # torch's chunked path rejects label smoothing (it would warn and fall back to
+            # the reference path, linear + cross_entropy, anyway): ask for it only when usable.
+            if self.label_smoothing == 0.0:
+                kwargs["options"] = torch.nn.LinearCrossEntropyOptions()
+            return _torch_F.linear_cross_entropy(features, head.weight, y, **kwargs)
+        return self._F.linear_cross_entropy(features, head.weight, y, **kwargs)
+
     def _step(self, batch, loss_metric: MeanMetric, metrics: MetricCollection) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
+        if self.fused_head:
+            h = self.features(x)
+            loss = self.fused_loss(h, y)
+            # the metrics need the logits: computed once, outside the autograd graph
+            with torch.no_grad():
+                logits = self.head(h.detach())
+        else:
+            logits = self(x)
+            loss = self.loss(logits, y)
         loss_metric.update(loss.detach().float(), weight=y.shape[0])
         metrics.update(logits.detach().float(), y)
         return loss
