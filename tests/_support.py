@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# The native twin of every torchbp.functional op, by the same name.
+NATIVE = SimpleNamespace(
+    linear=F.linear,
+    sigmoid=torch.sigmoid,
+    tanh=torch.tanh,
+    relu=F.relu,
+    leaky_relu=F.leaky_relu,
+    gelu=F.gelu,
+    silu=F.silu,
+    softmax=F.softmax,
+    log_softmax=F.log_softmax,
+    nll_loss=F.nll_loss,
+    cross_entropy=F.cross_entropy,
+)
 
 # CPU always; CUDA where a GPU exists (marked, so `pytest -m cuda` selects the GPU runs).
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]

@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
+from tests._support import NATIVE
 from torch.utils.checkpoint import checkpoint
 
 import torchbp
@@ -21,19 +20,6 @@ from torchbp.autograd import losses as _losses
 
 pytestmark = pytest.mark.usefixtures("seed")
 
-NATIVE = SimpleNamespace(
-    linear=F.linear,
-    sigmoid=torch.sigmoid,
-    tanh=torch.tanh,
-    relu=F.relu,
-    leaky_relu=F.leaky_relu,
-    gelu=F.gelu,
-    silu=F.silu,
-    softmax=F.softmax,
-    log_softmax=F.log_softmax,
-    nll_loss=F.nll_loss,
-    cross_entropy=F.cross_entropy,
-)
 DT = torch.float64
 TOL = {"atol": 1e-10, "rtol": 1e-8}
 

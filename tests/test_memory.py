@@ -8,30 +8,14 @@ tests assert on it.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-import torch.nn.functional as F
+from tests._support import NATIVE
 
 import torchbp
 import torchbp.functional as BP
 
 pytestmark = pytest.mark.usefixtures("seed")
-
-NATIVE = SimpleNamespace(
-    linear=F.linear,
-    sigmoid=torch.sigmoid,
-    tanh=torch.tanh,
-    relu=F.relu,
-    leaky_relu=F.leaky_relu,
-    gelu=F.gelu,
-    silu=F.silu,
-    softmax=F.softmax,
-    log_softmax=F.log_softmax,
-    nll_loss=F.nll_loss,
-    cross_entropy=F.cross_entropy,
-)
 
 
 def saved_storages(fn, exclude=()):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tests._support import NATIVE
 from torch import func
 
 import torchbp
@@ -21,19 +20,6 @@ import torchbp.functional as BP
 
 pytestmark = pytest.mark.usefixtures("seed")
 
-NATIVE = SimpleNamespace(
-    linear=F.linear,
-    sigmoid=torch.sigmoid,
-    tanh=torch.tanh,
-    relu=F.relu,
-    leaky_relu=F.leaky_relu,
-    gelu=F.gelu,
-    silu=F.silu,
-    softmax=F.softmax,
-    log_softmax=F.log_softmax,
-    nll_loss=F.nll_loss,
-    cross_entropy=F.cross_entropy,
-)
 DTYPE = torch.float64
 TOL = {"atol": 1e-10, "rtol": 1e-8}
 

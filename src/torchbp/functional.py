@@ -93,6 +93,34 @@ def _run_without_autocast(device_type: str, fn, *args):
 
 
 # --------------------------------------------------------------------------- linear
+def _check_linear_shapes(op, input, weight, bias, w_name, b_name, rows_name) -> None:
+    """``weight`` 2-D ``(rows, in_features)``, ``input`` ``(*, in_features)``, ``bias``
+    ``(rows,)``: otherwise an error naming both shapes."""
+    if weight.dim() != 2:
+        raise _checks.ShapeError(
+            f"{op}: {w_name} must be 2-D ({rows_name}, in_features), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise _checks.ShapeError(
+            f"{op}: input's last dim must equal {w_name}'s in_features: input "
+            f"{tuple(input.shape)}, {w_name} {tuple(weight.shape)} "
+            f"(in_features = {weight.shape[1]})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise _checks.ShapeError(
+            f"{op}: {b_name} must have shape ({weight.shape[0]},) to match {w_name} "
+            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
+
+
+def _check_linear_dtypes(op, input, weight, bias, w_name, b_name) -> None:
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = f"input {input.dtype}, {w_name} {weight.dtype}"
+        got += f", {b_name} {bias.dtype}" if bias is not None else ""
+        raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     r"""Affine map :math:`y = x W^T + b` (as :func:`torch.nn.functional.linear`).
 
@@ -111,28 +139,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         torch.Size([2, 5, 4])
     """
     op = "linear"
-    if weight.dim() != 2:
-        raise _checks.ShapeError(
-            f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}"
-        )
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise _checks.ShapeError(
-            f"{op}: input's last dim must equal weight's in_features: input {tuple(input.shape)}, "
-            f"weight {tuple(weight.shape)} (in_features = {weight.shape[1]})"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise _checks.ShapeError(
-            f"{op}: bias must have shape ({weight.shape[0]},) to match weight "
-            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
-        )
+    _check_linear_shapes(op, input, weight, bias, "weight", "bias", "out_features")
     _checks.check_same_device(op, input=input, weight=weight, bias=bias)
     amp = _autocast_dtype(input)
     if amp is not None:
         input, weight, bias = (_cast_low(t, amp) for t in (input, weight, bias))
-    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        got = f"input {input.dtype}, weight {weight.dtype}"
-        got += f", bias {bias.dtype}" if bias is not None else ""
-        raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
+    _check_linear_dtypes(op, input, weight, bias, "weight", "bias")
     if amp is not None:
         return _run_without_autocast(input.device.type, apply, _LINEAR, input, weight, bias)
     return apply(_LINEAR, input, weight, bias)
@@ -295,6 +307,29 @@ def _check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch
     )
 
 
+def _check_smoothing(op: str, label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def _check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str) -> None:
+    """A target of the probabilities' shape (``soft``) must be floating point and comes
+    without ignore_index; a floating-point target must have that shape."""
+    if soft:
+        if not target.is_floating_point():
+            raise _checks.DTypeError(
+                f"{op}: target of {prob_shape} is read as class probabilities and must be "
+                f"floating point, got {target.dtype}"
+            )
+        if ignore_index >= 0:
+            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
+    elif target.is_floating_point():
+        raise _checks.ShapeError(
+            f"{op}: floating-point target must have {prob_shape} (class probabilities), "
+            f"got {tuple(target.shape)}"
+        )
+
+
 def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
     """Σ over non-ignored rows of ``w_{y_i}``: the denominator of ``reduction='mean'``."""
     valid = target != ignore_index
@@ -394,27 +429,14 @@ def cross_entropy(
     op = "cross_entropy"
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _checks.check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_smoothing(op, label_smoothing)
     classes, class_dim, batch_shape = _class_layout(op, input)
     _checks.check_floating(op, "input", input)
     _checks.check_class_weight(op, weight, classes)
     _checks.check_same_device(op, input=input, target=target, weight=weight)
     soft = input.shape == target.shape
-    if soft:
-        if not target.is_floating_point():
-            raise _checks.DTypeError(
-                f"{op}: target of input's shape {tuple(input.shape)} is read as class "
-                f"probabilities and must be floating point, got {target.dtype}"
-            )
-        if ignore_index >= 0:
-            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
-    else:
-        if target.is_floating_point():
-            raise _checks.ShapeError(
-                f"{op}: floating-point target must have the input's shape "
-                f"{tuple(input.shape)} (class probabilities), got {tuple(target.shape)}"
-            )
+    _check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
+    if not soft:
         _check_hard_target(op, input, target, batch_shape)
         _checks.check_class_indices(op, target, classes, ignore_index)
     amp = _autocast_dtype(input)
@@ -488,29 +510,15 @@ def linear_cross_entropy(
     if ignore_index is None:
         ignore_index = -100
     _checks.check_reduction(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_smoothing(op, label_smoothing)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    if linear_weight.dim() != 2:
-        raise _checks.ShapeError(
-            f"{op}: linear_weight must be 2-D (num_classes, in_features), got shape "
-            f"{tuple(linear_weight.shape)}"
-        )
+    _check_linear_shapes(
+        op, input, linear_weight, linear_bias, "linear_weight", "linear_bias", "num_classes"
+    )
     classes, features = linear_weight.shape
-    if input.dim() == 0 or input.shape[-1] != features:
-        raise _checks.ShapeError(
-            f"{op}: input's last dim must equal linear_weight's in_features: input "
-            f"{tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)} "
-            f"(in_features = {features})"
-        )
-    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
-        raise _checks.ShapeError(
-            f"{op}: linear_bias must have shape ({classes},) to match linear_weight "
-            f"{tuple(linear_weight.shape)}, got {tuple(linear_bias.shape)}"
-        )
     _checks.check_floating(op, "input", input)
     _checks.check_floating(op, "linear_weight", linear_weight)
     _checks.check_class_weight(op, weight, classes)
@@ -524,20 +532,10 @@ def linear_cross_entropy(
     )
     batch_shape = tuple(input.shape[:-1])
     soft = tuple(target.shape) == (*batch_shape, classes)
-    if soft:
-        if not target.is_floating_point():
-            raise _checks.DTypeError(
-                f"{op}: target of shape {tuple(target.shape)} = (*input.shape[:-1], C) is "
-                f"read as class probabilities and must be floating point, got {target.dtype}"
-            )
-        if ignore_index >= 0:
-            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
-    else:
-        if target.is_floating_point():
-            raise _checks.ShapeError(
-                f"{op}: floating-point target must have shape {(*batch_shape, classes)} "
-                f"(class probabilities), got {tuple(target.shape)}"
-            )
+    _check_target_kind(
+        op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
+    )
+    if not soft:
         if tuple(target.shape) != batch_shape:
             raise _checks.ShapeError(
                 f"{op}: target of class indices must have shape {batch_shape} for input "
@@ -551,12 +549,7 @@ def linear_cross_entropy(
         input, linear_weight, linear_bias = (
             _cast_low(t, amp) for t in (input, linear_weight, linear_bias)
         )
-    if input.dtype != linear_weight.dtype or (
-        linear_bias is not None and linear_bias.dtype != linear_weight.dtype
-    ):
-        got = f"input {input.dtype}, linear_weight {linear_weight.dtype}"
-        got += f", linear_bias {linear_bias.dtype}" if linear_bias is not None else ""
-        raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
+    _check_linear_dtypes(op, input, linear_weight, linear_bias, "linear_weight", "linear_bias")
     rows = math.prod(batch_shape)
     x = input.reshape(rows, features)
     flat_target = target.reshape(rows, classes) if soft else target.reshape(rows)

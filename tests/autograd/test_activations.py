@@ -172,6 +172,7 @@ def test_retain_graph_second_backward(name):
     [
         ("_sigmoid_grad", ()),
         ("_tanh_grad", ()),
+        ("_relu_grad", ()),
         ("_leaky_relu_grad", (0.1,)),
         ("_leaky_relu_grad", (-0.5,)),
         ("_gelu_grad", ("none",)),
@@ -185,10 +186,14 @@ def test_fast_first_order_backward_matches_formula(name, args):
 
     derivative = getattr(activations, name)
     saved = make((1000,), torch.float64, scale=3.0)
-    if name in ("_sigmoid_grad", "_tanh_grad"):
-        saved = torch.sigmoid(saved) if name == "_sigmoid_grad" else torch.tanh(saved)
+    if name in ("_sigmoid_grad", "_tanh_grad", "_relu_grad"):
+        out = {"_sigmoid_grad": torch.sigmoid, "_tanh_grad": torch.tanh, "_relu_grad": torch.relu}
+        saved = out[name](saved)
+        saved[:3] = torch.tensor([0.0, -0.0, float("nan")], dtype=saved.dtype)
     g = make((1000,), torch.float64, seed=1)
     g_before, saved_before = g.clone(), saved.clone()
     fast = derivative.fast(g, saved, *args)
-    torch.testing.assert_close(fast, derivative.formula(g, saved, *args), rtol=1e-12, atol=1e-14)
-    assert torch.equal(g, g_before) and torch.equal(saved, saved_before)
+    want = derivative.formula(g, saved, *args)
+    torch.testing.assert_close(fast, want, rtol=1e-12, atol=1e-14, equal_nan=True)
+    assert torch.equal(g, g_before)
+    torch.testing.assert_close(saved, saved_before, rtol=0, atol=0, equal_nan=True)

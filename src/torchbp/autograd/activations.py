@@ -156,6 +156,15 @@ class TanhFunction(_Tanh):
 
 
 # --------------------------------------------------------------------------- ReLU
+def _relu_grad_fast(g, y):
+    # y = relu(x) is >= 0 or NaN, so y != 0 exactly when native passes g (y > 0, or NaN).
+    # The mask is written straight into a float buffer: two passes, no bool tensor. (An
+    # infinite upstream gradient at an inactive unit gives 0·inf = NaN here, not 0.)
+    d = torch.empty_like(g)
+    return torch.ne(y, 0, out=d).mul_(g)
+
+
+@_derivative(_relu_grad_fast)
 def _relu_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # relu'(x) = 1 if x > 0 else 0, read off y = max(x, 0): y > 0 exactly when x > 0.
     # Written as "y <= 0 -> 0" so that a NaN input passes g through, as native does.
@@ -207,8 +216,9 @@ class ReLUFunction(_ReLU):
 
 # --------------------------------------------------------------------------- LeakyReLU
 def _leaky_relu_grad_fast(g, saved, slope):
-    d = torch.mul(g, slope)
-    return torch.where(saved > 0, g, d, out=d)
+    # f' = slope + (1 - slope) [saved > 0], built in one float buffer, times g
+    d = torch.empty_like(g)
+    return torch.gt(saved, 0, out=d).mul_(1 - slope).add_(slope).mul_(g)
 
 
 @_derivative(_leaky_relu_grad_fast)

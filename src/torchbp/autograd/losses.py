@@ -114,10 +114,10 @@ def _hard_coefficients(target, weight, ignore_index, smoothing, classes, dtype):
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)
     w_y = _target_weight(weight, safe, valid, dtype)
-    a = (1 - smoothing) * w_y
-    if smoothing:
-        w_sum = classes if weight is None else weight.to(dtype).sum()
-        a = a + valid.to(dtype) * (smoothing / classes) * w_sum
+    if not smoothing:
+        return valid, safe, w_y, w_y
+    w_sum = classes if weight is None else weight.to(dtype).sum()
+    a = (1 - smoothing) * w_y + valid.to(dtype) * (smoothing / classes) * w_sum
     return valid, safe, w_y, a
 
 
@@ -162,8 +162,11 @@ def _ce_rows_fused(z, target, weight, ignore_index, smoothing):
     # At the row max p = e^0 / Σ e^{z-m}, so log Σ e^{z-m} = -log p_max: no second exp pass.
     log_total = p.gather(1, argmax).log_().neg_()
     a, linear, b, hard = _ce_linear_part(z, m, target, weight, ignore_index, smoothing)
-    if not (weight is None and smoothing == 0 and hard is not None and bool(hard[0].all())):
-        p.mul_(a.unsqueeze(1))  # a_i = 1 on every row unless weighted, smoothed or ignored
+    # a_i = 1 on every row unless weighted, smoothed or ignored (checked on CPU only,
+    # where looking costs no device sync)
+    plain = weight is None and smoothing == 0 and hard is not None and z.device.type == "cpu"
+    if not (plain and bool(hard[0].all())):
+        p.mul_(a.unsqueeze(1))
     return _ce_finish(p, log_total, m, a, linear, b, hard, smoothing)
 
 
@@ -183,7 +186,8 @@ def _ce_linear_part(x, shift, target, weight, ignore_index, smoothing):
     picked = x.gather(1, safe.unsqueeze(1)).squeeze(1)
     if shift is not None:
         picked = picked - shift.squeeze(1)
-    linear = (1 - smoothing) * w_y * picked
+    # (ignored rows are masked at the end, so the plain case needs no weight product)
+    linear = picked if weight is None and not smoothing else (1 - smoothing) * w_y * picked
     if smoothing:
         x_w = x.sum(1) if weight is None else x @ weight.to(acc)
         if shift is not None:
@@ -199,15 +203,17 @@ def _ce_finish(grad, log_total, m, a, linear, b, hard, smoothing):
     classes = grad.shape[1]
     lse = (m + log_total).squeeze(1)
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ e - Σ_c B_ic s_ic   (m cancels: Σ B = a)
-    loss = a * log_total.squeeze(1) - linear
     if hard is None:
-        return loss, grad.sub_(b), lse
+        return a * log_total.squeeze(1) - linear, grad.sub_(b), lse
     valid, safe, w_y, weight = hard
+    plain = weight is None and not smoothing  # a_i = 1 on the rows that are kept
+    loss = (log_total.squeeze(1) if plain else a * log_total.squeeze(1)) - linear
     loss = torch.where(valid, loss, 0.0)
     if smoothing:
         w_row = torch.ones(classes, dtype=acc, device=grad.device) if weight is None else weight
         grad.sub_(torch.outer(valid.to(acc), w_row.to(acc)), alpha=smoothing / classes)
-    grad.scatter_add_(1, safe.unsqueeze(1), (-(1 - smoothing) * w_y).unsqueeze(1))
+    onehot_coef = w_y.neg() if not smoothing else -(1 - smoothing) * w_y
+    grad.scatter_add_(1, safe.unsqueeze(1), onehot_coef.unsqueeze(1))
     return loss, grad, lse
 
 
