@@ -18,12 +18,15 @@ smoothing ``ε`` over ``C`` classes, ``p = softmax(z)``:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.autograd import Function
 
 from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
 from torchbp.autograd._engine import may_reuse_saved
+from torchbp.kernels import triton_ce
 
 # Rows are processed in blocks of about this many elements: large enough that the
 # per-op overhead vanishes, small enough to bound the float32 temporaries of half inputs.
@@ -242,6 +245,8 @@ class _CrossEntropy(Function):
         # Returns ℓ (M,) in the accumulation dtype, ∂ℓ/∂z (M, C) in the logits' dtype, and
         # lse (M,). The gradient is computed here, where the softmax is at hand, so that
         # e^z is evaluated once per logit (native evaluates it again in backward).
+        if os.environ.get("TORCHBP_TRITON") == "1" and triton_ce.available(logits, target, weight):
+            return triton_ce.ce_forward_rows(logits, target, weight, ignore_index, label_smoothing)
         rows, classes = logits.shape
         eager = values_inspectable(logits)
         if eager and logits.dtype == _acc_dtype(logits.dtype) and rows * classes:

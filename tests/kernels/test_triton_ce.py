@@ -1,0 +1,338 @@
+"""The Triton cross-entropy forward kernel against the reference ``_ce_rows``.
+
+* On CPU, through Triton's interpreter: the same inputs through both, over dtypes,
+  weights, ignore_index (all rows ignored too), label smoothing, several chunks per row,
+  C = 1 and N = 0. Triton fixes interpreted vs compiled for the whole process when it is
+  first imported, so the ``interp`` tests run only in a process started with
+  ``TRITON_INTERPRET=1``; ``test_interpreter_suite`` starts one (a pytest subprocess on
+  this file), so that a plain ``pytest`` run covers them without putting the rest of the
+  session (CUDA, torch.compile) in interpreter mode.
+* Without a GPU, the kernel is also compiled for sm_90 / sm_80 (PTX and cubin), which
+  checks what the interpreter does not: the typing rules of the real compiler.
+* On CUDA (``cuda`` marker): the compiled kernel, and ``cross_entropy`` end to end with
+  ``TORCHBP_TRITON=1`` against ``F.cross_entropy``.
+
+Skipped entirely where Triton is not installed (CI).
+
+Note: the interpreter truncates float32 -> bfloat16 conversions (the GPU rounds to
+nearest even), so low-precision gradients are compared within one unit in the last place
+of the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests._support import CUDA
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+
+import torchbp.functional as TF  # noqa: E402
+from torchbp.autograd.losses import _ce_rows  # noqa: E402
+from torchbp.kernels import triton_ce  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(
+    not INTERPRETING, reason="interpreter tests: run by test_interpreter_suite (subprocess)"
+)
+not_interp = pytest.mark.skipif(INTERPRETING, reason="needs compiled Triton")
+IGNORE = -100
+# significant bits (including the implicit one) per dtype
+_BITS = {torch.float16: 11, torch.bfloat16: 8}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Kernels run in Triton's interpreter on CPU tensors (the process started so)."""
+    assert INTERPRETING
+    monkeypatch.delenv("TORCHBP_TRITON", raising=False)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    assert not INTERPRETING
+    monkeypatch.delenv("TORCHBP_TRITON", raising=False)
+
+
+def _inputs(rows, classes, dtype, device, *, seed=0, scale=3.0, ignore_every=0, weighted=False):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(classes, (rows,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = IGNORE
+    w = torch.rand(classes, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    w = None if w is None else w.to(torch.float32).to(device)
+    return z.to(device), y.to(device), w
+
+
+def _within_ulp(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """|actual - expected| <= one unit in the last place of ``expected`` in ``dtype``."""
+    a, e = actual.double(), expected.double()
+    exponent = torch.floor(torch.log2(e.abs().clamp_min(torch.finfo(dtype).smallest_normal)))
+    ulp = torch.exp2(exponent - (_BITS[dtype] - 1))
+    bad = (a - e).abs() > ulp
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} beyond 1 ulp; worst "
+        f"{float((a - e).abs().max()):.3g} at {tuple(int(i) for i in bad.nonzero()[0])}"
+    )
+
+
+def _check(z, y, w, smoothing, *, exact_round=False):
+    """ce_forward_rows vs _ce_rows on the same inputs: contract (dtypes, shapes, the logits
+    untouched) and values."""
+    before = z.clone()
+    assert triton_ce.available(z, y, w)
+    loss, grad, lse = triton_ce.ce_forward_rows(z, y, w, IGNORE, smoothing)
+    ref_loss, ref_grad, ref_lse = _ce_rows(z, y, w, IGNORE, smoothing)
+    assert torch.equal(z, before), "the kernel wrote into the logits"
+    assert loss.dtype == lse.dtype == torch.float32 and grad.dtype == z.dtype
+    assert loss.shape == lse.shape == (z.shape[0],) and grad.shape == z.shape
+    assert grad.data_ptr() != z.data_ptr()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    if z.dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    else:
+        _within_ulp(grad, ref_grad, z.dtype)
+        if exact_round:  # the GPU rounds once, to nearest: almost all equal the reference
+            same = (grad == ref_grad.to(z.dtype)).double().mean()
+            assert same > 0.99, f"only {float(same):.3f} rounded like the reference"
+    return loss, grad, lse
+
+
+CASES = [
+    pytest.param(w, s, id=f"{'w' if w else 'now'}-eps{s}")
+    for w in (False, True)
+    for s in (0.0, 0.1)
+]
+
+
+# --------------------------------------------------------------------------- interpreter
+@not_interp
+def test_interpreter_suite():
+    """Run this file's ``interp`` tests in a fresh process under TRITON_INTERPRET=1."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("TORCHBP_TRITON", None)
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q"]
+    cmd += ["-k", "interpreter_ and not suite"]
+    cmd += ["-p", "no:cacheprovider", "-m", "not cuda"]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+
+
+@interp
+@pytest.mark.parametrize("weighted, smoothing", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_block", [16, 4096], ids=["chunks", "oneblock"])
+def test_interpreter_matches_reference(
+    interpret, monkeypatch, dtype, weighted, smoothing, max_block
+):
+    # 37 classes: not a multiple of BLOCK; with BLOCK = 16, three chunks per row exercise
+    # the online rescaling of the running sum.
+    monkeypatch.setattr(triton_ce, "_MAX_BLOCK", max_block)
+    z, y, w = _inputs(6, 37, dtype, "cpu", ignore_every=4, weighted=weighted)
+    _check(z, y, w, smoothing)
+
+
+@interp
+@pytest.mark.parametrize("weighted, smoothing", CASES)
+def test_interpreter_one_class(interpret, weighted, smoothing):
+    z, y, w = _inputs(3, 1, torch.float32, "cpu", ignore_every=3, weighted=weighted)
+    loss, grad, lse = _check(z, y, w, smoothing)
+    assert torch.equal(grad, torch.zeros_like(grad)) and torch.equal(lse, z[:, 0])
+
+
+@interp
+def test_interpreter_no_rows(interpret):
+    z, y, _ = _inputs(0, 7, torch.bfloat16, "cpu")
+    loss, grad, lse = triton_ce.ce_forward_rows(z, y, None, IGNORE, 0.0)
+    assert loss.shape == lse.shape == (0,) and grad.shape == (0, 7) and grad.dtype == z.dtype
+
+
+@interp
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_interpreter_all_ignored(interpret, smoothing):
+    z, y, w = _inputs(4, 10, torch.bfloat16, "cpu", weighted=True)
+    y.fill_(IGNORE)
+    loss, grad, lse = _check(z, y, w, smoothing)
+    assert not loss.any() and not grad.any()
+
+
+@interp
+def test_interpreter_confident_bf16(interpret):
+    # p_y = 1 - δ with δ ~ 1e-4: p_y - 1 must be formed in float32 and rounded once
+    # (rounding p_y to bfloat16 first would give 0).
+    z, y, _ = _inputs(8, 50, torch.float32, "cpu", scale=1.0)
+    z[torch.arange(8), y] += torch.linspace(8, 14, 8, dtype=torch.float64).float()
+    z = z.to(torch.bfloat16)
+    _loss, grad, _lse = _check(z, y, None, 0.0)
+    picked = grad[torch.arange(8), y].double()
+    exact = torch.softmax(z.double(), 1)[torch.arange(8), y] - 1
+    assert (picked < 0).all()
+    torch.testing.assert_close(picked, exact, rtol=2**-7, atol=0)
+
+
+@interp
+def test_interpreter_inf_first_chunk_and_large_offset(interpret, monkeypatch):
+    # The whole first chunk at -inf (the running max starts at -inf), and logits far from
+    # 0 (the max trick).
+    monkeypatch.setattr(triton_ce, "_MAX_BLOCK", 16)
+    z, y, w = _inputs(4, 40, torch.float32, "cpu", weighted=True)
+    z[:2, :16] = float("-inf")
+    y[:2] = torch.tensor([20, 39])
+    z[2:] += 1e4
+    loss, grad, lse = _check(z, y, w, 0.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(lse).all()
+    assert not grad[:2, :16].any()
+
+
+@interp
+def test_interpreter_strided_logits_int32_target(interpret):
+    z, y, w = _inputs(40, 9, torch.float32, "cpu", ignore_every=5, weighted=True)
+    zt = z.t().contiguous().t()  # column-major (copied to row-major for the kernel)
+    _check(zt, y.to(torch.int32)[:], w, 0.1)
+    _check(z[::2], y[::2], None, 0.0)
+
+
+@interp
+def test_interpreter_available(interpret, monkeypatch):
+    z, y, w = _inputs(3, 5, torch.float32, "cpu", weighted=True)
+    assert triton_ce.available(z, y, w)
+    assert not triton_ce.available(z.double(), y)
+    assert not triton_ce.available(z.unsqueeze(0), y)
+    assert not triton_ce.available(z, torch.softmax(z, 1))  # probabilities: the torch path
+    assert not triton_ce.available(z, y[:2])
+    assert not triton_ce.available(z[:, :0], y)
+    assert not triton_ce.available(z, y, w[:4])
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not triton_ce.available(z, y)  # CPU tensors only for the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@interp
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_interpreter_dispatch_end_to_end(interpret, monkeypatch, smoothing):
+    """cross_entropy with TORCHBP_TRITON=1 goes through the kernel and matches native."""
+    calls = []
+    real = triton_ce.ce_forward_rows
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(triton_ce, "ce_forward_rows", spy)
+    monkeypatch.setenv("TORCHBP_TRITON", "1")
+    z, y, w = _inputs(6, 13, torch.float32, "cpu", ignore_every=3, weighted=True)
+    kw = dict(weight=w, ignore_index=IGNORE, label_smoothing=smoothing)
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out = TF.cross_entropy(za, y, **kw)
+    ref = F.cross_entropy(zb, y, **kw)
+    out.backward()
+    ref.backward()
+    assert calls, "the Triton path was not taken"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(za.grad, zb.grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- compile only
+@not_interp
+@pytest.mark.parametrize("arch", [90, 80])
+def test_compiles_for_gpu(compiled, arch):
+    """The real compiler (to PTX and cubin; no GPU needed) accepts every variant,
+    including C = 1, where Triton passes ``classes`` as the constant 1."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kernel = triton_ce._kernel()
+    for dtype in ("fp32", "bf16"):
+        for has_weight, smooth, classes in ((False, False, None), (True, True, None), (0, 1, 1)):
+            sig = dict(
+                z_ptr=f"*{dtype}", z_stride_row="i32", y_ptr="*i64",
+                y_stride="constexpr", w_ptr="*fp32", grad_ptr=f"*{dtype}", loss_ptr="*fp32",
+                lse_ptr="*fp32", classes="i32", ignore_index="i32", smoothing="fp32",
+                HAS_WEIGHT="constexpr", SMOOTH="constexpr", BLOCK="constexpr",
+            )  # fmt: skip
+            consts = dict(y_stride=1, HAS_WEIGHT=bool(has_weight))
+            consts.update(SMOOTH=bool(smooth), BLOCK=4096 if classes is None else 16)
+            if classes is not None:
+                sig["classes"] = sig["z_stride_row"] = "constexpr"
+                consts.update(classes=classes, z_stride_row=classes)
+            source = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
+            binary = triton.compile(
+                source,
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(num_warps=8, enable_fp_fusion=True),
+            )
+            ptx = binary.asm["ptx"]
+            assert "ex2.approx.f32" in ptx
+            if dtype == "bf16" and arch == 90:
+                assert "cvt.rn.bf16" in ptx  # rounded to nearest, once
+
+
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@CUDA
+@not_interp
+@pytest.mark.parametrize("weighted, smoothing", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 37), (16, 5000), (3, 1), (0, 7), (8, 131072)])
+def test_cuda_matches_reference(compiled, dtype, weighted, smoothing, shape):
+    z, y, w = _inputs(*shape, dtype, "cuda", ignore_every=5, weighted=weighted)
+    _check(z, y, w, smoothing, exact_round=dtype != torch.float32 and shape[0] * shape[1] > 0)
+
+
+@pytest.mark.cuda
+@CUDA
+@not_interp
+def test_cuda_confident_and_all_ignored(compiled):
+    z, y, _ = _inputs(32, 1000, torch.float32, "cuda", scale=1.0)
+    z[torch.arange(32), y] += torch.linspace(6, 16, 32, device="cuda")
+    zb = z.to(torch.bfloat16)
+    _loss, grad, _lse = _check(zb, y, None, 0.0, exact_round=True)
+    exact = torch.softmax(zb.double(), 1)[torch.arange(32), y] - 1
+    torch.testing.assert_close(grad[torch.arange(32), y].double(), exact, rtol=2**-7, atol=0)
+    y.fill_(IGNORE)
+    loss, grad, _lse = _check(zb, y, None, 0.1)
+    assert not loss.any() and not grad.any()
+
+
+@pytest.mark.cuda
+@CUDA
+@not_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted, smoothing", CASES)
+def test_cuda_dispatch_end_to_end(compiled, monkeypatch, dtype, weighted, smoothing):
+    """cross_entropy with TORCHBP_TRITON=1 against F.cross_entropy (bf16 against native on
+    float32-upcast logits, within native's own bf16 tolerance); logits left intact."""
+    calls = []
+    real = triton_ce.ce_forward_rows
+    monkeypatch.setattr(triton_ce, "ce_forward_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("TORCHBP_TRITON", "1")
+    z, y, w = _inputs(512, 32000, dtype, "cuda", ignore_every=7, weighted=weighted)
+    w = None if w is None else w.to(dtype).float()  # the same weights whatever the rounding
+    # reduction="sum": the gradient keeps the size of p (a mean would shrink it below atol)
+    kw = dict(weight=w, ignore_index=IGNORE, label_smoothing=smoothing, reduction="sum")
+    za = z.clone().requires_grad_()
+    out = TF.cross_entropy(za, y, **kw)
+    out.backward()
+    assert calls, "the Triton path was not taken"
+    assert torch.equal(za.detach(), z)
+    zr = z.float().requires_grad_()
+    ref = F.cross_entropy(zr, y, **kw)
+    ref.backward()
+    # bf16: the loss and the gradient are each rounded once to bfloat16 (2^-8 relative)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    assert out.dtype == dtype and za.grad.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **tol)
+    torch.testing.assert_close(za.grad.float(), zr.grad, **tol)
