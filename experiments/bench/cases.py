@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import importlib.util
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -83,6 +85,23 @@ def torchbp_version() -> str | None:
         return importlib.import_module("torchbp").__version__
     except Exception:  # noqa: BLE001
         return None
+
+
+def _with_env(name: str, value: str, f):
+    """``f`` called with the environment variable ``name`` set to ``value``."""
+
+    def call(*args, **kwargs):
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return f(*args, **kwargs)
+        finally:
+            if before is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = before
+
+    return call
 
 
 def _accepts(fn, kw: str) -> bool:
@@ -183,6 +202,11 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
                 fwd_bwd(lambda z, t: ce(z, t, inplace=True)),
                 pre=restore,
                 note="gradient written into the logits' storage",
+            )
+        if cuda and importlib.util.find_spec("triton") is not None:
+            impls["torchbp_triton"] = Impl(
+                fwd_bwd(_with_env("TORCHBP_TRITON", "1", ce)),
+                note="Triton forward kernel (opt-in: TORCHBP_TRITON=1)",
             )
     impls["native"] = Impl(fwd_bwd(F.cross_entropy))
     if dtype != torch.float32:
