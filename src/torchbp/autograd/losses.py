@@ -164,13 +164,24 @@ def _ce_rows_fused(z, target, weight, ignore_index, smoothing):
     p = torch.softmax(z, 1)
     # At the row max p = e^0 / Σ e^{z-m}, so log Σ e^{z-m} = -log p_max: no second exp pass.
     log_total = p.gather(1, argmax).log_().neg_()
+    if weight is None and not smoothing and not target.is_floating_point():
+        return _ce_plain_finish(z, p, m, log_total, target, ignore_index)
     a, linear, b, hard = _ce_linear_part(z, m, target, weight, ignore_index, smoothing)
-    # a_i = 1 on every row unless weighted, smoothed or ignored (checked on CPU only,
-    # where looking costs no device sync)
-    plain = weight is None and smoothing == 0 and hard is not None and z.device.type == "cpu"
-    if not (plain and bool(hard[0].all())):
-        p.mul_(a.unsqueeze(1))
+    p.mul_(a.unsqueeze(1))
     return _ce_finish(p, log_total, m, a, linear, b, hard, smoothing)
+
+
+def _ce_plain_finish(z, p, m, log_total, target, ignore_index):
+    """Unweighted, unsmoothed class-index targets (the common case, with the fewest ops):
+    ``ℓ_i = lse_i - z_{i,y_i}`` and ``∂ℓ_i/∂z_i = p_i - onehot(y_i)``, 0 on ignored rows."""
+    valid = (target != ignore_index).unsqueeze(1)
+    safe = torch.where(valid, target.unsqueeze(1), 0)
+    lse = m + log_total
+    loss = (lse - z.gather(1, safe)).masked_fill_(~valid, 0.0)
+    p.scatter_add_(1, safe, valid.to(p.dtype).neg_())
+    if z.device.type != "cpu" or not bool(valid.all()):  # (looking costs no sync on CPU)
+        p.mul_(valid)
+    return loss.squeeze(1), p, lse.squeeze(1)
 
 
 def _ce_linear_part(x, shift, target, weight, ignore_index, smoothing):
