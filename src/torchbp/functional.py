@@ -402,9 +402,11 @@ def cross_entropy(
     reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    inplace: bool = False,
 ) -> torch.Tensor:
     r"""Cross-entropy of unnormalised logits, fused log-softmax + NLL in one Function (as
-    :func:`torch.nn.functional.cross_entropy`).
+    :func:`torch.nn.functional.cross_entropy`, plus ``inplace``).
 
     Args:
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
@@ -416,6 +418,11 @@ def cross_entropy(
             divides by the summed weights of the non-ignored targets, with probabilities by
             the number of rows.
         label_smoothing: ε in [0, 1]: the target becomes ``(1-ε) target + ε/C``.
+        inplace: write the gradient over the logits' storage instead of a new buffer
+            (saves one logits-sized allocation; 2-D ``(N, C)`` logits only). The logits
+            then hold the gradient: do not use them afterwards (autograd's version check
+            catches any op that saved them). Ignored under torch.compile and torch.func,
+            which get the same values without the memory saving.
 
     The gradient ``softmax(z) - target`` is computed in the forward pass from the single
     softmax evaluation (in float32 for half-precision logits) and kept instead of the
@@ -439,17 +446,29 @@ def cross_entropy(
     if not soft:
         _check_hard_target(op, input, target, batch_shape)
         _checks.check_class_indices(op, target, classes, ignore_index)
+    if inplace:
+        if input.dim() != 2:
+            raise _checks.ShapeError(
+                f"{op}: inplace=True needs 2-D (N, C) logits, got shape {tuple(input.shape)}"
+            )
+        if soft and target.requires_grad:
+            raise ValueError(
+                f"{op}: inplace=True cannot be used when the probability target needs a "
+                "gradient (that gradient needs the logits)"
+            )
+        inplace = _checks.values_inspectable(input)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()
     if soft and target.dtype != input.dtype:
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
-    logits = _rows(input, class_dim, classes)
+    # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
+    logits = input if inplace else _rows(input, class_dim, classes)
     # uint8 class indices are accepted, as native does
     flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1).long()
     rows, _grad, _lse = apply(
-        _CROSSENTROPY, logits, flat_target, weight, ignore_index, float(label_smoothing)
+        _CROSSENTROPY, logits, flat_target, weight, ignore_index, float(label_smoothing), inplace
     )
     denominator = None
     if reduction == "mean":

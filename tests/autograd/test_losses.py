@@ -298,3 +298,59 @@ def test_fused_softmax_path_matches_reference_formulation(case, dtype):
     args = (z, target, weight, ignore, case["smoothing"])
     for ours, ref in zip(_ce_rows_fused(*args), _ce_rows(*args)):
         torch.testing.assert_close(ours, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c for c in CE_CASES if c["smoothing"] == 0.3], ids=case_id)
+def test_inplace_gives_the_same_loss_and_gradients(case, dtype, monkeypatch):
+    import torchbp.autograd.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * C)  # several row blocks
+    base = make((10, C), dtype, scale=3.0)
+    kwargs = dict(reduction=case["reduction"], label_smoothing=case["smoothing"])
+    if case["weight"]:
+        kwargs["weight"] = make((C,), dtype, seed=4).abs() + 0.1
+    if case["kind"] == "index":
+        target = class_target((10,), ignore=case["ignore"])
+        if case["ignore"] is not None:
+            kwargs["ignore_index"] = case["ignore"]
+    else:
+        target = prob_target((10, C), dtype)
+    g = make((10,) if case["reduction"] == "none" else (), dtype, seed=7)
+    results = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        logits = leaf * 1  # a non-leaf, as the output of a Linear
+        loss = TF.cross_entropy(logits, target, **kwargs, inplace=inplace)
+        loss.backward(g)
+        results.append((loss.detach(), leaf.grad, logits.detach()))
+    (loss0, grad0, logits0), (loss1, grad1, logits1) = results
+    torch.testing.assert_close(loss1, loss0, **TOL[dtype])
+    torch.testing.assert_close(grad1, grad0, **TOL[dtype])
+    assert torch.equal(logits0, base)  # not overwritten by default
+    torch.testing.assert_close(logits1, grad1, **TOL[dtype])  # overwritten by the gradient
+
+
+def test_inplace_writes_into_the_logits_and_autograd_guards_them():
+    x = make((6, C), torch.float32).requires_grad_()
+    logits = x * 2
+    ptr = logits.data_ptr()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = TF.cross_entropy(logits, class_target((6,)), inplace=True)
+    assert any(t.data_ptr() == ptr for t in saved)  # the gradient kept is the logits' storage
+    loss.backward()
+    # an op that saved the logits before they were overwritten cannot silently misuse them
+    logits = x * 2
+    squared = logits.pow(2).sum()
+    TF.cross_entropy(logits, class_target((6,)), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        squared.backward()
+
+
+def test_inplace_needs_2d_logits_and_no_target_gradient():
+    with pytest.raises(ValueError, match="inplace=True needs 2-D"):
+        TF.cross_entropy(make((2, C, 3), torch.float32), class_target((2, 3)), inplace=True)
+    target = prob_target((4, C), torch.float32).requires_grad_()
+    with pytest.raises(ValueError, match="probability target needs a gradient"):
+        TF.cross_entropy(make((4, C), torch.float32), target, inplace=True)

@@ -231,6 +231,28 @@ def _ce_finish(grad, log_total, m, a, linear, b, hard, smoothing):
     return loss, grad, lse
 
 
+def _ce_into_logits(logits, target, weight, ignore_index, smoothing):
+    """``inplace=True``: ``∂ℓ/∂z`` is written over the logits, block by block of rows (in
+    float32 for half inputs, rounded once), so no logits-sized buffer is allocated."""
+    rows, classes = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    loss = torch.empty(rows, dtype=acc, device=logits.device)
+    lse = torch.empty(rows, dtype=acc, device=logits.device)
+    step = _rows_per_chunk(rows, classes)
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        z = logits[chunk]
+        out = z if z.dtype == acc else None  # the max is taken before z is overwritten
+        part_loss, part_grad, part_lse = _ce_rows(
+            z, target[chunk], weight, ignore_index, smoothing, out
+        )
+        loss[chunk].copy_(part_loss)
+        lse[chunk].copy_(part_lse)
+        if part_grad is not z:
+            z.copy_(part_grad)
+    return loss, logits, lse
+
+
 def _ce_b_dense(target, weight, ignore_index, smoothing, classes, dtype):
     """``B`` and ``a`` as dense tensors, for the second-order term (double backward)."""
     if target.is_floating_point():
@@ -251,11 +273,13 @@ class _CrossEntropy(Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, target, weight, ignore_index, label_smoothing):
+    def forward(logits, target, weight, ignore_index, label_smoothing, inplace):
         # logits: (M, C); target: (M,) class indices or (M, C) probabilities.
         # Returns ℓ (M,) in the accumulation dtype, ∂ℓ/∂z (M, C) in the logits' dtype, and
         # lse (M,). The gradient is computed here, where the softmax is at hand, so that
         # e^z is evaluated once per logit (native evaluates it again in backward).
+        if inplace:
+            return _ce_into_logits(logits, target, weight, ignore_index, label_smoothing)
         if os.environ.get("TORCHBP_TRITON") == "1" and triton_ce.available(logits, target, weight):
             return triton_ce.ce_forward_rows(logits, target, weight, ignore_index, label_smoothing)
         rows, classes = logits.shape
@@ -286,8 +310,11 @@ class _CrossEntropy(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, ignore_index, label_smoothing = inputs
+        logits, target, weight, ignore_index, label_smoothing, inplace = inputs
         _loss, grad, lse = output
+        ctx.inplace = inplace
+        if inplace:
+            ctx.mark_dirty(logits)  # the gradient now lives in the logits' storage
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = label_smoothing
         ctx.soft = target.is_floating_point()
@@ -364,7 +391,7 @@ class _CrossEntropy(Function):
                 terms.append(grad_lse.unsqueeze(1).to(p.dtype) * p)
             for term in terms:
                 grad_logits = term if grad_logits is None else grad_logits + term
-        return grad_logits, grad_target, None, None, None
+        return grad_logits, grad_target, None, None, None, None
 
 
 class CrossEntropyFunction(_CrossEntropy):
@@ -375,9 +402,12 @@ class CrossEntropyFunction(_CrossEntropy):
     ``ℓ = -Σ_c w_c t'_c (z_c - lse)``. Backward: ``dz = g ⊙ (a p - B)`` — for plain
     cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
     softmax evaluation and saved (one tensor the size of the logits; the logits
-    themselves are not kept). Returns ``(ℓ, ∂ℓ/∂z, lse)``; the wrappers expose ``ℓ``.
-    The second output is the Function's own buffer: a backward that frees the graph
-    scales it in place and hands it over as the logits' gradient, so do not keep it.
+    themselves are not kept). Arguments: ``(logits, target, weight, ignore_index,
+    label_smoothing, inplace)``; with ``inplace=True`` the gradient is written over the
+    logits (marked dirty) instead of into a new buffer. Returns ``(ℓ, ∂ℓ/∂z, lse)``; the
+    wrappers expose ``ℓ``. The second output is the Function's own buffer: a backward
+    that frees the graph scales it in place and hands it over as the logits' gradient, so
+    do not keep it.
     """
 
     @staticmethod
@@ -386,7 +416,7 @@ class CrossEntropyFunction(_CrossEntropy):
         ctx.save_for_forward(output[1], inputs[1], inputs[2])
 
     @staticmethod
-    def jvp(ctx, logits_t, target_t, _weight_t, _ignore, _smoothing):
+    def jvp(ctx, logits_t, target_t, _weight_t, _ignore, _smoothing, _inplace):
         grad, target, weight = ctx.saved_tensors
         if target_t is not None:
             raise NotImplementedError(
@@ -406,6 +436,8 @@ class CrossEntropyFunction(_CrossEntropy):
         pv = (p * logits_t).sum(1, keepdim=True)
         grad_t = a * p * (logits_t - pv)
         lse_t = pv.squeeze(1).to(loss_t.dtype)
+        if ctx.inplace:  # the gradient output is the logits, modified in place
+            grad_t = logits_t.copy_(grad_t)
         return loss_t, grad_t, lse_t
 
 
