@@ -197,11 +197,21 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
     if ce is not None:
         impls["torchbp"] = Impl(fwd_bwd(ce))
         if _accepts(ce, "inplace"):
-            pristine = logits.detach().clone()
+            # Autograd forbids in-place writes into a leaf that requires grad, so the
+            # logits are made a non-leaf (as a Linear's output is) untimed before each
+            # call; its backward then adds one elementwise pass to reach the leaf.
+            holder: dict[str, torch.Tensor] = {}
+
+            def fresh_non_leaf():
+                holder["z"] = logits * 1.0
+
+            def inplace_run():
+                ce(holder.pop("z"), target, inplace=True).backward()
+
             impls["torchbp_inplace"] = Impl(
-                fwd_bwd(lambda z, t: ce(z, t, inplace=True)),
-                pre=restore,
-                note="gradient written into the logits' storage",
+                inplace_run,
+                pre=fresh_non_leaf,
+                note="gradient written over the logits (a non-leaf copy made untimed)",
             )
         if cuda and importlib.util.find_spec("triton") is not None:
             impls["torchbp_triton"] = Impl(
