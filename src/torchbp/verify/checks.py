@@ -513,12 +513,15 @@ class _Runner:
                 "run with dtype=torch.float64"
             )
 
-    def check_gradcheck(self):
-        self._numerics_guard()
+    def _diff_inputs(self):
+        """Fresh leaves of the inputs that get gradients, and their names."""
         diff = [self.args[i].detach().clone().requires_grad_(True) for i in self.grad_idx]
         self.jac_input_shapes = [tuple(x.shape) for x in diff]
-        names = [self.name_input(k) for k in range(len(diff))]
-        torch_msg = None
+        return diff, [self.name_input(k) for k in range(len(diff))]
+
+    def _torch_gradcheck(self, diff, **mode) -> str | None:
+        """torch's gradcheck in ``mode``: None if it passed, its first line on a Jacobian
+        mismatch (our own comparison then says where), a failed check for anything else."""
         try:
             torch.autograd.gradcheck(
                 self.g,
@@ -529,12 +532,28 @@ class _Runner:
                 nondet_tol=self.opts["nondet_tol"],
                 fast_mode=self.opts["fast_mode"],
                 check_undefined_grad=False,
+                **mode,
             )
         except Exception as exc:  # noqa: BLE001 - any failure is reported
-            self.gradcheck_failed = True
+            if mode.get("check_forward_ad") and "not enough values to unpack" in str(exc):
+                raise _CheckFailure(
+                    "jvp found no saved tensors: save what jvp reads with ctx.save_for_forward "
+                    f"in setup_context, for every grad mode ({explain_error(exc)})"
+                ) from None
             if "Jacobian mismatch" not in str(exc):
                 raise _CheckFailure(explain_error(exc)) from None
-            torch_msg = _first_line(str(exc))
+            return _first_line(str(exc))
+        return None
+
+    def check_gradcheck(self):
+        self._numerics_guard()
+        diff, names = self._diff_inputs()
+        try:
+            torch_msg = self._torch_gradcheck(diff)
+        except _CheckFailure:
+            self.gradcheck_failed = True
+            raise
+        self.gradcheck_failed = torch_msg is not None
         if self._jac_size(self.g, diff) <= _FULL_JACOBIAN_LIMIT or torch_msg:
             ana = self.analytical_jacobian(self.g, diff)
             num = self.numerical()
@@ -653,32 +672,8 @@ class _Runner:
 
     def check_forward_ad(self):
         self._numerics_guard()
-        diff = [self.args[i].detach().clone().requires_grad_(True) for i in self.grad_idx]
-        self.jac_input_shapes = [tuple(x.shape) for x in diff]
-        names = [self.name_input(k) for k in range(len(diff))]
-        torch_msg = None
-        try:
-            torch.autograd.gradcheck(
-                self.g,
-                tuple(diff),
-                eps=self.opts["eps"],
-                atol=self.opts["atol"],
-                rtol=self.opts["rtol"],
-                nondet_tol=self.opts["nondet_tol"],
-                fast_mode=self.opts["fast_mode"],
-                check_forward_ad=True,
-                check_backward_ad=False,
-                check_undefined_grad=False,
-            )
-        except Exception as exc:  # noqa: BLE001
-            if "not enough values to unpack" in str(exc):
-                raise _CheckFailure(
-                    "jvp found no saved tensors: save what jvp reads with ctx.save_for_forward "
-                    f"in setup_context, for every grad mode ({explain_error(exc)})"
-                ) from None
-            if "Jacobian mismatch" not in str(exc):
-                raise _CheckFailure(explain_error(exc)) from None
-            torch_msg = _first_line(str(exc))
+        diff, names = self._diff_inputs()
+        torch_msg = self._torch_gradcheck(diff, check_forward_ad=True, check_backward_ad=False)
         if self._jac_size(self.g, diff) <= _FULL_JACOBIAN_LIMIT or torch_msg:
             fwd = self.forward_jacobian(self.g, diff)
             abs_err, rel_err, msg = self.compare_jacobians(
