@@ -928,22 +928,9 @@ class _Runner:
             )
         worst = (0.0, 0.0)
         for o, (a, b) in enumerate(zip(outs_a, outs_b)):
-            if a.shape != b.shape:
-                raise _CheckFailure(
-                    f"output {o} has shape {_shape(a)} but {label} gives {_shape(b)}"
-                )
-            if check_dtype and a.dtype != b.dtype:
+            if check_dtype and a.shape == b.shape and a.dtype != b.dtype:
                 raise _CheckFailure(f"output {o} has dtype {a.dtype} but {label} gives {b.dtype}")
-            atol, rtol = self.parity_tol(b.dtype)
-            bad = _mismatch(a, b, atol, rtol)
-            worst = max(worst, _err(a, b))
-            if bad:
-                raise _CheckFailure(
-                    f"output {o} differs from {label}: max abs error {bad[0]:.1e} at index "
-                    f"{bad[2]}",
-                    bad[0],
-                    bad[1],
-                )
+            worst = max(worst, self._compare(a, b, f"output {o}", label))
         pairs = [
             (a, b, self.randn(a.shape, a.dtype))
             for a, b in zip(outs_a, outs_b)
@@ -954,22 +941,23 @@ class _Runner:
         ga = self._grads([p[0] for p in pairs], leaves_a, [p[2] for p in pairs])
         gb = self._grads([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
         for k, (a, b) in enumerate(zip(ga, gb)):
-            if a.shape != b.shape:
-                raise _CheckFailure(
-                    f"gradient of {self.name_input(k)} has shape {_shape(a)} but {label} "
-                    f"gives {_shape(b)}"
-                )
-            atol, rtol = self.parity_tol(b.dtype)
-            bad = _mismatch(a, b, atol, rtol)
-            worst = max(worst, _err(a, b))
-            if bad:
-                raise _CheckFailure(
-                    f"gradient of {self.name_input(k)} differs from {label}: max abs error "
-                    f"{bad[0]:.1e} at index {bad[2]}",
-                    bad[0],
-                    bad[1],
-                )
+            worst = max(worst, self._compare(a, b, f"gradient of {self.name_input(k)}", label))
         return worst
+
+    def _compare(self, a, b, what: str, label: str) -> tuple[float, float]:
+        """``(max abs, max rel)`` error of ``a`` against ``b``; a failed check naming
+        ``what`` when the shapes differ or the values are out of tolerance."""
+        if a.shape != b.shape:
+            raise _CheckFailure(f"{what} has shape {_shape(a)} but {label} gives {_shape(b)}")
+        atol, rtol = self.parity_tol(b.dtype)
+        bad = _mismatch(a, b, atol, rtol)
+        if bad:
+            raise _CheckFailure(
+                f"{what} differs from {label}: max abs error {bad[0]:.1e} at index {bad[2]}",
+                bad[0],
+                bad[1],
+            )
+        return _err(a, b)
 
     @staticmethod
     def _grads(outs, leaves, vs):
