@@ -429,8 +429,10 @@ def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
     )
 
 
-def build_mlp_saved(opts: Options, act: str) -> Case:
-    """Memory only: bytes an MLP + cross-entropy saves for backward, per sample."""
+def build_mlp_saved(opts: Options, act: str, with_loss: bool = True) -> Case:
+    """Memory only: bytes an MLP (+ cross-entropy unless ``with_loss`` is False; the
+    model alone is then backpropagated from ``out.sum()``, which saves nothing) saves for
+    backward, per sample."""
     sizes = [784, 64, 64, 10] if opts.quick else [784, 1024, 1024, 10]
     B = 32 if opts.quick else 256
     _seed(opts)
@@ -440,7 +442,8 @@ def build_mlp_saved(opts: Options, act: str) -> Case:
 
     def fwd_bwd(model, loss_fn):
         def run():
-            loss_fn(model(x), y).backward()
+            out = model(x)
+            (loss_fn(out, y) if with_loss else out.sum()).backward()
 
         return run
 
@@ -461,9 +464,10 @@ def build_mlp_saved(opts: Options, act: str) -> Case:
             p.grad = None
 
     return Case(
-        name=f"mlp_saved_{act}",
+        name=f"mlp_saved_{act}" if with_loss else f"mlp_layers_saved_{act}",
         group="memory",
-        desc=f"{'-'.join(map(str, sizes))}, batch {B}, {act}, cross-entropy",
+        desc=f"{'-'.join(map(str, sizes))}, batch {B}, {act}"
+        + (", cross-entropy" if with_loss else ", layers only (no loss)"),
         impls=impls,
         exclude=params + [x],
         reset=reset,
@@ -552,6 +556,7 @@ BUILDERS: dict[str, Callable[[Options], Case]] = {
     "mlp_step_bf16": lambda o: build_mlp_step(o, "bf16"),
     "linear_cross_entropy": build_linear_cross_entropy,
     **{f"mlp_saved_{a}": (lambda o, a=a: build_mlp_saved(o, a)) for a in _MODULES},
+    "mlp_layers_saved_leaky_relu": lambda o: build_mlp_saved(o, "leaky_relu", with_loss=False),
 }
 
 _CUDA_ONLY = {"cross_entropy_bf16", "mlp_step_tf32", "mlp_step_bf16"}

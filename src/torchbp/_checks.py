@@ -58,19 +58,23 @@ def check_reduction(reduction: str) -> None:
         )
 
 
-def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_index: int) -> None:
+def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_index: int) -> bool:
     """Raise :class:`ClassIndexError` naming the first bad class index (eager only: on CUDA
-    this costs one host sync, and it replaces a device-side assert)."""
+    this costs one host sync, and it replaces a device-side assert).
+
+    Returns whether every target is now known to be a class index in ``[0, C)`` other than
+    ``ignore_index`` (so no row is ignored and the loss needs no masks).
+    """
     if target.dtype not in (torch.int64, torch.uint8):
         raise DTypeError(
             f"{op}: expected class-index target of dtype int64 (Long) or uint8 (Byte), "
             f"got {target.dtype}"
         )
     if target.numel() == 0 or not values_inspectable(target):
-        return
-    low, high = torch.aminmax(target)
-    if 0 <= int(low) and int(high) < classes:  # the common case: one reduction
-        return
+        return False
+    low, high = (int(v) for v in torch.aminmax(target))
+    if 0 <= low and high < classes:  # the common case: one reduction
+        return not low <= ignore_index <= high
     bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
     if bool(bad.any()):
         value = int(target[bad].reshape(-1)[0])
@@ -78,6 +82,7 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
             f"{op}: target {value} is out of bounds: class indices must lie in [0, {classes}) "
             f"(C = {classes}) or equal ignore_index = {ignore_index}"
         )
+    return False
 
 
 def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> None:

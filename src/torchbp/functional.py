@@ -288,6 +288,8 @@ def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
     """``(..., C, ...)`` -> ``(M, C)`` with the class dim last."""
     if t.dim() == 1:
         return t.reshape(1, classes)
+    if t.dim() == 2:
+        return t  # (N, C) already
     return t.movedim(class_dim, -1).reshape(-1, classes)
 
 
@@ -341,11 +343,12 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
 
 def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
     if reduction == "none":
-        return rows.reshape(batch_shape).to(out_dtype)
-    total = rows.sum()
-    if reduction == "sum":
-        return total.to(out_dtype)
-    return (total / denominator).to(out_dtype)
+        out = rows.reshape(batch_shape)
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / denominator
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def nll_loss(
@@ -443,9 +446,10 @@ def cross_entropy(
     _checks.check_same_device(op, input=input, target=target, weight=weight)
     soft = input.shape == target.shape
     _check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
+    unmasked = False  # every target a class index, none ignored
     if not soft:
         _check_hard_target(op, input, target, batch_shape)
-        _checks.check_class_indices(op, target, classes, ignore_index)
+        unmasked = _checks.check_class_indices(op, target, classes, ignore_index)
     if inplace:
         if input.dim() != 2:
             raise _checks.ShapeError(
@@ -466,14 +470,24 @@ def cross_entropy(
     # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
     logits = input if inplace else _rows(input, class_dim, classes)
     # uint8 class indices are accepted, as native does
-    flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1).long()
+    if soft:
+        flat_target = _rows(target, class_dim, classes)
+    else:
+        flat_target = target.reshape(-1)
+        flat_target = flat_target if flat_target.dtype == torch.int64 else flat_target.long()
     rows, _grad, _lse = apply(
-        _CROSSENTROPY, logits, flat_target, weight, ignore_index, float(label_smoothing), inplace
+        _CROSSENTROPY,
+        logits,
+        flat_target,
+        weight,
+        None if unmasked else ignore_index,
+        float(label_smoothing),
+        inplace,
     )
     denominator = None
     if reduction == "mean":
-        if soft:
-            denominator = torch.tensor(logits.shape[0], dtype=rows.dtype, device=rows.device)
+        if soft or (unmasked and weight is None):
+            denominator = logits.shape[0]  # every row counts 1
         else:
             denominator = _target_weight_sum(flat_target, weight, ignore_index, rows.dtype)
     return _reduce(rows, reduction, batch_shape, input.dtype, denominator)

@@ -300,6 +300,47 @@ def test_fused_softmax_path_matches_reference_formulation(case, dtype):
         torch.testing.assert_close(ours, ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_unmasked_path_matches_reference_formulation(dtype):
+    # The path for targets known to be all class indices (no masks) against the reference.
+    from torchbp.autograd.losses import _ce_rows, _ce_rows_unmasked
+
+    z = make((9, C), dtype, scale=4.0)
+    z[0] = torch.tensor([30.0, -30.0, 0.0, 1.0, 2.0])  # a confident row
+    target = class_target((9,))
+    for ours, ref in zip(_ce_rows_unmasked(z, target), _ce_rows(z, target, None, -100, 0.0)):
+        torch.testing.assert_close(ours, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "target, ignore_index, unmasked",
+    [
+        ([1, 2, 3], -100, True),
+        ([1, 2, 3], 0, True),  # a valid class, but no target uses it
+        ([1, 2, 3], 2, False),  # may be (here: is) a target's value: rows must be masked
+        ([1, 2, 3], 4, True),
+        ([1, -100, 3], -100, False),
+        ([], -100, False),
+    ],
+)
+def test_class_index_check_says_when_no_row_is_ignored(target, ignore_index, unmasked):
+    from torchbp._checks import check_class_indices
+
+    t = torch.tensor(target, dtype=torch.long)
+    assert check_class_indices("op", t, C, ignore_index) is unmasked
+
+
+def test_ignore_index_inside_the_target_range_is_still_honoured():
+    # ignore_index = 2 is one of the targets: the wrapper must not take the unmasked path.
+    z = make((6, C), torch.float64)
+    t = torch.tensor([0, 2, 1, 2, 4, 3])
+    ours, (g_ours,) = grads(lambda x: TF.cross_entropy(x, t, ignore_index=2), z)
+    ref, (g_ref,) = grads(lambda x: F.cross_entropy(x, t, ignore_index=2), z)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    assert g_ours[1].abs().sum() == 0 and g_ours[3].abs().sum() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in CE_CASES if c["smoothing"] == 0.3], ids=case_id)
 def test_inplace_gives_the_same_loss_and_gradients(case, dtype, monkeypatch):

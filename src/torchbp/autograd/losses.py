@@ -32,6 +32,10 @@ from torchbp.kernels import triton_ce
 # per-op overhead vanishes, small enough to bound the float32 temporaries of half inputs.
 _CHUNK_ELEMENTS = 1 << 22
 
+# What ignore_index None (no row ignored) stands for where a value is needed: no class
+# index is negative, so this matches no target.
+_NO_IGNORE = -1
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else computes in float32."""
@@ -171,6 +175,20 @@ def _ce_rows_fused(z, target, weight, ignore_index, smoothing):
     return _ce_finish(p, log_total, m, a, linear, b, hard, smoothing)
 
 
+def _ce_rows_unmasked(z, target):
+    """Plain cross-entropy of float32 / float64 rows whose targets are all class indices
+    (none ignored): ``ℓ_i = lse_i - z_{i,y_i}`` and ``∂ℓ_i/∂z_i = p_i - onehot(y_i)``, with
+    no masks. The common case of classifier training, so it runs the fewest ops."""
+    m, argmax = z.max(1, keepdim=True)
+    p = torch.softmax(z, 1)
+    # log Σ e^{z-m} = -log p_max (see _ce_rows_fused)
+    lse = m.sub_(p.gather(1, argmax).log_())
+    t = target.unsqueeze(1)
+    loss = lse - z.gather(1, t)
+    p.scatter_add_(1, t, lse.new_full(t.shape, -1.0))
+    return loss.squeeze(1), p, lse.squeeze(1)
+
+
 def _ce_plain_finish(z, p, m, log_total, target, ignore_index):
     """Unweighted, unsmoothed class-index targets (the common case, with the fewest ops):
     ``ℓ_i = lse_i - z_{i,y_i}`` and ``∂ℓ_i/∂z_i = p_i - onehot(y_i)``, 0 on ignored rows."""
@@ -278,13 +296,20 @@ class _CrossEntropy(Function):
         # Returns ℓ (M,) in the accumulation dtype, ∂ℓ/∂z (M, C) in the logits' dtype, and
         # lse (M,). The gradient is computed here, where the softmax is at hand, so that
         # e^z is evaluated once per logit (native evaluates it again in backward).
+        # ignore_index None: the caller checked that every target is a class index.
+        rows, classes = logits.shape
+        eager = values_inspectable(logits)
+        plain = weight is None and not label_smoothing and not target.is_floating_point()
+        full_precision = logits.dtype == _acc_dtype(logits.dtype)
+        if ignore_index is None:
+            if plain and eager and full_precision and rows * classes and not inplace:
+                return _ce_rows_unmasked(logits, target)
+            ignore_index = _NO_IGNORE
         if inplace:
             return _ce_into_logits(logits, target, weight, ignore_index, label_smoothing)
         if os.environ.get("TORCHBP_TRITON") == "1" and triton_ce.available(logits, target, weight):
             return triton_ce.ce_forward_rows(logits, target, weight, ignore_index, label_smoothing)
-        rows, classes = logits.shape
-        eager = values_inspectable(logits)
-        if eager and logits.dtype == _acc_dtype(logits.dtype) and rows * classes:
+        if eager and full_precision and rows * classes:
             return _ce_rows_fused(logits, target, weight, ignore_index, label_smoothing)
         step = _rows_per_chunk(rows, classes)
         if rows <= step or not eager:
@@ -315,7 +340,8 @@ class _CrossEntropy(Function):
         ctx.inplace = inplace
         if inplace:
             ctx.mark_dirty(logits)  # the gradient now lives in the logits' storage
-        ctx.ignore_index = ignore_index
+        ctx.unmasked = ignore_index is None  # no row is ignored: no mask in backward
+        ctx.ignore_index = _NO_IGNORE if ignore_index is None else ignore_index
         ctx.label_smoothing = label_smoothing
         ctx.soft = target.is_floating_point()
         # ∂ℓ/∂z is all the logits' gradient needs. A probability target that needs a
@@ -344,7 +370,7 @@ class _CrossEntropy(Function):
         classes = grad.shape[1]
         grad_logits = grad_target = None
         if grad_loss is not None:
-            if ctx.soft:
+            if ctx.soft or ctx.unmasked:
                 scale = grad_loss
             else:
                 # Ignored rows get exactly 0, even when the upstream scale is inf or NaN
@@ -403,8 +429,10 @@ class CrossEntropyFunction(_CrossEntropy):
     cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
     softmax evaluation and saved (one tensor the size of the logits; the logits
     themselves are not kept). Arguments: ``(logits, target, weight, ignore_index,
-    label_smoothing, inplace)``; with ``inplace=True`` the gradient is written over the
-    logits (marked dirty) instead of into a new buffer. Returns ``(ℓ, ∂ℓ/∂z, lse)``; the
+    label_smoothing, inplace)``; ``ignore_index=None`` promises that every target is a
+    class index in ``[0, C)`` (the wrapper checks it), which skips the masks; with
+    ``inplace=True`` the gradient is written over the logits (marked dirty) instead of
+    into a new buffer. Returns ``(ℓ, ∂ℓ/∂z, lse)``; the
     wrappers expose ``ℓ``. The second output is the Function's own buffer: a backward
     that frees the graph scales it in place and hands it over as the logits' gradient, so
     do not keep it.
