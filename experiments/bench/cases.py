@@ -359,6 +359,42 @@ def _to_torchbp(model: nn.Module) -> tuple[nn.Module | None, str]:
     return twin, ""
 
 
+class _BareLinearFunction(torch.autograd.Function):
+    """The least an ``autograd.Function`` linear layer can do (no checks, no options): the
+    MLP step's floor for any hand-written Function, against which torchbp's own overhead
+    can be told apart from the cost of leaving native autograd."""
+
+    @staticmethod
+    def forward(x, w, b):
+        return torch.addmm(b, x, w.t())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g.mm(w) if ctx.needs_input_grad[0] else None, g.t().mm(x), g.sum(0)
+
+
+class _BareLinear(nn.Linear):
+    def forward(self, x):
+        return _BareLinearFunction.apply(x, self.weight, self.bias)
+
+
+def _bare_linear_twin(model: nn.Sequential) -> nn.Sequential:
+    """A deep copy of ``model`` with every Linear running :class:`_BareLinearFunction`."""
+    twin = copy.deepcopy(model)
+    for i, layer in enumerate(twin):
+        if type(layer) is nn.Linear:
+            bare = _BareLinear(layer.in_features, layer.out_features, device=layer.weight.device)
+            bare.load_state_dict(layer.state_dict())
+            twin[i] = bare
+    return twin
+
+
 def _mlp_shapes(opts: Options) -> tuple[list[int], int]:
     cuda = opts.device == "cuda"
     if opts.quick:
@@ -412,6 +448,13 @@ def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
     elif why:
         notes.append(why)
     impls["native"] = Impl(stepper(native, F.cross_entropy))
+    if precision == "fp32":
+        bare = _bare_linear_twin(native)
+        params += list(bare.parameters())
+        impls["bare_function"] = Impl(
+            stepper(bare, F.cross_entropy),
+            note="native model, each Linear a minimal autograd.Function (addmm; mm, mm, sum)",
+        )
     if _use_compile(opts, False):
         other = copy.deepcopy(native)
         params += list(other.parameters())
