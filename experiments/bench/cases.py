@@ -278,6 +278,12 @@ def build_activation(opts: Options, op: str) -> Case:
     f_bp = tbp(op)
     if f_bp is not None:
         impls["torchbp"] = Impl(fwd_bwd(f_bp))
+        if cuda and importlib.util.find_spec("triton") is not None:
+            impls["torchbp_triton"] = Impl(
+                # the kernel runs in backward: the flag is set around forward + backward
+                _with_env("TORCHBP_TRITON", "1", fwd_bwd(f_bp)),
+                note="Triton backward kernel (opt-in: TORCHBP_TRITON=1)",
+            )
     impls["native"] = Impl(fwd_bwd(_ACTIVATIONS[op]))
     if _use_compile(opts, False):
         impls["compile"] = Impl(fwd_bwd(_compiled(_ACTIVATIONS[op])), compiled=True)

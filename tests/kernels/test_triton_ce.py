@@ -22,15 +22,12 @@ of the reference.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tests._support import CUDA
+from tests.kernels._interp import BITS, interp, not_interp, run_interpreter_suite
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -40,27 +37,7 @@ import torchbp.functional as TF  # noqa: E402
 from torchbp.autograd.losses import _ce_rows  # noqa: E402
 from torchbp.kernels import triton_ce  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(
-    not INTERPRETING, reason="interpreter tests: run by test_interpreter_suite (subprocess)"
-)
-not_interp = pytest.mark.skipif(INTERPRETING, reason="needs compiled Triton")
 IGNORE = -100
-# significant bits (including the implicit one) per dtype
-_BITS = {torch.float16: 11, torch.bfloat16: 8}
-
-
-@pytest.fixture
-def interpret(monkeypatch):
-    """Kernels run in Triton's interpreter on CPU tensors (the process started so)."""
-    assert INTERPRETING
-    monkeypatch.delenv("TORCHBP_TRITON", raising=False)
-
-
-@pytest.fixture
-def compiled(monkeypatch):
-    assert not INTERPRETING
-    monkeypatch.delenv("TORCHBP_TRITON", raising=False)
 
 
 def _inputs(rows, classes, dtype, device, *, seed=0, scale=3.0, ignore_every=0, weighted=False):
@@ -78,7 +55,7 @@ def _within_ulp(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
     """|actual - expected| <= one unit in the last place of ``expected`` in ``dtype``."""
     a, e = actual.double(), expected.double()
     exponent = torch.floor(torch.log2(e.abs().clamp_min(torch.finfo(dtype).smallest_normal)))
-    ulp = torch.exp2(exponent - (_BITS[dtype] - 1))
+    ulp = torch.exp2(exponent - (BITS[dtype] - 1))
     bad = (a - e).abs() > ulp
     assert not bad.any(), (
         f"{int(bad.sum())} of {bad.numel()} beyond 1 ulp; worst "
@@ -120,15 +97,7 @@ CASES = [
 @not_interp
 def test_interpreter_suite():
     """Run this file's ``interp`` tests in a fresh process under TRITON_INTERPRET=1."""
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("TORCHBP_TRITON", None)
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q"]
-    cmd += ["-k", "interpreter_ and not suite"]
-    cmd += ["-p", "no:cacheprovider", "-m", "not cuda"]
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+    run_interpreter_suite(__file__)
 
 
 @interp

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch.autograd import Function
 
 from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
+from torchbp.kernels import triton_act
 
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -89,7 +91,7 @@ def _evaluate_fast(fast, scratch: int, g: torch.Tensor, saved: torch.Tensor, *ar
     return out
 
 
-def _derivative(fast, scratch: int = 0):
+def _derivative(fast, scratch: int = 0, triton: str | None = None):
     """Decorate a derivative formula ``(g, saved, *args) -> g * f'`` written in
     differentiable torch ops with ``fast``, an in-place kernel computing the same into a
     given buffer with ``scratch`` scratch buffers, evaluated by :func:`_evaluate_fast`:
@@ -97,6 +99,9 @@ def _derivative(fast, scratch: int = 0):
     backward in eager mode (grad mode off, no torch.func wrapper, not compiling); double
     backward, torch.func and torch.compile get the differentiable formula. Half-precision
     tensors are computed in float32 and rounded once either way.
+    With ``TORCHBP_TRITON=1``, where :func:`torchbp.kernels.triton_act.available` holds
+    (contiguous CUDA tensors), the first-order path runs the Triton kernel of the
+    activation named ``triton`` instead (one fused pass; ``args`` forwarded).
     ``wrapped.formula(g, saved, *args)`` and ``wrapped.fast(g, saved, *args)`` run one
     path each.
     """
@@ -108,6 +113,12 @@ def _derivative(fast, scratch: int = 0):
             return formula(g, saved, *args)
 
         def evaluate_fast(g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
+            if (
+                triton is not None
+                and os.environ.get("TORCHBP_TRITON") == "1"
+                and triton_act.available(g, saved)
+            ):
+                return triton_act.act_backward(triton, g, saved, *args)
             return _evaluate_fast(fast, scratch, g, saved, *args)
 
         def wrapped(g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
@@ -141,7 +152,7 @@ def _sigmoid_grad_fast(g, y, *, out, tmp):
     return torch.lerp(y, _scalar(0.0, y.dtype, y.device), y, out=out).mul_(g)
 
 
-@_derivative(_sigmoid_grad_fast)
+@_derivative(_sigmoid_grad_fast, triton="sigmoid")
 def _sigmoid_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # σ'(x) = σ(x)(1 - σ(x)) = y (1 - y)
     return g * (y * (1 - y))
@@ -187,7 +198,7 @@ def _tanh_grad_fast(g, y, *, out, tmp):
     return torch.addcmul(_scalar(1.0, y.dtype, y.device), y, y, value=-1, out=out).mul_(g)
 
 
-@_derivative(_tanh_grad_fast)
+@_derivative(_tanh_grad_fast, triton="tanh")
 def _tanh_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # tanh'(x) = 1 - tanh²(x) = 1 - y²
     return g * (1 - y * y)
@@ -234,7 +245,7 @@ def _relu_grad_fast(g, y, *, out, tmp):
     return torch.ne(y, 0, out=out).mul_(g)
 
 
-@_derivative(_relu_grad_fast)
+@_derivative(_relu_grad_fast, triton="relu")
 def _relu_grad(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # relu'(x) = 1 if x > 0 else 0, read off y = max(x, 0): y > 0 exactly when x > 0.
     # Written as "y <= 0 -> 0" so that a NaN input passes g through, as native does.
@@ -293,7 +304,7 @@ def _leaky_relu_grad_fast(g, saved, slope, *, out, tmp):
     return torch.nn.functional.threshold_(out, 0.5, slope).mul_(g)
 
 
-@_derivative(_leaky_relu_grad_fast)
+@_derivative(_leaky_relu_grad_fast, triton="leaky_relu")
 def _leaky_relu_grad(g: torch.Tensor, saved: torch.Tensor, slope: float) -> torch.Tensor:
     # f'(x) = 1 if x > 0 else slope. For slope >= 0, y > 0 exactly when x > 0, so the
     # output can stand in for the input (native saves the input).
@@ -376,7 +387,7 @@ def _gelu_grad_fast(g, x, approximate, *, out, tmp):
     return out.addcmul_(x, pdf).mul_(g)
 
 
-@_derivative(_gelu_grad_fast, scratch=1)
+@_derivative(_gelu_grad_fast, scratch=1, triton="gelu")
 def _gelu_grad(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate == "tanh":
         # y = ½x(1 + tanh u), u = √(2/π)(x + c x³)
@@ -437,7 +448,7 @@ def _silu_grad_fast(g, x, *, out, tmp):
     return torch.lerp(s, _scalar(1.0, x.dtype, x.device), w, out=out).mul_(g)
 
 
-@_derivative(_silu_grad_fast, scratch=1)
+@_derivative(_silu_grad_fast, scratch=1, triton="silu")
 def _silu_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # y = x σ(x);  y' = σ(x) (1 + x (1 - σ(x)))
     s = torch.sigmoid(x)

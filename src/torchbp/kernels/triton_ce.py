@@ -27,33 +27,18 @@ do not mix interpreted and compiled kernels in one process.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
 from torchbp._checks import values_inspectable
+from torchbp.kernels import _triton
 
 __all__ = ["available", "ce_forward_rows"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest chunk of classes one program handles per loop iteration (a power of two).
 _MAX_BLOCK = 4096
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install (missing driver libraries, ...)
-        return False
-    return True
 
 
 def available(logits: torch.Tensor, target: torch.Tensor | None = None, weight=None) -> bool:
@@ -66,7 +51,7 @@ def available(logits: torch.Tensor, target: torch.Tensor | None = None, weight=N
         return False
     if logits.shape[1] == 0:
         return False
-    if not (logits.is_cuda or (logits.device.type == "cpu" and _interpreting())):
+    if not _triton.runs_on(logits):
         return False
     if target is not None:
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -80,7 +65,7 @@ def available(logits: torch.Tensor, target: torch.Tensor | None = None, weight=N
             return False
         if weight.device != logits.device or not values_inspectable(weight):
             return False
-    return values_inspectable(logits) and _triton_importable()
+    return values_inspectable(logits) and _triton.importable()
 
 
 def _config(classes: int) -> tuple[int, int]:
@@ -125,9 +110,7 @@ def ce_forward_rows(
     w = None if weight is None else weight.to(torch.float32).contiguous()
     block, num_warps = _config(classes)
     kernel = _kernel()
-    # Triton launches on the current device: make it the logits' one.
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with _triton.on_device(device):
         kernel[(rows,)](
             logits,
             logits.stride(0),
