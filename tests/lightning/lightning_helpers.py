@@ -15,10 +15,16 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def run_cli(*args: str):
-    """Run ``torchbp-train`` in-process and return the CLI object."""
+    """Run ``torchbp-train`` in-process and return the CLI object (with ``sys.argv`` as a
+    bare ``torchbp-train`` would see it: pytest's own arguments are not the CLI's)."""
     from torchbp.lightning.cli import cli_main
 
-    return cli_main([*args, *QUIET])
+    argv = sys.argv
+    sys.argv = ["torchbp-train"]
+    try:
+        return cli_main([*args, *QUIET])
+    finally:
+        sys.argv = argv
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
