@@ -401,6 +401,24 @@ def _bare_linear_twin(model: nn.Sequential) -> nn.Sequential:
     return twin
 
 
+def _model_impls(native: nn.Module, make: Callable) -> tuple[dict[str, Impl], list[str], list]:
+    """``torchbp`` (the model converted, with torchbp's cross-entropy) and ``native``
+    impls built by ``make(model, loss_fn)``, notes on what is unavailable, and every
+    parameter involved (excluded from the memory figures)."""
+    impls: dict[str, Impl] = {}
+    notes: list[str] = []
+    params = list(native.parameters())
+    twin, why = _to_torchbp(native)
+    ce = tbp("cross_entropy")
+    if twin is not None and ce is not None:
+        impls["torchbp"] = Impl(make(twin, ce))
+        params += list(twin.parameters())
+    elif why:
+        notes.append(why)
+    impls["native"] = Impl(make(native, F.cross_entropy))
+    return impls, notes, params
+
+
 def _mlp_shapes(opts: Options) -> tuple[list[int], int]:
     cuda = opts.device == "cuda"
     if opts.quick:
@@ -443,17 +461,7 @@ def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
 
         return run
 
-    impls: dict[str, Impl] = {}
-    notes: list[str] = []
-    params = list(native.parameters())
-    twin, why = _to_torchbp(native)
-    ce = tbp("cross_entropy")
-    if twin is not None and ce is not None:
-        impls["torchbp"] = Impl(stepper(twin, ce))
-        params += list(twin.parameters())
-    elif why:
-        notes.append(why)
-    impls["native"] = Impl(stepper(native, F.cross_entropy))
+    impls, notes, params = _model_impls(native, stepper)
     if precision == "fp32":
         bare = _bare_linear_twin(native)
         params += list(bare.parameters())
@@ -496,17 +504,7 @@ def build_mlp_saved(opts: Options, act: str, with_loss: bool = True) -> Case:
 
         return run
 
-    impls: dict[str, Impl] = {}
-    notes: list[str] = []
-    params = list(native.parameters())
-    twin, why = _to_torchbp(native)
-    ce = tbp("cross_entropy")
-    if twin is not None and ce is not None:
-        impls["torchbp"] = Impl(fwd_bwd(twin, ce))
-        params += list(twin.parameters())
-    elif why:
-        notes.append(why)
-    impls["native"] = Impl(fwd_bwd(native, F.cross_entropy))
+    impls, notes, params = _model_impls(native, fwd_bwd)
 
     def reset():
         for p in params:
