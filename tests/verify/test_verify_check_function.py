@@ -197,21 +197,25 @@ def test_autograd_function_subclass_is_accepted_and_named():
     assert report["grad_shapes"].passed
 
 
+class _Triple(torch.autograd.Function):
+    """``3x`` with a correct backward, but no jvp and no vmap rule."""
+
+    @staticmethod
+    def forward(x):
+        return x * 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return 3 * g
+
+
 def test_no_jvp_is_reported_in_words():
-    class NoJvp(torch.autograd.Function):
+    class NoJvp(_Triple):
         generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return x * 3
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def backward(ctx, g):
-            return 3 * g
 
     report = check_function(NoJvp, _x(3), checks=["forward_ad"])
     assert report["forward_ad"].failed
@@ -219,20 +223,7 @@ def test_no_jvp_is_reported_in_words():
 
 
 def test_no_vmap_rule_is_reported_in_words():
-    class NoVmap(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * 3
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def backward(ctx, g):
-            return 3 * g
-
-    report = check_function(NoVmap, _x(3), checks=["vmap"])
+    report = check_function(_Triple, _x(3), checks=["vmap"])
     assert report["vmap"].failed
     assert "Function has no vmap rule" in report["vmap"].message
 
