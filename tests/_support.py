@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torchbp.nn
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # The native twin of every torchbp.functional op, by the same name.
@@ -24,6 +26,16 @@ NATIVE = SimpleNamespace(
     nll_loss=F.nll_loss,
     cross_entropy=F.cross_entropy,
 )
+
+# Each activation module: (torchbp's, its torch.nn twin).
+ACTIVATION_MODULES = {
+    "sigmoid": (torchbp.nn.Sigmoid, torch.nn.Sigmoid),
+    "tanh": (torchbp.nn.Tanh, torch.nn.Tanh),
+    "relu": (torchbp.nn.ReLU, torch.nn.ReLU),
+    "leaky_relu": (torchbp.nn.LeakyReLU, torch.nn.LeakyReLU),
+    "gelu": (torchbp.nn.GELU, torch.nn.GELU),
+    "silu": (torchbp.nn.SiLU, torch.nn.SiLU),
+}
 
 # CPU always; CUDA where a GPU exists (marked, so `pytest -m cuda` selects the GPU runs).
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests._support import NATIVE
+from tests._support import ACTIVATION_MODULES, NATIVE
 
 import torchbp
 import torchbp.functional as BP
@@ -108,22 +108,12 @@ def test_autocast_off_inside_leaves_float32(amp_dtype, device):
     assert z.dtype == amp_dtype
 
 
-ACTS = {
-    "sigmoid": (torchbp.nn.Sigmoid, torch.nn.Sigmoid),
-    "tanh": (torchbp.nn.Tanh, torch.nn.Tanh),
-    "relu": (torchbp.nn.ReLU, torch.nn.ReLU),
-    "leaky_relu": (torchbp.nn.LeakyReLU, torch.nn.LeakyReLU),
-    "gelu": (torchbp.nn.GELU, torch.nn.GELU),
-    "silu": (torchbp.nn.SiLU, torch.nn.SiLU),
-}
-
-
 @pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", list(ACTIVATION_MODULES))
 def test_model_under_autocast(act, amp_dtype, device):
     """MLP + cross-entropy: loss dtype, activation dtypes and float32 parameter grads match
     native's, and the values agree to the low-precision tolerance."""
-    bp_act, torch_act = ACTS[act]
+    bp_act, torch_act = ACTIVATION_MODULES[act]
 
     def build(nn, a):
         return torch.nn.Sequential(nn.Linear(8, 16), a(), nn.Linear(16, 4)).to(device)

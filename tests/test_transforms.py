@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tests._support import NATIVE
+from tests._support import ACTIVATION_MODULES, NATIVE
 from torch import func
 
 import torchbp
@@ -219,24 +219,16 @@ def test_vmap_of_vjp(case, device):
 
 
 # --------------------------------------------------------------------------- per-sample grads
-ACTIVATIONS = {
-    "sigmoid": (torchbp.nn.Sigmoid, torch.nn.Sigmoid),
-    "tanh": (torchbp.nn.Tanh, torch.nn.Tanh),
-    "relu": (torchbp.nn.ReLU, torch.nn.ReLU),
-    "leaky_relu": (torchbp.nn.LeakyReLU, torch.nn.LeakyReLU),
-    "gelu": (torchbp.nn.GELU, torch.nn.GELU),
-    "silu": (torchbp.nn.SiLU, torch.nn.SiLU),
-}
 
 
 def _mlp(linear, act, device):
     return torch.nn.Sequential(linear(6, 8), act(), linear(8, 4)).to(device, DTYPE)
 
 
-@pytest.mark.parametrize("act", list(ACTIVATIONS), ids=str)
+@pytest.mark.parametrize("act", list(ACTIVATION_MODULES), ids=str)
 @pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss"])
 def test_per_sample_grads_mlp(act, loss, device):
-    bp_act, torch_act = ACTIVATIONS[act]
+    bp_act, torch_act = ACTIVATION_MODULES[act]
     bp_model = _mlp(torchbp.nn.Linear, bp_act, device)
     native_model = _mlp(torch.nn.Linear, torch_act, device)
     native_model.load_state_dict(bp_model.state_dict())
