@@ -52,3 +52,8 @@ def subprocess_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command line of ``torchbp-train ARGS`` in a subprocess (this interpreter)."""
+    return [PYTHON, "-m", "torchbp.lightning.cli", *args]

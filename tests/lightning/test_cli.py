@@ -13,7 +13,7 @@ import torch
 import yaml
 from tests.lightning.lightning_helpers import (
     CONFIGS,
-    PYTHON,
+    cli_command,
     epoch_series,
     read_metrics,
     run_cli,
@@ -126,10 +126,7 @@ def test_missing_label_column_is_a_cli_error(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_fit_leaves_loadable_checkpoint(tmp_path, sig):
-    cmd = [
-        PYTHON,
-        "-m",
-        "torchbp.lightning.cli",
+    cmd = cli_command(
         "fit",
         "--config",
         DIGITS,
@@ -137,7 +134,7 @@ def test_signal_during_fit_leaves_loadable_checkpoint(tmp_path, sig):
         "--trainer.max_epochs=100000",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-    ]
+    )
     proc = subprocess.Popen(
         cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -232,16 +229,7 @@ def test_ddp_cpu_two_processes_matches_single_process(tmp_path):
         "--trainer.enable_model_summary=false",
         f"--run_dir={tmp_path}",
     ]
-    cmd = [
-        PYTHON,
-        "-m",
-        "torchbp.lightning.cli",
-        "fit",
-        "--config",
-        str(CONFIGS / "ddp_cpu.yaml"),
-        "--run_name=ddp",
-        *common,
-    ]
+    cmd = cli_command("fit", "--config", str(CONFIGS / "ddp_cpu.yaml"), "--run_name=ddp", *common)
     out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_cli(
