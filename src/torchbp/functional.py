@@ -348,7 +348,7 @@ def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
         out = rows.sum()
     else:
         out = rows.sum() / denominator
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    return out.to(out_dtype)
 
 
 def nll_loss(
@@ -470,11 +470,7 @@ def cross_entropy(
     # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
     logits = input if inplace else _rows(input, class_dim, classes)
     # uint8 class indices are accepted, as native does
-    if soft:
-        flat_target = _rows(target, class_dim, classes)
-    else:
-        flat_target = target.reshape(-1)
-        flat_target = flat_target if flat_target.dtype == torch.int64 else flat_target.long()
+    flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1).long()
     rows, _grad, _lse = apply(
         _CROSSENTROPY,
         logits,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 from torch.autograd import Function
 
 from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
-from torchbp.kernels import triton_act
+from torchbp.kernels import _triton, triton_act
 
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -113,11 +112,7 @@ def _derivative(fast, scratch: int = 0, triton: str | None = None):
             return formula(g, saved, *args)
 
         def evaluate_fast(g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
-            if (
-                triton is not None
-                and os.environ.get("TORCHBP_TRITON") == "1"
-                and triton_act.available(g, saved)
-            ):
+            if triton is not None and _triton.requested() and triton_act.available(g, saved):
                 return triton_act.act_backward(triton, g, saved, *args)
             return _evaluate_fast(fast, scratch, g, saved, *args)
 

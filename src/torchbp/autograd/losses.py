@@ -18,15 +18,13 @@ smoothing ``ε`` over ``C`` classes, ``p = softmax(z)``:
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd import Function
 
 from torchbp._checks import values_inspectable
 from torchbp.autograd._compile import register_twins
 from torchbp.autograd._engine import may_reuse_saved
-from torchbp.kernels import triton_ce
+from torchbp.kernels import _triton, triton_ce
 
 # Rows are processed in blocks of about this many elements: large enough that the
 # per-op overhead vanishes, small enough to bound the float32 temporaries of half inputs.
@@ -164,10 +162,7 @@ def _ce_rows(z, target, weight, ignore_index, smoothing, out=None):
 def _ce_rows_fused(z, target, weight, ignore_index, smoothing):
     """The same for float32 / float64 rows in eager mode, with one fused softmax kernel
     (which also evaluates ``e^{z - m}`` once per logit) instead of separate passes."""
-    m, argmax = z.max(1, keepdim=True)
-    p = torch.softmax(z, 1)
-    # At the row max p = e^0 / Σ e^{z-m}, so log Σ e^{z-m} = -log p_max: no second exp pass.
-    log_total = p.gather(1, argmax).log_().neg_()
+    m, p, log_total = _softmax_rows(z)
     if weight is None and not smoothing and not target.is_floating_point():
         return _ce_plain_finish(z, p, m, log_total, target, ignore_index)
     a, linear, b, hard = _ce_linear_part(z, m, target, weight, ignore_index, smoothing)
@@ -175,14 +170,20 @@ def _ce_rows_fused(z, target, weight, ignore_index, smoothing):
     return _ce_finish(p, log_total, m, a, linear, b, hard, smoothing)
 
 
+def _softmax_rows(z):
+    """The row max ``m``, ``p = softmax(z)`` from one fused kernel, and ``log Σ e^{z-m}``:
+    at the row max ``p = e^0 / Σ e^{z-m}``, so it is ``-log p_max`` (no second exp pass)."""
+    m, argmax = z.max(1, keepdim=True)
+    p = torch.softmax(z, 1)
+    return m, p, p.gather(1, argmax).log_().neg_()
+
+
 def _ce_rows_unmasked(z, target):
     """Plain cross-entropy of float32 / float64 rows whose targets are all class indices
     (none ignored): ``ℓ_i = lse_i - z_{i,y_i}`` and ``∂ℓ_i/∂z_i = p_i - onehot(y_i)``, with
     no masks. The common case of classifier training, so it runs the fewest ops."""
-    m, argmax = z.max(1, keepdim=True)
-    p = torch.softmax(z, 1)
-    # log Σ e^{z-m} = -log p_max (see _ce_rows_fused)
-    lse = m.sub_(p.gather(1, argmax).log_())
+    m, p, log_total = _softmax_rows(z)
+    lse = m.add_(log_total)
     t = target.unsqueeze(1)
     loss = lse - z.gather(1, t)
     p.scatter_add_(1, t, lse.new_full(t.shape, -1.0))
@@ -307,7 +308,7 @@ class _CrossEntropy(Function):
             ignore_index = _NO_IGNORE
         if inplace:
             return _ce_into_logits(logits, target, weight, ignore_index, label_smoothing)
-        if os.environ.get("TORCHBP_TRITON") == "1" and triton_ce.available(logits, target, weight):
+        if _triton.requested() and triton_ce.available(logits, target, weight):
             return triton_ce.ce_forward_rows(logits, target, weight, ignore_index, label_smoothing)
         if eager and full_precision and rows * classes:
             return _ce_rows_fused(logits, target, weight, ignore_index, label_smoothing)

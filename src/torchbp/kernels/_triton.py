@@ -13,6 +13,11 @@ import os
 import torch
 
 
+def requested() -> bool:
+    """Whether the user opted in to the Triton kernels (``TORCHBP_TRITON=1``)."""
+    return os.environ.get("TORCHBP_TRITON") == "1"
+
+
 def interpreting() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
