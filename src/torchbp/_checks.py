@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from torchbp._execution import values_inspectable
+
 
 class ShapeError(ValueError, RuntimeError):
     """A tensor has the wrong shape (a ``ValueError``; also a ``RuntimeError`` like
@@ -20,22 +22,6 @@ class DeviceError(ValueError, RuntimeError):
 
 class ClassIndexError(IndexError, RuntimeError):
     """A class index lies outside ``[0, C)`` and is not ``ignore_index``."""
-
-
-def values_inspectable(t: torch.Tensor) -> bool:
-    """Whether code may look at ``t``'s values or write into buffers of its own (not while
-    torch.compile traces, and not on a torch.func-wrapped or batched tensor, where
-    data-dependent control flow and in-place writes mixing batched and plain tensors are
-    illegal)."""
-    if torch.compiler.is_compiling():
-        return False
-    functorch = torch._C._functorch
-    if functorch.is_functorch_wrapped_tensor(t):
-        return False
-    # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) uses the legacy
-    # batching
-    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
-    return not (legacy is not None and legacy(t))
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:

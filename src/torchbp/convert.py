@@ -6,22 +6,10 @@ import copy
 
 from torch import nn
 
-from torchbp import nn as bpnn
+from torchbp.ops import module_twins
 
 # Exact types only: a user subclass of nn.Linear may override forward, so it is left alone.
-_TO_TORCHBP: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: bpnn.Linear,
-    nn.Sigmoid: bpnn.Sigmoid,
-    nn.Tanh: bpnn.Tanh,
-    nn.ReLU: bpnn.ReLU,
-    nn.LeakyReLU: bpnn.LeakyReLU,
-    nn.GELU: bpnn.GELU,
-    nn.SiLU: bpnn.SiLU,
-    nn.Softmax: bpnn.Softmax,
-    nn.LogSoftmax: bpnn.LogSoftmax,
-    nn.NLLLoss: bpnn.NLLLoss,
-    nn.CrossEntropyLoss: bpnn.CrossEntropyLoss,
-}
+_TO_TORCHBP: dict[type[nn.Module], type[nn.Module]] = module_twins()
 _TO_TORCH = {v: k for k, v in _TO_TORCHBP.items()}
 
 

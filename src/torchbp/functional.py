@@ -24,6 +24,7 @@ import torch
 from torch.nn import _reduction
 
 from torchbp import _checks
+from torchbp._execution import values_inspectable
 from torchbp.autograd import (
     CrossEntropyFunction,
     GELUFunction,
@@ -460,7 +461,7 @@ def cross_entropy(
                 f"{op}: inplace=True cannot be used when the probability target needs a "
                 "gradient (that gradient needs the logits)"
             )
-        inplace = _checks.values_inspectable(input)
+        inplace = values_inspectable(input)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()

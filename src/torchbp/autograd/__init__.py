@@ -1,8 +1,9 @@
 """The hand-written autograd Functions, one file per op family.
 
-Every ``XFunction`` uses separate ``forward`` / ``setup_context``, has
-``generate_vmap_rule = True`` and a ``jvp``; it subclasses a jvp-free twin that the
-wrappers in :mod:`torchbp.functional` apply while torch.compile traces.
+Every ``XFunction`` is written once: ``forward``, ``setup_context``, ``backward`` and
+``jvp`` together, with ``generate_vmap_rule = True``; the derivative formula sits in a
+comment above the line that computes it. The jvp-free twin that torch.compile needs is
+generated from it (:func:`torchbp.autograd._compile.jvp_free_twin`).
 """
 
 from torchbp.autograd.activations import (

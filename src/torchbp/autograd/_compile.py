@@ -1,10 +1,9 @@
-"""Choosing between a Function and its jvp-free twin.
+"""Applying a Function: eagerly without argument binding, and its generated jvp-free twin
+while torch.compile traces.
 
-Every public ``XFunction`` in :mod:`torchbp.autograd` subclasses a twin that has the same
-``forward`` / ``setup_context`` / ``backward`` but no ``jvp``, recorded as
-``XFunction.jvp_free_twin``. Dynamo cannot capture a Function that defines ``jvp``
-(``torch.compile(fullgraph=True)`` raises "Unsupported custom jvp"), so while
-torch.compile traces, the wrappers apply the twin instead.
+Dynamo cannot capture a Function that defines ``jvp`` (``torch.compile(fullgraph=True)``
+raises "Unsupported custom jvp"), so every Function is written once, with its ``jvp``,
+and :func:`pair` generates the twin Dynamo can capture: the same class body minus ``jvp``.
 """
 
 from __future__ import annotations
@@ -12,11 +11,25 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+# Class attributes the twin does not copy: ``jvp`` itself, and what ``type()`` and
+# Function's metaclass make anew for each class (the backward node class among them).
+_NOT_COPIED = ("jvp", "__dict__", "__weakref__", "_backward_cls")
+
+
+def jvp_free_twin(function: type[Function]) -> type[Function]:
+    """A Function with ``function``'s ``forward`` / ``setup_context`` / ``backward`` (and
+    everything else in its class body) but no ``jvp``. ``function`` itself if it has none."""
+    if "jvp" not in vars(function):
+        return function
+    body = {k: v for k, v in vars(function).items() if k not in _NOT_COPIED}
+    bases = tuple(b if b is Function else jvp_free_twin(b) for b in function.__bases__)
+    return type(function.__name__, bases, body)
+
 
 def pair(function: type[Function]) -> tuple[type[Function], type[Function]]:
     """``(function, its jvp-free twin)``, built once at import: Dynamo can index a tuple of
     Functions but not look up attributes on one."""
-    return function, function.jvp_free_twin
+    return function, jvp_free_twin(function)
 
 
 def apply(functions: tuple[type[Function], type[Function]], *args):
@@ -51,12 +64,3 @@ def _find_base_apply():
 
 
 _base_apply, _unwrap_dead_wrappers = _find_base_apply()
-
-
-def register_twins(namespace: dict) -> None:
-    """Set ``jvp_free_twin`` on every public ``XFunction`` of a module namespace: the class
-    it directly subclasses."""
-    for name, obj in list(namespace.items()):
-        if name.endswith("Function") and isinstance(obj, type) and issubclass(obj, Function):
-            if "jvp" in vars(obj):
-                obj.jvp_free_twin = obj.__bases__[0]

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from torchbp.autograd._compile import register_twins
-
 
 def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
     """View ``(*, features)`` as ``(M, features)`` (copies only if the strides demand it)."""
     return t.reshape(-1, features)
 
 
-class _Linear(Function):
-    """jvp-free twin of :class:`LinearFunction` (used under torch.compile)."""
+class LinearFunction(Function):
+    """``y = x Wᵀ + b`` for ``x`` of shape ``(*, in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``.
+
+    Backward: ``dx = g W``, ``dW = gᵀ x``, ``db = Σ g`` over every leading dim, where ``g``
+    is ``dL/dy`` flattened to ``(M, out)``. Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
+    Saves ``x`` only when ``W`` needs a gradient and ``W`` only when ``x`` does.
+    """
 
     generate_vmap_rule = True
 
@@ -34,6 +37,8 @@ class _Linear(Function):
         needs_x, needs_w, _ = ctx.needs_input_grad
         # dW needs x and dx needs W: save each only if the *other* gradient is wanted.
         ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
+        # jvp: dy = dx Wᵀ + x dWᵀ + db needs both
+        ctx.save_for_forward(x, weight)
         ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
@@ -59,21 +64,6 @@ class _Linear(Function):
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b
 
-
-class LinearFunction(_Linear):
-    """``y = x Wᵀ + b`` for ``x`` of shape ``(*, in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``.
-
-    Backward: ``dx = g W``, ``dW = gᵀ x``, ``db = Σ g`` over every leading dim, where ``g``
-    is ``dL/dy`` flattened to ``(M, out)``. Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
-    Saves ``x`` only when ``W`` needs a gradient and ``W`` only when ``x`` does.
-    """
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Linear.setup_context(ctx, inputs, output)
-        x, weight, _ = inputs
-        ctx.save_for_forward(x, weight)
-
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t):
         x, weight = ctx.saved_tensors
@@ -89,6 +79,3 @@ class LinearFunction(_Linear):
             # A tangent must be laid out like the output: materialise the broadcast.
             out = bias_t.expand(shape).clone() if out is None else out + bias_t
         return out
-
-
-register_twins(globals())

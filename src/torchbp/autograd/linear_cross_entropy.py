@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from torchbp._checks import values_inspectable
-from torchbp.autograd._engine import may_reuse_saved
+from torchbp._execution import may_reuse_saved, values_inspectable
 from torchbp.autograd.losses import _acc_dtype, _ce_rows
 
 __all__ = ["LinearCrossEntropyFunction", "default_chunk_size"]

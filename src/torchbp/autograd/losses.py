@@ -21,9 +21,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from torchbp._checks import values_inspectable
-from torchbp.autograd._compile import register_twins
-from torchbp.autograd._engine import may_reuse_saved
+from torchbp._execution import may_reuse_saved, values_inspectable
 from torchbp.kernels import _triton, triton_ce
 
 # Rows are processed in blocks of about this many elements: large enough that the
@@ -47,7 +45,11 @@ def _rows_per_chunk(rows: int, classes: int) -> int:
 
 
 # --------------------------------------------------------------------------- NLL
-class _NLLLoss(Function):
+class NLLLossFunction(Function):
+    """Per-row negative log-likelihood ``ℓ_i = -w_{y_i} logp_{i, y_i}`` of ``(M, C)``
+    log-probabilities; backward scatters ``-w_{y_i} g_i`` to the target column.
+    Saves only the target and weight (native saves the whole input too)."""
+
     generate_vmap_rule = True
 
     @staticmethod
@@ -64,6 +66,7 @@ class _NLLLoss(Function):
         logp, target, weight, ignore_index = inputs
         # The gradient does not depend on logp's values: save only the target (and weight).
         ctx.save_for_backward(target, weight)
+        ctx.save_for_forward(target, weight)
         ctx.ignore_index = ignore_index
         ctx.classes = logp.shape[1]
         ctx.set_materialize_grads(False)
@@ -82,24 +85,6 @@ class _NLLLoss(Function):
         grad = torch.zeros(shape, dtype=grad_rows.dtype, device=grad_rows.device)
         return grad.scatter(1, safe.unsqueeze(1), src.unsqueeze(1)), None, None, None
 
-
-def _target_weight(weight, safe_target, valid, dtype) -> torch.Tensor:
-    """``w_{y_i}`` per row (1 without class weights), 0 on ignored rows."""
-    if weight is None:
-        return valid.to(dtype)
-    return torch.where(valid, weight.to(dtype)[safe_target], 0.0)
-
-
-class NLLLossFunction(_NLLLoss):
-    """Per-row negative log-likelihood ``ℓ_i = -w_{y_i} logp_{i, y_i}`` of ``(M, C)``
-    log-probabilities; backward scatters ``-w_{y_i} g_i`` to the target column.
-    Saves only the target and weight (native saves the whole input too)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _NLLLoss.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(inputs[1], inputs[2])
-
     @staticmethod
     def jvp(ctx, logp_t, _target_t, _weight_t, _ignore):
         if logp_t is None:
@@ -110,6 +95,13 @@ class NLLLossFunction(_NLLLoss):
         w = _target_weight(weight, safe, valid, logp_t.dtype)
         picked = logp_t.gather(1, safe.unsqueeze(1)).squeeze(1)
         return torch.where(valid, -w * picked, 0.0)
+
+
+def _target_weight(weight, safe_target, valid, dtype) -> torch.Tensor:
+    """``w_{y_i}`` per row (1 without class weights), 0 on ignored rows."""
+    if weight is None:
+        return valid.to(dtype)
+    return torch.where(valid, weight.to(dtype)[safe_target], 0.0)
 
 
 # --------------------------------------------------------------------------- cross-entropy
@@ -288,7 +280,24 @@ def _ce_b_dense(target, weight, ignore_index, smoothing, classes, dtype):
     return b, a
 
 
-class _CrossEntropy(Function):
+class CrossEntropyFunction(Function):
+    """Fused log-softmax + NLL over ``(M, C)`` logits, one loss per row.
+
+    Forward (per row, max trick): ``lse = m + log Σ_c e^{z_c - m}``; class index ``y``:
+    ``ℓ = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c)``; probabilities ``t``:
+    ``ℓ = -Σ_c w_c t'_c (z_c - lse)``. Backward: ``dz = g ⊙ (a p - B)`` — for plain
+    cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
+    softmax evaluation and saved (one tensor the size of the logits; the logits
+    themselves are not kept). Arguments: ``(logits, target, weight, ignore_index,
+    label_smoothing, inplace)``; ``ignore_index=None`` promises that every target is a
+    class index in ``[0, C)`` (the wrapper checks it), which skips the masks; with
+    ``inplace=True`` the gradient is written over the logits (marked dirty) instead of
+    into a new buffer. Returns ``(ℓ, ∂ℓ/∂z, lse)``; the
+    wrappers expose ``ℓ``. The second output is the Function's own buffer: a backward
+    that frees the graph scales it in place and hands it over as the logits' gradient, so
+    do not keep it.
+    """
+
     generate_vmap_rule = True
 
     @staticmethod
@@ -353,6 +362,7 @@ class _CrossEntropy(Function):
             ctx.save_for_backward(grad, target, weight, None)
         else:
             ctx.save_for_backward(None, target, weight, logits)
+        ctx.save_for_forward(grad, target, weight)  # jvp: dℓ = Σ_j ∂ℓ/∂z_j dz_j
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -420,30 +430,6 @@ class _CrossEntropy(Function):
                 grad_logits = term if grad_logits is None else grad_logits + term
         return grad_logits, grad_target, None, None, None, None
 
-
-class CrossEntropyFunction(_CrossEntropy):
-    """Fused log-softmax + NLL over ``(M, C)`` logits, one loss per row.
-
-    Forward (per row, max trick): ``lse = m + log Σ_c e^{z_c - m}``; class index ``y``:
-    ``ℓ = (1-ε) w_y (lse - z_y) + (ε/C) Σ_c w_c (lse - z_c)``; probabilities ``t``:
-    ``ℓ = -Σ_c w_c t'_c (z_c - lse)``. Backward: ``dz = g ⊙ (a p - B)`` — for plain
-    cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
-    softmax evaluation and saved (one tensor the size of the logits; the logits
-    themselves are not kept). Arguments: ``(logits, target, weight, ignore_index,
-    label_smoothing, inplace)``; ``ignore_index=None`` promises that every target is a
-    class index in ``[0, C)`` (the wrapper checks it), which skips the masks; with
-    ``inplace=True`` the gradient is written over the logits (marked dirty) instead of
-    into a new buffer. Returns ``(ℓ, ∂ℓ/∂z, lse)``; the
-    wrappers expose ``ℓ``. The second output is the Function's own buffer: a backward
-    that frees the graph scales it in place and hands it over as the logits' gradient, so
-    do not keep it.
-    """
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _CrossEntropy.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output[1], inputs[1], inputs[2])
-
     @staticmethod
     def jvp(ctx, logits_t, target_t, _weight_t, _ignore, _smoothing, _inplace):
         grad, target, weight = ctx.saved_tensors
@@ -468,6 +454,3 @@ class CrossEntropyFunction(_CrossEntropy):
         if ctx.inplace:  # the gradient output is the logits, modified in place
             grad_t = logits_t.copy_(grad_t)
         return loss_t, grad_t, lse_t
-
-
-register_twins(globals())

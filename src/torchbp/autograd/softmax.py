@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
-from torchbp.autograd._compile import register_twins
-
 
 def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
     # Max trick: softmax(x) = softmax(x - m) for m = max_j x_j, and x - m <= 0 keeps
@@ -17,17 +15,20 @@ def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x - x.amax(dim, keepdim=True)
 
 
-def _softmax_grad(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+def softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     # y = softmax(x): ∂y_i/∂x_j = y_i (δ_ij - y_j)  =>  dx = y ⊙ (g - Σ_j g_j y_j)
     return y * (g - (g * y).sum(dim, keepdim=True))
 
 
-def _log_softmax_grad(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+def log_softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     # y = log softmax(x): ∂y_i/∂x_j = δ_ij - softmax_j  =>  dx = g - e^y Σ_i g_i
     return g - torch.exp(y) * g.sum(dim, keepdim=True)
 
 
-class _Softmax(Function):
+class SoftmaxFunction(Function):
+    """``y = e^{x - m} / Σ e^{x - m}`` along ``dim`` (``m`` the max, for stability);
+    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``."""
+
     generate_vmap_rule = True
 
     @staticmethod
@@ -39,6 +40,7 @@ class _Softmax(Function):
     def setup_context(ctx, inputs, output):
         ctx.dim = inputs[1]
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -46,25 +48,18 @@ class _Softmax(Function):
         if grad_y is None:
             return None, None
         (y,) = ctx.saved_tensors
-        return _softmax_grad(grad_y, y, ctx.dim), None
-
-
-class SoftmaxFunction(_Softmax):
-    """``y = e^{x - m} / Σ e^{x - m}`` along ``dim`` (``m`` the max, for stability);
-    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Softmax.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output)
+        return softmax_backward(grad_y, y, ctx.dim), None
 
     @staticmethod
     def jvp(ctx, x_t, _dim):
         (y,) = ctx.saved_tensors
-        return None if x_t is None else _softmax_grad(x_t, y, ctx.dim)
+        return None if x_t is None else softmax_backward(x_t, y, ctx.dim)
 
 
-class _LogSoftmax(Function):
+class LogSoftmaxFunction(Function):
+    """``y = (x - m) - log Σ e^{x - m}`` along ``dim``; backward ``dx = g - e^y Σ g``.
+    Saves ``y``. Forward-mode: ``dy = dx - Σ e^y dx``."""
+
     generate_vmap_rule = True
 
     @staticmethod
@@ -77,6 +72,7 @@ class _LogSoftmax(Function):
     def setup_context(ctx, inputs, output):
         ctx.dim = inputs[1]
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -84,17 +80,7 @@ class _LogSoftmax(Function):
         if grad_y is None:
             return None, None
         (y,) = ctx.saved_tensors
-        return _log_softmax_grad(grad_y, y, ctx.dim), None
-
-
-class LogSoftmaxFunction(_LogSoftmax):
-    """``y = (x - m) - log Σ e^{x - m}`` along ``dim``; backward ``dx = g - e^y Σ g``.
-    Saves ``y``. Forward-mode: ``dy = dx - Σ e^y dx``."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _LogSoftmax.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(output)
+        return log_softmax_backward(grad_y, y, ctx.dim), None
 
     @staticmethod
     def jvp(ctx, x_t, _dim):
@@ -103,6 +89,3 @@ class LogSoftmaxFunction(_LogSoftmax):
             return None
         # dy = J dx with J_ij = δ_ij - softmax_j  =>  dy = dx - Σ_j e^{y_j} dx_j
         return x_t - (torch.exp(y) * x_t).sum(ctx.dim, keepdim=True)
-
-
-register_twins(globals())

@@ -9,9 +9,16 @@ unconditionally, so that CPU-only installs never need Triton.
 import triton
 import triton.language as tl
 
-from torchbp.kernels.triton_act import OPS
-
-# The OP constexpr's values (triton_act.OPS maps the names to them).
+# The activations the kernel computes, and the value of its OP constexpr for each.
+OPS = {
+    "sigmoid": 0,
+    "tanh": 1,
+    "relu": 2,
+    "leaky_relu": 3,
+    "gelu": 4,
+    "gelu_tanh": 5,
+    "silu": 6,
+}
 SIGMOID: tl.constexpr = tl.constexpr(OPS["sigmoid"])
 TANH: tl.constexpr = tl.constexpr(OPS["tanh"])
 RELU: tl.constexpr = tl.constexpr(OPS["relu"])

@@ -40,21 +40,11 @@ import functools
 
 import torch
 
-from torchbp._checks import values_inspectable
+from torchbp._execution import values_inspectable
 from torchbp.kernels import _triton
 
-__all__ = ["OPS", "act_backward", "available"]
+__all__ = ["act_backward", "available", "supports"]
 
-# The activations the kernel computes, and the value of its OP constexpr for each.
-OPS = {
-    "sigmoid": 0,
-    "tanh": 1,
-    "relu": 2,
-    "leaky_relu": 3,
-    "gelu": 4,
-    "gelu_tanh": 5,
-    "silu": 6,
-}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements per program, and warps per program (not tuned on a GPU yet): 8 elements per
 # thread, i.e. 16-byte vector accesses of each tensor.
@@ -82,15 +72,21 @@ def available(g: torch.Tensor, saved: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel():
-    """The jitted kernel (its module, and so Triton, is imported on first use)."""
+def _kernel_module():
+    """The jitted kernel's module (imported, and so Triton, on first use)."""
     from torchbp.kernels import _triton_act_kernel
 
-    return _triton_act_kernel.act_backward_kernel
+    return _triton_act_kernel
+
+
+def supports(op: str) -> bool:
+    """Whether the kernel computes activation ``op`` (imports Triton: ask after
+    :func:`available`)."""
+    return op in _kernel_module().OPS
 
 
 def act_backward(op: str, g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
-    """``g · f'`` for the activation ``op`` of :data:`OPS`, from the upstream gradient
+    """``g · f'`` for the activation ``op`` (see :func:`supports`), from the upstream gradient
     ``g`` and the saved tensor, in a new tensor of their dtype and shape. ``args`` are
     the derivative formula's own: ``(slope,)`` for ``"leaky_relu"``, ``(approximate,)``
     for ``"gelu"`` (``"tanh"`` selects ``"gelu_tanh"``), none otherwise. Call only where
@@ -104,12 +100,13 @@ def act_backward(op: str, g: torch.Tensor, saved: torch.Tensor, *args) -> torch.
             op = "gelu_tanh"
     elif args:
         raise TypeError(f"{op} takes no extra arguments, got {args!r}")
-    code = OPS[op]
+    module = _kernel_module()
+    code = module.OPS[op]
     out = torch.empty_like(g, memory_format=torch.contiguous_format)
     n = g.numel()
     if n == 0:
         return out
-    kernel = _kernel()
+    kernel = module.act_backward_kernel
     grid = (-(-n // _BLOCK),)  # cdiv
     with _triton.on_device(g.device):
         kernel[grid](

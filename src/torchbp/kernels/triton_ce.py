@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from torchbp._checks import values_inspectable
+from torchbp._execution import values_inspectable
 from torchbp.kernels import _triton
 
 __all__ = ["available", "ce_forward_rows"]

@@ -1,10 +1,12 @@
-"""The op registry: realistic and edge-case inputs for every torchbp op.
+"""Verification cases: realistic and edge-case inputs for every op of the registry.
 
 Each :class:`Case` names a torchbp functional op, the keyword arguments it is called with,
 how to build its example inputs and which native callable it must match. The CLI
 (:mod:`torchbp.verify.cli`) runs :func:`torchbp.verify.check_function` on every case, device
-and dtype. Add a case here when an op gains a feature; add an ``_OPS`` entry when torchbp
-gains an op (an op listed in ``torchbp.functional.__all__`` without cases is reported).
+and dtype. The ops and their references come from :mod:`torchbp.ops`; an element-wise
+activation's cases are built from its registry entry (variants, kink), other kinds have a
+case builder here (an op listed in ``torchbp.functional.__all__`` without cases is
+reported).
 
 Examples:
     >>> from torchbp.verify.cases import cases_for
@@ -21,6 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as TF
+
+from torchbp.ops import OPS as REGISTRY
+from torchbp.ops import activations
 
 __all__ = ["Case", "CASES", "OPS", "UNSUPPORTED", "cases_for", "op_names", "unregistered_ops"]
 
@@ -116,21 +121,15 @@ def _native_linear_cross_entropy(input, linear_weight, target, *, linear_bias=No
     return TF.cross_entropy(TF.linear(input, linear_weight, linear_bias), target, **kwargs)
 
 
+def _reference(op) -> Callable[..., Any]:
+    """The native reference of a registered op (the fused loss: its unfused pair)."""
+    if op.kind == "fused_loss":
+        return _native_linear_cross_entropy
+    return op.torch_functional
+
+
 #: torchbp.functional name -> native reference callable.
-OPS: dict[str, Callable[..., Any]] = {
-    "linear": TF.linear,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "relu": TF.relu,
-    "leaky_relu": TF.leaky_relu,
-    "gelu": TF.gelu,
-    "silu": TF.silu,
-    "softmax": TF.softmax,
-    "log_softmax": TF.log_softmax,
-    "nll_loss": TF.nll_loss,
-    "cross_entropy": TF.cross_entropy,
-    "linear_cross_entropy": _native_linear_cross_entropy,
-}
+OPS: dict[str, Callable[..., Any]] = {name: _reference(op) for name, op in REGISTRY.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,24 +399,24 @@ def _lce_cases() -> list[Case]:
     ]
 
 
+def _all_activation_cases() -> list[Case]:
+    """Every case for each activation's default variant; for the other variants (other
+    slopes, the tanh GELU) the 2-D case and the edge cases (large values, the kink)."""
+    cases: list[Case] = []
+    for op in activations():
+        default, *others = op.variants
+        kink = op.kink is not None
+        cases += _activation_cases(op.name, kink, **default)
+        for variant in others:
+            more = _activation_cases(op.name, kink, **variant)
+            cases += [c for c in more if c.name.startswith(("2d", "large", "at-kink"))]
+    return cases
+
+
 def _all_cases() -> list[Case]:
     cases: list[Case] = []
     cases += _linear_cases()
-    for op in ("sigmoid", "tanh", "silu"):
-        cases += _activation_cases(op, kink=False)
-    cases += _activation_cases("gelu", kink=False)
-    cases += [
-        c
-        for c in _activation_cases("gelu", kink=False, approximate="tanh")
-        if c.name.startswith(("2d", "large"))
-    ]
-    cases += _activation_cases("relu", kink=True)
-    cases += _activation_cases("leaky_relu", kink=True)
-    cases += [
-        c
-        for c in _activation_cases("leaky_relu", kink=True, negative_slope=0.2)
-        if c.name.startswith(("2d", "at-kink"))
-    ]
+    cases += _all_activation_cases()
     cases += _softmax_cases("softmax")
     cases += _softmax_cases("log_softmax")
     cases += _nll_cases()

@@ -1,0 +1,55 @@
+"""Execution-mode queries: what the code running now may do with tensor values and buffers.
+
+Fast paths and argument checks ask these before they look at values (a host sync, or
+data-dependent control flow) or write into buffers of their own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def values_inspectable(t: torch.Tensor) -> bool:
+    """Whether code may look at ``t``'s values or write into buffers of its own (not while
+    torch.compile traces, and not on a torch.func-wrapped or batched tensor, where
+    data-dependent control flow and in-place writes mixing batched and plain tensors are
+    illegal)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    if functorch.is_functorch_wrapped_tensor(t):
+        return False
+    # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) uses the legacy
+    # batching
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    return not (legacy is not None and legacy(t))
+
+
+def first_order_eager(g: torch.Tensor) -> bool:
+    """Whether a backward receiving ``g`` runs first-order and eagerly (grad mode off, no
+    torch.func wrapper, not compiling): then nothing differentiates its result, and a fast
+    kernel with in-place ops may compute it."""
+    return not torch.is_grad_enabled() and values_inspectable(g)
+
+
+def graph_retained() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); ``True`` when
+    this torch cannot tell, which is the safe answer."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if probe is None:
+        return True
+    try:
+        return bool(probe())
+    except RuntimeError:
+        return True
+
+
+def may_reuse_saved(*tensors: torch.Tensor) -> bool:
+    """Whether backward may scale a buffer it saved (and owns) in place and hand it over as
+    the gradient: only for a first-order eager backward that frees the graph afterwards,
+    so nothing can read the buffer again."""
+    return (
+        not torch.is_grad_enabled()
+        and all(values_inspectable(t) for t in tensors)
+        and not graph_retained()
+    )

@@ -1,0 +1,154 @@
+"""Fewer-pass CPU kernels for the first-order backward of the element-wise activations.
+
+Each kernel computes what a derivative formula of :mod:`torchbp.autograd.activations`
+computes, ``dx = g · f'`` from the upstream gradient ``g`` and the tensor the Function
+saved, but with in-place and multi-input torch ops (``lerp``, ``addcmul``, ``out=``) into
+one preallocated buffer: two to eight passes over memory and no full-size temporaries,
+where the formula makes one temporary per op. They are not differentiable; the Functions
+call them only for a first-order eager backward (see
+:func:`torchbp.autograd._derivative.derivative`), and ``tests/kernels/test_cpu_act.py``
+checks each against its formula.
+
+Kernels with scratch (GELU, SiLU) and half-precision tensors run block by block of
+:data:`BLOCK` elements so that a block's later passes read data still in cache
+(``experiments/results/cpu_act_block.md`` says how the size was chosen).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["BLOCK", "KERNELS", "backward"]
+
+# Elements per block of the blocked kernels (see experiments/results/cpu_act_block.md).
+BLOCK = 1 << 20
+_HALF = (torch.float16, torch.bfloat16)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_TANH_C = 0.044715
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached 0-dim constant: ``lerp`` takes no Python number for ``end``, and
+    ``addcmul(c, a, b)`` makes ``c + a b`` one pass."""
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def sigmoid(g, y, *, out, tmp):
+    # σ' = y (1 - y) = lerp(y, 0, y) in one pass (y - y·y below ½, (1 - y)·y above), times g
+    return torch.lerp(y, _scalar(0.0, y.dtype, y.device), y, out=out).mul_(g)
+
+
+def tanh(g, y, *, out, tmp):
+    # (1 - y²) g, with 1 - y·y in one addcmul (as native computes it, where g - g y² would
+    # cancel as y -> ±1); two passes
+    return torch.addcmul(_scalar(1.0, y.dtype, y.device), y, y, value=-1, out=out).mul_(g)
+
+
+def relu(g, y, *, out, tmp):
+    # [y != 0] g: y = relu(x) is >= 0 or NaN, so y != 0 exactly when native passes g (y > 0,
+    # or NaN). The mask is written straight into the float result: two passes, no bool
+    # tensor (torch.where on one is several times slower). (An infinite upstream gradient
+    # at an inactive unit gives 0·inf = NaN here, not 0.)
+    return torch.ne(y, 0, out=out).mul_(g)
+
+
+def leaky_relu(g, saved, slope, *, out, tmp):
+    # f' = 1 if saved > 0 else slope: the mask [saved > 0] written straight into the float
+    # result, its zeros replaced by the slope (threshold_: exactly 1 or slope, where
+    # slope + (1 - slope) [saved > 0] may round), then times g: three passes, no bool tensor.
+    torch.gt(saved, 0, out=out)
+    return torch.nn.functional.threshold_(out, 0.5, slope).mul_(g)
+
+
+def gelu(g, x, approximate, *, out, tmp):
+    if approximate == "tanh":
+        # With s = σ(2u) = ½(1 + tanh u), ½(1 - tanh²u) = 2 s (1 - s), so
+        # y' = s + s (1 - s) w' with w' = 2x du/dx = x (2k + 6kc x²), u = x (k + kc x²), and
+        # s + (s w')(1 - s) = lerp(s, 1, s w'), times g: eight passes (the formula's tanh
+        # is a slower kernel than sigmoid).
+        k, c, (s,), w = _SQRT_2_OVER_PI, _GELU_TANH_C, tmp, out
+        two_k = _scalar(2 * k, x.dtype, x.device)
+        torch.addcmul(two_k, x, x, value=2 * k * c, out=s).mul_(x).sigmoid_()  # σ(2u)
+        torch.addcmul(two_k, x, x, value=6 * k * c, out=w).mul_(x).mul_(s)  # s w'
+        return torch.lerp(s, _scalar(1.0, x.dtype, x.device), w, out=out).mul_(g)
+    # y' = Φ(x) + x φ(x), Φ(x) = ½ + ½ erf(x/√2), φ(x) = e^{-x²/2}/√(2π) = 2^{-x²/(2 ln 2)
+    # - log2 √(2π)} (exp2 is a faster CPU kernel than exp; torch.special.ndtr is not
+    # vectorised, ~7x slower than erf), times g: seven passes.
+    log2_norm = _scalar(-0.5 * math.log2(2 * math.pi), x.dtype, x.device)
+    (pdf,) = tmp
+    torch.addcmul(log2_norm, x, x, value=-0.5 * math.log2(math.e), out=pdf).exp2_()
+    torch.mul(x, 1 / math.sqrt(2.0), out=out).erf_()
+    torch.add(_scalar(0.5, x.dtype, x.device), out, alpha=0.5, out=out)  # Φ(x)
+    return out.addcmul_(x, pdf).mul_(g)
+
+
+def silu(g, x, *, out, tmp):
+    # y' = s (1 + x (1 - s)) = s + (x s)(1 - s) = lerp(s, 1, x s), s = σ(x) (lerp takes
+    # (1 - s) exactly where s -> 1, and x s is small where s -> 0); times g: four passes
+    s = torch.sigmoid(x, out=tmp[0])
+    w = torch.mul(x, s, out=out)
+    return torch.lerp(s, _scalar(1.0, x.dtype, x.device), w, out=out).mul_(g)
+
+
+class Kernel(NamedTuple):
+    """An in-place kernel ``fn(g, saved, *args, out=, tmp=)`` that writes ``g · f'`` into
+    ``out`` using ``scratch`` buffers ``tmp`` shaped like ``out``, and returns ``out``."""
+
+    fn: object
+    scratch: int = 0
+
+
+#: activation name -> its kernel (the name of its Function's derivative formula)
+KERNELS: dict[str, Kernel] = {
+    "sigmoid": Kernel(sigmoid),
+    "tanh": Kernel(tanh),
+    "relu": Kernel(relu),
+    "leaky_relu": Kernel(leaky_relu),
+    "gelu": Kernel(gelu, scratch=1),
+    "silu": Kernel(silu, scratch=1),
+}
+
+
+def backward(name: str, g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Tensor:
+    """``g · f'`` of activation ``name`` (a key of :data:`KERNELS`) in a new tensor.
+
+    A kernel makes a few passes over memory where native makes one fused pass, and a
+    fresh full-size buffer costs more to fault in than a pass over it (64 MiB: ~26 ms of
+    page faults, ~8 ms a pass). So kernels with scratch, and all half-precision tensors,
+    run block by block over the flattened tensors when ``g`` and ``saved`` are contiguous,
+    on the CPU and at least two blocks long (cache blocking): a block's passes after its
+    first read data still in cache, the scratch is a block (allocated once, reused), and
+    the result is written into slices of one preallocated buffer. Kernels without scratch
+    run in one call: blocked they measure no faster. So do small or non-contiguous tensors
+    (an expanded ``g``: copying it would cost more than it saves) and GPU tensors. Half
+    precision is computed in float32 and rounded once, as native kernels do (``1 - y²`` in
+    bfloat16 loses every digit as ``y -> 1``); blocked, its float32 copies are a block each.
+    """
+    fn, scratch = KERNELS[name]
+    dtype = g.dtype
+    half = dtype in _HALF
+    contiguous = g.shape == saved.shape and g.is_contiguous() and saved.is_contiguous()
+    big = g.device.type == "cpu" and g.numel() >= 2 * BLOCK
+    if not ((scratch or half) and contiguous and big):
+        if half:
+            g, saved = g.float(), saved.float()
+        out = torch.empty_like(saved)
+        tmp = [torch.empty_like(out) for _ in range(scratch)]
+        out = fn(g, saved, *args, out=out, tmp=tmp)
+        return out.to(dtype) if half else out
+    out = torch.empty_like(saved)
+    rows = scratch + 3 * half  # half: float32 blocks of g, saved and the result too
+    buffers = torch.empty(rows, BLOCK, dtype=torch.float32 if half else dtype, device=g.device)
+    for o, gb, sb in zip(*(t.view(-1).split(BLOCK) for t in (out, g, saved))):
+        tmp = [row[: o.numel()] for row in buffers]
+        if half:
+            of, gf, sf, *tmp = tmp
+            o.copy_(fn(gf.copy_(gb), sf.copy_(sb), *args, out=of, tmp=tmp))
+        else:
+            fn(gb, sb, *args, out=o, tmp=tmp)
+    return out

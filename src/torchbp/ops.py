@@ -1,0 +1,139 @@
+"""The op registry: every torchbp op once, with everything that refers to it.
+
+Each :class:`Op` names the op's Function, its functional wrapper and ``nn`` module, their
+native twins, the tensor its backward keeps and (for element-wise activations) its
+derivative formula. :func:`torchbp.convert`, the verification cases
+(:mod:`torchbp.verify.cases`), the Lightning activation choice and every cross-cutting
+test table read this registry instead of spelling the op list out again, and
+``tests/test_ops.py`` keeps ``functional.__all__``, ``nn.__all__`` and ``autograd.__all__``
+in sync with it.
+
+Adding an element-wise activation takes four files: its formula and Function
+(``autograd/activations.py``), its wrapper (``functional.py``), its module (``nn.py``) and
+its entry here.
+
+Examples::
+
+    >>> from torchbp.ops import OPS, activations
+    >>> OPS["tanh"].saves
+    'output'
+    >>> [op.name for op in activations()][:3]
+    ['sigmoid', 'tanh', 'relu']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+from torchbp import autograd as A
+from torchbp import functional as TF
+from torchbp import nn as bpnn
+
+__all__ = ["Op", "OPS", "activations", "of_kind", "module_twins"]
+
+Kind = Literal["linear", "activation", "softmax", "loss", "fused_loss"]
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op and everything that names it.
+
+    Attributes:
+        name: the ``torchbp.functional`` name (also ``torch.nn.functional``'s).
+        kind: ``"linear"``, ``"activation"`` (element-wise), ``"softmax"`` (along a dim),
+            ``"loss"`` or ``"fused_loss"``.
+        function: the :class:`torch.autograd.Function` with the hand-written backward.
+        functional: the drop-in wrapper in :mod:`torchbp.functional`.
+        module: the drop-in module in :mod:`torchbp.nn` (``None`` if there is none).
+        torch_functional: the native function it replaces (``None`` where this torch
+            lacks it).
+        torch_module: the native module ``module`` subclasses and :func:`torchbp.convert`
+            swaps (``None`` if there is none).
+        saves: what backward keeps, in words (``"output"``, ``"input"``, ...).
+        formula: element-wise activations: the derivative formula
+            ``formula(g, saved, *args) = g · f'`` their Function evaluates.
+        variants: keyword sets of ``functional`` (and ``module``) that tests and
+            verification cover; the first is the default.
+        kink: element-wise activations: where ``f'`` jumps (finite-difference checks keep
+            their inputs away from it), ``None`` for a smooth one.
+    """
+
+    name: str
+    kind: Kind
+    function: type[Function]
+    functional: Callable[..., Any]
+    module: type[nn.Module] | None
+    torch_functional: Callable[..., Any] | None
+    torch_module: type[nn.Module] | None
+    saves: str
+    formula: Callable[..., torch.Tensor] | None = None
+    variants: tuple[dict[str, Any], ...] = field(default=({},))
+    kink: float | None = None
+
+
+# Op(name, kind, Function, functional, nn module, native functional, native module, saves, ...)
+# fmt: off
+_REGISTRY: tuple[Op, ...] = (
+    Op("linear", "linear", A.LinearFunction, TF.linear, bpnn.Linear, F.linear, nn.Linear,
+       "input if W needs grad, W if the input does"),
+    Op("sigmoid", "activation", A.SigmoidFunction, TF.sigmoid, bpnn.Sigmoid, torch.sigmoid,
+       nn.Sigmoid, "output", A.activations.sigmoid_backward),
+    Op("tanh", "activation", A.TanhFunction, TF.tanh, bpnn.Tanh, torch.tanh, nn.Tanh, "output",
+       A.activations.tanh_backward),
+    Op("relu", "activation", A.ReLUFunction, TF.relu, bpnn.ReLU, F.relu, nn.ReLU, "output",
+       A.activations.relu_backward, kink=0.0),
+    Op("leaky_relu", "activation", A.LeakyReLUFunction, TF.leaky_relu, bpnn.LeakyReLU,
+       F.leaky_relu, nn.LeakyReLU, "output (input if negative_slope < 0)",
+       A.activations.leaky_relu_backward, kink=0.0,
+       variants=({}, {"negative_slope": 0.2}, {"negative_slope": -0.5})),
+    Op("gelu", "activation", A.GELUFunction, TF.gelu, bpnn.GELU, F.gelu, nn.GELU, "input",
+       A.activations.gelu_backward,
+       variants=({}, {"approximate": "tanh"})),
+    Op("silu", "activation", A.SiLUFunction, TF.silu, bpnn.SiLU, F.silu, nn.SiLU, "input",
+       A.activations.silu_backward),
+    Op("softmax", "softmax", A.SoftmaxFunction, TF.softmax, bpnn.Softmax, F.softmax,
+       nn.Softmax, "output", variants=({"dim": -1}, {"dim": 0})),
+    Op("log_softmax", "softmax", A.LogSoftmaxFunction, TF.log_softmax, bpnn.LogSoftmax,
+       F.log_softmax, nn.LogSoftmax, "output", variants=({"dim": -1}, {"dim": 0})),
+    Op("nll_loss", "loss", A.NLLLossFunction, TF.nll_loss, bpnn.NLLLoss, F.nll_loss,
+       nn.NLLLoss, "target (+ weight)"),
+    Op("cross_entropy", "loss", A.CrossEntropyFunction, TF.cross_entropy,
+       bpnn.CrossEntropyLoss, F.cross_entropy, nn.CrossEntropyLoss,
+       "∂loss/∂logits (one logits-sized tensor)"),
+    Op("linear_cross_entropy", "fused_loss", A.LinearCrossEntropyFunction,
+       TF.linear_cross_entropy, bpnn.LinearCrossEntropyLoss,
+       getattr(F, "linear_cross_entropy", None), getattr(nn, "LinearCrossEntropyLoss", None),
+       "input, weight, bias (and their gradients for reduced losses)"),
+)
+# fmt: on
+
+#: name -> :class:`Op`, in the order of the README's tables.
+OPS: dict[str, Op] = {op.name: op for op in _REGISTRY}
+
+
+def of_kind(*kinds: Kind) -> list[Op]:
+    """The ops of the given kinds, in registry order."""
+    return [op for op in OPS.values() if op.kind in kinds]
+
+
+def activations() -> list[Op]:
+    """The element-wise activations, in registry order."""
+    return of_kind("activation")
+
+
+def module_twins() -> dict[type[nn.Module], type[nn.Module]]:
+    """Native module class -> torchbp's twin, for every op that has both (exact types)."""
+    return {
+        op.torch_module: op.module
+        for op in OPS.values()
+        if op.module is not None
+        and op.torch_module is not None
+        and issubclass(op.module, op.torch_module)
+    }
