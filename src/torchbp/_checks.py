@@ -20,8 +20,24 @@ class DeviceError(ValueError, RuntimeError):
     """Tensors live on different devices."""
 
 
+class InplaceError(ValueError, RuntimeError):
+    """An in-place call that autograd could not differentiate."""
+
+
 class ClassIndexError(IndexError, RuntimeError):
     """A class index lies outside ``[0, C)`` and is not ``ignore_index``."""
+
+
+def check_inplace_slope(op: str, name: str, value: float, inplace: bool, input) -> None:
+    """An in-place activation whose negative ``value`` (slope or alpha) flips the sign of
+    the negative branch overwrites the only tensor that tells the branch: refuse it when
+    autograd would need it (as native does, at backward)."""
+    if inplace and value < 0 and torch.is_grad_enabled() and input.requires_grad:
+        raise InplaceError(
+            f"{op}: inplace=True with a negative {name} ({value}) cannot be differentiated "
+            "(the input is overwritten and the sign of its result no longer tells the "
+            "branch); use inplace=False"
+        )
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:

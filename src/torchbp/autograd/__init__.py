@@ -6,14 +6,8 @@ comment above the line that computes it. The jvp-free twin that torch.compile ne
 generated from it (:func:`torchbp.autograd._compile.jvp_free_twin`).
 """
 
-from torchbp.autograd.activations import (
-    GELUFunction,
-    LeakyReLUFunction,
-    ReLUFunction,
-    SigmoidFunction,
-    SiLUFunction,
-    TanhFunction,
-)
+from torchbp.autograd import activations
+from torchbp.autograd.activations import *  # noqa: F403 (the activation Functions)
 from torchbp.autograd.linear import LinearFunction
 from torchbp.autograd.linear_cross_entropy import LinearCrossEntropyFunction
 from torchbp.autograd.losses import CrossEntropyFunction, NLLLossFunction
@@ -21,12 +15,7 @@ from torchbp.autograd.softmax import LogSoftmaxFunction, SoftmaxFunction
 
 __all__ = [
     "LinearFunction",
-    "SigmoidFunction",
-    "TanhFunction",
-    "ReLUFunction",
-    "LeakyReLUFunction",
-    "GELUFunction",
-    "SiLUFunction",
+    *activations.__all__,
     "SoftmaxFunction",
     "LogSoftmaxFunction",
     "NLLLossFunction",

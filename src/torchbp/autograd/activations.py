@@ -18,6 +18,17 @@ from torch.autograd import Function
 
 from torchbp.autograd._derivative import derivative
 
+__all__ = [
+    "SigmoidFunction",
+    "TanhFunction",
+    "ReLUFunction",
+    "LeakyReLUFunction",
+    "GELUFunction",
+    "SiLUFunction",
+    "ELUFunction",
+    "SoftplusFunction",
+]
+
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -252,3 +263,82 @@ class SiLUFunction(Function):
     def jvp(ctx, dx):
         (x,) = ctx.saved_tensors
         return derivative("silu", silu_backward, dx, x)
+
+
+# --------------------------------------------------------------------------- ELU
+def elu_backward(g: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
+    # y = x for x > 0, α(eˣ - 1) otherwise;  y' = 1 for x > 0, α eˣ otherwise.
+    # For α >= 0 the output is saved: y > 0 exactly when x > 0, and α eˣ = y + α.
+    # For α < 0 the input is saved (y's sign no longer tells the branch): α eˣ directly.
+    if alpha >= 0:
+        return torch.where(saved > 0, g, g * (saved + alpha))
+    return torch.where(saved > 0, g, g * (alpha * torch.exp(saved)))
+
+
+class ELUFunction(Function):
+    """``y = x if x > 0 else α (eˣ - 1)``; backward ``dx = g · (1 if x > 0 else α eˣ)``.
+
+    Saves the output for ``α >= 0`` (then ``α eˣ = y + α``), the input otherwise.
+    ``inplace=True`` overwrites ``x`` and marks it dirty.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, alpha, inplace):
+        if inplace:
+            torch.nn.functional.elu_(x, alpha)
+            return x  # the input object itself, as Dynamo requires of a dirty input
+        return torch.nn.functional.elu(x, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.alpha, ctx.inplace = inputs
+        if ctx.inplace:
+            ctx.mark_dirty(x)
+        _save(ctx, output if ctx.alpha >= 0 else x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (saved,) = ctx.saved_tensors
+        return derivative("elu", elu_backward, dy, saved, ctx.alpha), None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _alpha, _inplace):
+        (saved,) = ctx.saved_tensors
+        return _tangent_out(ctx, dx, derivative("elu", elu_backward, dx, saved, ctx.alpha))
+
+
+# --------------------------------------------------------------------------- Softplus
+def softplus_backward(g: torch.Tensor, x: torch.Tensor, beta: float, threshold: float):
+    # y = log(1 + e^{βx}) / β, and y = x where βx > threshold (linear there, as native);
+    # y' = σ(βx), or 1 where βx > threshold. σ never overflows (e^{βx} / (1 + e^{βx}) would).
+    bx = x * beta
+    return torch.where(bx > threshold, g, g * torch.sigmoid(bx))
+
+
+class SoftplusFunction(Function):
+    """``y = log(1 + e^{βx}) / β`` (``x`` where ``βx > threshold``); backward
+    ``dx = g · σ(βx)`` (``g`` where ``βx > threshold``). Saves ``x``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, beta, threshold):
+        return torch.nn.functional.softplus(x, beta, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.beta, ctx.threshold = inputs
+        _save(ctx, x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx = derivative("softplus", softplus_backward, dy, x, ctx.beta, ctx.threshold)
+        return dx, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _beta, _threshold):
+        (x,) = ctx.saved_tensors
+        return derivative("softplus", softplus_backward, dx, x, ctx.beta, ctx.threshold)
