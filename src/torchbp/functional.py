@@ -27,6 +27,7 @@ from torchbp import _checks
 from torchbp._execution import values_inspectable
 from torchbp.autograd import (
     CrossEntropyFunction,
+    ELUFunction,
     GELUFunction,
     LeakyReLUFunction,
     LinearCrossEntropyFunction,
@@ -37,6 +38,7 @@ from torchbp.autograd import (
     SigmoidFunction,
     SiLUFunction,
     SoftmaxFunction,
+    SoftplusFunction,
     TanhFunction,
 )
 from torchbp.autograd._compile import apply, pair
@@ -50,6 +52,8 @@ __all__ = [
     "leaky_relu",
     "gelu",
     "silu",
+    "elu",
+    "softplus",
     "softmax",
     "log_softmax",
     "nll_loss",
@@ -61,6 +65,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # (Function, jvp-free twin) pairs for autograd._compile.apply
 _CROSSENTROPY = pair(CrossEntropyFunction)
+_ELU = pair(ELUFunction)
 _GELU = pair(GELUFunction)
 _LEAKYRELU = pair(LeakyReLUFunction)
 _LINEAR = pair(LinearFunction)
@@ -70,6 +75,7 @@ _RELU = pair(ReLUFunction)
 _SIGMOID = pair(SigmoidFunction)
 _SILU = pair(SiLUFunction)
 _SOFTMAX = pair(SoftmaxFunction)
+_SOFTPLUS = pair(SoftplusFunction)
 _TANH = pair(TanhFunction)
 
 
@@ -176,12 +182,7 @@ def leaky_relu(
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
     :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
     ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
-    if inplace and negative_slope < 0 and torch.is_grad_enabled() and input.requires_grad:
-        # The output would overwrite the only tensor that tells the branch (its sign flips).
-        raise ValueError(
-            "leaky_relu: inplace=True with a negative slope cannot be differentiated (the "
-            "input is overwritten and its sign is lost); use inplace=False"
-        )
+    _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     return apply(_LEAKYRELU, input, float(negative_slope), bool(inplace))
 
 
@@ -204,6 +205,44 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not (torch.is_grad_enabled() and input.requires_grad):
         return input.mul_(torch.sigmoid(input))
     return input.copy_(apply(_SILU, input.clone()))
+
+
+def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    r""":math:`x` for :math:`x > 0`, :math:`\alpha (e^x - 1)` otherwise (as
+    :func:`torch.nn.functional.elu`). Saves the output rather than the input when
+    ``alpha >= 0``.
+
+    Args:
+        input: any shape.
+        alpha: :math:`\alpha`, the value approached as :math:`x \to -\infty` is
+            :math:`-\alpha` (default 1).
+        inplace: overwrite ``input`` with the result (not differentiable with
+            ``alpha < 0``, as native).
+
+    Examples::
+
+        >>> elu(torch.tensor([-1.0, 0.0, 2.0]))
+        tensor([-0.6321,  0.0000,  2.0000])
+    """
+    _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
+    return apply(_ELU, input, float(alpha), bool(inplace))
+
+
+def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
+    r""":math:`\frac{1}{\beta} \log(1 + e^{\beta x})`, and :math:`x` where
+    :math:`\beta x > \text{threshold}` (as :func:`torch.nn.functional.softplus`).
+
+    Args:
+        input: any shape.
+        beta: :math:`\beta` (default 1).
+        threshold: above :math:`\beta x > \text{threshold}` the result is ``x`` (default 20).
+
+    Examples::
+
+        >>> softplus(torch.tensor([0.0, 30.0]))
+        tensor([ 0.6931, 30.0000])
+    """
+    return apply(_SOFTPLUS, input, float(beta), float(threshold))
 
 
 # --------------------------------------------------------------------------- softmax family

@@ -30,6 +30,8 @@ __all__ = [
     "LeakyReLU",
     "GELU",
     "SiLU",
+    "ELU",
+    "Softplus",
     "Softmax",
     "LogSoftmax",
     "NLLLoss",
@@ -130,6 +132,34 @@ class SiLU(nn.SiLU):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.silu(input, inplace=self.inplace)
+
+
+class ELU(nn.ELU):
+    r""":math:`x` for :math:`x > 0`, :math:`\alpha (e^x - 1)` otherwise.
+
+    Args:
+        alpha: :math:`\alpha` (default 1).
+        inplace: overwrite the input (default ``False``).
+
+    Shape: input ``(*)``, output the same shape.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.elu(input, self.alpha, self.inplace)
+
+
+class Softplus(nn.Softplus):
+    r""":math:`\frac{1}{\beta} \log(1 + e^{\beta x})`, linear above the threshold.
+
+    Args:
+        beta: :math:`\beta` (default 1).
+        threshold: where ``βx`` exceeds it the result is ``x`` (default 20).
+
+    Shape: input ``(*)``, output the same shape.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.softplus(input, self.beta, self.threshold)
 
 
 class Softmax(nn.Softmax):
