@@ -1,6 +1,13 @@
-"""Argument checks shared by the wrappers: clear errors that name the problem."""
+"""Argument validation for :mod:`torchbp.functional`: clear errors that name the problem.
+
+One ``validate_<op>`` per wrapper that needs more than a line (at the end of this module),
+built from the shared checks above it. Every error class subclasses both the Pythonic
+exception and ``RuntimeError`` (native's), so code written against native keeps working.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +41,7 @@ def check_inplace_slope(op: str, name: str, value: float, inplace: bool, input) 
     autograd would need it (as native does, at backward)."""
     if inplace and value < 0 and torch.is_grad_enabled() and input.requires_grad:
         raise InplaceError(
-            f"{op}: inplace=True with a negative {name} ({value}) cannot be differentiated "
+            f"{op}: inplace=True with a negative slope ({name}={value}) cannot be differentiated "
             "(the input is overwritten and the sign of its result no longer tells the "
             "branch); use inplace=False"
         )
@@ -101,3 +108,211 @@ def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> No
             f"{op}: class weights are not differentiable (as in torch.nn.functional); "
             "pass weight.detach()"
         )
+
+
+def check_linear_shapes(op, input, weight, bias, w_name, b_name, rows_name) -> None:
+    """``weight`` 2-D ``(rows, in_features)``, ``input`` ``(*, in_features)``, ``bias``
+    ``(rows,)``: otherwise an error naming both shapes."""
+    if weight.dim() != 2:
+        raise ShapeError(
+            f"{op}: {w_name} must be 2-D ({rows_name}, in_features), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ShapeError(
+            f"{op}: input's last dim must equal {w_name}'s in_features: input "
+            f"{tuple(input.shape)}, {w_name} {tuple(weight.shape)} "
+            f"(in_features = {weight.shape[1]})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ShapeError(
+            f"{op}: {b_name} must have shape ({weight.shape[0]},) to match {w_name} "
+            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
+        )
+
+
+def check_linear_dtypes(op, input, weight, bias, w_name, b_name) -> None:
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = f"input {input.dtype}, {w_name} {weight.dtype}"
+        got += f", {b_name} {bias.dtype}" if bias is not None else ""
+        raise DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
+
+
+class ClassLayout(NamedTuple):
+    """Where a loss input keeps its classes: ``classes`` = C, the ``class_dim``, and the
+    ``batch_shape`` (the input's shape without the class dim)."""
+
+    classes: int
+    class_dim: int
+    batch_shape: tuple[int, ...]
+
+
+def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
+    """The :class:`ClassLayout` of input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``."""
+    if input.dim() == 0:
+        raise ShapeError(
+            f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...); got 0-dim"
+        )
+    if input.dim() == 1:
+        return ClassLayout(input.shape[0], 0, ())
+    return ClassLayout(input.shape[1], 1, (input.shape[0], *input.shape[2:]))
+
+
+def check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_shape) -> None:
+    if tuple(target.shape) == tuple(batch_shape):
+        return
+    if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
+        got = target.shape[0] if target.dim() else "a 0-dim target"
+        raise ShapeError(
+            f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({got}); input {tuple(input.shape)}, target {tuple(target.shape)}"
+        )
+    raise ShapeError(
+        f"{op}: target of class indices must have shape {tuple(batch_shape)} for input "
+        f"{tuple(input.shape)} (the input's shape without the class dim), "
+        f"got {tuple(target.shape)}"
+    )
+
+
+def check_smoothing(op: str, label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str) -> None:
+    """A target of the probabilities' shape (``soft``) must be floating point and comes
+    without ignore_index; a floating-point target must have that shape."""
+    if soft:
+        if not target.is_floating_point():
+            raise DTypeError(
+                f"{op}: target of {prob_shape} is read as class probabilities and must be "
+                f"floating point, got {target.dtype}"
+            )
+        if ignore_index >= 0:
+            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
+    elif target.is_floating_point():
+        raise ShapeError(
+            f"{op}: floating-point target must have {prob_shape} (class probabilities), "
+            f"got {tuple(target.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------- one per wrapper
+def validate_linear(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    """``linear``: shapes and devices (the dtypes are checked after autocast casts)."""
+    check_linear_shapes("linear", input, weight, bias, "weight", "bias", "out_features")
+    check_same_device("linear", input=input, weight=weight, bias=bias)
+
+
+def validate_gelu(approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) -> ClassLayout:
+    """``nll_loss``: log-probabilities, class-index target, weights, devices, every index."""
+    op = "nll_loss"
+    check_reduction(reduction)
+    layout = class_layout(op, input)
+    check_floating(op, "input", input)
+    if target.is_floating_point():
+        raise DTypeError(
+            f"{op}: target must hold class indices (int64 or uint8), got {target.dtype}; "
+            "for class probabilities use cross_entropy"
+        )
+    check_hard_target(op, input, target, layout.batch_shape)
+    check_class_weight(op, weight, layout.classes)
+    check_same_device(op, input=input, target=target, weight=weight)
+    check_class_indices(op, target, layout.classes, ignore_index)
+    return layout
+
+
+class CrossEntropyCall(NamedTuple):
+    """What :func:`validate_cross_entropy` found out about a call."""
+
+    layout: ClassLayout
+    soft: bool  #: the target holds class probabilities (the input's shape)
+    unmasked: bool  #: every target is a class index and none is ignore_index
+
+
+def validate_cross_entropy(
+    input, target, weight, ignore_index: int, reduction: str, label_smoothing: float, inplace
+) -> CrossEntropyCall:
+    """``cross_entropy``: options, logits, target kind and shape, weights, devices, every
+    class index, and what ``inplace=True`` needs."""
+    op = "cross_entropy"
+    check_reduction(reduction)
+    check_smoothing(op, label_smoothing)
+    layout = class_layout(op, input)
+    check_floating(op, "input", input)
+    check_class_weight(op, weight, layout.classes)
+    check_same_device(op, input=input, target=target, weight=weight)
+    soft = input.shape == target.shape
+    check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
+    unmasked = False
+    if not soft:
+        check_hard_target(op, input, target, layout.batch_shape)
+        unmasked = check_class_indices(op, target, layout.classes, ignore_index)
+    if inplace:
+        if input.dim() != 2:
+            raise ShapeError(
+                f"{op}: inplace=True needs 2-D (N, C) logits, got shape {tuple(input.shape)}"
+            )
+        if soft and target.requires_grad:
+            raise ValueError(
+                f"{op}: inplace=True cannot be used when the probability target needs a "
+                "gradient (that gradient needs the logits)"
+            )
+    return CrossEntropyCall(layout, soft, unmasked)
+
+
+def validate_linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size,
+) -> bool:
+    """``linear_cross_entropy``: options, the linear part's shapes, dtypes kinds, weights,
+    devices, target kind and shape, every class index. Returns whether the target holds
+    class probabilities."""
+    op = "linear_cross_entropy"
+    check_reduction(reduction)
+    check_smoothing(op, label_smoothing)
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_linear_shapes(
+        op, input, linear_weight, linear_bias, "linear_weight", "linear_bias", "num_classes"
+    )
+    classes = linear_weight.shape[0]
+    check_floating(op, "input", input)
+    check_floating(op, "linear_weight", linear_weight)
+    check_class_weight(op, weight, classes)
+    check_same_device(
+        op,
+        input=input,
+        linear_weight=linear_weight,
+        linear_bias=linear_bias,
+        target=target,
+        weight=weight,
+    )
+    batch_shape = tuple(input.shape[:-1])
+    soft = tuple(target.shape) == (*batch_shape, classes)
+    check_target_kind(
+        op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
+    )
+    if not soft:
+        if tuple(target.shape) != batch_shape:
+            raise ShapeError(
+                f"{op}: target of class indices must have shape {batch_shape} for input "
+                f"{tuple(input.shape)} (the input's shape without in_features), "
+                f"got {tuple(target.shape)}"
+            )
+        check_class_indices(op, target, classes, ignore_index)
+    return soft

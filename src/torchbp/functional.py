@@ -100,34 +100,6 @@ def _run_without_autocast(device_type: str, fn, *args):
 
 
 # --------------------------------------------------------------------------- linear
-def _check_linear_shapes(op, input, weight, bias, w_name, b_name, rows_name) -> None:
-    """``weight`` 2-D ``(rows, in_features)``, ``input`` ``(*, in_features)``, ``bias``
-    ``(rows,)``: otherwise an error naming both shapes."""
-    if weight.dim() != 2:
-        raise _checks.ShapeError(
-            f"{op}: {w_name} must be 2-D ({rows_name}, in_features), "
-            f"got shape {tuple(weight.shape)}"
-        )
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise _checks.ShapeError(
-            f"{op}: input's last dim must equal {w_name}'s in_features: input "
-            f"{tuple(input.shape)}, {w_name} {tuple(weight.shape)} "
-            f"(in_features = {weight.shape[1]})"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise _checks.ShapeError(
-            f"{op}: {b_name} must have shape ({weight.shape[0]},) to match {w_name} "
-            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
-        )
-
-
-def _check_linear_dtypes(op, input, weight, bias, w_name, b_name) -> None:
-    if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        got = f"input {input.dtype}, {w_name} {weight.dtype}"
-        got += f", {b_name} {bias.dtype}" if bias is not None else ""
-        raise _checks.DTypeError(f"{op}: expected one dtype for all tensors, got {got}")
-
-
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     r"""Affine map :math:`y = x W^T + b` (as :func:`torch.nn.functional.linear`).
 
@@ -146,12 +118,11 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         torch.Size([2, 5, 4])
     """
     op = "linear"
-    _check_linear_shapes(op, input, weight, bias, "weight", "bias", "out_features")
-    _checks.check_same_device(op, input=input, weight=weight, bias=bias)
+    _checks.validate_linear(input, weight, bias)
     amp = _autocast_dtype(input)
     if amp is not None:
         input, weight, bias = (_cast_low(t, amp) for t in (input, weight, bias))
-    _check_linear_dtypes(op, input, weight, bias, "weight", "bias")
+    _checks.check_linear_dtypes(op, input, weight, bias, "weight", "bias")
     if amp is not None:
         return _run_without_autocast(input.device.type, apply, _LINEAR, input, weight, bias)
     return apply(_LINEAR, input, weight, bias)
@@ -189,8 +160,7 @@ def leaky_relu(
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     r""":math:`x \Phi(x)`, or its tanh approximation with ``approximate='tanh'`` (as
     :func:`torch.nn.functional.gelu`)."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _checks.validate_gelu(approximate)
     return apply(_GELU, input, approximate)
 
 
@@ -312,18 +282,6 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
     return reduction
 
 
-def _class_layout(op: str, input: torch.Tensor):
-    """``(classes, class_dim, batch_shape)`` for input ``(C,)``, ``(N, C)`` or
-    ``(N, C, d1, ..., dK)``."""
-    if input.dim() == 0:
-        raise _checks.ShapeError(
-            f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...); got 0-dim"
-        )
-    if input.dim() == 1:
-        return input.shape[0], 0, ()
-    return input.shape[1], 1, (input.shape[0], *input.shape[2:])
-
-
 def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
     """``(..., C, ...)`` -> ``(M, C)`` with the class dim last."""
     if t.dim() == 1:
@@ -331,45 +289,6 @@ def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
     if t.dim() == 2:
         return t  # (N, C) already
     return t.movedim(class_dim, -1).reshape(-1, classes)
-
-
-def _check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_shape) -> None:
-    if tuple(target.shape) == tuple(batch_shape):
-        return
-    if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
-        got = target.shape[0] if target.dim() else "a 0-dim target"
-        raise _checks.ShapeError(
-            f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
-            f"({got}); input {tuple(input.shape)}, target {tuple(target.shape)}"
-        )
-    raise _checks.ShapeError(
-        f"{op}: target of class indices must have shape {tuple(batch_shape)} for input "
-        f"{tuple(input.shape)} (the input's shape without the class dim), "
-        f"got {tuple(target.shape)}"
-    )
-
-
-def _check_smoothing(op: str, label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-
-
-def _check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str) -> None:
-    """A target of the probabilities' shape (``soft``) must be floating point and comes
-    without ignore_index; a floating-point target must have that shape."""
-    if soft:
-        if not target.is_floating_point():
-            raise _checks.DTypeError(
-                f"{op}: target of {prob_shape} is read as class probabilities and must be "
-                f"floating point, got {target.dtype}"
-            )
-        if ignore_index >= 0:
-            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
-    elif target.is_floating_point():
-        raise _checks.ShapeError(
-            f"{op}: floating-point target must have {prob_shape} (class probabilities), "
-            f"got {tuple(target.shape)}"
-        )
 
 
 def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
@@ -410,20 +329,10 @@ def nll_loss(
         reduction: ``'none'`` | ``'mean'`` (divided by the summed weights of the non-ignored
             targets) | ``'sum'``.
     """
-    op = "nll_loss"
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    _checks.check_reduction(reduction)
-    classes, class_dim, batch_shape = _class_layout(op, input)
-    _checks.check_floating(op, "input", input)
-    if target.is_floating_point():
-        raise _checks.DTypeError(
-            f"{op}: target must hold class indices (int64 or uint8), got {target.dtype}; "
-            "for class probabilities use cross_entropy"
-        )
-    _check_hard_target(op, input, target, batch_shape)
-    _checks.check_class_weight(op, weight, classes)
-    _checks.check_same_device(op, input=input, target=target, weight=weight)
-    _checks.check_class_indices(op, target, classes, ignore_index)
+    classes, class_dim, batch_shape = _checks.validate_nll_loss(
+        input, target, weight, ignore_index, reduction
+    )
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()
@@ -476,31 +385,11 @@ def cross_entropy(
         >>> logits = torch.randn(4, 10, requires_grad=True)
         >>> cross_entropy(logits, torch.tensor([1, 0, 9, 3]), label_smoothing=0.1).backward()
     """
-    op = "cross_entropy"
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    _checks.check_reduction(reduction)
-    _check_smoothing(op, label_smoothing)
-    classes, class_dim, batch_shape = _class_layout(op, input)
-    _checks.check_floating(op, "input", input)
-    _checks.check_class_weight(op, weight, classes)
-    _checks.check_same_device(op, input=input, target=target, weight=weight)
-    soft = input.shape == target.shape
-    _check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
-    unmasked = False  # every target a class index, none ignored
-    if not soft:
-        _check_hard_target(op, input, target, batch_shape)
-        unmasked = _checks.check_class_indices(op, target, classes, ignore_index)
-    if inplace:
-        if input.dim() != 2:
-            raise _checks.ShapeError(
-                f"{op}: inplace=True needs 2-D (N, C) logits, got shape {tuple(input.shape)}"
-            )
-        if soft and target.requires_grad:
-            raise ValueError(
-                f"{op}: inplace=True cannot be used when the probability target needs a "
-                "gradient (that gradient needs the logits)"
-            )
-        inplace = values_inspectable(input)
+    (classes, class_dim, batch_shape), soft, unmasked = _checks.validate_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing, inplace
+    )
+    inplace = inplace and values_inspectable(input)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()
@@ -575,50 +464,30 @@ def linear_cross_entropy(
         >>> w = torch.randn(100, 16, requires_grad=True)
         >>> linear_cross_entropy(x, w, torch.randint(100, (8,)), chunk_size=4).backward()
     """
-    op = "linear_cross_entropy"
     if ignore_index is None:
         ignore_index = -100
-    _checks.check_reduction(reduction)
-    _check_smoothing(op, label_smoothing)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-    ):
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_linear_shapes(
-        op, input, linear_weight, linear_bias, "linear_weight", "linear_bias", "num_classes"
+    soft = _checks.validate_linear_cross_entropy(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
     )
     classes, features = linear_weight.shape
-    _checks.check_floating(op, "input", input)
-    _checks.check_floating(op, "linear_weight", linear_weight)
-    _checks.check_class_weight(op, weight, classes)
-    _checks.check_same_device(
-        op,
-        input=input,
-        linear_weight=linear_weight,
-        linear_bias=linear_bias,
-        target=target,
-        weight=weight,
-    )
     batch_shape = tuple(input.shape[:-1])
-    soft = tuple(target.shape) == (*batch_shape, classes)
-    _check_target_kind(
-        op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
-    )
-    if not soft:
-        if tuple(target.shape) != batch_shape:
-            raise _checks.ShapeError(
-                f"{op}: target of class indices must have shape {batch_shape} for input "
-                f"{tuple(input.shape)} (the input's shape without in_features), "
-                f"got {tuple(target.shape)}"
-            )
-        _checks.check_class_indices(op, target, classes, ignore_index)
     amp = _autocast_dtype(input)
     if amp is not None:
         # Autocast runs the linear in the low-precision dtype and the loss in float32.
         input, linear_weight, linear_bias = (
             _cast_low(t, amp) for t in (input, linear_weight, linear_bias)
         )
-    _check_linear_dtypes(op, input, linear_weight, linear_bias, "linear_weight", "linear_bias")
+    _checks.check_linear_dtypes(
+        "linear_cross_entropy", input, linear_weight, linear_bias, "linear_weight", "linear_bias"
+    )
     rows = math.prod(batch_shape)
     x = input.reshape(rows, features)
     flat_target = target.reshape(rows, classes) if soft else target.reshape(rows)
