@@ -41,7 +41,7 @@ def check_inplace_slope(op: str, name: str, value: float, inplace: bool, input) 
     autograd would need it (as native does, at backward)."""
     if inplace and value < 0 and torch.is_grad_enabled() and input.requires_grad:
         raise InplaceError(
-            f"{op}: inplace=True with a negative slope ({name}={value}) cannot be differentiated "
+            f"{op}: inplace=True with {name}={value}: a negative slope cannot be differentiated "
             "(the input is overwritten and the sign of its result no longer tells the "
             "branch); use inplace=False"
         )
