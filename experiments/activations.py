@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_backends import RESULTS, _quiet, train_run  # noqa: E402
+from torchbp.ops import activations  # noqa: E402
 
-ACTS = ["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu"]
+ACTS = [op.name for op in activations()]
 
 
 def main(argv: list[str] | None = None) -> None:

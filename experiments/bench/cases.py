@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchbp.ops import activations
+
 # --------------------------------------------------------------------------- data types
 
 
@@ -251,14 +253,8 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
     )
 
 
-_ACTIVATIONS: dict[str, Callable] = {
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "relu": F.relu,
-    "leaky_relu": F.leaky_relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-}
+# activation name -> the native function it is timed against (every registry activation)
+_ACTIVATIONS: dict[str, Callable] = {op.name: op.torch_functional for op in activations()}
 
 
 def build_activation(opts: Options, op: str) -> Case:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTS = ["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu"]
+from torchbp.ops import activations
+
+ACTS = [op.name for op in activations()]
 
 
 @dataclass
