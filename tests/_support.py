@@ -1,41 +1,132 @@
-"""Helpers shared by the tests: devices, dtype tolerances, seeded inputs."""
+"""Helpers shared by the tests: devices, dtype tolerances, seeded inputs, and the op tables
+derived from the registry (:mod:`torchbp.ops`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import torchbp.nn
+from torchbp.ops import OPS, Op, of_kind
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# The native twin of every torchbp.functional op, by the same name.
+# The native twin of every torchbp.functional op, by the same name (those this torch has).
 NATIVE = SimpleNamespace(
-    linear=F.linear,
-    sigmoid=torch.sigmoid,
-    tanh=torch.tanh,
-    relu=F.relu,
-    leaky_relu=F.leaky_relu,
-    gelu=F.gelu,
-    silu=F.silu,
-    softmax=F.softmax,
-    log_softmax=F.log_softmax,
-    nll_loss=F.nll_loss,
-    cross_entropy=F.cross_entropy,
+    **{op.name: op.torch_functional for op in OPS.values() if op.torch_functional is not None}
 )
 
-# Each activation module: (torchbp's, its torch.nn twin).
-ACTIVATION_MODULES = {
-    "sigmoid": (torchbp.nn.Sigmoid, torch.nn.Sigmoid),
-    "tanh": (torchbp.nn.Tanh, torch.nn.Tanh),
-    "relu": (torchbp.nn.ReLU, torch.nn.ReLU),
-    "leaky_relu": (torchbp.nn.LeakyReLU, torch.nn.LeakyReLU),
-    "gelu": (torchbp.nn.GELU, torch.nn.GELU),
-    "silu": (torchbp.nn.SiLU, torch.nn.SiLU),
-}
+
+@dataclass
+class Variant:
+    """A registry op called with one keyword set (one of ``op.variants``, or an extra one).
+
+    ``str()`` is its test id: the op's name, followed by the keywords where there are any,
+    e.g. ``leaky_relu(negative_slope=0.2)``.
+    """
+
+    op: Op
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return call_id(self.op.name, self.kwargs)
+
+    def call(self, ns, *args, **kwargs):
+        """``ns.<op>(*args, **self.kwargs, **kwargs)``, ``ns`` torchbp.functional or NATIVE."""
+        return getattr(ns, self.op.name)(*args, **self.kwargs, **kwargs)
+
+    def ours(self, *args, **kwargs):
+        return self.op.functional(*args, **self.kwargs, **kwargs)
+
+    def native(self, *args, **kwargs):
+        return self.op.torch_functional(*args, **self.kwargs, **kwargs)
+
+    def modules(self):
+        """``(torchbp module, torch.nn module)`` constructors with these keywords."""
+        bind = functools.partial
+        return bind(self.op.module, **self.kwargs), bind(self.op.torch_module, **self.kwargs)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The functional's keyword parameters after the input, ``inplace`` aside: their
+        defaults, overridden by ``kwargs``. For an activation these are, in order, the extra
+        arguments of its derivative formula (``tests/test_ops.py`` checks the count)."""
+        params = list(inspect.signature(self.op.functional).parameters.values())[1:]
+        return {p.name: self.kwargs.get(p.name, p.default) for p in params if p.name != "inplace"}
+
+    @property
+    def saves(self) -> str:
+        """What backward keeps with these keywords: ``op.saves``, with its
+        ``"output (input if <keyword> < 0)"`` form resolved."""
+        conditional = re.fullmatch(r"output \(input if (\w+) < 0\)", self.op.saves)
+        if conditional is None:
+            return self.op.saves
+        return "input" if self.args[conditional[1]] < 0 else "output"
+
+
+def call_id(name: str, kwargs: dict[str, Any]) -> str:
+    """A readable test id of a call: ``name``, or ``name(key=value, ...)``."""
+    if not kwargs:
+        return name
+    return f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
+def variants(*kinds: str) -> list[Variant]:
+    """Every registry op of ``kinds`` with each of its ``op.variants``, in registry order."""
+    return [Variant(op, dict(kwargs)) for op in of_kind(*kinds) for kwargs in op.variants]
+
+
+# Every element-wise activation with each of its variants.
+ACTIVATIONS = variants("activation")
+# The ops of one tensor: the activations and softmax / log_softmax, with their variants.
+UNARY = variants("activation", "softmax")
+# Each activation variant's modules: id -> (torchbp's constructor, its torch.nn twin's).
+ACTIVATION_MODULES = {str(v): v.modules() for v in ACTIVATIONS}
+
+
+def takes_inplace(op: Op) -> bool:
+    """Whether the activation has an ``inplace`` argument."""
+    return "inplace" in inspect.signature(op.functional).parameters
+
+
+def build_module(cls: type[torch.nn.Module]) -> torch.nn.Module:
+    """An instance of a registry module class (torchbp's or its torch.nn twin): with the
+    keywords of its op's last variant (a non-default one where there is one), and size 3
+    for each required argument (Linear's features)."""
+    op = next(op for op in OPS.values() if cls in (op.module, op.torch_module))
+    params = inspect.signature(cls).parameters.values()
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    return cls(**{p.name: 3 for p in required}, **op.variants[-1])
+
+
+def saved_and_args(variant: Variant, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """``(saved, args)``: what ``variant``'s Function hands its derivative formula for the
+    input ``x`` -- the tensor its backward keeps (read off the graph) and the formula's extra
+    arguments (``variant.args``)."""
+    y = variant.ours(x.detach().requires_grad_())
+    (saved,) = y.grad_fn.saved_tensors
+    return saved.detach(), tuple(variant.args.values())
+
+
+def piecewise_linear(variant: Variant) -> bool:
+    """Whether the activation is piecewise linear: its derivative takes only a few values
+    (so ``g · f'`` is ``g`` times one of a few constants, which a kernel can match bit for
+    bit)."""
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64)
+    saved, args = saved_and_args(variant, x)
+    slopes = variant.op.formula(torch.ones_like(saved), saved, *args)
+    return slopes.unique().numel() <= 3
+
 
 # CPU always; CUDA where a GPU exists (marked, so `pytest -m cuda` selects the GPU runs).
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests._support import ACTIVATION_MODULES, NATIVE
+from tests._support import ACTIVATION_MODULES, NATIVE, UNARY
 
 import torchbp
 import torchbp.functional as BP
@@ -29,15 +29,8 @@ PROBS = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(
 OPS = {
     "linear": lambda ns, x, e: ns.linear(x, e["w"], e["b"]),
     "linear_nobias": lambda ns, x, e: ns.linear(x, e["w"]),
-    "sigmoid": lambda ns, x, e: ns.sigmoid(x),
-    "tanh": lambda ns, x, e: ns.tanh(x),
-    "relu": lambda ns, x, e: ns.relu(x),
-    "leaky_relu": lambda ns, x, e: ns.leaky_relu(x, 0.1),
-    "gelu": lambda ns, x, e: ns.gelu(x),
-    "gelu_tanh": lambda ns, x, e: ns.gelu(x, approximate="tanh"),
-    "silu": lambda ns, x, e: ns.silu(x),
-    "softmax": lambda ns, x, e: ns.softmax(x, dim=1),
-    "log_softmax": lambda ns, x, e: ns.log_softmax(x, dim=1),
+    # every activation and softmax variant
+    **{str(v): lambda ns, x, e, v=v: v.call(ns, x) for v in UNARY},
     "nll_loss": lambda ns, x, e: ns.nll_loss(x, e["t"]),
     "nll_loss_weight_none": lambda ns, x, e: ns.nll_loss(
         x, e["t"], weight=e["cw"], reduction="none"

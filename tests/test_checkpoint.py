@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests._support import NATIVE
+from tests._support import ACTIVATION_MODULES, NATIVE, UNARY
 from torch.utils.checkpoint import checkpoint
 
 import torchbp
@@ -22,19 +22,6 @@ pytestmark = pytest.mark.usefixtures("seed")
 
 DT = torch.float64
 TOL = {"atol": 1e-10, "rtol": 1e-8}
-
-ACTS = {
-    "sigmoid": (torchbp.nn.Sigmoid, torch.nn.Sigmoid),
-    "tanh": (torchbp.nn.Tanh, torch.nn.Tanh),
-    "relu": (torchbp.nn.ReLU, torch.nn.ReLU),
-    "leaky_relu": (torchbp.nn.LeakyReLU, torch.nn.LeakyReLU),
-    "leaky_relu_neg_slope": (
-        lambda: torchbp.nn.LeakyReLU(-0.3),
-        lambda: torch.nn.LeakyReLU(-0.3),
-    ),
-    "gelu": (torchbp.nn.GELU, torch.nn.GELU),
-    "silu": (torchbp.nn.SiLU, torch.nn.SiLU),
-}
 
 
 class Net(torch.nn.Module):
@@ -70,9 +57,9 @@ def _grads(model, x, y):
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
-@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("act", list(ACTIVATION_MODULES))
 def test_checkpoint_matches_plain_and_native(act, reentrant, device):
-    bp_act, torch_act = ACTS[act]
+    bp_act, torch_act = ACTIVATION_MODULES[act]
     ckpt_model = Net(torchbp.nn, bp_act, ckpt=reentrant).to(device, DT)
     plain = Net(torchbp.nn, bp_act).to(device, DT)
     native = Net(torch.nn, torch_act).to(device, DT)
@@ -96,8 +83,7 @@ def test_checkpoint_functional_ops(reentrant, device):
 
     def segment(ns, x, w, b, y):
         h = ns.linear(x, w, b)
-        h = ns.sigmoid(h) + ns.tanh(h) + ns.relu(h) + ns.leaky_relu(h, 0.2)
-        h = h + ns.gelu(h) + ns.silu(h) + ns.softmax(h, dim=1)
+        h = sum(v.call(ns, h) for v in UNARY)  # every activation and softmax variant
         return ns.cross_entropy(h, y) + ns.nll_loss(ns.log_softmax(h, dim=1), y)
 
     x = torch.randn(5, 6, dtype=DT, device=device)
@@ -124,15 +110,8 @@ def _x(device):
 
 OPS = {
     "linear": lambda ns, x, e: ns.linear(x, e["w"], e["b"]),
-    "sigmoid": lambda ns, x, e: ns.sigmoid(x),
-    "tanh": lambda ns, x, e: ns.tanh(x),
-    "relu": lambda ns, x, e: ns.relu(x),
-    "leaky_relu": lambda ns, x, e: ns.leaky_relu(x, 0.1),
-    "leaky_relu_neg_slope": lambda ns, x, e: ns.leaky_relu(x, -0.1),
-    "gelu": lambda ns, x, e: ns.gelu(x),
-    "silu": lambda ns, x, e: ns.silu(x),
-    "softmax": lambda ns, x, e: ns.softmax(x, dim=1),
-    "log_softmax": lambda ns, x, e: ns.log_softmax(x, dim=1),
+    # every activation and softmax variant
+    **{str(v): lambda ns, x, e, v=v: v.call(ns, x) for v in UNARY},
     "nll_loss": lambda ns, x, e: ns.nll_loss(x, e["t"], weight=e["cw"]),
     "cross_entropy": lambda ns, x, e: ns.cross_entropy(x, e["t"]),
     "cross_entropy_none": lambda ns, x, e: ns.cross_entropy(

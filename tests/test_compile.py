@@ -11,23 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from tests._support import ACTIVATION_MODULES
 
 import torchbp
 from torchbp import nn as bpnn
 
 pytestmark = pytest.mark.usefixtures("seed")
 
-# (torchbp module, torch module) for every activation, in the order the model chains them
-ACTIVATIONS = [
-    ("sigmoid", bpnn.Sigmoid, torch.nn.Sigmoid),
-    ("tanh", bpnn.Tanh, torch.nn.Tanh),
-    ("leaky_relu", lambda: bpnn.LeakyReLU(0.1), lambda: torch.nn.LeakyReLU(0.1)),
-    ("leaky_relu_neg_slope", lambda: bpnn.LeakyReLU(-0.2), lambda: torch.nn.LeakyReLU(-0.2)),
-    ("gelu", bpnn.GELU, torch.nn.GELU),
-    ("gelu_tanh", lambda: bpnn.GELU("tanh"), lambda: torch.nn.GELU("tanh")),
-    ("silu", bpnn.SiLU, torch.nn.SiLU),
-    ("relu", bpnn.ReLU, torch.nn.ReLU),
-]
+# (id, torchbp module, torch module) for every activation variant, in the order the model
+# chains them
+ACTIVATIONS = [(name, bp, native) for name, (bp, native) in ACTIVATION_MODULES.items()]
 IN, HIDDEN, CLASSES, BATCH = 6, 8, 4, 5
 WEIGHT = torch.tensor([1.0, 2.0, 0.5, 1.5])
 TOL = {"atol": 1e-5, "rtol": 1e-4}

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests._support import build_module
 from torch import nn
 
 import torchbp
 from torchbp import nn as bpnn
+from torchbp.ops import module_twins
 
 pytestmark = pytest.mark.usefixtures("seed")
 
 # every supported torch.nn class and its twin
-PAIRS = [
-    (nn.Linear, bpnn.Linear, (3, 4)),
-    (nn.Sigmoid, bpnn.Sigmoid, ()),
-    (nn.Tanh, bpnn.Tanh, ()),
-    (nn.ReLU, bpnn.ReLU, ()),
-    (nn.LeakyReLU, bpnn.LeakyReLU, (0.2,)),
-    (nn.GELU, bpnn.GELU, ("tanh",)),
-    (nn.SiLU, bpnn.SiLU, ()),
-    (nn.Softmax, bpnn.Softmax, (1,)),
-    (nn.LogSoftmax, bpnn.LogSoftmax, (1,)),
-    (nn.NLLLoss, bpnn.NLLLoss, ()),
-    (nn.CrossEntropyLoss, bpnn.CrossEntropyLoss, ()),
-]
+PAIRS = list(module_twins().items())
 
 
 class Block(nn.Module):
@@ -67,9 +57,9 @@ def _loss_and_grads(model, x, y):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("torch_cls, bp_cls, args", PAIRS, ids=lambda v: getattr(v, "__name__", ""))
-def test_each_supported_module_round_trips(torch_cls, bp_cls, args):
-    m = torch_cls(*args)
+@pytest.mark.parametrize("torch_cls, bp_cls", PAIRS, ids=lambda cls: cls.__name__)
+def test_each_supported_module_round_trips(torch_cls, bp_cls):
+    m = build_module(torch_cls)
     params = list(m.parameters())
     state = {k: v.clone() for k, v in m.state_dict().items()}
     out = torchbp.convert(m)
@@ -78,7 +68,7 @@ def test_each_supported_module_round_trips(torch_cls, bp_cls, args):
     back = torchbp.convert(m, to="torch")
     assert back is m and type(m) is torch_cls
     assert m.state_dict().keys() == state.keys()
-    assert repr(m) == repr(torch_cls(*args))
+    assert repr(m) == repr(build_module(torch_cls))
 
 
 def test_recursive_in_containers_and_custom_modules():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests._support import NATIVE
+from tests._support import ACTIVATIONS, NATIVE, UNARY
 
 import torchbp
 import torchbp.functional as BP
@@ -63,16 +63,8 @@ OPS = {
     "linear": (lambda ns, i: ns.linear(i["x"], i["w"], i["b"]), "x w b", "w b"),
     "linear_first_layer": (lambda ns, i: ns.linear(i["x"], i["w"], i["b"]), "w b", "w b"),
     "linear_frozen": (lambda ns, i: ns.linear(i["x"], i["w"], i["b"]), "x", "w b"),
-    "sigmoid": (lambda ns, i: ns.sigmoid(i["x"]), "x", ""),
-    "tanh": (lambda ns, i: ns.tanh(i["x"]), "x", ""),
-    "relu": (lambda ns, i: ns.relu(i["x"]), "x", ""),
-    "leaky_relu": (lambda ns, i: ns.leaky_relu(i["x"], 0.1), "x", ""),
-    "leaky_relu_neg_slope": (lambda ns, i: ns.leaky_relu(i["x"], -0.1), "x", ""),
-    "gelu": (lambda ns, i: ns.gelu(i["x"]), "x", ""),
-    "gelu_tanh": (lambda ns, i: ns.gelu(i["x"], approximate="tanh"), "x", ""),
-    "silu": (lambda ns, i: ns.silu(i["x"]), "x", ""),
-    "softmax": (lambda ns, i: ns.softmax(i["x"], dim=1), "x", ""),
-    "log_softmax": (lambda ns, i: ns.log_softmax(i["x"], dim=1), "x", ""),
+    # every activation and softmax variant, of x
+    **{str(v): (lambda ns, i, v=v: v.call(ns, i["x"]), "x", "") for v in UNARY},
     "nll_loss": (lambda ns, i: ns.nll_loss(i["x"], i["t"]), "x", ""),
     "nll_loss_weight_none": (
         lambda ns, i: ns.nll_loss(i["x"], i["t"], weight=i["cw"], reduction="none"),
@@ -127,20 +119,22 @@ def test_op_saves_no_more_than_native(op, dtype, device):
     assert sum(big) <= sum(want.values()), (got, want)
 
 
-def test_activations_save_output_not_input(device):
-    """Sigmoid, tanh, ReLU and LeakyReLU (slope >= 0) keep their output, so in a chain the
-    next Linear's saved input is the very same storage."""
-    for fn in (BP.sigmoid, BP.tanh, BP.relu, lambda x: BP.leaky_relu(x, 0.2)):
-        x = torch.randn(8, 5, device=device, requires_grad=True)
-        y = None
+@pytest.mark.parametrize("variant", ACTIVATIONS, ids=str)
+def test_activation_saves_what_the_registry_says(variant, device):
+    """An activation keeps exactly the tensor ``op.saves`` names: its output (sigmoid,
+    tanh, ReLU, LeakyReLU with slope >= 0, ...), which in a chain is the very storage the
+    next Linear saves as its input, or its input."""
+    x = torch.randn(8, 5, device=device, requires_grad=True)
+    y = None
 
-        def run(fn=fn, x=x):
-            nonlocal y
-            y = fn(x)
-            return y
+    def run():
+        nonlocal y
+        y = variant.ours(x)
+        return y
 
-        storages = saved_storages(run)
-        assert set(storages) == {y.untyped_storage().data_ptr()}
+    storages = saved_storages(run)
+    kept = {"output": y, "input": x}[variant.saves]
+    assert set(storages) == {kept.untyped_storage().data_ptr()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,8 +12,10 @@ import inspect
 
 import pytest
 import torch
+from tests._support import ACTIVATIONS, UNARY, call_id, takes_inplace
 
 import torchbp
+from torchbp.ops import activations
 
 pytestmark = [
     pytest.mark.usefixtures("seed"),
@@ -23,23 +25,21 @@ pytestmark = [
 DT = torch.float64
 TOL = {"atol": 1e-10, "rtol": 1e-8}
 CLASS_WEIGHT = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=DT)
+INPLACE_OPS = [op for op in activations() if takes_inplace(op)]
+
+
+def _any_input(calls) -> dict:
+    """Cases of modules that take any tensor, one per ``(op, constructor kwargs)``."""
+    return {call_id(op.module.__name__, kw): (op.module.__name__, kw, "any") for op, kw in calls}
+
 
 # id -> (class name, constructor kwargs, input kind)
 CASES = {
     "Linear": ("Linear", {"in_features": 5, "out_features": 3}, "features"),
     "Linear_nobias": ("Linear", {"in_features": 5, "out_features": 3, "bias": False}, "features"),
-    "Sigmoid": ("Sigmoid", {}, "any"),
-    "Tanh": ("Tanh", {}, "any"),
-    "ReLU": ("ReLU", {}, "any"),
-    "ReLU_inplace": ("ReLU", {"inplace": True}, "any"),
-    "LeakyReLU": ("LeakyReLU", {}, "any"),
-    "LeakyReLU_slope_inplace": ("LeakyReLU", {"negative_slope": 0.2, "inplace": True}, "any"),
-    "GELU": ("GELU", {}, "any"),
-    "GELU_tanh": ("GELU", {"approximate": "tanh"}, "any"),
-    "SiLU": ("SiLU", {}, "any"),
-    "SiLU_inplace": ("SiLU", {"inplace": True}, "any"),
-    "Softmax": ("Softmax", {"dim": 1}, "any"),
-    "LogSoftmax": ("LogSoftmax", {"dim": -1}, "any"),
+    # every activation and softmax variant, and each in-place activation with its defaults
+    **_any_input((v.op, v.kwargs) for v in UNARY),
+    **_any_input((op, {**op.variants[0], "inplace": True}) for op in INPLACE_OPS),
     "NLLLoss": ("NLLLoss", {}, "logp"),
     "NLLLoss_weight_ignore_sum": (
         "NLLLoss",
@@ -177,15 +177,16 @@ def test_loss_weight_buffer_follows_device_and_dtype(name, device):
     assert "weight" in dict(bp.named_buffers())
 
 
-def test_inplace_modules_modify_input_like_native(device):
-    for name, kwargs in (("ReLU", {}), ("LeakyReLU", {"negative_slope": 0.3}), ("SiLU", {})):
-        x = torch.randn(3, 4, dtype=DT, device=device)
-        a, b = x.clone(), x.clone()
-        out_bp = getattr(torchbp.nn, name)(inplace=True, **kwargs)(a)
-        out_native = getattr(torch.nn, name)(inplace=True, **kwargs)(b)
-        assert out_bp.data_ptr() == a.data_ptr()
-        torch.testing.assert_close(a, b, **TOL)
-        torch.testing.assert_close(out_bp, out_native, **TOL)
+@pytest.mark.parametrize("variant", [v for v in ACTIVATIONS if takes_inplace(v.op)], ids=str)
+def test_inplace_modules_modify_input_like_native(variant, device):
+    x = torch.randn(3, 4, dtype=DT, device=device)
+    a, b = x.clone(), x.clone()
+    bp, native = variant.modules()
+    out_bp = bp(inplace=True)(a)
+    out_native = native(inplace=True)(b)
+    assert out_bp.data_ptr() == a.data_ptr()
+    torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(out_bp, out_native, **TOL)
 
 
 def test_train_step_matches_native():

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests._support import ACTIVATIONS
 
 import torchbp.functional as bp
+from torchbp.ops import of_kind
 
 settings.register_profile(
     "ci",
@@ -181,16 +183,8 @@ def _relayout(leaf, shape, layout):
     return leaf, leaf
 
 
-ELEMENTWISE = {
-    "sigmoid": (bp.sigmoid, torch.sigmoid, {}),
-    "tanh": (bp.tanh, torch.tanh, {}),
-    "relu": (bp.relu, F.relu, {}),
-    "leaky_relu": (bp.leaky_relu, F.leaky_relu, {}),
-    "leaky_relu(0.2)": (bp.leaky_relu, F.leaky_relu, {"negative_slope": 0.2}),
-    "gelu": (bp.gelu, F.gelu, {}),
-    "gelu(tanh)": (bp.gelu, F.gelu, {"approximate": "tanh"}),
-    "silu": (bp.silu, F.silu, {}),
-}
+# every activation variant: id -> (torchbp op, native op, keywords)
+ELEMENTWISE = {str(v): (v.op.functional, v.op.torch_functional, v.kwargs) for v in ACTIVATIONS}
 
 
 def _bind(fn, kwargs):
@@ -252,7 +246,7 @@ def test_linear_matches_native(lead, n_in, n_out, bias, dtype, x_layout, w_layou
     check_op(bp.linear, F.linear, build, dtype)
 
 
-@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("name", [op.name for op in of_kind("softmax")])
 @PROFILE
 @given(
     shape=st.lists(st.integers(0, 6), min_size=0, max_size=3),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tests._support import ACTIVATION_MODULES, NATIVE
+from tests._support import ACTIVATION_MODULES, NATIVE, UNARY
 from torch import func
 
 import torchbp
@@ -61,16 +61,8 @@ CASES = [
         lambda ns, x, w: ns.linear(x, w),
         lambda d: ((_randn(d, 2, 4, 5), _randn(d, 3, 5)), ()),
     ),
-    Case("sigmoid", lambda ns, x: ns.sigmoid(x), _x),
-    Case("tanh", lambda ns, x: ns.tanh(x), _x),
-    Case("relu", lambda ns, x: ns.relu(x), _x),
-    Case("leaky_relu", lambda ns, x: ns.leaky_relu(x, 0.1), _x),
-    Case("leaky_relu_neg_slope", lambda ns, x: ns.leaky_relu(x, -0.3), _x),
-    Case("gelu", lambda ns, x: ns.gelu(x), _x),
-    Case("gelu_tanh", lambda ns, x: ns.gelu(x, approximate="tanh"), _x),
-    Case("silu", lambda ns, x: ns.silu(x), _x),
-    Case("softmax", lambda ns, x: ns.softmax(x, dim=1), _x),
-    Case("log_softmax", lambda ns, x: ns.log_softmax(x, dim=0), _x),
+    # every activation and softmax variant
+    *(Case(str(v), lambda ns, x, v=v: v.call(ns, x), _x) for v in UNARY),
     Case(
         "nll_loss",
         lambda ns, logp, t, w: ns.nll_loss(logp, t, weight=w, ignore_index=1),

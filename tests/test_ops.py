@@ -1,0 +1,140 @@
+"""The op registry (:mod:`torchbp.ops`) against what the package exports.
+
+``torchbp.functional``, ``torchbp.nn`` and ``torchbp.autograd`` export exactly the
+registry's ops, each module subclasses its torch.nn twin, every activation has a derivative
+formula that takes what its functional does, and :func:`torchbp.convert` swaps exactly
+:func:`~torchbp.ops.module_twins`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from tests._support import UNARY, Variant, build_module, variants
+
+import torchbp
+import torchbp.autograd
+import torchbp.functional
+import torchbp.nn
+from torchbp.ops import OPS, activations, module_twins, of_kind
+
+IDS = {"ids": lambda op: op.name}
+WITH_MODULE = [op for op in OPS.values() if op.module is not None]
+WITH_TWIN = [op for op in WITH_MODULE if op.torch_module is not None]
+
+
+def test_kinds_are_known():
+    kinds = ("linear", "activation", "softmax", "loss", "fused_loss")
+    assert of_kind(*kinds) == list(OPS.values())
+
+
+@pytest.mark.parametrize(
+    "namespace, name_of",
+    [
+        (torchbp.functional, lambda op: (op.functional, op.name)),
+        (torchbp.nn, lambda op: (op.module, op.module and op.module.__name__)),
+        (torchbp.autograd, lambda op: (op.function, op.function.__name__)),
+    ],
+    ids=["functional", "nn", "autograd"],
+)
+def test_all_matches_the_registry(namespace, name_of):
+    """Every registry op's object is exported under its name, and every export is one."""
+    exported = {}
+    for op in OPS.values():
+        obj, name = name_of(op)
+        if obj is not None:
+            assert getattr(namespace, name) is obj, name
+            exported[name] = obj
+    assert sorted(namespace.__all__) == sorted(exported)
+    assert len(set(namespace.__all__)) == len(namespace.__all__)
+
+
+@pytest.mark.parametrize("op", OPS.values(), **IDS)
+def test_functional_is_named_after_the_op(op):
+    assert op.functional.__name__ == op.name
+    if op.torch_functional is not None:
+        assert op.torch_functional.__name__ == op.name
+
+
+# (the fused loss aside: torch's takes other arguments)
+@pytest.mark.parametrize("op", [op for op in WITH_TWIN if op.kind != "fused_loss"], **IDS)
+def test_module_subclasses_its_torch_twin(op):
+    assert issubclass(op.module, op.torch_module)
+    assert op.module.__name__ == op.torch_module.__name__
+
+
+@pytest.mark.parametrize("op", activations(), **IDS)
+def test_activation_has_a_formula_that_takes_the_functional_arguments(op):
+    """``formula(g, saved, *args)``: ``args`` are the functional's keyword parameters after
+    the input (``inplace`` aside), as the tests derive them (``Variant.args``)."""
+    assert callable(op.formula)
+    params = list(inspect.signature(op.formula).parameters)
+    assert len(params) == 2 + len(Variant(op).args), params
+    assert op.kink is None or isinstance(op.kink, float)
+
+
+@pytest.mark.parametrize("op", OPS.values(), **IDS)
+def test_variants_are_keywords_of_the_functional_and_module(op):
+    assert op.variants and all(isinstance(kw, dict) for kw in op.variants)
+    functional = inspect.signature(op.functional).parameters
+    module = inspect.signature(op.module).parameters if op.module else functional
+    for kwargs in op.variants:
+        assert set(kwargs) <= set(functional) & set(module), kwargs
+
+
+@pytest.mark.parametrize("variant", UNARY, ids=str)
+def test_variant_saves_output_or_input(variant):
+    assert variant.saves in ("output", "input")
+
+
+def test_variants_ids_are_unique():
+    ids = [str(v) for v in variants(*{op.kind for op in OPS.values()})]
+    assert len(set(ids)) == len(ids)
+
+
+def _neighbours() -> list[type[torch.nn.Module]]:
+    """The torch.nn modules of the kinds torchbp covers (activations, losses, linear)."""
+    modules = (torch.nn.modules.activation, torch.nn.modules.loss, torch.nn.modules.linear)
+    return [
+        cls
+        for module in modules
+        for cls in vars(module).values()
+        if isinstance(cls, type)
+        and issubclass(cls, torch.nn.Module)
+        and cls.__module__ == module.__name__
+    ]
+
+
+def _instances(classes) -> list[torch.nn.Module]:
+    """One instance of each class that builds without arguments, and of every registry
+    module class (built by ``build_module``)."""
+    registry = {op.torch_module for op in WITH_TWIN} | {op.module for op in WITH_MODULE}
+    built = [build_module(cls) for cls in registry if cls is not None]
+    for cls in classes:
+        if cls in registry:
+            continue
+        try:
+            built.append(cls())
+        except TypeError:  # needs arguments
+            pass
+    return built
+
+
+@pytest.mark.filterwarnings("ignore:`NLLLoss2d` has been deprecated")
+def test_convert_swaps_exactly_the_module_twins():
+    """Every torch.nn module near torchbp's ops (and every registry module) is swapped for
+    its twin if it is a key of ``module_twins()``, and left alone otherwise; back with
+    ``to="torch"``."""
+    twins = module_twins()
+    assert twins  # the exact types: no subclass of a twin is a key
+    instances = _instances(_neighbours())
+    assert set(twins) <= {type(m) for m in instances}
+    for m in instances:
+        before = type(m)
+        assert type(torchbp.convert(m)) is twins.get(before, before), before
+    back = {v: k for k, v in twins.items()}
+    for m in instances:
+        before = type(m)
+        assert type(torchbp.convert(m, to="torch")) is back.get(before, before), before
