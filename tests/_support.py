@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -62,12 +61,8 @@ class Variant:
 
     @property
     def saves(self) -> str:
-        """What backward keeps with these keywords: ``op.saves``, with its
-        ``"output (input if <keyword> < 0)"`` form resolved."""
-        conditional = re.fullmatch(r"output \(input if (\w+) < 0\)", self.op.saves)
-        if conditional is None:
-            return self.op.saves
-        return "input" if self.args[conditional[1]] < 0 else "output"
+        """What backward keeps with these keywords (``op.saves_for``)."""
+        return self.op.saves_for(self.kwargs)
 
 
 def call_id(name: str, kwargs: dict[str, Any]) -> str:

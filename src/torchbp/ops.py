@@ -56,13 +56,17 @@ class Op:
             lacks it).
         torch_module: the native module ``module`` subclasses and :func:`torchbp.convert`
             swaps (``None`` if there is none).
-        saves: what backward keeps, in words (``"output"``, ``"input"``, ...).
+        saves: what backward keeps, in words (``"output"``, ``"input"``, ...), with the
+            default keywords; :meth:`saves_for` resolves it for others.
         formula: element-wise activations: the derivative formula
             ``formula(g, saved, *args) = g · f'`` their Function evaluates.
         variants: keyword sets of ``functional`` (and ``module``) that tests and
             verification cover; the first is the default.
         kink: element-wise activations: where ``f'`` jumps (finite-difference checks keep
             their inputs away from it), ``None`` for a smooth one.
+        input_if_negative: the keyword (a slope) whose negative value makes an activation
+            that saves its output keep its input instead (the output's sign no longer
+            tells the branch).
     """
 
     name: str
@@ -76,6 +80,15 @@ class Op:
     formula: Callable[..., torch.Tensor] | None = None
     variants: tuple[dict[str, Any], ...] = field(default=({},))
     kink: float | None = None
+    input_if_negative: str | None = None
+
+    def saves_for(self, kwargs: dict[str, Any]) -> str:
+        """What backward keeps when called with ``kwargs`` (``"output"``, ``"input"``, or
+        :attr:`saves` where it does not depend on them)."""
+        key = self.input_if_negative
+        if key is None:
+            return self.saves
+        return "input" if kwargs.get(key, 0) < 0 else "output"
 
 
 # Op(name, kind, Function, functional, nn module, native functional, native module, saves, ...)
@@ -91,8 +104,9 @@ _REGISTRY: tuple[Op, ...] = (
        A.activations.relu_backward, kink=0.0),
     Op("leaky_relu", "activation", A.LeakyReLUFunction, TF.leaky_relu, bpnn.LeakyReLU,
        F.leaky_relu, nn.LeakyReLU, "output (input if negative_slope < 0)",
-       A.activations.leaky_relu_backward, kink=0.0,
-       variants=({}, {"negative_slope": 0.2}, {"negative_slope": -0.5})),
+       A.activations.leaky_relu_backward, kink=0.0, input_if_negative="negative_slope",
+       variants=({}, {"negative_slope": 0.2}, {"negative_slope": 0.0},
+                 {"negative_slope": -0.5})),
     Op("gelu", "activation", A.GELUFunction, TF.gelu, bpnn.GELU, F.gelu, nn.GELU, "input",
        A.activations.gelu_backward,
        variants=({}, {"approximate": "tanh"})),
@@ -100,7 +114,7 @@ _REGISTRY: tuple[Op, ...] = (
        A.activations.silu_backward),
     Op("elu", "activation", A.ELUFunction, TF.elu, bpnn.ELU, F.elu, nn.ELU,
        "output (input if alpha < 0)", A.activations.elu_backward, kink=0.0,
-       variants=({}, {"alpha": 0.5}, {"alpha": -0.5})),
+       input_if_negative="alpha", variants=({}, {"alpha": 0.5}, {"alpha": -0.5})),
     Op("softplus", "activation", A.SoftplusFunction, TF.softplus, bpnn.Softplus, F.softplus,
        nn.Softplus, "input", A.activations.softplus_backward, variants=({}, {"beta": 2.0})),
     Op("softmax", "softmax", A.SoftmaxFunction, TF.softmax, bpnn.Softmax, F.softmax,

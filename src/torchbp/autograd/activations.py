@@ -270,9 +270,10 @@ def elu_backward(g: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Te
     # y = x for x > 0, α(eˣ - 1) otherwise;  y' = 1 for x > 0, α eˣ otherwise.
     # For α >= 0 the output is saved: y > 0 exactly when x > 0, and α eˣ = y + α.
     # For α < 0 the input is saved (y's sign no longer tells the branch): α eˣ directly.
+    # Written as "saved <= 0 -> negative branch" so that a NaN input passes g, as native.
     if alpha >= 0:
-        return torch.where(saved > 0, g, g * (saved + alpha))
-    return torch.where(saved > 0, g, g * (alpha * torch.exp(saved)))
+        return torch.where(saved <= 0, g * (saved + alpha), g)
+    return torch.where(saved <= 0, g * (alpha * torch.exp(saved)), g)
 
 
 class ELUFunction(Function):
