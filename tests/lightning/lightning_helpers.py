@@ -7,8 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from torchbp.lightning.config_files import CONFIG_DIR
+
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+CONFIGS = CONFIG_DIR  # the bundled configs (the repository's configs/ links here)
 
 # quiet, fast runs; tests never depend on a progress bar or the model summary
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

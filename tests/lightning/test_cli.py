@@ -1,5 +1,6 @@
 """``torchbp-train`` end to end: run folder, reproducibility, resume, interrupts, bad configs,
-DDP on CPU, checkpoint portability between backends, every shipped config."""
+DDP on CPU, checkpoint portability between backends, every shipped config. The CLI's parts
+(bundled configs, messages, run logger) are tested on their own in test_cli_parts.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import yaml
 from tests.lightning.lightning_helpers import (
     CONFIGS,
+    REPO,
     cli_command,
     epoch_series,
     read_metrics,
@@ -96,6 +98,42 @@ def test_invalid_config_is_a_cli_error_before_training(tmp_path, capsys, args, m
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
 
 
+def test_parse_error_starts_with_its_cause(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--model.hidden_sizes", "oops", f"--run_dir={tmp_path}")
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("error: model.hidden_sizes: ") and "oops" in lines[0], lines
+    assert len(lines) <= 3 and not any(line.startswith("usage:") for line in lines), lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_accelerator_without_gpu_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fit_digits(tmp_path, "--trainer.accelerator=cuda")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CUDAAccelerator" in errors[0], err
+    assert errors[0].startswith("error: invalid configuration: ") and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == errors[0]
+
+
+def test_missing_data_file_is_a_data_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--data=torchbp.lightning.data.TabularFileDataModule",
+            f"--data.path={tmp_path / 'nope.csv'}",
+            f"--run_dir={tmp_path}",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: data problem: data file not found: {tmp_path / 'nope.csv'}\n" in err, err
+    assert "invalid configuration" not in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
+
+
 def test_missing_label_column_is_a_cli_error(tmp_path, capsys):
     csv = tmp_path / "data.csv"
     csv.write_text("a,b,cls\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(60)))
@@ -109,7 +147,7 @@ def test_missing_label_column_is_a_cli_error(tmp_path, capsys):
         )
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "label column 'label' not found" in err and "a, b, cls" in err
+    assert "error: data problem: label column 'label' not found" in err and "a, b, cls" in err
     # and the same file trains with the right column
     run_cli(
         "fit",
@@ -190,13 +228,13 @@ def test_test_and_predict_subcommands(short_run, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "ddp_cpu.yaml")
+    "config", sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.name != "ddp_cpu.yaml")
 )
 def test_every_config_runs(tmp_path, config):
     run_cli(
         "fit",
         "--config",
-        str(CONFIGS / config),
+        config,  # a bundled config, by name
         f"--run_dir={tmp_path}",
         "--trainer.fast_dev_run=2",
         "--trainer.accelerator=cpu",
@@ -261,6 +299,37 @@ def test_main_job_reaches_97_percent(tmp_path):
     rows = read_metrics(tmp_path / "digits/version_0/metrics.csv")
     test = [r for r in rows if "test/acc" in r][-1]
     assert test["test/acc"] >= 0.97, test
+
+
+def test_readme_command_uses_the_bundled_configs():
+    """``torchbp-train fit --config configs/digits.yaml`` (the README) reads the bundled file:
+    the repository's configs/ links to the package's, so there is one copy."""
+    assert (REPO / "configs").resolve() == CONFIGS.resolve()
+    assert (REPO / "configs/digits.yaml").read_text() == (CONFIGS / "digits.yaml").read_text()
+
+
+def test_fit_without_config_from_another_folder_runs_the_main_job(tmp_path):
+    """A bare ``torchbp-train fit`` (here shortened to 2 epochs) in a folder with no configs
+    trains and tests the bundled digits model, and prints no warning a user cannot act on."""
+    cmd = cli_command(
+        "fit",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    )
+    out = subprocess.run(
+        cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "test metrics" in out.stdout
+    run = tmp_path / "runs/digits/version_0"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["class_path"] == "torchbp.lightning.data.DigitsDataModule"
+    assert cfg["model"]["hidden_sizes"] == [256] and cfg["trainer"]["max_epochs"] == 2
+    assert [r for r in read_metrics(run / "metrics.csv") if "test/acc" in r][-1]["test/acc"] > 0.9
+    shown = out.stdout + out.stderr
+    for noise in ("LeafSpec", "litlogger"):
+        assert noise not in shown, shown
 
 
 def test_bf16_mixed_precision_trains(tmp_path):

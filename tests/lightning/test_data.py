@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from torchbp.lightning.data import (
+    ArrayDataModule,
     DataConfigError,
+    DataError,
     DigitsDataModule,
     EpochSeededSampler,
     SklearnToyDataModule,
@@ -47,13 +50,32 @@ def test_digits_split_stratified_standardised_on_train_only():
 
 
 def test_epoch_seeded_sampler():
-    s = EpochSeededSampler(50, seed=1)
+    s = EpochSeededSampler(range(50), seed=1)
+    assert isinstance(s, DistributedSampler)  # so Lightning keeps it under DDP
+    assert (s.rank, s.num_replicas) == (0, 1)  # no process group: a single process
     s.set_epoch(0)
     a = list(s)
     s.set_epoch(1)
     b = list(s)
     s.set_epoch(0)
     assert list(s) == a and a != b and sorted(a) == list(range(50))
+    assert list(EpochSeededSampler(range(5), shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_epoch_seeded_sampler_shards_the_single_process_order(drop_last):
+    """Rank r of W takes order[r::W]: training drops the last n % W samples, evaluation keeps
+    every sample exactly once (uneven shards, no padding)."""
+    n, world = 11, 3
+    order = list(EpochSeededSampler(range(n), seed=4))
+    shards = [
+        EpochSeededSampler(range(n), num_replicas=world, rank=r, seed=4, drop_last=drop_last)
+        for r in range(world)
+    ]
+    kept = order[: n - n % world] if drop_last else order
+    for r, shard in enumerate(shards):
+        assert list(shard) == kept[r::world] and len(shard) == len(kept[r::world])
+    assert sorted(i for shard in shards for i in shard) == sorted(kept)
 
 
 @pytest.mark.parametrize(
@@ -69,6 +91,37 @@ def test_toy_datasets(name, shape):
 def test_toy_unknown_name():
     with pytest.raises(DataConfigError, match="unknown toy dataset"):
         SklearnToyDataModule(name="mnist")
+
+
+def test_subclasses_take_the_base_arguments_by_keyword():
+    dm = SklearnToyDataModule(name="wine", val_fraction=0.2, seed=5, standardize=False)
+    assert (dm.batch_size, dm.val_fraction, dm.seed, dm.standardize) == (32, 0.2, 5, False)
+    assert DigitsDataModule(batch_size=8).batch_size == 8
+    with pytest.raises(DataConfigError, match="val_fraction must be in"):
+        SklearnToyDataModule(val_fraction=1.5)
+    with pytest.raises(TypeError, match="bogus"):
+        SklearnToyDataModule(bogus=1)
+
+
+def test_cli_lists_inherited_arguments_of_subclasses():
+    """jsonargparse follows ``**kwargs`` into ``ArrayDataModule.__init__``: the CLI knows every
+    argument, with its help text and default."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(TabularFileDataModule, "data")
+    help_text = parser.format_help()
+    for name in ("path", "label_column", "drop_columns", "batch_size", "val_fraction", "seed"):
+        assert f"--data.{name}" in help_text, name
+    assert "Fraction of samples in the validation split" in help_text
+    cfg = parser.parse_args(["--data.path=x.csv", "--data.seed=3"])
+    assert cfg.data.seed == 3 and cfg.data.batch_size == 64 and cfg.data.num_workers == 0
+    base = ArgumentParser()
+    base.add_class_arguments(ArrayDataModule, "data")
+    toy = ArgumentParser()
+    toy.add_class_arguments(SklearnToyDataModule, "data")
+    assert toy.get_defaults().data.batch_size == 32  # its own default wins
+    assert set(vars(base.get_defaults().data)) < set(vars(toy.get_defaults().data))
 
 
 def test_synthetic_deterministic_lazy_and_sharded():
@@ -175,16 +228,16 @@ def test_tabular_errors(tmp_path, case, match):
     if case == "bad_suffix":
         p = p.rename(tmp_path / "t.xlsx")
     dm = TabularFileDataModule(path=str(p), label_column="target")
-    with pytest.raises(DataConfigError, match=match):
+    with pytest.raises(DataError, match=match):
         _ = dm.num_features
 
 
 def test_tabular_npz_errors(tmp_path):
     np.savez(tmp_path / "d.npz", X=np.ones((30, 2)), label=np.zeros(29))
-    with pytest.raises(DataConfigError, match="30 feature rows but 29 labels"):
+    with pytest.raises(DataError, match="30 feature rows but 29 labels"):
         _ = TabularFileDataModule(path=str(tmp_path / "d.npz")).num_features
     X = np.ones((30, 2))
     X[3, 1] = np.nan
     np.savez(tmp_path / "e.npz", X=X, label=np.arange(30) % 2)
-    with pytest.raises(DataConfigError, match=r"column 'X\[1\]' at row 4"):
+    with pytest.raises(DataError, match=r"column 'X\[1\]' at row 4"):
         _ = TabularFileDataModule(path=str(tmp_path / "e.npz")).num_features

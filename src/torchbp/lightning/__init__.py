@@ -8,6 +8,7 @@ from torchbp.lightning.data import (
     ArrayDataModule,
     ClassificationDataModule,
     DataConfigError,
+    DataError,
     DigitsDataModule,
     SklearnToyDataModule,
     SyntheticDataModule,
@@ -25,4 +26,5 @@ __all__ = [
     "SyntheticDataModule",
     "TabularFileDataModule",
     "DataConfigError",
+    "DataError",
 ]

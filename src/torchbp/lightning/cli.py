@@ -2,22 +2,31 @@
 
 Examples::
 
-    torchbp-train fit --config configs/digits.yaml
-    torchbp-train fit --config configs/digits.yaml --ckpt_path last   # resume the latest run
-    torchbp-train test --config configs/digits.yaml \\
-        --ckpt_path runs/digits/version_0/checkpoints/last.ckpt
-    torchbp-train fit --config configs/digits.yaml --print_config      # the full, resolved config
+    torchbp-train fit                                  # the main job: the bundled digits config
+    torchbp-train fit --config iris                    # another bundled config, by name
+    torchbp-train fit --config my.yaml                 # a config file
+    torchbp-train fit --ckpt_path last                 # resume the latest run
+    torchbp-train test --ckpt_path runs/digits/version_0/checkpoints/last.ckpt
+    torchbp-train fit --config wine --print_config     # the full, resolved config
+
+Configs: ``--config NAME`` names a config bundled with the package (``digits``,
+``digits_native``, ``iris``, ``wine``, ``breast_cancer``, ``synthetic_large``, ``ddp_cpu``; the
+files are in ``torchbp/lightning/configs/``) unless a file ``NAME`` exists; a command line
+with no ``--config`` runs ``digits``. Options after ``--config`` override it.
 
 Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the stem of the last
-``--config`` file): ``metrics.csv`` (CSVLogger, always), TensorBoard events when tensorboard is
-installed, the resolved ``config.yaml`` and ``checkpoints/`` (best on ``val/acc`` and ``last.ckpt``;
+``--config`` file): ``metrics.csv`` (always), TensorBoard events when tensorboard is installed,
+the resolved ``config.yaml`` and ``checkpoints/`` (best on ``val/acc`` and ``last.ckpt``;
 Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics.
+
+Errors before training start with ``error:`` and their cause on one line, and exit with
+status 2: a bad option or value, an invalid configuration (e.g. ``--trainer.accelerator cuda``
+without a GPU) or a data problem (e.g. a missing data file).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import sys
@@ -25,42 +34,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.loggers.logger import rank_zero_experiment
+from jsonargparse import Namespace
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
-from pytorch_lightning.cli import ArgsType, LightningCLI
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from torchbp.lightning.data import ClassificationDataModule
+from torchbp.lightning.config_files import (
+    DEFAULT_CONFIG,
+    describe_bundled_configs,
+    with_config_files,
+)
+from torchbp.lightning.console import ShortErrorParser, exit_with_error, quiet_lightning
+from torchbp.lightning.data import ClassificationDataModule, DataConfigError, DataError
 from torchbp.lightning.module import ERMClassifier
+from torchbp.lightning.run_logger import RunCSVLogger
 
 __all__ = ["TorchbpCLI", "main", "cli_main"]
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
-
-
-class _AppendingWriter(ExperimentWriter):
-    """CSV writer that keeps an existing ``metrics.csv`` (a resumed run appends to it)."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                header = next(csv.reader(f), [])
-            self.metrics_keys = sorted(header)
-
-
-class RunCSVLogger(CSVLogger):
-    """CSVLogger whose ``metrics.csv`` survives resuming in the same run folder (Lightning's
-    own CSVLogger deletes it)."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+#: errors of instantiating data, model and trainer that mean "fix the configuration"
+_CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 
 
 def _versions(root: Path) -> list[int]:
@@ -69,9 +63,40 @@ def _versions(root: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
 
 
+def _describe(error: BaseException) -> str:
+    """One line for an error raised while instantiating data, model and trainer: its message
+    followed by those of its chained causes that add something, or, if the DataModule raised
+    it, the DataModule's message."""
+    chain = [error]
+    while isinstance(cause := chain[-1].__cause__ or chain[-1].__context__, _CONFIG_ERRORS):
+        chain.append(cause)
+    data = next((e for e in chain if isinstance(e, DataConfigError)), None)
+    if isinstance(data, DataError):
+        return f"data problem: {data}"
+    if data is not None:
+        return f"invalid data configuration: {data}"
+    message = str(error)
+    for cause in chain[1:]:
+        if str(cause) and str(cause) not in message:
+            message = f"{message}: {cause}"
+    return f"invalid configuration: {message}"
+
+
 class TorchbpCLI(LightningCLI):
-    """LightningCLI with torchbp's defaults: model/data linking, run folders, checkpoints,
-    loggers, clear configuration errors and a test of the best checkpoint after ``fit``."""
+    """LightningCLI with torchbp's defaults: bundled configs, model/data linking, run folders,
+    checkpoints, loggers, short error messages and a test of the best checkpoint after
+    ``fit``.
+
+    Args:
+        *args: Passed to :class:`~pytorch_lightning.cli.LightningCLI` after the model class
+            (:class:`ERMClassifier`) and the DataModule base class.
+        **kwargs: LightningCLI's keyword arguments; torchbp's defaults fill those not given.
+
+    Examples::
+
+        cli = TorchbpCLI(args=["fit", "--config", "iris", "--trainer.max_epochs=5"])
+        cli.trainer.callback_metrics["test/acc"]
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", 0)
@@ -79,9 +104,26 @@ class TorchbpCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", {"max_epochs": 20, "log_every_n_steps": 1})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_class", ShortErrorParser)
+        config_help = describe_bundled_configs()
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "description": f"Train torchbp's ERMClassifier. {config_help}",
+                **{cmd: {"epilog": config_help} for cmd in self.subcommands()},
+            },
+        )
         super().__init__(ERMClassifier, ClassificationDataModule, *args, **kwargs)
 
     # -- parser ---------------------------------------------------------------------------
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` (default: the command line) with bundled config names resolved and
+        the default config added when no ``--config`` is given; store it in ``self.config``."""
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        self.config = parser.parse_args(with_config_files(sys.argv[1:] if args is None else args))
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--run_name",
@@ -112,20 +154,20 @@ class TorchbpCLI(LightningCLI):
         )
 
     # -- run folder -----------------------------------------------------------------------
-    def _cfg(self) -> Any:
-        return self.config[self.subcommand] if self.subcommand else self.config
+    def _subcommand_config(self, config: Namespace) -> Namespace:
+        """The part of ``config`` (``self.config`` or ``self.config_init``) of the subcommand."""
+        return config[self.subcommand] if self.subcommand else config
 
     def _run_root(self) -> Path:
-        cfg = self._cfg()
+        cfg = self._subcommand_config(self.config)
         name = cfg.get("run_name")
         if not name:
             configs = cfg.get("config") or []
-            last = configs[-1] if configs else None
-            name = Path(str(getattr(last, "relative", last) or "")).stem if last else "default"
+            name = Path(str(configs[-1])).stem if configs and configs[-1] else DEFAULT_CONFIG
         return Path(cfg.get("run_dir") or "runs") / name
 
     def before_instantiate_classes(self) -> None:
-        cfg = self._cfg()
+        cfg = self._subcommand_config(self.config)
         if cfg.get("torch_num_threads"):
             torch.set_num_threads(int(cfg["torch_num_threads"]))
         root = self._run_root()
@@ -148,27 +190,20 @@ class TorchbpCLI(LightningCLI):
             self._version = vs[-1] + 1 if vs else 0
 
     def instantiate_classes(self) -> None:
-        """Instantiate data, model and trainer; invalid values become a CLI error (exit 2)
-        before any training starts."""
+        """Instantiate data, model and trainer; a data problem or an invalid value is a
+        one-line error (exit status 2) before any training starts."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, OSError) as e:
-            msg = str(e)
-            cause = e.__cause__ or e.__context__
-            while cause is not None and isinstance(cause, (ValueError, TypeError, OSError)):
-                if str(cause) and str(cause) not in msg:
-                    msg = f"{msg}: {cause}"
-                cause = cause.__cause__
-            self.parser.error(f"invalid configuration: {msg}")
+        except _CONFIG_ERRORS as e:
+            exit_with_error(_describe(e))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        tcfg = self._get(self.config_init, "trainer", default={})
+        cfg = self._subcommand_config(self.config_init)
+        tcfg = cfg.get("trainer") or {}
         root = self._run_root()
         version = self._version
         if tcfg.get("logger") in (None, True) and "logger" not in kwargs:
-            loggers: list[Any] = [
-                RunCSVLogger(save_dir=str(root.parent), name=root.name, version=version)
-            ]
+            loggers: list[Any] = [RunCSVLogger(root.parent, root.name, version)]
             try:
                 import tensorboard  # noqa: F401
                 from pytorch_lightning.loggers import TensorBoardLogger
@@ -184,7 +219,7 @@ class TorchbpCLI(LightningCLI):
             except ImportError:
                 pass
             kwargs["logger"] = loggers
-            ckpt_cb = self._get(self.config_init, "checkpoint", default=None)
+            ckpt_cb = cfg.get("checkpoint")
             if isinstance(ckpt_cb, ModelCheckpoint) and ckpt_cb.dirpath is None:
                 # inside the run folder even when Lightning swaps loggers out (fast_dev_run)
                 ckpt_cb.dirpath = os.path.realpath(root / f"version_{version}" / "checkpoints")
@@ -219,8 +254,18 @@ class TorchbpCLI(LightningCLI):
 
 
 def cli_main(args: ArgsType = None, **kwargs: Any) -> TorchbpCLI:
-    """Run the CLI (e.g. ``cli_main(["fit", "--config", "configs/digits.yaml"])``) and return it."""
-    return TorchbpCLI(args=args, **kwargs)
+    """Run the CLI without Lightning's unactionable warnings, and return it.
+
+    Args:
+        args: Command line arguments (default: ``sys.argv[1:]``), or a config as a dict.
+        **kwargs: Keyword arguments of :class:`TorchbpCLI`.
+
+    Examples::
+
+        cli = cli_main(["fit", "--config", "digits", "--trainer.max_epochs=2"])
+    """
+    with quiet_lightning():
+        return TorchbpCLI(args=args, **kwargs)
 
 
 def main(args: ArgsType = None) -> None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -37,11 +37,21 @@ __all__ = [
     "SyntheticDataModule",
     "TabularFileDataModule",
     "DataConfigError",
+    "DataError",
+    "EpochSeededSampler",
 ]
 
 
 class DataConfigError(ValueError):
-    """Raised for invalid data (missing file or column, bad values, too few rows)."""
+    """Raised for invalid DataModule arguments, e.g. ``val_fraction=1.5``."""
+
+
+class DataError(DataConfigError):
+    """Raised when the data itself is unusable: a missing file or label column, non-numeric or
+    non-finite values, a single class, too few rows for the split.
+
+    A subclass of :class:`DataConfigError`, so ``except DataConfigError`` catches both.
+    """
 
 
 def _rank_world() -> tuple[int, int]:
@@ -59,59 +69,66 @@ class EpochSeededSampler(DistributedSampler):
     - Under ``torch.distributed`` with ``W`` processes, rank ``r`` takes ``order[r::W]``. With a
       per-process batch ``B``, the ``W`` ranks' ``k``-th batches together are exactly the
       single-process run's ``k``-th batch of size ``W*B``, so DDP reproduces the single-process
-      run. For training (``drop_remainder``) the last ``n % W`` samples of each epoch's order are
-      dropped so every rank does the same number of steps; evaluation shards are uneven instead,
-      so every sample is evaluated exactly once.
+      run. With ``drop_last`` (training) the last ``n % W`` samples of each epoch's order are
+      dropped so every rank does the same number of steps; without it (evaluation) the shards
+      are uneven instead of padded, so every sample is evaluated exactly once.
 
-    It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning keeps it
-    rather than substituting its own; rank and world size are read when iterating.
+    Being a :class:`~torch.utils.data.DistributedSampler`, it is kept as is by Lightning, which
+    otherwise replaces a DataLoader's sampler under DDP (``Trainer(use_distributed_sampler=True)``).
+    ``num_replicas`` and ``rank`` default to the initialised process group's, else ``1`` and
+    ``0``: Lightning asks for the dataloaders after setting up the process group.
 
     Args:
-        n: Dataset length.
-        seed: Seed of the order.
+        dataset: The dataset (only its length is used).
+        num_replicas: Number of processes sharing the data.
+        rank: This process's rank.
         shuffle: Random order (else ``0..n-1``).
-        drop_remainder: Under DDP, drop ``n % world_size`` samples (for training).
+        seed: Seed of the order.
+        drop_last: Drop ``n % num_replicas`` samples so every shard has the same length.
+
+    Examples::
+
+        >>> sampler = EpochSeededSampler(range(6), seed=1)
+        >>> sampler.set_epoch(2)
+        >>> sorted(sampler)
+        [0, 1, 2, 3, 4, 5]
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, drop_remainder: bool = True):
-        # DistributedSampler.__init__ is deliberately not called: it would fix rank/world now
-        self.n = n
-        self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_remainder
-        self.epoch = 0
-
-    @property
-    def rank(self) -> int:  # type: ignore[override]
-        return _rank_world()[0]
-
-    @property
-    def num_replicas(self) -> int:  # type: ignore[override]
-        return _rank_world()[1]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        default_rank, default_world = _rank_world()
+        super().__init__(
+            dataset,
+            num_replicas=default_world if num_replicas is None else num_replicas,
+            rank=default_rank if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
 
     def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
+            order = torch.randperm(n, generator=g)
         else:
-            order = torch.arange(self.n)
-        rank, world = _rank_world()
-        if world > 1:
-            if self.drop_last:
-                order = order[: self.n - self.n % world]
-            order = order[rank::world]
-        return iter(order.tolist())
+            order = torch.arange(n)
+        if self.drop_last:
+            order = order[: n - n % self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
-        rank, world = _rank_world()
-        if world == 1:
-            return self.n
+        n = len(self.dataset)
         if self.drop_last:
-            return self.n // world
-        return len(range(rank, self.n, world))
+            return n // self.num_replicas
+        return len(range(self.rank, n, self.num_replicas))
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -134,7 +151,9 @@ class ArrayDataModule(ClassificationDataModule):
     """Base class for datasets that fit in memory as a feature matrix and a label vector.
 
     Subclasses implement ``_load_arrays() -> (X float array (N, F), y int array (N,))``
-    with labels already in ``0..C-1``.
+    with labels already in ``0..C-1``. A subclass's ``__init__`` takes its own arguments and
+    passes the rest on as ``**kwargs``; ``torchbp-train`` (jsonargparse) follows the
+    ``**kwargs`` here, so its help and configs still list every argument.
 
     Args:
         batch_size: Mini-batch size for all splits.
@@ -203,7 +222,7 @@ class ArrayDataModule(ClassificationDataModule):
         n = len(y)
         classes, counts = np.unique(y, return_counts=True)
         if len(classes) < 2:
-            raise DataConfigError(
+            raise DataError(
                 f"the labels contain a single class ({classes.tolist()}); "
                 "classification needs at least 2 classes"
             )
@@ -218,14 +237,14 @@ class ArrayDataModule(ClassificationDataModule):
             math.ceil(k / (1.0 - self.test_fraction - self.val_fraction)),
         )
         if min(n_test, n_val, n_train) < k or n < need:
-            raise DataConfigError(
+            raise DataError(
                 f"too few rows: {n} rows with {k} classes; val_fraction={self.val_fraction} and "
                 f"test_fraction={self.test_fraction} need at least {need} rows so that every "
                 "split can hold one sample per class"
             )
         if counts.min() < 3:
             rare = classes[counts < 3].tolist()
-            raise DataConfigError(
+            raise DataError(
                 f"class(es) {rare} have fewer than 3 samples; a stratified "
                 "train/val/test split needs at least 3 per class"
             )
@@ -272,7 +291,7 @@ class ArrayDataModule(ClassificationDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         ds = self.splits[split]
         sampler = EpochSeededSampler(
-            len(ds), self.seed, shuffle=train and self.shuffle, drop_remainder=train
+            ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
         )
         return DataLoader(
             ds,
@@ -299,14 +318,12 @@ class ArrayDataModule(ClassificationDataModule):
 class DigitsDataModule(ArrayDataModule):
     """scikit-learn's bundled handwritten digits: 1797 8x8 images (64 features), 10 classes.
 
-    Args:
-        batch_size: Mini-batch size for all splits.
-        val_fraction: Fraction of samples in the validation split.
-        test_fraction: Fraction of samples in the test split.
-        seed: Seed of the stratified split and of the shuffling order.
-        standardize: Standardise features with the training split's mean and std.
-        shuffle: Shuffle the training split each epoch.
-        num_workers: DataLoader worker processes (0 is fastest for small data).
+    Takes the arguments of :class:`ArrayDataModule`.
+
+    Examples::
+
+        >>> DigitsDataModule(batch_size=128).num_classes
+        10
     """
 
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -323,28 +340,21 @@ class SklearnToyDataModule(ArrayDataModule):
     Args:
         name: Which dataset.
         batch_size: Mini-batch size for all splits.
-        val_fraction: Fraction of samples in the validation split.
-        test_fraction: Fraction of samples in the test split.
-        seed: Seed of the stratified split and of the shuffling order.
-        standardize: Standardise features with the training split's mean and std.
-        shuffle: Shuffle the training split each epoch.
-        num_workers: DataLoader worker processes (0 is fastest for small data).
+        **kwargs: The other arguments of :class:`ArrayDataModule`.
+
+    Examples::
+
+        >>> SklearnToyDataModule(name="wine", seed=1).num_features
+        13
     """
 
     def __init__(
         self,
         name: Literal["iris", "wine", "breast_cancer"] = "iris",
         batch_size: int = 32,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        standardize: bool = True,
-        shuffle: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size, val_fraction, test_fraction, seed, standardize, shuffle, num_workers
-        )
+        super().__init__(batch_size=batch_size, **kwargs)
         if name not in ("iris", "wine", "breast_cancer"):
             raise DataConfigError(f"unknown toy dataset {name!r}; use iris, wine or breast_cancer")
         self.name = name
@@ -384,13 +394,11 @@ class TabularFileDataModule(ArrayDataModule):
         features_key: For NPZ/``.pt``: key of a 2-D feature array; if absent, every other 1-D
             array is a feature column.
         drop_columns: Columns to ignore (e.g. an id column).
-        batch_size: Mini-batch size for all splits.
-        val_fraction: Fraction of samples in the validation split.
-        test_fraction: Fraction of samples in the test split.
-        seed: Seed of the stratified split and of the shuffling order.
-        standardize: Standardise features with the training split's mean and std.
-        shuffle: Shuffle the training split each epoch.
-        num_workers: DataLoader worker processes (0 is fastest for small data).
+        **kwargs: The arguments of :class:`ArrayDataModule` (``batch_size``, ``seed``, ...).
+
+    Examples::
+
+        dm = TabularFileDataModule("my.csv", label_column="y", drop_columns=["id"], batch_size=128)
     """
 
     def __init__(
@@ -399,17 +407,9 @@ class TabularFileDataModule(ArrayDataModule):
         label_column: str = "label",
         features_key: str = "X",
         drop_columns: list[str] | None = None,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        standardize: bool = True,
-        shuffle: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size, val_fraction, test_fraction, seed, standardize, shuffle, num_workers
-        )
+        super().__init__(**kwargs)
         self.path = str(path)
         self.label_column = label_column
         self.features_key = features_key
@@ -420,22 +420,22 @@ class TabularFileDataModule(ArrayDataModule):
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         p = Path(self.path)
         if not p.is_file():
-            raise DataConfigError(f"data file not found: {os.path.abspath(p)}")
+            raise DataError(f"data file not found: {os.path.abspath(p)}")
         suffix = p.suffix.lower()
         if suffix == ".csv":
             names, X, raw_y = self._read_csv(p)
         elif suffix in (".npz", ".pt", ".pth"):
             names, X, raw_y = self._read_arrays(p)
         else:
-            raise DataConfigError(f"unsupported file type {suffix!r} ({p}); use .csv, .npz or .pt")
+            raise DataError(f"unsupported file type {suffix!r} ({p}); use .csv, .npz or .pt")
         if X.shape[0] == 0:
-            raise DataConfigError(f"{p} has no data rows")
+            raise DataError(f"{p} has no data rows")
         if X.shape[1] == 0:
-            raise DataConfigError(f"{p} has no feature columns besides {self.label_column!r}")
+            raise DataError(f"{p} has no feature columns besides {self.label_column!r}")
         bad = ~np.isfinite(X)
         if bad.any():
             r, c = np.argwhere(bad)[0]
-            raise DataConfigError(
+            raise DataError(
                 f"{p}: non-finite value {X[r, c]} in column {names[c]!r} at row {r + 1} "
                 f"({int(bad.sum())} non-finite value(s) in total); clean or impute the data"
             )
@@ -443,8 +443,8 @@ class TabularFileDataModule(ArrayDataModule):
         self.class_names = np.unique(raw_y).tolist()
         return X, _encode_labels(raw_y)
 
-    def _missing_label(self, p: Path, columns: list[str]) -> DataConfigError:
-        return DataConfigError(
+    def _missing_label(self, p: Path, columns: list[str]) -> DataError:
+        return DataError(
             f"label column {self.label_column!r} not found in {p}; available columns: "
             f"{', '.join(map(str, columns))}"
         )
@@ -455,7 +455,7 @@ class TabularFileDataModule(ArrayDataModule):
             try:
                 header = [h.strip() for h in next(reader)]
             except StopIteration:
-                raise DataConfigError(f"{p} is empty (expected a header row)") from None
+                raise DataError(f"{p} is empty (expected a header row)") from None
             if self.label_column not in header:
                 raise self._missing_label(p, header)
             li = header.index(self.label_column)
@@ -466,7 +466,7 @@ class TabularFileDataModule(ArrayDataModule):
                 if not row or all(not v.strip() for v in row):
                     continue  # blank line
                 if len(row) != len(header):
-                    raise DataConfigError(
+                    raise DataError(
                         f"{p}: row {r} (line {reader.line_num}) has {len(row)} fields, "
                         f"the header has {len(header)}"
                     )
@@ -476,7 +476,7 @@ class TabularFileDataModule(ArrayDataModule):
                     try:
                         vals.append(float(v))
                     except ValueError:
-                        raise DataConfigError(
+                        raise DataError(
                             f"{p}: non-numeric value {v!r} in column {header[i]!r} at row {r} "
                             f"(line {reader.line_num}); feature columns must be numbers "
                             "(drop the column with drop_columns)"
@@ -500,7 +500,7 @@ class TabularFileDataModule(ArrayDataModule):
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
             if not isinstance(obj, dict):
-                raise DataConfigError(f"{p} must hold a dict of tensors, got {type(obj).__name__}")
+                raise DataError(f"{p} must hold a dict of tensors, got {type(obj).__name__}")
             data = {
                 str(k): (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
                 for k, v in obj.items()
@@ -513,7 +513,7 @@ class TabularFileDataModule(ArrayDataModule):
         if self.features_key in data:
             X = np.asarray(data[self.features_key])
             if X.ndim != 2:
-                raise DataConfigError(
+                raise DataError(
                     f"{p}: {self.features_key!r} must be 2-D (rows, features), got {X.shape}"
                 )
             names = [f"{self.features_key}[{j}]" for j in range(X.shape[1])]
@@ -522,14 +522,12 @@ class TabularFileDataModule(ArrayDataModule):
             cols = [np.asarray(data[k]).reshape(-1) for k in names]
             X = np.stack(cols, axis=1) if cols else np.zeros((len(raw_y), 0))
         if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-            raise DataConfigError(f"{p}: features must be real numbers, got dtype {X.dtype}")
+            raise DataError(f"{p}: features must be real numbers, got dtype {X.dtype}")
         if X.shape[0] != raw_y.shape[0]:
-            raise DataConfigError(f"{p}: {X.shape[0]} feature rows but {raw_y.shape[0]} labels")
+            raise DataError(f"{p}: {X.shape[0]} feature rows but {raw_y.shape[0]} labels")
         if raw_y.dtype.kind == "f" and not np.all(np.isfinite(raw_y)):
             r = int(np.argwhere(~np.isfinite(raw_y))[0][0])
-            raise DataConfigError(
-                f"{p}: non-finite label in column {self.label_column!r} at row {r + 1}"
-            )
+            raise DataError(f"{p}: non-finite label in column {self.label_column!r} at row {r + 1}")
         return names, X.astype(np.float64), raw_y
 
 

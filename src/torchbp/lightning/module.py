@@ -3,8 +3,8 @@ backward passes (or, for side-by-side comparison, with stock ``torch.nn``)."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -14,7 +14,10 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-__all__ = ["ERMClassifier", "ACTIVATIONS", "build_mlp"]
+import torchbp.functional
+import torchbp.nn
+
+__all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
 
 #: activation name -> class name in ``torchbp.nn`` / ``torch.nn``
 ACTIVATIONS: dict[str, str] = {
@@ -26,17 +29,19 @@ ACTIVATIONS: dict[str, str] = {
     "silu": "SiLU",
 }
 
-Backend = Literal["torchbp", "torch"]
-Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "gelu", "silu"]
+#: backend name -> its ``(nn, functional)`` modules: torchbp's twins or torch's own
+BACKENDS: dict[str, tuple[ModuleType, ModuleType]] = {
+    "torchbp": (torchbp.nn, torchbp.functional),
+    "torch": (torch.nn, torch.nn.functional),
+}
+
+Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 
 
-def _backend_modules(backend: str) -> tuple[Any, Any]:
-    """``(nn, functional)`` modules of a backend: torchbp's twins or torch's own."""
-    if backend == "torchbp":
-        return importlib.import_module("torchbp.nn"), importlib.import_module("torchbp.functional")
-    if backend == "torch":
-        return torch.nn, torch.nn.functional
-    raise ValueError(f"unknown backend {backend!r}; use 'torchbp' or 'torch'")
+def _check_choice(kind: str, value: str, choices: dict[str, Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
 
 
 def build_mlp(
@@ -53,11 +58,9 @@ def build_mlp(
     Layers are constructed in the same order for both backends, and torchbp.nn mirrors
     torch.nn's initialisation, so the same RNG state gives identical weights.
     """
-    nn, _ = _backend_modules(backend)
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-        )
+    _check_choice("backend", backend, BACKENDS)
+    _check_choice("activation", activation, ACTIVATIONS)
+    nn = BACKENDS[backend][0]
     act_cls = getattr(nn, ACTIVATIONS[activation])
     layers: list[torch.nn.Module] = []
     sizes = [input_size, *hidden_sizes]
@@ -140,12 +143,8 @@ class ERMClassifier(pl.LightningModule):
         bad = [h for h in hidden_sizes if int(h) != h or h < 1]
         if bad:
             raise ValueError(f"hidden_sizes must be positive integers, got {hidden_sizes}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
-            )
-        if backend not in ("torchbp", "torch"):
-            raise ValueError(f"unknown backend {backend!r}; use 'torchbp' or 'torch'")
+        _check_choice("activation", activation, ACTIVATIONS)
+        _check_choice("backend", backend, BACKENDS)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if class_weight is not None and len(class_weight) != num_classes:
@@ -188,7 +187,7 @@ class ERMClassifier(pl.LightningModule):
     @property
     def _F(self) -> Any:
         """The backend's functional module (``torchbp.functional`` or ``torch.nn.functional``)."""
-        return _backend_modules(self.backend)[1]
+        return BACKENDS[self.backend][1]
 
     # -- optimisation ---------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:

@@ -1,0 +1,108 @@
+"""RunCSVLogger: ``metrics.csv`` and ``hparams.yaml`` of one run folder, kept across resumes."""
+
+from __future__ import annotations
+
+import csv
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.core.saving import save_hparams_to_yaml
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
+
+__all__ = ["RunCSVLogger"]
+
+
+class RunCSVLogger(Logger):
+    """Writes ``metrics.csv`` and ``hparams.yaml`` into a run folder ``<root>/<name>/version_<n>``.
+
+    ``metrics.csv`` has the layout of Lightning's CSVLogger (one row per logging call; columns:
+    the sorted metric names, among them ``epoch`` and ``step``), but a run resumed in the same
+    folder appends to it, where Lightning's CSVLogger would delete it. The run folder is also
+    the logger's ``save_dir``, so ``trainer.log_dir`` (where the CLI saves ``config.yaml``) is
+    the run folder.
+
+    Args:
+        root: Folder holding the runs' folders (``runs``).
+        name: Run name: the folder under ``root``.
+        version: Version number: the run folder is ``<root>/<name>/version_<version>``.
+
+    Examples::
+
+        logger = RunCSVLogger("runs", "digits", version=0)
+        trainer = Trainer(logger=logger)  # writes runs/digits/version_0/metrics.csv
+    """
+
+    METRICS_FILE = "metrics.csv"
+    HPARAMS_FILE = "hparams.yaml"
+
+    def __init__(self, root: str | Path, name: str, version: int) -> None:
+        super().__init__()
+        self._root = Path(root)
+        self._name = name
+        self._version = version
+        self._pending: list[dict[str, Any]] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        """The run folder."""
+        return str(self._root / self._name / f"version_{self._version}")
+
+    @property
+    def save_dir(self) -> str:
+        """The run folder (Lightning's ``trainer.log_dir`` for a custom first logger)."""
+        return self.log_dir
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.log_dir) / self.METRICS_FILE
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kw: Any) -> None:
+        params = vars(params) if isinstance(params, Namespace) else dict(params)
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        save_hparams_to_yaml(Path(self.log_dir) / self.HPARAMS_FILE, params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._pending.append({**metrics, "step": step})
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Append the rows logged since the last call to ``metrics.csv``; the whole file is
+        rewritten (old rows included) only when a new column appears."""
+        if not self._pending:
+            return
+        rows, self._pending = self._pending, []
+        path = self.metrics_file
+        columns = set().union(*rows)
+        header: list[str] = []
+        old_rows: list[dict[str, str]] = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                if not columns <= set(header):
+                    old_rows = list(reader)
+        if header and columns <= set(header):
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerows(rows)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted(columns.union(header)))
+            writer.writeheader()
+            writer.writerows([*old_rows, *rows])
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()

@@ -1,0 +1,180 @@
+"""The parts of ``torchbp-train``: bundled configs and how they are named, short error
+messages, hidden Lightning noise, and the run folder's CSV logger."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.lightning.lightning_helpers import REPO, run_cli
+
+from torchbp.lightning.config_files import (
+    CONFIG_DIR,
+    DEFAULT_CONFIG,
+    bundled_configs,
+    describe_bundled_configs,
+    with_config_files,
+)
+from torchbp.lightning.console import headline, quiet_lightning
+from torchbp.lightning.run_logger import RunCSVLogger
+
+DIGITS = str(CONFIG_DIR / "digits.yaml")
+
+
+# -- bundled configs ----------------------------------------------------------------------------
+def test_bundled_configs():
+    names = set(bundled_configs())
+    assert {"digits", "digits_native", "iris", "wine", "breast_cancer"} <= names
+    assert {"synthetic_large", "ddp_cpu"} <= names and DEFAULT_CONFIG in names
+
+
+def test_bundled_configs_are_package_data():
+    """``pip install`` ships every bundled config (pyproject's package-data names them)."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["torchbp"]
+    package = REPO / "src/torchbp"
+    for path in bundled_configs().values():
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, pattern) for pattern in patterns), rel
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["fit"], ["fit", "--config", DIGITS]),
+        (["fit", "--trainer.max_epochs=2"], ["fit", "--config", DIGITS, "--trainer.max_epochs=2"]),
+        (["test", "--ckpt_path", "x.ckpt"], ["test", "--config", DIGITS, "--ckpt_path", "x.ckpt"]),
+        (["fit", "--config", "iris"], ["fit", "--config", str(CONFIG_DIR / "iris.yaml")]),
+        (["fit", "-c", "wine"], ["fit", "-c", str(CONFIG_DIR / "wine.yaml")]),
+        (["fit", "--config=wine"], ["fit", f"--config={CONFIG_DIR / 'wine.yaml'}"]),
+        (["fit", "--config", "my.yaml"], ["fit", "--config", "my.yaml"]),
+        (["fit", "-cmy.yaml"], ["fit", "-cmy.yaml"]),
+        (["--help"], ["--help"]),
+        ([], []),
+    ],
+)
+def test_with_config_files(args, expected):
+    assert with_config_files(args) == expected
+
+
+def test_an_existing_file_wins_over_a_bundled_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("iris").write_text("seed_everything: 3\n")
+    assert with_config_files(["fit", "--config", "iris"]) == ["fit", "--config", "iris"]
+
+
+def _printed_config(capsys, *args: str) -> dict:
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", *args, "--print_config")
+    assert e.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_no_config_and_config_by_name_equal_the_files(capsys):
+    by_file = _printed_config(capsys, "--config", DIGITS)
+    assert _printed_config(capsys) == by_file
+    assert _printed_config(capsys, "--config", "digits") == by_file
+    iris = _printed_config(capsys, "--config", "iris")
+    assert iris == _printed_config(capsys, "--config", str(CONFIG_DIR / "iris.yaml"))
+    assert iris["data"]["init_args"]["name"] == "iris"
+
+
+def test_options_after_the_default_config_override_it(capsys):
+    cfg = _printed_config(capsys, "--model.hidden_sizes=[32]", "--trainer.max_epochs=3")
+    assert cfg["model"]["hidden_sizes"] == [32] and cfg["trainer"]["max_epochs"] == 3
+    assert cfg["model"]["optimizer"]["init_args"]["lr"] == 0.002  # the rest is digits.yaml's
+
+
+def test_help_names_the_bundled_configs(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert describe_bundled_configs() in out and "digits_native" in out
+
+
+# -- messages -----------------------------------------------------------------------------------
+NESTED = """Parser key "data":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'ClassificationDataModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'torchbp.lightning.data.DigitsDataModule':
+        Parser key "batch_size":
+          Expected a <class 'int'>. Got value: x
+    - Expected a <class 'NoneType'>"""
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        (
+            "Parser key \"model.hidden_sizes\":\n  Expected a <class 'list'>. Got value: oops",
+            "model.hidden_sizes: Expected a <class 'list'>. Got value: oops",
+        ),
+        (NESTED, "data.batch_size: Expected a <class 'int'>. Got value: x"),
+        ("unrecognized arguments: --nope 3", "unrecognized arguments: --nope 3"),
+    ],
+)
+def test_headline(message, expected):
+    assert headline(message) == expected
+
+
+def test_long_parse_error_keeps_its_details_after_the_cause(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--data.init_args.batch_size=x")
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: data.batch_size: Expected a <class 'int'>. Got value: x", lines
+    assert lines[-1].startswith("tip: ") and len(lines) > 3
+
+
+def test_quiet_lightning_hides_unactionable_noise(caplog):
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            message = "`isinstance(treespec, LeafSpec)` is deprecated, use ..."
+            warnings.warn(message, FutureWarning, stacklevel=1)
+            rank_zero_info("💡 Tip: For seamless cloud logging, try litlogger")
+            rank_zero_info("GPU available: False, used: False")
+        warnings.warn("a warning outside the block", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["a warning outside the block"]
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+# -- run logger ---------------------------------------------------------------------------------
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_run_logger_writes_lightnings_layout_and_appends_on_resume(tmp_path):
+    logger = RunCSVLogger(tmp_path, "digits", version=0)
+    run = tmp_path / "digits/version_0"
+    assert logger.log_dir == logger.save_dir == str(run)
+    assert (logger.name, logger.version) == ("digits", 0)
+    logger.log_hyperparams({"hidden_sizes": [256], "activation": "relu"})
+    assert yaml.safe_load((run / "hparams.yaml").read_text())["hidden_sizes"] == [256]
+    logger.log_metrics({"val/acc": 0.5, "epoch": 0}, step=9)
+    logger.save()
+    logger.log_metrics({"train/loss": 1.5, "epoch": 0}, step=9)  # a new column: rewritten
+    logger.save()
+    header, rows = _read_csv(run / "metrics.csv")
+    assert header == ["epoch", "step", "train/loss", "val/acc"]
+    assert rows == [
+        {"epoch": "0", "step": "9", "train/loss": "", "val/acc": "0.5"},
+        {"epoch": "0", "step": "9", "train/loss": "1.5", "val/acc": ""},
+    ]
+    resumed = RunCSVLogger(tmp_path, "digits", version=0)  # a resumed run: same folder
+    resumed.log_metrics({"val/acc": 0.75, "epoch": 1}, step=19)
+    resumed.finalize("success")
+    header, rows = _read_csv(run / "metrics.csv")
+    assert len(rows) == 3 and rows[-1]["val/acc"] == "0.75" and rows[0]["val/acc"] == "0.5"
