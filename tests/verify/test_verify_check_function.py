@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import torchbp.verify
 from torchbp.verify import CHECKS, CheckResult, Report, check_function, tolerances
 
 
@@ -159,7 +161,7 @@ def test_bad_input_gives_a_clear_error(call, error, match):
     with pytest.raises(error, match=match) as info:
         call()
     # raised by check_function itself, not from deep inside torch
-    assert info.traceback[-1].path.name == "checks.py"
+    assert Path(torchbp.verify.__file__).parent in Path(info.traceback[-1].path).parents
 
 
 def test_tolerances_are_dtype_aware():
@@ -270,3 +272,15 @@ def test_view_in_backward_fails_for_strided_grad_output():
     report = check_function(ViewLinear, _x(2, 3, 4), _x(5, 4), checks=["grad_output_safety"])
     assert report["grad_output_safety"].failed
     assert "use .reshape()" in report["grad_output_safety"].message
+
+
+def test_check_table_lists_every_check_once_in_run_order():
+    from torchbp.verify import CHECK_DESCRIPTIONS
+    from torchbp.verify.checks import CHECK_TABLE
+
+    assert tuple(c.name for c in CHECK_TABLE) == CHECKS
+    assert CHECKS[0] == "forward" and len(set(CHECKS)) == len(CHECKS)
+    assert CHECK_DESCRIPTIONS == {c.name: c.description for c in CHECK_TABLE}
+    assert all(callable(c.run) and c.description for c in CHECK_TABLE)
+    report = check_function(torch.tanh, _x(3), checks=["reference", "gradcheck"])
+    assert report.names() == ["forward", "gradcheck", "reference"]

@@ -166,10 +166,6 @@ def _elementwise(shape: tuple[int, ...], kink: bool = False, transpose=False, sc
     return build
 
 
-def _at_kink(g: torch.Generator) -> tuple[torch.Tensor]:
-    return (torch.tensor([[-1.0, 0.0, 1.0], [0.0, -0.0, 2.0]], dtype=torch.float64),)
-
-
 def _activation_cases(op: str, kink: bool, **kwargs: Any) -> list[Case]:
     label = "-".join(f"{k}={v}" for k, v in kwargs.items())
 
@@ -275,10 +271,6 @@ def _with_weight(build: Builder, c: int) -> Builder:
         return (*build(g), _class_weight(c))
 
     return b
-
-
-def _unbatched_logp(g: torch.Generator):
-    return torch.log_softmax(_randn(g, 5), 0), torch.tensor(3)
 
 
 def _nll_cases() -> list[Case]:

@@ -195,8 +195,6 @@ def run(
     Returns:
         One :class:`Outcome` per job.
     """
-    import torch._dynamo
-
     outcomes: list[Outcome] = []
     compiled: set[tuple[str, str]] = set()
     for job in jobs:
@@ -204,7 +202,7 @@ def run(
             progress.update(task, description=f"{job.case.label} ({job.device}, {job.dtype})")
         opts = _options(job, args, compiled)
         if "compile" in opts["checks"]:
-            torch._dynamo.reset()
+            torch.compiler.reset()
         try:
             report = check_function(
                 job.case.fn(), *job.case.inputs(), reference=job.case.reference(), **opts

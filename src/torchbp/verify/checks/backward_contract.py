@@ -1,0 +1,179 @@
+"""Checks of what backward owes autograd beyond correct values: ``undefined_grad`` (None
+grad_outputs), ``grad_shapes`` (raw gradient shapes of each custom Function) and
+``grad_output_safety`` (no in-place writes, any grad_output memory layout)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from torchbp.verify.checks.compare import require_close, shape_text
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+
+__all__ = ["check_grad_output_safety", "check_grad_shapes", "check_undefined_grad"]
+
+
+def check_undefined_grad(ctx: CheckContext) -> Passed:
+    """torch's undefined-grad test: backward with some output grads None must treat them
+    as zeros; skipped when gradcheck failed."""
+    if ctx.failed("gradcheck"):
+        raise CheckSkip("skipped because gradcheck failed")
+    diff = ctx.leaves()
+    # torch's own test of this lives in a private helper of its gradcheck module; without
+    # it, the public gradcheck runs it too, but only in float64
+    gc_module = sys.modules.get("torch.autograd.gradcheck")
+    private = getattr(gc_module, "_test_undefined_backward_mode", None)
+    try:
+        if private is not None:
+            private(ctx.diff_fn, ctx.diff_fn(*diff), tuple(diff))
+        elif ctx.dtype == torch.float64:
+            torch.autograd.gradcheck(
+                ctx.diff_fn, tuple(diff), fast_mode=True, check_undefined_grad=True
+            )
+        else:
+            raise CheckSkip("needs float64 inputs with this torch version")
+    except CheckSkip:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        msg = explain_error(exc)
+        if "undefined" not in msg:
+            msg = f"backward fails when an output gradient is undefined (None): {msg}"
+        raise CheckFailure(msg) from None
+    return Passed("undefined output grads treated as zeros")
+
+
+def _function_nodes(outs: list[torch.Tensor]) -> list[Any]:
+    """The custom autograd.Function nodes in the graph of ``outs``."""
+    nodes, seen, stack = [], set(), [o.grad_fn for o in outs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            nodes.append(node)
+        stack.extend(nf for nf, _ in node.next_functions if nf is not None)
+    return nodes
+
+
+def check_grad_shapes(ctx: CheckContext) -> Passed:
+    """Replays each custom Function node's backward on the grad_outputs it received and
+    compares the raw gradient shapes with its inputs' (eager autograd would sum them)."""
+    leaves = ctx.leaves()
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    nodes = _function_nodes(outs)
+    if not nodes:
+        raise CheckSkip("no custom autograd.Function in the graph")
+    captured: dict[Any, tuple] = {}
+    handles = [
+        n.register_prehook(lambda go, n=n: captured.__setitem__(n, tuple(go))) for n in nodes
+    ]
+    try:
+        vs = ctx.randn_like_outputs(outs)
+        torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    checked = 0
+    for node, go in captured.items():
+        cls_name = getattr(node, "_forward_cls", type(node)).__name__
+        try:
+            raw = node.apply(*go)
+        except Exception as exc:  # noqa: BLE001
+            msg = f"backward of {cls_name} failed: {explain_error(exc)}"
+            raise CheckFailure(msg) from None
+        raw = raw if isinstance(raw, tuple) else (raw,)
+        for i, ((nf, slot), grad) in enumerate(zip(node.next_functions, raw)):
+            if nf is None or not isinstance(grad, torch.Tensor):
+                continue
+            if hasattr(nf, "variable"):
+                expected = tuple(nf.variable.shape)
+            else:
+                meta = getattr(nf, "_input_metadata", None)
+                if meta is None:
+                    continue
+                expected = tuple(meta[slot].shape)
+            checked += 1
+            if tuple(grad.shape) != expected:
+                raise CheckFailure(
+                    f"backward of {cls_name} returned a gradient of shape {shape_text(grad)} "
+                    f"for its input {i}, which has shape {shape_text(expected)}: reduce it over "
+                    "the broadcast (leading) dims yourself - autograd silently sums it in eager "
+                    "mode, which hides the bug"
+                )
+    return Passed(f"{checked} gradient(s) of {len(captured)} Function node(s) checked")
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout (transposed storage)."""
+    if t.dim() >= 2:
+        buf = torch.empty(tuple(reversed(t.shape)), dtype=t.dtype, device=t.device)
+        out = buf.permute(*reversed(range(t.dim())))
+        out.copy_(t)
+        return out
+    if t.dim() == 1 and t.numel() > 0:
+        buf = torch.empty(t.shape[0] * 2, dtype=t.dtype, device=t.device)
+        out = buf[::2]
+        out.copy_(t)
+        return out
+    return t.clone()
+
+
+def _other_layouts(vs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """The grad_outputs ``vs`` in non-contiguous layouts, by a label for messages."""
+    return {
+        "non-contiguous (strided)": [_strided_copy(v) for v in vs],
+        "expanded (stride-0, as from .sum())": [
+            v.reshape(-1)[:1].reshape(()).expand(v.shape) if v.numel() else v for v in vs
+        ],
+    }
+
+
+def check_grad_output_safety(ctx: CheckContext) -> Passed:
+    """backward must not write into grad_output or the inputs, and must give the same
+    gradients for strided and expanded grad_outputs as for contiguous ones."""
+    tolerance = ctx.parity_tolerances()
+    inputs_before = [a.detach().clone() for a in ctx.args if isinstance(a, torch.Tensor)]
+    leaves = ctx.leaves()
+    leaves_before = [x.detach().clone() for x in leaves]
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    vs = ctx.randn_like_outputs(outs)
+    vs_copy = [v.clone() for v in vs]
+    try:
+        torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"backward failed: {explain_error(exc)}") from None
+    for o, (v, vc) in enumerate(zip(vs, vs_copy)):
+        if not torch.equal(v, vc) and not (v.isnan() | vc.isnan()).any():
+            raise CheckFailure(
+                f"backward modified grad_output {o} in place: never write into grad_output "
+                "(it may be shared with other nodes or be an expanded tensor)"
+            )
+    worst = (0.0, 0.0)
+    for label, strided in _other_layouts(vs).items():
+        dense = [s.contiguous() for s in strided]
+        try:
+            got = torch.autograd.grad(outs, leaves, strided, retain_graph=True, allow_unused=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailure(
+                f"backward fails for a {label} grad_output: {explain_error(exc)}"
+            ) from None
+        exp = torch.autograd.grad(outs, leaves, dense, retain_graph=True, allow_unused=True)
+        for k, (a, e) in enumerate(zip(got, exp)):
+            if a is None or e is None:
+                continue
+            problem = f"gradient of {ctx.input_name(k)} changes when grad_output is {label}"
+            note = " (backward depends on memory layout)"
+            worst = max(worst, require_close(a, e, tolerance, problem, note=note))
+    for k, (x, xb) in enumerate(zip(leaves, leaves_before)):
+        if not torch.equal(x.detach(), xb) and not x.isnan().any():
+            raise CheckFailure(f"forward or backward modified {ctx.input_name(k)} in place")
+    after = [a for a in ctx.args if isinstance(a, torch.Tensor)]
+    for a, b in zip(after, inputs_before):
+        if not torch.equal(a, b) and not a.isnan().any():
+            raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
+    return Passed("grad_output intact; strided and expanded grads accepted", *worst)

@@ -1,0 +1,143 @@
+"""Comparing tensors: dtype-aware tolerances, error figures and the worst mismatch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from torchbp.verify.checks.outcomes import CheckFailure
+
+__all__ = [
+    "float_tensors",
+    "max_errors",
+    "mismatch",
+    "require_close",
+    "shape_text",
+    "tolerances",
+    "unravel",
+]
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """Return ``(atol, rtol)`` used to compare two computations of the same op in ``dtype``.
+
+    Args:
+        dtype: the floating dtype of the tensors compared.
+
+    Returns:
+        ``(atol, rtol)``; a value ``a`` matches the expected ``b`` when
+        ``|a - b| <= atol + rtol * |b|``.
+
+    Examples:
+        >>> tolerances(torch.float32)
+        (1e-05, 1e-05)
+    """
+    return {
+        torch.float64: (1e-7, 1e-7),
+        torch.float32: (1e-5, 1e-5),
+        torch.float16: (1e-3, 1e-3),
+        torch.bfloat16: (1e-2, 1.6e-2),
+    }.get(dtype, (1e-5, 1e-5))
+
+
+def float_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in ``out`` (a tensor or any nested structure of them)."""
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def shape_text(t: torch.Tensor | torch.Size | Sequence[int]) -> str:
+    """A shape written as a Python tuple, e.g. ``(3,)`` or ``(2, 4)``.
+
+    Examples:
+        >>> shape_text((3,)), shape_text(torch.zeros(2, 4))
+        ('(3,)', '(2, 4)')
+    """
+    dims = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+    return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """Max abs error and error relative to the expected tensor's largest magnitude."""
+    if actual.numel() == 0:
+        return 0.0, 0.0
+    a = actual.detach().to(torch.float64)
+    b = expected.detach().to(torch.float64)
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    same_inf = torch.isinf(a) & (a == b)
+    diff = (a - b).abs().masked_fill(both_nan | same_inf, 0.0)
+    abs_err = float(diff.max())
+    finite_b = b.abs().masked_fill(~torch.isfinite(b), 0.0)
+    scale = float(finite_b.max())
+    rel_err = abs_err / scale if scale > 0 else (0.0 if abs_err == 0 else math.inf)
+    return abs_err, rel_err
+
+
+def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The multi-dimensional index of position ``flat`` in a row-major tensor of ``shape``.
+
+    Examples:
+        >>> unravel(5, (2, 3))
+        (1, 2)
+    """
+    out = []
+    for size in reversed(tuple(shape)):
+        out.append(flat % size)
+        flat //= size
+    return tuple(reversed(out))
+
+
+def mismatch(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float
+) -> tuple[float, float, tuple[int, ...]] | None:
+    """Return None if close, else (abs_err, rel_err, index_of_worst) (NaNs must match)."""
+    a = actual.detach().to(torch.float64)
+    b = expected.detach().to(torch.float64)
+    if a.numel() == 0:
+        return None
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    inf_ok = torch.isinf(a) & (a == b)
+    excess = (a - b).abs() - (atol + rtol * b.abs())
+    excess = excess.masked_fill(inf_ok | (nan_a & nan_b), -1.0)
+    excess = excess.masked_fill(nan_a ^ nan_b, math.inf)
+    if float(excess.max()) <= 0:
+        return None
+    flat = int(excess.reshape(-1).argmax())
+    index = unravel(flat, a.shape)
+    abs_err, rel_err = max_errors(a, b)
+    if bool((nan_a ^ nan_b).any()):
+        abs_err = rel_err = math.nan
+    return abs_err, rel_err, index
+
+
+def require_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tolerance: tuple[float, float],
+    problem: str,
+    *,
+    note: str = "",
+    show_index: bool = False,
+) -> tuple[float, float]:
+    """``(max abs, max rel)`` error of ``actual`` against ``expected``, or a failed check.
+
+    Args:
+        actual: the values under test.
+        expected: the values they must match.
+        tolerance: ``(atol, rtol)``.
+        problem: what went wrong, e.g. ``"vmap output 0 differs from a Python loop"``.
+        note: appended to the message, e.g. a likely cause in parentheses.
+        show_index: name the index of the worst mismatch in the message.
+
+    Raises:
+        CheckFailure: ``"<problem>: max abs error <err>[ at index <i>]<note>"`` when some
+            value is out of tolerance (NaNs must match).
+    """
+    bad = mismatch(actual, expected, *tolerance)
+    if bad:
+        where = f" at index {bad[2]}" if show_index else ""
+        raise CheckFailure(f"{problem}: max abs error {bad[0]:.1e}{where}{note}", bad[0], bad[1])
+    return max_errors(actual, expected)

@@ -1,0 +1,96 @@
+""":class:`CheckContext`: what every check reads (the function, prepared inputs, reference,
+dtype, device, options) and what one check leaves for a later one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchbp.verify.checks.compare import float_tensors, tolerances
+from torchbp.verify.report import FAIL, CheckResult
+
+if TYPE_CHECKING:
+    from torchbp.verify.checks.options import Options
+
+__all__ = ["CheckContext"]
+
+
+@dataclass(eq=False)
+class CheckContext:
+    """The function under test on its prepared inputs, shared by the checks of one run.
+
+    Args:
+        fn: the callable under test (a Function's ``apply``).
+        args: the prepared positional inputs (cast, moved and detached).
+        grad_idx: positions in ``args`` of the inputs that get gradients.
+        reference: the callable ``fn`` must match, or None.
+        options: the validated options of ``check_function``.
+    """
+
+    fn: Callable[..., Any]
+    args: list[Any]
+    grad_idx: list[int]
+    reference: Callable[..., Any] | None
+    options: Options
+    #: Shapes of fn's floating-point outputs (set by the forward check, which runs first).
+    out_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: Results of the checks that ran so far, by name (later checks may depend on them).
+    results: dict[str, CheckResult] = field(default_factory=dict)
+    #: Numerical Jacobian of :meth:`diff_fn`, computed once (see ``checks.numerical``).
+    numerical_jacobian: list[list[torch.Tensor]] | None = None
+    #: The device of the inputs and the dtype of the differentiable ones.
+    device: torch.device = field(init=False)
+    dtype: torch.dtype = field(init=False)
+    #: Seeded source of the random grad_outputs and projections (shared by all checks).
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.device = next(a.device for a in self.args if isinstance(a, torch.Tensor))
+        self.dtype = self.args[self.grad_idx[0]].dtype
+        self.generator = torch.Generator().manual_seed(int(self.options.seed))
+
+    def failed(self, name: str) -> bool:
+        """True if the check ``name`` already ran and failed."""
+        result = self.results.get(name)
+        return result is not None and result.status == FAIL
+
+    def randn(self, shape: torch.Size | Sequence[int], dtype: torch.dtype | None = None):
+        """Seeded standard-normal values (drawn in float64, then cast) on fn's device."""
+        t = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float64)
+        return t.to(device=self.device, dtype=dtype or self.dtype)
+
+    def randn_like_outputs(self, outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """One random grad_output per output, of its shape and dtype."""
+        return [self.randn(o.shape, o.dtype) for o in outs]
+
+    def leaves(self) -> list[torch.Tensor]:
+        """Fresh differentiable copies of the grad inputs."""
+        return [self.args[i].detach().clone().requires_grad_(True) for i in self.grad_idx]
+
+    def call(self, fn: Callable[..., Any], diff: Sequence[torch.Tensor]) -> Any:
+        """Call ``fn`` on the inputs, with ``diff`` in place of the grad inputs."""
+        full = list(self.args)
+        for i, t in zip(self.grad_idx, diff):
+            full[i] = t
+        return fn(*full)
+
+    def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """fn of the differentiable inputs only, returning its floating-point outputs."""
+        return tuple(float_tensors(self.call(self.fn, diff)))
+
+    def input_name(self, k: int) -> str:
+        """How messages name the ``k``-th differentiable input, e.g. ``"input 0"``."""
+        return f"input {self.grad_idx[k]}"
+
+    def parity_tolerances(self, dtype: torch.dtype | None = None) -> tuple[float, float]:
+        """``(atol, rtol)`` for comparing two computations: :func:`tolerances` of ``dtype``
+        (fn's dtype by default), unless the options override them."""
+        atol, rtol = tolerances(dtype or self.dtype)
+        if self.options.parity_atol is not None:
+            atol = float(self.options.parity_atol)
+        if self.options.parity_rtol is not None:
+            rtol = float(self.options.parity_rtol)
+        return atol, rtol

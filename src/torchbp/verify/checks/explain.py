@@ -1,0 +1,117 @@
+"""Plain-word messages for the exceptions torch raises while a check runs."""
+
+from __future__ import annotations
+
+__all__ = ["explain_error", "first_line"]
+
+#: (text found in torch's message or its causes, what it means and how to fix it)
+_EXPLANATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "override the setup_context staticmethod",
+        "Function lacks setup_context: torch.func transforms cannot use it (write "
+        "forward(*args) without ctx plus a setup_context(ctx, inputs, output) staticmethod)",
+    ),
+    (
+        "does not have vmap support",
+        "Function has no vmap rule: set generate_vmap_rule = True (or write a vmap staticmethod)",
+    ),
+    (
+        "must implement the jvp function",
+        "Function has no jvp: forward-mode AD (torch.func.jvp, jacfwd, check_forward_ad) is "
+        "unsupported",
+    ),
+    (
+        "differentiate twice",
+        "backward is not differentiable: double backward unsupported (once_differentiable?)",
+    ),
+    (
+        "Expected backward function to handle undefined output grads",
+        "backward does not handle undefined output gradients: treat a None grad_output as "
+        "zeros (or return None for it)",
+    ),
+    (
+        "Expected all input grads to be undefined or zero",
+        "backward returns non-zero gradients when every output gradient is undefined/zero",
+    ),
+    (
+        "Unsupported custom jvp",
+        "torch.compile cannot capture a Function that defines jvp (a PyTorch limitation): "
+        "use a jvp-free twin class when torch.compiler.is_compiling()",
+    ),
+    (
+        "refers to a single memory location",
+        "backward writes in place into grad_output, which may be an expanded (stride-0) "
+        "tensor: never modify grad_output in place",
+    ),
+    (
+        "view size is not compatible with input tensor's size and stride",
+        "backward calls .view() on a non-contiguous tensor (e.g. a transposed grad_output): "
+        "use .reshape()",
+    ),
+    (
+        "modified by an inplace operation",
+        "a tensor saved for backward was modified in place before backward ran",
+    ),
+    (
+        "returned an incorrect number of gradients",
+        "backward returned the wrong number of gradients: return one per forward input "
+        "(None for non-tensor or non-differentiable inputs)",
+    ),
+    (
+        "returned an invalid gradient at index",
+        "backward returned a gradient whose shape cannot be summed to its input's shape",
+    ),
+    (
+        "has_fw_view",
+        "jvp returned a view of a tangent (e.g. tangent.expand(...)) for an output that is not "
+        "a view: return a new tensor (e.g. add .clone())",
+    ),
+    (
+        "does not require grad and does not have a grad_fn",
+        "an output or gradient is detached from the graph (computed under no_grad, "
+        ".detach() or once_differentiable)",
+    ),
+)
+
+
+def first_line(text: str, limit: int = 240) -> str:
+    """The first non-blank line of ``text``, cut to ``limit`` characters.
+
+    Examples:
+        >>> first_line("\\n  Jacobian mismatch for output 0\\n details")
+        'Jacobian mismatch for output 0'
+    """
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def explain_error(exc: BaseException) -> str:
+    """Turn an exception raised by torch while checking into a one-line plain-word message.
+
+    Args:
+        exc: the exception.
+
+    Returns:
+        A known cause with its fix where the message (or one of its causes) is recognised;
+        otherwise ``"<ExceptionType>: <first line>"``, plus Dynamo's explanation if any.
+
+    Examples:
+        >>> explain_error(RuntimeError("... must override the setup_context staticmethod ..."))[:33]
+        'Function lacks setup_context: tor'
+    """
+    text = str(exc)
+    chain = [text]
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(chain) < 5:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    full = "\n".join(chain)
+    for needle, message in _EXPLANATIONS:
+        if needle in full:
+            return message
+    message = f"{type(exc).__name__}: {first_line(text)}"
+    if "Explanation:" in text:  # Dynamo errors put the cause on a later line
+        explanation = text.split("Explanation:", 1)[1].strip().split(". ")[0]
+        message += f" ({first_line(explanation, 200)})"
+    return message

@@ -1,0 +1,187 @@
+"""Jacobians three ways (finite differences, backward, jvp) and their comparison.
+
+A Jacobian is a list over inputs ``k`` of lists over outputs ``o`` of float64 CPU matrices
+``J[k][o]`` of shape ``(out_o.numel(), in_k.numel())``. The functions take the inputs as
+positional tensors and return a tuple of output tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from torchbp.verify.checks.compare import max_errors, mismatch, unravel
+
+__all__ = [
+    "FULL_JACOBIAN_LIMIT",
+    "analytical_jacobian",
+    "compare_jacobians",
+    "forward_jacobian",
+    "jacobian_size",
+    "numerical_jacobian",
+    "projected_backward_error",
+]
+
+Jacobian = list[list[torch.Tensor]]
+Func = Callable[..., Sequence[torch.Tensor]]
+
+#: Beyond this many Jacobian entries, errors are measured on random projections v^T J u
+#: instead of the full Jacobian (the pass/fail verdict still comes from torch's gradcheck).
+FULL_JACOBIAN_LIMIT = 4096
+
+
+def _zeros(outs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Jacobian:
+    return [[torch.zeros(o.numel(), x.numel(), dtype=torch.float64) for o in outs] for x in inputs]
+
+
+def jacobian_size(func: Func, inputs: Sequence[torch.Tensor], grad_mode: bool = False) -> int:
+    """Number of entries of the Jacobian of ``func`` at ``inputs``."""
+    with torch.set_grad_enabled(grad_mode):
+        outs = func(*[x.detach() for x in inputs])
+    n_out = sum(o.numel() for o in outs)
+    return n_out * sum(x.numel() for x in inputs)
+
+
+def numerical_jacobian(
+    func: Func, inputs: Sequence[torch.Tensor], eps: float, grad_mode: bool = False
+) -> Jacobian:
+    """J[k][o] of shape (out_o.numel(), in_k.numel()) by central differences."""
+    base = [x.detach().clone() for x in inputs]
+    with torch.set_grad_enabled(grad_mode):
+        outs = func(*base)
+        jac = _zeros(outs, base)
+        for k, x in enumerate(base):
+            flat = x.reshape(-1).clone()
+            for j in range(flat.numel()):
+                vals = []
+                for sign in (1.0, -1.0):
+                    pert = flat.clone()
+                    pert[j] += sign * eps
+                    args = list(base)
+                    args[k] = pert.reshape(x.shape)
+                    vals.append(func(*args))
+                for o, (hi, lo) in enumerate(zip(*vals)):
+                    hi, lo = hi.detach(), lo.detach()
+                    d = (hi.to(torch.float64) - lo.to(torch.float64)) / (2 * eps)
+                    jac[k][o][:, j] = d.reshape(-1).cpu()
+    return jac
+
+
+def analytical_jacobian(func: Func, inputs: Sequence[torch.Tensor]) -> Jacobian:
+    """J[k][o] by one backward per output element."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outs = func(*leaves)
+    jac = _zeros(outs, leaves)
+    for o, out in enumerate(outs):
+        if not out.requires_grad:
+            continue
+        for m in range(out.numel()):
+            v = torch.zeros_like(out).reshape(-1)
+            v[m] = 1
+            grads = torch.autograd.grad(
+                out, leaves, v.reshape(out.shape), retain_graph=True, allow_unused=True
+            )
+            for k, gk in enumerate(grads):
+                if gk is not None:
+                    jac[k][o][m] = gk.detach().to(torch.float64).reshape(-1).cpu()
+    return jac
+
+
+def forward_jacobian(func: Func, inputs: Sequence[torch.Tensor]) -> Jacobian:
+    """J[k][o] by one jvp (dual numbers) per input element."""
+    base = [x.detach().clone() for x in inputs]
+    with torch.no_grad():
+        outs = func(*base)
+    jac = _zeros(outs, base)
+    for k, x in enumerate(base):
+        for j in range(x.numel()):
+            tangent = torch.zeros_like(x).reshape(-1)
+            tangent[j] = 1
+            with fwAD.dual_level():
+                duals = [
+                    fwAD.make_dual(b, tangent.reshape(x.shape)) if i == k else b
+                    for i, b in enumerate(base)
+                ]
+                outs = func(*duals)
+                for o, out in enumerate(outs):
+                    t = fwAD.unpack_dual(out).tangent
+                    if t is not None:
+                        jac[k][o][:, j] = t.detach().to(torch.float64).reshape(-1).cpu()
+    return jac
+
+
+def compare_jacobians(
+    actual: Jacobian,
+    expected: Jacobian,
+    what: str,
+    input_names: Sequence[str],
+    input_shapes: Sequence[tuple[int, ...]],
+    out_shapes: Sequence[tuple[int, ...]],
+    tolerance: tuple[float, float],
+) -> tuple[float, float, str | None]:
+    """Compare two Jacobians entry by entry.
+
+    Args:
+        actual: the Jacobian under test (``what`` names how it was computed).
+        expected: the numerical Jacobian.
+        what: e.g. ``"backward"``, used in the message.
+        input_names: how messages name each input.
+        input_shapes: the shape of each input.
+        out_shapes: the shape of each output.
+        tolerance: ``(atol, rtol)``.
+
+    Returns:
+        ``(max abs error, max rel error, message)``; the message, None when everything is
+        within tolerance, says where the first mismatch is.
+    """
+    atol, rtol = tolerance
+    worst_abs, worst_rel, message = 0.0, 0.0, None
+    for k, (act_k, exp_k) in enumerate(zip(actual, expected)):
+        for o, (a, e) in enumerate(zip(act_k, exp_k)):
+            if a.numel() == 0:
+                continue
+            abs_err, rel_err = max_errors(a, e)
+            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+            bad = mismatch(a, e, atol, rtol)
+            if bad is not None and message is None:
+                m, j = bad[2]
+                in_shape = input_shapes[k]
+                idx = unravel(j, in_shape)
+                out_idx = unravel(m, out_shapes[o])
+                where = f"at index {idx}" if in_shape else "(0-dim input)"
+                if len(out_shapes) > 1 or len(out_shapes[o]) > 0:
+                    where += f" of {input_names[k]}, output {o} element {out_idx}"
+                message = (
+                    f"{what} of {input_names[k]} disagrees with numerical gradient: "
+                    f"max abs error {float((a - e).abs().max()):.1e} {where}; "
+                    f"analytical {float(a[m, j]):.4g} vs numerical {float(e[m, j]):.4g}"
+                )
+    return worst_abs, worst_rel, message
+
+
+def projected_backward_error(
+    func: Func,
+    inputs: Sequence[torch.Tensor],
+    eps: float,
+    randn: Callable[[torch.Size, torch.dtype], torch.Tensor],
+    grad_mode: bool = False,
+) -> tuple[float, float]:
+    """``(abs, rel)`` error of backward's ``v^T J u`` against central differences, for
+    random ``u`` (one per input) and ``v`` (one per output) drawn by ``randn(shape, dtype)``."""
+    us = [randn(x.shape, x.dtype) for x in inputs]
+    with torch.set_grad_enabled(grad_mode):
+        hi = [t.detach() for t in func(*[x.detach() + eps * u for x, u in zip(inputs, us)])]
+        lo = [t.detach() for t in func(*[x.detach() - eps * u for x, u in zip(inputs, us)])]
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outs = func(*leaves)
+    vs = [randn(o.shape, o.dtype) for o in outs]
+    num = sum(float(((h - l) / (2 * eps) * v).sum()) for h, l, v in zip(hi, lo, vs))
+    pairs = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
+    grads = torch.autograd.grad(
+        [p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True
+    )
+    ana = sum(float((g * u).sum()) for g, u in zip(grads, us) if g is not None)
+    abs_err = abs(ana - num)
+    return abs_err, abs_err / max(abs(num), 1e-12)

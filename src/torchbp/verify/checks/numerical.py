@@ -1,0 +1,250 @@
+"""Checks against numerical (finite-difference) derivatives, in float64 only:
+``gradcheck`` (backward), ``gradgradcheck`` (double backward) and ``forward_ad`` (jvp).
+
+Each runs torch's own gradcheck for the verdict, then compares the full Jacobians itself
+(or random projections of large ones) to report the error and where it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error, first_line
+from torchbp.verify.checks.jacobians import (
+    FULL_JACOBIAN_LIMIT,
+    Jacobian,
+    analytical_jacobian,
+    compare_jacobians,
+    forward_jacobian,
+    jacobian_size,
+    numerical_jacobian,
+    projected_backward_error,
+)
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+
+__all__ = ["check_forward_ad", "check_gradcheck", "check_gradgradcheck"]
+
+
+def _require_float64(ctx: CheckContext) -> None:
+    if ctx.dtype != torch.float64:
+        raise CheckSkip(
+            f"numerical differentiation needs float64 inputs (got {ctx.dtype}); "
+            "run with dtype=torch.float64"
+        )
+
+
+def _numerical(ctx: CheckContext) -> Jacobian:
+    """The numerical Jacobian of fn, computed once per run."""
+    if ctx.numerical_jacobian is None:
+        ctx.numerical_jacobian = numerical_jacobian(
+            ctx.diff_fn, [ctx.args[i] for i in ctx.grad_idx], ctx.options.eps
+        )
+    return ctx.numerical_jacobian
+
+
+def _torch_verdict(torch_check: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
+    """Run torch's gradcheck or gradgradcheck with the run's tolerances: None if it passed,
+    its first line on a Jacobian mismatch (our own comparison then says where), a failed
+    check for anything else."""
+    try:
+        torch_check(*args, check_undefined_grad=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported
+        if kwargs.get("check_forward_ad") and "not enough values to unpack" in str(exc):
+            raise CheckFailure(
+                "jvp found no saved tensors: save what jvp reads with ctx.save_for_forward "
+                f"in setup_context, for every grad mode ({explain_error(exc)})"
+            ) from None
+        if "Jacobian mismatch" not in str(exc):
+            raise CheckFailure(explain_error(exc)) from None
+        return first_line(str(exc))
+    return None
+
+
+def _torch_options(ctx: CheckContext) -> dict[str, Any]:
+    """The options of torch's gradcheck / gradgradcheck, from check_function's."""
+    opts = ctx.options
+    return {
+        "eps": opts.eps,
+        "atol": opts.atol,
+        "rtol": opts.rtol,
+        "nondet_tol": opts.nondet_tol,
+        "fast_mode": opts.fast_mode,
+    }
+
+
+def _full_comparison(
+    ctx: CheckContext,
+    jacobians: tuple[Jacobian, Jacobian],
+    *,
+    what: str,
+    inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    out_shapes: Sequence[tuple[int, ...]],
+    torch_name: str,
+    torch_msg: str | None,
+) -> tuple[float, float]:
+    """``(max abs, max rel)`` error of the ``(actual, numerical)`` Jacobians of ``inputs``;
+    a failed check on our mismatch (``what`` names the actual one) or else on torch's
+    (``torch_msg`` from ``torch_name``)."""
+    shapes = [tuple(x.shape) for x in inputs]
+    tolerance = (ctx.options.atol, ctx.options.rtol)
+    abs_err, rel_err, msg = compare_jacobians(
+        *jacobians, what, input_names, shapes, out_shapes, tolerance
+    )
+    if msg or torch_msg:
+        raise CheckFailure(msg or f"{torch_name}: {torch_msg}", abs_err, rel_err)
+    return abs_err, rel_err
+
+
+def _first_order(
+    ctx: CheckContext,
+    diff: list[torch.Tensor],
+    jacobian: Callable[..., Jacobian],
+    what: str,
+    torch_name: str,
+    torch_msg: str | None,
+) -> tuple[float, float] | None:
+    """Error of fn's Jacobian computed by ``jacobian`` (backward or jvp) against the numerical
+    one; None when it is too large to compare in full and torch found no mismatch."""
+    if jacobian_size(ctx.diff_fn, diff) > FULL_JACOBIAN_LIMIT and not torch_msg:
+        return None
+    return _full_comparison(
+        ctx,
+        (jacobian(ctx.diff_fn, diff), _numerical(ctx)),
+        what=what,
+        inputs=diff,
+        input_names=[ctx.input_name(k) for k in range(len(diff))],
+        out_shapes=ctx.out_shapes,
+        torch_name=torch_name,
+        torch_msg=torch_msg,
+    )
+
+
+def check_gradcheck(ctx: CheckContext) -> Passed:
+    """Backward's Jacobian against central differences (torch's gradcheck decides; the
+    full Jacobians, or random projections of large ones, give the error and where)."""
+    _require_float64(ctx)
+    diff = ctx.leaves()
+    torch_msg = _torch_verdict(
+        torch.autograd.gradcheck, ctx.diff_fn, tuple(diff), **_torch_options(ctx)
+    )
+    errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
+    if errors is not None:
+        return Passed("full Jacobian compared", *errors)
+    abs_err, rel_err = projected_backward_error(ctx.diff_fn, diff, ctx.options.eps, ctx.randn)
+    return Passed("random projections v^T J u compared (large inputs)", abs_err, rel_err)
+
+
+def _require_differentiable_backward(
+    ctx: CheckContext,
+    outs: list[torch.Tensor],
+    diff: list[torch.Tensor],
+    vs: list[torch.Tensor],
+) -> None:
+    """Fail unless backward of ``outs`` builds a graph that connects its gradients to the
+    inputs (``diff``) or grad_outputs (``vs``)."""
+    grads = torch.autograd.grad(outs, diff, vs, create_graph=True, allow_unused=True)
+    live = [g for g in grads if g is not None]
+    if live and not any(g.requires_grad for g in live):
+        raise CheckFailure(
+            "backward is not differentiable: double backward unsupported "
+            "(once_differentiable, or backward runs under no_grad / uses .detach())"
+        )
+    if any(type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in live):
+        raise CheckFailure(
+            "backward is not differentiable: double backward unsupported (once_differentiable?)"
+        )
+    if not live:
+        return
+    weights = [ctx.randn(g.shape, g.dtype) for g in live]
+    try:
+        second = torch.autograd.grad(
+            [g for g in live if g.requires_grad],
+            [*diff, *vs],
+            [w for g, w in zip(live, weights) if g.requires_grad],
+            allow_unused=True,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(explain_error(exc)) from None
+    if all(s is None for s in second):
+        raise CheckFailure(
+            "backward is not differentiable: its gradients are not connected to the "
+            "inputs or grad_output in the autograd graph (once_differentiable, .detach() "
+            "or a non-torch computation in backward?)"
+        )
+
+
+def check_gradgradcheck(ctx: CheckContext) -> Passed:
+    """The Jacobian of backward (w.r.t. the inputs and grad_outputs) against central
+    differences; skipped when gradcheck failed."""
+    _require_float64(ctx)
+    if ctx.failed("gradcheck"):
+        raise CheckSkip("skipped because gradcheck failed (first derivatives are wrong)")
+    diff = ctx.leaves()
+    outs_rg = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
+    vs = [ctx.randn(o.shape, o.dtype).requires_grad_(True) for o in outs_rg]
+    _require_differentiable_backward(ctx, outs_rg, diff, vs)
+    n_in = len(diff)
+
+    def first_grad(*xs_and_vs):
+        xs, vv = xs_and_vs[:n_in], xs_and_vs[n_in:]
+        xs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in xs]
+        o = [t for t in ctx.diff_fn(*xs) if t.requires_grad]
+        gs = torch.autograd.grad(o, xs, vv, create_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(x) if gi is None else gi for gi, x in zip(gs, xs))
+
+    vs_plain = [v.detach() for v in vs]
+    inputs2 = [*[x.detach() for x in diff], *vs_plain]
+    torch_msg = _torch_verdict(
+        torch.autograd.gradgradcheck,
+        lambda *xs: tuple(o for o in ctx.diff_fn(*xs) if o.requires_grad),
+        tuple(x.detach().clone().requires_grad_(True) for x in diff),
+        tuple(vs_plain),
+        **_torch_options(ctx),
+    )
+    names = [f"d(grad)/d({ctx.input_name(k)})" for k in range(n_in)]
+    names += [f"d(grad)/d(grad_output {o})" for o in range(len(vs))]
+    if jacobian_size(first_grad, inputs2, True) <= FULL_JACOBIAN_LIMIT or torch_msg:
+        jacobians = (
+            analytical_jacobian(first_grad, inputs2),
+            numerical_jacobian(first_grad, inputs2, ctx.options.eps, True),
+        )
+        abs_err, rel_err = _full_comparison(
+            ctx,
+            jacobians,
+            what="double backward",
+            inputs=inputs2,
+            input_names=names,
+            out_shapes=[tuple(x.shape) for x in diff],
+            torch_name="gradgradcheck",
+            torch_msg=torch_msg,
+        )
+        return Passed("full second-order Jacobian compared", abs_err, rel_err)
+    abs_err, rel_err = projected_backward_error(
+        first_grad, inputs2, ctx.options.eps, ctx.randn, True
+    )
+    return Passed("random projections compared (large inputs)", abs_err, rel_err)
+
+
+def check_forward_ad(ctx: CheckContext) -> Passed:
+    """The Jacobian built from one jvp per input element against central differences."""
+    _require_float64(ctx)
+    diff = ctx.leaves()
+    torch_msg = _torch_verdict(
+        torch.autograd.gradcheck,
+        ctx.diff_fn,
+        tuple(diff),
+        check_forward_ad=True,
+        check_backward_ad=False,
+        **_torch_options(ctx),
+    )
+    errors = _first_order(
+        ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
+    )
+    if errors is not None:
+        return Passed("full forward Jacobian compared", *errors)
+    return Passed("torch gradcheck(check_forward_ad=True) passed")

@@ -1,0 +1,207 @@
+"""The arguments of :func:`~torchbp.verify.check_function`: validated, and the inputs prepared.
+
+Bad arguments raise ``TypeError`` / ``ValueError`` here, before any check runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+
+from torchbp.verify.checks.table import CHECKS
+
+__all__ = ["DEFAULT_OPTIONS", "SCALAR_TYPES", "Options", "prepare_inputs", "resolve_arguments"]
+
+#: Non-tensor inputs a function may take (e.g. a ``dim``), passed through unchanged.
+SCALAR_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options of :func:`~torchbp.verify.check_function` (documented there)."""
+
+    dtype: torch.dtype | None = torch.float64
+    device: torch.device | str | None = None
+    grad_inputs: int | Sequence[int] | None = None
+    checks: Sequence[str] | None = None
+    skip: Sequence[str] | None = ()
+    eps: float = 1e-6
+    atol: float = 1e-5
+    rtol: float = 1e-3
+    fast_mode: bool = False
+    nondet_tol: float = 0.0
+    parity_atol: float | None = None
+    parity_rtol: float | None = None
+    compile_backend: str | Callable[..., Any] = "aot_eager"
+    compile_fullgraph: bool = True
+    vmap_batch: int = 3
+    seed: int = 0
+    name: str | None = None
+
+
+#: Options accepted by :func:`~torchbp.verify.check_function` and their defaults.
+DEFAULT_OPTIONS: dict[str, Any] = {f.name: f.default for f in fields(Options)}
+
+
+def _function_apply(fn: Any) -> Any:
+    """``fn.apply`` for a ``torch.autograd.Function`` subclass, else ``fn`` itself."""
+    if isinstance(fn, type) and issubclass(fn, torch.autograd.Function):
+        return fn.apply
+    return fn
+
+
+def _check_inputs(inputs: tuple) -> None:
+    if not inputs:
+        raise ValueError("check_function: give at least one example input tensor after fn")
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor):
+            if x.is_complex():
+                raise ValueError(f"check_function: input {i} is complex; only real tensors work")
+            continue
+        if isinstance(x, SCALAR_TYPES):
+            continue
+        if isinstance(x, tuple) and all(isinstance(e, SCALAR_TYPES) for e in x):
+            continue
+        raise TypeError(
+            f"check_function: input {i} is a {type(x).__name__}; inputs must be tensors (or "
+            "plain Python scalars such as a dim argument). Convert it with torch.as_tensor(...)"
+        )
+    if not any(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError("check_function: none of the inputs is a tensor")
+
+
+def resolve_arguments(
+    fn: Any, inputs: tuple, reference: Any, options: dict[str, Any]
+) -> tuple[Callable[..., Any], Callable[..., Any] | None, Options]:
+    """Validate the arguments of ``check_function``.
+
+    Args:
+        fn: the callable or ``torch.autograd.Function`` subclass to check.
+        inputs: the example inputs.
+        reference: the reference callable (or Function subclass), or None.
+        options: the keyword options.
+
+    Returns:
+        ``(fn, reference, options)``: Function subclasses replaced by their ``apply`` (the
+        report is then named after the class), the options with their defaults.
+
+    Raises:
+        TypeError / ValueError: on the first bad argument, in plain words.
+    """
+    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"check_function got unknown option(s) {', '.join(unknown)}; valid options: "
+            f"{', '.join(sorted(DEFAULT_OPTIONS))}"
+        )
+    opts = Options(**options)
+    if isinstance(fn, type) and issubclass(fn, torch.autograd.Function):
+        opts = replace(opts, name=opts.name or fn.__name__)
+    fn = _function_apply(fn)
+    if not callable(fn):
+        raise TypeError(
+            "check_function: fn must be callable (a function, an nn.Module or a "
+            f"torch.autograd.Function subclass); got {type(fn).__name__}"
+        )
+    ref = _function_apply(reference)
+    if reference is not None and not callable(ref):
+        raise TypeError(
+            f"check_function: reference must be callable or None; got {type(reference).__name__}"
+        )
+    _check_inputs(inputs)
+    named = sorted(set(opts.checks or ()) | set(opts.skip or ()))
+    bad = [c for c in named if c not in CHECKS]
+    if bad:
+        raise ValueError(
+            f"check_function: unknown check(s) {', '.join(bad)}; valid checks: {', '.join(CHECKS)}"
+        )
+    dtype = opts.dtype
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"check_function: dtype must be a floating torch.dtype or None: {dtype}")
+    backend = opts.compile_backend
+    if not (isinstance(backend, str) or callable(backend)):
+        raise TypeError("check_function: compile_backend must be a backend name or callable")
+    return fn, ref, opts
+
+
+def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) -> list[int]:
+    """Positions of the inputs to differentiate (all floating tensors by default)."""
+    if grad_inputs is None:
+        grad_idx = [
+            i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
+        ]
+        if not grad_idx:
+            raise ValueError(
+                "check_function: no floating-point tensor input to differentiate (integer "
+                "tensors such as class targets cannot require gradients)"
+            )
+        return grad_idx
+    if isinstance(grad_inputs, int):
+        grad_inputs = (grad_inputs,)
+    grad_idx = []
+    for i in grad_inputs:
+        if not isinstance(i, int) or not -len(args) <= i < len(args):
+            raise ValueError(
+                f"check_function: grad_inputs entry {i!r} is not a valid input position "
+                f"(there are {len(args)} inputs)"
+            )
+        i = i % len(args)
+        a = args[i]
+        if not isinstance(a, torch.Tensor):
+            raise ValueError(
+                f"check_function: input {i} is a {type(a).__name__}, not a tensor; it cannot "
+                "require gradients"
+            )
+        if not a.is_floating_point():
+            raise ValueError(
+                f"check_function: input {i} is an integer tensor ({a.dtype}); integer "
+                "tensors cannot require gradients - leave it out of grad_inputs"
+            )
+        grad_idx.append(i)
+    if not grad_idx:
+        raise ValueError("check_function: grad_inputs is empty; nothing to differentiate")
+    return grad_idx
+
+
+def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
+    """Detached copies of the inputs, cast to ``opts.dtype`` and moved to ``opts.device``.
+
+    Args:
+        inputs: the example inputs.
+        opts: the validated options.
+
+    Returns:
+        ``(args, grad_idx)``: the prepared inputs and the positions to differentiate.
+
+    Raises:
+        ValueError: bad ``grad_inputs``, inputs on several devices, or differentiable
+            inputs of several dtypes without ``dtype``.
+    """
+    dtype, device = opts.dtype, opts.device
+    args: list[Any] = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            t = x.detach()
+            if device is not None:
+                t = t.to(device)
+            if t.is_floating_point() and dtype is not None:
+                t = t.to(dtype)
+            args.append(t)
+        else:
+            args.append(x)
+    grad_idx = _grad_positions(args, opts.grad_inputs)
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(
+            f"check_function: inputs are on different devices ({', '.join(map(str, devices))}); "
+            "pass device=... to move them all"
+        )
+    dtypes = {args[i].dtype for i in grad_idx}
+    if len(dtypes) > 1 and dtype is None:
+        raise ValueError(
+            "check_function: differentiable inputs have different dtypes; pass dtype=..."
+        )
+    return args, grad_idx

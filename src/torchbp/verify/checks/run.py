@@ -1,0 +1,156 @@
+""":func:`check_function`: run the table of checks on a callable and collect a report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.options import SCALAR_TYPES, prepare_inputs, resolve_arguments
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip
+from torchbp.verify.checks.table import CHECK_TABLE, Check
+from torchbp.verify.report import FAIL, PASS, SKIP, CheckResult, Report
+
+__all__ = ["check_function", "run_check"]
+
+
+def run_check(check: Check, ctx: CheckContext) -> CheckResult:
+    """Run one check with the run's seed and turn how it ended into a result.
+
+    Nothing escapes: an unexpected exception is a failure with a plain-word message
+    (:func:`~torchbp.verify.checks.explain.explain_error`).
+    """
+    start = time.perf_counter()
+    abs_err = rel_err = None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(ctx.options.seed))
+            passed = check.run(ctx)
+        status, message, abs_err, rel_err = PASS, passed.note, passed.abs_err, passed.rel_err
+    except CheckFailure as fail:
+        status, message = FAIL, fail.message
+        abs_err, rel_err = fail.abs_err, fail.rel_err
+    except CheckSkip as skip:
+        status, message = SKIP, str(skip)
+    except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
+        status, message = FAIL, explain_error(exc)
+    return CheckResult(check.name, status, message, abs_err, rel_err, time.perf_counter() - start)
+
+
+def _selected(checks: Any, skip: Any) -> list[Check]:
+    """The checks to run, in table order: ``forward`` always, the others as chosen."""
+    chosen = set(checks or (c.name for c in CHECK_TABLE)) - set(skip or ())
+    return [c for c in CHECK_TABLE if c.name == "forward" or c.name in chosen]
+
+
+def _run_all(ctx: CheckContext, checks: list[Check]) -> list[CheckResult]:
+    """Run ``checks``, of which the first is ``forward``: when it fails, skip the others."""
+    forward, *others = checks
+    first = run_check(forward, ctx)
+    if not first.passed and not first.message.startswith("fn "):
+        first.message = f"fn raised {first.message}"
+    ctx.results[forward.name] = first
+    for check in others:
+        if first.passed:
+            ctx.results[check.name] = run_check(check, ctx)
+        else:
+            ctx.results[check.name] = CheckResult(
+                check.name, SKIP, "skipped because forward failed"
+            )
+    return list(ctx.results.values())
+
+
+def _describe(value: Any) -> Any:
+    """How the report's meta shows an input: shape/dtype/layout of a tensor, else its value."""
+    if isinstance(value, torch.Tensor):
+        return {
+            "shape": list(value.shape),
+            "dtype": str(value.dtype).replace("torch.", ""),
+            "contiguous": value.is_contiguous(),
+        }
+    if isinstance(value, SCALAR_TYPES):
+        return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
+    return repr(value)
+
+
+def _fn_name(fn: Any) -> str:
+    for attr in ("__qualname__", "__name__"):
+        name = getattr(fn, attr, None)
+        if isinstance(name, str):
+            return name
+    return type(fn).__name__
+
+
+def check_function(
+    fn: Callable[..., Any] | type[torch.autograd.Function],
+    *inputs: Any,
+    reference: Callable[..., Any] | None = None,
+    **options: Any,
+) -> Report:
+    """Verify the gradients of ``fn`` (any differentiable callable or autograd.Function).
+
+    Runs, on the example ``inputs``: ``gradcheck``, ``gradgradcheck``, forward-mode AD,
+    ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
+    shape of every custom Function's raw gradients, grad_output safety (no in-place writes,
+    strided/expanded grad_outputs), ``torch.compile`` parity with eager and, if ``reference``
+    is given, parity of outputs and all gradients with it. Floating inputs are cast to
+    ``dtype`` (float64 by default); the numerical checks run only in float64, the others use
+    dtype-aware tolerances (:func:`~torchbp.verify.tolerances`). Nothing raises from inside
+    torch: every problem becomes a failed (or skipped) check with a plain-word message.
+
+    Args:
+        fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
+            tensors), an ``nn.Module``, or a ``torch.autograd.Function`` subclass (its
+            ``apply`` is used).
+        *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``).
+            Integer tensors (class targets) are passed through and never differentiated.
+        reference: optional callable with the same signature whose outputs and gradients
+            ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements).
+        **options: any of
+
+            - ``dtype`` (``torch.float64``): dtype floating inputs are cast to; ``None``
+              keeps each input's dtype.
+            - ``device`` (None): move all inputs there.
+            - ``grad_inputs`` (all floating tensors): positions of the inputs to differentiate.
+            - ``checks`` (all) / ``skip`` (none): names from :data:`~torchbp.verify.CHECKS`
+              to run / leave out.
+            - ``eps``, ``atol``, ``rtol``, ``nondet_tol``, ``fast_mode``: as in
+              :func:`torch.autograd.gradcheck`.
+            - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
+              vmap/compile/reference comparisons.
+            - ``compile_backend`` (``"aot_eager"``), ``compile_fullgraph`` (True).
+            - ``vmap_batch`` (3), ``seed`` (0), ``name`` (label of the report).
+
+    Returns:
+        A :class:`~torchbp.verify.report.Report`; ``report.ok`` is True only if no check
+        failed. ``print(report)`` shows a table, ``report.to_dict()`` is JSON-serialisable.
+
+    Raises:
+        TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
+            integer inputs in ``grad_inputs``, unknown option or check names).
+
+    Examples:
+        >>> import torch
+        >>> from torchbp.verify import check_function
+        >>> x = torch.randn(3, 4)
+        >>> report = check_function(torch.tanh, x, reference=torch.tanh, skip=["compile"])
+        >>> report.ok
+        True
+    """
+    fn, reference, opts = resolve_arguments(fn, inputs, reference, options)
+    args, grad_idx = prepare_inputs(inputs, opts)
+    ctx = CheckContext(fn, args, grad_idx, reference, opts)
+    meta = {
+        "inputs": [_describe(a) for a in args],
+        "grad_inputs": grad_idx,
+        "dtype": str(ctx.dtype).replace("torch.", ""),
+        "device": str(ctx.device),
+        "torch": torch.__version__,
+        "fast_mode": bool(opts.fast_mode),
+    }
+    results = _run_all(ctx, _selected(opts.checks, opts.skip))
+    return Report(opts.name or _fn_name(fn), results, meta)

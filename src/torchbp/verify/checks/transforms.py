@@ -1,0 +1,92 @@
+"""Checks of batching: ``vmap`` (torch.func.vmap of the forward and of per-sample grads)
+and ``batched_grad`` (backward with batched grad_outputs); both must equal a Python loop."""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.verify.checks.compare import require_close
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.outcomes import CheckFailure, Passed
+
+__all__ = ["check_batched_grad", "check_vmap"]
+
+
+def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
+    """The grad inputs stacked ``batch`` times, each copy scaled differently."""
+    scales = [1.0 + 0.25 * b for b in range(batch)]
+    return [torch.stack([ctx.args[i].detach() * s for s in scales]) for i in ctx.grad_idx]
+
+
+def check_vmap(ctx: CheckContext) -> Passed:
+    """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop."""
+    batch = int(ctx.options.vmap_batch)
+    xs = _batched_inputs(ctx, batch)
+    tolerance = ctx.parity_tolerances()
+    try:
+        batched = torch.func.vmap(ctx.diff_fn)(*xs)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"vmap of the forward failed: {explain_error(exc)}") from None
+    looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
+    worst = (0.0, 0.0)
+    for o, out in enumerate(batched):
+        exp = torch.stack([lp[o] for lp in looped]).detach()
+        problem = f"vmap output {o} differs from a Python loop"
+        worst = max(worst, require_close(out, exp, tolerance, problem))
+    with torch.no_grad():
+        weights = [ctx.randn(o.shape[1:], o.dtype) for o in batched]
+
+    def scalar(*d):
+        outs = ctx.diff_fn(*d)
+        return sum((o * w).sum() for o, w in zip(outs, weights) if o.is_floating_point())
+
+    argnums = tuple(range(len(xs)))
+    try:
+        per_sample = torch.func.vmap(torch.func.grad(scalar, argnums=argnums))(*xs)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(
+            f"vmap(grad) (per-sample gradients) failed: {explain_error(exc)}"
+        ) from None
+    for b in range(batch):
+        leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
+        gs = torch.autograd.grad(scalar(*leaves), leaves, allow_unused=True)
+        for k, (gb, ps) in enumerate(zip(gs, per_sample)):
+            exp = torch.zeros_like(leaves[k]) if gb is None else gb
+            problem = (
+                f"per-sample gradient of {ctx.input_name(k)} under vmap(grad) differs "
+                "from a loop of backward calls"
+            )
+            worst = max(worst, require_close(ps[b], exp, tolerance, problem))
+    return Passed(f"batch of {batch}: forward and vmap(grad)", *worst)
+
+
+def check_batched_grad(ctx: CheckContext) -> Passed:
+    """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output."""
+    batch = int(ctx.options.vmap_batch)
+    leaves = ctx.leaves()
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    vs = [torch.stack([ctx.randn(o.shape, o.dtype) for _ in range(batch)]) for o in outs]
+    tolerance = ctx.parity_tolerances()
+    try:
+        batched = torch.autograd.grad(
+            outs, leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"batched backward failed: {explain_error(exc)}") from None
+    worst = (0.0, 0.0)
+    for b in range(batch):
+        gs = torch.autograd.grad(
+            outs, leaves, [v[b] for v in vs], retain_graph=True, allow_unused=True
+        )
+        for k, (gb, bg) in enumerate(zip(gs, batched)):
+            if gb is None and bg is None:
+                continue
+            exp = torch.zeros_like(leaves[k]) if gb is None else gb
+            got = torch.zeros_like(leaves[k]) if bg is None else bg[b]
+            problem = (
+                f"batched backward (vmap over grad_outputs) of {ctx.input_name(k)} "
+                "differs from a loop"
+            )
+            worst = max(worst, require_close(got, exp, tolerance, problem))
+    return Passed(f"batch of {batch} grad_outputs", *worst)
