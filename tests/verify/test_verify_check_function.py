@@ -284,3 +284,16 @@ def test_check_table_lists_every_check_once_in_run_order():
     assert all(callable(c.run) and c.description for c in CHECK_TABLE)
     report = check_function(torch.tanh, _x(3), checks=["reference", "gradcheck"])
     assert report.names() == ["forward", "gradcheck", "reference"]
+
+
+def test_inputs_of_the_caller_are_never_written():
+    # The checks run on copies: a function that writes into an input it does not
+    # differentiate (here it counts its calls in it) leaves the caller's tensor as it was.
+    def scaled(x, calls):
+        calls.add_(1)
+        return x * 2
+
+    x, calls = torch.randn(3, 4, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    before = x.clone()
+    check_function(scaled, x, calls, grad_inputs=[0], skip=["compile"])
+    assert torch.equal(x, before) and calls.item() == 0

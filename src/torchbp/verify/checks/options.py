@@ -184,7 +184,7 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
     args: list[Any] = []
     for x in inputs:
         if isinstance(x, torch.Tensor):
-            t = x.detach()
+            t = x.detach().clone()  # never the caller's storage: a check may write into it
             if device is not None:
                 t = t.to(device)
             if t.is_floating_point() and dtype is not None:
