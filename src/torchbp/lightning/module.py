@@ -16,18 +16,13 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import torchbp.functional
 import torchbp.nn
+from torchbp.ops import activations
 
 __all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
 
-#: activation name -> class name in ``torchbp.nn`` / ``torch.nn``
-ACTIVATIONS: dict[str, str] = {
-    "sigmoid": "Sigmoid",
-    "tanh": "Tanh",
-    "relu": "ReLU",
-    "leaky_relu": "LeakyReLU",
-    "gelu": "GELU",
-    "silu": "SiLU",
-}
+#: activation name -> class name in ``torchbp.nn`` / ``torch.nn``: every element-wise
+#: activation of the op registry
+ACTIVATIONS: dict[str, str] = {op.name: op.module.__name__ for op in activations()}
 
 #: backend name -> its ``(nn, functional)`` modules: torchbp's twins or torch's own
 BACKENDS: dict[str, tuple[ModuleType, ModuleType]] = {
@@ -103,7 +98,8 @@ class ERMClassifier(pl.LightningModule):
         input_size: Number of input features (linked from the DataModule by the CLI).
         num_classes: Number of classes (linked from the DataModule by the CLI).
         hidden_sizes: Widths of the hidden layers; ``[]`` gives multinomial logistic regression.
-        activation: Hidden activation: sigmoid, tanh, relu, leaky_relu, gelu or silu.
+        activation: Hidden activation: any element-wise activation of the op registry
+            (:mod:`torchbp.ops`), e.g. ``relu`` or ``gelu``.
         negative_slope: Slope for ``x < 0`` of leaky_relu (ignored by other activations).
         bias: Whether the Linear layers have a bias.
         backend: ``torchbp`` (hand-written backprop) or ``torch`` (stock autograd).
