@@ -4,27 +4,8 @@ Needs the ``train`` extra (``pip install "torchbp[train]"``). ``import torchbp``
 this package; ``torchbp-train`` (see :mod:`torchbp.lightning.cli`) is its command line.
 """
 
-from torchbp.lightning.data import (
-    ArrayDataModule,
-    ClassificationDataModule,
-    DataConfigError,
-    DataError,
-    DigitsDataModule,
-    SklearnToyDataModule,
-    SyntheticDataModule,
-    TabularFileDataModule,
-)
+from torchbp.lightning import data
+from torchbp.lightning.data import *  # noqa: F403 (the DataModules, their errors, the sampler)
 from torchbp.lightning.module import ERMClassifier, build_mlp
 
-__all__ = [
-    "ERMClassifier",
-    "build_mlp",
-    "ClassificationDataModule",
-    "ArrayDataModule",
-    "DigitsDataModule",
-    "SklearnToyDataModule",
-    "SyntheticDataModule",
-    "TabularFileDataModule",
-    "DataConfigError",
-    "DataError",
-]
+__all__ = ["ERMClassifier", "build_mlp", *data.__all__]

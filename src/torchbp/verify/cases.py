@@ -273,21 +273,36 @@ def _with_weight(build: Builder, c: int) -> Builder:
     return b
 
 
-def _nll_cases() -> list[Case]:
-    op = "nll_loss"
-    all_ignored = _loss_inputs(3, 4, ignore=-100)
+def _class_index_loss_cases(op: str, inputs: Callable[..., Builder]) -> list[Case]:
+    """The cases ``nll_loss`` and ``cross_entropy`` share; ``inputs(n, c, *extra, ...)``
+    builds ``(input, target)`` (log-probabilities or logits)."""
 
-    def all_ignored_build(g):
-        x, t = all_ignored(g)
+    def all_ignored(g):
+        x, t = inputs(3, 4)(g)
         return x, torch.full_like(t, -100)
 
     return [
-        Case(op, "mean", _loss_inputs(4, 5), grad_inputs=(0,), compile=True),
-        Case(op, "sum", _loss_inputs(4, 5), {"reduction": "sum"}, grad_inputs=(0,)),
-        Case(op, "none", _loss_inputs(4, 5), {"reduction": "none"}, grad_inputs=(0,)),
-        Case(op, "weight", _with_weight(_loss_inputs(4, 5), 5), grad_inputs=(0,)),
-        Case(op, "ignore_index", _loss_inputs(4, 5, ignore=2), {"ignore_index": 2}, (0,)),
-        Case(op, "k-dim", _loss_inputs(2, 3, 2, 2), grad_inputs=(0,), note="(N, C, d1, d2)"),
+        Case(op, "mean", inputs(4, 5), grad_inputs=(0,), compile=True),
+        Case(op, "sum", inputs(4, 5), {"reduction": "sum"}, grad_inputs=(0,)),
+        Case(op, "none", inputs(4, 5), {"reduction": "none"}, grad_inputs=(0,)),
+        Case(op, "weight", _with_weight(inputs(4, 5), 5), grad_inputs=(0,)),
+        Case(op, "ignore_index", inputs(4, 5, ignore=2), {"ignore_index": 2}, grad_inputs=(0,)),
+        Case(op, "k-dim", inputs(2, 3, 2, 2), grad_inputs=(0,), note="(N, C, d1, d2)"),
+        Case(
+            op,
+            "all-ignored",
+            all_ignored,
+            grad_inputs=(0,),
+            checks=("forward", "reference"),
+            note="mean over zero targets: nan, zero grads",
+        ),
+        Case(op, "empty-batch", inputs(0, 4), grad_inputs=(0,), checks=("forward", "reference")),
+    ]
+
+
+def _nll_cases() -> list[Case]:
+    op = "nll_loss"
+    return _class_index_loss_cases(op, _loss_inputs) + [
         Case(
             op,
             "k-dim-weight-none",
@@ -302,33 +317,12 @@ def _nll_cases() -> list[Case]:
             {},
             (0,),
         ),
-        Case(
-            op,
-            "all-ignored",
-            all_ignored_build,
-            grad_inputs=(0,),
-            checks=("forward", "reference"),
-            note="mean over zero targets: nan, zero grads",
-        ),
-        Case(
-            op, "empty-batch", _loss_inputs(0, 4), grad_inputs=(0,), checks=("forward", "reference")
-        ),
     ]
 
 
 def _ce_cases(op: str = "cross_entropy") -> list[Case]:
     raw = functools.partial(_loss_inputs, log=False)
-
-    def all_ignored_build(g):
-        x, t = raw(3, 4)(g)
-        return x, torch.full_like(t, -100)
-
-    return [
-        Case(op, "mean", raw(4, 5), grad_inputs=(0,), compile=True),
-        Case(op, "sum", raw(4, 5), {"reduction": "sum"}, grad_inputs=(0,)),
-        Case(op, "none", raw(4, 5), {"reduction": "none"}, grad_inputs=(0,)),
-        Case(op, "weight", _with_weight(raw(4, 5), 5), grad_inputs=(0,)),
-        Case(op, "ignore_index", raw(4, 5, ignore=1), {"ignore_index": 1}, grad_inputs=(0,)),
+    return _class_index_loss_cases(op, raw) + [
         Case(op, "label_smoothing", raw(4, 5), {"label_smoothing": 0.1}, grad_inputs=(0,)),
         Case(
             op,
@@ -345,7 +339,6 @@ def _ce_cases(op: str = "cross_entropy") -> list[Case]:
             {"label_smoothing": 0.1, "reduction": "sum"},
             grad_inputs=(0,),
         ),
-        Case(op, "k-dim", raw(2, 3, 2, 2), grad_inputs=(0,), note="(N, C, d1, d2)"),
         Case(op, "k-dim-probs", raw(2, 3, 2, probs=True), {"reduction": "none"}, (0,)),
         Case(op, "unbatched", lambda g: (_randn(g, 5), torch.tensor(1)), {}, (0,)),
         Case(
@@ -356,15 +349,6 @@ def _ce_cases(op: str = "cross_entropy") -> list[Case]:
             checks=("forward", "reference"),
             note="softmax(z)_y - 1 must keep precision in low dtypes",
         ),
-        Case(
-            op,
-            "all-ignored",
-            all_ignored_build,
-            grad_inputs=(0,),
-            checks=("forward", "reference"),
-            note="mean over zero targets: nan, zero grads",
-        ),
-        Case(op, "empty-batch", raw(0, 4), grad_inputs=(0,), checks=("forward", "reference")),
     ]
 
 
