@@ -16,7 +16,7 @@
 * On CUDA (``cuda`` marker): the compiled kernel against the formula, and the
   activations end to end with ``TORCHBP_TRITON=1`` against native autograd.
 
-Skipped entirely where Triton is not installed (CI).
+Skipped entirely where Triton is not installed (CI installs triton 3.9.0, so they run there).
 
 Note: the interpreter truncates float32 -> bfloat16 conversions (the GPU rounds to
 nearest even; float16 it rounds to nearest too), so low-precision results are compared
