@@ -280,36 +280,52 @@ def test_large_inputs_use_the_chunked_path_with_identical_results(monkeypatch):
         torch.testing.assert_close(gc.float(), gw, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("case", [c for c in CE_CASES if c["reduction"] == "none"], ids=case_id)
-def test_fused_softmax_path_matches_reference_formulation(case, dtype):
-    # The eager float32/float64 fast path (one fused softmax kernel) against the reference
-    # max-trick formulation, on the same inputs.
-    from torchbp.autograd.losses import _ce_rows, _ce_rows_fused
+# Which path ce_forward runs (its docstring's table): (inputs, first function called).
+PATHS = [
+    (dict(), "plain_rows"),
+    (dict(dtype=torch.float64), "plain_rows"),
+    (dict(ignore=1), "plain_rows"),
+    (dict(weight=True), "ce_rows"),
+    (dict(smoothing=0.1), "ce_rows"),
+    (dict(prob=True), "ce_rows"),
+    (dict(dtype=torch.bfloat16), "blocked_rows"),
+    (dict(dtype=torch.float16, weight=True, smoothing=0.1), "blocked_rows"),
+    (dict(inplace=True), "blocked_rows"),
+    (dict(vmap=True), "ce_rows"),
+]
 
-    z = make((9, C), dtype, scale=4.0)
-    z[0] = torch.tensor([30.0, -30.0, 0.0, 1.0, 2.0])  # a confident row
-    weight = make((C,), dtype, seed=4).abs() + 0.1 if case["weight"] else None
-    if case["kind"] == "index":
-        target = class_target((9,), ignore=case["ignore"])
-        ignore = case["ignore"] if case["ignore"] is not None else -100
+
+@pytest.mark.parametrize(
+    "inputs, path", PATHS, ids=lambda v: str(v) if isinstance(v, str) else None
+)
+def test_forward_path_table(inputs, path, monkeypatch):
+    import torchbp.autograd.losses as losses
+    from torchbp.kernels import cpu_ce
+
+    monkeypatch.delenv("TORCHBP_TRITON", raising=False)
+    calls = []
+    for module, name in [(cpu_ce, "plain_rows"), (cpu_ce, "blocked_rows"), (losses, "ce_rows")]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    dtype = inputs.get("dtype", torch.float32)
+    x = make((6, C), dtype, scale=3.0)
+    target = (
+        prob_target((6, C), dtype)
+        if inputs.get("prob")
+        else class_target((6,), ignore=inputs.get("ignore"))
+    )
+    kwargs = dict(
+        label_smoothing=inputs.get("smoothing", 0.0), inplace=inputs.get("inplace", False)
+    )
+    if inputs.get("ignore") is not None:
+        kwargs["ignore_index"] = inputs["ignore"]
+    if inputs.get("weight"):
+        kwargs["weight"] = make((C,), dtype, seed=4).abs() + 0.1
+    if inputs.get("vmap"):
+        torch.func.vmap(lambda z: TF.cross_entropy(z, target, **kwargs))(x.expand(2, 6, C))
     else:
-        target, ignore = prob_target((9, C), dtype), -100
-    args = (z, target, weight, ignore, case["smoothing"])
-    for ours, ref in zip(_ce_rows_fused(*args), _ce_rows(*args)):
-        torch.testing.assert_close(ours, ref, **TOL[dtype])
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_unmasked_path_matches_reference_formulation(dtype):
-    # The path for targets known to be all class indices (no masks) against the reference.
-    from torchbp.autograd.losses import _ce_rows, _ce_rows_unmasked
-
-    z = make((9, C), dtype, scale=4.0)
-    z[0] = torch.tensor([30.0, -30.0, 0.0, 1.0, 2.0])  # a confident row
-    target = class_target((9,))
-    for ours, ref in zip(_ce_rows_unmasked(z, target), _ce_rows(z, target, None, -100, 0.0)):
-        torch.testing.assert_close(ours, ref, **TOL[dtype])
+        TF.cross_entropy(x * 1, target, **kwargs)
+    assert calls[0] == path
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The Triton cross-entropy forward kernel against the reference ``_ce_rows``.
+"""The Triton cross-entropy forward kernel against the reference ``ce_rows``.
 
 * On CPU, through Triton's interpreter: the same inputs through both, over dtypes,
   weights, ignore_index (all rows ignored too), label smoothing, several chunks per row,
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 import torchbp.functional as TF  # noqa: E402
-from torchbp.autograd.losses import _ce_rows  # noqa: E402
+from torchbp.autograd.cross_entropy import ce_rows  # noqa: E402
 from torchbp.kernels import triton_ce  # noqa: E402
 
 IGNORE = -100
@@ -64,12 +64,12 @@ def _within_ulp(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
 
 
 def _check(z, y, w, smoothing, *, exact_round=False):
-    """ce_forward_rows vs _ce_rows on the same inputs: contract (dtypes, shapes, the logits
+    """ce_forward_rows vs ce_rows on the same inputs: contract (dtypes, shapes, the logits
     untouched) and values."""
     before = z.clone()
     assert triton_ce.available(z, y, w)
     loss, grad, lse = triton_ce.ce_forward_rows(z, y, w, IGNORE, smoothing)
-    ref_loss, ref_grad, ref_lse = _ce_rows(z, y, w, IGNORE, smoothing)
+    ref_loss, ref_grad, ref_lse = ce_rows(z, y, w, IGNORE, smoothing)
     assert torch.equal(z, before), "the kernel wrote into the logits"
     assert loss.dtype == lse.dtype == torch.float32 and grad.dtype == z.dtype
     assert loss.shape == lse.shape == (z.shape[0],) and grad.shape == z.shape

@@ -15,7 +15,7 @@ gradient ``g_i`` for ``none``; 0 on ignored rows) the chain rule through ``z = x
 * ``dt_ic = -(1-ε) w_c logp_ic s_i``       — probability targets that require grad.
 
 The scale ``s`` is applied to the ``(m, d)`` operands, never to the ``(m, C)`` chunk, so
-``∂ℓ/∂z`` is used exactly as ``_ce_rows`` returns it.
+``∂ℓ/∂z`` is used exactly as ``ce_rows`` returns it.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import torch
 from torch.autograd import Function
 
 from torchbp._execution import may_reuse_saved, values_inspectable
-from torchbp.autograd.losses import _acc_dtype, _ce_rows
+from torchbp.autograd.cross_entropy import accumulation_dtype, ce_rows
 
 __all__ = ["LinearCrossEntropyFunction", "default_chunk_size"]
 
 # Default chunk of rows: its (chunk, C) working set — one logits buffer, reused for
-# every chunk, in which _ce_rows builds ∂ℓ/∂z in place (half inputs add a float32
+# every chunk, in which ce_rows builds ∂ℓ/∂z in place (half inputs add a float32
 # gradient buffer) — stays within this many bytes. Larger chunks make the three GEMMs
 # more efficient (the dW update is a rank-chunk update of a (C, d) matrix); 48 MiB on CPU
 # (chunk 384 for C = 32768 in float32) keeps the extra peak of the N=4096, d=512,
@@ -99,7 +99,7 @@ def _lce_chunks(
     """
     n, d = x.shape
     classes = w.shape[0]
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     soft = target.is_floating_point()
     want_dx, want_dw, want_db, want_dt = want
     any_grad = scale is not None and any(want)
@@ -127,7 +127,7 @@ def _lce_chunks(
     if want_dt and inplace:
         dt = torch.empty((n, classes), dtype=target.dtype, device=dev)
     w_t = w.t()
-    # One (chunk, C) buffer for the logits, reused across chunks; _ce_rows builds ∂ℓ/∂z
+    # One (chunk, C) buffer for the logits, reused across chunks; ce_rows builds ∂ℓ/∂z
     # in place in it (full precision), or in a second, float32 buffer (half inputs, or
     # when the soft target's gradient needs the logits afterwards).
     rows = min(chunk, n)
@@ -144,7 +144,7 @@ def _lce_chunks(
             torch.mm(xc, w_t, out=z)
         else:
             torch.addmm(b, xc, w_t, out=z)
-        loss, grad, lse = _ce_rows(
+        loss, grad, lse = ce_rows(
             z, target[start:stop], weight, ignore_index, smoothing, out=gbuf[: stop - start]
         )
         if rows_out is not None:
@@ -264,7 +264,7 @@ class LinearCrossEntropyFunction(Function):
         needs,
     ):
         n = input.shape[0]
-        acc = _acc_dtype(input.dtype)
+        acc = accumulation_dtype(input.dtype)
         rows = torch.empty(n, dtype=acc, device=input.device)
         scale = None
         want = (False, False, False, False)

@@ -1,6 +1,6 @@
 """Triton kernel for the fused cross-entropy forward on CUDA (class-index targets).
 
-Computes exactly what :func:`torchbp.autograd.losses._ce_rows` computes for ``(N, C)``
+Computes exactly what :func:`torchbp.autograd.cross_entropy.ce_rows` computes for ``(N, C)``
 logits — per row ``ℓ_i = a_i lse_i - Σ_c B_ic z_ic`` and ``∂ℓ_i/∂z_i = a_i p_i - B_i``
 with class weights, ``ignore_index`` and label smoothing — in one launch of the kernel in
 :mod:`._triton_ce_kernel`:
@@ -94,7 +94,7 @@ def ce_forward_rows(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ℓ, ∂ℓ/∂z, lse)`` of ``(N, C)`` logits with ``(N,)`` class-index targets: the
-    outputs of ``_ce_rows`` (``ℓ`` and ``lse`` float32, ignored rows have ``ℓ = 0`` and a
+    outputs of ``ce_rows`` (``ℓ`` and ``lse`` float32, ignored rows have ``ℓ = 0`` and a
     zero gradient), with the gradient rounded once to the logits' dtype into a new
     tensor. Call only where :func:`available` holds; target values are not checked
     (the wrapper validates them)."""

@@ -1,0 +1,192 @@
+"""Cross-entropy, the reference formulation: per-row coefficients, then the max trick.
+
+Per row ``i`` of ``(m, C)`` logits ``z``, with ``p = softmax(z_i)`` and
+``lse_i = log Σ_c e^{z_ic}``, every cross-entropy variant has the form
+
+    ℓ_i = a_i lse_i - Σ_c B_ic z_ic   with  a_i = Σ_c B_ic,   so   ∂ℓ_i/∂z_i = a_i p_i - B_i,
+
+where ``B = w ⊙ t'``: the class weights ``w`` (1 if absent) times the smoothed target
+``t' = (1-ε) t + ε/C`` (``t`` the one-hot of a class index, or given probabilities). For
+plain cross-entropy ``a = 1`` and ``B = onehot(y)``: ``∂ℓ/∂z = p - onehot(y)``.
+:func:`coefficients` is the one place that turns a target, class weights, ignore_index
+and label smoothing into ``a`` and ``B``; everything else here reads them from it.
+
+:func:`ce_rows` evaluates ``(ℓ, ∂ℓ/∂z, lse)`` of a block of rows in differentiable torch
+ops; the fast paths of :mod:`torchbp.kernels.cpu_ce` and :mod:`torchbp.kernels.triton_ce`
+compute the same numbers and are tested against it. The second-order helpers serve
+double backward and jvp, which recover ``p`` from the saved ``∂ℓ/∂z``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# What ignore_index None (no row is ignored) stands for where a value is needed: no class
+# index is negative, so this matches no target.
+NO_IGNORE = -1
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (float32, half) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class CERows(NamedTuple):
+    """Cross-entropy of a block of ``m`` rows: ``loss`` ``ℓ`` (m,), ``grad`` ``∂ℓ/∂z``
+    (m, C) and ``lse`` (m,)."""
+
+    loss: torch.Tensor
+    grad: torch.Tensor
+    lse: torch.Tensor
+
+
+class HardTarget(NamedTuple):
+    """Class-index targets ``y`` (m,): ``valid`` rows (not ignored), ``index`` (``y``, 0 on
+    ignored rows: safe to gather with) and ``w_y`` (``w_{y_i}``, 0 on ignored rows)."""
+
+    valid: torch.Tensor
+    index: torch.Tensor
+    w_y: torch.Tensor
+
+
+def hard_target(target, weight, ignore_index, dtype) -> HardTarget:
+    """:class:`HardTarget` of class indices ``target`` (m,); ``ignore_index`` None: none
+    ignored. ``w_y`` is in ``dtype`` (1 on kept rows without class weights)."""
+    valid = target != (NO_IGNORE if ignore_index is None else ignore_index)
+    index = torch.where(valid, target, 0)
+    if weight is None:
+        return HardTarget(valid, index, valid.to(dtype))
+    return HardTarget(valid, index, torch.where(valid, weight.to(dtype)[index], 0.0))
+
+
+class Coefficients(NamedTuple):
+    """``a`` (m,) and ``B = w ⊙ ((1-ε) t + ε/C)`` of ``ℓ_i = a_i lse_i - Σ_c B_ic z_ic``.
+
+    ``B`` is stored in the form its target gives: ``dense`` (m, C) for probability targets;
+    for class indices ``B_ic = b_y_i [c = y_i] + uniform_share · w_c`` on kept rows (0 on
+    ignored ones), with ``b_y = (1-ε) w_y`` (m,). ``target_share = 1-ε`` and
+    ``uniform_share = ε/C`` are the shares of the given target and of the uniform
+    distribution in ``t'``, ``weight`` the class weights ``w`` (C,) or None.
+    """
+
+    a: torch.Tensor
+    dense: torch.Tensor | None
+    hard: HardTarget | None
+    b_y: torch.Tensor | None
+    uniform_share: float
+    target_share: float
+    weight: torch.Tensor | None
+
+
+def coefficients(target, weight, ignore_index, smoothing, classes, dtype) -> Coefficients:
+    """The :class:`Coefficients` of class-index (m,) or probability (m, C) targets, class
+    weights ``weight`` (C,) or None, ``ignore_index`` (None: no row ignored) and label
+    smoothing ``ε``, in ``dtype``: the one place that knows about label smoothing."""
+    w = None if weight is None else weight.to(dtype)
+    target_share, uniform_share = 1 - smoothing, smoothing / classes
+    if target.is_floating_point():
+        # B = w ⊙ ((1-ε) t + ε/C),  a_i = Σ_c B_ic
+        b = target.to(dtype)
+        if smoothing:
+            b = b * target_share + uniform_share
+        if w is not None:
+            b = b * w
+        return Coefficients(b.sum(1), b, None, None, uniform_share, target_share, w)
+    hard = hard_target(target, weight, ignore_index, dtype)
+    if not smoothing:  # B = w_y onehot(y),  a = w_y
+        return Coefficients(hard.w_y, None, hard, hard.w_y, uniform_share, target_share, w)
+    # a_i = (1-ε) w_{y_i} + (ε/C) Σ_c w_c on kept rows
+    w_sum = classes if w is None else w.sum()
+    a = target_share * hard.w_y + hard.valid.to(dtype) * uniform_share * w_sum
+    b_y = target_share * hard.w_y
+    return Coefficients(a, None, hard, b_y, uniform_share, target_share, w)
+
+
+def linear_part(coef: Coefficients, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_c B_ic x_ic`` (m,) for ``x`` (m, C) (ignored rows: masked later by the caller)."""
+    if coef.dense is not None:
+        return (coef.dense * x).sum(1)
+    picked = x.gather(1, coef.hard.index.unsqueeze(1)).squeeze(1)
+    linear = coef.b_y * picked
+    if coef.uniform_share:
+        x_w = x.sum(1) if coef.weight is None else x @ coef.weight
+        linear = linear + coef.uniform_share * x_w
+    return linear
+
+
+def subtract_b(coef: Coefficients, g: torch.Tensor) -> torch.Tensor:
+    """``g - B``, written into ``g`` (m, C), which is returned."""
+    if coef.dense is not None:
+        return g.sub_(coef.dense)
+    if coef.uniform_share:
+        w_row = g.new_ones(g.shape[1]) if coef.weight is None else coef.weight
+        g.sub_(torch.outer(coef.hard.valid.to(g.dtype), w_row), alpha=coef.uniform_share)
+    return g.scatter_add_(1, coef.hard.index.unsqueeze(1), coef.b_y.neg().unsqueeze(1))
+
+
+def dense_b(coef: Coefficients, classes: int) -> torch.Tensor:
+    """``B`` as an (m, C) tensor."""
+    if coef.dense is not None:
+        return coef.dense
+    b = coef.a.new_zeros((coef.a.shape[0], classes))
+    b = b.scatter(1, coef.hard.index.unsqueeze(1), coef.b_y.unsqueeze(1))
+    if coef.uniform_share:
+        w_row = b.new_ones(classes) if coef.weight is None else coef.weight
+        b = b + torch.outer(coef.hard.valid.to(b.dtype), w_row) * coef.uniform_share
+    return b
+
+
+def masked(coef: Coefficients, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (m,) with ignored rows set to exactly 0 (even where they are inf or NaN)."""
+    return rows if coef.hard is None else torch.where(coef.hard.valid, rows, 0.0)
+
+
+def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
+    """:class:`CERows` of a block of logits ``z`` (m, C), all in the accumulation dtype
+    (float32 for half inputs, so that ``p_y - 1`` of a confident row keeps its precision;
+    the caller rounds the gradient once). ``∂ℓ/∂z`` is built in ``out`` when given (a
+    buffer of the accumulation dtype, possibly ``z`` itself), else in a new tensor; no
+    other tensor is written."""
+    acc = accumulation_dtype(z.dtype)
+    coef = coefficients(target, weight, ignore_index, smoothing, z.shape[1], acc)
+    # s = z - m with m the row max: every exponent is <= 0 (log-sum-exp trick)
+    m = z.amax(1, keepdim=True).to(acc)
+    s = z.to(acc) - m if out is None else torch.sub(z, m, out=out)
+    linear = linear_part(coef, s)  # taken before s is overwritten by e = exp(s)
+    # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0
+    e = s.exp_()
+    total = e.sum(1, keepdim=True)
+    log_total = total.log()
+    # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ_c e_ic - Σ_c B_ic s_ic   (Σ_c B_ic = a_i)
+    loss = masked(coef, coef.a * log_total.squeeze(1) - linear)
+    # ∂ℓ_i/∂z_i = a_i p_i - B_i with p_i = e_i / Σ_c e_ic
+    grad = subtract_b(coef, e.mul_(coef.a.unsqueeze(1) / total))
+    return CERows(loss, grad, (m + log_total).squeeze(1))
+
+
+# --------------------------------------------------------------------------- second order
+def grad_from_logits(logits, coef: Coefficients):
+    """``(∂ℓ/∂z, p, lse)`` recomputed from saved logits (m, C), in ``coef``'s dtype."""
+    z = logits.to(coef.a.dtype)
+    lse = torch.logsumexp(z, 1)
+    p = torch.exp(z - lse.unsqueeze(1))
+    # ∂ℓ_i/∂z_i = a_i p_i - B_i
+    return coef.a.unsqueeze(1) * p - dense_b(coef, z.shape[1]), p, lse
+
+
+def softmax_from_grad(grad, coef: Coefficients) -> torch.Tensor:
+    """``p`` (m, C) recovered from ``∂ℓ/∂z = a p - B``: ``p = (∂ℓ/∂z + B) / a`` (rows with
+    ``a = 0``, the ignored ones, divide by 1: their gradient is 0)."""
+    a = coef.a.unsqueeze(1)
+    return (grad + dense_b(coef, grad.shape[1])) / torch.where(a == 0, torch.ones_like(a), a)
+
+
+def grad_derivative(p, a, v):
+    """``(J v, ⟨p, v⟩)`` for the Jacobian ``J`` of ``∂ℓ/∂z`` w.r.t. ``z`` and ``v`` (m, C);
+    ``J`` is symmetric, so ``J v`` is both the jvp and the vjp. ``⟨p_i, v_i⟩`` (m, 1) is
+    the derivative of ``lse_i`` along ``v_i`` (``∂lse_i/∂z_ij = p_ij``)."""
+    pv = (p * v).sum(1, keepdim=True)
+    # ∂(a_i p_ij - B_ij)/∂z_ik = a_i p_ij (δ_jk - p_ik)
+    return a * p * (v - pv), pv

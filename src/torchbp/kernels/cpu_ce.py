@@ -1,0 +1,90 @@
+"""Eager fast paths of the cross-entropy forward (any device; written for the CPU).
+
+Each computes what the reference :func:`torchbp.autograd.cross_entropy.ce_rows` computes,
+``(ℓ, ∂ℓ/∂z, lse)`` of ``(m, C)`` logits, and ``tests/kernels/test_cpu_ce.py`` checks it
+against the reference on the same inputs:
+
+* :func:`plain_rows`: plain cross-entropy (class indices, no class weights, no label
+  smoothing) of float32 / float64 logits with one fused ``torch.softmax`` kernel, which
+  evaluates ``e^{z-m}`` once per logit and leaves ``p`` in the buffer that becomes
+  ``∂ℓ/∂z = p - onehot(y)``: the fewest passes over the logits (classifier training).
+* :func:`blocked_rows`: any row function (the reference) applied block by block of rows,
+  each block's gradient written into a buffer of the logits' dtype, which may be the
+  logits themselves (``inplace=True``): straight for full precision, through one reused
+  float32 block buffer for half inputs. Bounds the float32 temporaries of half inputs,
+  and with ``inplace`` allocates no logits-sized buffer at all.
+
+They write into buffers of their own (or the logits, when asked) and inspect values, so
+the host calls them only eagerly, never under torch.compile or torch.func.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["blocked_rows", "plain_rows", "softmax_rows"]
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (ℓ (m,), ∂ℓ/∂z (m, C), lse (m,))
+
+
+def softmax_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row max ``m`` (m, 1), ``p = softmax(z)`` (m, C) from one fused kernel, and
+    ``log Σ_c e^{z_c - m}`` (m, 1): at the row max ``p = e^0 / Σ e^{z-m}``, so it is
+    ``-log p_max`` (no second pass of exp)."""
+    m, argmax = z.max(1, keepdim=True)
+    p = torch.softmax(z, 1)
+    return m, p, p.gather(1, argmax).log_().neg_()
+
+
+def plain_rows(z: torch.Tensor, target: torch.Tensor, ignore_index: int | None) -> Rows:
+    """Plain cross-entropy of float32 / float64 logits ``z`` (m, C), m·C > 0, with
+    class-index targets (m,): ``ℓ_i = lse_i - z_{i,y_i}`` and ``∂ℓ_i/∂z_i = p_i -
+    onehot(y_i)``, 0 on rows whose target is ``ignore_index`` (None: the caller checked
+    that no row is; then no row is masked)."""
+    m, p, log_total = softmax_rows(z)
+    lse = m.add_(log_total)
+    y = target.unsqueeze(1)
+    valid = y != (-1 if ignore_index is None else ignore_index)  # -1 matches no class
+    y = torch.where(valid, y, 0)
+    # ℓ_i = lse_i - z_{i,y_i}
+    loss = (lse - z.gather(1, y)).masked_fill_(~valid, 0.0)
+    # ∂ℓ_i/∂z_i = p_i - onehot(y_i), and 0 on ignored rows
+    p.scatter_add_(1, y, valid.to(p.dtype).neg_())
+    if ignore_index is not None and (z.device.type != "cpu" or not bool(valid.all())):
+        p.mul_(valid)  # (looking costs no sync on CPU)
+    return loss.squeeze(1), p, lse.squeeze(1)
+
+
+def blocked_rows(
+    rows_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Rows],
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    block: int,
+    grad: torch.Tensor,
+) -> Rows:
+    """``rows_fn(z, t, out)`` block by block of ``block`` rows of ``logits`` (M, C) and
+    ``target`` (M,) or (M, C); each block's ``∂ℓ/∂z`` goes into ``grad`` (M, C) of the
+    logits' dtype, which may be ``logits`` itself. ``rows_fn`` returns its block's
+    ``(ℓ, ∂ℓ/∂z, lse)`` in the accumulation dtype and builds ``∂ℓ/∂z`` in ``out`` (after
+    reading the block's max): for full-precision logits the block of ``grad`` itself,
+    otherwise one float32 block buffer, reused for every block (no fresh allocation per
+    block), whose gradient is rounded once into ``grad``. Returns ``(ℓ, grad, lse)``."""
+    rows = logits.shape[0]
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(rows, dtype=acc, device=logits.device)
+    lse = torch.empty(rows, dtype=acc, device=logits.device)
+    scratch = None
+    if grad.dtype != acc:
+        scratch = torch.empty((min(block, rows), logits.shape[1]), dtype=acc, device=grad.device)
+    for start in range(0, rows, block):
+        part = slice(start, start + block)
+        z = logits[part]
+        out = grad[part] if scratch is None else scratch[: z.shape[0]]
+        part_loss, part_grad, part_lse = rows_fn(z, target[part], out)
+        loss[part].copy_(part_loss)
+        lse[part].copy_(part_lse)
+        if scratch is not None:
+            grad[part].copy_(part_grad)
+    return loss, grad, lse

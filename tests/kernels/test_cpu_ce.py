@@ -1,0 +1,131 @@
+"""The eager cross-entropy fast paths (:mod:`torchbp.kernels.cpu_ce`) against the
+reference :func:`torchbp.autograd.cross_entropy.ce_rows`, on the same inputs.
+
+* ``plain_rows`` (one fused softmax) computes the same math in other ops: a few roundings
+  apart, over dtypes, ignore_index (none, some rows, a class in range), confident rows and
+  NaN / inf logits.
+* ``blocked_rows`` runs the reference itself block by block: equal to one block, for
+  every block size, target kind and dtype, into a new buffer or over the logits (bitwise,
+  but for the smoothing term of class weights: a matrix-vector product, whose BLAS sum
+  order depends on the block's shape).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests._support import TOL, make
+
+from torchbp.autograd.cross_entropy import ce_rows
+from torchbp.kernels import cpu_ce
+
+C = 7
+ROWS = 13
+
+
+def class_target(rows=ROWS, seed=0, ignore=None):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(C, (rows,), generator=g)
+    if ignore is not None:
+        t[::3] = ignore
+    return t
+
+
+def logits(dtype, rows=ROWS, seed=0):
+    z = make((rows, C), dtype, seed=seed, scale=4.0)
+    z[0] = torch.tensor([30.0, -30.0, 0.0, 1.0, 2.0, -1.0, 0.5])  # a confident row
+    return z
+
+
+# --------------------------------------------------------------------------- softmax_rows
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_softmax_rows_gives_max_softmax_and_log_sum_exp(dtype):
+    z = logits(dtype)
+    m, p, log_total = cpu_ce.softmax_rows(z)
+    torch.testing.assert_close(m, z.amax(1, keepdim=True), rtol=0, atol=0)
+    torch.testing.assert_close(p, torch.softmax(z, 1), rtol=0, atol=0)
+    torch.testing.assert_close(m + log_total, torch.logsumexp(z, 1, keepdim=True), **TOL[dtype])
+
+
+# --------------------------------------------------------------------------- plain_rows
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "ignore_index, ignored",
+    [(None, None), (-100, None), (-100, -100), (2, 2)],
+    ids=["unmasked", "none-ignored", "some-ignored", "class-in-range"],
+)
+def test_plain_rows_matches_reference(dtype, ignore_index, ignored):
+    z = logits(dtype)
+    target = class_target(ignore=ignored)
+    before = z.clone()
+    ours = cpu_ce.plain_rows(z, target, ignore_index)
+    ref = ce_rows(z, target, None, ignore_index, 0.0)
+    assert torch.equal(z, before), "plain_rows wrote into the logits"
+    for got, want in zip(ours, ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    if ignored is not None:
+        rows = target == ignored
+        assert rows.any() and not ours[0][rows].any() and not ours[1][rows].any()
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100])
+def test_plain_rows_propagates_nan_and_inf_like_reference(ignore_index):
+    z = logits(torch.float64)
+    z[1, 2], z[2, 3], z[3] = float("inf"), float("nan"), float("-inf")
+    target = class_target()
+    for got, want in zip(
+        cpu_ce.plain_rows(z, target, ignore_index), ce_rows(z, target, None, ignore_index, 0.0)
+    ):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- blocked_rows
+TARGETS = [
+    pytest.param(dict(kind="index", weighted=False, ignore=None, smoothing=0.0), id="plain"),
+    pytest.param(dict(kind="index", weighted=True, ignore=-100, smoothing=0.3), id="w-ign-eps"),
+    pytest.param(dict(kind="prob", weighted=True, ignore=None, smoothing=0.3), id="prob-w-eps"),
+]
+
+
+def reference_rows(case, dtype):
+    """The reference as a row function of ``(z, t, out)`` and the full target, per case."""
+    weight = make((C,), torch.float32, seed=4).abs() + 0.1 if case["weighted"] else None
+    if case["kind"] == "index":
+        target = class_target(ignore=case["ignore"])
+    else:
+        target = torch.softmax(make((ROWS, C), torch.float64, seed=5), 1).to(dtype)
+    ignore = -100 if case["ignore"] is not None else None
+
+    def rows_fn(z, t, out=None):
+        return ce_rows(z, t, weight, ignore, case["smoothing"], out)
+
+    return rows_fn, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", TARGETS)
+@pytest.mark.parametrize("block", [1, 4, ROWS, 100])
+@pytest.mark.parametrize("into", ["new", "logits"])
+def test_blocked_rows_equals_reference_in_one_block(dtype, case, block, into):
+    rows_fn, target = reference_rows(case, dtype)
+    z = logits(dtype)
+    ref_loss, ref_grad, ref_lse = rows_fn(z, target)
+    grad = z if into == "logits" else torch.empty_like(z)
+    loss, out, lse = cpu_ce.blocked_rows(rows_fn, z, target, block, grad)
+    assert out is grad and out.dtype == dtype
+    # the gradient is rounded once from the accumulation dtype, as the reference's
+    exact = not (case["weighted"] and case["smoothing"]) or block >= ROWS
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+    torch.testing.assert_close(out, ref_grad.to(dtype), **(tol if exact else TOL[dtype]))
+
+
+def test_blocked_rows_of_no_rows():
+    rows_fn, _ = reference_rows(
+        dict(kind="index", weighted=False, ignore=None, smoothing=0.0), None
+    )
+    z = torch.empty((0, C))
+    loss, grad, lse = cpu_ce.blocked_rows(rows_fn, z, class_target(0), 4, torch.empty_like(z))
+    assert loss.shape == lse.shape == (0,) and grad.shape == (0, C)
