@@ -20,6 +20,8 @@ The scale ``s`` is applied to the ``(m, d)`` operands, never to the ``(m, C)`` c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.autograd import Function
 
@@ -76,19 +78,22 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.add_(torch.mm(a, b))
 
 
-def _lce_chunks(
-    x,
-    w,
-    b,
-    target,
-    weight,
-    ignore_index,
-    smoothing,
-    chunk,
-    scale,
-    want,
-    rows_out=None,
-):
+class _Problem(NamedTuple):
+    """What the chunk loop computes the loss and gradients of: ``x`` (N, d), ``w`` (C, d),
+    ``b`` (C,) or None, ``target`` (N,) or (N, C), class ``weight`` (C,) or None, and the
+    loss options."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor | None
+    target: torch.Tensor
+    weight: torch.Tensor | None
+    ignore_index: int
+    smoothing: float
+    chunk: int
+
+
+def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
     """The chunk loop shared by forward and the ``none`` backward.
 
     ``scale``: ``None`` (no gradients), a 0-dim tensor (the same ``s`` for every row) or
@@ -97,6 +102,7 @@ def _lce_chunks(
     ``(dx, dW, dB, dt)`` in the accumulation dtype for dW / db, else the input's dtype,
     ``None`` where not wanted.
     """
+    x, w, b, target, weight, ignore_index, smoothing, chunk = problem
     n, d = x.shape
     classes = w.shape[0]
     acc = accumulation_dtype(x.dtype)
@@ -272,19 +278,9 @@ class LinearCrossEntropyFunction(Function):
             want = tuple(bool(f) for f in needs)
             one = torch.ones((), dtype=acc, device=input.device)
             scale = one / denominator.to(acc) if reduction == "mean" else one
-        dx, dw, db, dt = _lce_chunks(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            weight,
-            ignore_index,
-            label_smoothing,
-            chunk_size,
-            scale,
-            want,
-            rows_out=rows,
-        )
+        options = (ignore_index, label_smoothing, chunk_size)
+        problem = _Problem(input, linear_weight, linear_bias, target, weight, *options)
+        dx, dw, db, dt = _lce_chunks(problem, scale, want, rows_out=rows)
         if reduction == "none":
             return rows, None, None, None, None
         loss = rows.sum()
@@ -323,19 +319,11 @@ class LinearCrossEntropyFunction(Function):
         want = (needs[0], needs[1], ctx.has_bias and needs[2], needs[3])
         if ctx.reduction == "none":
             x, w, b, target, weight = ctx.saved_tensors
+            problem = _Problem(
+                x, w, b, target, weight, ctx.ignore_index, ctx.label_smoothing, ctx.chunk_size
+            )
             with torch.no_grad():
-                dx, dw, db, dt = _lce_chunks(
-                    x,
-                    w,
-                    b,
-                    target,
-                    weight,
-                    ctx.ignore_index,
-                    ctx.label_smoothing,
-                    ctx.chunk_size,
-                    grad_loss,
-                    want,
-                )
+                dx, dw, db, dt = _lce_chunks(problem, grad_loss, want)
             dw = dw.to(w.dtype) if dw is not None else None
             db = db.to(b.dtype) if db is not None else None
         else:

@@ -2,6 +2,12 @@
 
 :mod:`triton` itself is never imported at module import time, so that CPU-only installs
 import torchbp without it.
+
+With ``TRITON_INTERPRET=1`` in the environment, Triton's interpreter runs the kernels on
+CPU tensors and each kernel's ``available`` accepts CPU tensors too (:func:`runs_on`);
+this exists for testing without a GPU. Triton fixes the mode for the whole process when
+it is first imported (its own library functions are then interpreted), so set the
+variable before that, and do not mix interpreted and compiled kernels in one process.
 """
 
 from __future__ import annotations

@@ -27,11 +27,8 @@ and the saved tensor, write ``dx``), where the eager torch-op kernels make two t
 :mod:`triton` is imported lazily, on the first call of :func:`available` or
 :func:`act_backward`, so that CPU-only installs import torchbp without it.
 
-With ``TRITON_INTERPRET=1`` in the environment, Triton's interpreter runs the kernel on
-CPU tensors and :func:`available` accepts CPU tensors too; this exists for testing
-without a GPU. Triton fixes the mode for the whole process when it is first imported
-(its own library functions are then interpreted), so set the variable before that, and
-do not mix interpreted and compiled kernels in one process.
+Under ``TRITON_INTERPRET=1`` the kernel runs in Triton's CPU interpreter, for tests (see
+:mod:`torchbp.kernels._triton`).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import csv
 import math
 import os
 from collections.abc import Iterator, Sized
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -660,13 +661,9 @@ class SyntheticDataModule(ClassificationDataModule):
         self.num_workers = num_workers
         self.task = _SyntheticTask(kind, n_features, n_classes, seed, separation)
 
-    @property
-    def num_features(self) -> int:
-        return self.n_features
-
-    @property
-    def num_classes(self) -> int:
-        return self.n_classes
+    # The task's sizes are known from the arguments (nothing to load).
+    num_features = property(attrgetter("n_features"))
+    num_classes = property(attrgetter("n_classes"))
 
     def _loader(self, n: int, split_seed: int, shuffle: bool) -> DataLoader:
         ds = _SyntheticBatches(self.task, n, self.batch_size, split_seed, shuffle)
