@@ -26,6 +26,17 @@ N_BLOCKED = 5 * BLOCK + 17  # six blocks, the last one short
 KERNEL_CASES = [v for v in ACTIVATIONS if v.op.name in cpu_act.KERNELS]
 # A slope beyond the registry's variants for the exactness test: one above 1.
 EXTRA_SLOPES = [Variant(OPS["leaky_relu"], {"negative_slope": 3.3})]
+# Kernels that run the formula's own ops on the same values, so bit for bit (sign of zero
+# included): with the registry's variants and beyond -- ELU's alpha 0 and -0 (y + alpha at
+# y = -0 is +0 and -0), a large one and a second negative one; Softplus thresholds below
+# where float32's sigmoid reaches 1 (the kernel's other form), among them 0 and a negative.
+BITWISE_CASES = [v for v in KERNEL_CASES if v.op.name in ("elu", "softplus")] + [
+    *(Variant(OPS["elu"], {"alpha": a}) for a in (0.0, -0.0, 3.3, -2.0)),
+    *(
+        Variant(OPS["softplus"], {"beta": b, "threshold": t})
+        for b, t in ((1.0, 3.0), (3.0, 0.0), (0.5, -2.0))
+    ),
+]
 # kernels that multiply g by a 0/1 mask: an infinite g at an inactive unit gives 0 · inf = NaN
 # there, where the formula (and native) selects 0 (see cpu_act.relu)
 MASK_TIMES_G = {"relu"}
@@ -103,6 +114,33 @@ def test_piecewise_linear_kernel_is_exact(variant, numel):
     # g or slope · g, bit for bit (NaN aside): the mask is exactly 1 or the slope
     g, saved, args = inputs(variant, (numel,), torch.float32, special=True)
     check(variant, g, saved, args, equal=True)
+
+
+def same_bits(a, b):
+    """Equal values with equal signs of zero, NaN in the same places."""
+    nan = a.isnan()
+    return (
+        torch.equal(nan, b.isnan())
+        and torch.equal(a[~nan], b[~nan])
+        and torch.equal(a[~nan].signbit(), b[~nan].signbit())
+    )
+
+
+@NUMELS
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", BITWISE_CASES, ids=str)
+def test_kernel_is_the_formula_bit_for_bit(variant, dtype, numel):
+    g, saved, args = inputs(variant, (numel,), dtype, special=True)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype)
+    g[1::11] = special.repeat(len(g[1::11]))[: len(g[1::11])]
+    if variant.op.name == "softplus":  # saved is x: put beta x on the threshold and beside it
+        beta, threshold = args
+        edge = torch.tensor(threshold / beta, dtype=dtype)
+        above = torch.nextafter(edge, torch.tensor(float("inf"), dtype=dtype))
+        below = torch.nextafter(edge, torch.tensor(-float("inf"), dtype=dtype))
+        saved[5::37] = torch.stack([edge, above, below]).repeat(numel)[: len(saved[5::37])]
+    fast = check(variant, g, saved, args)
+    assert same_bits(fast, reference(variant.op.formula, g, saved, *args))
 
 
 @pytest.mark.parametrize(
