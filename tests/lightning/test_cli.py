@@ -173,9 +173,16 @@ def test_signal_during_fit_leaves_loadable_checkpoint(tmp_path, sig):
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     )
-    proc = subprocess.Popen(
-        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # A child inherits an ignored SIGINT (as in a test run started in the background with
+    # nohup), and Python then installs no Ctrl-C handler: let the child see SIGINT as a
+    # terminal would deliver it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     ckpt_dir = tmp_path / "digits/version_0/checkpoints"
     deadline = time.time() + 120
     try:
