@@ -270,7 +270,22 @@ def cli_main(args: ArgsType = None, **kwargs: Any) -> TorchbpCLI:
 
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``torchbp-train`` console script."""
-    cli_main(args)
+    try:
+        cli_main(args)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a DDP process group before the interpreter exits.
+
+    Lightning leaves the group open; gloo's worker threads then meet interpreter shutdown
+    and, now and then, abort the process ("terminate called without an active exception")
+    after a run that succeeded.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
