@@ -215,19 +215,51 @@ class _Triple(torch.autograd.Function):
         return 3 * g
 
 
-def test_no_jvp_is_reported_in_words():
+def test_no_jvp_is_unsupported_with_how_to_add_it():
     class NoJvp(_Triple):
         generate_vmap_rule = True
 
     report = check_function(NoJvp, _x(3), checks=["forward_ad"])
-    assert report["forward_ad"].failed
+    assert report.ok, str(report)
+    assert report["forward_ad"].unsupported
     assert "Function has no jvp" in report["forward_ad"].message
+    assert "to add it: define a jvp staticmethod" in report["forward_ad"].message
 
 
-def test_no_vmap_rule_is_reported_in_words():
+def test_no_vmap_rule_is_unsupported_with_how_to_add_it():
     report = check_function(_Triple, _x(3), checks=["vmap"])
-    assert report["vmap"].failed
+    assert report.ok, str(report)
+    assert report["vmap"].unsupported
     assert "Function has no vmap rule" in report["vmap"].message
+    assert "generate_vmap_rule = True" in report["vmap"].message
+
+
+def test_require_turns_unsupported_into_failed():
+    report = check_function(_Triple, _x(3), checks=["gradcheck"], require=["vmap", "forward_ad"])
+    assert not report.ok
+    assert report.names() == ["forward", "gradcheck", "forward_ad", "vmap"]
+    assert report["gradcheck"].passed
+    for name in ("forward_ad", "vmap"):
+        assert report[name].failed
+        assert report[name].message.startswith("required but unsupported: ")
+    assert "FAILED (2 fail)" in str(report)
+
+
+def test_require_leaves_supported_checks_alone():
+    report = check_function(torch.tanh, _x(3), require=("vmap", "forward_ad"), **NO_COMPILE)
+    assert report.ok and report["vmap"].passed and report["forward_ad"].passed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"require": ["nope"]}, "unknown check"),
+        ({"require": ["vmap"], "skip": ["vmap"]}, "both required and skipped"),
+    ],
+)
+def test_bad_require_gives_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_function(torch.tanh, _x(3), **kwargs)
 
 
 def test_undefined_grad_not_handled_is_reported():

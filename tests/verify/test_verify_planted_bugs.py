@@ -180,10 +180,13 @@ def test_correct_linear_passes_every_check():
 
 
 def test_jvp_blocks_fullgraph_compile_with_a_clear_reason():
+    # a PyTorch limitation, not a bug: unsupported, and the numbers are still compared
+    # (compiled with graph breaks)
     report = check_function(GoodSigmoid, _x(3, 4), checks=["compile"])
-    assert report["compile"].failed
+    assert report.ok and report["compile"].unsupported, str(report)
     assert "cannot capture a Function that defines jvp" in report["compile"].message
     assert "is_compiling" in report["compile"].message
+    assert report["compile"].max_abs_err is not None
 
 
 def test_wrong_derivative_is_caught():
@@ -200,24 +203,24 @@ def test_wrong_derivative_is_caught():
     assert report["gradgradcheck"].skipped
 
 
-def test_missing_setup_context_is_caught():
+def test_missing_setup_context_is_unsupported():
     report = check_function(CombinedStyleSigmoid, _x(3, 4), reference=torch.sigmoid, **FAST)
-    assert not report.ok
+    # its jvp reads ctx.saved_tensors without ctx.save_for_forward: a real bug
+    assert report["forward_ad"].failed and "save_for_forward" in report["forward_ad"].message
     assert report["gradcheck"].passed  # plain autograd is fine...
-    assert report["vmap"].failed  # ...but torch.func is not
-    assert "Function lacks setup_context: torch.func transforms cannot use it" in (
-        report["vmap"].message
-    )
+    assert report["vmap"].unsupported  # ...but torch.func is not offered
+    assert "Function lacks setup_context: torch.func transforms" in report["vmap"].message
+    report = check_function(CombinedStyleSigmoid, _x(3, 4), require=["vmap"], checks=["gradcheck"])
+    assert not report.ok and report["vmap"].failed
 
 
-def test_once_differentiable_is_caught():
+def test_once_differentiable_is_unsupported():
     report = check_function(OnceDiffSigmoid, _x(3, 4), reference=torch.sigmoid, **FAST)
-    assert not report.ok
+    assert report.ok, str(report)
     assert report["gradcheck"].passed
-    assert report["gradgradcheck"].failed
-    assert "backward is not differentiable: double backward unsupported (once_differentiable?)" in (
-        report["gradgradcheck"].message
-    )
+    assert report["gradgradcheck"].unsupported
+    assert "backward is once_differentiable" in report["gradgradcheck"].message
+    assert "double backward is unsupported" in report["gradgradcheck"].message
 
 
 def test_wrong_output_shape_is_caught():
@@ -248,10 +251,7 @@ def test_unreduced_bias_gradient_is_caught():
     assert report["gradcheck"].passed
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [WrongDerivativeSigmoid, OnceDiffSigmoid, InplaceGradSigmoid, CombinedStyleSigmoid],
-)
+@pytest.mark.parametrize("bad", [WrongDerivativeSigmoid, InplaceGradSigmoid])
 def test_report_renders_and_serialises(bad):
     import json
 

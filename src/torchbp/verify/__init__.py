@@ -2,7 +2,9 @@
 
 :func:`check_function` runs gradcheck, gradgradcheck, forward-mode AD, vmap, batched and
 undefined grads, gradient shapes, grad_output safety, torch.compile parity and parity with a
-reference on example inputs and returns a :class:`Report`. The ``torchbp-verify`` command
+reference on example inputs and returns a :class:`Report`. Each check ends :data:`PASS`,
+:data:`FAIL`, :data:`UNSUPPORTED` (a capability fn does not offer, with how to add it) or
+:data:`SKIP`; ``report.ok`` is true iff nothing failed. The ``torchbp-verify`` command
 (:mod:`torchbp.verify.cli`) runs it over every torchbp op (:mod:`torchbp.verify.cases`).
 
 Examples:
@@ -14,7 +16,7 @@ Examples:
 """
 
 from torchbp.verify.checks import CHECK_DESCRIPTIONS, CHECKS, check_function, tolerances
-from torchbp.verify.report import FAIL, PASS, SKIP, CheckResult, Report
+from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
 __all__ = [
     "CHECKS",
@@ -22,6 +24,7 @@ __all__ = [
     "FAIL",
     "PASS",
     "SKIP",
+    "UNSUPPORTED",
     "CheckResult",
     "Report",
     "check_function",

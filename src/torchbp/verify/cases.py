@@ -32,7 +32,7 @@ __all__ = ["Case", "CASES", "OPS", "UNSUPPORTED", "cases_for", "op_names", "unre
 Builder = Callable[[torch.Generator], tuple[Any, ...]]
 
 #: Capabilities an op lacks by design (documented in its Function's docstring): the CLI
-#: reports these checks as skipped with the reason instead of running them.
+#: reports these checks as unsupported with the reason instead of running them.
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "linear_cross_entropy": {
         "gradgradcheck": "by design: gradients are computed chunk-wise, double backward raises",

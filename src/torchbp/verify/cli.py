@@ -25,7 +25,7 @@ import torch
 
 from torchbp.verify.cases import LOW_PRECISION_CHECKS, Case, cases_for, op_names, unregistered_ops
 from torchbp.verify.checks import CHECKS, check_function
-from torchbp.verify.report import FAIL, PASS, SKIP, CheckResult, Report
+from torchbp.verify.report import FAIL, PASS, SKIP, STATUSES, UNSUPPORTED, CheckResult, Report
 
 __all__ = ["main", "run"]
 
@@ -175,6 +175,8 @@ def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]])
         "device": job.device,
         "grad_inputs": job.case.grad_inputs,
         "checks": checks,
+        # torchbp promises every capability it does not document as unsupported
+        "require": checks,
         "fast_mode": args.fast,
         "compile_backend": args.compile_backend,
         "name": f"{job.case.label} {job.device} {job.dtype}",
@@ -213,7 +215,7 @@ def run(
         if job.dtype == "float64":
             for name, reason in job.case.unsupported.items():
                 if job.case.checks is None or name in job.case.checks:
-                    report.checks.append(CheckResult(name, SKIP, f"not supported {reason}"))
+                    report.checks.append(CheckResult(name, UNSUPPORTED, reason))
             report.checks.sort(key=lambda r: CHECKS.index(r.name) if r.name in CHECKS else 99)
         outcomes.append(Outcome(job, report))
         if progress is not None:
@@ -229,10 +231,15 @@ def _cell(results: list) -> tuple[str, str]:
     if not ran:
         return "skip", "dim"
     failed = [r for r in ran if r.status == FAIL]
+    unsupported = [r for r in ran if r.status == UNSUPPORTED]
     errs = [r.max_abs_err for r in ran if r.max_abs_err is not None and r.status == PASS]
     if failed:
         return f"FAIL {len(failed)}/{len(ran)}", "bold red"
+    if len(unsupported) == len(ran):
+        return "unsupported", "yellow"
     err = f" {max(errs):.0e}" if errs else ""
+    if unsupported:
+        return f"pass{err} ({len(unsupported)} unsup.)", "yellow"
     return f"pass{err}", "green"
 
 
@@ -272,7 +279,8 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
     console.print(table)
     console.print(
         "cells: pass + largest max-abs-error over the op's cases and dtypes, or FAIL "
-        "failed/ran; skip = not applicable"
+        "failed/ran; unsupported = a capability the op does not offer by design "
+        "(documented); skip = not applicable"
     )
     failures = [(oc, r) for oc in outcomes for r in oc.report if r.status == FAIL]
     for oc, r in failures[:40]:
@@ -284,6 +292,16 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
         )
     if len(failures) > 40:
         console.print(f"... and {len(failures) - 40} more failures (see --json)")
+    gaps = {
+        (oc.job.case.op, r.name): r.message
+        for oc in outcomes
+        for r in oc.report
+        if r.status == UNSUPPORTED
+    }
+    for (op, name), message in gaps.items():
+        console.print(
+            f"[yellow]UNSUPPORTED[/] {op} {name}: {message}", highlight=False, soft_wrap=True
+        )
     missing = unregistered_ops()
     if missing:
         console.print(f"[yellow]no verification cases for: {', '.join(missing)}[/]")
@@ -292,7 +310,7 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
 
 def _counts(outcomes: list[Outcome]) -> dict[str, int]:
     results = [r for oc in outcomes for r in oc.report]
-    return {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIP)}
+    return {s: sum(r.status == s for r in results) for s in STATUSES}
 
 
 def _summary(outcomes: list[Outcome], wall: float) -> str:
@@ -302,7 +320,8 @@ def _summary(outcomes: list[Outcome], wall: float) -> str:
     devices = ",".join(dict.fromkeys(oc.job.device for oc in outcomes))
     return (
         f"{verdict}: {ops} ops, {len(outcomes)} case runs on {devices}, {n[PASS]} checks passed, "
-        f"{n[FAIL]} failed, {n[SKIP]} skipped in {wall:.1f}s (torch {torch.__version__})"
+        f"{n[FAIL]} failed, {n[UNSUPPORTED]} unsupported, {n[SKIP]} skipped in {wall:.1f}s "
+        f"(torch {torch.__version__})"
     )
 
 

@@ -1,8 +1,12 @@
 """Result objects returned by :func:`torchbp.verify.check_function`.
 
-A :class:`Report` holds one :class:`CheckResult` per check. ``report.ok`` is True only if no
-check failed (skipped checks do not count against it), ``str(report)`` is a plain-text table
-and ``report.to_dict()`` is JSON-serialisable.
+A :class:`Report` holds one :class:`CheckResult` per check, each with one of four statuses:
+:data:`PASS`, :data:`FAIL` (a wrong number, a silent wrong behaviour, a crash in a supported
+path), :data:`UNSUPPORTED` (the function does not offer the capability the check exercises,
+e.g. no jvp; the message says how to add it) and :data:`SKIP` (the check does not apply).
+``report.ok`` is True only if no check failed (unsupported and skipped checks do not count
+against it), ``str(report)`` is a plain-text table and ``report.to_dict()`` is
+JSON-serialisable.
 """
 
 from __future__ import annotations
@@ -12,11 +16,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PASS", "FAIL", "SKIP", "CheckResult", "Report"]
+__all__ = ["PASS", "FAIL", "SKIP", "UNSUPPORTED", "STATUSES", "CheckResult", "Report"]
 
+#: The check ran and passed.
 PASS = "pass"
+#: The check ran and found a bug (or fn crashed where it claims support).
 FAIL = "fail"
+#: fn does not offer the capability the check exercises (not a bug, unless required).
+UNSUPPORTED = "unsupported"
+#: The check does not apply (no reference, not float64, an earlier check failed).
 SKIP = "skipped"
+#: Every status, in the order reports count them.
+STATUSES = (PASS, FAIL, UNSUPPORTED, SKIP)
 
 
 def _fmt_err(value: float | None) -> str:
@@ -43,8 +54,9 @@ class CheckResult:
 
     Args:
         name: the check's name, e.g. ``"gradcheck"``.
-        status: ``"pass"``, ``"fail"`` or ``"skipped"``.
-        message: why it failed or was skipped (plain words); a short note when it passed.
+        status: ``"pass"``, ``"fail"``, ``"unsupported"`` or ``"skipped"``.
+        message: why it failed, is unsupported (with how to add the capability) or was
+            skipped, in plain words; a short note when it passed.
         max_abs_err: largest absolute difference seen by the check, if it measures one.
         max_rel_err: ``max_abs_err`` divided by the largest magnitude of the expected values.
         seconds: wall time the check took.
@@ -71,6 +83,11 @@ class CheckResult:
     def failed(self) -> bool:
         """True if the check ran and failed."""
         return self.status == FAIL
+
+    @property
+    def unsupported(self) -> bool:
+        """True if fn does not offer the capability this check exercises."""
+        return self.status == UNSUPPORTED
 
     @property
     def skipped(self) -> bool:
@@ -117,6 +134,15 @@ class Report:
     def failures(self) -> list[CheckResult]:
         """The failed checks."""
         return [c for c in self.checks if c.failed]
+
+    @property
+    def unsupported(self) -> list[CheckResult]:
+        """The checks of capabilities fn does not offer."""
+        return [c for c in self.checks if c.unsupported]
+
+    def counts(self) -> dict[str, int]:
+        """How many checks ended with each status, e.g. ``{"pass": 9, "fail": 0, ...}``."""
+        return {s: sum(c.status == s for c in self.checks) for s in STATUSES}
 
     @property
     def seconds(self) -> float:
@@ -170,10 +196,11 @@ class Report:
             return "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()
 
         verdict = "OK" if self.ok else "FAILED"
-        n_fail = len(self.failures)
+        counts = self.counts()
+        noted = [f"{counts[s]} {s}" for s in (FAIL, UNSUPPORTED) if counts[s]]
         summary = f"{self.name}: {verdict}"
-        if n_fail:
-            summary += f" ({n_fail} failed)"
+        if noted:
+            summary += f" ({', '.join(noted)})"
         out = [summary, line(head), line(tuple("-" * w for w in widths))]
         out += [line(r) for r in rows]
         notes = [c for c in self.checks if c.message and not c.passed]
@@ -184,8 +211,8 @@ class Report:
         return "\n".join(out)
 
     def __repr__(self) -> str:
-        counts = {s: sum(c.status == s for c in self.checks) for s in (PASS, FAIL, SKIP)}
+        counts = self.counts()
         return (
             f"Report({self.name!r}, ok={self.ok}, passed={counts[PASS]}, "
-            f"failed={counts[FAIL]}, skipped={counts[SKIP]})"
+            f"failed={counts[FAIL]}, unsupported={counts[UNSUPPORTED]}, skipped={counts[SKIP]})"
         )

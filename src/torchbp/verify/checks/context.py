@@ -37,6 +37,9 @@ class CheckContext:
     options: Options
     #: Shapes of fn's floating-point outputs (set by the forward check, which runs first).
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: Positions (among the grad inputs) of the inputs fn modifies in place and returns
+    #: (``ctx.mark_dirty``); set by the forward check. fn gets non-leaf copies of them.
+    dirty_inputs: frozenset[int] = frozenset()
     #: Results of the checks that ran so far, by name (later checks may depend on them).
     results: dict[str, CheckResult] = field(default_factory=dict)
     #: Numerical Jacobian of :meth:`diff_fn`, computed once (see ``checks.numerical``).
@@ -71,10 +74,11 @@ class CheckContext:
         return [self.args[i].detach().clone().requires_grad_(True) for i in self.grad_idx]
 
     def call(self, fn: Callable[..., Any], diff: Sequence[torch.Tensor]) -> Any:
-        """Call ``fn`` on the inputs, with ``diff`` in place of the grad inputs."""
+        """Call ``fn`` on the inputs, with ``diff`` in place of the grad inputs (copies of
+        those fn modifies in place, so that the caller's tensors stay intact)."""
         full = list(self.args)
-        for i, t in zip(self.grad_idx, diff):
-            full[i] = t
+        for k, (i, t) in enumerate(zip(self.grad_idx, diff)):
+            full[i] = t.clone() if k in self.dirty_inputs else t
         return fn(*full)
 
     def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:

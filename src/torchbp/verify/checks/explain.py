@@ -1,8 +1,54 @@
-"""Plain-word messages for the exceptions torch raises while a check runs."""
+"""Plain-word messages for the exceptions torch raises while a check runs, and which of
+them mean a missing capability (an unsupported check) rather than a bug (a failed one)."""
 
 from __future__ import annotations
 
-__all__ = ["explain_error", "first_line"]
+from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
+
+__all__ = ["capability_gap", "explain_error", "first_line", "outcome_of"]
+
+#: (text found in torch's message or its causes, what is missing, how to add it): errors
+#: that say the function does not offer a capability, not that it computes something wrong.
+_CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
+    (
+        "must implement the jvp function",
+        "Function has no jvp: forward-mode AD (torch.func.jvp, jacfwd, check_forward_ad) is "
+        "unsupported",
+        "define a jvp staticmethod and save what it needs with ctx.save_for_forward",
+    ),
+    (
+        "override the setup_context staticmethod",
+        "Function lacks setup_context: torch.func transforms (vmap, grad, jacrev) cannot use it",
+        "write forward(*args) without ctx plus a setup_context(ctx, inputs, output) "
+        "staticmethod, and set generate_vmap_rule = True",
+    ),
+    (
+        "does not have vmap support",
+        "Function has no vmap rule: torch.func.vmap cannot batch it",
+        "set generate_vmap_rule = True (or write a vmap staticmethod)",
+    ),
+    (
+        "differentiate twice",
+        "backward is once_differentiable: double backward is unsupported",
+        "drop @once_differentiable and write backward in differentiable torch ops",
+    ),
+    (
+        "marked as dirty during the forward method were not returned",
+        "PyTorch's generated vmap rule (generate_vmap_rule = True) does not support a "
+        "Function that modifies its input in place (mark_dirty)",
+        "write a vmap staticmethod instead of generate_vmap_rule = True",
+    ),
+    (
+        "no autograd formula was registered",
+        "the custom op has no backward formula: autograd is unsupported",
+        "call op.register_autograd(backward, setup_context=...)",
+    ),
+    (
+        "no fake impl registered",
+        "the custom op has no fake (meta) implementation: torch.compile and export cannot trace it",
+        "register a shape-only implementation with @op.register_fake",
+    ),
+)
 
 #: (text found in torch's message or its causes, what it means and how to fix it)
 _EXPLANATIONS: tuple[tuple[str, str], ...] = (
@@ -74,6 +120,55 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+def capability_gap(exc: BaseException) -> tuple[str, str] | None:
+    """``(what is missing, how to add it)`` when ``exc`` says a capability is missing.
+
+    Args:
+        exc: an exception raised while a check ran (its causes are searched too).
+
+    Returns:
+        The missing capability and a one-line fix, or None when ``exc`` is not one of the
+        known "not supported" errors (then it is a failure).
+
+    Examples:
+        >>> capability_gap(RuntimeError("... must implement the jvp function ..."))[1][:25]
+        'define a jvp staticmethod'
+    """
+    full = _message_chain(exc)
+    for needle, missing, how_to_add in _CAPABILITY_GAPS:
+        if needle in full:
+            return missing, how_to_add
+    return None
+
+
+def outcome_of(exc: BaseException, context: str = "") -> CheckFailure | CheckUnsupported:
+    """The exception a check raises for ``exc``: unsupported for a missing capability,
+    else a failure whose message is ``context`` followed by :func:`explain_error`.
+
+    Args:
+        exc: the exception caught while the check ran.
+        context: what was being done, e.g. ``"vmap of the forward failed: "``.
+
+    Examples:
+        >>> type(outcome_of(RuntimeError("boom"), "backward failed: ")).__name__
+        'CheckFailure'
+    """
+    gap = capability_gap(exc)
+    if gap is not None:
+        return CheckUnsupported(*gap)
+    return CheckFailure(f"{context}{explain_error(exc)}")
+
+
+def _message_chain(exc: BaseException) -> str:
+    """The messages of ``exc`` and of up to four of its causes, one per line."""
+    chain = [str(exc)]
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(chain) < 5:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    return "\n".join(chain)
+
+
 def first_line(text: str, limit: int = 240) -> str:
     """The first non-blank line of ``text``, cut to ``limit`` characters.
 
@@ -101,12 +196,7 @@ def explain_error(exc: BaseException) -> str:
         'Function lacks setup_context: tor'
     """
     text = str(exc)
-    chain = [text]
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and len(chain) < 5:
-        chain.append(str(cause))
-        cause = cause.__cause__ or cause.__context__
-    full = "\n".join(chain)
+    full = _message_chain(exc)
     for needle, message in _EXPLANATIONS:
         if needle in full:
             return message

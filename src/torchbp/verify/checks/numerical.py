@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error, first_line
+from torchbp.verify.checks.explain import explain_error, first_line, outcome_of
 from torchbp.verify.checks.jacobians import (
     FULL_JACOBIAN_LIMIT,
     Jacobian,
@@ -24,7 +24,7 @@ from torchbp.verify.checks.jacobians import (
     numerical_jacobian,
     projected_backward_error,
 )
-from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
 __all__ = ["check_forward_ad", "check_gradcheck", "check_gradgradcheck"]
 
@@ -48,8 +48,8 @@ def _numerical(ctx: CheckContext) -> Jacobian:
 
 def _torch_verdict(torch_check: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
     """Run torch's gradcheck or gradgradcheck with the run's tolerances: None if it passed,
-    its first line on a Jacobian mismatch (our own comparison then says where), a failed
-    check for anything else."""
+    its first line on a Jacobian mismatch (our own comparison then says where), an
+    unsupported check for a missing capability, a failed check for anything else."""
     try:
         torch_check(*args, check_undefined_grad=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure is reported
@@ -59,7 +59,7 @@ def _torch_verdict(torch_check: Callable[..., Any], *args: Any, **kwargs: Any) -
                 f"in setup_context, for every grad mode ({explain_error(exc)})"
             ) from None
         if "Jacobian mismatch" not in str(exc):
-            raise CheckFailure(explain_error(exc)) from None
+            raise outcome_of(exc) from None
         return first_line(str(exc))
     return None
 
@@ -146,7 +146,8 @@ def _require_differentiable_backward(
     vs: list[torch.Tensor],
 ) -> None:
     """Fail unless backward of ``outs`` builds a graph that connects its gradients to the
-    inputs (``diff``) or grad_outputs (``vs``)."""
+    inputs (``diff``) or grad_outputs (``vs``); unsupported when backward declares that it
+    cannot be differentiated (``once_differentiable``: differentiating it raises, loudly)."""
     grads = torch.autograd.grad(outs, diff, vs, create_graph=True, allow_unused=True)
     live = [g for g in grads if g is not None]
     if live and not any(g.requires_grad for g in live):
@@ -154,9 +155,13 @@ def _require_differentiable_backward(
             "backward is not differentiable: double backward unsupported "
             "(once_differentiable, or backward runs under no_grad / uses .detach())"
         )
+    # once_differentiable (or an op without a derivative) puts a node here that raises
+    # when differentiated: loud, so a missing capability rather than a silent bug
     if any(type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in live):
-        raise CheckFailure(
-            "backward is not differentiable: double backward unsupported (once_differentiable?)"
+        raise CheckUnsupported(
+            "backward is once_differentiable (or uses an op PyTorch cannot differentiate): "
+            "double backward is unsupported",
+            "drop @once_differentiable and write backward in differentiable torch ops",
         )
     if not live:
         return
@@ -169,7 +174,7 @@ def _require_differentiable_backward(
             allow_unused=True,
         )
     except Exception as exc:  # noqa: BLE001
-        raise CheckFailure(explain_error(exc)) from None
+        raise outcome_of(exc) from None
     if all(s is None for s in second):
         raise CheckFailure(
             "backward is not differentiable: its gradients are not connected to the "

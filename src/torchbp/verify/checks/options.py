@@ -28,6 +28,7 @@ class Options:
     grad_inputs: int | Sequence[int] | None = None
     checks: Sequence[str] | None = None
     skip: Sequence[str] | None = ()
+    require: Sequence[str] = ()
     eps: float = 1e-6
     atol: float = 1e-5
     rtol: float = 1e-3
@@ -112,11 +113,20 @@ def resolve_arguments(
             f"check_function: reference must be callable or None; got {type(reference).__name__}"
         )
     _check_inputs(inputs)
-    named = sorted(set(opts.checks or ()) | set(opts.skip or ()))
+    if isinstance(opts.require, str):
+        opts = replace(opts, require=(opts.require,))
+    opts = replace(opts, require=tuple(opts.require or ()))
+    named = sorted(set(opts.checks or ()) | set(opts.skip or ()) | set(opts.require))
     bad = [c for c in named if c not in CHECKS]
     if bad:
         raise ValueError(
             f"check_function: unknown check(s) {', '.join(bad)}; valid checks: {', '.join(CHECKS)}"
+        )
+    both = sorted(set(opts.require) & set(opts.skip or ()))
+    if both:
+        raise ValueError(
+            f"check_function: check(s) {', '.join(both)} are both required and skipped; "
+            "drop them from require or from skip"
         )
     dtype = opts.dtype
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

@@ -1,12 +1,21 @@
-"""How a check ends: it returns :class:`Passed`, or raises :class:`CheckFailure` or
-:class:`CheckSkip`. The runner (:mod:`torchbp.verify.checks.run`) turns these into a
-:class:`~torchbp.verify.report.CheckResult` with the matching status."""
+"""How a check ends: it returns :class:`Passed`, or raises :class:`CheckFailure`,
+:class:`CheckUnsupported` or :class:`CheckSkip`. The runner
+(:mod:`torchbp.verify.checks.run`) turns these into a
+:class:`~torchbp.verify.report.CheckResult` with the matching status.
+
+- failed: a wrong number, a silent wrong behaviour, a crash in a path the function claims
+  to support, or an error where native PyTorch works;
+- unsupported: the function does not offer the capability the check exercises (no jvp, no
+  vmap rule, ``once_differentiable``, a PyTorch limitation); not a bug, and ``report.ok``
+  stays true unless the check is in ``require``;
+- skipped: the check does not apply (no reference, not float64, an earlier check failed).
+"""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["CheckFailure", "CheckSkip", "Passed"]
+__all__ = ["CheckFailure", "CheckSkip", "CheckUnsupported", "Passed"]
 
 
 class Passed(NamedTuple):
@@ -28,6 +37,38 @@ class CheckFailure(Exception):
 
     def __init__(self, message: str, abs_err: float | None = None, rel_err: float | None = None):
         super().__init__(message)
+        self.message = message
+        self.abs_err = abs_err
+        self.rel_err = rel_err
+
+
+class CheckUnsupported(Exception):
+    """Raised inside a check when fn does not offer the capability the check exercises.
+
+    Args:
+        missing: what is missing, e.g. ``"Function has no jvp: forward-mode AD unsupported"``.
+        how_to_add: one line on how to add the capability, e.g. ``"define a jvp
+            staticmethod and save what it needs with ctx.save_for_forward"``.
+        abs_err: largest absolute error measured by whatever part of the check could run.
+        rel_err: ``abs_err`` relative to the largest expected magnitude.
+
+    Examples:
+        >>> e = CheckUnsupported("Function has no jvp", "define a jvp staticmethod")
+        >>> e.message
+        'Function has no jvp; to add it: define a jvp staticmethod'
+    """
+
+    def __init__(
+        self,
+        missing: str,
+        how_to_add: str,
+        abs_err: float | None = None,
+        rel_err: float | None = None,
+    ):
+        message = f"{missing}; to add it: {how_to_add}"
+        super().__init__(message)
+        self.missing = missing
+        self.how_to_add = how_to_add
         self.message = message
         self.abs_err = abs_err
         self.rel_err = rel_err

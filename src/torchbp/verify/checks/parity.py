@@ -11,8 +11,8 @@ import torch
 
 from torchbp.verify.checks.compare import float_tensors, require_close, shape_text
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error
-from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+from torchbp.verify.checks.explain import explain_error, outcome_of
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
 __all__ = ["check_compile", "check_reference"]
 
@@ -39,13 +39,21 @@ def _grads(
     return [torch.zeros_like(x) if gi is None else gi for gi, x in zip(gs, leaves)]
 
 
-def _compare_runs(ctx: CheckContext, other: Callable[..., Any], label: str) -> tuple[float, float]:
-    """Run fn and ``other`` on the same inputs and grad_outputs; compare everything."""
+def _compare_runs(
+    ctx: CheckContext, other: Callable[..., Any], label: str, *, raw_errors: bool = False
+) -> tuple[float, float]:
+    """Run fn and ``other`` on the same inputs and grad_outputs; compare everything.
+
+    An exception raised by ``other`` becomes a failed check, or propagates unchanged with
+    ``raw_errors`` (for the caller to judge).
+    """
     leaves_a, leaves_b = ctx.leaves(), ctx.leaves()
     outs_a = list(ctx.diff_fn(*leaves_a))
     try:
         outs_b = float_tensors(ctx.call(other, leaves_b))
     except Exception as exc:  # noqa: BLE001
+        if raw_errors:
+            raise
         raise CheckFailure(f"{label} raised {explain_error(exc)}") from None
     if len(outs_a) != len(outs_b):
         raise CheckFailure(
@@ -64,7 +72,12 @@ def _compare_runs(ctx: CheckContext, other: Callable[..., Any], label: str) -> t
     if not pairs:
         return worst
     ga = _grads([p[0] for p in pairs], leaves_a, [p[2] for p in pairs])
-    gb = _grads([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
+    try:
+        gb = _grads([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
+    except Exception as exc:  # noqa: BLE001
+        if raw_errors:
+            raise
+        raise CheckFailure(f"backward of {label} raised {explain_error(exc)}") from None
     for k, (a, b) in enumerate(zip(ga, gb)):
         worst = max(worst, _compare(ctx, a, b, f"gradient of {ctx.input_name(k)}", label))
     return worst
@@ -76,28 +89,74 @@ def _fresh_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def check_compile(ctx: CheckContext) -> Passed:
-    """fn compiled afresh with the chosen backend against eager fn (outputs and gradients)."""
-    backend = ctx.options.compile_backend
-    fullgraph = bool(ctx.options.compile_fullgraph)
-    fn = ctx.fn
+def _is_capture_limit(exc: BaseException) -> bool:
+    """True if Dynamo could not capture fn in one graph (``fullgraph=True``): a graph break
+    (Dynamo's ``Unsupported``), not a wrong or crashing computation."""
+    return any(cls.__name__ == "Unsupported" for cls in type(exc).__mro__)
+
+
+def _compiled(
+    fn: Callable[..., Any], backend: Any, fullgraph: bool, dirty: Sequence[int]
+) -> Callable[..., Any]:
+    """fn compiled afresh (its own code object, so Dynamo's cache starts empty).
+
+    The inputs at positions ``dirty``, which fn modifies in place (``mark_dirty``), are
+    copied inside the compiled region: AOTAutograd mishandles the gradient of an output that
+    aliases a mutated graph input (torch 2.13: a ``mark_dirty`` Function's gradient comes
+    out as if it were the identity), a PyTorch bug, not the Function's.
+    """
 
     def compiled_target(*a):
-        return fn(*a)
+        return fn(*[x.clone() if i in dirty else x for i, x in enumerate(a)])
 
     target = _fresh_code(compiled_target)
     try:
-        compiled = torch.compile(target, backend=backend, fullgraph=fullgraph, dynamic=False)
+        return torch.compile(target, backend=backend, fullgraph=fullgraph, dynamic=False)
     except Exception as exc:  # noqa: BLE001
         msg = f"torch.compile(backend={backend!r}) failed: {explain_error(exc)}"
         raise CheckFailure(msg) from None
+
+
+def _capture_limit_note(exc: BaseException) -> str:
+    """What kept Dynamo from capturing fn in one graph, in words."""
+    message = explain_error(exc)
+    if "cannot capture a Function that defines jvp" in message:
+        return "torch.compile(fullgraph=True) cannot capture a Function that defines jvp"
+    return f"torch.compile(fullgraph=True) cannot capture fn in one graph ({message})"
+
+
+def check_compile(ctx: CheckContext) -> Passed:
+    """fn compiled afresh with the chosen backend against eager fn (outputs and gradients).
+
+    When Dynamo cannot capture fn in one graph (a Function with a jvp, a graph break), fn is
+    compiled again without ``fullgraph`` and compared the same way: unsupported (fullgraph
+    capture) when the numbers match, failed when they do not.
+    """
+    backend = ctx.options.compile_backend
+    fullgraph = bool(ctx.options.compile_fullgraph)
     label = f"torch.compile(backend={backend!r}{', fullgraph=True' if fullgraph else ''})"
+    dirty = [ctx.grad_idx[k] for k in ctx.dirty_inputs]
     try:
-        abs_err, rel_err = _compare_runs(ctx, compiled, label)
-    except CheckFailure as fail:
-        if fail.message.startswith(f"{label} raised"):
-            fail.message = fail.message.replace(" raised ", " failed: ", 1)
+        abs_err, rel_err = _compare_runs(
+            ctx, _compiled(ctx.fn, backend, fullgraph, dirty), label, raw_errors=True
+        )
+    except CheckFailure:
         raise
+    except Exception as exc:  # noqa: BLE001
+        if not (fullgraph and _is_capture_limit(exc)):
+            raise outcome_of(exc, f"{label} failed: ") from None
+        note = _capture_limit_note(exc)
+        label = f"torch.compile(backend={backend!r}) with graph breaks"
+        abs_err, rel_err = _compare_runs(ctx, _compiled(ctx.fn, backend, False, dirty), label)
+        raise CheckUnsupported(
+            f"{note} (a PyTorch limitation); compiled with graph breaks, outputs and "
+            "gradients match eager",
+            "apply a jvp-free twin of the Function while torch.compiler.is_compiling()"
+            if "jvp" in note
+            else "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)",
+            abs_err,
+            rel_err,
+        ) from None
     return Passed(f"backend={backend}", abs_err, rel_err)
 
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.options import SCALAR_TYPES, prepare_inputs, resolve_arguments
-from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported
 from torchbp.verify.checks.table import CHECK_TABLE, Check
-from torchbp.verify.report import FAIL, PASS, SKIP, CheckResult, Report
+from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
 __all__ = ["check_function", "run_check"]
 
@@ -21,29 +21,40 @@ __all__ = ["check_function", "run_check"]
 def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     """Run one check with the run's seed and turn how it ended into a result.
 
-    Nothing escapes: an unexpected exception is a failure with a plain-word message
-    (:func:`~torchbp.verify.checks.explain.explain_error`).
+    Nothing escapes: an unexpected exception is unsupported when it says a capability is
+    missing, else a failure with a plain-word message
+    (:func:`~torchbp.verify.checks.explain.outcome_of`). An unsupported check named in
+    ``require`` fails.
     """
     start = time.perf_counter()
     abs_err = rel_err = None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(ctx.options.seed))
-            passed = check.run(ctx)
+            try:
+                passed = check.run(ctx)
+            except (CheckFailure, CheckUnsupported, CheckSkip):
+                raise
+            except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
+                raise outcome_of(exc) from None
         status, message, abs_err, rel_err = PASS, passed.note, passed.abs_err, passed.rel_err
     except CheckFailure as fail:
         status, message = FAIL, fail.message
         abs_err, rel_err = fail.abs_err, fail.rel_err
+    except CheckUnsupported as gap:
+        status, message = UNSUPPORTED, gap.message
+        abs_err, rel_err = gap.abs_err, gap.rel_err
+        if check.name in ctx.options.require:
+            status, message = FAIL, f"required but unsupported: {gap.message}"
     except CheckSkip as skip:
         status, message = SKIP, str(skip)
-    except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
-        status, message = FAIL, explain_error(exc)
     return CheckResult(check.name, status, message, abs_err, rel_err, time.perf_counter() - start)
 
 
-def _selected(checks: Any, skip: Any) -> list[Check]:
-    """The checks to run, in table order: ``forward`` always, the others as chosen."""
-    chosen = set(checks or (c.name for c in CHECK_TABLE)) - set(skip or ())
+def _selected(checks: Any, skip: Any, require: Any) -> list[Check]:
+    """The checks to run, in table order: ``forward`` always, the required ones, and the
+    others as chosen."""
+    chosen = (set(checks or (c.name for c in CHECK_TABLE)) | set(require)) - set(skip or ())
     return [c for c in CHECK_TABLE if c.name == "forward" or c.name in chosen]
 
 
@@ -51,8 +62,6 @@ def _run_all(ctx: CheckContext, checks: list[Check]) -> list[CheckResult]:
     """Run ``checks``, of which the first is ``forward``: when it fails, skip the others."""
     forward, *others = checks
     first = run_check(forward, ctx)
-    if not first.passed and not first.message.startswith("fn "):
-        first.message = f"fn raised {first.message}"
     ctx.results[forward.name] = first
     for check in others:
         if first.passed:
@@ -89,6 +98,7 @@ def check_function(
     fn: Callable[..., Any] | type[torch.autograd.Function],
     *inputs: Any,
     reference: Callable[..., Any] | None = None,
+    require: Sequence[str] = (),
     **options: Any,
 ) -> Report:
     """Verify the gradients of ``fn`` (any differentiable callable or autograd.Function).
@@ -100,7 +110,14 @@ def check_function(
     is given, parity of outputs and all gradients with it. Floating inputs are cast to
     ``dtype`` (float64 by default); the numerical checks run only in float64, the others use
     dtype-aware tolerances (:func:`~torchbp.verify.tolerances`). Nothing raises from inside
-    torch: every problem becomes a failed (or skipped) check with a plain-word message.
+    torch: every problem becomes a check result with a plain-word message.
+
+    Each check ends ``pass``, ``fail`` (a wrong number, a silent wrong behaviour, a crash in
+    a path fn supports), ``unsupported`` (fn does not offer the capability: no jvp, no
+    ``setup_context`` / vmap rule, ``once_differentiable`` backward, a PyTorch limitation
+    such as capturing a Function with a jvp in one graph; the message says how to add it)
+    or ``skipped`` (does not apply). A Function that modifies its input in place and says
+    so with ``ctx.mark_dirty`` is called on non-leaf copies of the inputs.
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
@@ -110,6 +127,9 @@ def check_function(
             Integer tensors (class targets) are passed through and never differentiated.
         reference: optional callable with the same signature whose outputs and gradients
             ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements).
+        require: names of checks whose capability fn promises (e.g. ``["forward_ad",
+            "vmap"]``): for these, ``unsupported`` counts as ``fail``. A required check runs
+            even when ``checks`` leaves it out.
         **options: any of
 
             - ``dtype`` (``torch.float64``): dtype floating inputs are cast to; ``None``
@@ -127,7 +147,8 @@ def check_function(
 
     Returns:
         A :class:`~torchbp.verify.report.Report`; ``report.ok`` is True only if no check
-        failed. ``print(report)`` shows a table, ``report.to_dict()`` is JSON-serialisable.
+        failed (unsupported and skipped checks do not count against it). ``print(report)``
+        shows a table, ``report.to_dict()`` is JSON-serialisable.
 
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
@@ -141,7 +162,7 @@ def check_function(
         >>> report.ok
         True
     """
-    fn, reference, opts = resolve_arguments(fn, inputs, reference, options)
+    fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
     args, grad_idx = prepare_inputs(inputs, opts)
     ctx = CheckContext(fn, args, grad_idx, reference, opts)
     meta = {
@@ -152,5 +173,5 @@ def check_function(
         "torch": torch.__version__,
         "fast_mode": bool(opts.fast_mode),
     }
-    results = _run_all(ctx, _selected(opts.checks, opts.skip))
+    results = _run_all(ctx, _selected(opts.checks, opts.skip, opts.require))
     return Report(opts.name or _fn_name(fn), results, meta)

@@ -7,8 +7,8 @@ import torch
 
 from torchbp.verify.checks.compare import require_close
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error
-from torchbp.verify.checks.outcomes import CheckFailure, Passed
+from torchbp.verify.checks.explain import outcome_of
+from torchbp.verify.checks.outcomes import Passed
 
 __all__ = ["check_batched_grad", "check_vmap"]
 
@@ -27,7 +27,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
     try:
         batched = torch.func.vmap(ctx.diff_fn)(*xs)
     except Exception as exc:  # noqa: BLE001
-        raise CheckFailure(f"vmap of the forward failed: {explain_error(exc)}") from None
+        raise outcome_of(exc, "vmap of the forward failed: ") from None
     looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
     worst = (0.0, 0.0)
     for o, out in enumerate(batched):
@@ -45,9 +45,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
     try:
         per_sample = torch.func.vmap(torch.func.grad(scalar, argnums=argnums))(*xs)
     except Exception as exc:  # noqa: BLE001
-        raise CheckFailure(
-            f"vmap(grad) (per-sample gradients) failed: {explain_error(exc)}"
-        ) from None
+        raise outcome_of(exc, "vmap(grad) (per-sample gradients) failed: ") from None
     for b in range(batch):
         leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
         gs = torch.autograd.grad(scalar(*leaves), leaves, allow_unused=True)
@@ -73,7 +71,7 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
             outs, leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     except Exception as exc:  # noqa: BLE001
-        raise CheckFailure(f"batched backward failed: {explain_error(exc)}") from None
+        raise outcome_of(exc, "batched backward failed: ") from None
     worst = (0.0, 0.0)
     for b in range(batch):
         gs = torch.autograd.grad(
