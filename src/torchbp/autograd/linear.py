@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.autograd import Function
+
+# While a ``torchbp.per_sample_grads`` context is open on this thread, ``.recorder`` is its
+# recorder: each Linear call tells it its inputs and, in backward, its ``x`` and ``g``
+# (the per-sample logic lives in ``torchbp/per_sample``).
+per_sample_recording = threading.local()
 
 
 def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
@@ -42,6 +49,10 @@ class LinearFunction(Function):
         ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
+        recorder = None
+        if not torch.compiler.is_compiling():
+            recorder = getattr(per_sample_recording, "recorder", None)
+        ctx.per_sample = None if recorder is None else recorder.on_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -52,6 +63,9 @@ class LinearFunction(Function):
         out_features = grad_y.shape[-1]
         # g: (M, out) -- reshape, never view: grad_y may be expanded or transposed.
         g = grad_y.reshape(-1, out_features)
+        if ctx.per_sample is not None and not ctx.per_sample.on_backward(x, g):
+            # clip mode: the recorder forms dW and db once every layer's norms are known
+            needs_w = needs_b = False
         grad_x = grad_w = grad_b = None
         if needs_x:
             # dL/dx = g W              (M, out) @ (out, in) -> (M, in)
