@@ -30,6 +30,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
+from torchbp.lightning.privacy import PoissonBatchSampler
+
 __all__ = [
     "ClassificationDataModule",
     "ArrayDataModule",
@@ -164,6 +166,10 @@ class ArrayDataModule(ClassificationDataModule):
         standardize: Standardise features with the training split's mean and std.
         shuffle: Shuffle the training split each epoch.
         num_workers: DataLoader worker processes (0 is fastest for small data).
+        poisson_sampling: Draw training batches by Poisson sampling (each sample joins a
+            batch with probability ``batch_size / N``, batch sizes vary) as DP-SGD's privacy
+            accountant assumes (:class:`~torchbp.lightning.privacy.PoissonBatchSampler`);
+            ``shuffle`` is then ignored.
     """
 
     def __init__(
@@ -175,6 +181,7 @@ class ArrayDataModule(ClassificationDataModule):
         standardize: bool = True,
         shuffle: bool = True,
         num_workers: int = 0,
+        poisson_sampling: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -193,6 +200,7 @@ class ArrayDataModule(ClassificationDataModule):
         self.standardize = standardize
         self.shuffle = shuffle
         self.num_workers = num_workers
+        self.poisson_sampling = poisson_sampling
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._splits: dict[str, TensorDataset] | None = None
 
@@ -291,6 +299,14 @@ class ArrayDataModule(ClassificationDataModule):
     # -- loaders --------------------------------------------------------------------------
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         ds = self.splits[split]
+        if train and self.poisson_sampling:
+            rate = min(1.0, self.batch_size / len(ds))
+            return DataLoader(
+                ds,
+                batch_sampler=PoissonBatchSampler(len(ds), rate, seed=self.seed),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         sampler = EpochSeededSampler(
             ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
         )
