@@ -95,6 +95,12 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
         "use .reshape()",
     ),
     (
+        "a leaf Variable that requires grad",
+        "fn writes in place into a differentiable input without telling autograd: write "
+        "into a copy, or do it inside an autograd.Function that declares it with "
+        "ctx.mark_dirty and returns the input",
+    ),
+    (
         "modified by an inplace operation",
         "a tensor saved for backward was modified in place before backward ran",
     ),
@@ -138,7 +144,28 @@ def capability_gap(exc: BaseException) -> tuple[str, str] | None:
     for needle, missing, how_to_add in _CAPABILITY_GAPS:
         if needle in full:
             return missing, how_to_add
+    if "flat_bdims must not be None" in full and _raised_in(exc, _GENERATED_VMAP_RULE):
+        return (
+            "PyTorch's generated vmap rule (generate_vmap_rule = True) cannot batch this "
+            "Function (it fails on integer outputs such as indices)",
+            "write a vmap staticmethod instead of generate_vmap_rule = True",
+        )
     return None
+
+
+#: The function of PyTorch that runs a Function's generated vmap rule (found by name in a
+#: traceback: an assertion raised there is PyTorch's limitation, not the Function's bug).
+_GENERATED_VMAP_RULE = "custom_function_call_vmap_generate_rule"
+
+
+def _raised_in(exc: BaseException, function_name: str) -> bool:
+    """True if ``exc`` passed through a frame of a function called ``function_name``."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function_name:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def outcome_of(exc: BaseException, context: str = "") -> CheckFailure | CheckUnsupported:

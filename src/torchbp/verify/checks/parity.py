@@ -121,7 +121,10 @@ def _capture_limit_note(exc: BaseException) -> str:
     """What kept Dynamo from capturing fn in one graph, in words."""
     message = explain_error(exc)
     if "cannot capture a Function that defines jvp" in message:
-        return "torch.compile(fullgraph=True) cannot capture a Function that defines jvp"
+        return (
+            "torch.compile(fullgraph=True) cannot capture a Function that defines jvp "
+            "(a PyTorch limitation)"
+        )
     return f"torch.compile(fullgraph=True) cannot capture fn in one graph ({message})"
 
 
@@ -149,8 +152,7 @@ def check_compile(ctx: CheckContext) -> Passed:
         label = f"torch.compile(backend={backend!r}) with graph breaks"
         abs_err, rel_err = _compare_runs(ctx, _compiled(ctx.fn, backend, False, dirty), label)
         raise CheckUnsupported(
-            f"{note} (a PyTorch limitation); compiled with graph breaks, outputs and "
-            "gradients match eager",
+            f"{note}; compiled with graph breaks, outputs and gradients match eager",
             "apply a jvp-free twin of the Function while torch.compiler.is_compiling()"
             if "jvp" in note
             else "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)",

@@ -1,0 +1,284 @@
+"""Correct autograd Functions in every style a user is likely to write, each with the
+native computation it re-implements. ``check_function`` must pass every one of them
+(``report.ok``): what a style does not offer comes out ``unsupported``, never ``fail``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+class TextbookTanh(torch.autograd.Function):
+    """PyTorch tutorial style: forward(ctx, x), no setup_context, no jvp, no vmap rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        # d tanh(x)/dx = 1 - tanh(x)^2
+        return g * (1 - y * y)
+
+
+class SetupContextTanh(torch.autograd.Function):
+    """forward(*args) + setup_context + generate_vmap_rule; no jvp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        # d tanh(x)/dx = 1 - tanh(x)^2
+        return g * (1 - y * y)
+
+
+class JvpTanh(SetupContextTanh):
+    """Adds forward-mode AD: torch.compile then cannot capture it in one graph."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        # tangent of tanh(x): (1 - tanh(x)^2) t
+        return t * (1 - y * y)
+
+
+class CustomVmapTanh(torch.autograd.Function):
+    """A hand-written vmap staticmethod instead of generate_vmap_rule."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        # d tanh(x)/dx = 1 - tanh(x)^2
+        return g * (1 - y * y)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        # element-wise: the batched call is the op itself, batch dim where it was
+        return CustomVmapTanh.apply(x), in_dims[0]
+
+
+class InplaceDoubleTextbook(torch.autograd.Function):
+    """In place, ctx style: x *= 2, declared with mark_dirty."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x.mul_(2)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(2x)/dx = 2
+        return 2 * g
+
+
+class InplaceDouble(torch.autograd.Function):
+    """In place, setup_context style with a jvp (in place on the tangent) and a vmap rule."""
+
+    @staticmethod
+    def forward(x):
+        return x.mul_(2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_dirty(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(2x)/dx = 2
+        return 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        # the tangent of an in-place output is updated in place too
+        return t.mul_(2)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return InplaceDouble.apply(x), in_dims[0]
+
+
+class SquareWithMask(torch.autograd.Function):
+    """Two outputs: x^2 and a float mask (x > 0) marked non-differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x, (x > 0).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g_square, g_mask):
+        (x,) = ctx.saved_tensors
+        # d(x^2)/dx = 2x; the mask has no gradient
+        return 2 * x * g_square
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        # no tangent for the non-differentiable mask
+        return 2 * x * t, None
+
+
+class TopValues(torch.autograd.Function):
+    """Multiple outputs of mixed kinds: the k largest values and their (integer) indices."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, k):
+        return torch.topk(x, k, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _ = inputs
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.x_shape = x.shape
+
+    @staticmethod
+    def backward(ctx, g_values, g_indices):
+        (indices,) = ctx.saved_tensors
+        # each value is one input element: scatter its gradient back there
+        dx = g_values.new_zeros(ctx.x_shape)
+        return dx.scatter(-1, indices, g_values), None
+
+
+class PickedLoss(torch.autograd.Function):
+    """Integer and ignored inputs: -mean over rows of x[row, target[row]] * scale, with an
+    ``ignore_index`` and a Python ``scale``; returns None for every non-tensor input."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, target, ignore_index, scale):
+        keep = target != ignore_index
+        safe = torch.where(keep, target, 0)
+        picked = x.gather(1, safe.unsqueeze(1)).squeeze(1) * keep
+        return -(picked.sum() * scale) / keep.sum().clamp(min=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, ignore_index, scale = inputs
+        keep = target != ignore_index
+        ctx.save_for_backward(torch.where(keep, target, 0), keep)
+        ctx.scale, ctx.x_shape = scale, x.shape
+
+    @staticmethod
+    def backward(ctx, g):
+        safe, keep = ctx.saved_tensors
+        # d loss / d x[i, t_i] = -scale / n_kept for kept rows, 0 elsewhere
+        coef = (-ctx.scale / keep.sum().clamp(min=1).to(g.dtype)) * keep * g
+        dx = coef.new_zeros(ctx.x_shape).scatter(1, safe.unsqueeze(1), coef.unsqueeze(1))
+        return dx, None, None, None
+
+
+def picked_loss_reference(x, target, ignore_index, scale):
+    return F.nll_loss(x, target, ignore_index=ignore_index) * scale
+
+
+class OnceDifferentiableMSE(torch.autograd.Function):
+    """A loss computing its gradient in forward; backward only scales it and declares
+    ``once_differentiable``."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        diff = x - y
+        # d mean((x - y)^2)/dx = 2 (x - y) / n
+        ctx.save_for_backward(2 * diff / diff.numel())
+        return (diff * diff).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (dx,) = ctx.saved_tensors
+        return dx * g, -dx * g
+
+
+class MaterializeFalseSplit(torch.autograd.Function):
+    """Two outputs, ``set_materialize_grads(False)``: backward handles None grads."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 2, x.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g_double, g_sin):
+        (x,) = ctx.saved_tensors
+        dx = None
+        if g_double is not None:
+            dx = 2 * g_double
+        if g_sin is not None:
+            # d sin(x)/dx = cos(x)
+            dx = x.cos() * g_sin if dx is None else dx + x.cos() * g_sin
+        return dx
+
+
+class NeedsInputGradLinear(torch.autograd.Function):
+    """y = x Wᵀ + b, saving only what the needed gradients use (ctx.needs_input_grad)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b):
+        return x @ w.t() + b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            # dL/dx = g W
+            dx = g @ w
+        if ctx.needs_input_grad[1]:
+            # dL/dW = gᵀ x over every leading dim
+            dw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            # dL/db = g summed over every leading dim
+            db = g.reshape(-1, g.shape[-1]).sum(0)
+        return dx, dw, db

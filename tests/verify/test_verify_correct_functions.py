@@ -1,0 +1,142 @@
+"""Every correct Function passes: whatever its style, ``check_function`` says OK, and what the
+style does not offer comes out ``unsupported`` (with how to add it), never ``fail``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.verify.correct_functions import (
+    CustomVmapTanh,
+    InplaceDouble,
+    InplaceDoubleTextbook,
+    JvpTanh,
+    MaterializeFalseSplit,
+    NeedsInputGradLinear,
+    OnceDifferentiableMSE,
+    PickedLoss,
+    SetupContextTanh,
+    SquareWithMask,
+    TextbookTanh,
+    TopValues,
+    picked_loss_reference,
+)
+
+from torchbp.verify import check_function
+
+
+def _randn(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _double(x):
+    return x * 2
+
+
+#: (Function, inputs, reference, the checks that must come out unsupported)
+CORRECT = {
+    "textbook ctx style": (TextbookTanh, (_randn(3, 4),), torch.tanh, {"forward_ad", "vmap"}),
+    "setup_context": (SetupContextTanh, (_randn(3, 4),), torch.tanh, {"forward_ad"}),
+    "with jvp": (JvpTanh, (_randn(3, 4),), torch.tanh, {"compile"}),
+    "custom vmap staticmethod": (CustomVmapTanh, (_randn(3, 4),), torch.tanh, {"forward_ad"}),
+    "in place, ctx style": (
+        InplaceDoubleTextbook,
+        (_randn(3, 4),),
+        _double,
+        {"forward_ad", "vmap"},
+    ),
+    "in place, jvp and vmap": (InplaceDouble, (_randn(3, 4),), _double, {"compile"}),
+    "non-differentiable float output": (
+        SquareWithMask,
+        (_randn(3, 4),),
+        lambda x: (x * x, (x > 0).to(x.dtype)),
+        {"compile"},
+    ),
+    "integer output": (
+        TopValues,
+        (_randn(3, 5), 2),
+        lambda x, k: torch.topk(x, k, dim=-1),
+        {"forward_ad", "vmap"},
+    ),
+    "integer and ignored inputs": (
+        PickedLoss,
+        (_randn(4, 5), torch.tensor([0, 3, -100, 4]), -100, 0.5),
+        picked_loss_reference,
+        {"forward_ad"},
+    ),
+    "once_differentiable loss": (
+        OnceDifferentiableMSE,
+        (_randn(3, 4), _randn(3, 4).neg()),
+        F.mse_loss,
+        {"gradgradcheck", "forward_ad", "vmap"},
+    ),
+    "materialize_grads False": (
+        MaterializeFalseSplit,
+        (_randn(3, 4),),
+        lambda x: (x * 2, x.sin()),
+        {"forward_ad"},
+    ),
+    "needs_input_grad": (
+        NeedsInputGradLinear,
+        (_randn(2, 3, 4), _randn(5, 4), _randn(5)),
+        F.linear,
+        {"forward_ad"},
+    ),
+}
+
+
+@pytest.mark.parametrize("style", list(CORRECT))
+def test_correct_function_passes(style):
+    function, inputs, reference, unsupported = CORRECT[style]
+    report = check_function(function, *inputs, reference=reference)
+    assert report.ok, str(report)
+    assert {c.name for c in report.unsupported} == unsupported, str(report)
+    assert all(c.passed for c in report if c.name not in unsupported), str(report)
+    for c in report.unsupported:
+        assert "; to add it: " in c.message, c.message
+
+
+def test_in_place_function_runs_on_copies_and_says_so():
+    x = _randn(3, 4)
+    before = x.clone()
+    report = check_function(InplaceDouble, x, reference=_double, skip=["compile"])
+    assert report.ok, str(report)
+    assert "modifies input 0 in place (mark_dirty)" in report["forward"].message
+    assert torch.equal(x, before)
+
+
+def test_in_place_without_mark_dirty_is_still_caught():
+    def undeclared_double(x):
+        return x.mul_(2) * 1  # writes into its input without telling autograd
+
+    report = check_function(undeclared_double, _randn(3, 4))
+    assert not report.ok, str(report)
+
+
+@torch.compiler.disable
+def _run_eagerly(y):
+    """Dynamo cannot capture a call to this (a graph break)."""
+    return y + 0
+
+
+def test_compile_without_fullgraph_still_compares_numbers():
+    def differs_when_compiled(x):
+        y = x * 2
+        if torch.compiler.is_compiling():
+            y = y * 1.5
+        return _run_eagerly(y)
+
+    report = check_function(differs_when_compiled, _randn(3), checks=["compile"])
+    assert report["compile"].failed, str(report)
+    assert "with graph breaks" in report["compile"].message
+
+
+def test_compile_with_graph_break_and_same_numbers_is_unsupported():
+    def breaks_graph(x):
+        return _run_eagerly(x * 2)
+
+    report = check_function(breaks_graph, _randn(3), checks=["compile"])
+    assert report.ok and report["compile"].unsupported, str(report)
+    assert "cannot capture fn in one graph" in report["compile"].message
+    report = check_function(breaks_graph, _randn(3), checks=["compile"], require=["compile"])
+    assert not report.ok
