@@ -1,0 +1,121 @@
+"""The four outcomes of a check: pass, fail, unsupported (with how to add it) and skip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from torchbp.verify import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report, cli
+from torchbp.verify.checks.explain import capability_gap, outcome_of
+from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
+
+
+def test_status_constants():
+    assert (PASS, FAIL, UNSUPPORTED, SKIP) == ("pass", "fail", "unsupported", "skipped")
+
+
+def test_unsupported_does_not_count_against_ok():
+    report = Report(
+        "f",
+        [
+            CheckResult("forward", PASS),
+            CheckResult("forward_ad", UNSUPPORTED, "Function has no jvp; to add it: ..."),
+            CheckResult("reference", SKIP, "no reference given"),
+        ],
+    )
+    assert report.ok
+    assert [c.name for c in report.unsupported] == ["forward_ad"]
+    assert report["forward_ad"].unsupported and not report["forward_ad"].failed
+    assert report.counts() == {PASS: 1, FAIL: 0, UNSUPPORTED: 1, SKIP: 1}
+    text = str(report)
+    assert text.splitlines()[0] == "f: OK (1 unsupported)"
+    assert "forward_ad [unsupported]: Function has no jvp; to add it: ..." in text
+    assert "unsupported=1" in repr(report)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is True and data["checks"][1]["status"] == "unsupported"
+
+
+def test_only_unsupported_is_not_ok():
+    # nothing ran and passed: no verdict to give
+    assert not Report("f", [CheckResult("vmap", UNSUPPORTED)]).ok
+
+
+def test_a_failure_still_fails_beside_unsupported():
+    report = Report(
+        "f", [CheckResult("a", PASS), CheckResult("b", UNSUPPORTED), CheckResult("c", FAIL)]
+    )
+    assert not report.ok
+    assert str(report).splitlines()[0] == "f: FAILED (1 fail, 1 unsupported)"
+
+
+def test_check_unsupported_message_says_how_to_add_it():
+    gap = CheckUnsupported("Function has no jvp", "define a jvp staticmethod", 1e-9, 1e-8)
+    assert gap.message == "Function has no jvp; to add it: define a jvp staticmethod"
+    assert (gap.missing, gap.how_to_add, gap.abs_err) == (
+        "Function has no jvp",
+        "define a jvp staticmethod",
+        1e-9,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "how"),
+    [
+        ("... must implement the jvp function ...", "ctx.save_for_forward"),
+        ("... must override the setup_context staticmethod ...", "setup_context"),
+        ("... does not have vmap support ...", "generate_vmap_rule"),
+        ("trying to differentiate twice a function ...", "once_differentiable"),
+        ("... but no autograd formula was registered ...", "register_autograd"),
+        ("There was no fake impl registered for op", "register_fake"),
+    ],
+)
+def test_missing_capabilities_are_recognised(text, how):
+    gap = capability_gap(RuntimeError(text))
+    assert gap is not None and how in gap[1]
+    assert isinstance(outcome_of(RuntimeError(text)), CheckUnsupported)
+
+
+def test_other_errors_are_failures_with_their_context():
+    outcome = outcome_of(ValueError("shapes do not match"), "vmap of the forward failed: ")
+    assert isinstance(outcome, CheckFailure)
+    assert outcome.message == "vmap of the forward failed: ValueError: shapes do not match"
+
+
+def test_cause_chain_is_searched():
+    try:
+        try:
+            raise RuntimeError("... must implement the jvp function ...")
+        except RuntimeError as inner:
+            raise ValueError("wrapper") from inner
+    except ValueError as outer:
+        assert capability_gap(outer) is not None
+
+
+def test_fn_raised_prefix_only_once():
+    def bad(x):
+        raise RuntimeError("fn-specific problem")
+
+    from torchbp.verify import check_function
+
+    report = check_function(bad, torch.randn(3))
+    assert report["forward"].message == "fn raised RuntimeError: fn-specific problem"
+
+
+def test_cli_shows_documented_unsupported_distinctly(capsys):
+    code = cli.main(
+        [
+            "--op",
+            "linear_cross_entropy",
+            "--dtype",
+            "float64",
+            "--no-compile",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "UNSUPPORTED linear_cross_entropy gradgradcheck: by design" in out
+    assert "unsupported" in out.split("ALL PASSED")[0]
+    assert "0 failed, 18 unsupported" in out
