@@ -1,0 +1,13 @@
+"""Per-sample gradients, their norms and per-sample clipping from one ordinary backward.
+
+:func:`per_sample_grads` opens a context in which torchbp's Linear backward files each
+layer's input and output gradient; after ``loss.backward()`` the context forms
+``ps.norms``, ``p.grad_sample`` or the clipped ``p.grad`` from them (see its docstring).
+
+Modules: ``context`` (the context manager), ``recorder`` (what the Linear Function calls),
+``model_check`` (which modules are allowed), ``formulas`` (the per-layer math).
+"""
+
+from torchbp.per_sample.context import MODES, PerSampleGrads, per_sample_grads
+
+__all__ = ["per_sample_grads", "PerSampleGrads", "MODES"]

@@ -1,0 +1,393 @@
+"""``per_sample_grads``: per-sample gradient norms, gradients or clipped gradients from the
+one ordinary backward pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchbp.autograd.linear import per_sample_recording
+from torchbp.per_sample import formulas
+from torchbp.per_sample.model_check import Layer, attributable_layers
+from torchbp.per_sample.recorder import Recorder
+
+MODES = ("norms", "grads", "clip")
+
+
+class PerSampleGrads:
+    r"""Context manager returned by :func:`per_sample_grads` (see there for the contract).
+
+    Attributes:
+        mode: ``"norms"``, ``"grads"`` or ``"clip"``.
+        max_norm: the clipping bound ``C`` (clip mode), else ``None``.
+        parameters: the trainable parameters it accounts for, in module order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str = "norms",
+        max_norm: float | None = None,
+        *,
+        statistics: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(
+                f"per_sample_grads: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+            )
+        if mode == "clip":
+            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+                raise TypeError(
+                    f"per_sample_grads: mode='clip' needs max_norm, a positive number; "
+                    f"got {max_norm!r}"
+                )
+            if not (math.isfinite(max_norm) and max_norm > 0):
+                raise ValueError(
+                    f"per_sample_grads: max_norm must be positive and finite, got {max_norm}"
+                )
+        elif max_norm is not None:
+            raise ValueError(
+                f"per_sample_grads: max_norm is used only by mode='clip' (mode={mode!r})"
+            )
+        self.mode = mode
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.statistics = bool(statistics)
+        self._layers: list[Layer] = attributable_layers(model)
+        self.parameters: list[nn.Parameter] = [
+            p for layer in self._layers for p in layer.parameters()
+        ]
+        self._recorder = Recorder(self._layers, forms_grads_itself=mode == "clip")
+        self._state = "new"  # -> "open" -> "closed" / "failed"
+        self._hook = None
+        self._norms: torch.Tensor | None = None
+        self._factors: torch.Tensor | None = None
+        self._batch: int | None = None
+
+    # ------------------------------------------------------------------ context protocol
+    def __enter__(self) -> PerSampleGrads:
+        if self._state != "new":
+            raise RuntimeError(
+                "per_sample_grads: a context can be entered once; create a new one per step"
+            )
+        if getattr(per_sample_recording, "recorder", None) is not None:
+            raise RuntimeError(
+                "per_sample_grads: contexts cannot be nested; another one is open on this thread"
+            )
+        if self.parameters:
+            # Fires once per backward, after the gradients of every parameter the backward
+            # reaches are computed, i.e. after the last recorded Linear backward.
+            self._hook = torch.autograd.graph.register_multi_grad_hook(
+                self.parameters, self._after_backward, mode="all"
+            )
+        per_sample_recording.recorder = self._recorder
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        per_sample_recording.recorder = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        try:
+            if exc_type is None and not self._recorder.finalised and self._has_traces():
+                self._finalise()
+        finally:
+            self._state = "closed" if exc_type is None else "failed"
+            self._release_traces()
+        return False
+
+    # ------------------------------------------------------------------ results
+    @property
+    def norms(self) -> torch.Tensor:
+        """``(B,)``: the L2 norm, over every trainable parameter, of each sample's
+        contribution to ``p.grad`` (before clipping)."""
+        self._ensure_finalised()
+        return self._norms
+
+    @property
+    def clip_factors(self) -> torch.Tensor:
+        """``(B,)``: ``c_i = min(1, max_norm / norms_i)`` (clip mode)."""
+        if self.mode != "clip":
+            raise RuntimeError(
+                f"per_sample_grads: clip_factors exist in mode='clip' only (mode={self.mode!r})"
+            )
+        self._ensure_finalised()
+        return self._factors
+
+    @property
+    def batch_size(self) -> int:
+        """``B``, the size of the sample dim (dim 0) of the recorded Linear inputs."""
+        self._ensure_finalised()
+        return self._batch
+
+    def add_noise(
+        self, noise_multiplier: float, *, generator: torch.Generator | None = None
+    ) -> None:
+        r"""DP-SGD's Gaussian mechanism: add :math:`\mathcal{N}(0, (\sigma C)^2)` to every
+        element of each clipped ``p.grad`` (``σ = noise_multiplier``, ``C = max_norm``).
+
+        Clip mode only, after the backward. Each parameter without a gradient (its layer
+        was not reached) gets the noise alone, as DP-SGD requires.
+
+        Args:
+            noise_multiplier: ``σ ≥ 0``.
+            generator: a :class:`torch.Generator` on the parameters' device for
+                reproducible noise (default: the global one).
+        """
+        if self.mode != "clip":
+            raise RuntimeError(
+                f"per_sample_grads: add_noise needs mode='clip' (mode={self.mode!r}): noise "
+                "calibrated to max_norm protects clipped gradients only"
+            )
+        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
+            raise TypeError(
+                f"per_sample_grads: noise_multiplier must be a number, got {noise_multiplier!r}"
+            )
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(
+                "per_sample_grads: noise_multiplier must be finite and >= 0, "
+                f"got {noise_multiplier}"
+            )
+        self._ensure_finalised()
+        std = noise_multiplier * self.max_norm
+        with torch.no_grad():
+            for p in self.parameters:
+                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+                noise.mul_(std)
+                if p.grad is None:
+                    p.grad = noise
+                else:
+                    p.grad.add_(noise)
+
+    # ------------------------------------------------------------------ internals
+    def _has_traces(self) -> bool:
+        return any(layer.traces for layer in self._layers)
+
+    def _release_traces(self) -> None:
+        for layer in self._layers:
+            layer.traces.clear()
+
+    def _ensure_finalised(self) -> None:
+        if self._recorder.finalised:
+            return
+        if self._state == "failed":
+            raise RuntimeError(
+                "per_sample_grads: the context exited with an exception; nothing was formed"
+            )
+        if self._state == "open" and self._has_traces():
+            self._finalise()
+            return
+        raise RuntimeError(
+            "per_sample_grads: no backward through the model's Linear layers was recorded; "
+            "run the forward and loss.backward() inside the context first"
+        )
+
+    def _after_backward(self, grads) -> None:
+        if self._recorder.finalised:
+            raise RuntimeError(
+                "per_sample_grads: a second backward reached the model's parameters inside "
+                "one context; a context records one backward: open a new one per step"
+            )
+        if self.mode == "clip":
+            for p, grad in zip(self.parameters, grads):
+                if grad is not None:
+                    raise RuntimeError(
+                        f"per_sample_grads: {self._name_of(p)} received a gradient from an "
+                        "op other than its Linear layer (is it used elsewhere, e.g. tied or "
+                        "passed to a functional op?); clipping cannot attribute it to samples"
+                    )
+        if self._has_traces():
+            self._finalise()
+
+    def _name_of(self, p: nn.Parameter) -> str:
+        for layer in self._layers:
+            for what in ("weight", "bias"):
+                if getattr(layer, what) is p:
+                    return f"parameter {layer.name + '.' if layer.name else ''}{what}"
+        return "a parameter"
+
+    def _finalise(self) -> None:
+        with torch.no_grad():
+            traces = {id(layer): _joined(layer) for layer in self._layers if layer.traces}
+            batches = {g.shape[0] for _, g in traces.values()}
+            if len(batches) != 1:
+                raise RuntimeError(
+                    "per_sample_grads: the recorded Linear inputs disagree on the sample dim "
+                    f"(sizes {sorted(batches)}); dim 0 of every Linear input must be the sample"
+                )
+            (batch,) = batches
+            reference = next(iter(traces.values()))[1]
+            squared = reference.new_zeros(batch)
+            for layer in self._layers:
+                if id(layer) not in traces:
+                    continue
+                a, g = traces[id(layer)]
+                if layer.weight is not None:
+                    squared += formulas.weight_squared_norms(a, g)
+                if layer.bias is not None:
+                    squared += formulas.bias_squared_norms(g)
+            self._batch = batch
+            self._norms = squared.sqrt()
+            if self.mode == "clip":
+                # c_i = min(1, C / ‖grad_i‖)   (a zero norm gives C/0 = inf -> 1)
+                self._factors = (self.max_norm / self._norms).clamp_(max=1.0)
+            for layer in self._layers:
+                trace = traces.get(id(layer))
+                if self.mode == "clip" and trace is not None:
+                    self._form_clipped(layer, *trace)
+                if self.mode == "grads":
+                    self._form_samples(layer, trace, batch)
+                if self.statistics:
+                    self._form_statistics(layer, trace, batch)
+            self._recorder.finalised = True
+            self._release_traces()
+
+    def _form_clipped(self, layer: Layer, a, g) -> None:
+        if layer.weight is not None:
+            _accumulate(layer.weight, formulas.clipped_weight_grad(a, g, self._factors))
+        if layer.bias is not None:
+            _accumulate(layer.bias, formulas.clipped_bias_grad(g, self._factors))
+
+    def _form_samples(self, layer: Layer, trace, batch: int) -> None:
+        for p, is_weight in ((layer.weight, True), (layer.bias, False)):
+            if p is None:
+                continue
+            if trace is None:
+                p.grad_sample = p.new_zeros(batch, *p.shape)
+            elif is_weight:
+                p.grad_sample = formulas.weight_grad_samples(*trace)
+            else:
+                p.grad_sample = formulas.bias_grad_samples(trace[1])
+
+    def _form_statistics(self, layer: Layer, trace, batch: int) -> None:
+        for p, is_weight in ((layer.weight, True), (layer.bias, False)):
+            if p is None:
+                continue
+            if trace is None:
+                sum_squared, total = p.new_zeros(p.shape), p.new_zeros(p.shape)
+            elif is_weight:
+                sum_squared = formulas.weight_sum_grad_squared(*trace)
+                total = formulas.weight_grad_sum(*trace)
+            else:
+                sum_squared = formulas.bias_sum_grad_squared(trace[1])
+                total = formulas.bias_grad_sum(trace[1])
+            p.sum_grad_squared = sum_squared
+            p.grad_variance = formulas.variance(sum_squared, total, batch)
+
+
+def _joined(layer: Layer):
+    """The layer's traces as one ``(a, g)``: every forward call's positions side by side."""
+    if len(layer.traces) == 1:
+        return layer.traces[0]
+    a_parts = [a for a, _ in layer.traces]
+    a = None if a_parts[0] is None else torch.cat(a_parts, 1)
+    return a, torch.cat([g for _, g in layer.traces], 1)
+
+
+def _accumulate(p: nn.Parameter, grad: torch.Tensor) -> None:
+    """Add to ``p.grad`` as autograd does (or set it when there is none)."""
+    if p.grad is None:
+        p.grad = grad
+    else:
+        p.grad.add_(grad)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    mode: str = "norms",
+    max_norm: float | None = None,
+    *,
+    statistics: bool = False,
+) -> PerSampleGrads:
+    r"""Per-sample gradient norms, per-sample gradients, or per-sample-clipped gradients,
+    from the one ordinary ``loss.backward()``.
+
+    Sample ``i``'s gradient ``grad_i`` is its contribution to ``p.grad`` (dim 0 of every
+    Linear input is the sample; with ``reduction='mean'`` the contribution carries the
+    ``1/B``). The hand-written Linear backward already holds each layer's input ``a`` and
+    output gradient ``g``; inside the context it files them, and after the backward
+    ``‖grad_i‖`` comes from ``‖g_i‖·‖a_i‖`` per layer (2-D inputs), from ``T × T`` Gram
+    matrices or chunked materialisation for ``(B, T, in)`` inputs (the cheaper one),
+    never from per-sample gradients.
+
+    Modes:
+
+    - ``"norms"``: ``ps.norms``; ``p.grad`` as without the context.
+    - ``"grads"``: also ``p.grad_sample``, shape ``(B, *p.shape)``, for every trainable
+      parameter: replaced (not accumulated) by each context; its sum over dim 0 is this
+      backward's contribution to ``p.grad``.
+    - ``"clip"``: ``p.grad`` receives ``Σ_i min(1, max_norm/‖grad_i‖) grad_i`` instead of
+      ``Σ_i grad_i``; the Linear backward skips ``dW``/``db`` and each layer's clipped
+      gradient is one matmul ``(c ⊙ g)ᵀ a`` afterwards. ``ps.clip_factors`` holds ``c``.
+
+    ``p.grad`` accumulates like autograd's: the result is added to a gradient already
+    there (clip mode included, so micro-batches can be summed before one noisy step).
+
+    When the results are formed: a multi-gradient hook on the trainable parameters fires
+    once the backward has produced (or skipped) all of their gradients, so right after
+    ``loss.backward()`` returns, ``ps.norms``, ``p.grad`` and ``p.grad_sample`` are ready.
+    If the backward never reaches a parameter (e.g. ``torch.autograd.grad`` w.r.t. the
+    input only), they are formed on the first read of ``ps.norms`` / ``ps.batch_size`` or
+    on leaving the context. Recorded tensors are released once formed.
+
+    One context records one forward and backward (several forward calls of the model,
+    or of one layer, before that backward are fine: a sample's contributions are summed).
+    A second backward, a recorded forward after it, nesting, and re-entering are errors;
+    an exception inside the ``with`` forms nothing and restores plain behaviour.
+
+    Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear`
+    modules (built directly or by :func:`torchbp.convert`); parameter-free modules and
+    modules with only frozen parameters are trusted to act per sample. Refused before
+    any forward, by name: modules with other trainable parameters (an unconverted
+    ``nn.Linear``, Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training
+    mode, softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
+    :class:`torchbp.nn.LinearCrossEntropyLoss`. Any torchbp or torch loss works on the
+    model's output (reduction, class weights, label smoothing, ignore_index), as long as
+    the loss itself has no trainable parameters. Eager mode, no autocast.
+
+    DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
+
+        with torchbp.per_sample_grads(model, mode="clip", max_norm=C) as ps:
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            loss.backward()
+            ps.add_noise(sigma)
+        for p in ps.parameters:
+            p.grad /= expected_batch_size   # e.g. ps.batch_size, or q·N under Poisson sampling
+        optimizer.step()
+
+    Args:
+        model: the module whose trainable parameters are accounted for.
+        mode: ``"norms"`` | ``"grads"`` | ``"clip"``.
+        max_norm: the clipping bound ``C > 0``; required by, and only by, ``"clip"``.
+        statistics: also set, for every trainable parameter, ``p.sum_grad_squared``
+            (``Σ_i grad_i²``, element-wise; 2-D inputs: ``(g²)ᵀ(a²)``) and
+            ``p.grad_variance`` (``Σ_i grad_i²/B − (Σ_i grad_i/B)²``, the variance over the
+            batch of the contributions, unclipped in every mode; with ``reduction='mean'``
+            multiply by ``B²`` for the variance of the per-sample-loss gradients).
+
+    Shape:
+        ``ps.norms`` and ``ps.clip_factors``: ``(B,)``. ``p.grad_sample``:
+        ``(B, *p.shape)``.
+
+    Returns:
+        a :class:`PerSampleGrads` context manager.
+
+    Raises:
+        TypeError: the model has a module per-sample gradients cannot pass (named).
+        ValueError: an unknown mode, or a ``max_norm`` that does not fit the mode.
+
+    Examples::
+
+        >>> import torch, torchbp
+        >>> from torchbp.per_sample import per_sample_grads
+        >>> model = torch.nn.Sequential(torchbp.nn.Linear(4, 8), torchbp.nn.ReLU(),
+        ...                             torchbp.nn.Linear(8, 3))
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        ...     torchbp.nn.CrossEntropyLoss(reduction="sum")(model(x), y).backward()
+        >>> ps.norms.shape, bool((ps.clip_factors <= 1).all())
+        (torch.Size([5]), True)
+    """
+    return PerSampleGrads(model, mode, max_norm, statistics=statistics)

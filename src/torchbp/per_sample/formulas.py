@@ -1,0 +1,127 @@
+"""Per-sample quantities of one affine layer ``y = x Wᵀ + b`` from what its backward sees.
+
+Every function takes the layer's recorded trace: ``a`` (the input, ``(B, T, in)``, or
+``None`` when ``W`` is frozen) and ``g = dL/dy`` (``(B, T, out)``), where ``B`` is the
+sample dim and ``T`` collects every other leading dim (and every reuse of the layer in
+one forward). Sample ``i``'s contribution to the gradients is
+
+    ``G_i = Σ_t g_it a_itᵀ``  (out, in)        ``β_i = Σ_t g_it``  (out,)
+
+so ``Σ_i G_i = dL/dW`` and ``Σ_i β_i = dL/db``. With ``T = 1`` (2-D inputs) ``G_i`` is the
+outer product ``g_i a_iᵀ``, whose Frobenius norm is ``‖g_i‖·‖a_i‖``: nothing of size
+``out × in`` per sample is ever formed for norms or clipping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of one chunk of materialised per-sample weight gradients (B_chunk, out, in):
+# 2**22 float32 numbers are 16 MiB, enough to keep each bmm efficient.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _sample_chunks(batch: int, per_sample: int):
+    """Slices of the sample dim whose materialised gradients stay under the chunk budget."""
+    step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, batch, step):
+        yield slice(start, min(start + step, batch))
+
+
+def gram_is_cheaper(t: int, in_features: int, out_features: int) -> bool:
+    """Whether ``‖G_i‖²`` is cheaper through the two T×T Gram matrices than by forming
+    ``G_i``: ``T²(in + out)`` against ``T·in·out`` multiply-adds per sample."""
+    return t * (in_features + out_features) <= in_features * out_features
+
+
+def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``‖G_i‖_F²`` for every sample, shape ``(B,)``."""
+    batch, t, in_features = a.shape
+    out_features = g.shape[-1]
+    if t == 1:
+        # ‖g_i a_iᵀ‖_F² = ‖g_i‖² ‖a_i‖²
+        return g.square().sum((1, 2)) * a.square().sum((1, 2))
+    if gram_is_cheaper(t, in_features, out_features):
+        # ‖Σ_t g_it a_itᵀ‖_F² = Σ_{t,s} (a_i a_iᵀ)_ts (g_i g_iᵀ)_ts
+        gram_a = torch.bmm(a, a.transpose(1, 2))
+        gram_g = torch.bmm(g, g.transpose(1, 2))
+        return (gram_a * gram_g).sum((1, 2))
+    out = a.new_empty(batch)
+    for rows in _sample_chunks(batch, in_features * out_features):
+        # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm
+        out[rows] = torch.bmm(g[rows].transpose(1, 2), a[rows]).square().sum((1, 2))
+    return out
+
+
+def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
+    """``‖β_i‖²`` for every sample, shape ``(B,)``."""
+    # β_i = Σ_t g_it
+    return g.sum(1).square().sum(1)
+
+
+def clipped_weight_grad(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``Σ_i c_i G_i`` with one matmul, shape ``(out, in)``."""
+    out_features, in_features = g.shape[-1], a.shape[-1]
+    # Σ_i c_i Σ_t g_it a_itᵀ = (c ⊙ g)ᵀ a   over the flattened (B·T) rows
+    scaled = (g * factors[:, None, None]).reshape(-1, out_features)
+    return scaled.t() @ a.reshape(-1, in_features)
+
+
+def clipped_bias_grad(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``Σ_i c_i β_i``, shape ``(out,)``."""
+    # Σ_i c_i Σ_t g_it = cᵀ (Σ_t g_t)
+    return factors @ g.sum(1)
+
+
+def weight_grad_samples(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Every ``G_i``, shape ``(B, out, in)``."""
+    if a.shape[1] == 1:
+        # G_i = g_i a_iᵀ: an outer product per sample, one broadcast multiply
+        return g[:, 0, :, None] * a[:, 0, None, :]
+    # G_i = g_iᵀ a_i   (out, T) @ (T, in)
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+def bias_grad_samples(g: torch.Tensor) -> torch.Tensor:
+    """Every ``β_i``, shape ``(B, out)``."""
+    # β_i = Σ_t g_it
+    return g.sum(1)
+
+
+def weight_sum_grad_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``Σ_i G_i ⊙ G_i`` (element-wise square), shape ``(out, in)``."""
+    batch, t, in_features = a.shape
+    out_features = g.shape[-1]
+    if t == 1:
+        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = (g²)ᵀ (a²)
+        return g[:, 0].square().t() @ a[:, 0].square()
+    total = a.new_zeros(out_features, in_features)
+    for rows in _sample_chunks(batch, in_features * out_features):
+        # G_i = g_iᵀ a_i, squared and summed over the chunk's samples
+        total += torch.bmm(g[rows].transpose(1, 2), a[rows]).square().sum(0)
+    return total
+
+
+def bias_sum_grad_squared(g: torch.Tensor) -> torch.Tensor:
+    """``Σ_i β_i ⊙ β_i``, shape ``(out,)``."""
+    # β_i = Σ_t g_it, squared element-wise and summed over samples
+    return g.sum(1).square().sum(0)
+
+
+def weight_grad_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``Σ_i G_i = dL/dW``, shape ``(out, in)``."""
+    # dL/dW = gᵀ a   over the flattened (B·T) rows
+    return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+
+
+def bias_grad_sum(g: torch.Tensor) -> torch.Tensor:
+    """``Σ_i β_i = dL/db``, shape ``(out,)``."""
+    # dL/db = Σ over every row of g
+    return g.sum((0, 1))
+
+
+def variance(sum_grad_squared: torch.Tensor, grad_sum: torch.Tensor, batch: int) -> torch.Tensor:
+    """Element-wise variance over the ``B`` samples of their contributions ``G_i`` (rounding
+    can make the difference below slightly negative: it is clamped at 0)."""
+    # Var_i[G_i] = (1/B) Σ_i G_i² - ((1/B) Σ_i G_i)²
+    return (sum_grad_squared / batch - (grad_sum / batch).square()).clamp_(min=0)

@@ -1,0 +1,120 @@
+"""Which modules of a model per-sample gradients can be attributed through, checked before
+any forward runs.
+
+A trainable parameter is attributable when it belongs to a :class:`torchbp.nn.Linear`:
+its Function's backward sees each sample's input and output gradient. Parameter-free
+modules (activations, Dropout, Flatten, Identity, containers, user-defined wrappers) and
+modules whose parameters are all frozen are trusted to act on each sample separately,
+except the ones known to mix the samples of a batch, which are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from torchbp import nn as bpnn
+
+# Softmax-like modules normalise along ``dim``: along dim 0 they mix samples.
+_ALONG_DIM = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass
+class Layer:
+    """One :class:`torchbp.nn.Linear` with at least one trainable parameter.
+
+    ``weight`` / ``bias`` are its trainable parameters (``None`` when frozen or absent);
+    ``traces`` collects, per forward call, the recorded ``(a, g)`` (see ``recorder``).
+    """
+
+    name: str
+    module: bpnn.Linear
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    traces: list = field(default_factory=list)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+
+def describe(name: str, module: nn.Module) -> str:
+    """``'encoder.0' (BatchNorm1d)``, or ``the model (MLP)`` for the root."""
+    where = f"{name!r}" if name else "the model"
+    return f"{where} ({type(module).__name__})"
+
+
+def _trainable(p: nn.Parameter | None) -> nn.Parameter | None:
+    return p if p is not None and p.requires_grad else None
+
+
+def _mixing_reason(module: nn.Module) -> str | None:
+    """Why ``module`` mixes the samples of a batch, or ``None`` if it does not."""
+    if isinstance(module, _BATCH_NORMS) and (module.training or not module.track_running_stats):
+        return "normalises with statistics of the whole batch, so it mixes samples"
+    if isinstance(module, _ALONG_DIM) and module.dim == 0:
+        return "normalises along dim 0, the sample dim"
+    if isinstance(module, nn.Flatten) and module.start_dim == 0:
+        return "flattens the sample dim (start_dim=0)"
+    if isinstance(module, nn.Unflatten) and module.dim == 0:
+        return "reshapes the sample dim (dim=0)"
+    return None
+
+
+def attributable_layers(model: nn.Module) -> list[Layer]:
+    """The model's Linear layers with trainable parameters, in module order.
+
+    Raises:
+        TypeError: a module mixes samples, or has trainable parameters that are not a
+            :class:`torchbp.nn.Linear`'s (named in the message).
+        ValueError: a trainable parameter is shared by two Linear modules.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    layers: list[Layer] = []
+    owner: dict[int, str] = {}
+    for name, module in model.named_modules():
+        where = describe(name, module)
+        if isinstance(module, bpnn.LinearCrossEntropyLoss):
+            raise TypeError(
+                f"per_sample_grads: {where} is not supported: the fused linear + "
+                "cross-entropy never forms the per-sample logit gradients; use "
+                "torchbp.nn.Linear followed by torchbp.nn.CrossEntropyLoss instead"
+            )
+        reason = _mixing_reason(module)
+        if reason is not None:
+            raise TypeError(
+                f"per_sample_grads: {where} {reason}; per-sample gradients are undefined "
+                "through it (remove it, or switch it to eval mode if it has running stats)"
+            )
+        if isinstance(module, bpnn.Linear):
+            weight, bias = _trainable(module.weight), _trainable(module.bias)
+            for p in (weight, bias):
+                if p is not None and id(p) in owner:
+                    raise ValueError(
+                        f"per_sample_grads: {where} shares a trainable parameter with "
+                        f"{owner[id(p)]}; shared Linear parameters are not supported"
+                    )
+                if p is not None:
+                    owner[id(p)] = where
+            if weight is not None or bias is not None:
+                layers.append(Layer(name, module, weight, bias))
+            continue
+        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not trainable:
+            continue
+        if type(module) is nn.Linear:
+            hint = "convert the model first: torchbp.convert(model)"
+        else:
+            hint = (
+                "only torchbp.nn.Linear parameters can be attributed to samples; freeze "
+                "the others with requires_grad_(False)"
+            )
+        raise TypeError(
+            f"per_sample_grads: {where} has trainable parameters ({', '.join(trainable)}) "
+            f"whose per-sample gradients torchbp cannot form; {hint}"
+        )
+    return layers
