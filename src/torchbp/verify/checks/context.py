@@ -28,6 +28,7 @@ class CheckContext:
         grad_idx: positions in ``args`` of the inputs that get gradients.
         reference: the callable ``fn`` must match, or None.
         options: the validated options of ``check_function``.
+        custom_op: the ``torch.library`` custom op ``fn`` is, or None.
     """
 
     fn: Callable[..., Any]
@@ -35,6 +36,7 @@ class CheckContext:
     grad_idx: list[int]
     reference: Callable[..., Any] | None
     options: Options
+    custom_op: Any | None = None
     #: Shapes of fn's floating-point outputs (set by the forward check, which runs first).
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: Positions (among the grad inputs) of the inputs fn modifies in place and returns

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.custom_op import no_forward_ad
 from torchbp.verify.checks.explain import explain_error, first_line, outcome_of
 from torchbp.verify.checks.jacobians import (
     FULL_JACOBIAN_LIMIT,
@@ -236,7 +237,10 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
 
 
 def check_forward_ad(ctx: CheckContext) -> Passed:
-    """The Jacobian built from one jvp per input element against central differences."""
+    """The Jacobian built from one jvp per input element against central differences;
+    unsupported for a custom op (PyTorch has no jvp registration for one)."""
+    if ctx.custom_op is not None:
+        raise no_forward_ad()
     _require_float64(ctx)
     diff = ctx.leaves()
     torch_msg = _torch_verdict(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.options import SCALAR_TYPES, prepare_inputs, resolve_arguments
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported
@@ -87,6 +88,8 @@ def _describe(value: Any) -> Any:
 
 
 def _fn_name(fn: Any) -> str:
+    if as_custom_op(fn) is not None:
+        return custom_op_name(fn)
     for attr in ("__qualname__", "__name__"):
         name = getattr(fn, attr, None)
         if isinstance(name, str):
@@ -121,8 +124,9 @@ def check_function(
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
-            tensors), an ``nn.Module``, or a ``torch.autograd.Function`` subclass (its
-            ``apply`` is used).
+            tensors), an ``nn.Module``, a ``torch.autograd.Function`` subclass (its
+            ``apply`` is used) or a ``torch.library.custom_op`` (then the ``opcheck`` check
+            also runs ``torch.library.opcheck``).
         *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``).
             Integer tensors (class targets) are passed through and never differentiated.
         reference: optional callable with the same signature whose outputs and gradients
@@ -164,7 +168,7 @@ def check_function(
     """
     fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
     args, grad_idx = prepare_inputs(inputs, opts)
-    ctx = CheckContext(fn, args, grad_idx, reference, opts)
+    ctx = CheckContext(fn, args, grad_idx, reference, opts, custom_op=as_custom_op(fn))
     meta = {
         "inputs": [_describe(a) for a in args],
         "grad_inputs": grad_idx,

@@ -19,6 +19,7 @@ from torchbp.verify.checks.backward_contract import (
     check_undefined_grad,
 )
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.custom_op import check_opcheck
 from torchbp.verify.checks.forward import check_forward
 from torchbp.verify.checks.numerical import check_forward_ad, check_gradcheck, check_gradgradcheck
 from torchbp.verify.checks.outcomes import Passed
@@ -94,6 +95,11 @@ CHECK_TABLE: tuple[Check, ...] = (
         "compile",
         "torch.compile (fullgraph) forward and backward equal eager",
         check_compile,
+    ),
+    Check(
+        "opcheck",
+        "a torch.library custom op passes torch.library.opcheck (schema, autograd, fake)",
+        check_opcheck,
     ),
     Check(
         "reference",

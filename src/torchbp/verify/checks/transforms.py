@@ -7,6 +7,7 @@ import torch
 
 from torchbp.verify.checks.compare import require_close
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.custom_op import no_torch_func
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import Passed
 
@@ -45,7 +46,10 @@ def check_vmap(ctx: CheckContext) -> Passed:
     try:
         per_sample = torch.func.vmap(torch.func.grad(scalar, argnums=argnums))(*xs)
     except Exception as exc:  # noqa: BLE001
-        raise outcome_of(exc, "vmap(grad) (per-sample gradients) failed: ") from None
+        custom_op_gap = no_torch_func(exc) if ctx.custom_op is not None else None
+        raise custom_op_gap or outcome_of(
+            exc, "vmap(grad) (per-sample gradients) failed: "
+        ) from None
     for b in range(batch):
         leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
         gs = torch.autograd.grad(scalar(*leaves), leaves, allow_unused=True)

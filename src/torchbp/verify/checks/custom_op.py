@@ -1,0 +1,105 @@
+"""``torch.library.custom_op`` support: recognising a custom op, its name, the ``opcheck``
+check (``torch.library.opcheck``: schema, autograd registration, fake tensor, AOT dispatch)
+and the capabilities PyTorch does not give custom ops (forward-mode AD, torch.func)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import capability_gap, first_line
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
+
+__all__ = [
+    "as_custom_op",
+    "check_opcheck",
+    "custom_op_name",
+    "no_forward_ad",
+    "no_torch_func",
+]
+
+#: What ``torch.library.opcheck`` runs, in order.
+OPCHECK_TESTS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_dynamic",
+)
+
+
+def as_custom_op(fn: Any) -> Any | None:
+    """The op when ``fn`` is a custom operator (what ``torch.library.custom_op`` returns,
+    or an ``OpOverload`` / ``OpOverloadPacket`` such as ``torch.ops.mylib.op``), else None.
+
+    Examples:
+        >>> as_custom_op(torch.tanh) is None
+        True
+    """
+    if isinstance(fn, torch.library.CustomOpDef | torch.library.OpOverload):
+        return fn
+    if isinstance(getattr(fn, "default", None), torch.library.OpOverload):
+        return fn  # an OpOverloadPacket: torch.ops.<namespace>.<name>
+    return None
+
+
+def custom_op_name(op: Any) -> str:
+    """``"namespace::name"`` of a custom op (for the report's title)."""
+    overload = op if isinstance(op, torch.library.OpOverload) else getattr(op, "default", None)
+    if isinstance(overload, torch.library.OpOverload):
+        return overload.name()
+    match = re.search(r"\(([\w.]+::[\w.]+)\)", str(op))
+    return match.group(1) if match else type(op).__name__
+
+
+def no_forward_ad() -> CheckUnsupported:
+    """Forward-mode AD of a custom op: PyTorch has no way to register a jvp for one (and
+    ``torch.func.jvp`` silently returns zero tangents, torch 2.13)."""
+    return CheckUnsupported(
+        "forward-mode AD of a torch.library.custom_op is not available in PyTorch (jvp gives "
+        "zero tangents without an error)",
+        "wrap the computation in an autograd.Function with a jvp staticmethod (PyTorch has "
+        "no jvp registration for custom ops yet)",
+    )
+
+
+def no_torch_func(exc: BaseException) -> CheckUnsupported | None:
+    """The unsupported outcome when torch.func (grad, vmap of grad) refused a custom op's
+    registered autograd, else None."""
+    gap = capability_gap(exc)
+    if gap is None or "setup_context" not in gap[1]:
+        return None
+    return CheckUnsupported(
+        "torch.func transforms (grad, jacrev, vmap of grad) cannot differentiate a "
+        "torch.library.custom_op through its registered autograd (a PyTorch limitation)",
+        "use an autograd.Function (forward without ctx plus setup_context) where torch.func "
+        "is needed (PyTorch offers no registration for this yet)",
+    )
+
+
+def check_opcheck(ctx: CheckContext) -> Passed:
+    """``torch.library.opcheck`` on the example inputs (the differentiable ones requiring
+    grad); skipped unless fn is a custom op."""
+    if ctx.custom_op is None:
+        raise CheckSkip("fn is not a torch.library custom op")
+    args = ctx.call(lambda *a: a, ctx.leaves())
+    results = torch.library.opcheck(ctx.custom_op, tuple(args), raise_exception=False)
+    problems, gaps = [], []
+    for test in OPCHECK_TESTS:
+        outcome = results.get(test, "SUCCESS")
+        if outcome == "SUCCESS":
+            continue
+        gap = capability_gap(outcome) if isinstance(outcome, BaseException) else None
+        if gap is not None:
+            gaps.append(gap)
+        else:
+            problems.append(f"{test}: {first_line(str(outcome), 200)}")
+    if problems:
+        raise CheckFailure(f"torch.library.opcheck failed {'; '.join(problems)}")
+    if gaps:
+        missing = "; ".join(dict.fromkeys(g[0] for g in gaps))
+        how = "; ".join(dict.fromkeys(g[1] for g in gaps))
+        raise CheckUnsupported(missing, how)
+    return Passed(f"torch.library.opcheck: {', '.join(OPCHECK_TESTS)}")

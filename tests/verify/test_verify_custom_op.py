@@ -1,0 +1,118 @@
+"""check_function on torch.library custom ops: torch.library.opcheck runs as the ``opcheck``
+check, and what PyTorch does not give custom ops comes out unsupported."""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.verify import check_function
+
+
+def _x(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _save_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _sin_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    # d sin(x)/dx = cos(x)
+    return g * torch.cos(x)
+
+
+@torch.library.custom_op("torchbp_verify_test::sin", mutates_args=())
+def good_sin(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+@good_sin.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+good_sin.register_autograd(_sin_backward, setup_context=_save_input)
+
+
+@torch.library.custom_op("torchbp_verify_test::sin_wrong_grad", mutates_args=())
+def sin_wrong_grad(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+@sin_wrong_grad.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _wrong_sign_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return -g * torch.cos(x)  # the sign of d sin/dx flipped
+
+
+sin_wrong_grad.register_autograd(_wrong_sign_backward, setup_context=_save_input)
+
+
+@torch.library.custom_op("torchbp_verify_test::sin_no_fake", mutates_args=())
+def sin_no_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+sin_no_fake.register_autograd(_sin_backward, setup_context=_save_input)
+
+
+@torch.library.custom_op("torchbp_verify_test::sin_fake_wrong_shape", mutates_args=())
+def sin_fake_wrong_shape(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x)
+
+
+@sin_fake_wrong_shape.register_fake
+def _(x):
+    return x.new_empty(x.shape[0])  # the real kernel keeps every dim
+
+
+sin_fake_wrong_shape.register_autograd(_sin_backward, setup_context=_save_input)
+
+
+def test_correct_custom_op_passes_and_runs_opcheck():
+    report = check_function(good_sin, _x(3, 4), reference=torch.sin)
+    assert report.ok, str(report)
+    assert report.name == "torchbp_verify_test::sin"
+    assert report["opcheck"].passed and "test_faketensor" in report["opcheck"].message
+    assert report["gradcheck"].passed and report["compile"].passed
+    assert {c.name for c in report.unsupported} == {"forward_ad", "vmap"}
+    assert "custom_op" in report["forward_ad"].message
+
+
+def test_op_overload_packet_is_accepted():
+    report = check_function(torch.ops.torchbp_verify_test.sin, _x(3), checks=["opcheck"])
+    assert report.ok and report["opcheck"].passed, str(report)
+
+
+def test_wrong_backward_of_a_custom_op_fails():
+    report = check_function(sin_wrong_grad, _x(3, 4), reference=torch.sin, skip=["compile"])
+    assert not report.ok
+    assert report["gradcheck"].failed and "disagrees with numerical" in report["gradcheck"].message
+    assert report["reference"].failed
+
+
+def test_missing_fake_is_unsupported():
+    report = check_function(sin_no_fake, _x(3), checks=["opcheck", "compile", "gradcheck"])
+    assert report.ok, str(report)
+    for name in ("opcheck", "compile"):
+        assert report[name].unsupported and "register_fake" in report[name].message
+    report = check_function(sin_no_fake, _x(3), checks=["gradcheck"], require=["opcheck"])
+    assert not report.ok and report["opcheck"].failed
+
+
+def test_fake_with_the_wrong_shape_fails_opcheck():
+    report = check_function(sin_fake_wrong_shape, _x(3, 4), checks=["opcheck"])
+    assert report["opcheck"].failed, str(report)
+    assert "torch.library.opcheck failed" in report["opcheck"].message
+
+
+def test_opcheck_is_skipped_for_other_callables():
+    report = check_function(torch.sin, _x(3), checks=["opcheck"])
+    assert (
+        report["opcheck"].skipped and "not a torch.library custom op" in report["opcheck"].message
+    )
