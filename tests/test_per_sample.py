@@ -1,0 +1,310 @@
+"""per_sample_grads against torch.func.vmap(grad(...)) in float64 (relative error <= 1e-10):
+every mode, both reductions, 2-D and 3-D inputs, every activation, the loss options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests._support import ACTIVATIONS
+from torch.func import functional_call, grad, vmap
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+DT = torch.float64
+RTOL = 1e-10
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Max error relative to the reference's largest magnitude is at most RTOL."""
+    assert ours.shape == ref.shape
+    scale = ref.abs().max().clamp(min=1e-300)
+    err = ((ours - ref).abs().max() / scale).item()
+    assert err <= RTOL, f"relative error {err:.3g}"
+
+
+def mlp(act=torchbp.nn.Tanh, d_in=5, hidden=7, classes=4, seed=0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torchbp.nn.Linear(d_in, hidden),
+        act(),
+        torchbp.nn.Linear(hidden, hidden),
+        act(),
+        torchbp.nn.Linear(hidden, classes),
+    ).to(DT)
+
+
+def loss_parts(logits, target, reduction, **options):
+    """(per-sample losses, the normaliser of the batch loss): loss = Σ_i ℓ_i / normaliser.
+
+    ``logits`` ``(B, C)`` or ``(B, T, C)`` (target ``(B,)`` / ``(B, T)``); ℓ_i sums its rows.
+    """
+    if logits.dim() == 3:
+        per_row = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", **options)
+        per_sample = per_row.sum(1)
+    else:
+        per_sample = F.cross_entropy(logits, target, reduction="none", **options)
+    if reduction == "sum":
+        return per_sample, 1.0
+    weight = options.get("weight")
+    keep = target != options.get("ignore_index", -100)
+    weights = keep.to(DT) if weight is None else weight[target.clamp(min=0)] * keep
+    return per_sample, weights.sum()
+
+
+def reference(model, x, target, reduction, **options):
+    """{name: (B, *p.shape)}: each sample's contribution to p.grad, by vmap(grad)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    _, normaliser = loss_parts(model(x).detach(), target, reduction, **options)
+
+    def sample_loss(p, xi, ti):
+        out = functional_call(model, p, (xi[None],))
+        per_sample, _ = loss_parts(out, ti[None], "sum", **options)
+        return per_sample.sum() / normaliser
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+
+
+def batch_loss(model, x, target, reduction, **options):
+    logits = model(x)
+    if logits.dim() == 3:
+        logits = logits.transpose(1, 2)
+    return torchbp.nn.CrossEntropyLoss(reduction=reduction, **options)(logits, target)
+
+
+def check_all_modes(model, x, target, reduction="mean", **options):
+    """Run norms, grads, clip (with statistics) and compare each with the reference."""
+    ref = reference(model, x, target, reduction, **options)
+    names = list(ref)
+    params = dict(model.named_parameters())
+    batch = x.shape[0]
+    # the loss the context sees is the reference's Σ_i ℓ_i / normaliser
+    per_sample, normaliser = loss_parts(model(x).detach(), target, reduction, **options)
+    close(
+        batch_loss(model, x, target, reduction, **options).detach(), per_sample.sum() / normaliser
+    )
+    ref_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    ref_sum = {n: g.sum(0) for n, g in ref.items()}
+    max_norm = ref_norms.median().item()  # some samples clipped, some not
+    factors = (max_norm / ref_norms).clamp(max=1)
+
+    for mode in ("norms", "grads", "clip"):
+        model.zero_grad(set_to_none=True)
+        with per_sample_grads(
+            model, mode=mode, max_norm=max_norm if mode == "clip" else None, statistics=True
+        ) as ps:
+            batch_loss(model, x, target, reduction, **options).backward()
+            # ready right after backward, inside the context
+            close(ps.norms, ref_norms)
+            assert ps.batch_size == batch
+            for n in names:
+                p, g = params[n], ref[n]
+                if mode == "clip":
+                    clipped = (g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0)
+                    close(p.grad, clipped)
+                else:
+                    close(p.grad, ref_sum[n])
+                if mode == "grads":
+                    close(p.grad_sample, g)
+                close(p.sum_grad_squared, g.square().sum(0))
+                close(p.grad_variance, g.var(0, correction=0))
+        if mode == "clip":
+            close(ps.clip_factors, factors)
+    return ref
+
+
+def targets(batch, classes, *rest, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(classes, (batch, *rest), generator=gen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_modes_2d(reduction):
+    model = mlp()
+    x = torch.randn(6, 5, dtype=DT)
+    check_all_modes(model, x, targets(6, 4), reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "hidden", [3, 16], ids=["materialise", "gram"]
+)  # T=5: 5(in+out) vs in·out picks the path
+def test_modes_3d(reduction, hidden):
+    model = mlp(d_in=4, hidden=hidden, classes=3)
+    x = torch.randn(4, 5, 4, dtype=DT)
+    check_all_modes(model, x, targets(4, 3, 5), reduction)
+
+
+@pytest.mark.parametrize("variant", ACTIVATIONS, ids=str)
+def test_every_activation(variant):
+    ours, _ = variant.modules()
+    model = mlp(act=ours)
+    x = torch.randn(6, 5, dtype=DT)
+    check_all_modes(model, x, targets(6, 4), "mean")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weight": torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT)},
+        {"label_smoothing": 0.2},
+        {"ignore_index": 1},
+        {
+            "weight": torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT),
+            "ignore_index": 1,
+            "label_smoothing": 0.1,
+        },
+    ],
+    ids=["weight", "label_smoothing", "ignore_index", "all"],
+)
+def test_loss_options(reduction, options):
+    model = mlp()
+    x = torch.randn(8, 5, dtype=DT)
+    target = targets(8, 4)
+    if "ignore_index" in options:
+        assert (target == options["ignore_index"]).any()
+    check_all_modes(model, x, target, reduction, **options)
+
+
+def test_nll_after_log_softmax_module():
+    model = torch.nn.Sequential(mlp(), torchbp.nn.LogSoftmax(dim=-1))
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    ref = reference(model[0], x, target, "mean")
+    with per_sample_grads(model, mode="grads") as ps:
+        torchbp.nn.NLLLoss()(model(x), target).backward()
+    for name, g in ref.items():
+        close(model[0].get_parameter(name).grad_sample, g)
+    close(ps.norms, torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values())))
+
+
+class Reuse(torch.nn.Module):
+    """The hidden layer runs twice per sample: its per-sample gradient sums both calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torchbp.nn.Linear(5, 6)
+        self.hid = torchbp.nn.Linear(6, 6)
+        self.out = torchbp.nn.Linear(6, 3)
+        self.act = torchbp.nn.SiLU()
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        h = self.act(self.hid(h))
+        return self.out(self.act(self.hid(h)))
+
+
+def test_layer_used_twice():
+    model = Reuse().to(DT)
+    check_all_modes(model, torch.randn(5, 5, dtype=DT), targets(5, 3))
+
+
+def test_frozen_parameters_skipped():
+    model = mlp()
+    model[0].weight.requires_grad_(False)  # trainable bias, frozen weight
+    model[2].requires_grad_(False)  # whole layer frozen
+    ref = check_all_modes(model, torch.randn(6, 5, dtype=DT), targets(6, 4))
+    assert set(ref) == {"0.bias", "4.weight", "4.bias"}
+    assert model[0].weight.grad is None and model[2].weight.grad is None
+    assert not hasattr(model[2].weight, "grad_sample")
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torchbp.nn.Linear(5, 6)
+        self.head = torchbp.nn.Linear(6, 3)
+        self.unused = torchbp.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torchbp.functional.relu(self.body(x))
+        return self.head(h), self.unused(h)
+
+
+def test_unused_head_contributes_nothing():
+    model = TwoHeads().to(DT)
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xi, ti):
+        return F.cross_entropy(functional_call(model, p, (xi[None],))[0], ti[None]) / 6
+
+    ref = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    for mode in ("grads", "clip"):
+        model.zero_grad(set_to_none=True)
+        with per_sample_grads(model, mode, 0.05 if mode == "clip" else None) as ps:
+            torchbp.functional.cross_entropy(model(x)[0], target).backward()
+            close(ps.norms, torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values())))
+        assert model.unused.weight.grad is None
+        if mode == "grads":
+            assert not model.unused.weight.grad_sample.any()
+            close(model.head.weight.grad_sample, ref["head.weight"])
+
+
+def test_clip_adds_to_existing_grad():
+    model = mlp()
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    ref = reference(model, x, target, "sum")
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    factors = (0.3 / norms).clamp(max=1)
+    before = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = before[n].clone()
+    with per_sample_grads(model, mode="clip", max_norm=0.3):
+        batch_loss(model, x, target, "sum").backward()
+    for n, p in model.named_parameters():
+        g = ref[n]
+        close(p.grad, before[n] + (g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0))
+
+
+def test_add_noise_is_gaussian_with_std_sigma_c():
+    model = mlp()
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    clipped = {}
+    with per_sample_grads(model, mode="clip", max_norm=0.5) as ps:
+        batch_loss(model, x, target, "sum").backward()
+        clipped = {id(p): p.grad.clone() for p in ps.parameters}
+        ps.add_noise(2.0, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    for p in ps.parameters:
+        expected = torch.randn(p.shape, generator=gen, dtype=DT) * (2.0 * 0.5)
+        close(p.grad - clipped[id(p)], expected)
+
+
+def test_chunked_materialisation_matches(monkeypatch):
+    # tiny chunks: the 3-D materialising paths loop over several sample slices
+    from torchbp.per_sample import formulas
+
+    monkeypatch.setattr(formulas, "_CHUNK_ELEMENTS", 20)
+    model = mlp(d_in=4, hidden=3, classes=3)
+    check_all_modes(model, torch.randn(5, 5, 4, dtype=DT), targets(5, 3, 5))
+
+
+def test_formulas_gram_and_materialised_agree():
+    from torchbp.per_sample import formulas
+
+    a, g = torch.randn(3, 4, 6, dtype=DT), torch.randn(3, 4, 5, dtype=DT)
+    brute = torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1)
+    close(formulas.weight_squared_norms(a, g), brute)  # 4·11 <= 30? no: materialised
+    a, g = torch.randn(3, 2, 6, dtype=DT), torch.randn(3, 2, 5, dtype=DT)
+    assert formulas.gram_is_cheaper(2, 6, 5)
+    close(
+        formulas.weight_squared_norms(a, g),
+        torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1),
+    )
+
+
+def test_plain_training_unchanged_outside_the_context():
+    model = mlp()
+    twin = torchbp.convert(mlp(), to="torch")  # same seed: same parameters, native autograd
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    with per_sample_grads(model, mode="clip", max_norm=0.1):
+        batch_loss(model, x, target, "mean").backward()
+    model.zero_grad(set_to_none=True)
+    batch_loss(model, x, target, "mean").backward()  # after the context: plain again
+    F.cross_entropy(twin(x), target).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        close(p.grad, q.grad)
