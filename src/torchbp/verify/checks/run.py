@@ -52,10 +52,11 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     return CheckResult(check.name, status, message, abs_err, rel_err, time.perf_counter() - start)
 
 
-def _selected(checks: Any, skip: Any, require: Any) -> list[Check]:
+def _selected(checks: Any, skip: Any, require: Any, custom_op: bool) -> list[Check]:
     """The checks to run, in table order: ``forward`` always, the required ones, and the
-    others as chosen."""
-    chosen = (set(checks or (c.name for c in CHECK_TABLE)) | set(require)) - set(skip or ())
+    others as chosen (by default every check, ``opcheck`` only for a custom op)."""
+    default = [c.name for c in CHECK_TABLE if custom_op or c.name != "opcheck"]
+    chosen = (set(checks or default) | set(require)) - set(skip or ())
     return [c for c in CHECK_TABLE if c.name == "forward" or c.name in chosen]
 
 
@@ -177,5 +178,6 @@ def check_function(
         "torch": torch.__version__,
         "fast_mode": bool(opts.fast_mode),
     }
-    results = _run_all(ctx, _selected(opts.checks, opts.skip, opts.require))
+    selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)
+    results = _run_all(ctx, selected)
     return Report(opts.name or _fn_name(fn), results, meta)
