@@ -90,11 +90,14 @@ class PerSampleGrads:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if exc_type is not None:
+            self._state = "failed"
         try:
-            if exc_type is None and not self._recorder.finalised and self._has_traces():
+            if self._state == "open" and not self._recorder.finalised and self._has_traces():
                 self._finalise()
         finally:
-            self._state = "closed" if exc_type is None else "failed"
+            if self._state == "open":
+                self._state = "closed"
             self._release_traces()
         return False
 
@@ -174,7 +177,7 @@ class PerSampleGrads:
             return
         if self._state == "failed":
             raise RuntimeError(
-                "per_sample_grads: the context exited with an exception; nothing was formed"
+                "per_sample_grads: nothing was formed (an error was raised inside the context)"
             )
         if self._state == "open" and self._has_traces():
             self._finalise()
@@ -209,15 +212,24 @@ class PerSampleGrads:
         return "a parameter"
 
     def _finalise(self) -> None:
+        try:
+            self._form_results()
+        except BaseException:
+            self._state = "failed"
+            raise
+        finally:
+            self._release_traces()
+
+    def _form_results(self) -> None:
+        batches = {g.shape[0] for layer in self._layers for _, g in layer.traces}
+        if len(batches) != 1:
+            raise RuntimeError(
+                "per_sample_grads: the recorded Linear inputs disagree on the sample dim "
+                f"(sizes {sorted(batches)}); dim 0 of every Linear input must be the sample"
+            )
+        (batch,) = batches
         with torch.no_grad():
             traces = {id(layer): _joined(layer) for layer in self._layers if layer.traces}
-            batches = {g.shape[0] for _, g in traces.values()}
-            if len(batches) != 1:
-                raise RuntimeError(
-                    "per_sample_grads: the recorded Linear inputs disagree on the sample dim "
-                    f"(sizes {sorted(batches)}); dim 0 of every Linear input must be the sample"
-                )
-            (batch,) = batches
             reference = next(iter(traces.values()))[1]
             squared = reference.new_zeros(batch)
             for layer in self._layers:
@@ -242,7 +254,6 @@ class PerSampleGrads:
                 if self.statistics:
                     self._form_statistics(layer, trace, batch)
             self._recorder.finalised = True
-            self._release_traces()
 
     def _form_clipped(self, layer: Layer, a, g) -> None:
         if layer.weight is not None:

@@ -1,0 +1,259 @@
+"""per_sample_grads: refusals before the forward, misuse errors, cleanup, nesting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchbp
+from torchbp.autograd.linear import per_sample_recording
+from torchbp.per_sample import per_sample_grads
+
+
+def mlp(*middle: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(torchbp.nn.Linear(4, 6), *middle, torchbp.nn.Linear(6, 3))
+
+
+def step(model, x=None, target=None):
+    x = torch.randn(5, 4) if x is None else x
+    target = torch.tensor([0, 1, 2, 0, 1]) if target is None else target
+    torchbp.functional.cross_entropy(model(x), target).backward()
+
+
+class WithOwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    ("middle", "message"),
+    [
+        (nn.BatchNorm1d(6), r"'1' \(BatchNorm1d\) normalises with statistics of the whole batch"),
+        (nn.BatchNorm1d(6, affine=False), r"'1' \(BatchNorm1d\).*mixes samples"),
+        (nn.Linear(6, 6), r"'1' \(Linear\) has trainable parameters.*torchbp.convert"),
+        (nn.LayerNorm(6), r"'1' \(LayerNorm\) has trainable parameters \(weight, bias\)"),
+        (nn.Conv1d(1, 1, 1), r"'1' \(Conv1d\) has trainable parameters"),
+        (nn.Softmax(dim=0), r"'1' \(Softmax\) normalises along dim 0"),
+        (torchbp.nn.LogSoftmax(dim=0), r"'1' \(LogSoftmax\) normalises along dim 0"),
+        (nn.Flatten(0), r"'1' \(Flatten\) flattens the sample dim"),
+        (WithOwnParameter(), r"'1' \(WithOwnParameter\) has trainable parameters \(scale\)"),
+        (torchbp.nn.LinearCrossEntropyLoss(6, 3), r"'1' \(LinearCrossEntropyLoss\) is not supp"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
+)
+def test_refused_before_the_forward(middle, message):
+    model = mlp(middle)
+    with pytest.raises(TypeError, match=message):
+        per_sample_grads(model)
+    assert getattr(per_sample_recording, "recorder", None) is None
+
+
+def test_root_module_named():
+    with pytest.raises(TypeError, match=r"the model \(Linear\)"):
+        per_sample_grads(nn.Linear(3, 2))
+
+
+def test_allowed_modules_pass():
+    bn = nn.BatchNorm1d(6).eval().requires_grad_(False)  # running stats: per sample
+    conv = nn.Conv1d(1, 1, 1).requires_grad_(False)  # frozen: nothing to attribute
+    model = mlp(
+        nn.ReLU(),
+        nn.Dropout(0.0),
+        nn.Identity(),
+        nn.Flatten(),
+        bn,
+        torchbp.nn.GELU(),
+        nn.Unflatten(1, (1, 6)),
+        conv,
+        nn.Flatten(),
+        nn.Softmax(dim=-1),
+    )
+    with per_sample_grads(model) as ps:
+        step(model)
+    assert ps.norms.shape == (5,)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"mode": "per_sample"}, ValueError, "mode must be one of 'norms', 'grads', 'clip'"),
+        ({"mode": "clip"}, TypeError, "mode='clip' needs max_norm"),
+        ({"mode": "clip", "max_norm": -1.0}, ValueError, "max_norm must be positive"),
+        ({"mode": "clip", "max_norm": float("inf")}, ValueError, "max_norm must be positive"),
+        ({"mode": "norms", "max_norm": 1.0}, ValueError, "max_norm is used only by mode='clip'"),
+    ],
+)
+def test_argument_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        per_sample_grads(mlp(), **kwargs)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        per_sample_grads([torchbp.nn.Linear(2, 2)])
+
+
+def test_nested_refused_and_outer_still_works():
+    model = mlp(nn.ReLU())
+    with per_sample_grads(model) as outer:
+        with pytest.raises(RuntimeError, match="cannot be nested"):
+            with per_sample_grads(model):
+                pass
+        step(model)
+    assert outer.norms.shape == (5,)
+
+
+def test_entered_once():
+    model = mlp()
+    ps = per_sample_grads(model)
+    with ps:
+        step(model)
+    with pytest.raises(RuntimeError, match="entered once"):
+        with ps:
+            pass
+
+
+def test_exception_inside_cleans_up():
+    model = mlp(nn.ReLU())
+    with pytest.raises(KeyError):
+        with per_sample_grads(model, mode="clip", max_norm=1e-3) as ps:
+            model(torch.randn(5, 4))
+            raise KeyError("boom")
+    assert getattr(per_sample_recording, "recorder", None) is None
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+    # plain training again: autograd's gradients, no hook left behind
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(5, 4)
+    step(model, x)
+    twin = torchbp.convert(mlp(nn.ReLU()), to="torch")
+    step(twin, x)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_exception_in_forward_cleans_up():
+    model = mlp()
+    with pytest.raises(RuntimeError):
+        with per_sample_grads(model):
+            model(torch.randn(5, 7))  # wrong feature size
+    assert getattr(per_sample_recording, "recorder", None) is None
+
+
+def test_norms_before_backward():
+    model = mlp()
+    with per_sample_grads(model) as ps:
+        with pytest.raises(RuntimeError, match="no backward .* was recorded"):
+            _ = ps.norms
+
+
+def test_second_backward_refused():
+    model = mlp(nn.Tanh())
+    x, target = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        loss = torchbp.functional.cross_entropy(model(x), target)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward"):
+            loss.backward()
+
+
+def test_second_step_in_one_context_refused():
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        step(model)
+        with pytest.raises(RuntimeError, match="second backward"):
+            step(model)
+
+
+def test_evaluation_forward_after_backward_is_fine():
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        step(model)
+        with torch.no_grad():
+            model(torch.randn(3, 4))
+        norms = ps.norms
+    assert norms.shape == (5,)
+
+
+def test_linear_outside_the_model_refused_at_backward():
+    model = mlp()
+    head = torchbp.nn.Linear(3, 3)
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = head(model(torch.randn(5, 4)))
+        with pytest.raises(RuntimeError, match=r"weight of shape \(3, 3\) is not a torchbp.nn"):
+            out.sum().backward()
+
+
+def test_parameter_used_outside_its_linear_refused_in_clip_mode():
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = model(torch.randn(5, 4))
+        penalty = model[0].weight.square().sum()  # not attributable to a sample
+        with pytest.raises(RuntimeError, match=r"parameter 0.weight received a gradient"):
+            (out.sum() + penalty).backward()
+
+
+def test_unbatched_input_refused():
+    model = mlp()
+    with per_sample_grads(model):
+        out = model(torch.randn(4))
+        with pytest.raises(
+            ValueError,
+            match=r"Linear '1' got an input of shape \(6,\); it needs a leading sample dim",
+        ):
+            out.sum().backward()
+
+
+def test_inconsistent_sample_dims_refused():
+    model = mlp()
+    with per_sample_grads(model) as ps:
+        loss = model(torch.randn(5, 4)).sum() + model(torch.randn(3, 4)).sum()
+        with pytest.raises(RuntimeError, match=r"disagree on the sample dim \(sizes \[3, 5\]\)"):
+            loss.backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_clip_factors_and_noise_need_clip_mode():
+    model = mlp()
+    with per_sample_grads(model, mode="norms") as ps:
+        step(model)
+    with pytest.raises(RuntimeError, match="clip_factors exist in mode='clip' only"):
+        _ = ps.clip_factors
+    with pytest.raises(RuntimeError, match="add_noise needs mode='clip'"):
+        ps.add_noise(1.0)
+
+
+def test_add_noise_arguments():
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        step(model)
+    with pytest.raises(ValueError, match="noise_multiplier must be finite and >= 0"):
+        ps.add_noise(-1.0)
+    with pytest.raises(TypeError, match="noise_multiplier must be a number"):
+        ps.add_noise("1")
+
+
+def test_formed_on_exit_when_backward_skips_the_parameters():
+    # autograd.grad w.r.t. the input only: the parameter hook never fires
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model, mode="norms") as ps:
+        (gx,) = torch.autograd.grad(model(x).sum(), x)
+    assert ps.norms.shape == (5,) and bool((ps.norms > 0).all())
+
+
+def test_model_without_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model) as ps:
+        model(x).sum().backward()
+    assert ps.parameters == []
+    with pytest.raises(RuntimeError, match="no backward"):
+        _ = ps.norms
