@@ -330,3 +330,23 @@ def test_inputs_of_the_caller_are_never_written():
     before = x.clone()
     check_function(scaled, x, calls, grad_inputs=[0], skip=["compile"])
     assert torch.equal(x, before) and calls.item() == 0
+
+
+def test_assert_function_returns_the_report_or_raises_with_it():
+    from torchbp.verify import assert_function
+
+    report = assert_function(_Triple, _x(3), checks=["gradcheck", "vmap"])
+    assert report.ok and report["vmap"].unsupported
+
+    class WrongTriple(_Triple):
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g  # should be 3
+
+    with pytest.raises(AssertionError) as info:
+        assert_function(WrongTriple, _x(3), checks=["gradcheck"])
+    text = str(info.value)
+    assert text.startswith("WrongTriple: FAILED (1 fail)")
+    assert "gradcheck [fail]: backward of input 0 disagrees with numerical gradient" in text
+    with pytest.raises(AssertionError, match="required but unsupported"):
+        assert_function(_Triple, _x(3), checks=["gradcheck"], require=["vmap"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,88 @@ def test_case_inputs_are_deterministic():
         a, b = case.inputs(), case.inputs()
         for x, y in zip(a, b):
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+# ------------------------------------------------------------------------------------------
+# torchbp-verify module:Symbol --inputs SPEC: the user's own Function
+# ------------------------------------------------------------------------------------------
+
+CORRECT_FILE = Path(__file__).parent / "correct_functions.py"
+
+
+def test_target_from_a_file_passes(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    argv = [f"{CORRECT_FILE}:TextbookTanh", "--inputs", "3,4", "--reference", "torch:tanh"]
+    code = cli.main([*argv, "--no-compile", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "TextbookTanh: OK (2 unsupported)" in out and "to add it:" in out
+    data = json.loads(path.read_text())
+    assert data["ok"] is True and data["meta"]["inputs"][0]["shape"] == [3, 4]
+
+
+def test_target_with_integer_and_literal_inputs(capsys):
+    spec = "4,5;int:4<5;=-100;=0.5"
+    code = cli.main([f"{CORRECT_FILE}:PickedLoss", "--inputs", spec, "--no-compile"])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_target_from_a_spec_file(tmp_path, capsys):
+    spec = tmp_path / "inputs.txt"
+    spec.write_text("# x, target, ignore_index, scale\n4,5\nint:4<5\n\n=-100\n=0.5\n")
+    code = cli.main([f"{CORRECT_FILE}:PickedLoss", "--inputs", f"@{spec}", "--no-compile"])
+    assert code == 0, capsys.readouterr().out
+
+
+def test_target_module_import_and_require(capsys):
+    # a module:Symbol from an importable module; vmap required but not offered -> exit 1
+    argv = ["torch.nn.functional:silu", "--inputs", "3", "--require", "vmap", "--no-compile"]
+    assert cli.main(argv) == 0, capsys.readouterr().out
+    argv = [f"{CORRECT_FILE}:TextbookTanh", "--inputs", "3", "--require", "vmap,forward_ad"]
+    code = cli.main([*argv, "--skip", "compile"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED (2 fail)" in out and "required but unsupported" in out
+
+
+def test_target_bug_exits_1(tmp_path, capsys):
+    module = tmp_path / "buggy_sigmoid.py"
+    module.write_text(
+        "import torch\n"
+        "class BuggySigmoid(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x):\n"
+        "        y = torch.sigmoid(x)\n"
+        "        ctx.save_for_backward(y)\n"
+        "        return y\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        (y,) = ctx.saved_tensors\n"
+        "        return g * y  # forgot (1 - y)\n"
+    )
+    code = cli.main([f"{module}:BuggySigmoid", "--inputs", "3,4", "--no-compile"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "BuggySigmoid: FAILED" in out and "gradcheck [fail]" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["nocolon", "--inputs", "3"], "must look like module:Symbol"),
+        (["no_such_module_xyz:f", "--inputs", "3"], "cannot import module 'no_such_module_xyz'"),
+        (["torch:no_such_fn", "--inputs", "3"], "has no attribute 'no_such_fn'"),
+        (["torch:tanh"], "needs both module:Symbol and --inputs"),
+        (["torch:tanh", "--inputs", "3,x"], "a shape is comma-separated sizes"),
+        (["torch:tanh", "--inputs", "3;;4"], "empty input"),
+        (["torch:tanh", "--inputs", "int:3"], "int:SHAPE<HIGH"),
+        (["torch:tanh", "--inputs", "=foo("], "Python literal"),
+        (["torch:tanh", "--inputs", "@/no/such/file"], "cannot read the input spec file"),
+        (["torch:tanh", "--inputs", "3", "--require", "nope"], "unknown check"),
+        (["torch:tanh", "--inputs", "3", "--dtype", "float64,float32"], "one --dtype"),
+        (["torch:tanh", "--inputs", "3", "--op", "relu"], "leave it out"),
+    ],
+)
+def test_target_usage_errors_exit_2(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    assert needle in " ".join(capsys.readouterr().err.split())

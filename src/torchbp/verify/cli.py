@@ -1,14 +1,19 @@
-"""``torchbp-verify``: check every torchbp op on every device and dtype.
+"""``torchbp-verify``: check every torchbp op on every device and dtype, or your own.
 
-Runs :func:`torchbp.verify.check_function` on each case of :mod:`torchbp.verify.cases`,
-shows a progress bar while it runs and prints a table (op x check) at the end.
+Without a target, runs :func:`torchbp.verify.check_function` on each case of
+:mod:`torchbp.verify.cases`, shows a progress bar while it runs and prints a table
+(op x check) at the end. With a target (``module:Symbol`` or ``file.py:Symbol``: an
+autograd.Function, a callable or a ``torch.library`` custom op) and ``--inputs``, checks
+that one on the inputs the spec describes (:mod:`torchbp.verify.target`) and prints its
+report.
 
-Exit status: 0 if every check passed, 1 if any check failed, 2 on a usage error.
+Exit status: 0 if no check failed, 1 if a check failed, 2 on a usage error.
 
 Examples:
     $ torchbp-verify                         # every op, cpu (+ cuda if present)
     $ torchbp-verify --op cross_entropy --op linear --dtype float64 --fast
     $ torchbp-verify --device cuda --json verify-cuda.json
+    $ torchbp-verify mypkg.ops:MyLinear --inputs "4,5;3,5;3" --reference torch.nn.functional:linear
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torchbp.verify.cases import LOW_PRECISION_CHECKS, Case, cases_for, op_names, unregistered_ops
 from torchbp.verify.checks import CHECKS, check_function
 from torchbp.verify.report import FAIL, PASS, SKIP, STATUSES, UNSUPPORTED, CheckResult, Report
+from torchbp.verify.target import TargetError, load_symbol, parse_inputs
 
 __all__ = ["main", "run"]
 
@@ -63,8 +69,39 @@ def _parser() -> argparse.ArgumentParser:
             "gradgradcheck, forward-mode AD, vmap, batched/undefined grads, gradient shapes, "
             "grad_output safety, torch.compile and parity with torch.nn.functional."
         ),
-        epilog="Exit status: 0 all passed, 1 a check failed, 2 usage error.",
+        epilog=(
+            "Your own Function: torchbp-verify module:Symbol --inputs SPEC, where SPEC lists "
+            "the inputs separated by ';': 4,5 is a float tensor of shape (4, 5), () a 0-dim "
+            "one, int:4<10 an int64 tensor of shape (4,) with values in [0, 10), =VALUE a "
+            "Python literal (=1, =True, ='mean'); @FILE reads one input per line. "
+            "Exit status: 0 nothing failed, 1 a check failed, 2 usage error."
+        ),
     )
+    p.add_argument(
+        "target",
+        nargs="?",
+        metavar="module:Symbol",
+        help=(
+            "check your own autograd.Function, callable or torch.library custom op instead "
+            "of torchbp's ops (module:Symbol or path/to/file.py:Symbol; needs --inputs)"
+        ),
+    )
+    p.add_argument("--inputs", metavar="SPEC", help="example inputs of the target (see below)")
+    p.add_argument(
+        "--reference",
+        metavar="module:Symbol",
+        help="callable the target must match in outputs and gradients",
+    )
+    p.add_argument(
+        "--require",
+        action="append",
+        metavar="CHECK",
+        help="checks the target promises: unsupported counts as failed (comma-separated)",
+    )
+    p.add_argument(
+        "--skip", action="append", metavar="CHECK", help="checks to leave out (comma-separated)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the target's inputs (default 0)")
     p.add_argument(
         "--device",
         action="append",
@@ -364,6 +401,54 @@ def _list(console: Any) -> None:
         console.print(f"no cases yet: {', '.join(missing)}")
 
 
+def _target_options(args: argparse.Namespace) -> dict[str, Any]:
+    """check_function's options from the command line (target mode)."""
+    dtypes = _split(args.dtype)
+    devices = _split(args.device)
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise UsageError("give one --dtype and one --device when checking a target")
+    if dtypes and dtypes[0] not in DTYPES:
+        raise UsageError(f"unknown dtype {dtypes[0]}; valid dtypes: {', '.join(DTYPES)}")
+    if devices and devices[0] not in DEVICES:
+        raise UsageError(f"unknown device {devices[0]}; valid devices: {', '.join(DEVICES)}")
+    skip = _split(args.skip) + (["compile"] if args.no_compile else [])
+    return {
+        "dtype": DTYPES[dtypes[0]] if dtypes else torch.float64,
+        "device": devices[0] if devices else None,
+        "require": _split(args.require),
+        "skip": skip,
+        "fast_mode": args.fast,
+        "compile_backend": args.compile_backend,
+    }
+
+
+def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> int:
+    """``torchbp-verify module:Symbol --inputs SPEC``: check the user's own Function."""
+    try:
+        if args.target is None or args.inputs is None:
+            raise UsageError("checking your own Function needs both module:Symbol and --inputs")
+        if args.op:
+            raise UsageError("--op selects torchbp's ops; leave it out when checking a target")
+        options = _target_options(args)
+        fn = load_symbol(args.target)
+        reference = load_symbol(args.reference) if args.reference else None
+        inputs = parse_inputs(args.inputs, args.seed)
+        torch.set_num_threads(max(1, args.threads))
+        report = check_function(fn, *inputs, reference=reference, **options)
+    except (UsageError, TargetError, TypeError, ValueError) as exc:
+        err_console.print(f"torchbp-verify: error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(str(report), highlight=False, markup=False, soft_wrap=True)
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(report.to_dict(), fh, indent=1)
+        except OSError as exc:
+            err_console.print(f"torchbp-verify: error: cannot write {args.json}: {exc}")
+            return 2
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``torchbp-verify``.
 
@@ -392,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         _list(console)
         return 0
+    if args.target is not None or args.inputs is not None:
+        return _check_target(args, console, err_console)
     try:
         ops, devices, dtypes = _resolve(args)
     except UsageError as exc:
