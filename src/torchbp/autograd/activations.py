@@ -117,6 +117,11 @@ def relu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(y <= 0, 0.0, g)
 
 
+def relu_curvature(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # ∂relu'/∂y = 0: relu' is piecewise constant (native's second derivative is 0 too)
+    return torch.zeros_like(v)
+
+
 class ReLUFunction(Function):
     """``y = max(x, 0)``; backward ``dx = g · [y > 0]`` (saves ``y``; 0 at the kink, as
     native). ``inplace=True`` overwrites ``x`` and marks it dirty."""
@@ -140,12 +145,13 @@ class ReLUFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return derivative("relu", relu_backward, dy, y), None
+        return derivative("relu", relu_backward, dy, y, curvature=relu_curvature), None
 
     @staticmethod
     def jvp(ctx, dx, _inplace):
         (y,) = ctx.saved_tensors
-        return _tangent_out(ctx, dx, derivative("relu", relu_backward, dx, y))
+        dy = derivative("relu", relu_backward, dx, y, curvature=relu_curvature)
+        return _tangent_out(ctx, dx, dy)
 
 
 # --------------------------------------------------------------------------- LeakyReLU
@@ -153,6 +159,11 @@ def leaky_relu_backward(g: torch.Tensor, saved: torch.Tensor, slope: float) -> t
     # f'(x) = 1 if x > 0 else slope. For slope >= 0, y > 0 exactly when x > 0, so the
     # output can stand in for the input (native saves the input).
     return torch.where(saved > 0, g, g * slope)
+
+
+def leaky_relu_curvature(v: torch.Tensor, saved: torch.Tensor, slope: float) -> torch.Tensor:
+    # ∂f'/∂saved = 0: f' is piecewise constant (1 or slope), as native's second derivative
+    return torch.zeros_like(v)
 
 
 class LeakyReLUFunction(Function):
@@ -182,13 +193,27 @@ class LeakyReLUFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (saved,) = ctx.saved_tensors
-        dx = derivative("leaky_relu", leaky_relu_backward, dy, saved, ctx.negative_slope)
+        dx = derivative(
+            "leaky_relu",
+            leaky_relu_backward,
+            dy,
+            saved,
+            ctx.negative_slope,
+            curvature=leaky_relu_curvature,
+        )
         return dx, None, None
 
     @staticmethod
     def jvp(ctx, dx, _slope, _inplace):
         (saved,) = ctx.saved_tensors
-        dy = derivative("leaky_relu", leaky_relu_backward, dx, saved, ctx.negative_slope)
+        dy = derivative(
+            "leaky_relu",
+            leaky_relu_backward,
+            dx,
+            saved,
+            ctx.negative_slope,
+            curvature=leaky_relu_curvature,
+        )
         return _tangent_out(ctx, dx, dy)
 
 
@@ -276,6 +301,15 @@ def elu_backward(g: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Te
     return torch.where(saved <= 0, g * (alpha * torch.exp(saved)), g)
 
 
+def elu_curvature(v: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
+    # ∂f'/∂saved on the negative branch: ∂(y + α)/∂y = 1 (α >= 0, saved y), or
+    # ∂(α eˣ)/∂x = α eˣ (α < 0, saved x); 0 for saved > 0. The kink counts as positive
+    # here ("saved < 0"), unlike f' itself ("saved <= 0"): native's second derivative does.
+    if alpha >= 0:
+        return torch.where(saved < 0, v, 0.0)
+    return torch.where(saved < 0, v * (alpha * torch.exp(saved)), 0.0)
+
+
 class ELUFunction(Function):
     """``y = x if x > 0 else α (eˣ - 1)``; backward ``dx = g · (1 if x > 0 else α eˣ)``.
 
@@ -302,12 +336,14 @@ class ELUFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (saved,) = ctx.saved_tensors
-        return derivative("elu", elu_backward, dy, saved, ctx.alpha), None, None
+        dx = derivative("elu", elu_backward, dy, saved, ctx.alpha, curvature=elu_curvature)
+        return dx, None, None
 
     @staticmethod
     def jvp(ctx, dx, _alpha, _inplace):
         (saved,) = ctx.saved_tensors
-        return _tangent_out(ctx, dx, derivative("elu", elu_backward, dx, saved, ctx.alpha))
+        dy = derivative("elu", elu_backward, dx, saved, ctx.alpha, curvature=elu_curvature)
+        return _tangent_out(ctx, dx, dy)
 
 
 # --------------------------------------------------------------------------- Softplus

@@ -38,25 +38,41 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------- NLL
+def nll_rows(logp, target, weight, ignore_index):
+    """``ℓ_i = -w_{y_i} logp_{i, y_i}`` (0 on ignored rows) of ``(M, C)`` ``logp``."""
+    valid, index, w_y = hard_target(target, weight, ignore_index, logp.dtype)
+    picked = logp.gather(1, index.unsqueeze(1)).squeeze(1)
+    return torch.where(valid, -w_y * picked, 0.0)
+
+
+def nll_grad(grad_rows, target, weight, ignore_index, classes):
+    """``∂ℓ/∂logp`` scaled by ``grad_rows`` (M,): ``-w_{y_i} g_i`` in column ``y_i``."""
+    valid, index, w_y = hard_target(target, weight, ignore_index, grad_rows.dtype)
+    # ∂ℓ_i/∂logp_ic = -w_{y_i} [c = y_i]: scatter -w_{y_i} g_i into a zero (M, C) grad
+    src = torch.where(valid, -w_y * grad_rows, 0.0)
+    grad = grad_rows.new_zeros((target.shape[0], classes))
+    return grad.scatter(1, index.unsqueeze(1), src.unsqueeze(1))
+
+
 class NLLLossFunction(Function):
     """Per-row negative log-likelihood ``ℓ_i = -w_{y_i} logp_{i, y_i}`` of ``(M, C)``
     log-probabilities and ``(M,)`` class indices; backward scatters ``-w_{y_i} g_i`` to
-    the target column. Saves only the target and weight (native saves the input too)."""
+    the target column. Saves the target and weight (and the (M,) loss rows, for double
+    backward), never ``logp`` (native saves it)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(logp, target, weight, ignore_index):
         # ℓ_i = -w_{y_i} logp_{i, y_i}
-        valid, index, w_y = hard_target(target, weight, ignore_index, logp.dtype)
-        picked = logp.gather(1, index.unsqueeze(1)).squeeze(1)
-        return torch.where(valid, -w_y * picked, 0.0)
+        return nll_rows(logp, target, weight, ignore_index)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logp, target, weight, ignore_index = inputs
-        # The gradient does not depend on logp's values: save only the target (and weight).
-        ctx.save_for_backward(target, weight)
+        # The gradient does not depend on logp's values: save only the target (and weight),
+        # and the loss rows, which attach a double backward's gradient to logp's graph.
+        ctx.save_for_backward(target, weight, output)
         ctx.save_for_forward(target, weight)
         ctx.ignore_index = ignore_index
         ctx.classes = logp.shape[1]
@@ -66,21 +82,67 @@ class NLLLossFunction(Function):
     def backward(ctx, grad_rows):
         if grad_rows is None:
             return None, None, None, None
-        target, weight = ctx.saved_tensors
-        valid, index, w_y = hard_target(target, weight, ctx.ignore_index, grad_rows.dtype)
-        # ∂ℓ_i/∂logp_ic = -w_{y_i} [c = y_i]: scatter -w_{y_i} g_i into a zero (M, C) grad
-        src = torch.where(valid, -w_y * grad_rows, 0.0)
-        grad = grad_rows.new_zeros((target.shape[0], ctx.classes))
-        return grad.scatter(1, index.unsqueeze(1), src.unsqueeze(1)), None, None, None
+        target, weight, rows = ctx.saved_tensors
+        options = (target, weight, ctx.ignore_index, ctx.classes)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            grad = NLLGradFunction.apply(grad_rows, rows, *options)
+        else:
+            grad = nll_grad(grad_rows, *options)
+        return grad, None, None, None
 
     @staticmethod
     def jvp(ctx, logp_t, _target_t, _weight_t, _ignore):
         if logp_t is None:
             return None
         target, weight = ctx.saved_tensors
-        valid, index, w_y = hard_target(target, weight, ctx.ignore_index, logp_t.dtype)
-        picked = logp_t.gather(1, index.unsqueeze(1)).squeeze(1)
-        return torch.where(valid, -w_y * picked, 0.0)
+        # dℓ_i = -w_{y_i} dlogp_{i, y_i}: the same gather
+        return nll_rows(logp_t, target, weight, ctx.ignore_index)
+
+
+class NLLGradFunction(Function):
+    """NLL's backward ``∂ℓ/∂logp = scatter(-w_y g)`` as a Function of ``(g, rows)``, where
+    the loss rows ``rows`` stand in for ``logp`` (as ``self`` does in native's
+    ``nll_loss_backward``): a gradient computed with ``create_graph=True`` is then attached
+    to logp's graph, and differentiating it w.r.t. logp gives zeros, as native, not an
+    error.
+
+    Backward (``gg`` (M, C)): ``∂/∂g_i = -w_{y_i} gg_{i, y_i}`` (the NLL gather again),
+    ``∂/∂rows = 0`` (the gradient does not depend on logp's values). Forward-mode: the
+    scatter of ``dg``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_rows, rows, target, weight, ignore_index, classes):
+        return nll_grad(grad_rows, target, weight, ignore_index, classes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, target, weight, ctx.ignore_index, ctx.classes = inputs
+        ctx.save_for_backward(target, weight)
+        ctx.save_for_forward(target, weight)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gg):
+        if gg is None:
+            return (None,) * 6
+        target, weight = ctx.saved_tensors
+        needs_g, needs_rows = ctx.needs_input_grad[:2]
+        # ∂(scatter -w_y g)/∂g_i = -w_{y_i} [c = y_i]: gather gg at the target column
+        grad_g = nll_rows(gg, target, weight, ctx.ignore_index) if needs_g else None
+        # ∂/∂rows = 0: logp's values never enter the gradient
+        grad_rows = gg.new_zeros(target.shape[0]) if needs_rows else None
+        return grad_g, grad_rows, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, g_t, rows_t, *_):
+        target, weight = ctx.saved_tensors
+        if g_t is None:
+            # d(grad) = 0 · drows: a zero tangent (None here trips autograd's checks)
+            return None if rows_t is None else rows_t.new_zeros((target.shape[0], ctx.classes))
+        return nll_grad(g_t, target, weight, ctx.ignore_index, ctx.classes)
 
 
 # --------------------------------------------------------------------------- cross-entropy
@@ -224,6 +286,23 @@ def ce_jvp(grad, target, weight, ignore_index, smoothing, d_logits) -> CERows:
     return CERows(d_loss, d_grad, pv.squeeze(1).to(d_loss.dtype))
 
 
+def ce_target_jvp(logits, weight, smoothing, d_target) -> CERows:
+    """Tangents of ``(ℓ, ∂ℓ/∂z, lse)`` along ``d_target`` (M, C) of a probability target,
+    from the logits (M, C). With ``B = w ⊙ ((1-ε) t + ε/C)``: ``dB = (1-ε) w ⊙ dt`` and
+    ``da = Σ_c dB_c``."""
+    acc = accumulation_dtype(logits.dtype)
+    z = logits.to(acc)
+    d_b = (1 - smoothing) * d_target.to(acc)
+    if weight is not None:
+        d_b = d_b * weight.to(acc)
+    logp = z - torch.logsumexp(z, 1, keepdim=True)
+    # ℓ_i = a_i lse_i - Σ_c B_ic z_ic:  dℓ_i = Σ_c dB_ic (lse_i - z_ic) = -Σ_c dB_ic logp_ic
+    d_loss = -(d_b * logp).sum(1)
+    # ∂ℓ_i/∂z_i = a_i p_i - B_i:  its tangent da_i p_i - dB_i;  lse does not depend on t
+    d_grad = d_b.sum(1, keepdim=True) * logp.exp() - d_b
+    return CERows(d_loss, d_grad.to(logits.dtype), torch.zeros_like(d_loss))
+
+
 class CrossEntropyFunction(Function):
     """Fused log-softmax + NLL over ``(M, C)`` logits, one loss per row.
 
@@ -265,7 +344,9 @@ class CrossEntropyFunction(Function):
             ctx.save_for_backward(None, target, weight, logits)
         else:
             ctx.save_for_backward(grad, target, weight, None)
-        ctx.save_for_forward(grad, target, weight)
+        # jvp w.r.t. a probability target reads the logits (overwritten with inplace); what
+        # is saved for forward is released right after forward when forward AD is off.
+        ctx.save_for_forward(grad, target, weight, None if inplace else logits)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -279,17 +360,23 @@ class CrossEntropyFunction(Function):
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, _weight_t, _ignore, _smoothing, _inplace):
-        if d_target is not None:
+        grad, target, weight, logits = ctx.saved_tensors
+        if d_target is not None and ctx.inplace:
             raise NotImplementedError(
-                "torchbp cross_entropy: forward-mode AD w.r.t. probability targets is not "
-                "supported; detach the target"
+                "torchbp cross_entropy: forward-mode AD w.r.t. a probability target needs "
+                "the logits, which inplace=True overwrote; use inplace=False"
             )
-        if d_logits is None:
+        tangents = []
+        if d_logits is not None:
+            tangents.append(
+                ce_jvp(grad, target, weight, ctx.ignore_index, ctx.label_smoothing, d_logits)
+            )
+        if d_target is not None:
+            tangents.append(ce_target_jvp(logits, weight, ctx.label_smoothing, d_target))
+        if not tangents:
             return None, None, None
-        grad, target, weight = ctx.saved_tensors
-        d_loss, d_grad, d_lse = ce_jvp(
-            grad, target, weight, ctx.ignore_index, ctx.label_smoothing, d_logits
-        )
+        # the tangents along the logits and along the target add up
+        d_loss, d_grad, d_lse = (sum(parts[1:], parts[0]) for parts in zip(*tangents))
         if ctx.inplace:  # the gradient output is the logits, modified in place
             d_grad = d_logits.copy_(d_grad)
         return d_loss, d_grad, d_lse
