@@ -207,14 +207,14 @@ def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]])
         checks.append("compile")
     else:
         checks = [c for c in checks if c != "compile"]
-    checks = [c for c in checks if c not in job.case.unsupported]
     return {
         "dtype": DTYPES[job.dtype],
         "device": job.device,
         "grad_inputs": job.case.grad_inputs,
         "checks": checks,
-        # torchbp promises every capability it does not document as unsupported
-        "require": checks,
+        # torchbp promises every capability it does not document as unsupported (those
+        # run too, and must come out unsupported or pass, never fail)
+        "require": [c for c in checks if c not in job.case.unsupported],
         "fast_mode": args.fast,
         "compile_backend": args.compile_backend,
         "name": f"{job.case.label} {job.device} {job.dtype}",
@@ -250,11 +250,10 @@ def run(
         except (TypeError, ValueError) as exc:  # a broken case is a failure, not a crash
             report = Report(opts["name"], [CheckResult("forward", FAIL, f"bad case: {exc}")])
         report.meta.update({"op": job.case.op, "case": job.case.name, "note": job.case.note})
-        if job.dtype == "float64":
-            for name, reason in job.case.unsupported.items():
-                if job.case.checks is None or name in job.case.checks:
-                    report.checks.append(CheckResult(name, UNSUPPORTED, reason))
-            report.checks.sort(key=lambda r: CHECKS.index(r.name) if r.name in CHECKS else 99)
+        for result in report:
+            reason = job.case.unsupported.get(result.name)
+            if reason and result.status == UNSUPPORTED:
+                result.message = f"{reason}: {result.message}"
         outcomes.append(Outcome(job, report))
         if progress is not None:
             progress.advance(task)
@@ -331,7 +330,7 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
     if len(failures) > 40:
         console.print(f"... and {len(failures) - 40} more failures (see --json)")
     gaps = {
-        (oc.job.case.op, r.name): r.message
+        (oc.job.case.op, r.name): r.message.split("; to add it:")[0]
         for oc in outcomes
         for r in oc.report
         if r.status == UNSUPPORTED
