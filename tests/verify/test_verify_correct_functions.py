@@ -140,3 +140,34 @@ def test_compile_with_graph_break_and_same_numbers_is_unsupported():
     assert "cannot capture fn in one graph" in report["compile"].message
     report = check_function(breaks_graph, _randn(3), checks=["compile"], require=["compile"])
     assert not report.ok
+
+
+class _Square(torch.autograd.Function):
+    """The README's recipe: PyTorch's tutorial style, forward(ctx, x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # d(x^2)/dx = 2x
+        return 2 * x * g
+
+
+class _BuggySquare(_Square):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return x * g  # forgot the 2
+
+
+def test_readme_recipe_prints_ok_for_a_textbook_function_and_failed_for_its_bug():
+    text = str(check_function(_Square, torch.randn(3, 4), reference=torch.square))
+    assert text.splitlines()[0] == "_Square: OK (2 unsupported)", text
+    text = str(check_function(_BuggySquare, torch.randn(3, 4), reference=torch.square))
+    assert text.splitlines()[0] == "_BuggySquare: FAILED (2 fail, 2 unsupported)", text
+    assert "gradcheck [fail]: backward of input 0 disagrees with numerical gradient" in text
+    assert "reference [fail]: gradient of input 0 differs from the reference" in text

@@ -110,8 +110,9 @@ def check_function(
     Runs, on the example ``inputs``: ``gradcheck``, ``gradgradcheck``, forward-mode AD,
     ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
     shape of every custom Function's raw gradients, grad_output safety (no in-place writes,
-    strided/expanded grad_outputs), ``torch.compile`` parity with eager and, if ``reference``
-    is given, parity of outputs and all gradients with it. Floating inputs are cast to
+    strided/expanded grad_outputs), ``torch.compile`` parity with eager,
+    ``torch.library.opcheck`` when fn is a custom op and, if ``reference`` is given, parity
+    of outputs and all gradients with it. Floating inputs are cast to
     ``dtype`` (float64 by default); the numerical checks run only in float64, the others use
     dtype-aware tolerances (:func:`~torchbp.verify.tolerances`). Nothing raises from inside
     torch: every problem becomes a check result with a plain-word message.
