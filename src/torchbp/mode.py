@@ -1,0 +1,341 @@
+"""``torchbp.enable()``: route the covered functional calls of any model to torchbp.
+
+:func:`torchbp.convert` swaps modules, but most models also call functions in their
+``forward``: ``F.gelu`` passed as an activation, ``F.linear`` on a weight, ``x.softmax(-1)``,
+``F.cross_entropy``. Under :func:`enable` (a :class:`torch.overrides.TorchFunctionMode`)
+those calls run torchbp's Functions instead, so their backward nodes are torchbp's
+(``<Name>FunctionBackward``), and everything else passes through untouched.
+
+What is routed (the table is derived from the op registry, :mod:`torchbp.ops`):
+
+* every op's native function (``torch.nn.functional.linear``, ``relu``, ``leaky_relu``,
+  ``gelu``, ``silu``, ``elu``, ``softplus``, ``softmax``, ``log_softmax``, ``nll_loss``,
+  ``cross_entropy``, ``linear_cross_entropy``, ``torch.sigmoid``, ``torch.tanh``),
+  ``inplace=True`` included where torchbp supports it;
+* the ``torch.*`` functions and tensor methods of the same names that take the same
+  arguments: ``torch.relu``, ``torch.softmax``, ``torch.log_softmax``, ``x.relu()``,
+  ``x.sigmoid()``, ``x.tanh()``, ``x.softmax(dim)``, ``x.log_softmax(dim)``
+  (``F.sigmoid`` / ``F.tanh`` call the methods);
+* the in-place variants torchbp supports: ``x.relu_()``, ``torch.relu_``,
+  ``F.relu_``, ``F.leaky_relu_``, ``F.elu_``.
+
+A covered function stays native, counted in :attr:`TorchbpMode.native` with the reason,
+when torchbp does not take the call: an input that is not a floating-point tensor
+(``torch.relu`` of an int tensor), ``out=``, ``linear_cross_entropy``'s
+``options=``, or an in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
+Calls torchbp takes but rejects raise torchbp's error (an instance of native's class).
+
+Python-level ``torch.nn.functional`` functions that are not covered
+(``multi_head_attention_forward``, ``softmin``, ``tanhshrink``, ...) reach the mode as a
+whole; they are re-dispatched with the mode still active
+(:func:`torch.overrides.redispatch_function`), so the covered calls inside them are routed
+too: ``nn.MultiheadAttention``'s input/output projections, for example. What no mode can
+reach is a fused native kernel: ``F.scaled_dot_product_attention`` (the attention
+softmax of ``MultiheadAttention`` with ``need_weights=False``, as in
+``TransformerEncoderLayer``) stays native. The fused fast paths of
+``TransformerEncoderLayer`` / ``MultiheadAttention`` (eval mode or ``no_grad``:
+``torch._transformer_encoder_layer_fwd``, ``torch._native_multi_head_attention``) would
+bypass every functional call, but those modules skip them while any torch function mode
+is active, so under :func:`enable` they take their functional path.
+
+Only calls that record a backward are routed: under ``torch.no_grad()`` /
+``torch.inference_mode()`` (and inside any Function's forward) covered calls run native
+kernels, uncounted, since there is no backward to hand-write.
+
+Semantics:
+
+* The calls torchbp itself makes while running a routed op are never routed again (the
+  mode is suspended inside ``__torch_function__`` and the calls of a routed op pass
+  every torchbp mode, nested ones included). Backward passes do not run under the mode.
+* Modes nest: the innermost one routes and counts a call.
+* Like every ``TorchFunctionMode``, a mode is active in the thread that entered it only
+  (the mode stack is thread-local); other threads are unaffected. One instance may be
+  entered in several threads, but its counters are then updated without a lock (use
+  one ``enable()`` per thread for exact counts).
+* ``torch.compile``: a function compiled and called inside the mode traces through it
+  (Dynamo inlines ``__torch_function__``; ``fullgraph=True`` works) and captures
+  torchbp's Functions. Calls inside compiled code are not counted. Code compiled
+  outside the mode is recompiled on its first call inside it (the mode stack is
+  guarded), and ``enable()`` may also be entered inside the compiled function.
+
+Examples::
+
+    >>> import torch, torchbp
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 2, activation="gelu", batch_first=True)
+    >>> with torchbp.enable() as mode:
+    ...     loss = layer(torch.randn(4, 5, 16)).logsumexp(-1).mean()
+    >>> loss.backward()
+    >>> mode.counts["linear"], mode.counts["gelu"]
+    (4, 1)
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import types
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode, redispatch_function
+
+from torchbp.ops import OPS, Op
+
+__all__ = ["enable", "TorchbpMode", "routed_functions"]
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How one native function object is served under the mode.
+
+    Attributes:
+        op: the registry name (the key of :attr:`TorchbpMode.counts`).
+        label: the native function as users write it, e.g. ``"Tensor.relu_"``.
+        call: runs torchbp with the native function's arguments (``None``: always native).
+        extra: keywords of the native function that torchbp's lacks (e.g.
+            ``linear_cross_entropy``'s ``options``): a call passing one stays native.
+        reason: why a route without ``call`` stays native.
+    """
+
+    op: str
+    label: str
+    call: Callable[..., torch.Tensor] | None
+    extra: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def _one_argument(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``torch.relu(input)`` / ``x.relu()``: the element-wise op with its defaults."""
+
+    def call(input: torch.Tensor) -> torch.Tensor:
+        return fn(input)
+
+    return call
+
+
+def _dim_and_dtype(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``torch.softmax(input, dim, dtype=None)`` / ``x.softmax(dim)``: the third
+    positional argument is ``dtype`` (``F.softmax``'s is ``_stacklevel``)."""
+
+    def call(input: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return fn(input, dim, dtype=dtype)
+
+    return call
+
+
+def _in_place(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``F.leaky_relu_(input, negative_slope)`` and the like: the op with ``inplace=True``."""
+
+    def call(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return fn(input, *args, inplace=True, **kwargs)
+
+    return call
+
+
+def _without(
+    extra: tuple[str, ...], fn: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """``fn`` called with the native keywords it lacks dropped (they are ``None`` here)."""
+
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        for name in extra:
+            kwargs.pop(name, None)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _takes_inplace(fn: Callable[..., Any]) -> bool:
+    return "inplace" in inspect.signature(fn).parameters
+
+
+def _keywords_torchbp_lacks(native: Callable[..., Any], fn: Callable[..., Any]) -> tuple[str, ...]:
+    """Keyword-only parameters of a Python-level native function that ``fn`` does not take
+    (builtins, whose signatures are not inspectable, share torchbp's)."""
+    try:
+        params = inspect.signature(native).parameters.values()
+    except ValueError:
+        return ()
+    ours = inspect.signature(fn).parameters
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ours)
+
+
+_OWNERS = (("torch", torch), ("Tensor", torch.Tensor), ("torch.nn.functional", F))
+
+
+def _aliases(op: Op) -> list[tuple[Any, _Route]]:
+    """The ``torch.*`` functions and tensor methods named like ``op`` (and their in-place
+    ``<name>_`` variants) that take the same arguments."""
+    found: list[tuple[Any, _Route]] = []
+    if op.kind not in ("activation", "softmax"):
+        return found
+    adapt = _one_argument if op.kind == "activation" else _dim_and_dtype
+    for owner_name, owner in _OWNERS:
+        same = getattr(owner, op.name, None)
+        if same is not None:
+            label = f"{owner_name}.{op.name}"
+            found.append((same, _Route(op.name, label, adapt(op.functional))))
+        in_place = getattr(owner, op.name + "_", None)
+        if in_place is None:
+            continue
+        label = f"{owner_name}.{op.name}_"
+        if _takes_inplace(op.functional):
+            found.append((in_place, _Route(op.name, label, _in_place(op.functional))))
+        else:
+            reason = f"torchbp has no in-place {op.name}"
+            found.append((in_place, _Route(op.name, label, None, reason=reason)))
+    return found
+
+
+def _build_routes() -> dict[Any, _Route]:
+    routes: dict[Any, _Route] = {}
+    for op in OPS.values():
+        if op.torch_functional is None:
+            continue
+        is_torch = op.torch_functional is getattr(torch, op.name, None)
+        label = f"{'torch' if is_torch else 'torch.nn.functional'}.{op.name}"
+        extra = _keywords_torchbp_lacks(op.torch_functional, op.functional)
+        call = _without(extra, op.functional) if extra else op.functional
+        routes[op.torch_functional] = _Route(op.name, label, call, extra)
+    for op in OPS.values():
+        for fn, route in _aliases(op):
+            routes.setdefault(fn, route)
+    return routes
+
+
+#: native function object -> how it is served (built once, from :mod:`torchbp.ops`)
+_ROUTES: dict[Any, _Route] = _build_routes()
+
+
+def routed_functions() -> dict[str, str]:
+    """Every native function the mode knows, as written by users, and the torchbp op that
+    serves it (or ``"native: <reason>"`` for the in-place variants torchbp lacks).
+
+    Examples::
+
+        >>> routed_functions()["Tensor.relu"]
+        'relu'
+    """
+    return {
+        r.label: r.op if r.call is not None else f"native: {r.reason}" for r in _ROUTES.values()
+    }
+
+
+def _why_native(route: _Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why torchbp does not take this call of a covered function (``None``: it does)."""
+    if route.call is None:
+        return route.reason
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        return "input is not a tensor"
+    if not x.is_floating_point():
+        return f"{x.dtype} input"
+    if "out" in kwargs:
+        return "out= given"
+    for name in route.extra:
+        if kwargs.get(name) is not None:
+            return f"{name}= given"
+    return None
+
+
+class _RoutingState(threading.local):
+    """Per thread: whether a torchbp mode is running a routed op right now."""
+
+    def __init__(self) -> None:
+        self.busy = False
+
+
+_state = _RoutingState()
+
+
+class TorchbpMode(TorchFunctionMode):
+    """The mode :func:`enable` returns: a context manager and a decorator.
+
+    Attributes:
+        counts: routed calls per registry op name (``Counter``), e.g. ``{"linear": 3}``.
+        native: calls of covered functions that stayed native, per
+            ``"<function>: <reason>"`` (``Counter``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.native: Counter[str] = Counter()
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = _ROUTES.get(func)
+        if route is None:
+            if isinstance(func, types.FunctionType) and func.__module__ == F.__name__:
+                # a Python-level composite (e.g. multi_head_attention_forward): run its
+                # body with the mode active so that the covered calls inside it route
+                with self:
+                    return redispatch_function(func, types_, args, kwargs)
+            return func(*args, **kwargs)
+        if _state.busy or not torch.is_grad_enabled():
+            # a call made by torchbp itself (under a nested mode), or one that records no
+            # backward (no_grad, inference_mode, inside a Function's forward)
+            return func(*args, **kwargs)
+        reason = _why_native(route, args, kwargs)
+        # counters are not updated while torch.compile traces (each update would
+        # invalidate the graph's guards and recompile it)
+        counting = not torch.compiler.is_compiling()
+        if reason is not None:
+            if counting:
+                self.native[f"{route.label}: {reason}"] += 1
+            return func(*args, **kwargs)
+        if counting:
+            self.counts[route.op] += 1
+        _state.busy = True
+        try:
+            return route.call(*args, **kwargs)
+        finally:
+            _state.busy = False
+
+    def __call__(self, fn: _Fn) -> _Fn:
+        """Use the mode as a decorator: ``fn`` runs under it (counts accumulate here)."""
+
+        @functools.wraps(fn)
+        def under_mode(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return under_mode  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        routed = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+        return f"TorchbpMode(routed: {routed or 'nothing'})"
+
+
+def enable() -> TorchbpMode:
+    """Run the covered ``torch.nn.functional`` calls, ``torch.*`` functions and tensor
+    methods on torchbp's Functions (see the module docstring for the exact table).
+
+    Returns:
+        A :class:`TorchbpMode`: enter it with ``with`` or decorate a function with it;
+        ``.counts`` says what it routed, ``.native`` which covered calls it left native
+        and why.
+
+    Examples::
+
+        >>> import torch, torch.nn.functional as F, torchbp
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> with torchbp.enable() as mode:
+        ...     y = F.gelu(x).softmax(-1)
+        >>> type(y.grad_fn).__name__
+        'SoftmaxFunctionBackward'
+        >>> dict(mode.counts)
+        {'gelu': 1, 'softmax': 1}
+
+        >>> @torchbp.enable()
+        ... def loss_fn(logits, target):
+        ...     return F.cross_entropy(logits, target)
+    """
+    return TorchbpMode()

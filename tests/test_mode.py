@@ -1,0 +1,360 @@
+"""``torchbp.mode.enable``: a TorchFunctionMode routing functional calls to torchbp."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests._support import grads, make
+
+from torchbp.mode import TorchbpMode, enable, routed_functions
+from torchbp.ops import OPS
+
+pytestmark = pytest.mark.usefixtures("seed")
+
+TARGET = torch.tensor([0, 2, 1, 4])
+WEIGHT = make((5, 6), torch.float64, seed=1)
+
+
+def _nodes(t: torch.Tensor) -> set[str]:
+    """Class names of every autograd node behind ``t``."""
+    seen, names, stack = set(), set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _torchbp_nodes(t: torch.Tensor) -> set[str]:
+    return {n for n in _nodes(t) if n.endswith("FunctionBackward")}
+
+
+# (spelling, call of a (4, 6) float64 input x, the op that must serve it)
+CALLS = [
+    ("F.linear", lambda x: F.linear(x, WEIGHT), "linear"),
+    ("F.linear(bias)", lambda x: F.linear(x, WEIGHT, bias=WEIGHT[:, 0]), "linear"),
+    ("F.relu", lambda x: F.relu(x), "relu"),
+    ("F.relu(inplace)", lambda x: F.relu(x * 1, inplace=True), "relu"),
+    ("F.leaky_relu", lambda x: F.leaky_relu(x, 0.2), "leaky_relu"),
+    ("F.gelu", lambda x: F.gelu(x), "gelu"),
+    ("F.gelu(tanh)", lambda x: F.gelu(x, approximate="tanh"), "gelu"),
+    ("F.silu", lambda x: F.silu(x), "silu"),
+    ("F.elu", lambda x: F.elu(x, alpha=0.5), "elu"),
+    ("F.softplus", lambda x: F.softplus(x, beta=2.0), "softplus"),
+    ("F.sigmoid", lambda x: F.sigmoid(x), "sigmoid"),
+    ("F.tanh", lambda x: F.tanh(x), "tanh"),
+    ("F.softmax", lambda x: F.softmax(x, dim=0), "softmax"),
+    ("F.log_softmax", lambda x: F.log_softmax(x, -1), "log_softmax"),
+    ("F.nll_loss", lambda x: F.nll_loss(x, TARGET), "nll_loss"),
+    ("F.cross_entropy", lambda x: F.cross_entropy(x, TARGET, label_smoothing=0.1), "cross_entropy"),
+    ("torch.sigmoid", lambda x: torch.sigmoid(x), "sigmoid"),
+    ("torch.tanh", lambda x: torch.tanh(x), "tanh"),
+    ("torch.relu", lambda x: torch.relu(x), "relu"),
+    ("torch.softmax", lambda x: torch.softmax(x, 1), "softmax"),
+    ("torch.softmax(dtype)", lambda x: torch.softmax(x, 1, torch.float32), "softmax"),
+    ("torch.log_softmax", lambda x: torch.log_softmax(x, dim=0), "log_softmax"),
+    ("x.relu()", lambda x: x.relu(), "relu"),
+    ("x.sigmoid()", lambda x: x.sigmoid(), "sigmoid"),
+    ("x.tanh()", lambda x: x.tanh(), "tanh"),
+    ("x.softmax()", lambda x: x.softmax(-1), "softmax"),
+    ("x.log_softmax()", lambda x: x.log_softmax(dim=1), "log_softmax"),
+    ("x.relu_()", lambda x: (x * 1).relu_(), "relu"),
+    ("torch.relu_", lambda x: torch.relu_(x * 1), "relu"),
+    ("F.leaky_relu_", lambda x: F.leaky_relu_(x * 1, 0.3), "leaky_relu"),
+    ("F.elu_", lambda x: F.elu_(x * 1), "elu"),
+    ("F.softmin (composite)", lambda x: F.softmin(x, 1), "softmax"),
+    ("F.tanhshrink (composite)", lambda x: F.tanhshrink(x), "tanh"),
+]
+
+
+@pytest.mark.parametrize("spelling, call, op", CALLS, ids=[c[0] for c in CALLS])
+def test_each_spelling_routes_with_native_values(spelling, call, op):
+    x = make((4, 6), torch.float64)
+    want, want_grads = grads(call, x)
+    with enable() as mode:
+        got, got_grads = grads(call, x)
+        node = call(x.clone().requires_grad_())
+    assert dict(mode.counts) == {op: 2} and not mode.native
+    assert _torchbp_nodes(node) == {f"{OPS[op].function.__name__}Backward"}
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+
+
+def test_linear_cross_entropy_routes_without_options():
+    x, w = make((4, 6), torch.float64), make((5, 6), torch.float64, seed=1)
+    fused = getattr(F, "linear_cross_entropy", None)
+    if fused is None:
+        pytest.skip("this torch has no linear_cross_entropy")
+    want, want_grads = grads(lambda a, b: fused(a, b, TARGET), x, w)
+    with enable() as mode:
+        got, got_grads = grads(lambda a, b: fused(a, b, TARGET), x, w)
+        fused(x, w, TARGET, options=torch.nn.LinearCrossEntropyOptions())
+    assert mode.counts == {"linear_cross_entropy": 1}
+    assert mode.native == {"torch.nn.functional.linear_cross_entropy: options= given": 1}
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+
+
+def test_uncovered_calls_pass_through_untouched():
+    x = make((4, 6)).requires_grad_()
+    with enable() as mode:
+        outs = [
+            F.layer_norm(x, (6,)),
+            F.hardtanh(x),
+            torch.exp(x),
+            x @ x.T,
+            F.dropout(x, 0.5, training=False),
+            F.mse_loss(x, x.detach() + 1),
+        ]
+    assert not mode.counts and not mode.native
+    for out in outs:
+        assert not _torchbp_nodes(out)
+    torch.testing.assert_close(outs[0], F.layer_norm(x, (6,)))
+    torch.testing.assert_close(outs[5], F.mse_loss(x, x.detach() + 1))
+
+
+@pytest.mark.parametrize(
+    "call, key",
+    [
+        (lambda x: torch.relu(x.long()), "torch.relu: torch.int64 input"),
+        (lambda x: F.relu(x.int()), "torch.nn.functional.relu: torch.int32 input"),
+        (lambda x: torch.sigmoid(x, out=torch.empty_like(x)), "torch.sigmoid: out= given"),
+        (lambda x: torch.tanh(x, out=torch.empty_like(x)), "torch.tanh: out= given"),
+        (lambda x: (x * 1).sigmoid_(), "Tensor.sigmoid_: torchbp has no in-place sigmoid"),
+        (lambda x: torch.tanh_(x * 1), "torch.tanh_: torchbp has no in-place tanh"),
+    ],
+    ids=["torch.relu(int)", "F.relu(int)", "sigmoid(out)", "tanh(out)", "sigmoid_", "tanh_"],
+)
+def test_calls_torchbp_does_not_take_stay_native_and_are_reported(call, key):
+    x = make((3, 4))
+    want = call(x)
+    with enable() as mode:
+        got = call(x)
+    torch.testing.assert_close(got, want)
+    assert not mode.counts and mode.native == {key: 1}
+
+
+def test_routed_table_is_derived_from_the_registry():
+    table = routed_functions()
+    for op in OPS.values():
+        if op.torch_functional is not None:
+            assert op.name in table.values()
+    for spelling in ("Tensor.relu", "Tensor.sigmoid", "Tensor.tanh", "Tensor.softmax"):
+        assert table[spelling] == spelling.split(".")[1]
+    assert table["Tensor.sigmoid_"].startswith("native:")
+
+
+def test_calls_made_by_torchbp_are_not_routed_again():
+    """SiLU's forward, cross-entropy's and the softmax wrappers call torch ops that the
+    mode covers (sigmoid, softmax, ...): each routed call counts once, nested modes too."""
+    x = make((4, 6)).requires_grad_()
+    outer_probe = []
+
+    with enable() as outer:
+        with enable() as inner:
+            F.silu(x)
+            F.cross_entropy(x, TARGET)
+            F.log_softmax(x, 1)
+            with _Recorder(outer_probe):
+                F.gelu(x)
+    assert inner.counts == {"silu": 1, "cross_entropy": 1, "log_softmax": 1, "gelu": 1}
+    assert not outer.counts and not outer.native
+    # a recording mode above the routing one sees only the user's call
+    assert outer_probe == ["gelu"]
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.log.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_innermost_mode_routes_after_exit_the_outer_one_does():
+    x = make((2, 3))
+    with enable() as outer:
+        F.relu(x)
+        with enable() as inner:
+            F.relu(x)
+            x.tanh()
+        x.sigmoid()
+    assert inner.counts == {"relu": 1, "tanh": 1}
+    assert outer.counts == {"relu": 1, "sigmoid": 1}
+    # outside every mode: native again
+    assert _nodes(F.relu(x.requires_grad_())) == {"ReluBackward0", "AccumulateGrad"}
+
+
+def test_decorator_counts_accumulate_and_recursion_works():
+    mode = enable()
+
+    @mode
+    def deep(x, n):
+        """Docstring kept."""
+        return x if n == 0 else deep(F.gelu(x), n - 1)
+
+    x = make((2, 3)).requires_grad_()
+    out = deep(x, 3)
+    deep(x, 1)
+    assert mode.counts == {"gelu": 4}
+    assert deep.__name__ == "deep" and deep.__doc__ == "Docstring kept."
+    assert "GELUFunctionBackward" in _nodes(out)
+    assert isinstance(mode, TorchbpMode) and "gelu=4" in repr(mode)
+
+
+def test_mode_is_per_thread():
+    x = make((2, 3)).requires_grad_()
+    seen = {}
+
+    def other_thread():
+        seen["nodes"] = _nodes(F.relu(x))
+
+    with enable() as mode:
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        here = F.relu(x)
+    assert "ReluBackward0" in seen["nodes"]
+    assert "ReLUFunctionBackward" in _nodes(here)
+    assert mode.counts == {"relu": 1}
+
+
+def test_backward_and_double_backward_run_outside_the_mode():
+    x = make((3, 4), torch.float64).requires_grad_()
+    with enable() as mode:
+        y = torch.tanh(x).sum()
+        (gx,) = torch.autograd.grad(y, x, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.sum(), x)
+    assert mode.counts == {"tanh": 1}  # backward added no routed call
+    t = torch.tanh(x.detach())
+    torch.testing.assert_close(gx, 1 - t**2)
+    torch.testing.assert_close(ggx, -2 * t * (1 - t**2))
+
+
+def test_multihead_attention_projections_and_weights_softmax_route():
+    """``F.multi_head_attention_forward`` reaches the mode as a whole; it is re-dispatched
+    with the mode active, so its F.linear and (need_weights=True) F.softmax route."""
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    q = make((2, 3, 8)).requires_grad_()
+    want, _ = mha(q, q, q)
+    with enable() as mode:
+        got, _ = mha(q, q, q)
+    torch.testing.assert_close(got, want)
+    assert mode.counts == {"linear": 2, "softmax": 1}
+    names = _nodes(got)
+    assert "LinearFunctionBackward" in names and "SoftmaxFunctionBackward" in names
+    assert not names & {"AddmmBackward0", "MmBackward0", "SoftmaxBackward0"}
+
+
+def test_calls_without_grad_mode_pass_through():
+    """Nothing records a backward under no_grad: covered calls stay native, and
+    MultiheadAttention (whose fast path an active mode turns off) gives native's result."""
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    q = make((2, 3, 8)).requires_grad_()
+    with torch.no_grad():
+        want, _ = mha(q, q, q, need_weights=False)
+    with torch.no_grad(), enable() as mode:
+        got, _ = mha(q, q, q, need_weights=False)
+        F.relu(q)
+    with torch.inference_mode(), enable() as inference:
+        F.gelu(q)
+    torch.testing.assert_close(got, want)
+    assert not mode.counts and not mode.native and not inference.counts
+
+
+# native backward nodes of linear, GELU, softmax, log-softmax and NLL
+NATIVE_NODES = {
+    "AddmmBackward0",
+    "MmBackward0",
+    "GeluBackward0",
+    "SoftmaxBackward0",
+    "LogSoftmaxBackward0",
+    "NllLossBackward0",
+}
+
+
+def _encoder_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.TransformerEncoderLayer(
+            16, 2, dim_feedforward=32, activation="gelu", batch_first=True, dropout=0.0
+        ),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 5, 3),
+    ).double()
+
+
+def _train(model, batches, steps_under):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses, node_names = [], set()
+    for x, y in batches:
+        with steps_under():
+            loss = F.cross_entropy(model(x), y)
+        node_names |= _nodes(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, node_names
+
+
+def test_transformer_encoder_trains_on_torchbp_backward_as_native():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, 16, generator=g, dtype=torch.float64)
+    batches = [(x, torch.randint(3, (8,), generator=g))] * 6
+    native = _encoder_model()
+    routed = copy.deepcopy(native)
+    mode = enable()
+    want, native_names = _train(native, batches, torch.enable_grad)
+    got, routed_names = _train(routed, batches, lambda: mode)
+    assert native_names & NATIVE_NODES == {
+        "AddmmBackward0",
+        "MmBackward0",
+        "GeluBackward0",
+        "LogSoftmaxBackward0",
+        "NllLossBackward0",
+    }
+    assert not routed_names & NATIVE_NODES
+    assert {"LinearFunctionBackward", "GELUFunctionBackward", "CrossEntropyFunctionBackward"} <= (
+        routed_names
+    )
+    # per step: in-projection, out-projection, 2 feed-forward and the head; GELU; the loss
+    assert mode.counts == {"linear": 5 * 6, "gelu": 6, "cross_entropy": 6}
+    assert want[-1] < want[0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-5)
+
+
+def test_compile_traces_through_the_mode():
+    """torch.compile of a function called inside the mode captures torchbp's Functions."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, w, y):
+        return F.cross_entropy(F.gelu(F.linear(x, w)), y)
+
+    x, w = make((4, 6)).requires_grad_(), make((5, 6), seed=1).requires_grad_()
+    want, want_grads = grads(lambda a, b: step(a, b, TARGET), x, w)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    with enable() as mode:
+        got, got_grads = grads(lambda a, b: compiled(a, b, TARGET), x, w)
+        grads(lambda a, b: compiled(a, b, TARGET), x, w)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+    assert len(graphs) == 1  # no recompilation on the second call
+    # linear, GELU and cross-entropy captured as torchbp Functions, with their backward
+    assert graphs[0].code.count("higher_order.autograd_function_apply(") == 3
+    assert not mode.counts  # calls inside compiled code are not counted
