@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tests._support import build_module
@@ -194,3 +196,148 @@ def test_bad_to_raises(to):
 def test_non_module_raises():
     with pytest.raises(TypeError):
         torchbp.convert(torch.randn(3))
+
+
+# -- subclasses of supported modules, and the report ---------------------------------------
+
+
+class PlainGELU(nn.GELU):
+    """A user subclass that keeps nn.GELU's forward and adds a method."""
+
+    def describe(self):
+        return f"gelu({self.approximate})"
+
+
+class MyLinearChild(MyLinear):
+    """Inherits an overridden forward: stays native too."""
+
+
+def _node_names(t):
+    seen, names, stack = set(), set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_subclass_without_forward_override_is_converted_and_keeps_its_identity():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    proj, act = NonDynamicallyQuantizableLinear(4, 3), PlainGELU(approximate="tanh")
+    model = nn.Sequential(proj, act)
+    reference = nn.Sequential(nn.Linear(4, 3), nn.GELU(approximate="tanh"))
+    reference.load_state_dict(model.state_dict())
+    params, text, keys = list(model.parameters()), repr(model), model.state_dict().keys()
+    torchbp.convert(model)
+    assert isinstance(proj, NonDynamicallyQuantizableLinear) and isinstance(proj, bpnn.Linear)
+    assert isinstance(act, PlainGELU) and isinstance(act, bpnn.GELU)
+    assert type(proj).__name__ == "NonDynamicallyQuantizableLinear"
+    assert act.describe() == "gelu(tanh)"
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert repr(model) == text and model.state_dict().keys() == keys
+    x = torch.randn(5, 4, requires_grad=True)
+    out = model(x)
+    assert {"LinearFunctionBackward", "GELUFunctionBackward"} <= _node_names(out)
+    want, want_grads = _loss_and_grads_of(reference, x)
+    got, got_grads = _loss_and_grads_of(model, x)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    # one combined class per user class, reused
+    other = torchbp.convert(PlainGELU())
+    assert type(other) is type(act)
+    # and back to exactly the original classes
+    torchbp.convert(model, to="torch")
+    assert type(proj) is NonDynamicallyQuantizableLinear and type(act) is PlainGELU
+
+
+def _loss_and_grads_of(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    loss = model(x).square().sum()
+    loss.backward()
+    return loss.detach(), [x.grad, *(p.grad for p in model.parameters())]
+
+
+def test_converted_subclass_pickles_and_deep_copies():
+    import pickle
+
+    model = torchbp.convert(nn.Sequential(PlainGELU(), nn.MultiheadAttention(4, 2)))
+    converted = type(model[0])
+    for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(copied[0]) is converted and type(copied[1].out_proj) is type(model[1].out_proj)
+        torch.testing.assert_close(copied[1].out_proj.weight, model[1].out_proj.weight)
+        assert copied[0].describe() == "gelu(none)"
+
+
+def test_subclass_overriding_forward_stays_even_when_inherited():
+    model = nn.Sequential(MyLinear(2, 2), MyLinearChild(2, 2))
+    _, report = torchbp.convert(model, report=True)
+    assert [type(m) for m in model] == [MyLinear, MyLinearChild]
+    assert report.converted == []
+    assert report.kept == [
+        ("0", "MyLinear", "overrides forward of Linear"),
+        ("1", "MyLinearChild", "overrides forward of Linear"),
+    ]
+
+
+def test_report_lists_converted_and_kept_modules_with_reasons(caplog):
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)),
+        MyLinear(8, 8),
+        nn.ReLU(),
+    )
+    with caplog.at_level("INFO", logger="torchbp.convert"):
+        out, report = torchbp.convert(model, report=True)
+    assert out is model and report.to == "torchbp"
+    assert report.converted == [
+        ("2.0", "Linear", "torchbp.nn.Linear"),
+        ("4", "ReLU", "torchbp.nn.ReLU"),
+    ]
+    # the inner Sequential is a plain container: not listed
+    assert report.kept == [
+        ("0", "Conv2d", "no torchbp op"),
+        ("1", "Flatten", "no torchbp op"),
+        ("2.1", "LayerNorm", "no torchbp op"),
+        ("3", "MyLinear", "overrides forward of Linear"),
+    ]
+    summary = str(report)
+    assert "converted 2: Linear x1, ReLU x1" in summary
+    assert "MyLinear x1 (overrides forward of Linear)" in summary
+    assert summary in caplog.text
+    # again: everything supported is already torchbp
+    _, again = torchbp.convert(model, report=True)
+    assert again.converted == []
+    assert ("2.0", "Linear", "already torchbp") in again.kept
+
+
+def test_report_of_to_torch_names_torchbp_subclasses_it_keeps():
+    class MyBPTanh(bpnn.Tanh):
+        pass
+
+    model = nn.Sequential(MyBPTanh(), bpnn.Linear(2, 2), nn.LayerNorm(2))
+    _, report = torchbp.convert(model, to="torch", report=True)
+    assert report.converted == [("1", "Linear", "torch.nn.modules.linear.Linear")]
+    # native modules are not listed when converting back
+    assert report.kept == [("0", "MyBPTanh", "a user subclass of torchbp.nn.Tanh")]
+
+
+def test_transformer_encoder_layer_reach():
+    """What convert reaches in a TransformerEncoderLayer: its Linear modules (the attention
+    output projection included); the attention itself calls F.linear on its weights, which
+    torchbp.enable() routes, not convert."""
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, activation="gelu")
+    _, report = torchbp.convert(layer, report=True)
+    assert sorted(path for path, _, _ in report.converted) == [
+        "linear1",
+        "linear2",
+        "self_attn.out_proj",
+    ]
+    kept = {path: reason for path, _, reason in report.kept}
+    assert kept["self_attn"] == "no torchbp op" and kept["norm1"] == "no torchbp op"

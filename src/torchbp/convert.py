@@ -1,50 +1,226 @@
-"""Swap the supported :mod:`torch.nn` modules of a model for torchbp's twins and back."""
+"""Swap the supported :mod:`torch.nn` modules of a model for torchbp's twins and back.
+
+A module is converted by switching its class, so parameters, buffers, hooks and the
+training flag stay the very same objects:
+
+* an exact supported class (``nn.Linear``, ``nn.GELU``, ...) becomes its twin
+  (``torchbp.nn.Linear``, ...), which subclasses it and overrides only ``forward``;
+* a subclass of a supported class that does not override ``forward`` (e.g.
+  ``torch.nn.modules.linear.NonDynamicallyQuantizableLinear``, the output projection of
+  ``nn.MultiheadAttention``) becomes ``class <Name>(<its class>, <the twin>)``, made
+  once per class and cached: it keeps its name, its other methods and every
+  ``isinstance`` answer, and runs the twin's ``forward``. ``to="torch"`` switches it back
+  to the original class; it pickles as that class plus the twin;
+* a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
+  :func:`torchbp.enable` routes the functional calls inside it), and so does every module
+  without a torchbp op (``Conv2d``, ``LayerNorm``, ...).
+
+``convert(model, report=True)`` also returns a :class:`ConvertReport` saying which
+modules were converted and which stayed native, and why; the same summary is logged at
+``INFO`` level on the ``torchbp.convert`` logger.
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal, overload
 
 from torch import nn
 
 from torchbp.ops import module_twins
 
-# Exact types only: a user subclass of nn.Linear may override forward, so it is left alone.
+__all__ = ["convert", "ConvertReport"]
+
+logger = logging.getLogger(__name__)
+
 _TO_TORCHBP: dict[type[nn.Module], type[nn.Module]] = module_twins()
 _TO_TORCH = {v: k for k, v in _TO_TORCHBP.items()}
+_TWINS = tuple(_TO_TORCH)
+
+#: the attribute a combined class (user subclass + twin) carries: the user's class
+_ORIGINAL = "_torchbp_original_class"
 
 
-def convert(module: nn.Module, inplace: bool = True, to: str = "torchbp") -> nn.Module:
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did, module by module.
+
+    Attributes:
+        to: the direction, ``"torchbp"`` or ``"torch"``.
+        converted: ``(path, class name before, class after)`` of every switched module,
+            e.g. ``("fc", "Linear", "torchbp.nn.Linear")`` (``path`` as in
+            ``named_modules()``; ``""`` is the root).
+        kept: ``(path, class name, reason)`` of every module left as it is that does
+            computing of its own (a leaf, or a module with parameters or buffers of its
+            own), e.g. ``("conv", "Conv2d", "no torchbp op")``; plain containers are not
+            listed.
+    """
+
+    to: str
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    kept: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Two lines: the converted classes and the kept ones with their reasons, e.g.
+        ``converted 3: Linear x2, GELU x1`` / ``kept 1: LayerNorm x1 (no torchbp op)``."""
+        done = Counter(before for _, before, _ in self.converted)
+        kept = Counter((name, reason) for _, name, reason in self.kept)
+        done_text = ", ".join(f"{name} x{n}" for name, n in done.items()) or "nothing"
+        kept_text = ", ".join(f"{name} x{n} ({why})" for (name, why), n in kept.items())
+        return (
+            f"torchbp.convert(to={self.to!r}): converted {len(self.converted)}: {done_text}\n"
+            f"kept {len(self.kept)}: {kept_text or 'nothing'}"
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _reduce_combined(self: nn.Module, protocol: int):
+    # pickle a combined-class instance as (user class, twin): the class itself is made at
+    # run time and cannot be found by name
+    cls = type(self)
+    _, _, *rest = object.__reduce_ex__(self, protocol)
+    return (_new_combined, (getattr(cls, _ORIGINAL), cls.__bases__[1]), *rest)
+
+
+def _new_combined(original: type[nn.Module], twin: type[nn.Module]) -> nn.Module:
+    cls = _combined_class(original, twin)
+    return cls.__new__(cls)
+
+
+@functools.cache
+def _combined_class(original: type[nn.Module], twin: type[nn.Module]) -> type[nn.Module]:
+    """``class <Name>(original, twin)``: ``original``'s methods, the twin's ``forward``."""
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": original.__qualname__,
+        "__doc__": original.__doc__,
+        "__reduce_ex__": _reduce_combined,
+        _ORIGINAL: original,
+    }
+    return type(original.__name__, (original, twin), namespace)
+
+
+def _supported_base(cls: type[nn.Module]) -> type[nn.Module] | None:
+    """The nearest class in ``cls``'s MRO that has a torchbp twin."""
+    return next((base for base in cls.__mro__ if base in _TO_TORCHBP), None)
+
+
+def _to_torchbp(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
+    """``(new class, "")`` or ``(None, why it stays)``."""
+    if cls in _TO_TORCHBP:
+        return _TO_TORCHBP[cls], ""
+    if issubclass(cls, _TWINS):
+        return None, "already torchbp"
+    base = _supported_base(cls)
+    if base is None:
+        return None, "no torchbp op"
+    if cls.forward is not base.forward:
+        return None, f"overrides forward of {base.__name__}"
+    try:
+        return _combined_class(cls, _TO_TORCHBP[base]), ""
+    except TypeError as e:  # an MRO or layout that cannot take the twin as a base
+        return None, f"cannot combine with torchbp.nn.{base.__name__}: {e}"
+
+
+def _to_torch(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
+    if cls in _TO_TORCH:
+        return _TO_TORCH[cls], ""
+    original = cls.__dict__.get(_ORIGINAL)
+    if original is not None:
+        return original, ""
+    if issubclass(cls, _TWINS):
+        twin = next(t for t in cls.__mro__ if t in _TO_TORCH)
+        return None, f"a user subclass of torchbp.nn.{twin.__name__}"
+    return None, "not torchbp"
+
+
+def _describe(cls: type[nn.Module]) -> str:
+    """``torchbp.nn.Linear``, ``torch.nn.modules.linear.Linear`` or, for a combined class,
+    ``NonDynamicallyQuantizableLinear + torchbp.nn.Linear``."""
+    original = cls.__dict__.get(_ORIGINAL)
+    if original is not None:
+        return f"{original.__name__} + {_describe(cls.__bases__[1])}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _computes_itself(module: nn.Module) -> bool:
+    """A leaf, or a module with parameters or buffers of its own (not a mere container)."""
+    has_own_state = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+    return has_own_state or not any(True for _ in module.children())
+
+
+@overload
+def convert(
+    module: nn.Module, inplace: bool = ..., to: str = ..., *, report: Literal[False] = ...
+) -> nn.Module: ...
+@overload
+def convert(
+    module: nn.Module, inplace: bool = ..., to: str = ..., *, report: Literal[True]
+) -> tuple[nn.Module, ConvertReport]: ...
+
+
+def convert(
+    module: nn.Module, inplace: bool = True, to: str = "torchbp", *, report: bool = False
+) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Replace every supported submodule of ``module`` (recursively, in any container,
     ``module`` itself included) with its twin.
 
     Each torchbp module subclasses its torch.nn namesake with the same state, so a module
     is converted by switching its class: parameters, buffers, hooks and the training flag
-    stay the very same objects. Unsupported modules (and user subclasses) are left alone.
+    stay the very same objects. Subclasses of supported modules that keep their base's
+    ``forward`` are converted too (see the module docstring); subclasses that override
+    ``forward`` and modules without a torchbp op are left alone. With ``to="torch"``,
+    exactly the classes converted before are switched back (a user subclass of a
+    ``torchbp.nn`` class stays).
 
     Args:
         module: the model.
         inplace: convert ``module`` itself (default); with ``False``, convert a deep copy
             (whose parameters are then copies, not shared).
         to: ``"torchbp"`` (default) or ``"torch"``.
+        report: also return a :class:`ConvertReport` (keyword only).
 
     Returns:
-        The converted module.
+        The converted module, or ``(module, report)`` with ``report=True``.
 
     Examples::
 
         >>> model = torchbp.convert(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
         >>> type(model[0]).__module__
         'torchbp.nn'
+        >>> attention = torch.nn.MultiheadAttention(8, 2)
+        >>> _, report = torchbp.convert(attention, report=True)
+        >>> print(report)
+        torchbp.convert(to='torchbp'): converted 1: NonDynamicallyQuantizableLinear x1
+        kept 1: MultiheadAttention x1 (no torchbp op)
     """
     if to not in ("torchbp", "torch"):
         raise ValueError(f"convert: to must be 'torchbp' or 'torch', got {to!r}")
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(module).__name__}")
-    mapping = _TO_TORCHBP if to == "torchbp" else _TO_TORCH
+    choose = _to_torchbp if to == "torchbp" else _to_torch
     if not inplace:
         module = copy.deepcopy(module)
-    for sub in module.modules():
-        twin = mapping.get(type(sub))
-        if twin is not None:
-            sub.__class__ = twin
-    return module
+    done = ConvertReport(to)
+    for path, sub in module.named_modules():
+        cls = type(sub)
+        new, reason = choose(cls)
+        if new is not None:
+            try:
+                sub.__class__ = new
+            except TypeError as e:  # e.g. a subclass with __slots__
+                new, reason = None, f"class cannot be switched: {e}"
+        if new is not None:
+            done.converted.append((path, cls.__name__, _describe(new)))
+        elif _computes_itself(sub) and reason != "not torchbp":
+            done.kept.append((path, cls.__name__, reason))
+    logger.info("%s", done.summary())
+    return (module, done) if report else module
