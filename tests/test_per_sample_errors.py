@@ -190,9 +190,10 @@ def test_linear_outside_the_model_refused_at_backward():
             out.sum().backward()
 
 
-def test_parameter_used_outside_its_linear_refused_in_clip_mode():
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_parameter_used_outside_its_linear_refused(mode):
     model = mlp()
-    with per_sample_grads(model, mode="clip", max_norm=1.0):
+    with per_sample_grads(model, mode=mode, max_norm=1.0 if mode == "clip" else None):
         out = model(torch.randn(5, 4))
         penalty = model[0].weight.square().sum()  # not attributable to a sample
         with pytest.raises(RuntimeError, match=r"parameter 0.weight received a gradient"):
@@ -244,9 +245,11 @@ def test_formed_on_exit_when_backward_skips_the_parameters():
     # autograd.grad w.r.t. the input only: the parameter hook never fires
     model = mlp(nn.Tanh())
     x = torch.randn(5, 4, requires_grad=True)
-    with per_sample_grads(model, mode="norms") as ps:
+    with per_sample_grads(model, mode="grads") as ps:
         (gx,) = torch.autograd.grad(model(x).sum(), x)
     assert ps.norms.shape == (5,) and bool((ps.norms > 0).all())
+    assert model[0].weight.grad_sample.shape == (5, 6, 4)
+    assert all(p.grad is None for p in model.parameters())  # as autograd.grad leaves them
 
 
 def test_model_without_trainable_parameters():

@@ -64,7 +64,7 @@ class LinearFunction(Function):
         # g: (M, out) -- reshape, never view: grad_y may be expanded or transposed.
         g = grad_y.reshape(-1, out_features)
         if ctx.per_sample is not None and not ctx.per_sample.on_backward(x, g):
-            # clip mode: the recorder forms dW and db once every layer's norms are known
+            # the per-sample context forms dW and db itself once the backward is done
             needs_w = needs_b = False
         grad_x = grad_w = grad_b = None
         if needs_x:

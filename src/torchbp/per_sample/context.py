@@ -58,7 +58,7 @@ class PerSampleGrads:
         self.parameters: list[nn.Parameter] = [
             p for layer in self._layers for p in layer.parameters()
         ]
-        self._recorder = Recorder(self._layers, forms_grads_itself=mode == "clip")
+        self._recorder = Recorder(self._layers)
         self._state = "new"  # -> "open" -> "closed" / "failed"
         self._hook = None
         self._norms: torch.Tensor | None = None
@@ -94,7 +94,8 @@ class PerSampleGrads:
             self._state = "failed"
         try:
             if self._state == "open" and not self._recorder.finalised and self._has_traces():
-                self._finalise()
+                # the backward reached no trainable parameter: like autograd, no p.grad
+                self._finalise(forms_param_grads=False)
         finally:
             if self._state == "open":
                 self._state = "closed"
@@ -180,7 +181,7 @@ class PerSampleGrads:
                 "per_sample_grads: nothing was formed (an error was raised inside the context)"
             )
         if self._state == "open" and self._has_traces():
-            self._finalise()
+            self._finalise(forms_param_grads=False)
             return
         raise RuntimeError(
             "per_sample_grads: no backward through the model's Linear layers was recorded; "
@@ -193,16 +194,17 @@ class PerSampleGrads:
                 "per_sample_grads: a second backward reached the model's parameters inside "
                 "one context; a context records one backward: open a new one per step"
             )
-        if self.mode == "clip":
-            for p, grad in zip(self.parameters, grads):
-                if grad is not None:
-                    raise RuntimeError(
-                        f"per_sample_grads: {self._name_of(p)} received a gradient from an "
-                        "op other than its Linear layer (is it used elsewhere, e.g. tied or "
-                        "passed to a functional op?); clipping cannot attribute it to samples"
-                    )
+        # Inside the context the Linear backward hands dW, db to the recorder, not autograd:
+        # a gradient arriving here came through some other op.
+        for p, grad in zip(self.parameters, grads):
+            if grad is not None:
+                raise RuntimeError(
+                    f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
+                    "other than its Linear layer (is it used elsewhere, e.g. tied or passed "
+                    "to a functional op?); that gradient cannot be attributed to samples"
+                )
         if self._has_traces():
-            self._finalise()
+            self._finalise(forms_param_grads=True)
 
     def _name_of(self, p: nn.Parameter) -> str:
         for layer in self._layers:
@@ -211,16 +213,16 @@ class PerSampleGrads:
                     return f"parameter {layer.name + '.' if layer.name else ''}{what}"
         return "a parameter"
 
-    def _finalise(self) -> None:
+    def _finalise(self, *, forms_param_grads: bool) -> None:
         try:
-            self._form_results()
+            self._form_results(forms_param_grads)
         except BaseException:
             self._state = "failed"
             raise
         finally:
             self._release_traces()
 
-    def _form_results(self) -> None:
+    def _form_results(self, forms_param_grads: bool) -> None:
         batches = {g.shape[0] for layer in self._layers for _, g in layer.traces}
         if len(batches) != 1:
             raise RuntimeError(
@@ -245,21 +247,24 @@ class PerSampleGrads:
             if self.mode == "clip":
                 # c_i = min(1, C / ‖grad_i‖)   (a zero norm gives C/0 = inf -> 1)
                 self._factors = (self.max_norm / self._norms).clamp_(max=1.0)
+            if self.mode == "grads":
+                for p in self.parameters:  # free the last step's before forming new ones
+                    p.grad_sample = None
+            clip = self.mode == "clip"
+            needs_sums = self.statistics or (forms_param_grads and not clip)
             for layer in self._layers:
                 trace = traces.get(id(layer))
-                if self.mode == "clip" and trace is not None:
-                    self._form_clipped(layer, *trace)
+                sums = _grad_sums(layer, *trace) if trace is not None and needs_sums else None
                 if self.mode == "grads":
                     self._form_samples(layer, trace, batch)
                 if self.statistics:
-                    self._form_statistics(layer, trace, batch)
+                    self._form_statistics(layer, trace, sums, batch)
+                if forms_param_grads and trace is not None:
+                    grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
+                    for p, grad in zip((layer.weight, layer.bias), grads):
+                        if p is not None:
+                            _accumulate(p, grad)
             self._recorder.finalised = True
-
-    def _form_clipped(self, layer: Layer, a, g) -> None:
-        if layer.weight is not None:
-            _accumulate(layer.weight, formulas.clipped_weight_grad(a, g, self._factors))
-        if layer.bias is not None:
-            _accumulate(layer.bias, formulas.clipped_bias_grad(g, self._factors))
 
     def _form_samples(self, layer: Layer, trace, batch: int) -> None:
         for p, is_weight in ((layer.weight, True), (layer.bias, False)):
@@ -272,20 +277,32 @@ class PerSampleGrads:
             else:
                 p.grad_sample = formulas.bias_grad_samples(trace[1])
 
-    def _form_statistics(self, layer: Layer, trace, batch: int) -> None:
-        for p, is_weight in ((layer.weight, True), (layer.bias, False)):
+    def _form_statistics(self, layer: Layer, trace, sums, batch: int) -> None:
+        for i, p in enumerate((layer.weight, layer.bias)):
             if p is None:
                 continue
             if trace is None:
                 sum_squared, total = p.new_zeros(p.shape), p.new_zeros(p.shape)
-            elif is_weight:
-                sum_squared = formulas.weight_sum_grad_squared(*trace)
-                total = formulas.weight_grad_sum(*trace)
+            elif i == 0:
+                sum_squared, total = formulas.weight_sum_grad_squared(*trace), sums[0]
             else:
-                sum_squared = formulas.bias_sum_grad_squared(trace[1])
-                total = formulas.bias_grad_sum(trace[1])
+                sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
             p.sum_grad_squared = sum_squared
             p.grad_variance = formulas.variance(sum_squared, total, batch)
+
+
+def _grad_sums(layer: Layer, a, g) -> tuple:
+    """``(dL/dW, dL/db)`` of the recorded backward (``None`` for a frozen one)."""
+    weight = None if layer.weight is None else formulas.weight_grad_sum(a, g)
+    bias = None if layer.bias is None else formulas.bias_grad_sum(g)
+    return weight, bias
+
+
+def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
+    """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one)."""
+    weight = None if layer.weight is None else formulas.clipped_weight_grad(a, g, factors)
+    bias = None if layer.bias is None else formulas.clipped_bias_grad(g, factors)
+    return weight, bias
 
 
 def _joined(layer: Layer):
@@ -330,18 +347,23 @@ def per_sample_grads(
       parameter: replaced (not accumulated) by each context; its sum over dim 0 is this
       backward's contribution to ``p.grad``.
     - ``"clip"``: ``p.grad`` receives ``Σ_i min(1, max_norm/‖grad_i‖) grad_i`` instead of
-      ``Σ_i grad_i``; the Linear backward skips ``dW``/``db`` and each layer's clipped
-      gradient is one matmul ``(c ⊙ g)ᵀ a`` afterwards. ``ps.clip_factors`` holds ``c``.
+      ``Σ_i grad_i``, each layer's with one matmul ``(c ⊙ g)ᵀ a``; ``ps.clip_factors``
+      holds ``c``.
 
-    ``p.grad`` accumulates like autograd's: the result is added to a gradient already
-    there (clip mode included, so micro-batches can be summed before one noisy step).
+    In every mode the Linear backward skips ``dW`` and ``db`` and the context forms them
+    after the backward (one matmul per layer, as the backward would have), so autograd
+    never holds or accumulates them. ``p.grad`` accumulates like autograd's: the result
+    is added to a gradient already there (clip mode included, so micro-batches can be
+    summed before one noisy step). Gradients formed by the context are not
+    differentiable (no ``create_graph``).
 
     When the results are formed: a multi-gradient hook on the trainable parameters fires
-    once the backward has produced (or skipped) all of their gradients, so right after
+    once the backward has passed all of them it reaches, so right after
     ``loss.backward()`` returns, ``ps.norms``, ``p.grad`` and ``p.grad_sample`` are ready.
-    If the backward never reaches a parameter (e.g. ``torch.autograd.grad`` w.r.t. the
-    input only), they are formed on the first read of ``ps.norms`` / ``ps.batch_size`` or
-    on leaving the context. Recorded tensors are released once formed.
+    If the backward reaches no trainable parameter (``torch.autograd.grad`` w.r.t. the
+    input only), ``p.grad`` is left alone, as autograd would, and the rest is formed on
+    the first read of ``ps.norms`` / ``ps.batch_size`` or on leaving the context.
+    Recorded tensors are released once formed.
 
     One context records one forward and backward (several forward calls of the model,
     or of one layer, before that backward are fine: a sample's contributions are summed).

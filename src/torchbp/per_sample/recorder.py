@@ -3,8 +3,8 @@
 :class:`torchbp.autograd.LinearFunction` looks up the thread's active :class:`Recorder`
 in ``setup_context`` and, if there is one, asks it for a :class:`Use` of that call; in
 backward it hands the Use its saved input ``x`` and its output gradient ``g``. The Use
-files them, shaped ``(B, T, features)``, on its layer's ``traces``; nothing else happens
-during the backward, so it costs two reshapes per layer.
+files them, shaped ``(B, T, features)``, on its layer's ``traces`` and tells the backward
+to skip ``dW`` and ``db``; nothing else happens during the backward.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from torchbp.per_sample.model_check import Layer
 class Recorder:
     """Routes each Linear call to its layer (by the identity of the weight Parameter)."""
 
-    def __init__(self, layers: list[Layer], *, forms_grads_itself: bool) -> None:
+    def __init__(self, layers: list[Layer]) -> None:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
-        # clip mode: the Linear backward skips dW and db; the context forms them later
-        self.forms_grads_itself = forms_grads_itself
         self.finalised = False
 
     def on_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -53,8 +51,9 @@ class Use:
         self.recorded = False
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
-        """File ``(a, g)`` as ``(B, T, features)``; return whether the Linear backward
-        should still form dW and db itself (False in clip mode)."""
+        """File ``(a, g)`` as ``(B, T, features)``; return False: the Linear backward skips
+        dW and db, which the context forms afterwards (one matmul each, as the backward
+        would), so that autograd never holds or accumulates them."""
         if self.recorded or self.recorder.finalised:
             raise RuntimeError(
                 f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
@@ -75,7 +74,7 @@ class Use:
             a = x.reshape(batch, positions, x.shape[-1])
         g = g.reshape(batch, positions, g.shape[-1])
         self.layer.traces.append((a, g))
-        return not self.recorder.forms_grads_itself
+        return False
 
 
 class Stray:
