@@ -358,3 +358,66 @@ def test_compile_traces_through_the_mode():
     # linear, GELU and cross-entropy captured as torchbp Functions, with their backward
     assert graphs[0].code.count("higher_order.autograd_function_apply(") == 3
     assert not mode.counts  # calls inside compiled code are not counted
+
+
+# -- ERMClassifier (backend torchbp) -----------------------------------------------------
+
+
+def _fit_steps(model, steps=3):
+    pl = pytest.importorskip("pytorch_lightning")
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(steps * 8, 6, generator=g), TARGET.repeat(steps * 2)
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+
+
+def _erm_class():
+    pytest.importorskip("pytorch_lightning")
+    from torchbp.lightning import ERMClassifier
+
+    class FunctionalERM(ERMClassifier):
+        """A subclass whose forward calls torch.nn.functional on the network's weights."""
+
+        def forward(self, x):
+            first, last = self.net[0], self.net[-1]
+            return F.linear(F.gelu(F.linear(x, first.weight, first.bias)), last.weight, last.bias)
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.graph_nodes = _nodes(loss)
+            return loss
+
+    return ERMClassifier, FunctionalERM
+
+
+def test_erm_classifier_routes_the_functional_calls_of_a_subclass():
+    _, FunctionalERM = _erm_class()
+    model = FunctionalERM(input_size=6, num_classes=5, hidden_sizes=[7])
+    _fit_steps(model)
+    assert model.routing.counts == {"linear": 2 * 3, "gelu": 3}
+    assert {"LinearFunctionBackward", "GELUFunctionBackward"} <= model.graph_nodes
+    assert not model.graph_nodes & NATIVE_NODES
+
+
+def test_erm_classifier_stock_network_runs_without_the_mode():
+    """torchbp.nn modules need no routing (the mode would only add its per-call cost);
+    a network with a native module gets it; backend torch never does."""
+    ERMClassifier, _ = _erm_class()
+    stock = ERMClassifier(input_size=6, num_classes=5, hidden_sizes=[7])
+    _fit_steps(stock)
+    assert isinstance(stock.routing, TorchbpMode) and not stock.routing.counts
+    swapped = ERMClassifier(input_size=6, num_classes=5, hidden_sizes=[7])
+    swapped.net[1] = torch.nn.Tanh()
+    _fit_steps(swapped)
+    assert swapped.routing.counts == {"tanh": 3}
+    assert ERMClassifier(input_size=6, num_classes=5, backend="torch").routing is None

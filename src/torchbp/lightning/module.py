@@ -3,6 +3,7 @@ backward passes (or, for side-by-side comparison, with stock ``torch.nn``)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Literal
@@ -16,7 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import torchbp.functional
 import torchbp.nn
-from torchbp.ops import activations
+from torchbp.mode import TorchbpMode, enable
+from torchbp.ops import OPS, activations
 
 __all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
 
@@ -29,6 +31,13 @@ BACKENDS: dict[str, tuple[ModuleType, ModuleType]] = {
     "torchbp": (torchbp.nn, torchbp.functional),
     "torch": (torch.nn, torch.nn.functional),
 }
+
+#: the methods whose code a step's forward and loss run (a subclass may override them)
+_OWN_CODE = ("forward", "features", "loss", "fused_loss")
+#: the module classes that run torchbp's backward by themselves (exact types)
+_TORCHBP_OR_CONTAINER = frozenset(
+    [torch.nn.Sequential, *(op.module for op in OPS.values() if op.module is not None)]
+)
 
 Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
@@ -80,6 +89,14 @@ class ERMClassifier(pl.LightningModule):
     backward passes) or, with ``backend="torch"``, from ``torch.nn`` with the same architecture
     and the same initialisation for the same seed, so the two can be compared side by side and
     their checkpoints are interchangeable. The loss is ``cross_entropy`` of the same backend.
+
+    With ``backend="torchbp"``, a subclass whose ``forward`` (or ``features``, ``loss``,
+    ``fused_loss``) calls ``F.linear``, ``F.gelu``, ``x.softmax()``, ..., or a network with
+    modules other than torchbp's, runs the forward and loss of every step (and
+    ``predict_step``) under :func:`torchbp.enable`, so it trains on torchbp's backward too;
+    :attr:`routing` (the mode) counts what it routed. The stock network (``torchbp.nn``
+    modules, ``torchbp.functional`` loss) has nothing to route and runs without the mode,
+    which costs about a microsecond for every torch call it passes through.
 
     With ``fused_head=True`` the last Linear layer and the loss are computed together by
     ``linear_cross_entropy`` (:func:`torchbp.functional.linear_cross_entropy`, which never
@@ -159,6 +176,9 @@ class ERMClassifier(pl.LightningModule):
             input_size, num_classes, hidden_sizes, activation, negative_slope, bias, backend
         )
         self.backend = backend
+        #: backend torchbp: the mode the steps' forward and loss run under where they may
+        #: call native ops (its ``counts`` say what it routed); ``None`` for backend torch
+        self.routing: TorchbpMode | None = enable() if backend == "torchbp" else None
         cw = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", cw)
         self.label_smoothing = label_smoothing
@@ -179,6 +199,21 @@ class ERMClassifier(pl.LightningModule):
         self.train_metrics = collection("train/", full=False)
         self.val_metrics = collection("val/", full=True)
         self.test_metrics = collection("test/", full=True)
+
+    def _backend_calls(self) -> contextlib.AbstractContextManager[Any]:
+        """The context a step's forward and loss run in: :attr:`routing` where they may
+        call native ops, else nothing."""
+        if self.routing is None or not self._may_call_native():
+            return contextlib.nullcontext()
+        return self.routing
+
+    def _may_call_native(self) -> bool:
+        """A subclass's own forward / features / loss, or a network holding modules other
+        than torchbp's (checked per step: the network may be replaced after init)."""
+        cls = type(self)
+        if any(getattr(cls, name) is not getattr(ERMClassifier, name) for name in _OWN_CODE):
+            return True
+        return not all(type(m) in _TORCHBP_OR_CONTAINER for m in self.net.modules())
 
     @property
     def _F(self) -> Any:
@@ -253,15 +288,16 @@ class ERMClassifier(pl.LightningModule):
 
     def _step(self, batch, loss_metric: MeanMetric, metrics: MetricCollection) -> torch.Tensor:
         x, y = batch
-        if self.fused_head:
-            h = self.features(x)
-            loss = self.fused_loss(h, y)
-            # the metrics need the logits: computed once, outside the autograd graph
-            with torch.no_grad():
-                logits = self.head(h.detach())
-        else:
-            logits = self(x)
-            loss = self.loss(logits, y)
+        with self._backend_calls():
+            if self.fused_head:
+                h = self.features(x)
+                loss = self.fused_loss(h, y)
+                # the metrics need the logits: computed once, outside the autograd graph
+                with torch.no_grad():
+                    logits = self.head(h.detach())
+            else:
+                logits = self(x)
+                loss = self.loss(logits, y)
         loss_metric.update(loss.detach().float(), weight=y.shape[0])
         metrics.update(logits.detach().float(), y)
         return loss
@@ -292,4 +328,5 @@ class ERMClassifier(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)``."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self._F.softmax(self(x).float(), dim=-1)
+        with self._backend_calls():
+            return self._F.softmax(self(x).float(), dim=-1)
