@@ -7,6 +7,7 @@ exception and ``RuntimeError`` (native's), so code written against native keeps 
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,64 @@ class ClassIndexError(IndexError, RuntimeError):
     """A class index lies outside ``[0, C)`` and is not ``ignore_index``."""
 
 
+class UnsupportedDTypeError(DTypeError, NotImplementedError):
+    """A tensor's dtype has no kernel in this op (a :class:`DTypeError`; also a
+    ``NotImplementedError``, native's class for "not implemented for 'Long'")."""
+
+
+class OptionError(ValueError, RuntimeError):
+    """An option (a keyword argument) has a value outside its range (a ``ValueError``;
+    also a ``RuntimeError``, native's class for these)."""
+
+
+def check_tensor(op: str, **tensors) -> None:
+    """Every named argument is a tensor (``None`` where the caller allows it is skipped
+    before): a ``TypeError`` naming it otherwise, as native's argument parser raises."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def scalar_argument(op: str, name: str, value) -> float:
+    """``value`` as a float, where native takes a Number: a Python bool / int / float or a
+    0-dim tensor that does not require grad; a ``TypeError`` naming the argument otherwise
+    (a multi-element tensor, a tensor requiring grad, a str...), as native."""
+    if type(value) is float or type(value) is int:  # the common case, first
+        return float(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise TypeError(
+                f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)} "
+                "(only a 0-dim tensor stands for a number)"
+            )
+        if value.requires_grad:
+            raise TypeError(
+                f"{op}: {name} must be a number; a tensor that requires grad would lose "
+                "its gradient (pass a float, or a detached 0-dim tensor)"
+            )
+        return float(value.item())
+    raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def softmax_dim(op: str, dim, ndim: int) -> int:
+    """``dim`` checked against a ``ndim``-dim input (0-dim counts as 1-dim, as native):
+    a ``TypeError`` unless it is an int (bools excluded), an ``IndexError`` naming the
+    valid range unless it lies in it. Returns it as an int."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        if not (isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point()):
+            raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__} {dim!r}")
+    dim = int(dim)
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(
+            f"{op}: Dimension out of range (expected to be in range of [{-rank}, {rank - 1}], "
+            f"but got {dim}) for a {ndim}-dim input"
+        )
+    return dim
+
+
 def check_inplace_slope(op: str, name: str, value: float, inplace: bool, input) -> None:
     """An in-place activation whose negative ``value`` (slope or alpha) flips the sign of
     the negative branch overwrites the only tensor that tells the branch: refuse it when
@@ -56,8 +115,11 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
 
 
 def check_floating(op: str, name: str, t: torch.Tensor) -> None:
+    """An :class:`UnsupportedDTypeError` (native: ``NotImplementedError``) unless floating."""
     if not t.is_floating_point():
-        raise DTypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise UnsupportedDTypeError(
+            f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}"
+        )
 
 
 def check_reduction(reduction: str) -> None:
@@ -112,7 +174,8 @@ def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> No
 
 def check_linear_shapes(op, input, weight, bias, w_name, b_name, rows_name) -> None:
     """``weight`` 2-D ``(rows, in_features)``, ``input`` ``(*, in_features)``, ``bias``
-    ``(rows,)``: otherwise an error naming both shapes."""
+    ``(rows,)``: otherwise an error naming both shapes. (``linear`` itself accepts more:
+    :func:`validate_linear`.)"""
     if weight.dim() != 2:
         raise ShapeError(
             f"{op}: {w_name} must be 2-D ({rows_name}, in_features), "
@@ -174,9 +237,16 @@ def check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_
     )
 
 
-def check_smoothing(op: str, label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+def check_smoothing(op: str, label_smoothing) -> float:
+    """``label_smoothing`` as a float in [0, 1]: a ``TypeError`` for a non-number, else an
+    :class:`OptionError` (native: ``RuntimeError``) outside [0, 1]. Stricter than native on
+    purpose: native accepts a negative value (it extrapolates away from the uniform
+    distribution); torchbp refuses it."""
+    value = scalar_argument(op, "label_smoothing", label_smoothing)
+    if not 0.0 <= value <= 1.0:
+        hint = " (torchbp refuses negative smoothing on purpose)" if value < 0 else ""
+        raise OptionError(f"{op}: label_smoothing must be in [0, 1], got {value}{hint}")
+    return value
 
 
 def check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str) -> None:
@@ -189,7 +259,10 @@ def check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str
                 f"floating point, got {target.dtype}"
             )
         if ignore_index >= 0:
-            raise ValueError(f"{op}: ignore_index is not supported for probability targets")
+            raise OptionError(
+                f"{op}: ignore_index ({ignore_index}) is not supported for probability targets "
+                "(a floating-point target of the input's shape); leave it at -100"
+            )
     elif target.is_floating_point():
         raise ShapeError(
             f"{op}: floating-point target must have {prob_shape} (class probabilities), "
@@ -198,20 +271,58 @@ def check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str
 
 
 # --------------------------------------------------------------------------- one per wrapper
-def validate_linear(input: torch.Tensor, weight: torch.Tensor, bias) -> None:
-    """``linear``: shapes and devices (the dtypes are checked after autocast casts)."""
-    check_linear_shapes("linear", input, weight, bias, "weight", "bias", "out_features")
-    check_same_device("linear", input=input, weight=weight, bias=bias)
+def validate_linear(input, weight, bias) -> None:
+    """``linear``: ``input`` ``(*, in)`` (at least 1-D), ``weight`` ``(out, in)`` or ``(in,)``
+    (then the output is ``(*,)``), ``bias`` any shape that broadcasts to the output's
+    without growing it (``(out,)``, ``(1,)``, 0-dim, ``(1, out)``, ...), and one device.
+    The dtypes are checked after autocast casts."""
+    op = "linear"
+    check_tensor(op, input=input, weight=weight)
+    if bias is not None:
+        check_tensor(op, bias=bias)
+    if input.dim() == 0 or weight.dim() == 0 or weight.dim() > 2:
+        raise ShapeError(
+            f"{op}: expected input (*, in_features) with at least 1 dim and weight "
+            f"(out_features, in_features) or (in_features,): input {tuple(input.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    if input.shape[-1] != weight.shape[-1]:
+        raise ShapeError(
+            f"{op}: input's last dim must equal weight's in_features: input "
+            f"{tuple(input.shape)}, weight {tuple(weight.shape)} "
+            f"(in_features = {weight.shape[-1]})"
+        )
+    check_same_device(op, input=input, weight=weight, bias=bias)
+    if bias is None or (bias.dim() == 1 and weight.dim() == 2 and bias.shape[0] == weight.shape[0]):
+        return  # the common case
+    # an unbatched input counts as one row here (native accepts a (1, out) bias for it)
+    rows = input.shape[:-1] if input.dim() > 1 or bias.dim() <= 1 else (1,)
+    output = (*rows, *weight.shape[:-1])
+    try:
+        fits = torch.broadcast_shapes(bias.shape, output) == output
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ShapeError(
+            f"{op}: bias {tuple(bias.shape)} does not broadcast to the output's shape "
+            f"{output} (input {tuple(input.shape)}, weight {tuple(weight.shape)}); "
+            f"expected e.g. ({output[-1] if output else 1},)"
+        )
 
 
-def validate_gelu(approximate: str) -> None:
+def validate_gelu(approximate) -> None:
+    if not isinstance(approximate, str):
+        raise TypeError(
+            f"gelu: approximate must be a str ('none' or 'tanh'), got {type(approximate).__name__}"
+        )
     if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        raise OptionError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) -> ClassLayout:
     """``nll_loss``: log-probabilities, class-index target, weights, devices, every index."""
     op = "nll_loss"
+    check_tensor(op, input=input, target=target)
     check_reduction(reduction)
     layout = class_layout(op, input)
     check_floating(op, "input", input)
@@ -241,6 +352,7 @@ def validate_cross_entropy(
     """``cross_entropy``: options, logits, target kind and shape, weights, devices, every
     class index, and what ``inplace=True`` needs."""
     op = "cross_entropy"
+    check_tensor(op, input=input, target=target)
     check_reduction(reduction)
     check_smoothing(op, label_smoothing)
     layout = class_layout(op, input)
@@ -281,6 +393,7 @@ def validate_linear_cross_entropy(
     devices, target kind and shape, every class index. Returns whether the target holds
     class probabilities."""
     op = "linear_cross_entropy"
+    check_tensor(op, input=input, linear_weight=linear_weight, target=target)
     check_reduction(reduction)
     check_smoothing(op, label_smoothing)
     if chunk_size is not None and (

@@ -104,18 +104,22 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     r"""Affine map :math:`y = x W^T + b` (as :func:`torch.nn.functional.linear`).
 
     Args:
-        input: ``(*, in_features)``.
-        weight: ``(out_features, in_features)``.
-        bias: ``(out_features,)`` or ``None``.
+        input: ``(*, in_features)``, at least 1-D.
+        weight: ``(out_features, in_features)``, or ``(in_features,)`` for an output
+            without the feature dim.
+        bias: ``None``, or any shape that broadcasts to the output's: ``(out_features,)``,
+            ``(1,)``, 0-dim, ``(1, out_features)``, ... (its gradient is summed back to it).
 
     Shape:
-        Output ``(*, out_features)``.
+        Output ``(*, out_features)``; ``(*,)`` for a 1-D weight.
 
     Examples::
 
         >>> y = linear(torch.randn(2, 5, 3), torch.randn(4, 3), torch.randn(4))
         >>> y.shape
         torch.Size([2, 5, 4])
+        >>> linear(torch.randn(5, 3), torch.randn(3)).shape
+        torch.Size([5])
     """
     op = "linear"
     _checks.validate_linear(input, weight, bias)
@@ -123,6 +127,19 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if amp is not None:
         input, weight, bias = (_cast_low(t, amp) for t in (input, weight, bias))
     _checks.check_linear_dtypes(op, input, weight, bias, "weight", "bias")
+    if input.dim() == 1 and bias is not None and bias.dim() > 1:
+        # an unbatched input with a (1, out)-like bias: as native, computed as one row
+        return linear(input.unsqueeze(0), weight, bias).squeeze(0)
+    if weight.dim() == 1:
+        # y = x w + b = (x Wᵀ + b)[..., 0] with W = w as one row (1, in): the bias gains
+        # the output's dim of size 1 (a 0-dim bias broadcasts as it is)
+        weight = weight.unsqueeze(0)
+        bias = bias if bias is None or bias.dim() == 0 else bias.unsqueeze(-1)
+        return _linear_apply(input, weight, bias, amp).squeeze(-1)
+    return _linear_apply(input, weight, bias, amp)
+
+
+def _linear_apply(input, weight, bias, amp):
     if amp is not None:
         return _run_without_autocast(input.device.type, apply, _LINEAR, input, weight, bias)
     return apply(_LINEAR, input, weight, bias)
@@ -144,6 +161,9 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     With ``inplace=True`` the result overwrites ``input`` (which is returned).
     """
+    if not isinstance(input, torch.Tensor) or input.dtype == torch.bool:
+        _checks.check_tensor("relu", input=input)
+        raise _checks.DTypeError("relu: boolean inputs are not supported (as native)")
     return apply(_RELU, input, bool(inplace))
 
 
@@ -153,8 +173,9 @@ def leaky_relu(
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
     :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
     ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
+    negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
-    return apply(_LEAKYRELU, input, float(negative_slope), bool(inplace))
+    return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
 
 
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -194,8 +215,9 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
         >>> elu(torch.tensor([-1.0, 0.0, 2.0]))
         tensor([-0.6321,  0.0000,  2.0000])
     """
+    alpha = _checks.scalar_argument("elu", "alpha", alpha)
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
-    return apply(_ELU, input, float(alpha), bool(inplace))
+    return apply(_ELU, input, alpha, bool(inplace))
 
 
 def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
@@ -212,7 +234,9 @@ def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) ->
         >>> softplus(torch.tensor([0.0, 30.0]))
         tensor([ 0.6931, 30.0000])
     """
-    return apply(_SOFTPLUS, input, float(beta), float(threshold))
+    beta = _checks.scalar_argument("softplus", "beta", beta)
+    threshold = _checks.scalar_argument("softplus", "threshold", threshold)
+    return apply(_SOFTPLUS, input, beta, threshold)
 
 
 # --------------------------------------------------------------------------- softmax family
@@ -226,8 +250,10 @@ def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 
 
 def _softmax_common(name, function, input, dim, stacklevel, dtype):
+    _checks.check_tensor(name, input=input)
     if dim is None:
         dim = _softmax_dim(name, input.dim(), stacklevel + 1)
+    dim = _checks.softmax_dim(name, dim, input.dim())
     if dtype is not None:
         input = input.to(dtype)
     _checks.check_floating(name, "input", input)
@@ -239,11 +265,7 @@ def _softmax_common(name, function, input, dim, stacklevel, dtype):
 
 
 def _softmax_apply(function, input, dim):
-    if input.dim() == 0:
-        if dim not in (0, -1):
-            raise IndexError(
-                f"Dimension out of range (expected to be in range of [-1, 0], got {dim})"
-            )
+    if input.dim() == 0:  # dim is 0 or -1 (checked)
         return apply(function, input.reshape(1), 0).reshape(())
     return apply(function, input, dim)
 
@@ -389,6 +411,7 @@ def cross_entropy(
     (classes, class_dim, batch_shape), soft, unmasked = _checks.validate_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace
     )
+    label_smoothing = _checks.scalar_argument("cross_entropy", "label_smoothing", label_smoothing)
     inplace = inplace and values_inspectable(input)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
@@ -411,7 +434,10 @@ def cross_entropy(
     )
     denominator = None
     if reduction == "mean":
-        if soft or (unmasked and weight is None):
+        if soft and classes == 0:
+            # native divides by numel / C = 0 / 0 for probability targets
+            denominator = math.nan
+        elif soft or (unmasked and weight is None):
             denominator = logits.shape[0]  # every row counts 1
         else:
             denominator = _target_weight_sum(flat_target, weight, ignore_index, rows.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchbp import _checks
 from torchbp import functional as F
 
 __all__ = [
@@ -292,10 +293,7 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
                 f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), "
                 f"got {tuple(weight.shape)}"
             )
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(
-                f"LinearCrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}"
-            )
+        _checks.check_smoothing("LinearCrossEntropyLoss", label_smoothing)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(
                 f"LinearCrossEntropyLoss: chunk_size must be a positive int or None, "

@@ -85,7 +85,8 @@ def coefficients(target, weight, ignore_index, smoothing, classes, dtype) -> Coe
     weights ``weight`` (C,) or None, ``ignore_index`` (None: no row ignored) and label
     smoothing ``ε``, in ``dtype``: the one place that knows about label smoothing."""
     w = None if weight is None else weight.to(dtype)
-    target_share, uniform_share = 1 - smoothing, smoothing / classes
+    # without classes (C = 0) there is nothing to share the smoothing among
+    target_share, uniform_share = 1 - smoothing, smoothing / classes if classes else 0.0
     if target.is_floating_point():
         # B = w ⊙ ((1-ε) t + ε/C),  a_i = Σ_c B_ic
         b = target.to(dtype)

@@ -19,7 +19,8 @@ def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
 
 
 class LinearFunction(Function):
-    """``y = x Wᵀ + b`` for ``x`` of shape ``(*, in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``.
+    """``y = x Wᵀ + b`` for ``x`` of shape ``(*, in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``
+    (or any shape that broadcasts to ``y``'s, its gradient then summed back to it).
 
     Backward: ``dx = g W``, ``dW = gᵀ x``, ``db = Σ g`` over every leading dim, where ``g``
     is ``dL/dy`` flattened to ``(M, out)``. Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
@@ -48,6 +49,7 @@ class LinearFunction(Function):
         ctx.save_for_forward(x, weight)
         ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
         ctx.x_shape = x.shape
         recorder = None
         if not torch.compiler.is_compiling():
@@ -74,8 +76,13 @@ class LinearFunction(Function):
             # dL/dW = gᵀ x             (out, M) @ (M, in) -> (out, in)
             grad_w = g.t() @ _flatten(x, x.shape[-1])
         if needs_b and ctx.has_bias:
-            # dL/db = Σ_rows g          summed over every leading dim -> (out,)
-            grad_b = g.sum(0)
+            if ctx.bias_shape == (out_features,):
+                # dL/db = Σ_rows g          summed over every leading dim -> (out,)
+                grad_b = g.sum(0)
+            else:
+                # a broadcast bias (0-dim, (1,), (1, out), (N, out), ...): dL/db sums g over
+                # every dim the bias was broadcast along
+                grad_b = grad_y.sum_to_size(ctx.bias_shape)
         return grad_x, grad_w, grad_b
 
     @staticmethod
