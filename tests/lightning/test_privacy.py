@@ -99,3 +99,124 @@ def test_accountant_finds_the_noise_for_a_target_epsilon():
     # the accountant's search stops within its tolerance of the target, never far above it
     assert acc.epsilon() == pytest.approx(2.0, rel=0.05)
     assert torch.isfinite(torch.tensor(acc.epsilon()))
+
+
+# -- ERMClassifier(privacy=...) ------------------------------------------------------------
+
+
+def _dp_fit(tmp_path, privacy, **trainer_kwargs):
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import ERMClassifier
+
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64, poisson_sampling=True)
+    model = ERMClassifier(
+        input_size=64,
+        num_classes=10,
+        hidden_sizes=[16],
+        privacy=privacy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+    )
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    return dm, model, trainer
+
+
+def test_dp_step_is_the_clipped_sum_plus_noise_over_the_expected_batch(tmp_path):
+    """One DP-SGD step with SGD(lr=1) moves each parameter by exactly
+    -(Σ_i clip_C(g_i) + noise) / L; with σ tiny the noise is negligible, and the clipped sum
+    is formed independently here with torch.func in float64."""
+    pytest.importorskip("opacus")
+    C = 0.05  # small enough that most samples are clipped
+    dm, model, trainer = _dp_fit(
+        tmp_path,
+        Privacy(max_grad_norm=C, noise_multiplier=1e-9),
+        max_steps=1,
+        limit_val_batches=0,
+    )
+    before = {k: v.detach().clone().double() for k, v in model.net.named_parameters()}
+    trainer.fit(model, datamodule=dm)
+    after = {k: v.detach().double() for k, v in model.net.named_parameters()}
+
+    sampler = dm.train_dataloader().batch_sampler
+    first = next(iter(sampler))
+    x, y = (t[first] for t in dm.splits["train"].tensors)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)
+    ).double()
+    params = {k: before[k] for k in before}
+
+    def sample_loss(p, xi, yi):
+        logits = torch.func.functional_call(net, p, (xi[None].double(),))
+        return torch.nn.functional.cross_entropy(logits, yi[None], reduction="sum")
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    assert (norms > C).sum() > len(first) // 2
+    factors = (C / norms).clamp(max=1.0)
+    expected_batch = sampler.sample_rate * sampler.num_samples
+    for k in before:
+        clipped = (factors.view(-1, *[1] * (grads[k].dim() - 1)) * grads[k]).sum(0)
+        step = before[k] - after[k]
+        torch.testing.assert_close(step, clipped / expected_batch, rtol=1e-5, atol=1e-7)
+    assert model.accountant.steps == 1 and model.accountant.epsilon() > 0
+
+
+def test_dp_fit_logs_epsilon_and_reaches_the_target(tmp_path):
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(
+        tmp_path, Privacy(max_grad_norm=1.0, target_epsilon=4.0), max_epochs=2
+    )
+    trainer.fit(model, datamodule=dm)
+    eps = trainer.callback_metrics["train/epsilon"].item()
+    assert 0 < eps <= 4.0 * 1.01
+    steps_per_epoch = len(dm.train_dataloader().batch_sampler)
+    assert model.accountant.steps == 2 * steps_per_epoch
+
+
+def test_dp_accountant_survives_a_checkpoint(tmp_path):
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(
+        tmp_path, Privacy(max_grad_norm=1.0, noise_multiplier=1.0), max_epochs=1
+    )
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    steps = model.accountant.steps
+    dm2, model2, trainer2 = _dp_fit(
+        tmp_path, Privacy(max_grad_norm=1.0, noise_multiplier=1.0), max_epochs=2
+    )
+    trainer2.fit(model2, datamodule=dm2, ckpt_path=ckpt)
+    assert model2.accountant.steps == 2 * steps
+    # the hyperparameters keep the settings as plain data: a weights-only load works
+    from torchbp.lightning import ERMClassifier
+
+    restored = ERMClassifier.load_from_checkpoint(ckpt, weights_only=True)
+    assert restored.privacy == Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
+
+
+def test_dp_needs_poisson_sampling(tmp_path):
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)
+    dm.poisson_sampling = False
+    with pytest.raises(ValueError, match="poisson_sampling"):
+        trainer.fit(model, datamodule=dm)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(backend="torch"), dict(fused_head=True)], ids=["torch", "fused"]
+)
+def test_dp_refuses_what_per_sample_clipping_cannot_serve(kwargs):
+    from torchbp.lightning import ERMClassifier
+
+    with pytest.raises(ValueError, match="privacy"):
+        ERMClassifier(privacy=Privacy(noise_multiplier=1.0), **kwargs)

@@ -18,6 +18,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from collections.abc import Iterator, Sized
@@ -28,7 +29,13 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    TensorDataset,
+    default_collate,
+)
 
 from torchbp.lightning.privacy import PoissonBatchSampler
 
@@ -132,6 +139,14 @@ class EpochSeededSampler(DistributedSampler):
         if self.drop_last:
             return n // self.num_replicas
         return len(range(self.rank, n, self.num_replicas))
+
+
+def collate_or_empty(dataset: TensorDataset, samples: list) -> Any:
+    """``default_collate``, except that an empty Poisson draw gives ``dataset``'s tensors
+    with 0 rows instead of an error."""
+    if not samples:
+        return [t[:0] for t in dataset.tensors]
+    return default_collate(samples)
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -304,6 +319,7 @@ class ArrayDataModule(ClassificationDataModule):
             return DataLoader(
                 ds,
                 batch_sampler=PoissonBatchSampler(len(ds), rate, seed=self.seed),
+                collate_fn=functools.partial(collate_or_empty, ds),
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
             )

@@ -4,6 +4,7 @@ backward passes (or, for side-by-side comparison, with stock ``torch.nn``)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Literal
@@ -17,8 +18,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import torchbp.functional
 import torchbp.nn
+from torchbp.lightning.privacy import PoissonBatchSampler, Privacy, PrivacyAccountant
 from torchbp.mode import TorchbpMode, enable
 from torchbp.ops import OPS, activations
+from torchbp.per_sample import PerSampleGrads, per_sample_grads
 
 __all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
 
@@ -130,6 +133,16 @@ class ERMClassifier(pl.LightningModule):
             ``torch.optim.Adam`` or ``torch.optim.AdamW`` (default: Adam, lr=1e-3).
         lr_scheduler: Optional LR scheduler factory, e.g. ``torch.optim.lr_scheduler.StepLR``
             or ``CosineAnnealingLR``; stepped once per epoch.
+        privacy: Train with DP-SGD (:class:`~torchbp.lightning.privacy.Privacy`: max grad
+            norm, and a noise multiplier or a target ε at δ). Each step's gradient is
+            ``(Σ_i clip(g_i) + N(0, σ²C²)) / L`` with the per-sample clipping of
+            :func:`torchbp.per_sample_grads` in one backward pass and ``L`` the expected
+            batch size; the data must be drawn by Poisson sampling
+            (``data.poisson_sampling: true``). ε spent so far is logged as
+            ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints.
+            Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
+            accumulation. An empty Poisson draw (probability ``(1 − q)^N``) skips its step;
+            the accountant counts it anyway.
     """
 
     def __init__(
@@ -146,6 +159,7 @@ class ERMClassifier(pl.LightningModule):
         fused_head: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        privacy: Privacy | None = None,
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -170,7 +184,17 @@ class ERMClassifier(pl.LightningModule):
                 f"torch.nn.functional.linear_cross_entropy (torch >= 2.13), which torch "
                 f"{torch.__version__} lacks; use backend='torchbp' or fused_head=False"
             )
-        self.save_hyperparameters()
+        if isinstance(privacy, dict):  # from a checkpoint's hyperparameters
+            privacy = Privacy(**privacy)
+        if privacy is not None and (backend != "torchbp" or fused_head):
+            raise ValueError(
+                "privacy (DP-SGD) clips per-sample gradients with torchbp.per_sample_grads, "
+                f"which needs backend='torchbp' and fused_head=False; got backend={backend!r}, "
+                f"fused_head={fused_head}"
+            )
+        # privacy as a plain dict: checkpoints stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["privacy"])
+        self.hparams["privacy"] = None if privacy is None else dataclasses.asdict(privacy)
 
         self.net = build_mlp(
             input_size, num_classes, hidden_sizes, activation, negative_slope, bias, backend
@@ -185,6 +209,10 @@ class ERMClassifier(pl.LightningModule):
         self.fused_head = bool(fused_head)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.privacy = privacy
+        self.accountant: PrivacyAccountant | None = None
+        self._restored_accountant: dict[str, Any] | None = None
+        self._per_sample: PerSampleGrads | None = None
         self._check_optimizer()
 
         # separate metric objects per stage (torchmetrics' advice)
@@ -309,7 +337,100 @@ class ERMClassifier(pl.LightningModule):
         if hasattr(ds, "set_epoch"):
             ds.set_epoch(self.current_epoch)
 
+    # -- DP-SGD (privacy) -----------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # the train DataLoader exists from here on (not yet in on_fit_start)
+        if self.privacy is None:
+            return
+        trainer = self.trainer
+        if trainer.world_size > 1 or trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "privacy (DP-SGD) supports one device without gradient accumulation; got "
+                f"world_size={trainer.world_size}, "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}"
+            )
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if not isinstance(sampler, PoissonBatchSampler):
+            raise ValueError(
+                "privacy (DP-SGD): the privacy accountant assumes Poisson sampling; set "
+                "data.poisson_sampling: true (a DataModule whose train loader uses "
+                "torchbp.lightning.privacy.PoissonBatchSampler)"
+            )
+        epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if self.privacy.target_epsilon is not None and epochs < 1:
+            raise ValueError(
+                "privacy.target_epsilon needs trainer.max_epochs >= 1 (the run's length sets "
+                f"the noise), got max_epochs={trainer.max_epochs}"
+            )
+        self.accountant = PrivacyAccountant(self.privacy, sampler.sample_rate, max(epochs, 1))
+        if self._restored_accountant is not None:  # resumed: ε keeps counting
+            self.accountant.load_state_dict(self._restored_accountant)
+            self._restored_accountant = None
+        self._expected_batch = sampler.sample_rate * sampler.num_samples
+
+    def _private_training_step(self, batch) -> torch.Tensor | None:
+        x, y = batch
+        if x.shape[0] == 0:
+            self.accountant.step()  # an empty Poisson draw: no update, ε still counted
+            return None
+        assert self.privacy is not None
+        self._per_sample = per_sample_grads(
+            self.net, mode="clip", max_norm=self.privacy.max_grad_norm
+        ).__enter__()
+        try:
+            logits = self(x)
+            # DP-SGD clips each sample's gradient of its own loss, so the loss is summed;
+            # the 1/L of the mean is applied after clipping and noise (on_after_backward).
+            loss_sum = self._F.cross_entropy(
+                logits,
+                y,
+                weight=self.class_weight,
+                label_smoothing=self.label_smoothing,
+                reduction="sum",
+            )
+        except BaseException:
+            self._close_per_sample(failed=True)
+            raise
+        self.train_loss.update(loss_sum.detach().float() / x.shape[0], weight=x.shape[0])
+        self.train_metrics.update(logits.detach().float(), y)
+        return loss_sum
+
+    def _close_per_sample(self, failed: bool = False) -> PerSampleGrads | None:
+        ps, self._per_sample = self._per_sample, None
+        if ps is not None:
+            err = RuntimeError("DP-SGD step failed") if failed else None
+            ps.__exit__(type(err) if err else None, err, None)
+        return ps
+
+    def on_after_backward(self) -> None:
+        ps = self._close_per_sample()
+        if ps is None:
+            return
+        assert self.accountant is not None
+        # g̃ = (Σ_i clip_C(g_i) + N(0, σ²C²)) / L
+        ps.add_noise(self.accountant.noise_multiplier)
+        with torch.no_grad():
+            for p in ps.parameters:
+                p.grad.div_(self._expected_batch)
+        self.accountant.step()
+
+    def on_train_epoch_end(self) -> None:
+        if self.accountant is not None:
+            self.log("train/epsilon", self.accountant.epsilon(), prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.accountant is not None:
+            checkpoint["privacy_accountant"] = self.accountant.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_accountant = checkpoint.get("privacy_accountant")
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.privacy is not None:
+            loss = self._private_training_step(batch)
+            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+            return loss
         loss = self._step(batch, self.train_loss, self.train_metrics)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)

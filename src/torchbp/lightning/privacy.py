@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -160,6 +161,14 @@ class PrivacyAccountant:
         """Noisy steps taken so far."""
         return sum(n for _, _, n in self._rdp.history)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the steps taken, as ``(σ, q, steps)`` triples."""
+        return {"history": [list(h) for h in self._rdp.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s steps (a resumed run)."""
+        self._rdp.history = [tuple(h) for h in state["history"]]
+
     def step(self) -> None:
         """Record one noisy step."""
         self._rdp.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
@@ -168,5 +177,8 @@ class PrivacyAccountant:
         """ε spent so far at the configured δ (0 before the first step)."""
         if not self._rdp.history:
             return 0.0
-        eps = self._rdp.get_epsilon(delta=self.privacy.delta)
+        with warnings.catch_warnings():
+            # "optimal order is the largest/smallest alpha": the bound holds, only less tight
+            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+            eps = self._rdp.get_epsilon(delta=self.privacy.delta)
         return float(eps) if math.isfinite(eps) else math.inf
