@@ -179,6 +179,8 @@ class PrivacyAccountant:
             return 0.0
         with warnings.catch_warnings():
             # "optimal order is the largest/smallest alpha": the bound holds, only less tight
-            warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+            warnings.filterwarnings(
+                "ignore", message="Optimal order is the (largest|smallest) alpha"
+            )
             eps = self._rdp.get_epsilon(delta=self.privacy.delta)
         return float(eps) if math.isfinite(eps) else math.inf
