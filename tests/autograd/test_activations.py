@@ -87,6 +87,26 @@ def test_gradient_at_kink_equals_native(case):
     assert torch.equal(gx, rx)
 
 
+def _second_derivative(fn, x):
+    """``d/dx Σ (dL/dx)`` where ``dL/dx`` is the first-order gradient of ``Σ fn(x)``
+    computed with ``create_graph=True`` and a cotangent that does not require grad."""
+    x = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), x)
+    return gx.detach(), ggx
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradient_is_differentiable_as_natives(case):
+    # ReLU's second derivative is 0 in native (not "does not require grad"); at a kink it
+    # is native's value too (ELU's counts 0 as the positive side there).
+    x = torch.tensor([-1.5, -0.0, 0.0, 0.7, 2.0], dtype=torch.float64)
+    if case.op.kink:
+        x = x + case.op.kink
+    ours, native = _second_derivative(case.ours, x), _second_derivative(case.native, x)
+    torch.testing.assert_close(ours, native)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_nan_and_inf_propagate_as_native(case):
     ours, native = case.ours, case.native

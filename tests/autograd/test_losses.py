@@ -411,3 +411,18 @@ def test_inplace_needs_2d_logits_and_no_target_gradient():
     target = prob_target((4, C), torch.float32).requires_grad_()
     with pytest.raises(ValueError, match="probability target needs a gradient"):
         TF.cross_entropy(make((4, C), torch.float32), target, inplace=True)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_nll_gradient_is_differentiable_as_natives(weighted):
+    # native's nll_loss gradient is attached to the input's graph (its derivative w.r.t.
+    # the input is 0): differentiating it again gives zeros, not an error
+    logp, target = make((4, C), torch.float64), torch.tensor([0, 3, -100, 1])
+    weight = make((C,), torch.float64, seed=3).abs() if weighted else None
+    results = []
+    for loss in (TF.nll_loss, F.nll_loss):
+        x = logp.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(loss(x, target, weight), x, create_graph=True)
+        (ggx,) = torch.autograd.grad((gx * gx).sum(), x)
+        results.append((gx.detach(), ggx))
+    torch.testing.assert_close(results[0], results[1])

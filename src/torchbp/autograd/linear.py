@@ -14,8 +14,9 @@ per_sample_recording = threading.local()
 
 
 def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
-    """View ``(*, features)`` as ``(M, features)`` (copies only if the strides demand it)."""
-    return t.reshape(-1, features)
+    """View ``(*, features)`` as ``(M, features)`` (copies only if the strides demand it;
+    M counted, not inferred, so that ``features = 0`` works too)."""
+    return t.reshape(t.shape[:-1].numel(), features)
 
 
 class LinearFunction(Function):
@@ -64,7 +65,7 @@ class LinearFunction(Function):
         needs_x, needs_w, needs_b = ctx.needs_input_grad
         out_features = grad_y.shape[-1]
         # g: (M, out) -- reshape, never view: grad_y may be expanded or transposed.
-        g = grad_y.reshape(-1, out_features)
+        g = _flatten(grad_y, out_features)
         if ctx.per_sample is not None and not ctx.per_sample.on_backward(x, g):
             # the per-sample context forms dW and db itself once the backward is done
             needs_w = needs_b = False

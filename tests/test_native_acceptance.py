@@ -1,0 +1,380 @@
+"""Drop-in fidelity: every call native accepts, torchbp accepts with native's result and
+gradients; every call native rejects, torchbp rejects with an instance of native's exception
+class and a message that names the function, the argument and what is valid.
+
+Each table row is checked against native itself, so a row whose premise stops holding on
+some torch version fails instead of passing vacuously.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+import torchbp
+from torchbp._checks import OptionError
+from torchbp.ops import OPS
+
+
+def _seeded(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _probs(*shape, seed=1):
+    return _seeded(*shape, seed=seed).softmax(-1 if len(shape) < 2 else 1)
+
+
+def _idx(*values):
+    return torch.tensor(values)
+
+
+@dataclass
+class Call:
+    """``op(*args, **kwargs)`` of a registry op; ``args`` is built afresh for each side, its
+    floating-point tensors differentiated except those at the ``constant`` positions (a
+    Number given as a 0-dim tensor)."""
+
+    id: str
+    op: str
+    args: Callable[[], tuple]
+    kwargs: dict = field(default_factory=dict)
+    constant: tuple[int, ...] = ()
+
+    def run(self, side: str):
+        """``(output, differentiable leaf inputs)`` of torchbp's (``side='ours'``) or
+        native's op on fresh copies of the arguments."""
+        leaves = []
+
+        def fresh(i, a):
+            if isinstance(a, torch.Tensor):
+                a = a.detach().clone()
+                if a.is_floating_point() and i not in self.constant:
+                    a.requires_grad_()
+                    leaves.append(a)
+            return a
+
+        args = [fresh(i, a) for i, a in enumerate(self.args())]
+        op = OPS[self.op]
+        fn = op.functional if side == "ours" else op.torch_functional
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # softmax's implicit-dim warning
+            return fn(*args, **self.kwargs), leaves
+
+
+# --------------------------------------------------------------------------- accepted calls
+X = lambda *s: _seeded(*s)  # noqa: E731 - table shorthand
+
+ACCEPTED = [
+    # linear: broadcast biases (the gradient is summed back to the bias's shape)
+    Call("linear-bias(1,)", "linear", lambda: (X(4, 3), X(5, 3), X(1))),
+    Call("linear-bias(1,out)", "linear", lambda: (X(4, 3), X(5, 3), X(1, 5))),
+    Call("linear-bias0dim", "linear", lambda: (X(4, 3), X(5, 3), X())),
+    Call("linear-bias(N,out)", "linear", lambda: (X(4, 3), X(5, 3), X(4, 5))),
+    Call("linear-bias(N,1)", "linear", lambda: (X(4, 3), X(5, 3), X(4, 1))),
+    Call("linear-3d-bias(B,1,out)", "linear", lambda: (X(2, 4, 3), X(5, 3), X(2, 1, 5))),
+    Call("linear-3d-bias(M,out)", "linear", lambda: (X(2, 4, 3), X(5, 3), X(4, 5))),
+    # 1-D weight: output (*,)
+    Call("linear-weight1d", "linear", lambda: (X(4, 3), X(3))),
+    Call("linear-weight1d-3d", "linear", lambda: (X(2, 4, 3), X(3))),
+    Call("linear-weight1d-3d-bias0dim", "linear", lambda: (X(2, 4, 3), X(3), X())),
+    Call("linear-weight1d-unbatched", "linear", lambda: (X(3), X(3))),
+    # unbatched, empty, zero features, dtypes
+    Call("linear-unbatched", "linear", lambda: (X(3), X(5, 3), X(5))),
+    Call("linear-unbatched-bias(1,out)", "linear", lambda: (X(3), X(5, 3), X(1, 5))),
+    Call("linear-empty-batch", "linear", lambda: (X(0, 3), X(5, 3), X(5))),
+    Call("linear-in_features0", "linear", lambda: (X(4, 0), X(5, 0), X(5))),
+    Call("linear-float64", "linear", lambda: (X(4, 3).double(), X(5, 3).double(), X(5).double())),
+    Call("linear-int64", "linear", lambda: (torch.ones(2, 3).long(), torch.ones(4, 3).long())),
+    # activations: 0-dim, empty, integer inputs where native computes them, Number forms
+    *[Call(f"{n}-0dim", n, lambda: (X(),)) for n in ("sigmoid", "tanh", "relu", "gelu", "silu")],
+    *[Call(f"{n}-empty", n, lambda: (X(0, 3),)) for n in ("relu", "leaky_relu", "elu")],
+    Call("relu-int64", "relu", lambda: (torch.arange(-2, 3),)),
+    Call("sigmoid-int64", "sigmoid", lambda: (torch.arange(-2, 3),)),
+    Call("tanh-int64", "tanh", lambda: (torch.arange(-2, 3),)),
+    Call("relu-bfloat16", "relu", lambda: (X(5).bfloat16(),)),
+    Call("leaky_relu-int-slope", "leaky_relu", lambda: (X(5), 1)),
+    Call("leaky_relu-bool-slope", "leaky_relu", lambda: (X(5), True)),
+    Call(
+        "leaky_relu-0dim-tensor-slope",
+        "leaky_relu",
+        lambda: (X(5), torch.tensor(0.2)),
+        constant=(1,),
+    ),
+    Call("leaky_relu-numpy-slope", "leaky_relu", lambda: (X(5), np.float32(0.3))),
+    Call("elu-int-alpha", "elu", lambda: (X(5), 2)),
+    Call("elu-0dim-tensor-alpha", "elu", lambda: (X(5), torch.tensor(0.5)), constant=(1,)),
+    Call("softplus-int-beta", "softplus", lambda: (X(5), 2, 10)),
+    Call("softplus-0dim-tensor-beta", "softplus", lambda: (X(5), torch.tensor(2.0)), constant=(1,)),
+    Call("gelu-tanh", "gelu", lambda: (X(5),), {"approximate": "tanh"}),
+    # softmax family: dtype=, 0-dim, dim forms
+    *[
+        call
+        for n in ("softmax", "log_softmax")
+        for call in (
+            Call(f"{n}-dtype=float64", n, lambda: (X(3, 4),), {"dim": 1, "dtype": torch.float64}),
+            Call(
+                f"{n}-int64-dtype=float32",
+                n,
+                lambda: (torch.arange(4),),
+                {"dim": 0, "dtype": torch.float32},
+            ),
+            Call(f"{n}-0dim-dim0", n, lambda: (X(),), {"dim": 0}),
+            Call(f"{n}-0dim-dim-1", n, lambda: (X(),), {"dim": -1}),
+            Call(f"{n}-dim-tensor", n, lambda: (X(3, 4), torch.tensor(1))),
+            Call(f"{n}-dim-numpy", n, lambda: (X(3, 4), np.int64(0))),
+            Call(f"{n}-implicit-dim-3d", n, lambda: (X(2, 3, 4),)),
+            Call(f"{n}-empty", n, lambda: (X(0, 4),), {"dim": 1}),
+            Call(f"{n}-empty-dim", n, lambda: (X(3, 0),), {"dim": 1}),
+        )
+    ],
+    # losses
+    Call("nll_loss-unbatched", "nll_loss", lambda: (X(3).log_softmax(0), _idx(1).reshape(()))),
+    Call("nll_loss-uint8", "nll_loss", lambda: (X(4, 3), _idx(0, 1, 2, 0).byte())),
+    Call("nll_loss-kdim", "nll_loss", lambda: (X(2, 3, 4), torch.zeros(2, 4).long())),
+    Call("nll_loss-empty-batch", "nll_loss", lambda: (X(0, 3), torch.zeros(0).long())),
+    Call("nll_loss-all-ignored", "nll_loss", lambda: (X(2, 3), _idx(-100, -100))),
+    Call(
+        "nll_loss-legacy-size_average",
+        "nll_loss",
+        lambda: (X(4, 3), _idx(0, 1, 2, 0)),
+        {"size_average": False},
+    ),
+    Call("cross_entropy-unbatched", "cross_entropy", lambda: (X(3), _idx(1).reshape(()))),
+    Call("cross_entropy-unbatched-probs", "cross_entropy", lambda: (X(3), _probs(3))),
+    Call("cross_entropy-uint8", "cross_entropy", lambda: (X(4, 3), _idx(0, 1, 2, 0).byte())),
+    Call("cross_entropy-probs-promoted", "cross_entropy", lambda: (X(4, 3).double(), _probs(4, 3))),
+    Call(
+        "cross_entropy-smoothing-int",
+        "cross_entropy",
+        lambda: (X(4, 3), _idx(0, 1, 2, 0)),
+        {"label_smoothing": 1},
+    ),
+    Call(
+        "cross_entropy-smoothing-0dim-tensor",
+        "cross_entropy",
+        lambda: (X(4, 3), _idx(0, 1, 2, 0)),
+        {"label_smoothing": torch.tensor(0.2)},
+    ),
+    Call("cross_entropy-empty-batch", "cross_entropy", lambda: (X(0, 3), torch.zeros(0).long())),
+    Call("cross_entropy-empty-batch-probs", "cross_entropy", lambda: (X(0, 3), X(0, 3))),
+    *[
+        Call(
+            f"cross_entropy-C0-probs-{r}-eps{e}",
+            "cross_entropy",
+            lambda: (X(4, 0), X(4, 0)),
+            {"reduction": r, "label_smoothing": e},
+        )
+        for r in ("none", "sum", "mean")
+        for e in (0.0, 0.5)
+    ],
+    Call("cross_entropy-kdim-probs", "cross_entropy", lambda: (X(2, 3, 4), _probs(2, 3, 4))),
+]
+
+
+def _grads(out, leaves):
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+    if not outs or not leaves:
+        return []
+    cts = [_seeded(*o.shape, dtype=o.dtype, seed=7) for o in outs]
+    return torch.autograd.grad(outs, leaves, cts, allow_unused=True)
+
+
+@pytest.mark.parametrize("call", ACCEPTED, ids=lambda c: c.id)
+def test_accepted_call_matches_native(call):
+    native, native_leaves = call.run("native")
+    ours, our_leaves = call.run("ours")
+    assert ours.shape == native.shape and ours.dtype == native.dtype
+    torch.testing.assert_close(ours, native, equal_nan=True)
+    for o, n, leaf in zip(_grads(ours, our_leaves), _grads(native, native_leaves), our_leaves):
+        if n is None:
+            assert o is None or not bool(o.ne(0).any())
+            continue
+        assert o is not None and o.shape == leaf.shape  # e.g. a broadcast bias's own shape
+        torch.testing.assert_close(o, n, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- rejected calls
+@dataclass
+class Bad:
+    """A call native rejects: torchbp must raise an instance of native's class, with a
+    message matching ``message`` (which names the function and the argument)."""
+
+    id: str
+    call: Callable[[object], object]  # call(namespace), namespace torchbp's or native's
+    message: str
+
+
+class _Native:
+    """Native's functions under torchbp's names (``torch.sigmoid`` / ``torch.tanh`` too)."""
+
+    def __getattr__(self, name):
+        return OPS[name].torch_functional
+
+
+NATIVE, OURS = _Native(), torchbp.functional
+x = _seeded(4, 3)
+t = _idx(0, 1, 2, 0)
+
+BAD = [
+    # options out of range
+    Bad("cross_entropy-smoothing-1.5", lambda f: f.cross_entropy(x, t, label_smoothing=1.5),
+        r"cross_entropy: label_smoothing must be in \[0, 1\], got 1.5"),
+    Bad("cross_entropy-smoothing-str", lambda f: f.cross_entropy(x, t, label_smoothing="a"),
+        r"cross_entropy: label_smoothing must be a number, got str"),
+    Bad("gelu-bogus", lambda f: f.gelu(x, approximate="bogus"),
+        r"gelu: approximate must be 'none' or 'tanh', got 'bogus'"),
+    Bad("gelu-None", lambda f: f.gelu(x, approximate=None),
+        r"gelu: approximate must be a str"),
+    Bad("cross_entropy-ignore_index-probs",
+        lambda f: f.cross_entropy(x, _probs(4, 3), ignore_index=1),
+        r"cross_entropy: ignore_index \(1\) is not supported for probability targets"),
+    Bad("cross_entropy-reduction", lambda f: f.cross_entropy(x, t, reduction="bogus"),
+        r"bogus is not a valid value for reduction"),
+    Bad("nll_loss-reduction", lambda f: f.nll_loss(x, t, reduction="bogus"),
+        r"bogus is not a valid value for reduction"),
+    # Number arguments
+    Bad("leaky_relu-str", lambda f: f.leaky_relu(x, "a"),
+        r"leaky_relu: negative_slope must be a number, got str 'a'"),
+    Bad("leaky_relu-None", lambda f: f.leaky_relu(x, None),
+        r"leaky_relu: negative_slope must be a number, got NoneType"),
+    Bad("leaky_relu-tensor(2,)", lambda f: f.leaky_relu(x, torch.tensor([0.2, 0.3])),
+        r"leaky_relu: negative_slope must be a number, got a tensor of shape \(2,\)"),
+    Bad("leaky_relu-tensor(1,)", lambda f: f.leaky_relu(x, torch.tensor([0.2])),
+        r"leaky_relu: negative_slope must be a number, got a tensor of shape \(1,\)"),
+    Bad("leaky_relu-tensor-requires-grad",
+        lambda f: f.leaky_relu(x, torch.tensor(0.2, requires_grad=True)),
+        r"leaky_relu: negative_slope must be a number; a tensor that requires grad"),
+    Bad("elu-str", lambda f: f.elu(x, "a"), r"elu: alpha must be a number, got str"),
+    Bad("elu-tensor-requires-grad", lambda f: f.elu(x, torch.tensor(0.2, requires_grad=True)),
+        r"elu: alpha must be a number; a tensor that requires grad"),
+    Bad("softplus-beta-str", lambda f: f.softplus(x, "a"), r"softplus: beta must be a number"),
+    Bad("softplus-threshold-str", lambda f: f.softplus(x, 1.0, "a"),
+        r"softplus: threshold must be a number"),
+    # softmax dims and dtypes
+    *[
+        bad
+        for n in ("softmax", "log_softmax")
+        for bad in (
+            Bad(f"{n}-dim2", lambda f, n=n: getattr(f, n)(x, dim=2),
+                rf"{n}: Dimension out of range \(expected to be in range of \[-2, 1\], "
+                r"but got 2\)"),
+            Bad(f"{n}-dim-3", lambda f, n=n: getattr(f, n)(x, dim=-3),
+                rf"{n}: Dimension out of range \(expected to be in range of \[-2, 1\], "
+                r"but got -3\)"),
+            Bad(f"{n}-0dim-dim1", lambda f, n=n: getattr(f, n)(torch.tensor(1.0), dim=1),
+                rf"{n}: Dimension out of range \(expected to be in range of \[-1, 0\], "
+                r"but got 1\)"),
+            Bad(f"{n}-dim-str", lambda f, n=n: getattr(f, n)(x, dim="x"),
+                rf"{n}: dim must be an int, got str 'x'"),
+            Bad(f"{n}-dim-float", lambda f, n=n: getattr(f, n)(x, dim=1.0),
+                rf"{n}: dim must be an int, got float"),
+            Bad(f"{n}-dim-tuple", lambda f, n=n: getattr(f, n)(x, dim=(0, 1)),
+                rf"{n}: dim must be an int, got tuple"),
+            Bad(f"{n}-dim-bool", lambda f, n=n: getattr(f, n)(x, dim=True),
+                rf"{n}: dim must be an int, got bool"),
+            Bad(f"{n}-int64", lambda f, n=n: getattr(f, n)(torch.arange(3), dim=0),
+                rf"{n}: input must be a floating-point tensor, got dtype torch.int64"),
+            Bad(f"{n}-dtype-int64", lambda f, n=n: getattr(f, n)(x, dim=0, dtype=torch.long),
+                rf"{n}: input must be a floating-point tensor, got dtype torch.int64"),
+        )
+    ],
+    # inputs of the wrong kind
+    Bad("relu-bool", lambda f: f.relu(torch.tensor([True, False])), r"relu: boolean inputs"),
+    Bad("relu-list", lambda f: f.relu([1.0, 2.0]), r"relu: input must be a Tensor, got list"),
+    Bad("linear-list", lambda f: f.linear([1.0, 2.0, 3.0], x),
+        r"linear: input must be a Tensor, got list"),
+    Bad("cross_entropy-list", lambda f: f.cross_entropy([1.0], t),
+        r"cross_entropy: input must be a Tensor"),
+    Bad("nll_loss-target-list", lambda f: f.nll_loss(x, [0, 1, 2, 0]),
+        r"nll_loss: target must be a Tensor"),
+    # linear shapes and dtypes
+    Bad("linear-in_features", lambda f: f.linear(x, _seeded(5, 2)),
+        r"linear: input's last dim must equal weight's in_features: "
+        r"input \(4, 3\), weight \(5, 2\)"),
+    Bad("linear-bias-shape", lambda f: f.linear(x, _seeded(5, 3), _seeded(3)),
+        r"linear: bias \(3,\) does not broadcast to the output's shape \(4, 5\)"),
+    Bad("linear-bias-grows-output", lambda f: f.linear(x, _seeded(5, 3), _seeded(2, 4, 5)),
+        r"linear: bias \(2, 4, 5\) does not broadcast"),
+    Bad("linear-0dim-input", lambda f: f.linear(torch.tensor(1.0), _seeded(5, 3)),
+        r"linear: expected input \(\*, in_features\) with at least 1 dim"),
+    Bad("linear-0dim-weight", lambda f: f.linear(x, torch.tensor(1.0)),
+        r"linear: expected input .* weight \(\)"),
+    Bad("linear-3d-weight", lambda f: f.linear(x, _seeded(5, 3, 1)),
+        r"linear: expected input .* weight \(5, 3, 1\)"),
+    Bad("linear-mixed-dtypes", lambda f: f.linear(x.double(), _seeded(5, 3)),
+        r"linear: expected one dtype for all tensors, "
+        r"got input torch.float64, weight torch.float32"),
+    # losses: targets, weights, dtypes, shapes
+    Bad("cross_entropy-target-oob", lambda f: f.cross_entropy(x, _idx(0, 1, 5, 0)),
+        r"cross_entropy: target 5 is out of bounds: class indices must lie in \[0, 3\)"),
+    Bad("nll_loss-target-oob", lambda f: f.nll_loss(x, _idx(0, 1, 3, 0)),
+        r"nll_loss: target 3 is out of bounds"),
+    Bad("cross_entropy-C0-class-index",
+        lambda f: f.cross_entropy(_seeded(4, 0), torch.zeros(4).long()),
+        r"cross_entropy: target 0 is out of bounds: class indices must lie in \[0, 0\)"),
+    Bad("cross_entropy-int32-target", lambda f: f.cross_entropy(x, t.int()),
+        r"cross_entropy: expected class-index target of dtype int64 \(Long\) or uint8"),
+    Bad("nll_loss-float-target", lambda f: f.nll_loss(x, _seeded(4)),
+        r"nll_loss: target must hold class indices"),
+    Bad("cross_entropy-int64-input", lambda f: f.cross_entropy(torch.ones(4, 3).long(), t),
+        r"cross_entropy: input must be a floating-point tensor, got dtype torch.int64"),
+    Bad("nll_loss-int64-input", lambda f: f.nll_loss(torch.ones(4, 3).long(), t),
+        r"nll_loss: input must be a floating-point tensor, got dtype torch.int64"),
+    Bad("cross_entropy-batch-mismatch", lambda f: f.cross_entropy(x, _idx(0, 1, 2)),
+        r"cross_entropy: Expected input batch_size \(4\) to match target batch_size \(3\)"),
+    Bad("nll_loss-0dim-input", lambda f: f.nll_loss(torch.tensor(1.0), torch.tensor(0)),
+        r"nll_loss: input must have a class dim"),
+    Bad("cross_entropy-weight-shape", lambda f: f.cross_entropy(x, t, weight=torch.ones(4)),
+        r"cross_entropy: weight must have shape \(3,\), one entry per class, got \(4,\)"),
+    Bad("cross_entropy-weight-requires-grad",
+        lambda f: f.cross_entropy(x, t, weight=torch.ones(3, requires_grad=True)),
+        r"cross_entropy: class weights are not differentiable"),
+]  # fmt: skip
+
+if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
+    BAD.append(
+        Bad(
+            "linear_cross_entropy-smoothing-1.5",
+            lambda f: f.linear_cross_entropy(x, _seeded(5, 3), t, label_smoothing=1.5),
+            r"linear_cross_entropy: label_smoothing must be in \[0, 1\], got 1.5",
+        )
+    )
+
+
+@pytest.mark.parametrize("bad", BAD, ids=lambda b: b.id)
+def test_rejected_call_raises_natives_class(bad):
+    with pytest.raises(Exception) as native:  # noqa: PT011 - the class is what we learn here
+        bad.call(NATIVE)
+    with pytest.raises(Exception) as ours:  # noqa: PT011
+        bad.call(OURS)
+    assert isinstance(ours.value, type(native.value)), (
+        f"native raises {type(native.value).__name__}, torchbp {type(ours.value).__mro__}"
+    )
+    assert re.search(bad.message, str(ours.value)), str(ours.value)
+
+
+def test_gelu_module_with_bogus_approximation_raises_at_call_as_native():
+    native, ours = torch.nn.GELU(approximate="bogus"), torchbp.nn.GELU(approximate="bogus")
+    with pytest.raises(RuntimeError):
+        native(x)
+    with pytest.raises(RuntimeError, match="gelu: approximate must be 'none' or 'tanh'"):
+        ours(x)
+
+
+# --------------------------------------------------------------------------- stricter on purpose
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_negative_label_smoothing_is_refused_on_purpose(op):
+    """Native accepts a negative ε (it extrapolates away from the uniform target); torchbp
+    refuses it (documented in the README), with native's class for out-of-range smoothing."""
+    args = (x, t) if op == "cross_entropy" else (x, _seeded(5, 3), t)
+    native = OPS[op].torch_functional
+    if native is not None:
+        native(*args, label_smoothing=-0.1)  # accepted by native
+    with pytest.raises(OptionError, match=r"label_smoothing must be in \[0, 1\], got -0.1"):
+        OPS[op].functional(*args, label_smoothing=-0.1)
