@@ -241,6 +241,23 @@ def test_backward_and_double_backward_run_outside_the_mode():
     torch.testing.assert_close(ggx, -2 * t * (1 - t**2))
 
 
+def test_torch_func_transforms_under_the_mode():
+    """vmap(grad) and jvp of routed calls: torchbp's Functions under torch.func."""
+    x, t = make((5, 4), torch.float64), make((5, 4), torch.float64, seed=3)
+
+    def f(v):
+        return F.log_softmax(F.gelu(v), -1).sum()
+
+    want = torch.func.vmap(torch.func.grad(f))(x)
+    want_tangent = torch.func.jvp(F.silu, (x,), (t,))[1]
+    with enable() as mode:
+        got = torch.func.vmap(torch.func.grad(f))(x)
+        got_tangent = torch.func.jvp(F.silu, (x,), (t,))[1]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_tangent, want_tangent)
+    assert mode.counts == {"gelu": 1, "log_softmax": 1, "silu": 1}
+
+
 def test_multihead_attention_projections_and_weights_softmax_route():
     """``F.multi_head_attention_forward`` reaches the mode as a whole; it is re-dispatched
     with the mode active, so its F.linear and (need_weights=True) F.softmax route."""
