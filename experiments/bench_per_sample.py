@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="rounds of the fast group")
     p.add_argument("--slow-rounds", type=int, default=None, help="rounds of the slow group")
     p.add_argument("--no-peak", action="store_true", help="skip the memory subprocesses")
+    p.add_argument(
+        "--case", action="append", choices=list(CASES), help="only these (plain always runs)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--peak-case", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -458,8 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     timing: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    chosen = set(a.case or CASES) | {"plain"}
     for group, n in (("fast", rounds), ("slow", slow_rounds)):
-        names = [k for k, v in CASES.items() if v[1] in (group, "both")]
+        names = [k for k, v in CASES.items() if v[1] in (group, "both") and k in chosen]
+        if names == ["plain"] and group == "slow":
+            continue
         cases, skip = buildable(names, cfg)
         skipped.update(skip)
         result = summarise(time_group(cases, n, warmup=3 if group == "fast" else 1))
@@ -472,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = {}
     if not a.no_peak:
         for name in CASES:
-            if name not in skipped:
+            if name in chosen and name not in skipped:
                 peak[name] = peak_subprocess(name, a.quick)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = "per_sample_quick" if a.quick else "per_sample"

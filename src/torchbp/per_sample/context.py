@@ -300,9 +300,7 @@ def _grad_sums(layer: Layer, a, g) -> tuple:
 
 def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
     """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one)."""
-    weight = None if layer.weight is None else formulas.clipped_weight_grad(a, g, factors)
-    bias = None if layer.bias is None else formulas.clipped_bias_grad(g, factors)
-    return weight, bias
+    return _grad_sums(layer, a, formulas.scale_samples(g, factors))
 
 
 def _joined(layer: Layer):

@@ -40,7 +40,7 @@ def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out_features = g.shape[-1]
     if t == 1:
         # ‖g_i a_iᵀ‖_F² = ‖g_i‖² ‖a_i‖²
-        return g.square().sum((1, 2)) * a.square().sum((1, 2))
+        return (_row_norms(g) * _row_norms(a)).square()
     if gram_is_cheaper(t, in_features, out_features):
         # ‖Σ_t g_it a_itᵀ‖_F² = Σ_{t,s} (a_i a_iᵀ)_ts (g_i g_iᵀ)_ts
         gram_a = torch.bmm(a, a.transpose(1, 2))
@@ -53,24 +53,25 @@ def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    """``‖t_i‖`` over all but the sample dim, without a squared copy of ``t``."""
+    return torch.linalg.vector_norm(t, dim=(1, 2))
+
+
 def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
     """``‖β_i‖²`` for every sample, shape ``(B,)``."""
+    if g.shape[1] == 1:
+        # β_i = g_i
+        return _row_norms(g).square()
     # β_i = Σ_t g_it
     return g.sum(1).square().sum(1)
 
 
-def clipped_weight_grad(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """``Σ_i c_i G_i`` with one matmul, shape ``(out, in)``."""
-    out_features, in_features = g.shape[-1], a.shape[-1]
-    # Σ_i c_i Σ_t g_it a_itᵀ = (c ⊙ g)ᵀ a   over the flattened (B·T) rows
-    scaled = (g * factors[:, None, None]).reshape(-1, out_features)
-    return scaled.t() @ a.reshape(-1, in_features)
-
-
-def clipped_bias_grad(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """``Σ_i c_i β_i``, shape ``(out,)``."""
-    # Σ_i c_i Σ_t g_it = cᵀ (Σ_t g_t)
-    return factors @ g.sum(1)
+def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``c_i g_i``: with it, :func:`weight_grad_sum` and :func:`bias_grad_sum` give the
+    clipped sums ``Σ_i c_i G_i = (c ⊙ g)ᵀ a`` and ``Σ_i c_i β_i``, one matmul a layer."""
+    # G_i is linear in g_i: c_i G_i = Σ_t (c_i g_it) a_itᵀ
+    return g * factors[:, None, None]
 
 
 def weight_grad_samples(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
