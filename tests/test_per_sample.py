@@ -308,3 +308,19 @@ def test_plain_training_unchanged_outside_the_context():
     F.cross_entropy(twin(x), target).backward()
     for p, q in zip(model.parameters(), twin.parameters()):
         close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    model = mlp()
+    x, target = torch.randn(6, 5, dtype=DT, requires_grad=reentrant), targets(6, 4)
+    ref = reference(model, x.detach(), target, "mean")
+    with per_sample_grads(model, mode="grads") as ps:
+        out = checkpoint(model, x, use_reentrant=reentrant)
+        torchbp.functional.cross_entropy(out, target).backward()
+    for name, g in ref.items():
+        close(model.get_parameter(name).grad_sample, g)
+        close(model.get_parameter(name).grad, g.sum(0))
+    close(ps.norms, torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values())))

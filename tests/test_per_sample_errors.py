@@ -260,3 +260,21 @@ def test_model_without_trainable_parameters():
     assert ps.parameters == []
     with pytest.raises(RuntimeError, match="no backward"):
         _ = ps.norms
+
+
+def test_compiled_model_refused_at_backward():
+    model = mlp(nn.Tanh())
+    compiled = torch.compile(model, backend="eager")
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = compiled(torch.randn(5, 4))
+        with pytest.raises(RuntimeError, match="received a gradient .* torch.compile"):
+            out.sum().backward()
+
+
+def test_autocast_refused_at_backward():
+    model = mlp()
+    with per_sample_grads(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(5, 4))
+        with pytest.raises(RuntimeError, match="a weight cast by autocast"):
+            out.float().sum().backward()

@@ -200,8 +200,9 @@ class PerSampleGrads:
             if grad is not None:
                 raise RuntimeError(
                     f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
-                    "other than its Linear layer (is it used elsewhere, e.g. tied or passed "
-                    "to a functional op?); that gradient cannot be attributed to samples"
+                    "other than its recorded Linear call (is it used elsewhere, e.g. tied or "
+                    "passed to a functional op, or does the model run under torch.compile, "
+                    "which is not supported?); that gradient cannot be attributed to samples"
                 )
         if self._has_traces():
             self._finalise(forms_param_grads=True)
@@ -376,7 +377,8 @@ def per_sample_grads(
     mode, softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`. Any torchbp or torch loss works on the
     model's output (reduction, class weights, label smoothing, ignore_index), as long as
-    the loss itself has no trainable parameters. Eager mode, no autocast.
+    the loss itself has no trainable parameters. Eager mode only (no ``torch.compile``, no
+    autocast; both are refused at the backward); activation checkpointing works.
 
     DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
 
