@@ -20,11 +20,15 @@ ReLU MLP, fp32, CPU, from the same initial weights:
 
 * ``enable``: the model written with functional calls (``F.linear``, ``F.relu``,
   ``F.cross_entropy``), the whole step inside ``with torchbp.enable()``;
+* ``enable_forward``: the same, only forward and loss inside the mode (where the graph
+  is built: backward and the optimizer gain nothing from it);
+* ``direct``: the same functional model calling ``torchbp.functional`` itself, no mode
+  (the very computation of ``enable``: ``enable / direct`` is the mode's own cost);
 * ``convert``: ``nn.Sequential`` of ``nn.Linear`` / ``nn.ReLU`` and ``nn.CrossEntropyLoss``
   after ``torchbp.convert``, no mode;
 * ``native``: the same ``nn`` model unconverted (for reference).
 
-Rounds alternate the order of the three; reported are per-variant medians and the
+Rounds alternate the order of the five; reported are per-variant medians and the
 enable/convert ratio both as median/median and as the median of per-round ratios.
 
 One intra-op thread by default (``--threads``): on a shared 2-core machine more threads
@@ -36,6 +40,7 @@ Writes ``experiments/results/mode.{md,json}`` (``mode_quick.*`` with --quick).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -124,22 +129,28 @@ def mlp_step(sizes: list[int], batch: int, rounds: int, warmup: int) -> dict:
     y = torch.randint(sizes[-1], (batch,))
     native_loss, converted_loss = nn.CrossEntropyLoss(), torchbp.convert(nn.CrossEntropyLoss())
 
-    def functional_forward(inp: torch.Tensor) -> torch.Tensor:
-        weights = functional_params
+    def functional_forward(inp: torch.Tensor, ns=F) -> torch.Tensor:
+        weights = functional_params if ns is F else direct_params
         for i in range(0, len(weights), 2):
-            inp = F.linear(inp, weights[i], weights[i + 1])
+            inp = ns.linear(inp, weights[i], weights[i + 1])
             if i + 2 < len(weights):
-                inp = F.relu(inp)
+                inp = ns.relu(inp)
         return inp
+
+    direct_params = [p.detach().clone().requires_grad_() for p in native.parameters()]
 
     mode = enable()
 
-    def stepper(params, forward, loss_fn, under_mode: bool) -> Callable[[], None]:
+    def stepper(params, forward, loss_fn, under_mode: str = "") -> Callable[[], None]:
+        """One SGD step; ``under_mode``: ``"step"`` (all of it) or ``"forward"`` (forward
+        and loss, where the graph is built) under the mode, ``""`` without it."""
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        context = mode if under_mode == "forward" else contextlib.nullcontext()
 
         def step() -> None:
             opt.zero_grad()
-            loss = loss_fn(forward(x), y)
+            with context:
+                loss = loss_fn(forward(x), y)
             loss.backward()
             opt.step()
 
@@ -147,19 +158,26 @@ def mlp_step(sizes: list[int], batch: int, rounds: int, warmup: int) -> dict:
             with mode:
                 step()
 
-        return step_under_mode if under_mode else step
+        return step_under_mode if under_mode == "step" else step
 
     variants = {
-        "enable": stepper(functional_params, functional_forward, F.cross_entropy, True),
-        "convert": stepper(list(converted.parameters()), converted, converted_loss, False),
-        "native": stepper(list(native.parameters()), native, native_loss, False),
+        "enable": stepper(functional_params, functional_forward, F.cross_entropy, "step"),
+        "enable_forward": stepper(
+            [p.detach().clone().requires_grad_() for p in functional_params],
+            functional_forward,
+            F.cross_entropy,
+            "forward",
+        ),
+        "direct": stepper(direct_params, lambda inp: functional_forward(inp, TF), TF.cross_entropy),
+        "convert": stepper(list(converted.parameters()), converted, converted_loss),
+        "native": stepper(list(native.parameters()), native, native_loss),
     }
     for _ in range(warmup):
         for step in variants.values():
             step()
     routed_per_step = dict(mode.counts)
     for key in routed_per_step:
-        routed_per_step[key] //= warmup
+        routed_per_step[key] //= 2 * warmup  # two variants run under the mode
     times = interleaved(variants, rounds)
     med = {name: median_us(t) / 1e3 for name, t in times.items()}
     paired = [a / b for a, b in zip(times["enable"], times["convert"])]
@@ -170,6 +188,9 @@ def mlp_step(sizes: list[int], batch: int, rounds: int, warmup: int) -> dict:
         "median_ms": med,
         "enable_over_convert": med["enable"] / med["convert"],
         "enable_over_convert_paired_median": statistics.median(paired),
+        "enable_over_direct": med["enable"] / med["direct"],
+        "enable_forward_over_convert": med["enable_forward"] / med["convert"],
+        "enable_forward_over_direct": med["enable_forward"] / med["direct"],
         "convert_over_native": med["convert"] / med["native"],
         "routed_per_step": routed_per_step,
     }
@@ -216,22 +237,31 @@ def markdown(data: dict) -> str:
         "",
         "## MLP training step",
         "",
-        "zero_grad + forward + cross-entropy + backward + SGD (momentum) step, fp32, CPU. "
-        "`enable`: functional model under `with torchbp.enable()`; `convert`: the `nn` model "
-        "after `torchbp.convert`; `native`: the `nn` model as it is.",
+        "zero_grad + forward + cross-entropy + backward + SGD (momentum) step, fp32, CPU; "
+        "median ms per step. "
+        "`enable`: functional model (`F.linear`, `F.relu`, `F.cross_entropy`), the whole "
+        "step under `with torchbp.enable()`; `enable fwd`: only forward and loss under it; "
+        "`direct`: the same model calling `torchbp.functional` "
+        "itself (the same computation without the mode); `convert`: the `nn` model after "
+        "`torchbp.convert`; `native`: the `nn` model as it is. Ratios: median/median, and "
+        "the median of per-round ratios in brackets.",
         "",
-        "| MLP | batch | rounds | enable (ms) | convert (ms) | native (ms) "
-        "| enable / convert | paired median | routed per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| MLP | batch | rounds | enable | enable fwd | direct | convert | native "
+        "| enable / convert | enable / direct | enable fwd / convert | enable fwd / direct "
+        "| routed per step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in data["mlp"]:
         med = row["median_ms"]
         routed = ", ".join(f"{k} {v}" for k, v in row["routed_per_step"].items())
         lines.append(
             f"| {'-'.join(map(str, row['sizes']))} ReLU | {row['batch']} | {row['rounds']} "
-            f"| {med['enable']:.2f} | {med['convert']:.2f} | {med['native']:.2f} "
+            f"| {med['enable']:.2f} | {med['enable_forward']:.2f} | {med['direct']:.2f} "
+            f"| {med['convert']:.2f} | {med['native']:.2f} "
             f"| **{row['enable_over_convert']:.3f}** "
-            f"| {row['enable_over_convert_paired_median']:.3f} | {routed} |"
+            f"({row['enable_over_convert_paired_median']:.3f}) "
+            f"| {row['enable_over_direct']:.3f} | {row['enable_forward_over_convert']:.3f} "
+            f"| {row['enable_forward_over_direct']:.3f} | {routed} |"
         )
     lines += [
         "",
@@ -242,7 +272,8 @@ def markdown(data: dict) -> str:
         "A training step makes a few dozen torch calls under the mode (forward, "
         "`backward()`, the optimizer's in-place updates, attribute reads), so the "
         "cost is fixed per step: within noise for the large MLP, visible for a step "
-        "under a millisecond.",
+        "under a millisecond, and smallest with only forward and loss under the mode "
+        "(`enable fwd`, as `ERMClassifier` does).",
         "",
     ]
     return "\n".join(lines)
@@ -262,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         cases = [([32, 64, 10], 16, 5, 2)]
     else:
         calls, call_rounds = 2000, 41
-        cases = [([784, 1024, 1024, 10], 256, 41, 5), ([64, 256, 10], 64, 201, 20)]
+        cases = [([784, 1024, 1024, 10], 256, 101, 5), ([64, 256, 10], 64, 201, 20)]
     command = "python -m experiments.bench_mode " + " ".join(sys.argv[1:] if argv is None else argv)
     data = {
         "command": command.strip(),
