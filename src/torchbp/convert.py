@@ -10,7 +10,9 @@ training flag stay the very same objects:
   ``nn.MultiheadAttention``) becomes ``class <Name>(<its class>, <the twin>)``, made
   once per class and cached: it keeps its name, its other methods and every
   ``isinstance`` answer, and runs the twin's ``forward``. ``to="torch"`` switches it back
-  to the original class; it pickles as that class plus the twin;
+  to the original class; it pickles as that class plus the twin. (``MultiheadAttention``
+  itself never calls ``out_proj``'s ``forward``: it passes the weight to ``F.linear``,
+  which only :func:`torchbp.enable` reaches.)
 * a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
   :func:`torchbp.enable` routes the functional calls inside it), and so does every module
   without a torchbp op (``Conv2d``, ``LayerNorm``, ...).
