@@ -258,6 +258,23 @@ def test_torch_func_transforms_under_the_mode():
     assert mode.counts == {"gelu": 1, "log_softmax": 1, "silu": 1}
 
 
+def test_autocast_dtypes_as_native():
+    x, w = make((4, 6)).requires_grad_(), make((5, 6), seed=1).requires_grad_()
+
+    def calls():
+        h = F.linear(x, w)
+        return h, F.gelu(h), F.cross_entropy(h, TARGET), h.softmax(-1)
+
+    with torch.autocast("cpu", torch.bfloat16):
+        want = calls()
+        with enable() as mode:
+            got = calls()
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert sum(mode.counts.values()) == 4
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g.float(), w_.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_multihead_attention_projections_and_weights_softmax_route():
     """``F.multi_head_attention_forward`` reaches the mode as a whole; it is re-dispatched
     with the mode active, so its F.linear and (need_weights=True) F.softmax route."""
