@@ -233,18 +233,8 @@ class PerSampleGrads:
         (batch,) = batches
         with torch.no_grad():
             traces = {id(layer): _joined(layer) for layer in self._layers if layer.traces}
-            reference = next(iter(traces.values()))[1]
-            squared = reference.new_zeros(batch)
-            for layer in self._layers:
-                if id(layer) not in traces:
-                    continue
-                a, g = traces[id(layer)]
-                if layer.weight is not None:
-                    squared += formulas.weight_squared_norms(a, g)
-                if layer.bias is not None:
-                    squared += formulas.bias_squared_norms(g)
             self._batch = batch
-            self._norms = squared.sqrt()
+            self._norms = self._squared_norms(traces, batch).sqrt()
             if self.mode == "clip":
                 # c_i = min(1, C / ‖grad_i‖)   (a zero norm gives C/0 = inf -> 1)
                 self._factors = (self.max_norm / self._norms).clamp_(max=1.0)
@@ -253,8 +243,11 @@ class PerSampleGrads:
                     p.grad_sample = None
             clip = self.mode == "clip"
             needs_sums = self.statistics or (forms_param_grads and not clip)
-            for layer in self._layers:
-                trace = traces.get(id(layer))
+            # Output side first, as the backward would: each layer's recording is dropped
+            # once used, so the big early-layer gradients meet few recordings still held.
+            for layer in reversed(self._layers):
+                trace = traces.pop(id(layer), None)
+                layer.traces.clear()
                 sums = _grad_sums(layer, *trace) if trace is not None and needs_sums else None
                 if self.mode == "grads":
                     self._form_samples(layer, trace, batch)
@@ -266,6 +259,19 @@ class PerSampleGrads:
                         if p is not None:
                             _accumulate(p, grad)
             self._recorder.finalised = True
+
+    def _squared_norms(self, traces: dict, batch: int) -> torch.Tensor:
+        """``Σ_layers ‖G_i‖² + ‖β_i‖²``, shape ``(B,)``."""
+        squared = next(iter(traces.values()))[1].new_zeros(batch)
+        for layer in self._layers:
+            if id(layer) not in traces:
+                continue
+            a, g = traces[id(layer)]
+            if layer.weight is not None:
+                squared += formulas.weight_squared_norms(a, g)
+            if layer.bias is not None:
+                squared += formulas.bias_squared_norms(g)
+        return squared
 
     def _form_samples(self, layer: Layer, trace, batch: int) -> None:
         for p, is_weight in ((layer.weight, True), (layer.bias, False)):
