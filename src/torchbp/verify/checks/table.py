@@ -21,10 +21,14 @@ from torchbp.verify.checks.backward_contract import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import check_opcheck
 from torchbp.verify.checks.forward import check_forward
+from torchbp.verify.checks.interleave import check_interleave
+from torchbp.verify.checks.mutation import check_mutation
 from torchbp.verify.checks.numerical import check_forward_ad, check_gradcheck, check_gradgradcheck
 from torchbp.verify.checks.outcomes import Passed
 from torchbp.verify.checks.parity import check_compile, check_reference
+from torchbp.verify.checks.probes import check_extreme_values
 from torchbp.verify.checks.transforms import check_batched_grad, check_vmap
+from torchbp.verify.checks.vmap_dims import check_vmap_in_dims
 
 __all__ = ["CHECKS", "CHECK_DESCRIPTIONS", "CHECK_TABLE", "Check"]
 
@@ -72,6 +76,11 @@ CHECK_TABLE: tuple[Check, ...] = (
         check_vmap,
     ),
     Check(
+        "vmap_in_dims",
+        "torch.func.vmap over a non-zero in_dims and with unbatched inputs equals a loop",
+        check_vmap_in_dims,
+    ),
+    Check(
         "batched_grad",
         "backward with batched grad_outputs (is_grads_batched) equals a loop",
         check_batched_grad,
@@ -92,6 +101,16 @@ CHECK_TABLE: tuple[Check, ...] = (
         check_grad_output_safety,
     ),
     Check(
+        "mutation",
+        "fn leaves inputs intact (or mark_dirty), backward leaves inputs/outputs, repeatable",
+        check_mutation,
+    ),
+    Check(
+        "interleave",
+        "two calls made before backward each get their own gradients",
+        check_interleave,
+    ),
+    Check(
         "compile",
         "torch.compile (fullgraph) forward and backward equal eager",
         check_compile,
@@ -105,6 +124,11 @@ CHECK_TABLE: tuple[Check, ...] = (
         "reference",
         "outputs and all gradients equal the reference callable's",
         check_reference,
+    ),
+    Check(
+        "extreme_values",
+        "outputs and gradients on scaled-up, near-zero and zero inputs equal the reference's",
+        check_extreme_values,
     ),
 )
 

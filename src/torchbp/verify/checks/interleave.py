@@ -1,0 +1,82 @@
+"""The ``interleave`` check: two calls of fn made before either backward each get their own
+gradients, as they do when each call is followed by its backward.
+
+A Function that keeps what backward needs somewhere shared (an attribute of the class, a
+module global, a closure) instead of on ``ctx`` passes every single-call check: the second
+call overwrites the first's state, which only shows when two graphs are alive at once (two
+micro-batches, a siamese network, a Function used twice in one model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.verify.checks.compare import float_tensors, require_close
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+
+__all__ = ["check_interleave", "second_inputs"]
+
+
+def second_inputs(ctx: CheckContext) -> list[torch.Tensor]:
+    """Other values for the grad inputs: each one flipped along all its dims and scaled by
+    1.25 (same shapes, same signs, different values at every place that is not symmetric)."""
+    return [
+        (ctx.args[i].detach().flip(list(range(ctx.args[i].dim()))) * 1.25)
+        .clone()
+        .requires_grad_(True)
+        for i in ctx.grad_idx
+    ]
+
+
+def _forward(ctx: CheckContext, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [o for o in float_tensors(ctx.call(ctx.fn, leaves)) if o.requires_grad]
+
+
+def _backward(outs, leaves, vs, which: str) -> list[torch.Tensor]:
+    try:
+        gs = torch.autograd.grad(outs, leaves, vs, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(
+            f"backward of the {which} call failed when two calls were made before backward: "
+            f"{explain_error(exc)} (fn keeps state outside ctx?)"
+        ) from None
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+def check_interleave(ctx: CheckContext) -> Passed:
+    """Calls fn on inputs A, then on other inputs B, then runs backward of A and of B; each
+    must give the gradients (and outputs) of A's and B's calls made alone."""
+    leaves_a, leaves_b = ctx.leaves(), second_inputs(ctx)
+    if all(torch.equal(a, b) for a, b in zip(leaves_a, leaves_b)):
+        raise CheckSkip("the example inputs are symmetric: no second set of values to use")
+    alone_a, alone_b = ctx.leaves(), second_inputs(ctx)
+    outs_alone_a = _forward(ctx, alone_a)
+    vs_a = ctx.randn_like_outputs(outs_alone_a)
+    expected_a = _backward(outs_alone_a, alone_a, vs_a, "first")
+    outs_alone_b = _forward(ctx, alone_b)
+    vs_b = ctx.randn_like_outputs(outs_alone_b)
+    expected_b = _backward(outs_alone_b, alone_b, vs_b, "second")
+
+    outs_a = _forward(ctx, leaves_a)
+    outs_b = _forward(ctx, leaves_b)
+    tolerance = ctx.parity_tolerances()
+    worst = (0.0, 0.0)
+    for o, (got, exp) in enumerate(zip(outs_a, outs_alone_a)):
+        problem = f"output {o} of the first call changed when a second call followed"
+        worst = max(worst, require_close(got, exp, tolerance, problem))
+    got_a = _backward(outs_a, leaves_a, vs_a, "first")
+    got_b = _backward(outs_b, leaves_b, vs_b, "second")
+    for which, got, expected in (("first", got_a, expected_a), ("second", got_b, expected_b)):
+        for k, (g, e) in enumerate(zip(got, expected)):
+            problem = (
+                f"gradient of {ctx.input_name(k)} of the {which} of two calls made before "
+                "backward differs from the same call followed by its own backward"
+            )
+            note = (
+                " (fn keeps what backward needs outside ctx - on the class, a global or a "
+                "closure - so the second call overwrote the first's; save it on ctx)"
+            )
+            worst = max(worst, require_close(g, e, tolerance, problem, note=note))
+    return Passed("two calls before backward: each gets its own gradients", *worst)

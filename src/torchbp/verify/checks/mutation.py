@@ -1,0 +1,116 @@
+"""The ``mutation`` check: fn changes no tensor it was given (unless it declares the write
+with ``ctx.mark_dirty`` and returns the input), backward changes neither the inputs nor the
+outputs, and two backward passes through the same graph agree.
+
+Each tensor's values and autograd version counter are recorded before and compared after,
+so the message tells a write autograd saw (``x.mul_(...)`` without ``mark_dirty``) from one
+it did not see (through ``.data``, ``.numpy()`` or the storage: the version counter did not
+move, and autograd cannot even raise its "modified by an inplace operation" error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from torchbp.verify.checks.compare import float_tensors, require_close
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.outcomes import CheckFailure, Passed
+
+__all__ = ["check_mutation"]
+
+
+class Snapshot(NamedTuple):
+    """A tensor's values and version counter at one moment."""
+
+    values: torch.Tensor
+    version: int
+
+
+def _snapshot(t: torch.Tensor) -> Snapshot:
+    return Snapshot(t.detach().clone(), t._version)
+
+
+def _values_changed(t: torch.Tensor, before: Snapshot) -> bool:
+    """True if ``t``'s values differ from the snapshot (NaNs at the same places agree)."""
+    now = t.detach()
+    if now.shape != before.values.shape:
+        return True
+    same = (now == before.values) | (now.isnan() & before.values.isnan())
+    return not bool(same.all())
+
+
+def _write_problem(t: torch.Tensor, before: Snapshot, what: str, when: str) -> str | None:
+    """How ``what`` was written to during ``when``, in words, or None if it was not."""
+    changed = _values_changed(t, before)
+    if t._version != before.version:
+        return (
+            f"{when} wrote into {what} in place (its autograd version counter moved from "
+            f"{before.version} to {t._version}"
+            + ("" if changed else ", although the values are unchanged")
+            + "): autograd's other uses of it now see the new values or raise; write into a "
+            "copy (x = x.clone()), or, in forward, declare the write with ctx.mark_dirty(x) "
+            "and return x"
+        )
+    if changed:
+        return (
+            f"{when} changed the values of {what} behind autograd's back (a write the "
+            "autograd version counter did not see: through .data, .numpy(), a storage or "
+            "another non-autograd alias), so nothing can detect the stale values; compute "
+            "into a new tensor instead"
+        )
+    return None
+
+
+def _check_unchanged(tensors: Sequence[tuple[str, torch.Tensor, Snapshot]], when: str) -> None:
+    for what, t, before in tensors:
+        problem = _write_problem(t, before, what, when)
+        if problem:
+            raise CheckFailure(problem)
+
+
+def _grads(outs: list[torch.Tensor], leaves: list[torch.Tensor], vs: list[torch.Tensor]):
+    try:
+        gs = torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(f"backward failed: {explain_error(exc)}") from None
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+
+
+def check_mutation(ctx: CheckContext) -> Passed:
+    """Records values and version counters of every input before fn's forward, of every
+    output before backward, and compares after each; then runs backward a second time on
+    the same graph, which must give the same gradients (a backward that modifies what it
+    saved does not)."""
+    leaves = ctx.leaves()
+    grad_pos = set(ctx.grad_idx)
+    watched = [(ctx.input_name(k), x, _snapshot(x)) for k, x in enumerate(leaves)]
+    watched += [
+        (f"input {i}", a, _snapshot(a))
+        for i, a in enumerate(ctx.args)
+        if isinstance(a, torch.Tensor) and i not in grad_pos
+    ]
+    # inputs declared with mark_dirty are given as copies by ctx.call (see checks.forward)
+    outs = [o for o in float_tensors(ctx.call(ctx.fn, leaves)) if o.requires_grad]
+    _check_unchanged(watched, "forward")
+    if not outs:
+        return Passed("forward leaves its inputs intact (no output requires grad)")
+    watched += [(f"output {o}", t, _snapshot(t)) for o, t in enumerate(outs)]
+    vs = ctx.randn_like_outputs(outs)
+    first = _grads(outs, leaves, vs)
+    _check_unchanged(watched, "backward")
+    second = _grads(outs, leaves, vs)
+    _check_unchanged(watched, "a second backward")
+    tolerance = ctx.parity_tolerances()
+    worst = (0.0, 0.0)
+    for k, (a, b) in enumerate(zip(second, first)):
+        problem = (
+            f"a second backward through the same graph gives another gradient of "
+            f"{ctx.input_name(k)}"
+        )
+        note = " (backward modifies a tensor it saved, or keeps state between calls)"
+        worst = max(worst, require_close(a, b, tolerance, problem, note=note))
+    return Passed("inputs and outputs intact; backward repeatable", *worst)

@@ -1,0 +1,91 @@
+"""The ``extreme_values`` check: outputs and gradients on inputs derived from the user's
+example inputs - scaled up (large logits: overflow), scaled down to near zero (around the
+kinks of piecewise functions) and exactly zero (on the kinks) - equal the reference's.
+
+Random example inputs of moderate size never reach these regions: a softmax without the
+max trick, or a ReLU whose gradient at 0 differs from the reference's, passes gradcheck.
+A probe on which the reference itself raises is left out; one on which fn raises but the
+reference works fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from torchbp.verify.checks.compare import float_tensors, require_close, shape_text
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+
+__all__ = ["PROBES", "check_extreme_values"]
+
+#: ``(label, transform)`` of each probe, applied to every grad input.
+PROBES: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
+    ("inputs scaled by 1e3 (large values)", lambda x: x * 1e3),
+    ("inputs scaled by 1e-6 (near zero, around kinks)", lambda x: x * 1e-6),
+    ("inputs set to zero (on kinks)", torch.zeros_like),
+)
+
+
+def _run(ctx: CheckContext, f, inputs, vs=None):
+    """Outputs of ``f`` on ``inputs`` (fresh leaves) and the gradients for ``vs`` (random
+    grad_outputs drawn here when None)."""
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+    outs = float_tensors(ctx.call(f, leaves))
+    if vs is None:
+        vs = ctx.randn_like_outputs(outs)
+    live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
+    grads = [torch.zeros_like(x) for x in leaves]
+    if live:
+        gs = torch.autograd.grad(
+            [o for o, _ in live], leaves, [v for _, v in live], allow_unused=True
+        )
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+    return [o.detach() for o in outs], grads, vs
+
+
+def check_extreme_values(ctx: CheckContext) -> Passed:
+    """fn against the reference on each probe (outputs and gradients, dtype-aware
+    tolerances, infinities and NaNs must match); skipped without a reference."""
+    if ctx.reference is None:
+        raise CheckSkip("no reference given (the probes compare fn with it)")
+    tolerance = ctx.parity_tolerances()
+    worst, compared = (0.0, 0.0), 0
+    for label, transform in PROBES:
+        inputs = [transform(ctx.args[i].detach()) for i in ctx.grad_idx]
+        try:
+            ref_outs, ref_grads, vs = _run(ctx, ctx.reference, inputs)
+        except Exception:  # noqa: BLE001 - the probe is outside the reference's domain
+            continue
+        try:
+            outs, grads, _ = _run(ctx, ctx.fn, inputs, vs)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailure(
+                f"fn failed on {label}, where the reference works: {explain_error(exc)}"
+            ) from None
+        compared += 1
+        if len(outs) != len(ref_outs):
+            raise CheckFailure(
+                f"on {label}: fn returned {len(outs)} output(s), the reference {len(ref_outs)}"
+            )
+        pairs = [(f"output {o}", a, b) for o, (a, b) in enumerate(zip(outs, ref_outs))]
+        pairs += [
+            (f"gradient of {ctx.input_name(k)}", a, b)
+            for k, (a, b) in enumerate(zip(grads, ref_grads))
+        ]
+        for what, a, b in pairs:
+            if a.shape != b.shape:
+                raise CheckFailure(
+                    f"on {label}: {what} has shape {shape_text(a)}, the reference's {shape_text(b)}"
+                )
+            problem = f"on {label}: {what} differs from the reference"
+            note = (
+                " (overflow or underflow - e.g. exp without the max trick - or another "
+                "value or gradient at a kink?)"
+            )
+            worst = max(worst, require_close(a, b, tolerance, problem, note=note, show_index=True))
+    if not compared:
+        raise CheckSkip("the reference raised on every probe")
+    return Passed(f"{compared} probe(s): large, near-zero and zero inputs", *worst)
