@@ -324,3 +324,18 @@ def test_activation_checkpointing(reentrant):
         close(model.get_parameter(name).grad_sample, g)
         close(model.get_parameter(name).grad, g.sum(0))
     close(ps.norms, torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values())))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5)], ids=["2d", "3d"])
+def test_bias_free_and_bias_only_layers(shape):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(5, 6, bias=False),
+        torchbp.nn.GELU(),
+        torchbp.nn.Linear(6, 6),
+        torchbp.nn.Tanh(),
+        torchbp.nn.Linear(6, 4),
+    ).to(DT)
+    model[2].bias.requires_grad_(False)  # weight only
+    model[4].weight.requires_grad_(False)  # bias only
+    check_all_modes(model, torch.randn(*shape, dtype=DT), targets(shape[0], 4, *shape[1:-1]))

@@ -267,10 +267,9 @@ class PerSampleGrads:
             if id(layer) not in traces:
                 continue
             a, g = traces[id(layer)]
-            if layer.weight is not None:
-                squared += formulas.weight_squared_norms(a, g)
-            if layer.bias is not None:
-                squared += formulas.bias_squared_norms(g)
+            squared += formulas.layer_squared_norms(
+                a, g, weight=layer.weight is not None, bias=layer.bias is not None
+            )
         return squared
 
     def _form_samples(self, layer: Layer, trace, batch: int) -> None:

@@ -67,6 +67,20 @@ def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
     return g.sum(1).square().sum(1)
 
 
+def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool):
+    """``‖G_i‖² + ‖β_i‖²``, counting the trainable ones, for every sample, shape ``(B,)``."""
+    if g.shape[1] == 1:
+        g2 = _row_norms(g).square_()
+        if not weight:
+            # ‖β_i‖² = ‖g_i‖²
+            return g2
+        a2 = _row_norms(a).square_()
+        # ‖g_i a_iᵀ‖² + ‖g_i‖² = ‖g_i‖² (‖a_i‖² + 1): two passes over the layer's data
+        return g2.mul_(a2.add_(1.0) if bias else a2)
+    total = weight_squared_norms(a, g) if weight else g.new_zeros(g.shape[0])
+    return total.add_(bias_squared_norms(g)) if bias else total
+
+
 def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``c_i g_i``: with it, :func:`weight_grad_sum` and :func:`bias_grad_sum` give the
     clipped sums ``Σ_i c_i G_i = (c ⊙ g)ᵀ a`` and ``Σ_i c_i β_i``, one matmul a layer."""
