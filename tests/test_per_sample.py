@@ -339,3 +339,15 @@ def test_bias_free_and_bias_only_layers(shape):
     model[2].bias.requires_grad_(False)  # weight only
     model[4].weight.requires_grad_(False)  # bias only
     check_all_modes(model, torch.randn(*shape, dtype=DT), targets(shape[0], 4, *shape[1:-1]))
+
+
+def test_add_noise_reaches_parameters_without_gradient():
+    model = TwoHeads().to(DT)
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 3)
+    with per_sample_grads(model, mode="clip", max_norm=0.5) as ps:
+        torchbp.functional.cross_entropy(model(x)[0], target).backward()
+        assert model.unused.weight.grad is None
+        ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    expected = {id(p): torch.randn(p.shape, generator=gen, dtype=DT) * 0.5 for p in ps.parameters}
+    close(model.unused.weight.grad, expected[id(model.unused.weight)])

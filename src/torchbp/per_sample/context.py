@@ -159,11 +159,10 @@ class PerSampleGrads:
         with torch.no_grad():
             for p in self.parameters:
                 noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-                noise.mul_(std)
                 if p.grad is None:
-                    p.grad = noise
+                    p.grad = noise.mul_(std)
                 else:
-                    p.grad.add_(noise)
+                    p.grad.add_(noise, alpha=std)
 
     # ------------------------------------------------------------------ internals
     def _has_traces(self) -> bool:
