@@ -174,6 +174,21 @@ ACCEPTED = [
         for e in (0.0, 0.5)
     ],
     Call("cross_entropy-kdim-probs", "cross_entropy", lambda: (X(2, 3, 4), _probs(2, 3, 4))),
+    # half-precision dtypes (CPU)
+    *[
+        call
+        for d in (torch.bfloat16, torch.float16)
+        for call in (
+            Call(f"linear-{d}", "linear", lambda d=d: (X(4, 3).to(d), X(5, 3).to(d), X(5).to(d))),
+            Call(f"sigmoid-{d}", "sigmoid", lambda d=d: (X(4, 3).to(d),)),
+            Call(f"gelu-{d}", "gelu", lambda d=d: (X(4, 3).to(d),)),
+            Call(f"log_softmax-{d}", "log_softmax", lambda d=d: (X(4, 3).to(d),), {"dim": 1}),
+            Call(f"nll_loss-{d}", "nll_loss", lambda d=d: (X(4, 3).to(d), _idx(0, 1, 2, 0))),
+            Call(
+                f"cross_entropy-{d}", "cross_entropy", lambda d=d: (X(4, 3).to(d), _idx(0, 1, 2, 0))
+            ),
+        )
+    ],
 ]
 
 
