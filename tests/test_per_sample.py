@@ -351,3 +351,14 @@ def test_add_noise_reaches_parameters_without_gradient():
     gen = torch.Generator().manual_seed(0)
     expected = {id(p): torch.randn(p.shape, generator=gen, dtype=DT) * 0.5 for p in ps.parameters}
     close(model.unused.weight.grad, expected[id(model.unused.weight)])
+
+
+def test_empty_batch_clip_gives_noise_only():
+    # Poisson sampling (DP-SGD) can draw an empty batch: the step is then pure noise
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        batch_loss(model, torch.randn(0, 5, dtype=DT), targets(0, 4), "sum").backward()
+        assert ps.norms.shape == (0,) and ps.batch_size == 0
+        assert all(not p.grad.any() for p in model.parameters())
+        ps.add_noise(1.0)
+    assert all(p.grad.any() for p in model.parameters())
