@@ -7,6 +7,11 @@ torch ops, then the Function that uses it for both backward (``dx = g · f'``) a
 Linear keeps ``y`` alive anyway, so saving it costs nothing), otherwise the input ``x``.
 :func:`~torchbp.autograd._derivative.derivative` evaluates the formula, or for a
 first-order eager backward a fast kernel of :mod:`torchbp.kernels` that computes the same.
+The piecewise ones (ReLU, LeakyReLU, ELU) also give their curvature
+``<op>_curvature(v, saved) = v · ∂f'/∂saved``, from which
+:class:`~torchbp.autograd._derivative.DerivativeFunction` differentiates a gradient
+computed with ``create_graph=True`` as native does (ReLU's second derivative is 0, not an
+error).
 """
 
 from __future__ import annotations
