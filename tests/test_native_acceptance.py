@@ -308,6 +308,9 @@ BAD = [
         r"cross_entropy: input must be a Tensor"),
     Bad("nll_loss-target-list", lambda f: f.nll_loss(x, [0, 1, 2, 0]),
         r"nll_loss: target must be a Tensor"),
+    Bad("softmax-list", lambda f: f.softmax([1.0, 2.0], 0), r"softmax: input must be a Tensor"),
+    Bad("log_softmax-list", lambda f: f.log_softmax([1.0, 2.0], 0),
+        r"log_softmax: input must be a Tensor"),
     # linear shapes and dtypes
     Bad("linear-in_features", lambda f: f.linear(x, _seeded(5, 2)),
         r"linear: input's last dim must equal weight's in_features: "
@@ -358,6 +361,13 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
             "linear_cross_entropy-smoothing-1.5",
             lambda f: f.linear_cross_entropy(x, _seeded(5, 3), t, label_smoothing=1.5),
             r"linear_cross_entropy: label_smoothing must be in \[0, 1\], got 1.5",
+        )
+    )
+    BAD.append(
+        Bad(
+            "linear_cross_entropy-list",
+            lambda f: f.linear_cross_entropy([1.0, 2.0, 3.0], _seeded(5, 3), t),
+            r"linear_cross_entropy: input must be a Tensor",
         )
     )
 

@@ -46,12 +46,18 @@ class OptionError(ValueError, RuntimeError):
     also a ``RuntimeError``, native's class for these)."""
 
 
+class NotATensorError(TypeError, AttributeError):
+    """A tensor argument is not a tensor (a ``TypeError``, as native's argument parser
+    raises; also an ``AttributeError``, which native's Python wrappers such as
+    ``softmax`` raise when they call a tensor method on it)."""
+
+
 def check_tensor(op: str, **tensors) -> None:
     """Every named argument is a tensor (``None`` where the caller allows it is skipped
-    before): a ``TypeError`` naming it otherwise, as native's argument parser raises."""
+    before): a :class:`NotATensorError` naming it otherwise."""
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+            raise NotATensorError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
 
 
 def scalar_argument(op: str, name: str, value) -> float:
