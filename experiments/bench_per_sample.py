@@ -335,9 +335,8 @@ def peak_subprocess(name: str, quick: bool) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "src"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "experiments.bench_per_sample", "--peak-case", name]
-    p = subprocess.run(
-        cmd + (["--quick"] if quick else []), cwd=REPO, env=env, capture_output=True, text=True
-    )
+    cmd += ["--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     for line in reversed(p.stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -441,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         "--case", action="append", choices=list(CASES), help="only these (plain always runs)"
     )
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--peak-case", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     cfg = Config.make(a.quick)
     if a.peak_case:
         print(json.dumps(peak_in_this_process(a.peak_case, cfg)))

@@ -10,6 +10,7 @@ except the ones known to mix the samples of a batch, which are refused.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -49,8 +50,16 @@ def _trainable(p: nn.Parameter | None) -> nn.Parameter | None:
     return p if p is not None and p.requires_grad else None
 
 
+@functools.cache
+def _may_mix(cls: type) -> bool:
+    """Whether modules of this class can mix samples, depending on their settings."""
+    return issubclass(cls, (*_BATCH_NORMS, *_ALONG_DIM, nn.Flatten, nn.Unflatten))
+
+
 def _mixing_reason(module: nn.Module) -> str | None:
     """Why ``module`` mixes the samples of a batch, or ``None`` if it does not."""
+    if not _may_mix(type(module)):
+        return None
     if isinstance(module, _BATCH_NORMS) and (module.training or not module.track_running_stats):
         return "normalises with statistics of the whole batch, so it mixes samples"
     if isinstance(module, _ALONG_DIM) and module.dim == 0:
