@@ -128,3 +128,19 @@ def test_extreme_values_leaves_out_probes_where_the_reference_raises():
     )
     assert report["extreme_values"].passed
     assert report["extreme_values"].message.startswith("2 probe(s)")
+
+
+NEW_CHECKS = ["vmap_in_dims", "mutation", "interleave", "extreme_values"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_new_checks_pass_every_twin_in_low_precision(dtype):
+    # rounding differs between a twin and native in float32/bfloat16; large scaled-up
+    # terms that cancel must not count as a bug
+    for e in ZOO:
+        if "dtype" in e.kwargs:
+            continue
+        report = check_function(
+            e.twin, *e.inputs(), reference=e.reference, checks=NEW_CHECKS, dtype=dtype, **e.kwargs
+        )
+        assert report.ok, f"{e.name}:\n{report}"

@@ -47,8 +47,9 @@ def _run(ctx: CheckContext, f, inputs, vs=None):
 
 
 def check_extreme_values(ctx: CheckContext) -> Passed:
-    """fn against the reference on each probe (outputs and gradients, dtype-aware
-    tolerances, infinities and NaNs must match); skipped without a reference."""
+    """fn against the reference on each probe (outputs and gradients; dtype-aware
+    tolerances relative to each tensor's largest finite magnitude; infinities and NaNs must
+    match); skipped without a reference."""
     if ctx.reference is None:
         raise CheckSkip("no reference given (the probes compare fn with it)")
     tolerance = ctx.parity_tolerances()
@@ -81,11 +82,19 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
                     f"on {label}: {what} has shape {shape_text(a)}, the reference's {shape_text(b)}"
                 )
             problem = f"on {label}: {what} differs from the reference"
+            # scaled-up inputs make large terms that cancel: the absolute tolerance grows
+            # with the tensor's largest finite magnitude (a norm-wise comparison)
+            finite = b.detach().abs().masked_fill(~torch.isfinite(b), 0.0)
+            scale = float(finite.max()) if finite.numel() else 0.0
+            probe_tolerance = (tolerance[0] + tolerance[1] * scale, tolerance[1])
             note = (
                 " (overflow or underflow - e.g. exp without the max trick - or another "
                 "value or gradient at a kink?)"
             )
-            worst = max(worst, require_close(a, b, tolerance, problem, note=note, show_index=True))
+            worst = max(
+                worst,
+                require_close(a, b, probe_tolerance, problem, note=note, show_index=True),
+            )
     if not compared:
         raise CheckSkip("the reference raised on every probe")
     return Passed(f"{compared} probe(s): large, near-zero and zero inputs", *worst)
