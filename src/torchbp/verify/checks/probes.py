@@ -49,9 +49,11 @@ def _run(ctx: CheckContext, f, inputs, vs=None):
 def check_extreme_values(ctx: CheckContext) -> Passed:
     """fn against the reference on each probe (outputs and gradients; dtype-aware
     tolerances relative to each tensor's largest finite magnitude; infinities and NaNs must
-    match); skipped without a reference."""
+    match); skipped without a reference or when the reference check failed."""
     if ctx.reference is None:
         raise CheckSkip("no reference given (the probes compare fn with it)")
+    if ctx.failed("reference"):
+        raise CheckSkip("skipped because reference failed (fn differs on the example inputs)")
     tolerance = ctx.parity_tolerances()
     worst, compared = (0.0, 0.0), 0
     for label, transform in PROBES:
