@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers": f"opacus {_version('opacus')}, backpack {_version('backpack')}",
         "model": f"MLP {'-'.join(map(str, cfg.sizes))} ReLU, batch {cfg.batch}, float32",
         "clip": f"C = {MAX_NORM} per sample, noise σ = {NOISE_MULTIPLIER}",
+        "load average (1 min) at start": f"{os.getloadavg()[0]:.2f}",
     }
     timing: dict[str, dict] = {}
     skipped: dict[str, str] = {}
@@ -477,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         del cases
         gc.collect()
         print(f"{group}: " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in result.items()))
+    meta["load average (1 min) after timing"] = f"{os.getloadavg()[0]:.2f}"
     peak = {}
     if not a.no_peak:
         for name in CASES:
