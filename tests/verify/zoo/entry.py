@@ -26,8 +26,6 @@ class ZooEntry:
         expected: names of the checks that diagnose the bug; the report must fail at
             least one of them.
         kwargs: extra keyword arguments of ``check_function`` (for bug and twin).
-        bug_checks: a reduced set of checks that is enough to catch the bug (None: the
-            default set without ``compile``), to keep the tests fast.
     """
 
     name: str
@@ -39,7 +37,6 @@ class ZooEntry:
     reference: Callable[..., Any] | None
     expected: frozenset[str]
     kwargs: dict[str, Any] = field(default_factory=dict)
-    bug_checks: tuple[str, ...] | None = None
 
 
 def seeded(*shape: int, seed: int = 0, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
