@@ -324,8 +324,10 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
 
 def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
     if reduction == "none":
-        out = rows.reshape(batch_shape)
-    elif reduction == "sum":
+        # a copy, never the Function's own output (which it may save, or which may share a
+        # buffer with its other outputs): the caller may modify it in place, as native's
+        return rows.reshape(batch_shape).to(out_dtype, copy=True)
+    if reduction == "sum":
         out = rows.sum()
     else:
         out = rows.sum() / denominator
@@ -552,5 +554,6 @@ def linear_cross_entropy(
         loss = LinearCrossEntropyFunction.apply(*args)[0]
     out_dtype = torch.float32 if amp is not None and x.dtype in _LOW_PRECISION else input.dtype
     if reduction == "none":
-        loss = loss.reshape(batch_shape)
+        # a copy, not the Function's output: the caller may modify it in place
+        return loss.reshape(batch_shape).to(out_dtype, copy=True)
     return loss.to(out_dtype)

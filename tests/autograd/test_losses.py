@@ -426,3 +426,20 @@ def test_nll_gradient_is_differentiable_as_natives(weighted):
         (ggx,) = torch.autograd.grad((gx * gx).sum(), x)
         results.append((gx.detach(), ggx))
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["nll_loss", "cross_entropy", "linear_cross_entropy"])
+def test_unreduced_loss_may_be_modified_in_place_as_natives(name):
+    # e.g. masking per-element losses in place before the sum
+    if not hasattr(F, name):
+        pytest.skip(f"this torch has no torch.nn.functional.{name}")
+    target, mask = torch.tensor([0, 3, 1, 1]), torch.tensor([1.0, 0.0, 2.0, 1.0]).double()
+    grads = []
+    for ns in (TF, F):
+        x = make((4, C), torch.float64).requires_grad_()
+        args = (x, make((C, C), torch.float64, seed=2)) if name == "linear_cross_entropy" else (x,)
+        rows = getattr(ns, name)(*args, target, reduction="none")
+        rows.mul_(mask)
+        rows.sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])

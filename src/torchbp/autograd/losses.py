@@ -58,7 +58,8 @@ class NLLLossFunction(Function):
     """Per-row negative log-likelihood ``ℓ_i = -w_{y_i} logp_{i, y_i}`` of ``(M, C)``
     log-probabilities and ``(M,)`` class indices; backward scatters ``-w_{y_i} g_i`` to
     the target column. Saves the target and weight (and the (M,) loss rows, for double
-    backward), never ``logp`` (native saves it)."""
+    backward: do not modify them in place; ``nll_loss(reduction='none')`` hands out a
+    copy), never ``logp`` (native saves it)."""
 
     generate_vmap_rule = True
 
