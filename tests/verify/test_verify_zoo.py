@@ -111,6 +111,8 @@ def test_extreme_values_names_the_probe_and_is_skipped_without_reference():
     assert "max trick" in result.message
     kink = _report("relu_grad_one_at_kink", checks=["extreme_values"])["extreme_values"]
     assert kink.failed and "inputs set to zero" in kink.message
+    edge = _report("hardtanh_grad_one_at_boundary", checks=["extreme_values"])["extreme_values"]
+    assert edge.failed and "inputs rounded to integers" in edge.message
     e = _entry("softmax_without_max_trick")
     report = check_function(e.bug, *e.inputs(), checks=["extreme_values"])
     assert report["extreme_values"].skipped and "no reference" in report["extreme_values"].message
@@ -127,7 +129,7 @@ def test_extreme_values_leaves_out_probes_where_the_reference_raises():
         e.twin, *e.inputs(), reference=picky_reference, checks=["extreme_values"]
     )
     assert report["extreme_values"].passed
-    assert report["extreme_values"].message.startswith("2 probe(s)")
+    assert report["extreme_values"].message.startswith("3 probe(s)")
 
 
 NEW_CHECKS = ["vmap_in_dims", "mutation", "interleave", "extreme_values"]

@@ -150,6 +150,33 @@ class KinkReLU(ReLU):
         return g * (x >= 0).to(g.dtype)  # slope 1 at x = 0, native has 0
 
 
+class Hardtanh(torch.autograd.Function):
+    """hardtanh(x) = clamp(x, -1, 1), with native's gradient: 0 at x = +-1."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # slope 1 strictly inside (-1, 1), 0 elsewhere (native's convention at the kinks)
+        return g * (x.abs() < 1).to(g.dtype)
+
+
+class InclusiveHardtanh(Hardtanh):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)  # slope 1 at x = +-1, native's hardtanh has 0
+
+
 ENTRIES = [
     ZooEntry(
         "softmax_without_max_trick",
@@ -220,6 +247,16 @@ ENTRIES = [
         ReLU,
         lambda: (seeded(3, 4),),
         torch.relu,
+        frozenset({"extreme_values"}),
+    ),
+    ZooEntry(
+        "hardtanh_grad_one_at_boundary",
+        "numerics",
+        "hardtanh backward uses |x| <= 1: gradient 1 at x = +-1 where native gives 0",
+        InclusiveHardtanh,
+        Hardtanh,
+        lambda: (seeded(3, 4),),
+        F.hardtanh,
         frozenset({"extreme_values"}),
     ),
 ]

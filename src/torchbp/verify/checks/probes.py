@@ -1,6 +1,7 @@
 """The ``extreme_values`` check: outputs and gradients on inputs derived from the user's
 example inputs - scaled up (large logits: overflow), scaled down to near zero (around the
-kinks of piecewise functions) and exactly zero (on the kinks) - equal the reference's.
+kinks of piecewise functions), exactly zero and rounded to integers (on the kinks, e.g.
+of relu at 0 or of clamp(-1, 1) at +-1) - equal the reference's.
 
 Random example inputs of moderate size never reach these regions: a softmax without the
 max trick, or a ReLU whose gradient at 0 differs from the reference's, passes gradcheck.
@@ -26,6 +27,7 @@ PROBES: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor]], ...] = (
     ("inputs scaled by 1e3 (large values)", lambda x: x * 1e3),
     ("inputs scaled by 1e-6 (near zero, around kinks)", lambda x: x * 1e-6),
     ("inputs set to zero (on kinks)", torch.zeros_like),
+    ("inputs rounded to integers (on kinks at 0, +-1, ...)", torch.round),
 )
 
 
@@ -99,4 +101,4 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
             )
     if not compared:
         raise CheckSkip("the reference raised on every probe")
-    return Passed(f"{compared} probe(s): large, near-zero and zero inputs", *worst)
+    return Passed(f"{compared} probe(s): large, near-zero, zero and integer inputs", *worst)
