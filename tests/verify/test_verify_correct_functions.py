@@ -91,7 +91,12 @@ def test_correct_function_passes(style):
     report = check_function(function, *inputs, reference=reference)
     assert report.ok, str(report)
     assert {c.name for c in report.unsupported} == unsupported, str(report)
-    assert all(c.passed for c in report if c.name not in unsupported), str(report)
+    # vmap_in_dims is skipped, not counted unsupported twice, when vmap is unsupported
+    assert all(
+        c.passed or (c.name == "vmap_in_dims" and c.skipped and "vmap" in unsupported)
+        for c in report
+        if c.name not in unsupported
+    ), str(report)
     for c in report.unsupported:
         assert "; to add it: " in c.message, c.message
 

@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console()
     if not console.is_terminal:
-        console = Console(width=200)
+        console = Console(width=320)  # 17 columns: a pipe or file gets the whole table
     err_console = Console(stderr=True)
     parser = _parser()
     try:

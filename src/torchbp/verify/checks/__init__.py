@@ -3,10 +3,11 @@
 - :mod:`.run`: :func:`check_function`, which runs the table of checks and builds the report.
 - :mod:`.table`: the table of checks (name, description, function), in the order they run.
 - :mod:`.forward`, :mod:`.numerical`, :mod:`.transforms`, :mod:`.backward_contract`,
-  :mod:`.parity`: the check functions, by kind.
+  :mod:`.parity`, :mod:`.mutation`, :mod:`.interleave`, :mod:`.vmap_dims`, :mod:`.probes`,
+  :mod:`.custom_op`: the check functions, by kind.
 - :mod:`.context`: :class:`~.context.CheckContext`, the state the checks of one run share.
 - :mod:`.options`: argument validation and input preparation.
-- :mod:`.outcomes`: how a check ends (passed, failed, skipped).
+- :mod:`.outcomes`: how a check ends (passed, failed, unsupported, skipped).
 - :mod:`.explain`, :mod:`.compare`, :mod:`.jacobians`: plain-word error messages, tensor
   comparison and Jacobians.
 """

@@ -110,7 +110,10 @@ def check_function(
     Runs, on the example ``inputs``: ``gradcheck``, ``gradgradcheck``, forward-mode AD,
     ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
     shape of every custom Function's raw gradients, grad_output safety (no in-place writes,
-    strided/expanded grad_outputs), ``torch.compile`` parity with eager,
+    strided/expanded grad_outputs), input/output mutation (including writes the version
+    counter never sees), two interleaved calls before backward, ``vmap`` over a non-zero
+    ``in_dims``, ``torch.compile`` parity with eager, extreme-value probes against
+    ``reference``,
     ``torch.library.opcheck`` when fn is a custom op and, if ``reference`` is given, parity
     of outputs and all gradients with it. Floating inputs are cast to
     ``dtype`` (float64 by default); the numerical checks run only in float64, the others use
