@@ -278,3 +278,11 @@ def test_autocast_refused_at_backward():
             out = model(torch.randn(5, 4))
         with pytest.raises(RuntimeError, match="a weight cast by autocast"):
             out.float().sum().backward()
+
+
+def test_backward_after_the_context_refused():
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = model(torch.randn(5, 4))
+    with pytest.raises(RuntimeError, match="ran after its per_sample_grads context had closed"):
+        out.sum().backward()

@@ -87,6 +87,7 @@ class PerSampleGrads:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         per_sample_recording.recorder = None
+        self._recorder.closed = True
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -370,8 +371,9 @@ def per_sample_grads(
 
     One context records one forward and backward (several forward calls of the model,
     or of one layer, before that backward are fine: a sample's contributions are summed).
-    A second backward, a recorded forward after it, nesting, and re-entering are errors;
-    an exception inside the ``with`` forms nothing and restores plain behaviour.
+    A second backward, a backward after the ``with`` block of a forward inside it,
+    nesting, and re-entering are errors; an exception inside the ``with`` restores plain
+    behaviour (results formed before it stay, nothing is formed after it).
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear`
     modules (built directly or by :func:`torchbp.convert`); parameter-free modules and

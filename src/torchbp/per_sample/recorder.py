@@ -22,6 +22,7 @@ class Recorder:
     def __init__(self, layers: list[Layer]) -> None:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
         self.finalised = False
+        self.closed = False  # the context has exited
 
     def on_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """A :class:`Use` for this call, or ``None`` if it needs no recording.
@@ -54,6 +55,12 @@ class Use:
         """File ``(a, g)`` as ``(B, T, features)``; return False: the Linear backward skips
         dW and db, which the context forms afterwards (one matmul each, as the backward
         would), so that autograd never holds or accumulates them."""
+        if self.recorder.closed:
+            raise RuntimeError(
+                f"per_sample_grads: the backward through Linear {self.layer.name!r} ran after "
+                "its per_sample_grads context had closed; call loss.backward() inside the "
+                "with block"
+            )
         if self.recorded or self.recorder.finalised:
             raise RuntimeError(
                 f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
