@@ -14,7 +14,8 @@ Timing: every case is warmed up, then all cases of a group run in rounds whose o
 alternates (A B C, C B A, ...); reported are medians, and the ratio to the plain step of
 the same group both as median/median and as the median of per-round ratios. The fast
 group (plain, torchbp modes, ghost clipping, BatchL2Grad) gets many rounds, the slow group
-(per-sample gradients materialised) few.
+(per-sample gradients materialised) few. After each timed step, untimed, the per-sample
+buffers it left on the parameters are dropped, so no case holds 2 GB while others run.
 
 Peak memory: each case in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB, so
 freed tensors leave the resident set): after two warm-up steps and freeing the gradients,
@@ -100,12 +101,17 @@ def batch(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(cfg.sizes[-1], (cfg.batch,), generator=gen)
 
 
-def _free(params, optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def _release(params) -> None:
+    """Drop the per-sample buffers a step left on the parameters (any library's)."""
     for p in params:
         for attr in PER_SAMPLE_ATTRS:
             if getattr(p, attr, None) is not None:
                 setattr(p, attr, None)
+
+
+def _free(params, optimizer) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    _release(params)
 
 
 def plain(cfg: Config) -> Case:
@@ -287,6 +293,7 @@ def time_group(cases: dict[str, Case], rounds: int, warmup: int) -> dict[str, li
             t0 = time.perf_counter()
             cases[name].step()
             times[name].append(time.perf_counter() - t0)
+            _release(cases[name].params)  # untimed: no case holds 2 GB while others run
     return times
 
 
@@ -320,9 +327,7 @@ def peak_in_this_process(name: str, cfg: Config) -> dict:
         case.step()
     for p in case.params:
         p.grad = None
-        for attr in PER_SAMPLE_ATTRS:
-            if getattr(p, attr, None) is not None:
-                setattr(p, attr, None)
+    _release(case.params)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")
