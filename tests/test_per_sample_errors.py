@@ -286,3 +286,15 @@ def test_backward_after_the_context_refused():
         out = model(torch.randn(5, 4))
     with pytest.raises(RuntimeError, match="ran after its per_sample_grads context had closed"):
         out.sum().backward()
+
+
+def test_fused_linear_cross_entropy_on_a_model_weight_refused():
+    model = mlp(nn.ReLU())
+    head = model[2]
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        hidden = model[1](model[0](torch.randn(5, 4)))
+        loss = torchbp.functional.linear_cross_entropy(
+            hidden, head.weight, torch.tensor([0, 1, 2, 0, 1]), linear_bias=head.bias
+        )
+        with pytest.raises(RuntimeError, match=r"parameter 2\.(weight|bias) received a gradient"):
+            loss.backward()
