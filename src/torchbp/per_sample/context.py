@@ -396,6 +396,11 @@ def per_sample_grads(
             p.grad /= expected_batch_size   # e.g. ps.batch_size, or q·N under Poisson sampling
         optimizer.step()
 
+    With a fixed batch size ``B`` the same update comes without the division pass from
+    ``reduction="mean"`` and ``max_norm=C/B`` (the noise then is ``σC/B``, as it should).
+    An empty batch (Poisson sampling) gives zero clipped gradients; ``add_noise`` still
+    adds the noise.
+
     Args:
         model: the module whose trainable parameters are accounted for.
         mode: ``"norms"`` | ``"grads"`` | ``"clip"``.
