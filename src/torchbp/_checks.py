@@ -384,6 +384,75 @@ def validate_cross_entropy(
     return CrossEntropyCall(layout, soft, unmasked)
 
 
+class OptionsTypeError(TypeError, AttributeError):
+    """``linear_cross_entropy``'s ``options`` is not a ``torch.nn.LinearCrossEntropyOptions``
+    (a ``TypeError``; also an ``AttributeError``, which native raises when it reads the
+    options' fields)."""
+
+
+class LinearCrossEntropyCall(NamedTuple):
+    """What :func:`validate_linear_cross_entropy` found: whether the target holds class
+    probabilities (``soft``), the K-dim ``out_features`` ``(d1, ..., dK)`` of a
+    ``(C, d1, ..., dK, in)`` linear weight (``()`` for a 2-D one), and ``ignore_index``
+    resolved (``None`` means -100)."""
+
+    soft: bool
+    out_features: tuple[int, ...]
+    ignore_index: int
+
+
+def check_linear_cross_entropy_options(op: str, options) -> None:
+    """``options`` is ``None`` or a ``torch.nn.LinearCrossEntropyOptions`` (torch >= 2.13;
+    which validates its own fields when built); a ``chunking_method`` other than
+    ``'auto'`` together with a ``batch_chunk_size`` is checked at the call, where both
+    sizes are known."""
+    if options is None:
+        return
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options_type is None:
+        raise OptionsTypeError(
+            f"{op}: options needs torch.nn.LinearCrossEntropyOptions (torch >= 2.13), which "
+            f"this torch ({torch.__version__}) lacks; pass options=None (torchbp chunks "
+            "anyway) or chunk_size="
+        )
+    if not isinstance(options, options_type):
+        raise OptionsTypeError(
+            f"{op}: options must be a torch.nn.LinearCrossEntropyOptions or None, "
+            f"got {type(options).__name__}"
+        )
+
+
+def _check_lce_linear_part(op, input, linear_weight, linear_bias) -> tuple[int, ...]:
+    """Native's shape rules for the linear part: weight ``(C, d1, ..., dK, in)`` with
+    ``K >= 0``, bias ``(C, d1, ..., dK)``, input ``(in,)`` or ``(N, in)`` (torchbp also
+    takes ``(*, in)`` with a 2-D weight); returns ``(d1, ..., dK)``."""
+    if input.dim() == 0:
+        raise ShapeError(f"{op}: expected input with dimensionality 1 or 2, got 0 (a 0-dim input)")
+    if linear_weight.dim() < 2:
+        raise ShapeError(
+            f"{op}: expected linear_weight with dimensionality at least 2, (C, in_features) or "
+            f"(C, d1, ..., dK, in_features), got shape {tuple(linear_weight.shape)}"
+        )
+    if input.shape[-1] != linear_weight.shape[-1]:
+        raise ShapeError(
+            f"{op}: input's last dim must equal linear_weight's last dim (in_features): input "
+            f"{tuple(input.shape)}, linear_weight {tuple(linear_weight.shape)}"
+        )
+    out_features = tuple(linear_weight.shape[1:-1])
+    bias_shape = tuple(linear_weight.shape[:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != bias_shape:
+        raise ShapeError(
+            f"{op}: linear_bias must have shape {bias_shape} to match linear_weight "
+            f"{tuple(linear_weight.shape)}, got {tuple(linear_bias.shape)}"
+        )
+    if out_features and input.dim() != 2:
+        raise ShapeError(
+            f"{op}: a K-dimensional linear_weight {tuple(linear_weight.shape)} needs batched "
+            f"2-D input (N, {input.shape[-1]}), got input of shape {tuple(input.shape)}"
+        )
+    return out_features
+
+
 def validate_linear_cross_entropy(
     input,
     linear_weight,
@@ -391,28 +460,37 @@ def validate_linear_cross_entropy(
     linear_bias,
     weight,
     reduction: str,
-    ignore_index: int,
+    ignore_index: int | None,
     label_smoothing: float,
+    options,
     chunk_size,
-) -> bool:
-    """``linear_cross_entropy``: options, the linear part's shapes, dtypes kinds, weights,
-    devices, target kind and shape, every class index. Returns whether the target holds
-    class probabilities."""
+) -> LinearCrossEntropyCall:
+    """``linear_cross_entropy``: options, the linear part's shapes (native's rules), dtype
+    kinds, devices, the target kind (probabilities iff the target has the logits' shape,
+    and then ``ignore_index`` must be ``None``, as native) and, for 2-D weights, the class
+    weights, target shape and every class index (a K-dim weight goes through
+    :func:`torchbp.functional.cross_entropy`, which checks those)."""
     op = "linear_cross_entropy"
     check_tensor(op, input=input, linear_weight=linear_weight, target=target)
+    out_features = _check_lce_linear_part(op, input, linear_weight, linear_bias)
+    classes = linear_weight.shape[0]
+    batch_shape = tuple(input.shape[:-1])
+    soft = tuple(target.shape) == (*batch_shape, classes, *out_features)
+    if soft and ignore_index is not None:
+        raise OptionError(
+            f"{op}: ignore_index cannot be specified when target contains probabilities "
+            f"(target of the logits' shape {tuple(target.shape)}); leave it at None"
+        )
+    ignore_index = -100 if ignore_index is None else ignore_index
     check_reduction(reduction)
     check_smoothing(op, label_smoothing)
+    check_linear_cross_entropy_options(op, options)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_linear_shapes(
-        op, input, linear_weight, linear_bias, "linear_weight", "linear_bias", "num_classes"
-    )
-    classes = linear_weight.shape[0]
+        raise OptionError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     check_floating(op, "input", input)
     check_floating(op, "linear_weight", linear_weight)
-    check_class_weight(op, weight, classes)
     check_same_device(
         op,
         input=input,
@@ -421,8 +499,9 @@ def validate_linear_cross_entropy(
         target=target,
         weight=weight,
     )
-    batch_shape = tuple(input.shape[:-1])
-    soft = tuple(target.shape) == (*batch_shape, classes)
+    if out_features:
+        return LinearCrossEntropyCall(soft, out_features, ignore_index)
+    check_class_weight(op, weight, classes)
     check_target_kind(
         op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
     )
@@ -434,4 +513,4 @@ def validate_linear_cross_entropy(
                 f"got {tuple(target.shape)}"
             )
         check_class_indices(op, target, classes, ignore_index)
-    return soft
+    return LinearCrossEntropyCall(soft, (), ignore_index)

@@ -42,7 +42,7 @@ from torchbp.autograd import (
     TanhFunction,
 )
 from torchbp.autograd._compile import apply, pair
-from torchbp.autograd.linear_cross_entropy import default_chunk_size
+from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
 
 __all__ = [
     "linear",
@@ -447,6 +447,46 @@ def cross_entropy(
 
 
 # --------------------------------------------------------------------------- linear + CE
+def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
+    """Whether a tensor is torch.func-wrapped (vmap, grad, jvp, ...) or carries a
+    forward-mode tangent: then the chunked Function, which has no vmap rule and no jvp,
+    cannot serve the call. (Never while torch.compile traces: it runs the Function.)"""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return True
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return any(unpack(t).tangent is not None for t in present)
+
+
+def _linear_cross_entropy_unfused(
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, smoothing, soft
+):
+    """Native's reference formula, ``cross_entropy(linear(...))``, with torchbp's
+    ``linear`` and ``cross_entropy`` Functions: the logits are materialised, and every
+    transform those two support (vmap, jvp, double backward) works. For K-dim weights
+    ``(C, d1, ..., dK, in)`` the logits are ``(N, C, d1, ..., dK)``."""
+    classes, features = linear_weight.shape[0], linear_weight.shape[-1]
+    out_features = tuple(linear_weight.shape[1:-1])
+    batch_shape = tuple(input.shape[:-1])
+    w = linear_weight.reshape(math.prod(out_features, start=classes), features)
+    b = None if linear_bias is None else linear_bias.reshape(w.shape[0])
+    if input.dim() > 2:  # torchbp's (*, in) input: rows first, class dim last
+        input = input.reshape(-1, features)
+        target = target.reshape(-1, classes) if soft else target.reshape(-1)
+    logits = linear(input, w, b).reshape(*input.shape[:-1], classes, *out_features)
+    loss = cross_entropy(
+        logits,
+        target,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+    )
+    return loss.reshape(batch_shape) if reduction == "none" else loss
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -455,30 +495,47 @@ def linear_cross_entropy(
     linear_bias: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = -100,
+    ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    options=None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` computed
-    chunk by chunk of rows, without ever holding the ``(N, C)`` logits (as
-    :func:`torch.nn.functional.linear_cross_entropy`, plus ``chunk_size``).
+    chunk by chunk of rows, without ever holding the ``(N, C)`` logits: the signature,
+    defaults and results of :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13),
+    plus ``chunk_size``; works on torch 2.11+ too.
 
     Args:
-        input: ``(d,)`` or ``(*, d)``; every leading dim is a batch dim (class dim last,
-            unlike ``cross_entropy`` of K-dim logits; torch accepts only ``(d,)``/``(N, d)``).
-        linear_weight: ``(C, d)``.
-        target: class indices (int64 or uint8) of shape ``input.shape[:-1]``, or class
-            probabilities of shape ``(*input.shape[:-1], C)``.
-        linear_bias: ``(C,)`` or ``None``.
+        input: ``(in,)`` or ``(N, in)``. With a 2-D ``linear_weight`` torchbp also takes
+            ``(*, in)``, every leading dim a batch dim (class dim last; native refuses
+            more than 2 dims).
+        linear_weight: ``(C, in)``, or ``(C, d1, ..., dK, in)`` for a K-dimensional loss
+            (then ``input`` must be ``(N, in)``; the logits are ``(N, C, d1, ..., dK)``).
+        target: class indices (int64 or uint8) of shape ``(*)`` = ``input.shape[:-1]``
+            (``(N, d1, ..., dK)`` for K-dim), or class probabilities of the logits' shape.
+        linear_bias: ``(C,)`` (``(C, d1, ..., dK)`` for K-dim) or ``None``.
         weight: per-class weights ``(C,)``.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``, as :func:`cross_entropy`.
-        ignore_index: class-index target to skip (``None`` means ``-100``, as torch's).
-        label_smoothing: ε in [0, 1].
-        chunk_size: rows per chunk. Default: chosen so that the ``(chunk, C)`` working set
-            (one logits buffer in which the gradient is built in place; half inputs add a
-            float32 one) fits ``autograd.linear_cross_entropy.CHUNK_BUDGET_BYTES`` (48 MiB
-            on CPU, 256 MiB on CUDA): e.g. 384 rows for C = 32768 in float32. See
+        ignore_index: class-index target to skip; ``None`` (default, as native) means
+            ``-100``. Must stay ``None`` for probability targets (native raises too).
+        label_smoothing: ε in [0, 1] (torchbp refuses a negative ε; native extrapolates).
+        options: ``torch.nn.LinearCrossEntropyOptions`` or ``None``, validated as native
+            (torch >= 2.13). torchbp always chunks; the options only choose how many rows
+            per chunk (:func:`torchbp.autograd.linear_cross_entropy.chunk_size_from_options`:
+            ``batch_chunk_size``, or ``chunking_method='aspect_ratio[:k]'`` by torch's
+            documented formula; ``'auto'`` means torchbp's memory budget below).
+            ``acc_policy`` / ``acc_dtype`` / ``allow_retain_graph`` are accepted and
+            ignored: torchbp accumulates half inputs in float32, others in their dtype, and
+            ``retain_graph=True`` always works.
+        chunk_size: rows per chunk (overrides ``options``). Default: chosen so that the
+            ``(chunk, C)`` working set (one logits buffer in which the gradient is built in
+            place; half inputs add a float32 one) fits
+            ``autograd.linear_cross_entropy.CHUNK_BUDGET_BYTES`` (48 MiB on CPU, 256 MiB
+            on CUDA): e.g. 384 rows for C = 32768 in float32. See
             :func:`torchbp.autograd.linear_cross_entropy.default_chunk_size`.
+
+    Shape:
+        Output: a scalar, or ``target``'s class-index shape with ``reduction='none'``.
 
     Peak extra memory is O(chunk · C + N · d + C · d), never O(N · C). With ``'mean'`` /
     ``'sum'`` the input, weight and bias gradients are computed in the forward pass (3
@@ -486,15 +543,19 @@ def linear_cross_entropy(
     backward recomputes the logits chunk by chunk (4 matmuls). Gradients are accumulated
     in float32 for half-precision inputs. Double backward raises a clear error.
 
+    Two kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
+    reference formula, logits materialised) instead: a K-dim ``linear_weight`` (native's
+    chunked path falls back the same way), and calls under torch.func transforms (vmap,
+    grad, jvp) or with forward-mode dual tensors, which the chunked Function (no vmap
+    rule, no jvp) cannot serve.
+
     Examples::
 
         >>> x = torch.randn(8, 16, requires_grad=True)
         >>> w = torch.randn(100, 16, requires_grad=True)
         >>> linear_cross_entropy(x, w, torch.randint(100, (8,)), chunk_size=4).backward()
     """
-    if ignore_index is None:
-        ignore_index = -100
-    soft = _checks.validate_linear_cross_entropy(
+    call = _checks.validate_linear_cross_entropy(
         input,
         linear_weight,
         target,
@@ -503,8 +564,24 @@ def linear_cross_entropy(
         reduction,
         ignore_index,
         label_smoothing,
+        options,
         chunk_size,
     )
+    soft, ignore_index = call.soft, call.ignore_index
+    if call.out_features or _under_func_transform(
+        input, linear_weight, linear_bias, target, weight
+    ):
+        return _linear_cross_entropy_unfused(
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            float(label_smoothing),
+            soft,
+        )
     classes, features = linear_weight.shape
     batch_shape = tuple(input.shape[:-1])
     amp = _autocast_dtype(input)
@@ -528,6 +605,8 @@ def linear_cross_entropy(
             denominator = torch.tensor(rows, dtype=acc, device=x.device)
         else:
             denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
+    if chunk_size is None and options is not None:
+        chunk_size = chunk_size_from_options(options, rows, features, classes, x.dtype, x.device)
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, classes, x.dtype, x.device)
     grad_on = torch.is_grad_enabled()

@@ -17,6 +17,8 @@ Examples::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -244,27 +246,31 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
     r"""Linear layer + cross-entropy in one fused op that never holds the ``(N, C)``
     logits (:func:`torchbp.functional.linear_cross_entropy`).
 
-    Mirrors torch 2.13's ``nn.LinearCrossEntropyLoss``: it owns the linear layer as
-    ``self.linear`` (an :class:`torch.nn.Linear` ``in_features -> num_classes``, default
-    init, no bias by default), so the ``state_dict`` keys (``linear.weight``,
-    ``linear.bias``, and the ``weight`` buffer) are the same and a checkpoint moves between
-    the two. ``options`` (torch's chunking strategy) is replaced by ``chunk_size``; K-dim
-    ``out_features`` are not supported.
+    Mirrors torch 2.13's ``nn.LinearCrossEntropyLoss`` (same arguments, defaults,
+    ``extra_repr`` and errors): it owns the linear layer as ``self.linear`` (an
+    :class:`torch.nn.Linear` ``in_features -> num_classes * prod(out_features)``, default
+    init, no bias by default), reshaped to ``(C, d1, ..., dK, in)`` in forward, so the
+    ``state_dict`` keys (``linear.weight``, ``linear.bias``, and the ``weight`` buffer)
+    are the same and a checkpoint moves between the two. Works on torch 2.11+ too.
 
     Args:
         in_features: size of each input sample ``d``.
         num_classes: number of classes ``C``.
+        out_features: ``(d1, ..., dK)`` of a K-dimensional loss (default ``()``).
         bias: learn a bias for the logits (default ``False``, as torch's).
         device, dtype: factory kwargs for the linear parameters.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
         weight: per-class weights ``(C,)``.
-        ignore_index: class-index target to skip (``None`` means ``-100``).
+        ignore_index: class-index target to skip (``None``, the default, means ``-100``).
         label_smoothing: ε in [0, 1].
-        chunk_size: rows per chunk (default: from a memory budget, see the functional).
+        options: ``torch.nn.LinearCrossEntropyOptions`` or ``None``: how many rows per
+            chunk (see the functional; torchbp always chunks).
+        chunk_size: rows per chunk, overriding ``options`` (default: from a memory budget).
 
     Shape:
-        Input ``(d,)`` or ``(*, d)``; target class indices of shape ``(*)`` or
-        probabilities ``(*, C)``; output a scalar, or ``(*)`` with ``reduction='none'``.
+        Input ``(d,)`` or ``(*, d)`` (``(N, d)`` with ``out_features``); target class
+        indices of shape ``(*)`` (``(N, d1, ..., dK)``) or probabilities of the logits'
+        shape; output a scalar, or the class-index shape with ``reduction='none'``.
 
     Double backward raises a clear error.
 
@@ -279,42 +285,61 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         in_features: int,
         num_classes: int,
         *,
+        out_features: tuple[int, ...] = (),
         bias: bool = False,
         device=None,
         dtype=None,
         reduction: str = "mean",
         weight: torch.Tensor | None = None,
-        ignore_index: int | None = -100,
+        ignore_index: int | None = None,
         label_smoothing: float = 0.0,
+        options=None,
         chunk_size: int | None = None,
     ) -> None:
+        op = "LinearCrossEntropyLoss"
         if weight is not None and tuple(weight.shape) != (num_classes,):
-            raise ValueError(
-                f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), "
-                f"got {tuple(weight.shape)}"
+            raise _checks.ShapeError(
+                f"{op}: weight must have shape ({num_classes},), got {tuple(weight.shape)}"
             )
-        _checks.check_smoothing("LinearCrossEntropyLoss", label_smoothing)
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(
-                f"LinearCrossEntropyLoss: chunk_size must be a positive int or None, "
-                f"got {chunk_size!r}"
+        _checks.check_smoothing(op, label_smoothing)
+        _checks.check_linear_cross_entropy_options(op, options)
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+        ):
+            raise _checks.OptionError(
+                f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}"
             )
         super().__init__(weight=weight, reduction=reduction)
         self.num_classes = num_classes
+        self.out_features = out_features
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.chunk_size = chunk_size
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        rows = math.prod(out_features, start=num_classes)
+        self.linear = nn.Linear(in_features, rows, bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias
         return F.linear_cross_entropy(
             input,
-            self.linear.weight,
+            self.linear.weight.reshape(*shape, self.linear.in_features),
             target,
-            linear_bias=self.linear.bias,
+            linear_bias=None if bias is None else bias.reshape(shape),
             weight=self.weight,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
+            options=self.options,
             chunk_size=self.chunk_size,
         )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+            f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, options={self.options}"
+        )
+        return text if self.chunk_size is None else f"{text}, chunk_size={self.chunk_size}"

@@ -371,10 +371,10 @@ def test_default_chunk_size_from_budget():
 
 # --------------------------------------------------------------------------- bad input
 BAD = [
-    ("weight 1-D", dict(w=torch.randn(C)), ShapeError, "linear_weight must be 2-D"),
-    ("weight 3-D", dict(w=torch.randn(C, D, 1)), ShapeError, "linear_weight must be 2-D"),
+    ("weight 1-D", dict(w=torch.randn(C)), ShapeError, "linear_weight with dimensionality"),
+    ("weight 3-D, in_features", dict(w=torch.randn(C, D, 1)), ShapeError, "in_features"),
     ("in_features", dict(x=torch.randn(N, D + 1)), ShapeError, "in_features"),
-    ("0-dim input", dict(x=torch.tensor(1.0)), ShapeError, "in_features"),
+    ("0-dim input", dict(x=torch.tensor(1.0)), ShapeError, "dimensionality 1 or 2"),
     ("bias shape", dict(b=torch.randn(C + 1)), ShapeError, "linear_bias must have shape"),
     ("bias 2-D", dict(b=torch.randn(1, C)), ShapeError, "linear_bias must have shape"),
     ("chunk 0", dict(chunk_size=0), ValueError, "chunk_size"),
@@ -396,6 +396,21 @@ BAD = [
         "floating point",
     ),
     ("ignore with probs", dict(t=torch.rand(N, C), ignore_index=0), ValueError, "ignore_index"),
+    # native: ignore_index must stay None (its default) for probability targets, even -100
+    ("-100 with probs", dict(t=torch.rand(N, C), ignore_index=-100), RuntimeError, "ignore_index"),
+    (
+        "K-dim unbatched",
+        dict(x=torch.randn(D), w=torch.randn(C, 2, D), t=torch.zeros(2, dtype=torch.long)),
+        RuntimeError,
+        "batched",
+    ),
+    (
+        "K-dim bias",
+        dict(w=torch.randn(C, 2, D), t=torch.zeros(N, 2, dtype=torch.long), b=torch.randn(C)),
+        RuntimeError,
+        "linear_bias must have shape",
+    ),
+    ("options type", dict(options={"batch_chunk_size": 2}), TypeError, "options"),
     ("int input", dict(x=torch.ones(N, D, dtype=torch.long)), DTypeError, "floating-point"),
     ("dtype mix", dict(w=torch.randn(C, D, dtype=torch.float64)), DTypeError, "one dtype"),
     ("bias dtype", dict(b=torch.randn(C, dtype=torch.float64)), DTypeError, "one dtype"),

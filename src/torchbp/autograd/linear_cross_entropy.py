@@ -28,7 +28,7 @@ from torch.autograd import Function
 from torchbp._execution import may_reuse_saved, values_inspectable
 from torchbp.autograd.cross_entropy import accumulation_dtype, ce_rows
 
-__all__ = ["LinearCrossEntropyFunction", "default_chunk_size"]
+__all__ = ["LinearCrossEntropyFunction", "chunk_size_from_options", "default_chunk_size"]
 
 # Default chunk of rows: its (chunk, C) working set — one logits buffer, reused for
 # every chunk, in which ce_rows builds ∂ℓ/∂z in place (half inputs add a float32
@@ -60,6 +60,46 @@ def default_chunk_size(rows: int, classes: int, dtype: torch.dtype, device) -> i
     if chunk >= 16:
         chunk -= chunk % 8
     return int(max(1, min(max(rows, 1), chunk)))
+
+
+def chunk_size_from_options(
+    options, rows: int, features: int, classes: int, dtype: torch.dtype, device
+) -> int:
+    """Rows per chunk for torch's ``LinearCrossEntropyOptions`` (torch >= 2.13), read as
+    its documentation defines the fields:
+
+    * ``batch_chunk_size`` (with ``chunking_method`` ``'auto'`` or ``None``): that many rows;
+    * ``chunking_method='aspect_ratio[:k]'``: the ``(chunk, C)`` logits buffer about the
+      size of the ``(N, d)`` input, divided by ``k``:
+      ``next_pow2(ceil(N / ceil(C / d))) // k`` rows (a ``batch_chunk_size`` that
+      disagrees is a ``ValueError``, as native's);
+    * ``chunking_method='auto'`` alone: torchbp's own memory budget
+      (:func:`default_chunk_size`), not torch's per-device table;
+    * ``chunking_method=None`` alone: one chunk of all ``N`` rows.
+
+    Always at least 1 and at most ``max(N, 1)``. ``acc_policy``, ``acc_dtype`` and
+    ``allow_retain_graph`` do not change torchbp's numerics (float32 accumulation for half
+    inputs, the input's dtype otherwise; ``retain_graph=True`` always works).
+    """
+    most = max(rows, 1)
+    method = options.chunking_method
+    given = options.batch_chunk_size
+    if method is None or (method == "auto" and given is not None):
+        return most if given is None else max(1, min(given, most))
+    if method == "auto":
+        return default_chunk_size(rows, classes, dtype, device)
+    _name, _sep, divisor = method.partition(":")
+    divisor = int(divisor) if divisor else 1
+    # logits chunk (m, C) ≈ input (N, d): m = N / ceil(C / d), rounded up to a power of 2
+    wanted = -(-rows // max(1, -(-classes // max(features, 1))))
+    chunk = min((1 << max(wanted - 1, 0).bit_length()) // divisor, rows)
+    if given is not None and given != chunk:
+        raise ValueError(
+            f"linear_cross_entropy: options.batch_chunk_size (={given}) and "
+            f"options.chunking_method ({method!r}) give different chunk sizes ({given} vs "
+            f"{chunk}); pass only one"
+        )
+    return max(1, min(chunk, most))
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
