@@ -11,6 +11,7 @@ from torch import nn
 from torchbp.autograd.linear import per_sample_recording
 from torchbp.per_sample import formulas
 from torchbp.per_sample.model_check import Layer, attributable_layers
+from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.recorder import Recorder
 
 MODES = ("norms", "grads", "clip")
@@ -159,11 +160,10 @@ class PerSampleGrads:
         std = noise_multiplier * self.max_norm
         with torch.no_grad():
             for p in self.parameters:
-                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
                 if p.grad is None:
-                    p.grad = noise.mul_(std)
-                else:
-                    p.grad.add_(noise, alpha=std)
+                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # drawn in parallel, chunk by chunk (see torchbp.per_sample.noise)
+            add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
 
     # ------------------------------------------------------------------ internals
     def _has_traces(self) -> bool:
