@@ -19,6 +19,7 @@ checks as one test per source and dtype.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ FUNCTIONAL_TWINS: dict[str, Callable] = {
     "log_softmax": TF.log_softmax,
     "nn.functional.nll_loss": TF.nll_loss,
     "nn.functional.cross_entropy": TF.cross_entropy,
+    "nn.functional.linear_cross_entropy": TF.linear_cross_entropy,
 }
 
 # module_db class -> torchbp.nn twin
@@ -69,6 +71,8 @@ MODULE_TWINS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     torch.nn.NLLLoss: bpnn.NLLLoss,
     torch.nn.CrossEntropyLoss: bpnn.CrossEntropyLoss,
 }
+if hasattr(torch.nn, "LinearCrossEntropyLoss"):  # torch >= 2.13
+    MODULE_TWINS[torch.nn.LinearCrossEntropyLoss] = bpnn.LinearCrossEntropyLoss
 
 # op_db variants left out entirely, with the reason.
 SKIPPED_VARIANTS: dict[str, str] = {
@@ -106,6 +110,41 @@ EXCLUSIONS: tuple[Exclusion, ...] = (
 )
 
 
+_LCE = "nn.functional.linear_cross_entropy"
+_LCE_CHUNKED = (f"{_LCE}.chunked", f"{_LCE}.chunked_none")
+_LCE_SOURCES = (_LCE, *_LCE_CHUNKED, "module:LinearCrossEntropyLoss")
+
+EXCLUSIONS += (
+    Exclusion(
+        _LCE_SOURCES,
+        ("double_backward",),
+        lambda case: True,
+        "torchbp's linear_cross_entropy computes its gradients chunk by chunk without "
+        "keeping the logits and does not support double backward (documented; its "
+        "first-order gradients raise a clear error when differentiated); native supports "
+        "it on its reference path (options=None), not on its chunked path",
+    ),
+)
+
+# (source, check) pairs whose native side is native's reference path (the sample's call,
+# or module, without ``options``: linear + cross_entropy, which native's documentation
+# defines the op as), with the reason. Samples without options are unaffected.
+NATIVE_REFERENCE_PATH: dict[tuple[str, str], str] = {
+    **{
+        (source, "vmap"): "native's chunked path (a custom autograd op without a vmap rule) "
+        "raises under torch.func.vmap; torchbp runs its unfused pair there"
+        for source in (*_LCE_CHUNKED, "module:LinearCrossEntropyLoss")
+    },
+    ("module:LinearCrossEntropyLoss", "forward_ad"): "native's chunked path (options set) "
+    "has no forward-mode AD and returns a zero tangent; torchbp runs its unfused pair",
+}
+
+
+def _without_options(native: Callable, *args, **kwargs):
+    kwargs.pop("options", None)
+    return native(*args, **kwargs)
+
+
 def _excluded(source: str, case, check: str) -> bool:
     return any(source in e.sources and check in e.checks and e.applies(case) for e in EXCLUSIONS)
 
@@ -127,6 +166,8 @@ class Case:
     spec: object
     supports_forward_ad: bool = True
     supports_gradgrad: bool = True
+    # native's reference path for this sample (for :data:`NATIVE_REFERENCE_PATH`)
+    reference: Callable | None = None
 
     def call(self, fn, leaves):
         args, kwargs = tree_unflatten(leaves, self.spec)
@@ -160,6 +201,10 @@ def _close(ours, native, what):
         f"{'None' if native is None else 'a tensor'}"
     )
     if ours is None or native is None:
+        assert _is_zero(ours) and _is_zero(native), (
+            f"{what}: torchbp {'None' if ours is None else 'non-zero'}, native "
+            f"{'None' if native is None else 'non-zero'}"
+        )
         return
     torch.testing.assert_close(ours, native, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
@@ -345,6 +390,7 @@ def op_cases(op, dtype) -> Iterator[Case]:
             spec,
             op.supports_forward_ad,
             op.supports_gradgrad,
+            functools.partial(_without_options, op.op) if "options" in sample.kwargs else None,
         )
 
 
@@ -365,6 +411,11 @@ def module_cases(info, dtype) -> Iterator[Case]:
         our_module.load_state_dict(native_module.state_dict())
         params = [p for p in native_module.parameters()]
         names = [n for n, _ in native_module.named_parameters()]
+        reference = None
+        if c_kwargs.get("options") is not None:  # native's reference path: no options
+            reference_module = info.module_cls(*c_args, **{**c_kwargs, "options": None})
+            reference_module.to(dtype).load_state_dict(native_module.state_dict())
+            reference = functools.partial(_call_module, reference_module, names)
         f_args, f_kwargs = module_input.forward_input.args, module_input.forward_input.kwargs
         leaves, spec = tree_flatten(((*f_args, *params), dict(f_kwargs)))
 
@@ -377,6 +428,7 @@ def module_cases(info, dtype) -> Iterator[Case]:
             functools.partial(_call_module, native_module, names),
             leaves,
             spec,
+            reference=reference,
         )
 
 
@@ -410,8 +462,11 @@ def run_source(source: str, dtype, checks) -> tuple[collections.Counter, list[st
             if _excluded(source, case, check):
                 passed["excluded"] += 1
                 continue
+            checked = case
+            if (source, check) in NATIVE_REFERENCE_PATH and case.reference is not None:
+                checked = dataclasses.replace(case, native=case.reference)
             try:
-                CHECK_FUNCTIONS[check](case)
+                CHECK_FUNCTIONS[check](checked)
             except Exception as error:  # noqa: BLE001 - every failure is reported
                 failures.append(
                     f"{check} [{dtype}] {case.description}: {type(error).__name__}: {error}"[:800]

@@ -192,6 +192,53 @@ ACCEPTED = [
 ]
 
 
+if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:  # torch >= 2.13
+    _Options = torch.nn.LinearCrossEntropyOptions
+    ACCEPTED += [
+        Call("lce-unbatched", "linear_cross_entropy", lambda: (X(3), X(5, 3), _idx(2)[0])),
+        Call(
+            "lce-probs-default-ignore_index",
+            "linear_cross_entropy",
+            lambda: (X(4, 3), X(5, 3), _probs(4, 5)),
+        ),
+        Call(
+            "lce-ignore_index-None-is--100",
+            "linear_cross_entropy",
+            lambda: (X(4, 3), X(5, 3), _idx(0, -100, 4, 1)),
+            {"ignore_index": None},
+        ),
+        Call(
+            "lce-Kdim-weight",
+            "linear_cross_entropy",
+            lambda: (X(4, 3), X(5, 2, 3), torch.tensor([[0, 1], [2, 3], [4, 0], [1, 1]])),
+        ),
+        Call(
+            "lce-Kdim-probs-bias-none",
+            "linear_cross_entropy",
+            lambda: (X(4, 3), X(5, 2, 3), _probs(4, 5, 2)),
+            {"linear_bias": _seeded(5, 2, seed=3), "reduction": "none"},
+        ),
+        Call(
+            "lce-options-batch_chunk_size",
+            "linear_cross_entropy",
+            lambda: (X(7, 3), X(5, 3), _idx(0, 1, 2, 3, 4, 0, 1)),
+            {"options": _Options(batch_chunk_size=2)},
+        ),
+        Call(
+            "lce-options-aspect_ratio-none",
+            "linear_cross_entropy",
+            lambda: (X(7, 3), X(5, 3), _idx(0, 1, 2, 3, 4, 0, 1)),
+            {"options": _Options(chunking_method="aspect_ratio:2"), "reduction": "none"},
+        ),
+        Call(
+            "lce-options-with-smoothing",  # native warns and takes its reference path
+            "linear_cross_entropy",
+            lambda: (X(4, 3), X(5, 3), _idx(0, 1, 2, 0)),
+            {"options": _Options(), "label_smoothing": 0.2},
+        ),
+    ]
+
+
 def _grads(out, leaves):
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
     if not outs or not leaves:
@@ -363,6 +410,37 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
             r"linear_cross_entropy: label_smoothing must be in \[0, 1\], got 1.5",
         )
     )
+    w53 = _seeded(5, 3)
+    BAD += [
+        Bad("linear_cross_entropy-0dim-input",
+            lambda f: f.linear_cross_entropy(torch.tensor(1.0), w53, t),
+            r"linear_cross_entropy: expected input with dimensionality 1 or 2"),
+        Bad("linear_cross_entropy-1d-weight",
+            lambda f: f.linear_cross_entropy(x, _seeded(3), t),
+            r"linear_cross_entropy: expected linear_weight with dimensionality at least 2"),
+        Bad("linear_cross_entropy-in_features",
+            lambda f: f.linear_cross_entropy(x, _seeded(5, 4), t),
+            r"linear_cross_entropy: input's last dim must equal linear_weight's last dim"),
+        Bad("linear_cross_entropy-bias-shape",
+            lambda f: f.linear_cross_entropy(x, w53, t, linear_bias=_seeded(1, 5)),
+            r"linear_cross_entropy: linear_bias must have shape \(5,\)"),
+        Bad("linear_cross_entropy-Kdim-unbatched",
+            lambda f: f.linear_cross_entropy(_seeded(3), _seeded(5, 2, 3), _idx(0, 1)),
+            r"linear_cross_entropy: a K-dimensional linear_weight .* needs batched"),
+        Bad("linear_cross_entropy-probs-ignore_index--100",
+            lambda f: f.linear_cross_entropy(x, w53, _probs(4, 5), ignore_index=-100),
+            r"linear_cross_entropy: ignore_index cannot be specified when target contains "
+            r"probabilities"),
+        Bad("linear_cross_entropy-options-dict",
+            lambda f: f.linear_cross_entropy(x, w53, t, options={"batch_chunk_size": 2}),
+            r"linear_cross_entropy: options must be a torch.nn.LinearCrossEntropyOptions"),
+        Bad("linear_cross_entropy-options-conflict",
+            lambda f: f.linear_cross_entropy(
+                x, w53, t, options=_Options(batch_chunk_size=3, chunking_method="aspect_ratio")
+            ),
+            r"linear_cross_entropy: options.batch_chunk_size \(=3\) and "
+            r"options.chunking_method \('aspect_ratio'\) give different chunk sizes"),
+    ]  # fmt: skip
     BAD.append(
         Bad(
             "linear_cross_entropy-list",
@@ -403,3 +481,20 @@ def test_negative_label_smoothing_is_refused_on_purpose(op):
         native(*args, label_smoothing=-0.1)  # accepted by native
     with pytest.raises(OptionError, match=r"label_smoothing must be in \[0, 1\], got -0.1"):
         OPS[op].functional(*args, label_smoothing=-0.1)
+
+
+@pytest.mark.skipif(
+    getattr(torch.nn.functional, "linear_cross_entropy", None) is None,
+    reason="needs torch.nn.functional.linear_cross_entropy (torch >= 2.13)",
+)
+def test_linear_cross_entropy_takes_leading_batch_dims_beyond_native():
+    """torchbp's extension: input ``(*, in)`` with a 2-D weight (native takes 1 or 2 dims);
+    the result is the rows' native result."""
+    x3, w, t2 = _seeded(2, 3, 4), _seeded(5, 4), torch.tensor([[0, 1, 2], [3, 4, 0]])
+    with pytest.raises(RuntimeError, match="dimensionality 1 or 2"):
+        torch.nn.functional.linear_cross_entropy(x3, w, t2)
+    ours = torchbp.functional.linear_cross_entropy(x3, w, t2, reduction="none")
+    rows = torch.nn.functional.linear_cross_entropy(
+        x3.reshape(6, 4), w, t2.reshape(6), reduction="none"
+    )
+    torch.testing.assert_close(ours, rows.reshape(2, 3))

@@ -472,7 +472,8 @@ def _linear_cross_entropy_unfused(
     batch_shape = tuple(input.shape[:-1])
     w = linear_weight.reshape(math.prod(out_features, start=classes), features)
     b = None if linear_bias is None else linear_bias.reshape(w.shape[0])
-    if input.dim() > 2:  # torchbp's (*, in) input: rows first, class dim last
+    flatten = input.dim() > 2  # torchbp's (*, in) input: rows first, class dim last
+    if flatten:
         input = input.reshape(-1, features)
         target = target.reshape(-1, classes) if soft else target.reshape(-1)
     logits = linear(input, w, b).reshape(*input.shape[:-1], classes, *out_features)
@@ -484,7 +485,7 @@ def _linear_cross_entropy_unfused(
         ignore_index=ignore_index,
         label_smoothing=smoothing,
     )
-    return loss.reshape(batch_shape) if reduction == "none" else loss
+    return loss.reshape(batch_shape) if flatten and reduction == "none" else loss
 
 
 def linear_cross_entropy(
