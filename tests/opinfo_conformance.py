@@ -119,10 +119,13 @@ EXCLUSIONS += (
         _LCE_SOURCES,
         ("double_backward",),
         lambda case: True,
-        "torchbp's linear_cross_entropy computes its gradients chunk by chunk without "
-        "keeping the logits and does not support double backward (documented; its "
-        "first-order gradients raise a clear error when differentiated); native supports "
-        "it on its reference path (options=None), not on its chunked path",
+        "torchbp's linear_cross_entropy does not support double backward (documented): "
+        "it computes its gradients chunk by chunk and keeps neither the logits nor, for "
+        "'mean'/'sum', the inputs (saving them would double what it saves). Its first-order "
+        "gradients sit behind a node that raises a clear error when backpropagated through "
+        "(as once_differentiable); autograd.grad of them w.r.t. the inputs finds no path "
+        "(autograd's 'not used in the graph' error, None under allow_unused=True). Native "
+        "supports it on its reference path (options=None), not on its chunked path",
     ),
 )
 

@@ -16,7 +16,7 @@ import torchbp
 import torchbp.functional as TF
 from torchbp._checks import ClassIndexError, DTypeError, ShapeError
 from torchbp.autograd import LinearCrossEntropyFunction
-from torchbp.autograd.linear_cross_entropy import default_chunk_size
+from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
 
 N, D, C = 11, 6, 9
 CHUNK = 4  # 11 rows -> chunks of 4, 4, 3
@@ -476,3 +476,133 @@ def test_function_is_public():
     assert torchbp.autograd.LinearCrossEntropyFunction is LinearCrossEntropyFunction
     assert "linear_cross_entropy" in TF.__all__
     assert "LinearCrossEntropyLoss" in torchbp.nn.__all__
+
+
+# --------------------------------------------------------------------------- native's API
+needs_native = pytest.mark.skipif(
+    not hasattr(torch.nn, "LinearCrossEntropyOptions"),
+    reason="needs torch.nn.LinearCrossEntropyOptions (torch >= 2.13)",
+)
+
+
+@needs_native
+def test_options_choose_the_chunk_size():
+    opts = torch.nn.LinearCrossEntropyOptions
+    n, d, c = 64, 8, 32
+
+    def chunk(**kw):
+        return chunk_size_from_options(opts(**kw), n, d, c, torch.float32, "cpu")
+
+    assert chunk(batch_chunk_size=5) == 5
+    assert chunk(batch_chunk_size=500) == n
+    assert chunk(chunking_method=None) == n  # one chunk, as native
+    assert chunk() == default_chunk_size(n, c, torch.float32, "cpu")  # 'auto': our budget
+    # aspect_ratio: ceil(C / d) = 4, next_pow2(ceil(64 / 4)) = 16, then divided by k
+    assert chunk(chunking_method="aspect_ratio") == 16
+    assert chunk(chunking_method="aspect_ratio:4") == 4
+    assert chunk(chunking_method="aspect_ratio:2", batch_chunk_size=8) == 8  # they agree
+    with pytest.raises(ValueError, match="give different chunk sizes"):
+        chunk(chunking_method="aspect_ratio", batch_chunk_size=3)
+    assert chunk_size_from_options(opts(), 0, d, c, torch.float32, "cpu") == 1
+
+
+@needs_native
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options_batch_chunk_size_bounds_the_working_set(reduction):
+    n, d, c, chunk = 64, 8, 512, 8
+    x = make((n, d)).requires_grad_()
+    w = make((c, d), seed=1).requires_grad_()
+    t = hard_target((n,)) * 50
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk)
+    with LargestTensor() as mode:
+        loss = TF.linear_cross_entropy(x, w, t, reduction=reduction, options=options)
+        loss.sum().backward()
+    assert mode.largest <= max(chunk * c, c * d, n * d)
+    native = F.linear_cross_entropy(x, w, t, reduction=reduction, options=options)
+    torch.testing.assert_close(loss, native)
+
+
+@needs_native
+def test_ignore_index_default_is_none_as_native():
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    probs = soft_target((N, C))
+    torch.testing.assert_close(
+        TF.linear_cross_entropy(x, w, probs), F.linear_cross_entropy(x, w, probs)
+    )
+    t = hard_target((N,), ignore=-100)
+    torch.testing.assert_close(
+        TF.linear_cross_entropy(x, w, t, ignore_index=None), F.cross_entropy(F.linear(x, w), t)
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_k_dim_weight_is_the_reference_formula(reduction):
+    """Weight ``(C, d1, d2, in)``: logits ``(N, C, d1, d2)``, loss per position, gradients of
+    input, weight and bias as native's reference (``cross_entropy(linear(...))``)."""
+    n, d, shape = 5, 4, (C, 2, 3)
+    leaves = [make((n, d), torch.float64), make((*shape, d), torch.float64, seed=1)]
+    leaves.append(make(shape, torch.float64, seed=2))
+    t = torch.randint(C, (n, 2, 3), generator=torch.Generator().manual_seed(0))
+    t[0, 0, 0] = 2  # the ignore_index below
+    weight = torch.rand(C, dtype=torch.float64)
+    kw = dict(reduction=reduction, ignore_index=2, label_smoothing=0.1, weight=weight)
+
+    def reference_k(x, w, b):
+        logits = F.linear(x, w.reshape(-1, d), b.reshape(-1)).reshape(n, *shape)
+        return F.cross_entropy(logits, t, **kw)
+
+    def ours(x, w, b):
+        return TF.linear_cross_entropy(x, w, t, linear_bias=b, **kw)
+
+    results = []
+    for fn in (ours, reference_k):
+        args = [v.clone().requires_grad_() for v in leaves]
+        out = fn(*args)
+        out.backward(make(out.shape, out.dtype, seed=7))
+        results.append((out, [a.grad for a in args]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for o, r in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(o, r)
+
+
+def test_vmap_grad_and_jvp_run_the_unfused_pair():
+    """Under torch.func (no vmap rule, no jvp in the chunked Function) the wrapper computes
+    the reference formula with torchbp's linear and cross_entropy: per-sample gradients and
+    forward-mode AD equal native's."""
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = hard_target((N,), ignore=-100)
+
+    def loss_of(fn, weight, xi, ti):
+        return fn(xi.unsqueeze(0), weight, ti.unsqueeze(0))
+
+    def native_lce(x_, w_, t_, **kw):
+        return F.cross_entropy(F.linear(x_, w_), t_, **kw)
+
+    per_sample = [
+        torch.func.vmap(torch.func.grad(loss_of, argnums=1), in_dims=(None, None, 0, 0))(
+            fn, w, x, t
+        )
+        for fn in (TF.linear_cross_entropy, native_lce)
+    ]
+    torch.testing.assert_close(per_sample[0], per_sample[1], equal_nan=True)
+    tangent = make((C, D), torch.float64, seed=3)
+    jvps = [
+        torch.func.jvp(lambda w_, fn=fn: fn(x, w_, t, reduction="sum"), (w,), (tangent,))
+        for fn in (TF.linear_cross_entropy, native_lce)
+    ]
+    torch.testing.assert_close(jvps[0], jvps[1])
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy. ``options`` ignored:UserWarning")
+def test_module_mirrors_native_k_dim_options_and_repr():
+    kw = dict(out_features=(2,), bias=True, options=torch.nn.LinearCrossEntropyOptions())
+    native = torch.nn.LinearCrossEntropyLoss(D, C, dtype=torch.float64, **kw)
+    ours = torchbp.nn.LinearCrossEntropyLoss(D, C, dtype=torch.float64, **kw)
+    ours.load_state_dict(native.state_dict())
+    assert repr(ours) == repr(native)
+    x, t = make((N, D), torch.float64), hard_target((N, 2))
+    torch.testing.assert_close(ours(x, t), native(x, t))
+    assert "options=None, chunk_size=3" in repr(
+        torchbp.nn.LinearCrossEntropyLoss(D, C, chunk_size=3)
+    )
