@@ -21,8 +21,8 @@ What is routed (the table is derived from the op registry, :mod:`torchbp.ops`):
 
 A covered function stays native, counted in :attr:`TorchbpMode.native` with the reason,
 when torchbp does not take the call: an input that is not a floating-point tensor
-(``torch.relu`` of an int tensor), ``out=``, ``linear_cross_entropy``'s
-``options=``, or an in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
+(``torch.relu`` of an int tensor), ``out=``, a keyword torchbp's function lacks, or an
+in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
 Calls torchbp takes but rejects raise torchbp's error (an instance of native's class).
 
 Python-level ``torch.nn.functional`` functions that are not covered
@@ -106,8 +106,8 @@ class _Route:
         op: the registry name (the key of :attr:`TorchbpMode.counts`).
         label: the native function as users write it, e.g. ``"Tensor.relu_"``.
         call: runs torchbp with the native function's arguments (``None``: always native).
-        extra: keywords of the native function that torchbp's lacks (e.g.
-            ``linear_cross_entropy``'s ``options``): a call passing one stays native.
+        extra: keywords of the native function that torchbp's lacks: a call passing one
+            stays native.
         reason: why a route without ``call`` stays native.
     """
 

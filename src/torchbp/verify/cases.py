@@ -36,8 +36,6 @@ Builder = Callable[[torch.Generator], tuple[Any, ...]]
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "linear_cross_entropy": {
         "gradgradcheck": "by design: gradients are computed chunk-wise, double backward raises",
-        "forward_ad": "by design: LinearCrossEntropyFunction has no jvp",
-        "vmap": "by design: LinearCrossEntropyFunction has no vmap rule",
     },
 }
 
