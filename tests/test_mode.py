@@ -455,3 +455,23 @@ def test_erm_classifier_stock_network_runs_without_the_mode():
     _fit_steps(swapped)
     assert swapped.routing.counts == {"tanh": 3}
     assert ERMClassifier(input_size=6, num_classes=5, backend="torch").routing is None
+
+
+def test_routes_on_each_device(device):
+    """A functional MLP + loss under the mode on every device (CUDA in cuda_checks.sh):
+    values and gradients equal native, only torchbp nodes for the covered ops."""
+    w1 = make((8, 6), torch.float32, seed=2).to(device)
+    w2 = make((5, 8), torch.float32, seed=3).to(device)
+    x, target = make((4, 6), torch.float32).to(device), TARGET.to(device)
+
+    def net(x, w1, w2):
+        return F.cross_entropy(F.linear(F.gelu(F.linear(x, w1)), w2).softmax(-1), target)
+
+    want, want_grads = grads(net, x, w1, w2)
+    with enable() as mode:
+        got = net(*(t.detach().requires_grad_() for t in (x, w1, w2)))
+        assert {"LinearFunctionBackward", "GELUFunctionBackward"} <= _torchbp_nodes(got)
+        got, got_grads = grads(net, x, w1, w2)
+    assert mode.counts["linear"] >= 4 and mode.counts["softmax"] >= 2
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)

@@ -390,3 +390,17 @@ def test_empty_batch_clip_gives_noise_only():
         assert all(not p.grad.any() for p in model.parameters())
         ps.add_noise(1.0)
     assert all(p.grad.any() for p in model.parameters())
+
+
+def test_every_mode_on_each_device(device):
+    """The same checks on every device (the CUDA variant runs in scripts/cuda_checks.sh)."""
+    model = mlp(torchbp.nn.GELU).to(device)
+    x2, t2 = torch.randn(6, 5, dtype=DT, device=device), targets(6, 4).to(device)
+    check_all_modes(model, x2, t2)
+    x3 = torch.randn(4, 3, 5, dtype=DT, device=device)
+    check_all_modes(model, x3, targets(4, 4, 3).to(device), reduction="sum")
+    model.zero_grad(set_to_none=True)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        batch_loss(model, x2, t2, "sum").backward()
+        ps.add_noise(1.0)
+    assert all(p.grad.device == x2.device and p.grad.isfinite().all() for p in ps.parameters)
