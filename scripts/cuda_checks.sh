@@ -4,7 +4,7 @@
 #   1. pytest -m cuda                      (CUDA parity tests)
 #   2. python -m torchbp.verify.cli --device cuda --json $OUT/verify_cuda.json
 #   3. GPU training: torchbp.lightning.cli fit on configs/digits.yaml, precision 32 and
-#      bf16-mixed
+#      bf16-mixed, and DP-SGD (configs/digits_dp.yaml: per-sample clipping on the GPU)
 #   4. the CUDA benchmarks (python -m experiments.bench --device cuda)
 #
 # and writes $OUT/cuda_report.md (device, torch version, date, pass counts, every
@@ -115,6 +115,10 @@ for prec in 32-true bf16-mixed; do
     --trainer.accelerator cuda --trainer.devices 1 --trainer.precision "$prec" \
     --trainer.enable_progress_bar false --trainer.default_root_dir "/tmp/runs_$prec"
 done
+
+step train_dp "$T_TRAIN" $PY -m torchbp.lightning.cli fit --config configs/digits_dp.yaml \
+  --trainer.accelerator cuda --trainer.devices 1 --trainer.enable_progress_bar false \
+  --trainer.default_root_dir /tmp/runs_dp
 
 # 4. benchmarks (results are rewritten after each case, so a time-out keeps what finished)
 step bench_cuda "$T_BENCH" $PY -m experiments.bench --device cuda --out "$OUT" --budget 3

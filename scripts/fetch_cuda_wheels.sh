@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Download the pure-Python wheels that scripts/cuda_checks.sh needs on the GPU machine,
 # which has no network (see the device notes): jsonargparse (+ its [signatures] extras)
-# for the Lightning CLI, and the peers benchmarked against: Liger-Kernel and
-# cut-cross-entropy. Wheels land in .whl/ (gitignored); carry it with the run.
+# for the Lightning CLI, Opacus (DP-SGD's accountant), and the peers benchmarked against:
+# Liger-Kernel and cut-cross-entropy. Wheels land in .whl/ (gitignored); carry it with the run.
 #
 # usage: scripts/fetch_cuda_wheels.sh            (from the repository root)
 #        PIP="python3 -m pip" scripts/fetch_cuda_wheels.sh
@@ -20,6 +20,8 @@ PKGS=(
   "typeshed-client==${TYPESHED_CLIENT_VERSION:-2.15.0}"
   "liger-kernel==0.8.5"
   "cut-cross-entropy==25.1.1"
+  "opacus==1.6.0"          # DP-SGD's accountant (train_dp step); pure Python
+  "opt-einsum==3.4.0"      # opacus' one requirement the GPU image may lack
 )
 PLATFORMS=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
