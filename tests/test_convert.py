@@ -341,3 +341,21 @@ def test_transformer_encoder_layer_reach():
     ]
     kept = {path: reason for path, _, reason in report.kept}
     assert kept["self_attn"] == "no torchbp op" and kept["norm1"] == "no torchbp op"
+
+
+def test_convert_swaps_native_linear_cross_entropy_loss():
+    native_cls = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+    if native_cls is None:
+        pytest.skip("this torch has no nn.LinearCrossEntropyLoss")
+    torch.manual_seed(0)
+    loss = native_cls(8, 5, bias=True, label_smoothing=0.1)
+    x, y = torch.randn(6, 8, requires_grad=True), torch.randint(5, (6,))
+    want = loss(x, y)
+    want_grads = torch.autograd.grad(want, (x, loss.linear.weight, loss.linear.bias))
+    converted = torchbp.convert(loss)
+    assert type(converted) is torchbp.nn.LinearCrossEntropyLoss and converted is loss
+    got = converted(x, y)
+    got_grads = torch.autograd.grad(got, (x, loss.linear.weight, loss.linear.bias))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+    assert type(torchbp.convert(loss, to="torch")) is native_cls

@@ -242,7 +242,12 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         )
 
 
-class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
+# torch 2.13+ has the native module: torchbp's subclasses it like every other twin (so
+# ``convert`` swaps it and ``isinstance`` holds); on older torch it stands alone.
+_NativeLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", None)
+
+
+class LinearCrossEntropyLoss(_NativeLinearCrossEntropyLoss or nn.Module):
     r"""Linear layer + cross-entropy in one fused op that never holds the ``(N, C)``
     logits (:func:`torchbp.functional.linear_cross_entropy`).
 
@@ -251,7 +256,9 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
     :class:`torch.nn.Linear` ``in_features -> num_classes * prod(out_features)``, default
     init, no bias by default), reshaped to ``(C, d1, ..., dK, in)`` in forward, so the
     ``state_dict`` keys (``linear.weight``, ``linear.bias``, and the ``weight`` buffer)
-    are the same and a checkpoint moves between the two. Works on torch 2.11+ too.
+    are the same and a checkpoint moves between the two. On torch 2.13+ it subclasses
+    ``nn.LinearCrossEntropyLoss`` (so :func:`torchbp.convert` swaps it); on torch 2.11-2.12,
+    which lack it, it is a plain module with the same attributes and state.
 
     Args:
         in_features: size of each input sample ``d``.
@@ -279,6 +286,10 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
         >>> loss = LinearCrossEntropyLoss(16, 1000, bias=True, label_smoothing=0.1)
         >>> loss(torch.randn(32, 16, requires_grad=True), torch.randint(1000, (32,))).backward()
     """
+
+    #: rows per chunk (``None``: from ``options`` or the memory budget); a class default so
+    #: that a native module switched to this class by ``convert`` has it too
+    chunk_size: int | None = None
 
     def __init__(
         self,
@@ -309,15 +320,32 @@ class LinearCrossEntropyLoss(nn.modules.loss._WeightedLoss):
             raise _checks.OptionError(
                 f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}"
             )
-        super().__init__(weight=weight, reduction=reduction)
-        self.num_classes = num_classes
-        self.out_features = out_features
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.options = options
+        if _NativeLinearCrossEntropyLoss is not None:
+            super().__init__(
+                in_features,
+                num_classes,
+                out_features=out_features,
+                bias=bias,
+                device=device,
+                dtype=dtype,
+                reduction=reduction,
+                weight=weight,
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                options=options,
+            )
+        else:  # the same attributes and state as the native module
+            super().__init__()
+            self.register_buffer("weight", weight)
+            self.reduction = reduction
+            self.num_classes = num_classes
+            self.out_features = out_features
+            self.ignore_index = ignore_index
+            self.label_smoothing = label_smoothing
+            rows = math.prod(out_features, start=num_classes)
+            self.linear = nn.Linear(in_features, rows, bias=bias, device=device, dtype=dtype)
+            self.options = options
         self.chunk_size = chunk_size
-        rows = math.prod(out_features, start=num_classes)
-        self.linear = nn.Linear(in_features, rows, bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         shape = (self.num_classes, *self.out_features)
