@@ -163,7 +163,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if not isinstance(input, torch.Tensor) or input.dtype == torch.bool:
         _checks.check_tensor("relu", input=input)
-        raise _checks.DTypeError("relu: boolean inputs are not supported (as native)")
+        # native raises RuntimeError (torch 2.13) or NotImplementedError (2.14): this is both
+        raise _checks.UnsupportedDTypeError("relu: boolean inputs are not supported (as native)")
     return apply(_RELU, input, bool(inplace))
 
 

@@ -29,7 +29,8 @@ Python-level ``torch.nn.functional`` functions that are not covered
 (``multi_head_attention_forward``, ``softmin``, ``tanhshrink``, ...) reach the mode as a
 whole; they are re-dispatched with the mode still active
 (:func:`torch.overrides.redispatch_function`), so the covered calls inside them are routed
-too: ``nn.MultiheadAttention``'s input/output projections, for example. What no mode can
+too: ``nn.MultiheadAttention``'s input/output projections, for example. On a torch without
+``redispatch_function`` (2.11; it is public from 2.13) their bodies run natively. What no mode can
 reach is a fused native kernel: ``F.scaled_dot_product_attention`` (the attention
 softmax of ``MultiheadAttention`` with ``need_weights=False``, as in
 ``TransformerEncoderLayer``) stays native. The fused fast paths of
@@ -89,11 +90,15 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode, redispatch_function
+from torch.overrides import TorchFunctionMode
 
 from torchbp.ops import OPS, Op
 
 __all__ = ["enable", "TorchbpMode", "routed_functions"]
+
+# ``redispatch_function`` is public from torch 2.13 (2.11 lacks it): without it, composite
+# torch.nn.functional functions run their body natively under the mode (see the module doc)
+_redispatch_function = getattr(torch.overrides, "redispatch_function", None)
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
@@ -280,11 +285,15 @@ class TorchbpMode(TorchFunctionMode):
         kwargs = kwargs or {}
         route = _ROUTES.get(func)
         if route is None:
-            if isinstance(func, types.FunctionType) and func.__module__ == F.__name__:
+            if (
+                _redispatch_function is not None
+                and isinstance(func, types.FunctionType)
+                and func.__module__ == F.__name__
+            ):
                 # a Python-level composite (e.g. multi_head_attention_forward): run its
                 # body with the mode active so that the covered calls inside it route
                 with self:
-                    return redispatch_function(func, types_, args, kwargs)
+                    return _redispatch_function(func, types_, args, kwargs)
             return func(*args, **kwargs)
         if _state.busy or not torch.is_grad_enabled():
             # a call made by torchbp itself (under a nested mode), or one that records no
