@@ -36,6 +36,11 @@ class ClassIndexError(IndexError, RuntimeError):
     """A class index lies outside ``[0, C)`` and is not ``ignore_index``."""
 
 
+class DimTypeError(TypeError, RuntimeError):
+    """``dim`` is not an int (a ``TypeError``; also a ``RuntimeError``, native's class on
+    torch 2.11, where a string ``dim`` is looked up as a tensor dimension name)."""
+
+
 class UnsupportedDTypeError(DTypeError, NotImplementedError):
     """A tensor's dtype has no kernel in this op (a :class:`DTypeError`; also a
     ``NotImplementedError``, native's class for "not implemented for 'Long'")."""
@@ -85,11 +90,11 @@ def scalar_argument(op: str, name: str, value) -> float:
 
 def softmax_dim(op: str, dim, ndim: int) -> int:
     """``dim`` checked against a ``ndim``-dim input (0-dim counts as 1-dim, as native):
-    a ``TypeError`` unless it is an int (bools excluded), an ``IndexError`` naming the
+    a :class:`DimTypeError` unless it is an int (bools excluded), an ``IndexError`` naming the
     valid range unless it lies in it. Returns it as an int."""
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         if not (isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point()):
-            raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__} {dim!r}")
+            raise DimTypeError(f"{op}: dim must be an int, got {type(dim).__name__} {dim!r}")
     dim = int(dim)
     rank = max(ndim, 1)
     if not -rank <= dim < rank:
