@@ -220,3 +220,15 @@ def test_dp_refuses_what_per_sample_clipping_cannot_serve(kwargs):
 
     with pytest.raises(ValueError, match="privacy"):
         ERMClassifier(privacy=Privacy(noise_multiplier=1.0), **kwargs)
+
+
+def test_dp_empty_poisson_draw_skips_the_update_and_counts_the_step():
+    pytest.importorskip("opacus")
+    from torchbp.lightning import ERMClassifier
+
+    model = ERMClassifier(input_size=64, num_classes=10, privacy=Privacy(noise_multiplier=1.0))
+    model.accountant = PrivacyAccountant(model.privacy, sample_rate=0.05, epochs=1)
+    empty = (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
+    assert model._private_training_step(empty) is None
+    assert model.accountant.steps == 1
+    assert all(p.grad is None for p in model.parameters())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Literal
@@ -281,10 +282,15 @@ class ERMClassifier(pl.LightningModule):
         """Logits ``(N, num_classes)`` for inputs ``(N, input_size)``."""
         return self.net(x)
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the backend (the empirical risk on a batch)."""
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Mean cross-entropy of the backend (the empirical risk on a batch); DP-SGD asks
+        for the sum."""
         return self._F.cross_entropy(
-            logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing
+            logits,
+            y,
+            weight=self.class_weight,
+            label_smoothing=self.label_smoothing,
+            reduction=reduction,
         )
 
     @property
@@ -381,25 +387,19 @@ class ERMClassifier(pl.LightningModule):
             logits = self(x)
             # DP-SGD clips each sample's gradient of its own loss, so the loss is summed;
             # the 1/L of the mean is applied after clipping and noise (on_after_backward).
-            loss_sum = self._F.cross_entropy(
-                logits,
-                y,
-                weight=self.class_weight,
-                label_smoothing=self.label_smoothing,
-                reduction="sum",
-            )
+            loss_sum = self.loss(logits, y, reduction="sum")
         except BaseException:
-            self._close_per_sample(failed=True)
+            self._close_per_sample(*sys.exc_info())
             raise
         self.train_loss.update(loss_sum.detach().float() / x.shape[0], weight=x.shape[0])
         self.train_metrics.update(logits.detach().float(), y)
         return loss_sum
 
-    def _close_per_sample(self, failed: bool = False) -> PerSampleGrads | None:
+    def _close_per_sample(self, *exc_info: Any) -> PerSampleGrads | None:
+        """Leave the step's per_sample_grads context (with the error, if one was raised)."""
         ps, self._per_sample = self._per_sample, None
         if ps is not None:
-            err = RuntimeError("DP-SGD step failed") if failed else None
-            ps.__exit__(type(err) if err else None, err, None)
+            ps.__exit__(*(exc_info or (None, None, None)))
         return ps
 
     def on_after_backward(self) -> None:
@@ -425,13 +425,11 @@ class ERMClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_accountant = checkpoint.get("privacy_accountant")
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         if self.privacy is not None:
             loss = self._private_training_step(batch)
-            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-            self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
-            return loss
-        loss = self._step(batch, self.train_loss, self.train_metrics)
+        else:
+            loss = self._step(batch, self.train_loss, self.train_metrics)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
