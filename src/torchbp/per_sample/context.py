@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchbp.autograd.linear import per_sample_recording
-from torchbp.per_sample import formulas
+from torchbp.per_sample import formulas, memory
 from torchbp.per_sample.model_check import Layer, attributable_layers
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.recorder import Recorder
@@ -277,7 +277,7 @@ class PerSampleGrads:
             if p is None:
                 continue
             if trace is None:
-                p.grad_sample = p.new_zeros(batch, *p.shape)
+                p.grad_sample = memory.zeros((batch, *p.shape), like=p)
             elif is_weight:
                 p.grad_sample = formulas.weight_grad_samples(*trace)
             else:

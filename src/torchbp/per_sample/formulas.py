@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from torchbp.per_sample import memory
+
 # Elements of one chunk of materialised per-sample weight gradients (B_chunk, out, in):
 # 2**22 float32 numbers are 16 MiB, enough to keep each bmm efficient.
 _CHUNK_ELEMENTS = 1 << 22
@@ -89,12 +91,13 @@ def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 def weight_grad_samples(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Every ``G_i``, shape ``(B, out, in)``."""
+    """Every ``G_i``, shape ``(B, out, in)`` (in huge pages when large: ``memory``)."""
+    out = memory.empty((a.shape[0], g.shape[-1], a.shape[-1]), like=g)
     if a.shape[1] == 1:
         # G_i = g_i a_iᵀ: an outer product per sample, one broadcast multiply
-        return g[:, 0, :, None] * a[:, 0, None, :]
+        return torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=out)
     # G_i = g_iᵀ a_i   (out, T) @ (T, in)
-    return torch.bmm(g.transpose(1, 2), a)
+    return torch.bmm(g.transpose(1, 2), a, out=out)
 
 
 def bias_grad_samples(g: torch.Tensor) -> torch.Tensor:
