@@ -201,6 +201,30 @@ def test_layer_used_twice():
     check_all_modes(model, torch.randn(5, 5, dtype=DT), targets(5, 3))
 
 
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_evaluation_forward_before_the_training_forward(mode):
+    """A forward under no_grad inside the context is a call whose backward never comes:
+    the layers then wait for the end of the backward instead of being formed during it,
+    with the same results."""
+    model = mlp()
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    ref = reference(model, x, target, "mean")
+    ref_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    max_norm = ref_norms.median().item() if mode == "clip" else None
+    factors = (ref_norms.median() / ref_norms).clamp(max=1)
+    with per_sample_grads(model, mode=mode, max_norm=max_norm) as ps:
+        with torch.no_grad():
+            model(x[:2])
+        batch_loss(model, x, target, "mean").backward()
+        close(ps.norms, ref_norms)
+    for name, g in ref.items():
+        p = model.get_parameter(name)
+        scale = factors.view(-1, *[1] * (g.dim() - 1)) if mode == "clip" else 1.0
+        close(p.grad, (g * scale).sum(0))
+        if mode == "grads":
+            close(p.grad_sample, g)
+
+
 def test_frozen_parameters_skipped():
     model = mlp()
     model[0].weight.requires_grad_(False)  # trainable bias, frozen weight
