@@ -437,13 +437,16 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
         "",
         "Notes:",
         "",
-        "- Noise: `noise_only` is the floor of any DP-SGD step on this CPU: torch's CPU "
-        "generator (mt19937) is sequential, about 3.7 ns per Gaussian on one thread, so "
-        "the 1.86 M Gaussians of this model cost about half a plain step. `ps.add_noise` "
-        "draws them in chunks of 2^18 with independently seeded generators on "
-        "`torch.get_num_threads()` threads (`torchbp/per_sample/noise.py`), which halves "
-        "that on 2 cores; Opacus draws them on one thread (ghost σ=1 minus σ=0). The clip "
-        "step itself is `clip`; `clip_noise` is `clip` + `noise_only`.",
+        "- Noise: `noise_only` is the floor of any DP-SGD step on this CPU. torch's CPU "
+        "generator (mt19937) is sequential: about 3.4 ns per Gaussian on one thread (6.3 ms "
+        "for this model's 1.86 M), and `torch.rand` is no faster, so the random bits, not "
+        "the transform, are the cost. `ps.add_noise` draws them in chunks of 2^18 with "
+        "independently seeded generators on `torch.get_num_threads()` threads "
+        "(`torchbp/per_sample/noise.py`): 1.6x faster on 2 cores, close to the 2x limit "
+        "of the generator. Opacus draws them on one thread (ghost σ=1 minus σ=0). "
+        "`clip_noise` is `clip` + `noise_only`; with that floor, `clip` + noise cannot reach "
+        "1.25x of a plain step on this 2-core CPU (on a GPU the noise is a Philox kernel "
+        "and costs little).",
         "- Clip mode in this benchmark uses `reduction='mean'` with `max_norm = C/B`: the "
         "same update as DP-SGD's sum, clip at C, noise σC, divide by B, without the "
         "division pass.",
@@ -451,9 +454,15 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
         "resident set before it, fresh subprocess per case, gradients freed before the "
         "step (so the plain step's figure is mostly its 7.1 MiB of gradients).",
         "- `grads` and BackPACK `BatchGrad` both write 476 M floats (1.8 GiB) of "
-        "per-sample gradients into fresh memory each step; most of their time is first-touch "
-        "page faults (with `THP_MEM_ALLOC_ENABLE=1`, torch's transparent huge pages, the "
-        "materialisation takes about 40% less for both).",
+        "per-sample gradients into fresh memory each step, and with 4 KiB pages most of "
+        "that time is page faults. torchbp maps its per-sample gradients in 2 MiB "
+        "transparent huge pages (`torchbp/per_sample/memory.py`), which halves it. "
+        "BackPACK gets the same from torch's `THP_MEM_ALLOC_ENABLE=1`, which puts every "
+        "allocation of the process in huge pages: then the two tie (see the README).",
+        "- All cases share one process, whose heap has grown to hold them all: no page "
+        "faults per step in the fast group. A process that runs one case alone can fault on "
+        "glibc's heap trimming, which makes its steps slower by an amount that depends on "
+        "the case's allocation pattern, not on its work.",
         "",
     ]
     return "\n".join(out)
@@ -472,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--render", type=Path, help="only rewrite the .md from this .json")
     p.add_argument("--peak-case", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
