@@ -442,8 +442,9 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
         "for this model's 1.86 M), and `torch.rand` is no faster, so the random bits, not "
         "the transform, are the cost. `ps.add_noise` draws them in chunks of 2^18 with "
         "independently seeded generators on `torch.get_num_threads()` threads "
-        "(`torchbp/per_sample/noise.py`): 1.6x faster on 2 cores, close to the 2x limit "
-        "of the generator. Opacus draws them on one thread (ghost σ=1 minus σ=0). "
+        "(`torchbp/per_sample/noise.py`); right after torch's parallel ops their OpenMP "
+        "threads keep spinning on the same cores for a while, so in a step that gains less "
+        "than alone. Opacus draws them on one thread (ghost σ=1 minus σ=0). "
         "`clip_noise` is `clip` + `noise_only`; with that floor, `clip` + noise cannot reach "
         "1.25x of a plain step on this 2-core CPU (on a GPU the noise is a Philox kernel "
         "and costs little).",
