@@ -190,14 +190,17 @@ def test_linear_outside_the_model_refused_at_backward():
             out.sum().backward()
 
 
+@pytest.mark.parametrize("what", ["0.weight", "0.bias", "1.bias"])
 @pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
-def test_parameter_used_outside_its_linear_refused(mode):
+def test_parameter_used_outside_its_linear_refused(mode, what):
     model = mlp()
-    with per_sample_grads(model, mode=mode, max_norm=1.0 if mode == "clip" else None):
+    with per_sample_grads(model, mode=mode, max_norm=1.0 if mode == "clip" else None) as ps:
         out = model(torch.randn(5, 4))
-        penalty = model[0].weight.square().sum()  # not attributable to a sample
-        with pytest.raises(RuntimeError, match=r"parameter 0.weight received a gradient"):
+        penalty = model.get_parameter(what).square().sum()  # not attributable to a sample
+        with pytest.raises(RuntimeError, match=rf"parameter {what} received a gradient"):
             (out.sum() + penalty).backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
 
 
 def test_unbatched_input_refused():
