@@ -198,6 +198,7 @@ class PerSampleGrads:
         # a gradient arriving here came through some other op.
         for p, grad in zip(self.parameters, grads):
             if grad is not None:
+                self._state = "failed"  # even if the caller catches this, nothing is formed
                 raise RuntimeError(
                     f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
                     "other than its recorded Linear call (is it used elsewhere, e.g. tied or "
