@@ -184,10 +184,29 @@ def test_evaluation_forward_after_backward_is_fine():
 def test_linear_outside_the_model_refused_at_backward():
     model = mlp()
     head = torchbp.nn.Linear(3, 3)
-    with per_sample_grads(model, mode="clip", max_norm=1.0):
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
         out = head(model(torch.randn(5, 4)))
         with pytest.raises(RuntimeError, match=r"weight of shape \(3, 3\) is not a torchbp.nn"):
             out.sum().backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_a_refusal_midway_through_the_backward_forms_nothing():
+    """The backward records the model's last layer, then meets a Linear that is not the
+    model's: the caller catches the error, and neither the norms nor p.grad are formed
+    from the half-recorded backward."""
+    model = mlp(nn.Tanh())
+    stray = torchbp.nn.Linear(6, 6)  # not a module of the model
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        out = model[2](stray(model[1](model[0](torch.randn(5, 4)))))
+        with pytest.raises(RuntimeError, match=r"weight of shape \(6, 6\) is not a torchbp.nn"):
+            out.sum().backward()
+        with pytest.raises(RuntimeError, match="nothing was formed"):
+            _ = ps.norms
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("what", ["0.weight", "0.bias", "1.bias"])
@@ -205,13 +224,15 @@ def test_parameter_used_outside_its_linear_refused(mode, what):
 
 def test_unbatched_input_refused():
     model = mlp()
-    with per_sample_grads(model):
+    with per_sample_grads(model) as ps:
         out = model(torch.randn(4))
         with pytest.raises(
             ValueError,
             match=r"Linear '1' got an input of shape \(6,\); it needs a leading sample dim",
         ):
             out.sum().backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
 
 
 def test_inconsistent_sample_dims_refused():

@@ -92,7 +92,7 @@ class PerSampleGrads:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if exc_type is not None:
+        if exc_type is not None or self._recorder.failed:
             self._state = "failed"
         try:
             if self._state == "open" and not self._recorder.finalised and self._has_traces():
@@ -176,7 +176,7 @@ class PerSampleGrads:
     def _ensure_finalised(self) -> None:
         if self._recorder.finalised:
             return
-        if self._state == "failed":
+        if self._state == "failed" or self._recorder.failed:
             raise RuntimeError(
                 "per_sample_grads: nothing was formed (an error was raised inside the context)"
             )

@@ -23,6 +23,8 @@ class Recorder:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
         self.finalised = False
         self.closed = False  # the context has exited
+        # a backward was refused before the results were formed: they never will be
+        self.failed = False
 
     def on_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """A :class:`Use` for this call, or ``None`` if it needs no recording.
@@ -35,7 +37,7 @@ class Recorder:
         layer = self._by_weight.get(id(weight))
         if layer is None or layer.module.bias is not bias:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
-                return Stray(tuple(weight.shape))
+                return Stray(self, tuple(weight.shape))
             return None
         return Use(self, layer, x.shape)
 
@@ -68,6 +70,7 @@ class Use:
                 "new one per step"
             )
         if len(self.x_shape) < 2:
+            self.recorder.failed = True
             raise ValueError(
                 f"per_sample_grads: Linear {self.layer.name!r} got an input of shape "
                 f"{tuple(self.x_shape)}; it needs a leading sample dim: (B, ..., in_features)"
@@ -87,12 +90,14 @@ class Use:
 class Stray:
     """A torchbp linear call with trainable parameters the context does not account for."""
 
-    __slots__ = ("weight_shape",)
+    __slots__ = ("recorder", "weight_shape")
 
-    def __init__(self, weight_shape: tuple[int, ...]) -> None:
+    def __init__(self, recorder: Recorder, weight_shape: tuple[int, ...]) -> None:
+        self.recorder = recorder
         self.weight_shape = weight_shape
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
+        self.recorder.failed = True
         raise RuntimeError(
             "per_sample_grads: a torchbp linear with a trainable weight of shape "
             f"{self.weight_shape} is not a torchbp.nn.Linear of the model given to "
