@@ -359,3 +359,38 @@ def test_convert_swaps_native_linear_cross_entropy_loss():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grads, want_grads)
     assert type(torchbp.convert(loss, to="torch")) is native_cls
+
+
+# -- parametrized modules (torch.nn.utils.parametrize: weight_norm, orthogonal, ...) -------
+
+
+def test_parametrized_module_converts_and_its_parametrizations_can_be_removed():
+    from torch.nn.utils import parametrizations, parametrize
+
+    layer = parametrizations.weight_norm(nn.Linear(3, 4))
+    reference = parametrizations.weight_norm(nn.Linear(3, 4))
+    reference.load_state_dict(layer.state_dict())
+    params = list(layer.parameters())
+    torchbp.convert(layer)
+    # torch's parametrized class now sits on top of the twin, as on a converted module
+    assert parametrize.type_before_parametrizations(layer) is bpnn.Linear
+    assert all(a is b for a, b in zip(layer.parameters(), params))
+    x = torch.randn(2, 3)
+    assert "LinearFunctionBackward" in _node_names(layer(x.requires_grad_()))
+    torch.testing.assert_close(layer(x), reference(x))
+    # removing the parametrization leaves the converted module (it used to crash)
+    parametrize.remove_parametrizations(layer, "weight")
+    assert type(layer) is bpnn.Linear
+    torch.testing.assert_close(layer(x), reference(x))
+
+
+def test_module_parametrized_after_convert_converts_back():
+    from torch.nn.utils import parametrizations, parametrize
+
+    layer = torchbp.convert(nn.Linear(3, 4))
+    parametrizations.weight_norm(layer)
+    _, report = torchbp.convert(layer, to="torch", report=True)
+    assert parametrize.type_before_parametrizations(layer) is nn.Linear
+    assert not isinstance(layer, bpnn.Linear) and report.kept == []
+    parametrize.remove_parametrizations(layer, "weight")
+    assert type(layer) is nn.Linear

@@ -16,6 +16,11 @@ training flag stay the very same objects:
 * a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
   :func:`torchbp.enable` routes the functional calls inside it), and so does every module
   without a torchbp op (``Conv2d``, ``LayerNorm``, ...).
+* a parametrized module (:mod:`torch.nn.utils.parametrize`: ``weight_norm``,
+  ``orthogonal``, ...) is an instance of a class torch made for it on top of its own
+  class; the class underneath is converted by the rules above and torch's class is rebuilt
+  on the result (same name, same properties), so ``remove_parametrizations`` leaves the
+  converted module and ``type_before_parametrizations`` names it.
 
 ``convert(model, report=True)`` also returns a :class:`ConvertReport` saying which
 modules were converted and which stayed native, and why; the same summary is logged at
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal, overload
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchbp.ops import module_twins
 
@@ -142,12 +148,32 @@ def _to_torch(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
     return None, "not torchbp"
 
 
+def _parametrized_on(cls: type[nn.Module], base: type[nn.Module]) -> type[nn.Module]:
+    """torch's parametrized class ``cls`` (made for one module; its own namespace holds
+    the parametrized tensors' properties) rebuilt on ``base`` instead of its original."""
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, (base,), body)
+
+
+def _new_class(module: nn.Module, choose) -> tuple[type[nn.Module] | None, str]:
+    """``choose`` applied to ``module``'s class, or for a parametrized module to the class
+    under torch's parametrized one (which is then rebuilt on the new class)."""
+    if not parametrize.is_parametrized(module):
+        return choose(type(module))
+    base, reason = choose(parametrize.type_before_parametrizations(module))
+    if base is None:
+        return None, reason
+    return _parametrized_on(type(module), base), ""
+
+
 def _describe(cls: type[nn.Module]) -> str:
     """``torchbp.nn.Linear``, ``torch.nn.modules.linear.Linear`` or, for a combined class,
     ``NonDynamicallyQuantizableLinear + torchbp.nn.Linear``."""
     original = cls.__dict__.get(_ORIGINAL)
     if original is not None:
         return f"{original.__name__} + {_describe(cls.__bases__[1])}"
+    if cls.__module__ == parametrize.__name__:
+        return f"{cls.__name__} of {_describe(cls.__bases__[0])}"
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -214,7 +240,7 @@ def convert(
     done = ConvertReport(to)
     for path, sub in module.named_modules():
         cls = type(sub)
-        new, reason = choose(cls)
+        new, reason = _new_class(sub, choose)
         if new is not None:
             try:
                 sub.__class__ = new
