@@ -282,3 +282,30 @@ class NeedsInputGradLinear(torch.autograd.Function):
             # dL/db = g summed over every leading dim
             db = g.reshape(-1, g.shape[-1]).sum(0)
         return dx, dw, db
+
+
+class SinCos(torch.autograd.Function):
+    """``(sin x, cos x)``: two outputs, with materialised grads (the default), so backward
+    reads both grad_outputs even when the caller uses only one output."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.sin(), x.cos()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g_sin, g_cos):
+        (x,) = ctx.saved_tensors
+        # d sin(x)/dx = cos(x), d cos(x)/dx = -sin(x)
+        return g_sin * x.cos() - g_cos * x.sin()
+
+
+def sine_of_sincos(x):
+    """Only the first output of :class:`SinCos`: its cos output gets no gradient, which
+    autograd hands to backward as zeros."""
+    return SinCos.apply(x)[0]

@@ -20,6 +20,7 @@ from tests.verify.correct_functions import (
     TextbookTanh,
     TopValues,
     picked_loss_reference,
+    sine_of_sincos,
 )
 
 from torchbp.verify import check_function
@@ -82,6 +83,7 @@ CORRECT = {
         F.linear,
         {"forward_ad"},
     ),
+    "one output of two used": (sine_of_sincos, (_randn(3, 4),), torch.sin, {"forward_ad"}),
 }
 
 

@@ -60,6 +60,23 @@ def _function_nodes(outs: list[torch.Tensor]) -> list[Any]:
     return nodes
 
 
+def _materialized(node: Any, grad_outputs: tuple) -> tuple | None:
+    """``grad_outputs`` as autograd hands them to backward: an output that got no gradient
+    (it was not used, e.g. ``Function.apply(x)[0]`` of a two-output Function) is None in
+    what the node's pre-hook sees, and zeros of that output's shape in backward (zeros are
+    also what a backward that handles None, ``set_materialize_grads(False)``, must accept).
+    None when the node does not tell those shapes."""
+    if all(g is not None for g in grad_outputs):
+        return grad_outputs
+    metadata = getattr(node, "_input_metadata", None)
+    if metadata is None or len(metadata) != len(grad_outputs):
+        return None
+    return tuple(
+        torch.zeros(m.shape, dtype=m.dtype, device=m.device) if g is None else g
+        for g, m in zip(grad_outputs, metadata)
+    )
+
+
 def check_grad_shapes(ctx: CheckContext) -> Passed:
     """Replays each custom Function node's backward on the grad_outputs it received and
     compares the raw gradient shapes with its inputs' (eager autograd would sum them)."""
@@ -81,8 +98,11 @@ def check_grad_shapes(ctx: CheckContext) -> Passed:
     checked = 0
     for node, go in captured.items():
         cls_name = getattr(node, "_forward_cls", type(node)).__name__
+        grad_outputs = _materialized(node, go)
+        if grad_outputs is None:
+            continue
         try:
-            raw = node.apply(*go)
+            raw = node.apply(*grad_outputs)
         except Exception as exc:  # noqa: BLE001
             msg = f"backward of {cls_name} failed: {explain_error(exc)}"
             raise CheckFailure(msg) from None
