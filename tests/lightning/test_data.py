@@ -241,3 +241,32 @@ def test_tabular_npz_errors(tmp_path):
     np.savez(tmp_path / "e.npz", X=X, label=np.arange(30) % 2)
     with pytest.raises(DataError, match=r"column 'X\[1\]' at row 4"):
         _ = TabularFileDataModule(path=str(tmp_path / "e.npz")).num_features
+
+
+def _two_class_csv(path, column_a):
+    rng = np.random.default_rng(1)
+    rows = [[a, f"{rng.normal():.3f}", i % 2] for i, a in enumerate(column_a)]
+    _write_csv(path, ["a", "b", "target"], rows)
+    return TabularFileDataModule(path=str(path), label_column="target")
+
+
+def test_tabular_standardises_in_float64_so_large_values_keep_their_information(tmp_path):
+    """Timestamps (1.7e9 + seconds) are 128 apart in float32: standardised after a cast to
+    float32 they collapsed to a constant column; a value beyond float32's range (finite in the
+    file) became inf, and the standardised column NaN."""
+    dm = _two_class_csv(tmp_path / "ts.csv", [f"{1.7e9 + i:.0f}" for i in range(60)])
+    x = dm.splits["train"].tensors[0][:, 0]
+    assert len(torch.unique(x)) == len(x)
+    torch.testing.assert_close(x.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    dm = _two_class_csv(tmp_path / "huge.csv", ["1e39" if i == 5 else f"{i}" for i in range(60)])
+    for split in dm.splits.values():
+        assert torch.isfinite(split.tensors[0]).all()
+
+
+def test_tabular_value_beyond_float32_without_standardisation_is_a_data_error(tmp_path):
+    _two_class_csv(tmp_path / "huge.csv", ["-1e39" if i == 5 else f"{i}" for i in range(60)])
+    dm = TabularFileDataModule(
+        path=str(tmp_path / "huge.csv"), label_column="target", standardize=False
+    )
+    with pytest.raises(DataError, match=r"-1e\+39 in column 'a' at row 6 .*float32"):
+        _ = dm.splits

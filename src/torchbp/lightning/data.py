@@ -225,10 +225,12 @@ class ArrayDataModule(ClassificationDataModule):
 
     @property
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The full ``(X, y)`` before splitting (loaded and validated once)."""
+        """The full ``(X, y)`` before splitting (loaded and validated once). ``X`` is float64:
+        features are standardised before they are rounded to float32, so that large values
+        (timestamps, amounts in cents) keep their differences."""
         if self._arrays is None:
             X, y = self._load_arrays()
-            X = np.asarray(X, dtype=np.float32)
+            X = np.asarray(X, dtype=np.float64)
             y = np.asarray(y, dtype=np.int64)
             self._check_split_sizes(y)
             self._arrays = (X, y)
@@ -291,15 +293,35 @@ class ArrayDataModule(ClassificationDataModule):
             std = Xtr.std(axis=0)
             std[std == 0] = 1.0  # constant features (e.g. digits' corner pixels)
         else:
-            mean = np.zeros(X.shape[1], dtype=np.float32)
-            std = np.ones(X.shape[1], dtype=np.float32)
-        self.mean, self.std = torch.from_numpy(mean), torch.from_numpy(std)
+            mean = np.zeros(X.shape[1])
+            std = np.ones(X.shape[1])
+        self.mean = torch.from_numpy(mean).float()
+        self.std = torch.from_numpy(std).float()
+        features = self._as_float32((X - mean) / std)
 
         def make(ix: np.ndarray) -> TensorDataset:
-            xs = torch.from_numpy((X[ix] - mean) / std).float()
-            return TensorDataset(xs, torch.from_numpy(y[ix]))
+            return TensorDataset(torch.from_numpy(features[ix]), torch.from_numpy(y[ix]))
 
         return {"train": make(train), "val": make(val), "test": make(test)}
+
+    def _as_float32(self, features: np.ndarray) -> np.ndarray:
+        """``features`` (float64, standardised) rounded to float32; a value beyond float32's
+        range is a :class:`DataError` naming it (``X`` is finite: it would become inf)."""
+        with np.errstate(over="ignore"):
+            rounded = features.astype(np.float32)
+        overflow = ~np.isfinite(rounded)
+        if overflow.any():
+            r, c = np.argwhere(overflow)[0]
+            raise DataError(
+                f"value {self.arrays[0][r, c]:g} in column {self._column_name(c)!r} at row "
+                f"{r + 1} is beyond float32's range (±{np.finfo(np.float32).max:.3g}) after "
+                f"standardisation (standardize={self.standardize}); rescale the column"
+            )
+        return rounded
+
+    def _column_name(self, j: int) -> str:
+        """The name of feature column ``j`` in messages: its index (named in subclasses)."""
+        return str(j)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits is None:
@@ -475,6 +497,9 @@ class TabularFileDataModule(ArrayDataModule):
         self.feature_names = names
         self.class_names = np.unique(raw_y).tolist()
         return X, _encode_labels(raw_y)
+
+    def _column_name(self, j: int) -> str:
+        return str(self.feature_names[j])
 
     def _missing_label(self, p: Path, columns: list[str]) -> DataError:
         return DataError(
