@@ -195,7 +195,8 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if not inplace:
         return apply(_SILU, input)
     if not (torch.is_grad_enabled() and input.requires_grad):
-        return input.mul_(torch.sigmoid(input))
+        # nothing to record: native's own in-place kernel (x·σ(x) would round twice)
+        return torch.nn.functional.silu(input, inplace=True)
     return input.copy_(apply(_SILU, input.clone()))
 
 
