@@ -350,3 +350,19 @@ def test_assert_function_returns_the_report_or_raises_with_it():
     assert "gradcheck [fail]: backward of input 0 disagrees with numerical gradient" in text
     with pytest.raises(AssertionError, match="required but unsupported"):
         assert_function(_Triple, _x(3), checks=["gradcheck"], require=["vmap"])
+
+
+@pytest.mark.parametrize("as_reference", [False, True])
+def test_module_state_of_the_caller_is_never_written(as_reference):
+    # a BatchNorm in training mode updates its running statistics on every call: the
+    # checks' many calls must not leave the user's module changed
+    norm = torch.nn.BatchNorm1d(4).double()
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    if as_reference:
+        fn, reference = (lambda x: F.batch_norm(x, None, None, training=True)), norm
+    else:
+        fn, reference = norm, None
+    report = check_function(fn, _x(5, 4), reference=reference, checks=["gradcheck", "reference"])
+    assert report.ok, str(report)
+    after = norm.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), after

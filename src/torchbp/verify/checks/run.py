@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -75,6 +76,32 @@ def _run_all(ctx: CheckContext, checks: list[Check]) -> list[CheckResult]:
     return list(ctx.results.values())
 
 
+def _modules_of(*callables: Any) -> list[torch.nn.Module]:
+    """The ``nn.Module``s among ``callables``, or whose bound methods they are."""
+    found: dict[int, torch.nn.Module] = {}
+    for c in callables:
+        for owner in (c, getattr(c, "__self__", None)):
+            if isinstance(owner, torch.nn.Module):
+                found[id(owner)] = owner
+    return list(found.values())
+
+
+@contextmanager
+def _state_kept(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Put back the parameters and buffers of ``modules`` as they were on entry: the checks
+    call fn many times, and a module that updates its state in forward (BatchNorm's running
+    statistics) must not leave them changed for the caller."""
+    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+    saved = [(t, t.detach().clone()) for t in tensors.values()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, before in saved:
+                if not torch.equal(t, before):
+                    t.copy_(before)
+
+
 def _describe(value: Any) -> Any:
     """How the report's meta shows an input: shape/dtype/layout of a tensor, else its value."""
     if isinstance(value, torch.Tensor):
@@ -125,7 +152,10 @@ def check_function(
     ``setup_context`` / vmap rule, ``once_differentiable`` backward, a PyTorch limitation
     such as capturing a Function with a jvp in one graph; the message says how to add it)
     or ``skipped`` (does not apply). A Function that modifies its input in place and says
-    so with ``ctx.mark_dirty`` is called on non-leaf copies of the inputs.
+    so with ``ctx.mark_dirty`` is called on non-leaf copies of the inputs. The caller's
+    tensors are never written: the checks run on copies of the inputs, and the parameters
+    and buffers of an ``nn.Module`` fn or reference (e.g. BatchNorm's running statistics,
+    which every call in training mode updates) are put back as they were.
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
@@ -183,5 +213,6 @@ def check_function(
         "fast_mode": bool(opts.fast_mode),
     }
     selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)
-    results = _run_all(ctx, selected)
+    with _state_kept(_modules_of(fn, reference)):
+        results = _run_all(ctx, selected)
     return Report(opts.name or _fn_name(fn), results, meta)
