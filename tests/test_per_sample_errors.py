@@ -322,3 +322,20 @@ def test_fused_linear_cross_entropy_on_a_model_weight_refused():
         )
         with pytest.raises(RuntimeError, match=r"parameter 2\.(weight|bias) received a gradient"):
             loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_second_backward_after_an_input_only_backward_refused(mode):
+    """autograd.grad w.r.t. the input reaches no parameter, so nothing marks its end; the
+    training step after it (an adversarial-training pattern) is a second backward and must
+    not be summed with it into the norms and p.grad."""
+    model = mlp(nn.Tanh())
+    x, target = torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 0, 1])
+    with per_sample_grads(model, mode=mode, max_norm=1.0 if mode == "clip" else None) as ps:
+        loss = torchbp.functional.cross_entropy(model(x), target)
+        (grad_x,) = torch.autograd.grad(loss, x)
+        with pytest.raises(RuntimeError, match="second backward"):
+            step(model, x.detach() + grad_x.sign(), target)
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+    assert all(p.grad is None for p in model.parameters())

@@ -372,8 +372,10 @@ def per_sample_grads(
 
     One context records one forward and backward (several forward calls of the model,
     or of one layer, before that backward are fine: a sample's contributions are summed).
-    A second backward, a backward after the ``with`` block of a forward inside it,
-    nesting, and re-entering are errors; an exception inside the ``with`` restores plain
+    A second backward (also after one that reached no trainable parameter, such as
+    ``torch.autograd.grad`` w.r.t. the input for an adversarial example: open the context
+    after it), a backward after the ``with`` block of a forward inside it, nesting, and
+    re-entering are errors; an exception inside the ``with`` restores plain
     behaviour (results formed before it stay, nothing is formed after it).
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear`
@@ -385,7 +387,8 @@ def per_sample_grads(
     :class:`torchbp.nn.LinearCrossEntropyLoss`. Any torchbp or torch loss works on the
     model's output (reduction, class weights, label smoothing, ignore_index), as long as
     the loss itself has no trainable parameters. Eager mode only (no ``torch.compile``, no
-    autocast; both are refused at the backward); activation checkpointing works.
+    autocast; both are refused at the backward); activation checkpointing works (a Linear
+    called both inside and outside a checkpointed segment needs ``use_reentrant=False``).
 
     DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
 

@@ -23,6 +23,11 @@ class Recorder:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
         self.finalised = False
         self.closed = False  # the context has exited
+        # backward calls filed so far, and per layer (by id) the count after its latest:
+        # a layer filed before one of its forward calls was made belongs to an earlier
+        # backward (one that reached no trainable parameter, so nothing marked its end)
+        self.recordings = 0
+        self.layer_recorded_at: dict[int, int] = {}
         # a backward was refused before the results were formed: they never will be
         self.failed = False
 
@@ -45,13 +50,14 @@ class Recorder:
 class Use:
     """One forward call of one Linear layer; receives that call's backward."""
 
-    __slots__ = ("recorder", "layer", "x_shape", "recorded")
+    __slots__ = ("recorder", "layer", "x_shape", "recorded", "born")
 
     def __init__(self, recorder: Recorder, layer: Layer, x_shape: torch.Size) -> None:
         self.recorder = recorder
         self.layer = layer
         self.x_shape = x_shape
         self.recorded = False
+        self.born = recorder.recordings  # backward calls filed before this forward call
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         """File ``(a, g)`` as ``(B, T, features)``; return False: the Linear backward skips
@@ -69,6 +75,15 @@ class Use:
                 "inside one context; a context records one forward and backward: open a "
                 "new one per step"
             )
+        if self._made_after_a_backward_through_the_layer():
+            self.recorder.failed = True
+            raise RuntimeError(
+                f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
+                "inside one context (an earlier backward, e.g. torch.autograd.grad w.r.t. "
+                "the input, already went through it); a context records one forward and "
+                "backward: open a new one per step (with activation checkpointing of a "
+                "Linear also used outside the segment, use use_reentrant=False)"
+            )
         if len(self.x_shape) < 2:
             self.recorder.failed = True
             raise ValueError(
@@ -84,7 +99,15 @@ class Use:
             a = x.reshape(batch, positions, x.shape[-1])
         g = g.reshape(batch, positions, g.shape[-1])
         self.layer.traces.append((a, g))
+        self.recorder.recordings += 1
+        self.recorder.layer_recorded_at[id(self.layer)] = self.recorder.recordings
         return False
+
+    def _made_after_a_backward_through_the_layer(self) -> bool:
+        """Whether this call's forward ran after a backward through its layer was filed
+        (several calls of a layer in one forward are all made before its backward)."""
+        recorded_at = self.recorder.layer_recorded_at.get(id(self.layer))
+        return recorded_at is not None and recorded_at <= self.born
 
 
 class Stray:
