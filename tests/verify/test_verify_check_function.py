@@ -156,6 +156,16 @@ def test_detached_output_is_reported():
             ValueError,
             "not a valid input position",
         ),
+        (
+            lambda: check_function(torch.tanh, torch.randn(3, device="meta")),
+            ValueError,
+            "input 0 is on the meta device",
+        ),
+        (
+            lambda: check_function(torch.mul, _x(3), _x(3), device="meta"),
+            ValueError,
+            "input 0 is on the meta device",
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_error(call, error, match):

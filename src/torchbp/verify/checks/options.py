@@ -176,6 +176,17 @@ def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) ->
     return grad_idx
 
 
+def _require_values(args: list[Any]) -> None:
+    """Every check compares numbers: a tensor on the meta device (shape and dtype only)
+    has none."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_meta:
+            raise ValueError(
+                f"check_function: input {i} is on the meta device, which holds no values, "
+                "and every check compares numbers: give tensors on a real device (cpu, cuda)"
+            )
+
+
 def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
     """Detached copies of the inputs, cast to ``opts.dtype`` and moved to ``opts.device``.
 
@@ -187,8 +198,8 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
         ``(args, grad_idx)``: the prepared inputs and the positions to differentiate.
 
     Raises:
-        ValueError: bad ``grad_inputs``, inputs on several devices, or differentiable
-            inputs of several dtypes without ``dtype``.
+        ValueError: bad ``grad_inputs``, inputs on the meta device or on several devices,
+            or differentiable inputs of several dtypes without ``dtype``.
     """
     dtype, device = opts.dtype, opts.device
     args: list[Any] = []
@@ -202,6 +213,7 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
             args.append(t)
         else:
             args.append(x)
+    _require_values(args)
     grad_idx = _grad_positions(args, opts.grad_inputs)
     devices = {a.device for a in args if isinstance(a, torch.Tensor)}
     if len(devices) > 1:

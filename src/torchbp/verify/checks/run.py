@@ -191,7 +191,8 @@ def check_function(
 
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
-            integer inputs in ``grad_inputs``, unknown option or check names).
+            integer inputs in ``grad_inputs``, inputs on the meta device, unknown option or
+            check names).
 
     Examples:
         >>> import torch
