@@ -350,3 +350,29 @@ def test_bf16_mixed_precision_trains(tmp_path):
     losses = epoch_series(rows, "train/loss")
     assert len(losses) == 2 and losses[1] < losses[0]
     assert [r for r in rows if "test/acc" in r][-1]["test/acc"] > 0.8
+
+
+def _copy_of_run(short_run: Path, run_dir: Path) -> Path:
+    """A copy of the shared 2-epoch run as ``run_dir/digits/version_0`` (left as it was)."""
+    import shutil
+
+    run = run_dir / "digits/version_0"
+    shutil.copytree(short_run, run)
+    return run
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_the_last_checkpoint_leaves_its_run_folder_as_it_was(
+    short_run, tmp_path, subcommand
+):
+    """``test --ckpt_path last`` loads the latest run's last.ckpt and, like an explicit path,
+    logs into a new run folder; before, it logged into the fit's folder and its config.yaml
+    (max_epochs 2) was overwritten by the test's (max_epochs 20)."""
+    run = _copy_of_run(short_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    cli = run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
+    assert cli.config_init[subcommand]["ckpt_path"] == str(run / "checkpoints/last.ckpt")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert Path(cli.trainer.log_dir).resolve() == (tmp_path / "digits/version_1").resolve()
+    if subcommand == "test":
+        assert cli.trainer.callback_metrics["test/acc"] > 0.85  # the trained weights

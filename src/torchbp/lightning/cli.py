@@ -18,6 +18,9 @@ Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the s
 ``--config`` file): ``metrics.csv`` (always), TensorBoard events when tensorboard is installed,
 the resolved ``config.yaml`` and ``checkpoints/`` (best on ``val/acc`` and ``last.ckpt``;
 Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
+``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
+``validate``, ``test`` and ``predict`` load it from there but log into a new run folder, so
+they never overwrite the files of the run they evaluate.
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics.
 
 Errors before training start with ``error:`` and their cause on one line, and exit with
@@ -173,19 +176,22 @@ class TorchbpCLI(LightningCLI):
         root = self._run_root()
         self._version: int | None = None
         if cfg.get("ckpt_path") == "last":
-            # resume the most recent run folder that has a last.ckpt, and keep logging there
+            # the most recent run folder that has a last.ckpt
             found = [
                 v
                 for v in _versions(root)
                 if (root / f"version_{v}/checkpoints/last.ckpt").is_file()
             ]
             if found:
-                self._version = found[-1]
-                cfg["ckpt_path"] = str(root / f"version_{self._version}/checkpoints/last.ckpt")
+                cfg["ckpt_path"] = str(root / f"version_{found[-1]}/checkpoints/last.ckpt")
+                if self.subcommand == "fit":
+                    self._version = found[-1]  # resumed: keep logging there
             else:
                 print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
                 cfg["ckpt_path"] = None
         if self._version is None:
+            # a new run folder: for validate/test/predict even with --ckpt_path last, so that
+            # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
             vs = _versions(root)
             self._version = vs[-1] + 1 if vs else 0
 
