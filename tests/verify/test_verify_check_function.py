@@ -376,3 +376,9 @@ def test_module_state_of_the_caller_is_never_written(as_reference):
     assert report.ok, str(report)
     after = norm.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()), after
+
+
+def test_a_single_check_name_may_be_given_as_a_string():
+    # like require="vmap": checks="gradcheck" is one check, not nine one-letter names
+    report = check_function(torch.tanh, _x(3), checks="gradcheck", skip="compile")
+    assert report.names() == ["forward", "gradcheck"], str(report)

@@ -74,6 +74,14 @@ def _check_inputs(inputs: tuple) -> None:
         raise TypeError("check_function: none of the inputs is a tensor")
 
 
+def _check_names(names: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``checks`` / ``skip`` / ``require`` as a tuple of names (one name may be given as a
+    plain string, e.g. ``skip="compile"``)."""
+    if isinstance(names, str):
+        return (names,)
+    return tuple(names or ())
+
+
 def resolve_arguments(
     fn: Any, inputs: tuple, reference: Any, options: dict[str, Any]
 ) -> tuple[Callable[..., Any], Callable[..., Any] | None, Options]:
@@ -113,9 +121,12 @@ def resolve_arguments(
             f"check_function: reference must be callable or None; got {type(reference).__name__}"
         )
     _check_inputs(inputs)
-    if isinstance(opts.require, str):
-        opts = replace(opts, require=(opts.require,))
-    opts = replace(opts, require=tuple(opts.require or ()))
+    opts = replace(
+        opts,
+        checks=None if opts.checks is None else _check_names(opts.checks),
+        skip=_check_names(opts.skip),
+        require=_check_names(opts.require),
+    )
     named = sorted(set(opts.checks or ()) | set(opts.skip or ()) | set(opts.require))
     bad = [c for c in named if c not in CHECKS]
     if bad:
