@@ -101,6 +101,17 @@ def test_accountant_finds_the_noise_for_a_target_epsilon():
     assert torch.isfinite(torch.tensor(acc.epsilon()))
 
 
+@pytest.mark.parametrize("sample_rate, epochs", [(0.6, 1), (0.064, 20)])
+def test_target_epsilon_holds_for_the_batches_the_sampler_draws(sample_rate, epochs):
+    """The noise is calibrated for the steps the run takes, epochs x len(sampler): with
+    1/q = 1.67 or 15.6 the sampler draws 2 or 16 batches an epoch, not int(epochs / q)."""
+    pytest.importorskip("opacus")
+    acc = PrivacyAccountant(Privacy(target_epsilon=2.0, delta=1e-5), sample_rate, epochs)
+    for _ in range(epochs * len(PoissonBatchSampler(1000, sample_rate))):
+        acc.step()
+    assert acc.epsilon() <= 2.0
+
+
 # -- ERMClassifier(privacy=...) ------------------------------------------------------------
 
 

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["PoissonBatchSampler", "Privacy", "PrivacyAccountant"]
+__all__ = ["PoissonBatchSampler", "Privacy", "PrivacyAccountant", "poisson_batches_per_epoch"]
+
+
+def poisson_batches_per_epoch(sample_rate: float) -> int:
+    """Batches of one epoch of :class:`PoissonBatchSampler`, ``round(1 / sample_rate)`` (at
+    least 1): the steps per epoch the accountant calibrates ``target_epsilon`` for."""
+    return max(1, round(1 / sample_rate))
 
 
 @dataclass
@@ -108,7 +114,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, round(1 / self.sample_rate))
+        return poisson_batches_per_epoch(self.sample_rate)
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -123,7 +129,9 @@ class PrivacyAccountant:
     Args:
         privacy: the run's settings.
         sample_rate: ``q``, the probability that a sample joins a batch.
-        epochs: the run's length, used to find the noise multiplier for ``target_epsilon``.
+        epochs: the run's length, used to find the noise multiplier for ``target_epsilon``:
+            ``epochs × poisson_batches_per_epoch(sample_rate)`` steps, the batches
+            :class:`PoissonBatchSampler` draws.
 
     Attributes:
         noise_multiplier: ``σ``, given or computed from ``target_epsilon``.
@@ -150,7 +158,8 @@ class PrivacyAccountant:
                     target_epsilon=privacy.target_epsilon,
                     target_delta=privacy.delta,
                     sample_rate=sample_rate,
-                    epochs=epochs,
+                    # the steps the run takes (Opacus' epochs= would assume int(epochs / q))
+                    steps=epochs * poisson_batches_per_epoch(sample_rate),
                     accountant="rdp",
                 )
             )
