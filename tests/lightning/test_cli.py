@@ -376,3 +376,15 @@ def test_evaluating_the_last_checkpoint_leaves_its_run_folder_as_it_was(
     assert Path(cli.trainer.log_dir).resolve() == (tmp_path / "digits/version_1").resolve()
     if subcommand == "test":
         assert cli.trainer.callback_metrics["test/acc"] > 0.85  # the trained weights
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_last_without_a_checkpoint_is_an_error(tmp_path, capsys, subcommand):
+    """Before, ``test --ckpt_path last`` with no run said "starting from scratch" and reported
+    the metrics of an untrained model as if they were a run's."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path last: no last.ckpt under {tmp_path / 'digits'}" in err, err
+    assert not list(tmp_path.rglob("*"))

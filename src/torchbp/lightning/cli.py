@@ -19,8 +19,8 @@ Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the s
 the resolved ``config.yaml`` and ``checkpoints/`` (best on ``val/acc`` and ``last.ckpt``;
 Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
 ``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
-``validate``, ``test`` and ``predict`` load it from there but log into a new run folder, so
-they never overwrite the files of the run they evaluate.
+``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
+into a new run folder, so they never overwrite the files of the run they evaluate.
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics.
 
 Errors before training start with ``error:`` and their cause on one line, and exit with
@@ -186,9 +186,14 @@ class TorchbpCLI(LightningCLI):
                 cfg["ckpt_path"] = str(root / f"version_{found[-1]}/checkpoints/last.ckpt")
                 if self.subcommand == "fit":
                     self._version = found[-1]  # resumed: keep logging there
-            else:
+            elif self.subcommand == "fit":
                 print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
                 cfg["ckpt_path"] = None
+            else:  # evaluating an untrained model would pass for the run's metrics
+                exit_with_error(
+                    f"--ckpt_path last: no last.ckpt under {root}; nothing to {self.subcommand} "
+                    "(check --run_dir and --run_name, or give the checkpoint's path)"
+                )
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
