@@ -598,7 +598,8 @@ def linear_cross_entropy(
     )
     rows = math.prod(batch_shape)
     x = input.reshape(rows, features)
-    flat_target = target.reshape(rows, classes) if soft else target.reshape(rows)
+    # uint8 class indices are accepted, as native does
+    flat_target = target.reshape(rows, classes) if soft else target.reshape(rows).long()
     if soft and flat_target.dtype != x.dtype:
         flat_target = flat_target.to(x.dtype)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32

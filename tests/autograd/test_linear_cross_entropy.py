@@ -606,3 +606,12 @@ def test_module_mirrors_native_k_dim_options_and_repr():
     assert "options=None, chunk_size=3" in repr(
         torchbp.nn.LinearCrossEntropyLoss(D, C, chunk_size=3)
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_uint8_class_indices_as_int64(reduction):
+    # the docstring's uint8 targets crashed in gather() deep inside the chunk loop
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = hard_target((N,))
+    want = run(ours, x, w, t, None, reduction=reduction)
+    assert_same(run(ours, x, w, t.to(torch.uint8), None, reduction=reduction), want)
