@@ -462,6 +462,13 @@ def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
     return any(unpack(t).tangent is not None for t in present)
 
 
+def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, soft: bool) -> bool:
+    """A float64 probability target with lower-precision input: native promotes the logits
+    to float64 and computes the loss there, which the chunked Function (float32
+    accumulation) cannot."""
+    return soft and target.dtype == torch.float64 and input.dtype != torch.float64
+
+
 def _linear_cross_entropy_unfused(
     input, linear_weight, target, linear_bias, weight, reduction, ignore_index, smoothing, soft
 ):
@@ -546,11 +553,16 @@ def linear_cross_entropy(
     backward recomputes the logits chunk by chunk (4 matmuls). Gradients are accumulated
     in float32 for half-precision inputs. Double backward raises a clear error.
 
-    Two kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
+    A probability target is promoted with the input as native does (the loss comes out in
+    the promoted dtype: float32 for bfloat16 input with a float32 target).
+
+    Three kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
     reference formula, logits materialised) instead: a K-dim ``linear_weight`` (native's
-    chunked path falls back the same way), and calls under torch.func transforms (vmap,
-    grad, jvp) or with forward-mode dual tensors, which the chunked Function (no vmap
-    rule, no jvp) cannot serve.
+    chunked path falls back the same way), a float64 probability target with
+    lower-precision input (native computes that loss in float64; the chunked Function
+    accumulates in float32), and calls under torch.func transforms (vmap, grad, jvp) or
+    with forward-mode dual tensors, which the chunked Function (no vmap rule, no jvp)
+    cannot serve.
 
     Examples::
 
@@ -571,8 +583,10 @@ def linear_cross_entropy(
         chunk_size,
     )
     soft, ignore_index = call.soft, call.ignore_index
-    if call.out_features or _under_func_transform(
-        input, linear_weight, linear_bias, target, weight
+    if (
+        call.out_features
+        or _wider_than_accumulation(input, target, soft)
+        or _under_func_transform(input, linear_weight, linear_bias, target, weight)
     ):
         return _linear_cross_entropy_unfused(
             input,
@@ -598,10 +612,11 @@ def linear_cross_entropy(
     )
     rows = math.prod(batch_shape)
     x = input.reshape(rows, features)
-    # uint8 class indices are accepted, as native does
+    # uint8 class indices are accepted, as native does; probabilities are promoted with
+    # the logits as native's cross_entropy does (float32 ones stay float32 for half inputs)
     flat_target = target.reshape(rows, classes) if soft else target.reshape(rows).long()
     if soft and flat_target.dtype != x.dtype:
-        flat_target = flat_target.to(x.dtype)
+        flat_target = flat_target.to(torch.promote_types(x.dtype, flat_target.dtype))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     denominator = None
     if reduction == "mean":
@@ -636,6 +651,8 @@ def linear_cross_entropy(
     else:
         loss = LinearCrossEntropyFunction.apply(*args)[0]
     out_dtype = torch.float32 if amp is not None and x.dtype in _LOW_PRECISION else input.dtype
+    if soft:
+        out_dtype = torch.promote_types(out_dtype, flat_target.dtype)
     if reduction == "none":
         # a copy, not the Function's output: the caller may modify it in place
         return loss.reshape(batch_shape).to(out_dtype, copy=True)

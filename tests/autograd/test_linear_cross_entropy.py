@@ -615,3 +615,28 @@ def test_uint8_class_indices_as_int64(reduction):
     t = hard_target((N,))
     want = run(ours, x, w, t, None, reduction=reduction)
     assert_same(run(ours, x, w, t.to(torch.uint8), None, reduction=reduction), want)
+
+
+@pytest.mark.parametrize(
+    "dtype, target_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.bfloat16, torch.float64),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_target_of_a_wider_dtype_promotes_as_native(dtype, target_dtype, reduction):
+    # native promotes the logits to the target's dtype (cross_entropy's rule), so the loss
+    # comes out in the promoted dtype, from the target's own values (torchbp cast the target
+    # down to the input's dtype: a float64 target gave a float32 loss, a float32 one bfloat16)
+    x, w = make((N, D), dtype), make((C, D), dtype, seed=1)
+    t = soft_target((N, C), target_dtype)
+    want = run(reference, x, w, t, None, reduction=reduction)
+    got = run(ours, x, w, t, None, reduction=reduction)
+    assert got[0].dtype == want[0].dtype == torch.promote_types(dtype, target_dtype)
+    assert [g.dtype for g in got[1] if g is not None] == [dtype, dtype, target_dtype]
+    tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_same(got, want, **tol)
