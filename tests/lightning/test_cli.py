@@ -388,3 +388,20 @@ def test_evaluating_last_without_a_checkpoint_is_an_error(tmp_path, capsys, subc
     err = capsys.readouterr().err
     assert f"error: --ckpt_path last: no last.ckpt under {tmp_path / 'digits'}" in err, err
     assert not list(tmp_path.rglob("*"))
+
+
+def test_fit_without_logger_keeps_config_and_checkpoints_in_the_run_folder(workdir):
+    """``--trainer.logger=false`` turns off the metric loggers only; before, the resolved
+    config was written over ``./config.yaml`` (here the user's own config file) and the
+    checkpoints went to ``./checkpoints``, shared by every such run."""
+    mine = workdir / "config.yaml"
+    mine.write_text("# my config\ntrainer:\n  max_epochs: 1\n  limit_train_batches: 2\n")
+    before = mine.read_text()
+    cli = run_cli(
+        "fit", "--config", DIGITS, "--config", str(mine), "--trainer.logger=false", "--run_dir=r"
+    )
+    assert mine.read_text() == before
+    run = workdir / "r/config/version_0"
+    assert Path(cli.trainer.log_dir).resolve() == run.resolve()
+    assert (run / "config.yaml").is_file() and (run / "checkpoints/last.ckpt").is_file()
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.yaml", "r"]

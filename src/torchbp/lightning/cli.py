@@ -213,6 +213,16 @@ class TorchbpCLI(LightningCLI):
         tcfg = cfg.get("trainer") or {}
         root = self._run_root()
         version = self._version
+        run_folder = root / f"version_{version}"
+        if tcfg.get("default_root_dir") is None and "default_root_dir" not in kwargs:
+            # Lightning's log_dir without a logger (--trainer.logger=false): config.yaml goes
+            # into the run folder, never over a ./config.yaml
+            kwargs["default_root_dir"] = str(run_folder)
+        ckpt_cb = cfg.get("checkpoint")
+        if isinstance(ckpt_cb, ModelCheckpoint) and ckpt_cb.dirpath is None:
+            # inside the run folder, with or without loggers (and when Lightning swaps them
+            # out: fast_dev_run)
+            ckpt_cb.dirpath = os.path.realpath(run_folder / "checkpoints")
         if tcfg.get("logger") in (None, True) and "logger" not in kwargs:
             loggers: list[Any] = [RunCSVLogger(root.parent, root.name, version)]
             try:
@@ -230,10 +240,6 @@ class TorchbpCLI(LightningCLI):
             except ImportError:
                 pass
             kwargs["logger"] = loggers
-            ckpt_cb = cfg.get("checkpoint")
-            if isinstance(ckpt_cb, ModelCheckpoint) and ckpt_cb.dirpath is None:
-                # inside the run folder even when Lightning swaps loggers out (fast_dev_run)
-                ckpt_cb.dirpath = os.path.realpath(root / f"version_{version}" / "checkpoints")
         callbacks = list(tcfg.get("callbacks") or [])
         if tcfg.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
