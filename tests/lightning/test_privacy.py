@@ -73,6 +73,27 @@ def test_privacy_settings_are_validated(kwargs, match):
         Privacy(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(max_grad_norm=math.inf, noise_multiplier=1.0), ValueError, "max_grad_norm .*finite"),
+        (dict(noise_multiplier=math.inf), ValueError, "noise_multiplier .*finite"),
+        (dict(target_epsilon=math.inf), ValueError, "target_epsilon .*finite"),
+        (dict(max_grad_norm=True, noise_multiplier=1.0), TypeError, "max_grad_norm .*number"),
+        (dict(noise_multiplier=True), TypeError, "noise_multiplier .*number, got True"),
+        (dict(noise_multiplier="1.1"), TypeError, "noise_multiplier .*number, got '1.1'"),
+        (dict(target_epsilon=[3.0]), TypeError, "target_epsilon .*number"),
+        (dict(noise_multiplier=1.0, delta="1e-5"), TypeError, "delta .*number"),
+    ],
+)
+def test_privacy_settings_refuse_what_the_training_step_would(kwargs, error, match):
+    """Caught when the settings are made, not at the first DP step (per_sample_grads and
+    add_noise refuse an infinite or boolean max_norm / noise multiplier), nor by a bare
+    comparison error."""
+    with pytest.raises(error, match=match):
+        Privacy(**kwargs)
+
+
 def test_accountant_epsilon_grows_with_steps_and_shrinks_with_noise():
     pytest.importorskip("opacus")
     low = PrivacyAccountant(Privacy(noise_multiplier=0.8), sample_rate=0.05, epochs=1)

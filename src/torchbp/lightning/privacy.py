@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,22 +63,44 @@ class Privacy:
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta"):
+            _check_number(name, getattr(self, name), optional=name in _EITHER_ONE)
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(
+                f"privacy.max_grad_norm must be > 0 and finite, got {self.max_grad_norm}"
+            )
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
                 "privacy: give exactly one of noise_multiplier and target_epsilon, got "
                 f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}"
             )
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
+        ):
             raise ValueError(
-                f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier} "
+                f"privacy.noise_multiplier must be > 0 and finite, got {self.noise_multiplier} "
                 "(without noise, clipping alone gives no privacy guarantee)"
             )
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise ValueError(f"privacy.target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.target_epsilon is not None and not (
+            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
+        ):
+            raise ValueError(
+                f"privacy.target_epsilon must be > 0 and finite, got {self.target_epsilon}"
+            )
         if not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+
+
+# exactly one of them is given
+_EITHER_ONE = ("noise_multiplier", "target_epsilon")
+
+
+def _check_number(name: str, value: object, *, optional: bool) -> None:
+    """A real number (``None`` too if ``optional``); ``True`` is not a number here."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"privacy.{name} must be a number, got {value!r}")
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
