@@ -320,6 +320,8 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
     valid = target != ignore_index
     if weight is None:
         return valid.sum().to(dtype)
+    if weight.shape[0] == 0:  # no class: every target is ignore_index (checked)
+        return torch.zeros((), dtype=dtype, device=target.device)
     safe = torch.where(valid, target, 0)
     return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
 

@@ -443,3 +443,20 @@ def test_unreduced_loss_may_be_modified_in_place_as_natives(name):
         rows.sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("op", [TF.cross_entropy, TF.nll_loss], ids=["cross_entropy", "nll"])
+def test_zero_classes_every_target_ignored_as_native(op, reduction, weighted):
+    # (N, 0) input: every target must be ignore_index; native gives 0 rows (mean: nan) and
+    # a (N, 0) gradient. nll_loss crashed in gather() with "index 0 is out of bounds".
+    native = F.cross_entropy if op is TF.cross_entropy else F.nll_loss
+    target, weight = torch.full((3,), -100), torch.ones(0) if weighted else None
+    results = []
+    for fn in (op, native):
+        x = torch.zeros(3, 0, requires_grad=True)
+        loss = fn(x, target, weight=weight, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)

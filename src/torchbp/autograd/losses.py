@@ -40,6 +40,9 @@ _CHUNK_ELEMENTS = 1 << 22
 # --------------------------------------------------------------------------- NLL
 def nll_rows(logp, target, weight, ignore_index):
     """``ℓ_i = -w_{y_i} logp_{i, y_i}`` (0 on ignored rows) of ``(M, C)`` ``logp``."""
+    if logp.shape[1] == 0:
+        # no class to pick: every target is ignore_index (checked), so every row is 0
+        return logp.new_zeros(target.shape[0])
     valid, index, w_y = hard_target(target, weight, ignore_index, logp.dtype)
     picked = logp.gather(1, index.unsqueeze(1)).squeeze(1)
     return torch.where(valid, -w_y * picked, 0.0)
@@ -47,6 +50,8 @@ def nll_rows(logp, target, weight, ignore_index):
 
 def nll_grad(grad_rows, target, weight, ignore_index, classes):
     """``∂ℓ/∂logp`` scaled by ``grad_rows`` (M,): ``-w_{y_i} g_i`` in column ``y_i``."""
+    if classes == 0:  # every row ignored (see nll_rows): an empty (M, 0) gradient
+        return grad_rows.new_zeros((target.shape[0], 0))
     valid, index, w_y = hard_target(target, weight, ignore_index, grad_rows.dtype)
     # ∂ℓ_i/∂logp_ic = -w_{y_i} [c = y_i]: scatter -w_{y_i} g_i into a zero (M, C) grad
     src = torch.where(valid, -w_y * grad_rows, 0.0)
