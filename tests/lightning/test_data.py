@@ -270,3 +270,16 @@ def test_tabular_value_beyond_float32_without_standardisation_is_a_data_error(tm
     )
     with pytest.raises(DataError, match=r"-1e\+39 in column 'a' at row 6 .*float32"):
         _ = dm.splits
+
+
+def test_tabular_csv_empty_label_is_a_data_error(tmp_path):
+    """A row with an empty label cell was a class of its own (''), and with the numeric labels
+    turned into strings, '10' sorted before '9'."""
+    rows = _good_rows(40, 2)
+    for r in (6, 7, 8):
+        rows[r][3] = " "
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=r"empty label in column 'target' at row 7 \(3 in total"):
+        _ = dm.num_classes

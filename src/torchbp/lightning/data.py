@@ -520,6 +520,7 @@ class TabularFileDataModule(ArrayDataModule):
             keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
             rows: list[list[float]] = []
             labels: list[str] = []
+            empty_labels: list[int] = []
             for r, row in enumerate(reader, start=1):
                 if not row or all(not v.strip() for v in row):
                     continue  # blank line
@@ -541,7 +542,10 @@ class TabularFileDataModule(ArrayDataModule):
                         ) from None
                 rows.append(vals)
                 labels.append(row[li].strip())
+                if not labels[-1]:
+                    empty_labels.append(r)
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
+        self._check_no_empty_label(p, empty_labels)
         raw = np.asarray(labels)
         try:  # numeric labels sort numerically ("10" after "9")
             as_num = raw.astype(np.float64)
@@ -550,6 +554,15 @@ class TabularFileDataModule(ArrayDataModule):
         except ValueError:
             pass
         return [header[i] for i in keep], X, raw
+
+    def _check_no_empty_label(self, p: Path, rows: list[int]) -> None:
+        """An empty label cell (at data rows ``rows``) is a missing label, not a class of
+        its own."""
+        if rows:
+            raise DataError(
+                f"{p}: empty label in column {self.label_column!r} at row {rows[0]} "
+                f"({len(rows)} in total); label every row or remove the unlabelled ones"
+            )
 
     def _read_arrays(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         if p.suffix.lower() == ".npz":
