@@ -560,11 +560,11 @@ def linear_cross_entropy(
 
     Three kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
     reference formula, logits materialised) instead: a K-dim ``linear_weight`` (native's
-    chunked path falls back the same way), a float64 probability target with
-    lower-precision input (native computes that loss in float64; the chunked Function
-    accumulates in float32), and calls under torch.func transforms (vmap, grad, jvp) or
-    with forward-mode dual tensors, which the chunked Function (no vmap rule, no jvp)
-    cannot serve.
+    chunked path falls back the same way; so does one with no class, ``(0, in)``), a
+    float64 probability target with lower-precision input (native computes that loss in
+    float64; the chunked Function accumulates in float32), and calls under torch.func
+    transforms (vmap, grad, jvp) or with forward-mode dual tensors, which the chunked
+    Function (no vmap rule, no jvp) cannot serve.
 
     Examples::
 
@@ -587,6 +587,7 @@ def linear_cross_entropy(
     soft, ignore_index = call.soft, call.ignore_index
     if (
         call.out_features
+        or linear_weight.shape[0] == 0  # no class: rows of 0 (the chunks' softmax has none)
         or _wider_than_accumulation(input, target, soft)
         or _under_func_transform(input, linear_weight, linear_bias, target, weight)
     ):

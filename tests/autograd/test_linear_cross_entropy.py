@@ -640,3 +640,20 @@ def test_probability_target_of_a_wider_dtype_promotes_as_native(dtype, target_dt
     assert [g.dtype for g in got[1] if g is not None] == [dtype, dtype, target_dtype]
     tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     assert_same(got, want, **tol)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_classes_as_native(soft, reduction):
+    # a (0, d) weight: native gives rows of 0 (mean: nan) and zero gradients; the chunk loop
+    # crashed in amax() ("Expected reduction dim 1 to have non-zero size")
+    x, w = make((N, D), torch.float64), make((0, D), torch.float64)
+    t = torch.zeros(N, 0, dtype=torch.float64) if soft else torch.full((N,), -100)
+
+    def native(x, w, t, b, **kw):
+        return F.cross_entropy(F.linear(x, w, b), t, **kw)
+
+    assert_same(
+        run(ours, x, w, t, None, reduction=reduction),
+        run(native, x, w, t, None, reduction=reduction),
+    )
