@@ -283,3 +283,18 @@ def test_tabular_csv_empty_label_is_a_data_error(tmp_path):
     dm = TabularFileDataModule(path=str(p), label_column="target")
     with pytest.raises(DataError, match=r"empty label in column 'target' at row 7 \(3 in total"):
         _ = dm.num_classes
+
+
+def test_tabular_unknown_drop_column_is_a_data_error(tmp_path):
+    """A misspelt drop_columns entry was ignored: the column it meant stayed a feature."""
+    p = tmp_path / "t.csv"
+    rows = [[i, *r] for i, r in enumerate(_good_rows(40, 2))]
+    _write_csv(p, ["id", "a", "b", "c", "target"], rows)
+    _ = TabularFileDataModule(path=str(p), label_column="target", drop_columns=["id"]).arrays
+    dm = TabularFileDataModule(path=str(p), label_column="target", drop_columns=["ID", "x"])
+    with pytest.raises(DataError, match=r"drop_columns 'ID', 'x' not found in .*: id, a, b, c$"):
+        _ = dm.num_features
+    np.savez(tmp_path / "d.npz", X=np.ones((30, 2)), label=np.arange(30) % 2, idx=np.arange(30))
+    dm = TabularFileDataModule(path=str(tmp_path / "d.npz"), drop_columns=["index"])
+    with pytest.raises(DataError, match=r"drop_columns 'index' not found in .*: X, idx"):
+        _ = dm.num_features

@@ -517,6 +517,7 @@ class TabularFileDataModule(ArrayDataModule):
             if self.label_column not in header:
                 raise self._missing_label(p, header)
             li = header.index(self.label_column)
+            self._check_drop_columns(p, [h for i, h in enumerate(header) if i != li])
             keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
             rows: list[list[float]] = []
             labels: list[str] = []
@@ -555,6 +556,16 @@ class TabularFileDataModule(ArrayDataModule):
             pass
         return [header[i] for i in keep], X, raw
 
+    def _check_drop_columns(self, p: Path, columns: list[str]) -> None:
+        """Every name in ``drop_columns`` is one of ``columns`` (a misspelt one would leave
+        the column it meant among the features)."""
+        unknown = [c for c in self.drop_columns if c not in columns]
+        if unknown:
+            raise DataError(
+                f"drop_columns {', '.join(map(repr, unknown))} not found in {p}; available "
+                f"columns: {', '.join(map(str, columns))}"
+            )
+
     def _check_no_empty_label(self, p: Path, rows: list[int]) -> None:
         """An empty label cell (at data rows ``rows``) is a missing label, not a class of
         its own."""
@@ -579,6 +590,7 @@ class TabularFileDataModule(ArrayDataModule):
         if self.label_column not in data:
             raise self._missing_label(p, list(data))
         raw_y = np.asarray(data.pop(self.label_column)).reshape(-1)
+        self._check_drop_columns(p, list(data))
         for c in self.drop_columns:
             data.pop(c, None)
         if self.features_key in data:
