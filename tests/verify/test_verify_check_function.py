@@ -382,3 +382,30 @@ def test_a_single_check_name_may_be_given_as_a_string():
     # like require="vmap": checks="gradcheck" is one check, not nine one-letter names
     report = check_function(torch.tanh, _x(3), checks="gradcheck", skip="compile")
     assert report.names() == ["forward", "gradcheck"], str(report)
+
+
+def test_a_check_gives_the_same_figures_alone_and_among_the_others():
+    # the random grad_outputs of a check come from the run's seed, not from how many
+    # values the checks before it drew: rerunning only the check that failed reproduces it
+    def nearly_tanh(x):
+        return torch.tanh(x) * (1 + 1e-9 * x)
+
+    x = _x(3, 4)
+    alone = check_function(nearly_tanh, x, reference=torch.tanh, checks=["reference"])
+    among = check_function(nearly_tanh, x, reference=torch.tanh, skip=["compile"])
+    assert alone["reference"].max_abs_err == among["reference"].max_abs_err
+
+
+def test_grad_outputs_are_not_the_inputs_drawn_with_the_same_seed():
+    # x drawn from a generator seeded 0, like the checks' own: a grad_output equal to x
+    # makes the transposed weight gradient x^T g = x^T x symmetric, hiding the bug
+    from tests.verify.zoo.formulas import TransposedWeightGradLinear
+
+    x, w, b = (
+        torch.randn(*s, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for s in ((3, 4), (4, 4), (4,))
+    )
+    report = check_function(
+        TransposedWeightGradLinear, x, w, b, reference=F.linear, checks=["reference"]
+    )
+    assert report["reference"].failed, str(report)

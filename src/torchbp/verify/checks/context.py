@@ -49,7 +49,7 @@ class CheckContext:
     #: The device of the inputs and the dtype of the differentiable ones.
     device: torch.device = field(init=False)
     dtype: torch.dtype = field(init=False)
-    #: Seeded source of the random grad_outputs and projections (shared by all checks).
+    #: Seeded source of the random grad_outputs and projections (reseeded by every check).
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,8 +21,20 @@ from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Re
 __all__ = ["check_function", "run_check"]
 
 
+def _check_seed(seed: int, name: str) -> int:
+    """The seed of the random grad_outputs of check ``name``: the run's seed mixed with the
+    check's name, so that each check draws the same values whichever checks ran before it,
+    and not the values of inputs the caller drew with the same seed (a grad_output equal to
+    an input can hide a bug, e.g. a transposed weight gradient ``xᵀx``)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
 def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     """Run one check with the run's seed and turn how it ended into a result.
+
+    The global RNG and the context's generator (the random grad_outputs) start from the
+    seed (:func:`_check_seed`), so a check draws the same values whichever checks ran
+    before it.
 
     Nothing escapes: an unexpected exception is unsupported when it says a capability is
     missing, else a failure with a plain-word message
@@ -33,6 +46,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(ctx.options.seed))
+            ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
             try:
                 passed = check.run(ctx)
             except (CheckFailure, CheckUnsupported, CheckSkip):
