@@ -31,6 +31,15 @@ def test_poisson_sampler_is_seeded_by_seed_and_epoch():
     assert list(PoissonBatchSampler(500, 0.1, seed=2)) != list(a)
 
 
+@pytest.mark.parametrize("seed", [2**62, 2**64 - 1, -(2**63)])
+def test_poisson_sampler_takes_any_64_bit_seed(seed):
+    """A seed from secrets.randbits(64) draws batches, different from its neighbour's,
+    instead of overflowing torch's seed at the first batch."""
+    a, b = PoissonBatchSampler(50, 0.2, seed=seed), PoissonBatchSampler(50, 0.2, seed=seed)
+    b.set_epoch(1)
+    assert len(list(a)) == 5 and list(a) != list(b)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

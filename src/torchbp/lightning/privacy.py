@@ -140,7 +140,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return poisson_batches_per_epoch(self.sample_rate)
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # one seed per (seed, epoch), wrapped to the 64 bits torch's generator takes
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
         for _ in range(len(self)):
             mask = torch.rand(self.num_samples, generator=g) < self.sample_rate
             yield mask.nonzero().flatten().tolist()
