@@ -157,6 +157,18 @@ def test_detached_output_is_reported():
             "not a valid input position",
         ),
         (
+            lambda: check_function(torch.nn.Linear(3, 2), _x(4, 3)),
+            ValueError,
+            r"fn is an nn.Module with torch.float32 parameters.*dtype=None",
+        ),
+        (
+            lambda: check_function(
+                torch.nn.Linear(3, 2).double(), _x(4, 3), reference=torch.nn.Linear(3, 2)
+            ),
+            ValueError,
+            r"reference is an nn.Module with torch.float32 parameters",
+        ),
+        (
             lambda: check_function(torch.tanh, torch.randn(3, device="meta")),
             ValueError,
             "input 0 is on the meta device",

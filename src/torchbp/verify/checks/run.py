@@ -100,6 +100,24 @@ def _modules_of(*callables: Any) -> list[torch.nn.Module]:
     return list(found.values())
 
 
+def _require_module_dtype(fn: Any, reference: Any, dtype: torch.dtype | None) -> None:
+    """Refuse an ``nn.Module`` fn or reference whose floating parameters or buffers are not
+    of ``dtype``, the one the inputs are cast to: every call would mix dtypes and fail."""
+    if dtype is None:
+        return
+    for role, callable_ in (("fn", fn), ("reference", reference)):
+        for module in _modules_of(callable_):
+            found = {t.dtype for t in (*module.parameters(), *module.buffers())}
+            other = sorted(str(d) for d in found if d.is_floating_point and d != dtype)
+            if other:
+                raise ValueError(
+                    f"check_function: {role} is an nn.Module with {', '.join(other)} "
+                    f"parameters, but the inputs are cast to dtype={dtype}: convert the "
+                    f"module with .to({dtype}) (float64 for the numerical checks), or pass "
+                    "dtype=None to keep the inputs' own dtype"
+                )
+
+
 @contextmanager
 def _state_kept(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Put back the parameters and buffers of ``modules`` as they were on entry: the checks
@@ -173,7 +191,8 @@ def check_function(
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
-            tensors), an ``nn.Module``, a ``torch.autograd.Function`` subclass (its
+            tensors), an ``nn.Module`` (its parameters of ``dtype``: ``module.double()``
+            by default), a ``torch.autograd.Function`` subclass (its
             ``apply`` is used) or a ``torch.library.custom_op`` (then the ``opcheck`` check
             also runs ``torch.library.opcheck``).
         *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``).
@@ -205,8 +224,8 @@ def check_function(
 
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
-            integer inputs in ``grad_inputs``, inputs on the meta device, unknown option or
-            check names).
+            integer inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
+            whose parameters are not of ``dtype``, unknown option or check names).
 
     Examples:
         >>> import torch
@@ -218,6 +237,7 @@ def check_function(
     """
     fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
     args, grad_idx = prepare_inputs(inputs, opts)
+    _require_module_dtype(fn, reference, opts.dtype)
     ctx = CheckContext(fn, args, grad_idx, reference, opts, custom_op=as_custom_op(fn))
     meta = {
         "inputs": [_describe(a) for a in args],
