@@ -119,6 +119,20 @@ def test_weight_requiring_grad(loss):
         loss(torch.randn(3, 5), torch.tensor([0, 1, 2]), weight=torch.ones(5, requires_grad=True))
 
 
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("loss", [*LOSSES, TF.linear_cross_entropy], ids=[*IDS, "lce"])
+def test_weight_requiring_grad_accepted_where_nothing_is_recorded(loss, no_grad):
+    # native refuses such a weight only when autograd would record the call: under
+    # no_grad (an evaluation loop) it computes the loss; torchbp refused it there too
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    args = (x, torch.eye(5), t) if loss is TF.linear_cross_entropy else (x, t)
+    weight = torch.rand(5, generator=torch.Generator().manual_seed(0))
+    want = loss(*args, weight=weight)
+    with no_grad():
+        got = loss(*args, weight=weight.clone().requires_grad_())
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("loss", LOSSES, ids=IDS)
 def test_unknown_reduction(loss):
     with pytest.raises(ValueError, match="avg is not a valid value for reduction"):

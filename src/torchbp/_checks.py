@@ -176,7 +176,8 @@ def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> No
             f"got {tuple(weight.shape)}"
         )
     check_floating(op, "weight", weight)
-    if weight.requires_grad:
+    if weight.requires_grad and torch.is_grad_enabled():
+        # as native: refused only where autograd would record the call (not under no_grad)
         raise RuntimeError(
             f"{op}: class weights are not differentiable (as in torch.nn.functional); "
             "pass weight.detach()"
