@@ -53,6 +53,22 @@ def test_poisson_sampler_rejects_bad_arguments(kwargs, match):
         PoissonBatchSampler(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_samples=10.5, sample_rate=0.1), "num_samples must be an int, got 10.5"),
+        (dict(num_samples=True, sample_rate=0.1), "num_samples must be an int, got True"),
+        (dict(num_samples=10, sample_rate="0.1"), "sample_rate must be a number, got '0.1'"),
+        (dict(num_samples=10, sample_rate=True), "sample_rate must be a number, got True"),
+        (dict(num_samples=10, sample_rate=0.1, seed=1.5), "seed must be an int, got 1.5"),
+    ],
+)
+def test_poisson_sampler_rejects_wrong_types(kwargs, match):
+    """Named when the sampler is made, not by torch.rand at the first batch."""
+    with pytest.raises(TypeError, match=match):
+        PoissonBatchSampler(**kwargs)
+
+
 def test_datamodule_poisson_sampling_loader():
     dm = DigitsDataModule(batch_size=64, poisson_sampling=True)
     dm.setup()

@@ -122,15 +122,22 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, num_samples: int, sample_rate: float, seed: int = 0) -> None:
+        for name, value in (("num_samples", num_samples), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"PoissonBatchSampler: {name} must be an int, got {value!r}")
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
+            raise TypeError(
+                f"PoissonBatchSampler: sample_rate must be a number, got {sample_rate!r}"
+            )
         if num_samples < 1:
             raise ValueError(f"PoissonBatchSampler: num_samples must be >= 1, got {num_samples}")
         if not 0 < sample_rate <= 1:
             raise ValueError(
                 f"PoissonBatchSampler: sample_rate must be in (0, 1], got {sample_rate}"
             )
-        self.num_samples = num_samples
-        self.sample_rate = sample_rate
-        self.seed = seed
+        self.num_samples = int(num_samples)
+        self.sample_rate = float(sample_rate)
+        self.seed = int(seed)  # a numpy integer would overflow in the per-epoch seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
