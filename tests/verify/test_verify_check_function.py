@@ -168,6 +168,13 @@ def test_detached_output_is_reported():
             ValueError,
             r"reference is an nn.Module with torch.float32 parameters",
         ),
+        (lambda: check_function(torch.tanh, _x(3), vmap_batch=0), ValueError, "vmap_batch"),
+        (lambda: check_function(torch.tanh, _x(3), vmap_batch=2.5), TypeError, "vmap_batch"),
+        (lambda: check_function(torch.tanh, _x(3), eps=0.0), ValueError, "eps must be"),
+        (lambda: check_function(torch.tanh, _x(3), atol=-1.0), ValueError, "atol must be"),
+        (lambda: check_function(torch.tanh, _x(3), parity_atol=-1), ValueError, "parity_atol"),
+        (lambda: check_function(torch.tanh, _x(3), rtol="1e-3"), TypeError, "rtol must be"),
+        (lambda: check_function(torch.tanh, _x(3), seed=1.5), TypeError, "seed must be"),
         (
             lambda: check_function(torch.tanh, torch.randn(3, device="meta")),
             ValueError,

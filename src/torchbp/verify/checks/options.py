@@ -5,6 +5,8 @@ Bad arguments raise ``TypeError`` / ``ValueError`` here, before any check runs.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -74,6 +76,37 @@ def _check_inputs(inputs: tuple) -> None:
         raise TypeError("check_function: none of the inputs is a tensor")
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_numbers(opts: Options) -> None:
+    """The numeric options: tolerances at least 0, ``eps`` above 0, ``vmap_batch`` at least
+    1 (a bad one would fail checks of a correct function, e.g. ``eps=0`` divides by 0)."""
+    if not _is_integer(opts.seed):
+        raise TypeError(f"check_function: seed must be an int, got {opts.seed!r}")
+    if not _is_integer(opts.vmap_batch):
+        raise TypeError(f"check_function: vmap_batch must be an int, got {opts.vmap_batch!r}")
+    if opts.vmap_batch < 1:
+        raise ValueError(f"check_function: vmap_batch must be at least 1, got {opts.vmap_batch}")
+    lower_bounds = {"eps": 0.0, "atol": 0.0, "rtol": 0.0, "nondet_tol": 0.0}
+    lower_bounds |= {"parity_atol": 0.0, "parity_rtol": 0.0}
+    for name, bound in lower_bounds.items():
+        value = getattr(opts, name)
+        if value is None and name.startswith("parity_"):
+            continue
+        if not _is_number(value):
+            raise TypeError(f"check_function: {name} must be a number, got {value!r}")
+        strict = name == "eps"
+        if not math.isfinite(value) or value < bound or (strict and value == bound):
+            least = "above 0" if strict else "at least 0"
+            raise ValueError(f"check_function: {name} must be a finite number {least}: {value}")
+
+
 def _check_names(names: str | Sequence[str] | None) -> tuple[str, ...]:
     """``checks`` / ``skip`` / ``require`` as a tuple of names (one name may be given as a
     plain string, e.g. ``skip="compile"``)."""
@@ -121,6 +154,7 @@ def resolve_arguments(
             f"check_function: reference must be callable or None; got {type(reference).__name__}"
         )
     _check_inputs(inputs)
+    _check_numbers(opts)
     opts = replace(
         opts,
         checks=None if opts.checks is None else _check_names(opts.checks),

@@ -225,7 +225,8 @@ def check_function(
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
             integer inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
-            whose parameters are not of ``dtype``, unknown option or check names).
+            whose parameters are not of ``dtype``, unknown option or check names, a
+            negative tolerance, ``eps`` not above 0, ``vmap_batch`` below 1).
 
     Examples:
         >>> import torch
