@@ -158,6 +158,14 @@ def test_target_epsilon_holds_for_the_batches_the_sampler_draws(sample_rate, epo
     assert acc.epsilon() <= 2.0
 
 
+def test_unreachable_target_epsilon_is_named():
+    """Opacus' own error ('The privacy budget is too low.') names neither the setting nor
+    what to change."""
+    pytest.importorskip("opacus")
+    with pytest.raises(ValueError, match=r"privacy.target_epsilon=0.001 cannot be reached"):
+        PrivacyAccountant(Privacy(target_epsilon=1e-3, delta=1e-5), sample_rate=0.05, epochs=20)
+
+
 # -- ERMClassifier(privacy=...) ------------------------------------------------------------
 
 

@@ -154,6 +154,34 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield mask.nonzero().flatten().tolist()
 
 
+def _noise_for_target(privacy: Privacy, sample_rate: float, steps: int) -> float:
+    """The smallest σ (to Opacus' tolerance) with ε ≤ ``privacy.target_epsilon`` after
+    ``steps`` Poisson-sampled steps."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            # "optimal order is the largest/smallest alpha": the bound holds, only less tight
+            warnings.filterwarnings(
+                "ignore", message="Optimal order is the (largest|smallest) alpha"
+            )
+            sigma = get_noise_multiplier(
+                target_epsilon=privacy.target_epsilon,
+                target_delta=privacy.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant="rdp",
+            )
+    except ValueError as e:  # Opacus: "The privacy budget is too low."
+        raise ValueError(
+            f"privacy.target_epsilon={privacy.target_epsilon} cannot be reached at "
+            f"delta={privacy.delta} over {steps} steps of sample rate {sample_rate:.4g}: "
+            f"no noise multiplier the accountant tries reaches it ({e}); raise "
+            "target_epsilon or delta, or train for fewer epochs"
+        ) from e
+    return float(sigma)
+
+
 class PrivacyAccountant:
     """ε spent so far by DP-SGD steps with Poisson sampling (Opacus' RDP accountant).
 
@@ -169,12 +197,12 @@ class PrivacyAccountant:
 
     Raises:
         ModuleNotFoundError: Opacus is not installed (``pip install opacus``).
+        ValueError: ``target_epsilon`` cannot be reached over the run, whatever the noise.
     """
 
     def __init__(self, privacy: Privacy, sample_rate: float, epochs: int) -> None:
         try:
             from opacus.accountants import RDPAccountant
-            from opacus.accountants.utils import get_noise_multiplier
         except ModuleNotFoundError as e:  # pragma: no cover - opacus is in the train extra
             raise ModuleNotFoundError(
                 "DP-SGD's privacy accounting uses Opacus: pip install 'opacus>=1.5'"
@@ -184,16 +212,9 @@ class PrivacyAccountant:
         if privacy.noise_multiplier is not None:
             self.noise_multiplier = float(privacy.noise_multiplier)
         else:
-            self.noise_multiplier = float(
-                get_noise_multiplier(
-                    target_epsilon=privacy.target_epsilon,
-                    target_delta=privacy.delta,
-                    sample_rate=sample_rate,
-                    # the steps the run takes (Opacus' epochs= would assume int(epochs / q))
-                    steps=epochs * poisson_batches_per_epoch(sample_rate),
-                    accountant="rdp",
-                )
-            )
+            # the steps the run takes (Opacus' epochs= would assume int(epochs / q))
+            steps = epochs * poisson_batches_per_epoch(sample_rate)
+            self.noise_multiplier = _noise_for_target(privacy, sample_rate, steps)
         self._rdp = RDPAccountant()
 
     @property
