@@ -405,3 +405,26 @@ def test_fit_without_logger_keeps_config_and_checkpoints_in_the_run_folder(workd
     assert Path(cli.trainer.log_dir).resolve() == run.resolve()
     assert (run / "config.yaml").is_file() and (run / "checkpoints/last.ckpt").is_file()
     assert sorted(p.name for p in workdir.iterdir()) == ["config.yaml", "r"]
+
+
+def test_data_problem_found_by_the_split_is_a_cli_error_before_training(tmp_path, capsys):
+    """A problem that shows only when the data is split and standardised (here a value beyond
+    float32's range) was a traceback from inside ``trainer.fit``, after the run folder was
+    made."""
+    csv = tmp_path / "data.csv"
+    csv.write_text(
+        "a,b,y\n" + "".join(f"{-1e39 if i == 5 else i},{i % 7},{i % 2}\n" for i in range(60))
+    )
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--data=torchbp.lightning.data.TabularFileDataModule",
+            f"--data.path={csv}",
+            "--data.label_column=y",
+            "--data.standardize=false",
+            f"--run_dir={tmp_path}",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: data problem: value -1e+39 in column 'a' at row 6" in err, err
+    assert "Traceback" not in err and not (tmp_path / "digits").exists()

@@ -298,3 +298,22 @@ def test_tabular_unknown_drop_column_is_a_data_error(tmp_path):
     dm = TabularFileDataModule(path=str(tmp_path / "d.npz"), drop_columns=["index"])
     with pytest.raises(DataError, match=r"drop_columns 'index' not found in .*: X, idx"):
         _ = dm.num_features
+
+
+def test_split_that_cannot_be_stratified_is_a_data_error(tmp_path):
+    """Classes of 3, 4 and 5 rows with test_fraction=0.5 leave one row of a class for the
+    val/train split: scikit-learn's ValueError came out of ``setup`` unexplained."""
+    rng = np.random.default_rng(0)
+    counts = (3, 4, 5, 100)
+    rows = [
+        [f"{v:.3f}" for v in rng.normal(size=3)] + [k]
+        for k, c in enumerate(counts)
+        for _ in range(c)
+    ]
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(
+        path=str(p), label_column="target", val_fraction=0.3, test_fraction=0.5
+    )
+    with pytest.raises(DataError, match=r"cannot split .* stratified.*val_fraction=0.3"):
+        dm.setup()

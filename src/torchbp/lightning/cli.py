@@ -205,6 +205,8 @@ class TorchbpCLI(LightningCLI):
         one-line error (exit status 2) before any training starts."""
         try:
             super().instantiate_classes()
+            if isinstance(self.datamodule, ClassificationDataModule):
+                self.datamodule.check_data()
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
 

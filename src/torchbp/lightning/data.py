@@ -164,6 +164,11 @@ class ClassificationDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         raise NotImplementedError
 
+    def check_data(self) -> None:
+        """Raise :class:`DataError` if the data is unusable, before training starts
+        (``torchbp-train`` calls it after instantiating the DataModule). Default: nothing to
+        check beyond what ``__init__``, ``num_features`` and ``num_classes`` did."""
+
 
 class ArrayDataModule(ClassificationDataModule):
     """Base class for datasets that fit in memory as a feature matrix and a label vector.
@@ -282,10 +287,16 @@ class ArrayDataModule(ClassificationDataModule):
         idx = np.arange(len(y))
         n_test = max(math.floor(self.test_fraction * len(y)), self.num_classes)
         n_val = max(math.floor(self.val_fraction * len(y)), self.num_classes)
-        rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=self.seed)
-        train, val = train_test_split(
-            rest, test_size=n_val, stratify=y[rest], random_state=self.seed + 1
-        )
+        try:
+            rest, test = train_test_split(idx, test_size=n_test, stratify=y, random_state=self.seed)
+            train, val = train_test_split(
+                rest, test_size=n_val, stratify=y[rest], random_state=self.seed + 1
+            )
+        except ValueError as e:  # a rare class left with one row for the second split
+            raise DataError(
+                f"cannot split {len(y)} rows stratified into train/val/test with "
+                f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction}: {e}"
+            ) from e
         train, val, test = np.sort(train), np.sort(val), np.sort(test)
         Xtr = X[train]
         if self.standardize:
@@ -326,6 +337,11 @@ class ArrayDataModule(ClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._splits is None:
             self._splits = self._split()
+
+    def check_data(self) -> None:
+        """Load, split and standardise the data now (once): a problem that only the split
+        shows is a :class:`DataError` before training."""
+        self.setup()
 
     @property
     def splits(self) -> dict[str, TensorDataset]:
