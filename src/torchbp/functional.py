@@ -326,6 +326,13 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
     return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
 
 
+def _recorded_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of another tensor (``t._base``, as torch's "Tensor Views"
+    documentation checks it) and autograd records the call: autograd refuses a Function
+    with several outputs (cross-entropy's) that modifies such a tensor in place."""
+    return torch.is_grad_enabled() and t.requires_grad and t._base is not None
+
+
 def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
     if reduction == "none":
         # a copy, never the Function's own output (which it may save, or which may share a
@@ -402,7 +409,9 @@ def cross_entropy(
             (saves one logits-sized allocation; 2-D ``(N, C)`` logits only). The logits
             then hold the gradient: do not use them afterwards (autograd's version check
             catches any op that saved them). Ignored under torch.compile and torch.func,
-            which get the same values without the memory saving.
+            and for logits requiring grad that are a view of another tensor (e.g.
+            ``logits.view(-1, C)``; autograd cannot record the in-place write there), which
+            get the same values without the memory saving (the logits are kept).
 
     The gradient ``softmax(z) - target`` is computed in the forward pass from the single
     softmax evaluation (in float32 for half-precision logits) and kept instead of the
@@ -418,7 +427,7 @@ def cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace
     )
     label_smoothing = _checks.scalar_argument("cross_entropy", "label_smoothing", label_smoothing)
-    inplace = inplace and values_inspectable(input)
+    inplace = inplace and values_inspectable(input) and not _recorded_view(input)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()

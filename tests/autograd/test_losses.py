@@ -405,6 +405,34 @@ def test_inplace_writes_into_the_logits_and_autograd_guards_them():
         squared.backward()
 
 
+@pytest.mark.parametrize(
+    "as_view",
+    [
+        lambda h: h.view(-1, C),  # a language model's (B*T, C) logits
+        lambda h: h[:6],
+        lambda h: h.t().t(),
+    ],
+    ids=["view", "slice", "transposed"],
+)
+def test_inplace_on_logits_that_are_a_view_gives_the_loss_and_gradients(as_view):
+    # autograd refuses a multi-output Function that modifies a view in place: inplace=True
+    # on such logits crashed with an engine error after writing over them; now it computes
+    # the same loss and gradients without the memory saving (the logits are kept)
+    target = class_target((6,))
+    results = []
+    for inplace in (False, True):
+        leaf = make((8, C), torch.float32, scale=3.0).requires_grad_()
+        logits = as_view(leaf * 1)
+        kept = logits.detach().clone()
+        loss = TF.cross_entropy(
+            logits[:6] if logits.shape[0] > 6 else logits, target, inplace=inplace
+        )
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+        assert torch.equal(logits.detach(), kept)
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_inplace_needs_2d_logits_and_no_target_gradient():
     with pytest.raises(ValueError, match="inplace=True needs 2-D"):
         TF.cross_entropy(make((2, C, 3), torch.float32), class_target((2, 3)), inplace=True)
