@@ -167,7 +167,11 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
     return False
 
 
-def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> None:
+def check_class_weight(
+    op: str, weight: torch.Tensor | None, classes: int, differentiable: bool = False
+) -> None:
+    """``weight`` ``None`` or floating ``(C,)``; one requiring grad only where the loss is
+    ``differentiable`` in it (probability targets, as native) or nothing is recorded."""
     if weight is None:
         return
     if weight.dim() != 1 or weight.shape[0] != classes:
@@ -176,11 +180,11 @@ def check_class_weight(op: str, weight: torch.Tensor | None, classes: int) -> No
             f"got {tuple(weight.shape)}"
         )
     check_floating(op, "weight", weight)
-    if weight.requires_grad and torch.is_grad_enabled():
+    if weight.requires_grad and torch.is_grad_enabled() and not differentiable:
         # as native: refused only where autograd would record the call (not under no_grad)
         raise RuntimeError(
-            f"{op}: class weights are not differentiable (as in torch.nn.functional); "
-            "pass weight.detach()"
+            f"{op}: class weights are not differentiable with class-index targets (as in "
+            "torch.nn.functional; they are with probability targets); pass weight.detach()"
         )
 
 
@@ -369,9 +373,9 @@ def validate_cross_entropy(
     check_smoothing(op, label_smoothing)
     layout = class_layout(op, input)
     check_floating(op, "input", input)
-    check_class_weight(op, weight, layout.classes)
-    check_same_device(op, input=input, target=target, weight=weight)
     soft = input.shape == target.shape
+    check_class_weight(op, weight, layout.classes, differentiable=soft)
+    check_same_device(op, input=input, target=target, weight=weight)
     check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
     unmasked = False
     if not soft:
@@ -507,7 +511,7 @@ def validate_linear_cross_entropy(
     )
     if out_features:
         return LinearCrossEntropyCall(soft, out_features, ignore_index)
-    check_class_weight(op, weight, classes)
+    check_class_weight(op, weight, classes, differentiable=soft)
     check_target_kind(
         op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
     )

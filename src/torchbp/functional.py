@@ -326,6 +326,21 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
     return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
 
 
+def _differentiated(t: torch.Tensor | None) -> bool:
+    """Whether autograd records a gradient for ``t`` in this call."""
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
+
+
+def _weighted_probability_rows(logits, target, weight, smoothing: float) -> torch.Tensor:
+    """``ℓ_i = -Σ_c w_c t'_c logp_ic`` with ``t' = (1-ε) t + ε/C`` of ``(M, C)`` logits and
+    probabilities: native's formula, on torchbp's log-softmax, for class weights that need
+    their gradient ``∂ℓ_i/∂w_c = -t'_ic logp_ic`` (the fused Function holds them constant)."""
+    logp = log_softmax(logits, 1)
+    if smoothing:
+        target = target * (1 - smoothing) + smoothing / logits.shape[1]
+    return -(logp * target * weight).sum(1)
+
+
 def _recorded_view(t: torch.Tensor) -> bool:
     """Whether ``t`` is a view of another tensor (``t._base``, as torch's "Tensor Views"
     documentation checks it) and autograd records the call: autograd refuses a Function
@@ -434,19 +449,23 @@ def cross_entropy(
     if soft and target.dtype != input.dtype:
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
+    weight_grad = soft and _differentiated(weight)
     # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
-    logits = input if inplace else _rows(input, class_dim, classes)
+    logits = input if inplace and not weight_grad else _rows(input, class_dim, classes)
     # uint8 class indices are accepted, as native does
     flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1).long()
-    rows, _grad, _lse = apply(
-        _CROSSENTROPY,
-        logits,
-        flat_target,
-        weight,
-        None if unmasked else ignore_index,
-        float(label_smoothing),
-        inplace,
-    )
+    if weight_grad:
+        rows = _weighted_probability_rows(logits, flat_target, weight, float(label_smoothing))
+    else:
+        rows, _grad, _lse = apply(
+            _CROSSENTROPY,
+            logits,
+            flat_target,
+            weight,
+            None if unmasked else ignore_index,
+            float(label_smoothing),
+            inplace,
+        )
     denominator = None
     if reduction == "mean":
         if soft and classes == 0:
@@ -598,6 +617,7 @@ def linear_cross_entropy(
         call.out_features
         or linear_weight.shape[0] == 0  # no class: rows of 0 (the chunks' softmax has none)
         or _wider_than_accumulation(input, target, soft)
+        or (soft and _differentiated(weight))  # class weights' gradient: the reference formula
         or _under_func_transform(input, linear_weight, linear_bias, target, weight)
     ):
         return _linear_cross_entropy_unfused(

@@ -657,3 +657,17 @@ def test_zero_classes_as_native(soft, reduction):
         run(ours, x, w, t, None, reduction=reduction),
         run(native, x, w, t, None, reduction=reduction),
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_target_class_weights_get_their_gradient_as_natives(reduction):
+    # native differentiates -Σ_c w_c t_c logp_c in the class weights; torchbp refused them
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    t = soft_target((N, C))
+    cw0 = make((C,), torch.float64, seed=3).abs() + 0.1
+    results = []
+    for fn in (ours, reference):
+        cw = cw0.clone().requires_grad_()
+        loss, grads = run(fn, x, w, t, None, reduction=reduction, weight=cw)
+        results.append((loss, *grads[:2], cw.grad))
+    torch.testing.assert_close(results[0], results[1])

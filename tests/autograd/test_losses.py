@@ -488,3 +488,23 @@ def test_zero_classes_every_target_ignored_as_native(op, reduction, weighted):
         (grad,) = torch.autograd.grad(loss.sum(), x)
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0], results[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(6, C), (C,), (2, C, 3)], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_probability_target_class_weights_get_their_gradient_as_natives(
+    reduction, smoothing, shape
+):
+    # native's probability-target loss -Σ_c w_c t'_c logp_c is differentiable in the class
+    # weights; torchbp refused a weight requiring grad there ("not differentiable")
+    x0 = make(shape, torch.float64, scale=2.0)
+    t0 = torch.softmax(make(shape, torch.float64, seed=2), -1 if len(shape) == 1 else 1)
+    w0 = make((C,), torch.float64, seed=3).abs() + 0.1
+    results = []
+    for fn in (TF.cross_entropy, F.cross_entropy):
+        x, t, w = (v.clone().requires_grad_() for v in (x0, t0, w0))
+        loss = fn(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+        g = make(loss.shape, torch.float64, seed=5)
+        results.append((loss, *torch.autograd.grad(loss, (x, t, w), g)))
+    torch.testing.assert_close(results[0], results[1])
