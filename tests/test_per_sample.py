@@ -305,7 +305,7 @@ def test_add_noise_is_gaussian_with_std_sigma_c():
     assert abs(noise.mean().item()) < 0.01 * std
     # Gaussian tails: P(|z| > 3) = 0.27%
     assert abs((noise.abs() > 3 * std).double().mean().item() - 0.0027) < 0.0006
-    # the two chunks of the weight come from independent generators
+    # the two chunks of the weight are independent draws
     from torchbp.per_sample.noise import CHUNK
 
     first, second = noise[:CHUNK][: 300_000 - CHUNK], noise[CHUNK:300_000]
@@ -316,7 +316,7 @@ def test_add_noise_is_reproducible_with_a_seeded_generator():
     a, b, c = _noise(7), _noise(7), _noise(8)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    # the same noise with one thread or several: chunks do not depend on the thread count
+    # the same noise with one thread or several
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -324,6 +324,25 @@ def test_add_noise_is_reproducible_with_a_seeded_generator():
         torch.testing.assert_close(_noise(7), a, rtol=0, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_noise_of_successive_steps_never_repeats():
+    """Each step's noise is fresh. torch's CPU generator keeps only the low 32 bits of a
+    seed, so noise drawn by generators seeded from the caller's repeated itself once
+    about 2**16 chunks had been drawn (a likely event over a long DP-SGD run): with
+    generator seed 98, steps 6034 and 10652 got the same noise, which the difference of
+    their updates cancels."""
+    torch.manual_seed(0)
+    model = torchbp.nn.Linear(4, 1, bias=False).to(DT)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        model(torch.randn(3, 4, dtype=DT)).sum().backward()
+    generator = torch.Generator().manual_seed(98)
+    noise = []
+    for _ in range(10_653):
+        model.weight.grad.zero_()
+        ps.add_noise(1.0, generator=generator)
+        noise.append(model.weight.grad.clone())
+    assert torch.unique(torch.cat(noise), dim=0).shape[0] == len(noise)
 
 
 def test_chunked_materialisation_matches(monkeypatch):

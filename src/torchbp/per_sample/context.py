@@ -162,7 +162,7 @@ class PerSampleGrads:
             for p in self.parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            # drawn in parallel, chunk by chunk (see torchbp.per_sample.noise)
+            # one stream from the generator, chunk by chunk (see torchbp.per_sample.noise)
             add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
 
     # ------------------------------------------------------------------ internals

@@ -1,49 +1,29 @@
-"""DP-SGD's Gaussian noise, drawn in parallel on CPU.
+"""DP-SGD's Gaussian noise, drawn from one generator stream.
 
-torch's CPU generator (mt19937) is sequential: one thread draws about 3.7 ns per Gaussian,
-so the 1.9 M draws of a 784-1024-1024-10 MLP cost more than half a plain SGD step. The
-noise is therefore drawn in fixed chunks of :data:`CHUNK` elements, each by its own
-generator seeded from the caller's (or the global) generator, on up to
-``torch.get_num_threads()`` threads. The chunking does not depend on the thread count, so
-a seeded generator gives the same noise on any machine. On CUDA one call per parameter is
-already fast and is used as is.
+Every draw comes, in a fixed order, from the caller's generator (or the global one of the
+tensors' device), so a seeded generator gives the same noise on any machine and every step
+continues the same stream. On CPU the noise is drawn in chunks of :data:`CHUNK` elements,
+so that no temporary as large as a big parameter is allocated.
+
+The noise is not drawn in parallel by generators seeded from the caller's: torch's CPU
+generator (mt19937) keeps only the low 32 bits of a seed, so such generators have at most
+2**32 distinct streams, and over a training run two chunks would draw the same noise (about
+even odds after 2**16 chunks). Identical noise in two steps cancels in the difference of
+their updates, which DP-SGD's accounting assumes cannot happen.
 """
 
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 __all__ = ["CHUNK", "add_gaussian_noise_"]
 
-#: elements per independently seeded generator
+#: elements drawn per temporary on CPU
 CHUNK = 1 << 18
-
-_pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool, _pool_workers
-    with _pool_lock:
-        workers = max(1, torch.get_num_threads())
-        if _pool is None or _pool_workers != workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="torchbp-noise")
-            _pool_workers = workers
-        return _pool
-
-
-def _add_chunk(grad: torch.Tensor, std: float, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    # grad += N(0, std²), drawn by this chunk's own generator
-    grad.add_(torch.randn(grad.shape, generator=g, dtype=grad.dtype), alpha=std)
 
 
 def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
-    if not t.is_contiguous():
+    if t.device.type != "cpu" or not t.is_contiguous():
         return [t]  # drawn whole: a view of a strided tensor cannot be flattened
     flat = t.view(-1)
     return [flat[i : i + CHUNK] for i in range(0, flat.numel(), CHUNK)]
@@ -57,22 +37,11 @@ def add_gaussian_noise_(
     Args:
         grads: gradient tensors, all on one device.
         std: the standard deviation ``σC``.
-        generator: seeds the noise (default: the global generator of the tensors' device).
+        generator: draws the noise (default: the global generator of the tensors' device).
     """
-    chunks: list[torch.Tensor] = []
     for t in grads:
-        if t.device.type == "cpu":
-            chunks.extend(_chunks(t))
-        else:
-            noise = torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
-            t.add_(noise, alpha=std)
-    if not chunks:
-        return
-    seeds = torch.randint(0, 2**62, (len(chunks),), generator=generator).tolist()
-    if len(chunks) == 1 or torch.get_num_threads() == 1:
-        for chunk, seed in zip(chunks, seeds):
-            _add_chunk(chunk, std, seed)
-        return
-    futures = [_executor().submit(_add_chunk, c, std, s) for c, s in zip(chunks, seeds)]
-    for future in futures:
-        future.result()
+        for chunk in _chunks(t):
+            noise = torch.randn(
+                chunk.shape, generator=generator, dtype=chunk.dtype, device=chunk.device
+            )
+            chunk.add_(noise, alpha=std)
