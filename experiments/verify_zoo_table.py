@@ -29,8 +29,11 @@ from torchbp.verify import check_function  # noqa: E402
 
 OUT = ROOT / "experiments" / "results" / "verify_zoo.md"
 
-#: The checks added with the zoo (issue 13): bugs only they catch are counted apart.
-NEW_CHECKS = frozenset({"mutation", "interleave", "vmap_in_dims", "extreme_values"})
+#: The checks added with the zoo (issue 13, and needs_input_grad after it): bugs only they
+#: catch are counted apart.
+NEW_CHECKS = frozenset(
+    {"mutation", "interleave", "vmap_in_dims", "extreme_values", "needs_input_grad"}
+)
 
 
 def _apply(fn):

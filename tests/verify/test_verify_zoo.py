@@ -132,7 +132,7 @@ def test_extreme_values_leaves_out_probes_where_the_reference_raises():
     assert report["extreme_values"].message.startswith("3 probe(s)")
 
 
-NEW_CHECKS = ["vmap_in_dims", "mutation", "interleave", "extreme_values"]
+NEW_CHECKS = ["vmap_in_dims", "mutation", "interleave", "extreme_values", "needs_input_grad"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,9 +1,10 @@
 """Verification suite: check any autograd Function (or differentiable callable).
 
 :func:`check_function` runs gradcheck, gradgradcheck, forward-mode AD, vmap, batched and
-undefined grads, gradient shapes, grad_output safety, torch.compile parity and parity with a
-reference on example inputs and returns a :class:`Report` (:func:`assert_function`: the
-same, raising ``AssertionError`` with the report when a check failed, for test suites).
+undefined grads, gradient shapes, one input alone requiring grad, grad_output safety,
+torch.compile parity and parity with a reference on example inputs and returns a
+:class:`Report` (:func:`assert_function`: the same, raising ``AssertionError`` with the
+report when a check failed, for test suites).
 Each check ends :data:`PASS`, :data:`FAIL`, :data:`UNSUPPORTED` (a capability fn does not
 offer, with how to add it) or :data:`SKIP`; ``report.ok`` is true iff nothing failed.
 The ``torchbp-verify`` command (:mod:`torchbp.verify.cli`) runs it over every torchbp op

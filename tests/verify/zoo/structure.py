@@ -1,5 +1,6 @@
 """Autograd structure: double backward cut off, the wrong output non-differentiable, state
-outside ctx, a vmap rule that ignores in_dims, a wrong jvp."""
+outside ctx, a gradient under the wrong needs_input_grad flag, a vmap rule that ignores
+in_dims, a wrong jvp."""
 
 from __future__ import annotations
 
@@ -122,6 +123,28 @@ class WrongJvpSigmoid(JvpSigmoid):
         return t * (1 - y)  # the factor y is missing
 
 
+class FlagCheckingLinear(Linear):
+    """Computes only the gradients autograd asks for (``ctx.needs_input_grad``)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx = g @ w if ctx.needs_input_grad[0] else None
+        dw = g.t() @ x if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+class BiasGradUnderWeightFlagLinear(Linear):
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx = g @ w if ctx.needs_input_grad[0] else None
+        dw = g.t() @ x if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.needs_input_grad[1] else None  # the weight's flag: [2] meant
+        return dx, dw, db
+
+
 ENTRIES = [
     ZooEntry(
         "backward_detaches_derivative",
@@ -162,6 +185,16 @@ ENTRIES = [
         lambda: (seeded(3, 4), seeded(5, 4, seed=1), seeded(5, seed=2)),
         torch.nn.functional.linear,
         frozenset({"interleave"}),
+    ),
+    ZooEntry(
+        "bias_grad_under_weight_flag",
+        "structure",
+        "linear computes db under needs_input_grad[1]: a frozen weight silently freezes the bias",
+        BiasGradUnderWeightFlagLinear,
+        FlagCheckingLinear,
+        lambda: (seeded(3, 4), seeded(5, 4, seed=1), seeded(5, seed=2)),
+        torch.nn.functional.linear,
+        frozenset({"needs_input_grad"}),
     ),
     ZooEntry(
         "vmap_rule_ignores_in_dims",

@@ -1,5 +1,6 @@
 """Checks of what backward owes autograd beyond correct values: ``undefined_grad`` (None
-grad_outputs), ``grad_shapes`` (raw gradient shapes of each custom Function) and
+grad_outputs), ``grad_shapes`` (raw gradient shapes of each custom Function),
+``needs_input_grad`` (the same gradients when only some inputs require grad) and
 ``grad_output_safety`` (no in-place writes, any grad_output memory layout)."""
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 
-__all__ = ["check_grad_output_safety", "check_grad_shapes", "check_undefined_grad"]
+__all__ = [
+    "check_grad_output_safety",
+    "check_grad_shapes",
+    "check_needs_input_grad",
+    "check_undefined_grad",
+]
 
 
 def check_undefined_grad(ctx: CheckContext) -> Passed:
@@ -126,6 +132,80 @@ def check_grad_shapes(ctx: CheckContext) -> Passed:
                     "mode, which hides the bug"
                 )
     return Passed(f"{checked} gradient(s) of {len(captured)} Function node(s) checked")
+
+
+def _gradient_alone(ctx: CheckContext, k: int | None, vs: list[torch.Tensor]):
+    """fn's outputs and the gradient of its ``k``-th grad input when that input is the only
+    one that requires grad (the others are passed as plain tensors); with ``k`` None, no
+    input requires grad and the gradient is None."""
+    inputs = [x.detach().clone() for x in ctx.leaves()]
+    if k is None:
+        return ctx.diff_fn(*inputs), None
+    inputs[k].requires_grad_(True)
+    outs = ctx.diff_fn(*inputs)
+    live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
+    if not live:
+        return outs, None
+    (grad,) = torch.autograd.grad(
+        [o for o, _ in live], [inputs[k]], [v for _, v in live], allow_unused=True
+    )
+    return outs, grad
+
+
+def check_needs_input_grad(ctx: CheckContext) -> Passed:
+    """No input, and each grad input alone, requiring grad (inference; a frozen weight, a
+    first layer's input that needs no gradient) must give the outputs, and that input the
+    gradient, fn gives when all of them require grad: a backward that branches on
+    ``ctx.needs_input_grad`` with the wrong index, or saves a tensor only under another
+    input's flag, is wrong or crashes only then."""
+    leaves = ctx.leaves()
+    outs = ctx.diff_fn(*leaves)
+    vs = ctx.randn_like_outputs(outs)
+    live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
+    expected = torch.autograd.grad(
+        [o for o, _ in live], leaves, [v for _, v in live], allow_unused=True
+    )
+    tolerance = ctx.parity_tolerances()
+    worst = (0.0, 0.0)
+    alone = list(range(len(leaves))) if len(leaves) > 1 else []
+    for k in [None, *alone]:
+        when = (
+            "when no input requires grad"
+            if k is None
+            else (f"when only {ctx.input_name(k)} requires grad")
+        )
+        try:
+            outs_k, grad = _gradient_alone(ctx, k, vs)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckFailure(
+                f"fn or its backward fails {when}: {explain_error(exc)} (a tensor saved or a "
+                "gradient computed under another input's ctx.needs_input_grad flag?)"
+            ) from None
+        for o, (got, full) in enumerate(zip(outs_k, outs)):
+            worst = max(worst, require_close(got, full, tolerance, f"output {o} differs {when}"))
+        if k is not None:
+            worst = max(worst, _require_same_gradient(ctx, k, grad, expected[k], when))
+    checked = f"each of {len(alone)} grad inputs alone and " if alone else ""
+    return Passed(f"{checked}no input requiring grad", *worst)
+
+
+def _require_same_gradient(
+    ctx: CheckContext, k: int, grad: torch.Tensor | None, expected: torch.Tensor | None, when: str
+) -> tuple[float, float]:
+    """The error of ``grad`` (input ``k`` alone requiring grad) against ``expected`` (all
+    requiring grad); a failed check when they differ (None counts as zeros)."""
+    like = ctx.args[ctx.grad_idx[k]]
+    expected = torch.zeros_like(like) if expected is None else expected
+    name = ctx.input_name(k)
+    if grad is None and bool(expected.ne(0).any()):
+        raise CheckFailure(
+            f"backward returns no gradient (None) for {name} {when}, although it gets one "
+            "when all inputs do (computed under another input's ctx.needs_input_grad flag?)"
+        )
+    grad = torch.zeros_like(like) if grad is None else grad
+    problem = f"gradient of {name} {when} differs from the one it gets when all do"
+    note = " (a ctx.needs_input_grad branch with the wrong index?)"
+    return require_close(grad, expected, ctx.parity_tolerances(), problem, note=note)
 
 
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:

@@ -168,7 +168,8 @@ def check_function(
 
     Runs, on the example ``inputs``: ``gradcheck``, ``gradgradcheck``, forward-mode AD,
     ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
-    shape of every custom Function's raw gradients, grad_output safety (no in-place writes,
+    shape of every custom Function's raw gradients, the same outputs and gradients when no
+    input or one input alone requires grad, grad_output safety (no in-place writes,
     strided/expanded grad_outputs), input/output mutation (including writes the version
     counter never sees), two interleaved calls before backward, ``vmap`` over a non-zero
     ``in_dims``, ``torch.compile`` parity with eager, extreme-value probes against

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torchbp.verify.checks.backward_contract import (
     check_grad_output_safety,
     check_grad_shapes,
+    check_needs_input_grad,
     check_undefined_grad,
 )
 from torchbp.verify.checks.context import CheckContext
@@ -94,6 +95,11 @@ CHECK_TABLE: tuple[Check, ...] = (
         "grad_shapes",
         "each autograd.Function backward returns grads of exactly its inputs' shapes",
         check_grad_shapes,
+    ),
+    Check(
+        "needs_input_grad",
+        "no input or one input alone requiring grad: the same outputs and that input's gradient",
+        check_needs_input_grad,
     ),
     Check(
         "grad_output_safety",

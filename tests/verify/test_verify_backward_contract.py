@@ -1,0 +1,58 @@
+"""The checks of what backward owes autograd (``checks/backward_contract.py``) that the zoo
+does not show on its own: ``needs_input_grad`` on a crash and on the inference path."""
+
+from __future__ import annotations
+
+import torch
+from tests.verify.zoo.entry import seeded
+from tests.verify.zoo.structure import BiasGradUnderWeightFlagLinear, FlagCheckingLinear
+
+from torchbp.verify import CHECKS, check_function
+
+
+def _linear_inputs():
+    return seeded(3, 4), seeded(5, 4, seed=1), seeded(5, seed=2)
+
+
+class SavesXUnderItsOwnFlag(FlagCheckingLinear):
+    """Saves x only when x needs a gradient, but dW needs x: a frozen first layer crashes."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _ = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[0] else None, w)
+
+
+class ForwardNeedsAGrad(torch.autograd.Function):
+    """Reads ctx.needs_input_grad in forward as if some input always required grad."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.scale = 2.0 if any(ctx.needs_input_grad) else None
+        return x * ctx.scale
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale
+
+
+def test_the_other_checks_miss_a_gradient_under_the_wrong_flag():
+    others = [c for c in CHECKS if c not in ("needs_input_grad", "compile")]
+    report = check_function(BiasGradUnderWeightFlagLinear, *_linear_inputs(), checks=others)
+    assert report.ok, str(report)
+    report = check_function(BiasGradUnderWeightFlagLinear, *_linear_inputs())
+    result = report["needs_input_grad"]
+    assert result.failed and "no gradient (None) for input 2" in result.message, str(report)
+
+
+def test_backward_that_crashes_when_one_input_is_frozen_fails():
+    report = check_function(SavesXUnderItsOwnFlag, *_linear_inputs(), checks=["needs_input_grad"])
+    result = report["needs_input_grad"]
+    assert result.failed, str(report)
+    assert result.message.startswith("fn or its backward fails when only input 1 requires grad")
+
+
+def test_forward_that_fails_when_no_input_requires_grad_fails():
+    report = check_function(ForwardNeedsAGrad, seeded(3), checks=["needs_input_grad"])
+    result = report["needs_input_grad"]
+    assert result.failed and "when no input requires grad" in result.message, str(report)
