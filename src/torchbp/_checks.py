@@ -117,6 +117,24 @@ def check_inplace_slope(op: str, name: str, value: float, inplace: bool, input) 
         )
 
 
+def check_inplace_writable(op: str, input) -> None:
+    """Autograd refuses an in-place write to a leaf that requires grad, or to a view of
+    one, but a Function's forward has already written when it does: refuse it here, before
+    anything is written, with native's message (native checks before its kernel runs)."""
+    if not (isinstance(input, torch.Tensor) and input.requires_grad and torch.is_grad_enabled()):
+        return
+    if input.is_leaf:
+        what = "a leaf Variable"
+    elif input._base is not None and input._base.is_leaf:  # torch's documented view check
+        what = "a view of a leaf Variable"
+    else:
+        return
+    raise InplaceError(
+        f"{op}: {what} that requires grad is being used in an in-place operation "
+        "(inplace=True); use inplace=False or clone it first"
+    )
+
+
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
     named = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in named.values()}

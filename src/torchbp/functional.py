@@ -165,6 +165,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         _checks.check_tensor("relu", input=input)
         # native raises RuntimeError (torch 2.13) or NotImplementedError (2.14): this is both
         raise _checks.UnsupportedDTypeError("relu: boolean inputs are not supported (as native)")
+    if inplace:
+        _checks.check_inplace_writable("relu", input)
     return apply(_RELU, input, bool(inplace))
 
 
@@ -176,6 +178,8 @@ def leaky_relu(
     ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
+    if inplace:
+        _checks.check_inplace_writable("leaky_relu", input)
     return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
 
 
@@ -219,6 +223,8 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     """
     alpha = _checks.scalar_argument("elu", "alpha", alpha)
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
+    if inplace:
+        _checks.check_inplace_writable("elu", input)
     return apply(_ELU, input, alpha, bool(inplace))
 
 
@@ -442,6 +448,8 @@ def cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace
     )
     label_smoothing = _checks.scalar_argument("cross_entropy", "label_smoothing", label_smoothing)
+    if inplace:
+        _checks.check_inplace_writable("cross_entropy", input)
     inplace = inplace and values_inspectable(input) and not _recorded_view(input)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:

@@ -160,6 +160,18 @@ def test_inplace_on_leaf_requiring_grad_raises_like_native(case):
             fn(x, inplace=True)
 
 
+@pytest.mark.parametrize("view", [False, True])
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_refused_inplace_on_a_leaf_leaves_its_values_intact(case, view):
+    # native refuses before writing; torchbp's Function wrote over the leaf (a Parameter,
+    # say) and only then raised, so a caller catching the error had lost its values
+    leaf = make((3, 4), torch.float32).requires_grad_()
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad is being used"):
+        case.ours(leaf[1:] if view else leaf, inplace=True)
+    assert torch.equal(leaf.detach(), before)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_no_input_or_grad_output_overwritten(case):
     ours = case.ours

@@ -433,6 +433,15 @@ def test_inplace_on_logits_that_are_a_view_gives_the_loss_and_gradients(as_view)
     torch.testing.assert_close(results[1], results[0])
 
 
+def test_inplace_on_a_leaf_is_refused_before_writing():
+    # the Function wrote the gradient over the leaf's values, then autograd raised
+    leaf = make((4, C), torch.float32).requires_grad_()
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad is being used"):
+        TF.cross_entropy(leaf, class_target((4,)), inplace=True)
+    assert torch.equal(leaf.detach(), before)
+
+
 def test_inplace_needs_2d_logits_and_no_target_gradient():
     with pytest.raises(ValueError, match="inplace=True needs 2-D"):
         TF.cross_entropy(make((2, C, 3), torch.float32), class_target((2, 3)), inplace=True)
