@@ -168,6 +168,16 @@ def test_detached_output_is_reported():
             ValueError,
             r"reference is an nn.Module with torch.float32 parameters",
         ),
+        (
+            lambda: check_function(torch.mul, _x(3), _x(3), grad_inputs=[0, -2]),
+            ValueError,
+            "grad_inputs lists input 0 twice",
+        ),
+        (
+            lambda: check_function(torch.mul, _x(3), _x(3), grad_inputs=[True]),
+            ValueError,
+            "grad_inputs entry True is not a valid input position",
+        ),
         (lambda: check_function(torch.tanh, _x(3), vmap_batch=0), ValueError, "vmap_batch"),
         (lambda: check_function(torch.tanh, _x(3), vmap_batch=2.5), TypeError, "vmap_batch"),
         (lambda: check_function(torch.tanh, _x(3), eps=0.0), ValueError, "eps must be"),

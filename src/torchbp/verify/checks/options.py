@@ -198,12 +198,16 @@ def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) ->
         grad_inputs = (grad_inputs,)
     grad_idx = []
     for i in grad_inputs:
-        if not isinstance(i, int) or not -len(args) <= i < len(args):
+        if not _is_integer(i) or not -len(args) <= i < len(args):
             raise ValueError(
                 f"check_function: grad_inputs entry {i!r} is not a valid input position "
                 f"(there are {len(args)} inputs)"
             )
-        i = i % len(args)
+        i = int(i) % len(args)
+        if i in grad_idx:
+            raise ValueError(
+                f"check_function: grad_inputs lists input {i} twice; give each position once"
+            )
         a = args[i]
         if not isinstance(a, torch.Tensor):
             raise ValueError(
