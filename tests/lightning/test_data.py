@@ -317,3 +317,24 @@ def test_split_that_cannot_be_stratified_is_a_data_error(tmp_path):
     )
     with pytest.raises(DataError, match=r"cannot split .* stratified.*val_fraction=0.3"):
         dm.setup()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"seed": -1}, r"seed must be in \[0, 4294967294\], got -1"),
+        ({"seed": 2**32 - 1}, r"seed must be in \[0, 4294967294\], got 4294967295"),
+    ],
+)
+def test_array_module_refuses_bad_workers_and_seeds_when_made(kwargs, match):
+    """Before, a negative num_workers failed in DataLoader inside trainer.fit, and a seed that
+    scikit-learn's split refuses (it also uses seed + 1) failed when the data was split."""
+    with pytest.raises(DataConfigError, match=match):
+        DigitsDataModule(**kwargs)
+    DigitsDataModule(seed=2**32 - 2).setup()
+
+
+def test_synthetic_module_refuses_negative_workers_when_made():
+    with pytest.raises(DataConfigError, match="num_workers must be >= 0, got -2"):
+        SyntheticDataModule(num_workers=-2)

@@ -149,6 +149,16 @@ def collate_or_empty(dataset: TensorDataset, samples: list) -> Any:
     return default_collate(samples)
 
 
+#: the largest ``seed`` of an :class:`ArrayDataModule`: its split hands scikit-learn
+#: ``seed`` and ``seed + 1``, which must be below 2**32
+MAX_SPLIT_SEED = 2**32 - 2
+
+
+def _check_num_workers(num_workers: int) -> None:
+    if num_workers < 0:
+        raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
+
+
 class ClassificationDataModule(pl.LightningDataModule):
     """Base class of torchbp's DataModules: a classification task with a known input size.
 
@@ -182,7 +192,8 @@ class ArrayDataModule(ClassificationDataModule):
         batch_size: Mini-batch size for all splits.
         val_fraction: Fraction of samples in the validation split.
         test_fraction: Fraction of samples in the test split.
-        seed: Seed of the stratified split and of the shuffling order.
+        seed: Seed of the stratified split and of the shuffling order, in
+            ``[0, 2**32 - 2]``.
         standardize: Standardise features with the training split's mean and std.
         shuffle: Shuffle the training split each epoch.
         num_workers: DataLoader worker processes (0 is fastest for small data).
@@ -213,6 +224,9 @@ class ArrayDataModule(ClassificationDataModule):
             raise DataConfigError(
                 f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}"
             )
+        if not 0 <= seed <= MAX_SPLIT_SEED:
+            raise DataConfigError(f"seed must be in [0, {MAX_SPLIT_SEED}], got {seed}")
+        _check_num_workers(num_workers)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -752,6 +766,7 @@ class SyntheticDataModule(ClassificationDataModule):
             raise DataConfigError(f"n_classes must be >= 2, got {n_classes}")
         if kind not in ("gaussian_mixture", "teacher"):
             raise DataConfigError(f"unknown kind {kind!r}; use gaussian_mixture or teacher")
+        _check_num_workers(num_workers)
         self.n_samples, self.n_features, self.n_classes = n_samples, n_features, n_classes
         self.kind, self.separation = kind, separation
         self.n_val, self.n_test = n_val, n_test
