@@ -167,6 +167,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         raise _checks.UnsupportedDTypeError("relu: boolean inputs are not supported (as native)")
     if inplace:
         _checks.check_inplace_writable("relu", input)
+        if not _differentiated(input):  # nothing to record: native's kernel returns input
+            return torch.nn.functional.relu(input, inplace=True)
     return apply(_RELU, input, bool(inplace))
 
 
@@ -180,6 +182,8 @@ def leaky_relu(
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     if inplace:
         _checks.check_inplace_writable("leaky_relu", input)
+        if not _differentiated(input):  # nothing to record: native's kernel returns input
+            return torch.nn.functional.leaky_relu(input, negative_slope, inplace=True)
     return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
 
 
@@ -198,7 +202,7 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if not inplace:
         return apply(_SILU, input)
-    if not (torch.is_grad_enabled() and input.requires_grad):
+    if not _differentiated(input):
         # nothing to record: native's own in-place kernel (x·σ(x) would round twice)
         return torch.nn.functional.silu(input, inplace=True)
     return input.copy_(apply(_SILU, input.clone()))
@@ -225,6 +229,8 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
     if inplace:
         _checks.check_inplace_writable("elu", input)
+        if not _differentiated(input):  # nothing to record: native's kernel returns input
+            return torch.nn.functional.elu(input, alpha, inplace=True)
     return apply(_ELU, input, alpha, bool(inplace))
 
 
@@ -334,7 +340,7 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
 
 def _differentiated(t: torch.Tensor | None) -> bool:
     """Whether autograd records a gradient for ``t`` in this call."""
-    return t is not None and t.requires_grad and torch.is_grad_enabled()
+    return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
 
 
 def _weighted_probability_rows(logits, target, weight, smoothing: float) -> torch.Tensor:

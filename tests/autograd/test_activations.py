@@ -172,6 +172,17 @@ def test_refused_inplace_on_a_leaf_leaves_its_values_intact(case, view):
     assert torch.equal(leaf.detach(), before)
 
 
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_inplace_under_no_grad_returns_the_input_itself_as_native(case):
+    # e.g. clamping a Parameter in place: native returns that Parameter; torchbp's Function
+    # returned a detached alias (another object, a plain Tensor not requiring grad)
+    ours, native = (torch.nn.Parameter(make((3, 4), torch.float32)) for _ in range(2))
+    with torch.no_grad():
+        got, want = case.ours(ours, inplace=True), case.native(native, inplace=True)
+    assert want is native and got is ours
+    assert torch.equal(ours.detach(), native.detach())
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_no_input_or_grad_output_overwritten(case):
     ours = case.ours
