@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,26 @@ def test_target_bug_exits_1(tmp_path, capsys):
 def test_target_usage_errors_exit_2(argv, needle, capsys):
     assert cli.main(argv) == 2
     assert needle in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("import torch\nraise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+        ("def f(:\n", "SyntaxError"),
+    ],
+)
+@pytest.mark.parametrize("as_file", [True, False])
+def test_target_module_that_fails_to_import_is_a_usage_error(
+    source, needle, as_file, tmp_path, monkeypatch, capsys
+):
+    # exit 2 with the module's error in one line, not a traceback (exit 1: "a check failed"),
+    # and no half-run module left behind in sys.modules
+    (tmp_path / "broken_target.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    target = "broken_target.py:f" if as_file else "broken_target:f"
+    assert cli.main([target, "--inputs", "3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot import" in err and needle in err, err
+    assert "broken_target" not in sys.modules
+

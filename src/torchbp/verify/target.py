@@ -43,8 +43,8 @@ def load_symbol(target: str) -> Any:
         target: where the object lives and its name.
 
     Raises:
-        TargetError: the target is malformed, the module cannot be imported or has no
-            such name.
+        TargetError: the target is malformed, the module cannot be imported (it is missing,
+            or raised while importing) or has no such name.
     """
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
@@ -60,6 +60,8 @@ def load_symbol(target: str) -> Any:
             module = importlib.import_module(where)
         except ImportError as exc:
             raise TargetError(f"cannot import module {where!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+            raise TargetError(f"cannot import module {where!r}: {_raised(exc)}") from exc
     obj: Any = module
     for part in name.split("."):
         if not hasattr(obj, part):
@@ -75,9 +77,23 @@ def _module_from_file(path: Path) -> Any:
     if spec is None or spec.loader is None:
         raise TargetError(f"cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(path.stem, module)
-    spec.loader.exec_module(module)
+    registered = sys.modules.setdefault(path.stem, module) is module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the file raised while importing
+        if registered:
+            del sys.modules[path.stem]  # no half-run module for a later import to find
+        raise TargetError(f"cannot import {path}: {_raised(exc)}") from exc
     return module
+
+
+def _raised(exc: BaseException) -> str:
+    """What an import raised, in one line (a SyntaxError with its file and line)."""
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        where = f" ({exc.filename}, line {exc.lineno})"
+    message = str(exc.msg if isinstance(exc, SyntaxError) else exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0] if message else ''}{where}"
 
 
 def read_spec(spec: str) -> str:
