@@ -412,6 +412,32 @@ def test_bias_free_and_bias_only_layers(shape):
     check_all_modes(model, torch.randn(*shape, dtype=DT), targets(shape[0], 4, *shape[1:-1]))
 
 
+@pytest.mark.parametrize("shape", [(4, 64), (4, 3, 64)], ids=["2d", "3d"])
+def test_float16_norms_do_not_overflow(shape):
+    """A half-precision model on raw pixel values (‖a_i‖ ~ 1000): ‖g_i‖²‖a_i‖² is far
+    beyond float16's 65504, so the squared norms are summed in float32. Before, the
+    norms came out inf or nan and clip mode zeroed or poisoned p.grad."""
+    dtype = torch.float16
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(64, 8), torchbp.nn.Tanh(), torchbp.nn.Linear(8, 3)
+    ).to(dtype)
+    x = (torch.rand(*shape) * 255).to(dtype)
+    target = targets(shape[0], 3, *shape[1:-1])
+    ref = reference(model.to(DT), x.to(DT), target, "sum")
+    ref_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    model.to(dtype)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        batch_loss(model, x, target, "sum").backward()
+    torch.testing.assert_close(ps.norms.to(DT), ref_norms, rtol=0.05, atol=0)
+    for name, g in ref.items():
+        factors = (1.0 / ref_norms).clamp(max=1).view(-1, *[1] * (g.dim() - 1))
+        clipped = (g * factors).sum(0)
+        grad = model.get_parameter(name).grad
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.to(DT), clipped, rtol=0.05, atol=0.02)
+
+
 def test_add_noise_reaches_parameters_without_gradient():
     model = TwoHeads().to(DT)
     x, target = torch.randn(6, 5, dtype=DT), targets(6, 3)

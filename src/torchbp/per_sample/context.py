@@ -108,7 +108,8 @@ class PerSampleGrads:
     @property
     def norms(self) -> torch.Tensor:
         """``(B,)``: the L2 norm, over every trainable parameter, of each sample's
-        contribution to ``p.grad`` (before clipping)."""
+        contribution to ``p.grad`` (before clipping); float32 for float16 / bfloat16
+        models, whose squared norms would overflow or round away."""
         self._ensure_finalised()
         return self._norms
 
@@ -263,7 +264,8 @@ class PerSampleGrads:
 
     def _squared_norms(self, traces: dict, batch: int) -> torch.Tensor:
         """``Σ_layers ‖G_i‖² + ‖β_i‖²``, shape ``(B,)``."""
-        squared = next(iter(traces.values()))[1].new_zeros(batch)
+        g = next(iter(traces.values()))[1]
+        squared = g.new_zeros(batch, dtype=formulas.norm_dtype(g.dtype))
         for layer in self._layers:
             if id(layer) not in traces:
                 continue

@@ -30,6 +30,12 @@ def _sample_chunks(batch: int, per_sample: int):
         yield slice(start, min(start + step, batch))
 
 
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype squared norms are formed and summed in: float32 at least, since
+    ``‖g_i‖²‖a_i‖²`` overflows float16 (max 65504) on unnormalised inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def gram_is_cheaper(t: int, in_features: int, out_features: int) -> bool:
     """Whether ``‖G_i‖²`` is cheaper through the two T×T Gram matrices than by forming
     ``G_i``: ``T²(in + out)`` against ``T·in·out`` multiply-adds per sample."""
@@ -43,21 +49,25 @@ def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if t == 1:
         # ‖g_i a_iᵀ‖_F² = ‖g_i‖² ‖a_i‖²
         return (_row_norms(g) * _row_norms(a)).square()
+    dtype = norm_dtype(g.dtype)
     if gram_is_cheaper(t, in_features, out_features):
         # ‖Σ_t g_it a_itᵀ‖_F² = Σ_{t,s} (a_i a_iᵀ)_ts (g_i g_iᵀ)_ts
+        a, g = a.to(dtype), g.to(dtype)
         gram_a = torch.bmm(a, a.transpose(1, 2))
         gram_g = torch.bmm(g, g.transpose(1, 2))
         return (gram_a * gram_g).sum((1, 2))
-    out = a.new_empty(batch)
+    out = a.new_empty(batch, dtype=dtype)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm
-        out[rows] = torch.bmm(g[rows].transpose(1, 2), a[rows]).square().sum((1, 2))
+        sample_grads = torch.bmm(g[rows].transpose(1, 2), a[rows])
+        out[rows] = sample_grads.to(dtype).square().sum((1, 2))
     return out
 
 
 def _row_norms(t: torch.Tensor) -> torch.Tensor:
-    """``‖t_i‖`` over all but the sample dim, without a squared copy of ``t``."""
-    return torch.linalg.vector_norm(t, dim=(1, 2))
+    """``‖t_i‖`` over all but the sample dim, without a squared copy of ``t``, in
+    :func:`norm_dtype`."""
+    return torch.linalg.vector_norm(t, dim=(1, 2), dtype=norm_dtype(t.dtype))
 
 
 def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
@@ -66,11 +76,12 @@ def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
         # β_i = g_i
         return _row_norms(g).square()
     # β_i = Σ_t g_it
-    return g.sum(1).square().sum(1)
+    return g.sum(1).to(norm_dtype(g.dtype)).square().sum(1)
 
 
 def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool):
-    """``‖G_i‖² + ‖β_i‖²``, counting the trainable ones, for every sample, shape ``(B,)``."""
+    """``‖G_i‖² + ‖β_i‖²``, counting the trainable ones, for every sample, shape ``(B,)``,
+    in :func:`norm_dtype`."""
     if g.shape[1] == 1:
         g2 = _row_norms(g).square_()
         if not weight:
@@ -79,15 +90,17 @@ def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool
         a2 = _row_norms(a).square_()
         # ‖g_i a_iᵀ‖² + ‖g_i‖² = ‖g_i‖² (‖a_i‖² + 1): two passes over the layer's data
         return g2.mul_(a2.add_(1.0) if bias else a2)
-    total = weight_squared_norms(a, g) if weight else g.new_zeros(g.shape[0])
+    total = (
+        weight_squared_norms(a, g) if weight else g.new_zeros(g.shape[0], dtype=norm_dtype(g.dtype))
+    )
     return total.add_(bias_squared_norms(g)) if bias else total
 
 
 def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``c_i g_i``: with it, :func:`weight_grad_sum` and :func:`bias_grad_sum` give the
     clipped sums ``Σ_i c_i G_i = (c ⊙ g)ᵀ a`` and ``Σ_i c_i β_i``, one matmul a layer."""
-    # G_i is linear in g_i: c_i G_i = Σ_t (c_i g_it) a_itᵀ
-    return g * factors[:, None, None]
+    # G_i is linear in g_i: c_i G_i = Σ_t (c_i g_it) a_itᵀ   (c_i ≤ 1 fits g's dtype)
+    return g * factors.to(g.dtype)[:, None, None]
 
 
 def weight_grad_samples(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
