@@ -238,3 +238,14 @@ def test_target_module_that_fails_to_import_is_a_usage_error(
     assert "cannot import" in err and needle in err, err
     assert "broken_target" not in sys.modules
 
+
+def test_target_json_is_strict_json_with_a_non_finite_literal(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    argv = ["torch:clamp", "--inputs", "3;=-1e999", "--no-compile", "--json", str(path)]
+    assert cli.main(argv) == 0, capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["meta"]["inputs"][1] == "-inf"

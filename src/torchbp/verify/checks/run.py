@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -142,6 +143,8 @@ def _describe(value: Any) -> Any:
             "dtype": str(value.dtype).replace("torch.", ""),
             "contiguous": value.is_contiguous(),
         }
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "nan": JSON has no such numbers
     if isinstance(value, SCALAR_TYPES):
         return value if isinstance(value, bool | int | float | str | type(None)) else str(value)
     return repr(value)
