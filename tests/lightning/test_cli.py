@@ -428,3 +428,25 @@ def test_data_problem_found_by_the_split_is_a_cli_error_before_training(tmp_path
     err = capsys.readouterr().err
     assert "error: data problem: value -1e+39 in column 'a' at row 6" in err, err
     assert "Traceback" not in err and not (tmp_path / "digits").exists()
+
+
+@pytest.mark.parametrize(
+    "args, mode",
+    [
+        ([], "max"),  # val/acc
+        (["--checkpoint.monitor=val/loss"], "min"),
+        (["--checkpoint.monitor=val/error"], "min"),
+        (["--checkpoint.monitor=val/f1"], "max"),
+        (["--checkpoint.monitor=val/loss", "--checkpoint.mode=max"], "max"),  # as asked
+        (["--checkpoint.monitor=val/acc", "--checkpoint.mode=min"], "min"),
+    ],
+)
+def test_checkpoint_mode_follows_the_monitored_metric(tmp_path, args, mode):
+    """Before, the mode stayed max (set for val/acc) when only the monitor was changed, so
+    with --checkpoint.monitor val/loss the "best" checkpoint, which fit ends by testing, was
+    the one with the highest validation loss."""
+    cli = run_cli(
+        "fit", "--config", DIGITS, f"--run_dir={tmp_path}", "--trainer.fast_dev_run=1", *args
+    )
+    assert cli.trainer.checkpoint_callback.mode == mode
+    assert cli.config.fit.checkpoint.mode == mode  # and so in the saved config.yaml

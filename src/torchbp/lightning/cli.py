@@ -17,6 +17,8 @@ with no ``--config`` runs ``digits``. Options after ``--config`` override it.
 Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the stem of the last
 ``--config`` file): ``metrics.csv`` (always), TensorBoard events when tensorboard is installed,
 the resolved ``config.yaml`` and ``checkpoints/`` (best on ``val/acc`` and ``last.ckpt``;
+another ``--checkpoint.monitor`` brings its own ``--checkpoint.mode``, default ``auto``: ``max``
+for accuracy and F1, ``min`` for the rest, as Lightning's default;
 Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
 ``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
 ``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
@@ -56,6 +58,8 @@ from torchbp.lightning.run_logger import RunCSVLogger
 __all__ = ["TorchbpCLI", "main", "cli_main"]
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
+#: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
+_HIGHER_IS_BETTER = ("acc", "f1")
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 
@@ -64,6 +68,13 @@ def _versions(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
+
+
+def _checkpoint_mode(monitor: str | None) -> str:
+    """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1),
+    else Lightning's default, ``min`` (loss, 0-1 error)."""
+    name = (monitor or "").rsplit("/", 1)[-1]
+    return "max" if name in _HIGHER_IS_BETTER else "min"
 
 
 def _describe(error: BaseException) -> str:
@@ -148,7 +159,9 @@ class TorchbpCLI(LightningCLI):
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
+                # resolved from the monitor (before_instantiate_classes): changing only the
+                # monitor to val/loss must not keep the max meant for val/acc
+                "checkpoint.mode": "auto",
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch:03d}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -173,6 +186,9 @@ class TorchbpCLI(LightningCLI):
         cfg = self._subcommand_config(self.config)
         if cfg.get("torch_num_threads"):
             torch.set_num_threads(int(cfg["torch_num_threads"]))
+        checkpoint = cfg.get("checkpoint")
+        if checkpoint is not None and checkpoint.get("mode") == "auto":
+            checkpoint["mode"] = _checkpoint_mode(checkpoint.get("monitor"))
         root = self._run_root()
         self._version: int | None = None
         if cfg.get("ckpt_path") == "last":
