@@ -394,3 +394,19 @@ def test_module_parametrized_after_convert_converts_back():
     assert not isinstance(layer, bpnn.Linear) and report.kept == []
     parametrize.remove_parametrizations(layer, "weight")
     assert type(layer) is nn.Linear
+
+
+def test_lazy_module_stays_converted_once_initialised():
+    # LazyLinear becomes its cls_to_become (nn.Linear) on its first forward: the converted
+    # one became native nn.Linear there, silently running native from the second call on
+    model = torchbp.convert(nn.Sequential(nn.LazyLinear(4)))
+    x = torch.randn(2, 3, requires_grad=True)
+    model(x)
+    assert type(model[0]) is bpnn.Linear
+    assert "LinearFunctionBackward" in _node_names(model(x))
+    torchbp.convert(model, to="torch")
+    assert type(model[0]) is nn.Linear
+    # converted back before its first forward, it initialises to native nn.Linear
+    lazy = torchbp.convert(torchbp.convert(nn.LazyLinear(4)), to="torch")
+    lazy(x)
+    assert type(lazy) is nn.Linear

@@ -103,7 +103,11 @@ def _new_combined(original: type[nn.Module], twin: type[nn.Module]) -> nn.Module
 
 @functools.cache
 def _combined_class(original: type[nn.Module], twin: type[nn.Module]) -> type[nn.Module]:
-    """``class <Name>(original, twin)``: ``original``'s methods, the twin's ``forward``."""
+    """``class <Name>(original, twin)``: ``original``'s methods, the twin's ``forward``.
+
+    A lazy module (``nn.LazyLinear``) switches its class to its ``cls_to_become``
+    (``nn.Linear``) once initialised: the combined class names that class's twin there
+    instead, so that the module stays converted."""
     namespace = {
         "__module__": __name__,
         "__qualname__": original.__qualname__,
@@ -111,6 +115,9 @@ def _combined_class(original: type[nn.Module], twin: type[nn.Module]) -> type[nn
         "__reduce_ex__": _reduce_combined,
         _ORIGINAL: original,
     }
+    becomes = getattr(original, "cls_to_become", None)
+    if becomes in _TO_TORCHBP:
+        namespace["cls_to_become"] = _TO_TORCHBP[becomes]
     return type(original.__name__, (original, twin), namespace)
 
 
