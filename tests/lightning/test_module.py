@@ -116,3 +116,31 @@ def test_configure_optimizers_and_scheduler():
     assert isinstance(cfg["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
     default = ERMClassifier(input_size=4, num_classes=3).configure_optimizers()
     assert isinstance(default, torch.optim.Adam)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_plateau_scheduler_steps_when_validation_runs(tmp_path, every):
+    """ReduceLROnPlateau steps on val/loss: with check_val_every_n_epoch=2, Lightning raised
+    "val/loss which is not available" after the first epoch; now it steps after each
+    validation (every 2 epochs)."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import SklearnToyDataModule
+
+    m = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        hidden_sizes=[],
+        lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0),
+    )
+    trainer = pl.Trainer(
+        max_epochs=4,
+        check_val_every_n_epoch=every,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4 // every

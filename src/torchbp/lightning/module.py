@@ -133,7 +133,8 @@ class ERMClassifier(pl.LightningModule):
         optimizer: Optimizer factory, e.g. ``torch.optim.SGD`` with ``lr`` and ``momentum``,
             ``torch.optim.Adam`` or ``torch.optim.AdamW`` (default: Adam, lr=1e-3).
         lr_scheduler: Optional LR scheduler factory, e.g. ``torch.optim.lr_scheduler.StepLR``
-            or ``CosineAnnealingLR``; stepped once per epoch.
+            or ``CosineAnnealingLR``; stepped once per epoch (``ReduceLROnPlateau``: on
+            ``val/loss``, after each epoch that validates).
         privacy: Train with DP-SGD (:class:`~torchbp.lightning.privacy.Privacy`: max grad
             norm, and a noise multiplier or a target ε at δ). Each step's gradient is
             ``(Σ_i clip(g_i) + N(0, σ²C²)) / L`` with the per-sample clipping of
@@ -274,8 +275,19 @@ class ERMClassifier(pl.LightningModule):
         sched = self.scheduler_factory(opt)
         cfg: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # steps on val/loss, so only at the end of the epochs that validate
             cfg["monitor"] = "val/loss"
+            cfg["frequency"] = self._epochs_between_validations()
         return {"optimizer": opt, "lr_scheduler": cfg}
+
+    def _epochs_between_validations(self) -> int:
+        """The trainer's ``check_val_every_n_epoch`` (1 without a trainer, or when validation
+        is counted in steps across epochs)."""
+        try:
+            every = self.trainer.check_val_every_n_epoch
+        except RuntimeError:  # not attached to a Trainer
+            return 1
+        return every or 1
 
     # -- forward / loss -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
