@@ -338,3 +338,13 @@ def test_array_module_refuses_bad_workers_and_seeds_when_made(kwargs, match):
 def test_synthetic_module_refuses_negative_workers_when_made():
     with pytest.raises(DataConfigError, match="num_workers must be >= 0, got -2"):
         SyntheticDataModule(num_workers=-2)
+
+
+def test_tabular_csv_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark: it was read into the first column's
+    name, so a label column named first was "not found" (listed, invisibly, as present)."""
+    p = tmp_path / "excel.csv"
+    _write_csv(p, ["target", "a", "b", "c"], [[r[3], *r[:3]] for r in _good_rows(40, 2)])
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    assert (dm.num_features, dm.num_classes, dm.feature_names) == (3, 2, ["a", "b", "c"])

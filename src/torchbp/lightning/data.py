@@ -538,7 +538,8 @@ class TabularFileDataModule(ArrayDataModule):
         )
 
     def _read_csv(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-        with open(p, newline="") as f:
+        # utf-8-sig: UTF-8 without the byte order mark that Excel writes before the header
+        with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             try:
                 header = [h.strip() for h in next(reader)]
