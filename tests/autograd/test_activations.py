@@ -214,3 +214,16 @@ def test_inplace_without_autograd_gives_natives_exact_values(case, dtype):
     case.native(native, inplace=True)
     assert torch.equal(ours, native)
     assert torch.equal(case.ours(x), native)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_passes_zero_where_an_infinite_gradient_meets_an_inactive_unit(dtype):
+    # sqrt(relu(x)): d sqrt/dy = inf at y = 0, where native's ReLU backward selects 0 (a
+    # finite gradient); torchbp's first-order kernel multiplied by a 0/1 mask: 0 · inf = NaN
+    x0 = torch.tensor([-1.0, 0.5, 2.0, -3.0, 0.0], dtype=dtype)
+    results = []
+    for fn in (TF.relu, torch.nn.functional.relu):
+        x = x0.clone().requires_grad_()
+        fn(x).sqrt().sum().backward()
+        results.append(x.grad)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)

@@ -37,9 +37,9 @@ BITWISE_CASES = [v for v in KERNEL_CASES if v.op.name in ("elu", "softplus")] + 
         for b, t in ((1.0, 3.0), (3.0, 0.0), (0.5, -2.0))
     ),
 ]
-# kernels that multiply g by a 0/1 mask: an infinite g at an inactive unit gives 0 · inf = NaN
-# there, where the formula (and native) selects 0 (see cpu_act.relu)
-MASK_TIMES_G = {"relu"}
+# kernels that multiply g by a 0/1 mask and may leave 0 · inf = NaN at an inactive unit
+# where the formula (and native) selects 0: none (ReLU's checks for it, see cpu_act.relu)
+MASK_TIMES_G: set[str] = set()
 
 # kernel vs formula: the same math in other ops, so a few roundings apart (half precision:
 # both computed in float32 and rounded once, so at most an ulp apart)

@@ -57,9 +57,14 @@ def tanh(g, y, *, out, tmp):
 def relu(g, y, *, out, tmp):
     # [y != 0] g: y = relu(x) is >= 0 or NaN, so y != 0 exactly when native passes g (y > 0,
     # or NaN). The mask is written straight into the float result: two passes, no bool
-    # tensor (torch.where on one is several times slower). (An infinite upstream gradient
-    # at an inactive unit gives 0·inf = NaN here, not 0.)
-    return torch.ne(y, 0, out=out).mul_(g)
+    # tensor (torch.where on one is several times slower). An infinite (or NaN) g at an
+    # inactive unit would give 0·g = NaN where native selects 0 (sqrt(relu(x)) meets
+    # g = inf at y = 0): a third, read-only pass (a sum: NaN or inf iff some product is not
+    # finite) finds any, and then the selection runs instead.
+    torch.ne(y, 0, out=out).mul_(g)
+    if not math.isfinite(out.sum()):
+        torch.where(y == 0, _scalar(0.0, g.dtype, g.device), g, out=out)
+    return out
 
 
 def leaky_relu(g, saved, slope, *, out, tmp):
