@@ -348,3 +348,18 @@ def test_tabular_csv_with_a_byte_order_mark(tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
     dm = TabularFileDataModule(path=str(p), label_column="target")
     assert (dm.num_features, dm.num_classes, dm.feature_names) == (3, 2, ["a", "b", "c"])
+
+
+def test_a_class_left_out_of_the_training_split_is_a_data_error(tmp_path):
+    """3 rows of class 0 among 103, val_fraction = test_fraction = 0.45: the stratified split
+    rounds class 0 to 1 test and 2 val rows and none for training, so the model never saw
+    class 0 (and its 'stratified' split trained silently)."""
+    rng = np.random.default_rng(0)
+    rows = [[f"{v:.3f}" for v in rng.normal(size=3)] + [int(i >= 3)] for i in range(103)]
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(
+        path=str(p), label_column="target", val_fraction=0.45, test_fraction=0.45
+    )
+    with pytest.raises(DataError, match=r"class\(es\) \[0\] .* no row in the training split"):
+        dm.setup()

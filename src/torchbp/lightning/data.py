@@ -312,6 +312,7 @@ class ArrayDataModule(ClassificationDataModule):
                 f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction}: {e}"
             ) from e
         train, val, test = np.sort(train), np.sort(val), np.sort(test)
+        self._check_every_class_trains(y, y[train])
         Xtr = X[train]
         if self.standardize:
             mean = Xtr.mean(axis=0)
@@ -328,6 +329,17 @@ class ArrayDataModule(ClassificationDataModule):
             return TensorDataset(torch.from_numpy(features[ix]), torch.from_numpy(y[ix]))
 
         return {"train": make(train), "val": make(val), "test": make(test)}
+
+    def _check_every_class_trains(self, y: np.ndarray, y_train: np.ndarray) -> None:
+        """The stratified split rounds each class's share: with large val/test fractions a
+        rare class can get no training row, and the model would never see it."""
+        missing = np.setdiff1d(np.unique(y), y_train).tolist()
+        if missing:
+            raise DataError(
+                f"class(es) {missing} have no row in the training split (val_fraction="
+                f"{self.val_fraction}, test_fraction={self.test_fraction}); lower the "
+                "fractions or add rows of the class"
+            )
 
     def _as_float32(self, features: np.ndarray) -> np.ndarray:
         """``features`` (float64, standardised) rounded to float32; a value beyond float32's
