@@ -339,3 +339,20 @@ def test_second_backward_after_an_input_only_backward_refused(mode):
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_backward_with_inputs_sets_only_their_grads(mode):
+    """loss.backward(inputs=[...]) accumulates into those parameters only, as autograd
+    does; before, the context formed p.grad for every recorded layer."""
+    model = mlp(nn.Tanh())
+    x, target = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    loss = torchbp.functional.cross_entropy(model(x), target)
+    loss.backward(inputs=[model[0].weight])
+    plain = model[0].weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with per_sample_grads(model, mode=mode, max_norm=1e6 if mode == "clip" else None):
+        loss = torchbp.functional.cross_entropy(model(x), target)
+        loss.backward(inputs=[model[0].weight])
+    torch.testing.assert_close(model[0].weight.grad, plain)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == ["0.weight"]

@@ -61,7 +61,10 @@ class PerSampleGrads:
         ]
         self._recorder = Recorder(self._layers)
         self._state = "new"  # -> "open" -> "closed" / "failed"
-        self._hook = None
+        self._hooks: list = []
+        # ids of the parameters the backward reached (all of them, unless
+        # backward(inputs=...) names some): only those get p.grad, as with autograd
+        self._reached: set[int] = set()
         self._norms: torch.Tensor | None = None
         self._factors: torch.Tensor | None = None
         self._batch: int | None = None
@@ -76,11 +79,16 @@ class PerSampleGrads:
             raise RuntimeError(
                 "per_sample_grads: contexts cannot be nested; another one is open on this thread"
             )
+        # Registered first, so that it runs before the multi-gradient hook's own hook on
+        # the same parameter: each parameter the backward reaches is marked.
+        self._hooks = [p.register_hook(self._marker(p)) for p in self.parameters]
         if self.parameters:
             # Fires once per backward, after the gradients of every parameter the backward
             # reaches are computed, i.e. after the last recorded Linear backward.
-            self._hook = torch.autograd.graph.register_multi_grad_hook(
-                self.parameters, self._after_backward, mode="all"
+            self._hooks.append(
+                torch.autograd.graph.register_multi_grad_hook(
+                    self.parameters, self._after_backward, mode="all"
+                )
             )
         per_sample_recording.recorder = self._recorder
         self._state = "open"
@@ -89,9 +97,9 @@ class PerSampleGrads:
     def __exit__(self, exc_type, exc, tb) -> bool:
         per_sample_recording.recorder = None
         self._recorder.closed = True
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         if exc_type is not None or self._recorder.failed:
             self._state = "failed"
         try:
@@ -209,6 +217,12 @@ class PerSampleGrads:
         if self._has_traces():
             self._finalise(forms_param_grads=True)
 
+    def _marker(self, p: nn.Parameter):
+        def mark_reached(grad):
+            self._reached.add(id(p))
+
+        return mark_reached
+
     def _name_of(self, p: nn.Parameter) -> str:
         for layer in self._layers:
             for what in ("weight", "bias"):
@@ -258,7 +272,7 @@ class PerSampleGrads:
                 if forms_param_grads and trace is not None:
                     grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
                     for p, grad in zip((layer.weight, layer.bias), grads):
-                        if p is not None:
+                        if p is not None and id(p) in self._reached:
                             _accumulate(p, grad)
             self._recorder.finalised = True
 
@@ -361,7 +375,8 @@ def per_sample_grads(
     after the backward (one matmul per layer, as the backward would have), so autograd
     never holds or accumulates them. ``p.grad`` accumulates like autograd's: the result
     is added to a gradient already there (clip mode included, so micro-batches can be
-    summed before one noisy step). Gradients formed by the context are not
+    summed before one noisy step), and only for the parameters the backward reaches
+    (``loss.backward(inputs=[...])`` names some). Gradients formed by the context are not
     differentiable (no ``create_graph``).
 
     When the results are formed: a multi-gradient hook on the trainable parameters fires
