@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = [
+    "exact_tensors",
     "float_tensors",
     "max_errors",
     "mismatch",
@@ -47,6 +48,15 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
 def float_tensors(out: Any) -> list[torch.Tensor]:
     """The floating-point tensors in ``out`` (a tensor or any nested structure of them)."""
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def exact_tensors(out: Any) -> list[torch.Tensor]:
+    """The integer and boolean tensors in ``out`` (indices, counts, masks): compared exactly."""
+    return [
+        t
+        for t in tree_leaves(out)
+        if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()
+    ]
 
 
 def shape_text(t: torch.Tensor | torch.Size | Sequence[int]) -> str:

@@ -1,5 +1,7 @@
 """Checks that fn equals another computation of it on the same inputs and grad_outputs:
-``compile`` (torch.compile of fn) and ``reference`` (the reference callable)."""
+``compile`` (torch.compile of fn) and ``reference`` (the reference callable). Floating
+outputs and gradients are compared within dtype-aware tolerances, integer and boolean
+outputs (indices, masks) exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +11,13 @@ from typing import Any
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, require_close, shape_text
+from torchbp.verify.checks.compare import (
+    exact_tensors,
+    float_tensors,
+    require_close,
+    shape_text,
+    unravel,
+)
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
@@ -26,6 +34,34 @@ def _compare(
         raise CheckFailure(f"{what} has shape {shape_text(a)} but {label} gives {shape_text(b)}")
     tolerance = ctx.parity_tolerances(b.dtype)
     return require_close(a, b, tolerance, f"{what} differs from {label}", show_index=True)
+
+
+def _require_equal_exact(
+    outs_a: list[torch.Tensor], outs_b: list[torch.Tensor], label: str
+) -> None:
+    """fn's integer and boolean outputs (indices, masks) must equal ``label``'s exactly."""
+    if len(outs_a) != len(outs_b):
+        raise CheckFailure(
+            f"fn returned {len(outs_a)} integer or boolean output(s) but {label} returned "
+            f"{len(outs_b)}"
+        )
+    for o, (a, b) in enumerate(zip(outs_a, outs_b)):
+        kind = "boolean" if a.dtype == torch.bool else "integer"
+        what = f"{kind} output {o} ({str(a.dtype).replace('torch.', '')})"
+        if a.dtype != b.dtype:
+            raise CheckFailure(f"{what} has dtype {a.dtype} but {label} gives {b.dtype}")
+        if a.shape != b.shape:
+            shapes = f"{shape_text(a)} but {label} gives {shape_text(b)}"
+            raise CheckFailure(f"{what} has shape {shapes}")
+        differ = (a.detach() != b.detach()).reshape(-1)
+        if bool(differ.any()):
+            flat = int(differ.nonzero()[0])
+            index = unravel(flat, a.shape)
+            raise CheckFailure(
+                f"{what} differs from {label}: {int(differ.sum())} of {a.numel()} element(s), "
+                f"first at index {index}: {a.reshape(-1)[flat].item()} vs "
+                f"{b.reshape(-1)[flat].item()}"
+            )
 
 
 def _grads(
@@ -48,13 +84,14 @@ def _compare_runs(
     ``raw_errors`` (for the caller to judge).
     """
     leaves_a, leaves_b = ctx.leaves(), ctx.leaves()
-    outs_a = list(ctx.diff_fn(*leaves_a))
+    raw_a = ctx.call(ctx.fn, leaves_a)
     try:
-        outs_b = float_tensors(ctx.call(other, leaves_b))
+        raw_b = ctx.call(other, leaves_b)
     except Exception as exc:  # noqa: BLE001
         if raw_errors:
             raise
         raise CheckFailure(f"{label} raised {explain_error(exc)}") from None
+    outs_a, outs_b = float_tensors(raw_a), float_tensors(raw_b)
     if len(outs_a) != len(outs_b):
         raise CheckFailure(
             f"fn returned {len(outs_a)} floating-point output(s) but {label} returned {len(outs_b)}"
@@ -64,6 +101,7 @@ def _compare_runs(
         if a.shape == b.shape and a.dtype != b.dtype:
             raise CheckFailure(f"output {o} has dtype {a.dtype} but {label} gives {b.dtype}")
         worst = max(worst, _compare(ctx, a, b, f"output {o}", label))
+    _require_equal_exact(exact_tensors(raw_a), exact_tensors(raw_b), label)
     pairs = [
         (a, b, ctx.randn(a.shape, a.dtype))
         for a, b in zip(outs_a, outs_b)

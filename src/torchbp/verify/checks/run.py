@@ -202,7 +202,8 @@ def check_function(
         *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``).
             Integer tensors (class targets) are passed through and never differentiated.
         reference: optional callable with the same signature whose outputs and gradients
-            ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements).
+            ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements);
+            integer and boolean outputs (indices, masks) must be equal.
         require: names of checks whose capability fn promises (e.g. ``["forward_ad",
             "vmap"]``): for these, ``unsupported`` counts as ``fail``. A required check runs
             even when ``checks`` leaves it out.

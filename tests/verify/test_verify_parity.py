@@ -1,0 +1,62 @@
+"""The parity checks (``checks/parity.py``): ``reference`` and ``compile`` compare every
+tensor fn returns, integer and boolean outputs exactly."""
+
+from __future__ import annotations
+
+import torch
+from tests.verify.correct_functions import TopValues
+
+from torchbp.verify import check_function
+
+
+def _x():
+    return torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def _topk(x, k):
+    return torch.topk(x, k, dim=-1)
+
+
+class OffByOneIndices(TopValues):
+    """The right values and gradients, but every index one place off."""
+
+    @staticmethod
+    def forward(x, k):
+        values, indices = torch.topk(x, k, dim=-1)
+        return values, (indices + 1) % x.shape[-1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward((output[1] - 1) % x.shape[-1])
+        ctx.x_shape = x.shape
+
+
+def test_wrong_integer_output_fails_the_reference_check():
+    report = check_function(OffByOneIndices, _x(), 2, reference=_topk, checks=["reference"])
+    result = report["reference"]
+    assert result.failed, str(report)
+    assert result.message.startswith("integer output 0 (int64) differs from the reference"), (
+        result.message
+    )
+
+
+def test_integer_outputs_missing_from_the_reference_fail():
+    report = check_function(TopValues, _x(), 2, reference=lambda x, k: _topk(x, k)[0])
+    result = report["reference"]
+    assert result.failed and "1 integer or boolean output(s)" in result.message, str(report)
+
+
+def test_boolean_output_is_compared_too():
+    def positive_part(x):
+        return x.clamp(min=0), x > 0
+
+    def wrong_mask(x):
+        return x.clamp(min=0), x >= 1
+
+    report = check_function(wrong_mask, _x(), reference=positive_part, checks=["reference"])
+    result = report["reference"]
+    assert result.failed and "boolean output 0 (bool) differs" in result.message, str(report)
+    report = check_function(positive_part, _x(), reference=positive_part, checks=["reference"])
+    assert report.ok, str(report)
