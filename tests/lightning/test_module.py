@@ -144,3 +144,19 @@ def test_plateau_scheduler_steps_when_validation_runs(tmp_path, every):
     )
     trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4 // every
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_epoch_loss_with_class_weights_is_the_weighted_mean_over_the_epoch(label_smoothing):
+    """The weighted cross-entropy divides by the sum of the targets' weights; averaging the
+    batches' losses by their sizes instead made val/loss depend on the batch size."""
+    torch.manual_seed(0)
+    m = ERMClassifier(
+        input_size=4, num_classes=3, class_weight=[1.0, 5.0, 0.2], label_smoothing=label_smoothing
+    )
+    x, y = torch.randn(23, 4), torch.tensor([0] * 3 + [1] * 4 + [2] * 16)
+    with torch.no_grad():
+        for rows in torch.arange(23).split(7):
+            m._step((x[rows], y[rows]), m.val_loss, m.val_metrics)
+        whole = m.loss(m(x), y)
+    torch.testing.assert_close(m.val_loss.compute(), whole)

@@ -344,9 +344,17 @@ class ERMClassifier(pl.LightningModule):
             else:
                 logits = self(x)
                 loss = self.loss(logits, y)
-        loss_metric.update(loss.detach().float(), weight=y.shape[0])
+        loss_metric.update(loss.detach().float(), weight=self._loss_denominator(y))
         metrics.update(logits.detach().float(), y)
         return loss
+
+    def _loss_denominator(self, y: torch.Tensor) -> torch.Tensor | int:
+        """What the batch's mean loss divides by: the sum of the targets' class weights (the
+        batch size without weights), so the epoch's loss is the same weighted mean over all
+        its rows, whatever the batch size."""
+        if self.class_weight is None:
+            return y.shape[0]
+        return self.class_weight.float()[y].sum()
 
     def on_train_epoch_start(self) -> None:
         # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch)
