@@ -363,3 +363,15 @@ def test_a_class_left_out_of_the_training_split_is_a_data_error(tmp_path):
     )
     with pytest.raises(DataError, match=r"class\(es\) \[0\] .* no row in the training split"):
         dm.setup()
+
+
+def test_tabular_csv_duplicate_column_names_are_a_data_error(tmp_path):
+    """A header naming a column twice: the second 'target' (a copy of the labels, say) was
+    read as a feature, and a duplicated feature name made messages ambiguous."""
+    p = tmp_path / "t.csv"
+    _write_csv(
+        p, ["target", "a", "b", "target"], [[r[3][1:], *r[:2], r[3][1:]] for r in _good_rows(40, 2)]
+    )
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=r"column name\(s\) 'target' appear more than once"):
+        _ = dm.num_features

@@ -557,6 +557,7 @@ class TabularFileDataModule(ArrayDataModule):
                 header = [h.strip() for h in next(reader)]
             except StopIteration:
                 raise DataError(f"{p} is empty (expected a header row)") from None
+            self._check_unique_names(p, header)
             if self.label_column not in header:
                 raise self._missing_label(p, header)
             li = header.index(self.label_column)
@@ -598,6 +599,16 @@ class TabularFileDataModule(ArrayDataModule):
         except ValueError:
             pass
         return [header[i] for i in keep], X, raw
+
+    @staticmethod
+    def _check_unique_names(p: Path, header: list[str]) -> None:
+        """Each column is named once (a second label column would be read as a feature)."""
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise DataError(
+                f"{p}: column name(s) {', '.join(map(repr, repeated))} appear more than once "
+                "in the header; rename or remove the copies"
+            )
 
     def _check_drop_columns(self, p: Path, columns: list[str]) -> None:
         """Every name in ``drop_columns`` is one of ``columns`` (a misspelt one would leave
