@@ -356,3 +356,14 @@ def test_backward_with_inputs_sets_only_their_grads(mode):
         loss.backward(inputs=[model[0].weight])
     torch.testing.assert_close(model[0].weight.grad, plain)
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["0.weight"]
+
+
+def test_numpy_scalars_are_numbers():
+    """max_norm and the noise multiplier read from a numpy array or config are numbers;
+    before, np.float32 was refused as 'not a positive number'."""
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=np.float32(0.5)) as ps:
+        step(model)
+        ps.add_noise(np.float32(1.0), generator=torch.Generator().manual_seed(0))
+    assert ps.max_norm == 0.5 and all(p.grad is not None for p in model.parameters())

@@ -4,6 +4,7 @@ one ordinary backward pass."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class PerSampleGrads:
                 f"per_sample_grads: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
             )
         if mode == "clip":
-            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+            if not _is_number(max_norm):
                 raise TypeError(
                     f"per_sample_grads: mode='clip' needs max_norm, a positive number; "
                     f"got {max_norm!r}"
@@ -156,7 +157,7 @@ class PerSampleGrads:
                 f"per_sample_grads: add_noise needs mode='clip' (mode={self.mode!r}): noise "
                 "calibrated to max_norm protects clipped gradients only"
             )
-        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
+        if not _is_number(noise_multiplier):
             raise TypeError(
                 f"per_sample_grads: noise_multiplier must be a number, got {noise_multiplier!r}"
             )
@@ -166,7 +167,7 @@ class PerSampleGrads:
                 f"got {noise_multiplier}"
             )
         self._ensure_finalised()
-        std = noise_multiplier * self.max_norm
+        std = float(noise_multiplier) * self.max_norm
         with torch.no_grad():
             for p in self.parameters:
                 if p.grad is None:
@@ -312,6 +313,11 @@ class PerSampleGrads:
                 sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
             p.sum_grad_squared = sum_squared
             p.grad_variance = formulas.variance(sum_squared, total, batch)
+
+
+def _is_number(value: object) -> bool:
+    """A real number: Python's or numpy's (``True`` is not one here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _grad_sums(layer: Layer, a, g) -> tuple:
