@@ -375,3 +375,16 @@ def test_tabular_csv_duplicate_column_names_are_a_data_error(tmp_path):
     dm = TabularFileDataModule(path=str(p), label_column="target")
     with pytest.raises(DataError, match=r"column name\(s\) 'target' appear more than once"):
         _ = dm.num_features
+
+
+def test_unreadable_array_files_are_data_errors(tmp_path):
+    """A .pt holding numpy arrays (torch.load(weights_only=True) refuses them) or a corrupt
+    file raised pickle's UnpicklingError, which torchbp-train showed as a traceback, or a
+    ValueError about "pickled (object) data" for a corrupt .npz."""
+    torch.save({"X": np.ones((30, 2)), "label": np.arange(30) % 2}, tmp_path / "np.pt")
+    with pytest.raises(DataError, match=r"np\.pt: cannot load .*save torch tensors"):
+        _ = TabularFileDataModule(path=str(tmp_path / "np.pt")).num_features
+    for name in ("bad.pt", "bad.npz"):
+        (tmp_path / name).write_bytes(b"not a file of arrays")
+        with pytest.raises(DataError, match=rf"{name}: cannot load"):
+            _ = TabularFileDataModule(path=str(tmp_path / name)).num_features

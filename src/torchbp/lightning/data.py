@@ -21,6 +21,8 @@ import csv
 import functools
 import math
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator, Sized
 from operator import attrgetter
 from pathlib import Path
@@ -479,8 +481,9 @@ class TabularFileDataModule(ArrayDataModule):
 
     - CSV: one column is the label (any values; mapped to 0..C-1 in sorted order), every other
       column must be numeric (or listed in ``drop_columns``).
-    - NPZ / ``.pt`` (a dict of arrays/tensors): either a 2-D array under ``features_key`` plus
-      the label array under ``label_column``, or one 1-D array per column.
+    - NPZ (numeric arrays) / ``.pt`` (a dict of tensors, read with
+      ``torch.load(weights_only=True)``): either a 2-D array under ``features_key`` plus the
+      label array under ``label_column``, or one 1-D array per column.
 
     Errors name the problem precisely: missing file, missing label column, non-numeric value
     (column and row), NaN/inf (column and row), a single class, too few rows for the split.
@@ -629,18 +632,36 @@ class TabularFileDataModule(ArrayDataModule):
                 f"({len(rows)} in total); label every row or remove the unlabelled ones"
             )
 
-    def _read_arrays(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-        if p.suffix.lower() == ".npz":
+    @staticmethod
+    def _load_npz(p: Path) -> dict[str, np.ndarray]:
+        try:
             with np.load(p, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        else:
+                return {k: z[k] for k in z.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"{p}: cannot load it as an .npz of numeric arrays (np.savez): {cause}"
+            ) from e
+
+    @staticmethod
+    def _load_pt(p: Path) -> dict[str, np.ndarray]:
+        try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
-            if not isinstance(obj, dict):
-                raise DataError(f"{p} must hold a dict of tensors, got {type(obj).__name__}")
-            data = {
-                str(k): (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-                for k, v in obj.items()
-            }
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(
+                f"{p}: cannot load it as a dict of tensors with torch.load(weights_only=True) "
+                f"({type(e).__name__}); save torch tensors (not numpy arrays or other objects) "
+                "with torch.save, or numpy arrays with np.savez as an .npz"
+            ) from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{p} must hold a dict of tensors, got {type(obj).__name__}")
+        return {
+            str(k): (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+            for k, v in obj.items()
+        }
+
+    def _read_arrays(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+        data = self._load_npz(p) if p.suffix.lower() == ".npz" else self._load_pt(p)
         if self.label_column not in data:
             raise self._missing_label(p, list(data))
         raw_y = np.asarray(data.pop(self.label_column)).reshape(-1)
