@@ -367,3 +367,24 @@ def test_numpy_scalars_are_numbers():
         step(model)
         ps.add_noise(np.float32(1.0), generator=torch.Generator().manual_seed(0))
     assert ps.max_norm == 0.5 and all(p.grad is not None for p in model.parameters())
+
+
+def test_a_backward_that_fails_midway_forms_nothing():
+    """An error from elsewhere in the backward (here a gradient check on a hidden layer),
+    caught inside the with block: the half-recorded backward gives no norms and no
+    p.grad; before, the norms of the layers it had passed were handed out."""
+
+    def check_finite(grad):
+        raise FloatingPointError("non-finite gradient")
+
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        hidden = model[1](model[0](torch.randn(5, 4)))
+        hidden.register_hook(check_finite)
+        with pytest.raises(FloatingPointError):
+            model[2](hidden).sum().backward()
+        with pytest.raises(RuntimeError, match="nothing was formed"):
+            _ = ps.norms
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+    assert all(p.grad is None for p in model.parameters())

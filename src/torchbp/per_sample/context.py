@@ -101,7 +101,7 @@ class PerSampleGrads:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if exc_type is not None or self._recorder.failed:
+        if exc_type is not None or self._recorder.failed or self._backward_cut_short():
             self._state = "failed"
         try:
             if self._state == "open" and not self._recorder.finalised and self._has_traces():
@@ -176,6 +176,11 @@ class PerSampleGrads:
             add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
 
     # ------------------------------------------------------------------ internals
+    def _backward_cut_short(self) -> bool:
+        """Whether a backward reached parameters but never completed (the multi-gradient
+        hook fires at its end): an error was raised inside it, and caught."""
+        return bool(self._reached) and not self._recorder.finalised
+
     def _has_traces(self) -> bool:
         return any(layer.traces for layer in self._layers)
 
@@ -186,6 +191,8 @@ class PerSampleGrads:
     def _ensure_finalised(self) -> None:
         if self._recorder.finalised:
             return
+        if self._backward_cut_short():
+            self._state = "failed"  # even if the caller caught the error
         if self._state == "failed" or self._recorder.failed:
             raise RuntimeError(
                 "per_sample_grads: nothing was formed (an error was raised inside the context)"
@@ -399,7 +406,9 @@ def per_sample_grads(
     ``torch.autograd.grad`` w.r.t. the input for an adversarial example: open the context
     after it), a backward after the ``with`` block of a forward inside it, nesting, and
     re-entering are errors; an exception inside the ``with`` restores plain
-    behaviour (results formed before it stay, nothing is formed after it).
+    behaviour (results formed before it stay, nothing is formed after it). A backward
+    that reached the parameters but was cut short by an error forms nothing, even if
+    the caller catches the error inside the ``with`` block.
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear`
     modules (built directly or by :func:`torchbp.convert`); parameter-free modules and
