@@ -438,3 +438,16 @@ def test_grad_outputs_are_not_the_inputs_drawn_with_the_same_seed():
         TransposedWeightGradLinear, x, w, b, reference=F.linear, checks=["reference"]
     )
     assert report["reference"].failed, str(report)
+
+
+def test_checks_on_cpu_leave_the_accelerator_generators_alone(monkeypatch):
+    # every check is seeded, but only on the generators of the inputs' device, and those
+    # are put back: reseeding the CUDA generator (torch.manual_seed) would leave a
+    # training script's GPU dropout masks the same whatever seed it was started with
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    cpu_state = torch.random.get_rng_state()
+    check_function(torch.tanh, _x(3), checks=["gradcheck", "vmap"])
+    assert reseeded == []
+    assert torch.equal(torch.random.get_rng_state(), cpu_state)

@@ -30,12 +30,30 @@ def _check_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
+@contextmanager
+def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the CPU generator, and that of ``device`` when it is a CUDA device, with
+    ``seed``; put both back on exit. No other generator is touched (``torch.manual_seed``
+    would reseed every CUDA device for good, under the caller's feet)."""
+    if device.type != "cuda":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[index], device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     """Run one check with the run's seed and turn how it ended into a result.
 
-    The global RNG and the context's generator (the random grad_outputs) start from the
-    seed (:func:`_check_seed`), so a check draws the same values whichever checks ran
-    before it.
+    The CPU generator, the generator of the inputs' device and the context's generator
+    (the random grad_outputs) start from the seed (:func:`_check_seed`), so a check draws
+    the same values whichever checks ran before it; the first two are put back after.
 
     Nothing escapes: an unexpected exception is unsupported when it says a capability is
     missing, else a failure with a plain-word message
@@ -45,8 +63,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     start = time.perf_counter()
     abs_err = rel_err = None
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(ctx.options.seed))
+        with _seeded_rng(ctx.device, int(ctx.options.seed)):
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
             try:
                 passed = check.run(ctx)
