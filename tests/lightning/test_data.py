@@ -388,3 +388,30 @@ def test_unreadable_array_files_are_data_errors(tmp_path):
         (tmp_path / name).write_bytes(b"not a file of arrays")
         with pytest.raises(DataError, match=rf"{name}: cannot load"):
             _ = TabularFileDataModule(path=str(tmp_path / name)).num_features
+
+
+class _Labels(ArrayDataModule):
+    """An ArrayDataModule of 60 rows with the given labels."""
+
+    def __init__(self, labels, **kwargs):
+        super().__init__(**kwargs)
+        self.labels = labels
+
+    def _load_arrays(self):
+        return np.random.default_rng(0).normal(size=(60, 3)), self.labels
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.arange(60) % 3 - 1, r"labels must be in 0\.\.C-1, got -1 \(row 1\)"),
+        (np.arange(60) % 2 + 0.5, r"labels must be integers, got 0\.5 \(row 1\)"),
+        (np.arange(59) % 2, "60 feature rows but 59 labels"),
+    ],
+)
+def test_array_module_refuses_labels_it_would_misread(labels, match):
+    """Labels -1 became num_classes 2 for 3 classes (and -100 would be ignored by the loss);
+    0.5 and 1.5 were truncated to 0 and 1; a label short of the rows failed in scikit-learn."""
+    with pytest.raises(DataError, match=match):
+        _ = _Labels(labels).num_classes
+    assert _Labels(np.arange(60) % 3.0).num_classes == 3  # integral floats are fine

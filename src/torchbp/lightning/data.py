@@ -252,10 +252,29 @@ class ArrayDataModule(ClassificationDataModule):
         if self._arrays is None:
             X, y = self._load_arrays()
             X = np.asarray(X, dtype=np.float64)
-            y = np.asarray(y, dtype=np.int64)
+            y = self._class_indices(np.asarray(y).reshape(-1), len(X))
             self._check_split_sizes(y)
             self._arrays = (X, y)
         return self._arrays
+
+    @staticmethod
+    def _class_indices(y: np.ndarray, rows: int) -> np.ndarray:
+        """``y`` as int64 class indices, one per row; labels that would be misread (not
+        integers, negative) are a :class:`DataError`."""
+        if len(y) != rows:
+            raise DataError(f"{rows} feature rows but {len(y)} labels")
+        if y.dtype == np.bool_:
+            y = y.astype(np.int64)
+        if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+            raise DataError(f"labels must be integer class indices, got dtype {y.dtype}")
+        integral = np.isfinite(y) & (y == np.round(y))
+        if not integral.all():
+            r = int(np.argmin(integral))
+            raise DataError(f"labels must be integers, got {y[r]} (row {r + 1})")
+        if len(y) and y.min() < 0:
+            r = int(np.argmin(y))
+            raise DataError(f"labels must be in 0..C-1, got {y[r]:g} (row {r + 1})")
+        return y.astype(np.int64)
 
     @property
     def num_features(self) -> int:
