@@ -473,3 +473,25 @@ def test_every_mode_on_each_device(device):
         batch_loss(model, x2, t2, "sum").backward()
         ps.add_noise(1.0)
     assert all(p.grad.device == x2.device and p.grad.isfinite().all() for p in ps.parameters)
+
+
+def test_float16_statistics_do_not_overflow_midway():
+    """Σ_i G_i² fits float16 here (< 30000), but its factor a² (inputs up to 300) does
+    not: the statistics are summed in float32 and stored in the parameter's dtype."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(64, 3)).to(torch.float16)
+    x = (torch.rand(4, 64) * 300).to(torch.float16)
+    target = targets(4, 3)
+    ref = reference(model.to(DT), x.to(DT), target, "mean")
+    model.to(torch.float16)
+    with per_sample_grads(model, mode="norms", statistics=True):
+        batch_loss(model, x, target, "mean").backward()
+    for name, g in ref.items():
+        p = model.get_parameter(name)
+        assert p.sum_grad_squared.dtype == p.grad_variance.dtype == torch.float16
+        torch.testing.assert_close(
+            p.sum_grad_squared.to(DT), g.square().sum(0), rtol=0.01, atol=1e-3
+        )
+        torch.testing.assert_close(
+            p.grad_variance.to(DT), g.var(0, correction=0), rtol=0.02, atol=1e-2
+        )

@@ -124,8 +124,9 @@ def weight_sum_grad_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     batch, t, in_features = a.shape
     out_features = g.shape[-1]
     if t == 1:
-        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = (g²)ᵀ (a²)
-        return g[:, 0].square().t() @ a[:, 0].square()
+        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = (g²)ᵀ (a²)   (a² overflows float16 early)
+        dtype = norm_dtype(g.dtype)
+        return (g[:, 0].to(dtype).square().t() @ a[:, 0].to(dtype).square()).to(g.dtype)
     total = a.new_zeros(out_features, in_features)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i, squared and summed over the chunk's samples
