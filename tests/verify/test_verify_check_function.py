@@ -451,3 +451,19 @@ def test_checks_on_cpu_leave_the_accelerator_generators_alone(monkeypatch):
     check_function(torch.tanh, _x(3), checks=["gradcheck", "vmap"])
     assert reseeded == []
     assert torch.equal(torch.random.get_rng_state(), cpu_state)
+
+
+def test_a_list_of_scalars_is_passed_like_a_tuple():
+    # dims and shapes often come as lists (torch.permute(x, [1, 0]); "=[1, 0]" on the
+    # command line); each call gets its own copy, so fn cannot change the caller's
+    dims = [1, 0]
+    report = check_function(torch.permute, _x(2, 3), dims, checks=["gradcheck"])
+    assert report.ok, str(report)
+    assert report.meta["inputs"][1] == "[1, 0]"
+
+    def pops(x, dims):
+        dims.pop()
+        return x * 2
+
+    report = check_function(pops, _x(3), dims, checks=["gradcheck", "reference"], reference=pops)
+    assert report.ok and dims == [1, 0], str(report)

@@ -77,8 +77,9 @@ class CheckContext:
 
     def call(self, fn: Callable[..., Any], diff: Sequence[torch.Tensor]) -> Any:
         """Call ``fn`` on the inputs, with ``diff`` in place of the grad inputs (copies of
-        those fn modifies in place, so that the caller's tensors stay intact)."""
-        full = list(self.args)
+        those fn modifies in place, so that the caller's tensors stay intact; a fresh copy
+        of each list input, so that no call sees what another changed in it)."""
+        full = [list(a) if isinstance(a, list) else a for a in self.args]
         for k, (i, t) in enumerate(zip(self.grad_idx, diff)):
             full[i] = t.clone() if k in self.dirty_inputs else t
         return fn(*full)

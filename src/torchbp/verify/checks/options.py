@@ -66,14 +66,22 @@ def _check_inputs(inputs: tuple) -> None:
             continue
         if isinstance(x, SCALAR_TYPES):
             continue
-        if isinstance(x, tuple) and all(isinstance(e, SCALAR_TYPES) for e in x):
+        if isinstance(x, tuple | list) and all(isinstance(e, SCALAR_TYPES) for e in x):
             continue
         raise TypeError(
             f"check_function: input {i} is a {type(x).__name__}; inputs must be tensors (or "
-            "plain Python scalars such as a dim argument). Convert it with torch.as_tensor(...)"
+            "plain Python scalars such as a dim argument, or tuples and lists of them). "
+            "Convert it with torch.as_tensor(...)"
         )
     if not any(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError("check_function: none of the inputs is a tensor")
+        lists = [i for i, x in enumerate(inputs) if isinstance(x, list)]
+        hint = (
+            f" (input {lists[0]} is a list: if it holds values, convert it with "
+            "torch.as_tensor(...))"
+            if lists
+            else ""
+        )
+        raise TypeError(f"check_function: none of the inputs is a tensor{hint}")
 
 
 def _is_integer(value: Any) -> bool:
@@ -261,7 +269,7 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
                 t = t.to(dtype)
             args.append(t)
         else:
-            args.append(x)
+            args.append(list(x) if isinstance(x, list) else x)  # never the caller's list
     _require_values(args)
     grad_idx = _grad_positions(args, opts.grad_inputs)
     devices = {a.device for a in args if isinstance(a, torch.Tensor)}

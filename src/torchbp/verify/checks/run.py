@@ -216,7 +216,8 @@ def check_function(
             by default), a ``torch.autograd.Function`` subclass (its
             ``apply`` is used) or a ``torch.library.custom_op`` (then the ``opcheck`` check
             also runs ``torch.library.opcheck``).
-        *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``).
+        *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``) and
+            tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list).
             Integer tensors (class targets) are passed through and never differentiated.
         reference: optional callable with the same signature whose outputs and gradients
             ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements);
