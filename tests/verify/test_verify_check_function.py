@@ -178,6 +178,16 @@ def test_detached_output_is_reported():
             ValueError,
             "grad_inputs entry True is not a valid input position",
         ),
+        (
+            lambda: check_function(torch.nn.Tanh, _x(3)),
+            TypeError,
+            r"fn is the nn.Module class Tanh, not a module: pass an instance, e.g. Tanh\(\)",
+        ),
+        (
+            lambda: check_function(torch.tanh, _x(3), reference=torch.nn.Tanh),
+            TypeError,
+            "reference is the nn.Module class Tanh",
+        ),
         (lambda: check_function(torch.tanh, _x(3), vmap_batch=0), ValueError, "vmap_batch"),
         (lambda: check_function(torch.tanh, _x(3), vmap_batch=2.5), TypeError, "vmap_batch"),
         (lambda: check_function(torch.tanh, _x(3), eps=0.0), ValueError, "eps must be"),

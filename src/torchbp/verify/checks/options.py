@@ -148,6 +148,13 @@ def resolve_arguments(
             f"{', '.join(sorted(DEFAULT_OPTIONS))}"
         )
     opts = Options(**options)
+    for role, value in (("fn", fn), ("reference", reference)):
+        if isinstance(value, type) and issubclass(value, torch.nn.Module):
+            raise TypeError(
+                f"check_function: {role} is the nn.Module class {value.__name__}, not a "
+                f"module: pass an instance, e.g. {value.__name__}() (calling the class would "
+                "construct a module instead of running one)"
+            )
     if isinstance(fn, type) and issubclass(fn, torch.autograd.Function):
         opts = replace(opts, name=opts.name or fn.__name__)
     fn = _function_apply(fn)
