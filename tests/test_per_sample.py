@@ -495,3 +495,19 @@ def test_float16_statistics_do_not_overflow_midway():
         torch.testing.assert_close(
             p.grad_variance.to(DT), g.var(0, correction=0), rtol=0.02, atol=1e-2
         )
+
+
+def test_gram_norms_never_negative():
+    """‖G_i‖² through the T×T Gram matrices sums terms of both signs: when a sample's
+    positions nearly cancel (here the same input twice, output gradients w and -w + 1e-5 ε)
+    rounding can leave it slightly below 0, whose square root was nan, and clip mode then
+    put nan into p.grad."""
+    torch.manual_seed(0)
+    layer = torchbp.nn.Linear(8, 8, bias=False)
+    x = torch.randn(64, 1, 8).expand(64, 2, 8)
+    w = torch.randn(64, 8)
+    w_opposite = -w + 1e-5 * torch.randn(64, 8)
+    with per_sample_grads(layer, mode="clip", max_norm=1.0) as ps:
+        y = layer(x)
+        ((y[:, 0] * w).sum() + (y[:, 1] * w_opposite).sum()).backward()
+    assert bool((ps.norms >= 0).all()) and bool(layer.weight.grad.isfinite().all())

@@ -55,7 +55,9 @@ def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         a, g = a.to(dtype), g.to(dtype)
         gram_a = torch.bmm(a, a.transpose(1, 2))
         gram_g = torch.bmm(g, g.transpose(1, 2))
-        return (gram_a * gram_g).sum((1, 2))
+        # terms of both signs: when the positions nearly cancel, rounding can leave the
+        # sum slightly below its true value ≥ 0 (whose square root would be nan)
+        return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)
     out = a.new_empty(batch, dtype=dtype)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm
