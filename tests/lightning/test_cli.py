@@ -450,3 +450,14 @@ def test_checkpoint_mode_follows_the_monitored_metric(tmp_path, args, mode):
     )
     assert cli.trainer.checkpoint_callback.mode == mode
     assert cli.config.fit.checkpoint.mode == mode  # and so in the saved config.yaml
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_torch_num_threads_below_one_is_a_cli_error(tmp_path, capsys, threads):
+    """-2 was torch's RuntimeError in a traceback; 0 was ignored (torch's choice) silently."""
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", f"--torch_num_threads={threads}", f"--run_dir={tmp_path}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: invalid configuration: torch_num_threads must be >= 1, got {threads}" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

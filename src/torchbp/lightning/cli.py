@@ -184,8 +184,13 @@ class TorchbpCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._subcommand_config(self.config)
-        if cfg.get("torch_num_threads"):
-            torch.set_num_threads(int(cfg["torch_num_threads"]))
+        threads = cfg.get("torch_num_threads")
+        if threads is not None:
+            if threads < 1:
+                exit_with_error(
+                    f"invalid configuration: torch_num_threads must be >= 1, got {threads}"
+                )
+            torch.set_num_threads(threads)
         checkpoint = cfg.get("checkpoint")
         if checkpoint is not None and checkpoint.get("mode") == "auto":
             checkpoint["mode"] = _checkpoint_mode(checkpoint.get("monitor"))
