@@ -298,6 +298,9 @@ def test_tabular_unknown_drop_column_is_a_data_error(tmp_path):
     dm = TabularFileDataModule(path=str(tmp_path / "d.npz"), drop_columns=["index"])
     with pytest.raises(DataError, match=r"drop_columns 'index' not found in .*: X, idx"):
         _ = dm.num_features
+    dm = TabularFileDataModule(path=str(p), label_column="target", drop_columns=["target"])
+    with pytest.raises(DataError, match="drop_columns names the label column 'target'"):
+        _ = dm.num_features
 
 
 def test_split_that_cannot_be_stratified_is_a_data_error(tmp_path):

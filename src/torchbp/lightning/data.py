@@ -635,6 +635,8 @@ class TabularFileDataModule(ArrayDataModule):
     def _check_drop_columns(self, p: Path, columns: list[str]) -> None:
         """Every name in ``drop_columns`` is one of ``columns`` (a misspelt one would leave
         the column it meant among the features)."""
+        if self.label_column in self.drop_columns:
+            raise DataError(f"drop_columns names the label column {self.label_column!r}")
         unknown = [c for c in self.drop_columns if c not in columns]
         if unknown:
             raise DataError(
