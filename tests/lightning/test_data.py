@@ -418,3 +418,15 @@ def test_array_module_refuses_labels_it_would_misread(labels, match):
     with pytest.raises(DataError, match=match):
         _ = _Labels(labels).num_classes
     assert _Labels(np.arange(60) % 3.0).num_classes == 3  # integral floats are fine
+
+
+def test_tabular_csv_nan_among_numeric_labels_is_a_data_error(tmp_path):
+    """'nan' among numeric labels made every label a string: 'nan' a class of its own, and
+    '10' sorted before '2' (an .npz's NaN label was already an error)."""
+    rows = [[*r[:3], i % 12] for i, r in enumerate(_good_rows(60, 2))]
+    rows[4][3] = "nan"
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=r"non-finite label nan in column 'target' at row 5"):
+        _ = dm.num_classes

@@ -587,7 +587,7 @@ class TabularFileDataModule(ArrayDataModule):
             keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
             rows: list[list[float]] = []
             labels: list[str] = []
-            empty_labels: list[int] = []
+            label_rows: list[int] = []  # each label's row number in the file
             for r, row in enumerate(reader, start=1):
                 if not row or all(not v.strip() for v in row):
                     continue  # blank line
@@ -609,18 +609,27 @@ class TabularFileDataModule(ArrayDataModule):
                         ) from None
                 rows.append(vals)
                 labels.append(row[li].strip())
-                if not labels[-1]:
-                    empty_labels.append(r)
+                label_rows.append(r)
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
-        self._check_no_empty_label(p, empty_labels)
+        self._check_no_empty_label(p, [r for r, v in zip(label_rows, labels) if not v])
+        return [header[i] for i in keep], X, self._numeric_if_possible(p, labels, label_rows)
+
+    def _numeric_if_possible(self, p: Path, labels: list[str], rows: list[int]) -> np.ndarray:
+        """CSV labels as integers when they all are (so "10" sorts after "9"), else strings;
+        numbers with a NaN or inf among them are a :class:`DataError` (a missing label)."""
         raw = np.asarray(labels)
-        try:  # numeric labels sort numerically ("10" after "9")
+        try:
             as_num = raw.astype(np.float64)
-            if np.all(as_num == np.round(as_num)):
-                raw = as_num.astype(np.int64)
         except ValueError:
-            pass
-        return [header[i] for i in keep], X, raw
+            return raw
+        bad = ~np.isfinite(as_num)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(
+                f"{p}: non-finite label {labels[i]} in column {self.label_column!r} at row "
+                f"{rows[i]}; label every row or remove the unlabelled ones"
+            )
+        return as_num.astype(np.int64) if np.all(as_num == np.round(as_num)) else raw
 
     @staticmethod
     def _check_unique_names(p: Path, header: list[str]) -> None:
