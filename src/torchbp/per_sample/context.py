@@ -419,8 +419,10 @@ def per_sample_grads(
     :class:`torchbp.nn.LinearCrossEntropyLoss`. Any torchbp or torch loss works on the
     model's output (reduction, class weights, label smoothing, ignore_index), as long as
     the loss itself has no trainable parameters. Eager mode only (no ``torch.compile``, no
-    autocast; both are refused at the backward); activation checkpointing works (a Linear
-    called both inside and outside a checkpointed segment needs ``use_reentrant=False``).
+    autocast; both are refused at the backward); activation checkpointing works with
+    ``use_reentrant=False``. With ``use_reentrant=True`` only a segment that starts the
+    model does: the segment's inner backward ends the recording, so a trainable Linear
+    before it is refused as a second backward.
 
     DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
 
