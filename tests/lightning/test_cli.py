@@ -461,3 +461,16 @@ def test_torch_num_threads_below_one_is_a_cli_error(tmp_path, capsys, threads):
     err = capsys.readouterr().err
     assert f"error: invalid configuration: torch_num_threads must be >= 1, got {threads}" in err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_missing_checkpoint_file_is_a_cli_error_before_training(tmp_path, capsys, subcommand):
+    """Before, Lightning's FileNotFoundError came as a traceback once the run had started,
+    leaving a run folder (config.yaml, TensorBoard events) behind."""
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(SystemExit) as e:
+        run_cli(subcommand, f"--ckpt_path={missing}", f"--run_dir={tmp_path / 'runs'}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path: checkpoint file not found: {missing}" in err, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()

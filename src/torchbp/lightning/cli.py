@@ -58,6 +58,8 @@ from torchbp.lightning.run_logger import RunCSVLogger
 __all__ = ["TorchbpCLI", "main", "cli_main"]
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
+#: ``ckpt_path`` values that Lightning resolves itself (``last`` is resolved here)
+_LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
 #: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
 _HIGHER_IS_BETTER = ("acc", "f1")
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
@@ -215,11 +217,21 @@ class TorchbpCLI(LightningCLI):
                     f"--ckpt_path last: no last.ckpt under {root}; nothing to {self.subcommand} "
                     "(check --run_dir and --run_name, or give the checkpoint's path)"
                 )
+        self._check_checkpoint_file(cfg.get("ckpt_path"))
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
             vs = _versions(root)
             self._version = vs[-1] + 1 if vs else 0
+
+    @staticmethod
+    def _check_checkpoint_file(ckpt_path: str | None) -> None:
+        """A local ``--ckpt_path`` must exist: else Lightning fails once the run has started."""
+        if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES:
+            return
+        path = str(ckpt_path)
+        if "://" not in path and not Path(path).is_file():
+            exit_with_error(f"--ckpt_path: checkpoint file not found: {path}")
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a data problem or an invalid value is a
