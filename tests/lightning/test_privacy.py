@@ -248,12 +248,6 @@ def test_dp_fit_logs_epsilon_and_reaches_the_target(tmp_path):
     assert model.accountant.steps == 2 * steps_per_epoch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning calls set_epoch on dataloader.sampler and batch_sampler.sampler only, "
-    "never on a batch_sampler; ERMClassifier.on_train_epoch_start must call "
-    "PoissonBatchSampler.set_epoch (src/torchbp/lightning/module.py)",
-)
 def test_dp_fit_draws_fresh_poisson_batches_each_epoch(tmp_path):
     """DP-SGD's accounting assumes an independent Poisson draw at every step: an epoch
     must not replay the batches of the one before."""
@@ -278,13 +272,6 @@ def test_dp_fit_draws_fresh_poisson_batches_each_epoch(tmp_path):
     assert labels[0] != labels[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ERMClassifier enters per_sample_grads in training_step and leaves it in "
-    "on_after_backward only: an error in between (Ctrl-C, which Lightning turns into "
-    "SystemExit, or a failing backward) leaves it open on the thread "
-    "(src/torchbp/lightning/module.py)",
-)
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):
     """After a DP fit stopped between the forward and on_after_backward, other torchbp
     training in the process must work (it failed with 'not a torchbp.nn.Linear of the
@@ -352,13 +339,24 @@ def test_dp_refuses_what_per_sample_clipping_cannot_serve(kwargs):
         ERMClassifier(privacy=Privacy(noise_multiplier=1.0), **kwargs)
 
 
-def test_dp_empty_poisson_draw_skips_the_update_and_counts_the_step():
+def test_dp_empty_poisson_draw_takes_a_noise_only_step():
+    """DP-SGD releases a noisy update at every step: an empty draw's update is the noise
+    alone, N(0, σ²C²) / L, not a skipped step (which would tell that the draw was empty)."""
     pytest.importorskip("opacus")
     from torchbp.lightning import ERMClassifier
 
-    model = ERMClassifier(input_size=64, num_classes=10, privacy=Privacy(noise_multiplier=1.0))
+    torch.manual_seed(0)
+    privacy = Privacy(max_grad_norm=2.0, noise_multiplier=1.5)
+    model = ERMClassifier(input_size=64, num_classes=10, hidden_sizes=[256], privacy=privacy)
     model.accountant = PrivacyAccountant(model.privacy, sample_rate=0.05, epochs=1)
+    model._expected_batch = 10.0
     empty = (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
-    assert model._private_training_step(empty) is None
+    loss = model._private_training_step(empty)
+    loss.backward()
+    model.on_after_backward()
     assert model.accountant.steps == 1
-    assert all(p.grad is None for p in model.parameters())
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads.numel() == sum(p.numel() for p in model.parameters())
+    std = 1.5 * 2.0 / 10.0
+    assert abs(grads.std().item() / std - 1) < 0.02
+    assert abs(grads.mean().item()) < 0.02 * std

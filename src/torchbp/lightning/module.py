@@ -86,6 +86,16 @@ class ZeroOneError(MulticlassAccuracy):
         return 1.0 - super().compute()
 
 
+class _LeavePerSampleOnError(pl.Callback):
+    """Leaves a DP step's ``per_sample_grads`` context when the fit stops between the
+    forward and ``on_after_backward`` (a failing backward, Ctrl-C): left open, it would
+    catch every later torchbp backward of the thread."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(pl_module, ERMClassifier):
+            pl_module._close_per_sample(type(exception), exception, exception.__traceback__)
+
+
 class ERMClassifier(pl.LightningModule):
     """MLP classifier trained by empirical risk minimisation (mean cross-entropy).
 
@@ -143,8 +153,9 @@ class ERMClassifier(pl.LightningModule):
             (``data.poisson_sampling: true``). ε spent so far is logged as
             ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints.
             Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
-            accumulation. An empty Poisson draw (probability ``(1 − q)^N``) skips its step;
-            the accountant counts it anyway.
+            accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its
+            step, with the noise alone: DP-SGD releases a noisy update at every step, and
+            skipping one would tell that its draw was empty.
     """
 
     def __init__(
@@ -357,11 +368,13 @@ class ERMClassifier(pl.LightningModule):
         return self.class_weight.float()[y].sum()
 
     def on_train_epoch_start(self) -> None:
-        # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch)
+        # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch), and
+        # a PoissonBatchSampler draws each epoch's batches from (seed, epoch): Lightning
+        # calls set_epoch on a loader's sampler, never on its batch_sampler
         dl = self.trainer.train_dataloader
-        ds = getattr(dl, "dataset", None)
-        if hasattr(ds, "set_epoch"):
-            ds.set_epoch(self.current_epoch)
+        for part in (getattr(dl, "dataset", None), getattr(dl, "batch_sampler", None)):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(self.current_epoch)
 
     # -- DP-SGD (privacy) -----------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -394,11 +407,8 @@ class ERMClassifier(pl.LightningModule):
             self._restored_accountant = None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
 
-    def _private_training_step(self, batch) -> torch.Tensor | None:
+    def _private_training_step(self, batch) -> torch.Tensor:
         x, y = batch
-        if x.shape[0] == 0:
-            self.accountant.step()  # an empty Poisson draw: no update, ε still counted
-            return None
         assert self.privacy is not None
         self._per_sample = per_sample_grads(
             self.net, mode="clip", max_norm=self.privacy.max_grad_norm
@@ -411,8 +421,11 @@ class ERMClassifier(pl.LightningModule):
         except BaseException:
             self._close_per_sample(*sys.exc_info())
             raise
-        self.train_loss.update(loss_sum.detach().float() / x.shape[0], weight=x.shape[0])
-        self.train_metrics.update(logits.detach().float(), y)
+        # An empty Poisson draw goes through the same step: its clipped sum is 0, and the
+        # update is the noise alone (skipping it would tell that the draw was empty).
+        if x.shape[0]:
+            self.train_loss.update(loss_sum.detach().float() / x.shape[0], weight=x.shape[0])
+            self.train_metrics.update(logits.detach().float(), y)
         return loss_sum
 
     def _close_per_sample(self, *exc_info: Any) -> PerSampleGrads | None:
@@ -421,6 +434,9 @@ class ERMClassifier(pl.LightningModule):
         if ps is not None:
             ps.__exit__(*(exc_info or (None, None, None)))
         return ps
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_LeavePerSampleOnError()]
 
     def on_after_backward(self) -> None:
         ps = self._close_per_sample()
