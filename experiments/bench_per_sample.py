@@ -153,7 +153,7 @@ def torchbp_mode(mode: str, noise: bool = False) -> Callable[[Config], Case]:
 
 def noise_only(cfg: Config) -> Case:
     """Only DP-SGD's Gaussian noise for every parameter, as ``ps.add_noise`` draws it
-    (torch's CPU generator, chunks drawn in parallel: torchbp.per_sample.noise)."""
+    (torch's CPU generator, one stream, chunk by chunk: torchbp.per_sample.noise)."""
     from torchbp.per_sample.noise import add_gaussian_noise_
 
     params = list(torchbp_model(cfg).parameters())
@@ -438,16 +438,14 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
         "Notes:",
         "",
         "- Noise: `noise_only` is the floor of any DP-SGD step on this CPU. torch's CPU "
-        "generator (mt19937) is sequential: about 3.4 ns per Gaussian on one thread (6.3 ms "
-        "for this model's 1.86 M), and `torch.rand` is no faster, so the random bits, not "
-        "the transform, are the cost. `ps.add_noise` draws them in chunks of 2^18 with "
-        "independently seeded generators on `torch.get_num_threads()` threads "
-        "(`torchbp/per_sample/noise.py`); right after torch's parallel ops their OpenMP "
-        "threads keep spinning on the same cores for a while, so in a step that gains less "
-        "than alone. Opacus draws them on one thread (ghost σ=1 minus σ=0). "
-        "`clip_noise` is `clip` + `noise_only`; with that floor, `clip` + noise cannot reach "
-        "1.25x of a plain step on this 2-core CPU (on a GPU the noise is a Philox kernel "
-        "and costs little).",
+        "generator (mt19937) is sequential: about 3.4 ns per Gaussian, and `torch.rand` is "
+        "no faster, so the random bits, not the transform, are the cost. `ps.add_noise` draws "
+        "them from one generator stream, as Opacus does (`torchbp/per_sample/noise.py`): "
+        "generators seeded from it to draw chunks in parallel would have only 2^32 distinct "
+        "streams (torch keeps 32 bits of a seed), and over a run two chunks would repeat "
+        "their noise. `clip_noise` is `clip` + `noise_only`; with that floor, `clip` + noise "
+        "cannot reach 1.25x of a plain step on this 2-core CPU (on a GPU the noise is a "
+        "Philox kernel and costs little).",
         "- Clip mode in this benchmark uses `reduction='mean'` with `max_norm = C/B`: the "
         "same update as DP-SGD's sum, clip at C, noise σC, divide by B, without the "
         "division pass.",
