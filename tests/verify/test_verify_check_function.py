@@ -149,6 +149,13 @@ def test_detached_output_is_reported():
         ),
         (lambda: check_function(torch.tanh, _x(3), bogus=1), TypeError, "unknown option"),
         (lambda: check_function(torch.tanh, _x(3), checks=["nope"]), ValueError, "unknown check"),
+        # an empty selection is a mistake (a filter that left nothing), not "run every check"
+        (
+            lambda: check_function(torch.tanh, _x(3), checks=[]),
+            ValueError,
+            r"checks is empty.*checks=None",
+        ),
+        (lambda: check_function(torch.tanh, _x(3), checks=()), ValueError, "checks is empty"),
         (lambda: check_function(torch.tanh, _x(3), reference=5), TypeError, "reference must be"),
         (lambda: check_function(torch.tanh, _x(3), dtype=torch.int32), TypeError, "dtype must"),
         (

@@ -176,6 +176,12 @@ def resolve_arguments(
         skip=_check_names(opts.skip),
         require=_check_names(opts.require),
     )
+    if opts.checks is not None and not opts.checks:
+        raise ValueError(
+            "check_function: checks is empty, which would select no check; pass "
+            "checks=None (the default) to run every check, or name at least one of "
+            f"{', '.join(CHECKS)}"
+        )
     named = sorted(set(opts.checks or ()) | set(opts.skip or ()) | set(opts.require))
     bad = [c for c in named if c not in CHECKS]
     if bad:

@@ -231,8 +231,9 @@ def check_function(
               keeps each input's dtype.
             - ``device`` (None): move all inputs there.
             - ``grad_inputs`` (all floating tensors): positions of the inputs to differentiate.
-            - ``checks`` (all) / ``skip`` (none): names from :data:`~torchbp.verify.CHECKS`
-              to run / leave out.
+            - ``checks`` (None: all) / ``skip`` (none): names from
+              :data:`~torchbp.verify.CHECKS` to run / leave out (an empty ``checks``
+              raises: it would select nothing).
             - ``eps``, ``atol``, ``rtol``, ``nondet_tol``, ``fast_mode``: as in
               :func:`torch.autograd.gradcheck`.
             - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
@@ -248,8 +249,9 @@ def check_function(
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
             integer inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
-            whose parameters are not of ``dtype``, unknown option or check names, a
-            negative tolerance, ``eps`` not above 0, ``vmap_batch`` below 1).
+            whose parameters are not of ``dtype``, unknown option or check names, an
+            empty ``checks``, a negative tolerance, ``eps`` not above 0, ``vmap_batch``
+            below 1).
 
     Examples:
         >>> import torch
