@@ -360,6 +360,18 @@ def _recorded_view(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad and t._base is not None
 
 
+def _writes_gradient_over_logits(logits: torch.Tensor, inplace: bool) -> bool:
+    """Whether ``cross_entropy(..., inplace=True)`` writes the gradient over ``logits``:
+    only where autograd records a gradient for them (otherwise nothing needs it, and the
+    logits are kept), in eager mode, and not for a view (see :func:`_recorded_view`)."""
+    return (
+        inplace
+        and _differentiated(logits)
+        and values_inspectable(logits)
+        and not _recorded_view(logits)
+    )
+
+
 def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
     if reduction == "none":
         # a copy, never the Function's own output (which it may save, or which may share a
@@ -435,10 +447,13 @@ def cross_entropy(
         inplace: write the gradient over the logits' storage instead of a new buffer
             (saves one logits-sized allocation; 2-D ``(N, C)`` logits only). The logits
             then hold the gradient: do not use them afterwards (autograd's version check
-            catches any op that saved them). Ignored under torch.compile and torch.func,
-            and for logits requiring grad that are a view of another tensor (e.g.
-            ``logits.view(-1, C)``; autograd cannot record the in-place write there), which
-            get the same values without the memory saving (the logits are kept).
+            catches any op that saved them). Ignored (the logits are kept, the loss is the
+            same) where no gradient is recorded for the logits (under ``torch.no_grad`` or
+            ``torch.inference_mode``, or logits that do not require grad: nothing needs
+            the gradient), under torch.compile and torch.func, and for logits requiring
+            grad that are a view of another tensor (e.g. ``logits.view(-1, C)``; autograd
+            cannot record the in-place write there), which get the same values without the
+            memory saving.
 
     The gradient ``softmax(z) - target`` is computed in the forward pass from the single
     softmax evaluation (in float32 for half-precision logits) and kept instead of the
@@ -456,7 +471,7 @@ def cross_entropy(
     label_smoothing = _checks.scalar_argument("cross_entropy", "label_smoothing", label_smoothing)
     if inplace:
         _checks.check_inplace_writable("cross_entropy", input)
-    inplace = inplace and values_inspectable(input) and not _recorded_view(input)
+    inplace = _writes_gradient_over_logits(input, inplace)
     amp = _autocast_dtype(input)
     if amp is not None and input.dtype in _LOW_PRECISION:
         input = input.float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -308,7 +309,8 @@ def test_forward_path_table(inputs, path, monkeypatch):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     dtype = inputs.get("dtype", torch.float32)
-    x = make((6, C), dtype, scale=3.0)
+    # inplace=True writes over logits only where their gradient is recorded
+    x = make((6, C), dtype, scale=3.0).requires_grad_(bool(inputs.get("inplace")))
     target = (
         prob_target((6, C), dtype)
         if inputs.get("prob")
@@ -431,6 +433,28 @@ def test_inplace_on_logits_that_are_a_view_gives_the_loss_and_gradients(as_view)
         results.append((loss.detach(), leaf.grad))
         assert torch.equal(logits.detach(), kept)
     torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize(
+    "context, requires_grad",
+    [
+        (torch.no_grad, True),
+        (torch.inference_mode, False),
+        (contextlib.nullcontext, False),  # logits that do not require grad
+    ],
+    ids=["no_grad", "inference_mode", "no-requires-grad"],
+)
+def test_inplace_without_a_recorded_gradient_keeps_the_logits(context, requires_grad):
+    # nothing needs the gradient: writing it over the logits destroyed them for nothing
+    x = make((6, C), torch.float32, scale=3.0).requires_grad_(requires_grad)
+    target = class_target((6,))
+    with context():
+        logits = x * 1
+        kept = logits.clone()
+        loss = TF.cross_entropy(logits, target, inplace=True)
+        ref = F.cross_entropy(kept, target)
+    assert torch.equal(logits, kept)
+    torch.testing.assert_close(loss, ref)
 
 
 def test_inplace_on_a_leaf_is_refused_before_writing():
