@@ -461,6 +461,20 @@ def test_empty_batch_clip_gives_noise_only():
     assert all(p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_empty_batch_statistics_are_zeros(mode):
+    """An empty batch (a Poisson draw) has no spread to measure: every statistic is 0, not
+    the 0/0 of Σ_i G_i²/B (NaN, which an optimizer reading it would spread)."""
+    model = mlp()
+    with per_sample_grads(
+        model, mode=mode, max_norm=1.0 if mode == "clip" else None, statistics=True
+    ):
+        batch_loss(model, torch.randn(0, 5, dtype=DT), targets(0, 4), "sum").backward()
+    for p in model.parameters():
+        assert p.grad_variance.shape == p.shape and p.grad_variance.dtype == DT
+        assert not p.grad_variance.any() and not p.sum_grad_squared.any()
+
+
 def test_every_mode_on_each_device(device):
     """The same checks on every device (the CUDA variant runs in scripts/cuda_checks.sh)."""
     model = mlp(torchbp.nn.GELU).to(device)

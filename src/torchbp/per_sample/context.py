@@ -447,7 +447,8 @@ def per_sample_grads(
             (``Σ_i grad_i²``, element-wise; 2-D inputs: ``(g²)ᵀ(a²)``) and
             ``p.grad_variance`` (``Σ_i grad_i²/B − (Σ_i grad_i/B)²``, the variance over the
             batch of the contributions, unclipped in every mode; with ``reduction='mean'``
-            multiply by ``B²`` for the variance of the per-sample-loss gradients).
+            multiply by ``B²`` for the variance of the per-sample-loss gradients; an empty
+            batch gives zeros for both).
 
     Shape:
         ``ps.norms`` and ``ps.clip_factors``: ``(B,)``. ``p.grad_sample``:

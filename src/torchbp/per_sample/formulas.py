@@ -156,6 +156,9 @@ def bias_grad_sum(g: torch.Tensor) -> torch.Tensor:
 
 def variance(sum_grad_squared: torch.Tensor, grad_sum: torch.Tensor, batch: int) -> torch.Tensor:
     """Element-wise variance over the ``B`` samples of their contributions ``G_i`` (rounding
-    can make the difference below slightly negative: it is clamped at 0)."""
+    can make the difference below slightly negative: it is clamped at 0). An empty batch
+    has no spread: 0, not the 0/0 of the formula."""
+    if batch == 0:
+        return torch.zeros_like(sum_grad_squared)
     # Var_i[G_i] = (1/B) Σ_i G_i² - ((1/B) Σ_i G_i)²
     return (sum_grad_squared / batch - (grad_sum / batch).square()).clamp_(min=0)
