@@ -1,0 +1,87 @@
+"""CUDA-only behaviour that can be checked without a GPU.
+
+On CUDA, autograd runs each node's backward on the engine's worker thread for that
+device, not on the thread that called ``loss.backward()``; on CPU the calling thread runs
+it. Anything a Function looks up per thread while a backward runs (a forward recomputed
+by activation checkpointing, for one) therefore sees the device thread's state there.
+The CPU variants below run the backward on another thread to reproduce that; the CUDA
+variants (``pytest -m cuda``, run by ``scripts/cuda_checks.sh``) run it as it comes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+DT = torch.float64
+
+
+def _mlp(device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torchbp.nn.Linear(5, 7), torchbp.nn.Tanh(), torchbp.nn.Linear(7, 4)
+    ).to(device, DT)
+
+
+def _backward_as_on_the_device(loss: torch.Tensor) -> None:
+    """``loss.backward()`` on a thread other than the caller's when the graph is on CPU,
+    as the autograd engine does for CUDA graphs (which it runs on a device thread)."""
+    if loss.is_cuda:
+        loss.backward()
+        return
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loss.backward()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+
+
+def _grad_samples(model, x, target, *, reentrant: bool, device_thread: bool):
+    with per_sample_grads(model, mode="grads") as ps:
+        out = checkpoint(model, x, use_reentrant=reentrant)
+        loss = torchbp.functional.cross_entropy(out, target)
+        if device_thread:
+            _backward_as_on_the_device(loss)
+        else:
+            loss.backward()
+        norms = ps.norms
+    return norms, {name: p.grad_sample for name, p in model.named_parameters()}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "per_sample_grads finds its recorder through a threading.local looked up in "
+        "LinearFunction.setup_context; a reentrant checkpoint recomputes its segment "
+        "inside the backward, on the CUDA device thread, where no recorder is set, so the "
+        "recomputed Linear calls are not recorded and their weight gradients are refused "
+        "as coming 'from an op other than its recorded Linear call'"
+    ),
+)
+def test_reentrant_checkpoint_per_sample_grads_with_the_backward_on_a_device_thread(device):
+    """The documented case (a reentrant segment that starts the model) must give the same
+    per-sample gradients whichever thread runs the backward."""
+    model = _mlp(device)
+    x = torch.randn(6, 5, dtype=DT, device=device, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 0, 1], device=device)
+    want_norms, want = _grad_samples(model, x, target, reentrant=True, device_thread=False)
+    model.zero_grad(set_to_none=True)
+    got_norms, got = _grad_samples(model, x, target, reentrant=True, device_thread=True)
+    torch.testing.assert_close(got_norms, want_norms)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
