@@ -56,3 +56,55 @@ def test_forward_that_fails_when_no_input_requires_grad_fails():
     report = check_function(ForwardNeedsAGrad, seeded(3), checks=["needs_input_grad"])
     result = report["needs_input_grad"]
     assert result.failed and "when no input requires grad" in result.message, str(report)
+
+
+class Float32GradTanh(torch.autograd.Function):
+    """tanh whose backward computes in float32 "for speed": autograd silently casts the
+    gradient back to float64, so every first derivative is right to about 1e-7."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g.float() * (1 - y.float() ** 2)
+
+
+class MetaGradDouble(torch.autograd.Function):
+    """2x whose backward returns its gradient on another device (meta, for a CPU input)."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * 2).to("meta")
+
+
+def test_a_gradient_of_the_wrong_dtype_is_named_by_grad_shapes():
+    report = check_function(Float32GradTanh, seeded(3, 4), reference=torch.tanh)
+    result = report["grad_shapes"]
+    assert result.failed, str(report)
+    assert "returned a torch.float32 gradient for its input 0, which is torch.float64" in (
+        result.message
+    )
+
+
+def test_a_gradient_on_the_wrong_device_is_named_as_such():
+    report = check_function(MetaGradDouble, seeded(3), checks=["grad_shapes", "gradcheck"])
+    for name in ("grad_shapes", "gradcheck"):
+        result = report[name]
+        assert result.failed, str(report)
+        assert "on device meta" in result.message and "on cpu" in result.message, str(report)
+        assert "shape" not in result.message, str(report)

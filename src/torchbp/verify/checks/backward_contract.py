@@ -83,9 +83,45 @@ def _materialized(node: Any, grad_outputs: tuple) -> tuple | None:
     )
 
 
+def _input_metadata(node: Any, slot: int) -> Any | None:
+    """What autograd expects of the gradient ``node`` receives in ``slot``: an object with
+    the ``shape``, ``dtype`` and ``device`` of that input (the leaf itself for a leaf), or
+    None when the node does not tell."""
+    if hasattr(node, "variable"):
+        return node.variable
+    meta = getattr(node, "_input_metadata", None)
+    return None if meta is None else meta[slot]
+
+
+def _gradient_mismatch(grad: torch.Tensor, expected: Any, i: int) -> str | None:
+    """How ``grad`` differs from input ``i`` it is for (``expected``: that input's shape,
+    dtype and device), as the end of a sentence; None if it does not. Eager autograd hides
+    a wrong shape (it sums) and a wrong dtype (it casts)."""
+    if tuple(grad.shape) != tuple(expected.shape):
+        return (
+            f"a gradient of shape {shape_text(grad)} for its input {i}, which has shape "
+            f"{shape_text(tuple(expected.shape))}: reduce it over the broadcast (leading) "
+            "dims yourself - autograd silently sums it in eager mode, which hides the bug"
+        )
+    if grad.dtype != expected.dtype:
+        return (
+            f"a {grad.dtype} gradient for its input {i}, which is {expected.dtype}: "
+            "return it in the input's dtype (compute in it, or end with "
+            ".to(x.dtype)) - autograd silently casts it in eager mode, which hides the "
+            "lost precision until a second derivative or a low-tolerance check sees it"
+        )
+    if grad.device != expected.device:
+        return (
+            f"a gradient on device {grad.device} for its input {i}, which is on "
+            f"{expected.device}: return it on the input's device (e.g. .to(x.device))"
+        )
+    return None
+
+
 def check_grad_shapes(ctx: CheckContext) -> Passed:
     """Replays each custom Function node's backward on the grad_outputs it received and
-    compares the raw gradient shapes with its inputs' (eager autograd would sum them)."""
+    compares the raw gradients' shapes, dtypes and devices with its inputs' (eager autograd
+    would sum a wrong shape and cast a wrong dtype without a word)."""
     leaves = ctx.leaves()
     outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
     nodes = _function_nodes(outs)
@@ -116,21 +152,13 @@ def check_grad_shapes(ctx: CheckContext) -> Passed:
         for i, ((nf, slot), grad) in enumerate(zip(node.next_functions, raw)):
             if nf is None or not isinstance(grad, torch.Tensor):
                 continue
-            if hasattr(nf, "variable"):
-                expected = tuple(nf.variable.shape)
-            else:
-                meta = getattr(nf, "_input_metadata", None)
-                if meta is None:
-                    continue
-                expected = tuple(meta[slot].shape)
+            expected = _input_metadata(nf, slot)
+            if expected is None:
+                continue
             checked += 1
-            if tuple(grad.shape) != expected:
-                raise CheckFailure(
-                    f"backward of {cls_name} returned a gradient of shape {shape_text(grad)} "
-                    f"for its input {i}, which has shape {shape_text(expected)}: reduce it over "
-                    "the broadcast (leading) dims yourself - autograd silently sums it in eager "
-                    "mode, which hides the bug"
-                )
+            problem = _gradient_mismatch(grad, expected, i)
+            if problem:
+                raise CheckFailure(f"backward of {cls_name} returned {problem}")
     return Passed(f"{checked} gradient(s) of {len(captured)} Function node(s) checked")
 
 

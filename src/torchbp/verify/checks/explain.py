@@ -3,6 +3,8 @@ them mean a missing capability (an unsupported check) rather than a bug (a faile
 
 from __future__ import annotations
 
+import re
+
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
 
 __all__ = ["capability_gap", "explain_error", "first_line", "outcome_of"]
@@ -110,10 +112,6 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
         "(None for non-tensor or non-differentiable inputs)",
     ),
     (
-        "returned an invalid gradient at index",
-        "backward returned a gradient whose shape cannot be summed to its input's shape",
-    ),
-    (
         "has_fw_view",
         "jvp returned a view of a tangent (e.g. tangent.expand(...)) for an output that is not "
         "a view: return a new tensor (e.g. add .clone())",
@@ -208,6 +206,34 @@ def first_line(text: str, limit: int = 240) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+#: autograd's refusal of a gradient backward returned: its position and what is wrong
+#: (``got [2] but expected shape compatible with [3]``, ``expected device cpu but got meta``)
+_INVALID_GRADIENT = re.compile(r"returned an invalid gradient at index (\d+) - ([^\n]*)")
+_WRONG_DEVICE = re.compile(r"expected device (\S+) but got (\S+)")
+
+
+def _invalid_gradient(full: str) -> str | None:
+    """The plain-word message for autograd's "returned an invalid gradient" error (a
+    gradient of the wrong shape or on the wrong device), or None for another error."""
+    found = _INVALID_GRADIENT.search(full)
+    if found is None:
+        return None
+    index, detail = found.group(1), found.group(2).strip()
+    device = _WRONG_DEVICE.search(detail)
+    if device is not None:
+        return (
+            f"backward returned a gradient on device {device.group(2)} for input {index}, "
+            f"which is on {device.group(1)}: return it on the input's device "
+            "(e.g. .to(x.device))"
+        )
+    if "expected shape" in detail:
+        return (
+            f"backward returned a gradient for input {index} whose shape cannot be summed "
+            f"to its input's shape ({detail})"
+        )
+    return f"backward returned an invalid gradient for input {index} ({detail})"
+
+
 def explain_error(exc: BaseException) -> str:
     """Turn an exception raised by torch while checking into a one-line plain-word message.
 
@@ -224,6 +250,9 @@ def explain_error(exc: BaseException) -> str:
     """
     text = str(exc)
     full = _message_chain(exc)
+    invalid = _invalid_gradient(full)
+    if invalid is not None:
+        return invalid
     for needle, message in _EXPLANATIONS:
         if needle in full:
             return message
