@@ -119,3 +119,62 @@ def test_cli_shows_documented_unsupported_distinctly(capsys):
     assert "UNSUPPORTED linear_cross_entropy gradgradcheck: by design" in out
     assert "unsupported" in out.split("ALL PASSED")[0]
     assert "0 failed, 6 unsupported" in out
+
+
+class _CosTimesGrad(torch.autograd.Function):
+    """g * cos(x), the backward of sin, whose own backward is not written."""
+
+    @staticmethod
+    def forward(g, x):
+        return g * x.cos()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, gg):
+        raise NotImplementedError("the double backward of Sin is not implemented")
+
+
+class SinWithoutDoubleBackward(torch.autograd.Function):
+    """A correct sin whose backward runs a Function without a backward."""
+
+    @staticmethod
+    def forward(x):
+        return x.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _CosTimesGrad.apply(g, x)
+
+
+class SinRefusingCreateGraph(SinWithoutDoubleBackward):
+    """A correct sin whose backward refuses to be differentiated (create_graph=True)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise NotImplementedError("double backward of Sin: call backward without create_graph")
+        (x,) = ctx.saved_tensors
+        return g * x.cos()
+
+
+@pytest.mark.parametrize("fn", [SinWithoutDoubleBackward, SinRefusingCreateGraph])
+def test_double_backward_raising_not_implemented_is_unsupported(fn):
+    from torchbp.verify import check_function
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    report = check_function(fn, x, checks=["gradcheck", "gradgradcheck"])
+    result = report["gradgradcheck"]
+    assert result.unsupported, str(report)
+    assert "NotImplementedError" in result.message and "double backward of Sin" in result.message
+    assert "to add it:" in result.message
+    assert report.ok, str(report)
+    required = check_function(fn, x, checks=["gradcheck"], require=["gradgradcheck"])
+    assert required["gradgradcheck"].failed, str(required)

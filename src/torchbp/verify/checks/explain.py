@@ -7,7 +7,7 @@ import re
 
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
 
-__all__ = ["capability_gap", "explain_error", "first_line", "outcome_of"]
+__all__ = ["capability_gap", "explain_error", "first_line", "not_implemented", "outcome_of"]
 
 #: (text found in torch's message or its causes, what is missing, how to add it): errors
 #: that say the function does not offer a capability, not that it computes something wrong.
@@ -166,21 +166,49 @@ def _raised_in(exc: BaseException, function_name: str) -> bool:
     return False
 
 
-def outcome_of(exc: BaseException, context: str = "") -> CheckFailure | CheckUnsupported:
+def not_implemented(exc: BaseException) -> NotImplementedError | None:
+    """The ``NotImplementedError`` that ``exc`` is or was caused by (up to four causes
+    deep), or None: the error a function raises to say it does not offer something."""
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None:
+            return None
+        if isinstance(cause, NotImplementedError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def outcome_of(
+    exc: BaseException, context: str = "", capability: tuple[str, str] | None = None
+) -> CheckFailure | CheckUnsupported:
     """The exception a check raises for ``exc``: unsupported for a missing capability,
     else a failure whose message is ``context`` followed by :func:`explain_error`.
 
     Args:
         exc: the exception caught while the check ran.
         context: what was being done, e.g. ``"vmap of the forward failed: "``.
+        capability: ``(name, how to add it)`` of the optional capability the check
+            exercises, e.g. ``("double backward", "write backward in ...")``: a
+            ``NotImplementedError`` raised while exercising it says it is absent
+            (unsupported). Without it, a ``NotImplementedError`` is a failure.
 
     Examples:
         >>> type(outcome_of(RuntimeError("boom"), "backward failed: ")).__name__
         'CheckFailure'
+        >>> gap = outcome_of(NotImplementedError("no"), capability=("double backward", "add it"))
+        >>> gap.message
+        'double backward raised NotImplementedError: no; to add it: add it'
     """
     gap = capability_gap(exc)
     if gap is not None:
         return CheckUnsupported(*gap)
+    missing = not_implemented(exc) if capability is not None else None
+    if missing is not None:
+        name, how_to_add = capability
+        return CheckUnsupported(
+            f"{name} raised NotImplementedError: {first_line(str(missing))}", how_to_add
+        )
     return CheckFailure(f"{context}{explain_error(exc)}")
 
 

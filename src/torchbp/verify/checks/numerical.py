@@ -27,7 +27,15 @@ from torchbp.verify.checks.jacobians import (
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
-__all__ = ["check_forward_ad", "check_gradcheck", "check_gradgradcheck"]
+__all__ = ["DOUBLE_BACKWARD", "check_forward_ad", "check_gradcheck", "check_gradgradcheck"]
+
+#: The capability gradgradcheck exercises and how to add it (a NotImplementedError raised
+#: while differentiating backward says it is absent: unsupported, not failed).
+DOUBLE_BACKWARD = (
+    "double backward",
+    "write backward in differentiable torch ops, or give each Function that backward "
+    "calls a backward of its own",
+)
 
 
 def _require_float64(ctx: CheckContext) -> None:
@@ -47,10 +55,17 @@ def _numerical(ctx: CheckContext) -> Jacobian:
     return ctx.numerical_jacobian
 
 
-def _torch_verdict(torch_check: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
+def _torch_verdict(
+    torch_check: Callable[..., Any],
+    *args: Any,
+    capability: tuple[str, str] | None = None,
+    **kwargs: Any,
+) -> str | None:
     """Run torch's gradcheck or gradgradcheck with the run's tolerances: None if it passed,
     its first line on a Jacobian mismatch (our own comparison then says where), an
-    unsupported check for a missing capability, a failed check for anything else."""
+    unsupported check for a missing capability (``capability``: the optional one it
+    exercises, absent when it raises ``NotImplementedError``), a failed check for anything
+    else."""
     try:
         torch_check(*args, check_undefined_grad=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure is reported
@@ -60,7 +75,7 @@ def _torch_verdict(torch_check: Callable[..., Any], *args: Any, **kwargs: Any) -
                 f"in setup_context, for every grad mode ({explain_error(exc)})"
             ) from None
         if "Jacobian mismatch" not in str(exc):
-            raise outcome_of(exc) from None
+            raise outcome_of(exc, capability=capability) from None
         return first_line(str(exc))
     return None
 
@@ -148,8 +163,13 @@ def _require_differentiable_backward(
 ) -> None:
     """Fail unless backward of ``outs`` builds a graph that connects its gradients to the
     inputs (``diff``) or grad_outputs (``vs``); unsupported when backward declares that it
-    cannot be differentiated (``once_differentiable``: differentiating it raises, loudly)."""
-    grads = torch.autograd.grad(outs, diff, vs, create_graph=True, allow_unused=True)
+    cannot be differentiated (``once_differentiable``: differentiating it raises, loudly;
+    ``NotImplementedError`` raised by backward with ``create_graph=True`` or by the
+    backward of what it computed)."""
+    try:
+        grads = torch.autograd.grad(outs, diff, vs, create_graph=True, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001
+        raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
     live = [g for g in grads if g is not None]
     if live and not any(g.requires_grad for g in live):
         raise CheckFailure(
@@ -175,7 +195,7 @@ def _require_differentiable_backward(
             allow_unused=True,
         )
     except Exception as exc:  # noqa: BLE001
-        raise outcome_of(exc) from None
+        raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
     if all(s is None for s in second):
         raise CheckFailure(
             "backward is not differentiable: its gradients are not connected to the "
@@ -186,10 +206,21 @@ def _require_differentiable_backward(
 
 def check_gradgradcheck(ctx: CheckContext) -> Passed:
     """The Jacobian of backward (w.r.t. the inputs and grad_outputs) against central
-    differences; skipped when gradcheck failed."""
+    differences; skipped when gradcheck failed, unsupported when double backward raises
+    ``NotImplementedError`` (or backward is ``once_differentiable``)."""
     _require_float64(ctx)
     if ctx.failed("gradcheck"):
         raise CheckSkip("skipped because gradcheck failed (first derivatives are wrong)")
+    try:
+        return _second_order(ctx)
+    except (CheckFailure, CheckUnsupported, CheckSkip):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
+
+
+def _second_order(ctx: CheckContext) -> Passed:
+    """The body of :func:`check_gradgradcheck`."""
     diff = ctx.leaves()
     outs_rg = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
     vs = [ctx.randn(o.shape, o.dtype).requires_grad_(True) for o in outs_rg]
@@ -210,6 +241,7 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
         lambda *xs: tuple(o for o in ctx.diff_fn(*xs) if o.requires_grad),
         tuple(x.detach().clone().requires_grad_(True) for x in diff),
         tuple(vs_plain),
+        capability=DOUBLE_BACKWARD,
         **_torch_options(ctx),
     )
     names = [f"d(grad)/d({ctx.input_name(k)})" for k in range(n_in)]
