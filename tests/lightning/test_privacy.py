@@ -321,6 +321,23 @@ def test_dp_accountant_survives_a_checkpoint(tmp_path):
     assert restored.privacy == Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
 
 
+@pytest.mark.parametrize("delta", [1 / 8, 1 / 10])
+def test_delta_at_or_above_one_over_n_is_refused(delta):
+    """δ ≥ 1/N is met by a mechanism that publishes one sample outright: no guarantee."""
+    with pytest.raises(ValueError, match=r"privacy.delta=0.1.*\(N=10 training samples"):
+        Privacy(noise_multiplier=1.0, delta=delta).check_delta(10)
+    Privacy(noise_multiplier=1.0, delta=1 / 11).check_delta(10)
+
+
+def test_dp_fit_refuses_delta_not_below_one_over_n(tmp_path):
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0, delta=0.01), max_steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"privacy.delta=0.01 .*N=\d+ training samples"):
+        trainer.fit(model, datamodule=dm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_dp_needs_poisson_sampling(tmp_path):
     pytest.importorskip("opacus")
     dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)

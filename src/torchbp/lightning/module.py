@@ -395,6 +395,7 @@ class ERMClassifier(pl.LightningModule):
                 "data.poisson_sampling: true (a DataModule whose train loader uses "
                 "torchbp.lightning.privacy.PoissonBatchSampler)"
             )
+        self.privacy.check_delta(sampler.num_samples)
         epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if self.privacy.target_epsilon is not None and epochs < 1:
             raise ValueError(

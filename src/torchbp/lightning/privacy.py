@@ -54,7 +54,9 @@ class Privacy:
         noise_multiplier: ``σ``; the Gaussian noise added to the clipped sum has standard
             deviation ``σ·C``.
         target_epsilon: the ε to reach after the whole run, instead of ``noise_multiplier``.
-        delta: the δ of (ε, δ)-DP; keep it below ``1 / N`` (N: training samples).
+        delta: the δ of (ε, δ)-DP; it must be below ``1 / N`` (N: training samples),
+            and is usually far below it: training refuses ``delta >= 1 / N``
+            (:meth:`check_delta`), a δ met by publishing one training sample outright.
     """
 
     max_grad_norm: float = 1.0
@@ -89,6 +91,26 @@ class Privacy:
             )
         if not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+
+    def check_delta(self, num_samples: int) -> None:
+        """Refuse ``delta >= 1 / num_samples``: an (ε, δ) guarantee with such a δ holds even
+        for a mechanism that publishes one training sample in full, so it protects nothing.
+
+        Raises:
+            ValueError: ``delta`` is not below ``1 / num_samples``.
+        """
+        if self.delta * num_samples >= 1:
+            raise ValueError(
+                f"privacy.delta={self.delta:g} is not below 1/N = {1 / num_samples:.3g} "
+                f"(N={num_samples} training samples): a guarantee with delta >= 1/N allows "
+                "publishing a training sample outright; use a delta far below 1/N, e.g. "
+                f"{_suggested_delta(num_samples):g}"
+            )
+
+
+def _suggested_delta(num_samples: int) -> float:
+    """A power of ten at most ``1 / (10 N)`` (and at most 1e-5, the usual default)."""
+    return min(1e-5, 10.0 ** math.floor(math.log10(0.1 / num_samples)))
 
 
 # exactly one of them is given
