@@ -133,6 +133,43 @@ def test_weight_requiring_grad_accepted_where_nothing_is_recorded(loss, no_grad)
     torch.testing.assert_close(got, want)
 
 
+def _class_index_loss(name):
+    """``loss(x, weight)`` of (4, 3) input ``x`` by torchbp's or native's function ``name``
+    (linear_cross_entropy with an identity linear_weight: its logits are ``x``)."""
+    t = torch.tensor([0, 1, 2, 0])
+    if name == "linear_cross_entropy":
+        return lambda f, x, w: f.linear_cross_entropy(x, torch.eye(3, dtype=x.dtype), t, weight=w)
+    return lambda f, x, w: getattr(f, name)(x, t, weight=w)
+
+
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype, accepted",
+    [
+        # autocast runs the loss in float32 and casts a half weight (not a float64 one)
+        (torch.bfloat16, torch.bfloat16, True),
+        (torch.float32, torch.float16, True),
+        (torch.bfloat16, torch.float64, False),
+        (torch.float64, torch.float32, False),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("name", ["nll_loss", "cross_entropy", "linear_cross_entropy"])
+def test_class_weight_dtype_under_autocast_as_native(name, x_dtype, w_dtype, accepted):
+    loss = _class_index_loss(name)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(x_dtype)
+    w = torch.rand(3, generator=torch.Generator().manual_seed(1)).to(w_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if not accepted:
+            with pytest.raises(RuntimeError):
+                loss(torch.nn.functional, x, w)
+            with pytest.raises(DTypeError, match=f"{name}: class weights must have the loss"):
+                loss(TF, x, w)
+            return
+        want, got = loss(torch.nn.functional, x, w), loss(TF, x, w)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("loss", LOSSES, ids=IDS)
 def test_unknown_reduction(loss):
     with pytest.raises(ValueError, match="avg is not a valid value for reduction"):

@@ -231,6 +231,19 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:  # to
             {"options": _Options(chunking_method="aspect_ratio:2"), "reduction": "none"},
         ),
         Call(
+            # native's chunked path takes class weights of any dtype
+            "lce-options-float64-class-weight",
+            "linear_cross_entropy",
+            lambda: (X(7, 3), X(5, 3), _idx(0, 1, 2, 3, 4, 0, 1)),
+            {"options": _Options(batch_chunk_size=2), "weight": _seeded(5, seed=5).double()},
+        ),
+        Call(
+            "lce-options-float64-class-weight-none",
+            "linear_cross_entropy",
+            lambda: (X(7, 3), X(5, 3), _idx(0, 1, 2, 3, 4, 0, 1)),
+            {"options": _Options(), "weight": _seeded(5, seed=5).double(), "reduction": "none"},
+        ),
+        Call(
             "lce-options-with-smoothing",  # native warns and takes its reference path
             "linear_cross_entropy",
             lambda: (X(4, 3), X(5, 3), _idx(0, 1, 2, 0)),
@@ -400,6 +413,24 @@ BAD = [
     Bad("cross_entropy-weight-requires-grad",
         lambda f: f.cross_entropy(x, t, weight=torch.ones(3, requires_grad=True)),
         r"cross_entropy: class weights are not differentiable"),
+    # class weights of another dtype than the input, with class-index targets
+    *[
+        Bad(f"{n}-{wd}-weight-{xd}-input",
+            lambda f, n=n, xd=xd, wd=wd: getattr(f, n)(
+                x.to(xd), t, weight=torch.ones(3, dtype=wd)),
+            rf"{n}: class weights must have the loss input's dtype {xd} with class-index "
+            rf"targets, got weight of dtype {wd}")
+        for n in ("nll_loss", "cross_entropy")
+        for xd, wd in [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                       (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+    ],
+    Bad("cross_entropy-weight-dtype-Kdim",
+        lambda f: f.cross_entropy(_seeded(2, 3, 2), t.reshape(2, 2),
+                                  weight=torch.ones(3, dtype=torch.float64)),
+        r"cross_entropy: class weights must have the loss input's dtype torch.float32"),
+    Bad("cross_entropy-weight-dtype-empty",
+        lambda f: f.cross_entropy(x[:0], t[:0], weight=torch.ones(3, dtype=torch.float64)),
+        r"cross_entropy: class weights must have the loss input's dtype torch.float32"),
 ]  # fmt: skip
 
 if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
@@ -431,6 +462,25 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
             lambda f: f.linear_cross_entropy(x, w53, _probs(4, 5), ignore_index=-100),
             r"linear_cross_entropy: ignore_index cannot be specified when target contains "
             r"probabilities"),
+        Bad("linear_cross_entropy-weight-float64",  # native's reference path (no options)
+            lambda f: f.linear_cross_entropy(x, w53, t, weight=torch.ones(5).double()),
+            r"linear_cross_entropy: class weights must have the loss input's dtype "
+            r"torch.float32 with class-index targets, got weight of dtype torch.float64"),
+        Bad("linear_cross_entropy-weight-float32-float64-input",
+            lambda f: f.linear_cross_entropy(
+                x.double(), w53.double(), t, weight=torch.ones(5), reduction="none"),
+            r"linear_cross_entropy: class weights must have the loss input's dtype "
+            r"torch.float64"),
+        Bad("linear_cross_entropy-weight-float64-options-smoothing",  # native falls back
+            lambda f: f.linear_cross_entropy(
+                x, w53, t, weight=torch.ones(5).double(), options=_Options(),
+                label_smoothing=0.1),
+            r"linear_cross_entropy: class weights must have the loss input's dtype"),
+        Bad("linear_cross_entropy-weight-float64-Kdim",
+            lambda f: f.linear_cross_entropy(
+                x, _seeded(5, 2, 3), t.reshape(2, 2).repeat(2, 1),
+                weight=torch.ones(5).double()),
+            r"cross_entropy: class weights must have the loss input's dtype"),
         Bad("linear_cross_entropy-options-dict",
             lambda f: f.linear_cross_entropy(x, w53, t, options={"batch_chunk_size": 2}),
             r"linear_cross_entropy: options must be a torch.nn.LinearCrossEntropyOptions"),

@@ -206,6 +206,17 @@ def check_class_weight(
         )
 
 
+def check_class_weight_dtype(op: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:
+    """With class-index targets, class weights must have the dtype the loss is computed in
+    (the input's, after autocast's casts): native's kernel refuses any other ("expected
+    scalar type Float but found Double"). A :class:`DTypeError` (native: ``RuntimeError``)."""
+    if weight is not None and weight.dtype != dtype:
+        raise DTypeError(
+            f"{op}: class weights must have the loss input's dtype {dtype} with class-index "
+            f"targets, got weight of dtype {weight.dtype}; pass weight.to({dtype})"
+        )
+
+
 def check_linear_shapes(op, input, weight, bias, w_name, b_name, rows_name) -> None:
     """``weight`` 2-D ``(rows, in_features)``, ``input`` ``(*, in_features)``, ``bias``
     ``(rows,)``: otherwise an error naming both shapes. (``linear`` itself accepts more:

@@ -94,6 +94,12 @@ def _cast_low(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None
     return t.to(dtype)
 
 
+def _cast_loss_for_autocast(input: torch.Tensor, weight: torch.Tensor | None):
+    """``(input, weight)`` as autocast casts them for a loss (native lists ``nll_loss`` /
+    ``cross_entropy`` as float32 ops): half ones to float32; float64 ones stay."""
+    return _cast_low(input, torch.float32), _cast_low(weight, torch.float32)
+
+
 def _run_without_autocast(device_type: str, fn, *args):
     with torch.autocast(device_type, enabled=False):
         return fn(*args)
@@ -398,7 +404,8 @@ def nll_loss(
     Args:
         input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
         target: class indices (int64 or uint8) of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``.
-        weight: per-class weights ``(C,)``.
+        weight: per-class weights ``(C,)`` of the input's dtype (float32 under autocast,
+            which casts half weights to it), as native.
         ignore_index: target value that contributes neither loss nor gradient.
         reduction: ``'none'`` | ``'mean'`` (divided by the summed weights of the non-ignored
             targets) | ``'sum'``.
@@ -407,9 +414,9 @@ def nll_loss(
     classes, class_dim, batch_shape = _checks.validate_nll_loss(
         input, target, weight, ignore_index, reduction
     )
-    amp = _autocast_dtype(input)
-    if amp is not None and input.dtype in _LOW_PRECISION:
-        input = input.float()
+    if _autocast_dtype(input) is not None:
+        input, weight = _cast_loss_for_autocast(input, weight)
+    _checks.check_class_weight_dtype("nll_loss", weight, input.dtype)
     flat_target = target.reshape(-1).long()  # uint8 indices are accepted, as native does
     rows = apply(_NLLLOSS, _rows(input, class_dim, classes), flat_target, weight, ignore_index)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -438,7 +445,8 @@ def cross_entropy(
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
         target: class indices (int64 or uint8) of the input's shape without the class dim,
             or class probabilities of the input's shape.
-        weight: per-class weights ``(C,)``.
+        weight: per-class weights ``(C,)``; with class indices of the input's dtype
+            (float32 under autocast, which casts half weights to it), as native.
         ignore_index: class-index target value to skip (not allowed with probabilities).
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``; with class indices ``'mean'``
             divides by the summed weights of the non-ignored targets, with probabilities by
@@ -472,9 +480,10 @@ def cross_entropy(
     if inplace:
         _checks.check_inplace_writable("cross_entropy", input)
     inplace = _writes_gradient_over_logits(input, inplace)
-    amp = _autocast_dtype(input)
-    if amp is not None and input.dtype in _LOW_PRECISION:
-        input = input.float()
+    if _autocast_dtype(input) is not None:
+        input, weight = _cast_loss_for_autocast(input, weight)
+    if not soft:
+        _checks.check_class_weight_dtype("cross_entropy", weight, input.dtype)
     if soft and target.dtype != input.dtype:
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
@@ -526,6 +535,27 @@ def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, soft: bo
     to float64 and computes the loss there, which the chunked Function (float32
     accumulation) cannot."""
     return soft and target.dtype == torch.float64 and input.dtype != torch.float64
+
+
+def _lce_loss_dtype(input: torch.Tensor) -> torch.dtype:
+    """The dtype of the logits' cross-entropy in ``linear_cross_entropy``: float32 under
+    autocast (the linear runs in the low-precision dtype, the loss in float32) unless the
+    input is float64 (which autocast leaves alone), else the input's."""
+    if _autocast_dtype(input) is not None and input.dtype != torch.float64:
+        return torch.float32
+    return input.dtype
+
+
+def _native_chunks(options, label_smoothing, target: torch.Tensor, out_features) -> bool:
+    """Whether native's ``linear_cross_entropy`` takes its chunked path (``options`` given,
+    no label smoothing, int64 class indices, a 2-D weight) rather than its reference
+    formula, ``cross_entropy(linear(...))``."""
+    return (
+        options is not None
+        and float(label_smoothing) == 0.0
+        and target.dtype == torch.int64
+        and not out_features
+    )
 
 
 def _linear_cross_entropy_unfused(
@@ -583,7 +613,10 @@ def linear_cross_entropy(
         target: class indices (int64 or uint8) of shape ``(*)`` = ``input.shape[:-1]``
             (``(N, d1, ..., dK)`` for K-dim), or class probabilities of the logits' shape.
         linear_bias: ``(C,)`` (``(C, d1, ..., dK)`` for K-dim) or ``None``.
-        weight: per-class weights ``(C,)``.
+        weight: per-class weights ``(C,)``; with class indices of the logits' loss dtype
+            (the input's; float32 under autocast) unless ``options`` sends the call to
+            native's chunked path (no label smoothing, int64 targets, 2-D
+            ``linear_weight``), which takes any floating dtype, as native.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``, as :func:`cross_entropy`.
         ignore_index: class-index target to skip; ``None`` (default, as native) means
             ``-100``. Must stay ``None`` for probability targets (native raises too).
@@ -642,6 +675,10 @@ def linear_cross_entropy(
         chunk_size,
     )
     soft, ignore_index = call.soft, call.ignore_index
+    # native's chunked path takes class weights of any dtype; its reference path, as
+    # cross_entropy, refuses one of another dtype than the loss's input
+    any_weight_dtype = _native_chunks(options, label_smoothing, target, call.out_features)
+    loss_dtype = _lce_loss_dtype(input)
     if (
         call.out_features
         or linear_weight.shape[0] == 0  # no class: rows of 0 (the chunks' softmax has none)
@@ -654,7 +691,7 @@ def linear_cross_entropy(
             linear_weight,
             target,
             linear_bias,
-            weight,
+            weight.to(loss_dtype) if any_weight_dtype and weight is not None else weight,
             reduction,
             ignore_index,
             float(label_smoothing),
@@ -671,6 +708,10 @@ def linear_cross_entropy(
     _checks.check_linear_dtypes(
         "linear_cross_entropy", input, linear_weight, linear_bias, "linear_weight", "linear_bias"
     )
+    if amp is not None:  # and the loss in float32: half class weights are cast to it
+        weight = _cast_low(weight, torch.float32)
+    if not (soft or any_weight_dtype):
+        _checks.check_class_weight_dtype("linear_cross_entropy", weight, loss_dtype)
     rows = math.prod(batch_shape)
     x = input.reshape(rows, features)
     # uint8 class indices are accepted, as native does; probabilities are promoted with

@@ -272,10 +272,12 @@ def test_large_inputs_use_the_chunked_path_with_identical_results(monkeypatch):
 
     x = make((33, 7), torch.float32, scale=3.0)
     t = class_target((33,), ignore=-100).clamp(max=6)
-    kw = dict(label_smoothing=0.1, weight=torch.rand(7) + 0.5)
-    whole, (gw,) = grads(lambda z: TF.cross_entropy(z, t, **kw), x)
+    # class weights of the logits' dtype (as native requires), exact in bfloat16
+    w = (torch.rand(7) + 0.5).bfloat16().float()
+    whole, (gw,) = grads(lambda z: TF.cross_entropy(z, t, weight=w, label_smoothing=0.1), x)
     monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 20)  # 2 rows per block
     for dtype in [torch.float32, torch.bfloat16]:
+        kw = dict(label_smoothing=0.1, weight=w.to(dtype))
         chunked, (gc,) = grads(lambda z: TF.cross_entropy(z, t, **kw), x.to(dtype))  # noqa: B023
         torch.testing.assert_close(chunked.float(), whole, **TOL[dtype])
         torch.testing.assert_close(gc.float(), gw, **TOL[dtype])
