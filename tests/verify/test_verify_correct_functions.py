@@ -112,6 +112,33 @@ def test_in_place_function_runs_on_copies_and_says_so():
     assert torch.equal(x, before)
 
 
+class AddInto(torch.autograd.Function):
+    """out += x, returning out (an out= buffer, declared with mark_dirty); out is not
+    differentiated (left out of grad_inputs)."""
+
+    @staticmethod
+    def forward(x, out):
+        return out.add_(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_dirty(inputs[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(out + x)/dx = 1
+        return g, None
+
+
+def test_in_place_into_an_input_left_out_of_grad_inputs_runs_on_copies():
+    x, out = _randn(3, 4), _randn(3, 4) + 1
+    out_before = out.clone()
+    report = check_function(AddInto, x, out, grad_inputs=[0], reference=torch.add)
+    assert report.ok, str(report)
+    assert "modifies input 1 in place (mark_dirty)" in report["forward"].message
+    assert torch.equal(out, out_before)
+
+
 def test_in_place_without_mark_dirty_is_still_caught():
     def undeclared_double(x):
         return x.mul_(2) * 1  # writes into its input without telling autograd

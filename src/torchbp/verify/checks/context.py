@@ -39,8 +39,9 @@ class CheckContext:
     custom_op: Any | None = None
     #: Shapes of fn's floating-point outputs (set by the forward check, which runs first).
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    #: Positions (among the grad inputs) of the inputs fn modifies in place and returns
-    #: (``ctx.mark_dirty``); set by the forward check. fn gets non-leaf copies of them.
+    #: Positions (in ``args``) of the tensor inputs fn modifies in place and returns
+    #: (``ctx.mark_dirty``), differentiated or not (an ``out=`` buffer); set by the
+    #: forward check. Every call gets fresh copies of them (non-leaf ones of grad inputs).
     dirty_inputs: frozenset[int] = frozenset()
     #: Results of the checks that ran so far, by name (later checks may depend on them).
     results: dict[str, CheckResult] = field(default_factory=dict)
@@ -75,14 +76,22 @@ class CheckContext:
         """Fresh differentiable copies of the grad inputs."""
         return [self.args[i].detach().clone().requires_grad_(True) for i in self.grad_idx]
 
-    def call(self, fn: Callable[..., Any], diff: Sequence[torch.Tensor]) -> Any:
-        """Call ``fn`` on the inputs, with ``diff`` in place of the grad inputs (copies of
-        those fn modifies in place, so that the caller's tensors stay intact; a fresh copy
-        of each list input, so that no call sees what another changed in it)."""
+    def full_inputs(
+        self, diff: Sequence[torch.Tensor], copied: frozenset[int] | None = None
+    ) -> list[Any]:
+        """fn's positional inputs, with ``diff`` in place of the grad inputs, a fresh copy
+        of each tensor at the positions ``copied`` (by default those fn modifies in place,
+        so that no call sees what another wrote and the tensors it was given stay intact)
+        and of each list input (for the same reason)."""
+        copied = self.dirty_inputs if copied is None else copied
         full = [list(a) if isinstance(a, list) else a for a in self.args]
-        for k, (i, t) in enumerate(zip(self.grad_idx, diff)):
-            full[i] = t.clone() if k in self.dirty_inputs else t
-        return fn(*full)
+        for i, t in zip(self.grad_idx, diff):
+            full[i] = t
+        return [a.clone() if i in copied else a for i, a in enumerate(full)]
+
+    def call(self, fn: Callable[..., Any], diff: Sequence[torch.Tensor]) -> Any:
+        """Call ``fn`` on :meth:`full_inputs` of ``diff``."""
+        return fn(*self.full_inputs(diff))
 
     def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """fn of the differentiable inputs only, returning its floating-point outputs."""

@@ -1,14 +1,19 @@
 """The ``forward`` check, which runs first: fn runs and returns floating-point tensors that
 require grad. When it fails, every other check is skipped.
 
-It calls fn on non-leaf copies of the differentiable inputs, so that a Function which
-modifies an input in place and declares it with ``ctx.mark_dirty`` runs (autograd refuses
-an in-place write into a leaf that requires grad); the inputs it returns as outputs are
-recorded, and every later call gives fn non-leaf copies of those.
+It calls fn on copies of every tensor input (non-leaf copies of the differentiable ones),
+so that a Function which modifies an input in place and declares it with
+``ctx.mark_dirty`` runs (autograd refuses an in-place write into a leaf that requires grad)
+and writes into no tensor a later check uses; the inputs it returns as outputs are
+recorded, and every later call gives fn fresh copies of those (an ``out=`` buffer left
+out of ``grad_inputs`` would otherwise accumulate across calls).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch.utils._pytree import tree_leaves
 
 from torchbp.verify.checks.compare import float_tensors, shape_text
@@ -19,16 +24,28 @@ from torchbp.verify.checks.outcomes import CheckFailure, Passed
 __all__ = ["check_forward"]
 
 
+def _written_and_returned(full: list[Any], versions: dict[int, int], out: Any) -> frozenset[int]:
+    """Positions of the tensors in ``full`` that fn wrote into in place (their version
+    counter moved from ``versions``) and returned as an output (``ctx.mark_dirty``)."""
+    returned = {id(t) for t in tree_leaves(out)}
+    return frozenset(
+        i
+        for i, before in versions.items()
+        if id(full[i]) in returned and full[i]._version != before
+    )
+
+
 def check_forward(ctx: CheckContext) -> Passed:
     """Calls fn once; records the shapes of its floating-point outputs and the inputs it
     modifies in place (``mark_dirty``) for later checks."""
-    copies = [x.clone() for x in ctx.leaves()]
+    tensors = frozenset(i for i, a in enumerate(ctx.args) if isinstance(a, torch.Tensor))
+    full = ctx.full_inputs(ctx.leaves(), copied=tensors)
+    versions = {i: full[i]._version for i in tensors}
     try:
-        out = ctx.call(ctx.fn, copies)
+        out = ctx.fn(*full)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
         raise CheckFailure(f"fn raised {explain_error(exc)}") from None
-    returned = {id(t) for t in tree_leaves(out)}
-    ctx.dirty_inputs = frozenset(k for k, c in enumerate(copies) if id(c) in returned)
+    ctx.dirty_inputs = _written_and_returned(full, versions, out)
     outs = float_tensors(out)
     if not outs:
         raise CheckFailure(
@@ -44,6 +61,6 @@ def check_forward(ctx: CheckContext) -> Passed:
     shapes = ", ".join(shape_text(t) for t in outs)
     note = f"{len(outs)} output(s) of shape {shapes}"
     if ctx.dirty_inputs:
-        dirty = ", ".join(ctx.input_name(k) for k in sorted(ctx.dirty_inputs))
+        dirty = ", ".join(f"input {i}" for i in sorted(ctx.dirty_inputs))
         note += f"; modifies {dirty} in place (mark_dirty): checked on non-leaf copies"
     return Passed(note)

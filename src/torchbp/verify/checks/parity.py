@@ -176,7 +176,7 @@ def check_compile(ctx: CheckContext) -> Passed:
     backend = ctx.options.compile_backend
     fullgraph = bool(ctx.options.compile_fullgraph)
     label = f"torch.compile(backend={backend!r}{', fullgraph=True' if fullgraph else ''})"
-    dirty = [ctx.grad_idx[k] for k in ctx.dirty_inputs]
+    dirty = sorted(ctx.dirty_inputs)
     try:
         abs_err, rel_err = _compare_runs(
             ctx, _compiled(ctx.fn, backend, fullgraph, dirty), label, raw_errors=True
