@@ -338,6 +338,49 @@ def test_dp_fit_refuses_delta_not_below_one_over_n(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def _fit_then_resume(tmp_path, privacy, epochs, more_epochs, then=None):
+    """A fit of ``epochs`` epochs, checkpointed, and the parts of a resumed fit up to
+    ``more_epochs`` (with the settings ``then``, by default the same)."""
+    dm, model, trainer = _dp_fit(tmp_path, privacy, max_epochs=epochs, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(ckpt)
+    dm2, model2, trainer2 = _dp_fit(
+        tmp_path, then or privacy, max_epochs=more_epochs, limit_val_batches=0
+    )
+    return model, (dm2, model2, trainer2, ckpt)
+
+
+def test_resumed_target_epsilon_run_counts_the_epsilon_already_spent(tmp_path):
+    """A run resumed with more epochs calibrates the noise of the steps left so that the
+    whole run, the checkpoint's steps included, meets target_epsilon (before, the noise was
+    calibrated for a fresh run of max_epochs, and ε ended far above the target)."""
+    pytest.importorskip("opacus")
+    privacy = Privacy(max_grad_norm=1.0, target_epsilon=2.0)
+    first, (dm, model, trainer, ckpt) = _fit_then_resume(tmp_path, privacy, 1, 2)
+    assert first.accountant.epsilon() == pytest.approx(2.0, rel=0.02)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    acc = model.accountant
+    assert acc.steps == 2 * first.accountant.steps
+    assert 0 < acc.epsilon() <= 2.0
+    # the history keeps each part's own noise: the checkpoint's, then the larger one
+    (sigma1, _, n1), (sigma2, _, n2) = acc.state_dict()["history"]
+    assert (sigma1, n1) == (first.accountant.noise_multiplier, first.accountant.steps)
+    assert sigma2 == acc.noise_multiplier > sigma1 and n2 == n1
+
+
+def test_resumed_run_whose_budget_is_spent_is_refused(tmp_path):
+    """Nothing is left of target_epsilon after the checkpoint: no noise makes more steps
+    meet it, and the fit says so before any step."""
+    pytest.importorskip("opacus")
+    _, (dm, model, trainer, ckpt) = _fit_then_resume(
+        tmp_path, Privacy(target_epsilon=2.0), 1, 2, then=Privacy(target_epsilon=1.0)
+    )
+    with pytest.raises(ValueError, match=r"privacy.target_epsilon=1.0 .*already spent"):
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    assert model.accountant is None  # not a fresh run's, with the checkpoint's steps lost
+
+
 def test_dp_needs_poisson_sampling(tmp_path):
     pytest.importorskip("opacus")
     dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)

@@ -402,10 +402,11 @@ class ERMClassifier(pl.LightningModule):
                 "privacy.target_epsilon needs trainer.max_epochs >= 1 (the run's length sets "
                 f"the noise), got max_epochs={trainer.max_epochs}"
             )
-        self.accountant = PrivacyAccountant(self.privacy, sampler.sample_rate, max(epochs, 1))
+        accountant = PrivacyAccountant(self.privacy, sampler.sample_rate, max(epochs, 1))
         if self._restored_accountant is not None:  # resumed: ε keeps counting
-            self.accountant.load_state_dict(self._restored_accountant)
-            self._restored_accountant = None
+            accountant.load_state_dict(self._restored_accountant)
+        # set once complete: a resume refused above leaves no accountant of a fresh run
+        self.accountant, self._restored_accountant = accountant, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
 
     def _private_training_step(self, batch) -> torch.Tensor:

@@ -46,7 +46,9 @@ class Privacy:
 
     Give either ``noise_multiplier`` or ``target_epsilon`` (then the smallest noise
     multiplier that keeps ε ≤ ``target_epsilon`` after the run's ``max_epochs`` is computed
-    by the accountant before training).
+    by the accountant before training; a run resumed from a checkpoint counts the ε its
+    steps spent, and calibrates the noise of the steps left so that the whole run meets
+    the target, or refuses to train if they already spent it).
 
     Args:
         max_grad_norm: ``C``, the L2 bound each sample's gradient is clipped to (over all
@@ -176,32 +178,63 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield mask.nonzero().flatten().tolist()
 
 
-def _noise_for_target(privacy: Privacy, sample_rate: float, steps: int) -> float:
-    """The smallest σ (to Opacus' tolerance) with ε ≤ ``privacy.target_epsilon`` after
-    ``steps`` Poisson-sampled steps."""
-    from opacus.accountants.utils import get_noise_multiplier
+#: the largest noise multiplier the search for ``target_epsilon`` tries
+_MAX_NOISE = 1e6
 
-    try:
+
+def _noise_for_target(
+    privacy: Privacy, sample_rate: float, steps: int, spent: list[tuple] | None = None
+) -> float:
+    """The smallest σ (within ε tolerance 0.01, or 1% of a target below 1) with
+    ε ≤ ``privacy.target_epsilon`` after the ``spent`` steps (the accountant's
+    ``(σ, q, steps)`` history of a resumed run) and ``steps`` Poisson-sampled steps of
+    noise σ, found by bisection on Opacus' RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    target, spent = privacy.target_epsilon, list(spent or [])
+    assert target is not None
+
+    def epsilon(history: list[tuple]) -> float:
+        accountant = RDPAccountant()
+        accountant.history = history
         with warnings.catch_warnings():
             # "optimal order is the largest/smallest alpha": the bound holds, only less tight
             warnings.filterwarnings(
                 "ignore", message="Optimal order is the (largest|smallest) alpha"
             )
-            sigma = get_noise_multiplier(
-                target_epsilon=privacy.target_epsilon,
-                target_delta=privacy.delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
+            return float(accountant.get_epsilon(delta=privacy.delta))
+
+    where = f"at delta={privacy.delta} over {steps} steps of sample rate {sample_rate:.4g}"
+    if spent:
+        already = epsilon(spent)
+        if not already < target:
+            raise ValueError(
+                f"privacy.target_epsilon={target} is already spent: the "
+                f"{sum(n for _, _, n in spent)} steps taken before (the checkpoint's) spent "
+                f"epsilon={already:.4g}, so no noise keeps {steps} more steps within it; "
+                "raise target_epsilon, or do not train further"
             )
-    except ValueError as e:  # Opacus: "The privacy budget is too low."
-        raise ValueError(
-            f"privacy.target_epsilon={privacy.target_epsilon} cannot be reached at "
-            f"delta={privacy.delta} over {steps} steps of sample rate {sample_rate:.4g}: "
-            f"no noise multiplier the accountant tries reaches it ({e}); raise "
-            "target_epsilon or delta, or train for fewer epochs"
-        ) from e
-    return float(sigma)
+        where += f" after the {sum(n for _, _, n in spent)} steps taken before"
+    tolerance = min(0.01, 0.01 * target)
+    low, high = 0.0, 20.0
+    high_epsilon = epsilon([*spent, (high, sample_rate, steps)])
+    while high_epsilon > target:
+        low, high = high, 2 * high
+        if high > _MAX_NOISE:
+            raise ValueError(
+                f"privacy.target_epsilon={target} cannot be reached {where}: no noise "
+                f"multiplier up to {_MAX_NOISE:g} reaches it; raise target_epsilon or "
+                "delta, or train for fewer epochs"
+            )
+        high_epsilon = epsilon([*spent, (high, sample_rate, steps)])
+    while target - high_epsilon > tolerance:
+        middle = (low + high) / 2
+        middle_epsilon = epsilon([*spent, (middle, sample_rate, steps)])
+        if middle_epsilon <= target:
+            high, high_epsilon = middle, middle_epsilon
+        else:
+            low = middle
+    return high
 
 
 class PrivacyAccountant:
@@ -215,11 +248,15 @@ class PrivacyAccountant:
             :class:`PoissonBatchSampler` draws.
 
     Attributes:
-        noise_multiplier: ``σ``, given or computed from ``target_epsilon``.
+        noise_multiplier: ``σ`` of the steps to come, given or computed from
+            ``target_epsilon``: the smallest that keeps ε ≤ ``target_epsilon`` after the
+            run's steps, counting those a resumed run took before (:meth:`load_state_dict`
+            computes it again for the steps left; a run with none left keeps the last σ).
 
     Raises:
         ModuleNotFoundError: Opacus is not installed (``pip install opacus``).
-        ValueError: ``target_epsilon`` cannot be reached over the run, whatever the noise.
+        ValueError: ``target_epsilon`` cannot be reached over the run, whatever the noise
+            (:meth:`load_state_dict` too: the steps taken before already spent it).
     """
 
     def __init__(self, privacy: Privacy, sample_rate: float, epochs: int) -> None:
@@ -231,13 +268,19 @@ class PrivacyAccountant:
             ) from e
         self.privacy = privacy
         self.sample_rate = sample_rate
-        if privacy.noise_multiplier is not None:
-            self.noise_multiplier = float(privacy.noise_multiplier)
-        else:
-            # the steps the run takes (Opacus' epochs= would assume int(epochs / q))
-            steps = epochs * poisson_batches_per_epoch(sample_rate)
-            self.noise_multiplier = _noise_for_target(privacy, sample_rate, steps)
+        # the steps the run takes (Opacus' epochs= would assume int(epochs / q))
+        self._run_steps = epochs * poisson_batches_per_epoch(sample_rate)
         self._rdp = RDPAccountant()
+        self.noise_multiplier = self._noise_for_steps_left()
+
+    def _noise_for_steps_left(self) -> float:
+        """σ for the run's steps not yet taken (see :attr:`noise_multiplier`)."""
+        if self.privacy.noise_multiplier is not None:
+            return float(self.privacy.noise_multiplier)
+        steps_left = self._run_steps - self.steps
+        if steps_left <= 0:  # the run is over: nothing to calibrate
+            return float(self._rdp.history[-1][0])
+        return _noise_for_target(self.privacy, self.sample_rate, steps_left, self._rdp.history)
 
     @property
     def steps(self) -> int:
@@ -249,8 +292,21 @@ class PrivacyAccountant:
         return {"history": [list(h) for h in self._rdp.history]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`'s steps (a resumed run)."""
+        """Continue from :meth:`state_dict`'s steps (a resumed run): ε keeps counting, and
+        with ``target_epsilon`` the noise of the steps left is calibrated so that the whole
+        run, these steps included, meets it.
+
+        Raises:
+            ValueError: ``target_epsilon`` cannot be met: these steps already spent it, or
+                the steps left exceed it whatever the noise. The accountant is unchanged.
+        """
+        history = self._rdp.history
         self._rdp.history = [tuple(h) for h in state["history"]]
+        try:
+            self.noise_multiplier = self._noise_for_steps_left()
+        except BaseException:
+            self._rdp.history = history
+            raise
 
     def step(self) -> None:
         """Record one noisy step."""
