@@ -366,6 +366,13 @@ def _recorded_view(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad and t._base is not None
 
 
+def _probability_loss_dtype(logits, target, weight) -> torch.dtype:
+    """The dtype of a probability-target loss: native's ``-Σ_c w_c t_c logp_c`` promotes
+    the logits' dtype with the target's and the class weights'."""
+    dtype = torch.promote_types(logits.dtype, target.dtype)
+    return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
+
+
 def _writes_gradient_over_logits(logits: torch.Tensor, inplace: bool) -> bool:
     """Whether ``cross_entropy(..., inplace=True)`` writes the gradient over ``logits``:
     only where autograd records a gradient for them (otherwise nothing needs it, and the
@@ -446,7 +453,9 @@ def cross_entropy(
         target: class indices (int64 or uint8) of the input's shape without the class dim,
             or class probabilities of the input's shape.
         weight: per-class weights ``(C,)``; with class indices of the input's dtype
-            (float32 under autocast, which casts half weights to it), as native.
+            (float32 under autocast, which casts half weights to it), as native; with
+            probabilities of any floating dtype, promoted with the input and target as
+            native's formula (a float64 weight gives a float64 loss).
         ignore_index: class-index target value to skip (not allowed with probabilities).
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``; with class indices ``'mean'``
             divides by the summed weights of the non-ignored targets, with probabilities by
@@ -484,8 +493,8 @@ def cross_entropy(
         input, weight = _cast_loss_for_autocast(input, weight)
     if not soft:
         _checks.check_class_weight_dtype("cross_entropy", weight, input.dtype)
-    if soft and target.dtype != input.dtype:
-        common = torch.promote_types(input.dtype, target.dtype)
+    if soft:  # promoted with the target and class weights, as native's formula
+        common = _probability_loss_dtype(input, target, weight)
         input, target = input.to(common), target.to(common)
     weight_grad = soft and _differentiated(weight)
     # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
@@ -530,11 +539,13 @@ def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
     return any(unpack(t).tangent is not None for t in present)
 
 
-def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, soft: bool) -> bool:
-    """A float64 probability target with lower-precision input: native promotes the logits
-    to float64 and computes the loss there, which the chunked Function (float32
-    accumulation) cannot."""
-    return soft and target.dtype == torch.float64 and input.dtype != torch.float64
+def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, weight, soft) -> bool:
+    """A float64 probability target or class weight with lower-precision input: native
+    promotes the loss to float64 and computes it there, which the chunked Function
+    (float32 accumulation) cannot."""
+    if not soft or input.dtype == torch.float64:
+        return False
+    return _probability_loss_dtype(input, target, weight) == torch.float64
 
 
 def _lce_loss_dtype(input: torch.Tensor) -> torch.dtype:
@@ -645,14 +656,16 @@ def linear_cross_entropy(
     backward recomputes the logits chunk by chunk (4 matmuls). Gradients are accumulated
     in float32 for half-precision inputs. Double backward raises a clear error.
 
-    A probability target is promoted with the input as native does (the loss comes out in
-    the promoted dtype: float32 for bfloat16 input with a float32 target).
+    A probability target is promoted with the input and the class weights as native does
+    (the loss comes out in the promoted dtype: float32 for bfloat16 input with a float32
+    target or float32 class weights).
 
     Three kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
     reference formula, logits materialised) instead: a K-dim ``linear_weight`` (native's
     chunked path falls back the same way; so does one with no class, ``(0, in)``), a
-    float64 probability target with lower-precision input (native computes that loss in
-    float64; the chunked Function accumulates in float32), and calls under torch.func
+    float64 probability target or class weight (with probabilities) and lower-precision
+    input (native computes that loss in float64; the chunked Function accumulates in
+    float32), and calls under torch.func
     transforms (vmap, grad, jvp) or with forward-mode dual tensors, which the chunked
     Function (no vmap rule, no jvp) cannot serve.
 
@@ -682,7 +695,7 @@ def linear_cross_entropy(
     if (
         call.out_features
         or linear_weight.shape[0] == 0  # no class: rows of 0 (the chunks' softmax has none)
-        or _wider_than_accumulation(input, target, soft)
+        or _wider_than_accumulation(input, target, weight, soft)
         or (soft and _differentiated(weight))  # class weights' gradient: the reference formula
         or _under_func_transform(input, linear_weight, linear_bias, target, weight)
     ):
@@ -753,8 +766,8 @@ def linear_cross_entropy(
     else:
         loss = LinearCrossEntropyFunction.apply(*args)[0]
     out_dtype = torch.float32 if amp is not None and x.dtype in _LOW_PRECISION else input.dtype
-    if soft:
-        out_dtype = torch.promote_types(out_dtype, flat_target.dtype)
+    if soft:  # promoted with the target and class weights, as native's cross_entropy
+        out_dtype = torch.promote_types(out_dtype, _probability_loss_dtype(x, flat_target, weight))
     if reduction == "none":
         # a copy, not the Function's output: the caller may modify it in place
         return loss.reshape(batch_shape).to(out_dtype, copy=True)

@@ -642,6 +642,27 @@ def test_probability_target_of_a_wider_dtype_promotes_as_native(dtype, target_dt
     assert_same(got, want, **tol)
 
 
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)],
+    ids=str,
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_target_class_weights_of_a_wider_dtype_promote_as_native(
+    dtype, weight_dtype, reduction
+):
+    # native's cross_entropy promotes the loss with the class weights (float64 weights: a
+    # float64 loss); torchbp's came out in the input's dtype
+    x, w = make((N, D), dtype), make((C, D), dtype, seed=1)
+    t = soft_target((N, C), dtype)
+    cw = make((C,), weight_dtype, seed=3).abs() + 0.1
+    want = run(reference, x, w, t, None, reduction=reduction, weight=cw)
+    got = run(ours, x, w, t, None, reduction=reduction, weight=cw)
+    assert got[0].dtype == want[0].dtype == torch.promote_types(dtype, weight_dtype)
+    tol = {} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_same(got, want, **tol)
+
+
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_zero_classes_as_native(soft, reduction):

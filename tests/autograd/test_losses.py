@@ -267,6 +267,41 @@ def test_soft_target_dtype_promotion_as_native():
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.bfloat16),  # a narrower weight: the input's dtype
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_target_class_weight_dtype_promotes_as_native(
+    dtype, weight_dtype, weight_grad, reduction
+):
+    # native's -Σ_c w_c t_c logp_c promotes with the class weights: a float64 weight gives a
+    # float64 loss (torchbp's was float32), a float32 one with bfloat16 logits a float32 loss
+    x, t = make((6, C), dtype, scale=3.0), prob_target((6, C), dtype)
+    w0 = make((C,), weight_dtype, seed=4).abs() + 0.1
+    results = []
+    for loss in (TF.cross_entropy, F.cross_entropy):
+        z, w = x.clone().requires_grad_(), w0.clone().requires_grad_(weight_grad)
+        out = loss(z, t, weight=w, reduction=reduction, label_smoothing=0.1)
+        out.backward(make(out.shape, out.dtype, seed=7))
+        results.append((out.detach(), z.grad, w.grad))
+    (ours, g_ours, gw_ours), (ref, g_ref, gw_ref) = results
+    assert ours.dtype == ref.dtype == torch.promote_types(dtype, weight_dtype)
+    assert g_ours.dtype == dtype
+    tol = TOL[dtype]  # native's log-softmax runs in the input's dtype, torchbp's promoted
+    torch.testing.assert_close(ours, ref, **tol)
+    torch.testing.assert_close(g_ours, g_ref, **tol)
+    if weight_grad:
+        torch.testing.assert_close(gw_ours, gw_ref, **tol)
+
+
 def test_large_inputs_use_the_chunked_path_with_identical_results(monkeypatch):
     import torchbp.autograd.losses as losses
 
