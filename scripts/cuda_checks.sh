@@ -1,36 +1,60 @@
 #!/usr/bin/env bash
-# Every CUDA check in one go, for a machine with an NVIDIA GPU (issue 5 / issue 6):
+# Every CUDA check in one go, for a machine with an NVIDIA GPU (issues 5, 6 and 10).
+# Steps, most important first (each under its own time limit, all under one deadline):
 #
-#   1. pytest -m cuda                      (CUDA parity tests)
-#   2. python -m torchbp.verify.cli --device cuda --json $OUT/verify_cuda.json
-#   3. GPU training: torchbp.lightning.cli fit on configs/digits.yaml, precision 32 and
-#      bf16-mixed, and DP-SGD (configs/digits_dp.yaml: per-sample clipping on the GPU)
-#   4. the CUDA benchmarks (python -m experiments.bench --device cuda)
+#   wheels          carried pure-Python wheels (.whl/) -> /tmp/site
+#   pytest_changed  pytest -m cuda on the CUDA branches changed last: per-sample gradients
+#                   (noise drawn on the device, backward on autograd's device thread),
+#                   torchbp.verify (seeding only the inputs' CUDA generator)
+#   verify_cuda     python -m torchbp.verify.cli --device cuda --json $OUT/verify_cuda.json
+#   train_dp        DP-SGD fit on the GPU (configs/digits_dp.yaml: per-sample clipping, noise)
+#   train_32-true, train_bf16-mixed   fit configs/digits.yaml on the GPU
+#   pytest_cuda     pytest -m cuda on everything else but the Triton kernels
+#   pytest_triton   pytest -m cuda on the Triton kernels (compiles them: slowest per test)
+#   bench_cuda      python -m experiments.bench --device cuda (results rewritten after each
+#                   case, so a time-out keeps what finished)
 #
-# and writes $OUT/cuda_report.md (device, torch version, date, pass counts, every
-# benchmark figure) next to $OUT/bench_cuda.{md,json,png}, $OUT/verify_cuda.json and
-# $OUT/cuda_checks.log. Every step runs under its own time limit and the script goes on
-# past failures; the report lists each step's exit status. Aim: ~300 s in all.
+# and writes $OUT/cuda_report.md (device, versions, date, one row per step with its exit
+# status, seconds and summary, failures, training tails, every benchmark figure) next to
+# $OUT/cuda_checks.log (every step's whole output), $OUT/verify_cuda.json and
+# $OUT/bench_cuda.{md,json,png}: six files. The script goes on past failures and always
+# writes the report; its own exit status is 0.
 #
-# Usage, from the repository root:
-#   OUT=/some/dir scripts/cuda_checks.sh        (OUT defaults to ./cuda_out)
-# Pure-Python wheels the machine lacks (jsonargparse, Liger-Kernel, cut-cross-entropy;
-# fetched by scripts/fetch_cuda_wheels.sh) are installed from .whl/ into /tmp/site.
-# Step limits (seconds) can be overridden: T_PYTEST, T_VERIFY, T_TRAIN, T_BENCH.
+# Time: T_TOTAL (default 270 s) bounds the whole run, report included: a step gets its own
+# limit or what is left, whichever is less, and a step with no time left is reported as
+# skipped. Per-step limits: T_PYTEST_CHANGED, T_VERIFY, T_TRAIN, T_PYTEST, T_TRITON,
+# T_BENCH. Estimated on an H100 (s): wheels+env 10, pytest_changed 15, verify 30,
+# train_dp 20, each other fit 15, pytest_cuda 35 with pytest-xdist (PYTEST_WORKERS, 4),
+# pytest_triton 30, bench what is left (~100).
+#
+# Usage, from anywhere:
+#   OUT=/some/dir bash scripts/cuda_checks.sh        (OUT defaults to ./cuda_out)
+#   DRY_RUN=1 bash scripts/cuda_checks.sh            (any machine: each step checks its
+#       arguments instead of running -- pytest --collect-only, verify/bench --list, fit
+#       --print_config -- and the report is written as on the GPU)
+# Pure-Python wheels the machine lacks (jsonargparse, Opacus, Liger-Kernel,
+# cut-cross-entropy; fetched by scripts/fetch_cuda_wheels.sh) are installed from .whl/.
 # Then copy $OUT/bench_cuda.* to experiments/results/ and $OUT/cuda_report.md beside them.
 
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/cuda_out}
 mkdir -p "$OUT"
-PY=${PY:-python3}
-T_PYTEST=${T_PYTEST:-60}
-T_VERIFY=${T_VERIFY:-40}
-T_TRAIN=${T_TRAIN:-50}
+OUT=$(cd "$OUT" && pwd)
+read -r -a PY <<<"${PY:-python3}" # PY="python3 -X dev" works too
+DRY_RUN=${DRY_RUN:-0}
+T_TOTAL=${T_TOTAL:-270}
+T_PYTEST_CHANGED=${T_PYTEST_CHANGED:-45}
+T_VERIFY=${T_VERIFY:-60}
+T_TRAIN=${T_TRAIN:-45}
+T_PYTEST=${T_PYTEST:-80}
+T_TRITON=${T_TRITON:-60}
 T_BENCH=${T_BENCH:-110}
+REPORT_RESERVE=10 # seconds kept for the report at the end
 LOG="$OUT/cuda_checks.log"
 REPORT="$OUT/cuda_report.md"
-STEPS=/tmp/cuda_checks_steps.tsv
+WORK=$(mktemp -d /tmp/cuda_checks.XXXXXX) # step logs and the step table (not in $OUT:
+STEPS="$WORK/steps.tsv"                   # only a few files come back from there)
 : >"$LOG"
 : >"$STEPS"
 export PYTHONUNBUFFERED=1
@@ -40,46 +64,78 @@ export MPLBACKEND=Agg
 T0=$(date +%s)
 
 log() { echo "$@" | tee -a "$LOG"; }
+dry() { [ "$DRY_RUN" = 1 ]; }
+record() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$STEPS"; } # name, exit, seconds, summary
 
-# step NAME LIMIT_S CMD...: run with a time limit, keep going, remember rc / time / summary
+# summary_of LOGFILE: pytest's last count line, else the counts of -v result words (a
+# pytest killed at its limit prints no summary), else the last line naming pass/fail
+summary_of() {
+  local line
+  line=$(grep -E '[0-9]+ (passed|failed|error|errors|skipped|deselected|tests? collected)' "$1" |
+    tail -n 1 | tr -d '=|' | sed 's/^ *//')
+  if [ -z "$line" ]; then
+    line=$(grep -oE '\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b' "$1" | sort | uniq -c |
+      awk '{printf "%s%s %s", (NR > 1 ? ", " : "so far: "), $1, tolower($2)}')
+  fi
+  if [ -z "$line" ]; then # torchbp.verify's last line; a fit's test metrics
+    line=$(grep -iE 'passed|failed|test/(acc|loss)|train/epsilon' "$1" | tail -n 3 |
+      tr -d '|│┃' | tr -s ' ' | paste -sd ';' | cut -c1-200)
+  fi
+  echo "$line"
+}
+
+# step NAME LIMIT_S DRY_ARGS CMD...: run CMD with min(LIMIT_S, time left) seconds; in a dry
+# run, run CMD DRY_ARGS instead (DRY_ARGS is one word list, "" for none). Never fails.
 step() {
-  local name=$1 limit=$2
-  shift 2
-  local s e rc out=/tmp/cuda_step_$name.log
+  local name=$1 limit=$2 dry_args=$3
+  shift 3
+  local out="$WORK/$name.log" left s e rc
+  left=$((T_TOTAL - REPORT_RESERVE - ($(date +%s) - T0)))
   log ""
+  if [ "$left" -lt 5 ]; then
+    log "=== $name: skipped, no time left under T_TOTAL=${T_TOTAL}s"
+    record "$name" "skipped" 0 "no time left (T_TOTAL=${T_TOTAL}s)"
+    return 0
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  # shellcheck disable=SC2086 # dry_args is a word list on purpose
+  dry && set -- "$@" $dry_args
   log "=== $name (limit ${limit}s): $*"
   s=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >"$out" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >"$out" 2>&1
   rc=$?
   e=$(date +%s)
   cat "$out" >>"$LOG"
   tail -n 25 "$out"
-  [ $rc -eq 124 ] && log "!!! $name: timed out after ${limit}s"
-  local summary
-  summary=$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$out" | tail -n 1 | tr -d '=|' |
-    sed 's/^ *//')
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((e - s))" "${summary:-}" >>"$STEPS"
+  case $rc in 124 | 137) log "!!! $name: timed out after ${limit}s (exit $rc)" ;; esac
+  record "$name" "$rc" "$((e - s))" "$(summary_of "$out")"
   log "=== $name: exit $rc in $((e - s))s"
   return 0
 }
 
-# 0. carried wheels -> /tmp/site (one version of each; --no-deps: the rest is installed)
+# ---------------------------------------------------------------- 0. carried wheels
+# -> /tmp/site (one version of each; --no-deps: the rest is installed)
 SITE=""
+s=$(date +%s)
 if compgen -G ".whl/*.whl" >/dev/null; then
-  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  if "${PY[@]}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
     SITE=/tmp/site
-    log "installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into /tmp/site"
+    msg="installed $(compgen -G '.whl/*.whl' | wc -l) wheels from .whl/ into /tmp/site"
+    record wheels 0 "$(($(date +%s) - s))" "$msg"
   else
-    log "!!! wheel install failed (see log); going on without them"
+    msg="!!! wheel install failed (see log); going on without them"
+    record wheels 1 "$(($(date +%s) - s))" "install failed: see cuda_checks.log"
   fi
 else
-  log "no .whl/ wheels: Liger-Kernel / CCE / jsonargparse only if already installed"
+  msg="no .whl/ wheels: jsonargparse / Opacus / Liger-Kernel / CCE only if already installed"
+  record wheels "-" 0 "no .whl/ folder (run scripts/fetch_cuda_wheels.sh and carry .whl)"
 fi
+log "$msg"
 export PYTHONPATH="$PWD/src:$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
-# environment facts for the report
-ENV_MD=$($PY - <<'EOF' 2>&1
+# ---------------------------------------------------------------- environment facts
+ENV_MD=$("${PY[@]}" - <<'EOF' 2>&1
 import datetime, importlib, platform
 import torch
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
@@ -90,8 +146,8 @@ if torch.cuda.is_available():
     print(f"- device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
 else:
     print("- device: NO CUDA DEVICE VISIBLE")
-for mod in ("triton", "pytorch_lightning", "torchmetrics", "jsonargparse", "liger_kernel",
-            "cut_cross_entropy", "torchbp"):
+for mod in ("triton", "pytorch_lightning", "torchmetrics", "jsonargparse", "opacus",
+            "sklearn", "xdist", "liger_kernel", "cut_cross_entropy", "torchbp"):
     try:
         m = importlib.import_module(mod)
         print(f"- {mod}: {getattr(m, '__version__', 'importable')} ({m.__file__})")
@@ -100,48 +156,72 @@ for mod in ("triton", "pytorch_lightning", "torchmetrics", "jsonargparse", "lige
 EOF
 )
 log "$ENV_MD"
+dry && log "- DRY RUN: every step checks its arguments only; nothing ran on a GPU"
 GIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git)")
 nvidia-smi -L >>"$LOG" 2>&1 || true
 
-# 1. CUDA tests
-step pytest_cuda "$T_PYTEST" $PY -m pytest -m cuda -q -p no:cacheprovider --no-header -rfE
+# pytest: -v (a time-out still leaves each finished test's result in the log), pytest-xdist
+# workers and a per-test limit where the plugins are installed (not in a dry run)
+PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider --no-header -rfEX)
+PAR=()
+if ! dry; then
+  "${PY[@]}" -c "import xdist" 2>/dev/null && PAR+=(-n "${PYTEST_WORKERS:-4}")
+  "${PY[@]}" -c "import pytest_timeout" 2>/dev/null && PAR+=(--timeout 60)
+fi
+CHANGED=(tests/test_per_sample.py tests/test_cuda_readiness.py tests/verify)
+TRITON=(tests/kernels/test_triton_act.py tests/kernels/test_triton_ce.py)
+IGNORE=()
+for path in "${CHANGED[@]}" "${TRITON[@]}"; do IGNORE+=(--ignore "$path"); done
+TRAIN=(--trainer.accelerator cuda --trainer.devices 1 --trainer.enable_progress_bar false)
 
-# 2. verification suite on CUDA
-step verify_cuda "$T_VERIFY" $PY -m torchbp.verify.cli --device cuda --json "$OUT/verify_cuda.json"
+# ---------------------------------------------------------------- the steps
+step pytest_changed "$T_PYTEST_CHANGED" "--collect-only -q -q" "${PYTEST[@]}" "${CHANGED[@]}"
 
-# 3. GPU training, fp32 and bf16-mixed
+step verify_cuda "$T_VERIFY" "--list" "${PY[@]}" -m torchbp.verify.cli --device cuda --no-progress \
+  --json "$OUT/verify_cuda.json"
+
+step train_dp "$T_TRAIN" "--print_config" "${PY[@]}" -m torchbp.lightning.cli fit \
+  --config configs/digits_dp.yaml "${TRAIN[@]}" --trainer.default_root_dir "$WORK/runs_dp"
+
 for prec in 32-true bf16-mixed; do
-  step "train_${prec}" "$T_TRAIN" $PY -m torchbp.lightning.cli fit --config configs/digits.yaml \
-    --trainer.accelerator cuda --trainer.devices 1 --trainer.precision "$prec" \
-    --trainer.enable_progress_bar false --trainer.default_root_dir "/tmp/runs_$prec"
+  step "train_${prec}" "$T_TRAIN" "--print_config" "${PY[@]}" -m torchbp.lightning.cli fit \
+    --config configs/digits.yaml "${TRAIN[@]}" --trainer.precision "$prec" \
+    --trainer.default_root_dir "$WORK/runs_$prec"
 done
 
-step train_dp "$T_TRAIN" $PY -m torchbp.lightning.cli fit --config configs/digits_dp.yaml \
-  --trainer.accelerator cuda --trainer.devices 1 --trainer.enable_progress_bar false \
-  --trainer.default_root_dir /tmp/runs_dp
+step pytest_cuda "$T_PYTEST" "--collect-only -q -q" "${PYTEST[@]}" ${PAR[@]+"${PAR[@]}"} \
+  tests "${IGNORE[@]}"
 
-# 4. benchmarks (results are rewritten after each case, so a time-out keeps what finished)
-step bench_cuda "$T_BENCH" $PY -m experiments.bench --device cuda --out "$OUT" --budget 3
+step pytest_triton "$T_TRITON" "--collect-only -q -q" "${PYTEST[@]}" ${PAR[@]+"${PAR[@]}"} \
+  "${TRITON[@]}"
+
+step bench_cuda "$T_BENCH" "--list --device cpu" "${PY[@]}" -m experiments.bench --device cuda --out "$OUT" \
+  --budget 3
 
 # ------------------------------------------------------------------------------ report
 {
   echo "# torchbp CUDA checks"
   echo
-  echo "Produced by \`scripts/cuda_checks.sh\` (git $GIT) in $(($(date +%s) - T0)) s."
+  echo "Produced by \`scripts/cuda_checks.sh\` (git $GIT) in $(($(date +%s) - T0)) s" \
+    "(T_TOTAL=${T_TOTAL}s)$(dry && echo ': DRY RUN, nothing ran on a GPU')."
   echo
   echo "$ENV_MD"
   echo
   echo "| step | exit | seconds | summary |"
   echo "| --- | --- | --- | --- |"
   while IFS=$'\t' read -r name rc secs summary; do
-    st=$([ "$rc" = 0 ] && echo "$rc" || echo "**$rc**$([ "$rc" = 124 ] && echo ' (timeout)')")
+    case $rc in
+      0 | -) st=$rc ;;
+      124 | 137) st="**$rc** (timeout)" ;;
+      *) st="**$rc**" ;;
+    esac
     echo "| $name | $st | $secs | ${summary:-} |"
   done <"$STEPS"
   echo
   echo "## Verification (verify_cuda.json)"
   echo
   if [ -f "$OUT/verify_cuda.json" ]; then
-    $PY - "$OUT/verify_cuda.json" <<'EOF' 2>&1
+    "${PY[@]}" - "$OUT/verify_cuda.json" <<'EOF' 2>&1
 import collections, json, sys
 d = json.load(open(sys.argv[1]))
 def statuses(o, acc):
@@ -169,18 +249,21 @@ EOF
     echo "no verify_cuda.json was written"
   fi
   echo
-  for prec in 32-true bf16-mixed; do
-    echo "## Training, precision $prec (last lines)"
+  for name in train_dp train_32-true train_bf16-mixed; do
+    echo "## Training: $name (last lines)"
     echo
     echo '```'
-    grep -v -E '^\s*$' "/tmp/cuda_step_train_${prec}.log" 2>/dev/null | tail -n 20
+    grep -v -E '^\s*$' "$WORK/$name.log" 2>/dev/null | tail -n 20
     echo '```'
     echo
   done
   echo "## Failures and errors (pytest)"
   echo
   echo '```'
-  grep -E '^(FAILED|ERROR)' /tmp/cuda_step_pytest_cuda.log 2>/dev/null | head -n 40
+  for name in pytest_changed pytest_cuda pytest_triton; do
+    grep -h -E '^(FAILED|ERROR|XPASS)|(FAILED|ERROR|XPASS) tests/| (FAILED|ERROR|XPASS)( |$)' \
+      "$WORK/$name.log" 2>/dev/null | sed "s/^/$name: /" | sort -u | head -n 40
+  done
   echo '```'
   echo
   echo "## Benchmarks (bench_cuda.md)"
@@ -193,5 +276,5 @@ EOF
 } >"$REPORT"
 log ""
 log "wrote $REPORT ($(($(date +%s) - T0)) s in all); files in $OUT:"
-ls -1 "$OUT" | tee -a "$LOG"
+find "$OUT" -maxdepth 1 -type f -printf '%f\n' | sort | tee -a "$LOG"
 exit 0
