@@ -357,6 +357,16 @@ BAD = [
                 rf"{n}: input must be a floating-point tensor, got dtype torch.int64"),
             Bad(f"{n}-dtype-int64", lambda f, n=n: getattr(f, n)(x, dim=0, dtype=torch.long),
                 rf"{n}: input must be a floating-point tensor, got dtype torch.int64"),
+            # a dtype that is not one: Tensor.to read a str as a device ('cpu' passed)
+            Bad(f"{n}-dtype-str", lambda f, n=n: getattr(f, n)(x, dim=0, dtype="float32"),
+                rf"{n}: dtype must be a torch.dtype or None, got str 'float32'"),
+            Bad(f"{n}-dtype-device", lambda f, n=n: getattr(f, n)(x, dim=0, dtype="cpu"),
+                rf"{n}: dtype must be a torch.dtype or None, got str 'cpu'"),
+            Bad(f"{n}-dtype-tensor",
+                lambda f, n=n: getattr(f, n)(x, dim=0, dtype=torch.zeros(1).double()),
+                rf"{n}: dtype must be a torch.dtype or None, got Tensor"),
+            Bad(f"{n}-dtype-int", lambda f, n=n: getattr(f, n)(x, dim=0, dtype=1),
+                rf"{n}: dtype must be a torch.dtype or None, got int 1"),
         )
     ],
     # inputs of the wrong kind

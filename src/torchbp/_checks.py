@@ -105,6 +105,17 @@ def softmax_dim(op: str, dim, ndim: int) -> int:
     return dim
 
 
+def check_dtype_argument(op: str, dtype) -> None:
+    """``dtype`` is ``None`` or a ``torch.dtype`` (Python's ``float``, ``int``, ``bool`` and
+    ``complex`` stand for one, as in native's argument parser): a ``TypeError`` naming it
+    otherwise, as native. (``Tensor.to`` would read a str as a device and a tensor as
+    its dtype and device.)"""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype in (float, int, bool, complex):
+        return
+    shown = "Tensor" if isinstance(dtype, torch.Tensor) else f"{type(dtype).__name__} {dtype!r}"
+    raise TypeError(f"{op}: dtype must be a torch.dtype or None, got {shown}")
+
+
 def check_inplace_slope(op: str, name: str, value: float, inplace: bool, input) -> None:
     """An in-place activation whose negative ``value`` (slope or alpha) flips the sign of
     the negative branch overwrites the only tensor that tells the branch: refuse it when

@@ -274,6 +274,7 @@ def _softmax_common(name, function, input, dim, stacklevel, dtype):
     if dim is None:
         dim = _softmax_dim(name, input.dim(), stacklevel + 1)
     dim = _checks.softmax_dim(name, dim, input.dim())
+    _checks.check_dtype_argument(name, dtype)
     if dtype is not None:
         input = input.to(dtype)
     _checks.check_floating(name, "input", input)
@@ -301,7 +302,8 @@ def softmax(
     Args:
         input: any shape.
         dim: the dim that sums to 1 (``None`` picks one as native does, with its warning).
-        dtype: if given, ``input`` is cast to it first.
+        dtype: a ``torch.dtype`` or ``None``; if given, ``input`` is cast to it first
+            (anything else is a ``TypeError``, as native).
     """
     return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
 
