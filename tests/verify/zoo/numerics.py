@@ -54,6 +54,14 @@ class Bf16SquareTanh(Tanh):
         return g * (1 - y2)
 
 
+class Float32GradTanh(Tanh):
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        # computed in float32 "for speed" and returned so: autograd casts it back silently
+        return g.float() * (1 - y.float() ** 2)
+
+
 class Sigmoid(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -217,6 +225,16 @@ ENTRIES = [
         lambda: (seeded(3, 4),),
         torch.tanh,
         frozenset({"gradcheck", "reference"}),
+    ),
+    ZooEntry(
+        "tanh_grad_returned_in_float32",
+        "numerics",
+        "tanh backward computes and returns a float32 gradient for a float64 input",
+        Float32GradTanh,
+        Tanh,
+        lambda: (seeded(3, 4),),
+        torch.tanh,
+        frozenset({"grad_shapes"}),
     ),
     ZooEntry(
         "sigmoid_grad_in_half",
