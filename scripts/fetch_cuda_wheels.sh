@@ -2,7 +2,9 @@
 # Download the pure-Python wheels that scripts/cuda_checks.sh needs on the GPU machine,
 # which has no network (see the device notes): jsonargparse (+ its [signatures] extras)
 # for the Lightning CLI, Opacus (DP-SGD's accountant), and the peers benchmarked against:
-# Liger-Kernel and cut-cross-entropy. Wheels land in .whl/ (gitignored); carry it with the run.
+# Liger-Kernel and cut-cross-entropy. Wheels land in .whl/ (ignored by .gitignore); carry it
+# with the run. A wheel of another version left there by an earlier run (a different
+# *_VERSION below) is an error here: two versions of one package stop the install there.
 #
 # usage: scripts/fetch_cuda_wheels.sh            (from the repository root)
 #        PIP="python3 -m pip" scripts/fetch_cuda_wheels.sh
@@ -11,7 +13,6 @@ cd "$(dirname "$0")/.."
 PIP=${PIP:-python3 -m pip}
 DEST=.whl
 mkdir -p "$DEST"
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
 
 # versions match the dev venv; one version of each: a second copy of a package stops the install on the GPU machine
 PKGS=(
@@ -35,6 +36,15 @@ done
 
 echo "wheels in $DEST:"
 ls -1 "$DEST"
+# one version of each distribution (names compared as pip does: case, '-', '_', '.')
+dups=$(for w in "$DEST"/*.whl; do
+  basename "$w" | cut -d- -f1 | tr 'A-Z.-' 'a-z__'
+done | sort | uniq -d)
+if [ -n "$dups" ]; then
+  echo "error: more than one wheel of: $(echo "$dups" | paste -sd ' ') in $DEST;" \
+    "delete the stale ones (pip install on the GPU machine stops at two versions)" >&2
+  exit 1
+fi
 echo
 echo "their requirements (check each is on the GPU machine or in $DEST; skip 'extra' lines):"
 for w in "$DEST"/*.whl; do
