@@ -379,6 +379,10 @@ BAD = [
     Bad("nll_loss-target-list", lambda f: f.nll_loss(x, [0, 1, 2, 0]),
         r"nll_loss: target must be a Tensor"),
     Bad("softmax-list", lambda f: f.softmax([1.0, 2.0], 0), r"softmax: input must be a Tensor"),
+    Bad("cross_entropy-weight-list", lambda f: f.cross_entropy(x, t, weight=[1.0, 1.0, 1.0]),
+        r"cross_entropy: weight must be a Tensor, got list"),
+    Bad("nll_loss-weight-list", lambda f: f.nll_loss(x, t, weight=[1.0, 1.0, 1.0]),
+        r"nll_loss: weight must be a Tensor, got list"),
     Bad("log_softmax-list", lambda f: f.log_softmax([1.0, 2.0], 0),
         r"log_softmax: input must be a Tensor"),
     # linear shapes and dtypes
@@ -500,6 +504,14 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
             ),
             r"linear_cross_entropy: options.batch_chunk_size \(=3\) and "
             r"options.chunking_method \('aspect_ratio'\) give different chunk sizes"),
+    ]  # fmt: skip
+    BAD += [
+        Bad("linear_cross_entropy-weight-list",
+            lambda f: f.linear_cross_entropy(x, w53, t, weight=[1.0] * 5),
+            r"linear_cross_entropy: weight must be a Tensor, got list"),
+        Bad("linear_cross_entropy-linear_bias-list",
+            lambda f: f.linear_cross_entropy(x, w53, t, linear_bias=[1.0] * 5),
+            r"linear_cross_entropy: linear_bias must be a Tensor, got list"),
     ]  # fmt: skip
     BAD.append(
         Bad(

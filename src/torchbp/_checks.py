@@ -65,6 +65,12 @@ def check_tensor(op: str, **tensors) -> None:
             raise NotATensorError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
 
 
+def check_optional_tensor(op: str, **tensors) -> None:
+    """Every named argument is ``None`` or a tensor: a :class:`NotATensorError` naming it
+    otherwise."""
+    check_tensor(op, **{name: value for name, value in tensors.items() if value is not None})
+
+
 def scalar_argument(op: str, name: str, value) -> float:
     """``value`` as a float, where native takes a Number: a Python bool / int / float or a
     0-dim tensor that does not require grad; a ``TypeError`` naming the argument otherwise
@@ -379,6 +385,7 @@ def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) 
     """``nll_loss``: log-probabilities, class-index target, weights, devices, every index."""
     op = "nll_loss"
     check_tensor(op, input=input, target=target)
+    check_optional_tensor(op, weight=weight)
     check_reduction(reduction)
     layout = class_layout(op, input)
     check_floating(op, "input", input)
@@ -409,6 +416,7 @@ def validate_cross_entropy(
     class index, and what ``inplace=True`` needs."""
     op = "cross_entropy"
     check_tensor(op, input=input, target=target)
+    check_optional_tensor(op, weight=weight)
     check_reduction(reduction)
     check_smoothing(op, label_smoothing)
     layout = class_layout(op, input)
@@ -522,6 +530,7 @@ def validate_linear_cross_entropy(
     :func:`torchbp.functional.cross_entropy`, which checks those)."""
     op = "linear_cross_entropy"
     check_tensor(op, input=input, linear_weight=linear_weight, target=target)
+    check_optional_tensor(op, linear_bias=linear_bias, weight=weight)
     out_features = _check_lce_linear_part(op, input, linear_weight, linear_bias)
     classes = linear_weight.shape[0]
     batch_shape = tuple(input.shape[:-1])
