@@ -156,6 +156,11 @@ def test_detached_output_is_reported():
             r"checks is empty.*checks=None",
         ),
         (lambda: check_function(torch.tanh, _x(3), checks=()), ValueError, "checks is empty"),
+        (
+            lambda: check_function(torch.tanh, _x(3), checks=["gradcheck"], skip="gradcheck"),
+            ValueError,
+            r"check\(s\) gradcheck are both selected \(checks\) and skipped",
+        ),
         (lambda: check_function(torch.tanh, _x(3), reference=5), TypeError, "reference must be"),
         (lambda: check_function(torch.tanh, _x(3), dtype=torch.int32), TypeError, "dtype must"),
         (

@@ -123,6 +123,19 @@ def _check_names(names: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names or ())
 
 
+def _refuse_skipped(
+    names: Sequence[str] | None, option: str, role: str, skip: Sequence[str] | None
+) -> None:
+    """A ValueError when checks named in ``option`` (``role`` in words) are also skipped:
+    the two contradict each other (a selected check silently not run)."""
+    both = sorted(set(names or ()) & set(skip or ()))
+    if both:
+        raise ValueError(
+            f"check_function: check(s) {', '.join(both)} are both {role} and skipped; "
+            f"drop them from {option} or from skip"
+        )
+
+
 def resolve_arguments(
     fn: Any, inputs: tuple, reference: Any, options: dict[str, Any]
 ) -> tuple[Callable[..., Any], Callable[..., Any] | None, Options]:
@@ -188,12 +201,8 @@ def resolve_arguments(
         raise ValueError(
             f"check_function: unknown check(s) {', '.join(bad)}; valid checks: {', '.join(CHECKS)}"
         )
-    both = sorted(set(opts.require) & set(opts.skip or ()))
-    if both:
-        raise ValueError(
-            f"check_function: check(s) {', '.join(both)} are both required and skipped; "
-            "drop them from require or from skip"
-        )
+    _refuse_skipped(opts.require, "require", "required", opts.skip)
+    _refuse_skipped(opts.checks, "checks", "selected (checks)", opts.skip)
     dtype = opts.dtype
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"check_function: dtype must be a floating torch.dtype or None: {dtype}")
