@@ -276,6 +276,40 @@ def test_formed_on_exit_when_backward_skips_the_parameters():
     assert all(p.grad is None for p in model.parameters())  # as autograd.grad leaves them
 
 
+@pytest.mark.parametrize("which", ["parameters", "input_and_weight"])
+def test_autograd_grad_wrt_parameters_refused_by_name(which):
+    """torch.autograd.grad w.r.t. a parameter cannot get the context's gradients (formed
+    after a backward, into p.grad): a torchbp error says so and what to do, instead of
+    torch's 'A leaf node was passed to _will_engine_execute_node' from inside its hooks."""
+    model = mlp(torchbp.nn.ReLU())
+    x = torch.randn(5, 4, requires_grad=True)
+    wrt = list(model.parameters()) if which == "parameters" else [x, model[2].weight]
+    with per_sample_grads(model) as ps:
+        loss = model(x).square().sum()
+        with pytest.raises(
+            RuntimeError, match=r"per_sample_grads: torch.autograd.grad .*loss.backward\(\)"
+        ):
+            torch.autograd.grad(loss, wrt)
+        with pytest.raises(RuntimeError, match="nothing was formed"):
+            _ = ps.norms
+    assert all(p.grad is None for p in model.parameters())
+    step(model)  # plain training afterwards
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_autograd_grad_wrt_parameters_named_on_leaving_the_context(monkeypatch):
+    """Where the parameters' hooks run on a device's autograd thread, the call's own stack
+    is out of sight and torch refuses it in its words: named as it leaves the block."""
+    from torchbp.per_sample import context
+
+    monkeypatch.setattr(context, "_inside_autograd_grad", lambda: False)
+    model = mlp(torchbp.nn.ReLU())
+    with pytest.raises(RuntimeError, match=r"torch.autograd.grad with respect to the model's"):
+        with per_sample_grads(model):
+            torch.autograd.grad(model(torch.randn(5, 4)).sum(), list(model.parameters()))
+    assert per_sample_recording.recorder is None
+
+
 def test_model_without_trainable_parameters():
     model = mlp().requires_grad_(False)
     x = torch.randn(5, 4, requires_grad=True)

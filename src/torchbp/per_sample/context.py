@@ -3,6 +3,7 @@ one ordinary backward pass."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -111,6 +112,10 @@ class PerSampleGrads:
             if self._state == "open":
                 self._state = "closed"
             self._release_traces()
+        if exc is not None and self._reached and _passed_through_autograd_grad(tb):
+            # torch's own refusal, from a hook on a device's autograd thread, which the
+            # marker cannot see: named here, as it leaves the with block
+            raise RuntimeError(_autograd_grad_refusal("the model's parameters")) from exc
         return False
 
     # ------------------------------------------------------------------ results
@@ -227,6 +232,11 @@ class PerSampleGrads:
 
     def _marker(self, p: nn.Parameter):
         def mark_reached(grad):
+            if not self._reached and _inside_autograd_grad():
+                # checked before the multi-gradient hook's own hook on p, which fails there
+                # with torch's internal "_will_engine_execute_node" message
+                self._state = "failed"
+                raise RuntimeError(_autograd_grad_refusal(self._name_of(p)))
             self._reached.add(id(p))
 
         return mark_reached
@@ -322,6 +332,39 @@ class PerSampleGrads:
             p.grad_variance = formulas.variance(sum_squared, total, batch)
 
 
+def _autograd_grad_refusal(what: str) -> str:
+    return (
+        f"per_sample_grads: torch.autograd.grad with respect to {what} is not supported "
+        "inside the context, which forms the parameters' gradients after a backward, into "
+        "p.grad; call loss.backward() inside the context and read p.grad, p.grad_sample or "
+        "ps.norms (torch.autograd.grad with respect to inputs only is fine)"
+    )
+
+
+def _inside_autograd_grad() -> bool:
+    """Whether a call of ``torch.autograd.grad`` is on this thread's Python stack (a hook of
+    a CPU backward runs on the calling thread; on a device's autograd thread this sees
+    none, and ``__exit__`` names torch's own refusal instead)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is _AUTOGRAD_GRAD_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _passed_through_autograd_grad(tb) -> bool:
+    """Whether an exception's traceback ``tb`` runs through ``torch.autograd.grad``."""
+    while tb is not None:
+        if tb.tb_frame.f_code is _AUTOGRAD_GRAD_CODE:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_AUTOGRAD_GRAD_CODE = torch.autograd.grad.__code__
+
+
 def _is_number(value: object) -> bool:
     """A real number: Python's or numpy's (``True`` is not one here)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -405,7 +448,10 @@ def per_sample_grads(
     A second backward (also after one that reached no trainable parameter, such as
     ``torch.autograd.grad`` w.r.t. the input for an adversarial example: open the context
     after it), a backward after the ``with`` block of a forward inside it, nesting, and
-    re-entering are errors; an exception inside the ``with`` restores plain
+    re-entering are errors; so is ``torch.autograd.grad`` with respect to a trainable
+    parameter (the context forms parameter gradients into ``p.grad`` only; for CPU
+    parameters the call raises this, on other devices torch's own refusal is named so
+    as it leaves the ``with`` block); an exception inside the ``with`` restores plain
     behaviour (results formed before it stay, nothing is formed after it). A backward
     that reached the parameters but was cut short by an error forms nothing, even if
     the caller catches the error inside the ``with`` block.
