@@ -71,6 +71,19 @@ class Call:
 X = lambda *s: _seeded(*s)  # noqa: E731 - table shorthand
 
 ACCEPTED = [
+    # probability targets: native's formula promotes integer class weights with the logits
+    Call(
+        "cross_entropy-probs-int64-weight",
+        "cross_entropy",
+        lambda: (X(4, 3), _probs(4, 3)),
+        {"weight": torch.tensor([1, 2, 3])},
+    ),
+    Call(
+        "cross_entropy-probs-bool-weight-none",
+        "cross_entropy",
+        lambda: (X(4, 3), _probs(4, 3)),
+        {"weight": torch.tensor([True, False, True]), "reduction": "none"},
+    ),
     # linear: broadcast biases (the gradient is summed back to the bias's shape)
     Call("linear-bias(1,)", "linear", lambda: (X(4, 3), X(5, 3), X(1))),
     Call("linear-bias(1,out)", "linear", lambda: (X(4, 3), X(5, 3), X(1, 5))),
@@ -229,6 +242,12 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:  # to
             "linear_cross_entropy",
             lambda: (X(7, 3), X(5, 3), _idx(0, 1, 2, 3, 4, 0, 1)),
             {"options": _Options(chunking_method="aspect_ratio:2"), "reduction": "none"},
+        ),
+        Call(
+            "lce-probs-int64-class-weight",  # promoted with the logits, as native
+            "linear_cross_entropy",
+            lambda: (X(4, 3), X(5, 3), _probs(4, 5)),
+            {"weight": torch.tensor([1, 2, 3, 1, 0])},
         ),
         Call(
             # native's chunked path takes class weights of any dtype

@@ -205,8 +205,10 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
 def check_class_weight(
     op: str, weight: torch.Tensor | None, classes: int, differentiable: bool = False
 ) -> None:
-    """``weight`` ``None`` or floating ``(C,)``; one requiring grad only where the loss is
-    ``differentiable`` in it (probability targets, as native) or nothing is recorded."""
+    """``weight`` ``None`` or ``(C,)``: floating with class indices; with probability
+    targets (where the loss is ``differentiable`` in it, as native) also integer or
+    boolean (native's formula promotes it with the logits), not complex. One requiring
+    grad only where the loss is ``differentiable`` in it or nothing is recorded."""
     if weight is None:
         return
     if weight.dim() != 1 or weight.shape[0] != classes:
@@ -214,7 +216,13 @@ def check_class_weight(
             f"{op}: weight must have shape ({classes},), one entry per class, "
             f"got {tuple(weight.shape)}"
         )
-    check_floating(op, "weight", weight)
+    if not differentiable:
+        check_floating(op, "weight", weight)
+    elif weight.is_complex():
+        raise UnsupportedDTypeError(
+            f"{op}: weight must be a real tensor (floating, integer or bool), got dtype "
+            f"{weight.dtype}"
+        )
     if weight.requires_grad and torch.is_grad_enabled() and not differentiable:
         # as native: refused only where autograd would record the call (not under no_grad)
         raise RuntimeError(

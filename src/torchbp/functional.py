@@ -456,8 +456,8 @@ def cross_entropy(
             or class probabilities of the input's shape.
         weight: per-class weights ``(C,)``; with class indices of the input's dtype
             (float32 under autocast, which casts half weights to it), as native; with
-            probabilities of any floating dtype, promoted with the input and target as
-            native's formula (a float64 weight gives a float64 loss).
+            probabilities of any real dtype (integer and bool too), promoted with the
+            input and target as native's formula (a float64 weight gives a float64 loss).
         ignore_index: class-index target value to skip (not allowed with probabilities).
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``; with class indices ``'mean'``
             divides by the summed weights of the non-ignored targets, with probabilities by
