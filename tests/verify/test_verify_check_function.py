@@ -156,6 +156,19 @@ def test_detached_output_is_reported():
             r"checks is empty.*checks=None",
         ),
         (lambda: check_function(torch.tanh, _x(3), checks=()), ValueError, "checks is empty"),
+        # a device that is no device was silently ignored (tensor.to(3.5) returns it as is)
+        (lambda: check_function(torch.tanh, _x(3), device=3.5), TypeError, "device must be"),
+        (
+            lambda: check_function(torch.tanh, _x(3), device="cdua"),
+            ValueError,
+            "device='cdua' is not a device",
+        ),
+        pytest.param(
+            lambda: check_function(torch.tanh, _x(3), device="cuda"),
+            ValueError,
+            "device='cuda' is not available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
         (
             lambda: check_function(torch.tanh, _x(3), checks=["gradcheck"], skip="gradcheck"),
             ValueError,

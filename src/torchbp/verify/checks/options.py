@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchbp.verify.checks.explain import first_line
 from torchbp.verify.checks.table import CHECKS
 
 __all__ = ["DEFAULT_OPTIONS", "SCALAR_TYPES", "Options", "prepare_inputs", "resolve_arguments"]
@@ -136,6 +137,35 @@ def _refuse_skipped(
         )
 
 
+def _resolve_device(device: Any) -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), checked to be one this machine
+    has: a bad one would be silently ignored (``tensor.to(3.5)`` returns the tensor) or
+    fail deep inside torch."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, str | int | torch.device):
+        raise TypeError(
+            "check_function: device must be a torch.device, a string such as 'cuda:0', "
+            f"a device index or None; got {device!r}"
+        )
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"check_function: device={device!r} is not a device: {first_line(str(exc))}"
+        ) from None
+    if resolved.type == "meta":
+        return resolved  # refused with the inputs (no values to compare), in plain words
+    try:
+        torch.empty(0, device=resolved)
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises, in words
+        raise ValueError(
+            f"check_function: device={device!r} is not available here "
+            f"({type(exc).__name__}: {first_line(str(exc))})"
+        ) from None
+    return resolved
+
+
 def resolve_arguments(
     fn: Any, inputs: tuple, reference: Any, options: dict[str, Any]
 ) -> tuple[Callable[..., Any], Callable[..., Any] | None, Options]:
@@ -203,6 +233,7 @@ def resolve_arguments(
         )
     _refuse_skipped(opts.require, "require", "required", opts.skip)
     _refuse_skipped(opts.checks, "checks", "selected (checks)", opts.skip)
+    opts = replace(opts, device=_resolve_device(opts.device))
     dtype = opts.dtype
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"check_function: dtype must be a floating torch.dtype or None: {dtype}")

@@ -253,8 +253,9 @@ def check_function(
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
             integer inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
             whose parameters are not of ``dtype``, unknown option or check names, an
-            empty ``checks``, a check both selected or required and skipped, a negative
-            tolerance, ``eps`` not above 0, ``vmap_batch`` below 1).
+            empty ``checks``, a check both selected or required and skipped, a ``device``
+            that is not one or not available here, a negative tolerance, ``eps`` not
+            above 0, ``vmap_batch`` below 1).
 
     Examples:
         >>> import torch
