@@ -442,7 +442,7 @@ def validate_cross_entropy(
             raise ShapeError(
                 f"{op}: inplace=True needs 2-D (N, C) logits, got shape {tuple(input.shape)}"
             )
-        if soft and target.requires_grad:
+        if soft and target.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 f"{op}: inplace=True cannot be used when the probability target needs a "
                 "gradient (that gradient needs the logits)"

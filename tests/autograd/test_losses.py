@@ -494,6 +494,14 @@ def test_inplace_without_a_recorded_gradient_keeps_the_logits(context, requires_
     torch.testing.assert_close(loss, ref)
 
 
+def test_inplace_with_a_target_requiring_grad_is_accepted_where_nothing_is_recorded():
+    # under no_grad the probability target needs no gradient: nothing to refuse
+    x, target = make((4, C), torch.float32), prob_target((4, C), torch.float32)
+    with torch.no_grad():
+        loss = TF.cross_entropy(x, target.clone().requires_grad_(), inplace=True)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target))
+
+
 def test_inplace_on_a_leaf_is_refused_before_writing():
     # the Function wrote the gradient over the leaf's values, then autograd raised
     leaf = make((4, C), torch.float32).requires_grad_()
