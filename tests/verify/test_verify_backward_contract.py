@@ -108,3 +108,29 @@ def test_a_gradient_on_the_wrong_device_is_named_as_such():
         assert result.failed, str(report)
         assert "on device meta" in result.message and "on cpu" in result.message, str(report)
         assert "shape" not in result.message, str(report)
+
+
+class Float32GradForLowPrecision(torch.autograd.Function):
+    """x * w computed and differentiated in float32 for bfloat16 inputs: the float32
+    gradients autograd rounds to bfloat16 lose nothing (a common mixed-precision style)."""
+
+    @staticmethod
+    def forward(x, w):
+        return (x.float() * w.float()).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = (t.float() for t in ctx.saved_tensors)
+        return g.float() * w, g.float() * x
+
+
+def test_a_wider_gradient_than_the_input_is_accepted():
+    x, w = seeded(3, 4), seeded(3, 4, seed=1)
+    report = check_function(
+        Float32GradForLowPrecision, x, w, dtype=torch.bfloat16, checks=["grad_shapes"]
+    )
+    assert report["grad_shapes"].passed, str(report)

@@ -1,5 +1,6 @@
 """Checks of what backward owes autograd beyond correct values: ``undefined_grad`` (None
-grad_outputs), ``grad_shapes`` (raw gradient shapes of each custom Function),
+grad_outputs), ``grad_shapes`` (raw gradient shapes, dtypes and devices of each custom
+Function),
 ``needs_input_grad`` (the same gradients when only some inputs require grad) and
 ``grad_output_safety`` (no in-place writes, any grad_output memory layout)."""
 
@@ -93,17 +94,24 @@ def _input_metadata(node: Any, slot: int) -> Any | None:
     return None if meta is None else meta[slot]
 
 
+def _narrower(grad_dtype: torch.dtype, input_dtype: torch.dtype) -> bool:
+    """True if a gradient of ``grad_dtype`` cannot hold every value of ``input_dtype``
+    (it is not the input's dtype, nor one the input's promotes to)."""
+    return torch.promote_types(grad_dtype, input_dtype) != grad_dtype
+
+
 def _gradient_mismatch(grad: torch.Tensor, expected: Any, i: int) -> str | None:
     """How ``grad`` differs from input ``i`` it is for (``expected``: that input's shape,
     dtype and device), as the end of a sentence; None if it does not. Eager autograd hides
-    a wrong shape (it sums) and a wrong dtype (it casts)."""
+    a wrong shape (it sums) and a wrong dtype (it casts: a float32 gradient for a float64
+    input has lost precision; a wider one, float32 for bfloat16, loses nothing)."""
     if tuple(grad.shape) != tuple(expected.shape):
         return (
             f"a gradient of shape {shape_text(grad)} for its input {i}, which has shape "
             f"{shape_text(tuple(expected.shape))}: reduce it over the broadcast (leading) "
             "dims yourself - autograd silently sums it in eager mode, which hides the bug"
         )
-    if grad.dtype != expected.dtype:
+    if _narrower(grad.dtype, expected.dtype):
         return (
             f"a {grad.dtype} gradient for its input {i}, which is {expected.dtype}: "
             "return it in the input's dtype (compute in it, or end with "
@@ -121,7 +129,7 @@ def _gradient_mismatch(grad: torch.Tensor, expected: Any, i: int) -> str | None:
 def check_grad_shapes(ctx: CheckContext) -> Passed:
     """Replays each custom Function node's backward on the grad_outputs it received and
     compares the raw gradients' shapes, dtypes and devices with its inputs' (eager autograd
-    would sum a wrong shape and cast a wrong dtype without a word)."""
+    would sum a wrong shape and cast a narrower dtype without a word)."""
     leaves = ctx.leaves()
     outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
     nodes = _function_nodes(outs)

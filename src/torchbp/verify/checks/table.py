@@ -93,7 +93,7 @@ CHECK_TABLE: tuple[Check, ...] = (
     ),
     Check(
         "grad_shapes",
-        "each autograd.Function backward returns grads of exactly its inputs' shapes",
+        "each autograd.Function backward returns grads of its inputs' shapes, dtypes, devices",
         check_grad_shapes,
     ),
     Check(
