@@ -214,6 +214,13 @@ def test_detached_output_is_reported():
             "reference is the nn.Module class Tanh",
         ),
         (lambda: check_function(torch.tanh, _x(3), vmap_batch=0), ValueError, "vmap_batch"),
+        # bool("no") is True: a string flag would silently mean the opposite
+        (lambda: check_function(torch.tanh, _x(3), fast_mode="no"), TypeError, "fast_mode must"),
+        (
+            lambda: check_function(torch.tanh, _x(3), compile_fullgraph="False"),
+            TypeError,
+            "compile_fullgraph must be True or False",
+        ),
         (lambda: check_function(torch.tanh, _x(3), vmap_batch=2.5), TypeError, "vmap_batch"),
         (lambda: check_function(torch.tanh, _x(3), eps=0.0), ValueError, "eps must be"),
         (lambda: check_function(torch.tanh, _x(3), atol=-1.0), ValueError, "atol must be"),

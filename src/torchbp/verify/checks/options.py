@@ -94,10 +94,17 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_numbers(opts: Options) -> None:
-    """The numeric options: tolerances at least 0, ``eps`` above 0, ``vmap_batch`` at least
-    1 (a bad one would fail checks of a correct function, e.g. ``eps=0`` divides by 0)."""
+    """The numeric and flag options: tolerances at least 0, ``eps`` above 0,
+    ``vmap_batch`` at least 1 (a bad one would fail checks of a correct function, e.g.
+    ``eps=0`` divides by 0); ``fast_mode`` and ``compile_fullgraph`` bools (``"no"`` would
+    be read as true)."""
     if not _is_integer(opts.seed):
         raise TypeError(f"check_function: seed must be an int, got {opts.seed!r}")
+    for flag in ("fast_mode", "compile_fullgraph"):
+        if not isinstance(getattr(opts, flag), bool):
+            raise TypeError(
+                f"check_function: {flag} must be True or False, got {getattr(opts, flag)!r}"
+            )
     if not _is_integer(opts.vmap_batch):
         raise TypeError(f"check_function: vmap_batch must be an int, got {opts.vmap_batch!r}")
     if opts.vmap_batch < 1:
