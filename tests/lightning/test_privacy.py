@@ -381,6 +381,25 @@ def test_resumed_run_whose_budget_is_spent_is_refused(tmp_path):
     assert model.accountant is None  # not a fresh run's, with the checkpoint's steps lost
 
 
+def test_checkpoint_of_a_loaded_model_keeps_the_epsilon_spent(tmp_path):
+    """A DP model loaded from a checkpoint and saved again before any training (after a
+    validation, say) keeps the steps of its accountant: they were dropped, and a run
+    resumed from the new checkpoint counted ε from 0."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import ERMClassifier
+
+    pytest.importorskip("opacus")
+    first, (dm, _, _, ckpt) = _fit_then_resume(tmp_path, Privacy(noise_multiplier=1.0), 1, 2)
+    loaded = ERMClassifier.load_from_checkpoint(ckpt, weights_only=True)
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    trainer.validate(loaded, datamodule=dm, verbose=False)
+    again = tmp_path / "again.ckpt"
+    trainer.save_checkpoint(again)
+    saved = torch.load(again, weights_only=True)["privacy_accountant"]
+    assert saved == first.accountant.state_dict()
+
+
 def test_dp_needs_poisson_sampling(tmp_path):
     pytest.importorskip("opacus")
     dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)

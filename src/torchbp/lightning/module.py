@@ -457,8 +457,13 @@ class ERMClassifier(pl.LightningModule):
             self.log("train/epsilon", self.accountant.epsilon(), prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.accountant is not None:
-            checkpoint["privacy_accountant"] = self.accountant.state_dict()
+        # a checkpoint's accountant, loaded with the weights but not yet continued by a fit,
+        # is the one of these weights: a later fit would count ε on from it
+        state = self._restored_accountant
+        if state is None and self.accountant is not None:
+            state = self.accountant.state_dict()
+        if state is not None:
+            checkpoint["privacy_accountant"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_accountant = checkpoint.get("privacy_accountant")
