@@ -446,6 +446,15 @@ BAD = [
     Bad("cross_entropy-weight-requires-grad",
         lambda f: f.cross_entropy(x, t, weight=torch.ones(3, requires_grad=True)),
         r"cross_entropy: class weights are not differentiable"),
+    # ignore_index must be an int: 255.0 was taken as 255, True as class 1 (ignoring its
+    # rows), and None or a str crashed inside ("'<=' not supported")
+    *[
+        Bad(f"{n}-ignore_index-{v!r}",
+            lambda f, n=n, v=v: getattr(f, n)(x, t, ignore_index=v),
+            rf"{n}: ignore_index must be an int, got {type(v).__name__}")
+        for n in ("nll_loss", "cross_entropy")
+        for v in (1.0, True, None, "a", torch.tensor(1.0))
+    ],
     # class weights of another dtype than the input, with class-index targets
     *[
         Bad(f"{n}-{wd}-weight-{xd}-input",
@@ -525,6 +534,15 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
             r"options.chunking_method \('aspect_ratio'\) give different chunk sizes"),
     ]  # fmt: skip
     BAD += [
+        Bad("linear_cross_entropy-ignore_index-1.0",
+            lambda f: f.linear_cross_entropy(x, w53, t, ignore_index=1.0),
+            r"linear_cross_entropy: ignore_index must be an int, got float"),
+        Bad("linear_cross_entropy-ignore_index-True",
+            lambda f: f.linear_cross_entropy(x, w53, t, ignore_index=True),
+            r"linear_cross_entropy: ignore_index must be an int, got bool"),
+        Bad("linear_cross_entropy-ignore_index-str",
+            lambda f: f.linear_cross_entropy(x, w53, t, ignore_index="a"),
+            r"linear_cross_entropy: ignore_index must be an int, got str"),
         Bad("linear_cross_entropy-weight-list",
             lambda f: f.linear_cross_entropy(x, w53, t, weight=[1.0] * 5),
             r"linear_cross_entropy: weight must be a Tensor, got list"),

@@ -94,6 +94,24 @@ def scalar_argument(op: str, name: str, value) -> float:
     raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}")
 
 
+def int_argument(op: str, name: str, value) -> int:
+    """``value`` as an int, where native takes one: a Python or NumPy integer (not a
+    bool), or a one-element integer tensor; a ``TypeError`` naming the argument otherwise
+    (a float such as ``255.0``, ``True``, ``None``, a str...), as native."""
+    if type(value) is int:  # the common case, first
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, torch.Tensor):
+        integral = not (value.is_floating_point() or value.is_complex())
+        if integral and value.dtype != torch.bool and value.numel() == 1:
+            return int(value.item())
+        shown = f"Tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
+    else:
+        shown = f"{type(value).__name__} {value!r}"
+    raise TypeError(f"{op}: {name} must be an int, got {shown}")
+
+
 def softmax_dim(op: str, dim, ndim: int) -> int:
     """``dim`` checked against a ``ndim``-dim input (0-dim counts as 1-dim, as native):
     a :class:`DimTypeError` unless it is an int (bools excluded), an ``IndexError`` naming the
@@ -548,7 +566,7 @@ def validate_linear_cross_entropy(
             f"{op}: ignore_index cannot be specified when target contains probabilities "
             f"(target of the logits' shape {tuple(target.shape)}); leave it at None"
         )
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = -100 if ignore_index is None else int_argument(op, "ignore_index", ignore_index)
     check_reduction(reduction)
     check_smoothing(op, label_smoothing)
     check_linear_cross_entropy_options(op, options)

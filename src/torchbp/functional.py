@@ -420,6 +420,7 @@ def nll_loss(
             targets) | ``'sum'``.
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
+    ignore_index = _checks.int_argument("nll_loss", "ignore_index", ignore_index)
     classes, class_dim, batch_shape = _checks.validate_nll_loss(
         input, target, weight, ignore_index, reduction
     )
@@ -484,6 +485,7 @@ def cross_entropy(
         >>> cross_entropy(logits, torch.tensor([1, 0, 9, 3]), label_smoothing=0.1).backward()
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
+    ignore_index = _checks.int_argument("cross_entropy", "ignore_index", ignore_index)
     (classes, class_dim, batch_shape), soft, unmasked = _checks.validate_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace
     )
