@@ -178,3 +178,41 @@ def test_double_backward_raising_not_implemented_is_unsupported(fn):
     assert report.ok, str(report)
     required = check_function(fn, x, checks=["gradcheck"], require=["gradgradcheck"])
     assert required["gradgradcheck"].failed, str(required)
+
+
+class SinWithPartialJvpAndVmap(torch.autograd.Function):
+    """A correct sin whose jvp and vmap rule are not written yet (they raise
+    NotImplementedError, the way to say a capability is absent)."""
+
+    @staticmethod
+    def forward(x):
+        return x.sin()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * x.cos()
+
+    @staticmethod
+    def jvp(ctx, t):
+        raise NotImplementedError("jvp of Sin: not written yet")
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        raise NotImplementedError("vmap of Sin: not written yet")
+
+
+@pytest.mark.parametrize(("check", "what"), [("forward_ad", "jvp"), ("vmap", "vmap")])
+def test_jvp_or_vmap_raising_not_implemented_is_unsupported(check, what):
+    from torchbp.verify import check_function
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    report = check_function(SinWithPartialJvpAndVmap, x, checks=[check])
+    result = report[check]
+    assert result.unsupported, str(report)
+    assert f"NotImplementedError: {what} of Sin: not written yet" in result.message
+    assert report.ok, str(report)

@@ -27,7 +27,13 @@ from torchbp.verify.checks.jacobians import (
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
-__all__ = ["DOUBLE_BACKWARD", "check_forward_ad", "check_gradcheck", "check_gradgradcheck"]
+__all__ = [
+    "DOUBLE_BACKWARD",
+    "FORWARD_AD",
+    "check_forward_ad",
+    "check_gradcheck",
+    "check_gradgradcheck",
+]
 
 #: The capability gradgradcheck exercises and how to add it (a NotImplementedError raised
 #: while differentiating backward says it is absent: unsupported, not failed).
@@ -35,6 +41,13 @@ DOUBLE_BACKWARD = (
     "double backward",
     "write backward in differentiable torch ops, or give each Function that backward "
     "calls a backward of its own",
+)
+
+#: The capability forward_ad exercises and how to add it.
+FORWARD_AD = (
+    "forward-mode AD (jvp)",
+    "write the jvp for these inputs (tangents in, output tangents out, from what "
+    "setup_context saved with ctx.save_for_forward)",
 )
 
 
@@ -270,7 +283,8 @@ def _second_order(ctx: CheckContext) -> Passed:
 
 def check_forward_ad(ctx: CheckContext) -> Passed:
     """The Jacobian built from one jvp per input element against central differences;
-    unsupported for a custom op (PyTorch has no jvp registration for one)."""
+    unsupported for a custom op (PyTorch has no jvp registration for one) and when jvp
+    raises ``NotImplementedError``."""
     if ctx.custom_op is not None:
         raise no_forward_ad()
     _require_float64(ctx)
@@ -281,6 +295,7 @@ def check_forward_ad(ctx: CheckContext) -> Passed:
         tuple(diff),
         check_forward_ad=True,
         check_backward_ad=False,
+        capability=FORWARD_AD,
         **_torch_options(ctx),
     )
     errors = _first_order(

@@ -6,9 +6,9 @@
 - failed: a wrong number, a silent wrong behaviour, a crash in a path the function claims
   to support, or an error where native PyTorch works;
 - unsupported: the function does not offer the capability the check exercises (no jvp, no
-  vmap rule, ``once_differentiable``, a double backward that raises
-  ``NotImplementedError``, a PyTorch limitation); not a bug, and ``report.ok`` stays
-  true unless the check is in ``require``;
+  vmap rule, ``once_differentiable``, a double backward, jvp or vmap rule that raises
+  ``NotImplementedError``, a PyTorch limitation); not a bug, and ``report.ok`` stays true
+  unless the check is in ``require``;
 - skipped: the check does not apply (no reference, not float64, an earlier check failed).
 """
 

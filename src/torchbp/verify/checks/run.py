@@ -202,13 +202,13 @@ def check_function(
 
     Each check ends ``pass``, ``fail`` (a wrong number, a silent wrong behaviour, a crash in
     a path fn supports), ``unsupported`` (fn does not offer the capability: no jvp, no
-    ``setup_context`` / vmap rule, ``once_differentiable`` backward or a double backward
-    that raises ``NotImplementedError``, a PyTorch limitation such as capturing a Function
-    with a jvp in one graph; the message says how to add it) or ``skipped`` (does not
-    apply). A Function that modifies an input in place and says so with
-    ``ctx.mark_dirty`` gets a fresh copy of that input on every call (a non-leaf one when
-    it is differentiated), also of an ``out=`` buffer left out of ``grad_inputs``, so
-    that no call sees what another wrote. The caller's tensors are never written: the
+    ``setup_context`` / vmap rule, ``once_differentiable`` backward, a double backward,
+    jvp or vmap rule that raises ``NotImplementedError``, a PyTorch limitation such as
+    capturing a Function with a jvp in one graph; the message says how to add it) or
+    ``skipped`` (does not apply). A Function that modifies an input in place and says so
+    with ``ctx.mark_dirty`` gets a fresh copy of that input on every call (a non-leaf one
+    when it is differentiated), also of an ``out=`` buffer left out of ``grad_inputs``,
+    so that no call sees what another wrote. The caller's tensors are never written: the
     checks run on copies of the inputs, and the parameters
     and buffers of an ``nn.Module`` fn or reference (e.g. BatchNorm's running statistics,
     which every call in training mode updates) are put back as they were.

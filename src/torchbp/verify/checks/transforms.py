@@ -11,7 +11,14 @@ from torchbp.verify.checks.custom_op import no_torch_func
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import Passed
 
-__all__ = ["check_batched_grad", "check_vmap"]
+__all__ = ["VMAP", "check_batched_grad", "check_vmap"]
+
+#: The capability vmap exercises and how to add it (a NotImplementedError raised under
+#: vmap says it is absent: unsupported, not failed).
+VMAP = (
+    "vmap",
+    "write the vmap staticmethod for these inputs (or set generate_vmap_rule = True)",
+)
 
 
 def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
@@ -21,14 +28,15 @@ def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
 
 
 def check_vmap(ctx: CheckContext) -> Passed:
-    """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop."""
+    """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop;
+    unsupported when the vmap rule raises ``NotImplementedError``."""
     batch = int(ctx.options.vmap_batch)
     xs = _batched_inputs(ctx, batch)
     tolerance = ctx.parity_tolerances()
     try:
         batched = torch.func.vmap(ctx.diff_fn)(*xs)
     except Exception as exc:  # noqa: BLE001
-        raise outcome_of(exc, "vmap of the forward failed: ") from None
+        raise outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
     looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
     worst = (0.0, 0.0)
     for o, out in enumerate(batched):
@@ -48,7 +56,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
     except Exception as exc:  # noqa: BLE001
         custom_op_gap = no_torch_func(exc) if ctx.custom_op is not None else None
         raise custom_op_gap or outcome_of(
-            exc, "vmap(grad) (per-sample gradients) failed: "
+            exc, "vmap(grad) (per-sample gradients) failed: ", VMAP
         ) from None
     for b in range(batch):
         leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
