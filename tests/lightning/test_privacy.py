@@ -400,6 +400,29 @@ def test_checkpoint_of_a_loaded_model_keeps_the_epsilon_spent(tmp_path):
     assert saved == first.accountant.state_dict()
 
 
+def test_second_fit_of_a_model_counts_the_epsilon_of_the_first(tmp_path):
+    """Fitting the same model again (a new Trainer, no checkpoint) trains weights that
+    already spent ε: the accountant counts on, and the second fit's noise keeps the total
+    within target_epsilon (before, each fit started from ε = 0 and logged only its own)."""
+    import pytorch_lightning as pl
+
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_epochs=1)
+    trainer.fit(model, datamodule=dm)
+    first_steps, first_epsilon = model.accountant.steps, model.accountant.epsilon()
+    again = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, limit_val_batches=0)
+    again.fit(model, datamodule=dm)
+    assert model.accountant.steps == 2 * first_steps
+    assert model.accountant.epsilon() > first_epsilon
+
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(target_epsilon=2.0), max_epochs=1)
+    trainer.fit(model, datamodule=dm)
+    again = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, limit_val_batches=0)
+    again.fit(model, datamodule=dm)
+    assert model.accountant.steps == 2 * first_steps
+    assert model.accountant.epsilon() <= 2.0
+
+
 def test_dp_needs_poisson_sampling(tmp_path):
     pytest.importorskip("opacus")
     dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)

@@ -402,9 +402,16 @@ class ERMClassifier(pl.LightningModule):
                 "privacy.target_epsilon needs trainer.max_epochs >= 1 (the run's length sets "
                 f"the noise), got max_epochs={trainer.max_epochs}"
             )
-        accountant = PrivacyAccountant(self.privacy, sampler.sample_rate, max(epochs, 1))
-        if self._restored_accountant is not None:  # resumed: ε keeps counting
-            accountant.load_state_dict(self._restored_accountant)
+        # the epochs still to train: a resumed run's trainer is past the checkpoint's
+        epochs_left = max(epochs, 1) - trainer.current_epoch
+        accountant = PrivacyAccountant(self.privacy, sampler.sample_rate, epochs_left)
+        # ε keeps counting: over a checkpoint's steps, or over an earlier fit's of these
+        # weights (a second trainer.fit of the same model)
+        spent = self._restored_accountant
+        if spent is None and self.accountant is not None:
+            spent = self.accountant.state_dict()
+        if spent is not None:
+            accountant.load_state_dict(spent)
         # set once complete: a resume refused above leaves no accountant of a fresh run
         self.accountant, self._restored_accountant = accountant, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples

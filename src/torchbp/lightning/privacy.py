@@ -243,15 +243,16 @@ class PrivacyAccountant:
     Args:
         privacy: the run's settings.
         sample_rate: ``q``, the probability that a sample joins a batch.
-        epochs: the run's length, used to find the noise multiplier for ``target_epsilon``:
-            ``epochs × poisson_batches_per_epoch(sample_rate)`` steps, the batches
-            :class:`PoissonBatchSampler` draws.
+        epochs: the epochs the run still trains (all of a fresh run's), used to find the
+            noise multiplier for ``target_epsilon``: ``epochs ×
+            poisson_batches_per_epoch(sample_rate)`` steps to come, the batches
+            :class:`PoissonBatchSampler` draws (a run resumed mid-epoch takes fewer).
 
     Attributes:
         noise_multiplier: ``σ`` of the steps to come, given or computed from
             ``target_epsilon``: the smallest that keeps ε ≤ ``target_epsilon`` after the
-            run's steps, counting those a resumed run took before (:meth:`load_state_dict`
-            computes it again for the steps left; a run with none left keeps the last σ).
+            steps to come and those taken before (:meth:`load_state_dict` computes it again
+            for a resumed run's; a run with no epoch left keeps the last σ).
 
     Raises:
         ModuleNotFoundError: Opacus is not installed (``pip install opacus``).
@@ -268,19 +269,19 @@ class PrivacyAccountant:
             ) from e
         self.privacy = privacy
         self.sample_rate = sample_rate
-        # the steps the run takes (Opacus' epochs= would assume int(epochs / q))
-        self._run_steps = epochs * poisson_batches_per_epoch(sample_rate)
+        # the steps to come (Opacus' epochs= would assume int(epochs / q))
+        self._steps_to_come = epochs * poisson_batches_per_epoch(sample_rate)
         self._rdp = RDPAccountant()
-        self.noise_multiplier = self._noise_for_steps_left()
+        self.noise_multiplier = self._noise_for_steps_to_come()
 
-    def _noise_for_steps_left(self) -> float:
-        """σ for the run's steps not yet taken (see :attr:`noise_multiplier`)."""
+    def _noise_for_steps_to_come(self) -> float:
+        """σ for the steps the run has still to take (see :attr:`noise_multiplier`)."""
         if self.privacy.noise_multiplier is not None:
             return float(self.privacy.noise_multiplier)
-        steps_left = self._run_steps - self.steps
-        if steps_left <= 0:  # the run is over: nothing to calibrate
+        if self._steps_to_come <= 0 and self._rdp.history:  # the run is over
             return float(self._rdp.history[-1][0])
-        return _noise_for_target(self.privacy, self.sample_rate, steps_left, self._rdp.history)
+        steps = max(self._steps_to_come, 1)
+        return _noise_for_target(self.privacy, self.sample_rate, steps, self._rdp.history)
 
     @property
     def steps(self) -> int:
@@ -293,8 +294,8 @@ class PrivacyAccountant:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s steps (a resumed run): ε keeps counting, and
-        with ``target_epsilon`` the noise of the steps left is calibrated so that the whole
-        run, these steps included, meets it.
+        with ``target_epsilon`` the noise of the steps to come is calibrated so that the
+        whole run, these steps included, meets it.
 
         Raises:
             ValueError: ``target_epsilon`` cannot be met: these steps already spent it, or
@@ -303,7 +304,7 @@ class PrivacyAccountant:
         history = self._rdp.history
         self._rdp.history = [tuple(h) for h in state["history"]]
         try:
-            self.noise_multiplier = self._noise_for_steps_left()
+            self.noise_multiplier = self._noise_for_steps_to_come()
         except BaseException:
             self._rdp.history = history
             raise
