@@ -227,7 +227,9 @@ def _noise_for_target(
                 "delta, or train for fewer epochs"
             )
         high_epsilon = epsilon([*spent, (high, sample_rate, steps)])
-    while target - high_epsilon > tolerance:
+    for _ in range(200):  # more halvings than a float has bits: never loops forever
+        if target - high_epsilon <= tolerance:
+            break
         middle = (low + high) / 2
         middle_epsilon = epsilon([*spent, (middle, sample_rate, steps)])
         if middle_epsilon <= target:
