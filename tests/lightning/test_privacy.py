@@ -462,3 +462,26 @@ def test_dp_empty_poisson_draw_takes_a_noise_only_step():
     std = 1.5 * 2.0 / 10.0
     assert abs(grads.std().item() / std - 1) < 0.02
     assert abs(grads.mean().item()) < 0.02 * std
+
+
+def test_dp_train_loss_is_the_weighted_mean_like_without_privacy():
+    """With class weights train/loss is Σ w_yi ℓ_i / Σ w_yi (the loss being minimised), in
+    a DP step too; it was Σ w_yi ℓ_i / B there."""
+    from torchbp.lightning import ERMClassifier
+
+    torch.manual_seed(0)
+    weights = [0.2, 1.0, 3.0]
+    model = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        hidden_sizes=[8],
+        class_weight=weights,
+        privacy=Privacy(noise_multiplier=1.0),
+    )
+    x, y = torch.randn(6, 4), torch.tensor([0, 0, 0, 1, 2, 2])
+    loss_sum = model._private_training_step((x, y))
+    loss_sum.backward()
+    model._close_per_sample()
+    with torch.no_grad():
+        expected = model.loss(model(x), y)
+    torch.testing.assert_close(model.train_loss.compute(), expected)

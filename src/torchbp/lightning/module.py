@@ -433,7 +433,9 @@ class ERMClassifier(pl.LightningModule):
         # An empty Poisson draw goes through the same step: its clipped sum is 0, and the
         # update is the noise alone (skipping it would tell that the draw was empty).
         if x.shape[0]:
-            self.train_loss.update(loss_sum.detach().float() / x.shape[0], weight=x.shape[0])
+            # the batch's mean loss, weighted as without privacy (see _loss_denominator)
+            denominator = self._loss_denominator(y)
+            self.train_loss.update(loss_sum.detach().float() / denominator, weight=denominator)
             self.train_metrics.update(logits.detach().float(), y)
         return loss_sum
 
