@@ -310,6 +310,30 @@ def test_autograd_grad_wrt_parameters_named_on_leaving_the_context(monkeypatch):
     assert per_sample_recording.recorder is None
 
 
+@pytest.mark.parametrize(
+    "module, bad, good, message",
+    [
+        (nn.Softmax(), (5, 2, 4), (5, 4), r"'1' \(Softmax\) .*dim=None.*3-D input"),
+        (torchbp.nn.LogSoftmax(), (5, 2, 4), (5, 3, 2, 4), r"'1' \(LogSoftmax\) .*dim=None"),
+        (nn.Softmin(dim=-3), (5, 2, 4), (5, 3, 2, 4), r"'1' \(Softmin\) .*dim=-3"),
+        (nn.Flatten(start_dim=-2), (5, 4), None, r"'1' \(Flatten\) .*start_dim=-2"),
+    ],
+)
+def test_dim_resolving_to_the_sample_dim_refused_at_the_forward(module, bad, good, message):
+    """dim=None (softmax picks dim 0 for 1-D and 3-D inputs) or a negative dim can land on
+    the sample dim, which only the input's shape tells: the samples were mixed and the
+    norms silently wrong; refused at the forward, by name."""
+    model = mlp(module)
+    with pytest.raises(ValueError, match=message):
+        with per_sample_grads(model):
+            model(torch.randn(*bad))
+    assert per_sample_recording.recorder is None
+    if good is not None:  # the same module on an input where it acts per sample
+        with per_sample_grads(model) as ps:
+            model(torch.randn(*good)).sum().backward()
+        assert ps.norms.shape == (5,)
+
+
 def test_model_without_trainable_parameters():
     model = mlp().requires_grad_(False)
     x = torch.randn(5, 4, requires_grad=True)

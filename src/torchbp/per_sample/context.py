@@ -12,7 +12,7 @@ from torch import nn
 
 from torchbp.autograd.linear import per_sample_recording
 from torchbp.per_sample import formulas, memory
-from torchbp.per_sample.model_check import Layer, attributable_layers
+from torchbp.per_sample.model_check import Layer, attributable_layers, sample_dim_guards
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.recorder import Recorder
 
@@ -58,6 +58,7 @@ class PerSampleGrads:
         self.max_norm = None if max_norm is None else float(max_norm)
         self.statistics = bool(statistics)
         self._layers: list[Layer] = attributable_layers(model)
+        self._sample_dim_guards = sample_dim_guards(model)
         self.parameters: list[nn.Parameter] = [
             p for layer in self._layers for p in layer.parameters()
         ]
@@ -84,6 +85,7 @@ class PerSampleGrads:
         # Registered first, so that it runs before the multi-gradient hook's own hook on
         # the same parameter: each parameter the backward reaches is marked.
         self._hooks = [p.register_hook(self._marker(p)) for p in self.parameters]
+        self._hooks += [m.register_forward_pre_hook(g) for m, g in self._sample_dim_guards]
         if self.parameters:
             # Fires once per backward, after the gradients of every parameter the backward
             # reaches are computed, i.e. after the last recorded Linear backward.
@@ -462,7 +464,9 @@ def per_sample_grads(
     any forward, by name: modules with other trainable parameters (an unconverted
     ``nn.Linear``, Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training
     mode, softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
-    :class:`torchbp.nn.LinearCrossEntropyLoss`. Any torchbp or torch loss works on the
+    :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim
+    is picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a
+    negative dim) where it lands on dim 0. Any torchbp or torch loss works on the
     model's output (reduction, class weights, label smoothing, ignore_index), as long as
     the loss itself has no trainable parameters. Eager mode only (no ``torch.compile``, no
     autocast; both are refused at the backward); activation checkpointing works with
@@ -505,7 +509,8 @@ def per_sample_grads(
 
     Raises:
         TypeError: the model has a module per-sample gradients cannot pass (named).
-        ValueError: an unknown mode, or a ``max_norm`` that does not fit the mode.
+        ValueError: an unknown mode, or a ``max_norm`` that does not fit the mode (and,
+            at the forward inside the context, a module whose dim lands on dim 0).
 
     Examples::
 

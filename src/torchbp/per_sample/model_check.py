@@ -5,14 +5,18 @@ A trainable parameter is attributable when it belongs to a :class:`torchbp.nn.Li
 its Function's backward sees each sample's input and output gradient. Parameter-free
 modules (activations, Dropout, Flatten, Identity, containers, user-defined wrappers) and
 modules whose parameters are all frozen are trusted to act on each sample separately,
-except the ones known to mix the samples of a batch, which are refused.
+except the ones known to mix the samples of a batch, which are refused; a module whose
+dim is picked from the input's ndim (a softmax's ``dim=None``, a negative dim) is refused at
+the forward, for an input on which that dim is the sample dim.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from torchbp import nn as bpnn
@@ -69,6 +73,54 @@ def _mixing_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.Unflatten) and module.dim == 0:
         return "reshapes the sample dim (dim=0)"
     return None
+
+
+def _dim_setting(module: nn.Module) -> tuple[str, int | None] | None:
+    """``(name, value)`` of the setting by which ``module`` picks a dim from its input's
+    ndim (a softmax's ``dim=None``, or a negative dim), or ``None`` if it has none."""
+    if isinstance(module, _ALONG_DIM) and (module.dim is None or module.dim < 0):
+        return "dim", module.dim
+    if isinstance(module, nn.Flatten) and module.start_dim < 0:
+        return "start_dim", module.start_dim
+    if isinstance(module, nn.Unflatten) and isinstance(module.dim, int) and module.dim < 0:
+        return "dim", module.dim
+    return None
+
+
+def _resolved_dim(value: int | None, ndim: int) -> int:
+    """The dim ``value`` picks for an ``ndim``-D input: ``None`` is softmax's implicit
+    choice (dim 0 for 0-, 1- and 3-D inputs, else dim 1)."""
+    if value is None:
+        return 0 if ndim in (0, 1, 3) else 1
+    return value + ndim if value < 0 else value
+
+
+def sample_dim_guards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
+    """``(module, forward pre-hook)`` for each module whose dim is picked from the input's
+    ndim: the hook refuses an input for which that dim is dim 0, the sample dim, which
+    :func:`attributable_layers` cannot tell before the forward."""
+    guards = []
+    for name, module in model.named_modules():
+        setting = _dim_setting(module)
+        if setting is not None:
+            guards.append((module, _sample_dim_guard(describe(name, module), *setting)))
+    return guards
+
+
+def _sample_dim_guard(where: str, setting: str, value: int | None) -> Callable:
+    def refuse_sample_dim(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
+            return  # an evaluation forward: no backward to attribute
+        if _resolved_dim(value, x.dim()) == 0:
+            raise ValueError(
+                f"per_sample_grads: {where} with {setting}={value} acts along dim 0, the "
+                f"sample dim, for this {x.dim()}-D input, so it mixes samples and "
+                f"per-sample gradients are undefined through it; give {setting} as a "
+                "non-negative dim other than 0"
+            )
+
+    return refuse_sample_dim
 
 
 def attributable_layers(model: nn.Module) -> list[Layer]:
