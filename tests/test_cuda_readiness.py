@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -62,17 +61,6 @@ def _grad_samples(model, x, target, *, reentrant: bool, device_thread: bool):
     return norms, {name: p.grad_sample for name, p in model.named_parameters()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "per_sample_grads finds its recorder through a threading.local looked up in "
-        "LinearFunction.setup_context; a reentrant checkpoint recomputes its segment "
-        "inside the backward, on the CUDA device thread, where no recorder is set, so the "
-        "recomputed Linear calls are not recorded and their weight gradients are refused "
-        "as coming 'from an op other than its recorded Linear call'"
-    ),
-)
 def test_reentrant_checkpoint_per_sample_grads_with_the_backward_on_a_device_thread(device):
     """The documented case (a reentrant segment that starts the model) must give the same
     per-sample gradients whichever thread runs the backward."""

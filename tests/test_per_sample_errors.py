@@ -446,3 +446,31 @@ def test_a_backward_that_fails_midway_forms_nothing():
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_model_recorded_by_a_context_on_another_thread_is_refused():
+    """Contexts are found by the weights they record from any thread (the CUDA backward runs
+    on autograd's device thread), so two threads cannot record one model at once."""
+    import threading
+
+    model = mlp()
+    opened, release = threading.Event(), threading.Event()
+
+    def hold_a_context():
+        with per_sample_grads(model):
+            opened.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold_a_context)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        with pytest.raises(RuntimeError, match="another context, open on another thread"):
+            with per_sample_grads(model):
+                pass
+    finally:
+        release.set()
+        thread.join()
+    with per_sample_grads(model) as ps:  # closed there: free again
+        step(model)
+    assert ps.norms.shape == (5,)

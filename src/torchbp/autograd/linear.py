@@ -11,6 +11,16 @@ from torch.autograd import Function
 # recorder: each Linear call tells it its inputs and, in backward, its ``x`` and ``g``
 # (the per-sample logic lives in ``torchbp/per_sample``).
 per_sample_recording = threading.local()
+# The recorders of the contexts open on any thread, by the id of each weight they record:
+# on CUDA the backward runs on autograd's device thread, and a reentrant checkpoint
+# recomputes its segment's forward there, where ``per_sample_recording`` holds nothing.
+per_sample_recorders_by_weight: dict[int, object] = {}
+
+
+def _per_sample_recorder(weight: torch.Tensor):
+    """The recorder of the context open on this thread, else of one recording ``weight``."""
+    recorder = getattr(per_sample_recording, "recorder", None)
+    return recorder if recorder is not None else per_sample_recorders_by_weight.get(id(weight))
 
 
 def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
@@ -54,7 +64,7 @@ class LinearFunction(Function):
         ctx.x_shape = x.shape
         recorder = None
         if not torch.compiler.is_compiling():
-            recorder = getattr(per_sample_recording, "recorder", None)
+            recorder = _per_sample_recorder(weight)
         ctx.per_sample = None if recorder is None else recorder.on_forward(x, weight, bias)
 
     @staticmethod

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from torchbp.autograd.linear import per_sample_recording
+from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
 from torchbp.per_sample import formulas, memory
 from torchbp.per_sample.model_check import Layer, attributable_layers, sample_dim_guards
 from torchbp.per_sample.noise import add_gaussian_noise_
@@ -82,6 +82,12 @@ class PerSampleGrads:
             raise RuntimeError(
                 "per_sample_grads: contexts cannot be nested; another one is open on this thread"
             )
+        weights = [id(layer.module.weight) for layer in self._layers]
+        if any(w in per_sample_recorders_by_weight for w in weights):
+            raise RuntimeError(
+                "per_sample_grads: another context, open on another thread, records this "
+                "model's Linear layers"
+            )
         # Registered first, so that it runs before the multi-gradient hook's own hook on
         # the same parameter: each parameter the backward reaches is marked.
         self._hooks = [p.register_hook(self._marker(p)) for p in self.parameters]
@@ -95,11 +101,15 @@ class PerSampleGrads:
                 )
             )
         per_sample_recording.recorder = self._recorder
+        for w in weights:
+            per_sample_recorders_by_weight[w] = self._recorder
         self._state = "open"
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         per_sample_recording.recorder = None
+        for layer in self._layers:
+            per_sample_recorders_by_weight.pop(id(layer.module.weight), None)
         self._recorder.closed = True
         for hook in self._hooks:
             hook.remove()
