@@ -407,32 +407,27 @@ def test_second_fit_of_a_model_counts_the_epsilon_of_the_first(tmp_path):
     import pytorch_lightning as pl
 
     pytest.importorskip("opacus")
+
+    def fit_again(model, dm):  # a new Trainer, as a user would make
+        pl.Trainer(
+            default_root_dir=tmp_path,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+        ).fit(model, datamodule=dm)
+
     dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_epochs=1)
     trainer.fit(model, datamodule=dm)
     first_steps, first_epsilon = model.accountant.steps, model.accountant.epsilon()
-    again = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
-    again.fit(model, datamodule=dm)
+    fit_again(model, dm)
     assert model.accountant.steps == 2 * first_steps
     assert model.accountant.epsilon() > first_epsilon
 
     dm, model, trainer = _dp_fit(tmp_path, Privacy(target_epsilon=2.0), max_epochs=1)
     trainer.fit(model, datamodule=dm)
-    again = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
-    again.fit(model, datamodule=dm)
+    fit_again(model, dm)
     assert model.accountant.steps == 2 * first_steps
     assert model.accountant.epsilon() <= 2.0
 
