@@ -155,6 +155,8 @@ def _class_index_loss(name):
 )
 @pytest.mark.parametrize("name", ["nll_loss", "cross_entropy", "linear_cross_entropy"])
 def test_class_weight_dtype_under_autocast_as_native(name, x_dtype, w_dtype, accepted):
+    if not hasattr(torch.nn.functional, name):
+        pytest.skip(f"this torch has no torch.nn.functional.{name} (torch < 2.13)")
     loss = _class_index_loss(name)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).to(x_dtype)
     w = torch.rand(3, generator=torch.Generator().manual_seed(1)).to(w_dtype)
