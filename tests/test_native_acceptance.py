@@ -431,6 +431,17 @@ BAD = [
         r"cross_entropy: target 0 is out of bounds: class indices must lie in \[0, 0\)"),
     Bad("cross_entropy-int32-target", lambda f: f.cross_entropy(x, t.int()),
         r"cross_entropy: expected class-index target of dtype int64 \(Long\) or uint8"),
+    # uint8 class indices serve (C,) and (N, C) input only: native's K-dim kernel (the CPU
+    # one and the CUDA one alike) reads int64; torchbp took them silently
+    *[
+        Bad(f"{n}-uint8-target-Kdim-{k}",
+            lambda f, n=n, k=k: getattr(f, n)(
+                _seeded(2, 3, *[2] * k), torch.zeros(2, *[2] * k, dtype=torch.uint8)),
+            rf"{n}: K-dimensional input \(N, C, d1, ...\) needs an int64 \(Long\) "
+            r"class-index target, got torch.uint8")
+        for n in ("nll_loss", "cross_entropy")
+        for k in (1, 3)
+    ],
     Bad("nll_loss-float-target", lambda f: f.nll_loss(x, _seeded(4)),
         r"nll_loss: target must hold class indices"),
     Bad("cross_entropy-int64-input", lambda f: f.cross_entropy(torch.ones(4, 3).long(), t),

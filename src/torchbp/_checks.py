@@ -325,6 +325,19 @@ def check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_
     )
 
 
+def check_index_dtype(op: str, target: torch.Tensor, layout: ClassLayout) -> None:
+    """uint8 class indices serve ``(C,)`` and ``(N, C)`` input only, as native's: its kernel
+    for K-dimensional input ``(N, C, d1, ...)`` reads int64 targets (on CPU and CUDA alike)
+    and raises a ``RuntimeError`` for uint8, which :class:`DTypeError` is."""
+    k_dimensional = layout.class_dim == 1 and len(layout.batch_shape) > 1
+    if k_dimensional and target.dtype == torch.uint8:
+        raise DTypeError(
+            f"{op}: K-dimensional input (N, C, d1, ...) needs an int64 (Long) class-index "
+            f"target, got {target.dtype} (uint8 serves (C,) and (N, C) input only, as "
+            "native); convert it with target.long()"
+        )
+
+
 def check_smoothing(op: str, label_smoothing) -> float:
     """``label_smoothing`` as a float in [0, 1]: a ``TypeError`` for a non-number, else an
     :class:`OptionError` (native: ``RuntimeError``) outside [0, 1]. Stricter than native on
@@ -421,6 +434,7 @@ def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) 
             "for class probabilities use cross_entropy"
         )
     check_hard_target(op, input, target, layout.batch_shape)
+    check_index_dtype(op, target, layout)
     check_class_weight(op, weight, layout.classes)
     check_same_device(op, input=input, target=target, weight=weight)
     check_class_indices(op, target, layout.classes, ignore_index)
@@ -454,6 +468,7 @@ def validate_cross_entropy(
     unmasked = False
     if not soft:
         check_hard_target(op, input, target, layout.batch_shape)
+        check_index_dtype(op, target, layout)
         unmasked = check_class_indices(op, target, layout.classes, ignore_index)
     if inplace:
         if input.dim() != 2:

@@ -412,7 +412,8 @@ def nll_loss(
 
     Args:
         input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
-        target: class indices (int64 or uint8) of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``.
+        target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``: int64, or
+            uint8 for ``(C,)`` / ``(N, C)`` input (K-dim input needs int64, as native).
         weight: per-class weights ``(C,)`` of the input's dtype (float32 under autocast,
             which casts half weights to it), as native.
         ignore_index: target value that contributes neither loss nor gradient.
@@ -453,8 +454,9 @@ def cross_entropy(
 
     Args:
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
-        target: class indices (int64 or uint8) of the input's shape without the class dim,
-            or class probabilities of the input's shape.
+        target: class indices of the input's shape without the class dim (int64, or uint8
+            for ``(C,)`` / ``(N, C)`` input: K-dim input needs int64, as native), or class
+            probabilities of the input's shape.
         weight: per-class weights ``(C,)``; with class indices of the input's dtype
             (float32 under autocast, which casts half weights to it), as native; with
             probabilities of any real dtype (integer and bool too), promoted with the
@@ -626,7 +628,8 @@ def linear_cross_entropy(
         linear_weight: ``(C, in)``, or ``(C, d1, ..., dK, in)`` for a K-dimensional loss
             (then ``input`` must be ``(N, in)``; the logits are ``(N, C, d1, ..., dK)``).
         target: class indices (int64 or uint8) of shape ``(*)`` = ``input.shape[:-1]``
-            (``(N, d1, ..., dK)`` for K-dim), or class probabilities of the logits' shape.
+            (``(N, d1, ..., dK)`` of int64 for K-dim, as native), or class probabilities of
+            the logits' shape.
         linear_bias: ``(C,)`` (``(C, d1, ..., dK)`` for K-dim) or ``None``.
         weight: per-class weights ``(C,)``; with class indices of the logits' loss dtype
             (the input's; float32 under autocast) unless ``options`` sends the call to
