@@ -525,3 +525,30 @@ def test_gram_norms_never_negative():
         y = layer(x)
         ((y[:, 0] * w).sum() + (y[:, 1] * w_opposite).sum()).backward()
     assert bool((ps.norms >= 0).all()) and bool(layer.weight.grad.isfinite().all())
+
+
+def test_gram_norms_chunked_over_samples(monkeypatch):
+    """The Gram path of ‖G_i‖² for (B, T, in) inputs forms its two (B_chunk, T, T) Gram
+    matrices a chunk of samples at a time, under the same budget as the materialising
+    path. Before, it formed both for the whole batch at once: 2 × 256 MiB (float32) at
+    B = 256, T = 512, where the materialising path stays within 16 MiB."""
+    from torchbp.per_sample import formulas
+
+    a, g = torch.randn(7, 4, 9, dtype=DT), torch.randn(7, 4, 8, dtype=DT)
+    assert formulas.gram_is_cheaper(4, 9, 8)
+    whole = formulas.weight_squared_norms(a, g)
+    close(whole, torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1))
+    budget = 2 * (2 * 4 * 4)  # two samples' two Gram matrices a chunk
+    monkeypatch.setattr(formulas, "_CHUNK_ELEMENTS", budget)
+    largest = []
+    bmm = torch.bmm
+
+    def measured_bmm(*args, **kwargs):
+        out = bmm(*args, **kwargs)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "bmm", measured_bmm)
+    chunked = formulas.weight_squared_norms(a, g)
+    assert largest and max(largest) <= budget
+    close(chunked, whole)

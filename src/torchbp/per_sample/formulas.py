@@ -18,13 +18,15 @@ import torch
 
 from torchbp.per_sample import memory
 
-# Elements of one chunk of materialised per-sample weight gradients (B_chunk, out, in):
-# 2**22 float32 numbers are 16 MiB, enough to keep each bmm efficient.
+# Elements of one chunk of materialised per-sample weight gradients (B_chunk, out, in), or
+# of the Gram matrices (B_chunk, T, T) of both sides: 2**22 float32 numbers are 16 MiB,
+# enough to keep each bmm efficient.
 _CHUNK_ELEMENTS = 1 << 22
 
 
 def _sample_chunks(batch: int, per_sample: int):
-    """Slices of the sample dim whose materialised gradients stay under the chunk budget."""
+    """Slices of the sample dim whose ``per_sample`` elements each (materialised gradients,
+    Gram matrices) stay under the chunk budget."""
     step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
     for start in range(0, batch, step):
         yield slice(start, min(start + step, batch))
@@ -50,20 +52,27 @@ def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         # ‖g_i a_iᵀ‖_F² = ‖g_i‖² ‖a_i‖²
         return (_row_norms(g) * _row_norms(a)).square()
     dtype = norm_dtype(g.dtype)
-    if gram_is_cheaper(t, in_features, out_features):
-        # ‖Σ_t g_it a_itᵀ‖_F² = Σ_{t,s} (a_i a_iᵀ)_ts (g_i g_iᵀ)_ts
-        a, g = a.to(dtype), g.to(dtype)
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_g = torch.bmm(g, g.transpose(1, 2))
-        # terms of both signs: when the positions nearly cancel, rounding can leave the
-        # sum slightly below its true value ≥ 0 (whose square root would be nan)
-        return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)
     out = a.new_empty(batch, dtype=dtype)
+    if gram_is_cheaper(t, in_features, out_features):
+        # both T×T Gram matrices of a chunk of samples at a time, under the chunk budget
+        for rows in _sample_chunks(batch, 2 * t * t):
+            out[rows] = _gram_squared_norms(a[rows].to(dtype), g[rows].to(dtype))
+        return out
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm
         sample_grads = torch.bmm(g[rows].transpose(1, 2), a[rows])
         out[rows] = sample_grads.to(dtype).square().sum((1, 2))
     return out
+
+
+def _gram_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``‖G_i‖_F²`` of the samples of ``a``, ``g`` through their T×T Gram matrices."""
+    # ‖Σ_t g_it a_itᵀ‖_F² = Σ_{t,s} (a_i a_iᵀ)_ts (g_i g_iᵀ)_ts
+    gram_a = torch.bmm(a, a.transpose(1, 2))
+    gram_g = torch.bmm(g, g.transpose(1, 2))
+    # terms of both signs: when the positions nearly cancel, rounding can leave the
+    # sum slightly below its true value ≥ 0 (whose square root would be nan)
+    return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)
 
 
 def _row_norms(t: torch.Tensor) -> torch.Tensor:
