@@ -390,8 +390,14 @@ def _grad_sums(layer: Layer, a, g) -> tuple:
 
 
 def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
-    """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one)."""
-    return _grad_sums(layer, a, formulas.scale_samples(g, factors))
+    """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one), in ``g``'s dtype.
+
+    Formed in :func:`formulas.norm_dtype`: small output gradients times small factors
+    fall below float16's normal range (6e-5), where ``c_i g_i`` would keep a few bits."""
+    dtype = formulas.norm_dtype(g.dtype)
+    a = None if a is None else a.to(dtype)
+    sums = _grad_sums(layer, a, formulas.scale_samples(g.to(dtype), factors))
+    return tuple(None if s is None else s.to(g.dtype) for s in sums)
 
 
 def _joined(layer: Layer):

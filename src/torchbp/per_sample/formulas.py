@@ -110,7 +110,7 @@ def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool
 def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``c_i g_i``: with it, :func:`weight_grad_sum` and :func:`bias_grad_sum` give the
     clipped sums ``Σ_i c_i G_i = (c ⊙ g)ᵀ a`` and ``Σ_i c_i β_i``, one matmul a layer."""
-    # G_i is linear in g_i: c_i G_i = Σ_t (c_i g_it) a_itᵀ   (c_i ≤ 1 fits g's dtype)
+    # G_i is linear in g_i: c_i G_i = Σ_t (c_i g_it) a_itᵀ
     return g * factors.to(g.dtype)[:, None, None]
 
 
