@@ -51,6 +51,11 @@ class OptionError(ValueError, RuntimeError):
     also a ``RuntimeError``, native's class for these)."""
 
 
+class InferenceTensorError(ValueError, RuntimeError):
+    """A tensor created under ``torch.inference_mode()`` would have to be saved for backward
+    (a ``ValueError``; also a ``RuntimeError``, native's class for this)."""
+
+
 class NotATensorError(TypeError, AttributeError):
     """A tensor argument is not a tensor (a ``TypeError``, as native's argument parser
     raises; also an ``AttributeError``, which native's Python wrappers such as
@@ -168,6 +173,19 @@ def check_inplace_writable(op: str, input) -> None:
         f"{op}: {what} that requires grad is being used in an in-place operation "
         "(inplace=True); use inplace=False or clone it first"
     )
+
+
+def check_not_inference(op: str, needed_for: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse a tensor created under ``torch.inference_mode()`` that backward needs (autograd
+    cannot save one): :class:`InferenceTensorError` naming it and what it is needed for."""
+    for name, t in tensors.items():
+        if t is not None and t.is_inference():
+            raise InferenceTensorError(
+                f"{op}: {name} was created under torch.inference_mode() and cannot be saved "
+                f"for backward, which {needed_for} needs (native refuses it too: 'Inference "
+                "tensors cannot be saved for backward'); clone it outside inference_mode, or "
+                "create it under torch.no_grad() instead"
+            )
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:

@@ -603,6 +603,28 @@ def _linear_cross_entropy_unfused(
     return loss.reshape(batch_shape) if flatten and reduction == "none" else loss
 
 
+def _lce_recorded(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a loss of these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_lce_saves_no_inference_tensor(input, linear_weight, target, weight) -> None:
+    """What native's ``cross_entropy(linear(x, W, b), t)`` saves must not be an inference
+    tensor: x for W's gradient, W for x's, the target and class weights for the loss's."""
+    op = "linear_cross_entropy"
+    if linear_weight.requires_grad:
+        _checks.check_not_inference(op, "linear_weight's gradient", input=input)
+    if input.requires_grad:
+        _checks.check_not_inference(op, "input's gradient", linear_weight=linear_weight)
+    _checks.check_not_inference(op, "the loss's gradient", target=target, weight=weight)
+
+
+def _savable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t``, or a copy of it if it was created under inference mode (autograd cannot save
+    an inference tensor)."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -663,6 +685,11 @@ def linear_cross_entropy(
     backward recomputes the logits chunk by chunk (4 matmuls). Gradients are accumulated
     in float32 for half-precision inputs. Double backward raises a clear error.
 
+    A tensor created under ``torch.inference_mode()`` is refused where native's
+    ``cross_entropy(linear(...))`` would save it for backward (the input when
+    ``linear_weight`` requires grad, the weight when the input does, the target and class
+    weights whenever the loss is recorded), with an error naming it, as native refuses it.
+
     A probability target is promoted with the input and the class weights as native does
     (the loss comes out in the promoted dtype: float32 for bfloat16 input with a float32
     target or float32 class weights).
@@ -695,6 +722,9 @@ def linear_cross_entropy(
         chunk_size,
     )
     soft, ignore_index = call.soft, call.ignore_index
+    recorded = _lce_recorded(input, linear_weight, linear_bias, target if soft else None)
+    if recorded:
+        _check_lce_saves_no_inference_tensor(input, linear_weight, target, weight)
     # native's chunked path takes class weights of any dtype; its reference path, as
     # cross_entropy, refuses one of another dtype than the loss's input
     any_weight_dtype = _native_chunks(options, label_smoothing, target, call.out_features)
@@ -755,6 +785,10 @@ def linear_cross_entropy(
         bool(grad_on and t is not None and t.requires_grad)
         for t in (x, linear_weight, linear_bias, flat_target if soft else None)
     )
+    if reduction == "none" and recorded:
+        # backward recomputes the logits from x, W and b: an inference-mode one that native
+        # keeps no reference to (checked above) is saved as a copy
+        x, linear_weight, linear_bias = (_savable(t) for t in (x, linear_weight, linear_bias))
     args = (
         x,
         linear_weight,

@@ -692,3 +692,50 @@ def test_probability_target_class_weights_get_their_gradient_as_natives(reductio
         loss, grads = run(fn, x, w, t, None, reduction=reduction, weight=cw)
         results.append((loss, *grads[:2], cw.grad))
     torch.testing.assert_close(results[0], results[1])
+
+
+def _inference(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("role", ["input", "target", "weight"])
+def test_inference_tensor_saved_by_native_is_refused_as_native(role, reduction):
+    """The naive cross_entropy(linear(x, W), t) saves x for W's gradient, and the target and
+    class weights for the loss's: created under inference_mode they cannot be saved, and
+    native raises. torchbp's 'mean' / 'sum' (gradients computed in forward) accepted them
+    while 'none' raised autograd's error from inside; now every reduction refuses them with
+    an error naming the argument."""
+    args = {
+        "input": make((N, D), torch.float32, seed=1),
+        "target": hard_target((N,)),
+        "weight": torch.rand(C, generator=torch.Generator().manual_seed(2)) + 0.5,
+    }
+    args[role] = _inference(args[role])
+    w = make((C, D), torch.float32, seed=3).requires_grad_()
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        F.cross_entropy(
+            F.linear(args["input"], w), args["target"], weight=args["weight"], reduction=reduction
+        )
+    with pytest.raises(RuntimeError, match=rf"linear_cross_entropy: {role} was created under"):
+        TF.linear_cross_entropy(
+            args["input"], w, args["target"], weight=args["weight"], reduction=reduction
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inference_input_native_does_not_save_is_accepted(reduction):
+    """With the linear weight frozen native's linear keeps no input (only the bias needs a
+    gradient), so an inference-mode input is fine there; torchbp's 'none' backward, which
+    recomputes the logits from the input, raised autograd's error instead."""
+    x = _inference(make((N, D), torch.float32, seed=1))
+    w = make((C, D), torch.float32, seed=3)
+    b = make((C,), torch.float32, seed=4).requires_grad_()
+    t = hard_target((N,))
+    want = reference(x, w, t, b, reduction=reduction)
+    (want_db,) = torch.autograd.grad(want.sum(), b)
+    got = TF.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+    (got_db,) = torch.autograd.grad(got.sum(), b)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_db, want_db)
