@@ -474,3 +474,15 @@ def test_missing_checkpoint_file_is_a_cli_error_before_training(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"error: --ckpt_path: checkpoint file not found: {missing}" in err, err
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_fast_dev_run_leaves_no_checkpoint_for_ckpt_path_last(short_run, tmp_path):
+    """``fit --trainer.fast_dev_run`` (a one-batch smoke test) wrote a last.ckpt of its one
+    step (Lightning's save_last at the end of training ignores fast_dev_run), so a following
+    ``test --ckpt_path last`` evaluated the smoke test's weights instead of the trained run's,
+    and ``fit --ckpt_path last`` resumed from them."""
+    run = _copy_of_run(short_run, tmp_path)
+    fit_digits(tmp_path, "--trainer.fast_dev_run=1")
+    assert not list((tmp_path / "digits/version_1").rglob("*.ckpt"))
+    cli = run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
+    assert cli.config_init.test.ckpt_path == str(run / "checkpoints/last.ckpt")

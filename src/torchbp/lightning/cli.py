@@ -258,6 +258,10 @@ class TorchbpCLI(LightningCLI):
             # inside the run folder, with or without loggers (and when Lightning swaps them
             # out: fast_dev_run)
             ckpt_cb.dirpath = os.path.realpath(run_folder / "checkpoints")
+        if isinstance(ckpt_cb, ModelCheckpoint) and tcfg.get("fast_dev_run"):
+            # Lightning turns checkpointing off for fast_dev_run, except save_last at the end
+            # of training: that one-step last.ckpt would be what --ckpt_path last finds
+            ckpt_cb.save_last = False
         if tcfg.get("logger") in (None, True) and "logger" not in kwargs:
             loggers: list[Any] = [RunCSVLogger(root.parent, root.name, version)]
             try:
