@@ -3,6 +3,8 @@ every mode, both reductions, 2-D and 3-D inputs, every activation, the loss opti
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -580,3 +582,26 @@ def test_float16_clipping_keeps_small_scaled_gradients(shape):
         assert grad.dtype == torch.float16
         # float16 rounds to 2**-11 of a value: a few roundings of the largest element
         torch.testing.assert_close(grad.to(DT), clipped, rtol=0, atol=2e-3 * clipped.abs().max())
+
+
+@pytest.mark.parametrize("shape", [(128, 8), (128, 2, 8)], ids=["2d", "3d"])
+def test_float16_variance_formed_in_float32(shape):
+    """Each sample's G_i ≈ 30 ± 0.5 element-wise: Σ_i G_i² (~1e5) is beyond float16's
+    65504, so p.sum_grad_squared is inf, but the variance (~0.25) is an ordinary float16
+    number. It is formed from float32 sums and stored in float16; before, it was formed
+    from the float16 ones: inf (and where they fit, E[G²] - E[G]² cancelled away
+    float16's 11 bits)."""
+    torch.manual_seed(0)
+    layer = torchbp.nn.Linear(8, 4).to(torch.float16)
+    batch, t = shape[0], math.prod(shape[1:-1])
+    x = torch.ones(*shape, dtype=torch.float16)
+    spread = torch.randn(*shape[:-1], 4) * 0.5 / t
+    w = (30.0 / t + spread).to(torch.float16)  # g = dL/dy = w exactly
+    with per_sample_grads(layer, mode="norms", statistics=True):
+        (layer(x) * w).sum().backward()
+    g = w.to(DT).reshape(batch, t, 4).sum(1)  # G_i = g_i 1ᵀ, β_i = g_i (summed over T)
+    for p, per_sample in ((layer.weight, g[:, :, None].expand(-1, -1, 8)), (layer.bias, g)):
+        assert p.grad_variance.dtype == torch.float16
+        variance = per_sample.var(0, correction=0)
+        torch.testing.assert_close(p.grad_variance.to(DT), variance, rtol=5e-3, atol=0)
+        assert p.sum_grad_squared.isinf().all()  # does not fit float16: inf is right

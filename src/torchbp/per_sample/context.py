@@ -294,7 +294,11 @@ class PerSampleGrads:
             for layer in reversed(self._layers):
                 trace = traces.pop(id(layer), None)
                 layer.traces.clear()
-                sums = _grad_sums(layer, *trace) if trace is not None and needs_sums else None
+                sums = None
+                if trace is not None and needs_sums:
+                    # the variance needs Σ_i G_i in float32 at least (see _form_statistics)
+                    dtype = formulas.norm_dtype(trace[1].dtype) if self.statistics else None
+                    sums = _grad_sums(layer, *trace, dtype=dtype)
                 if self.mode == "grads":
                     self._form_samples(layer, trace, batch)
                 if self.statistics:
@@ -331,6 +335,8 @@ class PerSampleGrads:
                 p.grad_sample = formulas.bias_grad_samples(trace[1])
 
     def _form_statistics(self, layer: Layer, trace, sums, batch: int) -> None:
+        """``p.sum_grad_squared`` and ``p.grad_variance``, formed from the sums (in
+        :func:`formulas.norm_dtype`) and stored in the parameter's dtype."""
         for i, p in enumerate((layer.weight, layer.bias)):
             if p is None:
                 continue
@@ -340,8 +346,8 @@ class PerSampleGrads:
                 sum_squared, total = formulas.weight_sum_grad_squared(*trace), sums[0]
             else:
                 sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
-            p.sum_grad_squared = sum_squared
-            p.grad_variance = formulas.variance(sum_squared, total, batch)
+            p.sum_grad_squared = sum_squared.to(p.dtype)
+            p.grad_variance = formulas.variance(sum_squared, total, batch).to(p.dtype)
 
 
 def _autograd_grad_refusal(what: str) -> str:
@@ -382,22 +388,20 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _grad_sums(layer: Layer, a, g) -> tuple:
-    """``(dL/dW, dL/db)`` of the recorded backward (``None`` for a frozen one)."""
-    weight = None if layer.weight is None else formulas.weight_grad_sum(a, g)
-    bias = None if layer.bias is None else formulas.bias_grad_sum(g)
+def _grad_sums(layer: Layer, a, g, dtype: torch.dtype | None = None) -> tuple:
+    """``(dL/dW, dL/db)`` of the recorded backward (``None`` for a frozen one), formed in
+    ``dtype`` (default: ``g``'s)."""
+    weight = None if layer.weight is None else formulas.weight_grad_sum(a, g, dtype)
+    bias = None if layer.bias is None else formulas.bias_grad_sum(g, dtype)
     return weight, bias
 
 
 def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
-    """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one), in ``g``'s dtype.
-
-    Formed in :func:`formulas.norm_dtype`: small output gradients times small factors
-    fall below float16's normal range (6e-5), where ``c_i g_i`` would keep a few bits."""
+    """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one), in
+    :func:`formulas.norm_dtype`: small output gradients times small factors fall below
+    float16's normal range (6e-5), where ``c_i g_i`` would keep a few bits."""
     dtype = formulas.norm_dtype(g.dtype)
-    a = None if a is None else a.to(dtype)
-    sums = _grad_sums(layer, a, formulas.scale_samples(g.to(dtype), factors))
-    return tuple(None if s is None else s.to(g.dtype) for s in sums)
+    return _grad_sums(layer, a, formulas.scale_samples(g.to(dtype), factors), dtype)
 
 
 def _joined(layer: Layer):
@@ -410,7 +414,9 @@ def _joined(layer: Layer):
 
 
 def _accumulate(p: nn.Parameter, grad: torch.Tensor) -> None:
-    """Add to ``p.grad`` as autograd does (or set it when there is none)."""
+    """Add to ``p.grad`` as autograd does (or set it when there is none), in ``p``'s
+    dtype (sums may be formed in a wider one)."""
+    grad = grad.to(p.dtype)
     if p.grad is None:
         p.grad = grad
     else:
@@ -514,7 +520,8 @@ def per_sample_grads(
             ``p.grad_variance`` (``Σ_i grad_i²/B − (Σ_i grad_i/B)²``, the variance over the
             batch of the contributions, unclipped in every mode; with ``reduction='mean'``
             multiply by ``B²`` for the variance of the per-sample-loss gradients; an empty
-            batch gives zeros for both).
+            batch gives zeros for both). Both are formed in float32 for float16 / bfloat16
+            models and stored in their dtype.
 
     Shape:
         ``ps.norms`` and ``ps.clip_factors``: ``(B,)``. ``p.grad_sample``:

@@ -131,42 +131,47 @@ def bias_grad_samples(g: torch.Tensor) -> torch.Tensor:
 
 
 def weight_sum_grad_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``Σ_i G_i ⊙ G_i`` (element-wise square), shape ``(out, in)``."""
+    """``Σ_i G_i ⊙ G_i`` (element-wise square), shape ``(out, in)``, in :func:`norm_dtype`
+    (squares overflow float16 early)."""
     batch, t, in_features = a.shape
     out_features = g.shape[-1]
+    dtype = norm_dtype(g.dtype)
     if t == 1:
-        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = (g²)ᵀ (a²)   (a² overflows float16 early)
-        dtype = norm_dtype(g.dtype)
-        return (g[:, 0].to(dtype).square().t() @ a[:, 0].to(dtype).square()).to(g.dtype)
-    total = a.new_zeros(out_features, in_features)
+        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = (g²)ᵀ (a²)
+        return g[:, 0].to(dtype).square().t() @ a[:, 0].to(dtype).square()
+    total = a.new_zeros(out_features, in_features, dtype=dtype)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i, squared and summed over the chunk's samples
-        total += torch.bmm(g[rows].transpose(1, 2), a[rows]).square().sum(0)
+        chunk_a, chunk_g = a[rows].to(dtype), g[rows].to(dtype)
+        total += torch.bmm(chunk_g.transpose(1, 2), chunk_a).square().sum(0)
     return total
 
 
 def bias_sum_grad_squared(g: torch.Tensor) -> torch.Tensor:
-    """``Σ_i β_i ⊙ β_i``, shape ``(out,)``."""
+    """``Σ_i β_i ⊙ β_i``, shape ``(out,)``, in :func:`norm_dtype`."""
     # β_i = Σ_t g_it, squared element-wise and summed over samples
-    return g.sum(1).square().sum(0)
+    return g.sum(1, dtype=norm_dtype(g.dtype)).square().sum(0)
 
 
-def weight_grad_sum(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``Σ_i G_i = dL/dW``, shape ``(out, in)``."""
+def weight_grad_sum(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype | None = None):
+    """``Σ_i G_i = dL/dW``, shape ``(out, in)``, formed in ``dtype`` (default: ``g``'s)."""
+    dtype = g.dtype if dtype is None else dtype
     # dL/dW = gᵀ a   over the flattened (B·T) rows
-    return g.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+    return g.reshape(-1, g.shape[-1]).to(dtype).t() @ a.reshape(-1, a.shape[-1]).to(dtype)
 
 
-def bias_grad_sum(g: torch.Tensor) -> torch.Tensor:
-    """``Σ_i β_i = dL/db``, shape ``(out,)``."""
+def bias_grad_sum(g: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``Σ_i β_i = dL/db``, shape ``(out,)``, summed in ``dtype`` (default: ``g``'s)."""
     # dL/db = Σ over every row of g
-    return g.sum((0, 1))
+    return g.sum((0, 1), dtype=dtype)
 
 
 def variance(sum_grad_squared: torch.Tensor, grad_sum: torch.Tensor, batch: int) -> torch.Tensor:
     """Element-wise variance over the ``B`` samples of their contributions ``G_i`` (rounding
     can make the difference below slightly negative: it is clamped at 0). An empty batch
-    has no spread: 0, not the 0/0 of the formula."""
+    has no spread: 0, not the 0/0 of the formula. Give both sums in :func:`norm_dtype`:
+    in float16 ``Σ_i G_i²`` overflows long before the variance does, and the difference
+    cancels most of float16's 11 bits."""
     if batch == 0:
         return torch.zeros_like(sum_grad_squared)
     # Var_i[G_i] = (1/B) Σ_i G_i² - ((1/B) Σ_i G_i)²
