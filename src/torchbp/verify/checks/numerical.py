@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from torchbp.verify.checks.compare import require_close
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import no_forward_ad
 from torchbp.verify.checks.explain import explain_error, first_line, outcome_of
@@ -155,7 +156,9 @@ def _first_order(
 
 def check_gradcheck(ctx: CheckContext) -> Passed:
     """Backward's Jacobian against central differences (torch's gradcheck decides; the
-    full Jacobians, or random projections of large ones, give the error and where)."""
+    full Jacobians, or random projections of large ones, give the error and where), then,
+    for several outputs, backward given all their gradients at once against the sum of its
+    gradients for each output alone (:func:`_require_linear_in_grad_outputs`)."""
     _require_float64(ctx)
     diff = ctx.leaves()
     torch_msg = _torch_verdict(
@@ -163,9 +166,49 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     )
     errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
     if errors is not None:
+        _require_linear_in_grad_outputs(ctx)
         return Passed("full Jacobian compared", *errors)
     abs_err, rel_err = projected_backward_error(ctx.diff_fn, diff, ctx.options.eps, ctx.randn)
+    _require_linear_in_grad_outputs(ctx)
     return Passed("random projections v^T J u compared (large inputs)", abs_err, rel_err)
+
+
+def _require_linear_in_grad_outputs(ctx: CheckContext) -> None:
+    """Fail unless backward given the gradients of all of fn's differentiable outputs at
+    once returns the sum of what it returns for each output alone.
+
+    The Jacobians compared above come from one output at a time (the others' gradients
+    None, or zeros), as in torch's gradcheck, and each such gradient is right; a backward
+    with a wrong branch for several defined gradients (``ctx.set_materialize_grads(False)``
+    code handling None) is then wrong in every real use of more than one output, unseen.
+    """
+    leaves = ctx.leaves()
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    if len(outs) < 2:
+        return
+    vs = ctx.randn_like_outputs(outs)
+    at_once = f"given the gradients of all {len(outs)} outputs at once"
+    try:
+        joint = torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001 - each output alone worked: a bug, in words
+        raise CheckFailure(f"backward fails {at_once}: {explain_error(exc)}") from None
+    alone = [
+        torch.autograd.grad(o, leaves, v, retain_graph=True, allow_unused=True)
+        for o, v in zip(outs, vs)
+    ]
+    for k, leaf in enumerate(leaves):
+        expected = sum((g[k] for g in alone if g[k] is not None), torch.zeros_like(leaf))
+        got = torch.zeros_like(leaf) if joint[k] is None else joint[k]
+        require_close(
+            got,
+            expected,
+            ctx.parity_tolerances(),
+            f"backward of {ctx.input_name(k)} {at_once} differs from the sum of its "
+            "gradients for each output alone",
+            note=" (a wrong branch for several defined grad_outputs, e.g. under "
+            "ctx.set_materialize_grads(False)?)",
+            show_index=True,
+        )
 
 
 def _require_differentiable_backward(
