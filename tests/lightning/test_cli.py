@@ -486,3 +486,50 @@ def test_fast_dev_run_leaves_no_checkpoint_for_ckpt_path_last(short_run, tmp_pat
     assert not list((tmp_path / "digits/version_1").rglob("*.ckpt"))
     cli = run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
     assert cli.config_init.test.ckpt_path == str(run / "checkpoints/last.ckpt")
+
+
+def _read_predictions(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_predict_writes_the_predictions_into_its_run_folder(short_run, tmp_path, capsys):
+    """``torchbp-train predict`` computed the class probabilities and dropped them: nothing
+    was written or printed, so the subcommand had no output at all."""
+    ckpt = str(short_run / "checkpoints/last.ckpt")
+    cli = run_cli("predict", "--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={ckpt}")
+    path = Path(cli.trainer.log_dir) / "predictions.csv"
+    assert f"predictions: {path.resolve()}" in capsys.readouterr().out
+    columns, rows = _read_predictions(path)
+    assert columns == ["prediction", *(f"prob_{k}" for k in range(10))]
+    x, y = cli.datamodule.splits["test"].tensors
+    assert len(rows) == len(y)
+    probs = torch.tensor([[float(r[f"prob_{k}"]) for k in range(10)] for r in rows])
+    predicted = torch.tensor([int(r["prediction"]) for r in rows])
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(y)), atol=1e-5, rtol=0)
+    assert torch.equal(predicted, probs.argmax(1))
+    with torch.no_grad():
+        expected = cli.model(x).softmax(1)
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=0)  # in the split's order
+
+
+def test_predict_names_the_classes_of_a_csv(tmp_path):
+    """With string labels the predictions are the labels of the file, not their indices."""
+    csv = tmp_path / "pets.csv"
+    csv.write_text(
+        "w,h,kind\n"
+        + "".join(f"{i % 5 + 3 * (i % 2)},{i % 3},{('cat', 'dog')[i % 2]}\n" for i in range(40))
+    )
+    data = ["--data=torchbp.lightning.data.TabularFileDataModule", f"--data.path={csv}"]
+    data += ["--data.label_column=kind", "--data.batch_size=8", f"--run_dir={tmp_path}"]
+    run_cli("fit", *data, "--trainer.max_epochs=1", "--model.hidden_sizes=[4]")
+    cli = run_cli("predict", *data, "--model.hidden_sizes=[4]", "--ckpt_path=last")
+    columns, rows = _read_predictions(Path(cli.trainer.log_dir) / "predictions.csv")
+    assert columns == ["prediction", "prob_cat", "prob_dog"]
+    assert len(rows) == len(cli.datamodule.splits["test"])
+    for r in rows:
+        best = max(("cat", "dog"), key=lambda k: float(r[f"prob_{k}"]))
+        assert r["prediction"] == best

@@ -23,7 +23,11 @@ Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ck
 ``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
 ``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
 into a new run folder, so they never overwrite the files of the run they evaluate.
-``fit`` ends by testing the best checkpoint on the test split and printing the test metrics.
+``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
+``predict`` writes the class probabilities of the DataModule's predict split (the test split
+for torchbp's DataModules) to ``predictions.csv`` in its run folder: a column ``prediction``
+(the most probable class; for a data file, by its label in the file) and ``prob_<class>`` per
+class.
 
 Errors before training start with ``error:`` and their cause on one line, and exit with
 status 2: a bad option or value, an invalid configuration (e.g. ``--trainer.accelerator cuda``
@@ -53,7 +57,7 @@ from torchbp.lightning.config_files import (
 from torchbp.lightning.console import ShortErrorParser, exit_with_error, quiet_lightning
 from torchbp.lightning.data import ClassificationDataModule, DataConfigError, DataError
 from torchbp.lightning.module import ERMClassifier
-from torchbp.lightning.run_logger import RunCSVLogger
+from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
 
 __all__ = ["TorchbpCLI", "main", "cli_main"]
 
@@ -62,6 +66,8 @@ _VERSION_RE = re.compile(r"^version_(\d+)$")
 _LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
 #: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
 _HIGHER_IS_BETTER = ("acc", "f1")
+#: what ``predict`` writes into its run folder
+PREDICTIONS_FILE = "predictions.csv"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 
@@ -307,6 +313,26 @@ class TorchbpCLI(LightningCLI):
             print(f"test metrics ({ckpt or 'final weights'}): {shown}")
             if log_dir:
                 print(f"run folder: {os.path.abspath(log_dir)}")
+
+    # -- predict writes what it predicted --------------------------------------------------
+    def after_predict(self) -> None:
+        trainer = self.trainer
+        batches = trainer.predict_loop.predictions
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not batches or not log_dir:
+            return
+        if trainer.world_size > 1:
+            print(
+                "predictions.csv is written by single-process runs only (under DDP each "
+                "process predicts a shard); run predict on one device",
+                file=sys.stderr,
+            )
+            return
+        if not all(isinstance(b, torch.Tensor) for b in batches):
+            return  # several predict dataloaders, or a predict_step of another kind
+        path = Path(log_dir) / PREDICTIONS_FILE
+        write_predictions(path, torch.cat(batches), getattr(self.datamodule, "class_names", None))
+        print(f"predictions: {path.resolve()}")
 
 
 def cli_main(args: ArgsType = None, **kwargs: Any) -> TorchbpCLI:

@@ -1,17 +1,20 @@
-"""RunCSVLogger: ``metrics.csv`` and ``hparams.yaml`` of one run folder, kept across resumes."""
+"""What a run writes into its folder: ``metrics.csv`` and ``hparams.yaml`` (RunCSVLogger, kept
+across resumes) and, for ``predict``, ``predictions.csv`` (:func:`write_predictions`)."""
 
 from __future__ import annotations
 
 import csv
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["RunCSVLogger"]
+__all__ = ["RunCSVLogger", "write_predictions"]
 
 
 class RunCSVLogger(Logger):
@@ -106,3 +109,28 @@ class RunCSVLogger(Logger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.save()
+
+
+def write_predictions(
+    path: str | Path, probabilities: torch.Tensor, class_names: Sequence[Any] | None = None
+) -> None:
+    """Write class probabilities ``(N, C)`` as a CSV: one row per sample, in the order
+    predicted; the column ``prediction`` (the most probable class) and ``prob_<class>`` for
+    each class. Classes are named by ``class_names`` (e.g. a CSV's labels) when it has ``C``
+    names, else by their index.
+
+    Examples::
+
+        write_predictions("runs/digits/version_1/predictions.csv", probs)
+    """
+    probs = probabilities.detach().float().cpu()
+    names = list(range(probs.shape[1]))
+    if class_names is not None and len(class_names) == probs.shape[1]:
+        names = list(class_names)
+    predicted = probs.argmax(dim=1).tolist() if probs.shape[0] else []
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prediction", *(f"prob_{name}" for name in names)])
+        for k, row in zip(predicted, probs.tolist()):
+            writer.writerow([names[k], *row])
