@@ -605,3 +605,22 @@ def test_float16_variance_formed_in_float32(shape):
         variance = per_sample.var(0, correction=0)
         torch.testing.assert_close(p.grad_variance.to(DT), variance, rtol=5e-3, atol=0)
         assert p.sum_grad_squared.isinf().all()  # does not fit float16: inf is right
+
+
+def test_float16_materialised_norms_do_not_overflow():
+    """‖G_i‖² by materialising G_i (chosen when T(in + out) > in·out): G_i's elements
+    (4 positions × 200 × 100 = 80000) overflow float16 though the norms and the clipped
+    sums fit float32 and float16. G_i is formed in float32; before, it was formed in
+    float16: the norms were inf and clip mode dropped those samples (c_i = C/inf = 0)."""
+    from torchbp.per_sample import formulas
+
+    layer = torchbp.nn.Linear(4, 64, bias=False).to(torch.float16)
+    assert not formulas.gram_is_cheaper(4, 4, 64)
+    x = torch.full((3, 4, 4), 200.0, dtype=torch.float16)
+    w = torch.full((3, 4, 64), 100.0, dtype=torch.float16)  # g = dL/dy = w exactly
+    with per_sample_grads(layer, mode="clip", max_norm=1.0) as ps:
+        (layer(x) * w).sum().backward()
+    # G_i = 80000 in each of 4·64 elements: ‖G_i‖ = 80000·16
+    torch.testing.assert_close(ps.norms, torch.full((3,), 1.28e6), rtol=1e-3, atol=0)
+    expected = torch.full((64, 4), 3 / 16, dtype=torch.float16)  # Σ_i c_i G_i
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-3, atol=0)

@@ -59,9 +59,10 @@ def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             out[rows] = _gram_squared_norms(a[rows].to(dtype), g[rows].to(dtype))
         return out
     for rows in _sample_chunks(batch, in_features * out_features):
-        # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm
-        sample_grads = torch.bmm(g[rows].transpose(1, 2), a[rows])
-        out[rows] = sample_grads.to(dtype).square().sum((1, 2))
+        # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm (G_i in
+        # float32 at least: a float16 sum over T positions overflows where ‖G_i‖ fits)
+        chunk_a, chunk_g = a[rows].to(dtype), g[rows].to(dtype)
+        out[rows] = torch.bmm(chunk_g.transpose(1, 2), chunk_a).square().sum((1, 2))
     return out
 
 
