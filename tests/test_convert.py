@@ -410,3 +410,47 @@ def test_lazy_module_stays_converted_once_initialised():
     lazy = torchbp.convert(torchbp.convert(nn.LazyLinear(4)), to="torch")
     lazy(x)
     assert type(lazy) is nn.Linear
+
+
+# --------------------------------------------------------------------------- TorchScript
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.LeakyReLU(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("twin", [bpnn.Linear(4, 3), bpnn.ReLU(), bpnn.CrossEntropyLoss()])
+def test_torch_jit_script_names_torchbp_and_the_alternatives(twin):
+    """torch.jit.script of a converted model failed deep in TorchScript's frontend ('try
+    blocks aren't supported' in _checks.py); it now says why and what works instead."""
+    model = nn.Sequential(nn.Linear(4, 4), twin) if not isinstance(twin, nn.Linear) else twin
+    with pytest.raises(NotImplementedError) as err:
+        torch.jit.script(model)
+    message = str(err.value)
+    assert f"torchbp.nn.{type(twin).__name__}" in message
+    for alternative in ("torch.compile", "torch.jit.trace", "convert(model, to='torch')"):
+        assert alternative in message
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torch_jit_script_alternatives_work():
+    """What the error above advises: a trace runs torchbp's backward; converted back, the
+    model scripts."""
+    native = _mlp()
+    ours = torchbp.convert(copy.deepcopy(native))
+    with pytest.raises(NotImplementedError, match="torchbp.nn.Linear"):
+        torch.jit.script(ours)
+    traced = torch.jit.trace(ours, torch.randn(5, 4))
+    x = torch.randn(5, 4, requires_grad=True)
+    out = traced(x)
+    assert type(out.grad_fn).__name__ == "LinearFunctionBackward"
+    torch.testing.assert_close(out, native(x))
+    (got,) = torch.autograd.grad(out.sum(), x)
+    (want,) = torch.autograd.grad(native(x).sum(), x)
+    torch.testing.assert_close(got, want)
+    scripted = torch.jit.script(torchbp.convert(ours, inplace=False, to="torch"))
+    torch.testing.assert_close(scripted(x), native(x))
+
+
+def test_torch_jit_script_of_a_combined_class_names_torchbp():
+    mha = torchbp.convert(nn.MultiheadAttention(4, 2))
+    with pytest.raises(NotImplementedError, match="torchbp.nn.Linear"):
+        torch.jit.script(mha)

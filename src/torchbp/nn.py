@@ -5,6 +5,10 @@ constructor arguments (``device`` / ``dtype`` included), parameter names, initia
 (``reset_parameters``), ``state_dict`` keys, ``extra_repr`` and ``isinstance`` checks are
 exactly torch's: a checkpoint moves between the two without conversion.
 
+``torch.jit.script`` cannot compile them (their forward runs a Python autograd Function)
+and says so up front, naming what works: ``torch.compile``, ``torch.jit.trace`` (in
+process), or scripting ``torchbp.convert(model, to='torch')``.
+
 Examples::
 
     >>> import torch, torchbp
@@ -43,7 +47,24 @@ __all__ = [
 ]
 
 
-class Linear(nn.Linear):
+class _TorchbpModule:
+    """Mixed into every torchbp module: :func:`torch.jit.script` refuses it up front, with
+    the alternatives, instead of failing deep in TorchScript's frontend."""
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this hook on every module before compiling it
+        twin = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile torchbp.nn.{twin.__name__}: its forward runs a "
+            "Python torch.autograd.Function (torchbp's hand-written backward), which "
+            "TorchScript cannot compile. Use torch.compile (keeps torchbp's backward), "
+            "torch.jit.trace (runs torchbp's backward in this process; the trace cannot be "
+            "saved with torch.jit.save), or script a native copy made with "
+            "torchbp.convert(model, to='torch') (inplace=False to keep this one)"
+        )
+
+
+class Linear(_TorchbpModule, nn.Linear):
     r"""Affine layer :math:`y = x W^T + b` with torchbp's hand-written backward.
 
     Args:
@@ -72,7 +93,7 @@ class Linear(nn.Linear):
         return F.linear(input, self.weight, self.bias)
 
 
-class Sigmoid(nn.Sigmoid):
+class Sigmoid(_TorchbpModule, nn.Sigmoid):
     r""":math:`\sigma(x) = 1/(1 + e^{-x})`; backward saves only the output.
 
     Shape: input ``(*)``, output the same shape.
@@ -82,7 +103,7 @@ class Sigmoid(nn.Sigmoid):
         return F.sigmoid(input)
 
 
-class Tanh(nn.Tanh):
+class Tanh(_TorchbpModule, nn.Tanh):
     r""":math:`\tanh(x)`; backward :math:`g (1 - y^2)` from the saved output.
 
     Shape: input ``(*)``, output the same shape.
@@ -92,7 +113,7 @@ class Tanh(nn.Tanh):
         return F.tanh(input)
 
 
-class ReLU(nn.ReLU):
+class ReLU(_TorchbpModule, nn.ReLU):
     r""":math:`\max(x, 0)`.
 
     Args:
@@ -103,7 +124,7 @@ class ReLU(nn.ReLU):
         return F.relu(input, inplace=self.inplace)
 
 
-class LeakyReLU(nn.LeakyReLU):
+class LeakyReLU(_TorchbpModule, nn.LeakyReLU):
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise.
 
     Args:
@@ -115,7 +136,7 @@ class LeakyReLU(nn.LeakyReLU):
         return F.leaky_relu(input, self.negative_slope, self.inplace)
 
 
-class GELU(nn.GELU):
+class GELU(_TorchbpModule, nn.GELU):
     r""":math:`x \Phi(x)` (``approximate='none'``) or its tanh approximation.
 
     Args:
@@ -126,7 +147,7 @@ class GELU(nn.GELU):
         return F.gelu(input, approximate=self.approximate)
 
 
-class SiLU(nn.SiLU):
+class SiLU(_TorchbpModule, nn.SiLU):
     r""":math:`x \sigma(x)`.
 
     Args:
@@ -137,7 +158,7 @@ class SiLU(nn.SiLU):
         return F.silu(input, inplace=self.inplace)
 
 
-class ELU(nn.ELU):
+class ELU(_TorchbpModule, nn.ELU):
     r""":math:`x` for :math:`x > 0`, :math:`\alpha (e^x - 1)` otherwise.
 
     Args:
@@ -151,7 +172,7 @@ class ELU(nn.ELU):
         return F.elu(input, self.alpha, self.inplace)
 
 
-class Softplus(nn.Softplus):
+class Softplus(_TorchbpModule, nn.Softplus):
     r""":math:`\frac{1}{\beta} \log(1 + e^{\beta x})`, linear above the threshold.
 
     Args:
@@ -165,7 +186,7 @@ class Softplus(nn.Softplus):
         return F.softplus(input, self.beta, self.threshold)
 
 
-class Softmax(nn.Softmax):
+class Softmax(_TorchbpModule, nn.Softmax):
     r"""Softmax along ``dim`` with the max trick.
 
     Args:
@@ -176,7 +197,7 @@ class Softmax(nn.Softmax):
         return F.softmax(input, self.dim, _stacklevel=5)
 
 
-class LogSoftmax(nn.LogSoftmax):
+class LogSoftmax(_TorchbpModule, nn.LogSoftmax):
     r"""Log-softmax along ``dim``.
 
     Args:
@@ -187,7 +208,7 @@ class LogSoftmax(nn.LogSoftmax):
         return F.log_softmax(input, self.dim, _stacklevel=5)
 
 
-class NLLLoss(nn.NLLLoss):
+class NLLLoss(_TorchbpModule, nn.NLLLoss):
     r"""Negative log-likelihood of log-probabilities.
 
     Args:
@@ -211,7 +232,7 @@ class NLLLoss(nn.NLLLoss):
         )
 
 
-class CrossEntropyLoss(nn.CrossEntropyLoss):
+class CrossEntropyLoss(_TorchbpModule, nn.CrossEntropyLoss):
     r"""Fused log-softmax + NLL cross-entropy of logits.
 
     Args:
@@ -247,7 +268,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
 _NativeLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", None)
 
 
-class LinearCrossEntropyLoss(_NativeLinearCrossEntropyLoss or nn.Module):
+class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn.Module):
     r"""Linear layer + cross-entropy in one fused op that never holds the ``(N, C)``
     logits (:func:`torchbp.functional.linear_cross_entropy`).
 
