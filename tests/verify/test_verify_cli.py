@@ -249,3 +249,38 @@ def test_target_json_is_strict_json_with_a_non_finite_literal(tmp_path, capsys):
 
     data = json.loads(path.read_text(), parse_constant=refuse)
     assert data["meta"]["inputs"][1] == "-inf"
+
+
+def test_skip_leaves_checks_out_of_the_ops_run(tmp_path, capsys):
+    # --skip was honoured only for a target: torchbp's ops ran every check anyway
+    path = tmp_path / "out.json"
+    argv = ["--op", "relu", "--dtype", "float64", "--no-progress", "--no-compile"]
+    code = cli.main([*argv, "--skip", "gradcheck,vmap", "--skip", "mutation", "--json", str(path)])
+    assert code == 0, capsys.readouterr().out
+    ran = {c["name"] for r in json.loads(path.read_text())["results"] for c in r["checks"]}
+    assert ran and not ran & {"gradcheck", "vmap", "mutation"}
+    assert "forward" in ran and "gradgradcheck" in ran
+
+
+def test_skip_of_every_check_of_a_dtype_runs_forward_only(tmp_path, capsys):
+    path = tmp_path / "out.json"
+    argv = ["--op", "relu", "--dtype", "bfloat16", "--no-progress", "--json", str(path)]
+    skip = ",".join(c for c in cli.CHECKS if c != "forward")
+    assert cli.main([*argv, "--skip", skip]) == 0, capsys.readouterr().out
+    ran = {c["name"] for r in json.loads(path.read_text())["results"] for c in r["checks"]}
+    assert ran == {"forward"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--skip", "nope"], "unknown check nope; valid checks: forward, gradcheck"),
+        # target-only options were silently ignored without a target
+        (["--reference", "torch:tanh"], "--reference applies only to a target"),
+        (["--require", "vmap"], "--require applies only to a target"),
+        (["--seed", "3"], "--seed applies only to a target"),
+    ],
+)
+def test_ops_run_usage_errors_exit_2(argv, needle, capsys):
+    assert cli.main(["--op", "relu", "--no-progress", *argv]) == 2
+    assert needle in " ".join(capsys.readouterr().err.split())

@@ -99,9 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         help="checks the target promises: unsupported counts as failed (comma-separated)",
     )
     p.add_argument(
-        "--skip", action="append", metavar="CHECK", help="checks to leave out (comma-separated)"
+        "--skip",
+        action="append",
+        metavar="CHECK",
+        help="checks to leave out, of the target or of every op (comma-separated)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the target's inputs (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the target's inputs (default 0)")
     p.add_argument(
         "--device",
         action="append",
@@ -151,7 +154,33 @@ def _split(values: Sequence[str] | None) -> list[str]:
     return out
 
 
+#: The options that only a target (module:Symbol --inputs SPEC) takes, by attribute.
+TARGET_ONLY = {"reference": "--reference", "require": "--require", "seed": "--seed"}
+
+
+def _refuse_target_only(args: argparse.Namespace) -> None:
+    """A usage error for an option that applies only to a target, given without one (it
+    would be silently ignored)."""
+    given = [flag for attr, flag in TARGET_ONLY.items() if getattr(args, attr) is not None]
+    if given:
+        raise UsageError(
+            f"{given[0]} applies only to a target (module:Symbol --inputs SPEC), not to "
+            "torchbp's ops"
+        )
+
+
+def _skipped(args: argparse.Namespace) -> set[str]:
+    """The check names given to --skip, each a valid one."""
+    skipped = _split(args.skip)
+    bad = [c for c in skipped if c not in CHECKS]
+    if bad:
+        raise UsageError(f"unknown check {', '.join(bad)}; valid checks: {', '.join(CHECKS)}")
+    return set(skipped)
+
+
 def _resolve(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    _refuse_target_only(args)
+    _skipped(args)
     ops_valid = op_names()
     ops = _split(args.op) or ops_valid
     bad = [o for o in ops if o not in ops_valid]
@@ -191,13 +220,16 @@ def _jobs(ops: list[str], devices: list[str], dtypes: list[str]) -> list[Job]:
 
 def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]]) -> dict[str, Any]:
     # torchbp's ops are autograd.Functions, not torch.library custom ops
-    checks = [c for c in job.case.checks or CHECKS if c != "opcheck"]
+    skipped = _skipped(args)
+    checks = [c for c in job.case.checks or CHECKS if c != "opcheck" and c not in skipped]
     if job.dtype != "float64":
         checks = [c for c in checks if c in LOW_PRECISION_CHECKS]
+    checks = checks or ["forward"]  # every check of this dtype skipped: forward still runs
     # compile: once per op, device and dtype family, on the op's main case (it is slow)
     key = (job.case.op, job.device)
     want_compile = (
         not args.no_compile
+        and "compile" not in skipped
         and job.case.compile
         and job.dtype in ("float64", "float32")
         and (key + (job.dtype,)) not in compiled
@@ -431,7 +463,7 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         options = _target_options(args)
         fn = load_symbol(args.target)
         reference = load_symbol(args.reference) if args.reference else None
-        inputs = parse_inputs(args.inputs, args.seed)
+        inputs = parse_inputs(args.inputs, 0 if args.seed is None else args.seed)
         torch.set_num_threads(max(1, args.threads))
         report = check_function(fn, *inputs, reference=reference, **options)
     except (UsageError, TargetError, TypeError, ValueError) as exc:
