@@ -533,3 +533,39 @@ def test_predict_names_the_classes_of_a_csv(tmp_path):
     for r in rows:
         best = max(("cat", "dog"), key=lambda k: float(r[f"prob_{k}"]))
         assert r["prediction"] == best
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_best_loads_the_latest_runs_best_checkpoint(short_run, tmp_path, subcommand):
+    """``test --ckpt_path best`` in a new process was Lightning's ValueError ("ModelCheckpoint
+    is not configured to save the best model") in a traceback: "best" meant the best of a fit
+    in the same process. It is now the best checkpoint of the latest run, found as ``last``
+    is, and its run folder is left as it was."""
+    run = _copy_of_run(short_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    (best,) = (run / "checkpoints").glob("epoch*.ckpt")
+    cli = run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=best")
+    assert cli.config_init[subcommand]["ckpt_path"] == str(best)
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert Path(cli.trainer.log_dir).resolve() == (tmp_path / "digits/version_1").resolve()
+
+
+def test_evaluating_best_without_a_run_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=best")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path best: no best checkpoint under {tmp_path / 'digits'}" in err, err
+    assert "Traceback" not in err and not list(tmp_path.rglob("*"))
+
+
+def test_fit_from_best_is_an_error_before_training(short_run, tmp_path, capsys):
+    """``fit --ckpt_path best`` was Lightning's ValueError in a traceback after the run folder
+    was made; a fit resumes from ``last`` (or a checkpoint file)."""
+    _copy_of_run(short_run, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        fit_digits(tmp_path, "--ckpt_path=best")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path best: fit resumes from last or a checkpoint file" in err, err
+    assert not (tmp_path / "digits/version_1").exists()

@@ -22,7 +22,8 @@ for accuracy and F1, ``min`` for the rest, as Lightning's default;
 Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
 ``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
 ``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
-into a new run folder, so they never overwrite the files of the run they evaluate.
+into a new run folder, so they never overwrite the files of the run they evaluate; with
+``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split
 for torchbp's DataModules) to ``predictions.csv`` in its run folder: a column ``prediction``
@@ -37,6 +38,7 @@ without a GPU) or a data problem (e.g. a missing data file).
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -76,6 +78,24 @@ def _versions(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
+
+
+def _best_checkpoint(folder: Path) -> Path | None:
+    """The best checkpoint in a run's ``checkpoints`` folder: the one its ``last.ckpt`` records
+    as ModelCheckpoint's ``best_model_path`` (looked up in ``folder``, so a moved run folder
+    still works), else the folder's only checkpoint besides ``last*.ckpt``."""
+    last = folder / "last.ckpt"
+    if last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, OSError, pickle.UnpicklingError):
+            state = {}
+        for callback in (state.get("callbacks") or {}).values():
+            recorded = callback.get("best_model_path") if isinstance(callback, dict) else None
+            if recorded and (folder / Path(recorded).name).is_file():
+                return folder / Path(recorded).name
+    others = [p for p in folder.glob("*.ckpt") if not p.name.startswith("last")]
+    return others[0] if len(others) == 1 else None
 
 
 def _checkpoint_mode(monitor: str | None) -> str:
@@ -223,12 +243,34 @@ class TorchbpCLI(LightningCLI):
                     f"--ckpt_path last: no last.ckpt under {root}; nothing to {self.subcommand} "
                     "(check --run_dir and --run_name, or give the checkpoint's path)"
                 )
+        elif cfg.get("ckpt_path") == "best":
+            cfg["ckpt_path"] = str(self._best_checkpoint_to_evaluate(root))
         self._check_checkpoint_file(cfg.get("ckpt_path"))
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
             vs = _versions(root)
             self._version = vs[-1] + 1 if vs else 0
+
+    def _best_checkpoint_to_evaluate(self, root: Path) -> Path:
+        """``--ckpt_path best``: the best checkpoint of the latest run under ``root`` (Lightning's
+        ``best`` means a fit's in the same process, which validate/test/predict never have)."""
+        if self.subcommand == "fit":
+            exit_with_error(
+                "--ckpt_path best: fit resumes from last or a checkpoint file; best is for "
+                "validate, test and predict"
+            )
+        runs = [root / f"version_{v}/checkpoints" for v in reversed(_versions(root))]
+        latest = next((folder for folder in runs if any(folder.glob("*.ckpt"))), None)
+        best = None if latest is None else _best_checkpoint(latest)
+        if best is None:
+            where = root if latest is None else latest
+            exit_with_error(
+                f"--ckpt_path best: no best checkpoint under {where}; nothing to "
+                f"{self.subcommand} (check --run_dir and --run_name, or give the checkpoint's "
+                "path)"
+            )
+        return best
 
     @staticmethod
     def _check_checkpoint_file(ckpt_path: str | None) -> None:
