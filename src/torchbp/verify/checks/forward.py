@@ -6,7 +6,9 @@ so that a Function which modifies an input in place and declares it with
 ``ctx.mark_dirty`` runs (autograd refuses an in-place write into a leaf that requires grad)
 and writes into no tensor a later check uses; the inputs it returns as outputs are
 recorded, and every later call gives fn fresh copies of those (an ``out=`` buffer left
-out of ``grad_inputs`` would otherwise accumulate across calls).
+out of ``grad_inputs`` would otherwise accumulate across calls). A second call must give
+the same floating-point outputs (within the dtype's tolerance): every check compares calls
+of fn, and a random one (dropout in training mode) would fail them for misleading reasons.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from torchbp.verify.checks.compare import float_tensors, shape_text
+from torchbp.verify.checks.compare import float_tensors, mismatch, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed
@@ -35,9 +37,38 @@ def _written_and_returned(full: list[Any], versions: dict[int, int], out: Any) -
     )
 
 
+def _difference(ctx: CheckContext, o: int, first: torch.Tensor, second: torch.Tensor):
+    """How output ``o`` of a second call differs from the first's, or None (within the
+    dtype's tolerance: a sum in another order is no difference)."""
+    if first.shape != second.shape:
+        return f"output {o} of shape {shape_text(first)} then {shape_text(second)}"
+    bad = mismatch(second, first, *ctx.parity_tolerances(first.dtype))
+    return None if bad is None else f"output {o}: max abs error {bad[0]:.1e}"
+
+
+def _require_repeatable(ctx: CheckContext, tensors: frozenset[int], outs: list) -> None:
+    """Fail unless a second call of fn, on fresh copies of the same inputs, gives the
+    floating-point outputs ``outs`` of the first."""
+    try:
+        again = float_tensors(ctx.fn(*ctx.full_inputs(ctx.leaves(), copied=tensors)))
+    except Exception as exc:  # noqa: BLE001 - fn's own error, in words
+        raise CheckFailure(f"fn raised on its second call: {explain_error(exc)}") from None
+    differences = [_difference(ctx, o, a, b) for o, (a, b) in enumerate(zip(outs, again))]
+    if len(again) != len(outs):
+        differences.insert(0, f"{len(outs)} then {len(again)} floating-point outputs")
+    differ = next((d for d in differences if d is not None), None)
+    if differ is not None:
+        raise CheckFailure(
+            f"fn gave different outputs on two calls with the same inputs ({differ}): it "
+            "draws random numbers (dropout, torch.rand*; an nn.Module in training mode: call "
+            ".eval() first) or keeps state between calls; every check compares calls of fn, "
+            "so make it deterministic"
+        )
+
+
 def check_forward(ctx: CheckContext) -> Passed:
-    """Calls fn once; records the shapes of its floating-point outputs and the inputs it
-    modifies in place (``mark_dirty``) for later checks."""
+    """Calls fn twice; records the shapes of its floating-point outputs and the inputs it
+    modifies in place (``mark_dirty``) for later checks; the two calls must agree."""
     tensors = frozenset(i for i, a in enumerate(ctx.args) if isinstance(a, torch.Tensor))
     full = ctx.full_inputs(ctx.leaves(), copied=tensors)
     versions = {i: full[i]._version for i in tensors}
@@ -57,6 +88,7 @@ def check_forward(ctx: CheckContext) -> Passed:
             "no output requires grad although the inputs do: fn detached its result or "
             "computed it under torch.no_grad()"
         )
+    _require_repeatable(ctx, tensors, outs)
     ctx.out_shapes = [tuple(t.shape) for t in outs]
     shapes = ", ".join(shape_text(t) for t in outs)
     note = f"{len(outs)} output(s) of shape {shapes}"
