@@ -41,3 +41,34 @@ def test_fn_deterministic_up_to_rounding_passes_forward():
 
 def test_deterministic_fn_passes_forward():
     assert check_function(TextbookTanh, seeded(3, 4), checks="forward").ok
+
+
+class Float32OnlySquare(torch.autograd.Function):
+    """x², refusing any dtype but float32 (a kernel written for float32 only)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if x.dtype != torch.float32:
+            raise TypeError(f"Float32OnlySquare takes float32, got {x.dtype}")
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_fn_refusing_the_cast_dtype_is_told_how_to_keep_its_own():
+    # the caller gave float32; check_function cast it to float64 (its default) without a word
+    x = seeded(3, 4).float()
+    message = check_function(Float32OnlySquare, x, checks="forward")["forward"].message
+    assert "takes float32, got torch.float64" in message
+    assert "cast from torch.float32 to torch.float64 by the dtype option" in message
+    assert "dtype=None" in message
+    assert check_function(Float32OnlySquare, x, dtype=None, skip="compile").ok
+
+
+def test_fn_raising_on_inputs_not_cast_gets_no_dtype_hint():
+    message = check_function(Float32OnlySquare, seeded(3, 4), checks="forward")["forward"].message
+    assert "takes float32" in message and "dtype option" not in message

@@ -43,6 +43,9 @@ class CheckContext:
     #: (``ctx.mark_dirty``), differentiated or not (an ``out=`` buffer); set by the
     #: forward check. Every call gets fresh copies of them (non-leaf ones of grad inputs).
     dirty_inputs: frozenset[int] = frozenset()
+    #: The caller's dtype of each input the ``dtype`` option cast to another, by position
+    #: (a fn that refuses the cast dtype is told how to keep its own).
+    cast_from: dict[int, torch.dtype] = field(default_factory=dict)
     #: Results of the checks that ran so far, by name (later checks may depend on them).
     results: dict[str, CheckResult] = field(default_factory=dict)
     #: Numerical Jacobian of :meth:`diff_fn`, computed once (see ``checks.numerical``).

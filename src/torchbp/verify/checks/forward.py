@@ -37,6 +37,20 @@ def _written_and_returned(full: list[Any], versions: dict[int, int], out: Any) -
     )
 
 
+def _cast_hint(ctx: CheckContext) -> str:
+    """Why fn may have refused its inputs when the ``dtype`` option cast them (a Function
+    written for float32 only), and how to keep their dtype; empty when none was cast."""
+    if not ctx.cast_from:
+        return ""
+    i, before = next(iter(ctx.cast_from.items()))
+    return (
+        f" (fn was called with input {i} cast from {before} to {ctx.args[i].dtype} by the "
+        "dtype option, float64 by default: if fn takes only its own dtype, pass dtype=None "
+        "to keep each input's dtype, or dtype=that one; the numerical checks need float64 "
+        "and are then skipped)"
+    )
+
+
 def _difference(ctx: CheckContext, o: int, first: torch.Tensor, second: torch.Tensor):
     """How output ``o`` of a second call differs from the first's, or None (within the
     dtype's tolerance: a sum in another order is no difference)."""
@@ -75,7 +89,7 @@ def check_forward(ctx: CheckContext) -> Passed:
     try:
         out = ctx.fn(*full)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
-        raise CheckFailure(f"fn raised {explain_error(exc)}") from None
+        raise CheckFailure(f"fn raised {explain_error(exc)}{_cast_hint(ctx)}") from None
     ctx.dirty_inputs = _written_and_returned(full, versions, out)
     outs = float_tensors(out)
     if not outs:

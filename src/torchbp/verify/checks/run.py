@@ -152,6 +152,16 @@ def _state_kept(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
                     t.copy_(before)
 
 
+def _cast_from(inputs: Sequence[Any], args: Sequence[Any]) -> dict[int, torch.dtype]:
+    """The caller's dtype of each input whose prepared copy has another one (the ``dtype``
+    option cast it), by position."""
+    return {
+        i: x.dtype
+        for i, (x, a) in enumerate(zip(inputs, args))
+        if isinstance(x, torch.Tensor) and x.dtype != a.dtype
+    }
+
+
 def _describe(value: Any) -> Any:
     """How the report's meta shows an input: shape/dtype/layout of a tensor, else its value."""
     if isinstance(value, torch.Tensor):
@@ -269,6 +279,7 @@ def check_function(
     args, grad_idx = prepare_inputs(inputs, opts)
     _require_module_dtype(fn, reference, opts.dtype)
     ctx = CheckContext(fn, args, grad_idx, reference, opts, custom_op=as_custom_op(fn))
+    ctx.cast_from = _cast_from(inputs, args)
     meta = {
         "inputs": [_describe(a) for a in args],
         "grad_inputs": grad_idx,
