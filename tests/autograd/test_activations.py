@@ -227,3 +227,20 @@ def test_relu_passes_zero_where_an_infinite_gradient_meets_an_inactive_unit(dtyp
         fn(x).sqrt().sum().backward()
         results.append(x.grad)
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "silu"])
+def test_complex_input_gradient_is_natives(name):
+    """Native differentiates sigmoid and tanh of complex input (grad = g · conj(f'(z))); the
+    backward formula g · f'(z) silently gave another gradient, without the conjugate (silu's
+    too, which gradcheck now passes; native's refuses complex output)."""
+    z = torch.complex(make((4, 3), torch.float64, seed=3), make((4, 3), torch.float64, seed=13))
+    z.requires_grad_()
+    native = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}.get(name)
+    ours = getattr(TF, name)
+    if name != "silu":  # native's silu refuses to differentiate complex output
+        (want,) = torch.autograd.grad(native(z).abs().sum(), z)
+        (got,) = torch.autograd.grad(ours(z).abs().sum(), z)
+        torch.testing.assert_close(got, want)
+    assert gradcheck(ours, (z,))
+    assert gradgradcheck(ours, (z,))

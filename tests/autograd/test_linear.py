@@ -84,3 +84,20 @@ def test_saves_only_what_the_wanted_gradients_need(frozen):
         TF.linear(x, w)
     # dx needs only W; dW needs only x.
     assert [tuple(t.shape) for t in saved] == ([(3, 4)] if frozen == "weight" else [(8, 4)])
+
+
+def test_complex_gradients_are_natives():
+    """Native's gradients of y = x Wᵀ + b for complex tensors are g conj(W) and gᵀ conj(x);
+    torchbp's g W and gᵀ x were silently another gradient."""
+    x = torch.complex(make((4, 3), torch.float64, seed=1), make((4, 3), torch.float64, seed=11))
+    x.requires_grad_()
+    w = torch.complex(make((5, 3), torch.float64, seed=2), make((5, 3), torch.float64, seed=12))
+    w.requires_grad_()
+    b = torch.complex(make((5,), torch.float64, seed=3), make((5,), torch.float64, seed=13))
+    b.requires_grad_()
+    want = torch.autograd.grad(F.linear(x, w, b).abs().sum(), (x, w, b))
+    got = torch.autograd.grad(TF.linear(x, w, b).abs().sum(), (x, w, b))
+    for g, n in zip(got, want):
+        torch.testing.assert_close(g, n)
+    assert gradcheck(TF.linear, (x, w, b))
+    assert gradgradcheck(TF.linear, (x, w, b))

@@ -12,6 +12,11 @@ The piecewise ones (ReLU, LeakyReLU, ELU) also give their curvature
 :class:`~torchbp.autograd._derivative.DerivativeFunction` differentiates a gradient
 computed with ``create_graph=True`` as native does (ReLU's second derivative is 0, not an
 error).
+
+Complex input (sigmoid, tanh, SiLU; the others refuse it in forward, as native): backward
+is ``dx = g · conj(f')``, native's convention, and ``conj(f'(s)) = f'(conj(s))`` for these
+real-coefficient formulas, so backward hands the formula ``saved.conj()`` (a no-op for
+real tensors); jvp, ``dy = f' · dx``, takes no conjugate.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ class SigmoidFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return derivative("sigmoid", sigmoid_backward, dy, y)
+        return derivative("sigmoid", sigmoid_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
@@ -107,7 +112,7 @@ class TanhFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return derivative("tanh", tanh_backward, dy, y)
+        return derivative("tanh", tanh_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
@@ -287,7 +292,7 @@ class SiLUFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return derivative("silu", silu_backward, dy, x)
+        return derivative("silu", silu_backward, dy, x.conj())
 
     @staticmethod
     def jvp(ctx, dx):

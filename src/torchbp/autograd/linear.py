@@ -34,7 +34,9 @@ class LinearFunction(Function):
     (or any shape that broadcasts to ``y``'s, its gradient then summed back to it).
 
     Backward: ``dx = g W``, ``dW = gᵀ x``, ``db = Σ g`` over every leading dim, where ``g``
-    is ``dL/dy`` flattened to ``(M, out)``. Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
+    is ``dL/dy`` flattened to ``(M, out)`` (for complex tensors ``g conj(W)`` and
+    ``gᵀ conj(x)``, native's convention; ``conj`` is a no-op for real ones).
+    Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
     Saves ``x`` only when ``W`` needs a gradient and ``W`` only when ``x`` does.
     """
 
@@ -81,11 +83,11 @@ class LinearFunction(Function):
             needs_w = needs_b = False
         grad_x = grad_w = grad_b = None
         if needs_x:
-            # dL/dx = g W              (M, out) @ (out, in) -> (M, in)
-            grad_x = (g @ weight).reshape(ctx.x_shape)
+            # dL/dx = g conj(W)        (M, out) @ (out, in) -> (M, in)
+            grad_x = (g @ weight.conj()).reshape(ctx.x_shape)
         if needs_w:
-            # dL/dW = gᵀ x             (out, M) @ (M, in) -> (out, in)
-            grad_w = g.t() @ _flatten(x, x.shape[-1])
+            # dL/dW = gᵀ conj(x)       (out, M) @ (M, in) -> (out, in)
+            grad_w = g.t() @ _flatten(x, x.shape[-1]).conj()
         if needs_b and ctx.has_bias:
             if ctx.bias_shape == (out_features,):
                 # dL/db = Σ_rows g          summed over every leading dim -> (out,)
