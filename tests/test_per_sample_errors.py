@@ -474,3 +474,66 @@ def test_a_model_recorded_by_a_context_on_another_thread_is_refused():
     with per_sample_grads(model) as ps:  # closed there: free again
         step(model)
     assert ps.norms.shape == (5,)
+
+
+def _freeze(what):
+    return lambda model: model.get_parameter(what).requires_grad_(False)
+
+
+def _unfreeze(what):
+    return lambda model: model.get_parameter(what).requires_grad_(True)
+
+
+def _model_with_frozen(*names):
+    """Linear '0', LayerNorm '1' (frozen), Tanh, Linear '3'; the named ones frozen too."""
+    model = mlp(nn.LayerNorm(6), nn.Tanh())
+    for name in ("1.weight", "1.bias", *names):
+        model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+_TOGGLES = {
+    # (parameters frozen when the context is created, the toggle, the parameter named)
+    "freeze": ((), _freeze("0.weight"), "0.weight"),
+    "unfreeze weight of a tracked layer": (("0.weight",), _unfreeze("0.weight"), "0.weight"),
+    "unfreeze a whole layer": (("3.weight", "3.bias"), _unfreeze("3.weight"), "3.weight"),
+    "unfreeze a LayerNorm": ((), _unfreeze("1.weight"), "1.weight"),
+}
+
+
+@pytest.mark.parametrize("frozen,toggle,name", _TOGGLES.values(), ids=_TOGGLES.keys())
+@pytest.mark.parametrize("when", ["before entering", "inside the context"])
+def test_trainability_changed_after_creation_refused_by_name(frozen, toggle, name, when):
+    """The context accounts for the parameters trainable when it was created. A parameter
+    frozen or unfrozen after that is refused by name, before entering or at the backward;
+    before, that failed inside torch ('cannot register a hook on a tensor that doesn't
+    require gradient'), inside the recorder ('NoneType' object has no attribute
+    'reshape'), with a message blaming a Linear outside the model, or silently: an
+    unfrozen weight of a layer with a trainable bias got no p.grad, and an unfrozen
+    LayerNorm got its p.grad unclipped and left out of the norms."""
+    model = _model_with_frozen(*frozen)
+    ps = per_sample_grads(model, mode="clip", max_norm=1.0)
+    message = rf"parameter '{name}'.*requires_grad.*since the context was created"
+    if when == "before entering":
+        toggle(model)
+        with pytest.raises(RuntimeError, match=message):
+            with ps:
+                pass
+    else:
+        with ps:
+            toggle(model)
+            with pytest.raises(RuntimeError, match=message):
+                step(model)
+        with pytest.raises(RuntimeError, match="nothing was formed"):
+            _ = ps.norms
+    assert getattr(per_sample_recording, "recorder", None) is None
+
+
+def test_trainability_toggled_back_before_entering_is_fine():
+    model = mlp(nn.Tanh())
+    ps = per_sample_grads(model, mode="norms")
+    model[0].weight.requires_grad_(False)
+    model[0].weight.requires_grad_(True)
+    with ps:
+        step(model)
+    assert ps.norms.shape == (5,)

@@ -12,7 +12,13 @@ from torch import nn
 
 from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
 from torchbp.per_sample import formulas, memory
-from torchbp.per_sample.model_check import Layer, attributable_layers, sample_dim_guards
+from torchbp.per_sample.model_check import (
+    Layer,
+    attributable_layers,
+    refuse_changed_trainability,
+    sample_dim_guards,
+    trainability,
+)
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.recorder import Recorder
 
@@ -62,7 +68,9 @@ class PerSampleGrads:
         self.parameters: list[nn.Parameter] = [
             p for layer in self._layers for p in layer.parameters()
         ]
-        self._recorder = Recorder(self._layers)
+        # the layers and parameters above are picked by which parameters are trainable now
+        self._trainability = trainability(model)
+        self._recorder = Recorder(self._layers, self._check_trainability)
         self._state = "new"  # -> "open" -> "closed" / "failed"
         self._hooks: list = []
         # ids of the parameters the backward reached (all of them, unless
@@ -82,6 +90,7 @@ class PerSampleGrads:
             raise RuntimeError(
                 "per_sample_grads: contexts cannot be nested; another one is open on this thread"
             )
+        self._check_trainability()
         weights = [id(layer.module.weight) for layer in self._layers]
         if any(w in per_sample_recorders_by_weight for w in weights):
             raise RuntimeError(
@@ -198,6 +207,9 @@ class PerSampleGrads:
         hook fires at its end): an error was raised inside it, and caught."""
         return bool(self._reached) and not self._recorder.finalised
 
+    def _check_trainability(self) -> None:
+        refuse_changed_trainability(self._trainability)
+
     def _has_traces(self) -> bool:
         return any(layer.traces for layer in self._layers)
 
@@ -270,6 +282,9 @@ class PerSampleGrads:
             self._release_traces()
 
     def _form_results(self, forms_param_grads: bool) -> None:
+        # a parameter frozen or unfrozen inside the with block: its layer is accounted
+        # for wrongly (an unfrozen one's gradient would be left out or left unclipped)
+        self._check_trainability()
         batches = {g.shape[0] for layer in self._layers for _, g in layer.traces}
         if len(batches) != 1:
             raise RuntimeError(
@@ -482,8 +497,10 @@ def per_sample_grads(
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear`
     modules (built directly or by :func:`torchbp.convert`); parameter-free modules and
-    modules with only frozen parameters are trusted to act per sample. Refused before
-    any forward, by name: modules with other trainable parameters (an unconverted
+    modules with only frozen parameters are trusted to act per sample. Trainable means
+    ``requires_grad`` when the context is created: a parameter frozen or unfrozen after
+    that, before the backward, is refused by name (on entering, or at the backward).
+    Refused before any forward, by name: modules with other trainable parameters (an unconverted
     ``nn.Linear``, Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training
     mode, softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim

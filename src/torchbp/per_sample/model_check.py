@@ -179,3 +179,25 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             f"whose per-sample gradients torchbp cannot form; {hint}"
         )
     return layers
+
+
+def trainability(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
+    """``(name, parameter, requires_grad)`` for every parameter of ``model``."""
+    return [(name, p, p.requires_grad) for name, p in model.named_parameters()]
+
+
+def refuse_changed_trainability(snapshot: list[tuple[str, nn.Parameter, bool]]) -> None:
+    """Raise, naming it, if a parameter of :func:`trainability`'s ``snapshot`` was frozen
+    or made trainable since: the layers accounted for were picked by it.
+
+    Raises:
+        RuntimeError: a parameter's ``requires_grad`` differs from the snapshot's.
+    """
+    for name, p, requires_grad in snapshot:
+        if p.requires_grad != requires_grad:
+            change = "frozen" if requires_grad else "made trainable"
+            raise RuntimeError(
+                f"per_sample_grads: parameter {name!r} was {change} (requires_grad="
+                f"{p.requires_grad}) since the context was created; it accounts for the "
+                "parameters trainable at its creation: set requires_grad before creating it"
+            )

@@ -10,6 +10,7 @@ to skip ``dW`` and ``db``; nothing else happens during the backward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -17,10 +18,18 @@ from torchbp.per_sample.model_check import Layer
 
 
 class Recorder:
-    """Routes each Linear call to its layer (by the identity of the weight Parameter)."""
+    """Routes each Linear call to its layer (by the identity of the weight Parameter).
 
-    def __init__(self, layers: list[Layer]) -> None:
+    ``check_trainability`` raises, naming it, if a parameter of the model was frozen or
+    unfrozen since the layers were picked: called before refusing a call that such a
+    change explains (a stray trainable Linear, a tracked weight without its input).
+    """
+
+    def __init__(
+        self, layers: list[Layer], check_trainability: Callable[[], None] = lambda: None
+    ) -> None:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
+        self.check_trainability = check_trainability
         self.finalised = False
         self.closed = False  # the context has exited
         # backward calls filed so far, and per layer (by id) the count after its latest:
@@ -84,6 +93,14 @@ class Use:
                 "backward: open a new one per step (with activation checkpointing of a "
                 "Linear also used outside the segment, use use_reentrant=False)"
             )
+        if self.layer.weight is not None and x is None:
+            # the weight did not require grad at the forward, so x was not saved
+            self.recorder.failed = True
+            self.recorder.check_trainability()
+            raise RuntimeError(
+                f"per_sample_grads: the weight of Linear {self.layer.name!r} did not require "
+                "grad at its forward, but was trainable when the context was created"
+            )
         if len(self.x_shape) < 2:
             self.recorder.failed = True
             raise ValueError(
@@ -121,6 +138,7 @@ class Stray:
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         self.recorder.failed = True
+        self.recorder.check_trainability()  # a model Linear frozen at the context's creation?
         raise RuntimeError(
             "per_sample_grads: a torchbp linear with a trainable weight of shape "
             f"{self.weight_shape} is not a torchbp.nn.Linear of the model given to "
