@@ -569,3 +569,29 @@ def test_fit_from_best_is_an_error_before_training(short_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: --ckpt_path best: fit resumes from last or a checkpoint file" in err, err
     assert not (tmp_path / "digits/version_1").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.privacy.delta=0.01"], "privacy.delta=0.01 is not below 1/N"),
+        (["--data.init_args.poisson_sampling=false"], "set data.poisson_sampling: true"),
+        (["--trainer.accumulate_grad_batches=2"], "accumulate_grad_batches=2"),
+        (
+            ["--model.privacy.target_epsilon=1e-4", "--model.privacy.delta=1e-9"],
+            "privacy.target_epsilon=0.0001 cannot be reached",
+        ),
+    ],
+)
+def test_dp_settings_training_refuses_are_a_cli_error_before_training(
+    tmp_path, capsys, args, message
+):
+    """DP-SGD settings that training refuses at its start (a delta >= 1/N, no Poisson
+    sampling, gradient accumulation, an unreachable target_epsilon) came as a ValueError in a
+    traceback from inside trainer.fit, after the run folder was made."""
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", str(CONFIGS / "digits_dp.yaml"), f"--run_dir={tmp_path}", *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: " in err and message in err, err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

@@ -57,7 +57,13 @@ from torchbp.lightning.config_files import (
     with_config_files,
 )
 from torchbp.lightning.console import ShortErrorParser, exit_with_error, quiet_lightning
-from torchbp.lightning.data import ClassificationDataModule, DataConfigError, DataError
+from torchbp.lightning.data import (
+    ArrayDataModule,
+    ClassificationDataModule,
+    DataConfigError,
+    DataError,
+    SyntheticDataModule,
+)
 from torchbp.lightning.module import ERMClassifier
 from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
 
@@ -288,8 +294,20 @@ class TorchbpCLI(LightningCLI):
             super().instantiate_classes()
             if isinstance(self.datamodule, ClassificationDataModule):
                 self.datamodule.check_data()
+            self._check_privacy()
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
+
+    def _check_privacy(self) -> None:
+        """DP-SGD settings that training would refuse at its start (``fit`` of a private model
+        on torchbp's DataModules, whose train loader is ready once ``check_data`` ran)."""
+        model, data = self.model, self.datamodule
+        if self.subcommand != "fit" or not isinstance(model, ERMClassifier):
+            return
+        if model.privacy is None or not isinstance(data, (ArrayDataModule, SyntheticDataModule)):
+            return
+        resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
+        model.check_privacy(self.trainer, data.train_dataloader(), resumed=resumed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         cfg = self._subcommand_config(self.config_init)

@@ -377,18 +377,34 @@ class ERMClassifier(pl.LightningModule):
                 part.set_epoch(self.current_epoch)
 
     # -- DP-SGD (privacy) -----------------------------------------------------------------
-    def on_train_start(self) -> None:
-        # the train DataLoader exists from here on (not yet in on_fit_start)
+    def check_privacy(self, trainer: pl.Trainer, train_loader: Any, resumed: bool = False) -> None:
+        """Raise now the ``ValueError`` that DP-SGD training would raise at its start: several
+        devices or gradient accumulation, a train loader that is not Poisson-sampled, a
+        ``delta`` not below ``1/N``, and (for a run not ``resumed`` from a checkpoint, whose
+        earlier steps are not known yet) an unreachable ``target_epsilon``. Nothing without
+        ``privacy``. ``torchbp-train fit`` calls it before the run folder is made.
+
+        Args:
+            trainer: The trainer that will fit the model.
+            train_loader: The DataLoader it will train on.
+            resumed: The fit resumes from a checkpoint.
+        """
         if self.privacy is None:
             return
-        trainer = self.trainer
+        sampler = self._private_sampler(trainer, train_loader)
+        if self.privacy.target_epsilon is not None and not resumed and self.accountant is None:
+            PrivacyAccountant(self.privacy, sampler.sample_rate, self._epochs_left(trainer))
+
+    def _private_sampler(self, trainer: pl.Trainer, train_loader: Any) -> PoissonBatchSampler:
+        """The train loader's Poisson sampler, once the trainer and the data suit DP-SGD."""
+        assert self.privacy is not None
         if trainer.world_size > 1 or trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "privacy (DP-SGD) supports one device without gradient accumulation; got "
                 f"world_size={trainer.world_size}, "
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}"
             )
-        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        sampler = getattr(train_loader, "batch_sampler", None)
         if not isinstance(sampler, PoissonBatchSampler):
             raise ValueError(
                 "privacy (DP-SGD): the privacy accountant assumes Poisson sampling; set "
@@ -402,9 +418,23 @@ class ERMClassifier(pl.LightningModule):
                 "privacy.target_epsilon needs trainer.max_epochs >= 1 (the run's length sets "
                 f"the noise), got max_epochs={trainer.max_epochs}"
             )
-        # the epochs still to train: a resumed run's trainer is past the checkpoint's
-        epochs_left = max(epochs, 1) - trainer.current_epoch
-        accountant = PrivacyAccountant(self.privacy, sampler.sample_rate, epochs_left)
+        return sampler
+
+    @staticmethod
+    def _epochs_left(trainer: pl.Trainer) -> int:
+        """The epochs still to train: a resumed run's trainer is past the checkpoint's."""
+        epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        return max(epochs, 1) - trainer.current_epoch
+
+    def on_train_start(self) -> None:
+        # the train DataLoader exists from here on (not yet in on_fit_start)
+        if self.privacy is None:
+            return
+        trainer = self.trainer
+        sampler = self._private_sampler(trainer, trainer.train_dataloader)
+        accountant = PrivacyAccountant(
+            self.privacy, sampler.sample_rate, self._epochs_left(trainer)
+        )
         # ε keeps counting: over a checkpoint's steps, or over an earlier fit's of these
         # weights (a second trainer.fit of the same model)
         spent = self._restored_accountant
