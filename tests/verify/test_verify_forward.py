@@ -72,3 +72,19 @@ def test_fn_refusing_the_cast_dtype_is_told_how_to_keep_its_own():
 def test_fn_raising_on_inputs_not_cast_gets_no_dtype_hint():
     message = check_function(Float32OnlySquare, seeded(3, 4), checks="forward")["forward"].message
     assert "takes float32" in message and "dtype option" not in message
+
+
+def test_error_that_is_not_about_dtypes_gets_no_dtype_hint():
+    def broken(x):
+        raise RuntimeError("shapes (3, 4) and (5,) do not match")
+
+    message = check_function(broken, seeded(3, 4).float(), checks="forward")["forward"].message
+    assert message == "fn raised RuntimeError: shapes (3, 4) and (5,) do not match"
+
+
+def test_torch_dtype_error_after_the_cast_gets_the_hint():
+    weight = seeded(2, 4).float()  # a float32 weight captured by fn, inputs cast to float64
+    message = check_function(lambda x: x @ weight.t(), seeded(3, 4).float(), checks="forward")[
+        "forward"
+    ].message
+    assert "dtype=None" in message, message

@@ -37,12 +37,33 @@ def _written_and_returned(full: list[Any], versions: dict[int, int], out: Any) -
     )
 
 
-def _cast_hint(ctx: CheckContext) -> str:
+#: How torch's C++ errors name a dtype ("expected scalar type Float but found Double").
+_SCALAR_TYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+}
+
+
+def _names_dtype(message: str, dtype: torch.dtype) -> bool:
+    """True if ``message`` speaks of dtypes or names ``dtype`` (as Python or torch's C++
+    errors write it)."""
+    short = str(dtype).removeprefix("torch.")
+    lowered = message.lower()
+    cxx = _SCALAR_TYPE_NAMES.get(dtype)
+    return "dtype" in lowered or short in lowered or (cxx is not None and cxx in message)
+
+
+def _cast_hint(ctx: CheckContext, message: str) -> str:
     """Why fn may have refused its inputs when the ``dtype`` option cast them (a Function
-    written for float32 only), and how to keep their dtype; empty when none was cast."""
+    written for float32 only), and how to keep their dtype: only when the error
+    ``message`` speaks of dtypes; empty when no input was cast."""
     if not ctx.cast_from:
         return ""
     i, before = next(iter(ctx.cast_from.items()))
+    if not _names_dtype(message, ctx.args[i].dtype):
+        return ""
     return (
         f" (fn was called with input {i} cast from {before} to {ctx.args[i].dtype} by the "
         "dtype option, float64 by default: if fn takes only its own dtype, pass dtype=None "
@@ -89,7 +110,8 @@ def check_forward(ctx: CheckContext) -> Passed:
     try:
         out = ctx.fn(*full)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
-        raise CheckFailure(f"fn raised {explain_error(exc)}{_cast_hint(ctx)}") from None
+        error = explain_error(exc)
+        raise CheckFailure(f"fn raised {error}{_cast_hint(ctx, error)}") from None
     ctx.dirty_inputs = _written_and_returned(full, versions, out)
     outs = float_tensors(out)
     if not outs:
