@@ -624,3 +624,26 @@ def test_float16_materialised_norms_do_not_overflow():
     torch.testing.assert_close(ps.norms, torch.full((3,), 1.28e6), rtol=1e-3, atol=0)
     expected = torch.full((64, 4), 3 / 16, dtype=torch.float16)  # Σ_i c_i G_i
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    "features,shape", [((0, 3), (4, 0)), ((0, 3), (4, 2, 0)), ((5, 0), (4, 5)), ((5, 0), (4, 2, 5))]
+)
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_features(features, shape, mode):
+    """A Linear with no input or no output features (torchbp's Linear supports both):
+    with loss Σ y, sample i's bias gradient is T ones (out,), its weight gradient empty.
+    Before, forming dL/dW failed inside torch ('cannot reshape tensor of 0 elements into
+    shape [-1, 0]')."""
+    layer = torchbp.nn.Linear(*features).to(DT)
+    batch, t, out = shape[0], math.prod(shape[1:-1]), features[1]
+    with per_sample_grads(layer, mode, 1.0 if mode == "clip" else None, statistics=True) as ps:
+        layer(torch.randn(*shape, dtype=DT)).sum().backward()
+    norms = torch.full((batch,), t * out**0.5, dtype=DT)
+    close(ps.norms, norms)
+    factor = (1.0 / norms).clamp(max=1) if mode == "clip" else torch.ones(batch, dtype=DT)
+    assert layer.weight.grad.shape == layer.weight.shape
+    expected = torch.full((out,), t * factor.sum().item(), dtype=DT)
+    torch.testing.assert_close(layer.bias.grad, expected, rtol=RTOL, atol=0)
+    assert not layer.bias.grad_variance.any()

@@ -157,8 +157,9 @@ def bias_sum_grad_squared(g: torch.Tensor) -> torch.Tensor:
 def weight_grad_sum(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype | None = None):
     """``Σ_i G_i = dL/dW``, shape ``(out, in)``, formed in ``dtype`` (default: ``g``'s)."""
     dtype = g.dtype if dtype is None else dtype
+    rows = a.shape[0] * a.shape[1]  # counted, not inferred: in or out may be 0
     # dL/dW = gᵀ a   over the flattened (B·T) rows
-    return g.reshape(-1, g.shape[-1]).to(dtype).t() @ a.reshape(-1, a.shape[-1]).to(dtype)
+    return g.reshape(rows, g.shape[-1]).to(dtype).t() @ a.reshape(rows, a.shape[-1]).to(dtype)
 
 
 def bias_grad_sum(g: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
