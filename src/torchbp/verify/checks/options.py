@@ -100,6 +100,10 @@ def _check_numbers(opts: Options) -> None:
     be read as true)."""
     if not _is_integer(opts.seed):
         raise TypeError(f"check_function: seed must be an int, got {opts.seed!r}")
+    if opts.name is not None and not isinstance(opts.name, str):
+        raise TypeError(
+            f"check_function: name must be a str (the report's label) or None, got {opts.name!r}"
+        )
     for flag in ("fast_mode", "compile_fullgraph"):
         if not isinstance(getattr(opts, flag), bool):
             raise TypeError(

@@ -252,7 +252,7 @@ def check_function(
             - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
               vmap/compile/reference comparisons.
             - ``compile_backend`` (``"aot_eager"``), ``compile_fullgraph`` (True).
-            - ``vmap_batch`` (3), ``seed`` (0), ``name`` (label of the report).
+            - ``vmap_batch`` (3), ``seed`` (0), ``name`` (a str, the label of the report).
 
     Returns:
         A :class:`~torchbp.verify.report.Report`; ``report.ok`` is True only if no check
@@ -265,7 +265,7 @@ def check_function(
             whose parameters are not of ``dtype``, unknown option or check names, an
             empty ``checks``, a check both selected or required and skipped, a ``device``
             that is not one or not available here, a negative tolerance, ``eps`` not
-            above 0, ``vmap_batch`` below 1).
+            above 0, ``vmap_batch`` below 1, a ``name`` that is not a str).
 
     Examples:
         >>> import torch
