@@ -595,3 +595,25 @@ def test_dp_settings_training_refuses_are_a_cli_error_before_training(
     err = capsys.readouterr().err
     assert "error: invalid configuration: " in err and message in err, err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_privacy_override_error_starts_with_its_cause(tmp_path, capsys):
+    """``--model.privacy.noise_multiplier 1`` on digits_dp (which gives target_epsilon) was
+    reported as "error: invalid configuration: Does not validate against any of the Union
+    subtypes" followed by jsonargparse's listing, the cause on the fourth line."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_dp.yaml"),
+            "--model.privacy.noise_multiplier=1.0",
+            f"--run_dir={tmp_path}",
+        )
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(
+        "error: invalid configuration: privacy: give exactly one of noise_multiplier and "
+        "target_epsilon, got noise_multiplier=1.0, target_epsilon=3.0"
+    ), lines
+    assert "target_epsilon null" in lines[0]
+    assert len(lines) == 1 and not list(tmp_path.iterdir())

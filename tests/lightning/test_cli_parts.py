@@ -107,6 +107,14 @@ NESTED = """Parser key "data":
           Expected a <class 'int'>. Got value: x
     - Expected a <class 'NoneType'>"""
 
+# an error raised while instantiating a Union-typed argument: no "Parser key" line
+UNION_NO_KEY = """Does not validate against any of the Union subtypes
+Subtypes: [<class 'torchbp.lightning.privacy.Privacy'>, <class 'NoneType'>]
+Errors:
+  - privacy.max_grad_norm must be > 0 and finite, got 0.0
+  - Expected a <class 'NoneType'>
+Given value type: <class 'jsonargparse._namespace.Namespace'>"""
+
 
 @pytest.mark.parametrize(
     "message, expected",
@@ -117,6 +125,7 @@ NESTED = """Parser key "data":
         ),
         (NESTED, "data.batch_size: Expected a <class 'int'>. Got value: x"),
         ("unrecognized arguments: --nope 3", "unrecognized arguments: --nope 3"),
+        (UNION_NO_KEY, "privacy.max_grad_norm must be > 0 and finite, got 0.0"),
     ],
 )
 def test_headline(message, expected):

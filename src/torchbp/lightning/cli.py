@@ -56,7 +56,12 @@ from torchbp.lightning.config_files import (
     describe_bundled_configs,
     with_config_files,
 )
-from torchbp.lightning.console import ShortErrorParser, exit_with_error, quiet_lightning
+from torchbp.lightning.console import (
+    ShortErrorParser,
+    exit_with_error,
+    headline,
+    quiet_lightning,
+)
 from torchbp.lightning.data import (
     ArrayDataModule,
     ClassificationDataModule,
@@ -123,10 +128,10 @@ def _describe(error: BaseException) -> str:
         return f"data problem: {data}"
     if data is not None:
         return f"invalid data configuration: {data}"
-    message = str(error)
-    for cause in chain[1:]:
-        if str(cause) and str(cause) not in message:
-            message = f"{message}: {cause}"
+    message = headline(str(error))
+    for cause in map(str, chain[1:]):
+        if cause and headline(cause) not in message:
+            message = f"{message}: {headline(cause)}"
     return f"invalid configuration: {message}"
 
 

@@ -43,7 +43,9 @@ def headline(message: str) -> str:
     """The one-line cause of a jsonargparse error message.
 
     jsonargparse nests causes under ``Parser key "KEY":`` lines; the headline is the dotted
-    path of those keys and the first line after the innermost one that states a cause.
+    path of those keys and the first line after the innermost one that states a cause. A
+    message with no key (an error raised while instantiating a Union's subtype) heads with
+    its first line that states a cause.
 
     Args:
         message: The parser's error message.
@@ -65,8 +67,10 @@ def headline(message: str) -> str:
             cause = ""
         elif not cause and not _FRAMING.match(line):
             cause = line
-    if not keys or not cause:
-        return lines[0] if lines else message
+    if not keys:  # the first line that states a cause (after a Union's framing)
+        return next((line for line in lines if not _FRAMING.match(line)), message)
+    if not cause:
+        return lines[0]
     return f"{'.'.join(keys)}: {cause}"
 
 

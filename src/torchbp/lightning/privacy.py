@@ -76,7 +76,8 @@ class Privacy:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
                 "privacy: give exactly one of noise_multiplier and target_epsilon, got "
-                f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon}"
+                f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon} "
+                "(override a config's with null: --model.privacy.target_epsilon null)"
             )
         if self.noise_multiplier is not None and not (
             math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
