@@ -6,7 +6,9 @@ of relu at 0 or of clamp(-1, 1) at +-1) - equal the reference's.
 Random example inputs of moderate size never reach these regions: a softmax without the
 max trick, or a ReLU whose gradient at 0 differs from the reference's, passes gradcheck.
 A probe on which the reference itself raises is left out; one on which fn raises but the
-reference works fails.
+reference works fails. Where the reference overflows (a non-finite value where fn's is
+finite: a textbook formula given as the reference of a stable Function), it cannot judge
+fn, and those values are left out too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ def _run(ctx: CheckContext, f, inputs, vs=None):
     return [o.detach() for o in outs], grads, vs
 
 
+def _where_reference_finite(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """fn's ``a`` and the reference's ``b`` with the values where the reference overflowed
+    (``b`` non-finite, ``a`` finite) set to zero in both, and how many there were."""
+    overflowed = ~torch.isfinite(b) & torch.isfinite(a)
+    count = int(overflowed.sum())
+    if not count:
+        return a, b, 0
+    return a.masked_fill(overflowed, 0.0), b.masked_fill(overflowed, 0.0), count
+
+
 def check_extreme_values(ctx: CheckContext) -> Passed:
     """fn against the reference on each probe (outputs and gradients; dtype-aware
     tolerances relative to each tensor's largest finite magnitude; infinities and NaNs must
@@ -57,7 +71,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
     if ctx.failed("reference"):
         raise CheckSkip("skipped because reference failed (fn differs on the example inputs)")
     tolerance = ctx.parity_tolerances()
-    worst, compared = (0.0, 0.0), 0
+    worst, compared, overflowed = (0.0, 0.0), 0, 0
     for label, transform in PROBES:
         inputs = [transform(ctx.args[i].detach()) for i in ctx.grad_idx]
         try:
@@ -85,6 +99,8 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
                 raise CheckFailure(
                     f"on {label}: {what} has shape {shape_text(a)}, the reference's {shape_text(b)}"
                 )
+            a, b, count = _where_reference_finite(a, b)
+            overflowed += count
             problem = f"on {label}: {what} differs from the reference"
             # scaled-up inputs make large terms that cancel: the absolute tolerance grows
             # with the tensor's largest finite magnitude (a norm-wise comparison)
@@ -101,4 +117,10 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
             )
     if not compared:
         raise CheckSkip("the reference raised on every probe")
-    return Passed(f"{compared} probe(s): large, near-zero, zero and integer inputs", *worst)
+    note = f"{compared} probe(s): large, near-zero, zero and integer inputs"
+    if overflowed:
+        note += (
+            f"; {overflowed} value(s) where the reference overflowed (non-finite, fn's "
+            "finite) not compared"
+        )
+    return Passed(note, *worst)

@@ -1,0 +1,50 @@
+"""The ``extreme_values`` check (``checks/probes.py``): a reference that itself overflows on
+a probe cannot judge fn there."""
+
+from __future__ import annotations
+
+import torch
+from tests.verify.zoo.entry import seeded
+
+from torchbp.verify import check_function
+
+
+class StableLogSumExp(torch.autograd.Function):
+    """logsumexp over the last dim with the max trick; dx = g * exp(x - y)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        m = x.amax(-1, keepdim=True)
+        y = m.squeeze(-1) + (x - m).exp().sum(-1).log()
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        return g.unsqueeze(-1) * (x - y.unsqueeze(-1)).exp()
+
+
+def naive_logsumexp(x):
+    """The textbook formula: exp overflows to inf for large x."""
+    return x.exp().sum(-1).log()
+
+
+def test_reference_that_overflows_does_not_fail_a_stable_fn():
+    # the reference gives inf (and nan gradients) on the 1e3-scaled probe, where the stable
+    # Function is right: before, extreme_values failed it with 'max abs error inf'
+    report = check_function(
+        StableLogSumExp, seeded(3, 4), reference=naive_logsumexp, checks="extreme_values"
+    )
+    result = report["extreme_values"]
+    assert result.passed, report
+    assert "the reference overflowed" in result.message
+    # the other way round, the naive formula against a stable reference still fails
+    report = check_function(
+        naive_logsumexp,
+        seeded(3, 4),
+        reference=lambda x: torch.logsumexp(x, -1),
+        checks="extreme_values",
+    )
+    assert report["extreme_values"].failed, report
+    assert "inputs scaled by 1e3" in report["extreme_values"].message
