@@ -537,3 +537,40 @@ def test_trainability_toggled_back_before_entering_is_fine():
     with ps:
         step(model)
     assert ps.norms.shape == (5,)
+
+
+def _train(module):
+    module.train()
+
+
+def _dim_zero(module):
+    module.dim = 0
+
+
+@pytest.mark.parametrize(
+    "middle, change, message",
+    [
+        (lambda: nn.BatchNorm1d(6, affine=False).eval(), _train, r"'1' \(BatchNorm1d\) norm"),
+        (lambda: nn.Softmax(dim=1), _dim_zero, r"'1' \(Softmax\) normalises along dim 0"),
+    ],
+    ids=["BatchNorm switched to train", "softmax dim set to 0"],
+)
+@pytest.mark.parametrize("when", ["before entering", "inside the context"])
+def test_module_made_to_mix_samples_after_creation_refused_at_the_forward(
+    middle, change, message, when
+):
+    """A module checked when the context was created (a BatchNorm in eval mode, a softmax
+    along dim 1) that mixes samples by the forward (model.train(), dim = 0) is refused
+    there, by name; before, its batch statistics or normalisation over the samples gave
+    silently wrong norms, clipping and grad_sample."""
+    middle = middle()
+    model = mlp(middle)
+    ps = per_sample_grads(model, mode="clip", max_norm=1.0)
+    if when == "before entering":
+        change(middle)
+    with pytest.raises(TypeError, match=message):
+        with ps:
+            if when == "inside the context":
+                change(middle)
+            step(model)
+    assert per_sample_recording.recorder is None

@@ -495,18 +495,19 @@ def per_sample_grads(
     that reached the parameters but was cut short by an error forms nothing, even if
     the caller catches the error inside the ``with`` block.
 
-    Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear`
-    modules (built directly or by :func:`torchbp.convert`); parameter-free modules and
-    modules with only frozen parameters are trusted to act per sample. Trainable means
-    ``requires_grad`` when the context is created: a parameter frozen or unfrozen after
-    that, before the backward, is refused by name (on entering, or at the backward).
-    Refused before any forward, by name: modules with other trainable parameters (an unconverted
-    ``nn.Linear``, Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training
-    mode, softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
-    :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim
-    is picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a
-    negative dim) where it lands on dim 0. Any torchbp or torch loss works on the
-    model's output (reduction, class weights, label smoothing, ignore_index), as long as
+    Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear` modules
+    (built directly or by :func:`torchbp.convert`); parameter-free modules and modules with
+    only frozen parameters are trusted to act per sample. Trainable means ``requires_grad``
+    when the context is created: a parameter frozen or unfrozen after that, before the
+    backward, is refused by name (on entering, or at the backward). Refused before any
+    forward, by name: modules with other trainable parameters (an unconverted ``nn.Linear``,
+    Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training mode, softmax-like
+    modules along dim 0, ``Flatten(start_dim=0)``, and the fused
+    :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
+    picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
+    dim) where it lands on dim 0, and one made to mix samples after the context was created
+    (``model.train()`` on a BatchNorm, ``dim`` set to 0). Any torchbp or torch loss works on
+    the model's output (reduction, class weights, label smoothing, ignore_index), as long as
     the loss itself has no trainable parameters. Eager mode only (no ``torch.compile``, no
     autocast; both are refused at the backward); activation checkpointing works with
     ``use_reentrant=False``. With ``use_reentrant=True`` only a segment that starts the

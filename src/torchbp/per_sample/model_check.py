@@ -7,7 +7,8 @@ modules (activations, Dropout, Flatten, Identity, containers, user-defined wrapp
 modules whose parameters are all frozen are trusted to act on each sample separately,
 except the ones known to mix the samples of a batch, which are refused; a module whose
 dim is picked from the input's ndim (a softmax's ``dim=None``, a negative dim) is refused at
-the forward, for an input on which that dim is the sample dim.
+the forward, for an input on which that dim is the sample dim, and so is one whose settings
+were changed to mix samples after the check (a BatchNorm switched to training mode).
 """
 
 from __future__ import annotations
@@ -96,27 +97,38 @@ def _resolved_dim(value: int | None, ndim: int) -> int:
 
 
 def sample_dim_guards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
-    """``(module, forward pre-hook)`` for each module whose dim is picked from the input's
-    ndim: the hook refuses an input for which that dim is dim 0, the sample dim, which
-    :func:`attributable_layers` cannot tell before the forward."""
-    guards = []
-    for name, module in model.named_modules():
-        setting = _dim_setting(module)
-        if setting is not None:
-            guards.append((module, _sample_dim_guard(describe(name, module), *setting)))
-    return guards
+    """``(module, forward pre-hook)`` for each module that can mix samples depending on its
+    settings: the hook refuses, at the forward, an input it would mix, which
+    :func:`attributable_layers` cannot tell before the forward: a dim picked from the
+    input's ndim that is dim 0, the sample dim, or settings changed since (a BatchNorm
+    switched to training mode, a dim set to 0)."""
+    return [
+        (module, _sample_dim_guard(describe(name, module)))
+        for name, module in model.named_modules()
+        if _may_mix(type(module))
+    ]
 
 
-def _sample_dim_guard(where: str, setting: str, value: int | None) -> Callable:
+def _sample_dim_guard(where: str) -> Callable:
     def refuse_sample_dim(module: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
         if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
             return  # an evaluation forward: no backward to attribute
+        reason = _mixing_reason(module)
+        if reason is not None:
+            raise TypeError(
+                f"per_sample_grads: {where} {reason} (set after the context was created); "
+                "per-sample gradients are undefined through it"
+            )
+        setting = _dim_setting(module)
+        if setting is None:
+            return
+        name, value = setting
         if _resolved_dim(value, x.dim()) == 0:
             raise ValueError(
-                f"per_sample_grads: {where} with {setting}={value} acts along dim 0, the "
+                f"per_sample_grads: {where} with {name}={value} acts along dim 0, the "
                 f"sample dim, for this {x.dim()}-D input, so it mixes samples and "
-                f"per-sample gradients are undefined through it; give {setting} as a "
+                f"per-sample gradients are undefined through it; give {name} as a "
                 "non-negative dim other than 0"
             )
 
