@@ -586,3 +586,25 @@ def test_probability_target_class_weights_get_their_gradient_as_natives(
         g = make(loss.shape, torch.float64, seed=5)
         results.append((loss, *torch.autograd.grad(loss, (x, t, w), g)))
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "none"}, {"label_smoothing": 0.2}, {"ignore_index": 1}, {"dtype": "bf16"}],
+    ids=str,
+)
+def test_first_order_gradient_is_a_constant_as_natives(options):
+    """torch.autograd.grad without create_graph hands out constants (no grad_fn, not
+    requiring grad). The backward that hands over the forward's saved ∂ℓ/∂z buffer gave it
+    with that output's grad_fn: it required grad, kept the loss's node alive, and a penalty
+    built on it (first-order meta-learning, a gradient norm) silently backpropagated a
+    second-order term where native refuses ('does not require grad')."""
+    options = dict(options)
+    dtype = torch.bfloat16 if options.pop("dtype", None) else torch.float32
+    logits = torch.randn(5, 4, dtype=dtype).requires_grad_()
+    target = torch.tensor([0, 1, 2, 3, 1])
+    for fn in (F.cross_entropy, TF.cross_entropy):
+        (g,) = torch.autograd.grad(fn(logits, target, **options).sum(), logits)
+        assert not g.requires_grad and g.grad_fn is None, fn
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            (g * g).sum().backward()

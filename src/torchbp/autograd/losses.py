@@ -243,7 +243,9 @@ def ce_backward(grad, logits, target, weight, ignore_index, smoothing, d_loss, d
         # dz_i = g_i ∂ℓ_i/∂z_i
         scale = scale.unsqueeze(1).to(grad.dtype)
         if owned and not terms and may_reuse_saved(grad, scale):
-            d_logits = grad.mul_(scale)
+            # detached: the saved buffer is the Function's differentiable output, and a
+            # first-order gradient must be a constant (no grad_fn), as native's is
+            d_logits = grad.detach().mul_(scale)
         else:
             d_logits = grad * scale
     for term in terms:
