@@ -37,7 +37,8 @@ def load_symbol(target: str) -> Any:
     """The object named by ``module:Symbol`` or ``path/to/file.py:Symbol``.
 
     ``Symbol`` may be dotted (``Outer.Inner``). The current directory is importable, as
-    with ``python -m``.
+    with ``python -m``; a file's own directory is, for its imports of sibling modules, as
+    with ``python path/to/file.py``.
 
     Args:
         target: where the object lives and its name.
@@ -73,6 +74,9 @@ def load_symbol(target: str) -> Any:
 def _module_from_file(path: Path) -> Any:
     if not path.is_file():
         raise TargetError(f"no such file: {path}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the file's sibling modules, as python file.py finds them
     spec = importlib.util.spec_from_file_location(path.stem, path)
     if spec is None or spec.loader is None:
         raise TargetError(f"cannot load {path} as a Python module")
