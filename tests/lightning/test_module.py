@@ -160,3 +160,32 @@ def test_epoch_loss_with_class_weights_is_the_weighted_mean_over_the_epoch(label
             m._step((x[rows], y[rows]), m.val_loss, m.val_metrics)
         whole = m.loss(m(x), y)
     torch.testing.assert_close(m.val_loss.compute(), whole)
+
+
+def test_test_after_fit_prints_no_callback_override_notice(tmp_path, caplog):
+    """Every trainer.test/validate/predict after a fit (torchbp-train fit's own test of the best
+    checkpoint included) printed "The following callbacks returned in
+    `LightningModule.configure_callbacks` will override existing callbacks passed to Trainer:
+    _LeavePerSampleOnError", about a private callback the user never passed."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import SklearnToyDataModule
+
+    m = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = SklearnToyDataModule(name="iris")
+    with caplog.at_level(logging.INFO):
+        trainer.fit(m, datamodule=data)
+        trainer.test(m, datamodule=data, verbose=False)
+        trainer.predict(m, datamodule=data)
+    assert "configure_callbacks" not in caplog.text
+    assert sum(type(c).__name__ == "_LeavePerSampleOnError" for c in trainer.callbacks) == 1
