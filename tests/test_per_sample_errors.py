@@ -574,3 +574,46 @@ def test_module_made_to_mix_samples_after_creation_refused_at_the_forward(
                 change(middle)
             step(model)
     assert per_sample_recording.recorder is None
+
+
+@pytest.mark.parametrize("when", ["before entering", "inside the context"])
+def test_parameter_replaced_after_creation_refused_by_name(when):
+    """A Linear's weight replaced by a new Parameter after the context was created (e.g.
+    load_state_dict(..., assign=True)) is refused by name, on entering or at the
+    backward, and the
+    context's entries in the registry of recorded weights all go on exit. Before, the
+    message blamed a Linear outside the model, and the entry of a weight replaced inside
+    the with block was left behind: a later tensor given that weight's id (ids are reused)
+    was routed to the closed context, and plain training through it failed."""
+    from torchbp.autograd.linear import per_sample_recorders_by_weight
+
+    model = mlp(nn.Tanh())
+    ps = per_sample_grads(model, mode="clip", max_norm=1.0)
+
+    def replace():
+        model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+
+    message = r"parameter '0.weight' was replaced or removed since the context was created"
+    if when == "before entering":
+        replace()
+        with pytest.raises(RuntimeError, match=message):
+            ps.__enter__()
+    else:
+        with ps:
+            replace()
+            with pytest.raises(RuntimeError, match=message):
+                step(model)
+    assert not per_sample_recorders_by_weight
+    assert getattr(per_sample_recording, "recorder", None) is None
+
+
+def test_parameter_added_inside_the_context_refused_by_name():
+    """A trainable module added after the context was created got its gradient from
+    autograd, unclipped and left out of the norms; refused by name at the backward."""
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        model.append(nn.LayerNorm(3))
+        with pytest.raises(RuntimeError, match=r"parameter '3.weight' was added since"):
+            step(model)
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms

@@ -15,7 +15,7 @@ from torchbp.per_sample import formulas, memory
 from torchbp.per_sample.model_check import (
     Layer,
     attributable_layers,
-    refuse_changed_trainability,
+    refuse_changed_parameters,
     sample_dim_guards,
     trainability,
 )
@@ -68,9 +68,11 @@ class PerSampleGrads:
         self.parameters: list[nn.Parameter] = [
             p for layer in self._layers for p in layer.parameters()
         ]
-        # the layers and parameters above are picked by which parameters are trainable now
-        self._trainability = trainability(model)
-        self._recorder = Recorder(self._layers, self._check_trainability)
+        # the layers and parameters above are picked by the model's parameters as they are
+        self._model = model
+        self._parameter_snapshot = trainability(model)
+        self._recorder = Recorder(self._layers, self._check_parameters)
+        self._registered_weights: list[int] = []  # ids in per_sample_recorders_by_weight
         self._state = "new"  # -> "open" -> "closed" / "failed"
         self._hooks: list = []
         # ids of the parameters the backward reached (all of them, unless
@@ -90,7 +92,7 @@ class PerSampleGrads:
             raise RuntimeError(
                 "per_sample_grads: contexts cannot be nested; another one is open on this thread"
             )
-        self._check_trainability()
+        self._check_parameters()
         weights = [id(layer.module.weight) for layer in self._layers]
         if any(w in per_sample_recorders_by_weight for w in weights):
             raise RuntimeError(
@@ -112,13 +114,16 @@ class PerSampleGrads:
         per_sample_recording.recorder = self._recorder
         for w in weights:
             per_sample_recorders_by_weight[w] = self._recorder
+        self._registered_weights = weights
         self._state = "open"
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         per_sample_recording.recorder = None
-        for layer in self._layers:
-            per_sample_recorders_by_weight.pop(id(layer.module.weight), None)
+        # the ids registered on entering (a weight replaced since has another id)
+        for w in self._registered_weights:
+            per_sample_recorders_by_weight.pop(w, None)
+        self._registered_weights = []
         self._recorder.closed = True
         for hook in self._hooks:
             hook.remove()
@@ -207,8 +212,8 @@ class PerSampleGrads:
         hook fires at its end): an error was raised inside it, and caught."""
         return bool(self._reached) and not self._recorder.finalised
 
-    def _check_trainability(self) -> None:
-        refuse_changed_trainability(self._trainability)
+    def _check_parameters(self) -> None:
+        refuse_changed_parameters(self._model, self._parameter_snapshot)
 
     def _has_traces(self) -> bool:
         return any(layer.traces for layer in self._layers)
@@ -282,9 +287,9 @@ class PerSampleGrads:
             self._release_traces()
 
     def _form_results(self, forms_param_grads: bool) -> None:
-        # a parameter frozen or unfrozen inside the with block: its layer is accounted
-        # for wrongly (an unfrozen one's gradient would be left out or left unclipped)
-        self._check_trainability()
+        # a parameter replaced, frozen or unfrozen inside the with block: its layer is
+        # accounted for wrongly (an unfrozen one's gradient left out or left unclipped)
+        self._check_parameters()
         batches = {g.shape[0] for layer in self._layers for _, g in layer.traces}
         if len(batches) != 1:
             raise RuntimeError(
@@ -498,11 +503,11 @@ def per_sample_grads(
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear` modules
     (built directly or by :func:`torchbp.convert`); parameter-free modules and modules with
     only frozen parameters are trusted to act per sample. Trainable means ``requires_grad``
-    when the context is created: a parameter frozen or unfrozen after that, before the
-    backward, is refused by name (on entering, or at the backward). Refused before any
-    forward, by name: modules with other trainable parameters (an unconverted ``nn.Linear``,
-    Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training mode, softmax-like
-    modules along dim 0, ``Flatten(start_dim=0)``, and the fused
+    when the context is created: a parameter frozen, unfrozen, replaced or added after that,
+    before the backward, is refused by name (on entering, or at the backward). Refused
+    before any forward, by name: modules with other trainable parameters (an unconverted
+    ``nn.Linear``, Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training mode,
+    softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
     dim) where it lands on dim 0, and one made to mix samples after the context was created

@@ -198,18 +198,33 @@ def trainability(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
     return [(name, p, p.requires_grad) for name, p in model.named_parameters()]
 
 
-def refuse_changed_trainability(snapshot: list[tuple[str, nn.Parameter, bool]]) -> None:
-    """Raise, naming it, if a parameter of :func:`trainability`'s ``snapshot`` was frozen
-    or made trainable since: the layers accounted for were picked by it.
+def refuse_changed_parameters(
+    model: nn.Module, snapshot: list[tuple[str, nn.Parameter, bool]]
+) -> None:
+    """Raise, naming it, if a parameter of ``model`` was replaced, added, frozen or made
+    trainable since :func:`trainability` took ``snapshot``: the layers accounted for were
+    picked by it.
 
     Raises:
-        RuntimeError: a parameter's ``requires_grad`` differs from the snapshot's.
+        RuntimeError: a parameter differs from the snapshot's.
     """
+    now = dict(model.named_parameters())
+    hint = "it accounts for the parameters of the model at its creation"
     for name, p, requires_grad in snapshot:
+        if now.pop(name, None) is not p:
+            raise RuntimeError(
+                f"per_sample_grads: parameter {name!r} was replaced or removed since the "
+                f"context was created; {hint}: change the model before creating it"
+            )
         if p.requires_grad != requires_grad:
             change = "frozen" if requires_grad else "made trainable"
             raise RuntimeError(
                 f"per_sample_grads: parameter {name!r} was {change} (requires_grad="
-                f"{p.requires_grad}) since the context was created; it accounts for the "
-                "parameters trainable at its creation: set requires_grad before creating it"
+                f"{p.requires_grad}) since the context was created; {hint}: set "
+                "requires_grad before creating it"
             )
+    for name in now:
+        raise RuntimeError(
+            f"per_sample_grads: parameter {name!r} was added since the context was created; "
+            f"{hint}: change the model before creating it"
+        )

@@ -20,16 +20,16 @@ from torchbp.per_sample.model_check import Layer
 class Recorder:
     """Routes each Linear call to its layer (by the identity of the weight Parameter).
 
-    ``check_trainability`` raises, naming it, if a parameter of the model was frozen or
-    unfrozen since the layers were picked: called before refusing a call that such a
-    change explains (a stray trainable Linear, a tracked weight without its input).
+    ``check_parameters`` raises, naming it, if a parameter of the model was replaced,
+    frozen or unfrozen since the layers were picked: called before refusing a call that
+    such a change explains (a stray trainable Linear, a tracked weight without its input).
     """
 
     def __init__(
-        self, layers: list[Layer], check_trainability: Callable[[], None] = lambda: None
+        self, layers: list[Layer], check_parameters: Callable[[], None] = lambda: None
     ) -> None:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
-        self.check_trainability = check_trainability
+        self.check_parameters = check_parameters
         self.finalised = False
         self.closed = False  # the context has exited
         # backward calls filed so far, and per layer (by id) the count after its latest:
@@ -96,7 +96,7 @@ class Use:
         if self.layer.weight is not None and x is None:
             # the weight did not require grad at the forward, so x was not saved
             self.recorder.failed = True
-            self.recorder.check_trainability()
+            self.recorder.check_parameters()
             raise RuntimeError(
                 f"per_sample_grads: the weight of Linear {self.layer.name!r} did not require "
                 "grad at its forward, but was trainable when the context was created"
@@ -138,7 +138,7 @@ class Stray:
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         self.recorder.failed = True
-        self.recorder.check_trainability()  # a model Linear frozen at the context's creation?
+        self.recorder.check_parameters()  # a model Linear frozen, or replaced, since?
         raise RuntimeError(
             "per_sample_grads: a torchbp linear with a trainable weight of shape "
             f"{self.weight_shape} is not a torchbp.nn.Linear of the model given to "
