@@ -14,7 +14,16 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 
-__all__ = ["check_vmap_in_dims"]
+__all__ = ["VMAP_IN_DIMS", "check_vmap_in_dims"]
+
+#: The capability vmap_in_dims exercises and how to add it (a vmap rule that raises
+#: ``NotImplementedError`` for these in_dims says it is absent: unsupported, not failed).
+VMAP_IN_DIMS = (
+    "vmap over a non-zero or None in_dims",
+    "in the vmap staticmethod, move each batched input's dim in_dims[i] to 0 "
+    "(x.movedim(in_dims[i], 0)) and expand the unbatched ones (in_dims[i] is None), or set "
+    "generate_vmap_rule = True",
+)
 
 
 def _layouts(ctx: CheckContext) -> list[tuple[str, tuple[int | None, ...]]]:
@@ -30,7 +39,8 @@ def _layouts(ctx: CheckContext) -> list[tuple[str, tuple[int | None, ...]]]:
 
 def check_vmap_in_dims(ctx: CheckContext) -> Passed:
     """vmap(fn, in_dims=...) over scaled copies stacked along the last dim (and with
-    unbatched inputs) against a loop; skipped unless the ``vmap`` check passed."""
+    unbatched inputs) against a loop; skipped unless the ``vmap`` check passed, unsupported
+    when the vmap rule raises ``NotImplementedError`` for these in_dims."""
     vmap_result = ctx.results.get("vmap")
     if vmap_result is not None and not vmap_result.passed:
         raise CheckSkip(f"the vmap check (in_dims=0) did not pass ({vmap_result.status})")
@@ -46,7 +56,7 @@ def check_vmap_in_dims(ctx: CheckContext) -> Passed:
         try:
             batched = torch.func.vmap(ctx.diff_fn, in_dims=in_dims)(*xs)
         except Exception as exc:  # noqa: BLE001
-            raise outcome_of(exc, f"vmap with {label} failed: ") from None
+            raise outcome_of(exc, f"vmap with {label} failed: ", VMAP_IN_DIMS) from None
         looped = [
             ctx.diff_fn(*[x if d is None else x.select(d, b) for x, d in zip(xs, in_dims)])
             for b in range(batch)

@@ -1,0 +1,44 @@
+"""The ``vmap_in_dims`` check (``checks/vmap_dims.py``): a vmap rule that says it does not
+batch along other dims (``NotImplementedError``) is unsupported there, not wrong."""
+
+from __future__ import annotations
+
+import torch
+from tests.verify.zoo.entry import seeded
+
+from torchbp.verify import check_function
+
+
+class Dim0OnlyTanh(torch.autograd.Function):
+    """tanh with a vmap staticmethod that batches along dim 0 only, and says so."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        # d tanh(x)/dx = 1 - tanh(x)^2
+        return g * (1 - y * y)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        if in_dims[0] != 0:
+            raise NotImplementedError("Dim0OnlyTanh batches along dim 0 only")
+        return Dim0OnlyTanh.apply(x), 0
+
+
+def test_vmap_rule_refusing_other_dims_is_unsupported_with_how_to_add_it():
+    # before: vmap_in_dims failed with the NotImplementedError as if the rule were wrong
+    report = check_function(Dim0OnlyTanh, seeded(3, 4), checks=["vmap", "vmap_in_dims"])
+    result = report["vmap_in_dims"]
+    assert report["vmap"].passed and result.unsupported, report
+    assert "Dim0OnlyTanh batches along dim 0 only" in result.message
+    assert "to add it:" in result.message and "in_dims" in result.message
+    required = check_function(Dim0OnlyTanh, seeded(3, 4), checks="vmap", require="vmap_in_dims")
+    assert required["vmap_in_dims"].failed
