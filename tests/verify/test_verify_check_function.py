@@ -135,6 +135,17 @@ def test_detached_output_is_reported():
     [
         (lambda: check_function(42, _x(3)), TypeError, "fn must be callable"),
         (lambda: check_function(torch.tanh, [1.0, 2.0]), TypeError, "input 0 is a list"),
+        # torch.as_tensor, the advice given before, cannot take tensors or a dict
+        (
+            lambda: check_function(torch.stack, [_x(3), _x(3)]),
+            TypeError,
+            r"input 0 is a list holding tensors.*separate inputs.*lambda a, b: fn\(\[a, b\]\)",
+        ),
+        (
+            lambda: check_function(lambda x, d: x * d["s"], _x(3), {"s": 2.0}),
+            TypeError,
+            r"input 1 is a dict.*functools.partial\(fn, key=value\)",
+        ),
         (lambda: check_function(torch.tanh), ValueError, "at least one example input"),
         (lambda: check_function(torch.tanh, 3.0), TypeError, "none of the inputs is a tensor"),
         (

@@ -57,6 +57,28 @@ def _function_apply(fn: Any) -> Any:
     return fn
 
 
+def _how_to_pass(value: Any) -> str:
+    """How to pass an input check_function does not take (the end of a sentence): tensors
+    inside a container as separate inputs, a dict bound in a wrapper of fn, anything else
+    converted to a tensor."""
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, tuple | list | dict) and any(isinstance(e, torch.Tensor) for e in items):
+        return (
+            " holding tensors; check_function differentiates tensors given as separate "
+            "inputs: pass them so and wrap fn, e.g. lambda a, b: fn([a, b])"
+        )
+    if isinstance(value, dict):
+        return (
+            "; inputs are tensors, scalars and tuples or lists of scalars: bind it in a "
+            "wrapper of fn, e.g. functools.partial(fn, key=value) for keyword arguments or "
+            "lambda x: fn(x, {...})"
+        )
+    return (
+        "; inputs must be tensors (or plain Python scalars such as a dim argument, or "
+        "tuples and lists of them). Convert it with torch.as_tensor(...)"
+    )
+
+
 def _check_inputs(inputs: tuple) -> None:
     if not inputs:
         raise ValueError("check_function: give at least one example input tensor after fn")
@@ -69,11 +91,7 @@ def _check_inputs(inputs: tuple) -> None:
             continue
         if isinstance(x, tuple | list) and all(isinstance(e, SCALAR_TYPES) for e in x):
             continue
-        raise TypeError(
-            f"check_function: input {i} is a {type(x).__name__}; inputs must be tensors (or "
-            "plain Python scalars such as a dim argument, or tuples and lists of them). "
-            "Convert it with torch.as_tensor(...)"
-        )
+        raise TypeError(f"check_function: input {i} is a {type(x).__name__}{_how_to_pass(x)}")
     if not any(isinstance(x, torch.Tensor) for x in inputs):
         lists = [i for i, x in enumerate(inputs) if isinstance(x, list)]
         hint = (
