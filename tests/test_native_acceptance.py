@@ -348,6 +348,9 @@ BAD = [
     Bad("elu-tensor-requires-grad", lambda f: f.elu(x, torch.tensor(0.2, requires_grad=True)),
         r"elu: alpha must be a number; a tensor that requires grad"),
     Bad("softplus-beta-str", lambda f: f.softplus(x, "a"), r"softplus: beta must be a number"),
+    # approximate is keyword-only, as native's (a positional one was taken)
+    Bad("gelu-approximate-positional", lambda f: f.gelu(x, "tanh"),
+        r"gelu\(\) takes 1 positional argument but 2 were given"),
     Bad("softplus-threshold-str", lambda f: f.softplus(x, 1.0, "a"),
         r"softplus: threshold must be a number"),
     # softmax dims and dtypes

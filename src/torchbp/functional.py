@@ -193,9 +193,9 @@ def leaky_relu(
     return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
 
 
-def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     r""":math:`x \Phi(x)`, or its tanh approximation with ``approximate='tanh'`` (as
-    :func:`torch.nn.functional.gelu`)."""
+    :func:`torch.nn.functional.gelu`; ``approximate`` is keyword-only there too)."""
     _checks.validate_gelu(approximate)
     return apply(_GELU, input, approximate)
 
