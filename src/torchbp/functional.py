@@ -183,7 +183,10 @@ def leaky_relu(
 ) -> torch.Tensor:
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
     :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
-    ``negative_slope >= 0``, which halves the memory an MLP keeps for backward."""
+    ``negative_slope >= 0``, which halves the memory an MLP keeps for backward; unlike
+    native (which saves the input), modifying the output in place before backward
+    (``y += residual``) then raises autograd's "modified by an inplace operation" error:
+    write ``y = y + residual``."""
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     if inplace:
@@ -217,7 +220,9 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     r""":math:`x` for :math:`x > 0`, :math:`\alpha (e^x - 1)` otherwise (as
     :func:`torch.nn.functional.elu`). Saves the output rather than the input when
-    ``alpha >= 0``.
+    ``alpha >= 0``; unlike native (which saves the input), modifying the output in place
+    before backward (``y += residual``) then raises autograd's "modified by an inplace
+    operation" error: write ``y = y + residual``.
 
     Args:
         input: any shape.
