@@ -196,7 +196,9 @@ def check_function(
 ) -> Report:
     """Verify the gradients of ``fn`` (any differentiable callable or autograd.Function).
 
-    Runs, on the example ``inputs``: ``gradcheck``, ``gradgradcheck``, forward-mode AD,
+    Runs, on the example ``inputs``: fn twice (a random fn, e.g. dropout in training mode,
+    fails ``forward``: every check compares calls), ``gradcheck`` (for each output and, for
+    several, all at once), ``gradgradcheck``, forward-mode AD,
     ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
     shape of every custom Function's raw gradients, the same outputs and gradients when no
     input or one input alone requires grad, grad_output safety (no in-place writes,

@@ -53,12 +53,12 @@ class Check:
 CHECK_TABLE: tuple[Check, ...] = (
     Check(
         "forward",
-        "fn runs and returns floating-point tensors that require grad",
+        "fn runs, twice with the same outputs, and returns floating tensors that require grad",
         check_forward,
     ),
     Check(
         "gradcheck",
-        "backward agrees with the numerical (finite-difference) Jacobian",
+        "backward agrees with the numerical Jacobian, for each output and all at once",
         check_gradcheck,
     ),
     Check(
