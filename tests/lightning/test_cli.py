@@ -617,3 +617,31 @@ def test_privacy_override_error_starts_with_its_cause(tmp_path, capsys):
     ), lines
     assert "target_epsilon null" in lines[0]
     assert len(lines) == 1 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_checkpoint_of_another_model_is_a_cli_error_before_anything_is_written(
+    short_run, tmp_path, capsys, subcommand
+):
+    """``fit --ckpt_path last --model.hidden_sizes [32]`` on a run trained with [256] failed in
+    Lightning's load_state_dict with a size-mismatch traceback, after the resumed run's
+    config.yaml had been overwritten by the new configuration (which its checkpoints do not
+    match) and a TensorBoard file added; test/validate/predict also came as a traceback."""
+    run = _copy_of_run(short_run, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            subcommand,
+            "--config",
+            DIGITS,
+            f"--run_dir={tmp_path}",
+            "--ckpt_path=last",
+            "--model.hidden_sizes=[32]",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path: " in err and "does not fit the configured model" in err, err
+    assert "net.0.weight: (256, 64) in the checkpoint, (32, 64) in the model" in err, err
+    assert "Traceback" not in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]

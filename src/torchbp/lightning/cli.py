@@ -109,6 +109,30 @@ def _best_checkpoint(folder: Path) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
+def _state_dict_mismatch(path: Path, model: torch.nn.Module) -> list[str]:
+    """What keeps ``model`` from loading the weights of checkpoint ``path`` (Lightning loads
+    them strictly unless the model's ``strict_loading`` is false): a tensor of another shape,
+    a missing or an unexpected one. Empty if they fit, or if the file cannot be read here
+    (Lightning then reports it)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError):
+        return []
+    weights = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        return []
+    own = model.state_dict()
+    problems = [
+        f"{key}: {tuple(weights[key].shape)} in the checkpoint, {tuple(value.shape)} in the model"
+        for key, value in own.items()
+        if isinstance(weights.get(key), torch.Tensor) and weights[key].shape != value.shape
+    ]
+    if getattr(model, "strict_loading", True):
+        problems += [f"{key}: not in the checkpoint" for key in own if key not in weights]
+        problems += [f"{key}: not in the model" for key in weights if key not in own]
+    return problems
+
+
 def _checkpoint_mode(monitor: str | None) -> str:
     """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1),
     else Lightning's default, ``min`` (loss, 0-1 error)."""
@@ -300,8 +324,24 @@ class TorchbpCLI(LightningCLI):
             if isinstance(self.datamodule, ClassificationDataModule):
                 self.datamodule.check_data()
             self._check_privacy()
+            self._check_checkpoint_fits_model()
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
+
+    def _check_checkpoint_fits_model(self) -> None:
+        """A ``--ckpt_path`` whose weights the configured model cannot load (another
+        architecture) is an error now: Lightning finds out only after the run has started,
+        when it has written the new config.yaml over a resumed run's."""
+        path = self._subcommand_config(self.config).get("ckpt_path")
+        if path is None or str(path) in _LIGHTNING_CKPT_NAMES or "://" in str(path):
+            return
+        problems = _state_dict_mismatch(Path(path), self.model)
+        if problems:
+            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+            exit_with_error(
+                f"--ckpt_path: {path} does not fit the configured model: {shown} (its run's "
+                "config.yaml has the options it was trained with)"
+            )
 
     def _check_privacy(self) -> None:
         """DP-SGD settings that training would refuse at its start (``fit`` of a private model
