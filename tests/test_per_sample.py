@@ -647,3 +647,19 @@ def test_zero_features(features, shape, mode):
     expected = torch.full((out,), t * factor.sum().item(), dtype=DT)
     torch.testing.assert_close(layer.bias.grad, expected, rtol=RTOL, atol=0)
     assert not layer.bias.grad_variance.any()
+
+
+def test_float16_bias_norms_do_not_overflow():
+    """β_i = Σ_t g_it over 700 positions of 100 is 70000: beyond float16's 65504, though
+    its norm fits float32 and the clipped sum fits float16. β_i is summed in float32;
+    before, in float16: the norms were inf and clip mode dropped every sample."""
+    layer = torchbp.nn.Linear(1, 1).to(torch.float16)
+    x = torch.full((2, 700, 1), 1e-3, dtype=torch.float16)
+    w = torch.full((2, 700, 1), 100.0, dtype=torch.float16)  # g = dL/dy = w exactly
+    with per_sample_grads(layer, mode="clip", max_norm=1.0) as ps:
+        (layer(x) * w).sum().backward()
+    # G_i = 700 · 100 · 1e-3 = 70 (x rounds to 0.0010004 in float16), β_i = 70000
+    norms = torch.full((2,), math.hypot(70.0 * 1.0004, 70000.0))
+    torch.testing.assert_close(ps.norms, norms, rtol=1e-4, atol=0)
+    clipped = (70000.0 / norms).sum(0, keepdim=True)  # Σ_i c_i β_i
+    torch.testing.assert_close(layer.bias.grad.float(), clipped, rtol=1e-3, atol=0)

@@ -87,8 +87,8 @@ def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
     if g.shape[1] == 1:
         # β_i = g_i
         return _row_norms(g).square()
-    # β_i = Σ_t g_it
-    return g.sum(1).to(norm_dtype(g.dtype)).square().sum(1)
+    # β_i = Σ_t g_it, summed in float32 at least (float16 overflows where ‖β_i‖ fits)
+    return g.sum(1, dtype=norm_dtype(g.dtype)).square().sum(1)
 
 
 def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool):
