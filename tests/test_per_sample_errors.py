@@ -617,3 +617,16 @@ def test_parameter_added_inside_the_context_refused_by_name():
             step(model)
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+def test_forward_before_entering_named_at_the_backward():
+    """A loss computed before entering the context, backpropagated inside it: the Linear
+    calls were not recorded, and the message says so; before, it only asked whether the
+    parameter was tied, passed to a functional op or compiled."""
+    model = mlp(nn.Tanh())
+    loss = model(torch.randn(5, 4)).sum()
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        with pytest.raises(RuntimeError, match=r"forward run before the context was entered"):
+            loss.backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms

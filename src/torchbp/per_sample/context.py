@@ -252,12 +252,25 @@ class PerSampleGrads:
                 self._state = "failed"  # even if the caller catches this, nothing is formed
                 raise RuntimeError(
                     f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
-                    "other than its recorded Linear call (is it used elsewhere, e.g. tied or "
-                    "passed to a functional op, or does the model run under torch.compile, "
-                    "which is not supported?); that gradient cannot be attributed to samples"
+                    f"other than its recorded Linear call ({self._stray_gradient_hint(p)}); "
+                    "that gradient cannot be attributed to samples"
                 )
         if self._has_traces():
             self._finalise(forms_param_grads=True)
+
+    def _stray_gradient_hint(self, p: nn.Parameter) -> str:
+        """The likely causes of a gradient reaching ``p`` other than through its layer."""
+        layer = next(la for la in self._layers if any(q is p for q in la.parameters()))
+        if layer.traces:
+            return (
+                "is it used elsewhere, e.g. tied or passed to a functional op, or does the "
+                "model run under torch.compile, which is not supported?"
+            )
+        return (
+            "its Linear recorded no call in this context: was the forward run before the "
+            "context was entered (run it inside), was the parameter passed to a functional "
+            "op, or does the model run under torch.compile, which is not supported?"
+        )
 
     def _marker(self, p: nn.Parameter):
         def mark_reached(grad):
