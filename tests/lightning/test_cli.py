@@ -645,3 +645,27 @@ def test_checkpoint_of_another_model_is_a_cli_error_before_anything_is_written(
     assert "Traceback" not in err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]
+
+
+def test_resuming_with_another_optimizer_is_a_cli_error_before_anything_is_written(
+    short_run, tmp_path, capsys
+):
+    """``fit --ckpt_path last --model.optimizer torch.optim.SGD`` on an Adam run loaded Adam's
+    state into SGD and failed at the first step with KeyError: 'momentum' in a traceback,
+    after overwriting the run's config.yaml and saving an exception checkpoint as last.ckpt
+    (named val_acc0.0000)."""
+    run = _copy_of_run(short_run, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        fit_digits(
+            tmp_path,
+            "--ckpt_path=last",
+            "--model.optimizer=torch.optim.SGD",
+            "--model.optimizer.lr=0.05",
+            "--trainer.max_epochs=3",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path: " in err and "optimizer state does not fit SGD" in err, err
+    assert "momentum" in err and "Traceback" not in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

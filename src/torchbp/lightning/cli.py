@@ -109,16 +109,21 @@ def _best_checkpoint(folder: Path) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
-def _state_dict_mismatch(path: Path, model: torch.nn.Module) -> list[str]:
-    """What keeps ``model`` from loading the weights of checkpoint ``path`` (Lightning loads
-    them strictly unless the model's ``strict_loading`` is false): a tensor of another shape,
-    a missing or an unexpected one. Empty if they fit, or if the file cannot be read here
+def _read_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` (memory-mapped), or ``None`` if it cannot be read here
     (Lightning then reports it)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, pickle.UnpicklingError):
-        return []
-    weights = state.get("state_dict") if isinstance(state, dict) else None
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
+def _weights_mismatch(checkpoint: dict[str, Any], model: torch.nn.Module) -> list[str]:
+    """What keeps ``model`` from loading the checkpoint's weights (Lightning loads them
+    strictly unless the model's ``strict_loading`` is false): a tensor of another shape, a
+    missing or an unexpected one."""
+    weights = checkpoint.get("state_dict")
     if not isinstance(weights, dict):
         return []
     own = model.state_dict()
@@ -131,6 +136,30 @@ def _state_dict_mismatch(path: Path, model: torch.nn.Module) -> list[str]:
         problems += [f"{key}: not in the checkpoint" for key in own if key not in weights]
         problems += [f"{key}: not in the model" for key in weights if key not in own]
     return problems
+
+
+def _optimizer_mismatch(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
+    """What keeps ``optimizer`` from continuing the checkpoint's optimizer state (that of
+    another optimizer class): the settings its parameter groups need that the saved groups
+    lack (SGD's ``momentum`` in Adam's state), or another number of groups."""
+    saved = checkpoint.get("optimizer_states") or []
+    if len(saved) != 1 or not isinstance(saved[0], dict):
+        return []
+    saved_groups = saved[0].get("param_groups") or []
+    groups = optimizer.state_dict()["param_groups"]
+    if len(saved_groups) != len(groups):
+        return [f"{len(saved_groups)} parameter group(s) saved, {len(groups)} configured"]
+    needed = {key for group in groups for key in group}
+    missing = sorted(needed - {key for group in saved_groups for key in group})
+    return [f"no {', '.join(missing)} in the saved state"] if missing else []
+
+
+def _configured_optimizer(model: Any) -> torch.optim.Optimizer | None:
+    """The one optimizer ``model.configure_optimizers()`` makes (``None`` for anything else)."""
+    configured = model.configure_optimizers()
+    if isinstance(configured, dict):
+        configured = configured.get("optimizer")
+    return configured if isinstance(configured, torch.optim.Optimizer) else None
 
 
 def _checkpoint_mode(monitor: str | None) -> str:
@@ -329,18 +358,30 @@ class TorchbpCLI(LightningCLI):
             exit_with_error(_describe(e))
 
     def _check_checkpoint_fits_model(self) -> None:
-        """A ``--ckpt_path`` whose weights the configured model cannot load (another
-        architecture) is an error now: Lightning finds out only after the run has started,
-        when it has written the new config.yaml over a resumed run's."""
+        """A ``--ckpt_path`` that the configured model cannot load (another architecture), or
+        a fit cannot continue (the state of another optimizer class) is an error now:
+        Lightning finds out only once the run has started, when it has written the new
+        config.yaml over a resumed run's."""
         path = self._subcommand_config(self.config).get("ckpt_path")
         if path is None or str(path) in _LIGHTNING_CKPT_NAMES or "://" in str(path):
             return
-        problems = _state_dict_mismatch(Path(path), self.model)
+        checkpoint = _read_checkpoint(Path(path))
+        if checkpoint is None:
+            return
+        hint = "(its run's config.yaml has the options it was trained with)"
+        problems = _weights_mismatch(checkpoint, self.model)
         if problems:
             shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
             exit_with_error(
-                f"--ckpt_path: {path} does not fit the configured model: {shown} (its run's "
-                "config.yaml has the options it was trained with)"
+                f"--ckpt_path: {path} does not fit the configured model: {shown} {hint}"
+            )
+        optimizer = _configured_optimizer(self.model) if self.subcommand == "fit" else None
+        problems = [] if optimizer is None else _optimizer_mismatch(checkpoint, optimizer)
+        if problems:
+            exit_with_error(
+                f"--ckpt_path: {path}: its optimizer state does not fit "
+                f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
+                "the run was trained with (its config.yaml has it)"
             )
 
     def _check_privacy(self) -> None:
