@@ -490,7 +490,11 @@ def per_sample_grads(
     is added to a gradient already there (clip mode included, so micro-batches can be
     summed before one noisy step), and only for the parameters the backward reaches
     (``loss.backward(inputs=[...])`` names some). Gradients formed by the context are not
-    differentiable (no ``create_graph``).
+    differentiable (no ``create_graph``). Gradient hooks on the accounted parameters see
+    no gradient, since autograd carries none for them: a ``Tensor.register_hook`` hook is
+    called with ``None``, and a post-accumulate-grad hook (an optimizer stepped in the
+    backward, DDP's gradient reduction) runs before the context forms ``p.grad``; neither
+    is supported.
 
     When the results are formed: a multi-gradient hook on the trainable parameters fires
     once the backward has passed all of them it reaches, so right after
