@@ -210,6 +210,8 @@ def test_target_bug_exits_1(tmp_path, capsys):
         (["torch:tanh", "--inputs", "3", "--require", "nope"], "unknown check"),
         (["torch:tanh", "--inputs", "3", "--dtype", "float64,float32"], "one --dtype"),
         (["torch:tanh", "--inputs", "3", "--op", "relu"], "leave it out"),
+        # --threads 0 was silently read as 1 for a target (a usage error for the ops)
+        (["torch:tanh", "--inputs", "3", "--threads", "0"], "--threads must be at least 1"),
     ],
 )
 def test_target_usage_errors_exit_2(argv, needle, capsys):

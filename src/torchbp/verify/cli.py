@@ -464,7 +464,7 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         fn = load_symbol(args.target)
         reference = load_symbol(args.reference) if args.reference else None
         inputs = parse_inputs(args.inputs, 0 if args.seed is None else args.seed)
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
         report = check_function(fn, *inputs, reference=reference, **options)
     except (UsageError, TargetError, TypeError, ValueError) as exc:
         err_console.print(f"torchbp-verify: error: {exc}", highlight=False, soft_wrap=True)
@@ -508,15 +508,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         _list(console)
         return 0
+    if args.threads < 1:
+        err_console.print("torchbp-verify: error: --threads must be at least 1")
+        return 2
     if args.target is not None or args.inputs is not None:
         return _check_target(args, console, err_console)
     try:
         ops, devices, dtypes = _resolve(args)
     except UsageError as exc:
         err_console.print(f"torchbp-verify: error: {exc}", highlight=False)
-        return 2
-    if args.threads < 1:
-        err_console.print("torchbp-verify: error: --threads must be at least 1")
         return 2
     torch.set_num_threads(args.threads)
     jobs = _jobs(ops, devices, dtypes)
