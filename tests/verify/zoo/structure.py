@@ -54,6 +54,55 @@ class ProbsMarkedNonDiff(LogSoftmaxAndProbs):
         ctx.mark_non_differentiable(output[1])  # meant for logged metrics, but used in losses
 
 
+class LogSoftmaxAndProbsNoneGrads(torch.autograd.Function):
+    """(log_softmax(x), softmax(x)) with ``set_materialize_grads(False)``: backward skips
+    the work of an output that got no gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        logp = torch.log_softmax(x, -1)
+        return logp, logp.exp()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, g_logp, g_p):
+        (p,) = ctx.saved_tensors
+        if g_logp is None and g_p is None:
+            return None
+        # dp = p dlogp: fold g_p into a gradient of logp, then through log_softmax
+        if g_p is None:
+            g = g_logp
+        elif g_logp is None:
+            g = p * g_p
+        else:
+            g = g_logp + p * g_p
+        return g - p * g.sum(-1, keepdim=True)
+
+
+class BothGradsFoldedWithoutP(LogSoftmaxAndProbsNoneGrads):
+    """Folds g_p into g_logp without the factor p, only when both outputs get gradients
+    (the branches for one output alone, which gradcheck differentiates, are right)."""
+
+    @staticmethod
+    def backward(ctx, g_logp, g_p):
+        (p,) = ctx.saved_tensors
+        if g_logp is None and g_p is None:
+            return None
+        if g_p is None:
+            g = g_logp
+        elif g_logp is None:
+            g = p * g_p
+        else:
+            g = g_logp + g_p  # bug: p * g_p
+        return g - p * g.sum(-1, keepdim=True)
+
+
 def _log_softmax_and_probs(x):
     return torch.log_softmax(x, -1), torch.softmax(x, -1)
 
@@ -175,6 +224,16 @@ ENTRIES = [
         lambda: (seeded(3, 5),),
         _log_softmax_and_probs,
         frozenset({"gradcheck", "reference"}),
+    ),
+    ZooEntry(
+        "both_grads_branch_wrong",
+        "structure",
+        "(log_softmax, softmax) with None grads handled: the branch for both grads drops p",
+        BothGradsFoldedWithoutP,
+        LogSoftmaxAndProbsNoneGrads,
+        lambda: (seeded(3, 5),),
+        None,  # without a reference: gradcheck alone must see it
+        frozenset({"gradcheck"}),
     ),
     ZooEntry(
         "state_on_the_class",
