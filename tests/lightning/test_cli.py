@@ -669,3 +669,17 @@ def test_resuming_with_another_optimizer_is_a_cli_error_before_anything_is_writt
     assert "error: --ckpt_path: " in err and "optimizer state does not fit SGD" in err, err
     assert "momentum" in err and "Traceback" not in err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_evaluating_best_never_takes_a_checkpoint_the_run_did_not_record_as_best(
+    short_run, tmp_path, capsys
+):
+    """A run interrupted before its first validation has a last.ckpt that records no best
+    and an exception checkpoint beside it: ``--ckpt_path best`` must not take that one."""
+    run = _copy_of_run(short_run, tmp_path)
+    (best,) = (run / "checkpoints").glob("epoch*.ckpt")
+    best.rename(run / "checkpoints/epoch000-val_acc0.0000.ckpt")  # not the recorded best
+    with pytest.raises(SystemExit) as e:
+        run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=best")
+    assert e.value.code == 2
+    assert "error: --ckpt_path best: no best checkpoint under" in capsys.readouterr().err

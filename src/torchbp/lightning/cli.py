@@ -94,17 +94,16 @@ def _versions(root: Path) -> list[int]:
 def _best_checkpoint(folder: Path) -> Path | None:
     """The best checkpoint in a run's ``checkpoints`` folder: the one its ``last.ckpt`` records
     as ModelCheckpoint's ``best_model_path`` (looked up in ``folder``, so a moved run folder
-    still works), else the folder's only checkpoint besides ``last*.ckpt``."""
-    last = folder / "last.ckpt"
-    if last.is_file():
-        try:
-            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, OSError, pickle.UnpicklingError):
-            state = {}
+    still works; ``None`` if it records none, as after an interrupt before the first
+    validation, whose exception checkpoint is no best), else, without a readable
+    ``last.ckpt``, the folder's only checkpoint besides ``last*.ckpt``."""
+    state = _read_checkpoint(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
+    if state is not None:
         for callback in (state.get("callbacks") or {}).values():
             recorded = callback.get("best_model_path") if isinstance(callback, dict) else None
             if recorded and (folder / Path(recorded).name).is_file():
                 return folder / Path(recorded).name
+        return None
     others = [p for p in folder.glob("*.ckpt") if not p.name.startswith("last")]
     return others[0] if len(others) == 1 else None
 
