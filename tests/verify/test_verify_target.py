@@ -37,3 +37,26 @@ def test_a_target_file_imports_its_sibling_modules(tmp_path, monkeypatch, capsys
     assert load_symbol(f"{path}:Scaled").__name__ == "Scaled"
     argv = ["sub/hunt_scaled.py:Scaled", "--inputs", "3,4", "--no-compile"]
     assert cli.main(argv) == 0, capsys.readouterr()
+
+
+def test_target_and_reference_from_one_file_import_it_once(tmp_path, monkeypatch, capsys):
+    # before, the file ran twice: an op it defines with torch.library was registered twice
+    # ('cannot import ...: Tried to register an operator ... multiple times', exit 2)
+    (tmp_path / "hunt_libops.py").write_text(
+        "import torch\n"
+        'torch.library.define("torchbp_verify_test_once::twice", "(Tensor x) -> Tensor")\n'
+        '@torch.library.impl("torchbp_verify_test_once::twice", "cpu")\n'
+        "def _twice(x):\n"
+        "    return x * 2\n"
+        'torch.library.register_autograd("torchbp_verify_test_once::twice", '
+        "lambda ctx, g: g * 2)\n"
+        "twice = torch.ops.torchbp_verify_test_once.twice.default\n"
+        "def reference(x):\n"
+        "    return x * 2\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "hunt_libops", raising=False)
+    argv = ["hunt_libops.py:twice", "--inputs", "3,4", "--reference", "hunt_libops.py:reference"]
+    assert cli.main([*argv, "--no-compile", "--skip", "opcheck"]) == 0, capsys.readouterr()
+    assert load_symbol("hunt_libops.py:reference") is load_symbol("./hunt_libops.py:reference")

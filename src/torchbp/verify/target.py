@@ -71,9 +71,23 @@ def load_symbol(target: str) -> Any:
     return obj
 
 
+def _loaded_from(path: Path) -> Any | None:
+    """The module already imported from the file ``path`` under its stem (the target and
+    the reference named from one file), or None: running the file again would repeat its
+    side effects (a ``torch.library`` op defined twice raises)."""
+    module = sys.modules.get(path.stem)
+    origin = getattr(module, "__file__", None)
+    if module is None or origin is None:
+        return None
+    return module if Path(origin).resolve() == path.resolve() else None
+
+
 def _module_from_file(path: Path) -> Any:
     if not path.is_file():
         raise TargetError(f"no such file: {path}")
+    loaded = _loaded_from(path)
+    if loaded is not None:
+        return loaded
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # the file's sibling modules, as python file.py finds them
