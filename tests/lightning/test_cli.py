@@ -683,3 +683,19 @@ def test_evaluating_best_never_takes_a_checkpoint_the_run_did_not_record_as_best
         run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=best")
     assert e.value.code == 2
     assert "error: --ckpt_path best: no best checkpoint under" in capsys.readouterr().err
+
+
+def test_fit_with_checkpointing_disabled_writes_no_checkpoint(tmp_path, capsys):
+    """``--trainer.enable_checkpointing false`` (Lightning's switch) was refused: "Trainer was
+    configured with enable_checkpointing=False but found ModelCheckpoint in callbacks list",
+    the CLI's own checkpoint callback, so no run could go without checkpoints."""
+    cli = fit_digits(
+        tmp_path,
+        "--trainer.enable_checkpointing=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))
+    assert (tmp_path / "digits/version_0/metrics.csv").is_file()
+    assert "test metrics (final weights)" in capsys.readouterr().out
+    assert cli.trainer.callback_metrics["test/acc"] > 0

@@ -409,6 +409,13 @@ class TorchbpCLI(LightningCLI):
             # inside the run folder, with or without loggers (and when Lightning swaps them
             # out: fast_dev_run)
             ckpt_cb.dirpath = os.path.realpath(run_folder / "checkpoints")
+        if isinstance(ckpt_cb, ModelCheckpoint) and tcfg.get("enable_checkpointing") is False:
+            # the CLI always passes its checkpoint callback, which Lightning refuses beside
+            # enable_checkpointing=False: it stays, and saves nothing
+            kwargs["enable_checkpointing"] = True
+            ckpt_cb.save_top_k = 0
+            ckpt_cb.save_last = False
+            ckpt_cb.save_on_exception = False
         if isinstance(ckpt_cb, ModelCheckpoint) and tcfg.get("fast_dev_run"):
             # Lightning turns checkpointing off for fast_dev_run, except save_last at the end
             # of training: that one-step last.ckpt would be what --ckpt_path last finds
