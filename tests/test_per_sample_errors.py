@@ -317,6 +317,7 @@ def test_autograd_grad_wrt_parameters_named_on_leaving_the_context(monkeypatch):
         (torchbp.nn.LogSoftmax(), (5, 2, 4), (5, 3, 2, 4), r"'1' \(LogSoftmax\) .*dim=None"),
         (nn.Softmin(dim=-3), (5, 2, 4), (5, 3, 2, 4), r"'1' \(Softmin\) .*dim=-3"),
         (nn.Flatten(start_dim=-2), (5, 4), None, r"'1' \(Flatten\) .*start_dim=-2"),
+        (nn.Softmax2d(), (5, 2, 4), (5, 3, 2, 4), r"'1' \(Softmax2d\) .*dim -3.*\(B, C, H, W\)"),
     ],
 )
 def test_dim_resolving_to_the_sample_dim_refused_at_the_forward(module, bad, good, message):

@@ -527,14 +527,14 @@ def per_sample_grads(
     softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
-    dim) where it lands on dim 0, and one made to mix samples after the context was created
-    (``model.train()`` on a BatchNorm, ``dim`` set to 0). Any torchbp or torch loss works on
-    the model's output (reduction, class weights, label smoothing, ignore_index), as long as
-    the loss itself has no trainable parameters. Eager mode only (no ``torch.compile``, no
-    autocast; both are refused at the backward); activation checkpointing works with
-    ``use_reentrant=False``. With ``use_reentrant=True`` only a segment that starts the
-    model does: the segment's inner backward ends the recording, so a trainable Linear
-    before it is refused as a second backward.
+    dim; Softmax2d's dim -3) where it lands on dim 0, and one made to mix samples after the
+    context was created (``model.train()`` on a BatchNorm, ``dim`` set to 0). Any torchbp or
+    torch loss works on the model's output (reduction, class weights, label smoothing,
+    ignore_index), as long as the loss itself has no trainable parameters. Eager mode only
+    (no ``torch.compile``, no autocast; both are refused at the backward); activation
+    checkpointing works with ``use_reentrant=False``. With ``use_reentrant=True`` only a
+    segment that starts the model does: the segment's inner backward ends the recording, so
+    a trainable Linear before it is refused as a second backward.
 
     DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
 

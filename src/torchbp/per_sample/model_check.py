@@ -6,9 +6,10 @@ its Function's backward sees each sample's input and output gradient. Parameter-
 modules (activations, Dropout, Flatten, Identity, containers, user-defined wrappers) and
 modules whose parameters are all frozen are trusted to act on each sample separately,
 except the ones known to mix the samples of a batch, which are refused; a module whose
-dim is picked from the input's ndim (a softmax's ``dim=None``, a negative dim) is refused at
-the forward, for an input on which that dim is the sample dim, and so is one whose settings
-were changed to mix samples after the check (a BatchNorm switched to training mode).
+dim is picked from the input's ndim (a softmax's ``dim=None``, a negative dim, Softmax2d's
+-3) is refused at the forward, for an input on which that dim is the sample dim, and so is
+one whose settings were changed to mix samples after the check (a BatchNorm switched to
+training mode).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _trainable(p: nn.Parameter | None) -> nn.Parameter | None:
 @functools.cache
 def _may_mix(cls: type) -> bool:
     """Whether modules of this class can mix samples, depending on their settings."""
-    return issubclass(cls, (*_BATCH_NORMS, *_ALONG_DIM, nn.Flatten, nn.Unflatten))
+    return issubclass(cls, (*_BATCH_NORMS, *_ALONG_DIM, nn.Softmax2d, nn.Flatten, nn.Unflatten))
 
 
 def _mixing_reason(module: nn.Module) -> str | None:
@@ -76,16 +77,24 @@ def _mixing_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _dim_setting(module: nn.Module) -> tuple[str, int | None] | None:
-    """``(name, value)`` of the setting by which ``module`` picks a dim from its input's
-    ndim (a softmax's ``dim=None``, or a negative dim), or ``None`` if it has none."""
+def _dim_setting(module: nn.Module) -> tuple[str, int | None, str] | None:
+    """``(what, value, remedy)`` for the dim ``value`` that ``module`` picks from its
+    input's ndim (a softmax's ``dim=None``, a negative dim, Softmax2d's fixed -3), or
+    ``None`` if it has none."""
     if isinstance(module, _ALONG_DIM) and (module.dim is None or module.dim < 0):
-        return "dim", module.dim
+        return _setting("dim", module.dim)
     if isinstance(module, nn.Flatten) and module.start_dim < 0:
-        return "start_dim", module.start_dim
+        return _setting("start_dim", module.start_dim)
     if isinstance(module, nn.Unflatten) and isinstance(module.dim, int) and module.dim < 0:
-        return "dim", module.dim
+        return _setting("dim", module.dim)
+    if isinstance(module, nn.Softmax2d):
+        # normalises over the channels of (C, H, W) or (B, C, H, W): dim -3
+        return "(which normalises along dim -3)", -3, "give it (B, C, H, W) inputs"
     return None
+
+
+def _setting(name: str, value: int | None) -> tuple[str, int | None, str]:
+    return f"with {name}={value}", value, f"give {name} as a non-negative dim other than 0"
 
 
 def _resolved_dim(value: int | None, ndim: int) -> int:
@@ -123,13 +132,12 @@ def _sample_dim_guard(where: str) -> Callable:
         setting = _dim_setting(module)
         if setting is None:
             return
-        name, value = setting
+        what, value, remedy = setting
         if _resolved_dim(value, x.dim()) == 0:
             raise ValueError(
-                f"per_sample_grads: {where} with {name}={value} acts along dim 0, the "
-                f"sample dim, for this {x.dim()}-D input, so it mixes samples and "
-                f"per-sample gradients are undefined through it; give {name} as a "
-                "non-negative dim other than 0"
+                f"per_sample_grads: {where} {what} acts along dim 0, the sample dim, for "
+                f"this {x.dim()}-D input, so it mixes samples and per-sample gradients are "
+                f"undefined through it; {remedy}"
             )
 
     return refuse_sample_dim
