@@ -631,3 +631,31 @@ def test_forward_before_entering_named_at_the_backward():
             loss.backward()
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+class LoRALinear(torchbp.nn.Linear):
+    """A torchbp Linear subclass with its own trainable low-rank adapter (frozen weight)."""
+
+    def __init__(self, features: int, rank: int = 2):
+        super().__init__(features, features)
+        self.weight.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, features) * 0.1)
+        self.lora_b = nn.Parameter(torch.randn(features, rank) * 0.1)
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
+
+
+def test_linear_subclass_with_other_trainable_parameters_refused():
+    """A torchbp Linear subclass's own parameters (a LoRA adapter) reach the loss outside
+    the recorded Linear call; before, only weight and bias were looked at, and the
+    adapter's p.grad came from autograd, unclipped and left out of the norms (a silent
+    DP-SGD violation). Refused before the forward, by name; frozen, they are fine."""
+    model = mlp(LoRALinear(6))
+    with pytest.raises(TypeError, match=r"'1' \(LoRALinear\) has trainable parameters \(lora_a"):
+        per_sample_grads(model, mode="clip", max_norm=1e-3)
+    model[1].lora_a.requires_grad_(False)
+    model[1].lora_b.requires_grad_(False)
+    with per_sample_grads(model, mode="clip", max_norm=1e-3) as ps:
+        step(model)
+    assert ps.norms.shape == (5,)

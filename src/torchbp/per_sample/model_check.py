@@ -143,6 +143,18 @@ def _sample_dim_guard(where: str) -> Callable:
     return refuse_sample_dim
 
 
+def _unattributable_trainable(module: nn.Module) -> list[str]:
+    """The names of ``module``'s own trainable parameters that its recorded Linear call
+    does not see: all of them, except a :class:`torchbp.nn.Linear`'s weight and bias (a
+    subclass's extra parameters, such as a LoRA adapter, reach the loss elsewhere)."""
+    linear = isinstance(module, bpnn.Linear)
+    return [
+        n
+        for n, p in module.named_parameters(recurse=False)
+        if p.requires_grad and not (linear and n in ("weight", "bias"))
+    ]
+
+
 def attributable_layers(model: nn.Module) -> list[Layer]:
     """The model's Linear layers with trainable parameters, in module order.
 
@@ -183,8 +195,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
                     owner[id(p)] = where
             if weight is not None or bias is not None:
                 layers.append(Layer(name, module, weight, bias))
-            continue
-        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        trainable = _unattributable_trainable(module)
         if not trainable:
             continue
         if type(module) is nn.Linear:
