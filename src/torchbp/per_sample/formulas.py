@@ -154,7 +154,9 @@ def bias_sum_grad_squared(g: torch.Tensor) -> torch.Tensor:
     return g.sum(1, dtype=norm_dtype(g.dtype)).square().sum(0)
 
 
-def weight_grad_sum(a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype | None = None):
+def weight_grad_sum(
+    a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``Σ_i G_i = dL/dW``, shape ``(out, in)``, formed in ``dtype`` (default: ``g``'s)."""
     dtype = g.dtype if dtype is None else dtype
     rows = a.shape[0] * a.shape[1]  # counted, not inferred: in or out may be 0
