@@ -134,3 +134,50 @@ def test_a_wider_gradient_than_the_input_is_accepted():
         Float32GradForLowPrecision, x, w, dtype=torch.bfloat16, checks=["grad_shapes"]
     )
     assert report["grad_shapes"].passed, str(report)
+
+
+class ScaledAddFirstScale(torch.autograd.Function):
+    """c * x + b for a Python scalar c given first, b broadcast over x's rows."""
+
+    @staticmethod
+    def forward(ctx, c, x, b):
+        ctx.c = c
+        return c * x + b
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, ctx.c * g, g.sum(0)
+
+
+class ScaledAddMidScale(torch.autograd.Function):
+    """x * alpha + b for a Python scalar alpha between the tensors."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, b):
+        ctx.alpha = alpha
+        return x * alpha + b
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.alpha * g, None, g.sum(0)
+
+
+class UnreducedBiasMidScale(ScaledAddMidScale):
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.alpha * g, None, g  # bug: b's gradient not summed over the rows
+
+
+def test_grad_shapes_pairs_gradients_with_tensor_inputs_past_a_scalar_argument():
+    # autograd lists only the tensor inputs of a node: the raw gradients (one per forward
+    # argument) were paired with them by position, so after a scalar argument each
+    # gradient was checked against another input's shape (or not at all)
+    x, b = seeded(3, 4), seeded(4, seed=1)
+    first = check_function(ScaledAddFirstScale, 2.0, x, b, checks="grad_shapes")
+    assert first["grad_shapes"].passed, first
+    assert "2 gradient(s)" in first["grad_shapes"].message
+    mid = check_function(ScaledAddMidScale, x, 2.0, b, checks="grad_shapes")
+    assert mid["grad_shapes"].passed and "2 gradient(s)" in mid["grad_shapes"].message, mid
+    bug = check_function(UnreducedBiasMidScale, x, 2.0, b, checks="grad_shapes")
+    assert bug["grad_shapes"].failed, bug
+    assert "shape (3, 4) for its input 2, which has shape (4,)" in bug["grad_shapes"].message

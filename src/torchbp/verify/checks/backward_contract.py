@@ -84,6 +84,17 @@ def _materialized(node: Any, grad_outputs: tuple) -> tuple | None:
     )
 
 
+def _gradient_edges(node: Any) -> list[tuple[int, Any, int]]:
+    """``(argument position, next node, its input slot)`` for each argument of a custom
+    Function ``node`` that requires grad. Autograd lists edges for its tensor arguments
+    only (``None`` for one that needs no gradient), while backward returns one gradient
+    per argument, scalars included: the i-th argument that needs a gradient
+    (``ctx.needs_input_grad``) owns the i-th edge that leads somewhere."""
+    positions = [i for i, needed in enumerate(node.needs_input_grad) if needed]
+    edges = [(nf, slot) for nf, slot in node.next_functions if nf is not None]
+    return [(i, nf, slot) for i, (nf, slot) in zip(positions, edges)]
+
+
 def _input_metadata(node: Any, slot: int) -> Any | None:
     """What autograd expects of the gradient ``node`` receives in ``slot``: an object with
     the ``shape``, ``dtype`` and ``device`` of that input (the leaf itself for a leaf), or
@@ -157,8 +168,9 @@ def check_grad_shapes(ctx: CheckContext) -> Passed:
             msg = f"backward of {cls_name} failed: {explain_error(exc)}"
             raise CheckFailure(msg) from None
         raw = raw if isinstance(raw, tuple) else (raw,)
-        for i, ((nf, slot), grad) in enumerate(zip(node.next_functions, raw)):
-            if nf is None or not isinstance(grad, torch.Tensor):
+        for i, nf, slot in _gradient_edges(node):
+            grad = raw[i] if i < len(raw) else None
+            if not isinstance(grad, torch.Tensor):
                 continue
             expected = _input_metadata(nf, slot)
             if expected is None:
