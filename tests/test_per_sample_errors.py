@@ -659,3 +659,21 @@ def test_linear_subclass_with_other_trainable_parameters_refused():
     with per_sample_grads(model, mode="clip", max_norm=1e-3) as ps:
         step(model)
     assert ps.norms.shape == (5,)
+
+
+def test_context_freed_without_the_garbage_collector():
+    """A finished context is freed as soon as its last reference goes (no reference cycle
+    waits for the garbage collector with the step's results): one is made per step."""
+    import gc
+    import weakref
+
+    model = mlp(nn.Tanh())
+    gc.disable()
+    try:
+        with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+            step(model)
+        freed = weakref.ref(ps)
+        del ps
+        assert freed() is None
+    finally:
+        gc.enable()

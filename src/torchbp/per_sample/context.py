@@ -3,6 +3,7 @@ one ordinary backward pass."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -69,8 +70,10 @@ class PerSampleGrads:
             p for layer in self._layers for p in layer.parameters()
         ]
         # the layers and parameters above are picked by the model's parameters as they are
-        self._model = model
-        self._parameter_snapshot = trainability(model)
+        # (a function of the model alone, so that the recorder holds no cycle through self)
+        self._check_parameters = functools.partial(
+            refuse_changed_parameters, model, trainability(model)
+        )
         self._recorder = Recorder(self._layers, self._check_parameters)
         self._registered_weights: list[int] = []  # ids in per_sample_recorders_by_weight
         self._state = "new"  # -> "open" -> "closed" / "failed"
@@ -211,9 +214,6 @@ class PerSampleGrads:
         """Whether a backward reached parameters but never completed (the multi-gradient
         hook fires at its end): an error was raised inside it, and caught."""
         return bool(self._reached) and not self._recorder.finalised
-
-    def _check_parameters(self) -> None:
-        refuse_changed_parameters(self._model, self._parameter_snapshot)
 
     def _has_traces(self) -> bool:
         return any(layer.traces for layer in self._layers)
