@@ -36,6 +36,7 @@ class WithOwnParameter(nn.Module):
     [
         (nn.BatchNorm1d(6), r"'1' \(BatchNorm1d\) normalises with statistics of the whole batch"),
         (nn.BatchNorm1d(6, affine=False), r"'1' \(BatchNorm1d\).*mixes samples"),
+        (nn.LazyBatchNorm1d(affine=False), r"'1' \(LazyBatchNorm1d\).*mixes samples"),
         (nn.Linear(6, 6), r"'1' \(Linear\) has trainable parameters.*torchbp.convert"),
         (nn.LayerNorm(6), r"'1' \(LayerNorm\) has trainable parameters \(weight, bias\)"),
         (nn.Conv1d(1, 1, 1), r"'1' \(Conv1d\) has trainable parameters"),

@@ -25,7 +25,16 @@ from torchbp import nn as bpnn
 
 # Softmax-like modules normalise along ``dim``: along dim 0 they mix samples.
 _ALONG_DIM = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# (the lazy ones are not subclasses of the others)
+_BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
 
 
 @dataclass
