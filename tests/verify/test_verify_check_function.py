@@ -238,6 +238,12 @@ def test_detached_output_is_reported():
         (lambda: check_function(torch.tanh, _x(3), parity_atol=-1), ValueError, "parity_atol"),
         (lambda: check_function(torch.tanh, _x(3), rtol="1e-3"), TypeError, "rtol must be"),
         (lambda: check_function(torch.tanh, _x(3), seed=1.5), TypeError, "seed must be"),
+        # torch's generators take 64 bits: 2**64 failed deep inside ('Overflow when unpacking')
+        (
+            lambda: check_function(torch.tanh, _x(3), seed=2**64),
+            ValueError,
+            r"seed must be in \[-2\*\*63, 2\*\*64\)",
+        ),
         # a non-string label was accepted and ended up as the report's name (5, not "5")
         (lambda: check_function(torch.tanh, _x(3), name=5), TypeError, "name must be a str"),
         (lambda: check_function(torch.tanh, _x(3), name=b"t"), TypeError, "name must be a str"),

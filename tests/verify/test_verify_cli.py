@@ -212,6 +212,7 @@ def test_target_bug_exits_1(tmp_path, capsys):
         (["torch:tanh", "--inputs", "3", "--op", "relu"], "leave it out"),
         # --threads 0 was silently read as 1 for a target (a usage error for the ops)
         (["torch:tanh", "--inputs", "3", "--threads", "0"], "--threads must be at least 1"),
+        (["torch:tanh", "--inputs", "3", "--seed", str(2**64)], "seed must be in [-2**63"),
     ],
 )
 def test_target_usage_errors_exit_2(argv, needle, capsys):

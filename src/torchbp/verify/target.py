@@ -151,8 +151,10 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
         seed: seed of the random values.
 
     Raises:
-        TargetError: on a malformed item, naming it.
+        TargetError: on a malformed item, naming it, or a seed torch cannot take.
     """
+    if not -(2**63) <= seed < 2**64:  # what torch's generators take
+        raise TargetError(f"seed must be in [-2**63, 2**64), got {seed}")
     generator = torch.Generator().manual_seed(seed)
     inputs: list[Any] = []
     for raw in read_spec(spec).split(";"):

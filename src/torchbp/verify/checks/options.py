@@ -118,6 +118,8 @@ def _check_numbers(opts: Options) -> None:
     be read as true)."""
     if not _is_integer(opts.seed):
         raise TypeError(f"check_function: seed must be an int, got {opts.seed!r}")
+    if not -(2**63) <= opts.seed < 2**64:  # what torch's generators take
+        raise ValueError(f"check_function: seed must be in [-2**63, 2**64), got {opts.seed}")
     if opts.name is not None and not isinstance(opts.name, str):
         raise TypeError(
             f"check_function: name must be a str (the report's label) or None, got {opts.name!r}"
