@@ -523,8 +523,9 @@ def per_sample_grads(
     when the context is created: a parameter frozen, unfrozen, replaced or added after that,
     before the backward, is refused by name (on entering, or at the backward). Refused
     before any forward, by name: modules with other trainable parameters (an unconverted
-    ``nn.Linear``, Conv, LayerNorm with affine, Embedding, ...), BatchNorm in training mode,
-    softmax-like modules along dim 0, ``Flatten(start_dim=0)``, and the fused
+    ``nn.Linear``, Conv, LayerNorm with affine, Embedding, a torchbp Linear subclass's own
+    extra parameters such as a LoRA adapter, ...), BatchNorm in training mode, softmax-like
+    modules along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
     dim; Softmax2d's dim -3) where it lands on dim 0, and one made to mix samples after the
