@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import torchbp.verify
 from torchbp.verify import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report, cli
 from torchbp.verify.checks.explain import capability_gap, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
@@ -216,3 +217,15 @@ def test_jvp_or_vmap_raising_not_implemented_is_unsupported(check, what):
     assert result.unsupported, str(report)
     assert f"NotImplementedError: {what} of Sin: not written yet" in result.message
     assert report.ok, str(report)
+
+
+def test_vmap_of_batch_norm_updating_running_stats_is_unsupported():
+    # BatchNorm in training mode updates its running statistics in place, which torch.func
+    # cannot batch (a PyTorch limitation, not a wrong gradient): before, vmap failed
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    report = torchbp.verify.check_function(torch.nn.BatchNorm1d(4).double(), x, checks="vmap")
+    result = report["vmap"]
+    assert result.unsupported and report.ok, report
+    assert "in place" in result.message and ".eval()" in result.message
+    assert "replace_all_batch_norm_modules_" in result.message

@@ -41,6 +41,13 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
         "write a vmap staticmethod instead of generate_vmap_rule = True",
     ),
     (
+        "which will be updated in place, were not batched",
+        "torch.func.vmap cannot batch a batch norm that updates its running statistics in "
+        "place (training mode; a PyTorch limitation)",
+        "call .eval() first, or torch.func.replace_all_batch_norm_modules_(model), or build "
+        "the norm with track_running_stats=False",
+    ),
+    (
         "no autograd formula was registered",
         "the custom op has no backward formula: autograd is unsupported",
         "call op.register_autograd(backward, setup_context=...)",
