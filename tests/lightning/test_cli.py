@@ -699,3 +699,26 @@ def test_fit_with_checkpointing_disabled_writes_no_checkpoint(tmp_path, capsys):
     assert (tmp_path / "digits/version_0/metrics.csv").is_file()
     assert "test metrics (final weights)" in capsys.readouterr().out
     assert cli.trainer.callback_metrics["test/acc"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--data.init_args.seed=5"], "data.seed=5 (the checkpoint's run: 0)"),
+        (["--data.init_args.standardize=false"], "data.standardize=False (the checkpoint's"),
+    ],
+)
+def test_evaluating_a_checkpoint_on_another_split_is_a_cli_error(tmp_path, capsys, args, named):
+    """A run trained with one data split, then tested with another seed (``test --ckpt_path
+    last`` without the fit's ``--data.seed``) silently tested on rows it had trained on (a
+    test accuracy that was not one); without standardisation, on features scaled unlike the
+    training ones."""
+    fit_digits(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2")
+    with pytest.raises(SystemExit) as e:
+        run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last", *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path: " in err and named in err, err
+    assert "Traceback" not in err
+    cli = run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
+    assert cli.trainer.callback_metrics["test/acc"] > 0  # the run's own split: fine

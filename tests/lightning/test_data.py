@@ -430,3 +430,21 @@ def test_tabular_csv_nan_among_numeric_labels_is_a_data_error(tmp_path):
     dm = TabularFileDataModule(path=str(p), label_column="target")
     with pytest.raises(DataError, match=r"non-finite label nan in column 'target' at row 5"):
         _ = dm.num_classes
+
+
+def test_a_checkpoint_refuses_a_datamodule_that_splits_the_data_otherwise(tmp_path):
+    """trainer.test(ckpt_path=...) with a DataModule of another split seed evaluated the model
+    on rows it had trained on, silently."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import ERMClassifier, SklearnToyDataModule
+
+    kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[])
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs)
+    trainer.fit(model, datamodule=SklearnToyDataModule(name="iris", seed=1))
+    ckpt = trainer.checkpoint_callback.best_model_path
+    tester = pl.Trainer(**kwargs)
+    with pytest.raises(DataConfigError, match=r"data.seed=2 \(the checkpoint's run: 1\)"):
+        tester.test(model, datamodule=SklearnToyDataModule(name="iris", seed=2), ckpt_path=ckpt)
+    tester.test(model, datamodule=SklearnToyDataModule(name="iris", seed=1), ckpt_path=ckpt)

@@ -374,6 +374,12 @@ class TorchbpCLI(LightningCLI):
             exit_with_error(
                 f"--ckpt_path: {path} does not fit the configured model: {shown} {hint}"
             )
+        data_state = checkpoint.get(type(self.datamodule).__qualname__)
+        if isinstance(data_state, dict):
+            try:  # what Lightning does once the run has started
+                self.datamodule.load_state_dict(data_state)
+            except DataConfigError as e:
+                exit_with_error(f"--ckpt_path: {path}: {e}")
         optimizer = _configured_optimizer(self.model) if self.subcommand == "fit" else None
         problems = [] if optimizer is None else _optimizer_mismatch(checkpoint, optimizer)
         if problems:

@@ -381,6 +381,50 @@ class ArrayDataModule(ClassificationDataModule):
         """The name of feature column ``j`` in messages: its index (named in subclasses)."""
         return str(j)
 
+    # -- the split a checkpoint was trained on -------------------------------------------
+    def _source(self) -> dict[str, Any]:
+        """What names the data (a subclass's file or dataset name); ``{}`` for one dataset."""
+        return {}
+
+    def _split_settings(self) -> dict[str, Any]:
+        """What decides which rows land in which split, and how features are scaled."""
+        return {
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "standardize": self.standardize,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints: the data's source and split settings (see
+        :meth:`load_state_dict`)."""
+        return {"source": self._source(), "split": self._split_settings()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to serve a checkpoint's model the same data split otherwise.
+
+        Raises:
+            DataConfigError: The checkpoint's run read the same data (same source) with
+                another ``seed``, ``val_fraction`` or ``test_fraction`` (its test and
+                validation splits would hold rows the model trained on) or ``standardize``
+                (its features would be scaled unlike the ones it trained on).
+        """
+        if state_dict.get("source") != self._source():
+            return  # other data: evaluating a model on it is the user's choice
+        saved = state_dict.get("split") or {}
+        differ = [
+            f"data.{key}={value} (the checkpoint's run: {saved[key]})"
+            for key, value in self._split_settings().items()
+            if key in saved and saved[key] != value
+        ]
+        if differ:
+            raise DataConfigError(
+                f"{', '.join(differ)}: this split of the data is not the one the checkpoint's "
+                "model was trained on, so its validation and test rows would include training "
+                "rows (or its features be scaled otherwise); use the run's data settings (its "
+                "config.yaml)"
+            )
+
     def setup(self, stage: str | None = None) -> None:
         if self._splits is None:
             self._splits = self._split()
@@ -477,6 +521,9 @@ class SklearnToyDataModule(ArrayDataModule):
             raise DataConfigError(f"unknown toy dataset {name!r}; use iris, wine or breast_cancer")
         self.name = name
 
+    def _source(self) -> dict[str, Any]:
+        return {"name": self.name}
+
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         import sklearn.datasets as ds
 
@@ -535,6 +582,14 @@ class TabularFileDataModule(ArrayDataModule):
         self.drop_columns = list(drop_columns or [])
         self.feature_names: list[str] = []
         self.class_names: list = []
+
+    def _source(self) -> dict[str, Any]:
+        return {
+            "path": os.path.abspath(self.path),
+            "label_column": self.label_column,
+            "features_key": self.features_key,
+            "drop_columns": self.drop_columns,
+        }
 
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         p = Path(self.path)
