@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -529,3 +530,19 @@ def test_a_list_of_scalars_is_passed_like_a_tuple():
 
     report = check_function(pops, _x(3), dims, checks=["gradcheck", "reference"], reference=pops)
     assert report.ok and dims == [1, 0], str(report)
+
+
+def test_state_fn_holds_in_a_closure_or_partial_is_never_written():
+    # a lambda around a module, or a partial holding running statistics, is how a model's
+    # piece is usually checked: before, the checks' many calls left the BatchNorm's running
+    # statistics (and the partial's tensors) changed for the caller
+    norm = torch.nn.BatchNorm1d(4).double()
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    report = check_function(lambda x: norm(x), _x(5, 4), checks="gradcheck")
+    assert report.ok, report
+    assert all(torch.equal(norm.state_dict()[k], v) for k, v in before.items())
+    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    fn = functools.partial(F.batch_norm, running_mean=mean, running_var=var, training=True)
+    assert check_function(fn, _x(5, 4), checks="gradcheck").ok
+    assert torch.equal(mean, torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(var, torch.ones(4, dtype=torch.float64))

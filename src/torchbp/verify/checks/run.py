@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import zlib
@@ -136,13 +137,41 @@ def _require_module_dtype(fn: Any, reference: Any, dtype: torch.dtype | None) ->
                 )
 
 
+def _held(callable_: Any) -> list[Any]:
+    """What ``callable_`` holds that a call may update in place: itself, the object of a
+    bound method, the values in a closure's cells, a ``functools.partial``'s function and
+    arguments (one level deep)."""
+    held = [callable_, getattr(callable_, "__self__", None)]
+    for cell in getattr(callable_, "__closure__", None) or ():
+        try:
+            held.append(cell.cell_contents)
+        except ValueError:  # an empty cell (a name not yet bound)
+            continue
+    if isinstance(callable_, functools.partial):
+        held += [callable_.func, *callable_.args, *callable_.keywords.values()]
+    return held
+
+
+def _held_tensors(*callables: Any) -> list[torch.Tensor]:
+    """The tensors the ``callables`` hold: the parameters and buffers of the modules among
+    what they hold (:func:`_held`), and the tensors held directly."""
+    found: dict[int, torch.Tensor] = {}
+    for value in (v for c in callables for v in _held(c)):
+        if isinstance(value, torch.nn.Module):
+            for t in (*value.parameters(), *value.buffers()):
+                found[id(t)] = t
+        elif isinstance(value, torch.Tensor):
+            found[id(value)] = value
+    return list(found.values())
+
+
 @contextmanager
-def _state_kept(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Put back the parameters and buffers of ``modules`` as they were on entry: the checks
-    call fn many times, and a module that updates its state in forward (BatchNorm's running
-    statistics) must not leave them changed for the caller."""
-    tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
-    saved = [(t, t.detach().clone()) for t in tensors.values()]
+def _state_kept(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Put back ``tensors`` (what fn and the reference hold: module parameters and
+    buffers, tensors in a closure or a partial) as they were on entry: the checks call fn
+    many times, and one that updates state in forward (BatchNorm's running statistics)
+    must not leave it changed for the caller."""
+    saved = [(t, t.detach().clone()) for t in tensors]
     try:
         yield
     finally:
@@ -221,9 +250,11 @@ def check_function(
     with ``ctx.mark_dirty`` gets a fresh copy of that input on every call (a non-leaf one
     when it is differentiated), also of an ``out=`` buffer left out of ``grad_inputs``,
     so that no call sees what another wrote. The caller's tensors are never written: the
-    checks run on copies of the inputs, and the parameters
-    and buffers of an ``nn.Module`` fn or reference (e.g. BatchNorm's running statistics,
-    which every call in training mode updates) are put back as they were.
+    checks run on copies of the inputs, and what fn or reference holds - the parameters
+    and buffers of an ``nn.Module`` fn or reference, or of one in a closure
+    (``lambda x: model(x)``) or a ``functools.partial``, and the tensors held there
+    (e.g. BatchNorm's running statistics, which every call in training mode updates) - is
+    put back as it was.
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
@@ -291,6 +322,6 @@ def check_function(
         "fast_mode": bool(opts.fast_mode),
     }
     selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)
-    with _state_kept(_modules_of(fn, reference)):
+    with _state_kept(_held_tensors(fn, reference)):
         results = _run_all(ctx, selected)
     return Report(opts.name or _fn_name(fn), results, meta)
