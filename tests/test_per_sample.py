@@ -663,3 +663,25 @@ def test_float16_bias_norms_do_not_overflow():
     torch.testing.assert_close(ps.norms, norms, rtol=1e-4, atol=0)
     clipped = (70000.0 / norms).sum(0, keepdim=True)  # Σ_i c_i β_i
     torch.testing.assert_close(layer.bias.grad.float(), clipped, rtol=1e-3, atol=0)
+
+
+def test_norms_summed_in_the_widest_layer_dtype():
+    """A float32 body with a float64 head: the norms are float64 (the head's squared norms
+    are not rounded to float32). Before, they were summed in the dtype of the first layer,
+    float32."""
+    torch.manual_seed(0)
+    body = torchbp.nn.Linear(5, 6)
+    head = torchbp.nn.Linear(6, 3).to(DT)
+    model = torch.nn.Sequential(body, torchbp.nn.Tanh(), _ToDouble(), head)
+    x, target = torch.randn(4, 5), targets(4, 3)
+    with per_sample_grads(model, mode="norms") as ps:
+        batch_loss(model, x, target, "sum").backward()
+    ref = reference(model, x, target, "sum")
+    ref_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
+    assert ps.norms.dtype == DT
+    torch.testing.assert_close(ps.norms, ref_norms, rtol=1e-6, atol=0)
+
+
+class _ToDouble(torch.nn.Module):
+    def forward(self, x):
+        return x.double()

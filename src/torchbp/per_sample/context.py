@@ -344,9 +344,12 @@ class PerSampleGrads:
             self._recorder.finalised = True
 
     def _squared_norms(self, traces: dict, batch: int) -> torch.Tensor:
-        """``Σ_layers ‖G_i‖² + ‖β_i‖²``, shape ``(B,)``."""
-        g = next(iter(traces.values()))[1]
-        squared = g.new_zeros(batch, dtype=formulas.norm_dtype(g.dtype))
+        """``Σ_layers ‖G_i‖² + ‖β_i‖²``, shape ``(B,)``, in the widest layer's
+        :func:`~torchbp.per_sample.formulas.norm_dtype` (a float64 head on a float32 body
+        gives float64 norms)."""
+        gs = [g for _, g in traces.values()]
+        dtype = functools.reduce(torch.promote_types, (formulas.norm_dtype(g.dtype) for g in gs))
+        squared = gs[0].new_zeros(batch, dtype=dtype)
         for layer in self._layers:
             if id(layer) not in traces:
                 continue
