@@ -546,3 +546,18 @@ def test_state_fn_holds_in_a_closure_or_partial_is_never_written():
     assert check_function(fn, _x(5, 4), checks="gradcheck").ok
     assert torch.equal(mean, torch.zeros(4, dtype=torch.float64))
     assert torch.equal(var, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_callers_grad_mode_does_not_reach_the_checks(mode):
+    # before: under no_grad, forward failed blaming fn ('fn detached its result or computed
+    # it under torch.no_grad()'); under inference_mode, 'Inference tensors do not track
+    # version counter'
+    with mode():
+        x = _x(3, 4)
+        report = check_function(
+            torch.tanh, x, reference=torch.tanh, checks=["gradcheck", "reference"]
+        )
+        assert not torch.is_grad_enabled()
+    assert report.ok, report
+    assert report["gradcheck"].passed and report["reference"].passed

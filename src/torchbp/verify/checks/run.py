@@ -15,7 +15,12 @@ import torch
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
 from torchbp.verify.checks.explain import outcome_of
-from torchbp.verify.checks.options import SCALAR_TYPES, prepare_inputs, resolve_arguments
+from torchbp.verify.checks.options import (
+    SCALAR_TYPES,
+    Options,
+    prepare_inputs,
+    resolve_arguments,
+)
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported
 from torchbp.verify.checks.table import CHECK_TABLE, Check
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
@@ -309,6 +314,13 @@ def check_function(
         True
     """
     fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
+    # the checks differentiate: the caller's no_grad / inference_mode must not reach them
+    with torch.inference_mode(False), torch.enable_grad():
+        return _check(fn, inputs, reference, opts)
+
+
+def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options) -> Report:
+    """The body of :func:`check_function`, on validated arguments, with grad enabled."""
     args, grad_idx = prepare_inputs(inputs, opts)
     _require_module_dtype(fn, reference, opts.dtype)
     ctx = CheckContext(fn, args, grad_idx, reference, opts, custom_op=as_custom_op(fn))
