@@ -1,8 +1,10 @@
 """Softmax and log-softmax along one dim, with the max trick and hand-written backward.
 
-Half-precision tensors are computed in float32 and rounded once, as native's kernels do:
-rounding ``x - m`` to bfloat16 would put ``exp`` off by up to ``ulp(x - m)`` relatively
-(7 % at ``x - m = -20``), and each rounded backward step loses digits.
+Half-precision softmax and both backwards are computed in float32 and rounded once, as
+native's kernels do: rounding ``x - m`` to bfloat16 would put ``exp`` off by up to
+``ulp(x - m)`` relatively (7 % at ``x - m = -20``), and each rounded backward step loses
+digits. Half-precision log-softmax's forward keeps native's own roundings (``x - m`` and
+``log Σ`` in the input's dtype), whose result it matches.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class LogSoftmaxFunction(Function):
 
     @staticmethod
     def forward(x, dim):
-        return _rounded_once(_log_softmax, x, dim)
+        return _log_softmax(x, dim)  # in the input's dtype, as native's (see the module doc)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
