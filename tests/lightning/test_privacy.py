@@ -494,3 +494,23 @@ def test_dp_train_loss_is_the_weighted_mean_like_without_privacy():
     with torch.no_grad():
         expected = model.loss(model(x), y)
     torch.testing.assert_close(model.train_loss.compute(), expected)
+
+
+@pytest.mark.parametrize(
+    "limits", [{"limit_train_batches": 0.25}, {"max_steps": 6}, {"limit_train_batches": 3}]
+)
+def test_target_epsilon_is_met_for_the_steps_the_trainer_takes(tmp_path, limits):
+    """With limit_train_batches or max_steps the trainer takes fewer steps than max_epochs x
+    the sampler's batches: the noise was calibrated for all of those anyway, so the run ended
+    far below its target_epsilon (1.4 for a target of 3 with limit_train_batches=0.25 on
+    digits_dp), with needless noise. It is now calibrated for the steps taken."""
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(
+        tmp_path, Privacy(max_grad_norm=1.0, target_epsilon=2.0), max_epochs=2, **limits
+    )
+    trainer.fit(model, datamodule=dm)
+    assert (
+        model.accountant.steps == trainer.global_step < 2 * len(dm.train_dataloader().batch_sampler)
+    )
+    assert model.accountant.epsilon() == pytest.approx(2.0, rel=0.02)
+    assert model.accountant.epsilon() <= 2.0

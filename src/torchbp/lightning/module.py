@@ -393,7 +393,9 @@ class ERMClassifier(pl.LightningModule):
             return
         sampler = self._private_sampler(trainer, train_loader)
         if self.privacy.target_epsilon is not None and not resumed and self.accountant is None:
-            PrivacyAccountant(self.privacy, sampler.sample_rate, self._epochs_left(trainer))
+            PrivacyAccountant(
+                self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
+            )
 
     def _private_sampler(self, trainer: pl.Trainer, train_loader: Any) -> PoissonBatchSampler:
         """The train loader's Poisson sampler, once the trainer and the data suit DP-SGD."""
@@ -421,10 +423,21 @@ class ERMClassifier(pl.LightningModule):
         return sampler
 
     @staticmethod
-    def _epochs_left(trainer: pl.Trainer) -> int:
-        """The epochs still to train: a resumed run's trainer is past the checkpoint's."""
+    def _steps_left(trainer: pl.Trainer, sampler: PoissonBatchSampler) -> int:
+        """The DP steps the trainer will still take: ``max_epochs`` (at least 1) epochs of the
+        sampler's batches as ``limit_train_batches`` cuts them (Lightning's rule), at most
+        ``max_steps``, less the steps already taken (a resumed run's)."""
+        per_epoch = len(sampler)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, float):
+            per_epoch = int(per_epoch * limit)
+        elif limit is not None:
+            per_epoch = min(per_epoch, int(limit))
         epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-        return max(epochs, 1) - trainer.current_epoch
+        total = max(epochs, 1) * per_epoch
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            total = min(total, trainer.max_steps)
+        return max(total - trainer.global_step, 0)
 
     def on_train_start(self) -> None:
         # the train DataLoader exists from here on (not yet in on_fit_start)
@@ -433,7 +446,7 @@ class ERMClassifier(pl.LightningModule):
         trainer = self.trainer
         sampler = self._private_sampler(trainer, trainer.train_dataloader)
         accountant = PrivacyAccountant(
-            self.privacy, sampler.sample_rate, self._epochs_left(trainer)
+            self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
         )
         # ε keeps counting: over a checkpoint's steps, or over an earlier fit's of these
         # weights (a second trainer.fit of the same model)

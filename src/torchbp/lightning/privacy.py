@@ -45,8 +45,9 @@ class Privacy:
     """The privacy settings of a DP-SGD run.
 
     Give either ``noise_multiplier`` or ``target_epsilon`` (then the smallest noise
-    multiplier that keeps ε ≤ ``target_epsilon`` after the run's ``max_epochs`` is computed
-    by the accountant before training; a run resumed from a checkpoint counts the ε its
+    multiplier that keeps ε ≤ ``target_epsilon`` after the run's steps, ``max_epochs`` of
+    batches as ``limit_train_batches`` and ``max_steps`` cut them, is computed by the
+    accountant before training; a run resumed from a checkpoint counts the ε its
     steps spent, and calibrates the noise of the steps left so that the whole run meets
     the target, or refuses to train if they already spent it).
 
@@ -250,6 +251,8 @@ class PrivacyAccountant:
             noise multiplier for ``target_epsilon``: ``epochs ×
             poisson_batches_per_epoch(sample_rate)`` steps to come, the batches
             :class:`PoissonBatchSampler` draws (a run resumed mid-epoch takes fewer).
+        steps: the steps the run still takes, instead of ``epochs`` (what the trainer will
+            take: ``ERMClassifier`` counts ``limit_train_batches`` and ``max_steps``).
 
     Attributes:
         noise_multiplier: ``σ`` of the steps to come, given or computed from
@@ -263,7 +266,9 @@ class PrivacyAccountant:
             (:meth:`load_state_dict` too: the steps taken before already spent it).
     """
 
-    def __init__(self, privacy: Privacy, sample_rate: float, epochs: int) -> None:
+    def __init__(
+        self, privacy: Privacy, sample_rate: float, epochs: int = 0, *, steps: int | None = None
+    ) -> None:
         try:
             from opacus.accountants import RDPAccountant
         except ModuleNotFoundError as e:  # pragma: no cover - opacus is in the train extra
@@ -273,7 +278,9 @@ class PrivacyAccountant:
         self.privacy = privacy
         self.sample_rate = sample_rate
         # the steps to come (Opacus' epochs= would assume int(epochs / q))
-        self._steps_to_come = epochs * poisson_batches_per_epoch(sample_rate)
+        if steps is None:
+            steps = epochs * poisson_batches_per_epoch(sample_rate)
+        self._steps_to_come = steps
         self._rdp = RDPAccountant()
         self.noise_multiplier = self._noise_for_steps_to_come()
 
