@@ -287,3 +287,19 @@ def test_skip_of_every_check_of_a_dtype_runs_forward_only(tmp_path, capsys):
 def test_ops_run_usage_errors_exit_2(argv, needle, capsys):
     assert cli.main(["--op", "relu", "--no-progress", *argv]) == 2
     assert needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_float32_module_target_is_told_the_dtype_option(tmp_path, monkeypatch, capsys):
+    # check_function's advice 'pass dtype=None' has no command-line spelling: before, the
+    # CLI repeated it; now it names --dtype
+    (tmp_path / "hunt_model.py").write_text(
+        "import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "hunt_model", raising=False)
+    argv = ["hunt_model.py:model", "--inputs", "2,4", "--no-compile"]
+    assert cli.main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--dtype float32" in err and "dtype=None" not in err, err
+    assert cli.main([*argv, "--dtype", "float32"]) == 0, capsys.readouterr()

@@ -453,6 +453,23 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _require_module_dtype(role: str, target: Any, dtype_given: bool) -> None:
+    """A usage error naming ``--dtype`` for an ``nn.Module`` target or reference whose
+    floating parameters are not float64, when no ``--dtype`` was given: the inputs are
+    float64 then, and check_function's advice (``dtype=None``) has no command-line form."""
+    module = target if isinstance(target, torch.nn.Module) else getattr(target, "__self__", None)
+    if dtype_given or not isinstance(module, torch.nn.Module):
+        return
+    found = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    other = sorted(str(d).removeprefix("torch.") for d in found - {torch.float64})
+    if other:
+        raise UsageError(
+            f"{role} is an nn.Module with {', '.join(other)} parameters, but the inputs are "
+            f"float64 without --dtype: give --dtype {other[0]} (the numerical checks need "
+            "float64 and are then skipped), or convert the module with .double() in your file"
+        )
+
+
 def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> int:
     """``torchbp-verify module:Symbol --inputs SPEC``: check the user's own Function."""
     try:
@@ -463,6 +480,8 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         options = _target_options(args)
         fn = load_symbol(args.target)
         reference = load_symbol(args.reference) if args.reference else None
+        for role, value in (("the target", fn), ("the reference", reference)):
+            _require_module_dtype(role, value, bool(args.dtype))
         inputs = parse_inputs(args.inputs, 0 if args.seed is None else args.seed)
         torch.set_num_threads(args.threads)
         report = check_function(fn, *inputs, reference=reference, **options)
