@@ -153,6 +153,28 @@ def test_forward_backward_parity(case, device):
         torch.testing.assert_close(g, g_ref, **TOL)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_fx_symbolic_trace_keeps_torchbps_backward(case):
+    """torch.fx traces a model of torch.nn modules (they are leaves); it traces into a
+    torchbp module's forward, where the functional refused the Proxy ('linear: input must
+    be a Tensor, got Proxy'). The functionals now take part in __torch_function__ as
+    native's do, so the trace records them, and the GraphModule runs torchbp's backward."""
+    bp, native = _build(case)
+    traced = torch.fx.symbolic_trace(bp)
+    called = {node.target for node in traced.graph.nodes if node.op == "call_function"}
+    assert called & {getattr(torchbp.functional, name) for name in torchbp.functional.__all__}
+    results = []
+    for module in (traced, native):
+        args = [a.clone() for a in _call_args(case, "cpu")]
+        leaf = args[0].requires_grad_()
+        out = module(leaf * 1.0, *args[1:])
+        out.sum().backward()
+        results.append((out.detach(), leaf.grad))
+    (out, grad), (out_ref, grad_ref) = results
+    torch.testing.assert_close(out, out_ref, **TOL)
+    torch.testing.assert_close(grad, grad_ref, **TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_factory_kwargs(bias, dtype, device):

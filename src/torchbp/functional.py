@@ -5,7 +5,9 @@ Every function has the signature, defaults and semantics of its native namesake
 errors instead of failures deep inside), apply autocast the way native ops are listed
 (``linear`` in the low-precision dtype; ``nll_loss`` / ``cross_entropy``, and on CUDA
 also ``softmax`` / ``log_softmax``, in float32), move the class dim of K-dimensional
-losses last, and reduce per-row losses.
+losses last, and reduce per-row losses. Like native's, each takes part in
+``__torch_function__``: a tensor subclass or mode that overrides it sees the call
+(``torch.fx`` records it as one node, so a traced torchbp module keeps its backward).
 
 Examples::
 
@@ -22,6 +24,7 @@ import warnings
 
 import torch
 from torch.nn import _reduction
+from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
 from torchbp._execution import values_inspectable
@@ -127,6 +130,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         >>> linear(torch.randn(5, 3), torch.randn(3)).shape
         torch.Size([5])
     """
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(linear, (input, weight, bias), input, weight, bias)
     op = "linear"
     _checks.validate_linear(input, weight, bias)
     amp = _autocast_dtype(input)
@@ -154,11 +159,15 @@ def _linear_apply(input, weight, bias, amp):
 # --------------------------------------------------------------------------- activations
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x."""
+    if has_torch_function((input,)):
+        return handle_torch_function(sigmoid, (input,), input)
     return apply(_SIGMOID, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
     r""":math:`\tanh(x)` (as :func:`torch.tanh`); derivative :math:`1 - \tanh^2(x)`."""
+    if has_torch_function((input,)):
+        return handle_torch_function(tanh, (input,), input)
     return apply(_TANH, input)
 
 
@@ -167,6 +176,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     With ``inplace=True`` the result overwrites ``input`` (which is returned).
     """
+    if has_torch_function((input,)):
+        return handle_torch_function(relu, (input,), input, inplace=inplace)
     if not isinstance(input, torch.Tensor) or input.dtype == torch.bool:
         _checks.check_tensor("relu", input=input)
         # native raises RuntimeError (torch 2.13) or NotImplementedError (2.14): this is both
@@ -187,6 +198,8 @@ def leaky_relu(
     native (which saves the input), modifying the output in place before backward
     (``y += residual``) then raises autograd's "modified by an inplace operation" error:
     write ``y = y + residual``."""
+    if has_torch_function((input,)):
+        return handle_torch_function(leaky_relu, (input,), input, negative_slope, inplace)
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     if inplace:
@@ -199,6 +212,8 @@ def leaky_relu(
 def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     r""":math:`x \Phi(x)`, or its tanh approximation with ``approximate='tanh'`` (as
     :func:`torch.nn.functional.gelu`; ``approximate`` is keyword-only there too)."""
+    if has_torch_function((input,)):
+        return handle_torch_function(gelu, (input,), input, approximate=approximate)
     _checks.validate_gelu(approximate)
     return apply(_GELU, input, approximate)
 
@@ -209,6 +224,8 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     ``inplace=True`` writes the result into ``input``; when autograd records it, the
     Function works on a copy of ``input`` (its backward needs the original values).
     """
+    if has_torch_function((input,)):
+        return handle_torch_function(silu, (input,), input, inplace=inplace)
     if not inplace:
         return apply(_SILU, input)
     if not _differentiated(input):
@@ -236,6 +253,8 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
         >>> elu(torch.tensor([-1.0, 0.0, 2.0]))
         tensor([-0.6321,  0.0000,  2.0000])
     """
+    if has_torch_function((input,)):
+        return handle_torch_function(elu, (input,), input, alpha, inplace)
     alpha = _checks.scalar_argument("elu", "alpha", alpha)
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
     if inplace:
@@ -259,6 +278,8 @@ def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) ->
         >>> softplus(torch.tensor([0.0, 30.0]))
         tensor([ 0.6931, 30.0000])
     """
+    if has_torch_function((input,)):
+        return handle_torch_function(softplus, (input,), input, beta, threshold)
     beta = _checks.scalar_argument("softplus", "beta", beta)
     threshold = _checks.scalar_argument("softplus", "threshold", threshold)
     return apply(_SOFTPLUS, input, beta, threshold)
@@ -310,6 +331,8 @@ def softmax(
         dtype: a ``torch.dtype`` or ``None``; if given, ``input`` is cast to it first
             (anything else is a ``TypeError``, as native).
     """
+    if has_torch_function((input,)):
+        return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype)
     return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
 
 
@@ -321,6 +344,8 @@ def log_softmax(
 ) -> torch.Tensor:
     r"""Log-softmax :math:`(x - m) - \log \sum e^{x - m}` along ``dim`` (as
     :func:`torch.nn.functional.log_softmax`)."""
+    if has_torch_function((input,)):
+        return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype)
     return _softmax_common("log_softmax", _LOGSOFTMAX, input, dim, _stacklevel, dtype)
 
 
@@ -425,6 +450,18 @@ def nll_loss(
         reduction: ``'none'`` | ``'mean'`` (divided by the summed weights of the non-ignored
             targets) | ``'sum'``.
     """
+    if has_torch_function((input, target, weight)):
+        return handle_torch_function(
+            nll_loss,
+            (input, target, weight),
+            input,
+            target,
+            weight,
+            size_average,
+            ignore_index,
+            reduce,
+            reduction,
+        )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("nll_loss", "ignore_index", ignore_index)
     classes, class_dim, batch_shape = _checks.validate_nll_loss(
@@ -491,6 +528,20 @@ def cross_entropy(
         >>> logits = torch.randn(4, 10, requires_grad=True)
         >>> cross_entropy(logits, torch.tensor([1, 0, 9, 3]), label_smoothing=0.1).backward()
     """
+    if has_torch_function((input, target, weight)):
+        return handle_torch_function(
+            cross_entropy,
+            (input, target, weight),
+            input,
+            target,
+            weight,
+            size_average,
+            ignore_index,
+            reduce,
+            reduction,
+            label_smoothing,
+            inplace=inplace,
+        )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("cross_entropy", "ignore_index", ignore_index)
     (classes, class_dim, batch_shape), soft, unmasked = _checks.validate_cross_entropy(
@@ -714,6 +765,21 @@ def linear_cross_entropy(
         >>> w = torch.randn(100, 16, requires_grad=True)
         >>> linear_cross_entropy(x, w, torch.randint(100, (8,)), chunk_size=4).backward()
     """
+    if has_torch_function((input, linear_weight, target, linear_bias, weight)):
+        return handle_torch_function(
+            linear_cross_entropy,
+            (input, linear_weight, target, linear_bias, weight),
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            options=options,
+            chunk_size=chunk_size,
+        )
     call = _checks.validate_linear_cross_entropy(
         input,
         linear_weight,
