@@ -48,3 +48,18 @@ def test_reference_that_overflows_does_not_fail_a_stable_fn():
     )
     assert report["extreme_values"].failed, report
     assert "inputs scaled by 1e3" in report["extreme_values"].message
+
+
+def test_reference_infinite_on_the_zero_probe_is_still_compared():
+    # log(0) = -inf is the reference's exact value, not an overflow: an fn that returns a
+    # finite value there differs from it (only the scaled-up probe excuses the reference)
+    def log_abs_floored(x):
+        return torch.log(x.abs()).clamp(min=-1e3)
+
+    def log_abs(x):
+        return torch.log(x.abs())
+
+    result = check_function(
+        log_abs_floored, seeded(3, 4), reference=log_abs, checks="extreme_values"
+    )["extreme_values"]
+    assert result.failed and "inputs set to zero" in result.message, result
