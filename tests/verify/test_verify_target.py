@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from torchbp.verify import cli
-from torchbp.verify.target import load_symbol
+from torchbp.verify.target import load_symbol, parse_inputs
 
 
 def _write_package(root):
@@ -60,3 +62,17 @@ def test_target_and_reference_from_one_file_import_it_once(tmp_path, monkeypatch
     argv = ["hunt_libops.py:twice", "--inputs", "3,4", "--reference", "hunt_libops.py:reference"]
     assert cli.main([*argv, "--no-compile", "--skip", "opcheck"]) == 0, capsys.readouterr()
     assert load_symbol("hunt_libops.py:reference") is load_symbol("./hunt_libops.py:reference")
+
+
+def test_a_bool_mask_input_is_specified_with_bool():
+    # masks (x.masked_fill(~mask, 0)) had no spec: int:SHAPE<2 gives int64 0/1, which ~
+    # turns into -1/-2 and masked_fill refuses
+    x, mask = parse_inputs("3,4;bool:3,4")
+    assert mask.dtype == torch.bool and tuple(mask.shape) == (3, 4)
+    assert parse_inputs("bool:3,4", seed=1)[0].equal(parse_inputs("bool:3,4", seed=1)[0])
+    assert parse_inputs("bool:()")[0].shape == ()
+
+
+def test_a_masked_function_is_checked_from_the_command_line(capsys):
+    argv = ["torch:masked_fill", "--inputs", "3,4;bool:3,4;=0.0", "--no-compile"]
+    assert cli.main(argv) == 0, capsys.readouterr()
