@@ -722,3 +722,28 @@ def test_evaluating_a_checkpoint_on_another_split_is_a_cli_error(tmp_path, capsy
     assert "Traceback" not in err
     cli = run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
     assert cli.trainer.callback_metrics["test/acc"] > 0  # the run's own split: fine
+
+
+def test_a_run_never_writes_its_config_over_an_existing_file(workdir, capsys):
+    """With ``--trainer.logger=false --trainer.default_root_dir=.`` the resolved config went to
+    ./config.yaml with overwrite on: the user's own config file of that name was replaced
+    (the CLI turns Lightning's overwrite guard off, for resumed runs)."""
+    mine = workdir / "config.yaml"
+    mine.write_text("# my config\ntrainer:\n  max_epochs: 1\n  limit_train_batches: 2\n")
+    before = mine.read_text()
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            DIGITS,
+            "--config",
+            str(mine),
+            "--trainer.logger=false",
+            "--trainer.default_root_dir=.",
+            "--run_dir=r",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {mine} exists" in err and "default_root_dir" in err, err
+    assert mine.read_text() == before
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.yaml"]

@@ -49,6 +49,7 @@ from jsonargparse import Namespace
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from torchbp.lightning.config_files import (
@@ -287,6 +288,7 @@ class TorchbpCLI(LightningCLI):
             checkpoint["mode"] = _checkpoint_mode(checkpoint.get("monitor"))
         root = self._run_root()
         self._version: int | None = None
+        self._resumed = False  # fit --ckpt_path last: the run folder's files are its own
         if cfg.get("ckpt_path") == "last":
             # the most recent run folder that has a last.ckpt
             found = [
@@ -298,6 +300,7 @@ class TorchbpCLI(LightningCLI):
                 cfg["ckpt_path"] = str(root / f"version_{found[-1]}/checkpoints/last.ckpt")
                 if self.subcommand == "fit":
                     self._version = found[-1]  # resumed: keep logging there
+                    self._resumed = True
             elif self.subcommand == "fit":
                 print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
                 cfg["ckpt_path"] = None
@@ -353,6 +356,7 @@ class TorchbpCLI(LightningCLI):
                 self.datamodule.check_data()
             self._check_privacy()
             self._check_checkpoint_fits_model()
+            self._check_config_file_is_new()
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
 
@@ -387,6 +391,30 @@ class TorchbpCLI(LightningCLI):
                 f"--ckpt_path: {path}: its optimizer state does not fit "
                 f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
                 "the run was trained with (its config.yaml has it)"
+            )
+
+    def _check_config_file_is_new(self) -> None:
+        """The resolved config is saved with overwrite on (a resumed run rewrites its own):
+        anywhere else an existing file of that name is not this run's, and stays."""
+        if self._resumed or self.save_config_callback is None or self.trainer.fast_dev_run:
+            return
+        # Trainer.log_dir without its broadcast (no process group yet under DDP)
+        loggers = self.trainer.loggers
+        if not loggers:
+            folder = self.trainer.default_root_dir
+        elif isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+            folder = loggers[0].log_dir
+        else:
+            folder = loggers[0].save_dir
+        if folder is None:
+            return
+        name = self.save_config_kwargs.get("config_filename", "config.yaml")
+        path = Path(folder) / name
+        if path.exists():
+            exit_with_error(
+                f"{os.path.abspath(path)} exists and this run would write its config over it; "
+                "give it a folder of its own (--trainer.default_root_dir, or the logger's "
+                "save_dir)"
             )
 
     def _check_privacy(self) -> None:
@@ -430,7 +458,6 @@ class TorchbpCLI(LightningCLI):
             loggers: list[Any] = [RunCSVLogger(root.parent, root.name, version)]
             try:
                 import tensorboard  # noqa: F401
-                from pytorch_lightning.loggers import TensorBoardLogger
 
                 loggers.append(
                     TensorBoardLogger(
