@@ -88,3 +88,15 @@ def test_torch_dtype_error_after_the_cast_gets_the_hint():
         "forward"
     ].message
     assert "dtype=None" in message, message
+
+
+def test_error_naming_only_the_callers_dtype_gets_the_hint():
+    def float32_only(x):
+        if x.dtype != torch.float32:
+            raise TypeError("float32 only")
+        return x * 2
+
+    message = check_function(float32_only, seeded(3, 4).float(), checks="forward")[
+        "forward"
+    ].message
+    assert "float32 only" in message and "dtype=None" in message, message

@@ -58,11 +58,12 @@ def _names_dtype(message: str, dtype: torch.dtype) -> bool:
 def _cast_hint(ctx: CheckContext, message: str) -> str:
     """Why fn may have refused its inputs when the ``dtype`` option cast them (a Function
     written for float32 only), and how to keep their dtype: only when the error
-    ``message`` speaks of dtypes; empty when no input was cast."""
+    ``message`` speaks of dtypes or names the caller's or the cast dtype; empty when no
+    input was cast."""
     if not ctx.cast_from:
         return ""
     i, before = next(iter(ctx.cast_from.items()))
-    if not _names_dtype(message, ctx.args[i].dtype):
+    if not any(_names_dtype(message, d) for d in (before, ctx.args[i].dtype)):
         return ""
     return (
         f" (fn was called with input {i} cast from {before} to {ctx.args[i].dtype} by the "
