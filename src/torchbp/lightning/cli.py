@@ -398,6 +398,8 @@ class TorchbpCLI(LightningCLI):
         anywhere else an existing file of that name is not this run's, and stays."""
         if self._resumed or self.save_config_callback is None or self.trainer.fast_dev_run:
             return
+        if self.trainer.global_rank != 0:  # a DDP worker, started once rank 0 is running
+            return
         # Trainer.log_dir without its broadcast (no process group yet under DDP)
         loggers = self.trainer.loggers
         if not loggers:
