@@ -747,3 +747,16 @@ def test_a_run_never_writes_its_config_over_an_existing_file(workdir, capsys):
     assert f"error: {mine} exists" in err and "default_root_dir" in err, err
     assert mine.read_text() == before
     assert sorted(p.name for p in workdir.iterdir()) == ["config.yaml"]
+
+
+def test_plateau_scheduler_without_validation_is_a_cli_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        fit_digits(
+            tmp_path,
+            "--model.lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "--trainer.limit_val_batches=0",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: lr_scheduler ReduceLROnPlateau" in err, err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

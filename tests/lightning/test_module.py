@@ -189,3 +189,32 @@ def test_test_after_fit_prints_no_callback_override_notice(tmp_path, caplog):
         trainer.predict(m, datamodule=data)
     assert "configure_callbacks" not in caplog.text
     assert sum(type(c).__name__ == "_LeavePerSampleOnError" for c in trainer.callbacks) == 1
+
+
+def test_plateau_scheduler_without_validation_is_refused_before_training(tmp_path):
+    """ReduceLROnPlateau steps on val/loss; with validation off (limit_val_batches=0)
+    Lightning stopped the fit at the end of the first epoch ("ReduceLROnPlateau conditioned
+    on metric val/loss which is not available"), after training it."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import SklearnToyDataModule
+
+    m = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        hidden_sizes=[],
+        lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0),
+    )
+    before = [p.detach().clone() for p in m.parameters()]
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau.*limit_val_batches=0"):
+        trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # no step taken

@@ -354,6 +354,8 @@ class TorchbpCLI(LightningCLI):
             super().instantiate_classes()
             if isinstance(self.datamodule, ClassificationDataModule):
                 self.datamodule.check_data()
+            if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
+                self.model.check_scheduler(self.trainer)
             self._check_privacy()
             self._check_checkpoint_fits_model()
             self._check_config_file_is_new()

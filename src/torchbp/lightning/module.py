@@ -287,9 +287,27 @@ class ERMClassifier(pl.LightningModule):
         cfg: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # steps on val/loss, so only at the end of the epochs that validate
+            with contextlib.suppress(RuntimeError):  # RuntimeError: no trainer attached
+                self.check_scheduler(self.trainer)
             cfg["monitor"] = "val/loss"
             cfg["frequency"] = self._epochs_between_validations()
         return {"optimizer": opt, "lr_scheduler": cfg}
+
+    def check_scheduler(self, trainer: pl.Trainer) -> None:
+        """Raise a ``ValueError`` now if ``trainer`` cannot run this model's LR scheduler:
+        ReduceLROnPlateau steps on ``val/loss``, which a trainer with validation off
+        (``limit_val_batches=0``) never computes (Lightning would stop the fit after its
+        first epoch). ``torchbp-train`` calls it before the run folder is made."""
+        plateau = self.scheduler_factory is not None and isinstance(
+            self.scheduler_factory(self._make_optimizer()),
+            torch.optim.lr_scheduler.ReduceLROnPlateau,
+        )
+        if plateau and trainer.limit_val_batches == 0:
+            raise ValueError(
+                "lr_scheduler ReduceLROnPlateau steps on val/loss, which is never computed "
+                f"with trainer.limit_val_batches={trainer.limit_val_batches}; validate, or use "
+                "a scheduler that needs no metric"
+            )
 
     def _epochs_between_validations(self) -> int:
         """The trainer's ``check_val_every_n_epoch`` (1 without a trainer, or when validation
