@@ -177,7 +177,11 @@ def check_inplace_writable(op: str, input) -> None:
 
 def check_not_inference(op: str, needed_for: str, **tensors: torch.Tensor | None) -> None:
     """Refuse a tensor created under ``torch.inference_mode()`` that backward needs (autograd
-    cannot save one): :class:`InferenceTensorError` naming it and what it is needed for."""
+    cannot save one): :class:`InferenceTensorError` naming it and what it is needed for.
+    Skipped while compiling: Dynamo cannot trace ``is_inference()``, and a traced graph
+    is never given an inference tensor to save."""
+    if torch.compiler.is_compiling():
+        return
     for name, t in tensors.items():
         if t is not None and t.is_inference():
             raise InferenceTensorError(

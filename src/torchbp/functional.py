@@ -677,8 +677,10 @@ def _check_lce_saves_no_inference_tensor(input, linear_weight, target, weight) -
 
 def _savable(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t``, or a copy of it if it was created under inference mode (autograd cannot save
-    an inference tensor)."""
-    return t.clone() if t is not None and t.is_inference() else t
+    an inference tensor; never while compiling, see ``_checks.check_not_inference``)."""
+    if t is None or torch.compiler.is_compiling() or not t.is_inference():
+        return t
+    return t.clone()
 
 
 def linear_cross_entropy(
