@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests._support import TOL, make
 
+import torchbp.functional as TF
 from torchbp.autograd.cross_entropy import ce_rows
 from torchbp.kernels import cpu_ce
 
@@ -129,3 +131,28 @@ def test_blocked_rows_of_no_rows():
     z = torch.empty((0, C))
     loss, grad, lse = cpu_ce.blocked_rows(rows_fn, z, class_target(0), 4, torch.empty_like(z))
     assert loss.shape == lse.shape == (0,) and grad.shape == (0, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("block", [4, ROWS])
+def test_blocked_rows_over_logits_that_the_target_views(dtype, block):
+    # A probability target that shares the logits' storage (``z.detach()`` passed as the
+    # target) is read as it was, although the gradient is written over the logits.
+    case = dict(kind="soft", weighted=False, ignore=None, smoothing=0.0)
+    rows_fn, _ = reference_rows(case, dtype)
+    z = logits(dtype)
+    ref_loss, ref_grad, _ = rows_fn(z, z.clone())
+    loss, grad, _ = cpu_ce.blocked_rows(rows_fn, z, z.view_as(z), block, z)
+    torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
+    torch.testing.assert_close(grad, ref_grad.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inplace_cross_entropy_of_a_target_viewing_the_logits_matches_native(dtype):
+    leaf = make((ROWS, C), dtype, seed=3, scale=2.0).requires_grad_()
+    native = F.cross_entropy(leaf * 1, (leaf * 1).detach())
+    z = leaf * 1
+    ours = TF.cross_entropy(z, z.detach(), inplace=True)
+    torch.testing.assert_close(ours, native)
+    want, got = (torch.autograd.grad(loss, leaf)[0] for loss in (native, ours))
+    torch.testing.assert_close(got, want)

@@ -57,6 +57,11 @@ def plain_rows(z: torch.Tensor, target: torch.Tensor, ignore_index: int | None) 
     return loss.squeeze(1), p, lse.squeeze(1)
 
 
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view one storage (so that writing ``b`` may change ``a``)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def blocked_rows(
     rows_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Rows],
     logits: torch.Tensor,
@@ -70,7 +75,12 @@ def blocked_rows(
     ``(ℓ, ∂ℓ/∂z, lse)`` in the accumulation dtype and builds ``∂ℓ/∂z`` in ``out`` (after
     reading the block's max): for full-precision logits the block of ``grad`` itself,
     otherwise one float32 block buffer, reused for every block (no fresh allocation per
-    block), whose gradient is rounded once into ``grad``. Returns ``(ℓ, grad, lse)``."""
+    block), whose gradient is rounded once into ``grad``. A ``target`` that shares
+    ``grad``'s storage (``logits.detach()`` as a probability target, with ``grad`` the
+    logits) is copied first, since ``grad`` is written before the target is read. Returns
+    ``(ℓ, grad, lse)``."""
+    if _shares_storage(target, grad):
+        target = target.clone()
     rows = logits.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss = torch.empty(rows, dtype=acc, device=logits.device)
