@@ -167,6 +167,21 @@ def test_interpreter_inf_first_chunk_and_large_offset(interpret, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "w"])
+def test_interpreter_smoothing_of_logits_far_from_zero(interpret, monkeypatch, weighted):
+    # The smoothing term Σ_c w_c (z_c - m) of logits around 1e4 (spread ~10): formed as
+    # Σ w z - m Σ w it cancels about log2(1e4 · C) bits of float32; the reference keeps
+    # its error at the spread's scale (native's is as small).
+    monkeypatch.setattr(triton_ce, "_MAX_BLOCK", 256)
+    z, y, w = _inputs(4, 1000, torch.float32, "cpu", weighted=weighted)
+    z += 1e4
+    loss, _grad, _lse = _check(z, y, w, 0.1)
+    w64 = None if w is None else w.double()
+    exact = F.cross_entropy(z.double(), y, w64, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)
+
+
+@interp
 def test_interpreter_strided_logits_int32_target(interpret):
     z, y, w = _inputs(40, 9, torch.float32, "cpu", ignore_every=5, weighted=True)
     zt = z.t().contiguous().t()  # column-major (copied to row-major for the kernel)

@@ -38,9 +38,10 @@ def ce_forward_kernel(
 
     # ---- pass 1: online softmax (running max m, s = Σ e^{z - m}), fp32 accumulation
     m = tl.full((), float("-inf"), tl.float32)
+    shift = tl.zeros((), tl.float32)  # m, or 0 while every logit seen is -inf
     s = tl.zeros((), tl.float32)
-    zw = tl.zeros((), tl.float32)  # Σ_c w_c z_c (label smoothing only)
-    w_sum = tl.zeros((), tl.float32)  # Σ_c w_c (label smoothing with weights only)
+    zw = tl.zeros((), tl.float32)  # Σ_c w_c (z_c - shift) (label smoothing only)
+    w_sum = tl.zeros((), tl.float32)  # Σ_c w_c so far (label smoothing only)
     for start in range(0, classes, BLOCK):
         c = start + cols
         mask = c < classes
@@ -48,17 +49,20 @@ def ce_forward_kernel(
         z = z.to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While every logit seen is -inf, shift by 0 instead (-inf - -inf is NaN).
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift_new) + tl.sum(tl.exp(z - shift_new), axis=0)
         m = m_new
         if SMOOTH:
-            z0 = tl.where(mask, z, 0.0)
+            # Kept relative to the shift (moved along with it), as the reference's
+            # Σ w (z - m): Σ w z - m Σ w would cancel the bits of |m| (logits around 1e4).
+            z0 = tl.where(mask, z - shift_new, 0.0)
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + c, mask=mask, other=0.0)
-                zw += tl.sum(w * z0, axis=0)
+                zw = zw - w_sum * (shift_new - shift) + tl.sum(w * z0, axis=0)
                 w_sum += tl.sum(w, axis=0)
             else:
-                zw += tl.sum(z0, axis=0)
+                zw = zw - start * (shift_new - shift) + tl.sum(z0, axis=0)
+        shift = shift_new
 
     # ---- per-row scalars: lse, a_i, the linear part Σ_c B_ic (z_ic - m) and ℓ_i
     log_s = tl.log(s)
@@ -73,7 +77,7 @@ def ce_forward_kernel(
         eps_c = tl.where(valid, smoothing / classes, 0.0)  # ε/C on kept rows, else 0
         coef_y = (1.0 - smoothing) * w_y
         a = coef_y + eps_c * w_sum
-        linear = coef_y * (z_y - m) + eps_c * (zw - w_sum * m)
+        linear = coef_y * (z_y - m) + eps_c * zw
     else:
         coef_y = w_y
         a = w_y

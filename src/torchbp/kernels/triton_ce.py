@@ -8,7 +8,9 @@ with class weights, ``ignore_index`` and label smoothing — in one launch of th
 * grid ``(N,)``: one program per row, looping over the classes in ``BLOCK``-sized chunks;
 * pass 1 (read the row once): online softmax — a running max ``m`` and the sum
   ``s = Σ e^{z - m}`` rescaled by ``e^{m_old - m_new}`` whenever the max grows — plus,
-  with label smoothing, ``Σ_c w_c z_c`` (and ``Σ_c w_c``), all accumulated in float32;
+  with label smoothing, ``Σ_c w_c (z_c - m)`` (moved by ``-(m_new - m_old) Σ w`` as the
+  max grows, so that its error stays at the scale of the logits' spread, not of ``|m|``)
+  and ``Σ_c w_c``, all accumulated in float32;
 * the per-row scalars: ``lse = m + log s``, ``a`` and the loss, stored in float32;
 * pass 2 (read the row again, write it once): ``a e^{z - m} / s - B`` in float32, rounded
   once to the logits' dtype into a NEW gradient buffer (the logits are never written),
