@@ -23,7 +23,8 @@ the resident set's high-water mark (reset through ``/proc/self/clear_refs``) dur
 step minus the resident set just before it. It counts everything the step allocates and
 touches: gradients, activations, per-sample buffers, noise.
 
-Writes ``experiments/results/per_sample.{md,json}`` (``per_sample_quick.*`` with --quick).
+Writes ``experiments/results/per_sample.{md,json}`` (``per_sample_quick.*`` with --quick,
+``per_sample_partial.*`` with --case).
 """
 
 from __future__ import annotations
@@ -467,6 +468,13 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
     return "\n".join(out)
 
 
+def results_stem(quick: bool, partial: bool) -> str:
+    """File stem of a run's results: ``per_sample`` (the committed figures) only for a
+    full run; ``--quick`` writes ``per_sample_quick``, a run of some ``--case`` only
+    ``per_sample_partial``, so that neither replaces the full run's files."""
+    return "per_sample" + ("_quick" if quick else "_partial" if partial else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
@@ -529,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in chosen and name not in skipped:
                 peak[name] = peak_subprocess(name, a.quick)
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = "per_sample_quick" if a.quick else "per_sample"
+    stem = results_stem(a.quick, partial=a.case is not None)
     data = {"meta": meta, "timing": timing, "peak": peak, "skipped": skipped}
     (a.out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     text = markdown(meta, timing, peak, skipped)

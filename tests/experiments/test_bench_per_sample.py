@@ -1,0 +1,17 @@
+"""``experiments/bench_per_sample.py``: what a run writes, and where."""
+
+import json
+
+from experiments import bench_per_sample
+
+
+def test_a_run_of_some_cases_keeps_the_full_results_file(tmp_path):
+    full = tmp_path / "per_sample.json"
+    full.write_text('{"committed": "figures"}')
+    argv = ["--case", "norms", "--rounds", "1", "--slow-rounds", "1", "--no-peak"]
+    assert bench_per_sample.main([*argv, "--out", str(tmp_path)]) == 0
+    assert json.loads(full.read_text()) == {"committed": "figures"}
+    assert not (tmp_path / "per_sample.md").exists()
+    partial = json.loads((tmp_path / "per_sample_partial.json").read_text())
+    assert set(partial["timing"]) == {"plain", "norms"}
+    assert (tmp_path / "per_sample_partial.md").read_text().startswith("# torchbp per-sample")
