@@ -25,6 +25,13 @@ def values_inspectable(t: torch.Tensor) -> bool:
     return not (legacy is not None and legacy(t))
 
 
+def carries_tangent(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a forward-mode AD dual tensor (a tangent rides on it): then every
+    op on it is differentiated, even with grad mode off (forward-over-reverse:
+    ``torch.autograd.grad`` of dual inputs)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
 def first_order_eager(g: torch.Tensor) -> bool:
     """Whether a backward receiving ``g`` runs first-order and eagerly (grad mode off, no
     torch.func wrapper, not compiling): then nothing differentiates its result, and a fast
@@ -47,9 +54,10 @@ def graph_retained() -> bool:
 def may_reuse_saved(*tensors: torch.Tensor) -> bool:
     """Whether backward may scale a buffer it saved (and owns) in place and hand it over as
     the gradient: only for a first-order eager backward that frees the graph afterwards,
-    so nothing can read the buffer again."""
+    so nothing can read the buffer again, and that no forward-mode AD differentiates
+    (an in-place op, then detached, would drop the tangent)."""
     return (
         not torch.is_grad_enabled()
-        and all(values_inspectable(t) for t in tensors)
+        and all(values_inspectable(t) and not carries_tangent(t) for t in tensors)
         and not graph_retained()
     )
