@@ -11,9 +11,11 @@ Memory:
   (a single op's inputs count: inside a model they are the previous layer's output).
 - peak extra, CUDA: ``max_memory_allocated`` during one call minus what was allocated
   before it (gradients produced by the call count, as in the anchors).
-- peak extra, CPU: in a fresh subprocess (:mod:`experiments.bench.peak`), the resident
-  set's high-water mark during one call minus the resident set just before it (the
-  high-water mark is reset through ``/proc/self/clear_refs``).
+- peak extra, CPU: in a fresh subprocess (:mod:`experiments.bench.peak`), after one
+  untimed call of the same implementation, the resident set's high-water mark during one
+  call minus the resident set just before it (the high-water mark is reset through
+  ``/proc/self/clear_refs``; glibc's mmap threshold is fixed at 64 KiB, so that freed
+  tensors leave the resident set instead of waiting in the heap for the measured call).
 """
 
 from __future__ import annotations
@@ -225,11 +227,16 @@ def rss_peak_extra(case: Case, impl: Impl) -> tuple[int, int]:
     return (peak - base) * 1024, base * 1024
 
 
+# glibc adapts its mmap threshold up to 32 MiB to the sizes freed; fixed, every block of
+# 64 KiB or more is unmapped when freed (as in experiments/bench_per_sample.py)
+MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
 def rss_peak_subprocess(
     case_name: str, impl_name: str, *, quick: bool, compile_mode: str, timeout: float = 900
 ) -> dict:
     """Run :mod:`experiments.bench.peak` in a fresh interpreter; returns its JSON or an error."""
-    env = dict(os.environ)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO), str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )

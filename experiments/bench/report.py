@@ -79,8 +79,10 @@ def write_markdown(path: Path, data: dict) -> None:
         + (
             "CUDA max_memory_allocated during one call above what was allocated before it."
             if m["device"] == "cuda"
-            else "peak RSS of a fresh subprocess during one call above its RSS just before "
-            "(resident high-water mark reset via /proc/self/clear_refs)."
+            else "peak RSS of a fresh subprocess during one call (its second: the first, "
+            "untimed, pays one-time costs) above its RSS just before (resident high-water "
+            "mark reset via /proc/self/clear_refs; glibc's mmap threshold fixed at 64 KiB, "
+            "so freed tensors leave the resident set)."
         )
         + " Gradients the call produces count in the peak."
     )
