@@ -752,12 +752,13 @@ def linear_cross_entropy(
     (the loss comes out in the promoted dtype: float32 for bfloat16 input with a float32
     target or float32 class weights).
 
-    Three kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
+    Four kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
     reference formula, logits materialised) instead: a K-dim ``linear_weight`` (native's
     chunked path falls back the same way; so does one with no class, ``(0, in)``), a
     float64 probability target or class weight (with probabilities) and lower-precision
     input (native computes that loss in float64; the chunked Function accumulates in
-    float32), and calls under torch.func
+    float32), probability targets whose class weights require grad (the chunked
+    Function has no gradient for them), and calls under torch.func
     transforms (vmap, grad, jvp) or with forward-mode dual tensors, which the chunked
     Function (no vmap rule, no jvp) cannot serve.
 
