@@ -32,11 +32,14 @@ def carries_tangent(t: torch.Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
-def first_order_eager(g: torch.Tensor) -> bool:
-    """Whether a backward receiving ``g`` runs first-order and eagerly (grad mode off, no
-    torch.func wrapper, not compiling): then nothing differentiates its result, and a fast
-    kernel with in-place ops may compute it."""
-    return not torch.is_grad_enabled() and values_inspectable(g)
+def first_order_eager(*tensors: torch.Tensor) -> bool:
+    """Whether a backward reading ``tensors`` (the incoming gradient ``g`` and what it
+    saved) runs first-order and eagerly (grad mode off, no torch.func wrapper, not
+    compiling, no forward-mode AD tangent on any of them): then nothing differentiates
+    its result, and a fast kernel with in-place ops may compute it."""
+    return not torch.is_grad_enabled() and all(
+        values_inspectable(t) and not carries_tangent(t) for t in tensors
+    )
 
 
 def graph_retained() -> bool:
