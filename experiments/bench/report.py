@@ -88,6 +88,17 @@ def write_markdown(path: Path, data: dict) -> None:
     )
     L.append("")
 
+    if data.get("errors"):
+        L.append("## Errors")
+        L.append("")
+        L.append(
+            "This run is incomplete: what these raised is missing from the tables below, "
+            "and every target that needs it is n/a."
+        )
+        L.append("")
+        L += [f"- {line}" for line in data["errors"]]
+        L.append("")
+
     tg = data.get("targets", [])
     if tg:
         L.append("## Targets (issue 5 section 2, issue 6)")

@@ -5,7 +5,9 @@
 
 Writes ``<out>/bench_<device>[_quick|_partial].{md,json,png}`` (default out:
 ``experiments/results``); results are rewritten after every case, so an interrupted run
-still leaves every case it finished. ``--list`` prints the cases.
+still leaves every case it finished. ``--list`` prints the cases. A case or a system that
+raises does not stop the run: it is listed under *Errors* at the top of the report, and
+the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -182,6 +184,18 @@ def run_case(name: str, args, opts: C.Options, log) -> dict:
     return res
 
 
+_ERROR_KEYS = {"error": "", "saved_error": " (saved bytes)", "peak_error": " (peak memory)"}
+
+
+def errors(name: str, res: dict) -> list[str]:
+    """One line per failure in case ``name``'s results: the case itself, or a system's
+    timing, saved-bytes or peak-memory measurement."""
+    out = [f"{name}: {note}" for note in res.get("notes", []) if note.startswith("case failed")]
+    for impl, fig in res.get("impls", {}).items():
+        out += [f"{name} / {impl}{what}: {fig[k]}" for k, what in _ERROR_KEYS.items() if fig.get(k)]
+    return out
+
+
 def _slow(case: C.Case) -> bool:
     return case.name == "linear_cross_entropy"
 
@@ -214,10 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    data = {"meta": meta(args, argv), "cases": {}, "targets": []}
+    data = {"meta": meta(args, argv), "errors": [], "cases": {}, "targets": []}
     log(f"torch {torch.__version__}, torchbp {data['meta']['torchbp']}, device {args.device}")
     t0 = time.perf_counter()
-    failed = []
     for name in names:
         try:
             data["cases"][name] = run_case(name, args, opts, log)
@@ -230,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 "impls": {},
                 "notes": [f"case failed: {type(e).__name__}: {e}"],
             }
-            failed.append(name)
         _free()
+        data["errors"] = [line for n, res in data["cases"].items() for line in errors(n, res)]
         data["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
         data["targets"] = T.evaluate(args.device, data["cases"])
         R.write_json(args.out / f"{stem}.json", data)
@@ -241,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in data["targets"]:
         if t["value"] is not None:
             log(f"  [{t['status']:>12}] {t['target']}: {t['value']:.3f} (limit {t['limit']})")
-    return 1 if failed else 0
+    for line in data["errors"]:
+        log(f"  ERROR {line}")
+    return 1 if data["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""``python -m experiments.bench`` (``experiments/bench/run.py``): a run whose systems fail."""
+
+import json
+
+import torch
+from experiments.bench import cases
+from experiments.bench import run as bench_run
+
+
+def _case_whose_torchbp_raises(opts: cases.Options) -> cases.Case:
+    x = torch.randn(8, requires_grad=True)
+
+    def torchbp_step():
+        raise RuntimeError("kernel exploded")
+
+    def native_step():
+        x.relu().sum().backward()
+
+    def reset():
+        x.grad = None
+
+    impls = {"torchbp": cases.Impl(torchbp_step), "native": cases.Impl(native_step)}
+    return cases.Case("fake", "activation", "8 float32", impls, exclude=[], reset=reset)
+
+
+def test_a_system_that_raises_fails_the_run_and_is_named_at_the_top(tmp_path, monkeypatch):
+    monkeypatch.setitem(cases.BUILDERS, "fake", _case_whose_torchbp_raises)
+    argv = ["--device", "cpu", "--case", "fake", "--out", str(tmp_path), "--no-peak"]
+    argv += ["--budget", "0.01", "--min-rounds", "3", "--max-rounds", "3"]
+    assert bench_run.main(argv) == 1
+    data = json.loads((tmp_path / "bench_cpu_partial.json").read_text())
+    assert data["errors"] == ["fake / torchbp: RuntimeError: kernel exploded"]
+    text = (tmp_path / "bench_cpu_partial.md").read_text()
+    head = text.split("## Summary")[0]
+    assert "fake / torchbp: RuntimeError: kernel exploded" in head
