@@ -24,7 +24,8 @@ step minus the resident set just before it. It counts everything the step alloca
 touches: gradients, activations, per-sample buffers, noise.
 
 Writes ``experiments/results/per_sample.{md,json}`` (``per_sample_quick.*`` with --quick,
-``per_sample_partial.*`` with --case).
+``per_sample_partial.*`` with --case). A case whose peak-memory subprocess fails gets the
+error in its row's peak cell, and the command exits with status 1.
 """
 
 from __future__ import annotations
@@ -424,6 +425,8 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
             continue
         pk = peak.get(name, {})
         mib = f"{pk['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in pk else "–"
+        if "error" in pk:
+            mib = f"error: {pk['error']}".replace("|", "/").replace("\n", " ")
         out.append(
             f"| {name} | {what} | {t['median_ms']:.1f} | {t['min_ms']:.1f} | {t['rounds']} "
             f"| {t['ratio']:.2f}x | {t['paired_ratio']:.2f}x | {mib} |"
@@ -543,7 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(meta, timing, peak, skipped)
     (a.out / f"{stem}.md").write_text(text)
     print(text)
-    return 0
+    failed = [name for name, pk in peak.items() if "error" in pk]
+    for name in failed:
+        print(f"ERROR peak memory of {name}: {peak[name]['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,3 +15,17 @@ def test_a_run_of_some_cases_keeps_the_full_results_file(tmp_path):
     partial = json.loads((tmp_path / "per_sample_partial.json").read_text())
     assert set(partial["timing"]) == {"plain", "norms"}
     assert (tmp_path / "per_sample_partial.md").read_text().startswith("# torchbp per-sample")
+
+
+def test_a_peak_measurement_that_fails_is_reported_and_fails_the_run(tmp_path, monkeypatch):
+    def peak_subprocess(name, quick):
+        if name == "norms":
+            return {"error": "exit 1: MemoryError in the subprocess"}
+        return {"peak_extra_bytes": 2**20, "baseline_rss_bytes": 2**28}
+
+    monkeypatch.setattr(bench_per_sample, "peak_subprocess", peak_subprocess)
+    argv = ["--quick", "--case", "norms", "--rounds", "1", "--slow-rounds", "1"]
+    assert bench_per_sample.main([*argv, "--out", str(tmp_path)]) == 1
+    text = (tmp_path / "per_sample_quick.md").read_text()
+    norms_row = next(line for line in text.splitlines() if line.startswith("| norms |"))
+    assert "exit 1: MemoryError in the subprocess" in norms_row
