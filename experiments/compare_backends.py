@@ -153,13 +153,30 @@ def interleaved_epoch_times(rounds: int, seed: int = 0, batch_size: int = 64) ->
     }
 
 
+def at_least(low: int):
+    """An argparse type: an integer ``>= low`` (the report needs that many)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its message
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=25)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per backend")
+    ap.add_argument(
+        "--epochs", type=at_least(2), default=25, help="at least 2: the first is warm-up"
+    )
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="alternating runs per backend")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    ap.add_argument("--timing-rounds", type=int, default=30, help="interleaved plain epochs")
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch.set_num_threads")
+    ap.add_argument(
+        "--timing-rounds", type=at_least(1), default=30, help="interleaved plain epochs"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     _quiet()

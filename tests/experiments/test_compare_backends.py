@@ -1,0 +1,24 @@
+"""``experiments/compare_backends.py``: arguments it cannot report on are refused up front."""
+
+import pytest
+
+from experiments import compare_backends
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--epochs", "1", "--repeats", "1", "--timing-rounds", "1"], "--epochs"),
+        (["--epochs", "2", "--repeats", "0", "--timing-rounds", "1"], "--repeats"),
+        (["--epochs", "2", "--repeats", "1", "--timing-rounds", "0"], "--timing-rounds"),
+    ],
+)
+def test_a_run_too_short_to_report_is_refused_before_training(tmp_path, capsys, argv, named):
+    # the epoch-time median skips each run's first epoch, the tables read the first repeat,
+    # and the plain-loop ratio needs a timed round: without them the run trained for
+    # minutes, then died in statistics.median or an IndexError, writing nothing
+    with pytest.raises(SystemExit) as exc:
+        compare_backends.main([*argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
