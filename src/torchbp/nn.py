@@ -3,7 +3,9 @@
 Each class subclasses its :mod:`torch.nn` namesake and overrides only ``forward``, so
 constructor arguments (``device`` / ``dtype`` included), parameter names, initialisation
 (``reset_parameters``), ``state_dict`` keys, ``extra_repr`` and ``isinstance`` checks are
-exactly torch's: a checkpoint moves between the two without conversion.
+exactly torch's: a checkpoint moves between the two without conversion. The one addition:
+:class:`LinearCrossEntropyLoss` also takes torchbp's ``chunk_size=`` (keyword only), shown
+in its ``extra_repr`` when set; its state and its other arguments are torch's.
 
 ``torch.jit.script`` cannot compile them (their forward runs a Python autograd Function)
 and says so up front, naming what works: ``torch.compile``, ``torch.jit.trace`` (in
