@@ -471,6 +471,14 @@ def markdown(meta: dict, timing: dict, peak: dict, skipped: dict) -> str:
     return "\n".join(out)
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of rounds or threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def results_stem(quick: bool, partial: bool) -> str:
     """File stem of a run's results: ``per_sample`` (the committed figures) only for a
     full run; ``--quick`` writes ``per_sample_quick``, a run of some ``--case`` only
@@ -481,14 +489,14 @@ def results_stem(quick: bool, partial: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    p.add_argument("--rounds", type=int, default=None, help="rounds of the fast group")
-    p.add_argument("--slow-rounds", type=int, default=None, help="rounds of the slow group")
+    p.add_argument("--rounds", type=positive, default=None, help="rounds of the fast group")
+    p.add_argument("--slow-rounds", type=positive, default=None, help="rounds of the slow group")
     p.add_argument("--no-peak", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
         "--case", action="append", choices=list(CASES), help="only these (plain always runs)"
     )
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads")
     p.add_argument("--render", type=Path, help="only rewrite the .md from this .json")
     p.add_argument("--peak-case", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from experiments import bench_per_sample
 
 
@@ -29,3 +31,15 @@ def test_a_peak_measurement_that_fails_is_reported_and_fails_the_run(tmp_path, m
     text = (tmp_path / "per_sample_quick.md").read_text()
     norms_row = next(line for line in text.splitlines() if line.startswith("| norms |"))
     assert "exit 1: MemoryError in the subprocess" in norms_row
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--slow-rounds", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_count_below_one_is_refused_naming_the_option(tmp_path, capsys, option, value):
+    # before: 0 rounds quietly meant the default, -1 died in statistics.median after the
+    # cases were built and warmed up; --threads 0 quietly kept torch's thread count
+    with pytest.raises(SystemExit) as exc:
+        bench_per_sample.main(["--quick", "--no-peak", option, value, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert option in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
