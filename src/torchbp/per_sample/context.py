@@ -575,9 +575,16 @@ def per_sample_grads(
         a :class:`PerSampleGrads` context manager.
 
     Raises:
-        TypeError: the model has a module per-sample gradients cannot pass (named).
-        ValueError: an unknown mode, or a ``max_norm`` that does not fit the mode (and,
-            at the forward inside the context, a module whose dim lands on dim 0).
+        TypeError: ``model`` is not an ``nn.Module``, the model has a module per-sample
+            gradients cannot pass (named), or ``mode='clip'`` has a ``max_norm`` that is
+            not a number (``None`` included).
+        ValueError: an unknown mode, a ``max_norm`` that is not positive and finite, or
+            one given to a mode other than ``"clip"`` (and, at the forward inside the
+            context, a module whose dim lands on dim 0).
+        RuntimeError: nesting, and at the backward a use the context refuses (a second
+            backward, ``torch.autograd.grad`` w.r.t. a parameter, autocast or
+            ``torch.compile``, a parameter frozen, unfrozen or replaced since the context
+            was created, ...), named.
 
     Examples::
 
