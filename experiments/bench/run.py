@@ -83,6 +83,14 @@ def meta(args, argv: list[str]) -> dict:
     return m
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of timed rounds)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -98,8 +106,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "(CPU: cross_entropy; CUDA: cross-entropy and linear+CE)",
     )
     p.add_argument("--budget", type=float, default=None, help="timing seconds per case")
-    p.add_argument("--min-rounds", type=int, default=None)
-    p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument("--min-rounds", type=positive, default=None, help="at least 1")
+    p.add_argument("--max-rounds", type=positive, default=None, help="at least 1")
     p.add_argument("--no-peak", action="store_true", help="skip peak-memory measurements")
     p.add_argument("--no-peers", action="store_true", help="skip Liger-Kernel / CCE")
     p.add_argument("--list", action="store_true")

@@ -1,7 +1,8 @@
-"""``python -m experiments.bench`` (``experiments/bench/run.py``): a run whose systems fail."""
+"""``python -m experiments.bench`` (``experiments/bench/run.py``): failures and bad options."""
 
 import json
 
+import pytest
 import torch
 from experiments.bench import cases
 from experiments.bench import run as bench_run
@@ -33,3 +34,12 @@ def test_a_system_that_raises_fails_the_run_and_is_named_at_the_top(tmp_path, mo
     text = (tmp_path / "bench_cpu_partial.md").read_text()
     head = text.split("## Summary")[0]
     assert "fake / torchbp: RuntimeError: kernel exploded" in head
+
+
+@pytest.mark.parametrize("option", ["--min-rounds", "--max-rounds"])
+def test_zero_rounds_are_refused_naming_the_option(capsys, option):
+    # before: every case then failed alike in statistics.median (no median for empty data)
+    with pytest.raises(SystemExit) as exc:
+        bench_run.parse(["--device", "cpu", option, "0"])
+    assert exc.value.code == 2
+    assert option in capsys.readouterr().err
