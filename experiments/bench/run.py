@@ -210,10 +210,7 @@ def _slow(case: C.Case) -> bool:
 
 def _free() -> None:
     gc.collect()
-    try:
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001
-        pass
+    torch.compiler.reset()  # drop the compiled graphs of the case just measured
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
