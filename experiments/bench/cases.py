@@ -444,21 +444,25 @@ def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
     native = _mlp(sizes, "relu").to(opts.device)
     x = torch.randn(B, sizes[0], device=opts.device)
     y = torch.randint(0, sizes[-1], (B,), device=opts.device)
-    ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    # TF32 is a global flag read when a matmul runs: it is on for the whole step, backward
+    # included; autocast covers forward and loss only (backward follows forward's dtypes)
+    step_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    forward_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     if precision == "tf32":
-        ctx = lambda: _tf32(True)  # noqa: E731
+        step_ctx = lambda: _tf32(True)  # noqa: E731
     elif precision == "bf16":
-        ctx = lambda: torch.autocast(opts.device, dtype=torch.bfloat16)  # noqa: E731
+        forward_ctx = lambda: torch.autocast(opts.device, dtype=torch.bfloat16)  # noqa: E731
 
     def stepper(model, loss_fn):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def run():
-            opt.zero_grad(set_to_none=True)
-            with ctx():
-                loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
+            with step_ctx():
+                opt.zero_grad(set_to_none=True)
+                with forward_ctx():
+                    loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
 
         return run
 

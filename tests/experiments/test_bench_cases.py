@@ -1,5 +1,6 @@
 """``experiments/bench/cases.py``: each system does what its row claims to measure."""
 
+import torch
 from experiments.bench import cases, harness
 
 
@@ -13,3 +14,27 @@ def test_inplace_cross_entropy_peak_shows_the_logits_sized_buffer_it_saves():
     inplace = harness.rss_peak_subprocess("cross_entropy", "torchbp_inplace", **kwargs)
     assert plain["peak_extra_bytes"] >= 0.75 * logits_bytes  # the gradient itself
     assert inplace["peak_extra_bytes"] < 0.25 * logits_bytes
+
+
+def test_tf32_mlp_step_runs_its_backward_with_tf32_too(monkeypatch):
+    # allow_tf32 is a global flag read when a matmul runs: set around forward only, the
+    # backward's matmuls (two thirds of the step's) ran in full fp32
+    seen: list[bool] = []
+    make_mlp = cases._mlp
+
+    def mlp_reporting_the_flag_in_backward(sizes, act):
+        model = make_mlp(sizes, act)
+        model[0].weight.register_hook(lambda g: seen.append(torch.backends.cuda.matmul.allow_tf32))
+        return model
+
+    monkeypatch.setattr(cases, "_mlp", mlp_reporting_the_flag_in_backward)
+    opts = cases.Options(device="cpu", quick=True, compile="none", peers=False)
+    case = cases.build_mlp_step(opts, "tf32")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        case.impls["native"].fn()
+        assert seen == [True]
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # restored after the step
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
