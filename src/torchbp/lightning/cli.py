@@ -10,13 +10,14 @@ Examples::
     torchbp-train fit --config wine --print_config     # the full, resolved config
 
 Configs: ``--config NAME`` names a config bundled with the package (``digits``,
-``digits_native``, ``iris``, ``wine``, ``breast_cancer``, ``synthetic_large``, ``ddp_cpu``; the
-files are in ``torchbp/lightning/configs/``) unless a file ``NAME`` exists; a command line
-with no ``--config`` runs ``digits``. Options after ``--config`` override it.
+``digits_native``, ``digits_dp``, ``iris``, ``wine``, ``breast_cancer``, ``synthetic_large``,
+``ddp_cpu``; the files are in ``torchbp/lightning/configs/``) unless a file ``NAME`` exists; a
+command line with no ``--config`` runs ``digits``. Options after ``--config`` override it.
 
 Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the stem of the last
-``--config`` file): ``metrics.csv`` (always), TensorBoard events when tensorboard is installed,
-the resolved ``config.yaml`` and ``checkpoints/`` (best on ``val/acc`` and ``last.ckpt``;
+``--config`` file): ``metrics.csv`` and, when tensorboard is installed, TensorBoard events
+(neither with ``--trainer.logger false``), the resolved ``config.yaml`` and ``checkpoints/``
+(none with ``--trainer.enable_checkpointing false``; best on ``val/acc`` and ``last.ckpt``;
 another ``--checkpoint.monitor`` brings its own ``--checkpoint.mode``, default ``auto``: ``max``
 for accuracy and F1, ``min`` for the rest, as Lightning's default;
 Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
