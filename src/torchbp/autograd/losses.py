@@ -333,7 +333,9 @@ class CrossEntropyFunction(Function):
     ``ℓ = -Σ_c w_c t'_c (z_c - lse)``. Backward: ``dz = g ⊙ (a p - B)`` — for plain
     cross-entropy ``g ⊙ (p - onehot(y))`` — computed in the forward pass from the one
     softmax evaluation and saved (one tensor the size of the logits; the logits
-    themselves are not kept). Arguments: ``(logits, target, weight, ignore_index,
+    themselves are not kept, except for a probability target that requires grad, whose
+    gradient needs them: then the logits are saved instead and ``∂ℓ/∂z`` is recomputed
+    from them in backward). Arguments: ``(logits, target, weight, ignore_index,
     label_smoothing, inplace)``; ``ignore_index=None`` promises that every target is a
     class index in ``[0, C)`` (the wrapper checks it), which skips the masks; with
     ``inplace=True`` the gradient is written over the logits (marked dirty) instead of
