@@ -18,10 +18,12 @@ group (plain, torchbp modes, ghost clipping, BatchL2Grad) gets many rounds, the 
 buffers it left on the parameters are dropped, so no case holds 2 GB while others run.
 
 Peak memory: each case in a fresh subprocess (glibc's mmap threshold fixed at 64 KiB, so
-freed tensors leave the resident set): after two warm-up steps and freeing the gradients,
-the resident set's high-water mark (reset through ``/proc/self/clear_refs``) during one
-step minus the resident set just before it. It counts everything the step allocates and
-touches: gradients, activations, per-sample buffers, noise.
+freed tensors leave the resident set): after two warm-up steps and freeing the gradients
+(``.grad`` and whatever a library keeps on the parameters, such as Opacus's
+``summed_grad``), the resident set's high-water mark (reset through
+``/proc/self/clear_refs``) during one step minus the resident set just before it. It
+counts everything the step allocates and touches: gradients, activations, per-sample
+buffers, noise.
 
 Writes ``experiments/results/per_sample.{md,json}`` (``per_sample_quick.*`` with --quick,
 ``per_sample_partial.*`` with --case). A case whose peak-memory subprocess fails gets the
@@ -326,13 +328,21 @@ def _status_kib(key: str) -> int:
     return int(m.group(1))
 
 
+def _drop_gradients(params) -> None:
+    """Free every gradient a step left on the parameters: ``.grad`` and any tensor a
+    library keeps on them (per-sample buffers; Opacus's clipped sum ``summed_grad``)."""
+    for p in params:
+        p.grad = None
+        for attr, value in list(vars(p).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(p, attr, None)
+
+
 def peak_in_this_process(name: str, cfg: Config) -> dict:
     case = CASES[name][2](cfg)
     for _ in range(2):
         case.step()
-    for p in case.params:
-        p.grad = None
-    _release(case.params)
+    _drop_gradients(case.params)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kib("VmRSS")

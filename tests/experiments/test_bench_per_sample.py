@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from experiments import bench_per_sample
 
@@ -43,3 +44,33 @@ def test_a_count_below_one_is_refused_naming_the_option(tmp_path, capsys, option
     assert exc.value.code == 2
     assert option in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["plain", "clip", "opacus_ghost", "opacus_hooks"])
+def test_peak_is_measured_from_a_state_without_gradients(monkeypatch, name):
+    # the peak counts what a step allocates, gradients included: no case may enter the
+    # measured step still holding a gradient (Opacus keeps its clipped sum, summed_grad,
+    # from one step to the next, which then left Opacus's peak one model's size short)
+    built = []
+    build = bench_per_sample.CASES[name][2]
+
+    def capture(cfg):
+        built.append(build(cfg))
+        return built[-1]
+
+    def held_at_baseline(key):
+        if key == "VmRSS":
+            held.extend(
+                f"{attr} of a {tuple(p.shape)} parameter"
+                for p in built[-1].params
+                for attr, value in {"grad": p.grad, **vars(p)}.items()
+                if isinstance(value, torch.Tensor)
+            )
+        return 0
+
+    held: list[str] = []
+    what, group, _ = bench_per_sample.CASES[name]
+    monkeypatch.setitem(bench_per_sample.CASES, name, (what, group, capture))
+    monkeypatch.setattr(bench_per_sample, "_status_kib", held_at_baseline)
+    bench_per_sample.peak_in_this_process(name, bench_per_sample.Config.make(quick=True))
+    assert held == []
