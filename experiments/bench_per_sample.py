@@ -242,13 +242,14 @@ def vmap_clip(cfg: Config) -> Case:
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        _free(params.values(), opt)
         detached = {k: v.detach() for k, v in params.items()}
         grads = per_sample(detached, x, y)
         norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
         factors = (MAX_NORM / norms).clamp(max=1) / cfg.batch
         for k, p in params.items():
             p.grad = torch.tensordot(factors, grads[k], dims=1)
+            p.grad_sample = grads[k]  # freed untimed after the step, as every case's
         opt.step()
 
     return Case(step, list(params.values()))
