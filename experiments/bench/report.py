@@ -88,6 +88,16 @@ def write_markdown(path: Path, data: dict) -> None:
     )
     L.append("")
 
+    if data.get("not_run"):
+        L.append("## Incomplete run")
+        L.append("")
+        L.append(
+            "The run stopped before these cases (the first one was running): "
+            + ", ".join(data["not_run"])
+            + ". Their targets are n/a."
+        )
+        L.append("")
+
     if data.get("errors"):
         L.append("## Errors")
         L.append("")

@@ -5,7 +5,8 @@
 
 Writes ``<out>/bench_<device>[_quick|_partial].{md,json,png}`` (default out:
 ``experiments/results``); results are rewritten after every case, so an interrupted run
-still leaves every case it finished. ``--list`` prints the cases. A case or a system that
+still leaves every case it finished (its report lists the cases not run).
+``--list`` prints the cases. A case or a system that
 raises does not stop the run: it is listed under *Errors* at the top of the report, and
 the command exits with status 1.
 """
@@ -215,6 +216,18 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def write_all(stem: Path, data: dict) -> bool:
+    """Write ``<stem>.{json,md,png}`` together, so that the three always show the same
+    cases (a figure left by an older run is removed where none can be drawn)."""
+    R.write_json(Path(f"{stem}.json"), data)
+    R.write_markdown(Path(f"{stem}.md"), data)
+    png = Path(f"{stem}.png")
+    if R.write_png(png, data):
+        return True
+    png.unlink(missing_ok=True)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -233,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    data = {"meta": meta(args, argv), "errors": [], "cases": {}, "targets": []}
+    data = {"meta": meta(args, argv), "errors": [], "not_run": list(names), "cases": {}}
+    data["targets"] = []
     log(f"torch {torch.__version__}, torchbp {data['meta']['torchbp']}, device {args.device}")
     t0 = time.perf_counter()
     for name in names:
@@ -249,12 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                 "notes": [f"case failed: {type(e).__name__}: {e}"],
             }
         _free()
+        data["not_run"].remove(name)
         data["errors"] = [line for n, res in data["cases"].items() for line in errors(n, res)]
         data["meta"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
         data["targets"] = T.evaluate(args.device, data["cases"])
-        R.write_json(args.out / f"{stem}.json", data)
-        R.write_markdown(args.out / f"{stem}.md", data)
-    png = R.write_png(args.out / f"{stem}.png", data)
+        png = write_all(args.out / stem, data)
     log(f"wrote {args.out / stem}.{{md,json{',png' if png else ''}}}")
     for t in data["targets"]:
         if t["value"] is not None:
