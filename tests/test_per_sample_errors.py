@@ -88,6 +88,8 @@ def test_allowed_modules_pass():
         ({"mode": "clip", "max_norm": -1.0}, ValueError, "max_norm must be positive"),
         ({"mode": "clip", "max_norm": float("inf")}, ValueError, "max_norm must be positive"),
         ({"mode": "norms", "max_norm": 1.0}, ValueError, "max_norm is used only by mode='clip'"),
+        ({"statistics": "yes"}, TypeError, "statistics must be a bool, got 'yes'"),
+        ({"statistics": 1}, TypeError, "statistics must be a bool, got 1"),
     ],
 )
 def test_argument_errors(kwargs, error, message):

@@ -63,7 +63,9 @@ class PerSampleGrads:
             )
         self.mode = mode
         self.max_norm = None if max_norm is None else float(max_norm)
-        self.statistics = bool(statistics)
+        if not isinstance(statistics, bool):
+            raise TypeError(f"per_sample_grads: statistics must be a bool, got {statistics!r}")
+        self.statistics = statistics
         self._layers: list[Layer] = attributable_layers(model)
         self._sample_dim_guards = sample_dim_guards(model)
         self.parameters: list[nn.Parameter] = [
