@@ -122,14 +122,15 @@ _REGISTRY: tuple[Op, ...] = (
     Op("log_softmax", "softmax", A.LogSoftmaxFunction, TF.log_softmax, bpnn.LogSoftmax,
        F.log_softmax, nn.LogSoftmax, "output", variants=({"dim": -1}, {"dim": 0})),
     Op("nll_loss", "loss", A.NLLLossFunction, TF.nll_loss, bpnn.NLLLoss, F.nll_loss,
-       nn.NLLLoss, "target (+ weight)"),
+       nn.NLLLoss, "target (+ weight) and the (M,) loss rows, never the input"),
     Op("cross_entropy", "loss", A.CrossEntropyFunction, TF.cross_entropy,
        bpnn.CrossEntropyLoss, F.cross_entropy, nn.CrossEntropyLoss,
        "∂loss/∂logits (one logits-sized tensor)"),
     Op("linear_cross_entropy", "fused_loss", A.LinearCrossEntropyFunction,
        TF.linear_cross_entropy, bpnn.LinearCrossEntropyLoss,
        getattr(F, "linear_cross_entropy", None), getattr(nn, "LinearCrossEntropyLoss", None),
-       "input, weight, bias (and their gradients for reduced losses)"),
+       "reduced losses: the gradients of input, weight, bias (O(N·d + C·d)); "
+       "'none': input, weight, bias, target"),
 )
 # fmt: on
 
