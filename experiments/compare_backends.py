@@ -20,7 +20,9 @@ import argparse
 import csv
 import json
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -178,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         "--timing-rounds", type=at_least(1), default=30, help="interleaved plain epochs"
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    command = " ".join(["python experiments/compare_backends.py", shlex.join(argv)]).strip()
     _quiet()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -235,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# torchbp vs torch backend on digits",
         "",
-        f"`python experiments/compare_backends.py --epochs {args.epochs} "
-        f"--repeats {args.repeats}` — {stamp}, torch {torch.__version__}, "
+        f"`{command}` — {stamp}, torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {args.threads} thread(s).",
         "",
         "| metric | torchbp | torch | abs. difference |",
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     (args.out / "compare_backends.md").write_text("\n".join(lines))
     summary = {
+        "command": command,
         "date": stamp,
         "torch": torch.__version__,
         "epochs": args.epochs,

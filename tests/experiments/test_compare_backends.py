@@ -22,3 +22,13 @@ def test_a_run_too_short_to_report_is_refused_before_training(tmp_path, capsys, 
     assert exc.value.code == 2
     assert named in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_report_names_the_command_that_made_it(tmp_path):
+    # before: it always read "--epochs E --repeats R", whatever --seed, --threads or
+    # --timing-rounds the figures came from
+    argv = ["--epochs", "2", "--repeats", "1", "--timing-rounds", "1", "--seed", "3"]
+    compare_backends.main([*argv, "--out", str(tmp_path)])
+    text = (tmp_path / "compare_backends.md").read_text()
+    expected = "python experiments/compare_backends.py --epochs 2 --repeats 1 --timing-rounds 1"
+    assert f"`{expected} --seed 3 --out {tmp_path}`" in text
