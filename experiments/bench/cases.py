@@ -182,12 +182,9 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
     logits = logits.to(dtype).requires_grad_()
     target = torch.randint(0, C, (N,), device=opts.device)
     shift = torch.zeros((), device=opts.device, dtype=dtype, requires_grad=True)
+    # Liger's own copy of the logits (it writes into it) and the values it is restored from
+    liger_logits: torch.Tensor | None = None
     pristine: torch.Tensor | None = None
-
-    def restore():
-        # in-place systems overwrite the logits with their gradient: restore them untimed
-        with torch.no_grad():
-            logits.copy_(pristine)
 
     def fwd_bwd(f):
         def run():
@@ -235,22 +232,33 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
     if cuda and opts.peers:
         liger_ce = _liger("LigerCrossEntropyLoss")
         if liger_ce is not None:
-            if pristine is None:
-                pristine = logits.detach().clone()
+            # Liger writes the gradient over its input: it gets a leaf of its own, restored
+            # untimed before each call, so the other systems never see its gradient values
+            pristine = logits.detach().clone()
+            liger_logits = pristine.clone().requires_grad_()
+
+            def restore_liger():
+                with torch.no_grad():
+                    liger_logits.copy_(pristine)
+
             loss_mod = liger_ce()
             impls["liger"] = Impl(
-                fwd_bwd(loss_mod), pre=restore, note="writes the gradient into the logits"
+                lambda: loss_mod(liger_logits, target).backward(),
+                pre=restore_liger,
+                note="writes the gradient into (its own copy of) the logits",
             )
 
     def reset():
         logits.grad = shift.grad = None
+        if liger_logits is not None:
+            liger_logits.grad = None
 
     return Case(
         name=name,
         group="loss",
         desc=f"N={N}, C={C}, {str(dtype).removeprefix('torch.')}",
         impls=impls,
-        exclude=[pristine] if pristine is not None else [],
+        exclude=[t for t in (pristine, liger_logits) if t is not None],
         reset=reset,
         peak_rss=not cuda,
         batch=N,
