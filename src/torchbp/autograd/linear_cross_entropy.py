@@ -41,9 +41,9 @@ CHUNK_BUDGET_BYTES = {"cpu": 48 << 20, "cuda": 256 << 20}
 _DEFAULT_BUDGET = 48 << 20
 
 _DOUBLE_BACKWARD = (
-    b"torchbp linear_cross_entropy: double backward is not supported (the gradients are "
-    b"computed chunk by chunk and the logits are never kept). For higher-order derivatives "
-    b"use torchbp.functional.cross_entropy(torchbp.functional.linear(...), ...)."
+    "torchbp linear_cross_entropy: double backward is not supported (the gradients are "
+    "computed chunk by chunk and the logits are never kept). For higher-order derivatives "
+    "use torchbp.functional.cross_entropy(torchbp.functional.linear(...), ...)."
 )
 
 
@@ -250,12 +250,30 @@ def _no_double_backward(grads):
     present = [g for g in grads if g is not None]
     if not present:
         return grads
-    err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(present))
-    wrapped = err(*[g.detach().requires_grad_() for g in present])
-    if isinstance(wrapped, torch.Tensor):
-        wrapped = (wrapped,)
-    it = iter(wrapped)
+    # Fresh leaves that require grad: the guard's outputs then always do, so the error also
+    # fires when nothing the gradients were computed from requires grad.
+    it = iter(_DoubleBackwardGuard.apply(*[g.detach().requires_grad_() for g in present]))
     return tuple(next(it) if g is not None else None for g in grads)
+
+
+class _DoubleBackwardGuard(Function):
+    """Identity on its tensors whose backward raises :data:`_DOUBLE_BACKWARD`.
+
+    The outputs are ``detach()``-ed aliases of the inputs: the same memory (no copy), but
+    not autograd views, so the caller may modify a returned gradient in place (a view made
+    inside a Function could not be)."""
+
+    @staticmethod
+    def forward(*grads):
+        return tuple(g.detach() for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(_DOUBLE_BACKWARD)
 
 
 class LinearCrossEntropyFunction(Function):
