@@ -26,6 +26,7 @@ ALLOWED = {
     # and it costs +36 % on a 64-64-10 MLP training step (see _compile's docstring). Each
     # name is looked up with a feature test; without one the public Function.apply runs.
     ("autograd/_compile.py", "torch._C._are_functorch_transforms_active"): "measured",
+    ("autograd/_compile.py", "torch._C._FunctionBase"): "measured",
     ("autograd/_compile.py", "torch._functorch.utils.unwrap_dead_wrappers"): "measured",
     ("autograd/_compile.py", "super(Function, ...).apply"): "measured",
     # Not in this scan's owner's files; public replacement proposed to their owner:
@@ -171,3 +172,22 @@ def test_lce_create_graph_gradients_may_be_modified_in_place():
     torch.testing.assert_close(gx.detach(), 2 * before)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         gx.sum().backward()
+
+
+# --------------------------------------------------------------------------- Function.apply
+@pytest.mark.parametrize(
+    "internal", ["_are_functorch_transforms_active", "_FunctionBase"], ids=lambda n: n
+)
+def test_apply_falls_back_to_function_apply_without_torch_internals(monkeypatch, internal):
+    from torchbp.autograd import _compile
+
+    monkeypatch.delattr(torch._C, internal)
+    assert _compile._find_base_apply() is None
+    monkeypatch.undo()  # torch's own Function.apply needs it
+    monkeypatch.setattr(_compile, "_base_apply", None)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = TF.linear(TF.relu(x), w)
+    assert type(out.grad_fn).__name__ == "LinearFunctionBackward"
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (x > 0) * w.sum(0))

@@ -4,6 +4,20 @@ while torch.compile traces.
 Dynamo cannot capture a Function that defines ``jvp`` (``torch.compile(fullgraph=True)``
 raises "Unsupported custom jvp"), so every Function is written once, with its ``jvp``,
 and :func:`pair` generates the twin Dynamo can capture: the same class body minus ``jvp``.
+
+Private-API exception (the house rule is public API only). :func:`apply` skips the
+``inspect.signature`` binding ``Function.apply`` does on every call (a no-op for these
+Functions: every argument is passed positionally and no ``forward`` has defaults) by doing
+what ``Function.apply`` itself does outside torch.func transforms, through three torch
+internals: ``torch._C._are_functorch_transforms_active``,
+``torch._functorch.utils.unwrap_dead_wrappers`` and the C base class's ``apply``
+(``super(Function, cls).apply``). No public API skips the binding. Measured (torch 2.13,
+CPU, 1 thread, A/B interleaved in one process, median of 41 rounds of 200 steps): a
+training step of a 64-64-10 MLP (torchbp linear, relu, linear, cross_entropy, backward),
+batch 64, takes 477 us this way and 647 us through ``Function.apply`` (+36 %); one
+``LinearFunction`` call 10.8 us against 31 us. Each internal is looked up with a feature
+test at import (:func:`_find_base_apply`): if any is missing, every call goes through the
+public ``Function.apply``.
 """
 
 from __future__ import annotations
@@ -37,30 +51,46 @@ def apply(functions: tuple[type[Function], type[Function]], *args):
 
     The wrappers pass every argument positionally, so in plain eager mode this skips the
     ``inspect.signature`` binding that ``Function.apply`` does on each call (it costs
-    more than a small layer's matmul); under torch.func transforms and torch.compile it
-    goes through ``Function.apply`` itself.
+    more than a small layer's matmul); under torch.func transforms and torch.compile, and
+    on a torch without the internals this needs, it goes through ``Function.apply``.
     """
     if torch.compiler.is_compiling():
         return functions[1].apply(*args)
     function = functions[0]
-    if _base_apply is None or torch._C._are_functorch_transforms_active():
+    if _base_apply is None:
         return function.apply(*args)
-    return _base_apply(function, *_unwrap_dead_wrappers(args))
+    return _base_apply(function, args)
 
 
 def _find_base_apply():
-    """``Function.apply`` minus the argument binding: the C ``_FunctionBase.apply``, as
-    ``Function.apply`` itself calls it in eager mode (None if this torch lays it out
-    differently, and then the public path is used)."""
+    """``Function.apply`` minus the argument binding, built from torch internals (see the
+    module docstring), or None when this torch lacks any of them: then the public
+    ``Function.apply`` is used."""
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
     try:
         from torch._functorch.utils import unwrap_dead_wrappers
     except ImportError:  # pragma: no cover - other torch layouts
-        return None, None
+        return None
+    if transforms_active is None or not _base_class_applies():
+        return None  # pragma: no cover - other torch layouts
 
-    def base_apply(function, *args):
-        return super(Function, function).apply(*args)
+    def base_apply(function, args):
+        if transforms_active():
+            return function.apply(*args)
+        # what Function.apply does outside torch.func transforms, after binding
+        return super(Function, function).apply(*unwrap_dead_wrappers(args))
 
-    return base_apply, unwrap_dead_wrappers
+    return base_apply
 
 
-_base_apply, _unwrap_dead_wrappers = _find_base_apply()
+def _base_class_applies() -> bool:
+    """Whether ``super(Function, cls).apply`` is the C base class's ``apply`` (the one
+    ``Function.apply`` calls), not some other class's between them."""
+    base = getattr(torch._C, "_FunctionBase", None)
+    if base is None or base not in Function.__mro__:
+        return False
+    between = Function.__mro__[1 : Function.__mro__.index(base)]
+    return "apply" in vars(base) and not any("apply" in vars(c) for c in between)
+
+
+_base_apply = _find_base_apply()
