@@ -306,6 +306,38 @@ def test_double_backward_raises():
             (gx.sum() + gw.sum()).backward()
 
 
+SECOND_ORDER = {
+    # each differentiates the first-order gradients with respect to the inputs (hessian,
+    # vhp) or to the incoming gradient (jvp, by the double-backward trick)
+    "hessian": lambda f, x, v: torch.autograd.functional.hessian(lambda x: f(x).sum(), x),
+    "vhp": lambda f, x, v: torch.autograd.functional.vhp(lambda x: f(x).sum(), x, v),
+    "jvp": lambda f, x, v: torch.autograd.functional.jvp(f, x, v),
+    "grad of grad": lambda f, x, v: _grad_of_grad(f, x.requires_grad_()),
+}
+
+
+def _grad_of_grad(f, x):
+    (gx,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.sum(), x, allow_unused=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("second_order", SECOND_ORDER.values(), ids=SECOND_ORDER.keys())
+def test_second_order_derivatives_raise_instead_of_returning_zeros(second_order, reduction):
+    """torch.autograd.functional fills an unreached derivative with zeros (strict=False):
+    the double-backward error must reach every derivative of the gradients, not only
+    ``.backward()``, or a Hessian or jvp of the fused loss comes out silently 0."""
+    x = make((5, 3), torch.float64)
+    w = make((4, 3), torch.float64, seed=1).requires_grad_()
+    t = torch.tensor([0, 3, 1, 1, 2])
+
+    def f(x):
+        return TF.linear_cross_entropy(x, w, t, reduction=reduction)
+
+    with pytest.raises(NotImplementedError, match="double backward is not supported"):
+        second_order(f, x, torch.ones_like(x))
+
+
 # --------------------------------------------------------------------------- memory
 def saved_bytes(fn):
     total = 0

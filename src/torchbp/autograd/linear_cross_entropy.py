@@ -241,10 +241,16 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
     return dx, dw, db, dt
 
 
-def _no_double_backward(grads):
+def _no_double_backward(grads, anchors):
     """With ``create_graph=True``, return the gradients behind a node that raises a clear
     error if anything differentiates through them (as ``once_differentiable`` does, but
-    also when the incoming gradient does not require grad, and with our message)."""
+    also when the incoming gradient does not require grad, and with our message).
+
+    ``anchors`` (the tensors the gradients depend on: the incoming gradient and the
+    Function's saved anchor output, whose node leads to the inputs) join the node's inputs,
+    so that differentiating the gradients with respect to the op's inputs or to the
+    incoming gradient (``autograd.grad``, a Hessian, a jvp by the double-backward trick)
+    reaches the node and raises, rather than finding no path and answering zero/None."""
     if not torch.is_grad_enabled():
         return grads
     present = [g for g in grads if g is not None]
@@ -252,20 +258,24 @@ def _no_double_backward(grads):
         return grads
     # Fresh leaves that require grad: the guard's outputs then always do, so the error also
     # fires when nothing the gradients were computed from requires grad.
-    it = iter(_DoubleBackwardGuard.apply(*[g.detach().requires_grad_() for g in present]))
+    leaves = [g.detach().requires_grad_() for g in present]
+    linked = [a for a in anchors if a is not None and a.requires_grad]
+    it = iter(_DoubleBackwardGuard.apply(len(leaves), *leaves, *linked))
     return tuple(next(it) if g is not None else None for g in grads)
 
 
 class _DoubleBackwardGuard(Function):
-    """Identity on its tensors whose backward raises :data:`_DOUBLE_BACKWARD`.
+    """``forward(count, *tensors)``: identity on the first ``count`` tensors (the rest only
+    link the node into the graph), whose backward raises :data:`_DOUBLE_BACKWARD` as a
+    ``NotImplementedError`` (a ``RuntimeError``): a capability the op does not have.
 
     The outputs are ``detach()``-ed aliases of the inputs: the same memory (no copy), but
     not autograd views, so the caller may modify a returned gradient in place (a view made
     inside a Function could not be)."""
 
     @staticmethod
-    def forward(*grads):
-        return tuple(g.detach() for g in grads)
+    def forward(count, *tensors):
+        return tuple(t.detach() for t in tensors[:count])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -273,7 +283,7 @@ class _DoubleBackwardGuard(Function):
 
     @staticmethod
     def backward(ctx, *_grads):
-        raise RuntimeError(_DOUBLE_BACKWARD)
+        raise NotImplementedError(_DOUBLE_BACKWARD)
 
 
 class LinearCrossEntropyFunction(Function):
@@ -305,8 +315,10 @@ class LinearCrossEntropyFunction(Function):
     ``ignore_index``, ``label_smoothing``, ``reduction`` (``'none' | 'sum' | 'mean'``),
     ``denominator`` (0-dim tensor, for ``'mean'``), ``chunk_size``, ``needs`` (four bools:
     which of ``dx, dW, db, dt`` to compute in forward for ``'sum'`` / ``'mean'``).
-    Returns ``(loss, dx, dW, db, dt)``: ``loss`` is ``()`` (or ``(N,)`` for ``'none'``) in
-    the accumulation dtype; the rest are non-differentiable internals (or ``None``).
+    Returns ``(loss, dx, dW, db, dt, anchor)``: ``loss`` is ``()`` (or ``(N,)`` for
+    ``'none'``) in the accumulation dtype; ``dx`` .. ``dt`` are non-differentiable internals
+    (or ``None``); ``anchor`` is a differentiable ``()`` zero that backward saves, to link
+    the double-backward error into the graph (see :func:`_no_double_backward`).
 
     Double backward raises a clear error (torch's chunked path raises too); use the
     unfused ``cross_entropy(linear(...))`` for higher-order derivatives. There is no
@@ -339,8 +351,9 @@ class LinearCrossEntropyFunction(Function):
         options = (ignore_index, label_smoothing, chunk_size)
         problem = _Problem(input, linear_weight, linear_bias, target, weight, *options)
         dx, dw, db, dt = _lce_chunks(problem, scale, want, rows_out=rows)
+        anchor = rows.new_zeros(())
         if reduction == "none":
-            return rows, None, None, None, None
+            return rows, None, None, None, None, anchor
         loss = rows.sum()
         if reduction == "mean":
             loss = loss / denominator.to(acc)
@@ -349,12 +362,12 @@ class LinearCrossEntropyFunction(Function):
             dw = dw.to(linear_weight.dtype)
         if db is not None:
             db = db.to(linear_bias.dtype)
-        return loss, dx, dw, db, dt
+        return loss, dx, dw, db, dt, anchor
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (x, w, b, target, weight, ignore_index, smoothing, reduction, _den, chunk, _needs) = inputs
-        _loss, dx, dw, db, dt = output
+        _loss, dx, dw, db, dt, anchor = output
         ctx.reduction = reduction
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = smoothing
@@ -362,21 +375,21 @@ class LinearCrossEntropyFunction(Function):
         ctx.has_bias = b is not None
         if reduction == "none":
             # Recomputed in backward: keep the inputs (alive anyway), not the gradients.
-            ctx.save_for_backward(x, w, b, target, weight)
+            ctx.save_for_backward(x, w, b, target, weight, anchor)
         else:
-            ctx.save_for_backward(dx, dw, db, dt)
+            ctx.save_for_backward(dx, dw, db, dt, anchor)
         ctx.mark_non_differentiable(*[t for t in (dx, dw, db, dt) if t is not None])
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_dt):
+    def backward(ctx, grad_loss, _g_dx, _g_dw, _g_db, _g_dt, _g_anchor):
         none = (None,) * 7
         if grad_loss is None:
             return (None, None, None, None, *none)
         needs = ctx.needs_input_grad
         want = (needs[0], needs[1], ctx.has_bias and needs[2], needs[3])
         if ctx.reduction == "none":
-            x, w, b, target, weight = ctx.saved_tensors
+            x, w, b, target, weight, anchor = ctx.saved_tensors
             problem = _Problem(
                 x, w, b, target, weight, ctx.ignore_index, ctx.label_smoothing, ctx.chunk_size
             )
@@ -385,7 +398,7 @@ class LinearCrossEntropyFunction(Function):
             dw = dw.to(w.dtype) if dw is not None else None
             db = db.to(b.dtype) if db is not None else None
         else:
-            saved = ctx.saved_tensors
+            *saved, anchor = ctx.saved_tensors
             # The saved gradients already carry the reduction's scale: multiply by g. When
             # the graph is not retained they are released right after this call, so they
             # are scaled in place and handed over (autograd adopts them as .grad: no second
@@ -398,4 +411,4 @@ class LinearCrossEntropyFunction(Function):
                 else None
                 for t, f in zip(saved, want)
             )
-        return (*_no_double_backward((dx, dw, db, dt)), *none)
+        return (*_no_double_backward((dx, dw, db, dt), (grad_loss, anchor)), *none)
