@@ -45,7 +45,7 @@ def derivative(
     :class:`DerivativeFunction` (differentiable as native's backward is)."""
     if g is None:
         return None
-    if first_order_eager(g):
+    if first_order_eager(g, saved):
         if _triton.requested() and triton_act.available(g, saved) and triton_act.supports(name):
             return triton_act.act_backward(name, g, saved, *args)
         if name in cpu_act.KERNELS:
