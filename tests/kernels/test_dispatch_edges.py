@@ -116,3 +116,18 @@ def test_activation_hessian_vector_product_with_a_plain_incoming_gradient(name, 
     want = hessian_vector_by_double_backward(lambda z: native(z).sum(), x, v)
     got = hessian_vector(lambda z: ours(z).sum(), x, v)
     torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- inplace, C = 0
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("soft", [False, True], ids=["ignored", "probabilities"])
+def test_inplace_cross_entropy_of_no_classes_matches_native(soft, reduction):
+    # (N, 0) logits: every class-index target is ignore_index, or (N, 0) probabilities.
+    # inplace=True has nothing to write, and gives native's loss and an empty gradient.
+    leaf = torch.empty(3, 0, requires_grad=True)
+    target = torch.empty(3, 0) if soft else torch.full((3,), -100)
+    native = F.cross_entropy(leaf * 1, target, reduction=reduction)
+    ours = TF.cross_entropy(leaf * 1, target, reduction=reduction, inplace=True)
+    torch.testing.assert_close(ours, native, equal_nan=True)
+    (grad,) = torch.autograd.grad(ours.sum(), leaf, allow_unused=True, materialize_grads=True)
+    assert grad.shape == (3, 0)

@@ -181,7 +181,7 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
 
     rows, classes = logits.shape
     if classes == 0:
-        return _no_classes(logits)
+        return _no_classes(logits, inplace)
     block = max(1, _CHUNK_ELEMENTS // max(classes, 1))
     if inplace:
         return CERows(*cpu_ce.blocked_rows(reference, logits, target, block, logits))
@@ -200,16 +200,17 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
     return CERows(loss, grad.to(logits.dtype), lse)
 
 
-def _no_classes(logits) -> CERows:
-    """Rows of C = 0 logits (only probability targets get here: a class index is out of
-    bounds): ``lse = log Σ ∅ = -inf``, ``ℓ = -Σ ∅ = 0`` with or without label smoothing,
-    as native (whose ``'mean'`` is then 0/0 = NaN: the wrapper's denominator); an empty
-    ``∂ℓ/∂z``."""
+def _no_classes(logits, inplace) -> CERows:
+    """Rows of C = 0 logits (probability targets, or class indices that are all
+    ignore_index: any other index is out of bounds): ``lse = log Σ ∅ = -inf``,
+    ``ℓ = -Σ ∅ = 0`` with or without label smoothing, as native (whose ``'mean'`` is then
+    0/0 = NaN: the wrapper's denominator); an empty ``∂ℓ/∂z``, which with ``inplace`` is
+    the logits themselves (the Function marked them dirty, so it must return them)."""
     acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[0]
     loss = logits.new_zeros((rows,), dtype=acc)
     lse = logits.new_full((rows,), -torch.inf, dtype=acc)
-    return CERows(loss, logits.new_empty((rows, 0)), lse)
+    return CERows(loss, logits if inplace else logits.new_empty((rows, 0)), lse)
 
 
 def ce_backward(grad, logits, target, weight, ignore_index, smoothing, d_loss, d_grad, d_lse):
