@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
+from tests._support import CUDA
 from torch.utils.checkpoint import checkpoint
 
 import torchbp
@@ -73,3 +75,44 @@ def test_reentrant_checkpoint_per_sample_grads_with_the_backward_on_a_device_thr
     torch.testing.assert_close(got_norms, want_norms)
     for name in want:
         torch.testing.assert_close(got[name], want[name])
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_a_training_step():
+    """A CUDA graph captures a torchbp forward + backward (ReLU MLP, cross-entropy) and its
+    replay on new data gives eager's loss and gradients: while a stream is capturing, the
+    value checks and fast paths that sync with the host step aside (a host sync is illegal
+    during capture)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(16, 32), torchbp.nn.ReLU(), torchbp.nn.Linear(32, 5)
+    ).cuda()
+    x = torch.randn(8, 16, device="cuda")
+    y = torch.randint(5, (8,), device="cuda")
+
+    def step():
+        loss = torchbp.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's docs do
+        for _ in range(3):
+            model.zero_grad(set_to_none=False)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    model.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    x.copy_(torch.randn(8, 16, device="cuda"))
+    y.copy_(torch.randint(5, (8,), device="cuda"))
+    model.zero_grad(set_to_none=False)
+    graph.replay()
+    got = [static_loss.clone()] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=False)
+    want = [step()] + [p.grad for p in model.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

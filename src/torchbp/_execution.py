@@ -10,11 +10,14 @@ import torch
 
 
 def values_inspectable(t: torch.Tensor) -> bool:
-    """Whether code may look at ``t``'s values or write into buffers of its own (not while
-    torch.compile traces, not on a meta tensor, which has no values, and not on a
-    torch.func-wrapped or batched tensor, where data-dependent control flow and in-place
-    writes mixing batched and plain tensors are illegal)."""
+    """Whether code may look at ``t``'s values or write into buffers of its own. Not while
+    torch.compile traces; not on a meta tensor, which has no values; not while a CUDA
+    graph is being captured on the current stream, where a host sync is illegal; and not
+    on a torch.func-wrapped or batched tensor, where data-dependent control flow and
+    in-place writes mixing batched and plain tensors are illegal."""
     if torch.compiler.is_compiling() or t.is_meta:
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     functorch = torch._C._functorch
     if functorch.is_functorch_wrapped_tensor(t):
