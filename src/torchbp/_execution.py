@@ -2,6 +2,15 @@
 
 Fast paths and argument checks ask these before they look at values (a host sync, or
 data-dependent control flow) or write into buffers of their own.
+
+Public API only, with one exception: :func:`graph_retained` asks torch's
+``torch._C._autograd._get_current_graph_task_keep_graph`` (looked up with ``getattr``;
+without it the answer is the safe "retained"). No public API says whether the running
+backward frees the graph, and the answer lets cross-entropy's backward hand its saved
+``(N, C)`` gradient over, scaled in place, instead of allocating a second one: measured
+(torch 2.13, CPU, N=4096, C=32768, float32, ``cross_entropy(...).backward()``), the
+backward's peak RSS grows by 1 MiB with it and by 513 MiB (one logits-sized tensor)
+without it.
 """
 
 from __future__ import annotations
@@ -13,19 +22,31 @@ def values_inspectable(t: torch.Tensor) -> bool:
     """Whether code may look at ``t``'s values or write into buffers of its own. Not while
     torch.compile traces; not on a meta tensor, which has no values; not while a CUDA
     graph is being captured on the current stream, where a host sync is illegal; and not
-    on a torch.func-wrapped or batched tensor, where data-dependent control flow and
-    in-place writes mixing batched and plain tensors are illegal."""
+    on a tensor without storage (:func:`has_storage`): torch.func-wrapped or batched,
+    where data-dependent control flow and in-place writes mixing batched and plain tensors
+    are illegal, or sparse."""
     if torch.compiler.is_compiling() or t.is_meta:
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    functorch = torch._C._functorch
-    if functorch.is_functorch_wrapped_tensor(t):
-        return False
-    # autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad) uses the legacy
-    # batching
-    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
-    return not (legacy is not None and legacy(t))
+    return has_storage(t)
+
+
+def has_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` owns memory: not a tensor that torch.func wraps (``vmap``, ``grad``,
+    ``jvp``, ``vjp``, ``jacrev``, ``jacfwd``) or batches (also the legacy batching of
+    ``autograd.grad(is_grads_batched=True)``, gradcheck's ``check_batched_grad``), which
+    stands for another tensor, nor a sparse one; every such tensor refuses
+    ``untyped_storage()``. Meta, fake, nested and subclass tensors have storage, and so
+    does ``torch.func.functionalize``'s wrapper (which runs no autograd.Function at all)."""
+    return _storage(t) is not None
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    try:
+        return t.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 def carries_tangent(t: torch.Tensor) -> bool:
@@ -48,12 +69,11 @@ def first_order_eager(*tensors: torch.Tensor) -> bool:
 def graph_retained() -> bool:
     """Whether the running backward keeps the graph (``retain_graph=True``); ``True`` when
     this torch cannot tell, which is the safe answer."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if probe is None:
+    if _keep_graph is None:
         return True
     try:
-        return bool(probe())
-    except RuntimeError:
+        return bool(_keep_graph())
+    except RuntimeError:  # no backward is running (a node's apply called directly)
         return True
 
 
@@ -67,3 +87,9 @@ def may_reuse_saved(*tensors: torch.Tensor) -> bool:
         and all(values_inspectable(t) and not carries_tangent(t) for t in tensors)
         and not graph_retained()
     )
+
+
+# The one private torch name this module uses (see the module docstring), feature-tested.
+_keep_graph = getattr(
+    getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None
+)

@@ -31,7 +31,7 @@ from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
-from torchbp._execution import values_inspectable
+from torchbp._execution import has_storage, values_inspectable
 from torchbp.autograd import (
     CrossEntropyFunction,
     ELUFunction,
@@ -593,13 +593,14 @@ def cross_entropy(
 
 # --------------------------------------------------------------------------- linear + CE
 def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
-    """Whether a tensor is torch.func-wrapped (vmap, grad, jvp, ...) or carries a
-    forward-mode tangent: then the chunked Function, which has no vmap rule and no jvp,
-    cannot serve the call. (Never while torch.compile traces: it runs the Function.)"""
+    """Whether a tensor is torch.func-wrapped (vmap, grad, jvp, ...; as sparse tensors,
+    it has no storage) or carries a forward-mode tangent: then the chunked Function, which
+    has no vmap rule and no jvp, cannot serve the call. (Never while torch.compile traces:
+    it runs the Function.)"""
     if torch.compiler.is_compiling():
         return False
     present = [t for t in tensors if t is not None]
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+    if not all(has_storage(t) for t in present):  # wrapped or batched by torch.func
         return True
     unpack = torch.autograd.forward_ad.unpack_dual
     return any(unpack(t).tangent is not None for t in present)
