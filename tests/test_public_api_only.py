@@ -377,3 +377,44 @@ def test_graph_retained_with_torchs_probe_and_with_the_public_fallback(monkeypat
     TF.cross_entropy(z, t).backward()  # then computes a new gradient: still right
     expected = (torch.softmax(z, 1) - torch.nn.functional.one_hot(t, 5)) / 4
     torch.testing.assert_close(z.grad, expected.detach())
+
+
+# --------------------------------------------------------------------------- fake tensors
+def _fake_mode():
+    # FakeTensorMode has no public import path; torch's shape and memory estimates (and
+    # torch.export) run models on its tensors, as on meta tensors.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
+FAKE_CALLS = {
+    "cross_entropy": lambda L, z, t, x, w: L.cross_entropy(z, t),
+    "cross_entropy probabilities": lambda L, z, t, x, w: L.cross_entropy(z, z.detach().exp()),
+    "nll_loss": lambda L, z, t, x, w: L.nll_loss(L.log_softmax(z, 1), t),
+    "linear_cross_entropy": lambda L, z, t, x, w: L.linear_cross_entropy(x, w, t),
+    "linear_cross_entropy none": lambda L, z, t, x, w: L.linear_cross_entropy(
+        x, w, t, reduction="none"
+    ).sum(),
+    "relu mlp": lambda L, z, t, x, w: L.cross_entropy(L.linear(L.relu(x), w), t),
+}
+
+
+@pytest.mark.parametrize("call", FAKE_CALLS.values(), ids=FAKE_CALLS.keys())
+def test_fake_tensors_run_forward_and_backward_as_native(call):
+    """Before, every torchbp loss (and the activation kernels' backward) raised
+    DataDependentOutputException under FakeTensorMode: the checks and fast paths took a
+    fake tensor's values for inspectable."""
+    results = []
+    with _fake_mode():
+        for lib in (torch.nn.functional, TF):
+            z = torch.randn(4, 5, requires_grad=True)
+            x = torch.randn(4, 3, requires_grad=True)
+            w = torch.randn(5, 3, requires_grad=True)
+            t = torch.randint(5, (4,))
+            loss = call(lib, z, t, x, w)
+            loss.backward()
+            grads = [p.grad for p in (z, x, w)]
+            results.append([loss.shape, *[None if g is None else g.shape for g in grads]])
+            assert not values_inspectable(loss)
+    assert results[0] == results[1]

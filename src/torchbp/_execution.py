@@ -20,16 +20,18 @@ import torch
 
 def values_inspectable(t: torch.Tensor) -> bool:
     """Whether code may look at ``t``'s values or write into buffers of its own. Not while
-    torch.compile traces; not on a meta tensor, which has no values; not while a CUDA
-    graph is being captured on the current stream, where a host sync is illegal; and not
-    on a tensor without storage (:func:`has_storage`): torch.func-wrapped or batched,
-    where data-dependent control flow and in-place writes mixing batched and plain tensors
-    are illegal, or sparse."""
-    if torch.compiler.is_compiling() or t.is_meta:
+    torch.compile traces; not on a tensor without values: a meta tensor, or a fake one
+    (FakeTensorMode, as torch's shape and memory estimates use), whose storage is on the
+    meta device; not on a tensor without storage (:func:`has_storage`): torch.func-wrapped
+    or batched, where data-dependent control flow and in-place writes mixing batched and
+    plain tensors are illegal, or sparse; and not while a CUDA graph is being captured on
+    the current stream, where a host sync is illegal."""
+    if torch.compiler.is_compiling():
         return False
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    storage = _storage(t)
+    if storage is None or storage.device.type == "meta":
         return False
-    return has_storage(t)
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def has_storage(t: torch.Tensor) -> bool:
