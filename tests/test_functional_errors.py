@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -230,3 +232,22 @@ def test_softmax_dim_out_of_range(op):
         op(torch.randn(3, 4), dim=2)
     with pytest.raises(IndexError, match="out of range"):
         op(torch.tensor(1.0), dim=1)
+
+
+@pytest.mark.parametrize("size_average", [None, True, False])
+@pytest.mark.parametrize("reduce", [None, True, False])
+@pytest.mark.parametrize("name", ["nll_loss", "cross_entropy"])
+def test_legacy_size_average_reduce_as_native(name, size_average, reduce):
+    """The deprecated size_average / reduce give native's reduction and its deprecation
+    warning (torchbp's own rule, not torch's private torch.nn._reduction helper)."""
+    torch.manual_seed(0)
+    z, y = torch.randn(4, 3).log_softmax(1), torch.tensor([0, 2, 1, 0])
+    kwargs = {"size_average": size_average, "reduce": reduce}
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        got = getattr(TF, name)(z, y, **kwargs)
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        want = getattr(torch.nn.functional, name)(z, y, **kwargs)
+    torch.testing.assert_close(got, want)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]

@@ -31,14 +31,6 @@ ALLOWED = {
     ("autograd/_compile.py", "torch._C._FunctionBase"): "measured",
     ("autograd/_compile.py", "torch._functorch.utils.unwrap_dead_wrappers"): "measured",
     ("autograd/_compile.py", "super(Function, ...).apply"): "measured",
-    # Not in this scan's owner's files. torch 2.11-2.14 has no public pytree (no
-    # torch.utils.pytree in 2.13); proposed to their owner: a local flatten of the
-    # tuples, lists and dicts a checked function returns.
-    ("verify/checks/compare.py", "torch.utils._pytree.tree_leaves"): "to replace",
-    ("verify/checks/forward.py", "torch.utils._pytree.tree_leaves"): "to replace",
-    # torch.nn._reduction.legacy_get_string -> a torchbp rule of its own (size_average /
-    # reduce to a reduction string, with the deprecation warning), proposed to its owner.
-    ("functional.py", "torch.nn._reduction.legacy_get_string"): "to replace",
     # Whether the running backward frees the graph: no public API says; without it
     # cross-entropy's backward allocates a second logits-sized gradient (+513 MiB peak at
     # N=4096, C=32768, float32; see _execution's docstring). Feature-tested; the fallback

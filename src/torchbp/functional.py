@@ -27,7 +27,6 @@ import math
 import warnings
 
 import torch
-from torch.nn import _reduction
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
@@ -355,9 +354,20 @@ def log_softmax(
 
 # --------------------------------------------------------------------------- losses
 def _legacy_reduction(size_average, reduce, reduction: str) -> str:
-    if size_average is not None or reduce is not None:
-        return _reduction.legacy_get_string(size_average, reduce)
-    return reduction
+    """The ``reduction`` that the deprecated ``size_average`` / ``reduce`` give, as native
+    reads them (each defaults to True: both -> 'mean', ``reduce`` alone -> 'sum', no
+    ``reduce`` -> 'none'), with native's deprecation warning; ``reduction`` if neither."""
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    legacy = ("mean" if size_average else "sum") if reduce else "none"
+    warnings.warn(
+        "size_average and reduce args will be deprecated, please use "
+        f"reduction='{legacy}' instead.",
+        stacklevel=3,
+    )
+    return legacy
 
 
 def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:

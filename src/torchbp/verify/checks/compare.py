@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = [
+    "leaves",
     "exact_tensors",
     "float_tensors",
     "max_errors",
@@ -45,16 +45,31 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     }.get(dtype, (1e-5, 1e-5))
 
 
+def leaves(out: Any) -> list[Any]:
+    """The leaves of ``out``: ``out`` itself, or, through nested tuples (named ones too),
+    lists and dict values, what they hold, in order.
+
+    Examples:
+        >>> leaves((1, [2, {"a": 3}]))
+        [1, 2, 3]
+    """
+    if isinstance(out, (tuple, list)):
+        return [leaf for item in out for leaf in leaves(item)]
+    if isinstance(out, dict):
+        return [leaf for item in out.values() for leaf in leaves(item)]
+    return [out]
+
+
 def float_tensors(out: Any) -> list[torch.Tensor]:
     """The floating-point tensors in ``out`` (a tensor or any nested structure of them)."""
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for t in leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def exact_tensors(out: Any) -> list[torch.Tensor]:
     """The integer and boolean tensors in ``out`` (indices, counts, masks): compared exactly."""
     return [
         t
-        for t in tree_leaves(out)
+        for t in leaves(out)
         if isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex()
     ]
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
-from torchbp.verify.checks.compare import float_tensors, mismatch, shape_text
+from torchbp.verify.checks.compare import float_tensors, leaves, mismatch, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed
@@ -29,7 +28,7 @@ __all__ = ["check_forward"]
 def _written_and_returned(full: list[Any], versions: dict[int, int], out: Any) -> frozenset[int]:
     """Positions of the tensors in ``full`` that fn wrote into in place (their version
     counter moved from ``versions``) and returned as an output (``ctx.mark_dirty``)."""
-    returned = {id(t) for t in tree_leaves(out)}
+    returned = {id(t) for t in leaves(out)}
     return frozenset(
         i
         for i, before in versions.items()
