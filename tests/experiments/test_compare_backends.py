@@ -1,8 +1,21 @@
 """``experiments/compare_backends.py``: arguments it cannot report on are refused up front."""
 
+import logging
+
 import pytest
 
 from experiments import compare_backends
+
+
+@pytest.fixture(autouse=True)
+def _lightning_log_levels_restored():
+    """compare_backends.main quiets Lightning's loggers for the whole process, as a script
+    may: put their levels back, or later tests that read Lightning's messages see none."""
+    names = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.mark.parametrize(
