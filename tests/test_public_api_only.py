@@ -392,11 +392,16 @@ FAKE_CALLS = {
 }
 
 
-@pytest.mark.parametrize("call", FAKE_CALLS.values(), ids=FAKE_CALLS.keys())
-def test_fake_tensors_run_forward_and_backward_as_native(call):
+@pytest.mark.parametrize("name", FAKE_CALLS)
+def test_fake_tensors_run_forward_and_backward_as_native(name):
     """Before, every torchbp loss (and the activation kernels' backward) raised
     DataDependentOutputException under FakeTensorMode: the checks and fast paths took a
     fake tensor's values for inspectable."""
+    if name.startswith("linear_cross_entropy") and not hasattr(
+        torch.nn.functional, "linear_cross_entropy"
+    ):
+        pytest.skip("torch < 2.13 has no native linear_cross_entropy to compare with")
+    call = FAKE_CALLS[name]
     results = []
     with _fake_mode():
         for lib in (torch.nn.functional, TF):
