@@ -3,28 +3,14 @@ batch along other dims (``NotImplementedError``) is unsupported there, not wrong
 
 from __future__ import annotations
 
-import torch
+from tests.verify.correct_functions import CustomVmapTanh
 from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function
 
 
-class Dim0OnlyTanh(torch.autograd.Function):
+class Dim0OnlyTanh(CustomVmapTanh):
     """tanh with a vmap staticmethod that batches along dim 0 only, and says so."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        # d tanh(x)/dx = 1 - tanh(x)^2
-        return g * (1 - y * y)
 
     @staticmethod
     def vmap(info, in_dims, x):
