@@ -11,6 +11,21 @@ from torchbp.lightning import ERMClassifier, build_mlp
 from torchbp.lightning.module import ACTIVATIONS
 
 
+def _quiet_trainer(tmp_path, **kwargs):
+    """A CPU ``pl.Trainer`` that writes nothing (no logger, no checkpoints) and prints no
+    progress bar or model summary."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_same_init_and_outputs_both_backends(activation):
     models = {}
@@ -123,7 +138,6 @@ def test_plateau_scheduler_steps_when_validation_runs(tmp_path, every):
     """ReduceLROnPlateau steps on val/loss: with check_val_every_n_epoch=2, Lightning raised
     "val/loss which is not available" after the first epoch; now it steps after each
     validation (every 2 epochs)."""
-    import pytorch_lightning as pl
 
     from torchbp.lightning import SklearnToyDataModule
 
@@ -133,15 +147,7 @@ def test_plateau_scheduler_steps_when_validation_runs(tmp_path, every):
         hidden_sizes=[],
         lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0),
     )
-    trainer = pl.Trainer(
-        max_epochs=4,
-        check_val_every_n_epoch=every,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _quiet_trainer(tmp_path, max_epochs=4, check_val_every_n_epoch=every)
     trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4 // every
 
@@ -169,19 +175,10 @@ def test_test_after_fit_prints_no_callback_override_notice(tmp_path, caplog):
     _LeavePerSampleOnError", about a private callback the user never passed."""
     import logging
 
-    import pytorch_lightning as pl
-
     from torchbp.lightning import SklearnToyDataModule
 
     m = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[])
-    trainer = pl.Trainer(
-        max_epochs=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _quiet_trainer(tmp_path, max_epochs=1)
     data = SklearnToyDataModule(name="iris")
     with caplog.at_level(logging.INFO):
         trainer.fit(m, datamodule=data)
@@ -195,7 +192,6 @@ def test_plateau_scheduler_without_validation_is_refused_before_training(tmp_pat
     """ReduceLROnPlateau steps on val/loss; with validation off (limit_val_batches=0)
     Lightning stopped the fit at the end of the first epoch ("ReduceLROnPlateau conditioned
     on metric val/loss which is not available"), after training it."""
-    import pytorch_lightning as pl
 
     from torchbp.lightning import SklearnToyDataModule
 
@@ -206,15 +202,7 @@ def test_plateau_scheduler_without_validation_is_refused_before_training(tmp_pat
         lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=0),
     )
     before = [p.detach().clone() for p in m.parameters()]
-    trainer = pl.Trainer(
-        max_epochs=2,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     with pytest.raises(ValueError, match=r"ReduceLROnPlateau.*limit_val_batches=0"):
         trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # no step taken
