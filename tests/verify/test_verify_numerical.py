@@ -44,3 +44,41 @@ def test_backward_wrong_only_when_all_outputs_get_a_gradient_fails_gradcheck():
 def test_correct_multi_output_backward_passes_the_joint_comparison():
     report = check_function(MaterializeFalseSplit, seeded(3, 4), checks="gradcheck")
     assert report["gradcheck"].passed, report
+
+
+class MulJvpForgetsSecondTerm(torch.autograd.Function):
+    """``a * b`` with a right backward and a jvp that forgets ``tb * a``: forward-mode AD
+    alone is wrong."""
+
+    @staticmethod
+    def forward(a, b):
+        return a * b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(*inputs)
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g * b, g * a
+
+    @staticmethod
+    def jvp(ctx, ta, tb):
+        a, b = ctx.saved_tensors
+        return ta * b  # bug: + tb * a
+
+
+def test_wrong_jvp_is_located_in_a_whole_sentence():
+    # torch's forward-mode gradcheck words its mismatch "Jacobian computed with forward mode
+    # mismatch for output 0 with respect to input 1," (the line goes on with the
+    # Jacobians): it is a mismatch, which the full comparison locates
+    report = check_function(
+        MulJvpForgetsSecondTerm, seeded(3), seeded(3, seed=1), checks="forward_ad"
+    )
+    result = report["forward_ad"]
+    assert result.failed, report
+    assert not result.message.rstrip().endswith(","), result.message
+    assert "forward-mode AD (jvp) of input 1 disagrees" in result.message, result.message
+    assert "at index" in result.message, result.message

@@ -88,10 +88,17 @@ def _torch_verdict(
                 "jvp found no saved tensors: save what jvp reads with ctx.save_for_forward "
                 f"in setup_context, for every grad mode ({explain_error(exc)})"
             ) from None
-        if "Jacobian mismatch" not in str(exc):
+        if not _is_jacobian_mismatch(str(exc)):
             raise outcome_of(exc, capability=capability) from None
-        return first_line(str(exc))
+        return first_line(str(exc)).rstrip(",")  # the line goes on with the Jacobians
     return None
+
+
+def _is_jacobian_mismatch(message: str) -> bool:
+    """True if torch's gradcheck ``message`` reports a Jacobian mismatch (backward's
+    "Jacobian mismatch for output ...", forward mode's "Jacobian computed with forward
+    mode mismatch for output ...") rather than an error."""
+    return "Jacobian" in message and "mismatch for output" in message
 
 
 def _torch_options(ctx: CheckContext) -> dict[str, Any]:
