@@ -431,6 +431,21 @@ def _writes_gradient_over_logits(logits: torch.Tensor, inplace: bool) -> bool:
     )
 
 
+def _shares_storage(t: torch.Tensor | None, logits: torch.Tensor) -> bool:
+    """Whether ``t`` views ``logits``' memory (``logits.detach()``, a row of it), so that
+    writing the gradient over the logits would change it."""
+    if t is None or not has_storage(t):
+        return False
+    return t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+
+
+def _kept_from_logits(t: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """``t``, or a copy of it where it shares ``logits``' storage: ``inplace=True`` writes
+    the gradient over the logits while the target and class weights are still being read
+    (the weights also after the call, for the ``'mean'`` denominator)."""
+    return t.clone() if _shares_storage(t, logits) else t
+
+
 def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
     if reduction == "none":
         # a copy, never the Function's own output (which it may save, or which may share a
@@ -565,6 +580,8 @@ def cross_entropy(
     if inplace:
         _checks.check_inplace_writable("cross_entropy", input)
     inplace = _writes_gradient_over_logits(input, inplace)
+    if inplace:
+        target, weight = (_kept_from_logits(t, input) for t in (target, weight))
     if _autocast_dtype(input) is not None:
         input, weight = _cast_loss_for_autocast(input, weight)
     if not soft:

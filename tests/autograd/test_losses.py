@@ -511,6 +511,29 @@ def test_inplace_on_a_leaf_is_refused_before_writing():
     assert torch.equal(leaf.detach(), before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inplace_with_class_weights_sharing_the_logits_storage(dtype, smoothing, reduction):
+    # class weights that view the logits (a row of logits.detach()) were read after the
+    # gradient had been written over them: a silently wrong loss (-28.3 for native's 1.57)
+    # and gradient; they are now read as they were when the call was made
+    base = make((6, C), dtype, scale=0.2) + 1.0
+    target = class_target((6,), ignore=-100)
+    kwargs = dict(reduction=reduction, label_smoothing=smoothing)
+    g = make((6,) if reduction == "none" else (), dtype, seed=7)
+    leaf = base.clone().requires_grad_()
+    ref = F.cross_entropy(leaf * 1, target, weight=base[0].clone(), **kwargs)
+    ref.backward(g)
+    ours_leaf = base.clone().requires_grad_()
+    logits = ours_leaf * 1
+    weight = logits.detach()[0]
+    loss = TF.cross_entropy(logits, target, weight=weight, inplace=True, **kwargs)
+    loss.backward(g)
+    torch.testing.assert_close(loss, ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(ours_leaf.grad, leaf.grad, **TOL[dtype])
+
+
 def test_inplace_needs_2d_logits_and_no_target_gradient():
     with pytest.raises(ValueError, match="inplace=True needs 2-D"):
         TF.cross_entropy(make((2, C, 3), torch.float32), class_target((2, 3)), inplace=True)
