@@ -561,3 +561,37 @@ def test_the_callers_grad_mode_does_not_reach_the_checks(mode):
         assert not torch.is_grad_enabled()
     assert report.ok, report
     assert report["gradcheck"].passed and report["reference"].passed
+
+
+class GeneratorDropout(torch.autograd.Function):
+    """Inverted dropout drawing its mask from an explicit ``torch.Generator`` argument, as
+    reproducible training code passes one; ``forgets_mask`` plants the bug of a backward
+    that passes the gradient through unmasked."""
+
+    forgets_mask = False
+
+    @staticmethod
+    def forward(ctx, x, p, generator):
+        keep = torch.rand(x.shape, generator=generator, dtype=x.dtype) >= p
+        mask = keep.to(x.dtype) / (1 - p)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return (g if GeneratorDropout.forgets_mask else g * mask), None, None
+
+
+def test_a_generator_input_gets_a_fresh_copy_for_every_call(monkeypatch):
+    # every call draws the same mask from a copy of the generator in the caller's state,
+    # as it would given the same seed, and the caller's generator is not advanced
+    generator = torch.Generator().manual_seed(7)
+    state = generator.get_state()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    report = check_function(GeneratorDropout, x, 0.5, generator, skip="compile")
+    assert report.ok, report
+    assert torch.equal(generator.get_state(), state)
+    monkeypatch.setattr(GeneratorDropout, "forgets_mask", True)
+    buggy = check_function(GeneratorDropout, x, 0.5, generator, checks="gradcheck")
+    assert buggy["gradcheck"].failed, buggy

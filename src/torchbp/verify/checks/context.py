@@ -15,7 +15,25 @@ from torchbp.verify.report import FAIL, CheckResult
 if TYPE_CHECKING:
     from torchbp.verify.checks.options import Options
 
-__all__ = ["CheckContext"]
+__all__ = ["CheckContext", "generator_copy"]
+
+
+def generator_copy(generator: torch.Generator) -> torch.Generator:
+    """A new generator on ``generator``'s device in its state: it draws the same numbers,
+    and drawing from it leaves ``generator`` where it was."""
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _fresh(arg: Any) -> Any:
+    """A copy of a list or generator input for one call (fn may change either), else
+    ``arg`` itself."""
+    if isinstance(arg, list):
+        return list(arg)
+    if isinstance(arg, torch.Generator):
+        return generator_copy(arg)
+    return arg
 
 
 @dataclass(eq=False)
@@ -85,9 +103,11 @@ class CheckContext:
         """fn's positional inputs, with ``diff`` in place of the grad inputs, a fresh copy
         of each tensor at the positions ``copied`` (by default those fn modifies in place,
         so that no call sees what another wrote and the tensors it was given stay intact)
-        and of each list input (for the same reason)."""
+        and of each list input (for the same reason), and a copy of each ``torch.Generator``
+        in its initial state (every call of a random fn given one draws the same numbers,
+        as a call given the same seed does)."""
         copied = self.dirty_inputs if copied is None else copied
-        full = [list(a) if isinstance(a, list) else a for a in self.args]
+        full = [_fresh(a) for a in self.args]
         for i, t in zip(self.grad_idx, diff):
             full[i] = t
         return [a.clone() if i in copied else a for i, a in enumerate(full)]

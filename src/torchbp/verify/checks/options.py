@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchbp.verify.checks.context import generator_copy
 from torchbp.verify.checks.explain import first_line
 from torchbp.verify.checks.table import CHECKS
 
@@ -74,8 +75,8 @@ def _how_to_pass(value: Any) -> str:
             "lambda x: fn(x, {...})"
         )
     return (
-        "; inputs must be tensors (or plain Python scalars such as a dim argument, or "
-        "tuples and lists of them). Convert it with torch.as_tensor(...)"
+        "; inputs must be tensors (or plain Python scalars such as a dim argument, "
+        "tuples and lists of them, or a torch.Generator). Convert it with torch.as_tensor(...)"
     )
 
 
@@ -87,7 +88,7 @@ def _check_inputs(inputs: tuple) -> None:
             if x.is_complex():
                 raise ValueError(f"check_function: input {i} is complex; only real tensors work")
             continue
-        if isinstance(x, SCALAR_TYPES):
+        if isinstance(x, (*SCALAR_TYPES, torch.Generator)):
             continue
         if isinstance(x, tuple | list) and all(isinstance(e, SCALAR_TYPES) for e in x):
             continue
@@ -352,6 +353,8 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
             if t.is_floating_point() and dtype is not None:
                 t = t.to(dtype)
             args.append(t)
+        elif isinstance(x, torch.Generator):
+            args.append(generator_copy(x))  # never advance the caller's generator
         else:
             args.append(list(x) if isinstance(x, list) else x)  # never the caller's list
     _require_values(args)

@@ -268,7 +268,10 @@ def check_function(
             ``apply`` is used) or a ``torch.library.custom_op`` (then the ``opcheck`` check
             also runs ``torch.library.opcheck``).
         *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``) and
-            tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list).
+            tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list),
+            and ``torch.Generator``s (each call gets a copy in the given state, so a random
+            fn drawing from it draws the same numbers every call; the caller's is not
+            advanced).
             Integer tensors (class targets) are passed through and never differentiated.
         reference: optional callable with the same signature whose outputs and gradients
             ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements);
