@@ -82,3 +82,27 @@ def test_wrong_jvp_is_located_in_a_whole_sentence():
     assert not result.message.rstrip().endswith(","), result.message
     assert "forward-mode AD (jvp) of input 1 disagrees" in result.message, result.message
     assert "at index" in result.message, result.message
+
+
+class DoubleThroughStorage(torch.autograd.Function):
+    """``2 x`` computed over ``x``'s storage in memory order, as a kernel written for
+    contiguous tensors does: wrong (transposed) for a transposed ``x``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return (x.as_strided((x.numel(),), (1,)) * 2).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_numerical_gradient_of_a_non_contiguous_input_keeps_its_layout():
+    # the finite differences perturb the input in its own layout: the mismatch is located
+    # (before, they perturbed a contiguous copy, agreed with backward, and only torch's
+    # bare 'Jacobian mismatch' line was left)
+    report = check_function(DoubleThroughStorage, seeded(4, 3).t(), checks="gradcheck")
+    result = report["gradcheck"]
+    assert result.failed, report
+    assert "backward of input 0 disagrees with numerical gradient" in result.message
+    assert "at index" in result.message, result.message

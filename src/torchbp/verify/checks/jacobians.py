@@ -44,23 +44,31 @@ def jacobian_size(func: Func, inputs: Sequence[torch.Tensor], grad_mode: bool = 
     return n_out * sum(x.numel() for x in inputs)
 
 
+def _perturbed(x: torch.Tensor, index: tuple[int, ...], step: float) -> torch.Tensor:
+    """A copy of ``x``, in its memory layout, with ``step`` added at ``index``."""
+    copy = x.clone()  # preserve_format: the same strides
+    copy[index] += step
+    return copy
+
+
 def numerical_jacobian(
     func: Func, inputs: Sequence[torch.Tensor], eps: float, grad_mode: bool = False
 ) -> Jacobian:
-    """J[k][o] of shape (out_o.numel(), in_k.numel()) by central differences."""
+    """J[k][o] of shape (out_o.numel(), in_k.numel()) by central differences.
+
+    Each perturbed input keeps the memory layout of ``inputs[k]`` (a transposed input stays
+    transposed), so that the difference quotients are those of the function backward is
+    compared with, also when it depends on the layout."""
     base = [x.detach().clone() for x in inputs]
     with torch.set_grad_enabled(grad_mode):
         outs = func(*base)
         jac = _zeros(outs, base)
         for k, x in enumerate(base):
-            flat = x.reshape(-1).clone()
-            for j in range(flat.numel()):
+            for j in range(x.numel()):
                 vals = []
                 for sign in (1.0, -1.0):
-                    pert = flat.clone()
-                    pert[j] += sign * eps
                     args = list(base)
-                    args[k] = pert.reshape(x.shape)
+                    args[k] = _perturbed(x, unravel(j, x.shape), sign * eps)
                     vals.append(func(*args))
                 for o, (hi, lo) in enumerate(zip(*vals)):
                     hi, lo = hi.detach(), lo.detach()
