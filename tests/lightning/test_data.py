@@ -448,3 +448,18 @@ def test_a_checkpoint_refuses_a_datamodule_that_splits_the_data_otherwise(tmp_pa
     with pytest.raises(DataConfigError, match=r"data.seed=2 \(the checkpoint's run: 1\)"):
         tester.test(model, datamodule=SklearnToyDataModule(name="iris", seed=2), ckpt_path=ckpt)
     tester.test(model, datamodule=SklearnToyDataModule(name="iris", seed=1), ckpt_path=ckpt)
+
+
+def test_tabular_csv_numeric_labels_are_compared_as_numbers(tmp_path):
+    """Labels that all read as numbers were compared as text once one was not an integer:
+    '1' and '1.0' became two classes, and '10.5' sorted before '9.5'. They are one class
+    now, and classes sort by value."""
+    spellings = ["1", "1.0", "9.5", "10.5", "01"]
+    rows = [[*r[:3], spellings[i % 5]] for i, r in enumerate(_good_rows(60, 2))]
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    assert dm.num_classes == 3
+    assert dm.class_names == [1.0, 9.5, 10.5]
+    _, y = dm.arrays
+    assert y[:5].tolist() == [0, 0, 1, 2, 0]

@@ -546,7 +546,9 @@ class TabularFileDataModule(ArrayDataModule):
     """A user's table: CSV (with a header row), NPZ or ``.pt`` file.
 
     - CSV: one column is the label (any values; mapped to 0..C-1 in sorted order), every other
-      column must be numeric (or listed in ``drop_columns``).
+      column must be numeric (or listed in ``drop_columns``). Labels that all read as numbers
+      are compared as numbers (``1``, ``1.0`` and ``01`` are one class; classes sort by
+      value), any other label column as its text (without surrounding spaces).
     - NPZ (numeric arrays) / ``.pt`` (a dict of tensors, read with
       ``torch.load(weights_only=True)``): either a 2-D array under ``features_key`` plus the
       label array under ``label_column``, or one 1-D array per column.
@@ -670,8 +672,10 @@ class TabularFileDataModule(ArrayDataModule):
         return [header[i] for i in keep], X, self._numeric_if_possible(p, labels, label_rows)
 
     def _numeric_if_possible(self, p: Path, labels: list[str], rows: list[int]) -> np.ndarray:
-        """CSV labels as integers when they all are (so "10" sorts after "9"), else strings;
-        numbers with a NaN or inf among them are a :class:`DataError` (a missing label)."""
+        """CSV labels as numbers when they all read as numbers (so "1", "1.0" and "01" are
+        one class, and "10" sorts after "9"): integers when every value is whole, else
+        floats; otherwise the text. Numbers with a NaN or inf among them are a
+        :class:`DataError` (a missing label)."""
         raw = np.asarray(labels)
         try:
             as_num = raw.astype(np.float64)
@@ -684,7 +688,7 @@ class TabularFileDataModule(ArrayDataModule):
                 f"{p}: non-finite label {labels[i]} in column {self.label_column!r} at row "
                 f"{rows[i]}; label every row or remove the unlabelled ones"
             )
-        return as_num.astype(np.int64) if np.all(as_num == np.round(as_num)) else raw
+        return as_num.astype(np.int64) if np.all(as_num == np.round(as_num)) else as_num
 
     @staticmethod
     def _check_unique_names(p: Path, header: list[str]) -> None:
