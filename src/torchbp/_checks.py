@@ -56,6 +56,11 @@ class InferenceTensorError(ValueError, RuntimeError):
     (a ``ValueError``; also a ``RuntimeError``, native's class for this)."""
 
 
+class LayoutError(TypeError, RuntimeError):
+    """A tensor has a layout (sparse, ...) that the op cannot take (a ``TypeError``; also a
+    ``RuntimeError``, native's class for "not implemented for sparse tensors")."""
+
+
 class NotATensorError(TypeError, AttributeError):
     """A tensor argument is not a tensor (a ``TypeError``, as native's argument parser
     raises; also an ``AttributeError``, which native's Python wrappers such as
@@ -571,7 +576,25 @@ def _check_lce_linear_part(op, input, linear_weight, linear_bias) -> tuple[int, 
             f"{op}: a K-dimensional linear_weight {tuple(linear_weight.shape)} needs batched "
             f"2-D input (N, {input.shape[-1]}), got input of shape {tuple(input.shape)}"
         )
+    if out_features:
+        _check_strided(
+            op,
+            "a K-dimensional linear_weight is reshaped to (C * d1 * ... * dK, in)",
+            linear_weight=linear_weight,
+            linear_bias=linear_bias,
+        )
     return out_features
+
+
+def _check_strided(op: str, reason: str, **tensors: torch.Tensor | None) -> None:
+    """Each given tensor must be strided (dense): ``reason`` says why."""
+    for name, t in tensors.items():
+        if t is not None and t.layout != torch.strided:
+            raise LayoutError(
+                f"{op}: {name} must be a strided (dense) tensor, got layout "
+                f"{str(t.layout).removeprefix('torch.')} ({reason}, which a sparse tensor "
+                f"cannot be; native's reshape() fails too): pass {name}.to_dense()"
+            )
 
 
 def validate_linear_cross_entropy(

@@ -673,8 +673,10 @@ def _linear_cross_entropy_unfused(
     classes, features = linear_weight.shape[0], linear_weight.shape[-1]
     out_features = tuple(linear_weight.shape[1:-1])
     batch_shape = tuple(input.shape[:-1])
-    w = linear_weight.reshape(math.prod(out_features, start=classes), features)
-    b = None if linear_bias is None else linear_bias.reshape(w.shape[0])
+    w, b = linear_weight, linear_bias  # a 2-D weight as it is (a sparse one cannot reshape)
+    if out_features:
+        w = linear_weight.reshape(math.prod(out_features, start=classes), features)
+        b = None if linear_bias is None else linear_bias.reshape(w.shape[0])
     flatten = input.dim() > 2  # torchbp's (*, in) input: rows first, class dim last
     if flatten:
         input = input.reshape(-1, features)
@@ -784,7 +786,7 @@ def linear_cross_entropy(
     (the loss comes out in the promoted dtype: float32 for bfloat16 input with a float32
     target or float32 class weights).
 
-    Four kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
+    Five kinds of call run torchbp's unfused ``cross_entropy(linear(...))`` (native's
     reference formula, logits materialised) instead: a K-dim ``linear_weight`` (native's
     chunked path falls back the same way; so does one with no class, ``(0, in)``), a
     float64 probability target or class weight (with probabilities) and lower-precision
@@ -792,7 +794,10 @@ def linear_cross_entropy(
     float32), probability targets whose class weights require grad (the chunked
     Function has no gradient for them), and calls under torch.func
     transforms (vmap, grad, jvp) or with forward-mode dual tensors, which the chunked
-    Function (no vmap rule, no jvp) cannot serve.
+    Function (no vmap rule, no jvp) cannot serve, and a sparse (COO / CSR) input or 2-D
+    ``linear_weight``, which it cannot chunk (a sparse K-dim ``linear_weight`` is refused
+    by name, where native's reshape fails; a sparse ``linear_bias`` fails in ``linear``,
+    as native's does).
 
     Examples::
 

@@ -771,3 +771,35 @@ def test_inference_input_native_does_not_save_is_accepted(reduction):
     (got_db,) = torch.autograd.grad(got.sum(), b)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_db, want_db)
+
+
+SPARSE_LAYOUTS = {"coo": torch.Tensor.to_sparse, "csr": torch.Tensor.to_sparse_csr}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", SPARSE_LAYOUTS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probability"])
+@pytest.mark.parametrize("leading", [(N,), (1, N)], ids=["2d", "3d"])
+def test_sparse_linear_weight_gives_the_unfused_pairs_result(layout, reduction, soft, leading):
+    # a sparse linear_weight crashed deep inside ('reshape is not implemented for sparse
+    # tensors', 'Sparse CSR tensors do not have is_contiguous'); native's
+    # cross_entropy(linear(x, W)) takes it, and so does torchbp now, with its gradients
+    x = make((*leading, D), torch.float64)
+    w = make((C, D), torch.float64, seed=1)
+    t = soft_target((*leading, C), seed=2) if soft else hard_target(leading, seed=2)
+    results = []
+    for fn in (TF.linear_cross_entropy, reference):
+        xs = x.clone().requires_grad_()
+        ws = SPARSE_LAYOUTS[layout](w).requires_grad_()
+        loss = fn(xs, ws, t, reduction=reduction, label_smoothing=0.1)
+        loss.sum().backward()
+        results.append((loss.detach(), xs.grad, ws.grad.to_dense()))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_sparse_k_dim_linear_weight_is_refused_by_name():
+    # native's K-dim path crashes in reshape(); torchbp names the argument
+    x, w = make((N, D), torch.float64), make((C, 2, D), torch.float64, seed=1)
+    with pytest.raises(RuntimeError, match="linear_weight must be a strided.*sparse_coo"):
+        TF.linear_cross_entropy(x, w.to_sparse(), hard_target((N, 2)))
