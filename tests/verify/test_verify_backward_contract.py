@@ -181,3 +181,45 @@ def test_grad_shapes_pairs_gradients_with_tensor_inputs_past_a_scalar_argument()
     bug = check_function(UnreducedBiasMidScale, x, 2.0, b, checks="grad_shapes")
     assert bug["grad_shapes"].failed, bug
     assert "shape (3, 4) for its input 2, which has shape (4,)" in bug["grad_shapes"].message
+
+
+class RowMajorDouble(torch.autograd.Function):
+    """``2 x`` computed over ``x``'s storage in memory order, as a kernel written for
+    contiguous tensors does: right for a contiguous ``x``, transposed for ``x.t()``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return (x.as_strided((x.numel(),), (1,)) * 2).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class FlatViewSum(torch.autograd.Function):
+    """``x.sum()`` whose forward takes ``x.view(-1)``: a crash for a transposed ``x``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.view(-1).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.expand(ctx.shape)
+
+
+def test_a_function_wrong_for_non_contiguous_inputs_fails_saying_so():
+    # the example input is contiguous, as most are: every other check passes
+    report = check_function(RowMajorDouble, seeded(3, 4), skip="compile")
+    result = report["grad_output_safety"]
+    assert result.failed, report
+    assert "output 0 changes when the inputs are non-contiguous" in result.message
+    assert [r.name for r in report.failures] == ["grad_output_safety"], report
+
+
+def test_a_function_crashing_on_non_contiguous_inputs_fails_saying_so():
+    report = check_function(FlatViewSum, seeded(3, 4), checks="grad_output_safety")
+    result = report["grad_output_safety"]
+    assert result.failed, report
+    assert "fails for non-contiguous (strided) inputs" in result.message, result.message

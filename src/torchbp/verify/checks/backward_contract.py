@@ -2,7 +2,7 @@
 grad_outputs), ``grad_shapes`` (raw gradient shapes, dtypes and devices of each custom
 Function),
 ``needs_input_grad`` (the same gradients when only some inputs require grad) and
-``grad_output_safety`` (no in-place writes, any grad_output memory layout)."""
+``grad_output_safety`` (no in-place writes, any grad_output or input memory layout)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from torchbp.verify.checks.compare import require_close, shape_text
+from torchbp.verify.checks.compare import float_tensors, require_close, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
@@ -281,9 +281,67 @@ def _other_layouts(vs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     }
 
 
+def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _laid_out(ctx: CheckContext, layout: Any) -> tuple[list[torch.Tensor], list[Any]]:
+    """``(leaves, inputs)``: fn's inputs with every tensor input copied by ``layout`` (the
+    same values in some memory layout), the grad inputs as the fresh ``leaves``."""
+    diff = [layout(ctx.args[i].detach()).requires_grad_(True) for i in ctx.grad_idx]
+    full = ctx.full_inputs(diff)
+    others = [
+        layout(a) if isinstance(a, torch.Tensor) and i not in ctx.grad_idx else a
+        for i, a in enumerate(full)
+    ]
+    return diff, others
+
+
+def _outputs_and_grads(ctx: CheckContext, layout: Any, label: str, vs: list | None):
+    """fn's floating outputs and the gradients of its inputs (for the grad_outputs ``vs``,
+    drawn here when None) with every tensor input in ``layout``; a failed check when fn
+    or backward raises for them (``label`` names the layout)."""
+    diff, full = _laid_out(ctx, layout)
+    try:
+        outs = float_tensors(ctx.fn(*full))
+        live = [o for o in outs if o.requires_grad]
+        vs = ctx.randn_like_outputs(live) if vs is None else vs
+        grads = torch.autograd.grad(live, diff, vs, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001 - fn's own error, in words
+        raise CheckFailure(
+            f"fn or backward fails for {label} inputs: {explain_error(exc)}"
+        ) from None
+    return outs, grads, vs
+
+
+def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
+    """Fail unless fn gives the same outputs and gradients for non-contiguous (strided)
+    tensor inputs as for contiguous ones: a Function written for contiguous tensors (a
+    ``.view`` of an input, a kernel reading its storage in memory order) is silently wrong
+    or crashes on a transposed input."""
+    if not any(isinstance(a, torch.Tensor) and a.dim() >= 1 and a.numel() > 1 for a in ctx.args):
+        return 0.0, 0.0
+    label = "non-contiguous (strided)"
+    dense_outs, dense_grads, vs = _outputs_and_grads(ctx, _contiguous_copy, "contiguous", None)
+    outs, grads, _ = _outputs_and_grads(ctx, _strided_copy, label, vs)
+    tolerance = ctx.parity_tolerances()
+    note = " (fn assumes contiguous inputs: call .contiguous() on them, or use reshape, not view)"
+    worst = (0.0, 0.0)
+    for o, (a, e) in enumerate(zip(outs, dense_outs)):
+        problem = f"output {o} changes when the inputs are {label}"
+        worst = max(worst, require_close(a, e, tolerance, problem, note=note, show_index=True))
+    for k, (a, e) in enumerate(zip(grads, dense_grads)):
+        if a is None or e is None:
+            continue
+        problem = f"gradient of {ctx.input_name(k)} changes when the inputs are {label}"
+        worst = max(worst, require_close(a, e, tolerance, problem, note=note, show_index=True))
+    return worst
+
+
 def check_grad_output_safety(ctx: CheckContext) -> Passed:
     """backward must not write into grad_output or the inputs, and must give the same
-    gradients for strided and expanded grad_outputs as for contiguous ones."""
+    gradients for strided and expanded grad_outputs as for contiguous ones; fn must give
+    the same outputs and gradients for non-contiguous inputs as for contiguous ones."""
     tolerance = ctx.parity_tolerances()
     inputs_before = [a.detach().clone() for a in ctx.args if isinstance(a, torch.Tensor)]
     leaves = ctx.leaves()
@@ -324,4 +382,7 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
     for a, b in zip(after, inputs_before):
         if not torch.equal(a, b) and not a.isnan().any():
             raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
-    return Passed("grad_output intact; strided and expanded grads accepted", *worst)
+    worst = max(worst, _require_input_layout_independent(ctx))
+    return Passed(
+        "grad_output intact; strided and expanded grads and strided inputs accepted", *worst
+    )

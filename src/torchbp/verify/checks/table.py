@@ -103,7 +103,7 @@ CHECK_TABLE: tuple[Check, ...] = (
     ),
     Check(
         "grad_output_safety",
-        "backward leaves grad_output/inputs intact, accepts strided grads",
+        "backward leaves grad_output/inputs intact; strided grads and inputs change nothing",
         check_grad_output_safety,
     ),
     Check(
