@@ -236,7 +236,8 @@ def check_function(
     ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
     shape of every custom Function's raw gradients, the same outputs and gradients when no
     input or one input alone requires grad, grad_output safety (no in-place writes,
-    strided/expanded grad_outputs), input/output mutation (including writes the version
+    strided/expanded grad_outputs, the same outputs and gradients for strided inputs),
+    input/output mutation (including writes the version
     counter never sees), two interleaved calls before backward, ``vmap`` over a non-zero
     ``in_dims``, ``torch.compile`` parity with eager, extreme-value probes against
     ``reference``,
