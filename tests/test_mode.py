@@ -155,6 +155,31 @@ def test_calls_torchbp_does_not_take_stay_native_and_are_reported(call, key):
     assert not mode.counts and mode.native == {key: 1}
 
 
+@pytest.mark.parametrize(
+    "call, op",
+    [
+        (lambda x: torch.tanh(x, out=None), "tanh"),
+        (lambda x: torch.sigmoid(x, out=None), "sigmoid"),
+        (lambda x: torch.softmax(x, 1, out=None), "softmax"),
+        (lambda x: torch.log_softmax(x, 1, out=None), "log_softmax"),
+        (lambda x: F.linear(x, WEIGHT, out=None), "linear"),
+        (lambda x: F.gelu(x, out=None), "gelu"),
+        (lambda x: F.softplus(x, out=None), "softplus"),
+    ],
+    ids=["tanh", "sigmoid", "softmax", "log_softmax", "linear", "gelu", "softplus"],
+)
+def test_out_none_is_the_default_and_routes(call, op):
+    # out=None is the default, not an output buffer: such calls stayed native,
+    # reported as 'out= given'
+    x = make((4, 6), torch.float64).requires_grad_()
+    want = call(x)
+    with enable() as mode:
+        got = call(x)
+    torch.testing.assert_close(got, want)
+    assert mode.counts == {op: 1} and not mode.native
+    assert _torchbp_nodes(got)
+
+
 def test_routed_table_is_derived_from_the_registry():
     table = routed_functions()
     for op in OPS.values():

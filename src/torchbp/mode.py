@@ -21,7 +21,8 @@ What is routed (the table is derived from the op registry, :mod:`torchbp.ops`):
 
 A covered function stays native, counted in :attr:`TorchbpMode.native` with the reason,
 when torchbp does not take the call: an input that is not a floating-point tensor
-(``torch.relu`` of an int tensor), ``out=``, a keyword torchbp's function lacks, or an
+(``torch.relu`` of an int tensor), an ``out=`` tensor (``out=None``, the default, is
+routed), a keyword torchbp's function lacks, or an
 in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
 Calls torchbp takes but rejects raise torchbp's error (an instance of native's class).
 
@@ -249,7 +250,7 @@ def _why_native(route: _Route, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         return "input is not a tensor"
     if not x.is_floating_point():
         return f"{x.dtype} input"
-    if "out" in kwargs:
+    if kwargs.get("out") is not None:
         return "out= given"
     for name in route.extra:
         if kwargs.get(name) is not None:
@@ -309,6 +310,8 @@ class TorchbpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if counting:
             self.counts[route.op] += 1
+        if "out" in kwargs:  # out=None, the default: torchbp's functions have no out=
+            kwargs = {k: v for k, v in kwargs.items() if k != "out"}
         _state.busy = True
         try:
             return route.call(*args, **kwargs)
