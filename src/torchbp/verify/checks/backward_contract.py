@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, require_close, shape_text
+from torchbp.verify.checks.compare import dense, float_tensors, require_close, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
@@ -281,6 +281,11 @@ def _other_layouts(vs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     }
 
 
+def _strided(a: Any) -> bool:
+    """True if ``a`` is a tensor with a memory layout to change (not a sparse one)."""
+    return isinstance(a, torch.Tensor) and a.layout == torch.strided
+
+
 def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
@@ -290,10 +295,7 @@ def _laid_out(ctx: CheckContext, layout: Any) -> tuple[list[torch.Tensor], list[
     same values in some memory layout), the grad inputs as the fresh ``leaves``."""
     diff = [layout(ctx.args[i].detach()).requires_grad_(True) for i in ctx.grad_idx]
     full = ctx.full_inputs(diff)
-    others = [
-        layout(a) if isinstance(a, torch.Tensor) and i not in ctx.grad_idx else a
-        for i, a in enumerate(full)
-    ]
+    others = [layout(a) if _strided(a) and i not in ctx.grad_idx else a for i, a in enumerate(full)]
     return diff, others
 
 
@@ -319,7 +321,7 @@ def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
     tensor inputs as for contiguous ones: a Function written for contiguous tensors (a
     ``.view`` of an input, a kernel reading its storage in memory order) is silently wrong
     or crashes on a transposed input."""
-    if not any(isinstance(a, torch.Tensor) and a.dim() >= 1 and a.numel() > 1 for a in ctx.args):
+    if not any(_strided(a) and a.dim() >= 1 and a.numel() > 1 for a in ctx.args):
         return 0.0, 0.0
     label = "non-contiguous (strided)"
     dense_outs, dense_grads, vs = _outputs_and_grads(ctx, _contiguous_copy, "contiguous", None)
@@ -343,7 +345,7 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
     gradients for strided and expanded grad_outputs as for contiguous ones; fn must give
     the same outputs and gradients for non-contiguous inputs as for contiguous ones."""
     tolerance = ctx.parity_tolerances()
-    inputs_before = [a.detach().clone() for a in ctx.args if isinstance(a, torch.Tensor)]
+    inputs_before = [dense(a.detach()).clone() for a in ctx.args if isinstance(a, torch.Tensor)]
     leaves = ctx.leaves()
     leaves_before = [x.detach().clone() for x in leaves]
     outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
@@ -361,14 +363,14 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             )
     worst = (0.0, 0.0)
     for label, strided in _other_layouts(vs).items():
-        dense = [s.contiguous() for s in strided]
+        contiguous_vs = [s.contiguous() for s in strided]
         try:
             got = torch.autograd.grad(outs, leaves, strided, retain_graph=True, allow_unused=True)
         except Exception as exc:  # noqa: BLE001
             raise CheckFailure(
                 f"backward fails for a {label} grad_output: {explain_error(exc)}"
             ) from None
-        exp = torch.autograd.grad(outs, leaves, dense, retain_graph=True, allow_unused=True)
+        exp = torch.autograd.grad(outs, leaves, contiguous_vs, retain_graph=True, allow_unused=True)
         for k, (a, e) in enumerate(zip(got, exp)):
             if a is None or e is None:
                 continue
@@ -380,6 +382,7 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             raise CheckFailure(f"forward or backward modified {ctx.input_name(k)} in place")
     after = [a for a in ctx.args if isinstance(a, torch.Tensor)]
     for a, b in zip(after, inputs_before):
+        a = dense(a)
         if not torch.equal(a, b) and not a.isnan().any():
             raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
     worst = max(worst, _require_input_layout_independent(ctx))

@@ -11,6 +11,7 @@ import torch
 from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = [
+    "dense",
     "leaves",
     "exact_tensors",
     "float_tensors",
@@ -43,6 +44,12 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
         torch.float16: (1e-3, 1e-3),
         torch.bfloat16: (1e-2, 1.6e-2),
     }.get(dtype, (1e-5, 1e-5))
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its values in a strided tensor: a sparse one (an input such as the sparse
+    matrix of a sparse-dense product) made dense, so that it can be compared elementwise."""
+    return t if t.layout == torch.strided else t.to_dense()
 
 
 def leaves(out: Any) -> list[Any]:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, require_close
+from torchbp.verify.checks.compare import dense, float_tensors, require_close
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed
@@ -31,12 +31,12 @@ class Snapshot(NamedTuple):
 
 
 def _snapshot(t: torch.Tensor) -> Snapshot:
-    return Snapshot(t.detach().clone(), t._version)
+    return Snapshot(dense(t.detach()).clone(), t._version)
 
 
 def _values_changed(t: torch.Tensor, before: Snapshot) -> bool:
     """True if ``t``'s values differ from the snapshot (NaNs at the same places agree)."""
-    now = t.detach()
+    now = dense(t.detach())
     if now.shape != before.values.shape:
         return True
     same = (now == before.values) | (now.isnan() & before.values.isnan())

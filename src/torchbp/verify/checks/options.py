@@ -276,10 +276,13 @@ def resolve_arguments(
 
 
 def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) -> list[int]:
-    """Positions of the inputs to differentiate (all floating tensors by default)."""
+    """Positions of the inputs to differentiate (all floating strided tensors by default:
+    a sparse one, e.g. the matrix of a sparse-dense product, is passed through)."""
     if grad_inputs is None:
         grad_idx = [
-            i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()
+            i
+            for i, a in enumerate(args)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and a.layout == torch.strided
         ]
         if not grad_idx:
             raise ValueError(
@@ -311,6 +314,12 @@ def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) ->
             raise ValueError(
                 f"check_function: input {i} is an integer tensor ({a.dtype}); integer "
                 "tensors cannot require gradients - leave it out of grad_inputs"
+            )
+        if a.layout != torch.strided:
+            raise ValueError(
+                f"check_function: input {i} is a sparse tensor ({a.layout}); the checks "
+                "differentiate dense tensors by perturbing each element - leave it out of "
+                "grad_inputs, or pass it dense (x.to_dense()) if fn takes a dense one"
             )
         grad_idx.append(i)
     if not grad_idx:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from torchbp.verify.checks.compare import dense
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
 from torchbp.verify.checks.explain import outcome_of
@@ -182,7 +183,7 @@ def _state_kept(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for t, before in saved:
-                if not torch.equal(t, before):
+                if not torch.equal(dense(t), dense(before)):
                     t.copy_(before)
 
 
@@ -285,7 +286,9 @@ def check_function(
             - ``dtype`` (``torch.float64``): dtype floating inputs are cast to; ``None``
               keeps each input's dtype.
             - ``device`` (None): move all inputs there.
-            - ``grad_inputs`` (all floating tensors): positions of the inputs to differentiate.
+            - ``grad_inputs`` (all floating tensors but sparse ones): positions of the
+              inputs to differentiate (a sparse input is passed through, never
+              differentiated, and compared by its values).
             - ``checks`` (None: all) / ``skip`` (none): names from
               :data:`~torchbp.verify.CHECKS` to run / leave out (an empty ``checks``
               raises: it would select nothing).
@@ -303,7 +306,7 @@ def check_function(
 
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
-            integer inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
+            integer or sparse inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
             whose parameters are not of ``dtype``, unknown option or check names, an
             empty ``checks``, a check both selected or required and skipped, a ``device``
             that is not one or not available here, a negative tolerance, ``eps`` not
