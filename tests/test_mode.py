@@ -180,6 +180,41 @@ def test_out_none_is_the_default_and_routes(call, op):
     assert _torchbp_nodes(got)
 
 
+def _implicit_dim_warning_origin(call) -> tuple[str, int]:
+    """``(file, line)`` the implicit-dim warning of ``call()`` points at."""
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as record:
+        call()
+    (warning,) = [w for w in record if "Implicit dimension" in str(w.message)]
+    return warning.filename, warning.lineno
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("stacklevel", [3, 4])
+def test_implicit_dim_warning_points_where_natives_does(name, stacklevel):
+    # under the mode the warning pointed into torchbp's mode.py (the default filter then
+    # shows it once for all call sites, none of them the user's)
+    x = make((3, 4)).requires_grad_()
+    fn = getattr(F, name)
+
+    def user_code():
+        return fn(x, _stacklevel=stacklevel)
+
+    want = _implicit_dim_warning_origin(user_code)
+    with enable() as mode:
+        got = _implicit_dim_warning_origin(user_code)
+    assert mode.counts == {name: 1}
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["Softmax", "LogSoftmax"])
+def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
+    module, x = getattr(torch.nn, name)(), make((3, 4)).requires_grad_()
+    want = _implicit_dim_warning_origin(lambda: module(x))
+    with enable():
+        got = _implicit_dim_warning_origin(lambda: module(x))
+    assert got == want
+
+
 def test_routed_table_is_derived_from_the_registry():
     table = routed_functions()
     for op in OPS.values():

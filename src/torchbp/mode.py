@@ -50,6 +50,9 @@ Semantics:
   mode is suspended inside ``__torch_function__`` and the calls of a routed op pass
   every torchbp mode, nested ones included). Backward passes do not run under the mode.
 * Modes nest: the innermost one routes and counts a call.
+* Warnings point where native's do: the implicit-dim warning of a routed
+  ``F.softmax(x)`` / ``F.log_softmax(x)`` names the caller's line (``_stacklevel``
+  counted from native's function), not a frame of torchbp or of torch's dispatch.
 * Like every ``TorchFunctionMode``, a mode is active in the thread that entered it only
   (the mode stack is thread-local); other threads are unaffected. One instance may be
   entered in several threads, but its counters are then updated without a lock (use
@@ -165,6 +168,47 @@ def _without(
     return call
 
 
+def _frames_up_to(code: types.CodeType) -> int | None:
+    """How many frames above its caller the innermost frame running ``code`` is (``None``
+    where none is)."""
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back if frame is not None else None  # the caller
+        steps = 0
+        while frame is not None and frame.f_code is not code:
+            frame, steps = frame.f_back, steps + 1
+        return None if frame is None else steps
+    finally:
+        del frame
+
+
+def _warning_as_native(
+    native: Callable[..., torch.Tensor], fn: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """``F.softmax`` / ``F.log_softmax``: the implicit-dim warning points ``_stacklevel - 2``
+    frames above native's function (its caller by default). Under the mode, torchbp's
+    function runs below native's, torch's dispatch and this mode; the frames between are
+    added to ``_stacklevel`` so that the warning points where native's does (the user's
+    line), not into torchbp."""
+    code = native.__code__
+
+    def call(input, dim=None, _stacklevel=3, dtype=None):
+        if dim is None and not torch.compiler.is_compiling():  # (Dynamo has no frames)
+            between = _frames_up_to(code)
+            if between is not None:  # fn runs one frame below this one
+                _stacklevel += between + 1
+        return fn(input, dim, _stacklevel, dtype)
+
+    return call
+
+
+def _takes_stacklevel(native: Callable[..., Any]) -> bool:
+    """Whether a native function warns at its ``_stacklevel`` (builtins take none)."""
+    return isinstance(native, types.FunctionType) and "_stacklevel" in (
+        inspect.signature(native).parameters
+    )
+
+
 def _takes_inplace(fn: Callable[..., Any]) -> bool:
     return "inplace" in inspect.signature(fn).parameters
 
@@ -216,6 +260,8 @@ def _build_routes() -> dict[Any, _Route]:
         label = f"{'torch' if is_torch else 'torch.nn.functional'}.{op.name}"
         extra = _keywords_torchbp_lacks(op.torch_functional, op.functional)
         call = _without(extra, op.functional) if extra else op.functional
+        if _takes_stacklevel(op.torch_functional):
+            call = _warning_as_native(op.torch_functional, op.functional)
         routes[op.torch_functional] = _Route(op.name, label, call, extra)
     for op in OPS.values():
         for fn, route in _aliases(op):
