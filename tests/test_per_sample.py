@@ -685,3 +685,33 @@ def test_norms_summed_in_the_widest_layer_dtype():
 class _ToDouble(torch.nn.Module):
     def forward(self, x):
         return x.double()
+
+
+@pytest.mark.parametrize("named", [["0.weight"], ["4.weight"], ["2.bias", "4.bias"]])
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_backward_with_inputs_accounts_for_their_parameters_only(mode, named):
+    """loss.backward(inputs=[...]) forms these parameters' gradients only: each sample's
+    contribution to p.grad, whose norm ps.norms is and by which clip mode clips, is
+    theirs. Before, the norms covered whatever Linear layers the backward happened to run
+    through (every layer for the first layer's weight, the head's bias too for the head's
+    weight), so clip mode scaled p.grad by factors of gradients formed nowhere, and
+    p.grad_sample of an unnamed layer was set though its p.grad was not."""
+    model = mlp()
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    ref = reference(model, x, target, "sum")
+    norms = torch.sqrt(sum(ref[n].flatten(1).square().sum(1) for n in named))
+    max_norm = norms.median().item() if mode == "clip" else None
+    factors = (norms.median() / norms).clamp(max=1) if mode == "clip" else torch.ones(6, dtype=DT)
+    with per_sample_grads(model, mode=mode, max_norm=max_norm, statistics=True) as ps:
+        batch_loss(model, x, target, "sum").backward(inputs=[model.get_parameter(n) for n in named])
+    close(ps.norms, norms)
+    for name, g in ref.items():
+        p = model.get_parameter(name)
+        if name in named:
+            close(p.grad, (g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0))
+        else:
+            assert p.grad is None, name
+            g = torch.zeros_like(g)  # this backward contributes nothing to it
+        if mode == "grads":
+            close(p.grad_sample, g)
+        close(p.sum_grad_squared, g.square().sum(0))

@@ -312,10 +312,14 @@ class PerSampleGrads:
                 f"(sizes {sorted(batches)}); dim 0 of every Linear input must be the sample"
             )
         (batch,) = batches
+        # a backward that reached parameters contributes to theirs only (backward(inputs=)
+        # names some): the norms, clipping, grad_sample and statistics are of that
+        # contribution, not of every layer it ran through
+        accounted = set(self._reached) if forms_param_grads else {id(p) for p in self.parameters}
         with torch.no_grad():
             traces = {id(layer): _joined(layer) for layer in self._layers if layer.traces}
             self._batch = batch
-            self._norms = self._squared_norms(traces, batch).sqrt()
+            self._norms = self._squared_norms(traces, batch, accounted).sqrt()
             if self.mode == "clip":
                 # c_i = min(1, C / ‖grad_i‖)   (a zero norm gives C/0 = inf -> 1)
                 self._factors = (self.max_norm / self._norms).clamp_(max=1.0)
@@ -335,18 +339,19 @@ class PerSampleGrads:
                     dtype = formulas.norm_dtype(trace[1].dtype) if self.statistics else None
                     sums = _grad_sums(layer, *trace, dtype=dtype)
                 if self.mode == "grads":
-                    self._form_samples(layer, trace, batch)
+                    self._form_samples(layer, trace, batch, accounted)
                 if self.statistics:
-                    self._form_statistics(layer, trace, sums, batch)
+                    self._form_statistics(layer, trace, sums, batch, accounted)
                 if forms_param_grads and trace is not None:
                     grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
                     for p, grad in zip((layer.weight, layer.bias), grads):
-                        if p is not None and id(p) in self._reached:
+                        if p is not None and id(p) in accounted:
                             _accumulate(p, grad)
             self._recorder.finalised = True
 
-    def _squared_norms(self, traces: dict, batch: int) -> torch.Tensor:
-        """``Σ_layers ‖G_i‖² + ‖β_i‖²``, shape ``(B,)``, in the widest layer's
+    def _squared_norms(self, traces: dict, batch: int, accounted: set[int]) -> torch.Tensor:
+        """``Σ_layers ‖G_i‖² + ‖β_i‖²`` over the parameters whose ids are ``accounted``,
+        shape ``(B,)``, in the widest layer's
         :func:`~torchbp.per_sample.formulas.norm_dtype` (a float64 head on a float32 body
         gives float64 norms)."""
         gs = [g for _, g in traces.values()]
@@ -355,30 +360,33 @@ class PerSampleGrads:
         for layer in self._layers:
             if id(layer) not in traces:
                 continue
-            a, g = traces[id(layer)]
-            squared += formulas.layer_squared_norms(
-                a, g, weight=layer.weight is not None, bias=layer.bias is not None
-            )
+            weight, bias = (_is_in(p, accounted) for p in (layer.weight, layer.bias))
+            if weight or bias:
+                a, g = traces[id(layer)]
+                squared += formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
         return squared
 
-    def _form_samples(self, layer: Layer, trace, batch: int) -> None:
+    def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> None:
+        """``p.grad_sample`` of the layer's parameters: zeros for one whose id is not
+        ``accounted`` (the backward contributed nothing to it)."""
         for p, is_weight in ((layer.weight, True), (layer.bias, False)):
             if p is None:
                 continue
-            if trace is None:
+            if trace is None or id(p) not in accounted:
                 p.grad_sample = memory.zeros((batch, *p.shape), like=p)
             elif is_weight:
                 p.grad_sample = formulas.weight_grad_samples(*trace)
             else:
                 p.grad_sample = formulas.bias_grad_samples(trace[1])
 
-    def _form_statistics(self, layer: Layer, trace, sums, batch: int) -> None:
+    def _form_statistics(self, layer: Layer, trace, sums, batch: int, accounted: set[int]) -> None:
         """``p.sum_grad_squared`` and ``p.grad_variance``, formed from the sums (in
-        :func:`formulas.norm_dtype`) and stored in the parameter's dtype."""
+        :func:`formulas.norm_dtype`) and stored in the parameter's dtype; zeros for a
+        parameter whose id is not ``accounted``."""
         for i, p in enumerate((layer.weight, layer.bias)):
             if p is None:
                 continue
-            if trace is None:
+            if trace is None or id(p) not in accounted:
                 sum_squared, total = p.new_zeros(p.shape), p.new_zeros(p.shape)
             elif i == 0:
                 sum_squared, total = formulas.weight_sum_grad_squared(*trace), sums[0]
@@ -419,6 +427,10 @@ def _passed_through_autograd_grad(tb) -> bool:
 
 
 _AUTOGRAD_GRAD_CODE = torch.autograd.grad.__code__
+
+
+def _is_in(p: nn.Parameter | None, ids: set[int]) -> bool:
+    return p is not None and id(p) in ids
 
 
 def _is_number(value: object) -> bool:
@@ -494,7 +506,9 @@ def per_sample_grads(
     never holds or accumulates them. ``p.grad`` accumulates like autograd's: the result
     is added to a gradient already there (clip mode included, so micro-batches can be
     summed before one noisy step), and only for the parameters the backward reaches
-    (``loss.backward(inputs=[...])`` names some). Gradients formed by the context are not
+    (``loss.backward(inputs=[...])`` names some): the norms, the clipping, ``p.grad_sample``
+    and the statistics are then of their contribution alone (zeros for the others).
+    Gradients formed by the context are not
     differentiable (no ``create_graph``). Gradient hooks on the accounted parameters see
     no gradient, since autograd carries none for them: a ``Tensor.register_hook`` hook is
     called with ``None``, and a post-accumulate-grad hook (an optimizer stepped in the
