@@ -15,7 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from tests._support import TOL, make
+from tests.kernels._hypothesis import PROFILE
 
 import torchbp.functional as TF
 from torchbp.autograd.cross_entropy import ce_rows
@@ -80,6 +83,36 @@ def test_plain_rows_propagates_nan_and_inf_like_reference(ignore_index):
         cpu_ce.plain_rows(z, target, ignore_index), ce_rows(z, target, None, ignore_index, 0.0)
     ):
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@PROFILE
+@given(
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    rows=st.integers(1, 6),
+    classes=st.sampled_from([1, 2, 7, 100]),
+    shift=st.sampled_from([0.0, -1e3, 1e3, 1e4]),
+    scale=st.sampled_from([1.0, 10.0, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_plain_rows_loss_is_as_accurate_as_the_reference(dtype, rows, classes, shift, scale, seed):
+    # ℓ = lse - z_y of logits far from 0: the loss of a confident row is small while lse
+    # and z_y are near the shift, so lse - z_y would keep only the bits below |m|'s
+    # (logits around 1e4 in float32: ~1e-3 off a loss of 1e-7). The error must stay at the
+    # scale of the loss itself: within a few roundings of ℓ + 1 (the terms log Σ e^{z-m}
+    # <= ℓ + log C and m - z_y <= ℓ that make it up), as the reference's is.
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+    target = torch.randint(classes, (rows,), generator=g)
+    target[::2] = z.argmax(1)[::2]  # confident rows: a loss near 0
+    loss, grad, lse = cpu_ce.plain_rows(z, target, None)
+    truth = ce_rows(z.double(), target, None, None, 0.0)[0]
+    eps = torch.finfo(dtype).eps
+    bound = 8 * eps * (truth + 1 + torch.log(torch.tensor(float(classes), dtype=truth.dtype)))
+    assert ((loss.double() - truth).abs() <= bound).all(), (loss, truth)
+    assert (loss >= 0).all()
+    ref_loss, ref_grad, ref_lse = ce_rows(z, target, None, None, 0.0)
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
 
 
 # --------------------------------------------------------------------------- blocked_rows
