@@ -215,6 +215,20 @@ def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
     assert got == want
 
 
+def test_counts_only_calls_that_returned():
+    # a routed call that raised (a bad argument) was counted as routed
+    x = make((4, 6), torch.float64).requires_grad_()
+    with enable() as mode:
+        with pytest.raises(RuntimeError):
+            F.linear(x, WEIGHT[:, :5])
+        with pytest.raises(IndexError):
+            F.cross_entropy(x, torch.tensor([0, 1, 2, 9]))
+        with pytest.raises(TypeError):
+            torch.relu(x.long(), out=None)  # native (integer input) and raises
+        F.relu(x)
+    assert mode.counts == {"relu": 1} and not mode.native
+
+
 def test_routed_table_is_derived_from_the_registry():
     table = routed_functions()
     for op in OPS.values():

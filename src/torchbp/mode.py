@@ -321,6 +321,8 @@ class TorchbpMode(TorchFunctionMode):
         counts: routed calls per registry op name (``Counter``), e.g. ``{"linear": 3}``.
         native: calls of covered functions that stayed native, per
             ``"<function>: <reason>"`` (``Counter``).
+
+    Both count the calls that returned: one that raised (a bad argument) is not counted.
     """
 
     def __init__(self) -> None:
@@ -351,18 +353,20 @@ class TorchbpMode(TorchFunctionMode):
         # invalidate the graph's guards and recompile it)
         counting = not torch.compiler.is_compiling()
         if reason is not None:
-            if counting:
+            result = func(*args, **kwargs)
+            if counting:  # only once it returned: a call that raised is not counted
                 self.native[f"{route.label}: {reason}"] += 1
-            return func(*args, **kwargs)
-        if counting:
-            self.counts[route.op] += 1
+            return result
         if "out" in kwargs:  # out=None, the default: torchbp's functions have no out=
             kwargs = {k: v for k, v in kwargs.items() if k != "out"}
         _state.busy = True
         try:
-            return route.call(*args, **kwargs)
+            result = route.call(*args, **kwargs)
         finally:
             _state.busy = False
+        if counting:
+            self.counts[route.op] += 1
+        return result
 
     def __call__(self, fn: _Fn) -> _Fn:
         """Use the mode as a decorator: ``fn`` runs under it (counts accumulate here)."""
