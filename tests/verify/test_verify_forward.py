@@ -100,3 +100,38 @@ def test_error_naming_only_the_callers_dtype_gets_the_hint():
         "forward"
     ].message
     assert "float32 only" in message and "dtype=None" in message, message
+
+
+class DoubleReluToSparse(torch.autograd.Function):
+    """``relu(2 x)`` returned as a sparse COO tensor (most entries of an activation map are
+    zero); ``factor`` is backward's derivative of ``2 x``: 2 is right, 3 a planted bug."""
+
+    factor = 2
+
+    @staticmethod
+    def forward(ctx, x):
+        y = (2 * x).relu()
+        ctx.save_for_backward(y)
+        return y.to_sparse()
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g.to_dense() * (y > 0) * DoubleReluToSparse.factor
+
+
+def _sparse_reference(x):
+    return (2 * x).relu().to_sparse()
+
+
+def test_a_function_with_a_sparse_output_is_checked_through_its_dense_values(monkeypatch):
+    # before, forward failed with torch's "Could not run 'aten::eq.Tensor' with arguments
+    # from the 'SparseCPU' backend" and nothing was checked
+    x = torch.randn(3, 4, dtype=torch.float64)
+    report = check_function(DoubleReluToSparse, x, reference=_sparse_reference, skip="compile")
+    assert report.ok, report
+    assert report["batched_grad"].unsupported, report
+    monkeypatch.setattr(DoubleReluToSparse, "factor", 3)
+    buggy = check_function(DoubleReluToSparse, x, checks="gradcheck")
+    assert buggy["gradcheck"].failed, buggy
+    assert "disagrees with numerical gradient" in buggy["gradcheck"].message

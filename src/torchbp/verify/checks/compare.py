@@ -68,8 +68,9 @@ def leaves(out: Any) -> list[Any]:
 
 
 def float_tensors(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors in ``out`` (a tensor or any nested structure of them)."""
-    return [t for t in leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    """The floating-point tensors in ``out`` (a tensor or any nested structure of them),
+    a sparse one made dense (differentiably: ``to_dense`` passes its gradient on)."""
+    return [dense(t) for t in leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def exact_tensors(out: Any) -> list[torch.Tensor]:

@@ -61,6 +61,9 @@ class CheckContext:
     #: (``ctx.mark_dirty``), differentiated or not (an ``out=`` buffer); set by the
     #: forward check. Every call gets fresh copies of them (non-leaf ones of grad inputs).
     dirty_inputs: frozenset[int] = frozenset()
+    #: Whether fn returns a sparse tensor (made dense for the checks); set by the forward
+    #: check.
+    sparse_outputs: bool = False
     #: The caller's dtype of each input the ``dtype`` option cast to another, by position
     #: (a fn that refuses the cast dtype is told how to keep its own).
     cast_from: dict[int, torch.dtype] = field(default_factory=dict)

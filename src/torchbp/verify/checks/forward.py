@@ -113,6 +113,9 @@ def check_forward(ctx: CheckContext) -> Passed:
         error = explain_error(exc)
         raise CheckFailure(f"fn raised {error}{_cast_hint(ctx, error)}") from None
     ctx.dirty_inputs = _written_and_returned(full, versions, out)
+    ctx.sparse_outputs = any(
+        isinstance(t, torch.Tensor) and t.layout != torch.strided for t in leaves(out)
+    )
     outs = float_tensors(out)
     if not outs:
         raise CheckFailure(
@@ -131,4 +134,6 @@ def check_forward(ctx: CheckContext) -> Passed:
     if ctx.dirty_inputs:
         dirty = ", ".join(f"input {i}" for i in sorted(ctx.dirty_inputs))
         note += f"; modifies {dirty} in place (mark_dirty): checked on non-leaf copies"
+    if ctx.sparse_outputs:
+        note += "; sparse outputs checked through .to_dense()"
     return Passed(note)

@@ -265,10 +265,11 @@ def check_function(
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
-            tensors), an ``nn.Module`` (its parameters of ``dtype``: ``module.double()``
-            by default), a ``torch.autograd.Function`` subclass (its
-            ``apply`` is used) or a ``torch.library.custom_op`` (then the ``opcheck`` check
-            also runs ``torch.library.opcheck``).
+            tensors; a sparse one is checked through ``.to_dense()``), an ``nn.Module``
+            (its parameters of ``dtype``: ``module.double()`` by default), a
+            ``torch.autograd.Function`` subclass (its ``apply`` is used) or a
+            ``torch.library.custom_op`` (then the ``opcheck`` check also runs
+            ``torch.library.opcheck``).
         *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``) and
             tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list),
             and ``torch.Generator``s (each call gets a copy in the given state, so a random

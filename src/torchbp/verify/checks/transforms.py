@@ -9,7 +9,7 @@ from torchbp.verify.checks.compare import require_close
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import no_torch_func
 from torchbp.verify.checks.explain import outcome_of
-from torchbp.verify.checks.outcomes import Passed
+from torchbp.verify.checks.outcomes import CheckUnsupported, Passed
 
 __all__ = ["VMAP", "check_batched_grad", "check_vmap"]
 
@@ -72,7 +72,14 @@ def check_vmap(ctx: CheckContext) -> Passed:
 
 
 def check_batched_grad(ctx: CheckContext) -> Passed:
-    """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output."""
+    """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output;
+    unsupported through a sparse output (PyTorch's vmap cannot batch sparse tensors)."""
+    if ctx.sparse_outputs:
+        raise CheckUnsupported(
+            "fn returns a sparse tensor: batched backward (is_grads_batched, a vmap over "
+            "grad_outputs) is unsupported, as PyTorch's vmap cannot batch sparse tensors",
+            "return a dense tensor (.to_dense()) if batched gradients are needed",
+        )
     batch = int(ctx.options.vmap_batch)
     leaves = ctx.leaves()
     outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
