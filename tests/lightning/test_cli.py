@@ -379,6 +379,26 @@ def test_evaluating_the_last_checkpoint_leaves_its_run_folder_as_it_was(
 
 
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
+def test_evaluating_a_checkpoint_gives_no_dirpath_warning(short_run, tmp_path, subcommand):
+    """``test --ckpt_path last`` after a fit printed Lightning's "The dirpath has changed from
+    .../version_0/checkpoints to .../version_1/checkpoints" warning: the evaluating trainer
+    carried the CLI's ModelCheckpoint, pointed at its own (new) run folder, and Lightning
+    restored the fit's checkpoint state into it. The callback is now the evaluated run's
+    (its folder, its best checkpoint), and saves nothing."""
+    import warnings
+
+    _copy_of_run(short_run, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=last")
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "dirpath" in m or "callbacks" in m], messages
+    (best,) = (tmp_path / "digits/version_0/checkpoints").glob("epoch*.ckpt")
+    assert Path(cli.trainer.checkpoint_callback.best_model_path).name == best.name
+    assert not (tmp_path / "digits/version_1/checkpoints").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_last_without_a_checkpoint_is_an_error(tmp_path, capsys, subcommand):
     """Before, ``test --ckpt_path last`` with no run said "starting from scratch" and reported
     the metrics of an untrained model as if they were a run's."""

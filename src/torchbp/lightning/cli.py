@@ -81,6 +81,8 @@ _VERSION_RE = re.compile(r"^version_(\d+)$")
 _LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
 #: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
 _HIGHER_IS_BETTER = ("acc", "f1")
+#: subcommands that load a checkpoint to evaluate it and never save one
+_EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 #: what ``predict`` writes into its run folder
 PREDICTIONS_FILE = "predictions.csv"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
@@ -161,6 +163,31 @@ def _configured_optimizer(model: Any) -> torch.optim.Optimizer | None:
     if isinstance(configured, dict):
         configured = configured.get("optimizer")
     return configured if isinstance(configured, torch.optim.Optimizer) else None
+
+
+def _recorded_checkpoint_dir(ckpt_path: str | None, callback: ModelCheckpoint) -> str | None:
+    """The folder that ``callback``'s state in the checkpoint at ``ckpt_path`` records (the
+    checkpoint's run saved it there), or ``None`` if it records none or cannot be read."""
+    if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return None
+    checkpoint = _read_checkpoint(Path(ckpt_path))
+    states = (checkpoint or {}).get("callbacks") or {}
+    state = states.get(callback.state_key) if isinstance(states, dict) else None
+    dirpath = state.get("dirpath") if isinstance(state, dict) else None
+    return dirpath if isinstance(dirpath, str) else None
+
+
+def _evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | None) -> None:
+    """Make the checkpoint callback of validate, test or predict that of the run whose
+    checkpoint it loads, saving nothing: Lightning restores the checkpoint's callback state
+    into it, and one with another folder (the new run folder's) warned "The dirpath has
+    changed" and dropped the state; without the callback it warned that the checkpoint's
+    callbacks must be provided."""
+    callback.save_top_k = 0
+    callback.save_last = False
+    callback.save_on_exception = False
+    if callback.dirpath is None:
+        callback.dirpath = _recorded_checkpoint_dir(ckpt_path, callback)
 
 
 def _checkpoint_mode(monitor: str | None) -> str:
@@ -444,6 +471,8 @@ class TorchbpCLI(LightningCLI):
             # into the run folder, never over a ./config.yaml
             kwargs["default_root_dir"] = str(run_folder)
         ckpt_cb = cfg.get("checkpoint")
+        if isinstance(ckpt_cb, ModelCheckpoint) and self.subcommand in _EVALUATING_SUBCOMMANDS:
+            _evaluating_checkpoint_callback(ckpt_cb, cfg.get("ckpt_path"))
         if isinstance(ckpt_cb, ModelCheckpoint) and ckpt_cb.dirpath is None:
             # inside the run folder, with or without loggers (and when Lightning swaps them
             # out: fast_dev_run)
