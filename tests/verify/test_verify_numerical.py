@@ -106,3 +106,53 @@ def test_numerical_gradient_of_a_non_contiguous_input_keeps_its_layout():
     assert result.failed, report
     assert "backward of input 0 disagrees with numerical gradient" in result.message
     assert "at index" in result.message, result.message
+
+
+class RowMax(torch.autograd.Function):
+    """The max of each row with its index (non-differentiable), the gradient going to the
+    index torch.max picks; ``factor`` 1 is right, 2 a planted bug."""
+
+    factor = 1
+
+    @staticmethod
+    def forward(ctx, x):
+        values, index = x.max(1)
+        ctx.mark_non_differentiable(index)
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return values, index
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (index,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=g.dtype, device=g.device)
+        return grad.scatter(1, index.unsqueeze(1), RowMax.factor * g.unsqueeze(1))
+
+
+def _with_ties() -> torch.Tensor:
+    return torch.tensor([[1.0, 1.0, 0.0], [2.0, 3.0, 3.0]], dtype=torch.float64)
+
+
+def _torch_max(x):
+    return tuple(torch.max(x, 1))
+
+
+def test_a_correct_max_at_a_tie_passes_and_a_wrong_one_fails(monkeypatch):
+    # at a tie the max has no derivative: the central difference (0.5 for each tied
+    # entry) is no gradient to compare with; before, gradcheck and forward_ad failed, as
+    # did torch.max itself. A gradient outside the one-sided derivatives still fails.
+    report = check_function(RowMax, _with_ties(), reference=_torch_max, skip="compile")
+    assert report.ok, report
+    assert "not differentiable" in report["gradcheck"].message
+    monkeypatch.setattr(RowMax, "factor", 2)
+    buggy = check_function(RowMax, _with_ties(), checks="gradcheck")
+    assert buggy["gradcheck"].failed, buggy
+    assert "disagrees with numerical gradient" in buggy["gradcheck"].message
+
+
+def test_torch_relu_and_abs_at_zero_pass():
+    # relu's derivative at 0 is one of its one-sided ones; abs's gradient jumps at 0
+    x = torch.tensor([0.0, 1.5, -2.0], dtype=torch.float64)
+    for fn in (torch.relu, torch.abs):
+        report = check_function(fn, x, reference=fn, skip="compile")
+        assert report.ok, report

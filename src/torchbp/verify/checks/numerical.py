@@ -2,7 +2,9 @@
 ``gradcheck`` (backward), ``gradgradcheck`` (double backward) and ``forward_ad`` (jvp).
 
 Each runs torch's own gradcheck for the verdict, then compares the full Jacobians itself
-(or random projections of large ones) to report the error and where it is.
+(or random projections of large ones) to report the error and where it is. An entry at a
+point where fn is not differentiable (a kink, a tie, a jump), where a central difference
+is no derivative, is checked only against the one-sided differences.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchbp.verify.checks.jacobians import (
     Jacobian,
     analytical_jacobian,
     compare_jacobians,
+    excuse_non_differentiable,
     forward_jacobian,
     jacobian_size,
     numerical_jacobian,
@@ -97,7 +100,11 @@ def _torch_verdict(
 def _is_jacobian_mismatch(message: str) -> bool:
     """True if torch's gradcheck ``message`` reports a Jacobian mismatch (backward's
     "Jacobian mismatch for output ...", forward mode's "Jacobian computed with forward
-    mode mismatch for output ...") rather than an error."""
+    mode mismatch for output ...", or a nonzero numerical derivative where the analytical
+    one is absent: "Numerical gradient for function expected to be zero") rather than an
+    error; the full comparison then says where, or excuses a non-differentiable point."""
+    if "Numerical gradient for function expected to be zero" in message:
+        return True
     return "Jacobian" in message and "mismatch for output" in message
 
 
@@ -117,24 +124,40 @@ def _full_comparison(
     ctx: CheckContext,
     jacobians: tuple[Jacobian, Jacobian],
     *,
+    func: Callable[..., Any],
+    grad_mode: bool = False,
     what: str,
     inputs: Sequence[torch.Tensor],
     input_names: Sequence[str],
     out_shapes: Sequence[tuple[int, ...]],
     torch_name: str,
     torch_msg: str | None,
-) -> tuple[float, float]:
-    """``(max abs, max rel)`` error of the ``(actual, numerical)`` Jacobians of ``inputs``;
-    a failed check on our mismatch (``what`` names the actual one) or else on torch's
-    (``torch_msg`` from ``torch_name``)."""
+) -> tuple[float, float, str]:
+    """``(max abs, max rel)`` error of the ``(actual, numerical)`` Jacobians of ``inputs``
+    (of ``func``) and a note; a failed check on our mismatch (``what`` names the actual
+    one) or else on torch's (``torch_msg`` from ``torch_name``). Entries at points where
+    ``func`` is not differentiable (a kink, a tie, a jump) are not compared with central
+    differences (:func:`~torchbp.verify.checks.jacobians.excuse_non_differentiable`);
+    torch's gradcheck compares them, so its mismatch then counts only if none was
+    excused."""
     shapes = [tuple(x.shape) for x in inputs]
     tolerance = (ctx.options.atol, ctx.options.rtol)
-    abs_err, rel_err, msg = compare_jacobians(
-        *jacobians, what, input_names, shapes, out_shapes, tolerance
+    numerical, excused = excuse_non_differentiable(
+        func, inputs, ctx.options.eps, jacobians, tolerance, grad_mode
     )
-    if msg or torch_msg:
+    abs_err, rel_err, msg = compare_jacobians(
+        jacobians[0], numerical, what, input_names, shapes, out_shapes, tolerance
+    )
+    if msg or (torch_msg and not excused):
         raise CheckFailure(msg or f"{torch_name}: {torch_msg}", abs_err, rel_err)
-    return abs_err, rel_err
+    entries = "1 entry" if excused == 1 else f"{excused} entries"
+    note = (
+        f"; {entries} at points where fn is not differentiable (a kink such as relu at 0, "
+        "a tie in a max, a jump) checked only against the one-sided differences"
+        if excused
+        else ""
+    )
+    return abs_err, rel_err, note
 
 
 def _first_order(
@@ -144,14 +167,16 @@ def _first_order(
     what: str,
     torch_name: str,
     torch_msg: str | None,
-) -> tuple[float, float] | None:
+) -> tuple[float, float, str] | None:
     """Error of fn's Jacobian computed by ``jacobian`` (backward or jvp) against the numerical
-    one; None when it is too large to compare in full and torch found no mismatch."""
+    one, and a note; None when it is too large to compare in full and torch found no
+    mismatch."""
     if jacobian_size(ctx.diff_fn, diff) > FULL_JACOBIAN_LIMIT and not torch_msg:
         return None
     return _full_comparison(
         ctx,
         (jacobian(ctx.diff_fn, diff), _numerical(ctx)),
+        func=ctx.diff_fn,
         what=what,
         inputs=diff,
         input_names=[ctx.input_name(k) for k in range(len(diff))],
@@ -174,7 +199,8 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
     if errors is not None:
         _require_linear_in_grad_outputs(ctx)
-        return Passed("full Jacobian compared", *errors)
+        abs_err, rel_err, note = errors
+        return Passed(f"full Jacobian compared{note}", abs_err, rel_err)
     abs_err, rel_err = projected_backward_error(ctx.diff_fn, diff, ctx.options.eps, ctx.randn)
     _require_linear_in_grad_outputs(ctx)
     return Passed("random projections v^T J u compared (large inputs)", abs_err, rel_err)
@@ -314,9 +340,11 @@ def _second_order(ctx: CheckContext) -> Passed:
             analytical_jacobian(first_grad, inputs2),
             numerical_jacobian(first_grad, inputs2, ctx.options.eps, True),
         )
-        abs_err, rel_err = _full_comparison(
+        abs_err, rel_err, note = _full_comparison(
             ctx,
             jacobians,
+            func=first_grad,
+            grad_mode=True,
             what="double backward",
             inputs=inputs2,
             input_names=names,
@@ -324,7 +352,7 @@ def _second_order(ctx: CheckContext) -> Passed:
             torch_name="gradgradcheck",
             torch_msg=torch_msg,
         )
-        return Passed("full second-order Jacobian compared", abs_err, rel_err)
+        return Passed(f"full second-order Jacobian compared{note}", abs_err, rel_err)
     abs_err, rel_err = projected_backward_error(
         first_grad, inputs2, ctx.options.eps, ctx.randn, True
     )
@@ -352,5 +380,6 @@ def check_forward_ad(ctx: CheckContext) -> Passed:
         ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
     )
     if errors is not None:
-        return Passed("full forward Jacobian compared", *errors)
+        abs_err, rel_err, note = errors
+        return Passed(f"full forward Jacobian compared{note}", abs_err, rel_err)
     return Passed("torch gradcheck(check_forward_ad=True) passed")

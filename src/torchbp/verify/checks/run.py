@@ -233,7 +233,9 @@ def check_function(
 
     Runs, on the example ``inputs``: fn twice (a random fn, e.g. dropout in training mode,
     fails ``forward``: every check compares calls), ``gradcheck`` (for each output and, for
-    several, all at once), ``gradgradcheck``, forward-mode AD,
+    several, all at once), ``gradgradcheck``, forward-mode AD (where an input sits at a
+    point fn is not differentiable, such as relu at 0 or a tie in a max, a derivative must
+    lie between the one-sided differences),
     ``vmap`` (forward and per-sample grads), batched backward, undefined-grad handling, the
     shape of every custom Function's raw gradients, the same outputs and gradients when no
     input or one input alone requires grad, grad_output safety (no in-place writes,
