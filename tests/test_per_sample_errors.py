@@ -680,3 +680,29 @@ def test_context_freed_without_the_garbage_collector():
         assert freed() is None
     finally:
         gc.enable()
+
+
+class SharedPositions(nn.Module):
+    """A trainable projection of a positional table shared by every sample (batch 1)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Parameter(torch.randn(1, 3, 4), requires_grad=False)
+        self.positions = torchbp.nn.Linear(4, 4)
+        self.body = torchbp.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.body(x + self.positions(self.table))
+
+
+def test_inconsistent_sample_dims_name_the_layers():
+    """The refusal of a Linear whose input has another sample dim names the layers and
+    the size each saw; before, it gave the sizes only, and in a model with many Linear
+    layers the one fed a (1, T, d) table shared by the samples was left to be found."""
+    model = SharedPositions()
+    with per_sample_grads(model):
+        with pytest.raises(
+            RuntimeError, match=r"sizes \[1, 5\]\): 1 at Linear 'positions'; 5 at Linear 'body'"
+        ):
+            model(torch.randn(5, 3, 4)).sum().backward()

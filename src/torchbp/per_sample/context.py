@@ -305,13 +305,7 @@ class PerSampleGrads:
         # a parameter replaced, frozen or unfrozen inside the with block: its layer is
         # accounted for wrongly (an unfrozen one's gradient left out or left unclipped)
         self._check_parameters()
-        batches = {g.shape[0] for layer in self._layers for _, g in layer.traces}
-        if len(batches) != 1:
-            raise RuntimeError(
-                "per_sample_grads: the recorded Linear inputs disagree on the sample dim "
-                f"(sizes {sorted(batches)}); dim 0 of every Linear input must be the sample"
-            )
-        (batch,) = batches
+        batch = self._common_batch()
         # a backward that reached parameters contributes to theirs only (backward(inputs=)
         # names some): the norms, clipping, grad_sample and statistics are of that
         # contribution, not of every layer it ran through
@@ -348,6 +342,29 @@ class PerSampleGrads:
                         if p is not None and id(p) in accounted:
                             _accumulate(p, grad)
             self._recorder.finalised = True
+
+    def _common_batch(self) -> int:
+        """``B``, the size of dim 0 of every recorded Linear input.
+
+        Raises:
+            RuntimeError: the inputs disagree, naming the layers that saw each size.
+        """
+        layers_by_batch: dict[int, list[str]] = {}
+        for layer in self._layers:
+            for size in dict.fromkeys(g.shape[0] for _, g in layer.traces):
+                layers_by_batch.setdefault(size, []).append(repr(layer.name))
+        if len(layers_by_batch) == 1:
+            return next(iter(layers_by_batch))
+        where = "; ".join(
+            f"{size} at Linear {', '.join(names)}"
+            for size, names in sorted(layers_by_batch.items())
+        )
+        raise RuntimeError(
+            "per_sample_grads: the recorded Linear inputs disagree on the sample dim "
+            f"(sizes {sorted(layers_by_batch)}): {where}; dim 0 of every Linear input must "
+            "be the sample (a tensor shared by the samples, of batch 1, cannot go through a "
+            "trainable Linear)"
+        )
 
     def _squared_norms(self, traces: dict, batch: int, accounted: set[int]) -> torch.Tensor:
         """``Σ_layers ‖G_i‖² + ‖β_i‖²`` over the parameters whose ids are ``accounted``,
