@@ -780,3 +780,21 @@ def test_plateau_scheduler_without_validation_is_a_cli_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: invalid configuration: lr_scheduler ReduceLROnPlateau" in err, err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option", ["--run_dir", "--checkpoint.dirpath"])
+def test_a_run_folder_that_cannot_be_created_is_a_cli_error_before_training(
+    tmp_path, capsys, option
+):
+    """A run folder under a file (or in a read-only folder, as from a read-only working
+    directory) was a NotADirectoryError / PermissionError traceback from deep inside
+    Lightning's logger once the run had started; it is now one error line naming the folder."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", "iris", f"--run_dir={tmp_path}", f"{option}={blocker / 'x'}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: invalid configuration: cannot write the run's files into {blocker / 'x'}" in err
+    assert f"{blocker} is not a folder" in err, err
+    assert "Traceback" not in err

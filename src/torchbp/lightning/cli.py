@@ -165,6 +165,19 @@ def _configured_optimizer(model: Any) -> torch.optim.Optimizer | None:
     return configured if isinstance(configured, torch.optim.Optimizer) else None
 
 
+def _why_unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made and written into (its nearest existing ancestor is a file,
+    or not writable), or ``None``."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def _recorded_checkpoint_dir(ckpt_path: str | None, callback: ModelCheckpoint) -> str | None:
     """The folder that ``callback``'s state in the checkpoint at ``ckpt_path`` records (the
     checkpoint's run saved it there), or ``None`` if it records none or cannot be read."""
@@ -387,6 +400,7 @@ class TorchbpCLI(LightningCLI):
             self._check_privacy()
             self._check_checkpoint_fits_model()
             self._check_config_file_is_new()
+            self._check_run_folders_can_be_written()
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
 
@@ -423,6 +437,34 @@ class TorchbpCLI(LightningCLI):
                 "the run was trained with (its config.yaml has it)"
             )
 
+    def _log_folder(self) -> str | None:
+        """Where the run's logs and config go: Trainer.log_dir without its broadcast (no
+        process group yet under DDP)."""
+        loggers = self.trainer.loggers
+        if not loggers:
+            return self.trainer.default_root_dir
+        if isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+            return loggers[0].log_dir
+        return loggers[0].save_dir
+
+    def _check_run_folders_can_be_written(self) -> None:
+        """The folders the run will write (logs and config; checkpoints when fitting) can be
+        made: else Lightning fails with an OSError once the run has started."""
+        folders = [self._log_folder()]
+        callback = self.trainer.checkpoint_callback
+        if self.subcommand == "fit" and isinstance(callback, ModelCheckpoint):
+            folders.append(callback.dirpath)
+        for folder in filter(None, folders):
+            if "://" in str(folder):
+                continue  # a remote filesystem: its own errors
+            problem = _why_unwritable(Path(folder))
+            if problem:
+                exit_with_error(
+                    f"invalid configuration: cannot write the run's files into "
+                    f"{os.path.abspath(folder)}: {problem} (choose another --run_dir, or run "
+                    "from a writable folder)"
+                )
+
     def _check_config_file_is_new(self) -> None:
         """The resolved config is saved with overwrite on (a resumed run rewrites its own):
         anywhere else an existing file of that name is not this run's, and stays."""
@@ -430,14 +472,7 @@ class TorchbpCLI(LightningCLI):
             return
         if self.trainer.global_rank != 0:  # a DDP worker, started once rank 0 is running
             return
-        # Trainer.log_dir without its broadcast (no process group yet under DDP)
-        loggers = self.trainer.loggers
-        if not loggers:
-            folder = self.trainer.default_root_dir
-        elif isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
-            folder = loggers[0].log_dir
-        else:
-            folder = loggers[0].save_dir
+        folder = self._log_folder()
         if folder is None:
             return
         name = self.save_config_kwargs.get("config_filename", "config.yaml")
