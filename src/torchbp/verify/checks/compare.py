@@ -69,8 +69,19 @@ def leaves(out: Any) -> list[Any]:
 
 def float_tensors(out: Any) -> list[torch.Tensor]:
     """The floating-point tensors in ``out`` (a tensor or any nested structure of them),
-    a sparse one made dense (differentiably: ``to_dense`` passes its gradient on)."""
-    return [dense(t) for t in leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    a sparse one made dense and a complex one as its real view ``(..., 2)`` (both
+    differentiably: ``to_dense`` and ``view_as_real`` pass the gradient on)."""
+    return [
+        _real_dense(t)
+        for t in leaves(out)
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+    ]
+
+
+def _real_dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` dense, and a complex ``t`` as its real view."""
+    t = dense(t)
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
 def exact_tensors(out: Any) -> list[torch.Tensor]:

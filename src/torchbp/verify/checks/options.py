@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torchbp.verify.checks.complex_views import real_view
 from torchbp.verify.checks.context import generator_copy
 from torchbp.verify.checks.explain import first_line
 from torchbp.verify.checks.table import CHECKS
@@ -85,8 +86,6 @@ def _check_inputs(inputs: tuple) -> None:
         raise ValueError("check_function: give at least one example input tensor after fn")
     for i, x in enumerate(inputs):
         if isinstance(x, torch.Tensor):
-            if x.is_complex():
-                raise ValueError(f"check_function: input {i} is complex; only real tensors work")
             continue
         if isinstance(x, (*SCALAR_TYPES, torch.Generator)):
             continue
@@ -356,7 +355,9 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
     args: list[Any] = []
     for x in inputs:
         if isinstance(x, torch.Tensor):
-            t = x.detach().clone()  # never the caller's storage: a check may write into it
+            # never the caller's storage: a check may write into it; a complex tensor as
+            # its real view (see checks.complex_views)
+            t = real_view(x) if x.is_complex() else x.detach().clone()
             if device is not None:
                 t = t.to(device)
             if t.is_floating_point() and dtype is not None:

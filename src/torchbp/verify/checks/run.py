@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from torchbp.verify.checks.compare import dense
+from torchbp.verify.checks.complex_views import complex_positions, real_function
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
 from torchbp.verify.checks.explain import outcome_of
@@ -278,6 +279,9 @@ def check_function(
             fn drawing from it draws the same numbers every call; the caller's is not
             advanced).
             Integer tensors (class targets) are passed through and never differentiated.
+            Complex tensors are differentiated as their real views ``(..., 2)``, and
+            complex outputs compared so: a backward in PyTorch's convention (the
+            conjugate Wirtinger derivative, e.g. ``g * b.conj()`` for ``a * b``) passes.
         reference: optional callable with the same signature whose outputs and gradients
             ``fn`` must match (e.g. the ``torch.nn.functional`` op ``fn`` re-implements);
             integer and boolean outputs (indices, masks) must be equal.
@@ -333,16 +337,27 @@ def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options)
     """The body of :func:`check_function`, on validated arguments, with grad enabled."""
     args, grad_idx = prepare_inputs(inputs, opts)
     _require_module_dtype(fn, reference, opts.dtype)
-    ctx = CheckContext(fn, args, grad_idx, reference, opts, custom_op=as_custom_op(fn))
+    complex_idx = complex_positions(inputs)
+    checked, checked_reference = fn, reference
+    if complex_idx:
+        checked = real_function(fn, complex_idx)
+        if reference is not None:
+            checked_reference = real_function(reference, complex_idx)
+    ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
     ctx.cast_from = _cast_from(inputs, args)
     meta = {
-        "inputs": [_describe(a) for a in args],
+        "inputs": [
+            _describe(torch.view_as_complex(a.contiguous()) if i in complex_idx else a)
+            for i, a in enumerate(args)
+        ],
         "grad_inputs": grad_idx,
         "dtype": str(ctx.dtype).replace("torch.", ""),
         "device": str(ctx.device),
         "torch": torch.__version__,
         "fast_mode": bool(opts.fast_mode),
     }
+    if complex_idx:
+        meta["complex_inputs"] = sorted(complex_idx)  # checked as their real views
     selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)
     with _state_kept(_held_tensors(fn, reference)):
         results = _run_all(ctx, selected)
