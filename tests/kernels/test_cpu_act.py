@@ -143,6 +143,18 @@ def test_kernel_is_the_formula_bit_for_bit(variant, dtype, numel):
     assert same_bits(fast, reference(variant.op.formula, g, saved, *args))
 
 
+@NUMELS
+def test_elu_kernel_keeps_an_infinite_negative_branch(numel):
+    # alpha >= 0 saves y, and alpha e^x = y + alpha: where alpha (e^x - 1) overflows the
+    # dtype (float16 from 65504), y is -inf and the formula's y + alpha too, a negative
+    # branch the kernel must not take for the positive one (f' = 1): bit for bit.
+    variant = Variant(OPS["elu"], {"alpha": 1e5})
+    g, saved, args = inputs(variant, (numel,), torch.float16, special=True)
+    assert saved.isneginf().any()
+    fast = check(variant, g, saved, args)
+    assert same_bits(fast, reference(variant.op.formula, g, saved, *args))
+
+
 @pytest.mark.parametrize(
     "layout", ["expanded_grad", "transposed_grad", "transposed_both", "sliced_saved"]
 )

@@ -108,21 +108,26 @@ def silu(g, x, *, out, tmp):
 def elu(g, saved, alpha, *, out, tmp):
     # f' = 1 where saved > 0 or is NaN, else v = saved + alpha (alpha >= 0: saved is y) or
     # v = alpha e^saved (alpha < 0: saved is x). The 0/1 mask m = [saved <= 0] (0 at NaN)
-    # divides v: v / 1 = v on the negative branch, +-inf or NaN (v / 0, or a NaN saved) on
-    # the other, where nan_to_num writes exactly 1 (the negative branch's v is finite); times
-    # g. The formula's own ops on the same values, so bit for bit (an infinite g stays g,
-    # where a 0/1 mask times g would give NaN). alpha >= 0: alpha + y / m in one addcdiv,
-    # four passes; alpha < 0: e^x into the output and m into the scratch, then
+    # divides v: v / 1 = v on the negative branch, and on the other an infinity of the
+    # sign the positive branch alone gives (alpha + y / 0 = +inf, alpha e^x / 0 = -inf) or
+    # NaN (a NaN saved), which nan_to_num writes as exactly 1; times g. The negative
+    # branch's v is finite, but for y = -inf (alpha (e^x - 1) overflowed y's dtype, as in
+    # float16 for alpha beyond 65504), whose v = -inf is kept, as the formula keeps it. The
+    # formula's own ops on the same values, so bit for bit (an infinite g stays g, where a
+    # 0/1 mask times g would give NaN). alpha >= 0: alpha + y / m in one addcdiv, four
+    # passes; alpha < 0: e^x into the output and m into the scratch, then
     # -0 + alpha e^x / m (-0 adds nothing, so alpha e^x keeps its sign of zero): five passes.
     if alpha >= 0:
         torch.le(saved, 0, out=out)
         torch.addcdiv(_scalar(alpha, out.dtype, out.device), saved, out, out=out)
+        out.nan_to_num_(nan=1.0, posinf=1.0, neginf=-math.inf)
     else:
         (m,) = tmp
         torch.exp(saved, out=out)
         torch.le(saved, 0, out=m)
         torch.addcdiv(_scalar(-0.0, out.dtype, out.device), out, m, value=alpha, out=out)
-    return out.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0).mul_(g)
+        out.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+    return out.mul_(g)
 
 
 @functools.lru_cache(maxsize=64)
