@@ -706,3 +706,33 @@ def test_inconsistent_sample_dims_name_the_layers():
             RuntimeError, match=r"sizes \[1, 5\]\): 1 at Linear 'positions'; 5 at Linear 'body'"
         ):
             model(torch.randn(5, 3, 4)).sum().backward()
+
+
+def test_autocast_refusal_names_the_linear():
+    """Autocast hands the Linear a bfloat16 copy of its weight, which the context cannot
+    attribute: the refusal names the Linear that ran under autocast. Before, it named no
+    module and only listed autocast among three possible causes."""
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model) as ps:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(5, 4))
+        with pytest.raises(
+            RuntimeError, match=r"Linear '2' ran under autocast.*cast by autocast to torch.bfloat16"
+        ):
+            out.float().sum().backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_model_weight_with_another_bias_refusal_names_the_linear():
+    """A model Linear's weight passed to a functional linear with another bias (here none):
+    the refusal names that Linear. Before, it called the weight one of a Linear outside
+    the model."""
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4)
+    with per_sample_grads(model):
+        loss = model(x).sum() + torchbp.functional.linear(x, model[0].weight).sum()
+        with pytest.raises(
+            RuntimeError, match=r"the weight of Linear '0' was passed to a linear call with "
+        ):
+            loss.backward()

@@ -108,6 +108,8 @@ class PerSampleGrads:
         # the same parameter: each parameter the backward reaches is marked.
         self._hooks = [p.register_hook(self._marker(p)) for p in self.parameters]
         self._hooks += [m.register_forward_pre_hook(g) for m, g in self._sample_dim_guards]
+        for layer in self._layers:
+            self._hooks += self._recorder.track_calls(layer)
         if self.parameters:
             # Fires once per backward, after the gradients of every parameter the backward
             # reaches are computed, i.e. after the last recorded Linear backward.

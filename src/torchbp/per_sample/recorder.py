@@ -39,6 +39,30 @@ class Recorder:
         self.layer_recorded_at: dict[int, int] = {}
         # a backward was refused before the results were formed: they never will be
         self.failed = False
+        # (layer, whether autocast is on for its device) for each Linear module whose
+        # forward is running, innermost last (see track_calls)
+        self.calling: list[tuple[Layer, bool]] = []
+
+    def track_calls(self, layer: Layer) -> list:
+        """Hooks on ``layer``'s module that keep :attr:`calling` while its forward runs,
+        so that a linear call inside it that cannot be recorded (a weight cast by
+        autocast) is refused naming the layer. Returns their handles."""
+
+        def enter(module, args) -> None:
+            # read here: the linear wrapper applies autocast itself and calls the Function
+            # with it off
+            autocast = torch.is_autocast_enabled(module.weight.device.type)
+            self.calling.append((layer, autocast))
+
+        def leave(module, args, output) -> None:
+            # also after an error in the forward (always_call); only what enter pushed
+            if self.calling and self.calling[-1][0] is layer:
+                self.calling.pop()
+
+        return [
+            layer.module.register_forward_pre_hook(enter, prepend=True),
+            layer.module.register_forward_hook(leave, always_call=True),
+        ]
 
     def on_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """A :class:`Use` for this call, or ``None`` if it needs no recording.
@@ -51,9 +75,36 @@ class Recorder:
         layer = self._by_weight.get(id(weight))
         if layer is None or layer.module.bias is not bias:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
-                return Stray(self, tuple(weight.shape))
+                return Stray(self, self._stray_reason(layer, weight))
             return None
         return Use(self, layer, x.shape)
+
+    def _stray_reason(self, layer: Layer | None, weight: torch.Tensor) -> str:
+        """What makes a linear call with trainable parameters unrecordable, naming the
+        model's Linear involved where there is one."""
+        if layer is not None:
+            return (
+                f"the weight of Linear {layer.name!r} was passed to a linear call with a "
+                "bias other than its own (a functional call)"
+            )
+        caller, autocast = self.calling[-1] if self.calling else (None, False)
+        if autocast:
+            return (
+                f"Linear {caller.name!r} ran under autocast, which hands it a weight cast by "
+                f"autocast to {weight.dtype}, a copy of its parameter (autocast is not "
+                "supported: run the model without it)"
+            )
+        if caller is not None:
+            return (
+                f"Linear {caller.name!r} passed a weight of shape {tuple(weight.shape)} other "
+                "than its own parameter to linear (does its forward transform it?)"
+            )
+        return (
+            f"a torchbp linear with a trainable weight of shape {tuple(weight.shape)} is not "
+            "a torchbp.nn.Linear of the model given to per_sample_grads (a Linear outside "
+            "that model, a functional linear call, or a weight cast by autocast, which is "
+            "not supported)"
+        )
 
 
 class Use:
@@ -128,21 +179,18 @@ class Use:
 
 
 class Stray:
-    """A torchbp linear call with trainable parameters the context does not account for."""
+    """A torchbp linear call with trainable parameters the context does not account for;
+    refused at its backward (an evaluation forward never has one)."""
 
-    __slots__ = ("recorder", "weight_shape")
+    __slots__ = ("recorder", "reason")
 
-    def __init__(self, recorder: Recorder, weight_shape: tuple[int, ...]) -> None:
+    def __init__(self, recorder: Recorder, reason: str) -> None:
         self.recorder = recorder
-        self.weight_shape = weight_shape
+        self.reason = reason
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         self.recorder.failed = True
         self.recorder.check_parameters()  # a model Linear frozen, or replaced, since?
         raise RuntimeError(
-            "per_sample_grads: a torchbp linear with a trainable weight of shape "
-            f"{self.weight_shape} is not a torchbp.nn.Linear of the model given to "
-            "per_sample_grads (a Linear outside that model, a functional linear call, or "
-            "a weight cast by autocast, which is not supported); its per-sample "
-            "contribution cannot be recorded"
+            f"per_sample_grads: {self.reason}; its per-sample contribution cannot be recorded"
         )
