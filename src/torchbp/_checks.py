@@ -168,11 +168,15 @@ def check_inplace_writable(op: str, input) -> None:
     anything is written, with native's message (native checks before its kernel runs)."""
     if not (isinstance(input, torch.Tensor) and input.requires_grad and torch.is_grad_enabled()):
         return
-    if input.is_leaf:
-        what = "a leaf Variable"
-    elif input._base is not None and input._base.is_leaf:  # torch's documented view check
-        what = "a view of a leaf Variable"
+    if input._base is not None:  # a view (torch's documented check)
+        if input.is_leaf:
+            # made under no_grad: not a leaf Variable; the caller writes into a recorded
+            # view through a native op, which raises autograd's own error before writing
+            return
+        what = "a view of a leaf Variable" if input._base.is_leaf else None
     else:
+        what = "a leaf Variable" if input.is_leaf else None
+    if what is None:
         return
     raise InplaceError(
         f"{op}: {what} that requires grad is being used in an in-place operation "

@@ -160,6 +160,16 @@ def _linear_apply(input, weight, bias, amp):
 
 
 # --------------------------------------------------------------------------- activations
+def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """An in-place activation recorded on a view: ``result``, computed out of place, copied
+    into ``view`` by a native in-place op, which asks autograd before writing whether the
+    view may be modified (not one of several outputs of ``unbind`` / ``split``, nor one
+    made under ``no_grad``: native's error then, with the view untouched). A Function that
+    writes in place is told only after its forward has written. Costs the memory saving:
+    the Function keeps its own output."""
+    return view.copy_(result)
+
+
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x."""
     if has_torch_function((input,)):
@@ -177,7 +187,10 @@ def tanh(input: torch.Tensor) -> torch.Tensor:
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     r""":math:`\max(x, 0)` (as :func:`torch.nn.functional.relu`); gradient 0 at 0.
 
-    With ``inplace=True`` the result overwrites ``input`` (which is returned).
+    With ``inplace=True`` the result overwrites ``input`` (which is returned). On a view
+    that autograd records (``relu``, ``leaky_relu`` and ``elu`` alike) it is computed out of
+    place and copied in, so that a view autograd refuses to modify (an ``unbind`` /
+    ``split`` output, one made under ``no_grad``) raises native's error untouched.
     """
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
@@ -189,6 +202,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         _checks.check_inplace_writable("relu", input)
         if not _differentiated(input):  # nothing to record: native's kernel returns input
             return torch.nn.functional.relu(input, inplace=True)
+        if _recorded_view(input):
+            return _copied_into_view(input, apply(_RELU, input, False))
     return apply(_RELU, input, bool(inplace))
 
 
@@ -209,6 +224,8 @@ def leaky_relu(
         _checks.check_inplace_writable("leaky_relu", input)
         if not _differentiated(input):  # nothing to record: native's kernel returns input
             return torch.nn.functional.leaky_relu(input, negative_slope, inplace=True)
+        if _recorded_view(input):
+            return _copied_into_view(input, apply(_LEAKYRELU, input, negative_slope, False))
     return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
 
 
@@ -264,6 +281,8 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
         _checks.check_inplace_writable("elu", input)
         if not _differentiated(input):  # nothing to record: native's kernel returns input
             return torch.nn.functional.elu(input, alpha, inplace=True)
+        if _recorded_view(input):
+            return _copied_into_view(input, apply(_ELU, input, alpha, False))
     return apply(_ELU, input, alpha, bool(inplace))
 
 

@@ -172,6 +172,54 @@ def test_refused_inplace_on_a_leaf_leaves_its_values_intact(case, view):
     assert torch.equal(leaf.detach(), before)
 
 
+def _made_under_no_grad(h: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return h[1:]
+
+
+# views of a non-leaf (h = leaf * 2): autograd lets an in-place op modify the first ones,
+# and refuses the others (one of several views made by one op; one made under no_grad)
+VIEWS_OF_A_NONLEAF = {
+    "slice": (lambda h: h[1:], True),
+    "transposed": (lambda h: h.t(), True),
+    "view": (lambda h: h.view(-1), True),
+    "unbind": (lambda h: h.unbind(0)[1], False),
+    "split": (lambda h: h.split(2)[0], False),
+    "no_grad": (_made_under_no_grad, False),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS_OF_A_NONLEAF)
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_inplace_on_a_view_is_natives_and_a_refused_one_keeps_its_values(case, view):
+    # relu / leaky_relu / elu wrote into a view that autograd refuses (an unbind or split
+    # output, a view made under no_grad) and only then raised, so a caller catching the
+    # error had lost the values (no_grad views were also called 'a leaf Variable'); now
+    # they are refused before anything is written, with native's message
+    as_view, allowed = VIEWS_OF_A_NONLEAF[view]
+    x0 = make((4, 5), torch.float64)
+    results = []
+    for fn in (case.ours, case.native):
+        leaf = x0.clone().requires_grad_()
+        h = leaf * 2
+        v = as_view(h)
+        before = h.detach().clone()
+        if not allowed:
+            with pytest.raises(RuntimeError) as refused:
+                fn(v, inplace=True)
+            assert torch.equal(h.detach(), before)
+            results.append(str(refused.value))
+            continue
+        out = fn(v, inplace=True)
+        assert out is v
+        (h * h).sum().backward()
+        results.append((h.detach(), leaf.grad))
+    if allowed:
+        torch.testing.assert_close(results[0], results[1])
+    else:
+        assert results[0].endswith(results[1]) or results[1] in results[0]
+
+
 @pytest.mark.parametrize("case", INPLACE, ids=str)
 def test_inplace_under_no_grad_returns_the_input_itself_as_native(case):
     # e.g. clamping a Parameter in place: native returns that Parameter; torchbp's Function
