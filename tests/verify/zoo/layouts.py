@@ -62,6 +62,14 @@ class FlatViewSigmoid(Sigmoid):
         return (g.view(-1) * (y * (1 - y)).view(-1)).view(y.shape)  # view of an expanded g
 
 
+class StorageOrderInputSigmoid(Sigmoid):
+    @staticmethod
+    def forward(x):
+        # reads x's storage in memory order, as a kernel written for contiguous x would
+        flat = torch.as_strided(x, (x.numel(),), (1,))
+        return torch.sigmoid(flat).reshape(x.shape)
+
+
 class LastDimSoftmax(torch.autograd.Function):
     """softmax over the last dim of x of shape (*, C)."""
 
@@ -143,5 +151,15 @@ ENTRIES = [
         lambda: (seeded(2, 3, 4),),
         lambda x: torch.softmax(x, -1),
         frozenset({"gradcheck", "reference"}),
+    ),
+    ZooEntry(
+        "input_read_in_storage_order",
+        "layouts",
+        "sigmoid forward reads x's storage as if contiguous (silently wrong for x.t())",
+        StorageOrderInputSigmoid,
+        Sigmoid,
+        lambda: (seeded(3, 4),),
+        torch.sigmoid,
+        frozenset({"grad_output_safety"}),
     ),
 ]

@@ -185,6 +185,42 @@ class InclusiveHardtanh(Hardtanh):
         return g * (x.abs() <= 1).to(g.dtype)  # slope 1 at x = +-1, native's hardtanh has 0
 
 
+class RowMax(torch.autograd.Function):
+    """The max of each row, its gradient going to the index torch.max picks (also at a
+    tie, where the max has no derivative)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        values, index = x.max(1)
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return values
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        grad = torch.zeros(ctx.shape, dtype=g.dtype, device=g.device)
+        return grad.scatter(1, index.unsqueeze(1), g.unsqueeze(1))
+
+
+class MaskRowMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        values = x.amax(1)
+        ctx.save_for_backward(x, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, g):
+        x, values = ctx.saved_tensors
+        # every entry equal to the max gets the whole gradient: twice it at a tie
+        return (x == values.unsqueeze(1)).to(g.dtype) * g.unsqueeze(1)
+
+
+def _rows_with_ties():
+    return (torch.tensor([[1.0, 1.0, 0.0], [2.0, 3.0, 3.0], [0.5, -1.0, 2.0]]),)
+
+
 ENTRIES = [
     ZooEntry(
         "softmax_without_max_trick",
@@ -276,5 +312,15 @@ ENTRIES = [
         lambda: (seeded(3, 4),),
         F.hardtanh,
         frozenset({"extreme_values"}),
+    ),
+    ZooEntry(
+        "max_grad_to_every_tie",
+        "numerics",
+        "row max backward masks x == max: every tied entry gets the whole gradient",
+        MaskRowMax,
+        RowMax,
+        _rows_with_ties,
+        lambda x: x.max(1).values,
+        frozenset({"reference"}),
     ),
 ]
