@@ -156,3 +156,23 @@ def test_torch_relu_and_abs_at_zero_pass():
     for fn in (torch.relu, torch.abs):
         report = check_function(fn, x, reference=fn, skip="compile")
         assert report.ok, report
+
+
+class DoubleInDtype(torch.autograd.Function):
+    """``2 x`` returned in a dtype given as an argument (mixed-precision code)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.input_dtype = x.dtype
+        return x.to(dtype) * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * 2).to(ctx.input_dtype), None
+
+
+def test_a_gradcheck_failure_of_a_float32_output_says_why_the_numbers_are_off():
+    report = check_function(DoubleInDtype, seeded(3, 4), torch.float32, checks="gradcheck")
+    result = report["gradcheck"]
+    assert result.failed, report
+    assert "output 0 is torch.float32 although the inputs are float64" in result.message

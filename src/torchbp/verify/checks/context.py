@@ -57,6 +57,8 @@ class CheckContext:
     custom_op: Any | None = None
     #: Shapes of fn's floating-point outputs (set by the forward check, which runs first).
     out_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: Their dtypes (set by the forward check).
+    out_dtypes: list[torch.dtype] = field(default_factory=list)
     #: Positions (in ``args``) of the tensor inputs fn modifies in place and returns
     #: (``ctx.mark_dirty``), differentiated or not (an ``out=`` buffer); set by the
     #: forward check. Every call gets fresh copies of them (non-leaf ones of grad inputs).

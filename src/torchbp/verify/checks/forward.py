@@ -129,6 +129,7 @@ def check_forward(ctx: CheckContext) -> Passed:
         )
     _require_repeatable(ctx, tensors, outs)
     ctx.out_shapes = [tuple(t.shape) for t in outs]
+    ctx.out_dtypes = [t.dtype for t in outs]
     shapes = ", ".join(shape_text(t) for t in outs)
     note = f"{len(outs)} output(s) of shape {shapes}"
     if ctx.dirty_inputs:

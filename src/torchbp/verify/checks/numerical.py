@@ -173,16 +173,41 @@ def _first_order(
     mismatch."""
     if jacobian_size(ctx.diff_fn, diff) > FULL_JACOBIAN_LIMIT and not torch_msg:
         return None
-    return _full_comparison(
-        ctx,
-        (jacobian(ctx.diff_fn, diff), _numerical(ctx)),
-        func=ctx.diff_fn,
-        what=what,
-        inputs=diff,
-        input_names=[ctx.input_name(k) for k in range(len(diff))],
-        out_shapes=ctx.out_shapes,
-        torch_name=torch_name,
-        torch_msg=torch_msg,
+    try:
+        return _full_comparison(
+            ctx,
+            (jacobian(ctx.diff_fn, diff), _numerical(ctx)),
+            func=ctx.diff_fn,
+            what=what,
+            inputs=diff,
+            input_names=[ctx.input_name(k) for k in range(len(diff))],
+            out_shapes=ctx.out_shapes,
+            torch_name=torch_name,
+            torch_msg=torch_msg,
+        )
+    except CheckFailure as failure:
+        raise CheckFailure(
+            failure.message + _low_precision_outputs(ctx), failure.abs_err, failure.rel_err
+        ) from None
+
+
+def _low_precision_outputs(ctx: CheckContext) -> str:
+    """Why the numerical gradient may be off although backward is right: fn returns an
+    output of a dtype less precise than its float64 inputs (its finite differences over
+    ``eps`` then carry that dtype's rounding); empty when none does."""
+    low = [
+        (o, d)
+        for o, d in enumerate(ctx.out_dtypes)
+        if d.is_floating_point and torch.finfo(d).eps > torch.finfo(torch.float64).eps
+    ]
+    if not low:
+        return ""
+    o, dtype = low[0]
+    return (
+        f" (output {o} is {dtype} although the inputs are float64: finite differences "
+        f"over eps={ctx.options.eps:g} of a {dtype} output are rounded to its precision, "
+        "so the numerical gradient is unreliable; let fn compute in float64 for the check, "
+        "or pass a larger eps)"
     )
 
 
