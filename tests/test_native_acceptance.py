@@ -401,6 +401,11 @@ BAD = [
     Bad("nll_loss-target-list", lambda f: f.nll_loss(x, [0, 1, 2, 0]),
         r"nll_loss: target must be a Tensor"),
     Bad("softmax-list", lambda f: f.softmax([1.0, 2.0], 0), r"softmax: input must be a Tensor"),
+    # a 0-dim bool or complex tensor is no dim (torchbp took tensor(True) as dim 1)
+    Bad("softmax-dim-bool-tensor", lambda f: f.softmax(x, torch.tensor(True)),
+        r"softmax: dim must be an int, got Tensor"),
+    Bad("log_softmax-dim-complex-tensor", lambda f: f.log_softmax(x, torch.tensor(1 + 0j)),
+        r"log_softmax: dim must be an int, got Tensor"),
     Bad("cross_entropy-weight-list", lambda f: f.cross_entropy(x, t, weight=[1.0, 1.0, 1.0]),
         r"cross_entropy: weight must be a Tensor, got list"),
     Bad("nll_loss-weight-list", lambda f: f.nll_loss(x, t, weight=[1.0, 1.0, 1.0]),

@@ -122,12 +122,23 @@ def int_argument(op: str, name: str, value) -> int:
     raise TypeError(f"{op}: {name} must be an int, got {shown}")
 
 
+def _integer_scalar_tensor(value) -> bool:
+    """A 0-dim tensor of an integer dtype (not bool, floating or complex): native's argument
+    parser takes it for an int."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    )
+
+
 def softmax_dim(op: str, dim, ndim: int) -> int:
     """``dim`` checked against a ``ndim``-dim input (0-dim counts as 1-dim, as native):
-    a :class:`DimTypeError` unless it is an int (bools excluded), an ``IndexError`` naming the
+    a :class:`DimTypeError` unless it is an int (bools excluded) or a 0-dim integer tensor
+    (bool and complex ones excluded, as native), an ``IndexError`` naming the
     valid range unless it lies in it. Returns it as an int."""
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        if not (isinstance(dim, torch.Tensor) and dim.dim() == 0 and not dim.is_floating_point()):
+        if not _integer_scalar_tensor(dim):
             raise DimTypeError(f"{op}: dim must be an int, got {type(dim).__name__} {dim!r}")
     dim = int(dim)
     rank = max(ndim, 1)
