@@ -58,13 +58,21 @@ def carries_tangent(t: torch.Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an ordinary dense tensor: strided, not nested. The fast kernels'
+    ``out=`` and in-place ops, and their flat views, exist only for those; a nested
+    tensor (``torch.jagged`` or strided layout) has storage but takes none of them."""
+    return t.layout == torch.strided and not t.is_nested
+
+
 def first_order_eager(*tensors: torch.Tensor) -> bool:
     """Whether a backward reading ``tensors`` (the incoming gradient ``g`` and what it
     saved) runs first-order and eagerly (grad mode off, no torch.func wrapper, not
-    compiling, no forward-mode AD tangent on any of them): then nothing differentiates
-    its result, and a fast kernel with in-place ops may compute it."""
+    compiling, no forward-mode AD tangent on any of them) on :func:`dense` tensors: then
+    nothing differentiates its result, and a fast kernel with in-place ops may compute
+    it."""
     return not torch.is_grad_enabled() and all(
-        values_inspectable(t) and not carries_tangent(t) for t in tensors
+        dense(t) and values_inspectable(t) and not carries_tangent(t) for t in tensors
     )
 
 

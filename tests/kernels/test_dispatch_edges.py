@@ -131,3 +131,24 @@ def test_inplace_cross_entropy_of_no_classes_matches_native(soft, reduction):
     torch.testing.assert_close(ours, native, equal_nan=True)
     (grad,) = torch.autograd.grad(ours.sum(), leaf, allow_unused=True, materialize_grads=True)
     assert grad.shape == (3, 0)
+
+
+# --------------------------------------------------------------------------- nested tensors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_backward_of_a_jagged_nested_tensor_matches_native(name, dtype):
+    # A nested tensor has storage and values, but its ops take no out= and it has no flat
+    # view: the first-order backward runs the formula, as for dense tensors native's
+    # gradient of each component (native's own nested backward lacks LeakyReLU's).
+    native, ours = ACTIVATIONS[name]
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 3, generator=gen).to(dtype) for n in (2, 4)]
+    weights = [torch.randn(n, 3, generator=gen).to(dtype) for n in (2, 4)]
+    nested = torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=True)
+    (ours(nested).values() * torch.cat(weights)).sum().backward()
+    want = []
+    for part, weight in zip(parts, weights):
+        leaf = part.clone().requires_grad_()
+        (native(leaf) * weight).sum().backward()
+        want.append(leaf.grad)
+    torch.testing.assert_close(nested.grad.values(), torch.cat(want))
