@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from tests._support import grads, make
 
+import torchbp
+import torchbp.functional as TF
 from torchbp.mode import TorchbpMode, enable, routed_functions
 from torchbp.ops import OPS
 
@@ -212,6 +214,32 @@ def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
     want = _implicit_dim_warning_origin(lambda: module(x))
     with enable():
         got = _implicit_dim_warning_origin(lambda: module(x))
+    assert got == want
+
+
+def _under_no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: TF.softmax(x),  # torchbp's own functional: the mode hands it on
+        lambda x: TF.log_softmax(x),
+        lambda x: torchbp.nn.Softmax()(x),  # a converted nn.Softmax()
+        lambda x: _under_no_grad(F.softmax, x),  # not routed: nothing recorded
+        lambda x: F.log_softmax(x.long(), dtype=torch.float64),  # not routed: int input
+    ],
+    ids=["TF.softmax", "TF.log_softmax", "torchbp.nn.Softmax", "no_grad", "int-input"],
+)
+def test_implicit_dim_warning_of_a_call_handed_on_points_where_it_does_without_the_mode(call):
+    # calls the mode does not route ran below its __torch_function__, so their warning
+    # pointed into torchbp's mode.py (or functional.py) instead of the caller's line
+    x = make((3, 4)).requires_grad_()
+    want = _implicit_dim_warning_origin(lambda: call(x))
+    with enable():
+        got = _implicit_dim_warning_origin(lambda: call(x))
     assert got == want
 
 

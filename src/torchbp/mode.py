@@ -50,9 +50,10 @@ Semantics:
   mode is suspended inside ``__torch_function__`` and the calls of a routed op pass
   every torchbp mode, nested ones included). Backward passes do not run under the mode.
 * Modes nest: the innermost one routes and counts a call.
-* Warnings point where native's do: the implicit-dim warning of a routed
-  ``F.softmax(x)`` / ``F.log_softmax(x)`` names the caller's line (``_stacklevel``
-  counted from native's function), not a frame of torchbp or of torch's dispatch.
+* Warnings point where they do without the mode: the implicit-dim warning of
+  ``F.softmax(x)`` / ``F.log_softmax(x)`` (routed or not, torchbp's own too, as in a
+  converted ``nn.Softmax()``) names the caller's line (``_stacklevel`` counted from the
+  function called), not a frame of torchbp or of torch's dispatch.
 * Like every ``TorchFunctionMode``, a mode is active in the thread that entered it only
   (the mode stack is thread-local); other threads are unaffected. One instance may be
   entered in several threads, but its counters are then updated without a lock (use
@@ -272,6 +273,21 @@ def _build_routes() -> dict[Any, _Route]:
 #: native function object -> how it is served (built once, from :mod:`torchbp.ops`)
 _ROUTES: dict[Any, _Route] = _build_routes()
 
+#: the functions that warn at their ``_stacklevel`` (native's and torchbp's softmax and
+#: log_softmax) -> the same function, called so that its warning points where it does
+#: outside the mode when the mode hands the call on unchanged
+_PASSED_ON: dict[Any, Callable[..., torch.Tensor]] = {
+    fn: _warning_as_native(fn, fn)
+    for op in OPS.values()
+    for fn in (op.torch_functional, op.functional)
+    if fn is not None and _takes_stacklevel(fn)
+}
+
+
+def _pass_on(func, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    """``func(*args, **kwargs)``, for a call the mode does not route."""
+    return _PASSED_ON.get(func, func)(*args, **kwargs)
+
 
 def routed_functions() -> dict[str, str]:
     """Every native function the mode knows, as written by users, and the torchbp op that
@@ -343,17 +359,17 @@ class TorchbpMode(TorchFunctionMode):
                 # body with the mode active so that the covered calls inside it route
                 with self:
                     return _redispatch_function(func, types_, args, kwargs)
-            return func(*args, **kwargs)
+            return _pass_on(func, args, kwargs)
         if _state.busy or not torch.is_grad_enabled():
             # a call made by torchbp itself (under a nested mode), or one that records no
             # backward (no_grad, inference_mode, inside a Function's forward)
-            return func(*args, **kwargs)
+            return _pass_on(func, args, kwargs)
         reason = _why_native(route, args, kwargs)
         # counters are not updated while torch.compile traces (each update would
         # invalidate the graph's guards and recompile it)
         counting = not torch.compiler.is_compiling()
         if reason is not None:
-            result = func(*args, **kwargs)
+            result = _pass_on(func, args, kwargs)
             if counting:  # only once it returned: a call that raised is not counted
                 self.native[f"{route.label}: {reason}"] += 1
             return result
