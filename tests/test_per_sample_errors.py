@@ -736,3 +736,30 @@ def test_model_weight_with_another_bias_refusal_names_the_linear():
             RuntimeError, match=r"the weight of Linear '0' was passed to a linear call with "
         ):
             loss.backward()
+
+
+@pytest.mark.parametrize("segment", ["first", "middle", "last"])
+def test_reentrant_checkpoint_of_some_trainable_layers_refused_by_name(segment):
+    """A reentrant checkpoint runs a backward of its own through its segment; with
+    trainable layers outside it, the first of the two backwards to pass its layers ends the
+    recording and the other's layers are refused, naming the checkpoint and saying to use
+    use_reentrant=False. Before, the one backward was called a second one ('open a new
+    one per step'), and the docstring said that a segment starting the model works."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6), nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+
+    def forward(x):
+        if segment == "first":
+            return model[3:](checkpoint(model[:3], x, use_reentrant=True))
+        if segment == "last":
+            return checkpoint(model[2:], model[:2](x), use_reentrant=True)
+        return model[3:](checkpoint(model[2:3], model[:2](x), use_reentrant=True))
+
+    with per_sample_grads(model):
+        out = forward(x)
+        with pytest.raises(
+            RuntimeError, match=r"Linear '(0|2)' came after .*reentrant .*use_reentrant=False"
+        ):
+            out.sum().backward()

@@ -21,7 +21,7 @@ from torchbp.per_sample.model_check import (
     trainability,
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
-from torchbp.per_sample.recorder import Recorder
+from torchbp.per_sample.recorder import Recorder, inside_reentrant_checkpoint
 
 MODES = ("norms", "grads", "clip")
 
@@ -260,6 +260,7 @@ class PerSampleGrads:
                     "that gradient cannot be attributed to samples"
                 )
         if self._has_traces():
+            self._recorder.ended_in_checkpoint = inside_reentrant_checkpoint()
             self._finalise(forms_param_grads=True)
 
     def _stray_gradient_hint(self, p: nn.Parameter) -> str:
@@ -572,8 +573,10 @@ def per_sample_grads(
     ignore_index), as long as the loss itself has no trainable parameters. Eager mode only
     (no ``torch.compile``, no autocast; both are refused at the backward); activation
     checkpointing works with ``use_reentrant=False``. With ``use_reentrant=True`` only a
-    segment that starts the model does: the segment's inner backward ends the recording, so
-    a trainable Linear before it is refused as a second backward.
+    segment that holds every trainable Linear does (frozen layers may follow it): the
+    segment runs a backward of its own, and the first of the two backwards to pass the
+    trainable layers it reaches ends the recording, so a trainable Linear before or after
+    the segment is refused, naming the checkpoint.
 
     DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
 

@@ -9,10 +9,12 @@ to skip ``dW`` and ``db``; nothing else happens during the backward.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import CheckpointFunction
 
 from torchbp.per_sample.model_check import Layer
 
@@ -39,6 +41,8 @@ class Recorder:
         self.layer_recorded_at: dict[int, int] = {}
         # a backward was refused before the results were formed: they never will be
         self.failed = False
+        # the recording was ended by the inner backward of a reentrant checkpoint
+        self.ended_in_checkpoint = False
         # (layer, whether autocast is on for its device) for each Linear module whose
         # forward is running, innermost last (see track_calls)
         self.calling: list[tuple[Layer, bool]] = []
@@ -110,7 +114,7 @@ class Recorder:
 class Use:
     """One forward call of one Linear layer; receives that call's backward."""
 
-    __slots__ = ("recorder", "layer", "x_shape", "recorded", "born")
+    __slots__ = ("recorder", "layer", "x_shape", "recorded", "born", "born_after_the_end")
 
     def __init__(self, recorder: Recorder, layer: Layer, x_shape: torch.Size) -> None:
         self.recorder = recorder
@@ -118,6 +122,7 @@ class Use:
         self.x_shape = x_shape
         self.recorded = False
         self.born = recorder.recordings  # backward calls filed before this forward call
+        self.born_after_the_end = recorder.finalised
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         """File ``(a, g)`` as ``(B, T, features)``; return False: the Linear backward skips
@@ -128,6 +133,15 @@ class Use:
                 f"per_sample_grads: the backward through Linear {self.layer.name!r} ran after "
                 "its per_sample_grads context had closed; call loss.backward() inside the "
                 "with block"
+            )
+        if self.recorder.finalised and not self.recorded and self._cut_by_a_checkpoint():
+            raise RuntimeError(
+                f"per_sample_grads: the backward through Linear {self.layer.name!r} came "
+                "after the recording had ended, in the same backward: a reentrant activation "
+                "checkpoint (use_reentrant=True) runs a backward of its own through its "
+                "segment, and the first backward to pass the trainable layers it reaches "
+                "ends the recording; with use_reentrant=True only a segment holding every "
+                "trainable Linear works: use use_reentrant=False"
             )
         if self.recorded or self.recorder.finalised:
             raise RuntimeError(
@@ -171,11 +185,33 @@ class Use:
         self.recorder.layer_recorded_at[id(self.layer)] = self.recorder.recordings
         return False
 
+    def _cut_by_a_checkpoint(self) -> bool:
+        """Whether the recording ended (it has) within this call's own backward, by a
+        reentrant checkpoint: this is its recomputed segment's backward, or the checkpoint's
+        inner backward ended the recording after this call's forward."""
+        if inside_reentrant_checkpoint():
+            return True
+        return self.recorder.ended_in_checkpoint and not self.born_after_the_end
+
     def _made_after_a_backward_through_the_layer(self) -> bool:
         """Whether this call's forward ran after a backward through its layer was filed
         (several calls of a layer in one forward are all made before its backward)."""
         recorded_at = self.recorder.layer_recorded_at.get(id(self.layer))
         return recorded_at is not None and recorded_at <= self.born
+
+
+def inside_reentrant_checkpoint() -> bool:
+    """Whether a reentrant checkpoint's backward (which recomputes its segment and runs
+    an inner backward through it) is on this thread's Python stack."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is _CHECKPOINT_BACKWARD_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_BACKWARD_CODE = CheckpointFunction.backward.__code__
 
 
 class Stray:
