@@ -463,3 +463,29 @@ def test_tabular_csv_numeric_labels_are_compared_as_numbers(tmp_path):
     assert dm.class_names == [1.0, 9.5, 10.5]
     _, y = dm.arrays
     assert y[:5].tolist() == [0, 0, 1, 2, 0]
+
+
+def test_a_checkpoint_refuses_data_whose_classes_are_other_ones(tmp_path):
+    """A model trained on labels cat/dog/fox, tested (or asked to predict) on a file labelled
+    ant/cat/dog, was silently scored with class 0 meaning 'cat' to the model and 'ant' to
+    the data, and predictions.csv named its predictions by the wrong labels. The checkpoint
+    now keeps the class names, and data with other classes is refused."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import ERMClassifier
+
+    def table(path, names):
+        rows = [[*r[:3], names[i % 3]] for i, r in enumerate(_good_rows(60, 2))]
+        _write_csv(path, ["a", "b", "c", "y"], rows)
+        return TabularFileDataModule(path=str(path), label_column="y")
+
+    kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    model = ERMClassifier(input_size=3, num_classes=3, hidden_sizes=[])
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, **kwargs)
+    trainer.fit(model, datamodule=table(tmp_path / "train.csv", ["cat", "dog", "fox"]))
+    ckpt = trainer.checkpoint_callback.best_model_path
+    other = table(tmp_path / "other.csv", ["ant", "cat", "dog"])
+    with pytest.raises(DataConfigError, match=r"\['cat', 'dog', 'fox'\].*\['ant', 'cat', 'dog'\]"):
+        pl.Trainer(**kwargs).test(model, datamodule=other, ckpt_path=ckpt)
+    same = table(tmp_path / "same.csv", ["fox", "cat", "dog"])
+    pl.Trainer(**kwargs).test(model, datamodule=same, ckpt_path=ckpt)

@@ -593,6 +593,32 @@ class TabularFileDataModule(ArrayDataModule):
             "drop_columns": self.drop_columns,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints: the source and split settings, and the class names (the
+        labels the model's classes ``0..C-1`` stand for)."""
+        self.arrays  # noqa: B018 (loads the file, which names the classes)
+        return {**super().state_dict(), "class_names": list(self.class_names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to serve a checkpoint's model data whose classes are other ones, or the same
+        data split otherwise (see :meth:`ArrayDataModule.load_state_dict`).
+
+        Raises:
+            DataConfigError: The checkpoint's run had other class names (another label set, or
+                one with a class more or less): the model's class ``k`` would be scored, and
+                named in predictions, as this data's ``k``-th label.
+        """
+        trained_on = state_dict.get("class_names")
+        self.arrays  # noqa: B018 (loads the file, which names the classes)
+        if trained_on is not None and list(trained_on) != list(self.class_names):
+            raise DataConfigError(
+                f"the checkpoint's model was trained on the classes {list(trained_on)}, and "
+                f"{self.path} has the classes {list(self.class_names)} (label column "
+                f"{self.label_column!r}): its class k would be read as another label; use data "
+                "with the same labels"
+            )
+        super().load_state_dict(state_dict)
+
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         p = Path(self.path)
         if not p.is_file():
