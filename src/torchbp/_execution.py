@@ -61,7 +61,9 @@ def carries_tangent(t: torch.Tensor) -> bool:
 def dense(t: torch.Tensor) -> bool:
     """Whether ``t`` is an ordinary dense tensor: strided, not nested. The fast kernels'
     ``out=`` and in-place ops, and their flat views, exist only for those; a nested
-    tensor (``torch.jagged`` or strided layout) has storage but takes none of them."""
+    tensor (``torch.jagged`` or strided layout) has storage but takes none of them. Ask
+    it after :func:`values_inspectable`: torch.compile's strict tracing of a backward
+    refuses to read ``layout``."""
     return t.layout == torch.strided and not t.is_nested
 
 
@@ -72,7 +74,7 @@ def first_order_eager(*tensors: torch.Tensor) -> bool:
     nothing differentiates its result, and a fast kernel with in-place ops may compute
     it."""
     return not torch.is_grad_enabled() and all(
-        dense(t) and values_inspectable(t) and not carries_tangent(t) for t in tensors
+        values_inspectable(t) and dense(t) and not carries_tangent(t) for t in tensors
     )
 
 
