@@ -638,3 +638,41 @@ def test_a_sparse_input_in_grad_inputs_is_refused_naming_it():
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="input 0 is a sparse tensor"):
         check_function(SparseTimesDense, _sparse_adjacency(), x, grad_inputs=[0, 1])
+
+
+class VmapGeneratorDropout(torch.autograd.Function):
+    """Inverted dropout from an explicit generator, written for torch.func (setup_context,
+    generated vmap rule); the mask is a second, non-differentiable output."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, p, generator):
+        keep = torch.rand(x.shape, generator=generator, dtype=x.dtype) >= p
+        mask = keep.to(x.dtype) / (1 - p)
+        return x * mask, mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (mask,) = ctx.saved_tensors
+        return g * mask, None, None
+
+
+def test_a_random_function_with_a_generator_input_is_vmapped_drawing_the_same_numbers():
+    # every call draws the same mask (a fresh copy of the generator): a vmap of the calls
+    # draws it once for the batch (randomness='same'); before, vmap's default 'error' mode
+    # failed vmap and vmap_in_dims with 'called random operation while in randomness error
+    # mode'
+    def dropped(x, p, generator):
+        return VmapGeneratorDropout.apply(x, p, generator)[0]
+
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    report = check_function(dropped, x, 0.5, generator, checks=["vmap", "vmap_in_dims"])
+    assert report.ok, report
+    assert report["vmap"].passed and report["vmap_in_dims"].passed, report

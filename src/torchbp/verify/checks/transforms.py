@@ -11,7 +11,13 @@ from torchbp.verify.checks.custom_op import no_torch_func
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import CheckUnsupported, Passed
 
-__all__ = ["VMAP", "check_batched_grad", "check_vmap"]
+__all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap"]
+
+#: vmap's randomness mode for fn: the forward check made sure that two calls of fn on the
+#: same inputs agree, so whatever fn draws comes from a generator or seed among its inputs,
+#: and every call of the loop a vmap is compared with draws the same numbers: "same" is
+#: that ("error", vmap's default, refuses any random op, even one from a given generator).
+SAME_DRAWS = "same"
 
 #: The capability vmap exercises and how to add it (a NotImplementedError raised under
 #: vmap says it is absent: unsupported, not failed).
@@ -34,7 +40,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
     xs = _batched_inputs(ctx, batch)
     tolerance = ctx.parity_tolerances()
     try:
-        batched = torch.func.vmap(ctx.diff_fn)(*xs)
+        batched = torch.func.vmap(ctx.diff_fn, randomness=SAME_DRAWS)(*xs)
     except Exception as exc:  # noqa: BLE001
         raise outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
     looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
@@ -52,7 +58,9 @@ def check_vmap(ctx: CheckContext) -> Passed:
 
     argnums = tuple(range(len(xs)))
     try:
-        per_sample = torch.func.vmap(torch.func.grad(scalar, argnums=argnums))(*xs)
+        per_sample = torch.func.vmap(
+            torch.func.grad(scalar, argnums=argnums), randomness=SAME_DRAWS
+        )(*xs)
     except Exception as exc:  # noqa: BLE001
         custom_op_gap = no_torch_func(exc) if ctx.custom_op is not None else None
         raise custom_op_gap or outcome_of(

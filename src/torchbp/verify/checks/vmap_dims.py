@@ -13,6 +13,7 @@ from torchbp.verify.checks.compare import require_close, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+from torchbp.verify.checks.transforms import SAME_DRAWS
 
 __all__ = ["VMAP_IN_DIMS", "check_vmap_in_dims"]
 
@@ -54,7 +55,7 @@ def check_vmap_in_dims(ctx: CheckContext) -> Passed:
             x = ctx.args[i].detach()
             xs.append(x if dim is None else torch.stack([x * s for s in scales], dim=dim))
         try:
-            batched = torch.func.vmap(ctx.diff_fn, in_dims=in_dims)(*xs)
+            batched = torch.func.vmap(ctx.diff_fn, in_dims=in_dims, randomness=SAME_DRAWS)(*xs)
         except Exception as exc:  # noqa: BLE001
             raise outcome_of(exc, f"vmap with {label} failed: ", VMAP_IN_DIMS) from None
         looped = [
