@@ -763,3 +763,16 @@ def test_reentrant_checkpoint_of_some_trainable_layers_refused_by_name(segment):
             RuntimeError, match=r"Linear '(0|2)' came after .*reentrant .*use_reentrant=False"
         ):
             out.sum().backward()
+
+
+@pytest.mark.parametrize("frozen", ["none", "weight"])
+def test_complex_linear_refused_by_name(frozen):
+    """A complex Linear's gradient is gᵀ conj(x) (torchbp's Linear, as native); the
+    per-sample formulas are real ones: its p.grad came out wrong in every mode (no conj),
+    the norms complex, and clip mode failed inside torch ('clamp is not supported for
+    complex types'). Such a layer is refused before the forward, by name."""
+    model = nn.Sequential(torchbp.nn.Linear(4, 3, dtype=torch.complex64))
+    if frozen == "weight":
+        model[0].weight.requires_grad_(False)  # a complex bias alone
+    with pytest.raises(TypeError, match=r"'0' \(Linear\) has complex trainable parameters"):
+        per_sample_grads(model)

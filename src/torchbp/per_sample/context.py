@@ -563,7 +563,8 @@ def per_sample_grads(
     before the backward, is refused by name (on entering, or at the backward). Refused
     before any forward, by name: modules with other trainable parameters (an unconverted
     ``nn.Linear``, Conv, LayerNorm with affine, Embedding, a torchbp Linear subclass's own
-    extra parameters such as a LoRA adapter, ...), BatchNorm in training mode, softmax-like
+    extra parameters such as a LoRA adapter, ...), a Linear with complex trainable parameters
+    (the formulas are real ones), BatchNorm in training mode, softmax-like
     modules along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative

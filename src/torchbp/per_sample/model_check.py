@@ -164,12 +164,28 @@ def _unattributable_trainable(module: nn.Module) -> list[str]:
     ]
 
 
+def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
+    """Raise if a trainable Linear parameter is complex: its gradient is ``gᵀ conj(x)``
+    and its squared norm ``|G|²``, where the per-sample formulas are the real ones.
+
+    Raises:
+        TypeError: naming the module and the parameters.
+    """
+    names = [n for n, p in parameters.items() if p is not None and p.is_complex()]
+    if names:
+        raise TypeError(
+            f"per_sample_grads: {where} has complex trainable parameters ({', '.join(names)}); "
+            "per-sample gradients, norms and clipping are formed for real parameters only"
+        )
+
+
 def attributable_layers(model: nn.Module) -> list[Layer]:
     """The model's Linear layers with trainable parameters, in module order.
 
     Raises:
-        TypeError: a module mixes samples, or has trainable parameters that are not a
-            :class:`torchbp.nn.Linear`'s (named in the message).
+        TypeError: a module mixes samples, has trainable parameters that are not a
+            :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
+            parameters (named in the message).
         ValueError: a trainable parameter is shared by two Linear modules.
     """
     if not isinstance(model, nn.Module):
@@ -194,6 +210,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             )
         if isinstance(module, bpnn.Linear):
             weight, bias = _trainable(module.weight), _trainable(module.bias)
+            _refuse_complex(where, weight=weight, bias=bias)
             for p in (weight, bias):
                 if p is not None and id(p) in owner:
                     raise ValueError(
