@@ -76,3 +76,11 @@ def test_a_bool_mask_input_is_specified_with_bool():
 def test_a_masked_function_is_checked_from_the_command_line(capsys):
     argv = ["torch:masked_fill", "--inputs", "3,4;bool:3,4;=0.0", "--no-compile"]
     assert cli.main(argv) == 0, capsys.readouterr()
+
+
+def test_a_complex_function_is_checked_from_the_command_line(capsys):
+    # complex inputs had no spec: complex:3 was read as a shape and refused (exit 2)
+    z, w = parse_inputs("complex:3;complex:2,3")
+    assert z.dtype == torch.complex128 and tuple(w.shape) == (2, 3)
+    argv = ["torch:mul", "--inputs", "complex:3;complex:3", "--reference", "torch:mul"]
+    assert cli.main([*argv, "--no-compile"]) == 0, capsys.readouterr()

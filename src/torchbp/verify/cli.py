@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
             "Your own Function: torchbp-verify module:Symbol --inputs SPEC, where SPEC lists "
             "the inputs separated by ';': 4,5 is a float tensor of shape (4, 5), () a 0-dim "
             "one, int:4<10 an int64 tensor of shape (4,) with values in [0, 10), bool:4,5 a "
-            "random mask of shape (4, 5), =VALUE a "
+            "random mask of shape (4, 5), complex:4,5 a complex128 tensor, =VALUE a "
             "Python literal (=1, =True, ='mean'); @FILE reads one input per line. "
             "Exit status: 0 nothing failed, 1 a check failed, 2 usage error."
         ),

@@ -8,6 +8,8 @@ given as ``@path``; ``#`` starts a comment):
 - ``int:4<10``: an int64 tensor of shape (4,) with values in [0, 10) (class targets);
 - ``bool:4,5``: a boolean tensor of shape (4, 5), each value true with probability 1/2
   (a mask);
+- ``complex:4,5``: a complex128 tensor of shape (4, 5), real and imaginary parts drawn
+  from a standard normal;
 - ``=VALUE``: a Python literal passed as is, e.g. ``=1``, ``=-100``, ``=True``, ``='mean'``.
 
 Examples:
@@ -146,7 +148,8 @@ def _shape(text: str, item: str) -> tuple[int, ...]:
 
 
 def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
-    """Build the example inputs a spec describes (float64, int64 and bool tensors on CPU).
+    """Build the example inputs a spec describes (float64, complex128, int64 and bool
+    tensors on CPU).
 
     Args:
         spec: ``;``-separated inputs (see the module docstring), or ``@path`` of a file.
@@ -173,6 +176,9 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
         elif item.startswith("bool:"):
             size = _shape(item[5:], item)
             inputs.append(torch.rand(size, generator=generator, dtype=torch.float64) < 0.5)
+        elif item.startswith("complex:"):
+            size = _shape(item[8:], item)
+            inputs.append(torch.randn(size, generator=generator, dtype=torch.complex128))
         elif item.startswith("int:"):
             shape_text, sep, high = item[4:].partition("<")
             if not sep or not high.strip().isdigit() or int(high) < 1:
