@@ -489,3 +489,17 @@ def test_a_checkpoint_refuses_data_whose_classes_are_other_ones(tmp_path):
         pl.Trainer(**kwargs).test(model, datamodule=other, ckpt_path=ckpt)
     same = table(tmp_path / "same.csv", ["fox", "cat", "dog"])
     pl.Trainer(**kwargs).test(model, datamodule=same, ckpt_path=ckpt)
+
+
+@pytest.mark.parametrize("missing", ["", " ", "NA", "N/A", "null", "?"])
+def test_tabular_csv_missing_feature_value_is_named_as_missing(tmp_path, missing):
+    """An empty cell (or a usual missing-value marker) was reported as a "non-numeric value"
+    with the advice to drop the whole column; it is a missing value, to fill in or remove."""
+    rows = _good_rows(40, 2)
+    rows[5][1] = missing
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=r"missing value .* in column 'b' at row 6 \(line 7\)") as e:
+        _ = dm.num_features
+    assert "fill in" in str(e.value) and "non-numeric" not in str(e.value)

@@ -536,6 +536,10 @@ class SklearnToyDataModule(ArrayDataModule):
 # -------------------------------------------------------------------------------------------
 
 
+#: CSV cells that stand for a missing value (compared in upper case)
+_MISSING_MARKERS = frozenset({"", "NA", "N/A", "NULL", "NONE", "?", "-", "MISSING"})
+
+
 def _encode_labels(raw: np.ndarray) -> np.ndarray:
     """Map arbitrary labels (ints, floats holding ints, strings) to 0..C-1 in sorted order."""
     _, y = np.unique(raw, return_inverse=True)
@@ -553,8 +557,9 @@ class TabularFileDataModule(ArrayDataModule):
       ``torch.load(weights_only=True)``): either a 2-D array under ``features_key`` plus the
       label array under ``label_column``, or one 1-D array per column.
 
-    Errors name the problem precisely: missing file, missing label column, non-numeric value
-    (column and row), NaN/inf (column and row), a single class, too few rows for the split.
+    Errors name the problem precisely: missing file, missing label column, a missing value
+    (an empty cell or a marker such as ``NA``) or a non-numeric one (column and row), NaN/inf
+    (column and row), a single class, too few rows for the split.
 
     Args:
         path: Path of the ``.csv``, ``.npz`` or ``.pt`` file.
@@ -679,23 +684,34 @@ class TabularFileDataModule(ArrayDataModule):
                         f"{p}: row {r} (line {reader.line_num}) has {len(row)} fields, "
                         f"the header has {len(header)}"
                     )
+                where = f"in column {{}} at row {r} (line {reader.line_num})"
                 vals = []
                 for i in keep:
                     v = row[i].strip()
                     try:
                         vals.append(float(v))
                     except ValueError:
-                        raise DataError(
-                            f"{p}: non-numeric value {v!r} in column {header[i]!r} at row {r} "
-                            f"(line {reader.line_num}); feature columns must be numbers "
-                            "(drop the column with drop_columns)"
-                        ) from None
+                        raise self._not_a_number(p, v, where.format(repr(header[i]))) from None
                 rows.append(vals)
                 labels.append(row[li].strip())
                 label_rows.append(r)
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
         self._check_no_empty_label(p, [r for r, v in zip(label_rows, labels) if not v])
         return [header[i] for i in keep], X, self._numeric_if_possible(p, labels, label_rows)
+
+    @staticmethod
+    def _not_a_number(p: Path, value: str, where: str) -> DataError:
+        """The error for a feature cell ``value`` that is no number: a missing value (empty, or
+        a usual marker such as ``NA``) or a non-numeric one."""
+        if value.upper() in _MISSING_MARKERS:
+            return DataError(
+                f"{p}: missing value {value!r} {where}; fill in the value (impute it) or remove "
+                "the row"
+            )
+        return DataError(
+            f"{p}: non-numeric value {value!r} {where}; feature columns must be numbers "
+            "(drop the column with drop_columns)"
+        )
 
     def _numeric_if_possible(self, p: Path, labels: list[str], rows: list[int]) -> np.ndarray:
         """CSV labels as numbers when they all read as numbers (so "1", "1.0" and "01" are
