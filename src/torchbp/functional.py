@@ -160,6 +160,14 @@ def _linear_apply(input, weight, bias, amp):
 
 
 # --------------------------------------------------------------------------- activations
+def _written_by_copy(input: torch.Tensor) -> bool:
+    """Whether an in-place activation recorded on ``input`` is computed out of place and
+    copied in (:func:`_copied_into_view`): on a view, and under a torch.func transform
+    (no storage: vmap, grad, ...), whose support for Functions cannot batch one that
+    saves an input it returns as its output (in-place: the input is the output)."""
+    return _recorded_view(input) or not has_storage(input)
+
+
 def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """An in-place activation recorded on a view: ``result``, computed out of place, copied
     into ``view`` by a native in-place op, which asks autograd before writing whether the
@@ -188,9 +196,10 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     r""":math:`\max(x, 0)` (as :func:`torch.nn.functional.relu`); gradient 0 at 0.
 
     With ``inplace=True`` the result overwrites ``input`` (which is returned). On a view
-    that autograd records (``relu``, ``leaky_relu`` and ``elu`` alike) it is computed out of
-    place and copied in, so that a view autograd refuses to modify (an ``unbind`` /
-    ``split`` output, one made under ``no_grad``) raises native's error untouched.
+    that autograd records, and under torch.func transforms (``relu``, ``leaky_relu`` and
+    ``elu`` alike), it is computed out of place and copied in, so that a view autograd
+    refuses to modify (an ``unbind`` / ``split`` output, one made under ``no_grad``)
+    raises native's error untouched, and ``vmap(grad(...))`` runs.
     """
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
@@ -202,7 +211,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         _checks.check_inplace_writable("relu", input)
         if not _differentiated(input):  # nothing to record: native's kernel returns input
             return torch.nn.functional.relu(input, inplace=True)
-        if _recorded_view(input):
+        if _written_by_copy(input):
             return _copied_into_view(input, apply(_RELU, input, False))
     return apply(_RELU, input, bool(inplace))
 
@@ -224,7 +233,7 @@ def leaky_relu(
         _checks.check_inplace_writable("leaky_relu", input)
         if not _differentiated(input):  # nothing to record: native's kernel returns input
             return torch.nn.functional.leaky_relu(input, negative_slope, inplace=True)
-        if _recorded_view(input):
+        if _written_by_copy(input):
             return _copied_into_view(input, apply(_LEAKYRELU, input, negative_slope, False))
     return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
 
@@ -281,7 +290,7 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
         _checks.check_inplace_writable("elu", input)
         if not _differentiated(input):  # nothing to record: native's kernel returns input
             return torch.nn.functional.elu(input, alpha, inplace=True)
-        if _recorded_view(input):
+        if _written_by_copy(input):
             return _copied_into_view(input, apply(_ELU, input, alpha, False))
     return apply(_ELU, input, alpha, bool(inplace))
 

@@ -220,6 +220,37 @@ def test_inplace_on_a_view_is_natives_and_a_refused_one_keeps_its_values(case, v
         assert results[0].endswith(results[1]) or results[1] in results[0]
 
 
+def _inplace_loss(fn):
+    """``x -> sum((2x)²)`` after ``fn(2x, inplace=True)``: an in-place activation inside a
+    function that torch.func differentiates."""
+
+    def loss(x):
+        h = x * 2
+        fn(h, inplace=True)
+        return (h * h).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        torch.func.grad,
+        lambda f: torch.func.vmap(torch.func.grad(f)),
+        lambda f: torch.func.jacrev(torch.func.grad(f)),
+    ],
+    ids=["grad", "vmap(grad)", "jacrev(grad)"],
+)
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_inplace_under_torch_func_gives_natives_gradient(case, transform):
+    # relu / leaky_relu / elu (inplace=True) crashed under torch.func ('An input that has
+    # been returned as-is as output is being saved for backward'), where native runs
+    x = make((2, 4, 3), torch.float64)
+    ours = transform(_inplace_loss(case.ours))(x)
+    native = transform(_inplace_loss(case.native))(x)
+    torch.testing.assert_close(ours, native)
+
+
 @pytest.mark.parametrize("case", INPLACE, ids=str)
 def test_inplace_under_no_grad_returns_the_input_itself_as_native(case):
     # e.g. clamping a Parameter in place: native returns that Parameter; torchbp's Function
