@@ -503,3 +503,13 @@ def test_tabular_csv_missing_feature_value_is_named_as_missing(tmp_path, missing
     with pytest.raises(DataError, match=r"missing value .* in column 'b' at row 6 \(line 7\)") as e:
         _ = dm.num_features
     assert "fill in" in str(e.value) and "non-numeric" not in str(e.value)
+
+
+def test_tabular_csv_without_a_header_row_says_so(tmp_path):
+    """A CSV without a header row read its first data row as the header, and the error only
+    said the label column was not among columns named '0.126', '-0.132', ..."""
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["0.5", "1.25", "-3", "1"], [r[:3] + ["1"] for r in _good_rows(40, 2)])
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=r"its first row holds numbers.*needs a header row"):
+        _ = dm.num_features

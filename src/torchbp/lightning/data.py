@@ -540,6 +540,19 @@ class SklearnToyDataModule(ArrayDataModule):
 _MISSING_MARKERS = frozenset({"", "NA", "N/A", "NULL", "NONE", "?", "-", "MISSING"})
 
 
+def _header_hint(header: list[str]) -> str:
+    """A hint for a CSV whose first row reads as data (every field a number): the file has no
+    header row, and its first data row was taken for one."""
+    try:
+        [float(h) for h in header]
+    except ValueError:
+        return ""
+    return (
+        " (its first row holds numbers, so it looks like data: the file needs a header row "
+        "naming the columns, the label column among them)"
+    )
+
+
 def _encode_labels(raw: np.ndarray) -> np.ndarray:
     """Map arbitrary labels (ints, floats holding ints, strings) to 0..C-1 in sorted order."""
     _, y = np.unique(raw, return_inverse=True)
@@ -653,10 +666,10 @@ class TabularFileDataModule(ArrayDataModule):
     def _column_name(self, j: int) -> str:
         return str(self.feature_names[j])
 
-    def _missing_label(self, p: Path, columns: list[str]) -> DataError:
+    def _missing_label(self, p: Path, columns: list[str], hint: str = "") -> DataError:
         return DataError(
             f"label column {self.label_column!r} not found in {p}; available columns: "
-            f"{', '.join(map(str, columns))}"
+            f"{', '.join(map(str, columns))}{hint}"
         )
 
     def _read_csv(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -669,7 +682,7 @@ class TabularFileDataModule(ArrayDataModule):
                 raise DataError(f"{p} is empty (expected a header row)") from None
             self._check_unique_names(p, header)
             if self.label_column not in header:
-                raise self._missing_label(p, header)
+                raise self._missing_label(p, header, _header_hint(header))
             li = header.index(self.label_column)
             self._check_drop_columns(p, [h for i, h in enumerate(header) if i != li])
             keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
