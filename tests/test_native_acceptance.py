@@ -345,6 +345,18 @@ BAD = [
         lambda f: f.leaky_relu(x, torch.tensor(0.2, requires_grad=True)),
         r"leaky_relu: negative_slope must be a number; a tensor that requires grad"),
     Bad("elu-str", lambda f: f.elu(x, "a"), r"elu: alpha must be a number, got str"),
+    # complex numbers: native cannot convert them ('value cannot be converted to type float
+    # without overflow', a RuntimeError); torchbp raised a TypeError, for a complex tensor
+    # Python's 'float() argument must be ... not complex', naming nothing
+    Bad("elu-complex", lambda f: f.elu(x, 1 + 2j),
+        r"elu: alpha must be a real number, got complex \(1\+2j\)"),
+    Bad("leaky_relu-complex-tensor", lambda f: f.leaky_relu(x, torch.tensor(0.1 + 1j)),
+        r"leaky_relu: negative_slope must be a real number, got a complex tensor"),
+    Bad("softplus-complex-tensor", lambda f: f.softplus(x, 1.0, torch.tensor(2 + 1j)),
+        r"softplus: threshold must be a real number, got a complex tensor"),
+    Bad("cross_entropy-smoothing-complex-tensor",
+        lambda f: f.cross_entropy(x, t, label_smoothing=torch.tensor(0.1 + 1j)),
+        r"cross_entropy: label_smoothing must be a real number, got a complex tensor"),
     Bad("elu-tensor-requires-grad", lambda f: f.elu(x, torch.tensor(0.2, requires_grad=True)),
         r"elu: alpha must be a number; a tensor that requires grad"),
     Bad("softplus-beta-str", lambda f: f.softplus(x, "a"), r"softplus: beta must be a number"),

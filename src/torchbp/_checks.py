@@ -84,11 +84,19 @@ def check_optional_tensor(op: str, **tensors) -> None:
 def scalar_argument(op: str, name: str, value) -> float:
     """``value`` as a float, where native takes a Number: a Python bool / int / float or a
     0-dim tensor that does not require grad; a ``TypeError`` naming the argument otherwise
-    (a multi-element tensor, a tensor requiring grad, a str...), as native."""
+    (a multi-element tensor, a tensor requiring grad, a str...), as native (for a complex
+    number or tensor a :class:`DTypeError`, also native's ``RuntimeError``)."""
     if type(value) is float or type(value) is int:  # the common case, first
         return float(value)
     if isinstance(value, numbers.Real):
         return float(value)
+    if isinstance(value, numbers.Complex) or (
+        isinstance(value, torch.Tensor) and value.is_complex()
+    ):
+        # native cannot convert it ('value cannot be converted to type float without
+        # overflow', a RuntimeError): DTypeError is that and a TypeError
+        shown = "a complex tensor" if isinstance(value, torch.Tensor) else f"complex {value!r}"
+        raise DTypeError(f"{op}: {name} must be a real number, got {shown}")
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise TypeError(
