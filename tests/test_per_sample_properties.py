@@ -4,7 +4,9 @@ Hypothesis draws small architectures from what the context supports (Linear with
 without bias, every activation, LayerNorm without affine or with a frozen one, Dropout(0),
 Flatten, Identity, residual blocks, one Linear used twice, frozen weights, biases and
 layers), 2-D and 3-D inputs, the cross-entropy options (reduction, label smoothing, class
-weights, ignore_index with some samples ignored) and each mode; the norms, ``p.grad``
+weights, ignore_index with some samples ignored), ``loss.backward()`` or
+``loss.backward(inputs=[...])`` naming some parameters, a gradient already in ``p.grad``,
+and each mode; the norms, ``p.grad``
 (plain or clipped), ``p.grad_sample`` and the statistics must match the oracle's to 1e-10
 of their largest magnitude (of their terms' summed magnitudes, for sums that may cancel).
 
@@ -199,33 +201,57 @@ def expand(factors: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @settings(PROFILE)
 @given(spec=specs(), mode=st.sampled_from(["norms", "grads", "clip"]), data=st.data())
-def test_backward_with_inputs_matches_vmap_grad_of_those(spec, mode, data):
-    """``loss.backward(inputs=[...])`` on a drawn model: the norms, the clipped p.grad,
-    p.grad_sample and the statistics are those of the named parameters' gradients (the
-    others get no p.grad, zeros elsewhere), whichever layers the backward runs through."""
+def test_drawn_models_match_vmap_grad(spec, mode, data):
+    """One backward on a drawn model, ``loss.backward()`` or ``loss.backward(inputs=[...])``
+    naming some parameters, onto a ``p.grad`` that may already hold a gradient: the norms,
+    the (clipped) contribution added to p.grad, p.grad_sample and the statistics are those
+    of the accounted parameters' per-sample gradients (the named ones, else every trainable
+    one); the others keep their p.grad and get zeros elsewhere, whichever layers the
+    backward runs through."""
     model, x, target, options = build(spec)
     reduction = spec["reduction"]
     ref = reference(model, x, target, reduction, options)
     if not ref:
-        return
-    named = data.draw(st.lists(st.sampled_from(sorted(ref)), min_size=1, unique=True))
-    norms = torch.sqrt(sum(ref[n].flatten(1).square().sum(1) for n in named))
-    max_norm = max(norms.median().item(), 1e-3)
+        return  # every parameter frozen: nothing to account for
+    names = sorted(ref)
+    named = data.draw(
+        st.one_of(st.none(), st.lists(st.sampled_from(names), min_size=1, unique=True))
+    )
+    accounted = names if named is None else named
+    before = {}
+    if data.draw(st.booleans(), label="existing p.grad"):
+        before = {n: torch.randn_like(model.get_parameter(n)) for n in names}
+        for n, g in before.items():
+            model.get_parameter(n).grad = g.clone()
+    norms = torch.sqrt(sum(ref[n].flatten(1).square().sum(1) for n in accounted))
+    max_norm = max(norms.median().item(), 1e-3)  # some samples clipped, some not
     factors = (max_norm / norms).clamp(max=1) if mode == "clip" else torch.ones_like(norms)
     with per_sample_grads(
         model, mode=mode, max_norm=max_norm if mode == "clip" else None, statistics=True
     ) as ps:
         loss = batch_loss(model, x, target, reduction, options)
-        loss.backward(inputs=[model.get_parameter(n) for n in named])
+        loss.backward(inputs=None if named is None else [model.get_parameter(n) for n in named])
     close(ps.norms, norms, "norms")
-    for name, g in ref.items():
-        p = model.get_parameter(name)
-        if name in named:
-            scaled = g * expand(factors, g)
-            close(p.grad, scaled.sum(0), f"{name}.grad", scaled.abs().sum(0).max())
-        else:
+    assert ps.batch_size == x.shape[0]
+    if mode == "clip":
+        close(ps.clip_factors, factors, "clip_factors")
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
             assert p.grad is None, name
+            continue
+        g = ref[name]
+        if name in accounted:
+            scaled = g * expand(factors, g)
+            expected = before.get(name, 0) + scaled.sum(0)
+            # a sum's rounding is relative to its terms' magnitudes (they may cancel)
+            terms = (before.get(name, torch.zeros_like(p)).abs() + scaled.abs().sum(0)).max()
+            close(p.grad, expected, f"{name}.grad", terms)
+        else:
+            assert (p.grad is None) if name not in before else torch.equal(p.grad, before[name])
             g = torch.zeros_like(g)  # this backward contributes nothing to it
         if mode == "grads":
             close(p.grad_sample, g, f"{name}.grad_sample")
         close(p.sum_grad_squared, g.square().sum(0), f"{name}.sum_grad_squared")
+        # E[G²] - E[G]²: rounding relative to E[G²], not to the (possibly 0) variance
+        mean_square = g.square().mean(0).abs().max()
+        close(p.grad_variance, g.var(0, correction=0), f"{name}.grad_variance", mean_square)
