@@ -798,3 +798,16 @@ def test_a_run_folder_that_cannot_be_created_is_a_cli_error_before_training(
     assert f"error: invalid configuration: cannot write the run's files into {blocker / 'x'}" in err
     assert f"{blocker} is not a folder" in err, err
     assert "Traceback" not in err
+
+
+def test_a_runs_saved_config_names_its_run(tmp_path):
+    """The run folder's config.yaml kept ``run_name: null``, so running it again (``test
+    --config runs/digits/version_0/config.yaml --ckpt_path last``, as the README points at
+    it) named the run after the file, ``config``: it found no run under runs/config. The
+    saved config now names the run it was saved for."""
+    fit_digits(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2")
+    run = tmp_path / "digits/version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["run_name"] == "digits"
+    cli = run_cli("test", "--config", str(run / "config.yaml"), "--ckpt_path=last")
+    assert cli.config_init["test"]["ckpt_path"] == str(run / "checkpoints/last.ckpt")
+    assert Path(cli.trainer.log_dir).resolve() == (tmp_path / "digits/version_1").resolve()

@@ -15,7 +15,8 @@ Configs: ``--config NAME`` names a config bundled with the package (``digits``,
 command line with no ``--config`` runs ``digits``. Options after ``--config`` override it.
 
 Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the stem of the last
-``--config`` file): ``metrics.csv`` and, when tensorboard is installed, TensorBoard events
+``--config`` file; the run's saved ``config.yaml`` records it, so ``--config`` of that file runs
+under the same name): ``metrics.csv`` and, when tensorboard is installed, TensorBoard events
 (neither with ``--trainer.logger false``), the resolved ``config.yaml`` and ``checkpoints/``
 (none with ``--trainer.enable_checkpointing false``; best on ``val/acc`` and ``last.ckpt``;
 another ``--checkpoint.monitor`` brings its own ``--checkpoint.mode``, default ``auto``: ``max``
@@ -328,6 +329,8 @@ class TorchbpCLI(LightningCLI):
         if checkpoint is not None and checkpoint.get("mode") == "auto":
             checkpoint["mode"] = _checkpoint_mode(checkpoint.get("monitor"))
         root = self._run_root()
+        # the saved config.yaml names its run: run again, it is not named after that file
+        cfg["run_name"] = root.name
         self._version: int | None = None
         self._resumed = False  # fit --ckpt_path last: the run folder's files are its own
         if cfg.get("ckpt_path") == "last":
