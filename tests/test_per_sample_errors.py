@@ -776,3 +776,23 @@ def test_complex_linear_refused_by_name(frozen):
         model[0].weight.requires_grad_(False)  # a complex bias alone
     with pytest.raises(TypeError, match=r"'0' \(Linear\) has complex trainable parameters"):
         per_sample_grads(model)
+
+
+def test_errors_from_autograd_grad_after_the_backward_keep_their_message():
+    """An error raised inside a later torch.autograd.grad call (a saliency map of the
+    input after the step, refused as a second backward; or torch's own complaint about an
+    unrelated tensor) leaves the with block as it is. Before, every such error was replaced
+    on leaving by 'torch.autograd.grad with respect to the model's parameters is not
+    supported', which the call was not."""
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="a second backward through Linear '2'"):
+        with per_sample_grads(model):
+            loss = model(x).sum()
+            loss.backward(retain_graph=True)
+            torch.autograd.grad(loss, x)
+    with pytest.raises(RuntimeError, match="appears to not have been used in the graph"):
+        with per_sample_grads(model):
+            model(x).sum().backward()
+            y, unused = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+            torch.autograd.grad(y.sum(), [y, unused])

@@ -145,9 +145,12 @@ class PerSampleGrads:
             if self._state == "open":
                 self._state = "closed"
             self._release_traces()
-        if exc is not None and self._reached and _passed_through_autograd_grad(tb):
+        if exc is not None and self._backward_cut_short() and _passed_through_autograd_grad(tb):
             # torch's own refusal, from a hook on a device's autograd thread, which the
-            # marker cannot see: named here, as it leaves the with block
+            # marker cannot see: named here, as it leaves the with block. Only for a call
+            # that reached the parameters and never completed: an error from a later
+            # torch.autograd.grad (after a finished backward, whose own refusals name
+            # themselves) is not about the parameters
             raise RuntimeError(_autograd_grad_refusal("the model's parameters")) from exc
         return False
 
