@@ -811,3 +811,24 @@ def test_a_runs_saved_config_names_its_run(tmp_path):
     cli = run_cli("test", "--config", str(run / "config.yaml"), "--ckpt_path=last")
     assert cli.config_init["test"]["ckpt_path"] == str(run / "checkpoints/last.ckpt")
     assert Path(cli.trainer.log_dir).resolve() == (tmp_path / "digits/version_1").resolve()
+
+
+def test_evaluating_a_checkpoint_on_data_of_other_classes_names_the_classes(tmp_path, capsys):
+    """A model of cat/dog/fox tested on a file of cat and dog only was refused as a model that
+    "does not fit the configured model: net.0.weight: (3, 2) in the checkpoint, (2, 2) ...":
+    the data's classes, the cause, are now named first."""
+
+    def table(name, kinds):
+        path = tmp_path / name
+        rows = [f"{i % 5 + 3 * (i % 3)},{i % 3},{kinds[i % len(kinds)]}\n" for i in range(60)]
+        path.write_text("w,h,kind\n" + "".join(rows))
+        return ["--data=torchbp.lightning.data.TabularFileDataModule", f"--data.path={path}"]
+
+    common = ["--data.label_column=kind", "--model.hidden_sizes=[]", f"--run_dir={tmp_path}"]
+    run_cli("fit", *table("three.csv", ["cat", "dog", "fox"]), *common, "--trainer.max_epochs=1")
+    with pytest.raises(SystemExit) as e:
+        run_cli("test", *table("two.csv", ["cat", "dog"]), *common, "--ckpt_path=last")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "trained on the classes ['cat', 'dog', 'fox']" in err, err
+    assert "['cat', 'dog']" in err and "Traceback" not in err

@@ -418,6 +418,13 @@ class TorchbpCLI(LightningCLI):
         checkpoint = _read_checkpoint(Path(path))
         if checkpoint is None:
             return
+        # the data first: data of other classes is why a model's sizes differ
+        data_state = checkpoint.get(type(self.datamodule).__qualname__)
+        if isinstance(data_state, dict):
+            try:  # what Lightning does once the run has started
+                self.datamodule.load_state_dict(data_state)
+            except DataConfigError as e:
+                exit_with_error(f"--ckpt_path: {path}: {e}")
         hint = "(its run's config.yaml has the options it was trained with)"
         problems = _weights_mismatch(checkpoint, self.model)
         if problems:
@@ -425,12 +432,6 @@ class TorchbpCLI(LightningCLI):
             exit_with_error(
                 f"--ckpt_path: {path} does not fit the configured model: {shown} {hint}"
             )
-        data_state = checkpoint.get(type(self.datamodule).__qualname__)
-        if isinstance(data_state, dict):
-            try:  # what Lightning does once the run has started
-                self.datamodule.load_state_dict(data_state)
-            except DataConfigError as e:
-                exit_with_error(f"--ckpt_path: {path}: {e}")
         optimizer = _configured_optimizer(self.model) if self.subcommand == "fit" else None
         problems = [] if optimizer is None else _optimizer_mismatch(checkpoint, optimizer)
         if problems:
