@@ -210,6 +210,41 @@ def test_vmap_of_vjp(case, device):
     _close(func.vmap(vjp_fn)(cots), func.vmap(vjp_ref)(cots))
 
 
+_TARGET_ONLY = {
+    "class_indices": lambda ns, z, b: ns.cross_entropy(z, b["y"]),
+    "ignore_index": lambda ns, z, b: ns.cross_entropy(z, b["y"], ignore_index=2),
+    "none": lambda ns, z, b: ns.cross_entropy(z, b["y"], reduction="none"),
+    "weight": lambda ns, z, b: ns.cross_entropy(z, b["y"][0], weight=b["w"]),
+    "weight_smoothing": lambda ns, z, b: ns.cross_entropy(
+        z, b["y"][0], weight=b["w"], label_smoothing=0.2
+    ),
+    "probabilities": lambda ns, z, b: ns.cross_entropy(z, b["p"]),
+    "probabilities_smoothing": lambda ns, z, b: ns.cross_entropy(z, b["p"], label_smoothing=0.1),
+    "grad_of_logits": lambda ns, z, b: func.grad(lambda q: ns.cross_entropy(q, b["y"]))(z),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("call", list(_TARGET_ONLY), ids=str)
+def test_vmap_over_the_target_or_weights_alone(call, dtype, device):
+    """vmap batching only the target (class indices or probabilities) or the class weights,
+    the logits a plain tensor: the fast paths, which write in place into buffers of the
+    logits' batch shape, must step aside (they crashed: 'vmap: scatter_add_ ... not
+    possible', 'Cannot access storage of BatchedTensorImpl')."""
+    z = torch.randn(4, 5).to(device, dtype)
+    batched = {
+        "y": torch.randint(5, (3, 4)).to(device),
+        "w": torch.rand(3, 5).to(device, dtype),
+        "p": torch.softmax(torch.randn(3, 4, 5), -1).to(device, dtype),
+    }
+    fn = _TARGET_ONLY[call]
+    key = {"weight": "w", "weight_smoothing": "w"}.get(call, "p" if "prob" in call else "y")
+    got = func.vmap(lambda t: fn(BP, z, {**batched, key: t}))(batched[key])
+    want = func.vmap(lambda t: fn(NATIVE, z, {**batched, key: t}))(batched[key])
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=1e-2)
+
+
 # --------------------------------------------------------------------------- per-sample grads
 
 

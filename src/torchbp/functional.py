@@ -447,14 +447,17 @@ def _probability_loss_dtype(logits, target, weight) -> torch.dtype:
     return dtype if weight is None else torch.promote_types(dtype, weight.dtype)
 
 
-def _writes_gradient_over_logits(logits: torch.Tensor, inplace: bool) -> bool:
+def _writes_gradient_over_logits(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, inplace: bool
+) -> bool:
     """Whether ``cross_entropy(..., inplace=True)`` writes the gradient over ``logits``:
     only where autograd records a gradient for them (otherwise nothing needs it, and the
-    logits are kept), in eager mode, and not for a view (see :func:`_recorded_view`)."""
+    logits are kept), in eager mode (a target or weights batched by torch.func alone
+    included), and not for a view (see :func:`_recorded_view`)."""
     return (
         inplace
         and _differentiated(logits)
-        and values_inspectable(logits)
+        and all(values_inspectable(t) for t in (logits, target, weight) if t is not None)
         and not _recorded_view(logits)
     )
 
@@ -607,7 +610,7 @@ def cross_entropy(
     label_smoothing = _checks.scalar_argument("cross_entropy", "label_smoothing", label_smoothing)
     if inplace:
         _checks.check_inplace_writable("cross_entropy", input)
-    inplace = _writes_gradient_over_logits(input, inplace)
+    inplace = _writes_gradient_over_logits(input, target, weight, inplace)
     if inplace:
         target, weight = (_kept_from_logits(t, input) for t in (target, weight))
     if _autocast_dtype(input) is not None:

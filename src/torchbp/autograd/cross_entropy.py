@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from torchbp._execution import has_storage
+
 # What ignore_index None (no row is ignored) stands for where a value is needed: no class
 # index is negative, so this matches no target.
 NO_IGNORE = -1
@@ -163,7 +165,13 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ_c e_ic - Σ_c B_ic s_ic   (Σ_c B_ic = a_i)
     loss = masked(coef, coef.a * log_total.squeeze(1) - linear)
     # ∂ℓ_i/∂z_i = a_i p_i - B_i with p_i = e_i / Σ_c e_ic
-    grad = subtract_b(coef, e.mul_(coef.a.unsqueeze(1) / total))
+    scale = coef.a.unsqueeze(1) / total
+    if all(has_storage(t) for t in (target, weight) if t is not None):
+        grad = subtract_b(coef, e.mul_(scale))  # built in e's buffer
+    else:
+        # torch.func batches the target or weights (maybe not the logits): an in-place op
+        # cannot add a batch dim to e, so the same formula runs out of place
+        grad = e * scale - dense_b(coef, z.shape[1])
     return CERows(loss, grad, (m + log_total).squeeze(1))
 
 

@@ -188,7 +188,8 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
     if _triton.requested() and triton_ce.available(logits, target, weight):
         ignore = NO_IGNORE if ignore_index is None else ignore_index
         return CERows(*triton_ce.ce_forward_rows(logits, target, weight, ignore, smoothing))
-    eager = values_inspectable(logits)
+    # torch.func may batch the target or weights alone: the fast paths then step aside too
+    eager = all(values_inspectable(t) for t in (logits, target, weight) if t is not None)
     full_precision = logits.dtype in (torch.float32, torch.float64)
     plain = weight is None and not smoothing and not target.is_floating_point()
     if eager and full_precision and plain and logits.numel():
