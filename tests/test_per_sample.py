@@ -715,3 +715,29 @@ def test_backward_with_inputs_accounts_for_their_parameters_only(mode, named):
         if mode == "grads":
             close(p.grad_sample, g)
         close(p.sum_grad_squared, g.square().sum(0))
+
+
+@pytest.mark.parametrize(
+    ("first", "then", "stale"),
+    [
+        ({"mode": "grads"}, {"mode": "norms"}, ("grad_sample",)),
+        ({"mode": "grads"}, {"mode": "clip", "max_norm": 1.0}, ("grad_sample",)),
+        (
+            {"mode": "norms", "statistics": True},
+            {"mode": "norms"},
+            ("sum_grad_squared", "grad_variance"),
+        ),
+    ],
+)
+def test_results_of_an_earlier_context_are_not_left_for_a_later_one(first, then, stale):
+    """A later context that does not form ``p.grad_sample`` (or the statistics) leaves none:
+    the earlier step's would be read as this step's (and keep B×|θ| alive)."""
+    model = mlp()
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    for options in (first, then):
+        model.zero_grad()
+        with per_sample_grads(model, **options):
+            batch_loss(model, x, target, "sum").backward()
+    for p in model.parameters():
+        for name in stale:
+            assert getattr(p, name) is None, name

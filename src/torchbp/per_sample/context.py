@@ -323,9 +323,11 @@ class PerSampleGrads:
             if self.mode == "clip":
                 # c_i = min(1, C / ‖grad_i‖)   (a zero norm gives C/0 = inf -> 1)
                 self._factors = (self.max_norm / self._norms).clamp_(max=1.0)
-            if self.mode == "grads":
-                for p in self.parameters:  # free the last step's before forming new ones
-                    p.grad_sample = None
+            # free the last step's results before forming new ones, and drop those this
+            # context does not form (a stale p.grad_sample of an earlier grads-mode step
+            # would be read as this step's, and keep B×|θ| alive)
+            _reset(self.parameters, ("grad_sample",), formed=self.mode == "grads")
+            _reset(self.parameters, ("sum_grad_squared", "grad_variance"), formed=self.statistics)
             clip = self.mode == "clip"
             needs_sums = self.statistics or (forms_param_grads and not clip)
             # Output side first, as the backward would: each layer's recording is dropped
@@ -477,6 +479,16 @@ def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
     return _grad_sums(layer, a, formulas.scale_samples(g.to(dtype), factors), dtype)
 
 
+def _reset(parameters, names: tuple[str, ...], *, formed: bool) -> None:
+    """Set the result attributes ``names`` of ``parameters`` to None: on every parameter
+    where this context forms them anew (``formed``), else only where an earlier context
+    left a value (no attribute is added)."""
+    for p in parameters:
+        for name in names:
+            if formed or getattr(p, name, None) is not None:
+                setattr(p, name, None)
+
+
 def _joined(layer: Layer):
     """The layer's traces as one ``(a, g)``: every forward call's positions side by side."""
     if len(layer.traces) == 1:
@@ -519,7 +531,9 @@ def per_sample_grads(
     - ``"norms"``: ``ps.norms``; ``p.grad`` as without the context.
     - ``"grads"``: also ``p.grad_sample``, shape ``(B, *p.shape)``, for every trainable
       parameter: replaced (not accumulated) by each context; its sum over dim 0 is this
-      backward's contribution to ``p.grad``.
+      backward's contribution to ``p.grad``. A context of another mode sets a
+      ``p.grad_sample`` left by an earlier one to None (as one without ``statistics``
+      does the statistics), so no earlier step's value is read as this step's.
     - ``"clip"``: ``p.grad`` receives ``Σ_i min(1, max_norm/‖grad_i‖) grad_i`` instead of
       ``Σ_i grad_i``, each layer's with one matmul ``(c ⊙ g)ᵀ a``; ``ps.clip_factors``
       holds ``c``.
