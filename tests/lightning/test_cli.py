@@ -832,3 +832,17 @@ def test_evaluating_a_checkpoint_on_data_of_other_classes_names_the_classes(tmp_
     err = capsys.readouterr().err
     assert "trained on the classes ['cat', 'dog', 'fox']" in err, err
     assert "['cat', 'dog']" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_monitor_the_model_never_logs_is_a_cli_error_before_training(tmp_path, capsys):
+    """``--checkpoint.monitor val/accuracy`` (for val/acc) trained a whole epoch, then stopped
+    with Lightning's MisconfigurationException in a traceback, leaving a run folder behind."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit", "--config", "iris", f"--run_dir={tmp_path}", "--checkpoint.monitor=val/accuracy"
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: checkpoint.monitor 'val/accuracy'" in err, err
+    assert "val/acc" in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*"))

@@ -400,12 +400,30 @@ class TorchbpCLI(LightningCLI):
                 self.datamodule.check_data()
             if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
                 self.model.check_scheduler(self.trainer)
+                self._check_checkpoint_monitor()
             self._check_privacy()
             self._check_checkpoint_fits_model()
             self._check_config_file_is_new()
             self._check_run_folders_can_be_written()
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
+
+    def _check_checkpoint_monitor(self) -> None:
+        """``checkpoint.monitor`` is a metric the fit logs (ERMClassifier's own, not a
+        subclass's, which may log more): Lightning finds a misspelt one only after the first
+        epoch, with a traceback."""
+        callback = self.trainer.checkpoint_callback
+        if type(self.model) is not ERMClassifier or not isinstance(callback, ModelCheckpoint):
+            return
+        if callback.monitor is None or callback.save_top_k == 0:
+            return  # nothing monitored
+        logged = [n for n in self.model.metric_names() if not n.startswith("test/")]
+        logged += ["epoch", "step"]  # Lightning adds them to what a checkpoint may monitor
+        if callback.monitor not in logged:
+            raise ValueError(
+                f"checkpoint.monitor {callback.monitor!r} is not a metric the model logs during "
+                f"fit; monitor one of {', '.join(logged)}"
+            )
 
     def _check_checkpoint_fits_model(self) -> None:
         """A ``--ckpt_path`` that the configured model cannot load (another architecture), or

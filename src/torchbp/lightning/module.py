@@ -86,6 +86,10 @@ class ZeroOneError(MulticlassAccuracy):
         return 1.0 - super().compute()
 
 
+#: what the validation and test steps log, after ``val/`` and ``test/``
+_EVAL_METRICS = ("loss", "acc", "error", "f1")
+
+
 class _LeavePerSampleOnError(pl.Callback):
     """Leaves a DP step's ``per_sample_grads`` context when the fit stops between the
     forward and ``on_after_backward`` (a failing backward, Ctrl-C): left open, it would
@@ -240,6 +244,19 @@ class ERMClassifier(pl.LightningModule):
         self.train_metrics = collection("train/", full=False)
         self.val_metrics = collection("val/", full=True)
         self.test_metrics = collection("test/", full=True)
+
+    def metric_names(self) -> list[str]:
+        """The metrics this model logs each epoch (``train/epsilon`` only with ``privacy``):
+        what a ModelCheckpoint or EarlyStopping of a fit may monitor, besides ``test/``'s.
+
+        Examples::
+
+            >>> ERMClassifier(input_size=4, num_classes=3).metric_names()[:3]
+            ['train/loss', 'train/acc', 'val/loss']
+        """
+        names = ["train/loss", "train/acc"]
+        names += [f"{stage}/{m}" for stage in ("val", "test") for m in _EVAL_METRICS]
+        return names + (["train/epsilon"] if self.privacy is not None else [])
 
     def _backend_calls(self) -> contextlib.AbstractContextManager[Any]:
         """The context a step's forward and loss run in: :attr:`routing` where they may
