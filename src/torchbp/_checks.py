@@ -310,28 +310,6 @@ def check_class_weight_dtype(op: str, weight: torch.Tensor | None, dtype: torch.
         )
 
 
-def check_linear_shapes(op, input, weight, bias, w_name, b_name, rows_name) -> None:
-    """``weight`` 2-D ``(rows, in_features)``, ``input`` ``(*, in_features)``, ``bias``
-    ``(rows,)``: otherwise an error naming both shapes. (``linear`` itself accepts more:
-    :func:`validate_linear`.)"""
-    if weight.dim() != 2:
-        raise ShapeError(
-            f"{op}: {w_name} must be 2-D ({rows_name}, in_features), "
-            f"got shape {tuple(weight.shape)}"
-        )
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise ShapeError(
-            f"{op}: input's last dim must equal {w_name}'s in_features: input "
-            f"{tuple(input.shape)}, {w_name} {tuple(weight.shape)} "
-            f"(in_features = {weight.shape[1]})"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ShapeError(
-            f"{op}: {b_name} must have shape ({weight.shape[0]},) to match {w_name} "
-            f"{tuple(weight.shape)}, got {tuple(bias.shape)}"
-        )
-
-
 def check_linear_dtypes(op, input, weight, bias, w_name, b_name) -> None:
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         got = f"input {input.dtype}, {w_name} {weight.dtype}"
