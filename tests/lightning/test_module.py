@@ -206,3 +206,36 @@ def test_plateau_scheduler_without_validation_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match=r"ReduceLROnPlateau.*limit_val_batches=0"):
         trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # no step taken
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler"),
+    [
+        (
+            partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+            partial(torch.optim.lr_scheduler.StepLR, step_size=2),
+        ),
+        (torch.optim.Adam, None),
+    ],
+    ids=["partials", "class"],
+)
+def test_python_api_checkpoint_loads_with_weights_only(tmp_path, optimizer, scheduler):
+    """A model built in Python with a class or a partial as its optimizer / scheduler saves
+    them as class paths, so its checkpoint loads with torch.load's default weights_only=True
+    (a pickled partial was refused: UnpicklingError) and rebuilds the same optimizer."""
+    model = ERMClassifier(
+        input_size=3, num_classes=2, hidden_sizes=[4], optimizer=optimizer, lr_scheduler=scheduler
+    )
+    trainer = _quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(2, (8,)))
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = ERMClassifier.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    want, got = model.configure_optimizers(), loaded.configure_optimizers()
+    if scheduler is None:  # the optimizer alone
+        assert type(got) is torch.optim.Adam and got.defaults == want.defaults
+    else:
+        assert type(got["optimizer"]) is torch.optim.SGD
+        assert got["optimizer"].defaults == want["optimizer"].defaults
+        assert type(got["lr_scheduler"]["scheduler"]) is torch.optim.lr_scheduler.StepLR
+        assert got["lr_scheduler"]["scheduler"].step_size == 2

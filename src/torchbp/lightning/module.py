@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import importlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -50,6 +52,45 @@ Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
 def _check_choice(kind: str, value: str, choices: dict[str, Any]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a number, string, None or a list/tuple of them (what
+    ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _factory_as_config(factory: Any) -> Any:
+    """An optimizer or scheduler factory as the hyperparameter a checkpoint keeps:
+    a class, or a ``functools.partial`` of one with plain keyword arguments, becomes
+    ``{"class_path": ..., "init_args": {...}}`` (the form torchbp-train saves), so the
+    checkpoint loads with ``torch.load(weights_only=True)``, PyTorch's default; anything
+    else (a lambda, a partial holding tensors) is kept as given and needs
+    ``weights_only=False`` to load."""
+    func, kwargs = factory, {}
+    if isinstance(factory, functools.partial) and not factory.args:
+        func, kwargs = factory.func, dict(factory.keywords)
+    if isinstance(func, type) and "<" not in func.__qualname__ and _plain(list(kwargs.values())):
+        return {"class_path": f"{func.__module__}.{func.__qualname__}", "init_args": kwargs}
+    return factory
+
+
+def _factory_from_config(factory: Any, name: str) -> Any:
+    """The factory a :func:`_factory_as_config` dict stands for (a checkpoint's
+    hyperparameter): ``partial(class, **init_args)``; anything else as given."""
+    if not (isinstance(factory, dict) and "class_path" in factory):
+        return factory
+    module, _, qualname = factory["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{name}: cannot import {factory['class_path']!r}: {e}") from e
+    return functools.partial(cls, **factory.get("init_args", {}))
 
 
 def build_mlp(
@@ -145,10 +186,14 @@ class ERMClassifier(pl.LightningModule):
             torch that has ``torch.nn.functional.linear_cross_entropy`` (2.13+); with an older
             torch the option is rejected with a ``ValueError``.
         optimizer: Optimizer factory, e.g. ``torch.optim.SGD`` with ``lr`` and ``momentum``,
-            ``torch.optim.Adam`` or ``torch.optim.AdamW`` (default: Adam, lr=1e-3).
+            ``torch.optim.Adam`` or ``torch.optim.AdamW`` (default: Adam, lr=1e-3). A class,
+            or a ``functools.partial`` of one with plain keyword arguments, is kept in
+            checkpoints as its class path and arguments (as ``torchbp-train`` keeps it), so
+            they load with ``torch.load``'s default ``weights_only=True``; another callable
+            (a lambda) is pickled, and its checkpoints need ``weights_only=False``.
         lr_scheduler: Optional LR scheduler factory, e.g. ``torch.optim.lr_scheduler.StepLR``
             or ``CosineAnnealingLR``; stepped once per epoch (``ReduceLROnPlateau``: on
-            ``val/loss``, after each epoch that validates).
+            ``val/loss``, after each epoch that validates). Kept in checkpoints as ``optimizer``.
         privacy: Train with DP-SGD (:class:`~torchbp.lightning.privacy.Privacy`: max grad
             norm, and a noise multiplier or a target ε at δ). Each step's gradient is
             ``(Σ_i clip(g_i) + N(0, σ²C²)) / L`` with the per-sample clipping of
@@ -209,9 +254,14 @@ class ERMClassifier(pl.LightningModule):
                 f"which needs backend='torchbp' and fused_head=False; got backend={backend!r}, "
                 f"fused_head={fused_head}"
             )
-        # privacy as a plain dict: checkpoints stay loadable with torch.load(weights_only=True)
+        optimizer = _factory_from_config(optimizer, "optimizer")
+        lr_scheduler = _factory_from_config(lr_scheduler, "lr_scheduler")
+        # privacy as a plain dict, the factories as class paths where they can be: checkpoints
+        # stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["privacy"])
         self.hparams["privacy"] = None if privacy is None else dataclasses.asdict(privacy)
+        for key in ("optimizer", "lr_scheduler"):
+            self.hparams[key] = _factory_as_config(self.hparams[key])
 
         self.net = build_mlp(
             input_size, num_classes, hidden_sizes, activation, negative_slope, bias, backend
