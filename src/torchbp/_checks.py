@@ -549,6 +549,15 @@ def check_linear_cross_entropy_options(op: str, options) -> None:
         )
 
 
+def check_chunk_size(op: str, chunk_size) -> None:
+    """``chunk_size`` is ``None`` or a positive int (not a bool): an :class:`OptionError`
+    naming it otherwise."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise OptionError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def _check_lce_linear_part(op, input, linear_weight, linear_bias) -> tuple[int, ...]:
     """Native's shape rules for the linear part: weight ``(C, d1, ..., dK, in)`` with
     ``K >= 0``, bias ``(C, d1, ..., dK)``, input ``(in,)`` or ``(N, in)`` (torchbp also
@@ -631,10 +640,7 @@ def validate_linear_cross_entropy(
     check_reduction(reduction)
     check_smoothing(op, label_smoothing)
     check_linear_cross_entropy_options(op, options)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-    ):
-        raise OptionError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(op, chunk_size)
     check_floating(op, "input", input)
     check_floating(op, "linear_weight", linear_weight)
     check_same_device(

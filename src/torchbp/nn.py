@@ -337,12 +337,7 @@ class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn
             )
         _checks.check_smoothing(op, label_smoothing)
         _checks.check_linear_cross_entropy_options(op, options)
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-        ):
-            raise _checks.OptionError(
-                f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}"
-            )
+        _checks.check_chunk_size(op, chunk_size)
         if _NativeLinearCrossEntropyLoss is not None:
             super().__init__(
                 in_features,
