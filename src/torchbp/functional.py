@@ -30,7 +30,7 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
-from torchbp._execution import has_storage, values_inspectable
+from torchbp._execution import carries_tangent, has_storage, values_inspectable
 from torchbp.autograd import (
     CrossEntropyFunction,
     ELUFunction,
@@ -660,8 +660,7 @@ def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
     if not all(has_storage(t) for t in present):  # wrapped or batched by torch.func
         return True
-    unpack = torch.autograd.forward_ad.unpack_dual
-    return any(unpack(t).tangent is not None for t in present)
+    return any(carries_tangent(t) for t in present)
 
 
 def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, weight, soft) -> bool:
@@ -722,11 +721,6 @@ def _linear_cross_entropy_unfused(
         label_smoothing=smoothing,
     )
     return loss.reshape(batch_shape) if flatten and reduction == "none" else loss
-
-
-def _lce_recorded(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd records a loss of these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_lce_saves_no_inference_tensor(input, linear_weight, target, weight) -> None:
@@ -864,7 +858,9 @@ def linear_cross_entropy(
         chunk_size,
     )
     soft, ignore_index = call.soft, call.ignore_index
-    recorded = _lce_recorded(input, linear_weight, linear_bias, target if soft else None)
+    recorded = any(
+        _differentiated(t) for t in (input, linear_weight, linear_bias, target if soft else None)
+    )
     if recorded:
         _check_lce_saves_no_inference_tensor(input, linear_weight, target, weight)
     # native's chunked path takes class weights of any dtype; its reference path, as
@@ -922,10 +918,8 @@ def linear_cross_entropy(
         chunk_size = chunk_size_from_options(options, rows, features, classes, x.dtype, x.device)
     if chunk_size is None:
         chunk_size = default_chunk_size(rows, classes, x.dtype, x.device)
-    grad_on = torch.is_grad_enabled()
     needs = tuple(
-        bool(grad_on and t is not None and t.requires_grad)
-        for t in (x, linear_weight, linear_bias, flat_target if soft else None)
+        _differentiated(t) for t in (x, linear_weight, linear_bias, flat_target if soft else None)
     )
     if reduction == "none" and recorded:
         # backward recomputes the logits from x, W and b: an inference-mode one that native
