@@ -48,6 +48,7 @@ from torchbp.autograd import (
     TanhFunction,
 )
 from torchbp.autograd._compile import apply, pair
+from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
 
 __all__ = [
@@ -532,7 +533,7 @@ def nll_loss(
     _checks.check_class_weight_dtype("nll_loss", weight, input.dtype)
     flat_target = target.reshape(-1).long()  # uint8 indices are accepted, as native does
     rows = apply(_NLLLOSS, _rows(input, class_dim, classes), flat_target, weight, ignore_index)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     denominator = None
     if reduction == "mean":
         denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
@@ -907,7 +908,7 @@ def linear_cross_entropy(
     flat_target = target.reshape(rows, classes) if soft else target.reshape(rows).long()
     if soft and flat_target.dtype != x.dtype:
         flat_target = flat_target.to(torch.promote_types(x.dtype, flat_target.dtype))
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     denominator = None
     if reduction == "mean":
         if soft:
