@@ -182,7 +182,7 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
     rows, classes = logits.shape
     if classes == 0:
         return _no_classes(logits, inplace)
-    block = max(1, _CHUNK_ELEMENTS // max(classes, 1))
+    block = max(1, _CHUNK_ELEMENTS // classes)
     if inplace:
         return CERows(*cpu_ce.blocked_rows(reference, logits, target, block, logits))
     if _triton.requested() and triton_ce.available(logits, target, weight):
