@@ -475,6 +475,7 @@ class CrossEntropyCall(NamedTuple):
     layout: ClassLayout
     soft: bool  #: the target holds class probabilities (the input's shape)
     unmasked: bool  #: every target is a class index and none is ignore_index
+    label_smoothing: float  #: ε, checked to lie in [0, 1]
 
 
 def validate_cross_entropy(
@@ -486,7 +487,7 @@ def validate_cross_entropy(
     check_tensor(op, input=input, target=target)
     check_optional_tensor(op, weight=weight)
     check_reduction(reduction)
-    check_smoothing(op, label_smoothing)
+    smoothing = check_smoothing(op, label_smoothing)
     layout = class_layout(op, input)
     check_floating(op, "input", input)
     soft = input.shape == target.shape
@@ -508,7 +509,7 @@ def validate_cross_entropy(
                 f"{op}: inplace=True cannot be used when the probability target needs a "
                 "gradient (that gradient needs the logits)"
             )
-    return CrossEntropyCall(layout, soft, unmasked)
+    return CrossEntropyCall(layout, soft, unmasked, smoothing)
 
 
 class OptionsTypeError(TypeError, AttributeError):
@@ -520,12 +521,13 @@ class OptionsTypeError(TypeError, AttributeError):
 class LinearCrossEntropyCall(NamedTuple):
     """What :func:`validate_linear_cross_entropy` found: whether the target holds class
     probabilities (``soft``), the K-dim ``out_features`` ``(d1, ..., dK)`` of a
-    ``(C, d1, ..., dK, in)`` linear weight (``()`` for a 2-D one), and ``ignore_index``
-    resolved (``None`` means -100)."""
+    ``(C, d1, ..., dK, in)`` linear weight (``()`` for a 2-D one), ``ignore_index``
+    resolved (``None`` means -100) and ``label_smoothing`` as a float in [0, 1]."""
 
     soft: bool
     out_features: tuple[int, ...]
     ignore_index: int
+    label_smoothing: float
 
 
 def check_linear_cross_entropy_options(op: str, options) -> None:
@@ -638,7 +640,7 @@ def validate_linear_cross_entropy(
         )
     ignore_index = -100 if ignore_index is None else int_argument(op, "ignore_index", ignore_index)
     check_reduction(reduction)
-    check_smoothing(op, label_smoothing)
+    smoothing = check_smoothing(op, label_smoothing)
     check_linear_cross_entropy_options(op, options)
     check_chunk_size(op, chunk_size)
     check_floating(op, "input", input)
@@ -652,7 +654,7 @@ def validate_linear_cross_entropy(
         weight=weight,
     )
     if out_features:
-        return LinearCrossEntropyCall(soft, out_features, ignore_index)
+        return LinearCrossEntropyCall(soft, out_features, ignore_index, smoothing)
     check_class_weight(op, weight, classes, differentiable=soft)
     check_target_kind(
         op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
@@ -665,4 +667,4 @@ def validate_linear_cross_entropy(
                 f"got {tuple(target.shape)}"
             )
         check_class_indices(op, target, classes, ignore_index)
-    return LinearCrossEntropyCall(soft, (), ignore_index)
+    return LinearCrossEntropyCall(soft, (), ignore_index, smoothing)

@@ -605,10 +605,10 @@ def cross_entropy(
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("cross_entropy", "ignore_index", ignore_index)
-    (classes, class_dim, batch_shape), soft, unmasked = _checks.validate_cross_entropy(
+    call = _checks.validate_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace
     )
-    label_smoothing = _checks.scalar_argument("cross_entropy", "label_smoothing", label_smoothing)
+    (classes, class_dim, batch_shape), soft, unmasked, label_smoothing = call
     if inplace:
         _checks.check_inplace_writable("cross_entropy", input)
     inplace = _writes_gradient_over_logits(input, target, weight, inplace)
@@ -627,7 +627,7 @@ def cross_entropy(
     # uint8 class indices are accepted, as native does
     flat_target = _rows(target, class_dim, classes) if soft else target.reshape(-1).long()
     if weight_grad:
-        rows = _weighted_probability_rows(logits, flat_target, weight, float(label_smoothing))
+        rows = _weighted_probability_rows(logits, flat_target, weight, label_smoothing)
     else:
         rows, _grad, _lse = apply(
             _CROSSENTROPY,
@@ -635,7 +635,7 @@ def cross_entropy(
             flat_target,
             weight,
             None if unmasked else ignore_index,
-            float(label_smoothing),
+            label_smoothing,
             inplace,
         )
     denominator = None
@@ -682,13 +682,13 @@ def _lce_loss_dtype(input: torch.Tensor) -> torch.dtype:
     return input.dtype
 
 
-def _native_chunks(options, label_smoothing, target: torch.Tensor, out_features) -> bool:
+def _native_chunks(options, label_smoothing: float, target: torch.Tensor, out_features) -> bool:
     """Whether native's ``linear_cross_entropy`` takes its chunked path (``options`` given,
     no label smoothing, int64 class indices, a 2-D weight) rather than its reference
     formula, ``cross_entropy(linear(...))``."""
     return (
         options is not None
-        and float(label_smoothing) == 0.0
+        and label_smoothing == 0.0
         and target.dtype == torch.int64
         and not out_features
     )
@@ -858,7 +858,7 @@ def linear_cross_entropy(
         options,
         chunk_size,
     )
-    soft, ignore_index = call.soft, call.ignore_index
+    soft, ignore_index, label_smoothing = call.soft, call.ignore_index, call.label_smoothing
     recorded = any(
         _differentiated(t) for t in (input, linear_weight, linear_bias, target if soft else None)
     )
@@ -883,7 +883,7 @@ def linear_cross_entropy(
             weight.to(loss_dtype) if any_weight_dtype and weight is not None else weight,
             reduction,
             ignore_index,
-            float(label_smoothing),
+            label_smoothing,
             soft,
         )
     classes, features = linear_weight.shape
@@ -933,7 +933,7 @@ def linear_cross_entropy(
         flat_target,
         weight,
         ignore_index,
-        float(label_smoothing),
+        label_smoothing,
         reduction,
         denominator,
         chunk_size,
