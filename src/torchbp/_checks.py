@@ -67,6 +67,12 @@ class NotATensorError(TypeError, AttributeError):
     ``softmax`` raise when they call a tensor method on it)."""
 
 
+class OptionsTypeError(TypeError, AttributeError):
+    """``linear_cross_entropy``'s ``options`` is not a ``torch.nn.LinearCrossEntropyOptions``
+    (a ``TypeError``; also an ``AttributeError``, which native raises when it reads the
+    options' fields)."""
+
+
 def check_tensor(op: str, **tensors) -> None:
     """Every named argument is a tensor (``None`` where the caller allows it is skipped
     before): a :class:`NotATensorError` naming it otherwise."""
@@ -221,6 +227,8 @@ def check_not_inference(op: str, needed_for: str, **tensors: torch.Tensor | None
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """The given tensors (``None`` skipped) share one device: a :class:`DeviceError`
+    listing each one's otherwise."""
     named = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in named.values()}
     if len(devices) > 1:
@@ -237,6 +245,7 @@ def check_floating(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def check_reduction(reduction: str) -> None:
+    """``reduction`` is ``'none'``, ``'mean'`` or ``'sum'``: native's ``ValueError`` otherwise."""
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(
             f"{reduction} is not a valid value for reduction (expected 'none', 'mean' or 'sum')"
@@ -311,6 +320,8 @@ def check_class_weight_dtype(op: str, weight: torch.Tensor | None, dtype: torch.
 
 
 def check_linear_dtypes(op, input, weight, bias, w_name, b_name) -> None:
+    """``input``, ``weight`` and ``bias`` (if any) share one dtype: a :class:`DTypeError`
+    naming all three otherwise."""
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         got = f"input {input.dtype}, {w_name} {weight.dtype}"
         got += f", {b_name} {bias.dtype}" if bias is not None else ""
@@ -338,6 +349,8 @@ def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
 
 
 def check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_shape) -> None:
+    """A class-index ``target`` has the input's ``batch_shape``: a :class:`ShapeError`
+    otherwise (with native's batch-size wording where the first dims differ)."""
     if tuple(target.shape) == tuple(batch_shape):
         return
     if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
@@ -376,6 +389,36 @@ def check_smoothing(op: str, label_smoothing) -> float:
         hint = " (torchbp refuses negative smoothing on purpose)" if value < 0 else ""
         raise OptionError(f"{op}: label_smoothing must be in [0, 1], got {value}{hint}")
     return value
+
+
+def check_chunk_size(op: str, chunk_size) -> None:
+    """``chunk_size`` is ``None`` or a positive int (not a bool): an :class:`OptionError`
+    naming it otherwise."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise OptionError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_linear_cross_entropy_options(op: str, options) -> None:
+    """``options`` is ``None`` or a ``torch.nn.LinearCrossEntropyOptions`` (torch >= 2.13;
+    which validates its own fields when built); a ``chunking_method`` other than
+    ``'auto'`` together with a ``batch_chunk_size`` is checked at the call, where both
+    sizes are known."""
+    if options is None:
+        return
+    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options_type is None:
+        raise OptionsTypeError(
+            f"{op}: options needs torch.nn.LinearCrossEntropyOptions (torch >= 2.13), which "
+            f"this torch ({torch.__version__}) lacks; pass options=None (torchbp chunks "
+            "anyway) or chunk_size="
+        )
+    if not isinstance(options, options_type):
+        raise OptionsTypeError(
+            f"{op}: options must be a torch.nn.LinearCrossEntropyOptions or None, "
+            f"got {type(options).__name__}"
+        )
 
 
 def check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str) -> None:
@@ -512,12 +555,6 @@ def validate_cross_entropy(
     return CrossEntropyCall(layout, soft, unmasked, smoothing)
 
 
-class OptionsTypeError(TypeError, AttributeError):
-    """``linear_cross_entropy``'s ``options`` is not a ``torch.nn.LinearCrossEntropyOptions``
-    (a ``TypeError``; also an ``AttributeError``, which native raises when it reads the
-    options' fields)."""
-
-
 class LinearCrossEntropyCall(NamedTuple):
     """What :func:`validate_linear_cross_entropy` found: whether the target holds class
     probabilities (``soft``), the K-dim ``out_features`` ``(d1, ..., dK)`` of a
@@ -528,36 +565,6 @@ class LinearCrossEntropyCall(NamedTuple):
     out_features: tuple[int, ...]
     ignore_index: int
     label_smoothing: float
-
-
-def check_linear_cross_entropy_options(op: str, options) -> None:
-    """``options`` is ``None`` or a ``torch.nn.LinearCrossEntropyOptions`` (torch >= 2.13;
-    which validates its own fields when built); a ``chunking_method`` other than
-    ``'auto'`` together with a ``batch_chunk_size`` is checked at the call, where both
-    sizes are known."""
-    if options is None:
-        return
-    options_type = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-    if options_type is None:
-        raise OptionsTypeError(
-            f"{op}: options needs torch.nn.LinearCrossEntropyOptions (torch >= 2.13), which "
-            f"this torch ({torch.__version__}) lacks; pass options=None (torchbp chunks "
-            "anyway) or chunk_size="
-        )
-    if not isinstance(options, options_type):
-        raise OptionsTypeError(
-            f"{op}: options must be a torch.nn.LinearCrossEntropyOptions or None, "
-            f"got {type(options).__name__}"
-        )
-
-
-def check_chunk_size(op: str, chunk_size) -> None:
-    """``chunk_size`` is ``None`` or a positive int (not a bool): an :class:`OptionError`
-    naming it otherwise."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-    ):
-        raise OptionError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _check_lce_linear_part(op, input, linear_weight, linear_bias) -> tuple[int, ...]:
