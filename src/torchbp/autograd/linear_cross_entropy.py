@@ -4,7 +4,7 @@ Shapes: input ``x`` ``(N, d)``, linear weight ``W`` ``(C, d)``, bias ``b`` ``(C,
 logits ``z = x Wᵀ + b`` ``(N, C)`` (never held whole), class-index target ``(N,)`` or
 probability target ``(N, C)``.
 
-Per row the cross-entropy of :mod:`torchbp.autograd.losses` has the form
+Per row the cross-entropy of :mod:`torchbp.autograd.cross_entropy` has the form
 ``ℓ_i = a_i lse_i - Σ_c B_ic z_ic`` with ``G_i := ∂ℓ_i/∂z_i = a_i p_i - B_i``. With a
 per-row scale ``s_i`` (``1`` for ``sum``, ``1/Σ w_{y_i}`` for ``mean``, the upstream
 gradient ``g_i`` for ``none``; 0 on ignored rows) the chain rule through ``z = x Wᵀ + b``:
@@ -291,7 +291,7 @@ class LinearCrossEntropyFunction(Function):
 
     Forward, per chunk of ``m`` rows: ``z = x_c Wᵀ + b`` ``(m, C)``, then the fused
     cross-entropy rows (``ℓ``, ``G = ∂ℓ/∂z = a p - B``, ``lse``; see
-    :mod:`torchbp.autograd.losses`). Backward (math in the module docstring):
+    :mod:`torchbp.autograd.cross_entropy`). Backward (math in the module docstring):
     ``dx = s ⊙ (G W)``, ``dW = Gᵀ (s ⊙ x)``, ``db = sᵀ G``.
 
     * ``reduction='sum'`` / ``'mean'``: the gradients are computed in forward, in the same
