@@ -555,6 +555,35 @@ def test_predict_names_the_classes_of_a_csv(tmp_path):
         assert r["prediction"] == best
 
 
+def test_predict_path_predicts_the_rows_of_a_new_file(tmp_path):
+    """``predict --data.predict_path new.csv``: predictions.csv has one row per row of the new
+    file (without a label column), in its order, named by the training file's labels."""
+    csv = tmp_path / "pets.csv"
+    csv.write_text(
+        "w,h,kind\n"
+        + "".join(f"{i % 5 + 3 * (i % 2)},{i % 3},{('cat', 'dog')[i % 2]}\n" for i in range(40))
+    )
+    new = tmp_path / "new.csv"
+    new.write_text("h,w\n0,1\n2,7\n1,3\n0,0\n2,4\n")
+    data = ["--data=torchbp.lightning.data.TabularFileDataModule", f"--data.path={csv}"]
+    data += ["--data.label_column=kind", "--data.batch_size=2", f"--run_dir={tmp_path}"]
+    run_cli("fit", *data, "--trainer.max_epochs=1", "--model.hidden_sizes=[4]")
+    cli = run_cli(
+        "predict",
+        *data,
+        f"--data.predict_path={new}",
+        "--model.hidden_sizes=[4]",
+        "--ckpt_path=last",
+    )
+    columns, rows = _read_predictions(Path(cli.trainer.log_dir) / "predictions.csv")
+    assert columns == ["prediction", "prob_cat", "prob_dog"] and len(rows) == 5
+    (x,) = cli.datamodule.predict_dataloader().dataset.tensors
+    with torch.no_grad():
+        expected = cli.model(x).softmax(1)
+    probs = torch.tensor([[float(r["prob_cat"]), float(r["prob_dog"])] for r in rows])
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_best_loads_the_latest_runs_best_checkpoint(short_run, tmp_path, subcommand):
     """``test --ckpt_path best`` in a new process was Lightning's ValueError ("ModelCheckpoint

@@ -513,3 +513,41 @@ def test_tabular_csv_without_a_header_row_says_so(tmp_path):
     dm = TabularFileDataModule(path=str(p), label_column="target")
     with pytest.raises(DataError, match=r"its first row holds numbers.*needs a header row"):
         _ = dm.num_features
+
+
+def test_predict_path_serves_its_rows_scaled_as_the_training_split(tmp_path):
+    """predict_path: predict gives one row per row of a new file (columns in any order, no
+    label column), scaled with the training split's float64 mean and std; without it,
+    predict served only the test split, so new data could not be predicted at all."""
+    train = tmp_path / "t.csv"
+    _write_csv(train, ["a", "b", "c", "target"], _good_rows(40, 2))
+    new_rows = [["1.5", "-2", "0.25"], ["0", "0", "0"], ["3", "1", "-1"]]
+    new = tmp_path / "new.csv"
+    _write_csv(new, ["c", "a", "b"], [[r[2], r[0], r[1]] for r in new_rows])
+    dm = TabularFileDataModule(path=str(train), label_column="target", predict_path=str(new))
+    (x,) = next(iter(dm.predict_dataloader()))
+    X = np.asarray(new_rows, dtype=np.float64)
+    mean, std = dm.mean.double().numpy(), dm.std.double().numpy()
+    np.testing.assert_allclose(x.numpy(), (X - mean) / std, rtol=1e-5, atol=1e-5)
+    # the same rows through the training file are scaled bit for bit alike
+    X_train = dm.arrays[0][:3]
+    _write_csv(
+        new, ["a", "b", "c", "target"], [[*(repr(float(v)) for v in r), "c0"] for r in X_train]
+    )
+    (x,) = next(iter(dm.predict_dataloader()))
+    first_rows = torch.cat([ds.tensors[0] for ds in dm.splits.values()])
+    for row in x:  # each predicted row is, bit for bit, a row of some split
+        assert bool((first_rows == row).all(1).any())
+
+
+def test_predict_path_with_other_feature_columns_is_refused_naming_them(tmp_path):
+    train = tmp_path / "t.csv"
+    _write_csv(train, ["a", "b", "c", "target"], _good_rows(40, 2))
+    new = tmp_path / "new.csv"
+    _write_csv(new, ["a", "b", "d"], [["1", "2", "3"]])
+    dm = TabularFileDataModule(path=str(train), label_column="target", predict_path=str(new))
+    with pytest.raises(DataError, match=r"missing: \['c'\], not in the training data: \['d'\]"):
+        dm.predict_dataloader()
+    dm = TabularFileDataModule(path=str(train), label_column="target", predict_path="nope.csv")
+    with pytest.raises(DataError, match="predict_path: file not found"):
+        dm.predict_dataloader()

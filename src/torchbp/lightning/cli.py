@@ -28,7 +28,8 @@ into a new run folder, so they never overwrite the files of the run they evaluat
 ``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split
-for torchbp's DataModules) to ``predictions.csv`` in its run folder: a column ``prediction``
+for torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
+``TabularFileDataModule``) to ``predictions.csv`` in its run folder: a column ``prediction``
 (the most probable class; for a data file, by its label in the file) and ``prob_<class>`` per
 class.
 

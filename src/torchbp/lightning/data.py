@@ -344,6 +344,7 @@ class ArrayDataModule(ClassificationDataModule):
             std = np.ones(X.shape[1])
         self.mean = torch.from_numpy(mean).float()
         self.std = torch.from_numpy(std).float()
+        self._scaling = (mean, std)  # float64, for rows scaled later (predict_path)
         features = self._as_float32((X - mean) / std)
 
         def make(ix: np.ndarray) -> TensorDataset:
@@ -580,11 +581,17 @@ class TabularFileDataModule(ArrayDataModule):
         features_key: For NPZ/``.pt``: key of a 2-D feature array; if absent, every other 1-D
             array is a feature column.
         drop_columns: Columns to ignore (e.g. an id column).
+        predict_path: A file of new rows to predict (same format and feature columns; its
+            label column may be absent, and is ignored): ``predict`` then gives one row of
+            class probabilities per row of this file, in its order, its features scaled with
+            the training split's mean and std. Without it, ``predict`` predicts the test
+            split.
         **kwargs: The arguments of :class:`ArrayDataModule` (``batch_size``, ``seed``, ...).
 
     Examples::
 
         dm = TabularFileDataModule("my.csv", label_column="y", drop_columns=["id"], batch_size=128)
+        dm = TabularFileDataModule("my.csv", label_column="y", predict_path="new_rows.csv")
     """
 
     def __init__(
@@ -593,10 +600,12 @@ class TabularFileDataModule(ArrayDataModule):
         label_column: str = "label",
         features_key: str = "X",
         drop_columns: list[str] | None = None,
+        predict_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.path = str(path)
+        self.predict_path = None if predict_path is None else str(predict_path)
         self.label_column = label_column
         self.features_key = features_key
         self.drop_columns = list(drop_columns or [])
@@ -641,13 +650,7 @@ class TabularFileDataModule(ArrayDataModule):
         p = Path(self.path)
         if not p.is_file():
             raise DataError(f"data file not found: {os.path.abspath(p)}")
-        suffix = p.suffix.lower()
-        if suffix == ".csv":
-            names, X, raw_y = self._read_csv(p)
-        elif suffix in (".npz", ".pt", ".pth"):
-            names, X, raw_y = self._read_arrays(p)
-        else:
-            raise DataError(f"unsupported file type {suffix!r} ({p}); use .csv, .npz or .pt")
+        names, X, raw_y = self._read_table(p)
         if X.shape[0] == 0:
             raise DataError(f"{p} has no data rows")
         if X.shape[1] == 0:
@@ -666,13 +669,70 @@ class TabularFileDataModule(ArrayDataModule):
     def _column_name(self, j: int) -> str:
         return str(self.feature_names[j])
 
+    # -- new rows to predict --------------------------------------------------------------
+    def predict_dataloader(self) -> DataLoader:
+        """The rows of ``predict_path`` (see the class docstring), else the test split."""
+        if self.predict_path is None:
+            return super().predict_dataloader()
+        features = torch.from_numpy(self._predict_features())
+        return DataLoader(TensorDataset(features), batch_size=self.batch_size, shuffle=False)
+
+    def _predict_features(self) -> np.ndarray:
+        """``predict_path``'s feature columns, in the training file's order, scaled as the
+        training split was (float32)."""
+        p = Path(self.predict_path)
+        self.setup()  # the training split's mean and std (and feature names)
+        if not p.is_file():
+            raise DataError(f"predict_path: file not found: {os.path.abspath(p)}")
+        names, X = self._read_table(p, label_required=False)[:2]
+        missing = [n for n in self.feature_names if n not in names]
+        extra = [n for n in names if n not in self.feature_names]
+        if missing or extra:
+            raise DataError(
+                f"predict_path {p}: its feature columns must be those of {self.path}; "
+                f"missing: {missing or 'none'}, not in the training data: {extra or 'none'} "
+                "(list columns to ignore in drop_columns)"
+            )
+        X = X[:, [names.index(n) for n in self.feature_names]]
+        bad = ~np.isfinite(X)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataError(
+                f"predict_path {p}: non-finite value {X[r, c]} in column "
+                f"{self.feature_names[c]!r} at row {r + 1}"
+            )
+        mean, std = self._scaling
+        with np.errstate(over="ignore"):
+            features = ((X - mean) / std).astype(np.float32)
+        if not np.isfinite(features).all():
+            r, c = np.argwhere(~np.isfinite(features))[0]
+            raise DataError(
+                f"predict_path {p}: value {X[r, c]:g} in column {self.feature_names[c]!r} at "
+                f"row {r + 1} is beyond float32's range after standardisation"
+            )
+        return features
+
+    def _read_table(
+        self, p: Path, label_required: bool = True
+    ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+        """``(feature names, X, raw labels)`` of a ``.csv``, ``.npz`` or ``.pt`` file; the
+        labels are None where the label column is absent and not ``label_required``."""
+        suffix = p.suffix.lower()
+        if suffix == ".csv":
+            return self._read_csv(p, label_required)
+        if suffix in (".npz", ".pt", ".pth"):
+            return self._read_arrays(p, label_required)
+        raise DataError(f"unsupported file type {suffix!r} ({p}); use .csv, .npz or .pt")
+
     def _missing_label(self, p: Path, columns: list[str], hint: str = "") -> DataError:
         return DataError(
             f"label column {self.label_column!r} not found in {p}; available columns: "
             f"{', '.join(map(str, columns))}{hint}"
         )
 
-    def _read_csv(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def _read_csv(
+        self, p: Path, label_required: bool = True
+    ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         # utf-8-sig: UTF-8 without the byte order mark that Excel writes before the header
         with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -681,9 +741,9 @@ class TabularFileDataModule(ArrayDataModule):
             except StopIteration:
                 raise DataError(f"{p} is empty (expected a header row)") from None
             self._check_unique_names(p, header)
-            if self.label_column not in header:
+            if self.label_column not in header and label_required:
                 raise self._missing_label(p, header, _header_hint(header))
-            li = header.index(self.label_column)
+            li = header.index(self.label_column) if self.label_column in header else None
             self._check_drop_columns(p, [h for i, h in enumerate(header) if i != li])
             keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
             rows: list[list[float]] = []
@@ -706,11 +766,15 @@ class TabularFileDataModule(ArrayDataModule):
                     except ValueError:
                         raise self._not_a_number(p, v, where.format(repr(header[i]))) from None
                 rows.append(vals)
-                labels.append(row[li].strip())
-                label_rows.append(r)
+                if label_required:
+                    labels.append(row[li].strip())
+                    label_rows.append(r)
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
+        names = [header[i] for i in keep]
+        if not label_required:  # new rows to predict: a label column there is ignored
+            return names, X, None
         self._check_no_empty_label(p, [r for r, v in zip(label_rows, labels) if not v])
-        return [header[i] for i in keep], X, self._numeric_if_possible(p, labels, label_rows)
+        return names, X, self._numeric_if_possible(p, labels, label_rows)
 
     @staticmethod
     def _not_a_number(p: Path, value: str, where: str) -> DataError:
@@ -804,11 +868,16 @@ class TabularFileDataModule(ArrayDataModule):
             for k, v in obj.items()
         }
 
-    def _read_arrays(self, p: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    def _read_arrays(
+        self, p: Path, label_required: bool = True
+    ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         data = self._load_npz(p) if p.suffix.lower() == ".npz" else self._load_pt(p)
-        if self.label_column not in data:
+        if self.label_column not in data and label_required:
             raise self._missing_label(p, list(data))
-        raw_y = np.asarray(data.pop(self.label_column)).reshape(-1)
+        raw_y = data.pop(self.label_column, None)
+        if not label_required:  # new rows to predict: a label array there is ignored
+            raw_y = None
+        raw_y = None if raw_y is None else np.asarray(raw_y).reshape(-1)
         self._check_drop_columns(p, list(data))
         for c in self.drop_columns:
             data.pop(c, None)
@@ -822,9 +891,15 @@ class TabularFileDataModule(ArrayDataModule):
         else:
             names = list(data)
             cols = [np.asarray(data[k]).reshape(-1) for k in names]
-            X = np.stack(cols, axis=1) if cols else np.zeros((len(raw_y), 0))
+            X = (
+                np.stack(cols, axis=1)
+                if cols
+                else np.zeros((0 if raw_y is None else len(raw_y), 0))
+            )
         if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
             raise DataError(f"{p}: features must be real numbers, got dtype {X.dtype}")
+        if raw_y is None:
+            return names, X.astype(np.float64), None
         if X.shape[0] != raw_y.shape[0]:
             raise DataError(f"{p}: {X.shape[0]} feature rows but {raw_y.shape[0]} labels")
         if raw_y.dtype.kind == "f" and not np.all(np.isfinite(raw_y)):
