@@ -56,7 +56,7 @@ def log_softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Te
 
 class SoftmaxFunction(Function):
     """``y = e^{x - m} / Σ e^{x - m}`` along ``dim`` (``m`` the max, for stability);
-    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``."""
+    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``. Forward-mode: ``dy = y ⊙ (dx - Σ dx ⊙ y)``."""
 
     generate_vmap_rule = True
 
@@ -81,6 +81,8 @@ class SoftmaxFunction(Function):
     @staticmethod
     def jvp(ctx, x_t, _dim):
         (y,) = ctx.saved_tensors
+        # J_ij = y_i (δ_ij - y_j) is symmetric, so dy = J dx = y ⊙ (dx - Σ dx ⊙ y): the
+        # backward formula applied to the tangent
         return None if x_t is None else reference(softmax_backward, x_t, y, ctx.dim)
 
 
