@@ -180,14 +180,38 @@ def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x."""
+    r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x.
+
+    Args:
+        input: any shape.
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> sigmoid(torch.tensor([0.0, 2.0]))
+        tensor([0.5000, 0.8808])
+    """
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
     return apply(_SIGMOID, input)
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:
-    r""":math:`\tanh(x)` (as :func:`torch.tanh`); derivative :math:`1 - \tanh^2(x)`."""
+    r""":math:`\tanh(x)` (as :func:`torch.tanh`); derivative :math:`1 - \tanh^2(x)`.
+
+    Args:
+        input: any shape.
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> tanh(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7616])
+    """
     if has_torch_function((input,)):
         return handle_torch_function(tanh, (input,), input)
     return apply(_TANH, input)
@@ -201,6 +225,18 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     ``elu`` alike), it is computed out of place and copied in, so that a view autograd
     refuses to modify (an ``unbind`` / ``split`` output, one made under ``no_grad``)
     raises native's error untouched, and ``vmap(grad(...))`` runs.
+
+    Args:
+        input: any shape (not bool, as native).
+        inplace: overwrite ``input`` with the result (default ``False``).
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> relu(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
     """
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
@@ -225,7 +261,22 @@ def leaky_relu(
     ``negative_slope >= 0``, which halves the memory an MLP keeps for backward; unlike
     native (which saves the input), modifying the output in place before backward
     (``y += residual``) then raises autograd's "modified by an inplace operation" error:
-    write ``y = y + residual``."""
+    write ``y = y + residual``.
+
+    Args:
+        input: any shape.
+        negative_slope: :math:`\alpha` (default ``0.01``).
+        inplace: overwrite ``input`` with the result (not differentiable with
+            ``negative_slope < 0``, as native).
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> leaky_relu(torch.tensor([-1.0, 2.0]), 0.1)
+        tensor([-0.1000,  2.0000])
+    """
     if has_torch_function((input,)):
         return handle_torch_function(leaky_relu, (input,), input, negative_slope, inplace)
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
@@ -241,7 +292,20 @@ def leaky_relu(
 
 def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     r""":math:`x \Phi(x)`, or its tanh approximation with ``approximate='tanh'`` (as
-    :func:`torch.nn.functional.gelu`; ``approximate`` is keyword-only there too)."""
+    :func:`torch.nn.functional.gelu`; ``approximate`` is keyword-only there too).
+
+    Args:
+        input: any shape.
+        approximate: ``'none'`` (default) or ``'tanh'``.
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> gelu(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.8413])
+    """
     if has_torch_function((input,)):
         return handle_torch_function(gelu, (input,), input, approximate=approximate)
     _checks.validate_gelu(approximate)
@@ -253,6 +317,18 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     ``inplace=True`` writes the result into ``input``; when autograd records it, the
     Function works on a copy of ``input`` (its backward needs the original values).
+
+    Args:
+        input: any shape.
+        inplace: overwrite ``input`` with the result (default ``False``).
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> silu(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7311])
     """
     if has_torch_function((input,)):
         return handle_torch_function(silu, (input,), input, inplace=inplace)
@@ -277,6 +353,9 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
             :math:`-\alpha` (default 1).
         inplace: overwrite ``input`` with the result (not differentiable with
             ``alpha < 0``, as native).
+
+    Shape:
+        Output: the input's shape.
 
     Examples::
 
@@ -304,6 +383,9 @@ def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) ->
         input: any shape.
         beta: :math:`\beta` (default 1).
         threshold: above :math:`\beta x > \text{threshold}` the result is ``x`` (default 20).
+
+    Shape:
+        Output: the input's shape.
 
     Examples::
 
@@ -362,6 +444,15 @@ def softmax(
         dim: the dim that sums to 1 (``None`` picks one as native does, with its warning).
         dtype: a ``torch.dtype`` or ``None``; if given, ``input`` is cast to it first
             (anything else is a ``TypeError``, as native).
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> softmax(torch.tensor([[1.0, 1.0], [0.0, 2.0]]), dim=1)
+        tensor([[0.5000, 0.5000],
+                [0.1192, 0.8808]])
     """
     if has_torch_function((input,)):
         return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype)
@@ -375,7 +466,22 @@ def log_softmax(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     r"""Log-softmax :math:`(x - m) - \log \sum e^{x - m}` along ``dim`` (as
-    :func:`torch.nn.functional.log_softmax`)."""
+    :func:`torch.nn.functional.log_softmax`).
+
+    Args:
+        input: any shape.
+        dim: the dim to normalise over (``None`` picks one as native does, with its
+            warning).
+        dtype: a ``torch.dtype`` or ``None``; if given, ``input`` is cast to it first.
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> log_softmax(torch.tensor([1.0, 1.0]), dim=0)
+        tensor([-0.6931, -0.6931])
+    """
     if has_torch_function((input,)):
         return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype)
     return _softmax_common("log_softmax", _LOGSOFTMAX, input, dim, _stacklevel, dtype)
@@ -510,6 +616,14 @@ def nll_loss(
         ignore_index: target value that contributes neither loss nor gradient.
         reduction: ``'none'`` | ``'mean'`` (divided by the summed weights of the non-ignored
             targets) | ``'sum'``.
+
+    Shape:
+        Output: a scalar, or ``target``'s shape with ``reduction='none'``.
+
+    Examples::
+
+        >>> nll_loss(torch.tensor([[-0.5, -1.0], [-2.0, -0.1]]), torch.tensor([0, 1]))
+        tensor(0.3000)
     """
     if has_torch_function((input, target, weight)):
         return handle_torch_function(
@@ -579,6 +693,10 @@ def cross_entropy(
             grad that are a view of another tensor (e.g. ``logits.view(-1, C)``; autograd
             cannot record the in-place write there), which get the same values without the
             memory saving.
+
+    Shape:
+        Output: a scalar, or the batch shape (the input's without the class dim) with
+        ``reduction='none'``.
 
     The gradient ``softmax(z) - target`` is computed in the forward pass from the single
     softmax evaluation (in float32 for half-precision logits) and kept instead of the

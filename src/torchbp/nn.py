@@ -99,6 +99,11 @@ class Sigmoid(_TorchbpModule, nn.Sigmoid):
     r""":math:`\sigma(x) = 1/(1 + e^{-x})`; backward saves only the output.
 
     Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> Sigmoid()(torch.tensor([0.0, 2.0]))
+        tensor([0.5000, 0.8808])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -109,6 +114,11 @@ class Tanh(_TorchbpModule, nn.Tanh):
     r""":math:`\tanh(x)`; backward :math:`g (1 - y^2)` from the saved output.
 
     Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> Tanh()(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7616])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -120,6 +130,13 @@ class ReLU(_TorchbpModule, nn.ReLU):
 
     Args:
         inplace: overwrite the input (default ``False``).
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> ReLU()(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -132,6 +149,13 @@ class LeakyReLU(_TorchbpModule, nn.LeakyReLU):
     Args:
         negative_slope: :math:`\alpha` (default ``1e-2``).
         inplace: overwrite the input (default ``False``).
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> LeakyReLU(0.1)(torch.tensor([-1.0, 2.0]))
+        tensor([-0.1000,  2.0000])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -143,6 +167,13 @@ class GELU(_TorchbpModule, nn.GELU):
 
     Args:
         approximate: ``'none'`` or ``'tanh'``.
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> GELU()(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.8413])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -154,6 +185,13 @@ class SiLU(_TorchbpModule, nn.SiLU):
 
     Args:
         inplace: overwrite the input (default ``False``).
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> SiLU()(torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.7311])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -168,6 +206,11 @@ class ELU(_TorchbpModule, nn.ELU):
         inplace: overwrite the input (default ``False``).
 
     Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> ELU()(torch.tensor([-1.0, 0.0, 2.0]))
+        tensor([-0.6321,  0.0000,  2.0000])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -182,6 +225,11 @@ class Softplus(_TorchbpModule, nn.Softplus):
         threshold: where ``βx`` exceeds it the result is ``x`` (default 20).
 
     Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> Softplus()(torch.tensor([0.0, 30.0]))
+        tensor([ 0.6931, 30.0000])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -193,6 +241,14 @@ class Softmax(_TorchbpModule, nn.Softmax):
 
     Args:
         dim: the dim that sums to 1.
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> Softmax(dim=1)(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+        tensor([[0.5000, 0.5000],
+                [0.1192, 0.8808]])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -204,6 +260,13 @@ class LogSoftmax(_TorchbpModule, nn.LogSoftmax):
 
     Args:
         dim: the dim to normalise over.
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> LogSoftmax(dim=0)(torch.tensor([1.0, 1.0]))
+        tensor([-0.6931, -0.6931])
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -221,7 +284,13 @@ class NLLLoss(_TorchbpModule, nn.NLLLoss):
 
     Shape:
         Input ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dK)``; target ``(N)``, ``()`` or
-        ``(N, d1, ..., dK)`` of class indices.
+        ``(N, d1, ..., dK)`` of class indices; output a scalar, or the target's shape with
+        ``reduction='none'``.
+
+    Examples::
+
+        >>> NLLLoss()(torch.tensor([[-0.5, -1.0], [-2.0, -0.1]]), torch.tensor([0, 1]))
+        tensor(0.3000)
     """
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,7 +315,8 @@ class CrossEntropyLoss(_TorchbpModule, nn.CrossEntropyLoss):
 
     Shape:
         Input ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dK)``; target class indices of the
-        input's shape without ``C``, or probabilities of the input's shape.
+        input's shape without ``C``, or probabilities of the input's shape; output a
+        scalar, or the input's shape without ``C`` with ``reduction='none'``.
 
     Examples::
 
