@@ -179,6 +179,20 @@ def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return view.copy_(result)
 
 
+def _inplace_activation(name: str, functions, native, input: torch.Tensor, *args):
+    """``relu`` / ``leaky_relu`` / ``elu`` with ``inplace=True``: refused before anything
+    is written where autograd could not record the write (native's error); native's own
+    in-place kernel where nothing is recorded; computed out of place and copied in where
+    :func:`_written_by_copy` says so; else the Function writes into ``input`` and marks it
+    dirty."""
+    _checks.check_inplace_writable(name, input)
+    if not _differentiated(input):  # nothing to record: native's kernel returns input
+        return native(input, *args, inplace=True)
+    if _written_by_copy(input):
+        return _copied_into_view(input, apply(functions, input, *args, False))
+    return apply(functions, input, *args, True)
+
+
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
     r""":math:`\sigma(x) = 1 / (1 + e^{-x})` (as :func:`torch.sigmoid`); finite for any x.
 
@@ -245,12 +259,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         # native raises RuntimeError (torch 2.13) or NotImplementedError (2.14): this is both
         raise _checks.UnsupportedDTypeError("relu: boolean inputs are not supported (as native)")
     if inplace:
-        _checks.check_inplace_writable("relu", input)
-        if not _differentiated(input):  # nothing to record: native's kernel returns input
-            return torch.nn.functional.relu(input, inplace=True)
-        if _written_by_copy(input):
-            return _copied_into_view(input, apply(_RELU, input, False))
-    return apply(_RELU, input, bool(inplace))
+        return _inplace_activation("relu", _RELU, torch.nn.functional.relu, input)
+    return apply(_RELU, input, False)
 
 
 def leaky_relu(
@@ -282,12 +292,9 @@ def leaky_relu(
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     if inplace:
-        _checks.check_inplace_writable("leaky_relu", input)
-        if not _differentiated(input):  # nothing to record: native's kernel returns input
-            return torch.nn.functional.leaky_relu(input, negative_slope, inplace=True)
-        if _written_by_copy(input):
-            return _copied_into_view(input, apply(_LEAKYRELU, input, negative_slope, False))
-    return apply(_LEAKYRELU, input, negative_slope, bool(inplace))
+        native = torch.nn.functional.leaky_relu
+        return _inplace_activation("leaky_relu", _LEAKYRELU, native, input, negative_slope)
+    return apply(_LEAKYRELU, input, negative_slope, False)
 
 
 def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
@@ -367,12 +374,8 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     alpha = _checks.scalar_argument("elu", "alpha", alpha)
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
     if inplace:
-        _checks.check_inplace_writable("elu", input)
-        if not _differentiated(input):  # nothing to record: native's kernel returns input
-            return torch.nn.functional.elu(input, alpha, inplace=True)
-        if _written_by_copy(input):
-            return _copied_into_view(input, apply(_ELU, input, alpha, False))
-    return apply(_ELU, input, alpha, bool(inplace))
+        return _inplace_activation("elu", _ELU, torch.nn.functional.elu, input, alpha)
+    return apply(_ELU, input, alpha, False)
 
 
 def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
