@@ -51,6 +51,12 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view one storage (``b.detach()``, a row of ``b``, ...), so
+    that writing into ``b`` may change ``a``. Both must have storage (:func:`has_storage`)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def carries_tangent(t: torch.Tensor) -> bool:
     """Whether ``t`` is a forward-mode AD dual tensor (a tangent rides on it): then every
     op on it is differentiated, even with grad mode off (forward-over-reverse:

@@ -30,7 +30,7 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
-from torchbp._execution import carries_tangent, has_storage, values_inspectable
+from torchbp._execution import carries_tangent, has_storage, shares_storage, values_inspectable
 from torchbp.autograd import (
     CrossEntropyFunction,
     ELUFunction,
@@ -572,19 +572,12 @@ def _writes_gradient_over_logits(
     )
 
 
-def _shares_storage(t: torch.Tensor | None, logits: torch.Tensor) -> bool:
-    """Whether ``t`` views ``logits``' memory (``logits.detach()``, a row of it), so that
-    writing the gradient over the logits would change it."""
-    if t is None or not has_storage(t):
-        return False
-    return t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-
-
 def _kept_from_logits(t: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
     """``t``, or a copy of it where it shares ``logits``' storage: ``inplace=True`` writes
     the gradient over the logits while the target and class weights are still being read
-    (the weights also after the call, for the ``'mean'`` denominator)."""
-    return t.clone() if _shares_storage(t, logits) else t
+    (the weights also after the call, for the ``'mean'`` denominator). Called only where
+    :func:`_writes_gradient_over_logits` holds, so every tensor here has storage."""
+    return t.clone() if t is not None and shares_storage(t, logits) else t
 
 
 def _reduce(rows, reduction, batch_shape, out_dtype, denominator):

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from torchbp._execution import shares_storage
+
 __all__ = ["blocked_rows", "plain_rows", "softmax_rows"]
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (ℓ (m,), ∂ℓ/∂z (m, C), lse (m,))
@@ -59,11 +61,6 @@ def plain_rows(z: torch.Tensor, target: torch.Tensor, ignore_index: int | None) 
     return loss.squeeze(1), p, lse.squeeze(1)
 
 
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` view one storage (so that writing ``b`` may change ``a``)."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 def blocked_rows(
     rows_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Rows],
     logits: torch.Tensor,
@@ -81,7 +78,7 @@ def blocked_rows(
     ``grad``'s storage (``logits.detach()`` as a probability target, with ``grad`` the
     logits) is copied first, since ``grad`` is written before the target is read. Returns
     ``(ℓ, grad, lse)``."""
-    if _shares_storage(target, grad):
+    if shares_storage(target, grad):
         target = target.clone()
     rows = logits.shape[0]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
