@@ -61,7 +61,6 @@ class LinearFunction(Function):
         # jvp: dy = dx Wᵀ + x dWᵀ + db needs both
         ctx.save_for_forward(x, weight)
         ctx.set_materialize_grads(False)
-        ctx.has_bias = bias is not None
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.x_shape = x.shape
         recorder = None
@@ -88,7 +87,7 @@ class LinearFunction(Function):
         if needs_w:
             # dL/dW = gᵀ conj(x)       (out, M) @ (M, in) -> (out, in)
             grad_w = g.t() @ _flatten(x, x.shape[-1]).conj()
-        if needs_b and ctx.has_bias:
+        if needs_b:  # (False without a bias: a None input never needs a gradient)
             if ctx.bias_shape == (out_features,):
                 # dL/db = Σ_rows g          summed over every leading dim -> (out,)
                 grad_b = g.sum(0)
