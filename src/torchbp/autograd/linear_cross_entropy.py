@@ -372,7 +372,6 @@ class LinearCrossEntropyFunction(Function):
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = smoothing
         ctx.chunk_size = chunk
-        ctx.has_bias = b is not None
         if reduction == "none":
             # Recomputed in backward: keep the inputs (alive anyway), not the gradients.
             ctx.save_for_backward(x, w, b, target, weight, anchor)
@@ -386,8 +385,8 @@ class LinearCrossEntropyFunction(Function):
         none = (None,) * 7
         if grad_loss is None:
             return (None, None, None, None, *none)
-        needs = ctx.needs_input_grad
-        want = (needs[0], needs[1], ctx.has_bias and needs[2], needs[3])
+        # (dx, dW, db, dt): needs_input_grad is False for a None bias
+        want = ctx.needs_input_grad[:4]
         if ctx.reduction == "none":
             x, w, b, target, weight, anchor = ctx.saved_tensors
             problem = _Problem(
