@@ -79,3 +79,163 @@ def test_relative_link_resolves(page, target):
     if anchor:
         assert destination.suffix == ".md", f"{page}: anchor into a non-Markdown file {target}"
         assert anchor in _anchors(destination), f"{page}: no heading for #{anchor} in {path}"
+
+
+# --- names the docs give: CLI flags, bundled configs, repository paths --------------------
+
+_SPAN = re.compile(r"`([^`]+)`")
+_FLAG = re.compile(r"(?<![\w-])--([a-z][\w.-]*)")
+_CONFIG = re.compile(r"--config\s+([\w./-]+)")
+_PATH = re.compile(r"^(?:src|experiments|tests|scripts|configs|docs|torchbp)/[\w./-]*[\w/]$")
+_PAGE_CLI = {"docs/training.md": "torchbp-train", "docs/verify.md": "torchbp-verify"}
+
+
+def _commands(page: str, text: str) -> list[tuple[str, str]]:
+    """``(cli, snippet)`` for every code span or shell line that gives flags to a torchbp CLI.
+
+    A snippet naming ``torchbp-train`` or ``torchbp-verify`` belongs to it; one naming another
+    program (``python``, ``pip``, ``bash``) to none; a bare snippet of flags to the page's
+    own CLI (``docs/training.md``: torchbp-train, ``docs/verify.md``: torchbp-verify)."""
+    snippets = []
+    for match in _FENCE.finditer(text):
+        if match.group(1) in ("bash", "sh", ""):
+            snippets += match.group(2).splitlines()
+    snippets += _SPAN.findall(_FENCE.sub("", text))
+    found = []
+    for snippet in snippets:
+        words = snippet.split()
+        named = [cli for cli in ("torchbp-train", "torchbp-verify") if cli in words]
+        other = any(w in words for w in ("python", "pip", "bash", "nice"))
+        cli = named[0] if named else None if other else _PAGE_CLI.get(page)
+        if cli and "--" in snippet:
+            found.append((cli, snippet))
+    return found
+
+
+def _doc_commands() -> list[tuple[str, str, str]]:
+    return [(_name(p), *c) for p in PAGES for c in _commands(_name(p), p.read_text())]
+
+
+@pytest.fixture(scope="module")
+def train_help() -> str:
+    import subprocess
+    import sys
+
+    pytest.importorskip("pytorch_lightning")
+    run = subprocess.run(
+        [sys.executable, "-m", "torchbp.lightning.cli", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def _data_parameters() -> set[str]:
+    import inspect
+
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import data
+
+    names = set()
+    for value in vars(data).values():
+        if inspect.isclass(value) and issubclass(value, pl.LightningDataModule):
+            names |= set(inspect.signature(value).parameters)
+    return names
+
+
+def _unknown_train_flags(flags: list[str], help_text: str) -> list[str]:
+    """Flags torchbp-train does not take: ``--data.X`` must be a DataModule argument, any
+    other its first two dotted parts an option of ``torchbp-train fit --help`` (the rest,
+    ``--model.optimizer.lr``, belongs to the class named there)."""
+    known = set(_FLAG.findall(help_text))
+    unknown = []
+    for flag in flags:
+        parts = flag.split(".")
+        if parts[0] == "data" and len(parts) > 1:
+            ok = parts[-1] in _data_parameters()
+        else:
+            ok = ".".join(parts[:2]) in known
+        if not ok:
+            unknown.append("--" + flag)
+    return unknown
+
+
+def _unknown_verify_flags(flags: list[str]) -> list[str]:
+    from torchbp.verify.cli import _parser
+
+    known = {o for action in _parser()._actions for o in action.option_strings}
+    return ["--" + f for f in flags if "--" + f not in known]
+
+
+def _unknown_configs(snippet: str) -> list[str]:
+    """``--config NAME`` must name a bundled config, ``--config dir/file.yaml`` a file of the
+    repository (``path/to/...`` is a placeholder)."""
+    bundled = {p.stem for p in (ROOT / "src/torchbp/lightning/configs").glob("*.yaml")}
+    unknown = []
+    for name in _CONFIG.findall(snippet):
+        if name.startswith("path/to/"):
+            continue
+        exists = (ROOT / name).is_file() if "/" in name else name in bundled
+        if not exists:
+            unknown.append(name)
+    return unknown
+
+
+def _unknown_names(cli: str, snippet: str, train_help: str) -> list[str]:
+    flags = _FLAG.findall(snippet)
+    if cli == "torchbp-train":
+        return _unknown_train_flags(flags, train_help) + _unknown_configs(snippet)
+    return _unknown_verify_flags(flags)
+
+
+@pytest.mark.parametrize(("page", "cli", "snippet"), _doc_commands(), ids=lambda v: str(v)[:50])
+def test_cli_flags_and_configs_exist(page, cli, snippet, train_help):
+    unknown = _unknown_names(cli, snippet, train_help)
+    assert not unknown, f"{page}: {cli} has no {unknown} (in `{snippet}`)"
+
+
+def _repository_path(word: str) -> str:
+    """``torchbp/...`` is the package, under ``src/``."""
+    return "src/" + word if word.startswith("torchbp/") else word
+
+
+def _doc_paths() -> list[tuple[str, str]]:
+    paths = []
+    for page in PAGES:
+        for span in _SPAN.findall(page.read_text()):
+            for word in span.split():
+                if _PATH.match(word) and not re.search(r"[*<]", word):
+                    paths.append((_name(page), _repository_path(word)))
+    return sorted(set(paths))
+
+
+@pytest.mark.parametrize(("page", "path"), _doc_paths())
+def test_named_repository_paths_exist(page, path):
+    assert (ROOT / path).exists(), f"{page}: names {path}, which does not exist"
+
+
+_BROKEN = [
+    ("docs/training.md", "`--trainer.max_epoch 1`"),
+    ("docs/training.md", '`--model.hidden_size "[64]"`'),
+    ("docs/training.md", "`--data.label_col y`"),
+    ("docs/training.md", "`torchbp-train fit --config digit`"),
+    ("README.md", "```bash\ntorchbp-train fit --config configs/digit.yaml\n```\n"),
+    ("docs/verify.md", "`--no-compiles`"),
+    ("README.md", "`torchbp-verify --ops linear`"),
+]
+
+
+@pytest.mark.parametrize(("page", "text"), _BROKEN)
+def test_cli_check_catches_a_broken_name(page, text, train_help):
+    """The checks above fail on a deliberately broken copy of a doc snippet."""
+    ((cli, snippet),) = _commands(page, text)
+    unknown = _unknown_names(cli, snippet, train_help)
+    assert unknown
+
+
+def test_path_check_catches_a_missing_path():
+    assert not (ROOT / _repository_path("torchbp/per_sample/memories.py")).exists()
+    assert _PATH.match("torchbp/per_sample/memories.py") and _PATH.match("experiments/bench.py")
