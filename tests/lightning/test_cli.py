@@ -447,7 +447,8 @@ def test_data_problem_found_by_the_split_is_a_cli_error_before_training(tmp_path
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error: data problem: value -1e+39 in column 'a' at row 6" in err, err
-    assert "Traceback" not in err and not (tmp_path / "digits").exists()
+    assert "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["data.csv"]  # no run folder was made
 
 
 @pytest.mark.parametrize(
@@ -854,6 +855,7 @@ def test_evaluating_a_checkpoint_on_data_of_other_classes_names_the_classes(tmp_
         return ["--data=torchbp.lightning.data.TabularFileDataModule", f"--data.path={path}"]
 
     common = ["--data.label_column=kind", "--model.hidden_sizes=[]", f"--run_dir={tmp_path}"]
+    common.append("--run_name=pets")  # one run name for both files (each names its own runs)
     run_cli("fit", *table("three.csv", ["cat", "dog", "fox"]), *common, "--trainer.max_epochs=1")
     with pytest.raises(SystemExit) as e:
         run_cli("test", *table("two.csv", ["cat", "dog"]), *common, "--ckpt_path=last")
@@ -875,3 +877,46 @@ def test_a_checkpoint_monitor_the_model_never_logs_is_a_cli_error_before_trainin
     assert "error: invalid configuration: checkpoint.monitor 'val/accuracy'" in err, err
     assert "val/acc" in err and "Traceback" not in err
     assert not list(tmp_path.rglob("*"))
+
+
+def _pets_csv(tmp_path: Path) -> Path:
+    csv = tmp_path / "pets.csv"
+    csv.write_text(
+        "w,h,kind\n"
+        + "".join(f"{i % 5 + 3 * (i % 2)},{i % 3},{('cat', 'dog')[i % 2]}\n" for i in range(40))
+    )
+    return csv
+
+
+def test_own_data_without_a_config_is_a_run_of_its_own(tmp_path):
+    """``fit --data ... --data.path pets.csv`` (no --config) ran under the default config's
+    name, runs/digits/, and became the latest digits run (a later ``test --ckpt_path last`` of
+    the digits then met a checkpoint of another shape); it is now runs/pets/. With an explicit
+    --config the run keeps that config's name."""
+    data = [
+        "--data=torchbp.lightning.data.TabularFileDataModule",
+        f"--data.path={_pets_csv(tmp_path)}",
+    ]
+    data += ["--data.label_column=kind", "--data.batch_size=8", f"--run_dir={tmp_path}"]
+    run_cli("fit", *data, "--trainer.max_epochs=1", "--model.hidden_sizes=[4]")
+    assert (tmp_path / "pets/version_0/checkpoints/last.ckpt").is_file()
+    assert not (tmp_path / "digits").exists()
+    run_cli("fit", "--config", DIGITS, *data, "--trainer.max_epochs=1", "--model.hidden_sizes=[4]")
+    assert (tmp_path / "digits/version_0/checkpoints/last.ckpt").is_file()
+
+
+def test_best_checkpoint_file_names_the_monitored_value(tmp_path):
+    """With --checkpoint.monitor val/loss the best checkpoint (by loss) was still named
+    ``...-val_acc0.8996.ckpt``, by a value it was not chosen on."""
+    run = fit_digits(tmp_path, "--trainer.max_epochs=1", "--checkpoint.monitor=val/loss")
+    names = [p.name for p in Path(run.trainer.log_dir, "checkpoints").glob("epoch*.ckpt")]
+    assert len(names) == 1 and names[0].startswith("epoch000-val_loss"), names
+
+
+def test_evaluating_without_a_checkpoint_says_the_model_is_untrained(tmp_path, capsys):
+    """``torchbp-train test`` without --ckpt_path tests a freshly initialised model (as
+    Lightning does), which printed chance-level metrics with no word on why."""
+    run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--trainer.limit_test_batches=1")
+    assert "no --ckpt_path: test evaluates a freshly initialised, untrained model" in (
+        capsys.readouterr().err
+    )

@@ -58,6 +58,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torchbp.lightning.config_files import (
     DEFAULT_CONFIG,
     describe_bundled_configs,
+    is_config_option,
     with_config_files,
 )
 from torchbp.lightning.console import (
@@ -87,6 +88,8 @@ _HIGHER_IS_BETTER = ("acc", "f1")
 _EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 #: what ``predict`` writes into its run folder
 PREDICTIONS_FILE = "predictions.csv"
+#: the data class of the default config (``digits``), by which its runs are named
+_DEFAULT_DATA = "DigitsDataModule"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
 
@@ -205,6 +208,23 @@ def _evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | 
         callback.dirpath = _recorded_checkpoint_dir(ckpt_path, callback)
 
 
+def _checkpoint_filename(monitor: str) -> str:
+    """The default checkpoint file name: the epoch and the monitored value, e.g.
+    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``."""
+    return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
+
+
+def _data_run_name(data: Any) -> str | None:
+    """The run name of the default config run on other data (``--data ... --data.path
+    my.csv`` without ``--config``): the data file's stem, else the DataModule's class name;
+    ``None`` for the default config's own data."""
+    class_path = str(getattr(data, "class_path", None) or "")
+    if not class_path or class_path.endswith("." + _DEFAULT_DATA):
+        return None
+    path = (getattr(data, "init_args", None) or {}).get("path")
+    return Path(str(path)).stem if path else class_path.rsplit(".", 1)[-1]
+
+
 def _checkpoint_mode(monitor: str | None) -> str:
     """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1),
     else Lightning's default, ``min`` (loss, 0-1 error)."""
@@ -271,7 +291,10 @@ class TorchbpCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
             return
-        self.config = parser.parse_args(with_config_files(sys.argv[1:] if args is None else args))
+        argv = sys.argv[1:] if args is None else args
+        #: no --config given: the default config runs, maybe with other data (see _run_root)
+        self._default_config = not any(is_config_option(a) for a in argv)
+        self.config = parser.parse_args(with_config_files(argv))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -298,7 +321,8 @@ class TorchbpCLI(LightningCLI):
                 # monitor to val/loss must not keep the max meant for val/acc
                 "checkpoint.mode": "auto",
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "epoch{epoch:03d}-val_acc{val/acc:.4f}",
+                # the best checkpoint's file names the monitored value (see _checkpoint_filename)
+                "checkpoint.filename": _checkpoint_filename("val/acc"),
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_on_exception": True,
             }
@@ -315,6 +339,8 @@ class TorchbpCLI(LightningCLI):
         if not name:
             configs = cfg.get("config") or []
             name = Path(str(configs[-1])).stem if configs and configs[-1] else DEFAULT_CONFIG
+            if getattr(self, "_default_config", False):
+                name = _data_run_name(cfg.get("data")) or name
         return Path(cfg.get("run_dir") or "runs") / name
 
     def before_instantiate_classes(self) -> None:
@@ -329,6 +355,17 @@ class TorchbpCLI(LightningCLI):
         checkpoint = cfg.get("checkpoint")
         if checkpoint is not None and checkpoint.get("mode") == "auto":
             checkpoint["mode"] = _checkpoint_mode(checkpoint.get("monitor"))
+        if checkpoint is not None and checkpoint.get("filename") == _checkpoint_filename("val/acc"):
+            # the default name follows the monitor: a best-by-val/loss file named by its accuracy
+            # would mislead
+            monitor = checkpoint.get("monitor")
+            checkpoint["filename"] = _checkpoint_filename(monitor) if monitor else None
+        if self.subcommand in _EVALUATING_SUBCOMMANDS and cfg.get("ckpt_path") is None:
+            print(
+                f"note: no --ckpt_path: {self.subcommand} evaluates a freshly initialised, "
+                "untrained model (use --ckpt_path last, best or a checkpoint file)",
+                file=sys.stderr,
+            )
         root = self._run_root()
         # the saved config.yaml names its run: run again, it is not named after that file
         cfg["run_name"] = root.name

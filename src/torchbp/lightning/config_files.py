@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "bundled_configs",
     "describe_bundled_configs",
+    "is_config_option",
     "with_config_files",
 ]
 
@@ -49,7 +50,7 @@ def describe_bundled_configs() -> str:
     return f"--config NAME runs a bundled config: {names}; with no --config: {DEFAULT_CONFIG}."
 
 
-def _is_config_option(arg: str) -> bool:
+def is_config_option(arg: str) -> bool:
     return arg in ("-c", "--config") or arg.startswith("--config=") or arg.startswith("-c")
 
 
@@ -82,7 +83,7 @@ def with_config_files(args: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             arg = "--config=" + resolve(arg.removeprefix("--config="))
         out.append(arg)
-    if any(_is_config_option(a) for a in args):
+    if any(is_config_option(a) for a in args):
         return out
     first = next((i for i, a in enumerate(args) if a in _SUBCOMMANDS), None)
     if first is None:
