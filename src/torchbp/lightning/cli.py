@@ -15,20 +15,21 @@ Configs: ``--config NAME`` names a config bundled with the package (``digits``,
 command line with no ``--config`` runs ``digits``. Options after ``--config`` override it.
 
 Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the stem of the last
-``--config`` file; the run's saved ``config.yaml`` records it, so ``--config`` of that file runs
-under the same name): ``metrics.csv`` and, when tensorboard is installed, TensorBoard events
-(neither with ``--trainer.logger false``), the resolved ``config.yaml`` and ``checkpoints/``
-(none with ``--trainer.enable_checkpointing false``; best on ``val/acc`` and ``last.ckpt``;
-another ``--checkpoint.monitor`` brings its own ``--checkpoint.mode``, default ``auto``: ``max``
-for accuracy and F1, ``min`` for the rest, as Lightning's default;
-Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and ``last.ckpt``).
-``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
-``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
-into a new run folder, so they never overwrite the files of the run they evaluate; with
+``--config`` file, or with no ``--config`` and other data than the default's, to the data file's
+stem (``--data.path my.csv``: ``my``); the run's saved ``config.yaml`` records it, so
+``--config`` of that file runs under the same name): ``metrics.csv`` and, when tensorboard is
+installed, TensorBoard events (neither with ``--trainer.logger false``), the resolved
+``config.yaml`` and ``checkpoints/`` (none with ``--trainer.enable_checkpointing false``; best
+on ``val/acc`` and ``last.ckpt``; another ``--checkpoint.monitor`` brings its own
+``--checkpoint.mode``, default ``auto``: ``max`` for accuracy and F1, ``min`` for the rest, as
+Lightning's default; Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and
+``last.ckpt``). ``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own
+folder; ``validate``, ``test`` and ``predict`` load it from there (an error if there is none)
+but log into a new run folder, so they never overwrite the files of the run they evaluate; with
 ``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
-``predict`` writes the class probabilities of the DataModule's predict split (the test split
-for torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
+``predict`` writes the class probabilities of the DataModule's predict split (the test split for
+torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
 ``TabularFileDataModule``) to ``predictions.csv`` in its run folder: a column ``prediction``
 (the most probable class; for a data file, by its label in the file) and ``prob_<class>`` per
 class.
@@ -301,7 +302,8 @@ class TorchbpCLI(LightningCLI):
             "--run_name",
             type=str | None,
             default=None,
-            help="Run folder name under run_dir (default: stem of the last --config file).",
+            help="Run folder name under run_dir (default: stem of the last --config file; with no "
+            "--config and other data, the data file's stem).",
         )
         parser.add_argument("--run_dir", type=str, default="runs", help="Root of run folders.")
         parser.add_argument(
