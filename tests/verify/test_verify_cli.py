@@ -303,3 +303,21 @@ def test_float32_module_target_is_told_the_dtype_option(tmp_path, monkeypatch, c
     err = " ".join(capsys.readouterr().err.split())
     assert "--dtype float32" in err and "dtype=None" not in err, err
     assert cli.main([*argv, "--dtype", "float32"]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("where", ["missing_folder", "a_folder", "under_a_file"])
+def test_json_path_that_cannot_be_written_is_refused_before_any_check(
+    tmp_path, capsys, where, monkeypatch
+):
+    """``--json`` into a folder that does not exist ran every check (13 s for the full run)
+    and only then failed, losing the results; it is now a usage error up front."""
+    (tmp_path / "file").write_text("")
+    path = {
+        "missing_folder": tmp_path / "nope" / "out.json",
+        "a_folder": tmp_path,
+        "under_a_file": tmp_path / "file" / "out.json",
+    }[where]
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("checks ran"))
+    code = cli.main(["--op", "relu", "--dtype", "float64", "--no-progress", "--json", str(path)])
+    assert code == 2
+    assert f"torchbp-verify: error: cannot write {path}" in capsys.readouterr().err

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -500,6 +502,22 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
     return 0 if report.ok else 1
 
 
+def _unwritable_json(path: str | None) -> str | None:
+    """Why ``--json PATH`` cannot be written (its folder missing, not a folder, not writable,
+    or PATH a folder), or None."""
+    if not path:
+        return None
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        return "it is a folder"
+    if not folder.is_dir():
+        return f"no folder {folder}" if not folder.exists() else f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``torchbp-verify``.
 
@@ -530,6 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.threads < 1:
         err_console.print("torchbp-verify: error: --threads must be at least 1")
+        return 2
+    unwritable = _unwritable_json(args.json)
+    if unwritable:  # before the checks run, not after (their results would be lost)
+        err_console.print(f"torchbp-verify: error: cannot write {args.json}: {unwritable}")
         return 2
     if args.target is not None or args.inputs is not None:
         return _check_target(args, console, err_console)
