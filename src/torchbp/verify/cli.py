@@ -551,7 +551,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     unwritable = _unwritable_json(args.json)
     if unwritable:  # before the checks run, not after (their results would be lost)
-        err_console.print(f"torchbp-verify: error: cannot write {args.json}: {unwritable}")
+        err_console.print(
+            f"torchbp-verify: error: cannot write {args.json}: {unwritable}",
+            highlight=False,
+            soft_wrap=True,
+        )
         return 2
     if args.target is not None or args.inputs is not None:
         return _check_target(args, console, err_console)
