@@ -1,4 +1,5 @@
-"""Activations on digits: sigmoid, tanh, ReLU, LeakyReLU, GELU, SiLU, all with torchbp.
+"""Activations on digits: every activation of the op registry (sigmoid, tanh, ReLU, LeakyReLU,
+GELU, SiLU, ELU, Softplus), all with torchbp.
 
 A deliberately deep, narrow MLP (4 hidden layers of 64) trained with plain SGD + momentum
 makes the lecture's point visible: saturating activations (sigmoid above all) pass back tiny
@@ -35,7 +36,7 @@ ACTS = [op.name for op in activations()]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64, 64])
     ap.add_argument("--lr", type=float, default=0.02)
