@@ -4,7 +4,6 @@ one ordinary backward pass."""
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
 
@@ -21,7 +20,11 @@ from torchbp.per_sample.model_check import (
     trainability,
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
-from torchbp.per_sample.recorder import Recorder, inside_reentrant_checkpoint
+from torchbp.per_sample.recorder import (
+    Recorder,
+    inside_reentrant_checkpoint,
+    running_on_this_thread,
+)
 
 MODES = ("norms", "grads", "clip")
 
@@ -434,12 +437,7 @@ def _inside_autograd_grad() -> bool:
     """Whether a call of ``torch.autograd.grad`` is on this thread's Python stack (a hook of
     a CPU backward runs on the calling thread; on a device's autograd thread this sees
     none, and ``__exit__`` names torch's own refusal instead)."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code is _AUTOGRAD_GRAD_CODE:
-            return True
-        frame = frame.f_back
-    return False
+    return running_on_this_thread(_AUTOGRAD_GRAD_CODE)
 
 
 def _passed_through_autograd_grad(tb) -> bool:

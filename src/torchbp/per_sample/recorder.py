@@ -203,9 +203,15 @@ class Use:
 def inside_reentrant_checkpoint() -> bool:
     """Whether a reentrant checkpoint's backward (which recomputes its segment and runs
     an inner backward through it) is on this thread's Python stack."""
+    return running_on_this_thread(_CHECKPOINT_BACKWARD_CODE)
+
+
+def running_on_this_thread(code) -> bool:
+    """Whether a call of the function whose code object is ``code`` is on this thread's
+    Python stack."""
     frame = inspect.currentframe()
     while frame is not None:
-        if frame.f_code is _CHECKPOINT_BACKWARD_CODE:
+        if frame.f_code is code:
             return True
         frame = frame.f_back
     return False
