@@ -321,3 +321,28 @@ def test_json_path_that_cannot_be_written_is_refused_before_any_check(
     code = cli.main(["--op", "relu", "--dtype", "float64", "--no-progress", "--json", str(path)])
     assert code == 2
     assert f"torchbp-verify: error: cannot write {path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op", ["relu[x]", "relu[/x]"])
+def test_usage_error_shows_the_argument_verbatim_on_one_line(op, capsys):
+    """Errors were printed as rich markup: ``--op relu[x]`` was reported as "unknown op
+    relu" (the bracket text eaten as a style tag), ``relu[/x]`` crashed with rich's
+    MarkupError (exit 1, a traceback), and a long message was wrapped at 80 columns."""
+    assert cli.main(["--op", op, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"torchbp-verify: error: unknown op {op}; valid ops: linear"), err
+    assert err.count("\n") == 1, err
+
+
+def test_failure_message_with_brackets_is_printed_verbatim(monkeypatch, capsys):
+    """A check's message is text, not rich markup: a bracket in it ("[/x]") crashed the
+    table printing with MarkupError after every check had run."""
+
+    def broken(x):
+        raise RuntimeError("bad [x] value [/x]")
+
+    monkeypatch.setattr(torchbp.functional, "tanh", broken)
+    code = cli.main(["--op", "tanh", "--dtype", "float64", "--no-compile", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "RuntimeError: bad [x] value [/x]" in out, out

@@ -150,6 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_error(err_console: Any, message: str) -> None:
+    """Print ``torchbp-verify: error: <message>`` as plain text on one line: the message
+    quotes the user's arguments and paths, which rich would read as markup (``[x]`` eaten
+    as a style, ``[/x]`` raising) and wrap at the terminal's width."""
+    err_console.print(
+        f"torchbp-verify: error: {message}", markup=False, highlight=False, soft_wrap=True
+    )
+
+
 def _split(values: Sequence[str] | None) -> list[str]:
     out: list[str] = []
     for v in values or ():
@@ -334,6 +343,7 @@ def _table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[tuple[str, lis
 
 
 def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     checks, rows = _table_rows(outcomes)
@@ -357,7 +367,7 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
     failures = [(oc, r) for oc in outcomes for r in oc.report if r.status == FAIL]
     for oc, r in failures[:40]:
         console.print(
-            f"[bold red]FAIL[/] {oc.report.name} {r.name}: {r.message}",
+            f"[bold red]FAIL[/] {escape(f'{oc.report.name} {r.name}: {r.message}')}",
             highlight=False,
             markup=True,
             soft_wrap=True,
@@ -372,7 +382,9 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
     }
     for (op, name), message in gaps.items():
         console.print(
-            f"[yellow]UNSUPPORTED[/] {op} {name}: {message}", highlight=False, soft_wrap=True
+            f"[yellow]UNSUPPORTED[/] {escape(f'{op} {name}: {message}')}",
+            highlight=False,
+            soft_wrap=True,
         )
     missing = unregistered_ops()
     if missing:
@@ -489,7 +501,7 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         torch.set_num_threads(args.threads)
         report = check_function(fn, *inputs, reference=reference, **options)
     except (UsageError, TargetError, TypeError, ValueError) as exc:
-        err_console.print(f"torchbp-verify: error: {exc}", highlight=False, soft_wrap=True)
+        _print_error(err_console, str(exc))
         return 2
     console.print(str(report), highlight=False, markup=False, soft_wrap=True)
     if args.json:
@@ -497,7 +509,7 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump(report.to_dict(), fh, indent=1)
         except OSError as exc:
-            err_console.print(f"torchbp-verify: error: cannot write {args.json}: {exc}")
+            _print_error(err_console, f"cannot write {args.json}: {exc}")
             return 2
     return 0 if report.ok else 1
 
@@ -547,27 +559,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _list(console)
         return 0
     if args.threads < 1:
-        err_console.print("torchbp-verify: error: --threads must be at least 1")
+        _print_error(err_console, "--threads must be at least 1")
         return 2
     unwritable = _unwritable_json(args.json)
     if unwritable:  # before the checks run, not after (their results would be lost)
-        err_console.print(
-            f"torchbp-verify: error: cannot write {args.json}: {unwritable}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _print_error(err_console, f"cannot write {args.json}: {unwritable}")
         return 2
     if args.target is not None or args.inputs is not None:
         return _check_target(args, console, err_console)
     try:
         ops, devices, dtypes = _resolve(args)
     except UsageError as exc:
-        err_console.print(f"torchbp-verify: error: {exc}", highlight=False)
+        _print_error(err_console, str(exc))
         return 2
     torch.set_num_threads(args.threads)
     jobs = _jobs(ops, devices, dtypes)
     if not jobs:
-        err_console.print("torchbp-verify: error: nothing to check")
+        _print_error(err_console, "nothing to check")
         return 2
     start = time.perf_counter()
     if args.no_progress or not err_console.is_terminal:
@@ -597,9 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _write_json(args.json, outcomes, wall, argv)
         except OSError as exc:
-            err_console.print(f"torchbp-verify: error: cannot write {args.json}: {exc}")
+            _print_error(err_console, f"cannot write {args.json}: {exc}")
             return 2
-        console.print(f"wrote {args.json}", highlight=False)
+        console.print(f"wrote {args.json}", markup=False, highlight=False)
     return 1 if _counts(outcomes)[FAIL] else 0
 
 
