@@ -45,12 +45,10 @@ def gram_is_cheaper(t: int, in_features: int, out_features: int) -> bool:
 
 
 def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``‖G_i‖_F²`` for every sample, shape ``(B,)``."""
+    """``‖G_i‖_F²`` for every sample, shape ``(B,)``, of ``(B, T, ·)`` traces with
+    ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1`` from the row norms)."""
     batch, t, in_features = a.shape
     out_features = g.shape[-1]
-    if t == 1:
-        # ‖g_i a_iᵀ‖_F² = ‖g_i‖² ‖a_i‖²
-        return (_row_norms(g) * _row_norms(a)).square()
     dtype = norm_dtype(g.dtype)
     out = a.new_empty(batch, dtype=dtype)
     if gram_is_cheaper(t, in_features, out_features):
@@ -83,17 +81,15 @@ def _row_norms(t: torch.Tensor) -> torch.Tensor:
 
 
 def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
-    """``‖β_i‖²`` for every sample, shape ``(B,)``."""
-    if g.shape[1] == 1:
-        # β_i = g_i
-        return _row_norms(g).square()
+    """``‖β_i‖²`` for every sample, shape ``(B,)``, of a ``(B, T, out)`` trace with
+    ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1`` from the row norms)."""
     # β_i = Σ_t g_it, summed in float32 at least (float16 overflows where ‖β_i‖ fits)
     return g.sum(1, dtype=norm_dtype(g.dtype)).square().sum(1)
 
 
 def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool):
-    """``‖G_i‖² + ‖β_i‖²``, counting the trainable ones, for every sample, shape ``(B,)``,
-    in :func:`norm_dtype`."""
+    """``‖G_i‖² + ‖β_i‖²``, counting the ones flagged by ``weight`` and ``bias``, for every
+    sample, shape ``(B,)``, in :func:`norm_dtype`."""
     if g.shape[1] == 1:
         g2 = _row_norms(g).square_()
         if not weight:
