@@ -181,12 +181,18 @@ def _refuse_target_only(args: argparse.Namespace) -> None:
         )
 
 
+def _refuse_unknown(kind: str, given: Sequence[str], valid: Sequence[str]) -> None:
+    """A usage error naming the ``given`` values that are not ``valid`` (``kind``: what
+    they are, e.g. ``"op"``) and listing the valid ones."""
+    bad = [v for v in given if v not in valid]
+    if bad:
+        raise UsageError(f"unknown {kind} {', '.join(bad)}; valid {kind}s: {', '.join(valid)}")
+
+
 def _skipped(args: argparse.Namespace) -> set[str]:
     """The check names given to --skip, each a valid one."""
     skipped = _split(args.skip)
-    bad = [c for c in skipped if c not in CHECKS]
-    if bad:
-        raise UsageError(f"unknown check {', '.join(bad)}; valid checks: {', '.join(CHECKS)}")
+    _refuse_unknown("check", skipped, CHECKS)
     return set(skipped)
 
 
@@ -195,13 +201,9 @@ def _resolve(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
     _skipped(args)
     ops_valid = op_names()
     ops = _split(args.op) or ops_valid
-    bad = [o for o in ops if o not in ops_valid]
-    if bad:
-        raise UsageError(f"unknown op {', '.join(bad)}; valid ops: {', '.join(ops_valid)}")
+    _refuse_unknown("op", ops, ops_valid)
     devices = _split(args.device)
-    bad = [d for d in devices if d not in DEVICES]
-    if bad:
-        raise UsageError(f"unknown device {', '.join(bad)}; valid devices: {', '.join(DEVICES)}")
+    _refuse_unknown("device", devices, DEVICES)
     if "cuda" in devices and not torch.cuda.is_available():
         raise UsageError(
             "--device cuda was asked for, but no CUDA GPU is available to this PyTorch "
@@ -211,9 +213,7 @@ def _resolve(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]
     if not devices:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     dtypes = _split(args.dtype)
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        raise UsageError(f"unknown dtype {', '.join(bad)}; valid dtypes: {', '.join(DTYPES)}")
+    _refuse_unknown("dtype", dtypes, list(DTYPES))
     return ops, list(dict.fromkeys(devices)), list(dict.fromkeys(dtypes))
 
 
@@ -453,10 +453,8 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     devices = _split(args.device)
     if len(dtypes) > 1 or len(devices) > 1:
         raise UsageError("give one --dtype and one --device when checking a target")
-    if dtypes and dtypes[0] not in DTYPES:
-        raise UsageError(f"unknown dtype {dtypes[0]}; valid dtypes: {', '.join(DTYPES)}")
-    if devices and devices[0] not in DEVICES:
-        raise UsageError(f"unknown device {devices[0]}; valid devices: {', '.join(DEVICES)}")
+    _refuse_unknown("dtype", dtypes, list(DTYPES))
+    _refuse_unknown("device", devices, DEVICES)
     skip = _split(args.skip) + (["compile"] if args.no_compile else [])
     return {
         "dtype": DTYPES[dtypes[0]] if dtypes else torch.float64,
