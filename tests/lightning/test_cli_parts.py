@@ -54,6 +54,9 @@ def test_bundled_configs_are_package_data():
         (["fit", "--config=wine"], ["fit", f"--config={CONFIG_DIR / 'wine.yaml'}"]),
         (["fit", "--config", "my.yaml"], ["fit", "--config", "my.yaml"]),
         (["fit", "-cmy.yaml"], ["fit", "-cmy.yaml"]),
+        # argparse's attached forms of the short option name a bundled config too
+        (["fit", "-cwine"], ["fit", f"-c{CONFIG_DIR / 'wine.yaml'}"]),
+        (["fit", "-c=wine"], ["fit", f"-c={CONFIG_DIR / 'wine.yaml'}"]),
         (["--help"], ["--help"]),
         ([], []),
     ],

@@ -25,6 +25,8 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 DEFAULT_CONFIG = "digits"
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: the options that give a config, with their value in the next argument
+_CONFIG_OPTIONS = ("-c", "--config")
 
 
 def bundled_configs() -> dict[str, Path]:
@@ -51,7 +53,18 @@ def describe_bundled_configs() -> str:
 
 
 def is_config_option(arg: str) -> bool:
-    return arg in ("-c", "--config") or arg.startswith("--config=") or arg.startswith("-c")
+    """Whether ``arg`` gives a config: ``-c`` or ``--config``, alone or with its value
+    attached (``--config=FILE``, ``-cFILE``, ``-c=FILE``)."""
+    return arg in _CONFIG_OPTIONS or _attached_config_value(arg) is not None
+
+
+def _attached_config_value(arg: str) -> tuple[str, str] | None:
+    """``(option part, value)`` of a config option with its value attached, as argparse
+    reads it: ``--config=FILE``, ``-c=FILE`` or ``-cFILE``; ``None`` for anything else."""
+    for prefix in ("--config=", "-c=", "-c"):
+        if arg.startswith(prefix):
+            return prefix, arg.removeprefix(prefix)
+    return None
 
 
 def with_config_files(args: list[str]) -> list[str]:
@@ -78,10 +91,12 @@ def with_config_files(args: list[str]) -> list[str]:
 
     out: list[str] = []
     for i, arg in enumerate(args):
-        if i > 0 and args[i - 1] in ("-c", "--config"):
+        attached = _attached_config_value(arg)
+        if i > 0 and args[i - 1] in _CONFIG_OPTIONS:
             arg = resolve(arg)
-        elif arg.startswith("--config="):
-            arg = "--config=" + resolve(arg.removeprefix("--config="))
+        elif attached is not None:
+            option, value = attached
+            arg = option + resolve(value)
         out.append(arg)
     if any(is_config_option(a) for a in args):
         return out
