@@ -271,7 +271,7 @@ class PerSampleGrads:
 
     def _stray_gradient_hint(self, p: nn.Parameter) -> str:
         """The likely causes of a gradient reaching ``p`` other than through its layer."""
-        layer = next(la for la in self._layers if any(q is p for q in la.parameters()))
+        layer, _ = self._owner(p)
         if layer.traces:
             return (
                 "is it used elsewhere, e.g. tied or passed to a functional op, or does the "
@@ -294,12 +294,18 @@ class PerSampleGrads:
 
         return mark_reached
 
-    def _name_of(self, p: nn.Parameter) -> str:
+    def _owner(self, p: nn.Parameter) -> tuple[Layer, str]:
+        """The layer that accounts for ``p`` (one of :attr:`parameters`), and whether ``p``
+        is its ``"weight"`` or its ``"bias"``."""
         for layer in self._layers:
             for what in ("weight", "bias"):
                 if getattr(layer, what) is p:
-                    return f"parameter {layer.name + '.' if layer.name else ''}{what}"
-        return "a parameter"
+                    return layer, what
+        raise LookupError("per_sample_grads: the parameter is not one of the context's parameters")
+
+    def _name_of(self, p: nn.Parameter) -> str:
+        layer, what = self._owner(p)
+        return f"parameter {layer.name + '.' if layer.name else ''}{what}"
 
     def _finalise(self, *, forms_param_grads: bool) -> None:
         try:
