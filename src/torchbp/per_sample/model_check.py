@@ -152,16 +152,51 @@ def _sample_dim_guard(where: str) -> Callable:
     return refuse_sample_dim
 
 
-def _unattributable_trainable(module: nn.Module) -> list[str]:
-    """The names of ``module``'s own trainable parameters that its recorded Linear call
-    does not see: all of them, except a :class:`torchbp.nn.Linear`'s weight and bias (a
-    subclass's extra parameters, such as a LoRA adapter, reach the loss elsewhere)."""
+def _refuse_unattributable(where: str, module: nn.Module) -> None:
+    """Raise if ``module`` has trainable parameters of its own that its recorded Linear
+    call does not see: all of them, except a :class:`torchbp.nn.Linear`'s weight and bias
+    (a subclass's extra parameters, such as a LoRA adapter, reach the loss elsewhere).
+
+    Raises:
+        TypeError: naming the module and the parameters, with what to do about them.
+    """
     linear = isinstance(module, bpnn.Linear)
-    return [
+    trainable = [
         n
         for n, p in module.named_parameters(recurse=False)
         if p.requires_grad and not (linear and n in ("weight", "bias"))
     ]
+    if not trainable:
+        return
+    if type(module) is nn.Linear:
+        hint = "convert the model first: torchbp.convert(model)"
+    else:
+        hint = (
+            "only torchbp.nn.Linear parameters can be attributed to samples; freeze "
+            "the others with requires_grad_(False)"
+        )
+    raise TypeError(
+        f"per_sample_grads: {where} has trainable parameters ({', '.join(trainable)}) "
+        f"whose per-sample gradients torchbp cannot form; {hint}"
+    )
+
+
+def _refuse_shared(where: str, owner: dict[int, str], *parameters: nn.Parameter | None) -> None:
+    """Record ``where`` as the owner of ``parameters`` in ``owner`` (by id), raising if one
+    already has another.
+
+    Raises:
+        ValueError: naming both modules.
+    """
+    for p in parameters:
+        if p is None:
+            continue
+        if id(p) in owner:
+            raise ValueError(
+                f"per_sample_grads: {where} shares a trainable parameter with "
+                f"{owner[id(p)]}; shared Linear parameters are not supported"
+            )
+        owner[id(p)] = where
 
 
 def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
@@ -211,30 +246,10 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         if isinstance(module, bpnn.Linear):
             weight, bias = _trainable(module.weight), _trainable(module.bias)
             _refuse_complex(where, weight=weight, bias=bias)
-            for p in (weight, bias):
-                if p is not None and id(p) in owner:
-                    raise ValueError(
-                        f"per_sample_grads: {where} shares a trainable parameter with "
-                        f"{owner[id(p)]}; shared Linear parameters are not supported"
-                    )
-                if p is not None:
-                    owner[id(p)] = where
+            _refuse_shared(where, owner, weight, bias)
             if weight is not None or bias is not None:
                 layers.append(Layer(name, module, weight, bias))
-        trainable = _unattributable_trainable(module)
-        if not trainable:
-            continue
-        if type(module) is nn.Linear:
-            hint = "convert the model first: torchbp.convert(model)"
-        else:
-            hint = (
-                "only torchbp.nn.Linear parameters can be attributed to samples; freeze "
-                "the others with requires_grad_(False)"
-            )
-        raise TypeError(
-            f"per_sample_grads: {where} has trainable parameters ({', '.join(trainable)}) "
-            f"whose per-sample gradients torchbp cannot form; {hint}"
-        )
+        _refuse_unattributable(where, module)
     return layers
 
 
