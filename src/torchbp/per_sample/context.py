@@ -50,22 +50,8 @@ class PerSampleGrads:
             raise ValueError(
                 f"per_sample_grads: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
             )
-        if mode == "clip":
-            if not _is_number(max_norm):
-                raise TypeError(
-                    f"per_sample_grads: mode='clip' needs max_norm, a positive number; "
-                    f"got {max_norm!r}"
-                )
-            if not (math.isfinite(max_norm) and max_norm > 0):
-                raise ValueError(
-                    f"per_sample_grads: max_norm must be positive and finite, got {max_norm}"
-                )
-        elif max_norm is not None:
-            raise ValueError(
-                f"per_sample_grads: max_norm is used only by mode='clip' (mode={mode!r})"
-            )
         self.mode = mode
-        self.max_norm = None if max_norm is None else float(max_norm)
+        self.max_norm = _checked_max_norm(mode, max_norm)
         if not isinstance(statistics, bool):
             raise TypeError(f"per_sample_grads: statistics must be a bool, got {statistics!r}")
         self.statistics = statistics
@@ -460,6 +446,29 @@ _AUTOGRAD_GRAD_CODE = torch.autograd.grad.__code__
 
 def _is_in(p: nn.Parameter | None, ids: set[int]) -> bool:
     return p is not None and id(p) in ids
+
+
+def _checked_max_norm(mode: str, max_norm: object) -> float | None:
+    """``max_norm`` as a float: a positive finite number in clip mode, ``None`` otherwise.
+
+    Raises:
+        TypeError: clip mode without a number (``None`` included).
+        ValueError: clip mode with one that is not positive and finite, or another mode
+            with one.
+    """
+    if mode != "clip":
+        if max_norm is not None:
+            raise ValueError(
+                f"per_sample_grads: max_norm is used only by mode='clip' (mode={mode!r})"
+            )
+        return None
+    if not _is_number(max_norm):
+        raise TypeError(
+            f"per_sample_grads: mode='clip' needs max_norm, a positive number; got {max_norm!r}"
+        )
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"per_sample_grads: max_norm must be positive and finite, got {max_norm}")
+    return float(max_norm)
 
 
 def _is_number(value: object) -> bool:
