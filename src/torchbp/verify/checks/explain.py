@@ -176,14 +176,7 @@ def _raised_in(exc: BaseException, function_name: str) -> bool:
 def not_implemented(exc: BaseException) -> NotImplementedError | None:
     """The ``NotImplementedError`` that ``exc`` is or was caused by (up to four causes
     deep), or None: the error a function raises to say it does not offer something."""
-    cause: BaseException | None = exc
-    for _ in range(5):
-        if cause is None:
-            return None
-        if isinstance(cause, NotImplementedError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, NotImplementedError)), None)
 
 
 def outcome_of(
@@ -219,14 +212,19 @@ def outcome_of(
     return CheckFailure(f"{context}{explain_error(exc)}")
 
 
-def _message_chain(exc: BaseException) -> str:
-    """The messages of ``exc`` and of up to four of its causes, one per line."""
-    chain = [str(exc)]
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and up to four of its causes (explicit, else implicit), outermost first."""
+    chain = [exc]
     cause = exc.__cause__ or exc.__context__
     while cause is not None and len(chain) < 5:
-        chain.append(str(cause))
+        chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    return "\n".join(chain)
+    return chain
+
+
+def _message_chain(exc: BaseException) -> str:
+    """The messages of ``exc`` and of up to four of its causes, one per line."""
+    return "\n".join(str(e) for e in _chain(exc))
 
 
 def first_line(text: str, limit: int = 240) -> str:
