@@ -35,6 +35,7 @@ class PerSampleGrads:
     Attributes:
         mode: ``"norms"``, ``"grads"`` or ``"clip"``.
         max_norm: the clipping bound ``C`` (clip mode), else ``None``.
+        statistics: whether ``p.sum_grad_squared`` and ``p.grad_variance`` are formed.
         parameters: the trainable parameters it accounts for, in module order.
     """
 
@@ -181,6 +182,12 @@ class PerSampleGrads:
             noise_multiplier: ``σ ≥ 0``.
             generator: a :class:`torch.Generator` on the parameters' device for
                 reproducible noise (default: the global one).
+
+        Raises:
+            RuntimeError: not clip mode, or nothing was formed (no backward yet, or an
+                error inside the context).
+            TypeError: ``noise_multiplier`` is not a number.
+            ValueError: ``noise_multiplier`` is negative or not finite.
         """
         if self.mode != "clip":
             raise RuntimeError(
@@ -645,15 +652,18 @@ def per_sample_grads(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, the model has a module per-sample
-            gradients cannot pass (named), or ``mode='clip'`` has a ``max_norm`` that is
-            not a number (``None`` included).
+            gradients cannot pass (named), ``mode='clip'`` has a ``max_norm`` that is
+            not a number (``None`` included), or ``statistics`` is not a bool (and, at
+            the forward inside the context, a module made to mix samples since).
         ValueError: an unknown mode, a ``max_norm`` that is not positive and finite, or
-            one given to a mode other than ``"clip"`` (and, at the forward inside the
-            context, a module whose dim lands on dim 0).
-        RuntimeError: nesting, and at the backward a use the context refuses (a second
-            backward, ``torch.autograd.grad`` w.r.t. a parameter, autocast or
-            ``torch.compile``, a parameter frozen, unfrozen or replaced since the context
-            was created, ...), named.
+            one given to a mode other than ``"clip"``, a trainable parameter shared by two
+            Linear modules (and, at the forward inside the context, a module whose dim
+            lands on dim 0).
+        RuntimeError: nesting or re-entering, a parameter frozen, unfrozen or replaced
+            since the context was created (on entering), and at the backward a use the
+            context refuses (a second backward, ``torch.autograd.grad`` w.r.t. a
+            parameter, autocast or ``torch.compile``, such a parameter change, ...),
+            named.
 
     Examples::
 

@@ -1,10 +1,13 @@
 """What the Linear Function tells an open ``per_sample_grads`` context, call by call.
 
 :class:`torchbp.autograd.LinearFunction` looks up the thread's active :class:`Recorder`
-in ``setup_context`` and, if there is one, asks it for a :class:`Use` of that call; in
-backward it hands the Use its saved input ``x`` and its output gradient ``g``. The Use
-files them, shaped ``(B, T, features)``, on its layer's ``traces`` and tells the backward
-to skip ``dW`` and ``db``; nothing else happens during the backward.
+(or, on another thread, as a reentrant checkpoint's recomputation is, the one recording
+its weight) in ``setup_context`` and, if there is one, asks it for a :class:`Use` of that
+call; in backward it hands the Use its saved input ``x`` and its output gradient ``g``.
+The Use files them, shaped ``(B, T, features)``, on its layer's ``traces`` and tells the
+backward to skip ``dW`` and ``db``; nothing else happens during the backward. A call with
+trainable parameters the context cannot record gets a :class:`Stray`, which refuses it at
+its backward.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ class Recorder:
         ]
 
     def on_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        """A :class:`Use` for this call, or ``None`` if it needs no recording.
+        """A :class:`Use` for this call of a tracked layer, a :class:`Stray` for a call
+        with trainable parameters that cannot be recorded, or ``None`` for one that needs
+        no recording.
 
         ``setup_context`` runs with grad mode off whether or not a graph is being built,
         so every call of a tracked layer gets a Use; one whose backward never runs (an
