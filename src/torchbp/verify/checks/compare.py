@@ -177,9 +177,13 @@ def require_close(
         show_index: name the index of the worst mismatch in the message.
 
     Raises:
-        CheckFailure: ``"<problem>: max abs error <err>[ at index <i>]<note>"`` when some
-            value is out of tolerance (NaNs must match).
+        CheckFailure: ``"<problem>: shape <actual's> instead of <expected's><note>"`` when
+            the shapes differ (never broadcast), else ``"<problem>: max abs error <err>[ at
+            index <i>]<note>"`` when some value is out of tolerance (NaNs must match).
     """
+    if actual.shape != expected.shape:
+        shapes = f"shape {shape_text(actual)} instead of {shape_text(expected)}"
+        raise CheckFailure(f"{problem}: {shapes}{note}")
     bad = mismatch(actual, expected, *tolerance)
     if bad:
         where = f" at index {bad[2]}" if show_index else ""
