@@ -796,3 +796,39 @@ def test_errors_from_autograd_grad_after_the_backward_keep_their_message():
             model(x).sum().backward()
             y, unused = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
             torch.autograd.grad(y.sum(), [y, unused])
+
+
+class _CallsByKeyword(nn.Module):
+    """Calls its Linear, then ``module(input=...)``: the input reaches the module's
+    forward pre-hooks as a keyword, not in ``args``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.linear = torchbp.nn.Linear(4, 4)
+        self.module = module
+
+    def forward(self, x):
+        return self.module(input=self.linear(x))
+
+
+@pytest.mark.parametrize(
+    "module, message, error",
+    [
+        (nn.Softmax(), r"'module' \(Softmax\) with dim=None acts along dim 0", ValueError),
+        (nn.Flatten(-3), r"'module' \(Flatten\) with start_dim=-3", ValueError),
+        (nn.BatchNorm1d(2, affine=False).eval(), r"'module' \(BatchNorm1d\) norm", TypeError),
+    ],
+    ids=["softmax dim=None", "flatten start_dim=-3", "BatchNorm switched to train"],
+)
+def test_module_called_with_a_keyword_input_still_refused_at_the_forward(module, message, error):
+    """The forward check of a module that picks its dim from the input (or was made to
+    mix samples after the context was created) also sees an input passed as a keyword,
+    ``softmax(input=x)``; before, it looked at the positional arguments only, let the
+    call through, and the norms came out silently wrong (samples mixed)."""
+    model = _CallsByKeyword(module)
+    ps = per_sample_grads(model)
+    module.train()
+    with pytest.raises(error, match=message):
+        with ps:
+            model(torch.randn(5, 2, 4)).sum().backward()
+    assert per_sample_recording.recorder is None

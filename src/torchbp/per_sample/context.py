@@ -97,7 +97,9 @@ class PerSampleGrads:
         # Registered first, so that it runs before the multi-gradient hook's own hook on
         # the same parameter: each parameter the backward reaches is marked.
         self._hooks = [p.register_hook(self._marker(p)) for p in self.parameters]
-        self._hooks += [m.register_forward_pre_hook(g) for m, g in self._sample_dim_guards]
+        self._hooks += [
+            m.register_forward_pre_hook(g, with_kwargs=True) for m, g in self._sample_dim_guards
+        ]
         for layer in self._layers:
             self._hooks += self._recorder.track_calls(layer)
         if self.parameters:

@@ -119,7 +119,8 @@ def sample_dim_guards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     settings: the hook refuses, at the forward, an input it would mix, which
     :func:`attributable_layers` cannot tell before the forward: a dim picked from the
     input's ndim that is dim 0, the sample dim, or settings changed since (a BatchNorm
-    switched to training mode, a dim set to 0)."""
+    switched to training mode, a dim set to 0). Register each with ``with_kwargs=True``:
+    it reads the input whether it is passed by position or by keyword."""
     return [
         (module, _sample_dim_guard(describe(name, module)))
         for name, module in model.named_modules()
@@ -128,8 +129,9 @@ def sample_dim_guards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
 
 
 def _sample_dim_guard(where: str) -> Callable:
-    def refuse_sample_dim(module: nn.Module, args: tuple) -> None:
-        x = args[0] if args else None
+    def refuse_sample_dim(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # the first input, by position or, as in softmax(input=x), by keyword
+        x = args[0] if args else next(iter(kwargs.values()), None)
         if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
             return  # an evaluation forward: no backward to attribute
         reason = _mixing_reason(module)
