@@ -118,6 +118,14 @@ def _best_checkpoint(folder: Path) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
+def _local_checkpoint(ckpt_path: str | None) -> Path | None:
+    """``--ckpt_path`` as a local file's path; ``None`` for no checkpoint, a name Lightning
+    resolves itself (``best``, ``hpc``, ``registry``) or a remote one (``s3://...``)."""
+    if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        return None
+    return Path(ckpt_path)
+
+
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
     """The checkpoint at ``path`` (memory-mapped), or ``None`` if it cannot be read here
     (Lightning then reports it)."""
@@ -187,9 +195,8 @@ def _why_unwritable(folder: Path) -> str | None:
 def _recorded_checkpoint_dir(ckpt_path: str | None, callback: ModelCheckpoint) -> str | None:
     """The folder that ``callback``'s state in the checkpoint at ``ckpt_path`` records (the
     checkpoint's run saved it there), or ``None`` if it records none or cannot be read."""
-    if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
-        return None
-    checkpoint = _read_checkpoint(Path(ckpt_path))
+    path = _local_checkpoint(ckpt_path)
+    checkpoint = None if path is None else _read_checkpoint(path)
     states = (checkpoint or {}).get("callbacks") or {}
     state = states.get(callback.state_key) if isinstance(states, dict) else None
     dirpath = state.get("dirpath") if isinstance(state, dict) else None
@@ -425,11 +432,9 @@ class TorchbpCLI(LightningCLI):
     @staticmethod
     def _check_checkpoint_file(ckpt_path: str | None) -> None:
         """A local ``--ckpt_path`` must exist: else Lightning fails once the run has started."""
-        if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES:
-            return
-        path = str(ckpt_path)
-        if "://" not in path and not Path(path).is_file():
-            exit_with_error(f"--ckpt_path: checkpoint file not found: {path}")
+        path = _local_checkpoint(ckpt_path)
+        if path is not None and not path.is_file():
+            exit_with_error(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a data problem or an invalid value is a
@@ -471,9 +476,8 @@ class TorchbpCLI(LightningCLI):
         Lightning finds out only once the run has started, when it has written the new
         config.yaml over a resumed run's."""
         path = self._subcommand_config(self.config).get("ckpt_path")
-        if path is None or str(path) in _LIGHTNING_CKPT_NAMES or "://" in str(path):
-            return
-        checkpoint = _read_checkpoint(Path(path))
+        local = _local_checkpoint(path)
+        checkpoint = None if local is None else _read_checkpoint(local)
         if checkpoint is None:
             return
         # the data first: data of other classes is why a model's sizes differ
