@@ -209,11 +209,17 @@ def _evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | 
     into it, and one with another folder (the new run folder's) warned "The dirpath has
     changed" and dropped the state; without the callback it warned that the checkpoint's
     callbacks must be provided."""
+    _save_nothing(callback)
+    if callback.dirpath is None:
+        callback.dirpath = _recorded_checkpoint_dir(ckpt_path, callback)
+
+
+def _save_nothing(callback: ModelCheckpoint) -> None:
+    """Keep ``callback`` attached but have it save no checkpoint: no best, no ``last.ckpt``
+    and none on an exception."""
     callback.save_top_k = 0
     callback.save_last = False
     callback.save_on_exception = False
-    if callback.dirpath is None:
-        callback.dirpath = _recorded_checkpoint_dir(ckpt_path, callback)
 
 
 def _checkpoint_filename(monitor: str) -> str:
@@ -582,9 +588,7 @@ class TorchbpCLI(LightningCLI):
             # the CLI always passes its checkpoint callback, which Lightning refuses beside
             # enable_checkpointing=False: it stays, and saves nothing
             kwargs["enable_checkpointing"] = True
-            ckpt_cb.save_top_k = 0
-            ckpt_cb.save_last = False
-            ckpt_cb.save_on_exception = False
+            _save_nothing(ckpt_cb)
         if isinstance(ckpt_cb, ModelCheckpoint) and tcfg.get("fast_dev_run"):
             # Lightning turns checkpointing off for fast_dev_run, except save_last at the end
             # of training: that one-step last.ckpt would be what --ckpt_path last finds
