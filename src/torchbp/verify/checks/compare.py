@@ -21,6 +21,7 @@ __all__ = [
     "shape_text",
     "tolerances",
     "unravel",
+    "zeros_for_none",
 ]
 
 
@@ -82,6 +83,15 @@ def _real_dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` dense, and a complex ``t`` as its real view."""
     t = dense(t)
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
+
+
+def zeros_for_none(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``grads`` with each None (``allow_unused``: the outputs do not depend on that input)
+    replaced by zeros shaped like the matching tensor of ``like``: the gradient it stands
+    for, ready to compare."""
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
 def exact_tensors(out: Any) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, require_close
+from torchbp.verify.checks.compare import float_tensors, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
@@ -42,7 +42,7 @@ def _backward(outs, leaves, vs, which: str) -> list[torch.Tensor]:
             f"backward of the {which} call failed when two calls were made before backward: "
             f"{explain_error(exc)} (fn keeps state outside ctx?)"
         ) from None
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+    return zeros_for_none(gs, leaves)
 
 
 def check_interleave(ctx: CheckContext) -> Passed:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from torchbp.verify.checks.compare import dense, float_tensors, require_close
+from torchbp.verify.checks.compare import dense, float_tensors, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed
@@ -77,7 +77,7 @@ def _grads(outs: list[torch.Tensor], leaves: list[torch.Tensor], vs: list[torch.
         gs = torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"backward failed: {explain_error(exc)}") from None
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
+    return zeros_for_none(gs, leaves)
 
 
 def check_mutation(ctx: CheckContext) -> Passed:

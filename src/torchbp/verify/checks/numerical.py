@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchbp.verify.checks.compare import require_close
+from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import no_forward_ad
 from torchbp.verify.checks.explain import explain_error, first_line, outcome_of
@@ -349,7 +349,7 @@ def _second_order(ctx: CheckContext) -> Passed:
         xs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in xs]
         o = [t for t in ctx.diff_fn(*xs) if t.requires_grad]
         gs = torch.autograd.grad(o, xs, vv, create_graph=True, allow_unused=True)
-        return tuple(torch.zeros_like(x) if gi is None else gi for gi, x in zip(gs, xs))
+        return tuple(zeros_for_none(gs, xs))
 
     vs_plain = [v.detach() for v in vs]
     inputs2 = [*[x.detach() for x in diff], *vs_plain]

@@ -17,12 +17,13 @@ from torchbp.verify.checks.compare import (
     require_close,
     shape_text,
     unravel,
+    zeros_for_none,
 )
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
-__all__ = ["check_compile", "check_reference"]
+__all__ = ["check_compile", "check_reference", "output_grads"]
 
 
 def _compare(
@@ -64,7 +65,7 @@ def _require_equal_exact(
             )
 
 
-def _grads(
+def output_grads(
     outs: Sequence[torch.Tensor], leaves: list[torch.Tensor], vs: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Gradients of ``outs`` (weighted by ``vs``) for every leaf; zeros where unused."""
@@ -72,7 +73,7 @@ def _grads(
     if not live:
         return [torch.zeros_like(x) for x in leaves]
     gs = torch.autograd.grad([o for o, _ in live], leaves, [v for _, v in live], allow_unused=True)
-    return [torch.zeros_like(x) if gi is None else gi for gi, x in zip(gs, leaves)]
+    return zeros_for_none(gs, leaves)
 
 
 def _compare_runs(
@@ -109,9 +110,9 @@ def _compare_runs(
     ]
     if not pairs:
         return worst
-    ga = _grads([p[0] for p in pairs], leaves_a, [p[2] for p in pairs])
+    ga = output_grads([p[0] for p in pairs], leaves_a, [p[2] for p in pairs])
     try:
-        gb = _grads([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
+        gb = output_grads([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
     except Exception as exc:  # noqa: BLE001
         if raw_errors:
             raise

@@ -22,6 +22,7 @@ from torchbp.verify.checks.compare import float_tensors, require_close, shape_te
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+from torchbp.verify.checks.parity import output_grads
 
 __all__ = ["PROBES", "check_extreme_values"]
 
@@ -42,14 +43,7 @@ def _run(ctx: CheckContext, f, inputs, vs=None):
     outs = float_tensors(ctx.call(f, leaves))
     if vs is None:
         vs = ctx.randn_like_outputs(outs)
-    live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
-    grads = [torch.zeros_like(x) for x in leaves]
-    if live:
-        gs = torch.autograd.grad(
-            [o for o, _ in live], leaves, [v for _, v in live], allow_unused=True
-        )
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, leaves)]
-    return [o.detach() for o in outs], grads, vs
+    return [o.detach() for o in outs], output_grads(outs, leaves, vs), vs
 
 
 def _where_reference_finite(

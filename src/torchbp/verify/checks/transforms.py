@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from torchbp.verify.checks.compare import require_close
+from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import no_torch_func
 from torchbp.verify.checks.explain import outcome_of
@@ -69,8 +69,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
     for b in range(batch):
         leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
         gs = torch.autograd.grad(scalar(*leaves), leaves, allow_unused=True)
-        for k, (gb, ps) in enumerate(zip(gs, per_sample)):
-            exp = torch.zeros_like(leaves[k]) if gb is None else gb
+        for k, (exp, ps) in enumerate(zip(zeros_for_none(gs, leaves), per_sample)):
             problem = (
                 f"per-sample gradient of {ctx.input_name(k)} under vmap(grad) differs "
                 "from a loop of backward calls"
