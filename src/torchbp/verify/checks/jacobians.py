@@ -206,6 +206,13 @@ def _not_differentiable(
     return kink | jump
 
 
+def _out_of_tolerance(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float
+) -> torch.Tensor:
+    """Where ``|actual - expected| > atol + rtol * |expected|`` (a NaN is never out)."""
+    return (actual - expected).abs() > atol + rtol * expected.abs()
+
+
 def excuse_non_differentiable(
     func: Func,
     inputs: Sequence[torch.Tensor],
@@ -230,18 +237,15 @@ def excuse_non_differentiable(
             bad_columns = set()
             for a, e in zip(act_k, exp_k):
                 if a.numel():
-                    excess = (a - e).abs() - (atol + rtol * e.abs())
-                    bad_columns |= set((excess > 0).any(0).nonzero().flatten().tolist())
+                    bad = _out_of_tolerance(a, e, atol, rtol)
+                    bad_columns |= set(bad.any(0).nonzero().flatten().tolist())
             for j in sorted(bad_columns):
                 quotients = _difference_quotients(func, base, k, j, eps, f0)
                 for o, a in enumerate(act_k):
                     if not a.numel():
                         continue
                     mask = _not_differentiable(quotients, o, a[:, j], atol, rtol)
-                    mismatched = (a[:, j] - exp_k[o][:, j]).abs() > atol + rtol * exp_k[o][
-                        :, j
-                    ].abs()
-                    mask &= mismatched
+                    mask &= _out_of_tolerance(a[:, j], exp_k[o][:, j], atol, rtol)
                     excused[k][o][mask, j] = a[mask, j]
                     count += int(mask.sum())
     return excused, count
