@@ -10,6 +10,7 @@
 - :mod:`.outcomes`: how a check ends (passed, failed, unsupported, skipped).
 - :mod:`.explain`, :mod:`.compare`, :mod:`.jacobians`: plain-word error messages, tensor
   comparison and Jacobians.
+- :mod:`.complex_views`: complex inputs and outputs checked as their real views.
 """
 
 from torchbp.verify.checks.compare import tolerances

@@ -2,7 +2,13 @@
 grad_outputs), ``grad_shapes`` (raw gradient shapes, dtypes and devices of each custom
 Function),
 ``needs_input_grad`` (the same gradients when only some inputs require grad) and
-``grad_output_safety`` (no in-place writes, any grad_output or input memory layout)."""
+``grad_output_safety`` (no in-place writes, any grad_output or input memory layout).
+
+gradcheck (as the ``gradcheck`` check runs it) differentiates with every input requiring
+grad and contiguous grad_outputs, one output at a time, and eager autograd sums a gradient
+of a broadcast shape and casts one of a narrower dtype on its way: a backward that fails
+on a None grad_output, returns such a gradient, branches on ``ctx.needs_input_grad`` with
+the wrong index, writes into grad_output or assumes contiguous memory passes it."""
 
 from __future__ import annotations
 

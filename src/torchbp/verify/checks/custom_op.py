@@ -1,6 +1,10 @@
 """``torch.library.custom_op`` support: recognising a custom op, its name, the ``opcheck``
 check (``torch.library.opcheck``: schema, autograd registration, fake tensor, AOT dispatch)
-and the capabilities PyTorch does not give custom ops (forward-mode AD, torch.func)."""
+and the capabilities PyTorch does not give custom ops (forward-mode AD, torch.func).
+
+gradcheck calls the op eagerly, with real tensors: a schema that hides a mutation or an
+alias, a missing or wrong fake (meta) implementation, or an autograd formula registered so
+that tracing misses it shows only under ``opcheck``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
 """Checks that fn equals another computation of it on the same inputs and grad_outputs:
 ``compile`` (torch.compile of fn) and ``reference`` (the reference callable). Floating
 outputs and gradients are compared within dtype-aware tolerances, integer and boolean
-outputs (indices, masks) exactly."""
+outputs (indices, masks) exactly.
+
+gradcheck compares fn's backward only with fn's own forward: a forward that computes the
+wrong function, differentiated consistently, passes it (``reference`` catches it), and so
+does a Function that breaks or computes otherwise when torch.compile traces it ahead of
+time (``compile``)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ in the order they run.
 A check function takes the run's :class:`~torchbp.verify.checks.context.CheckContext` and
 returns :class:`~torchbp.verify.checks.outcomes.Passed`, or raises
 :class:`~torchbp.verify.checks.outcomes.CheckFailure` /
-:class:`~torchbp.verify.checks.outcomes.CheckSkip`. To add a check, write its function in
+:class:`~torchbp.verify.checks.outcomes.CheckUnsupported` /
+:class:`~torchbp.verify.checks.outcomes.CheckSkip` (any other exception is turned into one
+of these by the runner). To add a check, write its function in
 the module of its kind and add a row here.
 """
 

@@ -1,5 +1,9 @@
 """Checks of batching: ``vmap`` (torch.func.vmap of the forward and of per-sample grads)
-and ``batched_grad`` (backward with batched grad_outputs); both must equal a Python loop."""
+and ``batched_grad`` (backward with batched grad_outputs); both must equal a Python loop.
+
+gradcheck runs fn on one unbatched set of inputs with one grad_output at a time: it never
+calls a ``vmap`` staticmethod, nor a backward on a batch of grad_outputs, so a wrong vmap
+rule (or a backward that breaks under one) passes it."""
 
 from __future__ import annotations
 
