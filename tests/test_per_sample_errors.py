@@ -43,6 +43,7 @@ class WithOwnParameter(nn.Module):
         (nn.Softmax(dim=0), r"'1' \(Softmax\) normalises along dim 0"),
         (torchbp.nn.LogSoftmax(dim=0), r"'1' \(LogSoftmax\) normalises along dim 0"),
         (nn.Flatten(0), r"'1' \(Flatten\) flattens the sample dim"),
+        (nn.GLU(dim=0), r"'1' \(GLU\) gates one half by the other along dim 0"),
         (WithOwnParameter(), r"'1' \(WithOwnParameter\) has trainable parameters \(scale\)"),
         (torchbp.nn.LinearCrossEntropyLoss(6, 3), r"'1' \(LinearCrossEntropyLoss\) is not supp"),
     ],
@@ -321,6 +322,7 @@ def test_autograd_grad_wrt_parameters_named_on_leaving_the_context(monkeypatch):
         (nn.Softmin(dim=-3), (5, 2, 4), (5, 3, 2, 4), r"'1' \(Softmin\) .*dim=-3"),
         (nn.Flatten(start_dim=-2), (5, 4), None, r"'1' \(Flatten\) .*start_dim=-2"),
         (nn.Softmax2d(), (5, 2, 4), (5, 3, 2, 4), r"'1' \(Softmax2d\) .*dim -3.*\(B, C, H, W\)"),
+        (nn.GLU(dim=-2), (5, 4), (5, 2, 4), r"'1' \(GLU\) with dim=-2 acts along dim 0"),
     ],
 )
 def test_dim_resolving_to_the_sample_dim_refused_at_the_forward(module, bad, good, message):
@@ -832,3 +834,39 @@ def test_module_called_with_a_keyword_input_still_refused_at_the_forward(module,
         with ps:
             model(torch.randn(5, 2, 4)).sum().backward()
     assert per_sample_recording.recorder is None
+
+
+class _CosineHead(nn.Module):
+    """A Linear, then the cosine similarity of its output to a fixed direction."""
+
+    def __init__(self, similarity: nn.CosineSimilarity):
+        super().__init__()
+        self.linear = torchbp.nn.Linear(4, 3)
+        self.similarity = similarity
+
+    def forward(self, x):
+        return self.similarity(self.linear(x), torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "dim, error, message",
+    [
+        (0, TypeError, r"'similarity' \(CosineSimilarity\) reduces along dim 0, the sample"),
+        (-2, ValueError, r"'similarity' \(CosineSimilarity\) with dim=-2 acts along dim 0"),
+    ],
+)
+def test_modules_that_mix_along_dim_0_other_than_softmax_refused(dim, error, message):
+    """GLU and CosineSimilarity act along ``dim`` as softmax does: along dim 0 (given, or
+    a negative dim that lands there) GLU gates each sample by another and CosineSimilarity
+    reduces over the samples. Refused by name (before the forward when dim is 0, else at
+    the forward); before, they passed as parameter-free modules trusted to act per
+    sample, and the norms and clipping came out silently wrong."""
+    model = _CosineHead(nn.CosineSimilarity(dim=dim))
+    with pytest.raises(error, match=message):
+        with per_sample_grads(model):
+            model(torch.randn(5, 4)).sum().backward()
+    assert per_sample_recording.recorder is None
+    model.similarity.dim = 1  # along the features: per sample
+    with per_sample_grads(model) as ps:
+        model(torch.randn(5, 4)).sum().backward()
+    assert ps.norms.shape == (5,)

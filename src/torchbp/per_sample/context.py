@@ -604,7 +604,7 @@ def per_sample_grads(
     ``nn.Linear``, Conv, LayerNorm with affine, Embedding, a torchbp Linear subclass's own
     extra parameters such as a LoRA adapter, ...), a Linear with complex trainable parameters
     (the formulas are real ones), BatchNorm in training mode, softmax-like
-    modules along dim 0, ``Flatten(start_dim=0)``, and the fused
+    modules, GLU and CosineSimilarity along dim 0, ``Flatten(start_dim=0)``, and the fused
     :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
     dim; Softmax2d's dim -3) where it lands on dim 0, and one made to mix samples after the

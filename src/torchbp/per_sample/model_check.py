@@ -5,11 +5,12 @@ A trainable parameter is attributable when it belongs to a :class:`torchbp.nn.Li
 its Function's backward sees each sample's input and output gradient. Parameter-free
 modules (activations, Dropout, Flatten, Identity, containers, user-defined wrappers) and
 modules whose parameters are all frozen are trusted to act on each sample separately,
-except the ones known to mix the samples of a batch, which are refused; a module whose
-dim is picked from the input's ndim (a softmax's ``dim=None``, a negative dim, Softmax2d's
--3) is refused at the forward, for an input on which that dim is the sample dim, and so is
-one whose settings were changed to mix samples after the check (a BatchNorm switched to
-training mode).
+except the ones known to mix the samples of a batch (BatchNorm in training mode; a
+softmax, GLU or CosineSimilarity along dim 0; a Flatten or Unflatten of it), which are
+refused; a module whose dim is picked from the input's ndim (a softmax's ``dim=None``, a
+negative dim, Softmax2d's -3) is refused at the forward, for an input on which that dim
+is the sample dim, and so is one whose settings were changed to mix samples after the
+check (a BatchNorm switched to training mode).
 """
 
 from __future__ import annotations
@@ -23,8 +24,15 @@ from torch import nn
 
 from torchbp import nn as bpnn
 
-# Softmax-like modules normalise along ``dim``: along dim 0 they mix samples.
-_ALONG_DIM = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+# Modules that act along ``dim``, and how: along dim 0 they mix samples.
+_ACTION_ALONG_DIM = {
+    nn.Softmax: "normalises",
+    nn.LogSoftmax: "normalises",
+    nn.Softmin: "normalises",
+    nn.GLU: "gates one half by the other",
+    nn.CosineSimilarity: "reduces",
+}
+_ALONG_DIM = tuple(_ACTION_ALONG_DIM)
 # (the lazy ones are not subclasses of the others)
 _BATCH_NORMS = (
     nn.BatchNorm1d,
@@ -78,12 +86,17 @@ def _mixing_reason(module: nn.Module) -> str | None:
     if isinstance(module, _BATCH_NORMS) and (module.training or not module.track_running_stats):
         return "normalises with statistics of the whole batch, so it mixes samples"
     if isinstance(module, _ALONG_DIM) and module.dim == 0:
-        return "normalises along dim 0, the sample dim"
+        return f"{_action_along_dim(module)} along dim 0, the sample dim"
     if isinstance(module, nn.Flatten) and module.start_dim == 0:
         return "flattens the sample dim (start_dim=0)"
     if isinstance(module, nn.Unflatten) and module.dim == 0:
         return "reshapes the sample dim (dim=0)"
     return None
+
+
+def _action_along_dim(module: nn.Module) -> str:
+    """What ``module``, one of :data:`_ALONG_DIM`, does along its dim."""
+    return next(action for cls, action in _ACTION_ALONG_DIM.items() if isinstance(module, cls))
 
 
 def _dim_setting(module: nn.Module) -> tuple[str, int | None, str] | None:
