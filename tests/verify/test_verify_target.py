@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import torch
 
 from torchbp.verify import cli
-from torchbp.verify.target import load_symbol, parse_inputs
+from torchbp.verify.target import TargetError, load_symbol, parse_inputs
 
 
 def _write_package(root):
@@ -84,3 +85,14 @@ def test_a_complex_function_is_checked_from_the_command_line(capsys):
     assert z.dtype == torch.complex128 and tuple(w.shape) == (2, 3)
     argv = ["torch:mul", "--inputs", "complex:3;complex:3", "--reference", "torch:mul"]
     assert cli.main([*argv, "--no-compile"]) == 0, capsys.readouterr()
+
+
+def test_a_spec_with_no_inputs_says_so(tmp_path):
+    """An empty spec, or a spec file of comments only, was "empty input in '...' (two ';'
+    in a row?)", a cause that is not there."""
+    comments = tmp_path / "spec.txt"
+    comments.write_text("# inputs of my op\n\n")
+    for spec in ("", "  ", f"@{comments}"):
+        with pytest.raises(TargetError, match="lists no inputs") as info:
+            parse_inputs(spec)
+        assert "two ';'" not in str(info.value)

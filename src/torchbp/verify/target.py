@@ -156,13 +156,17 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
         seed: seed of the random values.
 
     Raises:
-        TargetError: on a malformed item, naming it, or a seed torch cannot take.
+        TargetError: on a malformed item, naming it, a spec that lists no inputs, or a seed
+            torch cannot take.
     """
     if not -(2**63) <= seed < 2**64:  # what torch's generators take
         raise TargetError(f"seed must be in [-2**63, 2**64), got {seed}")
+    text = read_spec(spec)
+    if not text.strip():
+        raise TargetError(f"the input spec {spec!r} lists no inputs; e.g. --inputs '4,5;5'")
     generator = torch.Generator().manual_seed(seed)
     inputs: list[Any] = []
-    for raw in read_spec(spec).split(";"):
+    for raw in text.split(";"):
         item = raw.strip()
         if not item:
             raise TargetError(f"empty input in {spec!r} (two ';' in a row?)")
