@@ -10,38 +10,23 @@ and each mode; the norms, ``p.grad``
 (plain or clipped), ``p.grad_sample`` and the statistics must match the oracle's to 1e-10
 of their largest magnitude (of their terms' summed magnitudes, for sums that may cancel).
 
-Profiles as in ``tests/test_properties.py`` (``TORCHBP_HYPOTHESIS_PROFILE=thorough``).
+Profiles from ``tests/kernels/_hypothesis.py``, those of ``tests/test_properties.py``
+(``TORCHBP_HYPOTHESIS_PROFILE=thorough``).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests._support import ACTIVATIONS
+from tests.kernels._hypothesis import PROFILE
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import torchbp
 from torchbp.per_sample import per_sample_grads
-
-settings.register_profile(
-    "ci",
-    max_examples=12,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-PROFILE = settings.get_profile(os.environ.get("TORCHBP_HYPOTHESIS_PROFILE", "ci"))
 
 DT = torch.float64
 RTOL = 1e-10
