@@ -228,6 +228,26 @@ def _checkpoint_filename(monitor: str) -> str:
     return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
 
 
+def _set_num_threads(threads: int | None) -> None:
+    """``--torch_num_threads``: ``torch.set_num_threads`` (nothing for ``None``)."""
+    if threads is None:
+        return
+    if threads < 1:
+        exit_with_error(f"invalid configuration: torch_num_threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _follow_the_monitor(checkpoint: Namespace) -> None:
+    """Resolve the checkpoint options that follow ``checkpoint.monitor``: ``mode: auto``
+    (see :func:`_checkpoint_mode`) and the default file name, which names the monitored
+    value (a best-by-val/loss file named by its accuracy would mislead)."""
+    monitor = checkpoint.get("monitor")
+    if checkpoint.get("mode") == "auto":
+        checkpoint["mode"] = _checkpoint_mode(monitor)
+    if checkpoint.get("filename") == _checkpoint_filename("val/acc"):
+        checkpoint["filename"] = _checkpoint_filename(monitor) if monitor else None
+
+
 def _data_run_name(data: Any) -> str | None:
     """The run name of the default config run on other data (``--data ... --data.path
     my.csv`` without ``--config``): the data file's stem, else the DataModule's class name;
@@ -359,22 +379,12 @@ class TorchbpCLI(LightningCLI):
         return Path(cfg.get("run_dir") or "runs") / name
 
     def before_instantiate_classes(self) -> None:
+        """Resolve what the parsed config leaves open (the checkpoint's mode and file name,
+        ``--ckpt_path last``/``best``, the run folder) and refuse what cannot run."""
         cfg = self._subcommand_config(self.config)
-        threads = cfg.get("torch_num_threads")
-        if threads is not None:
-            if threads < 1:
-                exit_with_error(
-                    f"invalid configuration: torch_num_threads must be >= 1, got {threads}"
-                )
-            torch.set_num_threads(threads)
-        checkpoint = cfg.get("checkpoint")
-        if checkpoint is not None and checkpoint.get("mode") == "auto":
-            checkpoint["mode"] = _checkpoint_mode(checkpoint.get("monitor"))
-        if checkpoint is not None and checkpoint.get("filename") == _checkpoint_filename("val/acc"):
-            # the default name follows the monitor: a best-by-val/loss file named by its accuracy
-            # would mislead
-            monitor = checkpoint.get("monitor")
-            checkpoint["filename"] = _checkpoint_filename(monitor) if monitor else None
+        _set_num_threads(cfg.get("torch_num_threads"))
+        if cfg.get("checkpoint") is not None:
+            _follow_the_monitor(cfg["checkpoint"])
         if self.subcommand in _EVALUATING_SUBCOMMANDS and cfg.get("ckpt_path") is None:
             print(
                 f"note: no --ckpt_path: {self.subcommand} evaluates a freshly initialised, "
@@ -387,25 +397,7 @@ class TorchbpCLI(LightningCLI):
         self._version: int | None = None
         self._resumed = False  # fit --ckpt_path last: the run folder's files are its own
         if cfg.get("ckpt_path") == "last":
-            # the most recent run folder that has a last.ckpt
-            found = [
-                v
-                for v in _versions(root)
-                if (root / f"version_{v}/checkpoints/last.ckpt").is_file()
-            ]
-            if found:
-                cfg["ckpt_path"] = str(root / f"version_{found[-1]}/checkpoints/last.ckpt")
-                if self.subcommand == "fit":
-                    self._version = found[-1]  # resumed: keep logging there
-                    self._resumed = True
-            elif self.subcommand == "fit":
-                print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
-                cfg["ckpt_path"] = None
-            else:  # evaluating an untrained model would pass for the run's metrics
-                exit_with_error(
-                    f"--ckpt_path last: no last.ckpt under {root}; nothing to {self.subcommand} "
-                    "(check --run_dir and --run_name, or give the checkpoint's path)"
-                )
+            cfg["ckpt_path"] = self._last_checkpoint(root)
         elif cfg.get("ckpt_path") == "best":
             cfg["ckpt_path"] = str(self._best_checkpoint_to_evaluate(root))
         self._check_checkpoint_file(cfg.get("ckpt_path"))
@@ -414,6 +406,27 @@ class TorchbpCLI(LightningCLI):
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
             vs = _versions(root)
             self._version = vs[-1] + 1 if vs else 0
+
+    def _last_checkpoint(self, root: Path) -> str | None:
+        """``--ckpt_path last``: the ``last.ckpt`` of the most recent run under ``root`` that
+        has one (``fit`` resumes that run, in its folder); with none, ``fit`` starts from
+        scratch (``None``) and the evaluating subcommands exit with an error."""
+        found = [
+            v for v in _versions(root) if (root / f"version_{v}/checkpoints/last.ckpt").is_file()
+        ]
+        if found:
+            if self.subcommand == "fit":
+                self._version = found[-1]  # resumed: keep logging there
+                self._resumed = True
+            return str(root / f"version_{found[-1]}/checkpoints/last.ckpt")
+        if self.subcommand != "fit":
+            # evaluating an untrained model would pass for the run's metrics
+            exit_with_error(
+                f"--ckpt_path last: no last.ckpt under {root}; nothing to {self.subcommand} "
+                "(check --run_dir and --run_name, or give the checkpoint's path)"
+            )
+        print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
+        return None
 
     def _best_checkpoint_to_evaluate(self, root: Path) -> Path:
         """``--ckpt_path best``: the best checkpoint of the latest run under ``root`` (Lightning's
