@@ -32,7 +32,8 @@ __all__ = ["Case", "CASES", "OPS", "UNSUPPORTED", "cases_for", "op_names", "unre
 Builder = Callable[[torch.Generator], tuple[Any, ...]]
 
 #: Capabilities an op lacks by design (documented in its Function's docstring): the CLI
-#: reports these checks as unsupported with the reason instead of running them.
+#: runs these checks without requiring them (unsupported does not fail) and puts the reason
+#: before an unsupported one's message.
 UNSUPPORTED: dict[str, dict[str, str]] = {
     "linear_cross_entropy": {
         "gradgradcheck": "by design: gradients are computed chunk-wise, double backward raises",
@@ -353,7 +354,7 @@ def _ce_cases(op: str = "cross_entropy") -> list[Case]:
 def _lce_cases() -> list[Case]:
     op = "linear_cross_entropy"
 
-    def build(n, d, c, bias=False, ignore=None):
+    def build(n, d, c, ignore=None):
         def b(g):
             x, w = _randn(g, n, d), _randn(g, c, d)
             t = _targets(g, c, n)
