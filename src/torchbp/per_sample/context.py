@@ -351,7 +351,7 @@ class PerSampleGrads:
                 if forms_param_grads and trace is not None:
                     grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
                     for p, grad in zip((layer.weight, layer.bias), grads):
-                        if p is not None and id(p) in accounted:
+                        if _is_in(p, accounted):
                             _accumulate(p, grad)
             self._recorder.finalised = True
 
@@ -412,12 +412,12 @@ class PerSampleGrads:
         """``p.sum_grad_squared`` and ``p.grad_variance``, formed from the sums (in
         :func:`formulas.norm_dtype`) and stored in the parameter's dtype; zeros for a
         parameter whose id is not ``accounted``."""
-        for i, p in enumerate((layer.weight, layer.bias)):
+        for p, is_weight in ((layer.weight, True), (layer.bias, False)):
             if p is None:
                 continue
             if trace is None or id(p) not in accounted:
                 sum_squared, total = p.new_zeros(p.shape), p.new_zeros(p.shape)
-            elif i == 0:
+            elif is_weight:
                 sum_squared, total = formulas.weight_sum_grad_squared(*trace), sums[0]
             else:
                 sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
