@@ -920,3 +920,20 @@ def test_evaluating_without_a_checkpoint_says_the_model_is_untrained(tmp_path, c
     assert "no --ckpt_path: test evaluates a freshly initialised, untrained model" in (
         capsys.readouterr().err
     )
+
+
+def test_a_single_trainer_callback_is_kept(tmp_path):
+    """``trainer.callbacks`` may be one callback instead of a list (Lightning's Trainer takes
+    either, and LightningCLI wraps it): the CLI stopped with "invalid configuration:
+    'EarlyStopping' object is not iterable"."""
+    config = tmp_path / "early_stopping.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    class_path: pytorch_lightning.callbacks.EarlyStopping\n"
+        "    init_args:\n"
+        "      monitor: val/loss\n"
+    )
+    cli = fit_digits(tmp_path, "--config", str(config), "--trainer.fast_dev_run=1")
+    (early,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"]
+    assert early.monitor == "val/loss"

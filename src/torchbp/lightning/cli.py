@@ -228,6 +228,14 @@ def _checkpoint_filename(monitor: str) -> str:
     return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
 
 
+def _as_callback_list(callbacks: Any) -> list[Any]:
+    """``trainer.callbacks`` as a new list: Lightning's Trainer takes one callback, a list
+    of them or ``None``."""
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 def _set_num_threads(threads: int | None) -> None:
     """``--torch_num_threads``: ``torch.set_num_threads`` (nothing for ``None``)."""
     if threads is None:
@@ -622,7 +630,7 @@ class TorchbpCLI(LightningCLI):
             except ImportError:
                 pass
             kwargs["logger"] = loggers
-        callbacks = list(tcfg.get("callbacks") or [])
+        callbacks = _as_callback_list(tcfg.get("callbacks"))
         if tcfg.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
