@@ -197,6 +197,45 @@ def _resolve_device(device: Any) -> torch.device | None:
     return resolved
 
 
+def _refuse_module_classes(fn: Any, reference: Any) -> None:
+    """A TypeError for an ``nn.Module`` class given as fn or reference: calling it would
+    construct a module instead of running one."""
+    for role, value in (("fn", fn), ("reference", reference)):
+        if isinstance(value, type) and issubclass(value, torch.nn.Module):
+            raise TypeError(
+                f"check_function: {role} is the nn.Module class {value.__name__}, not a "
+                f"module: pass an instance, e.g. {value.__name__}() (calling the class would "
+                "construct a module instead of running one)"
+            )
+
+
+def _with_check_names(opts: Options) -> Options:
+    """``opts`` with ``checks`` / ``skip`` / ``require`` as tuples of names; a ValueError
+    for an empty ``checks`` (it would select nothing), a name that is no check, or a check
+    both selected (or required) and skipped."""
+    opts = replace(
+        opts,
+        checks=None if opts.checks is None else _check_names(opts.checks),
+        skip=_check_names(opts.skip),
+        require=_check_names(opts.require),
+    )
+    if opts.checks is not None and not opts.checks:
+        raise ValueError(
+            "check_function: checks is empty, which would select no check; pass "
+            "checks=None (the default) to run every check, or name at least one of "
+            f"{', '.join(CHECKS)}"
+        )
+    named = sorted(set(opts.checks or ()) | set(opts.skip or ()) | set(opts.require))
+    bad = [c for c in named if c not in CHECKS]
+    if bad:
+        raise ValueError(
+            f"check_function: unknown check(s) {', '.join(bad)}; valid checks: {', '.join(CHECKS)}"
+        )
+    _refuse_skipped(opts.require, "require", "required", opts.skip)
+    _refuse_skipped(opts.checks, "checks", "selected (checks)", opts.skip)
+    return opts
+
+
 def resolve_arguments(
     fn: Any, inputs: tuple, reference: Any, options: dict[str, Any]
 ) -> tuple[Callable[..., Any], Callable[..., Any] | None, Options]:
@@ -222,13 +261,7 @@ def resolve_arguments(
             f"{', '.join(sorted(DEFAULT_OPTIONS))}"
         )
     opts = Options(**options)
-    for role, value in (("fn", fn), ("reference", reference)):
-        if isinstance(value, type) and issubclass(value, torch.nn.Module):
-            raise TypeError(
-                f"check_function: {role} is the nn.Module class {value.__name__}, not a "
-                f"module: pass an instance, e.g. {value.__name__}() (calling the class would "
-                "construct a module instead of running one)"
-            )
+    _refuse_module_classes(fn, reference)
     if isinstance(fn, type) and issubclass(fn, torch.autograd.Function):
         opts = replace(opts, name=opts.name or fn.__name__)
     fn = _function_apply(fn)
@@ -244,26 +277,7 @@ def resolve_arguments(
         )
     _check_inputs(inputs)
     _check_numbers(opts)
-    opts = replace(
-        opts,
-        checks=None if opts.checks is None else _check_names(opts.checks),
-        skip=_check_names(opts.skip),
-        require=_check_names(opts.require),
-    )
-    if opts.checks is not None and not opts.checks:
-        raise ValueError(
-            "check_function: checks is empty, which would select no check; pass "
-            "checks=None (the default) to run every check, or name at least one of "
-            f"{', '.join(CHECKS)}"
-        )
-    named = sorted(set(opts.checks or ()) | set(opts.skip or ()) | set(opts.require))
-    bad = [c for c in named if c not in CHECKS]
-    if bad:
-        raise ValueError(
-            f"check_function: unknown check(s) {', '.join(bad)}; valid checks: {', '.join(CHECKS)}"
-        )
-    _refuse_skipped(opts.require, "require", "required", opts.skip)
-    _refuse_skipped(opts.checks, "checks", "selected (checks)", opts.skip)
+    opts = _with_check_names(opts)
     opts = replace(opts, device=_resolve_device(opts.device))
     dtype = opts.dtype
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
