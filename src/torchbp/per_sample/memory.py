@@ -46,7 +46,10 @@ def _huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     return raw[start : start + nbytes]
 
 
-def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+def _huge_page_tensor(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """A zero-filled huge-page tensor of ``shape`` with ``like``'s dtype, or ``None`` where
+    torch's allocator serves instead: not on CPU, no ``madvise``, under :data:`MIN_BYTES`,
+    or refused by the platform."""
     if not _HAS_MADVISE or like.device.type != "cpu":
         return None
     nbytes = math.prod(shape) * like.element_size()
@@ -59,12 +62,12 @@ def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
 def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (huge pages
     when large and on CPU under Linux)."""
-    out = _buffer(tuple(shape), like)
+    out = _huge_page_tensor(tuple(shape), like)
     return like.new_empty(shape) if out is None else out
 
 
 def zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Like :func:`empty`, filled with zeros (a fresh mapping already is: its pages are
     only faulted in when read or written)."""
-    out = _buffer(tuple(shape), like)
+    out = _huge_page_tensor(tuple(shape), like)
     return like.new_zeros(shape) if out is None else out

@@ -23,6 +23,8 @@ CHUNK = 1 << 18
 
 
 def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Views of ``t`` that cover it once, in order: :data:`CHUNK` elements each for a
+    contiguous CPU tensor, else ``t`` whole."""
     if t.device.type != "cpu" or not t.is_contiguous():
         return [t]  # drawn whole: a view of a strided tensor cannot be flattened
     flat = t.view(-1)
