@@ -30,9 +30,7 @@ class Recorder:
     such a change explains (a stray trainable Linear, a tracked weight without its input).
     """
 
-    def __init__(
-        self, layers: list[Layer], check_parameters: Callable[[], None] = lambda: None
-    ) -> None:
+    def __init__(self, layers: list[Layer], check_parameters: Callable[[], None]) -> None:
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
         self.check_parameters = check_parameters
         self.finalised = False
