@@ -58,6 +58,30 @@ def _where_reference_finite(
     return a.masked_fill(overflowed, 0.0), b.masked_fill(overflowed, 0.0), count
 
 
+def _require_close_on_probe(
+    a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float], what: str, large: bool
+) -> tuple[tuple[float, float], int]:
+    """The error of fn's ``a`` against the reference's ``b`` (``what``: which tensor on which
+    probe) and how many values were left out where the reference overflowed (only on a
+    ``large`` probe), or a failed check. Scaled-up inputs make large terms that cancel: the
+    absolute tolerance grows with ``b``'s largest finite magnitude (a norm-wise comparison)."""
+    if a.shape != b.shape:
+        raise CheckFailure(f"{what} has shape {shape_text(a)}, the reference's {shape_text(b)}")
+    overflowed = 0
+    if large:
+        a, b, overflowed = _where_reference_finite(a, b)
+    finite = b.detach().abs().masked_fill(~torch.isfinite(b), 0.0)
+    scale = float(finite.max()) if finite.numel() else 0.0
+    probe_tolerance = (tolerance[0] + tolerance[1] * scale, tolerance[1])
+    note = (
+        " (overflow or underflow - e.g. exp without the max trick - or another "
+        "value or gradient at a kink?)"
+    )
+    problem = f"{what} differs from the reference"
+    errors = require_close(a, b, probe_tolerance, problem, note=note, show_index=True)
+    return errors, overflowed
+
+
 def check_extreme_values(ctx: CheckContext) -> Passed:
     """fn against the reference on each probe (outputs and gradients; dtype-aware
     tolerances relative to each tensor's largest finite magnitude; infinities and NaNs must
@@ -91,27 +115,8 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
             for k, (a, b) in enumerate(zip(grads, ref_grads))
         ]
         for what, a, b in pairs:
-            if a.shape != b.shape:
-                raise CheckFailure(
-                    f"on {label}: {what} has shape {shape_text(a)}, the reference's {shape_text(b)}"
-                )
-            if large:
-                a, b, count = _where_reference_finite(a, b)
-                overflowed += count
-            problem = f"on {label}: {what} differs from the reference"
-            # scaled-up inputs make large terms that cancel: the absolute tolerance grows
-            # with the tensor's largest finite magnitude (a norm-wise comparison)
-            finite = b.detach().abs().masked_fill(~torch.isfinite(b), 0.0)
-            scale = float(finite.max()) if finite.numel() else 0.0
-            probe_tolerance = (tolerance[0] + tolerance[1] * scale, tolerance[1])
-            note = (
-                " (overflow or underflow - e.g. exp without the max trick - or another "
-                "value or gradient at a kink?)"
-            )
-            worst = max(
-                worst,
-                require_close(a, b, probe_tolerance, problem, note=note, show_index=True),
-            )
+            errors, count = _require_close_on_probe(a, b, tolerance, f"on {label}: {what}", large)
+            worst, overflowed = max(worst, errors), overflowed + count
     if not compared:
         raise CheckSkip("the reference raised on every probe")
     note = f"{compared} probe(s): large, near-zero, zero and integer inputs"
