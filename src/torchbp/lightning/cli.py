@@ -236,6 +236,37 @@ def _as_callback_list(callbacks: Any) -> list[Any]:
     return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
 
 
+def _run_loggers(root: Path, version: int | None) -> list[Any]:
+    """The loggers of the run folder ``root/version_<version>``: metrics.csv (kept across
+    resumes) and, when tensorboard is installed, TensorBoard's events."""
+    loggers: list[Any] = [RunCSVLogger(root.parent, root.name, version)]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append(
+            TensorBoardLogger(
+                save_dir=str(root.parent), name=root.name, version=version, default_hp_metric=False
+            )
+        )
+    except ImportError:
+        pass
+    return loggers
+
+
+def _add_rich_progress_bar(callbacks: list[Any]) -> None:
+    """Add Lightning's rich progress bar to ``callbacks`` when rich is installed and they
+    hold no progress bar."""
+    if any(isinstance(c, ProgressBar) for c in callbacks):
+        return
+    try:
+        import rich  # noqa: F401
+        from pytorch_lightning.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar())
+    except ImportError:
+        pass
+
+
 def _set_num_threads(threads: int | None) -> None:
     """``--torch_num_threads``: ``torch.set_num_threads`` (nothing for ``None``)."""
     if threads is None:
@@ -589,60 +620,49 @@ class TorchbpCLI(LightningCLI):
         model.check_privacy(self.trainer, data.train_dataloader(), resumed=resumed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer of the run folder ``<run_dir>/<run_name>/version_<n>``: its loggers,
+        its checkpoint callback and a rich progress bar, unless the config sets them."""
         cfg = self._subcommand_config(self.config_init)
         tcfg = cfg.get("trainer") or {}
         root = self._run_root()
-        version = self._version
-        run_folder = root / f"version_{version}"
+        run_folder = root / f"version_{self._version}"
         if tcfg.get("default_root_dir") is None and "default_root_dir" not in kwargs:
             # Lightning's log_dir without a logger (--trainer.logger=false): config.yaml goes
             # into the run folder, never over a ./config.yaml
             kwargs["default_root_dir"] = str(run_folder)
-        ckpt_cb = cfg.get("checkpoint")
-        if isinstance(ckpt_cb, ModelCheckpoint) and self.subcommand in _EVALUATING_SUBCOMMANDS:
-            _evaluating_checkpoint_callback(ckpt_cb, cfg.get("ckpt_path"))
-        if isinstance(ckpt_cb, ModelCheckpoint) and ckpt_cb.dirpath is None:
-            # inside the run folder, with or without loggers (and when Lightning swaps them
-            # out: fast_dev_run)
-            ckpt_cb.dirpath = os.path.realpath(run_folder / "checkpoints")
-        if isinstance(ckpt_cb, ModelCheckpoint) and tcfg.get("enable_checkpointing") is False:
-            # the CLI always passes its checkpoint callback, which Lightning refuses beside
-            # enable_checkpointing=False: it stays, and saves nothing
-            kwargs["enable_checkpointing"] = True
-            _save_nothing(ckpt_cb)
-        if isinstance(ckpt_cb, ModelCheckpoint) and tcfg.get("fast_dev_run"):
-            # Lightning turns checkpointing off for fast_dev_run, except save_last at the end
-            # of training: that one-step last.ckpt would be what --ckpt_path last finds
-            ckpt_cb.save_last = False
+        callback = cfg.get("checkpoint")
+        if isinstance(callback, ModelCheckpoint):
+            self._set_up_checkpoint_callback(callback, tcfg, cfg.get("ckpt_path"), run_folder)
+            if tcfg.get("enable_checkpointing") is False:
+                # the CLI always passes its checkpoint callback, which Lightning refuses
+                # beside enable_checkpointing=False: it stays, and saves nothing
+                kwargs["enable_checkpointing"] = True
         if tcfg.get("logger") in (None, True) and "logger" not in kwargs:
-            loggers: list[Any] = [RunCSVLogger(root.parent, root.name, version)]
-            try:
-                import tensorboard  # noqa: F401
-
-                loggers.append(
-                    TensorBoardLogger(
-                        save_dir=str(root.parent),
-                        name=root.name,
-                        version=version,
-                        default_hp_metric=False,
-                    )
-                )
-            except ImportError:
-                pass
-            kwargs["logger"] = loggers
+            kwargs["logger"] = _run_loggers(root, self._version)
         callbacks = _as_callback_list(tcfg.get("callbacks"))
-        if tcfg.get("enable_progress_bar", True) is not False and not any(
-            isinstance(c, ProgressBar) for c in callbacks
-        ):
-            try:
-                import rich  # noqa: F401
-                from pytorch_lightning.callbacks import RichProgressBar
-
-                callbacks.append(RichProgressBar())
-            except ImportError:
-                pass
+        if tcfg.get("enable_progress_bar", True) is not False:
+            _add_rich_progress_bar(callbacks)
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def _set_up_checkpoint_callback(
+        self, callback: ModelCheckpoint, tcfg: Any, ckpt_path: str | None, run_folder: Path
+    ) -> None:
+        """Save the checkpoints into ``run_folder/checkpoints`` (unless the config names a
+        folder), and save none when evaluating, when checkpointing is off or for a
+        ``fast_dev_run``."""
+        if self.subcommand in _EVALUATING_SUBCOMMANDS:
+            _evaluating_checkpoint_callback(callback, ckpt_path)
+        if callback.dirpath is None:
+            # inside the run folder, with or without loggers (and when Lightning swaps them
+            # out: fast_dev_run)
+            callback.dirpath = os.path.realpath(run_folder / "checkpoints")
+        if tcfg.get("enable_checkpointing") is False:
+            _save_nothing(callback)
+        if tcfg.get("fast_dev_run"):
+            # Lightning turns checkpointing off for fast_dev_run, except save_last at the end
+            # of training: that one-step last.ckpt would be what --ckpt_path last finds
+            callback.save_last = False
 
     # -- fit ends with a test of the best checkpoint --------------------------------------
     def after_fit(self) -> None:
