@@ -676,3 +676,23 @@ def test_a_random_function_with_a_generator_input_is_vmapped_drawing_the_same_nu
     report = check_function(dropped, x, 0.5, generator, checks=["vmap", "vmap_in_dims"])
     assert report.ok, report
     assert report["vmap"].passed and report["vmap_in_dims"].passed, report
+
+
+#: A model at module level, as in a script or a notebook: the functions below reach it as
+#: a global, not through a closure cell.
+_GLOBAL_NORM = torch.nn.BatchNorm1d(4).double()
+
+
+def _through_global_norm(x):
+    return _GLOBAL_NORM(x)
+
+
+def test_state_fn_reaches_as_a_global_is_never_written():
+    # a script's `check_function(lambda x: model(x), x)` or a top-level `def f(x): return
+    # model(x)` names the model as a global: before, only closure cells were looked in, and
+    # the checks' calls left its BatchNorm running statistics changed for the caller
+    before = {k: v.clone() for k, v in _GLOBAL_NORM.state_dict().items()}
+    for fn in (_through_global_norm, lambda x: _GLOBAL_NORM(x)):
+        assert check_function(fn, _x(5, 4), checks="forward").ok
+        after = _GLOBAL_NORM.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()), after

@@ -144,11 +144,21 @@ def _require_module_dtype(fn: Any, reference: Any, dtype: torch.dtype | None) ->
                 )
 
 
+def _globals_named(callable_: Any) -> list[Any]:
+    """The values of the module globals a Python function's code names: a script's or
+    notebook's ``lambda x: model(x)`` reaches ``model`` so, not through a closure cell."""
+    code = getattr(callable_, "__code__", None)
+    namespace = getattr(callable_, "__globals__", None)
+    if code is None or not isinstance(namespace, dict):
+        return []
+    return [namespace[name] for name in code.co_names if name in namespace]
+
+
 def _held(callable_: Any) -> list[Any]:
     """What ``callable_`` holds that a call may update in place: itself, the object of a
-    bound method, the values in a closure's cells, a ``functools.partial``'s function and
-    arguments (one level deep)."""
-    held = [callable_, getattr(callable_, "__self__", None)]
+    bound method, the values in a closure's cells, the globals its code names, a
+    ``functools.partial``'s function and arguments (one level deep)."""
+    held = [callable_, getattr(callable_, "__self__", None), *_globals_named(callable_)]
     for cell in getattr(callable_, "__closure__", None) or ():
         try:
             held.append(cell.cell_contents)
@@ -175,9 +185,9 @@ def _held_tensors(*callables: Any) -> list[torch.Tensor]:
 @contextmanager
 def _state_kept(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     """Put back ``tensors`` (what fn and the reference hold: module parameters and
-    buffers, tensors in a closure or a partial) as they were on entry: the checks call fn
-    many times, and one that updates state in forward (BatchNorm's running statistics)
-    must not leave it changed for the caller."""
+    buffers, tensors in a closure, a global it names or a partial) as they were on entry:
+    the checks call fn many times, and one that updates state in forward (BatchNorm's
+    running statistics) must not leave it changed for the caller."""
     saved = [(t, t.detach().clone()) for t in tensors]
     try:
         yield
@@ -261,8 +271,9 @@ def check_function(
     when it is differentiated), also of an ``out=`` buffer left out of ``grad_inputs``,
     so that no call sees what another wrote. The caller's tensors are never written: the
     checks run on copies of the inputs, and what fn or reference holds - the parameters
-    and buffers of an ``nn.Module`` fn or reference, or of one in a closure
-    (``lambda x: model(x)``) or a ``functools.partial``, and the tensors held there
+    and buffers of an ``nn.Module`` fn or reference, or of one in a closure or a global
+    its code names (``lambda x: model(x)``) or a ``functools.partial``, and the tensors
+    held there
     (e.g. BatchNorm's running statistics, which every call in training mode updates) - is
     put back as it was.
 
