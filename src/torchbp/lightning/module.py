@@ -478,9 +478,7 @@ class ERMClassifier(pl.LightningModule):
             return
         sampler = self._private_sampler(trainer, train_loader)
         if self.privacy.target_epsilon is not None and not resumed and self.accountant is None:
-            PrivacyAccountant(
-                self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
-            )
+            self._new_accountant(trainer, sampler)
 
     def _private_sampler(self, trainer: pl.Trainer, train_loader: Any) -> PoissonBatchSampler:
         """The train loader's Poisson sampler, once the trainer and the data suit DP-SGD."""
@@ -530,19 +528,33 @@ class ERMClassifier(pl.LightningModule):
             return
         trainer = self.trainer
         sampler = self._private_sampler(trainer, trainer.train_dataloader)
-        accountant = PrivacyAccountant(
-            self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
-        )
+        accountant = self._new_accountant(trainer, sampler)
         # ε keeps counting: over a checkpoint's steps, or over an earlier fit's of these
         # weights (a second trainer.fit of the same model)
-        spent = self._restored_accountant
-        if spent is None and self.accountant is not None:
-            spent = self.accountant.state_dict()
+        spent = self._spent_privacy()
         if spent is not None:
             accountant.load_state_dict(spent)
         # set once complete: a resume refused above leaves no accountant of a fresh run
         self.accountant, self._restored_accountant = accountant, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
+
+    def _new_accountant(
+        self, trainer: pl.Trainer, sampler: PoissonBatchSampler
+    ) -> PrivacyAccountant:
+        """An accountant for the steps ``trainer`` will take on ``sampler``'s batches (it
+        computes the noise for ``target_epsilon``, or refuses an unreachable one)."""
+        assert self.privacy is not None
+        return PrivacyAccountant(
+            self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
+        )
+
+    def _spent_privacy(self) -> dict[str, Any] | None:
+        """The accountant state of these weights' steps: a checkpoint's, loaded with the
+        weights but not yet continued by a fit (a later fit counts ε on from it), else the
+        last fit's; ``None`` if there is neither."""
+        if self._restored_accountant is not None:
+            return self._restored_accountant
+        return None if self.accountant is None else self.accountant.state_dict()
 
     def _private_training_step(self, batch) -> torch.Tensor:
         x, y = batch
@@ -602,11 +614,7 @@ class ERMClassifier(pl.LightningModule):
             self.log("train/epsilon", self.accountant.epsilon(), prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # a checkpoint's accountant, loaded with the weights but not yet continued by a fit,
-        # is the one of these weights: a later fit would count ε on from it
-        state = self._restored_accountant
-        if state is None and self.accountant is not None:
-            state = self.accountant.state_dict()
+        state = self._spent_privacy()
         if state is not None:
             checkpoint["privacy_accountant"] = state
 
