@@ -135,3 +135,18 @@ def test_a_function_with_a_sparse_output_is_checked_through_its_dense_values(mon
     buggy = check_function(DoubleReluToSparse, x, checks="gradcheck")
     assert buggy["gradcheck"].failed, buggy
     assert "disagrees with numerical gradient" in buggy["gradcheck"].message
+
+
+def test_complex_input_checked_as_its_real_view_is_not_said_to_be_cast():
+    # a complex128 input reaches fn as complex128 (its real view is only how the checks
+    # differentiate it); before, a dtype error of fn was blamed on a cast "from
+    # torch.complex128 to torch.float64 by the dtype option" that never happened
+    w = torch.ones(3, 3, dtype=torch.complex64)
+    z = torch.randn(3, 3, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    message = check_function(lambda z: torch.mm(z, w).abs(), z, checks="forward")["forward"]
+    assert "same dtype" in message.message and "dtype option" not in message.message, message
+    # a complex64 input the dtype option (float64) does cast reaches fn as complex128
+    message = check_function(lambda z: torch.mm(z, w).abs(), z.to(torch.complex64))["forward"]
+    assert "cast from torch.complex64 to torch.complex128 by the dtype option" in (
+        message.message
+    ), message

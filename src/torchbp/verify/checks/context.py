@@ -66,9 +66,9 @@ class CheckContext:
     #: Whether fn returns a sparse tensor (made dense for the checks); set by the forward
     #: check.
     sparse_outputs: bool = False
-    #: The caller's dtype of each input the ``dtype`` option cast to another, by position
-    #: (a fn that refuses the cast dtype is told how to keep its own).
-    cast_from: dict[int, torch.dtype] = field(default_factory=dict)
+    #: ``(the caller's dtype, the dtype fn is given)`` of each input the ``dtype`` option
+    #: cast, by position (a fn that refuses the cast dtype is told how to keep its own).
+    cast_from: dict[int, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
     #: Results of the checks that ran so far, by name (later checks may depend on them).
     results: dict[str, CheckResult] = field(default_factory=dict)
     #: Numerical Jacobian of :meth:`diff_fn`, computed once (see ``checks.numerical``).

@@ -61,11 +61,11 @@ def _cast_hint(ctx: CheckContext, message: str) -> str:
     input was cast."""
     if not ctx.cast_from:
         return ""
-    i, before = next(iter(ctx.cast_from.items()))
-    if not any(_names_dtype(message, d) for d in (before, ctx.args[i].dtype)):
+    i, (before, after) = next(iter(ctx.cast_from.items()))
+    if not any(_names_dtype(message, d) for d in (before, after)):
         return ""
     return (
-        f" (fn was called with input {i} cast from {before} to {ctx.args[i].dtype} by the "
+        f" (fn was called with input {i} cast from {before} to {after} by the "
         "dtype option, float64 by default: if fn takes only its own dtype, pass dtype=None "
         "to keep each input's dtype, or dtype=that one; the numerical checks need float64 "
         "and are then skipped)"

@@ -198,13 +198,16 @@ def _state_kept(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
                     t.copy_(before)
 
 
-def _cast_from(inputs: Sequence[Any], args: Sequence[Any]) -> dict[int, torch.dtype]:
-    """The caller's dtype of each input whose prepared copy has another one (the ``dtype``
-    option cast it), by position."""
+def _cast_from(
+    inputs: Sequence[Any], given: Sequence[Any]
+) -> dict[int, tuple[torch.dtype, torch.dtype]]:
+    """``(the caller's dtype, the dtype fn is given)`` of each input the ``dtype`` option
+    cast, by position (``given``: the prepared inputs as fn receives them, a complex one
+    as a complex tensor, not the real view the checks differentiate)."""
     return {
-        i: x.dtype
-        for i, (x, a) in enumerate(zip(inputs, args))
-        if isinstance(x, torch.Tensor) and x.dtype != a.dtype
+        i: (x.dtype, g.dtype)
+        for i, (x, g) in enumerate(zip(inputs, given))
+        if isinstance(x, torch.Tensor) and x.dtype != g.dtype
     }
 
 
@@ -355,12 +358,12 @@ def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options)
         if reference is not None:
             checked_reference = real_function(reference, complex_idx)
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
-    ctx.cast_from = _cast_from(inputs, args)
+    given = [
+        torch.view_as_complex(a.contiguous()) if i in complex_idx else a for i, a in enumerate(args)
+    ]
+    ctx.cast_from = _cast_from(inputs, given)
     meta = {
-        "inputs": [
-            _describe(torch.view_as_complex(a.contiguous()) if i in complex_idx else a)
-            for i, a in enumerate(args)
-        ],
+        "inputs": [_describe(a) for a in given],
         "grad_inputs": grad_idx,
         "dtype": str(ctx.dtype).replace("torch.", ""),
         "device": str(ctx.device),
