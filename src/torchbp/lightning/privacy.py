@@ -27,6 +27,7 @@ import numbers
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -180,6 +181,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
             yield mask.nonzero().flatten().tolist()
 
 
+def _rdp_epsilon(accountant: Any, delta: float) -> float:
+    """ε of an Opacus RDP ``accountant``'s steps at ``delta``, without its warning that the
+    optimal order is the largest or smallest alpha (the bound holds, only less tight)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def _steps_in(history: list[tuple]) -> int:
+    """The steps of an accountant's ``(σ, q, steps)`` history."""
+    return sum(n for _, _, n in history)
+
+
 #: the largest noise multiplier the search for ``target_epsilon`` tries
 _MAX_NOISE = 1e6
 
@@ -199,12 +213,7 @@ def _noise_for_target(
     def epsilon(history: list[tuple]) -> float:
         accountant = RDPAccountant()
         accountant.history = history
-        with warnings.catch_warnings():
-            # "optimal order is the largest/smallest alpha": the bound holds, only less tight
-            warnings.filterwarnings(
-                "ignore", message="Optimal order is the (largest|smallest) alpha"
-            )
-            return float(accountant.get_epsilon(delta=privacy.delta))
+        return _rdp_epsilon(accountant, privacy.delta)
 
     where = f"at delta={privacy.delta} over {steps} steps of sample rate {sample_rate:.4g}"
     if spent:
@@ -212,11 +221,11 @@ def _noise_for_target(
         if not already < target:
             raise ValueError(
                 f"privacy.target_epsilon={target} is already spent: the "
-                f"{sum(n for _, _, n in spent)} steps taken before (the checkpoint's) spent "
+                f"{_steps_in(spent)} steps taken before (the checkpoint's) spent "
                 f"epsilon={already:.4g}, so no noise keeps {steps} more steps within it; "
                 "raise target_epsilon, or do not train further"
             )
-        where += f" after the {sum(n for _, _, n in spent)} steps taken before"
+        where += f" after the {_steps_in(spent)} steps taken before"
     tolerance = min(0.01, 0.01 * target)
     low, high = 0.0, 20.0
     high_epsilon = epsilon([*spent, (high, sample_rate, steps)])
@@ -296,7 +305,7 @@ class PrivacyAccountant:
     @property
     def steps(self) -> int:
         """Noisy steps taken so far."""
-        return sum(n for _, _, n in self._rdp.history)
+        return _steps_in(self._rdp.history)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the steps taken, as ``(σ, q, steps)`` triples."""
@@ -327,10 +336,5 @@ class PrivacyAccountant:
         """ε spent so far at the configured δ (0 before the first step)."""
         if not self._rdp.history:
             return 0.0
-        with warnings.catch_warnings():
-            # "optimal order is the largest/smallest alpha": the bound holds, only less tight
-            warnings.filterwarnings(
-                "ignore", message="Optimal order is the (largest|smallest) alpha"
-            )
-            eps = self._rdp.get_epsilon(delta=self.privacy.delta)
-        return float(eps) if math.isfinite(eps) else math.inf
+        eps = _rdp_epsilon(self._rdp, self.privacy.delta)
+        return eps if math.isfinite(eps) else math.inf
