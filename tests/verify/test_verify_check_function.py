@@ -696,3 +696,13 @@ def test_state_fn_reaches_as_a_global_is_never_written():
         assert check_function(fn, _x(5, 4), checks="forward").ok
         after = _GLOBAL_NORM.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before.items()), after
+
+
+def test_grad_inputs_as_a_numpy_integer_or_a_tensor():
+    # before: a NumPy integer position (computed with NumPy) raised "'numpy.int64' object
+    # is not iterable", and a 0-dim tensor "iteration over a 0-d tensor", from deep inside
+    np = pytest.importorskip("numpy")
+    report = check_function(torch.mul, _x(3), _x(3), grad_inputs=np.int64(1), checks="forward")
+    assert report.ok and report.meta["grad_inputs"] == [1]
+    with pytest.raises(TypeError, match="grad_inputs must be an input position or a sequence"):
+        check_function(torch.mul, _x(3), _x(3), grad_inputs=torch.tensor(0))

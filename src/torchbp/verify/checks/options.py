@@ -288,6 +288,23 @@ def resolve_arguments(
     return fn, ref, opts
 
 
+def _positions(grad_inputs: Any) -> tuple[Any, ...]:
+    """``grad_inputs`` as a tuple of its entries: one integer (a Python or NumPy one) is
+    one position; anything else must be a sequence of positions."""
+    if isinstance(grad_inputs, numbers.Integral):
+        return (grad_inputs,)
+    # a str or a tensor is iterable, but no sequence of positions
+    if not isinstance(grad_inputs, str | bytes | torch.Tensor):
+        try:
+            return tuple(grad_inputs)
+        except TypeError:
+            pass
+    raise TypeError(
+        "check_function: grad_inputs must be an input position or a sequence of them "
+        f"(e.g. 0 or (0, 2)), got {type(grad_inputs).__name__}"
+    )
+
+
 def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) -> list[int]:
     """Positions of the inputs to differentiate (all floating strided tensors by default:
     a sparse one, e.g. the matrix of a sparse-dense product, is passed through)."""
@@ -303,10 +320,8 @@ def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) ->
                 "tensors such as class targets cannot require gradients)"
             )
         return grad_idx
-    if isinstance(grad_inputs, int):
-        grad_inputs = (grad_inputs,)
     grad_idx = []
-    for i in grad_inputs:
+    for i in _positions(grad_inputs):
         if not _is_integer(i) or not -len(args) <= i < len(args):
             raise ValueError(
                 f"check_function: grad_inputs entry {i!r} is not a valid input position "
