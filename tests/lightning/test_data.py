@@ -540,6 +540,33 @@ def test_predict_path_serves_its_rows_scaled_as_the_training_split(tmp_path):
         assert bool((first_rows == row).all(1).any())
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_predict_path_may_lack_the_dropped_columns(tmp_path, suffix):
+    """The new rows need the training file's feature columns, not the ones it drops (an id
+    column): such a file was refused with "drop_columns 'id' not found in new.csv"; one
+    that has the column still has it dropped."""
+    rows = [[str(i), *r] for i, r in enumerate(_good_rows(40, 2))]
+    train, new, with_id = (tmp_path / f"{n}{suffix}" for n in ("t", "new", "with_id"))
+    if suffix == ".csv":
+        _write_csv(train, ["id", "a", "b", "c", "target"], rows)
+        _write_csv(new, ["a", "b", "c"], [["1", "2", "3"]])
+        _write_csv(with_id, ["id", "a", "b", "c"], [["7", "1", "2", "3"]])
+    else:
+        columns = np.asarray([r[:4] for r in rows], dtype=np.float64).T
+        features = dict(zip(["id", "a", "b", "c"], columns))
+        np.savez(train, **features, target=np.arange(40) % 2)
+        np.savez(new, a=[1.0], b=[2.0], c=[3.0])
+        np.savez(with_id, id=[7.0], a=[1.0], b=[2.0], c=[3.0])
+    predicted = []
+    for path in (new, with_id):
+        dm = TabularFileDataModule(
+            path=str(train), label_column="target", drop_columns=["id"], predict_path=str(path)
+        )
+        (x,) = next(iter(dm.predict_dataloader()))
+        predicted.append(x)
+    assert predicted[0].shape == (1, 3) and torch.equal(predicted[0], predicted[1])
+
+
 def test_predict_path_with_other_feature_columns_is_refused_naming_them(tmp_path):
     train = tmp_path / "t.csv"
     _write_csv(train, ["a", "b", "c", "target"], _good_rows(40, 2))

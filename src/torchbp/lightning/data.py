@@ -582,7 +582,8 @@ class TabularFileDataModule(ArrayDataModule):
             array is a feature column.
         drop_columns: Columns to ignore (e.g. an id column).
         predict_path: A file of new rows to predict (same format and feature columns; its
-            label column may be absent, and is ignored): ``predict`` then gives one row of
+            label column and those of ``drop_columns`` may be absent, and are ignored):
+            ``predict`` then gives one row of
             class probabilities per row of this file, in its order, its features scaled with
             the training split's mean and std. Without it, ``predict`` predicts the test
             split.
@@ -684,7 +685,7 @@ class TabularFileDataModule(ArrayDataModule):
         self.setup()  # the training split's mean and std (and feature names)
         if not p.is_file():
             raise DataError(f"predict_path: file not found: {os.path.abspath(p)}")
-        names, X = self._read_table(p, label_required=False)[:2]
+        names, X = self._read_table(p, new_rows=True)[:2]
         missing = [n for n in self.feature_names if n not in names]
         extra = [n for n in names if n not in self.feature_names]
         if missing or extra:
@@ -713,15 +714,16 @@ class TabularFileDataModule(ArrayDataModule):
         return features
 
     def _read_table(
-        self, p: Path, label_required: bool = True
+        self, p: Path, new_rows: bool = False
     ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-        """``(feature names, X, raw labels)`` of a ``.csv``, ``.npz`` or ``.pt`` file; the
-        labels are None where the label column is absent and not ``label_required``."""
+        """``(feature names, X, raw labels)`` of a ``.csv``, ``.npz`` or ``.pt`` file. A file of
+        ``new_rows`` to predict (``predict_path``) needs no label column (its labels are
+        ``None``: one it has is ignored) and may lack the columns ``drop_columns`` names."""
         suffix = p.suffix.lower()
         if suffix == ".csv":
-            return self._read_csv(p, label_required)
+            return self._read_csv(p, new_rows)
         if suffix in (".npz", ".pt", ".pth"):
-            return self._read_arrays(p, label_required)
+            return self._read_arrays(p, new_rows)
         raise DataError(f"unsupported file type {suffix!r} ({p}); use .csv, .npz or .pt")
 
     def _missing_label(self, p: Path, columns: list[str], hint: str = "") -> DataError:
@@ -731,7 +733,7 @@ class TabularFileDataModule(ArrayDataModule):
         )
 
     def _read_csv(
-        self, p: Path, label_required: bool = True
+        self, p: Path, new_rows: bool = False
     ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         # utf-8-sig: UTF-8 without the byte order mark that Excel writes before the header
         with open(p, newline="", encoding="utf-8-sig") as f:
@@ -741,10 +743,11 @@ class TabularFileDataModule(ArrayDataModule):
             except StopIteration:
                 raise DataError(f"{p} is empty (expected a header row)") from None
             self._check_unique_names(p, header)
-            if self.label_column not in header and label_required:
+            if self.label_column not in header and not new_rows:
                 raise self._missing_label(p, header, _header_hint(header))
             li = header.index(self.label_column) if self.label_column in header else None
-            self._check_drop_columns(p, [h for i, h in enumerate(header) if i != li])
+            if not new_rows:
+                self._check_drop_columns(p, [h for i, h in enumerate(header) if i != li])
             keep = [i for i, h in enumerate(header) if i != li and h not in set(self.drop_columns)]
             rows: list[list[float]] = []
             labels: list[str] = []
@@ -766,12 +769,12 @@ class TabularFileDataModule(ArrayDataModule):
                     except ValueError:
                         raise self._not_a_number(p, v, where.format(repr(header[i]))) from None
                 rows.append(vals)
-                if label_required:
+                if not new_rows:
                     labels.append(row[li].strip())
                     label_rows.append(r)
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(keep))
         names = [header[i] for i in keep]
-        if not label_required:  # new rows to predict: a label column there is ignored
+        if new_rows:  # a label column there is ignored
             return names, X, None
         self._check_no_empty_label(p, [r for r, v in zip(label_rows, labels) if not v])
         return names, X, self._numeric_if_possible(p, labels, label_rows)
@@ -869,16 +872,17 @@ class TabularFileDataModule(ArrayDataModule):
         }
 
     def _read_arrays(
-        self, p: Path, label_required: bool = True
+        self, p: Path, new_rows: bool = False
     ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         data = self._load_npz(p) if p.suffix.lower() == ".npz" else self._load_pt(p)
-        if self.label_column not in data and label_required:
+        if self.label_column not in data and not new_rows:
             raise self._missing_label(p, list(data))
         raw_y = data.pop(self.label_column, None)
-        if not label_required:  # new rows to predict: a label array there is ignored
+        if new_rows:  # a label array there is ignored
             raw_y = None
         raw_y = None if raw_y is None else np.asarray(raw_y).reshape(-1)
-        self._check_drop_columns(p, list(data))
+        if not new_rows:
+            self._check_drop_columns(p, list(data))
         for c in self.drop_columns:
             data.pop(c, None)
         if self.features_key in data:
