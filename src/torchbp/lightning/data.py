@@ -143,6 +143,12 @@ class EpochSeededSampler(DistributedSampler):
         return len(range(self.rank, n, self.num_replicas))
 
 
+def _first_nonfinite(values: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or ±inf in ``values`` (in row-major order), or ``None``."""
+    cells = np.argwhere(~np.isfinite(values))
+    return tuple(int(i) for i in cells[0]) if len(cells) else None
+
+
 def collate_or_empty(dataset: TensorDataset, samples: list) -> Any:
     """``default_collate``, except that an empty Poisson draw gives ``dataset``'s tensors
     with 0 rows instead of an error."""
@@ -368,9 +374,9 @@ class ArrayDataModule(ClassificationDataModule):
         range is a :class:`DataError` naming it (``X`` is finite: it would become inf)."""
         with np.errstate(over="ignore"):
             rounded = features.astype(np.float32)
-        overflow = ~np.isfinite(rounded)
-        if overflow.any():
-            r, c = np.argwhere(overflow)[0]
+        cell = _first_nonfinite(rounded)
+        if cell is not None:
+            r, c = cell
             raise DataError(
                 f"value {self.arrays[0][r, c]:g} in column {self._column_name(c)!r} at row "
                 f"{r + 1} is beyond float32's range (±{np.finfo(np.float32).max:.3g}) after "
@@ -583,10 +589,9 @@ class TabularFileDataModule(ArrayDataModule):
         drop_columns: Columns to ignore (e.g. an id column).
         predict_path: A file of new rows to predict (same format and feature columns; its
             label column and those of ``drop_columns`` may be absent, and are ignored):
-            ``predict`` then gives one row of
-            class probabilities per row of this file, in its order, its features scaled with
-            the training split's mean and std. Without it, ``predict`` predicts the test
-            split.
+            ``predict`` then gives one row of class probabilities per row of this file, in
+            its order, its features scaled with the training split's mean and std. Without
+            it, ``predict`` predicts the test split.
         **kwargs: The arguments of :class:`ArrayDataModule` (``batch_size``, ``seed``, ...).
 
     Examples::
@@ -656,12 +661,13 @@ class TabularFileDataModule(ArrayDataModule):
             raise DataError(f"{p} has no data rows")
         if X.shape[1] == 0:
             raise DataError(f"{p} has no feature columns besides {self.label_column!r}")
-        bad = ~np.isfinite(X)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
+        cell = _first_nonfinite(X)
+        if cell is not None:
+            r, c = cell
             raise DataError(
                 f"{p}: non-finite value {X[r, c]} in column {names[c]!r} at row {r + 1} "
-                f"({int(bad.sum())} non-finite value(s) in total); clean or impute the data"
+                f"({int((~np.isfinite(X)).sum())} non-finite value(s) in total); clean or "
+                "impute the data"
             )
         self.feature_names = names
         self.class_names = np.unique(raw_y).tolist()
@@ -695,9 +701,9 @@ class TabularFileDataModule(ArrayDataModule):
                 "(list columns to ignore in drop_columns)"
             )
         X = X[:, [names.index(n) for n in self.feature_names]]
-        bad = ~np.isfinite(X)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
+        cell = _first_nonfinite(X)
+        if cell is not None:
+            r, c = cell
             raise DataError(
                 f"predict_path {p}: non-finite value {X[r, c]} in column "
                 f"{self.feature_names[c]!r} at row {r + 1}"
@@ -705,8 +711,9 @@ class TabularFileDataModule(ArrayDataModule):
         mean, std = self._scaling
         with np.errstate(over="ignore"):
             features = ((X - mean) / std).astype(np.float32)
-        if not np.isfinite(features).all():
-            r, c = np.argwhere(~np.isfinite(features))[0]
+        cell = _first_nonfinite(features)
+        if cell is not None:
+            r, c = cell
             raise DataError(
                 f"predict_path {p}: value {X[r, c]:g} in column {self.feature_names[c]!r} at "
                 f"row {r + 1} is beyond float32's range after standardisation"
@@ -803,9 +810,9 @@ class TabularFileDataModule(ArrayDataModule):
             as_num = raw.astype(np.float64)
         except ValueError:
             return raw
-        bad = ~np.isfinite(as_num)
-        if bad.any():
-            i = int(np.argmax(bad))
+        cell = _first_nonfinite(as_num)
+        if cell is not None:
+            (i,) = cell
             raise DataError(
                 f"{p}: non-finite label {labels[i]} in column {self.label_column!r} at row "
                 f"{rows[i]}; label every row or remove the unlabelled ones"
@@ -906,8 +913,9 @@ class TabularFileDataModule(ArrayDataModule):
             return names, X.astype(np.float64), None
         if X.shape[0] != raw_y.shape[0]:
             raise DataError(f"{p}: {X.shape[0]} feature rows but {raw_y.shape[0]} labels")
-        if raw_y.dtype.kind == "f" and not np.all(np.isfinite(raw_y)):
-            r = int(np.argwhere(~np.isfinite(raw_y))[0][0])
+        cell = _first_nonfinite(raw_y) if raw_y.dtype.kind == "f" else None
+        if cell is not None:
+            (r,) = cell
             raise DataError(f"{p}: non-finite label in column {self.label_column!r} at row {r + 1}")
         return names, X.astype(np.float64), raw_y
 
