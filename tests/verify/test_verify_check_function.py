@@ -706,3 +706,16 @@ def test_grad_inputs_as_a_numpy_integer_or_a_tensor():
     assert report.ok and report.meta["grad_inputs"] == [1]
     with pytest.raises(TypeError, match="grad_inputs must be an input position or a sequence"):
         check_function(torch.mul, _x(3), _x(3), grad_inputs=torch.tensor(0))
+
+
+def test_a_meta_tensor_fn_holds_does_not_break_the_run():
+    # what fn holds is put back by comparing values; a meta tensor (shape only, e.g. a
+    # placeholder in a closure) has none: before, the run ended in aten::equal's
+    # NotImplementedError for Meta tensors
+    placeholder = torch.empty(3, device="meta")
+
+    def doubled(x):
+        assert placeholder.shape == x.shape
+        return x * 2
+
+    assert check_function(doubled, _x(3), checks="forward").ok

@@ -171,7 +171,8 @@ def _held(callable_: Any) -> list[Any]:
 
 def _held_tensors(*callables: Any) -> list[torch.Tensor]:
     """The tensors the ``callables`` hold: the parameters and buffers of the modules among
-    what they hold (:func:`_held`), and the tensors held directly."""
+    what they hold (:func:`_held`), and the tensors held directly; not those on the meta
+    device (they hold no values to put back)."""
     found: dict[int, torch.Tensor] = {}
     for value in (v for c in callables for v in _held(c)):
         if isinstance(value, torch.nn.Module):
@@ -179,7 +180,7 @@ def _held_tensors(*callables: Any) -> list[torch.Tensor]:
                 found[id(t)] = t
         elif isinstance(value, torch.Tensor):
             found[id(value)] = value
-    return list(found.values())
+    return [t for t in found.values() if not t.is_meta]
 
 
 @contextmanager
