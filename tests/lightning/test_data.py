@@ -343,6 +343,15 @@ def test_synthetic_module_refuses_negative_workers_when_made():
         SyntheticDataModule(num_workers=-2)
 
 
+@pytest.mark.parametrize("separation", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("kind", ["gaussian_mixture", "teacher"])
+def test_synthetic_module_refuses_a_non_finite_separation(kind, separation):
+    """A NaN or infinite separation made NaN inputs (gaussian_mixture) or labels that were
+    all class 0 (teacher: argmax of NaN logits), and training ran on them without a word."""
+    with pytest.raises(DataConfigError, match=f"separation must be finite, got {separation}"):
+        SyntheticDataModule(kind=kind, separation=separation)
+
+
 def test_tabular_csv_with_a_byte_order_mark(tmp_path):
     """Excel's "CSV UTF-8" starts with a byte order mark: it was read into the first column's
     name, so a label column named first was "not found" (listed, invisibly, as present)."""

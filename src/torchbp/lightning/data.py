@@ -1042,6 +1042,8 @@ class SyntheticDataModule(ClassificationDataModule):
             raise DataConfigError(f"n_classes must be >= 2, got {n_classes}")
         if kind not in ("gaussian_mixture", "teacher"):
             raise DataConfigError(f"unknown kind {kind!r}; use gaussian_mixture or teacher")
+        if not math.isfinite(separation):
+            raise DataConfigError(f"separation must be finite, got {separation}")
         _check_num_workers(num_workers)
         self.n_samples, self.n_features, self.n_classes = n_samples, n_features, n_classes
         self.kind, self.separation = kind, separation
