@@ -343,6 +343,14 @@ def test_synthetic_module_refuses_negative_workers_when_made():
         SyntheticDataModule(num_workers=-2)
 
 
+@pytest.mark.parametrize("name", ["n_test", "batch_size"])
+def test_synthetic_module_names_the_count_below_one(name):
+    """``n_test=0`` and ``batch_size=0`` both said "n_test and batch_size must be >= 1",
+    naming neither the one at fault nor its value."""
+    with pytest.raises(DataConfigError, match=f"^{name} must be >= 1, got 0$"):
+        SyntheticDataModule(**{name: 0})
+
+
 @pytest.mark.parametrize("separation", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("kind", ["gaussian_mixture", "teacher"])
 def test_synthetic_module_refuses_a_non_finite_separation(kind, separation):

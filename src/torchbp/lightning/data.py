@@ -1033,11 +1033,16 @@ class SyntheticDataModule(ClassificationDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        for name, v in (("n_samples", n_samples), ("n_features", n_features), ("n_val", n_val)):
+        counts = {
+            "n_samples": n_samples,
+            "n_features": n_features,
+            "n_val": n_val,
+            "n_test": n_test,
+            "batch_size": batch_size,
+        }
+        for name, v in counts.items():
             if v < 1:
                 raise DataConfigError(f"{name} must be >= 1, got {v}")
-        if n_test < 1 or batch_size < 1:
-            raise DataConfigError("n_test and batch_size must be >= 1")
         if n_classes < 2:
             raise DataConfigError(f"n_classes must be >= 2, got {n_classes}")
         if kind not in ("gaussian_mixture", "teacher"):
