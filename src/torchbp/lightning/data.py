@@ -969,18 +969,15 @@ class _SyntheticBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _world(self) -> tuple[int, int]:
-        return _rank_world()
-
     def _num_batches_total(self) -> int:
         return math.ceil(self.n_samples / self.batch_size)
 
     def __len__(self) -> int:
-        _, world = self._world()
-        return self._num_batches_total() // world if world > 1 else self._num_batches_total()
+        _, world = _rank_world()
+        return self._num_batches_total() // world
 
     def __iter__(self):
-        rank, world = self._world()
+        rank, world = _rank_world()
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         nb = self._num_batches_total()
