@@ -71,29 +71,19 @@ class Privacy:
     def __post_init__(self) -> None:
         for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta"):
             _check_number(name, getattr(self, name), optional=name in _EITHER_ONE)
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ValueError(
-                f"privacy.max_grad_norm must be > 0 and finite, got {self.max_grad_norm}"
-            )
+        _check_positive("max_grad_norm", self.max_grad_norm)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(
                 "privacy: give exactly one of noise_multiplier and target_epsilon, got "
                 f"noise_multiplier={self.noise_multiplier}, target_epsilon={self.target_epsilon} "
                 "(override a config's with null: --model.privacy.target_epsilon null)"
             )
-        if self.noise_multiplier is not None and not (
-            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
-        ):
-            raise ValueError(
-                f"privacy.noise_multiplier must be > 0 and finite, got {self.noise_multiplier} "
-                "(without noise, clipping alone gives no privacy guarantee)"
-            )
-        if self.target_epsilon is not None and not (
-            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
-        ):
-            raise ValueError(
-                f"privacy.target_epsilon must be > 0 and finite, got {self.target_epsilon}"
-            )
+        _check_positive(
+            "noise_multiplier",
+            self.noise_multiplier,
+            " (without noise, clipping alone gives no privacy guarantee)",
+        )
+        _check_positive("target_epsilon", self.target_epsilon)
         if not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
 
@@ -128,6 +118,12 @@ def _check_number(name: str, value: object, *, optional: bool) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"privacy.{name} must be a number, got {value!r}")
+
+
+def _check_positive(name: str, value: float | None, why: str = "") -> None:
+    """A ``value`` that is given is finite and above 0 (``why`` ends the error message)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"privacy.{name} must be > 0 and finite, got {value}{why}")
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
