@@ -937,3 +937,51 @@ def test_a_single_trainer_callback_is_kept(tmp_path):
     cli = fit_digits(tmp_path, "--config", str(config), "--trainer.fast_dev_run=1")
     (early,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"]
     assert early.monitor == "val/loss"
+
+
+def _second_checkpoint_config(tmp_path: Path) -> Path:
+    """A config that adds a ModelCheckpoint of its own, without a folder."""
+    config = tmp_path / "two_checkpoints.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: pytorch_lightning.callbacks.ModelCheckpoint\n"
+        "      init_args:\n"
+        "        monitor: val/loss\n"
+        "        filename: best-loss\n"
+    )
+    return config
+
+
+def test_a_configured_model_checkpoint_saves_into_the_run_folder(tmp_path):
+    """A ModelCheckpoint of trainer.callbacks without a dirpath saved into
+    ``<run>/version_0/<run>/version_0/checkpoints`` (Lightning joins the logger's save_dir, which
+    is the run folder, with its name and version); as beside Lightning's own loggers, it now
+    saves into the run's ``checkpoints`` folder, beside the CLI's checkpoints."""
+    config = _second_checkpoint_config(tmp_path)
+    fit_digits(
+        tmp_path,
+        "--config",
+        str(config),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    )
+    saved = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt"))
+    folder = "two_checkpoints/version_0/checkpoints"
+    assert f"{folder}/best-loss.ckpt" in saved and f"{folder}/last.ckpt" in saved, saved
+    assert all(p.startswith(folder) for p in saved), saved
+
+
+def test_checkpointing_disabled_also_silences_a_configured_model_checkpoint(tmp_path):
+    """``--trainer.enable_checkpointing false`` kept the CLI's checkpoint callback from saving,
+    but a ModelCheckpoint of trainer.callbacks still saved its checkpoints."""
+    config = _second_checkpoint_config(tmp_path)
+    fit_digits(
+        tmp_path,
+        "--config",
+        str(config),
+        "--trainer.enable_checkpointing=false",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))

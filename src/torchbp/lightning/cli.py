@@ -630,16 +630,19 @@ class TorchbpCLI(LightningCLI):
             # Lightning's log_dir without a logger (--trainer.logger=false): config.yaml goes
             # into the run folder, never over a ./config.yaml
             kwargs["default_root_dir"] = str(run_folder)
-        callback = cfg.get("checkpoint")
-        if isinstance(callback, ModelCheckpoint):
-            self._set_up_checkpoint_callback(callback, tcfg, cfg.get("ckpt_path"), run_folder)
-            if tcfg.get("enable_checkpointing") is False:
-                # the CLI always passes its checkpoint callback, which Lightning refuses
-                # beside enable_checkpointing=False: it stays, and saves nothing
-                kwargs["enable_checkpointing"] = True
+        callbacks = _as_callback_list(tcfg.get("callbacks"))
+        # the CLI's checkpoint callback and any of trainer.callbacks
+        for callback in [cfg.get("checkpoint"), *callbacks]:
+            if isinstance(callback, ModelCheckpoint):
+                self._set_up_checkpoint_callback(callback, tcfg, cfg.get("ckpt_path"), run_folder)
+        if tcfg.get("enable_checkpointing") is False and isinstance(
+            cfg.get("checkpoint"), ModelCheckpoint
+        ):
+            # the CLI always passes its checkpoint callback, which Lightning refuses beside
+            # enable_checkpointing=False: it stays, and saves nothing
+            kwargs["enable_checkpointing"] = True
         if tcfg.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = _run_loggers(root, self._version)
-        callbacks = _as_callback_list(tcfg.get("callbacks"))
         if tcfg.get("enable_progress_bar", True) is not False:
             _add_rich_progress_bar(callbacks)
         kwargs["callbacks"] = callbacks
@@ -649,8 +652,9 @@ class TorchbpCLI(LightningCLI):
         self, callback: ModelCheckpoint, tcfg: Any, ckpt_path: str | None, run_folder: Path
     ) -> None:
         """Save the checkpoints into ``run_folder/checkpoints`` (unless the config names a
-        folder), and save none when evaluating, when checkpointing is off or for a
-        ``fast_dev_run``."""
+        folder: Lightning's own choice, the first logger's ``save_dir/name/version``, would
+        nest a second run folder in the run folder, RunCSVLogger's ``save_dir``), and save
+        none when evaluating, when checkpointing is off or for a ``fast_dev_run``."""
         if self.subcommand in _EVALUATING_SUBCOMMANDS:
             _evaluating_checkpoint_callback(callback, ckpt_path)
         if callback.dirpath is None:
