@@ -985,3 +985,24 @@ def test_checkpointing_disabled_also_silences_a_configured_model_checkpoint(tmp_
         "--trainer.limit_train_batches=2",
     )
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_every_model_checkpoints_monitor_is_checked_before_training(tmp_path, capsys):
+    """Only the first ModelCheckpoint's monitor was checked: with one in trainer.callbacks
+    (first in the trainer's list), a misspelt ``--checkpoint.monitor`` went unnoticed until
+    Lightning's traceback after the first epoch."""
+    config = _second_checkpoint_config(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            "iris",
+            "--config",
+            str(config),
+            f"--run_dir={tmp_path / 'runs'}",
+            "--checkpoint.monitor=val/accuracy",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: checkpoint.monitor 'val/accuracy'" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -512,21 +512,24 @@ class TorchbpCLI(LightningCLI):
             exit_with_error(_describe(e))
 
     def _check_checkpoint_monitor(self) -> None:
-        """``checkpoint.monitor`` is a metric the fit logs (ERMClassifier's own, not a
-        subclass's, which may log more): Lightning finds a misspelt one only after the first
-        epoch, with a traceback."""
-        callback = self.trainer.checkpoint_callback
-        if type(self.model) is not ERMClassifier or not isinstance(callback, ModelCheckpoint):
+        """Every ModelCheckpoint's ``monitor`` (``checkpoint.monitor``, and those of
+        trainer.callbacks) is a metric the fit logs (ERMClassifier's own, not a subclass's,
+        which may log more): Lightning finds a misspelt one only after the first epoch, with
+        a traceback."""
+        if type(self.model) is not ERMClassifier:
             return
-        if callback.monitor is None or callback.save_top_k == 0:
-            return  # nothing monitored
         logged = [n for n in self.model.metric_names() if not n.startswith("test/")]
         logged += ["epoch", "step"]  # Lightning adds them to what a checkpoint may monitor
-        if callback.monitor not in logged:
-            raise ValueError(
-                f"checkpoint.monitor {callback.monitor!r} is not a metric the model logs during "
-                f"fit; monitor one of {', '.join(logged)}"
-            )
+        own = self._subcommand_config(self.config_init).get("checkpoint")
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.monitor is None or callback.save_top_k == 0:
+                continue  # nothing monitored
+            if callback.monitor not in logged:
+                option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
+                raise ValueError(
+                    f"{option} {callback.monitor!r} is not a metric the model logs during fit; "
+                    f"monitor one of {', '.join(logged)}"
+                )
 
     def _check_checkpoint_fits_model(self) -> None:
         """A ``--ckpt_path`` that the configured model cannot load (another architecture), or
