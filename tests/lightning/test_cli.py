@@ -1006,3 +1006,26 @@ def test_every_model_checkpoints_monitor_is_checked_before_training(tmp_path, ca
     err = capsys.readouterr().err
     assert "error: invalid configuration: checkpoint.monitor 'val/accuracy'" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_configured_model_checkpoints_folder_is_checked_before_training(tmp_path, capsys):
+    """Only the trainer's first ModelCheckpoint's folder was checked: beside one of
+    trainer.callbacks (first in the trainer's list), a --checkpoint.dirpath under a file
+    failed with a traceback once the first epoch had been trained."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder\n")
+    config = _second_checkpoint_config(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            "iris",
+            "--config",
+            str(config),
+            f"--run_dir={tmp_path / 'runs'}",
+            f"--checkpoint.dirpath={blocker / 'x'}",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the run's files into {blocker / 'x'}: {blocker} is not a folder" in err
+    assert not (tmp_path / "runs").exists()

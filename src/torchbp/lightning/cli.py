@@ -511,6 +511,10 @@ class TorchbpCLI(LightningCLI):
         except _CONFIG_ERRORS as e:
             exit_with_error(_describe(e))
 
+    def _model_checkpoints(self) -> list[ModelCheckpoint]:
+        """The trainer's ModelCheckpoints: the CLI's (``checkpoint``) and trainer.callbacks'."""
+        return [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+
     def _check_checkpoint_monitor(self) -> None:
         """Every ModelCheckpoint's ``monitor`` (``checkpoint.monitor``, and those of
         trainer.callbacks) is a metric the fit logs (ERMClassifier's own, not a subclass's,
@@ -521,7 +525,7 @@ class TorchbpCLI(LightningCLI):
         logged = [n for n in self.model.metric_names() if not n.startswith("test/")]
         logged += ["epoch", "step"]  # Lightning adds them to what a checkpoint may monitor
         own = self._subcommand_config(self.config_init).get("checkpoint")
-        for callback in self.trainer.checkpoint_callbacks:
+        for callback in self._model_checkpoints():
             if callback.monitor is None or callback.save_top_k == 0:
                 continue  # nothing monitored
             if callback.monitor not in logged:
@@ -575,12 +579,11 @@ class TorchbpCLI(LightningCLI):
         return loggers[0].save_dir
 
     def _check_run_folders_can_be_written(self) -> None:
-        """The folders the run will write (logs and config; checkpoints when fitting) can be
-        made: else Lightning fails with an OSError once the run has started."""
+        """The folders the run will write (logs and config; every ModelCheckpoint's when
+        fitting) can be made: else Lightning fails with an OSError once the run has started."""
         folders = [self._log_folder()]
-        callback = self.trainer.checkpoint_callback
-        if self.subcommand == "fit" and isinstance(callback, ModelCheckpoint):
-            folders.append(callback.dirpath)
+        if self.subcommand == "fit":
+            folders += [callback.dirpath for callback in self._model_checkpoints()]
         for folder in filter(None, folders):
             if "://" in str(folder):
                 continue  # a remote filesystem: its own errors
