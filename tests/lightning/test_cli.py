@@ -987,25 +987,25 @@ def test_checkpointing_disabled_also_silences_a_configured_model_checkpoint(tmp_
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def _refused_fit_beside_a_second_checkpoint(tmp_path: Path, capsys, option: str) -> str:
+    """The error of ``fit`` of iris with ``option`` and a ModelCheckpoint of trainer.callbacks
+    (first in the trainer's list), which must come before any run folder is made."""
+    config = _second_checkpoint_config(tmp_path)
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", "iris", "--config", str(config), f"--run_dir={runs}", option)
+    assert e.value.code == 2 and not runs.exists()
+    return capsys.readouterr().err
+
+
 def test_every_model_checkpoints_monitor_is_checked_before_training(tmp_path, capsys):
     """Only the first ModelCheckpoint's monitor was checked: with one in trainer.callbacks
     (first in the trainer's list), a misspelt ``--checkpoint.monitor`` went unnoticed until
     Lightning's traceback after the first epoch."""
-    config = _second_checkpoint_config(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        run_cli(
-            "fit",
-            "--config",
-            "iris",
-            "--config",
-            str(config),
-            f"--run_dir={tmp_path / 'runs'}",
-            "--checkpoint.monitor=val/accuracy",
-        )
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = _refused_fit_beside_a_second_checkpoint(
+        tmp_path, capsys, "--checkpoint.monitor=val/accuracy"
+    )
     assert "error: invalid configuration: checkpoint.monitor 'val/accuracy'" in err, err
-    assert not (tmp_path / "runs").exists()
 
 
 def test_a_configured_model_checkpoints_folder_is_checked_before_training(tmp_path, capsys):
@@ -1014,18 +1014,7 @@ def test_a_configured_model_checkpoints_folder_is_checked_before_training(tmp_pa
     failed with a traceback once the first epoch had been trained."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder\n")
-    config = _second_checkpoint_config(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        run_cli(
-            "fit",
-            "--config",
-            "iris",
-            "--config",
-            str(config),
-            f"--run_dir={tmp_path / 'runs'}",
-            f"--checkpoint.dirpath={blocker / 'x'}",
-        )
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = _refused_fit_beside_a_second_checkpoint(
+        tmp_path, capsys, f"--checkpoint.dirpath={blocker / 'x'}"
+    )
     assert f"cannot write the run's files into {blocker / 'x'}: {blocker} is not a folder" in err
-    assert not (tmp_path / "runs").exists()
