@@ -106,6 +106,30 @@ def build_mlp(
 
     Layers are constructed in the same order for both backends, and torchbp.nn mirrors
     torch.nn's initialisation, so the same RNG state gives identical weights.
+
+    Args:
+        input_size: Features of the input (``in_features`` of the first Linear layer).
+        num_classes: Outputs of the last Linear layer.
+        hidden_sizes: Widths of the hidden layers; ``[]`` gives one Linear layer.
+        activation: Name of the hidden activation (a key of :data:`ACTIVATIONS`).
+        negative_slope: Slope for ``x < 0`` of ``leaky_relu`` (ignored by the others).
+        bias: Whether the Linear layers have a bias.
+        backend: ``torchbp`` (``torchbp.nn`` modules) or ``torch`` (``torch.nn``).
+
+    Returns:
+        The network as a ``torch.nn.Sequential``.
+
+    Raises:
+        ValueError: An unknown ``backend`` or ``activation``.
+
+    Examples::
+
+        >>> build_mlp(4, 3, [8], activation="tanh")
+        Sequential(
+          (0): Linear(in_features=4, out_features=8, bias=True)
+          (1): Tanh()
+          (2): Linear(in_features=8, out_features=3, bias=True)
+        )
     """
     _check_choice("backend", backend, BACKENDS)
     _check_choice("activation", activation, ACTIVATIONS)
