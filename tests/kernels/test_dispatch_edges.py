@@ -145,6 +145,10 @@ def test_activation_backward_of_a_jagged_nested_tensor_matches_native(name, dtyp
     parts = [torch.randn(n, 3, generator=gen).to(dtype) for n in (2, 4)]
     weights = [torch.randn(n, 3, generator=gen).to(dtype) for n in (2, 4)]
     nested = torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=True)
+    try:
+        native(nested.detach())
+    except NotImplementedError:  # torch 2.11's nested tensors lack aten.leaky_relu
+        pytest.skip(f"this torch ({torch.__version__}) has no {name} of a nested tensor")
     (ours(nested).values() * torch.cat(weights)).sum().backward()
     want = []
     for part, weight in zip(parts, weights):
