@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests._hypothesis import PROFILE
 from tests._support import ACTIVATIONS
-from tests.kernels._hypothesis import PROFILE
 from torch import nn
 from torch.func import functional_call, grad, vmap
 

@@ -15,32 +15,16 @@ Profiles: the default ``ci`` profile is bounded (the whole file runs well under 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from tests._hypothesis import PROFILE
 from tests._support import ACTIVATIONS
 
 import torchbp.functional as bp
 from torchbp.ops import of_kind
-
-settings.register_profile(
-    "ci",
-    max_examples=12,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-PROFILE = settings.get_profile(os.environ.get("TORCHBP_HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 TOL = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from tests._hypothesis import PROFILE
 from tests._support import TOL, make
-from tests.kernels._hypothesis import PROFILE
 
 import torchbp.functional as TF
 from torchbp.autograd.cross_entropy import ce_rows

@@ -1,6 +1,6 @@
-"""The hypothesis settings of the kernel property tests: the profiles of
-``tests/test_properties.py`` (a bounded, derandomized ``ci`` by default;
-``TORCHBP_HYPOTHESIS_PROFILE=thorough`` draws many more examples)."""
+"""The hypothesis settings of every property test (test_properties.py, the kernels',
+the per-sample ones): a bounded, derandomized ``ci`` profile by default;
+``TORCHBP_HYPOTHESIS_PROFILE=thorough`` draws many more examples."""
 
 from __future__ import annotations
 
