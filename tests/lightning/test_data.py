@@ -595,3 +595,19 @@ def test_predict_path_with_other_feature_columns_is_refused_naming_them(tmp_path
     dm = TabularFileDataModule(path=str(train), label_column="target", predict_path="nope.csv")
     with pytest.raises(DataError, match="predict_path: file not found"):
         dm.predict_dataloader()
+
+
+def test_predict_path_value_beyond_float32_is_named(tmp_path):
+    """A new row whose scaled value overflows float32 is a DataError naming the file, the
+    value, its column and row (not an inf fed to the model)."""
+    train = tmp_path / "t.csv"
+    _write_csv(train, ["a", "b", "c", "target"], _good_rows(40, 2))
+    new = tmp_path / "new.csv"
+    _write_csv(new, ["a", "b", "c"], [["0", "0", "0"], ["1e39", "0", "0"]])
+    dm = TabularFileDataModule(
+        path=str(train), label_column="target", predict_path=str(new), standardize=False
+    )
+    with pytest.raises(
+        DataError, match=r"predict_path .*new.csv: value 1e\+39 in column 'a' at row 2"
+    ):
+        dm.predict_dataloader()

@@ -4,6 +4,7 @@ does not show on its own: ``needs_input_grad`` on a crash and on the inference p
 from __future__ import annotations
 
 import torch
+from tests.verify.test_verify_numerical import DoubleThroughStorage
 from tests.verify.zoo.entry import seeded
 from tests.verify.zoo.structure import BiasGradUnderWeightFlagLinear, FlagCheckingLinear
 
@@ -183,19 +184,6 @@ def test_grad_shapes_pairs_gradients_with_tensor_inputs_past_a_scalar_argument()
     assert "shape (3, 4) for its input 2, which has shape (4,)" in bug["grad_shapes"].message
 
 
-class RowMajorDouble(torch.autograd.Function):
-    """``2 x`` computed over ``x``'s storage in memory order, as a kernel written for
-    contiguous tensors does: right for a contiguous ``x``, transposed for ``x.t()``."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return (x.as_strided((x.numel(),), (1,)) * 2).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        return 2 * g
-
-
 class FlatViewSum(torch.autograd.Function):
     """``x.sum()`` whose forward takes ``x.view(-1)``: a crash for a transposed ``x``."""
 
@@ -211,7 +199,7 @@ class FlatViewSum(torch.autograd.Function):
 
 def test_a_function_wrong_for_non_contiguous_inputs_fails_saying_so():
     # the example input is contiguous, as most are: every other check passes
-    report = check_function(RowMajorDouble, seeded(3, 4), skip="compile")
+    report = check_function(DoubleThroughStorage, seeded(3, 4), skip="compile")
     result = report["grad_output_safety"]
     assert result.failed, report
     assert "output 0 changes when the inputs are non-contiguous" in result.message

@@ -369,16 +369,21 @@ class ArrayDataModule(ClassificationDataModule):
                 "fractions or add rows of the class"
             )
 
-    def _as_float32(self, features: np.ndarray) -> np.ndarray:
+    def _as_float32(
+        self, features: np.ndarray, raw: np.ndarray | None = None, where: str = ""
+    ) -> np.ndarray:
         """``features`` (float64, standardised) rounded to float32; a value beyond float32's
-        range is a :class:`DataError` naming it (``X`` is finite: it would become inf)."""
+        range is a :class:`DataError` naming it: its value in ``raw``, the unscaled rows
+        (default: the data's ``X``, which is finite: it would become inf), after the prefix
+        ``where`` (e.g. the file of new rows)."""
+        raw = self.arrays[0] if raw is None else raw
         with np.errstate(over="ignore"):
             rounded = features.astype(np.float32)
         cell = _first_nonfinite(rounded)
         if cell is not None:
             r, c = cell
             raise DataError(
-                f"value {self.arrays[0][r, c]:g} in column {self._column_name(c)!r} at row "
+                f"{where}value {raw[r, c]:g} in column {self._column_name(c)!r} at row "
                 f"{r + 1} is beyond float32's range (±{np.finfo(np.float32).max:.3g}) after "
                 f"standardisation (standardize={self.standardize}); rescale the column"
             )
@@ -709,16 +714,7 @@ class TabularFileDataModule(ArrayDataModule):
                 f"{self.feature_names[c]!r} at row {r + 1}"
             )
         mean, std = self._scaling
-        with np.errstate(over="ignore"):
-            features = ((X - mean) / std).astype(np.float32)
-        cell = _first_nonfinite(features)
-        if cell is not None:
-            r, c = cell
-            raise DataError(
-                f"predict_path {p}: value {X[r, c]:g} in column {self.feature_names[c]!r} at "
-                f"row {r + 1} is beyond float32's range after standardisation"
-            )
-        return features
+        return self._as_float32((X - mean) / std, raw=X, where=f"predict_path {p}: ")
 
     def _read_table(
         self, p: Path, new_rows: bool = False
