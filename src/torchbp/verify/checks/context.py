@@ -69,6 +69,9 @@ class CheckContext:
     #: ``(the caller's dtype, the dtype fn is given)`` of each input the ``dtype`` option
     #: cast, by position (a fn that refuses the cast dtype is told how to keep its own).
     cast_from: dict[int, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
+    #: The names of fn's module parameters differentiated as inputs, by position (in
+    #: ``args``, after the caller's inputs; see ``checks.parameters``).
+    parameter_names: dict[int, str] = field(default_factory=dict)
     #: Results of the checks that ran so far, by name (later checks may depend on them).
     results: dict[str, CheckResult] = field(default_factory=dict)
     #: Numerical Jacobian of :meth:`diff_fn`, computed once (see ``checks.numerical``).
@@ -126,8 +129,11 @@ class CheckContext:
         return tuple(float_tensors(self.call(self.fn, diff)))
 
     def input_name(self, k: int) -> str:
-        """How messages name the ``k``-th differentiable input, e.g. ``"input 0"``."""
-        return f"input {self.grad_idx[k]}"
+        """How messages name the ``k``-th differentiable input, e.g. ``"input 0"``, or
+        ``"parameter 'weight' (input 1)"`` for a module parameter."""
+        i = self.grad_idx[k]
+        name = self.parameter_names.get(i)
+        return f"input {i}" if name is None else f"parameter {name!r} (input {i})"
 
     def parity_tolerances(self, dtype: torch.dtype | None = None) -> tuple[float, float]:
         """``(atol, rtol)`` for comparing two computations: :func:`tolerances` of ``dtype``

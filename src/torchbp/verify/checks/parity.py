@@ -28,7 +28,7 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
-__all__ = ["check_compile", "check_reference", "output_grads"]
+__all__ = ["check_compile", "check_reference", "grads_or_none", "output_grads"]
 
 
 def _compare(
@@ -74,20 +74,35 @@ def output_grads(
     outs: Sequence[torch.Tensor], leaves: list[torch.Tensor], vs: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Gradients of ``outs`` (weighted by ``vs``) for every leaf; zeros where unused."""
+    return zeros_for_none(grads_or_none(outs, leaves, vs), leaves)
+
+
+def grads_or_none(
+    outs: Sequence[torch.Tensor], leaves: list[torch.Tensor], vs: Sequence[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """Gradients of ``outs`` (weighted by ``vs``) for every leaf; None where unused."""
     live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
     if not live:
-        return [torch.zeros_like(x) for x in leaves]
-    gs = torch.autograd.grad([o for o, _ in live], leaves, [v for _, v in live], allow_unused=True)
-    return zeros_for_none(gs, leaves)
+        return [None for _ in leaves]
+    return list(
+        torch.autograd.grad([o for o, _ in live], leaves, [v for _, v in live], allow_unused=True)
+    )
 
 
 def _compare_runs(
-    ctx: CheckContext, other: Callable[..., Any], label: str, *, raw_errors: bool = False
+    ctx: CheckContext,
+    other: Callable[..., Any],
+    label: str,
+    *,
+    raw_errors: bool = False,
+    own_parameters: bool = False,
 ) -> tuple[float, float]:
     """Run fn and ``other`` on the same inputs and grad_outputs; compare everything.
 
     An exception raised by ``other`` becomes a failed check, or propagates unchanged with
-    ``raw_errors`` (for the caller to judge).
+    ``raw_errors`` (for the caller to judge). With ``own_parameters``, a module parameter
+    of fn that ``other`` does not use (a reference module with its own parameters, of other
+    names) has no gradient to compare against and is left out.
     """
     leaves_a, leaves_b = ctx.leaves(), ctx.leaves()
     raw_a = ctx.call(ctx.fn, leaves_a)
@@ -117,12 +132,15 @@ def _compare_runs(
         return worst
     ga = output_grads([p[0] for p in pairs], leaves_a, [p[2] for p in pairs])
     try:
-        gb = output_grads([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
+        gb = grads_or_none([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
     except Exception as exc:  # noqa: BLE001
         if raw_errors:
             raise
         raise CheckFailure(f"backward of {label} raised {explain_error(exc)}") from None
     for k, (a, b) in enumerate(zip(ga, gb)):
+        if b is None and own_parameters and ctx.grad_idx[k] in ctx.parameter_names:
+            continue
+        b = torch.zeros_like(leaves_b[k]) if b is None else b
         worst = max(worst, _compare(ctx, a, b, f"gradient of {ctx.input_name(k)}", label))
     return worst
 
@@ -210,5 +228,5 @@ def check_reference(ctx: CheckContext) -> Passed:
     """fn against the reference (outputs and gradients); skipped without a reference."""
     if ctx.reference is None:
         raise CheckSkip("no reference given")
-    abs_err, rel_err = _compare_runs(ctx, ctx.reference, "the reference")
+    abs_err, rel_err = _compare_runs(ctx, ctx.reference, "the reference", own_parameters=True)
     return Passed("outputs and gradients match", abs_err, rel_err)

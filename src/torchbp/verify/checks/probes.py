@@ -22,7 +22,7 @@ from torchbp.verify.checks.compare import float_tensors, require_close, shape_te
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
-from torchbp.verify.checks.parity import output_grads
+from torchbp.verify.checks.parity import grads_or_none
 
 __all__ = ["PROBES", "check_extreme_values"]
 
@@ -38,12 +38,35 @@ PROBES: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor], bool], ...] = (
 
 def _run(ctx: CheckContext, f, inputs, vs=None):
     """Outputs of ``f`` on ``inputs`` (fresh leaves) and the gradients for ``vs`` (random
-    grad_outputs drawn here when None)."""
+    grad_outputs drawn here when None; None for an input ``f`` does not use)."""
     leaves = [x.clone().requires_grad_(True) for x in inputs]
     outs = float_tensors(ctx.call(f, leaves))
     if vs is None:
         vs = ctx.randn_like_outputs(outs)
-    return [o.detach() for o in outs], output_grads(outs, leaves, vs), vs
+    return [o.detach() for o in outs], grads_or_none(outs, leaves, vs), vs
+
+
+def _probe_inputs(ctx: CheckContext, transform: Callable[[torch.Tensor], torch.Tensor]):
+    """The grad inputs with ``transform`` applied to the caller's (a module's parameters,
+    differentiated as inputs too, are kept as they are)."""
+    return [
+        ctx.args[i].detach() if i in ctx.parameter_names else transform(ctx.args[i].detach())
+        for i in ctx.grad_idx
+    ]
+
+
+def _gradient_pairs(ctx: CheckContext, grads, ref_grads, inputs):
+    """``(what, fn's, the reference's)`` gradient of each grad input, zeros where unused; a
+    module parameter the reference does not use (a reference module with its own
+    parameters) has nothing to be compared against and is left out."""
+    pairs = []
+    for k, (a, b) in enumerate(zip(grads, ref_grads)):
+        if b is None and ctx.grad_idx[k] in ctx.parameter_names:
+            continue
+        zeros = torch.zeros_like(inputs[k])
+        what = f"gradient of {ctx.input_name(k)}"
+        pairs.append((what, zeros if a is None else a, zeros if b is None else b))
+    return pairs
 
 
 def _where_reference_finite(
@@ -93,7 +116,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
     tolerance = ctx.parity_tolerances()
     worst, compared, overflowed = (0.0, 0.0), 0, 0
     for label, transform, large in PROBES:
-        inputs = [transform(ctx.args[i].detach()) for i in ctx.grad_idx]
+        inputs = _probe_inputs(ctx, transform)
         try:
             ref_outs, ref_grads, vs = _run(ctx, ctx.reference, inputs)
         except Exception:  # noqa: BLE001 - the probe is outside the reference's domain
@@ -110,10 +133,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
                 f"on {label}: fn returned {len(outs)} output(s), the reference {len(ref_outs)}"
             )
         pairs = [(f"output {o}", a, b) for o, (a, b) in enumerate(zip(outs, ref_outs))]
-        pairs += [
-            (f"gradient of {ctx.input_name(k)}", a, b)
-            for k, (a, b) in enumerate(zip(grads, ref_grads))
-        ]
+        pairs += _gradient_pairs(ctx, grads, ref_grads, inputs)
         for what, a, b in pairs:
             errors, count = _require_close_on_probe(a, b, tolerance, f"on {label}: {what}", large)
             worst, overflowed = max(worst, errors), overflowed + count

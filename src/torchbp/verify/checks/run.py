@@ -8,6 +8,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torchbp.verify.checks.options import (
     resolve_arguments,
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported
+from torchbp.verify.checks.parameters import differentiated_parameters, with_parameters
 from torchbp.verify.checks.table import CHECK_TABLE, Check
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
@@ -199,6 +201,18 @@ def _state_kept(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
                     t.copy_(before)
 
 
+def _with_parameter_inputs(
+    args: list[Any], grad_idx: list[int], fn: Any, opts: Options
+) -> tuple[list[Any], list[int]]:
+    """``args`` and ``grad_idx`` with fn's differentiated parameters appended, prepared as
+    the inputs are (detached copies, in ``dtype``, on ``device``): every check
+    differentiates them as it does the inputs."""
+    params = tuple(p for _, p in differentiated_parameters(fn))
+    prepared, _ = prepare_inputs(params, replace(opts, grad_inputs=None))
+    n = len(args)
+    return [*args, *prepared], [*grad_idx, *range(n, n + len(prepared))]
+
+
 def _cast_from(
     inputs: Sequence[Any], given: Sequence[Any]
 ) -> dict[int, tuple[torch.dtype, torch.dtype]]:
@@ -284,7 +298,12 @@ def check_function(
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
             tensors; a sparse one is checked through ``.to_dense()``), an ``nn.Module``
-            (its parameters of ``dtype``: ``module.double()`` by default), a
+            (its parameters of ``dtype``: ``module.double()`` by default; those that
+            require grad are differentiated as inputs after ``inputs``, through
+            :func:`torch.func.functional_call`, and named in the messages, e.g.
+            ``parameter 'weight' (input 1)``; the reference runs with the same values in
+            place of them, and of its own when it is a module with parameters of the same
+            names; a parameter the reference does not use is not compared with it), a
             ``torch.autograd.Function`` subclass (its ``apply`` is used) or a
             ``torch.library.custom_op`` (then the ``opcheck`` check also runs
             ``torch.library.opcheck``).
@@ -358,9 +377,16 @@ def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options)
         checked = real_function(fn, complex_idx)
         if reference is not None:
             checked_reference = real_function(reference, complex_idx)
+    checked, checked_reference, parameter_names = with_parameters(
+        checked, checked_reference, len(args), module=fn
+    )
+    if parameter_names:
+        args, grad_idx = _with_parameter_inputs(args, grad_idx, fn, opts)
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
+    ctx.parameter_names = {len(inputs) + j: name for j, name in enumerate(parameter_names)}
     given = [
-        torch.view_as_complex(a.contiguous()) if i in complex_idx else a for i, a in enumerate(args)
+        torch.view_as_complex(a.contiguous()) if i in complex_idx else a
+        for i, a in enumerate(args[: len(inputs)])
     ]
     ctx.cast_from = _cast_from(inputs, given)
     meta = {
@@ -371,6 +397,8 @@ def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options)
         "torch": torch.__version__,
         "fast_mode": bool(opts.fast_mode),
     }
+    if parameter_names:
+        meta["parameters"] = parameter_names  # differentiated as inputs after the given ones
     if complex_idx:
         meta["complex_inputs"] = sorted(complex_idx)  # checked as their real views
     selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)

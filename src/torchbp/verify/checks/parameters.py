@@ -1,0 +1,110 @@
+"""The parameters of an ``nn.Module`` fn, differentiated as inputs: a Function inside the
+module with a wrong weight gradient must fail the checks, as one with a wrong input
+gradient does.
+
+Each parameter that requires grad becomes one more input after the caller's, and fn and
+the reference are called through :func:`torch.func.functional_call`, which runs the module
+with the checks' tensors in place of its parameters (the module itself is not changed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["differentiated_parameters", "with_parameters"]
+
+
+def differentiated_parameters(fn: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` of each floating parameter of an ``nn.Module`` fn (or of the
+    module whose bound method fn is) that requires grad; empty for any other fn.
+
+    Examples:
+        >>> [name for name, _ in differentiated_parameters(torch.nn.Linear(2, 3))]
+        ['weight', 'bias']
+        >>> differentiated_parameters(torch.tanh)
+        []
+    """
+    module = _module_of(fn)
+    if module is None:
+        return []
+    return [
+        (name, p)
+        for name, p in module.named_parameters()
+        if p.requires_grad and p.is_floating_point()
+    ]
+
+
+def _module_of(fn: Any) -> torch.nn.Module | None:
+    for owner in (fn, getattr(fn, "__self__", None)):
+        if isinstance(owner, torch.nn.Module):
+            return owner
+    return None
+
+
+class _Calling(torch.nn.Module):
+    """Calls ``call`` with ``modules`` as submodules, so that ``functional_call`` on it
+    puts tensors in place of their parameters while ``call`` runs."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], call: Callable[..., Any]):
+        super().__init__()
+        for key, module in modules.items():
+            self.add_module(key, module)
+        self.calls = [call]  # a list: not registered as a submodule a second time
+
+    def forward(self, *args: Any) -> Any:
+        return self.calls[0](*args)
+
+
+def _same_parameters(module: torch.nn.Module, other: Any, names: Sequence[str]) -> bool:
+    """Whether ``other`` is another ``nn.Module`` with parameters of the same names and
+    shapes as ``module``'s ``names`` (a reference ``nn.Linear`` beside a custom linear)."""
+    if not isinstance(other, torch.nn.Module) or other is module:
+        return False
+    mine, theirs = dict(module.named_parameters()), dict(other.named_parameters())
+    return all(n in theirs and theirs[n].shape == mine[n].shape for n in names)
+
+
+def _through(
+    modules: dict[str, torch.nn.Module], call: Callable[..., Any], names: Sequence[str], n: int
+) -> Callable[..., Any]:
+    """``call`` of the first ``n`` arguments, with the rest in place of the parameters
+    ``names`` of each of ``modules``."""
+    holder = _Calling(modules, call)
+
+    def called(*args: Any) -> Any:
+        swapped = {f"{key}.{name}": p for key in modules for name, p in zip(names, args[n:])}
+        return torch.func.functional_call(holder, swapped, tuple(args[:n]))
+
+    return called
+
+
+def with_parameters(
+    fn: Callable[..., Any],
+    reference: Callable[..., Any] | None,
+    n_inputs: int,
+    module: Any = None,
+) -> tuple[Callable[..., Any], Callable[..., Any] | None, list[str]]:
+    """fn and the reference as functions of the ``n_inputs`` inputs followed by the
+    :func:`differentiated_parameters` of ``module`` (by default fn; the caller's fn when
+    ``fn`` wraps it), and the parameters' names.
+
+    The reference runs with the checks' tensors in place of fn's parameters (a reference
+    that reads them, ``lambda x: x @ model.weight.T``, follows them) and of its own when it
+    is a module with parameters of the same names and shapes (``nn.Linear`` beside a custom
+    linear module).
+    """
+    owner = fn if module is None else module
+    named = differentiated_parameters(owner)
+    module = _module_of(owner)
+    if not named or module is None:
+        return fn, reference, []
+    names = [name for name, _ in named]
+    checked = _through({"module": module}, fn, names, n_inputs)
+    if reference is None:
+        return checked, None, names
+    modules = {"module": module}
+    if _same_parameters(module, reference, names):
+        modules["reference"] = reference
+    return checked, _through(modules, reference, names, n_inputs), names

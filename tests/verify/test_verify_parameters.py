@@ -1,0 +1,70 @@
+"""check_function on an nn.Module: its parameters are differentiated as inputs, so a custom
+Function inside it with a wrong weight gradient fails (before, only the inputs' gradients
+were checked and such a module was reported OK)."""
+
+import torch
+
+from torchbp.verify import check_function
+
+
+class _ScaledProduct(torch.autograd.Function):
+    """``(x * w).sum(1)``, with the weight's gradient halved when ``wrong``."""
+
+    @staticmethod
+    def forward(ctx, x, w, wrong):
+        ctx.save_for_backward(x, w)
+        ctx.wrong = wrong
+        return (x * w).sum(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.unsqueeze(1)
+        return g * w, g * x * (0.5 if ctx.wrong else 1.0), None
+
+
+class _Product(torch.nn.Module):
+    def __init__(self, wrong: bool) -> None:
+        super().__init__()
+        self.wrong = wrong
+        self.w = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return _ScaledProduct.apply(x, self.w, self.wrong)
+
+
+def test_a_wrong_parameter_gradient_fails_naming_the_parameter():
+    module = _Product(wrong=True)
+    report = check_function(module, torch.randn(3, 4), checks=["gradcheck"])
+    assert not report.ok
+    assert "parameter 'w' (input 1)" in report["gradcheck"].message
+    assert report.meta["parameters"] == ["w"]
+    module.w.requires_grad_(False)  # a frozen parameter is not differentiated
+    frozen = check_function(module, torch.randn(3, 4), checks=["gradcheck"])
+    assert frozen.ok, frozen
+    assert "parameters" not in frozen.meta
+
+
+def test_the_reference_follows_the_parameters_it_reads():
+    module = _Product(wrong=True)
+    report = check_function(
+        module,
+        torch.randn(3, 4),
+        reference=lambda x: (x * module.w).sum(1),
+        checks=["reference", "extreme_values"],
+    )
+    assert report["reference"].status == "fail"
+    assert "gradient of parameter 'w'" in report["reference"].message
+
+
+def test_a_reference_that_does_not_read_the_parameters_compares_the_inputs_only():
+    module = _Product(wrong=False)
+    weight = module.w.detach().clone()  # the reference's own copy: no gradient for module.w
+    report = check_function(
+        module,
+        torch.randn(3, 4),
+        reference=lambda x: (x * weight).sum(1),
+        checks=["gradcheck", "reference", "extreme_values"],
+    )
+    assert report.ok, report
+    assert report.meta["parameters"] == ["w"]
