@@ -229,3 +229,40 @@ def test_vmap_of_batch_norm_updating_running_stats_is_unsupported():
     assert result.unsupported and report.ok, report
     assert "in place" in result.message and ".eval()" in result.message
     assert "replace_all_batch_norm_modules_" in result.message
+
+
+class _MaxWithIndices(torch.autograd.Function):
+    """``x.max(-1)`` (values and indices); backward scatters the gradient in place into
+    zeros made from the saved input: correct, but vmap cannot batch that write when only
+    the grad_output is batched."""
+
+    @staticmethod
+    def forward(ctx, x):
+        values, indices = x.max(dim=-1)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(x, indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        x, indices = ctx.saved_tensors
+        grad = torch.zeros_like(x)
+        grad.scatter_(-1, indices.unsqueeze(-1), grad_values.unsqueeze(-1))
+        return grad
+
+
+def test_an_in_place_scatter_into_unbatched_zeros_is_unsupported_batching_not_a_failure():
+    report = torchbp.verify.check_function(
+        _MaxWithIndices,
+        torch.randn(3, 4),
+        reference=lambda x: torch.max(x, dim=-1),
+        checks=["batched_grad", "reference"],
+    )
+    assert report.ok, report
+    batched = report["batched_grad"]
+    assert batched.status == "unsupported"
+    assert "zeros_like(x).scatter(dim, index, grad)" in batched.message
+    required = torchbp.verify.check_function(
+        _MaxWithIndices, torch.randn(3, 4), require=["batched_grad"]
+    )
+    assert required["batched_grad"].status == "fail"

@@ -48,6 +48,15 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
         "the norm with track_running_stats=False",
     ),
     (
+        "in extra_args that has more elements than `self`",
+        "vmap cannot batch an in-place write of a batched tensor into one that is not "
+        "batched (e.g. a backward's torch.zeros_like(x).scatter_(dim, index, grad), with "
+        "only grad batched: autograd.grad(is_grads_batched=True), "
+        "jacobian(vectorize=True), jacrev)",
+        "write it with the out-of-place op (torch.zeros_like(x).scatter(dim, index, grad), "
+        "index_put, masked_scatter)",
+    ),
+    (
         "no autograd formula was registered",
         "the custom op has no backward formula: autograd is unsupported",
         "call op.register_autograd(backward, setup_context=...)",
