@@ -3,6 +3,8 @@ check, and what PyTorch does not give custom ops comes out unsupported."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from torchbp.verify import check_function
@@ -116,3 +118,43 @@ def test_opcheck_is_skipped_for_other_callables():
     assert (
         report["opcheck"].skipped and "not a torch.library custom op" in report["opcheck"].message
     )
+
+
+@torch.library.custom_op("torchbp_verify_test::scaled_sin", mutates_args=())
+def scaled_sin(x: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    return alpha * torch.sin(x)
+
+
+@scaled_sin.register_fake
+def _(x, *, alpha):
+    return torch.empty(x.shape[:-1], dtype=x.dtype)  # wrong: drops the last dim
+
+
+def _save_input_and_alpha(ctx, inputs, keyword_only_inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.alpha = keyword_only_inputs["alpha"]
+
+
+def _scaled_sin_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return g * ctx.alpha * torch.cos(x)
+
+
+scaled_sin.register_autograd(_scaled_sin_backward, setup_context=_save_input_and_alpha)
+
+
+def test_a_partial_binding_a_keyword_only_argument_is_checked_as_the_custom_op():
+    # functools.partial is how a keyword-only argument is given; before, the op was not
+    # recognised through it: forward_ad failed on PyTorch's zero tangents of a custom op,
+    # and opcheck (here: a fake implementation of the wrong shape) never ran
+    report = check_function(
+        functools.partial(scaled_sin, alpha=2.0),
+        _x(3, 4),
+        reference=lambda x: 2.0 * torch.sin(x),
+        skip=["compile"],
+    )
+    assert report.name == "torchbp_verify_test::scaled_sin"
+    assert report["forward_ad"].status == "unsupported"
+    assert report["opcheck"].status == "fail"
+    assert "test_faketensor" in report["opcheck"].message
+    assert [c.name for c in report.failures] == ["opcheck"], report

@@ -8,6 +8,7 @@ that tracing misses it shows only under ``opcheck``."""
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -35,13 +36,16 @@ OPCHECK_TESTS = (
 
 
 def as_custom_op(fn: Any) -> Any | None:
-    """The op when ``fn`` is a custom operator (what ``torch.library.custom_op`` returns,
-    or an ``OpOverload`` / ``OpOverloadPacket`` such as ``torch.ops.mylib.op``), else None.
+    """``fn`` when it is a custom operator (what ``torch.library.custom_op`` returns, or an
+    ``OpOverload`` / ``OpOverloadPacket`` such as ``torch.ops.mylib.op``) or a
+    ``functools.partial`` of one (the way to give it a keyword-only argument), else None.
 
     Examples:
         >>> as_custom_op(torch.tanh) is None
         True
     """
+    if isinstance(fn, functools.partial):
+        return fn if as_custom_op(fn.func) is not None else None
     if isinstance(fn, torch.library.CustomOpDef | torch.library.OpOverload):
         return fn
     if isinstance(getattr(fn, "default", None), torch.library.OpOverload):
@@ -51,6 +55,8 @@ def as_custom_op(fn: Any) -> Any | None:
 
 def custom_op_name(op: Any) -> str:
     """``"namespace::name"`` of a custom op (for the report's title)."""
+    if isinstance(op, functools.partial):
+        return custom_op_name(op.func)
     overload = op if isinstance(op, torch.library.OpOverload) else getattr(op, "default", None)
     if isinstance(overload, torch.library.OpOverload):
         return overload.name()
@@ -83,13 +89,22 @@ def no_torch_func(exc: BaseException) -> CheckUnsupported | None:
     )
 
 
+def _bound_arguments(op: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """``(the op, the arguments, the keyword arguments)`` a ``functools.partial`` of a
+    custom op binds (none for the op itself)."""
+    if isinstance(op, functools.partial):
+        return op.func, tuple(op.args), dict(op.keywords)
+    return op, (), {}
+
+
 def check_opcheck(ctx: CheckContext) -> Passed:
     """``torch.library.opcheck`` on the example inputs (the differentiable ones requiring
     grad); skipped unless fn is a custom op."""
     if ctx.custom_op is None:
         raise CheckSkip("fn is not a torch.library custom op")
+    op, bound, keywords = _bound_arguments(ctx.custom_op)
     args = ctx.call(lambda *a: a, ctx.leaves())
-    results = torch.library.opcheck(ctx.custom_op, tuple(args), raise_exception=False)
+    results = torch.library.opcheck(op, (*bound, *args), keywords, raise_exception=False)
     problems, gaps = [], []
     for test in OPCHECK_TESTS:
         outcome = results.get(test, "SUCCESS")

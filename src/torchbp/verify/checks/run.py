@@ -305,8 +305,9 @@ def check_function(
             place of them, and of its own when it is a module with parameters of the same
             names; a parameter the reference does not use is not compared with it), a
             ``torch.autograd.Function`` subclass (its ``apply`` is used) or a
-            ``torch.library.custom_op`` (then the ``opcheck`` check also runs
-            ``torch.library.opcheck``).
+            ``torch.library.custom_op``, or a ``functools.partial`` of one binding its
+            keyword-only arguments (then the ``opcheck`` check also runs
+            ``torch.library.opcheck``, with the bound arguments).
         *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``) and
             tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list),
             and ``torch.Generator``s (each call gets a copy in the given state, so a random
