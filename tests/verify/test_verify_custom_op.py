@@ -158,3 +158,22 @@ def test_a_partial_binding_a_keyword_only_argument_is_checked_as_the_custom_op()
     assert report["opcheck"].status == "fail"
     assert "test_faketensor" in report["opcheck"].message
     assert [c.name for c in report.failures] == ["opcheck"], report
+
+
+class _SinPlusOne(torch.nn.Module):
+    def forward(self, x):
+        return good_sin(x) + 1
+
+
+def test_a_correct_fn_calling_a_custom_op_is_unsupported_for_forward_ad_not_failed():
+    # before: forward_ad failed on the zero tangents PyTorch silently gives the custom op
+    # ("analytical 0 vs numerical ..."), and vmap blamed a missing setup_context
+    for fn in (_SinPlusOne(), lambda x: torch.ops.torchbp_verify_test.sin(x) + 1):
+        report = check_function(
+            fn, _x(3, 4), reference=lambda x: torch.sin(x) + 1, skip=["compile"]
+        )
+        assert report.ok, report
+        forward_ad = report["forward_ad"]
+        assert forward_ad.status == "unsupported"
+        assert "fn calls torchbp_verify_test::sin" in forward_ad.message
+        assert "torch.library.custom_op" in report["vmap"].message

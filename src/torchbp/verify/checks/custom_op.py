@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import capability_gap, first_line
@@ -22,6 +24,7 @@ __all__ = [
     "as_custom_op",
     "check_opcheck",
     "custom_op_name",
+    "custom_ops_called",
     "no_forward_ad",
     "no_torch_func",
 ]
@@ -64,12 +67,51 @@ def custom_op_name(op: Any) -> str:
     return match.group(1) if match else type(op).__name__
 
 
-def no_forward_ad() -> CheckUnsupported:
-    """Forward-mode AD of a custom op: PyTorch has no way to register a jvp for one (and
-    ``torch.func.jvp`` silently returns zero tangents, torch 2.13)."""
+#: Namespaces of the operators PyTorch itself defines (with their derivative formulas).
+_TORCH_NAMESPACES = frozenset({"aten", "prim", "prims"})
+
+
+class _CustomOpRecorder(TorchFunctionMode):
+    """Records the names of the custom operators (``torch.ops.<namespace>`` ops outside
+    PyTorch's own namespaces) called while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: dict[str, None] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        op = as_custom_op(func)  # an OpOverload, or a packet: torch.ops.<namespace>.<name>
+        if op is not None and custom_op_name(op).split("::")[0] not in _TORCH_NAMESPACES:
+            self.names[custom_op_name(op)] = None
+        return func(*args, **(kwargs or {}))
+
+
+def custom_ops_called(fn: Any, args: Sequence[Any]) -> list[str]:
+    """``"namespace::name"`` of each custom operator ``fn(*args)`` calls, in the order of
+    first call (e.g. a module whose forward calls one); an exception fn raises is left for
+    the checks to report.
+
+    Examples:
+        >>> custom_ops_called(torch.tanh, [torch.zeros(2)])
+        []
+    """
+    recorder = _CustomOpRecorder()
+    try:
+        with recorder:
+            fn(*args)
+    except Exception:  # noqa: BLE001, S110 - what fn raises, the checks report
+        pass
+    return list(recorder.names)
+
+
+def no_forward_ad(called: Sequence[str] = ()) -> CheckUnsupported:
+    """Forward-mode AD of a custom op, or of a fn that calls the custom ops ``called``:
+    PyTorch has no way to register a jvp for one (and ``torch.func.jvp`` silently returns
+    zero tangents, torch 2.13)."""
+    through = f" (fn calls {', '.join(called)})" if called else ""
     return CheckUnsupported(
         "forward-mode AD of a torch.library.custom_op is not available in PyTorch (jvp gives "
-        "zero tangents without an error)",
+        f"zero tangents without an error){through}",
         "wrap the computation in an autograd.Function with a jvp staticmethod (PyTorch has "
         "no jvp registration for custom ops yet)",
     )
