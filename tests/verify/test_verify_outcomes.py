@@ -266,3 +266,29 @@ def test_an_in_place_scatter_into_unbatched_zeros_is_unsupported_batching_not_a_
         _MaxWithIndices, torch.randn(3, 4), require=["batched_grad"]
     )
     assert required["batched_grad"].status == "fail"
+
+
+class _DoubleAndSquareUnmaterialized(torch.autograd.Function):
+    """``(2x, x²)`` with ``set_materialize_grads(False)``; backward forgets that a
+    grad_output is None when its output was not used."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        return 2 * x, x * x
+
+    @staticmethod
+    def backward(ctx, grad_double, grad_square):
+        (x,) = ctx.saved_tensors
+        return 2 * grad_double + 2 * x * grad_square
+
+
+def test_a_backward_crashing_on_a_none_grad_output_is_told_why():
+    report = torchbp.verify.check_function(
+        _DoubleAndSquareUnmaterialized, torch.randn(3), checks=["gradcheck"]
+    )
+    message = report["gradcheck"].message
+    assert report["gradcheck"].status == "fail"
+    assert "backward was given None for grad_square" in message
+    assert "set_materialize_grads(False)" in message

@@ -302,4 +302,26 @@ def explain_error(exc: BaseException) -> str:
     if "Explanation:" in text:  # Dynamo errors put the cause on a later line
         explanation = text.split("Explanation:", 1)[1].strip().split(". ")[0]
         message += f" ({first_line(explanation, 200)})"
+    none_grads = _none_grad_outputs(exc)
+    if none_grads:
+        message += (
+            f" (backward was given None for {', '.join(none_grads)}: with "
+            "ctx.set_materialize_grads(False) the gradient of an output that was not used "
+            "is None - treat it as zeros)"
+        )
     return message
+
+
+def _none_grad_outputs(exc: BaseException) -> list[str]:
+    """The grad_output arguments that were None in the frame of a Function's ``backward``
+    that ``exc`` was raised through (after ``ctx``), by name."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "backward" and code.co_argcount > 1:
+            names = code.co_varnames[1 : code.co_argcount]
+            values = tb.tb_frame.f_locals
+            if names and "ctx" in code.co_varnames[:1]:
+                return [n for n in names if n in values and values[n] is None]
+        tb = tb.tb_next
+    return []
