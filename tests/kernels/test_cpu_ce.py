@@ -189,3 +189,34 @@ def test_inplace_cross_entropy_of_a_target_viewing_the_logits_matches_native(dty
     torch.testing.assert_close(ours, native)
     want, got = (torch.autograd.grad(loss, leaf)[0] for loss in (native, ours))
     torch.testing.assert_close(got, want)
+
+
+# --------------------------------------------------------------------------- both softmaxes
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_composite_softmax_rows_gives_what_the_fused_kernel_gives(dtype):
+    z = logits(dtype)
+    y = class_target().unsqueeze(1)
+    m, p, log_total, shifted_y = cpu_ce.composite_softmax_rows(z, y)
+    fused = cpu_ce.fused_softmax_rows(z, y)
+    torch.testing.assert_close(m, fused[0], rtol=0, atol=0)
+    torch.testing.assert_close(shifted_y, fused[3], rtol=0, atol=0)
+    for got, want in zip((p, log_total), fused[1:3]):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("path", ["composite", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("ignore_index, ignored", [(None, None), (-100, -100), (2, 2)])
+def test_plain_rows_matches_reference_on_either_softmax(
+    monkeypatch, path, dtype, ignore_index, ignored
+):
+    # the size that picks the path, moved so that this C takes the one under test
+    monkeypatch.setattr(cpu_ce, "FUSED_SOFTMAX_MIN_CLASSES", C + 1 if path == "composite" else C)
+    z = logits(dtype)
+    z[2, 1] = float("nan") if ignored is not None else z[2, 1]  # an ignored row (::3 are)
+    target = class_target(ignore=ignored)
+    ours = cpu_ce.plain_rows(z, target, ignore_index)
+    ref = ce_rows(z, target, None, ignore_index, 0.0)
+    for got, want in zip(ours, ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOL[dtype], equal_nan=True)
