@@ -266,7 +266,8 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
         )
     if target.numel() == 0 or not values_inspectable(target):
         return False
-    low, high = (int(v) for v in torch.aminmax(target))
+    low, high = torch.aminmax(target)
+    low, high = int(low), int(high)
     if 0 <= low and high < classes:  # the common case: one reduction
         return not low <= ignore_index <= high
     bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
@@ -536,7 +537,8 @@ def validate_cross_entropy(
     soft = input.shape == target.shape
     check_class_weight(op, weight, layout.classes, differentiable=soft)
     check_same_device(op, input=input, target=target, weight=weight)
-    check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
+    if soft or target.is_floating_point():  # (class indices: nothing to check, no message)
+        check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
     unmasked = False
     if not soft:
         check_hard_target(op, input, target, layout.batch_shape)

@@ -585,11 +585,9 @@ def _reduce(rows, reduction, batch_shape, out_dtype, denominator):
         # a copy, never the Function's own output (which it may save, or which may share a
         # buffer with its other outputs): the caller may modify it in place, as native's
         return rows.reshape(batch_shape).to(out_dtype, copy=True)
-    if reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / denominator
-    return out.to(out_dtype)
+    out = rows.sum() if reduction == "sum" else rows.sum() / denominator
+    # (a same-dtype .to costs as much as a small op)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def nll_loss(

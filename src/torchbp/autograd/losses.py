@@ -163,7 +163,7 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
     ``inplace=True``                        reference rows block by block, ``∂ℓ/∂z``
                                             written over the logits (cpu_ce.blocked_rows)
     ``TORCHBP_TRITON=1``, Triton applies    one Triton kernel (triton_ce)
-    eager, float32 / float64, class         one fused softmax (cpu_ce.plain_rows)
+    eager, float32 / float64, class         one softmax (cpu_ce.plain_rows)
     indices, no weight, no smoothing
     eager, float16 / bfloat16               reference rows block by block into a new
                                             buffer (cpu_ce.blocked_rows)
@@ -243,7 +243,9 @@ def ce_backward(grad, logits, target, weight, ignore_index, smoothing, d_loss, d
             # over no valid rows divides by 0: native leaves those rows 0 too).
             scale = torch.where(target != ignore_index, d_loss, 0)
         # dz_i = g_i ∂ℓ_i/∂z_i
-        scale = scale.unsqueeze(1).to(grad.dtype)
+        scale = scale.unsqueeze(1)
+        if scale.dtype != grad.dtype:  # (a same-dtype .to costs as much as a small op)
+            scale = scale.to(grad.dtype)
         if owned and not terms and may_reuse_saved(grad, scale):
             # detached: the saved buffer is the Function's differentiable output, and a
             # first-order gradient must be a constant (no grad_fn), as native's is
