@@ -74,8 +74,10 @@ def test_plain_rows_matches_reference(dtype, ignore_index, ignored):
         assert rows.any() and not ours[0][rows].any() and not ours[1][rows].any()
 
 
+@pytest.mark.parametrize("path", ["composite", "fused"])
 @pytest.mark.parametrize("ignore_index", [None, -100])
-def test_plain_rows_propagates_nan_and_inf_like_reference(ignore_index):
+def test_plain_rows_propagates_nan_and_inf_like_reference(monkeypatch, path, ignore_index):
+    monkeypatch.setattr(cpu_ce, "FUSED_SOFTMAX_MIN_CLASSES", C + 1 if path == "composite" else C)
     z = logits(torch.float64)
     z[1, 2], z[2, 3], z[3] = float("inf"), float("nan"), float("-inf")
     target = class_target()
