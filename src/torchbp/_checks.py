@@ -492,7 +492,14 @@ def validate_gelu(approximate) -> None:
         raise OptionError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) -> ClassLayout:
+class NLLLossCall(NamedTuple):
+    """What :func:`validate_nll_loss` found out about a call."""
+
+    layout: ClassLayout
+    unmasked: bool  #: every target is a class index and none is ignore_index
+
+
+def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) -> NLLLossCall:
     """``nll_loss``: log-probabilities, class-index target, weights, devices, every index."""
     op = "nll_loss"
     check_tensor(op, input=input, target=target)
@@ -509,8 +516,8 @@ def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) 
     check_index_dtype(op, target, layout)
     check_class_weight(op, weight, layout.classes)
     check_same_device(op, input=input, target=target, weight=weight)
-    check_class_indices(op, target, layout.classes, ignore_index)
-    return layout
+    unmasked = check_class_indices(op, target, layout.classes, ignore_index)
+    return NLLLossCall(layout, unmasked)
 
 
 class CrossEntropyCall(NamedTuple):

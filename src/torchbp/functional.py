@@ -633,17 +633,20 @@ def nll_loss(
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("nll_loss", "ignore_index", ignore_index)
-    classes, class_dim, batch_shape = _checks.validate_nll_loss(
+    (classes, class_dim, batch_shape), unmasked = _checks.validate_nll_loss(
         input, target, weight, ignore_index, reduction
     )
     if _autocast_dtype(input) is not None:
         input, weight = _cast_loss_for_autocast(input, weight)
     _checks.check_class_weight_dtype("nll_loss", weight, input.dtype)
     flat_target = target.reshape(-1).long()  # uint8 indices are accepted, as native does
-    rows = apply(_NLLLOSS, _rows(input, class_dim, classes), flat_target, weight, ignore_index)
+    logp = _rows(input, class_dim, classes)
+    rows = apply(_NLLLOSS, logp, flat_target, weight, None if unmasked else ignore_index)
     acc = accumulation_dtype(input.dtype)
     denominator = None
-    if reduction == "mean":
+    if reduction == "mean" and unmasked and weight is None:
+        denominator = logp.shape[0]  # every row counts 1
+    elif reduction == "mean":
         denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
     return _reduce(rows.to(acc), reduction, batch_shape, input.dtype, denominator)
 

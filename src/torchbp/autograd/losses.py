@@ -39,10 +39,14 @@ _CHUNK_ELEMENTS = 1 << 22
 
 # --------------------------------------------------------------------------- NLL
 def nll_rows(logp, target, weight, ignore_index):
-    """``ℓ_i = -w_{y_i} logp_{i, y_i}`` (0 on ignored rows) of ``(M, C)`` ``logp``."""
+    """``ℓ_i = -w_{y_i} logp_{i, y_i}`` (0 on ignored rows) of ``(M, C)`` ``logp``;
+    ``ignore_index`` None: every target is a class index in ``[0, C)`` (no mask)."""
     if logp.shape[1] == 0:
         # no class to pick: every target is ignore_index (checked), so every row is 0
         return logp.new_zeros(target.shape[0])
+    if ignore_index is None:
+        picked = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+        return -picked if weight is None else -weight.to(logp.dtype)[target] * picked
     valid, index, w_y = hard_target(target, weight, ignore_index, logp.dtype)
     picked = logp.gather(1, index.unsqueeze(1)).squeeze(1)
     return torch.where(valid, -w_y * picked, 0.0)
@@ -52,9 +56,13 @@ def nll_grad(grad_rows, target, weight, ignore_index, classes):
     """``∂ℓ/∂logp`` scaled by ``grad_rows`` (M,): ``-w_{y_i} g_i`` in column ``y_i``."""
     if classes == 0:  # every row ignored (see nll_rows): an empty (M, 0) gradient
         return grad_rows.new_zeros((target.shape[0], 0))
-    valid, index, w_y = hard_target(target, weight, ignore_index, grad_rows.dtype)
     # ∂ℓ_i/∂logp_ic = -w_{y_i} [c = y_i]: scatter -w_{y_i} g_i into a zero (M, C) grad
-    src = torch.where(valid, -w_y * grad_rows, 0.0)
+    if ignore_index is None:  # no row ignored (see nll_rows): no mask
+        index = target
+        src = -grad_rows if weight is None else -weight.to(grad_rows.dtype)[target] * grad_rows
+    else:
+        valid, index, w_y = hard_target(target, weight, ignore_index, grad_rows.dtype)
+        src = torch.where(valid, -w_y * grad_rows, 0.0)
     grad = grad_rows.new_zeros((target.shape[0], classes))
     return grad.scatter(1, index.unsqueeze(1), src.unsqueeze(1))
 
@@ -62,9 +70,10 @@ def nll_grad(grad_rows, target, weight, ignore_index, classes):
 class NLLLossFunction(Function):
     """Per-row negative log-likelihood ``ℓ_i = -w_{y_i} logp_{i, y_i}`` of ``(M, C)``
     log-probabilities and ``(M,)`` class indices; backward scatters ``-w_{y_i} g_i`` to
-    the target column. Saves the target and weight (and the (M,) loss rows, for double
-    backward: do not modify them in place; ``nll_loss(reduction='none')`` hands out a
-    copy), never ``logp`` (native saves it)."""
+    the target column. ``ignore_index=None`` promises that every target is a class index
+    in ``[0, C)`` (the wrapper checks it), which skips the masks. Saves the target and
+    weight (and the (M,) loss rows, for double backward: do not modify them in place;
+    ``nll_loss(reduction='none')`` hands out a copy), never ``logp`` (native saves it)."""
 
     generate_vmap_rule = True
 
