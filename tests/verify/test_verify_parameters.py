@@ -68,3 +68,21 @@ def test_a_reference_that_does_not_read_the_parameters_compares_the_inputs_only(
     )
     assert report.ok, report
     assert report.meta["parameters"] == ["w"]
+
+
+class _LargeProduct(_Product):
+    def __init__(self, wrong: bool) -> None:
+        super().__init__(wrong)
+        weight = torch.randn(80, 64, generator=torch.Generator().manual_seed(1))
+        self.w = torch.nn.Parameter(weight.double())
+
+
+def test_a_large_module_is_checked_by_random_projections_and_still_flagged():
+    # 5120 parameter elements: a full numerical Jacobian would take minutes
+    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(0))
+    report = check_function(_LargeProduct(wrong=True), x, checks=["gradcheck"])
+    assert report.meta["fast_mode"] is True
+    assert report["gradcheck"].status == "fail", report
+    assert "parameter 'w'" in report["gradcheck"].message
+    chosen = check_function(_LargeProduct(wrong=False), x, checks=["mutation"], fast_mode=False)
+    assert chosen.meta["fast_mode"] is False

@@ -335,7 +335,9 @@ def check_function(
               :data:`~torchbp.verify.CHECKS` to run / leave out (an empty ``checks``
               raises: it would select nothing).
             - ``eps``, ``atol``, ``rtol``, ``nondet_tol``, ``fast_mode``: as in
-              :func:`torch.autograd.gradcheck`.
+              :func:`torch.autograd.gradcheck` (``fast_mode`` is True by default for an
+              ``nn.Module`` whose differentiated parameters hold more than
+              :data:`FULL_JACOBIAN_PARAMETERS` elements).
             - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
               vmap/compile/reference comparisons.
             - ``compile_backend`` (``"aot_eager"``), ``compile_fullgraph`` (True).
@@ -362,10 +364,23 @@ def check_function(
         >>> report.ok
         True
     """
+    if "fast_mode" not in options and _parameter_elements(fn) > FULL_JACOBIAN_PARAMETERS:
+        options = {**options, "fast_mode": True}  # a full numerical Jacobian takes minutes
     fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
     # the checks differentiate: the caller's no_grad / inference_mode must not reach them
     with torch.inference_mode(False), torch.enable_grad():
         return _check(fn, inputs, reference, opts)
+
+
+#: The most parameter elements of an ``nn.Module`` fn whose Jacobians the numerical checks
+#: build in full by default; above it they compare random projections (``fast_mode``), as
+#: a full numerical Jacobian costs two forward calls per element.
+FULL_JACOBIAN_PARAMETERS = 4096
+
+
+def _parameter_elements(fn: Any) -> int:
+    """How many elements the differentiated parameters of an ``nn.Module`` fn hold."""
+    return sum(p.numel() for _, p in differentiated_parameters(fn))
 
 
 def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options) -> Report:
