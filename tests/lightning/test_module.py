@@ -239,3 +239,26 @@ def test_python_api_checkpoint_loads_with_weights_only(tmp_path, optimizer, sche
         assert got["optimizer"].defaults == want["optimizer"].defaults
         assert type(got["lr_scheduler"]["scheduler"]) is torch.optim.lr_scheduler.StepLR
         assert got["lr_scheduler"]["scheduler"].step_size == 2
+
+
+def test_fit_of_a_compiled_model_matches_the_eager_fit(tmp_path):
+    """Lightning's documented ``trainer.fit(torch.compile(model))`` compiles the steps; Dynamo
+    failed inside them (torchmetrics' update and ``LightningModule.log`` cannot be traced):
+    InternalTorchDynamoError. The metric bookkeeping now runs eagerly, and the compiled fit's
+    metrics equal the eager fit's."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import SklearnToyDataModule
+
+    def fit(compiled: bool) -> dict[str, float]:
+        pl.seed_everything(0)
+        model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[8])
+        trainer = _quiet_trainer(tmp_path, max_epochs=1, deterministic=True)
+        data = SklearnToyDataModule(name="iris", batch_size=32)
+        trainer.fit(torch.compile(model) if compiled else model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    eager, compiled = fit(False), fit(True)
+    assert "val/acc" in compiled or "test/acc" in compiled
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)

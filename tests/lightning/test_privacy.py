@@ -514,3 +514,16 @@ def test_target_epsilon_is_met_for_the_steps_the_trainer_takes(tmp_path, limits)
     )
     assert model.accountant.epsilon() == pytest.approx(2.0, rel=0.02)
     assert model.accountant.epsilon() <= 2.0
+
+
+def test_dp_fit_of_a_compiled_model_is_refused_before_any_step(tmp_path):
+    """Lightning's fit of torch.compile(model) compiles the forward, which per_sample_grads
+    cannot see into: the first backward failed deep inside with per_sample_grads' error about
+    an op other than the recorded Linear call. It is refused, naming torch.compile, before
+    any step."""
+    pytest.importorskip("opacus")
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"privacy \(DP-SGD\).*torch\.compile"):
+        trainer.fit(torch.compile(model), datamodule=dm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -194,6 +194,11 @@ class ERMClassifier(pl.LightningModule):
     Logged per epoch: ``train/loss`` (the empirical risk), ``train/acc``, and for ``val/`` and
     ``test/``: ``loss``, ``acc``, ``error`` (0-1 risk) and ``f1`` (macro).
 
+    ``trainer.fit(torch.compile(model))`` (Lightning's way to compile a LightningModule)
+    compiles each step's forward and loss; the metrics' bookkeeping and logging run eagerly
+    (Dynamo cannot trace them), and the metrics equal the eager fit's. DP-SGD (``privacy``)
+    refuses a compiled model: its per-sample clipping needs the eager forward.
+
     Args:
         input_size: Number of input features (linked from the DataModule by the CLI).
         num_classes: Number of classes (linked from the DataModule by the CLI).
@@ -464,9 +469,33 @@ class ERMClassifier(pl.LightningModule):
             else:
                 logits = self(x)
                 loss = self.loss(logits, y)
-        loss_metric.update(loss.detach().float(), weight=self._loss_denominator(y))
-        metrics.update(logits.detach().float(), y)
+        self._update_metrics(loss_metric, metrics, loss.detach(), logits.detach(), y)
         return loss
+
+    @torch.compiler.disable
+    def _update_metrics(
+        self,
+        loss_metric: MeanMetric,
+        metrics: MetricCollection,
+        loss: torch.Tensor,
+        logits: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
+        """Add a batch's mean ``loss`` and its ``logits`` to the epoch's metrics: bookkeeping
+        that runs eagerly under ``torch.compile`` (Dynamo cannot trace torchmetrics' update)."""
+        loss_metric.update(loss.float(), weight=self._loss_denominator(y))
+        metrics.update(logits.float(), y)
+
+    @torch.compiler.disable
+    def _log_epoch_metrics(
+        self, stage: str, loss_metric: MeanMetric, metrics: MetricCollection
+    ) -> None:
+        """Log ``<stage>/loss`` and ``metrics`` once per epoch (eagerly under ``torch.compile``:
+        Dynamo cannot trace ``LightningModule.log``)."""
+        self.log(
+            f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage != "test"
+        )
+        self.log_dict(metrics, on_step=False, on_epoch=True)
 
     def _loss_denominator(self, y: torch.Tensor) -> torch.Tensor | int:
         """What the batch's mean loss divides by: the sum of the targets' class weights (the
@@ -507,6 +536,14 @@ class ERMClassifier(pl.LightningModule):
     def _private_sampler(self, trainer: pl.Trainer, train_loader: Any) -> PoissonBatchSampler:
         """The train loader's Poisson sampler, once the trainer and the data suit DP-SGD."""
         assert self.privacy is not None
+        if "forward" in vars(self):
+            # Lightning's fit of torch.compile(model) compiles the instance's forward, which
+            # per_sample_grads cannot see into (its backward would stop at the first layer)
+            raise ValueError(
+                "privacy (DP-SGD) clips per-sample gradients, which needs the eager model: "
+                "fit the model itself, not torch.compile(model) (or a model whose forward "
+                "was replaced on the instance)"
+            )
         if trainer.world_size > 1 or trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "privacy (DP-SGD) supports one device without gradient accumulation; got "
@@ -598,9 +635,8 @@ class ERMClassifier(pl.LightningModule):
         # update is the noise alone (skipping it would tell that the draw was empty).
         if x.shape[0]:
             # the batch's mean loss, weighted as without privacy (see _loss_denominator)
-            denominator = self._loss_denominator(y)
-            self.train_loss.update(loss_sum.detach().float() / denominator, weight=denominator)
-            self.train_metrics.update(logits.detach().float(), y)
+            mean = loss_sum.detach() / self._loss_denominator(y)
+            self._update_metrics(self.train_loss, self.train_metrics, mean, logits.detach(), y)
         return loss_sum
 
     def _close_per_sample(self, *exc_info: Any) -> PerSampleGrads | None:
@@ -650,19 +686,16 @@ class ERMClassifier(pl.LightningModule):
             loss = self._private_training_step(batch)
         else:
             loss = self._step(batch, self.train_loss, self.train_metrics)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        self._log_epoch_metrics("train", self.train_loss, self.train_metrics)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.val_loss, self.val_metrics)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=False)
+        self._log_epoch_metrics("val", self.val_loss, self.val_metrics)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step(batch, self.test_loss, self.test_metrics)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
+        self._log_epoch_metrics("test", self.test_loss, self.test_metrics)
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)``."""
