@@ -1018,3 +1018,29 @@ def test_a_configured_model_checkpoints_folder_is_checked_before_training(tmp_pa
         tmp_path, capsys, f"--checkpoint.dirpath={blocker / 'x'}"
     )
     assert f"cannot write the run's files into {blocker / 'x'}: {blocker} is not a folder" in err
+
+
+@pytest.mark.parametrize("ckpt_path", ["registry", "registry:digits:v1", "REGISTRY:digits"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_registry_checkpoint_without_litmodels_is_a_cli_error_naming_it(
+    tmp_path, capsys, monkeypatch, subcommand, ckpt_path
+):
+    """Lightning's model-registry syntax needs litmodels; without it "registry:digits:v1" was
+    reported as a missing checkpoint file, and "registry" failed with a FileNotFoundError
+    traceback once the run had started (its run folder written)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "litmodels" else find_spec(name, *a),
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_cli(subcommand, f"--ckpt_path={ckpt_path}", f"--run_dir={tmp_path / 'runs'}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path {ckpt_path}: Lightning's model registry" in err, err
+    assert "litmodels" in err and "not found" not in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()

@@ -27,6 +27,8 @@ Lightning's default; Ctrl-C, SIGTERM or an error during ``fit`` also saves a che
 folder; ``validate``, ``test`` and ``predict`` load it from there (an error if there is none)
 but log into a new run folder, so they never overwrite the files of the run they evaluate; with
 ``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
+``--ckpt_path registry[:<model>[:<version>]]`` (Lightning's model registry) needs the
+``litmodels`` package; without it the run refuses that syntax before it starts.
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split for
 torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
@@ -41,6 +43,7 @@ without a GPU) or a data problem (e.g. a missing data file).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import re
@@ -82,7 +85,9 @@ __all__ = ["TorchbpCLI", "main", "cli_main"]
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
 #: ``ckpt_path`` values that Lightning resolves itself (``last`` is resolved here)
-_LIGHTNING_CKPT_NAMES = ("best", "hpc", "registry")
+_LIGHTNING_CKPT_NAMES = ("best", "hpc")
+#: Lightning's model-registry ``ckpt_path``: ``registry`` or ``registry:<model>[:<version>]``
+_REGISTRY_RE = re.compile(r"^registry(:.*)?$", re.IGNORECASE)
 #: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
 _HIGHER_IS_BETTER = ("acc", "f1")
 #: subcommands that load a checkpoint to evaluate it and never save one
@@ -118,12 +123,38 @@ def _best_checkpoint(folder: Path) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
+def _is_registry_name(ckpt_path: str | None) -> bool:
+    """Whether ``--ckpt_path`` has the syntax of Lightning's model registry: ``registry`` or
+    ``registry:<model>[:<version>]`` (any case, as Lightning reads it)."""
+    return ckpt_path is not None and _REGISTRY_RE.match(str(ckpt_path)) is not None
+
+
+def _from_registry(ckpt_path: str | None) -> bool:
+    """Whether Lightning downloads ``--ckpt_path`` from its model registry: a registry name
+    with the ``litmodels`` package installed (without it, Lightning reads it as a file's)."""
+    return _is_registry_name(ckpt_path) and importlib.util.find_spec("litmodels") is not None
+
+
 def _local_checkpoint(ckpt_path: str | None) -> Path | None:
     """``--ckpt_path`` as a local file's path; ``None`` for no checkpoint, a name Lightning
-    resolves itself (``best``, ``hpc``, ``registry``) or a remote one (``s3://...``)."""
+    resolves itself (``best``, ``hpc``, ``registry[:...]``) or a remote one (``s3://...``)."""
     if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
         return None
-    return Path(ckpt_path)
+    return None if _from_registry(ckpt_path) else Path(ckpt_path)
+
+
+def _check_registry_checkpoint(ckpt_path: str | None) -> None:
+    """A model-registry ``--ckpt_path`` needs the ``litmodels`` package, with which Lightning
+    downloads it; without it (and no file of that name) the error names the package, not a
+    missing file."""
+    if not _is_registry_name(ckpt_path) or _from_registry(ckpt_path):
+        return
+    if not Path(str(ckpt_path)).is_file():
+        exit_with_error(
+            f"--ckpt_path {ckpt_path}: Lightning's model registry "
+            "(registry[:<model>[:<version>]]) needs the litmodels package, which is not "
+            "installed (pip install litmodels); or give a checkpoint file's path, last or best"
+        )
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -439,6 +470,7 @@ class TorchbpCLI(LightningCLI):
             cfg["ckpt_path"] = self._last_checkpoint(root)
         elif cfg.get("ckpt_path") == "best":
             cfg["ckpt_path"] = str(self._best_checkpoint_to_evaluate(root))
+        _check_registry_checkpoint(cfg.get("ckpt_path"))
         self._check_checkpoint_file(cfg.get("ckpt_path"))
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
