@@ -527,3 +527,25 @@ def test_dp_fit_of_a_compiled_model_is_refused_before_any_step(tmp_path):
     with pytest.raises(ValueError, match=r"privacy \(DP-SGD\).*torch\.compile"):
         trainer.fit(torch.compile(model), datamodule=dm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_resumed_dp_fit_draws_fresh_noise_and_ends_as_the_uninterrupted_fit(tmp_path):
+    """A DP fit resumed from a checkpoint (after seed_everything, as torchbp-train runs it)
+    drew its noise from the global RNG, re-seeded to where the first run had started: every
+    resumed step repeated the noise of the first run's step of the same index. Noise reused
+    across steps is outside the accountant's bound (the difference of two such updates has
+    no noise left). The noise stream now continues from the checkpoint, and the resumed fit
+    ends with the weights of an uninterrupted one."""
+    pytest.importorskip("opacus")
+    privacy = Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
+    dm, full, trainer = _dp_fit(tmp_path, privacy, max_epochs=2, limit_val_batches=0)
+    trainer.fit(full, datamodule=dm)
+    dm, first, trainer = _dp_fit(tmp_path, privacy, max_epochs=1, limit_val_batches=0)
+    trainer.fit(first, datamodule=dm)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    dm, resumed, trainer = _dp_fit(tmp_path, privacy, max_epochs=2, limit_val_batches=0)
+    trainer.fit(resumed, datamodule=dm, ckpt_path=ckpt)
+    assert resumed.accountant.steps == full.accountant.steps
+    for name, p in full.named_parameters():
+        torch.testing.assert_close(dict(resumed.named_parameters())[name], p, rtol=0, atol=0)

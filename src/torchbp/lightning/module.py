@@ -144,6 +144,15 @@ def build_mlp(
     return torch.nn.Sequential(*layers)
 
 
+def _default_generator_state(device: torch.device) -> torch.Tensor:
+    """The state of ``device``'s default random generator (what ``seed_everything`` seeds)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_device_module(device).get_rng_state()
+
+
 class ZeroOneError(MulticlassAccuracy):
     """The 0-1 risk: ``1 - accuracy`` (micro-averaged)."""
 
@@ -229,7 +238,10 @@ class ERMClassifier(pl.LightningModule):
             :func:`torchbp.per_sample_grads` in one backward pass and ``L`` the expected
             batch size; the data must be drawn by Poisson sampling
             (``data.poisson_sampling: true``). ε spent so far is logged as
-            ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints.
+            ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints,
+            as is the noise's generator (a copy of the default one at a fresh fit's start,
+            so ``seed_everything`` makes it reproducible): a resumed fit draws the noise an
+            uninterrupted one would, never the first steps' again.
             Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
             accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its
             step, with the noise alone: DP-SGD releases a noisy update at every step, and
@@ -308,6 +320,10 @@ class ERMClassifier(pl.LightningModule):
         self.privacy = privacy
         self.accountant: PrivacyAccountant | None = None
         self._restored_accountant: dict[str, Any] | None = None
+        #: DP-SGD: the generator of the noise, kept in checkpoints so that a resumed fit
+        #: continues its stream (see _continued_noise)
+        self._noise_generator: torch.Generator | None = None
+        self._restored_noise_state: torch.Tensor | None = None
         self._per_sample: PerSampleGrads | None = None
         self._check_optimizer()
 
@@ -595,8 +611,10 @@ class ERMClassifier(pl.LightningModule):
         spent = self._spent_privacy()
         if spent is not None:
             accountant.load_state_dict(spent)
+        noise = self._continued_noise(accountant.steps)
         # set once complete: a resume refused above leaves no accountant of a fresh run
         self.accountant, self._restored_accountant = accountant, None
+        self._noise_generator, self._restored_noise_state = noise, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
 
     def _new_accountant(
@@ -608,6 +626,34 @@ class ERMClassifier(pl.LightningModule):
         return PrivacyAccountant(
             self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
         )
+
+    def _continued_noise(self, steps_taken: int) -> torch.Generator:
+        """The generator of this fit's DP noise, on the parameters' device: the one of the
+        steps taken before (a checkpoint's state, or the last fit's generator), so a resumed
+        fit draws the noise an uninterrupted one would; for a fresh run, a copy of the
+        device's default generator (the noise ``seed_everything`` makes reproducible).
+
+        Noise drawn from the default generator itself repeated on a resume: the run seeds it
+        again, and the resumed steps drew the very noise of the first steps, which the
+        accountant (independent noise at every step) does not cover. Steps taken before
+        without a state to continue (a checkpoint saved before the state was kept) get a
+        generator seeded from the system's entropy, never a repeated stream (so does a
+        state of another device's generator: a run resumed on a GPU from a CPU run's)."""
+        device = self.device
+        last = self._noise_generator
+        if last is not None and last.device == device:
+            return last
+        generator = torch.Generator(device=device)
+        state = self._restored_noise_state
+        if state is None and last is None and steps_taken == 0:
+            state = _default_generator_state(device)
+        try:
+            if state is None:
+                raise RuntimeError("no state to continue")
+            generator.set_state(state)
+        except RuntimeError:  # none, or a state of another device's generator
+            generator.seed()
+        return generator
 
     def _spent_privacy(self) -> dict[str, Any] | None:
         """The accountant state of these weights' steps: a checkpoint's, loaded with the
@@ -663,7 +709,7 @@ class ERMClassifier(pl.LightningModule):
             return
         assert self.accountant is not None
         # g̃ = (Σ_i clip_C(g_i) + N(0, σ²C²)) / L
-        ps.add_noise(self.accountant.noise_multiplier)
+        ps.add_noise(self.accountant.noise_multiplier, generator=self._noise_generator)
         with torch.no_grad():
             for p in ps.parameters:
                 p.grad.div_(self._expected_batch)
@@ -677,9 +723,15 @@ class ERMClassifier(pl.LightningModule):
         state = self._spent_privacy()
         if state is not None:
             checkpoint["privacy_accountant"] = state
+        noise = self._restored_noise_state
+        if self._noise_generator is not None:
+            noise = self._noise_generator.get_state()
+        if noise is not None:
+            checkpoint["privacy_noise_generator"] = noise
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_accountant = checkpoint.get("privacy_accountant")
+        self._restored_noise_state = checkpoint.get("privacy_noise_generator")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         if self.privacy is not None:
