@@ -1044,3 +1044,34 @@ def test_registry_checkpoint_without_litmodels_is_a_cli_error_naming_it(
     assert f"error: --ckpt_path {ckpt_path}: Lightning's model registry" in err, err
     assert "litmodels" in err and "not found" not in err
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_runs_started_together_take_run_folders_of_their_own(tmp_path, monkeypatch):
+    """Two runs started at the same moment (a sweep) both took the next version_<n> by
+    listing the folders: the later one to write its config stopped with "config.yaml exists"
+    (an error telling the user to choose another folder), or both wrote into one folder.
+    Here the second run starts and finishes while the first is between choosing its folder
+    and instantiating its classes; each now ends in a folder of its own."""
+    from torchbp.lightning.cli import TorchbpCLI
+
+    iris = ["--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}"]
+    iris += ["--trainer.max_epochs=1", "--run_name=sweep"]
+    instantiate = TorchbpCLI.instantiate_classes
+    started: list[str] = []
+
+    def second_run_starts_meanwhile(self):
+        if not started:
+            started.append("second")
+            run_cli("fit", *iris, "--model.hidden_sizes=[4]")
+        instantiate(self)
+
+    monkeypatch.setattr(TorchbpCLI, "instantiate_classes", second_run_starts_meanwhile)
+    run_cli("fit", *iris, "--model.hidden_sizes=[8]")
+    sizes = {
+        folder.name: yaml.safe_load((folder / "config.yaml").read_text())["model"]["hidden_sizes"]
+        for folder in (tmp_path / "sweep").iterdir()
+    }
+    assert sizes == {"version_0": [8], "version_1": [4]}
+    for folder in (tmp_path / "sweep").iterdir():
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+        assert len([r for r in read_metrics(folder / "metrics.csv") if "test/acc" in r]) == 1

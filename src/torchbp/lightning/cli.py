@@ -14,7 +14,8 @@ Configs: ``--config NAME`` names a config bundled with the package (``digits``,
 ``ddp_cpu``; the files are in ``torchbp/lightning/configs/``) unless a file ``NAME`` exists; a
 command line with no ``--config`` runs ``digits``. Options after ``--config`` override it.
 
-Runs go to ``<run_dir>/<run_name>/version_<n>/`` (``run_name`` defaults to the stem of the last
+Runs go to ``<run_dir>/<run_name>/version_<n>/`` (the next ``n``, made as the run starts: runs
+started together never share a folder; ``run_name`` defaults to the stem of the last
 ``--config`` file, or with no ``--config`` and other data than the default's, to the data file's
 stem (``--data.path my.csv``: ``my``); the run's saved ``config.yaml`` records it, so
 ``--config`` of that file runs under the same name): ``metrics.csv`` and, when tensorboard is
@@ -104,6 +105,28 @@ def _versions(root: Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
+
+
+def _is_distributed_worker() -> bool:
+    """Whether this process is a worker of a multi-process run, not its rank 0 (Lightning's
+    launcher, torchrun and SLURM name the ranks in the environment)."""
+    ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
+    return any(os.environ.get(name, "0") != "0" for name in ranks)
+
+
+def _make_new_folder(folder: Path) -> list[Path] | None:
+    """Make ``folder`` and its missing parents: the folders made, deepest first, or
+    ``None`` if ``folder`` exists (another run made it)."""
+    missing = []
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        return None
+    return [folder, *missing]
 
 
 def _best_checkpoint(folder: Path) -> Path | None:
@@ -475,8 +498,36 @@ class TorchbpCLI(LightningCLI):
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
-            vs = _versions(root)
-            self._version = vs[-1] + 1 if vs else 0
+            self._version = self._new_version(root)
+
+    def _new_version(self, root: Path) -> int:
+        """The version of a new run folder under ``root``: the next after the existing ones,
+        made here (by rank 0 of a DDP run) so that a run started at the same moment takes
+        the one after; listing the folders alone gave both runs the same one. A folder that
+        cannot be made is left to :meth:`_check_run_folders_can_be_written` to name."""
+        versions = _versions(root)
+        version = versions[-1] + 1 if versions else 0
+        if _is_distributed_worker():
+            return version  # rank 0 made the run folder; Lightning broadcasts its paths
+        while True:
+            try:
+                made = _make_new_folder(root / f"version_{version}")
+            except OSError:
+                return version
+            if made is not None:
+                self._made_folders = made
+                return version
+            version += 1
+
+    def _release_run_folder(self) -> None:
+        """Remove the run folder made for this run (and the parents made with it) while it
+        is empty: the run stopped before writing into it, or wrote elsewhere."""
+        for folder in getattr(self, "_made_folders", []):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): it and its parents stay
+                break
+        self._made_folders = []
 
     def _last_checkpoint(self, root: Path) -> str | None:
         """``--ckpt_path last``: the ``last.ckpt`` of the most recent run under ``root`` that
@@ -528,7 +579,15 @@ class TorchbpCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a data problem or an invalid value is a
-        one-line error (exit status 2) before any training starts."""
+        one-line error (exit status 2) before any training starts, which leaves no run
+        folder behind."""
+        try:
+            self._instantiate_and_check()
+        except BaseException:
+            self._release_run_folder()
+            raise
+
+    def _instantiate_and_check(self) -> None:
         try:
             super().instantiate_classes()
             if isinstance(self.datamodule, ClassificationDataModule):
@@ -708,6 +767,7 @@ class TorchbpCLI(LightningCLI):
 
     # -- fit ends with a test of the best checkpoint --------------------------------------
     def after_fit(self) -> None:
+        self._release_run_folder()
         trainer = self.trainer
         if trainer.interrupted:
             return
@@ -722,6 +782,12 @@ class TorchbpCLI(LightningCLI):
                 print(f"run folder: {os.path.abspath(log_dir)}")
 
     # -- predict writes what it predicted --------------------------------------------------
+    def after_validate(self) -> None:
+        self._release_run_folder()
+
+    def after_test(self) -> None:
+        self._release_run_folder()
+
     def after_predict(self) -> None:
         trainer = self.trainer
         batches = trainer.predict_loop.predictions
