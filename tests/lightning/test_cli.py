@@ -1075,3 +1075,26 @@ def test_runs_started_together_take_run_folders_of_their_own(tmp_path, monkeypat
     for folder in (tmp_path / "sweep").iterdir():
         assert (folder / "checkpoints" / "last.ckpt").is_file()
         assert len([r for r in read_metrics(folder / "metrics.csv") if "test/acc" in r]) == 1
+
+
+@pytest.mark.parametrize("monitor", ["val/accuracy", "epoch"])
+def test_an_early_stopping_monitor_the_model_never_logs_is_a_cli_error_before_training(
+    tmp_path, capsys, monitor
+):
+    """Only the ModelCheckpoints' monitors were checked: a misspelt EarlyStopping monitor
+    trained a whole epoch and then failed with Lightning's RuntimeError traceback ("Early
+    stopping conditioned on metric ... which is not available"), a run folder written.
+    ``epoch``, which a ModelCheckpoint may monitor, is no metric EarlyStopping finds."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.callbacks+=EarlyStopping",
+            f"--trainer.callbacks.monitor={monitor}",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: invalid configuration: an EarlyStopping's monitor '{monitor}'" in err, err
+    assert "val/acc" in err and "Traceback" not in err and not list(tmp_path.iterdir())

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -127,6 +127,15 @@ def _make_new_folder(folder: Path) -> list[Path] | None:
     except FileExistsError:
         return None
     return [folder, *missing]
+
+
+def _check_monitor(option: str, monitor: str, logged: list[str]) -> None:
+    """Raise a ``ValueError`` naming ``option`` if ``monitor`` is not one of ``logged``."""
+    if monitor not in logged:
+        raise ValueError(
+            f"{option} {monitor!r} is not a metric the model logs during fit; "
+            f"monitor one of {', '.join(logged)}"
+        )
 
 
 def _best_checkpoint(folder: Path) -> Path | None:
@@ -594,7 +603,7 @@ class TorchbpCLI(LightningCLI):
                 self.datamodule.check_data()
             if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
                 self.model.check_scheduler(self.trainer)
-                self._check_checkpoint_monitor()
+                self._check_monitors()
             self._check_privacy()
             self._check_checkpoint_fits_model()
             self._check_config_file_is_new()
@@ -606,25 +615,24 @@ class TorchbpCLI(LightningCLI):
         """The trainer's ModelCheckpoints: the CLI's (``checkpoint``) and trainer.callbacks'."""
         return [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
 
-    def _check_checkpoint_monitor(self) -> None:
+    def _check_monitors(self) -> None:
         """Every ModelCheckpoint's ``monitor`` (``checkpoint.monitor``, and those of
-        trainer.callbacks) is a metric the fit logs (ERMClassifier's own, not a subclass's,
-        which may log more): Lightning finds a misspelt one only after the first epoch, with
-        a traceback."""
+        trainer.callbacks) and every EarlyStopping's is a metric the fit logs (ERMClassifier's
+        own, not a subclass's, which may log more): Lightning finds a misspelt one only after
+        the first epoch, with a traceback."""
         if type(self.model) is not ERMClassifier:
             return
         logged = [n for n in self.model.metric_names() if not n.startswith("test/")]
-        logged += ["epoch", "step"]  # Lightning adds them to what a checkpoint may monitor
         own = self._subcommand_config(self.config_init).get("checkpoint")
         for callback in self._model_checkpoints():
             if callback.monitor is None or callback.save_top_k == 0:
                 continue  # nothing monitored
-            if callback.monitor not in logged:
-                option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
-                raise ValueError(
-                    f"{option} {callback.monitor!r} is not a metric the model logs during fit; "
-                    f"monitor one of {', '.join(logged)}"
-                )
+            option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
+            # Lightning adds epoch and step to what a checkpoint may monitor
+            _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EarlyStopping):
+                _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
 
     def _check_checkpoint_fits_model(self) -> None:
         """A ``--ckpt_path`` that the configured model cannot load (another architecture), or
