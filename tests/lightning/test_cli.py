@@ -1098,3 +1098,45 @@ def test_an_early_stopping_monitor_the_model_never_logs_is_a_cli_error_before_tr
     err = capsys.readouterr().err
     assert f"error: invalid configuration: an EarlyStopping's monitor '{monitor}'" in err, err
     assert "val/acc" in err and "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def _cut_short(path: Path) -> None:
+    """Leave the first 3000 bytes of the file at ``path``: a save cut short by a crash."""
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("subcommand", ["test", "fit"])
+def test_a_checkpoint_file_cut_short_is_a_cli_error_before_anything_is_written(
+    short_run, tmp_path, capsys, subcommand
+):
+    """A checkpoint file cut short (a crash or a full disk while it was saved) failed with
+    torch's "PytorchStreamReader failed reading zip archive" traceback from inside
+    LightningCLI, which reads the hyperparameters of a --ckpt_path file."""
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes((short_run / "checkpoints/last.ckpt").read_bytes())
+    _cut_short(broken)
+    with pytest.raises(SystemExit) as e:
+        run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={broken}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path: {broken} is not a readable checkpoint" in err, err
+    assert "Traceback" not in err and not (tmp_path / "digits").exists()
+
+
+def test_resuming_from_a_last_checkpoint_cut_short_leaves_the_run_as_it_was(
+    short_run, tmp_path, capsys
+):
+    """``fit --ckpt_path last`` with a last.ckpt cut short (the run was killed while saving
+    it) wrote the new config.yaml over the run's (its other max_epochs) and a TensorBoard
+    file, then failed in Lightning's load with a traceback."""
+    run = _copy_of_run(short_run, tmp_path)
+    _cut_short(run / "checkpoints/last.ckpt")
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        fit_digits(tmp_path, "--ckpt_path=last", "--trainer.max_epochs=3")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    last = run / "checkpoints/last.ckpt"
+    assert f"error: --ckpt_path: {last} is not a readable checkpoint" in err, err
+    assert "Traceback" not in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

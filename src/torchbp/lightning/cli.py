@@ -49,6 +49,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,21 @@ def _check_registry_checkpoint(ckpt_path: str | None) -> None:
             "(registry[:<model>[:<version>]]) needs the litmodels package, which is not "
             "installed (pip install litmodels); or give a checkpoint file's path, last or best"
         )
+
+
+def _why_unreadable(path: Path) -> str | None:
+    """Why the file at ``path`` is no checkpoint that ``torch.save`` wrote in full (one cut
+    short by a crash or a full disk, or another kind of file), or ``None``. Lightning saves
+    zip archives; one that needs ``weights_only=False`` is left to Lightning."""
+    if not zipfile.is_zipfile(path):
+        return "not a zip archive, as torch.save writes"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return None  # readable, but not weights-only
+    except (RuntimeError, OSError, EOFError) as e:
+        return headline(str(e))
+    return None
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -426,11 +442,16 @@ class TorchbpCLI(LightningCLI):
         the default config added when no ``--config`` is given; store it in ``self.config``."""
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
-            return
-        argv = sys.argv[1:] if args is None else args
-        #: no --config given: the default config runs, maybe with other data (see _run_root)
-        self._default_config = not any(is_config_option(a) for a in argv)
-        self.config = parser.parse_args(with_config_files(argv))
+        else:
+            argv = sys.argv[1:] if args is None else args
+            #: no --config given: the default config runs, maybe with other data (see _run_root)
+            self._default_config = not any(is_config_option(a) for a in argv)
+            self.config = parser.parse_args(with_config_files(argv))
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
+            # LightningCLI reads the hyperparameters of a checkpoint file next
+            self._check_checkpoint_file(ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -502,7 +523,6 @@ class TorchbpCLI(LightningCLI):
             cfg["ckpt_path"] = self._last_checkpoint(root)
         elif cfg.get("ckpt_path") == "best":
             cfg["ckpt_path"] = str(self._best_checkpoint_to_evaluate(root))
-        _check_registry_checkpoint(cfg.get("ckpt_path"))
         self._check_checkpoint_file(cfg.get("ckpt_path"))
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
@@ -581,10 +601,22 @@ class TorchbpCLI(LightningCLI):
 
     @staticmethod
     def _check_checkpoint_file(ckpt_path: str | None) -> None:
-        """A local ``--ckpt_path`` must exist: else Lightning fails once the run has started."""
+        """A local ``--ckpt_path`` must be a checkpoint file that can be read: else Lightning
+        fails with a traceback (LightningCLI reads its hyperparameters as it parses, a fit
+        loads it once the run has started)."""
+        _check_registry_checkpoint(ckpt_path)
         path = _local_checkpoint(ckpt_path)
-        if path is not None and not path.is_file():
+        if path is None:
+            return
+        if not path.is_file():
             exit_with_error(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
+        problem = _why_unreadable(path)
+        if problem:
+            exit_with_error(
+                f"--ckpt_path: {ckpt_path} is not a readable checkpoint: {problem} (a save cut "
+                "short by a crash or a full disk? give another checkpoint of the run, e.g. its "
+                "best)"
+            )
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a data problem or an invalid value is a
