@@ -549,3 +549,25 @@ def test_resumed_dp_fit_draws_fresh_noise_and_ends_as_the_uninterrupted_fit(tmp_
     assert resumed.accountant.steps == full.accountant.steps
     for name, p in full.named_parameters():
         torch.testing.assert_close(dict(resumed.named_parameters())[name], p, rtol=0, atol=0)
+
+
+def test_fit_of_a_trained_model_from_a_checkpoint_continues_the_checkpoints_noise(tmp_path):
+    """A model fitted on past a checkpoint and then fitted again from that checkpoint
+    (trainer.fit(model, ckpt_path=...)) restores the checkpoint's steps, weights and noise
+    stream alike: it ends as a fresh model resumed from the checkpoint does, not with the
+    noise its own later steps had advanced to."""
+    pytest.importorskip("opacus")
+    privacy = Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
+    dm, model, trainer = _dp_fit(tmp_path, privacy, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    dm, fresh, trainer = _dp_fit(tmp_path, privacy, max_epochs=2, limit_val_batches=0)
+    trainer.fit(fresh, datamodule=dm, ckpt_path=ckpt)
+    _, _, trainer = _dp_fit(tmp_path, privacy, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)  # on past the checkpoint: epoch 2
+    _, _, trainer = _dp_fit(tmp_path, privacy, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)  # from the checkpoint again
+    assert model.accountant.steps == fresh.accountant.steps
+    for name, p in fresh.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name], p, rtol=0, atol=0)

@@ -640,11 +640,10 @@ class ERMClassifier(pl.LightningModule):
         generator seeded from the system's entropy, never a repeated stream (so does a
         state of another device's generator: a run resumed on a GPU from a CPU run's)."""
         device = self.device
-        last = self._noise_generator
-        if last is not None and last.device == device:
+        last, state = self._noise_generator, self._restored_noise_state
+        if state is None and last is not None and last.device == device:
             return last
         generator = torch.Generator(device=device)
-        state = self._restored_noise_state
         if state is None and last is None and steps_taken == 0:
             state = _default_generator_state(device)
         try:
