@@ -1140,3 +1140,48 @@ def test_resuming_from_a_last_checkpoint_cut_short_leaves_the_run_as_it_was(
     assert f"error: --ckpt_path: {last} is not a readable checkpoint" in err, err
     assert "Traceback" not in err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+DIGITS_DP = str(CONFIGS / "digits_dp.yaml")
+
+
+def _one_epoch_run(run_dir: Path, config: str, capsys) -> Path:
+    """A 1-epoch run of ``config`` under ``run_dir/<its name>``, as it left its folder."""
+    run_cli("fit", "--config", config, f"--run_dir={run_dir}", "--trainer.max_epochs=1")
+    capsys.readouterr()
+    return run_dir / Path(config).stem / "version_0"
+
+
+@pytest.mark.parametrize(
+    "trained, resumed, message",
+    [
+        (DIGITS_DP, DIGITS, "trained with DP-SGD"),
+        (DIGITS, DIGITS_DP, "trained without DP-SGD on this data"),
+    ],
+    ids=["private-then-not", "not-then-private"],
+)
+def test_resuming_across_privacy_settings_is_a_cli_error_before_anything_is_written(
+    tmp_path, capsys, trained, resumed, message
+):
+    """``fit --ckpt_path last`` of a digits_dp run with the digits config went on training
+    without privacy, silently: the run (ε logged for its first epoch) ended with a model no ε
+    holds for. The other way, a digits run resumed with digits_dp logged ε = 3 for weights
+    that had trained on the same data without noise. Both are refused before the run's files
+    change."""
+    run = _one_epoch_run(tmp_path, trained, capsys)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            resumed,
+            f"--run_name={run.parent.name}",
+            f"--run_dir={tmp_path}",
+            "--ckpt_path=last",
+            "--trainer.max_epochs=2",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path: " in err and message in err, err
+    assert "Traceback" not in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

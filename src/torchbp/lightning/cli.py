@@ -683,6 +683,8 @@ class TorchbpCLI(LightningCLI):
                 self.datamodule.load_state_dict(data_state)
             except DataConfigError as e:
                 exit_with_error(f"--ckpt_path: {path}: {e}")
+        if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
+            self._check_resume_privacy(checkpoint, path, self._same_data(data_state))
         hint = "(its run's config.yaml has the options it was trained with)"
         problems = _weights_mismatch(checkpoint, self.model)
         if problems:
@@ -697,6 +699,33 @@ class TorchbpCLI(LightningCLI):
                 f"--ckpt_path: {path}: its optimizer state does not fit "
                 f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
                 "the run was trained with (its config.yaml has it)"
+            )
+
+    def _same_data(self, data_state: Any) -> bool:
+        """Whether a checkpoint's DataModule state (``None``: another DataModule class) says
+        it was trained on the configured data: the same source, or no source recorded."""
+        if not isinstance(data_state, dict):
+            return False
+        return data_state.get("source") == self.datamodule.state_dict().get("source")
+
+    def _check_resume_privacy(self, checkpoint: dict[str, Any], path: str, same_data: bool) -> None:
+        """A fit from a checkpoint keeps its DP-SGD setting: a private checkpoint fitted on
+        without privacy ends as a model no ε holds for, and one trained on this data without
+        privacy has no ε whatever the noise from here (both went on silently)."""
+        private = (checkpoint.get("hyper_parameters") or {}).get("privacy") is not None
+        private = private or "privacy_accountant" in checkpoint
+        if private and self.model.privacy is None:
+            exit_with_error(
+                f"--ckpt_path: {path} was trained with DP-SGD, and this configuration has no "
+                "privacy: training on would end with a model no epsilon holds for; resume "
+                "with the run's privacy settings (its config.yaml has them)"
+            )
+        trained = (checkpoint.get("global_step") or 0) > 0
+        if not private and trained and same_data and self.model.privacy is not None:
+            exit_with_error(
+                f"--ckpt_path: {path} was trained without DP-SGD on this data: no epsilon "
+                "holds for its weights, whatever the noise from here; train with privacy from "
+                "the start (a new run, without --ckpt_path)"
             )
 
     def _log_folder(self) -> str | None:
