@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytorch_lightning as pl
+
 from torchbp.lightning.config_files import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,3 +61,15 @@ PYTHON = sys.executable
 def cli_command(*args: str) -> list[str]:
     """The command line of ``torchbp-train ARGS`` in a subprocess (this interpreter)."""
     return [PYTHON, "-m", "torchbp.lightning.cli", *args]
+
+
+class InterruptAt(pl.Callback):
+    """A Lightning callback (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt``)
+    that presses Ctrl-C, raising KeyboardInterrupt, once training reaches ``step``."""
+
+    def __init__(self, step: int = 10) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

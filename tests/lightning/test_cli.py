@@ -1185,3 +1185,33 @@ def test_resuming_across_privacy_settings_is_a_cli_error_before_anything_is_writ
     assert "error: --ckpt_path: " in err and message in err, err
     assert "Traceback" not in err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_interrupt_never_overwrites_the_best_checkpoint(tmp_path):
+    """Ctrl-C after a mid-epoch validation saved its checkpoint under the best checkpoints'
+    name (epoch and metric): that of the best checkpoint of the same validation, whose
+    weights it replaced with later ones, while last.ckpt still recorded the file as the best
+    (``--ckpt_path best`` then evaluated the interrupted weights). The exception checkpoint
+    now has a name of its own."""
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.max_epochs=3",
+            "--trainer.val_check_interval=0.5",
+            "--data.init_args.batch_size=8",
+            "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt",
+            "--trainer.callbacks.step=9",
+        )
+    folder = tmp_path / "iris/version_0/checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 9
+    (recorded,) = [
+        s["best_model_path"] for s in last["callbacks"].values() if s.get("best_model_path")
+    ]
+    best = torch.load(recorded, weights_only=True)
+    assert best["global_step"] < 9  # the weights of the best validation, not the interrupt's
+    interrupted = [p.name for p in folder.glob("*interrupted*.ckpt")]
+    assert len(interrupted) == 1, sorted(p.name for p in folder.iterdir())

@@ -23,10 +23,11 @@ installed, TensorBoard events (neither with ``--trainer.logger false``), the res
 ``config.yaml`` and ``checkpoints/`` (none with ``--trainer.enable_checkpointing false``; best
 on ``val/acc`` and ``last.ckpt``; another ``--checkpoint.monitor`` brings its own
 ``--checkpoint.mode``, default ``auto``: ``max`` for accuracy and F1, ``min`` for the rest, as
-Lightning's default; Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint and
-``last.ckpt``). ``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own
-folder; ``validate``, ``test`` and ``predict`` load it from there (an error if there is none)
-but log into a new run folder, so they never overwrite the files of the run they evaluate; with
+Lightning's default; Ctrl-C, SIGTERM or an error during ``fit`` also saves a checkpoint,
+named ``...-interrupted.ckpt`` so that it never replaces a best one, and ``last.ckpt``).
+``fit --ckpt_path last`` resumes the latest run with a ``last.ckpt`` in its own folder;
+``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
+into a new run folder, so they never overwrite the files of the run they evaluate; with
 ``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
 ``--ckpt_path registry[:<model>[:<version>]]`` (Lightning's model registry) needs the
 ``litmodels`` package; without it the run refuses that syntax before it starts.
@@ -83,7 +84,7 @@ from torchbp.lightning.data import (
 from torchbp.lightning.module import ERMClassifier
 from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
 
-__all__ = ["TorchbpCLI", "main", "cli_main"]
+__all__ = ["TorchbpCLI", "RunCheckpoint", "main", "cli_main"]
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
 #: ``ckpt_path`` values that Lightning resolves itself (``last`` is resolved here)
@@ -94,12 +95,46 @@ _REGISTRY_RE = re.compile(r"^registry(:.*)?$", re.IGNORECASE)
 _HIGHER_IS_BETTER = ("acc", "f1")
 #: subcommands that load a checkpoint to evaluate it and never save one
 _EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
+#: ends the name of the checkpoint saved on an exception (see RunCheckpoint)
+INTERRUPTED_SUFFIX = "-interrupted"
 #: what ``predict`` writes into its run folder
 PREDICTIONS_FILE = "predictions.csv"
 #: the data class of the default config (``digits``), by which its runs are named
 _DEFAULT_DATA = "DigitsDataModule"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (``--checkpoint.*``) whose checkpoint on an exception
+    (Ctrl-C, SIGTERM, an error) is named ``<name>-interrupted.ckpt``.
+
+    Under the best checkpoints' own name (epoch and monitored value) it took the file of the
+    best checkpoint of the same validation when the run stopped after a validation within
+    the epoch: the best weights were replaced by later ones, still recorded as the best.
+    """
+
+    _on_exception = False
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._on_exception = True
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        finally:
+            self._on_exception = False
+
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, torch.Tensor],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
+        if not self._on_exception or filename is not None:  # a best-k name, or last.ckpt
+            return name
+        stem, ext = os.path.splitext(name)
+        return f"{stem}{INTERRUPTED_SUFFIX}{ext}"
 
 
 def _versions(root: Path) -> list[int]:
@@ -152,7 +187,11 @@ def _best_checkpoint(folder: Path) -> Path | None:
             if recorded and (folder / Path(recorded).name).is_file():
                 return folder / Path(recorded).name
         return None
-    others = [p for p in folder.glob("*.ckpt") if not p.name.startswith("last")]
+    others = [
+        p
+        for p in folder.glob("*.ckpt")
+        if not p.name.startswith("last") and not p.stem.endswith(INTERRUPTED_SUFFIX)
+    ]
     return others[0] if len(others) == 1 else None
 
 
@@ -471,7 +510,7 @@ class TorchbpCLI(LightningCLI):
         )
         parser.link_arguments("data.num_features", "model.input_size", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
