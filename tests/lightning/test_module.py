@@ -262,3 +262,31 @@ def test_fit_of_a_compiled_model_matches_the_eager_fit(tmp_path):
     eager, compiled = fit(False), fit(True)
     assert "val/acc" in compiled or "test/acc" in compiled
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+
+
+def test_compile_option_compiles_the_network_and_keeps_checkpoints_interchangeable(tmp_path):
+    """torchbp-train has no way to call torch.compile on the model: ``compile=True``
+    (``--model.compile true``) compiles the network in place, so the state_dict keys, and the
+    checkpoints, are those of an eager model, and the metrics equal the eager fit's; DP-SGD,
+    whose per-sample clipping needs the eager forward, refuses it."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import SklearnToyDataModule
+    from torchbp.lightning.privacy import Privacy
+
+    def fit(compile: bool) -> tuple[dict[str, float], ERMClassifier]:
+        pl.seed_everything(0)
+        model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[8], compile=compile)
+        trainer = _quiet_trainer(tmp_path, max_epochs=1, deterministic=True)
+        data = SklearnToyDataModule(name="iris", batch_size=32)
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}, model
+
+    (eager, plain), (compiled, model) = fit(False), fit(True)
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    with pytest.raises(ValueError, match=r"privacy.*compile"):
+        ERMClassifier(
+            input_size=4, num_classes=3, compile=True, privacy=Privacy(noise_multiplier=1)
+        )

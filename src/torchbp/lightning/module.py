@@ -246,6 +246,10 @@ class ERMClassifier(pl.LightningModule):
             accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its
             step, with the noise alone: DP-SGD releases a noisy update at every step, and
             skipping one would tell that its draw was empty.
+        compile: Compile the network with ``torch.compile`` (in place, so the state_dict and
+            checkpoints are an eager model's; ``--model.compile true`` in torchbp-train). The
+            metrics equal the eager run's; not with ``privacy``. From Python,
+            ``trainer.fit(torch.compile(model))`` (Lightning's way) works too.
     """
 
     def __init__(
@@ -263,6 +267,7 @@ class ERMClassifier(pl.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         privacy: Privacy | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -289,6 +294,11 @@ class ERMClassifier(pl.LightningModule):
             )
         if isinstance(privacy, dict):  # from a checkpoint's hyperparameters
             privacy = Privacy(**privacy)
+        if privacy is not None and compile:
+            raise ValueError(
+                "privacy (DP-SGD) clips per-sample gradients, which needs the eager network; "
+                "got compile=True"
+            )
         if privacy is not None and (backend != "torchbp" or fused_head):
             raise ValueError(
                 "privacy (DP-SGD) clips per-sample gradients with torchbp.per_sample_grads, "
@@ -307,6 +317,8 @@ class ERMClassifier(pl.LightningModule):
         self.net = build_mlp(
             input_size, num_classes, hidden_sizes, activation, negative_slope, bias, backend
         )
+        if compile:
+            self.net.compile()  # in place: the state_dict keys stay the eager network's
         self.backend = backend
         #: backend torchbp: the mode the steps' forward and loss run under where they may
         #: call native ops (its ``counts`` say what it routed); ``None`` for backend torch
