@@ -1215,3 +1215,19 @@ def test_an_interrupt_never_overwrites_the_best_checkpoint(tmp_path):
     assert best["global_step"] < 9  # the weights of the best validation, not the interrupt's
     interrupted = [p.name for p in folder.glob("*interrupted*.ckpt")]
     assert len(interrupted) == 1, sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_hpc_checkpoint_that_is_not_there_is_a_cli_error_before_anything_is_written(
+    tmp_path, capsys, subcommand
+):
+    """``--ckpt_path hpc`` (Lightning's SLURM checkpoint, hpc_ckpt_<n>.ckpt in
+    trainer.default_root_dir) with none there was Lightning's ValueError in a traceback once
+    the run had started, its run folder written."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=hpc")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path hpc: no hpc_ckpt_<n>.ckpt in " in err, err
+    assert "--trainer.default_root_dir" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

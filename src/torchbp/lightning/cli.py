@@ -677,6 +677,7 @@ class TorchbpCLI(LightningCLI):
                 self._check_monitors()
             self._check_privacy()
             self._check_checkpoint_fits_model()
+            self._check_hpc_checkpoint()
             self._check_config_file_is_new()
             self._check_run_folders_can_be_written()
         except _CONFIG_ERRORS as e:
@@ -738,6 +739,20 @@ class TorchbpCLI(LightningCLI):
                 f"--ckpt_path: {path}: its optimizer state does not fit "
                 f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
                 "the run was trained with (its config.yaml has it)"
+            )
+
+    def _check_hpc_checkpoint(self) -> None:
+        """``--ckpt_path hpc``: Lightning loads the newest ``hpc_ckpt_<n>.ckpt`` of
+        trainer.default_root_dir (where it saves one on a SLURM requeue), and without one
+        fails once the run has started."""
+        if self._subcommand_config(self.config).get("ckpt_path") != "hpc":
+            return
+        folder = Path(self.trainer.default_root_dir)
+        if not any(folder.glob("hpc_ckpt_*.ckpt")):
+            exit_with_error(
+                f"--ckpt_path hpc: no hpc_ckpt_<n>.ckpt in {os.path.abspath(folder)} (Lightning "
+                "saves one into trainer.default_root_dir on a SLURM requeue); name that folder "
+                "with --trainer.default_root_dir, or give the checkpoint's path"
             )
 
     def _same_data(self, data_state: Any) -> bool:
