@@ -177,3 +177,42 @@ def test_a_correct_fn_calling_a_custom_op_is_unsupported_for_forward_ad_not_fail
         assert forward_ad.status == "unsupported"
         assert "fn calls torchbp_verify_test::sin" in forward_ad.message
         assert "torch.library.custom_op" in report["vmap"].message
+
+
+class _DoubleWithWrongJvp(torch.autograd.Function):
+    """``2x`` with a right backward and a jvp that forgets the factor 2."""
+
+    @staticmethod
+    def forward(x):
+        return 2 * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t  # wrong: the tangent of 2x is 2t
+
+
+class _WrongJvpBesideAConstantCustomOp(torch.nn.Module):
+    """A wrong jvp on the differentiated path; the custom op sees only a buffer (no input
+    and no parameter flows into it, so its zero tangents are right)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", _x(3, 4))
+
+    def forward(self, x):
+        return _DoubleWithWrongJvp.apply(x) + good_sin(self.offset)
+
+
+def test_a_wrong_jvp_fails_beside_a_custom_op_that_no_differentiated_input_reaches():
+    # before: any custom op fn called made a failed forward_ad "unsupported", also one on a
+    # constant, whose zero tangents are right: the wrong jvp passed as unsupported
+    report = check_function(_WrongJvpBesideAConstantCustomOp(), _x(3, 4), checks=["forward_ad"])
+    assert report["forward_ad"].status == "fail", report

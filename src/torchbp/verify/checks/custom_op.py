@@ -24,7 +24,7 @@ __all__ = [
     "as_custom_op",
     "check_opcheck",
     "custom_op_name",
-    "custom_ops_called",
+    "custom_ops_reached",
     "no_forward_ad",
     "no_torch_func",
 ]
@@ -73,32 +73,50 @@ _TORCH_NAMESPACES = frozenset({"aten", "prim", "prims"})
 
 class _CustomOpRecorder(TorchFunctionMode):
     """Records the names of the custom operators (``torch.ops.<namespace>`` ops outside
-    PyTorch's own namespaces) called while it is active."""
+    PyTorch's own namespaces) called, while it is active, on a tensor that requires grad
+    (one a differentiated input flows into)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.names: dict[str, None] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         op = as_custom_op(func)  # an OpOverload, or a packet: torch.ops.<namespace>.<name>
-        if op is not None and custom_op_name(op).split("::")[0] not in _TORCH_NAMESPACES:
-            self.names[custom_op_name(op)] = None
-        return func(*args, **(kwargs or {}))
+        if op is not None and _requires_grad(*args, *kwargs.values()):
+            name = custom_op_name(op)
+            if name.split("::")[0] not in _TORCH_NAMESPACES:
+                self.names[name] = None
+        return func(*args, **kwargs)
 
 
-def custom_ops_called(fn: Any, args: Sequence[Any]) -> list[str]:
-    """``"namespace::name"`` of each custom operator ``fn(*args)`` calls, in the order of
-    first call (e.g. a module whose forward calls one); an exception fn raises is left for
-    the checks to report.
+def _requires_grad(*values: Any) -> bool:
+    """Whether one of ``values`` (or of the lists and tuples among them) is a tensor that
+    requires grad."""
+    for value in values:
+        if isinstance(value, list | tuple) and _requires_grad(*value):
+            return True
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return True
+    return False
+
+
+def custom_ops_reached(fn: Any, inputs: Sequence[torch.Tensor]) -> list[str]:
+    """``"namespace::name"`` of each custom operator ``fn(*inputs)`` calls on a tensor
+    computed from ``inputs`` (differentiated: fresh copies requiring grad), in the order
+    of first call: those whose zero forward-AD tangents and missing torch.func support
+    are PyTorch's, not fn's. A custom op on a constant (a buffer, a mask) is not one: its
+    zero tangents are right. An exception fn raises is left for the checks to report.
 
     Examples:
-        >>> custom_ops_called(torch.tanh, [torch.zeros(2)])
+        >>> custom_ops_reached(torch.tanh, [torch.zeros(2)])
         []
     """
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     recorder = _CustomOpRecorder()
     try:
         with recorder:
-            fn(*args)
+            fn(*leaves)
     except Exception:  # noqa: BLE001, S110 - what fn raises, the checks report
         pass
     return list(recorder.names)

@@ -16,7 +16,7 @@ import torch
 
 from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.custom_op import custom_ops_called, no_forward_ad
+from torchbp.verify.checks.custom_op import custom_ops_reached, no_forward_ad
 from torchbp.verify.checks.explain import explain_error, first_line, outcome_of
 from torchbp.verify.checks.jacobians import (
     FULL_JACOBIAN_LIMIT,
@@ -390,15 +390,15 @@ def _second_order(ctx: CheckContext) -> Passed:
 def check_forward_ad(ctx: CheckContext) -> Passed:
     """The Jacobian built from one jvp per input element against central differences;
     unsupported for a custom op (PyTorch has no jvp registration for one), for a fn that
-    calls one when forward AD fails or disagrees (the op's silent zero tangents), and when
-    jvp raises ``NotImplementedError``."""
+    calls one on values computed from the inputs when forward AD fails or disagrees (the
+    op's silent zero tangents), and when jvp raises ``NotImplementedError``."""
     if ctx.custom_op is not None:
         raise no_forward_ad()
     _require_float64(ctx)
     try:
         return _forward_ad(ctx)
     except (CheckFailure, CheckUnsupported):
-        called = custom_ops_called(ctx.diff_fn, ctx.leaves())
+        called = custom_ops_reached(ctx.diff_fn, ctx.leaves())
         if called:  # the zero tangents PyTorch gives a custom op, not fn's error
             raise no_forward_ad(called) from None
         raise

@@ -11,7 +11,7 @@ import torch
 
 from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.custom_op import custom_ops_called, no_torch_func
+from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import CheckUnsupported, Passed
 
@@ -66,7 +66,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
             torch.func.grad(scalar, argnums=argnums), randomness=SAME_DRAWS
         )(*xs)
     except Exception as exc:  # noqa: BLE001
-        calls_custom_op = ctx.custom_op is not None or custom_ops_called(
+        calls_custom_op = ctx.custom_op is not None or custom_ops_reached(
             ctx.diff_fn, [x[0] for x in xs]
         )
         custom_op_gap = no_torch_func(exc) if calls_custom_op else None
