@@ -2,6 +2,9 @@
 Function inside it with a wrong weight gradient fails (before, only the inputs' gradients
 were checked and such a module was reported OK)."""
 
+import functools
+
+import pytest
 import torch
 
 from torchbp.verify import check_function
@@ -86,3 +89,52 @@ def test_a_large_module_is_checked_by_random_projections_and_still_flagged():
     assert "parameter 'w'" in report["gradcheck"].message
     chosen = check_function(_LargeProduct(wrong=False), x, checks=["mutation"], fast_mode=False)
     assert chosen.meta["fast_mode"] is False
+
+
+class _ScaledModule(torch.nn.Module):
+    def __init__(self, wrong: bool) -> None:
+        super().__init__()
+        self.inner = _Product(wrong)
+
+    def forward(self, x, *, scale):
+        return self.inner(x) * scale
+
+
+def test_a_module_given_through_functools_partial_has_its_parameters_checked():
+    # functools.partial is how a keyword argument of a module's forward is bound; before,
+    # the module was not seen through it and a wrong weight gradient was reported OK
+    report = check_function(
+        functools.partial(_ScaledModule(wrong=True), scale=2.0),
+        torch.randn(3, 4),
+        checks=["gradcheck"],
+    )
+    assert report.meta["parameters"] == ["inner.w"]
+    assert "parameter 'inner.w' (input 1)" in report["gradcheck"].message, report
+
+
+def test_a_partial_of_a_module_of_another_dtype_is_refused_before_the_checks():
+    module = _ScaledModule(wrong=False).float()
+    with pytest.raises(ValueError, match="fn is an nn.Module with torch.float32 parameters"):
+        check_function(functools.partial(module, scale=2.0), torch.randn(3, 4))
+
+
+class _TorchProduct(torch.nn.Module):
+    """The reference of :class:`_Product`: a module of its own with a parameter ``w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x * self.w).sum(1)
+
+
+def test_a_reference_module_given_as_a_bound_method_runs_with_the_same_parameters():
+    # as a reference module does: before, its bound method ran with its own weight (other
+    # values) and the correct module failed the reference check
+    reference = _TorchProduct()
+    for given in (reference.forward, functools.partial(reference)):
+        report = check_function(
+            _Product(wrong=False), torch.randn(3, 4), reference=given, checks=["reference"]
+        )
+        assert report.ok, report

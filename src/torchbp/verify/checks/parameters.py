@@ -8,17 +8,18 @@ with the checks' tensors in place of its parameters (the module itself is not ch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["differentiated_parameters", "with_parameters"]
+__all__ = ["differentiated_parameters", "module_of", "with_parameters"]
 
 
 def differentiated_parameters(fn: Any) -> list[tuple[str, torch.Tensor]]:
-    """``(name, parameter)`` of each floating parameter of an ``nn.Module`` fn (or of the
-    module whose bound method fn is) that requires grad; empty for any other fn.
+    """``(name, parameter)`` of each floating parameter of the :func:`module_of` fn that
+    requires grad; empty for a fn that is no module's.
 
     Examples:
         >>> [name for name, _ in differentiated_parameters(torch.nn.Linear(2, 3))]
@@ -26,7 +27,7 @@ def differentiated_parameters(fn: Any) -> list[tuple[str, torch.Tensor]]:
         >>> differentiated_parameters(torch.tanh)
         []
     """
-    module = _module_of(fn)
+    module = module_of(fn)
     if module is None:
         return []
     return [
@@ -36,7 +37,19 @@ def differentiated_parameters(fn: Any) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def _module_of(fn: Any) -> torch.nn.Module | None:
+def module_of(fn: Any) -> torch.nn.Module | None:
+    """The ``nn.Module`` that fn calls: fn itself, the object of a bound method
+    (``model.forward``) or, through ``functools.partial`` (binding a keyword argument),
+    the module of the partial's function; None for any other fn.
+
+    Examples:
+        >>> import functools
+        >>> linear = torch.nn.Linear(2, 3)
+        >>> module_of(functools.partial(linear.forward)) is linear
+        True
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     for owner in (fn, getattr(fn, "__self__", None)):
         if isinstance(owner, torch.nn.Module):
             return owner
@@ -57,10 +70,12 @@ class _Calling(torch.nn.Module):
         return self.calls[0](*args)
 
 
-def _same_parameters(module: torch.nn.Module, other: Any, names: Sequence[str]) -> bool:
+def _same_parameters(
+    module: torch.nn.Module, other: torch.nn.Module | None, names: Sequence[str]
+) -> bool:
     """Whether ``other`` is another ``nn.Module`` with parameters of the same names and
     shapes as ``module``'s ``names`` (a reference ``nn.Linear`` beside a custom linear)."""
-    if not isinstance(other, torch.nn.Module) or other is module:
+    if other is None or other is module:
         return False
     mine, theirs = dict(module.named_parameters()), dict(other.named_parameters())
     return all(n in theirs and theirs[n].shape == mine[n].shape for n in names)
@@ -97,7 +112,7 @@ def with_parameters(
     """
     owner = fn if module is None else module
     named = differentiated_parameters(owner)
-    module = _module_of(owner)
+    module = module_of(owner)
     if not named or module is None:
         return fn, reference, []
     names = [name for name, _ in named]
@@ -105,6 +120,7 @@ def with_parameters(
     if reference is None:
         return checked, None, names
     modules = {"module": module}
-    if _same_parameters(module, reference, names):
-        modules["reference"] = reference
+    reference_module = module_of(reference)
+    if _same_parameters(module, reference_module, names):
+        modules["reference"] = reference_module
     return checked, _through(modules, reference, names, n_inputs), names

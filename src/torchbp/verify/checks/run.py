@@ -25,7 +25,11 @@ from torchbp.verify.checks.options import (
     resolve_arguments,
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported
-from torchbp.verify.checks.parameters import differentiated_parameters, with_parameters
+from torchbp.verify.checks.parameters import (
+    differentiated_parameters,
+    module_of,
+    with_parameters,
+)
 from torchbp.verify.checks.table import CHECK_TABLE, Check
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
@@ -119,12 +123,8 @@ def _run_all(ctx: CheckContext, checks: list[Check]) -> list[CheckResult]:
 
 
 def _modules_of(*callables: Any) -> list[torch.nn.Module]:
-    """The ``nn.Module``s among ``callables``, or whose bound methods they are."""
-    found: dict[int, torch.nn.Module] = {}
-    for c in callables:
-        for owner in (c, getattr(c, "__self__", None)):
-            if isinstance(owner, torch.nn.Module):
-                found[id(owner)] = owner
+    """The ``nn.Module``s the ``callables`` call (:func:`module_of`), each once."""
+    found = {id(m): m for m in map(module_of, callables) if m is not None}
     return list(found.values())
 
 
@@ -297,8 +297,9 @@ def check_function(
 
     Args:
         fn: a callable taking ``*inputs`` and returning a tensor (or a tuple/structure of
-            tensors; a sparse one is checked through ``.to_dense()``), an ``nn.Module``
-            (its parameters of ``dtype``: ``module.double()`` by default; those that
+            tensors; a sparse one is checked through ``.to_dense()``), an ``nn.Module``,
+            a bound method of one or a ``functools.partial`` of either (its parameters of
+            ``dtype``: ``module.double()`` by default; those that
             require grad are differentiated as inputs after ``inputs``, through
             :func:`torch.func.functional_call`, and named in the messages, e.g.
             ``parameter 'weight' (input 1)``; the reference runs with the same values in
