@@ -211,3 +211,16 @@ def test_a_function_crashing_on_non_contiguous_inputs_fails_saying_so():
     result = report["grad_output_safety"]
     assert result.failed, report
     assert "fails for non-contiguous (strided) inputs" in result.message, result.message
+
+
+def test_a_module_is_given_strided_inputs_but_keeps_its_parameters_layout():
+    # a module's parameters are laid out by the module, not by the caller: before, the
+    # strided-inputs comparison also gave it non-contiguous parameters, and torch's own
+    # Linear + BatchNorm1d in eval mode failed (CPU batch_norm's eval backward reads a
+    # strided 1-D weight wrongly, torch 2.13) though no caller's input could cause that
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).double()
+    torch.nn.init.normal_(model[1].weight)
+    model.eval()
+    report = check_function(model, seeded(5, 4), checks="grad_output_safety")
+    assert report.ok, report

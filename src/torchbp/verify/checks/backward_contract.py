@@ -298,8 +298,13 @@ def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
 
 def _laid_out(ctx: CheckContext, layout: Any) -> tuple[list[torch.Tensor], list[Any]]:
     """``(leaves, inputs)``: fn's inputs with every tensor input copied by ``layout`` (the
-    same values in some memory layout), the grad inputs as the fresh ``leaves``."""
-    diff = [layout(ctx.args[i].detach()).requires_grad_(True) for i in ctx.grad_idx]
+    same values in some memory layout), the grad inputs as the fresh ``leaves``; a
+    module's parameters keep the module's layout (the caller does not choose it)."""
+    diff = [
+        ctx.args[i].detach().clone() if i in ctx.parameter_names else layout(ctx.args[i].detach())
+        for i in ctx.grad_idx
+    ]
+    diff = [d.requires_grad_(True) for d in diff]
     full = ctx.full_inputs(diff)
     others = [layout(a) if _strided(a) and i not in ctx.grad_idx else a for i, a in enumerate(full)]
     return diff, others
@@ -327,7 +332,8 @@ def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
     tensor inputs as for contiguous ones: a Function written for contiguous tensors (a
     ``.view`` of an input, a kernel reading its storage in memory order) is silently wrong
     or crashes on a transposed input."""
-    if not any(_strided(a) and a.dim() >= 1 and a.numel() > 1 for a in ctx.args):
+    given = [a for i, a in enumerate(ctx.args) if i not in ctx.parameter_names]
+    if not any(_strided(a) and a.dim() >= 1 and a.numel() > 1 for a in given):
         return 0.0, 0.0
     label = "non-contiguous (strided)"
     dense_outs, dense_grads, vs = _outputs_and_grads(ctx, _contiguous_copy, "contiguous", None)
