@@ -292,3 +292,54 @@ def test_a_backward_crashing_on_a_none_grad_output_is_told_why():
     assert report["gradcheck"].status == "fail"
     assert "backward was given None for grad_square" in message
     assert "set_materialize_grads(False)" in message
+
+
+class _DoubleAndSquareUnmaterializedVarargs(torch.autograd.Function):
+    """:class:`_DoubleAndSquareUnmaterialized` with its grad_outputs taken as ``*grads``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        return 2 * x, x * x
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x,) = ctx.saved_tensors
+        return 2 * grads[0] + 2 * x * grads[1]
+
+
+def test_a_none_grad_output_taken_as_varargs_is_named_too():
+    report = torchbp.verify.check_function(
+        _DoubleAndSquareUnmaterializedVarargs, torch.randn(3), checks=["gradcheck"]
+    )
+    message = report["gradcheck"].message
+    assert "backward was given None for grads[1]" in message, message
+
+
+class _NoneHandledThenCrash(torch.autograd.Function):
+    """Handles a None grad_output as zeros, then crashes for another reason (a mistyped
+    shape): the None is not the cause and must not be blamed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        return 2 * x, x * x
+
+    @staticmethod
+    def backward(ctx, grad_double, grad_square):
+        (x,) = ctx.saved_tensors
+        grad = 2 * grad_double if grad_double is not None else torch.zeros_like(x)
+        if grad_square is not None:
+            grad = grad + 2 * x * grad_square
+        return grad.reshape(x.numel() + 1)  # wrong: not the input's shape
+
+
+def test_a_none_grad_output_backward_handles_is_not_blamed_for_another_crash():
+    report = torchbp.verify.check_function(
+        _NoneHandledThenCrash, torch.randn(3), checks=["gradcheck"]
+    )
+    message = report["gradcheck"].message
+    assert report["gradcheck"].status == "fail"
+    assert "given None" not in message, message

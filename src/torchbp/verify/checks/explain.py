@@ -3,7 +3,13 @@ them mean a missing capability (an unsupported check) rather than a bug (a faile
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import torch
 
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
 
@@ -313,15 +319,42 @@ def explain_error(exc: BaseException) -> str:
 
 
 def _none_grad_outputs(exc: BaseException) -> list[str]:
-    """The grad_output arguments that were None in the frame of a Function's ``backward``
-    that ``exc`` was raised through (after ``ctx``), by name."""
+    """The grad_outputs that were None in the innermost Function ``backward`` that ``exc``
+    was raised through, by name (``grads[1]`` for ``*grads``), when ``exc`` is the error
+    of using a None (a TypeError or AttributeError about ``NoneType``); else none: a
+    backward that handled its None grad_outputs and failed otherwise is not blamed."""
+    if not isinstance(exc, TypeError | AttributeError) or "NoneType" not in str(exc):
+        return []
+    frames = [frame for frame in _frames(exc) if _is_backward(frame)]
+    if not frames:
+        return []
+    return [name for name, value in _grad_outputs(frames[-1]) if value is None]
+
+
+def _frames(exc: BaseException) -> Iterator[FrameType]:
+    """The frames ``exc`` was raised through, outermost first."""
     tb = exc.__traceback__
     while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name == "backward" and code.co_argcount > 1:
-            names = code.co_varnames[1 : code.co_argcount]
-            values = tb.tb_frame.f_locals
-            if names and "ctx" in code.co_varnames[:1]:
-                return [n for n in names if n in values and values[n] is None]
+        yield tb.tb_frame
         tb = tb.tb_next
-    return []
+
+
+def _is_backward(frame: FrameType) -> bool:
+    """Whether ``frame`` runs an autograd.Function's ``backward``: a function of that name
+    whose first argument is the Function's ctx, whatever its name."""
+    code = frame.f_code
+    if code.co_name != "backward" or code.co_argcount < 1:
+        return False
+    first = frame.f_locals.get(code.co_varnames[0])
+    return isinstance(first, torch.autograd.function.FunctionCtx)
+
+
+def _grad_outputs(frame: FrameType) -> list[tuple[str, Any]]:
+    """``(name, value)`` of each grad_output argument of a ``backward`` frame: the
+    positional ones after ctx, then those of ``*grads``."""
+    code, values = frame.f_code, frame.f_locals
+    named = [(n, values.get(n)) for n in code.co_varnames[1 : code.co_argcount]]
+    if code.co_flags & inspect.CO_VARARGS:
+        varargs = code.co_varnames[code.co_argcount + code.co_kwonlyargcount]
+        named += [(f"{varargs}[{i}]", v) for i, v in enumerate(values.get(varargs, ()))]
+    return named
