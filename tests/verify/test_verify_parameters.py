@@ -81,8 +81,12 @@ class _LargeProduct(_Product):
 
 
 def test_a_large_module_is_checked_by_random_projections_and_still_flagged():
-    # 5120 parameter elements: a full numerical Jacobian would take minutes
-    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(0))
+    # 5120 parameter elements: a full numerical Jacobian would take minutes. gradcheck's
+    # fast mode compares v^T J u for one u per input and one v per output, positive
+    # (uniform) vectors; with a positive x the weight's block v^T (g * x) u is positive
+    # too, so the halved weight gradient is off by half of it whatever u and v are drawn:
+    # the test cannot pass by a lucky projection (with a signed x, v^T J u can be ~0)
+    x = torch.rand(80, 64, generator=torch.Generator().manual_seed(0)) + 0.5
     report = check_function(_LargeProduct(wrong=True), x, checks=["gradcheck"])
     assert report.meta["fast_mode"] is True
     assert report["gradcheck"].status == "fail", report
