@@ -142,3 +142,13 @@ def test_a_reference_module_given_as_a_bound_method_runs_with_the_same_parameter
             _Product(wrong=False), torch.randn(3, 4), reference=given, checks=["reference"]
         )
         assert report.ok, report
+
+
+def test_a_lazy_module_not_yet_initialized_is_refused_saying_how_to_initialize_it():
+    # before: torch's ValueError from UninitializedParameter.numel, for fn and dtype=None
+    for fn, reference in (
+        (torch.nn.LazyLinear(3), None),
+        (torch.nn.Linear(4, 3), torch.nn.LazyLinear(3)),
+    ):
+        with pytest.raises(ValueError, match="uninitialized parameters.*call it once"):
+            check_function(fn, torch.randn(2, 4), reference=reference, dtype=None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["differentiated_parameters", "module_of", "with_parameters"]
+__all__ = ["differentiated_parameters", "module_of", "require_initialized", "with_parameters"]
 
 
 def differentiated_parameters(fn: Any) -> list[tuple[str, torch.Tensor]]:
@@ -54,6 +54,26 @@ def module_of(fn: Any) -> torch.nn.Module | None:
         if isinstance(owner, torch.nn.Module):
             return owner
     return None
+
+
+def require_initialized(role: str, fn: Any) -> None:
+    """Refuse the :func:`module_of` fn when it is a lazy module (``nn.LazyLinear``) not
+    yet initialized: its parameters have no shape to differentiate or to compare with.
+
+    Raises:
+        ValueError: naming ``role`` (``"fn"``, ``"reference"``) and the parameters.
+    """
+    module = module_of(fn)
+    if module is None:
+        return
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    lazy = [name for name, t in tensors if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"check_function: {role} is an nn.Module with uninitialized parameters "
+            f"({', '.join(lazy)}): a lazy module; call it once on an example input to "
+            "initialize them, then check it"
+        )
 
 
 class _Calling(torch.nn.Module):

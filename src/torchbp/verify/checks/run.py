@@ -28,6 +28,7 @@ from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsuppo
 from torchbp.verify.checks.parameters import (
     differentiated_parameters,
     module_of,
+    require_initialized,
     with_parameters,
 )
 from torchbp.verify.checks.table import CHECK_TABLE, Check
@@ -351,11 +352,12 @@ def check_function(
 
     Raises:
         TypeError / ValueError: on bad arguments (non-callable ``fn``, non-tensor inputs,
-            integer or sparse inputs in ``grad_inputs``, inputs on the meta device, an ``nn.Module``
-            whose parameters are not of ``dtype``, unknown option or check names, an
-            empty ``checks``, a check both selected or required and skipped, a ``device``
-            that is not one or not available here, a negative tolerance, ``eps`` not
-            above 0, ``vmap_batch`` below 1, a ``name`` that is not a str).
+            integer or sparse inputs in ``grad_inputs``, inputs on the meta device, an
+            ``nn.Module`` whose parameters are not of ``dtype`` or not initialized (a lazy
+            module), unknown option or check names, an empty ``checks``, a check both
+            selected or required and skipped, a ``device`` that is not one or not
+            available here, a negative tolerance, ``eps`` not above 0, ``vmap_batch``
+            below 1, a ``name`` that is not a str).
 
     Examples:
         >>> import torch
@@ -365,6 +367,8 @@ def check_function(
         >>> report.ok
         True
     """
+    require_initialized("fn", fn)
+    require_initialized("reference", reference)
     if "fast_mode" not in options and _parameter_elements(fn) > FULL_JACOBIAN_PARAMETERS:
         options = {**options, "fast_mode": True}  # a full numerical Jacobian takes minutes
     fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
