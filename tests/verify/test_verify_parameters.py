@@ -152,3 +152,23 @@ def test_a_lazy_module_not_yet_initialized_is_refused_saying_how_to_initialize_i
     ):
         with pytest.raises(ValueError, match="uninitialized parameters.*call it once"):
             check_function(fn, torch.randn(2, 4), reference=reference, dtype=None)
+
+
+class _ComplexScale(torch.nn.Module):
+    """``z * w``: a complex input scaled by a real parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, z):
+        return z * self.w
+
+
+def test_a_reference_module_runs_with_the_same_parameters_for_complex_inputs_too():
+    # before: the reference module, wrapped to take the complex inputs' real views, was
+    # not seen as a module and ran with its own parameter (other values): a correct fn
+    # failed the reference check
+    z = torch.randn(3, dtype=torch.complex128)
+    report = check_function(_ComplexScale(), z, reference=_ComplexScale(), checks=["reference"])
+    assert report.ok, report

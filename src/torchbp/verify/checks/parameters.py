@@ -116,23 +116,18 @@ def _through(
 
 
 def with_parameters(
-    fn: Callable[..., Any],
-    reference: Callable[..., Any] | None,
-    n_inputs: int,
-    module: Any = None,
+    fn: Callable[..., Any], reference: Callable[..., Any] | None, n_inputs: int
 ) -> tuple[Callable[..., Any], Callable[..., Any] | None, list[str]]:
     """fn and the reference as functions of the ``n_inputs`` inputs followed by the
-    :func:`differentiated_parameters` of ``module`` (by default fn; the caller's fn when
-    ``fn`` wraps it), and the parameters' names.
+    :func:`differentiated_parameters` of fn, and the parameters' names.
 
     The reference runs with the checks' tensors in place of fn's parameters (a reference
     that reads them, ``lambda x: x @ model.weight.T``, follows them) and of its own when it
     is a module with parameters of the same names and shapes (``nn.Linear`` beside a custom
     linear module).
     """
-    owner = fn if module is None else module
-    named = differentiated_parameters(owner)
-    module = module_of(owner)
+    named = differentiated_parameters(fn)
+    module = module_of(fn)
     if not named or module is None:
         return fn, reference, []
     names = [name for name, _ in named]

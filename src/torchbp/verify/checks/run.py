@@ -392,15 +392,12 @@ def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options)
     """The body of :func:`check_function`, on validated arguments, with grad enabled."""
     args, grad_idx = prepare_inputs(inputs, opts)
     _require_module_dtype(fn, reference, opts.dtype)
+    checked, checked_reference, parameter_names = with_parameters(fn, reference, len(args))
     complex_idx = complex_positions(inputs)
-    checked, checked_reference = fn, reference
     if complex_idx:
-        checked = real_function(fn, complex_idx)
-        if reference is not None:
-            checked_reference = real_function(reference, complex_idx)
-    checked, checked_reference, parameter_names = with_parameters(
-        checked, checked_reference, len(args), module=fn
-    )
+        checked = real_function(checked, complex_idx)
+        if checked_reference is not None:
+            checked_reference = real_function(checked_reference, complex_idx)
     if parameter_names:
         args, grad_idx = _with_parameter_inputs(args, grad_idx, fn, opts)
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
