@@ -45,9 +45,29 @@ def _backward(outs, leaves, vs, which: str) -> list[torch.Tensor]:
     return zeros_for_none(gs, leaves)
 
 
+def _require_own_gradients(
+    ctx: CheckContext, grads: list[torch.Tensor], returned: list[torch.Tensor]
+) -> None:
+    """Fail unless the gradients ``grads`` still hold what backward ``returned`` after
+    another backward ran: a backward that writes into one buffer it keeps (on the class, a
+    global, a closure) and returns it is right once, then overwrites the gradients it gave
+    before (two micro-batches', or one kept for a later step)."""
+    for k, (grad, before) in enumerate(zip(grads, returned)):
+        problem = (
+            f"gradient of {ctx.input_name(k)} returned by backward changed when another "
+            "backward ran"
+        )
+        note = (
+            " (backward returns a buffer it keeps and writes into again - on the class, a "
+            "global or a closure; return a new tensor)"
+        )
+        require_close(grad, before, (0.0, 0.0), problem, note=note)
+
+
 def check_interleave(ctx: CheckContext) -> Passed:
     """Calls fn on inputs A, then on other inputs B, then runs backward of A and of B; each
-    must give the gradients (and outputs) of A's and B's calls made alone."""
+    must give the gradients (and outputs) of A's and B's calls made alone, and the
+    gradients of A's call made alone must stay as returned when B's backward runs."""
     leaves_a, leaves_b = ctx.leaves(), second_inputs(ctx)
     if all(torch.equal(a, b) for a, b in zip(leaves_a, leaves_b)):
         raise CheckSkip("the example inputs are symmetric: no second set of values to use")
@@ -55,9 +75,11 @@ def check_interleave(ctx: CheckContext) -> Passed:
     outs_alone_a = _forward(ctx, alone_a)
     vs_a = ctx.randn_like_outputs(outs_alone_a)
     expected_a = _backward(outs_alone_a, alone_a, vs_a, "first")
+    returned_a = [g.detach().clone() for g in expected_a]
     outs_alone_b = _forward(ctx, alone_b)
     vs_b = ctx.randn_like_outputs(outs_alone_b)
     expected_b = _backward(outs_alone_b, alone_b, vs_b, "second")
+    _require_own_gradients(ctx, expected_a, returned_a)
 
     outs_a = _forward(ctx, leaves_a)
     outs_b = _forward(ctx, leaves_b)
