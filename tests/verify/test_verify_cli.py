@@ -346,3 +346,15 @@ def test_failure_message_with_brackets_is_printed_verbatim(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "RuntimeError: bad [x] value [/x]" in out, out
+
+
+def test_a_large_module_target_is_checked_by_random_projections_unless_told(tmp_path, capsys):
+    # check_function's default for an nn.Module of over 4096 parameter elements; before,
+    # the command line always passed fast_mode=False: full Jacobians, minutes for an MLP
+    target = tmp_path / "large.py"
+    target.write_text("import torch\n\nmodel = torch.nn.Linear(80, 64).double()\n")
+    path = tmp_path / "report.json"
+    others = [c for c in cli.CHECKS if c not in ("forward", "gradcheck")]
+    argv = [f"{target}:model", "--inputs", "2,80", "--skip", ",".join(others)]
+    assert cli.main([*argv, "--json", str(path)]) == 0, capsys.readouterr().out
+    assert json.loads(path.read_text())["meta"]["fast_mode"] is True
