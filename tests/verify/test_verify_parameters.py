@@ -172,3 +172,12 @@ def test_a_reference_module_runs_with_the_same_parameters_for_complex_inputs_too
     z = torch.randn(3, dtype=torch.complex128)
     report = check_function(_ComplexScale(), z, reference=_ComplexScale(), checks=["reference"])
     assert report.ok, report
+
+
+def test_a_report_on_a_partial_is_named_after_what_it_calls():
+    # before: 'partial', the type of every functools.partial
+    for fn, name in (
+        (functools.partial(_ScaledModule(wrong=False), scale=2.0), "_ScaledModule"),
+        (functools.partial(torch.nn.functional.softmax, dim=-1), "softmax"),
+    ):
+        assert check_function(fn, torch.randn(3, 4), checks=["forward"]).name == name

@@ -243,8 +243,12 @@ def _describe(value: Any) -> Any:
 
 
 def _fn_name(fn: Any) -> str:
+    """The report's name for fn: a custom op's ``namespace::name``, else the name of the
+    function or the class of the object fn (or the function of a partial) is."""
     if as_custom_op(fn) is not None:
         return custom_op_name(fn)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     for attr in ("__qualname__", "__name__"):
         name = getattr(fn, attr, None)
         if isinstance(name, str):
