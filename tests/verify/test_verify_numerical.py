@@ -176,3 +176,48 @@ def test_a_gradcheck_failure_of_a_float32_output_says_why_the_numbers_are_off():
     result = report["gradcheck"]
     assert result.failed, report
     assert "output 0 is torch.float32 although the inputs are float64" in result.message
+
+
+def _fast_gradchecks_projection(n: int) -> torch.Tensor:
+    """The u torch's fast gradcheck draws for a float64 input of ``n`` elements (torch
+    2.13: a torch.Generator() of its default seed, the same on every run)."""
+    u = torch.rand(n, generator=torch.Generator()).double()
+    return u / u.norm()
+
+
+def _error_unseen_by_fast_gradcheck(n: int) -> torch.Tensor:
+    z = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u = _fast_gradchecks_projection(n)
+    return z - (z @ u) * u  # orthogonal to the one direction fast gradcheck looks along
+
+
+class _HalfSquaredNormWrongOffProjection(torch.autograd.Function):
+    """``(x²).sum() / 2``, whose gradient ``x`` is off by a vector that torch's fast
+    gradcheck's fixed projection cannot see."""
+
+    @staticmethod
+    def forward(x):
+        return (x * x).sum() / 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x + _error_unseen_by_fast_gradcheck(x.numel()))
+
+
+def test_fast_mode_does_not_rest_on_torchs_one_fixed_projection():
+    # before: torch's fast gradcheck (the same u and v on every run, whatever the seed)
+    # passed, and the check's own seeded projection was reported as the error of a pass
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        _HalfSquaredNormWrongOffProjection.apply, (x.clone().requires_grad_(True),), fast_mode=True
+    )
+    report = check_function(
+        _HalfSquaredNormWrongOffProjection, x, checks=["gradcheck"], fast_mode=True
+    )
+    assert report["gradcheck"].status == "fail", report["gradcheck"]
+    assert "random projection" in report["gradcheck"].message

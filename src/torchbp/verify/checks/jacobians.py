@@ -257,9 +257,10 @@ def projected_backward_error(
     eps: float,
     randn: Callable[[torch.Size, torch.dtype], torch.Tensor],
     grad_mode: bool = False,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """``(abs, rel)`` error of backward's ``v^T J u`` against central differences, for
-    random ``u`` (one per input) and ``v`` (one per output) drawn by ``randn(shape, dtype)``."""
+    random ``u`` (one per input) and ``v`` (one per output) drawn by ``randn(shape, dtype)``,
+    and the central differences' ``v^T J u`` (the scale of a relative tolerance)."""
     us = [randn(x.shape, x.dtype) for x in inputs]
     with torch.set_grad_enabled(grad_mode):
         hi = [t.detach() for t in func(*[x.detach() + eps * u for x, u in zip(inputs, us)])]
@@ -274,4 +275,4 @@ def projected_backward_error(
     )
     ana = sum(float((g * u).sum()) for g, u in zip(grads, us) if g is not None)
     abs_err = abs(ana - num)
-    return abs_err, abs_err / max(abs(num), 1e-12)
+    return abs_err, abs_err / max(abs(num), 1e-12), num

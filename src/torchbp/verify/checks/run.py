@@ -343,7 +343,8 @@ def check_function(
             - ``eps``, ``atol``, ``rtol``, ``nondet_tol``, ``fast_mode``: as in
               :func:`torch.autograd.gradcheck` (``fast_mode`` is True by default for an
               ``nn.Module`` whose differentiated parameters hold more than
-              :data:`FULL_JACOBIAN_PARAMETERS` elements).
+              :data:`FULL_JACOBIAN_PARAMETERS` elements; besides torch's projections,
+              which are the same on every run, it compares one drawn from ``seed``).
             - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
               vmap/compile/reference comparisons.
             - ``compile_backend`` (``"aot_eager"``), ``compile_fullgraph`` (True).
