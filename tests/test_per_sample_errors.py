@@ -870,3 +870,19 @@ def test_modules_that_mix_along_dim_0_other_than_softmax_refused(dim, error, mes
     with per_sample_grads(model) as ps:
         model(torch.randn(5, 4)).sum().backward()
     assert ps.norms.shape == (5,)
+
+
+def test_add_noise_twice_refused_and_grads_kept():
+    """DP-SGD adds the Gaussian noise once per step: a second ps.add_noise added a second
+    draw, so p.grad carried noise of std σC·√2 while the accountant was told σ (a silent
+    loss of utility; and a caller that meant the second call to replace the first would
+    get neither). The second call is refused, naming the first, and p.grad keeps the
+    once-noised value."""
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        step(model)
+        ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
+    noised = [p.grad.clone() for p in ps.parameters]
+    with pytest.raises(RuntimeError, match="add_noise was already called"):
+        ps.add_noise(1.0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ps.parameters, noised))

@@ -76,6 +76,7 @@ class PerSampleGrads:
         self._norms: torch.Tensor | None = None
         self._factors: torch.Tensor | None = None
         self._batch: int | None = None
+        self._noised = False  # add_noise has added this step's noise
 
     # ------------------------------------------------------------------ context protocol
     def __enter__(self) -> PerSampleGrads:
@@ -177,8 +178,10 @@ class PerSampleGrads:
         r"""DP-SGD's Gaussian mechanism: add :math:`\mathcal{N}(0, (\sigma C)^2)` to every
         element of each clipped ``p.grad`` (``σ = noise_multiplier``, ``C = max_norm``).
 
-        Clip mode only, after the backward. Each parameter without a gradient (its layer
-        was not reached) gets the noise alone, as DP-SGD requires.
+        Clip mode only, after the backward, once per context: the noise of one step is
+        drawn once (a second draw would leave ``σC·√2`` on ``p.grad`` while the privacy
+        accounting assumes ``σ``), so a second call is refused. Each parameter without a
+        gradient (its layer was not reached) gets the noise alone, as DP-SGD requires.
 
         Args:
             noise_multiplier: ``σ ≥ 0``.
@@ -186,8 +189,8 @@ class PerSampleGrads:
                 reproducible noise (default: the global one).
 
         Raises:
-            RuntimeError: not clip mode, or nothing was formed (no backward yet, or an
-                error inside the context).
+            RuntimeError: not clip mode, nothing was formed (no backward yet, or an
+                error inside the context), or the noise was already added.
             TypeError: ``noise_multiplier`` is not a number.
             ValueError: ``noise_multiplier`` is negative or not finite.
         """
@@ -206,6 +209,13 @@ class PerSampleGrads:
                 f"got {noise_multiplier}"
             )
         self._ensure_finalised()
+        if self._noised:
+            raise RuntimeError(
+                "per_sample_grads: add_noise was already called for this context's backward; "
+                "DP-SGD adds the noise once per step (a second draw would make its std "
+                "σC·√2, not the σC the privacy accounting assumes): open a new context for "
+                "the next step"
+            )
         std = float(noise_multiplier) * self.max_norm
         with torch.no_grad():
             for p in self.parameters:
@@ -213,6 +223,7 @@ class PerSampleGrads:
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
             # one stream from the generator, chunk by chunk (see torchbp.per_sample.noise)
             add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
+        self._noised = True
 
     # ------------------------------------------------------------------ internals
     def _backward_cut_short(self) -> bool:
