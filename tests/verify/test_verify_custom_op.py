@@ -216,3 +216,21 @@ def test_a_wrong_jvp_fails_beside_a_custom_op_that_no_differentiated_input_reach
     # constant, whose zero tangents are right: the wrong jvp passed as unsupported
     report = check_function(_WrongJvpBesideAConstantCustomOp(), _x(3, 4), checks=["forward_ad"])
     assert report["forward_ad"].status == "fail", report
+
+
+class _WrongJvpBesideADifferentiatedCustomOp(torch.nn.Module):
+    def forward(self, x):
+        return _DoubleWithWrongJvp.apply(x) + good_sin(x)
+
+
+def test_a_wrong_jvp_fails_beside_a_custom_op_on_the_differentiated_path():
+    # before: forward AD through the custom op is PyTorch's zero tangents, so the whole
+    # check was unsupported and the wrong jvp beside it passed; the jvps are now compared
+    # with backward, both without the custom ops' contribution
+    report = check_function(
+        _WrongJvpBesideADifferentiatedCustomOp(), _x(3, 4), checks=["forward_ad"]
+    )
+    result = report["forward_ad"]
+    assert result.status == "fail", report
+    assert "disagrees with backward gradient" in result.message, result.message
+    assert "without the custom ops' contribution" in result.message

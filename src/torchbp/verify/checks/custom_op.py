@@ -27,6 +27,7 @@ __all__ = [
     "custom_ops_reached",
     "no_forward_ad",
     "no_torch_func",
+    "without_custom_ops",
 ]
 
 #: What ``torch.library.opcheck`` runs, in order.
@@ -82,11 +83,8 @@ class _CustomOpRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        op = as_custom_op(func)  # an OpOverload, or a packet: torch.ops.<namespace>.<name>
-        if op is not None and _requires_grad(*args, *kwargs.values()):
-            name = custom_op_name(op)
-            if name.split("::")[0] not in _TORCH_NAMESPACES:
-                self.names[name] = None
+        if _is_custom_op(func) and _requires_grad(*args, *kwargs.values()):
+            self.names[custom_op_name(as_custom_op(func))] = None
         return func(*args, **kwargs)
 
 
@@ -120,6 +118,39 @@ def custom_ops_reached(fn: Any, inputs: Sequence[torch.Tensor]) -> list[str]:
     except Exception:  # noqa: BLE001, S110 - what fn raises, the checks report
         pass
     return list(recorder.names)
+
+
+class _CustomOpDetacher(TorchFunctionMode):
+    """Detaches the outputs of the custom operators called while it is active (no
+    gradient and no tangent flows through them)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _is_custom_op(func):
+            return out
+        if isinstance(out, torch.Tensor):
+            return out.detach()
+        if isinstance(out, tuple | list):
+            return type(out)(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+        return out
+
+
+def _is_custom_op(func: Any) -> bool:
+    """Whether ``func`` is a custom operator outside PyTorch's own namespaces."""
+    op = as_custom_op(func)
+    return op is not None and custom_op_name(op).split("::")[0] not in _TORCH_NAMESPACES
+
+
+def without_custom_ops(fn: Any) -> Any:
+    """``fn`` with the outputs of the custom operators it calls detached: the rest of its
+    derivatives, which forward and reverse mode must agree on (forward AD through a
+    custom op is PyTorch's zero tangents, reverse mode its registered backward)."""
+
+    def detached(*args: Any) -> Any:
+        with _CustomOpDetacher():
+            return fn(*args)
+
+    return detached
 
 
 def no_forward_ad(called: Sequence[str] = ()) -> CheckUnsupported:

@@ -129,6 +129,7 @@ def compare_jacobians(
     input_shapes: Sequence[tuple[int, ...]],
     out_shapes: Sequence[tuple[int, ...]],
     tolerance: tuple[float, float],
+    against: str = "numerical",
 ) -> tuple[float, float, str | None]:
     """Compare two Jacobians entry by entry.
 
@@ -140,6 +141,8 @@ def compare_jacobians(
         input_shapes: the shape of each input.
         out_shapes: the shape of each output.
         tolerance: ``(atol, rtol)``.
+        against: how the message names ``expected`` (``"backward"`` when it is not the
+            numerical Jacobian).
 
     Returns:
         ``(max abs error, max rel error, message)``; the message, None when everything is
@@ -163,9 +166,9 @@ def compare_jacobians(
                 if len(out_shapes) > 1 or len(out_shapes[o]) > 0:
                     where += f" of {input_names[k]}, output {o} element {out_idx}"
                 message = (
-                    f"{what} of {input_names[k]} disagrees with numerical gradient: "
+                    f"{what} of {input_names[k]} disagrees with {against} gradient: "
                     f"max abs error {float((a - e).abs().max()):.1e} {where}; "
-                    f"analytical {float(a[m, j]):.4g} vs numerical {float(e[m, j]):.4g}"
+                    f"analytical {float(a[m, j]):.4g} vs {against} {float(e[m, j]):.4g}"
                 )
     return worst_abs, worst_rel, message
 

@@ -16,7 +16,11 @@ import torch
 
 from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.custom_op import custom_ops_reached, no_forward_ad
+from torchbp.verify.checks.custom_op import (
+    custom_ops_reached,
+    no_forward_ad,
+    without_custom_ops,
+)
 from torchbp.verify.checks.explain import explain_error, first_line, outcome_of
 from torchbp.verify.checks.jacobians import (
     FULL_JACOBIAN_LIMIT,
@@ -423,9 +427,39 @@ def check_forward_ad(ctx: CheckContext) -> Passed:
         return _forward_ad(ctx)
     except (CheckFailure, CheckUnsupported):
         called = custom_ops_reached(ctx.diff_fn, ctx.leaves())
-        if called:  # the zero tangents PyTorch gives a custom op, not fn's error
-            raise no_forward_ad(called) from None
-        raise
+        if not called:
+            raise
+    _require_jvp_beside_custom_ops(ctx)
+    raise no_forward_ad(called) from None  # the zero tangents PyTorch gives a custom op
+
+
+def _require_jvp_beside_custom_ops(ctx: CheckContext) -> None:
+    """Fail unless fn's forward-mode Jacobian equals its backward one where no custom op
+    is involved (both with the custom ops' outputs detached): a wrong jvp beside a custom
+    op must not pass as the op's missing forward AD. Nothing to say when the Jacobian is
+    too large to build or forward AD raises (no jvp): the check is unsupported anyway."""
+    diff = ctx.leaves()
+    fn = without_custom_ops(ctx.diff_fn)
+    if jacobian_size(fn, diff) > FULL_JACOBIAN_LIMIT:
+        return
+    try:
+        forward, backward = forward_jacobian(fn, diff), analytical_jacobian(fn, diff)
+    except Exception:  # noqa: BLE001, S110 - no jvp, or a failure the other checks report
+        return
+    names = [ctx.input_name(k) for k in range(len(diff))]
+    shapes = [tuple(x.shape) for x in diff]
+    tolerance = (ctx.options.atol, ctx.options.rtol)
+    what = "forward-mode AD (jvp)"
+    abs_err, rel_err, msg = compare_jacobians(
+        forward, backward, what, names, shapes, ctx.out_shapes, tolerance, against="backward"
+    )
+    if msg:
+        raise CheckFailure(
+            f"{msg} (both without the custom ops' contribution: forward AD through a "
+            "custom op is PyTorch's zero tangents, but this is a jvp of fn's own)",
+            abs_err,
+            rel_err,
+        )
 
 
 def _forward_ad(ctx: CheckContext) -> Passed:
