@@ -157,6 +157,46 @@ def test_calls_torchbp_does_not_take_stay_native_and_are_reported(call, key):
     assert not mode.counts and mode.native == {key: 1}
 
 
+class _ConstantLinear(torch.Tensor):
+    """A tensor subclass that gives ``F.linear`` its own meaning (as quantized-weight
+    subclasses do): every output element is 42; other functions keep torch's."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            return torch.full((*x.shape[:-1], weight.shape[0]), 42.0, dtype=x.dtype)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _Plain(torch.Tensor):
+    """A tensor subclass with torch's default ``__torch_function__``."""
+
+
+def test_arguments_with_their_own_torch_function_stay_native_and_are_reported():
+    # the mode runs before a subclass's __torch_function__: routing such a call ran
+    # torchbp's linear on the subclass, silently replacing the subclass's own F.linear
+    x = make((3, 6)).requires_grad_()
+    weight = WEIGHT.float().as_subclass(_ConstantLinear).requires_grad_()
+    with enable() as mode:
+        got = F.linear(x, weight)
+        relu = torch.relu(weight)
+    torch.testing.assert_close(got, torch.full((3, 5), 42.0))
+    assert mode.native == {
+        "torch.nn.functional.linear: _ConstantLinear argument has its own __torch_function__": 1,
+        "torch.relu: _ConstantLinear argument has its own __torch_function__": 1,
+    }
+    assert not mode.counts
+    torch.testing.assert_close(relu, torch.relu(WEIGHT.float()))
+    # a subclass with torch's default __torch_function__ (and nn.Parameter) still routes
+    with enable() as mode:
+        got = F.gelu(x.as_subclass(_Plain))
+        linear = F.linear(x, torch.nn.Parameter(WEIGHT.float()))
+    assert type(got) is _Plain and mode.counts == {"gelu": 1, "linear": 1}
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), F.gelu(x))
+    assert "LinearFunctionBackward" in _nodes(linear)
+
+
 @pytest.mark.parametrize(
     "call, op",
     [

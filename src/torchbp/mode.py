@@ -22,8 +22,10 @@ What is routed (the table is derived from the op registry, :mod:`torchbp.ops`):
 A covered function stays native, counted in :attr:`TorchbpMode.native` with the reason,
 when torchbp does not take the call: an input that is not a floating-point tensor
 (``torch.relu`` of an int tensor), an ``out=`` tensor (``out=None``, the default, is
-routed), a keyword torchbp's function lacks, or an
-in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
+routed), a keyword torchbp's function lacks, an argument of a tensor subclass with a
+``__torch_function__`` of its own (it decides what the function means for it, e.g. a
+quantized weight's ``F.linear``; ``nn.Parameter`` and subclasses keeping torch's default
+are routed), or an in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
 Calls torchbp takes but rejects raise torchbp's error (an instance of native's class).
 
 Python-level ``torch.nn.functional`` functions that are not covered
@@ -303,10 +305,32 @@ def routed_functions() -> dict[str, str]:
     }
 
 
-def _why_native(route: _Route, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+#: ``torch.Tensor``'s own ``__torch_function__`` (the one a subclass inherits by default)
+_DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__
+
+
+def _own_torch_function(types_: tuple[type, ...]) -> type | None:
+    """The first argument type whose ``__torch_function__`` is its own, not torch's
+    default (``nn.Parameter``, whose ``__torch_function__`` is disabled, is not among the
+    types a mode receives)."""
+    for cls in types_:
+        handler = getattr(cls, "__torch_function__", None)
+        if getattr(handler, "__func__", handler) is not _DEFAULT_TORCH_FUNCTION:
+            return cls
+    return None
+
+
+def _why_native(
+    route: _Route, types_: tuple[type, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str | None:
     """Why torchbp does not take this call of a covered function (``None``: it does)."""
     if route.call is None:
         return route.reason
+    subclass = _own_torch_function(types_)
+    if subclass is not None:
+        # its __torch_function__ says what the function means for it (a quantized weight's
+        # F.linear, say): the mode runs before it, so routing would silently bypass it
+        return f"{subclass.__name__} argument has its own __torch_function__"
     x = args[0] if args else kwargs.get("input")
     if not isinstance(x, torch.Tensor):
         return "input is not a tensor"
@@ -364,7 +388,7 @@ class TorchbpMode(TorchFunctionMode):
             # a call made by torchbp itself (under a nested mode), or one that records no
             # backward (no_grad, inference_mode, inside a Function's forward)
             return _pass_on(func, args, kwargs)
-        reason = _why_native(route, args, kwargs)
+        reason = _why_native(route, types_, args, kwargs)
         # counters are not updated while torch.compile traces (each update would
         # invalidate the graph's guards and recompile it)
         counting = not torch.compiler.is_compiling()
