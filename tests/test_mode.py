@@ -367,6 +367,87 @@ def test_decorator_counts_accumulate_and_recursion_works():
     assert isinstance(mode, TorchbpMode) and "gelu=4" in repr(mode)
 
 
+def test_decorated_generator_runs_each_step_under_the_mode_and_only_those():
+    # the decorator returned the generator object and left the mode before the body ran:
+    # nothing in a decorated generator was routed
+    mode = enable()
+
+    @mode
+    def activations(x):
+        """Yields GELUs."""
+        received = yield F.gelu(x)
+        yield F.gelu(x * received)
+        return "done"
+
+    x = make((2, 3)).requires_grad_()
+    steps = activations(x)
+    first = next(steps)
+    between = F.gelu(x)  # the caller's code between two steps: no mode
+    second = steps.send(2.0)
+    with pytest.raises(StopIteration) as stop:
+        next(steps)
+    assert stop.value.value == "done" and activations.__doc__ == "Yields GELUs."
+    assert mode.counts == {"gelu": 2}
+    assert "GELUFunctionBackward" in _nodes(first) and "GELUFunctionBackward" in _nodes(second)
+    assert not _torchbp_nodes(between)
+    torch.testing.assert_close(second, F.gelu(x * 2.0))
+
+
+def test_decorated_generator_gets_thrown_exceptions_and_closes_under_the_mode():
+    mode = enable()
+    seen = []
+
+    @mode
+    def steps(x):
+        try:
+            yield F.relu(x)
+        except KeyError:
+            seen.append("thrown")
+            yield F.relu(x)
+        finally:
+            seen.append(type(F.relu(x).grad_fn).__name__)
+
+    x = make((2, 3)).requires_grad_()
+    gen = steps(x)
+    next(gen)
+    gen.throw(KeyError("k"))
+    gen.close()
+    assert seen == ["thrown", "ReLUFunctionBackward"] and mode.counts == {"relu": 3}
+
+
+def test_decorated_coroutine_runs_each_step_under_the_mode():
+    import asyncio
+
+    mode = enable()
+    outside = []
+
+    @mode
+    async def forward(x):
+        y = F.gelu(x)
+        await asyncio.sleep(0)
+        return F.relu(y)
+
+    async def other_task(x):
+        outside.append(F.gelu(x))  # runs while forward is suspended: no mode
+
+    async def main(x):
+        return await asyncio.gather(forward(x), other_task(x))
+
+    x = make((2, 3)).requires_grad_()
+    out, _ = asyncio.run(main(x))
+    assert mode.counts == {"gelu": 1, "relu": 1}
+    assert {"GELUFunctionBackward", "ReLUFunctionBackward"} <= _nodes(out)
+    assert not _torchbp_nodes(outside[0])
+
+
+def test_decorating_an_async_generator_is_refused():
+    async def agen(x):
+        yield F.gelu(x)
+
+    with pytest.raises(TypeError, match="async generator function 'agen'"):
+        enable()(agen)
+
+
 def test_mode_is_per_thread():
     x = make((2, 3)).requires_grad_()
     seen = {}

@@ -91,7 +91,7 @@ import inspect
 import threading
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -409,7 +409,32 @@ class TorchbpMode(TorchFunctionMode):
         return result
 
     def __call__(self, fn: _Fn) -> _Fn:
-        """Use the mode as a decorator: ``fn`` runs under it (counts accumulate here)."""
+        """Use the mode as a decorator: ``fn`` runs under it (counts accumulate here).
+
+        A generator function or ``async def`` function runs each of its steps under the
+        mode (from a resume to the next ``yield`` / ``await``), not the caller's code
+        between them nor other tasks meanwhile, as ``torch.no_grad`` does for a
+        generator. An async generator function is refused (``TypeError``)."""
+        if inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"enable() cannot decorate the async generator function {fn.__name__!r}: "
+                "enter the mode with 'with torchbp.enable():' around the code between "
+                "two of its yields / awaits instead"
+            )
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def generator_under_mode(*args: Any, **kwargs: Any) -> Any:
+                return (yield from _each_step_under(self, fn(*args, **kwargs)))
+
+            return generator_under_mode  # type: ignore[return-value]
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def coroutine_under_mode(*args: Any, **kwargs: Any) -> Any:
+                return await _StepsUnderMode(self, fn(*args, **kwargs))
+
+            return coroutine_under_mode  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def under_mode(*args: Any, **kwargs: Any) -> Any:
@@ -421,6 +446,40 @@ class TorchbpMode(TorchFunctionMode):
     def __repr__(self) -> str:
         routed = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
         return f"TorchbpMode(routed: {routed or 'nothing'})"
+
+
+def _each_step_under(mode: TorchbpMode, steps: Generator[Any, Any, Any]):
+    """Re-yield ``steps`` (a generator, or a coroutine's ``__await__``), running each of
+    its steps (``send``, ``throw``, ``close``) under ``mode`` and nothing in between."""
+    try:
+        with mode:
+            item = steps.send(None)
+        while True:
+            try:
+                received = yield item
+            except GeneratorExit:
+                with mode:
+                    steps.close()
+                raise
+            except BaseException as error:
+                with mode:
+                    item = steps.throw(error)
+            else:
+                with mode:
+                    item = steps.send(received)
+    except StopIteration as stop:
+        return stop.value
+
+
+class _StepsUnderMode:
+    """Awaitable: a coroutine whose steps (up to each ``await`` that suspends) run under a
+    mode."""
+
+    def __init__(self, mode: TorchbpMode, coroutine: Coroutine[Any, Any, Any]) -> None:
+        self.mode, self.coroutine = mode, coroutine
+
+    def __await__(self):
+        return _each_step_under(self.mode, self.coroutine.__await__())
 
 
 def enable() -> TorchbpMode:
