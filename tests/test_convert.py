@@ -285,6 +285,26 @@ def test_subclass_overriding_forward_stays_even_when_inherited():
     ]
 
 
+def test_module_whose_forward_is_set_on_the_instance_stays_and_is_reported():
+    # a forward set on the instance (accelerate's hooks, a user's wrapper around the
+    # bound native forward) shadows the class's: the switched class was reported
+    # converted while the module still ran torch's forward
+    fc = nn.Linear(3, 2)
+    native_forward = fc.forward
+    fc.forward = lambda x: native_forward(x) * 2
+    model = nn.Sequential(fc, nn.ReLU())
+    _, report = torchbp.convert(model, report=True)
+    assert type(fc) is nn.Linear
+    assert report.converted == [("1", "ReLU", "torchbp.nn.ReLU")]
+    assert report.kept == [("0", "Linear", "forward set on the instance")]
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(model(x), torch.relu(native_forward(x) * 2))
+    # one converted before its forward was set still converts back
+    converted = torchbp.convert(nn.Linear(3, 2))
+    converted.forward = converted.forward
+    assert type(torchbp.convert(converted, to="torch")) is nn.Linear
+
+
 def test_report_lists_converted_and_kept_modules_with_reasons(caplog):
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3),

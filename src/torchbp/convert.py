@@ -14,8 +14,9 @@ training flag stay the very same objects:
   itself never calls ``out_proj``'s ``forward``: it passes the weight to ``F.linear``,
   which only :func:`torchbp.enable` reaches.)
 * a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
-  :func:`torchbp.enable` routes the functional calls inside it), and so does every module
-  without a torchbp op (``Conv2d``, ``LayerNorm``, ...).
+  :func:`torchbp.enable` routes the functional calls inside it), and so does a module
+  whose ``forward`` is set on the instance (by a library's hooks, say: it would shadow
+  the twin's) and every module without a torchbp op (``Conv2d``, ``LayerNorm``, ...).
 * a parametrized module (:mod:`torch.nn.utils.parametrize`: ``weight_norm``,
   ``orthogonal``, ...) is an instance of a class torch made for it on top of its own
   class; the class underneath is converted by the rules above and torch's class is rebuilt
@@ -164,13 +165,17 @@ def _parametrized_on(cls: type[nn.Module], base: type[nn.Module]) -> type[nn.Mod
 
 def _new_class(module: nn.Module, choose) -> tuple[type[nn.Module] | None, str]:
     """``choose`` applied to ``module``'s class, or for a parametrized module to the class
-    under torch's parametrized one (which is then rebuilt on the new class)."""
+    under torch's parametrized one (which is then rebuilt on the new class); a module
+    whose ``forward`` is set on the instance is not converted to torchbp (that forward
+    shadows the twin's: it would still run what it ran)."""
     if not parametrize.is_parametrized(module):
-        return choose(type(module))
-    base, reason = choose(parametrize.type_before_parametrizations(module))
-    if base is None:
-        return None, reason
-    return _parametrized_on(type(module), base), ""
+        new, reason = choose(type(module))
+    else:
+        base, reason = choose(parametrize.type_before_parametrizations(module))
+        new = None if base is None else _parametrized_on(type(module), base)
+    if new is not None and choose is _to_torchbp and "forward" in vars(module):
+        return None, "forward set on the instance"
+    return new, reason
 
 
 def _describe(cls: type[nn.Module]) -> str:
@@ -212,7 +217,8 @@ def convert(
     is converted by switching its class: parameters, buffers, hooks and the training flag
     stay the very same objects. Subclasses of supported modules that keep their base's
     ``forward`` are converted too (see the module docstring); subclasses that override
-    ``forward`` and modules without a torchbp op are left alone. With ``to="torch"``,
+    ``forward``, modules whose ``forward`` is set on the instance and modules without a
+    torchbp op are left alone. With ``to="torch"``,
     exactly the classes converted before are switched back (a user subclass of a
     ``torchbp.nn`` class stays).
 
