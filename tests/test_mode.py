@@ -448,6 +448,17 @@ def test_decorating_an_async_generator_is_refused():
         enable()(agen)
 
 
+def test_decorating_a_class_is_refused():
+    # the class became a function making instances under the mode: their forward,
+    # called later, ran natively
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return F.gelu(x)
+
+    with pytest.raises(TypeError, match="cannot decorate the class 'Net'.*forward"):
+        enable()(Net)
+
+
 def test_mode_is_per_thread():
     x = make((2, 3)).requires_grad_()
     seen = {}

@@ -414,7 +414,15 @@ class TorchbpMode(TorchFunctionMode):
         A generator function or ``async def`` function runs each of its steps under the
         mode (from a resume to the next ``yield`` / ``await``), not the caller's code
         between them nor other tasks meanwhile, as ``torch.no_grad`` does for a
-        generator. An async generator function is refused (``TypeError``)."""
+        generator. An async generator function and a class are refused (``TypeError``:
+        a decorated class would become a function whose instances are made under the
+        mode, their methods called later running without it)."""
+        if inspect.isclass(fn):
+            raise TypeError(
+                f"enable() cannot decorate the class {fn.__name__!r}: only its construction "
+                "would run under the mode. Decorate its forward (or the function that calls "
+                "the model) instead"
+            )
         if inspect.isasyncgenfunction(fn):
             raise TypeError(
                 f"enable() cannot decorate the async generator function {fn.__name__!r}: "
