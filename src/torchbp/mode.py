@@ -46,6 +46,16 @@ Only calls that record a backward are routed: under ``torch.no_grad()`` /
 ``torch.inference_mode()`` (and inside any Function's forward) covered calls run native
 kernels, uncounted, since there is no backward to hand-write.
 
+Activation checkpointing: ``torch.utils.checkpoint`` recomputes the checkpointed
+forward during backward, which runs outside the mode. With ``use_reentrant=True`` the
+checkpointed forward runs under ``no_grad`` and so natively both times (its backward is
+native's). With ``use_reentrant=False`` the first forward is routed but the recomputation
+is not, and torch refuses the mismatch (``CheckpointError``: recomputed values have
+different metadata); give the recomputation the mode too, with
+``checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(),
+torchbp.enable()))``, or convert the checkpointed modules with :func:`torchbp.convert`
+(whose forward is torchbp's wherever it runs).
+
 Semantics:
 
 * The calls torchbp itself makes while running a routed op are never routed again (the
