@@ -226,6 +226,32 @@ def test_parameter_used_outside_its_linear_refused(mode, what):
         _ = ps.norms
 
 
+@pytest.mark.parametrize("what", ["0.weight", "0.bias", "1.weight", "1.bias"])
+@pytest.mark.parametrize("use", ["penalty", "tied"])
+def test_refused_stray_gradient_never_reaches_p_grad(use, what):
+    """A gradient reaching a parameter through an op other than its Linear (a penalty on
+    it, or a weight tied into a native op on the data: an unclipped per-sample gradient)
+    is refused, and p.grad of every parameter keeps the earlier micro-batch's value:
+    the stray gradient is not added to it before the refusal."""
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        step(model)
+    before = [p.grad.clone() for p in model.parameters()]
+    param = model.get_parameter(what)
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = model(torch.randn(5, 4))
+        if use == "penalty":
+            stray = param.square().sum()
+        elif param.dim() == 2:  # tied into torch's own linear, on the data
+            stray = torch.nn.functional.linear(torch.randn(5, param.shape[1]), param).sum()
+        else:
+            stray = (torch.randn(5, param.shape[0]) * param).sum()
+        with pytest.raises(RuntimeError, match=rf"parameter {what} received a gradient"):
+            (out.sum() + stray).backward()
+    for name, p, b in zip(dict(model.named_parameters()), model.parameters(), before):
+        torch.testing.assert_close(p.grad, b, rtol=0, atol=0, msg=f"{name}'s p.grad changed")
+
+
 def test_unbatched_input_refused():
     model = mlp()
     with per_sample_grads(model) as ps:

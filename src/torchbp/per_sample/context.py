@@ -261,19 +261,21 @@ class PerSampleGrads:
                 "per_sample_grads: a second backward reached the model's parameters inside "
                 "one context; a context records one backward: open a new one per step"
             )
-        # Inside the context the Linear backward hands dW, db to the recorder, not autograd:
-        # a gradient arriving here came through some other op.
-        for p, grad in zip(self.parameters, grads):
-            if grad is not None:
-                self._state = "failed"  # even if the caller catches this, nothing is formed
-                raise RuntimeError(
-                    f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
-                    f"other than its recorded Linear call ({self._stray_gradient_hint(p)}); "
-                    "that gradient cannot be attributed to samples"
-                )
+        # (a gradient in grads came through an op other than a recorded Linear: the
+        # parameter's marker has refused it already, before it reached p.grad)
         if self._has_traces():
             self._recorder.ended_in_checkpoint = inside_reentrant_checkpoint()
             self._finalise(forms_param_grads=True)
+
+    def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
+        """Raise for a gradient that reached ``p`` through an op other than its Linear:
+        inside the context the Linear backward hands dW, db to the recorder, not autograd."""
+        self._state = "failed"  # even if the caller catches this, nothing is formed
+        raise RuntimeError(
+            f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
+            f"other than its recorded Linear call ({self._stray_gradient_hint(p)}); "
+            "that gradient cannot be attributed to samples"
+        )
 
     def _stray_gradient_hint(self, p: nn.Parameter) -> str:
         """The likely causes of a gradient reaching ``p`` other than through its layer."""
@@ -297,6 +299,11 @@ class PerSampleGrads:
                 self._state = "failed"
                 raise RuntimeError(_autograd_grad_refusal(self._name_of(p)))
             self._reached.add(id(p))
+            if grad is not None:
+                # refused here, in p's own hook, which runs before autograd adds the
+                # gradient to p.grad (the multi-gradient hook fires only at the last
+                # parameter, after the others' gradients were added)
+                self._refuse_stray_gradient(p)
 
         return mark_reached
 
