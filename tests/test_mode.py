@@ -157,6 +157,48 @@ def test_calls_torchbp_does_not_take_stay_native_and_are_reported(call, key):
     assert not mode.counts and mode.native == {key: 1}
 
 
+#: strided nested tensors warn that their API is a prototype
+_NESTED_PROTOTYPE = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+
+
+@pytest.mark.parametrize(
+    "make_input, key",
+    [
+        (lambda x: x.to_sparse(), "torch.relu: torch.sparse_coo argument"),
+        (lambda x: x.to_sparse_csr(), "torch.relu: torch.sparse_csr argument"),
+        (lambda x: torch.nested.nested_tensor([x, x[:2]]), "torch.relu: nested tensor argument"),
+    ],
+    ids=["sparse_coo", "sparse_csr", "nested"],
+)
+@_NESTED_PROTOTYPE
+def test_calls_on_sparse_or_nested_tensors_stay_native_and_are_reported(make_input, key):
+    # native runs these layouts; routed, torchbp's functions failed deep inside
+    # (aten::clamp_min not on SparseCPU, NestedTensorImpl sizes)
+    x = make((3, 4))
+    want = torch.relu(make_input(x))
+    with enable() as mode:
+        got = torch.relu(make_input(x))
+    assert got.layout == want.layout and got.is_nested == want.is_nested
+    if got.is_nested:
+        got, want = torch.cat(got.unbind()), torch.cat(want.unbind())
+    torch.testing.assert_close(got.to_dense(), want.to_dense())
+    assert not mode.counts and mode.native == {key: 1}
+
+
+@_NESTED_PROTOTYPE
+def test_linear_with_a_sparse_weight_or_nested_input_stays_native():
+    x = make((3, 4)).requires_grad_()
+    nested = torch.nested.nested_tensor([make((2, 6)), make((3, 6))], requires_grad=True)
+    with enable() as mode:
+        sparse_weight = F.linear(x, make((5, 4)).to_sparse().requires_grad_())
+        nested_out = F.linear(nested, WEIGHT.float())
+    assert not mode.counts and mode.native == {
+        "torch.nn.functional.linear: torch.sparse_coo argument": 1,
+        "torch.nn.functional.linear: nested tensor argument": 1,
+    }
+    assert sparse_weight.shape == (3, 5) and nested_out.is_nested
+
+
 class _ConstantLinear(torch.Tensor):
     """A tensor subclass that gives ``F.linear`` its own meaning (as quantized-weight
     subclasses do): every output element is 42; other functions keep torch's."""

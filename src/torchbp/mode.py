@@ -22,7 +22,8 @@ What is routed (the table is derived from the op registry, :mod:`torchbp.ops`):
 A covered function stays native, counted in :attr:`TorchbpMode.native` with the reason,
 when torchbp does not take the call: an input that is not a floating-point tensor
 (``torch.relu`` of an int tensor), an ``out=`` tensor (``out=None``, the default, is
-routed), a keyword torchbp's function lacks, an argument of a tensor subclass with a
+routed), a keyword torchbp's function lacks, a sparse or nested tensor argument
+(torchbp's functions take dense strided tensors), an argument of a tensor subclass with a
 ``__torch_function__`` of its own (it decides what the function means for it, e.g. a
 quantized weight's ``F.linear``; ``nn.Parameter`` and subclasses keeping torch's default
 are routed), or an in-place variant torchbp has no Function for (``sigmoid_``, ``tanh_``).
@@ -330,12 +331,27 @@ def _own_torch_function(types_: tuple[type, ...]) -> type | None:
     return None
 
 
+def _unusual_layout(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The layout of the first tensor argument that is not a dense strided tensor
+    (``"torch.sparse_coo"``, ``"nested tensor"``): torchbp's functions take only those."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if value.is_nested:
+                return "nested tensor"
+            if value.layout != torch.strided:
+                return str(value.layout)
+    return None
+
+
 def _why_native(
     route: _Route, types_: tuple[type, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> str | None:
     """Why torchbp does not take this call of a covered function (``None``: it does)."""
     if route.call is None:
         return route.reason
+    layout = _unusual_layout(args, kwargs)
+    if layout is not None:
+        return f"{layout} argument"
     subclass = _own_torch_function(types_)
     if subclass is not None:
         # its __torch_function__ says what the function means for it (a quantized weight's
