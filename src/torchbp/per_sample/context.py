@@ -257,10 +257,7 @@ class PerSampleGrads:
 
     def _after_backward(self, grads) -> None:
         if self._recorder.finalised:
-            raise RuntimeError(
-                "per_sample_grads: a second backward reached the model's parameters inside "
-                "one context; a context records one backward: open a new one per step"
-            )
+            _refuse_second_backward()
         # (a gradient in grads came through an op other than a recorded Linear: the
         # parameter's marker has refused it already, before it reached p.grad)
         if self._has_traces():
@@ -270,6 +267,8 @@ class PerSampleGrads:
     def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
         """Raise for a gradient that reached ``p`` through an op other than its Linear:
         inside the context the Linear backward hands dW, db to the recorder, not autograd."""
+        if self._recorder.finalised:
+            _refuse_second_backward()  # (the results formed stay)
         self._state = "failed"  # even if the caller catches this, nothing is formed
         raise RuntimeError(
             f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
@@ -441,6 +440,13 @@ class PerSampleGrads:
                 sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
             p.sum_grad_squared = sum_squared.to(p.dtype)
             p.grad_variance = formulas.variance(sum_squared, total, batch).to(p.dtype)
+
+
+def _refuse_second_backward() -> None:
+    raise RuntimeError(
+        "per_sample_grads: a second backward reached the model's parameters inside "
+        "one context; a context records one backward: open a new one per step"
+    )
 
 
 def _autograd_grad_refusal(what: str) -> str:
