@@ -23,10 +23,14 @@ def _per_sample_recorder(weight: torch.Tensor):
     return recorder if recorder is not None else per_sample_recorders_by_weight.get(id(weight))
 
 
-def _flatten(t: torch.Tensor, features: int) -> torch.Tensor:
-    """View ``(*, features)`` as ``(M, features)`` (copies only if the strides demand it;
-    M counted, not inferred, so that ``features = 0`` works too)."""
-    return t.reshape(t.shape[:-1].numel(), features)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``(*, features)`` as ``(M, features)``: a 2-D ``t`` as it is (the common case: no
+    reshape call, whose dispatch costs more than a small layer's bias sum), any other a
+    reshape (a copy only if the strides demand it; M counted, not inferred, so that
+    ``features = 0`` works too)."""
+    if t.dim() == 2:
+        return t
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
 class LinearFunction(Function):
@@ -76,17 +80,19 @@ class LinearFunction(Function):
         needs_x, needs_w, needs_b = ctx.needs_input_grad
         out_features = grad_y.shape[-1]
         # g: (M, out) -- reshape, never view: grad_y may be expanded or transposed.
-        g = _flatten(grad_y, out_features)
+        g = _rows(grad_y)
         if ctx.per_sample is not None and not ctx.per_sample.on_backward(x, g):
             # the per-sample context forms dW and db itself once the backward is done
             needs_w = needs_b = False
         grad_x = grad_w = grad_b = None
         if needs_x:
             # dL/dx = g conj(W)        (M, out) @ (out, in) -> (M, in)
-            grad_x = (g @ weight.conj()).reshape(ctx.x_shape)
+            grad_x = g @ weight.conj()
+            if grad_y.dim() != 2:  # back to x's shape (*, in)
+                grad_x = grad_x.reshape(ctx.x_shape)
         if needs_w:
             # dL/dW = gᵀ conj(x)       (out, M) @ (M, in) -> (out, in)
-            grad_w = g.t() @ _flatten(x, x.shape[-1]).conj()
+            grad_w = g.t() @ _rows(x).conj()
         if needs_b:  # (False without a bias: a None input never needs a gradient)
             if ctx.bias_shape == (out_features,):
                 # dL/db = Σ_rows g          summed over every leading dim -> (out,)
