@@ -649,7 +649,8 @@ def per_sample_grads(
             loss.backward()
             ps.add_noise(sigma)
         for p in ps.parameters:
-            p.grad /= expected_batch_size   # e.g. ps.batch_size, or q·N under Poisson sampling
+            p.grad /= expected_batch_size   # the fixed batch size; q·N under Poisson sampling
+                                            # (not ps.batch_size there: a draw can be empty)
         optimizer.step()
 
     With a fixed batch size ``B`` the same update comes without the division pass from
