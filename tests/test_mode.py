@@ -239,6 +239,31 @@ def test_arguments_with_their_own_torch_function_stay_native_and_are_reported():
     assert "LinearFunctionBackward" in _nodes(linear)
 
 
+class _OwnComposites(torch.Tensor):
+    """A tensor subclass that gives two Python-level ``torch.nn.functional`` functions
+    (``softmin``, which calls a covered softmax, and the uncovered ``hardtanh``) its own
+    meaning."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (F.softmin, F.hardtanh):
+            return torch.full(args[0].shape, 7.0)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@needs_redispatch
+def test_python_level_functions_reach_a_subclass_with_its_own_torch_function():
+    # the mode re-dispatched F's Python-level functions into their bodies before the
+    # subclass saw them: its own softmin / hardtanh were silently bypassed, even though
+    # hardtanh is not a torchbp op
+    x = make((2, 3)).as_subclass(_OwnComposites)
+    with enable() as mode:
+        softmin, hardtanh = F.softmin(x, -1), F.hardtanh(x)
+    torch.testing.assert_close(softmin, torch.full((2, 3), 7.0))
+    torch.testing.assert_close(hardtanh, torch.full((2, 3), 7.0))
+    assert not mode.counts and not mode.native
+
+
 @pytest.mark.parametrize(
     "call, op",
     [

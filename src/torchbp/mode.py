@@ -33,7 +33,9 @@ Python-level ``torch.nn.functional`` functions that are not covered
 (``multi_head_attention_forward``, ``softmin``, ``tanhshrink``, ...) reach the mode as a
 whole; they are re-dispatched with the mode still active
 (:func:`torch.overrides.redispatch_function`), so the covered calls inside them are routed
-too: ``nn.MultiheadAttention``'s input/output projections, for example. On a torch without
+too: ``nn.MultiheadAttention``'s input/output projections, for example (unless an
+argument is a tensor subclass with its own ``__torch_function__``: that receives the
+whole call, as without the mode). On a torch without
 ``redispatch_function`` (2.11; it is public from 2.13) their bodies run natively. What no mode can
 reach is a fused native kernel: ``F.scaled_dot_product_attention`` (the attention
 softmax of ``MultiheadAttention`` with ``need_weights=False``, as in
@@ -404,9 +406,12 @@ class TorchbpMode(TorchFunctionMode):
                 _redispatch_function is not None
                 and isinstance(func, types.FunctionType)
                 and func.__module__ == F.__name__
+                and _own_torch_function(types_) is None
             ):
                 # a Python-level composite (e.g. multi_head_attention_forward): run its
                 # body with the mode active so that the covered calls inside it route
+                # (not for an argument whose __torch_function__ is its own: that must see
+                # the call itself, as without the mode)
                 with self:
                     return _redispatch_function(func, types_, args, kwargs)
             return _pass_on(func, args, kwargs)
