@@ -7,10 +7,18 @@ import threading
 import torch
 from torch.autograd import Function
 
-# While a ``torchbp.per_sample_grads`` context is open on this thread, ``.recorder`` is its
-# recorder: each Linear call tells it its inputs and, in backward, its ``x`` and ``g``
-# (the per-sample logic lives in ``torchbp/per_sample``).
-per_sample_recording = threading.local()
+
+class _PerSampleRecording(threading.local):
+    """While a ``torchbp.per_sample_grads`` context is open on this thread, ``.recorder`` is
+    its recorder: each Linear call tells it its inputs and, in backward, its ``x`` and ``g``
+    (the per-sample logic lives in ``torchbp/per_sample``). ``None`` on every other thread
+    and before any context: a class default, so that reading it (on each Linear call)
+    finds it at once rather than through a missed thread-local lookup."""
+
+    recorder = None
+
+
+per_sample_recording = _PerSampleRecording()
 # The recorders of the contexts open on any thread, by the id of each weight they record:
 # on CUDA the backward runs on autograd's device thread, and a reentrant checkpoint
 # recomputes its segment's forward there, where ``per_sample_recording`` holds nothing.
@@ -19,7 +27,7 @@ per_sample_recorders_by_weight: dict[int, object] = {}
 
 def _per_sample_recorder(weight: torch.Tensor):
     """The recorder of the context open on this thread, else of one recording ``weight``."""
-    recorder = getattr(per_sample_recording, "recorder", None)
+    recorder = per_sample_recording.recorder
     return recorder if recorder is not None else per_sample_recorders_by_weight.get(id(weight))
 
 
