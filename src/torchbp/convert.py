@@ -234,6 +234,7 @@ def convert(
 
     Examples::
 
+        >>> import torch, torchbp
         >>> model = torchbp.convert(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
         >>> type(model[0]).__module__
         'torchbp.nn'
