@@ -305,6 +305,37 @@ def test_module_whose_forward_is_set_on_the_instance_stays_and_is_reported():
     assert type(torchbp.convert(converted, to="torch")) is nn.Linear
 
 
+class _ConstantLinearWeight(torch.Tensor):
+    """A weight subclass that gives ``F.linear`` its own meaning (as quantized weights do):
+    every output element is 42."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            return torch.full((*args[0].shape[:-1], args[1].shape[0]), 42.0)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _PlainWeight(torch.Tensor):
+    """A weight subclass with torch's default ``__torch_function__``."""
+
+
+def test_module_with_a_parameter_of_its_own_torch_function_stays_and_is_reported():
+    # the twin calls torchbp.functional.linear, which the weight's __torch_function__ does
+    # not know: the converted layer silently computed a plain matmul instead of the
+    # weight's own F.linear
+    special, plain = nn.Linear(3, 2), nn.Linear(3, 2)
+    special.weight = nn.Parameter(special.weight.detach().as_subclass(_ConstantLinearWeight))
+    plain.weight = nn.Parameter(plain.weight.detach().as_subclass(_PlainWeight))
+    model = nn.Sequential(special, plain)
+    _, report = torchbp.convert(model, report=True)
+    assert type(special) is nn.Linear and type(plain) is bpnn.Linear
+    assert report.kept == [
+        ("0", "Linear", "weight is a _ConstantLinearWeight with its own __torch_function__")
+    ]
+    torch.testing.assert_close(special(torch.randn(4, 3)), torch.full((4, 2), 42.0))
+
+
 def test_report_lists_converted_and_kept_modules_with_reasons(caplog):
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3),

@@ -16,7 +16,10 @@ training flag stay the very same objects:
 * a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
   :func:`torchbp.enable` routes the functional calls inside it), and so does a module
   whose ``forward`` is set on the instance (by a library's hooks, say: it would shadow
-  the twin's) and every module without a torchbp op (``Conv2d``, ``LayerNorm``, ...).
+  the twin's), one with a parameter or buffer of a tensor subclass with its own
+  ``__torch_function__`` (a quantized weight: that decides what ``F.linear`` means for
+  it, and the twin would call torchbp's function instead), and every module without a
+  torchbp op (``Conv2d``, ``LayerNorm``, ...).
 * a parametrized module (:mod:`torch.nn.utils.parametrize`: ``weight_norm``,
   ``orthogonal``, ...) is an instance of a class torch made for it on top of its own
   class; the class underneath is converted by the rules above and torch's class is rebuilt
@@ -32,11 +35,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, overload
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -163,19 +168,46 @@ def _parametrized_on(cls: type[nn.Module], base: type[nn.Module]) -> type[nn.Mod
     return type(cls.__name__, (base,), body)
 
 
+#: the ``__torch_function__`` of ``torch.Tensor`` (inherited by default) and of
+#: ``nn.Parameter`` (disabled): tensors with either compute as torch's do
+_TORCH_HANDLERS = (torch.Tensor.__torch_function__.__func__, nn.Parameter.__torch_function__)
+
+
+def _tensor_with_own_torch_function(module: nn.Module) -> str | None:
+    """``"<name> is a <class> with its own __torch_function__"`` for the first own
+    parameter or buffer of ``module`` whose class says what functions mean for it (a
+    quantized weight's ``F.linear``); ``None`` if there is none."""
+    tensors = itertools.chain(
+        module.named_parameters(recurse=False), module.named_buffers(recurse=False)
+    )
+    for name, tensor in tensors:
+        if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+            continue  # a lazy module's placeholder: it becomes a Parameter / a tensor
+        handler = type(tensor).__torch_function__
+        if getattr(handler, "__func__", handler) not in _TORCH_HANDLERS:
+            return f"{name} is a {type(tensor).__name__} with its own __torch_function__"
+    return None
+
+
 def _new_class(module: nn.Module, choose) -> tuple[type[nn.Module] | None, str]:
     """``choose`` applied to ``module``'s class, or for a parametrized module to the class
-    under torch's parametrized one (which is then rebuilt on the new class); a module
-    whose ``forward`` is set on the instance is not converted to torchbp (that forward
-    shadows the twin's: it would still run what it ran)."""
+    under torch's parametrized one (which is then rebuilt on the new class). Not converted
+    to torchbp: a module whose ``forward`` is set on the instance (it shadows the twin's)
+    or with a parameter or buffer of a tensor subclass with its own
+    ``__torch_function__``."""
     if not parametrize.is_parametrized(module):
         new, reason = choose(type(module))
     else:
         base, reason = choose(parametrize.type_before_parametrizations(module))
         new = None if base is None else _parametrized_on(type(module), base)
-    if new is not None and choose is _to_torchbp and "forward" in vars(module):
+    if new is None or choose is not _to_torchbp:
+        return new, reason
+    if "forward" in vars(module):
         return None, "forward set on the instance"
-    return new, reason
+    # the twin calls torchbp's functions, which such a tensor's __torch_function__ does
+    # not know: it would silently compute torchbp's op instead of its own
+    own = _tensor_with_own_torch_function(module)
+    return (None, own) if own is not None else (new, "")
 
 
 def _describe(cls: type[nn.Module]) -> str:
@@ -217,8 +249,9 @@ def convert(
     is converted by switching its class: parameters, buffers, hooks and the training flag
     stay the very same objects. Subclasses of supported modules that keep their base's
     ``forward`` are converted too (see the module docstring); subclasses that override
-    ``forward``, modules whose ``forward`` is set on the instance and modules without a
-    torchbp op are left alone. With ``to="torch"``,
+    ``forward``, modules whose ``forward`` is set on the instance or that hold a tensor
+    subclass with its own ``__torch_function__``, and modules without a torchbp op are
+    left alone. With ``to="torch"``,
     exactly the classes converted before are switched back (a user subclass of a
     ``torchbp.nn`` class stays).
 
