@@ -73,6 +73,33 @@ class OptionsTypeError(TypeError, AttributeError):
     options' fields)."""
 
 
+_STRIDED, _JAGGED = torch.strided, torch.jagged
+
+
+def native_layout(t) -> bool:
+    """Whether ``t`` is a tensor that torchbp's Functions cannot take: a sparse one (COO,
+    CSR, CSC, BSR, BSC) or a nested tensor of strided layout. The functional call then
+    runs native's op (its result and gradients, or its own error), as under
+    ``torchbp.enable()``. A jagged nested tensor (``torch.jagged``) is not one: a tensor
+    subclass whose ops torchbp's Functions run on. Cheap (two attribute reads) for the
+    dense tensors of every call; ``False`` for ``None`` and any other non-tensor."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    layout = t.layout
+    return t.is_nested if layout is _STRIDED else layout is not _JAGGED
+
+
+def any_native_layout(*tensors) -> bool:
+    """Whether any of ``tensors`` is a :func:`native_layout` one (the same test, inlined:
+    this runs on every call of the multi-tensor functions)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            layout = t.layout
+            if t.is_nested if layout is _STRIDED else layout is not _JAGGED:
+                return True
+    return False
+
+
 def check_tensor(op: str, **tensors) -> None:
     """Every named argument is a tensor (``None`` where the caller allows it is skipped
     before): a :class:`NotATensorError` naming it otherwise."""

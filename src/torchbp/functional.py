@@ -9,7 +9,11 @@ and ``linear`` takes a 1-D weight with a bias for 2-D input and ``linear_cross_e
 of failures deep inside), apply autocast the way native ops are listed
 (``linear`` in the low-precision dtype; ``nll_loss`` / ``cross_entropy``, and on CUDA
 also ``softmax`` / ``log_softmax``, in float32), move the class dim of K-dimensional
-losses last, and reduce per-row losses. Like native's, each takes part in
+losses last, and reduce per-row losses. A sparse (COO, CSR, CSC, BSR, BSC) or strided
+nested tensor argument runs the native op instead, with its result and gradients, or its
+own error where it has none (torchbp's Functions take dense and jagged nested tensors; as
+under ``torchbp.enable()``); ``linear`` runs native's for any nested input, jagged too,
+and takes sparse ones itself, as ``linear_cross_entropy`` does. Like native's, each takes part in
 ``__torch_function__``: a tensor subclass or mode that overrides it sees the call
 (``torch.fx`` records it as one node, so a traced torchbp module keeps its backward).
 
@@ -136,6 +140,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear, (input, weight, bias), input, weight, bias)
+    if input.is_nested or weight.is_nested:  # (strided or jagged): native's op
+        return torch.nn.functional.linear(input, weight, bias)
     op = "linear"
     _checks.validate_linear(input, weight, bias)
     amp = _autocast_dtype(input)
@@ -209,6 +215,8 @@ def sigmoid(input: torch.Tensor) -> torch.Tensor:
     """
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.sigmoid(input)
     return apply(_SIGMOID, input)
 
 
@@ -228,6 +236,8 @@ def tanh(input: torch.Tensor) -> torch.Tensor:
     """
     if has_torch_function((input,)):
         return handle_torch_function(tanh, (input,), input)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.tanh(input)
     return apply(_TANH, input)
 
 
@@ -254,6 +264,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.relu(input, inplace=inplace)
     if not isinstance(input, torch.Tensor) or input.dtype == torch.bool:
         _checks.check_tensor("relu", input=input)
         # native raises RuntimeError (torch 2.13) or NotImplementedError (2.14): this is both
@@ -289,6 +301,8 @@ def leaky_relu(
     """
     if has_torch_function((input,)):
         return handle_torch_function(leaky_relu, (input,), input, negative_slope, inplace)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.leaky_relu(input, negative_slope, inplace)
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     if inplace:
@@ -315,6 +329,8 @@ def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     """
     if has_torch_function((input,)):
         return handle_torch_function(gelu, (input,), input, approximate=approximate)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.gelu(input, approximate=approximate)
     _checks.validate_gelu(approximate)
     return apply(_GELU, input, approximate)
 
@@ -339,6 +355,8 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     if has_torch_function((input,)):
         return handle_torch_function(silu, (input,), input, inplace=inplace)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.silu(input, inplace=inplace)
     if not inplace:
         return apply(_SILU, input)
     if not _differentiated(input):
@@ -371,6 +389,8 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     """
     if has_torch_function((input,)):
         return handle_torch_function(elu, (input,), input, alpha, inplace)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.elu(input, alpha, inplace)
     alpha = _checks.scalar_argument("elu", "alpha", alpha)
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
     if inplace:
@@ -397,6 +417,8 @@ def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) ->
     """
     if has_torch_function((input,)):
         return handle_torch_function(softplus, (input,), input, beta, threshold)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.softplus(input, beta, threshold)
     beta = _checks.scalar_argument("softplus", "beta", beta)
     threshold = _checks.scalar_argument("softplus", "threshold", threshold)
     return apply(_SOFTPLUS, input, beta, threshold)
@@ -459,6 +481,8 @@ def softmax(
     """
     if has_torch_function((input,)):
         return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.softmax(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
 
 
@@ -487,6 +511,8 @@ def log_softmax(
     """
     if has_torch_function((input,)):
         return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.log_softmax(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("log_softmax", _LOGSOFTMAX, input, dim, _stacklevel, dtype)
 
 
@@ -631,6 +657,10 @@ def nll_loss(
             reduce,
             reduction,
         )
+    if _checks.any_native_layout(input, target, weight):  # sparse or strided nested
+        return torch.nn.functional.nll_loss(
+            input, target, weight, size_average, ignore_index, reduce, reduction
+        )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("nll_loss", "ignore_index", ignore_index)
     (classes, class_dim, batch_shape), unmasked = _checks.validate_nll_loss(
@@ -717,6 +747,10 @@ def cross_entropy(
             reduction,
             label_smoothing,
             inplace=inplace,
+        )
+    if _checks.any_native_layout(input, target, weight):  # sparse or strided nested
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("cross_entropy", "ignore_index", ignore_index)
