@@ -1100,6 +1100,23 @@ def test_an_early_stopping_monitor_the_model_never_logs_is_a_cli_error_before_tr
     assert "val/acc" in err and "Traceback" not in err and not list(tmp_path.iterdir())
 
 
+def test_a_non_strict_early_stopping_may_monitor_a_metric_the_model_never_logs(tmp_path):
+    """EarlyStopping(strict=False) is Lightning's way to say that its monitor may be missing
+    (a metric a callback logs, or train/epsilon in a config shared with non-private runs):
+    Lightning trains on and never stops for it. The CLI's monitor check refused it."""
+    cli = run_cli(
+        "fit",
+        "--config",
+        str(CONFIGS / "iris.yaml"),
+        f"--run_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--trainer.callbacks+=EarlyStopping",
+        "--trainer.callbacks.monitor=train/epsilon",
+        "--trainer.callbacks.strict=false",
+    )
+    assert cli.trainer.current_epoch == 1 and "test/acc" in cli.trainer.callback_metrics
+
+
 def _cut_short(path: Path) -> None:
     """Leave the first 3000 bytes of the file at ``path``: a save cut short by a crash."""
     path.write_bytes(path.read_bytes()[:3000])

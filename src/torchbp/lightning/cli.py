@@ -689,9 +689,10 @@ class TorchbpCLI(LightningCLI):
 
     def _check_monitors(self) -> None:
         """Every ModelCheckpoint's ``monitor`` (``checkpoint.monitor``, and those of
-        trainer.callbacks) and every EarlyStopping's is a metric the fit logs (ERMClassifier's
-        own, not a subclass's, which may log more): Lightning finds a misspelt one only after
-        the first epoch, with a traceback."""
+        trainer.callbacks) and every strict EarlyStopping's is a metric the fit logs
+        (ERMClassifier's own, not a subclass's, which may log more): Lightning finds a misspelt
+        one only after the first epoch, with a traceback. An EarlyStopping with
+        ``strict=False`` may monitor a metric that is missing (Lightning trains on)."""
         if type(self.model) is not ERMClassifier:
             return
         logged = [n for n in self.model.metric_names() if not n.startswith("test/")]
@@ -703,7 +704,7 @@ class TorchbpCLI(LightningCLI):
             # Lightning adds epoch and step to what a checkpoint may monitor
             _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
         for callback in self.trainer.callbacks:
-            if isinstance(callback, EarlyStopping):
+            if isinstance(callback, EarlyStopping) and callback.strict:
                 _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
 
     def _check_checkpoint_fits_model(self) -> None:
