@@ -1,5 +1,6 @@
 """What a run writes into its folder: ``metrics.csv`` and ``hparams.yaml`` (RunCSVLogger, kept
-across resumes) and, for ``predict``, ``predictions.csv`` (:func:`write_predictions`)."""
+across resumes; ``curves.png`` drawn from ``metrics.csv`` when it finishes) and, for
+``predict``, ``predictions.csv`` (:func:`write_predictions`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import torch
 from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers import Logger
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+
+from torchbp.lightning.curves import CURVES_FILE, plot_curves
 
 __all__ = ["RunCSVLogger", "write_predictions"]
 
@@ -108,7 +111,15 @@ class RunCSVLogger(Logger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
+        """Write the pending rows, then draw the run's learning curves (``curves.png``, see
+        :mod:`torchbp.lightning.curves`) from the whole file: a picture that cannot be
+        drawn is reported as a warning, never failing the run."""
         self.save()
+        if self.metrics_file.is_file():
+            try:
+                plot_curves(self.metrics_file)
+            except Exception as error:  # a plotting failure must not lose a finished run
+                rank_zero_warn(f"{CURVES_FILE} not drawn: {type(error).__name__}: {error}")
 
 
 def write_predictions(
