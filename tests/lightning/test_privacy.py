@@ -571,3 +571,42 @@ def test_fit_of_a_trained_model_from_a_checkpoint_continues_the_checkpoints_nois
     assert model.accountant.steps == fresh.accountant.steps
     for name, p in fresh.named_parameters():
         torch.testing.assert_close(dict(model.named_parameters())[name], p, rtol=0, atol=0)
+
+
+class _StateOnAccelerator:
+    """The saved noise state as ``load_from_checkpoint(..., map_location="cuda")`` gives it:
+    a tensor on the GPU, which ``Generator.set_state`` refuses ("RNG state must be a
+    torch.ByteTensor", a TypeError) on any device; ``.cpu()`` gives the saved state back."""
+
+    def __init__(self, state: torch.Tensor) -> None:
+        self._state = state
+
+    def cpu(self) -> torch.Tensor:
+        return self._state
+
+
+def test_a_noise_state_loaded_onto_an_accelerator_continues_the_checkpoints_noise(tmp_path):
+    """A checkpoint loaded with map_location="cuda" (load_from_checkpoint's way to put a
+    model on the GPU) has its noise state on the GPU too: the fit then failed at its start
+    with set_state's TypeError. The state is brought to the CPU as it is loaded, and the fit
+    continues the checkpoint's noise as from a CPU load."""
+    pytest.importorskip("opacus")
+    privacy = Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
+    dm, model, trainer = _dp_fit(tmp_path, privacy, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+    checkpoint = torch.load(ckpt, weights_only=False)
+    ends = []
+    for state in (checkpoint["privacy_noise_generator"], None):
+        dm, restored, trainer = _dp_fit(tmp_path, privacy, max_steps=3, limit_val_batches=0)
+        loaded = dict(checkpoint)
+        if state is None:  # as map_location="cuda" leaves it
+            loaded["privacy_noise_generator"] = _StateOnAccelerator(
+                checkpoint["privacy_noise_generator"]
+            )
+        restored.load_state_dict(checkpoint["state_dict"])
+        restored.on_load_checkpoint(loaded)
+        trainer.fit(restored, datamodule=dm)
+        ends.append(restored.net[0].weight.detach().clone())
+    torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=0)

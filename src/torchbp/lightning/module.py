@@ -742,7 +742,10 @@ class ERMClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_accountant = checkpoint.get("privacy_accountant")
-        self._restored_noise_state = checkpoint.get("privacy_noise_generator")
+        noise = checkpoint.get("privacy_noise_generator")
+        # Generator.set_state takes a CPU tensor only: a checkpoint loaded with
+        # map_location="cuda" has it on the GPU
+        self._restored_noise_state = None if noise is None else noise.cpu()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         if self.privacy is not None:
