@@ -788,7 +788,8 @@ def test_reentrant_checkpoint_of_some_trainable_layers_refused_by_name(segment):
     with per_sample_grads(model):
         out = forward(x)
         with pytest.raises(
-            RuntimeError, match=r"Linear '(0|2)' came after .*reentrant .*use_reentrant=False"
+            RuntimeError,
+            match=r"split across reentrant .*Linear '(0|2)'.*use_reentrant=False",
         ):
             out.sum().backward()
 
@@ -912,3 +913,53 @@ def test_add_noise_twice_refused_and_grads_kept():
     with pytest.raises(RuntimeError, match="add_noise was already called"):
         ps.add_noise(1.0)
     assert all(torch.equal(p.grad, g) for p, g in zip(ps.parameters, noised))
+
+
+def _reentrant_split_forward(model, x, split):
+    """The model run with trainable Linear layers split across reentrant checkpoint
+    segments, or between one and the rest of the model."""
+    from torch.utils.checkpoint import checkpoint
+
+    def segment(module, h):
+        return checkpoint(module, h, use_reentrant=True)
+
+    if split == "first":
+        return model[3:](segment(model[:3], x))
+    if split == "middle":
+        return model[3:](segment(model[2:3], model[:2](x)))
+    if split == "last":
+        return segment(model[2:], model[:2](x))
+    if split == "two_segments":
+        return segment(model[2:], segment(model[:2], x))
+    if split == "called_twice":
+        return segment(model, x) + segment(model, x.flip(0))
+    # "nested": Linear '0' in the outer segment, the rest in one inside it
+    return segment(lambda h: segment(model[2:], model[:2](h)), x)
+
+
+@pytest.mark.parametrize(
+    "split", ["first", "middle", "last", "two_segments", "called_twice", "nested"]
+)
+@pytest.mark.parametrize("mode", ["norms", "clip", "grads"])
+def test_reentrant_checkpoint_split_refused_before_any_grad_is_written(split, mode):
+    """Trainable Linear layers split across reentrant checkpoint segments (or between one
+    and the rest of the model) run in two backwards; the first of them to pass its layers
+    formed and wrote their p.grad (and, in grads mode, p.grad_sample) before the other
+    backward was refused: the caller who caught the error kept half a step's gradients
+    added to p.grad. The split is refused now at the first Linear backward, before any
+    gradient is written: every p.grad is bit-identical to before."""
+    model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6), nn.Tanh())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in model.parameters()]
+    x = torch.randn(5, 4, requires_grad=True)
+    max_norm = 0.5 if mode == "clip" else None
+    with per_sample_grads(model, mode, max_norm) as ps:
+        out = _reentrant_split_forward(model, x, split)
+        with pytest.raises(RuntimeError, match=r"reentrant .*use_reentrant=False"):
+            out.sum().backward()
+    for (name, p), old in zip(model.named_parameters(), before):
+        assert torch.equal(p.grad, old), f"{name}'s p.grad changed"
+        assert getattr(p, "grad_sample", None) is None, f"{name}.grad_sample was set"
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms

@@ -640,7 +640,9 @@ def per_sample_grads(
     segment that holds every trainable Linear does (frozen layers may follow it): the
     segment runs a backward of its own, and the first of the two backwards to pass the
     trainable layers it reaches ends the recording, so a trainable Linear before or after
-    the segment is refused, naming the checkpoint.
+    the segment, or one in another segment (a checkpoint called twice included), is
+    refused at the first Linear backward, naming the layers of each segment, before any
+    gradient is formed or written.
 
     DP-SGD step (noise ``N(0, σ²C²)`` on the summed clipped gradient, then the average)::
 

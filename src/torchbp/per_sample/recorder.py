@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,7 @@ class Recorder:
         # (layer, whether autocast is on for its device) for each Linear module whose
         # forward is running, innermost last (see track_calls)
         self.calling: list[tuple[Layer, bool]] = []
+        self.segments = SegmentMap()
 
     def track_calls(self, layer: Layer) -> list:
         """Hooks on ``layer``'s module that keep :attr:`calling` while its forward runs,
@@ -84,7 +86,10 @@ class Recorder:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
                 return Stray(self, self._stray_reason(layer, weight))
             return None
-        return Use(self, layer, x.shape)
+        use = Use(self, layer, x.shape)
+        if self.recordings == 0 and not self.segments.checked:
+            self.segments.note(use)
+        return use
 
     def _stray_reason(self, layer: Layer | None, weight: torch.Tensor) -> str:
         """What makes a linear call with trainable parameters unrecordable, naming the
@@ -117,7 +122,15 @@ class Recorder:
 class Use:
     """One forward call of one Linear layer; receives that call's backward."""
 
-    __slots__ = ("recorder", "layer", "x_shape", "recorded", "born", "born_after_the_end")
+    __slots__ = (
+        "recorder",
+        "layer",
+        "x_shape",
+        "recorded",
+        "born",
+        "born_after_the_end",
+        "__weakref__",  # SegmentMap holds its Uses weakly: a Use lives as long as its node
+    )
 
     def __init__(self, recorder: Recorder, layer: Layer, x_shape: torch.Size) -> None:
         self.recorder = recorder
@@ -137,6 +150,8 @@ class Use:
                 "its per_sample_grads context had closed; call loss.backward() inside the "
                 "with block"
             )
+        if not self.recorder.segments.checked:
+            self._refuse_split_segments()
         if self.recorder.finalised and not self.recorded and self._cut_by_a_checkpoint():
             raise RuntimeError(
                 f"per_sample_grads: the backward through Linear {self.layer.name!r} came "
@@ -188,6 +203,29 @@ class Use:
         self.recorder.layer_recorded_at[id(self.layer)] = self.recorder.recordings
         return False
 
+    def _refuse_split_segments(self) -> None:
+        """At the first Linear backward, before any gradient is formed: refuse a forward
+        whose trainable Linear calls still in the graph are split across reentrant
+        checkpoint segments, or between one and the rest of the model."""
+        groups = self.recorder.segments.take_groups()
+        if len(groups) < 2:
+            return
+        self.recorder.failed = True
+        segments = iter(range(1, len(groups) + 1))
+        where = "; ".join(
+            f"{'outside any segment' if not path else f'in segment {next(segments)}'}: Linear "
+            + ", ".join(map(repr, names))
+            for path, names in groups.items()
+        )
+        raise RuntimeError(
+            "per_sample_grads: the trainable Linear layers of this forward are split across "
+            f"reentrant activation checkpoint segments (use_reentrant=True): {where}; each "
+            "segment runs a backward of its own, and the first of them to end would end the "
+            "recording, so nothing is formed (p.grad is left as it was); with "
+            "use_reentrant=True only one segment holding every trainable Linear call works: "
+            "use use_reentrant=False"
+        )
+
     def _cut_by_a_checkpoint(self) -> bool:
         """Whether the recording ended (it has) within this call's own backward, by a
         reentrant checkpoint: this is its recomputed segment's backward, or the checkpoint's
@@ -221,6 +259,73 @@ def running_on_this_thread(code) -> bool:
 
 
 _CHECKPOINT_BACKWARD_CODE = CheckpointFunction.backward.__code__
+_CHECKPOINT_FORWARD_CODE = CheckpointFunction.forward.__code__
+
+
+class SegmentMap:
+    """Which reentrant checkpoint segment each trainable Linear call of the forward ran in.
+
+    A reentrant checkpoint runs its segment's forward without a graph and, in the backward,
+    recomputes it and runs a backward of its own through it: the Linear calls of the
+    segment and those outside it (or in another segment) are passed by different
+    backwards, each of which ends the recording when it has passed its layers. Noted at the
+    forward, checked at the first Linear backward (:meth:`take_groups`), before any
+    gradient is written. Only calls still in a graph count: a call outside any segment
+    while its node lives (not one made under ``torch.no_grad()``), one inside while the
+    outermost checkpoint around it lives (not one made for an evaluation).
+    """
+
+    def __init__(self) -> None:
+        self.checked = False
+        self._outside: list[weakref.ref] = []  # the Uses made outside any segment
+        # per outermost segment (its checkpoint's node): {path of segment serials: names}
+        self._inside: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._serials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def note(self, use: Use) -> None:
+        """File a Use made at the forward (one made while a reentrant checkpoint recomputes
+        its segment, in the backward, is not noted)."""
+        nodes = _running_checkpoint_segments()
+        if nodes is None:
+            return
+        if not nodes:
+            self._outside.append(weakref.ref(use))
+            return
+        path = tuple(self._serials.setdefault(node, len(self._serials)) for node in nodes)
+        names = self._inside.setdefault(nodes[0], {}).setdefault(path, [])
+        if use.layer.name not in names:
+            names.append(use.layer.name)
+
+    def take_groups(self) -> dict[tuple, list[str]]:
+        """The layer names of the calls still in a graph, by segment path (``()``: outside
+        any segment); marks the check done and drops what was noted."""
+        groups: dict[tuple, list[str]] = {}
+        alive = (use() for use in self._outside)
+        outside = list(dict.fromkeys(use.layer.name for use in alive if use is not None))
+        if outside:
+            groups[()] = outside
+        for paths in list(self._inside.values()):
+            groups.update(paths)
+        self.checked = True
+        self._outside, self._inside, self._serials = [], {}, {}
+        return groups
+
+
+def _running_checkpoint_segments() -> tuple | None:
+    """The nodes of the reentrant checkpoints whose segment forward is running on this
+    thread, outermost first; ``None`` while a reentrant checkpoint's backward runs (it
+    recomputes its segment)."""
+    nodes = []
+    frame = inspect.currentframe()
+    while frame is not None:
+        code = frame.f_code
+        if code is _CHECKPOINT_BACKWARD_CODE:
+            return None
+        if code is _CHECKPOINT_FORWARD_CODE:
+            # Function.forward's first argument is its ctx, the node of the checkpoint
+            nodes.append(frame.f_locals[code.co_varnames[0]])
+        frame = frame.f_back
+    return tuple(reversed(nodes))
 
 
 class Stray:
