@@ -610,3 +610,29 @@ def test_a_noise_state_loaded_onto_an_accelerator_continues_the_checkpoints_nois
         trainer.fit(restored, datamodule=dm)
         ends.append(restored.net[0].weight.detach().clone())
     torch.testing.assert_close(ends[1], ends[0], rtol=0, atol=0)
+
+
+def test_a_fit_without_privacy_from_a_dp_checkpoint_is_refused_before_any_step(tmp_path):
+    """trainer.fit(ERMClassifier(privacy=None), ckpt_path=<a DP-SGD checkpoint>) (torchbp-train
+    refuses it) trained on without noise, and its checkpoints kept the DP steps' accountant:
+    a DP fit resumed from one counted ε over the DP steps only, for weights that had trained
+    without noise in between. It is refused before any step, the weights untouched."""
+    pytest.importorskip("opacus")
+    from torchbp.lightning import ERMClassifier
+
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=2)
+    trainer.fit(model, datamodule=dm)
+    ckpt = tmp_path / "dp.ckpt"
+    trainer.save_checkpoint(ckpt)
+    dm, _, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=4)
+    plain = ERMClassifier(
+        input_size=64,
+        num_classes=10,
+        hidden_sizes=[16],
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
+    )
+    with pytest.raises(ValueError, match=r"trained with DP-SGD.*privacy=None"):
+        trainer.fit(plain, datamodule=dm, ckpt_path=ckpt)
+    assert trainer.global_step == 2  # restored, not a step further
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(dict(plain.named_parameters())[name], p, rtol=0, atol=0)

@@ -245,7 +245,8 @@ class ERMClassifier(pl.LightningModule):
             Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
             accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its
             step, with the noise alone: DP-SGD releases a noisy update at every step, and
-            skipping one would tell that its draw was empty.
+            skipping one would tell that its draw was empty. A model without ``privacy`` refuses
+            to fit on the weights of a DP-SGD checkpoint (no ε would hold for the result).
         compile: Compile the network with ``torch.compile`` (in place, so the state_dict and
             checkpoints are an eager model's; ``--model.compile true`` in torchbp-train). The
             metrics equal the eager run's; not with ``privacy``. From Python,
@@ -614,6 +615,7 @@ class ERMClassifier(pl.LightningModule):
     def on_train_start(self) -> None:
         # the train DataLoader exists from here on (not yet in on_fit_start)
         if self.privacy is None:
+            self._refuse_private_checkpoint()
             return
         trainer = self.trainer
         sampler = self._private_sampler(trainer, trainer.train_dataloader)
@@ -628,6 +630,19 @@ class ERMClassifier(pl.LightningModule):
         self.accountant, self._restored_accountant = accountant, None
         self._noise_generator, self._restored_noise_state = noise, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
+
+    def _refuse_private_checkpoint(self) -> None:
+        """A fit without privacy of weights loaded from a DP-SGD checkpoint would end as a
+        model no ε holds for, while its checkpoints kept the DP steps' accountant (a DP fit
+        resumed from one would count ε over those steps only): refused, as torchbp-train
+        refuses it."""
+        if self._restored_accountant is not None:
+            raise ValueError(
+                "the weights were loaded from a checkpoint trained with DP-SGD, and this model "
+                "has privacy=None: training on without privacy would end with a model no "
+                "epsilon holds for; fit with the checkpoint's privacy settings (its "
+                "hyper_parameters have them)"
+            )
 
     def _new_accountant(
         self, trainer: pl.Trainer, sampler: PoissonBatchSampler
