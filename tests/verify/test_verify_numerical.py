@@ -221,3 +221,74 @@ def test_fast_mode_does_not_rest_on_torchs_one_fixed_projection():
     )
     assert report["gradcheck"].status == "fail", report["gradcheck"]
     assert "random projection" in report["gradcheck"].message
+
+
+class NormalizeSavingTheNorm(torch.autograd.Function):
+    """Rows scaled to unit L2 norm, saving the output and the norm that forward computed:
+    backward is right, but a double backward sees the norm as a constant."""
+
+    @staticmethod
+    def forward(ctx, x):
+        norm = x.norm(dim=-1, keepdim=True)
+        y = x / norm
+        ctx.save_for_backward(y, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, norm = ctx.saved_tensors
+        return (g - y * (g * y).sum(-1, keepdim=True)) / norm
+
+
+class NormalizeRecomputingTheNorm(torch.autograd.Function):
+    """The same with the norm recomputed in backward from the saved input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x / x.norm(dim=-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        norm = x.norm(dim=-1, keepdim=True)
+        y = x / norm
+        return (g - y * (g * y).sum(-1, keepdim=True)) / norm
+
+
+class MaskedCubeDetachingInBackward(torch.autograd.Function):
+    """``mask · x³`` saving its input and a mask input (neither a forward-made constant);
+    backward detaches one factor of x, so its double backward is wrong for another reason."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(x, mask)
+        return mask * x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mask = ctx.saved_tensors
+        return 3 * g * mask * x * x.detach(), None
+
+
+def test_double_backward_names_a_tensor_forward_computed_and_saved():
+    report = check_function(
+        NormalizeSavingTheNorm, seeded(3, 4), checks=["gradcheck", "gradgradcheck"]
+    )
+    assert report["gradcheck"].passed, report
+    result = report["gradgradcheck"]
+    assert result.failed, report
+    assert "possible cause: NormalizeSavingTheNorm saved a (3, 1) tensor" in result.message
+    assert "neither an input nor an output" in result.message
+    fixed = check_function(NormalizeRecomputingTheNorm, seeded(3, 4), checks="gradgradcheck")
+    assert fixed["gradgradcheck"].passed, fixed
+
+
+def test_double_backward_failure_without_a_forward_made_constant_names_none():
+    mask = (seeded(3, 4).detach() > 0).double()
+    report = check_function(
+        MaskedCubeDetachingInBackward, seeded(3, 4), mask, checks="gradgradcheck"
+    )
+    result = report["gradgradcheck"]
+    assert result.failed, report
+    assert "possible cause" not in result.message

@@ -360,10 +360,65 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
         raise CheckSkip("skipped because gradcheck failed (first derivatives are wrong)")
     try:
         return _second_order(ctx)
-    except (CheckFailure, CheckUnsupported, CheckSkip):
+    except CheckFailure as failure:
+        constants = saved_constants(ctx)
+        if not constants:
+            raise
+        raise CheckFailure(
+            f"{failure.message} (possible cause: {_list(constants)} for backward although "
+            "it is neither an input nor an output: forward runs without autograd, so double "
+            "backward takes it for a constant and misses its dependence on the inputs. Save "
+            "inputs or outputs and recompute it in backward, or return it as an output; "
+            "mark backward @once_differentiable if double backward is not meant to work)",
+            failure.abs_err,
+            failure.rel_err,
+        ) from None
+    except (CheckUnsupported, CheckSkip):
         raise
     except Exception as exc:  # noqa: BLE001
         raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
+
+
+def saved_constants(ctx: CheckContext) -> list[str]:
+    """What fn's Python Functions saved for backward that is neither one of fn's inputs
+    nor an output of the Function: a floating-point tensor computed in ``forward`` (which
+    runs without autograd), so the graph of a double backward holds it as a constant.
+    Each as ``"<Function> saved a <shape> tensor"``; empty when nothing is found or the
+    saved tensors cannot be read (freed, or a C++ node)."""
+    diff = ctx.leaves()
+    inputs = ctx.full_inputs(diff)
+    given = {t.data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.is_sparse}
+    try:
+        roots = [o.grad_fn for o in ctx.diff_fn(*diff) if o.grad_fn is not None]
+    except Exception:  # noqa: BLE001 - a hint only: fn already ran in the failed check
+        return []
+    found, seen = [], set()
+    while roots:
+        node = roots.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        roots.extend(parent for parent, _ in node.next_functions)
+        if not isinstance(node, torch.autograd.function.BackwardCFunction):
+            continue
+        try:
+            saved = node.saved_tensors
+        except RuntimeError:
+            continue
+        name = type(node).__name__.removesuffix("Backward")
+        found += [
+            f"{name} saved a {tuple(t.shape)} tensor"
+            for t in saved
+            if isinstance(t, torch.Tensor)
+            and (t.is_floating_point() or t.is_complex())
+            and not t.requires_grad
+            and t.data_ptr() not in given
+        ]
+    return found
+
+
+def _list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _second_order(ctx: CheckContext) -> Passed:
