@@ -509,6 +509,20 @@ def test_fast_dev_run_leaves_no_checkpoint_for_ckpt_path_last(short_run, tmp_pat
     assert cli.config_init.test.ckpt_path == str(run / "checkpoints/last.ckpt")
 
 
+def test_a_predict_that_writes_nothing_leaves_no_run_folder(tmp_path):
+    """``predict --trainer.fast_dev_run`` (logging suppressed: no config.yaml, no
+    predictions.csv) left its new run folder behind, empty, while fit, validate and test
+    remove theirs: the next run of the name took the version after it."""
+    run_cli(
+        "predict",
+        "--config",
+        str(CONFIGS / "iris.yaml"),
+        f"--run_dir={tmp_path}",
+        "--trainer.fast_dev_run=1",
+    )
+    assert not list(tmp_path.iterdir())
+
+
 def _read_predictions(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import csv
 

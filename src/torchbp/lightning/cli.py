@@ -913,6 +913,13 @@ class TorchbpCLI(LightningCLI):
         self._release_run_folder()
 
     def after_predict(self) -> None:
+        try:
+            self._write_predictions()
+        finally:
+            self._release_run_folder()
+
+    def _write_predictions(self) -> None:
+        """Write the predictions into the run folder (by rank 0 of a single-process run)."""
         trainer = self.trainer
         batches = trainer.predict_loop.predictions
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
