@@ -963,3 +963,41 @@ def test_reentrant_checkpoint_split_refused_before_any_grad_is_written(split, mo
         assert getattr(p, "grad_sample", None) is None, f"{name}.grad_sample was set"
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+@pytest.mark.parametrize("stray", ["linear_before_the_model", "functional_call_first_layer"])
+@pytest.mark.parametrize("mode", ["norms", "clip", "grads"])
+def test_stray_linear_backward_after_the_models_refused_before_any_grad_is_written(stray, mode):
+    """A torchbp Linear call the context cannot record (a trainable Linear outside the
+    model, in front of it; torch.func.functional_call with new parameters for the first
+    layer) whose backward runs after the backward has passed every model parameter:
+    the multi-gradient hook fired first, forming and writing p.grad (and p.grad_sample),
+    and only then was the call refused, so a caller who caught the error kept the
+    half-step's gradients. The results now wait for the stray call's backward, which
+    refuses it before anything is written: every p.grad is bit-identical."""
+    from torch.func import functional_call
+
+    model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6), nn.Tanh())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in model.parameters()]
+    x = torch.randn(5, 4)
+    front = torchbp.nn.Linear(4, 4)
+    first = {
+        "0.weight": model[0].weight.detach().clone().requires_grad_(),
+        "0.bias": model[0].bias.detach().clone().requires_grad_(),
+    }
+    max_norm = 0.5 if mode == "clip" else None
+    with per_sample_grads(model, mode, max_norm) as ps:
+        out = (
+            model(front(x))
+            if stray == "linear_before_the_model"
+            else functional_call(model, first, (x,))
+        )
+        with pytest.raises(RuntimeError, match="its per-sample contribution cannot be"):
+            out.sum().backward()
+    for (name, p), old in zip(model.named_parameters(), before):
+        assert torch.equal(p.grad, old), f"{name}'s p.grad changed"
+        assert getattr(p, "grad_sample", None) is None, f"{name}.grad_sample was set"
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms

@@ -70,6 +70,10 @@ class PerSampleGrads:
         self._registered_weights: list[int] = []  # ids in per_sample_recorders_by_weight
         self._state = "new"  # -> "open" -> "closed" / "failed"
         self._hooks: list = []
+        # the multi-gradient hook that forms the results, on the parameters and on the
+        # trainable tensors of every linear call refused at its backward (see _watch_stray)
+        self._results_hook = None
+        self._watched: list[torch.Tensor] = []
         # ids of the parameters the backward reached (all of them, unless
         # backward(inputs=...) names some): only those get p.grad, as with autograd
         self._reached: set[int] = set()
@@ -104,13 +108,8 @@ class PerSampleGrads:
         for layer in self._layers:
             self._hooks += self._recorder.track_calls(layer)
         if self.parameters:
-            # Fires once per backward, after the gradients of every parameter the backward
-            # reaches are computed, i.e. after the last recorded Linear backward.
-            self._hooks.append(
-                torch.autograd.graph.register_multi_grad_hook(
-                    self.parameters, self._after_backward, mode="all"
-                )
-            )
+            self._register_results_hook()
+            self._recorder.watch_stray = self._watch_stray
         per_sample_recording.recorder = self._recorder
         for w in weights:
             per_sample_recorders_by_weight[w] = self._recorder
@@ -125,9 +124,13 @@ class PerSampleGrads:
             per_sample_recorders_by_weight.pop(w, None)
         self._registered_weights = []
         self._recorder.closed = True
+        self._recorder.watch_stray = None
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._results_hook is not None:
+            self._results_hook.remove()
+            self._results_hook, self._watched = None, []
         if exc_type is not None or self._recorder.failed or self._backward_cut_short():
             self._state = "failed"
         try:
@@ -263,6 +266,30 @@ class PerSampleGrads:
         if self._has_traces():
             self._recorder.ended_in_checkpoint = inside_reentrant_checkpoint()
             self._finalise(forms_param_grads=True)
+
+    def _register_results_hook(self) -> None:
+        """(Re-)register the multi-gradient hook that forms the results: it fires once per
+        backward, after the gradients of every parameter the backward reaches are
+        computed, i.e. after the last recorded Linear backward, and of every watched
+        tensor it reaches, which it never does (see :meth:`_watch_stray`)."""
+        if self._results_hook is not None:
+            self._results_hook.remove()
+        self._results_hook = torch.autograd.graph.register_multi_grad_hook(
+            [*self.parameters, *self._watched], self._after_backward, mode="all"
+        )
+
+    def _watch_stray(self, tensors: list[torch.Tensor]) -> None:
+        """Make the results wait for the backward of a linear call with trainable
+        ``tensors`` that the context refuses at its backward (a Linear outside the model,
+        functional_call with new parameters): one that runs after the backward has passed
+        every parameter would otherwise come after p.grad was written. The refusal raises
+        before those tensors' gradients are computed, so the hook never fires; a call the
+        backward does not reach (a forward outside the loss) does not hold it back."""
+        known = {id(t) for t in (*self.parameters, *self._watched)}
+        new = [t for t in tensors if t.requires_grad and id(t) not in known]
+        if new:
+            self._watched += new
+            self._register_results_hook()
 
     def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
         """Raise for a gradient that reached ``p`` through an op other than its Linear:

@@ -49,6 +49,9 @@ class Recorder:
         # forward is running, innermost last (see track_calls)
         self.calling: list[tuple[Layer, bool]] = []
         self.segments = SegmentMap()
+        # called with the trainable tensors of each call that gets a Stray (set by the
+        # open context: its results wait for that call's backward, which refuses it)
+        self.watch_stray: Callable[[list[torch.Tensor]], None] | None = None
 
     def track_calls(self, layer: Layer) -> list:
         """Hooks on ``layer``'s module that keep :attr:`calling` while its forward runs,
@@ -84,6 +87,8 @@ class Recorder:
         layer = self._by_weight.get(id(weight))
         if layer is None or layer.module.bias is not bias:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
+                if self.watch_stray is not None:
+                    self.watch_stray([t for t in (weight, bias) if t is not None])
                 return Stray(self, self._stray_reason(layer, weight))
             return None
         use = Use(self, layer, x.shape)
