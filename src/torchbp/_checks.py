@@ -89,6 +89,11 @@ def native_layout(t) -> bool:
     return t.is_nested if layout is _STRIDED else layout is not _JAGGED
 
 
+def nested(t) -> bool:
+    """Whether ``t`` is a nested tensor, strided or jagged (``False`` for a non-tensor)."""
+    return isinstance(t, torch.Tensor) and t.is_nested
+
+
 def any_native_layout(*tensors) -> bool:
     """Whether any of ``tensors`` is a :func:`native_layout` one (the same test, inlined:
     this runs on every call of the multi-tensor functions)."""

@@ -140,7 +140,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear, (input, weight, bias), input, weight, bias)
-    if input.is_nested or weight.is_nested:  # (strided or jagged): native's op
+    if _checks.nested(input) or _checks.nested(weight):  # (strided or jagged): native's op
         return torch.nn.functional.linear(input, weight, bias)
     op = "linear"
     _checks.validate_linear(input, weight, bias)
