@@ -48,6 +48,13 @@ def test_linear_device_mismatch_names_both():
         TF.linear(torch.randn(2, 3), w)
 
 
+def test_linear_bias_on_another_device_is_named():
+    # input and weight share a device, the bias does not: not the one-device fast path
+    b = torch.empty(4, device="meta")
+    with pytest.raises(DeviceError, match="input on cpu, weight on cpu, bias on meta"):
+        TF.linear(torch.randn(2, 3), torch.randn(4, 3), b)
+
+
 # --------------------------------------------------------------------------- losses
 LOSSES = [TF.cross_entropy, TF.nll_loss]
 IDS = ["cross_entropy", "nll_loss"]

@@ -497,7 +497,9 @@ def validate_linear(input, weight, bias) -> None:
             f"{tuple(input.shape)}, weight {tuple(weight.shape)} "
             f"(in_features = {weight.shape[-1]})"
         )
-    check_same_device(op, input=input, weight=weight, bias=bias)
+    device = input.device  # one device, the common case: no generic check
+    if weight.device != device or (bias is not None and bias.device != device):
+        check_same_device(op, input=input, weight=weight, bias=bias)
     if bias is None or (bias.dim() == 1 and weight.dim() == 2 and bias.shape[0] == weight.shape[0]):
         return  # the common case
     # an unbatched input counts as one row here (native accepts a (1, out) bias for it)
