@@ -636,3 +636,31 @@ def test_a_fit_without_privacy_from_a_dp_checkpoint_is_refused_before_any_step(t
     assert trainer.global_step == 2  # restored, not a step further
     for name, p in model.named_parameters():
         torch.testing.assert_close(dict(plain.named_parameters())[name], p, rtol=0, atol=0)
+
+
+def test_a_fresh_fits_noise_is_not_the_stream_the_rest_of_the_run_draws_from(tmp_path):
+    """The noise generator of a fresh fit was a copy of the default generator: its draws were
+    the very numbers that everything else of the run then drew from the default one (dropout
+    of a subclass's network, a dataset's random augmentation, the DataLoader's seeds), so the
+    noise was a function of them, not the independent draw the Gaussian mechanism assumes.
+    It is now seeded from a draw of the default generator: its own stream, still
+    reproducible from seed_everything."""
+    pytest.importorskip("opacus")
+    from torchbp.lightning import ERMClassifier
+
+    class Probe(ERMClassifier):
+        def on_train_start(self):
+            super().on_train_start()
+            self.noise_draw = torch.randn(64, generator=self._noise_generator)
+            self.other_draw = torch.randn(64)  # what the rest of the run draws next
+
+    privacy = Privacy(noise_multiplier=1.0)
+    draws = []
+    for _ in range(2):
+        dm, model, trainer = _dp_fit(tmp_path, privacy, max_steps=1, limit_val_batches=0)
+        probe = Probe(**model.hparams)
+        trainer.fit(probe, datamodule=dm)
+        # none of the next draws of the default generator is a noise draw
+        assert not set(probe.noise_draw.tolist()) & set(probe.other_draw.tolist())
+        draws.append(probe.noise_draw)
+    torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)  # seed_everything's

@@ -144,13 +144,11 @@ def build_mlp(
     return torch.nn.Sequential(*layers)
 
 
-def _default_generator_state(device: torch.device) -> torch.Tensor:
-    """The state of ``device``'s default random generator (what ``seed_everything`` seeds)."""
-    if device.type == "cpu":
-        return torch.get_rng_state()
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_device_module(device).get_rng_state()
+def _seed_from_default_generator(device: torch.device) -> int:
+    """A seed drawn from ``device``'s default random generator (which ``seed_everything``
+    seeds): a generator seeded with it has a stream of its own, reproducible from the run's
+    seed, where a copy of the default generator would repeat what the run draws from it."""
+    return int(torch.randint(2**62, (), device=device).item())
 
 
 class ZeroOneError(MulticlassAccuracy):
@@ -239,9 +237,10 @@ class ERMClassifier(pl.LightningModule):
             batch size; the data must be drawn by Poisson sampling
             (``data.poisson_sampling: true``). ε spent so far is logged as
             ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints,
-            as is the noise's generator (a copy of the default one at a fresh fit's start,
-            so ``seed_everything`` makes it reproducible): a resumed fit draws the noise an
-            uninterrupted one would, never the first steps' again.
+            as is the noise's generator (seeded from a draw of the default one at a fresh
+            fit's start, so ``seed_everything`` makes it reproducible, with a stream of its
+            own): a resumed fit draws the noise an uninterrupted one would, never the first
+            steps' again.
             Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
             accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its
             step, with the noise alone: DP-SGD releases a noisy update at every step, and
@@ -657,8 +656,11 @@ class ERMClassifier(pl.LightningModule):
     def _continued_noise(self, steps_taken: int) -> torch.Generator:
         """The generator of this fit's DP noise, on the parameters' device: the one of the
         steps taken before (a checkpoint's state, or the last fit's generator), so a resumed
-        fit draws the noise an uninterrupted one would; for a fresh run, a copy of the
-        device's default generator (the noise ``seed_everything`` makes reproducible).
+        fit draws the noise an uninterrupted one would; for a fresh run, a generator seeded
+        from a draw of the device's default one (the noise ``seed_everything`` makes
+        reproducible). A copy of the default generator would draw the very numbers that the
+        rest of the run then draws from it (a dataset's augmentation, a subclass's dropout):
+        noise that is a function of them, not the independent draw DP-SGD assumes.
 
         Noise drawn from the default generator itself repeated on a resume: the run seeds it
         again, and the resumed steps drew the very noise of the first steps, which the
@@ -672,7 +674,7 @@ class ERMClassifier(pl.LightningModule):
             return last
         generator = torch.Generator(device=device)
         if state is None and last is None and steps_taken == 0:
-            state = _default_generator_state(device)
+            return generator.manual_seed(_seed_from_default_generator(device))
         try:
             if state is None:
                 raise RuntimeError("no state to continue")
