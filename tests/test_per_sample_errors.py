@@ -1001,3 +1001,26 @@ def test_stray_linear_backward_after_the_models_refused_before_any_grad_is_writt
         assert getattr(p, "grad_sample", None) is None, f"{name}.grad_sample was set"
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap_grad"])
+def test_torch_func_transform_inside_the_context_refused_by_name(transform):
+    """torch.func.grad (or vmap of it) of a functional_call inside the context: its linear
+    calls carry the transform's own parameters, not the model's, and are refused at their
+    backward with the context's message (not an AttributeError from registering hooks on
+    the graph from inside the transform)."""
+    from torch.func import functional_call, grad, vmap
+
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xs):
+        return functional_call(model, p, (xs,)).sum()
+
+    with per_sample_grads(model):
+        with pytest.raises(RuntimeError, match="its per-sample contribution cannot be"):
+            if transform == "grad":
+                grad(loss)(params, x)
+            else:
+                vmap(grad(loss), in_dims=(None, 0))(params, x[:, None])

@@ -268,12 +268,10 @@ class PerSampleGrads:
             self._finalise(forms_param_grads=True)
 
     def _register_results_hook(self) -> None:
-        """(Re-)register the multi-gradient hook that forms the results: it fires once per
+        """Register the multi-gradient hook that forms the results: it fires once per
         backward, after the gradients of every parameter the backward reaches are
         computed, i.e. after the last recorded Linear backward, and of every watched
         tensor it reaches, which it never does (see :meth:`_watch_stray`)."""
-        if self._results_hook is not None:
-            self._results_hook.remove()
         self._results_hook = torch.autograd.graph.register_multi_grad_hook(
             [*self.parameters, *self._watched], self._after_backward, mode="all"
         )
@@ -287,9 +285,18 @@ class PerSampleGrads:
         backward does not reach (a forward outside the loss) does not hold it back."""
         known = {id(t) for t in (*self.parameters, *self._watched)}
         new = [t for t in tensors if t.requires_grad and id(t) not in known]
-        if new:
-            self._watched += new
+        if not new:
+            return
+        old_hook, old_watched = self._results_hook, self._watched
+        self._watched = [*old_watched, *new]
+        try:
             self._register_results_hook()
+        except (AttributeError, RuntimeError):
+            # inside a torch.func transform, whose tensors' graph cannot be hooked from
+            # here (the call is refused at its backward all the same): keep the hook
+            self._results_hook, self._watched = old_hook, old_watched
+            return
+        old_hook.remove()
 
     def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
         """Raise for a gradient that reached ``p`` through an op other than its Linear:
