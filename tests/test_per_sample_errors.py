@@ -1024,3 +1024,23 @@ def test_torch_func_transform_inside_the_context_refused_by_name(transform):
                 grad(loss)(params, x)
             else:
                 vmap(grad(loss), in_dims=(None, 0))(params, x[:, None])
+
+
+def test_functional_call_refusal_names_the_swapped_parameter():
+    """torch.func.functional_call with other tensors than the model's parameters is
+    refused at the backward. The message asked whether the Linear's forward transforms
+    its weight, which points its user to the wrong place: it now says the Linear ran
+    with its parameter swapped for another tensor, as functional_call does, and that the
+    context records the model's own parameters."""
+    from torch.func import functional_call
+
+    model = mlp(nn.Tanh())
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    with per_sample_grads(model):
+        out = functional_call(model, params, (torch.randn(5, 4),))
+        with pytest.raises(
+            RuntimeError,
+            match=r"Linear '2' ran with its weight swapped for another tensor of shape "
+            r"\(3, 6\) \(as torch.func.functional_call does\).*own parameters",
+        ):
+            out.sum().backward()

@@ -111,6 +111,12 @@ class Recorder:
                 f"autocast to {weight.dtype}, a copy of its parameter (autocast is not "
                 "supported: run the model without it)"
             )
+        if caller is not None and caller.module.weight is weight:
+            return (
+                f"Linear {caller.name!r} ran with its weight swapped for another tensor of "
+                f"shape {tuple(weight.shape)} (as torch.func.functional_call does); the "
+                "context records the model's own parameters: call the model itself"
+            )
         if caller is not None:
             return (
                 f"Linear {caller.name!r} passed a weight of shape {tuple(weight.shape)} other "
