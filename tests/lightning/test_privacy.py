@@ -664,3 +664,26 @@ def test_a_fresh_fits_noise_is_not_the_stream_the_rest_of_the_run_draws_from(tmp
         assert not set(probe.noise_draw.tolist()) & set(probe.other_draw.tolist())
         draws.append(probe.noise_draw)
     torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)  # seed_everything's
+
+
+def test_a_checkpoint_saved_after_loading_one_keeps_its_steps_and_its_noise_together(tmp_path):
+    """A fitted model that loads an earlier checkpoint (trainer.validate(model,
+    ckpt_path=...)) and is saved again kept the loaded checkpoint's accountant (its steps) but
+    the noise state of its own later steps: the pair belonged to no single point of the run,
+    and a fit resumed from it did not continue the loaded checkpoint's noise as a fit of the
+    model itself does. Both now come from the loaded checkpoint."""
+    pytest.importorskip("opacus")
+    privacy = Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
+    dm, model, trainer = _dp_fit(tmp_path, privacy, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    early = tmp_path / "early.ckpt"
+    trainer.save_checkpoint(early)
+    _, _, trainer = _dp_fit(tmp_path, privacy, max_steps=4, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)  # on past it
+    _, _, trainer = _dp_fit(tmp_path, privacy, limit_val_batches=1)
+    trainer.validate(model, datamodule=dm, ckpt_path=early)
+    again = tmp_path / "again.ckpt"
+    trainer.save_checkpoint(again)
+    saved, loaded = torch.load(again, weights_only=False), torch.load(early, weights_only=False)
+    assert saved["privacy_accountant"] == loaded["privacy_accountant"]
+    assert torch.equal(saved["privacy_noise_generator"], loaded["privacy_noise_generator"])

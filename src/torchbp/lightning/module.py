@@ -691,6 +691,13 @@ class ERMClassifier(pl.LightningModule):
             return self._restored_accountant
         return None if self.accountant is None else self.accountant.state_dict()
 
+    def _noise_state(self) -> torch.Tensor | None:
+        """The noise generator's state that goes with :meth:`_spent_privacy`'s steps: a loaded
+        checkpoint's, not yet continued by a fit, else the last fit's generator's."""
+        if self._restored_noise_state is not None or self._noise_generator is None:
+            return self._restored_noise_state
+        return self._noise_generator.get_state()
+
     def _private_training_step(self, batch) -> torch.Tensor:
         x, y = batch
         assert self.privacy is not None
@@ -751,9 +758,7 @@ class ERMClassifier(pl.LightningModule):
         state = self._spent_privacy()
         if state is not None:
             checkpoint["privacy_accountant"] = state
-        noise = self._restored_noise_state
-        if self._noise_generator is not None:
-            noise = self._noise_generator.get_state()
+        noise = self._noise_state()
         if noise is not None:
             checkpoint["privacy_noise_generator"] = noise
 
