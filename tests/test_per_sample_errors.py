@@ -1044,3 +1044,39 @@ def test_functional_call_refusal_names_the_swapped_parameter():
             r"\(3, 6\) \(as torch.func.functional_call does\).*own parameters",
         ):
             out.sum().backward()
+
+
+def test_numbers_beyond_the_float_range_are_value_errors():
+    """A Python int too large for a float (10**400) as max_norm or noise_multiplier
+    escaped as an OverflowError from math.isfinite; it is a ValueError naming the
+    argument, like inf."""
+    with pytest.raises(ValueError, match="max_norm must be positive and finite"):
+        per_sample_grads(mlp(), "clip", 10**400)
+    model = mlp()
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        step(model)
+    with pytest.raises(ValueError, match="noise_multiplier must be finite and >= 0"):
+        ps.add_noise(10**400)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "max_norm", "sigma"),
+    [(torch.float32, 1e20, 1e20), (torch.float64, 1e200, 1e200), (torch.bfloat16, 1e30, 1e10)],
+)
+def test_noise_std_beyond_the_gradient_dtype_refused_before_any_change(dtype, max_norm, sigma):
+    """σ·C past the largest number of the gradients' dtype (or past a float's, inf): the
+    float32 step failed inside torch ('value cannot be converted to type float without
+    overflow') after p.grad of an unreached parameter had been set to zeros, and the
+    float64 one silently made every gradient ±inf. Refused now, before any change."""
+    model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6)).to(dtype)
+    with per_sample_grads(model, mode="clip", max_norm=max_norm) as ps:
+        out = model(torch.randn(5, 4, dtype=dtype))
+        out.sum().backward(inputs=[model[2].weight, model[3].weight])
+        before = {name: p.grad for name, p in model.named_parameters()}
+        copies = {name: g.clone() for name, g in before.items() if g is not None}
+        with pytest.raises(ValueError, match=r"noise_multiplier \* max_norm"):
+            ps.add_noise(sigma)
+    for name, p in model.named_parameters():
+        assert p.grad is before[name], f"{name}'s p.grad was replaced"
+        if p.grad is not None:
+            assert torch.equal(p.grad, copies[name]), f"{name}'s p.grad changed"

@@ -195,7 +195,9 @@ class PerSampleGrads:
             RuntimeError: not clip mode, nothing was formed (no backward yet, or an
                 error inside the context), or the noise was already added.
             TypeError: ``noise_multiplier`` is not a number.
-            ValueError: ``noise_multiplier`` is negative or not finite.
+            ValueError: ``noise_multiplier`` is negative or not finite, or the noise std
+                ``σ·max_norm`` is beyond the largest number of the gradients' dtype (no
+                gradient is changed).
         """
         if self.mode != "clip":
             raise RuntimeError(
@@ -206,7 +208,7 @@ class PerSampleGrads:
             raise TypeError(
                 f"per_sample_grads: noise_multiplier must be a number, got {noise_multiplier!r}"
             )
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        if not (_is_finite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(
                 "per_sample_grads: noise_multiplier must be finite and >= 0, "
                 f"got {noise_multiplier}"
@@ -220,6 +222,7 @@ class PerSampleGrads:
                 "the next step"
             )
         std = float(noise_multiplier) * self.max_norm
+        self._refuse_unrepresentable_std(noise_multiplier, std)
         with torch.no_grad():
             for p in self.parameters:
                 if p.grad is None:
@@ -229,6 +232,19 @@ class PerSampleGrads:
         self._noised = True
 
     # ------------------------------------------------------------------ internals
+    def _refuse_unrepresentable_std(self, noise_multiplier: float, std: float) -> None:
+        """Raise, before any gradient changes, if the noise std ``σC`` is not a finite
+        number of every parameter's dtype (the noise would be ±inf, or torch would fail
+        midway through the parameters)."""
+        for dtype in dict.fromkeys(p.dtype for p in self.parameters):
+            largest = torch.finfo(dtype).max
+            if not (math.isfinite(std) and std <= largest):
+                raise ValueError(
+                    f"per_sample_grads: the noise std noise_multiplier * max_norm = "
+                    f"{noise_multiplier} * {self.max_norm} = {std} is beyond the largest "
+                    f"{dtype} number ({largest:.4g}), the dtype of the gradients"
+                )
+
     def _backward_cut_short(self) -> bool:
         """Whether a backward reached parameters but never completed (the multi-gradient
         hook fires at its end): an error was raised inside it, and caught."""
@@ -533,9 +549,17 @@ def _checked_max_norm(mode: str, max_norm: object) -> float | None:
         raise TypeError(
             f"per_sample_grads: mode='clip' needs max_norm, a positive number; got {max_norm!r}"
         )
-    if not (math.isfinite(max_norm) and max_norm > 0):
+    if not (_is_finite(max_norm) and max_norm > 0):
         raise ValueError(f"per_sample_grads: max_norm must be positive and finite, got {max_norm}")
     return float(max_norm)
+
+
+def _is_finite(value: numbers.Real) -> bool:
+    """Whether ``value`` is a finite float (an int too large for one is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_number(value: object) -> bool:
