@@ -290,3 +290,20 @@ def test_compile_option_compiles_the_network_and_keeps_checkpoints_interchangeab
         ERMClassifier(
             input_size=4, num_classes=3, compile=True, privacy=Privacy(noise_multiplier=1)
         )
+
+
+def test_compiling_a_fused_head_model_is_refused_as_it_would_change_nothing(tmp_path):
+    """A fused_head model's steps call its hidden layers and the fused loss, never the
+    network's forward: compile=True, or Lightning's fit of torch.compile(model), compiled
+    nothing they run. Both are refused, before any step."""
+    from torchbp.lightning import SklearnToyDataModule
+
+    with pytest.raises(ValueError, match=r"compile or fused_head, not both.*compile=True"):
+        ERMClassifier(input_size=4, num_classes=3, compile=True, fused_head=True)
+    model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[8], fused_head=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _quiet_trainer(tmp_path, max_epochs=1)
+    data = SklearnToyDataModule(name="iris", batch_size=32)
+    with pytest.raises(ValueError, match=r"torch.compile\(model\).*fit the model itself"):
+        trainer.fit(torch.compile(model), datamodule=data)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

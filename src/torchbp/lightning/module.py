@@ -28,6 +28,13 @@ from torchbp.per_sample import PerSampleGrads, per_sample_grads
 
 __all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
 
+#: why compiling the network is refused with fused_head (ERMClassifier and its fit)
+_COMPILE_FUSED_HEAD = (
+    "compile compiles the network's forward, which a fused_head model's steps never call "
+    "(they run the hidden layers, then the last Linear and the loss together), so it would "
+    "change nothing; use compile or fused_head, not both"
+)
+
 #: activation name -> class name in ``torchbp.nn`` / ``torch.nn``: every element-wise
 #: activation of the op registry
 ACTIVATIONS: dict[str, str] = {op.name: op.module.__name__ for op in activations()}
@@ -248,8 +255,10 @@ class ERMClassifier(pl.LightningModule):
             to fit on the weights of a DP-SGD checkpoint (no ε would hold for the result).
         compile: Compile the network with ``torch.compile`` (in place, so the state_dict and
             checkpoints are an eager model's; ``--model.compile true`` in torchbp-train). The
-            metrics equal the eager run's; not with ``privacy``. From Python,
-            ``trainer.fit(torch.compile(model))`` (Lightning's way) works too.
+            metrics equal the eager run's; not with ``privacy`` or ``fused_head`` (whose
+            steps never call the network's forward: compiling it would change nothing, so
+            it is refused). From Python, ``trainer.fit(torch.compile(model))`` (Lightning's
+            way) works too, with the same two exceptions.
     """
 
     def __init__(
@@ -299,6 +308,8 @@ class ERMClassifier(pl.LightningModule):
                 "privacy (DP-SGD) clips per-sample gradients, which needs the eager network; "
                 "got compile=True"
             )
+        if compile and fused_head:
+            raise ValueError(_COMPILE_FUSED_HEAD + "; got compile=True and fused_head=True")
         if privacy is not None and (backend != "torchbp" or fused_head):
             raise ValueError(
                 "privacy (DP-SGD) clips per-sample gradients with torchbp.per_sample_grads, "
@@ -612,6 +623,12 @@ class ERMClassifier(pl.LightningModule):
         return max(total - trainer.global_step, 0)
 
     def on_train_start(self) -> None:
+        if self.fused_head and "forward" in vars(self):
+            # Lightning's fit of torch.compile(model) compiles the instance's forward
+            raise ValueError(
+                _COMPILE_FUSED_HEAD + "; got trainer.fit(torch.compile(model)) of a fused_head "
+                "model: fit the model itself"
+            )
         # the train DataLoader exists from here on (not yet in on_fit_start)
         if self.privacy is None:
             self._refuse_private_checkpoint()
