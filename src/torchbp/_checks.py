@@ -659,6 +659,18 @@ def _check_strided(op: str, reason: str, **tensors: torch.Tensor | None) -> None
             )
 
 
+def _refuse_nested(op: str, **tensors) -> None:
+    """A nested tensor argument (strided or jagged) is refused by name, as native refuses
+    one (``expected input with dimensionality 1 or 2``): the loss has no row structure
+    for ragged batches to be chunked over."""
+    for name, t in tensors.items():
+        if nested(t):
+            raise ShapeError(
+                f"{op}: {name} is a nested tensor, which is not supported (as native); pass "
+                "the rows as one dense (N, in) tensor (torch.cat of the components)"
+            )
+
+
 def validate_linear_cross_entropy(
     input,
     linear_weight,
@@ -679,6 +691,14 @@ def validate_linear_cross_entropy(
     op = "linear_cross_entropy"
     check_tensor(op, input=input, linear_weight=linear_weight, target=target)
     check_optional_tensor(op, linear_bias=linear_bias, weight=weight)
+    _refuse_nested(
+        op,
+        input=input,
+        linear_weight=linear_weight,
+        target=target,
+        linear_bias=linear_bias,
+        weight=weight,
+    )
     out_features = _check_lce_linear_part(op, input, linear_weight, linear_bias)
     classes = linear_weight.shape[0]
     batch_shape = tuple(input.shape[:-1])

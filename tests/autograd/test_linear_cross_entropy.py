@@ -803,3 +803,19 @@ def test_sparse_k_dim_linear_weight_is_refused_by_name():
     x, w = make((N, D), torch.float64), make((C, 2, D), torch.float64, seed=1)
     with pytest.raises(RuntimeError, match="linear_weight must be a strided.*sparse_coo"):
         TF.linear_cross_entropy(x, w.to_sparse(), hard_target((N, 2)))
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("argument", ["input", "target"])
+def test_nested_tensor_is_refused_by_name_as_native_refuses_it(layout, argument):
+    # a strided nested input failed inside ('NestedTensorImpl doesn't support sizes')
+    rows = [torch.randn(2, 4), torch.randn(3, 4)]
+    x, w, t = torch.randn(5, 4), torch.randn(6, 4), torch.randint(6, (5,))
+    if argument == "input":
+        x = torch.nested.nested_tensor(rows, layout=layout)
+    else:
+        t = torch.nested.nested_tensor(
+            [torch.randint(6, (2,)), torch.randint(6, (3,))], layout=layout
+        )
+    with pytest.raises(RuntimeError, match=f"linear_cross_entropy: {argument} is a nested tensor"):
+        TF.linear_cross_entropy(x, w, t)
