@@ -265,6 +265,18 @@ def test_unbatched_input_refused():
         _ = ps.norms
 
 
+@pytest.mark.parametrize("to_sparse", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr])
+def test_sparse_input_refused_by_name(to_sparse):
+    # failed inside the recorder: 'reshape is not implemented for sparse tensors'
+    model = nn.Sequential(torchbp.nn.Linear(4, 3))
+    with per_sample_grads(model, mode="norms") as ps:
+        out = model(to_sparse(torch.randn(5, 4)))
+        with pytest.raises(ValueError, match=r"Linear '0' got a torch.sparse_\w+ input"):
+            out.sum().backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_inconsistent_sample_dims_refused():
     model = mlp()
     with per_sample_grads(model) as ps:

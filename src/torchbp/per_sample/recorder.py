@@ -201,6 +201,12 @@ class Use:
                 f"per_sample_grads: Linear {self.layer.name!r} got an input of shape "
                 f"{tuple(self.x_shape)}; it needs a leading sample dim: (B, ..., in_features)"
             )
+        if x is not None and x.layout != torch.strided:
+            self.recorder.failed = True
+            raise ValueError(
+                f"per_sample_grads: Linear {self.layer.name!r} got a {x.layout} input; "
+                "per-sample gradients need a dense one (pass x.to_dense())"
+            )
         self.recorded = True
         batch = self.x_shape[0]
         # T: the product of the dims between the sample dim and the features
