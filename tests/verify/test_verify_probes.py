@@ -63,3 +63,67 @@ def test_reference_infinite_on_the_zero_probe_is_still_compared():
         log_abs_floored, seeded(3, 4), reference=log_abs, checks="extreme_values"
     )["extreme_values"]
     assert result.failed and "inputs set to zero" in result.message, result
+
+
+class NormalizeWithoutEps(torch.autograd.Function):
+    """Rows scaled to unit norm, x / ‖x‖: 0/0 = NaN on an all-zero row, where
+    F.normalize (with its eps) gives 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x / x.norm(dim=-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        norm = x.norm(dim=-1, keepdim=True)
+        y = x / norm
+        return (g - y * (g * y).sum(-1, keepdim=True)) / norm
+
+
+class ExpSoftmax(torch.autograd.Function):
+    """softmax without the max trick: exp overflows to inf for large inputs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        e = x.exp()
+        y = e / e.sum(-1, keepdim=True)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return y * (g - (g * y).sum(-1, keepdim=True))
+
+
+class ReLUPassingGradientAtZero(torch.autograd.Function):
+    """relu whose gradient at 0 is 1 (native's is 0): finite everywhere, off at the kink."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x >= 0).to(g.dtype)
+
+
+def test_the_hint_follows_what_fn_got_wrong():
+    # every failure said "overflow or underflow - e.g. exp without the max trick - or
+    # another value or gradient at a kink?", a 0/0 in a normalisation included
+    import torch.nn.functional as F
+
+    cases = [
+        (NormalizeWithoutEps, F.normalize, "fn gives NaN where the reference is finite: a 0/0"),
+        (ExpSoftmax, lambda x: torch.softmax(x, -1), "exp without the max trick"),
+        (ReLUPassingGradientAtZero, torch.relu, "gradient at a kink"),
+    ]
+    for fn, reference, hint in cases:
+        report = check_function(fn, seeded(3, 4), reference=reference, checks="extreme_values")
+        result = report["extreme_values"]
+        assert result.failed, report
+        assert hint in result.message, (fn.__name__, result.message)

@@ -96,13 +96,25 @@ def _require_close_on_probe(
     finite = b.detach().abs().masked_fill(~torch.isfinite(b), 0.0)
     scale = float(finite.max()) if finite.numel() else 0.0
     probe_tolerance = (tolerance[0] + tolerance[1] * scale, tolerance[1])
-    note = (
-        " (overflow or underflow - e.g. exp without the max trick - or another "
-        "value or gradient at a kink?)"
-    )
+    note = _likely_cause(a, b)
     problem = f"{what} differs from the reference"
     errors = require_close(a, b, probe_tolerance, problem, note=note, show_index=True)
     return errors, overflowed
+
+
+def _likely_cause(a: torch.Tensor, b: torch.Tensor) -> str:
+    """A hint at why fn's ``a`` differs from the reference's ``b`` on a probe, read off
+    where fn is not finite and the reference is."""
+    finite_ref = torch.isfinite(b)
+    if bool((torch.isnan(a) & finite_ref).any()):
+        return (
+            " (fn gives NaN where the reference is finite: a 0/0, inf - inf or 0 * inf, "
+            "e.g. a division by a norm or sum that can be zero, or exp without the max "
+            "trick?)"
+        )
+    if bool((torch.isinf(a) & finite_ref).any()):
+        return " (fn overflows where the reference is finite: exp without the max trick?)"
+    return " (underflow, or another value or gradient at a kink?)"
 
 
 def check_extreme_values(ctx: CheckContext) -> Passed:
