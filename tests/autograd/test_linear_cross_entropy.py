@@ -712,6 +712,20 @@ def test_zero_classes_as_native(soft, reduction):
     )
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_zero_classes_with_label_smoothing_as_native(reduction):
+    # every class index ignored and ε > 0: native's rows are NaN ((ε/C) times an empty sum,
+    # ε/0 = inf); torchbp answered 0 (its 'mean' was NaN already: 0/0)
+    x, w = make((N, D), torch.float64), make((0, D), torch.float64)
+    t = torch.full((N,), -100)
+
+    def native(x, w, t, b, **kw):
+        return F.cross_entropy(F.linear(x, w, b), t, **kw)
+
+    options = dict(reduction=reduction, label_smoothing=0.25, ignore_index=-100)
+    assert_same(run(ours, x, w, t, None, **options), run(native, x, w, t, None, **options))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_probability_target_class_weights_get_their_gradient_as_natives(reduction):
     # native differentiates -Σ_c w_c t_c logp_c in the class weights; torchbp refused them

@@ -591,6 +591,24 @@ def test_zero_classes_every_target_ignored_as_native(op, reduction, weighted):
     torch.testing.assert_close(results[0], results[1], equal_nan=True)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_zero_classes_every_target_ignored_with_label_smoothing_as_native(
+    reduction, weighted, inplace
+):
+    # native adds (ε/C) Σ_c (smoothing term) to each row, and ε/C = ε/0 = inf times the
+    # empty (masked) sum gives NaN rows; torchbp answered 0
+    target, weight = torch.full((3,), -100), torch.ones(0) if weighted else None
+    results = []
+    for fn, options in ((TF.cross_entropy, {"inplace": inplace}), (F.cross_entropy, {})):
+        x = torch.zeros(3, 0, requires_grad=True)
+        loss = fn(x * 1, target, weight=weight, reduction=reduction, label_smoothing=0.3, **options)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)
+
+
 @pytest.mark.parametrize("shape", [(6, C), (C,), (2, C, 3)], ids=str)
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

@@ -15,6 +15,8 @@ target ``y_i`` and class weights ``w`` (1 if absent):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd import Function
 
@@ -190,7 +192,7 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
 
     rows, classes = logits.shape
     if classes == 0:
-        return _no_classes(logits, inplace)
+        return _no_classes(logits, target, smoothing, inplace)
     block = max(1, _CHUNK_ELEMENTS // classes)
     if inplace:
         return CERows(*cpu_ce.blocked_rows(reference, logits, target, block, logits))
@@ -210,15 +212,18 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
     return CERows(loss, grad.to(logits.dtype), lse)
 
 
-def _no_classes(logits, inplace) -> CERows:
+def _no_classes(logits, target, smoothing, inplace) -> CERows:
     """Rows of C = 0 logits (probability targets, or class indices that are all
     ignore_index: any other index is out of bounds): ``lse = log Σ ∅ = -inf``,
-    ``ℓ = -Σ ∅ = 0`` with or without label smoothing, as native (whose ``'mean'`` is then
-    0/0 = NaN: the wrapper's denominator); an empty ``∂ℓ/∂z``, which with ``inplace`` is
-    the logits themselves (the Function marked them dirty, so it must return them)."""
+    ``ℓ = -Σ ∅ = 0`` as native (whose ``'mean'`` is then 0/0 = NaN: the wrapper's
+    denominator), but NaN for class indices with label smoothing, as native: it adds the
+    (masked, empty) smoothing sum times ``ε/C = ε/0 = inf``. An empty ``∂ℓ/∂z``, which
+    with ``inplace`` is the logits themselves (the Function marked them dirty, so it must
+    return them)."""
     acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[0]
-    loss = logits.new_zeros((rows,), dtype=acc)
+    smoothed_indices = smoothing and not target.is_floating_point()
+    loss = logits.new_full((rows,), math.nan if smoothed_indices else 0.0, dtype=acc)
     lse = logits.new_full((rows,), -torch.inf, dtype=acc)
     return CERows(loss, logits if inplace else logits.new_empty((rows, 0)), lse)
 
