@@ -609,6 +609,24 @@ def test_zero_classes_every_target_ignored_with_label_smoothing_as_native(
     torch.testing.assert_close(results[0], results[1], equal_nan=True)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_probability_target_gradient_of_an_infinite_logit_is_natives(smoothing):
+    # A row with a +inf logit has log-probabilities inf - inf = NaN, a NaN loss and NaN
+    # gradients in native. When the target needed a gradient, torchbp recomputed them with
+    # torch.logsumexp (inf for that row, so logp = [NaN, -inf, ...]) and handed out finite
+    # logits gradients and infinite target gradients for that row (and NaN ones, as native,
+    # when the target needed none).
+    x0 = make((3, C), torch.float64)
+    x0[1, 2] = torch.inf
+    t0 = torch.softmax(make((3, C), torch.float64, seed=2), 1)
+    results = []
+    for fn in (TF.cross_entropy, F.cross_entropy):
+        x, t = x0.clone().requires_grad_(), t0.clone().requires_grad_()
+        loss = fn(x, t, reduction="none", label_smoothing=smoothing)
+        results.append((loss, *torch.autograd.grad(loss, (x, t), make((3,), torch.float64))))
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)
+
+
 @pytest.mark.parametrize("shape", [(6, C), (C,), (2, C, 3)], ids=str)
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])

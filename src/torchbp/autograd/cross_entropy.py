@@ -176,13 +176,26 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
 
 
 # --------------------------------------------------------------------------- second order
+def log_softmax_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp, lse)`` of rows ``z`` (m, C): ``lse`` (m, 1) and ``logp = z - lse``, formed
+    as :func:`ce_rows` and native form them, so that a row with a ``+inf`` logit is NaN
+    throughout (``inf - inf``), as its loss is (``torch.logsumexp`` gives ``inf`` there,
+    which would leave ``logp = -inf`` and finite gradients in a NaN row)."""
+    if z.shape[1] == 0:  # no class: lse = log Σ ∅ = -inf
+        return z.clone(), z.new_full((z.shape[0], 1), -torch.inf)
+    # lse = m + log Σ_c e^{z_c - m} with m the row max (log-sum-exp trick)
+    m = z.amax(1, keepdim=True)
+    s = z - m
+    log_total = s.exp().sum(1, keepdim=True).log()
+    return s - log_total, m + log_total
+
+
 def grad_from_logits(logits, coef: Coefficients):
     """``(∂ℓ/∂z, p, lse)`` recomputed from saved logits (m, C), in ``coef``'s dtype."""
-    z = logits.to(coef.a.dtype)
-    lse = torch.logsumexp(z, 1)
-    p = torch.exp(z - lse.unsqueeze(1))
+    logp, lse = log_softmax_rows(logits.to(coef.a.dtype))
+    p = torch.exp(logp)
     # ∂ℓ_i/∂z_i = a_i p_i - B_i
-    return coef.a.unsqueeze(1) * p - dense_b(coef, z.shape[1]), p, lse
+    return coef.a.unsqueeze(1) * p - dense_b(coef, p.shape[1]), p, lse.squeeze(1)
 
 
 def softmax_from_grad(grad, coef: Coefficients) -> torch.Tensor:

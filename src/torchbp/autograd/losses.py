@@ -30,6 +30,7 @@ from torchbp.autograd.cross_entropy import (
     grad_derivative,
     grad_from_logits,
     hard_target,
+    log_softmax_rows,
     softmax_from_grad,
 )
 from torchbp.kernels import _triton, cpu_ce, triton_ce
@@ -335,7 +336,7 @@ def ce_target_jvp(logits, weight, smoothing, d_target) -> CERows:
     d_b = (1 - smoothing) * d_target.to(acc)
     if weight is not None:
         d_b = d_b * weight.to(acc)
-    logp = z - torch.logsumexp(z, 1, keepdim=True)
+    logp, _lse = log_softmax_rows(z)
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic:  dℓ_i = Σ_c dB_ic (lse_i - z_ic) = -Σ_c dB_ic logp_ic
     d_loss = -(d_b * logp).sum(1)
     # ∂ℓ_i/∂z_i = a_i p_i - B_i:  its tangent da_i p_i - dB_i;  lse does not depend on t
