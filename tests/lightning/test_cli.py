@@ -1262,3 +1262,50 @@ def test_hpc_checkpoint_that_is_not_there_is_a_cli_error_before_anything_is_writ
     assert "error: --ckpt_path hpc: no hpc_ckpt_<n>.ckpt in " in err, err
     assert "--trainer.default_root_dir" in err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+@pytest.mark.parametrize("given", ["last", "path"])
+def test_checkpoint_of_another_activation_is_refused_however_it_is_named(
+    short_run, tmp_path, capsys, subcommand, given
+):
+    """A checkpoint trained with relu and ``--model.activation tanh``: with ``--ckpt_path last``
+    the run evaluated (or trained on) the relu weights through tanh, reporting the metrics of
+    a model nobody trained; with the checkpoint's path LightningCLI replaced the configured
+    model by the checkpoint's hyperparameters and dropped the option without a word. Both
+    are now refused alike, naming the option, before anything is written."""
+    run = _copy_of_run(short_run, tmp_path)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ckpt = "last" if given == "last" else str(run / "checkpoints/last.ckpt")
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            subcommand,
+            "--config",
+            DIGITS,
+            f"--run_dir={tmp_path}",
+            f"--ckpt_path={ckpt}",
+            "--model.activation=tanh",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path: " in err and "does not fit the configured model" in err, err
+    assert "model.activation: 'relu' in the checkpoint, 'tanh' configured" in err, err
+    assert "Traceback" not in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize("given", ["last", "path"])
+def test_an_explicit_checkpoint_path_keeps_the_configured_backend(short_run, tmp_path, given):
+    """``test --ckpt_path <file> --model.backend torch`` evaluated torchbp's backend: LightningCLI
+    replaced the configured model by the checkpoint's hyperparameters (``--ckpt_path last``
+    kept the option). The backend, like compile, is how the same model runs, not which model:
+    both ways of naming the checkpoint now run the configured one."""
+    run = _copy_of_run(short_run, tmp_path)
+    ckpt = "last" if given == "last" else str(run / "checkpoints/last.ckpt")
+    args = ["--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={ckpt}"]
+    cli = run_cli("test", *args, "--model.backend=torch")
+    assert cli.model.hparams.backend == "torch"
+    assert type(cli.model.net[0]) is torch.nn.Linear  # stock torch.nn, not torchbp's subclass
+    saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    assert saved["model"]["backend"] == "torch"

@@ -29,6 +29,12 @@ named ``...-interrupted.ckpt`` so that it never replaces a best one, and ``last.
 ``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
 into a new run folder, so they never overwrite the files of the run they evaluate; with
 ``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
+Every ``--ckpt_path`` (``last``, ``best`` or a file's path alike) runs the configured model
+(not, as LightningCLI does for a file's path, the checkpoint's hyperparameters in place of the
+configured ones, which dropped options given with it): a checkpoint of another model (layer
+sizes, activation, label smoothing, class weights) or optimizer class is refused before
+anything is written (use the run's ``config.yaml``); how the model runs (``backend``,
+``compile``, ``fused_head``) may differ from the checkpoint's.
 ``--ckpt_path registry[:<model>[:<version>]]`` (Lightning's model registry) needs the
 ``litmodels`` package; without it the run refuses that syntax before it starts.
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
@@ -103,6 +109,10 @@ PREDICTIONS_FILE = "predictions.csv"
 _DEFAULT_DATA = "DigitsDataModule"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
+#: ERMClassifier's options that choose how the model runs, not which model it is: they may
+#: differ from a checkpoint's (the optimizer's class is checked against its saved state, and
+#: a fit's privacy by TorchbpCLI._check_resume_privacy)
+_HOW_THE_MODEL_RUNS = ("backend", "compile", "fused_head", "optimizer", "lr_scheduler", "privacy")
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -270,6 +280,25 @@ def _weights_mismatch(checkpoint: dict[str, Any], model: torch.nn.Module) -> lis
     if getattr(model, "strict_loading", True):
         problems += [f"{key}: not in the checkpoint" for key in own if key not in weights]
         problems += [f"{key}: not in the model" for key in weights if key not in own]
+    return problems
+
+
+def _hyperparameters_mismatch(checkpoint: dict[str, Any], model: ERMClassifier) -> list[str]:
+    """Which of ``model``'s options make it another model than the checkpoint's (one that
+    loads the weights all the same: another activation, label smoothing or class weights),
+    as ``model.<option>: <saved> in the checkpoint, <configured> configured``."""
+    saved = checkpoint.get("hyper_parameters")
+    if not isinstance(saved, dict):
+        return []
+    configured = dict(model.hparams)
+    problems = []
+    for key, value in configured.items():
+        if key in _HOW_THE_MODEL_RUNS or key not in saved:
+            continue
+        if key == "negative_slope" and configured.get("activation") != "leaky_relu":
+            continue  # the slope of leaky_relu only
+        if saved[key] != value:
+            problems.append(f"model.{key}: {saved[key]!r} in the checkpoint, {value!r} configured")
     return problems
 
 
@@ -489,8 +518,15 @@ class TorchbpCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
-            # LightningCLI reads the hyperparameters of a checkpoint file next
             self._check_checkpoint_file(ckpt_path)
+        # LightningCLI would next replace the configured model by a checkpoint file's
+        # hyperparameters, dropping the model options given with it (not those given with
+        # --ckpt_path last or best, found later): held back until before_instantiate_classes,
+        # every --ckpt_path runs the configured model, refused if it is another than the
+        # checkpoint's (_check_checkpoint_fits_model)
+        self._held_ckpt_path = ckpt_path
+        if ckpt_path is not None:
+            self.config[subcommand]["ckpt_path"] = None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -544,6 +580,8 @@ class TorchbpCLI(LightningCLI):
         """Resolve what the parsed config leaves open (the checkpoint's mode and file name,
         ``--ckpt_path last``/``best``, the run folder) and refuse what cannot run."""
         cfg = self._subcommand_config(self.config)
+        if getattr(self, "_held_ckpt_path", None) is not None:
+            cfg["ckpt_path"] = self._held_ckpt_path  # see parse_arguments
         _set_num_threads(cfg.get("torch_num_threads"))
         if cfg.get("checkpoint") is not None:
             _follow_the_monitor(cfg["checkpoint"])
@@ -708,10 +746,15 @@ class TorchbpCLI(LightningCLI):
                 _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
 
     def _check_checkpoint_fits_model(self) -> None:
-        """A ``--ckpt_path`` that the configured model cannot load (another architecture), or
-        a fit cannot continue (the state of another optimizer class) is an error now:
-        Lightning finds out only once the run has started, when it has written the new
-        config.yaml over a resumed run's."""
+        """A ``--ckpt_path`` that the configured model cannot load (another architecture), is
+        another model than (another activation, label smoothing or class weights: it loads,
+        and the run evaluated or trained on a model nobody trained), or a fit cannot continue
+        (the state of another optimizer class) is an error now: Lightning finds out only
+        once the run has started, when it has written the new config.yaml over a resumed
+        run's, or never. The same for ``last``, ``best`` and a file's path: the configured
+        model runs (LightningCLI's own replacing of it by a checkpoint file's
+        hyperparameters dropped options silently), and how it runs (backend, compile,
+        fused_head) may differ from the checkpoint's."""
         path = self._subcommand_config(self.config).get("ckpt_path")
         local = _local_checkpoint(path)
         checkpoint = None if local is None else _read_checkpoint(local)
@@ -733,6 +776,13 @@ class TorchbpCLI(LightningCLI):
             exit_with_error(
                 f"--ckpt_path: {path} does not fit the configured model: {shown} {hint}"
             )
+        if isinstance(self.model, ERMClassifier):
+            problems = _hyperparameters_mismatch(checkpoint, self.model)
+            if problems:
+                exit_with_error(
+                    f"--ckpt_path: {path} does not fit the configured model: "
+                    f"{'; '.join(problems)} {hint}"
+                )
         optimizer = _configured_optimizer(self.model) if self.subcommand == "fit" else None
         problems = [] if optimizer is None else _optimizer_mismatch(checkpoint, optimizer)
         if problems:
