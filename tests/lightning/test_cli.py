@@ -1309,3 +1309,26 @@ def test_an_explicit_checkpoint_path_keeps_the_configured_backend(short_run, tmp
     assert type(cli.model.net[0]) is torch.nn.Linear  # stock torch.nn, not torchbp's subclass
     saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
     assert saved["model"]["backend"] == "torch"
+
+
+def test_ddp_workers_take_the_run_folder_rank_zero_made(tmp_path, monkeypatch):
+    """Under DDP rank 0 makes ``version_N`` before Lightning launches the workers, which run
+    the same command line again: they saw that folder and took ``version_N+1`` for their
+    default_root_dir, checkpoint folder and loggers (Lightning broadcasts rank 0's only for
+    its own logs and checkpoints). Rank 0 now hands its run folder to the processes it
+    launches, in their environment."""
+    from types import SimpleNamespace
+
+    from torchbp.lightning.cli import RUN_FOLDER_ENV, TorchbpCLI
+
+    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID", RUN_FOLDER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "ddp"
+    (root / "version_0").mkdir(parents=True)  # an earlier run
+    assert TorchbpCLI._new_version(SimpleNamespace(), root) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a launched worker, with rank 0's environment
+    assert TorchbpCLI._new_version(SimpleNamespace(), root) == 1
+    # a worker of another run (another root) computes its own
+    assert TorchbpCLI._new_version(SimpleNamespace(), tmp_path / "other") == 0
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]

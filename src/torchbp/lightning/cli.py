@@ -90,7 +90,7 @@ from torchbp.lightning.data import (
 from torchbp.lightning.module import ERMClassifier
 from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
 
-__all__ = ["TorchbpCLI", "RunCheckpoint", "main", "cli_main"]
+__all__ = ["TorchbpCLI", "RunCheckpoint", "RUN_FOLDER_ENV", "main", "cli_main"]
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
 #: ``ckpt_path`` values that Lightning resolves itself (``last`` is resolved here)
@@ -105,6 +105,8 @@ _EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
 INTERRUPTED_SUFFIX = "-interrupted"
 #: what ``predict`` writes into its run folder
 PREDICTIONS_FILE = "predictions.csv"
+#: the environment variable by which rank 0 hands its run folder to the processes it launches
+RUN_FOLDER_ENV = "TORCHBP_RUN_FOLDER"
 #: the data class of the default config (``digits``), by which its runs are named
 _DEFAULT_DATA = "DigitsDataModule"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
@@ -158,6 +160,17 @@ def _is_distributed_worker() -> bool:
     launcher, torchrun and SLURM name the ranks in the environment)."""
     ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
     return any(os.environ.get(name, "0") != "0" for name in ranks)
+
+
+def _version_of_rank_zero(root: Path) -> int | None:
+    """The version of the run folder under ``root`` that rank 0 made before it launched this
+    worker (Lightning's launcher re-runs the command line with rank 0's environment), or
+    ``None`` if it named none there (a worker started by torchrun or srun, or of another run)."""
+    handed = os.environ.get(RUN_FOLDER_ENV)
+    if not handed or os.path.dirname(handed) != os.path.abspath(root):
+        return None
+    match = _VERSION_RE.match(os.path.basename(handed))
+    return int(match.group(1)) if match else None
 
 
 def _make_new_folder(folder: Path) -> list[Path] | None:
@@ -610,11 +623,19 @@ class TorchbpCLI(LightningCLI):
         """The version of a new run folder under ``root``: the next after the existing ones,
         made here (by rank 0 of a DDP run) so that a run started at the same moment takes
         the one after; listing the folders alone gave both runs the same one. A folder that
-        cannot be made is left to :meth:`_check_run_folders_can_be_written` to name."""
+        cannot be made is left to :meth:`_check_run_folders_can_be_written` to name.
+
+        A DDP worker that Lightning launched takes rank 0's version from the environment
+        (``TORCHBP_RUN_FOLDER``, set here by rank 0); one started by torchrun or srun, beside
+        rank 0, computes its own, and relies on Lightning broadcasting rank 0's log and
+        checkpoint folders."""
         versions = _versions(root)
         version = versions[-1] + 1 if versions else 0
         if _is_distributed_worker():
-            return version  # rank 0 made the run folder; Lightning broadcasts its paths
+            # rank 0 made the run folder: its version, which it hands to the workers it
+            # launches (they see its folder, and the next would be another run's)
+            handed = _version_of_rank_zero(root)
+            return version if handed is None else handed
         while True:
             try:
                 made = _make_new_folder(root / f"version_{version}")
@@ -622,6 +643,7 @@ class TorchbpCLI(LightningCLI):
                 return version
             if made is not None:
                 self._made_folders = made
+                os.environ[RUN_FOLDER_ENV] = os.path.abspath(root / f"version_{version}")
                 return version
             version += 1
 
