@@ -4,6 +4,7 @@ DDP on CPU, checkpoint portability between backends, every shipped config. The C
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -1332,3 +1333,40 @@ def test_ddp_workers_take_the_run_folder_rank_zero_made(tmp_path, monkeypatch):
     # a worker of another run (another root) computes its own
     assert TorchbpCLI._new_version(SimpleNamespace(), tmp_path / "other") == 0
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+
+
+def _slurm_job(monkeypatch, job_id: str, restarts: int) -> None:
+    """The environment SLURM gives a batch job (not through srun: Lightning's own SLURM
+    handling stays off), ``restarts`` times requeued."""
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", job_id)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+
+
+def test_a_requeued_slurm_job_resumes_its_own_run_folder(tmp_path, monkeypatch, capsys):
+    """On SLURM's auto-requeue Lightning saves ``hpc_ckpt_<n>.ckpt`` into
+    trainer.default_root_dir, the run folder, and the requeued job runs the same command line
+    again: it got a new run folder, found no hpc checkpoint there (``--ckpt_path hpc`` was an
+    error; without it the job started again from scratch). It now continues in the run
+    folder whose hpc checkpoint its own job saved; another job, requeued too, does not take
+    that run."""
+    _slurm_job(monkeypatch, "4242", 0)
+    fit_digits(tmp_path, "--trainer.max_epochs=1", "--model.hidden_sizes=[16]")
+    run = tmp_path / "digits/version_0"
+    # what Lightning's requeue signal handler saves before the job is requeued
+    shutil.copy(run / "checkpoints/last.ckpt", run / "hpc_ckpt_1.ckpt")
+
+    _slurm_job(monkeypatch, "4243", 1)  # another job's requeue: a run of its own
+    cli = fit_digits(tmp_path, "--trainer.max_epochs=1", "--model.hidden_sizes=[16]")
+    assert Path(cli.trainer.default_root_dir) == tmp_path / "digits/version_1"
+    assert cli.trainer.global_step == cli.trainer.num_training_batches  # from scratch
+
+    _slurm_job(monkeypatch, "4242", 1)
+    for ckpt in ([], ["--ckpt_path=hpc"]):
+        cli = fit_digits(tmp_path, "--trainer.max_epochs=2", "--model.hidden_sizes=[16]", *ckpt)
+        assert Path(cli.trainer.default_root_dir) == run
+        assert cli.trainer.current_epoch == 2
+        assert cli.trainer.global_step == 2 * cli.trainer.num_training_batches  # resumed
+        assert "resumes" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0", "version_1"]

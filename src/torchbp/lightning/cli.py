@@ -37,6 +37,11 @@ anything is written (use the run's ``config.yaml``); how the model runs (``backe
 ``compile``, ``fused_head``) may differ from the checkpoint's.
 ``--ckpt_path registry[:<model>[:<version>]]`` (Lightning's model registry) needs the
 ``litmodels`` package; without it the run refuses that syntax before it starts.
+On SLURM, a ``fit`` that Lightning's auto-requeue saved (``hpc_ckpt_<n>.ckpt`` in the run
+folder) and requeued continues in its own run folder from that checkpoint (the job is known by
+its ``SLURM_JOB_ID``, recorded in the checkpoint; ``SLURM_RESTART_COUNT`` > 0 says it was
+requeued); with ``--trainer.default_root_dir`` Lightning finds the checkpoint there itself.
+Under DDP, the workers Lightning launches take rank 0's run folder (``TORCHBP_RUN_FOLDER``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split for
 torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
@@ -107,6 +112,8 @@ INTERRUPTED_SUFFIX = "-interrupted"
 PREDICTIONS_FILE = "predictions.csv"
 #: the environment variable by which rank 0 hands its run folder to the processes it launches
 RUN_FOLDER_ENV = "TORCHBP_RUN_FOLDER"
+#: what RunCheckpoint's state names the SLURM job that saved it by
+SLURM_JOB_KEY = "slurm_job"
 #: the data class of the default config (``digits``), by which its runs are named
 _DEFAULT_DATA = "DigitsDataModule"
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
@@ -127,6 +134,11 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _on_exception = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
+        requeued job finds its run folder by it (see :func:`_run_of_slurm_job`)."""
+        return {**super().state_dict(), SLURM_JOB_KEY: _slurm_job()}
 
     def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
         self._on_exception = True
@@ -171,6 +183,47 @@ def _version_of_rank_zero(root: Path) -> int | None:
         return None
     match = _VERSION_RE.match(os.path.basename(handed))
     return int(match.group(1)) if match else None
+
+
+def _slurm_job() -> str | None:
+    """This process's SLURM job as Lightning requeues it (``<array job>_<task>`` in a job
+    array, else the job id), or ``None`` outside SLURM."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _is_slurm_requeue() -> bool:
+    """Whether this process runs a SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0:
+    SLURM runs the job's script again, with the same job id)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return _slurm_job() is not None and restarts.isdigit() and int(restarts) > 0
+
+
+def _newest_hpc_checkpoint(folder: Path) -> Path | None:
+    """The ``hpc_ckpt_<n>.ckpt`` of ``folder`` with the largest ``n`` (Lightning's choice)."""
+    numbered = []
+    for path in folder.glob("hpc_ckpt_*.ckpt"):
+        number = path.stem.removeprefix("hpc_ckpt_")
+        if number.isdigit():
+            numbered.append((int(number), path))
+    return max(numbered)[1] if numbered else None
+
+
+def _run_of_slurm_job(root: Path, job: str) -> tuple[int, Path] | None:
+    """The newest run folder under ``root`` whose newest hpc checkpoint the SLURM job ``job``
+    saved (RunCheckpoint records the job in its state), as its version and that checkpoint;
+    ``None`` if there is none (another job's run is never taken)."""
+    for version in reversed(_versions(root)):
+        hpc = _newest_hpc_checkpoint(root / f"version_{version}")
+        state = None if hpc is None else _read_checkpoint(hpc)
+        callbacks = (state or {}).get("callbacks")
+        if not isinstance(callbacks, dict):
+            continue
+        if any(isinstance(c, dict) and c.get(SLURM_JOB_KEY) == job for c in callbacks.values()):
+            return version, hpc
+    return None
 
 
 def _make_new_folder(folder: Path) -> list[Path] | None:
@@ -613,11 +666,33 @@ class TorchbpCLI(LightningCLI):
             cfg["ckpt_path"] = self._last_checkpoint(root)
         elif cfg.get("ckpt_path") == "best":
             cfg["ckpt_path"] = str(self._best_checkpoint_to_evaluate(root))
+        self._resume_requeued_slurm_job(root)
         self._check_checkpoint_file(cfg.get("ckpt_path"))
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
             self._version = self._new_version(root)
+
+    def _resume_requeued_slurm_job(self, root: Path) -> None:
+        """A SLURM job requeued by Lightning's auto-requeue (which saved ``hpc_ckpt_<n>.ckpt``
+        into trainer.default_root_dir, the job's run folder, and requeued it: SLURM runs the
+        same command line again) continues in that run folder from that checkpoint; a new
+        run folder held no hpc checkpoint, and the job started again from scratch. Only for
+        ``fit`` without ``--trainer.default_root_dir`` (whose hpc checkpoint Lightning finds
+        itself) and without a ``--ckpt_path`` other than ``hpc``."""
+        cfg = self._subcommand_config(self.config)
+        if self.subcommand != "fit" or cfg.get("ckpt_path") not in (None, "hpc"):
+            return
+        if (cfg.get("trainer") or {}).get("default_root_dir") is not None:
+            return
+        job = _slurm_job()
+        found = _run_of_slurm_job(root, job) if job and _is_slurm_requeue() else None
+        if found is None:
+            return
+        self._version, hpc = found
+        self._resumed = True  # the run folder's files are its own
+        cfg["ckpt_path"] = str(hpc)  # checked as any checkpoint file, loaded with or without srun
+        print(f"SLURM job {job}, requeued: resumes {hpc}", file=sys.stderr)
 
     def _new_version(self, root: Path) -> int:
         """The version of a new run folder under ``root``: the next after the existing ones,
