@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1370,3 +1371,26 @@ def test_a_requeued_slurm_job_resumes_its_own_run_folder(tmp_path, monkeypatch, 
         assert cli.trainer.global_step == 2 * cli.trainer.num_training_batches  # resumed
         assert "resumes" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0", "version_1"]
+
+
+def test_a_requeued_slurm_job_with_a_default_root_dir_logs_into_its_own_run_folder(
+    tmp_path, monkeypatch
+):
+    """With ``--trainer.default_root_dir`` Lightning found the hpc checkpoint there, but the
+    requeued job logged into a new run folder and checkpointed into another folder than the
+    one its checkpoint callback's state recorded ("The dirpath has changed": the best score
+    was dropped, so the first validation after the requeue became the best, however worse).
+    It now continues in the run folder its job's hpc checkpoint recorded."""
+    common = ["--model.hidden_sizes=[16]", f"--trainer.default_root_dir={tmp_path / 'hpc'}"]
+    _slurm_job(monkeypatch, "77", 0)
+    fit_digits(tmp_path, "--trainer.max_epochs=1", *common)
+    run = tmp_path / "digits/version_0"
+    (tmp_path / "hpc").mkdir(exist_ok=True)
+    shutil.copy(run / "checkpoints/last.ckpt", tmp_path / "hpc/hpc_ckpt_1.ckpt")
+    _slurm_job(monkeypatch, "77", 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The dirpath has changed")
+        cli = fit_digits(tmp_path, "--trainer.max_epochs=2", *common)
+    assert Path(cli.trainer.log_dir) == run
+    assert cli.trainer.global_step == 2 * cli.trainer.num_training_batches  # resumed
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]

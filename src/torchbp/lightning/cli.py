@@ -40,7 +40,7 @@ anything is written (use the run's ``config.yaml``); how the model runs (``backe
 On SLURM, a ``fit`` that Lightning's auto-requeue saved (``hpc_ckpt_<n>.ckpt`` in the run
 folder) and requeued continues in its own run folder from that checkpoint (the job is known by
 its ``SLURM_JOB_ID``, recorded in the checkpoint; ``SLURM_RESTART_COUNT`` > 0 says it was
-requeued); with ``--trainer.default_root_dir`` Lightning finds the checkpoint there itself.
+requeued), also with ``--trainer.default_root_dir``, where Lightning then saves it.
 Under DDP, the workers Lightning launches take rank 0's run folder (``TORCHBP_RUN_FOLDER``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split for
@@ -211,17 +211,38 @@ def _newest_hpc_checkpoint(folder: Path) -> Path | None:
     return max(numbered)[1] if numbered else None
 
 
-def _run_of_slurm_job(root: Path, job: str) -> tuple[int, Path] | None:
-    """The newest run folder under ``root`` whose newest hpc checkpoint the SLURM job ``job``
-    saved (RunCheckpoint records the job in its state), as its version and that checkpoint;
-    ``None`` if there is none (another job's run is never taken)."""
+def _job_state(hpc: Path | None, job: str) -> dict[str, Any] | None:
+    """The checkpoint-callback state in the hpc checkpoint ``hpc`` that records the SLURM job
+    ``job`` (RunCheckpoint's), or ``None`` (no checkpoint, or another job's)."""
+    checkpoint = None if hpc is None else _read_checkpoint(hpc)
+    callbacks = (checkpoint or {}).get("callbacks")
+    if not isinstance(callbacks, dict):
+        return None
+    return next(
+        (c for c in callbacks.values() if isinstance(c, dict) and c.get(SLURM_JOB_KEY) == job),
+        None,
+    )
+
+
+def _run_of_slurm_job(root: Path, job: str, hpc_folder: Path | None) -> tuple[int, Path] | None:
+    """The run folder under ``root`` of the SLURM job ``job`` and the hpc checkpoint it saved
+    last, as the folder's version and the checkpoint; ``None`` if there is none (another
+    job's run is never taken). Lightning saves hpc checkpoints into trainer.default_root_dir:
+    the run folder itself unless ``hpc_folder`` (``--trainer.default_root_dir``) is given,
+    whose checkpoint names its run folder by the checkpoint folder it recorded."""
+    if hpc_folder is not None:
+        hpc = _newest_hpc_checkpoint(hpc_folder)
+        dirpath = (_job_state(hpc, job) or {}).get("dirpath")
+        if hpc is None or not isinstance(dirpath, str):
+            return None
+        run_folder = Path(dirpath).parent  # <run folder>/checkpoints
+        match = _VERSION_RE.match(run_folder.name)
+        if match and os.path.realpath(run_folder.parent) == os.path.realpath(root):
+            return int(match.group(1)), hpc
+        return None
     for version in reversed(_versions(root)):
         hpc = _newest_hpc_checkpoint(root / f"version_{version}")
-        state = None if hpc is None else _read_checkpoint(hpc)
-        callbacks = (state or {}).get("callbacks")
-        if not isinstance(callbacks, dict):
-            continue
-        if any(isinstance(c, dict) and c.get(SLURM_JOB_KEY) == job for c in callbacks.values()):
+        if hpc is not None and _job_state(hpc, job) is not None:
             return version, hpc
     return None
 
@@ -677,16 +698,19 @@ class TorchbpCLI(LightningCLI):
         """A SLURM job requeued by Lightning's auto-requeue (which saved ``hpc_ckpt_<n>.ckpt``
         into trainer.default_root_dir, the job's run folder, and requeued it: SLURM runs the
         same command line again) continues in that run folder from that checkpoint; a new
-        run folder held no hpc checkpoint, and the job started again from scratch. Only for
-        ``fit`` without ``--trainer.default_root_dir`` (whose hpc checkpoint Lightning finds
-        itself) and without a ``--ckpt_path`` other than ``hpc``."""
+        run folder held no hpc checkpoint, and the job started again from scratch. With
+        ``--trainer.default_root_dir`` (where Lightning found the checkpoint) it logged into
+        a new run folder and checkpointed into another folder than the one the checkpoint's
+        callback state recorded, which dropped the best score. Only for ``fit`` without a
+        ``--ckpt_path`` other than ``hpc``."""
         cfg = self._subcommand_config(self.config)
+        job = _slurm_job()
         if self.subcommand != "fit" or cfg.get("ckpt_path") not in (None, "hpc"):
             return
-        if (cfg.get("trainer") or {}).get("default_root_dir") is not None:
+        if job is None or not _is_slurm_requeue():
             return
-        job = _slurm_job()
-        found = _run_of_slurm_job(root, job) if job and _is_slurm_requeue() else None
+        hpc_folder = (cfg.get("trainer") or {}).get("default_root_dir")
+        found = _run_of_slurm_job(root, job, None if hpc_folder is None else Path(hpc_folder))
         if found is None:
             return
         self._version, hpc = found
