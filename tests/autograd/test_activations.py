@@ -107,6 +107,19 @@ def test_gradient_is_differentiable_as_natives(case):
     torch.testing.assert_close(ours, native)
 
 
+@pytest.mark.parametrize("beta, threshold", [(2.0, 1.0), (0.5, 2.0), (-1.0, 3.0)])
+def test_softplus_second_derivative_at_its_threshold_is_natives(beta, threshold):
+    # Softplus switches to the identity where βx > threshold; at βx == threshold its
+    # first derivative is still σ(βx) (as native), but native's second derivative counts
+    # the point as linear (βx < threshold): 0. torchbp differentiated its formula there
+    # (β σ'(βx), 0.056 at β = 2, threshold = 1).
+    x = torch.tensor([threshold / beta - 0.25, threshold / beta], dtype=torch.float64)
+    options = dict(beta=beta, threshold=threshold)
+    ours = _second_derivative(lambda z: TF.softplus(z, **options), x)
+    native = _second_derivative(lambda z: torch.nn.functional.softplus(z, **options), x)
+    torch.testing.assert_close(ours, native)
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_nan_and_inf_propagate_as_native(case):
     ours, native = case.ours, case.native

@@ -7,7 +7,7 @@ numbers in fewer passes: the Triton one on CUDA when asked for (``TORCHBP_TRITON
 the CPU one where the activation has one. Double backward, torch.func and torch.compile
 get the formula.
 
-A piecewise activation (ReLU, LeakyReLU, ELU) also passes its *curvature*
+A piecewise activation (ReLU, LeakyReLU, ELU, Softplus) also passes its *curvature*
 ``curvature(v, saved, *args) = v · ∂f'/∂saved``. Where the result may be differentiated
 again (grad mode on: ``create_graph=True``, forward-mode AD, torch.func), the formula then
 runs inside :class:`DerivativeFunction`, whose own backward is hand-written from the two:

@@ -7,7 +7,7 @@ torch ops, then the Function that uses it for both backward (``dx = g · f'``) a
 Linear keeps ``y`` alive anyway, so saving it costs nothing), otherwise the input ``x``.
 :func:`~torchbp.autograd._derivative.derivative` evaluates the formula, or for a
 first-order eager backward a fast kernel of :mod:`torchbp.kernels` that computes the same.
-The piecewise ones (ReLU, LeakyReLU, ELU) also give their curvature
+The piecewise ones (ReLU, LeakyReLU, ELU, Softplus) also give their curvature
 ``<op>_curvature(v, saved) = v · ∂f'/∂saved``, from which
 :class:`~torchbp.autograd._derivative.DerivativeFunction` differentiates a gradient
 computed with ``create_graph=True`` as native does (ReLU's second derivative is 0, not an
@@ -364,6 +364,16 @@ def softplus_backward(g: torch.Tensor, x: torch.Tensor, beta: float, threshold: 
     return torch.where(bx > threshold, g, g * torch.sigmoid(bx))
 
 
+def softplus_curvature(v: torch.Tensor, x: torch.Tensor, beta: float, threshold: float):
+    # ∂f'/∂x = β σ(βx)(1 - σ(βx)) where βx < threshold, 0 on the linear side. At βx equal
+    # to the threshold f' is still σ(βx) (above), but its derivative counts as the linear
+    # side's 0 there ("βx < threshold", not "<="): native's second derivative does. Times
+    # the 0/1 mask, not selected by it, so that a NaN x gives NaN, as native.
+    bx = x * beta
+    s = torch.sigmoid(bx)
+    return v * (beta * s * (1 - s)) * (bx < threshold).to(v.dtype)
+
+
 class SoftplusFunction(Function):
     """``y = log(1 + e^{βx}) / β`` (``x`` where ``βx > threshold``); backward
     ``dx = g · σ(βx)`` (``g`` where ``βx > threshold``). Saves ``x``."""
@@ -382,10 +392,26 @@ class SoftplusFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx = derivative("softplus", softplus_backward, dy, x, ctx.beta, ctx.threshold)
+        dx = derivative(
+            "softplus",
+            softplus_backward,
+            dy,
+            x,
+            ctx.beta,
+            ctx.threshold,
+            curvature=softplus_curvature,
+        )
         return dx, None, None
 
     @staticmethod
     def jvp(ctx, dx, _beta, _threshold):
         (x,) = ctx.saved_tensors
-        return derivative("softplus", softplus_backward, dx, x, ctx.beta, ctx.threshold)
+        return derivative(
+            "softplus",
+            softplus_backward,
+            dx,
+            x,
+            ctx.beta,
+            ctx.threshold,
+            curvature=softplus_curvature,
+        )
