@@ -3,8 +3,9 @@
 Each op is a derivative formula ``<op>_backward(g, saved) = g · f'`` in differentiable
 torch ops, then the Function that uses it for both backward (``dx = g · f'``) and jvp
 (``dy = f' · dx``). ``f'`` is written through whatever is cheapest to keep: the output
-``y`` where the formula allows (sigmoid, tanh, ReLU, LeakyReLU with slope >= 0: the next
-Linear keeps ``y`` alive anyway, so saving it costs nothing), otherwise the input ``x``.
+``y`` where the formula allows (sigmoid, tanh, ReLU, LeakyReLU with slope >= 0, ELU with
+α >= 0: the next Linear keeps ``y`` alive anyway, so saving it costs nothing), otherwise
+the input ``x``.
 :func:`~torchbp.autograd._derivative.derivative` evaluates the formula, or for a
 first-order eager backward a fast kernel of :mod:`torchbp.kernels` that computes the same.
 The piecewise ones (ReLU, LeakyReLU, ELU, Softplus) also give their curvature
@@ -181,6 +182,7 @@ class LeakyReLUFunction(Function):
 
     Saves the output for ``α >= 0`` (its sign equals the input's), the input otherwise
     (a negative slope flips the sign, so then only the input tells the branch).
+    ``inplace=True`` overwrites ``x`` and marks it dirty.
     """
 
     generate_vmap_rule = True
