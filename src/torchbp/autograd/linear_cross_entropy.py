@@ -139,8 +139,8 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
     ``scale``: ``None`` (no gradients), a 0-dim tensor (the same ``s`` for every row) or
     an ``(N,)`` tensor; ignored rows are zeroed here. ``want = (dx, dW, db, dt)`` flags.
     Fills ``rows_out`` (N,) with the per-row losses when given. Returns
-    ``(dx, dW, dB, dt)`` in the accumulation dtype for dW / db, else the input's dtype,
-    ``None`` where not wanted.
+    ``(dx, dW, db, dt)``, ``None`` where not wanted: ``dW`` and ``db`` in the accumulation
+    dtype, ``dx`` in the input's dtype and ``dt`` in the target's.
     """
     x, w, b, target, weight, ignore_index, smoothing, chunk = problem
     n, d = x.shape
