@@ -54,6 +54,11 @@ def log_softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Te
     return g - torch.exp(y) * g.sum(dim, keepdim=True)
 
 
+def _log_softmax_jvp(x_t: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    # dy = J dx with J_ij = δ_ij - softmax_j  =>  dy = dx - Σ_j e^{y_j} dx_j
+    return x_t - (torch.exp(y) * x_t).sum(dim, keepdim=True)
+
+
 class SoftmaxFunction(Function):
     """``y = e^{x - m} / Σ e^{x - m}`` along ``dim`` (``m`` the max, for stability);
     backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``. Forward-mode: ``dy = y ⊙ (dx - Σ dx ⊙ y)``."""
@@ -116,8 +121,3 @@ class LogSoftmaxFunction(Function):
         if x_t is None:
             return None
         return reference(_log_softmax_jvp, x_t, y, ctx.dim)
-
-
-def _log_softmax_jvp(x_t: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-    # dy = J dx with J_ij = δ_ij - softmax_j  =>  dy = dx - Σ_j e^{y_j} dx_j
-    return x_t - (torch.exp(y) * x_t).sum(dim, keepdim=True)
