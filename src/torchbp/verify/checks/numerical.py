@@ -361,7 +361,10 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
     try:
         return _second_order(ctx)
     except CheckFailure as failure:
-        constants = saved_constants(ctx)
+        try:
+            constants = saved_constants(ctx)
+        except Exception:  # noqa: BLE001 - a hint must never replace the verdict
+            constants = []
         if not constants:
             raise
         raise CheckFailure(
@@ -389,16 +392,22 @@ def saved_constants(ctx: CheckContext) -> list[str]:
     inputs = ctx.full_inputs(diff)
     given = {t.data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.is_sparse}
     try:
-        roots = [o.grad_fn for o in ctx.diff_fn(*diff) if o.grad_fn is not None]
+        # the outputs stay referenced while the graph is walked: a Python Function's node
+        # lives only as long as the graph does (its ctx alone does not keep it)
+        outs = ctx.diff_fn(*diff)
     except Exception:  # noqa: BLE001 - a hint only: fn already ran in the failed check
         return []
+    roots = [o.grad_fn for o in outs if o.grad_fn is not None]
     found, seen = [], set()
     while roots:
         node = roots.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        roots.extend(parent for parent, _ in node.next_functions)
+        try:
+            roots.extend(parent for parent, _ in node.next_functions)
+        except RuntimeError:  # a node whose graph is already gone: nothing to read
+            continue
         if not isinstance(node, torch.autograd.function.BackwardCFunction):
             continue
         try:
