@@ -1297,6 +1297,45 @@ def test_checkpoint_of_another_activation_is_refused_however_it_is_named(
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]
 
 
+_WEIGHTS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        tuple(_WEIGHTS),  # ERMClassifier(class_weight=(0.1, ...)) from Python
+        torch.tensor(_WEIGHTS),  # ERMClassifier(class_weight=torch.tensor(...))
+        torch.tensor(_WEIGHTS).tolist(),  # float32 values: 0.10000000149011612, ...
+    ],
+    ids=["tuple", "tensor", "float32-list"],
+)
+def test_a_checkpoints_class_weight_of_another_type_is_the_same_model(
+    short_run, tmp_path, capsys, saved
+):
+    """A checkpoint saved from Python holds its hyperparameters as given: class weights as a
+    tuple, a tensor or float32 values. Evaluated with the same weights configured (a list of
+    decimals), all three were refused as another model (a tuple, a tensor is never equal
+    to a list; 0.10000000149011612 != 0.1). The model holds its class weights as a float32
+    buffer: equal there, they are the same model."""
+    run = _copy_of_run(short_run, tmp_path)
+    ckpt = run / "checkpoints/last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["class_weight"] = saved
+    checkpoint["state_dict"]["class_weight"] = torch.tensor(_WEIGHTS)
+    torch.save(checkpoint, ckpt)
+    weights = f"--model.class_weight=[{', '.join(map(str, _WEIGHTS))}]"
+    cli = run_cli(
+        "test", "--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={ckpt}", weights
+    )
+    assert cli.model.hparams.class_weight == _WEIGHTS
+    assert "test/acc" in cli.trainer.callback_metrics
+    # other weights are still another model
+    other = f"--model.class_weight=[{', '.join(['1.0'] * 10)}]"
+    with pytest.raises(SystemExit):
+        run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", f"--ckpt_path={ckpt}", other)
+    assert "model.class_weight: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("given", ["last", "path"])
 def test_an_explicit_checkpoint_path_keeps_the_configured_backend(short_run, tmp_path, given):
     """``test --ckpt_path <file> --model.backend torch`` evaluated torchbp's backend: LightningCLI

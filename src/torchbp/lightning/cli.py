@@ -384,9 +384,33 @@ def _hyperparameters_mismatch(checkpoint: dict[str, Any], model: ERMClassifier) 
             continue
         if key == "negative_slope" and configured.get("activation") != "leaky_relu":
             continue  # the slope of leaky_relu only
-        if saved[key] != value:
+        if not _same_setting(saved[key], value):
             problems.append(f"model.{key}: {saved[key]!r} in the checkpoint, {value!r} configured")
     return problems
+
+
+def _same_setting(saved: Any, configured: Any) -> bool:
+    """Whether a checkpoint's hyperparameter and the configured one are the same setting:
+    numbers, alone or in a list, tuple or tensor (a checkpoint saved from Python holds them
+    as they were given), that are equal in float32, the precision the model computes in
+    (its class weights are a float32 buffer); anything else equal."""
+    saved_numbers, configured_numbers = _as_float32(saved), _as_float32(configured)
+    if saved_numbers is None or configured_numbers is None:
+        return saved_numbers is configured_numbers and saved == configured
+    return saved_numbers.shape == configured_numbers.shape and bool(
+        (saved_numbers == configured_numbers).all()
+    )
+
+
+def _as_float32(value: Any) -> torch.Tensor | None:
+    """``value`` as a float32 tensor if it is a number or numbers (``None`` for anything else:
+    a name, ``None``, a dict)."""
+    if not isinstance(value, (int, float, list, tuple, torch.Tensor)):
+        return None
+    try:
+        return torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _optimizer_mismatch(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
