@@ -61,6 +61,27 @@ def test_series_per_epoch_count_from_one_and_skip_empty_and_nan(tmp_path):
     assert "test/loss" not in series  # a NaN is not a point
 
 
+def test_a_resumed_runs_rows_replace_those_it_trained_again(tmp_path):
+    """A run resumed from a checkpoint older than its last rows (a kill after epoch 3 with
+    last.ckpt from epoch 1) appends epochs 2 and 3 to metrics.csv again. Both copies were
+    kept: the x-axis switched to steps as for mid-epoch validation, and each curve ran
+    back to the earlier step and forth again. The resumed run's rows replace those it
+    trained again."""
+    first = _epochs(3)
+    resumed = [
+        {**row, "val/acc": row["val/acc"] + 0.05} for row in _epochs(4)[2:] if "val/acc" in row
+    ]
+    series, x_name = curves.read_curves(_write(tmp_path / "metrics.csv", first + resumed))
+    assert x_name == "epoch"
+    assert series["val/acc"] == [
+        (1, 0.5),
+        (2, pytest.approx(0.65)),
+        (3, pytest.approx(0.75)),
+        (4, pytest.approx(0.85)),
+    ]
+    assert series["train/acc"] == [(1, 0.4), (2, 0.5), (3, pytest.approx(0.6))]
+
+
 def test_mid_epoch_validation_puts_steps_on_the_x_axis(tmp_path):
     rows = [
         {"epoch": 0, "step": 4, "val/acc": 0.5},

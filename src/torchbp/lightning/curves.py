@@ -33,6 +33,9 @@ def read_curves(metrics_csv: str | Path) -> tuple[Series, str]:
     """The finite values of each ``<split>/<metric>`` column of ``metrics_csv`` as
     ``(x, value)`` points, and the x-axis name: ``"epoch"`` (1 = after the first epoch)
     when no column has two rows in one epoch, else ``"step"`` (mid-epoch validation).
+    A row at or before a column's previous one (its step lower, or its epoch and step the
+    same: a run resumed from an older checkpoint in the same folder training again) replaces
+    that column's rows from its step on.
 
     Examples::
 
@@ -48,7 +51,7 @@ def read_curves(metrics_csv: str | Path) -> tuple[Series, str]:
             value = _float(text)
             if name in ("epoch", "step") or "/" not in name or value is None:
                 continue
-            by_epoch[name].append((epoch, step, value))
+            _add_point(by_epoch[name], (epoch, step, value))
     per_epoch = all(len({e for e, _, _ in pts}) == len(pts) for pts in by_epoch.values())
     x_name = "epoch" if per_epoch else "step"
     series = {
@@ -56,6 +59,16 @@ def read_curves(metrics_csv: str | Path) -> tuple[Series, str]:
         for name, pts in by_epoch.items()
     }
     return series, x_name
+
+
+def _add_point(points: list[tuple[int, int, float]], point: tuple[int, int, float]) -> None:
+    """Append ``(epoch, step, value)`` to a column's points, after dropping those it
+    replaces: from its step on, when it goes back (see :func:`read_curves`)."""
+    epoch, step, _ = point
+    last_epoch, last_step = points[-1][:2] if points else (None, None)
+    if last_step is not None and (step < last_step or (epoch, step) == (last_epoch, last_step)):
+        points[:] = [p for p in points if p[1] < step]
+    points.append(point)
 
 
 def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path | None:
