@@ -108,6 +108,16 @@ def test_nothing_to_draw_for_a_test_only_run(tmp_path):
     assert not (tmp_path / curves.CURVES_FILE).exists()
 
 
+def test_nothing_to_draw_for_a_validate_run(tmp_path):
+    """A ``validate`` run folder holds one validation row, at the epoch the checkpoint's
+    loading logs (0 for the main job's best of epoch 15): its curves.png drew one point per
+    panel, 'after the first epoch', a picture of no training that misdated the checkpoint
+    (and cost each validate a plot). Curves are drawn for runs that trained."""
+    row = {"epoch": 0, "step": 0, "val/acc": 0.98, "val/loss": 0.1}
+    assert curves.plot_curves(_write(tmp_path / "metrics.csv", [row])) is None
+    assert not (tmp_path / curves.CURVES_FILE).exists()
+
+
 def test_nothing_to_draw_without_matplotlib(tmp_path, monkeypatch):
     import sys
 

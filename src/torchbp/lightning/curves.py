@@ -3,7 +3,8 @@
 :class:`~torchbp.lightning.run_logger.RunCSVLogger` draws it whenever it finishes
 (``fit``, and the test of the best checkpoint after it), so every run folder with training
 rows holds the loss and accuracy of each epoch, train against validation, with the test
-result of the best checkpoint marked. For a run folder written before, or elsewhere::
+result of the best checkpoint marked (a ``validate`` or ``test`` run's folder, one row and
+no training, gets none). For a run folder written before, or elsewhere::
 
     python -m torchbp.lightning.curves runs/digits/version_0
 
@@ -75,7 +76,8 @@ def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path 
     """Draw ``metrics_csv``'s loss and accuracy curves (train and validation; the test
     value as a marker after the last point) into ``out`` (default: ``curves.png`` in the
     same folder). Returns the picture's path, or ``None`` when there is nothing to draw
-    (no train or validation rows: a test-only run) or matplotlib is not installed.
+    (no training rows: a validate or test run, whose single row is no curve) or matplotlib
+    is not installed.
 
     Args:
         metrics_csv: a ``metrics.csv`` in Lightning's CSVLogger layout (``epoch``,
@@ -89,7 +91,7 @@ def plot_curves(metrics_csv: str | Path, out: str | Path | None = None) -> Path 
     metrics_csv = Path(metrics_csv)
     series, x_name = read_curves(metrics_csv)
     panels = [(m, label) for m, label in _PANELS if any(f"{s}/{m}" in series for s in _SPLITS)]
-    if not panels:
+    if not panels or not any(name.startswith("train/") for name in series):
         return None
     try:
         from matplotlib.figure import Figure
@@ -166,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 1
             continue
         written = plot_curves(csv_path)
-        nothing = "nothing to draw (no train/val rows, or no matplotlib)"
+        nothing = "nothing to draw (no training rows, or no matplotlib)"
         print(f"{run}: {written or nothing}")
         status |= written is None
     return status
