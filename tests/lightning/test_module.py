@@ -292,18 +292,32 @@ def test_compile_option_compiles_the_network_and_keeps_checkpoints_interchangeab
         )
 
 
-def test_compiling_a_fused_head_model_is_refused_as_it_would_change_nothing(tmp_path):
+def test_compile_option_of_a_fused_head_model_is_refused_as_it_would_change_nothing():
     """A fused_head model's steps call its hidden layers and the fused loss, never the
-    network's forward: compile=True, or Lightning's fit of torch.compile(model), compiled
-    nothing they run. Both are refused, before any step."""
-    from torchbp.lightning import SklearnToyDataModule
-
+    network's forward: compile=True, which compiles the network, compiled nothing they run.
+    It is refused."""
     with pytest.raises(ValueError, match=r"compile or fused_head, not both.*compile=True"):
         ERMClassifier(input_size=4, num_classes=3, compile=True, fused_head=True)
-    model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[8], fused_head=True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = _quiet_trainer(tmp_path, max_epochs=1)
-    data = SklearnToyDataModule(name="iris", batch_size=32)
-    with pytest.raises(ValueError, match=r"torch.compile\(model\).*fit the model itself"):
-        trainer.fit(torch.compile(model), datamodule=data)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_fit_of_a_compiled_fused_head_model_matches_the_eager_fit(tmp_path):
+    """Lightning's ``trainer.fit(torch.compile(model))`` compiles the model's steps
+    (training_step and the others, not only forward), so a fused_head model's fused loss is
+    compiled too: it was refused as compiling nothing the steps run. It now fits, with the
+    eager fit's metrics."""
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import SklearnToyDataModule
+
+    def fit(compiled: bool) -> dict[str, float]:
+        pl.seed_everything(0)
+        model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[8], fused_head=True)
+        trainer = _quiet_trainer(tmp_path, max_epochs=1, deterministic=True)
+        data = SklearnToyDataModule(name="iris", batch_size=32)
+        trainer.fit(torch.compile(model) if compiled else model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    eager, compiled = fit(False), fit(True)
+    assert "test/acc" in compiled
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)

@@ -28,11 +28,12 @@ from torchbp.per_sample import PerSampleGrads, per_sample_grads
 
 __all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
 
-#: why compiling the network is refused with fused_head (ERMClassifier and its fit)
+#: why compile=True (which compiles the network) is refused with fused_head
 _COMPILE_FUSED_HEAD = (
     "compile compiles the network's forward, which a fused_head model's steps never call "
     "(they run the hidden layers, then the last Linear and the loss together), so it would "
-    "change nothing; use compile or fused_head, not both"
+    "change nothing; use compile or fused_head, not both (from Python, "
+    "trainer.fit(torch.compile(model)) compiles a fused_head model's steps)"
 )
 
 #: activation name -> class name in ``torchbp.nn`` / ``torch.nn``: every element-wise
@@ -258,7 +259,8 @@ class ERMClassifier(pl.LightningModule):
             metrics equal the eager run's; not with ``privacy`` or ``fused_head`` (whose
             steps never call the network's forward: compiling it would change nothing, so
             it is refused). From Python, ``trainer.fit(torch.compile(model))`` (Lightning's
-            way) works too, with the same two exceptions.
+            way, which compiles the steps, the fused loss included) works too, not with
+            ``privacy``.
     """
 
     def __init__(
@@ -623,12 +625,6 @@ class ERMClassifier(pl.LightningModule):
         return max(total - trainer.global_step, 0)
 
     def on_train_start(self) -> None:
-        if self.fused_head and "forward" in vars(self):
-            # Lightning's fit of torch.compile(model) compiles the instance's forward
-            raise ValueError(
-                _COMPILE_FUSED_HEAD + "; got trainer.fit(torch.compile(model)) of a fused_head "
-                "model: fit the model itself"
-            )
         # the train DataLoader exists from here on (not yet in on_fit_start)
         if self.privacy is None:
             self._refuse_private_checkpoint()
