@@ -687,3 +687,29 @@ def test_a_checkpoint_saved_after_loading_one_keeps_its_steps_and_its_noise_toge
     saved, loaded = torch.load(again, weights_only=False), torch.load(early, weights_only=False)
     assert saved["privacy_accountant"] == loaded["privacy_accountant"]
     assert torch.equal(saved["privacy_noise_generator"], loaded["privacy_noise_generator"])
+
+
+def test_a_checkpoint_without_noise_state_loaded_into_a_fitted_model_saves_none(tmp_path):
+    """A checkpoint saved before the noise state was kept (its accountant, no noise state)
+    loaded into a fitted model and saved again got the loaded steps beside the noise state of
+    the model's own later fit, a pair of no point of either run, which a fit resumed from it
+    then continued. The noise state follows the accountant here too: none is saved (and a
+    fit resumed from it draws from a fresh stream, as from the loaded checkpoint)."""
+    pytest.importorskip("opacus")
+    privacy = Privacy(max_grad_norm=1.0, noise_multiplier=1.0)
+    dm, model, trainer = _dp_fit(tmp_path, privacy, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    early = tmp_path / "early.ckpt"
+    trainer.save_checkpoint(early)
+    old = torch.load(early, weights_only=False)
+    del old["privacy_noise_generator"]  # as saved before the noise state was kept
+    torch.save(old, early)
+    _, _, trainer = _dp_fit(tmp_path, privacy, max_steps=4, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)  # on past it
+    _, _, trainer = _dp_fit(tmp_path, privacy, limit_val_batches=1)
+    trainer.validate(model, datamodule=dm, ckpt_path=early)
+    again = tmp_path / "again.ckpt"
+    trainer.save_checkpoint(again)
+    saved = torch.load(again, weights_only=False)
+    assert saved["privacy_accountant"] == old["privacy_accountant"]
+    assert "privacy_noise_generator" not in saved

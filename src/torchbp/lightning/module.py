@@ -706,8 +706,9 @@ class ERMClassifier(pl.LightningModule):
 
     def _noise_state(self) -> torch.Tensor | None:
         """The noise generator's state that goes with :meth:`_spent_privacy`'s steps: a loaded
-        checkpoint's, not yet continued by a fit, else the last fit's generator's."""
-        if self._restored_noise_state is not None or self._noise_generator is None:
+        checkpoint's, not yet continued by a fit (``None`` for one saved before the state was
+        kept), else the last fit's generator's."""
+        if self._restored_accountant is not None or self._noise_generator is None:
             return self._restored_noise_state
         return self._noise_generator.get_state()
 
