@@ -284,6 +284,24 @@ def test_double_backward_names_a_tensor_forward_computed_and_saved():
     assert fixed["gradgradcheck"].passed, fixed
 
 
+def test_double_backward_hint_leaves_out_a_saved_tensor_that_does_not_depend_on_the_inputs():
+    """A Function given a constant that fn made from a non-differentiable input (a one-hot
+    of integer labels) and saving it: double backward is right to take it for a constant.
+    The hint named it as the possible cause ('MaskedCubeDetachingInBackward saved a (3, 4)
+    tensor ... misses its dependence on the inputs') of a failure that has another cause;
+    only a saved tensor whose values follow the differentiable inputs is named now."""
+    labels = torch.tensor([0, 2, 3])
+
+    def cube_of_one_hot(x, labels):
+        one_hot = torch.nn.functional.one_hot(labels, 4).to(x.dtype)
+        return MaskedCubeDetachingInBackward.apply(x, one_hot)
+
+    report = check_function(cube_of_one_hot, seeded(3, 4), labels, checks="gradgradcheck")
+    result = report["gradgradcheck"]
+    assert result.failed, report
+    assert "possible cause" not in result.message
+
+
 def test_double_backward_failure_without_a_forward_made_constant_names_none():
     mask = (seeded(3, 4).detach() > 0).double()
     report = check_function(

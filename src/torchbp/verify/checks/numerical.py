@@ -384,11 +384,31 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
 
 def saved_constants(ctx: CheckContext) -> list[str]:
     """What fn's Python Functions saved for backward that is neither one of fn's inputs
-    nor an output of the Function: a floating-point tensor computed in ``forward`` (which
-    runs without autograd), so the graph of a double backward holds it as a constant.
-    Each as ``"<Function> saved a <shape> tensor"``; empty when nothing is found or the
-    saved tensors cannot be read (freed, or a C++ node)."""
+    nor an output of the Function, and whose values follow the differentiable inputs: a
+    floating-point tensor computed in ``forward`` (which runs without autograd) from
+    them, so the graph of a double backward holds it as a constant. A saved tensor that
+    stays the same when the inputs move a little (one fn made from a non-differentiable
+    input, such as a one-hot of labels; a mask of signs) is a constant indeed, and not
+    named. Each as ``"<Function> saved a <shape> tensor"``; empty when nothing is found or
+    the saved tensors cannot be read (freed, or a C++ node)."""
     diff = ctx.leaves()
+    saved = _saved_non_inputs(ctx, diff)
+    if not saved:
+        return []
+    moved = _saved_non_inputs(ctx, [_nudged(d) for d in diff])
+    if [(name, t.shape) for name, t in moved] == [(name, t.shape) for name, t in saved]:
+        # the same graph: name only what the nudge changed
+        saved = [(name, t) for (name, t), (_, u) in zip(saved, moved) if not _same(t, u)]
+    return [f"{name} saved a {tuple(t.shape)} tensor" for name, t in saved]
+
+
+def _saved_non_inputs(
+    ctx: CheckContext, diff: Sequence[torch.Tensor]
+) -> list[tuple[str, torch.Tensor]]:
+    """``(Function name, tensor)`` for each floating-point tensor without autograd history
+    that a Python Function of fn's graph at ``diff`` saved for backward and that is not
+    one of fn's inputs, in the order of a depth-first walk from the outputs (the same
+    for two calls that build the same graph); empty when fn raises."""
     inputs = ctx.full_inputs(diff)
     given = {t.data_ptr() for t in inputs if isinstance(t, torch.Tensor) and not t.is_sparse}
     try:
@@ -397,7 +417,7 @@ def saved_constants(ctx: CheckContext) -> list[str]:
         outs = ctx.diff_fn(*diff)
     except Exception:  # noqa: BLE001 - a hint only: fn already ran in the failed check
         return []
-    roots = [o.grad_fn for o in outs if o.grad_fn is not None]
+    roots = [o.grad_fn for o in reversed(outs) if o.grad_fn is not None]
     found, seen = [], set()
     while roots:
         node = roots.pop()
@@ -405,7 +425,7 @@ def saved_constants(ctx: CheckContext) -> list[str]:
             continue
         seen.add(node)
         try:
-            roots.extend(parent for parent, _ in node.next_functions)
+            roots.extend(parent for parent, _ in reversed(node.next_functions))
         except RuntimeError:  # a node whose graph is already gone: nothing to read
             continue
         if not isinstance(node, torch.autograd.function.BackwardCFunction):
@@ -416,7 +436,7 @@ def saved_constants(ctx: CheckContext) -> list[str]:
             continue
         name = type(node).__name__.removesuffix("Backward")
         found += [
-            f"{name} saved a {tuple(t.shape)} tensor"
+            (name, t.detach())
             for t in saved
             if isinstance(t, torch.Tensor)
             and (t.is_floating_point() or t.is_complex())
@@ -424,6 +444,22 @@ def saved_constants(ctx: CheckContext) -> list[str]:
             and t.data_ptr() not in given
         ]
     return found
+
+
+def _nudged(t: torch.Tensor) -> torch.Tensor:
+    """``t`` moved by a small deterministic amount, different at each element (no draw
+    from the check's generator, whose stream the other checks share)."""
+    t = t.detach()
+    pattern = torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device).sin()
+    step = 1e-4 * (1 + t.abs()) * pattern.reshape(t.shape).to(t.real.dtype)
+    return (t + step).requires_grad_(True)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two saved tensors hold the same values (NaN where the other has NaN)."""
+    if a.dtype != b.dtype or a.layout != torch.strided or b.layout != torch.strided:
+        return False
+    return bool(torch.equal(a, b) or torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
 
 
 def _list(items: list[str]) -> str:
