@@ -380,6 +380,18 @@ def test_evaluating_the_last_checkpoint_leaves_its_run_folder_as_it_was(
         assert cli.trainer.callback_metrics["test/acc"] > 0.85  # the trained weights
 
 
+@pytest.mark.parametrize("form", ["--ckpt_path=last", "--ckpt_path last"])
+def test_ckpt_path_before_a_runs_config_yaml_still_holds(short_run, tmp_path, form):
+    """The run's config.yaml holds ``ckpt_path: null``; given after ``--ckpt_path last`` it
+    replaced it (jsonargparse applies arguments in order) and test evaluated an untrained
+    model (chance accuracy, after a note that no checkpoint was given)."""
+    run = _copy_of_run(short_run, tmp_path)
+    config = str(run / "config.yaml")
+    cli = run_cli("test", *form.split(), "--config", config, f"--run_dir={tmp_path}")
+    assert cli.config_init["test"]["ckpt_path"] == str(run / "checkpoints/last.ckpt")
+    assert cli.trainer.callback_metrics["test/acc"] > 0.85  # the trained weights
+
+
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_a_checkpoint_gives_no_dirpath_warning(short_run, tmp_path, subcommand):
     """``test --ckpt_path last`` after a fit printed Lightning's "The dirpath has changed from

@@ -480,6 +480,25 @@ def _save_nothing(callback: ModelCheckpoint) -> None:
     callback.save_on_exception = False
 
 
+def _keep_command_line_ckpt_path(config: Namespace, argv: list[str]) -> None:
+    """A ``--ckpt_path`` given on the command line holds whatever its order among the
+    ``--config`` files: a run's saved ``config.yaml`` has ``ckpt_path: null``, which, given
+    after ``--ckpt_path last``, replaced it (jsonargparse applies arguments in order) and
+    the run evaluated an untrained model. A config file's own non-null ``ckpt_path`` still
+    wins when it comes later, as jsonargparse orders it."""
+    subcommand = config.get("subcommand")
+    if not subcommand or config[subcommand].get("ckpt_path") is not None:
+        return
+    given = None
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            given = argv[i + 1]
+        elif arg.startswith("--ckpt_path="):
+            given = arg.split("=", 1)[1]
+    if given is not None and given not in ("null", "None", ""):
+        config[subcommand]["ckpt_path"] = given
+
+
 def _checkpoint_filename(monitor: str) -> str:
     """The default checkpoint file name: the epoch and the monitored value, e.g.
     ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``."""
@@ -626,6 +645,7 @@ class TorchbpCLI(LightningCLI):
             #: no --config given: the default config runs, maybe with other data (see _run_root)
             self._default_config = not any(is_config_option(a) for a in argv)
             self.config = parser.parse_args(with_config_files(argv))
+            _keep_command_line_ckpt_path(self.config, argv)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
