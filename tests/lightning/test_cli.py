@@ -380,6 +380,24 @@ def test_evaluating_the_last_checkpoint_leaves_its_run_folder_as_it_was(
         assert cli.trainer.callback_metrics["test/acc"] > 0.85  # the trained weights
 
 
+def test_last_ckpt_holds_the_final_epoch_when_the_best_is_earlier(tmp_path):
+    """Lightning 2.6 writes last.ckpt only at a step where it also saves a best checkpoint:
+    last.ckpt held the best epoch's state, a resumed fit trained the later epochs again and
+    --ckpt_path last evaluated the best weights. val/loss falls every epoch, so under mode
+    max the best stays epoch 0 while last.ckpt must follow every epoch."""
+    fit_digits(
+        tmp_path,
+        "--trainer.max_epochs=3",
+        "--checkpoint.monitor=val/loss",
+        "--checkpoint.mode=max",
+    )
+    folder = tmp_path / "digits/version_0/checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 3 * 19
+    best = [p for p in folder.iterdir() if p.name.startswith("epoch000")]
+    assert len(best) == 1  # the best checkpoint itself is untouched
+
+
 @pytest.mark.parametrize("form", ["--ckpt_path=last", "--ckpt_path last"])
 def test_ckpt_path_before_a_runs_config_yaml_still_holds(short_run, tmp_path, form):
     """The run's config.yaml holds ``ckpt_path: null``; given after ``--ckpt_path last`` it

@@ -71,6 +71,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from torchbp.lightning.config_files import (
@@ -134,6 +135,36 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _on_exception = False
+    #: the global step of the latest checkpoint this trainer saved (any file)
+    _saved_at_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
+        self._saved_at_step = trainer.global_step
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_skipped(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_skipped(trainer)
+
+    def _save_last_if_skipped(self, trainer: Trainer) -> None:
+        """``last.ckpt`` holds the latest weights, as ``--ckpt_path last`` (resume, evaluate)
+        needs: Lightning 2.6 writes it only at a step where it also saved a best checkpoint,
+        so after the best epoch it kept the best epoch's state (a resumed fit trained those
+        epochs again; ``test --ckpt_path last`` evaluated the best weights). Saved here,
+        through the public ``trainer.save_checkpoint``, when fitting and no checkpoint was
+        saved at this step (Lightning's own save, when it made one, comes first)."""
+        if self.save_last is not True or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return
+        if self._saved_at_step == trainer.global_step or self.dirpath is None:
+            return
+        metrics = dict(trainer.callback_metrics)
+        self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path)
 
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
