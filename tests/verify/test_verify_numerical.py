@@ -241,7 +241,8 @@ class NormalizeSavingTheNorm(torch.autograd.Function):
 
 
 class NormalizeRecomputingTheNorm(torch.autograd.Function):
-    """The same with the norm recomputed in backward from the saved input."""
+    """The same with the norm recomputed in backward from the saved input (x / ‖x‖ without
+    an eps: 0/0 = NaN on an all-zero row, where F.normalize gives 0)."""
 
     @staticmethod
     def forward(ctx, x):

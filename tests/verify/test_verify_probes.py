@@ -4,6 +4,7 @@ a probe cannot judge fn there."""
 from __future__ import annotations
 
 import torch
+from tests.verify.test_verify_numerical import NormalizeRecomputingTheNorm
 from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function
@@ -65,23 +66,6 @@ def test_reference_infinite_on_the_zero_probe_is_still_compared():
     assert result.failed and "inputs set to zero" in result.message, result
 
 
-class NormalizeWithoutEps(torch.autograd.Function):
-    """Rows scaled to unit norm, x / ‖x‖: 0/0 = NaN on an all-zero row, where
-    F.normalize (with its eps) gives 0."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x / x.norm(dim=-1, keepdim=True)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        norm = x.norm(dim=-1, keepdim=True)
-        y = x / norm
-        return (g - y * (g * y).sum(-1, keepdim=True)) / norm
-
-
 class ExpSoftmax(torch.autograd.Function):
     """softmax without the max trick: exp overflows to inf for large inputs."""
 
@@ -118,7 +102,11 @@ def test_the_hint_follows_what_fn_got_wrong():
     import torch.nn.functional as F
 
     cases = [
-        (NormalizeWithoutEps, F.normalize, "fn gives NaN where the reference is finite: a 0/0"),
+        (
+            NormalizeRecomputingTheNorm,
+            F.normalize,
+            "fn gives NaN where the reference is finite: a 0/0",
+        ),
         (ExpSoftmax, lambda x: torch.softmax(x, -1), "exp without the max trick"),
         (ReLUPassingGradientAtZero, torch.relu, "gradient at a kink"),
     ]
