@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pytorch_lightning import Trainer
 from tests.lightning.lightning_helpers import (
     CONFIGS,
     REPO,
@@ -396,6 +397,23 @@ def test_last_ckpt_holds_the_final_epoch_when_the_best_is_earlier(tmp_path):
     assert last["epoch"] == 2 and last["global_step"] == 3 * 19
     best = [p for p in folder.iterdir() if p.name.startswith("epoch000")]
     assert len(best) == 1  # the best checkpoint itself is untouched
+
+
+def test_an_improving_epoch_writes_last_ckpt_once(tmp_path, monkeypatch):
+    """last.ckpt of an epoch whose validation ended it was saved at that validation's end and
+    again by Lightning at the train epoch's end, beside the new best: two writes of the same
+    state each improving epoch. It is now saved once per epoch, after Lightning's own save."""
+    saved = []
+    save = Trainer.save_checkpoint
+
+    def counting_save(trainer, filepath, *args, **kwargs):
+        saved.append((trainer.global_step, Path(filepath).name))
+        return save(trainer, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", counting_save)
+    fit_digits(tmp_path, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3")
+    lasts = [step for step, name in saved if name == "last.ckpt"]
+    assert lasts == [3, 6], saved
 
 
 @pytest.mark.parametrize("form", ["--ckpt_path=last", "--ckpt_path last"])

@@ -141,9 +141,22 @@ class RunCheckpoint(ModelCheckpoint):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
         self._saved_at_step = trainer.global_step
 
+    #: whether the latest training batch was the last of its epoch
+    _ended_epoch = False
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._ended_epoch = batch_idx + 1 >= trainer.num_training_batches
+
     def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Lightning's save, then ``last.ckpt`` if the validation was within the epoch: the
+        epoch's own last validation leaves it to :meth:`on_train_epoch_end`, where Lightning
+        may still save (a best checkpoint and ``last.ckpt``) at this step."""
         super().on_validation_end(trainer, pl_module)
-        self._save_last_if_skipped(trainer)
+        if not self._ended_epoch:
+            self._save_last_if_skipped(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
         super().on_train_epoch_end(trainer, pl_module)
