@@ -126,23 +126,25 @@ _HOW_THE_MODEL_RUNS = ("backend", "compile", "fused_head", "optimizer", "lr_sche
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint (``--checkpoint.*``) whose checkpoint on an exception
-    (Ctrl-C, SIGTERM, an error) is named ``<name>-interrupted.ckpt``.
+    """Lightning's ModelCheckpoint (``--checkpoint.*``) with three changes:
 
-    Under the best checkpoints' own name (epoch and monitored value) it took the file of the
-    best checkpoint of the same validation when the run stopped after a validation within
-    the epoch: the best weights were replaced by later ones, still recorded as the best.
+    - its checkpoint on an exception (Ctrl-C, SIGTERM, an error) is named
+      ``<name>-interrupted.ckpt``: under the best checkpoints' own name (epoch and monitored
+      value) it took the file of the best checkpoint of the same validation when the run
+      stopped after a validation within the epoch, the best weights replaced by later ones;
+    - ``last.ckpt`` follows every epoch (and validation within one), see
+      :meth:`_save_last_if_skipped`;
+    - its state names the SLURM job that saved it (:meth:`state_dict`).
     """
 
     _on_exception = False
     #: the global step of the latest checkpoint this trainer saved (any file)
     _saved_at_step: int | None = None
+    #: whether the latest training batch was the last of its epoch
+    _ended_epoch = False
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
         self._saved_at_step = trainer.global_step
-
-    #: whether the latest training batch was the last of its epoch
-    _ended_epoch = False
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
