@@ -741,3 +741,13 @@ def test_results_of_an_earlier_context_are_not_left_for_a_later_one(first, then,
     for p in model.parameters():
         for name in stale:
             assert getattr(p, name) is None, name
+
+
+def test_frozen_weight_shared_by_layers_with_their_own_trainable_biases():
+    # tied weights, frozen, each Linear training its own bias: every trainable parameter
+    # belongs to one Linear, so nothing is shared that per-sample gradients cannot attribute
+    model = mlp(hidden=5, d_in=5)
+    model[2].weight = model[0].weight
+    model[0].weight.requires_grad_(False)
+    ref = check_all_modes(model, torch.randn(6, 5, dtype=DT), targets(6, 4))
+    assert set(ref) == {"0.bias", "2.bias", "4.weight", "4.bias"}

@@ -24,7 +24,8 @@ from torchbp.per_sample.model_check import Layer
 
 
 class Recorder:
-    """Routes each Linear call to its layer (by the identity of the weight Parameter).
+    """Routes each Linear call to its layer, by the identity of its weight and bias
+    Parameters (Linears may share a frozen weight, each training its own bias).
 
     ``check_parameters`` raises, naming it, if a parameter of the model was replaced,
     frozen or unfrozen since the layers were picked: called before refusing a call that
@@ -32,6 +33,7 @@ class Recorder:
     """
 
     def __init__(self, layers: list[Layer], check_parameters: Callable[[], None]) -> None:
+        self._by_parameters = {_parameter_ids(layer.module): layer for layer in layers}
         self._by_weight = {id(layer.module.weight): layer for layer in layers}
         self.check_parameters = check_parameters
         self.finalised = False
@@ -84,12 +86,12 @@ class Recorder:
         evaluation forward under ``torch.no_grad()``) records nothing. Errors wait for
         the backward for the same reason.
         """
-        layer = self._by_weight.get(id(weight))
-        if layer is None or layer.module.bias is not bias:
+        layer = self._by_parameters.get((id(weight), _id_or_none(bias)))
+        if layer is None:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
                 if self.watch_stray is not None:
                     self.watch_stray([t for t in (weight, bias) if t is not None])
-                return Stray(self, self._stray_reason(layer, weight))
+                return Stray(self, self._stray_reason(self._by_weight.get(id(weight)), weight))
             return None
         use = Use(self, layer, x.shape)
         if self.recordings == 0 and not self.segments.checked:
@@ -128,6 +130,16 @@ class Recorder:
             "that model, a functional linear call, or a weight cast by autocast, which is "
             "not supported)"
         )
+
+
+def _id_or_none(t: torch.Tensor | None) -> int | None:
+    return None if t is None else id(t)
+
+
+def _parameter_ids(module: torch.nn.Module) -> tuple[int, int | None]:
+    """The ids of a Linear module's weight and bias (``None`` without one): the key of its
+    calls, ``linear(x, weight, bias)``."""
+    return id(module.weight), _id_or_none(module.bias)
 
 
 class Use:
