@@ -535,12 +535,14 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
 
 
 def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
-    """``(..., C, ...)`` -> ``(M, C)`` with the class dim last."""
+    """``(..., C, ...)`` -> ``(M, C)`` with the class dim last (M counted, not inferred:
+    with C = 0 a ``-1`` could be any M)."""
     if t.dim() == 1:
         return t.reshape(1, classes)
     if t.dim() == 2:
         return t  # (N, C) already
-    return t.movedim(class_dim, -1).reshape(-1, classes)
+    rows = math.prod(t.shape[:class_dim] + t.shape[class_dim + 1 :])
+    return t.movedim(class_dim, -1).reshape(rows, classes)
 
 
 def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
