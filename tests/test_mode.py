@@ -710,6 +710,33 @@ def test_compile_traces_through_the_mode():
     assert not mode.counts  # calls inside compiled code are not counted
 
 
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3), torch.nn.Softmax(-1))
+    return torch.nn.Sequential(*layers).double()
+
+
+def test_jit_trace_under_the_mode_records_native_calls_that_save_and_run():
+    """torch.jit.trace under the mode failed its own sanity check ('Graphs differed across
+    invocations'): the trace, made with grad enabled, was routed; torch's check re-traces
+    under no_grad, which was not. A trace records the calls as native's (the same graph
+    both times, saved with torch.jit.save; it later runs where no mode reaches)."""
+    import io
+
+    model, x = _mlp(), make((4, 6), torch.float64).requires_grad_()
+    want, want_grads = grads(model, x)
+    with enable() as mode:
+        traced = torch.jit.trace(model, x)
+    assert not mode.counts
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    for program in (traced, torch.jit.load(buffer)):
+        got, got_grads = grads(program, x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_grads, want_grads)
+
+
 # -- ERMClassifier (backend torchbp) -----------------------------------------------------
 
 

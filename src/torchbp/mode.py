@@ -49,6 +49,12 @@ Only calls that record a backward are routed: under ``torch.no_grad()`` /
 ``torch.inference_mode()`` (and inside any Function's forward) covered calls run native
 kernels, uncounted, since there is no backward to hand-write.
 
+``torch.jit.trace`` under the mode records the covered calls as native's, uncounted: a
+trace is a program run later, where no mode reaches, and torch's sanity check re-traces
+it under ``no_grad``, so the trace and the check see the same graph; the trace saves
+with ``torch.jit.save``. To trace torchbp's Functions (in process only), trace a model
+converted with :func:`torchbp.convert`.
+
 Activation checkpointing: ``torch.utils.checkpoint`` recomputes the checkpointed
 forward during backward, which runs outside the mode. With ``use_reentrant=True`` the
 checkpointed forward runs under ``no_grad`` and so natively both times (its backward is
@@ -415,9 +421,10 @@ class TorchbpMode(TorchFunctionMode):
                 with self:
                     return _redispatch_function(func, types_, args, kwargs)
             return _pass_on(func, args, kwargs)
-        if _state.busy or not torch.is_grad_enabled():
-            # a call made by torchbp itself (under a nested mode), or one that records no
-            # backward (no_grad, inference_mode, inside a Function's forward)
+        if _state.busy or not torch.is_grad_enabled() or torch.jit.is_tracing():
+            # a call made by torchbp itself (under a nested mode), one that records no
+            # backward (no_grad, inference_mode, inside a Function's forward), or one
+            # torch.jit.trace records (as native's: the trace runs later, out of reach)
             return _pass_on(func, args, kwargs)
         reason = _why_native(route, types_, args, kwargs)
         # counters are not updated while torch.compile traces (each update would
