@@ -1092,3 +1092,39 @@ def test_noise_std_beyond_the_gradient_dtype_refused_before_any_change(dtype, ma
         assert p.grad is before[name], f"{name}'s p.grad was replaced"
         if p.grad is not None:
             assert torch.equal(p.grad, copies[name]), f"{name}'s p.grad changed"
+
+
+def _grads_after_refused_noise(model, device, generator, error, message):
+    """Run a clip step reaching two of the model's layers, call add_noise with
+    ``generator``, expect ``error`` matching ``message``, and check no p.grad changed."""
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        out = model(torch.randn(5, 4, device=device))
+        out.sum().backward(inputs=[model[2].weight, model[3].weight])
+        before = {name: p.grad for name, p in model.named_parameters()}
+        copies = {name: g.clone() for name, g in before.items() if g is not None}
+        with pytest.raises(error, match=message):
+            ps.add_noise(1.0, generator=generator)
+    for name, p in model.named_parameters():
+        assert p.grad is before[name], f"{name}'s p.grad was replaced"
+        if p.grad is not None:
+            assert torch.equal(p.grad, copies[name]), f"{name}'s p.grad changed"
+
+
+@pytest.mark.parametrize("generator", [0, "seed", torch.manual_seed])
+def test_add_noise_generator_not_a_generator_refused_before_any_change(generator):
+    """A seed or anything else given as the generator failed inside torch.randn (its
+    argument-list dump) after p.grad of the unreached parameters had been set to zeros;
+    it is a TypeError naming the argument now, before any change."""
+    model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6))
+    _grads_after_refused_noise(model, "cpu", generator, TypeError, "generator must be")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_add_noise_generator_of_another_device_refused_before_any_change():
+    """A CPU generator for a CUDA model failed inside torch.randn after p.grad of the
+    unreached parameters had been set to zeros (for a model across devices, after the
+    noise of the first device's parameters had been added); refused now, naming both
+    devices, before any change."""
+    model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6)).cuda()
+    _grads_after_refused_noise(model, "cuda", torch.Generator(), ValueError, "generator is on")

@@ -194,10 +194,11 @@ class PerSampleGrads:
         Raises:
             RuntimeError: not clip mode, nothing was formed (no backward yet, or an
                 error inside the context), or the noise was already added.
-            TypeError: ``noise_multiplier`` is not a number.
-            ValueError: ``noise_multiplier`` is negative or not finite, or the noise std
-                ``σ·max_norm`` is beyond the largest number of the gradients' dtype (no
-                gradient is changed).
+            TypeError: ``noise_multiplier`` is not a number, or ``generator`` is not a
+                :class:`torch.Generator` (no gradient is changed).
+            ValueError: ``noise_multiplier`` is negative or not finite, the noise std
+                ``σ·max_norm`` is beyond the largest number of the gradients' dtype, or
+                ``generator`` is not of the parameters' device type (no gradient is changed).
         """
         if self.mode != "clip":
             raise RuntimeError(
@@ -223,6 +224,7 @@ class PerSampleGrads:
             )
         std = float(noise_multiplier) * self.max_norm
         self._refuse_unrepresentable_std(noise_multiplier, std)
+        self._refuse_unusable_generator(generator)
         with torch.no_grad():
             for p in self.parameters:
                 if p.grad is None:
@@ -232,6 +234,26 @@ class PerSampleGrads:
         self._noised = True
 
     # ------------------------------------------------------------------ internals
+    def _refuse_unusable_generator(self, generator: object) -> None:
+        """Raise, before any gradient changes, if ``generator`` is neither ``None`` nor a
+        :class:`torch.Generator` of every parameter's device type (torch.randn would fail at
+        the first parameter it cannot draw for, after the noise of the others was added)."""
+        if generator is None:
+            return
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                "per_sample_grads: add_noise's generator must be a torch.Generator or None, "
+                f"got {type(generator).__name__}"
+            )
+        # the device type, which is what torch.randn checks
+        for device in dict.fromkeys(p.device.type for p in self.parameters):
+            if device != generator.device.type:
+                raise ValueError(
+                    f"per_sample_grads: add_noise's generator is on {generator.device.type}, "
+                    f"but parameters are on {device}: give a generator of the parameters' "
+                    "device (or None for each device's global one)"
+                )
+
     def _refuse_unrepresentable_std(self, noise_multiplier: float, std: float) -> None:
         """Raise, before any gradient changes, if the noise std ``σC`` is not a finite
         number of every parameter's dtype (the noise would be ±inf, or torch would fail
