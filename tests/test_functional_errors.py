@@ -339,3 +339,34 @@ def test_sparse_and_strided_nested_inputs_behave_as_native(name, layout):
     else:
         torch.testing.assert_close(ours[:2], native[:2])
         assert ours[2] == native[2]  # layout, nested
+
+
+# A batch-size mismatch is native's ValueError even where another argument is also wrong:
+# native checks it first (nll_loss_nd), before any dtype or class-weight check.
+BATCH_MISMATCH_TOO = {
+    "integer nll_loss input": ("nll_loss", torch.zeros(4, 4, dtype=torch.int64), {}),
+    "float nll_loss target": ("nll_loss", torch.randn(4, 4), {"target": torch.zeros(3)}),
+    "integer class weights": (
+        "cross_entropy",
+        torch.randn(4, 3),
+        {"weight": torch.ones(3, dtype=torch.int64)},
+    ),
+    "class weights requiring grad": (
+        "cross_entropy",
+        torch.randn(4, 3, requires_grad=True),
+        {"weight": torch.ones(3, requires_grad=True)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCH_MISMATCH_TOO))
+def test_batch_size_mismatch_is_a_value_error_first_as_native(case):
+    name, x, options = BATCH_MISMATCH_TOO[case]
+    options = dict(options)
+    target = options.pop("target", torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="batch_size"):
+        getattr(torch.nn.functional, name)(x, target, **options)
+    with pytest.raises(
+        ValueError, match=r"input batch_size \(4\) to match target batch_size \(3\)"
+    ):
+        getattr(TF, name)(x, target, **options)

@@ -381,17 +381,25 @@ def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
     return ClassLayout(input.shape[1], 1, (input.shape[0], *input.shape[2:]))
 
 
-def check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_shape) -> None:
-    """A class-index ``target`` has the input's ``batch_shape``: a :class:`ShapeError`
-    otherwise (with native's batch-size wording where the first dims differ)."""
-    if tuple(target.shape) == tuple(batch_shape):
-        return
+def check_batch_size(op: str, input: torch.Tensor, target: torch.Tensor) -> None:
+    """A batched class-index loss input ``(N, C, ...)`` and its target share ``N``: a
+    :class:`ShapeError` (native's ``ValueError``) with native's wording otherwise. Native
+    checks this before any dtype or class weight, so a call with both wrong gets its
+    ``ValueError``."""
     if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
         got = target.shape[0] if target.dim() else "a 0-dim target"
         raise ShapeError(
             f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
             f"({got}); input {tuple(input.shape)}, target {tuple(target.shape)}"
         )
+
+
+def check_hard_target(op: str, input: torch.Tensor, target: torch.Tensor, batch_shape) -> None:
+    """A class-index ``target`` has the input's ``batch_shape``: a :class:`ShapeError`
+    otherwise (with native's batch-size wording where the first dims differ)."""
+    if tuple(target.shape) == tuple(batch_shape):
+        return
+    check_batch_size(op, input, target)
     raise ShapeError(
         f"{op}: target of class indices must have shape {tuple(batch_shape)} for input "
         f"{tuple(input.shape)} (the input's shape without the class dim), "
@@ -540,6 +548,7 @@ def validate_nll_loss(input, target, weight, ignore_index: int, reduction: str) 
     check_optional_tensor(op, weight=weight)
     check_reduction(reduction)
     layout = class_layout(op, input)
+    check_batch_size(op, input, target)  # first, as native (nll_loss_nd)
     check_floating(op, "input", input)
     if target.is_floating_point():
         raise DTypeError(
@@ -576,6 +585,8 @@ def validate_cross_entropy(
     layout = class_layout(op, input)
     check_floating(op, "input", input)
     soft = input.shape == target.shape
+    if not soft:  # native: log_softmax (the input's dtype), then nll_loss_nd's batch check
+        check_batch_size(op, input, target)
     check_class_weight(op, weight, layout.classes, differentiable=soft)
     check_same_device(op, input=input, target=target, weight=weight)
     if soft or target.is_floating_point():  # (class indices: nothing to check, no message)
