@@ -20,10 +20,14 @@
 # $OUT/bench_cuda.{md,json,png}: six files. The script goes on past failures and always
 # writes the report; its own exit status is 0.
 #
-# Time: T_TOTAL (default 270 s) bounds the whole run, report included: a step gets its own
-# limit or what is left, whichever is less, and a step with no time left is reported as
-# skipped. Per-step limits: T_PYTEST_CHANGED, T_VERIFY, T_TRAIN, T_PYTEST, T_TRITON,
-# T_BENCH. Estimated on an H100 (s): wheels+env 10, pytest_changed 15, verify 30,
+# Time: T_TOTAL (default 270 s) bounds the whole run, report included, even when the GPU
+# hangs: every command that may touch it (the environment facts, nvidia-smi, each step)
+# runs under a limit, is killed at it (SIGTERM, SIGKILL 5 s later) and is left behind
+# where even SIGKILL does not end it (a process stuck in the driver; reported as "hung").
+# A step gets its own limit or what is left, whichever is less, and a step with no time
+# left is reported as skipped. Per-step limits: T_PYTEST_CHANGED, T_VERIFY, T_TRAIN,
+# T_PYTEST, T_TRITON, T_BENCH; T_ENV for each preparation (wheels, environment facts,
+# nvidia-smi); REPORT_RESERVE (10 s) kept for the report. Estimated on an H100 (s): wheels+env 10, pytest_changed 15, verify 30,
 # train_dp 20, each other fit 15, pytest_cuda 35 with pytest-xdist (PYTEST_WORKERS, 4),
 # pytest_triton 30, bench what is left (~100).
 #
@@ -50,7 +54,9 @@ T_TRAIN=${T_TRAIN:-45}
 T_PYTEST=${T_PYTEST:-80}
 T_TRITON=${T_TRITON:-60}
 T_BENCH=${T_BENCH:-110}
-REPORT_RESERVE=10 # seconds kept for the report at the end
+T_ENV=${T_ENV:-60}
+REPORT_RESERVE=${REPORT_RESERVE:-10} # seconds kept for the report at the end
+KILL_GRACE=5                         # SIGTERM at a limit, SIGKILL this much later
 LOG="$OUT/cuda_checks.log"
 REPORT="$OUT/cuda_report.md"
 WORK=$(mktemp -d /tmp/cuda_checks.XXXXXX) # step logs and the step table (not in $OUT:
@@ -84,30 +90,59 @@ summary_of() {
   echo "$line"
 }
 
+# time_left LIMIT_S: LIMIT_S, or less: what a command may run so that, killed at its limit
+# and waited for up to KILL_GRACE + 1 s more, it ends before the report's reserve
+time_left() {
+  local left=$((T_TOTAL - REPORT_RESERVE - KILL_GRACE - 1 - ($(date +%s) - T0)))
+  echo $((left < $1 ? left : $1))
+}
+
+# bounded LIMIT_S OUTFILE CMD...: CMD's exit status (124 / 137: killed at LIMIT_S), its
+# output in OUTFILE; stdin is /dev/null. Waits at most LIMIT_S + KILL_GRACE + 1 s: a
+# process that SIGKILL does not end (stuck in the GPU driver) is left behind and the
+# status is "hung".
+bounded() {
+  local limit=$1 out=$2 pid deadline
+  shift 2
+  deadline=$(($(date +%s) + limit + KILL_GRACE + 1))
+  timeout --kill-after="$KILL_GRACE" "$limit" "$@" >"$out" 2>&1 </dev/null &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo hung
+      return 0
+    fi
+    sleep 0.2
+  done
+  wait "$pid"
+  echo $?
+}
+
 # step NAME LIMIT_S DRY_ARGS CMD...: run CMD with min(LIMIT_S, time left) seconds; in a dry
 # run, run CMD DRY_ARGS instead (DRY_ARGS is one word list, "" for none). Never fails.
 step() {
   local name=$1 limit=$2 dry_args=$3
   shift 3
-  local out="$WORK/$name.log" left s e rc
-  left=$((T_TOTAL - REPORT_RESERVE - ($(date +%s) - T0)))
+  local out="$WORK/$name.log" s e rc
+  limit=$(time_left "$limit")
   log ""
-  if [ "$left" -lt 5 ]; then
+  if [ "$limit" -lt 5 ]; then
     log "=== $name: skipped, no time left under T_TOTAL=${T_TOTAL}s"
     record "$name" "skipped" 0 "no time left (T_TOTAL=${T_TOTAL}s)"
     return 0
   fi
-  [ "$left" -lt "$limit" ] && limit=$left
   # shellcheck disable=SC2086 # dry_args is a word list on purpose
   dry && set -- "$@" $dry_args
   log "=== $name (limit ${limit}s): $*"
   s=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" >"$out" 2>&1
-  rc=$?
+  rc=$(bounded "$limit" "$out" "$@")
   e=$(date +%s)
   cat "$out" >>"$LOG"
   tail -n 25 "$out"
-  case $rc in 124 | 137) log "!!! $name: timed out after ${limit}s (exit $rc)" ;; esac
+  case $rc in
+    124 | 137) log "!!! $name: timed out after ${limit}s (exit $rc)" ;;
+    hung) log "!!! $name: still running ${KILL_GRACE}s after SIGKILL: left behind (hung)" ;;
+  esac
   record "$name" "$rc" "$((e - s))" "$(summary_of "$out")"
   log "=== $name: exit $rc in $((e - s))s"
   return 0
@@ -118,14 +153,16 @@ step() {
 SITE=""
 s=$(date +%s)
 if compgen -G ".whl/*.whl" >/dev/null; then
-  if "${PY[@]}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
+  rc=$(bounded "$(time_left "$T_ENV")" "$WORK/wheels.log" "${PY[@]}" -m pip install -q \
+    --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl)
+  cat "$WORK/wheels.log" >>"$LOG"
+  if [ "$rc" = 0 ]; then
     SITE=/tmp/site
     msg="installed $(compgen -G '.whl/*.whl' | wc -l) wheels from .whl/ into /tmp/site"
     record wheels 0 "$(($(date +%s) - s))" "$msg"
   else
-    msg="!!! wheel install failed (see log); going on without them"
-    record wheels 1 "$(($(date +%s) - s))" "install failed: see cuda_checks.log"
+    msg="!!! wheel install failed (exit $rc, see log); going on without them"
+    record wheels "$rc" "$(($(date +%s) - s))" "install failed: see cuda_checks.log"
   fi
 else
   msg="no .whl/ wheels: jsonargparse / Opacus / Liger-Kernel / CCE only if already installed"
@@ -135,7 +172,8 @@ log "$msg"
 export PYTHONPATH="$PWD/src:$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---------------------------------------------------------------- environment facts
-ENV_MD=$("${PY[@]}" - <<'EOF' 2>&1
+# (the modules the steps import: the benchmark's peers as it imports them)
+cat >"$WORK/env.py" <<'EOF'
 import datetime, importlib, platform
 import torch
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
@@ -147,26 +185,33 @@ if torch.cuda.is_available():
 else:
     print("- device: NO CUDA DEVICE VISIBLE")
 for mod in ("triton", "pytorch_lightning", "torchmetrics", "jsonargparse", "opacus",
-            "sklearn", "xdist", "liger_kernel", "cut_cross_entropy", "torchbp"):
+            "sklearn", "xdist", "pytest_timeout", "liger_kernel",
+            "liger_kernel.transformers.cross_entropy",
+            "liger_kernel.transformers.fused_linear_cross_entropy", "cut_cross_entropy",
+            "torchbp"):
     try:
         m = importlib.import_module(mod)
         print(f"- {mod}: {getattr(m, '__version__', 'importable')} ({m.__file__})")
     except Exception as e:
         print(f"- {mod}: not importable ({type(e).__name__}: {str(e)[:120]})")
 EOF
-)
+rc=$(bounded "$(time_left "$T_ENV")" "$WORK/env.md" "${PY[@]}" "$WORK/env.py")
+ENV_MD=$(cat "$WORK/env.md")
+[ "$rc" = 0 ] || ENV_MD="$ENV_MD
+- !!! environment facts: exit $rc (124 / 137 / hung: python did not finish in time)"
 log "$ENV_MD"
 dry && log "- DRY RUN: every step checks its arguments only; nothing ran on a GPU"
 GIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git)")
-nvidia-smi -L >>"$LOG" 2>&1 || true
+bounded "$(time_left 15)" "$WORK/nvidia-smi.log" nvidia-smi -L >/dev/null
+cat "$WORK/nvidia-smi.log" >>"$LOG"
 
 # pytest: -v (a time-out still leaves each finished test's result in the log), pytest-xdist
 # workers and a per-test limit where the plugins are installed (not in a dry run)
 PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider --no-header -rfEX)
 PAR=()
-if ! dry; then
-  "${PY[@]}" -c "import xdist" 2>/dev/null && PAR+=(-n "${PYTEST_WORKERS:-4}")
-  "${PY[@]}" -c "import pytest_timeout" 2>/dev/null && PAR+=(--timeout 60)
+if ! dry; then # (as the environment facts found them)
+  grep -q '^- xdist: [^n]' <<<"$ENV_MD" && PAR+=(-n "${PYTEST_WORKERS:-4}")
+  grep -q '^- pytest_timeout: [^n]' <<<"$ENV_MD" && PAR+=(--timeout 60)
 fi
 CHANGED=(tests/test_per_sample.py tests/test_cuda_readiness.py tests/verify)
 TRITON=(tests/kernels/test_triton_act.py tests/kernels/test_triton_ce.py)
@@ -199,29 +244,7 @@ step bench_cuda "$T_BENCH" "--list --device cpu" "${PY[@]}" -m experiments.bench
   --budget 3
 
 # ------------------------------------------------------------------------------ report
-{
-  echo "# torchbp CUDA checks"
-  echo
-  echo "Produced by \`scripts/cuda_checks.sh\` (git $GIT) in $(($(date +%s) - T0)) s" \
-    "(T_TOTAL=${T_TOTAL}s)$(dry && echo ': DRY RUN, nothing ran on a GPU')."
-  echo
-  echo "$ENV_MD"
-  echo
-  echo "| step | exit | seconds | summary |"
-  echo "| --- | --- | --- | --- |"
-  while IFS=$'\t' read -r name rc secs summary; do
-    case $rc in
-      0 | -) st=$rc ;;
-      124 | 137) st="**$rc** (timeout)" ;;
-      *) st="**$rc**" ;;
-    esac
-    echo "| $name | $st | $secs | ${summary:-} |"
-  done <"$STEPS"
-  echo
-  echo "## Verification (verify_cuda.json)"
-  echo
-  if [ -f "$OUT/verify_cuda.json" ]; then
-    "${PY[@]}" - "$OUT/verify_cuda.json" <<'EOF' 2>&1
+cat >"$WORK/verify_summary.py" <<'EOF'
 import collections, json, sys
 d = json.load(open(sys.argv[1]))
 def statuses(o, acc):
@@ -245,6 +268,32 @@ if isinstance(d, dict):
         if k in d:
             print(f"{k}: {json.dumps(d[k])[:1500]}")
 EOF
+{
+  echo "# torchbp CUDA checks"
+  echo
+  echo "Produced by \`scripts/cuda_checks.sh\` (git $GIT) in $(($(date +%s) - T0)) s" \
+    "(T_TOTAL=${T_TOTAL}s)$(dry && echo ': DRY RUN, nothing ran on a GPU')."
+  echo
+  echo "$ENV_MD"
+  echo
+  echo "| step | exit | seconds | summary |"
+  echo "| --- | --- | --- | --- |"
+  while IFS=$'\t' read -r name rc secs summary; do
+    case $rc in
+      0 | -) st=$rc ;;
+      124 | 137) st="**$rc** (timeout)" ;;
+      *) st="**$rc**" ;;
+    esac
+    echo "| $name | $st | $secs | ${summary:-} |"
+  done <"$STEPS"
+  echo
+  echo "## Verification (verify_cuda.json)"
+  echo
+  if [ -f "$OUT/verify_cuda.json" ]; then
+    rc=$(bounded 5 "$WORK/verify_summary.txt" "${PY[@]}" "$WORK/verify_summary.py" \
+      "$OUT/verify_cuda.json")
+    cat "$WORK/verify_summary.txt"
+    [ "$rc" = 0 ] || echo "(summary: exit $rc)"
   else
     echo "no verify_cuda.json was written"
   fi
@@ -255,6 +304,16 @@ EOF
     echo '```'
     grep -v -E '^\s*$' "$WORK/$name.log" 2>/dev/null | tail -n 20
     echo '```'
+    echo
+    # the checkpoints the fit wrote (a best one and last.ckpt, saved every epoch) in the
+    # run folder it names (under the config's logger folder, not default_root_dir)
+    run=$(sed -n 's/^run folder: //p' "$WORK/$name.log" 2>/dev/null | tail -n 1)
+    ckpts=$([ -n "$run" ] && find "$run" -name '*.ckpt' -printf '%P (%s bytes)\n' | sort)
+    echo "run folder: ${run:-none named}"
+    echo "checkpoints: ${ckpts:-none}" | paste -sd ';'
+    if ! dry && ! grep -q '/last\.ckpt ' <<<"$ckpts"; then
+      echo "!!! no last.ckpt was written"
+    fi
     echo
   done
   echo "## Failures and errors (pytest)"

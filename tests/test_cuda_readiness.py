@@ -10,7 +10,10 @@ variants (``pytest -m cuda``, run by ``scripts/cuda_checks.sh``) run it as it co
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +119,37 @@ def test_cuda_graph_capture_of_a_training_step():
     want = [step()] + [p.grad for p in model.parameters()]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- cuda_checks.sh
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cuda_checks.sh"
+
+
+def _report_rows(report: str) -> dict[str, str]:
+    """The step table of a cuda_report.md: step name -> its exit column."""
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| ")]
+    return {r[1].strip(): r[2].strip() for r in rows[1:] if not r[1].strip().startswith("---")}
+
+
+def test_cuda_checks_ends_and_reports_when_every_python_call_hangs(tmp_path):
+    """A wedged GPU hangs whatever touches it (the environment facts' ``torch.cuda``
+    calls, ``nvidia-smi``, a step's kernel): the script must still end within its
+    T_TOTAL and write the report, every step timed out or skipped. (The environment
+    facts and the plugin probes ran without a limit: the script never ended.)"""
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nexec sleep 600\n")
+    hang.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PY=str(hang), OUT=str(out), T_TOTAL="22", REPORT_RESERVE="3")
+    env.update(T_ENV="2", T_PYTEST_CHANGED="5")
+    with open(tmp_path / "stdout", "w") as log:  # (not a pipe: nothing left holds it open)
+        done = subprocess.run(
+            ["bash", str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, timeout=90
+        )
+    assert done.returncode == 0
+    report = (out / "cuda_report.md").read_text()
+    rows = _report_rows(report)
+    assert list(rows)[-1] == "bench_cuda" and "pytest_changed" in rows, report
+    for name, status in rows.items():
+        assert status in ("**124** (timeout)", "**skipped**", "-"), (name, report)
+    assert "environment facts: exit 124" in report
