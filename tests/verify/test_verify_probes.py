@@ -115,3 +115,37 @@ def test_the_hint_follows_what_fn_got_wrong():
         result = report["extreme_values"]
         assert result.failed, report
         assert hint in result.message, (fn.__name__, result.message)
+
+
+class ExpMinusOne(torch.autograd.Function):
+    """expm1 written as exp(x) - 1: right in float64 for moderate x, but for x near zero in
+    float32 the subtraction cancels (x = 1e-6 comes out about 5 % off)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp() - 1
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (y + 1)
+
+
+def test_near_zero_probe_compares_small_values_relative_to_their_size():
+    # the near-zero probe's outputs are about 1e-6: the float32 absolute tolerance 1e-5
+    # accepted any value there, so exp(x) - 1 passed against expm1
+    result = check_function(
+        ExpMinusOne,
+        seeded(3, 4),
+        reference=torch.expm1,
+        dtype=torch.float32,
+        checks="extreme_values",
+    )["extreme_values"]
+    assert result.failed, result
+    assert "inputs scaled by 1e-6" in result.message and "output 0" in result.message, result
+    # the accurate formula passes (in float32 too), and so does the cancelling one in
+    # float64, where it is accurate to about 1e-10
+    assert check_function(torch.expm1, seeded(3, 4), reference=torch.expm1, dtype=torch.float32).ok
+    assert check_function(ExpMinusOne, seeded(3, 4), reference=torch.expm1).ok

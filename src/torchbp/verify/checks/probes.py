@@ -15,6 +15,7 @@ non-finite reference value is exact (log(0) = -inf) and compared.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -24,15 +25,30 @@ from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.parity import grads_or_none
 
-__all__ = ["PROBES", "check_extreme_values"]
+__all__ = ["PROBES", "Probe", "check_extreme_values"]
 
-#: ``(label, transform, large)`` of each probe, applied to every grad input; ``large``:
-#: the probe drives values up, where a non-finite reference value is an overflow.
-PROBES: tuple[tuple[str, Callable[[torch.Tensor], torch.Tensor], bool], ...] = (
-    ("inputs scaled by 1e3 (large values)", lambda x: x * 1e3, True),
-    ("inputs scaled by 1e-6 (near zero, around kinks)", lambda x: x * 1e-6, False),
-    ("inputs set to zero (on kinks)", torch.zeros_like, False),
-    ("inputs rounded to integers (on kinks at 0, +-1, ...)", torch.round, False),
+
+class Probe(NamedTuple):
+    """One probe: ``label`` for messages, the ``transform`` applied to every grad input,
+    ``large`` when it drives values up (where a non-finite reference value is an overflow)
+    and ``atol_floor``, the least fraction of the absolute tolerance kept for tensors whose
+    largest magnitude is below 1 (:func:`_probe_tolerance`)."""
+
+    label: str
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    large: bool
+    atol_floor: float
+
+
+#: The probes, in the order they run. On the near-zero one fn's values are about 1e-6 of
+#: the usual: an absolute tolerance sized for values about 1 would accept any of them, so
+#: there it shrinks with the values compared (down to 1e-6 of itself, for a tensor that is
+#: zero in exact arithmetic and holds only rounding).
+PROBES: tuple[Probe, ...] = (
+    Probe("inputs scaled by 1e3 (large values)", lambda x: x * 1e3, True, 1.0),
+    Probe("inputs scaled by 1e-6 (near zero, around kinks)", lambda x: x * 1e-6, False, 1e-6),
+    Probe("inputs set to zero (on kinks)", torch.zeros_like, False, 1.0),
+    Probe("inputs rounded to integers (on kinks at 0, +-1, ...)", torch.round, False, 1.0),
 )
 
 
@@ -81,23 +97,39 @@ def _where_reference_finite(
     return a.masked_fill(overflowed, 0.0), b.masked_fill(overflowed, 0.0), count
 
 
+def _probe_tolerance(
+    b: torch.Tensor, tolerance: tuple[float, float], probe: Probe
+) -> tuple[float, float]:
+    """``(atol, rtol)`` to compare a tensor with the reference's ``b`` on ``probe``: a
+    norm-wise comparison. Scaled-up inputs make large terms that cancel: the absolute
+    tolerance grows with ``b``'s largest finite magnitude; below 1 it shrinks with it, to
+    no less than ``probe.atol_floor`` of itself (values about 1e-6 are compared to about
+    the precision of values about 1, not accepted whatever they are) nor than the smallest
+    normal number of ``b``'s dtype."""
+    finite = b.detach().abs().masked_fill(~torch.isfinite(b), 0.0)
+    scale = float(finite.max()) if finite.numel() else 0.0
+    atol = tolerance[0] * min(1.0, max(scale, probe.atol_floor))
+    if b.is_floating_point():
+        # below the dtype's smallest normal number (float16's 6e-5) values are subnormal,
+        # with an absolute precision no better than that
+        atol = max(atol, torch.finfo(b.dtype).tiny)
+    return atol + tolerance[1] * scale, tolerance[1]
+
+
 def _require_close_on_probe(
-    a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float], what: str, large: bool
+    a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float], what: str, probe: Probe
 ) -> tuple[tuple[float, float], int]:
     """The error of fn's ``a`` against the reference's ``b`` (``what``: which tensor on which
     probe) and how many values were left out where the reference overflowed (only on a
-    ``large`` probe), or a failed check. Scaled-up inputs make large terms that cancel: the
-    absolute tolerance grows with ``b``'s largest finite magnitude (a norm-wise comparison)."""
+    ``large`` probe), or a failed check (tolerance: :func:`_probe_tolerance`)."""
     if a.shape != b.shape:
         raise CheckFailure(f"{what} has shape {shape_text(a)}, the reference's {shape_text(b)}")
     overflowed = 0
-    if large:
+    if probe.large:
         a, b, overflowed = _where_reference_finite(a, b)
-    finite = b.detach().abs().masked_fill(~torch.isfinite(b), 0.0)
-    scale = float(finite.max()) if finite.numel() else 0.0
-    probe_tolerance = (tolerance[0] + tolerance[1] * scale, tolerance[1])
     note = _likely_cause(a, b)
     problem = f"{what} differs from the reference"
+    probe_tolerance = _probe_tolerance(b, tolerance, probe)
     errors = require_close(a, b, probe_tolerance, problem, note=note, show_index=True)
     return errors, overflowed
 
@@ -127,8 +159,9 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
         raise CheckSkip("skipped because reference failed (fn differs on the example inputs)")
     tolerance = ctx.parity_tolerances()
     worst, compared, overflowed = (0.0, 0.0), 0, 0
-    for label, transform, large in PROBES:
-        inputs = _probe_inputs(ctx, transform)
+    for probe in PROBES:
+        label = probe.label
+        inputs = _probe_inputs(ctx, probe.transform)
         try:
             ref_outs, ref_grads, vs = _run(ctx, ctx.reference, inputs)
         except Exception:  # noqa: BLE001 - the probe is outside the reference's domain
@@ -147,7 +180,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
         pairs = [(f"output {o}", a, b) for o, (a, b) in enumerate(zip(outs, ref_outs))]
         pairs += _gradient_pairs(ctx, grads, ref_grads, inputs)
         for what, a, b in pairs:
-            errors, count = _require_close_on_probe(a, b, tolerance, f"on {label}: {what}", large)
+            errors, count = _require_close_on_probe(a, b, tolerance, f"on {label}: {what}", probe)
             worst, overflowed = max(worst, errors), overflowed + count
     if not compared:
         raise CheckSkip("the reference raised on every probe")
