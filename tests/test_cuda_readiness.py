@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests._support import CUDA
+import torch.nn.functional as F
+from tests._support import CUDA, UNARY
 from torch.utils.checkpoint import checkpoint
 
 import torchbp
+from torchbp._checks import ClassIndexError
 from torchbp.per_sample import per_sample_grads
 
 DT = torch.float64
@@ -119,6 +121,121 @@ def test_cuda_graph_capture_of_a_training_step():
     want = [step()] + [p.grad for p in model.parameters()]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", UNARY, ids=str)
+def test_cuda_graph_capture_of_each_activation_and_softmax(variant, dtype):
+    """Each op's forward + backward captured in a CUDA graph alone replays to eager's
+    output and gradient on new data (eager may take a fast backward path that capture
+    steps aside from: equal within the dtype's tolerance)."""
+    x = torch.randn(64, 33, device="cuda").to(dtype).requires_grad_()
+    g = torch.randn(64, 33, device="cuda").to(dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch's docs do
+        for _ in range(3):
+            variant.ours(x).backward(g)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = torch.zeros_like(x)
+    with torch.cuda.graph(graph):
+        static_out = variant.ours(x)
+        static_out.backward(g)
+    with torch.no_grad():
+        x.copy_(torch.randn(64, 33, device="cuda").to(dtype))
+        g.copy_(torch.randn(64, 33, device="cuda").to(dtype))
+        x.grad.zero_()
+    graph.replay()
+    got_out, got_grad = static_out.clone(), x.grad.clone()
+    x.grad = None
+    want_out = variant.ours(x)
+    want_out.backward(g)
+    torch.testing.assert_close(got_out, want_out)
+    torch.testing.assert_close(got_grad, x.grad)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+def test_cuda_class_index_out_of_range_is_a_clear_error_and_the_device_stays_usable(
+    monkeypatch, triton
+):
+    """On CUDA an out-of-range class index is torchbp's ClassIndexError (a host-side check),
+    not a device-side assert, which would leave every later CUDA call failing."""
+    if triton:
+        monkeypatch.setenv("TORCHBP_TRITON", "1")
+    logits = torch.randn(4, 5, device="cuda", requires_grad=True)
+    bad = torch.tensor([0, 1, 7, 2], device="cuda")
+    with pytest.raises(ClassIndexError, match=r"target 7 is out of bounds.*\[0, 5\)"):
+        torchbp.functional.cross_entropy(logits, bad)
+    with pytest.raises(ClassIndexError, match="target -3 is out of bounds"):
+        torchbp.functional.nll_loss(logits.log_softmax(1), bad - 3)
+    good = torch.tensor([0, 1, 4, 2], device="cuda")
+    loss = torchbp.functional.cross_entropy(logits, good)
+    loss.backward()
+    torch.cuda.synchronize()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_logits, good)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+_LINEAR_INPUTS = {
+    "3d": (4, 8, 512),
+    "4d": (2, 2, 8, 512),
+    "1d": (512,),
+    "2d": (32, 512),
+}
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", [*_LINEAR_INPUTS, "transposed"])
+def test_cuda_linear_with_bias_is_bitwise_natives(dtype, layout):
+    """linear's one-addmm path (the rows of a contiguous input, resize_ to its shape) and
+    its matmul + add path (a transposed input) give native F.linear's bits on CUDA too."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = _LINEAR_INPUTS.get(layout, (8, 4, 512))
+    x = torch.randn(shape, device="cuda", generator=gen).to(dtype)
+    if layout == "transposed":
+        x = x.transpose(0, 1)
+    w = (torch.randn(48, 512, device="cuda", generator=gen) / 32).to(dtype)
+    for b_shape in ((48,), (1,), (1, 48)):
+        b = torch.randn(b_shape, device="cuda", generator=gen).to(dtype)
+        if x.dim() == 1 and b.dim() == 2:
+            continue
+        out = torchbp.functional.linear(x, w, b)
+        assert torch.equal(out, F.linear(x, w, b)), (layout, b_shape)
+        assert not out._is_view()
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op, kwargs", [("relu", {}), ("leaky_relu", {"negative_slope": 0.1})])
+def test_cuda_relu_of_subnormals_is_natives(monkeypatch, triton, dtype, op, kwargs):
+    """ReLU / LeakyReLU of subnormal half inputs on CUDA: the forward and the gradient equal
+    native's bit for bit (a kernel flushing subnormals to zero would call a tiny positive
+    input inactive)."""
+    if triton:
+        monkeypatch.setenv("TORCHBP_TRITON", "1")
+    tiny = torch.finfo(dtype).smallest_normal
+    values = [tiny / 2, tiny / 64, -tiny / 2, -tiny / 64, 0.0, -0.0, tiny, -tiny, 1.0, -1.0]
+    x = torch.tensor(values * 200, dtype=dtype, device="cuda")
+    g = torch.rand(x.shape, device="cuda").to(dtype) + 0.5
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = getattr(torchbp.functional, op)(xa, **kwargs)
+    ref = getattr(F, op)(xb, **kwargs)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(out, ref)
+    assert torch.equal(xa.grad, xb.grad)
 
 
 # --------------------------------------------------------------------------- cuda_checks.sh
