@@ -111,6 +111,15 @@ def test_hparams_saved():
         ({"optimizer": partial(torch.optim.SGD, lr=0.1, momentum=-1)}, "invalid optimizer"),
         ({"optimizer": partial(torch.optim.Adam, betas=(1.5, 0.9))}, "invalid optimizer"),
         ({"optimizer": partial(torch.optim.SGD, lr=0.1, bogus=1)}, "invalid optimizer"),
+        # fail only when stepped: after the first epoch, with a bare ZeroDivisionError
+        (
+            {"lr_scheduler": partial(torch.optim.lr_scheduler.StepLR, step_size=0)},
+            r"invalid lr_scheduler arguments: stepping StepLR .*ZeroDivisionError",
+        ),
+        (
+            {"lr_scheduler": partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=0)},
+            "invalid lr_scheduler arguments: stepping CosineAnnealingLR",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -206,6 +215,27 @@ def test_plateau_scheduler_without_validation_is_refused_before_training(tmp_pat
     with pytest.raises(ValueError, match=r"ReduceLROnPlateau.*limit_val_batches=0"):
         trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # no step taken
+
+
+def test_scheduler_that_runs_out_before_max_epochs_is_refused_before_training(tmp_path):
+    """OneCycleLR, stepped once per epoch, with fewer total_steps than max_epochs: Lightning
+    stopped the fit with "Tried to step 3 times" after two epochs of training."""
+    from torchbp.lightning import SklearnToyDataModule
+
+    m = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        hidden_sizes=[],
+        lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, total_steps=2),
+    )
+    before = [p.detach().clone() for p in m.parameters()]
+    trainer = _quiet_trainer(tmp_path, max_epochs=3)
+    with pytest.raises(ValueError, match=r"OneCycleLR.*epoch 3 of trainer.max_epochs=3"):
+        m.check_scheduler(trainer)
+    with pytest.raises(ValueError, match=r"OneCycleLR.*epoch 3 of trainer.max_epochs=3"):
+        trainer.fit(m, datamodule=SklearnToyDataModule(name="iris"))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # no step taken
+    m.check_scheduler(_quiet_trainer(tmp_path, max_epochs=2))  # runs to its end: fine
 
 
 @pytest.mark.parametrize(

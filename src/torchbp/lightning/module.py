@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, Literal
@@ -157,6 +158,44 @@ def _seed_from_default_generator(device: torch.device) -> int:
     seeds): a generator seeded with it has a stream of its own, reproducible from the run's
     seed, where a copy of the default generator would repeat what the run draws from it."""
     return int(torch.randint(2**62, (), device=device).item())
+
+
+#: the most epochs :meth:`ERMClassifier.check_scheduler` steps a scheduler's copy through
+SCHEDULER_TRIAL_EPOCHS = 100_000
+
+
+def _epochs_of_the_fit(trainer: pl.Trainer) -> int:
+    """The epochs ``trainer`` will fit if nothing stops it earlier: ``max_epochs`` (at most
+    :data:`SCHEDULER_TRIAL_EPOCHS`), or 0 when ``max_steps`` or ``max_time`` may end it first
+    (or it has no end)."""
+    epochs = trainer.max_epochs
+    if epochs is None or epochs < 1 or trainer.max_steps not in (None, -1):
+        return 0
+    if any(isinstance(c, pl.callbacks.Timer) for c in trainer.callbacks):  # max_time
+        return 0
+    return min(epochs, SCHEDULER_TRIAL_EPOCHS)
+
+
+def _first_failing_step(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int
+) -> tuple[int, str] | None:
+    """Step ``scheduler`` (of a throwaway optimizer) ``steps`` times: the step that raised
+    (counted from 1) and why, or ``None``. Some arguments fail only here
+    (``StepLR(step_size=0)``: a ZeroDivisionError; ``OneCycleLR`` beyond its
+    ``total_steps``: a ValueError). ReduceLROnPlateau, which steps on a metric (and checks
+    its arguments when made), is not stepped."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return None
+    name = type(scheduler).__name__
+    with warnings.catch_warnings():
+        # "lr_scheduler.step() before optimizer.step()": this optimizer never steps
+        warnings.simplefilter("ignore", UserWarning)
+        for step in range(1, steps + 1):
+            try:
+                scheduler.step()
+            except (ArithmeticError, ValueError, TypeError, IndexError) as e:
+                return step, f"stepping {name} raised {type(e).__name__}: {e}"
+    return None
 
 
 class ZeroOneError(MulticlassAccuracy):
@@ -405,45 +444,68 @@ class ERMClassifier(pl.LightningModule):
         return self.optimizer_factory(self.parameters())
 
     def _check_optimizer(self) -> None:
-        """Build the optimizer (and scheduler) once so bad arguments fail before training."""
+        """Build the optimizer (and scheduler) once, and step the scheduler once, so bad
+        arguments fail before training: some (``StepLR(step_size=0)``) fail only when the
+        scheduler steps, at the end of the first epoch."""
         try:
             opt = self._make_optimizer()
         except (ValueError, TypeError) as e:
             raise ValueError(f"invalid optimizer arguments: {e}") from e
         if self.scheduler_factory is not None:
             try:
-                self.scheduler_factory(opt)
+                sched = self.scheduler_factory(opt)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
+            failure = _first_failing_step(sched, steps=1)
+            if failure is not None:
+                raise ValueError(f"invalid lr_scheduler arguments: {failure[1]}")
 
     def configure_optimizers(self) -> Any:
         opt = self._make_optimizer()
         if self.scheduler_factory is None:
             return opt
+        with contextlib.suppress(RuntimeError):  # RuntimeError: no trainer attached
+            self.check_scheduler(self.trainer)
         sched = self.scheduler_factory(opt)
         cfg: dict[str, Any] = {"scheduler": sched, "interval": "epoch"}
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # steps on val/loss, so only at the end of the epochs that validate
-            with contextlib.suppress(RuntimeError):  # RuntimeError: no trainer attached
-                self.check_scheduler(self.trainer)
             cfg["monitor"] = "val/loss"
             cfg["frequency"] = self._epochs_between_validations()
         return {"optimizer": opt, "lr_scheduler": cfg}
 
     def check_scheduler(self, trainer: pl.Trainer) -> None:
-        """Raise a ``ValueError`` now if ``trainer`` cannot run this model's LR scheduler:
-        ReduceLROnPlateau steps on ``val/loss``, which a trainer with validation off
-        (``limit_val_batches=0``) never computes (Lightning would stop the fit after its
-        first epoch). ``torchbp-train`` calls it before the run folder is made."""
-        plateau = self.scheduler_factory is not None and isinstance(
-            self.scheduler_factory(self._make_optimizer()),
-            torch.optim.lr_scheduler.ReduceLROnPlateau,
-        )
-        if plateau and trainer.limit_val_batches == 0:
+        """Raise a ``ValueError`` now if ``trainer`` cannot run this model's LR scheduler
+        (Lightning would stop the fit after training one or more epochs):
+
+        - ReduceLROnPlateau steps on ``val/loss``, which a trainer with validation off
+          (``limit_val_batches=0``) never computes;
+        - a scheduler that fails before its ``trainer.max_epochs`` steps (one per epoch) are
+          taken, such as ``OneCycleLR`` with fewer ``total_steps``: stepped through them on
+          a copy (for a fit whose length is ``max_epochs``, at most
+          :data:`SCHEDULER_TRIAL_EPOCHS`; one limited by ``max_steps`` or ``max_time`` may
+          stop earlier, and is not judged).
+
+        ``torchbp-train`` calls it before the run folder is made, and ``configure_optimizers``
+        when a trainer is attached."""
+        if self.scheduler_factory is None:
+            return
+        sched = self.scheduler_factory(self._make_optimizer())
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if trainer.limit_val_batches == 0:
+                raise ValueError(
+                    "lr_scheduler ReduceLROnPlateau steps on val/loss, which is never computed "
+                    f"with trainer.limit_val_batches={trainer.limit_val_batches}; validate, or "
+                    "use a scheduler that needs no metric"
+                )
+            return
+        epochs = _epochs_of_the_fit(trainer)
+        failure = _first_failing_step(sched, steps=epochs)
+        if failure is not None:
+            epoch, why = failure
             raise ValueError(
-                "lr_scheduler ReduceLROnPlateau steps on val/loss, which is never computed "
-                f"with trainer.limit_val_batches={trainer.limit_val_batches}; validate, or use "
-                "a scheduler that needs no metric"
+                f"lr_scheduler {type(sched).__name__} fails at the end of epoch {epoch} of "
+                f"trainer.max_epochs={trainer.max_epochs} (it steps once per epoch): {why}"
             )
 
     def _epochs_between_validations(self) -> int:
