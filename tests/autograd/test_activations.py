@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from tests._support import (
     ACTIVATIONS,
     DEVICES,
@@ -262,6 +263,24 @@ def test_inplace_under_torch_func_gives_natives_gradient(case, transform):
     ours = transform(_inplace_loss(case.ours))(x)
     native = transform(_inplace_loss(case.native))(x)
     torch.testing.assert_close(ours, native)
+
+
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_inplace_forward_mode_tangent_is_natives(case):
+    # A dual non-leaf (not a view: the Function itself writes in place and marks it
+    # dirty) must get its tangent updated in place too, to native's tangent and values.
+    x0 = make((3, 4), torch.float64)
+    t0 = make((3, 4), torch.float64, seed=7)
+    results = []
+    for fn in (case.ours, case.native):
+        leaf = x0.clone().requires_grad_()
+        with fwAD.dual_level():
+            h = fwAD.make_dual(leaf * 1, t0) * 2  # a dual non-view that requires grad
+            out = fn(h, inplace=True)
+            assert out is h
+            primal, tangent = fwAD.unpack_dual(h)
+            results.append((primal.detach().clone(), tangent.detach().clone()))
+    torch.testing.assert_close(results[0], results[1])
 
 
 @pytest.mark.parametrize("case", INPLACE, ids=str)
