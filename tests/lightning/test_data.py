@@ -482,6 +482,33 @@ def test_tabular_csv_numeric_labels_are_compared_as_numbers(tmp_path):
     assert y[:5].tolist() == [0, 0, 1, 2, 0]
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["9007199254740993", "9007199254740992", "5"],  # beyond 2**53: one float64
+        ["12345678901234567891", "12345678901234567890", "5"],  # beyond int64
+        ["9007199254740993", "9007199254740992.0", "5"],  # whole, one written as a float
+    ],
+)
+def test_tabular_csv_integer_labels_beyond_float64_stay_distinct_classes(tmp_path, labels):
+    """Integer labels (IDs, codes) were compared as float64: two beyond 2**53 that differ
+    became one class, silently, and those beyond int64 were named -9223372036854775808.
+    Whole-number labels are now compared as the exact integers they spell."""
+    rows = [[*r[:3], labels[i % 3]] for i, r in enumerate(_good_rows(60, 2))]
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    exact = sorted(int(v.split(".")[0]) for v in labels)
+    assert dm.num_classes == 3
+    assert dm.class_names == exact
+    _, y = dm.arrays
+    assert y[:3].tolist() == [exact.index(int(v.split(".")[0])) for v in labels]
+    # the class names a checkpoint keeps load with torch.load(weights_only=True)
+    saved = tmp_path / "state.pt"
+    torch.save(dm.state_dict(), saved)
+    assert torch.load(saved, weights_only=True)["class_names"] == exact
+
+
 def test_a_checkpoint_refuses_data_whose_classes_are_other_ones(tmp_path):
     """A model trained on labels cat/dog/fox, tested (or asked to predict) on a file labelled
     ant/cat/dog, was silently scored with class 0 meaning 'cat' to the model and 'ant' to

@@ -18,6 +18,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import csv
+import decimal
 import functools
 import math
 import os
@@ -565,6 +566,17 @@ def _header_hint(header: list[str]) -> str:
     )
 
 
+def _exact_integers(values: list[int]) -> np.ndarray:
+    """``values`` as int64, or, when one is beyond int64's range, as Python ints (an object
+    array, which sorts and compares them exactly)."""
+    info = np.iinfo(np.int64)
+    if all(info.min <= v <= info.max for v in values):
+        return np.asarray(values, dtype=np.int64)
+    exact = np.empty(len(values), dtype=object)
+    exact[:] = values
+    return exact
+
+
 def _encode_labels(raw: np.ndarray) -> np.ndarray:
     """Map arbitrary labels (ints, floats holding ints, strings) to 0..C-1 in sorted order."""
     _, y = np.unique(raw, return_inverse=True)
@@ -798,22 +810,22 @@ class TabularFileDataModule(ArrayDataModule):
 
     def _numeric_if_possible(self, p: Path, labels: list[str], rows: list[int]) -> np.ndarray:
         """CSV labels as numbers when they all read as numbers (so "1", "1.0" and "01" are
-        one class, and "10" sorts after "9"): integers when every value is whole, else
-        floats; otherwise the text. Numbers with a NaN or inf among them are a
-        :class:`DataError` (a missing label)."""
-        raw = np.asarray(labels)
+        one class, and "10" sorts after "9"): the exact integers when every value is whole
+        (IDs beyond float64's 2**53 stay apart), else floats; otherwise the text. Numbers
+        with a NaN or inf among them are a :class:`DataError` (a missing label)."""
         try:
-            as_num = raw.astype(np.float64)
-        except ValueError:
-            return raw
-        cell = _first_nonfinite(as_num)
-        if cell is not None:
-            (i,) = cell
-            raise DataError(
-                f"{p}: non-finite label {labels[i]} in column {self.label_column!r} at row "
-                f"{rows[i]}; label every row or remove the unlabelled ones"
-            )
-        return as_num.astype(np.int64) if np.all(as_num == np.round(as_num)) else as_num
+            numbers = [decimal.Decimal(v) for v in labels]
+        except decimal.InvalidOperation:
+            return np.asarray(labels)
+        for i, number in enumerate(numbers):
+            if not number.is_finite():
+                raise DataError(
+                    f"{p}: non-finite label {labels[i]} in column {self.label_column!r} at row "
+                    f"{rows[i]}; label every row or remove the unlabelled ones"
+                )
+        if all(n == n.to_integral_value() for n in numbers):
+            return _exact_integers([int(n) for n in numbers])
+        return np.asarray([float(n) for n in numbers], dtype=np.float64)
 
     @staticmethod
     def _check_unique_names(p: Path, header: list[str]) -> None:
