@@ -140,16 +140,16 @@ def test_cuda_graph_capture_of_each_activation_and_softmax(variant, dtype):
             variant.ours(x).backward(g)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    x.grad = torch.zeros_like(x)
+    x.grad = None  # the gradient is allocated in the graph's pool, rewritten by each replay
     with torch.cuda.graph(graph):
         static_out = variant.ours(x)
         static_out.backward(g)
+    static_grad = x.grad
     with torch.no_grad():
         x.copy_(torch.randn(64, 33, device="cuda").to(dtype))
         g.copy_(torch.randn(64, 33, device="cuda").to(dtype))
-        x.grad.zero_()
     graph.replay()
-    got_out, got_grad = static_out.clone(), x.grad.clone()
+    got_out, got_grad = static_out.clone(), static_grad.clone()
     x.grad = None
     want_out = variant.ours(x)
     want_out.backward(g)
