@@ -311,3 +311,36 @@ def test_double_backward_failure_without_a_forward_made_constant_names_none():
     result = report["gradgradcheck"]
     assert result.failed, report
     assert "possible cause" not in result.message
+
+
+class SquareWithFloat32Jvp(torch.autograd.Function):
+    """x * x whose jvp computes the tangent in float32: PyTorch keeps the tangent it gets
+    (a float32 tangent of a float64 output, a float32 Jacobian from jacfwd), and its
+    rounding, about 1e-8, is far below gradcheck's tolerances."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        (x,) = ctx.saved_tensors
+        return (2 * x * t).float()
+
+
+def test_a_jvp_returning_a_narrower_tangent_fails_forward_ad():
+    result = check_function(SquareWithFloat32Jvp, seeded(3, 4), checks="forward_ad")["forward_ad"]
+    assert result.failed, result
+    assert "torch.float32 tangent for output 0, which is torch.float64" in result.message, result

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
@@ -516,7 +517,8 @@ def _second_order(ctx: CheckContext) -> Passed:
 
 
 def check_forward_ad(ctx: CheckContext) -> Passed:
-    """The Jacobian built from one jvp per input element against central differences;
+    """The Jacobian built from one jvp per input element against central differences, and
+    each output's tangent in that output's dtype (or a wider one) and on its device;
     unsupported for a custom op (PyTorch has no jvp registration for one), for a fn that
     calls one on values computed from the inputs when forward AD fails or disagrees (the
     op's silent zero tangents), and when jvp raises ``NotImplementedError``."""
@@ -562,6 +564,38 @@ def _require_jvp_beside_custom_ops(ctx: CheckContext) -> None:
         )
 
 
+def _tangent_mismatch(tangent: torch.Tensor, output: torch.Tensor, o: int) -> str | None:
+    """How the ``tangent`` jvp gave output ``o`` differs from that output in dtype (a
+    narrower one) or device, as the end of a sentence; None if it does not."""
+    if torch.promote_types(tangent.dtype, output.dtype) != tangent.dtype:
+        return (
+            f"a {tangent.dtype} tangent for output {o}, which is {output.dtype}: return it "
+            "in the output's dtype (compute in it, or end with .to(x.dtype)) - PyTorch "
+            "keeps the tangent as jvp returns it, so forward-mode derivatives (jacfwd, "
+            "torch.func.jvp) silently lose precision"
+        )
+    if tangent.device != output.device:
+        return (
+            f"a tangent on device {tangent.device} for output {o}, which is on "
+            f"{output.device}: return it on the output's device"
+        )
+    return None
+
+
+def _require_tangents_like_outputs(ctx: CheckContext) -> None:
+    """Fail unless one jvp (every grad input with a random tangent) gives each output a
+    tangent of its dtype, or a wider one, on its device: the comparison with central
+    differences, at gradcheck's tolerances, cannot see a float32 tangent's rounding."""
+    base = [x.detach() for x in ctx.leaves()]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(x, ctx.randn(x.shape, x.dtype)) for x in base]
+        for o, out in enumerate(ctx.diff_fn(*duals)):
+            tangent = fwAD.unpack_dual(out).tangent
+            problem = None if tangent is None else _tangent_mismatch(tangent, out, o)
+            if problem:
+                raise CheckFailure(f"forward-mode AD (jvp) gives {problem}")
+
+
 def _forward_ad(ctx: CheckContext) -> Passed:
     """The body of :func:`check_forward_ad`, for a fn that is no custom op itself."""
     diff = ctx.leaves()
@@ -577,6 +611,7 @@ def _forward_ad(ctx: CheckContext) -> Passed:
     errors = _first_order(
         ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
     )
+    _require_tangents_like_outputs(ctx)
     if errors is not None:
         abs_err, rel_err, note = errors
         return Passed(f"full forward Jacobian compared{note}", abs_err, rel_err)
