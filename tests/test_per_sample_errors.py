@@ -1128,3 +1128,35 @@ def test_add_noise_generator_of_another_device_refused_before_any_change():
     devices, before any change."""
     model = mlp(nn.Tanh(), torchbp.nn.Linear(6, 6)).cuda()
     _grads_after_refused_noise(model, "cuda", torch.Generator(), ValueError, "generator is on")
+
+
+def test_out_of_memory_while_forming_leaves_every_gradient_as_it_was(monkeypatch):
+    """Running out of memory for the per-sample gradients of one layer (mode='grads'
+    materialises B×|θ|) left p.grad of the layers formed before it with this batch
+    added (and their p.grad_sample set), although nothing was formed: a caller that
+    caught the error and retried with smaller batches added their gradients twice.
+    Now the results are written only once every layer's are formed."""
+    from torchbp.per_sample import memory
+
+    model = mlp(nn.Tanh())
+    before = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = before[name].clone()
+    allocate, calls = memory.empty, []
+
+    def out_of_memory_at_the_second_layer(shape, like):
+        calls.append(shape)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return allocate(shape, like)
+
+    monkeypatch.setattr(memory, "empty", out_of_memory_at_the_second_layer)
+    with per_sample_grads(model, mode="grads") as ps:
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            step(model)
+    assert len(calls) == 2
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, before[name]), f"{name}'s p.grad changed"
+        assert getattr(p, "grad_sample", None) is None, f"{name} got a p.grad_sample"
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms

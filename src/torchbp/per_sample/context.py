@@ -423,6 +423,10 @@ class PerSampleGrads:
             _reset(self.parameters, ("sum_grad_squared", "grad_variance"), formed=self.statistics)
             clip = self.mode == "clip"
             needs_sums = self.statistics or (forms_param_grads and not clip)
+            # Every result is formed before any is written (an error midway, such as running
+            # out of memory for one layer's p.grad_sample, leaves every p.grad as it was)
+            attributes: list[tuple[nn.Parameter, str, torch.Tensor]] = []
+            grads: list[tuple[nn.Parameter, torch.Tensor]] = []
             # Output side first, as the backward would: each layer's recording is dropped
             # once used, so the big early-layer gradients meet few recordings still held.
             for layer in reversed(self._layers):
@@ -434,14 +438,21 @@ class PerSampleGrads:
                     dtype = formulas.norm_dtype(trace[1].dtype) if self.statistics else None
                     sums = _grad_sums(layer, *trace, dtype=dtype)
                 if self.mode == "grads":
-                    self._form_samples(layer, trace, batch, accounted)
+                    attributes += self._form_samples(layer, trace, batch, accounted)
                 if self.statistics:
-                    self._form_statistics(layer, trace, sums, batch, accounted)
+                    attributes += self._form_statistics(layer, trace, sums, batch, accounted)
                 if forms_param_grads and trace is not None:
-                    grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
-                    for p, grad in zip((layer.weight, layer.bias), grads):
-                        if _is_in(p, accounted):
-                            _accumulate(p, grad)
+                    layer_grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
+                    grads += [
+                        (p, grad.to(p.dtype))  # (sums may be formed in a wider dtype)
+                        for p, grad in zip((layer.weight, layer.bias), layer_grads)
+                        if _is_in(p, accounted)
+                    ]
+            # writing allocates nothing (an existing p.grad is added to in place)
+            for p, name, value in attributes:
+                setattr(p, name, value)
+            for p, grad in grads:
+                _accumulate(p, grad)
             self._recorder.finalised = True
 
     def _common_batch(self) -> int:
@@ -484,23 +495,28 @@ class PerSampleGrads:
                 squared += formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
         return squared
 
-    def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> None:
-        """``p.grad_sample`` of the layer's parameters: zeros for one whose id is not
-        ``accounted`` (the backward contributed nothing to it)."""
+    def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> list:
+        """``(p, "grad_sample", value)`` for the layer's parameters: zeros for one whose id
+        is not ``accounted`` (the backward contributed nothing to it)."""
+        samples = []
         for p, is_weight in ((layer.weight, True), (layer.bias, False)):
             if p is None:
                 continue
             if trace is None or id(p) not in accounted:
-                p.grad_sample = memory.zeros((batch, *p.shape), like=p)
+                value = memory.zeros((batch, *p.shape), like=p)
             elif is_weight:
-                p.grad_sample = formulas.weight_grad_samples(*trace)
+                value = formulas.weight_grad_samples(*trace)
             else:
-                p.grad_sample = formulas.bias_grad_samples(trace[1])
+                value = formulas.bias_grad_samples(trace[1])
+            samples.append((p, "grad_sample", value))
+        return samples
 
-    def _form_statistics(self, layer: Layer, trace, sums, batch: int, accounted: set[int]) -> None:
-        """``p.sum_grad_squared`` and ``p.grad_variance``, formed from the sums (in
-        :func:`formulas.norm_dtype`) and stored in the parameter's dtype; zeros for a
-        parameter whose id is not ``accounted``."""
+    def _form_statistics(self, layer: Layer, trace, sums, batch: int, accounted: set[int]) -> list:
+        """``(p, name, value)`` for ``p.sum_grad_squared`` and ``p.grad_variance`` of the
+        layer's parameters, formed from the sums (in :func:`formulas.norm_dtype`) and
+        stored in the parameter's dtype; zeros for a parameter whose id is not
+        ``accounted``."""
+        statistics = []
         for p, is_weight in ((layer.weight, True), (layer.bias, False)):
             if p is None:
                 continue
@@ -510,8 +526,10 @@ class PerSampleGrads:
                 sum_squared, total = formulas.weight_sum_grad_squared(*trace), sums[0]
             else:
                 sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
-            p.sum_grad_squared = sum_squared.to(p.dtype)
-            p.grad_variance = formulas.variance(sum_squared, total, batch).to(p.dtype)
+            variance = formulas.variance(sum_squared, total, batch)
+            statistics.append((p, "sum_grad_squared", sum_squared.to(p.dtype)))
+            statistics.append((p, "grad_variance", variance.to(p.dtype)))
+        return statistics
 
 
 def _refuse_second_backward() -> None:
@@ -625,9 +643,8 @@ def _joined(layer: Layer):
 
 
 def _accumulate(p: nn.Parameter, grad: torch.Tensor) -> None:
-    """Add to ``p.grad`` as autograd does (or set it when there is none), in ``p``'s
-    dtype (sums may be formed in a wider one)."""
-    grad = grad.to(p.dtype)
+    """Add ``grad``, of ``p``'s dtype, to ``p.grad`` as autograd does (or set it when
+    there is none)."""
     if p.grad is None:
         p.grad = grad
     else:
@@ -697,7 +714,9 @@ def per_sample_grads(
     as it leaves the ``with`` block); an exception inside the ``with`` restores plain
     behaviour (results formed before it stay, nothing is formed after it). A backward
     that reached the parameters but was cut short by an error forms nothing, even if
-    the caller catches the error inside the ``with`` block.
+    the caller catches the error inside the ``with`` block (an error while the context
+    forms the results, such as running out of memory for ``p.grad_sample``, included:
+    every result is formed before any ``p.grad`` or attribute is written).
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear` modules
     (built directly or by :func:`torchbp.convert`); parameter-free modules and modules with
