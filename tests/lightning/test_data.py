@@ -243,6 +243,31 @@ def test_tabular_npz_errors(tmp_path):
         _ = TabularFileDataModule(path=str(tmp_path / "e.npz")).num_features
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        # one column array of another length: np.stack's "all input arrays must have the
+        # same shape", naming neither the file nor the array
+        ({"a": np.ones(30), "b": np.ones(29)}, r"array 'b' has 29 values, 'label' has 30"),
+        # a 2-D array without features_key: np.stack failed alike
+        ({"a": np.ones(30), "b": np.ones((30, 2))}, r"array 'b' has shape \(30, 2\).*features_key"),
+        # one-hot labels: "30 feature rows but 60 labels"
+        ({"a": np.ones(30), "label": np.eye(2)[np.arange(30) % 2]}, r"one-hot"),
+    ],
+    ids=["short-column", "2d-column", "one-hot-labels"],
+)
+def test_tabular_array_columns_of_other_shapes_are_named(tmp_path, suffix, arrays, match):
+    arrays = {"label": np.arange(30) % 2, **arrays}
+    p = tmp_path / f"d{suffix}"
+    if suffix == ".npz":
+        np.savez(p, **arrays)
+    else:
+        torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, p)
+    with pytest.raises(DataError, match=rf"d\{suffix}: .*{match}"):
+        _ = TabularFileDataModule(path=str(p)).num_features
+
+
 def _two_class_csv(path, column_a):
     rng = np.random.default_rng(1)
     rows = [[a, f"{rng.normal():.3f}", i % 2] for i, a in enumerate(column_a)]

@@ -566,6 +566,11 @@ def _header_hint(header: list[str]) -> str:
     )
 
 
+def _is_vector(array: np.ndarray) -> bool:
+    """Whether ``array`` holds one value per row: at most one of its dimensions is over 1."""
+    return sum(size > 1 for size in array.shape) <= 1
+
+
 def _exact_integers(values: list[int]) -> np.ndarray:
     """``values`` as int64, or, when one is beyond int64's range, as Python ints (an object
     array, which sorts and compares them exactly)."""
@@ -886,6 +891,47 @@ class TabularFileDataModule(ArrayDataModule):
             for k, v in obj.items()
         }
 
+    def _label_vector(self, p: Path, labels: Any) -> np.ndarray:
+        """The label array as one label per row (shape ``(N,)``, ``(N, 1)`` or ``(1, N)``);
+        a matrix (one-hot labels) is a :class:`DataError`: flattened, it gave ``C`` labels
+        per row."""
+        labels = np.asarray(labels)
+        if not _is_vector(labels):
+            raise DataError(
+                f"{p}: label array {self.label_column!r} has shape {labels.shape}; one label "
+                "per row is needed (one-hot labels? save their argmax, the class indices)"
+            )
+        return labels.reshape(-1)
+
+    def _feature_columns(
+        self, p: Path, data: dict[str, np.ndarray], labels: np.ndarray | None
+    ) -> list[np.ndarray]:
+        """Without a ``features_key`` array, each array is one feature column: 1-D (or
+        ``(N, 1)``), as long as the labels (else as the first column). An array of another
+        shape or length is a :class:`DataError` naming it (``np.stack`` only said that
+        "all input arrays must have the same shape")."""
+        columns = []
+        for name, array in data.items():
+            array = np.asarray(array)
+            if not _is_vector(array):
+                raise DataError(
+                    f"{p}: array {name!r} has shape {array.shape}; with no "
+                    f"{self.features_key!r} array (features_key) every array besides the "
+                    "label is one feature column (1-D): save a feature matrix under "
+                    "features_key"
+                )
+            columns.append(array.reshape(-1))
+        reference = (self.label_column, labels) if labels is not None else None
+        if reference is None and columns:
+            reference = (next(iter(data)), columns[0])
+        for name, column in zip(data, columns):
+            if reference is not None and len(column) != len(reference[1]):
+                raise DataError(
+                    f"{p}: array {name!r} has {len(column)} values, {reference[0]!r} has "
+                    f"{len(reference[1])}; every column needs one value per row"
+                )
+        return columns
+
     def _read_arrays(
         self, p: Path, new_rows: bool = False
     ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
@@ -895,7 +941,7 @@ class TabularFileDataModule(ArrayDataModule):
         raw_y = data.pop(self.label_column, None)
         if new_rows:  # a label array there is ignored
             raw_y = None
-        raw_y = None if raw_y is None else np.asarray(raw_y).reshape(-1)
+        raw_y = None if raw_y is None else self._label_vector(p, raw_y)
         if not new_rows:
             self._check_drop_columns(p, list(data))
         for c in self.drop_columns:
@@ -909,7 +955,7 @@ class TabularFileDataModule(ArrayDataModule):
             names = [f"{self.features_key}[{j}]" for j in range(X.shape[1])]
         else:
             names = list(data)
-            cols = [np.asarray(data[k]).reshape(-1) for k in names]
+            cols = self._feature_columns(p, data, raw_y)
             X = (
                 np.stack(cols, axis=1)
                 if cols
