@@ -49,11 +49,13 @@ Only calls that record a backward are routed: under ``torch.no_grad()`` /
 ``torch.inference_mode()`` (and inside any Function's forward) covered calls run native
 kernels, uncounted, since there is no backward to hand-write.
 
-``torch.jit.trace`` under the mode records the covered calls as native's, uncounted: a
-trace is a program run later, where no mode reaches, and torch's sanity check re-traces
-it under ``no_grad``, so the trace and the check see the same graph; the trace saves
-with ``torch.jit.save``. To trace torchbp's Functions (in process only), trace a model
-converted with :func:`torchbp.convert`.
+TorchScript: the calls of a ``ScriptModule`` (``torch.jit.script`` / ``torch.jit.trace``)
+run in TorchScript's interpreter, where no mode reaches: under the mode they stay native,
+uncounted. ``torch.jit.trace`` under the mode records the covered calls as native's,
+uncounted, for the same reason (and torch's sanity check re-traces under ``no_grad``, so
+the trace and the check see the same graph); the trace saves with ``torch.jit.save``. To
+trace torchbp's Functions (in process only), trace a model converted with
+:func:`torchbp.convert`.
 
 Activation checkpointing: ``torch.utils.checkpoint`` recomputes the checkpointed
 forward during backward, which runs outside the mode. With ``use_reentrant=True`` the
