@@ -55,7 +55,8 @@ uncounted. ``torch.jit.trace`` under the mode records the covered calls as nativ
 uncounted, for the same reason (and torch's sanity check re-traces under ``no_grad``, so
 the trace and the check see the same graph); the trace saves with ``torch.jit.save``. To
 trace torchbp's Functions (in process only), trace a model converted with
-:func:`torchbp.convert`.
+:func:`torchbp.convert`. Likewise the module of a ``torch.export`` program calls ATen
+operators (``torch.ops.aten.*``), not the functions the mode routes: it runs native.
 
 Activation checkpointing: ``torch.utils.checkpoint`` recomputes the checkpointed
 forward during backward, which runs outside the mode. With ``use_reentrant=True`` the
