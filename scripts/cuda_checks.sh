@@ -290,7 +290,7 @@ EOF
   echo "## Verification (verify_cuda.json)"
   echo
   if [ -f "$OUT/verify_cuda.json" ]; then
-    rc=$(bounded 5 "$WORK/verify_summary.txt" "${PY[@]}" "$WORK/verify_summary.py" \
+    rc=$(bounded 3 "$WORK/verify_summary.txt" "${PY[@]}" "$WORK/verify_summary.py" \
       "$OUT/verify_cuda.json")
     cat "$WORK/verify_summary.txt"
     [ "$rc" = 0 ] || echo "(summary: exit $rc)"
