@@ -12,6 +12,7 @@ from tests._support import DEVICES, TOL, grads, make
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
+from torchbp.autograd import CrossEntropyFunction
 
 C = 5
 # input shape -> class-index target shape
@@ -132,6 +133,21 @@ def test_cross_entropy_gradcheck_and_gradgradcheck(case):
     fwd = not case.get("prob")  # forward-mode AD w.r.t. probability targets: not supported
     assert gradcheck(fn, inputs, check_forward_ad=fwd, check_batched_forward_grad=fwd, **flags)
     assert gradgradcheck(fn, inputs, check_fwd_over_rev=fwd, **flags)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_function_outputs_gradcheck_wrt_a_smoothed_probability_target(weighted):
+    # The Function's every output, (ℓ, ∂ℓ/∂z, lse), w.r.t. the logits and a probability
+    # target that requires grad. The wrappers expose ℓ alone, so only this reaches the
+    # gradient of ∂ℓ/∂z w.r.t. the target, (1-ε) w_k (p_ij - δ_jk) (its (1-ε) untested).
+    z = make((4, 3), torch.float64).requires_grad_()
+    t = torch.softmax(make((4, 3), torch.float64, seed=3), 1).requires_grad_()
+    weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64) if weighted else None
+
+    def fn(z, t):
+        return CrossEntropyFunction.apply(z, t, weight, None, 0.3, False)
+
+    assert gradcheck(fn, (z, t), check_undefined_grad=True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
