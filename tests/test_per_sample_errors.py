@@ -1160,3 +1160,29 @@ def test_out_of_memory_while_forming_leaves_every_gradient_as_it_was(monkeypatch
         assert getattr(p, "grad_sample", None) is None, f"{name} got a p.grad_sample"
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+def test_add_noise_failed_midway_refuses_a_second_draw(monkeypatch):
+    """An error while drawing the noise (out of memory for one parameter's draw) left the
+    parameters drawn before it noised; a retry of add_noise, which the caller's
+    except clause invites, added a second draw to them (std σC·√2, as for a second
+    call). The retry is refused now, naming the partly noised gradients."""
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        step(model)
+        draw, calls = torch.randn, []
+
+        def out_of_memory_at_the_second_draw(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("simulated: out of memory")
+            return draw(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "randn", out_of_memory_at_the_second_draw)
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            ps.add_noise(1.0)
+        monkeypatch.setattr(torch, "randn", draw)
+        noised = [p.grad.clone() for p in ps.parameters]
+        with pytest.raises(RuntimeError, match="partly noised"):
+            ps.add_noise(1.0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ps.parameters, noised))

@@ -81,6 +81,7 @@ class PerSampleGrads:
         self._factors: torch.Tensor | None = None
         self._batch: int | None = None
         self._noised = False  # add_noise has added this step's noise
+        self._noise_interrupted = False  # an error while drawing it: some p.grad noised
 
     # ------------------------------------------------------------------ context protocol
     def __enter__(self) -> PerSampleGrads:
@@ -193,7 +194,8 @@ class PerSampleGrads:
 
         Raises:
             RuntimeError: not clip mode, nothing was formed (no backward yet, or an
-                error inside the context), or the noise was already added.
+                error inside the context), or the noise was already added (also in
+                part, by a call that raised while drawing it).
             TypeError: ``noise_multiplier`` is not a number, or ``generator`` is not a
                 :class:`torch.Generator` (no gradient is changed).
             ValueError: ``noise_multiplier`` is negative or not finite, the noise std
@@ -215,6 +217,13 @@ class PerSampleGrads:
                 f"got {noise_multiplier}"
             )
         self._ensure_finalised()
+        if self._noise_interrupted:
+            raise RuntimeError(
+                "per_sample_grads: an earlier add_noise call of this context raised while "
+                "drawing the noise, after adding it to some parameters' p.grad: this step's "
+                "gradients are partly noised, and drawing again would noise those twice; "
+                "zero the gradients and redo the step in a new context"
+            )
         if self._noised:
             raise RuntimeError(
                 "per_sample_grads: add_noise was already called for this context's backward; "
@@ -229,8 +238,12 @@ class PerSampleGrads:
             for p in self.parameters:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            # one stream from the generator, chunk by chunk (see torchbp.per_sample.noise)
-            add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
+            try:
+                # one stream from the generator, chunk by chunk (see torchbp.per_sample.noise)
+                add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
+            except BaseException:
+                self._noise_interrupted = True
+                raise
         self._noised = True
 
     # ------------------------------------------------------------------ internals
