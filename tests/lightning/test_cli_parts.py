@@ -144,6 +144,40 @@ def test_long_parse_error_keeps_its_details_after_the_cause(capsys):
     assert lines[-1].startswith("tip: ") and len(lines) > 3
 
 
+TYPO_CONFIGS = {
+    "config-key": ("model:\n  hiden_sizes: [8]\n", "'model.hidden_sizes'"),
+    "trainer-key": ("trainer:\n  max_epoch: 1\n", "'trainer.max_epochs'"),
+    "data-class-key": (
+        "data:\n  class_path: torchbp.lightning.data.TabularFileDataModule\n"
+        "  init_args:\n    path: my.csv\n    label_colum: y\n",
+        "'label_column'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TYPO_CONFIGS))
+def test_a_misspelt_config_key_is_named_with_the_key_it_means(tmp_path, capsys, case):
+    """A typo in a config file's key was named ("does not accept option
+    'model.hiden_sizes'", "Option 'label_colum' is not accepted") with no hint at the key
+    meant; the first line now suggests it."""
+    text, meant = TYPO_CONFIGS[case]
+    config = tmp_path / "typo.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", str(config))
+    assert e.value.code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("error: ") and f"did you mean {meant}?" in first, first
+
+
+def test_a_misspelt_command_line_option_is_named_with_the_option_it_means(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--model.hiden_sizes", "[4]")
+    assert e.value.code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert "--model.hiden_sizes" in first and "did you mean --model.hidden_sizes?" in first
+
+
 def test_quiet_lightning_hides_unactionable_noise(caplog):
     from pytorch_lightning.utilities.rank_zero import rank_zero_info
 

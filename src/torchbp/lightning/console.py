@@ -3,17 +3,19 @@ they cannot act on."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from pytorch_lightning.cli import LightningArgumentParser
 
-__all__ = ["ShortErrorParser", "exit_with_error", "headline", "quiet_lightning"]
+__all__ = ["ShortErrorParser", "closest_key", "exit_with_error", "headline", "quiet_lightning"]
 
 #: warnings about Lightning's own code (``message`` regexes)
 UNACTIONABLE_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
@@ -31,6 +33,33 @@ _FRAMING = re.compile(
     r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:"
     r"|Problem with given class_path|Given value)"
 )
+
+#: jsonargparse's messages for a key it does not know: a config file's key (from the main
+#: parser, naming the subcommand), a class's argument (from the class's parser) and a
+#: command line option (from the subcommand's parser)
+_NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"^Subcommand '([^']+)' does not accept option '([^']+)'")
+_NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)")
+
+
+def closest_key(unknown: str, known: Iterable[str]) -> str | None:
+    """The ``known`` key closest to a misspelt ``unknown`` one, or ``None`` if none is close.
+
+    Examples::
+
+        >>> closest_key("model.hiden_sizes", ["model.hidden_sizes", "model.bias"])
+        'model.hidden_sizes'
+    """
+    close = difflib.get_close_matches(unknown, list(known), n=1)
+    return close[0] if close else None
+
+
+def _option_names(parser: Any) -> list[str]:
+    """The dotted keys ``parser`` accepts (none if they cannot be listed)."""
+    try:
+        return list(parser.get_defaults().keys())
+    except Exception:  # a hint only: the error it would decorate is what matters
+        return []
 
 
 def exit_with_error(message: str, *details: str) -> NoReturn:
@@ -78,7 +107,40 @@ class ShortErrorParser(LightningArgumentParser):
     """LightningArgumentParser whose errors print their one-line cause first (then the full
     message if it has more to say, and a hint at ``--help``) instead of a long usage dump."""
 
+    #: every parser made (the main one and a subcommand's), to name the keys a subcommand
+    #: accepts in the main parser's errors
+    _made: ClassVar[weakref.WeakSet] = weakref.WeakSet()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        ShortErrorParser._made.add(self)
+
+    def _with_suggestion(self, message: str) -> str:
+        """``message`` with the key a misspelt one (a config file's key, a class's argument
+        or a command line option) most likely means, after its first line."""
+        first, _, rest = message.partition("\n")
+        rest = f"\n{rest}" if rest else ""
+        if match := _NOT_ACCEPTED_BY_SUBCOMMAND.match(first):
+            subcommand, key = match.groups()
+            parsers = [p for p in self._made if str(p.prog).endswith(f" {subcommand}")]
+            meant = closest_key(key, [n for p in parsers for n in _option_names(p)])
+            hints = [repr(meant)] if meant else []
+        elif match := _NOT_ACCEPTED.match(first):
+            meant = closest_key(match.group(1), _option_names(self))
+            hints = [repr(meant)] if meant else []
+        elif match := _UNRECOGNIZED.match(first):
+            names = _option_names(self)
+            options = [o for o in match.group(1).split() if o.startswith("--")]
+            meant_options = [closest_key(o[2:].split("=", 1)[0], names) for o in options]
+            hints = [f"--{m}" for m in meant_options if m]
+        else:
+            hints = []
+        if not hints:
+            return message
+        return f"{first}; did you mean {' or '.join(hints)}?{rest}"
+
     def error(self, message: str, *args: Any, **kwargs: Any) -> NoReturn:
+        message = self._with_suggestion(message)
         if not self.exit_on_error:
             super().error(message, *args, **kwargs)
         lines = [line for line in message.splitlines() if line.strip()]
