@@ -305,6 +305,67 @@ def test_module_whose_forward_is_set_on_the_instance_stays_and_is_reported():
     assert type(torchbp.convert(converted, to="torch")) is nn.Linear
 
 
+class _Registered(nn.Linear):
+    """A base that registers each subclass by name and refuses a second one of the same
+    name (a plugin registry): the class convert makes for a subclass is refused."""
+
+    names: set[str] = set()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__name__ in _Registered.names:
+            raise ValueError(f"{cls.__name__} is already registered")
+        _Registered.names.add(cls.__name__)
+
+
+class _RegisteredHead(_Registered):
+    pass
+
+
+def test_subclass_whose_class_hook_refuses_the_combined_class_stays_and_the_rest_converts():
+    # convert failed in the middle with the hook's ValueError: the modules before it
+    # converted, those after it not, and no report
+    model = nn.Sequential(nn.Linear(3, 3), _RegisteredHead(3, 2), nn.ReLU())
+    _, report = torchbp.convert(model, report=True)
+    assert [type(m) for m in model] == [bpnn.Linear, _RegisteredHead, bpnn.ReLU]
+    [(path, name, reason)] = report.kept
+    assert (path, name) == ("1", "_RegisteredHead")
+    assert "cannot combine with torchbp.nn.Linear" in reason
+    assert "_RegisteredHead is already registered" in reason
+
+
+class _QualifiedRegistered(nn.Linear):
+    """The same, keyed by the qualified name: the class convert combines has its own (it
+    lives in torchbp.convert), but torch's parametrized class rebuilt on it has torch's."""
+
+    names: set[str] = set()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in _QualifiedRegistered.names:
+            raise ValueError(f"{name} is already registered")
+        _QualifiedRegistered.names.add(name)
+
+
+class _QualifiedHead(_QualifiedRegistered):
+    pass
+
+
+def test_parametrized_module_whose_class_hook_refuses_the_rebuilt_class_stays():
+    # torch's parametrized class is rebuilt on the converted class: a class hook refusing
+    # it stopped convert in the middle (uncaught), the modules after it left native
+    from torch.nn.utils import parametrizations
+
+    head = parametrizations.weight_norm(_QualifiedHead(3, 2))
+    parametrized = type(head)
+    model = nn.Sequential(head, nn.ReLU())
+    _, report = torchbp.convert(model, report=True)
+    assert type(head) is parametrized and type(model[1]) is bpnn.ReLU
+    reasons = {path: reason for path, _, reason in report.kept}
+    assert "Parametrized_QualifiedHead is already registered" in reasons["0"]
+
+
 class _ConstantLinearWeight(torch.Tensor):
     """A weight subclass that gives ``F.linear`` its own meaning (as quantized weights do):
     every output element is 42."""

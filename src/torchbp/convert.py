@@ -19,7 +19,10 @@ training flag stay the very same objects:
   the twin's), one with a parameter or buffer of a tensor subclass with its own
   ``__torch_function__`` (a quantized weight: that decides what ``F.linear`` means for
   it, and the twin would call torchbp's function instead), and every module without a
-  torchbp op (``Conv2d``, ``LayerNorm``, ...).
+  torchbp op (``Conv2d``, ``LayerNorm``, ...). A class convert would make that cannot be
+  made (an MRO the twin does not fit, or the class's ``__init_subclass__`` / metaclass
+  refusing it) also leaves its module as it is, reported with the error, and the others
+  are converted.
 * a parametrized module (:mod:`torch.nn.utils.parametrize`: ``weight_norm``,
   ``orthogonal``, ...) is an instance of a class torch made for it on top of its own
   class; the class underneath is converted by the rules above and torch's class is rebuilt
@@ -145,8 +148,8 @@ def _to_torchbp(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
         return None, f"overrides forward of {base.__name__}"
     try:
         return _combined_class(cls, _TO_TORCHBP[base]), ""
-    except TypeError as e:  # an MRO or layout that cannot take the twin as a base
-        return None, f"cannot combine with torchbp.nn.{base.__name__}: {e}"
+    except Exception as e:  # any: see _refusal
+        return None, f"cannot combine with torchbp.nn.{base.__name__}: {_refusal(e)}"
 
 
 def _to_torch(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
@@ -159,6 +162,14 @@ def _to_torch(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
         twin = next(t for t in cls.__mro__ if t in _TO_TORCH)
         return None, f"a user subclass of torchbp.nn.{twin.__name__}"
     return None, "not torchbp"
+
+
+def _refusal(error: Exception) -> str:
+    """Why making a class failed: an MRO or layout that cannot take the twin as a base
+    (``TypeError``), or the user's ``__init_subclass__`` / metaclass refusing the new class
+    (a registry of subclasses, say: any exception), so that convert keeps that module and
+    goes on instead of stopping half-way."""
+    return str(error) if isinstance(error, TypeError) else f"{type(error).__name__}: {error}"
 
 
 def _parametrized_on(cls: type[nn.Module], base: type[nn.Module]) -> type[nn.Module]:
@@ -199,7 +210,13 @@ def _new_class(module: nn.Module, choose) -> tuple[type[nn.Module] | None, str]:
         new, reason = choose(type(module))
     else:
         base, reason = choose(parametrize.type_before_parametrizations(module))
-        new = None if base is None else _parametrized_on(type(module), base)
+        new = None
+        if base is not None:
+            try:
+                new = _parametrized_on(type(module), base)
+            except Exception as e:  # any: see _refusal
+                reason = f"cannot rebuild {type(module).__name__} on {_describe(base)}: "
+                reason += _refusal(e)
     if new is None or choose is not _to_torchbp:
         return new, reason
     if "forward" in vars(module):
