@@ -15,7 +15,13 @@ from typing import NamedTuple
 
 import torch
 
-from torchbp.verify.checks.compare import dense, float_tensors, require_close, zeros_for_none
+from torchbp.verify.checks.compare import (
+    dense,
+    float_tensors,
+    leaves,
+    require_close,
+    zeros_for_none,
+)
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed
@@ -80,11 +86,92 @@ def _grads(outs: list[torch.Tensor], leaves: list[torch.Tensor], vs: list[torch.
     return zeros_for_none(gs, leaves)
 
 
+def _written(t: torch.Tensor) -> None:
+    """Write into ``t`` in place, outside autograd, as a caller may between forward and
+    backward: + 1 for a floating tensor, its elements reversed for another (an index
+    tensor keeps its values in range)."""
+    with torch.no_grad():
+        if t.is_floating_point() or t.is_complex():
+            t.add_(1)
+        elif t.dim():
+            t.copy_(t.flip(tuple(range(t.dim()))))
+
+
+def _strided(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided
+
+
+class _Run(NamedTuple):
+    """One call of fn on fresh copies of every tensor input: the leaves differentiated,
+    fn's inputs and its outputs (as returned, and the floating ones that require grad)."""
+
+    leaves: list[torch.Tensor]
+    inputs: list
+    returned: list
+    live: list[torch.Tensor]
+
+
+def _fresh_run(ctx: CheckContext) -> _Run:
+    """fn called on copies of every tensor input (the grad inputs as non-leaf copies of
+    fresh leaves), so that any of them can be written into afterwards."""
+    diff = ctx.leaves()
+    tensors = frozenset(i for i, a in enumerate(ctx.args) if _strided(a))
+    inputs = ctx.full_inputs(diff, copied=tensors)
+    out = ctx.fn(*inputs)
+    live = [o for o in float_tensors(out) if o.requires_grad]
+    return _Run(diff, inputs, leaves(out), live)
+
+
+def _write_targets(ctx: CheckContext, run: _Run) -> list[tuple[str, int]]:
+    """``(kind, position)`` of each tensor to write into after forward: every strided
+    tensor input fn does not modify itself (mark_dirty) and every strided output."""
+    inputs = [
+        ("input", i) for i, a in enumerate(run.inputs) if _strided(a) and i not in ctx.dirty_inputs
+    ]
+    return inputs + [("output", o) for o, t in enumerate(run.returned) if _strided(t)]
+
+
+def _require_writes_after_forward_seen(ctx: CheckContext) -> tuple[float, float]:
+    """Write into each tensor input and output in turn after forward, outside autograd (as
+    a caller's ``x.add_(1)`` or ``relu_`` between forward and backward): backward must
+    raise autograd's "modified by an inplace operation" error or give the gradients it
+    gives without the write. A backward that reads a tensor kept as a ctx attribute
+    (``ctx.x = x``) instead of ``ctx.save_for_backward`` silently uses the new values."""
+    clean = _fresh_run(ctx)
+    if not clean.live:
+        return 0.0, 0.0
+    vs = ctx.randn_like_outputs(clean.live)
+    expected = _grads(clean.live, clean.leaves, vs)
+    tolerance = ctx.parity_tolerances()
+    worst = (0.0, 0.0)
+    for kind, position in _write_targets(ctx, clean):
+        run = _fresh_run(ctx)
+        target = (run.inputs if kind == "input" else run.returned)[position]
+        try:
+            _written(target)
+            got = torch.autograd.grad(run.live, run.leaves, vs, allow_unused=True)
+        except Exception:  # noqa: BLE001, S112 - autograd noticed the write, or refused it
+            continue
+        for k, (a, b) in enumerate(zip(zeros_for_none(got, run.leaves), expected)):
+            problem = (
+                f"gradient of {ctx.input_name(k)} changes when {kind} {position} is written "
+                "into in place after forward, and autograd does not notice"
+            )
+            note = (
+                " (backward reads it from a ctx attribute, e.g. ctx.x = x, where "
+                "ctx.save_for_backward would make autograd raise 'modified by an inplace "
+                "operation'; save every tensor backward reads with ctx.save_for_backward)"
+            )
+            worst = max(worst, require_close(a, b, tolerance, problem, note=note))
+    return worst
+
+
 def check_mutation(ctx: CheckContext) -> Passed:
     """Records values and version counters of every input before fn's forward, of every
     output before backward, and compares after each; then runs backward a second time on
     the same graph, which must give the same gradients (a backward that modifies what it
-    saved does not)."""
+    saved does not); then writes into each input and output after forward
+    (:func:`_require_writes_after_forward_seen`)."""
     leaves = ctx.leaves()
     grad_pos = set(ctx.grad_idx)
     watched = [(ctx.input_name(k), x, _snapshot(x)) for k, x in enumerate(leaves)]
@@ -113,4 +200,7 @@ def check_mutation(ctx: CheckContext) -> Passed:
         )
         note = " (backward modifies a tensor it saved, or keeps state between calls)"
         worst = max(worst, require_close(a, b, tolerance, problem, note=note))
-    return Passed("inputs and outputs intact; backward repeatable", *worst)
+    worst = max(worst, _require_writes_after_forward_seen(ctx))
+    return Passed(
+        "inputs and outputs intact; backward repeatable; writes after forward seen", *worst
+    )
