@@ -150,6 +150,24 @@ def test_cross_entropy_function_outputs_gradcheck_wrt_a_smoothed_probability_tar
     assert gradcheck(fn, (z, t), check_undefined_grad=True)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_forward_mode_tangent_wrt_a_smoothed_probability_target_is_natives(reduction, weighted):
+    # Forward-mode AD along a probability target (gradcheck above runs it only along
+    # class-index cases): dℓ = -Σ_c (1-ε) w_c dt_c logp_c, as native's.
+    z = make((4, 3), torch.float64)
+    t = torch.softmax(make((4, 3), torch.float64, seed=3), 1)
+    dt = make((4, 3), torch.float64, seed=4)
+    kwargs = dict(label_smoothing=0.3, reduction=reduction)
+    if weighted:
+        kwargs["weight"] = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    tangents = []
+    for fn in (TF.cross_entropy, F.cross_entropy):
+        _, tangent = torch.func.jvp(lambda p: fn(z, p, **kwargs), (t,), (dt,))  # noqa: B023
+        tangents.append(tangent)
+    torch.testing.assert_close(tangents[0], tangents[1])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_nll_loss_gradcheck(reduction):
     logp = make((4, 3), torch.float64).requires_grad_()
