@@ -366,6 +366,19 @@ def test_parametrized_module_whose_class_hook_refuses_the_rebuilt_class_stays():
     assert "Parametrized_QualifiedHead is already registered" in reasons["0"]
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torchscript_modules_stay_reported_as_compiled_not_as_lacking_an_op():
+    # a scripted or traced nn.Linear was reported kept for 'no torchbp op', which names the
+    # wrong cause (Linear has one): its code is compiled TorchScript, which no class
+    # switch reaches
+    x = torch.randn(2, 3)
+    model = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), torch.jit.trace(nn.Linear(3, 2), x))
+    _, report = torchbp.convert(model, report=True)
+    assert [path for path, _, _ in report.kept] == ["0", "1"]
+    for _, _, reason in report.kept:
+        assert "TorchScript" in reason and "before torch.jit.script" in reason
+
+
 class _ConstantLinearWeight(torch.Tensor):
     """A weight subclass that gives ``F.linear`` its own meaning (as quantized weights do):
     every output element is 42."""

@@ -19,7 +19,8 @@ training flag stay the very same objects:
   the twin's), one with a parameter or buffer of a tensor subclass with its own
   ``__torch_function__`` (a quantized weight: that decides what ``F.linear`` means for
   it, and the twin would call torchbp's function instead), and every module without a
-  torchbp op (``Conv2d``, ``LayerNorm``, ...). A class convert would make that cannot be
+  torchbp op (``Conv2d``, ``LayerNorm``, ...), and a TorchScript module
+  (``torch.jit.script`` / ``trace``: compiled code). A class convert would make that cannot be
   made (an MRO the twin does not fit, or the class's ``__init_subclass__`` / metaclass
   refusing it) also leaves its module as it is, reported with the error, and the others
   are converted.
@@ -141,6 +142,11 @@ def _to_torchbp(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
         return _TO_TORCHBP[cls], ""
     if issubclass(cls, _TWINS):
         return None, "already torchbp"
+    if issubclass(cls, torch.jit.ScriptModule):
+        return None, (
+            "a TorchScript module (compiled code no class switch reaches): convert the "
+            "model before torch.jit.script / torch.jit.trace"
+        )
     base = _supported_base(cls)
     if base is None:
         return None, "no torchbp op"
