@@ -1481,3 +1481,21 @@ def test_a_requeued_slurm_job_with_a_default_root_dir_logs_into_its_own_run_fold
     assert Path(cli.trainer.log_dir) == run
     assert cli.trainer.global_step == 2 * cli.trainer.num_training_batches  # resumed
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]
+
+
+def test_ckpt_path_last_finds_last_ckpt_in_a_configured_checkpoint_folder(tmp_path, capsys):
+    """With --checkpoint.dirpath, last.ckpt is saved there, as Lightning's ckpt_path="last"
+    finds it; torchbp-train looked only in the run folders: fit --ckpt_path last said "no
+    last.ckpt ... starting from scratch" and trained anew, test --ckpt_path last refused."""
+    iris = str(CONFIGS / "iris.yaml")
+    common = ("--config", iris, f"--run_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path}/ck")
+    run_cli("fit", *common, "--trainer.max_epochs=1")
+    last = tmp_path / "ck" / "last.ckpt"
+    assert last.is_file()
+    resumed = run_cli("fit", *common, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert "starting from scratch" not in capsys.readouterr().err
+    assert resumed.config_init["fit"]["ckpt_path"] == str(last)
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 2 * 7
+    tested = run_cli("test", *common, "--ckpt_path=last")
+    newest = max((tmp_path / "ck").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert tested.config_init["test"]["ckpt_path"] == str(newest)

@@ -848,8 +848,14 @@ class TorchbpCLI(LightningCLI):
 
     def _last_checkpoint(self, root: Path) -> str | None:
         """``--ckpt_path last``: the ``last.ckpt`` of the most recent run under ``root`` that
-        has one (``fit`` resumes that run, in its folder); with none, ``fit`` starts from
-        scratch (``None``) and the evaluating subcommands exit with an error."""
+        has one (``fit`` resumes that run, in its folder); with a configured
+        ``checkpoint.dirpath``, which every run saves into, the newest ``last*.ckpt`` there,
+        as Lightning's ``ckpt_path="last"`` finds it (a run folder of its own); with none,
+        ``fit`` starts from scratch (``None``) and the evaluating subcommands exit with an
+        error."""
+        dirpath = (self._subcommand_config(self.config).get("checkpoint") or {}).get("dirpath")
+        if dirpath:
+            return self._last_checkpoint_in(Path(dirpath))
         found = [
             v for v in _versions(root) if (root / f"version_{v}/checkpoints/last.ckpt").is_file()
         ]
@@ -865,6 +871,23 @@ class TorchbpCLI(LightningCLI):
                 "(check --run_dir and --run_name, or give the checkpoint's path)"
             )
         print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
+        return None
+
+    def _last_checkpoint_in(self, folder: Path) -> str | None:
+        """``--ckpt_path last`` with ``checkpoint.dirpath`` ``folder``: its newest
+        ``last*.ckpt`` (Lightning numbers a second run's ``last-v1.ckpt``); none is handled
+        as under the run folders."""
+        candidates = [p for p in folder.glob("last*.ckpt") if p.is_file()]
+        if candidates:
+            return str(max(candidates, key=lambda p: p.stat().st_mtime))
+        if self.subcommand != "fit":
+            exit_with_error(
+                f"--ckpt_path last: no last.ckpt in {folder} (checkpoint.dirpath); nothing to "
+                f"{self.subcommand} (give the checkpoint's path)"
+            )
+        print(
+            f"no last.ckpt in {folder} (checkpoint.dirpath); starting from scratch", file=sys.stderr
+        )
         return None
 
     def _best_checkpoint_to_evaluate(self, root: Path) -> Path:
