@@ -60,3 +60,12 @@ def test_boolean_output_is_compared_too():
     assert result.failed and "boolean output 0 (bool) differs" in result.message, str(report)
     report = check_function(positive_part, _x(), reference=positive_part, checks=["reference"])
     assert report.ok, str(report)
+
+
+def test_batch_norm_in_training_mode_passes_compile():
+    # the compiled call updates the running statistics in place, which eager BatchNorm
+    # saved for its backward: taken after the compiled call, eager fn's gradients raised
+    # "a tensor saved for backward was modified in place" and compile failed
+    module = torch.nn.BatchNorm1d(5).double()
+    result = check_function(module, _x(), checks="compile")["compile"]
+    assert result.passed, result

@@ -99,6 +99,10 @@ def _compare_runs(
 ) -> tuple[float, float]:
     """Run fn and ``other`` on the same inputs and grad_outputs; compare everything.
 
+    fn's gradients are taken before ``other`` runs: other may update state in place that
+    fn's graph saved (a compiled BatchNorm's running statistics, which eager BatchNorm
+    saves for backward), and fn's backward would then raise for a write fn never made.
+
     An exception raised by ``other`` becomes a failed check, or propagates unchanged with
     ``raw_errors`` (for the caller to judge). With ``own_parameters``, a module parameter
     of fn that ``other`` does not use (a reference module with its own parameters, of other
@@ -106,13 +110,18 @@ def _compare_runs(
     """
     leaves_a, leaves_b = ctx.leaves(), ctx.leaves()
     raw_a = ctx.call(ctx.fn, leaves_a)
+    outs_a = float_tensors(raw_a)
+    vs = [ctx.randn(a.shape, a.dtype) for a in outs_a]
+    # fn's backward runs before other's forward, which may write into what fn's graph saved
+    # (a compiled BatchNorm updates the running statistics eager BatchNorm saved)
+    ga = output_grads(outs_a, leaves_a, vs)
     try:
         raw_b = ctx.call(other, leaves_b)
     except Exception as exc:  # noqa: BLE001
         if raw_errors:
             raise
         raise CheckFailure(f"{label} raised {explain_error(exc)}") from None
-    outs_a, outs_b = float_tensors(raw_a), float_tensors(raw_b)
+    outs_b = float_tensors(raw_b)
     if len(outs_a) != len(outs_b):
         raise CheckFailure(
             f"fn returned {len(outs_a)} floating-point output(s) but {label} returned {len(outs_b)}"
@@ -123,16 +132,8 @@ def _compare_runs(
             raise CheckFailure(f"output {o} has dtype {a.dtype} but {label} gives {b.dtype}")
         worst = max(worst, _compare(ctx, a, b, f"output {o}", label))
     _require_equal_exact(exact_tensors(raw_a), exact_tensors(raw_b), label)
-    pairs = [
-        (a, b, ctx.randn(a.shape, a.dtype))
-        for a, b in zip(outs_a, outs_b)
-        if a.requires_grad or b.requires_grad
-    ]
-    if not pairs:
-        return worst
-    ga = output_grads([p[0] for p in pairs], leaves_a, [p[2] for p in pairs])
     try:
-        gb = grads_or_none([p[1] for p in pairs], leaves_b, [p[2] for p in pairs])
+        gb = grads_or_none(outs_b, leaves_b, vs)
     except Exception as exc:  # noqa: BLE001
         if raw_errors:
             raise
