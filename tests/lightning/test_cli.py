@@ -1499,3 +1499,14 @@ def test_ckpt_path_last_finds_last_ckpt_in_a_configured_checkpoint_folder(tmp_pa
     tested = run_cli("test", *common, "--ckpt_path=last")
     newest = max((tmp_path / "ck").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert tested.config_init["test"]["ckpt_path"] == str(newest)
+
+
+def test_ckpt_path_best_finds_the_best_checkpoint_in_a_configured_checkpoint_folder(tmp_path):
+    """--ckpt_path best looked only in the run folders' checkpoints/: with
+    --checkpoint.dirpath it refused ("no best checkpoint") though the folder held it."""
+    iris = str(CONFIGS / "iris.yaml")
+    common = ("--config", iris, f"--run_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path}/ck")
+    fitted = run_cli("fit", *common, "--trainer.max_epochs=2")
+    best = fitted.trainer.checkpoint_callback.best_model_path
+    tested = run_cli("test", *common, "--ckpt_path=best")
+    assert Path(tested.config_init["test"]["ckpt_path"]).resolve() == Path(best).resolve()

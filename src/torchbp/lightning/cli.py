@@ -317,13 +317,20 @@ def _check_monitor(option: str, monitor: str, logged: list[str]) -> None:
         )
 
 
-def _best_checkpoint(folder: Path) -> Path | None:
-    """The best checkpoint in a run's ``checkpoints`` folder: the one its ``last.ckpt`` records
-    as ModelCheckpoint's ``best_model_path`` (looked up in ``folder``, so a moved run folder
-    still works; ``None`` if it records none, as after an interrupt before the first
-    validation, whose exception checkpoint is no best), else, without a readable
-    ``last.ckpt``, the folder's only checkpoint besides ``last*.ckpt``."""
-    state = _read_checkpoint(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
+def _newest_last_checkpoint(folder: Path) -> Path | None:
+    """The newest ``last*.ckpt`` of ``folder`` (Lightning's choice for ``ckpt_path="last"``:
+    a second run into one checkpoint folder saves ``last-v1.ckpt``), or ``None``."""
+    candidates = [p for p in folder.glob("last*.ckpt") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _best_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
+    """The best checkpoint in a run's ``checkpoints`` folder: the one its ``last`` checkpoint
+    records as ModelCheckpoint's ``best_model_path`` (looked up in ``folder``, so a moved run
+    folder still works; ``None`` if it records none, as after an interrupt before the first
+    validation, whose exception checkpoint is no best), else, without a readable ``last``,
+    the folder's only checkpoint besides ``last*.ckpt``."""
+    state = _read_checkpoint(folder / last) if (folder / last).is_file() else None
     if state is not None:
         for callback in (state.get("callbacks") or {}).values():
             recorded = callback.get("best_model_path") if isinstance(callback, dict) else None
@@ -877,9 +884,9 @@ class TorchbpCLI(LightningCLI):
         """``--ckpt_path last`` with ``checkpoint.dirpath`` ``folder``: its newest
         ``last*.ckpt`` (Lightning numbers a second run's ``last-v1.ckpt``); none is handled
         as under the run folders."""
-        candidates = [p for p in folder.glob("last*.ckpt") if p.is_file()]
-        if candidates:
-            return str(max(candidates, key=lambda p: p.stat().st_mtime))
+        newest = _newest_last_checkpoint(folder)
+        if newest is not None:
+            return str(newest)
         if self.subcommand != "fit":
             exit_with_error(
                 f"--ckpt_path last: no last.ckpt in {folder} (checkpoint.dirpath); nothing to "
@@ -891,16 +898,24 @@ class TorchbpCLI(LightningCLI):
         return None
 
     def _best_checkpoint_to_evaluate(self, root: Path) -> Path:
-        """``--ckpt_path best``: the best checkpoint of the latest run under ``root`` (Lightning's
+        """``--ckpt_path best``: the best checkpoint of the latest run under ``root``, or with a
+        configured ``checkpoint.dirpath`` the one its newest ``last*.ckpt`` records (Lightning's
         ``best`` means a fit's in the same process, which validate/test/predict never have)."""
         if self.subcommand == "fit":
             exit_with_error(
                 "--ckpt_path best: fit resumes from last or a checkpoint file; best is for "
                 "validate, test and predict"
             )
-        runs = [root / f"version_{v}/checkpoints" for v in reversed(_versions(root))]
+        dirpath = (self._subcommand_config(self.config).get("checkpoint") or {}).get("dirpath")
+        if dirpath:  # every run saves there: the newest last*.ckpt records the latest best
+            runs = [Path(dirpath)]
+        else:
+            runs = [root / f"version_{v}/checkpoints" for v in reversed(_versions(root))]
         latest = next((folder for folder in runs if any(folder.glob("*.ckpt"))), None)
-        best = None if latest is None else _best_checkpoint(latest)
+        newest_last = None if latest is None else _newest_last_checkpoint(latest)
+        best = None
+        if latest is not None:
+            best = _best_checkpoint(latest, newest_last.name if newest_last else "last.ckpt")
         if best is None:
             where = root if latest is None else latest
             exit_with_error(
