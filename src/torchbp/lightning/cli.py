@@ -29,6 +29,8 @@ named ``...-interrupted.ckpt`` so that it never replaces a best one, and ``last.
 ``validate``, ``test`` and ``predict`` load it from there (an error if there is none) but log
 into a new run folder, so they never overwrite the files of the run they evaluate; with
 ``--ckpt_path best`` they load the best checkpoint of the latest run (``fit`` refuses ``best``).
+With a configured ``--checkpoint.dirpath`` (every run saves there) ``last`` is its newest
+``last*.ckpt``, as Lightning finds it, and ``best`` the best checkpoint that one records.
 Every ``--ckpt_path`` (``last``, ``best`` or a file's path alike) runs the configured model
 (not, as LightningCLI does for a file's path, the checkpoint's hyperparameters in place of the
 configured ones, which dropped options given with it): a checkpoint of another model (layer
