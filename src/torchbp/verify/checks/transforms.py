@@ -12,7 +12,7 @@ import torch
 from torchbp.verify.checks.compare import require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
-from torchbp.verify.checks.explain import outcome_of
+from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckUnsupported, Passed
 
 __all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap"]
@@ -31,6 +31,20 @@ VMAP = (
 )
 
 
+def _sparse_input_gap(ctx: CheckContext, exc: BaseException, what: str) -> CheckUnsupported | None:
+    """Unsupported for ``exc``, raised by ``what`` (a vmap), when fn has a sparse input:
+    PyTorch's vmap has no batching rule for most operations on sparse tensors (``expand
+    is unsupported for Sparse tensors``), a limitation of PyTorch, not of fn; None when
+    every input is strided."""
+    if not any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in ctx.args):
+        return None
+    return CheckUnsupported(
+        f"{what} failed with a sparse input, as PyTorch's vmap cannot batch most "
+        f"operations on sparse tensors ({explain_error(exc)})",
+        "pass the input dense (.to_dense()) where vmap is needed",
+    )
+
+
 def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
     """The grad inputs stacked ``batch`` times, each copy scaled differently."""
     scales = [1.0 + 0.25 * b for b in range(batch)]
@@ -39,14 +53,16 @@ def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
 
 def check_vmap(ctx: CheckContext) -> Passed:
     """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop;
-    unsupported when the vmap rule raises ``NotImplementedError``."""
+    unsupported when the vmap rule raises ``NotImplementedError``, or vmap raises for a fn
+    with a sparse input (:func:`_sparse_input_gap`)."""
     batch = int(ctx.options.vmap_batch)
     xs = _batched_inputs(ctx, batch)
     tolerance = ctx.parity_tolerances()
     try:
         batched = torch.func.vmap(ctx.diff_fn, randomness=SAME_DRAWS)(*xs)
     except Exception as exc:  # noqa: BLE001
-        raise outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
+        gap = _sparse_input_gap(ctx, exc, "vmap of the forward")
+        raise gap or outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
     looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
     worst = (0.0, 0.0)
     for o, out in enumerate(batched):
@@ -70,8 +86,11 @@ def check_vmap(ctx: CheckContext) -> Passed:
             ctx.diff_fn, [x[0] for x in xs]
         )
         custom_op_gap = no_torch_func(exc) if calls_custom_op else None
-        raise custom_op_gap or outcome_of(
-            exc, "vmap(grad) (per-sample gradients) failed: ", VMAP
+        sparse_gap = _sparse_input_gap(ctx, exc, "vmap(grad) (per-sample gradients)")
+        raise (
+            custom_op_gap
+            or sparse_gap
+            or outcome_of(exc, "vmap(grad) (per-sample gradients) failed: ", VMAP)
         ) from None
     for b in range(batch):
         leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
@@ -87,7 +106,8 @@ def check_vmap(ctx: CheckContext) -> Passed:
 
 def check_batched_grad(ctx: CheckContext) -> Passed:
     """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output;
-    unsupported through a sparse output (PyTorch's vmap cannot batch sparse tensors)."""
+    unsupported through a sparse output (PyTorch's vmap cannot batch sparse tensors), or
+    when it raises for a fn with a sparse input (:func:`_sparse_input_gap`)."""
     if ctx.sparse_outputs:
         raise CheckUnsupported(
             "fn returns a sparse tensor: batched backward (is_grads_batched, a vmap over "
@@ -104,7 +124,8 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
             outs, leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
         )
     except Exception as exc:  # noqa: BLE001
-        raise outcome_of(exc, "batched backward failed: ") from None
+        gap = _sparse_input_gap(ctx, exc, "batched backward (is_grads_batched, a vmap)")
+        raise gap or outcome_of(exc, "batched backward failed: ") from None
     worst = (0.0, 0.0)
     for b in range(batch):
         gs = torch.autograd.grad(

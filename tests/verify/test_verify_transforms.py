@@ -1,0 +1,27 @@
+"""The vmap checks (``checks/transforms.py``): ``vmap`` and ``batched_grad`` of a fn with a
+sparse input, which PyTorch's vmap cannot batch through."""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.verify import check_function
+
+
+def _sparse_times_dense(adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A graph convolution's product with its sparse adjacency matrix, in native ops."""
+    return torch.sparse.mm(adjacency, x)
+
+
+def test_vmap_of_a_correct_fn_with_a_sparse_input_is_unsupported_not_failed():
+    # PyTorch's vmap raises "expand is unsupported for Sparse tensors" for torch.sparse.mm:
+    # both checks failed a correct fn for PyTorch's limitation
+    g = torch.Generator().manual_seed(0)
+    adjacency = torch.randn(4, 4, generator=g, dtype=torch.float64).relu().to_sparse()
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    report = check_function(_sparse_times_dense, adjacency, x, checks=["vmap", "batched_grad"])
+    assert report.ok, report
+    for name in ("vmap", "batched_grad"):
+        result = report[name]
+        assert result.unsupported, result
+        assert "sparse input" in result.message and "; to add it: " in result.message
