@@ -191,11 +191,13 @@ def log_softmax_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grad_from_logits(logits, coef: Coefficients):
-    """``(∂ℓ/∂z, p, lse)`` recomputed from saved logits (m, C), in ``coef``'s dtype."""
-    logp, lse = log_softmax_rows(logits.to(coef.a.dtype))
+    """``(∂ℓ/∂z, p, logp)`` recomputed from saved logits (m, C), in ``coef``'s dtype.
+    ``logp = (z - m) - log Σ e^{z - m}``, not ``z - lse``: for large logits ``lse``'s
+    rounding (e.g. 0.06 at 1e6 in float32) would swamp it."""
+    logp, _lse = log_softmax_rows(logits.to(coef.a.dtype))
     p = torch.exp(logp)
     # ∂ℓ_i/∂z_i = a_i p_i - B_i
-    return coef.a.unsqueeze(1) * p - dense_b(coef, p.shape[1]), p, lse.squeeze(1)
+    return coef.a.unsqueeze(1) * p - dense_b(coef, p.shape[1]), p, logp
 
 
 def softmax_from_grad(grad, coef: Coefficients) -> torch.Tensor:

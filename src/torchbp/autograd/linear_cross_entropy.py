@@ -26,7 +26,7 @@ import torch
 from torch.autograd import Function
 
 from torchbp._execution import may_reuse_saved, values_inspectable
-from torchbp.autograd.cross_entropy import accumulation_dtype, ce_rows
+from torchbp.autograd.cross_entropy import accumulation_dtype, ce_rows, log_softmax_rows
 
 __all__ = ["LinearCrossEntropyFunction", "chunk_size_from_options", "default_chunk_size"]
 
@@ -190,7 +190,7 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
             torch.mm(xc, w_t, out=z)
         else:
             torch.addmm(b, xc, w_t, out=z)
-        loss, grad, lse = ce_rows(
+        loss, grad, _lse = ce_rows(
             z, target[start:stop], weight, ignore_index, smoothing, out=gbuf[: stop - start]
         )
         if rows_out is not None:
@@ -199,8 +199,10 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
             continue
         s = scale[start:stop]
         if want_dt:
-            # ∂ℓ_i/∂t_ic = -(1-ε) w_c logp_ic, logp = z - lse
-            part = (z.to(acc) - lse.unsqueeze(1)) * (-(1 - smoothing) * s).unsqueeze(1)
+            # ∂ℓ_i/∂t_ic = -(1-ε) w_c logp_ic, logp = (z - m) - log Σ e^{z - m}; not z - lse,
+            # whose rounding swamps logp for large logits (0.06 at 1e6 in float32)
+            logp, _lse = log_softmax_rows(z.to(acc))
+            part = logp * (-(1 - smoothing) * s).unsqueeze(1)
             if weight is not None:
                 part = part * weight.to(acc)
             if inplace:

@@ -278,11 +278,10 @@ def _recompute(logits, target, weight, ignore_index, smoothing, d_loss):
     dtype."""
     acc = accumulation_dtype(logits.dtype)
     coef = coefficients(target, weight, ignore_index, smoothing, logits.shape[1], acc)
-    grad, p, lse = grad_from_logits(logits, coef)
+    grad, p, logp = grad_from_logits(logits, coef)
     d_target = None
     if d_loss is not None:
         # ∂ℓ_i/∂t_ic = (∂B_ic/∂t_ic)(lse_i - z_ic) = -(1-ε) w_c logp_ic
-        logp = logits.to(acc) - lse.unsqueeze(1)
         d_target = -coef.target_share * d_loss.to(acc).unsqueeze(1) * logp
         if coef.weight is not None:
             d_target = d_target * coef.weight
