@@ -309,3 +309,101 @@ def sine_of_sincos(x):
     """Only the first output of :class:`SinCos`: its cos output gets no gradient, which
     autograd hands to backward as zeros."""
     return SinCos.apply(x)[0]
+
+
+class RowMaxWithIndices(torch.autograd.Function):
+    """``torch.max(x, dim=-1)``: the values and their integer indices, as torch returns
+    them (a named tuple), the indices non-differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.max(x, dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.x_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, g_values, g_indices):
+        (indices,) = ctx.saved_tensors
+        # each max is one input element: its gradient goes back there
+        return g_values.new_zeros(ctx.x_shape).scatter(
+            -1, indices.unsqueeze(-1), g_values[..., None]
+        )
+
+
+class TransposeView(torch.autograd.Function):
+    """An output that is a view of the input (``x.t()``, sharing its memory)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        # the transpose of the gradient
+        return g.t()
+
+
+class OptionalBiasLinear(torch.autograd.Function):
+    """y = x Wᵀ (+ b): ``b`` is an optional tensor input, None when there is no bias."""
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        y = x @ w.t()
+        return y if b is None else y + b
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        # dL/dx = g W, dL/dW = gᵀ x, dL/db = g summed over rows (None without a bias)
+        return g @ w, g.t() @ x, g.sum(0) if ctx.has_bias else None
+
+
+class NoGradForwardTanh(TextbookTanh):
+    """Computes forward under ``torch.no_grad()`` (a kernel call, say) and saves the result."""
+
+    @staticmethod
+    def forward(ctx, x):
+        with torch.no_grad():
+            y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+
+class Multiply(torch.autograd.Function):
+    """a * b, itself twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        # d(ab)/da = b, d(ab)/db = a
+        return Multiply.apply(g, b), Multiply.apply(g, a)
+
+
+class CubeThroughMultiply(torch.autograd.Function):
+    """x³ whose backward calls another custom Function (:class:`Multiply`): double backward
+    goes through that Function's backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # d(x³)/dx = 3 x²
+        return Multiply.apply(g, Multiply.apply(3 * x, x))

@@ -7,18 +7,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.verify.correct_functions import (
+    CubeThroughMultiply,
     CustomVmapTanh,
     InplaceDouble,
     InplaceDoubleTextbook,
     JvpTanh,
     MaterializeFalseSplit,
     NeedsInputGradLinear,
+    NoGradForwardTanh,
     OnceDifferentiableMSE,
+    OptionalBiasLinear,
     PickedLoss,
+    RowMaxWithIndices,
     SetupContextTanh,
     SquareWithMask,
     TextbookTanh,
     TopValues,
+    TransposeView,
     picked_loss_reference,
     sine_of_sincos,
 )
@@ -84,6 +89,42 @@ CORRECT = {
         {"forward_ad"},
     ),
     "one output of two used": (sine_of_sincos, (_randn(3, 4),), torch.sin, {"forward_ad"}),
+    "max with integer indices": (
+        RowMaxWithIndices,
+        (_randn(3, 5),),
+        lambda x: torch.max(x, dim=-1),
+        {"forward_ad", "vmap"},
+    ),
+    "output a view of the input": (
+        TransposeView,
+        (_randn(3, 5),),
+        torch.t,
+        {"forward_ad", "vmap"},
+    ),
+    "optional tensor input given None": (
+        OptionalBiasLinear,
+        (_randn(3, 4), _randn(5, 4), None),
+        F.linear,
+        {"forward_ad", "vmap"},
+    ),
+    "optional tensor input given": (
+        OptionalBiasLinear,
+        (_randn(3, 4), _randn(5, 4), _randn(5)),
+        F.linear,
+        {"forward_ad", "vmap"},
+    ),
+    "no_grad inside forward": (
+        NoGradForwardTanh,
+        (_randn(3, 4),),
+        torch.tanh,
+        {"forward_ad", "vmap"},
+    ),
+    "backward calls a custom Function": (
+        CubeThroughMultiply,
+        (_randn(3, 4),),
+        lambda x: x**3,
+        {"forward_ad", "vmap"},
+    ),
 }
 
 
