@@ -15,6 +15,7 @@ takes a 1-D weight with a bias for 2-D input) are drawn but not compared.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -26,11 +27,11 @@ from hypothesis import strategies as st
 
 import torchbp.functional as bp
 
-EXAMPLES = int(os.environ.get("TORCHBP_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("TORCHBP_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    derandomize=EXAMPLES <= 25,
+    derandomize=EXAMPLES <= 40,
     suppress_health_check=list(HealthCheck),
 )
 
@@ -113,6 +114,9 @@ def tensors(draw, shape, dtypes=FLOATS, grad=None, scale=3.0):
     if grad is None:
         grad = draw(st.booleans())
     scale = draw(st.sampled_from([scale, scale, 0.1, 30.0]))
+    if not math.prod(shape) and not dtype.is_floating_point:
+        # native skips its dtype check on an empty input (torchbp does not): not compared
+        dtype = torch.float32
     values = _values(tuple(shape), dtype, seed, scale)
     if dtype.is_floating_point and values.numel() and draw(st.integers(0, 5)) == 0:
         special = draw(st.sampled_from([float("inf"), -float("inf"), float("nan"), 0.0, 1e4]))
@@ -244,6 +248,11 @@ def _no_worse_than_native(a, b, truth, what, dtypes, scale):
         assert (ours <= bound).all(), f"{what}: further from float64 than native"
 
 
+# Native errors that are native's own failures on valid calls, where torchbp answers:
+# uint8 targets with label smoothing and class weights; K-dim nll_loss with C = 0.
+NATIVE_BUGS = ("gather(): Expected dtype int32/int64 for index", "size mismatch (got input: [")
+
+
 def compare(native, ours, args, kwargs):
     expected = _run(native, args, kwargs)
     got = _run(ours, args, kwargs)
@@ -252,6 +261,8 @@ def compare(native, ours, args, kwargs):
         truth = _run(native, *_widened(args, kwargs))
         if "error" in truth or truth["grad_error"] is not None:
             truth = None
+    if "error" in expected and any(m in str(expected["error"]) for m in NATIVE_BUGS):
+        return  # native fails where it should not: no reference
     if "error" in expected:
         assert "error" in got, f"native raised {expected['error']!r}; torchbp returned"
         assert isinstance(got["error"], type(expected["error"])), (
@@ -360,9 +371,15 @@ def linear_calls(draw):
     dtype = draw(st.sampled_from(FLOATS))
     same = st.sampled_from([dtype]) if draw(st.integers(0, 5)) else st.sampled_from(FLOATS)
     x = draw(tensors((*lead, fin), dtypes=[dtype]))
+    # native's acceptance of mixed dtypes and of an unbatched input's (1, out) bias depends
+    # on which kernel its dispatch picks for the layout (addmm or matmul + add_): not drawn
+    x.layout = "contiguous" if len(lead) == 1 else x.layout
     wshape = draw(st.sampled_from([(fout, fin), (fout, fin), (fin,), (fout, fin + 1)]))
     w = draw(tensors(wshape, dtypes=[draw(same)]))
-    bshape = draw(st.sampled_from([None, (fout,), (fout,), (1,), (), (fout + 1,), (1, fout)]))
+    bshapes = [None, (fout,), (fout,), (1,), (), (fout + 1,)] + ([(1, fout)] if lead else [])
+    bshape = draw(st.sampled_from(bshapes))
+    if len(lead) != 1:
+        same = st.sampled_from([dtype])
     kwargs = {}
     if bshape is not None:
         kwargs["bias"] = draw(tensors(bshape, dtypes=[draw(same)]))
