@@ -1,0 +1,215 @@
+"""PyTorch's model tools on a torchbp.nn model, against the same tools on its torch.nn twin.
+
+The drop-in promise reaches past a module's own forward: users export, trace, copy,
+reparametrise, prune, hook, average and clip models. Each test applies one tool to a
+torchbp MLP and to the same MLP built from ``torch.nn`` (same weights), and compares the
+outputs and the gradients (docs/dropin.md, "PyTorch tools on torchbp modules").
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.utils.prune
+from torch import nn
+
+import torchbp
+
+pytestmark = pytest.mark.usefixtures("seed")
+
+TOL = {"atol": 1e-12, "rtol": 1e-10}
+DT = torch.float64
+
+
+def _mlp(lib) -> nn.Sequential:
+    return nn.Sequential(
+        lib.Linear(6, 8), lib.Tanh(), lib.Linear(8, 8), lib.GELU(), lib.Linear(8, 3)
+    )
+
+
+def _twins() -> tuple[nn.Module, nn.Module]:
+    """A torchbp MLP and its torch.nn twin with the same float64 weights."""
+    native = _mlp(nn).to(DT)
+    bp = _mlp(torchbp.nn).to(DT)
+    bp.load_state_dict(native.state_dict())
+    return bp, native
+
+
+def _uses_torchbp(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torchbp") for m in model.modules())
+
+
+def _out_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """Output, loss gradient w.r.t. the input and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = model(x)
+    torch.nn.functional.cross_entropy(out, target).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return out.detach(), x.grad, grads
+
+
+def _assert_same(model_a, model_b, batch: int = 5) -> None:
+    x = torch.randn(batch, 6, dtype=DT)
+    target = torch.randint(0, 3, (batch,))
+    out_a, gx_a, grads_a = _out_and_grads(model_a, x, target)
+    out_b, gx_b, grads_b = _out_and_grads(model_b, x, target)
+    torch.testing.assert_close(out_a, out_b, **TOL)
+    torch.testing.assert_close(gx_a, gx_b, **TOL)
+    assert len(grads_a) == len(grads_b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, **TOL)
+
+
+def test_export_with_a_dynamic_batch_runs_other_batch_sizes():
+    bp, native = _twins()
+    batch = torch.export.Dim("batch")
+    example = (torch.randn(4, 6, dtype=DT),)
+    exported = torch.export.export(bp, example, dynamic_shapes=({0: batch},))
+    module = exported.module()
+    for n in (2, 9):
+        x = torch.randn(n, 6, dtype=DT)
+        torch.testing.assert_close(module(x), native(x), **TOL)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_keep_the_torchbp_modules_and_their_results(how):
+    bp, native = _twins()
+    if how == "deepcopy":
+        copied = copy.deepcopy(bp)
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps(bp))
+    else:
+        buffer = io.BytesIO()
+        torch.save(bp, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    assert _uses_torchbp(copied)
+    _assert_same(copied, native)
+
+
+def test_load_state_dict_assign_from_meta():
+    bp, native = _twins()
+    with torch.device("meta"):
+        fresh = _mlp(torchbp.nn)
+    fresh.load_state_dict(native.state_dict(), assign=True)
+    _assert_same(fresh, native)
+
+
+def test_meta_construction_then_to_empty():
+    with torch.device("meta"):
+        bp = _mlp(torchbp.nn)
+    bp = bp.to_empty(device="cpu").to(DT)
+    native = _mlp(nn).to(DT)
+    bp.load_state_dict(native.state_dict())
+    _assert_same(bp, native)
+
+
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+@pytest.mark.parametrize(
+    "reparametrise",
+    [
+        pytest.param(
+            lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Scale()),
+            id="parametrize",
+        ),
+        pytest.param(lambda m: torch.nn.utils.parametrizations.weight_norm(m), id="weight_norm"),
+        pytest.param(
+            lambda m: torch.nn.utils.parametrizations.spectral_norm(m, n_power_iterations=3),
+            id="spectral_norm",
+        ),
+        pytest.param(
+            lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.4), id="prune"
+        ),
+    ],
+)
+def test_reparametrised_linear_matches_native(reparametrise):
+    bp, native = _twins()
+    for model in (bp, native):
+        torch.manual_seed(3)  # spectral_norm draws its power-iteration vectors
+        reparametrise(model[2])
+    bp.eval(), native.eval()  # spectral_norm: no power iteration per forward
+    _assert_same(bp, native)
+
+
+def test_full_backward_hooks_see_native_grads():
+    bp, native = _twins()
+    seen = {}
+
+    def hook(name):
+        def record(module, grad_input, grad_output):
+            seen.setdefault(name, []).append((grad_input[0].clone(), grad_output[0].clone()))
+
+        return record
+
+    for name, model in (("bp", bp), ("native", native)):
+        for layer in model:
+            layer.register_full_backward_hook(hook(name))
+    _assert_same(bp, native)
+    assert len(seen["bp"]) == len(seen["native"]) == len(bp)
+    for (gi_a, go_a), (gi_b, go_b) in zip(seen["bp"], seen["native"]):
+        torch.testing.assert_close(gi_a, gi_b, **TOL)
+        torch.testing.assert_close(go_a, go_b, **TOL)
+
+
+@pytest.mark.parametrize("which", ["jacobian", "hessian"])
+def test_autograd_functional_jacobian_and_hessian(which):
+    bp, native = _twins()
+    x = torch.randn(6, dtype=DT)
+    if which == "jacobian":
+        results = [torch.autograd.functional.jacobian(m, x) for m in (bp, native)]
+    else:
+        results = [
+            torch.autograd.functional.hessian(lambda v, m=m: m(v).sum(), x) for m in (bp, native)
+        ]
+    torch.testing.assert_close(results[0], results[1], **TOL)
+
+
+def test_clip_grad_norm_and_an_optimizer_step_with_a_scheduler():
+    bp, native = _twins()
+    x = torch.randn(7, 6, dtype=DT)
+    target = torch.randint(0, 3, (7,))
+    norms = []
+    for model in (bp, native):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), target).backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1))
+            optimizer.step()
+            scheduler.step()
+    torch.testing.assert_close(torch.stack(norms[:3]), torch.stack(norms[3:]), **TOL)
+    _assert_same(bp, native)
+
+
+def test_averaged_model_tracks_the_same_average():
+    bp, native = _twins()
+    averages = [torch.optim.swa_utils.AveragedModel(m) for m in (bp, native)]
+    for model, average in zip((bp, native), averages):
+        with torch.no_grad():
+            for step in range(3):
+                for p in model.parameters():
+                    p.add_(0.1 * (step + 1))
+                average.update_parameters(model)
+    assert _uses_torchbp(averages[0].module)
+    _assert_same(averages[0].module, averages[1].module)
+
+
+def test_quantize_dynamic_leaves_torchbp_linears_as_they_are():
+    """torch.ao matches exact types: torchbp's Linear stays float, with the float model's
+    outputs (not wrong ones); docs/dropin.md says to convert back to torch first."""
+    bp, native = _twins()
+    bp, native = bp.float(), native.float()
+    quantized = torch.ao.quantization.quantize_dynamic(bp, {nn.Linear}, dtype=torch.qint8)
+    assert all(type(m) is type(n) for m, n in zip(quantized, bp))
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(quantized(x), native(x))
