@@ -539,6 +539,14 @@ def test_options_choose_the_chunk_size():
 
 
 @needs_native
+def test_options_aspect_ratio_rounds_the_rows_per_chunk_up():
+    # next_pow2(ceil(N / ceil(C / d))): N = 65, ceil(32 / 8) = 4, ceil(65 / 4) = 17 -> 32
+    # (rounding 65 / 4 down, 16, gave 16); above, 64 / 4 divides evenly and cannot tell.
+    opts = torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio")
+    assert chunk_size_from_options(opts, 65, 8, 32, torch.float32, "cpu") == 32
+
+
+@needs_native
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_options_batch_chunk_size_bounds_the_working_set(reduction):
     n, d, c, chunk = 64, 8, 512, 8
