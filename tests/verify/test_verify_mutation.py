@@ -79,3 +79,24 @@ def test_tensors_saved_with_save_for_backward_pass_mutation(fn, inputs):
     result = check_function(fn, *inputs, checks="mutation")["mutation"]
     assert result.passed, result
     assert "writes after forward seen" in result.message
+
+
+class ReturningItsScale(torch.nn.Module):
+    """``(scale, x * scale)`` with ``scale`` a buffer: a correct module whose first output is
+    its own state, which the next call reads again."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.full((4,), 2.0, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.scale, x * self.scale
+
+
+def test_a_write_into_an_output_fn_keeps_does_not_leak_into_the_next_calls():
+    # the write into output 0 (the buffer itself) must be undone before fn is called again
+    # to write into output 1, or the gradient of x = scale looks changed by that write
+    module = ReturningItsScale()
+    result = check_function(module, seeded(3, 4), checks="mutation")["mutation"]
+    assert result.passed, result
+    assert torch.equal(module.scale, torch.full((4,), 2.0, dtype=torch.float64))

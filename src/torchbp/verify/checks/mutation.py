@@ -10,7 +10,8 @@ move, and autograd cannot even raise its "modified by an inplace operation" erro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -86,7 +87,7 @@ def _grads(outs: list[torch.Tensor], leaves: list[torch.Tensor], vs: list[torch.
     return zeros_for_none(gs, leaves)
 
 
-def _written(t: torch.Tensor) -> None:
+def _write(t: torch.Tensor) -> None:
     """Write into ``t`` in place, outside autograd, as a caller may between forward and
     backward: + 1 for a floating tensor, its elements reversed for another (an index
     tensor keeps its values in range)."""
@@ -95,6 +96,20 @@ def _written(t: torch.Tensor) -> None:
             t.add_(1)
         elif t.dim():
             t.copy_(t.flip(tuple(range(t.dim()))))
+
+
+@contextmanager
+def _written(t: torch.Tensor) -> Iterator[None]:
+    """:func:`_write` into ``t`` for the duration, then its values put back: an output may
+    be state fn keeps (a module's buffer, a tensor in a closure, or a view of one) that the
+    next call of fn reads again, and must not see this call's write."""
+    before = t.detach().clone()
+    _write(t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            t.copy_(before)
 
 
 def _strided(value: object) -> bool:
@@ -148,8 +163,8 @@ def _require_writes_after_forward_seen(ctx: CheckContext) -> tuple[float, float]
         run = _fresh_run(ctx)
         target = (run.inputs if kind == "input" else run.returned)[position]
         try:
-            _written(target)
-            got = torch.autograd.grad(run.live, run.leaves, vs, allow_unused=True)
+            with _written(target):
+                got = torch.autograd.grad(run.live, run.leaves, vs, allow_unused=True)
         except Exception:  # noqa: BLE001, S112 - autograd noticed the write, or refused it
             continue
         for k, (a, b) in enumerate(zip(zeros_for_none(got, run.leaves), expected)):
