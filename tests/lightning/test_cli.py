@@ -1510,3 +1510,26 @@ def test_ckpt_path_best_finds_the_best_checkpoint_in_a_configured_checkpoint_fol
     best = fitted.trainer.checkpoint_callback.best_model_path
     tested = run_cli("test", *common, "--ckpt_path=best")
     assert Path(tested.config_init["test"]["ckpt_path"]).resolve() == Path(best).resolve()
+
+
+def test_ckpt_path_last_and_best_expand_a_home_relative_checkpoint_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """Lightning's ModelCheckpoint expands '~' in dirpath (a config file's
+    'dirpath: ~/ck', which no shell expands) and saves there; --ckpt_path last looked in a
+    literal './~/ck' folder: fit said 'starting from scratch' and trained anew, test
+    --ckpt_path last / best refused."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    iris = str(CONFIGS / "iris.yaml")
+    common = ("--config", iris, f"--run_dir={tmp_path}/runs", "--checkpoint.dirpath=~/ck")
+    fitted = run_cli("fit", *common, "--trainer.max_epochs=1")
+    last = tmp_path / "ck" / "last.ckpt"
+    assert last.is_file()
+    resumed = run_cli("fit", *common, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert "starting from scratch" not in capsys.readouterr().err
+    assert Path(resumed.config_init["fit"]["ckpt_path"]) == last
+    assert resumed.trainer.current_epoch == 2
+    tested = run_cli("test", *common, "--ckpt_path=best")
+    best = fitted.trainer.checkpoint_callback.best_model_path
+    assert Path(tested.config_init["test"]["ckpt_path"]).resolve() == Path(best).resolve()

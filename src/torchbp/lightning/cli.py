@@ -862,9 +862,9 @@ class TorchbpCLI(LightningCLI):
         as Lightning's ``ckpt_path="last"`` finds it (a run folder of its own); with none,
         ``fit`` starts from scratch (``None``) and the evaluating subcommands exit with an
         error."""
-        dirpath = (self._subcommand_config(self.config).get("checkpoint") or {}).get("dirpath")
-        if dirpath:
-            return self._last_checkpoint_in(Path(dirpath))
+        dirpath = self._configured_checkpoint_dir()
+        if dirpath is not None:
+            return self._last_checkpoint_in(dirpath)
         found = [
             v for v in _versions(root) if (root / f"version_{v}/checkpoints/last.ckpt").is_file()
         ]
@@ -881,6 +881,14 @@ class TorchbpCLI(LightningCLI):
             )
         print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
         return None
+
+    def _configured_checkpoint_dir(self) -> Path | None:
+        """The configured ``checkpoint.dirpath`` as ModelCheckpoint saves into it (``~``
+        expanded, made absolute), or ``None`` when none is configured."""
+        dirpath = (self._subcommand_config(self.config).get("checkpoint") or {}).get("dirpath")
+        if not dirpath:
+            return None
+        return Path(os.path.realpath(os.path.expanduser(dirpath)))
 
     def _last_checkpoint_in(self, folder: Path) -> str | None:
         """``--ckpt_path last`` with ``checkpoint.dirpath`` ``folder``: its newest
@@ -908,9 +916,11 @@ class TorchbpCLI(LightningCLI):
                 "--ckpt_path best: fit resumes from last or a checkpoint file; best is for "
                 "validate, test and predict"
             )
-        dirpath = (self._subcommand_config(self.config).get("checkpoint") or {}).get("dirpath")
-        if dirpath:  # every run saves there: the newest last*.ckpt records the latest best
-            runs = [Path(dirpath)]
+        dirpath = self._configured_checkpoint_dir()
+        if (
+            dirpath is not None
+        ):  # every run saves there: the newest last*.ckpt records the latest best
+            runs = [dirpath]
         else:
             runs = [root / f"version_{v}/checkpoints" for v in reversed(_versions(root))]
         latest = next((folder for folder in runs if any(folder.glob("*.ckpt"))), None)
