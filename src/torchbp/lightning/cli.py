@@ -917,9 +917,7 @@ class TorchbpCLI(LightningCLI):
                 "validate, test and predict"
             )
         dirpath = self._configured_checkpoint_dir()
-        if (
-            dirpath is not None
-        ):  # every run saves there: the newest last*.ckpt records the latest best
+        if dirpath is not None:  # every run saves there: its newest last*.ckpt records the best
             runs = [dirpath]
         else:
             runs = [root / f"version_{v}/checkpoints" for v in reversed(_versions(root))]
