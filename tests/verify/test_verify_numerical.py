@@ -344,3 +344,29 @@ def test_a_jvp_returning_a_narrower_tangent_fails_forward_ad():
     result = check_function(SquareWithFloat32Jvp, seeded(3, 4), checks="forward_ad")["forward_ad"]
     assert result.failed, result
     assert "torch.float32 tangent for output 0, which is torch.float64" in result.message, result
+
+
+class MulForgettingTheSecondGradient(torch.autograd.Function):
+    """``x * y`` whose backward returns None for y, as if y needed no gradient."""
+
+    @staticmethod
+    def forward(x, y):
+        return x * y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        _, y = ctx.saved_tensors
+        return g * y, None
+
+
+def test_a_backward_returning_none_for_a_grad_input_is_named_in_gradcheck():
+    result = check_function(
+        MulForgettingTheSecondGradient, seeded(3), seeded(3), checks="gradcheck"
+    )["gradcheck"]
+    assert result.failed, result
+    assert "backward returned None for input 1, which requires grad" in result.message
+    assert "grad_inputs=(0,)" in result.message

@@ -254,7 +254,11 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     torch_msg = _torch_verdict(
         torch.autograd.gradcheck, ctx.diff_fn, tuple(diff), **_torch_options(ctx)
     )
-    errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
+    try:
+        errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
+    except CheckFailure as failure:
+        hint = _missing_gradients_hint(ctx, diff)
+        raise CheckFailure(failure.message + hint, failure.abs_err, failure.rel_err) from None
     if errors is not None:
         abs_err, rel_err, note = errors
         note = f"full Jacobian compared{note}"
@@ -263,6 +267,54 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
         note = "random projections v^T J u compared (large inputs)"
     _require_linear_in_grad_outputs(ctx)
     return Passed(note, abs_err, rel_err)
+
+
+def _without_gradient(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> list[int]:
+    """Positions ``k`` of the differentiated inputs that backward gives no gradient (None:
+    backward returned None for them, or no output requiring grad reaches them) although
+    the numerical Jacobian shows that fn's outputs depend on them."""
+    numerical = ctx.numerical_jacobian
+    if numerical is None:
+        return []
+    leaves = [x.detach().clone().requires_grad_(True) for x in diff]
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    grads: Sequence[torch.Tensor | None] = [None] * len(leaves)
+    if outs:
+        vs = ctx.randn_like_outputs(outs)
+        grads = torch.autograd.grad(outs, leaves, vs, allow_unused=True)
+    return [
+        k
+        for k, g in enumerate(grads)
+        if g is None and any(bool((j.abs() > ctx.options.atol).any()) for j in numerical[k])
+    ]
+
+
+def _missing_gradients_hint(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> str:
+    """Why gradcheck failed when backward returns None for an input that requires grad
+    (its analytical gradient then reads as 0), naming the input and how to leave it out;
+    empty when every input fn depends on gets a gradient."""
+    try:
+        missing = _without_gradient(ctx, diff)
+    except Exception:  # noqa: BLE001 - backward already failed the check; no hint then
+        return ""
+    if not missing:
+        return ""
+    names = ", ".join(ctx.input_name(k) for k in missing)
+    several = len(missing) > 1
+    ways = [f"return {'their gradients' if several else 'its gradient'}"]
+    if any(ctx.grad_idx[k] not in ctx.parameter_names for k in missing):
+        kept = tuple(
+            i
+            for k, i in enumerate(ctx.grad_idx)
+            if k not in missing and i not in ctx.parameter_names
+        )
+        if kept:
+            them = "them" if several else "it"
+            ways.append(f"leave {them} out of the differentiated inputs with grad_inputs={kept!r}")
+    if any(ctx.grad_idx[k] in ctx.parameter_names for k in missing):
+        ways.append("freeze the parameter with requires_grad_(False)")
+    which = "require" if several else "requires"
+    return f" (backward returned None for {names}, which {which} grad: {', or '.join(ways)})"
 
 
 def _require_linear_in_grad_outputs(ctx: CheckContext) -> None:
