@@ -156,7 +156,8 @@ class PerSampleGrads:
     def norms(self) -> torch.Tensor:
         """``(B,)``: the L2 norm, over every trainable parameter, of each sample's
         contribution to ``p.grad`` (before clipping); float32 for float16 / bfloat16
-        models, whose squared norms would overflow or round away."""
+        models, whose squared norms would overflow or round away. On the device of the
+        model's first recorded Linear (a model split across devices included)."""
         self._ensure_finalised()
         return self._norms
 
@@ -495,7 +496,9 @@ class PerSampleGrads:
         """``Σ_layers ‖G_i‖² + ‖β_i‖²`` over the parameters whose ids are ``accounted``,
         shape ``(B,)``, in the widest layer's
         :func:`~torchbp.per_sample.formulas.norm_dtype` (a float64 head on a float32 body
-        gives float64 norms)."""
+        gives float64 norms), on the device of the first recorded layer in module order:
+        each layer's are formed on its own device and gathered there (a model split
+        across devices)."""
         gs = [g for _, g in traces.values()]
         dtype = functools.reduce(torch.promote_types, (formulas.norm_dtype(g.dtype) for g in gs))
         squared = gs[0].new_zeros(batch, dtype=dtype)
@@ -505,7 +508,8 @@ class PerSampleGrads:
             weight, bias = (_is_in(p, accounted) for p in (layer.weight, layer.bias))
             if weight or bias:
                 a, g = traces[id(layer)]
-                squared += formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
+                layer_squared = formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
+                squared += layer_squared.to(squared.device)
         return squared
 
     def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> list:
@@ -633,7 +637,9 @@ def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
     :func:`formulas.norm_dtype`: small output gradients times small factors fall below
     float16's normal range (6e-5), where ``c_i g_i`` would keep a few bits."""
     dtype = formulas.norm_dtype(g.dtype)
-    return _grad_sums(layer, a, formulas.scale_samples(g.to(dtype), factors), dtype)
+    # (the factors are on the norms' device, which may not be this layer's)
+    scaled = formulas.scale_samples(g.to(dtype), factors.to(g.device))
+    return _grad_sums(layer, a, scaled, dtype)
 
 
 def _reset(parameters, names: tuple[str, ...], *, formed: bool) -> None:

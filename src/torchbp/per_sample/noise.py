@@ -37,7 +37,7 @@ def add_gaussian_noise_(
     """Add ``N(0, std²)`` to every element of each tensor of ``grads``, in place.
 
     Args:
-        grads: gradient tensors, all on one device.
+        grads: gradient tensors, on any devices (each one's noise is drawn on its own).
         std: the standard deviation ``σC``.
         generator: draws the noise (default: the global generator of the tensors' device).
     """
