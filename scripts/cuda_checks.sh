@@ -100,10 +100,16 @@ time_left() {
 # bounded LIMIT_S OUTFILE CMD...: CMD's exit status (124 / 137: killed at LIMIT_S), its
 # output in OUTFILE; stdin is /dev/null. Waits at most LIMIT_S + KILL_GRACE + 1 s: a
 # process that SIGKILL does not end (stuck in the GPU driver) is left behind and the
-# status is "hung".
+# status is "hung". With LIMIT_S under 1 s CMD does not run and the status is "skipped"
+# (timeout 0 would mean no limit at all, and a negative limit is an error).
 bounded() {
   local limit=$1 out=$2 pid deadline
   shift 2
+  if [ "$limit" -lt 1 ]; then
+    echo "not run: no time left under T_TOTAL=${T_TOTAL}s" >"$out"
+    echo skipped
+    return 0
+  fi
   deadline=$(($(date +%s) + limit + KILL_GRACE + 1))
   timeout --kill-after="$KILL_GRACE" "$limit" "$@" >"$out" 2>&1 </dev/null &
   pid=$!
@@ -160,6 +166,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     SITE=/tmp/site
     msg="installed $(compgen -G '.whl/*.whl' | wc -l) wheels from .whl/ into /tmp/site"
     record wheels 0 "$(($(date +%s) - s))" "$msg"
+  elif [ "$rc" = skipped ]; then
+    msg="!!! wheels not installed: no time left under T_TOTAL=${T_TOTAL}s"
+    record wheels skipped 0 "no time left (T_TOTAL=${T_TOTAL}s)"
   else
     msg="!!! wheel install failed (exit $rc, see log); going on without them"
     record wheels "$rc" "$(($(date +%s) - s))" "install failed: see cuda_checks.log"
@@ -197,8 +206,12 @@ for mod in ("triton", "pytorch_lightning", "torchmetrics", "jsonargparse", "opac
 EOF
 rc=$(bounded "$(time_left "$T_ENV")" "$WORK/env.md" "${PY[@]}" "$WORK/env.py")
 ENV_MD=$(cat "$WORK/env.md")
-[ "$rc" = 0 ] || ENV_MD="$ENV_MD
-- !!! environment facts: exit $rc (124 / 137 / hung: python did not finish in time)"
+case $rc in
+  0) ;;
+  skipped) ENV_MD="- !!! environment facts: skipped, no time left under T_TOTAL=${T_TOTAL}s" ;;
+  *) ENV_MD="$ENV_MD
+- !!! environment facts: exit $rc (124 / 137 / hung: python did not finish in time)" ;;
+esac
 log "$ENV_MD"
 dry && log "- DRY RUN: every step checks its arguments only; nothing ran on a GPU"
 GIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no .git)")

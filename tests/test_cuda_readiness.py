@@ -271,3 +271,44 @@ def test_cuda_checks_ends_and_reports_when_every_python_call_hangs(tmp_path):
     for name, status in rows.items():
         assert status in ("**124** (timeout)", "**skipped**", "-"), (name, report)
     assert "environment facts: exit 124" in report
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_cuda_checks_runs_nothing_unbounded_when_no_time_is_left(tmp_path):
+    """With no time left under T_TOTAL, the preparations (wheels, environment facts,
+    nvidia-smi) ran under ``timeout 0``, which means no limit at all: the environment
+    facts' python was reported 'hung' without ever being killed and was left running
+    (on a GPU, beside every later step), and nvidia-smi got a negative limit ('timeout:
+    invalid option'). A preparation with no time left is now skipped, as a step is."""
+    pids = tmp_path / "pids"
+    hang = tmp_path / "hang"
+    hang.write_text(f'#!/bin/sh\necho $$ >>"{pids}"\nexec sleep 600\n')
+    hang.chmod(0o755)
+    out = tmp_path / "out"
+    # T_TOTAL - REPORT_RESERVE - KILL_GRACE - 1 = 0 s: nothing has any time
+    env = dict(os.environ, PY=str(hang), OUT=str(out), T_TOTAL="16", REPORT_RESERVE="10")
+    try:
+        with open(tmp_path / "stdout", "w") as log:
+            done = subprocess.run(
+                ["bash", str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, timeout=90
+            )
+        started = [int(p) for p in pids.read_text().split()] if pids.exists() else []
+        assert not [p for p in started if _alive(p)], "a command was left running"
+    finally:
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            if _alive(pid):
+                os.kill(pid, 9)
+    assert done.returncode == 0
+    report = (out / "cuda_report.md").read_text()
+    assert "environment facts: skipped" in report, report
+    assert "invalid" not in (out / "cuda_checks.log").read_text()
+    for name, status in _report_rows(report).items():
+        assert status in ("**skipped**", "-"), (name, report)
