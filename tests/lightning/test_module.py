@@ -351,3 +351,24 @@ def test_fit_of_a_compiled_fused_head_model_matches_the_eager_fit(tmp_path):
     eager, compiled = fit(False), fit(True)
     assert "test/acc" in compiled
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+
+
+def test_a_tensor_learning_rate_is_neither_modified_nor_decayed_before_the_fit(tmp_path):
+    """A tensor lr (PyTorch's form for capturable / compiled optimizers) is stepped in place
+    by a scheduler (``fill_``): the optimizers made to check the scheduler (at init, through
+    max_epochs on a copy) shared the factory's tensor, so the user's tensor was changed and
+    the fit's optimizer started from the decayed lr (0.0016 for 0.1 halved over 5 epochs)."""
+    lr = torch.tensor(0.1)
+    m = ERMClassifier(
+        input_size=4,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=lr),
+        lr_scheduler=partial(torch.optim.lr_scheduler.LinearLR, start_factor=0.5),
+    )
+    m.check_scheduler(_quiet_trainer(tmp_path, max_epochs=5))
+    first = m.configure_optimizers()["optimizer"]
+    second = m.configure_optimizers()["optimizer"]  # a second fit starts where the first did
+    assert lr.item() == pytest.approx(0.1)
+    for opt in (first, second):
+        assert opt.param_groups[0]["initial_lr"].item() == pytest.approx(0.1)
+        assert opt.param_groups[0]["lr"].item() == pytest.approx(0.05)

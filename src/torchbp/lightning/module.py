@@ -160,6 +160,26 @@ def _seed_from_default_generator(device: torch.device) -> int:
     return int(torch.randint(2**62, (), device=device).item())
 
 
+def _copied_tensors(value: Any) -> Any:
+    """``value`` with each tensor in it (itself, or in a tuple or list) replaced by a copy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copied_tensors(v) for v in value)
+    return value
+
+
+def _owning_its_hyperparameters(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` with copies of its tensor hyperparameters (``lr``, ``betas``, ...) in its
+    defaults and parameter groups: the tensors its factory was given, which a scheduler would
+    step in place (``fill_``), stay as they were."""
+    for settings in (optimizer.defaults, *optimizer.param_groups):
+        for key, value in settings.items():
+            if key != "params":
+                settings[key] = _copied_tensors(value)
+    return optimizer
+
+
 #: the most epochs :meth:`ERMClassifier.check_scheduler` steps a scheduler's copy through
 SCHEDULER_TRIAL_EPOCHS = 100_000
 
@@ -439,9 +459,13 @@ class ERMClassifier(pl.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        """A new optimizer of the model's parameters, owning its hyperparameters: a tensor
+        one (``lr=torch.tensor(0.1)``), which a scheduler steps in place, is copied, so
+        neither the optimizers made to check the scheduler nor a fit change the factory's
+        tensor (each fit, like one with a float lr, starts from the configured value)."""
         if self.optimizer_factory is None:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
-        return self.optimizer_factory(self.parameters())
+        return _owning_its_hyperparameters(self.optimizer_factory(self.parameters()))
 
     def _check_optimizer(self) -> None:
         """Build the optimizer (and scheduler) once, and step the scheduler once, so bad
