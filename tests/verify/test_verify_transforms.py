@@ -25,3 +25,35 @@ def test_vmap_of_a_correct_fn_with_a_sparse_input_is_unsupported_not_failed():
         result = report[name]
         assert result.unsupported, result
         assert "sparse input" in result.message and "; to add it: " in result.message
+
+
+class ScaleByFirstElement(torch.autograd.Function):
+    """``x * x[0]`` with the scale taken by ``.item()``: a data-dependent Python number,
+    which vmap cannot batch (a failure of fn's, whatever the other inputs' layout)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x.reshape(-1)[0].item()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[0].reshape(-1)[0].item()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale
+
+
+def test_a_vmap_failure_of_fn_itself_is_not_hidden_by_a_sparse_input():
+    # vmap of the forward raises for .item() with dense inputs too: fn's own failure, not
+    # PyTorch's missing batching rules for sparse tensors
+    g = torch.Generator().manual_seed(0)
+    adjacency = torch.randn(4, 4, generator=g, dtype=torch.float64).relu().to_sparse()
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    result = check_function(
+        lambda a, x: torch.sparse.mm(a, ScaleByFirstElement.apply(x)), adjacency, x, checks="vmap"
+    )["vmap"]
+    assert result.failed, result
+    assert "vmap of the forward failed" in result.message and ".item()" in result.message

@@ -7,9 +7,13 @@ rule (or a backward that breaks under one) passes it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
 import torch
 
-from torchbp.verify.checks.compare import require_close, zeros_for_none
+from torchbp.verify.checks.compare import dense, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
 from torchbp.verify.checks.explain import explain_error, outcome_of
@@ -31,12 +35,21 @@ VMAP = (
 )
 
 
-def _sparse_input_gap(ctx: CheckContext, exc: BaseException, what: str) -> CheckUnsupported | None:
-    """Unsupported for ``exc``, raised by ``what`` (a vmap), when fn has a sparse input:
+def _sparse_input_gap(
+    ctx: CheckContext,
+    exc: BaseException,
+    what: str,
+    attempt: Callable[[CheckContext], object],
+) -> CheckUnsupported | None:
+    """Unsupported for ``exc``, raised by ``what`` (a vmap, run by ``attempt`` on a
+    context), when fn has a sparse input and the vmap is only the sparse input's problem:
     PyTorch's vmap has no batching rule for most operations on sparse tensors (``expand
-    is unsupported for Sparse tensors``), a limitation of PyTorch, not of fn; None when
-    every input is strided."""
-    if not any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in ctx.args):
+    is unsupported for Sparse tensors``), a limitation of PyTorch, not of fn. None when
+    every input is strided, or when the same vmap raises with the sparse inputs given
+    dense (fn's own failure, as a data-dependent ``.item()``, which must not be hidden)."""
+    if not any(_is_sparse(a) for a in ctx.args):
+        return None
+    if _fails_with_dense_inputs(ctx, attempt):
         return None
     return CheckUnsupported(
         f"{what} failed with a sparse input, as PyTorch's vmap cannot batch most "
@@ -45,10 +58,62 @@ def _sparse_input_gap(ctx: CheckContext, exc: BaseException, what: str) -> Check
     )
 
 
+def _is_sparse(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.layout != torch.strided
+
+
+def _fails_with_dense_inputs(ctx: CheckContext, attempt: Callable[[CheckContext], object]) -> bool:
+    """Whether ``attempt`` raises on ``ctx`` with every sparse input given dense, while fn
+    itself accepts them dense (a fn that needs its sparse input tells nothing so)."""
+    dense_ctx = replace(ctx, args=[dense(a) if _is_sparse(a) else a for a in ctx.args])
+    try:
+        dense_ctx.diff_fn(*dense_ctx.leaves())
+    except Exception:  # noqa: BLE001 - fn needs the sparse layout: nothing to tell
+        return False
+    try:
+        attempt(dense_ctx)
+    except Exception:  # noqa: BLE001 - the vmap fails whatever the layout: fn's failure
+        return True
+    return False
+
+
 def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
     """The grad inputs stacked ``batch`` times, each copy scaled differently."""
     scales = [1.0 + 0.25 * b for b in range(batch)]
     return [torch.stack([ctx.args[i].detach() * s for s in scales]) for i in ctx.grad_idx]
+
+
+def _vmapped_forward(ctx: CheckContext, xs: Sequence[torch.Tensor]) -> Any:
+    """``vmap`` of fn over the batched grad inputs ``xs``."""
+    return torch.func.vmap(ctx.diff_fn, randomness=SAME_DRAWS)(*xs)
+
+
+def _weighted_sum(ctx: CheckContext, weights: Sequence[torch.Tensor]) -> Callable[..., Any]:
+    """fn's floating outputs, each weighted elementwise by ``weights`` and summed."""
+
+    def scalar(*d: torch.Tensor) -> Any:
+        outs = ctx.diff_fn(*d)
+        return sum((o * w).sum() for o, w in zip(outs, weights) if o.is_floating_point())
+
+    return scalar
+
+
+def _vmapped_grad(
+    ctx: CheckContext, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
+) -> Any:
+    """``vmap(grad)`` of :func:`_weighted_sum` over the batched grad inputs ``xs``."""
+    argnums = tuple(range(len(xs)))
+    grad = torch.func.grad(_weighted_sum(ctx, weights), argnums=argnums)
+    return torch.func.vmap(grad, randomness=SAME_DRAWS)(*xs)
+
+
+def _batched_backward(
+    outs: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]
+) -> Any:
+    """The gradients of ``outs`` for a batch ``vs`` of grad_outputs (is_grads_batched)."""
+    return torch.autograd.grad(
+        outs, leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
 
 
 def check_vmap(ctx: CheckContext) -> Passed:
@@ -59,9 +124,9 @@ def check_vmap(ctx: CheckContext) -> Passed:
     xs = _batched_inputs(ctx, batch)
     tolerance = ctx.parity_tolerances()
     try:
-        batched = torch.func.vmap(ctx.diff_fn, randomness=SAME_DRAWS)(*xs)
+        batched = _vmapped_forward(ctx, xs)
     except Exception as exc:  # noqa: BLE001
-        gap = _sparse_input_gap(ctx, exc, "vmap of the forward")
+        gap = _sparse_input_gap(ctx, exc, "vmap of the forward", lambda c: _vmapped_forward(c, xs))
         raise gap or outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
     looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
     worst = (0.0, 0.0)
@@ -71,22 +136,17 @@ def check_vmap(ctx: CheckContext) -> Passed:
         worst = max(worst, require_close(out, exp, tolerance, problem))
     with torch.no_grad():
         weights = [ctx.randn(o.shape[1:], o.dtype) for o in batched]
-
-    def scalar(*d):
-        outs = ctx.diff_fn(*d)
-        return sum((o * w).sum() for o, w in zip(outs, weights) if o.is_floating_point())
-
-    argnums = tuple(range(len(xs)))
+    scalar = _weighted_sum(ctx, weights)
     try:
-        per_sample = torch.func.vmap(
-            torch.func.grad(scalar, argnums=argnums), randomness=SAME_DRAWS
-        )(*xs)
+        per_sample = _vmapped_grad(ctx, xs, weights)
     except Exception as exc:  # noqa: BLE001
         calls_custom_op = ctx.custom_op is not None or custom_ops_reached(
             ctx.diff_fn, [x[0] for x in xs]
         )
         custom_op_gap = no_torch_func(exc) if calls_custom_op else None
-        sparse_gap = _sparse_input_gap(ctx, exc, "vmap(grad) (per-sample gradients)")
+        sparse_gap = _sparse_input_gap(
+            ctx, exc, "vmap(grad) (per-sample gradients)", lambda c: _vmapped_grad(c, xs, weights)
+        )
         raise (
             custom_op_gap
             or sparse_gap
@@ -120,11 +180,15 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
     vs = [torch.stack([ctx.randn(o.shape, o.dtype) for _ in range(batch)]) for o in outs]
     tolerance = ctx.parity_tolerances()
     try:
-        batched = torch.autograd.grad(
-            outs, leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
+        batched = _batched_backward(outs, leaves, vs)
     except Exception as exc:  # noqa: BLE001
-        gap = _sparse_input_gap(ctx, exc, "batched backward (is_grads_batched, a vmap)")
+
+        def again(c: CheckContext) -> object:
+            d = c.leaves()
+            return _batched_backward([o for o in c.diff_fn(*d) if o.requires_grad], d, vs)
+
+        what = "batched backward (is_grads_batched, a vmap)"
+        gap = _sparse_input_gap(ctx, exc, what, again)
         raise gap or outcome_of(exc, "batched backward failed: ") from None
     worst = (0.0, 0.0)
     for b in range(batch):
