@@ -1186,3 +1186,57 @@ def test_add_noise_failed_midway_refuses_a_second_draw(monkeypatch):
         with pytest.raises(RuntimeError, match="partly noised"):
             ps.add_noise(1.0)
     assert all(torch.equal(p.grad, g) for p, g in zip(ps.parameters, noised))
+
+
+def _sparse_grad(p):
+    p.grad = torch.ones_like(p).to_sparse()
+
+
+def _expanded_grad(p):
+    p.grad = torch.zeros(()).expand(p.shape)
+
+
+def _inference_grad(p):
+    with torch.inference_mode():
+        p.grad = torch.zeros_like(p)
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_sparse_existing_grad_accumulated_as_autograd_does(mode):
+    """A sparse p.grad already there (from an embedding-like update, or set by the user)
+    failed as the context added to it in place ('add(sparse, dense) is not supported'),
+    after the p.grad of the layers formed before it had been written; autograd gives
+    the dense sum, and so does the context now."""
+    model, plain = mlp(nn.Tanh()), mlp(nn.Tanh())
+    for m in (model, plain):
+        _sparse_grad(m[0].weight)
+        _sparse_grad(m[0].bias)
+    x = torch.randn(5, 4)
+    with per_sample_grads(model, mode=mode, max_norm=1e6 if mode == "clip" else None):
+        step(model, x)
+    step(plain, x)
+    for (name, p), ref in zip(model.named_parameters(), plain.parameters()):
+        assert p.grad.layout == torch.strided, name
+        torch.testing.assert_close(p.grad, ref.grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("unwritable", "message"),
+    [(_expanded_grad, "expanded"), (_inference_grad, "inference")],
+)
+def test_existing_grad_that_cannot_be_added_to_refused_before_any_write(unwritable, message):
+    """An existing p.grad that an in-place add refuses (an expanded tensor, an inference
+    tensor; autograd fails on it too) failed midway through the writes, with the
+    p.grad of the layers written before it already holding this batch: a caller that
+    fixed the gradient and retried added those twice. It is now refused, naming the
+    parameter, before any p.grad is written."""
+    model = mlp(nn.Tanh())
+    unwritable(model[0].weight)
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    with per_sample_grads(model) as ps:
+        with pytest.raises(RuntimeError, match=rf"parameter 0\.weight.*{message}"):
+            step(model)
+    assert torch.equal(model[2].weight.grad, torch.ones_like(model[2].weight))
+    assert model[2].bias.grad is None and model[0].bias.grad is None
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms

@@ -458,16 +458,46 @@ class PerSampleGrads:
                 if forms_param_grads and trace is not None:
                     layer_grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
                     grads += [
-                        (p, grad.to(p.dtype))  # (sums may be formed in a wider dtype)
+                        self._accumulation(p, grad.to(p.dtype))  # (sums: maybe wider)
                         for p, grad in zip((layer.weight, layer.bias), layer_grads)
                         if _is_in(p, accounted)
                     ]
-            # writing allocates nothing (an existing p.grad is added to in place)
+            # writing allocates nothing and cannot fail (an in-place add is checked first)
             for p, name, value in attributes:
                 setattr(p, name, value)
-            for p, grad in grads:
-                _accumulate(p, grad)
+            for p, value, in_place in grads:
+                if in_place:
+                    p.grad.add_(value)
+                else:
+                    p.grad = value
             self._recorder.finalised = True
+
+    def _accumulation(self, p: nn.Parameter, grad: torch.Tensor) -> tuple:
+        """How ``grad`` joins ``p.grad``, as autograd's accumulation does, decided and
+        formed before any ``p.grad`` is written: ``(p, grad, True)`` to add it in place to
+        the strided ``p.grad`` there, ``(p, value, False)`` to set ``p.grad`` to ``value``:
+        ``grad`` where there is none, the dense sum where ``p.grad`` is sparse.
+
+        Raises:
+            RuntimeError: ``p.grad`` refuses an in-place add (an expanded or an inference
+                tensor, which autograd's accumulation fails on too), naming ``p``.
+        """
+        if p.grad is None:
+            return p, grad, False
+        if p.grad.layout != torch.strided:
+            return p, grad + p.grad, False
+        self._refuse_unwritable_grad(p, "add this backward's gradient to it")
+        return p, grad, True
+
+    def _refuse_unwritable_grad(self, p: nn.Parameter, action: str) -> None:
+        """Raise, naming ``p``, if its ``p.grad`` refuses an in-place add, to ``action``."""
+        reason = _in_place_refusal(p.grad)
+        if reason is not None:
+            raise RuntimeError(
+                f"per_sample_grads: p.grad of {self._name_of(p)} is {reason}, which cannot "
+                f"be written in place to {action}; set it to None or to a plain tensor "
+                "(p.grad = p.grad.clone()) first"
+            )
 
     def _common_batch(self) -> int:
         """``B``, the size of dim 0 of every recorded Linear input.
@@ -661,13 +691,17 @@ def _joined(layer: Layer):
     return a, torch.cat([g for _, g in layer.traces], 1)
 
 
-def _accumulate(p: nn.Parameter, grad: torch.Tensor) -> None:
-    """Add ``grad``, of ``p``'s dtype, to ``p.grad`` as autograd does (or set it when
-    there is none)."""
-    if p.grad is None:
-        p.grad = grad
-    else:
-        p.grad.add_(grad)
+def _in_place_refusal(grad: torch.Tensor) -> str | None:
+    """Why an in-place add into ``grad`` would raise (torch's own checks: a layout other
+    than strided, an inference tensor outside inference mode, elements sharing memory),
+    or ``None``."""
+    if grad.layout != torch.strided:
+        return f"a {grad.layout} tensor"
+    if grad.is_inference():
+        return "an inference tensor (made under torch.inference_mode)"
+    if any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape)):
+        return "an expanded tensor (its elements share memory)"
+    return None
 
 
 def per_sample_grads(
@@ -704,10 +738,12 @@ def per_sample_grads(
     after the backward (one matmul per layer, as the backward would have), so autograd
     never holds or accumulates them. ``p.grad`` accumulates like autograd's: the result
     is added to a gradient already there (clip mode included, so micro-batches can be
-    summed before one noisy step), and only for the parameters the backward reaches
-    (``loss.backward(inputs=[...])`` names some): the norms, the clipping, ``p.grad_sample``
-    and the statistics are then of their contribution alone (zeros for the others).
-    Gradients formed by the context are not
+    summed before one noisy step; a sparse one becomes the dense sum, as with autograd,
+    and one an in-place add refuses, an expanded or an inference tensor, which autograd
+    fails on too, is refused by name before any ``p.grad`` is written), and only for
+    the parameters the backward reaches (``loss.backward(inputs=[...])`` names some):
+    the norms, the clipping, ``p.grad_sample`` and the statistics are then of their
+    contribution alone (zeros for the others). Gradients formed by the context are not
     differentiable (no ``create_graph``). Gradient hooks on the accounted parameters see
     no gradient, since autograd carries none for them: a ``Tensor.register_hook`` hook is
     called with ``None``, and a post-accumulate-grad hook (an optimizer stepped in the
