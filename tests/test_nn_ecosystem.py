@@ -2,8 +2,10 @@
 
 The drop-in promise reaches past a module's own forward: users export, trace, copy,
 reparametrise, prune, hook, average and clip models. Each test applies one tool to a
-torchbp MLP and to the same MLP built from ``torch.nn`` (same weights), and compares the
-outputs and the gradients (docs/dropin.md, "PyTorch tools on torchbp modules").
+torchbp MLP and to the same MLP built from ``torch.nn`` (same weights), compares the
+outputs and the gradients, and checks that torchbp's Functions are what ran (the backward
+graph's nodes; an exported program's stack traces): a tool that silently ran native's ops
+would give the same numbers (docs/dropin.md, "PyTorch tools on torchbp modules").
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections import Counter
 
 import pytest
 import torch
@@ -43,11 +46,36 @@ def _uses_torchbp(model: nn.Module) -> bool:
     return any(type(m).__module__.startswith("torchbp") for m in model.modules())
 
 
+#: the backward nodes of torchbp's Functions (``LinearFunctionBackward``, ...)
+_TORCHBP_NODES = {op.function.__name__ + "Backward" for op in torchbp.ops.OPS.values()}
+
+#: what a forward of ``_mlp(torchbp.nn)`` records: one node per layer, all torchbp's
+_MLP_NODES = Counter(LinearFunctionBackward=3, TanhFunctionBackward=1, GELUFunctionBackward=1)
+
+
+def _torchbp_nodes(out: torch.Tensor) -> Counter:
+    """The torchbp Function nodes of ``out``'s backward graph, by class name: equal
+    outputs and gradients alone would not notice a tool that ran native's ops instead."""
+    found: Counter = Counter()
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in _TORCHBP_NODES:
+            found[type(node).__name__] += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def _out_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
     """Output, loss gradient w.r.t. the input and every parameter's gradient."""
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     out = model(x)
+    expected = _MLP_NODES if _uses_torchbp(model) else Counter()
+    assert _torchbp_nodes(out) == expected, "torchbp's Functions did not run (or native's did)"
     torch.nn.functional.cross_entropy(out, target).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return out.detach(), x.grad, grads
@@ -65,11 +93,24 @@ def _assert_same(model_a, model_b, batch: int = 5) -> None:
         torch.testing.assert_close(ga, gb, **TOL)
 
 
+def _traced_from(exported: torch.export.ExportedProgram) -> set[str]:
+    """The torchbp files whose code the exported program's operators were traced from
+    (``linear.py``, ...: each node's stack trace, where torch.export records it)."""
+    files = set()
+    for node in exported.graph.nodes:
+        for line in (node.meta.get("stack_trace") or "").splitlines():
+            if "torchbp/autograd/" in line.replace("\\", "/"):
+                files.add(line.split("torchbp/autograd/")[1].split('"')[0])
+    return files
+
+
 def test_export_with_a_dynamic_batch_runs_other_batch_sizes():
     bp, native = _twins()
     batch = torch.export.Dim("batch")
     example = (torch.randn(4, 6, dtype=DT),)
     exported = torch.export.export(bp, example, dynamic_shapes=({0: batch},))
+    # the program holds torchbp's forward passes (equal outputs alone would not show it)
+    assert {"linear.py", "activations.py"} <= _traced_from(exported), exported.graph
     module = exported.module()
     for n in (2, 9):
         x = torch.randn(n, 6, dtype=DT)
@@ -163,6 +204,8 @@ def test_full_backward_hooks_see_native_grads():
 @pytest.mark.parametrize("which", ["jacobian", "hessian"])
 def test_autograd_functional_jacobian_and_hessian(which):
     bp, native = _twins()
+    recorded = []
+    bp.register_forward_hook(lambda module, args, out: recorded.append(_torchbp_nodes(out)))
     x = torch.randn(6, dtype=DT)
     if which == "jacobian":
         results = [torch.autograd.functional.jacobian(m, x) for m in (bp, native)]
@@ -171,6 +214,7 @@ def test_autograd_functional_jacobian_and_hessian(which):
             torch.autograd.functional.hessian(lambda v, m=m: m(v).sum(), x) for m in (bp, native)
         ]
     torch.testing.assert_close(results[0], results[1], **TOL)
+    assert recorded == [_MLP_NODES]  # the derivatives are torchbp's backward passes
 
 
 def test_clip_grad_norm_and_an_optimizer_step_with_a_scheduler():
