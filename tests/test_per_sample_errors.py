@@ -1240,3 +1240,28 @@ def test_existing_grad_that_cannot_be_added_to_refused_before_any_write(unwritab
     assert model[2].bias.grad is None and model[0].bias.grad is None
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+@pytest.mark.parametrize(
+    ("unwritable", "message"),
+    [(_sparse_grad, "sparse"), (_expanded_grad, "expanded"), (_inference_grad, "inference")],
+)
+def test_add_noise_refuses_a_grad_it_cannot_add_to_before_any_change(unwritable, message):
+    """add_noise adds the noise to p.grad in place: an unreached parameter's p.grad that
+    refuses that (sparse, expanded, an inference tensor) failed midway, after the noise of
+    the parameters before it was added. It is refused first now, naming the parameter."""
+    model = mlp(nn.Tanh())
+    unwritable(model[2].bias)  # the last parameter drawn for
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        out = model(torch.randn(5, 4))
+        out.sum().backward(inputs=[model[2].weight])
+        before = {name: p.grad for name, p in model.named_parameters()}
+        copies = {name: g.clone() for name, g in before.items() if g is not None}
+        with pytest.raises(RuntimeError, match=rf"parameter 2\.bias.*{message}"):
+            ps.add_noise(1.0)
+        ps_grads = {name: p.grad for name, p in model.named_parameters()}
+    for name in before:
+        assert ps_grads[name] is before[name], f"{name}'s p.grad was replaced"
+        if before[name] is not None:
+            same = torch.equal(before[name].to_dense(), copies[name].to_dense())
+            assert same, f"{name}'s p.grad changed"

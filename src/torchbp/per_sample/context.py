@@ -195,8 +195,10 @@ class PerSampleGrads:
 
         Raises:
             RuntimeError: not clip mode, nothing was formed (no backward yet, or an
-                error inside the context), or the noise was already added (also in
-                part, by a call that raised while drawing it).
+                error inside the context), the noise was already added (also in
+                part, by a call that raised while drawing it), or a ``p.grad`` cannot
+                take it in place (sparse, expanded, an inference tensor; named, and no
+                gradient is changed).
             TypeError: ``noise_multiplier`` is not a number, or ``generator`` is not a
                 :class:`torch.Generator` (no gradient is changed).
             ValueError: ``noise_multiplier`` is negative or not finite, the noise std
@@ -235,6 +237,9 @@ class PerSampleGrads:
         std = float(noise_multiplier) * self.max_norm
         self._refuse_unrepresentable_std(noise_multiplier, std)
         self._refuse_unusable_generator(generator)
+        for p in self.parameters:
+            if p.grad is not None:
+                self._refuse_unwritable_grad(p, "add the noise")
         with torch.no_grad():
             for p in self.parameters:
                 if p.grad is None:
