@@ -110,3 +110,54 @@ def test_half_precision_is_rounded_once_as_natives(name, dtype):
     ours_error = (got_dx.double() - exact_dx).abs().max()
     native_error = (native_dx.double() - exact_dx).abs().max()
     assert ours_error <= 1.25 * native_error, (ours_error, native_error)
+
+
+LAYOUTS = {
+    "transposed": lambda: torch.randn(5, 4, dtype=torch.float64).t(),
+    "channels_last": lambda: torch.randn(2, 3, 4, 5, dtype=torch.float64).to(
+        memory_format=torch.channels_last
+    ),
+    "permuted": lambda: torch.randn(2, 3, 4, dtype=torch.float64).permute(2, 0, 1),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", OPS)
+def test_output_is_contiguous_as_natives_for_any_input_layout(name, layout):
+    """Native returns a contiguous softmax / log-softmax whatever the input's strides;
+    torchbp's output kept a transposed or channels_last input's strides, so ``.view(-1)``
+    after it raised where native's works."""
+    ours, native = OPS[name]
+    x0 = LAYOUTS[layout]()
+    for dim in range(x0.dim()):
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+        out = ours(x, dim)
+        ref = native(x, dim)
+        assert out.stride() == ref.stride()
+        torch.testing.assert_close(out.view(-1), ref.view(-1))
+        g = torch.randn_like(ref)
+        (gx,) = torch.autograd.grad(out, x, g)
+        (rx,) = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(gx, rx)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_non_contiguous_input_keeps_jvp_vmap_and_double_backward(name):
+    ours, _ = OPS[name]
+    x = torch.randn(4, 5, dtype=torch.float64).t().requires_grad_()
+    flags = {"check_forward_ad": True, "check_batched_forward_grad": True}
+    assert gradcheck(lambda t: ours(t, 0), (x,), **flags)
+    assert gradgradcheck(lambda t: ours(t, 1), (x,), check_fwd_over_rev=True)
+    batched = torch.func.vmap(lambda t: ours(t, 0), in_dims=1)(x.detach())
+    assert batched.is_contiguous()
+    torch.testing.assert_close(batched, OPS[name][1](x.detach().t(), 1))
+
+
+def test_nn_softmax_and_enabled_tensor_method_give_contiguous_output():
+    import torchbp
+
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert torchbp.nn.Softmax(dim=1)(x).view(-1).shape == (120,)
+    assert torchbp.nn.LogSoftmax(dim=1)(x).view(-1).shape == (120,)
+    with torchbp.enable():
+        assert x.softmax(1).is_contiguous() and x.log_softmax(1).is_contiguous()

@@ -61,13 +61,16 @@ def _log_softmax_jvp(x_t: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tens
 
 class SoftmaxFunction(Function):
     """``y = e^{x - m} / Σ e^{x - m}`` along ``dim`` (``m`` the max, for stability);
-    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``. Forward-mode: ``dy = y ⊙ (dx - Σ dx ⊙ y)``."""
+    backward ``dx = y ⊙ (g - Σ g ⊙ y)``. Saves ``y``, contiguous (as native's output) for
+    any layout of ``x``. Forward-mode: ``dy = y ⊙ (dx - Σ dx ⊙ y)``."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, dim):
-        return _rounded_once(_softmax, x, dim)
+        # computed on a contiguous input, so the output is contiguous whatever x's strides
+        # (transposed, channels_last), as native's (which also reads x.contiguous())
+        return _rounded_once(_softmax, x.contiguous(), dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -99,7 +102,8 @@ class LogSoftmaxFunction(Function):
 
     @staticmethod
     def forward(x, dim):
-        return _log_softmax(x, dim)  # in the input's dtype, as native's (see the module doc)
+        # in the input's dtype, as native's (see the module doc); contiguous, as SoftmaxFunction
+        return _log_softmax(x.contiguous(), dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
