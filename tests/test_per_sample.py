@@ -751,3 +751,21 @@ def test_frozen_weight_shared_by_layers_with_their_own_trainable_biases():
     model[0].weight.requires_grad_(False)
     ref = check_all_modes(model, torch.randn(6, 5, dtype=DT), targets(6, 4))
     assert set(ref) == {"0.bias", "2.bias", "4.weight", "4.bias"}
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_new_grad_of_a_transposed_weight_laid_out_like_it(mode):
+    """Autograd lays a new p.grad out like its parameter (the gradient layout contract);
+    for a weight stored transposed the context's p.grad was row-major, so the next plain
+    backward warned 'grad and param do not obey the gradient layout contract' and
+    accumulated slower. It now has the parameter's strides, as autograd's does."""
+    model, plain = mlp(), mlp()
+    for m in (model, plain):
+        m[2].weight = torch.nn.Parameter(m[2].weight.detach().t().contiguous().t())
+    x, target = torch.randn(6, 5, dtype=DT), targets(6, 4)
+    with per_sample_grads(model, mode, max_norm=1e6 if mode == "clip" else None):
+        batch_loss(model, x, target, "sum").backward()
+    batch_loss(plain, x, target, "sum").backward()
+    for p, ref in zip(model.parameters(), plain.parameters()):
+        assert p.grad.stride() == ref.grad.stride() == p.stride()
+        close(p.grad, ref.grad)

@@ -481,14 +481,15 @@ class PerSampleGrads:
         """How ``grad`` joins ``p.grad``, as autograd's accumulation does, decided and
         formed before any ``p.grad`` is written: ``(p, grad, True)`` to add it in place to
         the strided ``p.grad`` there, ``(p, value, False)`` to set ``p.grad`` to ``value``:
-        ``grad`` where there is none, the dense sum where ``p.grad`` is sparse.
+        ``grad`` laid out like ``p`` where there is none (autograd's gradient layout
+        contract), the dense sum where ``p.grad`` is sparse.
 
         Raises:
             RuntimeError: ``p.grad`` refuses an in-place add (an expanded or an inference
                 tensor, which autograd's accumulation fails on too), naming ``p``.
         """
         if p.grad is None:
-            return p, grad, False
+            return p, _laid_out_like(p, grad), False
         if p.grad.layout != torch.strided:
             return p, grad + p.grad, False
         self._refuse_unwritable_grad(p, "add this backward's gradient to it")
@@ -694,6 +695,15 @@ def _joined(layer: Layer):
     a_parts = [a for a, _ in layer.traces]
     a = None if a_parts[0] is None else torch.cat(a_parts, 1)
     return a, torch.cat([g for _, g in layer.traces], 1)
+
+
+def _laid_out_like(p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` with the strides of ``p`` where ``p`` is dense and not overlapping (a
+    weight stored transposed), as autograd stores a new gradient; else ``grad``."""
+    if grad.stride() == p.stride():
+        return grad
+    out = torch.empty_like(p)  # p's strides, where they are dense and not overlapping
+    return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
 def _in_place_refusal(grad: torch.Tensor) -> str | None:
