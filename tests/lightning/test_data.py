@@ -663,3 +663,15 @@ def test_predict_path_value_beyond_float32_is_named(tmp_path):
         DataError, match=r"predict_path .*new.csv: value 1e\+39 in column 'a' at row 2"
     ):
         dm.predict_dataloader()
+
+
+def test_tabular_csv_label_beyond_float64_range_is_refused(tmp_path):
+    """A label beyond float64's range (1e5000: read as float64, inf) was refused as a
+    non-finite label; read as an exact integer it became a class named by a 5001-digit int,
+    which str() refuses (Python's 4300-digit limit), and '1e10000000' hung building it."""
+    rows = [[*r[:3], ["1", "2", "1e5000"][i % 3]] for i, r in enumerate(_good_rows(30, 2))]
+    p = tmp_path / "t.csv"
+    _write_csv(p, ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=r"label 1e5000 in column 'target' at row 3 is beyond"):
+        dm.arrays  # noqa: B018

@@ -817,16 +817,22 @@ class TabularFileDataModule(ArrayDataModule):
         """CSV labels as numbers when they all read as numbers (so "1", "1.0" and "01" are
         one class, and "10" sorts after "9"): the exact integers when every value is whole
         (IDs beyond float64's 2**53 stay apart), else floats; otherwise the text. Numbers
-        with a NaN or inf among them are a :class:`DataError` (a missing label)."""
+        with a NaN or inf among them are a :class:`DataError` (a missing label), and so
+        are those beyond float64's range (no ID: 1e5000 would be a 5001-digit class)."""
         try:
             numbers = [decimal.Decimal(v) for v in labels]
         except decimal.InvalidOperation:
             return np.asarray(labels)
         for i, number in enumerate(numbers):
+            where = f"{labels[i]} in column {self.label_column!r} at row {rows[i]}"
             if not number.is_finite():
                 raise DataError(
-                    f"{p}: non-finite label {labels[i]} in column {self.label_column!r} at row "
-                    f"{rows[i]}; label every row or remove the unlabelled ones"
+                    f"{p}: non-finite label {where}; label every row or remove the unlabelled ones"
+                )
+            if math.isinf(float(number)):
+                raise DataError(
+                    f"{p}: label {where} is beyond float64's range (about 1.8e308); "
+                    "use labels of a usual size"
                 )
         if all(n == n.to_integral_value() for n in numbers):
             return _exact_integers([int(n) for n in numbers])
