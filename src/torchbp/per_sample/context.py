@@ -786,7 +786,9 @@ def per_sample_grads(
     that reached the parameters but was cut short by an error forms nothing, even if
     the caller catches the error inside the ``with`` block (an error while the context
     forms the results, such as running out of memory for ``p.grad_sample``, included:
-    every result is formed before any ``p.grad`` or attribute is written).
+    every result is formed before any ``p.grad`` or attribute is written, so a backward
+    adding to gradients already there holds its own, up to ``|θ|`` numbers more than
+    autograd's one layer at a time, until they are added).
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear` modules
     (built directly or by :func:`torchbp.convert`); parameter-free modules and modules with
