@@ -379,6 +379,25 @@ def test_torchscript_modules_stay_reported_as_compiled_not_as_lacking_an_op():
         assert "TorchScript" in reason and "before torch.jit.script" in reason
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traced_torchbp_model_converted_to_torch_is_reported_kept_not_silently_passed():
+    # convert(to="torch") of a traced converted model reported 'converted 0, kept 0' while
+    # its compiled code still ran torchbp's Functions (ReLUFunctionBackward in the graph)
+    x = torch.randn(2, 3)
+    traced = torch.jit.trace(torchbp.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU())), x)
+    plain = torch.jit.trace(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), x)
+    model = nn.Sequential(traced, plain)
+    _, report = torchbp.convert(model, to="torch", report=True)
+    assert [(path, name) for path, name, _ in report.kept] == [
+        ("0.0", "TracedModule"),
+        ("0.1", "TracedModule"),
+    ]
+    reasons = [reason for _, _, reason in report.kept]
+    assert "LinearFunction" in reasons[0] and "ReLUFunction" in reasons[1]
+    for reason in reasons:
+        assert "TorchScript" in reason and "before torch.jit.trace" in reason
+
+
 class _ConstantLinearWeight(torch.Tensor):
     """A weight subclass that gives ``F.linear`` its own meaning (as quantized weights do):
     every output element is 42."""

@@ -20,10 +20,11 @@ training flag stay the very same objects:
   ``__torch_function__`` (a quantized weight: that decides what ``F.linear`` means for
   it, and the twin would call torchbp's function instead), and every module without a
   torchbp op (``Conv2d``, ``LayerNorm``, ...), and a TorchScript module
-  (``torch.jit.script`` / ``trace``: compiled code). A class convert would make that cannot be
-  made (an MRO the twin does not fit, or the class's ``__init_subclass__`` / metaclass
-  refusing it) also leaves its module as it is, reported with the error, and the others
-  are converted.
+  (``torch.jit.script`` / ``trace``: compiled code; with ``to="torch"`` it is reported
+  when its code runs torchbp's Functions: a traced converted model). A class convert
+  would make that cannot be made (an MRO the twin does not fit, or the class's
+  ``__init_subclass__`` / metaclass refusing it) also leaves its module as it is,
+  reported with the error, and the others are converted.
 * a parametrized module (:mod:`torch.nn.utils.parametrize`: ``weight_norm``,
   ``orthogonal``, ...) is an instance of a class torch made for it on top of its own
   class; the class underneath is converted by the rules above and torch's class is rebuilt
@@ -206,12 +207,46 @@ def _tensor_with_own_torch_function(module: nn.Module) -> str | None:
     return None
 
 
+def _torchbp_functions_traced_in(module: torch.jit.ScriptModule) -> list[str]:
+    """The torchbp Functions that the forward of a traced module calls (the Python
+    operators of its graph; a scripted module cannot call them)."""
+    try:
+        graph = module.graph
+    except (AttributeError, RuntimeError):  # a module without a forward of its own
+        return []
+    names: list[str] = []
+    for node in graph.nodes():
+        if node.kind() != "prim::PythonOp":
+            continue
+        function = getattr(node.pyobj(), "__self__", None)  # Function.apply's class
+        if isinstance(function, type) and function.__module__.startswith("torchbp."):
+            if function.__name__ not in names:
+                names.append(function.__name__)
+    return names
+
+
+def _torchscript_to_torch(module: torch.jit.ScriptModule) -> str:
+    """Why ``to="torch"`` keeps a TorchScript module: ``"not torchbp"`` (not reported)
+    unless its compiled code runs torchbp's Functions (a traced converted model), which
+    no class switch reaches."""
+    functions = _torchbp_functions_traced_in(module)
+    if not functions:
+        return "not torchbp"
+    return (
+        f"a TorchScript module running torchbp's {', '.join(functions)} (compiled code no "
+        "class switch reaches): convert the model to torch before torch.jit.trace"
+    )
+
+
 def _new_class(module: nn.Module, choose) -> tuple[type[nn.Module] | None, str]:
     """``choose`` applied to ``module``'s class, or for a parametrized module to the class
     under torch's parametrized one (which is then rebuilt on the new class). Not converted
     to torchbp: a module whose ``forward`` is set on the instance (it shadows the twin's)
     or with a parameter or buffer of a tensor subclass with its own
-    ``__torch_function__``."""
+    ``__torch_function__``. Not converted to torch: a TorchScript module (reported when
+    its compiled code runs torchbp's Functions)."""
+    if choose is _to_torch and isinstance(module, torch.jit.ScriptModule):
+        return None, _torchscript_to_torch(module)
     if not parametrize.is_parametrized(module):
         new, reason = choose(type(module))
     else:
