@@ -69,3 +69,34 @@ def test_batch_norm_in_training_mode_passes_compile():
     module = torch.nn.BatchNorm1d(5).double()
     result = check_function(module, _x(), checks="compile")["compile"]
     assert result.passed, result
+
+
+class TanhSquaringItsOutputInBackward(torch.autograd.Function):
+    """tanh whose backward squares the saved output in place (``y.pow_(2)``): the caller's
+    result changes when backward runs, but forward returned tanh."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y.pow_(2))
+
+
+def test_outputs_are_compared_as_forward_returned_them_not_as_backward_left_them():
+    # fn's gradients are taken before the other computation runs; its outputs must be
+    # compared as forward returned them: the reference check blamed a right forward
+    # ("output 0 differs"), and compile missed that its compiled forward returns tanh**2
+    x = torch.linspace(-2, 2, 6, dtype=torch.float64)
+    report = check_function(
+        TanhSquaringItsOutputInBackward, x, reference=torch.tanh, checks=["compile", "reference"]
+    )
+    assert "output 0 differs" not in report["reference"].message, report
+    assert report["compile"].failed, report
+    assert "output 0 differs from torch.compile" in report["compile"].message

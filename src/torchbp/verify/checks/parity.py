@@ -102,6 +102,8 @@ def _compare_runs(
     fn's gradients are taken before ``other`` runs: other may update state in place that
     fn's graph saved (a compiled BatchNorm's running statistics, which eager BatchNorm
     saves for backward), and fn's backward would then raise for a write fn never made.
+    fn's outputs are compared as its forward returned them, not as its backward may have
+    left them (a backward writing into a saved output is the mutation check's finding).
 
     An exception raised by ``other`` becomes a failed check, or propagates unchanged with
     ``raw_errors`` (for the caller to judge). With ``own_parameters``, a module parameter
@@ -112,6 +114,8 @@ def _compare_runs(
     raw_a = ctx.call(ctx.fn, leaves_a)
     outs_a = float_tensors(raw_a)
     vs = [ctx.randn(a.shape, a.dtype) for a in outs_a]
+    returned_a = [a.detach().clone() for a in outs_a]
+    exact_a = [t.detach().clone() for t in exact_tensors(raw_a)]
     # fn's backward runs before other's forward, which may write into what fn's graph saved
     # (a compiled BatchNorm updates the running statistics eager BatchNorm saved)
     ga = output_grads(outs_a, leaves_a, vs)
@@ -127,11 +131,11 @@ def _compare_runs(
             f"fn returned {len(outs_a)} floating-point output(s) but {label} returned {len(outs_b)}"
         )
     worst = (0.0, 0.0)
-    for o, (a, b) in enumerate(zip(outs_a, outs_b)):
+    for o, (a, b) in enumerate(zip(returned_a, outs_b)):
         if a.shape == b.shape and a.dtype != b.dtype:
             raise CheckFailure(f"output {o} has dtype {a.dtype} but {label} gives {b.dtype}")
         worst = max(worst, _compare(ctx, a, b, f"output {o}", label))
-    _require_equal_exact(exact_tensors(raw_a), exact_tensors(raw_b), label)
+    _require_equal_exact(exact_a, exact_tensors(raw_b), label)
     try:
         gb = grads_or_none(outs_b, leaves_b, vs)
     except Exception as exc:  # noqa: BLE001
