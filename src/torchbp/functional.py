@@ -815,6 +815,14 @@ def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
     return any(carries_tangent(t) for t in present)
 
 
+def _exporting_or_tracing() -> bool:
+    """Whether torch.export or torch.jit.trace records the call: the chunk loop would bake
+    the example's batch size into the graph (export with a dynamic batch refuses it) and
+    its ``needs`` flags differ under jit.trace's no-grad check run, so the unfused pair
+    (one graph for any batch) serves them."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, weight, soft) -> bool:
     """A float64 probability target or class weight with lower-precision input: native
     promotes the loss to float64 and computes it there, which the chunked Function
@@ -974,7 +982,10 @@ def linear_cross_entropy(
     Function (no vmap rule, no jvp) cannot serve, and a sparse (COO / CSR) input or 2-D
     ``linear_weight``, which it cannot chunk (a sparse K-dim ``linear_weight`` is refused
     by name, where native's reshape fails; a sparse ``linear_bias`` fails in ``linear``,
-    as native's does).
+    as native's does). So do calls that :func:`torch.export.export` or
+    :func:`torch.jit.trace` records: the chunk loop would fix the batch size in the graph
+    (an export with a dynamic batch dim refuses it; a trace would fail its check), and
+    the unfused pair exports and traces as native's does (with the ``(N, C)`` logits).
 
     Examples::
 
@@ -1025,6 +1036,7 @@ def linear_cross_entropy(
         or _wider_than_accumulation(input, target, weight, soft)
         or (soft and _differentiated(weight))  # class weights' gradient: the reference formula
         or _under_func_transform(input, linear_weight, linear_bias, target, weight)
+        or _exporting_or_tracing()
     ):
         return _linear_cross_entropy_unfused(
             input,

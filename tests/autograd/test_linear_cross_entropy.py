@@ -841,3 +841,41 @@ def test_nested_tensor_is_refused_by_name_as_native_refuses_it(layout, argument)
         )
     with pytest.raises(RuntimeError, match=f"linear_cross_entropy: {argument} is a nested tensor"):
         TF.linear_cross_entropy(x, w, t)
+
+
+def _lce_module():
+    torch.manual_seed(0)
+    return torchbp.nn.LinearCrossEntropyLoss(D, C, bias=True, chunk_size=CHUNK).double()
+
+
+def _native_lce(module, x, t):
+    return F.cross_entropy(module.linear(x), t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_export_with_a_dynamic_batch_runs_other_batch_sizes(reduction):
+    """The chunk loop specialised the batch size: torch.export with a dynamic batch dim
+    refused the module ('you marked batch as dynamic but your code specialized it')."""
+    module = _lce_module()
+    module.reduction = reduction
+    batch = torch.export.Dim("batch", min=2)
+    example = (make((N, D), torch.float64), hard_target((N,)))
+    exported = torch.export.export(module, example, dynamic_shapes=({0: batch}, {0: batch}))
+    for rows in (3, 50):
+        x, t = make((rows, D), torch.float64, seed=rows), hard_target((rows,), seed=rows)
+        want = F.cross_entropy(module.linear(x), t, reduction=reduction)
+        torch.testing.assert_close(exported.module()(x, t), want)
+
+
+def test_jit_trace_passes_its_check_and_runs_other_batch_sizes():
+    """torch.jit.trace's check (a second trace under no_grad) saw another graph: the
+    chunked Function's ``needs`` flags differ without grad, so the trace failed."""
+    module = _lce_module()
+    traced = torch.jit.trace(module, (make((N, D), torch.float64), hard_target((N,))))
+    x = make((5, D), torch.float64, seed=1).requires_grad_()
+    t = hard_target((5,), seed=1)
+    got, want = traced(x, t), _native_lce(module, x, t)
+    torch.testing.assert_close(got, want)
+    (gx,) = torch.autograd.grad(got, x)
+    (rx,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(gx, rx)
