@@ -104,3 +104,21 @@ def test_model_split_between_cpu_and_cuda(mode):
                 continue
             assert value.device == ours.device, name
             torch.testing.assert_close(value.cpu(), getattr(ref, name), msg=name)
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_model_on_the_meta_device(mode):
+    """A model on the meta device (a dry run of the training step, shapes only) failed at
+    its first forward inside the context with torch's 'unknown device type for autocast'
+    (the context asked whether autocast was on for a device type that has none); it runs
+    now, every result of the right shape on meta."""
+    model = mlp().to("meta")
+    with per_sample_grads(model, mode, 1.0 if mode == "clip" else None) as ps:
+        model(torch.randn(5, 4, dtype=torch.float64, device="meta")).sum().backward()
+        if mode == "clip":
+            ps.add_noise(1.0)
+    assert ps.norms.shape == (5,) and ps.norms.device.type == "meta"
+    for p in ps.parameters:
+        assert p.grad.shape == p.shape and p.grad.device.type == "meta"
+        if mode == "grads":
+            assert p.grad_sample.shape == (5, *p.shape)

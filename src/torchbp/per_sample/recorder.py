@@ -63,7 +63,7 @@ class Recorder:
         def enter(module, args) -> None:
             # read here: the linear wrapper applies autocast itself and calls the Function
             # with it off
-            autocast = torch.is_autocast_enabled(module.weight.device.type)
+            autocast = _autocast_enabled(module.weight.device.type)
             self.calling.append((layer, autocast))
 
         def leave(module, args, output) -> None:
@@ -130,6 +130,12 @@ class Recorder:
             "that model, a functional linear call, or a weight cast by autocast, which is "
             "not supported)"
         )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``: never for one that has no autocast
+    (``meta``), for which torch's query raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _id_or_none(t: torch.Tensor | None) -> int | None:
