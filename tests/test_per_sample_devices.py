@@ -122,3 +122,15 @@ def test_model_on_the_meta_device(mode):
         assert p.grad.shape == p.shape and p.grad.device.type == "meta"
         if mode == "grads":
             assert p.grad_sample.shape == (5, *p.shape)
+
+
+def test_add_noise_on_meta_takes_any_generator():
+    """torch.randn on the meta device draws nothing and takes a generator of any device,
+    but add_noise refused a seeded CPU generator for a model on meta ('generator is on
+    cpu, but parameters are on meta'), so a dry run of the training step on meta failed
+    where the real one would not."""
+    model = mlp().to("meta")
+    with per_sample_grads(model, "clip", 1.0) as ps:
+        model(torch.randn(5, 4, dtype=torch.float64, device="meta")).sum().backward()
+        ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
+    assert all(p.grad.device.type == "meta" for p in ps.parameters)

@@ -264,9 +264,10 @@ class PerSampleGrads:
                 "per_sample_grads: add_noise's generator must be a torch.Generator or None, "
                 f"got {type(generator).__name__}"
             )
-        # the device type, which is what torch.randn checks
+        # the device type, which is what torch.randn checks (not on meta, where it
+        # draws nothing and takes any generator)
         for device in dict.fromkeys(p.device.type for p in self.parameters):
-            if device != generator.device.type:
+            if device not in (generator.device.type, "meta"):
                 raise ValueError(
                     f"per_sample_grads: add_noise's generator is on {generator.device.type}, "
                     f"but parameters are on {device}: give a generator of the parameters' "
