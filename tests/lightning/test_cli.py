@@ -1533,3 +1533,23 @@ def test_ckpt_path_last_and_best_expand_a_home_relative_checkpoint_folder(
     tested = run_cli("test", *common, "--ckpt_path=best")
     best = fitted.trainer.checkpoint_callback.best_model_path
     assert Path(tested.config_init["test"]["ckpt_path"]).resolve() == Path(best).resolve()
+
+
+def test_ckpt_path_best_with_an_empty_checkpoint_folder_names_that_folder(tmp_path, capsys):
+    """With --checkpoint.dirpath holding no checkpoint, --ckpt_path best said "no best
+    checkpoint under <run_dir>/<run_name> ... (check --run_dir and --run_name ...)", a folder
+    it had not looked in; it now names the configured folder it looked in."""
+    folder = tmp_path / "ck"
+    iris = str(CONFIGS / "iris.yaml")
+    with pytest.raises(SystemExit):
+        run_cli(
+            "test",
+            "--config",
+            iris,
+            f"--run_dir={tmp_path}",
+            f"--checkpoint.dirpath={folder}",
+            "--ckpt_path=best",
+        )
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path best: no best checkpoint in {folder} (checkpoint.dirpath)" in err
+    assert "--run_dir" not in err

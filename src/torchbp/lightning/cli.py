@@ -926,6 +926,11 @@ class TorchbpCLI(LightningCLI):
         best = None
         if latest is not None:
             best = _best_checkpoint(latest, newest_last.name if newest_last else "last.ckpt")
+        if best is None and dirpath is not None:
+            exit_with_error(
+                f"--ckpt_path best: no best checkpoint in {dirpath} (checkpoint.dirpath); "
+                f"nothing to {self.subcommand} (give the checkpoint's path)"
+            )
         if best is None:
             where = root if latest is None else latest
             exit_with_error(
