@@ -372,3 +372,21 @@ def test_a_tensor_learning_rate_is_neither_modified_nor_decayed_before_the_fit(t
     for opt in (first, second):
         assert opt.param_groups[0]["initial_lr"].item() == pytest.approx(0.1)
         assert opt.param_groups[0]["lr"].item() == pytest.approx(0.05)
+
+
+def test_scheduler_arguments_that_fail_arithmetic_when_made_are_a_value_error():
+    """CyclicLR(step_size_up=0) divides by zero when made: ERMClassifier (and torchbp-train,
+    with a traceback) raised a bare ZeroDivisionError, where StepLR(step_size=0), failing
+    alike when stepped, is 'invalid lr_scheduler arguments' naming the scheduler."""
+    cyclic = partial(
+        torch.optim.lr_scheduler.CyclicLR,
+        base_lr=0.01,
+        max_lr=0.1,
+        step_size_up=0,
+        cycle_momentum=False,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"invalid lr_scheduler arguments: making CyclicLR raised ZeroDivisionError",
+    ):
+        ERMClassifier(input_size=4, num_classes=3, lr_scheduler=cyclic)

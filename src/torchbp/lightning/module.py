@@ -196,6 +196,12 @@ def _epochs_of_the_fit(trainer: pl.Trainer) -> int:
     return min(epochs, SCHEDULER_TRIAL_EPOCHS)
 
 
+def _factory_name(factory: Any) -> str:
+    """The name of the class (or function) ``factory`` makes, or of a ``partial`` of one."""
+    made = getattr(factory, "func", factory)
+    return getattr(made, "__name__", repr(made))
+
+
 def _first_failing_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int
 ) -> tuple[int, str] | None:
@@ -480,6 +486,11 @@ class ERMClassifier(pl.LightningModule):
                 sched = self.scheduler_factory(opt)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
+            except (ArithmeticError, IndexError) as e:  # CyclicLR(step_size_up=0)
+                name = _factory_name(self.scheduler_factory)
+                raise ValueError(
+                    f"invalid lr_scheduler arguments: making {name} raised {type(e).__name__}: {e}"
+                ) from e
             failure = _first_failing_step(sched, steps=1)
             if failure is not None:
                 raise ValueError(f"invalid lr_scheduler arguments: {failure[1]}")
