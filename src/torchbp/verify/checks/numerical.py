@@ -314,7 +314,11 @@ def _missing_gradients_hint(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> 
     if any(ctx.grad_idx[k] in ctx.parameter_names for k in missing):
         ways.append("freeze the parameter with requires_grad_(False)")
     which = "require" if several else "requires"
-    return f" (backward returned None for {names}, which {which} grad: {', or '.join(ways)})"
+    unreached = "or the graph does not reach it, e.g. through a .detach()"
+    return (
+        f" (backward returned None for {names}, which {which} grad ({unreached}): "
+        f"{', or '.join(ways)})"
+    )
 
 
 def _require_linear_in_grad_outputs(ctx: CheckContext) -> None:
