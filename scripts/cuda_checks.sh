@@ -110,11 +110,13 @@ bounded() {
     echo skipped
     return 0
   fi
-  deadline=$(($(date +%s) + limit + KILL_GRACE + 1))
+  # in milliseconds: whole seconds would cut the 1 s after SIGKILL to what is left of
+  # the second it started in
+  deadline=$(($(date +%s%3N) + (limit + KILL_GRACE + 1) * 1000))
   timeout --kill-after="$KILL_GRACE" "$limit" "$@" >"$out" 2>&1 </dev/null &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
-    if [ "$(date +%s)" -ge "$deadline" ]; then
+    if [ "$(date +%s%3N)" -ge "$deadline" ]; then
       echo hung
       return 0
     fi

@@ -312,3 +312,28 @@ def test_cuda_checks_runs_nothing_unbounded_when_no_time_is_left(tmp_path):
     assert "invalid" not in (out / "cuda_checks.log").read_text()
     for name, status in _report_rows(report).items():
         assert status in ("**skipped**", "-"), (name, report)
+
+
+@pytest.mark.slow
+def test_cuda_checks_bounded_gives_a_killed_command_its_second_after_sigkill(tmp_path):
+    """bounded waits LIMIT_S + KILL_GRACE + 1 s before calling a command hung, the 1 s
+    for a process to end after SIGKILL (a CUDA context takes a moment to tear down). Its
+    deadline was taken in whole seconds, so that second shrank to what was left of the
+    one it started in: a command killed at its limit and ending 0.6 s after SIGKILL,
+    started late in a second, was reported 'hung' (left behind) instead of 137."""
+    import re
+    import time
+
+    bounded = re.search(r"^bounded\(\) \{\n.*?^\}\n", SCRIPT.read_text(), re.S | re.M)
+    assert bounded is not None
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    timeout = stubs / "timeout"  # killed at the limit, ends 0.6 s after its SIGKILL
+    timeout.write_text("#!/bin/sh\ngrace=${1#--kill-after=}\nsleep $(($2 + grace)).6\nexit 137\n")
+    timeout.chmod(0o755)
+    program = f"KILL_GRACE=5\nT_TOTAL=100\n{bounded.group(0)}bounded 1 {tmp_path}/out true\n"
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}")
+    while not 0.7 <= time.time() % 1 < 0.75:  # start late in a second
+        time.sleep(0.01)
+    done = subprocess.run(["bash", "-c", program], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "137", done
