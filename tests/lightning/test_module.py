@@ -390,3 +390,6 @@ def test_scheduler_arguments_that_fail_arithmetic_when_made_are_a_value_error():
         match=r"invalid lr_scheduler arguments: making CyclicLR raised ZeroDivisionError",
     ):
         ERMClassifier(input_size=4, num_classes=3, lr_scheduler=cyclic)
+    # a wrapper (torchbp-train's factories are jsonargparse's) is named by the class it made
+    with pytest.raises(ValueError, match=r"making CyclicLR raised ZeroDivisionError"):
+        ERMClassifier(input_size=4, num_classes=3, lr_scheduler=lambda opt: cyclic(opt))

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import importlib
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
@@ -196,10 +197,18 @@ def _epochs_of_the_fit(trainer: pl.Trainer) -> int:
     return min(epochs, SCHEDULER_TRIAL_EPOCHS)
 
 
-def _factory_name(factory: Any) -> str:
-    """The name of the class (or function) ``factory`` makes, or of a ``partial`` of one."""
+def _scheduler_name(factory: Any, error: BaseException) -> str:
+    """The name of the scheduler class ``factory`` makes: the class, or a ``partial``'s;
+    else (a wrapper, as torchbp-train's) the scheduler that ``error`` was raised making."""
     made = getattr(factory, "func", factory)
-    return getattr(made, "__name__", repr(made))
+    if isinstance(made, type):
+        return made.__name__
+    being_made = [
+        type(frame.f_locals["self"]).__name__
+        for frame, _ in traceback.walk_tb(error.__traceback__)
+        if isinstance(frame.f_locals.get("self"), torch.optim.lr_scheduler.LRScheduler)
+    ]
+    return being_made[-1] if being_made else "the scheduler"
 
 
 def _first_failing_step(
@@ -487,7 +496,7 @@ class ERMClassifier(pl.LightningModule):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
             except (ArithmeticError, IndexError) as e:  # CyclicLR(step_size_up=0)
-                name = _factory_name(self.scheduler_factory)
+                name = _scheduler_name(self.scheduler_factory, e)
                 raise ValueError(
                     f"invalid lr_scheduler arguments: making {name} raised {type(e).__name__}: {e}"
                 ) from e
