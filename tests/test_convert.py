@@ -375,8 +375,15 @@ def test_torchscript_modules_stay_reported_as_compiled_not_as_lacking_an_op():
     model = nn.Sequential(torch.jit.script(nn.Linear(3, 3)), torch.jit.trace(nn.Linear(3, 2), x))
     _, report = torchbp.convert(model, report=True)
     assert [path for path, _, _ in report.kept] == ["0", "1"]
-    for _, _, reason in report.kept:
-        assert "TorchScript" in reason and "before torch.jit.script" in reason
+    scripted, traced = (reason for _, _, reason in report.kept)
+    assert "TorchScript" in scripted and "TorchScript" in traced
+    # the way out for each: a traced model is traced again after convert; a scripted one
+    # cannot be (torch.jit.script refuses torchbp's modules): torch.compile or trace it
+    assert "before torch.jit.trace" in traced
+    assert "torch.compile" in scripted and "torch.jit.trace" in scripted
+    assert "before torch.jit.script" not in scripted
+    with pytest.raises(NotImplementedError):  # what that advice led to
+        torch.jit.script(torchbp.convert(nn.Linear(3, 3)))
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")

@@ -19,9 +19,11 @@ training flag stay the very same objects:
   the twin's), one with a parameter or buffer of a tensor subclass with its own
   ``__torch_function__`` (a quantized weight: that decides what ``F.linear`` means for
   it, and the twin would call torchbp's function instead), and every module without a
-  torchbp op (``Conv2d``, ``LayerNorm``, ...), and a TorchScript module
-  (``torch.jit.script`` / ``trace``: compiled code; with ``to="torch"`` it is reported
-  when its code runs torchbp's Functions: a traced converted model). A class convert
+  torchbp op (``Conv2d``, ``LayerNorm``, ...), and a TorchScript module (compiled code
+  no class switch reaches: convert before ``torch.jit.trace``; ``torch.jit.script``
+  cannot compile torchbp's Functions, so convert and use ``torch.compile`` or
+  ``torch.jit.trace`` instead; with ``to="torch"`` it is reported when its code runs
+  torchbp's Functions: a traced converted model). A class convert
   would make that cannot be made (an MRO the twin does not fit, or the class's
   ``__init_subclass__`` / metaclass refusing it) also leaves its module as it is,
   reported with the error, and the others are converted.
@@ -143,10 +145,17 @@ def _to_torchbp(cls: type[nn.Module]) -> tuple[type[nn.Module] | None, str]:
         return _TO_TORCHBP[cls], ""
     if issubclass(cls, _TWINS):
         return None, "already torchbp"
-    if issubclass(cls, torch.jit.ScriptModule):
+    if issubclass(cls, torch.jit.TracedModule):
         return None, (
-            "a TorchScript module (compiled code no class switch reaches): convert the "
-            "model before torch.jit.script / torch.jit.trace"
+            "a traced TorchScript module (compiled code no class switch reaches): convert "
+            "the model before torch.jit.trace"
+        )
+    if issubclass(cls, torch.jit.ScriptModule):
+        # torch.jit.script refuses torchbp's modules: scripting after convert is no way out
+        return None, (
+            "a scripted TorchScript module (compiled code no class switch reaches, and "
+            "TorchScript cannot compile torchbp's Functions): convert the model and use "
+            "torch.compile or torch.jit.trace instead of torch.jit.script"
         )
     base = _supported_base(cls)
     if base is None:
