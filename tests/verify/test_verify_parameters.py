@@ -181,3 +181,37 @@ def test_a_report_on_a_partial_is_named_after_what_it_calls():
         (functools.partial(torch.nn.functional.softmax, dim=-1), "softmax"),
     ):
         assert check_function(fn, torch.randn(3, 4), checks=["forward"]).name == name
+
+
+class _Lookup(torch.autograd.Function):
+    """``weight[indices]``, with the weight's gradient doubled when ``wrong``."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, wrong):
+        ctx.save_for_backward(indices)
+        ctx.num_rows, ctx.wrong = weight.shape[0], wrong
+        return weight[indices]
+
+    @staticmethod
+    def backward(ctx, g):
+        (indices,) = ctx.saved_tensors
+        grad = g.new_zeros(ctx.num_rows, g.shape[-1]).index_add(0, indices, g)
+        return None, grad * (2 if ctx.wrong else 1), None
+
+
+class _Embedding(torch.nn.Embedding):
+    def __init__(self, wrong: bool):
+        super().__init__(6, 3, dtype=torch.float64)
+        self.wrong = wrong
+
+    def forward(self, indices):
+        return _Lookup.apply(indices, self.weight, self.wrong)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_module_given_only_integer_inputs_has_its_parameters_checked(wrong):
+    # an embedding takes only indices: its weight is what gets differentiated, and
+    # check_function refused it ('no floating-point tensor input to differentiate')
+    report = check_function(_Embedding(wrong), torch.tensor([0, 2, 2, 5]), checks="gradcheck")
+    assert report["gradcheck"].failed == wrong, report
+    assert report.meta["parameters"] == ["weight"]

@@ -305,16 +305,20 @@ def _positions(grad_inputs: Any) -> tuple[Any, ...]:
     )
 
 
-def _grad_positions(args: list[Any], grad_inputs: int | Sequence[int] | None) -> list[int]:
+def _grad_positions(
+    args: list[Any], grad_inputs: int | Sequence[int] | None, parameters: bool = False
+) -> list[int]:
     """Positions of the inputs to differentiate (all floating strided tensors by default:
-    a sparse one, e.g. the matrix of a sparse-dense product, is passed through)."""
+    a sparse one, e.g. the matrix of a sparse-dense product, is passed through); none is
+    fine when ``parameters`` (fn's module parameters are differentiated: an embedding
+    given only indices)."""
     if grad_inputs is None:
         grad_idx = [
             i
             for i, a in enumerate(args)
             if isinstance(a, torch.Tensor) and a.is_floating_point() and a.layout == torch.strided
         ]
-        if not grad_idx:
+        if not grad_idx and not parameters:
             raise ValueError(
                 "check_function: no floating-point tensor input to differentiate (integer "
                 "tensors such as class targets cannot require gradients)"
@@ -366,12 +370,16 @@ def _require_values(args: list[Any]) -> None:
             )
 
 
-def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
+def prepare_inputs(
+    inputs: tuple, opts: Options, *, parameters: bool = False
+) -> tuple[list[Any], list[int]]:
     """Detached copies of the inputs, cast to ``opts.dtype`` and moved to ``opts.device``.
 
     Args:
         inputs: the example inputs.
         opts: the validated options.
+        parameters: whether fn's module parameters are differentiated too (then the inputs
+            need hold no floating tensor to differentiate).
 
     Returns:
         ``(args, grad_idx)``: the prepared inputs and the positions to differentiate.
@@ -397,7 +405,7 @@ def prepare_inputs(inputs: tuple, opts: Options) -> tuple[list[Any], list[int]]:
         else:
             args.append(list(x) if isinstance(x, list) else x)  # never the caller's list
     _require_values(args)
-    grad_idx = _grad_positions(args, opts.grad_inputs)
+    grad_idx = _grad_positions(args, opts.grad_inputs, parameters)
     devices = {a.device for a in args if isinstance(a, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(

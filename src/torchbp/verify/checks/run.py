@@ -395,7 +395,8 @@ def _parameter_elements(fn: Any) -> int:
 
 def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options) -> Report:
     """The body of :func:`check_function`, on validated arguments, with grad enabled."""
-    args, grad_idx = prepare_inputs(inputs, opts)
+    parameters = bool(differentiated_parameters(fn))
+    args, grad_idx = prepare_inputs(inputs, opts, parameters=parameters)
     _require_module_dtype(fn, reference, opts.dtype)
     checked, checked_reference, parameter_names = with_parameters(fn, reference, len(args))
     complex_idx = complex_positions(inputs)
