@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from functools import partial
 
 import pytest
@@ -393,3 +394,23 @@ def test_scheduler_arguments_that_fail_arithmetic_when_made_are_a_value_error():
     # a wrapper (torchbp-train's factories are jsonargparse's) is named by the class it made
     with pytest.raises(ValueError, match=r"making CyclicLR raised ZeroDivisionError"):
         ERMClassifier(input_size=4, num_classes=3, lr_scheduler=lambda opt: cyclic(opt))
+
+
+class _SGDWithNamedSettings(torch.optim.SGD):
+    """SGD with a namedtuple hyperparameter in its parameter groups (as a custom optimizer
+    may keep)."""
+
+    Settings = collections.namedtuple("Settings", ["warmup", "decay"])
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, lr=lr)
+        for group in self.param_groups:
+            group["settings"] = self.Settings(warmup=1, decay=0.5)
+
+
+def test_an_optimizer_with_a_namedtuple_hyperparameter_keeps_it():
+    """Copying an optimizer's tensor hyperparameters rebuilt every tuple from its items,
+    which a namedtuple refuses (TypeError: missing arguments) when the model was made."""
+    m = ERMClassifier(input_size=4, num_classes=3, optimizer=_SGDWithNamedSettings)
+    settings = m.configure_optimizers().param_groups[0]["settings"]
+    assert settings == _SGDWithNamedSettings.Settings(warmup=1, decay=0.5)

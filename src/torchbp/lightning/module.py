@@ -165,7 +165,7 @@ def _copied_tensors(value: Any) -> Any:
     """``value`` with each tensor in it (itself, or in a tuple or list) replaced by a copy."""
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
-    if isinstance(value, (tuple, list)):
+    if type(value) in (tuple, list):  # betas=(tensor, tensor); not a namedtuple's fields
         return type(value)(_copied_tensors(v) for v in value)
     return value
 
