@@ -370,3 +370,41 @@ def test_batch_size_mismatch_is_a_value_error_first_as_native(case):
         ValueError, match=r"input batch_size \(4\) to match target batch_size \(3\)"
     ):
         getattr(TF, name)(x, target, **options)
+
+
+# The same for an unbatched (C,) input: native checks that its 1-D target has one element
+# ("For 1D input, 1D target must have size 1") before any dtype or class weight.
+UNBATCHED_MISMATCH_TOO = {
+    "integer nll_loss input": ("nll_loss", torch.zeros(3, dtype=torch.int64), {}),
+    "integer cross_entropy class weights": (
+        "cross_entropy",
+        torch.randn(3),
+        {"weight": torch.ones(3, dtype=torch.int64)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNBATCHED_MISMATCH_TOO))
+def test_unbatched_target_size_mismatch_is_a_value_error_first_as_native(case):
+    name, x, options = UNBATCHED_MISMATCH_TOO[case]
+    target = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="1D target must have size 1"):
+        getattr(torch.nn.functional, name)(x, target, **options)
+    with pytest.raises(ValueError, match=r"unbatched input \(3,\) takes one class index"):
+        getattr(TF, name)(x, target, **options)
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.nn.functional, "linear_cross_entropy"), reason="native's needs torch 2.13"
+)
+@pytest.mark.parametrize("rows", [None, 6])
+def test_linear_cross_entropy_target_size_mismatch_is_a_value_error_first_as_native(rows):
+    x = torch.randn(3) if rows is None else torch.randn(rows, 3)
+    target = torch.zeros(4, dtype=torch.int64)
+    int_weight = torch.ones(5, dtype=torch.int64)
+    message = "1D target must have size 1" if rows is None else "batch_size"
+    with pytest.raises(ValueError, match=message):
+        torch.nn.functional.linear_cross_entropy(x, torch.randn(5, 3), target, weight=int_weight)
+    message = "takes one class index" if rows is None else r"batch_size \(6\).*\(4\)"
+    with pytest.raises(ValueError, match=message):
+        TF.linear_cross_entropy(x, torch.randn(5, 3), target, weight=int_weight)

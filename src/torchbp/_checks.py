@@ -382,15 +382,20 @@ def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
 
 
 def check_batch_size(op: str, input: torch.Tensor, target: torch.Tensor) -> None:
-    """A batched class-index loss input ``(N, C, ...)`` and its target share ``N``: a
-    :class:`ShapeError` (native's ``ValueError``) with native's wording otherwise. Native
-    checks this before any dtype or class weight, so a call with both wrong gets its
-    ``ValueError``."""
+    """A batched class-index loss input ``(N, C, ...)`` and its target share ``N`` (an
+    unbatched ``(C,)`` input's 1-D target has one element): a :class:`ShapeError`
+    (native's ``ValueError``) otherwise. Native checks this before any dtype or class
+    weight, so a call with both wrong gets its ``ValueError``."""
     if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
         got = target.shape[0] if target.dim() else "a 0-dim target"
         raise ShapeError(
             f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
             f"({got}); input {tuple(input.shape)}, target {tuple(target.shape)}"
+        )
+    if input.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
+        raise ShapeError(
+            f"{op}: an unbatched input {tuple(input.shape)} takes one class index, a 0-dim "
+            f"target, got target shape {tuple(target.shape)}"
         )
 
 
@@ -736,6 +741,8 @@ def validate_linear_cross_entropy(
     )
     if out_features:
         return LinearCrossEntropyCall(soft, out_features, ignore_index, smoothing)
+    if not soft:  # before the class weights, as native's cross_entropy (nll_loss_nd)
+        check_batch_size(op, input, target)
     check_class_weight(op, weight, classes, differentiable=soft)
     check_target_kind(
         op, target, soft, ignore_index, f"shape {(*batch_shape, classes)} = (*input.shape[:-1], C)"
