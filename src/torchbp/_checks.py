@@ -589,7 +589,9 @@ def validate_cross_entropy(
     smoothing = check_smoothing(op, label_smoothing)
     layout = class_layout(op, input)
     check_floating(op, "input", input)
-    soft = input.shape == target.shape
+    # (dims first: torch.Size compares element-wise, and under torch.export a (N, C, d)
+    # input against an (N, d) target would guard d != C)
+    soft = input.dim() == target.dim() and input.shape == target.shape
     if not soft:  # native: log_softmax (the input's dtype), then nll_loss_nd's batch check
         check_batch_size(op, input, target)
     check_class_weight(op, weight, layout.classes, differentiable=soft)

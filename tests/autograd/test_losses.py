@@ -701,3 +701,22 @@ def test_first_order_gradient_is_a_constant_as_natives(options):
         assert not g.requires_grad and g.grad_fn is None, fn
         with pytest.raises(RuntimeError, match="does not require grad"):
             (g * g).sum().backward()
+
+
+def test_kdim_cross_entropy_exports_with_dynamic_batch_and_spatial_dims():
+    """validate_cross_entropy compared the input's and target's shapes element-wise, so
+    torch.export with a dynamic spatial dim d guarded d != C and refused the export
+    ('not all values of d ... satisfy the generated guard')."""
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, y):
+            return TF.cross_entropy(x, y)
+
+    batch, d = torch.export.Dim("batch", min=2), torch.export.Dim("d", min=2)
+    example = (torch.randn(4, 3, 5), torch.randint(3, (4, 5)))
+    exported = torch.export.export(
+        Loss(), example, dynamic_shapes=({0: batch, 2: d}, {0: batch, 1: d})
+    )
+    for rows, size in [(7, 9), (2, 3)]:  # d = 3 = C too
+        x, y = torch.randn(rows, 3, size), torch.randint(3, (rows, size))
+        torch.testing.assert_close(exported.module()(x, y), F.cross_entropy(x, y))
