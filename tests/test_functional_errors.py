@@ -408,3 +408,14 @@ def test_linear_cross_entropy_target_size_mismatch_is_a_value_error_first_as_nat
     message = "takes one class index" if rows is None else r"batch_size \(6\).*\(4\)"
     with pytest.raises(ValueError, match=message):
         TF.linear_cross_entropy(x, torch.randn(5, 3), target, weight=int_weight)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_bad_dtype_argument_is_reported_before_a_bad_dim_as_native(name):
+    """Native parses ``dtype`` before it looks at ``dim``: with both wrong it raises the
+    dtype's TypeError, where torchbp raised the dim's IndexError."""
+    x = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        getattr(torch.nn.functional, name)(x, 2, dtype="float32")
+    with pytest.raises(TypeError, match="dtype"):
+        getattr(TF, name)(x, 2, dtype="float32")

@@ -438,8 +438,8 @@ def _softmax_common(name, function, input, dim, stacklevel, dtype):
     _checks.check_tensor(name, input=input)
     if dim is None:
         dim = _softmax_dim(name, input.dim(), stacklevel + 1)
+    _checks.check_dtype_argument(name, dtype)  # before dim, as native parses them
     dim = _checks.softmax_dim(name, dim, input.dim())
-    _checks.check_dtype_argument(name, dtype)
     if dtype is not None:
         input = input.to(dtype)
     _checks.check_floating(name, "input", input)
