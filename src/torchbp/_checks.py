@@ -289,14 +289,16 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
     this costs one host sync, and it replaces a device-side assert).
 
     Returns whether every target is now known to be a class index in ``[0, C)`` other than
-    ``ignore_index`` (so no row is ignored and the loss needs no masks).
+    ``ignore_index`` (so no row is ignored and the loss needs no masks). Never while
+    torch.jit.trace records the call: the answer would hold for the example only, and
+    the trace would serve every later batch without the masks.
     """
     if target.dtype not in (torch.int64, torch.uint8):
         raise DTypeError(
             f"{op}: expected class-index target of dtype int64 (Long) or uint8 (Byte), "
             f"got {target.dtype}"
         )
-    if target.numel() == 0 or not values_inspectable(target):
+    if target.numel() == 0 or torch.jit.is_tracing() or not values_inspectable(target):
         return False
     low, high = torch.aminmax(target)
     low, high = int(low), int(high)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -720,3 +721,22 @@ def test_kdim_cross_entropy_exports_with_dynamic_batch_and_spatial_dims():
     for rows, size in [(7, 9), (2, 3)]:  # d = 3 = C too
         x, y = torch.randn(rows, 3, size), torch.randint(3, (rows, size))
         torch.testing.assert_close(exported.module()(x, y), F.cross_entropy(x, y))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("options", [{}, {"reduction": "none"}], ids=str)
+def test_jit_trace_serves_ignored_rows_of_later_calls(name, options):
+    """The wrappers looked at the example's class indices: with none ignored, the trace
+    recorded the unmasked loss (no ignore_index, every row counted), and the traced model
+    then failed on a batch with ignored rows, where native's trace works."""
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, y):
+            return getattr(TF, name)(x, y, **options)
+
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings
+        traced = torch.jit.trace(Loss(), (x, torch.tensor([0, 1, 2, 1])))
+    ignored = torch.tensor([0, -100, 2, -100])
+    torch.testing.assert_close(traced(x, ignored), getattr(F, name)(x, ignored, **options))
