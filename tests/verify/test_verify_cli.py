@@ -358,3 +358,62 @@ def test_a_large_module_target_is_checked_by_random_projections_unless_told(tmp_
     argv = [f"{target}:model", "--inputs", "2,80", "--skip", ",".join(others)]
     assert cli.main([*argv, "--json", str(path)]) == 0, capsys.readouterr().out
     assert json.loads(path.read_text())["meta"]["fast_mode"] is True
+
+
+SCALE_BY_CONSTANT = (
+    "import torch\n"
+    "class ScaleByConstant(torch.autograd.Function):\n"
+    "    '''x * s with s a constant: backward gives s no gradient.'''\n"
+    "    @staticmethod\n"
+    "    def forward(ctx, x, s):\n"
+    "        ctx.save_for_backward(s)\n"
+    "        return x * s\n"
+    "    @staticmethod\n"
+    "    def backward(ctx, g):\n"
+    "        (s,) = ctx.saved_tensors\n"
+    "        return g * s, None\n"
+)
+
+
+def test_grad_inputs_leaves_an_input_out_of_the_target_check(tmp_path, capsys):
+    # check_function's grad_inputs had no command-line form: a Function that gives a
+    # constant input no gradient could not be checked from the CLI at all
+    module = tmp_path / "scale_by_constant.py"
+    module.write_text(SCALE_BY_CONSTANT)
+    argv = [f"{module}:ScaleByConstant", "--inputs", "3,4;4", "--no-compile"]
+    assert cli.main(argv) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "grad_inputs=(0,)" in out and "--grad-inputs 0" in out
+    path = tmp_path / "report.json"
+    assert cli.main([*argv, "--grad-inputs", "0", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["meta"]["grad_inputs"] == [0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("3", "--grad-inputs '3': there is no input 3; --inputs gives 3 input(s), positions 0"),
+        ("-4", "there is no input -4"),
+        ("0,x", "--grad-inputs '0,x': an input position is an integer"),
+        ("0,", "--grad-inputs '0,': give input positions separated by commas"),
+        ("", "give input positions separated by commas"),
+        ("0,-3", "--grad-inputs '0,-3': input 0 is named twice"),
+        ("1", "--grad-inputs '1': input 1 is a torch.int64 tensor, which cannot require"),
+        ("2", "input 2 is a Python value, which cannot require gradients"),
+    ],
+)
+def test_bad_grad_inputs_is_a_usage_error_naming_the_flag(spec, needle, capsys):
+    argv = [f"{CORRECT_FILE}:PickedLoss", "--inputs", "4,5;int:4<5;=-100", "--no-compile"]
+    assert cli.main([*argv, "--grad-inputs", spec]) == 2
+    assert needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_grad_inputs_applies_only_to_a_target(capsys):
+    assert cli.main(["--op", "relu", "--no-progress", "--grad-inputs", "0"]) == 2
+    assert "--grad-inputs applies only to a target" in " ".join(capsys.readouterr().err.split())
+
+
+def test_help_describes_grad_inputs(capsys):
+    assert cli.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--grad-inputs I,J" in out and "inputs to differentiate" in out

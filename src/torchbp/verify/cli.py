@@ -14,6 +14,7 @@ Examples:
     $ torchbp-verify --op cross_entropy --op linear --dtype float64 --fast
     $ torchbp-verify --device cuda --json verify-cuda.json
     $ torchbp-verify mypkg.ops:MyLinear --inputs "4,5;3,5;3" --reference torch.nn.functional:linear
+    $ torchbp-verify mypkg.ops:MyScale --inputs "4,5;5" --grad-inputs 0
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CHECK",
         help="checks to leave out, of the target or of every op (comma-separated)",
     )
+    p.add_argument(
+        "--grad-inputs",
+        metavar="I,J",
+        help=(
+            "positions (from 0, in --inputs order) of the target's inputs to differentiate; "
+            "default: every floating tensor input"
+        ),
+    )
     p.add_argument("--seed", type=int, help="seed of the target's inputs (default 0)")
     p.add_argument(
         "--device",
@@ -172,7 +181,12 @@ def _split(values: Sequence[str] | None) -> list[str]:
 
 
 #: The options that only a target (module:Symbol --inputs SPEC) takes, by attribute.
-TARGET_ONLY = {"reference": "--reference", "require": "--require", "seed": "--seed"}
+TARGET_ONLY = {
+    "reference": "--reference",
+    "require": "--require",
+    "grad_inputs": "--grad-inputs",
+    "seed": "--seed",
+}
 
 
 def _refuse_target_only(args: argparse.Namespace) -> None:
@@ -472,6 +486,40 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _grad_inputs(spec: str | None, inputs: Sequence[Any]) -> tuple[int, ...] | None:
+    """The positions ``--grad-inputs`` names (None without it), each that of a floating
+    or complex tensor among ``inputs`` and given once; a usage error naming the flag otherwise."""
+    if spec is None:
+        return None
+    flag = f"--grad-inputs {spec!r}"
+    parts = [s.strip() for s in spec.split(",")]
+    if not all(parts):
+        raise UsageError(f"{flag}: give input positions separated by commas, e.g. 0,2")
+    try:
+        given = [int(s) for s in parts]
+    except ValueError:
+        raise UsageError(f"{flag}: an input position is an integer, e.g. 0,2") from None
+    positions: list[int] = []
+    for i in given:
+        if not -len(inputs) <= i < len(inputs):
+            raise UsageError(
+                f"{flag}: there is no input {i}; --inputs gives {len(inputs)} input(s), "
+                f"positions 0 to {len(inputs) - 1}"
+            )
+        i %= len(inputs)
+        if i in positions:
+            raise UsageError(f"{flag}: input {i} is named twice; give each position once")
+        x = inputs[i]
+        if not (isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())):
+            kind = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else "a Python value"
+            raise UsageError(
+                f"{flag}: input {i} is {kind}, which cannot require gradients; name only "
+                "floating or complex tensor inputs"
+            )
+        positions.append(i)
+    return tuple(positions)
+
+
 def _require_module_dtype(role: str, target: Any, dtype_given: bool) -> None:
     """A usage error naming ``--dtype`` for an ``nn.Module`` target or reference whose
     floating parameters are not float64, when no ``--dtype`` was given: the inputs are
@@ -502,8 +550,11 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         for role, value in (("the target", fn), ("the reference", reference)):
             _require_module_dtype(role, value, bool(args.dtype))
         inputs = parse_inputs(args.inputs, 0 if args.seed is None else args.seed)
+        grad_inputs = _grad_inputs(args.grad_inputs, inputs)
         torch.set_num_threads(args.threads)
-        report = check_function(fn, *inputs, reference=reference, **options)
+        report = check_function(
+            fn, *inputs, reference=reference, grad_inputs=grad_inputs, **options
+        )
     except (UsageError, TargetError, TypeError, ValueError) as exc:
         _print_error(err_console, str(exc))
         return 2

@@ -310,7 +310,10 @@ def _missing_gradients_hint(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> 
         )
         if kept:
             them = "them" if several else "it"
-            ways.append(f"leave {them} out of the differentiated inputs with grad_inputs={kept!r}")
+            ways.append(
+                f"leave {them} out of the differentiated inputs with grad_inputs={kept!r} "
+                f"(torchbp-verify: --grad-inputs {','.join(map(str, kept))})"
+            )
     if any(ctx.grad_idx[k] in ctx.parameter_names for k in missing):
         ways.append("freeze the parameter with requires_grad_(False)")
     which = "require" if several else "requires"
