@@ -1,0 +1,71 @@
+"""The checks are no weaker than they say: each test plants a bug just outside a check's
+tolerance, or where only one part of a check looks, that a weakened check (a tolerance
+loosened, a comparison left out) would pass. Found by mutation testing of the checks
+(experiments/results/mutation_verify.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.verify import check_function
+
+
+def _x(*shape, dtype=torch.float64):
+    return torch.linspace(-2.0, 3.0, int(torch.Size(shape).numel()), dtype=dtype).reshape(shape)
+
+
+class SigmoidWithBackwardError(torch.autograd.Function):
+    """sigmoid whose backward is off: relatively by ``REL`` and absolutely by ``ABS`` in
+    every Jacobian entry (the off-diagonal zeros too)."""
+
+    REL = 0.0
+    ABS = 0.0
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @classmethod
+    def backward(cls, ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * y * (1 - y) * (1 + cls.REL) + cls.ABS * g.sum()
+
+
+class RelativeBackwardError(SigmoidWithBackwardError):
+    REL = 3e-3  # gradcheck's rtol is 1e-3
+
+
+class AbsoluteBackwardError(SigmoidWithBackwardError):
+    ABS = 5e-5  # gradcheck's atol is 1e-5
+
+
+def test_gradcheck_fails_a_relative_backward_error_of_three_times_rtol():
+    result = check_function(RelativeBackwardError.apply, _x(5), checks="gradcheck")
+    assert result["gradcheck"].failed, result
+
+
+def test_gradcheck_fails_an_absolute_error_of_five_times_atol_in_a_zero_entry():
+    result = check_function(AbsoluteBackwardError.apply, _x(5), checks="gradcheck")
+    assert result["gradcheck"].failed, result
+
+
+def test_reference_check_fails_a_float64_output_relatively_off_by_3e_7():
+    x = torch.full((4,), 3.0, dtype=torch.float64)  # tanh(3) ~ 1: tolerance ~ 2e-7
+    result = check_function(
+        lambda t: torch.tanh(t) * (1 + 3e-7), x, reference=torch.tanh, checks="reference"
+    )
+    assert result["reference"].failed, result
+
+
+def test_reference_check_fails_a_float32_output_relatively_off_by_3e_5():
+    x = torch.full((4,), 3.0)
+    result = check_function(
+        lambda t: torch.tanh(t) * (1 + 3e-5),
+        x,
+        reference=torch.tanh,
+        checks="reference",
+        dtype=torch.float32,
+    )
+    assert result["reference"].failed, result
