@@ -69,3 +69,14 @@ def test_reference_check_fails_a_float32_output_relatively_off_by_3e_5():
         dtype=torch.float32,
     )
     assert result["reference"].failed, result
+
+
+def test_reference_check_compares_every_output():
+    def second_output_off(t):
+        return torch.sin(t), torch.cos(t) * 1.01
+
+    def sin_cos(t):
+        return torch.sin(t), torch.cos(t)
+
+    result = check_function(second_output_off, _x(4), reference=sin_cos, checks="reference")
+    assert result["reference"].failed and "output 1" in result["reference"].message, result
