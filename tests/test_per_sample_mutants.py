@@ -66,3 +66,51 @@ def test_float16_2d_norms_of_inputs_beyond_float16s_range(mode):
         # Σ_i c_i G_i with c_i = 1/norm: 3 · (1e-4 · 30000) / norm in each element
         expected = torch.full((1, 8), 3 * w[0, 0].item() * 30000.0 / norm, dtype=torch.float16)
         torch.testing.assert_close(layer.weight.grad, expected, rtol=2e-3, atol=0)
+
+
+def _clip_step(model, x, target, max_norm=0.5):
+    """A clip-mode context whose backward ran (the caller adds the noise)."""
+    ps = per_sample_grads(model, mode="clip", max_norm=max_norm)
+    with ps:
+        torchbp.functional.cross_entropy(model(x), target, reduction="sum").backward()
+    return ps
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1e-3])
+def test_add_noise_adds_to_the_clipped_gradient(sigma):
+    """The noise is added to the clipped sum, which stays in p.grad: σ = 0 leaves it as it
+    was, and σ > 0 moves it by the noise alone (drawn again here from the same seed). A
+    p.grad replaced by the noise passed the statistical checks of the noise, whose clipped
+    sums are tiny next to σC."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(5, 3)).double()
+    x, target = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    with per_sample_grads(model, mode="clip", max_norm=0.5) as ps:
+        torchbp.functional.cross_entropy(model(x), target, reduction="sum").backward()
+        clipped = [p.grad.clone() for p in ps.parameters]
+        assert all(c.abs().max() > 0.01 for c in clipped)
+        ps.add_noise(sigma, generator=torch.Generator().manual_seed(3))
+    for p, c in zip(ps.parameters, clipped):
+        noise = p.grad - c
+        if sigma == 0.0:
+            assert torch.equal(p.grad, c)
+        else:
+            # (σC = 5e-4: the noise, not the clipped sum, is what remains)
+            assert noise.abs().max() < 20 * sigma * 0.5
+            assert (noise != 0).all()
+
+
+def test_add_noise_reaches_every_element_of_a_large_parameter():
+    """Every element gets its own noise, across the CPU chunks (300,500 weight elements:
+    two chunks, the last one partial). An element left out of the chunks would keep its
+    clipped value, unprotected."""
+    from torchbp.per_sample.noise import CHUNK
+
+    torch.manual_seed(0)
+    layer = torchbp.nn.Linear(600, 501)
+    assert CHUNK < layer.weight.numel() < 2 * CHUNK
+    with per_sample_grads(layer, mode="clip", max_norm=1.0) as ps:
+        layer(torch.randn(0, 600)).sum().backward()  # empty batch: zero clipped grads
+        ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
+    for p in ps.parameters:
+        assert (p.grad != 0).all()
