@@ -80,3 +80,26 @@ def test_reference_check_compares_every_output():
 
     result = check_function(second_output_off, _x(4), reference=sin_cos, checks="reference")
     assert result["reference"].failed and "output 1" in result["reference"].message, result
+
+
+class SquareCountingBackwards(torch.autograd.Function):
+    """x ** 2 whose backward keeps a count on ctx and scales by it: right the first time
+    through a graph, doubled the second (retain_graph=True)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.backwards = 0
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ctx.backwards += 1
+        return g * 2 * x * ctx.backwards
+
+
+def test_mutation_compares_a_second_backward_through_the_same_graph():
+    result = check_function(SquareCountingBackwards.apply, _x(4), checks="mutation")
+    assert result["mutation"].failed, result
+    assert "a second backward through the same graph" in result["mutation"].message
