@@ -68,14 +68,6 @@ def test_float16_2d_norms_of_inputs_beyond_float16s_range(mode):
         torch.testing.assert_close(layer.weight.grad, expected, rtol=2e-3, atol=0)
 
 
-def _clip_step(model, x, target, max_norm=0.5):
-    """A clip-mode context whose backward ran (the caller adds the noise)."""
-    ps = per_sample_grads(model, mode="clip", max_norm=max_norm)
-    with ps:
-        torchbp.functional.cross_entropy(model(x), target, reduction="sum").backward()
-    return ps
-
-
 @pytest.mark.parametrize("sigma", [0.0, 1e-3])
 def test_add_noise_adds_to_the_clipped_gradient(sigma):
     """The noise is added to the clipped sum, which stays in p.grad: σ = 0 leaves it as it
@@ -114,3 +106,40 @@ def test_add_noise_reaches_every_element_of_a_large_parameter():
         ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
     for p in ps.parameters:
         assert (p.grad != 0).all()
+
+
+def test_variance_of_identical_samples_is_never_negative():
+    """Identical samples have no spread: p.grad_variance is 0. Formed as
+    Σ_i G_i²/B − (Σ_i G_i/B)², float32 rounding leaves some elements slightly below 0
+    (about −1e-6 here), whose square root, the standard deviation an optimizer reads, is
+    nan: the difference is clamped at 0."""
+    torch.manual_seed(0)
+    layer = torchbp.nn.Linear(16, 8)
+    x = torch.randn(1, 16).expand(10, 16).contiguous()
+    w = torch.randn(1, 8).expand(10, 8).contiguous()  # g = dL/dy = w exactly
+    with per_sample_grads(layer, mode="norms", statistics=True):
+        (layer(x) * w).sum().backward()
+    for p in (layer.weight, layer.bias):
+        assert (p.grad_variance >= 0).all()
+        assert p.grad_variance.sqrt().isfinite().all()
+        torch.testing.assert_close(p.grad_variance, torch.zeros_like(p), rtol=0, atol=1e-4)
+
+
+def test_second_backward_through_a_one_layer_model_after_an_input_only_backward_refused():
+    """torch.autograd.grad w.r.t. the input passes the layer but reaches no parameter, so
+    nothing marks the end of that backward; the training step's forward, made after it, is
+    a second backward through the layer and is refused (with one layer, the earlier
+    backward's filing is the latest one: its count equals the new call's). Summed with the
+    first, both samples' gradients would be counted twice, silently."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 3))
+    x, target = torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 0, 1])
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        loss = torchbp.functional.cross_entropy(model(x), target)
+        (grad_x,) = torch.autograd.grad(loss, x)
+        adversarial = x.detach() + grad_x.sign()
+        with pytest.raises(RuntimeError, match="second backward"):
+            torchbp.functional.cross_entropy(model(adversarial), target).backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+    assert all(p.grad is None for p in model.parameters())
