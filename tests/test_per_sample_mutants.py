@@ -143,3 +143,20 @@ def test_second_backward_through_a_one_layer_model_after_an_input_only_backward_
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("shared", ["weight", "bias"])
+def test_trainable_parameter_shared_by_two_linears_refused_by_name(shared):
+    """A trainable parameter tied between two Linears gets the sum of both layers'
+    contributions, G_i = G_i¹ + G_i², whose norm is not the two layers' norms combined
+    (‖G_i¹‖² + ‖G_i²‖² leaves out the cross term): refused before any forward, naming
+    both modules."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(4, 4), torchbp.nn.Tanh(), torchbp.nn.Linear(4, 4)
+    ).double()
+    setattr(model[2], shared, getattr(model[0], shared))
+    with pytest.raises(
+        ValueError, match=r"'2' \(Linear\) shares a trainable parameter with '0' \(Linear\)"
+    ):
+        per_sample_grads(model)
