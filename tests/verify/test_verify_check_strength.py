@@ -103,3 +103,34 @@ def test_mutation_compares_a_second_backward_through_the_same_graph():
     result = check_function(SquareCountingBackwards.apply, _x(4), checks="mutation")
     assert result["mutation"].failed, result
     assert "a second backward through the same graph" in result["mutation"].message
+
+
+class MulBatchingEveryInput(torch.autograd.Function):
+    """x * y whose vmap rule assumes every input is batched: vmap with a shared (unbatched,
+    ``in_dims=None``) y raises."""
+
+    @staticmethod
+    def forward(x, y):
+        return x * y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        return g * y, g * x
+
+    @staticmethod
+    def vmap(info, in_dims, x, y):
+        dx, dy = in_dims
+        return MulBatchingEveryInput.apply(x.movedim(dx, 0), y.movedim(dy, 0)), 0
+
+
+def test_vmap_in_dims_tries_an_unbatched_input():
+    report = check_function(
+        MulBatchingEveryInput.apply, _x(3, 4), _x(3, 4) + 1, checks=["vmap", "vmap_in_dims"]
+    )
+    assert report["vmap"].passed and report["vmap_in_dims"].failed, report
+    assert "in_dims=None" in report["vmap_in_dims"].message
