@@ -160,3 +160,20 @@ def test_trainable_parameter_shared_by_two_linears_refused_by_name(shared):
         ValueError, match=r"'2' \(Linear\) shares a trainable parameter with '0' \(Linear\)"
     ):
         per_sample_grads(model)
+
+
+def test_add_noise_to_the_gradient_of_a_weight_stored_transposed():
+    """The p.grad of a weight stored transposed is laid out like it (not contiguous), so
+    it cannot be flattened into chunks: it gets its noise drawn whole. Flattened with
+    view(-1), add_noise failed midway, after noising the parameters before it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 3), torchbp.nn.Tanh(), torchbp.nn.Linear(3, 2))
+    model[2].weight = torch.nn.Parameter(model[2].weight.detach().t().contiguous().t())
+    x, target = torch.randn(5, 4), torch.tensor([0, 1, 0, 1, 1])
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        torchbp.functional.cross_entropy(model(x), target, reduction="sum").backward()
+        assert not model[2].weight.grad.is_contiguous()
+        clipped = [p.grad.clone() for p in ps.parameters]
+        ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
+    for p, c in zip(ps.parameters, clipped):
+        assert (p.grad != c).all()
