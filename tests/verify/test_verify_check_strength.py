@@ -134,3 +134,26 @@ def test_vmap_in_dims_tries_an_unbatched_input():
     )
     assert report["vmap"].passed and report["vmap_in_dims"].failed, report
     assert "in_dims=None" in report["vmap_in_dims"].message
+
+
+class MulUnderTheWrongFlag(torch.autograd.Function):
+    """x * y whose gradient of x is computed under y's needs_input_grad flag: None when only
+    x requires grad (a frozen y)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return x * y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        gx = g * y if ctx.needs_input_grad[1] else None
+        gy = g * x if ctx.needs_input_grad[1] else None
+        return gx, gy
+
+
+def test_needs_input_grad_tries_each_of_two_inputs_alone():
+    report = check_function(MulUnderTheWrongFlag.apply, _x(4), _x(4) + 1, checks="needs_input_grad")
+    result = report["needs_input_grad"]
+    assert result.failed and "only input 0 requires grad" in result.message, report
