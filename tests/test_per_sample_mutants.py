@@ -177,3 +177,23 @@ def test_add_noise_to_the_gradient_of_a_weight_stored_transposed():
         ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
     for p, c in zip(ps.parameters, clipped):
         assert (p.grad != c).all()
+
+
+def test_reentrant_split_after_an_input_only_backward_refused_naming_the_checkpoint():
+    """An input-only backward through the first layer comes first (so the split is not
+    caught at the first Linear backward), then a reentrant checkpoint of the head: its
+    inner backward ends the recording, and the outer one, reaching the first layer, is
+    refused naming the reentrant checkpoint and use_reentrant=False, not as a 'second
+    backward' to be fixed by a new context per step."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 6), torchbp.nn.Tanh(), torchbp.nn.Linear(6, 3))
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model):
+        torch.autograd.grad(model[0](x).sum(), x)
+        out = checkpoint(model[2:], model[:2](x), use_reentrant=True)
+        with pytest.raises(
+            RuntimeError, match=r"Linear '0'.*reentrant activation checkpoint.*use_reentrant=False"
+        ):
+            out.sum().backward()
