@@ -157,3 +157,31 @@ def test_needs_input_grad_tries_each_of_two_inputs_alone():
     report = check_function(MulUnderTheWrongFlag.apply, _x(4), _x(4) + 1, checks="needs_input_grad")
     result = report["needs_input_grad"]
     assert result.failed and "only input 0 requires grad" in result.message, report
+
+
+class SquareWithAFlagFlippedByBackward(torch.autograd.Function):
+    """x ** 2 whose forward reads a class flag into ctx that each backward flips: each call
+    followed by its backward sees the flag its predecessor left, but of two calls made
+    before either backward the second sees the flag the first saw - wrong only for the
+    second call."""
+
+    flag = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.flag = SquareWithAFlagFlippedByBackward.flag
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        SquareWithAFlagFlippedByBackward.flag ^= 1
+        return g * 2 * x * (1 + ctx.flag)
+
+
+def test_interleave_compares_the_gradients_of_the_second_call():
+    SquareWithAFlagFlippedByBackward.flag = 0
+    report = check_function(SquareWithAFlagFlippedByBackward.apply, _x(4), checks="interleave")
+    result = report["interleave"]
+    assert result.failed and "of the second of two calls" in result.message, report
