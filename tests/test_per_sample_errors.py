@@ -444,6 +444,43 @@ def test_second_backward_after_an_input_only_backward_refused(mode):
 
 
 @pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_reentrant_checkpoint_after_an_input_only_backward_writes_no_grad(mode):
+    """An input-only backward through the first layer, then a forward whose head runs in
+    a reentrant checkpoint: that checkpoint's inner backward is a backward of its own,
+    which used to be formed (writing the head's p.grad) before the outer backward reached
+    the first layer and was refused. It is refused at the head, before anything is
+    formed, and every p.grad is left as it was."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model, mode=mode, max_norm=1.0 if mode == "clip" else None) as ps:
+        torch.autograd.grad(model[0](x).sum(), x)
+        out = checkpoint(model[2:], model[:2](x), use_reentrant=True)
+        with pytest.raises(RuntimeError, match=r"second backward.*Linear '2'.*Linear '0'"):
+            out.sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+        assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_backward_after_an_input_only_backward_through_other_layers_refused():
+    """A backward after an input-only one is a second backward even when it passes none
+    of the layers the first did; it was refused only at a layer both passed, so one
+    through other layers was formed as the context's one backward."""
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model) as ps:
+        torch.autograd.grad(model[0](x).sum(), x)
+        with pytest.raises(RuntimeError, match=r"second backward.*Linear '2'.*Linear '0'"):
+            model[2](torch.randn(5, 6)).sum().backward()
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
 def test_backward_with_inputs_sets_only_their_grads(mode):
     """loss.backward(inputs=[...]) accumulates into those parameters only, as autograd
     does; before, the context formed p.grad for every recorded layer."""

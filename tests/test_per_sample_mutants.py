@@ -182,9 +182,9 @@ def test_add_noise_to_the_gradient_of_a_weight_stored_transposed():
 def test_reentrant_split_after_an_input_only_backward_refused_naming_the_checkpoint():
     """An input-only backward through the first layer comes first (so the split is not
     caught at the first Linear backward), then a reentrant checkpoint of the head: its
-    inner backward ends the recording, and the outer one, reaching the first layer, is
-    refused naming the reentrant checkpoint and use_reentrant=False, not as a 'second
-    backward' to be fixed by a new context per step."""
+    inner backward, a second backward, is refused at the recomputed head, naming the layer
+    the earlier backward passed, the reentrant checkpoint and use_reentrant=False, not
+    only as a 'second backward' to be fixed by a new context per step."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)

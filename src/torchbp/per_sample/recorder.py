@@ -38,11 +38,11 @@ class Recorder:
         self.check_parameters = check_parameters
         self.finalised = False
         self.closed = False  # the context has exited
-        # backward calls filed so far, and per layer (by id) the count after its latest:
-        # a layer filed before one of its forward calls was made belongs to an earlier
-        # backward (one that reached no trainable parameter, so nothing marked its end)
+        # backward calls filed so far, and the names of the layers they passed: a call
+        # made after a filing belongs to a later backward than that filing's (one that
+        # reached no trainable parameter, so nothing marked its end)
         self.recordings = 0
-        self.layer_recorded_at: dict[int, int] = {}
+        self.filed_layer_names: dict[str, None] = {}
         # a backward was refused before the results were formed: they never will be
         self.failed = False
         # the recording was ended by the inner backward of a reentrant checkpoint
@@ -196,15 +196,11 @@ class Use:
                 "inside one context; a context records one forward and backward: open a "
                 "new one per step"
             )
-        if self._made_after_a_backward_through_the_layer():
-            self.recorder.failed = True
-            raise RuntimeError(
-                f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
-                "inside one context (an earlier backward, e.g. torch.autograd.grad w.r.t. "
-                "the input, already went through it); a context records one forward and "
-                "backward: open a new one per step (with activation checkpointing of a "
-                "Linear also used outside the segment, use use_reentrant=False)"
-            )
+        # every call of one forward is made before its backward files anything; so is
+        # a reentrant checkpoint's recomputation of a segment holding every trainable
+        # call (a trainable call filed before the segment is a split, refused above)
+        if self.born:
+            self._refuse_call_made_after_a_backward()
         if self.layer.weight is not None and x is None:
             # the weight did not require grad at the forward, so x was not saved
             self.recorder.failed = True
@@ -235,8 +231,31 @@ class Use:
         g = g.reshape(batch, positions, g.shape[-1])
         self.layer.traces.append((a, g))
         self.recorder.recordings += 1
-        self.recorder.layer_recorded_at[id(self.layer)] = self.recorder.recordings
+        self.recorder.filed_layer_names[self.layer.name] = None
         return False
+
+    def _refuse_call_made_after_a_backward(self) -> None:
+        """Refuse this call, made (or recomputed by a reentrant checkpoint) after an
+        earlier backward filed its calls: a second backward, whichever layers the two
+        pass. Raised at its first Linear, before anything of it is filed or formed (a
+        reentrant checkpoint's inner backward would otherwise form, and write p.grad,
+        before the outer one reaches the rest)."""
+        self.recorder.failed = True
+        earlier = ", ".join(map(repr, self.recorder.filed_layer_names))
+        recomputed = ""
+        if inside_reentrant_checkpoint():
+            recomputed = (
+                f" (Linear {self.layer.name!r} was recomputed by a reentrant activation "
+                "checkpoint (use_reentrant=True): with one, only a segment holding every "
+                "trainable Linear call works; else use use_reentrant=False)"
+            )
+        raise RuntimeError(
+            f"per_sample_grads: a second backward inside one context: Linear "
+            f"{self.layer.name!r} was called after an earlier backward (e.g. "
+            f"torch.autograd.grad w.r.t. the input) had passed Linear {earlier}; a context "
+            "records one forward and backward: open it after such a backward, or a new one "
+            f"per step{recomputed}"
+        )
 
     def _refuse_split_segments(self) -> None:
         """At the first Linear backward, before any gradient is formed: refuse a forward
@@ -268,12 +287,6 @@ class Use:
         if inside_reentrant_checkpoint():
             return True
         return self.recorder.ended_in_checkpoint and not self.born_after_the_end
-
-    def _made_after_a_backward_through_the_layer(self) -> bool:
-        """Whether this call's forward ran after a backward through its layer was filed
-        (several calls of a layer in one forward are all made before its backward)."""
-        recorded_at = self.recorder.layer_recorded_at.get(id(self.layer))
-        return recorded_at is not None and recorded_at <= self.born
 
 
 def inside_reentrant_checkpoint() -> bool:
