@@ -465,6 +465,26 @@ def test_reentrant_checkpoint_after_an_input_only_backward_writes_no_grad(mode):
         _ = ps.norms
 
 
+def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
+    """A second step inside one context, through a reentrant checkpoint holding every
+    trainable Linear (which works), is a second backward: it was refused as a backward
+    'after the recording had ended, in the same backward', advising use_reentrant=False,
+    which would not have helped. The first step's results stay."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model) as ps:
+        checkpoint(model, x, use_reentrant=True).sum().backward()
+        grads, norms = [p.grad.clone() for p in model.parameters()], ps.norms.clone()
+        out = checkpoint(model, x, use_reentrant=True)
+        with pytest.raises(RuntimeError, match="second backward") as refusal:
+            out.sum().backward()
+    assert "use_reentrant=False" not in str(refusal.value)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(ps.norms, norms)
+
+
 def test_backward_after_an_input_only_backward_through_other_layers_refused():
     """A backward after an input-only one is a second backward even when it passes none
     of the layers the first did; it was refused only at a layer both passed, so one

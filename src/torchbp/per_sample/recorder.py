@@ -181,6 +181,11 @@ class Use:
             )
         if not self.recorder.segments.checked:
             self._refuse_split_segments()
+        # every call of one forward is made before its backward files anything; so is
+        # a reentrant checkpoint's recomputation of a segment holding every trainable
+        # call (a trainable call filed before the segment is a split, refused above)
+        if self.born:
+            self._refuse_call_made_after_a_backward()
         if self.recorder.finalised and not self.recorded and self._cut_by_a_checkpoint():
             raise RuntimeError(
                 f"per_sample_grads: the backward through Linear {self.layer.name!r} came "
@@ -196,11 +201,6 @@ class Use:
                 "inside one context; a context records one forward and backward: open a "
                 "new one per step"
             )
-        # every call of one forward is made before its backward files anything; so is
-        # a reentrant checkpoint's recomputation of a segment holding every trainable
-        # call (a trainable call filed before the segment is a split, refused above)
-        if self.born:
-            self._refuse_call_made_after_a_backward()
         if self.layer.weight is not None and x is None:
             # the weight did not require grad at the forward, so x was not saved
             self.recorder.failed = True
@@ -239,7 +239,15 @@ class Use:
         earlier backward filed its calls: a second backward, whichever layers the two
         pass. Raised at its first Linear, before anything of it is filed or formed (a
         reentrant checkpoint's inner backward would otherwise form, and write p.grad,
-        before the outer one reaches the rest)."""
+        before the outer one reaches the rest). After the context's recorded backward,
+        whose results stay, it is that backward's second."""
+        if self.recorder.finalised:
+            raise RuntimeError(
+                f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
+                "inside one context (it was called after the context's backward was "
+                "recorded); a context records one forward and backward: open a new one per "
+                "step"
+            )
         self.recorder.failed = True
         earlier = ", ".join(map(repr, self.recorder.filed_layer_names))
         recomputed = ""
