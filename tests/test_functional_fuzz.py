@@ -490,12 +490,14 @@ def linear_cross_entropy_calls(draw):
     return "linear_cross_entropy", native, ours, [x, w, target], kwargs
 
 
+# native's linear_cross_entropy is new in torch 2.13 (the suite runs on 2.11 too)
+HAS_NATIVE_LCE = hasattr(F, "linear_cross_entropy")
 calls = st.one_of(
     activation_calls(),
     softmax_calls(),
     linear_calls(),
     loss_calls(),
-    linear_cross_entropy_calls(),
+    *([linear_cross_entropy_calls()] if HAS_NATIVE_LCE else []),
 )
 
 
@@ -525,7 +527,16 @@ def test_k_dim_probability_target_without_classes_matches_native():
 
 
 @pytest.mark.parametrize("offset", [1e4, 1e6])
-@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cross_entropy",
+        pytest.param(
+            "linear_cross_entropy",
+            marks=pytest.mark.skipif(not HAS_NATIVE_LCE, reason="native's needs torch 2.13"),
+        ),
+    ],
+)
 def test_probability_target_gradient_of_large_logits_matches_native(name, offset):
     # ∂loss/∂t = -logp was formed as z - lse: at |z| = 1e6 (float32) lse's rounding
     # (ulp 0.06) left 0.875 where native's log-softmax gives 0.862
