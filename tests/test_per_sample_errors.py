@@ -465,6 +465,28 @@ def test_reentrant_checkpoint_after_an_input_only_backward_writes_no_grad(mode):
         _ = ps.norms
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_backward_after_a_refused_one_that_filed_nothing_writes_no_grad(split):
+    """A backward refused before it filed anything (an unbatched input), caught, then
+    another one: that later backward, plain or through a reentrant checkpoint of the head
+    alone (a split no longer checked), was recorded and formed, writing p.grad (only the
+    head's for the split) and giving norms of a context that had failed. It is refused at
+    its first Linear, before anything is written, and nothing is formed."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4)
+    with per_sample_grads(model) as ps:
+        with pytest.raises(ValueError, match="leading sample dim"):
+            model(torch.randn(4)).sum().backward()
+        out = checkpoint(model[1:], model[0](x), use_reentrant=True) if split else model(x)
+        with pytest.raises(RuntimeError, match="refused an earlier backward"):
+            out.sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
     """A second step inside one context, through a reentrant checkpoint holding every
     trainable Linear (which works), is a second backward: it was refused as a backward

@@ -179,6 +179,12 @@ class Use:
                 "its per_sample_grads context had closed; call loss.backward() inside the "
                 "with block"
             )
+        if self.recorder.failed:
+            raise RuntimeError(
+                f"per_sample_grads: a backward through Linear {self.layer.name!r}, but this "
+                "context refused an earlier backward (an error that was caught), so it forms "
+                "nothing: open a new context for the step"
+            )
         if not self.recorder.segments.checked:
             self._refuse_split_segments()
         # every call of one forward is made before its backward files anything; so is
