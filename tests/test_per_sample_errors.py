@@ -507,6 +507,28 @@ def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such(
     assert torch.equal(ps.norms, norms)
 
 
+def test_later_backward_reaching_a_call_through_a_reentrant_checkpoint_refused_as_second():
+    """After the context's backward, a second one whose reentrant checkpoint reaches, through
+    its function's closure, a Linear call made before the first backward: it was refused as
+    a backward 'after the recording had ended, in the same backward', advising
+    use_reentrant=False, which would not help. It is refused as the second backward it is,
+    and the first one's results stay."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = mlp(nn.Tanh())
+    x, z = torch.randn(5, 4), torch.randn(5, 6, requires_grad=True)
+    with per_sample_grads(model) as ps:
+        out, h = model(x), model[0](x)
+        side = checkpoint(lambda t: t * h, z, use_reentrant=True)
+        out.sum().backward()
+        grads, norms = [p.grad.clone() for p in model.parameters()], ps.norms.clone()
+        with pytest.raises(RuntimeError, match="second backward through Linear '0'") as refusal:
+            side.sum().backward()
+    assert "use_reentrant=False" not in str(refusal.value)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(ps.norms, norms)
+
+
 def test_backward_after_an_input_only_backward_through_other_layers_refused():
     """A backward after an input-only one is a second backward even when it passes none
     of the layers the first did; it was refused only at a layer both passed, so one

@@ -22,7 +22,6 @@ from torchbp.per_sample.model_check import (
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.recorder import (
     Recorder,
-    inside_reentrant_checkpoint,
     running_on_this_thread,
 )
 
@@ -322,7 +321,6 @@ class PerSampleGrads:
         # (a gradient in grads came through an op other than a recorded Linear: the
         # parameter's marker has refused it already, before it reached p.grad)
         if self._has_traces():
-            self._recorder.ended_in_checkpoint = inside_reentrant_checkpoint()
             self._finalise(forms_param_grads=True)
 
     def _register_results_hook(self) -> None:

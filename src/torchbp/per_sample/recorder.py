@@ -45,8 +45,6 @@ class Recorder:
         self.filed_layer_names: dict[str, None] = {}
         # a backward was refused before the results were formed: they never will be
         self.failed = False
-        # the recording was ended by the inner backward of a reentrant checkpoint
-        self.ended_in_checkpoint = False
         # (layer, whether autocast is on for its device) for each Linear module whose
         # forward is running, innermost last (see track_calls)
         self.calling: list[tuple[Layer, bool]] = []
@@ -157,7 +155,6 @@ class Use:
         "x_shape",
         "recorded",
         "born",
-        "born_after_the_end",
         "__weakref__",  # SegmentMap holds its Uses weakly: a Use lives as long as its node
     )
 
@@ -167,7 +164,6 @@ class Use:
         self.x_shape = x_shape
         self.recorded = False
         self.born = recorder.recordings  # backward calls filed before this forward call
-        self.born_after_the_end = recorder.finalised
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         """File ``(a, g)`` as ``(B, T, features)``; return False: the Linear backward skips
@@ -192,15 +188,6 @@ class Use:
         # call (a trainable call filed before the segment is a split, refused above)
         if self.born:
             self._refuse_call_made_after_a_backward()
-        if self.recorder.finalised and not self.recorded and self._cut_by_a_checkpoint():
-            raise RuntimeError(
-                f"per_sample_grads: the backward through Linear {self.layer.name!r} came "
-                "after the recording had ended, in the same backward: a reentrant activation "
-                "checkpoint (use_reentrant=True) runs a backward of its own through its "
-                "segment, and the first backward to pass the trainable layers it reaches "
-                "ends the recording; with use_reentrant=True only a segment holding every "
-                "trainable Linear works: use use_reentrant=False"
-            )
         if self.recorded or self.recorder.finalised:
             raise RuntimeError(
                 f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
@@ -293,14 +280,6 @@ class Use:
             "use_reentrant=True only one segment holding every trainable Linear call works: "
             "use use_reentrant=False"
         )
-
-    def _cut_by_a_checkpoint(self) -> bool:
-        """Whether the recording ended (it has) within this call's own backward, by a
-        reentrant checkpoint: this is its recomputed segment's backward, or the checkpoint's
-        inner backward ended the recording after this call's forward."""
-        if inside_reentrant_checkpoint():
-            return True
-        return self.recorder.ended_in_checkpoint and not self.born_after_the_end
 
 
 def inside_reentrant_checkpoint() -> bool:
