@@ -487,6 +487,31 @@ def test_backward_after_a_refused_one_that_filed_nothing_writes_no_grad(split):
         _ = ps.norms
 
 
+def _stray_backward(model):
+    (model[2].bias * 2).sum().backward()
+
+
+def _autograd_grad_wrt_a_parameter(model):
+    torch.autograd.grad((model[2].bias * 2).sum(), model[2].bias)
+
+
+@pytest.mark.parametrize("refused", [_stray_backward, _autograd_grad_wrt_a_parameter])
+def test_backward_after_a_refusal_by_a_parameter_hook_writes_no_grad(refused):
+    """A backward refused at a parameter before any Linear filed anything (a gradient from
+    another op, torch.autograd.grad w.r.t. a parameter), caught, then a plain step: the
+    context had failed ('nothing is formed'), yet that step was recorded and formed,
+    writing p.grad and giving norms. It is refused, and nothing is formed."""
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model) as ps:
+        with pytest.raises(RuntimeError, match="per_sample_grads"):
+            refused(model)
+        with pytest.raises(RuntimeError, match="refused an earlier backward"):
+            model(torch.randn(5, 4)).sum().backward()
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
     """A second step inside one context, through a reentrant checkpoint holding every
     trainable Linear (which works), is a second backward: it was refused as a backward

@@ -286,6 +286,12 @@ class PerSampleGrads:
                     f"{dtype} number ({largest:.4g}), the dtype of the gradients"
                 )
 
+    def _fail(self) -> None:
+        """Mark the context failed while it is open: nothing is formed in it, and the
+        recorder refuses any later Linear backward before it files anything."""
+        self._state = "failed"
+        self._recorder.failed = True
+
     def _backward_cut_short(self) -> bool:
         """Whether a backward reached parameters but never completed (the multi-gradient
         hook fires at its end): an error was raised inside it, and caught."""
@@ -302,7 +308,7 @@ class PerSampleGrads:
         if self._recorder.finalised:
             return
         if self._backward_cut_short():
-            self._state = "failed"  # even if the caller caught the error
+            self._fail()  # even if the caller caught the error
         if self._state == "failed" or self._recorder.failed:
             raise RuntimeError(
                 "per_sample_grads: nothing was formed (an error was raised inside the context)"
@@ -359,7 +365,7 @@ class PerSampleGrads:
         inside the context the Linear backward hands dW, db to the recorder, not autograd."""
         if self._recorder.finalised:
             _refuse_second_backward()  # (the results formed stay)
-        self._state = "failed"  # even if the caller catches this, nothing is formed
+        self._fail()  # even if the caller catches this, nothing is formed
         raise RuntimeError(
             f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
             f"other than its recorded Linear call ({self._stray_gradient_hint(p)}); "
@@ -385,7 +391,7 @@ class PerSampleGrads:
             if not self._reached and _inside_autograd_grad():
                 # checked before the multi-gradient hook's own hook on p, which fails there
                 # with torch's internal "_will_engine_execute_node" message
-                self._state = "failed"
+                self._fail()
                 raise RuntimeError(_autograd_grad_refusal(self._name_of(p)))
             self._reached.add(id(p))
             if grad is not None:
