@@ -202,6 +202,51 @@ def test_weight_grad_accumulated_in_float32():
     assert err < 1e-2
 
 
+def half_precision_grads(dtype, reduction):
+    """(torchbp's, native's, float64 reference's) gradients of x, W and b in float64, for
+    inputs where half-precision rounding shows: 2048 rows in 32 chunks, C = 1025 classes
+    with near-uniform logits (p ≈ 1/C, so ``p_y - 1`` rounds to -1 in half precision: a
+    bias that adds up over a class's rows), the targets in 4 classes, an upstream gradient
+    that is not 1 (nor a power of 2)."""
+    n, d, c = 2048, 32, 1025
+    x, w = make((n, d), dtype, seed=1, scale=0.05), make((c, d), dtype, seed=2, scale=0.3)
+    b = torch.zeros(c, dtype=dtype)
+    t = torch.randint(4, (n,), generator=torch.Generator().manual_seed(4)) * (c // 4)
+    upstream = make((n,), torch.float64, seed=5).abs() + 0.5 if reduction == "none" else 2.7
+
+    def grads_of(fn, *inputs):
+        x_, w_, b_ = [v.detach().clone().requires_grad_() for v in inputs]
+        out = fn(x_, w_, t, b_, reduction=reduction)
+        g = upstream if reduction == "none" else torch.tensor(upstream)
+        out.backward(g.to(dtype).to(out.dtype).expand_as(out))  # a g rounded to the dtype
+        return [v.grad.double() for v in (x_, w_, b_)]
+
+    got = grads_of(lambda *a, **kw: ours(*a, chunk_size=64, **kw), x, w, b)
+    return (
+        got,
+        grads_of(reference, x, w, b),
+        grads_of(reference, x.double(), w.double(), b.double()),
+    )
+
+
+def ulps_off(got, ref, dtype):
+    """Largest ``|got - ref|`` in units of the last place of ``ref`` in ``dtype``."""
+    info = torch.finfo(dtype)
+    ulp = info.eps * torch.exp2(torch.log2(ref.abs().clamp_min(info.smallest_normal)).floor())
+    return ((got - ref).abs() / ulp).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_half_precision_bias_grad_is_rounded_once_from_float32(dtype, reduction):
+    # db = Σ_i s_i g G_i accumulated from the float32 ∂ℓ/∂z and rounded once, after the
+    # upstream gradient g: within half an ulp of the float64 reference (+ the float32
+    # sum's own error). Summing the half-rounded G (native's way, whose p_y - 1 -> -1
+    # bias adds up over a class's rows) or rounding db before multiplying by g is not.
+    got, _native, ref = half_precision_grads(dtype, reduction)
+    assert ulps_off(got[2], ref[2], dtype) <= 0.55
+
+
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13")
 def test_matches_torch_linear_cross_entropy():
     x, w, b = make((N, D), torch.float64), make((C, D), torch.float64, seed=1), None

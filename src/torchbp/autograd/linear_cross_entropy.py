@@ -139,8 +139,8 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
     ``scale``: ``None`` (no gradients), a 0-dim tensor (the same ``s`` for every row) or
     an ``(N,)`` tensor; ignored rows are zeroed here. ``want = (dx, dW, db, dt)`` flags.
     Fills ``rows_out`` (N,) with the per-row losses when given. Returns
-    ``(dx, dW, db, dt)``, ``None`` where not wanted: ``dW`` and ``db`` in the accumulation
-    dtype, ``dx`` in the input's dtype and ``dt`` in the target's.
+    ``(dx, dW, db, dt)``, ``None`` where not wanted: ``dx``, ``dW`` and ``db`` in the
+    accumulation dtype (the caller rounds them once) and ``dt`` in the target's.
     """
     x, w, b, target, weight, ignore_index, smoothing, chunk = problem
     n, d = x.shape
@@ -165,7 +165,7 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
     dx = dw = db = dt = None
     dx_parts, dt_parts = [], []
     if want_dx and inplace:
-        dx = torch.empty((n, d), dtype=x.dtype, device=dev)
+        dx = torch.empty((n, d), dtype=acc, device=dev)
     if want_dw:
         dw = torch.zeros((classes, d), dtype=acc, device=dev)
     if want_db:
@@ -218,10 +218,10 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
                 out = dx[start:stop]
                 if x.dtype == acc:
                     torch.mm(g_mm, w, out=out).mul_(s.unsqueeze(1))
-                else:  # scaled in float32, rounded once into the half-precision dx
+                else:  # scaled in float32, into the float32 dx
                     torch.mul(torch.mm(g_mm, w), s.unsqueeze(1), out=out)
             else:
-                dx_parts.append(((g_mm @ w).to(acc) * s.unsqueeze(1)).to(x.dtype))
+                dx_parts.append((g_mm @ w).to(acc) * s.unsqueeze(1))
         if want_dw:
             # dW += Gᵀ (s ⊙ x)
             xs = (xc.to(acc) * s.unsqueeze(1)).to(x.dtype)
@@ -237,7 +237,7 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
                 db = db + grad.t() @ s
     if not inplace:
         if want_dx:
-            dx = torch.cat(dx_parts) if dx_parts else x.new_zeros((n, d))
+            dx = torch.cat(dx_parts) if dx_parts else x.new_zeros((n, d), dtype=acc)
         if want_dt:
             dt = torch.cat(dt_parts) if dt_parts else target.new_zeros((n, classes))
     return dx, dw, db, dt
@@ -299,18 +299,20 @@ class LinearCrossEntropyFunction(Function):
     * ``reduction='sum'`` / ``'mean'``: the gradients are computed in forward, in the same
       chunk loop (3 matmuls in all, as the unfused pair), with ``s`` the reduction's scale.
       Saved: ``dx`` ``(N, d)``, ``dW`` ``(C, d)``, ``db`` ``(C,)`` (and ``dt`` ``(N, C)``
-      for a probability target that requires grad) — O(N·d + C·d), not O(N·C). Backward
-      multiplies them by the scalar upstream gradient: in place, handing them over as the
-      gradients, when the graph is not retained (no device sync, no second copy); into new
-      tensors with ``retain_graph=True``, which therefore works.
+      for a probability target that requires grad) — O(N·d + C·d), not O(N·C); ``dx``,
+      ``dW``, ``db`` in float32 for half inputs. Backward multiplies them by the scalar
+      upstream gradient: in place, handing them over as the gradients, when the graph is
+      not retained (no device sync, no second copy); into new tensors with
+      ``retain_graph=True``, which therefore works. Half-precision gradients are rounded
+      once, after that product (not before it as well).
     * ``reduction='none'``: the upstream gradient ``g`` (one per row) is unknown in
       forward, and ``dW = Σ_i g_i G_iᵀ x_i`` cannot be recovered from a ``g``-free summary.
       Forward computes the losses only (1 matmul) and saves the inputs; backward
       recomputes the logits chunk by chunk with ``s = g`` (3 matmuls): 4 matmuls in all.
 
-    Peak extra memory: the ``(chunk, C)`` working set plus the outputs above; ``dW`` and
-    ``db`` are accumulated in float32 for half inputs and rounded once to the parameter's
-    dtype. Nothing the caller passed is written to.
+    Peak extra memory: the ``(chunk, C)`` working set plus the outputs above; ``dx``,
+    ``dW`` and ``db`` are accumulated in float32 for half inputs and rounded once to the
+    input's / parameter's dtype, in backward. Nothing the caller passed is written to.
 
     Arguments (all positional): ``input (N, d)``, ``linear_weight (C, d)``,
     ``linear_bias (C,) | None``, ``target (N,) | (N, C)``, ``weight (C,) | None``,
@@ -359,11 +361,8 @@ class LinearCrossEntropyFunction(Function):
         loss = rows.sum()
         if reduction == "mean":
             loss = loss / denominator.to(acc)
-        # Round the float32 accumulators once, to the parameters' dtype.
-        if dw is not None:
-            dw = dw.to(linear_weight.dtype)
-        if db is not None:
-            db = db.to(linear_bias.dtype)
+        # dx, dW, db stay in the accumulation dtype: backward rounds them once, after
+        # multiplying by the upstream gradient.
         return loss, dx, dw, db, dt, anchor
 
     @staticmethod
@@ -374,6 +373,7 @@ class LinearCrossEntropyFunction(Function):
         ctx.ignore_index = ignore_index
         ctx.label_smoothing = smoothing
         ctx.chunk_size = chunk
+        ctx.grad_dtypes = tuple(t.dtype if t is not None else None for t in (x, w, b, target))
         if reduction == "none":
             # Recomputed in backward: keep the inputs (alive anyway), not the gradients.
             ctx.save_for_backward(x, w, b, target, weight, anchor)
@@ -395,9 +395,7 @@ class LinearCrossEntropyFunction(Function):
                 x, w, b, target, weight, ctx.ignore_index, ctx.label_smoothing, ctx.chunk_size
             )
             with torch.no_grad():
-                dx, dw, db, dt = _lce_chunks(problem, grad_loss, want)
-            dw = dw.to(w.dtype) if dw is not None else None
-            db = db.to(b.dtype) if db is not None else None
+                grads = _lce_chunks(problem, grad_loss, want)
         else:
             *saved, anchor = ctx.saved_tensors
             # The saved gradients already carry the reduction's scale: multiply by g. When
@@ -406,10 +404,14 @@ class LinearCrossEntropyFunction(Function):
             # (C, d) copy); with retain_graph=True (or create_graph, or under torch.func)
             # they stay untouched and the result is a new tensor.
             reuse = may_reuse_saved(grad_loss)
-            dx, dw, db, dt = (
+            grads = (
                 (t.mul_(grad_loss) if reuse else t * grad_loss.to(t.dtype))
                 if t is not None and f
                 else None
                 for t, f in zip(saved, want)
             )
+        # Rounded once, to the inputs' dtypes (from float32 for half inputs).
+        dx, dw, db, dt = (
+            g.to(dtype) if g is not None else None for g, dtype in zip(grads, ctx.grad_dtypes)
+        )
         return (*_no_double_backward((dx, dw, db, dt), (grad_loss, anchor)), *none)
