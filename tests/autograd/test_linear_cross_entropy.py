@@ -247,6 +247,20 @@ def test_half_precision_bias_grad_is_rounded_once_from_float32(dtype, reduction)
     assert ulps_off(got[2], ref[2], dtype) <= 0.55
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_half_precision_input_grad_is_no_less_accurate_than_natives(dtype, reduction):
+    # dx = s_i g (G_i W), rounded once to the half dtype: its error against the float64
+    # reference is no worse than native's cross_entropy(linear(...)) (which rounds G once
+    # and the product once), in largest and in relative (norm) error. Rounding G W to
+    # the half dtype and then scaling it (by s_i, or by g in backward) is worse.
+    got, native, ref = half_precision_grads(dtype, reduction)
+    ours_err, native_err = got[0] - ref[0], native[0] - ref[0]
+    slack = 1e-6 * ref[0].abs().max()
+    assert ours_err.abs().max() <= 1.05 * native_err.abs().max() + slack
+    assert ours_err.norm() <= 1.05 * native_err.norm() + slack
+
+
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13")
 def test_matches_torch_linear_cross_entropy():
     x, w, b = make((N, D), torch.float64), make((C, D), torch.float64, seed=1), None

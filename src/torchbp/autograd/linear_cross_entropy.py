@@ -102,6 +102,22 @@ def chunk_size_from_options(
     return max(1, min(chunk, most))
 
 
+def _mm_acc(grad: torch.Tensor, g_mm: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``G W`` in the accumulation dtype (``grad``'s), never rounded to a half dtype on the
+    way: ``grad`` is ``G`` in that dtype and ``g_mm`` the same ``G`` in ``w``'s dtype.
+    ``g_mm @ w`` when that is the accumulation dtype; ``grad @ w`` for a float32 ``w``
+    (half inputs off CUDA, ``w`` converted once by the caller); on CUDA one GEMM of the
+    half operands with a float32 output (a float32 GEMM if that is unavailable)."""
+    if g_mm.dtype == grad.dtype:
+        return torch.mm(g_mm, w)
+    if w.dtype == grad.dtype:
+        return torch.mm(grad, w)
+    try:
+        return torch.mm(g_mm, w, out_dtype=grad.dtype)  # cuBLAS: half in, fp32 out
+    except (RuntimeError, TypeError):
+        return torch.mm(grad, w.to(grad.dtype))
+
+
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` possibly half:
     each chunk's product comes out of one GEMM (fp32 accumulation inside it) and is summed
@@ -173,6 +189,9 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
     if want_dt and inplace:
         dt = torch.empty((n, classes), dtype=target.dtype, device=dev)
     w_t = w.t()
+    # W for dx's GEMM: in float32 for half inputs off CUDA, where no GEMM of half operands
+    # gives a float32 product (see _mm_acc); one (C, d) copy for the whole loop
+    w_dx = w.to(acc) if want_dx and x.dtype != acc and not x.is_cuda else w
     # One (chunk, C) buffer for the logits, reused across chunks; ce_rows builds ∂ℓ/∂z
     # in place in it (full precision), or in a second, float32 buffer (half inputs, or
     # when the soft target's gradient needs the logits afterwards).
@@ -213,15 +232,14 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
         # (The logits are no longer needed: the rounded copy goes into their buffer.)
         g_mm = grad if grad.dtype == x.dtype else z.copy_(grad)
         if want_dx:
-            # dx_i = s_i (G_i W)
-            if inplace:
-                out = dx[start:stop]
-                if x.dtype == acc:
-                    torch.mm(g_mm, w, out=out).mul_(s.unsqueeze(1))
-                else:  # scaled in float32, into the float32 dx
-                    torch.mul(torch.mm(g_mm, w), s.unsqueeze(1), out=out)
+            # dx_i = s_i (G_i W); for half inputs G W and the scaling in float32 (dx is
+            # rounded once, by the caller)
+            if inplace and x.dtype == acc:
+                torch.mm(g_mm, w, out=dx[start:stop]).mul_(s.unsqueeze(1))
+            elif inplace:
+                torch.mul(_mm_acc(grad, g_mm, w_dx), s.unsqueeze(1), out=dx[start:stop])
             else:
-                dx_parts.append((g_mm @ w).to(acc) * s.unsqueeze(1))
+                dx_parts.append(_mm_acc(grad, g_mm, w_dx) * s.unsqueeze(1))
         if want_dw:
             # dW += Gᵀ (s ⊙ x)
             xs = (xc.to(acc) * s.unsqueeze(1)).to(x.dtype)
@@ -310,7 +328,8 @@ class LinearCrossEntropyFunction(Function):
       Forward computes the losses only (1 matmul) and saves the inputs; backward
       recomputes the logits chunk by chunk with ``s = g`` (3 matmuls): 4 matmuls in all.
 
-    Peak extra memory: the ``(chunk, C)`` working set plus the outputs above; ``dx``,
+    Peak extra memory: the ``(chunk, C)`` working set plus the outputs above (and, for
+    half inputs off CUDA, a float32 copy of ``W`` for ``dx``'s GEMM); ``dx``,
     ``dW`` and ``db`` are accumulated in float32 for half inputs and rounded once to the
     input's / parameter's dtype, in backward. Nothing the caller passed is written to.
 
