@@ -692,6 +692,30 @@ def test_vmap_grad_and_jvp_run_the_unfused_pair():
     torch.testing.assert_close(jvps[0], jvps[1])
 
 
+def test_jvp_vmapped_over_targets_leaves_ignored_rows_at_zero_with_label_smoothing():
+    """vmap over class-index targets (ignored rows, label smoothing) of a jvp: the batched
+    target takes cross_entropy's out-of-place ∂ℓ/∂z, whose B must be 0 on ignored rows (no
+    ε/C share), or an ignored row's loss tangent is -(ε/C) Σ_c (dz)_c instead of native's 0."""
+    x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)
+    tangent = make((C, D), torch.float64, seed=3)
+    targets = torch.stack([hard_target((N,), seed=s, ignore=-100) for s in range(3)])
+
+    def jvp_of(fn, t):
+        return torch.func.jvp(
+            lambda w_: fn(x, w_, t, reduction="none", label_smoothing=0.2), (w,), (tangent,)
+        )
+
+    def native_lce(x_, w_, t_, **kw):
+        return F.cross_entropy(F.linear(x_, w_), t_, **kw)
+
+    got = torch.func.vmap(lambda t: jvp_of(TF.linear_cross_entropy, t))(targets)
+    # native's cross_entropy has no vmap over the target: one target at a time
+    expected = [torch.stack(r) for r in zip(*(jvp_of(native_lce, t) for t in targets))]
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    assert torch.equal(got[1][targets == -100], torch.zeros((targets == -100).sum().item()))
+
+
 @needs_native
 @pytest.mark.filterwarnings("ignore:linear_cross_entropy. ``options`` ignored:UserWarning")
 def test_module_mirrors_native_k_dim_options_and_repr():
