@@ -261,6 +261,20 @@ def test_half_precision_input_grad_is_no_less_accurate_than_natives(dtype, reduc
     assert ours_err.norm() <= 1.05 * native_err.norm() + slack
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_half_precision_weight_grad_is_no_less_accurate_than_natives(dtype, reduction):
+    # dW = Σ_chunks Gᵀ (s ⊙ x), each chunk's product formed in float32 and summed in
+    # float32: no worse than native's one GEMM over all rows. A chunk product rounded to
+    # the half dtype before the float32 sum (32 roundings), or s ⊙ x rounded to float16
+    # (subnormal for a mean over 2048 rows), is.
+    got, native, ref = half_precision_grads(dtype, reduction)
+    ours_err, native_err = got[1] - ref[1], native[1] - ref[1]
+    slack = 1e-6 * ref[1].abs().max()
+    assert ours_err.abs().max() <= 1.05 * native_err.abs().max() + slack
+    assert ours_err.norm() <= 1.05 * native_err.norm() + slack
+
+
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13")
 def test_matches_torch_linear_cross_entropy():
     x, w, b = make((N, D), torch.float64), make((C, D), torch.float64, seed=1), None

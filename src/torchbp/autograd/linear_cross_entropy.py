@@ -118,20 +118,23 @@ def _mm_acc(grad: torch.Tensor, g_mm: torch.Tensor, w: torch.Tensor) -> torch.Te
         return torch.mm(grad, w.to(grad.dtype))
 
 
-def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in the accumulation dtype and ``a``, ``b`` possibly half:
-    each chunk's product comes out of one GEMM (fp32 accumulation inside it) and is summed
-    across chunks in ``acc``'s dtype, so there is no bf16 drift over many chunks."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+def _addmm_acc(dw: torch.Tensor, grad: torch.Tensor, g_mm: torch.Tensor, xs: torch.Tensor):
+    """``dW += Gᵀ xs`` with ``dW``, ``grad`` (``G``) and ``xs`` (``s ⊙ x``) in the
+    accumulation dtype and ``g_mm`` the same ``G`` in the input's dtype: each chunk's
+    product is formed in the accumulation dtype (never rounded to a half dtype, nor ``xs``,
+    which for float16 and ``mean`` over many rows would be subnormal) and summed across
+    chunks in it, so there is no half-precision drift over many chunks. On CUDA one GEMM of
+    the half operands with a float32 output; elsewhere a float32 GEMM."""
+    if g_mm.dtype == dw.dtype:
+        dw.addmm_(g_mm.t(), xs)
         return
-    if acc.is_cuda:
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))  # cuBLAS: half in, fp32 out
+    if dw.is_cuda:
+        try:  # cuBLAS: half in, fp32 out
+            dw.add_(torch.mm(g_mm.t(), xs.to(g_mm.dtype), out_dtype=dw.dtype))
             return
         except (RuntimeError, TypeError):
             pass
-    acc.add_(torch.mm(a, b))
+    dw.addmm_(grad.t(), xs)
 
 
 class _Problem(NamedTuple):
@@ -242,11 +245,11 @@ def _lce_chunks(problem: _Problem, scale, want, rows_out=None):
                 dx_parts.append(_mm_acc(grad, g_mm, w_dx) * s.unsqueeze(1))
         if want_dw:
             # dW += Gᵀ (s ⊙ x)
-            xs = (xc.to(acc) * s.unsqueeze(1)).to(x.dtype)
+            xs = xc.to(acc) * s.unsqueeze(1)
             if inplace:
-                _addmm_acc(dw, g_mm.t(), xs)
+                _addmm_acc(dw, grad, g_mm, xs)
             else:
-                dw = dw + (g_mm.t() @ xs).to(acc)
+                dw = dw + grad.t() @ xs
         if want_db:
             # db += sᵀ G (float32 G)
             if inplace:
