@@ -512,6 +512,24 @@ def test_backward_after_a_refusal_by_a_parameter_hook_writes_no_grad(refused):
         _ = ps.norms
 
 
+def test_backward_after_one_refused_while_forming_the_results_writes_no_grad():
+    """A backward refused while the results were formed, at its end (Linear inputs that
+    disagree on the sample dim), caught, then the backward of a forward made before it:
+    the context had failed, yet that backward was recorded and formed, writing p.grad and
+    giving norms. It is refused at its first Linear, and nothing is formed."""
+    model = mlp(nn.Tanh())
+    with per_sample_grads(model) as ps:
+        made_before = model(torch.randn(5, 4)).sum()
+        mixed = model(torch.randn(5, 4)).sum() + model(torch.randn(3, 4)).sum()
+        with pytest.raises(RuntimeError, match="disagree on the sample dim"):
+            mixed.backward()
+        with pytest.raises(RuntimeError, match="refused an earlier backward"):
+            made_before.backward()
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
     """A second step inside one context, through a reentrant checkpoint holding every
     trainable Linear (which works), is a second backward: it was refused as a backward

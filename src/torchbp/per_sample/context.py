@@ -416,10 +416,12 @@ class PerSampleGrads:
         return f"parameter {layer.name + '.' if layer.name else ''}{what}"
 
     def _finalise(self, *, forms_param_grads: bool) -> None:
+        """Form the results; if that raises (a refusal, running out of memory), nothing
+        is formed and the context refuses any later backward."""
         try:
             self._form_results(forms_param_grads)
         except BaseException:
-            self._state = "failed"
+            self._fail()
             raise
         finally:
             self._release_traces()
