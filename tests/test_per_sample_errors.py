@@ -530,6 +530,38 @@ def test_backward_after_one_refused_while_forming_the_results_writes_no_grad():
         _ = ps.norms
 
 
+class _HookError(Exception):
+    pass
+
+
+def _raise_hook_error(grad):
+    raise _HookError("raised by a hook on an activation")
+
+
+@pytest.mark.parametrize("second_reaches", ["every_layer", "the_first_layer_only"])
+def test_backward_after_one_cut_short_by_an_error_forms_nothing(second_reaches):
+    """A backward cut short by an error from outside the context (a hook on an
+    activation) after the head's backward had filed, caught, then the backward of a forward
+    made before it: the cut-short backward's head recording was formed with the later
+    one's, counting the head twice in p.grad and the norms (or, for a later backward
+    reaching other layers only, writing the head's p.grad from the half step). It is
+    refused before anything is formed."""
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4)
+    with per_sample_grads(model) as ps:
+        made_before = model(x).sum()
+        hidden = model[:2](x)
+        hidden.register_hook(_raise_hook_error)
+        with pytest.raises(_HookError):
+            model[2](hidden).sum().backward()
+        inputs = None if second_reaches == "every_layer" else list(model[0].parameters())
+        with pytest.raises(RuntimeError, match="cut short"):
+            made_before.backward(inputs=inputs)
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
     """A second step inside one context, through a reentrant checkpoint holding every
     trainable Linear (which works), is a second backward: it was refused as a backward

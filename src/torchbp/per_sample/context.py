@@ -73,6 +73,10 @@ class PerSampleGrads:
         # trainable tensors of every linear call refused at its backward (see _watch_stray)
         self._results_hook = None
         self._watched: list[torch.Tensor] = []
+        # the multi-gradient hook that fires once per backward, at the first parameter it
+        # reaches (see _on_a_backward_reaching_parameters), and whether one has fired
+        self._start_hook = None
+        self._a_backward_reached_parameters = False
         # ids of the parameters the backward reached (all of them, unless
         # backward(inputs=...) names some): only those get p.grad, as with autograd
         self._reached: set[int] = set()
@@ -109,6 +113,9 @@ class PerSampleGrads:
             self._hooks += self._recorder.track_calls(layer)
         if self.parameters:
             self._register_results_hook()
+            self._start_hook = torch.autograd.graph.register_multi_grad_hook(
+                self.parameters, self._on_a_backward_reaching_parameters, mode="any"
+            )
             self._recorder.watch_stray = self._watch_stray
         per_sample_recording.recorder = self._recorder
         for w in weights:
@@ -131,6 +138,9 @@ class PerSampleGrads:
         if self._results_hook is not None:
             self._results_hook.remove()
             self._results_hook, self._watched = None, []
+        if self._start_hook is not None:
+            self._start_hook.remove()
+            self._start_hook = None
         if exc_type is not None or self._recorder.failed or self._backward_cut_short():
             self._state = "failed"
         try:
@@ -328,6 +338,21 @@ class PerSampleGrads:
         # parameter's marker has refused it already, before it reached p.grad)
         if self._has_traces():
             self._finalise(forms_param_grads=True)
+
+    def _on_a_backward_reaching_parameters(self, grad) -> None:
+        """At the first parameter each backward reaches, before its results are formed:
+        refuse one that follows a backward which reached parameters and never completed
+        (an error raised inside it, and caught), whose recordings would be formed with
+        this one's (the same layers counted twice, or written from half a step)."""
+        if self._a_backward_reached_parameters and not self._recorder.finalised:
+            self._fail()
+            raise RuntimeError(
+                "per_sample_grads: a backward reached the model's parameters after an "
+                "earlier backward in this context was cut short by an error (caught) before "
+                "it completed; the two cannot be told apart, so nothing is formed: open a "
+                "new context for the step"
+            )
+        self._a_backward_reached_parameters = True
 
     def _register_results_hook(self) -> None:
         """Register the multi-gradient hook that forms the results: it fires once per
@@ -795,7 +820,8 @@ def per_sample_grads(
     forms the results, such as running out of memory for ``p.grad_sample``, included:
     every result is formed before any ``p.grad`` or attribute is written, so a backward
     adding to gradients already there holds its own, up to ``|θ|`` numbers more than
-    autograd's one layer at a time, until they are added).
+    autograd's one layer at a time, until they are added); the context then refuses any
+    later backward, one of a forward made before included.
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear` modules
     (built directly or by :func:`torchbp.convert`); parameter-free modules and modules with
