@@ -562,6 +562,29 @@ def test_backward_after_one_cut_short_by_an_error_forms_nothing(second_reaches):
         _ = ps.norms
 
 
+@pytest.mark.parametrize("norms_read_between", [False, True])
+def test_step_after_one_cut_short_by_an_error_names_it(norms_read_between):
+    """A step (a new forward and backward) after one cut short by an error from outside
+    the context, caught: it was refused as a backward after one that 'e.g.
+    torch.autograd.grad w.r.t. the input' had passed, advising to open the context after
+    such a backward, or (after reading ps.norms) as one after a backward the context had
+    refused; it names the earlier backward as cut short."""
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4)
+    with per_sample_grads(model) as ps:
+        hidden = model[:2](x)
+        hidden.register_hook(_raise_hook_error)
+        with pytest.raises(_HookError):
+            model[2](hidden).sum().backward()
+        if norms_read_between:
+            with pytest.raises(RuntimeError, match="nothing was formed"):
+                _ = ps.norms
+        with pytest.raises(RuntimeError, match="cut short") as refusal:
+            model(x).sum().backward()
+        assert "autograd.grad" not in str(refusal.value)
+        assert all(p.grad is None for p in model.parameters())
+
+
 def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
     """A second step inside one context, through a reentrant checkpoint holding every
     trainable Linear (which works), is a second backward: it was refused as a backward

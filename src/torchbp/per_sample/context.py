@@ -74,9 +74,8 @@ class PerSampleGrads:
         self._results_hook = None
         self._watched: list[torch.Tensor] = []
         # the multi-gradient hook that fires once per backward, at the first parameter it
-        # reaches (see _on_a_backward_reaching_parameters), and whether one has fired
+        # reaches (see _on_a_backward_reaching_parameters)
         self._start_hook = None
-        self._a_backward_reached_parameters = False
         # ids of the parameters the backward reached (all of them, unless
         # backward(inputs=...) names some): only those get p.grad, as with autograd
         self._reached: set[int] = set()
@@ -344,7 +343,7 @@ class PerSampleGrads:
         refuse one that follows a backward which reached parameters and never completed
         (an error raised inside it, and caught), whose recordings would be formed with
         this one's (the same layers counted twice, or written from half a step)."""
-        if self._a_backward_reached_parameters and not self._recorder.finalised:
+        if self._recorder.parameters_reached and not self._recorder.finalised:
             self._fail()
             raise RuntimeError(
                 "per_sample_grads: a backward reached the model's parameters after an "
@@ -352,7 +351,7 @@ class PerSampleGrads:
                 "it completed; the two cannot be told apart, so nothing is formed: open a "
                 "new context for the step"
             )
-        self._a_backward_reached_parameters = True
+        self._recorder.parameters_reached = True
 
     def _register_results_hook(self) -> None:
         """Register the multi-gradient hook that forms the results: it fires once per

@@ -45,6 +45,9 @@ class Recorder:
         self.filed_layer_names: dict[str, None] = {}
         # a backward was refused before the results were formed: they never will be
         self.failed = False
+        # a backward reached the trainable parameters (set by the open context): unless
+        # its results were formed, it was cut short by an error
+        self.parameters_reached = False
         # (layer, whether autocast is on for its device) for each Linear module whose
         # forward is running, innermost last (see track_calls)
         self.calling: list[tuple[Layer, bool]] = []
@@ -178,8 +181,8 @@ class Use:
         if self.recorder.failed:
             raise RuntimeError(
                 f"per_sample_grads: a backward through Linear {self.layer.name!r}, but this "
-                "context refused an earlier backward (an error that was caught), so it forms "
-                "nothing: open a new context for the step"
+                "context refused an earlier backward, or one was cut short by an error (which "
+                "was caught), so it forms nothing: open a new context for the step"
             )
         if not self.recorder.segments.checked:
             self._refuse_split_segments()
@@ -233,7 +236,8 @@ class Use:
         pass. Raised at its first Linear, before anything of it is filed or formed (a
         reentrant checkpoint's inner backward would otherwise form, and write p.grad,
         before the outer one reaches the rest). After the context's recorded backward,
-        whose results stay, it is that backward's second."""
+        whose results stay, it is that backward's second; after one that reached the
+        parameters and was never formed, it follows one cut short by an error."""
         if self.recorder.finalised:
             raise RuntimeError(
                 f"per_sample_grads: a second backward through Linear {self.layer.name!r} "
@@ -242,6 +246,13 @@ class Use:
                 "step"
             )
         self.recorder.failed = True
+        if self.recorder.parameters_reached:
+            raise RuntimeError(
+                f"per_sample_grads: a backward through Linear {self.layer.name!r} after an "
+                "earlier backward in this context reached the parameters and was cut short "
+                "by an error (which was caught), so it forms nothing: open a new context for "
+                "the step"
+            )
         earlier = ", ".join(map(repr, self.recorder.filed_layer_names))
         recomputed = ""
         if inside_reentrant_checkpoint():
