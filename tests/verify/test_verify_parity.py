@@ -4,7 +4,7 @@ tensor fn returns, integer and boolean outputs exactly."""
 from __future__ import annotations
 
 import torch
-from tests.verify.correct_functions import TopValues
+from tests.verify.correct_functions import SetupContextTanh, TopValues
 
 from torchbp.verify import check_function
 
@@ -71,17 +71,9 @@ def test_batch_norm_in_training_mode_passes_compile():
     assert result.passed, result
 
 
-class TanhSquaringItsOutputInBackward(torch.autograd.Function):
+class TanhSquaringItsOutputInBackward(SetupContextTanh):
     """tanh whose backward squares the saved output in place (``y.pow_(2)``): the caller's
     result changes when backward runs, but forward returned tanh."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, g):
