@@ -585,6 +585,55 @@ def test_step_after_one_cut_short_by_an_error_names_it(norms_read_between):
         assert all(p.grad is None for p in model.parameters())
 
 
+def _fail_input_grad_of(monkeypatch, layer: nn.Module) -> None:
+    """Make ``g @ W``, the input gradient of ``layer``'s Linear backward, run out of memory
+    (simulated)."""
+    matmul = torch.Tensor.__matmul__
+
+    def out_of_memory_at_the_layer(a, b):
+        if (
+            isinstance(b, torch.Tensor)
+            and b.shape == layer.weight.shape
+            and b.data_ptr() == layer.weight.data_ptr()
+        ):
+            raise torch.OutOfMemoryError("simulated: out of memory for g @ W")
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", out_of_memory_at_the_layer)
+
+
+def _head_once(model, x):
+    return model(x).sum()
+
+
+def _head_twice(model, x):
+    hidden = model[:2](x)
+    return (model[2](hidden) + model[2](hidden * 2)).sum()
+
+
+@pytest.mark.parametrize("forward", [_head_once, _head_twice], ids=["once", "twice"])
+def test_backward_after_one_whose_linear_input_gradient_failed_forms_nothing(monkeypatch, forward):
+    """A Linear backward that filed its recording and then failed computing ``g @ W``
+    (running out of memory), caught, before any parameter was reached (the head's, or
+    its second call's when the head is called twice): the recording stayed, and the
+    backward of a forward made before it was recorded and formed with it, counting the
+    head twice in p.grad and the norms. It is refused before anything is formed."""
+    model = mlp(nn.Tanh())
+    x = torch.randn(5, 4)
+    with per_sample_grads(model) as ps:
+        made_before = forward(model, x)
+        failing = forward(model, x)
+        with monkeypatch.context() as patched:
+            _fail_input_grad_of(patched, model[2])
+            with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+                failing.backward()
+        with pytest.raises(RuntimeError, match="cut short"):
+            made_before.backward()
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_second_step_through_a_whole_model_reentrant_checkpoint_refused_as_such():
     """A second step inside one context, through a reentrant checkpoint holding every
     trainable Linear (which works), is a second backward: it was refused as a backward

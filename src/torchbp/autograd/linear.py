@@ -74,6 +74,22 @@ def _addmm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return y.resize_(*rows, weight.shape[0])
 
 
+def _input_grad(ctx, g: torch.Tensor, weight: torch.Tensor, grad_dim: int) -> torch.Tensor:
+    """``dL/dx = g conj(W)`` in ``x``'s shape. Should it raise (running out of memory)
+    inside a per-sample context, the context is told: the backward was cut short, and an
+    earlier Linear backward of it may have filed its recording (this layer's other call
+    included), so the context must form nothing and refuse any later backward."""
+    try:
+        # (M, out) @ (out, in) -> (M, in)
+        grad_x = g @ weight.conj()
+        # back to x's shape (*, in)
+        return grad_x if grad_dim == 2 else grad_x.reshape(ctx.x_shape)
+    except BaseException:
+        if ctx.per_sample is not None:
+            ctx.per_sample.on_backward_error()
+        raise
+
+
 class LinearFunction(Function):
     """``y = x Wᵀ + b`` for ``x`` of shape ``(*, in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``
     (or any shape that broadcasts to ``y``'s, its gradient then summed back to it).
@@ -124,15 +140,13 @@ class LinearFunction(Function):
         out_features = grad_y.shape[-1]
         # g: (M, out) -- reshape, never view: grad_y may be expanded or transposed.
         g = _rows(grad_y)
+        grad_x = grad_w = grad_b = None
+        if needs_x:
+            grad_x = _input_grad(ctx, g, weight, grad_y.dim())
+        # filed only once dx is formed: a backward failing there files nothing
         if ctx.per_sample is not None and not ctx.per_sample.on_backward(x, g):
             # the per-sample context forms dW and db itself once the backward is done
             needs_w = needs_b = False
-        grad_x = grad_w = grad_b = None
-        if needs_x:
-            # dL/dx = g conj(W)        (M, out) @ (out, in) -> (M, in)
-            grad_x = g @ weight.conj()
-            if grad_y.dim() != 2:  # back to x's shape (*, in)
-                grad_x = grad_x.reshape(ctx.x_shape)
         if needs_w:
             # dL/dW = gᵀ conj(x)       (out, M) @ (M, in) -> (out, in)
             grad_w = g.t() @ _rows(x).conj()

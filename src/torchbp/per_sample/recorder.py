@@ -230,6 +230,12 @@ class Use:
         self.recorder.filed_layer_names[self.layer.name] = None
         return False
 
+    def on_backward_error(self) -> None:
+        """This call's backward raised (forming ``dx``): the backward was cut short, maybe
+        after other calls filed, before any parameter was reached; the recorder fails, so
+        that a later backward is refused before it files anything."""
+        self.recorder.failed = True
+
     def _refuse_call_made_after_a_backward(self) -> None:
         """Refuse this call, made (or recomputed by a reentrant checkpoint) after an
         earlier backward filed its calls: a second backward, whichever layers the two
@@ -389,6 +395,9 @@ class Stray:
     def __init__(self, recorder: Recorder, reason: str) -> None:
         self.recorder = recorder
         self.reason = reason
+
+    def on_backward_error(self) -> None:
+        self.recorder.failed = True
 
     def on_backward(self, x: torch.Tensor | None, g: torch.Tensor) -> bool:
         self.recorder.failed = True
