@@ -399,10 +399,8 @@ def test_last_ckpt_holds_the_final_epoch_when_the_best_is_earlier(tmp_path):
     assert len(best) == 1  # the best checkpoint itself is untouched
 
 
-def test_an_improving_epoch_writes_last_ckpt_once(tmp_path, monkeypatch):
-    """last.ckpt of an epoch whose validation ended it was saved at that validation's end and
-    again by Lightning at the train epoch's end, beside the new best: two writes of the same
-    state each improving epoch. It is now saved once per epoch, after Lightning's own save."""
+def counting_checkpoint_saves(monkeypatch) -> list[tuple[int, str]]:
+    """The (global step, file name) of every checkpoint the trainer saves from now on."""
     saved = []
     save = Trainer.save_checkpoint
 
@@ -411,9 +409,32 @@ def test_an_improving_epoch_writes_last_ckpt_once(tmp_path, monkeypatch):
         return save(trainer, filepath, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "save_checkpoint", counting_save)
+    return saved
+
+
+def test_an_improving_epoch_writes_last_ckpt_once(tmp_path, monkeypatch):
+    """last.ckpt of an epoch whose validation ended it was saved at that validation's end and
+    again by Lightning at the train epoch's end, beside the new best: two writes of the same
+    state each improving epoch. It is now saved once per epoch, after Lightning's own save."""
+    saved = counting_checkpoint_saves(monkeypatch)
     fit_digits(tmp_path, "--trainer.max_epochs=2", "--trainer.limit_train_batches=3")
     lasts = [step for step, name in saved if name == "last.ckpt"]
     assert lasts == [3, 6], saved
+
+
+@pytest.mark.parametrize("option", ["--checkpoint.save_top_k=0", "--checkpoint.every_n_epochs=3"])
+def test_the_end_of_a_fit_writes_last_ckpt_again_only_if_it_changed(tmp_path, monkeypatch, option):
+    """When Lightning saved no checkpoint of its own during the fit (--checkpoint.save_top_k 0,
+    or no epoch a multiple of every_n_epochs), it wrote last.ckpt once more at the end of
+    training (on_train_end), over the one just saved at the end of the last epoch, at the
+    same step. It is now written once per epoch, and a resume from it trains on."""
+    saved = counting_checkpoint_saves(monkeypatch)
+    common = ("--trainer.limit_train_batches=3", option)
+    fit_digits(tmp_path, "--trainer.max_epochs=2", *common)
+    lasts = [step for step, name in saved if name == "last.ckpt"]
+    assert lasts == [3, 6], saved
+    resumed = fit_digits(tmp_path, "--trainer.max_epochs=3", "--ckpt_path=last", *common)
+    assert resumed.trainer.global_step == 9  # one more epoch, none trained again
 
 
 @pytest.mark.parametrize("form", ["--ckpt_path=last", "--ckpt_path last"])

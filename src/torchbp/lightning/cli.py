@@ -142,6 +142,8 @@ class RunCheckpoint(ModelCheckpoint):
     _on_exception = False
     #: the global step of the latest checkpoint this trainer saved (any file)
     _saved_at_step: int | None = None
+    #: the global step of the latest ``last.ckpt`` saved by :meth:`_save_last_if_skipped`
+    _last_saved_at_step: int | None = None
     #: whether the latest training batch was the last of its epoch
     _ended_epoch = False
 
@@ -166,6 +168,14 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last_if_skipped(trainer)
 
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Lightning's ``last.ckpt`` at the end of training when it saved none of its own
+        during the fit (``save_top_k`` 0, no epoch a multiple of ``every_n_epochs``), unless
+        :meth:`_save_last_if_skipped` saved it at this step: it holds this state already."""
+        if self._last_saved_at_step == trainer.global_step:
+            return
+        super().on_train_end(trainer, pl_module)
+
     def _save_last_if_skipped(self, trainer: Trainer) -> None:
         """``last.ckpt`` holds the latest weights, as ``--ckpt_path last`` (resume, evaluate)
         needs: Lightning 2.6 writes it only at a step where it also saved a best checkpoint,
@@ -182,6 +192,7 @@ class RunCheckpoint(ModelCheckpoint):
         metrics = dict(trainer.callback_metrics)
         self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
         trainer.save_checkpoint(self.last_model_path)
+        self._last_saved_at_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
