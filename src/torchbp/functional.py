@@ -798,7 +798,12 @@ def cross_entropy(
             denominator = logits.shape[0]  # every row counts 1
         else:
             denominator = _target_weight_sum(flat_target, weight, ignore_index, rows.dtype)
-    return _reduce(rows, reduction, batch_shape, input.dtype, denominator)
+    loss = _reduce(rows, reduction, batch_shape, input.dtype, denominator)
+    if reduction == "sum" and classes == 0 and label_smoothing and not soft:
+        # native scales the summed smoothing term by ε/C = ε/0 = inf: NaN, with no row too
+        # (inf · 0; the rows themselves are NaN already, see losses._no_classes)
+        loss = loss + math.nan
+    return loss
 
 
 # --------------------------------------------------------------------------- linear + CE

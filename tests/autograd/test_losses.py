@@ -644,6 +644,30 @@ def test_zero_classes_every_target_ignored_with_label_smoothing_as_native(
     torch.testing.assert_close(results[0], results[1], equal_nan=True)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape", [(0, 0), (0, 0, 0), (2, 0, 0), (0, 0, 3)], ids=str)
+def test_zero_classes_and_no_rows_with_label_smoothing_sum_is_natives_nan(shape, weighted):
+    # native scales the summed smoothing term by ε/C = ε/0 = inf: with no rows that sum is
+    # 0 and 0 · inf is NaN, so 'sum' is NaN even where there is no row; torchbp answered 0
+    target, weight = torch.zeros(shape[:1] + shape[2:], dtype=torch.long), None
+    if weighted:
+        weight = torch.ones(0)
+    results = []
+    for fn in (TF.cross_entropy, F.cross_entropy):
+        x = torch.zeros(shape, requires_grad=True)
+        loss = fn(x, target, weight=weight, reduction="sum", label_smoothing=0.1)
+        (grad,) = torch.autograd.grad(loss, x)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)
+
+
+def test_linear_cross_entropy_without_classes_or_rows_smoothed_sum_is_natives_nan():
+    # (the unfused pair runs for C = 0: the same reduction as cross_entropy)
+    x, w, target = torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)
+    loss = TF.linear_cross_entropy(x, w, target, reduction="sum", label_smoothing=0.1)
+    assert torch.isnan(loss)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_probability_target_gradient_of_an_infinite_logit_is_natives(smoothing):
     # A row with a +inf logit has log-probabilities inf - inf = NaN, a NaN loss and NaN
