@@ -463,6 +463,20 @@ def test_empty_batch_clip_gives_noise_only():
     assert all(p.grad.any() for p in model.parameters())
 
 
+def test_max_norm_below_the_norms_smallest_number_keeps_zero_gradients_finite():
+    """A positive max_norm that rounds to 0 in the norms' float32 (1e-46): a sample with a
+    zero gradient got the factor C/‖g_i‖ = 0/0 = NaN, which made every p.grad NaN; its
+    factor is min(1, C/0) = 1, and the others are clipped to 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(5, 7), torchbp.nn.Tanh(), torchbp.nn.Linear(7, 4))
+    x = torch.randn(3, 5)
+    with per_sample_grads(model, mode="clip", max_norm=1e-46) as ps:
+        model(x)[[0, 2]].sum().backward()  # sample 1 contributes nothing
+    assert ps.norms[1] == 0 and bool((ps.norms[[0, 2]] > 0).all())
+    assert ps.clip_factors.tolist() == [0.0, 1.0, 0.0]
+    assert all(not p.grad.isnan().any() for p in model.parameters())
+
+
 @pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
 def test_empty_batch_statistics_are_zeros(mode):
     """An empty batch (a Poisson draw) has no spread to measure: every statistic is 0, not

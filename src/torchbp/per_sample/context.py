@@ -464,8 +464,8 @@ class PerSampleGrads:
             self._batch = batch
             self._norms = self._squared_norms(traces, batch, accounted).sqrt()
             if self.mode == "clip":
-                # c_i = min(1, C / ‖grad_i‖)   (a zero norm gives C/0 = inf -> 1)
-                self._factors = (self.max_norm / self._norms).clamp_(max=1.0)
+                # c_i = min(1, C / ‖grad_i‖)   (a zero norm gets 1)
+                self._factors = formulas.clip_factors(self._norms, self.max_norm)
             # free the last step's results before forming new ones, and drop those this
             # context does not form (a stale p.grad_sample of an earlier grads-mode step
             # would be read as this step's, and keep B×|θ| alive)

@@ -104,6 +104,13 @@ def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool
     return total.add_(bias_squared_norms(g)) if bias else total
 
 
+def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``c_i = min(1, max_norm / norms_i)``, in ``norms``' dtype: 1 for a norm at most
+    ``max_norm`` (a zero norm included, also where ``max_norm`` rounds to 0 in that dtype
+    and ``max_norm / 0`` would be NaN)."""
+    return torch.where(norms > max_norm, max_norm / norms, 1.0)
+
+
 def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``c_i g_i``: with it, :func:`weight_grad_sum` and :func:`bias_grad_sum` give the
     clipped sums ``Σ_i c_i G_i = (c ⊙ g)ᵀ a`` and ``Σ_i c_i β_i``, one matmul a layer."""
