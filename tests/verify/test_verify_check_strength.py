@@ -185,3 +185,32 @@ def test_interleave_compares_the_gradients_of_the_second_call():
     report = check_function(SquareWithAFlagFlippedByBackward.apply, _x(4), checks="interleave")
     result = report["interleave"]
     assert result.failed and "of the second of two calls" in result.message, report
+
+
+class FlatCatSplittingAtAFixedOffset(torch.autograd.Function):
+    """``cat`` of two flattened inputs whose backward splits grad_output without a copy,
+    assuming it starts its storage (offset 0): input 1's gradient is read from storage
+    offset ``x.numel()``, wrong for a grad_output that is a slice of a larger buffer (the
+    loop over a batch of grad_outputs hands ``v[b]``); input 0's keeps grad_output's own
+    offset and is right."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.shapes = (x.shape, y.shape)
+        return torch.cat([x.reshape(-1), y.reshape(-1)])
+
+    @staticmethod
+    def backward(ctx, g):
+        x_shape, y_shape = ctx.shapes
+        n = x_shape.numel()
+        g = g.contiguous()  # a copy of a strided grad_output starts its storage; a slice not
+        gx = g.as_strided((n,), (1,)).view(x_shape)
+        gy = g.as_strided((y_shape.numel(),), (1,), n).view(y_shape)
+        return gx, gy
+
+
+def test_batched_grad_compares_the_gradient_of_every_input():
+    report = check_function(FlatCatSplittingAtAFixedOffset, _x(3, 4), _x(2, 5))
+    result = report["batched_grad"]
+    assert result.status == "fail"
+    assert "input 1" in result.message
