@@ -224,3 +224,15 @@ def test_a_module_is_given_strided_inputs_but_keeps_its_parameters_layout():
     model.eval()
     report = check_function(model, seeded(5, 4), checks="grad_output_safety")
     assert report.ok, report
+
+
+def test_a_backward_assuming_grad_output_starts_its_storage_fails_grad_output_safety():
+    # torch.cat's and split's backward hand on slices of one buffer (a storage offset);
+    # a backward reading grad_output at a fixed storage offset passed this check
+    from tests.verify.test_verify_check_strength import FlatCatSplittingAtAFixedOffset
+
+    inputs = seeded(3, 4), seeded(2, 5, seed=1)
+    report = check_function(FlatCatSplittingAtAFixedOffset, *inputs, checks="grad_output_safety")
+    result = report["grad_output_safety"]
+    assert result.failed
+    assert "gradient of input 1 changes when grad_output is offset" in result.message

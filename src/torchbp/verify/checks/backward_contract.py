@@ -277,10 +277,23 @@ def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+def _offset_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t``, contiguous, but not at the start of its storage: the
+    layout of a slice of one larger buffer, as torch.cat's or split's backward hands on."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def _other_layouts(vs: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """The grad_outputs ``vs`` in non-contiguous layouts, by a label for messages."""
+    """The grad_outputs ``vs`` in other layouts than a fresh contiguous tensor's, by a
+    label for messages."""
     return {
         "non-contiguous (strided)": [_strided_copy(v) for v in vs],
+        "offset in its storage (a slice of a larger buffer, as from torch.cat's backward)": [
+            _offset_copy(v) for v in vs
+        ],
         "expanded (stride-0, as from .sum())": [
             v.reshape(-1)[:1].reshape(()).expand(v.shape) if v.numel() else v for v in vs
         ],
@@ -354,7 +367,7 @@ def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
 
 def check_grad_output_safety(ctx: CheckContext) -> Passed:
     """backward must not write into grad_output or the inputs, and must give the same
-    gradients for strided and expanded grad_outputs as for contiguous ones; fn must give
+    gradients for strided, offset and expanded grad_outputs as for contiguous ones; fn must give
     the same outputs and gradients for non-contiguous inputs as for contiguous ones."""
     tolerance = ctx.parity_tolerances()
     inputs_before = [dense(a.detach()).clone() for a in ctx.args if isinstance(a, torch.Tensor)]
@@ -375,7 +388,7 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             )
     worst = (0.0, 0.0)
     for label, strided in _other_layouts(vs).items():
-        contiguous_vs = [s.contiguous() for s in strided]
+        contiguous_vs = [_contiguous_copy(s) for s in strided]
         try:
             got = torch.autograd.grad(outs, leaves, strided, retain_graph=True, allow_unused=True)
         except Exception as exc:  # noqa: BLE001
@@ -399,5 +412,6 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
     worst = max(worst, _require_input_layout_independent(ctx))
     return Passed(
-        "grad_output intact; strided and expanded grads and strided inputs accepted", *worst
+        "grad_output intact; strided, offset and expanded grads and strided inputs accepted",
+        *worst,
     )
