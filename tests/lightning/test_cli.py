@@ -1522,6 +1522,26 @@ def test_ckpt_path_last_finds_last_ckpt_in_a_configured_checkpoint_folder(tmp_pa
     assert tested.config_init["test"]["ckpt_path"] == str(newest)
 
 
+@pytest.mark.parametrize("top_k", ["0", "1"])
+def test_a_new_run_into_a_checkpoint_folder_keeps_the_last_ckpt_there(tmp_path, top_k):
+    """A second run into the same --checkpoint.dirpath saved its last.ckpt over the first
+    run's whenever Lightning itself saved no checkpoint at that epoch (every epoch with
+    save_top_k 0, any epoch without a new best otherwise): the first run's latest weights were
+    lost, and the second run's own last-v1.ckpt, which Lightning had named as its version
+    counter does, stayed behind at an older step. Each run now keeps its own last checkpoint."""
+    iris = str(CONFIGS / "iris.yaml")
+    common = ("--config", iris, f"--run_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path}/ck")
+    common += (f"--checkpoint.save_top_k={top_k}", "--checkpoint.monitor=val/loss")
+    common += ("--checkpoint.mode=max",)  # val/loss falls: Lightning saves a best once
+    run_cli("fit", *common, "--trainer.max_epochs=1")
+    first = (tmp_path / "ck" / "last.ckpt").read_bytes()
+    run_cli("fit", *common, "--trainer.max_epochs=2")
+    assert (tmp_path / "ck" / "last.ckpt").read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / "ck").glob("last*")) == ["last-v1.ckpt", "last.ckpt"]
+    own = torch.load(tmp_path / "ck" / "last-v1.ckpt", weights_only=False)
+    assert own["global_step"] == 2 * 7
+
+
 def test_ckpt_path_best_finds_the_best_checkpoint_in_a_configured_checkpoint_folder(tmp_path):
     """--ckpt_path best looked only in the run folders' checkpoints/: with
     --checkpoint.dirpath it refused ("no best checkpoint") though the folder held it."""

@@ -147,6 +147,12 @@ class RunCheckpoint(ModelCheckpoint):
     #: whether the latest training batch was the last of its epoch
     _ended_epoch = False
 
+    def __init__(self, *args: Any, enable_version_counter: bool = True, **kwargs: Any) -> None:
+        """ModelCheckpoint's arguments; ``enable_version_counter`` is kept to name the
+        ``last.ckpt`` saved here as Lightning names its own (see :meth:`_last_checkpoint_name`)."""
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+        self.enable_version_counter = enable_version_counter
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
         self._saved_at_step = trainer.global_step
 
@@ -189,10 +195,25 @@ class RunCheckpoint(ModelCheckpoint):
             return
         if self._saved_at_step == trainer.global_step or self.dirpath is None:
             return
-        metrics = dict(trainer.callback_metrics)
-        self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        self.last_model_path = self._last_checkpoint_name(trainer)
         trainer.save_checkpoint(self.last_model_path)
         self._last_saved_at_step = trainer.global_step
+
+    def _last_checkpoint_name(self, trainer: Trainer) -> str:
+        """The path of ``last.ckpt`` as Lightning names it: numbered (``last-v1.ckpt``, ...)
+        while a file of that name exists that is not this run's own last checkpoint (another
+        run saved into the same ``dirpath``), unless the version counter is off."""
+        metrics = dict(trainer.callback_metrics)
+        path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        version = self.STARTING_VERSION
+        while (
+            self.enable_version_counter
+            and path != self.last_model_path
+            and self.file_exists(path, trainer)
+        ):
+            path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST, ver=version)
+            version += 1
+        return path
 
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
