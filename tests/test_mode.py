@@ -324,6 +324,32 @@ def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
     assert got == want
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: F.softmin(x),
+        lambda x: F.softmin(x, None, 4),  # _stacklevel passed positionally
+        lambda x: torch.nn.Softmin()(x),
+        lambda x: _under_no_grad(F.softmin, x),
+    ],
+    ids=["F.softmin", "F.softmin-stacklevel-4", "nn.Softmin", "no_grad"],
+)
+def test_implicit_dim_warning_of_a_redispatched_composite_points_where_natives_does(call):
+    # F.softmin is re-dispatched with the mode active: its body ran three frames below its
+    # caller (torch's dispatch, the mode, redispatch_function), so its warning pointed
+    # into torch/overrides.py instead of the caller's line
+    x = make((3, 4)).requires_grad_()
+
+    def user_code():
+        return call(x)
+
+    want = _implicit_dim_warning_origin(user_code)
+    with enable() as mode:
+        got = _implicit_dim_warning_origin(user_code)
+    assert got == want
+    assert mode.counts["softmax"] <= 1  # the -x.softmax() inside, routed with grad on
+
+
 def _under_no_grad(fn, *args):
     with torch.no_grad():
         return fn(*args)

@@ -76,8 +76,11 @@ Semantics:
 * Modes nest: the innermost one routes and counts a call.
 * Warnings point where they do without the mode: the implicit-dim warning of
   ``F.softmax(x)`` / ``F.log_softmax(x)`` (routed or not, torchbp's own too, as in a
-  converted ``nn.Softmax()``) names the caller's line (``_stacklevel`` counted from the
-  function called), not a frame of torchbp or of torch's dispatch.
+  converted ``nn.Softmax()``) and of the re-dispatched ``F.softmin(x)`` names the
+  caller's line (``_stacklevel`` counted from the function called), not a frame of
+  torchbp or of torch's dispatch. A warning with a fixed stack level raised in the body
+  of another re-dispatched function (``F.mse_loss``'s broadcast warning, ``F.kl_div``'s
+  ``'mean'`` warning) points into ``torch/overrides.py``, the frame that re-dispatched it.
 * Like every ``TorchFunctionMode``, a mode is active in the thread that entered it only
   (the mode stack is thread-local); other threads are unaffected. One instance may be
   entered in several threads, but its counters are then updated without a lock (use
@@ -313,6 +316,39 @@ def _pass_on(func, args: tuple[Any, ...], kwargs: dict[str, Any]):
     return _PASSED_ON.get(func, func)(*args, **kwargs)
 
 
+#: the Python-level ``torch.nn.functional`` functions the mode does not route that warn
+#: at their ``_stacklevel`` (``softmin``): they are re-dispatched, and their body then runs
+#: below torch's dispatch and this mode instead of right below its caller
+_WARN_AT_STACKLEVEL = frozenset(
+    fn for fn in vars(F).values() if _takes_stacklevel(fn) and fn not in _ROUTES
+)
+
+
+def _stacklevel_past_dispatch(func, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    """``(args, kwargs)`` of a call of ``func`` (one of :data:`_WARN_AT_STACKLEVEL`)
+    re-dispatched by :func:`_redispatch_as_native`, with ``_stacklevel`` raised by the
+    frames that lie between its body and its caller, so that its warning points where it
+    does without the mode (the caller's line by default)."""
+    # frames from _redispatch_as_native (this function's caller) up to func's own call
+    between = _frames_up_to(func.__code__)
+    if between is None or torch.compiler.is_compiling():  # (Dynamo has no frames)
+        return args, kwargs
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    # the body runs below redispatch_function, which runs below _redispatch_as_native
+    bound.arguments["_stacklevel"] += between + 1
+    return bound.args, bound.kwargs
+
+
+def _redispatch_as_native(mode: TorchbpMode, func, types_, args, kwargs):
+    """Run the body of the Python-level ``torch.nn.functional`` function ``func`` (not
+    routed) with ``mode`` active, so that the covered calls inside it are routed."""
+    if func in _WARN_AT_STACKLEVEL:
+        args, kwargs = _stacklevel_past_dispatch(func, args, kwargs)
+    with mode:
+        return _redispatch_function(func, types_, args, kwargs)
+
+
 def routed_functions() -> dict[str, str]:
     """Every native function the mode knows, as written by users, and the torchbp op that
     serves it (or ``"native: <reason>"`` for the in-place variants torchbp lacks).
@@ -421,8 +457,7 @@ class TorchbpMode(TorchFunctionMode):
                 # body with the mode active so that the covered calls inside it route
                 # (not for an argument whose __torch_function__ is its own: that must see
                 # the call itself, as without the mode)
-                with self:
-                    return _redispatch_function(func, types_, args, kwargs)
+                return _redispatch_as_native(self, func, types_, args, kwargs)
             return _pass_on(func, args, kwargs)
         if _state.busy or not torch.is_grad_enabled() or torch.jit.is_tracing():
             # a call made by torchbp itself (under a nested mode), one that records no
