@@ -279,9 +279,11 @@ def _strided_copy(t: torch.Tensor) -> torch.Tensor:
 
 def _offset_copy(t: torch.Tensor) -> torch.Tensor:
     """The same values as ``t``, contiguous, but not at the start of its storage: the
-    layout of a slice of one larger buffer, as torch.cat's or split's backward hands on."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    out = buf[1:].view(t.shape)
+    layout of a slice of one larger buffer, as torch.cat's or split's backward hands on:
+    the second half of a buffer twice its size (an offset of ``t.numel()`` elements keeps
+    the real view of a complex tensor viewable as complex, which an odd one would not)."""
+    buf = torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)
+    out = buf[t.numel() :].view(t.shape)
     out.copy_(t)
     return out
 
