@@ -274,6 +274,41 @@ def test_converted_subclass_pickles_and_deep_copies():
         assert copied[0].describe() == "gelu(none)"
 
 
+class ReducingLinear(nn.Linear):
+    """A user subclass that says how it pickles (its constructor's arguments and state)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features)
+        self.sizes = (in_features, out_features)
+
+    def __reduce__(self):
+        return (_rebuild_reducing_linear, (self.sizes, self.state_dict()))
+
+
+def _rebuild_reducing_linear(sizes, state):
+    module = ReducingLinear(*sizes)
+    module.load_state_dict(state)
+    return module
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_converted_subclass_with_its_own_reduction_pickles_and_deep_copies(how):
+    import pickle
+
+    # the user's __reduce__ was bypassed (its callable and arguments dropped): the copy
+    # was an empty shell ('ReducingLinear' object has no attribute '_backward_hooks' on
+    # its first call)
+    module = torchbp.convert(ReducingLinear(4, 3))
+    copied = pickle.loads(pickle.dumps(module)) if how == "pickle" else copy.deepcopy(module)
+    assert type(copied) is type(module)
+    assert copied.weight is not module.weight
+    torch.testing.assert_close(copied.state_dict(), module.state_dict())
+    x = torch.randn(2, 4, requires_grad=True)
+    out = copied(x)
+    assert "LinearFunctionBackward" in _node_names(out)
+    torch.testing.assert_close(out, module(x))
+
+
 def test_subclass_overriding_forward_stays_even_when_inherited():
     model = nn.Sequential(MyLinear(2, 2), MyLinearChild(2, 2))
     _, report = torchbp.convert(model, report=True)

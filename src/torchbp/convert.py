@@ -10,7 +10,8 @@ training flag stay the very same objects:
   ``nn.MultiheadAttention``) becomes ``class <Name>(<its class>, <the twin>)``, made
   once per class and cached: it keeps its name, its other methods and every
   ``isinstance`` answer, and runs the twin's ``forward``. ``to="torch"`` switches it back
-  to the original class; it pickles as that class plus the twin. (``MultiheadAttention``
+  to the original class; it pickles as that class does (by its own ``__reduce__`` if it
+  has one) and is switched to the combined class when loaded. (``MultiheadAttention``
   itself never calls ``out_proj``'s ``forward``: it passes the weight to ``F.linear``,
   which only :func:`torchbp.enable` reaches.)
 * a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
@@ -102,14 +103,33 @@ class ConvertReport:
 
 
 def _reduce_combined(self: nn.Module, protocol: int):
-    # pickle a combined-class instance as (user class, twin): the class itself is made at
-    # run time and cannot be found by name
+    """Pickle a combined-class instance the way its user class pickles (its own
+    ``__reduce__`` / ``__reduce_ex__`` included), with the combined class, which is made at
+    run time and cannot be found by name, replaced by the user class wherever the
+    reduction names it; the object rebuilt from it is switched to the combined class
+    again (:func:`_rebuilt_combined`)."""
     cls = type(self)
-    _, _, *rest = object.__reduce_ex__(self, protocol)
-    return (_new_combined, (getattr(cls, _ORIGINAL), cls.__bases__[1]), *rest)
+    original, twin = getattr(cls, _ORIGINAL), cls.__bases__[1]
+    make, args, *rest = original.__reduce_ex__(self, protocol)
+
+    def named(value):
+        return original if value is cls else value
+
+    make_args = (named(make), tuple(named(a) for a in args), original, twin)
+    return (_rebuilt_combined, make_args, *rest)
+
+
+def _rebuilt_combined(make, args: tuple, original: type[nn.Module], twin: type[nn.Module]):
+    """``make(*args)`` (the user class's reduction), switched to the combined class of
+    ``original`` and ``twin`` if it is an ``original``."""
+    module = make(*args)
+    if type(module) is original:
+        module.__class__ = _combined_class(original, twin)
+    return module
 
 
 def _new_combined(original: type[nn.Module], twin: type[nn.Module]) -> nn.Module:
+    # what pickles made before _rebuilt_combined name: kept so that they still load
     cls = _combined_class(original, twin)
     return cls.__new__(cls)
 
