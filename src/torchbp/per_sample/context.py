@@ -820,7 +820,11 @@ def per_sample_grads(
     every result is formed before any ``p.grad`` or attribute is written, so a backward
     adding to gradients already there holds its own, up to ``|θ|`` numbers more than
     autograd's one layer at a time, until they are added); the context then refuses any
-    later backward, one of a forward made before included.
+    later backward, one of a forward made before included. So does an error inside a
+    Linear backward (running out of memory for its input gradient). Not seen: an error
+    from outside the context (a hook on an activation) between two calls of one Linear,
+    before that backward reached any parameter: a later backward in the context is then
+    formed with the cut one's filed half; open a new context after catching an error.
 
     Supported models: trainable parameters must belong to :class:`torchbp.nn.Linear` modules
     (built directly or by :func:`torchbp.convert`); parameter-free modules and modules with
