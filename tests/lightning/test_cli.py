@@ -998,6 +998,23 @@ def test_best_checkpoint_file_names_the_monitored_value(tmp_path):
     assert len(names) == 1 and names[0].startswith("epoch000-val_loss"), names
 
 
+def test_checkpoint_file_without_a_monitor_names_its_epoch_and_step(tmp_path):
+    """With --checkpoint.monitor null (keep the latest epoch's checkpoint) the default file
+    name was "{epoch}-{step}" without the metric names (auto_insert_metric_name is off):
+    ``0-7.ckpt``, a name that says nothing, where Lightning writes ``epoch=0-step=7.ckpt``."""
+    iris = str(CONFIGS / "iris.yaml")
+    run = run_cli(
+        "fit",
+        "--config",
+        iris,
+        f"--run_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--checkpoint.monitor=null",
+    )
+    names = sorted(p.name for p in Path(run.trainer.log_dir, "checkpoints").glob("*.ckpt"))
+    assert names == ["epoch000-step7.ckpt", "last.ckpt"]
+
+
 def test_evaluating_without_a_checkpoint_says_the_model_is_untrained(tmp_path, capsys):
     """``torchbp-train test`` without --ckpt_path tests a freshly initialised model (as
     Lightning does), which printed chance-level metrics with no word on why."""

@@ -586,9 +586,13 @@ def _keep_command_line_ckpt_path(config: Namespace, argv: list[str]) -> None:
         config[subcommand]["ckpt_path"] = given
 
 
-def _checkpoint_filename(monitor: str) -> str:
+def _checkpoint_filename(monitor: str | None) -> str:
     """The default checkpoint file name: the epoch and the monitored value, e.g.
-    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``."""
+    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``;
+    without a monitor (the latest checkpoint is kept) the epoch and the global step:
+    ``epoch004-step95`` (the metric names are not inserted: auto_insert_metric_name is off)."""
+    if not monitor:
+        return "epoch{epoch:03d}-step{step}"
     return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
 
 
@@ -648,7 +652,7 @@ def _follow_the_monitor(checkpoint: Namespace) -> None:
     if checkpoint.get("mode") == "auto":
         checkpoint["mode"] = _checkpoint_mode(monitor)
     if checkpoint.get("filename") == _checkpoint_filename("val/acc"):
-        checkpoint["filename"] = _checkpoint_filename(monitor) if monitor else None
+        checkpoint["filename"] = _checkpoint_filename(monitor)
 
 
 def _data_run_name(data: Any) -> str | None:
