@@ -736,6 +736,34 @@ def test_compile_traces_through_the_mode():
     assert not mode.counts  # calls inside compiled code are not counted
 
 
+def test_compile_fullgraph_traces_python_level_functions_the_mode_does_not_route():
+    """A Python-level torch.nn.functional function the mode does not route (F.layer_norm,
+    F.softmin, ...; nn.LayerNorm, nn.MultiheadAttention) was re-dispatched with
+    redispatch_function, which Dynamo cannot trace: torch.compile(fullgraph=True) under
+    the mode failed ('Observed exception'). Compiled, such a call runs its body natively
+    (as without redispatch_function), and the covered calls around it are captured."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(x, w, y):
+        return F.cross_entropy(F.linear(F.softmin(F.layer_norm(x, (6,)), 1), w), y)
+
+    x, w = make((4, 6)).requires_grad_(), make((5, 6), seed=1).requires_grad_()
+    want, want_grads = grads(lambda a, b: step(a, b, TARGET), x, w)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    with enable():
+        got, got_grads = grads(lambda a, b: compiled(a, b, TARGET), x, w)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+    assert len(graphs) == 1
+    # linear and cross-entropy captured as torchbp Functions
+    assert graphs[0].code.count("higher_order.autograd_function_apply(") == 2
+
+
 def _mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     layers = (torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3), torch.nn.Softmax(-1))

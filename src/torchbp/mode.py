@@ -89,7 +89,11 @@ Semantics:
   (Dynamo inlines ``__torch_function__``; ``fullgraph=True`` works) and captures
   torchbp's Functions. Calls inside compiled code are not counted. Code compiled
   outside the mode is recompiled on its first call inside it (the mode stack is
-  guarded), and ``enable()`` may also be entered inside the compiled function.
+  guarded), and ``enable()`` may also be entered inside the compiled function. Inside
+  compiled code a Python-level function the mode does not route (``F.layer_norm``,
+  ``F.multi_head_attention_forward``, ...) runs its body natively, as on a torch without
+  ``redispatch_function`` (Dynamo cannot trace it): the covered calls inside it (the
+  projections of ``nn.MultiheadAttention``) stay native there; the calls around it route.
 
 Cost: each call the mode passes through pays torch's mode dispatch (about 1-2 µs on a
 2-core Xeon; a Python-level ``torch.nn.functional`` function, re-dispatched, about twice
@@ -331,7 +335,7 @@ def _stacklevel_past_dispatch(func, args: tuple[Any, ...], kwargs: dict[str, Any
     does without the mode (the caller's line by default)."""
     # frames from _redispatch_as_native (this function's caller) up to func's own call
     between = _frames_up_to(func.__code__)
-    if between is None or torch.compiler.is_compiling():  # (Dynamo has no frames)
+    if between is None:
         return args, kwargs
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
@@ -452,11 +456,13 @@ class TorchbpMode(TorchFunctionMode):
                 and isinstance(func, types.FunctionType)
                 and func.__module__ == F.__name__
                 and _own_torch_function(types_) is None
+                and not torch.compiler.is_compiling()
             ):
                 # a Python-level composite (e.g. multi_head_attention_forward): run its
                 # body with the mode active so that the covered calls inside it route
                 # (not for an argument whose __torch_function__ is its own: that must see
-                # the call itself, as without the mode)
+                # the call itself, as without the mode; nor while torch.compile traces,
+                # which cannot trace redispatch_function: the body runs natively there)
                 return _redispatch_as_native(self, func, types_, args, kwargs)
             return _pass_on(func, args, kwargs)
         if _state.busy or not torch.is_grad_enabled() or torch.jit.is_tracing():
