@@ -399,6 +399,23 @@ def test_last_ckpt_holds_the_final_epoch_when_the_best_is_earlier(tmp_path):
     assert len(best) == 1  # the best checkpoint itself is untouched
 
 
+def test_last_ckpt_follows_save_weights_only_every_epoch(tmp_path):
+    """--checkpoint.save_weights_only true: the last.ckpt of an epoch without a new best was
+    saved in full (optimizer state, loops, callbacks), that of an epoch with one (Lightning's
+    save) with the weights only; it now holds the weights only, every epoch, as Lightning's."""
+    fit_digits(
+        tmp_path,
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--checkpoint.save_weights_only=true",
+        "--checkpoint.monitor=val/loss",
+        "--checkpoint.mode=max",  # val/loss falls: the best stays epoch 0
+    )
+    last = torch.load(tmp_path / "digits/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert last["global_step"] == 6
+    assert "optimizer_states" not in last and "state_dict" in last
+
+
 def counting_checkpoint_saves(monkeypatch) -> list[tuple[int, str]]:
     """The (global step, file name) of every checkpoint the trainer saves from now on."""
     saved = []

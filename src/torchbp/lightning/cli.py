@@ -187,7 +187,8 @@ class RunCheckpoint(ModelCheckpoint):
         needs: Lightning 2.6 writes it only at a step where it also saved a best checkpoint,
         so after the best epoch it kept the best epoch's state (a resumed fit trained those
         epochs again; ``test --ckpt_path last`` evaluated the best weights). Saved here,
-        through the public ``trainer.save_checkpoint``, when fitting and no checkpoint was
+        through the public ``trainer.save_checkpoint`` (weights only with
+        ``save_weights_only``, as Lightning's own), when fitting and no checkpoint was
         saved at this step (Lightning's own save, when it made one, comes first)."""
         if self.save_last is not True or trainer.sanity_checking or trainer.fast_dev_run:
             return
@@ -196,7 +197,7 @@ class RunCheckpoint(ModelCheckpoint):
         if self._saved_at_step == trainer.global_step or self.dirpath is None:
             return
         self.last_model_path = self._last_checkpoint_name(trainer)
-        trainer.save_checkpoint(self.last_model_path)
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
         self._last_saved_at_step = trainer.global_step
 
     def _last_checkpoint_name(self, trainer: Trainer) -> str:
