@@ -668,6 +668,61 @@ def test_linear_cross_entropy_without_classes_or_rows_smoothed_sum_is_natives_na
     assert torch.isnan(loss)
 
 
+def _loss_and_grad_as_native(logits, target, dtype=torch.float64, **options):
+    """(torchbp, native) of ``(loss, ∂loss/∂logits)`` for ``reduction='none'``."""
+    results = []
+    for fn in (TF.cross_entropy, F.cross_entropy):
+        x = logits.to(dtype).requires_grad_()
+        loss = fn(x, target, reduction="none", **options)
+        results.append((loss.detach(), *torch.autograd.grad(loss.sum(), x)))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_infinite_probability_mass_gives_natives_infinite_loss(smoothing, weighted, dtype):
+    # ℓ = -Σ_c w_c t_c logp_c is +inf where t_c = +inf meets logp_c < 0: on the row max
+    # (row 0), beside it (row 1: its logit dominates, log Σ e^{z - m} rounds to 0), or
+    # on both. torchbp formed ℓ = a·lse' - Σ B (z - m) and got inf · 0 = NaN there.
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 100.0, -1.0], [1.0, 2.0, 3.0]])
+    inf = torch.inf
+    target = torch.tensor([[0.0, 0.0, inf], [inf, 0.0, 0.0], [inf, 0.0, inf]], dtype=dtype)
+    weight = torch.tensor([1.0, 2.0, 0.5], dtype=dtype) if weighted else None
+    ours, native = _loss_and_grad_as_native(
+        logits, target, dtype, weight=weight, label_smoothing=smoothing
+    )
+    assert torch.isinf(native[0]).all()  # (what the comparison below relies on)
+    torch.testing.assert_close(ours, native, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("position", ["max", "dominated"])
+def test_infinite_class_weight_gives_natives_infinite_loss(position, smoothing):
+    # w_y = inf: ℓ = -w_y logp_y = +inf, with or without label smoothing (whose
+    # Σ_c w_c (lse - z_c) has the infinite class weight in every row); torchbp gave NaN
+    # where log Σ e^{z - m} rounds to 0 (a dominating logit) or, with smoothing, where the
+    # infinite weight sits on the row max
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 100.0, -1.0]])
+    target = torch.tensor([2, 0]) if position == "max" else torch.tensor([1, 0])
+    weight = torch.tensor([1.0, 1.0, 1.0])
+    weight[2 if position == "max" else 0] = torch.inf
+    ours, native = _loss_and_grad_as_native(
+        logits, target, torch.float32, weight=weight, label_smoothing=smoothing
+    )
+    assert torch.isinf(native[0]).any()
+    torch.testing.assert_close(ours, native, equal_nan=True)
+
+
+def test_infinite_probability_mass_in_linear_cross_entropy_as_native():
+    # (the chunked Function's loss rows come from the same ce_rows)
+    x, w = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+    target = torch.tensor([[0.0, torch.inf], [0.0, torch.inf]])
+    loss = TF.linear_cross_entropy(x, w, target, reduction="none")
+    native = F.cross_entropy(F.linear(x, w), target, reduction="none")
+    torch.testing.assert_close(loss, native)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_probability_target_gradient_of_an_infinite_logit_is_natives(smoothing):
     # A row with a +inf logit has log-probabilities inf - inf = NaN, a NaN loss and NaN

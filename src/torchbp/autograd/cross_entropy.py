@@ -19,11 +19,12 @@ double backward and jvp, which recover ``p`` from the saved ``∂ℓ/∂z``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from torchbp._execution import has_storage
+from torchbp._execution import has_storage, values_inspectable
 
 # What ignore_index None (no row is ignored) stands for where a value is needed: no class
 # index is negative, so this matches no target.
@@ -107,16 +108,60 @@ def coefficients(target, weight, ignore_index, smoothing, classes, dtype) -> Coe
     return Coefficients(a, None, hard, b_y, uniform_share, target_share, w)
 
 
-def linear_part(coef: Coefficients, x: torch.Tensor) -> torch.Tensor:
-    """``Σ_c B_ic x_ic`` (m,) for ``x`` (m, C) (ignored rows: masked later by the caller)."""
+def keeps_shifted(coef: Coefficients) -> bool:
+    """Whether the loss is formed term by term from every ``s_ic = z_ic - m_i`` (so that
+    ``s`` must outlive ``e = exp(s)``): where a weight ``B_ic`` that multiplies a term per
+    class (a probability, or a class weight with label smoothing) may be infinite, seen
+    as ``a_i = Σ_c B_ic`` not finite (see :func:`loss_rows`). Looked at only on the CPU,
+    where it costs no sync; elsewhere, and where values may not be inspected (torch.compile,
+    torch.func), always term by term."""
+    if coef.dense is None and not (coef.uniform_share and coef.weight is not None):
+        return False
+    if coef.a.device.type != "cpu" or not values_inspectable(coef.a):
+        return True
+    return not math.isfinite(coef.a.sum().item())  # (a sum is finite iff every term is,
+    # unless it overflows: then term by term too)
+
+
+def early_terms(coef: Coefficients, s: torch.Tensor, keep: bool):
+    """What the loss reads of ``s`` (m, C) before ``exp(s)`` may overwrite it: ``s_iy``
+    (m,) of class indices (None for a probability target) and, unless ``keep``, the rest
+    of ``Σ_c B_ic s_ic`` (m,): all of it for a probability target, ``(ε/C) Σ_c w_c s_ic``
+    with label smoothing (None without)."""
     if coef.dense is not None:
-        return (coef.dense * x).sum(1)
-    picked = x.gather(1, coef.hard.index.unsqueeze(1)).squeeze(1)
-    linear = coef.b_y * picked
-    if coef.uniform_share:
-        x_w = x.sum(1) if coef.weight is None else x @ coef.weight
-        linear = linear + coef.uniform_share * x_w
-    return linear
+        return None, None if keep else (coef.dense * s).sum(1)
+    picked = s.gather(1, coef.hard.index.unsqueeze(1)).squeeze(1)
+    if keep or not coef.uniform_share:
+        return picked, None
+    s_w = s.sum(1) if coef.weight is None else s @ coef.weight
+    return picked, coef.uniform_share * s_w
+
+
+def loss_rows(coef: Coefficients, log_total, early, s=None) -> torch.Tensor:
+    """``ℓ_i = Σ_c B_ic (L_i - s_ic)`` (m,) with ``s = z - m`` (m, C) and ``L = log Σ_c
+    e^{s_ic}`` (m, 1); ``early`` is :func:`early_terms`'s.
+
+    Given ``s`` (where :func:`keeps_shifted` holds), term by term as native's ``-Σ_c B_ic
+    logp_ic``: ``-logp_ic = L_i - s_ic`` first, then weighted. Otherwise as ``a_i L_i - Σ_c
+    B_ic s_ic`` (``Σ_c B_ic = a_i``, finite), one pass fewer, the target's column always
+    term by term (``w_y (L_i - s_iy)``). Split, an infinite ``B_ic`` would meet ``s_ic =
+    0`` at the row max or ``L_i = 0`` (one logit dominates the row) and give ``inf · 0 =
+    NaN`` for an infinite loss. Ignored rows: masked later by the caller."""
+    if s is not None:
+        neg_logp = torch.sub(log_total, s, out=s)  # s is not read again
+        if coef.dense is not None:
+            return torch.linalg.vecdot(coef.dense, neg_logp)
+    picked, rest = early
+    log_total = log_total.squeeze(1)
+    if picked is None:  # a probability target, a_i finite
+        return coef.a * log_total - rest
+    loss = coef.b_y * (log_total - picked)
+    if s is not None:  # label smoothing with class weights: (ε/C) Σ_c w_c (L_i - s_ic)
+        return loss + coef.uniform_share * (neg_logp @ coef.weight)
+    if rest is None:  # no label smoothing
+        return loss
+    # (ε/C) Σ_c w_c (L_i - s_ic) = (a_i - b_iy) L_i - (ε/C) Σ_c w_c s_ic
+    return loss + (coef.a - coef.b_y) * log_total - rest
 
 
 def subtract_b(coef: Coefficients, g: torch.Tensor) -> torch.Tensor:
@@ -156,14 +201,15 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
     coef = coefficients(target, weight, ignore_index, smoothing, z.shape[1], acc)
     # s = z - m with m the row max: every exponent is <= 0 (log-sum-exp trick)
     m = z.amax(1, keepdim=True).to(acc)
-    s = z.to(acc) - m if out is None else torch.sub(z, m, out=out)
-    linear = linear_part(coef, s)  # taken before s is overwritten by e = exp(s)
+    keep = keeps_shifted(coef)
+    s = z.to(acc) - m if out is None or keep else torch.sub(z, m, out=out)
+    early = early_terms(coef, s, keep)  # taken before s may be overwritten by e = exp(s)
     # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0
-    e = s.exp_()
+    e = (s.exp() if out is None else torch.exp(s, out=out)) if keep else s.exp_()
     total = e.sum(1, keepdim=True)
     log_total = total.log()
-    # ℓ_i = a_i lse_i - Σ_c B_ic z_ic = a_i log Σ_c e_ic - Σ_c B_ic s_ic   (Σ_c B_ic = a_i)
-    loss = masked(coef, coef.a * log_total.squeeze(1) - linear)
+    # ℓ_i = Σ_c B_ic (lse_i - z_ic) = Σ_c B_ic (log Σ_c e_ic - s_ic)
+    loss = masked(coef, loss_rows(coef, log_total, early, s if keep else None))
     # ∂ℓ_i/∂z_i = a_i p_i - B_i with p_i = e_i / Σ_c e_ic
     scale = coef.a.unsqueeze(1) / total
     if all(has_storage(t) for t in (target, weight) if t is not None):
