@@ -388,6 +388,20 @@ def test_model_without_trainable_parameters():
         _ = ps.norms
 
 
+@pytest.mark.parametrize("read", ["norms", "add_noise"])
+def test_model_without_trainable_parameters_named_as_the_reason(read):
+    """A DP step on a model whose every parameter is frozen, the backward run inside the
+    context: reading the results was refused as if no backward had run ('run the forward
+    and loss.backward() inside the context first'); the refusal says the model had no
+    trainable parameters when the context was created."""
+    model = mlp().requires_grad_(False)
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="no trainable parameters when the context"):
+            _ = ps.norms if read == "norms" else ps.add_noise(1.0)
+
+
 def test_compiled_model_refused_at_backward():
     model = mlp(nn.Tanh())
     compiled = torch.compile(model, backend="eager")

@@ -325,6 +325,12 @@ class PerSampleGrads:
         if self._state == "open" and self._has_traces():
             self._finalise(forms_param_grads=False)
             return
+        if not self.parameters:
+            raise RuntimeError(
+                "per_sample_grads: no backward through the model's Linear layers was "
+                "recorded: the model had no trainable parameters when the context was "
+                "created (every one frozen), so there is nothing to record"
+            )
         raise RuntimeError(
             "per_sample_grads: no backward through the model's Linear layers was recorded; "
             "run the forward and loss.backward() inside the context first"
