@@ -57,3 +57,30 @@ def test_a_vmap_failure_of_fn_itself_is_not_hidden_by_a_sparse_input():
     )["vmap"]
     assert result.failed, result
     assert "vmap of the forward failed" in result.message and ".item()" in result.message
+
+
+class SquareReadingGradOutputData(torch.autograd.Function):
+    """x², textbook style, whose backward reads ``grad_output.data`` (an old idiom): right
+    for every single grad_output, but PyTorch's batched backward crashes the process on it
+    (a segmentation fault reading ``.data`` of a batched tensor)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x.data * (g * 1).data
+
+
+def test_a_backward_reading_data_of_grad_output_fails_batched_grad_without_a_crash():
+    # check_function ran the batched backward and the whole process died (SIGSEGV)
+    x = torch.linspace(-1.0, 2.0, 12, dtype=torch.float64).reshape(3, 4)
+    report = check_function(SquareReadingGradOutputData, x, checks=["gradcheck", "batched_grad"])
+    assert report["gradcheck"].passed, report
+    result = report["batched_grad"]
+    assert result.failed, result
+    assert "reads .data of grad_output" in result.message
+    assert "segmentation fault" in result.message

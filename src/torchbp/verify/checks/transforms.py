@@ -17,7 +17,7 @@ from torchbp.verify.checks.compare import dense, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
 from torchbp.verify.checks.explain import explain_error, outcome_of
-from torchbp.verify.checks.outcomes import CheckUnsupported, Passed
+from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported, Passed
 
 __all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap"]
 
@@ -164,10 +164,43 @@ def check_vmap(ctx: CheckContext) -> Passed:
     return Passed(f"batch of {batch}: forward and vmap(grad)", *worst)
 
 
+class _DataWatch(torch.Tensor):
+    """A grad_output that notes when ``.data`` is read of it or of a tensor computed from
+    it (the subclass passes through the ops backward applies)."""
+
+    data_read = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__self__", None) is torch.Tensor.data:
+            cls.data_read = True
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _reads_data_of_grad_outputs(
+    outs: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]
+) -> bool:
+    """Whether one ordinary backward (for the first of the batch of grad_outputs ``vs``)
+    reads ``.data`` of a grad_output or of a tensor computed from one: PyTorch's batched
+    backward crashes the process on that (a segmentation fault), so it must not run. A
+    backward that fails on the watching subclass tells nothing (False)."""
+    _DataWatch.data_read = False
+    watched = [v[0].clone().as_subclass(_DataWatch) for v in vs]
+    try:
+        torch.autograd.grad(outs, leaves, watched, retain_graph=True, allow_unused=True)
+    except Exception:  # noqa: BLE001 - the batched backward will tell its own error
+        return False
+    finally:
+        read, _DataWatch.data_read = _DataWatch.data_read, False
+    return read
+
+
 def check_batched_grad(ctx: CheckContext) -> Passed:
     """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output;
-    unsupported through a sparse output (PyTorch's vmap cannot batch sparse tensors), or
-    when it raises for a fn with a sparse input (:func:`_sparse_input_gap`)."""
+    failed without running it when backward reads ``.data`` of a grad_output (PyTorch
+    would crash the process); unsupported through a sparse output (PyTorch's vmap cannot
+    batch sparse tensors), or when it raises for a fn with a sparse input
+    (:func:`_sparse_input_gap`)."""
     if ctx.sparse_outputs:
         raise CheckUnsupported(
             "fn returns a sparse tensor: batched backward (is_grads_batched, a vmap over "
@@ -179,6 +212,14 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
     outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
     vs = [torch.stack([ctx.randn(o.shape, o.dtype) for _ in range(batch)]) for o in outs]
     tolerance = ctx.parity_tolerances()
+    if _reads_data_of_grad_outputs(outs, leaves, vs):
+        raise CheckFailure(
+            "backward reads .data of grad_output (or of a tensor computed from it): a "
+            "batched backward (is_grads_batched, a vmap over grad_outputs, as jacobian("
+            "vectorize=True) runs) crashes the process on it (a segmentation fault in "
+            "PyTorch), so it was not run; use the tensor itself (backward runs without "
+            "grad unless create_graph=True)"
+        )
     try:
         batched = _batched_backward(outs, leaves, vs)
     except Exception as exc:  # noqa: BLE001
