@@ -148,7 +148,7 @@ def loss_rows(coef: Coefficients, log_total, early, s=None) -> torch.Tensor:
     0`` at the row max or ``L_i = 0`` (one logit dominates the row) and give ``inf · 0 =
     NaN`` for an infinite loss. Ignored rows: masked later by the caller."""
     if s is not None:
-        neg_logp = torch.sub(log_total, s, out=s)  # s is not read again
+        neg_logp = log_total - s  # (out of place: torch.func cannot batch out=)
         if coef.dense is not None:
             return torch.linalg.vecdot(coef.dense, neg_logp)
     picked, rest = early
