@@ -370,3 +370,14 @@ def test_a_backward_returning_none_for_a_grad_input_is_named_in_gradcheck():
     assert result.failed, result
     assert "backward returned None for input 1, which requires grad" in result.message
     assert "grad_inputs=(0,)" in result.message
+
+
+def test_a_gradcheck_failure_in_a_non_differentiable_output_names_it():
+    # the message read "analytical 0 vs numerical ..." only, sending the user to a backward
+    # that is never called for that output
+    from tests.verify.zoo.structure import ProbsMarkedNonDiff
+
+    report = check_function(ProbsMarkedNonDiff, seeded(3, 5), checks="gradcheck")
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed
+    assert "output 1 does not require grad (marked non-differentiable?)" in message

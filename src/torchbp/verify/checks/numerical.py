@@ -257,7 +257,7 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     try:
         errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
     except CheckFailure as failure:
-        hint = _missing_gradients_hint(ctx, diff)
+        hint = _missing_gradients_hint(ctx, diff) + _non_differentiable_outputs_hint(ctx, diff)
         raise CheckFailure(failure.message + hint, failure.abs_err, failure.rel_err) from None
     if errors is not None:
         abs_err, rel_err, note = errors
@@ -287,6 +287,34 @@ def _without_gradient(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> list[i
         for k, g in enumerate(grads)
         if g is None and any(bool((j.abs() > ctx.options.atol).any()) for j in numerical[k])
     ]
+
+
+def _non_differentiable_outputs_hint(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> str:
+    """Why gradcheck failed when a floating output that depends on the inputs does not
+    require grad (``ctx.mark_non_differentiable``): backward never gets a gradient for
+    it, so its analytical Jacobian reads as 0; empty when no such output."""
+    numerical = ctx.numerical_jacobian
+    if numerical is None:
+        return ""
+    try:
+        leaves = [x.detach().clone().requires_grad_(True) for x in diff]
+        outs = ctx.diff_fn(*leaves)
+    except Exception:  # noqa: BLE001 - fn already failed the check; no hint then
+        return ""
+    atol = ctx.options.atol
+    cut = [
+        o
+        for o, out in enumerate(outs)
+        if not out.requires_grad
+        and any(o < len(jk) and bool((jk[o].abs() > atol).any()) for jk in numerical)
+    ]
+    if not cut:
+        return ""
+    return (
+        f" (output {cut[0]} does not require grad (marked non-differentiable?) although it "
+        "depends on the inputs: backward is never given its gradient, so any loss built on "
+        "it gets none; mark only outputs that are constant in the inputs)"
+    )
 
 
 def _missing_gradients_hint(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> str:
