@@ -1576,6 +1576,21 @@ def test_a_new_run_into_a_checkpoint_folder_keeps_the_last_ckpt_there(tmp_path, 
     assert own["global_step"] == 2 * 7
 
 
+def test_ckpt_path_last_finds_the_newest_last_checkpoint_of_a_moved_run(tmp_path):
+    """A run resumed after its folder moved saves last-v1.ckpt beside last.ckpt (Lightning
+    numbers it: the checkpoint records the old folder); --ckpt_path last took last.ckpt, the
+    state before the resume, where Lightning's "last" takes the newest last*.ckpt."""
+    common = ("--config", str(CONFIGS / "iris.yaml"), "--checkpoint.monitor=val/loss")
+    run_cli("fit", *common, f"--run_dir={tmp_path}/a", "--trainer.max_epochs=1")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = (*common, f"--run_dir={tmp_path}/b")
+    run_cli("fit", *moved, "--trainer.max_epochs=2", "--ckpt_path=last")
+    folder = tmp_path / "b/iris/version_0/checkpoints"
+    assert (folder / "last-v1.ckpt").is_file()
+    tested = run_cli("test", *moved, "--ckpt_path=last")
+    assert tested.config_init["test"]["ckpt_path"] == str(folder / "last-v1.ckpt")
+
+
 def test_ckpt_path_best_finds_the_best_checkpoint_in_a_configured_checkpoint_folder(tmp_path):
     """--ckpt_path best looked only in the run folders' checkpoints/: with
     --checkpoint.dirpath it refused ("no best checkpoint") though the folder held it."""

@@ -893,8 +893,8 @@ class TorchbpCLI(LightningCLI):
         self._made_folders = []
 
     def _last_checkpoint(self, root: Path) -> str | None:
-        """``--ckpt_path last``: the ``last.ckpt`` of the most recent run under ``root`` that
-        has one (``fit`` resumes that run, in its folder); with a configured
+        """``--ckpt_path last``: the newest ``last*.ckpt`` of the most recent run under
+        ``root`` that has one (``fit`` resumes that run, in its folder); with a configured
         ``checkpoint.dirpath``, which every run saves into, the newest ``last*.ckpt`` there,
         as Lightning's ``ckpt_path="last"`` finds it (a run folder of its own); with none,
         ``fit`` starts from scratch (``None``) and the evaluating subcommands exit with an
@@ -902,14 +902,16 @@ class TorchbpCLI(LightningCLI):
         dirpath = self._configured_checkpoint_dir()
         if dirpath is not None:
             return self._last_checkpoint_in(dirpath)
-        found = [
-            v for v in _versions(root) if (root / f"version_{v}/checkpoints/last.ckpt").is_file()
-        ]
-        if found:
+        for version in reversed(_versions(root)):
+            # the newest last*.ckpt, as Lightning finds "last": a run resumed after its
+            # folder moved saves last-v1.ckpt (the moved checkpoint records another folder)
+            newest = _newest_last_checkpoint(root / f"version_{version}/checkpoints")
+            if newest is None:
+                continue
             if self.subcommand == "fit":
-                self._version = found[-1]  # resumed: keep logging there
+                self._version = version  # resumed: keep logging there
                 self._resumed = True
-            return str(root / f"version_{found[-1]}/checkpoints/last.ckpt")
+            return str(newest)
         if self.subcommand != "fit":
             # evaluating an untrained model would pass for the run's metrics
             exit_with_error(
