@@ -477,6 +477,21 @@ def test_max_norm_below_the_norms_smallest_number_keeps_zero_gradients_finite():
     assert all(not p.grad.isnan().any() for p in model.parameters())
 
 
+def test_nan_norm_is_not_taken_for_a_small_one():
+    """A sample whose norm is NaN (here ‖g_i‖² rounds to 0 and ‖a_i‖² to inf in float32,
+    while its gradient, of norm ~0.5, is finite) got the clip factor 1 (NaN > C is false)
+    and entered p.grad unclipped, silently breaking the bound C; min(1, C/NaN) is NaN, as
+    it was before and as Opacus' factor is, which makes the failure visible in p.grad."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(5, 4))
+    x = torch.randn(3, 5) * 1e22
+    with per_sample_grads(model, mode="clip", max_norm=0.01) as ps:
+        (model(x).sum() * 1e-23).backward()
+    assert ps.norms.isnan().all()
+    assert ps.clip_factors.isnan().all()
+    assert model[0].weight.grad.isnan().all()
+
+
 @pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
 def test_empty_batch_statistics_are_zeros(mode):
     """An empty batch (a Poisson draw) has no spread to measure: every statistic is 0, not

@@ -107,8 +107,9 @@ def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     """``c_i = min(1, max_norm / norms_i)``, in ``norms``' dtype: 1 for a norm at most
     ``max_norm`` (a zero norm included, also where ``max_norm`` rounds to 0 in that dtype
-    and ``max_norm / 0`` would be NaN)."""
-    return torch.where(norms > max_norm, max_norm / norms, 1.0)
+    and ``max_norm / 0`` would be NaN), NaN for a NaN norm (never taken for a small one:
+    the sample's gradient would enter ``p.grad`` unclipped), 0 for an infinite one."""
+    return torch.where(norms <= max_norm, 1.0, (max_norm / norms).clamp_(max=1.0))
 
 
 def scale_samples(g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
