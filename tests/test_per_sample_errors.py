@@ -402,6 +402,20 @@ def test_model_without_trainable_parameters_named_as_the_reason(read):
             _ = ps.norms if read == "norms" else ps.add_noise(1.0)
 
 
+def test_model_without_any_parameter_not_said_to_have_them_frozen():
+    """A model with no parameter at all (only activations): reading the results said its
+    parameters were 'every one frozen', sending the user to look for a requires_grad_(False)
+    that is not there; the refusal says the model has no parameters."""
+    model = nn.Sequential(torchbp.nn.Tanh())
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model) as ps:
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="no trainable parameters") as refused:
+            _ = ps.norms
+    assert "frozen" not in str(refused.value)
+    assert "no parameters" in str(refused.value)
+
+
 def test_compiled_model_refused_at_backward():
     model = mlp(nn.Tanh())
     compiled = torch.compile(model, backend="eager")

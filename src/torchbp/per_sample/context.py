@@ -60,6 +60,8 @@ class PerSampleGrads:
         self.parameters: list[nn.Parameter] = [
             p for layer in self._layers for p in layer.parameters()
         ]
+        # why there may be none to account for: every one frozen, or none at all
+        self._model_has_parameters = any(True for _ in model.parameters())
         # the layers and parameters above are picked by the model's parameters as they are
         # (a function of the model alone, so that the recorder holds no cycle through self)
         self._check_parameters = functools.partial(
@@ -326,10 +328,11 @@ class PerSampleGrads:
             self._finalise(forms_param_grads=False)
             return
         if not self.parameters:
+            why = "every one frozen" if self._model_has_parameters else "it has no parameters"
             raise RuntimeError(
                 "per_sample_grads: no backward through the model's Linear layers was "
                 "recorded: the model had no trainable parameters when the context was "
-                "created (every one frozen), so there is nothing to record"
+                f"created ({why}), so there is nothing to record"
             )
         raise RuntimeError(
             "per_sample_grads: no backward through the model's Linear layers was recorded; "
