@@ -309,6 +309,22 @@ def test_converted_subclass_with_its_own_reduction_pickles_and_deep_copies(how):
     torch.testing.assert_close(out, module(x))
 
 
+@pytest.mark.parametrize("how", ["pickle", "copy"])
+def test_parametrized_converted_subclass_refuses_to_pickle_as_torch_does(how):
+    import pickle
+
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+    from torch.nn.utils import parametrize
+
+    # torch refuses to pickle a parametrized module with a RuntimeError saying to use
+    # state_dict(); a converted subclass raised IndexError('tuple index out of range')
+    # instead (its reduction took torch's parametrized class for the combined class)
+    module = torchbp.convert(NonDynamicallyQuantizableLinear(3, 2))
+    parametrize.register_parametrization(module, "weight", nn.Identity())
+    with pytest.raises(RuntimeError, match="state_dict"):
+        pickle.dumps(module) if how == "pickle" else copy.copy(module)
+
+
 def test_subclass_overriding_forward_stays_even_when_inherited():
     model = nn.Sequential(MyLinear(2, 2), MyLinearChild(2, 2))
     _, report = torchbp.convert(model, report=True)

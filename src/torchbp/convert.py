@@ -108,7 +108,7 @@ def _reduce_combined(self: nn.Module, protocol: int):
     run time and cannot be found by name, replaced by the user class wherever the
     reduction names it; the object rebuilt from it is switched to the combined class
     again (:func:`_rebuilt_combined`)."""
-    cls = type(self)
+    cls = _combined_class_of(type(self))
     original, twin = getattr(cls, _ORIGINAL), cls.__bases__[1]
     make, args, *rest = original.__reduce_ex__(self, protocol)
 
@@ -117,6 +117,12 @@ def _reduce_combined(self: nn.Module, protocol: int):
 
     make_args = (named(make), tuple(named(a) for a in args), original, twin)
     return (_rebuilt_combined, make_args, *rest)
+
+
+def _combined_class_of(cls: type[nn.Module]) -> type[nn.Module]:
+    """The combined class ``cls`` is or derives from (torch's parametrized class of a
+    converted module is made on top of it)."""
+    return next(c for c in cls.__mro__ if _ORIGINAL in c.__dict__)
 
 
 def _rebuilt_combined(make, args: tuple, original: type[nn.Module], twin: type[nn.Module]):
