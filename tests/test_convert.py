@@ -309,6 +309,35 @@ def test_converted_subclass_with_its_own_reduction_pickles_and_deep_copies(how):
     torch.testing.assert_close(out, module(x))
 
 
+class ClassmethodReducingLinear(nn.Linear):
+    """A user subclass whose reduction names its class inside its callable and arguments
+    (a classmethod bound to ``type(self)``, the class nested in a tuple)."""
+
+    def __reduce__(self):
+        sizes = (self.in_features, self.out_features)
+        return (type(self).rebuild, ((type(self), sizes), self.state_dict()))
+
+    @classmethod
+    def rebuild(cls, made, state):
+        assert made[0] is cls
+        module = cls(*made[1])
+        module.load_state_dict(state)
+        return module
+
+
+def test_converted_subclass_whose_reduction_names_its_class_inside_pickles():
+    import pickle
+
+    # only the callable itself and the top-level arguments were replaced: a classmethod of
+    # the combined class (or the class in a nested tuple) failed with "Can't pickle
+    # <class 'torchbp.convert.ClassmethodReducingLinear'>: attribute lookup ... failed"
+    module = torchbp.convert(ClassmethodReducingLinear(4, 3))
+    copied = pickle.loads(pickle.dumps(module))
+    assert type(copied) is type(module)
+    torch.testing.assert_close(copied.state_dict(), module.state_dict())
+    assert "LinearFunctionBackward" in _node_names(copied(torch.randn(2, 4)))
+
+
 @pytest.mark.parametrize("how", ["pickle", "copy"])
 def test_parametrized_converted_subclass_refuses_to_pickle_as_torch_does(how):
     import pickle

@@ -45,6 +45,7 @@ import copy
 import functools
 import itertools
 import logging
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, overload
@@ -106,17 +107,33 @@ def _reduce_combined(self: nn.Module, protocol: int):
     """Pickle a combined-class instance the way its user class pickles (its own
     ``__reduce__`` / ``__reduce_ex__`` included), with the combined class, which is made at
     run time and cannot be found by name, replaced by the user class wherever the
-    reduction names it; the object rebuilt from it is switched to the combined class
-    again (:func:`_rebuilt_combined`)."""
+    reduction's callable and arguments name it (see :func:`_naming`); the object rebuilt
+    from it is switched to the combined class again (:func:`_rebuilt_combined`)."""
     cls = _combined_class_of(type(self))
     original, twin = getattr(cls, _ORIGINAL), cls.__bases__[1]
     make, args, *rest = original.__reduce_ex__(self, protocol)
-
-    def named(value):
-        return original if value is cls else value
-
-    make_args = (named(make), tuple(named(a) for a in args), original, twin)
+    make_args = (_naming(make, cls, original), _naming(args, cls, original), original, twin)
     return (_rebuilt_combined, make_args, *rest)
+
+
+def _naming(value, cls: type, original: type):
+    """``value`` (part of a reduction) with the combined class ``cls`` replaced by its
+    user class ``original``: ``cls`` itself, a method bound to it (``type(self).rebuild``)
+    and either of them inside tuples, lists and dicts. Containers without it are returned
+    as they are (the same objects, so that sharing among them pickles as before)."""
+    if value is cls:
+        return original
+    if isinstance(value, types.MethodType) and value.__self__ is cls:
+        return types.MethodType(value.__func__, original)
+    if type(value) in (tuple, list):
+        named = [_naming(item, cls, original) for item in value]
+        changed = any(n is not v for n, v in zip(named, value))
+        return type(value)(named) if changed else value
+    if type(value) is dict:
+        pairs = [(_naming(k, cls, original), _naming(v, cls, original)) for k, v in value.items()]
+        changed = any(nk is not k or nv is not v for (nk, nv), (k, v) in zip(pairs, value.items()))
+        return dict(pairs) if changed else value
+    return value
 
 
 def _combined_class_of(cls: type[nn.Module]) -> type[nn.Module]:
