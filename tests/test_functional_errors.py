@@ -194,6 +194,25 @@ def test_label_smoothing_range(smoothing):
         TF.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=smoothing)
 
 
+@pytest.mark.parametrize(
+    ("input", "target", "error", "match"),
+    [
+        # native: log_softmax refuses the integer logits before the smoothing check
+        (torch.ones(3, 5, dtype=torch.long), torch.rand(3, 5), DTypeError, "floating-point"),
+        # native: the target's dtype, then ignore_index, come first too
+        (torch.randn(3, 5), torch.ones(3, 5, dtype=torch.long), DTypeError, "probabilities"),
+    ],
+)
+def test_probability_target_checks_come_before_label_smoothing(input, target, error, match):
+    with pytest.raises(error, match=match):
+        TF.cross_entropy(input, target, label_smoothing=1.5)
+
+
+def test_probability_target_ignore_index_comes_before_label_smoothing():
+    with pytest.raises(RuntimeError, match=r"ignore_index \(1\) is not supported"):
+        TF.cross_entropy(torch.randn(3, 5), torch.rand(3, 5), ignore_index=1, label_smoothing=1.5)
+
+
 def test_ignore_index_with_probabilities():
     with pytest.raises(RuntimeError, match=r"ignore_index \(1\) is not supported for probability"):
         TF.cross_entropy(torch.randn(3, 5), torch.rand(3, 5), ignore_index=1)

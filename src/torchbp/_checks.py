@@ -588,18 +588,24 @@ def validate_cross_entropy(
     check_tensor(op, input=input, target=target)
     check_optional_tensor(op, weight=weight)
     check_reduction(reduction)
-    smoothing = check_smoothing(op, label_smoothing)
-    layout = class_layout(op, input)
-    check_floating(op, "input", input)
     # (dims first: torch.Size compares element-wise, and under torch.export a (N, C, d)
     # input against an (N, d) target would guard d != C)
     soft = input.dim() == target.dim() and input.shape == target.shape
+    # native checks label_smoothing first with class indices, but after log_softmax (the
+    # input's dtype) and the target's dtype and ignore_index with probabilities
+    scalar_argument(op, "label_smoothing", label_smoothing)  # (not a number: a TypeError first)
+    if not soft:
+        smoothing = check_smoothing(op, label_smoothing)
+    layout = class_layout(op, input)
+    check_floating(op, "input", input)
     if not soft:  # native: log_softmax (the input's dtype), then nll_loss_nd's batch check
         check_batch_size(op, input, target)
     check_class_weight(op, weight, layout.classes, differentiable=soft)
     check_same_device(op, input=input, target=target, weight=weight)
     if soft or target.is_floating_point():  # (class indices: nothing to check, no message)
         check_target_kind(op, target, soft, ignore_index, f"the input's shape {tuple(input.shape)}")
+    if soft:
+        smoothing = check_smoothing(op, label_smoothing)
     unmasked = False
     if not soft:
         check_hard_target(op, input, target, layout.batch_shape)
