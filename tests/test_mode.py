@@ -329,10 +329,21 @@ def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
     [
         lambda x: F.softmin(x),
         lambda x: F.softmin(x, None, 4),  # _stacklevel passed positionally
+        # a level inside F.softmin itself (its helper, its own line) was shifted up with
+        # the others, into torch/overrides.py
+        lambda x: F.softmin(x, _stacklevel=1),
+        lambda x: F.softmin(x, _stacklevel=2),
         lambda x: torch.nn.Softmin()(x),
         lambda x: _under_no_grad(F.softmin, x),
     ],
-    ids=["F.softmin", "F.softmin-stacklevel-4", "nn.Softmin", "no_grad"],
+    ids=[
+        "F.softmin",
+        "F.softmin-stacklevel-4",
+        "F.softmin-stacklevel-1",
+        "F.softmin-stacklevel-2",
+        "nn.Softmin",
+        "no_grad",
+    ],
 )
 def test_implicit_dim_warning_of_a_redispatched_composite_points_where_natives_does(call):
     # F.softmin is re-dispatched with the mode active: its body ran three frames below its

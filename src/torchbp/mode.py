@@ -328,17 +328,26 @@ _WARN_AT_STACKLEVEL = frozenset(
 )
 
 
+#: the ``_stacklevel`` of a ``torch.nn.functional`` function that names its caller's line
+#: (``_get_softmax_dim`` warns at it: 1 is that helper, 2 the function called)
+_CALLER_STACKLEVEL = 3
+
+
 def _stacklevel_past_dispatch(func, args: tuple[Any, ...], kwargs: dict[str, Any]):
     """``(args, kwargs)`` of a call of ``func`` (one of :data:`_WARN_AT_STACKLEVEL`)
     re-dispatched by :func:`_redispatch_as_native`, with ``_stacklevel`` raised by the
     frames that lie between its body and its caller, so that its warning points where it
-    does without the mode (the caller's line by default)."""
+    does without the mode (the caller's line by default; a level inside ``func``, below
+    :data:`_CALLER_STACKLEVEL`, already does and is left as it is)."""
     # frames from _redispatch_as_native (this function's caller) up to func's own call
     between = _frames_up_to(func.__code__)
     if between is None:
         return args, kwargs
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
+    if bound.arguments["_stacklevel"] < _CALLER_STACKLEVEL:
+        # a frame inside func (its warning helper, its own line): the body's is that frame
+        return args, kwargs
     # the body runs below redispatch_function, which runs below _redispatch_as_native
     bound.arguments["_stacklevel"] += between + 1
     return bound.args, bound.kwargs
