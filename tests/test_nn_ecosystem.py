@@ -257,3 +257,38 @@ def test_quantize_dynamic_leaves_torchbp_linears_as_they_are():
     assert all(type(m) is type(n) for m, n in zip(quantized, bp))
     x = torch.randn(4, 6)
     torch.testing.assert_close(quantized(x), native(x))
+
+
+def _ensemble_grads(lib, members: list[nn.Module], x: torch.Tensor, target: torch.Tensor):
+    """The torch.func ensemble pattern: stack the members' parameters, vmap a stateless
+    call of a meta-device copy over them, one loss over every member's logits."""
+    params, buffers = torch.func.stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+
+    def call(p, b, inputs):
+        return torch.func.functional_call(base, (p, b), (inputs,))
+
+    out = torch.func.vmap(call, (0, 0, None))(params, buffers, x)
+    lib.CrossEntropyLoss()(out.flatten(0, 1), target.repeat(len(members))).backward()
+    return out, {name: p.grad for name, p in params.items()}
+
+
+def test_vmap_ensemble_backward_matches_torch_nn():
+    """stack_module_state + vmap(functional_call) + one backward over the stacked
+    parameters (crashed in Linear's backward: '_add_batch_dim(): incompatible function
+    arguments ... Invoked with: None, 0, 1')."""
+
+    def members(lib):
+        torch.manual_seed(1)
+        return [
+            nn.Sequential(lib.Linear(4, 8), lib.Tanh(), lib.Linear(8, 3)).to(DT) for _ in range(3)
+        ]
+
+    x = torch.randn(5, 4, dtype=DT)
+    target = torch.randint(3, (5,))
+    out, grads = _ensemble_grads(torchbp.nn, members(torchbp.nn), x, target)
+    want_out, want_grads = _ensemble_grads(nn, members(nn), x, target)
+    torch.testing.assert_close(out, want_out, **TOL)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, **TOL)

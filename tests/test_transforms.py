@@ -287,3 +287,90 @@ def test_per_sample_grads_mlp(act, loss, device):
         BP.cross_entropy(logits, y).backward()
     for k, p in bp_model.named_parameters():
         _close(got[k].mean(0), p.grad)
+
+
+# --------------------------------------------------------------------------- backward of vmap
+
+
+def _grads_of_vmap(case, ns, stacked, cot, diff_count):
+    """``∂<vmap(fn)(*stacked), cot>/∂(the first diff_count args)`` by ``.backward()`` on
+    the batched result (the ensemble pattern), with fresh leaves."""
+    leaves = [t.detach().requires_grad_(i < diff_count) for i, t in enumerate(stacked)]
+    out = func.vmap(lambda *a: case.fn(ns, *a))(*leaves)
+    (out * cot).sum().backward()
+    return [t.grad for t in leaves[:diff_count]]
+
+
+_LOSS_CASES = [c for c in CASES if c.name.startswith(("nll", "cross"))]
+
+
+@pytest.mark.parametrize("case", _LOSS_CASES, ids=str)
+def test_backward_through_vmap(case, device):
+    """``.backward()`` on vmap's result: the generated vmap rule pairs one set of batch
+    dims with both what is saved for backward and for forward, so the two must match
+    (linear, nll_loss, cross_entropy crashed: '_add_batch_dim(): incompatible function
+    arguments', 'flat_bdims must not be None')."""
+    samples = [case.make(device) for _ in range(3)]
+    diff_count = len(samples[0][0])
+    stacked = [torch.stack(ts) for ts in zip(*(d + c for d, c in samples))]
+    out = func.vmap(lambda *a: case.fn(NATIVE, *a))(*stacked)
+    cot = torch.randn(out.shape, dtype=DTYPE).to(out.device)
+    got = _grads_of_vmap(case, BP, stacked, cot, diff_count)
+    want = _grads_of_vmap(case, NATIVE, stacked, cot, diff_count)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+    if case.forward_ad:  # and forward-mode through the same vmap reads the same saves
+        diff, const = tuple(stacked[:diff_count]), stacked[diff_count:]
+        tangents = tuple(torch.randn_like(t) for t in diff)
+        for ns_got, ns_want in zip(
+            _jvp_of_vmap(case, BP, diff, const, tangents),
+            _jvp_of_vmap(case, NATIVE, diff, const, tangents),
+            strict=True,
+        ):
+            _close(ns_got, ns_want)
+
+
+def _jvp_of_vmap(case, ns, diff, const, tangents):
+    batched = func.vmap(lambda *a: case.fn(ns, *a))
+    return func.jvp(lambda *d: batched(*d, *const), diff, tangents)
+
+
+@pytest.mark.parametrize(
+    ("batched", "wants_grad"),
+    [("input", "input"), ("weight", "weight"), ("input", "bias"), ("weight", "bias")],
+)
+def test_linear_backward_through_vmap_one_input_batched(batched, wants_grad, device):
+    """vmap(linear) over one argument while another needs the gradient: backward saves
+    only what that gradient needs, forward-mode saves both, and the two must still be
+    saved alike under vmap (only input or only weight requiring grad crashed)."""
+    args = {
+        "input": _randn(device, 4, 5),
+        "weight": _randn(device, 3, 5),
+        "bias": _randn(device, 3),
+    }
+    args[batched] = torch.stack([args[batched], 2 * args[batched]])
+    in_dims = tuple(0 if k == batched else None for k in args)
+
+    def grad_of(ns):
+        leaves = {k: v.detach().requires_grad_(k == wants_grad) for k, v in args.items()}
+        out = func.vmap(ns.linear, in_dims)(*leaves.values())
+        (out * torch.arange(out.numel(), dtype=DTYPE).to(device).view(out.shape)).sum().backward()
+        return leaves[wants_grad].grad
+
+    _close(grad_of(BP), grad_of(NATIVE))
+
+
+def test_nll_loss_backward_through_vmap_over_the_target_alone(device):
+    """vmap of nll_loss batching only the target, then ``.backward()`` outside it: the
+    loss rows saved for backward are batched, the target saved for forward too, the
+    log-probabilities are not ('flat_bdims must not be None')."""
+    logp = torch.log_softmax(_randn(device, 4, 5), -1)
+    target = torch.randint(5, (3, 4)).to(device)
+
+    def grad_of(ns):
+        leaf = logp.detach().requires_grad_()
+        out = func.vmap(ns.nll_loss, (None, 0))(leaf, target)
+        (out * torch.arange(1.0, 4.0, dtype=DTYPE).to(device)).sum().backward()
+        return leaf.grad
+
+    _close(grad_of(BP), grad_of(NATIVE))

@@ -33,6 +33,24 @@ def _per_sample_recorder(weight: torch.Tensor):
     return recorder if recorder is not None else per_sample_recorders_by_weight.get(id(weight))
 
 
+def save_split(ctx, inputs, for_backward: tuple, for_forward: tuple) -> None:
+    """Save ``for_backward`` for backward and ``for_forward`` for jvp, two tuples of the
+    same length, position for position the same tensor or ``None`` in one of them.
+
+    When a tensor input is one that torch.func wraps (``vmap``, ``grad``, ...), save
+    their union, each position's tensor from whichever tuple has one, for both: the
+    vmap rule that ``generate_vmap_rule`` builds records the batch dims of one save
+    only (whichever ran last) and reads both backward's and jvp's saved tensors with
+    them, so two different tuples hand a ``None`` a batch dim, or a batched tensor none
+    (crashes deep in torch.func). Eager, each mode keeps only what it needs."""
+    if any(isinstance(t, torch.Tensor) and not has_storage(t) for t in inputs):
+        for_backward = for_forward = tuple(
+            b if b is not None else f for b, f in zip(for_backward, for_forward, strict=True)
+        )
+    ctx.save_for_backward(*for_backward)
+    ctx.save_for_forward(*for_forward)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``(*, features)`` as ``(M, features)``: a 2-D ``t`` as it is (the common case: no
     reshape call, whose dispatch costs more than a small layer's bias sum), any other a
@@ -98,7 +116,8 @@ class LinearFunction(Function):
     is ``dL/dy`` flattened to ``(M, out)`` (for complex tensors ``g conj(W)`` and
     ``gᵀ conj(x)``, native's convention; ``conj`` is a no-op for real ones).
     Forward-mode: ``dy = dx Wᵀ + x dWᵀ + db``.
-    Saves ``x`` only when ``W`` needs a gradient and ``W`` only when ``x`` does.
+    Saves ``x`` only when ``W`` needs a gradient and ``W`` only when ``x`` does (both
+    for jvp; under torch.func, both for backward too: see :func:`save_split`).
     """
 
     generate_vmap_rule = True
@@ -119,10 +138,10 @@ class LinearFunction(Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias = inputs
         needs_x, needs_w, _ = ctx.needs_input_grad
-        # dW needs x and dx needs W: save each only if the *other* gradient is wanted.
-        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
-        # jvp: dy = dx Wᵀ + x dWᵀ + db needs both
-        ctx.save_for_forward(x, weight)
+        # dW needs x and dx needs W: save each only if the *other* gradient is wanted;
+        # jvp: dy = dx Wᵀ + x dWᵀ + db needs both.
+        for_backward = (x if needs_w else None, weight if needs_x else None)
+        save_split(ctx, inputs, for_backward, (x, weight))
         ctx.set_materialize_grads(False)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.x_shape = x.shape

@@ -33,6 +33,7 @@ from torchbp.autograd.cross_entropy import (
     log_softmax_rows,
     softmax_from_grad,
 )
+from torchbp.autograd.linear import save_split
 from torchbp.kernels import _triton, cpu_ce, triton_ce
 
 # Eager cross-entropy runs in blocks of rows of about this many elements: large enough
@@ -90,8 +91,7 @@ class NLLLossFunction(Function):
         logp, target, weight, ignore_index = inputs
         # The gradient does not depend on logp's values: save only the target (and weight),
         # and the loss rows, which attach a double backward's gradient to logp's graph.
-        ctx.save_for_backward(target, weight, output)
-        ctx.save_for_forward(target, weight)
+        save_split(ctx, inputs, (target, weight, output), (target, weight, None))
         ctx.ignore_index = ignore_index
         ctx.classes = logp.shape[1]
         ctx.set_materialize_grads(False)
@@ -112,7 +112,7 @@ class NLLLossFunction(Function):
     def jvp(ctx, logp_t, _target_t, _weight_t, _ignore):
         if logp_t is None:
             return None
-        target, weight = ctx.saved_tensors
+        target, weight, _ = ctx.saved_tensors
         # dℓ_i = -w_{y_i} dlogp_{i, y_i}: the same gather
         return nll_rows(logp_t, target, weight, ctx.ignore_index)
 
@@ -383,17 +383,22 @@ class CrossEntropyFunction(Function):
         # from them in backward, so that no more is kept than native keeps.
         grad = output[1]
         if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(None, target, weight, logits)
+            for_backward = (None, target, weight, logits)
         else:
-            ctx.save_for_backward(grad, target, weight, None)
+            for_backward = (grad, target, weight, None)
         # jvp w.r.t. a probability target reads the logits (overwritten with inplace); what
         # is saved for forward is released right after forward when forward AD is off.
-        ctx.save_for_forward(grad, target, weight, None if inplace else logits)
+        for_forward = (grad, target, weight, None if inplace else logits)
+        save_split(ctx, inputs, for_backward, for_forward)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, d_loss, d_grad, d_lse):
         grad, target, weight, logits = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            # the target's gradient is recomputed from the logits (under torch.func ∂ℓ/∂z
+            # is saved as well, for jvp: see save_split)
+            grad = None
         options = ctx.ignore_index, ctx.label_smoothing
         d_logits, d_target = ce_backward(
             grad, logits, target, weight, *options, d_loss, d_grad, d_lse
