@@ -374,3 +374,32 @@ def test_nll_loss_backward_through_vmap_over_the_target_alone(device):
         return leaf.grad
 
     _close(grad_of(BP), grad_of(NATIVE))
+
+
+def _double_backward_of_vmap(case, ns, stacked, diff_count):
+    """Gradients of vmap's result with ``create_graph=True``, then ``.backward()`` of
+    their squared norm: ``(first-order grads, second-order grads)``."""
+    leaves = [t.detach().requires_grad_(i < diff_count) for i, t in enumerate(stacked)]
+    out = func.vmap(lambda *a: case.fn(ns, *a))(*leaves)
+    grads = torch.autograd.grad((out**2).sum(), leaves[:diff_count], create_graph=True)
+    sum((g**2).sum() for g in grads).backward()
+    return [g.detach() for g in grads], [t.grad for t in leaves[:diff_count]]
+
+
+_CLASS_INDEX_CE_CASES = [
+    c for c in _LOSS_CASES if c.name.startswith("cross") and "probs" not in c.name
+]
+
+
+@pytest.mark.parametrize("case", _CLASS_INDEX_CE_CASES, ids=str)
+def test_double_backward_through_vmap(case, device):
+    """A double backward through vmap: cross_entropy's second-order backward returned a
+    gradient for a class-index target, which vmap's rule then tried to reduce to the
+    target's shape ('size {[4]} is not expandable to size {[4, 5]}')."""
+    samples = [case.make(device) for _ in range(3)]
+    diff_count = len(samples[0][0])
+    stacked = [torch.stack(ts) for ts in zip(*(d + c for d, c in samples))]
+    got = _double_backward_of_vmap(case, BP, stacked, diff_count)
+    want = _double_backward_of_vmap(case, NATIVE, stacked, diff_count)
+    for g, w in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        _close(g, w)

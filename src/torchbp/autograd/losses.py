@@ -403,7 +403,9 @@ class CrossEntropyFunction(Function):
         d_logits, d_target = ce_backward(
             grad, logits, target, weight, *options, d_loss, d_grad, d_lse
         )
-        return d_logits, d_target, None, None, None, None
+        # A double backward forms a cross term for any target; one that needs no gradient
+        # (class indices, say) gets None: vmap's rule would reduce it to the target's shape.
+        return d_logits, d_target if ctx.needs_input_grad[1] else None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, d_logits, d_target, _weight_t, _ignore, _smoothing, _inplace):
