@@ -182,6 +182,22 @@ def test_interpreter_smoothing_of_logits_far_from_zero(interpret, monkeypatch, w
 
 
 @interp
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_interpreter_infinite_class_weight(interpret, smoothing):
+    # w_y = inf: the loss is +inf, as ce_rows' and native's; formed as a·log s - Σ B (z - m)
+    # it met inf · 0 (log s = 0 where z_y's neighbour dominates the row: NaN)
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.0, 100.0, -1.0]])
+    y = torch.tensor([0, 0])
+    w = torch.tensor([float("inf"), 1.0, 1.0])
+    loss, _grad, lse = triton_ce.ce_forward_rows(z, y, w, IGNORE, smoothing)
+    ref_loss, _ref_grad, ref_lse = ce_rows(z, y, w, IGNORE, smoothing)
+    native = F.cross_entropy(z, y, w, reduction="none", label_smoothing=smoothing)
+    assert torch.equal(ref_loss, native) and torch.equal(native, torch.full((2,), float("inf")))
+    assert torch.equal(loss, native)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+@interp
 def test_interpreter_strided_logits_int32_target(interpret):
     z, y, w = _inputs(40, 9, torch.float32, "cpu", ignore_every=5, weighted=True)
     zt = z.t().contiguous().t()  # column-major (copied to row-major for the kernel)

@@ -1,20 +1,24 @@
 """Triton kernel for the fused cross-entropy forward on CUDA (class-index targets).
 
 Computes exactly what :func:`torchbp.autograd.cross_entropy.ce_rows` computes for ``(N, C)``
-logits — per row ``ℓ_i = a_i lse_i - Σ_c B_ic z_ic`` and ``∂ℓ_i/∂z_i = a_i p_i - B_i``
+logits — per row ``ℓ_i = Σ_c B_ic (lse_i - z_ic)`` and ``∂ℓ_i/∂z_i = a_i p_i - B_i``
 with class weights, ``ignore_index`` and label smoothing — in one launch of the kernel in
 :mod:`._triton_ce_kernel`:
 
 * grid ``(N,)``: one program per row, looping over the classes in ``BLOCK``-sized chunks;
 * pass 1 (read the row once): online softmax — a running max ``m`` and the sum
   ``s = Σ e^{z - m}`` rescaled by ``e^{m_old - m_new}`` whenever the max grows — plus,
-  with label smoothing, ``Σ_c w_c (z_c - m)`` (moved by ``-(m_new - m_old) Σ w`` as the
-  max grows, so that its error stays at the scale of the logits' spread, not of ``|m|``)
-  and ``Σ_c w_c``, all accumulated in float32;
-* the per-row scalars: ``lse = m + log s``, ``a`` and the loss, stored in float32;
+  with label smoothing and class weights, ``Σ_c w_c``, all accumulated in float32;
+* the per-row scalars: ``lse = m + log s``, ``a`` and, without label smoothing, the loss
+  ``w_y (log s - (z_y - m))``, stored in float32;
 * pass 2 (read the row again, write it once): ``a e^{z - m} / s - B`` in float32, rounded
   once to the logits' dtype into a NEW gradient buffer (the logits are never written),
-  so that ``p_y - 1`` of a confident low-precision row keeps its precision.
+  so that ``p_y - 1`` of a confident low-precision row keeps its precision; with label
+  smoothing also ``Σ_c w_c (log s - (z_c - m))`` from the logits and weights it loads
+  anyway, and then the loss. Every term ``-log p_c = log s - (z_c - m)`` is formed before
+  it is weighted, as native's ``-Σ_c B_c log p_c``: split as ``a log s - Σ_c B_c (z_c -
+  m)``, an infinite class weight would meet ``log s = 0`` or ``z_c - m = 0`` (NaN for
+  native's ``+inf``).
 
 No host synchronisation: everything the kernel needs is on the device or a Python
 scalar. :mod:`triton` is imported lazily, on the first call of :func:`available` or
