@@ -326,7 +326,12 @@ class ELUFunction(Function):
     """``y = x if x > 0 else α (eˣ - 1)``; backward ``dx = g · (1 if x > 0 else α eˣ)``.
 
     Saves the output for ``α >= 0`` (then ``α eˣ = y + α``), the input otherwise.
-    ``inplace=True`` overwrites ``x`` and marks it dirty.
+    ``inplace=True`` overwrites ``x`` and marks it dirty; with ``α < 0`` it is never
+    applied to an input that autograd records (``torchbp.functional.elu`` refuses it at
+    the call, native at backward): ``α (eˣ - 1) > 0`` for ``x < 0`` then, so one ``y > 0``
+    comes from two inputs with different slopes (``x = -0.7``, ``α = -2``: ``y = 1.0068``,
+    slope ``α eˣ = -0.99``; ``x = 1.0068``: the same ``y``, slope 1), and the overwritten
+    input was the only record of the branch.
     """
 
     generate_vmap_rule = True
