@@ -3,6 +3,7 @@ sparse input, which PyTorch's vmap cannot batch through."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from torchbp.verify import check_function
@@ -84,3 +85,36 @@ def test_a_backward_reading_data_of_grad_output_fails_batched_grad_without_a_cra
     assert result.failed, result
     assert "reads .data of grad_output" in result.message
     assert "segmentation fault" in result.message
+
+
+class ScaleFlatteningGradOutput(torch.autograd.Function):
+    """``2 x``, textbook style, whose backward flattens grad_output: right, but PyTorch's
+    batched backward (is_grads_batched runs the legacy torch._vmap_internals vmap) has
+    no batching rule for ``aten::flatten``, so it raises for any such Function."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return (2 * g.flatten()).reshape(ctx.shape)
+
+
+class ScaleByEinsumInBackward(ScaleFlatteningGradOutput):
+    """The same with the backward written as an einsum (no batching rule there either)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.einsum("ij,jk->ik", g, 2 * torch.eye(g.shape[1], dtype=g.dtype))
+
+
+@pytest.mark.parametrize("fn", [ScaleFlatteningGradOutput, ScaleByEinsumInBackward])
+def test_an_op_the_batched_backward_cannot_batch_is_unsupported_not_failed(fn):
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    report = check_function(fn, x)
+    result = report["batched_grad"]
+    assert result.unsupported, result
+    assert "no batching rule" in result.message and "aten::" in result.message, result
+    assert report.ok, report

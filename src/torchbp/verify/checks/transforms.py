@@ -7,6 +7,7 @@ rule (or a backward that breaks under one) passes it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -195,12 +196,46 @@ def _reads_data_of_grad_outputs(
     return read
 
 
+#: PyTorch's message for an op its vmap cannot batch, naming the op.
+_NO_BATCHING_RULE = re.compile(r"Batching rule not implemented for (aten::[\w.]+)")
+
+#: Ops that read a tensor's values into Python (``.item()``): no vmap can batch them, so
+#: a backward calling one is fn's own failure, as in the forward.
+_VALUE_READS = ("aten::item", "aten::_local_scalar_dense")
+
+
+def _unbatchable_op_gap(exc: BaseException) -> CheckUnsupported | None:
+    """Unsupported when the batched backward raised because PyTorch has no batching rule
+    for an op backward uses (``g.flatten()``, ``torch.einsum``, ``.detach()``):
+    ``is_grads_batched`` runs PyTorch's older vmap (``torch._vmap_internals``), which lacks
+    rules that ``torch.func.vmap`` has, a limitation of PyTorch, not a wrong gradient of
+    fn. None for any other error, and for an op reading values into Python (``.item()``)."""
+    found = None
+    cause: BaseException | None = exc
+    for _ in range(5):
+        if cause is None:
+            break
+        found = found or _NO_BATCHING_RULE.search(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    if found is None or found.group(1) in _VALUE_READS:
+        return None
+    return CheckUnsupported(
+        f"batched backward (is_grads_batched, as jacobian(vectorize=True) runs) failed: "
+        f"PyTorch's batched backward has no batching rule for {found.group(1)}, which "
+        "backward uses (a limitation of the older vmap it runs, not a wrong gradient)",
+        "write that step of backward with ops it batches (reshape for flatten, matmul or "
+        "mul and sum for einsum, no .detach()), or batch with torch.func.vmap over "
+        "torch.func.vjp",
+    )
+
+
 def check_batched_grad(ctx: CheckContext) -> Passed:
     """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output;
     failed without running it when backward reads ``.data`` of a grad_output (PyTorch
     would crash the process); unsupported through a sparse output (PyTorch's vmap cannot
-    batch sparse tensors), or when it raises for a fn with a sparse input
-    (:func:`_sparse_input_gap`)."""
+    batch sparse tensors), when it raises for a fn with a sparse input
+    (:func:`_sparse_input_gap`), or for an op of backward that PyTorch's batched backward
+    cannot batch (:func:`_unbatchable_op_gap`)."""
     if ctx.sparse_outputs:
         raise CheckUnsupported(
             "fn returns a sparse tensor: batched backward (is_grads_batched, a vmap over "
@@ -230,6 +265,7 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
 
         what = "batched backward (is_grads_batched, a vmap)"
         gap = _sparse_input_gap(ctx, exc, what, again)
+        gap = gap or _unbatchable_op_gap(exc)
         raise gap or outcome_of(exc, "batched backward failed: ") from None
     worst = (0.0, 0.0)
     for b in range(batch):
