@@ -263,7 +263,11 @@ def _require_same_gradient(
 
 
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:
-    """The same values as ``t`` in a non-contiguous layout (transposed storage)."""
+    """The same values as ``t`` in a non-contiguous layout (transposed storage); an empty
+    ``t`` as a plain copy: it has no memory order to change, and torch takes its odd
+    strides for contiguous (``view_as_complex`` of the real view then refuses them)."""
+    if t.numel() == 0:
+        return t.clone()
     if t.dim() >= 2:
         buf = torch.empty(tuple(reversed(t.shape)), dtype=t.dtype, device=t.device)
         out = buf.permute(*reversed(range(t.dim())))
