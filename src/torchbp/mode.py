@@ -93,7 +93,9 @@ Semantics:
   compiled code a Python-level function the mode does not route (``F.layer_norm``,
   ``F.multi_head_attention_forward``, ...) runs its body natively, as on a torch without
   ``redispatch_function`` (Dynamo cannot trace it): the covered calls inside it (the
-  projections of ``nn.MultiheadAttention``) stay native there; the calls around it route.
+  projections of ``nn.MultiheadAttention``, ``F.softmin``'s softmax) may stay native there
+  (whether the mode still sees them is Dynamo's choice; gradients are right either way);
+  the calls around it route.
 
 Cost: each call the mode passes through pays torch's mode dispatch (about 1-2 µs on a
 2-core Xeon; a Python-level ``torch.nn.functional`` function, re-dispatched, about twice
