@@ -93,7 +93,11 @@ def positive(text: str) -> int:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     p.add_argument("--case", action="append", default=None, help="repeatable; see --list")
