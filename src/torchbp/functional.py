@@ -288,8 +288,10 @@ def leaky_relu(
     Args:
         input: any shape.
         negative_slope: :math:`\alpha` (default ``0.01``).
-        inplace: overwrite ``input`` with the result (not differentiable with
-            ``negative_slope < 0``, as native).
+        inplace: overwrite ``input`` with the result. With ``negative_slope < 0`` this
+            raises a ``RuntimeError`` at the call when autograd records ``input``
+            (native refuses at backward): the overwritten result no longer tells which
+            branch produced it.
 
     Shape:
         Output: the input's shape.
@@ -376,8 +378,10 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
         input: any shape.
         alpha: :math:`\alpha`, the value approached as :math:`x \to -\infty` is
             :math:`-\alpha` (default 1).
-        inplace: overwrite ``input`` with the result (not differentiable with
-            ``alpha < 0``, as native).
+        inplace: overwrite ``input`` with the result. With ``alpha < 0`` this raises a
+            ``RuntimeError`` at the call when autograd records ``input`` (native
+            refuses at backward): for x < 0 the result alpha (e^x - 1) is positive, so the
+            overwritten input cannot tell which branch gave it.
 
     Shape:
         Output: the input's shape.
