@@ -1,9 +1,17 @@
 """The README and the pages under ``docs/`` stay true: every Python example runs as
-written, and every relative link (file and ``#anchor``) resolves."""
+written and prints what the comments beside its ``print`` calls say, every relative link
+(file and ``#anchor``) resolves, and every command they give names a real module or CLI
+taking the flags shown."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import io
 import re
+import sys
+import tokenize
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -54,10 +62,86 @@ def test_api_tour_fits_in_30_lines():
     assert len(code.strip().splitlines()) <= 32
 
 
+def _claimed_outputs(code: str) -> dict[int, str]:
+    """``{line: text}`` for every ``print(...)`` call whose last line carries a comment: the
+    comment states what the call prints (``print(y.shape)  # torch.Size([32])``)."""
+    comments = {
+        token.start[0]: token.string[1:].strip()
+        for token in tokenize.generate_tokens(io.StringIO(code).readline)
+        if token.type == tokenize.COMMENT
+    }
+    claims = {}
+    for node in ast.walk(ast.parse(code)):
+        is_print = isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
+        if is_print and node.end_lineno in comments:
+            claims[node.lineno] = comments[node.end_lineno]
+    return claims
+
+
+def _run_printing(code: str, name: str) -> dict[int, str]:
+    """Run ``code`` in a fresh namespace; ``{line of a print call: what it printed}`` (still
+    echoed to stdout). Prints to a file other than stdout are passed through."""
+    printed: dict[int, list[str]] = defaultdict(list)
+
+    def recording_print(*args, **kwargs):
+        if kwargs.get("file") not in (None, sys.stdout):
+            return print(*args, **kwargs)
+        buffer = io.StringIO()
+        print(*args, **{**kwargs, "file": buffer})
+        caller = inspect.currentframe().f_back
+        if caller.f_code.co_filename == name:
+            printed[caller.f_lineno].append(buffer.getvalue())
+        sys.stdout.write(buffer.getvalue())
+
+    namespace = {"__name__": "__docs__", "print": recording_print}
+    exec(compile(code, name, "exec"), namespace)
+    return {line: "".join(parts).strip() for line, parts in printed.items()}
+
+
+def _states(claim: str, output: str) -> bool:
+    """The comment gives the output exactly, or the output then ``: `` and an explanation
+    (``# torch.Size([32]): each sample's gradient norm``). The docs state no approximate
+    (``~``/``≈``) outputs, so none is accepted."""
+    return claim == output or claim.startswith(output + ": ")
+
+
+def _wrong_outputs(code: str, name: str) -> list[str]:
+    printed = _run_printing(code, name)
+    wrong = []
+    for line, claim in sorted(_claimed_outputs(code).items()):
+        if line not in printed:
+            wrong.append(f"{name}+{line}: never printed; comment says {claim!r}")
+        elif not _states(claim, printed[line]):
+            wrong.append(f"{name}+{line}: prints {printed[line]!r}; comment says {claim!r}")
+    return wrong
+
+
 @pytest.mark.parametrize(("page", "line", "code"), _python_blocks(), ids=lambda v: str(v)[:40])
-def test_python_example_runs(page, line, code):
-    """Each example is self-contained and runs in a fresh namespace."""
-    exec(compile(code, f"{page}:{line}", "exec"), {"__name__": "__docs__"})
+def test_python_example_runs_and_prints_what_it_says(page, line, code):
+    """Each example is self-contained, runs in a fresh namespace, and each commented print
+    call prints what its comment says."""
+    wrong = _wrong_outputs(code, f"{page}:{line}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_commented_prints_are_found():
+    claims = [c for _, _, code in _python_blocks() for c in _claimed_outputs(code).values()]
+    assert "torch.Size([32])" in claims and len(claims) >= 3, claims
+
+
+_BROKEN_OUTPUTS = [
+    ("docs/dropin.md", "{'linear': 5, 'gelu'", "{'linear': 4, 'gelu'"),
+    ("docs/per_sample.md", "# torch.Size([32]): each", "# torch.Size([32, 1]): each"),
+    ("docs/per_sample.md", "# torch.Size([32]): each", "# torch.Size([32]) each"),
+    ("docs/per_sample.md", "print(ps.norms.shape)", "if False:\n    print(ps.norms.shape)"),
+]
+
+
+@pytest.mark.parametrize(("page", "old", "new"), _BROKEN_OUTPUTS)
+def test_output_check_catches_a_wrong_comment(page, old, new):
+    """The check above fails on a deliberately broken copy of a doc example."""
+    ((line, code),) = [(n, c) for p, n, c in _python_blocks() if p == page and old in c]
+    assert _wrong_outputs(code.replace(old, new), f"{page}:{line}")
 
 
 def _links() -> list[tuple[str, str]]:
