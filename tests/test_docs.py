@@ -6,9 +6,12 @@ taking the flags shown."""
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib.util
 import inspect
 import io
 import re
+import runpy
 import sys
 import tokenize
 from collections import defaultdict
@@ -174,19 +177,23 @@ _PATH = re.compile(r"^(?:src|experiments|tests|scripts|configs|docs|torchbp)/[\w
 _PAGE_CLI = {"docs/training.md": "torchbp-train", "docs/verify.md": "torchbp-verify"}
 
 
+def _snippets(text: str) -> list[str]:
+    """Every line of a shell (or bare) fenced block and every code span outside blocks."""
+    snippets = []
+    for match in _FENCE.finditer(text):
+        if match.group(1) in ("bash", "sh", ""):
+            snippets += match.group(2).splitlines()
+    return snippets + _SPAN.findall(_FENCE.sub("", text))
+
+
 def _commands(page: str, text: str) -> list[tuple[str, str]]:
     """``(cli, snippet)`` for every code span or shell line that gives flags to a torchbp CLI.
 
     A snippet naming ``torchbp-train`` or ``torchbp-verify`` belongs to it; one naming another
     program (``python``, ``pip``, ``bash``) to none; a bare snippet of flags to the page's
     own CLI (``docs/training.md``: torchbp-train, ``docs/verify.md``: torchbp-verify)."""
-    snippets = []
-    for match in _FENCE.finditer(text):
-        if match.group(1) in ("bash", "sh", ""):
-            snippets += match.group(2).splitlines()
-    snippets += _SPAN.findall(_FENCE.sub("", text))
     found = []
-    for snippet in snippets:
+    for snippet in _snippets(text):
         words = snippet.split()
         named = [cli for cli in ("torchbp-train", "torchbp-verify") if cli in words]
         other = any(w in words for w in ("python", "pip", "bash", "nice"))
@@ -279,6 +286,101 @@ def _unknown_names(cli: str, snippet: str, train_help: str) -> list[str]:
 def test_cli_flags_and_configs_exist(page, cli, snippet, train_help):
     unknown = _unknown_names(cli, snippet, train_help)
     assert not unknown, f"{page}: {cli} has no {unknown} (in `{snippet}`)"
+
+
+# --- python -m experiments.X / python experiments/X.py: real modules, real flags ---------
+
+_PYTHON_RUN = re.compile(r"\bpython3?\s+(?:-m\s+([\w.]+)|((?:experiments|scripts)/[\w/]+\.py))")
+_OURS = ("experiments", "torchbp")
+
+
+def _python_commands(text: str) -> list[tuple[str, str, list[str]]]:
+    """``(target, snippet, flags)`` for every ``python -m M`` (M of this project) or
+    ``python experiments/X.py`` a snippet gives: target is the module or the script path;
+    flags are those written after it, up to the next command (a ``# ...`` remark that names
+    more flags of it, ``# --quick, --case NAME``, counts)."""
+    found = []
+    for snippet in _snippets(text):
+        matches = list(_PYTHON_RUN.finditer(snippet))
+        for match, after in zip(matches, [*matches[1:], None]):
+            module, script = match.groups()
+            if module and module.split(".")[0] not in _OURS:
+                continue
+            rest = snippet[match.end() : after.start() if after else None]
+            rest = re.split(r"&&|\|", rest)[0]
+            found.append((module or script, snippet, _FLAG.findall(rest)))
+    return found
+
+
+def _doc_python_commands() -> list[tuple[str, str, str, list[str]]]:
+    return [(_name(p), *c) for p in PAGES for c in _python_commands(p.read_text())]
+
+
+def _runnable(target: str) -> bool:
+    """``python -m target`` / ``python target`` would find something to run."""
+    if target.endswith(".py"):
+        return (ROOT / target).is_file()
+    try:
+        spec = importlib.util.find_spec(target)
+    except ModuleNotFoundError:
+        return False
+    if spec is not None and spec.submodule_search_locations is not None:
+        return _runnable(target + ".__main__")
+    return spec is not None
+
+
+def _help(target: str, monkeypatch) -> str:
+    """What ``python -m target --help`` (or ``python target --help``) prints, run in this
+    process through runpy, as the interpreter would run it."""
+    monkeypatch.setattr(sys, "argv", [target, "--help"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # a script may insert its folder
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        if target.endswith(".py"):
+            runpy.run_path(str(ROOT / target), run_name="__main__")
+        else:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    assert exit_.value.code in (0, None), f"{target} --help exited with {exit_.value.code}"
+    return out.getvalue()
+
+
+def _unknown_script_flags(flags: list[str], help_text: str) -> list[str]:
+    known = set(_FLAG.findall(help_text))
+    return ["--" + f for f in flags if f not in known]
+
+
+def test_python_commands_are_found():
+    targets = {t for _, t, _, _ in _doc_python_commands()}
+    assert {"experiments.bench", "experiments/compare_backends.py"} <= targets, targets
+
+
+@pytest.mark.parametrize(
+    ("page", "target", "snippet", "flags"), _doc_python_commands(), ids=lambda v: str(v)[:50]
+)
+def test_python_command_names_a_module_taking_its_flags(page, target, snippet, flags, monkeypatch):
+    assert _runnable(target), f"{page}: nothing to run at {target} (in `{snippet}`)"
+    if flags:
+        unknown = _unknown_script_flags(flags, _help(target, monkeypatch))
+        assert not unknown, f"{page}: {target} has no {unknown} (in `{snippet}`)"
+
+
+_BROKEN_PYTHON = [
+    ("docs/benchmarks.md", "`python -m experiments.benches --device cpu`"),
+    ("docs/training.md", "`python experiments/compare_backend.py --epochs 20`"),
+    ("docs/training.md", "`python -m torchbp.lightning.curve runs/digits/version_0`"),
+    ("docs/benchmarks.md", "`python -m experiments.bench --devices cpu`"),
+    ("README.md", "`python -m experiments.bench_per_sample --rund 60`"),
+    ("docs/training.md", "`python experiments/compare_backends.py --epochz 20 --repeats 2`"),
+    ("docs/verify.md", "`python -m experiments.verify_zoo_table --output FILE`"),
+    ("docs/benchmarks.md", "```bash\npython -m experiments.bench  # --quick, --cases NAME\n```\n"),
+]
+
+
+@pytest.mark.parametrize(("page", "text"), _BROKEN_PYTHON)
+def test_python_command_check_catches_a_broken_name(page, text, monkeypatch):
+    """The check above fails on a deliberately broken copy of a doc command."""
+    ((target, _, flags),) = _python_commands(text)
+    assert not _runnable(target) or _unknown_script_flags(flags, _help(target, monkeypatch))
 
 
 def _repository_path(word: str) -> str:
