@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib.util
 import inspect
 import io
@@ -39,6 +40,21 @@ def _python_blocks() -> list[tuple[str, int, str]]:
                 line = text.count("\n", 0, match.start()) + 1
                 blocks.append((_name(page), line, match.group(2)))
     return blocks
+
+
+def _shown_outputs() -> dict[tuple[str, int], str]:
+    """``{(page, line): text}``: a bare fenced block right after a ```python block (only
+    blank lines between) shows what that example prints."""
+    shown = {}
+    for page in PAGES:
+        text = page.read_text()
+        matches = list(_FENCE.finditer(text))
+        for block, after in zip(matches, matches[1:]):
+            adjacent = not text[block.end() : after.start()].strip()
+            if block.group(1) == "python" and after.group(1) == "" and adjacent:
+                line = text.count("\n", 0, block.start()) + 1
+                shown[(_name(page), line)] = after.group(2)
+    return shown
 
 
 def _anchor(heading: str) -> str:
@@ -81,9 +97,11 @@ def _claimed_outputs(code: str) -> dict[int, str]:
     return claims
 
 
-def _run_printing(code: str, name: str) -> dict[int, str]:
-    """Run ``code`` in a fresh namespace; ``{line of a print call: what it printed}`` (still
-    echoed to stdout). Prints to a file other than stdout are passed through."""
+@functools.cache
+def _run_printing(code: str, name: str) -> tuple[dict[int, str], str]:
+    """Run ``code`` in a fresh namespace (once per code); ``{line of a print call: what it
+    printed}`` and all it printed (also echoed to stdout). Prints to a file other than stdout
+    are passed through."""
     printed: dict[int, list[str]] = defaultdict(list)
 
     def recording_print(*args, **kwargs):
@@ -98,7 +116,8 @@ def _run_printing(code: str, name: str) -> dict[int, str]:
 
     namespace = {"__name__": "__docs__", "print": recording_print}
     exec(compile(code, name, "exec"), namespace)
-    return {line: "".join(parts).strip() for line, parts in printed.items()}
+    everything = "".join(part for parts in printed.values() for part in parts)
+    return {line: "".join(parts).strip() for line, parts in printed.items()}, everything
 
 
 def _states(claim: str, output: str) -> bool:
@@ -108,22 +127,51 @@ def _states(claim: str, output: str) -> bool:
     return claim == output or claim.startswith(output + ": ")
 
 
-def _wrong_outputs(code: str, name: str) -> list[str]:
-    printed = _run_printing(code, name)
+_MEASURED = re.compile(r"\b\d+(?:\.\d+)? m?s\b|\b\d\.\de[+-]\d+\b")
+
+
+def _shape(line: str) -> str:
+    """A line of output with its measurements (``293 ms``, ``1.81 s``, ``5.4e-10``) as ``~``
+    and runs of spaces as one: timings and rounding errors vary from run to run; names,
+    statuses, counts and messages do not."""
+    return " ".join(_MEASURED.sub("~", line).split())
+
+
+def _unshown_lines(shown: str, output: str) -> list[str]:
+    """Lines of a shown output block that the real output lacks, in order: each must match
+    (:func:`_shape`) a later line of the output than the one before; ``...`` marks lines
+    left out (a block may also leave out lines silently)."""
+    actual = [_shape(line) for line in output.splitlines()]
+    position, missing = 0, []
+    for line in shown.splitlines():
+        wanted = _shape(line)
+        if not wanted or wanted == "...":
+            continue
+        if wanted in actual[position:]:
+            position = actual.index(wanted, position) + 1
+        else:
+            missing.append(line)
+    return missing
+
+
+def _wrong_outputs(code: str, name: str, shown: str = "") -> list[str]:
+    printed, everything = _run_printing(code, name)
     wrong = []
     for line, claim in sorted(_claimed_outputs(code).items()):
         if line not in printed:
             wrong.append(f"{name}+{line}: never printed; comment says {claim!r}")
         elif not _states(claim, printed[line]):
             wrong.append(f"{name}+{line}: prints {printed[line]!r}; comment says {claim!r}")
+    for line in _unshown_lines(shown, everything):
+        wrong.append(f"{name}: the output shown after it has {line!r}; it prints:\n{everything}")
     return wrong
 
 
 @pytest.mark.parametrize(("page", "line", "code"), _python_blocks(), ids=lambda v: str(v)[:40])
 def test_python_example_runs_and_prints_what_it_says(page, line, code):
     """Each example is self-contained, runs in a fresh namespace, and each commented print
-    call prints what its comment says."""
-    wrong = _wrong_outputs(code, f"{page}:{line}")
+    call prints what its comment says, as does the output block shown right after it."""
+    wrong = _wrong_outputs(code, f"{page}:{line}", _shown_outputs().get((page, line), ""))
     assert not wrong, "\n".join(wrong)
 
 
@@ -138,6 +186,33 @@ _BROKEN_OUTPUTS = [
     ("docs/per_sample.md", "# torch.Size([32]): each", "# torch.Size([32]) each"),
     ("docs/per_sample.md", "print(ps.norms.shape)", "if False:\n    print(ps.norms.shape)"),
 ]
+
+
+_BROKEN_SHOWN = [
+    ("docs/verify.md", "vmap                unsupported", "vmap                pass"),
+    ("docs/verify.md", "Square: OK (2 unsupported)", "Square: OK (1 unsupported)"),
+    (
+        "docs/verify.md",
+        "forward_ad [unsupported]: Function has no jvp",
+        "forward_ad [unsupported]: no",
+    ),
+    ("docs/verify.md", "gradcheck           pass         5.4e-10", "gradcheck           pass   -"),
+    ("docs/verify.md", "extreme_values      pass", "...\nextreme_values      pass\nforward   pass"),
+]
+
+
+def test_shown_outputs_are_found():
+    assert ("docs/verify.md", 3) in _shown_outputs()
+
+
+@pytest.mark.parametrize(("page", "old", "new"), _BROKEN_SHOWN)
+def test_output_check_catches_a_wrong_shown_output(page, old, new):
+    """A broken copy of an output block shown after an example fails the check."""
+    ((line, shown),) = [(n, s) for (p, n), s in _shown_outputs().items() if p == page]
+    assert old in shown
+    code = next(c for p, n, c in _python_blocks() if (p, n) == (page, line))
+    assert not _wrong_outputs(code, f"{page}:{line}", shown)
+    assert _wrong_outputs(code, f"{page}:{line}", shown.replace(old, new))
 
 
 @pytest.mark.parametrize(("page", "old", "new"), _BROKEN_OUTPUTS)
