@@ -338,6 +338,35 @@ def test_converted_subclass_whose_reduction_names_its_class_inside_pickles():
     assert "LinearFunctionBackward" in _node_names(copied(torch.randn(2, 4)))
 
 
+class CyclicReducingLinear(nn.Linear):
+    """A user subclass whose reduction passes a list holding itself (and the class) and
+    the same tuple twice."""
+
+    def __reduce__(self):
+        loop = [type(self)]
+        loop.append(loop)
+        shared = (type(self), 1)
+        return (_rebuild_cyclic, (loop, shared, [shared], self.state_dict()))
+
+
+def _rebuild_cyclic(loop, shared, holder, state):
+    assert loop[1] is loop and holder[0] is shared
+    module = loop[0](3, 2)
+    module.load_state_dict(state)
+    return module
+
+
+def test_converted_subclass_whose_reduction_holds_a_cycle_pickles():
+    import pickle
+
+    # the renaming walked the self-holding list forever (RecursionError), and renamed the
+    # shared tuple into two copies
+    module = torchbp.convert(CyclicReducingLinear(3, 2))
+    copied = pickle.loads(pickle.dumps(module))
+    assert type(copied) is type(module)
+    torch.testing.assert_close(copied.state_dict(), module.state_dict())
+
+
 @pytest.mark.parametrize("how", ["pickle", "copy"])
 def test_parametrized_converted_subclass_refuses_to_pickle_as_torch_does(how):
     import pickle

@@ -48,7 +48,7 @@ import logging
 import types
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -116,24 +116,71 @@ def _reduce_combined(self: nn.Module, protocol: int):
     return (_rebuilt_combined, make_args, *rest)
 
 
+#: the containers :func:`_naming` looks into (exact types: a subclass may rebuild its own way)
+_CONTAINERS = (tuple, list, dict)
+
+
 def _naming(value, cls: type, original: type):
     """``value`` (part of a reduction) with the combined class ``cls`` replaced by its
     user class ``original``: ``cls`` itself, a method bound to it (``type(self).rebuild``)
-    and either of them inside tuples, lists and dicts. Containers without it are returned
-    as they are (the same objects, so that sharing among them pickles as before)."""
+    and either of them inside tuples, lists and dicts, at any depth. Containers without it
+    are returned as they are (the same objects: no copy of a large one), and a container
+    met twice (shared, or holding itself) is renamed once, so that sharing and cycles
+    pickle as before."""
+    if not _names(value, cls, set()):
+        return value
+    return _renamed(value, cls, original, {})
+
+
+def _is_named(value, cls: type) -> bool:
+    """Whether ``value`` is ``cls`` or a method bound to it."""
+    return value is cls or (isinstance(value, types.MethodType) and value.__self__ is cls)
+
+
+def _contents(container):
+    """The items of a container (a dict's keys and values)."""
+    if isinstance(container, dict):
+        return itertools.chain.from_iterable(container.items())
+    return container
+
+
+def _names(value, cls: type, seen: set[int]) -> bool:
+    """Whether ``value`` names ``cls`` (see :func:`_is_named`) or is a container holding
+    one at any depth; ``seen``: the ids of the containers looked into (each once, so a
+    cycle ends)."""
+    if _is_named(value, cls):
+        return True
+    if type(value) not in _CONTAINERS or id(value) in seen:
+        return False
+    seen.add(id(value))
+    return any(_names(item, cls, seen) for item in _contents(value))
+
+
+def _renamed(value, cls: type, original: type, memo: dict[int, Any]):
+    """:func:`_naming`'s work; ``memo``: the id of each container renamed so far -> its
+    renamed copy (a mutable one is registered before its items are renamed, so that a
+    cycle through it closes on the copy)."""
     if value is cls:
         return original
     if isinstance(value, types.MethodType) and value.__self__ is cls:
         return types.MethodType(value.__func__, original)
-    if type(value) in (tuple, list):
-        named = [_naming(item, cls, original) for item in value]
-        changed = any(n is not v for n, v in zip(named, value))
-        return type(value)(named) if changed else value
+    if id(value) in memo:
+        return memo[id(value)]
+    if type(value) not in _CONTAINERS or not _names(value, cls, set()):
+        return value
+    if type(value) is list:
+        renamed = memo[id(value)] = []
+        renamed.extend(_renamed(item, cls, original, memo) for item in value)
+        return renamed
     if type(value) is dict:
-        pairs = [(_naming(k, cls, original), _naming(v, cls, original)) for k, v in value.items()]
-        changed = any(nk is not k or nv is not v for (nk, nv), (k, v) in zip(pairs, value.items()))
-        return dict(pairs) if changed else value
-    return value
+        renamed = memo[id(value)] = {}
+        for key, item in value.items():
+            renamed[_renamed(key, cls, original, memo)] = _renamed(item, cls, original, memo)
+        return renamed
+    # a tuple cannot be made before its items: one reached again through itself stays
+    memo[id(value)] = value
+    renamed = memo[id(value)] = tuple(_renamed(item, cls, original, memo) for item in value)
+    return renamed
 
 
 def _combined_class_of(cls: type[nn.Module]) -> type[nn.Module]:
