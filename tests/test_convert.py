@@ -367,6 +367,34 @@ def test_converted_subclass_whose_reduction_holds_a_cycle_pickles():
     torch.testing.assert_close(copied.state_dict(), module.state_dict())
 
 
+class SetReducingLinear(nn.Linear):
+    """A user subclass whose reduction names its class in a frozenset and an OrderedDict."""
+
+    def __reduce__(self):
+        from collections import OrderedDict
+
+        kinds = OrderedDict(kind=type(self))
+        return (_rebuild_from_kinds, (frozenset([type(self)]), kinds, self.state_dict()))
+
+
+def _rebuild_from_kinds(classes, kinds, state):
+    (cls,) = classes
+    assert kinds["kind"] is cls
+    module = cls(3, 2)
+    module.load_state_dict(state)
+    return module
+
+
+def test_converted_subclass_whose_reduction_names_its_class_in_a_set_pickles():
+    import pickle
+
+    # only tuples, lists and plain dicts were searched: the class in a frozenset or an
+    # OrderedDict failed with "Can't pickle <class 'torchbp.convert.SetReducingLinear'>"
+    module = torchbp.convert(SetReducingLinear(3, 2))
+    copied = pickle.loads(pickle.dumps(module))
+    assert type(copied) is type(module)
+
+
 @pytest.mark.parametrize("how", ["pickle", "copy"])
 def test_parametrized_converted_subclass_refuses_to_pickle_as_torch_does(how):
     import pickle

@@ -46,7 +46,7 @@ import functools
 import itertools
 import logging
 import types
-from collections import Counter
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -116,14 +116,23 @@ def _reduce_combined(self: nn.Module, protocol: int):
     return (_rebuilt_combined, make_args, *rest)
 
 
-#: the containers :func:`_naming` looks into (exact types: a subclass may rebuild its own way)
-_CONTAINERS = (tuple, list, dict)
+#: the containers :func:`_naming` looks into (exact types: a subclass may rebuild its own
+#: way; named tuples are looked into too)
+_CONTAINERS = (tuple, list, dict, set, frozenset, OrderedDict, defaultdict)
+
+
+def _is_container(value) -> bool:
+    """Whether :func:`_naming` looks into ``value``: one of :data:`_CONTAINERS` or a named
+    tuple."""
+    kind = type(value)
+    return kind in _CONTAINERS or (isinstance(value, tuple) and hasattr(kind, "_make"))
 
 
 def _naming(value, cls: type, original: type):
     """``value`` (part of a reduction) with the combined class ``cls`` replaced by its
     user class ``original``: ``cls`` itself, a method bound to it (``type(self).rebuild``)
-    and either of them inside tuples, lists and dicts, at any depth. Containers without it
+    and either of them inside tuples (named ones too), lists, dicts (``OrderedDict``,
+    ``defaultdict``), sets and frozensets, at any depth. Containers without it
     are returned as they are (the same objects: no copy of a large one), and a container
     met twice (shared, or holding itself) is renamed once, so that sharing and cycles
     pickle as before."""
@@ -150,7 +159,7 @@ def _names(value, cls: type, seen: set[int]) -> bool:
     cycle ends)."""
     if _is_named(value, cls):
         return True
-    if type(value) not in _CONTAINERS or id(value) in seen:
+    if not _is_container(value) or id(value) in seen:
         return False
     seen.add(id(value))
     return any(_names(item, cls, seen) for item in _contents(value))
@@ -166,21 +175,28 @@ def _renamed(value, cls: type, original: type, memo: dict[int, Any]):
         return types.MethodType(value.__func__, original)
     if id(value) in memo:
         return memo[id(value)]
-    if type(value) not in _CONTAINERS or not _names(value, cls, set()):
+    if not _is_container(value) or not _names(value, cls, set()):
         return value
-    if type(value) is list:
-        renamed = memo[id(value)] = []
-        renamed.extend(_renamed(item, cls, original, memo) for item in value)
+    if isinstance(value, (list, set, dict)):
+        renamed = memo[id(value)] = copy.copy(value)  # (a defaultdict keeps its factory)
+        renamed.clear()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                renamed[_renamed(key, cls, original, memo)] = _renamed(item, cls, original, memo)
+        else:
+            items = [_renamed(item, cls, original, memo) for item in value]
+            if isinstance(value, list):
+                renamed.extend(items)
+            else:
+                renamed.update(items)
         return renamed
-    if type(value) is dict:
-        renamed = memo[id(value)] = {}
-        for key, item in value.items():
-            renamed[_renamed(key, cls, original, memo)] = _renamed(item, cls, original, memo)
-        return renamed
-    # a tuple cannot be made before its items: one reached again through itself stays
+    # a tuple or frozenset cannot be made before its items: one reached again through
+    # itself stays as it is
     memo[id(value)] = value
-    renamed = memo[id(value)] = tuple(_renamed(item, cls, original, memo) for item in value)
-    return renamed
+    items = [_renamed(item, cls, original, memo) for item in value]
+    made = type(value)._make(items) if hasattr(type(value), "_make") else type(value)(items)
+    memo[id(value)] = made
+    return made
 
 
 def _combined_class_of(cls: type[nn.Module]) -> type[nn.Module]:
