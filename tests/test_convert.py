@@ -395,6 +395,26 @@ def test_converted_subclass_whose_reduction_names_its_class_in_a_set_pickles():
     assert type(copied) is type(module)
 
 
+class KindKeepingLinear(nn.Linear):
+    """A user subclass without a reduction of its own."""
+
+
+def test_converted_module_whose_state_holds_its_class_pickles():
+    import pickle
+
+    # an attribute holding type(module) (the combined class) is in the reduction's state,
+    # which was not searched: "Can't pickle <class 'torchbp.convert.KindKeepingLinear'>"
+    module = torchbp.convert(KindKeepingLinear(3, 2))
+    module.kind = type(module)
+    module.kinds = {"all": [type(module)]}
+    copied = pickle.loads(pickle.dumps(module))
+    assert type(copied) is type(module)
+    assert copied.kind is KindKeepingLinear and copied.kinds == {"all": [KindKeepingLinear]}
+    assert copied.weight is not module.weight
+    torch.testing.assert_close(copied.weight, module.weight)
+    assert module.kind is type(module)  # the module itself is left as it was
+
+
 @pytest.mark.parametrize("how", ["pickle", "copy"])
 def test_parametrized_converted_subclass_refuses_to_pickle_as_torch_does(how):
     import pickle

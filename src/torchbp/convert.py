@@ -107,13 +107,14 @@ def _reduce_combined(self: nn.Module, protocol: int):
     """Pickle a combined-class instance the way its user class pickles (its own
     ``__reduce__`` / ``__reduce_ex__`` included), with the combined class, which is made at
     run time and cannot be found by name, replaced by the user class wherever the
-    reduction's callable and arguments name it (see :func:`_naming`); the object rebuilt
+    reduction's callable, arguments and state name it (an attribute holding
+    ``type(module)``, say; see :func:`_naming`); the object rebuilt
     from it is switched to the combined class again (:func:`_rebuilt_combined`)."""
     cls = _combined_class_of(type(self))
     original, twin = getattr(cls, _ORIGINAL), cls.__bases__[1]
     make, args, *rest = original.__reduce_ex__(self, protocol)
     make_args = (_naming(make, cls, original), _naming(args, cls, original), original, twin)
-    return (_rebuilt_combined, make_args, *rest)
+    return (_rebuilt_combined, make_args, *(_naming(part, cls, original) for part in rest))
 
 
 #: the containers :func:`_naming` looks into (exact types: a subclass may rebuild its own
