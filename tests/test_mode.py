@@ -315,6 +315,38 @@ def test_implicit_dim_warning_points_where_natives_does(name, stacklevel):
     assert got == want
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("stacklevel", [0, 1, 2])
+def test_implicit_dim_warning_inside_the_function_points_where_natives_does(name, stacklevel):
+    # a level naming a frame inside F.softmax (its helper, its own line) was raised by the
+    # dispatch frames like the caller's: passed on natively (no_grad) it pointed into
+    # torchbp/mode.py or torch/overrides.py instead of native's own frame
+    x, fn = make((3, 4)), getattr(F, name)
+
+    def user_code():
+        with torch.no_grad():
+            return fn(x, _stacklevel=stacklevel)
+
+    want = _implicit_dim_warning_origin(user_code)
+    with enable():
+        got = _implicit_dim_warning_origin(user_code)
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("stacklevel", [0, 1, 2])
+def test_implicit_dim_warning_inside_a_routed_function_points_into_natives(name, stacklevel):
+    # routed, native's helper never runs: the nearest frame inside the function called is
+    # native's own (the same file as without the mode); it pointed into torchbp/mode.py or
+    # torch/overrides.py, frames of the dispatch
+    x, fn = make((3, 4)).requires_grad_(), getattr(F, name)
+    want, _ = _implicit_dim_warning_origin(lambda: fn(x, _stacklevel=stacklevel))
+    with enable() as mode:
+        got, _ = _implicit_dim_warning_origin(lambda: fn(x, _stacklevel=stacklevel))
+    assert mode.counts == {name: 1}
+    assert got == want
+
+
 @pytest.mark.parametrize("name", ["Softmax", "LogSoftmax"])
 def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
     module, x = getattr(torch.nn, name)(), make((3, 4)).requires_grad_()

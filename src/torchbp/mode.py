@@ -216,21 +216,43 @@ def _frames_up_to(code: types.CodeType) -> int | None:
         del frame
 
 
+#: the ``_stacklevel`` of a ``torch.nn.functional`` function that names its caller's line
+#: (``_get_softmax_dim`` warns at it: 1 is that helper, 2 the function called)
+_CALLER_STACKLEVEL = 3
+
+
+def _stacklevel_below(stacklevel: int, between: int, runs_again: bool) -> int:
+    """The ``_stacklevel`` for a function run ``between + 1`` frames below the frame of
+    the function called (by :func:`_warning_as_native`), so that its warning points where
+    the function called would: its caller or above (a level of at least
+    :data:`_CALLER_STACKLEVEL`) raised by the frames between. A level inside the function
+    (its helper, its own line) is kept when the function called runs again below
+    (``runs_again``: that body has those frames); otherwise (torchbp's function runs
+    instead of native's, whose helper never runs) it names the called function's own
+    frame, the nearest one inside it."""
+    if stacklevel < _CALLER_STACKLEVEL:
+        if runs_again:
+            return stacklevel
+        stacklevel = _CALLER_STACKLEVEL - 1
+    return stacklevel + between + 1
+
+
 def _warning_as_native(
     native: Callable[..., torch.Tensor], fn: Callable[..., torch.Tensor]
 ) -> Callable[..., torch.Tensor]:
     """``F.softmax`` / ``F.log_softmax``: the implicit-dim warning points ``_stacklevel - 2``
-    frames above native's function (its caller by default). Under the mode, torchbp's
-    function runs below native's, torch's dispatch and this mode; the frames between are
-    added to ``_stacklevel`` so that the warning points where native's does (the user's
-    line), not into torchbp."""
+    frames above native's function (its caller by default). Under the mode, ``fn``
+    (torchbp's function, or native's passed on) runs below native's, torch's dispatch and
+    this mode; the frames between are added to ``_stacklevel`` so that the warning points
+    where native's does (the user's line), not into torchbp (see
+    :func:`_stacklevel_below`)."""
     code = native.__code__
 
     def call(input, dim=None, _stacklevel=3, dtype=None):
         if dim is None and not torch.compiler.is_compiling():  # (Dynamo has no frames)
             between = _frames_up_to(code)
             if between is not None:  # fn runs one frame below this one
-                _stacklevel += between + 1
+                _stacklevel = _stacklevel_below(_stacklevel, between, fn is native)
         return fn(input, dim, _stacklevel, dtype)
 
     return call
@@ -328,11 +350,6 @@ def _pass_on(func, args: tuple[Any, ...], kwargs: dict[str, Any]):
 _WARN_AT_STACKLEVEL = frozenset(
     fn for fn in vars(F).values() if _takes_stacklevel(fn) and fn not in _ROUTES
 )
-
-
-#: the ``_stacklevel`` of a ``torch.nn.functional`` function that names its caller's line
-#: (``_get_softmax_dim`` warns at it: 1 is that helper, 2 the function called)
-_CALLER_STACKLEVEL = 3
 
 
 def _stacklevel_past_dispatch(func, args: tuple[Any, ...], kwargs: dict[str, Any]):
