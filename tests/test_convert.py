@@ -395,6 +395,33 @@ def test_converted_subclass_whose_reduction_names_its_class_in_a_set_pickles():
     assert type(copied) is type(module)
 
 
+class SharingReducingLinear(nn.Linear):
+    """A user subclass whose reduction passes the same list (naming its class) as an
+    argument and in its state."""
+
+    def __reduce__(self):
+        kinds = [type(self)]
+        return (_rebuild_sharing, (kinds, self.state_dict()), {"kinds": kinds})
+
+
+def _rebuild_sharing(kinds, state):
+    module = kinds[0](3, 2)
+    module.load_state_dict(state)
+    module.made_from = kinds
+    return module
+
+
+def test_converted_subclass_whose_reduction_shares_a_list_across_parts_pickles_it_once():
+    import pickle
+
+    # the callable, the arguments and the state were renamed apart: the list they share
+    # came back as two lists
+    module = torchbp.convert(SharingReducingLinear(3, 2))
+    copied = pickle.loads(pickle.dumps(module))
+    assert type(copied) is type(module)
+    assert copied.kinds is copied.made_from
+
+
 class KindKeepingLinear(nn.Linear):
     """A user subclass without a reduction of its own."""
 

@@ -112,9 +112,9 @@ def _reduce_combined(self: nn.Module, protocol: int):
     from it is switched to the combined class again (:func:`_rebuilt_combined`)."""
     cls = _combined_class_of(type(self))
     original, twin = getattr(cls, _ORIGINAL), cls.__bases__[1]
-    make, args, *rest = original.__reduce_ex__(self, protocol)
-    make_args = (_naming(make, cls, original), _naming(args, cls, original), original, twin)
-    return (_rebuilt_combined, make_args, *(_naming(part, cls, original) for part in rest))
+    # renamed as one, so that an object shared by its parts stays one
+    make, args, *rest = _naming(original.__reduce_ex__(self, protocol), cls, original)
+    return (_rebuilt_combined, (make, args, original, twin), *rest)
 
 
 #: the containers :func:`_naming` looks into (exact types: a subclass may rebuild its own
