@@ -1643,3 +1643,28 @@ def test_ckpt_path_best_with_an_empty_checkpoint_folder_names_that_folder(tmp_pa
     err = capsys.readouterr().err
     assert f"error: --ckpt_path best: no best checkpoint in {folder} (checkpoint.dirpath)" in err
     assert "--run_dir" not in err
+
+
+def test_resuming_from_a_weights_only_checkpoint_is_a_cli_error_before_anything_is_written(
+    tmp_path, capsys
+):
+    """``fit --ckpt_path last`` on a run saved with --checkpoint.save_weights_only true failed
+    in Lightning's restore with a KeyError traceback, once the run had started: its exception
+    checkpoint and a last-v1.ckpt (the newest, so the next ``--ckpt_path last`` took the
+    failed resume's state) were written into the run folder. It is now an error up front."""
+    fit_digits(
+        tmp_path,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--checkpoint.save_weights_only=true",
+    )
+    capsys.readouterr()
+    run = tmp_path / "digits/version_0"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        fit_digits(tmp_path, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --ckpt_path: " in err and "weights only" in err, err
+    assert "Traceback" not in err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

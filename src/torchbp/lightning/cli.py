@@ -501,6 +501,18 @@ def _as_float32(value: Any) -> torch.Tensor | None:
         return None
 
 
+def _check_resumable(checkpoint: dict[str, Any], path: str) -> None:
+    """A fit resumes from a checkpoint holding the optimizer and loop state, not from one
+    saved with ``save_weights_only`` (Lightning refuses it with a KeyError only once the run
+    has started, after it saved an exception checkpoint and a ``last-v1.ckpt`` beside it)."""
+    if "optimizer_states" not in checkpoint:
+        exit_with_error(
+            f"--ckpt_path: {path} holds the weights only (saved with "
+            "checkpoint.save_weights_only): a fit cannot resume from it, it has no optimizer "
+            "or loop state; test, validate or predict with it, or give a full checkpoint"
+        )
+
+
 def _optimizer_mismatch(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
     """What keeps ``optimizer`` from continuing the checkpoint's optimizer state (that of
     another optimizer class): the settings its parameter groups need that the saved groups
@@ -1070,6 +1082,8 @@ class TorchbpCLI(LightningCLI):
                 self.datamodule.load_state_dict(data_state)
             except DataConfigError as e:
                 exit_with_error(f"--ckpt_path: {path}: {e}")
+        if self.subcommand == "fit":
+            _check_resumable(checkpoint, path)
         if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
             self._check_resume_privacy(checkpoint, path, self._same_data(data_state))
         hint = "(its run's config.yaml has the options it was trained with)"
