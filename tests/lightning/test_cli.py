@@ -416,6 +416,27 @@ def test_last_ckpt_follows_save_weights_only_every_epoch(tmp_path):
     assert "optimizer_states" not in last and "state_dict" in last
 
 
+def test_linked_last_ckpt_follows_every_epoch_without_overwriting_the_best(tmp_path):
+    """--checkpoint.save_last link: last.ckpt stayed a link to the best checkpoint after the
+    best epoch, so --ckpt_path last resumed from the best epoch (training the later epochs
+    again) and evaluated the best weights, as save_last true did before RunCheckpoint saved
+    it every epoch. It now holds the latest epoch too (a file until Lightning links it to a
+    new checkpoint), and the best checkpoint the link pointed to is left as it was."""
+    fit_digits(
+        tmp_path,
+        "--trainer.max_epochs=3",
+        "--trainer.limit_train_batches=3",
+        "--checkpoint.save_last=link",
+        "--checkpoint.monitor=val/loss",
+        "--checkpoint.mode=max",  # val/loss falls: the best stays epoch 0
+    )
+    folder = tmp_path / "digits/version_0/checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 9
+    (best,) = [p for p in folder.iterdir() if p.name.startswith("epoch000")]
+    assert torch.load(best, weights_only=False)["global_step"] == 3
+
+
 def counting_checkpoint_saves(monkeypatch) -> list[tuple[int, str]]:
     """The (global step, file name) of every checkpoint the trainer saves from now on."""
     saved = []

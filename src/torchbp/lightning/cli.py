@@ -189,14 +189,19 @@ class RunCheckpoint(ModelCheckpoint):
         epochs again; ``test --ckpt_path last`` evaluated the best weights). Saved here,
         through the public ``trainer.save_checkpoint`` (weights only with
         ``save_weights_only``, as Lightning's own), when fitting and no checkpoint was
-        saved at this step (Lightning's own save, when it made one, comes first)."""
-        if self.save_last is not True or trainer.sanity_checking or trainer.fast_dev_run:
+        saved at this step (Lightning's own save, when it made one, comes first). With
+        ``save_last="link"`` it is saved as a file in place of the link (which points at an
+        older checkpoint, not to be written through); Lightning links it again at its next
+        save."""
+        if not self.save_last or trainer.sanity_checking or trainer.fast_dev_run:
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return
         if self._saved_at_step == trainer.global_step or self.dirpath is None:
             return
         self.last_model_path = self._last_checkpoint_name(trainer)
+        if trainer.is_global_zero and os.path.islink(self.last_model_path):
+            os.remove(self.last_model_path)
         trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
         self._last_saved_at_step = trainer.global_step
 
