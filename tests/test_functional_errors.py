@@ -438,3 +438,39 @@ def test_softmax_bad_dtype_argument_is_reported_before_a_bad_dim_as_native(name)
         getattr(torch.nn.functional, name)(x, 2, dtype="float32")
     with pytest.raises(TypeError, match="dtype"):
         getattr(TF, name)(x, 2, dtype="float32")
+
+
+@pytest.mark.parametrize(
+    ("input", "target", "weight"),
+    [
+        (torch.ones(3, 5, dtype=torch.long), torch.tensor([0, 1, 2]), None),  # integer logits
+        (torch.randn(3, 5), torch.tensor([0.0, 1.0, 2.0]), None),  # floating class indices
+        (torch.randn(3, 5), torch.tensor([0, 1]), None),  # batch sizes differ
+        (torch.randn(3, 5), torch.tensor([0, 1, 2]), torch.ones(4)),  # one weight too many
+    ],
+    ids=["integer-input", "floating-indices", "batch-size", "weight-size"],
+)
+def test_class_index_label_smoothing_range_comes_before_the_other_checks(input, target, weight):
+    # native checks label_smoothing first with class indices (after them only with
+    # probability targets)
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        TF.cross_entropy(input, target, weight=weight, label_smoothing=1.5)
+
+
+@pytest.mark.parametrize(
+    ("input", "target", "ignore_index"),
+    [
+        (torch.ones(3, 5, dtype=torch.long), torch.rand(3, 5), -100),  # integer logits
+        (torch.randn(3, 5), torch.ones(3, 5, dtype=torch.long), -100),  # integer probabilities
+        (torch.randn(3, 5), torch.rand(3, 5), 1),  # ignore_index with probabilities
+    ],
+    ids=["integer-input", "integer-target", "ignore_index"],
+)
+@pytest.mark.parametrize("smoothing", ["0.1", None])
+def test_probability_target_label_smoothing_not_a_number_is_a_type_error_first(
+    input, target, ignore_index, smoothing
+):
+    # native's argument parser refuses a label_smoothing that is no float before any check
+    # of the values, probability targets too (only the range comes after them)
+    with pytest.raises(TypeError, match="label_smoothing must be a number"):
+        TF.cross_entropy(input, target, ignore_index=ignore_index, label_smoothing=smoothing)
