@@ -4,6 +4,9 @@ norms beyond float16's range, noise on every element, a variance that cannot go 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -197,3 +200,184 @@ def test_reentrant_split_after_an_input_only_backward_refused_naming_the_checkpo
             RuntimeError, match=r"Linear '0'.*reentrant activation checkpoint.*use_reentrant=False"
         ):
             out.sum().backward()
+
+
+# --------------------------------------------------------------- M81..: fresh code
+def _mlp() -> torch.nn.Sequential:
+    return torch.nn.Sequential(torchbp.nn.Linear(4, 6), torchbp.nn.Tanh(), torchbp.nn.Linear(6, 3))
+
+
+def _fail_input_grad_of(monkeypatch, layer: torch.nn.Module, error: BaseException) -> None:
+    """Make ``g @ W``, the input gradient of ``layer``'s linear backward, raise ``error``."""
+    matmul = torch.Tensor.__matmul__
+
+    def failing_at_the_layer(a, b):
+        if isinstance(b, torch.Tensor) and b.data_ptr() == layer.weight.data_ptr():
+            raise error
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", failing_at_the_layer)
+
+
+def test_clip_factors_at_their_boundaries():
+    """min(1, C/‖g_i‖): 1 at and below C (0 included), C/‖g_i‖ above, 0 for an infinite
+    norm (not C/finfo.max, a tiny factor that keeps part of the sample), NaN for NaN."""
+    norms = torch.tensor([0.0, 0.5, 1.0, 2.0, float("inf"), float("nan")])
+    factors = formulas.clip_factors(norms, 1.0)
+    assert factors[:5].tolist() == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert factors[5].isnan()
+
+
+def test_linear_whose_input_gradient_failed_keeps_no_recording(monkeypatch):
+    """A Linear backward whose ``g @ W`` runs out of memory (caught) files nothing: its
+    gradient is not held by the context until the with block ends (the memory the caller
+    wants back; an LM head's is the step's largest)."""
+    model = _mlp()
+    seen = []
+    with per_sample_grads(model):
+        out = model(torch.randn(5, 4))
+        out.register_hook(lambda grad: seen.append(weakref.ref(grad)))
+        with monkeypatch.context() as patched:
+            _fail_input_grad_of(patched, model[2], torch.OutOfMemoryError("simulated"))
+            try:
+                (out * torch.randn(5, 3)).sum().backward()
+            except torch.OutOfMemoryError:
+                pass
+        gc.collect()
+        assert seen[0]() is None
+
+
+def test_backward_after_a_keyboard_interrupt_in_an_input_gradient_refused(monkeypatch):
+    """A KeyboardInterrupt (not an Exception) while the head's second call forms ``g @ W``,
+    its first call filed, caught: the context is told as for an error, and the backward of
+    a forward made before it is refused, not formed with the half step's recording."""
+    model = _mlp()
+    x = torch.randn(5, 4)
+    with per_sample_grads(model):
+        made_before = model(x).sum()
+        hidden = model[:2](x)
+        failing = (model[2](hidden) + model[2](hidden * 2)).sum()
+        with monkeypatch.context() as patched:
+            _fail_input_grad_of(patched, model[2], KeyboardInterrupt())
+            with pytest.raises(KeyboardInterrupt):
+                failing.backward()
+        with pytest.raises(RuntimeError, match="cut short"):
+            made_before.backward()
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_input_gradient_error_outside_a_context_raised_as_it_is(monkeypatch):
+    """Outside any per-sample context, an error forming ``g @ W`` reaches the caller
+    unchanged (no AttributeError from telling a context that is not there)."""
+    model = _mlp()
+    loss = model(torch.randn(5, 4)).sum()
+    _fail_input_grad_of(monkeypatch, model[2], torch.OutOfMemoryError("simulated"))
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        loss.backward()
+
+
+def test_backward_after_a_stray_linear_whose_input_gradient_failed_refused(monkeypatch):
+    """A Linear outside the model, called on its output, whose ``g @ W`` runs out of
+    memory (caught): the context refuses any later backward, one of a forward made before
+    included, as it does for the model's own Linears, and forms nothing."""
+    model = _mlp()
+    outside = torchbp.nn.Linear(3, 2)
+    x = torch.randn(5, 4)
+    with per_sample_grads(model) as ps:
+        made_before = model(x).sum()
+        failing = outside(model(x)).sum()
+        with monkeypatch.context() as patched:
+            _fail_input_grad_of(patched, outside, torch.OutOfMemoryError("simulated"))
+            with pytest.raises(torch.OutOfMemoryError):
+                failing.backward()
+        with pytest.raises(RuntimeError, match="cut short"):
+            made_before.backward()
+        assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_model_trains_as_before_after_a_context_without_a_backward():
+    """A context in which only an evaluation forward ran leaves no hook behind: two
+    ordinary backwards after it accumulate as autograd's do (the hook that refuses a
+    backward after one cut short would take the first for one)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    x = torch.randn(5, 4)
+    with per_sample_grads(model), torch.no_grad():
+        model(x)
+    model(x).sum().backward()
+    once = [p.grad.clone() for p in model.parameters()]
+    model(x).sum().backward()
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.parameters(), once))
+
+
+def test_model_with_every_parameter_frozen_named_as_such():
+    """A model whose parameters are all frozen: the refusal says 'every one frozen' (a
+    model with none at all says it has no parameters)."""
+    model = _mlp().requires_grad_(False)
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model) as ps:
+        model(x).sum().backward()
+        with pytest.raises(RuntimeError, match="every one frozen"):
+            _ = ps.norms
+
+
+class _HookError(Exception):
+    pass
+
+
+def _raise_hook_error(grad):
+    raise _HookError("raised by a hook on an activation")
+
+
+def _cut_short_backward(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """A backward through ``model`` cut short (caught) by a hook on the activation before
+    the head, after the head's backward filed its recording."""
+    hidden = model[:2](x)
+    hidden.register_hook(_raise_hook_error)
+    with pytest.raises(_HookError):
+        model[2](hidden).sum().backward()
+
+
+def test_results_after_leaving_a_context_whose_backward_was_cut_short_refused():
+    """A backward cut short (caught) and the with block left without reading anything:
+    the norms are refused after it, not formed on exit from the head's recording alone
+    (silently partial norms)."""
+    model = _mlp()
+    with per_sample_grads(model) as ps:
+        _cut_short_backward(model, torch.randn(5, 4))
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_every_backward_after_one_cut_short_refused_at_its_first_linear():
+    """After a backward cut short (caught) and a later one refused for it, a third one is
+    refused at its first Linear, naming it, before it files anything, not at the first
+    parameter it reaches."""
+    model = _mlp()
+    x = torch.randn(5, 4)
+    with per_sample_grads(model):
+        first, second = model(x).sum(), model(x).sum()
+        _cut_short_backward(model, x)
+        with pytest.raises(RuntimeError, match="cut short"):
+            first.backward()
+        with pytest.raises(RuntimeError, match="through Linear '2'.*cut short"):
+            second.backward()
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_every_backward_after_the_recorded_one_refused_as_a_second():
+    """After the context's recorded backward, each later one is refused as a second
+    backward, the results formed kept; a third is not told that the context 'forms
+    nothing' because the second was refused."""
+    model = _mlp()
+    x = torch.randn(5, 4)
+    with per_sample_grads(model) as ps:
+        model(x).sum().backward()
+        norms = ps.norms.clone()
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="second backward") as refused:
+                model(x).sum().backward()
+            assert "forms nothing" not in str(refused.value)
+    assert torch.equal(ps.norms, norms)
