@@ -819,3 +819,65 @@ def test_jit_trace_serves_ignored_rows_of_later_calls(name, options):
         traced = torch.jit.trace(Loss(), (x, torch.tensor([0, 1, 2, 1])))
     ignored = torch.tensor([0, -100, 2, -100])
     torch.testing.assert_close(traced(x, ignored), getattr(F, name)(x, ignored, **options))
+
+
+def _full_size_ops(fn, rows, classes):
+    """How many aten ops ``fn()`` runs on an input of (rows, classes): its passes."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::") and [rows, classes] in event.input_shapes
+    )
+
+
+INF = torch.inf
+_SPLIT_CASES = {
+    # probability targets: +inf on the row max, beside a dominating logit, on both, none
+    "soft": (
+        torch.tensor([[0.0, 0.0, INF], [INF, 0.0, 0.0], [INF, 0.0, INF], [0.2, 0.3, 0.5]]),
+        None,
+    ),
+    "soft-negative": (
+        torch.tensor([[0.0, 0.0, -INF], [-INF, 1.0, 0.0], [INF, 0.0, -INF], [0.2, 0.3, 0.5]]),
+        None,
+    ),
+    # class weights with label smoothing: w = inf on the max of rows 0 and 3 (row 1: its
+    # logit dominates the row, row 2: both)
+    "weighted-smoothed": (torch.tensor([2, 0, 1, 2]), torch.tensor([1.0, 1.0, INF])),
+    "weighted-smoothed-dominated": (torch.tensor([2, 0, 1, 2]), torch.tensor([INF, 1.0, 1.0])),
+}
+
+
+@pytest.mark.parametrize("case", list(_SPLIT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_loss_off_the_cpu_is_split_without_a_pass_and_as_native(case, dtype, monkeypatch):
+    # Off the CPU (and under torch.compile / torch.func) ce_rows cannot look at a = Σ B
+    # without a sync: it formed the loss term by term for every probability target and
+    # weighted, smoothed class index, one more elementwise pass (L - s) and one more
+    # (m, C) buffer than the split a·L - Σ B s. The split with a fix-up from row values
+    # where a is not finite gives native's infinities without either.
+    from torchbp.autograd import cross_entropy as ce
+
+    logits = torch.tensor(
+        [[1.0, 2.0, 3.0], [0.0, 100.0, -1.0], [1.0, 2.0, 3.0], [4.0, 4.0, 1.0]], dtype=dtype
+    )
+    target, weight = _SPLIT_CASES[case]
+    if target.is_floating_point():
+        target = target.to(dtype)
+    weight = None if weight is None else weight.to(dtype)
+    smoothing = 0.1 if case != "soft" else 0.0
+    native = F.cross_entropy(
+        logits, target, weight=weight, reduction="none", label_smoothing=smoothing
+    )
+    finite_target = target.nan_to_num(0.0, 0.0, 0.0) if target.is_floating_point() else target
+    finite_weight = None if weight is None else torch.ones_like(weight)
+    on_cpu = _full_size_ops(
+        lambda: ce.ce_rows(logits, finite_target, finite_weight, -100, smoothing), 4, 3
+    )
+    monkeypatch.setattr(ce, "values_inspectable", lambda t: False)
+    rows = ce.ce_rows(logits, target, weight, -100, smoothing)
+    torch.testing.assert_close(rows.loss, native, equal_nan=True)
+    off_cpu = _full_size_ops(lambda: ce.ce_rows(logits, target, weight, -100, smoothing), 4, 3)
+    assert off_cpu == on_cpu

@@ -111,14 +111,15 @@ def coefficients(target, weight, ignore_index, smoothing, classes, dtype) -> Coe
 def keeps_shifted(coef: Coefficients) -> bool:
     """Whether the loss is formed term by term from every ``s_ic = z_ic - m_i`` (so that
     ``s`` must outlive ``e = exp(s)``): where a weight ``B_ic`` that multiplies a term per
-    class (a probability, or a class weight with label smoothing) may be infinite, seen
-    as ``a_i = Σ_c B_ic`` not finite (see :func:`loss_rows`). Looked at only on the CPU,
-    where it costs no sync; elsewhere, and where values may not be inspected (torch.compile,
-    torch.func), always term by term."""
+    class (a probability, or a class weight with label smoothing) is infinite or NaN, seen
+    as ``a_i = Σ_c B_ic`` not finite. Looked at only where values may be inspected (the
+    CPU, eagerly), where it costs no sync; elsewhere (other devices, torch.compile,
+    torch.func) the split of :func:`split_loss` takes every row, one pass and one (m, C)
+    buffer fewer."""
     if coef.dense is None and not (coef.uniform_share and coef.weight is not None):
         return False
     if coef.a.device.type != "cpu" or not values_inspectable(coef.a):
-        return True
+        return False
     return not math.isfinite(coef.a.sum().item())  # (a sum is finite iff every term is,
     # unless it overflows: then term by term too)
 
@@ -137,31 +138,63 @@ def early_terms(coef: Coefficients, s: torch.Tensor, keep: bool):
     return picked, coef.uniform_share * s_w
 
 
+def split_loss(mass, log_total, shifted) -> torch.Tensor:
+    """``Σ_c B_ic (L_i - s_ic)`` (m,) from row values only: ``mass = Σ_c B_ic``, ``L``
+    (m,) and ``shifted = Σ_c B_ic s_ic``, as ``mass·L - shifted`` where ``mass`` is
+    finite. Where it is not (an infinite ``B_ic``), that split meets ``inf · 0`` for the
+    term by term's infinity; there instead (``L - s_ic >= 0``, ``s_ic <= 0``):
+
+    * ``L = 0`` (one logit dominates the row): every term is ``-B_ic s_ic``: ``-shifted``
+      (NaN where an infinite ``B_ic`` sits on that logit, ``inf · 0``, as native's);
+    * ``L > 0`` and ``shifted`` NaN: an infinite ``B_ic`` on a row max (``s_ic = 0``),
+      whose term ``B_ic L`` is infinite: the loss is ``mass`` (``±inf``, NaN where
+      infinities of both signs or a NaN weight meet);
+    * otherwise ``mass·L - shifted`` has the term by term's infinities already.
+
+    Not from row values: a row that also has a ``-inf`` logit under a zero (or
+    opposite-signed) ``B_ic`` in the second case, where native's ``0 · inf`` is NaN and
+    this is ``mass``; and ``mass`` overflowing from finite weights. The CPU forms such
+    rows term by term (:func:`keeps_shifted`)."""
+    split = mass * log_total - shifted
+    dominated = log_total == 0
+    on_max = shifted.isnan() & (log_total > 0)
+    fixed = torch.where(dominated, -shifted, torch.where(on_max, mass, split))
+    return torch.where(mass.isfinite(), split, fixed)
+
+
 def loss_rows(coef: Coefficients, log_total, early, s=None) -> torch.Tensor:
     """``ℓ_i = Σ_c B_ic (L_i - s_ic)`` (m,) with ``s = z - m`` (m, C) and ``L = log Σ_c
     e^{s_ic}`` (m, 1); ``early`` is :func:`early_terms`'s.
 
     Given ``s`` (where :func:`keeps_shifted` holds), term by term as native's ``-Σ_c B_ic
     logp_ic``: ``-logp_ic = L_i - s_ic`` first, then weighted. Otherwise as ``a_i L_i - Σ_c
-    B_ic s_ic`` (``Σ_c B_ic = a_i``, finite), one pass fewer, the target's column always
-    term by term (``w_y (L_i - s_iy)``). Split, an infinite ``B_ic`` would meet ``s_ic =
-    0`` at the row max or ``L_i = 0`` (one logit dominates the row) and give ``inf · 0 =
-    NaN`` for an infinite loss. Ignored rows: masked later by the caller."""
+    B_ic s_ic`` (:func:`split_loss`), one pass fewer, the target's column always term by
+    term (``w_y (L_i - s_iy)``). Ignored rows: masked later by the caller."""
     if s is not None:
         neg_logp = log_total - s  # (out of place: torch.func cannot batch out=)
         if coef.dense is not None:
             return torch.linalg.vecdot(coef.dense, neg_logp)
     picked, rest = early
     log_total = log_total.squeeze(1)
-    if picked is None:  # a probability target, a_i finite
-        return coef.a * log_total - rest
+    if picked is None:  # a probability target
+        return split_loss(coef.a, log_total, rest)
     loss = coef.b_y * (log_total - picked)
     if s is not None:  # label smoothing with class weights: (ε/C) Σ_c w_c (L_i - s_ic)
         return loss + coef.uniform_share * (neg_logp @ coef.weight)
     if rest is None:  # no label smoothing
         return loss
-    # (ε/C) Σ_c w_c (L_i - s_ic) = (a_i - b_iy) L_i - (ε/C) Σ_c w_c s_ic
-    return loss + (coef.a - coef.b_y) * log_total - rest
+    # (ε/C) Σ_c w_c (L_i - s_ic) = (ε/C) Σ_c w_c L_i - (ε/C) Σ_c w_c s_ic
+    return loss + split_loss(uniform_mass(coef), log_total, rest)
+
+
+def uniform_mass(coef: Coefficients) -> torch.Tensor:
+    """``(ε/C) Σ_c w_c`` (m,) on kept rows (0 on ignored ones): ``a - b_y``, formed apart
+    where that is ``inf - inf`` (``w_y`` infinite)."""
+    mass = coef.a - coef.b_y
+    if coef.weight is None:
+        return mass  # (finite: no class weight)
+    apart = coef.hard.valid.to(mass.dtype) * (coef.uniform_share * coef.weight.sum())
+    return torch.where(mass.isnan(), apart, mass)
 
 
 def subtract_b(coef: Coefficients, g: torch.Tensor) -> torch.Tensor:
