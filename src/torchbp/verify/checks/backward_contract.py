@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-from torchbp.verify.checks.compare import dense, float_tensors, require_close, shape_text
+from torchbp.verify.checks.compare import (
+    dense,
+    dense_gradients,
+    float_tensors,
+    input_grads,
+    require_close,
+    shape_text,
+)
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
@@ -40,13 +47,13 @@ def check_undefined_grad(ctx: CheckContext) -> Passed:
     # it, the public gradcheck runs it too, but only in float64
     gc_module = sys.modules.get("torch.autograd.gradcheck")
     private = getattr(gc_module, "_test_undefined_backward_mode", None)
+    # torch's test reads the gradients elementwise: a sparse one is handed on dense
+    fn = dense_gradients(ctx.diff_fn) if ctx.sparse_gradient_inputs() else ctx.diff_fn
     try:
         if private is not None:
-            private(ctx.diff_fn, ctx.diff_fn(*diff), tuple(diff))
+            private(fn, fn(*diff), tuple(diff))
         elif ctx.dtype == torch.float64:
-            torch.autograd.gradcheck(
-                ctx.diff_fn, tuple(diff), fast_mode=True, check_undefined_grad=True
-            )
+            torch.autograd.gradcheck(fn, tuple(diff), fast_mode=True, check_undefined_grad=True)
         else:
             raise CheckSkip("needs float64 inputs with this torch version")
     except CheckSkip:
@@ -158,7 +165,7 @@ def check_grad_shapes(ctx: CheckContext) -> Passed:
     ]
     try:
         vs = ctx.randn_like_outputs(outs)
-        torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+        input_grads(outs, leaves, vs, retain_graph=True, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -200,7 +207,7 @@ def _gradient_alone(ctx: CheckContext, k: int | None, vs: list[torch.Tensor]):
     live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
     if not live:
         return outs, None
-    (grad,) = torch.autograd.grad(
+    (grad,) = input_grads(
         [o for o, _ in live], [inputs[k]], [v for _, v in live], allow_unused=True
     )
     return outs, grad
@@ -216,9 +223,7 @@ def check_needs_input_grad(ctx: CheckContext) -> Passed:
     outs = ctx.diff_fn(*leaves)
     vs = ctx.randn_like_outputs(outs)
     live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
-    expected = torch.autograd.grad(
-        [o for o, _ in live], leaves, [v for _, v in live], allow_unused=True
-    )
+    expected = input_grads([o for o, _ in live], leaves, [v for _, v in live], allow_unused=True)
     tolerance = ctx.parity_tolerances()
     worst = (0.0, 0.0)
     alone = list(range(len(leaves))) if len(leaves) > 1 else []
@@ -338,7 +343,7 @@ def _outputs_and_grads(ctx: CheckContext, layout: Any, label: str, vs: list | No
         outs = float_tensors(ctx.fn(*full))
         live = [o for o in outs if o.requires_grad]
         vs = ctx.randn_like_outputs(live) if vs is None else vs
-        grads = torch.autograd.grad(live, diff, vs, allow_unused=True)
+        grads = input_grads(live, diff, vs, allow_unused=True)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
         raise CheckFailure(
             f"fn or backward fails for {label} inputs: {explain_error(exc)}"
@@ -383,7 +388,7 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
     vs = ctx.randn_like_outputs(outs)
     vs_copy = [v.clone() for v in vs]
     try:
-        torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+        input_grads(outs, leaves, vs, retain_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"backward failed: {explain_error(exc)}") from None
     for o, (v, vc) in enumerate(zip(vs, vs_copy)):
@@ -396,12 +401,12 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
     for label, strided in _other_layouts(vs).items():
         contiguous_vs = [_contiguous_copy(s) for s in strided]
         try:
-            got = torch.autograd.grad(outs, leaves, strided, retain_graph=True, allow_unused=True)
+            got = input_grads(outs, leaves, strided, retain_graph=True, allow_unused=True)
         except Exception as exc:  # noqa: BLE001
             raise CheckFailure(
                 f"backward fails for a {label} grad_output: {explain_error(exc)}"
             ) from None
-        exp = torch.autograd.grad(outs, leaves, contiguous_vs, retain_graph=True, allow_unused=True)
+        exp = input_grads(outs, leaves, contiguous_vs, retain_graph=True, allow_unused=True)
         for k, (a, e) in enumerate(zip(got, exp)):
             if a is None or e is None:
                 continue

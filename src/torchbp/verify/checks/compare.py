@@ -12,9 +12,11 @@ from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = [
     "dense",
+    "dense_gradients",
     "leaves",
     "exact_tensors",
     "float_tensors",
+    "input_grads",
     "max_errors",
     "mismatch",
     "require_close",
@@ -51,6 +53,40 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` with its values in a strided tensor: a sparse one (an input such as the sparse
     matrix of a sparse-dense product) made dense, so that it can be compared elementwise."""
     return t if t.layout == torch.strided else t.to_dense()
+
+
+def input_grads(
+    outputs: Any, inputs: Sequence[torch.Tensor], grad_outputs: Any = None, **options: Any
+) -> tuple[torch.Tensor | None, ...]:
+    """:func:`torch.autograd.grad` of ``outputs`` for ``inputs`` (``options`` passed on),
+    each gradient :func:`dense`: a Function may return a sparse gradient for a dense input
+    (``nn.Embedding(sparse=True)`` style), which the checks compare elementwise like any
+    other (``to_dense`` is differentiable, so ``create_graph=True`` still holds)."""
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs, **options)
+    return tuple(None if g is None else dense(g) for g in grads)
+
+
+class _DenseGradient(torch.autograd.Function):
+    """The identity, whose backward passes the gradient on :func:`dense`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return dense(grad)
+
+
+def dense_gradients(fn: Any) -> Any:
+    """``fn`` of tensors, whose inputs receive their gradients :func:`dense`: a sparse
+    gradient of a dense input is made dense before it reaches the caller's tensor (for
+    torch's own tests, which read the gradients elementwise)."""
+
+    def wrapped(*xs: torch.Tensor) -> Any:
+        return fn(*[_DenseGradient.apply(x) for x in xs])
+
+    return wrapped
 
 
 def leaves(out: Any) -> list[Any]:

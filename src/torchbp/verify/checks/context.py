@@ -105,6 +105,23 @@ class CheckContext:
         """Fresh differentiable copies of the grad inputs."""
         return [self.args[i].detach().clone().requires_grad_(True) for i in self.grad_idx]
 
+    def sparse_gradient_inputs(self) -> list[int]:
+        """Positions ``k`` of the dense grad inputs for which backward returns a sparse
+        gradient (``nn.Embedding(sparse=True)`` style), found by one backward of ones;
+        empty when fn or its backward raises (the checks report that themselves)."""
+        diff = self.leaves()
+        try:
+            outs = [o for o in self.diff_fn(*diff) if o.requires_grad]
+            ones = [torch.ones_like(o) for o in outs]
+            grads = torch.autograd.grad(outs, diff, ones, allow_unused=True) if outs else ()
+        except Exception:  # noqa: BLE001 - the checks report fn's own error
+            return []
+        return [
+            k
+            for k, (g, x) in enumerate(zip(grads, diff))
+            if g is not None and g.layout != torch.strided and x.layout == torch.strided
+        ]
+
     def full_inputs(
         self, diff: Sequence[torch.Tensor], copied: frozenset[int] | None = None
     ) -> list[Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, require_close, zeros_for_none
+from torchbp.verify.checks.compare import float_tensors, input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
@@ -36,7 +36,7 @@ def _forward(ctx: CheckContext, leaves: list[torch.Tensor]) -> list[torch.Tensor
 
 def _backward(outs, leaves, vs, which: str) -> list[torch.Tensor]:
     try:
-        gs = torch.autograd.grad(outs, leaves, vs, allow_unused=True)
+        gs = input_grads(outs, leaves, vs, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(
             f"backward of the {which} call failed when two calls were made before backward: "

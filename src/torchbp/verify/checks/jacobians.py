@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from torchbp.verify.checks.compare import max_errors, mismatch, unravel
+from torchbp.verify.checks.compare import input_grads, max_errors, mismatch, unravel
 
 __all__ = [
     "FULL_JACOBIAN_LIMIT",
@@ -89,7 +89,7 @@ def analytical_jacobian(func: Func, inputs: Sequence[torch.Tensor]) -> Jacobian:
         for m in range(out.numel()):
             v = torch.zeros_like(out).reshape(-1)
             v[m] = 1
-            grads = torch.autograd.grad(
+            grads = input_grads(
                 out, leaves, v.reshape(out.shape), retain_graph=True, allow_unused=True
             )
             for k, gk in enumerate(grads):
@@ -273,9 +273,7 @@ def projected_backward_error(
     vs = [randn(o.shape, o.dtype) for o in outs]
     num = sum(float(((h - l) / (2 * eps) * v).sum()) for h, l, v in zip(hi, lo, vs))
     pairs = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
-    grads = torch.autograd.grad(
-        [p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True
-    )
+    grads = input_grads([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
     ana = sum(float((g * u).sum()) for g, u in zip(grads, us) if g is not None)
     abs_err = abs(ana - num)
     return abs_err, abs_err / max(abs(num), 1e-12), num

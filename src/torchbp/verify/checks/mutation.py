@@ -19,6 +19,7 @@ import torch
 from torchbp.verify.checks.compare import (
     dense,
     float_tensors,
+    input_grads,
     leaves,
     require_close,
     zeros_for_none,
@@ -81,7 +82,7 @@ def _check_unchanged(tensors: Sequence[tuple[str, torch.Tensor, Snapshot]], when
 
 def _grads(outs: list[torch.Tensor], leaves: list[torch.Tensor], vs: list[torch.Tensor]):
     try:
-        gs = torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+        gs = input_grads(outs, leaves, vs, retain_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"backward failed: {explain_error(exc)}") from None
     return zeros_for_none(gs, leaves)
@@ -164,7 +165,7 @@ def _require_writes_after_forward_seen(ctx: CheckContext) -> tuple[float, float]
         target = (run.inputs if kind == "input" else run.returned)[position]
         try:
             with _written(target):
-                got = torch.autograd.grad(run.live, run.leaves, vs, allow_unused=True)
+                got = input_grads(run.live, run.leaves, vs, allow_unused=True)
         except Exception:  # noqa: BLE001, S112 - autograd noticed the write, or refused it
             continue
         for k, (a, b) in enumerate(zip(zeros_for_none(got, run.leaves), expected)):

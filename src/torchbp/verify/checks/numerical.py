@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from torchbp.verify.checks.compare import require_close, zeros_for_none
+from torchbp.verify.checks.compare import input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import (
     custom_ops_reached,
@@ -248,12 +248,17 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     """Backward's Jacobian against central differences (torch's gradcheck decides; the
     full Jacobians, or random projections of large ones, give the error and where), then,
     for several outputs, backward given all their gradients at once against the sum of its
-    gradients for each output alone (:func:`_require_linear_in_grad_outputs`)."""
+    gradients for each output alone (:func:`_require_linear_in_grad_outputs`).
+    Unsupported when backward returns a sparse gradient for a dense input, which torch's
+    gradcheck cannot check, after our own comparison found it right (a wrong one fails)."""
     _require_float64(ctx)
     diff = ctx.leaves()
-    torch_msg = _torch_verdict(
-        torch.autograd.gradcheck, ctx.diff_fn, tuple(diff), **_torch_options(ctx)
-    )
+    sparse = ctx.sparse_gradient_inputs()
+    torch_msg = None
+    if not sparse:
+        torch_msg = _torch_verdict(
+            torch.autograd.gradcheck, ctx.diff_fn, tuple(diff), **_torch_options(ctx)
+        )
     try:
         errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
     except CheckFailure as failure:
@@ -266,7 +271,30 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
         abs_err, rel_err = _projected_error(ctx, ctx.diff_fn, diff, "backward")
         note = "random projections v^T J u compared (large inputs)"
     _require_linear_in_grad_outputs(ctx)
+    if sparse:
+        raise _sparse_gradient_gap(ctx, sparse, "gradcheck", note, abs_err, rel_err)
     return Passed(note, abs_err, rel_err)
+
+
+def _sparse_gradient_gap(
+    ctx: CheckContext,
+    sparse: Sequence[int],
+    torch_name: str,
+    note: str,
+    abs_err: float,
+    rel_err: float,
+) -> CheckUnsupported:
+    """Unsupported for backward's sparse gradient of the dense inputs ``sparse``, which
+    torch's ``torch_name`` cannot check, once our own comparison (``note``) found it right."""
+    names = ", ".join(ctx.input_name(k) for k in sparse)
+    return CheckUnsupported(
+        f"a sparse gradient of a dense input ({names}): torch's {torch_name} cannot check "
+        "it; the other checks compare it densely, and so did this one against central "
+        f"differences, finding it right ({note})",
+        f"return grad.to_dense() from backward if torch's {torch_name} must check it",
+        abs_err,
+        rel_err,
+    )
 
 
 def _without_gradient(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> list[int]:
@@ -281,7 +309,7 @@ def _without_gradient(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> list[i
     grads: Sequence[torch.Tensor | None] = [None] * len(leaves)
     if outs:
         vs = ctx.randn_like_outputs(outs)
-        grads = torch.autograd.grad(outs, leaves, vs, allow_unused=True)
+        grads = input_grads(outs, leaves, vs, allow_unused=True)
     return [
         k
         for k, g in enumerate(grads)
@@ -368,12 +396,11 @@ def _require_linear_in_grad_outputs(ctx: CheckContext) -> None:
     vs = ctx.randn_like_outputs(outs)
     at_once = f"given the gradients of all {len(outs)} outputs at once"
     try:
-        joint = torch.autograd.grad(outs, leaves, vs, retain_graph=True, allow_unused=True)
+        joint = input_grads(outs, leaves, vs, retain_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001 - each output alone worked: a bug, in words
         raise CheckFailure(f"backward fails {at_once}: {explain_error(exc)}") from None
     alone = [
-        torch.autograd.grad(o, leaves, v, retain_graph=True, allow_unused=True)
-        for o, v in zip(outs, vs)
+        input_grads(o, leaves, v, retain_graph=True, allow_unused=True) for o, v in zip(outs, vs)
     ]
     for k, leaf in enumerate(leaves):
         expected = sum((g[k] for g in alone if g[k] is not None), torch.zeros_like(leaf))
@@ -402,7 +429,7 @@ def _require_differentiable_backward(
     ``NotImplementedError`` raised by backward with ``create_graph=True`` or by the
     backward of what it computed)."""
     try:
-        grads = torch.autograd.grad(outs, diff, vs, create_graph=True, allow_unused=True)
+        grads = input_grads(outs, diff, vs, create_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
         raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
     live = [g for g in grads if g is not None]
@@ -423,7 +450,7 @@ def _require_differentiable_backward(
         return
     weights = [ctx.randn(g.shape, g.dtype) for g in live]
     try:
-        second = torch.autograd.grad(
+        second = input_grads(
             [g for g in live if g.requires_grad],
             [*diff, *vs],
             [w for g, w in zip(live, weights) if g.requires_grad],
@@ -566,19 +593,22 @@ def _second_order(ctx: CheckContext) -> Passed:
         xs, vv = xs_and_vs[:n_in], xs_and_vs[n_in:]
         xs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in xs]
         o = [t for t in ctx.diff_fn(*xs) if t.requires_grad]
-        gs = torch.autograd.grad(o, xs, vv, create_graph=True, allow_unused=True)
+        gs = input_grads(o, xs, vv, create_graph=True, allow_unused=True)
         return tuple(zeros_for_none(gs, xs))
 
     vs_plain = [v.detach() for v in vs]
     inputs2 = [*[x.detach() for x in diff], *vs_plain]
-    torch_msg = _torch_verdict(
-        torch.autograd.gradgradcheck,
-        lambda *xs: tuple(o for o in ctx.diff_fn(*xs) if o.requires_grad),
-        tuple(x.detach().clone().requires_grad_(True) for x in diff),
-        tuple(vs_plain),
-        capability=DOUBLE_BACKWARD,
-        **_torch_options(ctx),
-    )
+    sparse = ctx.sparse_gradient_inputs()
+    torch_msg = None
+    if not sparse:
+        torch_msg = _torch_verdict(
+            torch.autograd.gradgradcheck,
+            lambda *xs: tuple(o for o in ctx.diff_fn(*xs) if o.requires_grad),
+            tuple(x.detach().clone().requires_grad_(True) for x in diff),
+            tuple(vs_plain),
+            capability=DOUBLE_BACKWARD,
+            **_torch_options(ctx),
+        )
     names = [f"d(grad)/d({ctx.input_name(k)})" for k in range(n_in)]
     names += [f"d(grad)/d(grad_output {o})" for o in range(len(vs))]
     if jacobian_size(first_grad, inputs2, True) <= FULL_JACOBIAN_LIMIT or torch_msg:
@@ -598,9 +628,13 @@ def _second_order(ctx: CheckContext) -> Passed:
             torch_name="gradgradcheck",
             torch_msg=torch_msg,
         )
-        return Passed(f"full second-order Jacobian compared{note}", abs_err, rel_err)
-    abs_err, rel_err = _projected_error(ctx, first_grad, inputs2, "double backward", True)
-    return Passed("random projections compared (large inputs)", abs_err, rel_err)
+        note = f"full second-order Jacobian compared{note}"
+    else:
+        abs_err, rel_err = _projected_error(ctx, first_grad, inputs2, "double backward", True)
+        note = "random projections compared (large inputs)"
+    if sparse:
+        raise _sparse_gradient_gap(ctx, sparse, "gradgradcheck", note, abs_err, rel_err)
+    return Passed(note, abs_err, rel_err)
 
 
 def check_forward_ad(ctx: CheckContext) -> Passed:

@@ -19,6 +19,7 @@ import torch
 from torchbp.verify.checks.compare import (
     exact_tensors,
     float_tensors,
+    input_grads,
     require_close,
     shape_text,
     unravel,
@@ -84,9 +85,7 @@ def grads_or_none(
     live = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
     if not live:
         return [None for _ in leaves]
-    return list(
-        torch.autograd.grad([o for o, _ in live], leaves, [v for _, v in live], allow_unused=True)
-    )
+    return list(input_grads([o for o, _ in live], leaves, [v for _, v in live], allow_unused=True))
 
 
 def _compare_runs(

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchbp.verify.checks.compare import dense, require_close, zeros_for_none
+from torchbp.verify.checks.compare import dense, input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
 from torchbp.verify.checks.explain import explain_error, outcome_of
@@ -56,6 +56,22 @@ def _sparse_input_gap(
         f"{what} failed with a sparse input, as PyTorch's vmap cannot batch most "
         f"operations on sparse tensors ({explain_error(exc)})",
         "pass the input dense (.to_dense()) where vmap is needed",
+    )
+
+
+def _sparse_gradient_gap(ctx: CheckContext, exc: BaseException) -> CheckUnsupported | None:
+    """Unsupported for ``exc`` of the batched backward when backward returns a sparse
+    gradient for a dense input (``nn.Embedding(sparse=True)`` style): PyTorch's vmap
+    cannot batch sparse tensors, so no batched backward can build one; None otherwise."""
+    sparse = ctx.sparse_gradient_inputs()
+    if not sparse:
+        return None
+    names = ", ".join(ctx.input_name(k) for k in sparse)
+    return CheckUnsupported(
+        f"backward returns a sparse gradient of a dense input ({names}): batched backward "
+        "(is_grads_batched, a vmap over grad_outputs) is unsupported, as PyTorch's vmap "
+        f"cannot batch sparse tensors ({explain_error(exc)})",
+        "return grad.to_dense() from backward if batched gradients are needed",
     )
 
 
@@ -112,7 +128,7 @@ def _batched_backward(
     outs: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]
 ) -> Any:
     """The gradients of ``outs`` for a batch ``vs`` of grad_outputs (is_grads_batched)."""
-    return torch.autograd.grad(
+    return input_grads(
         outs, leaves, vs, retain_graph=True, allow_unused=True, is_grads_batched=True
     )
 
@@ -155,7 +171,7 @@ def check_vmap(ctx: CheckContext) -> Passed:
         ) from None
     for b in range(batch):
         leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
-        gs = torch.autograd.grad(scalar(*leaves), leaves, allow_unused=True)
+        gs = input_grads(scalar(*leaves), leaves, allow_unused=True)
         for k, (exp, ps) in enumerate(zip(zeros_for_none(gs, leaves), per_sample)):
             problem = (
                 f"per-sample gradient of {ctx.input_name(k)} under vmap(grad) differs "
@@ -188,7 +204,7 @@ def _reads_data_of_grad_outputs(
     _DataWatch.data_read = False
     watched = [v[0].clone().as_subclass(_DataWatch) for v in vs]
     try:
-        torch.autograd.grad(outs, leaves, watched, retain_graph=True, allow_unused=True)
+        input_grads(outs, leaves, watched, retain_graph=True, allow_unused=True)
     except Exception:  # noqa: BLE001 - the batched backward will tell its own error
         return False
     finally:
@@ -234,8 +250,9 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
     failed without running it when backward reads ``.data`` of a grad_output (PyTorch
     would crash the process); unsupported through a sparse output (PyTorch's vmap cannot
     batch sparse tensors), when it raises for a fn with a sparse input
-    (:func:`_sparse_input_gap`), or for an op of backward that PyTorch's batched backward
-    cannot batch (:func:`_unbatchable_op_gap`)."""
+    (:func:`_sparse_input_gap`) or a sparse gradient of a dense input
+    (:func:`_sparse_gradient_gap`), or for an op of backward that PyTorch's batched
+    backward cannot batch (:func:`_unbatchable_op_gap`)."""
     if ctx.sparse_outputs:
         raise CheckUnsupported(
             "fn returns a sparse tensor: batched backward (is_grads_batched, a vmap over "
@@ -265,13 +282,11 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
 
         what = "batched backward (is_grads_batched, a vmap)"
         gap = _sparse_input_gap(ctx, exc, what, again)
-        gap = gap or _unbatchable_op_gap(exc)
+        gap = gap or _sparse_gradient_gap(ctx, exc) or _unbatchable_op_gap(exc)
         raise gap or outcome_of(exc, "batched backward failed: ") from None
     worst = (0.0, 0.0)
     for b in range(batch):
-        gs = torch.autograd.grad(
-            outs, leaves, [v[b] for v in vs], retain_graph=True, allow_unused=True
-        )
+        gs = input_grads(outs, leaves, [v[b] for v in vs], retain_graph=True, allow_unused=True)
         for k, (gb, bg) in enumerate(zip(gs, batched)):
             if gb is None and bg is None:
                 continue
