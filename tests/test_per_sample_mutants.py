@@ -1,6 +1,7 @@
 """per_sample_grads: checks that kill mutants the rest of the suite let through (see
 experiments/results/mutation_per_sample.md): chunk sizes at the memory budget, float16
-norms beyond float16's range, noise on every element, a variance that cannot go below 0."""
+norms beyond float16's range, noise on every element, a variance that cannot go below 0;
+clip factors at an infinite norm, and backwards after one failed or cut short (M81..)."""
 
 from __future__ import annotations
 
