@@ -118,3 +118,31 @@ def test_an_op_the_batched_backward_cannot_batch_is_unsupported_not_failed(fn):
     assert result.unsupported, result
     assert "no batching rule" in result.message and "aten::" in result.message, result
     assert report.ok, report
+
+
+class ScaleWithWrongBatchingFallback(ScaleFlatteningGradOutput):
+    """Falls back, when flatten cannot be batched, on a step with a real bug (a product
+    of mismatched shapes). The batching error is only the context of that failure and
+    must not excuse it."""
+
+    @staticmethod
+    def backward(ctx, g):
+        try:
+            return (2 * g.flatten()).reshape(ctx.shape)
+        except RuntimeError:
+            return (2 * g) @ torch.eye(ctx.shape[0], dtype=g.dtype)
+
+
+class RaisesTheBatchingTextItself(ScaleFlatteningGradOutput):
+    """Raises its own error quoting PyTorch's words in a sentence of its own."""
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ValueError("my backward: Batching rule not implemented for aten::mine")
+
+
+@pytest.mark.parametrize("fn", [ScaleWithWrongBatchingFallback, RaisesTheBatchingTextItself])
+def test_a_real_error_mentioning_a_missing_batching_rule_still_fails(fn):
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = check_function(fn, x, checks=["batched_grad"])["batched_grad"]
+    assert result.failed, result

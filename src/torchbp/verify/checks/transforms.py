@@ -212,8 +212,13 @@ def _reads_data_of_grad_outputs(
     return read
 
 
-#: PyTorch's message for an op its vmap cannot batch, naming the op.
-_NO_BATCHING_RULE = re.compile(r"Batching rule not implemented for (aten::[\w.]+)")
+#: PyTorch's whole message (its older vmap, which ``is_grads_batched`` runs) for an op it
+#: cannot batch, naming the op: for a view or out= op, or any other it has no fallback for.
+_NO_BATCHING_RULE = re.compile(
+    r"Batching rule not implemented for (aten::[\w.]+)"
+    r"(?:; the fallback path doesn't work on out= or view ops\.|\. We could not generate a "
+    r"fallback\.)"
+)
 
 #: Ops that read a tensor's values into Python (``.item()``): no vmap can batch them, so
 #: a backward calling one is fn's own failure, as in the forward.
@@ -225,14 +230,11 @@ def _unbatchable_op_gap(exc: BaseException) -> CheckUnsupported | None:
     for an op backward uses (``g.flatten()``, ``torch.einsum``, ``.detach()``):
     ``is_grads_batched`` runs PyTorch's older vmap (``torch._vmap_internals``), which lacks
     rules that ``torch.func.vmap`` has, a limitation of PyTorch, not a wrong gradient of
-    fn. None for any other error, and for an op reading values into Python (``.item()``)."""
-    found = None
-    cause: BaseException | None = exc
-    for _ in range(5):
-        if cause is None:
-            break
-        found = found or _NO_BATCHING_RULE.search(str(cause))
-        cause = cause.__cause__ or cause.__context__
+    fn. Only PyTorch's own error counts: a ``RuntimeError`` whose whole message is its
+    message, not an error fn raised while handling one (a fallback of fn's own that
+    fails) nor one of fn's that quotes it. None for any other error, and for an op
+    reading values into Python (``.item()``)."""
+    found = _NO_BATCHING_RULE.fullmatch(str(exc)) if type(exc) is RuntimeError else None
     if found is None or found.group(1) in _VALUE_READS:
         return None
     return CheckUnsupported(
