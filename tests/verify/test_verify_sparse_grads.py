@@ -96,3 +96,12 @@ def test_a_wrong_sparse_gradient_fails_the_reference_check_naming_the_input(wron
     assert "input 0" in result.message, result
     for check in report.checks:
         assert not (check.failed and "SparseCPU" in check.message), check
+
+
+def test_a_sparse_embedding_module_passes_with_its_weight_named():
+    embedding = torch.nn.Embedding(5, 3, sparse=True).double()
+    report = check_function(embedding, torch.tensor([0, 2, 2, 4]))
+    assert report.ok, report
+    result = report["gradcheck"]
+    assert result.unsupported, result
+    assert "parameter 'weight'" in result.message, result
