@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -171,6 +172,11 @@ def _wrong_outputs(code: str, name: str, shown: str = "") -> list[str]:
 def test_python_example_runs_and_prints_what_it_says(page, line, code):
     """Each example is self-contained, runs in a fresh namespace, and each commented print
     call prints what its comment says, as does the output block shown right after it."""
+    if "mode.counts" in code and not hasattr(torch.overrides, "redispatch_function"):
+        pytest.skip(
+            "the counts need torch.overrides.redispatch_function (torch 2.13+): without it "
+            "MultiheadAttention's projections stay native"
+        )
     wrong = _wrong_outputs(code, f"{page}:{line}", _shown_outputs().get((page, line), ""))
     assert not wrong, "\n".join(wrong)
 

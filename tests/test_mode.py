@@ -356,6 +356,7 @@ def test_implicit_dim_warning_of_a_module_points_where_natives_does(name):
     assert got == want
 
 
+@needs_redispatch
 @pytest.mark.parametrize(
     "call",
     [

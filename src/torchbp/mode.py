@@ -36,7 +36,8 @@ whole; they are re-dispatched with the mode still active
 too: ``nn.MultiheadAttention``'s input/output projections, for example (unless an
 argument is a tensor subclass with its own ``__torch_function__``: that receives the
 whole call, as without the mode). On a torch without
-``redispatch_function`` (2.11; it is public from 2.13) their bodies run natively. What no mode can
+``redispatch_function`` (2.11; it is public from 2.13) their bodies run natively (and
+their warnings, e.g. ``F.softmin``'s implicit dim, point into torch's dispatch). What no mode can
 reach is a fused native kernel: ``F.scaled_dot_product_attention`` (the attention
 softmax of ``MultiheadAttention`` with ``need_weights=False``, as in
 ``TransformerEncoderLayer``) stays native. The fused fast paths of
