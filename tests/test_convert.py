@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import copyreg
+import dataclasses
+import pickle
+import sys
 
 import pytest
 import torch
@@ -436,10 +440,78 @@ def test_converted_module_whose_state_holds_its_class_pickles():
     module.kinds = {"all": [type(module)]}
     copied = pickle.loads(pickle.dumps(module))
     assert type(copied) is type(module)
-    assert copied.kind is KindKeepingLinear and copied.kinds == {"all": [KindKeepingLinear]}
+    assert copied.kind is type(copied) and copied.kinds == {"all": [type(copied)]}
     assert copied.weight is not module.weight
     torch.testing.assert_close(copied.weight, module.weight)
     assert module.kind is type(module)  # the module itself is left as it was
+
+
+class Outer:
+    class NestedLinear(nn.Linear):
+        """A user subclass nested in a class (a qualname with a dot)."""
+
+
+@dataclasses.dataclass
+class _Holder:
+    kind: type
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("user_class", [KindKeepingLinear, Outer.NestedLinear])
+def test_combined_class_pickles_by_name_inside_any_object(user_class, protocol):
+    # the combined class was made at run time under a name pickle could not find: only
+    # the module's own reduction was searched for it, and a dataclass holding it failed with
+    # "Can't pickle <class 'torchbp.convert.KindKeepingLinear'>: attribute lookup ... failed"
+    converted = type(torchbp.convert(user_class(3, 2)))
+    assert pickle.loads(pickle.dumps(converted, protocol)) is converted
+    assert pickle.loads(pickle.dumps(_Holder(converted), protocol)).kind is converted
+    assert converted.__name__ == user_class.__name__  # repr(module) is unchanged
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
+def test_copy_of_a_converted_module_keeps_an_attribute_holding_its_class(how):
+    # copies went through the reduction that replaced the combined class by the user
+    # class: copy.copy(module).kind was KindKeepingLinear, no longer module.kind (a copy of
+    # a torch module keeps such an attribute: a class is copied as itself)
+    module = torchbp.convert(KindKeepingLinear(3, 2))
+    module.kind = type(module)
+    assert how(module).kind is module.kind
+
+
+def test_combined_class_of_a_local_class_refuses_to_pickle_as_the_class_does():
+    class LocalLinear(nn.Linear):
+        pass
+
+    module = torchbp.convert(LocalLinear(3, 2))
+    # the class itself failed with "attribute lookup LocalLinear on torchbp.convert failed"
+    for target in (module, type(module), LocalLinear):
+        with pytest.raises(AttributeError, match="Can't pickle local object .*LocalLinear"):
+            pickle.dumps(target)
+
+
+class _OldPickle:
+    """Reduces as converted modules of earlier releases did."""
+
+    def __init__(self, *reduction):
+        self.reduction = reduction
+
+    def __reduce__(self):
+        return self.reduction
+
+
+def test_pickles_of_earlier_releases_still_load():
+    from torchbp import convert as _  # noqa: F401  (the function shadows the module)
+
+    module_of_convert = sys.modules["torchbp.convert"]
+    state = PlainGELU(approximate="tanh").__dict__
+    converted = type(torchbp.convert(PlainGELU()))
+    made = (copyreg.__newobj__, (PlainGELU,))
+    for old in (
+        (module_of_convert._new_combined, (PlainGELU, bpnn.GELU), state),
+        (module_of_convert._rebuilt_combined, (*made, PlainGELU, bpnn.GELU), state),
+    ):
+        loaded = pickle.loads(pickle.dumps(_OldPickle(*old)))
+        assert type(loaded) is converted and loaded.describe() == "gelu(tanh)"
 
 
 @pytest.mark.parametrize("how", ["pickle", "copy"])

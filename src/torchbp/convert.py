@@ -11,9 +11,10 @@ training flag stay the very same objects:
   once per class and cached: it keeps its name, its other methods and every
   ``isinstance`` answer, and runs the twin's ``forward``. ``to="torch"`` switches it back
   to the original class; it pickles as that class does (by its own ``__reduce__`` if it
-  has one) and is switched to the combined class when loaded. (``MultiheadAttention``
-  itself never calls ``out_proj``'s ``forward``: it passes the weight to ``F.linear``,
-  which only :func:`torchbp.enable` reaches.)
+  has one) and is switched to the combined class when loaded; the class itself pickles
+  by a name this module resolves (wherever the user class can be pickled by name).
+  (``MultiheadAttention`` itself never calls ``out_proj``'s ``forward``: it passes the
+  weight to ``F.linear``, which only :func:`torchbp.enable` reaches.)
 * a subclass that overrides ``forward`` stays as it is (its forward is the user's code;
   :func:`torchbp.enable` routes the functional calls inside it), and so does a module
   whose ``forward`` is set on the instance (by a library's hooks, say: it would shadow
@@ -43,12 +44,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import itertools
 import logging
-import types
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Literal, overload
 
 import torch
 from torch import nn
@@ -105,99 +106,14 @@ class ConvertReport:
 
 def _reduce_combined(self: nn.Module, protocol: int):
     """Pickle a combined-class instance the way its user class pickles (its own
-    ``__reduce__`` / ``__reduce_ex__`` included), with the combined class, which is made at
-    run time and cannot be found by name, replaced by the user class wherever the
-    reduction's callable, arguments and state name it (an attribute holding
-    ``type(module)``, say; see :func:`_naming`); the object rebuilt
-    from it is switched to the combined class again (:func:`_rebuilt_combined`)."""
+    ``__reduce__`` / ``__reduce_ex__`` included); the object rebuilt from it is switched to
+    the combined class again if the user's reduction made the user class
+    (:func:`_rebuilt_combined`). The combined class itself pickles by name (see
+    :func:`__getattr__`)."""
     cls = _combined_class_of(type(self))
     original, twin = getattr(cls, _ORIGINAL), cls.__bases__[1]
-    # renamed as one, so that an object shared by its parts stays one
-    make, args, *rest = _naming(original.__reduce_ex__(self, protocol), cls, original)
+    make, args, *rest = original.__reduce_ex__(self, protocol)
     return (_rebuilt_combined, (make, args, original, twin), *rest)
-
-
-#: the containers :func:`_naming` looks into (exact types: a subclass may rebuild its own
-#: way; named tuples are looked into too)
-_CONTAINERS = (tuple, list, dict, set, frozenset, OrderedDict, defaultdict)
-
-
-def _is_container(value) -> bool:
-    """Whether :func:`_naming` looks into ``value``: one of :data:`_CONTAINERS` or a named
-    tuple."""
-    kind = type(value)
-    return kind in _CONTAINERS or (isinstance(value, tuple) and hasattr(kind, "_make"))
-
-
-def _naming(value, cls: type, original: type):
-    """``value`` (part of a reduction) with the combined class ``cls`` replaced by its
-    user class ``original``: ``cls`` itself, a method bound to it (``type(self).rebuild``)
-    and either of them inside tuples (named ones too), lists, dicts (``OrderedDict``,
-    ``defaultdict``), sets and frozensets, at any depth. Containers without it
-    are returned as they are (the same objects: no copy of a large one), and a container
-    met twice (shared, or holding itself) is renamed once, so that sharing and cycles
-    pickle as before."""
-    if not _names(value, cls, set()):
-        return value
-    return _renamed(value, cls, original, {})
-
-
-def _is_named(value, cls: type) -> bool:
-    """Whether ``value`` is ``cls`` or a method bound to it."""
-    return value is cls or (isinstance(value, types.MethodType) and value.__self__ is cls)
-
-
-def _contents(container):
-    """The items of a container (a dict's keys and values)."""
-    if isinstance(container, dict):
-        return itertools.chain.from_iterable(container.items())
-    return container
-
-
-def _names(value, cls: type, seen: set[int]) -> bool:
-    """Whether ``value`` names ``cls`` (see :func:`_is_named`) or is a container holding
-    one at any depth; ``seen``: the ids of the containers looked into (each once, so a
-    cycle ends)."""
-    if _is_named(value, cls):
-        return True
-    if not _is_container(value) or id(value) in seen:
-        return False
-    seen.add(id(value))
-    return any(_names(item, cls, seen) for item in _contents(value))
-
-
-def _renamed(value, cls: type, original: type, memo: dict[int, Any]):
-    """:func:`_naming`'s work; ``memo``: the id of each container renamed so far -> its
-    renamed copy (a mutable one is registered before its items are renamed, so that a
-    cycle through it closes on the copy)."""
-    if value is cls:
-        return original
-    if isinstance(value, types.MethodType) and value.__self__ is cls:
-        return types.MethodType(value.__func__, original)
-    if id(value) in memo:
-        return memo[id(value)]
-    if not _is_container(value) or not _names(value, cls, set()):
-        return value
-    if isinstance(value, (list, set, dict)):
-        renamed = memo[id(value)] = copy.copy(value)  # (a defaultdict keeps its factory)
-        renamed.clear()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                renamed[_renamed(key, cls, original, memo)] = _renamed(item, cls, original, memo)
-        else:
-            items = [_renamed(item, cls, original, memo) for item in value]
-            if isinstance(value, list):
-                renamed.extend(items)
-            else:
-                renamed.update(items)
-        return renamed
-    # a tuple or frozenset cannot be made before its items: one reached again through
-    # itself stays as it is
-    memo[id(value)] = value
-    items = [_renamed(item, cls, original, memo) for item in value]
-    made = type(value)._make(items) if hasattr(type(value), "_make") else type(value)(items)
-    memo[id(value)] = made
-    return made
 
 
 def _combined_class_of(cls: type[nn.Module]) -> type[nn.Module]:
@@ -221,6 +137,61 @@ def _new_combined(original: type[nn.Module], twin: type[nn.Module]) -> nn.Module
     return cls.__new__(cls)
 
 
+#: the prefix of a combined class's ``__qualname__`` (see :func:`_combined_name`)
+_COMBINED = "_torchbp_combined__"
+#: how :func:`_combined_name` escapes ``_`` and ``.`` and separates module from qualname
+_ESCAPES = {"_": "_0", ".": "_1"}
+_SEPARATOR = "_2"
+
+
+def _combined_name(original: type) -> str:
+    """The name a combined class is found by in this module: ``original``'s module and
+    qualname as one identifier (``_`` -> ``_0``, ``.`` -> ``_1``, ``_2`` between them); a
+    local class keeps its qualname, so that pickle refuses it as it refuses the class."""
+    if "<locals>" in original.__qualname__.split("."):
+        return original.__qualname__
+    module, qualname = (
+        "".join(_ESCAPES.get(c, c) for c in name)
+        for name in (original.__module__, original.__qualname__)
+    )
+    return f"{_COMBINED}{module}{_SEPARATOR}{qualname}"
+
+
+def _split_combined_name(name: str) -> tuple[str, str] | None:
+    """The module and qualname :func:`_combined_name` made ``name`` of, or ``None``."""
+    if not name.startswith(_COMBINED):
+        return None
+    unescape = {code: char for char, code in _ESCAPES.items()}
+    parts, current, codes = [], [], iter(name[len(_COMBINED) :])
+    for char in codes:
+        code = char + next(codes, "") if char == "_" else char
+        if code == _SEPARATOR:
+            parts.append("".join(current))
+            current = []
+        elif code.startswith("_") and code not in unescape:
+            return None
+        else:
+            current.append(unescape.get(code, code))
+    parts.append("".join(current))
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """The combined class named ``name`` by :func:`_combined_name` (made if need be), so
+    that pickle, which stores a class by module and qualname, finds it (PEP 562)."""
+    split = _split_combined_name(name)
+    if split is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, qualname = split
+    original = importlib.import_module(module)
+    for part in qualname.split("."):
+        original = getattr(original, part)
+    combined, _ = _to_torchbp(original) if isinstance(original, type) else (None, "")
+    if combined is None or _ORIGINAL not in combined.__dict__:
+        raise AttributeError(f"{module}.{qualname} is no class convert combines with a twin")
+    return combined
+
+
 @functools.cache
 def _combined_class(original: type[nn.Module], twin: type[nn.Module]) -> type[nn.Module]:
     """``class <Name>(original, twin)``: ``original``'s methods, the twin's ``forward``.
@@ -230,7 +201,7 @@ def _combined_class(original: type[nn.Module], twin: type[nn.Module]) -> type[nn
     instead, so that the module stays converted."""
     namespace = {
         "__module__": __name__,
-        "__qualname__": original.__qualname__,
+        "__qualname__": _combined_name(original),
         "__doc__": original.__doc__,
         "__reduce_ex__": _reduce_combined,
         _ORIGINAL: original,
