@@ -108,7 +108,9 @@ def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     """``c_i = min(1, max_norm / norms_i)``, in ``norms``' dtype: 1 for a norm at most
     ``max_norm`` (a zero norm included, also where ``max_norm`` rounds to 0 in that dtype
     and ``max_norm / 0`` would be NaN), NaN for a NaN norm (never taken for a small one:
-    the sample's gradient would enter ``p.grad`` unclipped), 0 for an infinite one."""
+    the sample's gradient would enter ``p.grad`` unclipped), 0 for an infinite one while
+    ``max_norm`` is finite in that dtype (a ``max_norm`` beyond float32's range, say 1e39,
+    is inf there: every norm is at most it, factor 1)."""
     return torch.where(norms <= max_norm, 1.0, (max_norm / norms).clamp_(max=1.0))
 
 
