@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+from tests.test_per_sample_errors import _HookError, _raise_hook_error
 
 import torchbp
 from torchbp.per_sample import formulas, per_sample_grads
@@ -322,14 +323,6 @@ def test_model_with_every_parameter_frozen_named_as_such():
         model(x).sum().backward()
         with pytest.raises(RuntimeError, match="every one frozen"):
             _ = ps.norms
-
-
-class _HookError(Exception):
-    pass
-
-
-def _raise_hook_error(grad):
-    raise _HookError("raised by a hook on an activation")
 
 
 def _cut_short_backward(model: torch.nn.Module, x: torch.Tensor) -> None:
