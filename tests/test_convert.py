@@ -313,6 +313,17 @@ def test_converted_subclass_with_its_own_reduction_pickles_and_deep_copies(how):
     torch.testing.assert_close(out, module(x))
 
 
+def _pickled_copy(module: nn.Module) -> nn.Module:
+    """``module`` through pickle, checked to come back as its own (combined) class with its
+    state."""
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(module))
+    assert type(copied) is type(module)
+    torch.testing.assert_close(copied.state_dict(), module.state_dict())
+    return copied
+
+
 class ClassmethodReducingLinear(nn.Linear):
     """A user subclass whose reduction names its class inside its callable and arguments
     (a classmethod bound to ``type(self)``, the class nested in a tuple)."""
@@ -330,15 +341,12 @@ class ClassmethodReducingLinear(nn.Linear):
 
 
 def test_converted_subclass_whose_reduction_names_its_class_inside_pickles():
-    import pickle
 
     # only the callable itself and the top-level arguments were replaced: a classmethod of
     # the combined class (or the class in a nested tuple) failed with "Can't pickle
     # <class 'torchbp.convert.ClassmethodReducingLinear'>: attribute lookup ... failed"
     module = torchbp.convert(ClassmethodReducingLinear(4, 3))
-    copied = pickle.loads(pickle.dumps(module))
-    assert type(copied) is type(module)
-    torch.testing.assert_close(copied.state_dict(), module.state_dict())
+    copied = _pickled_copy(module)
     assert "LinearFunctionBackward" in _node_names(copied(torch.randn(2, 4)))
 
 
@@ -361,14 +369,11 @@ def _rebuild_cyclic(loop, shared, holder, state):
 
 
 def test_converted_subclass_whose_reduction_holds_a_cycle_pickles():
-    import pickle
 
     # the renaming walked the self-holding list forever (RecursionError), and renamed the
     # shared tuple into two copies
     module = torchbp.convert(CyclicReducingLinear(3, 2))
-    copied = pickle.loads(pickle.dumps(module))
-    assert type(copied) is type(module)
-    torch.testing.assert_close(copied.state_dict(), module.state_dict())
+    _pickled_copy(module)
 
 
 class SetReducingLinear(nn.Linear):
@@ -390,13 +395,11 @@ def _rebuild_from_kinds(classes, kinds, state):
 
 
 def test_converted_subclass_whose_reduction_names_its_class_in_a_set_pickles():
-    import pickle
 
     # only tuples, lists and plain dicts were searched: the class in a frozenset or an
     # OrderedDict failed with "Can't pickle <class 'torchbp.convert.SetReducingLinear'>"
     module = torchbp.convert(SetReducingLinear(3, 2))
-    copied = pickle.loads(pickle.dumps(module))
-    assert type(copied) is type(module)
+    _pickled_copy(module)
 
 
 class SharingReducingLinear(nn.Linear):
@@ -416,13 +419,11 @@ def _rebuild_sharing(kinds, state):
 
 
 def test_converted_subclass_whose_reduction_shares_a_list_across_parts_pickles_it_once():
-    import pickle
 
     # the callable, the arguments and the state were renamed apart: the list they share
     # came back as two lists
     module = torchbp.convert(SharingReducingLinear(3, 2))
-    copied = pickle.loads(pickle.dumps(module))
-    assert type(copied) is type(module)
+    copied = _pickled_copy(module)
     assert copied.kinds is copied.made_from
 
 
@@ -431,15 +432,13 @@ class KindKeepingLinear(nn.Linear):
 
 
 def test_converted_module_whose_state_holds_its_class_pickles():
-    import pickle
 
     # an attribute holding type(module) (the combined class) is in the reduction's state,
     # which was not searched: "Can't pickle <class 'torchbp.convert.KindKeepingLinear'>"
     module = torchbp.convert(KindKeepingLinear(3, 2))
     module.kind = type(module)
     module.kinds = {"all": [type(module)]}
-    copied = pickle.loads(pickle.dumps(module))
-    assert type(copied) is type(module)
+    copied = _pickled_copy(module)
     assert copied.kind is type(copied) and copied.kinds == {"all": [type(copied)]}
     assert copied.weight is not module.weight
     torch.testing.assert_close(copied.weight, module.weight)
