@@ -54,6 +54,7 @@ from torchbp.autograd import (
 from torchbp.autograd._compile import apply, pair
 from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
+from torchbp.autograd.losses import ClassLastRowsFunction
 
 __all__ = [
     "linear",
@@ -75,6 +76,7 @@ __all__ = [
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # (Function, jvp-free twin) pairs for autograd._compile.apply
+_CLASSLASTROWS = pair(ClassLastRowsFunction)
 _CROSSENTROPY = pair(CrossEntropyFunction)
 _ELU = pair(ELUFunction)
 _GELU = pair(GELUFunction)
@@ -545,8 +547,13 @@ def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
         return t.reshape(1, classes)
     if t.dim() == 2:
         return t  # (N, C) already
+    moved = t.movedim(class_dim, -1)
+    if not moved.is_contiguous() and _differentiated(t):
+        # rows copied from the input (N, C, d1, ...): its gradient comes back contiguous,
+        # as native's, not as the class-last permuted view ``movedim`` would give
+        return apply(_CLASSLASTROWS, t, class_dim)
     rows = math.prod(t.shape[:class_dim] + t.shape[class_dim + 1 :])
-    return t.movedim(class_dim, -1).reshape(rows, classes)
+    return moved.reshape(rows, classes)
 
 
 def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:

@@ -881,3 +881,27 @@ def test_loss_off_the_cpu_is_split_without_a_pass_and_as_native(case, dtype, mon
     torch.testing.assert_close(rows.loss, native, equal_nan=True)
     off_cpu = _full_size_ops(lambda: ce.ce_rows(logits, target, weight, -100, smoothing), 4, 3)
     assert off_cpu == on_cpu
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "name,kind", [("cross_entropy", "index"), ("cross_entropy", "prob"), ("nll_loss", "index")]
+)
+def test_k_dim_gradients_come_back_in_the_inputs_layout(name, kind, memory_format):
+    # the class dim is moved last for the Function: each gradient must come back in its
+    # input's layout (contiguous ones contiguous, as native's), not as the permuted
+    # class-last view (native makes a channels_last one contiguous, or fails for nll_loss)
+    shape = (2, C, 3, 4)
+    logits = make(shape, torch.float64, seed=0)
+    if memory_format == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    logits.requires_grad_()
+    target = class_target((2, 3, 4)) if kind == "index" else prob_target(shape, torch.float64)
+    leaves = [logits, target.requires_grad_()] if kind == "prob" else [logits]
+    ours = torch.autograd.grad(getattr(TF, name)(logits, target, reduction="none").sum(), leaves)
+    plain = [t.detach().contiguous().requires_grad_() for t in leaves]
+    args = plain if kind == "prob" else [plain[0], target]
+    native = torch.autograd.grad(getattr(F, name)(*args, reduction="none").sum(), plain)
+    for got, want, leaf in zip(ours, native, leaves, strict=True):
+        torch.testing.assert_close(got, want)
+        assert got.stride() == leaf.stride()

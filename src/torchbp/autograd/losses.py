@@ -429,3 +429,47 @@ class CrossEntropyFunction(Function):
         if ctx.inplace:  # the gradient output is the logits, modified in place
             d_grad = d_logits.copy_(d_grad)
         return d_loss, d_grad, d_lse
+
+
+# --------------------------------------------------------------------------- K-dim rows
+def class_last_rows(t: torch.Tensor, class_dim: int) -> torch.Tensor:
+    """``(N, C, d1, ..., dK)`` -> ``(N·d1·...·dK, C)``: the class dim moved last, flattened
+    into rows (a copy, counted rows: with C = 0 a ``-1`` could be any count)."""
+    moved = t.movedim(class_dim, -1).contiguous()
+    return moved.view(moved.numel() // max(moved.shape[-1], 1), moved.shape[-1])
+
+
+def rows_to_input_layout(g: torch.Tensor, shape, class_dim: int) -> torch.Tensor:
+    """The inverse of :func:`class_last_rows` for a gradient ``g`` ``(M, C)``: back to
+    ``shape`` with the class dim in place, copied to a contiguous tensor (the permuted view
+    alone would hand the input a class-last gradient)."""
+    moved_shape = (*shape[:class_dim], *shape[class_dim + 1 :], shape[class_dim])
+    return g.reshape(moved_shape).movedim(-1, class_dim).contiguous()
+
+
+class ClassLastRowsFunction(Function):
+    """``rows = x.movedim(class_dim, -1).reshape(M, C)`` for K-dim loss inputs that are
+    not class-last already (so the rows are a copy), whose gradient comes back contiguous,
+    as native's K-dim losses return it, instead of as the permuted view autograd's
+    ``movedim`` would give. Saves only ``x``'s shape."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, class_dim):
+        return class_last_rows(x, class_dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.class_dim = inputs
+        ctx.shape = tuple(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        # ∂rows/∂x is the permutation itself: dx = the rows' gradient put back in place
+        return rows_to_input_layout(g, ctx.shape, ctx.class_dim), None
+
+    @staticmethod
+    def jvp(ctx, x_t, _class_dim):
+        # rows is linear in x: d(rows) = the same permutation of the tangent
+        return class_last_rows(x_t, ctx.class_dim)
