@@ -478,15 +478,16 @@ def test_max_norm_below_the_norms_smallest_number_keeps_zero_gradients_finite():
 
 
 def test_nan_norm_is_not_taken_for_a_small_one():
-    """A sample whose norm is NaN (here ‖g_i‖² rounds to 0 and ‖a_i‖² to inf in float32,
-    while its gradient, of norm ~0.5, is finite) got the clip factor 1 (NaN > C is false)
-    and entered p.grad unclipped, silently breaking the bound C; min(1, C/NaN) is NaN, as
-    it was before and as Opacus' factor is, which makes the failure visible in p.grad."""
+    """A sample whose norm is NaN (here a NaN input; before the squares were summed in
+    float64, also ‖g_i‖² rounding to 0 and ‖a_i‖² to inf in float32) got the clip factor
+    1 (NaN > C is false) and entered p.grad unclipped, silently breaking the bound C;
+    min(1, C/NaN) is NaN, as it was before and as Opacus' factor is, which makes the
+    failure visible in p.grad."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torchbp.nn.Linear(5, 4))
-    x = torch.randn(3, 5) * 1e22
+    x = torch.full((3, 5), math.nan)
     with per_sample_grads(model, mode="clip", max_norm=0.01) as ps:
-        (model(x).sum() * 1e-23).backward()
+        model(x).sum().backward()
     assert ps.norms.isnan().all()
     assert ps.clip_factors.isnan().all()
     assert model[0].weight.grad.isnan().all()
@@ -709,6 +710,66 @@ def test_norms_summed_in_the_widest_layer_dtype():
     ref_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in ref.values()))
     assert ps.norms.dtype == DT
     torch.testing.assert_close(ps.norms, ref_norms, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    "features,shape",
+    [((8, 8), (4, 8)), ((8, 8), (4, 2, 8)), ((4, 3), (4, 2, 4))],
+    ids=["2d", "3d-gram", "3d-materialised"],
+)
+def test_float32_huge_activations_do_not_overflow_the_norms(features, shape):
+    """A float32 model fed one sample of huge activations (3e19: ‖a_i‖² overflows float32)
+    whose every target is ignored (g_i = 0, so G_i = 0 and ‖G_i‖ = 0 in torch.func), and
+    one of 1e19 (‖G_i‖ ~ 1e19 fits float32, ‖G_i‖² does not). The squares are now summed
+    in float64 (2-D) and the Gram matrices / G_i formed from samples scaled to at most 1
+    (3-D). Before, ‖g_i‖²·‖a_i‖² = 0·inf gave the ignored sample a NaN norm, and clip mode
+    put NaN into every element of p.grad; the other sample's norm was inf and clipping
+    dropped it (c_i = 0) instead of scaling it to max_norm."""
+    torch.manual_seed(0)
+    model = torchbp.nn.Linear(*features)
+    x = torch.randn(*shape)
+    x[0], x[1] = 3e19, 1e19
+    target = targets(shape[0], features[1], *shape[1:-1])
+    target[0] = -100  # every position of sample 0 ignored
+    per_sample = {n: g.double() for n, g in reference(model, x, target, "sum").items()}
+    ref_norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per_sample.values()))
+    assert ref_norms[0] == 0 and math.isfinite(ref_norms[1]) and ref_norms[1] > 1e19
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        batch_loss(model, x, target, "sum").backward()
+    torch.testing.assert_close(ps.norms.double(), ref_norms, rtol=1e-5, atol=0)
+    factors = (1.0 / ref_norms).clamp(max=1)
+    for name, g in per_sample.items():
+        clipped = (g * factors.view(-1, *[1] * (g.dim() - 1))).sum(0)
+        grad = model.get_parameter(name).grad
+        torch.testing.assert_close(grad.double(), clipped, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    "shape,features",
+    [((5, 1, 6), (6, 4)), ((5, 3, 6), (6, 4)), ((5, 3, 2), (2, 3)), ((5, 0, 6), (6, 4))],
+    ids=["2d", "3d-gram", "3d-materialised", "no-positions"],
+)
+def test_wide_squared_norms_match_the_plain_ones(shape, features, weight, bias):
+    """The wide form of the squared norms (float64, samples scaled to at most 1), the CPU's
+    fallback where the plain one overflows and the only one off the CPU (so untested
+    there by the CPU suite otherwise), equals the plain one, and in float64 torch.func's."""
+    from torchbp.per_sample import formulas
+
+    torch.manual_seed(0)
+    a = torch.randn(*shape[:2], features[0], dtype=DT)
+    g = torch.randn(*shape[:2], features[1], dtype=DT)
+    a[1], g[2] = 0.0, 0.0  # all-zero samples: their scale is 1, not 0
+    plain = formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
+    wide = formulas.layer_squared_norms(a, g, weight=weight, bias=bias, wide=True)
+    ref = torch.zeros(shape[0], dtype=DT)
+    if weight:
+        ref += torch.einsum("bto,bti->boi", g, a).square().sum((1, 2))
+    if bias:
+        ref += g.sum(1).square().sum(1)
+    assert wide.dtype == DT
+    torch.testing.assert_close(wide, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(plain, ref, rtol=1e-12, atol=0)
 
 
 class _ToDouble(torch.nn.Module):

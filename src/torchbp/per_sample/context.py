@@ -471,7 +471,7 @@ class PerSampleGrads:
         with torch.no_grad():
             traces = {id(layer): _joined(layer) for layer in self._layers if layer.traces}
             self._batch = batch
-            self._norms = self._squared_norms(traces, batch, accounted).sqrt()
+            self._norms = self._sample_norms(traces, batch, accounted)
             if self.mode == "clip":
                 # c_i = min(1, C / ‖grad_i‖)   (a zero norm gets 1)
                 self._factors = formulas.clip_factors(self._norms, self.max_norm)
@@ -568,24 +568,47 @@ class PerSampleGrads:
             "trainable Linear)"
         )
 
-    def _squared_norms(self, traces: dict, batch: int, accounted: set[int]) -> torch.Tensor:
-        """``Σ_layers ‖G_i‖² + ‖β_i‖²`` over the parameters whose ids are ``accounted``,
-        shape ``(B,)``, in the widest layer's
+    def _sample_norms(self, traces: dict, batch: int, accounted: set[int]) -> torch.Tensor:
+        """``‖grad_i‖ = (Σ_layers ‖G_i‖² + ‖β_i‖²)^½`` over the parameters whose ids are
+        ``accounted``, shape ``(B,)``, in the widest layer's
         :func:`~torchbp.per_sample.formulas.norm_dtype` (a float64 head on a float32 body
         gives float64 norms), on the device of the first recorded layer in module order:
         each layer's are formed on its own device and gathered there (a model split
-        across devices)."""
+        across devices).
+
+        The squares are formed in that dtype where they all come out finite, else again in
+        the wide form of :func:`~torchbp.per_sample.formulas.layer_squared_norms`, where
+        nothing overflows for a norm that fits the norms' dtype (float32's squares overflow
+        from norms of 1.8e19 on, and inf·0 made a zero gradient's norm NaN). The first try
+        is on the CPU only: elsewhere telling whether it was finite would wait for the
+        device, so the wide form is taken at once."""
         gs = [g for _, g in traces.values()]
         dtype = functools.reduce(torch.promote_types, (formulas.norm_dtype(g.dtype) for g in gs))
-        squared = gs[0].new_zeros(batch, dtype=dtype)
+        device = gs[0].device
+        wide = device.type != "cpu"
+        squared = self._squared_norms(traces, batch, accounted, dtype, wide)
+        if not wide and not bool(squared.isfinite().all()):
+            squared = self._squared_norms(traces, batch, accounted, dtype, wide=True)
+        return squared.sqrt_().to(dtype)
+
+    def _squared_norms(
+        self, traces: dict, batch: int, accounted: set[int], dtype: torch.dtype, wide: bool
+    ) -> torch.Tensor:
+        """``Σ_layers ‖G_i‖² + ‖β_i‖²`` (see :meth:`_sample_norms`), on the first recorded
+        layer's device, in ``dtype`` or, if ``wide``, in float64 (not on MPS)."""
+        device = next(iter(traces.values()))[1].device
+        squared_dtype = formulas.squared_norm_dtype(dtype, device, wide=wide)
+        squared = torch.zeros(batch, dtype=squared_dtype, device=device)
         for layer in self._layers:
             if id(layer) not in traces:
                 continue
             weight, bias = (_is_in(p, accounted) for p in (layer.weight, layer.bias))
             if weight or bias:
                 a, g = traces[id(layer)]
-                layer_squared = formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
-                squared += layer_squared.to(squared.device)
+                layer_squared = formulas.layer_squared_norms(
+                    a, g, weight=weight, bias=bias, wide=wide
+                )
+                squared += layer_squared.to(device, squared_dtype)
         return squared
 
     def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> list:

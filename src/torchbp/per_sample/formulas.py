@@ -33,9 +33,20 @@ def _sample_chunks(batch: int, per_sample: int):
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype squared norms are formed and summed in: float32 at least, since
-    ``‖g_i‖²‖a_i‖²`` overflows float16 (max 65504) on unnormalised inputs."""
+    """The dtype of the norms, and of the sums of squares of the statistics: float32 at
+    least, since ``‖g_i‖²‖a_i‖²`` overflows float16 (max 65504) on unnormalised inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def squared_norm_dtype(dtype: torch.dtype, device: torch.device, *, wide: bool) -> torch.dtype:
+    """The dtype squared norms are formed and summed in: :func:`norm_dtype`, or with
+    ``wide`` float64 (but on MPS, which has none). In float32 ``‖g_i‖²‖a_i‖²`` overflows
+    once the norm passes 1.8e19, and a sample's ``‖a_i‖²`` alone can overflow while its
+    ``g_i`` is 0 (an ignored target, a saturated activation): inf·0 = NaN, which would
+    reach every ``p.grad`` through the clip factor."""
+    if wide and device.type != "mps":
+        return torch.float64
+    return norm_dtype(dtype)
 
 
 def gram_is_cheaper(t: int, in_features: int, out_features: int) -> bool:
@@ -44,24 +55,48 @@ def gram_is_cheaper(t: int, in_features: int, out_features: int) -> bool:
     return t * (in_features + out_features) <= in_features * out_features
 
 
-def weight_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``‖G_i‖_F²`` for every sample, shape ``(B,)``, of ``(B, T, ·)`` traces with
-    ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1`` from the row norms)."""
+def weight_squared_norms(a: torch.Tensor, g: torch.Tensor, *, wide: bool = False) -> torch.Tensor:
+    """``‖G_i‖_F²`` for every sample, shape ``(B,)``, in :func:`squared_norm_dtype`, of
+    ``(B, T, ·)`` traces with ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1``
+    from the row norms). ``wide``: from samples scaled to at most 1, which no overflow
+    of the Gram matrices or of ``G_i`` can turn into inf or NaN where ``‖G_i‖`` fits."""
     batch, t, in_features = a.shape
     out_features = g.shape[-1]
     dtype = norm_dtype(g.dtype)
-    out = a.new_empty(batch, dtype=dtype)
-    if gram_is_cheaper(t, in_features, out_features):
-        # both T×T Gram matrices of a chunk of samples at a time, under the chunk budget
-        for rows in _sample_chunks(batch, 2 * t * t):
-            out[rows] = _gram_squared_norms(a[rows].to(dtype), g[rows].to(dtype))
-        return out
-    for rows in _sample_chunks(batch, in_features * out_features):
-        # G_i = g_iᵀ a_i  (out, T) @ (T, in), then its squared Frobenius norm (G_i in
-        # float32 at least: a float16 sum over T positions overflows where ‖G_i‖ fits)
-        chunk_a, chunk_g = a[rows].to(dtype), g[rows].to(dtype)
-        out[rows] = torch.bmm(chunk_g.transpose(1, 2), chunk_a).square().sum((1, 2))
+    out = a.new_empty(batch, dtype=squared_norm_dtype(g.dtype, g.device, wide=wide))
+    gram = gram_is_cheaper(t, in_features, out_features)
+    per_sample = 2 * t * t if gram else in_features * out_features
+    # a chunk of samples at a time, under the chunk budget
+    for rows in _sample_chunks(batch, per_sample):
+        # G_i is bilinear in (g_i, a_i): ‖G_i‖² = (s_i r_i)² ‖Ĝ_i‖², Ĝ_i the G_i of
+        # â_i = a_i / s_i and ĝ_i = g_i / r_i (s_i = r_i = 1 unless wide)
+        chunk_a, scale_a = _scaled_samples(a[rows].to(dtype), wide)
+        chunk_g, scale_g = _scaled_samples(g[rows].to(dtype), wide)
+        if gram:
+            scaled = _gram_squared_norms(chunk_a, chunk_g)
+        else:
+            # Ĝ_i = ĝ_iᵀ â_i  (out, T) @ (T, in), in float32 at least (a float16 sum over
+            # T positions overflows where ‖G_i‖ fits)
+            scaled = torch.bmm(chunk_g.transpose(1, 2), chunk_a).square().sum((1, 2))
+        if not wide:
+            out[rows] = scaled
+            continue
+        scales = scale_a.to(out.dtype) * scale_g.to(out.dtype)
+        out[rows] = scales.square_().mul_(scaled.to(out.dtype))
     return out
+
+
+def _scaled_samples(t: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(t_i / s_i, s_i)`` with ``s_i`` the largest magnitude of sample ``t_i`` (1 for an
+    all-zero or empty sample), so that every element of ``t_i / s_i`` is at most 1 in
+    magnitude; ``(t, None)`` unless ``wide``."""
+    if not wide:
+        return t, None
+    if t.shape[1] * t.shape[2] == 0:
+        return t, t.new_ones(t.shape[0])  # (amax refuses an empty reduction)
+    scale = t.abs().amax((1, 2))
+    scale = torch.where(scale > 0, scale, 1.0)
+    return t / scale[:, None, None], scale
 
 
 def _gram_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -74,34 +109,42 @@ def _gram_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)
 
 
-def _row_norms(t: torch.Tensor) -> torch.Tensor:
+def _row_norms(t: torch.Tensor, wide: bool) -> torch.Tensor:
     """``‖t_i‖`` over all but the sample dim, without a squared copy of ``t``, in
-    :func:`norm_dtype`."""
-    return torch.linalg.vector_norm(t, dim=(1, 2), dtype=norm_dtype(t.dtype))
+    :func:`squared_norm_dtype` (torch's float32 norm overflows once it passes 1.8e19)."""
+    dtype = squared_norm_dtype(t.dtype, t.device, wide=wide)
+    return torch.linalg.vector_norm(t, dim=(1, 2), dtype=dtype)
 
 
-def bias_squared_norms(g: torch.Tensor) -> torch.Tensor:
-    """``‖β_i‖²`` for every sample, shape ``(B,)``, of a ``(B, T, out)`` trace with
-    ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1`` from the row norms)."""
+def bias_squared_norms(g: torch.Tensor, *, wide: bool = False) -> torch.Tensor:
+    """``‖β_i‖²`` for every sample, shape ``(B,)``, in :func:`squared_norm_dtype`, of a
+    ``(B, T, out)`` trace with ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1``
+    from the row norms)."""
     # β_i = Σ_t g_it, summed in float32 at least (float16 overflows where ‖β_i‖ fits)
-    return g.sum(1, dtype=norm_dtype(g.dtype)).square().sum(1)
+    return g.sum(1, dtype=squared_norm_dtype(g.dtype, g.device, wide=wide)).square().sum(1)
 
 
-def layer_squared_norms(a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool):
+def layer_squared_norms(
+    a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool, wide: bool = False
+) -> torch.Tensor:
     """``‖G_i‖² + ‖β_i‖²``, counting the ones flagged by ``weight`` and ``bias``, for every
-    sample, shape ``(B,)``, in :func:`norm_dtype`."""
+    sample, shape ``(B,)``, in :func:`squared_norm_dtype` (``wide``: in float64, from
+    samples scaled to at most 1 for ``T > 1``, so that nothing overflows where the norm
+    fits; a few passes more over the layer's data)."""
     if g.shape[1] == 1:
-        g2 = _row_norms(g).square_()
+        g2 = _row_norms(g, wide).square_()
         if not weight:
             # ‖β_i‖² = ‖g_i‖²
             return g2
-        a2 = _row_norms(a).square_()
+        a2 = _row_norms(a, wide).square_()
         # ‖g_i a_iᵀ‖² + ‖g_i‖² = ‖g_i‖² (‖a_i‖² + 1): two passes over the layer's data
         return g2.mul_(a2.add_(1.0) if bias else a2)
     total = (
-        weight_squared_norms(a, g) if weight else g.new_zeros(g.shape[0], dtype=norm_dtype(g.dtype))
+        weight_squared_norms(a, g, wide=wide)
+        if weight
+        else g.new_zeros(g.shape[0], dtype=squared_norm_dtype(g.dtype, g.device, wide=wide))
     )
-    return total.add_(bias_squared_norms(g)) if bias else total
+    return total.add_(bias_squared_norms(g, wide=wide)) if bias else total
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
