@@ -474,3 +474,17 @@ def test_probability_target_label_smoothing_not_a_number_is_a_type_error_first(
     # of the values, probability targets too (only the range comes after them)
     with pytest.raises(TypeError, match="label_smoothing must be a number"):
         TF.cross_entropy(input, target, ignore_index=ignore_index, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**64], ids=str)
+@pytest.mark.parametrize("name", ["nll_loss", "cross_entropy", "linear_cross_entropy"])
+def test_ignore_index_outside_int64_is_natives_value_error(name, ignore_index):
+    # native's argument parser refuses it ("Overflow when unpacking long long"); it must
+    # not be accepted, nor fail deep inside (linear_cross_entropy's mask comparison did)
+    x, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    args = (x, torch.randn(5, 4), target) if name == "linear_cross_entropy" else (x, target)
+    with pytest.raises(ValueError):
+        getattr(F, name)(*args, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        getattr(TF, name)(*args, ignore_index=ignore_index)
+    getattr(TF, name)(*args, ignore_index=2**63 - 1 if ignore_index > 0 else -(2**63))  # fits

@@ -153,11 +153,12 @@ def scalar_argument(op: str, name: str, value) -> float:
 def int_argument(op: str, name: str, value) -> int:
     """``value`` as an int, where native takes one: a Python or NumPy integer (not a
     bool), or a one-element integer tensor; a ``TypeError`` naming the argument otherwise
-    (a float such as ``255.0``, ``True``, ``None``, a str...), as native."""
+    (a float such as ``255.0``, ``True``, ``None``, a str...), as native, and a
+    ``ValueError`` for an int outside int64's range (native's argument parser's class)."""
     if type(value) is int:  # the common case, first
-        return value
+        return _within_int64(op, name, value)
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
+        return _within_int64(op, name, int(value))
     if isinstance(value, torch.Tensor):
         integral = not (value.is_floating_point() or value.is_complex())
         if integral and value.dtype != torch.bool and value.numel() == 1:
@@ -166,6 +167,14 @@ def int_argument(op: str, name: str, value) -> int:
     else:
         shown = f"{type(value).__name__} {value!r}"
     raise TypeError(f"{op}: {name} must be an int, got {shown}")
+
+
+def _within_int64(op: str, name: str, value: int) -> int:
+    """``value``, which native passes to its kernels as an int64: a ``ValueError`` if it
+    does not fit (native's "Overflow when unpacking long long")."""
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{op}: {name} must fit in int64, got {value}")
+    return value
 
 
 def _integer_scalar_tensor(value) -> bool:
