@@ -154,3 +154,31 @@ def test_output_may_be_modified_in_place_as_natives(layout, bias_shape):
         out.sum().backward()
         results.append((out.detach(), *(t.grad for t in leaves)))
     torch.testing.assert_close(results[0], results[1])
+
+
+def _leaf_grads(op, x, w, b, g):
+    """Gradients w.r.t. the leaves ``x`` and ``w`` of ``op`` applied to ``x.t()`` /
+    ``w.t()`` where a leaf is stored transposed (first dim ``in`` = 3)."""
+    operands = [t.t() if t.shape[0] == 3 else t for t in (x, w)]
+    return torch.autograd.grad(op(*operands, b), (x, w), g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128], ids=str)
+@pytest.mark.parametrize("transposed", ["input", "weight", "both"])
+def test_column_major_operands_get_natives_gradient_layout(transposed, dtype):
+    # native's mm backward returns a column-major operand's gradient column-major (so a
+    # transposed parameter's .grad needs no copy): the values and the strides must match
+    x = make((3, 4), dtype, seed=0)  # stored (in, M): x.t() is a column-major (M, in)
+    w = make((3, 5), dtype, seed=1)  # stored (in, out): w.t() is a column-major (out, in)
+    if transposed == "weight":
+        x = x.t().contiguous()
+    if transposed == "input":
+        w = w.t().contiguous()
+    x.requires_grad_()
+    w.requires_grad_()
+    b, g = make((5,), dtype, seed=2), make((4, 5), dtype, seed=3)
+    ours = _leaf_grads(TF.linear, x, w, b, g)
+    native = _leaf_grads(F.linear, x, w, b, g)
+    for got, want in zip(ours, native, strict=True):
+        torch.testing.assert_close(got, want)
+        assert got.stride() == want.stride()

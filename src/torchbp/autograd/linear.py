@@ -92,12 +92,25 @@ def _addmm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return y.resize_(*rows, weight.shape[0])
 
 
+def column_major(t: torch.Tensor) -> bool:
+    """Whether 2-D ``t`` is laid out column by column (``t.t()`` contiguous: a transposed
+    parameter, say), native's test in its mm backward, which then returns the gradient in
+    that layout too (so that accumulating it into ``.grad`` needs no copy)."""
+    if t.layout != torch.strided or t.is_nested or t.dim() != 2:
+        return False  # (a sparse tensor has no strides)
+    return t.stride(0) == 1 and t.stride(1) == t.shape[0]
+
+
 def _input_grad(ctx, g: torch.Tensor, weight: torch.Tensor, grad_dim: int) -> torch.Tensor:
     """``dL/dx = g conj(W)`` in ``x``'s shape. Should it raise (running out of memory)
     inside a per-sample context, the context is told: the backward was cut short, and an
     earlier Linear backward of it may have filed its recording (this layer's other call
     included), so the context must form nothing and refuse any later backward."""
     try:
+        if ctx.x_column_major:
+            # the same product as its transpose, (in, out) @ (out, M), to come out in x's
+            # column-major layout
+            return (weight.conj().t() @ g.t()).t()
         # (M, out) @ (out, in) -> (M, in)
         grad_x = g @ weight.conj()
         # back to x's shape (*, in)
@@ -145,6 +158,7 @@ class LinearFunction(Function):
         ctx.set_materialize_grads(False)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.x_shape = x.shape
+        ctx.x_column_major, ctx.w_column_major = column_major(x), column_major(weight)
         recorder = None
         if not torch.compiler.is_compiling():
             recorder = _per_sample_recorder(weight)
@@ -168,7 +182,10 @@ class LinearFunction(Function):
             needs_w = needs_b = False
         if needs_w:
             # dL/dW = gᵀ conj(x)       (out, M) @ (M, in) -> (out, in)
-            grad_w = g.t() @ _rows(x).conj()
+            if ctx.w_column_major:  # as its transpose (in, M) @ (M, out): W's layout
+                grad_w = (_rows(x).conj().t() @ g).t()
+            else:
+                grad_w = g.t() @ _rows(x).conj()
         if needs_b:  # (False without a bias: a None input never needs a gradient)
             if ctx.bias_shape == (out_features,):
                 # dL/db = Σ_rows g          summed over every leading dim -> (out,)
