@@ -744,6 +744,27 @@ def test_float32_huge_activations_do_not_overflow_the_norms(features, shape):
         torch.testing.assert_close(grad.double(), clipped, rtol=1e-4, atol=1e-5)
 
 
+def test_float32_statistics_of_an_ignored_sample_with_huge_activations():
+    """A float32 sample of activations 3e19 (a_i² overflows float32) whose target is
+    ignored (g_i = 0): its G_i is 0 and adds nothing to Σ_i G_i². (g²)ᵀ(a²) made that
+    0·inf = NaN in every element of p.sum_grad_squared and p.grad_variance; the squares
+    are now of s_i g_i and a_i / s_i, s_i the sample's largest |a_i|."""
+    torch.manual_seed(0)
+    model = torchbp.nn.Linear(4, 3)
+    x, target = torch.randn(5, 4), targets(5, 3)
+    x[0], target[0] = 3e19, -100
+    per_sample = {n: g.double() for n, g in reference(model, x, target, "sum").items()}
+    with per_sample_grads(model, mode="norms", statistics=True):
+        batch_loss(model, x, target, "sum").backward()
+    for name, g in per_sample.items():
+        p = model.get_parameter(name)
+        variance = g.square().mean(0) - g.mean(0).square()
+        torch.testing.assert_close(
+            p.sum_grad_squared.double(), g.square().sum(0), atol=1e-6, rtol=1e-5
+        )
+        torch.testing.assert_close(p.grad_variance.double(), variance, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize(
     "shape,features",

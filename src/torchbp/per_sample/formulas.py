@@ -187,8 +187,12 @@ def weight_sum_grad_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out_features = g.shape[-1]
     dtype = norm_dtype(g.dtype)
     if t == 1:
-        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = (g²)ᵀ (a²)
-        return g[:, 0].to(dtype).square().t() @ a[:, 0].to(dtype).square()
+        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = Σ_i (s_i g_i)² (â_i²)ᵀ, â_i = a_i / s_i with
+        # s_i a_i's largest magnitude: a_i² alone can overflow float32 while g_i = 0
+        # (inf·0 = NaN); s_i g_i overflows only where G_i's largest element does
+        scaled_a, scale = _scaled_samples(a.to(dtype), wide=True)
+        scaled_g = g[:, 0].to(dtype) * scale[:, None]
+        return scaled_g.square().t() @ scaled_a[:, 0].square()
     total = a.new_zeros(out_features, in_features, dtype=dtype)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i, squared and summed over the chunk's samples
