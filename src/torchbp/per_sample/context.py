@@ -586,17 +586,22 @@ class PerSampleGrads:
         dtype = functools.reduce(torch.promote_types, (formulas.norm_dtype(g.dtype) for g in gs))
         device = gs[0].device
         wide = device.type != "cpu"
-        squared = self._squared_norms(traces, batch, accounted, dtype, wide)
+        squared = self._squared_norms(traces, batch, accounted, dtype, device, wide)
         if not wide and not bool(squared.isfinite().all()):
-            squared = self._squared_norms(traces, batch, accounted, dtype, wide=True)
+            squared = self._squared_norms(traces, batch, accounted, dtype, device, wide=True)
         return squared.sqrt_().to(dtype)
 
     def _squared_norms(
-        self, traces: dict, batch: int, accounted: set[int], dtype: torch.dtype, wide: bool
+        self,
+        traces: dict,
+        batch: int,
+        accounted: set[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        wide: bool,
     ) -> torch.Tensor:
-        """``Σ_layers ‖G_i‖² + ‖β_i‖²`` (see :meth:`_sample_norms`), on the first recorded
-        layer's device, in ``dtype`` or, if ``wide``, in float64 (not on MPS)."""
-        device = next(iter(traces.values()))[1].device
+        """``Σ_layers ‖G_i‖² + ‖β_i‖²`` (see :meth:`_sample_norms`), gathered on ``device``
+        (the first recorded layer's), in ``dtype`` or, if ``wide``, in float64 (not on MPS)."""
         squared_dtype = formulas.squared_norm_dtype(dtype, device, wide=wide)
         squared = torch.zeros(batch, dtype=squared_dtype, device=device)
         for layer in self._layers:
