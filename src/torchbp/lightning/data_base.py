@@ -1,0 +1,66 @@
+"""What every torchbp DataModule shares: the base class, the errors, and small helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+__all__ = [
+    "ClassificationDataModule",
+    "DataConfigError",
+    "DataError",
+    "check_num_workers",
+    "first_nonfinite",
+    "rank_world",
+]
+
+
+class DataConfigError(ValueError):
+    """Raised for invalid DataModule arguments, e.g. ``val_fraction=1.5``."""
+
+
+class DataError(DataConfigError):
+    """Raised when the data itself is unusable: a missing file or label column, non-numeric or
+    non-finite values, a single class, too few rows for the split.
+
+    A subclass of :class:`DataConfigError`, so ``except DataConfigError`` catches both.
+    """
+
+
+def rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def first_nonfinite(values: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or ±inf in ``values`` (in row-major order), or ``None``."""
+    cells = np.argwhere(~np.isfinite(values))
+    return tuple(int(i) for i in cells[0]) if len(cells) else None
+
+
+def check_num_workers(num_workers: int) -> None:
+    if num_workers < 0:
+        raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base class of torchbp's DataModules: a classification task with a known input size.
+
+    Subclasses provide ``num_features`` and ``num_classes`` (available right after
+    ``__init__``, before ``setup``) and the train/val/test/predict dataloaders.
+    """
+
+    @property
+    def num_features(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def check_data(self) -> None:
+        """Raise :class:`DataError` if the data is unusable, before training starts
+        (``torchbp-train`` calls it after instantiating the DataModule). Default: nothing to
+        check beyond what ``__init__``, ``num_features`` and ``num_classes`` did."""

@@ -1,0 +1,93 @@
+"""How torchbp's in-memory DataModules order and batch their rows: an order seeded by
+``(seed, epoch)`` that shards itself under DDP, and the collate of a Poisson draw."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DistributedSampler, TensorDataset, default_collate
+
+from torchbp.lightning.data_base import rank_world
+
+__all__ = ["EpochSeededSampler", "collate_or_empty"]
+
+
+class EpochSeededSampler(DistributedSampler):
+    """Sampler whose order depends only on ``(seed, epoch)``, and which shards itself under DDP.
+
+    - Shuffled order: a permutation seeded by ``(seed, epoch)``; Lightning calls ``set_epoch``
+      before each training epoch, so epoch ``k`` sees the same batches whether or not the run
+      was resumed from a checkpoint.
+    - Under ``torch.distributed`` with ``W`` processes, rank ``r`` takes ``order[r::W]``. With a
+      per-process batch ``B``, the ``W`` ranks' ``k``-th batches together are exactly the
+      single-process run's ``k``-th batch of size ``W*B``, so DDP reproduces the single-process
+      run. With ``drop_last`` (training) the last ``n % W`` samples of each epoch's order are
+      dropped so every rank does the same number of steps; without it (evaluation) the shards
+      are uneven instead of padded, so every sample is evaluated exactly once.
+
+    Being a :class:`~torch.utils.data.DistributedSampler`, it is kept as is by Lightning, which
+    otherwise replaces a DataLoader's sampler under DDP (``Trainer(use_distributed_sampler=True)``).
+    ``num_replicas`` and ``rank`` default to the initialised process group's, else ``1`` and
+    ``0``: Lightning asks for the dataloaders after setting up the process group.
+
+    Args:
+        dataset: The dataset (only its length is used).
+        num_replicas: Number of processes sharing the data.
+        rank: This process's rank.
+        shuffle: Random order (else ``0..n-1``).
+        seed: Seed of the order.
+        drop_last: Drop ``n % num_replicas`` samples so every shard has the same length.
+
+    Examples::
+
+        >>> sampler = EpochSeededSampler(range(6), seed=1)
+        >>> sampler.set_epoch(2)
+        >>> sorted(sampler)
+        [0, 1, 2, 3, 4, 5]
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        default_rank, default_world = rank_world()
+        super().__init__(
+            dataset,
+            num_replicas=default_world if num_replicas is None else num_replicas,
+            rank=default_rank if rank is None else rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.drop_last:
+            order = order[: n - n % self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        if self.drop_last:
+            return n // self.num_replicas
+        return len(range(self.rank, n, self.num_replicas))
+
+
+def collate_or_empty(dataset: TensorDataset, samples: list) -> Any:
+    """``default_collate``, except that an empty Poisson draw gives ``dataset``'s tensors
+    with 0 rows instead of an error."""
+    if not samples:
+        return [t[:0] for t in dataset.tensors]
+    return default_collate(samples)
