@@ -11,6 +11,7 @@ variants (``pytest -m cuda``, run by ``scripts/cuda_checks.sh``) run it as it co
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -157,33 +158,6 @@ def test_cuda_graph_capture_of_each_activation_and_softmax(variant, dtype):
     torch.testing.assert_close(got_grad, x.grad)
 
 
-@CUDA
-@pytest.mark.cuda
-@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
-def test_cuda_class_index_out_of_range_is_a_clear_error_and_the_device_stays_usable(
-    monkeypatch, triton
-):
-    """On CUDA an out-of-range class index is torchbp's ClassIndexError (a host-side check),
-    not a device-side assert, which would leave every later CUDA call failing."""
-    if triton:
-        monkeypatch.setenv("TORCHBP_TRITON", "1")
-    logits = torch.randn(4, 5, device="cuda", requires_grad=True)
-    bad = torch.tensor([0, 1, 7, 2], device="cuda")
-    with pytest.raises(ClassIndexError, match=r"target 7 is out of bounds.*\[0, 5\)"):
-        torchbp.functional.cross_entropy(logits, bad)
-    with pytest.raises(ClassIndexError, match="target -3 is out of bounds"):
-        torchbp.functional.nll_loss(logits.log_softmax(1), bad - 3)
-    good = torch.tensor([0, 1, 4, 2], device="cuda")
-    loss = torchbp.functional.cross_entropy(logits, good)
-    loss.backward()
-    torch.cuda.synchronize()
-    ref_logits = logits.detach().clone().requires_grad_()
-    ref = F.cross_entropy(ref_logits, good)
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(logits.grad, ref_logits.grad)
-
-
 _LINEAR_INPUTS = {
     "3d": (4, 8, 512),
     "4d": (2, 2, 8, 512),
@@ -236,6 +210,34 @@ def test_cuda_relu_of_subnormals_is_natives(monkeypatch, triton, dtype, op, kwar
     ref.backward(g)
     assert torch.equal(out, ref)
     assert torch.equal(xa.grad, xb.grad)
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
+def test_cuda_class_index_out_of_range_is_a_clear_error_and_the_device_stays_usable(
+    monkeypatch, triton
+):
+    """On CUDA an out-of-range class index is torchbp's ClassIndexError (a host-side check),
+    not a device-side assert, which would leave every later CUDA call failing. (Hence
+    this file's last CUDA test, and cuda_checks.sh runs this file last in its step.)"""
+    if triton:
+        monkeypatch.setenv("TORCHBP_TRITON", "1")
+    logits = torch.randn(4, 5, device="cuda", requires_grad=True)
+    bad = torch.tensor([0, 1, 7, 2], device="cuda")
+    with pytest.raises(ClassIndexError, match=r"target 7 is out of bounds.*\[0, 5\)"):
+        torchbp.functional.cross_entropy(logits, bad)
+    with pytest.raises(ClassIndexError, match="target -3 is out of bounds"):
+        torchbp.functional.nll_loss(logits.log_softmax(1), bad - 3)
+    good = torch.tensor([0, 1, 4, 2], device="cuda")
+    loss = torchbp.functional.cross_entropy(logits, good)
+    loss.backward()
+    torch.cuda.synchronize()
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = F.cross_entropy(ref_logits, good)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
 
 
 # --------------------------------------------------------------------------- cuda_checks.sh
@@ -321,7 +323,6 @@ def test_cuda_checks_bounded_gives_a_killed_command_its_second_after_sigkill(tmp
     deadline was taken in whole seconds, so that second shrank to what was left of the
     one it started in: a command killed at its limit and ending 0.6 s after SIGKILL,
     started late in a second, was reported 'hung' (left behind) instead of 137."""
-    import re
     import time
 
     bounded = re.search(r"^bounded\(\) \{\n.*?^\}\n", SCRIPT.read_text(), re.S | re.M)
@@ -337,3 +338,22 @@ def test_cuda_checks_bounded_gives_a_killed_command_its_second_after_sigkill(tmp
         time.sleep(0.01)
     done = subprocess.run(["bash", "-c", program], env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "137", done
+
+
+def test_the_class_index_check_runs_after_every_other_cuda_test_of_its_step():
+    """A device-side assert is sticky: should the class-index check meet one, every later
+    CUDA call of that pytest process fails. cuda_checks.sh's pytest_changed step runs this
+    file last (test_per_sample and tests/verify ran after it, in one process), and the
+    check is this file's last CUDA test."""
+    changed = re.search(r"^CHANGED=\((.*)\)$", SCRIPT.read_text(), re.M)
+    assert changed is not None
+    assert changed.group(1).split()[-1] == "tests/" + Path(__file__).name
+    cuda_tests = [
+        name
+        for name, fn in globals().items()
+        if name.startswith("test_")
+        and any(mark.name == "cuda" for mark in getattr(fn, "pytestmark", []))
+    ]
+    assert cuda_tests[-1] == (
+        "test_cuda_class_index_out_of_range_is_a_clear_error_and_the_device_stays_usable"
+    )
