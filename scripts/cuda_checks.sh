@@ -222,7 +222,8 @@ cat "$WORK/nvidia-smi.log" >>"$LOG"
 
 # pytest: -v (a time-out still leaves each finished test's result in the log), pytest-xdist
 # workers and a per-test limit where the plugins are installed (not in a dry run)
-PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider --no-header -rfEX)
+PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider --no-header -rfEX
+  --continue-on-collection-errors) # one broken module must not cancel the whole step
 PAR=()
 if ! dry; then # (as the environment facts found them)
   grep -q '^- xdist: [^n]' <<<"$ENV_MD" && PAR+=(-n "${PYTEST_WORKERS:-4}")

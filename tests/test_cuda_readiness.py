@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -357,3 +358,26 @@ def test_the_class_index_check_runs_after_every_other_cuda_test_of_its_step():
     assert cuda_tests[-1] == (
         "test_cuda_class_index_out_of_range_is_a_clear_error_and_the_device_stays_usable"
     )
+
+
+def test_cuda_checks_pytest_runs_the_tests_of_a_step_that_has_a_broken_module(tmp_path):
+    """pytest (without pytest-xdist, as in pytest_changed) stops at a collection error
+    before running any test: one module that fails to import cancelled its whole step,
+    every CUDA test of it unrun on the one GPU run."""
+    pytest_line = re.search(r"^PYTEST=\(.*?\)", SCRIPT.read_text(), re.M | re.S)
+    assert pytest_line is not None
+    (tmp_path / "test_broken.py").write_text("import a_module_that_does_not_exist\n")
+    (tmp_path / "test_fine.py").write_text(
+        "import pytest\n\n\n@pytest.mark.cuda\ndef test_ran():\n    pass\n"
+    )
+    program = f'read -r -a PY <<<"$PY"\n{pytest_line.group(0)}\n"${{PYTEST[@]}}" "$1"\n'
+    env = dict(os.environ, PY=sys.executable)
+    done = subprocess.run(
+        ["bash", "-c", program, "bash", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "test_fine.py::test_ran PASSED" in done.stdout, done.stdout[-3000:]
