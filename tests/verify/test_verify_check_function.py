@@ -91,6 +91,35 @@ def test_fast_mode():
     assert report.meta["fast_mode"] is True
 
 
+class _HalvedGradSquare(torch.autograd.Function):
+    """x², its gradient halved."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return x * g  # d(x²)/dx is 2x
+
+
+def test_large_inputs_are_checked_by_random_projections_by_default():
+    # torch's full gradcheck on a (256, 512) input builds Jacobians of 131072² entries
+    # (137 GB): above 4096 differentiated elements the default is fast_mode, as for a
+    # large module. A positive x keeps v^T J u of the halved gradient off by half
+    # whatever positive projections gradcheck draws.
+    x = torch.rand(64, 65, generator=torch.Generator().manual_seed(0)) + 0.5
+    report = check_function(_HalvedGradSquare, x, checks=["gradcheck"])
+    assert report.meta["fast_mode"] is True
+    assert report["gradcheck"].failed, str(report)
+    small = check_function(_HalvedGradSquare, x[:2], checks=["gradcheck"])
+    assert small.meta["fast_mode"] is False
+    chosen = check_function(torch.square, x, checks=["forward"], fast_mode=False)
+    assert chosen.meta["fast_mode"] is False
+
+
 def test_compile_check_runs_with_chosen_backend():
     report = check_function(torch.tanh, _x(3), checks=["compile"], compile_backend="eager")
     assert report["compile"].passed, str(report)

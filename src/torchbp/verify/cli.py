@@ -141,8 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="gradcheck fast_mode (random projections; the default for an nn.Module target "
-        "of over 4096 parameter elements)",
+        help="gradcheck fast_mode (random projections; the default for a target whose "
+        "inputs and parameters hold over 4096 differentiated elements)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
     p.add_argument(

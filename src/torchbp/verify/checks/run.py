@@ -341,9 +341,9 @@ def check_function(
               :data:`~torchbp.verify.CHECKS` to run / leave out (an empty ``checks``
               raises: it would select nothing).
             - ``eps``, ``atol``, ``rtol``, ``nondet_tol``, ``fast_mode``: as in
-              :func:`torch.autograd.gradcheck` (``fast_mode`` is True by default for an
-              ``nn.Module`` whose differentiated parameters hold more than
-              :data:`FULL_JACOBIAN_PARAMETERS` elements; besides torch's projections,
+              :func:`torch.autograd.gradcheck` (``fast_mode`` is True by default when
+              the differentiated inputs, an ``nn.Module``'s parameters included, hold
+              more than :data:`FULL_JACOBIAN_ELEMENTS` elements; besides torch's projections,
               which are the same on every run, it compares one drawn from ``seed``).
             - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
               vmap/compile/reference comparisons.
@@ -374,27 +374,25 @@ def check_function(
     """
     require_initialized("fn", fn)
     require_initialized("reference", reference)
-    if "fast_mode" not in options and _parameter_elements(fn) > FULL_JACOBIAN_PARAMETERS:
-        options = {**options, "fast_mode": True}  # a full numerical Jacobian takes minutes
     fn, reference, opts = resolve_arguments(fn, inputs, reference, {**options, "require": require})
     # the checks differentiate: the caller's no_grad / inference_mode must not reach them
     with torch.inference_mode(False), torch.enable_grad():
-        return _check(fn, inputs, reference, opts)
+        return _check(fn, inputs, reference, opts, auto_fast_mode="fast_mode" not in options)
 
 
-#: The most parameter elements of an ``nn.Module`` fn whose Jacobians the numerical checks
-#: build in full by default; above it they compare random projections (``fast_mode``), as
-#: a full numerical Jacobian costs two forward calls per element.
-FULL_JACOBIAN_PARAMETERS = 4096
+#: The most differentiated elements (inputs and an ``nn.Module``'s parameters together)
+#: whose Jacobians torch's gradcheck builds in full by default; above it the numerical
+#: checks compare random projections (``fast_mode``), as a full numerical Jacobian costs
+#: two forward calls per element and memory for (input elements x output elements) entries
+#: (a (256, 512) input of an element-wise fn: 137 GB).
+FULL_JACOBIAN_ELEMENTS = 4096
 
 
-def _parameter_elements(fn: Any) -> int:
-    """How many elements the differentiated parameters of an ``nn.Module`` fn hold."""
-    return sum(p.numel() for _, p in differentiated_parameters(fn))
-
-
-def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options) -> Report:
-    """The body of :func:`check_function`, on validated arguments, with grad enabled."""
+def _check(
+    fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options, *, auto_fast_mode: bool
+) -> Report:
+    """The body of :func:`check_function`, on validated arguments, with grad enabled;
+    ``auto_fast_mode``: the caller left ``fast_mode`` to the size of the inputs."""
     parameters = bool(differentiated_parameters(fn))
     args, grad_idx = prepare_inputs(inputs, opts, parameters=parameters)
     _require_module_dtype(fn, reference, opts.dtype)
@@ -406,6 +404,8 @@ def _check(fn: Callable[..., Any], inputs: tuple, reference: Any, opts: Options)
             checked_reference = real_function(checked_reference, complex_idx)
     if parameter_names:
         args, grad_idx = _with_parameter_inputs(args, grad_idx, fn, opts)
+    if auto_fast_mode and sum(args[i].numel() for i in grad_idx) > FULL_JACOBIAN_ELEMENTS:
+        opts = replace(opts, fast_mode=True)
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
     ctx.parameter_names = {len(inputs) + j: name for j, name in enumerate(parameter_names)}
     given = [
