@@ -185,7 +185,7 @@ export PYTHONPATH="$PWD/src:$PWD${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 # ---------------------------------------------------------------- environment facts
 # (the modules the steps import: the benchmark's peers as it imports them)
 cat >"$WORK/env.py" <<'EOF'
-import datetime, importlib, platform
+import datetime, importlib, os, platform, shutil
 import torch
 print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
 print(f"- host: {platform.node()} / {platform.platform()} / Python {platform.python_version()}")
@@ -195,6 +195,10 @@ if torch.cuda.is_available():
     print(f"- device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
 else:
     print("- device: NO CUDA DEVICE VISIBLE")
+# Triton (its kernels, inductor's) builds a C launcher on first use, with $CC, gcc or clang (as
+# triton/runtime/build.py looks): without one no Triton kernel runs
+cc = os.environ.get("CC") or next(filter(None, map(shutil.which, ("gcc", "clang"))), None)
+print(f"- C compiler (Triton's launcher): {cc or 'NONE FOUND: every Triton kernel will fail'}")
 for mod in ("triton", "pytorch_lightning", "torchmetrics", "jsonargparse", "opacus",
             "sklearn", "xdist", "pytest_timeout", "liger_kernel",
             "liger_kernel.transformers.cross_entropy",
