@@ -407,3 +407,23 @@ class CubeThroughMultiply(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         # d(x³)/dx = 3 x²
         return Multiply.apply(g, Multiply.apply(3 * x, x))
+
+
+class FlatView(torch.autograd.Function):
+    """``x.view(-1)``: a view of the input that, like torch's ``view``, refuses a
+    non-contiguous ``x``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.view(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.x_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, g):
+        # the gradient of a reshape is the gradient reshaped back
+        return g.reshape(ctx.x_shape)

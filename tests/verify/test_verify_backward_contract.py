@@ -211,6 +211,18 @@ def test_a_function_crashing_on_non_contiguous_inputs_fails_saying_so():
     result = report["grad_output_safety"]
     assert result.failed, report
     assert "fails for non-contiguous (strided) inputs" in result.message, result.message
+    # a reference accepting them (torch.sum) does not excuse it; one refusing them does
+    report = check_function(
+        FlatViewSum, seeded(3, 4), checks="grad_output_safety", reference=torch.sum
+    )
+    assert report["grad_output_safety"].failed, report
+    report = check_function(
+        FlatViewSum,
+        seeded(3, 4),
+        checks="grad_output_safety",
+        reference=lambda x: x.view(-1).sum(),
+    )
+    assert report["grad_output_safety"].passed, report
 
 
 def test_a_module_is_given_strided_inputs_but_keeps_its_parameters_layout():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tests.verify.correct_functions import (
     CubeThroughMultiply,
     CustomVmapTanh,
+    FlatView,
     InplaceDouble,
     InplaceDoubleTextbook,
     JvpTanh,
@@ -118,6 +119,12 @@ CORRECT = {
         (_randn(3, 4),),
         torch.tanh,
         {"forward_ad", "vmap"},
+    ),
+    "view refusing non-contiguous inputs, as torch's": (
+        FlatView,
+        (_randn(3, 4),),
+        lambda x: x.view(-1),
+        {"forward_ad"},
     ),
     "backward calls a custom Function": (
         CubeThroughMultiply,
