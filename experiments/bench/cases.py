@@ -270,6 +270,19 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
 _ACTIVATIONS: dict[str, Callable] = {op.name: op.torch_functional for op in activations()}
 
 
+def triton_backward_kernel_computes(op: str) -> bool:
+    """Whether torchbp's Triton activation-backward kernel computes ``op`` (ELU and
+    softplus keep the torch ops even with ``TORCHBP_TRITON=1``: no row for them)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from torchbp.kernels import triton_act
+
+        return triton_act.supports(op)
+    except Exception:  # noqa: BLE001 - a broken Triton install: no Triton row
+        return False
+
+
 def build_activation(opts: Options, op: str) -> Case:
     cuda = opts.device == "cuda"
     n = (2**20 if cuda else 2**16) if opts.quick else (2**28 if cuda else 2**24)
@@ -287,7 +300,7 @@ def build_activation(opts: Options, op: str) -> Case:
     f_bp = tbp(op)
     if f_bp is not None:
         impls["torchbp"] = Impl(fwd_bwd(f_bp))
-        if cuda and importlib.util.find_spec("triton") is not None:
+        if cuda and triton_backward_kernel_computes(op):
             impls["torchbp_triton"] = Impl(
                 # the kernel runs in backward: the flag is set around forward + backward
                 _with_env("TORCHBP_TRITON", "1", fwd_bwd(f_bp)),

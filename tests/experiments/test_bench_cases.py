@@ -1,5 +1,6 @@
 """``experiments/bench/cases.py``: each system does what its row claims to measure."""
 
+import pytest
 import torch
 from experiments.bench import cases, harness
 
@@ -38,3 +39,12 @@ def test_tf32_mlp_step_runs_its_backward_with_tf32_too(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 is False  # restored after the step
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_triton_activation_row_only_for_the_activations_the_kernel_computes():
+    # ELU and softplus keep the torch ops under TORCHBP_TRITON=1: a "Triton backward
+    # kernel" row for them timed the torch path under the kernel's name
+    pytest.importorskip("triton")
+    computed = {op for op in cases._ACTIVATIONS if cases.triton_backward_kernel_computes(op)}
+    assert {"relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu"} <= computed
+    assert not computed & {"elu", "softplus"}
