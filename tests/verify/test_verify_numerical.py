@@ -381,3 +381,26 @@ def test_a_gradcheck_failure_in_a_non_differentiable_output_names_it():
     message = report["gradcheck"].message
     assert report["gradcheck"].failed
     assert "output 1 does not require grad (marked non-differentiable?)" in message
+
+
+class ExpScalingGradOutputInPlace(torch.autograd.Function):
+    """exp(x) whose backward multiplies grad_output in place."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g.mul_(y)  # d exp(x)/dx = exp(x), but written into grad_output
+
+
+def test_double_backward_of_a_backward_writing_into_grad_output_blames_backward():
+    # grad_output is a leaf that requires grad in double backward: torch's error on the
+    # write used to be explained as fn writing into one of its inputs
+    result = check_function(ExpScalingGradOutputInPlace, seeded(3, 4))["gradgradcheck"]
+    assert result.failed, result
+    assert result.message.startswith("backward writes in place into grad_output"), result

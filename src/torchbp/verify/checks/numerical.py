@@ -431,6 +431,13 @@ def _require_differentiable_backward(
     try:
         grads = input_grads(outs, diff, vs, create_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
+        if "a leaf Variable that requires grad" in str(exc):
+            # forward ran on these leaves already: the write is backward's
+            raise CheckFailure(
+                "backward writes in place into grad_output or an input (leaves that "
+                "require grad in double backward): never modify them in backward, "
+                "compute into a new tensor"
+            ) from None
         raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
     live = [g for g in grads if g is not None]
     if live and not any(g.requires_grad for g in live):
