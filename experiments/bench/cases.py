@@ -145,12 +145,22 @@ def peer_versions() -> dict[str, str | None]:
     return out
 
 
-def _use_compile(opts: Options, wanted_by_targets: bool) -> bool:
+def _use_compile(opts: Options, case: str) -> bool:
+    """Whether ``case`` gets a ``torch.compile(native)`` reference: always (``all``),
+    never (``none``), or (``auto``) where a target of this device compares with one (each
+    compile takes tens of seconds of a time-limited GPU run)."""
     if opts.compile == "all":
         return True
     if opts.compile == "none":
         return False
-    return wanted_by_targets
+    return compile_reference_wanted(case, opts.device)
+
+
+def compile_reference_wanted(case: str, device: str) -> bool:
+    """Whether a target of ``device`` compares ``case`` with ``torch.compile``."""
+    from experiments.bench import targets
+
+    return any(t.case == case and t.ref == "compile" for t in targets.targets_for(device))
 
 
 def _compiled(f):
@@ -227,7 +237,7 @@ def build_cross_entropy(opts: Options, dtype: torch.dtype, name: str) -> Case:
         impls["native_fp32"] = Impl(
             fwd_bwd(lambda z, t: F.cross_entropy(z.float(), t)), note="logits upcast to fp32"
         )
-    if _use_compile(opts, True):
+    if _use_compile(opts, name):
         impls["compile"] = Impl(fwd_bwd(_compiled(F.cross_entropy)), compiled=True)
     if cuda and opts.peers:
         liger_ce = _liger("LigerCrossEntropyLoss")
@@ -307,7 +317,7 @@ def build_activation(opts: Options, op: str) -> Case:
                 note="Triton backward kernel (opt-in: TORCHBP_TRITON=1)",
             )
     impls["native"] = Impl(fwd_bwd(_ACTIVATIONS[op]))
-    if _use_compile(opts, False):
+    if _use_compile(opts, f"act_{op}"):
         impls["compile"] = Impl(fwd_bwd(_compiled(_ACTIVATIONS[op])), compiled=True)
 
     def reset():
@@ -346,7 +356,7 @@ def build_linear(opts: Options) -> Case:
     if f_bp is not None:
         impls["torchbp"] = Impl(fwd_bwd(f_bp))
     impls["native"] = Impl(fwd_bwd(F.linear))
-    if _use_compile(opts, False):
+    if _use_compile(opts, "linear"):
         impls["compile"] = Impl(fwd_bwd(_compiled(F.linear)), compiled=True)
 
     def reset():
@@ -488,6 +498,7 @@ def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
         return run
 
     impls, notes, params = _model_impls(native, stepper)
+    suffix = "" if precision == "fp32" else f"_{precision}"
     if precision == "fp32":
         bare = _bare_linear_twin(native)
         params += list(bare.parameters())
@@ -495,11 +506,10 @@ def build_mlp_step(opts: Options, precision: str = "fp32") -> Case:
             stepper(bare, F.cross_entropy),
             note="native model, each Linear a minimal autograd.Function (addmm; mm, mm, sum)",
         )
-    if _use_compile(opts, False):
+    if _use_compile(opts, f"mlp_step{suffix}"):
         other = copy.deepcopy(native)
         params += list(other.parameters())
         impls["compile"] = Impl(stepper(_compiled(other), F.cross_entropy), compiled=True)
-    suffix = "" if precision == "fp32" else f"_{precision}"
     return Case(
         name=f"mlp_step{suffix}",
         group="model",
@@ -589,7 +599,7 @@ def build_linear_cross_entropy(opts: Options) -> Case:
         )
     else:
         notes.append(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
-    if _use_compile(opts, cuda):
+    if _use_compile(opts, "linear_cross_entropy"):
         impls["compile"] = Impl(fwd_bwd(_compiled(naive)), compiled=True)
     if cuda and opts.peers:
         flce = _liger("LigerFusedLinearCrossEntropyLoss")

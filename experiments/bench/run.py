@@ -108,7 +108,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=["auto", "all", "none"],
         default="auto",
         help="torch.compile(native) references: auto = only where a target names one "
-        "(CPU: cross_entropy; CUDA: cross-entropy and linear+CE)",
+        "(CPU: cross_entropy; CUDA: linear_cross_entropy)",
     )
     p.add_argument("--budget", type=float, default=None, help="timing seconds per case")
     p.add_argument("--min-rounds", type=positive, default=None, help="at least 1")

@@ -48,3 +48,17 @@ def test_a_triton_activation_row_only_for_the_activations_the_kernel_computes():
     computed = {op for op in cases._ACTIVATIONS if cases.triton_backward_kernel_computes(op)}
     assert {"relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu"} <= computed
     assert not computed & {"elu", "softplus"}
+
+
+def test_auto_compiles_a_reference_exactly_where_a_target_names_one():
+    # each torch.compile costs tens of seconds of the GPU run's bench budget: CUDA's
+    # cross-entropy cases compiled F.cross_entropy, which no CUDA target compares with
+    # (their targets are Liger and the logits' size), and cut the cases after them
+    assert cases.compile_reference_wanted("cross_entropy", "cpu")
+    assert cases.compile_reference_wanted("linear_cross_entropy", "cuda")
+    for name in ("cross_entropy", "cross_entropy_bf16", "mlp_step", "act_relu", "linear"):
+        assert not cases.compile_reference_wanted(name, "cuda"), name
+    opts = cases.Options(device="cpu", quick=True, compile="auto", peers=False)
+    for name in ("cross_entropy", "act_relu", "linear", "linear_cross_entropy"):
+        built = "compile" in cases.build(name, opts).impls
+        assert built == cases.compile_reference_wanted(name, "cpu"), name
