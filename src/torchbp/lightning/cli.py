@@ -58,12 +58,8 @@ without a GPU) or a data problem (e.g. a missing data file).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pickle
-import re
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +69,22 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from torchbp.lightning.array_data import ArrayDataModule
+from torchbp.lightning.checkpoint_files import (
+    best_checkpoint,
+    check_registry_checkpoint,
+    check_resumable,
+    configured_optimizer,
+    hyperparameters_mismatch,
+    local_checkpoint,
+    newest_last_checkpoint,
+    optimizer_mismatch,
+    read_checkpoint,
+    weights_mismatch,
+    why_unreadable,
+)
 from torchbp.lightning.config_files import (
     DEFAULT_CONFIG,
     describe_bundled_configs,
@@ -88,264 +97,45 @@ from torchbp.lightning.console import (
     headline,
     quiet_lightning,
 )
-from torchbp.lightning.data import (
-    ArrayDataModule,
-    ClassificationDataModule,
-    DataConfigError,
-    DataError,
-    SyntheticDataModule,
-)
+from torchbp.lightning.data_base import ClassificationDataModule, DataConfigError, DataError
 from torchbp.lightning.module import ERMClassifier
+from torchbp.lightning.run_checkpoint import (
+    RunCheckpoint,
+    checkpoint_filename,
+    evaluating_checkpoint_callback,
+    follow_the_monitor,
+    save_nothing,
+)
+from torchbp.lightning.run_folders import (
+    RUN_FOLDER_ENV,
+    is_distributed_worker,
+    is_slurm_requeue,
+    make_new_folder,
+    run_of_slurm_job,
+    run_versions,
+    slurm_job,
+    version_of_rank_zero,
+    why_unwritable,
+)
 from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
+from torchbp.lightning.synthetic_data import SyntheticDataModule
 
 __all__ = ["TorchbpCLI", "RunCheckpoint", "RUN_FOLDER_ENV", "main", "cli_main"]
 
-_VERSION_RE = re.compile(r"^version_(\d+)$")
-#: ``ckpt_path`` values that Lightning resolves itself (``last`` is resolved here)
-_LIGHTNING_CKPT_NAMES = ("best", "hpc")
-#: Lightning's model-registry ``ckpt_path``: ``registry`` or ``registry:<model>[:<version>]``
-_REGISTRY_RE = re.compile(r"^registry(:.*)?$", re.IGNORECASE)
-#: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
-_HIGHER_IS_BETTER = ("acc", "f1")
 #: subcommands that load a checkpoint to evaluate it and never save one
 _EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
-#: ends the name of the checkpoint saved on an exception (see RunCheckpoint)
-INTERRUPTED_SUFFIX = "-interrupted"
+
+
 #: what ``predict`` writes into its run folder
 PREDICTIONS_FILE = "predictions.csv"
-#: the environment variable by which rank 0 hands its run folder to the processes it launches
-RUN_FOLDER_ENV = "TORCHBP_RUN_FOLDER"
-#: what RunCheckpoint's state names the SLURM job that saved it by
-SLURM_JOB_KEY = "slurm_job"
+
+
 #: the data class of the default config (``digits``), by which its runs are named
 _DEFAULT_DATA = "DigitsDataModule"
+
+
 #: errors of instantiating data, model and trainer that mean "fix the configuration"
 _CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
-#: ERMClassifier's options that choose how the model runs, not which model it is: they may
-#: differ from a checkpoint's (the optimizer's class is checked against its saved state, and
-#: a fit's privacy by TorchbpCLI._check_resume_privacy)
-_HOW_THE_MODEL_RUNS = ("backend", "compile", "fused_head", "optimizer", "lr_scheduler", "privacy")
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint (``--checkpoint.*``) with three changes:
-
-    - its checkpoint on an exception (Ctrl-C, SIGTERM, an error) is named
-      ``<name>-interrupted.ckpt``: under the best checkpoints' own name (epoch and monitored
-      value) it took the file of the best checkpoint of the same validation when the run
-      stopped after a validation within the epoch, the best weights replaced by later ones;
-    - ``last.ckpt`` follows every epoch (and validation within one), see
-      :meth:`_save_last_if_skipped`;
-    - its state names the SLURM job that saved it (:meth:`state_dict`).
-    """
-
-    _on_exception = False
-    #: the global step of the latest checkpoint this trainer saved (any file)
-    _saved_at_step: int | None = None
-    #: the global step of the latest ``last.ckpt`` saved by :meth:`_save_last_if_skipped`
-    _last_saved_at_step: int | None = None
-    #: whether the latest training batch was the last of its epoch
-    _ended_epoch = False
-
-    def __init__(self, *args: Any, enable_version_counter: bool = True, **kwargs: Any) -> None:
-        """ModelCheckpoint's arguments; ``enable_version_counter`` is kept to name the
-        ``last.ckpt`` saved here as Lightning names its own (see :meth:`_last_checkpoint_name`)."""
-        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
-        self.enable_version_counter = enable_version_counter
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
-        self._saved_at_step = trainer.global_step
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._ended_epoch = batch_idx + 1 >= trainer.num_training_batches
-
-    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
-        """Lightning's save, then ``last.ckpt`` if the validation was within the epoch: the
-        epoch's own last validation leaves it to :meth:`on_train_epoch_end`, where Lightning
-        may still save (a best checkpoint and ``last.ckpt``) at this step."""
-        super().on_validation_end(trainer, pl_module)
-        if not self._ended_epoch:
-            self._save_last_if_skipped(trainer)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self._save_last_if_skipped(trainer)
-
-    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        """Lightning's ``last.ckpt`` at the end of training when it saved none of its own
-        during the fit (``save_top_k`` 0, no epoch a multiple of ``every_n_epochs``), unless
-        :meth:`_save_last_if_skipped` saved it at this step: it holds this state already."""
-        if self._last_saved_at_step == trainer.global_step:
-            return
-        super().on_train_end(trainer, pl_module)
-
-    def _save_last_if_skipped(self, trainer: Trainer) -> None:
-        """``last.ckpt`` holds the latest weights, as ``--ckpt_path last`` (resume, evaluate)
-        needs: Lightning 2.6 writes it only at a step where it also saved a best checkpoint,
-        so after the best epoch it kept the best epoch's state (a resumed fit trained those
-        epochs again; ``test --ckpt_path last`` evaluated the best weights). Saved here,
-        through the public ``trainer.save_checkpoint`` (weights only with
-        ``save_weights_only``, as Lightning's own), when fitting and no checkpoint was
-        saved at this step (Lightning's own save, when it made one, comes first). With
-        ``save_last="link"`` it is saved as a file in place of the link (which points at an
-        older checkpoint, not to be written through); Lightning links it again at its next
-        save."""
-        if not self.save_last or trainer.sanity_checking or trainer.fast_dev_run:
-            return
-        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
-            return
-        if self._saved_at_step == trainer.global_step or self.dirpath is None:
-            return
-        self.last_model_path = self._last_checkpoint_name(trainer)
-        if trainer.is_global_zero and os.path.islink(self.last_model_path):
-            os.remove(self.last_model_path)
-        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
-        self._last_saved_at_step = trainer.global_step
-
-    def _last_checkpoint_name(self, trainer: Trainer) -> str:
-        """The path of ``last.ckpt`` as Lightning names it: numbered (``last-v1.ckpt``, ...)
-        while a file of that name exists that is not this run's own last checkpoint (another
-        run saved into the same ``dirpath``), unless the version counter is off."""
-        metrics = dict(trainer.callback_metrics)
-        path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
-        version = self.STARTING_VERSION
-        while (
-            self.enable_version_counter
-            and path != self.last_model_path
-            and self.file_exists(path, trainer)
-        ):
-            path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST, ver=version)
-            version += 1
-        return path
-
-    def state_dict(self) -> dict[str, Any]:
-        """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
-        requeued job finds its run folder by it (see :func:`_run_of_slurm_job`)."""
-        return {**super().state_dict(), SLURM_JOB_KEY: _slurm_job()}
-
-    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
-        self._on_exception = True
-        try:
-            super().on_exception(trainer, pl_module, exception)
-        finally:
-            self._on_exception = False
-
-    def format_checkpoint_name(
-        self,
-        metrics: dict[str, torch.Tensor],
-        filename: str | None = None,
-        ver: int | None = None,
-        prefix: str | None = None,
-    ) -> str:
-        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
-        if not self._on_exception or filename is not None:  # a best-k name, or last.ckpt
-            return name
-        stem, ext = os.path.splitext(name)
-        return f"{stem}{INTERRUPTED_SUFFIX}{ext}"
-
-
-def _versions(root: Path) -> list[int]:
-    if not root.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
-
-
-def _is_distributed_worker() -> bool:
-    """Whether this process is a worker of a multi-process run, not its rank 0 (Lightning's
-    launcher, torchrun and SLURM name the ranks in the environment)."""
-    ranks = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")
-    return any(os.environ.get(name, "0") != "0" for name in ranks)
-
-
-def _version_of_rank_zero(root: Path) -> int | None:
-    """The version of the run folder under ``root`` that rank 0 made before it launched this
-    worker (Lightning's launcher re-runs the command line with rank 0's environment), or
-    ``None`` if it named none there (a worker started by torchrun or srun, or of another run)."""
-    handed = os.environ.get(RUN_FOLDER_ENV)
-    if not handed or os.path.dirname(handed) != os.path.abspath(root):
-        return None
-    match = _VERSION_RE.match(os.path.basename(handed))
-    return int(match.group(1)) if match else None
-
-
-def _slurm_job() -> str | None:
-    """This process's SLURM job as Lightning requeues it (``<array job>_<task>`` in a job
-    array, else the job id), or ``None`` outside SLURM."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array_job is not None:
-        return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def _is_slurm_requeue() -> bool:
-    """Whether this process runs a SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0:
-    SLURM runs the job's script again, with the same job id)."""
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    return _slurm_job() is not None and restarts.isdigit() and int(restarts) > 0
-
-
-def _newest_hpc_checkpoint(folder: Path) -> Path | None:
-    """The ``hpc_ckpt_<n>.ckpt`` of ``folder`` with the largest ``n`` (Lightning's choice)."""
-    numbered = []
-    for path in folder.glob("hpc_ckpt_*.ckpt"):
-        number = path.stem.removeprefix("hpc_ckpt_")
-        if number.isdigit():
-            numbered.append((int(number), path))
-    return max(numbered)[1] if numbered else None
-
-
-def _job_state(hpc: Path | None, job: str) -> dict[str, Any] | None:
-    """The checkpoint-callback state in the hpc checkpoint ``hpc`` that records the SLURM job
-    ``job`` (RunCheckpoint's), or ``None`` (no checkpoint, or another job's)."""
-    checkpoint = None if hpc is None else _read_checkpoint(hpc)
-    callbacks = (checkpoint or {}).get("callbacks")
-    if not isinstance(callbacks, dict):
-        return None
-    return next(
-        (c for c in callbacks.values() if isinstance(c, dict) and c.get(SLURM_JOB_KEY) == job),
-        None,
-    )
-
-
-def _run_of_slurm_job(root: Path, job: str, hpc_folder: Path | None) -> tuple[int, Path] | None:
-    """The run folder under ``root`` of the SLURM job ``job`` and the hpc checkpoint it saved
-    last, as the folder's version and the checkpoint; ``None`` if there is none (another
-    job's run is never taken). Lightning saves hpc checkpoints into trainer.default_root_dir:
-    the run folder itself unless ``hpc_folder`` (``--trainer.default_root_dir``) is given,
-    whose checkpoint names its run folder by the checkpoint folder it recorded."""
-    if hpc_folder is not None:
-        hpc = _newest_hpc_checkpoint(hpc_folder)
-        dirpath = (_job_state(hpc, job) or {}).get("dirpath")
-        if hpc is None or not isinstance(dirpath, str):
-            return None
-        run_folder = Path(dirpath).parent  # <run folder>/checkpoints
-        match = _VERSION_RE.match(run_folder.name)
-        if match and os.path.realpath(run_folder.parent) == os.path.realpath(root):
-            return int(match.group(1)), hpc
-        return None
-    for version in reversed(_versions(root)):
-        hpc = _newest_hpc_checkpoint(root / f"version_{version}")
-        if hpc is not None and _job_state(hpc, job) is not None:
-            return version, hpc
-    return None
-
-
-def _make_new_folder(folder: Path) -> list[Path] | None:
-    """Make ``folder`` and its missing parents: the folders made, deepest first, or
-    ``None`` if ``folder`` exists (another run made it)."""
-    missing = []
-    parent = folder.parent
-    while not parent.exists() and parent != parent.parent:
-        missing.append(parent)
-        parent = parent.parent
-    try:
-        folder.mkdir(parents=True)
-    except FileExistsError:
-        return None
-    return [folder, *missing]
 
 
 def _check_monitor(option: str, monitor: str, logged: list[str]) -> None:
@@ -355,234 +145,6 @@ def _check_monitor(option: str, monitor: str, logged: list[str]) -> None:
             f"{option} {monitor!r} is not a metric the model logs during fit; "
             f"monitor one of {', '.join(logged)}"
         )
-
-
-def _newest_last_checkpoint(folder: Path) -> Path | None:
-    """The newest ``last*.ckpt`` of ``folder`` (Lightning's choice for ``ckpt_path="last"``:
-    a second run into one checkpoint folder saves ``last-v1.ckpt``), or ``None``."""
-    candidates = [p for p in folder.glob("last*.ckpt") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-def _best_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
-    """The best checkpoint in a run's ``checkpoints`` folder: the one its ``last`` checkpoint
-    records as ModelCheckpoint's ``best_model_path`` (looked up in ``folder``, so a moved run
-    folder still works; ``None`` if it records none, as after an interrupt before the first
-    validation, whose exception checkpoint is no best), else, without a readable ``last``,
-    the folder's only checkpoint besides ``last*.ckpt``."""
-    state = _read_checkpoint(folder / last) if (folder / last).is_file() else None
-    if state is not None:
-        for callback in (state.get("callbacks") or {}).values():
-            recorded = callback.get("best_model_path") if isinstance(callback, dict) else None
-            if recorded and (folder / Path(recorded).name).is_file():
-                return folder / Path(recorded).name
-        return None
-    others = [
-        p
-        for p in folder.glob("*.ckpt")
-        if not p.name.startswith("last") and not p.stem.endswith(INTERRUPTED_SUFFIX)
-    ]
-    return others[0] if len(others) == 1 else None
-
-
-def _is_registry_name(ckpt_path: str | None) -> bool:
-    """Whether ``--ckpt_path`` has the syntax of Lightning's model registry: ``registry`` or
-    ``registry:<model>[:<version>]`` (any case, as Lightning reads it)."""
-    return ckpt_path is not None and _REGISTRY_RE.match(str(ckpt_path)) is not None
-
-
-def _from_registry(ckpt_path: str | None) -> bool:
-    """Whether Lightning downloads ``--ckpt_path`` from its model registry: a registry name
-    with the ``litmodels`` package installed (without it, Lightning reads it as a file's)."""
-    return _is_registry_name(ckpt_path) and importlib.util.find_spec("litmodels") is not None
-
-
-def _local_checkpoint(ckpt_path: str | None) -> Path | None:
-    """``--ckpt_path`` as a local file's path; ``None`` for no checkpoint, a name Lightning
-    resolves itself (``best``, ``hpc``, ``registry[:...]``) or a remote one (``s3://...``)."""
-    if ckpt_path is None or str(ckpt_path) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
-        return None
-    return None if _from_registry(ckpt_path) else Path(ckpt_path)
-
-
-def _check_registry_checkpoint(ckpt_path: str | None) -> None:
-    """A model-registry ``--ckpt_path`` needs the ``litmodels`` package, with which Lightning
-    downloads it; without it (and no file of that name) the error names the package, not a
-    missing file."""
-    if not _is_registry_name(ckpt_path) or _from_registry(ckpt_path):
-        return
-    if not Path(str(ckpt_path)).is_file():
-        exit_with_error(
-            f"--ckpt_path {ckpt_path}: Lightning's model registry "
-            "(registry[:<model>[:<version>]]) needs the litmodels package, which is not "
-            "installed (pip install litmodels); or give a checkpoint file's path, last or best"
-        )
-
-
-def _why_unreadable(path: Path) -> str | None:
-    """Why the file at ``path`` is no checkpoint that ``torch.save`` wrote in full (one cut
-    short by a crash or a full disk, or another kind of file), or ``None``. Lightning saves
-    zip archives; one that needs ``weights_only=False`` is left to Lightning."""
-    if not zipfile.is_zipfile(path):
-        return "not a zip archive, as torch.save writes"
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        return None  # readable, but not weights-only
-    except (RuntimeError, OSError, EOFError) as e:
-        return headline(str(e))
-    return None
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` (memory-mapped), or ``None`` if it cannot be read here
-    (Lightning then reports it)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError):
-        return None
-    return checkpoint if isinstance(checkpoint, dict) else None
-
-
-def _weights_mismatch(checkpoint: dict[str, Any], model: torch.nn.Module) -> list[str]:
-    """What keeps ``model`` from loading the checkpoint's weights (Lightning loads them
-    strictly unless the model's ``strict_loading`` is false): a tensor of another shape, a
-    missing or an unexpected one."""
-    weights = checkpoint.get("state_dict")
-    if not isinstance(weights, dict):
-        return []
-    own = model.state_dict()
-    problems = [
-        f"{key}: {tuple(weights[key].shape)} in the checkpoint, {tuple(value.shape)} in the model"
-        for key, value in own.items()
-        if isinstance(weights.get(key), torch.Tensor) and weights[key].shape != value.shape
-    ]
-    if getattr(model, "strict_loading", True):
-        problems += [f"{key}: not in the checkpoint" for key in own if key not in weights]
-        problems += [f"{key}: not in the model" for key in weights if key not in own]
-    return problems
-
-
-def _hyperparameters_mismatch(checkpoint: dict[str, Any], model: ERMClassifier) -> list[str]:
-    """Which of ``model``'s options make it another model than the checkpoint's (one that
-    loads the weights all the same: another activation, label smoothing or class weights),
-    as ``model.<option>: <saved> in the checkpoint, <configured> configured``."""
-    saved = checkpoint.get("hyper_parameters")
-    if not isinstance(saved, dict):
-        return []
-    configured = dict(model.hparams)
-    problems = []
-    for key, value in configured.items():
-        if key in _HOW_THE_MODEL_RUNS or key not in saved:
-            continue
-        if key == "negative_slope" and configured.get("activation") != "leaky_relu":
-            continue  # the slope of leaky_relu only
-        if not _same_setting(saved[key], value):
-            problems.append(f"model.{key}: {saved[key]!r} in the checkpoint, {value!r} configured")
-    return problems
-
-
-def _same_setting(saved: Any, configured: Any) -> bool:
-    """Whether a checkpoint's hyperparameter and the configured one are the same setting:
-    numbers, alone or in a list, tuple or tensor (a checkpoint saved from Python holds them
-    as they were given), that are equal in float32, the precision the model computes in
-    (its class weights are a float32 buffer); anything else equal."""
-    saved_numbers, configured_numbers = _as_float32(saved), _as_float32(configured)
-    if saved_numbers is None or configured_numbers is None:
-        return saved_numbers is configured_numbers and saved == configured
-    return saved_numbers.shape == configured_numbers.shape and bool(
-        (saved_numbers == configured_numbers).all()
-    )
-
-
-def _as_float32(value: Any) -> torch.Tensor | None:
-    """``value`` as a float32 tensor if it is a number or numbers (``None`` for anything else:
-    a name, ``None``, a dict)."""
-    if not isinstance(value, (int, float, list, tuple, torch.Tensor)):
-        return None
-    try:
-        return torch.as_tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-
-
-def _check_resumable(checkpoint: dict[str, Any], path: str) -> None:
-    """A fit resumes from a checkpoint holding the optimizer and loop state, not from one
-    saved with ``save_weights_only`` (Lightning refuses it with a KeyError only once the run
-    has started, after it saved an exception checkpoint and a ``last-v1.ckpt`` beside it)."""
-    if "optimizer_states" not in checkpoint:
-        exit_with_error(
-            f"--ckpt_path: {path} holds the weights only (saved with "
-            "checkpoint.save_weights_only): a fit cannot resume from it, it has no optimizer "
-            "or loop state; test, validate or predict with it, or give a full checkpoint"
-        )
-
-
-def _optimizer_mismatch(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
-    """What keeps ``optimizer`` from continuing the checkpoint's optimizer state (that of
-    another optimizer class): the settings its parameter groups need that the saved groups
-    lack (SGD's ``momentum`` in Adam's state), or another number of groups."""
-    saved = checkpoint.get("optimizer_states") or []
-    if len(saved) != 1 or not isinstance(saved[0], dict):
-        return []
-    saved_groups = saved[0].get("param_groups") or []
-    groups = optimizer.state_dict()["param_groups"]
-    if len(saved_groups) != len(groups):
-        return [f"{len(saved_groups)} parameter group(s) saved, {len(groups)} configured"]
-    needed = {key for group in groups for key in group}
-    missing = sorted(needed - {key for group in saved_groups for key in group})
-    return [f"no {', '.join(missing)} in the saved state"] if missing else []
-
-
-def _configured_optimizer(model: Any) -> torch.optim.Optimizer | None:
-    """The one optimizer ``model.configure_optimizers()`` makes (``None`` for anything else)."""
-    configured = model.configure_optimizers()
-    if isinstance(configured, dict):
-        configured = configured.get("optimizer")
-    return configured if isinstance(configured, torch.optim.Optimizer) else None
-
-
-def _why_unwritable(folder: Path) -> str | None:
-    """Why ``folder`` cannot be made and written into (its nearest existing ancestor is a file,
-    or not writable), or ``None``."""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
-def _recorded_checkpoint_dir(ckpt_path: str | None, callback: ModelCheckpoint) -> str | None:
-    """The folder that ``callback``'s state in the checkpoint at ``ckpt_path`` records (the
-    checkpoint's run saved it there), or ``None`` if it records none or cannot be read."""
-    path = _local_checkpoint(ckpt_path)
-    checkpoint = None if path is None else _read_checkpoint(path)
-    states = (checkpoint or {}).get("callbacks") or {}
-    state = states.get(callback.state_key) if isinstance(states, dict) else None
-    dirpath = state.get("dirpath") if isinstance(state, dict) else None
-    return dirpath if isinstance(dirpath, str) else None
-
-
-def _evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | None) -> None:
-    """Make the checkpoint callback of validate, test or predict that of the run whose
-    checkpoint it loads, saving nothing: Lightning restores the checkpoint's callback state
-    into it, and one with another folder (the new run folder's) warned "The dirpath has
-    changed" and dropped the state; without the callback it warned that the checkpoint's
-    callbacks must be provided."""
-    _save_nothing(callback)
-    if callback.dirpath is None:
-        callback.dirpath = _recorded_checkpoint_dir(ckpt_path, callback)
-
-
-def _save_nothing(callback: ModelCheckpoint) -> None:
-    """Keep ``callback`` attached but have it save no checkpoint: no best, no ``last.ckpt``
-    and none on an exception."""
-    callback.save_top_k = 0
-    callback.save_last = False
-    callback.save_on_exception = False
 
 
 def _keep_command_line_ckpt_path(config: Namespace, argv: list[str]) -> None:
@@ -602,16 +164,6 @@ def _keep_command_line_ckpt_path(config: Namespace, argv: list[str]) -> None:
             given = arg.split("=", 1)[1]
     if given is not None and given not in ("null", "None", ""):
         config[subcommand]["ckpt_path"] = given
-
-
-def _checkpoint_filename(monitor: str | None) -> str:
-    """The default checkpoint file name: the epoch and the monitored value, e.g.
-    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``;
-    without a monitor (the latest checkpoint is kept) the epoch and the global step:
-    ``epoch004-step95`` (the metric names are not inserted: auto_insert_metric_name is off)."""
-    if not monitor:
-        return "epoch{epoch:03d}-step{step}"
-    return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
 
 
 def _as_callback_list(callbacks: Any) -> list[Any]:
@@ -662,17 +214,6 @@ def _set_num_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def _follow_the_monitor(checkpoint: Namespace) -> None:
-    """Resolve the checkpoint options that follow ``checkpoint.monitor``: ``mode: auto``
-    (see :func:`_checkpoint_mode`) and the default file name, which names the monitored
-    value (a best-by-val/loss file named by its accuracy would mislead)."""
-    monitor = checkpoint.get("monitor")
-    if checkpoint.get("mode") == "auto":
-        checkpoint["mode"] = _checkpoint_mode(monitor)
-    if checkpoint.get("filename") == _checkpoint_filename("val/acc"):
-        checkpoint["filename"] = _checkpoint_filename(monitor)
-
-
 def _data_run_name(data: Any) -> str | None:
     """The run name of the default config run on other data (``--data ... --data.path
     my.csv`` without ``--config``): the data file's stem, else the DataModule's class name;
@@ -682,13 +223,6 @@ def _data_run_name(data: Any) -> str | None:
         return None
     path = (getattr(data, "init_args", None) or {}).get("path")
     return Path(str(path)).stem if path else class_path.rsplit(".", 1)[-1]
-
-
-def _checkpoint_mode(monitor: str | None) -> str:
-    """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1),
-    else Lightning's default, ``min`` (loss, 0-1 error)."""
-    name = (monitor or "").rsplit("/", 1)[-1]
-    return "max" if name in _HIGHER_IS_BETTER else "min"
 
 
 def _describe(error: BaseException) -> str:
@@ -794,8 +328,8 @@ class TorchbpCLI(LightningCLI):
                 # monitor to val/loss must not keep the max meant for val/acc
                 "checkpoint.mode": "auto",
                 "checkpoint.save_last": True,
-                # the best checkpoint's file names the monitored value (see _checkpoint_filename)
-                "checkpoint.filename": _checkpoint_filename("val/acc"),
+                # the best checkpoint's file names the monitored value (see checkpoint_filename)
+                "checkpoint.filename": checkpoint_filename("val/acc"),
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_on_exception": True,
             }
@@ -824,7 +358,7 @@ class TorchbpCLI(LightningCLI):
             cfg["ckpt_path"] = self._held_ckpt_path  # see parse_arguments
         _set_num_threads(cfg.get("torch_num_threads"))
         if cfg.get("checkpoint") is not None:
-            _follow_the_monitor(cfg["checkpoint"])
+            follow_the_monitor(cfg["checkpoint"])
         if self.subcommand in _EVALUATING_SUBCOMMANDS and cfg.get("ckpt_path") is None:
             print(
                 f"note: no --ckpt_path: {self.subcommand} evaluates a freshly initialised, "
@@ -857,13 +391,13 @@ class TorchbpCLI(LightningCLI):
         callback state recorded, which dropped the best score. Only for ``fit`` without a
         ``--ckpt_path`` other than ``hpc``."""
         cfg = self._subcommand_config(self.config)
-        job = _slurm_job()
+        job = slurm_job()
         if self.subcommand != "fit" or cfg.get("ckpt_path") not in (None, "hpc"):
             return
-        if job is None or not _is_slurm_requeue():
+        if job is None or not is_slurm_requeue():
             return
         hpc_folder = (cfg.get("trainer") or {}).get("default_root_dir")
-        found = _run_of_slurm_job(root, job, None if hpc_folder is None else Path(hpc_folder))
+        found = run_of_slurm_job(root, job, None if hpc_folder is None else Path(hpc_folder))
         if found is None:
             return
         self._version, hpc = found
@@ -881,16 +415,16 @@ class TorchbpCLI(LightningCLI):
         (``TORCHBP_RUN_FOLDER``, set here by rank 0); one started by torchrun or srun, beside
         rank 0, computes its own, and relies on Lightning broadcasting rank 0's log and
         checkpoint folders."""
-        versions = _versions(root)
+        versions = run_versions(root)
         version = versions[-1] + 1 if versions else 0
-        if _is_distributed_worker():
+        if is_distributed_worker():
             # rank 0 made the run folder: its version, which it hands to the workers it
             # launches (they see its folder, and the next would be another run's)
-            handed = _version_of_rank_zero(root)
+            handed = version_of_rank_zero(root)
             return version if handed is None else handed
         while True:
             try:
-                made = _make_new_folder(root / f"version_{version}")
+                made = make_new_folder(root / f"version_{version}")
             except OSError:
                 return version
             if made is not None:
@@ -919,10 +453,10 @@ class TorchbpCLI(LightningCLI):
         dirpath = self._configured_checkpoint_dir()
         if dirpath is not None:
             return self._last_checkpoint_in(dirpath)
-        for version in reversed(_versions(root)):
+        for version in reversed(run_versions(root)):
             # the newest last*.ckpt, as Lightning finds "last": a run resumed after its
             # folder moved saves last-v1.ckpt (the moved checkpoint records another folder)
-            newest = _newest_last_checkpoint(root / f"version_{version}/checkpoints")
+            newest = newest_last_checkpoint(root / f"version_{version}/checkpoints")
             if newest is None:
                 continue
             if self.subcommand == "fit":
@@ -950,7 +484,7 @@ class TorchbpCLI(LightningCLI):
         """``--ckpt_path last`` with ``checkpoint.dirpath`` ``folder``: its newest
         ``last*.ckpt`` (Lightning numbers a second run's ``last-v1.ckpt``); none is handled
         as under the run folders."""
-        newest = _newest_last_checkpoint(folder)
+        newest = newest_last_checkpoint(folder)
         if newest is not None:
             return str(newest)
         if self.subcommand != "fit":
@@ -976,12 +510,12 @@ class TorchbpCLI(LightningCLI):
         if dirpath is not None:  # every run saves there: its newest last*.ckpt records the best
             runs = [dirpath]
         else:
-            runs = [root / f"version_{v}/checkpoints" for v in reversed(_versions(root))]
+            runs = [root / f"version_{v}/checkpoints" for v in reversed(run_versions(root))]
         latest = next((folder for folder in runs if any(folder.glob("*.ckpt"))), None)
-        newest_last = None if latest is None else _newest_last_checkpoint(latest)
+        newest_last = None if latest is None else newest_last_checkpoint(latest)
         best = None
         if latest is not None:
-            best = _best_checkpoint(latest, newest_last.name if newest_last else "last.ckpt")
+            best = best_checkpoint(latest, newest_last.name if newest_last else "last.ckpt")
         if best is None and dirpath is not None:
             exit_with_error(
                 f"--ckpt_path best: no best checkpoint in {dirpath} (checkpoint.dirpath); "
@@ -1001,13 +535,13 @@ class TorchbpCLI(LightningCLI):
         """A local ``--ckpt_path`` must be a checkpoint file that can be read: else Lightning
         fails with a traceback (LightningCLI reads its hyperparameters as it parses, a fit
         loads it once the run has started)."""
-        _check_registry_checkpoint(ckpt_path)
-        path = _local_checkpoint(ckpt_path)
+        check_registry_checkpoint(ckpt_path)
+        path = local_checkpoint(ckpt_path)
         if path is None:
             return
         if not path.is_file():
             exit_with_error(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
-        problem = _why_unreadable(path)
+        problem = why_unreadable(path)
         if problem:
             exit_with_error(
                 f"--ckpt_path: {ckpt_path} is not a readable checkpoint: {problem} (a save cut "
@@ -1076,8 +610,8 @@ class TorchbpCLI(LightningCLI):
         hyperparameters dropped options silently), and how it runs (backend, compile,
         fused_head) may differ from the checkpoint's."""
         path = self._subcommand_config(self.config).get("ckpt_path")
-        local = _local_checkpoint(path)
-        checkpoint = None if local is None else _read_checkpoint(local)
+        local = local_checkpoint(path)
+        checkpoint = None if local is None else read_checkpoint(local)
         if checkpoint is None:
             return
         # the data first: data of other classes is why a model's sizes differ
@@ -1088,25 +622,25 @@ class TorchbpCLI(LightningCLI):
             except DataConfigError as e:
                 exit_with_error(f"--ckpt_path: {path}: {e}")
         if self.subcommand == "fit":
-            _check_resumable(checkpoint, path)
+            check_resumable(checkpoint, path)
         if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
             self._check_resume_privacy(checkpoint, path, self._same_data(data_state))
         hint = "(its run's config.yaml has the options it was trained with)"
-        problems = _weights_mismatch(checkpoint, self.model)
+        problems = weights_mismatch(checkpoint, self.model)
         if problems:
             shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
             exit_with_error(
                 f"--ckpt_path: {path} does not fit the configured model: {shown} {hint}"
             )
         if isinstance(self.model, ERMClassifier):
-            problems = _hyperparameters_mismatch(checkpoint, self.model)
+            problems = hyperparameters_mismatch(checkpoint, self.model)
             if problems:
                 exit_with_error(
                     f"--ckpt_path: {path} does not fit the configured model: "
                     f"{'; '.join(problems)} {hint}"
                 )
-        optimizer = _configured_optimizer(self.model) if self.subcommand == "fit" else None
-        problems = [] if optimizer is None else _optimizer_mismatch(checkpoint, optimizer)
+        optimizer = configured_optimizer(self.model) if self.subcommand == "fit" else None
+        problems = [] if optimizer is None else optimizer_mismatch(checkpoint, optimizer)
         if problems:
             exit_with_error(
                 f"--ckpt_path: {path}: its optimizer state does not fit "
@@ -1174,7 +708,7 @@ class TorchbpCLI(LightningCLI):
         for folder in filter(None, folders):
             if "://" in str(folder):
                 continue  # a remote filesystem: its own errors
-            problem = _why_unwritable(Path(folder))
+            problem = why_unwritable(Path(folder))
             if problem:
                 exit_with_error(
                     f"invalid configuration: cannot write the run's files into "
@@ -1249,13 +783,13 @@ class TorchbpCLI(LightningCLI):
         nest a second run folder in the run folder, RunCSVLogger's ``save_dir``), and save
         none when evaluating, when checkpointing is off or for a ``fast_dev_run``."""
         if self.subcommand in _EVALUATING_SUBCOMMANDS:
-            _evaluating_checkpoint_callback(callback, ckpt_path)
+            evaluating_checkpoint_callback(callback, ckpt_path)
         if callback.dirpath is None:
             # inside the run folder, with or without loggers (and when Lightning swaps them
             # out: fast_dev_run)
             callback.dirpath = os.path.realpath(run_folder / "checkpoints")
         if tcfg.get("enable_checkpointing") is False:
-            _save_nothing(callback)
+            save_nothing(callback)
         if tcfg.get("fast_dev_run"):
             # Lightning turns checkpointing off for fast_dev_run, except save_last at the end
             # of training: that one-step last.ckpt would be what --ckpt_path last finds

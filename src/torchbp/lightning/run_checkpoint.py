@@ -1,0 +1,195 @@
+""":class:`RunCheckpoint`, the checkpoint callback of ``torchbp-train`` (``--checkpoint.*``),
+and the settings that follow its monitor or the subcommand."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+
+from torchbp.lightning.checkpoint_files import INTERRUPTED_SUFFIX, recorded_checkpoint_dir
+from torchbp.lightning.run_folders import SLURM_JOB_KEY, slurm_job
+
+__all__ = [
+    "RunCheckpoint",
+    "evaluating_checkpoint_callback",
+    "save_nothing",
+    "checkpoint_filename",
+    "follow_the_monitor",
+]
+
+
+#: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
+_HIGHER_IS_BETTER = ("acc", "f1")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (``--checkpoint.*``) with three changes:
+
+    - its checkpoint on an exception (Ctrl-C, SIGTERM, an error) is named
+      ``<name>-interrupted.ckpt``: under the best checkpoints' own name (epoch and monitored
+      value) it took the file of the best checkpoint of the same validation when the run
+      stopped after a validation within the epoch, the best weights replaced by later ones;
+    - ``last.ckpt`` follows every epoch (and validation within one), see
+      :meth:`_save_last_if_skipped`;
+    - its state names the SLURM job that saved it (:meth:`state_dict`).
+    """
+
+    _on_exception = False
+    #: the global step of the latest checkpoint this trainer saved (any file)
+    _saved_at_step: int | None = None
+    #: the global step of the latest ``last.ckpt`` saved by :meth:`_save_last_if_skipped`
+    _last_saved_at_step: int | None = None
+    #: whether the latest training batch was the last of its epoch
+    _ended_epoch = False
+
+    def __init__(self, *args: Any, enable_version_counter: bool = True, **kwargs: Any) -> None:
+        """ModelCheckpoint's arguments; ``enable_version_counter`` is kept to name the
+        ``last.ckpt`` saved here as Lightning names its own (see :meth:`_last_checkpoint_name`)."""
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+        self.enable_version_counter = enable_version_counter
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
+        self._saved_at_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._ended_epoch = batch_idx + 1 >= trainer.num_training_batches
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Lightning's save, then ``last.ckpt`` if the validation was within the epoch: the
+        epoch's own last validation leaves it to :meth:`on_train_epoch_end`, where Lightning
+        may still save (a best checkpoint and ``last.ckpt``) at this step."""
+        super().on_validation_end(trainer, pl_module)
+        if not self._ended_epoch:
+            self._save_last_if_skipped(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_skipped(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Lightning's ``last.ckpt`` at the end of training when it saved none of its own
+        during the fit (``save_top_k`` 0, no epoch a multiple of ``every_n_epochs``), unless
+        :meth:`_save_last_if_skipped` saved it at this step: it holds this state already."""
+        if self._last_saved_at_step == trainer.global_step:
+            return
+        super().on_train_end(trainer, pl_module)
+
+    def _save_last_if_skipped(self, trainer: Trainer) -> None:
+        """``last.ckpt`` holds the latest weights, as ``--ckpt_path last`` (resume, evaluate)
+        needs: Lightning 2.6 writes it only at a step where it also saved a best checkpoint,
+        so after the best epoch it kept the best epoch's state (a resumed fit trained those
+        epochs again; ``test --ckpt_path last`` evaluated the best weights). Saved here,
+        through the public ``trainer.save_checkpoint`` (weights only with
+        ``save_weights_only``, as Lightning's own), when fitting and no checkpoint was
+        saved at this step (Lightning's own save, when it made one, comes first). With
+        ``save_last="link"`` it is saved as a file in place of the link (which points at an
+        older checkpoint, not to be written through); Lightning links it again at its next
+        save."""
+        if not self.save_last or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return
+        if self._saved_at_step == trainer.global_step or self.dirpath is None:
+            return
+        self.last_model_path = self._last_checkpoint_name(trainer)
+        if trainer.is_global_zero and os.path.islink(self.last_model_path):
+            os.remove(self.last_model_path)
+        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
+        self._last_saved_at_step = trainer.global_step
+
+    def _last_checkpoint_name(self, trainer: Trainer) -> str:
+        """The path of ``last.ckpt`` as Lightning names it: numbered (``last-v1.ckpt``, ...)
+        while a file of that name exists that is not this run's own last checkpoint (another
+        run saved into the same ``dirpath``), unless the version counter is off."""
+        metrics = dict(trainer.callback_metrics)
+        path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        version = self.STARTING_VERSION
+        while (
+            self.enable_version_counter
+            and path != self.last_model_path
+            and self.file_exists(path, trainer)
+        ):
+            path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST, ver=version)
+            version += 1
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
+        requeued job finds its run folder by it (see :func:`run_of_slurm_job`)."""
+        return {**super().state_dict(), SLURM_JOB_KEY: slurm_job()}
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._on_exception = True
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        finally:
+            self._on_exception = False
+
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, torch.Tensor],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
+        if not self._on_exception or filename is not None:  # a best-k name, or last.ckpt
+            return name
+        stem, ext = os.path.splitext(name)
+        return f"{stem}{INTERRUPTED_SUFFIX}{ext}"
+
+
+def evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | None) -> None:
+    """Make the checkpoint callback of validate, test or predict that of the run whose
+    checkpoint it loads, saving nothing: Lightning restores the checkpoint's callback state
+    into it, and one with another folder (the new run folder's) warned "The dirpath has
+    changed" and dropped the state; without the callback it warned that the checkpoint's
+    callbacks must be provided."""
+    save_nothing(callback)
+    if callback.dirpath is None:
+        callback.dirpath = recorded_checkpoint_dir(ckpt_path, callback)
+
+
+def save_nothing(callback: ModelCheckpoint) -> None:
+    """Keep ``callback`` attached but have it save no checkpoint: no best, no ``last.ckpt``
+    and none on an exception."""
+    callback.save_top_k = 0
+    callback.save_last = False
+    callback.save_on_exception = False
+
+
+def checkpoint_filename(monitor: str | None) -> str:
+    """The default checkpoint file name: the epoch and the monitored value, e.g.
+    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``;
+    without a monitor (the latest checkpoint is kept) the epoch and the global step:
+    ``epoch004-step95`` (the metric names are not inserted: auto_insert_metric_name is off)."""
+    if not monitor:
+        return "epoch{epoch:03d}-step{step}"
+    return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
+
+
+def follow_the_monitor(checkpoint: Namespace) -> None:
+    """Resolve the checkpoint options that follow ``checkpoint.monitor``: ``mode: auto``
+    (see :func:`_checkpoint_mode`) and the default file name, which names the monitored
+    value (a best-by-val/loss file named by its accuracy would mislead)."""
+    monitor = checkpoint.get("monitor")
+    if checkpoint.get("mode") == "auto":
+        checkpoint["mode"] = _checkpoint_mode(monitor)
+    if checkpoint.get("filename") == checkpoint_filename("val/acc"):
+        checkpoint["filename"] = checkpoint_filename(monitor)
+
+
+def _checkpoint_mode(monitor: str | None) -> str:
+    """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1),
+    else Lightning's default, ``min`` (loss, 0-1 error)."""
+    name = (monitor or "").rsplit("/", 1)[-1]
+    return "max" if name in _HIGHER_IS_BETTER else "min"
