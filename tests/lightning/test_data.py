@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from torchbp.lightning.data import (
     ArrayDataModule,
@@ -145,6 +145,26 @@ def test_synthetic_deterministic_lazy_and_sharded():
     assert set(y.tolist()) == {0, 1, 2}
     # val / test differ from train
     assert not torch.equal(next(iter(dm.val_dataloader()))[0], batches[0][0])
+
+
+def test_synthetic_shard_holds_in_a_spawned_worker(monkeypatch):
+    """A rank's synthetic loader whose worker processes start fresh (spawn, macOS's default;
+    forkserver, Linux's from Python 3.14) took every batch: the worker asked torch.distributed
+    for the rank, and a fresh process has no process group (rank 0 of 1)."""
+    from torchbp.lightning import synthetic_data
+
+    monkeypatch.setattr(synthetic_data, "rank_world", lambda: (1, 2))  # rank 1 of 2
+    dm = SyntheticDataModule(n_samples=640, n_features=3, n_classes=2, batch_size=64, seed=2)
+    in_process = list(dm.train_dataloader())
+    spawned = DataLoader(
+        dm.train_dataloader().dataset,
+        batch_size=None,
+        num_workers=1,
+        multiprocessing_context="spawn",
+    )
+    batches = list(spawned)
+    assert len(batches) == len(in_process) == 5
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, in_process))
 
 
 def test_synthetic_teacher_and_scale_without_materialising():

@@ -50,7 +50,10 @@ class _SyntheticBatches(IterableDataset):
     """Yields whole batches; batch ``b`` of a split is a pure function of ``(seed, split, b)``.
 
     Under DDP each rank takes every ``world_size``-th batch (the count is rounded down so
-    every rank does the same number of steps). Nothing beyond the current batch is stored.
+    every rank does the same number of steps). The rank and world size are those of the
+    process that makes the dataset (Lightning asks for the loaders once the process group is
+    up): a DataLoader worker that starts as a fresh process (spawn, forkserver) has no process
+    group, and took every batch. Nothing beyond the current batch is stored.
     """
 
     def __init__(self, task, n_samples, batch_size, seed, shuffle):
@@ -60,6 +63,7 @@ class _SyntheticBatches(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self.rank, self.world_size = rank_world()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,11 +72,10 @@ class _SyntheticBatches(IterableDataset):
         return math.ceil(self.n_samples / self.batch_size)
 
     def __len__(self) -> int:
-        _, world = rank_world()
-        return self._num_batches_total() // world
+        return self._num_batches_total() // self.world_size
 
     def __iter__(self):
-        rank, world = rank_world()
+        rank, world = self.rank, self.world_size
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         nb = self._num_batches_total()
