@@ -669,6 +669,22 @@ def test_predict_path_with_other_feature_columns_is_refused_naming_them(tmp_path
         dm.predict_dataloader()
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_predict_path_without_rows_is_refused(tmp_path, suffix):
+    """A file of new rows with none (a CSV's header alone, empty arrays) predicted nothing
+    and wrote no predictions.csv, without a word; the training file's case is an error."""
+    train = tmp_path / "t.csv"
+    _write_csv(train, ["a", "b", "c", "target"], _good_rows(40, 2))
+    new = tmp_path / f"new{suffix}"
+    if suffix == ".csv":
+        _write_csv(new, ["a", "b", "c"], [])
+    else:
+        np.savez(new, a=np.zeros(0), b=np.zeros(0), c=np.zeros(0))
+    dm = TabularFileDataModule(path=str(train), label_column="target", predict_path=str(new))
+    with pytest.raises(DataError, match=r"predict_path .*new.* has no data rows"):
+        dm.predict_dataloader()
+
+
 def test_predict_path_value_beyond_float32_is_named(tmp_path):
     """A new row whose scaled value overflows float32 is a DataError naming the file, the
     value, its column and row (not an inf fed to the model)."""

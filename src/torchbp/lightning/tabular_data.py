@@ -187,6 +187,8 @@ class TabularFileDataModule(ArrayDataModule):
         if not p.is_file():
             raise DataError(f"predict_path: file not found: {os.path.abspath(p)}")
         names, X = self._read_table(p, new_rows=True)[:2]
+        if X.shape[0] == 0:
+            raise DataError(f"predict_path {p} has no data rows: nothing to predict")
         missing = [n for n in self.feature_names if n not in names]
         extra = [n for n in names if n not in self.feature_names]
         if missing or extra:
