@@ -195,3 +195,38 @@ def test_compile_linear_cross_entropy_fullgraph(reduction):
     want = torch.autograd.grad(ref, (x, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# (id, torchbp loss, native loss) of a (T, C) sample's logits and (T,) class indices
+_W = torch.rand(CLASSES, dtype=torch.float64)
+PER_SAMPLE_LOSSES = [
+    ("nll_loss", torchbp.functional.nll_loss, torch.nn.functional.nll_loss),
+    ("cross_entropy", torchbp.functional.cross_entropy, torch.nn.functional.cross_entropy),
+    (
+        "cross_entropy_weight_smoothing",
+        lambda z, y: torchbp.functional.cross_entropy(z, y, _W, label_smoothing=0.1),
+        lambda z, y: torch.nn.functional.cross_entropy(z, y, _W, label_smoothing=0.1),
+    ),
+    (
+        "cross_entropy_ignore_index",
+        lambda z, y: torchbp.functional.cross_entropy(z, y, ignore_index=1),
+        lambda z, y: torch.nn.functional.cross_entropy(z, y, ignore_index=1),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("loss", "native"), [c[1:] for c in PER_SAMPLE_LOSSES], ids=[c[0] for c in PER_SAMPLE_LOSSES]
+)
+def test_compile_of_per_sample_gradients(loss, native):
+    """torch.compile(fullgraph) of vmap(grad(loss)), the per-sample gradient recipe, equals
+    native's, float64. Dynamo records the Function's forward there, so cross-entropy's
+    in-place exp and gradient buffer must step aside (they crashed it). The loss takes the
+    transform's inputs: one computed inside stops on pytorch/pytorch#129845 (docs/ops.md)."""
+    z = torch.randn(3, 4, CLASSES, dtype=torch.float64)
+    y = torch.randint(CLASSES, (3, 4))
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        torch.func.vmap(torch.func.grad(loss)), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled(z, y), torch.func.vmap(torch.func.grad(native))(z, y))

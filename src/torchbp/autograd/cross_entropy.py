@@ -237,19 +237,23 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
     keep = keeps_shifted(coef)
     s = z.to(acc) - m if out is None or keep else torch.sub(z, m, out=out)
     early = early_terms(coef, s, keep)  # taken before s may be overwritten by e = exp(s)
+    # exp(s) over s, and ∂ℓ/∂z in e's buffer, only where autograd records none of these ops:
+    # a Function's forward runs with grad mode off, but torch.compile tracing one under
+    # torch.func.grad records them (and gather's backward, in early_terms, keeps s)
+    in_place = not torch.is_grad_enabled()
     # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0
-    e = (s.exp() if out is None else torch.exp(s, out=out)) if keep else s.exp_()
+    e = (s.exp() if out is None else torch.exp(s, out=out)) if keep or not in_place else s.exp_()
     total = e.sum(1, keepdim=True)
     log_total = total.log()
     # ℓ_i = Σ_c B_ic (lse_i - z_ic) = Σ_c B_ic (log Σ_c e_ic - s_ic)
     loss = masked(coef, loss_rows(coef, log_total, early, s if keep else None))
     # ∂ℓ_i/∂z_i = a_i p_i - B_i with p_i = e_i / Σ_c e_ic
     scale = coef.a.unsqueeze(1) / total
-    if all(has_storage(t) for t in (target, weight) if t is not None):
+    if in_place and all(has_storage(t) for t in (target, weight) if t is not None):
         grad = subtract_b(coef, e.mul_(scale))  # built in e's buffer
     else:
         # torch.func batches the target or weights (maybe not the logits): an in-place op
-        # cannot add a batch dim to e, so the same formula runs out of place
+        # cannot add a batch dim to e; or autograd records: the same formula out of place
         grad = e * scale - dense_b(coef, z.shape[1])
     return CERows(loss, grad, (m + log_total).squeeze(1))
 
