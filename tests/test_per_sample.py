@@ -361,11 +361,11 @@ def test_formulas_gram_and_materialised_agree():
 
     a, g = torch.randn(3, 4, 6, dtype=DT), torch.randn(3, 4, 5, dtype=DT)
     brute = torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1)
-    close(formulas.weight_squared_norms(a, g), brute)  # 4·11 <= 30? no: materialised
+    close(formulas.weight_norms(a, g).square(), brute)  # 4·11 <= 30? no: materialised
     a, g = torch.randn(3, 2, 6, dtype=DT), torch.randn(3, 2, 5, dtype=DT)
     assert formulas.gram_is_cheaper(2, 6, 5)
     close(
-        formulas.weight_squared_norms(a, g),
+        formulas.weight_norms(a, g).square(),
         torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1),
     )
 
@@ -568,8 +568,8 @@ def test_gram_norms_chunked_over_samples(monkeypatch):
 
     a, g = torch.randn(7, 4, 9, dtype=DT), torch.randn(7, 4, 8, dtype=DT)
     assert formulas.gram_is_cheaper(4, 9, 8)
-    whole = formulas.weight_squared_norms(a, g)
-    close(whole, torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1))
+    whole = formulas.weight_norms(a, g)
+    close(whole.square(), torch.einsum("bto,bti->boi", g, a).flatten(1).square().sum(1))
     budget = 2 * (2 * 4 * 4)  # two samples' two Gram matrices a chunk
     monkeypatch.setattr(formulas, "_CHUNK_ELEMENTS", budget)
     largest = []
@@ -581,7 +581,7 @@ def test_gram_norms_chunked_over_samples(monkeypatch):
         return out
 
     monkeypatch.setattr(torch, "bmm", measured_bmm)
-    chunked = formulas.weight_squared_norms(a, g)
+    chunked = formulas.weight_norms(a, g)
     assert largest and max(largest) <= budget
     close(chunked, whole)
 
@@ -771,26 +771,54 @@ def test_float32_statistics_of_an_ignored_sample_with_huge_activations():
     [((5, 1, 6), (6, 4)), ((5, 3, 6), (6, 4)), ((5, 3, 2), (2, 3)), ((5, 0, 6), (6, 4))],
     ids=["2d", "3d-gram", "3d-materialised", "no-positions"],
 )
-def test_wide_squared_norms_match_the_plain_ones(shape, features, weight, bias):
-    """The wide form of the squared norms (float64, samples scaled to at most 1), the CPU's
-    fallback where the plain one overflows and the only one off the CPU (so untested
-    there by the CPU suite otherwise), equals the plain one, and in float64 torch.func's."""
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_layer_norms_match_torch_func(shape, features, weight, bias, scaled):
+    """The layer norms, plain or (the CPU's fallback where the plain ones overflow, the
+    only ones off the CPU, so untested there by the CPU suite otherwise) formed from
+    positions rescaled to at most 1 and combined as norms, equal in float64 the norms of
+    torch.func's per-sample gradients, for all-zero samples (scale 1, not 0) and empty
+    ones too."""
     from torchbp.per_sample import formulas
 
     torch.manual_seed(0)
     a = torch.randn(*shape[:2], features[0], dtype=DT)
     g = torch.randn(*shape[:2], features[1], dtype=DT)
     a[1], g[2] = 0.0, 0.0  # all-zero samples: their scale is 1, not 0
-    plain = formulas.layer_squared_norms(a, g, weight=weight, bias=bias)
-    wide = formulas.layer_squared_norms(a, g, weight=weight, bias=bias, wide=True)
+    norms = formulas.layer_norms(a, g, weight=weight, bias=bias, scaled=scaled)
     ref = torch.zeros(shape[0], dtype=DT)
     if weight:
         ref += torch.einsum("bto,bti->boi", g, a).square().sum((1, 2))
     if bias:
         ref += g.sum(1).square().sum(1)
-    assert wide.dtype == DT
-    torch.testing.assert_close(wide, ref, rtol=1e-12, atol=0)
-    torch.testing.assert_close(plain, ref, rtol=1e-12, atol=0)
+    assert norms.dtype == DT
+    torch.testing.assert_close(norms, ref.sqrt(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("features", [(1, 1), (4, 4)], ids=["materialised", "gram"])
+def test_norm_of_positions_of_very_different_scales_in_float32(features):
+    """Sample 1's two positions pair a 1e13 activation with a 1e-12 output gradient and
+    the other way round: each element of G_1 is 10 + 10, ‖G_1‖ = 20 √(in·out). Sample 0
+    (activations 1e19, gradients 1e10: ‖G_0‖² overflows float32) made the CPU form every
+    norm again from samples scaled by their largest element (off the CPU, always so):
+    Ĝ_1 = 2e-25, whose float32 square underflows to 0: norm 0, clip factor 1, and the
+    sample entered p.grad unclipped (20 times max_norm). Each position is now scaled by
+    its own size, and norms, not squares, are combined."""
+    from torchbp.per_sample import formulas
+
+    layer = torchbp.nn.Linear(*features, bias=False)
+    assert formulas.gram_is_cheaper(2, *features) == (features[0] > 1)
+    x = torch.full((2, 2, features[0]), 1e19)
+    x[1, 0], x[1, 1] = 1e13, 1e-12
+    upstream = torch.tensor([[1e10, 1e10], [1e-12, 1e13]])[..., None]  # dL/dy
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    with per_sample_grads(layer, mode="clip", max_norm=1.0) as ps:
+        (layer(x) * upstream).sum().backward()
+    root = math.sqrt(features[0] * features[1])
+    expected = torch.tensor([2e29 * root, 20.0 * root])
+    torch.testing.assert_close(ps.norms, expected, rtol=1e-5, atol=0)
+    # both clipped to norm 1, and their G_i point the same way: ‖Σ_i c_i G_i‖ = 2
+    assert layer.weight.grad.double().norm() == pytest.approx(2.0, rel=1e-5)
 
 
 class _ToDouble(torch.nn.Module):

@@ -44,22 +44,22 @@ def mlp() -> nn.Sequential:
 
 
 def test_norms_of_layers_on_another_device_are_gathered(monkeypatch):
-    """The per-layer squared norms were summed into a tensor on the first layer's device:
+    """The per-layer norms were combined into a tensor on the first layer's device:
     for a model split across devices, torch's device mismatch error at the end of the
     backward. Each layer's are now moved to that device first."""
     model, x = mlp(), torch.randn(5, 4, dtype=torch.float64)
     with per_sample_grads(model) as ps:
         model(x).sum().backward()
     expected = ps.norms.clone()
-    layer_squared_norms = formulas.layer_squared_norms
+    layer_norms = formulas.layer_norms
     calls = []
 
     def output_layer_elsewhere(*args, **kwargs):
         calls.append(None)  # in module order: the output layer's come second
-        squared = layer_squared_norms(*args, **kwargs)
-        return squared.as_subclass(OnAnotherDevice) if len(calls) == 2 else squared
+        norms = layer_norms(*args, **kwargs)
+        return norms.as_subclass(OnAnotherDevice) if len(calls) == 2 else norms
 
-    monkeypatch.setattr(formulas, "layer_squared_norms", output_layer_elsewhere)
+    monkeypatch.setattr(formulas, "layer_norms", output_layer_elsewhere)
     model.zero_grad()
     with per_sample_grads(model) as ps:
         model(x).sum().backward()

@@ -47,7 +47,7 @@ def test_norm_chunks_hold_as_many_samples_as_the_budget_allows(
     g = torch.randn(batch, t, out_features, dtype=torch.float64)
     monkeypatch.setattr(formulas, "_CHUNK_ELEMENTS", 2 * per_sample + 1)
     batches = _bmm_batches(monkeypatch)
-    formulas.weight_squared_norms(a, g)
+    formulas.weight_norms(a, g)
     per_bmm = 2 if per_sample == 2 * t * t else 1
     assert batches == [n for n in (2, 2, 2, 1) for _ in range(per_bmm)]
 

@@ -576,45 +576,41 @@ class PerSampleGrads:
         each layer's are formed on its own device and gathered there (a model split
         across devices).
 
-        The squares are formed in that dtype where they all come out finite, else again in
-        the wide form of :func:`~torchbp.per_sample.formulas.layer_squared_norms`, where
-        nothing overflows for a norm that fits the norms' dtype (float32's squares overflow
-        from norms of 1.8e19 on, and inf·0 made a zero gradient's norm NaN). The first try
-        is on the CPU only: elsewhere telling whether it was finite would wait for the
-        device, so the wide form is taken at once."""
+        On the CPU from the squares as they are, and again scaled
+        (:func:`~torchbp.per_sample.formulas.layer_norms`) if a norm came out inf or NaN
+        (float32's squares overflow from norms of 1.8e19 on, and inf·0 made a zero
+        gradient's norm NaN); elsewhere scaled at once, since telling would wait for the
+        device. Scaled norms are right wherever they fit their dtype."""
         gs = [g for _, g in traces.values()]
         dtype = functools.reduce(torch.promote_types, (formulas.norm_dtype(g.dtype) for g in gs))
         device = gs[0].device
-        wide = device.type != "cpu"
-        squared = self._squared_norms(traces, batch, accounted, dtype, device, wide)
-        if not wide and not bool(squared.isfinite().all()):
-            squared = self._squared_norms(traces, batch, accounted, dtype, device, wide=True)
-        return squared.sqrt_().to(dtype)
+        scaled = device.type != "cpu"
+        norms = self._combined_norms(traces, batch, accounted, dtype, device, scaled)
+        if not scaled and not bool(norms.isfinite().all()):
+            norms = self._combined_norms(traces, batch, accounted, dtype, device, scaled=True)
+        return norms
 
-    def _squared_norms(
+    def _combined_norms(
         self,
         traces: dict,
         batch: int,
         accounted: set[int],
         dtype: torch.dtype,
         device: torch.device,
-        wide: bool,
+        scaled: bool,
     ) -> torch.Tensor:
-        """``Σ_layers ‖G_i‖² + ‖β_i‖²`` (see :meth:`_sample_norms`), gathered on ``device``
-        (the first recorded layer's), in ``dtype`` or, if ``wide``, in float64 (not on MPS)."""
-        squared_dtype = formulas.squared_norm_dtype(dtype, device, wide=wide)
-        squared = torch.zeros(batch, dtype=squared_dtype, device=device)
+        """The layers' norms (see :meth:`_sample_norms`), combined on ``device``."""
+        layer_norms = [torch.zeros(batch, dtype=dtype, device=device)]
         for layer in self._layers:
             if id(layer) not in traces:
                 continue
             weight, bias = (_is_in(p, accounted) for p in (layer.weight, layer.bias))
             if weight or bias:
                 a, g = traces[id(layer)]
-                layer_squared = formulas.layer_squared_norms(
-                    a, g, weight=weight, bias=bias, wide=wide
-                )
-                squared += layer_squared.to(device, squared_dtype)
-        return squared
+                norms = formulas.layer_norms(a, g, weight=weight, bias=bias, scaled=scaled)
+                layer_norms.append(norms.to(device, dtype))
+        # ‖grad_i‖ = ‖(‖grad_i^(1)‖, ‖grad_i^(2)‖, ...)‖ over the layers
+        return formulas.combined_norms(torch.stack(layer_norms), dim=0, scaled=scaled)
 
     def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> list:
         """``(p, "grad_sample", value)`` for the layer's parameters: zeros for one whose id

@@ -38,65 +38,63 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def squared_norm_dtype(dtype: torch.dtype, device: torch.device, *, wide: bool) -> torch.dtype:
-    """The dtype squared norms are formed and summed in: :func:`norm_dtype`, or with
-    ``wide`` float64 (but on MPS, which has none). In float32 ``‖g_i‖²‖a_i‖²`` overflows
-    once the norm passes 1.8e19, and a sample's ``‖a_i‖²`` alone can overflow while its
-    ``g_i`` is 0 (an ignored target, a saturated activation): inf·0 = NaN, which would
-    reach every ``p.grad`` through the clip factor."""
-    if wide and device.type != "mps":
-        return torch.float64
-    return norm_dtype(dtype)
-
-
 def gram_is_cheaper(t: int, in_features: int, out_features: int) -> bool:
     """Whether ``‖G_i‖²`` is cheaper through the two T×T Gram matrices than by forming
     ``G_i``: ``T²(in + out)`` against ``T·in·out`` multiply-adds per sample."""
     return t * (in_features + out_features) <= in_features * out_features
 
 
-def weight_squared_norms(a: torch.Tensor, g: torch.Tensor, *, wide: bool = False) -> torch.Tensor:
-    """``‖G_i‖_F²`` for every sample, shape ``(B,)``, in :func:`squared_norm_dtype`, of
-    ``(B, T, ·)`` traces with ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1``
-    from the row norms). ``wide``: from samples scaled to at most 1, which no overflow
-    of the Gram matrices or of ``G_i`` can turn into inf or NaN where ``‖G_i‖`` fits."""
+def weight_norms(a: torch.Tensor, g: torch.Tensor, *, scaled: bool = False) -> torch.Tensor:
+    """``‖G_i‖_F`` for every sample, shape ``(B,)``, in :func:`norm_dtype`, of ``(B, T, ·)``
+    traces with ``T > 1`` (:func:`layer_norms` forms ``T = 1`` from the row norms).
+    ``scaled``: from positions rescaled to at most 1, so that no square overflows or
+    underflows where ``‖G_i‖`` fits (a few passes more over the layer's data); otherwise
+    from the squares as they are (``‖a_i‖²`` alone overflows float32 from 1.8e19 on, and
+    inf·0 gives an ignored sample's norm NaN)."""
     batch, t, in_features = a.shape
     out_features = g.shape[-1]
     dtype = norm_dtype(g.dtype)
-    out = a.new_empty(batch, dtype=squared_norm_dtype(g.dtype, g.device, wide=wide))
+    out = a.new_empty(batch, dtype=dtype)
     gram = gram_is_cheaper(t, in_features, out_features)
     per_sample = 2 * t * t if gram else in_features * out_features
     # a chunk of samples at a time, under the chunk budget
     for rows in _sample_chunks(batch, per_sample):
-        # G_i is bilinear in (g_i, a_i): ‖G_i‖² = (s_i r_i)² ‖Ĝ_i‖², Ĝ_i the G_i of
-        # â_i = a_i / s_i and ĝ_i = g_i / r_i (s_i = r_i = 1 unless wide)
-        chunk_a, scale_a = _scaled_samples(a[rows].to(dtype), wide)
-        chunk_g, scale_g = _scaled_samples(g[rows].to(dtype), wide)
+        chunk_a, chunk_g = a[rows].to(dtype), g[rows].to(dtype)
+        if scaled:
+            chunk_a, chunk_g, scale = _balanced(chunk_a, chunk_g)
         if gram:
-            scaled = _gram_squared_norms(chunk_a, chunk_g)
+            squared = _gram_squared_norms(chunk_a, chunk_g)
         else:
             # Ĝ_i = ĝ_iᵀ â_i  (out, T) @ (T, in), in float32 at least (a float16 sum over
             # T positions overflows where ‖G_i‖ fits)
-            scaled = torch.bmm(chunk_g.transpose(1, 2), chunk_a).square().sum((1, 2))
-        if not wide:
-            out[rows] = scaled
-            continue
-        scales = scale_a.to(out.dtype) * scale_g.to(out.dtype)
-        out[rows] = scales.square_().mul_(scaled.to(out.dtype))
+            squared = torch.bmm(chunk_g.transpose(1, 2), chunk_a).square().sum((1, 2))
+        # ‖G_i‖ = m_i ‖Ĝ_i‖  (m_i = 1 unless scaled)
+        out[rows] = squared.sqrt_().mul_(scale) if scaled else squared.sqrt_()
     return out
 
 
-def _scaled_samples(t: torch.Tensor, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(t_i / s_i, s_i)`` with ``s_i`` the largest magnitude of sample ``t_i`` (1 for an
-    all-zero or empty sample), so that every element of ``t_i / s_i`` is at most 1 in
-    magnitude; ``(t, None)`` unless ``wide``."""
-    if not wide:
-        return t, None
-    if t.shape[1] * t.shape[2] == 0:
-        return t, t.new_ones(t.shape[0])  # (amax refuses an empty reduction)
-    scale = t.abs().amax((1, 2))
-    scale = torch.where(scale > 0, scale, 1.0)
-    return t / scale[:, None, None], scale
+def _balanced(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(â, ĝ, m)`` with ``G_i = m_i Σ_t ĝ_it â_itᵀ``, every element of ``â`` and ``ĝ`` at
+    most 1 in magnitude, and the largest element of the largest term 1."""
+    # G_i = Σ_t (s_it g_it)(a_it / s_it), s_it the largest |a_it|: each s_it |g_itj| is
+    # the largest element of row j of the term g_it a_itᵀ (finite where the term is), so
+    # positions of very different sizes keep their share; with m_i the largest of them,
+    # ĝ_it = s_it g_it / m_i
+    a_scale = _largest_magnitudes(a, (2,))
+    g = g * a_scale
+    g_scale = _largest_magnitudes(g, (1, 2))
+    return a / a_scale, g / g_scale, g_scale[:, 0, 0]
+
+
+def _largest_magnitudes(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The largest ``|t|`` over ``dims`` (kept), where it is finite and not 0, else 1: a
+    divisor that leaves every element at most 1 in magnitude, and an inf or NaN as it is
+    (an inf over itself would be NaN where torch.func's norm is inf)."""
+    if any(t.shape[d] == 0 for d in dims):
+        return t.new_ones([1 if d in dims else n for d, n in enumerate(t.shape)])
+    # max(max t, -min t): two reductions without the copy |t| (NaN propagates)
+    largest = torch.maximum(t.amax(dims, keepdim=True), t.amin(dims, keepdim=True).neg_())
+    return torch.where(largest.isfinite() & (largest > 0), largest, 1.0)
 
 
 def _gram_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -109,42 +107,61 @@ def _gram_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (gram_a * gram_g).sum((1, 2)).clamp_(min=0)
 
 
-def _row_norms(t: torch.Tensor, wide: bool) -> torch.Tensor:
-    """``‖t_i‖`` over all but the sample dim, without a squared copy of ``t``, in
-    :func:`squared_norm_dtype` (torch's float32 norm overflows once it passes 1.8e19)."""
-    dtype = squared_norm_dtype(t.dtype, t.device, wide=wide)
-    return torch.linalg.vector_norm(t, dim=(1, 2), dtype=dtype)
+def row_norms(t: torch.Tensor, *, scaled: bool = False) -> torch.Tensor:
+    """``‖t_i‖`` over all but the sample dim, in :func:`norm_dtype` (see
+    :func:`combined_norms` for ``scaled``)."""
+    return combined_norms(t.flatten(1), dim=1, scaled=scaled)
 
 
-def bias_squared_norms(g: torch.Tensor, *, wide: bool = False) -> torch.Tensor:
-    """``‖β_i‖²`` for every sample, shape ``(B,)``, in :func:`squared_norm_dtype`, of a
-    ``(B, T, out)`` trace with ``T > 1`` (:func:`layer_squared_norms` forms ``T = 1``
-    from the row norms)."""
+def bias_norms(g: torch.Tensor, *, scaled: bool = False) -> torch.Tensor:
+    """``‖β_i‖`` for every sample, shape ``(B,)``, in :func:`norm_dtype`, of a
+    ``(B, T, out)`` trace."""
     # β_i = Σ_t g_it, summed in float32 at least (float16 overflows where ‖β_i‖ fits)
-    return g.sum(1, dtype=squared_norm_dtype(g.dtype, g.device, wide=wide)).square().sum(1)
+    return combined_norms(g.sum(1, dtype=norm_dtype(g.dtype)), dim=1, scaled=scaled)
+
+
+def combined_norms(norms: torch.Tensor, dim: int, *, scaled: bool = False) -> torch.Tensor:
+    """``(Σ n²)^½`` over ``dim`` of ``norms``, in :func:`norm_dtype`, without a squared
+    copy. torch's vector_norm squares the elements as they are, which overflows float32
+    from 1.8e19 on and underflows below 1e-19; ``scaled``: of ``norms`` divided by their
+    largest magnitude, right wherever the result fits (one pass and a copy more)."""
+    dtype = norm_dtype(norms.dtype)
+    if not scaled:
+        return torch.linalg.vector_norm(norms, dim=dim, dtype=dtype)
+    # ‖n‖ = m ‖n / m‖, m the largest |n|
+    scale = _largest_magnitudes(norms.to(dtype), (dim,))
+    return torch.linalg.vector_norm(norms / scale, dim=dim).mul_(scale.squeeze(dim))
+
+
+def layer_norms(
+    a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool, scaled: bool = False
+) -> torch.Tensor:
+    """``(‖G_i‖² + ‖β_i‖²)^½``, counting the ones flagged by ``weight`` and ``bias``, for
+    every sample, shape ``(B,)``, in :func:`norm_dtype` (see :func:`weight_norms` for
+    ``scaled``)."""
+    if g.shape[1] == 1:
+        g_norms = row_norms(g, scaled=scaled)
+        if not weight:
+            # ‖β_i‖ = ‖g_i‖
+            return g_norms
+        a_norms = row_norms(a, scaled=scaled)
+        # ‖g_i a_iᵀ‖ = ‖g_i‖ ‖a_i‖, and with the bias ‖g_i‖ (‖a_i‖² + 1)^½: two passes over
+        # the layer's data (a few more if scaled)
+        return g_norms.mul_(torch.hypot(a_norms, a_norms.new_ones(())) if bias else a_norms)
+    parts = []
+    if weight:
+        parts.append(weight_norms(a, g, scaled=scaled))
+    if bias:
+        parts.append(bias_norms(g, scaled=scaled))
+    return combined_norms(torch.stack(parts), dim=0, scaled=scaled)
 
 
 def layer_squared_norms(
-    a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool, wide: bool = False
+    a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool
 ) -> torch.Tensor:
-    """``‖G_i‖² + ‖β_i‖²``, counting the ones flagged by ``weight`` and ``bias``, for every
-    sample, shape ``(B,)``, in :func:`squared_norm_dtype` (``wide``: in float64, from
-    samples scaled to at most 1 for ``T > 1``, so that nothing overflows where the norm
-    fits; a few passes more over the layer's data)."""
-    if g.shape[1] == 1:
-        g2 = _row_norms(g, wide).square_()
-        if not weight:
-            # ‖β_i‖² = ‖g_i‖²
-            return g2
-        a2 = _row_norms(a, wide).square_()
-        # ‖g_i a_iᵀ‖² + ‖g_i‖² = ‖g_i‖² (‖a_i‖² + 1): two passes over the layer's data
-        return g2.mul_(a2.add_(1.0) if bias else a2)
-    total = (
-        weight_squared_norms(a, g, wide=wide)
-        if weight
-        else g.new_zeros(g.shape[0], dtype=squared_norm_dtype(g.dtype, g.device, wide=wide))
-    )
-    return total.add_(bias_squared_norms(g, wide=wide)) if bias else total
+    """The squares of :func:`layer_norms` (plain): the step ``experiments.norms_overhead``
+    times in isolation."""
+    return layer_norms(a, g, weight=weight, bias=bias).square_()
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -190,9 +207,9 @@ def weight_sum_grad_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = Σ_i (s_i g_i)² (â_i²)ᵀ, â_i = a_i / s_i with
         # s_i a_i's largest magnitude: a_i² alone can overflow float32 while g_i = 0
         # (inf·0 = NaN); s_i g_i overflows only where G_i's largest element does
-        scaled_a, scale = _scaled_samples(a.to(dtype), wide=True)
-        scaled_g = g[:, 0].to(dtype) * scale[:, None]
-        return scaled_g.square().t() @ scaled_a[:, 0].square()
+        a = a[:, 0].to(dtype)
+        scale = _largest_magnitudes(a, (1,))
+        return (g[:, 0].to(dtype) * scale).square().t() @ (a / scale).square()
     total = a.new_zeros(out_features, in_features, dtype=dtype)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i, squared and summed over the chunk's samples
