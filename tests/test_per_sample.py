@@ -765,6 +765,22 @@ def test_float32_statistics_of_an_ignored_sample_with_huge_activations():
         torch.testing.assert_close(p.grad_variance.double(), variance, atol=1e-6, rtol=1e-5)
 
 
+def test_float32_statistics_of_a_huge_activation_beside_small_ones():
+    """Sample 0's activations are 1e30, 1e-20 and 0, its output gradient 1: G_0's first
+    column is 1e30 (its square inf in float32, as in torch.func), the others 1e-20 and
+    0. Squaring s_0 g_0 (s_0 = 1e30) gave inf, times (a_0 / s_0)² = 0: NaN in those
+    columns of p.sum_grad_squared, where sample 1 makes them 4 and 9. The factors are now
+    balanced, each at most (s_i r_i)^½ (the largest |G_i|)."""
+    layer = torchbp.nn.Linear(3, 2)
+    x = torch.tensor([[1e30, 1e-20, 0.0], [1.0, 2.0, 3.0]])
+    upstream = torch.ones(2, 2)  # dL/dy
+    with per_sample_grads(layer, mode="norms", statistics=True):
+        (layer(x) * upstream).sum().backward()
+    per_sample = torch.einsum("bo,bi->boi", upstream.double(), x.double())
+    expected = per_sample.square().sum(0).float()  # inf in column 0, as torch.func's
+    torch.testing.assert_close(layer.weight.sum_grad_squared, expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("weight,bias", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize(
     "shape,features",

@@ -204,12 +204,15 @@ def weight_sum_grad_squared(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out_features = g.shape[-1]
     dtype = norm_dtype(g.dtype)
     if t == 1:
-        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = Σ_i (s_i g_i)² (â_i²)ᵀ, â_i = a_i / s_i with
-        # s_i a_i's largest magnitude: a_i² alone can overflow float32 while g_i = 0
-        # (inf·0 = NaN); s_i g_i overflows only where G_i's largest element does
-        a = a[:, 0].to(dtype)
-        scale = _largest_magnitudes(a, (1,))
-        return (g[:, 0].to(dtype) * scale).square().t() @ (a / scale).square()
+        # Σ_i (g_i a_iᵀ)² = Σ_i g_i² (a_i²)ᵀ = Σ_i (σ_i g_i)² (a_i / σ_i)²ᵀ, σ_i = (s_i / r_i)^½
+        # with s_i, r_i the largest |a_i|, |g_i|: both factors at most (s_i r_i)^½, the
+        # largest |G_i|, in magnitude, so neither square overflows where G_i's do (a_i²
+        # alone can, and inf times a 0 of g_i² or of a square that underflowed is NaN)
+        a, g = a[:, 0].to(dtype), g[:, 0].to(dtype)
+        a_root = _largest_magnitudes(a, (1,)).sqrt_()
+        g_root = _largest_magnitudes(g, (1,)).sqrt_()
+        scaled_g = (g / g_root).mul_(a_root).square_()
+        return scaled_g.t() @ (a / a_root).mul_(g_root).square_()
     total = a.new_zeros(out_features, in_features, dtype=dtype)
     for rows in _sample_chunks(batch, in_features * out_features):
         # G_i = g_iᵀ a_i, squared and summed over the chunk's samples
