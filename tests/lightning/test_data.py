@@ -383,6 +383,16 @@ def test_array_module_refuses_bad_workers_and_seeds_when_made(kwargs, match):
     DigitsDataModule(seed=2**32 - 2).setup()
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**62])
+def test_synthetic_module_refuses_a_seed_out_of_range_when_made(seed):
+    """A seed of 2**62 was taken, and the first batch failed deep inside ("Overflow when
+    unpacking long long": its generator's seed is about 3e6 times it)."""
+    with pytest.raises(DataConfigError, match=rf"^seed must be in \[0, 4294967295\], got {seed}$"):
+        SyntheticDataModule(seed=seed)
+    largest = SyntheticDataModule(seed=2**32 - 1, n_samples=10, n_features=2)
+    assert next(iter(largest.train_dataloader()))[0].shape == (10, 2)
+
+
 def test_synthetic_module_refuses_negative_workers_when_made():
     with pytest.raises(DataConfigError, match="num_workers must be >= 0, got -2"):
         SyntheticDataModule(num_workers=-2)

@@ -20,6 +20,12 @@ from torchbp.lightning.data_base import (
 __all__ = ["SyntheticDataModule"]
 
 
+#: the largest ``seed`` of a :class:`SyntheticDataModule` (Lightning's ``seed_everything``
+#: range): each batch's generator is seeded with about ``3 * 10**6 * seed``, which must
+#: stay below 2**64
+MAX_SEED = 2**32 - 1
+
+
 class _SyntheticTask:
     """The fixed (seeded) generative model: class means or a random teacher MLP."""
 
@@ -108,7 +114,7 @@ class SyntheticDataModule(ClassificationDataModule):
         n_val: Validation samples.
         n_test: Test samples.
         batch_size: Mini-batch size for all splits.
-        seed: Seed of the task and of every batch.
+        seed: Seed of the task and of every batch, in ``[0, 2**32 - 1]``.
         shuffle: Visit the training batches in a new (seeded) order each epoch.
         num_workers: DataLoader worker processes generating batches.
     """
@@ -144,6 +150,8 @@ class SyntheticDataModule(ClassificationDataModule):
             raise DataConfigError(f"unknown kind {kind!r}; use gaussian_mixture or teacher")
         if not math.isfinite(separation):
             raise DataConfigError(f"separation must be finite, got {separation}")
+        if not 0 <= seed <= MAX_SEED:
+            raise DataConfigError(f"seed must be in [0, {MAX_SEED}], got {seed}")
         check_num_workers(num_workers)
         self.n_samples, self.n_features, self.n_classes = n_samples, n_features, n_classes
         self.kind, self.separation = kind, separation
