@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -89,6 +91,10 @@ def test_allowed_modules_pass():
         ({"mode": "clip", "max_norm": -1.0}, ValueError, "max_norm must be positive"),
         ({"mode": "clip", "max_norm": float("inf")}, ValueError, "max_norm must be positive"),
         ({"mode": "norms", "max_norm": 1.0}, ValueError, "max_norm is used only by mode='clip'"),
+        ({"mode": "clip", "max_norm": torch.ones(2)}, TypeError, "needs max_norm, a positive"),
+        ({"mode": "clip", "max_norm": torch.tensor(True)}, TypeError, "needs max_norm"),
+        ({"mode": "clip", "max_norm": torch.tensor(-1.0)}, ValueError, "must be positive"),
+        ({"mode": "clip", "max_norm": torch.tensor(math.nan)}, ValueError, "must be positive"),
         ({"statistics": "yes"}, TypeError, "statistics must be a bool, got 'yes'"),
         ({"statistics": 1}, TypeError, "statistics must be a bool, got 1"),
     ],
@@ -96,6 +102,23 @@ def test_allowed_modules_pass():
 def test_argument_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         per_sample_grads(mlp(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "max_norm", [torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64, requires_grad=True)]
+)
+def test_max_norm_as_a_0_dim_tensor_clips_as_the_number(max_norm):
+    """torch.nn.utils.clip_grad_norm_ takes max_norm as a float or a tensor; a 0-dim
+    real tensor (with grad too: nothing flows back through a clip factor) was refused
+    with a TypeError. It is read once, as a float."""
+    model, x = mlp(), torch.randn(6, 4)
+    with per_sample_grads(model, mode="clip", max_norm=0.5) as expected:
+        model(x).sum().backward()
+    model.zero_grad()
+    with per_sample_grads(model, mode="clip", max_norm=max_norm) as ps:
+        model(x).sum().backward()
+    assert ps.max_norm == 0.5 and type(ps.max_norm) is float
+    torch.testing.assert_close(ps.clip_factors, expected.clip_factors, rtol=0, atol=0)
 
 
 def test_model_must_be_a_module():

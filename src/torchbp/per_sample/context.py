@@ -42,7 +42,7 @@ class PerSampleGrads:
         self,
         model: nn.Module,
         mode: str = "norms",
-        max_norm: float | None = None,
+        max_norm: float | torch.Tensor | None = None,
         *,
         statistics: bool = False,
     ) -> None:
@@ -689,7 +689,8 @@ def _is_in(p: nn.Parameter | None, ids: set[int]) -> bool:
 
 
 def _checked_max_norm(mode: str, max_norm: object) -> float | None:
-    """``max_norm`` as a float: a positive finite number in clip mode, ``None`` otherwise.
+    """``max_norm`` as a float: a positive finite number (or a 0-dim real tensor of one) in
+    clip mode, ``None`` otherwise.
 
     Raises:
         TypeError: clip mode without a number (``None`` included).
@@ -702,6 +703,8 @@ def _checked_max_norm(mode: str, max_norm: object) -> float | None:
                 f"per_sample_grads: max_norm is used only by mode='clip' (mode={mode!r})"
             )
         return None
+    if _is_real_scalar_tensor(max_norm):
+        max_norm = max_norm.item()  # (as torch.nn.utils.clip_grad_norm_ takes one)
     if not _is_number(max_norm):
         raise TypeError(
             f"per_sample_grads: mode='clip' needs max_norm, a positive number; got {max_norm!r}"
@@ -709,6 +712,15 @@ def _checked_max_norm(mode: str, max_norm: object) -> float | None:
     if not (_is_finite(max_norm) and max_norm > 0):
         raise ValueError(f"per_sample_grads: max_norm must be positive and finite, got {max_norm}")
     return float(max_norm)
+
+
+def _is_real_scalar_tensor(value: object) -> bool:
+    """A 0-dim tensor of a real dtype (not bool, not complex), off the meta device."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and not (value.dtype == torch.bool or value.is_complex() or value.is_meta)
+    )
 
 
 def _is_finite(value: numbers.Real) -> bool:
@@ -786,7 +798,7 @@ def _in_place_refusal(grad: torch.Tensor) -> str | None:
 def per_sample_grads(
     model: nn.Module,
     mode: str = "norms",
-    max_norm: float | None = None,
+    max_norm: float | torch.Tensor | None = None,
     *,
     statistics: bool = False,
 ) -> PerSampleGrads:
@@ -903,7 +915,8 @@ def per_sample_grads(
     Args:
         model: the module whose trainable parameters are accounted for.
         mode: ``"norms"`` | ``"grads"`` | ``"clip"``.
-        max_norm: the clipping bound ``C > 0``; required by, and only by, ``"clip"``.
+        max_norm: the clipping bound ``C > 0`` (a number or a 0-dim real tensor, read once
+            at creation); required by, and only by, ``"clip"``.
         statistics: also set, for every trainable parameter, ``p.sum_grad_squared``
             (``Σ_i grad_i²``, element-wise; 2-D inputs: ``(g²)ᵀ(a²)``) and
             ``p.grad_variance`` (``Σ_i grad_i²/B − (Σ_i grad_i/B)²``, the variance over the
