@@ -28,7 +28,7 @@
 # left is reported as skipped. Per-step limits: T_PYTEST_CHANGED, T_VERIFY, T_TRAIN,
 # T_PYTEST, T_TRITON, T_BENCH; T_ENV for each preparation (wheels, environment facts,
 # nvidia-smi); REPORT_RESERVE (10 s) kept for the report. Estimated on an H100 (s): wheels+env 10, pytest_changed 15, verify 30,
-# train_dp 20, each other fit 15, pytest_cuda 35 with pytest-xdist (PYTEST_WORKERS, 4),
+# train_dp 20, each other fit 15, pytest_cuda 35 with pytest-xdist (PYTEST_WORKERS, 8: half the 16 cores; 2445 CUDA tests),
 # pytest_triton 30, bench what is left (~100).
 #
 # Usage, from anywhere:
@@ -230,7 +230,7 @@ PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider --no-header -rfEX
   --continue-on-collection-errors) # one broken module must not cancel the whole step
 PAR=()
 if ! dry; then # (as the environment facts found them)
-  grep -q '^- xdist: [^n]' <<<"$ENV_MD" && PAR+=(-n "${PYTEST_WORKERS:-4}")
+  grep -q '^- xdist: [^n]' <<<"$ENV_MD" && PAR+=(-n "${PYTEST_WORKERS:-8}")
   grep -q '^- pytest_timeout: [^n]' <<<"$ENV_MD" && PAR+=(--timeout 60)
 fi
 # test_cuda_readiness.py last: its class-index check, should it end in a device-side
