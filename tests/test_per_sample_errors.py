@@ -1564,3 +1564,24 @@ def test_add_noise_refuses_a_grad_it_cannot_add_to_before_any_change(unwritable,
         if before[name] is not None:
             same = torch.equal(before[name].to_dense(), copies[name].to_dense())
             assert same, f"{name}'s p.grad changed"
+
+
+def test_frozen_parametrized_weight_named_as_the_reason():
+    """A Linear whose weight is parametrized (torch.nn.utils.parametrize) gets a new weight
+    tensor at every forward. Frozen with a trainable bias, it was refused as a Linear that
+    'passed a weight other than its own parameter (does its forward transform it?)': now
+    the parametrization is named, with the way out (a trainable one is refused by name at
+    creation)."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = mlp()
+    parametrize.register_parametrization(model[0], "weight", Doubled())
+    model[0].parametrizations.weight.original.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"Linear '0' has a parametrized weight.*remove_param"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            model(torch.randn(5, 4)).sum().backward()
+    assert model[0].bias.grad is None
