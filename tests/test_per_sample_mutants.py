@@ -6,6 +6,7 @@ clip factors at an infinite norm, and backwards after one failed or cut short (M
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 
 import pytest
@@ -375,3 +376,19 @@ def test_every_backward_after_the_recorded_one_refused_as_a_second():
                 model(x).sum().backward()
             assert "forms nothing" not in str(refused.value)
     assert torch.equal(ps.norms, norms)
+
+
+@pytest.mark.parametrize("t", [1, 3], ids=["2d", "3d"])
+def test_scaled_norms_of_negative_and_infinite_activations(t):
+    """The scaled norms divide by each position's largest magnitude: of a sample whose
+    activations are all negative (-1e25; its largest *value* is negative) as of a positive
+    one, so that ‖a_i‖² cannot overflow (a scale of 1 gave inf); and not by an infinite
+    one, which makes inf/inf = NaN where torch.func's norm of G_i (g_i nonzero) is inf."""
+    a = torch.full((3, t, 4), -1e25)
+    a[1] = 1.0
+    a[2, :, 0] = torch.inf
+    g = torch.full((3, t, 2), 1e-10)
+    norms = formulas.layer_norms(a, g, weight=True, bias=False, scaled=True)
+    # G_i = Σ_t g_it a_itᵀ: every element t·1e-10·a, over 2·4 elements
+    expected = torch.tensor([t * 1e15, t * 1e-10, math.inf]) * math.sqrt(8)
+    torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
