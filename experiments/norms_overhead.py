@@ -25,7 +25,7 @@ import torch
 import torchbp
 from torchbp.autograd.linear import per_sample_recording
 from torchbp.per_sample import per_sample_grads
-from torchbp.per_sample.formulas import layer_squared_norms
+from torchbp.per_sample.formulas import layer_norms
 
 SIZES = (784, 1024, 1024, 10)
 BATCH = 256
@@ -86,7 +86,7 @@ def cases(x, y):
                 squared = 0
                 for layer, (a, g) in zip(reversed(linears), recorder.traces):
                     a3, g3 = a.reshape(BATCH, 1, -1), g.reshape(BATCH, 1, -1)
-                    squared = squared + layer_squared_norms(a3, g3, weight=True, bias=True)
+                    squared = squared + layer_norms(a3, g3, weight=True, bias=True).square()
                     layer.weight.grad = g.t() @ a
                     layer.bias.grad = g.sum(0)
                 squared.sqrt()

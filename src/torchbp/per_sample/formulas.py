@@ -156,14 +156,6 @@ def layer_norms(
     return combined_norms(torch.stack(parts), dim=0, scaled=scaled)
 
 
-def layer_squared_norms(
-    a: torch.Tensor | None, g: torch.Tensor, *, weight: bool, bias: bool
-) -> torch.Tensor:
-    """The squares of :func:`layer_norms` (plain): the step ``experiments.norms_overhead``
-    times in isolation."""
-    return layer_norms(a, g, weight=weight, bias=bias).square_()
-
-
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     """``c_i = min(1, max_norm / norms_i)``, in ``norms``' dtype: 1 for a norm at most
     ``max_norm`` (a zero norm included, also where ``max_norm`` rounds to 0 in that dtype
