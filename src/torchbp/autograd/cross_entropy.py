@@ -237,10 +237,10 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
     keep = keeps_shifted(coef)
     s = z.to(acc) - m if out is None or keep else torch.sub(z, m, out=out)
     early = early_terms(coef, s, keep)  # taken before s may be overwritten by e = exp(s)
-    # exp(s) over s, and ∂ℓ/∂z in e's buffer, only where autograd records none of these ops:
-    # a Function's forward runs with grad mode off, but torch.compile tracing one under
-    # torch.func.grad records them (and gather's backward, in early_terms, keeps s)
-    in_place = not torch.is_grad_enabled()
+    # exp(s) over s, and ∂ℓ/∂z in e's buffer, only eagerly: torch.compile, tracing the
+    # forward under torch.func.grad, records these ops for autograd (gather's backward, in
+    # early_terms, keeps s), and its compiled graph needs no buffer reuse anyway
+    in_place = not torch.compiler.is_compiling()
     # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0
     e = (s.exp() if out is None else torch.exp(s, out=out)) if keep or not in_place else s.exp_()
     total = e.sum(1, keepdim=True)
@@ -253,7 +253,7 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
         grad = subtract_b(coef, e.mul_(scale))  # built in e's buffer
     else:
         # torch.func batches the target or weights (maybe not the logits): an in-place op
-        # cannot add a batch dim to e; or autograd records: the same formula out of place
+        # cannot add a batch dim to e; or compiling: the same formula out of place
         grad = e * scale - dense_b(coef, z.shape[1])
     return CERows(loss, grad, (m + log_total).squeeze(1))
 
