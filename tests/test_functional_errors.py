@@ -483,8 +483,9 @@ def test_ignore_index_outside_int64_is_natives_value_error(name, ignore_index):
     # not be accepted, nor fail deep inside (linear_cross_entropy's mask comparison did)
     x, target = torch.randn(3, 4), torch.tensor([0, 1, 2])
     args = (x, torch.randn(5, 4), target) if name == "linear_cross_entropy" else (x, target)
-    with pytest.raises(ValueError):
-        getattr(F, name)(*args, ignore_index=ignore_index)
+    if hasattr(F, name):  # (native's linear_cross_entropy needs torch 2.13)
+        with pytest.raises(ValueError):
+            getattr(F, name)(*args, ignore_index=ignore_index)
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         getattr(TF, name)(*args, ignore_index=ignore_index)
     getattr(TF, name)(*args, ignore_index=2**63 - 1 if ignore_index > 0 else -(2**63))  # fits
