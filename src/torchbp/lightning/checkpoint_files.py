@@ -50,7 +50,7 @@ INTERRUPTED_SUFFIX = "-interrupted"
 
 #: ERMClassifier's options that choose how the model runs, not which model it is: they may
 #: differ from a checkpoint's (the optimizer's class is checked against its saved state, and
-#: a fit's privacy by TorchbpCLI._check_resume_privacy)
+#: a fit's privacy by ckpt_path.check_checkpoint_fits_model)
 _HOW_THE_MODEL_RUNS = ("backend", "compile", "fused_head", "optimizer", "lr_scheduler", "privacy")
 
 

@@ -72,18 +72,13 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from torchbp.lightning.array_data import ArrayDataModule
-from torchbp.lightning.checkpoint_files import (
-    best_checkpoint,
-    check_registry_checkpoint,
-    check_resumable,
-    configured_optimizer,
-    hyperparameters_mismatch,
-    local_checkpoint,
-    newest_last_checkpoint,
-    optimizer_mismatch,
-    read_checkpoint,
-    weights_mismatch,
-    why_unreadable,
+from torchbp.lightning.ckpt_path import (
+    best_checkpoint_to_evaluate,
+    check_checkpoint_file,
+    check_checkpoint_fits_model,
+    check_hpc_checkpoint,
+    configured_checkpoint_dir,
+    last_checkpoint,
 )
 from torchbp.lightning.config_files import (
     DEFAULT_CONFIG,
@@ -292,12 +287,12 @@ class TorchbpCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
-            self._check_checkpoint_file(ckpt_path)
+            check_checkpoint_file(ckpt_path)
         # LightningCLI would next replace the configured model by a checkpoint file's
         # hyperparameters, dropping the model options given with it (not those given with
         # --ckpt_path last or best, found later): held back until before_instantiate_classes,
         # every --ckpt_path runs the configured model, refused if it is another than the
-        # checkpoint's (_check_checkpoint_fits_model)
+        # checkpoint's (check_checkpoint_fits_model)
         self._held_ckpt_path = ckpt_path
         if ckpt_path is not None:
             self.config[subcommand]["ckpt_path"] = None
@@ -370,12 +365,15 @@ class TorchbpCLI(LightningCLI):
         cfg["run_name"] = root.name
         self._version: int | None = None
         self._resumed = False  # fit --ckpt_path last: the run folder's files are its own
+        dirpath = configured_checkpoint_dir(cfg.get("checkpoint"))
         if cfg.get("ckpt_path") == "last":
-            cfg["ckpt_path"] = self._last_checkpoint(root)
+            cfg["ckpt_path"], resumed_version = last_checkpoint(root, self.subcommand, dirpath)
+            if resumed_version is not None:  # fit resumes: keep logging there
+                self._version, self._resumed = resumed_version, True
         elif cfg.get("ckpt_path") == "best":
-            cfg["ckpt_path"] = str(self._best_checkpoint_to_evaluate(root))
+            cfg["ckpt_path"] = str(best_checkpoint_to_evaluate(root, self.subcommand, dirpath))
         self._resume_requeued_slurm_job(root)
-        self._check_checkpoint_file(cfg.get("ckpt_path"))
+        check_checkpoint_file(cfg.get("ckpt_path"))
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
@@ -443,112 +441,6 @@ class TorchbpCLI(LightningCLI):
                 break
         self._made_folders = []
 
-    def _last_checkpoint(self, root: Path) -> str | None:
-        """``--ckpt_path last``: the newest ``last*.ckpt`` of the most recent run under
-        ``root`` that has one (``fit`` resumes that run, in its folder); with a configured
-        ``checkpoint.dirpath``, which every run saves into, the newest ``last*.ckpt`` there,
-        as Lightning's ``ckpt_path="last"`` finds it (a run folder of its own); with none,
-        ``fit`` starts from scratch (``None``) and the evaluating subcommands exit with an
-        error."""
-        dirpath = self._configured_checkpoint_dir()
-        if dirpath is not None:
-            return self._last_checkpoint_in(dirpath)
-        for version in reversed(run_versions(root)):
-            # the newest last*.ckpt, as Lightning finds "last": a run resumed after its
-            # folder moved saves last-v1.ckpt (the moved checkpoint records another folder)
-            newest = newest_last_checkpoint(root / f"version_{version}/checkpoints")
-            if newest is None:
-                continue
-            if self.subcommand == "fit":
-                self._version = version  # resumed: keep logging there
-                self._resumed = True
-            return str(newest)
-        if self.subcommand != "fit":
-            # evaluating an untrained model would pass for the run's metrics
-            exit_with_error(
-                f"--ckpt_path last: no last.ckpt under {root}; nothing to {self.subcommand} "
-                "(check --run_dir and --run_name, or give the checkpoint's path)"
-            )
-        print(f"no last.ckpt under {root}; starting from scratch", file=sys.stderr)
-        return None
-
-    def _configured_checkpoint_dir(self) -> Path | None:
-        """The configured ``checkpoint.dirpath`` as ModelCheckpoint saves into it (``~``
-        expanded, made absolute), or ``None`` when none is configured."""
-        dirpath = (self._subcommand_config(self.config).get("checkpoint") or {}).get("dirpath")
-        if not dirpath:
-            return None
-        return Path(os.path.realpath(os.path.expanduser(dirpath)))
-
-    def _last_checkpoint_in(self, folder: Path) -> str | None:
-        """``--ckpt_path last`` with ``checkpoint.dirpath`` ``folder``: its newest
-        ``last*.ckpt`` (Lightning numbers a second run's ``last-v1.ckpt``); none is handled
-        as under the run folders."""
-        newest = newest_last_checkpoint(folder)
-        if newest is not None:
-            return str(newest)
-        if self.subcommand != "fit":
-            exit_with_error(
-                f"--ckpt_path last: no last.ckpt in {folder} (checkpoint.dirpath); nothing to "
-                f"{self.subcommand} (give the checkpoint's path)"
-            )
-        print(
-            f"no last.ckpt in {folder} (checkpoint.dirpath); starting from scratch", file=sys.stderr
-        )
-        return None
-
-    def _best_checkpoint_to_evaluate(self, root: Path) -> Path:
-        """``--ckpt_path best``: the best checkpoint of the latest run under ``root``, or with a
-        configured ``checkpoint.dirpath`` the one its newest ``last*.ckpt`` records (Lightning's
-        ``best`` means a fit's in the same process, which validate/test/predict never have)."""
-        if self.subcommand == "fit":
-            exit_with_error(
-                "--ckpt_path best: fit resumes from last or a checkpoint file; best is for "
-                "validate, test and predict"
-            )
-        dirpath = self._configured_checkpoint_dir()
-        if dirpath is not None:  # every run saves there: its newest last*.ckpt records the best
-            runs = [dirpath]
-        else:
-            runs = [root / f"version_{v}/checkpoints" for v in reversed(run_versions(root))]
-        latest = next((folder for folder in runs if any(folder.glob("*.ckpt"))), None)
-        newest_last = None if latest is None else newest_last_checkpoint(latest)
-        best = None
-        if latest is not None:
-            best = best_checkpoint(latest, newest_last.name if newest_last else "last.ckpt")
-        if best is None and dirpath is not None:
-            exit_with_error(
-                f"--ckpt_path best: no best checkpoint in {dirpath} (checkpoint.dirpath); "
-                f"nothing to {self.subcommand} (give the checkpoint's path)"
-            )
-        if best is None:
-            where = root if latest is None else latest
-            exit_with_error(
-                f"--ckpt_path best: no best checkpoint under {where}; nothing to "
-                f"{self.subcommand} (check --run_dir and --run_name, or give the checkpoint's "
-                "path)"
-            )
-        return best
-
-    @staticmethod
-    def _check_checkpoint_file(ckpt_path: str | None) -> None:
-        """A local ``--ckpt_path`` must be a checkpoint file that can be read: else Lightning
-        fails with a traceback (LightningCLI reads its hyperparameters as it parses, a fit
-        loads it once the run has started)."""
-        check_registry_checkpoint(ckpt_path)
-        path = local_checkpoint(ckpt_path)
-        if path is None:
-            return
-        if not path.is_file():
-            exit_with_error(f"--ckpt_path: checkpoint file not found: {ckpt_path}")
-        problem = why_unreadable(path)
-        if problem:
-            exit_with_error(
-                f"--ckpt_path: {ckpt_path} is not a readable checkpoint: {problem} (a save cut "
-                "short by a crash or a full disk? give another checkpoint of the run, e.g. its "
-                "best)"
-            )
-
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a data problem or an invalid value is a
         one-line error (exit status 2) before any training starts, which leaves no run
@@ -568,8 +460,9 @@ class TorchbpCLI(LightningCLI):
                 self.model.check_scheduler(self.trainer)
                 self._check_monitors()
             self._check_privacy()
-            self._check_checkpoint_fits_model()
-            self._check_hpc_checkpoint()
+            ckpt_path = self._subcommand_config(self.config).get("ckpt_path")
+            check_checkpoint_fits_model(ckpt_path, self.subcommand, self.model, self.datamodule)
+            check_hpc_checkpoint(ckpt_path, self.trainer.default_root_dir)
             self._check_config_file_is_new()
             self._check_run_folders_can_be_written()
         except _CONFIG_ERRORS as e:
@@ -598,96 +491,6 @@ class TorchbpCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, EarlyStopping) and callback.strict:
                 _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
-
-    def _check_checkpoint_fits_model(self) -> None:
-        """A ``--ckpt_path`` that the configured model cannot load (another architecture), is
-        another model than (another activation, label smoothing or class weights: it loads,
-        and the run evaluated or trained on a model nobody trained), or a fit cannot continue
-        (the state of another optimizer class) is an error now: Lightning finds out only
-        once the run has started, when it has written the new config.yaml over a resumed
-        run's, or never. The same for ``last``, ``best`` and a file's path: the configured
-        model runs (LightningCLI's own replacing of it by a checkpoint file's
-        hyperparameters dropped options silently), and how it runs (backend, compile,
-        fused_head) may differ from the checkpoint's."""
-        path = self._subcommand_config(self.config).get("ckpt_path")
-        local = local_checkpoint(path)
-        checkpoint = None if local is None else read_checkpoint(local)
-        if checkpoint is None:
-            return
-        # the data first: data of other classes is why a model's sizes differ
-        data_state = checkpoint.get(type(self.datamodule).__qualname__)
-        if isinstance(data_state, dict):
-            try:  # what Lightning does once the run has started
-                self.datamodule.load_state_dict(data_state)
-            except DataConfigError as e:
-                exit_with_error(f"--ckpt_path: {path}: {e}")
-        if self.subcommand == "fit":
-            check_resumable(checkpoint, path)
-        if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
-            self._check_resume_privacy(checkpoint, path, self._same_data(data_state))
-        hint = "(its run's config.yaml has the options it was trained with)"
-        problems = weights_mismatch(checkpoint, self.model)
-        if problems:
-            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-            exit_with_error(
-                f"--ckpt_path: {path} does not fit the configured model: {shown} {hint}"
-            )
-        if isinstance(self.model, ERMClassifier):
-            problems = hyperparameters_mismatch(checkpoint, self.model)
-            if problems:
-                exit_with_error(
-                    f"--ckpt_path: {path} does not fit the configured model: "
-                    f"{'; '.join(problems)} {hint}"
-                )
-        optimizer = configured_optimizer(self.model) if self.subcommand == "fit" else None
-        problems = [] if optimizer is None else optimizer_mismatch(checkpoint, optimizer)
-        if problems:
-            exit_with_error(
-                f"--ckpt_path: {path}: its optimizer state does not fit "
-                f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
-                "the run was trained with (its config.yaml has it)"
-            )
-
-    def _check_hpc_checkpoint(self) -> None:
-        """``--ckpt_path hpc``: Lightning loads the newest ``hpc_ckpt_<n>.ckpt`` of
-        trainer.default_root_dir (where it saves one on a SLURM requeue), and without one
-        fails once the run has started."""
-        if self._subcommand_config(self.config).get("ckpt_path") != "hpc":
-            return
-        folder = Path(self.trainer.default_root_dir)
-        if not any(folder.glob("hpc_ckpt_*.ckpt")):
-            exit_with_error(
-                f"--ckpt_path hpc: no hpc_ckpt_<n>.ckpt in {os.path.abspath(folder)} (Lightning "
-                "saves one into trainer.default_root_dir on a SLURM requeue); name that folder "
-                "with --trainer.default_root_dir, or give the checkpoint's path"
-            )
-
-    def _same_data(self, data_state: Any) -> bool:
-        """Whether a checkpoint's DataModule state (``None``: another DataModule class) says
-        it was trained on the configured data: the same source, or no source recorded."""
-        if not isinstance(data_state, dict):
-            return False
-        return data_state.get("source") == self.datamodule.state_dict().get("source")
-
-    def _check_resume_privacy(self, checkpoint: dict[str, Any], path: str, same_data: bool) -> None:
-        """A fit from a checkpoint keeps its DP-SGD setting: a private checkpoint fitted on
-        without privacy ends as a model no ε holds for, and one trained on this data without
-        privacy has no ε whatever the noise from here (both went on silently)."""
-        private = (checkpoint.get("hyper_parameters") or {}).get("privacy") is not None
-        private = private or "privacy_accountant" in checkpoint
-        if private and self.model.privacy is None:
-            exit_with_error(
-                f"--ckpt_path: {path} was trained with DP-SGD, and this configuration has no "
-                "privacy: training on would end with a model no epsilon holds for; resume "
-                "with the run's privacy settings (its config.yaml has them)"
-            )
-        trained = (checkpoint.get("global_step") or 0) > 0
-        if not private and trained and same_data and self.model.privacy is not None:
-            exit_with_error(
-                f"--ckpt_path: {path} was trained without DP-SGD on this data: no epsilon "
-                "holds for its weights, whatever the noise from here; train with privacy from "
-                "the start (a new run, without --ckpt_path)"
-            )
 
     def _log_folder(self) -> str | None:
         """Where the run's logs and config go: Trainer.log_dir without its broadcast (no
