@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
+import torchbp.nn
 from torchbp.lightning import ERMClassifier, build_mlp
 from torchbp.lightning.module import ACTIVATIONS
 
@@ -414,3 +416,24 @@ def test_an_optimizer_with_a_namedtuple_hyperparameter_keeps_it():
     m = ERMClassifier(input_size=4, num_classes=3, optimizer=_SGDWithNamedSettings)
     settings = m.configure_optimizers().param_groups[0]["settings"]
     assert settings == _SGDWithNamedSettings.Settings(warmup=1, decay=0.5)
+
+
+def test_a_checkpoint_saved_before_module_py_was_split_still_loads():
+    """``data/erm_before_split.ckpt`` was saved by a one-epoch ``Trainer.fit`` of
+    ``ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[5], activation="leaky_relu",
+    negative_slope=0.2, class_weight=[1, 2, 0.5], label_smoothing=0.1, optimizer=SGD(lr=0.1,
+    momentum=0.9), lr_scheduler=StepLR(step_size=1, gamma=0.5))`` while everything was in
+    module.py: it loads as the same model (weights, options, optimizer and scheduler), with
+    torch.load's default weights_only=True."""
+    path = Path(__file__).parent / "data" / "erm_before_split.ckpt"
+    saved = torch.load(path, weights_only=True)
+    model = ERMClassifier.load_from_checkpoint(path, weights_only=True)
+    assert dict(model.hparams) == saved["hyper_parameters"]
+    own = model.state_dict()
+    assert own.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(own[key], saved["state_dict"][key]) for key in own)
+    assert isinstance(model.net[1], torchbp.nn.LeakyReLU) and model.net[1].negative_slope == 0.2
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer["optimizer"], torch.optim.SGD)
+    assert optimizer["optimizer"].defaults["momentum"] == 0.9
+    assert isinstance(optimizer["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
