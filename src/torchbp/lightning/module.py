@@ -5,27 +5,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib
 import sys
-import traceback
-import warnings
-from collections.abc import Sequence
-from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as _torch_F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-import torchbp.functional
-import torchbp.nn
+from torchbp.lightning.metrics import EVAL_METRICS, stage_metrics
+from torchbp.lightning.mlp import (
+    ACTIVATIONS,
+    BACKENDS,
+    Activation,
+    Backend,
+    build_mlp,
+    check_choice,
+)
+from torchbp.lightning.optimizers import (
+    SCHEDULER_TRIAL_EPOCHS,  # noqa: F401 (named by check_scheduler's docstring, importable here)
+    epochs_of_the_fit,
+    factory_as_config,
+    factory_from_config,
+    first_failing_step,
+    owning_its_hyperparameters,
+    scheduler_name,
+)
 from torchbp.lightning.privacy import PoissonBatchSampler, Privacy, PrivacyAccountant
 from torchbp.mode import TorchbpMode, enable
-from torchbp.ops import OPS, activations
+from torchbp.ops import OPS
 from torchbp.per_sample import PerSampleGrads, per_sample_grads
 
 __all__ = ["ERMClassifier", "ACTIVATIONS", "BACKENDS", "build_mlp"]
@@ -38,16 +47,6 @@ _COMPILE_FUSED_HEAD = (
     "trainer.fit(torch.compile(model)) compiles a fused_head model's steps)"
 )
 
-#: activation name -> class name in ``torchbp.nn`` / ``torch.nn``: every element-wise
-#: activation of the op registry
-ACTIVATIONS: dict[str, str] = {op.name: op.module.__name__ for op in activations()}
-
-#: backend name -> its ``(nn, functional)`` modules: torchbp's twins or torch's own
-BACKENDS: dict[str, tuple[ModuleType, ModuleType]] = {
-    "torchbp": (torchbp.nn, torchbp.functional),
-    "torch": (torch.nn, torch.nn.functional),
-}
-
 #: the methods whose code a step's forward and loss run (a subclass may override them)
 _OWN_CODE = ("forward", "features", "loss", "fused_loss")
 #: the module classes that run torchbp's backward by themselves (exact types)
@@ -55,193 +54,12 @@ _TORCHBP_OR_CONTAINER = frozenset(
     [torch.nn.Sequential, *(op.module for op in OPS.values() if op.module is not None)]
 )
 
-Backend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
-Activation = Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
-
-
-def _check_choice(kind: str, value: str, choices: dict[str, Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _plain(value: Any) -> bool:
-    """Whether ``value`` is a number, string, None or a list/tuple of them (what
-    ``torch.load(weights_only=True)`` reads back)."""
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
-
-
-def _factory_as_config(factory: Any) -> Any:
-    """An optimizer or scheduler factory as the hyperparameter a checkpoint keeps:
-    a class, or a ``functools.partial`` of one with plain keyword arguments, becomes
-    ``{"class_path": ..., "init_args": {...}}`` (the form torchbp-train saves), so the
-    checkpoint loads with ``torch.load(weights_only=True)``, PyTorch's default; anything
-    else (a lambda, a partial holding tensors) is kept as given and needs
-    ``weights_only=False`` to load."""
-    func, kwargs = factory, {}
-    if isinstance(factory, functools.partial) and not factory.args:
-        func, kwargs = factory.func, dict(factory.keywords)
-    if isinstance(func, type) and "<" not in func.__qualname__ and _plain(list(kwargs.values())):
-        return {"class_path": f"{func.__module__}.{func.__qualname__}", "init_args": kwargs}
-    return factory
-
-
-def _factory_from_config(factory: Any, name: str) -> Any:
-    """The factory a :func:`_factory_as_config` dict stands for (a checkpoint's
-    hyperparameter): ``partial(class, **init_args)``; anything else as given."""
-    if not (isinstance(factory, dict) and "class_path" in factory):
-        return factory
-    module, _, qualname = factory["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), qualname)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"{name}: cannot import {factory['class_path']!r}: {e}") from e
-    return functools.partial(cls, **factory.get("init_args", {}))
-
-
-def build_mlp(
-    input_size: int,
-    num_classes: int,
-    hidden_sizes: Sequence[int],
-    activation: str = "relu",
-    negative_slope: float = 0.01,
-    bias: bool = True,
-    backend: str = "torchbp",
-) -> torch.nn.Sequential:
-    """``Linear -> act -> ... -> Linear`` from ``backend``'s modules.
-
-    Layers are constructed in the same order for both backends, and torchbp.nn mirrors
-    torch.nn's initialisation, so the same RNG state gives identical weights.
-
-    Args:
-        input_size: Features of the input (``in_features`` of the first Linear layer).
-        num_classes: Outputs of the last Linear layer.
-        hidden_sizes: Widths of the hidden layers; ``[]`` gives one Linear layer.
-        activation: Name of the hidden activation (a key of :data:`ACTIVATIONS`).
-        negative_slope: Slope for ``x < 0`` of ``leaky_relu`` (ignored by the others).
-        bias: Whether the Linear layers have a bias.
-        backend: ``torchbp`` (``torchbp.nn`` modules) or ``torch`` (``torch.nn``).
-
-    Returns:
-        The network as a ``torch.nn.Sequential``.
-
-    Raises:
-        ValueError: An unknown ``backend`` or ``activation``.
-
-    Examples::
-
-        >>> build_mlp(4, 3, [8], activation="tanh")
-        Sequential(
-          (0): Linear(in_features=4, out_features=8, bias=True)
-          (1): Tanh()
-          (2): Linear(in_features=8, out_features=3, bias=True)
-        )
-    """
-    _check_choice("backend", backend, BACKENDS)
-    _check_choice("activation", activation, ACTIVATIONS)
-    nn = BACKENDS[backend][0]
-    act_cls = getattr(nn, ACTIVATIONS[activation])
-    layers: list[torch.nn.Module] = []
-    sizes = [input_size, *hidden_sizes]
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers.append(nn.Linear(fan_in, fan_out, bias=bias))
-        layers.append(act_cls(negative_slope) if activation == "leaky_relu" else act_cls())
-    layers.append(nn.Linear(sizes[-1], num_classes, bias=bias))
-    return torch.nn.Sequential(*layers)
-
 
 def _seed_from_default_generator(device: torch.device) -> int:
     """A seed drawn from ``device``'s default random generator (which ``seed_everything``
     seeds): a generator seeded with it has a stream of its own, reproducible from the run's
     seed, where a copy of the default generator would repeat what the run draws from it."""
     return int(torch.randint(2**62, (), device=device).item())
-
-
-def _copied_tensors(value: Any) -> Any:
-    """``value`` with each tensor in it (itself, or in a tuple or list) replaced by a copy."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if type(value) in (tuple, list):  # betas=(tensor, tensor); not a namedtuple's fields
-        return type(value)(_copied_tensors(v) for v in value)
-    return value
-
-
-def _owning_its_hyperparameters(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """``optimizer`` with copies of its tensor hyperparameters (``lr``, ``betas``, ...) in its
-    defaults and parameter groups: the tensors its factory was given, which a scheduler would
-    step in place (``fill_``), stay as they were."""
-    for settings in (optimizer.defaults, *optimizer.param_groups):
-        for key, value in settings.items():
-            if key != "params":
-                settings[key] = _copied_tensors(value)
-    return optimizer
-
-
-#: the most epochs :meth:`ERMClassifier.check_scheduler` steps a scheduler's copy through
-SCHEDULER_TRIAL_EPOCHS = 100_000
-
-
-def _epochs_of_the_fit(trainer: pl.Trainer) -> int:
-    """The epochs ``trainer`` will fit if nothing stops it earlier: ``max_epochs`` (at most
-    :data:`SCHEDULER_TRIAL_EPOCHS`), or 0 when ``max_steps`` or ``max_time`` may end it first
-    (or it has no end)."""
-    epochs = trainer.max_epochs
-    if epochs is None or epochs < 1 or trainer.max_steps not in (None, -1):
-        return 0
-    if any(isinstance(c, pl.callbacks.Timer) for c in trainer.callbacks):  # max_time
-        return 0
-    return min(epochs, SCHEDULER_TRIAL_EPOCHS)
-
-
-def _scheduler_name(factory: Any, error: BaseException) -> str:
-    """The name of the scheduler class ``factory`` makes: the class, or a ``partial``'s;
-    else (a wrapper, as torchbp-train's) the scheduler that ``error`` was raised making."""
-    made = getattr(factory, "func", factory)
-    if isinstance(made, type):
-        return made.__name__
-    being_made = [
-        type(frame.f_locals["self"]).__name__
-        for frame, _ in traceback.walk_tb(error.__traceback__)
-        if isinstance(frame.f_locals.get("self"), torch.optim.lr_scheduler.LRScheduler)
-    ]
-    return being_made[-1] if being_made else "the scheduler"
-
-
-def _first_failing_step(
-    scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int
-) -> tuple[int, str] | None:
-    """Step ``scheduler`` (of a throwaway optimizer) ``steps`` times: the step that raised
-    (counted from 1) and why, or ``None``. Some arguments fail only here
-    (``StepLR(step_size=0)``: a ZeroDivisionError; ``OneCycleLR`` beyond its
-    ``total_steps``: a ValueError). ReduceLROnPlateau, which steps on a metric (and checks
-    its arguments when made), is not stepped."""
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        return None
-    name = type(scheduler).__name__
-    with warnings.catch_warnings():
-        # "lr_scheduler.step() before optimizer.step()": this optimizer never steps
-        warnings.simplefilter("ignore", UserWarning)
-        for step in range(1, steps + 1):
-            try:
-                scheduler.step()
-            except (ArithmeticError, ValueError, TypeError, IndexError) as e:
-                return step, f"stepping {name} raised {type(e).__name__}: {e}"
-    return None
-
-
-class ZeroOneError(MulticlassAccuracy):
-    """The 0-1 risk: ``1 - accuracy`` (micro-averaged)."""
-
-    def compute(self) -> torch.Tensor:
-        return 1.0 - super().compute()
-
-
-#: what the validation and test steps log, after ``val/`` and ``test/``
-_EVAL_METRICS = ("loss", "acc", "error", "f1")
 
 
 class _LeavePerSampleOnError(pl.Callback):
@@ -363,8 +181,8 @@ class ERMClassifier(pl.LightningModule):
         bad = [h for h in hidden_sizes if int(h) != h or h < 1]
         if bad:
             raise ValueError(f"hidden_sizes must be positive integers, got {hidden_sizes}")
-        _check_choice("activation", activation, ACTIVATIONS)
-        _check_choice("backend", backend, BACKENDS)
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("backend", backend, BACKENDS)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if class_weight is not None and len(class_weight) != num_classes:
@@ -392,14 +210,14 @@ class ERMClassifier(pl.LightningModule):
                 f"which needs backend='torchbp' and fused_head=False; got backend={backend!r}, "
                 f"fused_head={fused_head}"
             )
-        optimizer = _factory_from_config(optimizer, "optimizer")
-        lr_scheduler = _factory_from_config(lr_scheduler, "lr_scheduler")
+        optimizer = factory_from_config(optimizer, "optimizer")
+        lr_scheduler = factory_from_config(lr_scheduler, "lr_scheduler")
         # privacy as a plain dict, the factories as class paths where they can be: checkpoints
         # stay loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["privacy"])
         self.hparams["privacy"] = None if privacy is None else dataclasses.asdict(privacy)
         for key in ("optimizer", "lr_scheduler"):
-            self.hparams[key] = _factory_as_config(self.hparams[key])
+            self.hparams[key] = factory_as_config(self.hparams[key])
 
         self.net = build_mlp(
             input_size, num_classes, hidden_sizes, activation, negative_slope, bias, backend
@@ -426,18 +244,10 @@ class ERMClassifier(pl.LightningModule):
         self._per_sample: PerSampleGrads | None = None
         self._check_optimizer()
 
-        # separate metric objects per stage (torchmetrics' advice)
-        def collection(prefix: str, full: bool) -> MetricCollection:
-            m: dict[str, Any] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
-            if full:
-                m["error"] = ZeroOneError(num_classes, average="micro")
-                m["f1"] = MulticlassF1Score(num_classes, average="macro")
-            return MetricCollection(m, prefix=prefix)
-
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
-        self.train_metrics = collection("train/", full=False)
-        self.val_metrics = collection("val/", full=True)
-        self.test_metrics = collection("test/", full=True)
+        self.train_metrics = stage_metrics("train/", num_classes, full=False)
+        self.val_metrics = stage_metrics("val/", num_classes, full=True)
+        self.test_metrics = stage_metrics("test/", num_classes, full=True)
 
     def metric_names(self) -> list[str]:
         """The metrics this model logs each epoch (``train/epsilon`` only with ``privacy``):
@@ -449,7 +259,7 @@ class ERMClassifier(pl.LightningModule):
             ['train/loss', 'train/acc', 'val/loss']
         """
         names = ["train/loss", "train/acc"]
-        names += [f"{stage}/{m}" for stage in ("val", "test") for m in _EVAL_METRICS]
+        names += [f"{stage}/{m}" for stage in ("val", "test") for m in EVAL_METRICS]
         return names + (["train/epsilon"] if self.privacy is not None else [])
 
     def _backend_calls(self) -> contextlib.AbstractContextManager[Any]:
@@ -480,7 +290,7 @@ class ERMClassifier(pl.LightningModule):
         tensor (each fit, like one with a float lr, starts from the configured value)."""
         if self.optimizer_factory is None:
             return torch.optim.Adam(self.parameters(), lr=1e-3)
-        return _owning_its_hyperparameters(self.optimizer_factory(self.parameters()))
+        return owning_its_hyperparameters(self.optimizer_factory(self.parameters()))
 
     def _check_optimizer(self) -> None:
         """Build the optimizer (and scheduler) once, and step the scheduler once, so bad
@@ -496,11 +306,11 @@ class ERMClassifier(pl.LightningModule):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
             except (ArithmeticError, IndexError) as e:  # CyclicLR(step_size_up=0)
-                name = _scheduler_name(self.scheduler_factory, e)
+                name = scheduler_name(self.scheduler_factory, e)
                 raise ValueError(
                     f"invalid lr_scheduler arguments: making {name} raised {type(e).__name__}: {e}"
                 ) from e
-            failure = _first_failing_step(sched, steps=1)
+            failure = first_failing_step(sched, steps=1)
             if failure is not None:
                 raise ValueError(f"invalid lr_scheduler arguments: {failure[1]}")
 
@@ -543,8 +353,8 @@ class ERMClassifier(pl.LightningModule):
                     "use a scheduler that needs no metric"
                 )
             return
-        epochs = _epochs_of_the_fit(trainer)
-        failure = _first_failing_step(sched, steps=epochs)
+        epochs = epochs_of_the_fit(trainer)
+        failure = first_failing_step(sched, steps=epochs)
         if failure is not None:
             epoch, why = failure
             raise ValueError(
