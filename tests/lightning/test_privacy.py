@@ -31,6 +31,29 @@ def test_poisson_sampler_is_seeded_by_seed_and_epoch():
     assert list(PoissonBatchSampler(500, 0.1, seed=2)) != list(a)
 
 
+def test_poisson_sampler_resumed_mid_epoch_continues_its_draws():
+    # a mid-epoch checkpoint's sampler state: the resumed epoch continues the draws, never
+    # repeats the first batches (the accountant takes each step's batch as a fresh draw)
+    whole = PoissonBatchSampler(300, 0.1, seed=4)
+    whole.set_epoch(2)
+    expected = list(whole)
+    first = PoissonBatchSampler(300, 0.1, seed=4)
+    first.set_epoch(2)
+    taken = [b for _, b in zip(range(4), first)]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "drawn": 4}
+    resumed = PoissonBatchSampler(300, 0.1, seed=4)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    assert taken + list(resumed) == expected
+    assert list(resumed) == expected  # the next iteration of that epoch: afresh
+    later = PoissonBatchSampler(300, 0.1, seed=4)
+    later.load_state_dict(state)
+    later.set_epoch(3)  # a state of another epoch skips nothing
+    whole.set_epoch(3)
+    assert list(later) == list(whole)
+
+
 @pytest.mark.parametrize("seed", [2**62, 2**64 - 1, -(2**63)])
 def test_poisson_sampler_takes_any_64_bit_seed(seed):
     """A seed from secrets.randbits(64) draws batches, different from its neighbour's,

@@ -131,6 +131,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
     independently with probability ``sample_rate``, so batch sizes vary around
     ``sample_rate · num_samples`` (and may be 0). One epoch is ``round(1 / sample_rate)``
     batches. The draws are seeded by ``(seed, epoch)``: call :meth:`set_epoch` each epoch.
+    A run resumed in mid-epoch must not draw that epoch's first batches again (the
+    accountant takes every step's batch as a fresh draw): :meth:`state_dict` says how many
+    of the epoch's batches were drawn, and after :meth:`load_state_dict` the next iteration
+    of that epoch draws and drops them first.
 
     Args:
         num_samples: size of the dataset.
@@ -162,18 +166,37 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)  # a numpy integer would overflow in the per-epoch seed
         self.epoch = 0
+        self.drawn = 0  # batches of this epoch handed out so far
+        self._resume: dict[str, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "drawn"}``: the epoch and how many of its batches were handed out
+        (a DataLoader fetching ahead may have taken more than were trained on: dropping
+        those on resume loses draws, never repeats one)."""
+        return {"epoch": self.epoch, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after :meth:`state_dict`'s draws: the next iteration of its epoch skips
+        the batches drawn before (another epoch's iteration starts afresh)."""
+        self._resume = {"epoch": int(state["epoch"]), "drawn": int(state["drawn"])}
 
     def __len__(self) -> int:
         return poisson_batches_per_epoch(self.sample_rate)
 
     def __iter__(self) -> Iterator[list[int]]:
+        resume, self._resume = self._resume, None
+        skip = resume["drawn"] if resume is not None and resume["epoch"] == self.epoch else 0
         # one seed per (seed, epoch), wrapped to the 64 bits torch's generator takes
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
-        for _ in range(len(self)):
+        self.drawn = 0
+        for k in range(len(self)):
             mask = torch.rand(self.num_samples, generator=g) < self.sample_rate
+            if k < skip:
+                continue  # drawn before the run was resumed
+            self.drawn = k + 1
             yield mask.nonzero().flatten().tolist()
 
 
