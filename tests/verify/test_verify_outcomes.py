@@ -343,3 +343,29 @@ def test_a_none_grad_output_backward_handles_is_not_blamed_for_another_crash():
     message = report["gradcheck"].message
     assert report["gradcheck"].status == "fail"
     assert "given None" not in message, message
+
+
+class _GradForAFloat(torch.autograd.Function):
+    """x * s for a Python float s, whose backward returns a gradient for s too."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.s = s
+        return x * s
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.s, g.sum()
+
+
+def test_a_gradient_for_a_non_tensor_argument_is_named_with_its_fix():
+    # before, each failed check quoted torch's "returned a gradient different than None at
+    # position 2" (counted from 1, unlike every other message here)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    report = torchbp.verify.check_function(_GradForAFloat, x, 2.0, checks=["gradcheck"])
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, str(report)
+    assert message == (
+        "_GradForAFloat's backward returned a gradient for input 1, which is not a tensor "
+        "(a Python number or other non-tensor argument): return None in its place"
+    )

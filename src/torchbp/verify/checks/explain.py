@@ -260,6 +260,27 @@ _INVALID_GRADIENT = re.compile(r"returned an invalid gradient at index (\d+) - (
 _WRONG_DEVICE = re.compile(r"expected device (\S+) but got (\S+)")
 
 
+#: autograd's refusal of a gradient for a forward argument that is not a tensor (a Python
+#: number): the Function's name and the argument's position, counted from 1
+_NON_TENSOR_GRADIENT = re.compile(
+    r"function (\w+) returned a gradient different than None at position (\d+)"
+)
+
+
+def _non_tensor_gradient(full: str) -> str | None:
+    """The plain-word message for autograd's refusal of a gradient returned for an argument
+    that is not a tensor, naming the input (from 0, as the other messages do), or None."""
+    found = _NON_TENSOR_GRADIENT.search(full)
+    if found is None:
+        return None
+    function = found.group(1).removesuffix("Backward")
+    index = int(found.group(2)) - 1
+    return (
+        f"{function}'s backward returned a gradient for input {index}, which is not a tensor "
+        "(a Python number or other non-tensor argument): return None in its place"
+    )
+
+
 def _invalid_gradient(full: str) -> str | None:
     """The plain-word message for autograd's "returned an invalid gradient" error (a
     gradient of the wrong shape or on the wrong device), or None for another error."""
@@ -298,7 +319,7 @@ def explain_error(exc: BaseException) -> str:
     """
     text = str(exc)
     full = _message_chain(exc)
-    invalid = _invalid_gradient(full)
+    invalid = _invalid_gradient(full) or _non_tensor_gradient(full)
     if invalid is not None:
         return invalid
     for needle, message in _EXPLANATIONS:
