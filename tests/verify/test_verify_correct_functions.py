@@ -141,14 +141,30 @@ def test_correct_function_passes(style):
     report = check_function(function, *inputs, reference=reference)
     assert report.ok, str(report)
     assert {c.name for c in report.unsupported} == unsupported, str(report)
-    # vmap_in_dims is skipped, not counted unsupported twice, when vmap is unsupported
+    # vmap_in_dims is skipped, not counted unsupported twice, when vmap is unsupported;
+    # reference_dtype when no input was cast (float64 inputs: see the test below)
     assert all(
-        c.passed or (c.name == "vmap_in_dims" and c.skipped and "vmap" in unsupported)
+        c.passed
+        or (c.name == "vmap_in_dims" and c.skipped and "vmap" in unsupported)
+        or (c.name == "reference_dtype" and c.skipped)
         for c in report
         if c.name not in unsupported
     ), str(report)
     for c in report.unsupported:
         assert "; to add it: " in c.message, c.message
+
+
+@pytest.mark.parametrize("style", list(CORRECT))
+def test_correct_function_passes_against_its_reference_in_float32(style):
+    # float32 inputs, cast to float64 for the other checks: reference_dtype compares fn and
+    # the reference in float32 itself, where a correct Function must not fail either
+    function, inputs, reference, _ = CORRECT[style]
+    own = [
+        x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
+    ]
+    report = check_function(function, *own, reference=reference, checks=["reference_dtype"])
+    assert report["reference_dtype"].passed, str(report)
+    assert report["reference_dtype"].message == "in float32"
 
 
 def test_in_place_function_runs_on_copies_and_says_so():

@@ -9,15 +9,58 @@ from tests.verify.zoo.entry import seeded
 from torchbp.verify import check_function
 
 
-def test_a_random_fn_fails_forward_saying_so():
-    # dropout in training mode: before, forward passed and five checks failed with
-    # misleading causes (a backward 1e6 off the numerical gradient, state kept outside ctx)
+class MaskedDropout(torch.autograd.Function):
+    """Inverted dropout drawing its mask with torch's global generator in forward and saving
+    it for backward: random, but each call consistent with itself."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        mask = (torch.rand_like(x) >= p).to(x.dtype) / (1 - p)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask, None
+
+
+def _same_draws_dropout(x, p):
+    return x * (torch.rand_like(x) >= p).to(x.dtype) / (1 - p)
+
+
+def test_a_dropout_like_function_passes_and_leaves_the_callers_generator_alone():
+    # before, forward failed (two calls drew two masks) with ".eval()" advice; every call
+    # of fn and of the reference now starts from the run's seed, so they draw the same mask
+    x = seeded(4, 6)
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    report = check_function(MaskedDropout, x, 0.5, reference=_same_draws_dropout)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert report.ok and not report.failures, str(report)
+    assert report["gradcheck"].passed and report["reference"].passed, str(report)
+    assert report["grad_output_safety"].passed, str(report)  # a transposed x: another mask
+
+
+def test_dropout_in_training_mode_passes():
+    # before, forward failed with ".eval()" advice: a correct model in training mode
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).double()
     report = check_function(model, seeded(2, 4), skip="compile")
+    assert report.ok, report
+
+
+def test_a_fn_keeping_state_between_calls_fails_forward_saying_so():
+    calls = []
+
+    def drifting(x):
+        calls.append(1)
+        return x * len(calls)
+
+    report = check_function(drifting, seeded(2, 4), skip="compile")
     forward = report["forward"]
     assert forward.failed, report
     assert "different outputs on two calls with the same inputs" in forward.message
-    assert ".eval()" in forward.message
+    assert "keeps state between calls" in forward.message
     assert [r.name for r in report if r.failed] == ["forward"]
 
 

@@ -3,6 +3,7 @@ tensor fn returns, integer and boolean outputs exactly."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.verify.correct_functions import SetupContextTanh, TopValues
 
@@ -92,3 +93,52 @@ def test_outputs_are_compared_as_forward_returned_them_not_as_backward_left_them
     assert "output 0 differs" not in report["reference"].message, report
     assert report["compile"].failed, report
     assert "output 0 differs from torch.compile" in report["compile"].message
+
+
+class SquareWrongInFloat32(torch.autograd.Function):
+    """x², whose backward takes another branch for a float32 grad_output: right in float64."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        factor = 3 if g.dtype == torch.float32 else 2
+        return factor * x * g
+
+
+class SquareInOwnDtype(SquareWrongInFloat32):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_backward_wrong_only_in_float32_fails_reference_dtype_naming_it():
+    x = _x().float()  # cast to float64 for every other check, where the backward is right
+    report = check_function(SquareWrongInFloat32, x, reference=torch.square, skip=["compile"])
+    result = report["reference_dtype"]
+    assert not report.ok and [c.name for c in report.failures] == ["reference_dtype"], str(report)
+    assert result.message.startswith(
+        "in float32 (the inputs' own dtype): gradient of input 0 differs from the reference "
+        "(run in float64, rounded)"
+    ), result.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_correct_function_passes_reference_dtype_in_its_own_dtype(dtype):
+    x = _x().to(dtype)
+    report = check_function(SquareInOwnDtype, x, reference=torch.square, checks=["reference_dtype"])
+    assert report["reference_dtype"].passed, str(report)
+    assert report["reference_dtype"].message == f"in {str(dtype).removeprefix('torch.')}"
+
+
+def test_reference_dtype_is_skipped_when_nothing_was_cast():
+    report = check_function(
+        SquareInOwnDtype, _x(), reference=torch.square, checks=["reference_dtype"]
+    )
+    assert report["reference_dtype"].skipped
+    assert "no input was cast" in report["reference_dtype"].message

@@ -250,9 +250,10 @@ def _jobs(ops: list[str], devices: list[str], dtypes: list[str]) -> list[Job]:
 
 
 def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]]) -> dict[str, Any]:
-    # torchbp's ops are autograd.Functions, not torch.library custom ops
-    skipped = _skipped(args)
-    checks = [c for c in job.case.checks or CHECKS if c != "opcheck" and c not in skipped]
+    # torchbp's ops are autograd.Functions, not torch.library custom ops, and each dtype
+    # runs on inputs of that dtype (nothing cast: reference_dtype would only be skipped)
+    skipped = _skipped(args) | {"opcheck", "reference_dtype"}
+    checks = [c for c in job.case.checks or CHECKS if c not in skipped]
     if job.dtype != "float64":
         checks = [c for c in checks if c in LOW_PRECISION_CHECKS]
     checks = checks or ["forward"]  # every check of this dtype skipped: forward still runs

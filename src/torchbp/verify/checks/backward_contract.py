@@ -28,6 +28,7 @@ from torchbp.verify.checks.compare import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
+from torchbp.verify.checks.rng import draws_random_numbers
 
 __all__ = [
     "check_grad_output_safety",
@@ -369,7 +370,8 @@ def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
     tensor inputs as for contiguous ones: a Function written for contiguous tensors (a
     ``.view`` of an input, a kernel reading its storage in memory order) is silently wrong
     or crashes on a transposed input; raising for them passes when the reference raises
-    too."""
+    too, and other values pass when fn draws random numbers (``rand_like`` fills a tensor
+    in memory order, so a transposed input gets another mask: a dropout's right too)."""
     given = [a for i, a in enumerate(ctx.args) if i not in ctx.parameter_names]
     if not any(_strided(a) and a.dim() >= 1 and a.numel() > 1 for a in given):
         return 0.0, 0.0
@@ -381,6 +383,18 @@ def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
         if _reference_rejects(ctx, _strided_copy):
             return 0.0, 0.0  # fn refuses these inputs as the op it re-implements does
         raise
+    try:
+        return _require_same(ctx, (outs, grads), (dense_outs, dense_grads), label)
+    except CheckFailure:
+        if draws_random_numbers(ctx):
+            return 0.0, 0.0  # rand_like draws in memory order: another layout, another mask
+        raise
+
+
+def _require_same(ctx: CheckContext, got: tuple, expected: tuple, label: str):
+    """``(max abs, max rel)`` error of fn's outputs and gradients ``got`` for inputs in
+    the layout ``label`` against those for contiguous ones, or a failed check."""
+    (outs, grads), (dense_outs, dense_grads) = got, expected
     tolerance = ctx.parity_tolerances()
     note = " (fn assumes contiguous inputs: call .contiguous() on them, or use reshape, not view)"
     worst = (0.0, 0.0)

@@ -69,6 +69,11 @@ class CheckContext:
     #: ``(the caller's dtype, the dtype fn is given)`` of each input the ``dtype`` option
     #: cast, by position (a fn that refuses the cast dtype is told how to keep its own).
     cast_from: dict[int, tuple[torch.dtype, torch.dtype]] = field(default_factory=dict)
+    #: fn's positional arguments with those inputs in the caller's own dtypes again, for
+    #: the ``reference_dtype`` check; None when nothing was cast, or fn or the reference
+    #: holds tensors of the cast dtype (an ``nn.Module``'s parameters, a tensor in a
+    #: closure: the calls would mix dtypes).
+    own_dtype_args: list[Any] | None = None
     #: The names of fn's module parameters differentiated as inputs, by position (in
     #: ``args``, after the caller's inputs; see ``checks.parameters``).
     parameter_names: dict[int, str] = field(default_factory=dict)

@@ -8,7 +8,9 @@ and writes into no tensor a later check uses; the inputs it returns as outputs a
 recorded, and every later call gives fn fresh copies of those (an ``out=`` buffer left
 out of ``grad_inputs`` would otherwise accumulate across calls). A second call must give
 the same floating-point outputs (within the dtype's tolerance): every check compares calls
-of fn, and a random one (dropout in training mode) would fail them for misleading reasons.
+of fn, and one that keeps state between calls would fail them for misleading reasons. Every
+call starts torch's generators from the run's seed (``checks.rng``), so a dropout drawing
+its mask with ``torch.rand*`` gives the same outputs twice and passes.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def _require_repeatable(ctx: CheckContext, tensors: frozenset[int], outs: list) 
     differ = next((d for d in differences if d is not None), None)
     if differ is not None:
         raise CheckFailure(
-            f"fn gave different outputs on two calls with the same inputs ({differ}): it "
-            "draws random numbers (dropout, torch.rand*; an nn.Module in training mode: call "
-            ".eval() first) or keeps state between calls; every check compares calls of fn, "
-            "so make it deterministic"
+            f"fn gave different outputs on two calls with the same inputs ({differ}), "
+            "although every call starts torch's generators from the same seed (a dropout "
+            "drawing its mask with torch.rand* passes): it keeps state between calls (a "
+            "counter, a tensor it updates) or draws random numbers torch does not seed "
+            "(Python's random, NumPy, a torch.Generator made inside fn: pass it as an "
+            "input); every check compares calls of fn, so make them agree"
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,14 +23,27 @@ from torchbp.verify.checks.compare import (
     input_grads,
     require_close,
     shape_text,
+    tolerances,
     unravel,
     zeros_for_none,
 )
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
+from torchbp.verify.checks.rng import SameRandomNumbers
 
-__all__ = ["check_compile", "check_reference", "grads_or_none", "output_grads"]
+__all__ = [
+    "check_compile",
+    "check_reference",
+    "check_reference_dtype",
+    "grads_or_none",
+    "output_grads",
+]
+
+#: How much looser ``reference_dtype`` compares than ``reference``: fn and the reference
+#: may round differently (another order of a sum, a fused op) in a low precision, where
+#: a wrong formula or a lost precision (a float16 accumulator) is off by far more.
+OWN_DTYPE_SLACK = 10.0
 
 
 def _compare(
@@ -169,18 +183,24 @@ def _compiled(
     The inputs at positions ``dirty``, which fn modifies in place (``mark_dirty``), are
     copied inside the compiled region: AOTAutograd mishandles the gradient of an output that
     aliases a mutated graph input (torch 2.13: a ``mark_dirty`` Function's gradient comes
-    out as if it were the identity), a PyTorch bug, not the Function's.
+    out as if it were the identity), a PyTorch bug, not the Function's. A fn whose calls
+    draw the same random numbers (:class:`SameRandomNumbers`) is compiled without that
+    wrapper, which then wraps the compiled fn.
     """
 
+    seeded = fn if isinstance(fn, SameRandomNumbers) else None
+    plain = fn if seeded is None else seeded.fn  # the generators are seeded outside the graph
+
     def compiled_target(*a):
-        return fn(*[x.clone() if i in dirty else x for i, x in enumerate(a)])
+        return plain(*[x.clone() if i in dirty else x for i, x in enumerate(a)])
 
     target = _fresh_code(compiled_target)
     try:
-        return torch.compile(target, backend=backend, fullgraph=fullgraph, dynamic=False)
+        compiled = torch.compile(target, backend=backend, fullgraph=fullgraph, dynamic=False)
     except Exception as exc:  # noqa: BLE001
         msg = f"torch.compile(backend={backend!r}) failed: {explain_error(exc)}"
         raise CheckFailure(msg) from None
+    return compiled if seeded is None else seeded.around(compiled)
 
 
 def _capture_limit_note(exc: BaseException) -> str:
@@ -234,3 +254,80 @@ def check_reference(ctx: CheckContext) -> Passed:
         raise CheckSkip("no reference given")
     abs_err, rel_err = _compare_runs(ctx, ctx.reference, "the reference", own_parameters=True)
     return Passed("outputs and gradients match", abs_err, rel_err)
+
+
+def check_reference_dtype(ctx: CheckContext) -> Passed:
+    """fn in the dtypes the caller gave, where the ``dtype`` option cast them (float64 by
+    default) for every other check, against the reference run in that cast dtype on the
+    same values, its outputs and gradients rounded to fn's dtypes: a backward wrong only
+    in float32 (a branch on the dtype, a float16 accumulator) passes every other check.
+    Tolerances of the caller's dtype, :data:`OWN_DTYPE_SLACK` times looser (unless set by
+    ``parity_atol`` / ``parity_rtol``). Skipped without a reference, when the reference
+    check failed, when no input was cast or one was cast to a narrower dtype, and when fn
+    or the reference holds tensors of the cast dtype (an ``nn.Module``'s parameters)."""
+    if ctx.reference is None:
+        raise CheckSkip("no reference given")
+    if ctx.failed("reference"):
+        raise CheckSkip("skipped because reference failed (fn differs in dtype already)")
+    if not ctx.cast_from:
+        raise CheckSkip("no input was cast: the reference check ran in their own dtypes")
+    if any(_narrower(after, before) for before, after in ctx.cast_from.values()):
+        raise CheckSkip("an input was cast to a narrower dtype: the reference check ran in it")
+    if ctx.own_dtype_args is None:
+        raise CheckSkip(
+            "fn or the reference holds tensors of the cast dtype (an nn.Module's "
+            "parameters, a closure's tensor): checked in that dtype only"
+        )
+    dtypes = ", ".join(
+        sorted({str(before).removeprefix("torch.") for before, _ in ctx.cast_from.values()})
+    )
+    own = replace(ctx, args=ctx.own_dtype_args, options=_slackened(ctx))
+    own.generator = ctx.generator  # the check's seeded grad_outputs
+    try:
+        out_dtypes = [t.dtype for t in float_tensors(own.call(own.fn, own.leaves()))]
+    except Exception as exc:  # noqa: BLE001 - fn's own error, in words
+        raise CheckFailure(
+            f"fn raised on the inputs in their own dtype ({dtypes}): {explain_error(exc)}"
+        ) from None
+    reference = _in_cast_dtype(ctx, out_dtypes)
+    cast = str(ctx.dtype).removeprefix("torch.")
+    label = f"the reference (run in {cast}, rounded)"
+    try:
+        abs_err, rel_err = _compare_runs(own, reference, label, own_parameters=True)
+    except CheckFailure as failure:
+        raise CheckFailure(f"in {dtypes} (the inputs' own dtype): {failure}") from None
+    return Passed(f"in {dtypes}", abs_err, rel_err)
+
+
+def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """True if ``dtype`` holds fewer significant bits than ``than``."""
+    return torch.finfo(dtype).eps > torch.finfo(than).eps
+
+
+def _in_cast_dtype(ctx: CheckContext, out_dtypes: list[torch.dtype]) -> Callable[..., Any]:
+    """The reference run on the inputs ``ctx`` cast, put back in the cast dtype (exact:
+    they came from it), its floating-point outputs rounded to ``out_dtypes`` (fn's, in
+    the caller's dtypes), and its integer outputs as they are. Differentiable: autograd
+    casts a grad_output up into the reference's backward and rounds its gradients down."""
+
+    def reference(*args: Any) -> tuple[torch.Tensor, ...]:
+        cast = [a.to(ctx.args[i].dtype) if i in ctx.cast_from else a for i, a in enumerate(args)]
+        raw = ctx.reference(*cast)
+        floats = float_tensors(raw)
+        if len(floats) == len(out_dtypes):
+            floats = [t.to(d) for t, d in zip(floats, out_dtypes)]
+        return (*floats, *exact_tensors(raw))
+
+    return reference
+
+
+def _slackened(ctx: CheckContext):
+    """The options with parity tolerances of the caller's dtype, made looser."""
+    before = next(iter(ctx.cast_from.values()))[0]
+    atol, rtol = tolerances(before.to_real() if before.is_complex else before)
+    options = ctx.options
+    return replace(
+        options,
+        parity_atol=OWN_DTYPE_SLACK * atol if options.parity_atol is None else options.parity_atol,
+        parity_rtol=OWN_DTYPE_SLACK * rtol if options.parity_rtol is None else options.parity_rtol,
+    )

@@ -31,6 +31,7 @@ from torchbp.verify.checks.parameters import (
     require_initialized,
     with_parameters,
 )
+from torchbp.verify.checks.rng import SameRandomNumbers, seeded_rng
 from torchbp.verify.checks.table import CHECK_TABLE, Check
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
@@ -43,24 +44,6 @@ def _check_seed(seed: int, name: str) -> int:
     and not the values of inputs the caller drew with the same seed (a grad_output equal to
     an input can hide a bug, e.g. a transposed weight gradient ``xᵀx``)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-
-
-@contextmanager
-def _seeded_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the CPU generator, and that of ``device`` when it is a CUDA device, with
-    ``seed``; put both back on exit. No other generator is touched (``torch.manual_seed``
-    would reseed every CUDA device for good, under the caller's feet)."""
-    if device.type != "cuda":
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with torch.random.fork_rng(devices=[index], device_type="cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        with torch.cuda.device(index):
-            torch.cuda.manual_seed(seed)
-        yield
 
 
 def run_check(check: Check, ctx: CheckContext) -> CheckResult:
@@ -78,7 +61,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     start = time.perf_counter()
     abs_err = rel_err = None
     try:
-        with _seeded_rng(ctx.device, int(ctx.options.seed)):
+        with seeded_rng(ctx.device, int(ctx.options.seed)):
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
             try:
                 passed = check.run(ctx)
@@ -227,6 +210,28 @@ def _cast_from(
     }
 
 
+def _in_own_dtypes(
+    args: list[Any], cast_from: dict[int, tuple[torch.dtype, torch.dtype]]
+) -> list[Any]:
+    """``args`` with each cast input back in the caller's dtype (a complex input, which
+    the checks see as its real view, in its real counterpart)."""
+    own = list(args)
+    for i, (before, _) in cast_from.items():
+        dtype = before if args[i].is_complex() == before.is_complex else before.to_real()
+        own[i] = args[i].detach().to(dtype)
+    return own
+
+
+def _draw_the_same_numbers(ctx: CheckContext) -> None:
+    """Make every call of fn and of the reference start torch's generators from the
+    run's seed (and put them back after): a Function drawing a dropout mask in forward
+    and saving it for backward draws the same mask in every call the checks compare."""
+    seed = int(ctx.options.seed)
+    ctx.fn = SameRandomNumbers(ctx.fn, ctx.device, seed)
+    if ctx.reference is not None:
+        ctx.reference = SameRandomNumbers(ctx.reference, ctx.device, seed)
+
+
 def _describe(value: Any) -> Any:
     """How the report's meta shows an input: shape/dtype/layout of a tensor, else its value."""
     if isinstance(value, torch.Tensor):
@@ -265,8 +270,10 @@ def check_function(
 ) -> Report:
     """Verify the gradients of ``fn`` (any differentiable callable or autograd.Function).
 
-    Runs, on the example ``inputs``: fn twice (a random fn, e.g. dropout in training mode,
-    fails ``forward``: every check compares calls), ``gradcheck`` (for each output and, for
+    Runs, on the example ``inputs``: fn twice (every call of fn and of the reference
+    starts torch's generators from ``seed``, and puts them back after: a dropout drawing
+    its mask with ``torch.rand*`` passes; a fn keeping state between calls fails
+    ``forward``: every check compares calls), ``gradcheck`` (for each output and, for
     several, all at once), ``gradgradcheck``, forward-mode AD (where an input sits at a
     point fn is not differentiable, such as relu at 0 or a tie in a max, a derivative must
     lie between the one-sided differences),
@@ -279,7 +286,9 @@ def check_function(
     ``in_dims``, ``torch.compile`` parity with eager, extreme-value probes against
     ``reference``,
     ``torch.library.opcheck`` when fn is a custom op and, if ``reference`` is given, parity
-    of outputs and all gradients with it. Floating inputs are cast to
+    of outputs and all gradients with it (``reference_dtype``: also in the inputs' own
+    dtypes when the ``dtype`` option cast them, against the reference run in ``dtype`` and
+    rounded). Floating inputs are cast to
     ``dtype`` (float64 by default); the numerical checks run only in float64, the others use
     dtype-aware tolerances (:func:`~torchbp.verify.tolerances`). Nothing raises from inside
     torch: every problem becomes a check result with a plain-word message.
@@ -407,12 +416,16 @@ def _check(
     if auto_fast_mode and sum(args[i].numel() for i in grad_idx) > FULL_JACOBIAN_ELEMENTS:
         opts = replace(opts, fast_mode=True)
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
+    _draw_the_same_numbers(ctx)
     ctx.parameter_names = {len(inputs) + j: name for j, name in enumerate(parameter_names)}
     given = [
         torch.view_as_complex(a.contiguous()) if i in complex_idx else a
         for i, a in enumerate(args[: len(inputs)])
     ]
     ctx.cast_from = _cast_from(inputs, given)
+    held = _held_tensors(fn, reference)
+    if ctx.cast_from and not any(t.dtype == ctx.dtype for t in held):
+        ctx.own_dtype_args = _in_own_dtypes(args, ctx.cast_from)
     meta = {
         "inputs": [_describe(a) for a in given],
         "grad_inputs": grad_idx,
@@ -426,6 +439,6 @@ def _check(
     if complex_idx:
         meta["complex_inputs"] = sorted(complex_idx)  # checked as their real views
     selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)
-    with _state_kept(_held_tensors(fn, reference)):
+    with _state_kept(held):
         results = _run_all(ctx, selected)
     return Report(opts.name or _fn_name(fn), results, meta)

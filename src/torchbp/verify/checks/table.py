@@ -28,7 +28,7 @@ from torchbp.verify.checks.interleave import check_interleave
 from torchbp.verify.checks.mutation import check_mutation
 from torchbp.verify.checks.numerical import check_forward_ad, check_gradcheck, check_gradgradcheck
 from torchbp.verify.checks.outcomes import Passed
-from torchbp.verify.checks.parity import check_compile, check_reference
+from torchbp.verify.checks.parity import check_compile, check_reference, check_reference_dtype
 from torchbp.verify.checks.probes import check_extreme_values
 from torchbp.verify.checks.transforms import check_batched_grad, check_vmap
 from torchbp.verify.checks.vmap_dims import check_vmap_in_dims
@@ -132,6 +132,11 @@ CHECK_TABLE: tuple[Check, ...] = (
         "reference",
         "outputs and all gradients equal the reference callable's",
         check_reference,
+    ),
+    Check(
+        "reference_dtype",
+        "outputs and gradients equal the reference's in the inputs' own dtypes too",
+        check_reference_dtype,
     ),
     Check(
         "extreme_values",
