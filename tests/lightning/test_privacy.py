@@ -295,6 +295,53 @@ def test_dp_fit_draws_fresh_poisson_batches_each_epoch(tmp_path):
     assert labels[0] != labels[1]
 
 
+def _batch_recorder():
+    """A callback whose ``labels`` are each training batch's labels, by epoch."""
+    import pytorch_lightning as pl
+
+    class RecordBatches(pl.Callback):
+        def __init__(self):
+            self.labels: dict[int, list[list[int]]] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.labels.setdefault(trainer.current_epoch, []).append(batch[1].tolist())
+
+    return RecordBatches()
+
+
+def test_dp_fit_resumed_from_an_epochs_last_batch_draws_the_next_epochs_batches(tmp_path):
+    """A checkpoint saved at the end of an epoch's last batch (ModelCheckpoint's
+    every_n_train_steps, or a save in on_train_batch_end) resumes with Lightning's fit loop
+    restarting: it skips on_train_epoch_start, where the model set the sampler's epoch, so
+    the resumed epoch 1 replayed epoch 0's Poisson draws batch for batch. Reused draws are
+    outside the accountant's bound (every step a fresh draw). Lightning itself now sets the
+    epoch (through loader.batch_sampler.sampler), and the resumed epoch draws the batches of
+    the uninterrupted run's epoch 1."""
+    import pytorch_lightning as pl
+
+    pytest.importorskip("opacus")
+    privacy = Privacy(noise_multiplier=1.0)
+    ckpt = tmp_path / "last_batch.ckpt"
+
+    class SaveAtEpochEnd(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == trainer.num_training_batches:
+                trainer.save_checkpoint(ckpt)
+
+    whole = _batch_recorder()
+    dm, model, trainer = _dp_fit(
+        tmp_path, privacy, max_epochs=2, limit_val_batches=0, callbacks=[whole, SaveAtEpochEnd()]
+    )
+    trainer.fit(model, datamodule=dm)
+    resumed = _batch_recorder()
+    dm, model, trainer = _dp_fit(
+        tmp_path, privacy, max_epochs=2, limit_val_batches=0, callbacks=[resumed]
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    assert list(resumed.labels) == [1]
+    assert resumed.labels[1] == whole.labels[1] != whole.labels[0]
+
+
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):
     """After a DP fit stopped between the forward and on_after_backward, other torchbp
     training in the process must work (it failed with 'not a torchbp.nn.Linear of the

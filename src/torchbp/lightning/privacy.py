@@ -172,6 +172,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> PoissonBatchSampler:
+        """This sampler, where Lightning's fit loop calls ``set_epoch`` at every epoch's start
+        (on ``loader.batch_sampler.sampler``), the first epoch of a resumed run included:
+        one resumed from a checkpoint saved at a batch's end gets no
+        ``on_train_epoch_start``, and without this its epoch replayed epoch 0's draws."""
+        return self
+
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "drawn"}``: the epoch and how many of its batches were handed out
         (a DataLoader fetching ahead may have taken more than were trained on: dropping
