@@ -1,0 +1,277 @@
+"""DP-SGD training of :class:`~torchbp.lightning.ERMClassifier` (its ``privacy`` option):
+the checks before a private fit, each step's per-sample clipping and noise, the privacy
+accountant and the noise generator kept in checkpoints, and the refusal to fit without
+privacy on a DP-SGD checkpoint's weights."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from torchbp.lightning.privacy import PoissonBatchSampler, Privacy, PrivacyAccountant
+from torchbp.per_sample import PerSampleGrads, per_sample_grads
+
+__all__ = ["PrivateTraining"]
+
+
+def _seed_from_default_generator(device: torch.device) -> int:
+    """A seed drawn from ``device``'s default random generator (which ``seed_everything``
+    seeds): a generator seeded with it has a stream of its own, reproducible from the run's
+    seed, where a copy of the default generator would repeat what the run draws from it."""
+    return int(torch.randint(2**62, (), device=device).item())
+
+
+class _LeavePerSampleOnError(pl.Callback):
+    """Leaves a DP step's ``per_sample_grads`` context when the fit stops between the
+    forward and ``on_after_backward`` (a failing backward, Ctrl-C): left open, it would
+    catch every later torchbp backward of the thread."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(pl_module, PrivateTraining):
+            pl_module._close_per_sample(type(exception), exception, exception.__traceback__)
+
+
+class PrivateTraining:
+    """The DP-SGD hooks and steps of :class:`~torchbp.lightning.ERMClassifier`, which
+    inherits them: a LightningModule whose ``__init__`` sets ``privacy`` (a
+    :class:`~torchbp.lightning.privacy.Privacy` or ``None``), ``accountant``,
+    ``_restored_accountant``, ``_noise_generator``, ``_restored_noise_state`` and
+    ``_per_sample`` (all ``None``), and whose ``net``, ``loss``, ``_loss_denominator``,
+    ``_update_metrics``, ``train_loss`` and ``train_metrics`` a private training step uses."""
+
+    privacy: Privacy | None
+    accountant: PrivacyAccountant | None
+    _restored_accountant: dict[str, Any] | None
+    _noise_generator: torch.Generator | None
+    _restored_noise_state: torch.Tensor | None
+    _per_sample: PerSampleGrads | None
+
+    def check_privacy(self, trainer: pl.Trainer, train_loader: Any, resumed: bool = False) -> None:
+        """Raise now the ``ValueError`` that DP-SGD training would raise at its start: several
+        devices or gradient accumulation, a train loader that is not Poisson-sampled, a
+        ``delta`` not below ``1/N``, and (for a run not ``resumed`` from a checkpoint, whose
+        earlier steps are not known yet) an unreachable ``target_epsilon``. Nothing without
+        ``privacy``. ``torchbp-train fit`` calls it before the run folder is made.
+
+        Args:
+            trainer: The trainer that will fit the model.
+            train_loader: The DataLoader it will train on.
+            resumed: The fit resumes from a checkpoint.
+        """
+        if self.privacy is None:
+            return
+        sampler = self._private_sampler(trainer, train_loader)
+        if self.privacy.target_epsilon is not None and not resumed and self.accountant is None:
+            self._new_accountant(trainer, sampler)
+
+    def _private_sampler(self, trainer: pl.Trainer, train_loader: Any) -> PoissonBatchSampler:
+        """The train loader's Poisson sampler, once the trainer and the data suit DP-SGD."""
+        assert self.privacy is not None
+        if "forward" in vars(self):
+            # Lightning's fit of torch.compile(model) compiles the instance's forward, which
+            # per_sample_grads cannot see into (its backward would stop at the first layer)
+            raise ValueError(
+                "privacy (DP-SGD) clips per-sample gradients, which needs the eager model: "
+                "fit the model itself, not torch.compile(model) (or a model whose forward "
+                "was replaced on the instance)"
+            )
+        if trainer.world_size > 1 or trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "privacy (DP-SGD) supports one device without gradient accumulation; got "
+                f"world_size={trainer.world_size}, "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}"
+            )
+        sampler = getattr(train_loader, "batch_sampler", None)
+        if not isinstance(sampler, PoissonBatchSampler):
+            raise ValueError(
+                "privacy (DP-SGD): the privacy accountant assumes Poisson sampling; set "
+                "data.poisson_sampling: true (a DataModule whose train loader uses "
+                "torchbp.lightning.privacy.PoissonBatchSampler)"
+            )
+        self.privacy.check_delta(sampler.num_samples)
+        epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if self.privacy.target_epsilon is not None and epochs < 1:
+            raise ValueError(
+                "privacy.target_epsilon needs trainer.max_epochs >= 1 (the run's length sets "
+                f"the noise), got max_epochs={trainer.max_epochs}"
+            )
+        return sampler
+
+    @staticmethod
+    def _steps_left(trainer: pl.Trainer, sampler: PoissonBatchSampler) -> int:
+        """The DP steps the trainer will still take: ``max_epochs`` (at least 1) epochs of the
+        sampler's batches as ``limit_train_batches`` cuts them (Lightning's rule), at most
+        ``max_steps``, less the steps already taken (a resumed run's)."""
+        per_epoch = len(sampler)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, float):
+            per_epoch = int(per_epoch * limit)
+        elif limit is not None:
+            per_epoch = min(per_epoch, int(limit))
+        epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        total = max(epochs, 1) * per_epoch
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            total = min(total, trainer.max_steps)
+        return max(total - trainer.global_step, 0)
+
+    def on_train_start(self) -> None:
+        # the train DataLoader exists from here on (not yet in on_fit_start)
+        if self.privacy is None:
+            self._refuse_private_checkpoint()
+            return
+        trainer = self.trainer
+        sampler = self._private_sampler(trainer, trainer.train_dataloader)
+        accountant = self._new_accountant(trainer, sampler)
+        # ε keeps counting: over a checkpoint's steps, or over an earlier fit's of these
+        # weights (a second trainer.fit of the same model)
+        spent = self._spent_privacy()
+        if spent is not None:
+            accountant.load_state_dict(spent)
+        noise = self._continued_noise(accountant.steps)
+        # set once complete: a resume refused above leaves no accountant of a fresh run
+        self.accountant, self._restored_accountant = accountant, None
+        self._noise_generator, self._restored_noise_state = noise, None
+        self._expected_batch = sampler.sample_rate * sampler.num_samples
+
+    def _refuse_private_checkpoint(self) -> None:
+        """A fit without privacy of weights loaded from a DP-SGD checkpoint would end as a
+        model no ε holds for, while its checkpoints kept the DP steps' accountant (a DP fit
+        resumed from one would count ε over those steps only): refused, as torchbp-train
+        refuses it."""
+        if self._restored_accountant is not None:
+            raise ValueError(
+                "the weights were loaded from a checkpoint trained with DP-SGD, and this model "
+                "has privacy=None: training on without privacy would end with a model no "
+                "epsilon holds for; fit with the checkpoint's privacy settings (its "
+                "hyper_parameters have them)"
+            )
+
+    def _new_accountant(
+        self, trainer: pl.Trainer, sampler: PoissonBatchSampler
+    ) -> PrivacyAccountant:
+        """An accountant for the steps ``trainer`` will take on ``sampler``'s batches (it
+        computes the noise for ``target_epsilon``, or refuses an unreachable one)."""
+        assert self.privacy is not None
+        return PrivacyAccountant(
+            self.privacy, sampler.sample_rate, steps=self._steps_left(trainer, sampler)
+        )
+
+    def _continued_noise(self, steps_taken: int) -> torch.Generator:
+        """The generator of this fit's DP noise, on the parameters' device: the one of the
+        steps taken before (a checkpoint's state, or the last fit's generator), so a resumed
+        fit draws the noise an uninterrupted one would; for a fresh run, a generator seeded
+        from a draw of the device's default one (the noise ``seed_everything`` makes
+        reproducible). A copy of the default generator would draw the very numbers that the
+        rest of the run then draws from it (a dataset's augmentation, a subclass's dropout):
+        noise that is a function of them, not the independent draw DP-SGD assumes.
+
+        Noise drawn from the default generator itself repeated on a resume: the run seeds it
+        again, and the resumed steps drew the very noise of the first steps, which the
+        accountant (independent noise at every step) does not cover. Steps taken before
+        without a state to continue (a checkpoint saved before the state was kept) get a
+        generator seeded from the system's entropy, never a repeated stream (so does a
+        state of another device's generator: a run resumed on a GPU from a CPU run's)."""
+        device = self.device
+        last, state = self._noise_generator, self._restored_noise_state
+        if state is None and last is not None and last.device == device:
+            return last
+        generator = torch.Generator(device=device)
+        if state is None and last is None and steps_taken == 0:
+            return generator.manual_seed(_seed_from_default_generator(device))
+        try:
+            if state is None:
+                raise RuntimeError("no state to continue")
+            generator.set_state(state)
+        except RuntimeError:  # none, or a state of another device's generator
+            generator.seed()
+        return generator
+
+    def _spent_privacy(self) -> dict[str, Any] | None:
+        """The accountant state of these weights' steps: a checkpoint's, loaded with the
+        weights but not yet continued by a fit (a later fit counts ε on from it), else the
+        last fit's; ``None`` if there is neither."""
+        if self._restored_accountant is not None:
+            return self._restored_accountant
+        return None if self.accountant is None else self.accountant.state_dict()
+
+    def _noise_state(self) -> torch.Tensor | None:
+        """The noise generator's state that goes with :meth:`_spent_privacy`'s steps: a loaded
+        checkpoint's, not yet continued by a fit (``None`` for one saved before the state was
+        kept), else the last fit's generator's."""
+        if self._restored_accountant is not None or self._noise_generator is None:
+            return self._restored_noise_state
+        return self._noise_generator.get_state()
+
+    def _private_training_step(self, batch) -> torch.Tensor:
+        x, y = batch
+        assert self.privacy is not None
+        self._per_sample = per_sample_grads(
+            self.net, mode="clip", max_norm=self.privacy.max_grad_norm
+        ).__enter__()
+        try:
+            logits = self(x)
+            # DP-SGD clips each sample's gradient of its own loss, so the loss is summed;
+            # the 1/L of the mean is applied after clipping and noise (on_after_backward).
+            loss_sum = self.loss(logits, y, reduction="sum")
+        except BaseException:
+            self._close_per_sample(*sys.exc_info())
+            raise
+        # An empty Poisson draw goes through the same step: its clipped sum is 0, and the
+        # update is the noise alone (skipping it would tell that the draw was empty).
+        if x.shape[0]:
+            # the batch's mean loss, weighted as without privacy (see _loss_denominator)
+            mean = loss_sum.detach() / self._loss_denominator(y)
+            self._update_metrics(self.train_loss, self.train_metrics, mean, logits.detach(), y)
+        return loss_sum
+
+    def _close_per_sample(self, *exc_info: Any) -> PerSampleGrads | None:
+        """Leave the step's per_sample_grads context (with the error, if one was raised)."""
+        ps, self._per_sample = self._per_sample, None
+        if ps is not None:
+            ps.__exit__(*(exc_info or (None, None, None)))
+        return ps
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # once per trainer: returned again (a test after the fit), Lightning would announce
+        # that it replaces the one the fit attached
+        try:
+            attached = self.trainer.callbacks
+        except RuntimeError:  # not attached to a Trainer
+            attached = []
+        if any(isinstance(c, _LeavePerSampleOnError) for c in attached):
+            return []
+        return [_LeavePerSampleOnError()]
+
+    def on_after_backward(self) -> None:
+        ps = self._close_per_sample()
+        if ps is None:
+            return
+        assert self.accountant is not None
+        # g̃ = (Σ_i clip_C(g_i) + N(0, σ²C²)) / L
+        ps.add_noise(self.accountant.noise_multiplier, generator=self._noise_generator)
+        with torch.no_grad():
+            for p in ps.parameters:
+                p.grad.div_(self._expected_batch)
+        self.accountant.step()
+
+    def on_train_epoch_end(self) -> None:
+        if self.accountant is not None:
+            self.log("train/epsilon", self.accountant.epsilon(), prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self._spent_privacy()
+        if state is not None:
+            checkpoint["privacy_accountant"] = state
+        noise = self._noise_state()
+        if noise is not None:
+            checkpoint["privacy_noise_generator"] = noise
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_accountant = checkpoint.get("privacy_accountant")
+        noise = checkpoint.get("privacy_noise_generator")
+        # Generator.set_state takes a CPU tensor only: a checkpoint loaded with
+        # map_location="cuda" has it on the GPU
+        self._restored_noise_state = None if noise is None else noise.cpu()
