@@ -342,6 +342,41 @@ def test_dp_fit_resumed_from_an_epochs_last_batch_draws_the_next_epochs_batches(
     assert resumed.labels[1] == whole.labels[1] != whole.labels[0]
 
 
+def test_dp_fit_resumed_mid_epoch_continues_the_epochs_poisson_draws(tmp_path):
+    """A checkpoint saved after an epoch's 3rd batch (a SLURM requeue, every_n_train_steps)
+    resumes that epoch: its batches were drawn from the epoch's seed again from the first,
+    so the resumed steps trained on batches 1, 2, 3 once more, which the accountant counts
+    as fresh draws. The sampler's state in the checkpoint continues the draws: every
+    resumed batch is one the uninterrupted run drew later in that epoch, none repeated."""
+    import pytorch_lightning as pl
+
+    pytest.importorskip("opacus")
+    privacy = Privacy(noise_multiplier=1.0)
+    ckpt = tmp_path / "mid_epoch.ckpt"
+
+    class SaveMidEpoch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                trainer.save_checkpoint(ckpt)
+
+    whole = _batch_recorder()
+    dm, model, trainer = _dp_fit(
+        tmp_path, privacy, max_epochs=1, limit_val_batches=0, callbacks=[whole, SaveMidEpoch()]
+    )
+    trainer.fit(model, datamodule=dm)
+    resumed = _batch_recorder()
+    dm, model, trainer = _dp_fit(
+        tmp_path, privacy, max_epochs=1, limit_val_batches=0, callbacks=[resumed]
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    first, rest = whole.labels[0][:3], whole.labels[0][3:]
+    assert resumed.labels[0], "the resumed epoch trained no batch"
+    assert not any(batch in first for batch in resumed.labels[0])
+    # the continued draws (a DataLoader fetching ahead at the save drops one more, never
+    # repeats one)
+    assert resumed.labels[0] == rest[len(rest) - len(resumed.labels[0]) :]
+
+
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):
     """After a DP fit stopped between the forward and on_after_backward, other torchbp
     training in the process must work (it failed with 'not a torchbp.nn.Linear of the

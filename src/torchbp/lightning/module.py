@@ -224,6 +224,9 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         #: continues its stream (see _continued_noise)
         self._noise_generator: torch.Generator | None = None
         self._restored_noise_state: torch.Tensor | None = None
+        #: DP-SGD: a mid-epoch checkpoint's Poisson sampler state (how many of the epoch's
+        #: batches were drawn), so that the resumed epoch continues its draws
+        self._restored_sampler_state: dict[str, int] | None = None
         self._per_sample: PerSampleGrads | None = None
         self._check_optimizer()
 

@@ -38,15 +38,17 @@ class PrivateTraining:
     """The DP-SGD hooks and steps of :class:`~torchbp.lightning.ERMClassifier`, which
     inherits them: a LightningModule whose ``__init__`` sets ``privacy`` (a
     :class:`~torchbp.lightning.privacy.Privacy` or ``None``), ``accountant``,
-    ``_restored_accountant``, ``_noise_generator``, ``_restored_noise_state`` and
-    ``_per_sample`` (all ``None``), and whose ``net``, ``loss``, ``_loss_denominator``,
-    ``_update_metrics``, ``train_loss`` and ``train_metrics`` a private training step uses."""
+    ``_restored_accountant``, ``_noise_generator``, ``_restored_noise_state``,
+    ``_restored_sampler_state`` and ``_per_sample`` (all ``None``), and whose ``net``,
+    ``loss``, ``_loss_denominator``, ``_update_metrics``, ``train_loss`` and
+    ``train_metrics`` a private training step uses."""
 
     privacy: Privacy | None
     accountant: PrivacyAccountant | None
     _restored_accountant: dict[str, Any] | None
     _noise_generator: torch.Generator | None
     _restored_noise_state: torch.Tensor | None
+    _restored_sampler_state: dict[str, int] | None
     _per_sample: PerSampleGrads | None
 
     def check_privacy(self, trainer: pl.Trainer, train_loader: Any, resumed: bool = False) -> None:
@@ -135,6 +137,12 @@ class PrivateTraining:
         self.accountant, self._restored_accountant = accountant, None
         self._noise_generator, self._restored_noise_state = noise, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
+        # a run resumed in mid-epoch continues that epoch's Poisson draws: drawing its first
+        # batches again would repeat them, where the accountant counts every step's batch
+        # as a fresh draw
+        if self._restored_sampler_state is not None:
+            sampler.load_state_dict(self._restored_sampler_state)
+            self._restored_sampler_state = None
 
     def _refuse_private_checkpoint(self) -> None:
         """A fit without privacy of weights loaded from a DP-SGD checkpoint would end as a
@@ -268,6 +276,10 @@ class PrivateTraining:
         noise = self._noise_state()
         if noise is not None:
             checkpoint["privacy_noise_generator"] = noise
+        # (the trainer saving a checkpoint is attached)
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        if self.privacy is not None and isinstance(sampler, PoissonBatchSampler):
+            checkpoint["privacy_poisson_sampler"] = sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_accountant = checkpoint.get("privacy_accountant")
@@ -275,3 +287,4 @@ class PrivateTraining:
         # Generator.set_state takes a CPU tensor only: a checkpoint loaded with
         # map_location="cuda" has it on the GPU
         self._restored_noise_state = None if noise is None else noise.cpu()
+        self._restored_sampler_state = checkpoint.get("privacy_poisson_sampler")
