@@ -66,12 +66,10 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.loggers import TensorBoardLogger
 
-from torchbp.lightning.array_data import ArrayDataModule
 from torchbp.lightning.ckpt_path import (
     best_checkpoint_to_evaluate,
     check_checkpoint_file,
@@ -89,10 +87,9 @@ from torchbp.lightning.config_files import (
 from torchbp.lightning.console import (
     ShortErrorParser,
     exit_with_error,
-    headline,
     quiet_lightning,
 )
-from torchbp.lightning.data_base import ClassificationDataModule, DataConfigError, DataError
+from torchbp.lightning.data_base import ClassificationDataModule
 from torchbp.lightning.module import ERMClassifier
 from torchbp.lightning.run_checkpoint import (
     RunCheckpoint,
@@ -100,6 +97,14 @@ from torchbp.lightning.run_checkpoint import (
     evaluating_checkpoint_callback,
     follow_the_monitor,
     save_nothing,
+)
+from torchbp.lightning.run_checks import (
+    CONFIG_ERRORS,
+    check_config_file_is_new,
+    check_monitors,
+    check_privacy,
+    check_run_folders_can_be_written,
+    describe_config_error,
 )
 from torchbp.lightning.run_folders import (
     RUN_FOLDER_ENV,
@@ -110,10 +115,8 @@ from torchbp.lightning.run_folders import (
     run_versions,
     slurm_job,
     version_of_rank_zero,
-    why_unwritable,
 )
 from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
-from torchbp.lightning.synthetic_data import SyntheticDataModule
 
 __all__ = ["TorchbpCLI", "RunCheckpoint", "RUN_FOLDER_ENV", "main", "cli_main"]
 
@@ -127,19 +130,6 @@ PREDICTIONS_FILE = "predictions.csv"
 
 #: the data class of the default config (``digits``), by which its runs are named
 _DEFAULT_DATA = "DigitsDataModule"
-
-
-#: errors of instantiating data, model and trainer that mean "fix the configuration"
-_CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
-
-
-def _check_monitor(option: str, monitor: str, logged: list[str]) -> None:
-    """Raise a ``ValueError`` naming ``option`` if ``monitor`` is not one of ``logged``."""
-    if monitor not in logged:
-        raise ValueError(
-            f"{option} {monitor!r} is not a metric the model logs during fit; "
-            f"monitor one of {', '.join(logged)}"
-        )
 
 
 def _keep_command_line_ckpt_path(config: Namespace, argv: list[str]) -> None:
@@ -218,25 +208,6 @@ def _data_run_name(data: Any) -> str | None:
         return None
     path = (getattr(data, "init_args", None) or {}).get("path")
     return Path(str(path)).stem if path else class_path.rsplit(".", 1)[-1]
-
-
-def _describe(error: BaseException) -> str:
-    """One line for an error raised while instantiating data, model and trainer: its message
-    followed by those of its chained causes that add something, or, if the DataModule raised
-    it, the DataModule's message."""
-    chain = [error]
-    while isinstance(cause := chain[-1].__cause__ or chain[-1].__context__, _CONFIG_ERRORS):
-        chain.append(cause)
-    data = next((e for e in chain if isinstance(e, DataConfigError)), None)
-    if isinstance(data, DataError):
-        return f"data problem: {data}"
-    if data is not None:
-        return f"invalid data configuration: {data}"
-    message = headline(str(error))
-    for cause in map(str, chain[1:]):
-        if cause and headline(cause) not in message:
-            message = f"{message}: {headline(cause)}"
-    return f"invalid configuration: {message}"
 
 
 class TorchbpCLI(LightningCLI):
@@ -407,7 +378,7 @@ class TorchbpCLI(LightningCLI):
         """The version of a new run folder under ``root``: the next after the existing ones,
         made here (by rank 0 of a DDP run) so that a run started at the same moment takes
         the one after; listing the folders alone gave both runs the same one. A folder that
-        cannot be made is left to :meth:`_check_run_folders_can_be_written` to name.
+        cannot be made is left to ``run_checks.check_run_folders_can_be_written`` to name.
 
         A DDP worker that Lightning launched takes rank 0's version from the environment
         (``TORCHBP_RUN_FOLDER``, set here by rank 0); one started by torchrun or srun, beside
@@ -458,96 +429,19 @@ class TorchbpCLI(LightningCLI):
                 self.datamodule.check_data()
             if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
                 self.model.check_scheduler(self.trainer)
-                self._check_monitors()
-            self._check_privacy()
+                own = self._subcommand_config(self.config_init).get("checkpoint")
+                check_monitors(self.model, self.trainer, own)
+            resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
+            check_privacy(self.subcommand, self.model, self.datamodule, self.trainer, resumed)
             ckpt_path = self._subcommand_config(self.config).get("ckpt_path")
             check_checkpoint_fits_model(ckpt_path, self.subcommand, self.model, self.datamodule)
             check_hpc_checkpoint(ckpt_path, self.trainer.default_root_dir)
-            self._check_config_file_is_new()
-            self._check_run_folders_can_be_written()
-        except _CONFIG_ERRORS as e:
-            exit_with_error(_describe(e))
-
-    def _model_checkpoints(self) -> list[ModelCheckpoint]:
-        """The trainer's ModelCheckpoints: the CLI's (``checkpoint``) and trainer.callbacks'."""
-        return [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-
-    def _check_monitors(self) -> None:
-        """Every ModelCheckpoint's ``monitor`` (``checkpoint.monitor``, and those of
-        trainer.callbacks) and every strict EarlyStopping's is a metric the fit logs
-        (ERMClassifier's own, not a subclass's, which may log more): Lightning finds a misspelt
-        one only after the first epoch, with a traceback. An EarlyStopping with
-        ``strict=False`` may monitor a metric that is missing (Lightning trains on)."""
-        if type(self.model) is not ERMClassifier:
-            return
-        logged = [n for n in self.model.metric_names() if not n.startswith("test/")]
-        own = self._subcommand_config(self.config_init).get("checkpoint")
-        for callback in self._model_checkpoints():
-            if callback.monitor is None or callback.save_top_k == 0:
-                continue  # nothing monitored
-            option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
-            # Lightning adds epoch and step to what a checkpoint may monitor
-            _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, EarlyStopping) and callback.strict:
-                _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
-
-    def _log_folder(self) -> str | None:
-        """Where the run's logs and config go: Trainer.log_dir without its broadcast (no
-        process group yet under DDP)."""
-        loggers = self.trainer.loggers
-        if not loggers:
-            return self.trainer.default_root_dir
-        if isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
-            return loggers[0].log_dir
-        return loggers[0].save_dir
-
-    def _check_run_folders_can_be_written(self) -> None:
-        """The folders the run will write (logs and config; every ModelCheckpoint's when
-        fitting) can be made: else Lightning fails with an OSError once the run has started."""
-        folders = [self._log_folder()]
-        if self.subcommand == "fit":
-            folders += [callback.dirpath for callback in self._model_checkpoints()]
-        for folder in filter(None, folders):
-            if "://" in str(folder):
-                continue  # a remote filesystem: its own errors
-            problem = why_unwritable(Path(folder))
-            if problem:
-                exit_with_error(
-                    f"invalid configuration: cannot write the run's files into "
-                    f"{os.path.abspath(folder)}: {problem} (choose another --run_dir, or run "
-                    "from a writable folder)"
-                )
-
-    def _check_config_file_is_new(self) -> None:
-        """The resolved config is saved with overwrite on (a resumed run rewrites its own):
-        anywhere else an existing file of that name is not this run's, and stays."""
-        if self._resumed or self.save_config_callback is None or self.trainer.fast_dev_run:
-            return
-        if self.trainer.global_rank != 0:  # a DDP worker, started once rank 0 is running
-            return
-        folder = self._log_folder()
-        if folder is None:
-            return
-        name = self.save_config_kwargs.get("config_filename", "config.yaml")
-        path = Path(folder) / name
-        if path.exists():
-            exit_with_error(
-                f"{os.path.abspath(path)} exists and this run would write its config over it; "
-                "give it a folder of its own (--trainer.default_root_dir, or the logger's "
-                "save_dir)"
-            )
-
-    def _check_privacy(self) -> None:
-        """DP-SGD settings that training would refuse at its start (``fit`` of a private model
-        on torchbp's DataModules, whose train loader is ready once ``check_data`` ran)."""
-        model, data = self.model, self.datamodule
-        if self.subcommand != "fit" or not isinstance(model, ERMClassifier):
-            return
-        if model.privacy is None or not isinstance(data, (ArrayDataModule, SyntheticDataModule)):
-            return
-        resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
-        model.check_privacy(self.trainer, data.train_dataloader(), resumed=resumed)
+            if not self._resumed and self.save_config_callback is not None:
+                name = self.save_config_kwargs.get("config_filename", "config.yaml")
+                check_config_file_is_new(self.trainer, name)
+            check_run_folders_can_be_written(self.trainer, self.subcommand)
+        except CONFIG_ERRORS as e:
+            exit_with_error(describe_config_error(e))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer of the run folder ``<run_dir>/<run_name>/version_<n>``: its loggers,

@@ -1,0 +1,154 @@
+"""What ``torchbp-train`` checks once data, model and trainer are made and before the run
+starts (Lightning would find each only once the run has started, or never): the monitored
+metrics, the run's folders and config file, and the DP-SGD settings; and the one line an
+invalid configuration is reported as."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from torchbp.lightning.array_data import ArrayDataModule
+from torchbp.lightning.console import exit_with_error, headline
+from torchbp.lightning.data_base import DataConfigError, DataError
+from torchbp.lightning.module import ERMClassifier
+from torchbp.lightning.run_folders import why_unwritable
+from torchbp.lightning.synthetic_data import SyntheticDataModule
+
+__all__ = [
+    "CONFIG_ERRORS",
+    "describe_config_error",
+    "check_monitors",
+    "log_folder",
+    "check_run_folders_can_be_written",
+    "check_config_file_is_new",
+    "check_privacy",
+]
+
+
+#: errors of instantiating data, model and trainer that mean "fix the configuration"
+CONFIG_ERRORS = (ValueError, TypeError, OSError, MisconfigurationException)
+
+
+def describe_config_error(error: BaseException) -> str:
+    """One line for an error raised while instantiating data, model and trainer: its message
+    followed by those of its chained causes that add something, or, if the DataModule raised
+    it, the DataModule's message."""
+    chain = [error]
+    while isinstance(cause := chain[-1].__cause__ or chain[-1].__context__, CONFIG_ERRORS):
+        chain.append(cause)
+    data = next((e for e in chain if isinstance(e, DataConfigError)), None)
+    if isinstance(data, DataError):
+        return f"data problem: {data}"
+    if data is not None:
+        return f"invalid data configuration: {data}"
+    message = headline(str(error))
+    for cause in map(str, chain[1:]):
+        if cause and headline(cause) not in message:
+            message = f"{message}: {headline(cause)}"
+    return f"invalid configuration: {message}"
+
+
+def _model_checkpoints(trainer: pl.Trainer) -> list[ModelCheckpoint]:
+    """The trainer's ModelCheckpoints: the CLI's (``checkpoint``) and trainer.callbacks'."""
+    return [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+
+
+def _check_monitor(option: str, monitor: str, logged: list[str]) -> None:
+    """Raise a ``ValueError`` naming ``option`` if ``monitor`` is not one of ``logged``."""
+    if monitor not in logged:
+        raise ValueError(
+            f"{option} {monitor!r} is not a metric the model logs during fit; "
+            f"monitor one of {', '.join(logged)}"
+        )
+
+
+def check_monitors(model: pl.LightningModule, trainer: pl.Trainer, own: Any) -> None:
+    """Every ModelCheckpoint's ``monitor`` (``checkpoint.monitor``, the CLI's ``own``
+    callback, and those of trainer.callbacks) and every strict EarlyStopping's is a metric
+    the fit logs (ERMClassifier's own, not a subclass's, which may log more): Lightning finds
+    a misspelt one only after the first epoch, with a traceback. An EarlyStopping with
+    ``strict=False`` may monitor a metric that is missing (Lightning trains on)."""
+    if type(model) is not ERMClassifier:
+        return
+    logged = [n for n in model.metric_names() if not n.startswith("test/")]
+    for callback in _model_checkpoints(trainer):
+        if callback.monitor is None or callback.save_top_k == 0:
+            continue  # nothing monitored
+        option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
+        # Lightning adds epoch and step to what a checkpoint may monitor
+        _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.strict:
+            _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
+
+
+def log_folder(trainer: pl.Trainer) -> str | None:
+    """Where the run's logs and config go: Trainer.log_dir without its broadcast (no
+    process group yet under DDP)."""
+    loggers = trainer.loggers
+    if not loggers:
+        return trainer.default_root_dir
+    if isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+        return loggers[0].log_dir
+    return loggers[0].save_dir
+
+
+def check_run_folders_can_be_written(trainer: pl.Trainer, subcommand: str | None) -> None:
+    """The folders the run will write (logs and config; every ModelCheckpoint's when
+    fitting) can be made: else Lightning fails with an OSError once the run has started."""
+    folders = [log_folder(trainer)]
+    if subcommand == "fit":
+        folders += [callback.dirpath for callback in _model_checkpoints(trainer)]
+    for folder in filter(None, folders):
+        if "://" in str(folder):
+            continue  # a remote filesystem: its own errors
+        problem = why_unwritable(Path(folder))
+        if problem:
+            exit_with_error(
+                f"invalid configuration: cannot write the run's files into "
+                f"{os.path.abspath(folder)}: {problem} (choose another --run_dir, or run "
+                "from a writable folder)"
+            )
+
+
+def check_config_file_is_new(trainer: pl.Trainer, config_filename: str) -> None:
+    """The resolved config is saved with overwrite on (a resumed run rewrites its own, and
+    is not checked): anywhere else an existing file of that name is not this run's, and
+    stays."""
+    if trainer.fast_dev_run:
+        return
+    if trainer.global_rank != 0:  # a DDP worker, started once rank 0 is running
+        return
+    folder = log_folder(trainer)
+    if folder is None:
+        return
+    path = Path(folder) / config_filename
+    if path.exists():
+        exit_with_error(
+            f"{os.path.abspath(path)} exists and this run would write its config over it; "
+            "give it a folder of its own (--trainer.default_root_dir, or the logger's "
+            "save_dir)"
+        )
+
+
+def check_privacy(
+    subcommand: str | None,
+    model: pl.LightningModule,
+    datamodule: Any,
+    trainer: pl.Trainer,
+    resumed: bool,
+) -> None:
+    """DP-SGD settings that training would refuse at its start (``fit`` of a private model
+    on torchbp's DataModules, whose train loader is ready once ``check_data`` ran)."""
+    if subcommand != "fit" or not isinstance(model, ERMClassifier):
+        return
+    if model.privacy is None or not isinstance(datamodule, (ArrayDataModule, SyntheticDataModule)):
+        return
+    model.check_privacy(trainer, datamodule.train_dataloader(), resumed=resumed)
