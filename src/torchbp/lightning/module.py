@@ -24,12 +24,11 @@ from torchbp.lightning.mlp import (
 )
 from torchbp.lightning.optimizers import (
     SCHEDULER_TRIAL_EPOCHS,  # noqa: F401 (named by check_scheduler's docstring, importable here)
-    epochs_of_the_fit,
+    check_optimizer_arguments,
+    check_scheduler_fits_trainer,
     factory_as_config,
     factory_from_config,
-    first_failing_step,
     owning_its_hyperparameters,
-    scheduler_name,
 )
 from torchbp.lightning.privacy import Privacy, PrivacyAccountant
 from torchbp.lightning.private_training import PrivateTraining
@@ -280,25 +279,9 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
 
     def _check_optimizer(self) -> None:
         """Build the optimizer (and scheduler) once, and step the scheduler once, so bad
-        arguments fail before training: some (``StepLR(step_size=0)``) fail only when the
-        scheduler steps, at the end of the first epoch."""
-        try:
-            opt = self._make_optimizer()
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"invalid optimizer arguments: {e}") from e
-        if self.scheduler_factory is not None:
-            try:
-                sched = self.scheduler_factory(opt)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
-            except (ArithmeticError, IndexError) as e:  # CyclicLR(step_size_up=0)
-                name = scheduler_name(self.scheduler_factory, e)
-                raise ValueError(
-                    f"invalid lr_scheduler arguments: making {name} raised {type(e).__name__}: {e}"
-                ) from e
-            failure = first_failing_step(sched, steps=1)
-            if failure is not None:
-                raise ValueError(f"invalid lr_scheduler arguments: {failure[1]}")
+        arguments fail before training (see
+        :func:`~torchbp.lightning.optimizers.check_optimizer_arguments`)."""
+        check_optimizer_arguments(self._make_optimizer, self.scheduler_factory)
 
     def configure_optimizers(self) -> Any:
         opt = self._make_optimizer()
@@ -328,25 +311,8 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
 
         ``torchbp-train`` calls it before the run folder is made, and ``configure_optimizers``
         when a trainer is attached."""
-        if self.scheduler_factory is None:
-            return
-        sched = self.scheduler_factory(self._make_optimizer())
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if trainer.limit_val_batches == 0:
-                raise ValueError(
-                    "lr_scheduler ReduceLROnPlateau steps on val/loss, which is never computed "
-                    f"with trainer.limit_val_batches={trainer.limit_val_batches}; validate, or "
-                    "use a scheduler that needs no metric"
-                )
-            return
-        epochs = epochs_of_the_fit(trainer)
-        failure = first_failing_step(sched, steps=epochs)
-        if failure is not None:
-            epoch, why = failure
-            raise ValueError(
-                f"lr_scheduler {type(sched).__name__} fails at the end of epoch {epoch} of "
-                f"trainer.max_epochs={trainer.max_epochs} (it steps once per epoch): {why}"
-            )
+        if self.scheduler_factory is not None:
+            check_scheduler_fits_trainer(self.scheduler_factory(self._make_optimizer()), trainer)
 
     def _epochs_between_validations(self) -> int:
         """The trainer's ``check_val_every_n_epoch`` (1 without a trainer, or when validation

@@ -8,6 +8,7 @@ import functools
 import importlib
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,6 +16,8 @@ import torch
 
 __all__ = [
     "SCHEDULER_TRIAL_EPOCHS",
+    "check_optimizer_arguments",
+    "check_scheduler_fits_trainer",
     "factory_as_config",
     "factory_from_config",
     "owning_its_hyperparameters",
@@ -132,3 +135,53 @@ def first_failing_step(
             except (ArithmeticError, ValueError, TypeError, IndexError) as e:
                 return step, f"stepping {name} raised {type(e).__name__}: {e}"
     return None
+
+
+def check_optimizer_arguments(
+    make_optimizer: Callable[[], torch.optim.Optimizer], scheduler_factory: Any
+) -> None:
+    """Build the optimizer (with ``make_optimizer``) and the scheduler (with
+    ``scheduler_factory``, if any) once, and step the scheduler once, so bad arguments fail
+    before training with a ``ValueError``: some (``StepLR(step_size=0)``) fail only when the
+    scheduler steps, at the end of the first epoch."""
+    try:
+        opt = make_optimizer()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"invalid optimizer arguments: {e}") from e
+    if scheduler_factory is not None:
+        try:
+            sched = scheduler_factory(opt)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
+        except (ArithmeticError, IndexError) as e:  # CyclicLR(step_size_up=0)
+            name = scheduler_name(scheduler_factory, e)
+            raise ValueError(
+                f"invalid lr_scheduler arguments: making {name} raised {type(e).__name__}: {e}"
+            ) from e
+        failure = first_failing_step(sched, steps=1)
+        if failure is not None:
+            raise ValueError(f"invalid lr_scheduler arguments: {failure[1]}")
+
+
+def check_scheduler_fits_trainer(
+    sched: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
+    trainer: pl.Trainer,
+) -> None:
+    """Raise a ``ValueError`` if ``trainer`` cannot run ``sched`` (a throwaway scheduler,
+    stepped here): see :meth:`ERMClassifier.check_scheduler`."""
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if trainer.limit_val_batches == 0:
+            raise ValueError(
+                "lr_scheduler ReduceLROnPlateau steps on val/loss, which is never computed "
+                f"with trainer.limit_val_batches={trainer.limit_val_batches}; validate, or "
+                "use a scheduler that needs no metric"
+            )
+        return
+    epochs = epochs_of_the_fit(trainer)
+    failure = first_failing_step(sched, steps=epochs)
+    if failure is not None:
+        epoch, why = failure
+        raise ValueError(
+            f"lr_scheduler {type(sched).__name__} fails at the end of epoch {epoch} of "
+            f"trainer.max_epochs={trainer.max_epochs} (it steps once per epoch): {why}"
+        )
