@@ -569,6 +569,8 @@ def test_data_problem_found_by_the_split_is_a_cli_error_before_training(tmp_path
         (["--checkpoint.monitor=val/f1"], "max"),
         (["--checkpoint.monitor=val/loss", "--checkpoint.mode=max"], "max"),  # as asked
         (["--checkpoint.monitor=val/acc", "--checkpoint.mode=min"], "min"),
+        (["--checkpoint.monitor=step"], "max"),  # the latest
+        (["--checkpoint.monitor=epoch"], "max"),
     ],
 )
 def test_checkpoint_mode_follows_the_monitored_metric(tmp_path, args, mode):
@@ -580,6 +582,21 @@ def test_checkpoint_mode_follows_the_monitored_metric(tmp_path, args, mode):
     )
     assert cli.trainer.checkpoint_callback.mode == mode
     assert cli.config.fit.checkpoint.mode == mode  # and so in the saved config.yaml
+
+
+def test_checkpoint_monitoring_the_step_keeps_the_latest(tmp_path):
+    """--checkpoint.monitor step (or epoch), which Lightning offers to keep the latest
+    checkpoints, took mode auto's min: the "best" was the first epoch's checkpoint, kept
+    for good, and fit ended by testing the first epoch's weights."""
+    cli = fit_digits(
+        tmp_path,
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--checkpoint.monitor=step",
+    )
+    best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    assert best["global_step"] == cli.trainer.global_step == 6
 
 
 @pytest.mark.parametrize("threads", ["0", "-2"])

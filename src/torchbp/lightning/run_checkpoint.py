@@ -26,6 +26,8 @@ __all__ = [
 
 #: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
 _HIGHER_IS_BETTER = ("acc", "f1")
+#: what Lightning adds to the monitorable metrics: a checkpoint monitoring one keeps the latest
+_PROGRESS = ("epoch", "step")
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -189,7 +191,10 @@ def follow_the_monitor(checkpoint: Namespace) -> None:
 
 
 def _checkpoint_mode(monitor: str | None) -> str:
-    """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1),
-    else Lightning's default, ``min`` (loss, 0-1 error)."""
+    """``checkpoint.mode: auto``: ``max`` for a metric that improves upwards (accuracy, F1)
+    and for ``epoch`` and ``step`` (the latest checkpoints are kept), else Lightning's
+    default, ``min`` (loss, 0-1 error)."""
+    if monitor in _PROGRESS:
+        return "max"
     name = (monitor or "").rsplit("/", 1)[-1]
     return "max" if name in _HIGHER_IS_BETTER else "min"
