@@ -597,6 +597,8 @@ def test_checkpoint_monitoring_the_step_keeps_the_latest(tmp_path):
     )
     best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
     assert best["global_step"] == cli.trainer.global_step == 6
+    # named by epoch and step, as without a monitor (it was 'epoch001-step6.0000.ckpt')
+    assert Path(cli.trainer.checkpoint_callback.best_model_path).name == "epoch001-step6.ckpt"
 
 
 @pytest.mark.parametrize("threads", ["0", "-2"])
