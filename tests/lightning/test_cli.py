@@ -1501,20 +1501,18 @@ def test_ddp_workers_take_the_run_folder_rank_zero_made(tmp_path, monkeypatch):
     default_root_dir, checkpoint folder and loggers (Lightning broadcasts rank 0's only for
     its own logs and checkpoints). Rank 0 now hands its run folder to the processes it
     launches, in their environment."""
-    from types import SimpleNamespace
-
-    from torchbp.lightning.cli import RUN_FOLDER_ENV, TorchbpCLI
+    from torchbp.lightning.run_folders import RUN_FOLDER_ENV, new_run_version
 
     for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID", RUN_FOLDER_ENV):
         monkeypatch.delenv(name, raising=False)
     root = tmp_path / "ddp"
     (root / "version_0").mkdir(parents=True)  # an earlier run
-    assert TorchbpCLI._new_version(SimpleNamespace(), root) == 1
+    assert new_run_version(root)[0] == 1
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
     monkeypatch.setenv("LOCAL_RANK", "1")  # a launched worker, with rank 0's environment
-    assert TorchbpCLI._new_version(SimpleNamespace(), root) == 1
+    assert new_run_version(root)[0] == 1
     # a worker of another run (another root) computes its own
-    assert TorchbpCLI._new_version(SimpleNamespace(), tmp_path / "other") == 0
+    assert new_run_version(tmp_path / "other")[0] == 0
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
 
 

@@ -108,13 +108,10 @@ from torchbp.lightning.run_checks import (
 )
 from torchbp.lightning.run_folders import (
     RUN_FOLDER_ENV,
-    is_distributed_worker,
     is_slurm_requeue,
-    make_new_folder,
+    new_run_version,
     run_of_slurm_job,
-    run_versions,
     slurm_job,
-    version_of_rank_zero,
 )
 from torchbp.lightning.run_logger import RunCSVLogger, write_predictions
 
@@ -348,7 +345,7 @@ class TorchbpCLI(LightningCLI):
         if self._version is None:
             # a new run folder: for validate/test/predict even with --ckpt_path last, so that
             # they never overwrite the config.yaml and hparams.yaml of the run they evaluate
-            self._version = self._new_version(root)
+            self._version, self._made_folders = new_run_version(root)
 
     def _resume_requeued_slurm_job(self, root: Path) -> None:
         """A SLURM job requeued by Lightning's auto-requeue (which saved ``hpc_ckpt_<n>.ckpt``
@@ -373,34 +370,6 @@ class TorchbpCLI(LightningCLI):
         self._resumed = True  # the run folder's files are its own
         cfg["ckpt_path"] = str(hpc)  # checked as any checkpoint file, loaded with or without srun
         print(f"SLURM job {job}, requeued: resumes {hpc}", file=sys.stderr)
-
-    def _new_version(self, root: Path) -> int:
-        """The version of a new run folder under ``root``: the next after the existing ones,
-        made here (by rank 0 of a DDP run) so that a run started at the same moment takes
-        the one after; listing the folders alone gave both runs the same one. A folder that
-        cannot be made is left to ``run_checks.check_run_folders_can_be_written`` to name.
-
-        A DDP worker that Lightning launched takes rank 0's version from the environment
-        (``TORCHBP_RUN_FOLDER``, set here by rank 0); one started by torchrun or srun, beside
-        rank 0, computes its own, and relies on Lightning broadcasting rank 0's log and
-        checkpoint folders."""
-        versions = run_versions(root)
-        version = versions[-1] + 1 if versions else 0
-        if is_distributed_worker():
-            # rank 0 made the run folder: its version, which it hands to the workers it
-            # launches (they see its folder, and the next would be another run's)
-            handed = version_of_rank_zero(root)
-            return version if handed is None else handed
-        while True:
-            try:
-                made = make_new_folder(root / f"version_{version}")
-            except OSError:
-                return version
-            if made is not None:
-                self._made_folders = made
-                os.environ[RUN_FOLDER_ENV] = os.path.abspath(root / f"version_{version}")
-                return version
-            version += 1
 
     def _release_run_folder(self) -> None:
         """Remove the run folder made for this run (and the parents made with it) while it

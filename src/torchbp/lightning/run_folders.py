@@ -20,6 +20,7 @@ __all__ = [
     "is_slurm_requeue",
     "run_of_slurm_job",
     "make_new_folder",
+    "new_run_version",
     "why_unwritable",
 ]
 
@@ -134,6 +135,35 @@ def make_new_folder(folder: Path) -> list[Path] | None:
     except FileExistsError:
         return None
     return [folder, *missing]
+
+
+def new_run_version(root: Path) -> tuple[int, list[Path]]:
+    """The version of a new run folder under ``root``, and the folders made for it (deepest
+    first; none in a DDP worker): the next after the existing ones, made here (by rank 0 of
+    a DDP run) so that a run started at the same moment takes the one after; listing the
+    folders alone gave both runs the same one. A folder that cannot be made is left to
+    ``run_checks.check_run_folders_can_be_written`` to name.
+
+    A DDP worker that Lightning launched takes rank 0's version from the environment
+    (``TORCHBP_RUN_FOLDER``, set here by rank 0); one started by torchrun or srun, beside
+    rank 0, computes its own, and relies on Lightning broadcasting rank 0's log and
+    checkpoint folders."""
+    versions = run_versions(root)
+    version = versions[-1] + 1 if versions else 0
+    if is_distributed_worker():
+        # rank 0 made the run folder: its version, which it hands to the workers it
+        # launches (they see its folder, and the next would be another run's)
+        handed = version_of_rank_zero(root)
+        return (version if handed is None else handed), []
+    while True:
+        try:
+            made = make_new_folder(root / f"version_{version}")
+        except OSError:
+            return version, []
+        if made is not None:
+            os.environ[RUN_FOLDER_ENV] = os.path.abspath(root / f"version_{version}")
+            return version, made
+        version += 1
 
 
 def why_unwritable(folder: Path) -> str | None:
