@@ -309,6 +309,36 @@ def _batch_recorder():
     return RecordBatches()
 
 
+def _batches_of_a_resumed_dp_fit(tmp_path, max_epochs, save_at_step):
+    """``(whole, resumed)``: each training batch's labels by epoch, of a DP fit that saved a
+    checkpoint after global step ``save_at_step`` (a callable of the trainer), and of a fit
+    resumed from that checkpoint."""
+    import pytorch_lightning as pl
+
+    pytest.importorskip("opacus")
+    privacy = Privacy(noise_multiplier=1.0)
+    ckpt = tmp_path / "resume.ckpt"
+
+    class SaveAtStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == save_at_step(trainer):
+                trainer.save_checkpoint(ckpt)
+
+    runs = []
+    for callbacks, ckpt_path in (([SaveAtStep()], None), ([], ckpt)):
+        recorder = _batch_recorder()
+        dm, model, trainer = _dp_fit(
+            tmp_path,
+            privacy,
+            max_epochs=max_epochs,
+            limit_val_batches=0,
+            callbacks=[recorder, *callbacks],
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        runs.append(recorder.labels)
+    return runs
+
+
 def test_dp_fit_resumed_from_an_epochs_last_batch_draws_the_next_epochs_batches(tmp_path):
     """A checkpoint saved at the end of an epoch's last batch (ModelCheckpoint's
     every_n_train_steps, or a save in on_train_batch_end) resumes with Lightning's fit loop
@@ -317,29 +347,11 @@ def test_dp_fit_resumed_from_an_epochs_last_batch_draws_the_next_epochs_batches(
     outside the accountant's bound (every step a fresh draw). Lightning itself now sets the
     epoch (through loader.batch_sampler.sampler), and the resumed epoch draws the batches of
     the uninterrupted run's epoch 1."""
-    import pytorch_lightning as pl
-
-    pytest.importorskip("opacus")
-    privacy = Privacy(noise_multiplier=1.0)
-    ckpt = tmp_path / "last_batch.ckpt"
-
-    class SaveAtEpochEnd(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == trainer.num_training_batches:
-                trainer.save_checkpoint(ckpt)
-
-    whole = _batch_recorder()
-    dm, model, trainer = _dp_fit(
-        tmp_path, privacy, max_epochs=2, limit_val_batches=0, callbacks=[whole, SaveAtEpochEnd()]
+    whole, resumed = _batches_of_a_resumed_dp_fit(
+        tmp_path, 2, lambda trainer: trainer.num_training_batches
     )
-    trainer.fit(model, datamodule=dm)
-    resumed = _batch_recorder()
-    dm, model, trainer = _dp_fit(
-        tmp_path, privacy, max_epochs=2, limit_val_batches=0, callbacks=[resumed]
-    )
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-    assert list(resumed.labels) == [1]
-    assert resumed.labels[1] == whole.labels[1] != whole.labels[0]
+    assert list(resumed) == [1]
+    assert resumed[1] == whole[1] != whole[0]
 
 
 def test_dp_fit_resumed_mid_epoch_continues_the_epochs_poisson_draws(tmp_path):
@@ -348,33 +360,13 @@ def test_dp_fit_resumed_mid_epoch_continues_the_epochs_poisson_draws(tmp_path):
     so the resumed steps trained on batches 1, 2, 3 once more, which the accountant counts
     as fresh draws. The sampler's state in the checkpoint continues the draws: every
     resumed batch is one the uninterrupted run drew later in that epoch, none repeated."""
-    import pytorch_lightning as pl
-
-    pytest.importorskip("opacus")
-    privacy = Privacy(noise_multiplier=1.0)
-    ckpt = tmp_path / "mid_epoch.ckpt"
-
-    class SaveMidEpoch(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 3:
-                trainer.save_checkpoint(ckpt)
-
-    whole = _batch_recorder()
-    dm, model, trainer = _dp_fit(
-        tmp_path, privacy, max_epochs=1, limit_val_batches=0, callbacks=[whole, SaveMidEpoch()]
-    )
-    trainer.fit(model, datamodule=dm)
-    resumed = _batch_recorder()
-    dm, model, trainer = _dp_fit(
-        tmp_path, privacy, max_epochs=1, limit_val_batches=0, callbacks=[resumed]
-    )
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
-    first, rest = whole.labels[0][:3], whole.labels[0][3:]
-    assert resumed.labels[0], "the resumed epoch trained no batch"
-    assert not any(batch in first for batch in resumed.labels[0])
+    whole, resumed = _batches_of_a_resumed_dp_fit(tmp_path, 1, lambda trainer: 3)
+    first, rest = whole[0][:3], whole[0][3:]
+    assert resumed[0], "the resumed epoch trained no batch"
+    assert not any(batch in first for batch in resumed[0])
     # the continued draws (a DataLoader fetching ahead at the save drops one more, never
     # repeats one)
-    assert resumed.labels[0] == rest[len(rest) - len(resumed.labels[0]) :]
+    assert resumed[0] == rest[len(rest) - len(resumed[0]) :]
 
 
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):
