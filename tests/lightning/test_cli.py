@@ -769,6 +769,7 @@ def test_fit_from_best_is_an_error_before_training(short_run, tmp_path, capsys):
         (["--model.privacy.delta=0.01"], "privacy.delta=0.01 is not below 1/N"),
         (["--data.init_args.poisson_sampling=false"], "set data.poisson_sampling: true"),
         (["--trainer.accumulate_grad_batches=2"], "accumulate_grad_batches=2"),
+        (["--data.init_args.standardize=true"], "set data.standardize: false"),
         (
             ["--model.privacy.target_epsilon=1e-4", "--model.privacy.delta=1e-9"],
             "privacy.target_epsilon=0.0001 cannot be reached",
@@ -779,7 +780,8 @@ def test_dp_settings_training_refuses_are_a_cli_error_before_training(
     tmp_path, capsys, args, message
 ):
     """DP-SGD settings that training refuses at its start (a delta >= 1/N, no Poisson
-    sampling, gradient accumulation, an unreachable target_epsilon) came as a ValueError in a
+    sampling, gradient accumulation, standardisation on the training rows, an unreachable
+    target_epsilon) came as a ValueError in a
     traceback from inside trainer.fit, after the run folder was made."""
     with pytest.raises(SystemExit) as e:
         run_cli("fit", "--config", str(CONFIGS / "digits_dp.yaml"), f"--run_dir={tmp_path}", *args)
@@ -1321,9 +1323,10 @@ def test_resuming_from_a_last_checkpoint_cut_short_leaves_the_run_as_it_was(
 DIGITS_DP = str(CONFIGS / "digits_dp.yaml")
 
 
-def _one_epoch_run(run_dir: Path, config: str, capsys) -> Path:
-    """A 1-epoch run of ``config`` under ``run_dir/<its name>``, as it left its folder."""
-    run_cli("fit", "--config", config, f"--run_dir={run_dir}", "--trainer.max_epochs=1")
+def _one_epoch_run(run_dir: Path, config: str, capsys, *overrides: str) -> Path:
+    """A 1-epoch run of ``config`` (with ``overrides``) under ``run_dir/<its name>``, as it
+    left its folder."""
+    run_cli("fit", "--config", config, f"--run_dir={run_dir}", "--trainer.max_epochs=1", *overrides)
     capsys.readouterr()
     return run_dir / Path(config).stem / "version_0"
 
@@ -1343,8 +1346,10 @@ def test_resuming_across_privacy_settings_is_a_cli_error_before_anything_is_writ
     without privacy, silently: the run (ε logged for its first epoch) ended with a model no ε
     holds for. The other way, a digits run resumed with digits_dp logged ε = 3 for weights
     that had trained on the same data without noise. Both are refused before the run's files
-    change."""
-    run = _one_epoch_run(tmp_path, trained, capsys)
+    change. (Both sides unstandardised: DP-SGD refuses standardisation, and a resume across
+    data splits is refused for that.)"""
+    raw = "--data.init_args.standardize=false"
+    run = _one_epoch_run(tmp_path, trained, capsys, raw)
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as e:
         run_cli(
@@ -1355,6 +1360,7 @@ def test_resuming_across_privacy_settings_is_a_cli_error_before_anything_is_writ
             f"--run_dir={tmp_path}",
             "--ckpt_path=last",
             "--trainer.max_epochs=2",
+            raw,
         )
     assert e.value.code == 2
     err = capsys.readouterr().err

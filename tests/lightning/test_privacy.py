@@ -93,7 +93,7 @@ def test_poisson_sampler_rejects_wrong_types(kwargs, match):
 
 
 def test_datamodule_poisson_sampling_loader():
-    dm = DigitsDataModule(batch_size=64, poisson_sampling=True)
+    dm = DigitsDataModule(batch_size=64, poisson_sampling=True, standardize=False)
     dm.setup()
     n = len(dm.splits["train"])
     loader = dm.train_dataloader()
@@ -198,7 +198,7 @@ def _dp_fit(tmp_path, privacy, **trainer_kwargs):
     from torchbp.lightning import ERMClassifier
 
     pl.seed_everything(0)
-    dm = DigitsDataModule(batch_size=64, poisson_sampling=True)
+    dm = DigitsDataModule(batch_size=64, poisson_sampling=True, standardize=False)
     model = ERMClassifier(
         input_size=64,
         num_classes=10,
@@ -431,6 +431,18 @@ def test_dp_fit_refuses_delta_not_below_one_over_n(tmp_path):
     dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0, delta=0.01), max_steps=1)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"privacy.delta=0.01 .*N=\d+ training samples"):
+        trainer.fit(model, datamodule=dm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dp_fit_refuses_features_standardised_on_the_training_rows(tmp_path):
+    """The training rows' mean and std scale every row: one row moves all of them, a change
+    no clipping bounds, so ε would not cover the data the model trains on. The digits_dp
+    config trained on standardised digits and reported ε = 3 for it; now refused."""
+    dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)
+    dm.standardize = True
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"data.standardize .* set data.standardize: false"):
         trainer.fit(model, datamodule=dm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

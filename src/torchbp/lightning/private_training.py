@@ -51,10 +51,17 @@ class PrivateTraining:
     _restored_sampler_state: dict[str, int] | None
     _per_sample: PerSampleGrads | None
 
-    def check_privacy(self, trainer: pl.Trainer, train_loader: Any, resumed: bool = False) -> None:
+    def check_privacy(
+        self,
+        trainer: pl.Trainer,
+        train_loader: Any,
+        resumed: bool = False,
+        datamodule: Any = None,
+    ) -> None:
         """Raise now the ``ValueError`` that DP-SGD training would raise at its start: several
         devices or gradient accumulation, a train loader that is not Poisson-sampled, a
-        ``delta`` not below ``1/N``, and (for a run not ``resumed`` from a checkpoint, whose
+        ``delta`` not below ``1/N``, a ``datamodule`` that standardises with the training
+        rows' statistics, and (for a run not ``resumed`` from a checkpoint, whose
         earlier steps are not known yet) an unreachable ``target_epsilon``. Nothing without
         ``privacy``. ``torchbp-train fit`` calls it before the run folder is made.
 
@@ -62,15 +69,19 @@ class PrivateTraining:
             trainer: The trainer that will fit the model.
             train_loader: The DataLoader it will train on.
             resumed: The fit resumes from a checkpoint.
+            datamodule: The DataModule the loader comes from, if any.
         """
         if self.privacy is None:
             return
-        sampler = self._private_sampler(trainer, train_loader)
+        sampler = self._private_sampler(trainer, train_loader, datamodule)
         if self.privacy.target_epsilon is not None and not resumed and self.accountant is None:
             self._new_accountant(trainer, sampler)
 
-    def _private_sampler(self, trainer: pl.Trainer, train_loader: Any) -> PoissonBatchSampler:
-        """The train loader's Poisson sampler, once the trainer and the data suit DP-SGD."""
+    def _private_sampler(
+        self, trainer: pl.Trainer, train_loader: Any, datamodule: Any
+    ) -> PoissonBatchSampler:
+        """The train loader's Poisson sampler, once the trainer and the data (``train_loader``,
+        from ``datamodule`` if any) suit DP-SGD."""
         assert self.privacy is not None
         if "forward" in vars(self):
             # Lightning's fit of torch.compile(model) compiles the instance's forward, which
@@ -94,6 +105,7 @@ class PrivateTraining:
                 "torchbp.lightning.privacy.PoissonBatchSampler)"
             )
         self.privacy.check_delta(sampler.num_samples)
+        self._refuse_data_dependent_scaling(datamodule)
         epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if self.privacy.target_epsilon is not None and epochs < 1:
             raise ValueError(
@@ -101,6 +113,20 @@ class PrivateTraining:
                 f"the noise), got max_epochs={trainer.max_epochs}"
             )
         return sampler
+
+    @staticmethod
+    def _refuse_data_dependent_scaling(datamodule: Any) -> None:
+        """Standardising features with the training rows' mean and std lets one row move
+        every scaled row, unbounded by the clipping norm: the ε of DP-SGD would not cover the
+        data the model trains on. Refused for a DataModule with ``standardize`` on (the
+        bundled ones); data scaled by known, public bounds is the way out."""
+        if getattr(datamodule, "standardize", False):
+            raise ValueError(
+                "privacy (DP-SGD): data.standardize scales the features by the training "
+                "rows' mean and std, which the privacy guarantee (epsilon) does not cover "
+                "(one row moves every scaled row); set data.standardize: false and scale "
+                "by known bounds instead (the bundled digits_dp config does)"
+            )
 
     @staticmethod
     def _steps_left(trainer: pl.Trainer, sampler: PoissonBatchSampler) -> int:
@@ -125,7 +151,7 @@ class PrivateTraining:
             self._refuse_private_checkpoint()
             return
         trainer = self.trainer
-        sampler = self._private_sampler(trainer, trainer.train_dataloader)
+        sampler = self._private_sampler(trainer, trainer.train_dataloader, trainer.datamodule)
         accountant = self._new_accountant(trainer, sampler)
         # ε keeps counting: over a checkpoint's steps, or over an earlier fit's of these
         # weights (a second trainer.fit of the same model)

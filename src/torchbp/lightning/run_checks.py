@@ -151,4 +151,6 @@ def check_privacy(
         return
     if model.privacy is None or not isinstance(datamodule, (ArrayDataModule, SyntheticDataModule)):
         return
-    model.check_privacy(trainer, datamodule.train_dataloader(), resumed=resumed)
+    model.check_privacy(
+        trainer, datamodule.train_dataloader(), resumed=resumed, datamodule=datamodule
+    )
