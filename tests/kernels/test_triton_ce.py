@@ -93,6 +93,52 @@ CASES = [
 ]
 
 
+# One row each: the ±inf / NaN corners of cross-entropy, each placed in the first or a
+# later chunk of BLOCK = 16 classes (40 classes: three chunks), every target position.
+NONFINITE_ROWS = [  # (position, value) edits of a finite row
+    [(slice(None), float("-inf"))],  # all -inf
+    [(3, float("inf"))],  # +inf in chunk 0
+    [(20, float("inf"))],  # +inf in chunk 1
+    [(3, float("inf")), (30, float("-inf"))],
+    [(slice(None), float("inf"))],
+    [(33, float("nan"))],  # NaN in chunk 2
+    [(slice(None), float("-inf")), (25, float("nan"))],
+    [(slice(None), float("nan"))],
+    [(slice(0, 16), float("-inf"))],  # chunk 0 all -inf
+    [(slice(None), float("-inf")), (39, 1.0)],  # one finite logit
+]
+
+
+def _nonfinite_batch(device):
+    """``(z, y)``: every :data:`NONFINITE_ROWS` row with each target of 0, 3, 20, 39 and
+    ``IGNORE`` (float32 logits, 40 classes)."""
+    base = torch.randn(40, generator=torch.Generator().manual_seed(5))
+    rows, targets = [], []
+    for edits in NONFINITE_ROWS:
+        for target in (0, 3, 20, 39, IGNORE):
+            row = base.clone()
+            for at, value in edits:
+                row[at] = value
+            rows.append(row)
+            targets.append(target)
+    return torch.stack(rows).to(device), torch.tensor(targets, device=device)
+
+
+def _check_nonfinite_against_native(z, y, weighted, smoothing):
+    """The kernel's loss and gradient of :func:`_nonfinite_batch` rows are native's, NaN
+    where native's are NaN, ±inf where native's are: every chunk of the online softmax
+    meets the row's infinities (the running max at ±inf, NaN in a chunk)."""
+    w = torch.linspace(0.5, 2.0, 40, device=z.device) if weighted else None
+    if weighted:
+        w[20] = 0.0  # a zero weight at a target, next to infinite logits
+    loss, grad, _lse = triton_ce.ce_forward_rows(z, y, w, IGNORE, smoothing)
+    zn = z.clone().requires_grad_()
+    native = F.cross_entropy(zn, y, w, reduction="none", label_smoothing=smoothing)
+    native.sum().backward()
+    torch.testing.assert_close(loss, native, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(grad, zn.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- interpreter
 @not_interp
 def test_interpreter_suite():
@@ -198,6 +244,14 @@ def test_interpreter_infinite_class_weight(interpret, smoothing):
     assert torch.equal(ref_loss, native) and torch.equal(native, torch.full((2,), float("inf")))
     assert torch.equal(loss, native)
     torch.testing.assert_close(lse, ref_lse)
+
+
+@interp
+@pytest.mark.parametrize("weighted, smoothing", CASES)
+def test_interpreter_nonfinite_rows_match_native(interpret, monkeypatch, weighted, smoothing):
+    monkeypatch.setattr(triton_ce, "_MAX_BLOCK", 16)
+    z, y = _nonfinite_batch("cpu")
+    _check_nonfinite_against_native(z, y, weighted, smoothing)
 
 
 @interp
@@ -308,6 +362,20 @@ def test_cuda_confident_and_all_ignored(compiled):
     y.fill_(IGNORE)
     loss, grad, _lse = _check(zb, y, None, 0.1)
     assert not loss.any() and not grad.any()
+
+
+@pytest.mark.cuda
+@CUDA
+@not_interp
+@pytest.mark.parametrize("max_block", [16, 4096], ids=["chunks", "oneblock"])
+@pytest.mark.parametrize("weighted, smoothing", CASES)
+def test_cuda_nonfinite_rows_match_native(compiled, monkeypatch, weighted, smoothing, max_block):
+    """As the interpreter's test, compiled: the GPU's max ignores a NaN operand (the
+    interpreter's numpy propagates it), so a NaN row must still come out NaN through the
+    running sum, not through the max."""
+    monkeypatch.setattr(triton_ce, "_MAX_BLOCK", max_block)
+    z, y = _nonfinite_batch("cuda")
+    _check_nonfinite_against_native(z, y, weighted, smoothing)
 
 
 @pytest.mark.cuda
