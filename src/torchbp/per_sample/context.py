@@ -939,8 +939,9 @@ def per_sample_grads(
             the forward inside the context, a module made to mix samples since).
         ValueError: an unknown mode, a ``max_norm`` that is not positive and finite, or
             one given to a mode other than ``"clip"``, a trainable parameter shared by two
-            Linear modules (and, at the forward inside the context, a module whose dim
-            lands on dim 0).
+            Linear modules that do not share both weight and bias (two that do, or share
+            the weight with no bias in either, are one layer called twice), and, at the
+            forward inside the context, a module whose dim lands on dim 0.
         RuntimeError: nesting or re-entering, a parameter frozen, unfrozen or replaced
             since the context was created (on entering), and at the backward a use the
             context refuses (a second backward, ``torch.autograd.grad`` w.r.t. a

@@ -209,9 +209,23 @@ def _refuse_shared(where: str, owner: dict[int, str], *parameters: nn.Parameter 
         if id(p) in owner:
             raise ValueError(
                 f"per_sample_grads: {where} shares a trainable parameter with "
-                f"{owner[id(p)]}; shared Linear parameters are not supported"
+                f"{owner[id(p)]}, but not both its weight and its bias; Linear modules "
+                "may share a trainable parameter only by sharing both (or the weight, with "
+                "no bias in either): their calls are then one layer's. Share the other "
+                "parameter too, or give each module its own copy"
             )
         owner[id(p)] = where
+
+
+def _calls_recorded_by(module: bpnn.Linear, layers: list[Layer]) -> bool:
+    """Whether ``module`` has the weight and the bias (the same Parameters, or no bias) of
+    a Linear already among ``layers``: the recorder keys a call by its weight and bias, so
+    its calls are that layer's calls, summed per sample like several calls of one module
+    (the per-sample gradient of a tied weight is the sum of its uses')."""
+    return any(
+        layer.module.weight is module.weight and layer.module.bias is module.bias
+        for layer in layers
+    )
 
 
 def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
@@ -236,7 +250,9 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         TypeError: a module mixes samples, has trainable parameters that are not a
             :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
             parameters (named in the message).
-        ValueError: a trainable parameter is shared by two Linear modules.
+        ValueError: a trainable parameter is shared by two Linear modules that do not
+            share both their weight and their bias (a module sharing both is not a layer
+            of its own: its calls are recorded for the first one's).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -258,7 +274,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
                 f"per_sample_grads: {where} {reason}; per-sample gradients are undefined "
                 "through it (remove it, or switch it to eval mode if it has running stats)"
             )
-        if isinstance(module, bpnn.Linear):
+        if isinstance(module, bpnn.Linear) and not _calls_recorded_by(module, layers):
             weight, bias = _trainable(module.weight), _trainable(module.bias)
             _refuse_complex(where, weight=weight, bias=bias)
             _refuse_shared(where, owner, weight, bias)

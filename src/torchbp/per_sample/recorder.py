@@ -106,7 +106,10 @@ class Recorder:
         if layer is not None:
             return (
                 f"the weight of Linear {layer.name!r} was passed to a linear call with a "
-                "bias other than its own (a functional call)"
+                "bias other than its own (a functional call, or a Linear outside the model "
+                "that shares only the weight: a call is recorded for the layer only with "
+                "its weight and its bias, so share the bias too, or use none in either, or "
+                "give the other call its own weight)"
             )
         caller, autocast = self.calling[-1] if self.calling else (None, False)
         if autocast:

@@ -1,0 +1,130 @@
+"""Linear modules that share a trainable weight, inside the model passed to
+``per_sample_grads`` or outside it: against ``torch.func`` ground truth
+(``vmap(grad(...))`` of the one-sample loss), or refused with a message naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+MAX_NORM = 0.5
+
+
+def _tied_model(bias: bool) -> torch.nn.Sequential:
+    """Linear '2' shares Linear '0''s weight (and its bias, with ``bias``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(4, 4, bias=bias),
+        torchbp.nn.Tanh(),
+        torchbp.nn.Linear(4, 4, bias=bias),
+        torchbp.nn.Tanh(),
+        torchbp.nn.Linear(4, 3),
+    ).double()
+    model[2].weight = model[0].weight
+    if bias:
+        model[2].bias = model[0].bias
+    return model
+
+
+def _per_sample_truth(model, x, y) -> dict[str, torch.Tensor]:
+    """``{name: (B, *p.shape)}``: each sample's gradient of its summed loss, by torch.func
+    (a tied parameter appears once, with the sum of its uses' contributions)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),), tie_weights=True)
+        return F.cross_entropy(out.flatten(0, -2), yi.reshape(-1), reduction="sum")
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("mode", ["norms", "clip", "grads"])
+@pytest.mark.parametrize("tokens", [None, 3], ids=["2d", "3d"])
+def test_linears_sharing_weight_and_bias_are_one_layer(bias, mode, tokens):
+    """Two Linears with one weight and one bias (or none) are recorded as one layer, as
+    one Linear called twice: the norms, clipped gradients and per-sample gradients are
+    torch.func's. (Refused as 'shared' before: the recorder keys a call by its weight
+    and bias, so the second module's calls were the first's all along.)"""
+    model = _tied_model(bias)
+    x = torch.randn(6, 4, dtype=torch.double) if tokens is None else torch.randn(6, tokens, 4)
+    x = x.double()
+    y = torch.randint(3, x.shape[:-1])
+    truth = _per_sample_truth(model, x, y)
+    truth_norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in truth.values()]).sum(0)
+    truth_norms = truth_norms.sqrt()
+    kwargs = {"max_norm": MAX_NORM} if mode == "clip" else {}
+    with per_sample_grads(model, mode, **kwargs) as ps:
+        logits = model(x)
+        F.cross_entropy(logits.flatten(0, -2), y.reshape(-1), reduction="sum").backward()
+    params = dict(model.named_parameters())
+    assert len(ps.parameters) == len(params)
+    torch.testing.assert_close(ps.norms, truth_norms)
+    factors = (MAX_NORM / truth_norms).clamp(max=1.0) if mode == "clip" else None
+    for name, per_sample in truth.items():
+        p = params[name]
+        if factors is not None:
+            per_sample = per_sample * factors.view(-1, *[1] * p.dim())
+        torch.testing.assert_close(p.grad, per_sample.sum(0))
+        if mode == "grads":
+            torch.testing.assert_close(p.grad_sample, per_sample)
+
+
+@pytest.mark.parametrize("shared", ["weight", "bias"])
+def test_linears_sharing_one_of_weight_and_bias_refused_naming_the_fix(shared):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 4), torchbp.nn.Tanh(), torchbp.nn.Linear(4, 4))
+    setattr(model[2], shared, getattr(model[0], shared))
+    with pytest.raises(
+        ValueError,
+        match=r"'2' \(Linear\) shares a trainable parameter with '0' \(Linear\), but not both "
+        r"its weight and its bias.*Share the other parameter too, or give each module its "
+        r"own copy",
+    ):
+        per_sample_grads(model)
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip", "grads"])
+def test_weight_tied_with_a_linear_outside_the_model(mode):
+    """A Linear outside the model sharing a model Linear's weight: with the same (no) bias
+    its calls are that layer's and the results are torch.func's; with a bias of its own
+    the call is refused at its backward, naming the layer and the fix, before any
+    ``p.grad`` is written."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 4, bias=False), torchbp.nn.Tanh())
+    model.append(torchbp.nn.Linear(4, 3)).double()
+    outside = torchbp.nn.Linear(4, 4).double()
+    outside.weight = model[0].weight
+    x, y = torch.randn(5, 4, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1])
+    kwargs = {"max_norm": MAX_NORM} if mode == "clip" else {}
+    with pytest.raises(
+        RuntimeError,
+        match=r"the weight of Linear '0' was passed to a linear call with a bias other than "
+        r"its own \(a functional call, or a Linear outside the model that shares only the "
+        r"weight: .*share the bias too, or use none in either, or give the other call its "
+        r"own weight\)",
+    ):
+        with per_sample_grads(model, mode, **kwargs):
+            F.cross_entropy(model(x) + model[2](outside(x)), y, reduction="sum").backward()
+    assert all(p.grad is None for p in model.parameters())
+
+    outside.bias = None  # now a call with the layer's own weight and (no) bias
+    with per_sample_grads(model, mode, **kwargs) as ps:
+        F.cross_entropy(model(x) + model[2](outside(x)), y, reduction="sum").backward()
+
+    def sample_loss(p, xi, yi):
+        xi = xi.unsqueeze(0)
+        out = functional_call(model, p, (xi,)) + functional_call(
+            model[2], {"weight": p["2.weight"], "bias": p["2.bias"]}, (xi @ p["0.weight"].T,)
+        )
+        return F.cross_entropy(out, yi.unsqueeze(0), reduction="sum")
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    truth = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in truth.values()]).sum(0).sqrt()
+    torch.testing.assert_close(ps.norms, norms)
