@@ -97,6 +97,19 @@ ACCEPTED = [
     Call("linear-weight1d-3d", "linear", lambda: (X(2, 4, 3), X(3))),
     Call("linear-weight1d-3d-bias0dim", "linear", lambda: (X(2, 4, 3), X(3), X())),
     Call("linear-weight1d-unbatched", "linear", lambda: (X(3), X(3))),
+    Call("linear-weight1d-unbatched-bias0dim", "linear", lambda: (X(3), X(3), X())),
+    Call("linear-weight1d-3d-bias(1,1)", "linear", lambda: (X(2, 4, 3), X(3), X(1, 1))),
+    Call("linear-weight1d-3d-bias(B,M)", "linear", lambda: (X(2, 4, 3), X(3), X(2, 4))),
+    # non-contiguous input: native broadcasts any bias to the (*,) output (its contiguous
+    # path refuses a 1-D bias, "mat2 must be a matrix"; torchbp takes it there too)
+    *[
+        Call(
+            f"linear-weight1d-noncontiguous-bias{shape}",
+            "linear",
+            lambda shape=shape: (X(3, 4, 2).permute(2, 1, 0), X(3), X(*shape)),
+        )
+        for shape in [(1,), (4,), ()]
+    ],
     # unbatched, empty, zero features, dtypes
     Call("linear-unbatched", "linear", lambda: (X(3), X(5, 3), X(5))),
     Call("linear-unbatched-bias(1,out)", "linear", lambda: (X(3), X(5, 3), X(1, 5))),
@@ -438,6 +451,17 @@ BAD = [
         r"linear: expected input .* weight \(\)"),
     Bad("linear-3d-weight", lambda f: f.linear(x, _seeded(5, 3, 1)),
         r"linear: expected input .* weight \(5, 3, 1\)"),
+    # 1-D weight: what native refuses for every layout of the input
+    Bad("linear-weight1d-0dim-input", lambda f: f.linear(torch.tensor(1.0), _seeded(3)),
+        r"linear: expected input \(\*, in_features\) with at least 1 dim"),
+    Bad("linear-weight1d-in_features", lambda f: f.linear(x, _seeded(2)),
+        r"linear: input's last dim must equal weight's in_features"),
+    Bad("linear-weight1d-unbatched-bias(1,)",
+        lambda f: f.linear(_seeded(3), _seeded(3), _seeded(1)),
+        r"linear: bias \(1,\) does not broadcast to the output's shape \(\)"),
+    Bad("linear-weight1d-bias-grows-output",
+        lambda f: f.linear(_seeded(3, 4, 2).permute(2, 1, 0), _seeded(3), _seeded(2, 1, 1)),
+        r"linear: bias \(2, 1, 1\) does not broadcast to the output's shape \(2, 4\)"),
     Bad("linear-mixed-dtypes", lambda f: f.linear(x.double(), _seeded(5, 3)),
         r"linear: expected one dtype for all tensors, "
         r"got input torch.float64, weight torch.float32"),
@@ -638,3 +662,47 @@ def test_linear_cross_entropy_takes_leading_batch_dims_beyond_native():
         x3.reshape(6, 4), w, t2.reshape(6), reduction="none"
     )
     torch.testing.assert_close(ours, rows.reshape(2, 3))
+
+
+@pytest.mark.parametrize(
+    "input_shape, bias_shape",
+    [((4, 3), ()), ((4, 3), (1,)), ((4, 3), (4,)), ((2, 4, 3), (4,)), ((2, 4, 3), (1,))],
+)
+def test_linear_weight1d_bias_broadcasts_to_the_output_beyond_native(input_shape, bias_shape):
+    """torchbp's extension: with a 1-D weight ``(in,)``, any bias that broadcasts to the
+    ``(*,)`` output without growing it, whatever the input's rank and layout. Native's
+    result is ``x @ w + b`` where it takes the bias (a non-contiguous input, or a 0-dim /
+    ``(1, 1)`` bias on a contiguous one of 3+ dims); its addmm path (a 2-D input, or a
+    1-D bias on a contiguous input) refuses any bias ('mat2 must be a matrix')."""
+    x, w, b = X(*input_shape), X(3), X(*bias_shape)
+    with pytest.raises(RuntimeError, match="mat2 must be a matrix"):
+        torch.nn.functional.linear(x, w, b)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ours = torchbp.functional.linear(*leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = ref_leaves[0] @ ref_leaves[1] + ref_leaves[2]
+    assert ours.shape == ref.shape == input_shape[:-1]
+    torch.testing.assert_close(ours, ref)
+    ours.sum().backward()
+    ref.sum().backward()
+    for o, r in zip(leaves, ref_leaves):
+        assert o.grad.shape == o.shape
+        torch.testing.assert_close(o.grad, r.grad)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(0, 3, 0), (2, 3, 0), (0, 3, 2)])
+def test_uint8_target_of_empty_kdim_input_refused_up_front(op, reduction, shape):
+    """K-dimensional input needs int64 class indices, empty or not. Native's forward skips
+    its dtype check on an empty K-dim input with 'mean' / 'sum' (NaN / 0) and its backward
+    then raises ('expected scalar type Long but found Byte'); torchbp refuses at the call,
+    with native's class, as native's forward refuses every other uint8 K-dim call."""
+    target = torch.zeros(shape[:1] + shape[2:], dtype=torch.uint8)
+    native_input = torch.zeros(shape, requires_grad=True)
+    native_loss = getattr(torch.nn.functional, op)(native_input, target, reduction=reduction)
+    with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+        native_loss.backward()
+    ours = getattr(torchbp.functional, op)
+    with pytest.raises(RuntimeError, match=rf"{op}: K-dimensional input .* needs an int64"):
+        ours(torch.zeros(shape, requires_grad=True), target, reduction=reduction)

@@ -128,6 +128,9 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             without the feature dim.
         bias: ``None``, or any shape that broadcasts to the output's: ``(out_features,)``,
             ``(1,)``, 0-dim, ``(1, out_features)``, ... (its gradient is summed back to it).
+            With a 1-D weight too, for every input (``x @ w + b``): native takes a bias
+            there only for some inputs (a non-contiguous one, or a 0-dim bias on one of 3+
+            dims), and its addmm path refuses the others; see docs/ops.md.
 
     Shape:
         Output ``(*, out_features)``; ``(*,)`` for a 1-D weight.
@@ -643,7 +646,8 @@ def nll_loss(
     Args:
         input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
         target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``: int64, or
-            uint8 for ``(C,)`` / ``(N, C)`` input (K-dim input needs int64, as native).
+            uint8 for ``(C,)`` / ``(N, C)`` input (K-dim input needs int64, as native, even
+            empty: see docs/ops.md).
         weight: per-class weights ``(C,)`` of the input's dtype (float32 under autocast,
             which casts half weights to it), as native.
         ignore_index: target value that contributes neither loss nor gradient.
@@ -712,8 +716,8 @@ def cross_entropy(
     Args:
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
         target: class indices of the input's shape without the class dim (int64, or uint8
-            for ``(C,)`` / ``(N, C)`` input: K-dim input needs int64, as native), or class
-            probabilities of the input's shape.
+            for ``(C,)`` / ``(N, C)`` input: K-dim input needs int64, as native, even
+            empty), or class probabilities of the input's shape.
         weight: per-class weights ``(C,)``; with class indices of the input's dtype
             (float32 under autocast, which casts half weights to it), as native; with
             probabilities of any real dtype (integer and bool too), promoted with the
