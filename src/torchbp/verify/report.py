@@ -60,6 +60,8 @@ class CheckResult:
         max_abs_err: largest absolute difference seen by the check, if it measures one.
         max_rel_err: ``max_abs_err`` divided by the largest magnitude of the expected values.
         seconds: wall time the check took.
+        caveat: what a passed check could not compare for this fn, and why; empty when
+            it compared everything it names.
 
     Examples:
         >>> r = CheckResult("gradcheck", "pass", max_abs_err=1e-10)
@@ -73,6 +75,7 @@ class CheckResult:
     max_abs_err: float | None = None
     max_rel_err: float | None = None
     seconds: float = 0.0
+    caveat: str = ""
 
     @property
     def passed(self) -> bool:
@@ -103,7 +106,16 @@ class CheckResult:
             "max_abs_err": _json_float(self.max_abs_err),
             "max_rel_err": _json_float(self.max_rel_err),
             "seconds": round(float(self.seconds), 6),
+            "caveat": self.caveat,
         }
+
+
+def _note(c: CheckResult) -> str:
+    """The line under the table for ``c``: why it failed, is unsupported or was skipped,
+    or what a passed check could not compare."""
+    if c.passed:
+        return f"{c.name} [pass, not all compared]: {c.caveat}"
+    return f"{c.name} [{c.status}]: {c.message}"
 
 
 @dataclass
@@ -203,11 +215,10 @@ class Report:
             summary += f" ({', '.join(noted)})"
         out = [summary, line(head), line(tuple("-" * w for w in widths))]
         out += [line(r) for r in rows]
-        notes = [c for c in self.checks if c.message and not c.passed]
+        notes = [_note(c) for c in self.checks if c.caveat or (c.message and not c.passed)]
         if notes:
             out.append("")
-            for c in notes:
-                out.append(f"{c.name} [{c.status}]: {c.message}")
+            out += notes
         return "\n".join(out)
 
     def __repr__(self) -> str:

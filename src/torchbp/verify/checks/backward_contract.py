@@ -28,7 +28,7 @@ from torchbp.verify.checks.compare import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
-from torchbp.verify.checks.rng import draws_random_numbers
+from torchbp.verify.checks.rng import draws_random_numbers, require_gradients_of_own_forward
 
 __all__ = [
     "check_grad_output_safety",
@@ -287,6 +287,20 @@ def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
+def _row_padded_copy(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous layout that keeps the contiguous order
+    of the elements: each row a slice of a row one element longer (a 1-d ``t``: every
+    other element of a buffer twice its size). Such a tensor is not dense, so
+    ``rand_like`` and ``empty_like`` give it contiguous strides, and a random fn draws
+    for it the numbers it draws for a contiguous ``t``."""
+    if t.dim() < 2 or t.numel() == 0:
+        return _strided_copy(t)
+    buf = torch.empty((*t.shape[:-1], t.shape[-1] + 1), dtype=t.dtype, device=t.device)
+    out = buf[..., : t.shape[-1]]
+    out.copy_(t)
+    return out
+
+
 def _offset_copy(t: torch.Tensor) -> torch.Tensor:
     """The same values as ``t``, contiguous, but not at the start of its storage: the
     layout of a slice of one larger buffer, as torch.cat's or split's backward hands on:
@@ -365,30 +379,81 @@ def _reference_rejects(ctx: CheckContext, layout: Any) -> bool:
     return False
 
 
-def _require_input_layout_independent(ctx: CheckContext) -> tuple[float, float]:
-    """Fail unless fn gives the same outputs and gradients for non-contiguous (strided)
-    tensor inputs as for contiguous ones: a Function written for contiguous tensors (a
-    ``.view`` of an input, a kernel reading its storage in memory order) is silently wrong
-    or crashes on a transposed input; raising for them passes when the reference raises
-    too, and other values pass when fn draws random numbers (``rand_like`` fills a tensor
-    in memory order, so a transposed input gets another mask: a dropout's right too)."""
+#: What the grad_output_safety check could not compare for a random fn.
+RANDOM_LAYOUT_CAVEAT = (
+    "fn draws random numbers, and a transposed input gets other ones (rand_like fills a "
+    "tensor in its memory order): its outputs and gradients for transposed inputs were "
+    "not compared with those for contiguous ones; compared instead: those for inputs "
+    "sliced from wider rows (non-contiguous, drawn for in the contiguous order) with "
+    "them, and, in float64, the gradients for transposed inputs with central "
+    "differences of the same forward"
+)
+
+
+def _require_input_layout_independent(ctx: CheckContext) -> tuple[tuple[float, float], str]:
+    """``((max abs, max rel) error, caveat)``: fail unless fn gives the same outputs and
+    gradients for non-contiguous (strided) tensor inputs as for contiguous ones: a
+    Function written for contiguous tensors (a ``.view`` of an input, a kernel reading
+    its storage in memory order) is silently wrong or crashes on a transposed input;
+    raising for them passes when the reference raises too. A fn that draws random
+    numbers gets other ones for a transposed input (``rand_like`` fills a tensor in
+    memory order: a dropout's right too), so when its outputs differ
+    :func:`_require_random_layouts_consistent` checks what stays comparable, and the
+    caveat says what was not."""
     given = [a for i, a in enumerate(ctx.args) if i not in ctx.parameter_names]
     if not any(_strided(a) and a.dim() >= 1 and a.numel() > 1 for a in given):
-        return 0.0, 0.0
+        return (0.0, 0.0), ""
     label = "non-contiguous (strided)"
     dense_outs, dense_grads, vs = _outputs_and_grads(ctx, _contiguous_copy, "contiguous", None)
     try:
         outs, grads, _ = _outputs_and_grads(ctx, _strided_copy, label, vs)
     except CheckFailure:
         if _reference_rejects(ctx, _strided_copy):
-            return 0.0, 0.0  # fn refuses these inputs as the op it re-implements does
+            return (0.0, 0.0), ""  # fn refuses these inputs as the op it re-implements does
         raise
     try:
-        return _require_same(ctx, (outs, grads), (dense_outs, dense_grads), label)
+        return _require_same(ctx, (outs, grads), (dense_outs, dense_grads), label), ""
     except CheckFailure:
-        if draws_random_numbers(ctx):
-            return 0.0, 0.0  # rand_like draws in memory order: another layout, another mask
-        raise
+        if not draws_random_numbers(ctx):
+            raise
+    expected = (dense_outs, dense_grads)
+    return _require_random_layouts_consistent(ctx, expected, vs), RANDOM_LAYOUT_CAVEAT
+
+
+def _require_random_layouts_consistent(
+    ctx: CheckContext, expected: tuple, vs: list[torch.Tensor]
+) -> tuple[float, float]:
+    """For a fn drawing random numbers: its outputs and gradients for inputs in a
+    non-contiguous layout that keeps the contiguous order (:func:`_row_padded_copy`, for
+    which ``rand_like`` draws what it draws for contiguous inputs) must equal
+    ``expected``, those for contiguous inputs (a kernel reading an input's storage as if
+    contiguous fails); and, in float64, its gradients for transposed inputs must be those
+    of its own forward for them (a mask drawn in forward in the input's layout and again
+    in backward in another fails)."""
+    label = "non-contiguous (rows sliced from wider ones, in the contiguous order)"
+    try:
+        outs, grads, _ = _outputs_and_grads(ctx, _row_padded_copy, label, vs)
+    except CheckFailure:
+        if not _reference_rejects(ctx, _row_padded_copy):
+            raise
+        worst = (0.0, 0.0)
+    else:
+        worst = _require_same(ctx, (outs, grads), expected, label)
+
+    def transposed_call(*diff: torch.Tensor) -> list[torch.Tensor]:
+        laid = [
+            _strided_copy(d) if i not in ctx.parameter_names else d
+            for i, d in zip(ctx.grad_idx, diff)
+        ]
+        full = ctx.full_inputs(laid)
+        others = [
+            _strided_copy(a) if _strided(a) and i not in ctx.grad_idx else a
+            for i, a in enumerate(full)
+        ]
+        return float_tensors(ctx.fn(*others))
+
+    own = require_gradients_of_own_forward(ctx, transposed_call, "for transposed inputs")
+    return max(worst, own or (0.0, 0.0))
 
 
 def _require_same(ctx: CheckContext, got: tuple, expected: tuple, label: str):
@@ -454,8 +519,9 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
         a = dense(a)
         if not torch.equal(a, b) and not a.isnan().any():
             raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
-    worst = max(worst, _require_input_layout_independent(ctx))
+    layout_errors, caveat = _require_input_layout_independent(ctx)
     return Passed(
         "grad_output intact; strided, offset and expanded grads and strided inputs accepted",
-        *worst,
+        *max(worst, layout_errors),
+        caveat=caveat,
     )

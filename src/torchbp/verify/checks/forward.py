@@ -23,6 +23,7 @@ from torchbp.verify.checks.compare import float_tensors, leaves, mismatch, shape
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed
+from torchbp.verify.checks.rng import outside_generators_drawn
 
 __all__ = ["check_forward"]
 
@@ -94,15 +95,25 @@ def _require_repeatable(ctx: CheckContext, tensors: frozenset[int], outs: list) 
     if len(again) != len(outs):
         differences.insert(0, f"{len(outs)} then {len(again)} floating-point outputs")
     differ = next((d for d in differences if d is not None), None)
-    if differ is not None:
+    if differ is None:
+        return
+    drawn = outside_generators_drawn(lambda: ctx.fn(*ctx.full_inputs(ctx.leaves(), copied=tensors)))
+    if drawn:
         raise CheckFailure(
-            f"fn gave different outputs on two calls with the same inputs ({differ}), "
-            "although every call starts torch's generators from the same seed (a dropout "
-            "drawing its mask with torch.rand* passes): it keeps state between calls (a "
-            "counter, a tensor it updates) or draws random numbers torch does not seed "
-            "(Python's random, NumPy, a torch.Generator made inside fn: pass it as an "
-            "input); every check compares calls of fn, so make them agree"
+            f"fn gave different outputs on two calls with the same inputs ({differ}): it "
+            f"draws random numbers from {' and '.join(drawn)}, which the checks cannot "
+            "start from one seed for every call, as they do torch's generators; every "
+            "check compares calls of fn: draw with torch instead (torch.rand_like(x), or "
+            "a torch.Generator passed as an input)"
         )
+    raise CheckFailure(
+        f"fn gave different outputs on two calls with the same inputs ({differ}), "
+        "although every call starts torch's generators from the same seed (a dropout "
+        "drawing its mask with torch.rand* passes): it keeps state between calls (a "
+        "counter, a tensor it updates) or draws random numbers torch does not seed "
+        "(Python's random, NumPy, a torch.Generator made inside fn: pass it as an "
+        "input); every check compares calls of fn, so make them agree"
+    )
 
 
 def check_forward(ctx: CheckContext) -> Passed:

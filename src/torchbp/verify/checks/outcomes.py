@@ -26,11 +26,15 @@ class Passed(NamedTuple):
         note: a short note on what was compared.
         abs_err: largest absolute error measured, if the check measures one.
         rel_err: ``abs_err`` relative to the largest expected magnitude.
+        caveat: what the check could not compare for this fn, and why (e.g. a random fn's
+            outputs under a backend drawing other numbers); shown with the report, as a
+            pass that leaves something unchecked must never read as a full one.
     """
 
     note: str
     abs_err: float | None = None
     rel_err: float | None = None
+    caveat: str = ""
 
 
 class CheckFailure(Exception):

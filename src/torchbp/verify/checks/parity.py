@@ -30,7 +30,11 @@ from torchbp.verify.checks.compare import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
-from torchbp.verify.checks.rng import SameRandomNumbers
+from torchbp.verify.checks.rng import (
+    SameRandomNumbers,
+    draws_random_numbers,
+    require_gradients_of_own_forward,
+)
 
 __all__ = [
     "check_compile",
@@ -214,38 +218,96 @@ def _capture_limit_note(exc: BaseException) -> str:
     return f"torch.compile(fullgraph=True) cannot capture fn in one graph ({message})"
 
 
+#: Backends that run eager's kernels, random ones included: a random fn compiled with one
+#: draws eager's numbers (inductor generates its own random-number code, which draws others).
+EAGER_RNG_BACKENDS = ("eager", "aot_eager")
+
+
+def _other_draws(ctx: CheckContext, backend: Any) -> bool:
+    """True if fn draws random numbers and ``backend`` may draw other ones than eager."""
+    return backend not in EAGER_RNG_BACKENDS and draws_random_numbers(ctx)
+
+
+def _compiled_self_consistency(
+    ctx: CheckContext, compiled: Callable[..., Any], label: str
+) -> tuple[tuple[float, float], str]:
+    """For a random fn under a backend that draws other numbers than eager: the compiled
+    fn must give the same outputs on two calls from one seed, and (float64) its gradients
+    must be those of its own forward; ``((abs, rel) error, caveat)``."""
+    first = [t.detach() for t in float_tensors(ctx.call(compiled, ctx.leaves()))]
+    again = [t.detach() for t in float_tensors(ctx.call(compiled, ctx.leaves()))]
+    if any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again)):
+        raise CheckFailure(f"{label} gives different outputs on two calls from the same seed")
+    errors = require_gradients_of_own_forward(
+        ctx, lambda *d: float_tensors(ctx.call(compiled, d)), label
+    )
+    compared = (
+        "compared instead: two compiled calls from one seed, and the compiled gradients "
+        "with central differences of the compiled forward"
+        if errors is not None
+        else "compared instead: two compiled calls from one seed only (the gradients need float64)"
+    )
+    caveat = (
+        f"fn draws random numbers, and {label} draws other ones than eager (it generates "
+        f"its own random-number code): its outputs and gradients were not compared with "
+        f"eager's; {compared}"
+    )
+    return errors or (0.0, 0.0), caveat
+
+
 def check_compile(ctx: CheckContext) -> Passed:
     """fn compiled afresh with the chosen backend against eager fn (outputs and gradients).
 
     When Dynamo cannot capture fn in one graph (a Function with a jvp, a graph break), fn is
     compiled again without ``fullgraph`` and compared the same way: unsupported (fullgraph
-    capture) when the numbers match, failed when they do not.
+    capture) when the numbers match, failed when they do not. A random fn under a backend
+    that draws other numbers than eager (inductor) is checked against itself instead
+    (:func:`_compiled_self_consistency`), with a caveat saying so.
     """
     backend = ctx.options.compile_backend
     fullgraph = bool(ctx.options.compile_fullgraph)
     label = f"torch.compile(backend={backend!r}{', fullgraph=True' if fullgraph else ''})"
     dirty = sorted(ctx.dirty_inputs)
+    compiled = _compiled(ctx.fn, backend, fullgraph, dirty)
     try:
-        abs_err, rel_err = _compare_runs(
-            ctx, _compiled(ctx.fn, backend, fullgraph, dirty), label, raw_errors=True
-        )
+        abs_err, rel_err = _compare_runs(ctx, compiled, label, raw_errors=True)
     except CheckFailure:
-        raise
+        if not _other_draws(ctx, backend):
+            raise
+        errors, caveat = _compiled_self_consistency(ctx, compiled, label)
+        return Passed(f"backend={backend}", *errors, caveat=caveat)
     except Exception as exc:  # noqa: BLE001
         if not (fullgraph and _is_capture_limit(exc)):
             raise outcome_of(exc, f"{label} failed: ") from None
-        note = _capture_limit_note(exc)
-        label = f"torch.compile(backend={backend!r}) with graph breaks"
-        abs_err, rel_err = _compare_runs(ctx, _compiled(ctx.fn, backend, False, dirty), label)
-        raise CheckUnsupported(
-            f"{note}; compiled with graph breaks, outputs and gradients match eager",
-            "apply a jvp-free twin of the Function while torch.compiler.is_compiling()"
-            if "jvp" in note
-            else "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)",
-            abs_err,
-            rel_err,
-        ) from None
+        raise _with_graph_breaks(ctx, exc, backend, dirty) from None
     return Passed(f"backend={backend}", abs_err, rel_err)
+
+
+def _with_graph_breaks(
+    ctx: CheckContext, exc: BaseException, backend: Any, dirty: Sequence[int]
+) -> CheckUnsupported:
+    """Unsupported (fullgraph capture failed with ``exc``) when fn compiled with graph
+    breaks matches eager, or, for a random fn under a backend drawing other numbers,
+    itself (:func:`_compiled_self_consistency`); a failed check otherwise."""
+    note = _capture_limit_note(exc)
+    label = f"torch.compile(backend={backend!r}) with graph breaks"
+    compiled = _compiled(ctx.fn, backend, False, dirty)
+    matched = "outputs and gradients match eager"
+    try:
+        abs_err, rel_err = _compare_runs(ctx, compiled, label)
+    except CheckFailure:
+        if not _other_draws(ctx, backend):
+            raise
+        (abs_err, rel_err), caveat = _compiled_self_consistency(ctx, compiled, label)
+        matched = f"not compared with eager: {caveat}"
+    return CheckUnsupported(
+        f"{note}; compiled with graph breaks, {matched}",
+        "apply a jvp-free twin of the Function while torch.compiler.is_compiling()"
+        if "jvp" in note
+        else "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)",
+        abs_err,
+        rel_err,
+    )
 
 
 def check_reference(ctx: CheckContext) -> Passed:
@@ -289,14 +351,27 @@ def check_reference_dtype(ctx: CheckContext) -> Passed:
         raise CheckFailure(
             f"fn raised on the inputs in their own dtype ({dtypes}): {explain_error(exc)}"
         ) from None
-    reference = _in_cast_dtype(ctx, out_dtypes)
     cast = str(ctx.dtype).removeprefix("torch.")
-    label = f"the reference (run in {cast}, rounded)"
+    reference, label, caveat = (
+        _in_cast_dtype(ctx, out_dtypes),
+        f"the reference (run in {cast}, rounded)",
+        "",
+    )
+    if draws_random_numbers(ctx):
+        reference, label = ctx.reference, f"the reference (run in {dtypes} too)"
+        caveat = RANDOM_DTYPE_CAVEAT.format(own=dtypes, cast=cast)
     try:
         abs_err, rel_err = _compare_runs(own, reference, label, own_parameters=True)
     except CheckFailure as failure:
         raise CheckFailure(f"in {dtypes} (the inputs' own dtype): {failure}") from None
-    return Passed(f"in {dtypes}", abs_err, rel_err)
+    return Passed(f"in {dtypes}", abs_err, rel_err, caveat=caveat)
+
+
+#: What ``reference_dtype`` could not compare for a random fn.
+RANDOM_DTYPE_CAVEAT = (
+    "fn draws random numbers, and torch.rand* draws other ones in another dtype: fn in "
+    "{own} was compared with the reference run in {own} too (same seed), not in {cast}"
+)
 
 
 def _narrower(dtype: torch.dtype, than: torch.dtype) -> bool:

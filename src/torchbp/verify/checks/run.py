@@ -60,6 +60,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     """
     start = time.perf_counter()
     abs_err = rel_err = None
+    caveat = ""
     try:
         with seeded_rng(ctx.device, int(ctx.options.seed)):
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
@@ -70,6 +71,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
             except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
                 raise outcome_of(exc) from None
         status, message, abs_err, rel_err = PASS, passed.note, passed.abs_err, passed.rel_err
+        caveat = passed.caveat
     except CheckFailure as fail:
         status, message = FAIL, fail.message
         abs_err, rel_err = fail.abs_err, fail.rel_err
@@ -80,7 +82,8 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
             status, message = FAIL, f"required but unsupported: {gap.message}"
     except CheckSkip as skip:
         status, message = SKIP, str(skip)
-    return CheckResult(check.name, status, message, abs_err, rel_err, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return CheckResult(check.name, status, message, abs_err, rel_err, seconds, caveat)
 
 
 def _selected(checks: Any, skip: Any, require: Any, custom_op: bool) -> list[Check]:

@@ -247,6 +247,27 @@ def _unbatchable_op_gap(exc: BaseException) -> CheckUnsupported | None:
     )
 
 
+#: PyTorch's error for a random op under the vmap that ``is_grads_batched`` runs.
+_RANDOM_UNDER_VMAP = "We do not yet support calling random operations inside of vmap"
+
+
+def _random_in_backward_gap(exc: BaseException) -> CheckUnsupported | None:
+    """Unsupported when the batched backward raised because backward draws random numbers
+    (a dropout drawing its mask again from a saved generator state, to save memory):
+    PyTorch's batched backward cannot run a random op, a limitation of PyTorch, not a
+    wrong gradient (the other checks compare that backward). Only PyTorch's own
+    ``RuntimeError`` counts; None for any other error."""
+    if type(exc) is not RuntimeError or _RANDOM_UNDER_VMAP not in str(exc):
+        return None
+    return CheckUnsupported(
+        "batched backward (is_grads_batched, as jacobian(vectorize=True) runs) failed: "
+        "backward draws random numbers, which PyTorch's batched backward cannot do "
+        f"({explain_error(exc)})",
+        "save what forward drew (ctx.save_for_backward(mask)) instead of drawing it again "
+        "in backward",
+    )
+
+
 def check_batched_grad(ctx: CheckContext) -> Passed:
     """``autograd.grad(..., is_grads_batched=True)`` against one backward per grad_output;
     failed without running it when backward reads ``.data`` of a grad_output (PyTorch
@@ -254,7 +275,8 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
     batch sparse tensors), when it raises for a fn with a sparse input
     (:func:`_sparse_input_gap`) or a sparse gradient of a dense input
     (:func:`_sparse_gradient_gap`), or for an op of backward that PyTorch's batched
-    backward cannot batch (:func:`_unbatchable_op_gap`)."""
+    backward cannot batch (:func:`_unbatchable_op_gap`) or a random op in backward
+    (:func:`_random_in_backward_gap`)."""
     if ctx.sparse_outputs:
         raise CheckUnsupported(
             "fn returns a sparse tensor: batched backward (is_grads_batched, a vmap over "
@@ -285,6 +307,7 @@ def check_batched_grad(ctx: CheckContext) -> Passed:
         what = "batched backward (is_grads_batched, a vmap)"
         gap = _sparse_input_gap(ctx, exc, what, again)
         gap = gap or _sparse_gradient_gap(ctx, exc) or _unbatchable_op_gap(exc)
+        gap = gap or _random_in_backward_gap(exc)
         raise gap or outcome_of(exc, "batched backward failed: ") from None
     worst = (0.0, 0.0)
     for b in range(batch):

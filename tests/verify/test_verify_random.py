@@ -1,0 +1,187 @@
+"""Random fns (``checks/rng.py``): every call starts torch's generators from one seed, so a
+correct dropout passes; where a check cannot compare a random fn's runs (another input
+layout, another dtype, inductor's own generator) it compares what stays honest and says
+what it did not (``caveat``), and a random fn wrong there still fails."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from tests.verify.zoo.entry import seeded
+
+from torchbp.verify import check_function
+
+P = 0.5
+
+
+def _mask(like: torch.Tensor) -> torch.Tensor:
+    """An inverted-dropout mask drawn in ``like``'s memory layout (``rand_like``)."""
+    return (torch.rand_like(like) >= P).to(like.dtype) / (1 - P)
+
+
+def _dropout_reference(x):
+    return x * _mask(x)
+
+
+class Dropout(torch.autograd.Function):
+    """Correct: draws its mask in forward and saves it; d(x * m)/dx = m."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = _mask(x)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask
+
+
+class RedrawnDropout(torch.autograd.Function):
+    """Correct, memory-saving: saves the generator state and draws the same mask again in
+    backward (``torch.rand(shape)`` in both, so in the same order for any layout)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.state = torch.get_rng_state()
+        return x * (torch.rand(x.shape, dtype=x.dtype) >= P).to(x.dtype) / (1 - P)
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(ctx.state)
+            mask = (torch.rand(g.shape, dtype=g.dtype) >= P).to(g.dtype) / (1 - P)
+        return g * mask
+
+
+class RedrawnInAnotherLayout(torch.autograd.Function):
+    """Wrong for a transposed x: forward draws the mask in x's memory order (``rand_like``),
+    backward draws it again in the contiguous order: another mask than forward used."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.state = torch.get_rng_state()
+        return x * _mask(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(ctx.state)
+            mask = (torch.rand(g.shape, dtype=g.dtype) >= P).to(g.dtype) / (1 - P)
+        return g * mask
+
+
+class StorageOrderDropout(torch.autograd.Function):
+    """Wrong for a non-contiguous x: reads x's storage as if it were contiguous (a kernel
+    taking ``data_ptr``), consistently in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = (torch.rand(x.numel(), dtype=x.dtype) >= P).to(x.dtype) / (1 - P)
+        ctx.save_for_backward(mask)
+        ctx.layout = (x.shape, x.stride())
+        return (x.as_strided((x.numel(),), (1,)) * mask).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        shape, stride = ctx.layout
+        grad = torch.empty_strided(shape, stride, dtype=g.dtype)
+        grad.as_strided((grad.numel(),), (1,)).copy_(g.reshape(-1) * mask)
+        return grad
+
+
+class WrongWhenCompiled(torch.autograd.Function):
+    """Wrong only when compiled: the traced backward doubles the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = _mask(x)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask * (2.0 if torch.compiler.is_compiling() else 1.0)
+
+
+def test_a_correct_dropout_passes_and_says_what_the_layout_check_left_out():
+    # before, a transposed input's differing mask made the check pass silently
+    report = check_function(Dropout, seeded(4, 5), reference=_dropout_reference, skip="compile")
+    assert report.ok, report
+    safety = report["grad_output_safety"]
+    assert safety.passed and "transposed inputs were not compared" in safety.caveat, safety
+    assert "grad_output_safety [pass, not all compared]" in str(report)
+    assert report.to_dict()["checks"][0]["caveat"] == ""  # forward compared everything
+
+
+def test_a_mask_drawn_again_in_another_layout_in_backward_fails():
+    # before: passed (outputs for a transposed input differ anyway for a random fn)
+    report = check_function(RedrawnInAnotherLayout, seeded(4, 5), skip="compile")
+    safety = report["grad_output_safety"]
+    assert safety.failed, report
+    assert "for transposed inputs: backward disagrees with central differences" in safety.message
+
+
+def test_a_random_fn_reading_storage_as_contiguous_fails():
+    # before: passed; rows sliced from wider ones get the mask contiguous inputs get
+    report = check_function(StorageOrderDropout, seeded(4, 5), skip="compile")
+    safety = report["grad_output_safety"]
+    assert safety.failed, report
+    assert "rows sliced from wider ones, in the contiguous order" in safety.message
+    assert "fn assumes contiguous inputs" in safety.message
+
+
+def test_a_float32_dropout_passes_reference_dtype_against_the_reference_in_float32():
+    # before: failed, the reference in float64 draws another mask than fn in float32
+    x = seeded(4, 5).float()
+    report = check_function(Dropout, x, reference=_dropout_reference, skip="compile")
+    result = report["reference_dtype"]
+    assert report.ok and result.passed, report
+    assert "reference run in float32 too" in result.caveat, result
+
+
+def test_a_dropout_drawing_its_mask_again_in_backward_is_batched_grad_unsupported():
+    # before: failed with PyTorch's "random operations inside of vmap" error
+    report = check_function(RedrawnDropout, seeded(4, 5), reference=_redrawn_reference)
+    batched = report["batched_grad"]
+    assert report.ok and batched.unsupported, report
+    assert "backward draws random numbers" in batched.message
+
+
+def _redrawn_reference(x):
+    return x * (torch.rand(x.shape, dtype=x.dtype) >= P).to(x.dtype) / (1 - P)
+
+
+def test_a_dropout_under_inductor_checks_the_compiled_fn_against_itself():
+    # before: failed, inductor's generated code draws another mask than eager
+    report = check_function(Dropout, seeded(4, 5), checks=["compile"], compile_backend="inductor")
+    compile_result = report["compile"]
+    assert report.ok and compile_result.passed, report
+    assert "not compared with eager's" in compile_result.caveat
+
+
+def test_a_random_fn_wrong_only_when_compiled_fails_under_inductor():
+    report = check_function(
+        WrongWhenCompiled, seeded(4, 5), checks=["compile"], compile_backend="inductor"
+    )
+    assert report["compile"].failed, report
+    assert "backward disagrees with central differences" in report["compile"].message
+
+
+def test_numpy_and_python_random_are_named_with_the_fix():
+    def numpy_noise(x):
+        return x * torch.from_numpy(np.random.rand(*x.shape))
+
+    def python_noise(x):
+        return x * random.random()
+
+    for fn, name in ((numpy_noise, "NumPy's global generator"), (python_noise, "Python's random")):
+        forward = check_function(fn, seeded(2, 3), skip="compile")["forward"]
+        assert forward.failed, forward
+        assert f"draws random numbers from {name}" in forward.message
+        assert "draw with torch instead" in forward.message
