@@ -69,8 +69,8 @@ def best_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
     the folder's only checkpoint besides ``last*.ckpt``."""
     state = read_checkpoint(folder / last) if (folder / last).is_file() else None
     if state is not None:
-        for callback in (state.get("callbacks") or {}).values():
-            recorded = callback.get("best_model_path") if isinstance(callback, dict) else None
+        for callback in _best_recording_states(state.get("callbacks")):
+            recorded = callback.get("best_model_path")
             if recorded and (folder / Path(recorded).name).is_file():
                 return folder / Path(recorded).name
         return None
@@ -80,6 +80,24 @@ def best_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
         if not p.name.startswith("last") and not p.stem.endswith(INTERRUPTED_SUFFIX)
     ]
     return others[0] if len(others) == 1 else None
+
+
+def _best_recording_states(states: Any) -> list[dict[str, Any]]:
+    """The checkpoint-callback states of a checkpoint's ``callbacks`` whose best is the run's:
+    RunCheckpoint's (``--checkpoint.*``) when it has one, else every ModelCheckpoint's (a
+    checkpoint saved without ``torchbp-train``). A ModelCheckpoint of trainer.callbacks
+    comes first in the trainer's list, and its best (on another monitor) was taken."""
+    if not isinstance(states, dict):
+        return []
+    dicts = {key: value for key, value in states.items() if isinstance(value, dict)}
+    # the state keys are the callbacks' class names and settings: RunCheckpoint{...}
+    own = [value for key, value in dicts.items() if _is_run_checkpoint(key)]
+    return own or list(dicts.values())
+
+
+def _is_run_checkpoint(state_key: Any) -> bool:
+    """Whether a checkpoint's callback state under ``state_key`` is RunCheckpoint's."""
+    return str(state_key).startswith("RunCheckpoint{")
 
 
 def _is_registry_name(ckpt_path: str | None) -> bool:

@@ -44,7 +44,9 @@ folder) and requeued continues in its own run folder from that checkpoint (the j
 its ``SLURM_JOB_ID``, recorded in the checkpoint; ``SLURM_RESTART_COUNT`` > 0 says it was
 requeued), also with ``--trainer.default_root_dir``, where Lightning then saves it.
 Under DDP, the workers Lightning launches take rank 0's run folder (``TORCHBP_RUN_FOLDER``).
-``fit`` ends by testing the best checkpoint on the test split and printing the test metrics;
+``fit`` ends by testing the best checkpoint on the test split and printing the test metrics
+(the best of ``--checkpoint.*``, as ``--ckpt_path best`` finds it, whatever other
+ModelCheckpoint ``trainer.callbacks`` holds);
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split for
 torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
 ``TabularFileDataModule``) to ``predictions.csv`` in its run folder: a column ``prediction``
@@ -467,8 +469,11 @@ class TorchbpCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted:
             return
-        cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        ckpt = cb.best_model_path if cb is not None and cb.best_model_path else None
+        # the run's own checkpoint callback (--checkpoint.*), never another ModelCheckpoint of
+        # trainer.callbacks: those come first in the trainer's list, and their best (on
+        # another monitor) was tested
+        own = self._subcommand_config(self.config_init).get("checkpoint")
+        ckpt = (own.best_model_path or None) if isinstance(own, ModelCheckpoint) else None
         results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and results:
