@@ -1148,6 +1148,22 @@ def test_checkpointing_disabled_also_silences_a_configured_model_checkpoint(tmp_
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_fit_and_best_take_the_runs_own_checkpoint_beside_a_configured_one(tmp_path, capsys):
+    """With a ModelCheckpoint of trainer.callbacks on val/loss (first in the trainer's list),
+    the test after ``fit`` and ``test --ckpt_path best`` took that one's best, not the best
+    of the run's own checkpoint callback (``--checkpoint.*``, val/acc)."""
+    from torchbp.lightning.run_checkpoint import RunCheckpoint
+
+    config = _second_checkpoint_config(tmp_path)
+    args = ["--config", DIGITS, "--config", str(config), f"--run_dir={tmp_path}"]
+    cli = run_cli("fit", *args, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2")
+    (own,) = [c for c in cli.trainer.callbacks if isinstance(c, RunCheckpoint)]
+    assert own.best_model_path and "best-loss" not in own.best_model_path
+    assert f"test metrics ({own.best_model_path})" in capsys.readouterr().out
+    cli = run_cli("test", *args, "--ckpt_path=best", "--trainer.limit_test_batches=1")
+    assert cli.trainer.ckpt_path == own.best_model_path
+
+
 def _refused_fit_beside_a_second_checkpoint(tmp_path: Path, capsys, option: str) -> str:
     """The error of ``fit`` of iris with ``option`` and a ModelCheckpoint of trainer.callbacks
     (first in the trainer's list), which must come before any run folder is made."""
@@ -1520,6 +1536,23 @@ def test_ddp_workers_take_the_run_folder_rank_zero_made(tmp_path, monkeypatch):
     # a worker of another run (another root) computes its own
     assert new_run_version(tmp_path / "other")[0] == 0
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+
+
+def test_only_folders_count_as_run_versions(tmp_path, monkeypatch):
+    """A file named ``version_7`` beside the run folders counted as a run: the next run
+    took ``version_8``, where Lightning's own loggers count folders only (``version_1``); a
+    file in the way of the next version is stepped over."""
+    from torchbp.lightning.run_folders import RUN_FOLDER_ENV, new_run_version, run_versions
+
+    for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID", RUN_FOLDER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "runs"
+    (root / "version_0").mkdir(parents=True)
+    (root / "version_7").write_text("a file\n")
+    assert run_versions(root) == [0]
+    assert new_run_version(root)[0] == 1
+    (root / "version_2").write_text("a file\n")
+    assert new_run_version(root)[0] == 3
 
 
 def _slurm_job(monkeypatch, job_id: str, restarts: int) -> None:

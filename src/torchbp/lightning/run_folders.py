@@ -37,9 +37,13 @@ SLURM_JOB_KEY = "slurm_job"
 
 
 def run_versions(root: Path) -> list[int]:
+    """The versions ``n`` of the run folders ``root/version_<n>``, in increasing order: only
+    folders count, as for Lightning's loggers (a file named ``version_<n>`` is no run)."""
     if not root.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)))
+    return sorted(
+        int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name)) and p.is_dir()
+    )
 
 
 def is_distributed_worker() -> bool:
