@@ -130,6 +130,39 @@ def test_invalid_arguments(kwargs, match):
         ERMClassifier(input_size=4, num_classes=3, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # torch's nn.Linear(True, ...) takes a bool as one feature: accepted silently
+        ({"hidden_sizes": [True]}, r"hidden_sizes\[0\] must be an int, got True"),
+        ({"hidden_sizes": [8, False]}, r"hidden_sizes\[1\] must be an int, got False"),
+        ({"input_size": True}, "input_size must be an int, got True"),
+        ({"num_classes": 3.0}, "num_classes must be an int, got 3.0"),
+        # failed deep inside torch.empty, or as a bare "'int' object is not iterable"
+        ({"hidden_sizes": [8.0]}, r"hidden_sizes\[0\] must be an int, got 8.0"),
+        ({"hidden_sizes": 8}, "hidden_sizes must be a list of ints, got 8"),
+        ({"hidden_sizes": "8"}, "hidden_sizes must be a list of ints, got '8'"),
+    ],
+)
+@pytest.mark.parametrize("make", ["ERMClassifier", "build_mlp"])
+def test_sizes_that_are_no_ints_are_type_errors_naming_them(kwargs, match, make):
+    sizes = {"input_size": 4, "num_classes": 3, "hidden_sizes": [5], **kwargs}
+    with pytest.raises(TypeError, match=match):
+        if make == "ERMClassifier":
+            ERMClassifier(**sizes)
+        else:
+            build_mlp(**sizes)
+
+
+def test_sizes_may_be_numpy_ints_in_any_sequence():
+    """A tuple or a numpy array of sizes, as before; the model's hparams hold plain ints."""
+    np = pytest.importorskip("numpy")
+    m = ERMClassifier(input_size=np.int64(4), num_classes=3, hidden_sizes=np.array([5, 6]))
+    assert m.hparams.hidden_sizes == [5, 6] and type(m.hparams.hidden_sizes[0]) is int
+    assert type(m.hparams.input_size) is int
+    assert ERMClassifier(input_size=4, num_classes=3, hidden_sizes=(5,)).hparams.hidden_sizes == [5]
+
+
 def test_configure_optimizers_and_scheduler():
     m = ERMClassifier(
         input_size=4,

@@ -3,7 +3,8 @@ backends by name, and :func:`build_mlp`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
@@ -13,7 +14,15 @@ import torchbp.functional
 import torchbp.nn
 from torchbp.ops import activations
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "Activation", "Backend", "build_mlp", "check_choice"]
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "Activation",
+    "Backend",
+    "build_mlp",
+    "check_choice",
+    "check_layer_sizes",
+]
 
 #: activation name -> class name in ``torchbp.nn`` / ``torch.nn``: every element-wise
 #: activation of the op registry
@@ -33,6 +42,38 @@ def check_choice(kind: str, value: str, choices: dict[str, Any]) -> None:
     """Raise a ``ValueError`` naming the ``choices`` if ``value`` is none of them."""
     if value not in choices:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_layer_sizes(input_size: Any, num_classes: Any, hidden_sizes: Any) -> list[int]:
+    """The layer sizes of an MLP, checked: ints (a bool is refused, though torch's
+    ``nn.Linear(True, ...)`` takes it as one feature; a float failed deep inside torch),
+    ``input_size`` and the hidden sizes >= 1, ``num_classes`` >= 2; returns
+    ``hidden_sizes`` as a list of ints.
+
+    Raises:
+        TypeError: A size that is no int, or ``hidden_sizes`` that is no sequence of them.
+        ValueError: A size below its minimum.
+    """
+    if isinstance(hidden_sizes, (str, bytes, Mapping)) or not isinstance(hidden_sizes, Iterable):
+        raise TypeError(f"hidden_sizes must be a list of ints, got {hidden_sizes!r}")
+    hidden_sizes = list(hidden_sizes)
+    _check_int("input_size", input_size)
+    _check_int("num_classes", num_classes)
+    for i, size in enumerate(hidden_sizes):
+        _check_int(f"hidden_sizes[{i}]", size)
+    if input_size < 1:
+        raise ValueError(f"input_size must be >= 1, got {input_size}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if any(size < 1 for size in hidden_sizes):
+        raise ValueError(f"hidden_sizes must be positive integers, got {hidden_sizes}")
+    return [int(size) for size in hidden_sizes]
+
+
+def _check_int(name: str, value: Any) -> None:
+    """Raise a ``TypeError`` naming ``name`` if ``value`` is no int (or is a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def build_mlp(
@@ -62,7 +103,8 @@ def build_mlp(
         The network as a ``torch.nn.Sequential``.
 
     Raises:
-        ValueError: An unknown ``backend`` or ``activation``.
+        TypeError: A size that is no int (see :func:`check_layer_sizes`).
+        ValueError: An unknown ``backend`` or ``activation``, or a size below its minimum.
 
     Examples::
 
@@ -73,6 +115,7 @@ def build_mlp(
           (2): Linear(in_features=8, out_features=3, bias=True)
         )
     """
+    hidden_sizes = check_layer_sizes(input_size, num_classes, hidden_sizes)
     check_choice("backend", backend, BACKENDS)
     check_choice("activation", activation, ACTIVATIONS)
     nn = BACKENDS[backend][0]

@@ -21,6 +21,7 @@ from torchbp.lightning.mlp import (
     Backend,
     build_mlp,
     check_choice,
+    check_layer_sizes,
 )
 from torchbp.lightning.optimizers import (
     SCHEDULER_TRIAL_EPOCHS,  # noqa: F401 (named by check_scheduler's docstring, importable here)
@@ -155,14 +156,9 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        hidden_sizes = list(hidden_sizes)
-        if input_size < 1:
-            raise ValueError(f"input_size must be >= 1, got {input_size}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        bad = [h for h in hidden_sizes if int(h) != h or h < 1]
-        if bad:
-            raise ValueError(f"hidden_sizes must be positive integers, got {hidden_sizes}")
+        hidden_sizes = check_layer_sizes(input_size, num_classes, hidden_sizes)
+        # plain ints in the hyperparameters (a numpy int does not load with weights_only)
+        input_size, num_classes = int(input_size), int(num_classes)
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("backend", backend, BACKENDS)
         if not 0.0 <= label_smoothing < 1.0:
