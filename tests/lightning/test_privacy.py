@@ -572,8 +572,7 @@ def test_dp_empty_poisson_draw_takes_a_noise_only_step():
     model._expected_batch = 10.0
     empty = (torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
     loss = model._private_training_step(empty)
-    loss.backward()
-    model.on_after_backward()
+    model.backward(loss)
     assert model.accountant.steps == 1
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads.numel() == sum(p.numel() for p in model.parameters())

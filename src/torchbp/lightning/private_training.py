@@ -24,14 +24,58 @@ def _seed_from_default_generator(device: torch.device) -> int:
     return int(torch.randint(2**62, (), device=device).item())
 
 
+#: the trainer precisions a DP-SGD fit takes (see _refuse_reduced_precision)
+_PRIVATE_PRECISIONS = ("32-true", "64-true")
+
+
+def _refuse_reduced_precision(precision: str) -> None:
+    """DP-SGD's noise covers a clipped sum that one sample moves by at most ``C``. Autocast
+    (``16-mixed``, ``bf16-mixed``) hands the layers cast copies of their weights, which
+    per-sample clipping cannot record (and 16-mixed's GradScaler would scale the loss before
+    the clip); in bfloat16 or float16 parameters (``bf16-true``, ``16-true``) the rounding
+    of the clipped sum lets one sample move it by more than ``C`` (1.096·C measured in
+    bfloat16 on a batch of 256), beyond what the noise is calibrated for. Refused before
+    the fit starts."""
+    if precision not in _PRIVATE_PRECISIONS:
+        raise ValueError(
+            f"privacy (DP-SGD) needs trainer.precision 32-true or 64-true, got {precision!r}: "
+            "mixed precision's autocast hides the layers' weights from per-sample clipping, "
+            "and a half-precision clipped sum rounds one sample's share beyond max_grad_norm"
+        )
+
+
+def _refuse_non_finite_samples(ps: PerSampleGrads) -> None:
+    """Raise before the noise if a sample's gradient is inf or NaN (non-finite features, or
+    a diverged model): its clip factor is NaN and the clipped sum is NaN, so the step would
+    release a NaN update, which tells that the batch held such a sample (no noise hides it).
+    Nothing is released: the optimizer step does not run."""
+    if not bool(ps.norms.isfinite().all()):
+        raise RuntimeError(
+            "privacy (DP-SGD): a sample's gradient is inf or NaN (non-finite features, or a "
+            "diverged model), so the clipped gradient sum is not finite; the step is not "
+            "taken (releasing it would tell that the batch held such a sample)"
+        )
+
+
 class _LeavePerSampleOnError(pl.Callback):
     """Leaves a DP step's ``per_sample_grads`` context when the fit stops between the
-    forward and ``on_after_backward`` (a failing backward, Ctrl-C): left open, it would
-    catch every later torchbp backward of the thread."""
+    forward and the end of the backward (a failing backward, Ctrl-C): left open, it would
+    catch every later torchbp backward of the thread. Before the optimizer step, refuses a
+    step whose noise was never added (a subclass's ``backward`` that does not call
+    ``super().backward``): its clipped sum alone would be released."""
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(pl_module, PrivateTraining):
             pl_module._close_per_sample(type(exception), exception, exception.__traceback__)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if isinstance(pl_module, PrivateTraining) and pl_module._per_sample is not None:
+            pl_module._close_per_sample()
+            raise RuntimeError(
+                "privacy (DP-SGD): the step's noise was not added before the optimizer "
+                "step, so its clipped gradient sum alone would be released; a subclass "
+                "that overrides backward must call super().backward(loss)"
+            )
 
 
 class PrivateTraining:
@@ -59,7 +103,8 @@ class PrivateTraining:
         datamodule: Any = None,
     ) -> None:
         """Raise now the ``ValueError`` that DP-SGD training would raise at its start: several
-        devices or gradient accumulation, a train loader that is not Poisson-sampled, a
+        devices or gradient accumulation, a precision other than ``32-true`` or ``64-true``,
+        a train loader that is not Poisson-sampled, a
         ``delta`` not below ``1/N``, a ``datamodule`` that standardises with the training
         rows' statistics, and (for a run not ``resumed`` from a checkpoint, whose
         earlier steps are not known yet) an unreachable ``target_epsilon``. Nothing without
@@ -97,6 +142,7 @@ class PrivateTraining:
                 f"world_size={trainer.world_size}, "
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}"
             )
+        _refuse_reduced_precision(trainer.precision)
         sampler = getattr(train_loader, "batch_sampler", None)
         if not isinstance(sampler, PoissonBatchSampler):
             raise ValueError(
@@ -248,7 +294,7 @@ class PrivateTraining:
         try:
             logits = self(x)
             # DP-SGD clips each sample's gradient of its own loss, so the loss is summed;
-            # the 1/L of the mean is applied after clipping and noise (on_after_backward).
+            # the 1/L of the mean is applied after clipping and noise (backward).
             loss_sum = self.loss(logits, y, reduction="sum")
         except BaseException:
             self._close_per_sample(*sys.exc_info())
@@ -279,11 +325,20 @@ class PrivateTraining:
             return []
         return [_LeavePerSampleOnError()]
 
-    def on_after_backward(self) -> None:
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """The backward of a step, and for a DP step its noise: ``p.grad`` is the noisy
+        gradient before any hook sees it (``on_after_backward`` of callbacks and of the
+        module, ``on_before_optimizer_step``, ``gradient_clip_val``, the optimizer), so an
+        override of those hooks cannot release the clipped sum without noise."""
+        super().backward(loss, *args, **kwargs)  # type: ignore[misc]
         ps = self._close_per_sample()
-        if ps is None:
-            return
+        if ps is not None:
+            self._noisy_step(ps)
+
+    def _noisy_step(self, ps: PerSampleGrads) -> None:
+        """Turn the step's clipped gradient sum into DP-SGD's noisy mean, and count it."""
         assert self.accountant is not None
+        _refuse_non_finite_samples(ps)
         # g̃ = (Σ_i clip_C(g_i) + N(0, σ²C²)) / L
         ps.add_noise(self.accountant.noise_multiplier, generator=self._noise_generator)
         with torch.no_grad():
