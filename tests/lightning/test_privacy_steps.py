@@ -124,3 +124,57 @@ def test_a_non_finite_sample_gradient_is_refused_not_released(tmp_path):
 
     with pytest.raises(RuntimeError, match="inf or NaN"):
         _one_step(tmp_path, data=spoil_every_row)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(class_weight=[0.5, 2.0, 1.0], label_smoothing=0.2),
+        dict(activation="gelu", bias=False),
+        dict(activation="tanh", hidden_sizes=[]),
+    ],
+    ids=["weighted-smoothed", "gelu-no-bias", "logistic"],
+)
+def test_dp_clipped_sum_is_exact_with_every_loss_and_network_option(options):
+    """The model options that change the loss (class weights, label smoothing) or the network
+    (activation, bias, no hidden layer) keep each sample's gradient its own: the clipped sum
+    equals Σ_i clip_C(∇ℓ_i) formed independently with torch.func in float64."""
+    from torchbp.lightning import ERMClassifier
+    from torchbp.lightning.privacy import PrivacyAccountant
+
+    torch.manual_seed(0)
+    C = 1.5
+    options = {"hidden_sizes": [8], **options}
+    model = ERMClassifier(
+        input_size=5,
+        num_classes=3,
+        privacy=Privacy(max_grad_norm=C, noise_multiplier=1e-12),
+        **options,
+    )
+    model.accountant = PrivacyAccountant(model.privacy, sample_rate=0.5, epochs=1)
+    model._expected_batch = 1.0
+    x, y = torch.randn(12, 5) * torch.linspace(0.1, 4, 12)[:, None], torch.tensor([0, 1, 2] * 4)
+    params = {k: v.detach().double() for k, v in model.net.named_parameters()}
+    model.backward(model._private_training_step((x, y)))
+
+    reference = ERMClassifier(input_size=5, num_classes=3, backend="torch", **options).double()
+    weight = reference.class_weight
+
+    def sample_loss(p, xi, yi):
+        logits = torch.func.functional_call(reference.net, p, (xi[None].double(),))
+        return torch.nn.functional.cross_entropy(
+            logits,
+            yi[None],
+            weight=weight,
+            label_smoothing=options.get("label_smoothing", 0.0),
+            reduction="sum",
+        )
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+    assert (norms > C).any() and (norms < C).any()
+    factors = (C / norms).clamp(max=1.0)
+    for name, p in model.net.named_parameters():
+        g = grads[name]
+        clipped = (factors.view(-1, *[1] * (g.dim() - 1)) * g).sum(0)
+        torch.testing.assert_close(p.grad.double(), clipped, rtol=1e-4, atol=1e-6)
