@@ -427,3 +427,129 @@ class FlatView(torch.autograd.Function):
     def backward(ctx, g):
         # the gradient of a reshape is the gradient reshaped back
         return g.reshape(ctx.x_shape)
+
+
+class NarrowView(torch.autograd.Function):
+    """Returns a view of its input (``x.narrow``), setup_context style, with a jvp (the
+    same view of the tangent, as forward AD requires of a view output) and a generated
+    vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, k):
+        return x.narrow(-1, 0, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, k = inputs
+        ctx.k, ctx.n = k, x.shape[-1]
+
+    @staticmethod
+    def backward(ctx, g):
+        # d x[..., :k] / dx: g in the first k columns, zeros after
+        return F.pad(g, (0, ctx.n - ctx.k)), None
+
+    @staticmethod
+    def jvp(ctx, t, _):
+        return t.narrow(-1, 0, ctx.k)
+
+
+class InplaceScale(torch.autograd.Function):
+    """x *= s in place (mark_dirty in setup_context) for a Python float s, with a
+    generated vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, s):
+        return x.mul_(s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_dirty(inputs[0])
+        ctx.s = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(x * s)/dx = s
+        return g * ctx.s, None
+
+
+class CopyAndSquaredNorm(torch.autograd.Function):
+    """Three outputs: a copy of x, the 0-d ``sum(x^2)``, and the row argmax marked
+    non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, x):
+        index = x.argmax(-1)
+        ctx.mark_non_differentiable(index)
+        ctx.save_for_backward(x)
+        return x.clone(), (x * x).sum(), index
+
+    @staticmethod
+    def backward(ctx, g_copy, g_norm, _):
+        (x,) = ctx.saved_tensors
+        # d x/dx = I, d sum(x^2)/dx = 2x
+        return g_copy + 2 * x * g_norm
+
+
+def copy_and_squared_norm_reference(x):
+    return x.clone(), (x * x).sum(), x.argmax(-1)
+
+
+class ExpCosOnce(torch.autograd.Function):
+    """Two outputs, ``set_materialize_grads(False)`` (an unused output's gradient is None)
+    and a ``once_differentiable`` backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        return x.exp(), x.cos()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_exp, g_cos):
+        (x,) = ctx.saved_tensors
+        grad = torch.zeros_like(x)
+        # d exp(x)/dx = exp(x), d cos(x)/dx = -sin(x)
+        if g_exp is not None:
+            grad = grad + g_exp * x.exp()
+        if g_cos is not None:
+            grad = grad - g_cos * x.sin()
+        return grad
+
+
+class TransposedSquare(torch.autograd.Function):
+    """Returns ``(x * x).t()``, a non-contiguous output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return (x * x).t()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # d (x^2)^T / dx: 2x times the transposed-back grad_output
+        return 2 * x * g.t()
+
+
+class BroadcastAdd(torch.autograd.Function):
+    """x + b with b of shape (n,) broadcast over x's rows; generated vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, b):
+        return x + b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.b_shape = inputs[1].shape
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(x + b)/dx = 1; d/db sums g over the broadcast rows
+        return g, g.sum_to_size(ctx.b_shape)

@@ -7,13 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.verify.correct_functions import (
+    BroadcastAdd,
+    CopyAndSquaredNorm,
     CubeThroughMultiply,
     CustomVmapTanh,
+    ExpCosOnce,
     FlatView,
     InplaceDouble,
     InplaceDoubleTextbook,
+    InplaceScale,
     JvpTanh,
     MaterializeFalseSplit,
+    NarrowView,
     NeedsInputGradLinear,
     NoGradForwardTanh,
     OnceDifferentiableMSE,
@@ -24,7 +29,9 @@ from tests.verify.correct_functions import (
     SquareWithMask,
     TextbookTanh,
     TopValues,
+    TransposedSquare,
     TransposeView,
+    copy_and_squared_norm_reference,
     picked_loss_reference,
     sine_of_sincos,
 )
@@ -131,6 +138,42 @@ CORRECT = {
         (_randn(3, 4),),
         lambda x: x**3,
         {"forward_ad", "vmap"},
+    ),
+    "output a narrow view, jvp and vmap rule": (
+        NarrowView,
+        (_randn(3, 5), 2),
+        lambda x, k: x[..., :k],
+        {"compile"},
+    ),
+    "in place in setup_context, vmap rule": (
+        InplaceScale,
+        (_randn(3, 4), 1.5),
+        lambda x, s: x * s,
+        {"forward_ad", "vmap", "compile"},  # both PyTorch limitations of mark_dirty
+    ),
+    "copy, 0-d and index outputs": (
+        CopyAndSquaredNorm,
+        (_randn(3, 4),),
+        copy_and_squared_norm_reference,
+        {"forward_ad", "vmap"},
+    ),
+    "materialize_grads False and once_differentiable": (
+        ExpCosOnce,
+        (_randn(3, 4),),
+        lambda x: (x.exp(), x.cos()),
+        {"gradgradcheck", "forward_ad", "vmap"},
+    ),
+    "transposed output": (
+        TransposedSquare,
+        (_randn(3, 4),),
+        lambda x: (x * x).t(),
+        {"forward_ad", "vmap"},
+    ),
+    "broadcast input, vmap rule": (
+        BroadcastAdd,
+        (_randn(3, 4), _randn(4) + 1),
+        torch.add,
+        {"forward_ad"},
     ),
 }
 

@@ -263,3 +263,36 @@ def test_report_renders_and_serialises(bad):
     data = json.loads(json.dumps(report.to_dict()))
     assert data["ok"] is False
     assert {c["name"] for c in data["checks"]} >= {"gradcheck", "vmap", "reference"}
+
+
+class OffByOneJvpNarrow(torch.autograd.Function):
+    """Returns x.narrow(-1, 0, k), a view; its jvp narrows the tangent from 1, not 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, k):
+        return x.narrow(-1, 0, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.k, ctx.n = inputs[1], inputs[0].shape[-1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return F.pad(g, (0, ctx.n - ctx.k)), None
+
+    @staticmethod
+    def jvp(ctx, t, _):
+        return t.narrow(-1, 1, ctx.k)
+
+
+def test_a_jvp_returning_another_view_of_the_tangent_is_named_for_a_view_output():
+    # before, the message said the output is not a view and advised .clone(), which
+    # PyTorch refuses for a view output
+    x = torch.randn(3, 5, dtype=torch.float64)
+    report = check_function(OffByOneJvpNarrow, x, 2, checks=["forward_ad"])
+    forward_ad = report["forward_ad"]
+    assert forward_ad.failed, report
+    assert "forward returns a view of an input" in forward_ad.message
+    assert "not the same view" in forward_ad.message

@@ -134,6 +134,13 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
         "(None for non-tensor or non-differentiable inputs)",
     ),
     (
+        "tangent have the same layout as primal",
+        "forward returns a view of an input (x.narrow, x[..., :k], x.t()) and jvp returned "
+        "a view of the input's tangent that is not the same view (another offset, shape or "
+        "strides: a wrong slice?): return the same view of the tangent (t.narrow(-1, 0, k) "
+        "for x.narrow(-1, 0, k))",
+    ),
+    (
         "has_fw_view",
         "jvp returned a view of a tangent (e.g. tangent.expand(...)) for an output that is not "
         "a view: return a new tensor (e.g. add .clone())",
