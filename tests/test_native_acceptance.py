@@ -451,6 +451,23 @@ BAD = [
         r"linear: expected input .* weight \(\)"),
     Bad("linear-3d-weight", lambda f: f.linear(x, _seeded(5, 3, 1)),
         r"linear: expected input .* weight \(5, 3, 1\)"),
+    # a missing dim: native indexes it (IndexError), or checks it (ValueError / RuntimeError)
+    *[
+        Bad(f"{op}-0dim-input-target{tuple(target.shape)}",
+            lambda f, op=op, target=target: getattr(f, op)(torch.tensor(1.0), target),
+            rf"{op}: input must have a class dim: \(C,\), \(N, C\) or \(N, C, d1, ...\); "
+            "got 0-dim")
+        for op in ("cross_entropy", "nll_loss")
+        for target in (torch.tensor(0.5), _seeded(3), _idx(0), torch.tensor(0))
+    ],
+    *[
+        Bad(f"{op}-0dim-target-batch{n}",
+            lambda f, op=op, n=n: getattr(f, op)(_seeded(n, 3), torch.tensor(0)),
+            rf"{op}: Expected input batch_size \({n}\) to match target batch_size "
+            r"\(a 0-dim target\)")
+        for op in ("cross_entropy", "nll_loss")
+        for n in (0, 2)
+    ],
     # 1-D weight: what native refuses for every layout of the input
     Bad("linear-weight1d-0dim-input", lambda f: f.linear(torch.tensor(1.0), _seeded(3)),
         r"linear: expected input \(\*, in_features\) with at least 1 dim"),
@@ -604,6 +621,13 @@ if getattr(torch.nn.functional, "linear_cross_entropy", None) is not None:
         Bad("linear_cross_entropy-linear_bias-list",
             lambda f: f.linear_cross_entropy(x, w53, t, linear_bias=[1.0] * 5),
             r"linear_cross_entropy: linear_bias must be a Tensor, got list"),
+    ]  # fmt: skip
+    BAD += [
+        Bad(f"linear_cross_entropy-0dim-target-batch{n}",
+            lambda f, n=n: f.linear_cross_entropy(_seeded(n, 3), w53, torch.tensor(0)),
+            rf"linear_cross_entropy: Expected input batch_size \({n}\) to match target "
+            r"batch_size \(a 0-dim target\)")
+        for n in (0, 2)
     ]  # fmt: skip
     BAD.append(
         Bad(

@@ -20,6 +20,14 @@ class ShapeError(ValueError, RuntimeError):
     native's, so existing ``except RuntimeError`` code keeps working)."""
 
 
+class MissingDimError(ShapeError, IndexError):
+    """A tensor lacks a dim the op indexes: a 0-dim loss input (no class dim) or a 0-dim
+    target of a batched one (no batch dim). A :class:`ShapeError`; also an ``IndexError``,
+    native's class where it indexes the missing dim ("Dimension specified as 1 but tensor
+    has no dimensions"), which it raises for some of these calls and a ``ValueError`` or
+    ``RuntimeError`` for the others."""
+
+
 class DTypeError(TypeError, RuntimeError):
     """A tensor has the wrong dtype (a ``TypeError`` and a ``RuntimeError``)."""
 
@@ -384,7 +392,7 @@ class ClassLayout(NamedTuple):
 def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
     """The :class:`ClassLayout` of input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``."""
     if input.dim() == 0:
-        raise ShapeError(
+        raise MissingDimError(
             f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...); got 0-dim"
         )
     if input.dim() == 1:
@@ -395,11 +403,12 @@ def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
 def check_batch_size(op: str, input: torch.Tensor, target: torch.Tensor) -> None:
     """A batched class-index loss input ``(N, C, ...)`` and its target share ``N`` (an
     unbatched ``(C,)`` input's 1-D target has one element): a :class:`ShapeError`
-    (native's ``ValueError``) otherwise. Native checks this before any dtype or class
+    (native's ``ValueError``) otherwise, a :class:`MissingDimError` for a 0-dim target
+    (native's ``IndexError`` for ``N = 0``). Native checks this before any dtype or class
     weight, so a call with both wrong gets its ``ValueError``."""
     if input.dim() >= 2 and (target.dim() == 0 or target.shape[0] != input.shape[0]):
         got = target.shape[0] if target.dim() else "a 0-dim target"
-        raise ShapeError(
+        raise (ShapeError if target.dim() else MissingDimError)(
             f"{op}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
             f"({got}); input {tuple(input.shape)}, target {tuple(target.shape)}"
         )
