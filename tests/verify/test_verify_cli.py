@@ -417,3 +417,28 @@ def test_help_describes_grad_inputs(capsys):
     assert cli.main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--grad-inputs I,J" in out and "inputs to differentiate" in out
+
+
+def test_a_float32_input_runs_reference_dtype_from_the_command_line(tmp_path, capsys):
+    # before: 'float32:3,4' was a usage error, and --dtype float32 casts to float32 for
+    # every check, so no check compared the float32 backward with a float64 reference
+    module = tmp_path / "float32_branch.py"
+    module.write_text(
+        "import torch\n"
+        "class HalfGradInFloat32(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x):\n"
+        "        ctx.save_for_backward(x)\n"
+        "        return x * x\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        (x,) = ctx.saved_tensors\n"
+        "        # d x^2/dx = 2x, but halved in float32\n"
+        "        return g * x * (1.0 if x.dtype == torch.float32 else 2.0)\n"
+    )
+    argv = [f"{module}:HalfGradInFloat32", "--inputs", "float32:3,4", "--no-compile"]
+    code = cli.main([*argv, "--reference", "torch:square"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "reference_dtype [fail]: in float32 (the inputs' own dtype)" in out
+    assert "gradcheck  " in out and "gradcheck [" not in out  # float64 checks still ran

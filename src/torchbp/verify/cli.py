@@ -76,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
             "Your own Function: torchbp-verify module:Symbol --inputs SPEC, where SPEC lists "
             "the inputs separated by ';': 4,5 is a float tensor of shape (4, 5), () a 0-dim "
             "one, int:4<10 an int64 tensor of shape (4,) with values in [0, 10), bool:4,5 a "
-            "random mask of shape (4, 5), complex:4,5 a complex128 tensor, =VALUE a "
+            "random mask of shape (4, 5), complex:4,5 a complex128 tensor, float32:4,5 a "
+            "float32 one (cast to --dtype, float64 by default, for every check; the "
+            "reference_dtype check runs the target on it in float32), =VALUE a "
             "Python literal (=1, =True, ='mean'); @FILE reads one input per line. "
             "Exit status: 0 nothing failed, 1 a check failed, 2 usage error."
         ),
@@ -251,7 +253,10 @@ def _jobs(ops: list[str], devices: list[str], dtypes: list[str]) -> list[Job]:
 
 def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]]) -> dict[str, Any]:
     # torchbp's ops are autograd.Functions, not torch.library custom ops, and each dtype
-    # runs on inputs of that dtype (nothing cast: reference_dtype would only be skipped)
+    # runs on inputs of that dtype (nothing cast: reference_dtype would only be skipped);
+    # a float32 or bfloat16 job's reference check compares the op with native in that
+    # dtype at its tolerance, a closer check of a low-precision backward than
+    # reference_dtype's (against float64, 10 times looser)
     skipped = _skipped(args) | {"opcheck", "reference_dtype"}
     checks = [c for c in job.case.checks or CHECKS if c not in skipped]
     if job.dtype != "float64":

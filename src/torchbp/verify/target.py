@@ -10,6 +10,10 @@ given as ``@path``; ``#`` starts a comment):
   (a mask);
 - ``complex:4,5``: a complex128 tensor of shape (4, 5), real and imaginary parts drawn
   from a standard normal;
+- ``float32:4,5`` (or ``bfloat16:``, ``float16:``, ``float64:``): the float tensor in that
+  dtype (the values of ``4,5``, rounded); without ``--dtype`` it is cast to float64 for
+  every check, and ``reference_dtype`` also runs fn on it in its own dtype against the
+  reference in float64 (a backward wrong only in float32 fails there);
 - ``=VALUE``: a Python literal passed as is, e.g. ``=1``, ``=-100``, ``=True``, ``='mean'``.
 
 Examples:
@@ -30,7 +34,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["TargetError", "load_symbol", "parse_inputs", "read_spec"]
+__all__ = ["FLOAT_DTYPES", "TargetError", "load_symbol", "parse_inputs", "read_spec"]
+
+#: The dtypes a float input may be given in (``float32:4,5``), by the spec's prefix.
+FLOAT_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 class TargetError(ValueError):
@@ -148,8 +160,8 @@ def _shape(text: str, item: str) -> tuple[int, ...]:
 
 
 def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
-    """Build the example inputs a spec describes (float64, complex128, int64 and bool
-    tensors on CPU).
+    """Build the example inputs a spec describes (float64 or another float dtype given
+    with its prefix, complex128, int64 and bool tensors on CPU).
 
     Args:
         spec: ``;``-separated inputs (see the module docstring), or ``@path`` of a file.
@@ -191,6 +203,11 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
                 )
             size = _shape(shape_text, item)
             inputs.append(torch.randint(int(high), size, generator=generator))
+        elif item.partition(":")[0] in FLOAT_DTYPES:
+            prefix, _, shape_text = item.partition(":")
+            size = _shape(shape_text, item)
+            values = torch.randn(size, generator=generator, dtype=torch.float64)
+            inputs.append(values.to(FLOAT_DTYPES[prefix]))
         else:
             size = _shape(item, item)
             inputs.append(torch.randn(size, generator=generator, dtype=torch.float64))
