@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,12 +62,24 @@ class Privacy:
         delta: the δ of (ε, δ)-DP; it must be below ``1 / N`` (N: training samples),
             and is usually far below it: training refuses ``delta >= 1 / N``
             (:meth:`check_delta`), a δ met by publishing one training sample outright.
+        secure_rng: draw the noise and the Poisson batches from generators seeded from
+            the system's entropy (:mod:`secrets`) instead of the run's seed. By default
+            both are reproducible from the seed in the run's ``config.yaml`` (and the noise
+            from the generator state a checkpoint keeps): whoever holds those can compute
+            the noise and the batches, and ε does not hold against them. With
+            ``secure_rng`` a fit's noise and batches are drawn afresh (two fits of one
+            config differ), checkpoints keep no generator state, and a resumed fit draws
+            fresh noise and batches, never the earlier ones again. The generators are
+            still torch's (64-bit seeds, not a cryptographically secure generator such as
+            Opacus' ``secure_mode``, and no defence against floating-point attacks on
+            the Gaussian sampler).
     """
 
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = 1e-5
+    secure_rng: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta"):
@@ -86,6 +99,8 @@ class Privacy:
         _check_positive("target_epsilon", self.target_epsilon)
         if not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if not isinstance(self.secure_rng, bool):
+            raise TypeError(f"privacy.secure_rng must be a bool, got {self.secure_rng!r}")
 
     def check_delta(self, num_samples: int) -> None:
         """Refuse ``delta >= 1 / num_samples``: an (ε, δ) guarantee with such a δ holds even
@@ -134,7 +149,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
     A run resumed in mid-epoch must not draw that epoch's first batches again (the
     accountant takes every step's batch as a fresh draw): :meth:`state_dict` says how many
     of the epoch's batches were drawn, and after :meth:`load_state_dict` the next iteration
-    of that epoch draws and drops them first.
+    of that epoch draws and drops them first. After :meth:`use_secure_rng` (a DP-SGD fit
+    with ``Privacy(secure_rng=True)``) every epoch's draws are seeded from the system's
+    entropy instead: not reproducible from ``seed``.
 
     Args:
         num_samples: size of the dataset.
@@ -168,9 +185,23 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.drawn = 0  # batches of this epoch handed out so far
         self._resume: dict[str, int] | None = None
+        #: draws seeded from the system's entropy, not from ``(seed, epoch)``
+        self.secure_rng = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def use_secure_rng(self) -> None:
+        """Seed each epoch's draws from the system's entropy (:mod:`secrets`) from now on,
+        instead of ``(seed, epoch)``: batches that whoever knows ``seed`` cannot compute."""
+        self.secure_rng = True
+
+    def _epoch_generator(self) -> torch.Generator:
+        """The generator of this epoch's draws: seeded by ``(seed, epoch)``, wrapped to the
+        64 bits torch's generator takes, or from the system's entropy (``secure_rng``)."""
+        if self.secure_rng:
+            return torch.Generator().manual_seed(secrets.randbits(64))
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
 
     @property
     def sampler(self) -> PoissonBatchSampler:
@@ -197,8 +228,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         resume, self._resume = self._resume, None
         skip = resume["drawn"] if resume is not None and resume["epoch"] == self.epoch else 0
-        # one seed per (seed, epoch), wrapped to the 64 bits torch's generator takes
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
+        g = self._epoch_generator()
         self.drawn = 0
         for k in range(len(self)):
             mask = torch.rand(self.num_samples, generator=g) < self.sample_rate

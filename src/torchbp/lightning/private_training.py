@@ -5,6 +5,7 @@ privacy on a DP-SGD checkpoint's weights."""
 
 from __future__ import annotations
 
+import secrets
 import sys
 from typing import Any
 
@@ -106,7 +107,8 @@ class PrivateTraining:
         devices or gradient accumulation, a precision other than ``32-true`` or ``64-true``,
         a train loader that is not Poisson-sampled, a
         ``delta`` not below ``1/N``, a ``datamodule`` that standardises with the training
-        rows' statistics, and (for a run not ``resumed`` from a checkpoint, whose
+        rows' statistics, a train loader reloaded during the fit with ``secure_rng``,
+        and (for a run not ``resumed`` from a checkpoint, whose
         earlier steps are not known yet) an unreachable ``target_epsilon``. Nothing without
         ``privacy``. ``torchbp-train fit`` calls it before the run folder is made.
 
@@ -151,6 +153,8 @@ class PrivateTraining:
                 "torchbp.lightning.privacy.PoissonBatchSampler)"
             )
         self.privacy.check_delta(sampler.num_samples)
+        if self.privacy.secure_rng:
+            self._use_secure_batches(trainer, sampler)
         self._refuse_data_dependent_scaling(datamodule)
         epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if self.privacy.target_epsilon is not None and epochs < 1:
@@ -159,6 +163,21 @@ class PrivateTraining:
                 f"the noise), got max_epochs={trainer.max_epochs}"
             )
         return sampler
+
+    @staticmethod
+    def _use_secure_batches(trainer: pl.Trainer, sampler: PoissonBatchSampler) -> None:
+        """Poisson draws from the system's entropy (``privacy.secure_rng``): batches known
+        to whoever knows the data seed void the amplification by sampling that ε counts
+        on. Refused with loaders reloaded during the fit, whose new samplers would draw
+        from the seed again."""
+        if trainer.reload_dataloaders_every_n_epochs:
+            raise ValueError(
+                "privacy.secure_rng draws the Poisson batches from the system's entropy, "
+                "which a train loader reloaded during the fit would not; got "
+                "reload_dataloaders_every_n_epochs="
+                f"{trainer.reload_dataloaders_every_n_epochs}"
+            )
+        sampler.use_secure_rng()
 
     @staticmethod
     def _refuse_data_dependent_scaling(datamodule: Any) -> None:
@@ -253,8 +272,13 @@ class PrivateTraining:
         accountant (independent noise at every step) does not cover. Steps taken before
         without a state to continue (a checkpoint saved before the state was kept) get a
         generator seeded from the system's entropy, never a repeated stream (so does a
-        state of another device's generator: a run resumed on a GPU from a CPU run's)."""
+        state of another device's generator: a run resumed on a GPU from a CPU run's).
+
+        With ``privacy.secure_rng`` every fit's generator is seeded from the system's
+        entropy: noise that the run's seed does not give, and no checkpoint keeps."""
         device = self.device
+        if self._secure_rng:
+            return torch.Generator(device=device).manual_seed(secrets.randbits(64))
         last, state = self._noise_generator, self._restored_noise_state
         if state is None and last is not None and last.device == device:
             return last
@@ -277,10 +301,18 @@ class PrivateTraining:
             return self._restored_accountant
         return None if self.accountant is None else self.accountant.state_dict()
 
+    @property
+    def _secure_rng(self) -> bool:
+        """The noise and the Poisson batches are drawn from the system's entropy."""
+        return self.privacy is not None and self.privacy.secure_rng
+
     def _noise_state(self) -> torch.Tensor | None:
         """The noise generator's state that goes with :meth:`_spent_privacy`'s steps: a loaded
         checkpoint's, not yet continued by a fit (``None`` for one saved before the state was
-        kept), else the last fit's generator's."""
+        kept), else the last fit's generator's; ``None`` with ``privacy.secure_rng``, whose
+        noise no checkpoint may give away."""
+        if self._secure_rng:
+            return None
         if self._restored_accountant is not None or self._noise_generator is None:
             return self._restored_noise_state
         return self._noise_generator.get_state()
