@@ -73,3 +73,15 @@ class InterruptAt(pl.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class RecordBatches(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches``) that records
+    each training batch as ``(epoch, batch_idx, first input row)``."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int, list[float]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.batches.append((trainer.current_epoch, batch_idx, batch[0][0].tolist()))

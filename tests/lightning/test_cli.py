@@ -1415,6 +1415,41 @@ def test_an_interrupt_never_overwrites_the_best_checkpoint(tmp_path):
     assert len(interrupted) == 1, sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.parametrize("stop", ["--trainer.max_steps=6", "interrupt"])
+def test_synthetic_fit_resumed_mid_epoch_continues_the_epochs_batches(tmp_path, stop):
+    """A synthetic fit resumed within an epoch (from last.ckpt of a validation within it,
+    or of Ctrl-C) started that epoch's batches over, in epoch 0's order: it trained the
+    first batches twice and never the rest. It continues as the uninterrupted fit."""
+    from tests.lightning.lightning_helpers import RecordBatches
+
+    common = [
+        "--config=synthetic_large",
+        f"--run_dir={tmp_path}",
+        "--data.init_args.n_samples=64",
+        "--data.init_args.n_val=16",
+        "--data.init_args.n_test=16",
+        "--data.init_args.batch_size=16",
+        "--model.hidden_sizes=[4]",
+        "--trainer.val_check_interval=0.5",
+        "--trainer.max_epochs=3",
+    ]
+    record = "--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches"
+    if stop == "interrupt":  # Ctrl-C after epoch 1's second batch (step 6)
+        with pytest.raises(SystemExit):
+            interrupt = "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt"
+            run_cli("fit", *common, "--run_name=resumed", interrupt, "--trainer.callbacks.step=6")
+    else:
+        run_cli("fit", *common, "--run_name=resumed", stop)
+    resumed = run_cli("fit", *common, "--run_name=resumed", "--ckpt_path=last", record)
+    whole = run_cli("fit", *common, "--run_name=whole", record)
+    (resumed_batches,) = [
+        c.batches for c in resumed.trainer.callbacks if isinstance(c, RecordBatches)
+    ]
+    (whole_batches,) = [c.batches for c in whole.trainer.callbacks if isinstance(c, RecordBatches)]
+    assert resumed_batches[0][:2] == (1, 2)
+    assert resumed_batches == whole_batches[6:]
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_hpc_checkpoint_that_is_not_there_is_a_cli_error_before_anything_is_written(
     tmp_path, capsys, subcommand

@@ -410,14 +410,24 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
             return y.shape[0]
         return self.class_weight.float()[y].sum()
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # a fit resumed within an epoch gets no on_train_epoch_start for that epoch: a
+        # batch-generating dataset continues it after the batches trained (it started the
+        # epoch over, with epoch 0's order, and trained its first batches twice)
+        trainer = self.trainer
+        trained = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if 0 < trained < trainer.num_training_batches and hasattr(dataset, "continue_epoch"):
+            dataset.continue_epoch(self.current_epoch, trained)
+
     def on_train_epoch_start(self) -> None:
-        # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch), and
-        # a PoissonBatchSampler draws each epoch's batches from (seed, epoch): Lightning
-        # calls set_epoch on a loader's sampler, never on its batch_sampler
-        dl = self.trainer.train_dataloader
-        for part in (getattr(dl, "dataset", None), getattr(dl, "batch_sampler", None)):
-            if hasattr(part, "set_epoch"):
-                part.set_epoch(self.current_epoch)
+        # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch):
+        # Lightning sets the epoch of a loader's samplers (a PoissonBatchSampler's, through
+        # its ``sampler``), never of its dataset
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
         if self.privacy is not None:

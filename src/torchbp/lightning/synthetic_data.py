@@ -69,10 +69,17 @@ class _SyntheticBatches(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self.start = 0  # the first of this rank's batches of the epoch to yield
         self.rank, self.world_size = rank_world()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Yield epoch ``epoch``'s batches, from its first."""
+        self.epoch, self.start = epoch, 0
+
+    def continue_epoch(self, epoch: int, start: int) -> None:
+        """Yield epoch ``epoch``'s batches from its ``start``-th (of this rank's) on: a fit
+        resumed within the epoch, where ``start`` batches were trained."""
+        self.epoch, self.start = epoch, start
 
     def _num_batches_total(self) -> int:
         return math.ceil(self.n_samples / self.batch_size)
@@ -90,7 +97,7 @@ class _SyntheticBatches(IterableDataset):
             order = torch.randperm(nb, generator=g).tolist()
         else:
             order = list(range(nb))
-        order = order[: len(self) * world][rank::world][wid::nworkers]
+        order = order[: len(self) * world][rank::world][self.start :][wid::nworkers]
         for b in order:
             size = min(self.batch_size, self.n_samples - b * self.batch_size)
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
