@@ -21,9 +21,6 @@ __all__ = [
     "factory_as_config",
     "factory_from_config",
     "owning_its_hyperparameters",
-    "epochs_of_the_fit",
-    "scheduler_name",
-    "first_failing_step",
 ]
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -89,7 +86,7 @@ def owning_its_hyperparameters(optimizer: torch.optim.Optimizer) -> torch.optim.
 SCHEDULER_TRIAL_EPOCHS = 100_000
 
 
-def epochs_of_the_fit(trainer: pl.Trainer) -> int:
+def _epochs_of_the_fit(trainer: pl.Trainer) -> int:
     """The epochs ``trainer`` will fit if nothing stops it earlier: ``max_epochs`` (at most
     :data:`SCHEDULER_TRIAL_EPOCHS`), or 0 when ``max_steps`` or ``max_time`` may end it first
     (or it has no end)."""
@@ -101,7 +98,7 @@ def epochs_of_the_fit(trainer: pl.Trainer) -> int:
     return min(epochs, SCHEDULER_TRIAL_EPOCHS)
 
 
-def scheduler_name(factory: Any, error: BaseException) -> str:
+def _scheduler_name(factory: Any, error: BaseException) -> str:
     """The name of the scheduler class ``factory`` makes: the class, or a ``partial``'s;
     else (a wrapper, as torchbp-train's) the scheduler that ``error`` was raised making."""
     made = getattr(factory, "func", factory)
@@ -115,7 +112,7 @@ def scheduler_name(factory: Any, error: BaseException) -> str:
     return being_made[-1] if being_made else "the scheduler"
 
 
-def first_failing_step(
+def _first_failing_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int
 ) -> tuple[int, str] | None:
     """Step ``scheduler`` (of a throwaway optimizer) ``steps`` times: the step that raised
@@ -154,11 +151,11 @@ def check_optimizer_arguments(
         except (ValueError, TypeError) as e:
             raise ValueError(f"invalid lr_scheduler arguments: {e}") from e
         except (ArithmeticError, IndexError) as e:  # CyclicLR(step_size_up=0)
-            name = scheduler_name(scheduler_factory, e)
+            name = _scheduler_name(scheduler_factory, e)
             raise ValueError(
                 f"invalid lr_scheduler arguments: making {name} raised {type(e).__name__}: {e}"
             ) from e
-        failure = first_failing_step(sched, steps=1)
+        failure = _first_failing_step(sched, steps=1)
         if failure is not None:
             raise ValueError(f"invalid lr_scheduler arguments: {failure[1]}")
 
@@ -177,8 +174,8 @@ def check_scheduler_fits_trainer(
                 "use a scheduler that needs no metric"
             )
         return
-    epochs = epochs_of_the_fit(trainer)
-    failure = first_failing_step(sched, steps=epochs)
+    epochs = _epochs_of_the_fit(trainer)
+    failure = _first_failing_step(sched, steps=epochs)
     if failure is not None:
         epoch, why = failure
         raise ValueError(
