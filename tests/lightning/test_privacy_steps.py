@@ -81,7 +81,7 @@ def test_a_subclass_backward_without_super_is_refused_before_the_optimizer_step(
         def backward(self, loss, *args, **kwargs):
             loss.backward()
 
-    with pytest.raises(RuntimeError, match=r"noise was not added.*super\(\)\.backward"):
+    with pytest.raises(RuntimeError, match=r"noise was not added.*super\(\)\.backward\(loss\)"):
         _one_step(tmp_path, OwnBackward)
 
 
@@ -178,3 +178,18 @@ def test_dp_clipped_sum_is_exact_with_every_loss_and_network_option(options):
         g = grads[name]
         clipped = (factors.view(-1, *[1] * (g.dim() - 1)) * g).sum(0)
         torch.testing.assert_close(p.grad.double(), clipped, rtol=1e-4, atol=1e-6)
+
+
+def test_a_subclass_training_step_without_super_is_refused_before_the_optimizer_step(tmp_path):
+    """A training_step override computing the mean loss itself never opened the per-sample
+    clipping: the fit released plain gradients, without clipping or noise, and reported
+    epsilon 0 (the accountant counted no step). Refused before the optimizer step."""
+    from torchbp.lightning import ERMClassifier
+
+    class OwnTrainingStep(ERMClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss(self(x), y)
+
+    with pytest.raises(RuntimeError, match=r"noise was not added.*super\(\)\.training_step"):
+        _one_step(tmp_path, OwnTrainingStep)

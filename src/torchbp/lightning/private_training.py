@@ -62,20 +62,33 @@ class _LeavePerSampleOnError(pl.Callback):
     """Leaves a DP step's ``per_sample_grads`` context when the fit stops between the
     forward and the end of the backward (a failing backward, Ctrl-C): left open, it would
     catch every later torchbp backward of the thread. Before the optimizer step, refuses a
-    step whose noise was never added (a subclass's ``backward`` that does not call
-    ``super().backward``): its clipped sum alone would be released."""
+    step of a private model whose noise was not added: a subclass's ``backward`` that does
+    not call ``super().backward``, or its ``training_step`` that does not call
+    ``super().training_step`` (where the per-sample clipping starts); the optimizer would
+    release a gradient that is not DP-SGD's."""
+
+    def __init__(self) -> None:
+        self._noisy_steps_before = 0  # the accountant's steps at the batch's start
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(pl_module, PrivateTraining):
             pl_module._close_per_sample(type(exception), exception, exception.__traceback__)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if isinstance(pl_module, PrivateTraining) and pl_module.accountant is not None:
+            self._noisy_steps_before = pl_module.accountant.steps
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if isinstance(pl_module, PrivateTraining) and pl_module._per_sample is not None:
-            pl_module._close_per_sample()
+        if not isinstance(pl_module, PrivateTraining) or pl_module.privacy is None:
+            return
+        opened = pl_module._close_per_sample() is not None
+        assert pl_module.accountant is not None
+        if opened or pl_module.accountant.steps != self._noisy_steps_before + 1:
             raise RuntimeError(
                 "privacy (DP-SGD): the step's noise was not added before the optimizer "
-                "step, so its clipped gradient sum alone would be released; a subclass "
-                "that overrides backward must call super().backward(loss)"
+                "step, so a gradient that is not DP-SGD's would be released; a subclass "
+                "that overrides training_step or backward must call "
+                "super().training_step(batch, batch_idx) and super().backward(loss)"
             )
 
 
