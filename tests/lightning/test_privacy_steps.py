@@ -193,3 +193,20 @@ def test_a_subclass_training_step_without_super_is_refused_before_the_optimizer_
 
     with pytest.raises(RuntimeError, match=r"noise was not added.*super\(\)\.training_step"):
         _one_step(tmp_path, OwnTrainingStep)
+
+
+def test_reduced_precision_is_a_cli_error_before_anything_is_written(tmp_path, capsys):
+    from tests.lightning.lightning_helpers import CONFIGS, run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_dp.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.precision=bf16-mixed",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: privacy (DP-SGD) needs trainer.precision" in err, err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

@@ -118,12 +118,12 @@ class PrivateTraining:
     ) -> None:
         """Raise now the ``ValueError`` that DP-SGD training would raise at its start: several
         devices or gradient accumulation, a precision other than ``32-true`` or ``64-true``,
-        a train loader that is not Poisson-sampled, a
-        ``delta`` not below ``1/N``, a ``datamodule`` that standardises with the training
-        rows' statistics, a train loader reloaded during the fit with ``secure_rng``,
-        and (for a run not ``resumed`` from a checkpoint, whose
-        earlier steps are not known yet) an unreachable ``target_epsilon``. Nothing without
-        ``privacy``. ``torchbp-train fit`` calls it before the run folder is made.
+        a train loader that is not Poisson-sampled (or, with ``secure_rng``, is reloaded
+        during the fit), a ``delta`` not below ``1/N``, a ``datamodule`` that standardises
+        with the training rows' statistics, and (for a run not ``resumed`` from a
+        checkpoint, whose earlier steps are not known yet) an unreachable
+        ``target_epsilon``. Nothing without ``privacy``. ``torchbp-train fit`` calls it
+        before the run folder is made.
 
         Args:
             trainer: The trainer that will fit the model.
