@@ -34,6 +34,7 @@ from torchbp.verify.checks.jacobians import (
     numerical_jacobian,
     projected_backward_error,
 )
+from torchbp.verify.checks.linearity import require_backward_linear, require_jvp_linear
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
 __all__ = [
@@ -248,7 +249,8 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     """Backward's Jacobian against central differences (torch's gradcheck decides; the
     full Jacobians, or random projections of large ones, give the error and where), then,
     for several outputs, backward given all their gradients at once against the sum of its
-    gradients for each output alone (:func:`_require_linear_in_grad_outputs`).
+    gradients for each output alone (:func:`_require_linear_in_grad_outputs`), and
+    backward linear in the grad_outputs (:func:`require_backward_linear`).
     Unsupported when backward returns a sparse gradient for a dense input, which torch's
     gradcheck cannot check, after our own comparison found it right (a wrong one fails)."""
     _require_float64(ctx)
@@ -271,6 +273,7 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
         abs_err, rel_err = _projected_error(ctx, ctx.diff_fn, diff, "backward")
         note = "random projections v^T J u compared (large inputs)"
     _require_linear_in_grad_outputs(ctx)
+    require_backward_linear(ctx)
     if sparse:
         raise _sparse_gradient_gap(ctx, sparse, "gradcheck", note, abs_err, rel_err)
     return Passed(note, abs_err, rel_err)
@@ -740,6 +743,7 @@ def _forward_ad(ctx: CheckContext) -> Passed:
         ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
     )
     _require_tangents_like_outputs(ctx)
+    require_jvp_linear(ctx)
     if errors is not None:
         abs_err, rel_err, note = errors
         return Passed(f"full forward Jacobian compared{note}", abs_err, rel_err)

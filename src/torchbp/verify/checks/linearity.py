@@ -1,0 +1,102 @@
+"""Backward and jvp must be linear: backward returns the vector-Jacobian product
+``J^T v``, linear in the grad_output ``v``, and jvp the Jacobian-vector product ``J u``,
+linear in the tangent ``u``.
+
+The Jacobians the ``gradcheck`` and ``forward_ad`` checks compare are built one one-hot
+``v`` (or ``u``) at a time, as torch's gradcheck builds them: a backward computing
+``2 * x * g.abs()`` or clipping ``g.clamp(-1, 1)``, or a jvp computing ``t * t.sum()``,
+is right for every one-hot vector and wrong for nearly any other, which is what
+autograd hands it in training (and what ``torch.func.jvp`` is given)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from torchbp.verify.checks.compare import dense, input_grads, require_close
+from torchbp.verify.checks.context import CheckContext
+
+__all__ = ["require_backward_linear", "require_jvp_linear"]
+
+#: The combination compared: f(a + SCALE * b) against f(a) + SCALE * f(b).
+SCALE = 2.0
+
+
+def _require_linear(
+    ctx: CheckContext,
+    apply: Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]],
+    like: Sequence[torch.Tensor],
+    results_like: Sequence[torch.Tensor],
+    describe: Callable[[int], str],
+    note: str,
+) -> None:
+    """Fail unless ``apply`` (a map of vectors shaped ``like`` to results shaped
+    ``results_like``; None for a zero result) gives for ``a + SCALE * b`` the sum of what
+    it gives for ``a`` and ``SCALE`` times what it gives for ``b``, for random ``a``,
+    ``b``; ``describe(k)`` names result ``k`` in the message."""
+    a = [ctx.randn(t.shape, t.dtype) for t in like]
+    b = [ctx.randn(t.shape, t.dtype) for t in like]
+    mixed = [x + SCALE * y for x, y in zip(a, b)]
+    got_a, got_b, got_mixed = apply(a), apply(b), apply(mixed)
+    for k, template in enumerate(results_like):
+        zero = torch.zeros_like(template)
+        ra, rb, rm = (zero if r[k] is None else dense(r[k]) for r in (got_a, got_b, got_mixed))
+        require_close(
+            rm,
+            ra + SCALE * rb,
+            ctx.parity_tolerances(),
+            f"{describe(k)} for a + {SCALE:g} * b differs from that for a plus {SCALE:g} "
+            "times that for b (random a, b)",
+            note=note,
+            show_index=True,
+        )
+
+
+def require_backward_linear(ctx: CheckContext) -> None:
+    """Fail unless backward is linear in the grad_outputs (all outputs at once)."""
+    leaves = ctx.leaves()
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    if not outs:
+        return
+
+    def backward(vs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        grads = input_grads(outs, leaves, vs, retain_graph=True, allow_unused=True)
+        # copies: a backward returning a buffer it reuses is the interleave check's finding
+        return [None if g is None else g.detach().clone() for g in grads]
+
+    _require_linear(
+        ctx,
+        backward,
+        outs,
+        leaves,
+        lambda k: f"backward is not linear in grad_output: the gradient of {ctx.input_name(k)}",
+        " (backward must return the vector-Jacobian product, linear in grad_output: no "
+        "abs, clamp, sign or normalisation of it; one-hot grad_outputs, as gradcheck's "
+        "Jacobian uses, do not show this)",
+    )
+
+
+def require_jvp_linear(ctx: CheckContext) -> None:
+    """Fail unless jvp is linear in the tangents (all grad inputs dual at once)."""
+    base = [x.detach() for x in ctx.leaves()]
+    with torch.no_grad():
+        outs = list(ctx.diff_fn(*base))
+
+    def jvp(tangents: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(x, t) for x, t in zip(base, tangents)]
+            found = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
+            return [None if t is None else t.detach().clone() for t in found]
+
+    _require_linear(
+        ctx,
+        jvp,
+        base,
+        outs,
+        lambda o: f"jvp is not linear in the tangent: the tangent of output {o}",
+        " (jvp must return the Jacobian-vector product, linear in the tangents: no abs, "
+        "sign or products of tangents; one-hot tangents, as the forward Jacobian uses, do "
+        "not show this)",
+    )

@@ -1,0 +1,74 @@
+"""Backward and jvp must be linear (``checks/linearity.py``): gradcheck's Jacobians use
+one-hot grad_outputs and tangents, for which a backward clipping or taking ``abs`` of its
+grad_output, or a jvp multiplying tangents, is right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.verify.zoo.entry import seeded
+
+from torchbp.verify import check_function
+
+
+def _square_function(backward_of_g, jvp_of_t):
+    """x^2 as a setup_context Function (d x^2/dx = 2x) whose backward gives
+    ``2x * backward_of_g(g)`` and jvp ``2x * jvp_of_t(t)``."""
+
+    class Square(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * backward_of_g(g)
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 2 * x * jvp_of_t(t)
+
+    return Square
+
+
+def _identity(t):
+    return t
+
+
+@pytest.mark.parametrize(
+    "backward_of_g",
+    [torch.abs, lambda g: g.clamp(-1.0, 1.0), lambda g: g * g.sum()],
+    ids=["abs", "clipped", "scaled by its sum"],
+)
+def test_a_backward_not_linear_in_grad_output_fails_gradcheck(backward_of_g):
+    # before: every check passed without a reference (one-hot grad_outputs only)
+    fn = _square_function(backward_of_g, _identity)
+    report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
+    assert report["gradcheck"].failed, report
+    assert "backward is not linear in grad_output" in report["gradcheck"].message
+
+
+@pytest.mark.parametrize(
+    "jvp_of_t", [torch.abs, lambda t: t * t.sum()], ids=["abs", "scaled by its sum"]
+)
+def test_a_jvp_not_linear_in_the_tangent_fails_forward_ad(jvp_of_t):
+    # before: passed (the forward Jacobian is built from one-hot tangents)
+    fn = _square_function(_identity, jvp_of_t)
+    report = check_function(fn, seeded(3, 4), checks=["forward_ad"])
+    assert report["forward_ad"].failed, report
+    assert "jvp is not linear in the tangent" in report["forward_ad"].message
+
+
+def test_a_linear_backward_and_jvp_pass():
+    fn = _square_function(_identity, _identity)
+    report = check_function(fn, seeded(3, 4), checks=["gradcheck", "forward_ad"])
+    assert report.ok and not report.unsupported, report
