@@ -70,7 +70,9 @@ class EpochSeededSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         n = len(self.dataset)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            # one seed per (seed, epoch), wrapped to the 64 bits torch's generator takes
+            # (torch wraps a negative seed the same way, so no order changes)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) % 2**64)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
