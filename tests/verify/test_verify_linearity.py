@@ -72,3 +72,12 @@ def test_a_linear_backward_and_jvp_pass():
     fn = _square_function(_identity, _identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck", "forward_ad"])
     assert report.ok and not report.unsupported, report
+
+
+def test_a_backward_rounding_to_float16_is_named_as_lost_precision():
+    # a departure of a rounding error's size is not an abs or clamp of grad_output
+    fn = _square_function(lambda g: g.half().to(g.dtype), _identity)
+    report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, report
+    assert "of a rounding error's size" in message and "narrower dtype" in message
