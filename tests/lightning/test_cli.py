@@ -90,6 +90,9 @@ def test_resume_from_last_matches_uninterrupted(tmp_path):
         (["--model.optimizer.init_args.betas=[1.5, 0.9]"], "invalid optimizer arguments"),
         (["--model.optimizer.init_args.momentum=0.9"], "momentum"),  # Adam has no momentum
         (["--data.init_args.val_fraction=1.5"], "val_fraction must be in (0, 1)"),
+        # a ValueError traceback from Lightning's seed_everything (numpy's seed range)
+        (["--seed_everything=-1"], "seed_everything must be true, false or an int in"),
+        (["--seed_everything=4294967296"], "[0, 4294967295], got 4294967296"),
     ],
 )
 def test_invalid_config_is_a_cli_error_before_training(tmp_path, capsys, args, message):

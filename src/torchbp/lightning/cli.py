@@ -198,6 +198,22 @@ def _set_num_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+#: the largest seed numpy takes (Lightning's seed_everything raised a traceback beyond it)
+_MAX_SEED = 2**32 - 1
+
+
+def _check_seed(seed: Any) -> None:
+    """``--seed_everything``: ``true`` (a random seed), ``false`` (none) or an int in
+    ``[0, 2**32 - 1]``; an int beyond was a ValueError traceback from Lightning."""
+    if seed is None or isinstance(seed, bool):
+        return
+    if not 0 <= seed <= _MAX_SEED:
+        exit_with_error(
+            f"invalid configuration: seed_everything must be true, false or an int in "
+            f"[0, {_MAX_SEED}], got {seed}"
+        )
+
+
 def _data_run_name(data: Any) -> str | None:
     """The run name of the default config run on other data (``--data ... --data.path
     my.csv`` without ``--config``): the data file's stem, else the DataModule's class name;
@@ -255,6 +271,7 @@ class TorchbpCLI(LightningCLI):
             self.config = parser.parse_args(with_config_files(argv))
             _keep_command_line_ckpt_path(self.config, argv)
         subcommand = self.config.get("subcommand")
+        _check_seed((self.config[subcommand] if subcommand else self.config).get("seed_everything"))
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
             check_checkpoint_file(ckpt_path)
