@@ -35,16 +35,18 @@ def _one_step(tmp_path, model_class=None, data=None, **trainer_kwargs):
         optimizer=lambda params: torch.optim.SGD(params, lr=1.0),
     )
     trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        max_steps=1,
-        **trainer_kwargs,
+        **{
+            "default_root_dir": tmp_path,
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "max_steps": 1,
+            **trainer_kwargs,
+        }
     )
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     trainer.fit(model, datamodule=dm)
@@ -210,3 +212,45 @@ def test_reduced_precision_is_a_cli_error_before_anything_is_written(tmp_path, c
     err = capsys.readouterr().err
     assert "error: invalid configuration: privacy (DP-SGD) needs trainer.precision" in err, err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("monitor", ["train/loss", "train/acc"])
+@pytest.mark.parametrize("kind", ["ModelCheckpoint", "EarlyStopping"])
+def test_monitoring_a_metric_of_the_private_batches_is_refused(tmp_path, kind, monitor):
+    """train/loss and train/acc are computed from the private batches without noise: a
+    ModelCheckpoint keeping the best by them, or an EarlyStopping stopping by them, chose
+    the released model by the training data beyond what epsilon covers. Refused before
+    any step."""
+    import pytorch_lightning.callbacks as callbacks
+
+    with pytest.raises(ValueError, match=rf"privacy \(DP-SGD\): {kind} monitors '{monitor}'"):
+        _one_step(
+            tmp_path,
+            callbacks=[getattr(callbacks, kind)(monitor=monitor)],
+            enable_checkpointing=True,
+        )
+
+
+def test_monitoring_epsilon_or_a_validation_metric_is_allowed(tmp_path):
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    stop = EarlyStopping(monitor="train/epsilon", mode="max", check_on_train_epoch_end=True)
+    model, _ = _one_step(tmp_path, callbacks=[stop])
+    assert model.accountant.steps == 1
+
+
+def test_checkpoint_monitor_of_the_private_batches_is_a_cli_error(tmp_path, capsys):
+    from tests.lightning.lightning_helpers import CONFIGS, run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "digits_dp.yaml"),
+            f"--run_dir={tmp_path}",
+            "--checkpoint.monitor=train/loss",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: privacy (DP-SGD): RunCheckpoint monitors" in err, err
+    assert not list(tmp_path.iterdir())

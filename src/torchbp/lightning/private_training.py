@@ -45,6 +45,27 @@ def _refuse_reduced_precision(precision: str) -> None:
         )
 
 
+#: the logged metrics computed from the private training batches without noise
+#: (``train/epsilon`` is not: it depends on the steps taken only)
+_PRIVATE_BATCH_METRICS = ("train/loss", "train/acc")
+
+
+def _refuse_monitors_of_private_batches(trainer: pl.Trainer) -> None:
+    """A ModelCheckpoint picking the best checkpoint, or an EarlyStopping choosing the last
+    step, by ``train/loss`` or ``train/acc`` picks the released model by metrics of the
+    private batches without noise: a choice that depends on the training data beyond what
+    ε covers. Refused (validation metrics and ``train/epsilon`` are fine to monitor)."""
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor in _PRIVATE_BATCH_METRICS:
+            raise ValueError(
+                f"privacy (DP-SGD): {type(callback).__name__} monitors {monitor!r}, computed "
+                "from the private training batches without noise, so the model it picks "
+                "or the step it stops at depends on the training data beyond what epsilon "
+                "covers; monitor a val/ metric (or train/epsilon) instead"
+            )
+
+
 def _refuse_non_finite_samples(ps: PerSampleGrads) -> None:
     """Raise before the noise if a sample's gradient is inf or NaN (non-finite features, or
     a diverged model): its clip factor is NaN and the clipped sum is NaN, so the step would
@@ -120,7 +141,8 @@ class PrivateTraining:
         devices or gradient accumulation, a precision other than ``32-true`` or ``64-true``,
         a train loader that is not Poisson-sampled (or, with ``secure_rng``, is reloaded
         during the fit), a ``delta`` not below ``1/N``, a ``datamodule`` that standardises
-        with the training rows' statistics, and (for a run not ``resumed`` from a
+        with the training rows' statistics, a callback monitoring ``train/loss`` or
+        ``train/acc`` (metrics of the private batches), and (for a run not ``resumed`` from a
         checkpoint, whose earlier steps are not known yet) an unreachable
         ``target_epsilon``. Nothing without ``privacy``. ``torchbp-train fit`` calls it
         before the run folder is made.
@@ -169,6 +191,7 @@ class PrivateTraining:
         if self.privacy.secure_rng:
             self._use_secure_batches(trainer, sampler)
         self._refuse_data_dependent_scaling(datamodule)
+        _refuse_monitors_of_private_batches(trainer)
         epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if self.privacy.target_epsilon is not None and epochs < 1:
             raise ValueError(
