@@ -1200,6 +1200,17 @@ def test_a_configured_model_checkpoints_folder_is_checked_before_training(tmp_pa
     assert f"cannot write the run's files into {blocker / 'x'}: {blocker} is not a folder" in err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_run_dir_no_folder_can_be_made_in_is_a_cli_error(tmp_path, capsys):
+    """For root, access() says /proc is writable, but no folder can be made there: the run
+    failed with a FileNotFoundError traceback once it had started."""
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", "iris", "--run_dir=/proc/torchbp_runs")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: cannot write the run's files into /proc/" in err, err
+
+
 @pytest.mark.parametrize("ckpt_path", ["registry", "registry:digits:v1", "REGISTRY:digits"])
 @pytest.mark.parametrize("subcommand", ["fit", "validate"])
 def test_registry_checkpoint_without_litmodels_is_a_cli_error_naming_it(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -180,4 +181,9 @@ def why_unwritable(folder: Path) -> str | None:
         return f"{existing} is not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    # what access() cannot tell (for root: a read-only or pseudo filesystem such as /proc)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as e:
+        return f"cannot make a folder in {existing} ({e.strerror})"
     return None
