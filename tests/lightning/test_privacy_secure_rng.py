@@ -129,3 +129,12 @@ def test_secure_rng_from_the_yaml_config(tmp_path):
         saved = torch.load(ckpt, weights_only=True)
         assert saved["hyper_parameters"]["privacy"]["secure_rng"] is True
         assert "privacy_noise_generator" not in saved
+
+
+def test_secure_rng_refuses_to_continue_a_seeded_runs_checkpoint(tmp_path):
+    """A seeded run's steps drew noise and batches computable from its seed: continuing
+    it with secure_rng would end with a run whose randomness is not all secret."""
+    ckpt = tmp_path / "seeded.ckpt"
+    _fit(tmp_path, Privacy(noise_multiplier=1.0), save_to=ckpt)
+    with pytest.raises(ValueError, match="secure_rng: the checkpoint's steps drew"):
+        _fit(tmp_path, SECURE, ckpt_path=ckpt, max_epochs=2)

@@ -251,6 +251,7 @@ class PrivateTraining:
         if self.privacy is None:
             self._refuse_private_checkpoint()
             return
+        self._refuse_secure_rng_after_seeded_noise()
         trainer = self.trainer
         sampler = self._private_sampler(trainer, trainer.train_dataloader, trainer.datamodule)
         accountant = self._new_accountant(trainer, sampler)
@@ -270,6 +271,19 @@ class PrivateTraining:
         if self._restored_sampler_state is not None:
             sampler.load_state_dict(self._restored_sampler_state)
             self._restored_sampler_state = None
+
+    def _refuse_secure_rng_after_seeded_noise(self) -> None:
+        """A ``secure_rng`` fit on a checkpoint that keeps a noise generator's state (a run
+        without ``secure_rng``): its earlier steps' noise and batches stay computable from
+        that run's seed, so ε would not hold against whoever holds it, contrary to what
+        ``secure_rng`` promises for the whole run. Refused."""
+        if self._secure_rng and self._restored_noise_state is not None:
+            raise ValueError(
+                "privacy.secure_rng: the checkpoint's steps drew their noise and batches "
+                "from the run's seed (it keeps the noise generator's state), so the resumed "
+                "run's randomness would not all be secret; resume with secure_rng: false, "
+                "or train a secure_rng run from the start"
+            )
 
     def _refuse_private_checkpoint(self) -> None:
         """A fit without privacy of weights loaded from a DP-SGD checkpoint would end as a
