@@ -3,6 +3,7 @@ is right for each output alone but wrong when several outputs get a gradient at 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.verify.correct_functions import MaterializeFalseSplit
 from tests.verify.zoo.entry import seeded
@@ -404,3 +405,39 @@ def test_double_backward_of_a_backward_writing_into_grad_output_blames_backward(
     result = check_function(ExpScalingGradOutputInPlace, seeded(3, 4))["gradgradcheck"]
     assert result.failed, result
     assert result.message.startswith("backward writes in place into grad_output"), result
+
+
+class DriftingBackward(torch.autograd.Function):
+    """2x whose backward changes with each run (a counter on the class): right on its
+    first run only, as a backward reading memory it never wrote is."""
+
+    runs = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        DriftingBackward.runs += 1
+        # d(2x)/dx = 2, off by 1e-3 on every other run
+        return g * (2 + 1e-3 * (DriftingBackward.runs % 2))
+
+
+@pytest.mark.parametrize(
+    ("shape", "says"),
+    [
+        # torch's gradcheck sees it (its two Jacobian runs differ): its GradcheckError text
+        # was shown as it is ("Backward is not reentrant, i.e., ...")
+        ((3,), "backward gives different gradients for the same input and grad_output"),
+        # torch's two runs agree (an even number of backward runs each): it passed, then was
+        # taken for a backward not linear in grad_output, of a rounding error's size
+        ((3, 4), "backward (given the same grad_outputs) gives different results"),
+    ],
+)
+def test_a_backward_not_reentrant_is_explained_in_words(shape, says):
+    report = check_function(DriftingBackward, seeded(*shape), checks=["gradcheck"])
+    gradcheck = report["gradcheck"]
+    assert gradcheck.failed, report
+    assert says in gradcheck.message
+    assert "reads memory it never wrote" in gradcheck.message

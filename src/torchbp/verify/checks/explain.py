@@ -134,6 +134,13 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
         "(None for non-tensor or non-differentiable inputs)",
     ),
     (
+        "Backward is not reentrant",
+        "backward gives different gradients for the same input and grad_output on two "
+        "runs: it reads memory it never wrote (torch.empty filled in part), keeps state "
+        "between calls, or draws random numbers in backward without restoring the "
+        "generator state forward drew from",
+    ),
+    (
         "tangent have the same layout as primal",
         "forward returns a view of an input (x.narrow, x[..., :k], x.t()) and jvp returned "
         "a view of the input's tangent that is not the same view (another offset, shape or "

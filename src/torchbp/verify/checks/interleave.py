@@ -98,7 +98,8 @@ def check_interleave(ctx: CheckContext) -> Passed:
             )
             note = (
                 " (fn keeps what backward needs outside ctx - on the class, a global or a "
-                "closure - so the second call overwrote the first's; save it on ctx)"
+                "closure - so the second call overwrote the first's; save it on ctx; or "
+                "backward reads memory it never wrote, e.g. torch.empty filled in part)"
             )
             worst = max(worst, require_close(g, e, tolerance, problem, note=note))
     return Passed("two calls before backward: each gets its own gradients", *worst)

@@ -17,6 +17,7 @@ import torch.autograd.forward_ad as fwAD
 
 from torchbp.verify.checks.compare import dense, input_grads, mismatch, require_close
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = ["require_backward_linear", "require_jvp_linear"]
 
@@ -41,15 +42,20 @@ def _require_linear(
     results_like: Sequence[torch.Tensor],
     describe: Callable[[int], str],
     note: str,
+    what: str,
 ) -> None:
     """Fail unless ``apply`` (a map of vectors shaped ``like`` to results shaped
     ``results_like``; None for a zero result) gives for ``a + SCALE * b`` the sum of what
     it gives for ``a`` and ``SCALE`` times what it gives for ``b``, for random ``a``,
-    ``b``; ``describe(k)`` names result ``k`` in the message."""
+    ``b``; ``describe(k)`` names result ``k`` in the message. First, ``apply`` must give
+    the same results twice (``what`` names it): a result that changes from run to run is
+    no departure from linearity."""
     a = [ctx.randn(t.shape, t.dtype) for t in like]
     b = [ctx.randn(t.shape, t.dtype) for t in like]
     mixed = [x + SCALE * y for x, y in zip(a, b)]
-    got_a, got_b, got_mixed = apply(a), apply(b), apply(mixed)
+    # copies: a backward writing into grad_output is grad_output_safety's finding
+    got_a, got_b, got_mixed, again = (apply([v.clone() for v in vs]) for vs in (a, b, mixed, a))
+    _require_repeatable(got_a, again, what)
     for k, template in enumerate(results_like):
         zero = torch.zeros_like(template)
         ra, rb, rm = (zero if r[k] is None else dense(r[k]) for r in (got_a, got_b, got_mixed))
@@ -65,6 +71,20 @@ def _require_linear(
             note=ROUNDING_NOTE if rounding else note,
             show_index=True,
         )
+
+
+def _require_repeatable(
+    first: list[torch.Tensor | None], again: list[torch.Tensor | None], what: str
+) -> None:
+    """Fail unless two runs of ``what`` on the same vectors gave the same results."""
+    for x, y in zip(first, again):
+        if (x is None) != (y is None) or (x is not None and not torch.equal(dense(x), dense(y))):
+            raise CheckFailure(
+                f"{what} gives different results for the same inputs and vectors on two "
+                "runs: it reads memory it never wrote (torch.empty filled in part), keeps "
+                "state between calls, or draws random numbers without restoring the "
+                "generator state forward drew from"
+            )
 
 
 def require_backward_linear(ctx: CheckContext) -> None:
@@ -88,6 +108,7 @@ def require_backward_linear(ctx: CheckContext) -> None:
         " (backward must return the vector-Jacobian product, linear in grad_output: no "
         "abs, clamp, sign or normalisation of it; one-hot grad_outputs, as gradcheck's "
         "Jacobian uses, do not show this)",
+        "backward (given the same grad_outputs)",
     )
 
 
@@ -112,4 +133,5 @@ def require_jvp_linear(ctx: CheckContext) -> None:
         " (jvp must return the Jacobian-vector product, linear in the tangents: no abs, "
         "sign or products of tangents; one-hot tangents, as the forward Jacobian uses, do "
         "not show this)",
+        "jvp (given the same tangents)",
     )

@@ -176,7 +176,8 @@ def _require_writes_after_forward_seen(ctx: CheckContext) -> tuple[float, float]
             note = (
                 " (backward reads it from a ctx attribute, e.g. ctx.x = x, where "
                 "ctx.save_for_backward would make autograd raise 'modified by an inplace "
-                "operation'; save every tensor backward reads with ctx.save_for_backward)"
+                "operation'; save every tensor backward reads with ctx.save_for_backward; "
+                "or backward reads memory it never wrote, e.g. torch.empty filled in part)"
             )
             worst = max(worst, require_close(a, b, tolerance, problem, note=note))
     return worst
