@@ -730,6 +730,37 @@ def test_predict_path_predicts_the_rows_of_a_new_file(tmp_path):
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "new_rows, message",
+    [
+        (None, "predict_path: file not found"),
+        ("w\n1\n", "missing: ['h']"),
+        ("h,w\n1,nan\n", "non-finite value nan in column 'w'"),
+    ],
+)
+def test_an_unusable_predict_path_is_a_cli_error_before_the_run_folder(
+    tmp_path, capsys, new_rows, message
+):
+    """A missing ``predict_path``, or one without a training column, was a DataError
+    traceback from predict_dataloader, once predict had written its run folder's config.yaml
+    and hparams.yaml; it is a one-line data error before anything is written."""
+    csv = tmp_path / "pets.csv"
+    csv.write_text("w,h,kind\n" + "".join(f"{i % 5},{i % 3},{i % 2}\n" for i in range(40)))
+    new = tmp_path / "new.csv"
+    if new_rows is not None:
+        new.write_text(new_rows)
+    runs = tmp_path / "runs"
+    data = ["--data=torchbp.lightning.data.TabularFileDataModule", f"--data.path={csv}"]
+    data += ["--data.label_column=kind", f"--run_dir={runs}", "--model.hidden_sizes=[4]"]
+    run_cli("fit", *data, "--trainer.max_epochs=1")
+    with pytest.raises(SystemExit) as e:
+        run_cli("predict", *data, f"--data.predict_path={new}", "--ckpt_path=last")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: data problem: predict_path" in err and message in err, err
+    assert sorted(p.name for p in (runs / "pets").iterdir()) == ["version_0"]
+
+
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
 def test_evaluating_best_loads_the_latest_runs_best_checkpoint(short_run, tmp_path, subcommand):
     """``test --ckpt_path best`` in a new process was Lightning's ValueError ("ModelCheckpoint

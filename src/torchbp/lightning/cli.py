@@ -415,6 +415,8 @@ class TorchbpCLI(LightningCLI):
             super().instantiate_classes()
             if isinstance(self.datamodule, ClassificationDataModule):
                 self.datamodule.check_data()
+                if self.subcommand == "predict":
+                    self.datamodule.check_predict_data()
             if self.subcommand == "fit" and isinstance(self.model, ERMClassifier):
                 self.model.check_scheduler(self.trainer)
                 own = self._subcommand_config(self.config_init).get("checkpoint")

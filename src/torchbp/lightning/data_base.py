@@ -64,3 +64,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Raise :class:`DataError` if the data is unusable, before training starts
         (``torchbp-train`` calls it after instantiating the DataModule). Default: nothing to
         check beyond what ``__init__``, ``num_features`` and ``num_classes`` did."""
+
+    def check_predict_data(self) -> None:
+        """Raise :class:`DataError` if the rows to predict are unusable, before ``predict``
+        starts (``torchbp-train predict`` calls it after :meth:`check_data`). Default:
+        nothing beyond :meth:`check_data` (the test split is predicted)."""

@@ -172,6 +172,13 @@ class TabularFileDataModule(ArrayDataModule):
         return str(self.feature_names[j])
 
     # -- new rows to predict --------------------------------------------------------------
+    def check_predict_data(self) -> None:
+        """Read ``predict_path`` now: a missing file or column, or a bad value, is a
+        :class:`DataError` before ``predict`` starts (it was raised by
+        :meth:`predict_dataloader`, a traceback once the run folder was written)."""
+        if self.predict_path is not None:
+            self._predict_features()
+
     def predict_dataloader(self) -> DataLoader:
         """The rows of ``predict_path`` (see the class docstring), else the test split."""
         if self.predict_path is None:
