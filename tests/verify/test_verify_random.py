@@ -185,3 +185,53 @@ def test_numpy_and_python_random_are_named_with_the_fix():
         assert forward.failed, forward
         assert f"draws random numbers from {name}" in forward.message
         assert "draw with torch instead" in forward.message
+
+
+def test_a_random_module_whose_vmap_draws_otherwise_is_compared_with_one_sample_vmaps():
+    # before: vmap failed ("differs from a Python loop"): the attention dropout of a
+    # batched input draws other numbers under vmap than in plain calls
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(4, 1, 8, dropout=0.2, batch_first=True).double()
+    report = check_function(layer, seeded(2, 3, 4), checks=["vmap"])
+    vmap = report["vmap"]
+    assert vmap.passed, report
+    assert "compared with vmap over one sample at a time" in vmap.caveat
+
+
+class SharedMaskIgnoredInVmap(torch.autograd.Function):
+    """x * mask with a vmap rule that draws one mask per sample although vmap asked for
+    randomness='same' (one mask for the batch), as calls one by one draw."""
+
+    @staticmethod
+    def forward(x):
+        return x * _mask(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output / inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        x = x.movedim(in_dims[0], 0)
+        return x * _mask(x), 0
+
+
+def test_a_vmap_rule_drawing_per_sample_under_same_randomness_still_fails():
+    report = check_function(SharedMaskIgnoredInVmap, seeded(4, 5), checks=["vmap"])
+    assert report["vmap"].failed, report
+    assert "differs from a Python loop" in report["vmap"].message
+
+
+def test_a_random_op_on_a_batched_tensor_is_vmap_unsupported():
+    # before: failed with PyTorch's "same randomness with a batched tensor input" error
+    def bernoulli_mask(x):
+        return x * torch.bernoulli(torch.full_like(x, 0.5))
+
+    report = check_function(bernoulli_mask, seeded(3, 4), checks=["vmap"])
+    assert report["vmap"].unsupported, report
+    assert "randomness='same'" in report["vmap"].message

@@ -19,6 +19,7 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported, Passed
+from torchbp.verify.checks.rng import draws_random_numbers
 
 __all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap"]
 
@@ -133,52 +134,131 @@ def _batched_backward(
     )
 
 
-def check_vmap(ctx: CheckContext) -> Passed:
-    """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop;
-    unsupported when the vmap rule raises ``NotImplementedError``, or vmap raises for a fn
-    with a sparse input (:func:`_sparse_input_gap`)."""
-    batch = int(ctx.options.vmap_batch)
-    xs = _batched_inputs(ctx, batch)
-    tolerance = ctx.parity_tolerances()
-    try:
-        batched = _vmapped_forward(ctx, xs)
-    except Exception as exc:  # noqa: BLE001
-        gap = _sparse_input_gap(ctx, exc, "vmap of the forward", lambda c: _vmapped_forward(c, xs))
-        raise gap or outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
-    looped = [ctx.diff_fn(*[x[b] for x in xs]) for b in range(batch)]
+#: What the vmap check could not compare for a random fn whose vmap draws other numbers.
+RANDOM_VMAP_CAVEAT = (
+    "fn draws random numbers, and vmap of fn drew other ones than its calls one by one "
+    "(PyTorch's batching rule of a random op may draw in another order or kernel): its "
+    "outputs and per-sample gradients were compared with vmap over one sample at a time, "
+    "which draws as the batched vmap does, not with plain calls"
+)
+
+
+def _calls_one_by_one(ctx: CheckContext, xs: Sequence[torch.Tensor], b: int) -> Any:
+    """fn's floating outputs for sample ``b`` of the batched inputs ``xs``."""
+    return ctx.diff_fn(*[x[b] for x in xs])
+
+
+def _vmap_of_one_sample(ctx: CheckContext, xs: Sequence[torch.Tensor], b: int) -> Any:
+    """vmap of fn over sample ``b`` alone (a batch of one), unbatched: it draws random
+    numbers as vmap over the whole batch does (``randomness='same'``)."""
+    return [o[0] for o in _vmapped_forward(ctx, [x[b : b + 1] for x in xs])]
+
+
+def _require_forward_like(
+    ctx: CheckContext, batched: Any, xs: Sequence[torch.Tensor], sample: Callable[..., Any]
+) -> tuple[float, float]:
+    """vmap's outputs ``batched`` against ``sample(ctx, xs, b)`` stacked over the batch."""
+    looped = [sample(ctx, xs, b) for b in range(len(xs[0]))]
     worst = (0.0, 0.0)
     for o, out in enumerate(batched):
         exp = torch.stack([lp[o] for lp in looped]).detach()
         problem = f"vmap output {o} differs from a Python loop"
-        worst = max(worst, require_close(out, exp, tolerance, problem))
+        worst = max(worst, require_close(out, exp, ctx.parity_tolerances(), problem))
+    return worst
+
+
+def _gradients_one_by_one(
+    ctx: CheckContext, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], b: int
+) -> list[torch.Tensor]:
+    """The gradients of :func:`_weighted_sum` at sample ``b``, by one backward call."""
+    leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
+    gs = input_grads(_weighted_sum(ctx, weights)(*leaves), leaves, allow_unused=True)
+    return zeros_for_none(gs, leaves)
+
+
+def _gradients_of_one_sample_vmap(
+    ctx: CheckContext, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], b: int
+) -> list[torch.Tensor]:
+    """vmap(grad) of :func:`_weighted_sum` over sample ``b`` alone, unbatched."""
+    return [g[0] for g in _vmapped_grad(ctx, [x[b : b + 1] for x in xs], weights)]
+
+
+def _vmap_failure(ctx: CheckContext, exc: BaseException, xs, weights) -> Exception:
+    """What a raising vmap(grad) is: unsupported for a custom op, a sparse input or a
+    missing vmap rule, else a failure."""
+    calls_custom_op = ctx.custom_op is not None or custom_ops_reached(
+        ctx.diff_fn, [x[0] for x in xs]
+    )
+    custom_op_gap = no_torch_func(exc) if calls_custom_op else None
+    sparse_gap = _sparse_input_gap(
+        ctx, exc, "vmap(grad) (per-sample gradients)", lambda c: _vmapped_grad(c, xs, weights)
+    )
+    return (
+        custom_op_gap
+        or sparse_gap
+        or outcome_of(exc, "vmap(grad) (per-sample gradients) failed: ", VMAP)
+    )
+
+
+#: PyTorch's error for a random op drawing from a batched tensor under randomness='same'.
+_SAME_RANDOMNESS_REFUSED = "does not currently support same randomness with a batched tensor"
+
+
+def _same_randomness_gap(exc: BaseException) -> CheckUnsupported | None:
+    """Unsupported when vmap refused a random op of fn that draws from a batched tensor
+    (``torch.bernoulli(probs)`` of a tensor computed from the inputs) under
+    ``randomness='same'``, the mode a comparison with a loop of calls needs: a limitation
+    of PyTorch's vmap, not of fn. Only PyTorch's own ``RuntimeError`` counts."""
+    if type(exc) is not RuntimeError or _SAME_RANDOMNESS_REFUSED not in str(exc):
+        return None
+    return CheckUnsupported(
+        "vmap(randomness='same'), which a comparison with a loop of calls needs, cannot "
+        f"run a random op of fn on a batched tensor ({explain_error(exc)})",
+        "draw from a tensor that does not depend on the inputs (torch.rand(x.shape) < p "
+        "for torch.bernoulli(probs))",
+    )
+
+
+def check_vmap(ctx: CheckContext) -> Passed:
+    """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop;
+    unsupported when the vmap rule raises ``NotImplementedError``, or vmap raises for a fn
+    with a sparse input (:func:`_sparse_input_gap`). A random fn whose vmap draws other
+    numbers than its plain calls is compared with vmap over one sample at a time
+    instead, with a caveat saying so."""
+    batch = int(ctx.options.vmap_batch)
+    xs = _batched_inputs(ctx, batch)
+    try:
+        batched = _vmapped_forward(ctx, xs)
+    except Exception as exc:  # noqa: BLE001
+        gap = _sparse_input_gap(ctx, exc, "vmap of the forward", lambda c: _vmapped_forward(c, xs))
+        gap = gap or _same_randomness_gap(exc)
+        raise gap or outcome_of(exc, "vmap of the forward failed: ", VMAP) from None
+    sample, gradients, caveat = _calls_one_by_one, _gradients_one_by_one, ""
+    try:
+        worst = _require_forward_like(ctx, batched, xs, sample)
+    except CheckFailure:
+        if not draws_random_numbers(ctx):
+            raise
+        sample, gradients, caveat = (
+            _vmap_of_one_sample,
+            _gradients_of_one_sample_vmap,
+            RANDOM_VMAP_CAVEAT,
+        )
+        worst = _require_forward_like(ctx, batched, xs, sample)
     with torch.no_grad():
         weights = [ctx.randn(o.shape[1:], o.dtype) for o in batched]
-    scalar = _weighted_sum(ctx, weights)
     try:
         per_sample = _vmapped_grad(ctx, xs, weights)
     except Exception as exc:  # noqa: BLE001
-        calls_custom_op = ctx.custom_op is not None or custom_ops_reached(
-            ctx.diff_fn, [x[0] for x in xs]
-        )
-        custom_op_gap = no_torch_func(exc) if calls_custom_op else None
-        sparse_gap = _sparse_input_gap(
-            ctx, exc, "vmap(grad) (per-sample gradients)", lambda c: _vmapped_grad(c, xs, weights)
-        )
-        raise (
-            custom_op_gap
-            or sparse_gap
-            or outcome_of(exc, "vmap(grad) (per-sample gradients) failed: ", VMAP)
-        ) from None
+        raise _vmap_failure(ctx, exc, xs, weights) from None
     for b in range(batch):
-        leaves = [x[b].detach().clone().requires_grad_(True) for x in xs]
-        gs = input_grads(scalar(*leaves), leaves, allow_unused=True)
-        for k, (exp, ps) in enumerate(zip(zeros_for_none(gs, leaves), per_sample)):
+        for k, (exp, ps) in enumerate(zip(gradients(ctx, xs, weights, b), per_sample)):
             problem = (
                 f"per-sample gradient of {ctx.input_name(k)} under vmap(grad) differs "
                 "from a loop of backward calls"
             )
-            worst = max(worst, require_close(ps[b], exp, tolerance, problem))
-    return Passed(f"batch of {batch}: forward and vmap(grad)", *worst)
+            worst = max(worst, require_close(ps[b], exp, ctx.parity_tolerances(), problem))
+    return Passed(f"batch of {batch}: forward and vmap(grad)", *worst, caveat=caveat)
 
 
 class _DataWatch(torch.Tensor):
