@@ -192,10 +192,11 @@ def test_a_random_module_whose_vmap_draws_otherwise_is_compared_with_one_sample_
     # batched input draws other numbers under vmap than in plain calls
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(4, 1, 8, dropout=0.2, batch_first=True).double()
-    report = check_function(layer, seeded(2, 3, 4), checks=["vmap"])
-    vmap = report["vmap"]
-    assert vmap.passed, report
+    report = check_function(layer, seeded(2, 3, 4), checks=["vmap", "vmap_in_dims"])
+    vmap, in_dims = report["vmap"], report["vmap_in_dims"]
+    assert vmap.passed and in_dims.passed, report
     assert "compared with vmap over one sample at a time" in vmap.caveat
+    assert "compared with vmap over the same samples batched along dim 0" in in_dims.caveat
 
 
 class SharedMaskIgnoredInVmap(torch.autograd.Function):
@@ -235,3 +236,31 @@ def test_a_random_op_on_a_batched_tensor_is_vmap_unsupported():
     report = check_function(bernoulli_mask, seeded(3, 4), checks=["vmap"])
     assert report["vmap"].unsupported, report
     assert "randomness='same'" in report["vmap"].message
+
+
+class IgnoresInDims(torch.autograd.Function):
+    """x * mask whose vmap rule draws one mask for the batch, as randomness='same' asks,
+    but takes the batch dim to be 0 whatever in_dims says."""
+
+    @staticmethod
+    def forward(x):
+        return x * _mask(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output / inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        return x * _mask(x[0]), 0
+
+
+def test_a_random_fn_with_a_vmap_rule_ignoring_in_dims_still_fails():
+    report = check_function(IgnoresInDims, seeded(4, 4), checks=["vmap", "vmap_in_dims"])
+    assert report["vmap"].passed, report
+    assert report["vmap_in_dims"].failed, report
