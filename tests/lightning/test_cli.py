@@ -263,6 +263,18 @@ def test_ddp_config_parses(capsys):
     assert cfg["trainer"]["strategy"]["init_args"]["process_group_backend"] == "gloo"
 
 
+def test_predict_under_ddp_is_a_cli_error_before_it_starts(tmp_path, capsys):
+    """``predict --config ddp_cpu`` launched two processes, predicted every row, then wrote
+    no predictions.csv (each process holds a shard), leaving a run folder without them."""
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_cli("predict", "--config", "ddp_cpu", f"--run_dir={runs}")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: predict writes predictions.csv from one process" in err
+    assert not runs.exists()
+
+
 # DDP on CPU: EpochSeededSampler gives rank r the samples order[r::2] of the single-process
 # order, so with the same global batch (2 x 32 vs 1 x 64) both runs see the same batches and
 # DDP's averaged gradient equals the single-process mean-loss gradient: the curves agree up to

@@ -51,7 +51,8 @@ ModelCheckpoint ``trainer.callbacks`` holds);
 torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
 ``TabularFileDataModule``) to ``predictions.csv`` in its run folder: a column ``prediction``
 (the most probable class; for a data file, by its label in the file) and ``prob_<class>`` per
-class.
+class, from one process: ``predict`` under DDP (each process would predict a shard) is
+refused before it starts, unless a ``BasePredictionWriter`` callback writes the shards.
 
 Errors before training start with ``error:`` and their cause on one line, and exit with
 status 2: a bad option or value, an invalid configuration (e.g. ``--trainer.accelerator cuda``
@@ -104,6 +105,7 @@ from torchbp.lightning.run_checks import (
     CONFIG_ERRORS,
     check_config_file_is_new,
     check_monitors,
+    check_predictions_can_be_written,
     check_privacy,
     check_run_folders_can_be_written,
     describe_config_error,
@@ -430,6 +432,7 @@ class TorchbpCLI(LightningCLI):
                 name = self.save_config_kwargs.get("config_filename", "config.yaml")
                 check_config_file_is_new(self.trainer, name)
             check_run_folders_can_be_written(self.trainer, self.subcommand)
+            check_predictions_can_be_written(self.subcommand, self.trainer)
         except CONFIG_ERRORS as e:
             exit_with_error(describe_config_error(e))
 
@@ -515,19 +518,14 @@ class TorchbpCLI(LightningCLI):
             self._release_run_folder()
 
     def _write_predictions(self) -> None:
-        """Write the predictions into the run folder (by rank 0 of a single-process run)."""
+        """Write the predictions into the run folder (of a single-process run)."""
         trainer = self.trainer
         batches = trainer.predict_loop.predictions
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero or not batches or not log_dir:
             return
         if trainer.world_size > 1:
-            print(
-                "predictions.csv is written by single-process runs only (under DDP each "
-                "process predicts a shard); run predict on one device",
-                file=sys.stderr,
-            )
-            return
+            return  # a BasePredictionWriter writes the shards (check_predictions_can_be_written)
         if not all(isinstance(b, torch.Tensor) for b in batches):
             return  # several predict dataloaders, or a predict_step of another kind
         path = Path(log_dir) / PREDICTIONS_FILE

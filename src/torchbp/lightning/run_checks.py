@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -29,6 +29,7 @@ __all__ = [
     "check_run_folders_can_be_written",
     "check_config_file_is_new",
     "check_privacy",
+    "check_predictions_can_be_written",
 ]
 
 
@@ -116,6 +117,21 @@ def check_run_folders_can_be_written(trainer: pl.Trainer, subcommand: str | None
                 f"{os.path.abspath(folder)}: {problem} (choose another --run_dir, or run "
                 "from a writable folder)"
             )
+
+
+def check_predictions_can_be_written(subcommand: str | None, trainer: pl.Trainer) -> None:
+    """``predict`` writes ``predictions.csv`` from one process: under DDP each process
+    predicts a shard, and the run predicted every row and wrote none. Refused before it
+    starts, unless a ``BasePredictionWriter`` callback writes the shards."""
+    if subcommand != "predict" or trainer.world_size <= 1:
+        return
+    if any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+        return
+    exit_with_error(
+        f"invalid configuration: predict writes predictions.csv from one process, and this "
+        f"run has {trainer.world_size} (each would predict a shard); add --trainer.devices 1 "
+        "--trainer.num_nodes 1 --trainer.strategy auto (or a BasePredictionWriter callback)"
+    )
 
 
 def check_config_file_is_new(trainer: pl.Trainer, config_filename: str) -> None:
