@@ -116,6 +116,7 @@ def test_a_correct_dropout_passes_and_says_what_the_layout_check_left_out():
     safety = report["grad_output_safety"]
     assert safety.passed and "transposed inputs were not compared" in safety.caveat, safety
     assert "grad_output_safety [pass, not all compared]" in str(report)
+    assert str(report).startswith("Dropout: OK (2 unsupported, 1 not all compared)"), report
     assert report.to_dict()["checks"][0]["caveat"] == ""  # forward compared everything
 
 

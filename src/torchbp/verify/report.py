@@ -210,6 +210,9 @@ class Report:
         verdict = "OK" if self.ok else "FAILED"
         counts = self.counts()
         noted = [f"{counts[s]} {s}" for s in (FAIL, UNSUPPORTED) if counts[s]]
+        partial = sum(bool(c.caveat) for c in self.checks)
+        if partial:
+            noted.append(f"{partial} not all compared")
         summary = f"{self.name}: {verdict}"
         if noted:
             summary += f" ({', '.join(noted)})"
