@@ -887,6 +887,22 @@ def test_checkpoint_of_another_model_is_a_cli_error_before_anything_is_written(
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]
 
 
+def test_resuming_past_max_epochs_is_a_cli_error_before_anything_is_written(tmp_path, capsys):
+    """``fit --ckpt_path last --trainer.max_epochs 1`` of a 3-epoch run was Lightning's
+    MisconfigurationException traceback once the run had started, after it had written
+    max_epochs: 1 into the resumed run's config.yaml."""
+    common = ["--config", "iris", f"--run_dir={tmp_path}"]
+    run_cli("fit", *common, "--trainer.max_epochs=3")
+    run = tmp_path / "iris/version_0"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", *common, "--trainer.max_epochs=1", "--ckpt_path=last")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "was saved at epoch 2, past trainer.max_epochs=1: there is nothing to resume" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_resuming_with_another_optimizer_is_a_cli_error_before_anything_is_written(
     short_run, tmp_path, capsys
 ):

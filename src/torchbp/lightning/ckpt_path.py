@@ -38,6 +38,7 @@ __all__ = [
     "check_checkpoint_file",
     "check_hpc_checkpoint",
     "check_checkpoint_fits_model",
+    "check_checkpoint_fits_trainer",
 ]
 
 
@@ -211,6 +212,23 @@ def check_checkpoint_fits_model(
             f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
             "the run was trained with (its config.yaml has it)"
         )
+
+
+def check_checkpoint_fits_trainer(path: str | None, subcommand: str | None, trainer: Any) -> None:
+    """A fit cannot resume from a checkpoint saved at a later epoch than
+    ``trainer.max_epochs``: Lightning refuses it with a traceback once the run has started,
+    when it has written the new config.yaml over the resumed run's."""
+    local = local_checkpoint(path) if subcommand == "fit" else None
+    checkpoint = None if local is None else read_checkpoint(local)
+    epoch = (checkpoint or {}).get("epoch")
+    max_epochs = trainer.max_epochs
+    if not isinstance(epoch, int) or max_epochs in (None, -1) or epoch <= max_epochs:
+        return
+    exit_with_error(
+        f"--ckpt_path: {path} was saved at epoch {epoch}, past trainer.max_epochs="
+        f"{max_epochs}: there is nothing to resume; give --trainer.max_epochs above {epoch} "
+        "to train on, or start a new run without --ckpt_path"
+    )
 
 
 def _same_data(data_state: Any, datamodule: Any) -> bool:

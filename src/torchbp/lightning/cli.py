@@ -77,6 +77,7 @@ from torchbp.lightning.ckpt_path import (
     best_checkpoint_to_evaluate,
     check_checkpoint_file,
     check_checkpoint_fits_model,
+    check_checkpoint_fits_trainer,
     check_hpc_checkpoint,
     configured_checkpoint_dir,
     last_checkpoint,
@@ -427,6 +428,7 @@ class TorchbpCLI(LightningCLI):
             check_privacy(self.subcommand, self.model, self.datamodule, self.trainer, resumed)
             ckpt_path = self._subcommand_config(self.config).get("ckpt_path")
             check_checkpoint_fits_model(ckpt_path, self.subcommand, self.model, self.datamodule)
+            check_checkpoint_fits_trainer(ckpt_path, self.subcommand, self.trainer)
             check_hpc_checkpoint(ckpt_path, self.trainer.default_root_dir)
             if not self._resumed and self.save_config_callback is not None:
                 name = self.save_config_kwargs.get("config_filename", "config.yaml")
