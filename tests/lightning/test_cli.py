@@ -104,6 +104,21 @@ def test_invalid_config_is_a_cli_error_before_training(tmp_path, capsys, args, m
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
 
 
+@pytest.mark.parametrize("name", ["../escaped", "nested/name", "/abs/name", "..", "."])
+def test_a_run_name_that_is_a_path_is_a_cli_error(tmp_path, capsys, name):
+    """``--run_name ../escaped`` wrote the run outside ``--run_dir``; ``nested/name`` ran in
+    runs/nested/name but its config.yaml saved run_name ``name``, so running that config
+    again went to runs/name."""
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", f"--run_dir={runs}", f"--run_name={name}", "--trainer.max_epochs=1")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid configuration: run_name must be one folder name" in err, err
+    assert repr(name) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("config.yaml"))
+
+
 def test_parse_error_starts_with_its_cause(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli("fit", "--model.hidden_sizes", "oops", f"--run_dir={tmp_path}")

@@ -217,6 +217,19 @@ def _check_seed(seed: Any) -> None:
         )
 
 
+def _check_run_name(name: Any) -> None:
+    """``--run_name`` names one folder under ``run_dir``: a path (``../x``, ``a/b``, an
+    absolute one) would put the run outside ``run_dir`` or under a name its config.yaml
+    does not keep (it saves the last part only)."""
+    if not name:  # the default name
+        return
+    if name in (".", "..") or "/" in name or "\\" in name:
+        exit_with_error(
+            f"invalid configuration: run_name must be one folder name (no '/', '\\', '.' "
+            f"or '..'), got {name!r}; use --run_dir for the folder the runs go under"
+        )
+
+
 def _data_run_name(data: Any) -> str | None:
     """The run name of the default config run on other data (``--data ... --data.path
     my.csv`` without ``--config``): the data file's stem, else the DataModule's class name;
@@ -274,7 +287,9 @@ class TorchbpCLI(LightningCLI):
             self.config = parser.parse_args(with_config_files(argv))
             _keep_command_line_ckpt_path(self.config, argv)
         subcommand = self.config.get("subcommand")
-        _check_seed((self.config[subcommand] if subcommand else self.config).get("seed_everything"))
+        parsed = self.config[subcommand] if subcommand else self.config
+        _check_seed(parsed.get("seed_everything"))
+        _check_run_name(parsed.get("run_name"))
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
             check_checkpoint_file(ckpt_path)
@@ -292,8 +307,8 @@ class TorchbpCLI(LightningCLI):
             "--run_name",
             type=str | None,
             default=None,
-            help="Run folder name under run_dir (default: stem of the last --config file; with no "
-            "--config and other data, the data file's stem).",
+            help="Run folder name under run_dir, one folder (default: stem of the last --config "
+            "file; with no --config and other data, the data file's stem).",
         )
         parser.add_argument("--run_dir", type=str, default="runs", help="Root of run folders.")
         parser.add_argument(
