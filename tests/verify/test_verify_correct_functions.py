@@ -283,6 +283,17 @@ def test_compile_with_graph_break_and_same_numbers_is_unsupported():
     assert not report.ok
 
 
+def test_compile_of_a_mark_dirty_function_names_dynamos_limitation_and_the_way_around():
+    # InplaceScale returns x.mul_(s): eager accepts it (it checks that the dirty input is
+    # returned), Dynamo does not see it; "x.mul_(s); return x" is captured in one graph
+    report = check_function(InplaceScale, _randn(3, 4), 1.5, checks=["compile"])
+    result = report["compile"]
+    assert report.ok and result.unsupported, str(report)
+    assert "a Dynamo limitation, not a bug in fn" in result.message, result.message
+    assert "return x, not return x.mul_(s)" in result.message, result.message
+    assert "remove what breaks the graph" not in result.message, result.message
+
+
 class _Square(torch.autograd.Function):
     """The README's recipe: PyTorch's tutorial style, forward(ctx, x)."""
 

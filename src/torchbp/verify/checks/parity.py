@@ -207,15 +207,44 @@ def _compiled(
     return compiled if seeded is None else seeded.around(compiled)
 
 
-def _capture_limit_note(exc: BaseException) -> str:
-    """What kept Dynamo from capturing fn in one graph, in words."""
+#: How to capture fn in one graph despite Dynamo's limitation for Functions with a jvp.
+JVP_HINT = "apply a jvp-free twin of the Function while torch.compiler.is_compiling()"
+
+#: How to capture fn in one graph despite Dynamo's limitation for ``ctx.mark_dirty``.
+MARK_DIRTY_HINT = (
+    "modify the input in one statement and return the input itself "
+    "(x.mul_(s); return x, not return x.mul_(s))"
+)
+
+#: How to capture fn in one graph when fn itself breaks it.
+GRAPH_BREAK_HINT = "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)"
+
+
+def _capture_limit(exc: BaseException) -> tuple[str, str]:
+    """What kept Dynamo from capturing fn in one graph, in words, and how to avoid it.
+
+    A Function with ``ctx.mark_dirty`` that passed eager's forward returns its dirty
+    inputs (eager refuses one it does not return); Dynamo may not see it, e.g. in the
+    result of an in-place method (``return x.mul_(s)``): its limitation, not fn's bug."""
     message = explain_error(exc)
     if "cannot capture a Function that defines jvp" in message:
-        return (
+        note = (
             "torch.compile(fullgraph=True) cannot capture a Function that defines jvp "
             "(a PyTorch limitation)"
         )
-    return f"torch.compile(fullgraph=True) cannot capture fn in one graph ({message})"
+        return note, JVP_HINT
+    if "mark_dirty input not returned" in message:
+        note = (
+            "torch.compile(fullgraph=True) cannot capture this Function with "
+            "ctx.mark_dirty: Dynamo does not see the dirty input among forward's outputs, "
+            "though eager checked that forward returns it (a Dynamo limitation, not a bug "
+            f"in fn; Dynamo's words: {message})"
+        )
+        return note, MARK_DIRTY_HINT
+    return (
+        f"torch.compile(fullgraph=True) cannot capture fn in one graph ({message})",
+        GRAPH_BREAK_HINT,
+    )
 
 
 #: Backends that run eager's kernels, random ones included: a random fn compiled with one
@@ -289,7 +318,7 @@ def _with_graph_breaks(
     """Unsupported (fullgraph capture failed with ``exc``) when fn compiled with graph
     breaks matches eager, or, for a random fn under a backend drawing other numbers,
     itself (:func:`_compiled_self_consistency`); a failed check otherwise."""
-    note = _capture_limit_note(exc)
+    note, hint = _capture_limit(exc)
     label = f"torch.compile(backend={backend!r}) with graph breaks"
     compiled = _compiled(ctx.fn, backend, False, dirty)
     matched = "outputs and gradients match eager"
@@ -302,9 +331,7 @@ def _with_graph_breaks(
         matched = f"not compared with eager: {caveat}"
     return CheckUnsupported(
         f"{note}; compiled with graph breaks, {matched}",
-        "apply a jvp-free twin of the Function while torch.compiler.is_compiling()"
-        if "jvp" in note
-        else "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)",
+        hint,
         abs_err,
         rel_err,
     )
