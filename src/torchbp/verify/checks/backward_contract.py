@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from torchbp.verify.checks.compare import (
     dense,
@@ -26,7 +27,7 @@ from torchbp.verify.checks.compare import (
     shape_text,
 )
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.explain import explain_error, first_line
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.rng import draws_random_numbers, require_gradients_of_own_forward
 
@@ -35,6 +36,7 @@ __all__ = [
     "check_grad_shapes",
     "check_needs_input_grad",
     "check_undefined_grad",
+    "require_jvp_layout_independent",
 ]
 
 
@@ -525,3 +527,82 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
         *max(worst, layout_errors),
         caveat=caveat,
     )
+
+
+#: What a jvp given a non-contiguous tangent likely assumes, and how to write it instead.
+CONTIGUOUS_TANGENT_NOTE = (
+    " (forward AD hands jvp each tangent in its primal's layout, as torch.func.jvp does "
+    "for a transposed input: jvp assumes contiguous tangents; use t.reshape, not t.view, "
+    "or t.contiguous() before a kernel reading memory in order)"
+)
+
+
+def _tangents(
+    ctx: CheckContext, layout: Any, tangents: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """The tangents of fn's floating outputs for the grad inputs' ``tangents``, with every
+    tensor input and tangent copied by ``layout`` (a module's parameters keep theirs)."""
+    primals = [
+        ctx.args[i].detach() if i in ctx.parameter_names else layout(ctx.args[i].detach())
+        for i in ctx.grad_idx
+    ]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, layout(t)) for p, t in zip(primals, tangents)]
+        full = ctx.full_inputs(duals)
+        laid = [
+            layout(a) if _strided(a) and i not in ctx.grad_idx else a for i, a in enumerate(full)
+        ]
+        found = [fwAD.unpack_dual(o).tangent for o in float_tensors(ctx.fn(*laid))]
+        return [None if t is None else t.detach().clone() for t in found]
+
+
+def _forward_accepts(ctx: CheckContext, layout: Any) -> bool:
+    """True if fn runs (without forward AD) on its inputs copied by ``layout``."""
+    _, full = _laid_out(ctx, layout)
+    try:
+        with torch.no_grad():
+            ctx.fn(*full)
+    except Exception:  # noqa: BLE001 - grad_output_safety judges fn's refusal of the layout
+        return False
+    return True
+
+
+def require_jvp_layout_independent(ctx: CheckContext) -> None:
+    """Fail unless jvp gives the same tangents for non-contiguous inputs and tangents as
+    for contiguous ones. Forward AD hands jvp each tangent in its primal's layout (a
+    transposed one for a transposed input), and gradcheck's tangents are contiguous: a
+    jvp calling ``t.view(-1)`` raises for a transposed tangent, one reading memory in
+    order reads the wrong elements. Transposed inputs, or, for a fn drawing random
+    numbers (other ones for a transposed input), rows sliced from wider ones, which it
+    draws for in the contiguous order. Nothing to compare when no input has a layout to
+    change or fn's forward refuses the layout (``grad_output_safety`` judges that)."""
+    given = [ctx.args[i] for i in ctx.grad_idx if i not in ctx.parameter_names]
+    if not any(_strided(a) and a.dim() >= 1 and a.numel() > 1 for a in given):
+        return
+    random = draws_random_numbers(ctx)
+    layout = _row_padded_copy if random else _strided_copy
+    label = (
+        "non-contiguous (rows sliced from wider ones)" if random else "non-contiguous (transposed)"
+    )
+    if not _forward_accepts(ctx, layout):
+        return
+    tangents = [ctx.randn(ctx.args[i].shape, ctx.args[i].dtype) for i in ctx.grad_idx]
+    expected = _tangents(ctx, _contiguous_copy, tangents)
+    try:
+        got = _tangents(ctx, layout, tangents)
+    except Exception as exc:  # noqa: BLE001 - jvp's own error, in words
+        raise CheckFailure(
+            f"jvp fails for {label} inputs and tangents: {type(exc).__name__}: "
+            f"{first_line(str(exc))}" + CONTIGUOUS_TANGENT_NOTE
+        ) from None
+    for o, (a, e) in enumerate(zip(got, expected)):
+        if a is None or e is None:
+            continue
+        require_close(
+            a,
+            e,
+            ctx.parity_tolerances(),
+            f"the tangent of output {o} changes when the inputs and their tangents are {label}",
+            note=CONTIGUOUS_TANGENT_NOTE,
+            show_index=True,
+        )

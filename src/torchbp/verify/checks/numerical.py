@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from torchbp.verify.checks.backward_contract import require_jvp_layout_independent
 from torchbp.verify.checks.compare import input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import (
@@ -744,6 +745,7 @@ def _forward_ad(ctx: CheckContext) -> Passed:
     )
     _require_tangents_like_outputs(ctx)
     require_jvp_linear(ctx)
+    require_jvp_layout_independent(ctx)
     if errors is not None:
         abs_err, rel_err, note = errors
         return Passed(f"full forward Jacobian compared{note}", abs_err, rel_err)
