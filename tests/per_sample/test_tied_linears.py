@@ -4,13 +4,16 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import torchbp
-from torchbp.per_sample import per_sample_grads
+from torchbp.per_sample import formulas, per_sample_grads
 
 MAX_NORM = 0.5
 
@@ -128,3 +131,111 @@ def test_weight_tied_with_a_linear_outside_the_model(mode):
     truth = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
     norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in truth.values()]).sum(0).sqrt()
     torch.testing.assert_close(ps.norms, norms)
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip", "grads"])
+@pytest.mark.parametrize("tied", ["one-module", "two-modules"])
+def test_calls_of_a_shared_layer_freed_once_joined(monkeypatch, mode, tied):
+    """A layer called twice (one module, or two sharing weight and bias) joins its calls'
+    ``(a, g)`` into one trace for the results; each call's own input and output gradient
+    are freed by then, not held beside the copy until the layer's results are formed
+    (twice the layer's recording: 2x the memory of an untied model of the same size)."""
+    torch.manual_seed(0)
+    first = torchbp.nn.Linear(4, 4)
+    second = first if tied == "one-module" else torchbp.nn.Linear(4, 4)
+    second.weight, second.bias = first.weight, first.bias
+    head = torchbp.nn.Linear(4, 3)
+    calls: list = []  # weakrefs to each call's input and output gradient
+
+    def watched(module, x):
+        y = module(torch.tanh(x))  # its input is referenced by the graph alone
+        y.register_hook(lambda grad: calls.append(weakref.ref(grad)))
+        return y
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.head = first, second, head
+
+        def forward(self, x):
+            return self.head(watched(self.second, watched(self.first, x)))
+
+    def first_inputs(module, args):
+        calls.append(weakref.ref(args[0]))
+
+    model = Model()
+    for module in {id(first): first, id(second): second}.values():
+        module.register_forward_pre_hook(first_inputs)
+    alive_at_the_norms = []
+    layer_norms = formulas.layer_norms
+
+    def noting_alive(*args, **kwargs):
+        gc.collect()
+        alive_at_the_norms.append(sum(ref() is not None for ref in calls))
+        return layer_norms(*args, **kwargs)
+
+    monkeypatch.setattr(formulas, "layer_norms", noting_alive)
+    kwargs = {"max_norm": MAX_NORM} if mode == "clip" else {}
+    with per_sample_grads(model, mode, **kwargs) as ps:
+        model(torch.randn(5, 2, 4)).square().sum().backward()
+    assert len(calls) == 4 and alive_at_the_norms and ps.norms.shape == (5,)
+    assert alive_at_the_norms == [0] * len(alive_at_the_norms)
+
+
+class _TiedLanguageModel(torch.nn.Module):
+    """An output layer whose weight is the token embedding's (as language models tie
+    them), the embedding registered before or after it."""
+
+    def __init__(self, head_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        if head_first:
+            self.head = torchbp.nn.Linear(4, 7)
+        self.embed = torch.nn.Embedding(7, 4)
+        if not head_first:
+            self.head = torchbp.nn.Linear(4, 7)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+@pytest.mark.parametrize("head_first", [False, True], ids=["embedding-first", "head-first"])
+def test_linear_tied_to_an_embedding_refused_naming_the_tie(head_first):
+    """The embedding's gradient cannot be attributed to samples: refused before the
+    forward, whichever is registered first, and the message says that freezing the
+    embedding (the fix it offers for other parameters) freezes the tied head too."""
+    model = _TiedLanguageModel(head_first)
+    with pytest.raises(
+        TypeError,
+        match=r"'embed' \(Embedding\) has trainable parameters \(weight\) whose per-sample "
+        r"gradients torchbp cannot form; .*; weight is tied to 'head' \(Linear\)'s weight "
+        r"\(the same Parameter\): freezing it freezes that too",
+    ):
+        per_sample_grads(model)
+
+
+def test_linear_tied_to_a_frozen_embedding_trains_its_bias_alone():
+    """Freezing the tied embedding freezes the head's weight (one Parameter): the head's
+    bias is the only trainable parameter, and its results are torch.func's."""
+    model = _TiedLanguageModel(head_first=False).double()
+    model.embed.weight.requires_grad_(False)
+    tokens, y = torch.randint(7, (5, 3)), torch.randint(7, (5, 3))
+    truth = _per_sample_truth(model, tokens, y)
+    with per_sample_grads(model, "grads") as ps:
+        F.cross_entropy(model(tokens).flatten(0, 1), y.flatten(), reduction="sum").backward()
+    assert ps.parameters == [model.head.bias] and model.embed.weight.grad is None
+    torch.testing.assert_close(model.head.bias.grad_sample, truth["head.bias"])
+    torch.testing.assert_close(ps.norms, truth["head.bias"].norm(dim=1))
+
+
+def test_linear_tied_to_an_embedding_outside_the_model_refused_at_the_backward():
+    """The tied weight's embedding gradient reaches it through an op other than its
+    Linear: refused at the backward, naming the parameter, before p.grad is written."""
+    model = _TiedLanguageModel(head_first=False)
+    head = model.head
+    tokens = torch.randint(7, (5, 3))
+    with pytest.raises(RuntimeError, match=r"parameter weight received a gradient from an op"):
+        with per_sample_grads(head):
+            head(torch.tanh(model.embed(tokens))).square().sum().backward()
+    assert head.weight.grad is None and head.bias.grad is None

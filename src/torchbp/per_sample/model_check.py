@@ -167,22 +167,31 @@ def _sample_dim_guard(where: str) -> Callable:
     return refuse_sample_dim
 
 
-def _refuse_unattributable(where: str, module: nn.Module) -> None:
+def _refuse_unattributable(where: str, module: nn.Module, linear_owners: dict[int, str]) -> None:
     """Raise if ``module`` has trainable parameters of its own that its recorded Linear
     call does not see: all of them, except a :class:`torchbp.nn.Linear`'s weight and bias
     (a subclass's extra parameters, such as a LoRA adapter, reach the loss elsewhere).
+    ``linear_owners`` (see :func:`_linear_owners`) names the model's Linear holding such a
+    parameter too (an embedding tied to an output layer), which freezing it would freeze.
 
     Raises:
         TypeError: naming the module and the parameters, with what to do about them.
     """
     linear = isinstance(module, bpnn.Linear)
-    trainable = [
-        n
+    named = [
+        (n, p)
         for n, p in module.named_parameters(recurse=False)
         if p.requires_grad and not (linear and n in ("weight", "bias"))
     ]
-    if not trainable:
+    if not named:
         return
+    trainable = [n for n, _ in named]
+    ties = "".join(
+        f"; {n} is tied to {linear_owners[id(p)]} (the same Parameter): freezing it "
+        "freezes that too"
+        for n, p in named
+        if id(p) in linear_owners
+    )
     if type(module) is nn.Linear:
         hint = "convert the model first: torchbp.convert(model)"
     else:
@@ -192,8 +201,21 @@ def _refuse_unattributable(where: str, module: nn.Module) -> None:
         )
     raise TypeError(
         f"per_sample_grads: {where} has trainable parameters ({', '.join(trainable)}) "
-        f"whose per-sample gradients torchbp cannot form; {hint}"
+        f"whose per-sample gradients torchbp cannot form; {hint}{ties}"
     )
+
+
+def _linear_owners(model: nn.Module) -> dict[int, str]:
+    """``{id(p): "'head' (Linear)'s weight"}`` for the weight and bias of each
+    :class:`torchbp.nn.Linear` of ``model`` (the first module holding it)."""
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bpnn.Linear):
+            for what in ("weight", "bias"):
+                p = getattr(module, what)
+                if p is not None:
+                    owners.setdefault(id(p), f"{describe(name, module)}'s {what}")
+    return owners
 
 
 def _refuse_shared(where: str, owner: dict[int, str], *parameters: nn.Parameter | None) -> None:
@@ -260,6 +282,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         )
     layers: list[Layer] = []
     owner: dict[int, str] = {}
+    linear_owners = _linear_owners(model)
     for name, module in model.named_modules():
         where = describe(name, module)
         if isinstance(module, bpnn.LinearCrossEntropyLoss):
@@ -280,7 +303,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             _refuse_shared(where, owner, weight, bias)
             if weight is not None or bias is not None:
                 layers.append(Layer(name, module, weight, bias))
-        _refuse_unattributable(where, module)
+        _refuse_unattributable(where, module, linear_owners)
     return layers
 
 
