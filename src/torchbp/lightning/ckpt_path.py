@@ -244,7 +244,9 @@ def _check_resume_privacy(
 ) -> None:
     """A fit from a checkpoint keeps its DP-SGD setting: a private checkpoint fitted on
     without privacy ends as a model no ε holds for, and one trained on this data without
-    privacy has no ε whatever the noise from here (both went on silently)."""
+    privacy has no ε whatever the noise from here (both went on silently); a seeded DP run's
+    checkpoint cannot be continued with ``secure_rng`` (the fit refuses it once the run
+    folder exists)."""
     private = (checkpoint.get("hyper_parameters") or {}).get("privacy") is not None
     private = private or "privacy_accountant" in checkpoint
     if private and model.privacy is None:
@@ -253,10 +255,26 @@ def _check_resume_privacy(
             "privacy: training on would end with a model no epsilon holds for; resume "
             "with the run's privacy settings (its config.yaml has them)"
         )
+    if "privacy_noise_generator" in checkpoint and model.privacy is not None:
+        _refuse_secure_rng_after_seeded_noise(path, model.privacy)
     trained = (checkpoint.get("global_step") or 0) > 0
     if not private and trained and same_data and model.privacy is not None:
         exit_with_error(
             f"--ckpt_path: {path} was trained without DP-SGD on this data: no epsilon "
             "holds for its weights, whatever the noise from here; train with privacy from "
             "the start (a new run, without --ckpt_path)"
+        )
+
+
+def _refuse_secure_rng_after_seeded_noise(path: str, privacy: Any) -> None:
+    """A checkpoint that keeps its noise generator's state is a seeded run's: its steps'
+    noise and batches are computable from that run's seed, so a ``secure_rng`` resume would
+    end with a run whose randomness is not all secret."""
+    if privacy.secure_rng:
+        exit_with_error(
+            f"--ckpt_path: {path} is a seeded DP-SGD run's (it keeps the noise generator's "
+            "state): its steps' noise and batches are computable from the run's seed, so "
+            "with model.privacy.secure_rng: true the resumed run's randomness would not all "
+            "be secret; resume with secure_rng: false, or train a secure_rng run from the "
+            "start (a new run, without --ckpt_path)"
         )
