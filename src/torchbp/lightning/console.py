@@ -19,6 +19,11 @@ __all__ = ["ShortErrorParser", "closest_key", "exit_with_error", "headline", "qu
 
 #: warnings about Lightning's own code (``message`` regexes)
 UNACTIONABLE_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+#: Lightning's warning on a fit resumed within an epoch, which it gives for every loader
+#: without ``state_dict``: ERMClassifier continues the epoch with torchbp's loaders, and
+#: warns itself, naming the loader, about one it cannot continue (a loader of your own,
+#: or one with workers)
+NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
 #: log messages that advertise rather than inform (prefixes)
 UNACTIONABLE_LOGS = ("💡 Tip: For seamless cloud logging",)
 #: the loggers of Lightning's ``rank_zero_info`` messages
@@ -156,6 +161,10 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 def quiet_lightning() -> Iterator[None]:
     """Hide Lightning's warnings and messages that a user cannot act on, inside the block.
 
+    Lightning's "your dataloader is not resumable" on a fit resumed within an epoch is
+    hidden too: :class:`~torchbp.lightning.ERMClassifier` continues the epoch with torchbp's
+    loaders, and warns itself about a loader it cannot continue.
+
     Examples::
 
         with quiet_lightning():
@@ -163,7 +172,7 @@ def quiet_lightning() -> Iterator[None]:
     """
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     with warnings.catch_warnings():
-        for pattern in UNACTIONABLE_WARNINGS:
+        for pattern in (*UNACTIONABLE_WARNINGS, NOT_RESUMABLE_WARNING):
             warnings.filterwarnings("ignore", message=pattern)
         for logger in loggers:
             logger.addFilter(_not_an_advert)

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as _torch_F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 
 from torchbp.lightning.metrics import EVAL_METRICS, stage_metrics
@@ -31,8 +32,9 @@ from torchbp.lightning.optimizers import (
     factory_from_config,
     owning_its_hyperparameters,
 )
-from torchbp.lightning.privacy import Privacy, PrivacyAccountant
+from torchbp.lightning.privacy import PoissonBatchSampler, Privacy, PrivacyAccountant
 from torchbp.lightning.private_training import PrivateTraining
+from torchbp.lightning.samplers import EpochSeededSampler
 from torchbp.mode import TorchbpMode, enable
 from torchbp.ops import OPS
 from torchbp.per_sample import PerSampleGrads
@@ -55,6 +57,44 @@ _TORCHBP_OR_CONTAINER = frozenset(
 )
 
 
+def _is_stateful(loader: Any) -> bool:
+    """Whether Lightning keeps ``loader``'s position in checkpoints and restores it itself
+    (a loader with ``state_dict`` and ``load_state_dict``)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None)
+    )
+
+
+def _epoch_source(loader: Any) -> Any:
+    """What orders an epoch of one of torchbp's train loaders (its
+    :class:`EpochSeededSampler`, :class:`PoissonBatchSampler` or synthetic batches, each
+    with an ``epoch``), or ``None`` for another loader."""
+    parts = ("sampler", "batch_sampler", "dataset")
+    for part in (getattr(loader, name, None) for name in parts):
+        if isinstance(part, (EpochSeededSampler, PoissonBatchSampler)):
+            return part
+        if hasattr(part, "continue_epoch"):  # SyntheticDataModule's batches
+            return part
+    return None
+
+
+def _has_workers(loader: Any) -> bool:
+    """Whether ``loader``'s workers started fetching when Lightning made its iterator, before
+    the fit's hooks could tell it which epoch, or where in it, to start."""
+    return getattr(loader, "num_workers", 0) > 0
+
+
+def _exact_resume_hint(source: Any) -> str:
+    """How to resume exactly with a train loader whose epochs ``source`` orders (see
+    :func:`_epoch_source`; torchbp's loaders fail only with workers)."""
+    if source is not None:
+        return "with data.num_workers: 0, torchbp's DataModules resume exactly"
+    return (
+        "resume from a checkpoint saved at an epoch's end for an exact run, or give the "
+        "loader state_dict and load_state_dict (Lightning then keeps its position)"
+    )
+
+
 class ERMClassifier(PrivateTraining, pl.LightningModule):
     """MLP classifier trained by empirical risk minimisation (mean cross-entropy).
 
@@ -62,6 +102,12 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
     backward passes) or, with ``backend="torch"``, from ``torch.nn`` with the same architecture
     and the same initialisation for the same seed, so the two can be compared side by side and
     their checkpoints are interchangeable. The loss is ``cross_entropy`` of the same backend.
+
+    A fit resumed within an epoch (a checkpoint of ``every_n_train_steps``, of a validation
+    within the epoch, of Ctrl-C) continues that epoch with torchbp's train loaders
+    (:class:`~torchbp.lightning.samplers.EpochSeededSampler`, Poisson sampling, synthetic
+    batches; without workers): it trains the batches the uninterrupted fit would. It warns
+    about a loader it cannot continue.
 
     With ``backend="torchbp"``, a subclass whose ``forward`` (or ``features``, ``loss``,
     ``fused_loss``) calls ``F.linear``, ``F.gelu``, ``x.softmax()``, ..., or a network with
@@ -120,10 +166,10 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
             batch size; the data must be drawn by Poisson sampling
             (``data.poisson_sampling: true``). ε spent so far is logged as
             ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints,
-            as is the noise's generator (seeded from a draw of the default one at a fresh
-            fit's start, so ``seed_everything`` makes it reproducible, with a stream of its
-            own): a resumed fit draws the noise an uninterrupted one would, never the first
-            steps' again.
+            as is the noise's generator (not with ``privacy.secure_rng``), seeded from a
+            draw of the default one at a fresh fit's start, so ``seed_everything`` makes it
+            reproducible, with a stream of its own: a resumed fit draws the noise an
+            uninterrupted one would, never the first steps' again.
             Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
             accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its
             step, with the noise alone: DP-SGD releases a noisy update at every step, and
@@ -412,14 +458,46 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        # a fit resumed within an epoch gets no on_train_epoch_start for that epoch: a
-        # batch-generating dataset continues it after the batches trained (it started the
-        # epoch over, with epoch 0's order, and trained its first batches twice)
+        # a fit resumed within an epoch gets no on_train_epoch_start for that epoch, and
+        # its loader would start the epoch over (training its first batches twice and its
+        # last never): torchbp's loaders continue it after the batches trained
         trainer = self.trainer
         trained = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        if 0 < trained < trainer.num_training_batches and hasattr(dataset, "continue_epoch"):
-            dataset.continue_epoch(self.current_epoch, trained)
+        loader = trainer.train_dataloader
+        source = _epoch_source(loader)
+        if 0 < trained < trainer.num_training_batches:
+            if source is not None and not _has_workers(loader):
+                self._continue_epoch(source, loader, trained)
+            elif not _is_stateful(loader):
+                rank_zero_warn(
+                    f"the fit resumed within epoch {self.current_epoch}, after {trained} "
+                    f"batches, and its train loader ({type(loader).__name__}) cannot "
+                    "continue the epoch: it starts it over, so its first batches are trained "
+                    "again and its last ones not; " + _exact_resume_hint(source),
+                    category=UserWarning,
+                )
+        elif source is not None and _has_workers(loader) and source.epoch != self.current_epoch:
+            rank_zero_warn(
+                f"the fit resumed at epoch {self.current_epoch}, and its train loader's "
+                f"workers started fetching in epoch {source.epoch}'s order (Lightning sets "
+                "the epoch once they have started): this epoch's batches are not those of "
+                "the uninterrupted fit; " + _exact_resume_hint(source),
+                category=UserWarning,
+            )
+
+    def _continue_epoch(self, source: Any, loader: Any, trained: int) -> None:
+        """Have torchbp's train ``loader``, whose epochs ``source`` orders, yield the rest
+        of the current epoch after the ``trained`` batches (of this rank) that a resumed
+        fit trained before."""
+        epoch = self.current_epoch
+        if isinstance(source, EpochSeededSampler):
+            source.continue_epoch(epoch, trained * (loader.batch_size or 1))
+        elif isinstance(source, PoissonBatchSampler):
+            # a DP fit loaded the checkpoint's own sampler state (private_training.py)
+            if self.privacy is None:
+                source.load_state_dict({"epoch": epoch, "drawn": trained})
+        else:
+            source.continue_epoch(epoch, trained)
 
     def on_train_epoch_start(self) -> None:
         # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch):

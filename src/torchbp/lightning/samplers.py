@@ -26,6 +26,9 @@ class EpochSeededSampler(DistributedSampler):
       run. With ``drop_last`` (training) the last ``n % W`` samples of each epoch's order are
       dropped so every rank does the same number of steps; without it (evaluation) the shards
       are uneven instead of padded, so every sample is evaluated exactly once.
+    - A fit resumed within an epoch continues it: after :meth:`continue_epoch` the epoch
+      yields only the samples its uninterrupted iteration had still to yield (Lightning's
+      ``set_epoch`` of that same epoch keeps this; the next epoch's starts from its first).
 
     Being a :class:`~torch.utils.data.DistributedSampler`, it is kept as is by Lightning, which
     otherwise replaces a DataLoader's sampler under DDP (``Trainer(use_distributed_sampler=True)``).
@@ -66,6 +69,37 @@ class EpochSeededSampler(DistributedSampler):
             seed=seed,
             drop_last=drop_last,
         )
+        self.start = 0  # the first of this rank's samples of the epoch to yield
+
+    def set_epoch(self, epoch: int) -> None:
+        """Yield epoch ``epoch``'s samples from its first, unless ``epoch`` is the one
+        :meth:`continue_epoch` continues (Lightning sets the resumed epoch after it)."""
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def continue_epoch(self, epoch: int, start: int) -> None:
+        """Yield epoch ``epoch``'s samples of this rank from its ``start``-th on: a fit
+        resumed within the epoch after ``start`` of this rank's samples (the batches
+        trained times the batch size) were trained.
+
+        Args:
+            epoch: The epoch to continue.
+            start: How many of this rank's samples of the epoch to skip, in ``[0, len(self)]``.
+
+        Examples::
+
+            >>> sampler = EpochSeededSampler(range(6), shuffle=False)
+            >>> sampler.continue_epoch(3, start=4)
+            >>> list(sampler)
+            [4, 5]
+        """
+        if not 0 <= start <= len(self):
+            raise ValueError(
+                f"EpochSeededSampler.continue_epoch: start must be in [0, {len(self)}] "
+                f"(this rank's samples of an epoch), got {start}"
+            )
+        self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
         n = len(self.dataset)
@@ -78,9 +112,10 @@ class EpochSeededSampler(DistributedSampler):
             order = torch.arange(n)
         if self.drop_last:
             order = order[: n - n % self.num_replicas]
-        return iter(order[self.rank :: self.num_replicas].tolist())
+        return iter(order[self.rank :: self.num_replicas][self.start :].tolist())
 
     def __len__(self) -> int:
+        """This rank's samples of a whole epoch (also while one is continued)."""
         n = len(self.dataset)
         if self.drop_last:
             return n // self.num_replicas

@@ -1,0 +1,193 @@
+"""A fit of torchbp's in-memory DataModules resumed within an epoch continues that epoch's
+batches: it trains exactly what the uninterrupted fit trains from there on."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from tests.lightning.lightning_helpers import RecordBatches, run_cli
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchbp.lightning.console import quiet_lightning
+from torchbp.lightning.samplers import EpochSeededSampler
+
+
+def _about_resuming(message: str) -> bool:
+    """Whether a warning is Lightning's or torchbp's about a loader that restarts the epoch."""
+    return "dataloader is not resumable" in message or "cannot continue the epoch" in message
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_continued_epoch_yields_what_the_uninterrupted_epoch_still_had_to(world, shuffle):
+    """Each rank skips the samples of the batches it trained (``order[rank::W]``, the
+    epoch's last ``n % W`` samples dropped), in the epoch's own order."""
+    data, batch, trained = range(23), 2, 3
+    for rank in range(world):
+        whole = EpochSeededSampler(data, world, rank, shuffle, seed=5, drop_last=True)
+        whole.set_epoch(4)
+        resumed = EpochSeededSampler(data, world, rank, shuffle, seed=5, drop_last=True)
+        resumed.continue_epoch(4, trained * batch)
+        resumed.set_epoch(4)  # Lightning sets the resumed epoch after on_train_start
+        assert list(resumed) == list(whole)[trained * batch :]
+        assert len(resumed) == len(whole)  # the epoch's, as Lightning counts its batches
+
+
+def test_the_next_epoch_of_a_continued_one_starts_from_its_first_sample():
+    sampler, whole = EpochSeededSampler(range(10), seed=1), EpochSeededSampler(range(10), seed=1)
+    sampler.continue_epoch(2, 6)
+    sampler.set_epoch(3)
+    whole.set_epoch(3)
+    assert list(sampler) == list(whole)
+
+
+@pytest.mark.parametrize("start", [-1, 11])
+def test_continue_epoch_refuses_a_start_outside_the_epoch(start):
+    with pytest.raises(ValueError, match=r"start must be in \[0, 10\]"):
+        EpochSeededSampler(range(10)).continue_epoch(0, start)
+
+
+#: iris: 7 training batches (of 16 rows) an epoch
+COMMON = [
+    "--config=iris",
+    "--model.hidden_sizes=[4]",
+    "--trainer.max_epochs=3",
+    "--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches",
+]
+STOPS = {
+    # last.ckpt of the validation within epoch 1 at which max_steps stops the fit
+    "max_steps": ["--trainer.max_steps=9", "--trainer.val_check_interval=1"],
+    "every_n_train_steps": ["--trainer.max_steps=9", "--checkpoint.every_n_train_steps=3"],
+}
+
+
+def _batches(cli) -> list:
+    (record,) = [c for c in cli.trainer.callbacks if isinstance(c, RecordBatches)]
+    return record.batches
+
+
+@pytest.mark.parametrize("poisson", [False, True], ids=["shuffled", "poisson"])
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_fit_resumed_within_an_epoch_trains_what_the_uninterrupted_fit_does(
+    tmp_path, stop, poisson
+):
+    """Resumed from a checkpoint of epoch 1's second step (step 9), a fit started the
+    epoch's order over: it trained epoch 1's first batches twice and its last never, and
+    Lightning warned that the dataloader is not resumable. It now trains the batches and
+    ends with the weights of the uninterrupted fit, without that warning."""
+    common = [*COMMON, f"--run_dir={tmp_path}", f"--data.init_args.poisson_sampling={poisson}"]
+    run_cli("fit", *common, "--run_name=resumed", *STOPS[stop])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run_cli("fit", *common, "--run_name=resumed", "--ckpt_path=last")
+    whole = run_cli("fit", *common, "--run_name=whole")
+    steps = len(_batches(whole)) - len(_batches(resumed))
+    epoch, batch_idx, _ = _batches(resumed)[0]
+    assert steps == 9 and epoch == 1 and batch_idx > 0
+    assert _batches(resumed) == _batches(whole)[steps:]
+    resumed_weights, whole_weights = resumed.model.state_dict(), whole.model.state_dict()
+    for name, value in whole_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=name)
+    assert not [str(w.message) for w in caught if _about_resuming(str(w.message))]
+
+
+def _fit_iris_loader(tmp_path, loader, ckpt_path=None):
+    """Fit on ``loader`` (3 epochs, a checkpoint every 3 steps) and return the trainer."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from torchbp.lightning.module import ERMClassifier
+
+    pl.seed_everything(0)
+    model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[4])
+    every_3 = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        max_steps=-1 if ckpt_path else 4,
+        callbacks=[every_3],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_a_loader_that_cannot_continue_the_epoch_is_named_in_a_warning(tmp_path):
+    """quiet_lightning hides Lightning's "your dataloader is not resumable", which it
+    gives for torchbp's loaders too; ERMClassifier warns about a loader of your own."""
+    g = torch.Generator().manual_seed(0)
+    rows = TensorDataset(torch.randn(40, 4, generator=g), torch.randint(3, (40,), generator=g))
+    loader = DataLoader(rows, batch_size=8, shuffle=True)
+    _fit_iris_loader(tmp_path, loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            _fit_iris_loader(tmp_path, loader, ckpt_path=tmp_path / "step=3.ckpt")
+    messages = [str(w.message) for w in caught if _about_resuming(str(w.message))]
+    assert len(messages) == 1
+    assert "resumed within epoch 0, after 3 batches" in messages[0]
+    assert "(DataLoader) cannot continue the epoch" in messages[0]
+
+
+def test_secure_rng_resume_of_a_seeded_checkpoint_is_a_cli_error_before_anything_is_written(
+    tmp_path, capsys
+):
+    """A seeded DP run's checkpoint (it keeps the noise generator) continued with
+    secure_rng was refused by the fit, once it had rewritten the run's config.yaml."""
+    from tests.lightning.lightning_helpers import CONFIGS
+
+    common = [
+        "--config",
+        str(CONFIGS / "digits_dp.yaml"),
+        f"--run_dir={tmp_path}",
+        "--model.hidden_sizes=[8]",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+    ]
+    run_cli("fit", *common, "--trainer.max_epochs=1")
+    (config,) = tmp_path.rglob("config.yaml")
+    before = config.read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(
+            "fit",
+            *common,
+            "--trainer.max_epochs=2",
+            "--model.privacy.secure_rng=true",
+            "--ckpt_path=last",
+        )
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error.startswith("error: --ckpt_path: ") and "seeded DP-SGD run's" in error
+    assert config.read_text() == before
+    assert list(tmp_path.rglob("config.yaml")) == [config]
+
+
+@pytest.mark.parametrize(
+    ("steps", "warning"),
+    [(9, "resumed within epoch 1, after 2 batches"), (7, "workers started fetching in epoch 0")],
+    ids=["within_an_epoch", "at_an_epochs_start"],
+)
+def test_a_resume_with_workers_warns_that_its_batches_are_not_the_uninterrupted_fits(
+    tmp_path, steps, warning
+):
+    """Workers fetch the epoch's first batches when Lightning makes the loader's iterator,
+    before it sets the sampler's epoch or the model can continue the epoch: a resume,
+    even at an epoch's start, trains other batches than the uninterrupted fit (silently
+    before)."""
+    common = [*COMMON, f"--run_dir={tmp_path}", "--data.init_args.num_workers=1"]
+    run_cli(
+        "fit", *common, f"--trainer.max_steps={steps}", f"--checkpoint.every_n_train_steps={steps}"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", *common, "--ckpt_path=last", "--trainer.max_epochs=2")
+    messages = [str(w.message) for w in caught if "resumed" in str(w.message)]
+    assert len(messages) == 1 and warning in messages[0], messages
+    assert "with data.num_workers: 0, torchbp's DataModules resume exactly" in messages[0]
