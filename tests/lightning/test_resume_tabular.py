@@ -60,6 +60,11 @@ STOPS = {
     # last.ckpt of the validation within epoch 1 at which max_steps stops the fit
     "max_steps": ["--trainer.max_steps=9", "--trainer.val_check_interval=1"],
     "every_n_train_steps": ["--trainer.max_steps=9", "--checkpoint.every_n_train_steps=3"],
+    # Ctrl-C after step 9: last.ckpt of the interrupt
+    "interrupt": [
+        "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt",
+        "--trainer.callbacks.step=9",
+    ],
 }
 
 
@@ -78,7 +83,10 @@ def test_fit_resumed_within_an_epoch_trains_what_the_uninterrupted_fit_does(
     Lightning warned that the dataloader is not resumable. It now trains the batches and
     ends with the weights of the uninterrupted fit, without that warning."""
     common = [*COMMON, f"--run_dir={tmp_path}", f"--data.init_args.poisson_sampling={poisson}"]
-    run_cli("fit", *common, "--run_name=resumed", *STOPS[stop])
+    try:
+        run_cli("fit", *common, "--run_name=resumed", *STOPS[stop])
+    except SystemExit as interrupted:  # the run Ctrl-C stopped
+        assert stop == "interrupt" and interrupted.code != 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed = run_cli("fit", *common, "--run_name=resumed", "--ckpt_path=last")
