@@ -95,3 +95,50 @@ def test_a_backward_nondeterministic_within_nondet_tol_passes():
     fn = _square_function(drifting, _identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck"], nondet_tol=1e-9)
     assert report["gradcheck"].passed, report
+
+
+def test_a_backward_nondeterministic_beyond_nondet_tol_names_the_difference_and_nondet_tol():
+    # a correct backward summing in another order on each run (atomic adds) was told only
+    # of unwritten memory, state or random numbers, never of the option that accepts it
+    state = {"runs": 0}
+
+    def drifting(g):
+        state["runs"] += 1
+        return g * (1 + 1e-12 * (state["runs"] % 2))
+
+    fn = _square_function(drifting, _identity)
+    report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, report
+    assert "by up to" in message and "pass nondet_tol above that difference" in message
+
+
+class _ComplexDouble(torch.autograd.Function):
+    """2 z for a complex z, whose jvp takes the absolute value of the tangents' imaginary
+    parts: right for gradcheck's one-hot tangents 1 and 1j, wrong for any other."""
+
+    @staticmethod
+    def forward(z):
+        return 2 * z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(2z)/dz = 2, real: the gradient is 2 g
+        return 2 * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        return 2 * torch.complex(t.real, t.imag.abs())
+
+
+def test_a_jvp_not_linear_in_the_imaginary_parts_of_complex_tangents_fails_forward_ad():
+    # complex inputs are checked as their real views: the random tangents have random
+    # imaginary parts too
+    z = torch.complex(seeded(3, 4), seeded(3, 4, seed=1))
+    report = check_function(_ComplexDouble, z, checks=["forward_ad"])
+    assert report["forward_ad"].failed, report
+    assert "jvp is not linear in the tangent" in report["forward_ad"].message

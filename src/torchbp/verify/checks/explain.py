@@ -137,8 +137,9 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
         "Backward is not reentrant",
         "backward gives different gradients for the same input and grad_output on two "
         "runs: it reads memory it never wrote (torch.empty filled in part), keeps state "
-        "between calls, or draws random numbers in backward without restoring the "
-        "generator state forward drew from",
+        "between calls, draws random numbers in backward without restoring the "
+        "generator state forward drew from, or sums in an order that changes between runs "
+        "(atomic adds on CUDA: if so, pass nondet_tol, as to torch's gradcheck)",
     ),
     (
         "tangent have the same layout as primal",
