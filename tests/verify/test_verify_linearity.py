@@ -74,10 +74,12 @@ def test_a_linear_backward_and_jvp_pass():
     assert report.ok and not report.unsupported, report
 
 
-def test_a_backward_rounding_to_float16_is_named_as_lost_precision():
-    # a departure of a rounding error's size is not an abs or clamp of grad_output
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_a_backward_rounding_to_float16_is_named_as_lost_precision(scale):
+    # a departure of a rounding error's size is not an abs or clamp of grad_output, at any
+    # magnitude: relative to the gradient's (large inputs, large absolute rounding errors)
     fn = _square_function(lambda g: g.half().to(g.dtype), _identity)
-    report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
+    report = check_function(fn, seeded(3, 4, scale=scale), checks=["gradcheck"])
     message = report["gradcheck"].message
     assert report["gradcheck"].failed, report
     assert "of a rounding error's size" in message and "narrower dtype" in message
@@ -142,3 +144,51 @@ def test_a_jvp_not_linear_in_the_imaginary_parts_of_complex_tangents_fails_forwa
     report = check_function(_ComplexDouble, z, checks=["forward_ad"])
     assert report["forward_ad"].failed, report
     assert "jvp is not linear in the tangent" in report["forward_ad"].message
+
+
+class _ProductAbsInY(torch.autograd.Function):
+    """x * y, whose gradient of y alone takes the absolute value of grad_output."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        return x * y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        # d(xy)/dx = y, d(xy)/dy = x (the latter wrongly of |g|)
+        return g * y, g.abs() * x
+
+
+def test_a_backward_not_linear_for_its_second_input_only_fails_naming_it():
+    report = check_function(_ProductAbsInY, seeded(3, 4), seeded(3, 4, seed=1))
+    assert report["gradcheck"].failed, report
+    message = report["gradcheck"].message
+    assert "backward is not linear in grad_output: the gradient of input 1" in message
+
+
+class _SquareIntoBuffer(torch.autograd.Function):
+    """x^2, whose backward writes every gradient into one buffer it keeps and returns it."""
+
+    buffer = None
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if _SquareIntoBuffer.buffer is None or _SquareIntoBuffer.buffer.shape != x.shape:
+            _SquareIntoBuffer.buffer = torch.empty_like(x)
+        # d x^2/dx = 2x
+        return torch.mul(g, 2 * x, out=_SquareIntoBuffer.buffer)
+
+
+def test_a_backward_reusing_its_buffer_is_the_interleave_checks_finding_not_linearitys():
+    # each gradient is right when read at once: gradcheck passes, interleave names the buffer
+    report = check_function(_SquareIntoBuffer, seeded(3, 4), checks=["gradcheck", "interleave"])
+    assert report["gradcheck"].passed, report
+    assert report["interleave"].failed, report

@@ -92,3 +92,76 @@ def test_a_jvp_of_a_fn_refusing_transposed_inputs_is_not_blamed_for_them():
 
     result = _forward_ad(FlatDouble)
     assert result.passed, result.message
+
+
+class DoubleAndTriple(torch.autograd.Function):
+    """(2 x, 3 x), whose jvp reads the tangent's storage as if contiguous for the second
+    output only."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2, x * 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g2, g3):
+        # d(2x)/dx = 2, d(3x)/dx = 3
+        return g2 * 2 + g3 * 3
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 2, torch.as_strided(t, t.shape, _contiguous_strides(t.shape)) * 3
+
+
+def test_every_outputs_tangent_is_compared_for_transposed_tangents():
+    result = _forward_ad(DoubleAndTriple)
+    assert result.failed, result.message
+    assert "the tangent of output 1 changes" in result.message, result.message
+
+
+class _Dropout(torch.autograd.Function):
+    """Half the elements dropped (mask drawn with rand_like, so in the input's memory
+    order), the others doubled; returns the mask too."""
+
+    @staticmethod
+    def forward(x):
+        mask = (torch.rand_like(x) > 0.5).to(x.dtype)
+        return x * mask * 2, mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (mask,) = ctx.saved_tensors
+        # d(2 x mask)/dx = 2 mask
+        return g * mask * 2
+
+
+class ReshapeJvpDropout(_Dropout):
+    @staticmethod
+    def jvp(ctx, t):
+        (mask,) = ctx.saved_tensors
+        return (t.reshape(-1) * mask.reshape(-1) * 2).reshape(t.shape), None
+
+
+class ViewJvpDropout(_Dropout):
+    @staticmethod
+    def jvp(ctx, t):
+        (mask,) = ctx.saved_tensors
+        return (t.view(-1) * mask.view(-1) * 2).view(t.shape), None
+
+
+def test_a_random_fn_gets_non_contiguous_tangents_in_the_contiguous_drawing_order():
+    # a transposed input draws another mask (rand_like fills memory in order): a correct
+    # random jvp passes, compared for rows sliced from wider ones; a .view one still fails
+    assert _forward_ad(ReshapeJvpDropout).passed
+    result = _forward_ad(ViewJvpDropout)
+    assert result.failed, result.message
+    assert "non-contiguous (rows sliced from wider ones)" in result.message, result.message
