@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -239,3 +240,145 @@ def test_linear_tied_to_an_embedding_outside_the_model_refused_at_the_backward()
         with per_sample_grads(head):
             head(torch.tanh(model.embed(tokens))).square().sum().backward()
     assert head.weight.grad is None and head.bias.grad is None
+
+
+class _SharedCalls(torch.nn.Module):
+    """A Linear called once per entry of ``inputs`` (by one module object, or by one of
+    several sharing its weight and bias), on inputs of those layouts: ``"2d"`` (B, 5),
+    ``"3d"`` (B, 3, 5), ``"strided"`` (B, 4, 5) not contiguous, ``"4d"`` (B, 2, 3, 5),
+    ``"empty"`` (B, 0, 5)."""
+
+    def __init__(self, inputs: list[str], modules: str, bias: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = torchbp.nn.Linear(4, 5), torchbp.nn.Linear(5, 3)
+        self.shared = torch.nn.ModuleList([torchbp.nn.Linear(5, 5, bias=bias)])
+        for _ in inputs[1:]:
+            if modules == "tied":
+                tied = torchbp.nn.Linear(5, 5, bias=bias)
+                tied.weight, tied.bias = self.shared[0].weight, self.shared[0].bias
+                self.shared.append(tied)
+            else:  # the same module object, listed again
+                self.shared.append(self.shared[0])
+        self.inputs = inputs
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        total = 0
+        for module, layout in zip(self.shared, self.inputs):
+            y = torch.sin(module(_laid_out(h, layout)))
+            y = y.flatten(1, -2).sum(1) if y.dim() > 2 else y
+            total, h = total + y, h + 0.3 * y  # later calls see earlier ones
+        return self.out(total)
+
+
+def _laid_out(h: torch.Tensor, layout: str) -> torch.Tensor:
+    """``(B, 5)`` ``h`` as the input ``layout`` of :class:`_SharedCalls`."""
+    if layout == "2d":
+        return h
+    if layout == "3d":
+        return h[:, None] * torch.linspace(-1, 2, 3, dtype=h.dtype)[:, None]
+    if layout == "strided":
+        return (h * torch.linspace(1, 2, 4, dtype=h.dtype)[:, None, None]).transpose(0, 1)
+    if layout == "4d":
+        return h[:, None, None] * torch.linspace(-1, 2, 6, dtype=h.dtype).view(2, 3, 1)
+    return h[:, None][:, :0] if layout == "empty" else None
+
+
+@pytest.mark.parametrize("modules", ["same", "tied"])
+@pytest.mark.parametrize(
+    "inputs",
+    [["2d", "2d", "2d"], ["3d", "strided", "2d"], ["4d", "empty", "2d"]],
+    ids=["three-2d", "T-3-4-1", "T-6-0-1"],
+)
+@pytest.mark.parametrize("frozen", [None, "weight"], ids=["trainable", "frozen-weight"])
+def test_shared_layer_gets_the_norm_of_its_summed_calls(modules, inputs, frozen):
+    """g_i = Σ_calls a_i,cᵀ δ_i,c: ‖g_i‖² has cross terms between the calls, and clipping
+    scales the sum. Against torch.func (statistics too) for 3 calls of one module, or of
+    three sharing its parameters, with different T per call (2-D, 3-D, 4-D, a strided
+    and an empty one), the shared weight trainable or frozen (its bias trained)."""
+    model = _SharedCalls(inputs, modules).double()
+    if frozen:
+        model.shared[0].weight.requires_grad_(False)
+    x = torch.randn(6, 4, dtype=torch.double)
+    y = torch.randint(3, (6,))
+    # (of a copy: functional_call leaves a module listed twice holding plain tensors)
+    truth = _per_sample_truth(copy.deepcopy(model), x, y)
+    if frozen:
+        del truth[f"shared.0.{frozen}"]
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in truth.values()]).sum(0).sqrt()
+    max_norm = norms.median().item()
+    for mode in ("norms", "clip", "grads"):
+        model.zero_grad(set_to_none=True)
+        kwargs = {"max_norm": max_norm} if mode == "clip" else {}
+        with per_sample_grads(model, mode, statistics=True, **kwargs) as ps:
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+        torch.testing.assert_close(ps.norms, norms)
+        factors = (max_norm / norms).clamp(max=1.0) if mode == "clip" else torch.ones(6)
+        for name, per_sample in truth.items():
+            p = model.get_parameter(name)
+            scaled = per_sample * factors.view(-1, *[1] * p.dim()).double()
+            torch.testing.assert_close(p.grad, scaled.sum(0))
+            torch.testing.assert_close(p.sum_grad_squared, per_sample.square().sum(0))
+            if mode == "grads":
+                torch.testing.assert_close(p.grad_sample, per_sample)
+
+
+def test_inputs_of_a_shared_layer_freed_before_its_gradients_are_joined(monkeypatch):
+    """Joining a layer's calls copies their inputs first, then their output gradients:
+    the inputs' own tensors are gone by the second copy, so that at most one side is
+    held twice at a time."""
+    torch.manual_seed(0)
+    shared, head = torchbp.nn.Linear(4, 4), torchbp.nn.Linear(4, 3)
+    inputs: list = []  # weakrefs to the shared layer's inputs
+    shared.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    model = torch.nn.Sequential(shared, torchbp.nn.Tanh(), shared, torchbp.nn.Tanh(), head)
+    inputs_alive_at_each_join = []
+    cat = torch.cat
+
+    def noting_alive(tensors, *args, **kwargs):
+        gc.collect()
+        inputs_alive_at_each_join.append(sum(ref() is not None for ref in inputs))
+        return cat(tensors, *args, **kwargs)
+
+    x = torch.randn(5, 2, 4)
+    with per_sample_grads(model) as ps:
+        loss = model(torch.tanh(x)).square().sum()
+        monkeypatch.setattr(torch, "cat", noting_alive)
+        loss.backward()
+    monkeypatch.undo()
+    assert ps.norms.shape == (5,) and len(inputs) == 2
+    assert inputs_alive_at_each_join == [2, 0]  # the inputs' join, then the gradients'
+
+
+def test_linears_tied_across_another_layer_are_one_layer():
+    """An encoder Linear and a later one sharing its weight and bias, another trainable
+    Linear between them (the tie is found among every earlier layer, not the last one):
+    one layer, against torch.func."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(4, 4), torchbp.nn.Tanh(), torchbp.nn.Linear(4, 4), torchbp.nn.Tanh()
+    )
+    model.append(torchbp.nn.Linear(4, 4)).append(torchbp.nn.Tanh()).append(torchbp.nn.Linear(4, 3))
+    model[4].weight, model[4].bias = model[0].weight, model[0].bias
+    model.double()
+    x, y = torch.randn(5, 4, dtype=torch.double), torch.randint(3, (5,))
+    truth = _per_sample_truth(model, x, y)
+    with per_sample_grads(model, "grads") as ps:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert len(ps.parameters) == 6
+    for name, per_sample in truth.items():
+        torch.testing.assert_close(model.get_parameter(name).grad_sample, per_sample)
+
+
+def test_bias_tied_to_a_normalisation_refused_naming_the_tie():
+    """A LayerNorm whose bias is a Linear's (any trainable parameter tied to a Linear's
+    weight or bias): the message names the tie."""
+    model = torch.nn.Sequential(torchbp.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].bias = model[0].bias
+    with pytest.raises(
+        TypeError,
+        match=r"'1' \(LayerNorm\) has trainable parameters \(weight, bias\) .*; bias is tied "
+        r"to '0' \(Linear\)'s bias \(the same Parameter\): freezing it freezes that too",
+    ):
+        per_sample_grads(model)

@@ -767,15 +767,14 @@ def _reset(parameters, names: tuple[str, ...], *, formed: bool) -> None:
 def _joined(layer: Layer):
     """The layer's traces as one ``(a, g)``: every forward call's positions side by side.
 
-    Takes them off the layer, so that each call's own ``a`` and ``g`` are freed once joined
-    (every ``a`` before the ``g`` are): a layer called several times (tied Linears included)
-    holds a copy beyond its recording only while one side is joined, not through the
-    norms and the rest of the results."""
-    parts, layer.traces = layer.traces, []
-    if len(parts) == 1:
-        return parts[0]
-    a_parts, g_parts = [a for a, _ in parts], [g for _, g in parts]
-    parts.clear()
+    Several calls' are taken off the layer, so that each call's own ``a`` and ``g`` are
+    freed once joined (every ``a`` before the ``g`` are): a layer called several times
+    (tied Linears included) holds a copy beyond its recording only while one side is
+    joined, not through the norms and the rest of the results."""
+    if len(layer.traces) == 1:
+        return layer.traces[0]
+    a_parts, g_parts = [a for a, _ in layer.traces], [g for _, g in layer.traces]
+    layer.traces.clear()
     a = None if a_parts[0] is None else _cat_releasing(a_parts)
     return a, _cat_releasing(g_parts)
 
