@@ -96,3 +96,11 @@ def test_a_spec_with_no_inputs_says_so(tmp_path):
         with pytest.raises(TargetError, match="lists no inputs") as info:
             parse_inputs(spec)
         assert "two ';'" not in str(info.value)
+
+
+@pytest.mark.parametrize("item", ["float8:3", "Float32:3", "double:4,5"])
+def test_an_input_with_an_unknown_prefix_names_the_prefixes_it_takes(item):
+    # was "a shape is comma-separated sizes", sending the user after the shape
+    with pytest.raises(TargetError, match="unknown prefix") as info:
+        parse_inputs(item)
+    assert "float32:" in str(info.value) and "complex:" in str(info.value)

@@ -159,6 +159,13 @@ def _shape(text: str, item: str) -> tuple[int, ...]:
     return dims
 
 
+def _unknown_prefix(item: str) -> str:
+    """The message for an input ``item`` whose prefix before ``:`` names no input kind."""
+    known = ", ".join(f"{kind}:" for kind in ("bool", "complex", "int", *FLOAT_DTYPES))
+    prefix = item.partition(":")[0]
+    return f"input {item!r}: unknown prefix {prefix!r}, expected one of {known}"
+
+
 def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
     """Build the example inputs a spec describes (float64 or another float dtype given
     with its prefix, complex128, int64 and bool tensors on CPU).
@@ -208,6 +215,8 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
             size = _shape(shape_text, item)
             values = torch.randn(size, generator=generator, dtype=torch.float64)
             inputs.append(values.to(FLOAT_DTYPES[prefix]))
+        elif ":" in item:
+            raise TargetError(_unknown_prefix(item))
         else:
             size = _shape(item, item)
             inputs.append(torch.randn(size, generator=generator, dtype=torch.float64))
