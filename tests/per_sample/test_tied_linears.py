@@ -382,3 +382,42 @@ def test_bias_tied_to_a_normalisation_refused_naming_the_tie():
         r"to '0' \(Linear\)'s bias \(the same Parameter\): freezing it freezes that too",
     ):
         per_sample_grads(model)
+
+
+class _Autocast(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
+def test_tied_linear_under_autocast_refused_naming_it():
+    """A Linear tied to another (weight and bias) is one of the model's Linears: its call
+    under autocast is refused naming it and autocast, as the first one's would be (it was
+    said not to be a Linear of the model)."""
+    torch.manual_seed(0)
+    model = _tied_model(bias=True).float()
+    model[2] = _Autocast(model[2])
+    with pytest.raises(
+        RuntimeError,
+        match=r"Linear '2.inner' ran under autocast, which hands it a weight cast by autocast "
+        r"to torch.bfloat16",
+    ):
+        with per_sample_grads(model):
+            model(torch.randn(3, 4)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_tied_linear_with_its_weight_swapped_refused_naming_it():
+    """functional_call swapping a tied Linear's weight (the second module's own attribute):
+    refused naming that module."""
+    model = _tied_model(bias=True).float()
+    swapped = {"weight": model[0].weight.detach().clone().requires_grad_()}
+    with pytest.raises(RuntimeError, match=r"Linear '2' ran with its weight swapped"):
+        with per_sample_grads(model):
+            h = model[1](model[0](torch.randn(3, 4)))
+            h = torch.func.functional_call(model[2], swapped, (h,), strict=False)
+            model[4](model[3](h)).sum().backward()

@@ -50,17 +50,24 @@ class Layer:
     """One :class:`torchbp.nn.Linear` with at least one trainable parameter.
 
     ``weight`` / ``bias`` are its trainable parameters (``None`` when frozen or absent);
-    ``traces`` collects, per forward call, the recorded ``(a, g)`` (see ``recorder``).
+    ``tied`` lists ``(name, module)`` for the model's other Linear modules with its weight
+    and bias, whose calls are this layer's; ``traces`` collects, per forward call, the
+    recorded ``(a, g)`` (see ``recorder``).
     """
 
     name: str
     module: bpnn.Linear
     weight: nn.Parameter | None
     bias: nn.Parameter | None
+    tied: list[tuple[str, bpnn.Linear]] = field(default_factory=list)
     traces: list = field(default_factory=list)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
+
+    def modules(self) -> list[tuple[str, bpnn.Linear]]:
+        """``(name, module)`` of every Linear module whose calls this layer records."""
+        return [(self.name, self.module), *self.tied]
 
 
 def describe(name: str, module: nn.Module) -> str:
@@ -239,14 +246,18 @@ def _refuse_shared(where: str, owner: dict[int, str], *parameters: nn.Parameter 
         owner[id(p)] = where
 
 
-def _calls_recorded_by(module: bpnn.Linear, layers: list[Layer]) -> bool:
-    """Whether ``module`` has the weight and the bias (the same Parameters, or no bias) of
-    a Linear already among ``layers``: the recorder keys a call by its weight and bias, so
-    its calls are that layer's calls, summed per sample like several calls of one module
-    (the per-sample gradient of a tied weight is the sum of its uses')."""
-    return any(
-        layer.module.weight is module.weight and layer.module.bias is module.bias
-        for layer in layers
+def _calls_recorded_by(module: bpnn.Linear, layers: list[Layer]) -> Layer | None:
+    """The layer among ``layers`` whose Linear has the weight and the bias of ``module``
+    (the same Parameters, or no bias), or ``None``: the recorder keys a call by its weight
+    and bias, so ``module``'s calls are that layer's calls, summed per sample like several
+    calls of one module (the per-sample gradient of a tied weight is the sum of its uses')."""
+    return next(
+        (
+            layer
+            for layer in layers
+            if layer.module.weight is module.weight and layer.module.bias is module.bias
+        ),
+        None,
     )
 
 
@@ -297,7 +308,10 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
                 f"per_sample_grads: {where} {reason}; per-sample gradients are undefined "
                 "through it (remove it, or switch it to eval mode if it has running stats)"
             )
-        if isinstance(module, bpnn.Linear) and not _calls_recorded_by(module, layers):
+        recording = _calls_recorded_by(module, layers) if isinstance(module, bpnn.Linear) else None
+        if recording is not None:
+            recording.tied.append((name, module))
+        elif isinstance(module, bpnn.Linear):
             weight, bias = _trainable(module.weight), _trainable(module.bias)
             _refuse_complex(where, weight=weight, bias=bias)
             _refuse_shared(where, owner, weight, bias)

@@ -49,33 +49,36 @@ class Recorder:
         # a backward reached the trainable parameters (set by the open context): unless
         # its results were formed, it was cut short by an error
         self.parameters_reached = False
-        # (layer, whether autocast is on for its device) for each Linear module whose
-        # forward is running, innermost last (see track_calls)
-        self.calling: list[tuple[Layer, bool]] = []
+        # (name, module, whether autocast is on for its device) for each tracked Linear
+        # module whose forward is running, innermost last (see track_calls)
+        self.calling: list[tuple[str, torch.nn.Module, bool]] = []
         self.segments = SegmentMap()
         # called with the trainable tensors of each call that gets a Stray (set by the
         # open context: its results wait for that call's backward, which refuses it)
         self.watch_stray: Callable[[list[torch.Tensor]], None] | None = None
 
     def track_calls(self, layer: Layer) -> list:
-        """Hooks on ``layer``'s module that keep :attr:`calling` while its forward runs,
-        so that a linear call inside it that cannot be recorded (a weight cast by
-        autocast) is refused naming the layer. Returns their handles."""
+        """Hooks on each module of ``layer`` (its Linear and those tied to it) that keep
+        :attr:`calling` while its forward runs, so that a linear call inside it that cannot
+        be recorded (a weight cast by autocast) is refused naming the module. Returns
+        their handles."""
+        return [hook for name, module in layer.modules() for hook in self._track(name, module)]
 
+    def _track(self, name: str, linear: torch.nn.Module) -> list:
         def enter(module, args) -> None:
             # read here: the linear wrapper applies autocast itself and calls the Function
             # with it off
             autocast = _autocast_enabled(module.weight.device.type)
-            self.calling.append((layer, autocast))
+            self.calling.append((name, linear, autocast))
 
         def leave(module, args, output) -> None:
             # also after an error in the forward (always_call); only what enter pushed
-            if self.calling and self.calling[-1][0] is layer:
+            if self.calling and self.calling[-1][1] is linear:
                 self.calling.pop()
 
         return [
-            layer.module.register_forward_pre_hook(enter, prepend=True),
-            layer.module.register_forward_hook(leave, always_call=True),
+            linear.register_forward_pre_hook(enter, prepend=True),
+            linear.register_forward_hook(leave, always_call=True),
         ]
 
     def on_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -111,29 +114,29 @@ class Recorder:
                 "its weight and its bias, so share the bias too, or use none in either, or "
                 "give the other call its own weight)"
             )
-        caller, autocast = self.calling[-1] if self.calling else (None, False)
+        caller, module, autocast = self.calling[-1] if self.calling else (None, None, False)
         if autocast:
             return (
-                f"Linear {caller.name!r} ran under autocast, which hands it a weight cast by "
+                f"Linear {caller!r} ran under autocast, which hands it a weight cast by "
                 f"autocast to {weight.dtype}, a copy of its parameter (autocast is not "
                 "supported: run the model without it)"
             )
-        if caller is not None and parametrize.is_parametrized(caller.module, "weight"):
+        if caller is not None and parametrize.is_parametrized(module, "weight"):
             return (
-                f"Linear {caller.name!r} has a parametrized weight (torch.nn.utils.parametrize),"
+                f"Linear {caller!r} has a parametrized weight (torch.nn.utils.parametrize),"
                 " formed anew by every forward, frozen or not, so no call of it can be matched "
                 "to the layer; remove the parametrization (parametrize.remove_parametrizations"
                 "(module, 'weight', leave_parametrized=True)) for the per-sample step"
             )
-        if caller is not None and caller.module.weight is weight:
+        if caller is not None and module.weight is weight:
             return (
-                f"Linear {caller.name!r} ran with its weight swapped for another tensor of "
+                f"Linear {caller!r} ran with its weight swapped for another tensor of "
                 f"shape {tuple(weight.shape)} (as torch.func.functional_call does); the "
                 "context records the model's own parameters: call the model itself"
             )
         if caller is not None:
             return (
-                f"Linear {caller.name!r} passed a weight of shape {tuple(weight.shape)} other "
+                f"Linear {caller!r} passed a weight of shape {tuple(weight.shape)} other "
                 "than its own parameter to linear (does its forward transform it?)"
             )
         return (
