@@ -265,3 +265,47 @@ def test_a_random_fn_with_a_vmap_rule_ignoring_in_dims_still_fails():
     report = check_function(IgnoresInDims, seeded(4, 4), checks=["vmap", "vmap_in_dims"])
     assert report["vmap"].passed, report
     assert report["vmap_in_dims"].failed, report
+
+
+class _SameMaskRule(torch.autograd.Function):
+    """x * mask * 2 (half the elements dropped, the rest doubled), with its own vmap rule
+    drawing one mask of the unbatched shape for the batch (randomness='same'), as calls one
+    by one draw; ``SCALE`` is the factor the rule applies (2 when right)."""
+
+    SCALE = 2.0
+
+    @staticmethod
+    def forward(x):
+        mask = (torch.rand(x.shape, dtype=x.dtype) > 0.5).to(x.dtype)
+        return x * mask * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output / inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (scaled_mask,) = ctx.saved_tensors
+        # d(2 x mask)/dx = 2 mask
+        return g * scaled_mask
+
+
+class RightSameMaskRule(_SameMaskRule):
+    @classmethod
+    def vmap(cls, info, in_dims, x):
+        x = x.movedim(in_dims[0], 0)
+        mask = (torch.rand(x.shape[1:], dtype=x.dtype) > 0.5).to(x.dtype)
+        return x * mask * cls.SCALE, 0
+
+
+class WrongSameMaskRule(RightSameMaskRule):
+    SCALE = 6.0
+
+
+def test_a_random_fns_own_vmap_rule_is_compared_with_calls_one_by_one():
+    # before: a wrong rule (6 for 2) passed, compared with vmap over one sample at a time
+    # (the same rule) after the comparison with plain calls failed
+    assert check_function(RightSameMaskRule, seeded(3, 4), checks=["vmap"])["vmap"].passed
+    result = check_function(WrongSameMaskRule, seeded(3, 4), checks=["vmap"])["vmap"]
+    assert result.failed, result
+    assert "has its own vmap rule, WrongSameMaskRule.vmap" in result.message

@@ -74,6 +74,10 @@ class CheckContext:
     #: holds tensors of the cast dtype (an ``nn.Module``'s parameters, a tensor in a
     #: closure: the calls would mix dtypes).
     own_dtype_args: list[Any] | None = None
+    #: ``"Name.vmap"`` when fn is the ``apply`` of a Function with its own ``vmap``
+    #: staticmethod (a rule written by hand, not PyTorch's), else None; set by
+    #: ``check_function``.
+    own_vmap_rule: str | None = None
     #: The names of fn's module parameters differentiated as inputs, by position (in
     #: ``args``, after the caller's inputs; see ``checks.parameters``).
     parameter_names: dict[int, str] = field(default_factory=dict)

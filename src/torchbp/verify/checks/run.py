@@ -33,6 +33,7 @@ from torchbp.verify.checks.parameters import (
 )
 from torchbp.verify.checks.rng import SameRandomNumbers, seeded_rng
 from torchbp.verify.checks.table import CHECK_TABLE, Check
+from torchbp.verify.checks.transforms import own_vmap_rule
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
 __all__ = ["check_function", "run_check"]
@@ -420,6 +421,7 @@ def _check(
         opts = replace(opts, fast_mode=True)
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
     _draw_the_same_numbers(ctx)
+    ctx.own_vmap_rule = own_vmap_rule(fn)
     ctx.parameter_names = {len(inputs) + j: name for j, name in enumerate(parameter_names)}
     given = [
         torch.view_as_complex(a.contiguous()) if i in complex_idx else a

@@ -21,7 +21,7 @@ from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported, Passed
 from torchbp.verify.checks.rng import draws_random_numbers
 
-__all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap"]
+__all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap", "own_vmap_rule"]
 
 #: vmap's randomness mode for fn: the forward check made sure that two calls of fn on the
 #: same inputs agree, so whatever fn draws comes from a generator or seed among its inputs,
@@ -219,6 +219,29 @@ def _same_randomness_gap(exc: BaseException) -> CheckUnsupported | None:
     )
 
 
+def own_vmap_rule(fn: Any) -> str | None:
+    """``"Name.vmap"`` when ``fn`` is a Function (or its ``apply``) with its own ``vmap``
+    staticmethod, a rule written by hand; None otherwise (PyTorch's batching rules, a
+    generated rule)."""
+    cls = fn if isinstance(fn, type) else getattr(fn, "__self__", None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
+        return None
+    if cls.vmap is torch.autograd.Function.vmap:
+        return None
+    return f"{cls.__name__}.vmap"
+
+
+def _own_rule_note(rule: str) -> str:
+    """Why vmap of a random fn with its own vmap rule ``rule`` is compared with calls one
+    by one anyway: vmap compared with itself would pass a wrong rule."""
+    return (
+        f" (fn draws random numbers and has its own vmap rule, {rule}: it must draw what "
+        "fn's calls one by one draw - under randomness='same' one draw of the unbatched "
+        "shape for the whole batch - for vmap to be compared with them; compared with "
+        "vmap over one sample at a time, the rule would only be checked against itself)"
+    )
+
+
 def check_vmap(ctx: CheckContext) -> Passed:
     """``vmap(fn)`` and ``vmap(grad(fn))`` over a batch of scaled inputs against a loop;
     unsupported when the vmap rule raises ``NotImplementedError``, or vmap raises for a fn
@@ -236,9 +259,12 @@ def check_vmap(ctx: CheckContext) -> Passed:
     sample, gradients, caveat = _calls_one_by_one, _gradients_one_by_one, ""
     try:
         worst = _require_forward_like(ctx, batched, xs, sample)
-    except CheckFailure:
+    except CheckFailure as failure:
         if not draws_random_numbers(ctx):
             raise
+        if ctx.own_vmap_rule is not None:
+            note = _own_rule_note(ctx.own_vmap_rule)
+            raise CheckFailure(failure.message + note, failure.abs_err, failure.rel_err) from None
         sample, gradients, caveat = (
             _vmap_of_one_sample,
             _gradients_of_one_sample_vmap,
