@@ -70,9 +70,11 @@ class Privacy:
             ``secure_rng`` a fit's noise and batches are drawn afresh (two fits of one
             config differ), checkpoints keep no generator state, and a resumed fit draws
             fresh noise and batches, never the earlier ones again. The generators are
-            still torch's (64-bit seeds, not a cryptographically secure generator such as
-            Opacus' ``secure_mode``, and no defence against floating-point attacks on
-            the Gaussian sampler).
+            still torch's: not a cryptographically secure generator such as Opacus'
+            ``secure_mode``, and no defence against floating-point attacks on the
+            Gaussian sampler. A CPU generator keeps 32 bits of its seed (``manual_seed(s)``
+            and ``manual_seed(s + 2**32)`` draw the same numbers), so there are 2³² noise
+            streams a determined attacker could search; CUDA's keeps 64.
     """
 
     max_grad_norm: float = 1.0
