@@ -309,3 +309,17 @@ def test_a_random_fns_own_vmap_rule_is_compared_with_calls_one_by_one():
     result = check_function(WrongSameMaskRule, seeded(3, 4), checks=["vmap"])["vmap"]
     assert result.failed, result
     assert "has its own vmap rule, WrongSameMaskRule.vmap" in result.message
+
+
+class _GeneratedRuleMask(_SameMaskRule):
+    generate_vmap_rule = True
+
+
+def test_only_a_hand_written_vmap_staticmethod_counts_as_the_functions_own_rule():
+    from torchbp.verify.checks.transforms import own_vmap_rule
+
+    assert own_vmap_rule(RightSameMaskRule) == "RightSameMaskRule.vmap"
+    assert own_vmap_rule(RightSameMaskRule.apply) == "RightSameMaskRule.vmap"
+    assert own_vmap_rule(_GeneratedRuleMask) is None
+    assert own_vmap_rule(_GeneratedRuleMask.apply) is None
+    assert own_vmap_rule(torch.sin) is None
