@@ -103,3 +103,63 @@ def test_complex_inputs_are_described_as_complex_and_left_intact():
     assert report.meta["inputs"][0] == {"shape": [3], "dtype": "complex128", "contiguous": True}
     assert report.meta["complex_inputs"] == [0, 1]
     assert torch.equal(a, before)
+
+
+class _ComplexTriple(torch.autograd.Function):
+    """3 z for a complex z, whose jvp flattens the tangent with the subclass's ``flat``."""
+
+    @staticmethod
+    def flat(t):
+        return t.reshape(-1)
+
+    @staticmethod
+    def forward(z):
+        return (z.reshape(-1) * 3).reshape(z.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        # d(3z)/dz = 3, real: the gradient is 3 g
+        return 3 * g
+
+    @classmethod
+    def jvp(cls, ctx, t):
+        return (cls.flat(t) * 3).reshape(t.shape)
+
+
+class _ComplexTripleJvpByView(_ComplexTriple):
+    @staticmethod
+    def flat(t):
+        return t.view(-1)
+
+
+class _ComplexTripleByView(_ComplexTriple):
+    @staticmethod
+    def forward(z):
+        return (z.view(-1) * 3).view(z.shape)
+
+
+def _complex_input() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, generator=g, dtype=torch.complex128)
+
+
+def test_a_complex_fn_assuming_contiguous_inputs_or_tangents_fails_naming_the_layout():
+    # before: complex inputs reached fn contiguous whatever layout the checks chose (their
+    # real views were made contiguous to become complex again), so both passed
+    report = check_function(_ComplexTripleByView, _complex_input(), checks=["grad_output_safety"])
+    assert report["grad_output_safety"].failed, report
+    assert "non-contiguous (strided) inputs" in report["grad_output_safety"].message
+    report = check_function(_ComplexTripleJvpByView, _complex_input(), checks=["forward_ad"])
+    assert report["forward_ad"].failed, report
+    assert "non-contiguous (transposed) inputs and tangents" in report["forward_ad"].message
+
+
+def test_a_complex_fn_using_reshape_passes_for_transposed_inputs_and_tangents():
+    report = check_function(
+        _ComplexTriple, _complex_input(), checks=["forward_ad", "grad_output_safety"]
+    )
+    assert report.ok and not report.unsupported, report

@@ -337,17 +337,31 @@ def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _input_layout(ctx: CheckContext, i: int, layout: Any) -> Any:
+    """``layout`` for fn's input ``i``; for a complex input, which the checks hold as its
+    real view, applied to the complex tensor (a transposed real view would move the real
+    and imaginary parts apart, and fn would get a contiguous copy of it)."""
+    if i not in ctx.complex_inputs:
+        return layout
+    return lambda t: torch.view_as_real(layout(torch.view_as_complex(t.contiguous())))
+
+
 def _laid_out(ctx: CheckContext, layout: Any) -> tuple[list[torch.Tensor], list[Any]]:
     """``(leaves, inputs)``: fn's inputs with every tensor input copied by ``layout`` (the
     same values in some memory layout), the grad inputs as the fresh ``leaves``; a
     module's parameters keep the module's layout (the caller does not choose it)."""
     diff = [
-        ctx.args[i].detach().clone() if i in ctx.parameter_names else layout(ctx.args[i].detach())
+        ctx.args[i].detach().clone()
+        if i in ctx.parameter_names
+        else _input_layout(ctx, i, layout)(ctx.args[i].detach())
         for i in ctx.grad_idx
     ]
     diff = [d.requires_grad_(True) for d in diff]
     full = ctx.full_inputs(diff)
-    others = [layout(a) if _strided(a) and i not in ctx.grad_idx else a for i, a in enumerate(full)]
+    others = [
+        _input_layout(ctx, i, layout)(a) if _strided(a) and i not in ctx.grad_idx else a
+        for i, a in enumerate(full)
+    ]
     return diff, others
 
 
@@ -444,12 +458,12 @@ def _require_random_layouts_consistent(
 
     def transposed_call(*diff: torch.Tensor) -> list[torch.Tensor]:
         laid = [
-            _strided_copy(d) if i not in ctx.parameter_names else d
+            _input_layout(ctx, i, _strided_copy)(d) if i not in ctx.parameter_names else d
             for i, d in zip(ctx.grad_idx, diff)
         ]
         full = ctx.full_inputs(laid)
         others = [
-            _strided_copy(a) if _strided(a) and i not in ctx.grad_idx else a
+            _input_layout(ctx, i, _strided_copy)(a) if _strided(a) and i not in ctx.grad_idx else a
             for i, a in enumerate(full)
         ]
         return float_tensors(ctx.fn(*others))
@@ -542,15 +556,19 @@ def _tangents(
 ) -> list[torch.Tensor | None]:
     """The tangents of fn's floating outputs for the grad inputs' ``tangents``, with every
     tensor input and tangent copied by ``layout`` (a module's parameters keep theirs)."""
+    layouts = {i: _input_layout(ctx, i, layout) for i in range(len(ctx.args))}
     primals = [
-        ctx.args[i].detach() if i in ctx.parameter_names else layout(ctx.args[i].detach())
+        ctx.args[i].detach() if i in ctx.parameter_names else layouts[i](ctx.args[i].detach())
         for i in ctx.grad_idx
     ]
     with fwAD.dual_level():
-        duals = [fwAD.make_dual(p, layout(t)) for p, t in zip(primals, tangents)]
+        duals = [
+            fwAD.make_dual(p, layouts[i](t)) for i, p, t in zip(ctx.grad_idx, primals, tangents)
+        ]
         full = ctx.full_inputs(duals)
         laid = [
-            layout(a) if _strided(a) and i not in ctx.grad_idx else a for i, a in enumerate(full)
+            layouts[i](a) if _strided(a) and i not in ctx.grad_idx else a
+            for i, a in enumerate(full)
         ]
         found = [fwAD.unpack_dual(o).tangent for o in float_tensors(ctx.fn(*laid))]
         return [None if t is None else t.detach().clone() for t in found]

@@ -33,16 +33,25 @@ def real_view(z: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(z.detach().resolve_conj()).clone()
 
 
+def _as_complex(real: torch.Tensor) -> torch.Tensor:
+    """The complex tensor whose real view is ``real``: a view of it when its real and
+    imaginary parts lie side by side (a transposed complex tensor's real view keeps its
+    layout), else of a contiguous copy."""
+    paired = (
+        real.stride(-1) == 1
+        and all(s % 2 == 0 for s in real.stride()[:-1])
+        and real.storage_offset() % 2 == 0
+    )
+    return torch.view_as_complex(real if paired else real.contiguous())
+
+
 def real_function(fn: Callable[..., Any], positions: frozenset[int]) -> Callable[..., Any]:
     """``fn`` taking the real views of its complex inputs at ``positions`` (its complex
     outputs are seen as their real views by
     :func:`~torchbp.verify.checks.compare.float_tensors`)."""
 
     def on_real_views(*args: Any) -> Any:
-        args = tuple(
-            torch.view_as_complex(a.contiguous()) if i in positions else a
-            for i, a in enumerate(args)
-        )
+        args = tuple(_as_complex(a) if i in positions else a for i, a in enumerate(args))
         return fn(*args)
 
     on_real_views.__qualname__ = on_real_views.__name__ = getattr(fn, "__name__", "fn")

@@ -74,6 +74,9 @@ class CheckContext:
     #: holds tensors of the cast dtype (an ``nn.Module``'s parameters, a tensor in a
     #: closure: the calls would mix dtypes).
     own_dtype_args: list[Any] | None = None
+    #: Positions of fn's complex inputs, which ``args`` holds as their real views (see
+    #: ``checks.complex_views``); set by ``check_function``.
+    complex_inputs: frozenset[int] = frozenset()
     #: ``"Name.vmap"`` when fn is the ``apply`` of a Function with its own ``vmap``
     #: staticmethod (a rule written by hand, not PyTorch's), else None; set by
     #: ``check_function``.

@@ -422,6 +422,7 @@ def _check(
     ctx = CheckContext(checked, args, grad_idx, checked_reference, opts, custom_op=as_custom_op(fn))
     _draw_the_same_numbers(ctx)
     ctx.own_vmap_rule = own_vmap_rule(fn)
+    ctx.complex_inputs = frozenset(complex_idx)
     ctx.parameter_names = {len(inputs) + j: name for j, name in enumerate(parameter_names)}
     given = [
         torch.view_as_complex(a.contiguous()) if i in complex_idx else a
