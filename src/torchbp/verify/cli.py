@@ -464,8 +464,11 @@ def _write_json(path: str, outcomes: list[Outcome], wall: float, argv: list[str]
 
 
 def _list(console: Any) -> None:
+    from rich.markup import escape
+
     for op in op_names():
-        names = ", ".join(c.name for c in cases_for(op))
+        # case names hold brackets (2d[negative_slope=0.2]) that rich would take for markup
+        names = escape(", ".join(c.name for c in cases_for(op)))
         console.print(f"[bold]{op}[/]: {names}", highlight=False)
     missing = unregistered_ops()
     if missing:
