@@ -421,3 +421,30 @@ def test_tied_linear_with_its_weight_swapped_refused_naming_it():
             h = model[1](model[0](torch.randn(3, 4)))
             h = torch.func.functional_call(model[2], swapped, (h,), strict=False)
             model[4](model[3](h)).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "segment, where",
+    [
+        ("second", r"outside any segment: Linear '0', '4'; in segment 1: Linear '2';"),
+        ("first", r"outside any segment: Linear '2', '4'; in segment 1: Linear '0';"),
+    ],
+    ids=["second-in-segment", "first-in-segment"],
+)
+def test_tied_linears_split_by_a_reentrant_checkpoint_refused_naming_each_module(segment, where):
+    """Two Linears sharing weight and bias, one inside a reentrant checkpoint segment and
+    one outside: the split is refused naming the module that made each call. Before, both
+    calls were named after the layer recording them ('outside any segment: Linear '0',
+    '4'; in segment 1: Linear '0'' for a segment holding module '2')."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _tied_model(bias=True)
+    x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+    with per_sample_grads(model):
+        if segment == "second":
+            out = model[4](checkpoint(model[2:4], model[:2](x), use_reentrant=True))
+        else:
+            out = model[2:](checkpoint(model[:2], x, use_reentrant=True))
+        with pytest.raises(RuntimeError, match=r"split across reentrant .*: " + where):
+            out.sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -100,8 +100,18 @@ class Recorder:
             return None
         use = Use(self, layer, x.shape)
         if self.recordings == 0 and not self.segments.checked:
-            self.segments.note(use)
+            self.segments.note(use, self._caller_name(layer))
         return use
+
+    def _caller_name(self, layer: Layer) -> str:
+        """The name of the module of ``layer`` (its Linear, or one tied to it) whose forward
+        makes the call being recorded: the innermost tracked module running, if it is one
+        of the layer's; else (a functional call with the layer's parameters) the layer's."""
+        if self.calling:
+            name, module, _ = self.calling[-1]
+            if any(module is tied for _, tied in layer.modules()):
+                return name
+        return layer.name
 
     def _stray_reason(self, layer: Layer | None, weight: torch.Tensor) -> str:
         """What makes a linear call with trainable parameters unrecordable, naming the
@@ -349,31 +359,32 @@ class SegmentMap:
 
     def __init__(self) -> None:
         self.checked = False
-        self._outside: list[weakref.ref] = []  # the Uses made outside any segment
+        # (Use, name of the module that made it) for the calls made outside any segment
+        self._outside: list[tuple[weakref.ref, str]] = []
         # per outermost segment (its checkpoint's node): {path of segment serials: names}
         self._inside: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._serials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def note(self, use: Use) -> None:
-        """File a Use made at the forward (one made while a reentrant checkpoint recomputes
-        its segment, in the backward, is not noted)."""
+    def note(self, use: Use, caller: str) -> None:
+        """File a Use made at the forward by the module named ``caller`` (a Linear tied to
+        another is named as itself, not as the layer that records it); one made while a
+        reentrant checkpoint recomputes its segment, in the backward, is not noted."""
         nodes = _running_checkpoint_segments()
         if nodes is None:
             return
         if not nodes:
-            self._outside.append(weakref.ref(use))
+            self._outside.append((weakref.ref(use), caller))
             return
         path = tuple(self._serials.setdefault(node, len(self._serials)) for node in nodes)
         names = self._inside.setdefault(nodes[0], {}).setdefault(path, [])
-        if use.layer.name not in names:
-            names.append(use.layer.name)
+        if caller not in names:
+            names.append(caller)
 
     def take_groups(self) -> dict[tuple, list[str]]:
-        """The layer names of the calls still in a graph, by segment path (``()``: outside
-        any segment); marks the check done and drops what was noted."""
+        """The names of the modules that made the calls still in a graph, by segment path
+        (``()``: outside any segment); marks the check done and drops what was noted."""
         groups: dict[tuple, list[str]] = {}
-        alive = (use() for use in self._outside)
-        outside = list(dict.fromkeys(use.layer.name for use in alive if use is not None))
+        outside = list(dict.fromkeys(name for use, name in self._outside if use() is not None))
         if outside:
             groups[()] = outside
         for paths in list(self._inside.values()):
