@@ -3,6 +3,7 @@ every mode, both reductions, 2-D and 3-D inputs, every activation, the loss opti
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -56,7 +57,9 @@ def loss_parts(logits, target, reduction, **options):
 
 
 def reference(model, x, target, reduction, **options):
-    """{name: (B, *p.shape)}: each sample's contribution to p.grad, by vmap(grad)."""
+    """{name: (B, *p.shape)}: each sample's contribution to p.grad, by vmap(grad).
+
+    The model keeps its own Parameters (see :func:`parameters_restored`)."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     _, normaliser = loss_parts(model(x).detach(), target, reduction, **options)
 
@@ -65,7 +68,25 @@ def reference(model, x, target, reduction, **options):
         per_sample, _ = loss_parts(out, ti[None], "sum", **options)
         return per_sample.sum() / normaliser
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    with parameters_restored(model):
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+
+
+@contextlib.contextmanager
+def parameters_restored(model):
+    """Put every module's own Parameters back on leaving: functional_call (torch 2.13,
+    tie_weights=True) leaves a module that appears twice in the model, such as ``lin`` in
+    ``Sequential(lin, tanh, lin)``, holding the plain tensors it was called with."""
+    owned = [
+        (module, name, p)
+        for module in model.modules()
+        for name, p in module.named_parameters(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        for module, name, p in owned:
+            setattr(module, name, p)
 
 
 def batch_loss(model, x, target, reduction, **options):
@@ -201,6 +222,36 @@ class Reuse(torch.nn.Module):
 def test_layer_used_twice():
     model = Reuse().to(DT)
     check_all_modes(model, torch.randn(5, 5, dtype=DT), targets(5, 3))
+
+
+def _listed_twice() -> torch.nn.Sequential:
+    """The hidden Linear appears twice in the Sequential (one module at '2' and '4')."""
+    torch.manual_seed(0)
+    hidden = torchbp.nn.Linear(6, 6)
+    model = torch.nn.Sequential(
+        torchbp.nn.Linear(5, 6), torchbp.nn.Tanh(), hidden, torchbp.nn.Tanh(), hidden
+    )
+    return model.append(torchbp.nn.Tanh()).append(torchbp.nn.Linear(6, 3)).to(DT)
+
+
+def test_reference_leaves_a_module_listed_twice_its_parameters():
+    """reference() (functional_call) leaves every module its own Parameters, unchanged;
+    before, the module listed twice was left holding plain tensors, which the context
+    then no longer found trainable."""
+    model = _listed_twice()
+    owned = {(id(m), n): p for m in model.modules() for n, p in m.named_parameters(recurse=False)}
+    values = {key: p.detach().clone() for key, p in owned.items()}
+    reference(model, torch.randn(4, 5, dtype=DT), targets(4, 3), "sum")
+    for module in model.modules():
+        for name in dict(module.named_parameters(recurse=False)):
+            p = getattr(module, name)
+            assert p is owned[id(module), name], f"{type(module).__name__}.{name} replaced"
+            assert torch.equal(p, values[id(module), name])
+
+
+def test_module_listed_twice():
+    """One Linear module at two places of a Sequential: one layer called twice."""
+    check_all_modes(_listed_twice(), torch.randn(5, 5, dtype=DT), targets(5, 3))
 
 
 @pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
