@@ -9,6 +9,7 @@ import torch
 from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function
+from torchbp.verify.checks.compare import difference
 
 
 def _square_function(backward_of_g, jvp_of_t):
@@ -192,3 +193,38 @@ def test_a_backward_reusing_its_buffer_is_the_interleave_checks_finding_not_line
     report = check_function(_SquareIntoBuffer, seeded(3, 4), checks=["gradcheck", "interleave"])
     assert report["gradcheck"].passed, report
     assert report["interleave"].failed, report
+
+
+def _nan_on_alternate_dense_runs(state):
+    """A grad_output map giving NaN at one entry on every other call with a dense
+    grad_output (the linearity check's random ones), unchanged otherwise: one-hot
+    grad_outputs (gradcheck's Jacobian) never see it."""
+
+    def flaky(g):
+        if int((g != 0).sum()) < 2:
+            return g
+        state["runs"] += 1
+        return g.index_fill(-1, torch.tensor([0]), float("nan")) if state["runs"] % 2 else g
+
+    return flaky
+
+
+def test_a_backward_nan_in_one_run_only_is_named_as_not_repeatable():
+    # before: NaN > nondet_tol is False, so a result NaN in one run and finite in the
+    # other passed the repeatability check
+    fn = _square_function(_nan_on_alternate_dense_runs({"runs": 0}), _identity)
+    report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, report
+    assert "different results for the same inputs and vectors on two runs" in message
+    assert "NaN or infinite in one run only" in message
+
+
+def test_the_difference_of_two_runs_counts_only_one_sided_nan_or_inf():
+    # NaN in both runs, or the same infinity, is the same result; NaN on one side only, or
+    # infinities that differ, an infinite difference (never a NaN, which passes any tol)
+    nan, inf = float("nan"), float("inf")
+    first = torch.tensor([nan, nan, 1.0, inf, inf, -inf, 1.0])
+    again = torch.tensor([nan, 1.0, nan, inf, 1.0, inf, 3.0])
+    expected = torch.tensor([0.0, inf, inf, 0.0, inf, inf, 2.0])
+    assert torch.equal(difference(first, again), expected)

@@ -13,6 +13,7 @@ from torchbp.verify.checks.outcomes import CheckFailure
 __all__ = [
     "dense",
     "dense_gradients",
+    "difference",
     "leaves",
     "exact_tensors",
     "float_tensors",
@@ -148,6 +149,21 @@ def shape_text(t: torch.Tensor | torch.Size | Sequence[int]) -> str:
     """
     dims = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
     return "(" + ", ".join(str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def difference(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """``|actual - expected|`` elementwise, NaN-aware: 0 where both are NaN or the same
+    infinity, infinite where only one is NaN (``NaN > tol`` is False: a plain difference
+    would let a NaN on one side only pass any tolerance).
+
+    Examples:
+        >>> nan, inf = math.nan, math.inf
+        >>> difference(torch.tensor([nan, nan, inf, 1.0]), torch.tensor([nan, 1.0, inf, 3.0]))
+        tensor([0., inf, 0., 2.])
+    """
+    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
+    gap = (actual - expected).abs().masked_fill(same, 0.0)
+    return gap.masked_fill(torch.isnan(gap), math.inf)
 
 
 def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:

@@ -16,7 +16,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from torchbp.verify.checks.compare import dense, input_grads, mismatch, require_close
+from torchbp.verify.checks.compare import (
+    dense,
+    difference,
+    input_grads,
+    mismatch,
+    require_close,
+)
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.outcomes import CheckFailure
 
@@ -75,10 +81,11 @@ def _require_linear(
 
 
 def _gap(x: torch.Tensor | None, y: torch.Tensor | None) -> float:
-    """The largest difference of two runs' results (infinite when only one is None)."""
+    """The largest difference of two runs' results: infinite when only one is None, or
+    NaN or infinite in one run only (:func:`difference`); 0 for NaN in both."""
     if x is None or y is None:
         return 0.0 if (x is None) == (y is None) else math.inf
-    gap = (dense(x) - dense(y)).abs()
+    gap = difference(dense(x), dense(y))
     return float(gap.max()) if gap.numel() > 0 else 0.0
 
 
@@ -92,7 +99,11 @@ def _require_repeatable(
     ``nondet_tol``."""
     gap = max((_gap(x, y) for x, y in zip(first, again)), default=0.0)
     if gap > nondet_tol:
-        size = "a result None in one run only" if math.isinf(gap) else f"by up to {gap:.1e}"
+        size = (
+            "a result None, NaN or infinite in one run only"
+            if math.isinf(gap)
+            else f"by up to {gap:.1e}"
+        )
         raise CheckFailure(
             f"{what} gives different results for the same inputs and vectors on two runs "
             f"({size}, nondet_tol={nondet_tol:g}): it reads memory it never "
