@@ -228,3 +228,74 @@ def test_the_difference_of_two_runs_counts_only_one_sided_nan_or_inf():
     again = torch.tensor([nan, 1.0, nan, inf, 1.0, inf, 3.0])
     expected = torch.tensor([0.0, inf, inf, 0.0, inf, inf, 2.0])
     assert torch.equal(difference(first, again), expected)
+
+
+class _ProductInFloat32(torch.autograd.Function):
+    """x @ w whose backward computes in float32 on purpose (a mixed-precision kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = (t.float() for t in ctx.saved_tensors)
+        g = g.float()
+        # d(x w)/dx = g w^T, d(x w)/dw = x^T g, rounded to float32
+        return (g @ w.T).to(ctx.saved_tensors[0].dtype), (x.T @ g).to(ctx.saved_tensors[1].dtype)
+
+
+class _TwoProductsInFloat16(torch.autograd.Function):
+    """(x @ w, x @ w^T), whose backward computes in float16 on purpose: its gradients for
+    both grad_outputs at once differ from the sum of those for each alone by a rounding."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w, x @ w.T
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        dtype = g1.dtype
+        x, w, g1, g2 = (t.half() for t in (*ctx.saved_tensors, g1, g2))
+        # d(x w)/dx = g1 w^T, d(x w^T)/dx = g2 w; d(x w)/dw = x^T g1, d(x w^T)/dw = g2^T x
+        return (g1 @ w.T + g2 @ w).to(dtype), (x.T @ g1 + g2.T @ x).to(dtype)
+
+
+_LOW_PRECISION_CASES = {
+    "float32, linear in grad_output": (
+        _ProductInFloat32,
+        (seeded(8, 16), seeded(16, 8, seed=1)),
+        "not linear in grad_output",
+        1e-5,
+    ),
+    "float16, several grad_outputs": (
+        _TwoProductsInFloat16,
+        (seeded(8, 16), seeded(16, 16, seed=1)),
+        "differs from the sum of its gradients for each output alone",
+        1e-1,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_LOW_PRECISION_CASES))
+def test_a_backward_in_low_precision_on_purpose_names_parity_tolerances_to_accept_it(case):
+    # before: loosening gradcheck's atol/rtol changed nothing and the message named no
+    # option; the comparisons of backward with itself use the parity tolerances
+    fn, inputs, finding, parity_tol = _LOW_PRECISION_CASES[case]
+    report = check_function(fn, *inputs, checks=["gradcheck"], atol=1e-1, rtol=1e-1)
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, report
+    assert finding in message and "of a rounding error's size" in message
+    assert "parity_atol" in message and "parity_rtol" in message
+    accepted = check_function(
+        fn,
+        *inputs,
+        checks=["gradcheck"],
+        atol=1e-1,
+        rtol=1e-1,
+        parity_atol=parity_tol,
+        parity_rtol=parity_tol,
+    )
+    assert accepted["gradcheck"].passed, accepted

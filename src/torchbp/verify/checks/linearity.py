@@ -26,7 +26,7 @@ from torchbp.verify.checks.compare import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.outcomes import CheckFailure
 
-__all__ = ["require_backward_linear", "require_jvp_linear"]
+__all__ = ["departure_note", "require_backward_linear", "require_jvp_linear"]
 
 #: The combination compared: f(a + SCALE * b) against f(a) + SCALE * f(b).
 SCALE = 2.0
@@ -35,11 +35,24 @@ SCALE = 2.0
 #: result computed in a narrower dtype (float16, float32) than the float64 inputs.
 ROUNDING_SIZE = 1e-2
 
-#: The likely cause of a departure of a rounding error's size.
+#: The likely cause of a departure of a rounding error's size, and the options that
+#: accept it (gradcheck's atol / rtol loosen only the comparison with central differences).
 ROUNDING_NOTE = (
     " (of a rounding error's size: does it compute in a narrower dtype, float16 or "
-    "float32, than its float64 inputs? that loses precision in every use)"
+    "float32, than its float64 inputs? that loses precision in every use; if it does so "
+    "on purpose, pass parity_atol (above that max abs error) or parity_rtol to accept it: "
+    "atol and rtol loosen only the comparison with the numerical gradient)"
 )
+
+
+def departure_note(
+    actual: torch.Tensor, expected: torch.Tensor, tolerance: tuple[float, float], note: str
+) -> str:
+    """The note for a failed comparison of ``actual`` with ``expected`` (what linearity
+    says it must be): :data:`ROUNDING_NOTE` when the worst departure is below
+    :data:`ROUNDING_SIZE` relative to ``expected``, else ``note`` (the likely bug)."""
+    bad = mismatch(actual, expected, *tolerance)
+    return ROUNDING_NOTE if bad is not None and bad[1] < ROUNDING_SIZE else note
 
 
 def _require_linear(
@@ -67,15 +80,14 @@ def _require_linear(
         zero = torch.zeros_like(template)
         ra, rb, rm = (zero if r[k] is None else dense(r[k]) for r in (got_a, got_b, got_mixed))
         expected = ra + SCALE * rb
-        bad = mismatch(rm, expected, *ctx.parity_tolerances())
-        rounding = bad is not None and bad[1] < ROUNDING_SIZE
+        tolerance = ctx.parity_tolerances()
         require_close(
             rm,
             expected,
-            ctx.parity_tolerances(),
+            tolerance,
             f"{describe(k)} for a + {SCALE:g} * b differs from that for a plus {SCALE:g} "
             "times that for b (random a, b)",
-            note=ROUNDING_NOTE if rounding else note,
+            note=departure_note(rm, expected, tolerance, note),
             show_index=True,
         )
 

@@ -35,7 +35,11 @@ from torchbp.verify.checks.jacobians import (
     numerical_jacobian,
     projected_backward_error,
 )
-from torchbp.verify.checks.linearity import require_backward_linear, require_jvp_linear
+from torchbp.verify.checks.linearity import (
+    departure_note,
+    require_backward_linear,
+    require_jvp_linear,
+)
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
 
 __all__ = [
@@ -406,17 +410,21 @@ def _require_linear_in_grad_outputs(ctx: CheckContext) -> None:
     alone = [
         input_grads(o, leaves, v, retain_graph=True, allow_unused=True) for o, v in zip(outs, vs)
     ]
+    tolerance = ctx.parity_tolerances()
+    wrong_branch = (
+        " (a wrong branch for several defined grad_outputs, e.g. under "
+        "ctx.set_materialize_grads(False)?)"
+    )
     for k, leaf in enumerate(leaves):
         expected = sum((g[k] for g in alone if g[k] is not None), torch.zeros_like(leaf))
         got = torch.zeros_like(leaf) if joint[k] is None else joint[k]
         require_close(
             got,
             expected,
-            ctx.parity_tolerances(),
+            tolerance,
             f"backward of {ctx.input_name(k)} {at_once} differs from the sum of its "
             "gradients for each output alone",
-            note=" (a wrong branch for several defined grad_outputs, e.g. under "
-            "ctx.set_materialize_grads(False)?)",
+            note=departure_note(got, expected, tolerance, wrong_branch),
             show_index=True,
         )
 

@@ -359,7 +359,9 @@ def check_function(
               more than :data:`FULL_JACOBIAN_ELEMENTS` elements; besides torch's projections,
               which are the same on every run, it compares one drawn from ``seed``).
             - ``parity_atol``, ``parity_rtol``: override the dtype-aware tolerances of the
-              vmap/compile/reference comparisons.
+              vmap/compile/reference comparisons and of backward and jvp against
+              themselves (linear in their vectors: a backward computing in float32 on
+              purpose needs them, not ``atol`` / ``rtol``).
             - ``compile_backend`` (``"aot_eager"``), ``compile_fullgraph`` (True).
             - ``vmap_batch`` (3), ``seed`` (0), ``name`` (a str, the label of the report).
 
