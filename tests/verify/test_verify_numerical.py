@@ -3,12 +3,15 @@ is right for each output alone but wrong when several outputs get a gradient at 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tests.verify.correct_functions import MaterializeFalseSplit
 from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function
+from torchbp.verify.checks.jacobians import projected_backward_error
 
 
 class SplitForgetsFactorWhenBothGrads(torch.autograd.Function):
@@ -441,3 +444,33 @@ def test_a_backward_not_reentrant_is_explained_in_words(shape, says):
     assert gradcheck.failed, report
     assert says in gradcheck.message
     assert "reads memory it never wrote" in gradcheck.message
+
+
+class _SquareWithNanGradient(torch.autograd.Function):
+    """x^2 whose backward gives NaN at its first element (d x^2/dx = 2x elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (2 * x * g).index_fill(-1, torch.tensor([0]), float("nan"))
+
+
+def test_a_projection_nan_on_one_side_only_is_an_infinite_error():
+    # before: |NaN - finite| is NaN, and NaN > atol + rtol * |v^T J u| is False: the
+    # fast_mode and random-fn projections passed a backward giving NaN
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+
+    def randn(shape, dtype):
+        return torch.randn(shape, dtype=dtype, generator=generator)
+
+    def square(x):
+        return (_SquareWithNanGradient.apply(x),)
+
+    abs_err, rel_err, scale = projected_backward_error(square, [x], 1e-6, randn)
+    assert math.isinf(abs_err) and math.isinf(rel_err) and math.isfinite(scale)

@@ -7,12 +7,13 @@ positional tensors and return a tuple of output tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from torchbp.verify.checks.compare import input_grads, max_errors, mismatch, unravel
+from torchbp.verify.checks.compare import difference, input_grads, max_errors, mismatch, unravel
 
 __all__ = [
     "FULL_JACOBIAN_LIMIT",
@@ -263,7 +264,9 @@ def projected_backward_error(
 ) -> tuple[float, float, float]:
     """``(abs, rel)`` error of backward's ``v^T J u`` against central differences, for
     random ``u`` (one per input) and ``v`` (one per output) drawn by ``randn(shape, dtype)``,
-    and the central differences' ``v^T J u`` (the scale of a relative tolerance)."""
+    and the magnitude of the central differences' ``v^T J u`` (the scale of a relative
+    tolerance; 0 when it is not finite). NaN-aware (:func:`difference`): NaN on one side
+    only is an infinite error, NaN on both none."""
     us = [randn(x.shape, x.dtype) for x in inputs]
     with torch.set_grad_enabled(grad_mode):
         hi = [t.detach() for t in func(*[x.detach() + eps * u for x, u in zip(inputs, us)])]
@@ -275,5 +278,6 @@ def projected_backward_error(
     pairs = [(o, v) for o, v in zip(outs, vs) if o.requires_grad]
     grads = input_grads([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
     ana = sum(float((g * u).sum()) for g, u in zip(grads, us) if g is not None)
-    abs_err = abs(ana - num)
-    return abs_err, abs_err / max(abs(num), 1e-12), num
+    abs_err = float(difference(*torch.tensor([float(ana), float(num)], dtype=torch.float64)))
+    scale = abs(num) if math.isfinite(num) else 0.0
+    return abs_err, abs_err / max(scale, 1e-12), scale

@@ -236,10 +236,10 @@ def _projected_error(
     check when it is out of tolerance. torch's fast gradcheck projects on vectors drawn
     from a generator of fixed seed, the same on every run: a gradient wrong only along
     directions those miss would pass every run, whatever the seed."""
-    abs_err, rel_err, numerical = projected_backward_error(
+    abs_err, rel_err, scale = projected_backward_error(
         func, inputs, ctx.options.eps, ctx.randn, grad_mode
     )
-    bound = ctx.options.atol + ctx.options.rtol * abs(numerical)
+    bound = ctx.options.atol + ctx.options.rtol * scale
     if ctx.options.fast_mode and abs_err > bound:
         raise CheckFailure(
             f"{what} disagrees with the numerical gradient along a random projection "

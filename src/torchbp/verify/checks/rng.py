@@ -111,8 +111,8 @@ def require_gradients_of_own_forward(
     if ctx.dtype != torch.float64:
         return None
     inputs = [ctx.args[i] for i in ctx.grad_idx]
-    abs_err, rel_err, numerical = projected_backward_error(func, inputs, ctx.options.eps, ctx.randn)
-    if abs_err > ctx.options.atol + ctx.options.rtol * abs(numerical):
+    abs_err, rel_err, scale = projected_backward_error(func, inputs, ctx.options.eps, ctx.randn)
+    if abs_err > ctx.options.atol + ctx.options.rtol * scale:
         raise CheckFailure(
             f"{what}: backward disagrees with central differences of the same forward "
             f"(the same seed) along a random projection v^T J u: abs error {abs_err:.1e} "
