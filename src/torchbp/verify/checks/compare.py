@@ -21,6 +21,7 @@ __all__ = [
     "max_errors",
     "mismatch",
     "require_close",
+    "same_values",
     "shape_text",
     "tolerances",
     "unravel",
@@ -164,6 +165,21 @@ def difference(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
     gap = (actual - expected).abs().masked_fill(same, 0.0)
     return gap.masked_fill(torch.isnan(gap), math.inf)
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (strided) hold the same values in the same shape and dtype,
+    NaN where the other has NaN (``torch.equal`` calls two NaN different).
+
+    Examples:
+        >>> same_values(torch.tensor([math.nan, 1.0]), torch.tensor([math.nan, 1.0]))
+        True
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return False
+    return bool(torch.equal(a, b) or torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
 
 
 def max_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from torchbp.verify.checks.backward_contract import require_jvp_layout_independent
-from torchbp.verify.checks.compare import input_grads, require_close, zeros_for_none
+from torchbp.verify.checks.compare import input_grads, require_close, same_values, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import (
     custom_ops_reached,
@@ -532,7 +532,7 @@ def saved_constants(ctx: CheckContext) -> list[str]:
     moved = _saved_non_inputs(ctx, [_nudged(d) for d in diff])
     if [(name, t.shape) for name, t in moved] == [(name, t.shape) for name, t in saved]:
         # the same graph: name only what the nudge changed
-        saved = [(name, t) for (name, t), (_, u) in zip(saved, moved) if not _same(t, u)]
+        saved = [(name, t) for (name, t), (_, u) in zip(saved, moved) if not same_values(t, u)]
     return [f"{name} saved a {tuple(t.shape)} tensor" for name, t in saved]
 
 
@@ -587,13 +587,6 @@ def _nudged(t: torch.Tensor) -> torch.Tensor:
     pattern = torch.arange(1, t.numel() + 1, dtype=torch.float64, device=t.device).sin()
     step = 1e-4 * (1 + t.abs()) * pattern.reshape(t.shape).to(t.real.dtype)
     return (t + step).requires_grad_(True)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two saved tensors hold the same values (NaN where the other has NaN)."""
-    if a.dtype != b.dtype or a.layout != torch.strided or b.layout != torch.strided:
-        return False
-    return bool(torch.equal(a, b) or torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
 
 
 def _list(items: list[str]) -> str:

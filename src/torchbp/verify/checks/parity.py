@@ -22,6 +22,7 @@ from torchbp.verify.checks.compare import (
     float_tensors,
     input_grads,
     require_close,
+    same_values,
     shape_text,
     tolerances,
     unravel,
@@ -265,7 +266,7 @@ def _compiled_self_consistency(
     must be those of its own forward; ``((abs, rel) error, caveat)``."""
     first = [t.detach() for t in float_tensors(ctx.call(compiled, ctx.leaves()))]
     again = [t.detach() for t in float_tensors(ctx.call(compiled, ctx.leaves()))]
-    if any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, again)):
+    if not all(map(same_values, first, again)):
         raise CheckFailure(f"{label} gives different outputs on two calls from the same seed")
     errors = require_gradients_of_own_forward(
         ctx, lambda *d: float_tensors(ctx.call(compiled, d)), label

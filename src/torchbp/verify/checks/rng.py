@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors
+from torchbp.verify.checks.compare import float_tensors, same_values
 from torchbp.verify.checks.jacobians import projected_backward_error
 from torchbp.verify.checks.outcomes import CheckFailure
 
@@ -88,9 +88,7 @@ def draws_random_numbers(ctx: CheckContext) -> bool:
     with torch.no_grad():
         first = float_tensors(fn(*ctx.full_inputs(ctx.leaves())))
         second = float_tensors(other_seed(*ctx.full_inputs(ctx.leaves())))
-    return len(first) != len(second) or any(
-        a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, second)
-    )
+    return len(first) != len(second) or not all(map(same_values, first, second))
 
 
 def require_gradients_of_own_forward(
