@@ -268,3 +268,48 @@ def test_an_empty_complex_output_passes_grad_output_safety():
     z = torch.zeros(0, 3, dtype=torch.complex128)
     result = check_function(ComplexIdentity, z, checks="grad_output_safety")["grad_output_safety"]
     assert result.passed, result
+
+
+class _SquareMarkingGradOutput(torch.autograd.Function):
+    """x^2 whose backward writes NaN into grad_output where x is negative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # d x^2/dx = 2x; the write into g is the bug
+        g.masked_fill_(x < 0, float("nan"))
+        return 2 * x * g
+
+
+def test_a_backward_writing_nan_into_grad_output_fails_grad_output_safety():
+    # before: a grad_output holding NaN after backward was never compared (NaN != NaN)
+    report = check_function(_SquareMarkingGradOutput, seeded(3, 4), checks=["grad_output_safety"])
+    assert report["grad_output_safety"].failed, report
+    assert "modified grad_output 0 in place" in report["grad_output_safety"].message
+
+
+def _shifted_clearing_its_shift(x, w):
+    """x + w, which writes zeros into the positive entries of its non-differentiable w."""
+    out = x + w
+    w.masked_fill_(w > 0, 0.0)
+    return out
+
+
+def test_fn_writing_into_a_non_differentiable_input_holding_nan_fails_grad_output_safety():
+    # before: an input holding a NaN was never compared with its copy (NaN != NaN)
+    w = seeded(3, 4, seed=1)
+    w[0, 0] = float("nan")
+    report = check_function(
+        _shifted_clearing_its_shift,
+        seeded(3, 4),
+        w,
+        grad_inputs=[0],
+        checks=["grad_output_safety"],
+    )
+    assert report["grad_output_safety"].failed, report
+    assert "modified one of its (non-differentiable) inputs" in report["grad_output_safety"].message

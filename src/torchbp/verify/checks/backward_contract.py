@@ -24,6 +24,7 @@ from torchbp.verify.checks.compare import (
     float_tensors,
     input_grads,
     require_close,
+    same_values,
     shape_text,
 )
 from torchbp.verify.checks.context import CheckContext
@@ -506,7 +507,7 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
     except Exception as exc:  # noqa: BLE001
         raise CheckFailure(f"backward failed: {explain_error(exc)}") from None
     for o, (v, vc) in enumerate(zip(vs, vs_copy)):
-        if not torch.equal(v, vc) and not (v.isnan() | vc.isnan()).any():
+        if not same_values(v, vc):
             raise CheckFailure(
                 f"backward modified grad_output {o} in place: never write into grad_output "
                 "(it may be shared with other nodes or be an expanded tensor)"
@@ -528,12 +529,12 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             note = " (backward depends on memory layout)"
             worst = max(worst, require_close(a, e, tolerance, problem, note=note))
     for k, (x, xb) in enumerate(zip(leaves, leaves_before)):
-        if not torch.equal(x.detach(), xb) and not x.isnan().any():
+        if not same_values(x.detach(), xb):
             raise CheckFailure(f"forward or backward modified {ctx.input_name(k)} in place")
     after = [a for a in ctx.args if isinstance(a, torch.Tensor)]
     for a, b in zip(after, inputs_before):
         a = dense(a)
-        if not torch.equal(a, b) and not a.isnan().any():
+        if not same_values(a, b):
             raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
     layout_errors, caveat = _require_input_layout_independent(ctx)
     return Passed(
