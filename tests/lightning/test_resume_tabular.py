@@ -59,6 +59,8 @@ COMMON = [
 STOPS = {
     # last.ckpt of the validation within epoch 1 at which max_steps stops the fit
     "max_steps": ["--trainer.max_steps=9", "--trainer.val_check_interval=1"],
+    # no validation within the epoch: last.ckpt of the step at which max_steps stops the fit
+    "max_steps_mid_epoch": ["--trainer.max_steps=9"],
     "every_n_train_steps": ["--trainer.max_steps=9", "--checkpoint.every_n_train_steps=3"],
     # Ctrl-C after step 9: last.ckpt of the interrupt
     "interrupt": [

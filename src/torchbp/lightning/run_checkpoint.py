@@ -62,8 +62,13 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Lightning's save, then ``last.ckpt`` if ``max_steps`` stops the fit within the
+        epoch: saved at epoch end, after Lightning has counted the cut epoch as finished, it
+        resumed at the next epoch (the cut epoch's remaining batches never trained)."""
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._ended_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if not self._ended_epoch and _max_steps_reached(trainer):
+            self._save_last_if_skipped(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
         """Lightning's save, then ``last.ckpt`` if the validation was within the epoch: the
@@ -148,6 +153,11 @@ class RunCheckpoint(ModelCheckpoint):
             return name
         stem, ext = os.path.splitext(name)
         return f"{stem}{INTERRUPTED_SUFFIX}{ext}"
+
+
+def _max_steps_reached(trainer: Trainer) -> bool:
+    """Whether ``trainer.max_steps`` (``-1``: no limit) stops the fit at this step."""
+    return 0 <= trainer.max_steps <= trainer.global_step
 
 
 def evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | None) -> None:
