@@ -61,6 +61,8 @@ STOPS = {
     "max_steps": ["--trainer.max_steps=9", "--trainer.val_check_interval=1"],
     # no validation within the epoch: last.ckpt of the step at which max_steps stops the fit
     "max_steps_mid_epoch": ["--trainer.max_steps=9"],
+    # ... and keeping the latest checkpoints, which Lightning saves at the cut epoch's end
+    "max_steps_keeping_latest": ["--trainer.max_steps=9", "--checkpoint.monitor=step"],
     "every_n_train_steps": ["--trainer.max_steps=9", "--checkpoint.every_n_train_steps=3"],
     # Ctrl-C after step 9: last.ckpt of the interrupt
     "interrupt": [

@@ -79,6 +79,13 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_if_skipped(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Lightning's save and ``last.ckpt``, except at the end of an epoch that
+        ``max_steps`` cut: Lightning has counted it finished, so its checkpoint (a best one,
+        and ``last.ckpt`` after it) would resume at the next epoch; the ``last.ckpt`` of
+        :meth:`on_train_batch_end` holds this step's weights and the epoch's progress."""
+        cut_by_max_steps = not self._ended_epoch and _max_steps_reached(trainer)
+        if cut_by_max_steps and self._last_saved_at_step == trainer.global_step:
+            return
         super().on_train_epoch_end(trainer, pl_module)
         self._save_last_if_skipped(trainer)
 
