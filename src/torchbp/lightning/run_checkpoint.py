@@ -37,8 +37,8 @@ class RunCheckpoint(ModelCheckpoint):
       ``<name>-interrupted.ckpt``: under the best checkpoints' own name (epoch and monitored
       value) it took the file of the best checkpoint of the same validation when the run
       stopped after a validation within the epoch, the best weights replaced by later ones;
-    - ``last.ckpt`` follows every epoch (and validation within one), see
-      :meth:`_save_last_if_skipped`;
+    - ``last.ckpt`` follows every epoch (and validation within one, and the step at which
+      ``max_steps`` stops the fit within one), see :meth:`_save_last_if_skipped`;
     - its state names the SLURM job that saved it (:meth:`state_dict`).
     """
 
