@@ -200,9 +200,8 @@ def test_a_random_module_whose_vmap_draws_otherwise_is_compared_with_one_sample_
     assert "compared with vmap over the same samples batched along dim 0" in in_dims.caveat
 
 
-class SharedMaskIgnoredInVmap(torch.autograd.Function):
-    """x * mask with a vmap rule that draws one mask per sample although vmap asked for
-    randomness='same' (one mask for the batch), as calls one by one draw."""
+class _MaskWithVmapRule(torch.autograd.Function):
+    """x * mask, its mask saved (as output / x) for backward; subclasses add a vmap rule."""
 
     @staticmethod
     def forward(x):
@@ -215,7 +214,13 @@ class SharedMaskIgnoredInVmap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (mask,) = ctx.saved_tensors
+        # d(x mask)/dx = mask
         return g * mask
+
+
+class SharedMaskIgnoredInVmap(_MaskWithVmapRule):
+    """x * mask with a vmap rule that draws one mask per sample although vmap asked for
+    randomness='same' (one mask for the batch), as calls one by one draw."""
 
     @staticmethod
     def vmap(info, in_dims, x):
@@ -239,22 +244,9 @@ def test_a_random_op_on_a_batched_tensor_is_vmap_unsupported():
     assert "randomness='same'" in report["vmap"].message
 
 
-class IgnoresInDims(torch.autograd.Function):
+class IgnoresInDims(_MaskWithVmapRule):
     """x * mask whose vmap rule draws one mask for the batch, as randomness='same' asks,
     but takes the batch dim to be 0 whatever in_dims says."""
-
-    @staticmethod
-    def forward(x):
-        return x * _mask(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output / inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        return g * mask
 
     @staticmethod
     def vmap(info, in_dims, x):
