@@ -831,6 +831,8 @@ def test_fit_from_best_is_an_error_before_training(short_run, tmp_path, capsys):
         (["--data.init_args.poisson_sampling=false"], "set data.poisson_sampling: true"),
         (["--trainer.accumulate_grad_batches=2"], "accumulate_grad_batches=2"),
         (["--data.init_args.standardize=true"], "set data.standardize: false"),
+        (["--trainer.precision=bf16-mixed"], "privacy (DP-SGD) needs trainer.precision"),
+        (["--checkpoint.monitor=train/loss"], "privacy (DP-SGD): RunCheckpoint monitors"),
         (
             ["--model.privacy.target_epsilon=1e-4", "--model.privacy.delta=1e-9"],
             "privacy.target_epsilon=0.0001 cannot be reached",
@@ -841,9 +843,10 @@ def test_dp_settings_training_refuses_are_a_cli_error_before_training(
     tmp_path, capsys, args, message
 ):
     """DP-SGD settings that training refuses at its start (a delta >= 1/N, no Poisson
-    sampling, gradient accumulation, standardisation on the training rows, an unreachable
-    target_epsilon) came as a ValueError in a
-    traceback from inside trainer.fit, after the run folder was made."""
+    sampling, gradient accumulation, standardisation on the training rows, reduced precision,
+    a checkpoint monitor on the private batches' metrics, an unreachable target_epsilon)
+    came as a ValueError in a traceback from inside trainer.fit, after the run folder was
+    made."""
     with pytest.raises(SystemExit) as e:
         run_cli("fit", "--config", str(CONFIGS / "digits_dp.yaml"), f"--run_dir={tmp_path}", *args)
     assert e.value.code == 2

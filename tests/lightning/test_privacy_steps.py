@@ -197,23 +197,6 @@ def test_a_subclass_training_step_without_super_is_refused_before_the_optimizer_
         _one_step(tmp_path, OwnTrainingStep)
 
 
-def test_reduced_precision_is_a_cli_error_before_anything_is_written(tmp_path, capsys):
-    from tests.lightning.lightning_helpers import CONFIGS, run_cli
-
-    with pytest.raises(SystemExit) as e:
-        run_cli(
-            "fit",
-            "--config",
-            str(CONFIGS / "digits_dp.yaml"),
-            f"--run_dir={tmp_path}",
-            "--trainer.precision=bf16-mixed",
-        )
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: invalid configuration: privacy (DP-SGD) needs trainer.precision" in err, err
-    assert "Traceback" not in err and not list(tmp_path.iterdir())
-
-
 @pytest.mark.parametrize("monitor", ["train/loss", "train/acc"])
 @pytest.mark.parametrize("kind", ["ModelCheckpoint", "EarlyStopping"])
 def test_monitoring_a_metric_of_the_private_batches_is_refused(tmp_path, kind, monitor):
@@ -237,20 +220,3 @@ def test_monitoring_epsilon_or_a_validation_metric_is_allowed(tmp_path):
     stop = EarlyStopping(monitor="train/epsilon", mode="max", check_on_train_epoch_end=True)
     model, _ = _one_step(tmp_path, callbacks=[stop])
     assert model.accountant.steps == 1
-
-
-def test_checkpoint_monitor_of_the_private_batches_is_a_cli_error(tmp_path, capsys):
-    from tests.lightning.lightning_helpers import CONFIGS, run_cli
-
-    with pytest.raises(SystemExit) as e:
-        run_cli(
-            "fit",
-            "--config",
-            str(CONFIGS / "digits_dp.yaml"),
-            f"--run_dir={tmp_path}",
-            "--checkpoint.monitor=train/loss",
-        )
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "error: invalid configuration: privacy (DP-SGD): RunCheckpoint monitors" in err, err
-    assert not list(tmp_path.iterdir())
