@@ -553,3 +553,39 @@ class BroadcastAdd(torch.autograd.Function):
     def backward(ctx, g):
         # d(x + b)/dx = 1; d/db sums g over the broadcast rows
         return g, g.sum_to_size(ctx.b_shape)
+
+
+def identity(t):
+    return t
+
+
+def square_function(backward_of_g=None, jvp_of_t=None):
+    """x^2 as a setup_context Function (d x^2/dx = 2x) whose backward gives
+    ``2x * backward_of_g(g)`` and jvp ``2x * jvp_of_t(t)`` (correct with the defaults, the
+    identity; other maps make the buggy twins of the linearity tests)."""
+    backward_of_g = backward_of_g or identity
+    jvp_of_t = jvp_of_t or identity
+
+    class Square(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * backward_of_g(g)
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 2 * x * jvp_of_t(t)
+
+    return Square

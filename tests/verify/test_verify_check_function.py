@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.verify.correct_functions import square_function
 
 import torchbp.verify
 from torchbp.verify import CHECKS, CheckResult, Report, check_function, tolerances
@@ -303,28 +304,7 @@ def test_tolerances_are_dtype_aware():
 
 
 def test_autograd_function_subclass_is_accepted_and_named():
-    class Square(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return x * x
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 2 * x * g
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return 2 * x * t
-
+    Square = square_function()
     report = check_function(Square, _x(3), reference=lambda x: x**2, **NO_COMPILE)
     assert report.name == "Square"
     assert report.ok, str(report)

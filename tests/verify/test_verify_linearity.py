@@ -6,43 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.verify.correct_functions import identity, square_function
 from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function
 from torchbp.verify.checks.compare import difference
-
-
-def _square_function(backward_of_g, jvp_of_t):
-    """x^2 as a setup_context Function (d x^2/dx = 2x) whose backward gives
-    ``2x * backward_of_g(g)`` and jvp ``2x * jvp_of_t(t)``."""
-
-    class Square(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return x * x
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-            ctx.save_for_forward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 2 * x * backward_of_g(g)
-
-        @staticmethod
-        def jvp(ctx, t):
-            (x,) = ctx.saved_tensors
-            return 2 * x * jvp_of_t(t)
-
-    return Square
-
-
-def _identity(t):
-    return t
 
 
 @pytest.mark.parametrize(
@@ -52,7 +20,7 @@ def _identity(t):
 )
 def test_a_backward_not_linear_in_grad_output_fails_gradcheck(backward_of_g):
     # before: every check passed without a reference (one-hot grad_outputs only)
-    fn = _square_function(backward_of_g, _identity)
+    fn = square_function(backward_of_g, identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
     assert report["gradcheck"].failed, report
     assert "backward is not linear in grad_output" in report["gradcheck"].message
@@ -63,14 +31,14 @@ def test_a_backward_not_linear_in_grad_output_fails_gradcheck(backward_of_g):
 )
 def test_a_jvp_not_linear_in_the_tangent_fails_forward_ad(jvp_of_t):
     # before: passed (the forward Jacobian is built from one-hot tangents)
-    fn = _square_function(_identity, jvp_of_t)
+    fn = square_function(identity, jvp_of_t)
     report = check_function(fn, seeded(3, 4), checks=["forward_ad"])
     assert report["forward_ad"].failed, report
     assert "jvp is not linear in the tangent" in report["forward_ad"].message
 
 
 def test_a_linear_backward_and_jvp_pass():
-    fn = _square_function(_identity, _identity)
+    fn = square_function(identity, identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck", "forward_ad"])
     assert report.ok and not report.unsupported, report
 
@@ -79,7 +47,7 @@ def test_a_linear_backward_and_jvp_pass():
 def test_a_backward_rounding_to_float16_is_named_as_lost_precision(scale):
     # a departure of a rounding error's size is not an abs or clamp of grad_output, at any
     # magnitude: relative to the gradient's (large inputs, large absolute rounding errors)
-    fn = _square_function(lambda g: g.half().to(g.dtype), _identity)
+    fn = square_function(lambda g: g.half().to(g.dtype), identity)
     report = check_function(fn, seeded(3, 4, scale=scale), checks=["gradcheck"])
     message = report["gradcheck"].message
     assert report["gradcheck"].failed, report
@@ -95,7 +63,7 @@ def test_a_backward_nondeterministic_within_nondet_tol_passes():
         state["runs"] += 1
         return g * (1 + 1e-12 * (state["runs"] % 2))
 
-    fn = _square_function(drifting, _identity)
+    fn = square_function(drifting, identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck"], nondet_tol=1e-9)
     assert report["gradcheck"].passed, report
 
@@ -109,7 +77,7 @@ def test_a_backward_nondeterministic_beyond_nondet_tol_names_the_difference_and_
         state["runs"] += 1
         return g * (1 + 1e-12 * (state["runs"] % 2))
 
-    fn = _square_function(drifting, _identity)
+    fn = square_function(drifting, identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
     message = report["gradcheck"].message
     assert report["gradcheck"].failed, report
@@ -212,7 +180,7 @@ def _nan_on_alternate_dense_runs(state):
 def test_a_backward_nan_in_one_run_only_is_named_as_not_repeatable():
     # before: NaN > nondet_tol is False, so a result NaN in one run and finite in the
     # other passed the repeatability check
-    fn = _square_function(_nan_on_alternate_dense_runs({"runs": 0}), _identity)
+    fn = square_function(_nan_on_alternate_dense_runs({"runs": 0}), identity)
     report = check_function(fn, seeded(3, 4), checks=["gradcheck"])
     message = report["gradcheck"].message
     assert report["gradcheck"].failed, report
