@@ -94,14 +94,8 @@ class StorageOrderDropout(torch.autograd.Function):
         return grad
 
 
-class WrongWhenCompiled(torch.autograd.Function):
-    """Wrong only when compiled: the traced backward doubles the gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        mask = _mask(x)
-        ctx.save_for_backward(mask)
-        return x * mask
+class WrongWhenCompiled(Dropout):
+    """Dropout wrong only when compiled: the traced backward doubles the gradient."""
 
     @staticmethod
     def backward(ctx, g):
