@@ -893,9 +893,11 @@ def per_sample_grads(
     before any forward, by name: modules with other trainable parameters (an unconverted
     ``nn.Linear``, Conv, LayerNorm with affine, Embedding, a torchbp Linear subclass's own
     extra parameters such as a LoRA adapter, ...), a Linear with complex trainable parameters
-    (the formulas are real ones), BatchNorm in training mode, softmax-like
-    modules, GLU and CosineSimilarity along dim 0, ``Flatten(start_dim=0)``, and the fused
-    :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
+    (the formulas are real ones) or with a trainable weight or bias that is not an
+    ``nn.Parameter`` (a plain tensor ``torch.func.functional_call`` left in a module
+    listed twice, or one assigned after ``del lin.weight``), BatchNorm in training mode,
+    softmax-like modules, GLU and CosineSimilarity along dim 0, ``Flatten(start_dim=0)``, and
+    the fused :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
     dim; Softmax2d's dim -3) where it lands on dim 0, and one made to mix samples after the
     context was created (``model.train()`` on a BatchNorm, ``dim`` set to 0). Any torchbp or

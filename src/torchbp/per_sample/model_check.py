@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchbp import nn as bpnn
 
@@ -261,6 +262,35 @@ def _calls_recorded_by(module: bpnn.Linear, layers: list[Layer]) -> Layer | None
     )
 
 
+def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
+    """Raise if the trainable weight or bias of ``module`` is a tensor that is not an
+    :class:`~torch.nn.Parameter`: a plain tensor left in the module by
+    ``torch.func.functional_call`` (a module listed twice in the model, on some torch
+    versions), or one assigned after ``del module.weight``. Its gradient would reach
+    another leaf than the one the context hooks and accounts for, if any (a tensor
+    computed from a Parameter passes its gradient on through the Linear backward,
+    which inside the context forms none), so the results would be silently wrong. A
+    parametrized weight (``torch.nn.utils.parametrize``) is a tensor formed by each
+    forward too: it is refused by the checks of its parametrization's parameters.
+
+    Raises:
+        TypeError: naming the module and the attribute, with what to do about it.
+    """
+    for what in ("weight", "bias"):
+        tensor = getattr(module, what)
+        if tensor is None or not tensor.requires_grad or isinstance(tensor, nn.Parameter):
+            continue
+        if parametrize.is_parametrized(module, what):
+            continue
+        raise TypeError(
+            f"per_sample_grads: {where}'s {what} is a {type(tensor).__name__} that requires "
+            f"grad but is not an nn.Parameter (left by torch.func.functional_call on a module "
+            f"listed twice in the model, or assigned after del module.{what}?); the context "
+            f"accounts for Parameters only: put a Parameter back (module.{what} = "
+            f"nn.Parameter(...)), or freeze the tensor with requires_grad_(False)"
+        )
+
+
 def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
     """Raise if a trainable Linear parameter is complex: its gradient is ``gᵀ conj(x)``
     and its squared norm ``|G|²``, where the per-sample formulas are the real ones.
@@ -282,7 +312,8 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
     Raises:
         TypeError: a module mixes samples, has trainable parameters that are not a
             :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
-            parameters (named in the message).
+            parameters or a trainable weight or bias that is not an ``nn.Parameter``
+            (named in the message).
         ValueError: a trainable parameter is shared by two Linear modules that do not
             share both their weight and their bias (a module sharing both is not a layer
             of its own: its calls are recorded for the first one's).
@@ -312,6 +343,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         if recording is not None:
             recording.tied.append((name, module))
         elif isinstance(module, bpnn.Linear):
+            _refuse_plain_tensors(where, module)
             weight, bias = _trainable(module.weight), _trainable(module.bias)
             _refuse_complex(where, weight=weight, bias=bias)
             _refuse_shared(where, owner, weight, bias)
