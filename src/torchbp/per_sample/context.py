@@ -104,20 +104,13 @@ class PerSampleGrads:
                 "per_sample_grads: another context, open on another thread, records this "
                 "model's Linear layers"
             )
-        # Registered first, so that it runs before the multi-gradient hook's own hook on
-        # the same parameter: each parameter the backward reaches is marked.
-        self._hooks = [p.register_hook(self._marker(p)) for p in self.parameters]
-        self._hooks += [
-            m.register_forward_pre_hook(g, with_kwargs=True) for m, g in self._sample_dim_guards
-        ]
-        for layer in self._layers:
-            self._hooks += self._recorder.track_calls(layer)
-        if self.parameters:
-            self._register_results_hook()
-            self._start_hook = torch.autograd.graph.register_multi_grad_hook(
-                self.parameters, self._on_a_backward_reaching_parameters, mode="any"
-            )
-            self._recorder.watch_stray = self._watch_stray
+        try:
+            self._register_hooks()
+        except BaseException:
+            # none left behind: a marker left on a parameter would refuse every later
+            # backward outside the context
+            self._remove_hooks()
+            raise
         per_sample_recording.recorder = self._recorder
         for w in weights:
             per_sample_recorders_by_weight[w] = self._recorder
@@ -132,16 +125,7 @@ class PerSampleGrads:
             per_sample_recorders_by_weight.pop(w, None)
         self._registered_weights = []
         self._recorder.closed = True
-        self._recorder.watch_stray = None
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        if self._results_hook is not None:
-            self._results_hook.remove()
-            self._results_hook, self._watched = None, []
-        if self._start_hook is not None:
-            self._start_hook.remove()
-            self._start_hook = None
+        self._remove_hooks()
         if exc_type is not None or self._recorder.failed or self._backward_cut_short():
             self._state = "failed"
         try:
@@ -160,6 +144,41 @@ class PerSampleGrads:
             # themselves) is not about the parameters
             raise RuntimeError(_autograd_grad_refusal("the model's parameters")) from exc
         return False
+
+    def _register_hooks(self) -> None:
+        """Register the context's hooks, each handle kept as soon as it exists (so that
+        :meth:`_remove_hooks` removes every one registered before an error). With
+        inference mode off: under it, torch's multi-gradient hook cannot find a
+        parameter's gradient accumulator, though a forward inside the context may turn
+        inference mode off and run a backward."""
+        with torch.inference_mode(False):
+            # Registered first, so that it runs before the multi-gradient hook's own hook
+            # on the same parameter: each parameter the backward reaches is marked.
+            for p in self.parameters:
+                self._hooks.append(p.register_hook(self._marker(p)))
+            for module, guard in self._sample_dim_guards:
+                self._hooks.append(module.register_forward_pre_hook(guard, with_kwargs=True))
+            for layer in self._layers:
+                self._hooks += self._recorder.track_calls(layer)
+            if self.parameters:
+                self._register_results_hook()
+                self._start_hook = torch.autograd.graph.register_multi_grad_hook(
+                    self.parameters, self._on_a_backward_reaching_parameters, mode="any"
+                )
+                self._recorder.watch_stray = self._watch_stray
+
+    def _remove_hooks(self) -> None:
+        """Remove every hook :meth:`_register_hooks` registered."""
+        self._recorder.watch_stray = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._results_hook is not None:
+            self._results_hook.remove()
+            self._results_hook, self._watched = None, []
+        if self._start_hook is not None:
+            self._start_hook.remove()
+            self._start_hook = None
 
     # ------------------------------------------------------------------ results
     @property
@@ -954,10 +973,12 @@ def per_sample_grads(
             not a number (``None`` included), or ``statistics`` is not a bool (and, at
             the forward inside the context, a module made to mix samples since).
         ValueError: an unknown mode, a ``max_norm`` that is not positive and finite, or
-            one given to a mode other than ``"clip"``, a trainable parameter shared by two
-            Linear modules that do not share both weight and bias (two that do, or share
-            the weight with no bias in either, are one layer called twice), and, at the
-            forward inside the context, a module whose dim lands on dim 0.
+            one given to a mode other than ``"clip"``, a Linear's trainable parameter not
+            yet initialized (a lazy module before its first forward), a trainable
+            parameter shared by two Linear modules that do not share both weight and bias
+            (two that do, or share the weight with no bias in either, are one layer called
+            twice), and, at the forward inside the context, a module whose dim lands on
+            dim 0.
         RuntimeError: nesting or re-entering, a parameter frozen, unfrozen or replaced
             since the context was created (on entering), and at the backward a use the
             context refuses (a second backward, ``torch.autograd.grad`` w.r.t. a

@@ -262,6 +262,29 @@ def _calls_recorded_by(module: bpnn.Linear, layers: list[Layer]) -> Layer | None
     )
 
 
+def _refuse_uninitialized(where: str, module: bpnn.Linear) -> None:
+    """Raise if a trainable weight or bias of ``module`` is an uninitialized parameter
+    (a lazy module before its first forward): it has no shape yet, and no hook can be
+    registered on it.
+
+    Raises:
+        ValueError: naming the module and the parameters (as torch raises ValueError for
+            the use of an uninitialized parameter).
+    """
+    names = [
+        what
+        for what in ("weight", "bias")
+        if isinstance(getattr(module, what), nn.UninitializedParameter)
+        and getattr(module, what).requires_grad
+    ]
+    if names:
+        raise ValueError(
+            f"per_sample_grads: {where} has uninitialized parameters ({', '.join(names)}); "
+            "run one forward of the model (a dummy batch) to initialize them before "
+            "creating the context"
+        )
+
+
 def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
     """Raise if the trainable weight or bias of ``module`` is a tensor that is not an
     :class:`~torch.nn.Parameter`: a plain tensor left in the module by
@@ -316,7 +339,8 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             (named in the message).
         ValueError: a trainable parameter is shared by two Linear modules that do not
             share both their weight and their bias (a module sharing both is not a layer
-            of its own: its calls are recorded for the first one's).
+            of its own: its calls are recorded for the first one's), or a Linear's
+            trainable parameter is uninitialized (a lazy module before its first forward).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -343,6 +367,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         if recording is not None:
             recording.tied.append((name, module))
         elif isinstance(module, bpnn.Linear):
+            _refuse_uninitialized(where, module)
             _refuse_plain_tensors(where, module)
             weight, bias = _trainable(module.weight), _trainable(module.bias)
             _refuse_complex(where, weight=weight, bias=bias)

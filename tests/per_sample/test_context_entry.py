@@ -1,0 +1,110 @@
+"""Entering a per_sample_grads context: no hook left behind by an entry that fails, entry
+under ``torch.inference_mode()``, and lazy Linear modules before their first forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import torchbp
+from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
+from torchbp.per_sample import per_sample_grads
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3)).double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(5, 4, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1])
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+
+def _per_sample_truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """{name: (B, *p.shape)} by torch.func.vmap(grad)."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def sample_loss(p, xi, yi):
+        return _loss(lambda inp: functional_call(model, p, (inp,)), xi[None], yi[None])
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def _assert_matches_truth(model: nn.Module, ps, truth: dict) -> None:
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in truth.values()]).sum(0).sqrt()
+    torch.testing.assert_close(ps.norms, norms)
+    for name, per_sample in truth.items():
+        p = model.get_parameter(name)
+        torch.testing.assert_close(p.grad_sample, per_sample)
+        torch.testing.assert_close(p.grad, per_sample.sum(0))
+
+
+def _assert_plain_training_works(model: nn.Module) -> None:
+    """Autograd's own gradients, as from a fresh copy of the model: no marker hook left
+    on a parameter refuses them, no recorder is left registered."""
+    x, y = _data()
+    model.zero_grad(set_to_none=True)
+    _loss(model, x, y).backward()
+    fresh = _model()
+    fresh.load_state_dict(model.state_dict())
+    _loss(fresh, x, y).backward()
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert getattr(per_sample_recording, "recorder", None) is None
+    assert not any(id(p) in per_sample_recorders_by_weight for p in model.parameters())
+
+
+def test_an_entry_that_fails_leaves_no_hook_behind(monkeypatch):
+    """An error while the hooks are registered (here the multi-gradient hook, which
+    failed under inference mode) used to leave the parameters' marker hooks in place:
+    every later backward outside the context was refused as a stray gradient."""
+    model = _model()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("cannot hook")
+
+    context = per_sample_grads(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.autograd.graph, "register_multi_grad_hook", failing)
+        with pytest.raises(RuntimeError, match="cannot hook"):
+            context.__enter__()
+    _assert_plain_training_works(model)
+
+
+def test_entered_under_inference_mode():
+    """Entering under torch.inference_mode() failed with an AttributeError inside
+    register_multi_grad_hook (and left hooks behind); a step that turns inference mode
+    off inside the context now gives torch.func's per-sample gradients."""
+    model = _model()
+    x, y = _data()
+    truth = _per_sample_truth(model, x, y)
+    with torch.inference_mode():
+        with per_sample_grads(model, mode="grads") as ps:
+            with torch.inference_mode(False):
+                _loss(model, x, y).backward()
+    _assert_matches_truth(model, ps, truth)
+    _assert_plain_training_works(model)
+
+
+def test_lazy_linear_refused_by_name_until_its_first_forward():
+    """A converted nn.LazyLinear holds UninitializedParameters until its first forward:
+    entering failed inside Tensor.register_hook, after the other parameters' hooks were
+    registered. Now refused at creation, naming it; after a forward it works."""
+    torch.manual_seed(0)
+    model = torchbp.convert(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LazyLinear(3)))
+    with pytest.raises(ValueError, match=r"'2' \(LazyLinear\) has uninitialized parameters"):
+        per_sample_grads(model)
+    model = model.double()
+    x, y = _data()
+    model(x)  # initializes the lazy parameters
+    truth = _per_sample_truth(model, x, y)
+    with per_sample_grads(model, mode="grads") as ps:
+        _loss(model, x, y).backward()
+    _assert_matches_truth(model, ps, truth)
