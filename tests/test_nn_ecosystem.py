@@ -292,3 +292,62 @@ def test_vmap_ensemble_backward_matches_torch_nn():
     assert grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, **TOL)
+
+
+#: the torchbp modules that take ``inplace=True``
+_INPLACE = ("ReLU", "LeakyReLU", "ELU", "SiLU")
+
+
+def _traced_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = model(x)
+    torch.nn.functional.cross_entropy(out, target).backward()
+    return out.detach(), x.grad, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", _INPLACE)
+def test_jit_trace_of_an_inplace_activation_runs_torchbps_function(name):
+    """``Linear -> ReLU(inplace=True)`` (torchvision's ResNets, most MLPs): the trace
+    failed torch's check, and every call of it raised 'inplace ReLUFunction not supported
+    in the JIT' (TorchScript cannot run a Function that marks its input dirty); traced,
+    the activation runs out of place and is copied in."""
+    bp, native = (
+        nn.Sequential(lib.Linear(6, 8), getattr(lib, name)(inplace=True), lib.Linear(8, 3))
+        for lib in (torchbp.nn, nn)
+    )
+    bp, native = bp.to(DT), native.to(DT)
+    bp.load_state_dict(native.state_dict())
+    traced = torch.jit.trace(bp, torch.randn(4, 6, dtype=DT))
+    assert f"{name}Function" in str(traced.inlined_graph)  # torchbp's, not native's
+    x, target = torch.randn(7, 6, dtype=DT), torch.randint(0, 3, (7,))
+    got, want = _traced_grads(traced, x, target), _traced_grads(native, x, target)
+    torch.testing.assert_close(got, want, **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), want[0], **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_cross_entropy_inplace_keeps_the_logits():
+    """``cross_entropy(..., inplace=True)`` traced: as under torch.compile, the gradient is
+    not written over the logits (the trace failed as the in-place activations did)."""
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torchbp.nn.Linear(6, 4)
+
+        def forward(self, x, target):
+            return torchbp.functional.cross_entropy(self.fc(x), target, inplace=True)
+
+    model = Classifier().to(DT)
+    x, target = torch.randn(5, 6, dtype=DT), torch.randint(0, 4, (5,))
+    traced = torch.jit.trace(model, (x, target))
+    x2, target2 = torch.randn(9, 6, dtype=DT), torch.randint(0, 4, (9,))
+    loss = traced(x2, target2)
+    want = torch.nn.functional.cross_entropy(model.fc(x2), target2)
+    torch.testing.assert_close(loss, want, **TOL)
+    got_grads = torch.autograd.grad(loss, list(model.parameters()))
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(got_grads, want_grads, **TOL)

@@ -190,13 +190,24 @@ def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return view.copy_(result)
 
 
+def _traced() -> bool:
+    """Whether :func:`torch.jit.trace` records the call. TorchScript cannot run a Function
+    that marks its input dirty ("inplace ReLUFunction not supported in the JIT", at every
+    call of the trace), and torch's check traces again under ``no_grad``, which must record
+    the same graph: an in-place call there is the Function out of place, then a copy into
+    ``input``, whether or not a gradient is recorded."""
+    return torch.jit.is_tracing()
+
+
 def _inplace_activation(name: str, functions, native, input: torch.Tensor, *args):
     """``relu`` / ``leaky_relu`` / ``elu`` with ``inplace=True``: refused before anything
-    is written where autograd could not record the write (native's error); native's own
-    in-place kernel where nothing is recorded; computed out of place and copied in where
-    :func:`_written_by_copy` says so; else the Function writes into ``input`` and marks it
-    dirty."""
+    is written where autograd could not record the write (native's error); computed out of
+    place and copied in while traced (:func:`_traced`); native's own in-place kernel where
+    nothing is recorded; computed out of place and copied in where :func:`_written_by_copy`
+    says so; else the Function writes into ``input`` and marks it dirty."""
     _checks.check_inplace_writable(name, input)
+    if _traced():
+        return input.copy_(apply(functions, input, *args, False))
     if not _differentiated(input):  # nothing to record: native's kernel returns input
         return native(input, *args, inplace=True)
     if _written_by_copy(input):
@@ -250,10 +261,12 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     r""":math:`\max(x, 0)` (as :func:`torch.nn.functional.relu`); gradient 0 at 0.
 
     With ``inplace=True`` the result overwrites ``input`` (which is returned). On a view
-    that autograd records, and under torch.func transforms (``relu``, ``leaky_relu`` and
-    ``elu`` alike), it is computed out of place and copied in, so that a view autograd
-    refuses to modify (an ``unbind`` / ``split`` output, one made under ``no_grad``)
-    raises native's error untouched, and ``vmap(grad(...))`` runs.
+    that autograd records, under torch.func transforms and while :func:`torch.jit.trace`
+    records the call (``relu``, ``leaky_relu``, ``elu`` and ``silu`` alike), it is
+    computed out of place and copied in, so that a view autograd refuses to modify (an
+    ``unbind`` / ``split`` output, one made under ``no_grad``) raises native's error
+    untouched, ``vmap(grad(...))`` runs, and a traced model runs (TorchScript cannot run a
+    Function that writes into its input).
 
     Args:
         input: any shape (not bool, as native).
@@ -366,7 +379,7 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return torch.nn.functional.silu(input, inplace=inplace)
     if not inplace:
         return apply(_SILU, input)
-    if not _differentiated(input):
+    if not (_differentiated(input) or _traced()):
         # nothing to record: native's own in-place kernel (x·σ(x) would round twice)
         return torch.nn.functional.silu(input, inplace=True)
     return input.copy_(apply(_SILU, input.clone()))
@@ -605,12 +618,14 @@ def _writes_gradient_over_logits(
     """Whether ``cross_entropy(..., inplace=True)`` writes the gradient over ``logits``:
     only where autograd records a gradient for them (otherwise nothing needs it, and the
     logits are kept), in eager mode (a target or weights batched by torch.func alone
-    included), and not for a view (see :func:`_recorded_view`)."""
+    included), not for a view (see :func:`_recorded_view`), and not while
+    :func:`torch.jit.trace` records the call (see :func:`_traced`)."""
     return (
         inplace
         and _differentiated(logits)
         and all(values_inspectable(t) for t in (logits, target, weight) if t is not None)
         and not _recorded_view(logits)
+        and not _traced()
     )
 
 
@@ -733,10 +748,10 @@ def cross_entropy(
             catches any op that saved them). Ignored (the logits are kept, the loss is the
             same) where no gradient is recorded for the logits (under ``torch.no_grad`` or
             ``torch.inference_mode``, or logits that do not require grad: nothing needs
-            the gradient), under torch.compile and torch.func, and for logits requiring
-            grad that are a view of another tensor (e.g. ``logits.view(-1, C)``; autograd
-            cannot record the in-place write there), which get the same values without the
-            memory saving.
+            the gradient), under torch.compile, torch.func and torch.jit.trace, and for
+            logits requiring grad that are a view of another tensor (e.g.
+            ``logits.view(-1, C)``; autograd cannot record the in-place write there),
+            which get the same values without the memory saving.
 
     Shape:
         Output: a scalar, or the batch shape (the input's without the class dim) with
