@@ -267,3 +267,72 @@ def test_a_backward_in_low_precision_on_purpose_names_parity_tolerances_to_accep
         parity_rtol=parity_tol,
     )
     assert accepted["gradcheck"].passed, accepted
+
+
+def _non_finite_when_dense(value):
+    """A vector map giving ``value`` everywhere for a vector with two or more nonzeros,
+    the vector itself otherwise: right for every one-hot vector (gradcheck's Jacobians),
+    wrong for every dense one (training's)."""
+
+    def branching(v):
+        return torch.where(v.count_nonzero() > 1, torch.full_like(v, value), v)
+
+    return branching
+
+
+_JACOBIAN_PATHS = {
+    "full Jacobian": ((3, 4), {}),
+    "projections": ((8, 9), {"fast_mode": False}),
+    "torch fast_mode": ((3, 4), {"fast_mode": True}),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("path", list(_JACOBIAN_PATHS))
+def test_a_backward_non_finite_for_dense_grad_outputs_only_fails_gradcheck(value, path):
+    # before: passed (one-hot grad_outputs gave finite gradients; NaN == NaN in the
+    # linearity comparison), also for a Jacobian too large to compare in full; torch's
+    # fast_mode (dense random vectors) failed, saying only "Jacobian mismatch"
+    shape, options = _JACOBIAN_PATHS[path]
+    fn = square_function(_non_finite_when_dense(value), identity)
+    report = check_function(fn, seeded(*shape), checks=["gradcheck"], **options)
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, report
+    assert f"{value} for dense random grad_outputs: the gradient of input 0" in message
+    assert "backward must be finite for every finite grad_output" in message
+
+
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_a_jvp_non_finite_for_dense_tangents_only_fails_forward_ad(fast_mode):
+    fn = square_function(identity, _non_finite_when_dense(float("nan")))
+    report = check_function(fn, seeded(3, 4), checks=["forward_ad"], fast_mode=fast_mode)
+    message = report["forward_ad"].message
+    assert report["forward_ad"].failed, report
+    assert "jvp gives nan for dense random tangents: the tangent of output 0" in message
+
+
+class _SqrtAtZero(torch.autograd.Function):
+    """sqrt(x), whose derivative 1 / (2 sqrt(x)) is infinite at 0, as torch.sqrt's is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.sqrt()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        # d sqrt(x)/dx = 1 / (2 sqrt(x))
+        return g / (2 * y)
+
+
+def test_a_non_finite_gradient_where_fn_has_no_finite_derivative_is_no_finiteness_finding():
+    # the infinite derivative of sqrt at 0 is right: the finiteness requirement stays
+    # silent where fn's own central differences are not finite
+    x = seeded(3, 4).abs() + 0.5
+    x[1, 2] = 0.0
+    fn_report = check_function(_SqrtAtZero.apply, x, checks=["gradcheck"])
+    torch_report = check_function(torch.sqrt, x, checks=["gradcheck"])
+    assert "for dense random" not in fn_report["gradcheck"].message, fn_report
+    assert fn_report["gradcheck"].status == torch_report["gradcheck"].status

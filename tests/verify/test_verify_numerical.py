@@ -12,6 +12,7 @@ from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function
 from torchbp.verify.checks.jacobians import projected_backward_error
+from torchbp.verify.checks.numerical import rounded_to
 
 
 class SplitForgetsFactorWhenBothGrads(torch.autograd.Function):
@@ -180,6 +181,65 @@ def test_a_gradcheck_failure_of_a_float32_output_says_why_the_numbers_are_off():
     result = report["gradcheck"]
     assert result.failed, report
     assert "output 0 is torch.float32 although the inputs are float64" in result.message
+
+
+class _SquareComputedInFloat32(torch.autograd.Function):
+    """x² whose forward (``in_forward``) or backward computes in float32 and casts back to
+    the inputs' float64: the outputs (or gradients) are float64 holding float32 numbers."""
+
+    in_forward = True
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        narrow = x.float() if _SquareComputedInFloat32.in_forward else x
+        return (narrow * narrow).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if not _SquareComputedInFloat32.in_forward:
+            g, x = g.float(), x.float()
+        # d x²/dx = 2x
+        return (2 * x * g).to(ctx.saved_tensors[0].dtype)
+
+
+def test_a_gradcheck_failure_of_float64_outputs_computed_in_float32_says_why(monkeypatch):
+    # before: only an output of a float32 dtype was named; one cast back to float64 gave
+    # a bare "disagrees with numerical gradient"
+    monkeypatch.setattr(_SquareComputedInFloat32, "in_forward", True)
+    report = check_function(_SquareComputedInFloat32, seeded(3, 4), checks="gradcheck")
+    result = report["gradcheck"]
+    assert result.failed, report
+    assert "fn's float64 outputs hold only torch.float32 numbers" in result.message
+    assert "pass a larger eps" in result.message
+
+
+def test_a_gradgradcheck_failure_of_a_backward_computing_in_float32_says_why(monkeypatch):
+    # before: a bare "double backward ... disagrees with numerical gradient", where
+    # gradcheck named the float32 rounding (here accepted with parity_atol)
+    monkeypatch.setattr(_SquareComputedInFloat32, "in_forward", False)
+    checks = ["gradcheck", "gradgradcheck"]
+    report = check_function(_SquareComputedInFloat32, seeded(3, 4), checks=checks, parity_atol=1e-5)
+    assert report["gradcheck"].passed, report
+    result = report["gradgradcheck"]
+    assert result.failed, report
+    assert "backward's float64 gradients hold only torch.float32 numbers" in result.message
+    assert "narrower dtype than its float64 inputs" in result.message
+    assert "pass a larger eps" in result.message
+    wider = check_function(
+        _SquareComputedInFloat32, seeded(3, 4), checks=checks, parity_atol=1e-5, eps=1e-3
+    )
+    assert wider.ok, wider
+
+
+def test_float32_numbers_are_told_from_float64_ones():
+    exact = torch.tensor([0.5, 3.0, -0.125], dtype=torch.float64)
+    assert rounded_to([seeded(3, 4)]) is None
+    assert rounded_to([seeded(3, 4).float().double()]) == torch.float32
+    assert rounded_to([seeded(3, 4).half().double()]) == torch.float16
+    assert rounded_to([torch.arange(4.0, dtype=torch.float64)]) is None  # integers only
+    assert rounded_to([exact]) == torch.float16
 
 
 def _fast_gradchecks_projection(n: int) -> torch.Tensor:

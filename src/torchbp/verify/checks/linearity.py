@@ -6,12 +6,15 @@ The Jacobians the ``gradcheck`` and ``forward_ad`` checks compare are built one 
 ``v`` (or ``u``) at a time, as torch's gradcheck builds them: a backward computing
 ``2 * x * g.abs()`` or clipping ``g.clamp(-1, 1)``, or a jvp computing ``t * t.sum()``,
 is right for every one-hot vector and wrong for nearly any other, which is what
-autograd hands it in training (and what ``torch.func.jvp`` is given)."""
+autograd hands it in training (and what ``torch.func.jvp`` is given). So is a backward
+(or jvp) giving NaN or inf for a dense vector only, where fn's derivatives are finite: NaN
+compares equal to NaN in the linearity test, so finiteness is required first."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -22,6 +25,7 @@ from torchbp.verify.checks.compare import (
     input_grads,
     mismatch,
     require_close,
+    unravel,
 )
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.outcomes import CheckFailure
@@ -55,27 +59,46 @@ def departure_note(
     return ROUNDING_NOTE if bad is not None and bad[1] < ROUNDING_SIZE else note
 
 
+@dataclass(frozen=True)
+class _LinearMap:
+    """How messages name a map that must be linear in its vectors.
+
+    Args:
+        subject: the map, e.g. ``"backward"``.
+        vector: what it is given, e.g. ``"grad_output"``.
+        linear_in: how "not linear in ..." names it, e.g. ``"the tangent"``.
+        result_name: names its result ``k``, e.g. ``"the gradient of input 0"``.
+        note: the likely bug when it is not linear, in parentheses.
+    """
+
+    subject: str
+    vector: str
+    linear_in: str
+    result_name: Callable[[int], str]
+    note: str
+
+
 def _require_linear(
     ctx: CheckContext,
     apply: Callable[[Sequence[torch.Tensor]], list[torch.Tensor | None]],
     like: Sequence[torch.Tensor],
     results_like: Sequence[torch.Tensor],
-    describe: Callable[[int], str],
-    note: str,
-    what: str,
+    linear_map: _LinearMap,
 ) -> None:
     """Fail unless ``apply`` (a map of vectors shaped ``like`` to results shaped
     ``results_like``; None for a zero result) gives for ``a + SCALE * b`` the sum of what
     it gives for ``a`` and ``SCALE`` times what it gives for ``b``, for random ``a``,
-    ``b``; ``describe(k)`` names result ``k`` in the message. First, ``apply`` must give
-    the same results twice (``what`` names it): a result that changes from run to run is
-    no departure from linearity."""
+    ``b``. First, ``apply`` must give the same results twice (a result that changes from
+    run to run is no departure from linearity), and finite ones where fn's derivatives
+    are finite (NaN would compare equal to NaN below)."""
     a = [ctx.randn(t.shape, t.dtype) for t in like]
     b = [ctx.randn(t.shape, t.dtype) for t in like]
     mixed = [x + SCALE * y for x, y in zip(a, b)]
     # copies: a backward writing into grad_output is grad_output_safety's finding
     got_a, got_b, got_mixed, again = (apply([v.clone() for v in vs]) for vs in (a, b, mixed, a))
+    what = f"{linear_map.subject} (given the same {linear_map.vector}s)"
     _require_repeatable(got_a, again, what, float(ctx.options.nondet_tol))
+    _require_finite(ctx, (got_a, got_b, got_mixed), linear_map)
     for k, template in enumerate(results_like):
         zero = torch.zeros_like(template)
         ra, rb, rm = (zero if r[k] is None else dense(r[k]) for r in (got_a, got_b, got_mixed))
@@ -85,11 +108,70 @@ def _require_linear(
             rm,
             expected,
             tolerance,
-            f"{describe(k)} for a + {SCALE:g} * b differs from that for a plus {SCALE:g} "
-            "times that for b (random a, b)",
-            note=departure_note(rm, expected, tolerance, note),
+            f"{linear_map.subject} is not linear in {linear_map.linear_in}: "
+            f"{linear_map.result_name(k)} for a + {SCALE:g} * b differs from that for a "
+            f"plus {SCALE:g} times that for b (random a, b)",
+            note=departure_note(rm, expected, tolerance, linear_map.note),
             show_index=True,
         )
+
+
+def _first_non_finite(
+    results: Sequence[Sequence[torch.Tensor | None]],
+) -> tuple[int, tuple[int, ...], float] | None:
+    """``(k, index, value)`` of the first NaN or infinite value of a result ``k`` among
+    ``results`` (runs, each a list of results; None a zero result), or None."""
+    for run in results:
+        for k, r in enumerate(run):
+            if r is None:
+                continue
+            bad = ~torch.isfinite(dense(r))
+            if bool(bad.any()):
+                flat = int(bad.reshape(-1).nonzero()[0])
+                return k, unravel(flat, r.shape), float(dense(r).reshape(-1)[flat])
+    return None
+
+
+def _derivatives_finite(ctx: CheckContext) -> bool:
+    """Whether fn's central differences along a random direction (every differentiable
+    input moved at once, by ``eps``) are all finite: then its Jacobian is (every entry
+    weighs in), and so is every Jacobian product with a finite vector. False when an
+    input is sparse (no elementwise step)."""
+    base = [x.detach() for x in ctx.leaves()]
+    if any(x.layout != torch.strided for x in base):
+        return False
+    steps = [float(ctx.options.eps) * ctx.randn(x.shape, x.dtype) for x in base]
+    with torch.no_grad():
+        above = ctx.diff_fn(*[x + s for x, s in zip(base, steps)])
+        below = ctx.diff_fn(*[x - s for x, s in zip(base, steps)])
+    return all(bool(torch.isfinite(hi - lo).all()) for hi, lo in zip(above, below))
+
+
+def _require_finite(
+    ctx: CheckContext,
+    results: Sequence[Sequence[torch.Tensor | None]],
+    linear_map: _LinearMap,
+) -> None:
+    """Fail if the map gave a NaN or infinite result for the finite random vectors
+    (``results``: one list per vector) although fn's derivatives are finite here
+    (:func:`_derivatives_finite`): the one-hot vectors of gradcheck's Jacobians gave
+    finite results, so the map branches on the whole vector (its count of nonzeros, its
+    norm) and gives NaN in training, unseen by gradcheck."""
+    found = _first_non_finite(results)
+    if found is None or not _derivatives_finite(ctx):
+        return
+    k, index, value = found
+    subject, vector = linear_map.subject, linear_map.vector
+    raise CheckFailure(
+        f"{subject} gives {value} for dense random {vector}s: "
+        f"{linear_map.result_name(k)} is {value} at index {index}, although fn's "
+        "derivatives are finite here (its central differences along a random direction "
+        f"are) and one-hot {vector}s, as gradcheck's Jacobians use, give finite values: "
+        f"{subject} must be finite for every finite {vector} (does it branch on the whole "
+        f"{vector}, e.g. its count of nonzeros or its norm, or divide by one of them?)",
+        math.inf,
+        math.inf,
+    )
 
 
 def _gap(x: torch.Tensor | None, y: torch.Tensor | None) -> float:
@@ -138,17 +220,16 @@ def require_backward_linear(ctx: CheckContext) -> None:
         # copies: a backward returning a buffer it reuses is the interleave check's finding
         return [None if g is None else g.detach().clone() for g in grads]
 
-    _require_linear(
-        ctx,
-        backward,
-        outs,
-        leaves,
-        lambda k: f"backward is not linear in grad_output: the gradient of {ctx.input_name(k)}",
+    linear_map = _LinearMap(
+        "backward",
+        "grad_output",
+        "grad_output",
+        lambda k: f"the gradient of {ctx.input_name(k)}",
         " (backward must return the vector-Jacobian product, linear in grad_output: no "
         "abs, clamp, sign or normalisation of it; one-hot grad_outputs, as gradcheck's "
         "Jacobian uses, do not show this)",
-        "backward (given the same grad_outputs)",
     )
+    _require_linear(ctx, backward, outs, leaves, linear_map)
 
 
 def require_jvp_linear(ctx: CheckContext) -> None:
@@ -163,14 +244,13 @@ def require_jvp_linear(ctx: CheckContext) -> None:
             found = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
             return [None if t is None else t.detach().clone() for t in found]
 
-    _require_linear(
-        ctx,
-        jvp,
-        base,
-        outs,
-        lambda o: f"jvp is not linear in the tangent: the tangent of output {o}",
+    linear_map = _LinearMap(
+        "jvp",
+        "tangent",
+        "the tangent",
+        lambda o: f"the tangent of output {o}",
         " (jvp must return the Jacobian-vector product, linear in the tangents: no abs, "
         "sign or products of tangents; one-hot tangents, as the forward Jacobian uses, do "
         "not show this)",
-        "jvp (given the same tangents)",
     )
+    _require_linear(ctx, jvp, base, outs, linear_map)

@@ -204,23 +204,85 @@ def _first_order(
         ) from None
 
 
+#: The dtypes a float64 computation may have been rounded to, narrowest first.
+NARROWER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rounded_to(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The narrowest of :data:`NARROWER_DTYPES` that holds exactly every finite
+    non-integer value of the float64 ``tensors``, or None (some value needs float64, or
+    none is a finite non-integer: integers fit every dtype and prove nothing). A float64
+    result computed from random values in float32 and cast back holds only float32
+    numbers; one computed in float64 almost never does.
+
+    Examples:
+        >>> rounded_to([torch.tensor([0.1, 2.0], dtype=torch.float64)]) is None
+        True
+        >>> rounded_to([torch.tensor([0.1], dtype=torch.float32).double()])
+        torch.float32
+    """
+    values = [t.detach().reshape(-1) for t in tensors if t.dtype == torch.float64]
+    if not values:
+        return None
+    flat = torch.cat([v.cpu() for v in values])
+    flat = flat[torch.isfinite(flat) & (flat != flat.round())]
+    if flat.numel() == 0:
+        return None
+    return next(
+        (d for d in NARROWER_DTYPES if bool((flat.to(d).to(torch.float64) == flat).all())),
+        None,
+    )
+
+
 def _low_precision_outputs(ctx: CheckContext) -> str:
     """Why the numerical gradient may be off although backward is right: fn returns an
-    output of a dtype less precise than its float64 inputs (its finite differences over
-    ``eps`` then carry that dtype's rounding); empty when none does."""
+    output of a dtype less precise than its float64 inputs, or float64 outputs holding
+    only float32 numbers (:func:`rounded_to`: computed in float32 and cast back); its
+    finite differences over ``eps`` then carry that precision's rounding. Empty when
+    neither."""
     low = [
         (o, d)
         for o, d in enumerate(ctx.out_dtypes)
         if d.is_floating_point and torch.finfo(d).eps > torch.finfo(torch.float64).eps
     ]
-    if not low:
+    if low:
+        o, dtype = low[0]
+        return (
+            f" (output {o} is {dtype} although the inputs are float64: finite differences "
+            f"over eps={ctx.options.eps:g} of a {dtype} output are rounded to its precision, "
+            "so the numerical gradient is unreliable; let fn compute in float64 for the "
+            "check, or pass a larger eps)"
+        )
+    with torch.no_grad():
+        dtype = rounded_to(ctx.diff_fn(*[x.detach() for x in ctx.leaves()]))
+    if dtype is None:
         return ""
-    o, dtype = low[0]
     return (
-        f" (output {o} is {dtype} although the inputs are float64: finite differences "
-        f"over eps={ctx.options.eps:g} of a {dtype} output are rounded to its precision, "
-        "so the numerical gradient is unreliable; let fn compute in float64 for the check, "
-        "or pass a larger eps)"
+        f" (fn's float64 outputs hold only {dtype} numbers: does fn compute in {dtype} and "
+        f"cast back? finite differences over eps={ctx.options.eps:g} are then rounded to "
+        f"{dtype}'s precision, so the numerical gradient is unreliable; let fn compute in "
+        "float64 for the check, or pass a larger eps)"
+    )
+
+
+def _low_precision_backward(ctx: CheckContext) -> str:
+    """Why the numerical second derivative may be off although double backward is right:
+    backward's float64 gradients (of random grad_outputs) hold only float32 numbers
+    (:func:`rounded_to`: backward computes in float32 and casts back), so its finite
+    differences over ``eps`` carry float32's rounding. Empty when they do not."""
+    leaves = ctx.leaves()
+    outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    grads = input_grads(outs, leaves, ctx.randn_like_outputs(outs), allow_unused=True)
+    dtype = rounded_to([g for g in grads if g is not None])
+    if dtype is None:
+        return ""
+    return (
+        f" (backward's float64 gradients hold only {dtype} numbers: does backward compute "
+        f"in {dtype}, a narrower dtype than its float64 inputs? that loses precision in "
+        f"every use; and finite differences of backward over eps={ctx.options.eps:g} are "
+        f"rounded to {dtype}'s precision, so the numerical second derivative is "
+        "unreliable: compute backward in the inputs' dtype, or, if it does so on purpose, "
+        "pass a larger eps (such as 1e-3) or skip gradgradcheck)"
     )
 
 
@@ -269,6 +331,7 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     try:
         errors = _first_order(ctx, diff, analytical_jacobian, "backward", "gradcheck", torch_msg)
     except CheckFailure as failure:
+        _require_linear_when_only_torch_failed(ctx, failure, "gradcheck", _require_backward_linear)
         hint = _missing_gradients_hint(ctx, diff) + _non_differentiable_outputs_hint(ctx, diff)
         raise CheckFailure(failure.message + hint, failure.abs_err, failure.rel_err) from None
     if errors is not None:
@@ -277,11 +340,39 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
     else:
         abs_err, rel_err = _projected_error(ctx, ctx.diff_fn, diff, "backward")
         note = "random projections v^T J u compared (large inputs)"
-    _require_linear_in_grad_outputs(ctx)
-    require_backward_linear(ctx)
+    _require_backward_linear(ctx)
     if sparse:
         raise _sparse_gradient_gap(ctx, sparse, "gradcheck", note, abs_err, rel_err)
     return Passed(note, abs_err, rel_err)
+
+
+def _require_backward_linear(ctx: CheckContext) -> None:
+    """Fail unless backward is linear in the grad_outputs: given them all at once
+    (:func:`_require_linear_in_grad_outputs`) and given random ones
+    (:func:`require_backward_linear`)."""
+    _require_linear_in_grad_outputs(ctx)
+    require_backward_linear(ctx)
+
+
+def _require_linear_when_only_torch_failed(
+    ctx: CheckContext,
+    failure: CheckFailure,
+    torch_name: str,
+    require_linear: Callable[[CheckContext], None],
+) -> None:
+    """When only torch's verdict failed (``failure`` is its bare line: the one-hot
+    Jacobians agree), fail with ``require_linear``'s finding if it has one: torch's
+    ``fast_mode`` projects on dense random vectors, so a map wrong or non-finite only for
+    those fails there, and the linearity check names how. Nothing when it passes or
+    raises otherwise (``failure`` then stands)."""
+    if not failure.message.startswith(f"{torch_name}: "):
+        return
+    try:
+        require_linear(ctx)
+    except CheckFailure:
+        raise
+    except Exception:  # noqa: BLE001, S110 - the original failure stands
+        return
 
 
 def _sparse_gradient_gap(
@@ -495,25 +586,37 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
     try:
         return _second_order(ctx)
     except CheckFailure as failure:
-        try:
-            constants = saved_constants(ctx)
-        except Exception:  # noqa: BLE001 - a hint must never replace the verdict
-            constants = []
-        if not constants:
+        hint = _hint(_low_precision_backward, ctx) + _hint(_saved_constants_hint, ctx)
+        if not hint:
             raise
-        raise CheckFailure(
-            f"{failure.message} (possible cause: {_list(constants)} for backward although "
-            "it is neither an input nor an output: forward runs without autograd, so double "
-            "backward takes it for a constant and misses its dependence on the inputs. Save "
-            "inputs or outputs and recompute it in backward, or return it as an output; "
-            "mark backward @once_differentiable if double backward is not meant to work)",
-            failure.abs_err,
-            failure.rel_err,
-        ) from None
+        raise CheckFailure(failure.message + hint, failure.abs_err, failure.rel_err) from None
     except (CheckUnsupported, CheckSkip):
         raise
     except Exception as exc:  # noqa: BLE001
         raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
+
+
+def _hint(hint: Callable[[CheckContext], str], ctx: CheckContext) -> str:
+    """``hint(ctx)``, or empty when it raises: a hint must never replace the verdict."""
+    try:
+        return hint(ctx)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _saved_constants_hint(ctx: CheckContext) -> str:
+    """Why double backward may be wrong: what fn's Functions saved for backward that is
+    neither an input nor an output (:func:`saved_constants`); empty when nothing is."""
+    constants = saved_constants(ctx)
+    if not constants:
+        return ""
+    return (
+        f" (possible cause: {_list(constants)} for backward although it is neither an "
+        "input nor an output: forward runs without autograd, so double backward takes it "
+        "for a constant and misses its dependence on the inputs. Save inputs or outputs "
+        "and recompute it in backward, or return it as an output; mark backward "
+        "@once_differentiable if double backward is not meant to work)"
+    )
 
 
 def saved_constants(ctx: CheckContext) -> list[str]:
@@ -741,9 +844,13 @@ def _forward_ad(ctx: CheckContext) -> Passed:
         capability=FORWARD_AD,
         **_torch_options(ctx),
     )
-    errors = _first_order(
-        ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
-    )
+    try:
+        errors = _first_order(
+            ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
+        )
+    except CheckFailure as failure:
+        _require_linear_when_only_torch_failed(ctx, failure, "forward AD", require_jvp_linear)
+        raise
     _require_tangents_like_outputs(ctx)
     require_jvp_linear(ctx)
     require_jvp_layout_independent(ctx)
