@@ -1506,16 +1506,20 @@ def test_an_interrupt_never_overwrites_the_best_checkpoint(tmp_path):
     assert len(interrupted) == 1, sorted(p.name for p in folder.iterdir())
 
 
-@pytest.mark.parametrize("stop", ["--trainer.max_steps=6", "interrupt"])
-def test_synthetic_fit_resumed_mid_epoch_continues_the_epochs_batches(tmp_path, stop):
+@pytest.mark.parametrize(
+    ("stop", "workers"), [("--trainer.max_steps=6", 0), ("interrupt", 0), ("interrupt", 2)]
+)
+def test_synthetic_fit_resumed_mid_epoch_continues_the_epochs_batches(tmp_path, stop, workers):
     """A synthetic fit resumed within an epoch (from last.ckpt of a validation within it,
     or of Ctrl-C) started that epoch's batches over, in epoch 0's order: it trained the
-    first batches twice and never the rest. It continues as the uninterrupted fit."""
+    first batches twice and never the rest. It continues as the uninterrupted fit, with
+    workers too (whose copies of the batches started in epoch 0's order before)."""
     from tests.lightning.lightning_helpers import RecordBatches
 
     common = [
         "--config=synthetic_large",
         f"--run_dir={tmp_path}",
+        f"--data.init_args.num_workers={workers}",
         "--data.init_args.n_samples=64",
         "--data.init_args.n_val=16",
         "--data.init_args.n_test=16",

@@ -192,13 +192,15 @@ def test_unreachable_target_epsilon_is_named():
 # -- ERMClassifier(privacy=...) ------------------------------------------------------------
 
 
-def _dp_fit(tmp_path, privacy, **trainer_kwargs):
+def _dp_fit(tmp_path, privacy, num_workers=0, **trainer_kwargs):
     import pytorch_lightning as pl
 
     from torchbp.lightning import ERMClassifier
 
     pl.seed_everything(0)
-    dm = DigitsDataModule(batch_size=64, poisson_sampling=True, standardize=False)
+    dm = DigitsDataModule(
+        batch_size=64, poisson_sampling=True, standardize=False, num_workers=num_workers
+    )
     model = ERMClassifier(
         input_size=64,
         num_classes=10,
@@ -309,10 +311,10 @@ def _batch_recorder():
     return RecordBatches()
 
 
-def _batches_of_a_resumed_dp_fit(tmp_path, max_epochs, save_at_step):
+def _batches_of_a_resumed_dp_fit(tmp_path, max_epochs, save_at_step, num_workers=0):
     """``(whole, resumed)``: each training batch's labels by epoch, of a DP fit that saved a
     checkpoint after global step ``save_at_step`` (a callable of the trainer), and of a fit
-    resumed from that checkpoint."""
+    resumed from that checkpoint (both loading with ``num_workers`` workers)."""
     import pytorch_lightning as pl
 
     pytest.importorskip("opacus")
@@ -330,6 +332,7 @@ def _batches_of_a_resumed_dp_fit(tmp_path, max_epochs, save_at_step):
         dm, model, trainer = _dp_fit(
             tmp_path,
             privacy,
+            num_workers,
             max_epochs=max_epochs,
             limit_val_batches=0,
             callbacks=[recorder, *callbacks],
@@ -367,6 +370,16 @@ def test_dp_fit_resumed_mid_epoch_continues_the_epochs_poisson_draws(tmp_path):
     # the continued draws (a DataLoader fetching ahead at the save drops one more, never
     # repeats one)
     assert resumed[0] == rest[len(rest) - len(resumed[0]) :]
+
+
+def test_dp_fit_with_workers_resumed_mid_epoch_trains_the_uninterrupted_fits_draws(tmp_path):
+    """With workers the Poisson sampler draws batches ahead of the steps, and its state in
+    a checkpoint counts them: the resumed epoch skipped the batches drawn ahead, never
+    trained nor released, and trained other batches than the uninterrupted fit. The skip
+    is now cut to the batches the fit had fetched: the resumed fit draws the rest of the
+    uninterrupted fit's epoch."""
+    whole, resumed = _batches_of_a_resumed_dp_fit(tmp_path, 1, lambda trainer: 3, num_workers=2)
+    assert resumed[0] == whole[0][3:]
 
 
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):

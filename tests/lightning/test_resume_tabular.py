@@ -181,25 +181,61 @@ def test_secure_rng_resume_of_a_seeded_checkpoint_is_a_cli_error_before_anything
     assert list(tmp_path.rglob("config.yaml")) == [config]
 
 
+#: how the first run of a resume with workers stops: within epoch 1 (Ctrl-C after its
+#: second batch), or at epoch 0's end (epoch 1 then starts in the resumed run)
+WORKER_STOPS = {
+    "within_an_epoch": STOPS["interrupt"],
+    "at_an_epochs_start": ["--trainer.max_steps=7", "--checkpoint.every_n_train_steps=7"],
+}
+
+
 @pytest.mark.parametrize(
-    ("steps", "warning"),
-    [(9, "resumed within epoch 1, after 2 batches"), (7, "workers started fetching in epoch 0")],
-    ids=["within_an_epoch", "at_an_epochs_start"],
+    ("stop", "poisson"),
+    [("within_an_epoch", False), ("at_an_epochs_start", True)],
+    ids=["within_an_epoch-shuffled", "at_an_epochs_start-poisson"],
 )
-def test_a_resume_with_workers_warns_that_its_batches_are_not_the_uninterrupted_fits(
-    tmp_path, steps, warning
-):
-    """Workers fetch the epoch's first batches when Lightning makes the loader's iterator,
-    before it sets the sampler's epoch or the model can continue the epoch: a resume,
-    even at an epoch's start, trains other batches than the uninterrupted fit (silently
-    before)."""
-    common = [*COMMON, f"--run_dir={tmp_path}", "--data.init_args.num_workers=1"]
-    run_cli(
-        "fit", *common, f"--trainer.max_steps={steps}", f"--checkpoint.every_n_train_steps={steps}"
-    )
+def test_a_fit_resumed_with_workers_trains_what_the_uninterrupted_fit_does(tmp_path, stop, poisson):
+    """Workers fetched the epoch's first batches when Lightning made the loader's
+    iterator, before it set the sampler's epoch or the model could continue the epoch:
+    a resume, even at an epoch's start, trained other batches than the uninterrupted fit,
+    and warned so. torchbp's train loaders now start their workers at the first batch:
+    the resumed fit trains the uninterrupted fit's batches, to its weights, unwarned."""
+    common = [
+        *COMMON,
+        f"--run_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+        "--data.init_args.num_workers=2",
+        f"--data.init_args.poisson_sampling={poisson}",
+    ]
+    try:
+        run_cli("fit", *common, "--run_name=resumed", *WORKER_STOPS[stop])
+    except SystemExit:  # the run Ctrl-C stopped
+        assert stop == "within_an_epoch"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_cli("fit", *common, "--ckpt_path=last", "--trainer.max_epochs=2")
-    messages = [str(w.message) for w in caught if "resumed" in str(w.message)]
-    assert len(messages) == 1 and warning in messages[0], messages
-    assert "with data.num_workers: 0, torchbp's DataModules resume exactly" in messages[0]
+        resumed = run_cli("fit", *common, "--run_name=resumed", "--ckpt_path=last")
+    whole = run_cli("fit", *common, "--run_name=whole")
+    steps = len(_batches(whole)) - len(_batches(resumed))
+    assert steps in (7, 9) and _batches(resumed)[0][0] == 1
+    assert _batches(resumed) == _batches(whole)[steps:]
+    resumed_weights, whole_weights = resumed.model.state_dict(), whole.model.state_dict()
+    for name, value in whole_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0, msg=name)
+    about_the_batches = ("fit resumed", "dataloader is not resumable")
+    assert not [w for w in caught if any(part in str(w.message) for part in about_the_batches)]
+
+
+def test_a_resume_with_workers_of_a_loader_of_your_own_warns_where_they_fetch_early(tmp_path):
+    """A DataLoader of your own with workers and torchbp's sampler fetches before the fit
+    can continue the epoch: the warning names it and the loader that does not."""
+    g = torch.Generator().manual_seed(0)
+    rows = TensorDataset(torch.randn(40, 4, generator=g), torch.randint(3, (40,), generator=g))
+    loader = DataLoader(rows, batch_size=8, sampler=EpochSeededSampler(rows), num_workers=1)
+    _fit_iris_loader(tmp_path, loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_lightning():
+            _fit_iris_loader(tmp_path, loader, ckpt_path=tmp_path / "step=3.ckpt")
+    messages = [str(w.message) for w in caught if _about_resuming(str(w.message))]
+    assert len(messages) == 1 and "resumed within epoch 0, after 3 batches" in messages[0]
+    assert "make the loader a torchbp.lightning.samplers.FetchOnFirstBatchDataLoader" in messages[0]

@@ -19,7 +19,11 @@ from torchbp.lightning.data_base import (
     first_nonfinite,
 )
 from torchbp.lightning.privacy import PoissonBatchSampler
-from torchbp.lightning.samplers import EpochSeededSampler, collate_or_empty
+from torchbp.lightning.samplers import (
+    EpochSeededSampler,
+    FetchOnFirstBatchDataLoader,
+    collate_or_empty,
+)
 
 __all__ = ["ArrayDataModule", "DigitsDataModule", "SklearnToyDataModule", "MAX_SPLIT_SEED"]
 
@@ -295,10 +299,13 @@ class ArrayDataModule(ClassificationDataModule):
 
     # -- loaders --------------------------------------------------------------------------
     def _loader(self, split: str, train: bool = False) -> DataLoader:
+        """The loader of ``split``; the train loader's workers start fetching at its first
+        batch, so that a resumed fit continues the epoch with workers too."""
         ds = self.splits[split]
+        loader_class = FetchOnFirstBatchDataLoader if train else DataLoader
         if train and self.poisson_sampling:
             rate = min(1.0, self.batch_size / len(ds))
-            return DataLoader(
+            return loader_class(
                 ds,
                 batch_sampler=PoissonBatchSampler(len(ds), rate, seed=self.seed),
                 collate_fn=functools.partial(collate_or_empty, ds),
@@ -308,7 +315,7 @@ class ArrayDataModule(ClassificationDataModule):
         sampler = EpochSeededSampler(
             ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
         )
-        return DataLoader(
+        return loader_class(
             ds,
             batch_size=self.batch_size,
             sampler=sampler,

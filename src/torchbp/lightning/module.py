@@ -34,7 +34,7 @@ from torchbp.lightning.optimizers import (
 )
 from torchbp.lightning.privacy import PoissonBatchSampler, Privacy, PrivacyAccountant
 from torchbp.lightning.private_training import PrivateTraining
-from torchbp.lightning.samplers import EpochSeededSampler
+from torchbp.lightning.samplers import EpochSeededSampler, FetchOnFirstBatchDataLoader
 from torchbp.mode import TorchbpMode, enable
 from torchbp.ops import OPS
 from torchbp.per_sample import PerSampleGrads
@@ -78,17 +78,25 @@ def _epoch_source(loader: Any) -> Any:
     return None
 
 
-def _has_workers(loader: Any) -> bool:
+def _fetches_before_the_hooks(loader: Any) -> bool:
     """Whether ``loader``'s workers started fetching when Lightning made its iterator, before
-    the fit's hooks could tell it which epoch, or where in it, to start."""
-    return getattr(loader, "num_workers", 0) > 0
+    the fit's hooks could tell it which epoch, or where in it, to start (a DataLoader with
+    workers, unless a :class:`FetchOnFirstBatchDataLoader`, as torchbp's DataModules make)."""
+    return getattr(loader, "num_workers", 0) > 0 and not isinstance(
+        loader, FetchOnFirstBatchDataLoader
+    )
 
 
 def _exact_resume_hint(source: Any) -> str:
     """How to resume exactly with a train loader whose epochs ``source`` orders (see
-    :func:`_epoch_source`; torchbp's loaders fail only with workers)."""
+    :func:`_epoch_source`; one of torchbp's samplers fails only in a loader whose workers
+    fetch before the hooks)."""
     if source is not None:
-        return "with data.num_workers: 0, torchbp's DataModules resume exactly"
+        return (
+            "make the loader a torchbp.lightning.samplers.FetchOnFirstBatchDataLoader (as "
+            "torchbp's DataModules do), whose workers start at its first batch, or give it "
+            "num_workers=0"
+        )
     return (
         "resume from a checkpoint saved at an epoch's end for an exact run, or give the "
         "loader state_dict and load_state_dict (Lightning then keeps its position)"
@@ -106,8 +114,8 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
     A fit resumed within an epoch (a checkpoint of ``every_n_train_steps``, of a validation
     within the epoch, of Ctrl-C) continues that epoch with torchbp's train loaders
     (:class:`~torchbp.lightning.samplers.EpochSeededSampler`, Poisson sampling, synthetic
-    batches; without workers): it trains the batches the uninterrupted fit would. It warns
-    about a loader it cannot continue.
+    batches, with or without workers): it trains the batches the uninterrupted fit would.
+    It warns about a loader it cannot continue.
 
     With ``backend="torchbp"``, a subclass whose ``forward`` (or ``features``, ``loss``,
     ``fused_loss``) calls ``F.linear``, ``F.gelu``, ``x.softmax()``, ..., or a network with
@@ -466,7 +474,7 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         loader = trainer.train_dataloader
         source = _epoch_source(loader)
         if 0 < trained < trainer.num_training_batches:
-            if source is not None and not _has_workers(loader):
+            if source is not None and not _fetches_before_the_hooks(loader):
                 self._continue_epoch(source, loader, trained)
             elif not _is_stateful(loader):
                 rank_zero_warn(
@@ -476,7 +484,11 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
                     "again and its last ones not; " + _exact_resume_hint(source),
                     category=UserWarning,
                 )
-        elif source is not None and _has_workers(loader) and source.epoch != self.current_epoch:
+        elif (
+            source is not None
+            and _fetches_before_the_hooks(loader)
+            and source.epoch != self.current_epoch
+        ):
             rank_zero_warn(
                 f"the fit resumed at epoch {self.current_epoch}, and its train loader's "
                 f"workers started fetching in epoch {source.epoch}'s order (Lightning sets "

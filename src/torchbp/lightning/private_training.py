@@ -269,8 +269,16 @@ class PrivateTraining:
         # batches again would repeat them, where the accountant counts every step's batch
         # as a fresh draw
         if self._restored_sampler_state is not None:
-            sampler.load_state_dict(self._restored_sampler_state)
+            sampler.load_state_dict(self._draws_to_skip(self._restored_sampler_state))
             self._restored_sampler_state = None
+
+    def _draws_to_skip(self, saved: dict[str, int]) -> dict[str, int]:
+        """The checkpoint's Poisson sampler state ``saved``, its draws cut to the batches
+        the fit had fetched in the epoch: a DataLoader with workers draws batches ahead of
+        the steps, and those no step trained on (none released in an update) are the ones
+        the uninterrupted fit trains next."""
+        fetched = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return {"epoch": saved["epoch"], "drawn": min(saved["drawn"], fetched)}
 
     def _refuse_secure_rng_after_seeded_noise(self) -> None:
         """A ``secure_rng`` fit on a checkpoint that keeps a noise generator's state (a run

@@ -1,5 +1,6 @@
-"""How torchbp's in-memory DataModules order and batch their rows: an order seeded by
-``(seed, epoch)`` that shards itself under DDP, and the collate of a Poisson draw."""
+"""How torchbp's DataModules order and batch their rows: an order seeded by
+``(seed, epoch)`` that shards itself under DDP, the collate of a Poisson draw, and a
+train DataLoader whose workers start fetching at its first batch."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler, TensorDataset, default_collate
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, default_collate
 
 from torchbp.lightning.data_base import rank_world
 
-__all__ = ["EpochSeededSampler", "collate_or_empty"]
+__all__ = ["EpochSeededSampler", "FetchOnFirstBatchDataLoader", "collate_or_empty"]
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -128,3 +129,31 @@ def collate_or_empty(dataset: TensorDataset, samples: list) -> Any:
     if not samples:
         return [t[:0] for t in dataset.tensors]
     return default_collate(samples)
+
+
+class FetchOnFirstBatchDataLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose iteration, workers included, starts at
+    its first batch rather than at ``iter()``.
+
+    A DataLoader with workers draws its sampler's order and has its workers fetch the first
+    batches as soon as ``iter()`` is called. Lightning makes a resumed fit's train
+    iterator before the hooks that say which epoch it is (``set_epoch``) and where in it the
+    fit continues (``on_train_start``): the workers fetched the wrong batches. This loader
+    makes its DataLoader iterator when the first batch is asked for, after those hooks, so
+    a fit resumed with workers trains the batches of one without them. It takes the
+    arguments of :class:`~torch.utils.data.DataLoader`.
+
+    Examples::
+
+        >>> loader = FetchOnFirstBatchDataLoader(range(5), batch_size=2)
+        >>> batches = iter(loader)  # nothing drawn or fetched yet
+        >>> [b.tolist() for b in batches]
+        [[0, 1], [2, 3], [4]]
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._batches_from_the_first_request()
+
+    def _batches_from_the_first_request(self) -> Iterator[Any]:
+        # a generator's body runs at its first next(): the DataLoader iterator is made then
+        yield from super().__iter__()

@@ -16,6 +16,7 @@ from torchbp.lightning.data_base import (
     check_num_workers,
     rank_world,
 )
+from torchbp.lightning.samplers import FetchOnFirstBatchDataLoader
 
 __all__ = ["SyntheticDataModule"]
 
@@ -171,9 +172,11 @@ class SyntheticDataModule(ClassificationDataModule):
     num_features = property(attrgetter("n_features"))
     num_classes = property(attrgetter("n_classes"))
 
-    def _loader(self, n: int, split_seed: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, n: int, split_seed: int, shuffle: bool, loader_class: type[DataLoader] = DataLoader
+    ) -> DataLoader:
         ds = _SyntheticBatches(self.task, n, self.batch_size, split_seed, shuffle)
-        return DataLoader(
+        return loader_class(
             ds,
             batch_size=None,
             num_workers=self.num_workers,
@@ -182,7 +185,11 @@ class SyntheticDataModule(ClassificationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.n_samples, self.seed * 3 + 1, self.shuffle)
+        """The training batches; the workers start at the first batch, once the epoch (and
+        where a resumed fit continues it) is set."""
+        return self._loader(
+            self.n_samples, self.seed * 3 + 1, self.shuffle, FetchOnFirstBatchDataLoader
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.n_val, self.seed * 3 + 2, False)
