@@ -868,7 +868,8 @@ def per_sample_grads(
     the parameters the backward reaches (``loss.backward(inputs=[...])`` names some):
     the norms, the clipping, ``p.grad_sample`` and the statistics are then of their
     contribution alone (zeros for the others). Gradients formed by the context are not
-    differentiable (no ``create_graph``). Gradient hooks on the accounted parameters see
+    differentiable: a backward with ``create_graph=True`` is refused at its first Linear
+    backward, before anything is formed. Gradient hooks on the accounted parameters see
     no gradient, since autograd carries none for them: a ``Tensor.register_hook`` hook is
     called with ``None``, and a post-accumulate-grad hook (an optimizer stepped in the
     backward, DDP's gradient reduction) runs before the context forms ``p.grad``; neither

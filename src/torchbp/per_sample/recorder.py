@@ -208,6 +208,9 @@ class Use:
                 "context refused an earlier backward, or one was cut short by an error (which "
                 "was caught), so it forms nothing: open a new context for the step"
             )
+        if torch.is_grad_enabled():
+            # autograd runs a backward's nodes in grad mode exactly when create_graph=True
+            self._refuse_create_graph()
         if not self.recorder.segments.checked:
             self._refuse_split_segments()
         # every call of one forward is made before its backward files anything; so is
@@ -259,6 +262,20 @@ class Use:
         after other calls filed, before any parameter was reached; the recorder fails, so
         that a later backward is refused before it files anything."""
         self.recorder.failed = True
+
+    def _refuse_create_graph(self) -> None:
+        """Refuse a backward with ``create_graph=True`` (a gradient penalty, a
+        Hessian-vector product) before anything of it is filed: the context forms
+        ``p.grad`` after the backward, with no graph, so a term built from it would
+        silently contribute no gradient."""
+        self.recorder.failed = True
+        raise RuntimeError(
+            f"per_sample_grads: a backward with create_graph=True through Linear "
+            f"{self.layer.name!r}; the context forms p.grad after the backward, without a "
+            "graph, so the gradients cannot be differentiated (a gradient penalty built "
+            "from them would have no gradient): call backward() without create_graph "
+            "inside the context"
+        )
 
     def _refuse_call_made_after_a_backward(self) -> None:
         """Refuse this call, made (or recomputed by a reentrant checkpoint) after an
