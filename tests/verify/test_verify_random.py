@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from tests.verify.zoo.entry import seeded
 
@@ -295,6 +296,33 @@ def test_a_random_fns_own_vmap_rule_is_compared_with_calls_one_by_one():
     result = check_function(WrongSameMaskRule, seeded(3, 4), checks=["vmap"])["vmap"]
     assert result.failed, result
     assert "has its own vmap rule, WrongSameMaskRule.vmap" in result.message
+
+
+class _LinearThenMask(torch.nn.Module):
+    """A float64 linear layer, then the random Function ``mask`` (with a vmap rule)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+        self.linear = torch.nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.mask.apply(self.linear(x))
+
+
+@pytest.mark.parametrize("wrapped", ["nn.Module", "lambda"])
+def test_a_vmap_rule_of_a_function_fn_calls_is_compared_with_calls_one_by_one(wrapped):
+    # before: the rule was found only when fn was the Function itself: inside a module or
+    # a wrapper, a wrong rule passed, compared with vmap over one sample at a time
+    def wrap(mask):
+        torch.manual_seed(0)
+        return _LinearThenMask(mask) if wrapped == "nn.Module" else lambda x: mask.apply(x)
+
+    right = check_function(wrap(RightSameMaskRule), seeded(3, 4), checks=["vmap"])["vmap"]
+    assert right.passed and not right.caveat, right
+    result = check_function(wrap(WrongSameMaskRule), seeded(3, 4), checks=["vmap"])["vmap"]
+    assert result.failed, result
+    assert "calls a Function with its own vmap rule, WrongSameMaskRule.vmap" in result.message
 
 
 class _GeneratedRuleMask(_SameMaskRule):

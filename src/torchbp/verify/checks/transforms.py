@@ -21,7 +21,14 @@ from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported, Passed
 from torchbp.verify.checks.rng import draws_random_numbers
 
-__all__ = ["SAME_DRAWS", "VMAP", "check_batched_grad", "check_vmap", "own_vmap_rule"]
+__all__ = [
+    "SAME_DRAWS",
+    "VMAP",
+    "check_batched_grad",
+    "check_vmap",
+    "own_vmap_rule",
+    "own_vmap_rules_reached",
+]
 
 #: vmap's randomness mode for fn: the forward check made sure that two calls of fn on the
 #: same inputs agree, so whatever fn draws comes from a generator or seed among its inputs,
@@ -231,14 +238,68 @@ def own_vmap_rule(fn: Any) -> str | None:
     return f"{cls.__name__}.vmap"
 
 
-def _own_rule_note(rule: str) -> str:
-    """Why vmap of a random fn with its own vmap rule ``rule`` is compared with calls one
-    by one anyway: vmap compared with itself would pass a wrong rule."""
+def _own_vmap_rules_by_name() -> dict[str, str]:
+    """``{"Name": "Name.vmap"}`` for every Function class defined so far with its own
+    ``vmap`` staticmethod (:func:`own_vmap_rule`)."""
+    found, seen = {}, set()
+    classes = list(torch.autograd.Function.__subclasses__())
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        classes += cls.__subclasses__()
+        rule = own_vmap_rule(cls)
+        if rule is not None:
+            found[cls.__name__] = rule
+    return found
+
+
+def own_vmap_rules_reached(ctx: CheckContext) -> list[str]:
+    """The hand-written vmap rules (``"Name.vmap"``) of the Functions in fn's autograd
+    graph at the example inputs: fn may call them inside an ``nn.Module`` or a wrapper,
+    where :func:`own_vmap_rule` of fn sees none. A graph node is matched to its Function
+    by name (``NameBackward``); a Function none of whose outputs requires grad leaves no
+    node and is not found."""
+    rules = _own_vmap_rules_by_name()
+    if not rules:
+        return []
+    outs = ctx.diff_fn(*ctx.leaves())
+    nodes = [o.grad_fn for o in outs if o.grad_fn is not None]
+    found, seen = [], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes += [parent for parent, _ in node.next_functions]
+        rule = rules.get(node.name().removesuffix("Backward"))
+        if rule is not None and rule not in found:
+            found.append(rule)
+    return sorted(found)
+
+
+def _own_rule_note(ctx: CheckContext) -> str:
+    """Why vmap of a random fn with a hand-written vmap rule (fn's own, or one of a
+    Function it calls) is compared with calls one by one anyway: vmap compared with
+    itself would pass a wrong rule. Empty when no such rule is found."""
+    if ctx.own_vmap_rule is not None:
+        whose = f"has its own vmap rule, {ctx.own_vmap_rule}"
+    else:
+        reached = own_vmap_rules_reached(ctx)
+        if not reached:
+            return ""
+        rules = ", ".join(reached)
+        whose = (
+            f"calls a Function with its own vmap rule, {rules}"
+            if len(reached) == 1
+            else f"calls Functions with their own vmap rules, {rules}"
+        )
     return (
-        f" (fn draws random numbers and has its own vmap rule, {rule}: it must draw what "
-        "fn's calls one by one draw - under randomness='same' one draw of the unbatched "
-        "shape for the whole batch - for vmap to be compared with them; compared with "
-        "vmap over one sample at a time, the rule would only be checked against itself)"
+        f" (fn draws random numbers and {whose}: it must draw what fn's calls one by one "
+        "draw - under randomness='same' one draw of the unbatched shape for the whole "
+        "batch - for vmap to be compared with them; compared with vmap over one sample at "
+        "a time, the rule would only be checked against itself)"
     )
 
 
@@ -262,8 +323,8 @@ def check_vmap(ctx: CheckContext) -> Passed:
     except CheckFailure as failure:
         if not draws_random_numbers(ctx):
             raise
-        if ctx.own_vmap_rule is not None:
-            note = _own_rule_note(ctx.own_vmap_rule)
+        note = _own_rule_note(ctx)
+        if note:
             raise CheckFailure(failure.message + note, failure.abs_err, failure.rel_err) from None
         sample, gradients, caveat = (
             _vmap_of_one_sample,
