@@ -915,7 +915,8 @@ def per_sample_grads(
     extra parameters such as a LoRA adapter, ...), a Linear with complex trainable parameters
     (the formulas are real ones) or with a trainable weight or bias that is not an
     ``nn.Parameter`` (a plain tensor ``torch.func.functional_call`` left in a module
-    listed twice, or one assigned after ``del lin.weight``), BatchNorm in training mode,
+    listed twice, or one assigned after ``del lin.weight``), a Linear with a 1-D weight or
+    a trainable bias of another shape than ``(out_features,)``, BatchNorm in training mode,
     softmax-like modules, GLU and CosineSimilarity along dim 0, ``Flatten(start_dim=0)``, and
     the fused :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative

@@ -314,6 +314,33 @@ def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
         )
 
 
+def _refuse_unusual_shapes(where: str, module: bpnn.Linear) -> None:
+    """Raise if ``module`` has a trainable parameter and a weight that is not 2-D (a 1-D
+    weight, which linear calls as a ``(1, in)`` copy), or a trainable bias of another
+    shape than ``(out_features,)`` (a ``(1,)``, 0-dim or ``(1, out)`` bias, which the
+    linear call broadcasts): the per-sample formulas take ``G_i = Σ_t g_it a_itᵀ`` of
+    shape ``(out, in)`` and ``β_i = Σ_t g_it`` of shape ``(out,)``.
+
+    Raises:
+        ValueError: naming the module and the parameter's shape.
+    """
+    weight, bias = module.weight, module.bias
+    trainable_bias = bias is not None and bias.requires_grad
+    if weight.dim() != 2 and (weight.requires_grad or trainable_bias):
+        raise ValueError(
+            f"per_sample_grads: {where} has a {weight.dim()}-D weight of shape "
+            f"{tuple(weight.shape)}; per-sample gradients are formed for a Linear with a "
+            "2-D (out_features, in_features) weight only"
+        )
+    if trainable_bias and tuple(bias.shape) != (weight.shape[0],):
+        out_features = weight.shape[0]
+        raise ValueError(
+            f"per_sample_grads: {where} has a trainable bias of shape {tuple(bias.shape)}, "
+            f"broadcast to its {out_features} outputs; per-sample gradients are formed for "
+            f"a bias of shape ({out_features},) only: give it that shape, or freeze it"
+        )
+
+
 def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
     """Raise if a trainable Linear parameter is complex: its gradient is ``gᵀ conj(x)``
     and its squared norm ``|G|²``, where the per-sample formulas are the real ones.
@@ -340,7 +367,9 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         ValueError: a trainable parameter is shared by two Linear modules that do not
             share both their weight and their bias (a module sharing both is not a layer
             of its own: its calls are recorded for the first one's), or a Linear's
-            trainable parameter is uninitialized (a lazy module before its first forward).
+            trainable parameter is uninitialized (a lazy module before its first forward)
+            or it has a trainable parameter and a weight that is not 2-D or a trainable
+            bias not of shape ``(out_features,)`` (named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -369,6 +398,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         elif isinstance(module, bpnn.Linear):
             _refuse_uninitialized(where, module)
             _refuse_plain_tensors(where, module)
+            _refuse_unusual_shapes(where, module)
             weight, bias = _trainable(module.weight), _trainable(module.bias)
             _refuse_complex(where, weight=weight, bias=bias)
             _refuse_shared(where, owner, weight, bias)
