@@ -309,6 +309,25 @@ def test_float32_module_target_is_told_the_dtype_option(tmp_path, monkeypatch, c
     assert cli.main([*argv, "--dtype", "float32"]) == 0, capsys.readouterr()
 
 
+def test_a_module_class_target_is_told_to_name_an_instance(tmp_path, monkeypatch, capsys):
+    # before: check_function's advice "pass an instance, e.g. Layer()", which has no
+    # command-line spelling
+    (tmp_path / "hunt_layer.py").write_text(
+        "import torch\nclass Layer(torch.nn.Linear):\n"
+        "    def __init__(self):\n        super().__init__(4, 3, dtype=torch.float64)\n"
+        "layer = Layer()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "hunt_layer", raising=False)
+    argv = ["--inputs", "2,4", "--no-compile", "--no-progress"]
+    assert cli.main(["hunt_layer.py:Layer", *argv]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nn.Module class Layer, which the command line cannot construct" in err, err
+    assert "hunt_layer.py:layer" in err and "e.g. Layer()" not in err, err
+    assert cli.main(["hunt_layer.py:layer", *argv]) == 0, capsys.readouterr()
+
+
 @pytest.mark.parametrize("where", ["missing_folder", "a_folder", "under_a_file"])
 def test_json_path_that_cannot_be_written_is_refused_before_any_check(
     tmp_path, capsys, where, monkeypatch

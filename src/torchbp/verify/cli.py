@@ -529,6 +529,20 @@ def _grad_inputs(spec: str | None, inputs: Sequence[Any]) -> tuple[int, ...] | N
     return tuple(positions)
 
 
+def _refuse_module_class(role: str, spec: str, value: Any) -> None:
+    """A usage error for an ``nn.Module`` class named as the target or reference: the
+    command line cannot construct it (check_function's advice, pass an instance such as
+    ``MyLayer()``, has no command-line spelling)."""
+    if not (isinstance(value, type) and issubclass(value, torch.nn.Module)):
+        return
+    where = spec.rsplit(":", 1)[0]
+    raise UsageError(
+        f"{role} {spec} is the nn.Module class {value.__name__}, which the command line "
+        f"cannot construct: make an instance in {where} (layer = {value.__name__}(...)"
+        f".double()) and name it, {where}:layer"
+    )
+
+
 def _require_module_dtype(role: str, target: Any, dtype_given: bool) -> None:
     """A usage error naming ``--dtype`` for an ``nn.Module`` target or reference whose
     floating parameters are not float64, when no ``--dtype`` was given: the inputs are
@@ -556,7 +570,11 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         options = _target_options(args)
         fn = load_symbol(args.target)
         reference = load_symbol(args.reference) if args.reference else None
-        for role, value in (("the target", fn), ("the reference", reference)):
+        for role, spec, value in (
+            ("the target", args.target, fn),
+            ("the reference", args.reference, reference),
+        ):
+            _refuse_module_class(role, spec or "", value)
             _require_module_dtype(role, value, bool(args.dtype))
         inputs = parse_inputs(args.inputs, 0 if args.seed is None else args.seed)
         grad_inputs = _grad_inputs(args.grad_inputs, inputs)
