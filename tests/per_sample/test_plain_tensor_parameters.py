@@ -103,3 +103,17 @@ def test_trainable_parametrized_weight_still_refused_as_its_parametrization():
     parametrize.register_parametrization(model[0], "weight", Doubled())
     with pytest.raises(TypeError, match=r"'0.parametrizations.weight'.*\(original\)"):
         per_sample_grads(model)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_hook_based_weight_norm_refused_by_its_trainable_parameters():
+    """The deprecated torch.nn.utils.weight_norm sets the Linear's weight, a plain tensor,
+    from its trainable weight_g and weight_v in a forward pre-hook: those are named (a
+    parametrization's, not the weight's not being a Parameter)."""
+    weight_norm = getattr(nn.utils, "weight_norm", None)
+    if weight_norm is None:
+        pytest.skip("this torch version has no hook-based weight_norm")
+    model = _model()
+    weight_norm(model[2])
+    with pytest.raises(TypeError, match=r"'2' \(Linear\) has trainable parameters \(weight_g, w"):
+        per_sample_grads(model)

@@ -289,12 +289,15 @@ def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
     """Raise if the trainable weight or bias of ``module`` is a tensor that is not an
     :class:`~torch.nn.Parameter`: a plain tensor left in the module by
     ``torch.func.functional_call`` (a module listed twice in the model, on some torch
-    versions), or one assigned after ``del module.weight``. Its gradient would reach
-    another leaf than the one the context hooks and accounts for, if any (a tensor
-    computed from a Parameter passes its gradient on through the Linear backward,
-    which inside the context forms none), so the results would be silently wrong. A
-    parametrized weight (``torch.nn.utils.parametrize``) is a tensor formed by each
-    forward too: it is refused by the checks of its parametrization's parameters.
+    versions), one set by a forward pre-hook (the deprecated
+    ``torch.nn.utils.weight_norm``), or one assigned after ``del module.weight``. Its
+    gradient would reach another leaf than the one the context hooks and accounts for,
+    if any (a tensor computed from a Parameter passes its gradient on through the Linear
+    backward, which inside the context forms none), so the results would be silently
+    wrong. A parametrized weight (``torch.nn.utils.parametrize``) is a tensor formed by
+    each forward too: it is refused by the checks of its parametrization's parameters
+    (as a weight_norm one is, by its module's ``weight_g`` and ``weight_v``, while they
+    are trainable).
 
     Raises:
         TypeError: naming the module and the attribute, with what to do about it.
@@ -308,8 +311,9 @@ def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
         raise TypeError(
             f"per_sample_grads: {where}'s {what} is a {type(tensor).__name__} that requires "
             f"grad but is not an nn.Parameter (left by torch.func.functional_call on a module "
-            f"listed twice in the model, or assigned after del module.{what}?); the context "
-            f"accounts for Parameters only: put a Parameter back (module.{what} = "
+            f"listed twice in the model, set by a forward pre-hook such as the deprecated "
+            f"torch.nn.utils.weight_norm's, or assigned after del module.{what}?); the "
+            f"context accounts for Parameters only: put a Parameter back (module.{what} = "
             f"nn.Parameter(...)), or freeze the tensor with requires_grad_(False)"
         )
 
@@ -392,6 +396,9 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
                 f"per_sample_grads: {where} {reason}; per-sample gradients are undefined "
                 "through it (remove it, or switch it to eval mode if it has running stats)"
             )
+        # first: a Linear's own extra parameters explain a weight that is not one of them
+        # (torch.nn.utils.weight_norm's, formed from weight_g and weight_v)
+        _refuse_unattributable(where, module, linear_owners)
         recording = _calls_recorded_by(module, layers) if isinstance(module, bpnn.Linear) else None
         if recording is not None:
             recording.tied.append((name, module))
@@ -404,7 +411,6 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             _refuse_shared(where, owner, weight, bias)
             if weight is not None or bias is not None:
                 layers.append(Layer(name, module, weight, bias))
-        _refuse_unattributable(where, module, linear_owners)
     return layers
 
 
