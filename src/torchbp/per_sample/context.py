@@ -884,7 +884,10 @@ def per_sample_grads(
     Recorded tensors are released once formed.
 
     One context records one forward and backward (several forward calls of the model,
-    or of one layer, before that backward are fine: a sample's contributions are summed).
+    or of one layer, before that backward are fine: a sample's contributions are summed,
+    row ``i`` of every call being sample ``i``; so micro-batches of other samples need a
+    context each, whose clipped gradients add up in ``p.grad``: in one context, equal-sized
+    ones would be clipped row by row together, silently).
     A second backward (also after one that reached no trainable parameter, such as
     ``torch.autograd.grad`` w.r.t. the input for an adversarial example: open the context
     after it), a backward after the ``with`` block of a forward inside it, nesting, and
