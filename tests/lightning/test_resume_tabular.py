@@ -105,8 +105,9 @@ def test_fit_resumed_within_an_epoch_trains_what_the_uninterrupted_fit_does(
     assert not [str(w.message) for w in caught if _about_resuming(str(w.message))]
 
 
-def _fit_iris_loader(tmp_path, loader, ckpt_path=None):
-    """Fit on ``loader`` (3 epochs, a checkpoint every 3 steps) and return the trainer."""
+def _fit_iris_loader(tmp_path, loader, ckpt_path=None, first_steps=4):
+    """Fit on ``loader`` (3 epochs, a checkpoint every 3 steps; without ``ckpt_path``,
+    ``first_steps`` steps) and return the trainer."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -117,7 +118,7 @@ def _fit_iris_loader(tmp_path, loader, ckpt_path=None):
     every_3 = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)
     trainer = pl.Trainer(
         max_epochs=3,
-        max_steps=-1 if ckpt_path else 4,
+        max_steps=-1 if ckpt_path else first_steps,
         callbacks=[every_3],
         logger=False,
         enable_progress_bar=False,
@@ -225,17 +226,28 @@ def test_a_fit_resumed_with_workers_trains_what_the_uninterrupted_fit_does(tmp_p
     assert not [w for w in caught if any(part in str(w.message) for part in about_the_batches)]
 
 
-def test_a_resume_with_workers_of_a_loader_of_your_own_warns_where_they_fetch_early(tmp_path):
+@pytest.mark.parametrize(
+    ("first_steps", "resumed", "warning"),
+    [
+        (4, "step=3.ckpt", "resumed within epoch 0, after 3 batches"),
+        (6, "step=6.ckpt", "workers started fetching in epoch 0's order"),
+    ],
+    ids=["within_an_epoch", "at_an_epochs_start"],
+)
+def test_a_resume_with_workers_of_a_loader_of_your_own_warns_where_they_fetch_early(
+    tmp_path, first_steps, resumed, warning
+):
     """A DataLoader of your own with workers and torchbp's sampler fetches before the fit
-    can continue the epoch: the warning names it and the loader that does not."""
+    can continue the epoch or set it: the warning says so, and names the loader that does
+    not (48 rows: 6 batches an epoch, step=6.ckpt saved at epoch 0's end)."""
     g = torch.Generator().manual_seed(0)
-    rows = TensorDataset(torch.randn(40, 4, generator=g), torch.randint(3, (40,), generator=g))
+    rows = TensorDataset(torch.randn(48, 4, generator=g), torch.randint(3, (48,), generator=g))
     loader = DataLoader(rows, batch_size=8, sampler=EpochSeededSampler(rows), num_workers=1)
-    _fit_iris_loader(tmp_path, loader)
+    _fit_iris_loader(tmp_path, loader, first_steps=first_steps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_lightning():
-            _fit_iris_loader(tmp_path, loader, ckpt_path=tmp_path / "step=3.ckpt")
-    messages = [str(w.message) for w in caught if _about_resuming(str(w.message))]
-    assert len(messages) == 1 and "resumed within epoch 0, after 3 batches" in messages[0]
+            _fit_iris_loader(tmp_path, loader, ckpt_path=tmp_path / resumed)
+    messages = [str(w.message) for w in caught if "fit resumed" in str(w.message)]
+    assert len(messages) == 1 and warning in messages[0], messages
     assert "make the loader a torchbp.lightning.samplers.FetchOnFirstBatchDataLoader" in messages[0]
