@@ -69,6 +69,18 @@ def test_class_index_out_of_range_names_value_and_classes(loss, bad):
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+@pytest.mark.parametrize("ignore_index", [-1, 511])
+def test_uint8_class_index_out_of_range_is_not_taken_for_a_wrapped_ignore_index(loss, ignore_index):
+    """A uint8 target 255 with ignore_index -1 (or 511): the check compared them in uint8,
+    where the ignore_index wraps to 255, and let the 255 through to the gather ('index 255
+    is out of bounds for dimension 1', a device-side assert on CUDA); native raises
+    IndexError('Target 255 is out of bounds.')."""
+    target = torch.tensor([0, 255, 1], dtype=torch.uint8)
+    with pytest.raises(IndexError, match=r"target 255 is out of bounds.*\[0, 5\)"):
+        loss(torch.randn(3, 5), target, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
 def test_class_index_check_covers_k_dim_and_custom_ignore_index(loss):
     target = torch.zeros(2, 3, dtype=torch.long)
     target[1, 2] = 9

@@ -321,9 +321,12 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
     low, high = int(low), int(high)
     if 0 <= low and high < classes:  # the common case: one reduction
         return not low <= ignore_index <= high
-    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    # compared in int64: uint8 would wrap ignore_index (-1 or 511 equal 255 there) and let
+    # an out-of-range 255 through to the gather (a RuntimeError, a device assert on CUDA)
+    wide = target.long()
+    bad = ((wide < 0) | (wide >= classes)) & (wide != ignore_index)
     if bool(bad.any()):
-        value = int(target[bad].reshape(-1)[0])
+        value = int(wide[bad].reshape(-1)[0])
         raise ClassIndexError(
             f"{op}: target {value} is out of bounds: class indices must lie in [0, {classes}) "
             f"(C = {classes}) or equal ignore_index = {ignore_index}"
