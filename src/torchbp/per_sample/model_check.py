@@ -16,6 +16,7 @@ check (a BatchNorm switched to training mode).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -143,14 +144,18 @@ def sample_dim_guards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     switched to training mode, a dim set to 0). Register each with ``with_kwargs=True``:
     it reads the input whether it is passed by position or by keyword."""
     return [
-        (module, _sample_dim_guard(describe(name, module)))
+        (module, _sample_dim_guard(describe(name, module), weakref.ref(module)))
         for name, module in model.named_modules()
         if _may_mix(type(module))
     ]
 
 
-def _sample_dim_guard(where: str) -> Callable:
+def _sample_dim_guard(where: str, guarded: weakref.ref) -> Callable:
     def refuse_sample_dim(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is not guarded():
+            # a copy of the module (copy.deepcopy copies its hooks), made while the
+            # context was open: not the model's, and it outlives the context
+            return
         # the first input, by position or, as in softmax(input=x), by keyword
         x = args[0] if args else next(iter(kwargs.values()), None)
         if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):

@@ -66,6 +66,8 @@ class Recorder:
 
     def _track(self, name: str, linear: torch.nn.Module) -> list:
         def enter(module, args) -> None:
+            if module is not linear:
+                return  # a copy of the module (copy.deepcopy copies its hooks)
             # read here: the linear wrapper applies autocast itself and calls the Function
             # with it off
             autocast = _autocast_enabled(module.weight.device.type)
@@ -73,7 +75,7 @@ class Recorder:
 
         def leave(module, args, output) -> None:
             # also after an error in the forward (always_call); only what enter pushed
-            if self.calling and self.calling[-1][1] is linear:
+            if module is linear and self.calling and self.calling[-1][1] is linear:
                 self.calling.pop()
 
         return [
