@@ -105,6 +105,24 @@ def test_fit_resumed_within_an_epoch_trains_what_the_uninterrupted_fit_does(
     assert not [str(w.message) for w in caught if _about_resuming(str(w.message))]
 
 
+@pytest.mark.parametrize(
+    ("size", "what"), [(8, "trained are trained again"), (32, "not yet trained are skipped")]
+)
+def test_a_fit_resumed_within_an_epoch_with_another_batch_size_warns(tmp_path, size, what):
+    """Resumed within epoch 1 after 2 batches of 16 rows with data.batch_size 8 or 32, the
+    fit continued the epoch after 2 batches of the new size, silently skipping rows the
+    checkpoint's run had not trained in it (or training rows again). A warning says so."""
+    common = [*COMMON, f"--run_dir={tmp_path}"]
+    run_cli("fit", *common, *STOPS["max_steps_mid_epoch"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", *common, "--ckpt_path=last", f"--data.init_args.batch_size={size}")
+    messages = [str(w.message) for w in caught if "fit resumed" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "after 2 batches of 16 rows (the checkpoint's data.batch_size)" in messages[0]
+    assert f"after 2 batches of {size}: " in messages[0] and what in messages[0]
+
+
 def _fit_iris_loader(tmp_path, loader, ckpt_path=None, first_steps=4):
     """Fit on ``loader`` (3 epochs, a checkpoint every 3 steps; without ``ckpt_path``,
     ``first_steps`` steps) and return the trainer."""

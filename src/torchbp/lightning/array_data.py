@@ -90,6 +90,9 @@ class ArrayDataModule(ClassificationDataModule):
         self.poisson_sampling = poisson_sampling
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._splits: dict[str, TensorDataset] | None = None
+        #: the ``batch_size`` of the run whose checkpoint of this data was loaded last
+        #: (``None``: none loaded, or one that does not record it)
+        self.checkpoint_batch_size: int | None = None
 
     # -- data -----------------------------------------------------------------------------
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -254,8 +257,13 @@ class ArrayDataModule(ClassificationDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Kept in checkpoints: the data's source and split settings (see
-        :meth:`load_state_dict`)."""
-        return {"source": self._source(), "split": self._split_settings()}
+        :meth:`load_state_dict`), and the ``batch_size`` (a fit resumed within an epoch
+        continues it after the rows of the batches trained)."""
+        return {
+            "source": self._source(),
+            "split": self._split_settings(),
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to serve a checkpoint's model the same data split otherwise.
@@ -268,6 +276,7 @@ class ArrayDataModule(ClassificationDataModule):
         """
         if state_dict.get("source") != self._source():
             return  # other data: evaluating a model on it is the user's choice
+        self.checkpoint_batch_size = state_dict.get("batch_size")
         saved = state_dict.get("split") or {}
         differ = [
             f"data.{key}={value} (the checkpoint's run: {saved[key]})"

@@ -475,6 +475,8 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         source = _epoch_source(loader)
         if 0 < trained < trainer.num_training_batches:
             if source is not None and not _fetches_before_the_hooks(loader):
+                if isinstance(source, EpochSeededSampler):
+                    self._warn_if_the_batch_size_changed(trained)
                 self._continue_epoch(source, loader, trained)
             elif not _is_stateful(loader):
                 rank_zero_warn(
@@ -496,6 +498,25 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
                 "the uninterrupted fit; " + _exact_resume_hint(source),
                 category=UserWarning,
             )
+
+    def _warn_if_the_batch_size_changed(self, trained: int) -> None:
+        """The epoch resumed after ``trained`` batches continues after as many batches of
+        the DataModule's ``batch_size``: of another size than the checkpoint's run trained,
+        they are rows it did not train (or did) in the epoch."""
+        datamodule = self.trainer.datamodule
+        saved = getattr(datamodule, "checkpoint_batch_size", None)
+        size = getattr(datamodule, "batch_size", None)
+        if saved is None or saved == size:
+            return
+        rank_zero_warn(
+            f"the fit resumed within epoch {self.current_epoch}, after {trained} batches of "
+            f"{saved} rows (the checkpoint's data.batch_size), and continues it after "
+            f"{trained} batches of {size}: rows of the epoch that the checkpoint's run had "
+            f"{'not yet trained are skipped' if size > saved else 'trained are trained again'}"
+            f"; resume with data.batch_size: {saved} to train the uninterrupted fit's "
+            "batches, or change it at an epoch's end",
+            category=UserWarning,
+        )
 
     def _continue_epoch(self, source: Any, loader: Any, trained: int) -> None:
         """Have torchbp's train ``loader``, whose epochs ``source`` orders, yield the rest
