@@ -46,6 +46,10 @@ _BATCH_NORMS = (
     nn.LazyBatchNorm3d,
 )
 
+# torch modules whose Linear children see their input as it is given: sequence-first
+# (T, B, ·) unless built with batch_first=True
+_SEQUENCE_FIRST_CAPABLE = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
 
 @dataclass
 class Layer:
@@ -80,6 +84,11 @@ def describe(name: str, module: nn.Module) -> str:
 
 def _trainable(p: nn.Parameter | None) -> nn.Parameter | None:
     return p if p is not None and p.requires_grad else None
+
+
+def _has_trainable(module: bpnn.Linear) -> bool:
+    """Whether the Linear's weight or bias requires grad."""
+    return any(_trainable(p) is not None for p in (module.weight, module.bias))
 
 
 @functools.cache
@@ -350,6 +359,39 @@ def _refuse_unusual_shapes(where: str, module: bpnn.Linear) -> None:
         )
 
 
+def _sequence_first_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` for the modules of ``model`` that run sequence-first: a
+    Transformer encoder or decoder layer built with ``batch_first=False`` (which it
+    keeps in its attention, ``self_attn.batch_first``)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, _SEQUENCE_FIRST_CAPABLE)
+        and getattr(getattr(module, "self_attn", None), "batch_first", True) is False
+    }
+
+
+def _refuse_sequence_first(where: str, name: str, sequence_first: dict[str, nn.Module]) -> None:
+    """Raise if the trainable Linear named ``name`` is inside a module of
+    ``sequence_first`` (see :func:`_sequence_first_modules`): its inputs are ``(T, B, ·)``,
+    so dim 0, which the context takes for the sample, is the position; with ``T == B``
+    every result would be per position, silently.
+
+    Raises:
+        TypeError: naming the Linear and the module it is in.
+    """
+    parts = name.split(".")
+    for enclosing in (".".join(parts[:i]) for i in range(len(parts))):
+        if enclosing in sequence_first:
+            outer = describe(enclosing, sequence_first[enclosing])
+            raise TypeError(
+                f"per_sample_grads: {where} is inside {outer}, built with batch_first=False: "
+                "its inputs are sequence-first (T, B, ...), so their dim 0 is the position, "
+                "not the sample, and per-sample gradients would be per position; build it "
+                "with batch_first=True and give it (B, T, ...) inputs"
+            )
+
+
 def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
     """Raise if a trainable Linear parameter is complex: its gradient is ``gᵀ conj(x)``
     and its squared norm ``|G|²``, where the per-sample formulas are the real ones.
@@ -369,8 +411,9 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
     """The model's Linear layers with trainable parameters, in module order.
 
     Raises:
-        TypeError: a module mixes samples, has trainable parameters that are not a
-            :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
+        TypeError: a module mixes samples, a trainable Linear is inside a Transformer
+            layer built with ``batch_first=False``, a module has trainable parameters
+            that are not a :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
             parameters or a trainable weight or bias that is not an ``nn.Parameter``
             (named in the message).
         ValueError: a trainable parameter is shared by two Linear modules that do not
@@ -387,6 +430,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
     layers: list[Layer] = []
     owner: dict[int, str] = {}
     linear_owners = _linear_owners(model)
+    sequence_first = _sequence_first_modules(model)
     for name, module in model.named_modules():
         where = describe(name, module)
         if isinstance(module, bpnn.LinearCrossEntropyLoss):
@@ -404,6 +448,8 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         # first: a Linear's own extra parameters explain a weight that is not one of them
         # (torch.nn.utils.weight_norm's, formed from weight_g and weight_v)
         _refuse_unattributable(where, module, linear_owners)
+        if isinstance(module, bpnn.Linear) and _has_trainable(module):
+            _refuse_sequence_first(where, name, sequence_first)
         recording = _calls_recorded_by(module, layers) if isinstance(module, bpnn.Linear) else None
         if recording is not None:
             recording.tied.append((name, module))
