@@ -429,8 +429,10 @@ class PerSampleGrads:
         layer, _ = self._owner(p)
         if layer.traces:
             return (
-                "is it used elsewhere, e.g. tied or passed to a functional op, or does the "
-                "model run under torch.compile, which is not supported?"
+                "is it used elsewhere, e.g. tied, passed to a functional op, or in a "
+                "penalty term of the loss such as an L2 regularizer (use the optimizer's "
+                "weight_decay instead), or does the model run under torch.compile, which "
+                "is not supported?"
             )
         return (
             "its Linear recorded no call in this context: was the forward run before the "
