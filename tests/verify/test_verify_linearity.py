@@ -336,3 +336,32 @@ def test_a_non_finite_gradient_where_fn_has_no_finite_derivative_is_no_finitenes
     torch_report = check_function(torch.sqrt, x, checks=["gradcheck"])
     assert "for dense random" not in fn_report["gradcheck"].message, fn_report
     assert fn_report["gradcheck"].status == torch_report["gradcheck"].status
+
+
+def _scaled_when_dense(g):
+    """grad_output itself when it has one nonzero (gradcheck's one-hot ones), else 1.5
+    times it: linear in dense grad_outputs, wrong for every one of them."""
+    return torch.where(g.count_nonzero() > 1, 1.5 * g, g)
+
+
+@pytest.mark.parametrize("path", list(_JACOBIAN_PATHS))
+def test_a_backward_wrong_for_dense_grad_outputs_only_fails_gradcheck(path):
+    # before: every check passed without a reference (the one-hot Jacobian is right, and
+    # backward is linear in dense grad_outputs); torch's fast_mode said "Jacobian mismatch"
+    shape, options = _JACOBIAN_PATHS[path]
+    fn = square_function(_scaled_when_dense, identity)
+    report = check_function(fn, seeded(*shape), checks=["gradcheck"], **options)
+    message = report["gradcheck"].message
+    assert report["gradcheck"].failed, report
+    assert "backward for dense random grad_outputs v disagrees with central differences" in (
+        message
+    )
+    assert "another path for a grad_output with several nonzeros" in message
+
+
+def test_a_max_at_ties_in_several_rows_is_no_dense_grad_output_finding():
+    # each tie's derivative is any between its one-sided ones, whatever the sign of the
+    # grad_output of its row: torch.max passes
+    x = torch.tensor([[1.0, 1.0, 0.0], [2.0, 3.0, 3.0], [5.0, 5.0, 5.0]], dtype=torch.float64)
+    report = check_function(lambda t: torch.max(t, 1).values, x, checks=["gradcheck"])
+    assert report["gradcheck"].passed, report

@@ -19,6 +19,7 @@ __all__ = [
     "FULL_JACOBIAN_LIMIT",
     "analytical_jacobian",
     "compare_jacobians",
+    "directional_quotients",
     "excuse_non_differentiable",
     "forward_jacobian",
     "jacobian_size",
@@ -253,6 +254,29 @@ def excuse_non_differentiable(
                     excused[k][o][mask, j] = a[mask, j]
                     count += int(mask.sum())
     return excused, count
+
+
+def directional_quotients(
+    func: Func, inputs: Sequence[torch.Tensor], us: Sequence[torch.Tensor], eps: float
+) -> dict[str, list[torch.Tensor]]:
+    """Per output of ``func``, in float64, its central, right and left difference
+    quotients at ``inputs`` along the direction ``us`` (one tensor per input): the
+    derivative ``J u`` where ``func`` is differentiable; where it is not (a kink), the
+    one-sided ones bracket every derivative autograd may pick."""
+    base = [x.detach() for x in inputs]
+    with torch.no_grad():
+        at = {
+            step: [
+                t.detach().to(torch.float64)
+                for t in func(*[x + step * u for x, u in zip(base, us)])
+            ]
+            for step in (eps, 0.0, -eps)
+        }
+    return {
+        "central": [(hi - lo) / (2 * eps) for hi, lo in zip(at[eps], at[-eps])],
+        "right": [(hi - mid) / eps for hi, mid in zip(at[eps], at[0.0])],
+        "left": [(mid - lo) / eps for mid, lo in zip(at[0.0], at[-eps])],
+    }
 
 
 def projected_backward_error(

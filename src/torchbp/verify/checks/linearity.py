@@ -28,9 +28,15 @@ from torchbp.verify.checks.compare import (
     unravel,
 )
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.jacobians import directional_quotients
 from torchbp.verify.checks.outcomes import CheckFailure
 
-__all__ = ["departure_note", "require_backward_linear", "require_jvp_linear"]
+__all__ = [
+    "departure_note",
+    "require_backward_like_central_differences",
+    "require_backward_linear",
+    "require_jvp_linear",
+]
 
 #: The combination compared: f(a + SCALE * b) against f(a) + SCALE * f(b).
 SCALE = 2.0
@@ -230,6 +236,63 @@ def require_backward_linear(ctx: CheckContext) -> None:
         "Jacobian uses, do not show this)",
     )
     _require_linear(ctx, backward, outs, leaves, linear_map)
+
+
+def require_backward_like_central_differences(ctx: CheckContext) -> None:
+    """Fail unless backward, given random dense grad_outputs ``v``, agrees with fn's
+    central differences along a random direction ``u``: ``v^T J u`` within gradcheck's
+    ``atol + rtol * |v^T J u|``, or within the bracket of the one-sided differences (a
+    kink, :func:`_one_sided_bracket`).
+
+    gradcheck's Jacobian comes from one-hot grad_outputs: a backward with another path
+    for a dense one (a "fast path" for a single nonzero, right, beside a wrong general
+    one) can be linear in the dense ones and wrong for all of them. Nothing to judge when
+    a figure is not finite (the finiteness requirement speaks for backward)."""
+    leaves = ctx.leaves()
+    outs = ctx.diff_fn(*leaves)
+    wanted = [o for o, out in enumerate(outs) if out.requires_grad]
+    if not wanted:
+        return
+    vs = [ctx.randn(outs[o].shape, outs[o].dtype).to(torch.float64) for o in wanted]
+    us = [ctx.randn(x.shape, x.dtype) for x in leaves]
+    # copies: a backward writing into grad_output is grad_output_safety's finding
+    given = [v.to(outs[o].dtype, copy=True) for o, v in zip(wanted, vs)]
+    grads = input_grads([outs[o] for o in wanted], leaves, given, allow_unused=True)
+    backward = sum(
+        float((g.detach().to(torch.float64) * u).sum()) for g, u in zip(grads, us) if g is not None
+    )
+    quotients = directional_quotients(ctx.diff_fn, leaves, us, float(ctx.options.eps))
+    pick = {name: [per_output[o] for o in wanted] for name, per_output in quotients.items()}
+    central = sum(float((d * v).sum()) for d, v in zip(pick["central"], vs))
+    low, high = _one_sided_bracket(pick["left"], pick["right"], vs)
+    if not all(math.isfinite(x) for x in (backward, central, low, high)):
+        return
+    slack = float(ctx.options.atol) + float(ctx.options.rtol) * abs(central)
+    if abs(backward - central) <= slack or low - slack <= backward <= high + slack:
+        return
+    error = abs(backward - central)
+    raise CheckFailure(
+        "backward for dense random grad_outputs v disagrees with central differences "
+        f"along a random direction u: v^T J u is {backward:.6g} from backward, "
+        f"{central:.6g} from central differences (abs error {error:.1e}, seed "
+        f"{ctx.options.seed}), although its results for one-hot grad_outputs (gradcheck's "
+        "Jacobian) agree with them: does backward take another path for a grad_output "
+        "with several nonzeros (a branch on its count of nonzeros, a fast path for a "
+        "single one)?",
+        error,
+        error / max(abs(central), 1e-12),
+    )
+
+
+def _one_sided_bracket(
+    left: Sequence[torch.Tensor], right: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]
+) -> tuple[float, float]:
+    """The range of ``v^T d`` over every ``d`` lying, element by element, between the left
+    and right difference quotients: at kinks and ties (each output element its own, such
+    as one max per row) autograd may pick any derivative between them."""
+    low = sum(float(torch.minimum(v * lo, v * hi).sum()) for lo, hi, v in zip(left, right, vs))
+    high = sum(float(torch.maximum(v * lo, v * hi).sum()) for lo, hi, v in zip(left, right, vs))
+    return low, high
 
 
 def require_jvp_linear(ctx: CheckContext) -> None:

@@ -37,6 +37,7 @@ from torchbp.verify.checks.jacobians import (
 )
 from torchbp.verify.checks.linearity import (
     departure_note,
+    require_backward_like_central_differences,
     require_backward_linear,
     require_jvp_linear,
 )
@@ -349,9 +350,11 @@ def check_gradcheck(ctx: CheckContext) -> Passed:
 def _require_backward_linear(ctx: CheckContext) -> None:
     """Fail unless backward is linear in the grad_outputs: given them all at once
     (:func:`_require_linear_in_grad_outputs`) and given random ones
-    (:func:`require_backward_linear`)."""
+    (:func:`require_backward_linear`), and right for random dense ones
+    (:func:`require_backward_like_central_differences`)."""
     _require_linear_in_grad_outputs(ctx)
     require_backward_linear(ctx)
+    require_backward_like_central_differences(ctx)
 
 
 def _require_linear_when_only_torch_failed(
