@@ -351,3 +351,83 @@ def test_jit_trace_of_cross_entropy_inplace_keeps_the_logits():
     got_grads = torch.autograd.grad(loss, list(model.parameters()))
     want_grads = torch.autograd.grad(want, list(model.parameters()))
     torch.testing.assert_close(got_grads, want_grads, **TOL)
+
+
+class _SegmentationHead(nn.Module):
+    """Per-pixel logits ``(N, C, H, W)`` (a linear's output moved to a convolution's
+    layout) and a loss of them; class weights (``softmax`` of a parameter, so computed:
+    they require grad only under grad mode) with probability targets."""
+
+    def __init__(self, loss: str) -> None:
+        super().__init__()
+        self.fc = torchbp.nn.Linear(6, 4)
+        self.class_logits = nn.Parameter(torch.randn(4))
+        self.loss = loss
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(x)
+        if self.loss == "nll_loss":
+            return torchbp.functional.nll_loss(logits.log_softmax(1), target)
+        if self.loss == "cross_entropy":
+            return torchbp.functional.cross_entropy(logits, target, label_smoothing=0.1)
+        weight = 4 * self.class_logits.softmax(0)
+        return torchbp.functional.cross_entropy(logits, target, weight=weight)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, H, W, C) -> (N, C, H, W), laid out as a convolution gives it
+        return self.fc(x).movedim(-1, 1).contiguous()
+
+    def native(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(x)
+        if self.loss == "nll_loss":
+            return nn.functional.nll_loss(logits.log_softmax(1), target)
+        if self.loss == "cross_entropy":
+            return nn.functional.cross_entropy(logits, target, label_smoothing=0.1)
+        weight = 4 * self.class_logits.softmax(0)
+        return nn.functional.cross_entropy(logits, target, weight=weight)
+
+
+def _segmentation_batch(n: int, loss: str):
+    x = torch.randn(n, 3, 2, 6, dtype=DT)
+    if loss == "probabilities":
+        return x, torch.randn(n, 4, 3, 2, dtype=DT).softmax(1)
+    return x, torch.randint(0, 4, (n, 3, 2))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("grad_mode", ["grad", "no_grad"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll_loss", "probabilities"])
+def test_jit_trace_of_a_k_dim_loss_takes_one_path_whatever_the_grad_mode(loss, grad_mode):
+    """K-dim losses chose their path by whether the logits (or probability targets' class
+    weights) required grad, which the trace's own check (under ``no_grad``) saw otherwise:
+    tracing failed ('Graphs differed across invocations'), and a trace made under
+    ``no_grad`` dropped the class weights' gradient."""
+    model = _SegmentationHead(loss).to(DT)
+    with torch.set_grad_enabled(grad_mode == "grad"):
+        traced = torch.jit.trace(model, _segmentation_batch(2, loss))
+    x, target = _segmentation_batch(5, loss)
+    got, want = traced(x, target), model.native(x, target)
+    torch.testing.assert_close(got, want, **TOL)
+    params = list(model.parameters())
+    if loss != "probabilities":
+        params.remove(model.class_logits)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got_grads, torch.autograd.grad(want, params), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("shape", [(4, 6), (2, 4, 6), (2, 3, 4, 6)], ids=["2d", "3d", "4d"])
+def test_jit_trace_of_a_linear_on_batched_input(shape):
+    """A Linear on ``(B, T, d)`` input (every transformer block): tracing failed ('Cannot
+    insert a Tensor that requires grad as a constant') at the ``resize_`` that adds the bias
+    inside the GEMM."""
+    bp, native = torchbp.nn.Linear(6, 3).to(DT), nn.Linear(6, 3).to(DT)
+    bp.load_state_dict(native.state_dict())
+    traced = torch.jit.trace(bp, torch.randn(shape, dtype=DT))
+    x = torch.randn(5, *shape[1:], dtype=DT, requires_grad=True)
+    got, want = traced(x), native(x)
+    assert type(got.grad_fn).__name__ == "LinearFunctionBackward"
+    torch.testing.assert_close(got, want, **TOL)
+    wrt = [x, *native.parameters()]
+    got_grads = torch.autograd.grad(got.sum(), [x, *bp.parameters()])
+    torch.testing.assert_close(got_grads, torch.autograd.grad(want.sum(), wrt), **TOL)

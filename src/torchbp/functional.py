@@ -564,7 +564,7 @@ def _rows(t: torch.Tensor, class_dim: int, classes: int) -> torch.Tensor:
     if t.dim() == 2:
         return t  # (N, C) already
     moved = t.movedim(class_dim, -1)
-    if not moved.is_contiguous() and _differentiated(t):
+    if not moved.is_contiguous() and _differentiated_or_traced(t):
         # rows copied from the input (N, C, d1, ...): its gradient comes back contiguous,
         # as native's, not as the class-last permuted view ``movedim`` would give
         return apply(_CLASSLASTROWS, t, class_dim)
@@ -586,6 +586,14 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
 def _differentiated(t: torch.Tensor | None) -> bool:
     """Whether autograd records a gradient for ``t`` in this call."""
     return isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def _differentiated_or_traced(t: torch.Tensor | None) -> bool:
+    """:func:`_differentiated`, or ``t`` is a tensor and :func:`torch.jit.trace` records
+    the call: the trace serves later calls that record gradients, and torch's check
+    traces again under ``no_grad`` (where a computed tensor no longer requires grad) and
+    refuses a graph that differs, so the path taken must not depend on either."""
+    return _differentiated(t) or (_traced() and isinstance(t, torch.Tensor))
 
 
 def _weighted_probability_rows(logits, target, weight, smoothing: float) -> torch.Tensor:
@@ -802,7 +810,7 @@ def cross_entropy(
     if soft:  # promoted with the target and class weights, as native's formula
         common = _probability_loss_dtype(input, target, weight)
         input, target = input.to(common), target.to(common)
-    weight_grad = soft and _differentiated(weight)
+    weight_grad = soft and _differentiated_or_traced(weight)
     # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
     logits = input if inplace and not weight_grad else _rows(input, class_dim, classes)
     # uint8 class indices are accepted, as native does

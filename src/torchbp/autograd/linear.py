@@ -67,12 +67,15 @@ def _bias_in_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
     the last bit: ~30% of bf16 / fp16 outputs, a few % of float32 / float64 ones for long
     rows): for a contiguous ``x`` of any dim but 2 (2-D always takes addmm) and a
     contiguous ``(out,)``, ``(1,)`` or ``(1, out)`` bias, as native (torch 2.13). Not under a
-    torch.func transform (tensors without storage) nor torch.compile, which cannot take
-    the ``resize_`` of :func:`_addmm_rows`: there the bias is added after the matmul."""
+    torch.func transform (tensors without storage), torch.compile or torch.jit.trace,
+    which cannot take the ``resize_`` of :func:`_addmm_rows` (the tracer: "Cannot insert a
+    Tensor that requires grad as a constant"): there the bias is added after the matmul
+    (a trace runs this forward again when called, outside the tracer, taking addmm)."""
     if bias.dim() != 1 and (bias.dim() != 2 or bias.shape[0] != 1):
         return False
     return (
         not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and x.is_contiguous()
         and bias.is_contiguous()
         and has_storage(x)
