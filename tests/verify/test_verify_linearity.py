@@ -365,3 +365,22 @@ def test_a_max_at_ties_in_several_rows_is_no_dense_grad_output_finding():
     x = torch.tensor([[1.0, 1.0, 0.0], [2.0, 3.0, 3.0], [5.0, 5.0, 5.0]], dtype=torch.float64)
     report = check_function(lambda t: torch.max(t, 1).values, x, checks=["gradcheck"])
     assert report["gradcheck"].passed, report
+
+
+@pytest.mark.parametrize("path", list(_JACOBIAN_PATHS))
+def test_a_jvp_wrong_for_dense_tangents_only_fails_forward_ad(path):
+    # before: passed (one-hot tangents build a right forward Jacobian, and the jvp is
+    # linear in dense tangents); torch's fast_mode said "Jacobian ... mismatch"
+    shape, options = _JACOBIAN_PATHS[path]
+    fn = square_function(identity, _scaled_when_dense)
+    report = check_function(fn, seeded(*shape), checks=["forward_ad"], **options)
+    message = report["forward_ad"].message
+    assert report["forward_ad"].failed, report
+    assert "jvp for dense random tangents u disagrees with central differences" in message
+    assert "the tangent of output 0" in message and "at index" in message
+
+
+def test_a_jvp_at_ties_is_no_dense_tangent_finding():
+    x = torch.tensor([[1.0, 1.0, 0.0], [2.0, 3.0, 3.0], [5.0, 5.0, 5.0]], dtype=torch.float64)
+    report = check_function(lambda t: torch.max(t, 1).values, x, checks=["forward_ad"])
+    assert report["forward_ad"].passed, report

@@ -35,6 +35,7 @@ __all__ = [
     "departure_note",
     "require_backward_like_central_differences",
     "require_backward_linear",
+    "require_jvp_like_central_differences",
     "require_jvp_linear",
 ]
 
@@ -317,3 +318,51 @@ def require_jvp_linear(ctx: CheckContext) -> None:
         "not show this)",
     )
     _require_linear(ctx, jvp, base, outs, linear_map)
+
+
+def require_jvp_like_central_differences(ctx: CheckContext) -> None:
+    """Fail unless jvp, given random dense tangents ``u`` (every grad input dual at once),
+    gives each output the tangent fn's central differences along ``u`` give, element by
+    element within gradcheck's ``atol + rtol * |J u|``, or between the one-sided
+    differences (a kink): the forward Jacobian comes from one-hot tangents, so a jvp with
+    another path for a dense tangent can be linear in the dense ones and wrong for all
+    of them. Elements where a figure is not finite are not judged."""
+    base = [x.detach() for x in ctx.leaves()]
+    us = [ctx.randn(x.shape, x.dtype) for x in base]
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(x, u.clone()) for x, u in zip(base, us)]
+        tangents = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
+    quotients = directional_quotients(ctx.diff_fn, base, us, float(ctx.options.eps))
+    atol, rtol = float(ctx.options.atol), float(ctx.options.rtol)
+    for o, tangent in enumerate(tangents):
+        if tangent is None:
+            continue
+        got = dense(tangent).detach().to(torch.float64)
+        central, left, right = (quotients[k][o] for k in ("central", "left", "right"))
+        slack = atol + rtol * central.abs()
+        inside = (got - central).abs() <= slack
+        inside |= (got >= torch.minimum(left, right) - slack) & (
+            got <= torch.maximum(left, right) + slack
+        )
+        judged = (
+            torch.isfinite(got)
+            & torch.isfinite(central)
+            & torch.isfinite(left)
+            & torch.isfinite(right)
+        )
+        wrong = judged & ~inside
+        if bool(wrong.any()):
+            flat = int(wrong.reshape(-1).nonzero()[0])
+            index = unravel(flat, got.shape)
+            error = float((got - central).abs().masked_fill(~judged, 0.0).max())
+            raise CheckFailure(
+                f"jvp for dense random tangents u disagrees with central differences along u: "
+                f"the tangent of output {o} is {float(got.reshape(-1)[flat]):.6g} at index "
+                f"{index}, central differences give {float(central.reshape(-1)[flat]):.6g} "
+                f"(seed {ctx.options.seed}), although its results for one-hot tangents (the "
+                "forward Jacobian) agree with them: does jvp take another path for a "
+                "tangent with several nonzeros (a branch on its count of nonzeros, a fast "
+                "path for a single one)?",
+                error,
+                math.inf,
+            )

@@ -39,6 +39,7 @@ from torchbp.verify.checks.linearity import (
     departure_note,
     require_backward_like_central_differences,
     require_backward_linear,
+    require_jvp_like_central_differences,
     require_jvp_linear,
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
@@ -355,6 +356,13 @@ def _require_backward_linear(ctx: CheckContext) -> None:
     _require_linear_in_grad_outputs(ctx)
     require_backward_linear(ctx)
     require_backward_like_central_differences(ctx)
+
+
+def _require_jvp_linear(ctx: CheckContext) -> None:
+    """Fail unless jvp is linear in random tangents (:func:`require_jvp_linear`) and right
+    for dense ones (:func:`require_jvp_like_central_differences`)."""
+    require_jvp_linear(ctx)
+    require_jvp_like_central_differences(ctx)
 
 
 def _require_linear_when_only_torch_failed(
@@ -852,10 +860,10 @@ def _forward_ad(ctx: CheckContext) -> Passed:
             ctx, diff, forward_jacobian, "forward-mode AD (jvp)", "forward AD", torch_msg
         )
     except CheckFailure as failure:
-        _require_linear_when_only_torch_failed(ctx, failure, "forward AD", require_jvp_linear)
+        _require_linear_when_only_torch_failed(ctx, failure, "forward AD", _require_jvp_linear)
         raise
     _require_tangents_like_outputs(ctx)
-    require_jvp_linear(ctx)
+    _require_jvp_linear(ctx)
     require_jvp_layout_independent(ctx)
     if errors is not None:
         abs_err, rel_err, note = errors
