@@ -921,7 +921,8 @@ def per_sample_grads(
     (the formulas are real ones) or with a trainable weight or bias that is not an
     ``nn.Parameter`` (a plain tensor ``torch.func.functional_call`` left in a module
     listed twice, or one assigned after ``del lin.weight``), a Linear with a 1-D weight or
-    a trainable bias of another shape than ``(out_features,)``, BatchNorm in training mode,
+    a trainable bias of another shape than ``(out_features,)``, a MultiheadAttention with
+    a trainable ``out_proj`` (its forward uses the weight directly), BatchNorm in training mode,
     softmax-like modules, GLU and CosineSimilarity along dim 0, ``Flatten(start_dim=0)``, and
     the fused :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative

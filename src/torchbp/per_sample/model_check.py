@@ -392,6 +392,26 @@ def _refuse_sequence_first(where: str, name: str, sequence_first: dict[str, nn.M
             )
 
 
+def _refuse_attention_projection(where: str, module: nn.Module) -> None:
+    """Raise if ``module`` is an :class:`~torch.nn.MultiheadAttention` whose ``out_proj``
+    has a trainable parameter: its forward passes ``out_proj.weight`` and ``.bias`` to
+    ``F.multi_head_attention_forward`` directly, never calling the Linear (converted or
+    not), so their gradients would reach the parameters through a native op.
+
+    Raises:
+        TypeError: naming the attention module.
+    """
+    if not isinstance(module, nn.MultiheadAttention):
+        return
+    if any(p.requires_grad for p in module.out_proj.parameters()):
+        raise TypeError(
+            f"per_sample_grads: {where} has a trainable out_proj, whose weight and bias "
+            "its forward passes to F.multi_head_attention_forward directly, not through "
+            "the Linear, so their per-sample gradients cannot be recorded; freeze it "
+            "(out_proj.requires_grad_(False)) or the whole attention"
+        )
+
+
 def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
     """Raise if a trainable Linear parameter is complex: its gradient is ``gᵀ conj(x)``
     and its squared norm ``|G|²``, where the per-sample formulas are the real ones.
@@ -448,6 +468,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         # first: a Linear's own extra parameters explain a weight that is not one of them
         # (torch.nn.utils.weight_norm's, formed from weight_g and weight_v)
         _refuse_unattributable(where, module, linear_owners)
+        _refuse_attention_projection(where, module)
         if isinstance(module, bpnn.Linear) and _has_trainable(module):
             _refuse_sequence_first(where, name, sequence_first)
         recording = _calls_recorded_by(module, layers) if isinstance(module, bpnn.Linear) else None
