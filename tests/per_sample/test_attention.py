@@ -2,7 +2,9 @@
 ``.bias`` to ``F.multi_head_attention_forward`` itself, never calling the Linear, so a
 trainable ``out_proj`` (its input projections frozen) was refused only at the backward, as
 a parameter reached by "an op other than its recorded Linear call". Now refused at
-creation, naming the attention module; frozen, it is fine."""
+creation, naming the attention module; frozen, it is fine. Under torchbp.enable() the
+out_proj call inside F.multi_head_attention_forward is torchbp's linear on the output
+flattened to (T·B, E): it gave norms of shape (T·B,), silently."""
 
 from __future__ import annotations
 
@@ -45,3 +47,13 @@ def test_frozen_attention_passes_its_output_to_a_trainable_head():
         nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     assert ps.norms.shape == (5,)
     torch.testing.assert_close(model.head.weight.grad_sample.sum(0), model.head.weight.grad)
+
+
+def test_trainable_out_proj_refused_under_torchbp_enable():
+    model = _model()
+    model.head.requires_grad_(False)
+    with torchbp.enable():
+        with pytest.raises(TypeError, match=r"'attn' \(MultiheadAttention\).*\(T\*B, E\)"):
+            with per_sample_grads(model) as ps:
+                model(torch.randn(5, 3, 4)).sum().backward()
+            assert ps.norms.shape == (5,), f"norms of shape {tuple(ps.norms.shape)}"

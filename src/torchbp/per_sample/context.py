@@ -922,7 +922,8 @@ def per_sample_grads(
     ``nn.Parameter`` (a plain tensor ``torch.func.functional_call`` left in a module
     listed twice, or one assigned after ``del lin.weight``), a Linear with a 1-D weight or
     a trainable bias of another shape than ``(out_features,)``, a MultiheadAttention with
-    a trainable ``out_proj`` (its forward uses the weight directly), BatchNorm in training mode,
+    a trainable ``out_proj`` (its forward applies it to the output flattened to
+    ``(T·B, E)``, not per sample), BatchNorm in training mode,
     softmax-like modules, GLU and CosineSimilarity along dim 0, ``Flatten(start_dim=0)``, and
     the fused :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative

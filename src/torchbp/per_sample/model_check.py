@@ -395,8 +395,11 @@ def _refuse_sequence_first(where: str, name: str, sequence_first: dict[str, nn.M
 def _refuse_attention_projection(where: str, module: nn.Module) -> None:
     """Raise if ``module`` is an :class:`~torch.nn.MultiheadAttention` whose ``out_proj``
     has a trainable parameter: its forward passes ``out_proj.weight`` and ``.bias`` to
-    ``F.multi_head_attention_forward`` directly, never calling the Linear (converted or
-    not), so their gradients would reach the parameters through a native op.
+    ``F.multi_head_attention_forward``, never calling the Linear module. That calls
+    ``linear`` on them with the attention output flattened sequence-first to
+    ``(T·B, E)``: a native op whose gradient reaches the parameters unrecorded, or, under
+    :func:`torchbp.enable`, torchbp's linear, whose rows are then (position, sample)
+    pairs, not samples (norms of shape ``(T·B,)``, silently).
 
     Raises:
         TypeError: naming the attention module.
@@ -406,8 +409,9 @@ def _refuse_attention_projection(where: str, module: nn.Module) -> None:
     if any(p.requires_grad for p in module.out_proj.parameters()):
         raise TypeError(
             f"per_sample_grads: {where} has a trainable out_proj, whose weight and bias "
-            "its forward passes to F.multi_head_attention_forward directly, not through "
-            "the Linear, so their per-sample gradients cannot be recorded; freeze it "
+            "its forward passes to F.multi_head_attention_forward, not through the Linear "
+            "module: linear runs there on the output flattened to (T*B, E), whose rows are "
+            "not samples, so their per-sample gradients cannot be recorded; freeze it "
             "(out_proj.requires_grad_(False)) or the whole attention"
         )
 
