@@ -921,6 +921,40 @@ def test_resuming_past_max_epochs_is_a_cli_error_before_anything_is_written(tmp_
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize(
+    ("subcommand", "option", "message"),
+    [
+        (
+            "fit",
+            "--trainer.limit_train_batches=0.01",
+            "trainer.limit_train_batches=0.01 keeps none of the 7 train batches",
+        ),
+        ("fit", "--trainer.limit_val_batches=0.1", "give at least 0.5, or a number of batches"),
+        ("fit", "--trainer.limit_test_batches=0.1", "keeps none of the 2 test batches"),
+        ("test", "--trainer.limit_test_batches=0.1", "keeps none of the 2 test batches"),
+        (
+            "fit",
+            "--trainer.val_check_interval=8",
+            "trainer.val_check_interval=8 (batches) is above the 7 training batches of an epoch",
+        ),
+    ],
+    ids=["train", "val", "fits_test", "test", "val_check_interval"],
+)
+def test_batch_counts_lightning_refuses_are_a_cli_error_before_anything_is_written(
+    tmp_path, capsys, subcommand, option, message
+):
+    """A fraction limit_*_batches that keeps none of a loader's batches (iris: 7 train, 2
+    val and 2 test batches), or a val_check_interval above an epoch's batches, was
+    Lightning's MisconfigurationException or ValueError traceback once the run had started
+    (the test that ends a fit: after the whole fit), its run folder written."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(subcommand, "--config", "iris", f"--run_dir={tmp_path}", option)
+    assert e.value.code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.startswith("error: invalid configuration: ") and message in error
+    assert not list(tmp_path.rglob("version_*"))
+
+
 def test_resuming_with_another_optimizer_is_a_cli_error_before_anything_is_written(
     short_run, tmp_path, capsys
 ):

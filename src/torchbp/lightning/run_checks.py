@@ -5,6 +5,7 @@ invalid configuration is reported as."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "check_config_file_is_new",
     "check_privacy",
     "check_predictions_can_be_written",
+    "check_batch_counts",
 ]
 
 
@@ -170,3 +172,63 @@ def check_privacy(
     model.check_privacy(
         trainer, datamodule.train_dataloader(), resumed=resumed, datamodule=datamodule
     )
+
+
+#: the loaders each subcommand runs (``fit`` ends with a test of its best checkpoint)
+_STAGES = {
+    "fit": ("train", "val", "test"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+
+
+def _limited_batches(length: int, limit: int | float) -> int:
+    """Lightning's count of a loader's ``length`` batches under ``limit_<stage>_batches``:
+    an int is a number of batches, a float a fraction of them (rounded down)."""
+    if isinstance(limit, int):
+        return min(length, limit)
+    return int(length * limit)
+
+
+def _fraction_of_one_batch(length: int) -> float:
+    """The least fraction with 4 decimals that keeps one of ``length`` batches."""
+    return math.ceil(10_000 / length) / 10_000
+
+
+def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trainer) -> None:
+    """Batch counts that Lightning refuses with a traceback once the run has started and
+    its run folder is written, raised now as a ``ValueError``: a fraction
+    ``limit_<stage>_batches`` that leaves none of a loader's batches, and a
+    ``val_check_interval`` in batches above an epoch's training batches (with validation
+    every ``check_val_every_n_epoch``). For torchbp's DataModules in one process (the
+    loaders' lengths are those of the process's shard under DDP)."""
+    if not isinstance(datamodule, (ArrayDataModule, SyntheticDataModule)):
+        return
+    if trainer.world_size > 1:
+        return
+    lengths = {}
+    for stage in _STAGES.get(subcommand or "", ()):
+        limit = getattr(trainer, f"limit_{stage}_batches")
+        if not limit:
+            continue  # the stage is off (validation) or refused elsewhere
+        lengths[stage] = length = len(getattr(datamodule, f"{stage}_dataloader")())
+        if _limited_batches(length, limit) == 0 and length > 0:
+            raise ValueError(
+                f"trainer.limit_{stage}_batches={limit} keeps none of the {length} {stage} "
+                f"batches (a fraction of them, rounded down); give at least "
+                f"{_fraction_of_one_batch(length)}, "
+                "or a number of batches (an int)"
+            )
+    every = trainer.val_check_interval
+    if not {"train", "val"} <= lengths.keys() or trainer.check_val_every_n_epoch is None:
+        return
+    if isinstance(every, int) and not isinstance(every, bool):
+        batches = _limited_batches(lengths["train"], trainer.limit_train_batches)
+        if every > batches:
+            raise ValueError(
+                f"trainer.val_check_interval={every} (batches) is above the {batches} "
+                f"training batches of an epoch; validate every {batches} batches or fewer, "
+                "give a fraction of the epoch (0.5), or set "
+                "trainer.check_val_every_n_epoch: null to count batches across epochs"
+            )
