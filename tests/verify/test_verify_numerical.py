@@ -242,6 +242,39 @@ def test_float32_numbers_are_told_from_float64_ones():
     assert rounded_to([exact]) == torch.float16
 
 
+class _SquareWithGraphPath(torch.autograd.Function):
+    """x² whose backward takes a differentiable path when grad mode is on (create_graph),
+    beside a plain one; ``graph_factor`` is the graph path's factor, 2 when right."""
+
+    graph_factor = 2.0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # d x²/dx = 2x
+        if torch.is_grad_enabled():
+            return _SquareWithGraphPath.graph_factor * x * g
+        return 2 * x * g
+
+
+def test_a_backward_wrong_only_with_create_graph_fails_gradgradcheck(monkeypatch):
+    # before: passed (gradcheck runs the plain path; gradgradcheck differentiates the
+    # graph path consistently with itself)
+    right = check_function(_SquareWithGraphPath, seeded(3, 4), checks=["gradgradcheck"])
+    assert right["gradgradcheck"].passed, right
+    monkeypatch.setattr(_SquareWithGraphPath, "graph_factor", 3.0)
+    report = check_function(_SquareWithGraphPath, seeded(3, 4), checks=["gradgradcheck"])
+    message = report["gradgradcheck"].message
+    assert report["gradgradcheck"].failed, report
+    assert "backward with create_graph=True gives another gradient of input 0" in message
+    assert "torch.is_grad_enabled()" in message
+
+
 def _fast_gradchecks_projection(n: int) -> torch.Tensor:
     """The u torch's fast gradcheck draws for a float64 input of ``n`` elements (torch
     2.13: a torch.Generator() of its default seed, the same on every run)."""

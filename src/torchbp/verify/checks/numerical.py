@@ -587,6 +587,46 @@ def _require_differentiable_backward(
         )
 
 
+def _require_same_gradients_with_graph(
+    ctx: CheckContext, diff: list[torch.Tensor], vs: list[torch.Tensor]
+) -> None:
+    """Fail unless backward of fn at the leaves ``diff`` for the grad_outputs ``vs`` (one
+    per output requiring grad) gives the same gradients with ``create_graph=True`` (grad
+    mode on: the path double backward differentiates, and a gradient penalty trains with)
+    as without: gradcheck checks only the latter, and gradgradcheck differentiates the
+    former consistently with itself."""
+    outs = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
+    plain, graph = (
+        input_grads(
+            outs,
+            diff,
+            [v.detach().clone() for v in vs],
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+        )
+        for create_graph in (False, True)
+    )
+    tolerance = ctx.parity_tolerances()
+    for k, (without, with_graph) in enumerate(
+        zip(zeros_for_none(plain, diff), zeros_for_none(graph, diff))
+    ):
+        require_close(
+            with_graph.detach(),
+            without,
+            tolerance,
+            f"backward with create_graph=True gives another gradient of {ctx.input_name(k)} "
+            "than without",
+            note=(
+                " (a branch on torch.is_grad_enabled() or create_graph, e.g. a "
+                "differentiable path beside a fused one, wrong in one of them: gradcheck "
+                "checks the path without a graph, double backward and gradient penalties "
+                "use the other)"
+            ),
+            show_index=True,
+        )
+
+
 def check_gradgradcheck(ctx: CheckContext) -> Passed:
     """The Jacobian of backward (w.r.t. the inputs and grad_outputs) against central
     differences; skipped when gradcheck failed, unsupported when double backward raises
@@ -713,6 +753,7 @@ def _second_order(ctx: CheckContext) -> Passed:
     outs_rg = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
     vs = [ctx.randn(o.shape, o.dtype).requires_grad_(True) for o in outs_rg]
     _require_differentiable_backward(ctx, outs_rg, diff, vs)
+    _require_same_gradients_with_graph(ctx, diff, vs)
     n_in = len(diff)
 
     def first_grad(*xs_and_vs):
