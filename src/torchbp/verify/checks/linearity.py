@@ -8,7 +8,9 @@ The Jacobians the ``gradcheck`` and ``forward_ad`` checks compare are built one 
 is right for every one-hot vector and wrong for nearly any other, which is what
 autograd hands it in training (and what ``torch.func.jvp`` is given). So is a backward
 (or jvp) giving NaN or inf for a dense vector only, where fn's derivatives are finite: NaN
-compares equal to NaN in the linearity test, so finiteness is required first."""
+compares equal to NaN in the linearity test, so finiteness is required first. And a map
+linear in dense vectors may still be wrong for all of them (another path for several
+nonzeros): its results for dense random vectors are compared with central differences."""
 
 from __future__ import annotations
 
