@@ -315,8 +315,11 @@ def test_a_vmap_rule_of_a_function_fn_calls_is_compared_with_calls_one_by_one(wr
     # before: the rule was found only when fn was the Function itself: inside a module or
     # a wrapper, a wrong rule passed, compared with vmap over one sample at a time
     def wrap(mask):
-        torch.manual_seed(0)
-        return _LinearThenMask(mask) if wrapped == "nn.Module" else lambda x: mask.apply(x)
+        if wrapped == "lambda":
+            return lambda x: mask.apply(x)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return _LinearThenMask(mask)
 
     right = check_function(wrap(RightSameMaskRule), seeded(3, 4), checks=["vmap"])["vmap"]
     assert right.passed and not right.caveat, right
