@@ -202,33 +202,36 @@ def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trai
     ``limit_<stage>_batches`` that leaves none of a loader's batches, and a
     ``val_check_interval`` in batches above an epoch's training batches (with validation
     every ``check_val_every_n_epoch``). For torchbp's DataModules in one process (the
-    loaders' lengths are those of the process's shard under DDP)."""
+    loaders' lengths are those of the process's shard under DDP); a loader is made only
+    where a count needs its length."""
     if not isinstance(datamodule, (ArrayDataModule, SyntheticDataModule)):
         return
     if trainer.world_size > 1:
         return
-    lengths = {}
     for stage in _STAGES.get(subcommand or "", ()):
         limit = getattr(trainer, f"limit_{stage}_batches")
-        if not limit:
-            continue  # the stage is off (validation) or refused elsewhere
-        lengths[stage] = length = len(getattr(datamodule, f"{stage}_dataloader")())
+        if not (isinstance(limit, float) and 0.0 < limit < 1.0):
+            continue  # every batch, a number of them, or none (validation off)
+        length = len(getattr(datamodule, f"{stage}_dataloader")())
         if _limited_batches(length, limit) == 0 and length > 0:
             raise ValueError(
                 f"trainer.limit_{stage}_batches={limit} keeps none of the {length} {stage} "
                 f"batches (a fraction of them, rounded down); give at least "
-                f"{_fraction_of_one_batch(length)}, "
-                "or a number of batches (an int)"
+                f"{_fraction_of_one_batch(length)}, or a number of batches (an int)"
             )
     every = trainer.val_check_interval
-    if not {"train", "val"} <= lengths.keys() or trainer.check_val_every_n_epoch is None:
+    if subcommand != "fit" or not isinstance(every, int) or isinstance(every, bool):
         return
-    if isinstance(every, int) and not isinstance(every, bool):
-        batches = _limited_batches(lengths["train"], trainer.limit_train_batches)
-        if every > batches:
-            raise ValueError(
-                f"trainer.val_check_interval={every} (batches) is above the {batches} "
-                f"training batches of an epoch; validate every {batches} batches or fewer, "
-                "give a fraction of the epoch (0.5), or set "
-                "trainer.check_val_every_n_epoch: null to count batches across epochs"
-            )
+    if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+        return
+    if not trainer.limit_train_batches:
+        return  # no training, no validation within it
+    length = len(datamodule.train_dataloader())
+    batches = _limited_batches(length, trainer.limit_train_batches)
+    if every > batches:
+        raise ValueError(
+            f"trainer.val_check_interval={every} (batches) is above the {batches} "
+            f"training batches of an epoch; validate every {batches} batches or fewer, "
+            "give a fraction of the epoch (0.5), or set "
+            "trainer.check_val_every_n_epoch: null to count batches across epochs"
+        )
