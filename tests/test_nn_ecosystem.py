@@ -431,3 +431,37 @@ def test_jit_trace_of_a_linear_on_batched_input(shape):
     wrt = [x, *native.parameters()]
     got_grads = torch.autograd.grad(got.sum(), [x, *bp.parameters()])
     torch.testing.assert_close(got_grads, torch.autograd.grad(want.sum(), wrt), **TOL)
+
+
+def _exportable(lib) -> nn.Sequential:
+    """Every kind of torchbp layer (an in-place activation too), a native LayerNorm after
+    them: a parameter left without its gradient would go unnoticed by a plain backward."""
+    return nn.Sequential(
+        lib.Linear(6, 8),
+        lib.ReLU(inplace=True),
+        lib.Linear(8, 8),
+        lib.GELU(),
+        lib.Linear(8, 4),
+        lib.LogSoftmax(-1),
+        nn.LayerNorm(4),
+    )
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_exported_program_trains_as_the_native_one(strict):
+    """torch.export's program holds ATen operators, whose autograd gives its gradients.
+    Strict export recorded each torchbp Function's forward under no_grad: the torchbp
+    layers' parameters got no gradient (the LayerNorm's alone did) and the in-place ReLU
+    passed gradients through unchanged."""
+    native = _exportable(nn).to(DT)
+    bp = _exportable(torchbp.nn).to(DT)
+    bp.load_state_dict(native.state_dict())
+    x = torch.randn(2, 5, 6, dtype=DT)
+    module = torch.export.export(bp, (x,), strict=strict).module()
+    x = torch.randn(2, 5, 6, dtype=DT, requires_grad=True)
+    got, want = module(x), native(x)
+    torch.testing.assert_close(got, want, **TOL)
+    target = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, [x, *module.parameters()], target)
+    want_grads = torch.autograd.grad(want, [x, *native.parameters()], target)
+    torch.testing.assert_close(got_grads, want_grads, **TOL)

@@ -47,13 +47,24 @@ def pair(function: type[Function]) -> tuple[type[Function], type[Function]]:
 
 
 def apply(functions: tuple[type[Function], type[Function]], *args):
-    """``Function.apply(*args)`` of the pair's first, or its twin while torch.compile traces.
+    """``Function.apply(*args)`` of the pair's first, or its twin while torch.compile traces,
+    or while :func:`torch.export.export` traces its ``forward`` alone.
+
+    An exported program holds ATen operators and no ``autograd.Function``: its gradients
+    are autograd's of the operators it records. Strict export (Dynamo) records a
+    Function's forward under ``no_grad``, so the exported module's outputs required no
+    grad (its parameters got none, silently where a native layer followed) and an
+    in-place activation's gradient passed through it unchanged; non-strict export records
+    the forward's operators. Each ``forward`` is differentiable torch ops, so calling it
+    directly gives both modes the gradients of what it computes, as native's ops do.
 
     The wrappers pass every argument positionally, so in plain eager mode this skips the
     ``inspect.signature`` binding that ``Function.apply`` does on each call (it costs
     more than a small layer's matmul); under torch.func transforms and torch.compile, and
     on a torch without the internals this needs, it goes through ``Function.apply``.
     """
+    if torch.compiler.is_exporting():
+        return functions[0].forward(*args)
     if torch.compiler.is_compiling():
         return functions[1].apply(*args)
     function = functions[0]
