@@ -384,3 +384,16 @@ def test_a_jvp_at_ties_is_no_dense_tangent_finding():
     x = torch.tensor([[1.0, 1.0, 0.0], [2.0, 3.0, 3.0], [5.0, 5.0, 5.0]], dtype=torch.float64)
     report = check_function(lambda t: torch.max(t, 1).values, x, checks=["forward_ad"])
     assert report["forward_ad"].passed, report
+
+
+def test_a_once_differentiable_point_is_no_dense_vector_finding():
+    # 5 t|t| at 0: derivative 0, but a central difference there errs by 5 eps u² (its
+    # second derivative jumps), within gradcheck's atol for one-hot steps (u = 1); before,
+    # the dense-vector comparisons moved elements by up to ~4 eps and failed it; a
+    # direction of norm 1 keeps gradcheck's accuracy
+    report = check_function(
+        lambda t: 5 * torch.sign(t) * t * t,
+        torch.zeros(20, 20, dtype=torch.float64),
+        checks=["gradcheck", "forward_ad"],
+    )
+    assert report.ok, report
