@@ -25,6 +25,7 @@ __all__ = [
     "jacobian_size",
     "numerical_jacobian",
     "projected_backward_error",
+    "unit_direction",
 ]
 
 Jacobian = list[list[torch.Tensor]]
@@ -256,6 +257,19 @@ def excuse_non_differentiable(
     return excused, count
 
 
+def unit_direction(
+    inputs: Sequence[torch.Tensor], randn: Callable[[torch.Size, torch.dtype], torch.Tensor]
+) -> list[torch.Tensor]:
+    """A random direction of norm 1 over all ``inputs`` together, drawn by
+    ``randn(shape, dtype)`` (as torch's fast gradcheck draws its ``u``): no element moves
+    by more than ``eps``, as with gradcheck's one-hot steps, so a central difference at a
+    point where fn is only once differentiable (``t|t|`` or ``relu(t)²`` at 0, erring by
+    ``eps u²`` there) stays as close to the derivative as gradcheck's."""
+    us = [randn(x.shape, x.dtype) for x in inputs]
+    norm = math.sqrt(sum(float((u * u).sum()) for u in us))
+    return [u / norm for u in us] if norm > 0 else us
+
+
 def directional_quotients(
     func: Func, inputs: Sequence[torch.Tensor], us: Sequence[torch.Tensor], eps: float
 ) -> dict[str, list[torch.Tensor]]:
@@ -287,11 +301,12 @@ def projected_backward_error(
     grad_mode: bool = False,
 ) -> tuple[float, float, float]:
     """``(abs, rel)`` error of backward's ``v^T J u`` against central differences, for
-    random ``u`` (one per input) and ``v`` (one per output) drawn by ``randn(shape, dtype)``,
-    and the magnitude of the central differences' ``v^T J u`` (the scale of a relative
-    tolerance; 0 when it is not finite). NaN-aware (:func:`difference`): NaN on one side
-    only is an infinite error, NaN on both none."""
-    us = [randn(x.shape, x.dtype) for x in inputs]
+    a random ``u`` of norm 1 (:func:`unit_direction`) and random ``v`` (one per output),
+    drawn by ``randn(shape, dtype)``, and the magnitude of the central differences'
+    ``v^T J u`` (the scale of a relative tolerance; 0 when it is not finite).
+    NaN-aware (:func:`difference`): NaN on one side only is an infinite error, NaN on
+    both none."""
+    us = unit_direction(inputs, randn)
     with torch.set_grad_enabled(grad_mode):
         hi = [t.detach() for t in func(*[x.detach() + eps * u for x, u in zip(inputs, us)])]
         lo = [t.detach() for t in func(*[x.detach() - eps * u for x, u in zip(inputs, us)])]

@@ -30,7 +30,7 @@ from torchbp.verify.checks.compare import (
     unravel,
 )
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.jacobians import directional_quotients
+from torchbp.verify.checks.jacobians import directional_quotients, unit_direction
 from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = [
@@ -257,7 +257,7 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
     if not wanted:
         return
     vs = [ctx.randn(outs[o].shape, outs[o].dtype).to(torch.float64) for o in wanted]
-    us = _unit_direction(ctx, leaves)
+    us = unit_direction(leaves, ctx.randn)
     # copies: a backward writing into grad_output is grad_output_safety's finding
     given = [v.to(outs[o].dtype, copy=True) for o, v in zip(wanted, vs)]
     grads = input_grads([outs[o] for o in wanted], leaves, given, allow_unused=True)
@@ -285,16 +285,6 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
         error,
         error / max(abs(central), 1e-12),
     )
-
-
-def _unit_direction(ctx: CheckContext, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A random direction of norm 1 over all ``inputs`` together (as torch's fast
-    gradcheck draws): no element moves by more than ``eps``, as with gradcheck's one-hot
-    steps, so a central difference at a point where fn is only once differentiable (t|t|
-    at 0, its error ``eps * u²``) stays as close to the derivative as gradcheck's."""
-    us = [ctx.randn(x.shape, x.dtype) for x in inputs]
-    norm = math.sqrt(sum(float((u * u).sum()) for u in us))
-    return [u / norm for u in us] if norm > 0 else us
 
 
 def _one_sided_bracket(
@@ -340,7 +330,7 @@ def require_jvp_like_central_differences(ctx: CheckContext) -> None:
     another path for a dense tangent can be linear in the dense ones and wrong for all
     of them. Elements where a figure is not finite are not judged."""
     base = [x.detach() for x in ctx.leaves()]
-    us = _unit_direction(ctx, base)
+    us = unit_direction(base, ctx.randn)
     with fwAD.dual_level():
         duals = [fwAD.make_dual(x, u.clone()) for x, u in zip(base, us)]
         tangents = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
