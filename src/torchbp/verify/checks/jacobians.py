@@ -24,6 +24,7 @@ __all__ = [
     "forward_jacobian",
     "jacobian_size",
     "numerical_jacobian",
+    "one_sided_bracket",
     "projected_backward_error",
     "unit_direction",
 ]
@@ -293,6 +294,17 @@ def directional_quotients(
     }
 
 
+def one_sided_bracket(
+    left: Sequence[torch.Tensor], right: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]
+) -> tuple[float, float]:
+    """The range of ``v^T d`` over every ``d`` lying, element by element, between the left
+    and right difference quotients: at kinks and ties (each output element its own, such
+    as one max per row) autograd may pick any derivative between them."""
+    low = sum(float(torch.minimum(v * lo, v * hi).sum()) for lo, hi, v in zip(left, right, vs))
+    high = sum(float(torch.maximum(v * lo, v * hi).sum()) for lo, hi, v in zip(left, right, vs))
+    return low, high
+
+
 def projected_backward_error(
     func: Func,
     inputs: Sequence[torch.Tensor],
@@ -305,7 +317,9 @@ def projected_backward_error(
     drawn by ``randn(shape, dtype)``, and the magnitude of the central differences'
     ``v^T J u`` (the scale of a relative tolerance; 0 when it is not finite).
     NaN-aware (:func:`difference`): NaN on one side only is an infinite error, NaN on
-    both none."""
+    both none. Backward's figure within the bracket of the one-sided differences
+    (:func:`one_sided_bracket`: a kink, such as relu at an input of exactly 0) is no
+    error: the central difference there is no derivative."""
     us = unit_direction(inputs, randn)
     with torch.set_grad_enabled(grad_mode):
         hi = [t.detach() for t in func(*[x.detach() + eps * u for x, u in zip(inputs, us)])]
@@ -318,5 +332,11 @@ def projected_backward_error(
     grads = input_grads([p[0] for p in pairs], leaves, [p[1] for p in pairs], allow_unused=True)
     ana = sum(float((g * u).sum()) for g, u in zip(grads, us) if g is not None)
     abs_err = float(difference(*torch.tensor([float(ana), float(num)], dtype=torch.float64)))
+    mid = [o.detach() for o in outs]
+    low, high = one_sided_bracket(
+        [(m - l) / eps for m, l in zip(mid, lo)], [(h - m) / eps for h, m in zip(hi, mid)], vs
+    )
+    if all(math.isfinite(x) for x in (ana, low, high)) and low <= ana <= high:
+        abs_err = 0.0
     scale = abs(num) if math.isfinite(num) else 0.0
     return abs_err, abs_err / max(scale, 1e-12), scale

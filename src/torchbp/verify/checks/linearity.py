@@ -30,7 +30,11 @@ from torchbp.verify.checks.compare import (
     unravel,
 )
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.jacobians import directional_quotients, unit_direction
+from torchbp.verify.checks.jacobians import (
+    directional_quotients,
+    one_sided_bracket,
+    unit_direction,
+)
 from torchbp.verify.checks.outcomes import CheckFailure
 
 __all__ = [
@@ -245,7 +249,7 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
     """Fail unless backward, given random dense grad_outputs ``v``, agrees with fn's
     central differences along a random direction ``u``: ``v^T J u`` within gradcheck's
     ``atol + rtol * |v^T J u|``, or within the bracket of the one-sided differences (a
-    kink, :func:`_one_sided_bracket`).
+    kink, :func:`~torchbp.verify.checks.jacobians.one_sided_bracket`).
 
     gradcheck's Jacobian comes from one-hot grad_outputs: a backward with another path
     for a dense one (a "fast path" for a single nonzero, right, beside a wrong general
@@ -267,7 +271,7 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
     quotients = directional_quotients(ctx.diff_fn, leaves, us, float(ctx.options.eps))
     pick = {name: [per_output[o] for o in wanted] for name, per_output in quotients.items()}
     central = sum(float((d * v).sum()) for d, v in zip(pick["central"], vs))
-    low, high = _one_sided_bracket(pick["left"], pick["right"], vs)
+    low, high = one_sided_bracket(pick["left"], pick["right"], vs)
     if not all(math.isfinite(x) for x in (backward, central, low, high)):
         return
     slack = float(ctx.options.atol) + float(ctx.options.rtol) * abs(central)
@@ -285,17 +289,6 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
         error,
         error / max(abs(central), 1e-12),
     )
-
-
-def _one_sided_bracket(
-    left: Sequence[torch.Tensor], right: Sequence[torch.Tensor], vs: Sequence[torch.Tensor]
-) -> tuple[float, float]:
-    """The range of ``v^T d`` over every ``d`` lying, element by element, between the left
-    and right difference quotients: at kinks and ties (each output element its own, such
-    as one max per row) autograd may pick any derivative between them."""
-    low = sum(float(torch.minimum(v * lo, v * hi).sum()) for lo, hi, v in zip(left, right, vs))
-    high = sum(float(torch.maximum(v * lo, v * hi).sum()) for lo, hi, v in zip(left, right, vs))
-    return low, high
 
 
 def require_jvp_linear(ctx: CheckContext) -> None:
