@@ -47,9 +47,11 @@ from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsuppo
 __all__ = [
     "DOUBLE_BACKWARD",
     "FORWARD_AD",
+    "NARROWER_DTYPES",
     "check_forward_ad",
     "check_gradcheck",
     "check_gradgradcheck",
+    "rounded_to",
 ]
 
 #: The capability gradgradcheck exercises and how to add it (a NotImplementedError raised
