@@ -326,6 +326,11 @@ def test_a_module_class_target_is_told_to_name_an_instance(tmp_path, monkeypatch
     assert "nn.Module class Layer, which the command line cannot construct" in err, err
     assert "hunt_layer.py:layer" in err and "e.g. Layer()" not in err, err
     assert cli.main(["hunt_layer.py:layer", *argv]) == 0, capsys.readouterr()
+    reference = ["--reference", "torch.nn:Linear"]
+    assert cli.main(["hunt_layer.py:layer", *argv, *reference]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the reference torch.nn:Linear is the nn.Module class Linear" in err, err
+    assert "make an instance in a file" in err and "(file.py:layer)" in err, err
 
 
 @pytest.mark.parametrize("where", ["missing_folder", "a_folder", "under_a_file"])

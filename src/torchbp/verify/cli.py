@@ -535,11 +535,12 @@ def _refuse_module_class(role: str, spec: str, value: Any) -> None:
     ``MyLayer()``, has no command-line spelling)."""
     if not (isinstance(value, type) and issubclass(value, torch.nn.Module)):
         return
-    where = spec.rsplit(":", 1)[0]
+    path = spec.rsplit(":", 1)[0]
+    where, named = (path, f"{path}:layer") if path.endswith(".py") else ("a file", "file.py:layer")
     raise UsageError(
         f"{role} {spec} is the nn.Module class {value.__name__}, which the command line "
         f"cannot construct: make an instance in {where} (layer = {value.__name__}(...)"
-        f".double()) and name it, {where}:layer"
+        f".double()) and name it ({named}), or name a function instead"
     )
 
 
