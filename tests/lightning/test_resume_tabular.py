@@ -269,3 +269,24 @@ def test_a_resume_with_workers_of_a_loader_of_your_own_warns_where_they_fetch_ea
     messages = [str(w.message) for w in caught if "fit resumed" in str(w.message)]
     assert len(messages) == 1 and warning in messages[0], messages
     assert "make the loader a torchbp.lightning.samplers.FetchOnFirstBatchDataLoader" in messages[0]
+
+
+def test_a_fit_resumed_within_an_epoch_on_another_number_of_processes_warns(tmp_path):
+    """A checkpoint saved within an epoch by a run of 2 DDP processes, resumed on 1: each
+    process's share of the epoch's rows is another, so continuing after the batches trained
+    skips rows and trains others again. A warning says so (the checkpoint's world size is
+    set by hand: the test runs one process)."""
+    common = [*COMMON, f"--run_dir={tmp_path}"]
+    run_cli("fit", *common, *STOPS["max_steps_mid_epoch"])
+    (last,) = tmp_path.rglob("last.ckpt")
+    checkpoint = torch.load(last, weights_only=False)
+    (data_state,) = [v for v in checkpoint.values() if isinstance(v, dict) and "world_size" in v]
+    assert data_state["world_size"] == 1
+    data_state["world_size"] = 2
+    torch.save(checkpoint, last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", *common, "--ckpt_path=last")
+    messages = [str(w.message) for w in caught if "fit resumed" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "whose processes (2) shared the epoch's rows, and continues it with 1" in messages[0]

@@ -17,6 +17,7 @@ from torchbp.lightning.data_base import (
     DataError,
     check_num_workers,
     first_nonfinite,
+    rank_world,
 )
 from torchbp.lightning.privacy import PoissonBatchSampler
 from torchbp.lightning.samplers import (
@@ -90,9 +91,11 @@ class ArrayDataModule(ClassificationDataModule):
         self.poisson_sampling = poisson_sampling
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
         self._splits: dict[str, TensorDataset] | None = None
-        #: the ``batch_size`` of the run whose checkpoint of this data was loaded last
-        #: (``None``: none loaded, or one that does not record it)
+        #: the ``batch_size`` and the number of processes sharing each epoch's rows of the
+        #: run whose checkpoint of this data was loaded last (``None``: none loaded, or one
+        #: that does not record it)
         self.checkpoint_batch_size: int | None = None
+        self.checkpoint_world_size: int | None = None
 
     # -- data -----------------------------------------------------------------------------
     def _load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -257,12 +260,14 @@ class ArrayDataModule(ClassificationDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Kept in checkpoints: the data's source and split settings (see
-        :meth:`load_state_dict`), and the ``batch_size`` (a fit resumed within an epoch
-        continues it after the rows of the batches trained)."""
+        :meth:`load_state_dict`), the ``batch_size`` and the number of processes sharing
+        the epoch's rows (a fit resumed within an epoch continues each process's share
+        after the rows of the batches it trained)."""
         return {
             "source": self._source(),
             "split": self._split_settings(),
             "batch_size": self.batch_size,
+            "world_size": rank_world()[1],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -277,6 +282,7 @@ class ArrayDataModule(ClassificationDataModule):
         if state_dict.get("source") != self._source():
             return  # other data: evaluating a model on it is the user's choice
         self.checkpoint_batch_size = state_dict.get("batch_size")
+        self.checkpoint_world_size = state_dict.get("world_size")
         saved = state_dict.get("split") or {}
         differ = [
             f"data.{key}={value} (the checkpoint's run: {saved[key]})"
