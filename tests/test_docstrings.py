@@ -53,7 +53,23 @@ def _needs_absent_gpu(test: doctest.DocTest) -> bool:
     return not torch.cuda.is_available() and any("cuda" in ex.source for ex in test.examples)
 
 
-@pytest.mark.parametrize("name", _modules_with_examples())
+# examples that hold on part of the supported torch range only; remove an entry once its
+# docstring is true on every torch
+_EXAMPLES_NEEDING = {
+    "torchbp.mode": pytest.mark.skipif(
+        not hasattr(torch.overrides, "redispatch_function"),
+        reason="its module example counts MultiheadAttention's projections, which this "
+        "torch (no redispatch_function, < 2.13) runs natively: 2 linear calls, not 4",
+    ),
+}
+
+
+def _marked(names: list[str], marks: dict) -> list:
+    """``names`` as test parameters, each carrying its mark in ``marks`` if it has one."""
+    return [pytest.param(name, marks=marks[name]) if name in marks else name for name in names]
+
+
+@pytest.mark.parametrize("name", _marked(_modules_with_examples(), _EXAMPLES_NEEDING))
 def test_docstring_examples_run_as_shown(name):
     module = _import(name)
     tests = _doctests(module)
@@ -97,8 +113,8 @@ TENSOR_API = [
 # not yet documented; remove an entry once its docstring names the parameters (the
 # strict xfail then turns the test red as a reminder)
 _ARGS_NOT_YET_DOCUMENTED = {
-    "torchbp.functional.nll_loss": "size_average, reduce (deprecated) are not in Args",
-    "torchbp.functional.cross_entropy": "size_average, reduce (deprecated) are not in Args",
+    name: pytest.mark.xfail(strict=True, reason="size_average, reduce are not in its Args")
+    for name in ("torchbp.functional.nll_loss", "torchbp.functional.cross_entropy")
 }
 
 
@@ -136,15 +152,6 @@ def _args_entries(doc: str) -> set[str]:
     return names
 
 
-def _with_known_gaps(names: list[str], gaps: dict[str, str]) -> list:
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=gaps[name]))
-        if name in gaps
-        else name
-        for name in names
-    ]
-
-
 _BY_NAME = dict(PUBLIC)
 
 
@@ -158,7 +165,7 @@ def test_public_docstring_has_an_example_that_runs(name):
     )
 
 
-@pytest.mark.parametrize("name", _with_known_gaps([n for n, _ in PUBLIC], _ARGS_NOT_YET_DOCUMENTED))
+@pytest.mark.parametrize("name", _marked([name for name, _ in PUBLIC], _ARGS_NOT_YET_DOCUMENTED))
 def test_public_docstring_args_name_every_parameter(name):
     obj = _BY_NAME[name]
     missing = set(_named_parameters(obj)) - _args_entries(inspect.getdoc(obj) or "")
