@@ -12,8 +12,8 @@ Per call (microbenchmark, tensors of 64 elements so that the call's own work is 
   Python-level ``torch.nn.functional`` function (``F.hardtanh``, which the mode
   re-dispatches with itself active), each with and without the mode.
 
-Each variant is timed over ``--calls`` calls per round; rounds alternate the order of the
-variants (A B C, C B A, ...); reported are medians over rounds, per call.
+Each variant is timed over 2000 calls per round (200 with ``--quick``); rounds alternate
+the order of the variants (A B C, C B A, ...); reported are medians over rounds, per call.
 
 Training step (zero_grad, forward, cross-entropy, backward, SGD step with momentum) of a
 ReLU MLP, fp32, CPU, from the same initial weights:

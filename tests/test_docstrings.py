@@ -4,6 +4,7 @@ what it shows (doctest, one test per module), and the public API's docstrings ke
 
 from __future__ import annotations
 
+import ast
 import doctest
 import importlib
 import inspect
@@ -183,3 +184,40 @@ def test_args_parser_reads_grouped_and_variadic_entries():
     doc = "Summary.\n\nArgs:\n    fn: the function.\n        More on fn: detail.\n"
     doc += "    *inputs: the inputs.\n    device, dtype: factory kwargs.\n\nReturns:\n    x: y.\n"
     assert _args_entries(doc) == {"fn", "inputs", "device", "dtype"}
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+_FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
+def _flags_named(doc: str) -> set[str]:
+    """The flags a docstring tells to pass: on its ``python ...`` command lines, and as
+    ``--flag`` literals in its prose (a ``pip install --no-deps`` line is not ours)."""
+    commands = [line for line in doc.splitlines() if line.strip().startswith("python")]
+    literals = re.findall(r"``(--[a-z][\w-]*)", doc)
+    return {flag for line in commands for flag in _FLAG.findall(line)} | set(literals)
+
+
+def _flags_taken(script: Path) -> set[str]:
+    """The flags the argument parser of ``script`` takes: its own ``add_argument`` calls,
+    or its package's for a module of ``experiments/bench`` (run as one command)."""
+    sources = [script] if script.parent == EXPERIMENTS else sorted(script.parent.glob("*.py"))
+    added = re.compile(r"add_argument\(\s*\"(--[\w-]+)\"")
+    return {flag for source in sources for flag in added.findall(source.read_text())}
+
+
+def _documented_scripts() -> list[str]:
+    scripts = sorted(EXPERIMENTS.rglob("*.py"))
+    return [
+        str(path.relative_to(EXPERIMENTS.parent))
+        for path in scripts
+        if _flags_named(ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+
+
+@pytest.mark.parametrize("script", _documented_scripts())
+def test_experiment_docstring_names_only_flags_its_parser_takes(script):
+    path = EXPERIMENTS.parent / script
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    unknown = _flags_named(doc) - _flags_taken(path)
+    assert not unknown, f"{script}: its docstring names {sorted(unknown)}, which it does not take"
