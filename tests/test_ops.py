@@ -47,6 +47,9 @@ def test_all_matches_the_registry(namespace, name_of):
         if obj is not None:
             assert getattr(namespace, name) is obj, name
             exported[name] = obj
+        if namespace is torchbp.functional and op.in_place is not None:
+            assert getattr(namespace, op.name + "_") is op.in_place, op.name
+            exported[op.name + "_"] = op.in_place
     assert sorted(namespace.__all__) == sorted(exported)
     assert len(set(namespace.__all__)) == len(namespace.__all__)
 
@@ -56,6 +59,17 @@ def test_functional_is_named_after_the_op(op):
     assert op.functional.__name__ == op.name
     if op.torch_functional is not None:
         assert op.torch_functional.__name__ == op.name
+
+
+@pytest.mark.parametrize("op", OPS.values(), **IDS)
+def test_in_place_wrapper_exactly_where_torch_nn_functional_has_one(op):
+    """``torchbp.functional`` has ``<name>_`` exactly where ``torch.nn.functional`` does
+    (``relu_``, ``leaky_relu_``, ``elu_``), so ``import torchbp.functional as F`` keeps
+    them; the registry names it."""
+    native = getattr(torch.nn.functional, op.name + "_", None)
+    assert (op.in_place is None) == (native is None)
+    if op.in_place is not None:
+        assert op.in_place.__name__ == op.name + "_"
 
 
 # (the fused loss aside: torch's takes other arguments)

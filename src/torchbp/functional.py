@@ -61,10 +61,13 @@ __all__ = [
     "sigmoid",
     "tanh",
     "relu",
+    "relu_",
     "leaky_relu",
+    "leaky_relu_",
     "gelu",
     "silu",
     "elu",
+    "elu_",
     "softplus",
     "softmax",
     "log_softmax",
@@ -293,6 +296,25 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return apply(_RELU, input, False)
 
 
+def relu_(input: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`relu`, as :func:`torch.nn.functional.relu_`: ``relu(input,
+    inplace=True)``, which overwrites ``input`` and returns it.
+
+    Args:
+        input: any shape (not bool, as native).
+
+    Shape:
+        Output: ``input`` itself.
+
+    Examples::
+
+        >>> x = torch.tensor([-1.0, 2.0])
+        >>> relu_(x) is x, x
+        (True, tensor([0., 2.]))
+    """
+    return relu(input, inplace=True)
+
+
 def leaky_relu(
     input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False
 ) -> torch.Tensor:
@@ -329,6 +351,28 @@ def leaky_relu(
         native = torch.nn.functional.leaky_relu
         return _inplace_activation("leaky_relu", _LEAKYRELU, native, input, negative_slope)
     return apply(_LEAKYRELU, input, negative_slope, False)
+
+
+def leaky_relu_(input: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
+    """In-place :func:`leaky_relu`, as :func:`torch.nn.functional.leaky_relu_`:
+    ``leaky_relu(input, negative_slope, inplace=True)``, which overwrites ``input`` and
+    returns it (a negative slope is refused when autograd records ``input``, see
+    :func:`leaky_relu`).
+
+    Args:
+        input: any shape.
+        negative_slope: the slope for negative inputs (default ``0.01``).
+
+    Shape:
+        Output: ``input`` itself.
+
+    Examples::
+
+        >>> x = torch.tensor([-1.0, 2.0])
+        >>> leaky_relu_(x, 0.1) is x, x
+        (True, tensor([-0.1000,  2.0000]))
+    """
+    return leaky_relu(input, negative_slope, inplace=True)
 
 
 def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
@@ -418,6 +462,27 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     if inplace:
         return _inplace_activation("elu", _ELU, torch.nn.functional.elu, input, alpha)
     return apply(_ELU, input, alpha, False)
+
+
+def elu_(input: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """In-place :func:`elu`, as :func:`torch.nn.functional.elu_`: ``elu(input, alpha,
+    inplace=True)``, which overwrites ``input`` and returns it (a negative ``alpha`` is
+    refused when autograd records ``input``, see :func:`elu`).
+
+    Args:
+        input: any shape.
+        alpha: the value approached as x -> -inf is ``-alpha`` (default 1).
+
+    Shape:
+        Output: ``input`` itself.
+
+    Examples::
+
+        >>> x = torch.tensor([-1.0, 2.0])
+        >>> elu_(x) is x, x
+        (True, tensor([-0.6321,  2.0000]))
+    """
+    return elu(input, alpha, inplace=True)
 
 
 def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:

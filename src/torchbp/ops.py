@@ -67,6 +67,8 @@ class Op:
         input_if_negative: the keyword (a slope) whose negative value makes an activation
             that saves its output keep its input instead (the output's sign no longer
             tells the branch).
+        in_place: the in-place wrapper ``<name>_`` in :mod:`torchbp.functional`, where
+            :mod:`torch.nn.functional` has one (``relu_``, ``leaky_relu_``, ``elu_``).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Op:
     variants: tuple[dict[str, Any], ...] = field(default=({},))
     kink: float | None = None
     input_if_negative: str | None = None
+    in_place: Callable[..., Any] | None = None
 
     def saves_for(self, kwargs: dict[str, Any]) -> str:
         """What backward keeps when called with ``kwargs`` (``"output"``, ``"input"``, or
@@ -101,12 +104,12 @@ _REGISTRY: tuple[Op, ...] = (
     Op("tanh", "activation", A.TanhFunction, TF.tanh, bpnn.Tanh, torch.tanh, nn.Tanh, "output",
        A.activations.tanh_backward),
     Op("relu", "activation", A.ReLUFunction, TF.relu, bpnn.ReLU, F.relu, nn.ReLU, "output",
-       A.activations.relu_backward, kink=0.0),
+       A.activations.relu_backward, kink=0.0, in_place=TF.relu_),
     Op("leaky_relu", "activation", A.LeakyReLUFunction, TF.leaky_relu, bpnn.LeakyReLU,
        F.leaky_relu, nn.LeakyReLU, "output (input if negative_slope < 0)",
        A.activations.leaky_relu_backward, kink=0.0, input_if_negative="negative_slope",
        variants=({}, {"negative_slope": 0.2}, {"negative_slope": 0.0},
-                 {"negative_slope": -0.5})),
+                 {"negative_slope": -0.5}), in_place=TF.leaky_relu_),
     Op("gelu", "activation", A.GELUFunction, TF.gelu, bpnn.GELU, F.gelu, nn.GELU, "input",
        A.activations.gelu_backward,
        variants=({}, {"approximate": "tanh"})),
@@ -114,7 +117,8 @@ _REGISTRY: tuple[Op, ...] = (
        A.activations.silu_backward),
     Op("elu", "activation", A.ELUFunction, TF.elu, bpnn.ELU, F.elu, nn.ELU,
        "output (input if alpha < 0)", A.activations.elu_backward, kink=0.0,
-       input_if_negative="alpha", variants=({}, {"alpha": 0.5}, {"alpha": -0.5})),
+       input_if_negative="alpha", variants=({}, {"alpha": 0.5}, {"alpha": -0.5}),
+       in_place=TF.elu_),
     Op("softplus", "activation", A.SoftplusFunction, TF.softplus, bpnn.Softplus, F.softplus,
        nn.Softplus, "input", A.activations.softplus_backward, variants=({}, {"beta": 2.0})),
     Op("softmax", "softmax", A.SoftmaxFunction, TF.softmax, bpnn.Softmax, F.softmax,

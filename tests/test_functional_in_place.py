@@ -1,0 +1,73 @@
+"""The in-place wrappers of ``torchbp.functional`` (``relu_``, ``leaky_relu_``, ``elu_``)
+against their ``torch.nn.functional`` twins: the values written into the input, the
+returned object, the gradients through a non-leaf, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchbp.ops import OPS
+
+IN_PLACE = [op for op in OPS.values() if op.in_place is not None]
+SLOPED = [op for op in IN_PLACE if op.input_if_negative]
+
+
+def _positional(op, kwargs):
+    """The variant's keywords as the in-place wrapper's positional arguments."""
+    return [kwargs[k] for k in ("negative_slope", "alpha") if k in kwargs]
+
+
+def _native(op):
+    return getattr(F, op.name + "_")
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    x[0, :3] = torch.tensor([0.0, -0.0, 1e-300], dtype=torch.float64)  # the kink's neighbours
+    return x
+
+
+@pytest.mark.parametrize("op", IN_PLACE, ids=[op.name for op in IN_PLACE])
+def test_writes_native_values_into_the_input_and_returns_it(op):
+    for kwargs in op.variants:
+        args = _positional(op, kwargs)
+        ours, native = _inputs(), _inputs()
+        version = ours._version
+        out = op.in_place(ours, *args)
+        assert out is ours
+        assert ours._version > version
+        torch.testing.assert_close(ours, _native(op)(native, *args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", IN_PLACE, ids=[op.name for op in IN_PLACE])
+def test_gradient_through_a_non_leaf_matches_native(op):
+    for kwargs in op.variants:
+        args = _positional(op, kwargs)
+        if any(a < 0 for a in args):
+            continue  # refused when autograd records the input (next test)
+        grads = []
+        for fn in (op.in_place, _native(op)):
+            leaf = _inputs().requires_grad_()
+            y = fn(leaf * 1.5, *args)
+            (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", IN_PLACE, ids=[op.name for op in IN_PLACE])
+def test_a_leaf_that_requires_grad_is_refused_as_native_refuses_it(op):
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        _native(op)(_inputs().requires_grad_())
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        op.in_place(_inputs().requires_grad_())
+
+
+@pytest.mark.parametrize("op", SLOPED, ids=[op.name for op in SLOPED])
+def test_a_negative_slope_is_refused_when_autograd_records_the_input(op):
+    """Native refuses only at backward; torchbp at the call (see ``leaky_relu``)."""
+    x = _inputs().requires_grad_() * 1.0
+    with pytest.raises(RuntimeError, match=op.input_if_negative):
+        op.in_place(x, -0.5)
