@@ -465,3 +465,40 @@ def test_exported_program_trains_as_the_native_one(strict):
     got_grads = torch.autograd.grad(got, [x, *module.parameters()], target)
     want_grads = torch.autograd.grad(want, [x, *native.parameters()], target)
     torch.testing.assert_close(got_grads, want_grads, **TOL)
+
+
+class _ActivatedViews(nn.Module):
+    """Views (column slices, a transposed slice) of a Linear's outputs, activated in place
+    by ``functional``'s relu_ / leaky_relu_ / elu_."""
+
+    def __init__(self, functional):
+        super().__init__()
+        self.linear = nn.Linear(4, 6)
+        self.functional = functional
+
+    def forward(self, x):
+        h = self.linear(x)
+        relu, leaky, elu = h * 1.0, h * 2.0, h * 3.0  # a view bumps its base's version
+        self.functional.relu_(relu[:, :2])
+        self.functional.leaky_relu_(leaky[:, 2:4], 0.2)
+        self.functional.elu_(elu.t()[4:])
+        return torch.cat([relu, leaky, elu], dim=1)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+def test_exported_in_place_activations_of_views_train_as_native(strict):
+    """While exporting, the Function's forward runs as plain ops: computing out of place
+    and copying into the view (eager's way for a recorded view) let ``clamp_min`` / ``elu``
+    save the view the copy then overwrote, and the exported module's backward failed
+    ("modified by an inplace operation"); native's in-place kernels record it."""
+    native = _ActivatedViews(torch.nn.functional).to(DT)
+    bp = _ActivatedViews(torchbp.functional).to(DT)
+    bp.load_state_dict(native.state_dict())
+    x = torch.randn(3, 4, dtype=DT)
+    module = torch.export.export(bp, (x,), strict=strict).module()
+    got, want = module(x), native(x)
+    torch.testing.assert_close(got, want, **TOL)
+    target = torch.randn_like(want)
+    got_grads = torch.autograd.grad(got, list(module.parameters()), target)
+    want_grads = torch.autograd.grad(want, list(native.parameters()), target)
+    torch.testing.assert_close(got_grads, want_grads, **TOL)

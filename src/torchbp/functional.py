@@ -179,7 +179,15 @@ def _written_by_copy(input: torch.Tensor) -> bool:
     """Whether an in-place activation recorded on ``input`` is computed out of place and
     copied in (:func:`_copied_into_view`): on a view, and under a torch.func transform
     (no storage: vmap, grad, ...), whose support for Functions cannot batch one that
-    saves an input it returns as its output (in-place: the input is the output)."""
+    saves an input it returns as its output (in-place: the input is the output).
+
+    Never while :func:`torch.export.export` traces: there the Function's forward runs
+    as plain ops (see :func:`~torchbp.autograd._compile.apply`), whose autograd records
+    an in-place write on a view as native's does, while the out-of-place op (``clamp_min``,
+    ``elu``) saves the view that the copy then overwrites (the exported module's backward
+    failed: "modified by an inplace operation")."""
+    if torch.compiler.is_exporting():
+        return False
     return _recorded_view(input) or not has_storage(input)
 
 
