@@ -71,3 +71,29 @@ def test_a_negative_slope_is_refused_when_autograd_records_the_input(op):
     x = _inputs().requires_grad_() * 1.0
     with pytest.raises(RuntimeError, match=op.input_if_negative):
         op.in_place(x, -0.5)
+
+
+class _Recording(torch.Tensor):
+    """A tensor subclass that records the functions ``__torch_function__`` is handed."""
+
+    handed: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.handed.append(func)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("op", IN_PLACE, ids=[op.name for op in IN_PLACE])
+def test_a_tensor_subclass_is_handed_the_in_place_function(op):
+    """As native's ``F.relu_`` hands ``torch.relu_`` over: the wrapper itself, with its own
+    arguments (it handed over ``relu`` with ``inplace=True``, which a subclass that tells
+    in-place functions by name took for the out-of-place op)."""
+    for kwargs in op.variants:
+        args = _positional(op, kwargs)
+        ours, native = _inputs().as_subclass(_Recording), _inputs()
+        _Recording.handed.clear()
+        out = op.in_place(ours, *args)
+        assert _Recording.handed[0] is op.in_place
+        assert out is ours
+        torch.testing.assert_close(ours.as_subclass(torch.Tensor), _native(op)(native, *args))

@@ -320,6 +320,8 @@ def relu_(input: torch.Tensor) -> torch.Tensor:
         >>> relu_(x) is x, x
         (True, tensor([0., 2.]))
     """
+    if has_torch_function((input,)):  # handed the in-place function, as native's relu_
+        return handle_torch_function(relu_, (input,), input)
     return relu(input, inplace=True)
 
 
@@ -380,6 +382,8 @@ def leaky_relu_(input: torch.Tensor, negative_slope: float = 0.01) -> torch.Tens
         >>> leaky_relu_(x, 0.1) is x, x
         (True, tensor([-0.1000,  2.0000]))
     """
+    if has_torch_function((input,)):  # handed the in-place function, as native's
+        return handle_torch_function(leaky_relu_, (input,), input, negative_slope)
     return leaky_relu(input, negative_slope, inplace=True)
 
 
@@ -490,6 +494,8 @@ def elu_(input: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         >>> elu_(x) is x, x
         (True, tensor([-0.6321,  2.0000]))
     """
+    if has_torch_function((input,)):  # handed the in-place function, as native's elu_
+        return handle_torch_function(elu_, (input,), input, alpha)
     return elu(input, alpha, inplace=True)
 
 
