@@ -589,3 +589,24 @@ def square_function(backward_of_g=None, jvp_of_t=None):
             return 2 * x * jvp_of_t(t)
 
     return Square
+
+
+class FloorWithZeroGradient(torch.autograd.Function):
+    """floor: a step function, whose derivative is zero wherever it has one; backward
+    returns zeros, not connected to any graph (as torch.floor's), and so is its double
+    backward: zero, and right."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.floor(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d floor(x)/dx = 0 (away from the integers, where it jumps)
+        return torch.zeros_like(grad)

@@ -13,6 +13,7 @@ from tests.verify.correct_functions import (
     CustomVmapTanh,
     ExpCosOnce,
     FlatView,
+    FloorWithZeroGradient,
     InplaceDouble,
     InplaceDoubleTextbook,
     InplaceScale,
@@ -174,6 +175,12 @@ CORRECT = {
         BroadcastAdd,
         (_randn(3, 4), _randn(4) + 1),
         torch.add,
+        {"forward_ad"},
+    ),
+    "step function: zero gradient, not connected to a graph": (
+        FloorWithZeroGradient,
+        (_randn(3, 4) * 3,),
+        torch.floor,
         {"forward_ad"},
     ),
 }

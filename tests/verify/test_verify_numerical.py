@@ -567,3 +567,33 @@ def test_a_projection_nan_on_one_side_only_is_an_infinite_error():
 
     abs_err, rel_err, scale = projected_backward_error(square, [x], 1e-6, randn)
     assert math.isinf(abs_err) and math.isinf(rel_err) and math.isfinite(scale)
+
+
+@pytest.mark.parametrize("step", [torch.round, torch.floor, torch.sign])
+def test_a_step_function_with_a_zero_backward_passes_gradgradcheck(step):
+    # torch's own backward is zeros not connected to the graph; its derivative, zero, is
+    # right (torch.autograd.gradgradcheck passes it)
+    x = seeded(3, 4) * 3
+    assert torch.autograd.gradgradcheck(step, (x.clone().requires_grad_(True),))
+    report = check_function(step, x, checks=["gradcheck", "gradgradcheck"])
+    assert report["gradgradcheck"].passed, str(report)
+
+
+class _SigmoidBackwardUnderNoGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.sigmoid(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        with torch.no_grad():  # double backward sees a constant: silently zero
+            return grad * y * (1 - y)
+
+
+def test_a_backward_under_no_grad_fails_gradgradcheck_naming_the_cause():
+    report = check_function(_SigmoidBackwardUnderNoGrad, seeded(3, 4), checks=["gradgradcheck"])
+    assert report["gradgradcheck"].failed, str(report)
+    assert "backward runs under no_grad" in report["gradgradcheck"].message

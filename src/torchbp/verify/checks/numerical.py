@@ -538,12 +538,19 @@ def _require_differentiable_backward(
     outs: list[torch.Tensor],
     diff: list[torch.Tensor],
     vs: list[torch.Tensor],
-) -> None:
+) -> bool:
     """Fail unless backward of ``outs`` builds a graph that connects its gradients to the
     inputs (``diff``) or grad_outputs (``vs``); unsupported when backward declares that it
     cannot be differentiated (``once_differentiable``: differentiating it raises, loudly;
     ``NotImplementedError`` raised by backward with ``create_graph=True`` or by the
-    backward of what it computed)."""
+    backward of what it computed).
+
+    Returns:
+        True when no gradient is connected to the graph at all: right only if backward
+        is constant near these inputs (a step function's zero gradient, as torch.round
+        or torch.floor give), which the numerical comparison decides
+        (:func:`_constant_backward_failure` words its failure).
+    """
     try:
         grads = input_grads(outs, diff, vs, create_graph=True, allow_unused=True)
     except Exception as exc:  # noqa: BLE001
@@ -557,10 +564,7 @@ def _require_differentiable_backward(
         raise outcome_of(exc, capability=DOUBLE_BACKWARD) from None
     live = [g for g in grads if g is not None]
     if live and not any(g.requires_grad for g in live):
-        raise CheckFailure(
-            "backward is not differentiable: double backward unsupported "
-            "(once_differentiable, or backward runs under no_grad / uses .detach())"
-        )
+        return True
     # once_differentiable (or an op without a derivative) puts a node here that raises
     # when differentiated: loud, so a missing capability rather than a silent bug
     if any(type(g.grad_fn).__name__ in ("Error", "DelayedError") for g in live):
@@ -570,7 +574,7 @@ def _require_differentiable_backward(
             "drop @once_differentiable and write backward in differentiable torch ops",
         )
     if not live:
-        return
+        return False
     weights = [ctx.randn(g.shape, g.dtype) for g in live]
     try:
         second = input_grads(
@@ -587,6 +591,19 @@ def _require_differentiable_backward(
             "inputs or grad_output in the autograd graph (once_differentiable, .detach() "
             "or a non-torch computation in backward?)"
         )
+    return False
+
+
+def _constant_backward_failure(failure: CheckFailure) -> CheckFailure:
+    """``failure`` of the second-order comparison of a backward whose gradients are not
+    connected to the graph, worded as that cause: its derivatives count as zero, and
+    central differences found them not zero."""
+    return CheckFailure(
+        "backward is not differentiable: double backward unsupported (once_differentiable, "
+        f"or backward runs under no_grad / uses .detach()): {failure.message}",
+        failure.abs_err,
+        failure.rel_err,
+    )
 
 
 def _require_same_gradients_with_graph(
@@ -754,7 +771,7 @@ def _second_order(ctx: CheckContext) -> Passed:
     diff = ctx.leaves()
     outs_rg = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
     vs = [ctx.randn(o.shape, o.dtype).requires_grad_(True) for o in outs_rg]
-    _require_differentiable_backward(ctx, outs_rg, diff, vs)
+    detached = _require_differentiable_backward(ctx, outs_rg, diff, vs)
     _require_same_gradients_with_graph(ctx, diff, vs)
     n_in = len(diff)
 
@@ -780,27 +797,32 @@ def _second_order(ctx: CheckContext) -> Passed:
         )
     names = [f"d(grad)/d({ctx.input_name(k)})" for k in range(n_in)]
     names += [f"d(grad)/d(grad_output {o})" for o in range(len(vs))]
-    if jacobian_size(first_grad, inputs2, True) <= FULL_JACOBIAN_LIMIT or torch_msg:
-        jacobians = (
-            analytical_jacobian(first_grad, inputs2),
-            numerical_jacobian(first_grad, inputs2, ctx.options.eps, True),
-        )
-        abs_err, rel_err, note = _full_comparison(
-            ctx,
-            jacobians,
-            func=first_grad,
-            grad_mode=True,
-            what="double backward",
-            inputs=inputs2,
-            input_names=names,
-            out_shapes=[tuple(x.shape) for x in diff],
-            torch_name="gradgradcheck",
-            torch_msg=torch_msg,
-        )
-        note = f"full second-order Jacobian compared{note}"
-    else:
-        abs_err, rel_err = _projected_error(ctx, first_grad, inputs2, "double backward", True)
-        note = "random projections compared (large inputs)"
+    try:
+        if jacobian_size(first_grad, inputs2, True) <= FULL_JACOBIAN_LIMIT or torch_msg:
+            jacobians = (
+                analytical_jacobian(first_grad, inputs2),
+                numerical_jacobian(first_grad, inputs2, ctx.options.eps, True),
+            )
+            abs_err, rel_err, note = _full_comparison(
+                ctx,
+                jacobians,
+                func=first_grad,
+                grad_mode=True,
+                what="double backward",
+                inputs=inputs2,
+                input_names=names,
+                out_shapes=[tuple(x.shape) for x in diff],
+                torch_name="gradgradcheck",
+                torch_msg=torch_msg,
+            )
+            note = f"full second-order Jacobian compared{note}"
+        else:
+            abs_err, rel_err = _projected_error(ctx, first_grad, inputs2, "double backward", True)
+            note = "random projections compared (large inputs)"
+    except CheckFailure as failure:
+        if detached:
+            raise _constant_backward_failure(failure) from None
+        raise
     if sparse:
         raise _sparse_gradient_gap(ctx, sparse, "gradgradcheck", note, abs_err, rel_err)
     return Passed(note, abs_err, rel_err)
