@@ -597,3 +597,31 @@ def test_a_backward_under_no_grad_fails_gradgradcheck_naming_the_cause():
     report = check_function(_SigmoidBackwardUnderNoGrad, seeded(3, 4), checks=["gradgradcheck"])
     assert report["gradgradcheck"].failed, str(report)
     assert "backward runs under no_grad" in report["gradgradcheck"].message
+
+
+class _ReluWrongAtPositives(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0) * 2  # wrong: the derivative is 1 where x > 0
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        seeded(3, 4).float(),  # float32 numbers, cast to float64 by check_function
+        torch.tensor([[0.5, -1.5, 2.25], [-0.75, 1.0, 3.5]], dtype=torch.float64),
+    ],
+    ids=["float32 inputs", "round numbers"],
+)
+def test_outputs_copying_inputs_of_float32_numbers_do_not_suggest_fn_computes_in_float32(x):
+    # relu's outputs are its inputs' numbers: they hold only float32 numbers because the
+    # inputs do, which says nothing of how fn computes
+    report = check_function(_ReluWrongAtPositives, x, checks=["gradcheck"])
+    assert report["gradcheck"].failed, str(report)
+    assert "hold only" not in report["gradcheck"].message

@@ -225,17 +225,22 @@ def rounded_to(tensors: Sequence[torch.Tensor]) -> torch.dtype | None:
         >>> rounded_to([torch.tensor([0.1], dtype=torch.float32).double()])
         torch.float32
     """
-    values = [t.detach().reshape(-1) for t in tensors if t.dtype == torch.float64]
-    if not values:
-        return None
-    flat = torch.cat([v.cpu() for v in values])
-    flat = flat[torch.isfinite(flat) & (flat != flat.round())]
+    flat = _finite_fractions(tensors)
     if flat.numel() == 0:
         return None
-    return next(
-        (d for d in NARROWER_DTYPES if bool((flat.to(d).to(torch.float64) == flat).all())),
-        None,
-    )
+    return next((d for d in NARROWER_DTYPES if _fits(flat, d)), None)
+
+
+def _finite_fractions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The finite non-integer values of the float64 ``tensors``, flat, on the CPU."""
+    values = [t.detach().reshape(-1).cpu() for t in tensors if t.dtype == torch.float64]
+    flat = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    return flat[torch.isfinite(flat) & (flat != flat.round())]
+
+
+def _fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True if ``dtype`` holds every one of the float64 ``values`` exactly."""
+    return bool((values.to(dtype).to(torch.float64) == values).all())
 
 
 def _low_precision_outputs(ctx: CheckContext) -> str:
@@ -243,7 +248,8 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
     output of a dtype less precise than its float64 inputs, or float64 outputs holding
     only float32 numbers (:func:`rounded_to`: computed in float32 and cast back); its
     finite differences over ``eps`` then carry that precision's rounding. Empty when
-    neither."""
+    neither, or when the inputs themselves hold only such numbers (float32 inputs cast to
+    float64, or round numbers such as 0.5): an output copying them proves nothing."""
     low = [
         (o, d)
         for o, d in enumerate(ctx.out_dtypes)
@@ -257,9 +263,10 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
             "so the numerical gradient is unreliable; let fn compute in float64 for the "
             "check, or pass a larger eps)"
         )
+    leaves = [x.detach() for x in ctx.leaves()]
     with torch.no_grad():
-        dtype = rounded_to(ctx.diff_fn(*[x.detach() for x in ctx.leaves()]))
-    if dtype is None:
+        dtype = rounded_to(ctx.diff_fn(*leaves))
+    if dtype is None or _fits(_finite_fractions(leaves), dtype):
         return ""
     return (
         f" (fn's float64 outputs hold only {dtype} numbers: does fn compute in {dtype} and "
