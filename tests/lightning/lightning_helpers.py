@@ -75,6 +75,20 @@ class InterruptAt(pl.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptInStep(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptInStep``) that presses
+    Ctrl-C inside the training step after ``step`` steps (before its backward), where a real
+    Ctrl-C mostly lands: the batch was fetched, and is not trained."""
+
+    def __init__(self, step: int = 10) -> None:
+        self.step = step
+
+    def on_before_backward(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class RecordBatches(pl.Callback):
     """A Lightning callback
     (``--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches``) that records

@@ -382,6 +382,45 @@ def test_dp_fit_with_workers_resumed_mid_epoch_trains_the_uninterrupted_fits_dra
     assert resumed[0] == whole[0][3:]
 
 
+def test_dp_fit_stopped_after_a_steps_noise_never_draws_that_batch_again(tmp_path):
+    """A checkpoint saved on an exception inside step 4, after its noise was added and
+    counted by the accountant (an error in on_after_backward, a Ctrl-C there): Lightning's
+    loop trains batch 4 again, but its Poisson draw is spent, so the resumed fit skips it
+    (a non-private fit trains it again, as the uninterrupted one did) and draws the rest
+    of the epoch: a redrawn batch would be outside the accountant's bound."""
+    import pytorch_lightning as pl
+
+    pytest.importorskip("opacus")
+    ckpt = tmp_path / "stopped.ckpt"
+
+    class StopAfterTheNoise(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 3:
+                raise RuntimeError("stopped after the noise")
+
+        def on_exception(self, trainer, pl_module, exception):
+            trainer.save_checkpoint(ckpt)
+
+    runs = []
+    for callbacks, ckpt_path in (([], None), ([StopAfterTheNoise()], None), ([], ckpt)):
+        recorder = _batch_recorder()
+        dm, model, trainer = _dp_fit(
+            tmp_path,
+            Privacy(noise_multiplier=1.0),
+            max_epochs=1,
+            limit_val_batches=0,
+            callbacks=[recorder, *callbacks],
+        )
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        except RuntimeError as stopped:
+            assert "stopped after the noise" in str(stopped)
+        runs.append((recorder.labels[0], model.accountant.steps))
+    (whole, _), (stopped, counted), (resumed, _) = runs
+    assert stopped == whole[:4] and counted == 4
+    assert resumed == whole[4:]
+
+
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):
     """After a DP fit stopped between the forward and on_after_backward, other torchbp
     training in the process must work (it failed with 'not a torchbp.nn.Linear of the

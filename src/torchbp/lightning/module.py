@@ -79,6 +79,15 @@ def _epoch_source(loader: Any) -> Any:
     return None
 
 
+def _batches_trained_in_the_epoch(trainer: pl.Trainer) -> int:
+    """The batches of the current epoch that a resumed fit's loop counts as trained, and
+    continues after: those whose training step ran to its end. A checkpoint saved on an
+    exception inside a step (Ctrl-C in its forward or backward) has that batch fetched
+    (``ready``) but not trained (``processed``): Lightning's loop trains it again, so the
+    loader must yield it again."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
 def _fetches_before_the_hooks(loader: Any) -> bool:
     """Whether ``loader``'s workers started fetching when Lightning made its iterator, before
     the fit's hooks could tell it which epoch, or where in it, to start (a DataLoader with
@@ -471,7 +480,7 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         # its loader would start the epoch over (training its first batches twice and its
         # last never): torchbp's loaders continue it after the batches trained
         trainer = self.trainer
-        trained = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        trained = _batches_trained_in_the_epoch(trainer)
         loader = trainer.train_dataloader
         source = _epoch_source(loader)
         if 0 < trained < trainer.num_training_batches:

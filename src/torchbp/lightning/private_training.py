@@ -276,7 +276,9 @@ class PrivateTraining:
         """The checkpoint's Poisson sampler state ``saved``, its draws cut to the batches
         the fit had fetched in the epoch: a DataLoader with workers draws batches ahead of
         the steps, and those no step trained on (none released in an update) are the ones
-        the uninterrupted fit trains next."""
+        the uninterrupted fit trains next. A batch fetched for a step that an exception
+        stopped is skipped too (unlike a fit without privacy, which trains it again): its
+        noise may have been added and counted, so its draw is spent."""
         fetched = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         return {"epoch": saved["epoch"], "drawn": min(saved["drawn"], fetched)}
 
