@@ -54,23 +54,7 @@ def _needs_absent_gpu(test: doctest.DocTest) -> bool:
     return not torch.cuda.is_available() and any("cuda" in ex.source for ex in test.examples)
 
 
-# examples that hold on part of the supported torch range only; remove an entry once its
-# docstring is true on every torch
-_EXAMPLES_NEEDING = {
-    "torchbp.mode": pytest.mark.skipif(
-        not hasattr(torch.overrides, "redispatch_function"),
-        reason="its module example counts MultiheadAttention's projections, which this "
-        "torch (no redispatch_function, < 2.13) runs natively: 2 linear calls, not 4",
-    ),
-}
-
-
-def _marked(names: list[str], marks: dict) -> list:
-    """``names`` as test parameters, each carrying its mark in ``marks`` if it has one."""
-    return [pytest.param(name, marks=marks[name]) if name in marks else name for name in names]
-
-
-@pytest.mark.parametrize("name", _marked(_modules_with_examples(), _EXAMPLES_NEEDING))
+@pytest.mark.parametrize("name", _modules_with_examples())
 def test_docstring_examples_run_as_shown(name):
     module = _import(name)
     tests = _doctests(module)
@@ -111,12 +95,6 @@ TENSOR_API = [
     "torchbp.per_sample_grads",
     "torchbp.per_sample.per_sample_grads",
 ]
-# not yet documented; remove an entry once its docstring names the parameters (the
-# strict xfail then turns the test red as a reminder)
-_ARGS_NOT_YET_DOCUMENTED = {
-    name: pytest.mark.xfail(strict=True, reason="size_average, reduce are not in its Args")
-    for name in ("torchbp.functional.nll_loss", "torchbp.functional.cross_entropy")
-}
 
 
 def _named_parameters(obj) -> list[str]:
@@ -166,7 +144,7 @@ def test_public_docstring_has_an_example_that_runs(name):
     )
 
 
-@pytest.mark.parametrize("name", _marked([name for name, _ in PUBLIC], _ARGS_NOT_YET_DOCUMENTED))
+@pytest.mark.parametrize("name", [name for name, _ in PUBLIC])
 def test_public_docstring_args_name_every_parameter(name):
     obj = _BY_NAME[name]
     missing = set(_named_parameters(obj)) - _args_entries(inspect.getdoc(obj) or "")

@@ -755,6 +755,7 @@ def nll_loss(
         ignore_index: target value that contributes neither loss nor gradient.
         reduction: ``'none'`` | ``'mean'`` (divided by the summed weights of the non-ignored
             targets) | ``'sum'``.
+        size_average, reduce: deprecated, as in torch (they set ``reduction``).
 
     Shape:
         Output: a scalar, or ``target``'s shape with ``reduction='none'``.
@@ -828,6 +829,7 @@ def cross_entropy(
         reduction: ``'none'`` | ``'mean'`` | ``'sum'``; with class indices ``'mean'``
             divides by the summed weights of the non-ignored targets, with probabilities by
             the number of rows.
+        size_average, reduce: deprecated, as in torch (they set ``reduction``).
         label_smoothing: ε in [0, 1]: the target becomes ``(1-ε) target + ε/C``.
         inplace: write the gradient over the logits' storage instead of a new buffer
             (saves one logits-sized allocation; 2-D ``(N, C)`` logits only). The logits
@@ -850,8 +852,15 @@ def cross_entropy(
 
     Examples::
 
+        >>> import torch.nn.functional as F
         >>> logits = torch.randn(4, 10, requires_grad=True)
-        >>> cross_entropy(logits, torch.tensor([1, 0, 9, 3]), label_smoothing=0.1).backward()
+        >>> target = torch.tensor([1, 0, 9, 3])
+        >>> loss = cross_entropy(logits, target, label_smoothing=0.1)
+        >>> torch.allclose(loss, F.cross_entropy(logits, target, label_smoothing=0.1))
+        True
+        >>> loss.backward()
+        >>> logits.grad.shape
+        torch.Size([4, 10])
     """
     if has_torch_function((input, target, weight)):
         return handle_torch_function(
@@ -1111,9 +1120,16 @@ def linear_cross_entropy(
 
     Examples::
 
+        >>> import torch.nn.functional as F
         >>> x = torch.randn(8, 16, requires_grad=True)
         >>> w = torch.randn(100, 16, requires_grad=True)
-        >>> linear_cross_entropy(x, w, torch.randint(100, (8,)), chunk_size=4).backward()
+        >>> target = torch.randint(100, (8,))
+        >>> loss = linear_cross_entropy(x, w, target, chunk_size=4)
+        >>> torch.allclose(loss, F.cross_entropy(F.linear(x, w), target))
+        True
+        >>> loss.backward()
+        >>> x.grad.shape, w.grad.shape
+        (torch.Size([8, 16]), torch.Size([100, 16]))
     """
     if has_torch_function((input, linear_weight, target, linear_bias, weight)):
         return handle_torch_function(

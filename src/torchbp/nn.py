@@ -320,8 +320,12 @@ class CrossEntropyLoss(_TorchbpModule, nn.CrossEntropyLoss):
 
     Examples::
 
+        >>> import torch.nn.functional as F
         >>> loss = CrossEntropyLoss(label_smoothing=0.1)
-        >>> loss(torch.randn(3, 5, requires_grad=True), torch.tensor([1, 0, 4])).backward()
+        >>> logits, target = torch.randn(3, 5, requires_grad=True), torch.tensor([1, 0, 4])
+        >>> native = F.cross_entropy(logits, target, label_smoothing=0.1)
+        >>> torch.allclose(loss(logits, target), native)
+        True
     """
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -376,8 +380,12 @@ class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn
 
     Examples::
 
+        >>> import torch.nn.functional as F
         >>> loss = LinearCrossEntropyLoss(16, 1000, bias=True, label_smoothing=0.1)
-        >>> loss(torch.randn(32, 16, requires_grad=True), torch.randint(1000, (32,))).backward()
+        >>> x, target = torch.randn(32, 16, requires_grad=True), torch.randint(1000, (32,))
+        >>> logits = loss.linear(x)  # the layer (loss.weight holds the class weights)
+        >>> torch.allclose(loss(x, target), F.cross_entropy(logits, target, label_smoothing=0.1))
+        True
     """
 
     #: rows per chunk (``None``: from ``options`` or the memory budget); a class default so

@@ -4,6 +4,17 @@ Every ``XFunction`` is written once: ``forward``, ``setup_context``, ``backward`
 ``jvp`` together, with ``generate_vmap_rule = True``; the derivative formula sits in a
 comment above the line that computes it. The jvp-free twin that torch.compile needs is
 generated from it (:func:`torchbp.autograd._compile.jvp_free_twin`).
+
+Examples::
+
+    >>> import torch
+    >>> from torchbp.autograd import LinearFunction, SigmoidFunction
+    >>> x = torch.tensor([0.0, 2.0], requires_grad=True)
+    >>> SigmoidFunction.apply(x).sum().backward()
+    >>> x.grad  # sigma'(x) = y (1 - y)
+    tensor([0.2500, 0.1050])
+    >>> LinearFunction.apply(torch.randn(5, 3), torch.randn(4, 3), torch.randn(4)).shape
+    torch.Size([5, 4])
 """
 
 from torchbp.autograd import activations
