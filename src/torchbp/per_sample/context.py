@@ -959,7 +959,9 @@ def per_sample_grads(
     extra parameters such as a LoRA adapter, ...), a Linear with complex trainable parameters
     (the formulas are real ones) or with a trainable weight or bias that is not an
     ``nn.Parameter`` (a plain tensor ``torch.func.functional_call`` left in a module
-    listed twice, or one assigned after ``del lin.weight``), a Linear with a 1-D weight or
+    listed twice, or one assigned after ``del lin.weight``), a Linear with a trainable
+    parameter and a weight or bias parametrized by ``torch.nn.utils.parametrize`` (formed
+    anew by every forward, even when frozen), a Linear with a 1-D weight or
     a trainable bias of another shape than ``(out_features,)``, a MultiheadAttention with
     a trainable ``out_proj`` (its forward applies it to the output flattened to
     ``(T·B, E)``, not per sample), BatchNorm in training mode,

@@ -332,6 +332,30 @@ def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
         )
 
 
+def _refuse_frozen_parametrizations(where: str, module: bpnn.Linear) -> None:
+    """Raise if ``module``, a Linear with a trainable parameter, has a parametrized weight
+    or bias (``torch.nn.utils.parametrize``) whose parametrizations are all frozen: the
+    tensor is formed anew by every forward, so no call of the module has the parameters
+    its calls are recorded by (a parametrization with trainable parameters is refused by
+    name as the module holding them).
+
+    Raises:
+        TypeError: naming the module and the parametrized tensors, with the way out.
+    """
+    if not parametrize.is_parametrized(module):
+        return
+    if any(p.requires_grad for p in module.parametrizations.parameters()):
+        return
+    names = [what for what in ("weight", "bias") if parametrize.is_parametrized(module, what)]
+    raise TypeError(
+        f"per_sample_grads: {where} has a parametrized {' and '.join(names)} "
+        "(torch.nn.utils.parametrize), formed anew by every forward, frozen or not, so its "
+        "calls cannot be matched to the layer; remove the parametrization for the "
+        "per-sample step (parametrize.remove_parametrizations(module, "
+        f"{names[0]!r}, leave_parametrized=True))"
+    )
+
+
 def _refuse_unusual_shapes(where: str, module: bpnn.Linear) -> None:
     """Raise if ``module`` has a trainable parameter and a weight that is not 2-D (a 1-D
     weight, which linear calls as a ``(1, in)`` copy), or a trainable bias of another
@@ -438,8 +462,8 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         TypeError: a module mixes samples, a trainable Linear is inside a Transformer
             layer built with ``batch_first=False``, a module has trainable parameters
             that are not a :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
-            parameters or a trainable weight or bias that is not an ``nn.Parameter``
-            (named in the message).
+            parameters, a trainable weight or bias that is not an ``nn.Parameter``, or a
+            trainable parameter and a parametrized weight or bias (named in the message).
         ValueError: a trainable parameter is shared by two Linear modules that do not
             share both their weight and their bias (a module sharing both is not a layer
             of its own: its calls are recorded for the first one's), or a Linear's
@@ -475,6 +499,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         _refuse_attention_projection(where, module)
         if isinstance(module, bpnn.Linear) and _has_trainable(module):
             _refuse_sequence_first(where, name, sequence_first)
+            _refuse_frozen_parametrizations(where, module)
         recording = _calls_recorded_by(module, layers) if isinstance(module, bpnn.Linear) else None
         if recording is not None:
             recording.tied.append((name, module))

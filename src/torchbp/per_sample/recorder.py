@@ -18,7 +18,6 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from torch.nn.utils import parametrize
 from torch.utils.checkpoint import CheckpointFunction
 
 from torchbp.per_sample.model_check import Layer
@@ -132,13 +131,6 @@ class Recorder:
                 f"Linear {caller!r} ran under autocast, which hands it a weight cast by "
                 f"autocast to {weight.dtype}, a copy of its parameter (autocast is not "
                 "supported: run the model without it)"
-            )
-        if caller is not None and parametrize.is_parametrized(module, "weight"):
-            return (
-                f"Linear {caller!r} has a parametrized weight (torch.nn.utils.parametrize),"
-                " formed anew by every forward, frozen or not, so no call of it can be matched "
-                "to the layer; remove the parametrization (parametrize.remove_parametrizations"
-                "(module, 'weight', leave_parametrized=True)) for the per-sample step"
             )
         if caller is not None and module.weight is weight:
             return (
