@@ -290,6 +290,25 @@ def test_predict_under_ddp_is_a_cli_error_before_it_starts(tmp_path, capsys):
     assert not runs.exists()
 
 
+def test_poisson_sampling_under_ddp_is_a_cli_error_before_it_starts(tmp_path, capsys):
+    """``fit --config ddp_cpu --data.init_args.poisson_sampling=true`` launched two
+    processes, each failing in Lightning's sampler injection (a traceback, a run folder
+    left); the Poisson draws are not sharded by rank."""
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            "ddp_cpu",
+            "--data.init_args.poisson_sampling=true",
+            f"--run_dir={runs}",
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: invalid data configuration: poisson_sampling: true draws every" in err
+    assert not runs.exists()
+
+
 # DDP on CPU: EpochSeededSampler gives rank r the samples order[r::2] of the single-process
 # order, so with the same global batch (2 x 32 vs 1 x 64) both runs see the same batches and
 # DDP's averaged gradient equals the single-process mean-loss gradient: the curves agree up to

@@ -721,3 +721,15 @@ def test_tabular_csv_label_beyond_float64_range_is_refused(tmp_path):
     dm = TabularFileDataModule(path=str(p), label_column="target")
     with pytest.raises(DataError, match=r"label 1e5000 in column 'target' at row 3 is beyond"):
         dm.arrays  # noqa: B018
+
+
+def test_poisson_sampling_across_processes_is_refused_by_the_train_loader(monkeypatch):
+    """Under DDP the Poisson train loader failed in Lightning (it cannot put a
+    DistributedSampler into the batch sampler), and with Lightning's sampler replacement
+    off every process drew the same batches: refused by name."""
+    import torchbp.lightning.array_data as array_data
+
+    monkeypatch.setattr(array_data, "rank_world", lambda: (0, 2))
+    dm = DigitsDataModule(batch_size=64, poisson_sampling=True)
+    with pytest.raises(DataConfigError, match="poisson_sampling: true .* 2 processes"):
+        dm.train_dataloader()

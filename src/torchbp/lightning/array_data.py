@@ -54,7 +54,8 @@ class ArrayDataModule(ClassificationDataModule):
         poisson_sampling: Draw training batches by Poisson sampling (each sample joins a
             batch with probability ``batch_size / N``, batch sizes vary) as DP-SGD's privacy
             accountant assumes (:class:`~torchbp.lightning.privacy.PoissonBatchSampler`);
-            ``shuffle`` is then ignored.
+            ``shuffle`` is then ignored. In one process only: the draws are not sharded
+            by rank, so the train loader refuses it under DDP.
     """
 
     def __init__(
@@ -319,6 +320,7 @@ class ArrayDataModule(ClassificationDataModule):
         ds = self.splits[split]
         loader_class = FetchOnFirstBatchDataLoader if train else DataLoader
         if train and self.poisson_sampling:
+            refuse_poisson_sampling_across_processes(rank_world()[1])
             rate = min(1.0, self.batch_size / len(ds))
             return loader_class(
                 ds,
@@ -350,6 +352,23 @@ class ArrayDataModule(ClassificationDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def refuse_poisson_sampling_across_processes(world_size: int) -> None:
+    """Refuse ``poisson_sampling`` with ``world_size`` processes sharing the training
+    (DDP): every process would draw the same batches (the draws are not sharded by rank),
+    and Lightning fails to put a DistributedSampler into the Poisson batch sampler.
+
+    Raises:
+        DataConfigError: ``world_size`` is above 1.
+    """
+    if world_size > 1:
+        raise DataConfigError(
+            f"poisson_sampling: true draws every process's batches alike (they are not "
+            f"sharded by rank), and this run has {world_size} processes (DDP); train with "
+            "poisson_sampling: false, or in one process (--trainer.devices 1 "
+            "--trainer.num_nodes 1)"
+        )
 
 
 class DigitsDataModule(ArrayDataModule):

@@ -107,6 +107,7 @@ from torchbp.lightning.run_checks import (
     check_batch_counts,
     check_config_file_is_new,
     check_monitors,
+    check_poisson_sampling,
     check_predictions_can_be_written,
     check_privacy,
     check_run_folders_can_be_written,
@@ -443,6 +444,7 @@ class TorchbpCLI(LightningCLI):
             resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
             check_privacy(self.subcommand, self.model, self.datamodule, self.trainer, resumed)
             check_batch_counts(self.subcommand, self.datamodule, self.trainer)
+            check_poisson_sampling(self.subcommand, self.datamodule, self.trainer)
             ckpt_path = self._subcommand_config(self.config).get("ckpt_path")
             check_checkpoint_fits_model(ckpt_path, self.subcommand, self.model, self.datamodule)
             check_checkpoint_fits_trainer(ckpt_path, self.subcommand, self.trainer)

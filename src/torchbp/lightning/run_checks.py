@@ -15,7 +15,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, EarlyStopping, Mod
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from torchbp.lightning.array_data import ArrayDataModule
+from torchbp.lightning.array_data import ArrayDataModule, refuse_poisson_sampling_across_processes
 from torchbp.lightning.console import exit_with_error, headline
 from torchbp.lightning.data_base import DataConfigError, DataError
 from torchbp.lightning.module import ERMClassifier
@@ -172,6 +172,15 @@ def check_privacy(
     model.check_privacy(
         trainer, datamodule.train_dataloader(), resumed=resumed, datamodule=datamodule
     )
+
+
+def check_poisson_sampling(subcommand: str | None, datamodule: Any, trainer: pl.Trainer) -> None:
+    """A ``fit`` of an :class:`ArrayDataModule` with ``poisson_sampling`` in several
+    processes, which its train loader refuses once they have started (see
+    :func:`refuse_poisson_sampling_across_processes`)."""
+    if subcommand == "fit" and isinstance(datamodule, ArrayDataModule):
+        if datamodule.poisson_sampling:
+            refuse_poisson_sampling_across_processes(trainer.world_size)
 
 
 #: the loaders each subcommand runs (``fit`` ends with a test of its best checkpoint)
