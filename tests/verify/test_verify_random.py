@@ -340,3 +340,68 @@ def test_only_a_hand_written_vmap_staticmethod_counts_as_the_functions_own_rule(
     assert own_vmap_rule(_GeneratedRuleMask) is None
     assert own_vmap_rule(_GeneratedRuleMask.apply) is None
     assert own_vmap_rule(torch.sin) is None
+
+
+def _function_named_scale_with_a_vmap_rule():
+    """Another module's Function that happens to be named ``_Scale`` too, with its own
+    vmap rule (never called by the fn under test)."""
+
+    class _Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+        @staticmethod
+        def vmap(info, in_dims, x):
+            return x * 2, in_dims[0]
+
+    return _Scale
+
+
+class _Scale(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d(3 x)/dx = 3
+        return grad * 3
+
+
+class _DropoutThenScale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.layer = torch.nn.TransformerEncoderLayer(
+                4, 1, 8, dropout=0.2, batch_first=True, dtype=torch.float64
+            )
+
+    def forward(self, x):
+        return _Scale.apply(self.layer(x))
+
+
+def test_a_vmap_rule_of_another_function_of_the_same_name_is_not_blamed():
+    # before: the graph node "_ScaleBackward" was matched by name to the other module's
+    # _Scale, so the random module (vmap draws other dropout masks than its calls) failed,
+    # blamed on a vmap rule it never calls, instead of being compared one sample at a time
+    other = _function_named_scale_with_a_vmap_rule()
+    result = check_function(_DropoutThenScale(), seeded(2, 3, 4), checks=["vmap"])["vmap"]
+    assert result.passed, result
+    assert "compared with vmap over one sample at a time" in result.caveat
+    assert other.vmap is not None  # alive during the check

@@ -239,10 +239,13 @@ def own_vmap_rule(fn: Any) -> str | None:
 
 
 def _own_vmap_rules_by_name() -> dict[str, str]:
-    """``{"Name": "Name.vmap"}`` for every Function class defined so far with its own
-    ``vmap`` staticmethod (:func:`own_vmap_rule`)."""
-    found, seen = {}, set()
-    classes = list(torch.autograd.Function.__subclasses__())
+    """``{"Name": "Name.vmap"}`` for every name that the Function classes defined so far
+    bear only with their own ``vmap`` staticmethod (:func:`own_vmap_rule`). A graph node
+    names its Function by name alone, so a name also borne by a Function without one
+    (another module's class of the same name) is left out: it would blame a rule fn may
+    never call, and fail a correct fn."""
+    rules, without_rule = {}, set()
+    seen, classes = set(), list(torch.autograd.Function.__subclasses__())
     while classes:
         cls = classes.pop()
         if cls in seen:
@@ -250,17 +253,20 @@ def _own_vmap_rules_by_name() -> dict[str, str]:
         seen.add(cls)
         classes += cls.__subclasses__()
         rule = own_vmap_rule(cls)
-        if rule is not None:
-            found[cls.__name__] = rule
-    return found
+        if rule is None:
+            without_rule.add(cls.__name__)
+        else:
+            rules[cls.__name__] = rule
+    return {name: rule for name, rule in rules.items() if name not in without_rule}
 
 
 def own_vmap_rules_reached(ctx: CheckContext) -> list[str]:
     """The hand-written vmap rules (``"Name.vmap"``) of the Functions in fn's autograd
     graph at the example inputs: fn may call them inside an ``nn.Module`` or a wrapper,
     where :func:`own_vmap_rule` of fn sees none. A graph node is matched to its Function
-    by name (``NameBackward``); a Function none of whose outputs requires grad leaves no
-    node and is not found."""
+    by name (``NameBackward``; a name another Function without a rule bears too is not
+    matched); a Function none of whose outputs requires grad leaves no node and is not
+    found."""
     rules = _own_vmap_rules_by_name()
     if not rules:
         return []
