@@ -1352,7 +1352,7 @@ def test_functional_call_refusal_names_the_swapped_parameter():
         with pytest.raises(
             RuntimeError,
             match=r"Linear '2' ran with its weight swapped for another tensor of shape "
-            r"\(3, 6\) \(as torch.func.functional_call does\).*own parameters",
+            r"\(3, 6\) \(as torch.func.functional_call does.*own parameters",
         ):
             out.sum().backward()
 
@@ -1564,6 +1564,20 @@ def test_add_noise_refuses_a_grad_it_cannot_add_to_before_any_change(unwritable,
         if before[name] is not None:
             same = torch.equal(before[name].to_dense(), copies[name].to_dense())
             assert same, f"{name}'s p.grad changed"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_frozen_hook_based_spectral_norm_named_in_the_refusal():
+    """torch.nn.utils.spectral_norm (hook-based) sets a new weight at every forward, from
+    weight_orig: frozen, with a trainable bias, the Linear's calls cannot be matched to the
+    layer, and the refusal blamed torch.func.functional_call alone; it names such hooks."""
+    model = mlp()
+    nn.utils.spectral_norm(model[0])
+    model[0].weight_orig.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"Linear '0' ran with its weight swapped.*spectral_n"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            model(torch.randn(5, 4)).sum().backward()
+    assert model[0].bias.grad is None
 
 
 @pytest.mark.parametrize("what", ["weight", "bias"])

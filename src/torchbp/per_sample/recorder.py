@@ -135,8 +135,11 @@ class Recorder:
         if caller is not None and module.weight is weight:
             return (
                 f"Linear {caller!r} ran with its weight swapped for another tensor of "
-                f"shape {tuple(weight.shape)} (as torch.func.functional_call does); the "
-                "context records the model's own parameters: call the model itself"
+                f"shape {tuple(weight.shape)} (as torch.func.functional_call does, or a "
+                "forward pre-hook that sets a new weight at every forward, such as the "
+                "deprecated torch.nn.utils.weight_norm's or spectral_norm's, frozen or not); "
+                "the context records the model's own parameters: call the model itself, "
+                "without such hooks"
             )
         if caller is not None:
             return (
