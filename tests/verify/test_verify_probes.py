@@ -149,3 +149,32 @@ def test_near_zero_probe_compares_small_values_relative_to_their_size():
     # float64, where it is accurate to about 1e-10
     assert check_function(torch.expm1, seeded(3, 4), reference=torch.expm1, dtype=torch.float32).ok
     assert check_function(ExpMinusOne, seeded(3, 4), reference=torch.expm1).ok
+
+
+class ExpReturnedTwice(torch.autograd.Function):
+    """(exp(x), exp(x)), one tensor for both outputs; dx = (g1 + g2) * exp(x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y, y
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        (y,) = ctx.saved_tensors
+        return (g1 + g2) * y
+
+
+def test_a_reference_nan_from_inf_minus_inf_does_not_fail_an_infinite_fn_value():
+    # on the 1e3-scaled probe exp overflows: the reference's g1 * inf + g2 * inf is NaN
+    # where g1, g2 differ in sign, fn's (g1 + g2) * inf is infinite; before, that failed
+    # extreme_values with 'max abs error nan'
+    report = check_function(
+        ExpReturnedTwice,
+        seeded(4, 5),
+        reference=lambda x: (x.exp(), x.exp()),
+        checks="extreme_values",
+    )
+    assert report["extreme_values"].passed, report
+    assert "the reference overflowed" in report["extreme_values"].message

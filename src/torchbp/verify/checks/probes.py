@@ -89,8 +89,10 @@ def _where_reference_finite(
     a: torch.Tensor, b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """fn's ``a`` and the reference's ``b`` with the values where the reference overflowed
-    (``b`` non-finite, ``a`` finite) set to zero in both, and how many there were."""
-    overflowed = ~torch.isfinite(b) & torch.isfinite(a)
+    (``b`` non-finite, ``a`` finite; or ``b`` NaN, ``a`` infinite: the reference's
+    ``inf - inf`` where fn's order of operations kept the infinity) set to zero in both,
+    and how many there were."""
+    overflowed = (~torch.isfinite(b) & torch.isfinite(a)) | (torch.isnan(b) & torch.isinf(a))
     count = int(overflowed.sum())
     if not count:
         return a, b, 0
@@ -187,7 +189,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
     note = f"{compared} probe(s): large, near-zero, zero and integer inputs"
     if overflowed:
         note += (
-            f"; {overflowed} value(s) where the reference overflowed (non-finite, fn's "
-            "finite) not compared"
+            f"; {overflowed} value(s) where the reference overflowed (non-finite where "
+            "fn's is finite, or NaN where fn's is infinite) not compared"
         )
     return Passed(note, *worst)
