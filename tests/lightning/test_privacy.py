@@ -421,6 +421,57 @@ def test_dp_fit_stopped_after_a_steps_noise_never_draws_that_batch_again(tmp_pat
     assert resumed == whole[4:]
 
 
+def test_dp_fit_resumed_twice_after_a_stopped_step_never_draws_a_batch_again(tmp_path):
+    """Stopped inside step 4 after its noise (its draw skipped on resume), resumed, saved
+    after step 5 and resumed again: the skip of the second resume was Lightning's batch
+    counter, which restarted at the 3 batches trained, one behind the draws, so the
+    second resumed fit drew and trained the first resume's last batch once more (a
+    reused draw, outside the accountant's bound). The steps now count their draws, kept
+    in checkpoints: the three fits train the uninterrupted fit's draws, each once."""
+    import pytorch_lightning as pl
+
+    pytest.importorskip("opacus")
+    first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
+
+    class StopAfterTheNoise(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 3:
+                raise RuntimeError("stopped")
+
+        def on_exception(self, trainer, pl_module, exception):
+            trainer.save_checkpoint(first)
+
+    class SaveAndStop(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                trainer.save_checkpoint(second)
+                raise RuntimeError("stopped")
+
+    runs = []
+    for callback, ckpt_path in (
+        (None, None),
+        (StopAfterTheNoise(), None),
+        (SaveAndStop(), first),
+        (None, second),
+    ):
+        recorder = _batch_recorder()
+        dm, model, trainer = _dp_fit(
+            tmp_path,
+            Privacy(noise_multiplier=1.0),
+            max_epochs=1,
+            limit_val_batches=0,
+            callbacks=[recorder, *filter(None, [callback])],
+        )
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        except RuntimeError as stopped:
+            assert "stopped" in str(stopped)
+        runs.append(recorder.labels[0])
+    whole, *parts = runs
+    assert [len(part) for part in parts[:2]] == [4, 2]
+    assert [batch for part in parts for batch in part] == whole
+
+
 def test_dp_fit_that_fails_mid_step_leaves_no_context_open(tmp_path):
     """After a DP fit stopped between the forward and on_after_backward, other torchbp
     training in the process must work (it failed with 'not a torchbp.nn.Linear of the

@@ -286,6 +286,9 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         #: DP-SGD: a mid-epoch checkpoint's Poisson sampler state (how many of the epoch's
         #: batches were drawn), so that the resumed epoch continues its draws
         self._restored_sampler_state: dict[str, int] | None = None
+        #: DP-SGD: (epoch, n): the first n Poisson draws of the sampler's epoch went to
+        #: training steps (kept in checkpoints: those a resumed fit must not draw again)
+        self._draws_taken: tuple[int, int] = (-1, 0)
         self._per_sample: PerSampleGrads | None = None
         self._check_optimizer()
 

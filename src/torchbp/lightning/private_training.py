@@ -86,7 +86,8 @@ class _LeavePerSampleOnError(pl.Callback):
     step of a private model whose noise was not added: a subclass's ``backward`` that does
     not call ``super().backward``, or its ``training_step`` that does not call
     ``super().training_step`` (where the per-sample clipping starts); the optimizer would
-    release a gradient that is not DP-SGD's."""
+    release a gradient that is not DP-SGD's. Counts each step's Poisson draw as taken
+    (see ``PrivateTraining._draws_to_skip``)."""
 
     def __init__(self) -> None:
         self._noisy_steps_before = 0  # the accountant's steps at the batch's start
@@ -98,6 +99,7 @@ class _LeavePerSampleOnError(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if isinstance(pl_module, PrivateTraining) and pl_module.accountant is not None:
             self._noisy_steps_before = pl_module.accountant.steps
+            pl_module._count_draw_taken(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not isinstance(pl_module, PrivateTraining) or pl_module.privacy is None:
@@ -118,7 +120,8 @@ class PrivateTraining:
     inherits them: a LightningModule whose ``__init__`` sets ``privacy`` (a
     :class:`~torchbp.lightning.privacy.Privacy` or ``None``), ``accountant``,
     ``_restored_accountant``, ``_noise_generator``, ``_restored_noise_state``,
-    ``_restored_sampler_state`` and ``_per_sample`` (all ``None``), and whose ``net``,
+    ``_restored_sampler_state`` and ``_per_sample`` (all ``None``) and ``_draws_taken``
+    (``(-1, 0)``), and whose ``net``,
     ``loss``, ``_loss_denominator``, ``_update_metrics``, ``train_loss`` and
     ``train_metrics`` a private training step uses."""
 
@@ -128,6 +131,7 @@ class PrivateTraining:
     _noise_generator: torch.Generator | None
     _restored_noise_state: torch.Tensor | None
     _restored_sampler_state: dict[str, int] | None
+    _draws_taken: tuple[int, int]
     _per_sample: PerSampleGrads | None
 
     def check_privacy(
@@ -265,6 +269,7 @@ class PrivateTraining:
         self.accountant, self._restored_accountant = accountant, None
         self._noise_generator, self._restored_noise_state = noise, None
         self._expected_batch = sampler.sample_rate * sampler.num_samples
+        self._draws_taken = (-1, 0)  # none of this fit's yet (a second fit of the model)
         # a run resumed in mid-epoch continues that epoch's Poisson draws: drawing its first
         # batches again would repeat them, where the accountant counts every step's batch
         # as a fresh draw
@@ -273,14 +278,29 @@ class PrivateTraining:
             self._restored_sampler_state = None
 
     def _draws_to_skip(self, saved: dict[str, int]) -> dict[str, int]:
-        """The checkpoint's Poisson sampler state ``saved``, its draws cut to the batches
-        the fit had fetched in the epoch: a DataLoader with workers draws batches ahead of
-        the steps, and those no step trained on (none released in an update) are the ones
-        the uninterrupted fit trains next. A batch fetched for a step that an exception
-        stopped is skipped too (unlike a fit without privacy, which trains it again): its
-        noise may have been added and counted, so its draw is spent."""
-        fetched = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return {"epoch": saved["epoch"], "drawn": min(saved["drawn"], fetched)}
+        """The checkpoint's Poisson sampler state ``saved``, its draws cut to those that
+        went to training steps: a DataLoader with workers draws batches ahead of the steps,
+        and those no step took (none released in an update) are the ones the uninterrupted
+        fit trains next. A batch whose step an exception stopped is not drawn again (unlike
+        a fit without privacy, whose loop trains it again): its noise may have been added
+        and counted, so its draw is spent. Counted by the steps themselves, not by
+        Lightning's batch counter, which restarts at the batches trained: after a resume
+        that skipped a stopped step's draw, it is one draw behind."""
+        taken = saved.get("taken")
+        if taken is None:  # a checkpoint that predates the count: the batches fetched
+            taken = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        skip = min(saved["drawn"], taken)
+        self._draws_taken = (saved["epoch"], skip)
+        return {"epoch": saved["epoch"], "drawn": skip}
+
+    def _count_draw_taken(self, trainer: pl.Trainer) -> None:
+        """Count the batch of the step ``trainer`` starts among the draws of the Poisson
+        sampler's epoch that went to training steps (see :meth:`_draws_to_skip`)."""
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if not isinstance(sampler, PoissonBatchSampler):
+            return
+        epoch, taken = self._draws_taken
+        self._draws_taken = (sampler.epoch, taken + 1 if epoch == sampler.epoch else 1)
 
     def _refuse_secure_rng_after_seeded_noise(self) -> None:
         """A ``secure_rng`` fit on a checkpoint that keeps a noise generator's state (a run
@@ -452,7 +472,10 @@ class PrivateTraining:
         # (the trainer saving a checkpoint is attached)
         sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
         if self.privacy is not None and isinstance(sampler, PoissonBatchSampler):
-            checkpoint["privacy_poisson_sampler"] = sampler.state_dict()
+            epoch, taken = self._draws_taken
+            state = sampler.state_dict()
+            state["taken"] = taken if epoch == sampler.epoch else 0
+            checkpoint["privacy_poisson_sampler"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_accountant = checkpoint.get("privacy_accountant")
