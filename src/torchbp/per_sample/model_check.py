@@ -455,11 +455,28 @@ def _refuse_complex(where: str, **parameters: nn.Parameter | None) -> None:
         )
 
 
+def _refuse_distributed_data_parallel(model: nn.Module) -> None:
+    """Refuse a model that is, or holds, a ``DistributedDataParallel``: its gradient
+    all-reduce runs in autograd hooks that see no gradient inside the context (the context
+    forms ``p.grad`` after the backward), so the replicas' gradients would silently stay
+    unaveraged."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise TypeError(
+                f"per_sample_grads: {describe(name, module)} all-reduces gradients in "
+                "autograd hooks, which see no gradient inside the context (it forms p.grad "
+                "after the backward), so the processes' gradients would not be averaged: "
+                "pass the wrapped module (ddp.module), run the step under ddp.no_sync(), "
+                "and all-reduce p.grad after the context"
+            )
+
+
 def attributable_layers(model: nn.Module) -> list[Layer]:
     """The model's Linear layers with trainable parameters, in module order.
 
     Raises:
-        TypeError: a module mixes samples, a trainable Linear is inside a Transformer
+        TypeError: the model is or holds a ``DistributedDataParallel``, a module mixes
+            samples, a trainable Linear is inside a Transformer
             layer built with ``batch_first=False``, a module has trainable parameters
             that are not a :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
             parameters, a trainable weight or bias that is not an ``nn.Parameter``, or a
@@ -475,6 +492,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         raise TypeError(
             f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}"
         )
+    _refuse_distributed_data_parallel(model)
     layers: list[Layer] = []
     owner: dict[int, str] = {}
     linear_owners = _linear_owners(model)
