@@ -138,7 +138,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state, and the SLURM job that saved it (``None`` outside SLURM): a
-        requeued job finds its run folder by it (see :func:`run_of_slurm_job`)."""
+        requeued job finds its run folder by it (see
+        :func:`torchbp.lightning.run_folders.run_of_slurm_job`)."""
         return {**super().state_dict(), SLURM_JOB_KEY: slurm_job()}
 
     def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
