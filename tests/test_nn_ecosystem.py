@@ -21,6 +21,7 @@ import torch.nn.utils.prune
 from torch import nn
 
 import torchbp
+import torchbp._execution
 
 pytestmark = pytest.mark.usefixtures("seed")
 
@@ -447,7 +448,23 @@ def _exportable(lib) -> nn.Sequential:
     )
 
 
-@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+# torch < 2.13's Dynamo folds torch.compiler.is_exporting() to True under every
+# torch.compile: torchbp keeps its backward under compile there and cannot tell a strict
+# export (torchbp._execution.exporting); documented in docs/ops.md
+STRICT_OR_NOT = [
+    pytest.param(
+        True,
+        id="strict",
+        marks=pytest.mark.skipif(
+            not torchbp._execution._DYNAMO_READS_EXPORT_FLAG,
+            reason="strict export of torchbp layers needs torch >= 2.13 (docs/ops.md)",
+        ),
+    ),
+    pytest.param(False, id="non_strict"),
+]
+
+
+@pytest.mark.parametrize("strict", STRICT_OR_NOT)
 def test_exported_program_trains_as_the_native_one(strict):
     """torch.export's program holds ATen operators, whose autograd gives its gradients.
     Strict export recorded each torchbp Function's forward under no_grad: the torchbp
@@ -485,7 +502,7 @@ class _ActivatedViews(nn.Module):
         return torch.cat([relu, leaky, elu], dim=1)
 
 
-@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non_strict"])
+@pytest.mark.parametrize("strict", STRICT_OR_NOT)
 def test_exported_in_place_activations_of_views_train_as_native(strict):
     """While exporting, the Function's forward runs as plain ops: computing out of place
     and copying into the view (eager's way for a recorded view) let ``clamp_min`` / ``elu``

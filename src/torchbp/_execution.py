@@ -17,6 +17,24 @@ from __future__ import annotations
 
 import torch
 
+#: Whether Dynamo answers ``torch.compiler.is_exporting()`` by torch.export's flag: torch
+#: 2.11's Dynamo (and torch's before it) folds it to True under every torch.compile.
+_DYNAMO_READS_EXPORT_FLAG = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+def exporting() -> bool:
+    """Whether :func:`torch.export.export` records the running code (strict or not).
+
+    ``torch.compiler.is_exporting()``, except under Dynamo on a torch whose Dynamo folds it
+    to True under every torch.compile (before 2.13): there it is False, so that
+    torch.compile keeps the hand-written backward. The cost, on those torch only: a strict
+    export (Dynamo) cannot be told from a compile, and its program's gradients through
+    torchbp's layers are wrong (docs/ops.md: export with ``strict=False`` there).
+    """
+    if not torch.compiler.is_exporting():
+        return False
+    return _DYNAMO_READS_EXPORT_FLAG or not torch.compiler.is_dynamo_compiling()
+
 
 def values_inspectable(t: torch.Tensor) -> bool:
     """Whether code may look at ``t``'s values or write into buffers of its own. Not while

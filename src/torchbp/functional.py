@@ -34,7 +34,13 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
-from torchbp._execution import carries_tangent, has_storage, shares_storage, values_inspectable
+from torchbp._execution import (
+    carries_tangent,
+    exporting,
+    has_storage,
+    shares_storage,
+    values_inspectable,
+)
 from torchbp.autograd import (
     CrossEntropyFunction,
     ELUFunction,
@@ -186,7 +192,7 @@ def _written_by_copy(input: torch.Tensor) -> bool:
     an in-place write on a view as native's does, while the out-of-place op (``clamp_min``,
     ``elu``) saves the view that the copy then overwrites (the exported module's backward
     failed: "modified by an inplace operation")."""
-    if torch.compiler.is_exporting():
+    if exporting():
         return False
     return _recorded_view(input) or not has_storage(input)
 
@@ -951,7 +957,7 @@ def _exporting_or_tracing() -> bool:
     the example's batch size into the graph (export with a dynamic batch refuses it) and
     its ``needs`` flags differ under jit.trace's no-grad check run, so the unfused pair
     (one graph for any batch) serves them."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return exporting() or torch.jit.is_tracing()
 
 
 def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, weight, soft) -> bool:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import Function
 
+from torchbp._execution import exporting
+
 # Class attributes the twin does not copy: ``jvp`` itself, and what ``type()`` and
 # Function's metaclass make anew for each class (the backward node class among them).
 _NOT_COPIED = ("jvp", "__dict__", "__weakref__", "_backward_cls")
@@ -63,7 +65,7 @@ def apply(functions: tuple[type[Function], type[Function]], *args):
     more than a small layer's matmul); under torch.func transforms and torch.compile, and
     on a torch without the internals this needs, it goes through ``Function.apply``.
     """
-    if torch.compiler.is_exporting():
+    if exporting():
         return functions[0].forward(*args)
     if torch.compiler.is_compiling():
         return functions[1].apply(*args)
