@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.per_sample._truth import assert_matches_truth, per_sample_truth, summed_cross_entropy
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import torchbp
 from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
@@ -23,38 +23,15 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(5, 4, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1])
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(model(x), y, reduction="sum")
-
-
-def _per_sample_truth(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
-    """{name: (B, *p.shape)} by torch.func.vmap(grad)."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-    def sample_loss(p, xi, yi):
-        return _loss(lambda inp: functional_call(model, p, (inp,)), xi[None], yi[None])
-
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
-
-
-def _assert_matches_truth(model: nn.Module, ps, truth: dict) -> None:
-    norms = torch.stack([g.flatten(1).square().sum(1) for g in truth.values()]).sum(0).sqrt()
-    torch.testing.assert_close(ps.norms, norms)
-    for name, per_sample in truth.items():
-        p = model.get_parameter(name)
-        torch.testing.assert_close(p.grad_sample, per_sample)
-        torch.testing.assert_close(p.grad, per_sample.sum(0))
-
-
 def _assert_plain_training_works(model: nn.Module) -> None:
     """Autograd's own gradients, as from a fresh copy of the model: no marker hook left
     on a parameter refuses them, no recorder is left registered."""
     x, y = _data()
     model.zero_grad(set_to_none=True)
-    _loss(model, x, y).backward()
+    summed_cross_entropy(model, x, y).backward()
     fresh = _model()
     fresh.load_state_dict(model.state_dict())
-    _loss(fresh, x, y).backward()
+    summed_cross_entropy(fresh, x, y).backward()
     for p, q in zip(model.parameters(), fresh.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     assert getattr(per_sample_recording, "recorder", None) is None
@@ -84,12 +61,12 @@ def test_entered_under_inference_mode():
     off inside the context now gives torch.func's per-sample gradients."""
     model = _model()
     x, y = _data()
-    truth = _per_sample_truth(model, x, y)
+    truth = per_sample_truth(model, x, y)
     with torch.inference_mode():
         with per_sample_grads(model, mode="grads") as ps:
             with torch.inference_mode(False):
-                _loss(model, x, y).backward()
-    _assert_matches_truth(model, ps, truth)
+                summed_cross_entropy(model, x, y).backward()
+    assert_matches_truth(model, ps, truth)
     _assert_plain_training_works(model)
 
 
@@ -104,7 +81,7 @@ def test_lazy_linear_refused_by_name_until_its_first_forward():
     model = model.double()
     x, y = _data()
     model(x)  # initializes the lazy parameters
-    truth = _per_sample_truth(model, x, y)
+    truth = per_sample_truth(model, x, y)
     with per_sample_grads(model, mode="grads") as ps:
-        _loss(model, x, y).backward()
-    _assert_matches_truth(model, ps, truth)
+        summed_cross_entropy(model, x, y).backward()
+    assert_matches_truth(model, ps, truth)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.per_sample._truth import assert_matches_truth, per_sample_truth, summed_cross_entropy
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import torchbp
 from torchbp.per_sample import per_sample_grads
@@ -71,16 +71,7 @@ def test_batch_first_true_matches_torch_func():
     """With T == B, where positions and samples have the same count."""
     model = _model(batch_first=True)
     x, y = torch.randn(5, 5, 4, dtype=torch.double), torch.tensor([0, 1, 2, 0, 1])
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-    def sample_loss(p, xi, yi):
-        out = functional_call(model, p, (xi[None],), strict=False)
-        return nn.functional.cross_entropy(out, yi[None], reduction="sum")
-
-    truth = vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable, x, y)
+    truth = per_sample_truth(model, x, y)
     with per_sample_grads(model, mode="grads") as ps:
-        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
-    for name, per_sample in truth.items():
-        torch.testing.assert_close(model.get_parameter(name).grad_sample, per_sample)
-    norms = torch.stack([g.flatten(1).square().sum(1) for g in truth.values()]).sum(0).sqrt()
-    torch.testing.assert_close(ps.norms, norms)
+        summed_cross_entropy(model, x, y).backward()
+    assert_matches_truth(model, ps, truth)
