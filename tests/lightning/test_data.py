@@ -733,3 +733,28 @@ def test_poisson_sampling_across_processes_is_refused_by_the_train_loader(monkey
     dm = DigitsDataModule(batch_size=64, poisson_sampling=True)
     with pytest.raises(DataConfigError, match="poisson_sampling: true .* 2 processes"):
         dm.train_dataloader()
+
+
+def _datamodules_with_workers(tmp_path, workers):
+    """One DataModule of each kind, each with ``workers`` loader workers; the data file's
+    with a ``predict_path`` (its own predict loader)."""
+    train, new = tmp_path / "t.csv", tmp_path / "new.csv"
+    _write_csv(train, ["a", "b", "c", "target"], _good_rows(40, 2))
+    _write_csv(new, ["a", "b", "c"], [["1", "2", "3"]])
+    return [
+        SklearnToyDataModule(name="iris", num_workers=workers),
+        SyntheticDataModule(n_samples=64, n_val=32, n_test=32, num_workers=workers),
+        TabularFileDataModule(path=str(train), label_column="target", num_workers=workers),
+        TabularFileDataModule(
+            path=str(train), label_column="target", predict_path=str(new), num_workers=workers
+        ),
+    ]
+
+
+def test_every_loader_of_a_datamodule_takes_its_num_workers(tmp_path):
+    """The four dataloaders of every DataModule load with its num_workers; the rows of a
+    TabularFileDataModule's predict_path loaded in the main process whatever it said."""
+    for dm in _datamodules_with_workers(tmp_path, workers=2):
+        for stage in ("train", "val", "test", "predict"):
+            loader = getattr(dm, f"{stage}_dataloader")()
+            assert loader.num_workers == 2, (type(dm).__name__, stage)

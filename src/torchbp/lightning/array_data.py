@@ -314,6 +314,11 @@ class ArrayDataModule(ClassificationDataModule):
         return self._splits
 
     # -- loaders --------------------------------------------------------------------------
+    def _loader_options(self) -> dict[str, Any]:
+        """The options every loader of this DataModule takes (its four dataloaders and a
+        subclass's own, e.g. the rows of ``predict_path``): its worker processes."""
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         """The loader of ``split``; the train loader's workers start fetching at its first
         batch, so that a resumed fit continues the epoch with workers too."""
@@ -326,8 +331,7 @@ class ArrayDataModule(ClassificationDataModule):
                 ds,
                 batch_sampler=PoissonBatchSampler(len(ds), rate, seed=self.seed),
                 collate_fn=functools.partial(collate_or_empty, ds),
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
+                **self._loader_options(),
             )
         sampler = EpochSeededSampler(
             ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
@@ -337,8 +341,7 @@ class ArrayDataModule(ClassificationDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -184,7 +184,12 @@ class TabularFileDataModule(ArrayDataModule):
         if self.predict_path is None:
             return super().predict_dataloader()
         features = torch.from_numpy(self._predict_features())
-        return DataLoader(TensorDataset(features), batch_size=self.batch_size, shuffle=False)
+        return DataLoader(
+            TensorDataset(features),
+            batch_size=self.batch_size,
+            shuffle=False,
+            **self._loader_options(),
+        )
 
     def _predict_features(self) -> np.ndarray:
         """``predict_path``'s feature columns, in the training file's order, scaled as the
