@@ -1928,3 +1928,17 @@ def test_resuming_from_a_weights_only_checkpoint_is_a_cli_error_before_anything_
     assert "error: --ckpt_path: " in err and "weights only" in err, err
     assert "Traceback" not in err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("option", ["--trainer.max_epochs=0", "--trainer.limit_train_batches=0"])
+def test_a_fit_that_trains_nothing_says_its_test_is_of_the_initial_weights(
+    tmp_path, capsys, option
+):
+    """A fit of no training step (max_epochs: 0) saves no checkpoint and tests the model
+    as initialised: it printed "test metrics (final weights)", as if it had trained."""
+    fit_digits(tmp_path, option)
+    captured = capsys.readouterr()
+    setting = option.removeprefix("--")
+    assert f"note: fit took no training step ({setting})" in captured.err
+    assert "test metrics (initial weights, untrained)" in captured.out
+    assert not list(tmp_path.rglob("*.ckpt"))

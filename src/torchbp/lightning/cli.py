@@ -46,7 +46,8 @@ requeued), also with ``--trainer.default_root_dir``, where Lightning then saves 
 Under DDP, the workers Lightning launches take rank 0's run folder (``TORCHBP_RUN_FOLDER``).
 ``fit`` ends by testing the best checkpoint on the test split and printing the test metrics
 (the best of ``--checkpoint.*``, as ``--ckpt_path best`` finds it, whatever other
-ModelCheckpoint ``trainer.callbacks`` holds);
+ModelCheckpoint ``trainer.callbacks`` holds; after a fit that took no training step, such as
+``--trainer.max_epochs 0``, the initial weights, with a note saying so);
 ``predict`` writes the class probabilities of the DataModule's predict split (the test split for
 torchbp's DataModules, or the rows of a new file given as ``--data.predict_path`` to
 ``TabularFileDataModule``) to ``predictions.csv`` in its run folder: a column ``prediction``
@@ -517,11 +518,19 @@ class TorchbpCLI(LightningCLI):
         # another monitor) was tested
         own = self._subcommand_config(self.config_init).get("checkpoint")
         ckpt = (own.best_model_path or None) if isinstance(own, ModelCheckpoint) else None
+        untrained = trainer.global_step == 0
+        if untrained and trainer.is_global_zero:
+            print(
+                f"note: fit took no training step ({_why_no_training_step(trainer)}): its test "
+                "evaluates the model's initial weights",
+                file=sys.stderr,
+            )
         results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if trainer.is_global_zero and results:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(results[0].items()))
-            print(f"test metrics ({ckpt or 'final weights'}): {shown}")
+            weights = "initial weights, untrained" if untrained else "final weights"
+            print(f"test metrics ({ckpt or weights}): {shown}")
             if log_dir:
                 print(f"run folder: {os.path.abspath(log_dir)}")
 
@@ -552,6 +561,18 @@ class TorchbpCLI(LightningCLI):
         path = Path(log_dir) / PREDICTIONS_FILE
         write_predictions(path, torch.cat(batches), getattr(self.datamodule, "class_names", None))
         print(f"predictions: {path.resolve()}")
+
+
+def _why_no_training_step(trainer: Trainer) -> str:
+    """The trainer settings that left a fit without a training step (``max_epochs: 0``,
+    ``max_steps: 0`` or ``limit_train_batches: 0``), as options."""
+    settings = {
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "limit_train_batches": trainer.limit_train_batches,
+    }
+    zero = [f"trainer.{name}={value}" for name, value in settings.items() if value == 0]
+    return ", ".join(zero) or "no batch was trained"
 
 
 def cli_main(args: ArgsType = None, **kwargs: Any) -> TorchbpCLI:
