@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -224,3 +225,40 @@ def test_run_logger_writes_lightnings_layout_and_appends_on_resume(tmp_path):
     resumed.finalize("success")
     header, rows = _read_csv(run / "metrics.csv")
     assert len(rows) == 3 and rows[-1]["val/acc"] == "0.75" and rows[0]["val/acc"] == "0.5"
+
+
+def _ddp_trainer(devices: int, **kwargs):
+    """A Trainer of ``devices`` CPU processes (DDP); made, not launched."""
+    import pytorch_lightning as pl
+
+    strategy = "ddp" if devices > 1 else "auto"
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (
+            {"limit_val_batches": 0.15},
+            "limit_val_batches=0.15 keeps none of the 5 val batches of process 0 (of 2, DDP)",
+        ),
+        (
+            {"val_check_interval": 30},
+            "val_check_interval=30 (batches) is above the 19 training batches of an epoch "
+            "of process 0 (of 2, DDP)",
+        ),
+    ],
+    ids=["limit_val_batches", "val_check_interval"],
+)
+def test_batch_counts_under_ddp_are_those_of_each_process(option, message):
+    """Under DDP each process counts the batches of its shard (digits, 32 a batch: 37
+    training and 9 validation batches in one process, 19 and 5 in each of 2): the check
+    was skipped there, and Lightning refused these settings in every launched process,
+    with a traceback, once the run folder was written."""
+    from torchbp.lightning.data import DigitsDataModule
+    from torchbp.lightning.run_checks import check_batch_counts
+
+    data = DigitsDataModule(batch_size=32)
+    check_batch_counts("fit", data, _ddp_trainer(1, **option))  # one process: enough batches
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_batch_counts("fit", data, _ddp_trainer(2, **option))

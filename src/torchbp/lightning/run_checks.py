@@ -20,6 +20,7 @@ from torchbp.lightning.console import exit_with_error, headline
 from torchbp.lightning.data_base import DataConfigError, DataError
 from torchbp.lightning.module import ERMClassifier
 from torchbp.lightning.run_folders import why_unwritable
+from torchbp.lightning.samplers import EpochSeededSampler
 from torchbp.lightning.synthetic_data import SyntheticDataModule
 
 __all__ = [
@@ -205,28 +206,68 @@ def _fraction_of_one_batch(length: int) -> float:
     return math.ceil(10_000 / length) / 10_000
 
 
+def _batches_of_each_process(datamodule: Any, stage: str, world_size: int) -> list[int] | None:
+    """The number of batches of ``stage``'s loader in each of ``world_size`` processes, as
+    torchbp's DataModules shard it under DDP: an :class:`ArrayDataModule`'s
+    :class:`~torchbp.lightning.samplers.EpochSeededSampler` takes every ``world_size``-th
+    row (training: the same count each, evaluation: uneven shards), a
+    :class:`SyntheticDataModule` every ``world_size``-th batch (rounded down). ``None``
+    where the count is not known before the processes start (the Poisson draws, refused
+    under DDP; the rows of a ``predict_path``, which Lightning shards). One process: the
+    loader's length."""
+    if world_size == 1:
+        return [len(getattr(datamodule, f"{stage}_dataloader")())]
+    if isinstance(datamodule, SyntheticDataModule):
+        split = {"train": "n_samples", "val": "n_val"}.get(stage, "n_test")
+        total = math.ceil(getattr(datamodule, split) / datamodule.batch_size)
+        return [total // world_size] * world_size
+    train = stage == "train"
+    if (train and datamodule.poisson_sampling) or getattr(datamodule, "predict_path", None):
+        return None
+    rows = datamodule.splits["test" if stage == "predict" else stage]
+    shards = [
+        len(EpochSeededSampler(rows, num_replicas=world_size, rank=rank, drop_last=train))
+        for rank in range(world_size)
+    ]
+    return [math.ceil(shard / datamodule.batch_size) for shard in shards]
+
+
+def _fewest_batches(counts: list[int]) -> tuple[int, int]:
+    """``(rank, batches)`` of the process with the fewest batches among those with some
+    (``(0, 0)`` if none has any): the first a fraction of batches leaves none."""
+    return min(
+        ((rank, n) for rank, n in enumerate(counts) if n > 0),
+        key=lambda rank_n: rank_n[1],
+        default=(0, 0),
+    )
+
+
+def _of_process(rank: int, world_size: int) -> str:
+    """`` of process <rank> (of <world_size>)`` under DDP, nothing in one process."""
+    return f" of process {rank} (of {world_size}, DDP)" if world_size > 1 else ""
+
+
 def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trainer) -> None:
     """Batch counts that Lightning refuses with a traceback once the run has started and
     its run folder is written, raised now as a ``ValueError``: a fraction
-    ``limit_<stage>_batches`` that leaves none of a loader's batches, and a
-    ``val_check_interval`` in batches above an epoch's training batches (with validation
-    every ``check_val_every_n_epoch``). For torchbp's DataModules in one process (the
-    loaders' lengths are those of the process's shard under DDP); a loader is made only
-    where a count needs its length."""
+    ``limit_<stage>_batches`` that leaves none of a loader's batches (in any process: under
+    DDP each counts its own shard's), and a ``val_check_interval`` in batches above an
+    epoch's training batches (with validation every ``check_val_every_n_epoch``). For
+    torchbp's DataModules; a loader is made only where a count needs its length."""
     if not isinstance(datamodule, (ArrayDataModule, SyntheticDataModule)):
         return
-    if trainer.world_size > 1:
-        return
+    world = trainer.world_size
     for stage in _STAGES.get(subcommand or "", ()):
         limit = getattr(trainer, f"limit_{stage}_batches")
         if not (isinstance(limit, float) and 0.0 < limit < 1.0):
             continue  # every batch, a number of them, or none (validation off)
-        length = len(getattr(datamodule, f"{stage}_dataloader")())
+        counts = _batches_of_each_process(datamodule, stage, world)
+        rank, length = _fewest_batches(counts or [])
         if _limited_batches(length, limit) == 0 and length > 0:
             raise ValueError(
                 f"trainer.limit_{stage}_batches={limit} keeps none of the {length} {stage} "
-                f"batches (a fraction of them, rounded down); give at least "
-                f"{_fraction_of_one_batch(length)}, or a number of batches (an int)"
+                f"batches{_of_process(rank, world)} (a fraction of them, rounded down); give "
+                f"at least {_fraction_of_one_batch(length)}, or a number of batches (an int)"
             )
     every = trainer.val_check_interval
     if subcommand != "fit" or not isinstance(every, int) or isinstance(every, bool):
@@ -235,12 +276,15 @@ def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trai
         return
     if not trainer.limit_train_batches:
         return  # no training, no validation within it
-    length = len(datamodule.train_dataloader())
+    counts = _batches_of_each_process(datamodule, "train", world)
+    if not counts:
+        return
+    rank, length = _fewest_batches(counts)
     batches = _limited_batches(length, trainer.limit_train_batches)
     if every > batches:
         raise ValueError(
             f"trainer.val_check_interval={every} (batches) is above the {batches} "
-            f"training batches of an epoch; validate every {batches} batches or fewer, "
-            "give a fraction of the epoch (0.5), or set "
+            f"training batches of an epoch{_of_process(rank, world)}; validate every "
+            f"{batches} batches or fewer, give a fraction of the epoch (0.5), or set "
             "trainer.check_val_every_n_epoch: null to count batches across epochs"
         )
