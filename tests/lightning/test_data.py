@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -134,8 +135,7 @@ def test_synthetic_deterministic_lazy_and_sharded():
     again = list(dm.train_dataloader())
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     # a new epoch visits the same batches in another order
-    ds = dl.dataset
-    ds.set_epoch(1)
+    dl.sampler.set_epoch(1)
     e1 = list(dl)
     assert not torch.equal(e1[0][0], batches[0][0])
     key = lambda bs: sorted(float(b[0].sum()) for b in bs)  # noqa: E731
@@ -156,8 +156,10 @@ def test_synthetic_shard_holds_in_a_spawned_worker(monkeypatch):
     monkeypatch.setattr(synthetic_data, "rank_world", lambda: (1, 2))  # rank 1 of 2
     dm = SyntheticDataModule(n_samples=640, n_features=3, n_classes=2, batch_size=64, seed=2)
     in_process = list(dm.train_dataloader())
+    loader = dm.train_dataloader()
     spawned = DataLoader(
-        dm.train_dataloader().dataset,
+        loader.dataset,
+        sampler=loader.sampler,
         batch_size=None,
         num_workers=1,
         multiprocessing_context="spawn",
@@ -507,7 +509,6 @@ def test_tabular_csv_nan_among_numeric_labels_is_a_data_error(tmp_path):
 def test_a_checkpoint_refuses_a_datamodule_that_splits_the_data_otherwise(tmp_path):
     """trainer.test(ckpt_path=...) with a DataModule of another split seed evaluated the model
     on rows it had trained on, silently."""
-    import pytorch_lightning as pl
 
     from torchbp.lightning import ERMClassifier, SklearnToyDataModule
 
@@ -569,7 +570,6 @@ def test_a_checkpoint_refuses_data_whose_classes_are_other_ones(tmp_path):
     ant/cat/dog, was silently scored with class 0 meaning 'cat' to the model and 'ant' to
     the data, and predictions.csv named its predictions by the wrong labels. The checkpoint
     now keeps the class names, and data with other classes is refused."""
-    import pytorch_lightning as pl
 
     from torchbp.lightning import ERMClassifier
 
@@ -758,3 +758,42 @@ def test_every_loader_of_a_datamodule_takes_its_num_workers(tmp_path):
         for stage in ("train", "val", "test", "predict"):
             loader = getattr(dm, f"{stage}_dataloader")()
             assert loader.num_workers == 2, (type(dm).__name__, stage)
+
+
+class _RecordsBatches(pl.LightningModule):
+    """A plain LightningModule (not ERMClassifier) that records each epoch's batches."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(num_features, 2)
+        self.batches: dict[int, list[torch.Tensor]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.batches.setdefault(self.current_epoch, []).append(x.clone())
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_synthetic_batches_are_reshuffled_each_epoch_for_any_lightning_module():
+    """SyntheticDataModule(shuffle=True) visits its batches in a new order each epoch: only
+    ERMClassifier told its dataset the epoch, so any other LightningModule trained every
+    epoch in epoch 0's order."""
+
+    dm = SyntheticDataModule(n_samples=64, n_features=4, n_classes=2, batch_size=8)
+    model = _RecordsBatches(num_features=4)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, dm)
+    first, second = (torch.stack([b[0] for b in model.batches[e]]) for e in (0, 1))
+    assert not torch.equal(first, second)  # another order
+    key = lambda rows: sorted(rows.sum(1).tolist())  # noqa: E731
+    assert key(first) == pytest.approx(key(second))  # of the same batches

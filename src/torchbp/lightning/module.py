@@ -68,13 +68,13 @@ def _is_stateful(loader: Any) -> bool:
 
 def _epoch_source(loader: Any) -> Any:
     """What orders an epoch of one of torchbp's train loaders (its
-    :class:`EpochSeededSampler`, :class:`PoissonBatchSampler` or synthetic batches, each
-    with an ``epoch``), or ``None`` for another loader."""
+    :class:`EpochSeededSampler` or :class:`PoissonBatchSampler`, or a dataset of batches
+    with ``continue_epoch``, each with an ``epoch``), or ``None`` for another loader."""
     parts = ("sampler", "batch_sampler", "dataset")
     for part in (getattr(loader, name, None) for name in parts):
         if isinstance(part, (EpochSeededSampler, PoissonBatchSampler)):
             return part
-        if hasattr(part, "continue_epoch"):  # SyntheticDataModule's batches
+        if hasattr(part, "continue_epoch"):  # e.g. an iterable dataset of batches
             return part
     return None
 
@@ -558,9 +558,9 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
             source.continue_epoch(epoch, trained)
 
     def on_train_epoch_start(self) -> None:
-        # batch-generating datasets (SyntheticDataModule) reshuffle from (seed, epoch):
-        # Lightning sets the epoch of a loader's samplers (a PoissonBatchSampler's, through
-        # its ``sampler``), never of its dataset
+        # an iterable dataset with set_epoch reshuffles from its epoch: Lightning sets the
+        # epoch of a loader's samplers (a PoissonBatchSampler's, through its ``sampler``),
+        # never of its dataset
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)

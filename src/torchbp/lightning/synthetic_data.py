@@ -8,7 +8,7 @@ from operator import attrgetter
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from torchbp.lightning.data_base import (
     ClassificationDataModule,
@@ -16,7 +16,7 @@ from torchbp.lightning.data_base import (
     check_num_workers,
     rank_world,
 )
-from torchbp.lightning.samplers import FetchOnFirstBatchDataLoader
+from torchbp.lightning.samplers import EpochSeededSampler, FetchOnFirstBatchDataLoader
 
 __all__ = ["SyntheticDataModule"]
 
@@ -53,56 +53,28 @@ class _SyntheticTask:
         return x, y
 
 
-class _SyntheticBatches(IterableDataset):
-    """Yields whole batches; batch ``b`` of a split is a pure function of ``(seed, split, b)``.
+class _SyntheticBatches(Dataset):
+    """Item ``b`` is the split's whole batch ``b``, a pure function of ``(seed, b)``: nothing
+    beyond the batch asked for is stored. An
+    :class:`~torchbp.lightning.samplers.EpochSeededSampler` of the batch indices orders
+    them (``set_epoch``, which Lightning calls for any LightningModule, reshuffles them) and
+    shards them under DDP."""
 
-    Under DDP each rank takes every ``world_size``-th batch (the count is rounded down so
-    every rank does the same number of steps). The rank and world size are those of the
-    process that makes the dataset (Lightning asks for the loaders once the process group is
-    up): a DataLoader worker that starts as a fresh process (spawn, forkserver) has no process
-    group, and took every batch. Nothing beyond the current batch is stored.
-    """
-
-    def __init__(self, task, n_samples, batch_size, seed, shuffle):
+    def __init__(self, task: _SyntheticTask, n_samples: int, batch_size: int, seed: int) -> None:
         self.task = task
         self.n_samples = n_samples
         self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.start = 0  # the first of this rank's batches of the epoch to yield
-        self.rank, self.world_size = rank_world()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Yield epoch ``epoch``'s batches, from its first."""
-        self.epoch, self.start = epoch, 0
-
-    def continue_epoch(self, epoch: int, start: int) -> None:
-        """Yield epoch ``epoch``'s batches from its ``start``-th (of this rank's) on: a fit
-        resumed within the epoch, where ``start`` batches were trained."""
-        self.epoch, self.start = epoch, start
-
-    def _num_batches_total(self) -> int:
-        return math.ceil(self.n_samples / self.batch_size)
 
     def __len__(self) -> int:
-        return self._num_batches_total() // self.world_size
+        return math.ceil(self.n_samples / self.batch_size)
 
-    def __iter__(self):
-        rank, world = self.rank, self.world_size
-        info = torch.utils.data.get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        nb = self._num_batches_total()
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(nb, generator=g).tolist()
-        else:
-            order = list(range(nb))
-        order = order[: len(self) * world][rank::world][self.start :][wid::nworkers]
-        for b in order:
-            size = min(self.batch_size, self.n_samples - b * self.batch_size)
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
-            yield self.task.sample(size, g)
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} out of range for {len(self)} batches")
+        size = min(self.batch_size, self.n_samples - b * self.batch_size)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        return self.task.sample(size, g)
 
 
 class SyntheticDataModule(ClassificationDataModule):
@@ -175,13 +147,26 @@ class SyntheticDataModule(ClassificationDataModule):
     def _loader(
         self, n: int, split_seed: int, shuffle: bool, loader_class: type[DataLoader] = DataLoader
     ) -> DataLoader:
-        ds = _SyntheticBatches(self.task, n, self.batch_size, split_seed, shuffle)
+        """The loader of ``n`` samples in whole batches; under DDP each process takes every
+        ``world_size``-th batch, their count rounded down so that every process does the
+        same number of steps (the rank is the process's when the loader is made: Lightning
+        asks for it once the process group is up, and its workers need none)."""
+        batches = _SyntheticBatches(self.task, n, self.batch_size, split_seed)
+        rank, world_size = rank_world()
+        sampler = EpochSeededSampler(
+            batches,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=split_seed,
+            drop_last=True,
+        )
         return loader_class(
-            ds,
+            batches,
             batch_size=None,
+            sampler=sampler,
             num_workers=self.num_workers,
-            # not persistent: workers must see the epoch set by ``set_epoch``
-            persistent_workers=False,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
