@@ -746,7 +746,62 @@ def test_transformer_encoder_layer_reach():
         "self_attn.out_proj",
     ]
     kept = {path: reason for path, _, reason in report.kept}
-    assert kept["self_attn"] == "no torchbp op" and kept["norm1"] == "no torchbp op"
+    assert kept["norm1"] == "no torchbp op"
+    # the calls only torchbp.enable() reaches are named: the activation function (the
+    # layer itself is a plain container) and the attention's functional projections
+    assert kept[""] == (
+        "holds torch.nn.functional.gelu (.activation), which no module swap reaches: "
+        "torchbp.enable() routes its calls"
+    )
+    if hasattr(torch.overrides, "redispatch_function"):  # enable() reaches into its body
+        assert kept["self_attn"].startswith(
+            "no module twin; its forward calls "
+            "torch.nn.functional.multi_head_attention_forward: torchbp.enable() routes "
+        )
+    else:
+        assert kept["self_attn"] == "no torchbp op"
+
+
+def test_report_names_the_functions_held_or_called_that_only_enable_reaches():
+    """A TransformerEncoderLayer's default activation (F.relu) stayed native after convert
+    and the report said nothing of it (the layer, a plain container, was not listed): a
+    user read 'converted: Linear x3' as the whole layer. Such modules are now listed with
+    the function and a pointer to torchbp.enable(), which does route it."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.act, self.gate = torch.nn.functional.silu, torch.sigmoid
+
+        def forward(self, x):
+            return self.act(self.proj(x)) * self.gate(x)
+
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    model = nn.ModuleDict({"layer": layer, "block": Block(), "softmax": nn.Softmax2d()})
+    _, report = torchbp.convert(model, report=True)
+    kept = {path: reason for path, _, reason in report.kept}
+    assert kept["layer"] == (
+        "holds torch.nn.functional.relu (.activation), which no module swap reaches: "
+        "torchbp.enable() routes its calls"
+    )
+    assert kept["block"].startswith(
+        "holds torch.nn.functional.silu (.act), torch.sigmoid (.gate), which"
+    )
+    assert kept["softmax"] == (
+        "no module twin; its forward calls torch.nn.functional.softmax: torchbp.enable() "
+        "routes that call"
+    )
+    assert "" not in kept  # a plain container holding no function stays unlisted
+    assert "TransformerEncoderLayer x1 (holds torch.nn.functional.relu" in str(report)
+    # and the pointer is right: under enable() those calls are torchbp's
+    x = torch.randn(2, 3, 8)
+    with torchbp.enable() as mode:
+        layer(x)
+        model["block"](torch.randn(2, 4))
+        model["softmax"](torch.randn(2, 3, 4, 4, requires_grad=True))
+    assert mode.counts["relu"] == 1 and mode.counts["silu"] == 1
+    assert mode.counts["sigmoid"] == 1 and mode.counts["softmax"] >= 1
 
 
 def test_convert_swaps_native_linear_cross_entropy_loss():

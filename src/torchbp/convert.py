@@ -37,7 +37,12 @@ training flag stay the very same objects:
 
 ``convert(model, report=True)`` also returns a :class:`ConvertReport` saying which
 modules were converted and which stayed native, and why; the same summary is logged at
-``INFO`` level on the ``torchbp.convert`` logger.
+``INFO`` level on the ``torchbp.convert`` logger. Calls in a ``forward`` that only
+:func:`torchbp.enable` reaches are named: a module without a twin whose forward calls
+covered functions (``MultiheadAttention``'s ``F.multi_head_attention_forward``,
+``Softmax2d``'s ``F.softmax``), and one holding a covered function as an attribute to
+call (``TransformerEncoderLayer(activation="gelu")``'s ``F.gelu``, listed even when it is
+a plain container).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchbp.mode import _reaches_body_of, _routed_label
 from torchbp.ops import module_twins
 
 __all__ = ["convert", "ConvertReport"]
@@ -80,8 +86,9 @@ class ConvertReport:
             ``named_modules()``; ``""`` is the root).
         kept: ``(path, class name, reason)`` of every module left as it is that does
             computing of its own (a leaf, or a module with parameters or buffers of its
-            own), e.g. ``("conv", "Conv2d", "no torchbp op")``; plain containers are not
-            listed.
+            own), e.g. ``("conv", "Conv2d", "no torchbp op")``, or that holds a function
+            only :func:`torchbp.enable` reaches (see the module docstring); other plain
+            containers are not listed.
     """
 
     to: str
@@ -366,6 +373,56 @@ def _describe(cls: type[nn.Module]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: torch.nn classes without a twin whose forward calls a Python-level ``torch.nn.functional``
+#: function with covered calls inside (``torchbp.enable()`` routes those), or a covered one
+_FUNCTIONS_CALLED_BY = {
+    nn.MultiheadAttention: (
+        torch.nn.functional.multi_head_attention_forward,
+        "the F.linear calls inside it (and its softmax unless need_weights=False)",
+    ),
+    nn.Softmax2d: (torch.nn.functional.softmax, "that call"),
+    nn.Softmin: (torch.nn.functional.softmin, "the softmax inside it"),
+}
+
+
+def _enable_reaches_forward_of(module: nn.Module) -> str | None:
+    """For a module of a class in :data:`_FUNCTIONS_CALLED_BY` (its ``forward`` not
+    overridden): which function its forward calls and what ``torchbp.enable()`` routes
+    there; ``None`` if no such class, or the mode cannot reach into it on this torch."""
+    for cls, (function, routed) in _FUNCTIONS_CALLED_BY.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            if _routed_label(function) is None and not _reaches_body_of(function):
+                return None
+            name = f"{function.__module__}.{function.__name__}"
+            return f"no module twin; its forward calls {name}: torchbp.enable() routes {routed}"
+    return None
+
+
+def _covered_functions_held(module: nn.Module) -> str | None:
+    """``"torch.nn.functional.gelu (.activation)"`` for the functions ``torchbp.enable()``
+    routes that ``module`` holds as attributes, to call in its forward
+    (``TransformerEncoderLayer(activation="gelu")``); ``None`` if it holds none."""
+    held = [
+        f"{label} (.{name})"
+        for name, value in vars(module).items()
+        if (label := _routed_label(value)) is not None
+    ]
+    return ", ".join(held) or None
+
+
+def _why_kept(module: nn.Module, reason: str) -> str | None:
+    """The report's reason for a module ``convert(to="torchbp")`` leaves as it is, with
+    the functional calls it makes that only ``torchbp.enable()`` reaches; ``None`` for a
+    module not listed (a plain container holding no such function)."""
+    if reason == "no torchbp op":
+        reason = _enable_reaches_forward_of(module) or reason
+    held = _covered_functions_held(module)
+    if held is None:
+        return reason if _computes_itself(module) else None
+    calls = f"holds {held}, which no module swap reaches: torchbp.enable() routes its calls"
+    return calls if reason == "no torchbp op" else f"{reason}; {calls}"
+
+
 def _computes_itself(module: nn.Module) -> bool:
     """A leaf, or a module with parameters or buffers of its own (not a mere container)."""
     has_own_state = any(True for _ in module.parameters(recurse=False)) or any(
@@ -418,9 +475,10 @@ def convert(
         'torchbp.nn'
         >>> attention = torch.nn.MultiheadAttention(8, 2)
         >>> _, report = torchbp.convert(attention, report=True)
-        >>> print(report)
-        torchbp.convert(to='torchbp'): converted 1: NonDynamicallyQuantizableLinear x1
-        kept 1: MultiheadAttention x1 (no torchbp op)
+        >>> [(path, before) for path, before, _ in report.converted]
+        [('out_proj', 'NonDynamicallyQuantizableLinear')]
+        >>> report.kept[0][:2]  # and why: here, what torchbp.enable() routes instead
+        ('', 'MultiheadAttention')
     """
     if to not in ("torchbp", "torch"):
         raise ValueError(f"convert: to must be 'torchbp' or 'torch', got {to!r}")
@@ -440,7 +498,10 @@ def convert(
                 new, reason = None, f"class cannot be switched: {e}"
         if new is not None:
             done.converted.append((path, cls.__name__, _describe(new)))
-        elif _computes_itself(sub) and reason != "not torchbp":
-            done.kept.append((path, cls.__name__, reason))
+        elif choose is _to_torch:
+            if _computes_itself(sub) and reason != "not torchbp":
+                done.kept.append((path, cls.__name__, reason))
+        elif (why := _why_kept(sub, reason)) is not None:
+            done.kept.append((path, cls.__name__, why))
     logger.info("%s", done.summary())
     return (module, done) if report else module

@@ -396,6 +396,23 @@ def routed_functions() -> dict[str, str]:
     }
 
 
+def _routed_label(fn: object) -> str | None:
+    """``fn`` as users write it (``"torch.nn.functional.gelu"``) if the mode routes it to
+    torchbp, else ``None``."""
+    try:
+        route = _ROUTES.get(fn)
+    except TypeError:  # an unhashable object: no function the mode knows
+        return None
+    return route.label if route is not None and route.call is not None else None
+
+
+def _reaches_body_of(fn: object) -> bool:
+    """Whether the mode routes the covered calls inside the Python-level
+    ``torch.nn.functional`` function ``fn`` it does not route itself (re-dispatched on a
+    torch with ``redispatch_function``, 2.13+; on older torch its body runs natively)."""
+    return _redispatch_function is not None and isinstance(fn, types.FunctionType)
+
+
 #: ``torch.Tensor``'s own ``__torch_function__`` (the one a subclass inherits by default)
 _DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__
 
