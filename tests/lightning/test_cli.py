@@ -4,6 +4,7 @@ DDP on CPU, checkpoint portability between backends, every shipped config. The C
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -1942,3 +1943,23 @@ def test_a_fit_that_trains_nothing_says_its_test_is_of_the_initial_weights(
     assert f"note: fit took no training step ({setting})" in captured.err
     assert "test metrics (initial weights, untrained)" in captured.out
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_seed_everything_true_runs_with_a_random_seed_its_config_records(tmp_path, monkeypatch):
+    """``--seed_everything true`` (a random seed, LightningCLI's help says) seeded 0, as
+    Lightning's seed_everything does without a seed: every such run was the default run."""
+    seeds = []
+    for run in range(2):
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # a fresh process's environment
+        fit_digits(
+            tmp_path,
+            "--seed_everything=true",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+        )
+        config = yaml.safe_load((tmp_path / f"digits/version_{run}/config.yaml").read_text())
+        seeds.append(config["seed_everything"])
+        assert os.environ["PL_GLOBAL_SEED"] == str(seeds[-1])  # the seed the run used
+    assert seeds[0] != seeds[1]  # two draws in [0, 2**32 - 1]

@@ -63,6 +63,7 @@ without a GPU) or a data problem (e.g. a missing data file).
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,20 @@ def _check_seed(seed: Any) -> None:
         )
 
 
+def _random_seed_if_asked(parsed: Namespace) -> None:
+    """``--seed_everything true`` asks for a random seed (LightningCLI's help): Lightning's
+    ``seed_everything`` seeds 0 then ("No seed found, seed set to 0"), every such run the
+    default run. Drawn here, it is the seed the run uses and its config.yaml records; a
+    process Lightning launched for DDP takes rank 0's (``PL_GLOBAL_SEED``, which Lightning
+    reads for ``true`` itself)."""
+    if parsed.get("seed_everything") is not True:
+        return
+    inherited = os.environ.get("PL_GLOBAL_SEED")
+    if inherited is not None:
+        return  # Lightning's seed_everything takes it
+    parsed["seed_everything"] = secrets.randbelow(_MAX_SEED + 1)
+
+
 def _check_run_name(name: Any) -> None:
     """``--run_name`` names one folder under ``run_dir``: a path (``../x``, ``a/b``, an
     absolute one) would put the run outside ``run_dir`` or under a name its config.yaml
@@ -292,6 +307,7 @@ class TorchbpCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         parsed = self.config[subcommand] if subcommand else self.config
         _check_seed(parsed.get("seed_everything"))
+        _random_seed_if_asked(parsed)
         _check_run_name(parsed.get("run_name"))
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last"):  # last is found in before_instantiate_classes
