@@ -365,9 +365,9 @@ def test_autograd_grad_wrt_parameters_refused_by_name(which):
 def test_autograd_grad_wrt_parameters_named_on_leaving_the_context(monkeypatch):
     """Where the parameters' hooks run on a device's autograd thread, the call's own stack
     is out of sight and torch refuses it in its words: named as it leaves the block."""
-    from torchbp.per_sample import context
+    from torchbp.per_sample import refusals
 
-    monkeypatch.setattr(context, "_inside_autograd_grad", lambda: False)
+    monkeypatch.setattr(refusals, "inside_autograd_grad", lambda: False)
     model = mlp(torchbp.nn.ReLU())
     with pytest.raises(RuntimeError, match=r"torch.autograd.grad with respect to the model's"):
         with per_sample_grads(model):

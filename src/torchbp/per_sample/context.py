@@ -4,14 +4,13 @@ one ordinary backward pass."""
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 
 import torch
 from torch import nn
 
 from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
-from torchbp.per_sample import formulas, memory
+from torchbp.per_sample import arguments, refusals
+from torchbp.per_sample.arguments import MODES
 from torchbp.per_sample.model_check import (
     Layer,
     attributable_layers,
@@ -20,12 +19,10 @@ from torchbp.per_sample.model_check import (
     trainability,
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
-from torchbp.per_sample.recorder import (
-    Recorder,
-    running_on_this_thread,
-)
+from torchbp.per_sample.recorder import Recorder
+from torchbp.per_sample.results import form_results, refuse_unwritable_grad
 
-MODES = ("norms", "grads", "clip")
+__all__ = ["MODES", "PerSampleGrads", "per_sample_grads"]
 
 
 class PerSampleGrads:
@@ -70,15 +67,9 @@ class PerSampleGrads:
         *,
         statistics: bool = False,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(
-                f"per_sample_grads: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
-            )
-        self.mode = mode
-        self.max_norm = _checked_max_norm(mode, max_norm)
-        if not isinstance(statistics, bool):
-            raise TypeError(f"per_sample_grads: statistics must be a bool, got {statistics!r}")
-        self.statistics = statistics
+        self.mode = arguments.checked_mode(mode)
+        self.max_norm = arguments.checked_max_norm(mode, max_norm)
+        self.statistics = arguments.checked_statistics(statistics)
         self._layers: list[Layer] = attributable_layers(model)
         self._sample_dim_guards = sample_dim_guards(model)
         self.parameters: list[nn.Parameter] = [
@@ -160,13 +151,17 @@ class PerSampleGrads:
             if self._state == "open":
                 self._state = "closed"
             self._release_traces()
-        if exc is not None and self._backward_cut_short() and _passed_through_autograd_grad(tb):
+        if (
+            exc is not None
+            and self._backward_cut_short()
+            and refusals.passed_through_autograd_grad(tb)
+        ):
             # torch's own refusal, from a hook on a device's autograd thread, which the
             # marker cannot see: named here, as it leaves the with block. Only for a call
             # that reached the parameters and never completed: an error from a later
             # torch.autograd.grad (after a finished backward, whose own refusals name
             # themselves) is not about the parameters
-            raise RuntimeError(_autograd_grad_refusal("the model's parameters")) from exc
+            raise RuntimeError(refusals.autograd_grad_refusal("the model's parameters")) from exc
         return False
 
     def _register_hooks(self) -> None:
@@ -278,15 +273,7 @@ class PerSampleGrads:
                 f"per_sample_grads: add_noise needs mode='clip' (mode={self.mode!r}): noise "
                 "calibrated to max_norm protects clipped gradients only"
             )
-        if not _is_number(noise_multiplier):
-            raise TypeError(
-                f"per_sample_grads: noise_multiplier must be a number, got {noise_multiplier!r}"
-            )
-        if not (_is_finite(noise_multiplier) and noise_multiplier >= 0):
-            raise ValueError(
-                "per_sample_grads: noise_multiplier must be finite and >= 0, "
-                f"got {noise_multiplier}"
-            )
+        arguments.checked_noise_multiplier(noise_multiplier)
         self._ensure_finalised()
         if self._noise_interrupted:
             raise RuntimeError(
@@ -303,11 +290,11 @@ class PerSampleGrads:
                 "the next step"
             )
         std = float(noise_multiplier) * self.max_norm
-        self._refuse_unrepresentable_std(noise_multiplier, std)
-        self._refuse_unusable_generator(generator)
+        arguments.refuse_unrepresentable_std(self.parameters, noise_multiplier, self.max_norm, std)
+        arguments.refuse_unusable_generator(self.parameters, generator)
         for p in self.parameters:
             if p.grad is not None:
-                self._refuse_unwritable_grad(p, "add the noise")
+                refuse_unwritable_grad(p, self._name_of(p), "add the noise")
         with torch.no_grad():
             for p in self.parameters:
                 if p.grad is None:
@@ -321,40 +308,6 @@ class PerSampleGrads:
         self._noised = True
 
     # ------------------------------------------------------------------ internals
-    def _refuse_unusable_generator(self, generator: object) -> None:
-        """Raise, before any gradient changes, if ``generator`` is neither ``None`` nor a
-        :class:`torch.Generator` of every parameter's device type (torch.randn would fail at
-        the first parameter it cannot draw for, after the noise of the others was added)."""
-        if generator is None:
-            return
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(
-                "per_sample_grads: add_noise's generator must be a torch.Generator or None, "
-                f"got {type(generator).__name__}"
-            )
-        # the device type, which is what torch.randn checks (not on meta, where it
-        # draws nothing and takes any generator)
-        for device in dict.fromkeys(p.device.type for p in self.parameters):
-            if device not in (generator.device.type, "meta"):
-                raise ValueError(
-                    f"per_sample_grads: add_noise's generator is on {generator.device.type}, "
-                    f"but parameters are on {device}: give a generator of the parameters' "
-                    "device (or None for each device's global one)"
-                )
-
-    def _refuse_unrepresentable_std(self, noise_multiplier: float, std: float) -> None:
-        """Raise, before any gradient changes, if the noise std ``σC`` is not a finite
-        number of every parameter's dtype (the noise would be ±inf, or torch would fail
-        midway through the parameters)."""
-        for dtype in dict.fromkeys(p.dtype for p in self.parameters):
-            largest = torch.finfo(dtype).max
-            if not (math.isfinite(std) and std <= largest):
-                raise ValueError(
-                    f"per_sample_grads: the noise std noise_multiplier * max_norm = "
-                    f"{noise_multiplier} * {self.max_norm} = {std} is beyond the largest "
-                    f"{dtype} number ({largest:.4g}), the dtype of the gradients"
-                )
-
     def _fail(self) -> None:
         """Mark the context failed while it is open: nothing is formed in it, and the
         recorder refuses any later Linear backward before it files anything."""
@@ -399,7 +352,7 @@ class PerSampleGrads:
 
     def _after_backward(self, grads) -> None:
         if self._recorder.finalised:
-            _refuse_second_backward()
+            refusals.refuse_second_backward()
         # (a gradient in grads came through an op other than a recorded Linear: the
         # parameter's marker has refused it already, before it reached p.grad)
         if self._has_traces():
@@ -412,12 +365,7 @@ class PerSampleGrads:
         this one's (the same layers counted twice, or written from half a step)."""
         if self._recorder.parameters_reached and not self._recorder.finalised:
             self._fail()
-            raise RuntimeError(
-                "per_sample_grads: a backward reached the model's parameters after an "
-                "earlier backward in this context was cut short by an error (caught) before "
-                "it completed; the two cannot be told apart, so nothing is formed: open a "
-                "new context for the step"
-            )
+            refusals.refuse_backward_after_one_cut_short()
         self._recorder.parameters_reached = True
 
     def _register_results_hook(self) -> None:
@@ -452,40 +400,21 @@ class PerSampleGrads:
         old_hook.remove()
 
     def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
-        """Raise for a gradient that reached ``p`` through an op other than its Linear:
-        inside the context the Linear backward hands dW, db to the recorder, not autograd."""
+        """Raise for a gradient that reached ``p`` through an op other than its Linear
+        (see :func:`refusals.refuse_stray_gradient`); nothing is formed after it."""
         if self._recorder.finalised:
-            _refuse_second_backward()  # (the results formed stay)
+            refusals.refuse_second_backward()  # (the results formed stay)
         self._fail()  # even if the caller catches this, nothing is formed
-        raise RuntimeError(
-            f"per_sample_grads: {self._name_of(p)} received a gradient from an op "
-            f"other than its recorded Linear call ({self._stray_gradient_hint(p)}); "
-            "that gradient cannot be attributed to samples"
-        )
-
-    def _stray_gradient_hint(self, p: nn.Parameter) -> str:
-        """The likely causes of a gradient reaching ``p`` other than through its layer."""
         layer, _ = self._owner(p)
-        if layer.traces:
-            return (
-                "is it used elsewhere, e.g. tied, passed to a functional op, or in a "
-                "penalty term of the loss such as an L2 regularizer (use the optimizer's "
-                "weight_decay instead), or does the model run under torch.compile, which "
-                "is not supported?"
-            )
-        return (
-            "its Linear recorded no call in this context: was the forward run before the "
-            "context was entered (run it inside), was the parameter passed to a functional "
-            "op, or does the model run under torch.compile, which is not supported?"
-        )
+        refusals.refuse_stray_gradient(self._name_of(p), layer_recorded_a_call=bool(layer.traces))
 
     def _marker(self, p: nn.Parameter):
         def mark_reached(grad):
-            if not self._reached and _inside_autograd_grad():
+            if not self._reached and refusals.inside_autograd_grad():
                 # checked before the multi-gradient hook's own hook on p, which fails there
                 # with torch's internal "_will_engine_execute_node" message
                 self._fail()
-                raise RuntimeError(_autograd_grad_refusal(self._name_of(p)))
+                raise RuntimeError(refusals.autograd_grad_refusal(self._name_of(p)))
             self._reached.add(id(p))
             if grad is not None:
                 # refused here, in p's own hook, which runs before autograd adds the
@@ -506,7 +435,7 @@ class PerSampleGrads:
 
     def _name_of(self, p: nn.Parameter) -> str:
         layer, what = self._owner(p)
-        return f"parameter {layer.name + '.' if layer.name else ''}{what}"
+        return layer.parameter_name(what)
 
     def _finalise(self, *, forms_param_grads: bool) -> None:
         """Form the results; if that raises (a refusal, running out of memory), nothing
@@ -523,350 +452,22 @@ class PerSampleGrads:
         # a parameter replaced, frozen or unfrozen inside the with block: its layer is
         # accounted for wrongly (an unfrozen one's gradient left out or left unclipped)
         self._check_parameters()
-        batch = self._common_batch()
         # a backward that reached parameters contributes to theirs only (backward(inputs=)
         # names some): the norms, clipping, grad_sample and statistics are of that
         # contribution, not of every layer it ran through
         accounted = set(self._reached) if forms_param_grads else {id(p) for p in self.parameters}
         with torch.no_grad():
-            traces = {id(layer): _joined(layer) for layer in self._layers if layer.traces}
-            self._batch = batch
-            self._norms = self._sample_norms(traces, batch, accounted)
-            if self.mode == "clip":
-                # c_i = min(1, C / ‖grad_i‖)   (a zero norm gets 1)
-                self._factors = formulas.clip_factors(self._norms, self.max_norm)
-            # free the last step's results before forming new ones, and drop those this
-            # context does not form (a stale p.grad_sample of an earlier grads-mode step
-            # would be read as this step's, and keep B×|θ| alive)
-            _reset(self.parameters, ("grad_sample",), formed=self.mode == "grads")
-            _reset(self.parameters, ("sum_grad_squared", "grad_variance"), formed=self.statistics)
-            clip = self.mode == "clip"
-            needs_sums = self.statistics or (forms_param_grads and not clip)
-            # Every result is formed before any is written (an error midway, such as running
-            # out of memory for one layer's p.grad_sample, leaves every p.grad as it was)
-            attributes: list[tuple[nn.Parameter, str, torch.Tensor]] = []
-            grads: list[tuple[nn.Parameter, torch.Tensor]] = []
-            # Output side first, as the backward would: each layer's recording is dropped
-            # once used, so the big early-layer gradients meet few recordings still held.
-            for layer in reversed(self._layers):
-                trace = traces.pop(id(layer), None)
-                layer.traces.clear()
-                sums = None
-                if trace is not None and needs_sums:
-                    # the variance needs Σ_i G_i in float32 at least (see _form_statistics)
-                    dtype = formulas.norm_dtype(trace[1].dtype) if self.statistics else None
-                    sums = _grad_sums(layer, *trace, dtype=dtype)
-                if self.mode == "grads":
-                    attributes += self._form_samples(layer, trace, batch, accounted)
-                if self.statistics:
-                    attributes += self._form_statistics(layer, trace, sums, batch, accounted)
-                if forms_param_grads and trace is not None:
-                    layer_grads = _clipped_sums(layer, *trace, self._factors) if clip else sums
-                    grads += [
-                        self._accumulation(p, grad.to(p.dtype))  # (sums: maybe wider)
-                        for p, grad in zip((layer.weight, layer.bias), layer_grads)
-                        if _is_in(p, accounted)
-                    ]
-            # writing allocates nothing and cannot fail (an in-place add is checked first)
-            for p, name, value in attributes:
-                setattr(p, name, value)
-            for p, value, in_place in grads:
-                if in_place:
-                    p.grad.add_(value)
-                else:
-                    p.grad = value
+            results = form_results(
+                self._layers,
+                mode=self.mode,
+                max_norm=self.max_norm,
+                statistics=self.statistics,
+                accounted=accounted,
+                forms_param_grads=forms_param_grads,
+            )
+            self._batch, self._norms, self._factors = results.batch, results.norms, results.factors
+            results.write()
             self._recorder.finalised = True
-
-    def _accumulation(self, p: nn.Parameter, grad: torch.Tensor) -> tuple:
-        """How ``grad`` joins ``p.grad``, as autograd's accumulation does, decided and
-        formed before any ``p.grad`` is written: ``(p, grad, True)`` to add it in place to
-        the strided ``p.grad`` there, ``(p, value, False)`` to set ``p.grad`` to ``value``:
-        ``grad`` laid out like ``p`` where there is none (autograd's gradient layout
-        contract), the dense sum where ``p.grad`` is sparse.
-
-        Raises:
-            RuntimeError: ``p.grad`` refuses an in-place add (an expanded or an inference
-                tensor, which autograd's accumulation fails on too), naming ``p``.
-        """
-        if p.grad is None:
-            return p, _laid_out_like(p, grad), False
-        if p.grad.layout != torch.strided:
-            return p, grad + p.grad, False
-        self._refuse_unwritable_grad(p, "add this backward's gradient to it")
-        return p, grad, True
-
-    def _refuse_unwritable_grad(self, p: nn.Parameter, action: str) -> None:
-        """Raise, naming ``p``, if its ``p.grad`` refuses an in-place add, to ``action``."""
-        reason = _in_place_refusal(p.grad)
-        if reason is not None:
-            raise RuntimeError(
-                f"per_sample_grads: p.grad of {self._name_of(p)} is {reason}, which cannot "
-                f"be written in place to {action}; set it to None or to a plain tensor "
-                "(p.grad = p.grad.clone()) first"
-            )
-
-    def _common_batch(self) -> int:
-        """``B``, the size of dim 0 of every recorded Linear input.
-
-        Raises:
-            RuntimeError: the inputs disagree, naming the layers that saw each size.
-        """
-        layers_by_batch: dict[int, list[str]] = {}
-        for layer in self._layers:
-            for size in dict.fromkeys(g.shape[0] for _, g in layer.traces):
-                layers_by_batch.setdefault(size, []).append(repr(layer.name))
-        if len(layers_by_batch) == 1:
-            return next(iter(layers_by_batch))
-        where = "; ".join(
-            f"{size} at Linear {', '.join(names)}"
-            for size, names in sorted(layers_by_batch.items())
-        )
-        raise RuntimeError(
-            "per_sample_grads: the recorded Linear inputs disagree on the sample dim "
-            f"(sizes {sorted(layers_by_batch)}): {where}; dim 0 of every Linear input must "
-            "be the sample (a tensor shared by the samples, of batch 1, cannot go through a "
-            "trainable Linear)"
-        )
-
-    def _sample_norms(self, traces: dict, batch: int, accounted: set[int]) -> torch.Tensor:
-        """``‖grad_i‖ = (Σ_layers ‖G_i‖² + ‖β_i‖²)^½`` over the parameters whose ids are
-        ``accounted``, shape ``(B,)``, in the widest layer's
-        :func:`~torchbp.per_sample.formulas.norm_dtype` (a float64 head on a float32 body
-        gives float64 norms), on the device of the first recorded layer in module order:
-        each layer's are formed on its own device and gathered there (a model split
-        across devices).
-
-        On the CPU from the squares as they are, and again scaled
-        (:func:`~torchbp.per_sample.formulas.layer_norms`) if a norm came out inf or NaN
-        (float32's squares overflow from norms of 1.8e19 on, and inf·0 made a zero
-        gradient's norm NaN); elsewhere scaled at once, since telling would wait for the
-        device. Scaled norms are right wherever they fit their dtype."""
-        gs = [g for _, g in traces.values()]
-        dtype = functools.reduce(torch.promote_types, (formulas.norm_dtype(g.dtype) for g in gs))
-        device = gs[0].device
-        scaled = device.type != "cpu"
-        norms = self._combined_norms(traces, batch, accounted, dtype, device, scaled)
-        if not scaled and not bool(norms.isfinite().all()):
-            norms = self._combined_norms(traces, batch, accounted, dtype, device, scaled=True)
-        return norms
-
-    def _combined_norms(
-        self,
-        traces: dict,
-        batch: int,
-        accounted: set[int],
-        dtype: torch.dtype,
-        device: torch.device,
-        scaled: bool,
-    ) -> torch.Tensor:
-        """The layers' norms (see :meth:`_sample_norms`), combined on ``device``."""
-        layer_norms = [torch.zeros(batch, dtype=dtype, device=device)]
-        for layer in self._layers:
-            if id(layer) not in traces:
-                continue
-            weight, bias = (_is_in(p, accounted) for p in (layer.weight, layer.bias))
-            if weight or bias:
-                a, g = traces[id(layer)]
-                norms = formulas.layer_norms(a, g, weight=weight, bias=bias, scaled=scaled)
-                layer_norms.append(norms.to(device, dtype))
-        # ‖grad_i‖ = ‖(‖grad_i^(1)‖, ‖grad_i^(2)‖, ...)‖ over the layers
-        return formulas.combined_norms(torch.stack(layer_norms), dim=0, scaled=scaled)
-
-    def _form_samples(self, layer: Layer, trace, batch: int, accounted: set[int]) -> list:
-        """``(p, "grad_sample", value)`` for the layer's parameters: zeros for one whose id
-        is not ``accounted`` (the backward contributed nothing to it)."""
-        samples = []
-        for p, is_weight in ((layer.weight, True), (layer.bias, False)):
-            if p is None:
-                continue
-            if trace is None or id(p) not in accounted:
-                value = memory.zeros((batch, *p.shape), like=p)
-            elif is_weight:
-                value = formulas.weight_grad_samples(*trace)
-            else:
-                value = formulas.bias_grad_samples(trace[1])
-            samples.append((p, "grad_sample", value))
-        return samples
-
-    def _form_statistics(self, layer: Layer, trace, sums, batch: int, accounted: set[int]) -> list:
-        """``(p, name, value)`` for ``p.sum_grad_squared`` and ``p.grad_variance`` of the
-        layer's parameters, formed from the sums (in :func:`formulas.norm_dtype`) and
-        stored in the parameter's dtype; zeros for a parameter whose id is not
-        ``accounted``."""
-        statistics = []
-        for p, is_weight in ((layer.weight, True), (layer.bias, False)):
-            if p is None:
-                continue
-            if trace is None or id(p) not in accounted:
-                sum_squared, total = p.new_zeros(p.shape), p.new_zeros(p.shape)
-            elif is_weight:
-                sum_squared, total = formulas.weight_sum_grad_squared(*trace), sums[0]
-            else:
-                sum_squared, total = formulas.bias_sum_grad_squared(trace[1]), sums[1]
-            variance = formulas.variance(sum_squared, total, batch)
-            statistics.append((p, "sum_grad_squared", sum_squared.to(p.dtype)))
-            statistics.append((p, "grad_variance", variance.to(p.dtype)))
-        return statistics
-
-
-def _refuse_second_backward() -> None:
-    raise RuntimeError(
-        "per_sample_grads: a second backward reached the model's parameters inside "
-        "one context; a context records one backward: open a new one per step"
-    )
-
-
-def _autograd_grad_refusal(what: str) -> str:
-    return (
-        f"per_sample_grads: torch.autograd.grad with respect to {what} is not supported "
-        "inside the context, which forms the parameters' gradients after a backward, into "
-        "p.grad; call loss.backward() inside the context and read p.grad, p.grad_sample or "
-        "ps.norms (torch.autograd.grad with respect to inputs only is fine)"
-    )
-
-
-def _inside_autograd_grad() -> bool:
-    """Whether a call of ``torch.autograd.grad`` is on this thread's Python stack (a hook of
-    a CPU backward runs on the calling thread; on a device's autograd thread this sees
-    none, and ``__exit__`` names torch's own refusal instead)."""
-    return running_on_this_thread(_AUTOGRAD_GRAD_CODE)
-
-
-def _passed_through_autograd_grad(tb) -> bool:
-    """Whether an exception's traceback ``tb`` runs through ``torch.autograd.grad``."""
-    while tb is not None:
-        if tb.tb_frame.f_code is _AUTOGRAD_GRAD_CODE:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-_AUTOGRAD_GRAD_CODE = torch.autograd.grad.__code__
-
-
-def _is_in(p: nn.Parameter | None, ids: set[int]) -> bool:
-    return p is not None and id(p) in ids
-
-
-def _checked_max_norm(mode: str, max_norm: object) -> float | None:
-    """``max_norm`` as a float: a positive finite number (or a 0-dim real tensor of one) in
-    clip mode, ``None`` otherwise.
-
-    Raises:
-        TypeError: clip mode without a number (``None`` included).
-        ValueError: clip mode with one that is not positive and finite, or another mode
-            with one.
-    """
-    if mode != "clip":
-        if max_norm is not None:
-            raise ValueError(
-                f"per_sample_grads: max_norm is used only by mode='clip' (mode={mode!r})"
-            )
-        return None
-    if _is_real_scalar_tensor(max_norm):
-        max_norm = max_norm.item()  # (as torch.nn.utils.clip_grad_norm_ takes one)
-    if not _is_number(max_norm):
-        raise TypeError(
-            f"per_sample_grads: mode='clip' needs max_norm, a positive number; got {max_norm!r}"
-        )
-    if not (_is_finite(max_norm) and max_norm > 0):
-        raise ValueError(f"per_sample_grads: max_norm must be positive and finite, got {max_norm}")
-    return float(max_norm)
-
-
-def _is_real_scalar_tensor(value: object) -> bool:
-    """A 0-dim tensor of a real dtype (not bool, not complex), off the meta device."""
-    return (
-        isinstance(value, torch.Tensor)
-        and value.dim() == 0
-        and not (value.dtype == torch.bool or value.is_complex() or value.is_meta)
-    )
-
-
-def _is_finite(value: numbers.Real) -> bool:
-    """Whether ``value`` is a finite float (an int too large for one is not)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _is_number(value: object) -> bool:
-    """A real number: Python's or numpy's (``True`` is not one here)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _grad_sums(layer: Layer, a, g, dtype: torch.dtype | None = None) -> tuple:
-    """``(dL/dW, dL/db)`` of the recorded backward (``None`` for a frozen one), formed in
-    ``dtype`` (default: ``g``'s)."""
-    weight = None if layer.weight is None else formulas.weight_grad_sum(a, g, dtype)
-    bias = None if layer.bias is None else formulas.bias_grad_sum(g, dtype)
-    return weight, bias
-
-
-def _clipped_sums(layer: Layer, a, g, factors: torch.Tensor) -> tuple:
-    """``(Σ_i c_i G_i, Σ_i c_i β_i)`` (``None`` for a frozen one), in
-    :func:`formulas.norm_dtype`: small output gradients times small factors fall below
-    float16's normal range (6e-5), where ``c_i g_i`` would keep a few bits."""
-    dtype = formulas.norm_dtype(g.dtype)
-    # (the factors are on the norms' device, which may not be this layer's)
-    scaled = formulas.scale_samples(g.to(dtype), factors.to(g.device))
-    return _grad_sums(layer, a, scaled, dtype)
-
-
-def _reset(parameters, names: tuple[str, ...], *, formed: bool) -> None:
-    """Set the result attributes ``names`` of ``parameters`` to None: on every parameter
-    where this context forms them anew (``formed``), else only where an earlier context
-    left a value (no attribute is added)."""
-    for p in parameters:
-        for name in names:
-            if formed or getattr(p, name, None) is not None:
-                setattr(p, name, None)
-
-
-def _joined(layer: Layer):
-    """The layer's traces as one ``(a, g)``: every forward call's positions side by side.
-
-    Several calls' are taken off the layer, so that each call's own ``a`` and ``g`` are
-    freed once joined (every ``a`` before the ``g`` are): a layer called several times
-    (tied Linears included) holds a copy beyond its recording only while one side is
-    joined, not through the norms and the rest of the results."""
-    if len(layer.traces) == 1:
-        return layer.traces[0]
-    a_parts, g_parts = [a for a, _ in layer.traces], [g for _, g in layer.traces]
-    layer.traces.clear()
-    a = None if a_parts[0] is None else _cat_releasing(a_parts)
-    return a, _cat_releasing(g_parts)
-
-
-def _cat_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``parts`` concatenated along the positions (dim 1); the list is emptied, dropping
-    its references to them."""
-    joined = torch.cat(parts, 1)
-    parts.clear()
-    return joined
-
-
-def _laid_out_like(p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` with the strides of ``p`` where ``p`` is dense and not overlapping (a
-    weight stored transposed), as autograd stores a new gradient; else ``grad``."""
-    if grad.stride() == p.stride():
-        return grad
-    out = torch.empty_like(p)  # p's strides, where they are dense and not overlapping
-    return grad if out.stride() == grad.stride() else out.copy_(grad)
-
-
-def _in_place_refusal(grad: torch.Tensor) -> str | None:
-    """Why an in-place add into ``grad`` would raise (torch's own checks: a layout other
-    than strided, an inference tensor outside inference mode, elements sharing memory),
-    or ``None``."""
-    if grad.layout != torch.strided:
-        return f"a {grad.layout} tensor"
-    if grad.is_inference():
-        return "an inference tensor (made under torch.inference_mode)"
-    if any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape)):
-        return "an expanded tensor (its elements share memory)"
-    return None
 
 
 def per_sample_grads(

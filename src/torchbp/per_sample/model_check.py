@@ -75,6 +75,10 @@ class Layer:
         """``(name, module)`` of every Linear module whose calls this layer records."""
         return [(self.name, self.module), *self.tied]
 
+    def parameter_name(self, what: str) -> str:
+        """``"parameter 0.weight"`` for ``what="weight"`` of the layer ``"0"``."""
+        return f"parameter {self.name + '.' if self.name else ''}{what}"
+
 
 def describe(name: str, module: nn.Module) -> str:
     """``'encoder.0' (BatchNorm1d)``, or ``the model (MLP)`` for the root."""

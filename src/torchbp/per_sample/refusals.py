@@ -1,0 +1,113 @@
+"""The uses of autograd an open ``per_sample_grads`` context refuses from its hooks, and
+their messages: a second backward, ``torch.autograd.grad`` with respect to a trainable
+parameter, a gradient reaching a parameter through an op other than its Linear, and a
+backward after one cut short by an error.
+
+Each message starts with ``per_sample_grads:`` and says what to do instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.per_sample.recorder import running_on_this_thread
+
+__all__ = [
+    "autograd_grad_refusal",
+    "inside_autograd_grad",
+    "passed_through_autograd_grad",
+    "refuse_backward_after_one_cut_short",
+    "refuse_second_backward",
+    "refuse_stray_gradient",
+]
+
+_AUTOGRAD_GRAD_CODE = torch.autograd.grad.__code__
+
+
+def refuse_second_backward() -> None:
+    """Raise for a backward reaching the parameters after the recorded one.
+
+    Raises:
+        RuntimeError: always.
+    """
+    raise RuntimeError(
+        "per_sample_grads: a second backward reached the model's parameters inside "
+        "one context; a context records one backward: open a new one per step"
+    )
+
+
+def refuse_backward_after_one_cut_short() -> None:
+    """Raise for a backward reaching the parameters after an earlier one that reached
+    them and never completed (an error raised inside it, and caught).
+
+    Raises:
+        RuntimeError: always.
+    """
+    raise RuntimeError(
+        "per_sample_grads: a backward reached the model's parameters after an "
+        "earlier backward in this context was cut short by an error (caught) before "
+        "it completed; the two cannot be told apart, so nothing is formed: open a "
+        "new context for the step"
+    )
+
+
+def refuse_stray_gradient(parameter_name: str, *, layer_recorded_a_call: bool) -> None:
+    """Raise for a gradient that reached the parameter ``parameter_name`` through an op
+    other than its Linear: inside the context the Linear backward hands dW, db to the
+    recorder, not autograd.
+
+    Args:
+        parameter_name: ``"parameter 0.weight"``.
+        layer_recorded_a_call: whether the parameter's Linear recorded a call in the
+            context (the likely causes differ).
+
+    Raises:
+        RuntimeError: always, with the likely causes.
+    """
+    raise RuntimeError(
+        f"per_sample_grads: {parameter_name} received a gradient from an op "
+        f"other than its recorded Linear call ({_stray_gradient_hint(layer_recorded_a_call)}); "
+        "that gradient cannot be attributed to samples"
+    )
+
+
+def _stray_gradient_hint(layer_recorded_a_call: bool) -> str:
+    """The likely causes of a gradient reaching a parameter other than through its layer."""
+    if layer_recorded_a_call:
+        return (
+            "is it used elsewhere, e.g. tied, passed to a functional op, or in a "
+            "penalty term of the loss such as an L2 regularizer (use the optimizer's "
+            "weight_decay instead), or does the model run under torch.compile, which "
+            "is not supported?"
+        )
+    return (
+        "its Linear recorded no call in this context: was the forward run before the "
+        "context was entered (run it inside), was the parameter passed to a functional "
+        "op, or does the model run under torch.compile, which is not supported?"
+    )
+
+
+def autograd_grad_refusal(what: str) -> str:
+    """The message refusing ``torch.autograd.grad`` with respect to ``what``."""
+    return (
+        f"per_sample_grads: torch.autograd.grad with respect to {what} is not supported "
+        "inside the context, which forms the parameters' gradients after a backward, into "
+        "p.grad; call loss.backward() inside the context and read p.grad, p.grad_sample or "
+        "ps.norms (torch.autograd.grad with respect to inputs only is fine)"
+    )
+
+
+def inside_autograd_grad() -> bool:
+    """Whether a call of ``torch.autograd.grad`` is on this thread's Python stack (a hook of
+    a CPU backward runs on the calling thread; on a device's autograd thread this sees
+    none, and the context's ``__exit__`` names torch's own refusal instead)."""
+    return running_on_this_thread(_AUTOGRAD_GRAD_CODE)
+
+
+def passed_through_autograd_grad(tb) -> bool:
+    """Whether an exception's traceback ``tb`` runs through ``torch.autograd.grad``."""
+    while tb is not None:
+        if tb.tb_frame.f_code is _AUTOGRAD_GRAD_CODE:
+            return True
+        tb = tb.tb_next
+    return False
