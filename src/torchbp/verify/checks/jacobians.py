@@ -26,6 +26,7 @@ __all__ = [
     "numerical_jacobian",
     "one_sided_bracket",
     "projected_backward_error",
+    "surrogate_gradient_hint",
     "unit_direction",
 ]
 
@@ -175,6 +176,63 @@ def compare_jacobians(
                     f"analytical {float(a[m, j]):.4g} vs {against} {float(e[m, j]):.4g}"
                 )
     return worst_abs, worst_rel, message
+
+
+#: How a message tells a deliberate surrogate gradient from a wrong one it cannot check.
+SURROGATE_ADVICE = (
+    "; if deliberate, no surrogate gradient can pass this check: leave it out with "
+    "skip=['gradcheck'] "
+    "(and 'forward_ad' for a jvp) and pass reference= a function with the same forward "
+    "and the gradient you intend, e.g. x + (torch.round(x) - x).detach() for a "
+    "straight-through round, so that the other checks compare the gradients with it)"
+)
+
+
+def _constant_ratio(a: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) -> float | None:
+    """The factor ``c`` (not 1) with ``a = c e`` for every entry within tolerance, taken at
+    ``e``'s largest entry; None if there is none (``e`` all zero, or no single factor)."""
+    m = int(e.abs().argmax())
+    if float(e.reshape(-1)[m]) == 0.0:
+        return None
+    c = float(a.reshape(-1)[m] / e.reshape(-1)[m])
+    if math.isclose(c, 1.0, rel_tol=rtol) or not torch.allclose(a, c * e, rtol, atol):
+        return None
+    return c
+
+
+def surrogate_gradient_hint(
+    actual: Jacobian,
+    expected: Jacobian,
+    what: str,
+    input_names: Sequence[str],
+    tolerance: tuple[float, float],
+) -> str:
+    """A note when ``actual`` (``what``'s Jacobian) differs from the numerical ``expected``
+    as a deliberate surrogate gradient does, for some input: the numerical one is zero
+    everywhere while ``actual`` is not (a piecewise-constant forward such as round or sign
+    with a straight-through estimator), or ``actual`` is a constant multiple of it (a
+    gradient reversal or scaling layer); empty otherwise."""
+    atol, rtol = tolerance
+    for k, (act_k, exp_k) in enumerate(zip(actual, expected)):
+        a = torch.cat([m.reshape(-1) for m in act_k]) if act_k else torch.zeros(0)
+        e = torch.cat([m.reshape(-1) for m in exp_k]) if exp_k else torch.zeros(0)
+        if a.numel() == 0 or not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+            continue
+        if float(e.abs().max()) <= atol < float(a.abs().max()):
+            return (
+                f" (the numerical gradient of {input_names[k]} is zero everywhere while "
+                f"{what}'s is not: a forward that does not depend on it, or a "
+                "piecewise-constant one, such as round or sign, with a straight-through "
+                f"estimator{SURROGATE_ADVICE}"
+            )
+        c = _constant_ratio(a, e, atol, rtol)
+        if c is not None:
+            return (
+                f" ({what} of {input_names[k]} is {c:.4g} times the numerical gradient "
+                "everywhere: a constant factor missing or extra, or a gradient reversal "
+                f"or scaling layer{SURROGATE_ADVICE}"
+            )
+    return ""
 
 
 def _difference_quotients(

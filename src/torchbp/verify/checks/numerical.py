@@ -34,6 +34,7 @@ from torchbp.verify.checks.jacobians import (
     jacobian_size,
     numerical_jacobian,
     projected_backward_error,
+    surrogate_gradient_hint,
 )
 from torchbp.verify.checks.linearity import (
     departure_note,
@@ -165,6 +166,8 @@ def _full_comparison(
     abs_err, rel_err, msg = compare_jacobians(
         jacobians[0], numerical, what, input_names, shapes, out_shapes, tolerance
     )
+    if msg and not grad_mode:
+        msg += surrogate_gradient_hint(jacobians[0], numerical, what, input_names, tolerance)
     if msg or (torch_msg and not excused):
         raise CheckFailure(msg or f"{torch_name}: {torch_msg}", abs_err, rel_err)
     entries = "1 entry" if excused == 1 else f"{excused} entries"
@@ -248,8 +251,9 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
     output of a dtype less precise than its float64 inputs, or float64 outputs holding
     only float32 numbers (:func:`rounded_to`: computed in float32 and cast back); its
     finite differences over ``eps`` then carry that precision's rounding. Empty when
-    neither, or when the inputs themselves hold only such numbers (float32 inputs cast to
-    float64, or round numbers such as 0.5): an output copying them proves nothing."""
+    neither at the inputs nor at the inputs shifted by ``eps`` (:func:`_rounding_of_outputs`:
+    where the inputs hold only such numbers, float32 inputs cast to float64 or round
+    numbers such as 0.5, an output copying them proves nothing)."""
     low = [
         (o, d)
         for o, d in enumerate(ctx.out_dtypes)
@@ -264,9 +268,9 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
             "check, or pass a larger eps)"
         )
     leaves = [x.detach() for x in ctx.leaves()]
-    with torch.no_grad():
-        dtype = rounded_to(ctx.diff_fn(*leaves))
-    if dtype is None or _fits(_finite_fractions(leaves), dtype):
+    shifted = [x + ctx.options.eps for x in leaves]
+    dtype = _rounding_of_outputs(ctx, leaves) or _rounding_of_outputs(ctx, shifted)
+    if dtype is None:
         return ""
     return (
         f" (fn's float64 outputs hold only {dtype} numbers: does fn compute in {dtype} and "
@@ -274,6 +278,19 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
         f"{dtype}'s precision, so the numerical gradient is unreliable; let fn compute in "
         "float64 for the check, or pass a larger eps)"
     )
+
+
+def _rounding_of_outputs(ctx: CheckContext, inputs: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The narrower dtype (:func:`rounded_to`) whose numbers alone fn's float64 outputs at
+    ``inputs`` hold while ``inputs`` do not; None if none. Inputs holding only float32
+    numbers (float32 inputs cast to float64) are checked again shifted by ``eps``, as
+    gradcheck evaluates fn: outputs that stay float32 numbers there are computed in
+    float32, while those copying the inputs (relu) no longer are."""
+    with torch.no_grad():
+        dtype = rounded_to(ctx.diff_fn(*inputs))
+    if dtype is None or _fits(_finite_fractions(inputs), dtype):
+        return None
+    return dtype
 
 
 def _low_precision_backward(ctx: CheckContext) -> str:

@@ -1,0 +1,139 @@
+"""check_function on autograd Functions written the way public repositories write them
+(tests/verify/real_world.py): the correct ones pass, and the ones real code ships with a
+surrogate gradient, a float32 computation or saved statistics fail with a message that
+says why and what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.verify import real_world as rw
+from tests.verify.zoo.entry import seeded
+
+from torchbp.verify import check_function
+
+
+def _labels(*values: int) -> torch.Tensor:
+    return torch.tensor(values)
+
+
+CORRECT = {
+    "memory_efficient_swish": (rw.MemoryEfficientSwish, (seeded(4, 5),), F.silu),
+    # no reference: at the integer probe of extreme_values (ties, points on the simplex's
+    # faces) autograd through sort / gather / clamp gives another one-sided gradient
+    "sparsemax_dim0": (rw.Sparsemax, (seeded(4, 5), 0), None),
+    "sigmoid_focal_loss": (
+        rw.SigmoidFocalLoss,
+        (seeded(4, 5), _labels(0, 3, 5, 1)),
+        rw.focal_loss_reference,
+    ),
+    "docs_linear_no_bias": (rw.DocsLinear, (seeded(4, 5), seeded(3, 5, seed=1)), F.linear),
+    "docs_linear": (
+        rw.DocsLinear,
+        (seeded(4, 5), seeded(3, 5, seed=1), seeded(3, seed=2)),
+        F.linear,
+    ),
+    "top_k_values": (rw.TopKValues, (seeded(4, 5), 2), lambda x, k: torch.topk(x, k, -1)),
+    "inplace_leaky_relu": (rw.InplaceLeakyRelu, (seeded(4, 5),), F.leaky_relu),
+    "sum_and_product": (
+        rw.SumAndProduct,
+        (seeded(4, 5), seeded(4, 5, seed=1)),
+        lambda a, b: (a + b, a * b),
+    ),
+    "loss_and_accuracy": (rw.LossAndAccuracy, (seeded(4, 5), _labels(0, 1, 2, 3)), None),
+    "classmethod_softmax": (
+        rw.ClassmethodScaledSoftmax,
+        (seeded(4, 5), 2.0),
+        lambda x, t: torch.softmax(t * x, -1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRECT))
+def test_a_correct_real_world_function_passes(name):
+    fn, inputs, reference = CORRECT[name]
+    report = check_function(fn, *inputs, reference=reference)
+    assert report.ok, report
+
+
+@pytest.mark.parametrize(
+    ("fn", "inputs", "said"),
+    [
+        (rw.RoundSTE, (seeded(4, 5),), "numerical gradient of input 0 is zero everywhere"),
+        (rw.GradientReversal, (seeded(4, 5), 0.5), "is -0.5 times the numerical gradient"),
+    ],
+    ids=["straight_through_round", "gradient_reversal"],
+)
+def test_a_surrogate_gradient_fails_gradcheck_saying_how_to_check_it_otherwise(fn, inputs, said):
+    # before: a bare "analytical 1 vs numerical 0", nothing on what to do about a
+    # gradient that is meant to differ
+    report = check_function(fn, *inputs)
+    result = report["gradcheck"]
+    assert result.failed, report
+    assert said in result.message
+    assert "skip=['gradcheck']" in result.message
+    assert "reference=" in result.message
+
+
+def test_the_advice_for_a_surrogate_gradient_checks_it_against_the_intended_one():
+    # the advice of the message: skip gradcheck, give the intended gradient as reference
+    def straight_through(x):
+        return x + (torch.round(x) - x).detach()
+
+    report = check_function(
+        rw.RoundSTE, seeded(4, 5), skip=["gradcheck"], reference=straight_through
+    )
+    assert report.ok, report
+
+    def reversed_identity(x, alpha):
+        return x.detach() * (1 + alpha) - alpha * x
+
+    report = check_function(
+        rw.GradientReversal, seeded(4, 5), 0.5, skip=["gradcheck"], reference=reversed_identity
+    )
+    assert report.ok, report
+    wrong = check_function(
+        rw.GradientReversal, seeded(4, 5), 0.5, skip=["gradcheck"], reference=lambda x, a: x
+    )
+    assert wrong["reference"].failed, wrong
+
+
+def test_a_wrong_backward_off_by_a_factor_is_named_as_such():
+    class HalfSquare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return x * g  # wrong: d x²/dx = 2x
+
+    result = check_function(HalfSquare, seeded(3, 4), checks="gradcheck")["gradcheck"]
+    assert result.failed
+    assert "is 0.5 times the numerical gradient everywhere: a constant factor" in result.message
+
+
+def test_a_function_computing_in_float32_on_float32_inputs_is_named():
+    # before: the hint that fn computes in float32 was left out whenever the inputs held
+    # only float32 numbers, i.e. for the float32 inputs (torch's default dtype) most
+    # callers pass, so a right backward failed with a bare "disagrees with numerical"
+    report = check_function(rw.TanhInFloat32, seeded(4, 5).float(), reference=torch.tanh)
+    result = report["gradcheck"]
+    assert result.failed, report
+    assert "fn's float64 outputs hold only torch.float32 numbers" in result.message
+    wider = check_function(rw.TanhInFloat32, seeded(4, 5).float(), reference=torch.tanh, eps=1e-3)
+    assert wider.ok, wider
+
+
+def test_a_layer_norm_saving_its_statistics_fails_double_backward_naming_them():
+    inputs = (seeded(4, 5), seeded(5, seed=1), seeded(5, seed=2))
+    report = check_function(rw.SavedStatisticsLayerNorm, *inputs, reference=rw.layer_norm_reference)
+    assert report["gradcheck"].passed, report
+    assert report["reference"].passed, report
+    result = report["gradgradcheck"]
+    assert result.failed, report
+    assert "saved a (4, 1) tensor" in result.message
+    assert "@once_differentiable" in result.message
