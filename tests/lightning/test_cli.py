@@ -1963,3 +1963,29 @@ def test_seed_everything_true_runs_with_a_random_seed_its_config_records(tmp_pat
         seeds.append(config["seed_everything"])
         assert os.environ["PL_GLOBAL_SEED"] == str(seeds[-1])  # the seed the run used
     assert seeds[0] != seeds[1]  # two draws in [0, 2**32 - 1]
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode", "wanted"), [("val/acc", None, "max"), ("val/loss", "max", "min")]
+)
+def test_an_early_stopping_against_its_metrics_direction_is_a_cli_error_before_training(
+    tmp_path, capsys, monitor, mode, wanted
+):
+    """EarlyStopping on val/acc takes Lightning's default mode, min: iris's fit of 20
+    epochs stopped after 3, while its accuracy rose (0.86, 0.86, 1.0), and was tested
+    as if trained."""
+    args = [f"--trainer.callbacks.mode={mode}"] if mode else []
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.callbacks+=EarlyStopping",
+            f"--trainer.callbacks.monitor={monitor}",
+            *args,
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: invalid configuration: an EarlyStopping monitors '{monitor}'" in err, err
+    assert f"give it mode: {wanted}" in err and not list(tmp_path.iterdir())

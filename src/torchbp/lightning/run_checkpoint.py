@@ -21,11 +21,14 @@ __all__ = [
     "save_nothing",
     "checkpoint_filename",
     "follow_the_monitor",
+    "improving_direction",
 ]
 
 
 #: the logged metrics (the part after ``train/``, ``val/``, ``test/``) that improve upwards
 _HIGHER_IS_BETTER = ("acc", "f1")
+#: ERMClassifier's metrics that improve downwards
+_LOWER_IS_BETTER = ("loss", "error")
 #: what Lightning adds to the monitorable metrics: a checkpoint monitoring one keeps the latest
 _PROGRESS = ("epoch", "step")
 
@@ -215,5 +218,20 @@ def _checkpoint_mode(monitor: str | None) -> str:
     default, ``min`` (loss, 0-1 error)."""
     if monitor in _PROGRESS:
         return "max"
+    return improving_direction(monitor) or "min"
+
+
+def improving_direction(monitor: str | None) -> str | None:
+    """``"max"`` for one of ERMClassifier's metrics that improves upwards (accuracy, F1),
+    ``"min"`` for one that improves downwards (loss, 0-1 error), ``None`` for another name
+    (``train/epsilon`` only grows: an EarlyStopping may stop at a budget either way).
+
+    Examples::
+
+        >>> improving_direction("val/f1"), improving_direction("val/loss")
+        ('max', 'min')
+    """
     name = (monitor or "").rsplit("/", 1)[-1]
-    return "max" if name in _HIGHER_IS_BETTER else "min"
+    if name in _HIGHER_IS_BETTER:
+        return "max"
+    return "min" if name in _LOWER_IS_BETTER else None

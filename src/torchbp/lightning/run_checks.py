@@ -19,6 +19,7 @@ from torchbp.lightning.array_data import ArrayDataModule, refuse_poisson_samplin
 from torchbp.lightning.console import exit_with_error, headline
 from torchbp.lightning.data_base import DataConfigError, DataError
 from torchbp.lightning.module import ERMClassifier
+from torchbp.lightning.run_checkpoint import improving_direction
 from torchbp.lightning.run_folders import why_unwritable
 from torchbp.lightning.samplers import EpochSeededSampler
 from torchbp.lightning.synthetic_data import SyntheticDataModule
@@ -89,8 +90,26 @@ def check_monitors(model: pl.LightningModule, trainer: pl.Trainer, own: Any) -> 
         # Lightning adds epoch and step to what a checkpoint may monitor
         _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
     for callback in trainer.callbacks:
-        if isinstance(callback, EarlyStopping) and callback.strict:
-            _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
+        if isinstance(callback, EarlyStopping):
+            if callback.strict:
+                _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
+            _check_early_stopping_mode(callback)
+
+
+def _check_early_stopping_mode(callback: EarlyStopping) -> None:
+    """An EarlyStopping's ``mode`` is the direction its monitored metric improves in:
+    Lightning's default, ``min``, on ``val/acc`` stopped the fit once accuracy had not
+    fallen for ``patience`` epochs, that is while it rose (``max`` on a loss likewise)."""
+    wanted = improving_direction(callback.monitor)
+    if wanted is None or callback.mode == wanted:
+        return
+    way = "rises" if wanted == "max" else "falls"
+    raise ValueError(
+        f"an EarlyStopping monitors {callback.monitor!r} with mode {callback.mode!r} "
+        f"(Lightning's default is 'min'), and {callback.monitor} improves as it {way}: it "
+        f"would stop the fit while it improves; give it mode: {wanted} "
+        f"(--trainer.callbacks.mode={wanted})"
+    )
 
 
 def log_folder(trainer: pl.Trainer) -> str | None:
