@@ -137,3 +137,39 @@ def test_a_layer_norm_saving_its_statistics_fails_double_backward_naming_them():
     assert result.failed, report
     assert "saved a (4, 1) tensor" in result.message
     assert "@once_differentiable" in result.message
+
+
+class _WobblingGatherRows(torch.autograd.Function):
+    """embedding-style row gather whose backward sums in an order that changes from run
+    to run (CUDA's atomic index_add), emulated by a last-bit wobble drawn from a generator
+    the checks do not seed."""
+
+    wobble = torch.Generator().manual_seed(1)
+
+    @staticmethod
+    def forward(ctx, weight, index):
+        ctx.save_for_backward(index)
+        ctx.rows = weight.shape[0]
+        return weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        summed = g.new_zeros((ctx.rows, *g.shape[1:])).index_add_(0, index, g)
+        noise = torch.randn(summed.shape, generator=_WobblingGatherRows.wobble, dtype=g.dtype)
+        return summed * (1 + 1e-15 * noise), None
+
+
+def test_a_backward_nondeterministic_within_nondet_tol_passes_gradgradcheck():
+    # before: torch's gradgradcheck got grad_outputs that did not require grad, so a
+    # backward constant in the inputs had no differentiable output and torch wanted its
+    # numerical derivative exactly zero, ignoring nondet_tol ("Numerical gradient for
+    # function expected to be zero"); torch.autograd.gradgradcheck itself passes it
+    inputs = (seeded(5, 3), torch.tensor([0, 2, 2, 4, 0]))
+    report = check_function(
+        _WobblingGatherRows, *inputs, reference=lambda w, i: w[i], nondet_tol=1e-12
+    )
+    assert report.ok, report
+    assert report["gradgradcheck"].passed, report
+    strict = check_function(_WobblingGatherRows, *inputs, checks="gradcheck")
+    assert "pass nondet_tol" in strict["gradcheck"].message

@@ -815,7 +815,10 @@ def _second_order(ctx: CheckContext) -> Passed:
             torch.autograd.gradgradcheck,
             lambda *xs: tuple(o for o in ctx.diff_fn(*xs) if o.requires_grad),
             tuple(x.detach().clone().requires_grad_(True) for x in diff),
-            tuple(vs_plain),
+            # differentiable, as torch's own random grad_outputs are: without them a
+            # backward constant in the inputs has no differentiable output, and torch then
+            # wants its numerical derivative exactly zero, ignoring nondet_tol
+            tuple(v.clone().requires_grad_(True) for v in vs_plain),
             capability=DOUBLE_BACKWARD,
             **_torch_options(ctx),
         )
