@@ -613,6 +613,70 @@ def test_mode_is_per_thread():
     assert mode.counts == {"relu": 1}
 
 
+def test_an_exception_inside_the_mode_restores_everything():
+    """Raised in the body, or by a routed op rejecting its arguments: the mode is off the
+    stack afterwards (native again), and the same instance routes when entered again."""
+    x = make((3, 5)).requires_grad_()
+    mode = enable()
+    with pytest.raises(KeyError), mode:
+        F.relu(x)
+        raise KeyError("the user's")
+    assert _nodes(F.relu(x)) == {"ReluBackward0", "AccumulateGrad"}
+    with pytest.raises(IndexError), mode:
+        F.cross_entropy(x, torch.tensor([0, 1, 9]))  # raised inside torchbp's function
+    assert _nodes(F.relu(x)) == {"ReluBackward0", "AccumulateGrad"}
+    with mode:
+        y = F.softmax(x, -1)
+    assert "SoftmaxFunctionBackward" in _nodes(y)
+    assert mode.counts == {"relu": 1, "softmax": 1}  # the call that raised is not counted
+
+
+def test_the_same_mode_entered_inside_itself_counts_each_call_once():
+    x = make((2, 3)).requires_grad_()
+    mode = enable()
+    with mode:
+        F.gelu(x)
+        with mode:
+            F.gelu(x)
+        y = F.gelu(x)  # still under the outer entry
+    assert mode.counts == {"gelu": 3}
+    assert "GELUFunctionBackward" in _nodes(y)
+    assert _nodes(F.gelu(x)) == {"GeluBackward0", "AccumulateGrad"}
+
+
+def test_threads_each_in_their_own_mode_train_the_same_as_native():
+    """Two threads running forward and backward at once, each under its own enable():
+    each routes only its own calls and gets native's gradients."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 5)
+    ).double()
+    x, target = make((7, 6), torch.float64), torch.randint(5, (7,))
+
+    def loss_of(model):
+        return F.cross_entropy(model(x), target, label_smoothing=0.1)
+
+    want = torch.autograd.grad(loss_of(net), list(net.parameters()))
+    results, barrier = {}, threading.Barrier(2)
+
+    def train(name):
+        model = copy.deepcopy(net)
+        barrier.wait()
+        with enable() as mode:
+            for _ in range(5):
+                loss = loss_of(model)
+        results[name] = torch.autograd.grad(loss, list(model.parameters())), mode.counts
+
+    threads = [threading.Thread(target=train, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, counts in results.values():
+        torch.testing.assert_close(got, want)
+        assert counts == {"linear": 10, "gelu": 5, "cross_entropy": 5}
+
+
 def test_backward_and_double_backward_run_outside_the_mode():
     x = make((3, 4), torch.float64).requires_grad_()
     with enable() as mode:
