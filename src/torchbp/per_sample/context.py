@@ -83,6 +83,10 @@ class PerSampleGrads:
             refuse_changed_parameters, model, trainability(model)
         )
         self._recorder = Recorder(self._layers, self._check_parameters)
+        # (clip mode) a forward hook on the model, refusing parameters outside it
+        self._outside_guard = (
+            (model, refusals.outside_parameters_guard(model)) if mode == "clip" else None
+        )
         self._registered_weights: list[int] = []  # ids in per_sample_recorders_by_weight
         self._state = "new"  # -> "open" -> "closed" / "failed"
         self._hooks: list = []
@@ -177,6 +181,9 @@ class PerSampleGrads:
                 self._hooks.append(p.register_hook(self._marker(p)))
             for module, guard in self._sample_dim_guards:
                 self._hooks.append(module.register_forward_pre_hook(guard, with_kwargs=True))
+            if self._outside_guard is not None:
+                model, guard = self._outside_guard
+                self._hooks.append(model.register_forward_hook(guard))
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
             if self.parameters:
@@ -570,7 +577,11 @@ def per_sample_grads(
     the fused :class:`torchbp.nn.LinearCrossEntropyLoss`; at the forward, by name, one whose dim is
     picked from the input's ndim (softmax's ``dim=None``: dim 0 for 3-D inputs; a negative
     dim; Softmax2d's dim -3) where it lands on dim 0, and one made to mix samples after the
-    context was created (``model.train()`` on a BatchNorm, ``dim`` set to 0). Any torchbp or
+    context was created (``model.train()`` on a BatchNorm, ``dim`` set to 0). In clip mode, a
+    trainable ``nn.Parameter`` outside the model that its output depends on (a second model
+    run before it, a parameter its forward uses without registering it) is refused at the
+    model's forward, by shape (it would receive an unclipped gradient); one used after the
+    model, in the loss, is not seen and gets its ordinary gradient. Any torchbp or
     torch loss works on the model's output (reduction, class weights, label smoothing,
     ignore_index), as long as the loss itself has no trainable parameters. Eager mode only
     (no ``torch.compile``, no autocast; both are refused at the backward); activation
@@ -634,7 +645,8 @@ def per_sample_grads(
             since the context was created (on entering), and at the backward a use the
             context refuses (a second backward, ``torch.autograd.grad`` w.r.t. a
             parameter, autocast or ``torch.compile``, such a parameter change, ...),
-            named.
+            named; in clip mode, at the forward, a trainable parameter outside the
+            model that its output depends on.
 
     Examples::
 

@@ -1,20 +1,26 @@
 """The uses of autograd an open ``per_sample_grads`` context refuses from its hooks, and
 their messages: a second backward, ``torch.autograd.grad`` with respect to a trainable
-parameter, a gradient reaching a parameter through an op other than its Linear, and a
-backward after one cut short by an error.
+parameter, a gradient reaching a parameter through an op other than its Linear, a
+backward after one cut short by an error, and (clip mode) a trainable parameter outside
+the model feeding its output.
 
 Each message starts with ``per_sample_grads:`` and says what to do instead.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Iterator
+
 import torch
+from torch import nn
 
 from torchbp.per_sample.recorder import running_on_this_thread
 
 __all__ = [
     "autograd_grad_refusal",
     "inside_autograd_grad",
+    "outside_parameters_guard",
     "passed_through_autograd_grad",
     "refuse_backward_after_one_cut_short",
     "refuse_second_backward",
@@ -111,3 +117,68 @@ def passed_through_autograd_grad(tb) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def outside_parameters_guard(model: nn.Module) -> Callable:
+    """A forward hook for ``model`` (clip mode) that refuses an output whose autograd graph
+    reaches a trainable :class:`~torch.nn.Parameter` that is not one of the model's (a
+    second model before it, or a parameter its forward uses without registering it): the
+    backward would give that parameter an unclipped gradient, with no per-sample
+    accounting, into its ``p.grad``, where an optimizer stepping it would leak what
+    DP-SGD protects. A copy of the model (``copy.deepcopy`` copies the hook) is let be.
+    """
+    guarded = weakref.ref(model)
+
+    def refuse_parameters_outside(module: nn.Module, args: tuple, output: object) -> None:
+        if module is not guarded():
+            return
+        # the model's parameters as they are now: one replaced, frozen or unfrozen since
+        # the context was created is refused by name at the backward
+        own = {id(p) for p in module.parameters()}
+        for leaf in _graph_leaves(output):
+            if isinstance(leaf, nn.Parameter) and leaf.requires_grad and id(leaf) not in own:
+                raise RuntimeError(
+                    f"per_sample_grads: the output of the model given to per_sample_grads "
+                    f"depends on a trainable nn.Parameter of shape {tuple(leaf.shape)} that "
+                    "is not one of the model's (another model run before it, or a parameter "
+                    "its forward uses without registering it); in mode='clip' that parameter "
+                    "would receive an unclipped gradient outside the per-sample accounting: "
+                    "give per_sample_grads one module holding both (e.g. nn.Sequential), "
+                    "freeze it (requires_grad_(False)), or detach what it produces"
+                )
+
+    return refuse_parameters_outside
+
+
+def _graph_leaves(output: object) -> Iterator[torch.Tensor]:
+    """The leaf tensors whose gradient a backward from the tensors of ``output`` (a
+    tensor, or tuples, lists and dicts of them) accumulates: each graph node is visited
+    once."""
+    stack = []
+    for tensor in _tensors(output):
+        if tensor.grad_fn is not None:
+            stack.append(tensor.grad_fn)
+        elif tensor.requires_grad:
+            yield tensor
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node's tensor
+        if leaf is not None:
+            yield leaf
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+
+
+def _tensors(output: object) -> Iterator[torch.Tensor]:
+    """The tensors of ``output``: itself, or those in its tuples, lists and dict values."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, (tuple, list)):
+        for item in output:
+            yield from _tensors(item)
+    elif isinstance(output, dict):
+        for item in output.values():
+            yield from _tensors(item)

@@ -1,0 +1,119 @@
+"""A trainable parameter outside the model given to ``per_sample_grads`` (a second model
+run before it, an unregistered parameter its forward uses) that feeds the model's output:
+in clip mode it received an ordinary, unclipped gradient into its ``p.grad``, silently,
+so an optimizer stepping it trained it outside DP-SGD. Refused at the model's forward,
+by shape, with the ways out; other modes serve it, as without the context."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3))
+
+
+class _Scaled(nn.Module):
+    """Multiplies by a parameter it does not register (held in a plain list)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.unregistered = [nn.Parameter(torch.tensor(2.0))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.unregistered[0]
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1]), reduction="sum")
+
+
+@pytest.mark.parametrize("front", [nn.Linear(4, 4), nn.Conv1d(1, 1, 1), torchbp.nn.Linear(4, 4)])
+def test_a_trainable_model_in_front_refused_in_clip_mode_before_any_gradient(front):
+    model, x = _model(), torch.randn(5, 4)
+    refusal = (
+        r"nn.Parameter of shape \([\d, ]*\) that is not one of the model's.*unclipped"
+        r".*one module holding both.*requires_grad_\(False\).*detach"
+    )
+    with pytest.raises(RuntimeError, match=refusal):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            h = front(x.unsqueeze(1)).squeeze(1) if isinstance(front, nn.Conv1d) else front(x)
+            _loss(model(h)).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *front.parameters()])
+
+
+def test_an_unregistered_parameter_of_the_forward_refused_in_clip_mode():
+    wrapped = _Scaled(_model())
+    with pytest.raises(RuntimeError, match=r"shape \(\) that is not one of the model's"):
+        with per_sample_grads(wrapped, mode="clip", max_norm=1.0):
+            _loss(wrapped(torch.randn(5, 4))).backward()
+    assert wrapped.unregistered[0].grad is None
+
+
+def test_a_tuple_or_dict_output_is_looked_through():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _model()
+
+        def forward(self, x):
+            return {"logits": (x.sum(1, keepdim=True), self.body(x))}
+
+    model, front = TwoHeads(), nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match="not one of the model's"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            model(front(torch.randn(5, 4)))
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads"])
+def test_other_modes_give_the_outside_model_its_ordinary_gradient(mode):
+    model, front, x = _model(), nn.Linear(4, 4), torch.randn(5, 4)
+    _loss(model(front(x))).backward()
+    expected = [p.grad.clone() for p in front.parameters()]
+    for p in [*model.parameters(), *front.parameters()]:
+        p.grad = None
+    with per_sample_grads(model, mode=mode) as ps:
+        _loss(model(front(x))).backward()
+    assert ps.norms.shape == (5,)
+    for p, grad in zip(front.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad)
+
+
+def test_frozen_model_in_front_and_an_input_needing_its_gradient_served_in_clip_mode():
+    """Frozen parameters and a plain leaf input (an adversarial example's) get no
+    unclipped parameter gradient: served."""
+    model, front = _model(), nn.Linear(4, 4).requires_grad_(False)
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        _loss(model(front(x))).backward()
+    assert ps.clip_factors.shape == (5,)
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+def test_one_module_holding_both_is_the_way_out():
+    front = torchbp.nn.Linear(4, 4)
+    both = nn.Sequential(front, _model())
+    with per_sample_grads(both, mode="clip", max_norm=1.0) as ps:
+        _loss(both(torch.randn(5, 4))).backward()
+    assert len(ps.parameters) == 6 and front.weight.grad is not None
+
+
+def test_a_copy_of_the_model_made_inside_the_context_runs():
+    """deepcopy copies the forward hook with the model: on the copy, whose parameters are
+    its own, it does not act."""
+    model, x = _model(), torch.randn(5, 4)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        ema = copy.deepcopy(model)
+        ema(x)
+        _loss(model(x)).backward()
+    assert ps.norms.shape == (5,)
+    assert ema(x).shape == (5, 3)
