@@ -117,3 +117,16 @@ def test_a_copy_of_the_model_made_inside_the_context_runs():
         _loss(model(x)).backward()
     assert ps.norms.shape == (5,)
     assert ema(x).shape == (5, 3)
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_a_second_torchbp_model_in_the_loss_refused_with_the_way_out(mode):
+    """A second model of torchbp Linears whose output joins the loss (not in front of the
+    model: the forward cannot see it) is refused at its backward, saying what to do."""
+    model, second, x = _model(), torchbp.nn.Linear(4, 3), torch.randn(5, 4)
+    max_norm = 1.0 if mode == "clip" else None
+    refusal = r"shape \(3, 4\) is not a torchbp.nn.Linear of the model.*one module holding"
+    with pytest.raises(RuntimeError, match=refusal):
+        with per_sample_grads(model, mode, max_norm):
+            _loss(model(x) + second(x)).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *second.parameters()])

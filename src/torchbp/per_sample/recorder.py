@@ -149,8 +149,10 @@ class Recorder:
         return (
             f"a torchbp linear with a trainable weight of shape {tuple(weight.shape)} is not "
             "a torchbp.nn.Linear of the model given to per_sample_grads (a Linear outside "
-            "that model, a functional linear call, or a weight cast by autocast, which is "
-            "not supported)"
+            "that model, such as a second model's, a functional linear call, or a weight "
+            "cast by autocast, which is not supported): give per_sample_grads one module "
+            "holding every trainable Linear of the step (e.g. nn.Sequential or a "
+            "ModuleDict), or freeze that one (requires_grad_(False))"
         )
 
 
