@@ -173,3 +173,55 @@ def test_a_backward_nondeterministic_within_nondet_tol_passes_gradgradcheck():
     assert report["gradgradcheck"].passed, report
     strict = check_function(_WobblingGatherRows, *inputs, checks="gradcheck")
     assert "pass nondet_tol" in strict["gradcheck"].message
+
+
+class _Relu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0)
+
+
+class _ReluDetachedBackward(_Relu):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g.detach() * (x > 0)  # wrong for double backward: d(grad)/d(g) is lost
+
+
+def _counting_gradgradcheck(monkeypatch):
+    calls = []
+    real = torch.autograd.gradgradcheck
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("fast_mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "gradgradcheck", counting)
+    return calls
+
+
+def test_fast_gradgradcheck_on_kinks_builds_the_full_jacobians_once(monkeypatch):
+    # before: torch's fast gradgradcheck ran first, failed across relu's kinks and built
+    # the full Jacobians for its message, then the full comparison built them again
+    # (~10 s on a 40x40 input); it now runs only where its verdict counts
+    calls = _counting_gradgradcheck(monkeypatch)
+    x = seeded(8, 8).round()  # exact zeros: relu's kink
+    report = check_function(_Relu, x, checks="gradgradcheck", fast_mode=True)
+    assert report.ok, report
+    assert "full second-order Jacobian compared" in report["gradgradcheck"].message
+    assert calls == []
+    smooth = check_function(_Relu, x + 0.5, checks="gradgradcheck", fast_mode=True)
+    assert smooth.ok, smooth
+    assert calls == [True]  # away from kinks torch's fast verdict still runs
+
+
+def test_a_wrong_double_backward_on_kinks_still_fails_in_fast_mode():
+    x = seeded(8, 8).round()
+    report = check_function(_ReluDetachedBackward, x, checks="gradgradcheck", fast_mode=True)
+    assert report["gradgradcheck"].failed, report
