@@ -212,6 +212,26 @@ class ClassmethodScaledSoftmax(Function):
         return ctx.temperature * y * (g - (g * y).sum(-1, keepdim=True)), None
 
 
+class FusedBiasGelu(Function):
+    """tanh-gelu of ``x + bias`` fused, returning the same unreduced tensor as the bias
+    gradient (as large-model training code does), which autograd sums to the bias's shape."""
+
+    @staticmethod
+    def forward(ctx, x, bias):
+        ctx.save_for_backward(x, bias)
+        return F.gelu(x + bias, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, g):
+        x, bias = ctx.saved_tensors
+        z = x + bias
+        k = 0.7978845608028654  # sqrt(2 / pi)
+        t = torch.tanh(k * (z + 0.044715 * z**3))
+        # d/dz 0.5 z (1 + t) = 0.5 (1 + t) + 0.5 z (1 - t²) k (1 + 3 * 0.044715 z²)
+        grad = g * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z))
+        return grad, grad
+
+
 # --- shipped, but not what gradcheck can pass ---------------------------------
 
 

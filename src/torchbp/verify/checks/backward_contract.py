@@ -137,7 +137,11 @@ def _gradient_mismatch(grad: torch.Tensor, expected: Any, i: int) -> str | None:
         return (
             f"a gradient of shape {shape_text(grad)} for its input {i}, which has shape "
             f"{shape_text(tuple(expected.shape))}: reduce it over the broadcast (leading) "
-            "dims yourself - autograd silently sums it in eager mode, which hides the bug"
+            "dims yourself (grad.sum_to_size(shape)) - autograd sums a gradient it can "
+            "broadcast from the input's shape on its way without a word (the values "
+            "reaching the input are then right, gradcheck cannot see it, and backward "
+            "built a larger tensor than needed); if you rely on that sum on purpose, as "
+            "a fused bias-activation's bias gradient may, pass skip=['grad_shapes']"
         )
     if _narrower(grad.dtype, expected.dtype):
         return (
