@@ -94,16 +94,16 @@ def checked_noise_multiplier(noise_multiplier: object) -> float:
 
 
 def refuse_unrepresentable_std(
-    parameters: Iterable[torch.Tensor], noise_multiplier: float, max_norm: float, std: float
+    grad_dtypes: Iterable[torch.dtype], noise_multiplier: float, max_norm: float, std: float
 ) -> None:
     """Raise, before any gradient changes, if the noise std ``σC`` is not a finite
-    number of every parameter's dtype (the noise would be ±inf, or torch would fail
-    midway through the parameters).
+    number of every gradient's dtype (the noise, drawn in it, would be ±inf, or torch
+    would fail midway through the parameters).
 
     Raises:
         ValueError: naming ``σ``, ``C``, their product and the dtype.
     """
-    for dtype in dict.fromkeys(p.dtype for p in parameters):
+    for dtype in dict.fromkeys(grad_dtypes):
         largest = torch.finfo(dtype).max
         if not (math.isfinite(std) and std <= largest):
             raise ValueError(

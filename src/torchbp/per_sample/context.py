@@ -20,7 +20,7 @@ from torchbp.per_sample.model_check import (
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.recorder import Recorder
-from torchbp.per_sample.results import form_results, refuse_unwritable_grad
+from torchbp.per_sample.results import form_results, gradient_dtype, refuse_unwritable_grad
 
 __all__ = ["MODES", "PerSampleGrads", "per_sample_grads"]
 
@@ -297,7 +297,10 @@ class PerSampleGrads:
                 "the next step"
             )
         std = float(noise_multiplier) * self.max_norm
-        arguments.refuse_unrepresentable_std(self.parameters, noise_multiplier, self.max_norm, std)
+        grad_dtypes = [
+            gradient_dtype(p) if p.grad is None else p.grad.dtype for p in self.parameters
+        ]
+        arguments.refuse_unrepresentable_std(grad_dtypes, noise_multiplier, self.max_norm, std)
         arguments.refuse_unusable_generator(self.parameters, generator)
         for p in self.parameters:
             if p.grad is not None:
@@ -305,7 +308,9 @@ class PerSampleGrads:
         with torch.no_grad():
             for p in self.parameters:
                 if p.grad is None:
-                    p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    p.grad = torch.zeros_like(
+                        p, dtype=gradient_dtype(p), memory_format=torch.contiguous_format
+                    )
             try:
                 # one stream from the generator, chunk by chunk (see torchbp.per_sample.noise)
                 add_gaussian_noise_([p.grad for p in self.parameters], std, generator)
@@ -509,7 +514,8 @@ def per_sample_grads(
 
     In every mode the Linear backward skips ``dW`` and ``db`` and the context forms them
     after the backward (one matmul per layer, as the backward would have), so autograd
-    never holds or accumulates them. ``p.grad`` accumulates like autograd's: the result
+    never holds or accumulates them. ``p.grad`` accumulates like autograd's, in
+    ``p.grad_dtype`` where that is set (float32 gradients of a bfloat16 model): the result
     is added to a gradient already there (clip mode included, so micro-batches can be
     summed before one noisy step; a sparse one becomes the dense sum, as with autograd,
     and one an in-place add refuses, an expanded or an inference tensor, which autograd

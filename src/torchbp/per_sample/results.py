@@ -18,7 +18,7 @@ from torch import nn
 from torchbp.per_sample import formulas, memory
 from torchbp.per_sample.model_check import Layer
 
-__all__ = ["Results", "form_results", "refuse_unwritable_grad"]
+__all__ = ["Results", "form_results", "gradient_dtype", "refuse_unwritable_grad"]
 
 
 @dataclass
@@ -106,6 +106,14 @@ def form_results(
             layer_grads = _clipped_sums(layer, *trace, factors) if clip else sums
             results.grads += _accumulations(layer, layer_grads, accounted)
     return results
+
+
+def gradient_dtype(p: nn.Parameter) -> torch.dtype:
+    """The dtype autograd gives a new ``p.grad``: ``p.grad_dtype`` where set to one
+    (torch's option to keep, say, float32 gradients of a bfloat16 parameter, which refuses
+    any other dtype; not in every torch version), else ``p.dtype``."""
+    grad_dtype = getattr(p, "grad_dtype", None)
+    return p.dtype if grad_dtype is None else grad_dtype
 
 
 def refuse_unwritable_grad(p: nn.Parameter, name: str, action: str) -> None:
@@ -234,10 +242,10 @@ def _statistics(layer: Layer, trace, sums, batch: int, accounted: set[int]) -> l
 
 
 def _accumulations(layer: Layer, layer_grads: tuple, accounted: set[int]) -> list[tuple]:
-    """:func:`_accumulation` of the layer's ``(dW, db)`` (``sums``: maybe wider than the
-    parameters, cast to their dtype) for each parameter whose id is ``accounted``."""
+    """:func:`_accumulation` of the layer's ``(dW, db)`` (maybe wider than the parameters,
+    cast to their :func:`gradient_dtype`) for each parameter whose id is ``accounted``."""
     return [
-        _accumulation(p, grad.to(p.dtype), layer.parameter_name(what))
+        _accumulation(p, grad.to(gradient_dtype(p)), layer.parameter_name(what))
         for p, what, grad in zip((layer.weight, layer.bias), ("weight", "bias"), layer_grads)
         if _is_in(p, accounted)
     ]
