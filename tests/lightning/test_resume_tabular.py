@@ -6,11 +6,13 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from tests.lightning.lightning_helpers import RecordBatches, run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchbp.lightning.console import quiet_lightning
+from torchbp.lightning.data import SklearnToyDataModule, SyntheticDataModule
 from torchbp.lightning.samplers import EpochSeededSampler
 
 
@@ -132,7 +134,6 @@ def test_a_fit_resumed_within_an_epoch_with_another_batch_size_warns(tmp_path, s
 def _fit_iris_loader(tmp_path, loader, ckpt_path=None, first_steps=4):
     """Fit on ``loader`` (3 epochs, a checkpoint every 3 steps; without ``ckpt_path``,
     ``first_steps`` steps) and return the trainer."""
-    import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from torchbp.lightning.module import ERMClassifier
@@ -296,3 +297,62 @@ def test_a_fit_resumed_within_an_epoch_on_another_number_of_processes_warns(tmp_
     messages = [str(w.message) for w in caught if "fit resumed" in str(w.message)]
     assert len(messages) == 1, messages
     assert "whose processes (2) shared the epoch's rows, and continues it with 1" in messages[0]
+
+
+class _PlainModel(pl.LightningModule):
+    """A LightningModule of one's own (not ERMClassifier) that records its batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+        self.batches: list[tuple[int, list[float]]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.batches.append((self.current_epoch, x[0].tolist()))
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_plain_model(tmp_path, data, ckpt_path=None) -> _PlainModel:
+    """Fit a :class:`_PlainModel` 3 epochs on ``data`` (a checkpoint every 3 steps)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    model = _PlainModel()
+    every_3 = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[every_3],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    with quiet_lightning():
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model
+
+
+#: DataModules of 7 training batches an epoch
+_SEVEN_BATCHES = {
+    "shuffled": lambda: SklearnToyDataModule(name="iris", batch_size=16),
+    "poisson": lambda: SklearnToyDataModule(name="iris", batch_size=16, poisson_sampling=True),
+    "synthetic": lambda: SyntheticDataModule(
+        n_samples=112, n_features=4, n_classes=3, n_val=16, n_test=16, batch_size=16
+    ),
+}
+
+
+@pytest.mark.parametrize("data", list(_SEVEN_BATCHES))
+def test_any_lightning_module_resumed_within_an_epoch_continues_its_batches(tmp_path, data):
+    """Only ERMClassifier continued a resumed epoch of torchbp's DataModules: a LightningModule
+    of one's own, resumed after step 9 (epoch 1's second batch of 7), started epoch 1 over,
+    training its first batches twice and its last ones never."""
+    whole = _fit_plain_model(tmp_path, _SEVEN_BATCHES[data]())
+    resumed = _fit_plain_model(
+        tmp_path / "resumed", _SEVEN_BATCHES[data](), ckpt_path=tmp_path / "step=9.ckpt"
+    )
+    assert resumed.batches == whole.batches[9:]

@@ -320,22 +320,29 @@ class ArrayDataModule(ClassificationDataModule):
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        """The loader of ``split``; the train loader's workers start fetching at its first
-        batch, so that a resumed fit continues the epoch with workers too."""
+        """The loader of ``split``; the train loader of a fit resumed within an epoch
+        continues it (see :meth:`_batches_trained_before_resuming`), and its workers start
+        fetching at its first batch, so that it does with workers too."""
         ds = self.splits[split]
         loader_class = FetchOnFirstBatchDataLoader if train else DataLoader
+        epoch, trained = self._batches_trained_before_resuming() if train else (0, 0)
         if train and self.poisson_sampling:
             refuse_poisson_sampling_across_processes(rank_world()[1])
             rate = min(1.0, self.batch_size / len(ds))
+            draws = PoissonBatchSampler(len(ds), rate, seed=self.seed)
+            if trained:
+                draws.load_state_dict({"epoch": epoch, "drawn": trained})
             return loader_class(
                 ds,
-                batch_sampler=PoissonBatchSampler(len(ds), rate, seed=self.seed),
+                batch_sampler=draws,
                 collate_fn=functools.partial(collate_or_empty, ds),
                 **self._loader_options(),
             )
         sampler = EpochSeededSampler(
             ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
         )
+        if trained:
+            sampler.continue_epoch(epoch, min(trained * self.batch_size, len(sampler)))
         return loader_class(
             ds,
             batch_size=self.batch_size,

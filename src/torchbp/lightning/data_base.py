@@ -60,6 +60,19 @@ class ClassificationDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         raise NotImplementedError
 
+    def _batches_trained_before_resuming(self) -> tuple[int, int]:
+        """``(epoch, batches)``: the epoch a fit resumed within (from a checkpoint saved in
+        it) and how many of its batches it trained before, while that fit asks for its
+        train loader (Lightning asks once the checkpoint's loops are restored, before the
+        epoch continues); ``(epoch, 0)`` otherwise. The train loaders of torchbp's
+        DataModules continue the epoch after them, whatever the LightningModule."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return (0, 0) if trainer is None else (trainer.current_epoch, 0)
+        # the batches whose step ran to its end (a checkpoint saved on an exception inside
+        # a step has that batch fetched, not trained: the loop trains it again)
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def check_data(self) -> None:
         """Raise :class:`DataError` if the data is unusable, before training starts
         (``torchbp-train`` calls it after instantiating the DataModule). Default: nothing to

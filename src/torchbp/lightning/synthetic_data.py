@@ -170,11 +170,16 @@ class SyntheticDataModule(ClassificationDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """The training batches; the workers start at the first batch, once the epoch (and
-        where a resumed fit continues it) is set."""
-        return self._loader(
+        """The training batches; a fit resumed within an epoch continues it (see
+        :meth:`_batches_trained_before_resuming`), and the workers start at the first batch,
+        once the epoch (and where a resumed fit continues it) is set."""
+        loader = self._loader(
             self.n_samples, self.seed * 3 + 1, self.shuffle, FetchOnFirstBatchDataLoader
         )
+        epoch, trained = self._batches_trained_before_resuming()
+        if trained:
+            loader.sampler.continue_epoch(epoch, min(trained, len(loader.sampler)))
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.n_val, self.seed * 3 + 2, False)
