@@ -242,3 +242,33 @@ def test_a_bias_gradient_left_for_autograd_to_sum_is_named_with_how_to_accept_it
     assert "skip=['grad_shapes']" in result.message
     accepted = check_function(rw.FusedBiasGelu, *inputs, reference=reference, skip="grad_shapes")
     assert accepted.ok, accepted
+
+
+class _ReluOneAtZero(_Relu):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x >= 0)  # relu'(0) = 1: valid, but native torch.relu picks 0
+
+
+class _ReluTwiceAtZero(_Relu):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * ((x > 0) + 2 * (x == 0))  # wrong: 2 is no derivative of relu at 0
+
+
+def test_a_valid_gradient_at_a_kink_other_than_the_references_is_named_so():
+    # before: "(underflow, or another value or gradient at a kink?)" whether fn's choice
+    # at the kink is valid (between the one-sided differences) or not; sparsemax against
+    # an autograd reference (sort, gather, clamp) picks another face at ties
+    report = check_function(_ReluOneAtZero, seeded(4, 5), reference=torch.relu)
+    result = report["extreme_values"]
+    assert result.failed, report
+    assert "a valid choice; the reference picks another" in result.message
+    assert "skip=['extreme_values']" in result.message
+    sparse = check_function(rw.Sparsemax, seeded(4, 5), 0, reference=rw.sparsemax_reference)
+    assert "a valid choice; the reference picks another" in sparse["extreme_values"].message
+    wrong = check_function(_ReluTwiceAtZero, seeded(4, 5), reference=torch.relu)
+    assert wrong["extreme_values"].failed, wrong
+    assert "valid choice" not in wrong["extreme_values"].message

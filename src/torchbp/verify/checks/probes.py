@@ -22,6 +22,7 @@ import torch
 from torchbp.verify.checks.compare import float_tensors, require_close, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.jacobians import one_sided_bracket
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.parity import grads_or_none
 
@@ -72,17 +73,71 @@ def _probe_inputs(ctx: CheckContext, transform: Callable[[torch.Tensor], torch.T
 
 
 def _gradient_pairs(ctx: CheckContext, grads, ref_grads, inputs):
-    """``(what, fn's, the reference's)`` gradient of each grad input, zeros where unused; a
-    module parameter the reference does not use (a reference module with its own
-    parameters) has nothing to be compared against and is left out."""
+    """``(what, fn's, the reference's, k)`` gradient of each grad input ``k``, zeros where
+    unused; a module parameter the reference does not use (a reference module with its
+    own parameters) has nothing to be compared against and is left out."""
     pairs = []
     for k, (a, b) in enumerate(zip(grads, ref_grads)):
         if b is None and ctx.grad_idx[k] in ctx.parameter_names:
             continue
         zeros = torch.zeros_like(inputs[k])
         what = f"gradient of {ctx.input_name(k)}"
-        pairs.append((what, zeros if a is None else a, zeros if b is None else b))
+        pairs.append((what, zeros if a is None else a, zeros if b is None else b, k))
     return pairs
+
+
+#: At most this many elements of a gradient that differs from the reference's on a probe
+#: are examined for a kink (two calls of fn each).
+KINK_ELEMENTS = 64
+
+#: What a message adds when fn's gradient on a probe is a valid one at a kink.
+KINK_CHOICE_NOTE = (
+    " (another gradient at a kink: fn is not differentiable at each element where its "
+    "gradient differs from the reference's - a tie, a threshold - and fn's lies there "
+    "between the one-sided differences, a valid choice; the reference picks another: "
+    "follow its choice if you mean to match it, as one matches native relu'(0) = 0, or "
+    "else, the reference's choice being as arbitrary, pass skip=['extreme_values'])"
+)
+
+
+def _one_sided_gradient(ctx: CheckContext, inputs, k: int, j: int, mid, vs):
+    """The range of ``v^T d`` over the derivatives ``d`` of fn along element ``j`` of
+    input ``k`` lying between its one-sided differences
+    (:func:`~torchbp.verify.checks.jacobians.one_sided_bracket`), and whether those differ
+    (fn is not differentiable there)."""
+    eps = ctx.options.eps
+    quotients = []
+    for step in (eps, -eps):
+        moved = [x.detach() for x in inputs]
+        flat = moved[k].clone().reshape(-1)
+        flat[j] += step
+        moved[k] = flat.reshape(inputs[k].shape)
+        with torch.no_grad():
+            outs = float_tensors(ctx.call(ctx.fn, moved))
+        quotients.append([(o.detach() - m) / step for o, m in zip(outs, mid)])
+    right, left = quotients
+    kink = any(
+        not torch.allclose(r, lf, ctx.options.rtol, ctx.options.atol) for r, lf in zip(right, left)
+    )
+    return one_sided_bracket(left, right, vs), kink
+
+
+def _kink_choice(ctx: CheckContext, inputs, vs, mid, k: int, a, b, tolerance) -> str:
+    """:data:`KINK_CHOICE_NOTE` when fn's gradient ``a`` of input ``k`` on a probe differs
+    from the reference's ``b`` only at elements (at most :data:`KINK_ELEMENTS`) where fn
+    is not differentiable and ``a`` lies between the one-sided differences there; else
+    empty (a plain wrong gradient)."""
+    atol, rtol = tolerance
+    differing = (~torch.isclose(a, b, rtol, atol)).reshape(-1).nonzero().flatten().tolist()
+    if not differing or len(differing) > KINK_ELEMENTS:
+        return ""
+    for j in differing:
+        (low, high), kink = _one_sided_gradient(ctx, inputs, k, j, mid, vs)
+        value = float(a.reshape(-1)[j])
+        slack = atol + rtol * max(abs(low), abs(high))
+        if not kink or not low - slack <= value <= high + slack:
+            return ""
+    return KINK_CHOICE_NOTE
 
 
 def _where_reference_finite(
@@ -136,6 +191,10 @@ def _require_close_on_probe(
     return errors, overflowed
 
 
+#: The hint of a mismatch on a probe where fn and the reference are finite.
+UNDERFLOW_OR_KINK = " (underflow, or another value or gradient at a kink?)"
+
+
 def _likely_cause(a: torch.Tensor, b: torch.Tensor) -> str:
     """A hint at why fn's ``a`` differs from the reference's ``b`` on a probe, read off
     where fn is not finite and the reference is."""
@@ -148,7 +207,7 @@ def _likely_cause(a: torch.Tensor, b: torch.Tensor) -> str:
         )
     if bool((torch.isinf(a) & finite_ref).any()):
         return " (fn overflows where the reference is finite: exp without the max trick?)"
-    return " (underflow, or another value or gradient at a kink?)"
+    return UNDERFLOW_OR_KINK
 
 
 def check_extreme_values(ctx: CheckContext) -> Passed:
@@ -179,10 +238,21 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
             raise CheckFailure(
                 f"on {label}: fn returned {len(outs)} output(s), the reference {len(ref_outs)}"
             )
-        pairs = [(f"output {o}", a, b) for o, (a, b) in enumerate(zip(outs, ref_outs))]
+        pairs = [(f"output {o}", a, b, None) for o, (a, b) in enumerate(zip(outs, ref_outs))]
         pairs += _gradient_pairs(ctx, grads, ref_grads, inputs)
-        for what, a, b in pairs:
-            errors, count = _require_close_on_probe(a, b, tolerance, f"on {label}: {what}", probe)
+        for what, a, b, k in pairs:
+            try:
+                errors, count = _require_close_on_probe(
+                    a, b, tolerance, f"on {label}: {what}", probe
+                )
+            except CheckFailure as failure:
+                if k is None or probe.large:
+                    raise
+                note = _kink_choice(ctx, inputs, vs, outs, k, a, b, tolerance)
+                message = failure.message
+                if note:
+                    message = message.removesuffix(UNDERFLOW_OR_KINK) + note
+                raise CheckFailure(message, failure.abs_err, failure.rel_err) from None
             worst, overflowed = max(worst, errors), overflowed + count
     if not compared:
         raise CheckSkip("the reference raised on every probe")
