@@ -1585,15 +1585,16 @@ def test_frozen_hook_based_spectral_norm_named_in_the_refusal():
     assert model[0].bias.grad is None
 
 
-@pytest.mark.parametrize("what", ["weight", "bias"])
+@pytest.mark.parametrize("what", ["bias"])
 def test_frozen_parametrization_refused_at_creation_by_name(what):
-    """A Linear whose weight (or bias) is parametrized (torch.nn.utils.parametrize) gets a
-    new tensor at every forward, so none of its calls can be matched to the layer. Frozen,
-    with the other parameter trainable, it was refused at the backward, after the forward
-    (a private fit had started its step); a parametrized bias as a weight 'passed to a
-    linear call with a bias other than its own'. Now refused at creation, naming the
-    parametrization, with the way out (a trainable one is refused by name as its
-    parametrization's parameter)."""
+    """A Linear whose bias is parametrized (torch.nn.utils.parametrize) gets a new tensor
+    at every forward, so none of its calls can be matched to the layer. Frozen, with the
+    weight trainable, it was refused at the backward, after the forward (a private fit
+    had started its step), as a weight 'passed to a linear call with a bias other than
+    its own'. Now refused at creation, naming the parametrization, with the way out (a
+    trainable one is refused by name as its parametrization's parameter; a frozen
+    parametrized weight with a trainable bias is served: see
+    tests/per_sample/test_parametrized_weight.py)."""
     from torch.nn.utils import parametrize
 
     class Doubled(nn.Module):

@@ -117,7 +117,10 @@ class PerSampleGrads:
                 "per_sample_grads: contexts cannot be nested; another one is open on this thread"
             )
         self._check_parameters()
-        weights = [id(layer.module.weight) for layer in self._layers]
+        # (a weight formed anew at every forward has no identity to be looked up by)
+        weights = [
+            id(layer.module.weight) for layer in self._layers if not layer.weight_formed_per_call
+        ]
         if any(w in per_sample_recorders_by_weight for w in weights):
             raise RuntimeError(
                 "per_sample_grads: another context, open on another thread, records this "
@@ -574,8 +577,9 @@ def per_sample_grads(
     (the formulas are real ones) or with a trainable weight or bias that is not an
     ``nn.Parameter`` (a plain tensor ``torch.func.functional_call`` left in a module
     listed twice, or one assigned after ``del lin.weight``), a Linear with a trainable
-    parameter and a weight or bias parametrized by ``torch.nn.utils.parametrize`` (formed
-    anew by every forward, even when frozen), a Linear with a 1-D weight or
+    parameter and a bias parametrized by ``torch.nn.utils.parametrize`` (formed anew by
+    every forward, even when frozen; a frozen parametrized weight with a trainable bias is
+    served: its calls are matched by the bias), a Linear with a 1-D weight or
     a trainable bias of another shape than ``(out_features,)``, a MultiheadAttention with
     a trainable ``out_proj`` (its forward applies it to the output flattened to
     ``(T·B, E)``, not per sample), BatchNorm in training mode,

@@ -75,6 +75,13 @@ class Layer:
         """``(name, module)`` of every Linear module whose calls this layer records."""
         return [(self.name, self.module), *self.tied]
 
+    @property
+    def weight_formed_per_call(self) -> bool:
+        """Whether the module's (frozen) weight is formed anew at every access, by a
+        ``torch.nn.utils.parametrize`` parametrization: it has no identity to match the
+        layer's calls by, so they are matched by the trainable bias."""
+        return parametrize.is_parametrized(self.module, "weight")
+
     def parameter_name(self, what: str) -> str:
         """``"parameter 0.weight"`` for ``what="weight"`` of the layer ``"0"``."""
         return f"parameter {self.name + '.' if self.name else ''}{what}"
@@ -337,11 +344,13 @@ def _refuse_plain_tensors(where: str, module: bpnn.Linear) -> None:
 
 
 def _refuse_frozen_parametrizations(where: str, module: bpnn.Linear) -> None:
-    """Raise if ``module``, a Linear with a trainable parameter, has a parametrized weight
-    or bias (``torch.nn.utils.parametrize``) whose parametrizations are all frozen: the
-    tensor is formed anew by every forward, so no call of the module has the parameters
-    its calls are recorded by (a parametrization with trainable parameters is refused by
-    name as the module holding them).
+    """Raise if ``module``, a Linear with a trainable parameter, has a parametrized bias
+    (``torch.nn.utils.parametrize``) whose parametrizations are all frozen: the tensor is
+    formed anew by every forward, so no call of the module has the parameters its calls
+    are recorded by (a parametrization with trainable parameters is refused by name as the
+    module holding them). A frozen parametrized weight alone is served: the calls are
+    matched by the trainable bias, whose per-sample gradient needs no weight (see
+    :attr:`Layer.weight_formed_per_call`).
 
     Raises:
         TypeError: naming the module and the parametrized tensors, with the way out.
@@ -351,6 +360,8 @@ def _refuse_frozen_parametrizations(where: str, module: bpnn.Linear) -> None:
     if any(p.requires_grad for p in module.parametrizations.parameters()):
         return
     names = [what for what in ("weight", "bias") if parametrize.is_parametrized(module, what)]
+    if names == ["weight"]:
+        return
     raise TypeError(
         f"per_sample_grads: {where} has a parametrized {' and '.join(names)} "
         "(torch.nn.utils.parametrize), formed anew by every forward, frozen or not, so its "
@@ -484,7 +495,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             layer built with ``batch_first=False``, a module has trainable parameters
             that are not a :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
             parameters, a trainable weight or bias that is not an ``nn.Parameter``, or a
-            trainable parameter and a parametrized weight or bias (named in the message).
+            trainable parameter and a parametrized bias (named in the message).
         ValueError: a trainable parameter is shared by two Linear modules that do not
             share both their weight and their bias (a module sharing both is not a layer
             of its own: its calls are recorded for the first one's), or a Linear's

@@ -33,8 +33,12 @@ class Recorder:
     """
 
     def __init__(self, layers: list[Layer], check_parameters: Callable[[], None]) -> None:
-        self._by_parameters = {_parameter_ids(layer.module): layer for layer in layers}
-        self._by_weight = {id(layer.module.weight): layer for layer in layers}
+        stable = [layer for layer in layers if not layer.weight_formed_per_call]
+        self._by_parameters = {_parameter_ids(layer.module): layer for layer in stable}
+        self._by_weight = {id(layer.module.weight): layer for layer in stable}
+        # a layer whose frozen weight is formed anew at every forward (parametrized) is
+        # matched by its trainable bias: db_i = Σ_t g_it, whatever the weight
+        self._by_bias = {id(layer.bias): layer for layer in layers if layer.weight_formed_per_call}
         self.check_parameters = check_parameters
         self.finalised = False
         self.closed = False  # the context has exited
@@ -93,6 +97,8 @@ class Recorder:
         the backward for the same reason.
         """
         layer = self._by_parameters.get((id(weight), _id_or_none(bias)))
+        if layer is None and bias is not None and not weight.requires_grad:
+            layer = self._by_bias.get(id(bias))
         if layer is None:
             if weight.requires_grad or (bias is not None and bias.requires_grad):
                 if self.watch_stray is not None:

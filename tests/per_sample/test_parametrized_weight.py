@@ -1,0 +1,72 @@
+"""A Linear whose weight is a frozen ``torch.nn.utils.parametrize`` parametrization and
+whose bias is trainable (bias-only fine-tuning of a constrained layer). The weight is
+formed anew by every forward, so the layer's calls cannot be matched by it; it was
+refused at creation. The calls are matched by the trainable bias now, whose per-sample
+gradient ``Σ_t g_it`` needs no weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.per_sample._truth import assert_matches_truth, per_sample_truth, summed_cross_entropy
+from torch import nn
+from torch.nn.utils import parametrize
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+
+class _Doubled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3))
+    parametrize.register_parametrization(model[0], "weight", _Doubled())
+    model[0].parametrizations.weight.original.requires_grad_(False)
+    return model
+
+
+def test_frozen_parametrized_weight_with_a_trainable_bias_served():
+    model, x, y = _model(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    truth = per_sample_truth(model, x, y)
+    with per_sample_grads(model, mode="grads") as ps:
+        summed_cross_entropy(model, x, y).backward()
+    assert ps.parameters == [model[0].bias, model[2].weight, model[2].bias]
+    assert_matches_truth(model, ps, truth)
+
+
+def test_sequence_inputs_give_the_bias_its_positions_summed():
+    """(B, T, in) inputs: the bias's per-sample gradient sums the sample's positions."""
+    model, x = _model(), torch.randn(5, 3, 4)
+    with per_sample_grads(model, mode="grads") as ps:
+        model(x).square().sum().backward()
+    bias = model[0].bias
+    assert bias.grad_sample.shape == (5, 6)
+    torch.testing.assert_close(bias.grad_sample.sum(0), bias.grad)
+    each = torch.cat([p.grad_sample.flatten(1) for p in ps.parameters], 1)
+    torch.testing.assert_close(ps.norms, each.norm(dim=1))
+
+
+def test_clip_mode_clips_the_bias_with_the_rest():
+    model, x, y = _model(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    truth = per_sample_truth(model, x, y)
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        summed_cross_entropy(model, x, y).backward()
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in truth.values()]).sum(0).sqrt()
+    factors = (0.1 / norms).clamp(max=1)
+    torch.testing.assert_close(ps.norms, norms)
+    for name, per_sample in truth.items():
+        clipped = (factors.view(-1, *[1] * (per_sample.dim() - 1)) * per_sample).sum(0)
+        torch.testing.assert_close(model.get_parameter(name).grad, clipped)
+    assert model[0].parametrizations.weight.original.grad is None
+
+
+def test_frozen_parametrized_bias_still_refused():
+    model = nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3))
+    parametrize.register_parametrization(model[0], "bias", _Doubled())
+    model[0].parametrizations.bias.original.requires_grad_(False)
+    with pytest.raises(TypeError, match=r"'0' \(ParametrizedLinear\) has a parametrized bias"):
+        per_sample_grads(model, mode="clip", max_norm=1.0)
