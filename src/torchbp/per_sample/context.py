@@ -530,8 +530,9 @@ def per_sample_grads(
     backward, before anything is formed. Gradient hooks on the accounted parameters see
     no gradient, since autograd carries none for them: a ``Tensor.register_hook`` hook is
     called with ``None``, and a post-accumulate-grad hook (an optimizer stepped in the
-    backward, DDP's gradient reduction) runs before the context forms ``p.grad``; neither
-    is supported.
+    backward, DDP's gradient reduction) runs before the context forms ``p.grad`` (that of
+    the last parameter the backward reaches just after, before any ``add_noise``: an
+    optimizer stepped there would step it without the noise); neither is supported.
 
     When the results are formed: a multi-gradient hook on the trainable parameters fires
     once the backward has passed all of them it reaches, so right after
