@@ -232,6 +232,48 @@ class FusedBiasGelu(Function):
         return grad, grad
 
 
+class TrainingBatchNorm(Function):
+    """batch norm in training mode updating the running statistics given as inputs in
+    place (as F.batch_norm and synchronized batch norms do), backward recomputing the
+    statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum=0.1, eps=1e-5):
+        n = x.shape[0]
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        running_mean.mul_(1 - momentum).add_(momentum * mean)
+        running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return (x - mean) * (var + eps).rsqrt() * weight + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        n = x.shape[0]
+        rstd = (x.var(0, unbiased=False) + ctx.eps).rsqrt()
+        x_hat = (x - x.mean(0)) * rstd
+        d = g * weight
+        # dx = rstd / n (n d - sum(d) - x̂ sum(d x̂)), over the batch
+        gx = rstd / n * (n * d - d.sum(0) - x_hat * (d * x_hat).sum(0))
+        return gx, (g * x_hat).sum(0), g.sum(0), None, None, None, None
+
+
+class TrainingBatchNormModule(torch.nn.Module):
+    """:class:`TrainingBatchNorm` with its running statistics as buffers."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, channels))
+        self.bias = torch.nn.Parameter(torch.linspace(-0.5, 0.5, channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        stats = (self.running_mean, self.running_var)
+        return TrainingBatchNorm.apply(x, self.weight, self.bias, *stats)
+
+
 # --- shipped, but not what gradcheck can pass ---------------------------------
 
 

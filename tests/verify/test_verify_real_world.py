@@ -272,3 +272,24 @@ def test_a_valid_gradient_at_a_kink_other_than_the_references_is_named_so():
     wrong = check_function(_ReluTwiceAtZero, seeded(4, 5), reference=torch.relu)
     assert wrong["extreme_values"].failed, wrong
     assert "valid choice" not in wrong["extreme_values"].message
+
+
+def test_running_statistics_updated_in_place_are_checked_through_a_module():
+    # before: the write into the running statistics failed mutation and
+    # grad_output_safety with advice (mark_dirty, write into a copy) that does not fit
+    # state updated on purpose; the module route the message now names passes
+    stats = (torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
+    inputs = (seeded(4, 5), seeded(5, seed=1), seeded(5, seed=2), *stats)
+    report = check_function(rw.TrainingBatchNorm, *inputs, grad_inputs=(0, 1, 2))
+    for name in ("mutation", "grad_output_safety"):
+        assert report[name].failed, report
+        assert "make it a buffer of an nn.Module" in report[name].message
+    module = rw.TrainingBatchNormModule(5).double()
+
+    def reference(x):
+        weight, bias = module.weight, module.bias
+        return F.batch_norm(x, None, None, weight, bias, training=True)
+
+    report = check_function(module, seeded(4, 5), reference=reference)
+    assert report.ok, report
+    assert module.running_mean.eq(0).all()  # put back after the checks

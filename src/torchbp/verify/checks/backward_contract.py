@@ -29,6 +29,7 @@ from torchbp.verify.checks.compare import (
 )
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, first_line
+from torchbp.verify.checks.mutation import STATE_INPUT_HINT
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.rng import draws_random_numbers, require_gradients_of_own_forward
 
@@ -534,12 +535,16 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             worst = max(worst, require_close(a, e, tolerance, problem, note=note))
     for k, (x, xb) in enumerate(zip(leaves, leaves_before)):
         if not same_values(x.detach(), xb):
-            raise CheckFailure(f"forward or backward modified {ctx.input_name(k)} in place")
+            raise CheckFailure(
+                f"forward or backward modified {ctx.input_name(k)} in place" + STATE_INPUT_HINT
+            )
     after = [a for a in ctx.args if isinstance(a, torch.Tensor)]
     for a, b in zip(after, inputs_before):
         a = dense(a)
         if not same_values(a, b):
-            raise CheckFailure("fn modified one of its (non-differentiable) inputs in place")
+            raise CheckFailure(
+                "fn modified one of its (non-differentiable) inputs in place" + STATE_INPUT_HINT
+            )
     layout_errors, caveat = _require_input_layout_independent(ctx)
     return Passed(
         "grad_output intact; strided, offset and expanded grads and strided inputs accepted",

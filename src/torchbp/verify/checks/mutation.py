@@ -73,11 +73,27 @@ def _write_problem(t: torch.Tensor, before: Snapshot, what: str, when: str) -> s
     return None
 
 
-def _check_unchanged(tensors: Sequence[tuple[str, torch.Tensor, Snapshot]], when: str) -> None:
+#: What a message on a write into a floating-point input adds: it may be state fn
+#: updates on purpose.
+STATE_INPUT_HINT = (
+    " (if it is state fn updates on purpose, such as the running statistics "
+    "F.batch_norm updates, make it a buffer of an nn.Module whose forward calls fn and "
+    "check the module: its buffers are put back after every call, and are not "
+    "differentiated)"
+)
+
+
+def _check_unchanged(
+    tensors: Sequence[tuple[str, torch.Tensor, Snapshot]],
+    when: str,
+    state_names: frozenset[str] = frozenset(),
+) -> None:
+    """Fail on the first of ``tensors`` written during ``when``; for one named in
+    ``state_names`` (a floating-point input) the message adds :data:`STATE_INPUT_HINT`."""
     for what, t, before in tensors:
         problem = _write_problem(t, before, what, when)
         if problem:
-            raise CheckFailure(problem)
+            raise CheckFailure(problem + (STATE_INPUT_HINT if what in state_names else ""))
 
 
 def _grads(outs: list[torch.Tensor], leaves: list[torch.Tensor], vs: list[torch.Tensor]):
@@ -192,14 +208,16 @@ def check_mutation(ctx: CheckContext) -> Passed:
     leaves = ctx.leaves()
     grad_pos = set(ctx.grad_idx)
     watched = [(ctx.input_name(k), x, _snapshot(x)) for k, x in enumerate(leaves)]
-    watched += [
+    others = [
         (f"input {i}", a, _snapshot(a))
         for i, a in enumerate(ctx.args)
         if isinstance(a, torch.Tensor) and i not in grad_pos
     ]
+    watched += others
+    state_names = frozenset(what for what, a, _ in watched if a.is_floating_point())
     # inputs declared with mark_dirty are given as copies by ctx.call (see checks.forward)
     outs = [o for o in float_tensors(ctx.call(ctx.fn, leaves)) if o.requires_grad]
-    _check_unchanged(watched, "forward")
+    _check_unchanged(watched, "forward", state_names)
     if not outs:
         return Passed("forward leaves its inputs intact (no output requires grad)")
     watched += [(f"output {o}", t, _snapshot(t)) for o, t in enumerate(outs)]
