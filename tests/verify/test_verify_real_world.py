@@ -124,8 +124,23 @@ def test_a_function_computing_in_float32_on_float32_inputs_is_named():
     result = report["gradcheck"]
     assert result.failed, report
     assert "fn's float64 outputs hold only torch.float32 numbers" in result.message
+    assert "x.to(torch.promote_types(x.dtype, torch.float32)) upcasts only" in result.message
     wider = check_function(rw.TanhInFloat32, seeded(4, 5).float(), reference=torch.tanh, eps=1e-3)
     assert wider.ok, wider
+
+    class TanhPromoted(torch.autograd.Function):  # the message's advice
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return torch.tanh(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - torch.tanh(x) ** 2)
+
+    promoted = check_function(TanhPromoted, seeded(4, 5).float(), reference=torch.tanh)
+    assert promoted.ok, promoted
 
 
 def test_a_layer_norm_saving_its_statistics_fails_double_backward_naming_them():

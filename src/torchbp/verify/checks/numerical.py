@@ -279,8 +279,17 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
         f" (fn's float64 outputs hold only {dtype} numbers: does fn compute in {dtype} and "
         f"cast back? finite differences over eps={ctx.options.eps:g} are then rounded to "
         f"{dtype}'s precision, so the numerical gradient is unreliable; let fn compute in "
-        "float64 for the check, or pass a larger eps)"
+        "float64 for the check, or pass a larger eps"
+        + (_UPCAST_NOTE if dtype == torch.float32 else "")
+        + ")"
     )
+
+
+#: How a float32 computation of float64 inputs usually comes about.
+_UPCAST_NOTE = (
+    "; an x.float() meant to upcast float16 inputs downcasts float64 ones: "
+    "x.to(torch.promote_types(x.dtype, torch.float32)) upcasts only"
+)
 
 
 def _rounding_of_outputs(ctx: CheckContext, inputs: Sequence[torch.Tensor]) -> torch.dtype | None:
