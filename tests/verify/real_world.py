@@ -277,6 +277,37 @@ class TrainingBatchNormModule(torch.nn.Module):
 # --- shipped, but not what gradcheck can pass ---------------------------------
 
 
+class RecomputingCheckpoint(Function):
+    """gradient checkpointing as many training repositories hand-write it: forward runs
+    ``run_function`` without a graph, backward runs it again on detached copies and
+    differentiates it with torch.autograd.grad (without create_graph: double backward
+    sees constants). Keeps the inputs as ctx attributes, as they do."""
+
+    @staticmethod
+    def forward(ctx, run_function, *args):
+        ctx.run_function = run_function
+        ctx.inputs = args
+        with torch.no_grad():
+            return run_function(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        detached = [x.detach().requires_grad_(x.requires_grad) for x in ctx.inputs]
+        with torch.enable_grad():
+            out = ctx.run_function(*detached)
+        wanted = [x for x in detached if x.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grads, allow_unused=True))
+        return (None, *(next(found) if x.requires_grad else None for x in detached))
+
+
+def tanh_layer(x, weight):
+    return torch.tanh(x @ weight)
+
+
+def checkpointed_tanh_layer(x, weight):
+    return RecomputingCheckpoint.apply(tanh_layer, x, weight)
+
+
 class RoundSTE(Function):
     """round with a straight-through gradient (a quantization-aware-training staple)."""
 

@@ -308,3 +308,16 @@ def test_running_statistics_updated_in_place_are_checked_through_a_module():
     report = check_function(module, seeded(4, 5), reference=reference)
     assert report.ok, report
     assert module.running_mean.eq(0).all()  # put back after the checks
+
+
+def test_a_hand_written_checkpoint_fails_what_it_gets_wrong_and_only_that():
+    # gradients right; double backward silently zero (autograd.grad without
+    # create_graph in backward: before, worded "double backward unsupported" in a fail),
+    # and the inputs kept as ctx attributes: a write after forward goes unnoticed
+    inputs = (seeded(4, 5), seeded(5, 3, seed=1))
+    report = check_function(rw.checkpointed_tanh_layer, *inputs, reference=rw.tanh_layer)
+    assert report["gradcheck"].passed and report["reference"].passed, report
+    failed = {r.name for r in report.failures}
+    assert failed == {"gradgradcheck", "mutation"}, report
+    assert "torch.autograd.grad without create_graph" in report["gradgradcheck"].message
+    assert "ctx.x = x" in report["mutation"].message

@@ -635,8 +635,12 @@ def _constant_backward_failure(failure: CheckFailure) -> CheckFailure:
     connected to the graph, worded as that cause: its derivatives count as zero, and
     central differences found them not zero."""
     return CheckFailure(
-        "backward is not differentiable: double backward unsupported (once_differentiable, "
-        f"or backward runs under no_grad / uses .detach()): {failure.message}",
+        "backward's gradients are not connected to the graph (backward runs under no_grad, "
+        "uses .detach(), or calls torch.autograd.grad without create_graph), so double "
+        "backward silently takes them for constants and a gradient penalty gets zero: "
+        "compute them differentiably (create_graph=torch.is_grad_enabled() for an inner "
+        "torch.autograd.grad), or mark backward @once_differentiable to make double "
+        f"backward raise instead: {failure.message}",
         failure.abs_err,
         failure.rel_err,
     )
