@@ -720,12 +720,14 @@ def _saved_constants_hint(ctx: CheckContext) -> str:
     constants = saved_constants(ctx)
     if not constants:
         return ""
+    one = len(constants) == 1 and " and a " not in constants[0]
+    it, is_, them = ("it", "it is", "it") if one else ("them", "they are", "each")
     return (
-        f" (possible cause: {_list(constants)} for backward although it is neither an "
-        "input nor an output: forward runs without autograd, so double backward takes it "
-        "for a constant and misses its dependence on the inputs. Save inputs or outputs "
-        "and recompute it in backward, or return it as an output; mark backward "
-        "@once_differentiable if double backward is not meant to work)"
+        f" (possible cause: {_list(constants)} for backward although {is_} neither an "
+        f"input nor an output: forward runs without autograd, so double backward takes "
+        f"{them} for a constant and misses its dependence on the inputs. Save inputs or "
+        f"outputs and recompute {it} in backward, or return {it} as an output; mark "
+        "backward @once_differentiable if double backward is not meant to work)"
     )
 
 
@@ -736,8 +738,9 @@ def saved_constants(ctx: CheckContext) -> list[str]:
     them, so the graph of a double backward holds it as a constant. A saved tensor that
     stays the same when the inputs move a little (one fn made from a non-differentiable
     input, such as a one-hot of labels; a mask of signs) is a constant indeed, and not
-    named. Each as ``"<Function> saved a <shape> tensor"``; empty when nothing is found or
-    the saved tensors cannot be read (freed, or a C++ node)."""
+    named. One per Function, as ``"<Function> saved a <shape> and a <shape> tensor"``;
+    empty when nothing is found or the saved tensors cannot be read (freed, or a C++
+    node)."""
     diff = ctx.leaves()
     saved = _saved_non_inputs(ctx, diff)
     if not saved:
@@ -746,7 +749,10 @@ def saved_constants(ctx: CheckContext) -> list[str]:
     if [(name, t.shape) for name, t in moved] == [(name, t.shape) for name, t in saved]:
         # the same graph: name only what the nudge changed
         saved = [(name, t) for (name, t), (_, u) in zip(saved, moved) if not same_values(t, u)]
-    return [f"{name} saved a {tuple(t.shape)} tensor" for name, t in saved]
+    shapes: dict[str, list[str]] = {}
+    for name, t in saved:
+        shapes.setdefault(name, []).append(f"a {tuple(t.shape)}")
+    return [f"{name} saved {_list(found)} tensor" for name, found in shapes.items()]
 
 
 def _saved_non_inputs(
