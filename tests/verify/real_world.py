@@ -277,6 +277,29 @@ class TrainingBatchNormModule(torch.nn.Module):
 # --- shipped, but not what gradcheck can pass ---------------------------------
 
 
+class RotaryEmbedding(Function):
+    """rotary position embedding of the two halves of the last dim by precomputed cos and
+    sin tables (float inputs that never get a gradient: None)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        g1, g2 = g.chunk(2, -1)
+        # the transpose of the rotation [[cos, -sin], [sin, cos]]
+        return torch.cat([g1 * cos + g2 * sin, -g1 * sin + g2 * cos], -1), None, None
+
+
+def rotary_tables(positions: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * 0.5 ** torch.arange(half)
+    return angles.cos(), angles.sin()
+
+
 class RecomputingCheckpoint(Function):
     """gradient checkpointing as many training repositories hand-write it: forward runs
     ``run_function`` without a graph, backward runs it again on detached copies and

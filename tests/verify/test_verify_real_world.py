@@ -324,3 +324,15 @@ def test_a_hand_written_checkpoint_fails_what_it_gets_wrong_and_only_that():
     assert failed == {"gradgradcheck", "mutation"}, report
     assert "torch.autograd.grad without create_graph" in report["gradgradcheck"].message
     assert "ctx.x = x" in report["mutation"].message
+
+
+def test_tables_given_no_gradient_are_named_with_grad_inputs_not_as_a_scaled_gradient():
+    # before: a None gradient (zero everywhere) read as "0 times the numerical gradient:
+    # a gradient reversal or scaling layer?" beside the grad_inputs advice
+    inputs = (seeded(6, 4), *rw.rotary_tables(6, 2))
+    result = check_function(rw.RotaryEmbedding, *inputs, checks="gradcheck")["gradcheck"]
+    assert result.failed
+    assert "grad_inputs=(0,)" in result.message
+    assert "times the numerical gradient" not in result.message
+    report = check_function(rw.RotaryEmbedding, *inputs, grad_inputs=(0,))
+    assert report.ok, report

@@ -189,14 +189,15 @@ SURROGATE_ADVICE = (
 
 
 def _constant_ratio(a: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) -> float | None:
-    """The factor ``c`` (not 1) with ``a = c e`` for every entry within tolerance, taken at
-    ``e``'s largest entry; None if there is none (``e`` all zero, or no single factor)."""
+    """The factor ``c`` (not 0 or 1) with ``a = c e`` for every entry within tolerance,
+    taken at ``e``'s largest entry; None if there is none (``e`` all zero, or no single
+    factor)."""
     m = int(e.abs().argmax())
     if float(e.reshape(-1)[m]) == 0.0:
         return None
     c = float(a.reshape(-1)[m] / e.reshape(-1)[m])
-    if math.isclose(c, 1.0, rel_tol=rtol) or not torch.allclose(a, c * e, rtol, atol):
-        return None
+    if c == 0.0 or math.isclose(c, 1.0, rel_tol=rtol) or not torch.allclose(a, c * e, rtol, atol):
+        return None  # zero: no gradient at all (a None), not a scaled one
     return c
 
 
