@@ -336,3 +336,22 @@ def test_tables_given_no_gradient_are_named_with_grad_inputs_not_as_a_scaled_gra
     assert "times the numerical gradient" not in result.message
     report = check_function(rw.RotaryEmbedding, *inputs, grad_inputs=(0,))
     assert report.ok, report
+
+
+def test_a_single_entry_jacobian_is_not_named_a_scaled_gradient():
+    # one entry is a multiple of any other number: "times the numerical gradient
+    # everywhere" would name a pattern a 0-dim input cannot show
+    class SinTooSteep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * x.cos() * 1.3
+
+    result = check_function(SinTooSteep, torch.tensor(0.7), checks="gradcheck")["gradcheck"]
+    assert result.failed
+    assert "times the numerical gradient" not in result.message

@@ -190,11 +190,11 @@ SURROGATE_ADVICE = (
 
 def _constant_ratio(a: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) -> float | None:
     """The factor ``c`` (not 0 or 1) with ``a = c e`` for every entry within tolerance,
-    taken at ``e``'s largest entry; None if there is none (``e`` all zero, or no single
-    factor)."""
+    taken at ``e``'s largest entry; None if there is none (fewer than two entries of ``e``
+    above ``atol``, or no single factor)."""
     m = int(e.abs().argmax())
-    if float(e.reshape(-1)[m]) == 0.0:
-        return None
+    if int((e.abs() > atol).sum()) < 2:
+        return None  # one entry is a multiple of anything: no pattern to name
     c = float(a.reshape(-1)[m] / e.reshape(-1)[m])
     if c == 0.0 or math.isclose(c, 1.0, rel_tol=rtol) or not torch.allclose(a, c * e, rtol, atol):
         return None  # zero: no gradient at all (a None), not a scaled one
