@@ -300,6 +300,21 @@ def rotary_tables(positions: int, half: int) -> tuple[torch.Tensor, torch.Tensor
     return angles.cos(), angles.sin()
 
 
+class SquaredMagnitude(Function):
+    """``|z|²`` of a complex tensor, backward in PyTorch's conjugate-Wirtinger convention."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return (z * z.conj()).real
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        # a real loss L of |z|²: grad = g ∂|z|²/∂x + i g ∂|z|²/∂y = 2 g z
+        return 2 * g * z
+
+
 class RecomputingCheckpoint(Function):
     """gradient checkpointing as many training repositories hand-write it: forward runs
     ``run_function`` without a graph, backward runs it again on detached copies and

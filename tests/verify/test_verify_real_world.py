@@ -355,3 +355,13 @@ def test_a_single_entry_jacobian_is_not_named_a_scaled_gradient():
     result = check_function(SinTooSteep, torch.tensor(0.7), checks="gradcheck")["gradcheck"]
     assert result.failed
     assert "times the numerical gradient" not in result.message
+
+
+def test_a_complex_function_is_compiled_in_one_graph():
+    # before: the real-view wrapper of complex inputs read storage_offset(), which Dynamo
+    # cannot trace, so every complex fn came out compile "unsupported" (a graph break of
+    # the checks', not fn's: torch.compile(fullgraph=True) captures it)
+    z = torch.complex(seeded(3, 4), seeded(3, 4, seed=1))
+    report = check_function(rw.SquaredMagnitude, z, reference=lambda z: z.abs() ** 2)
+    assert report.ok, report
+    assert report["compile"].passed, report

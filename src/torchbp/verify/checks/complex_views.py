@@ -36,7 +36,11 @@ def real_view(z: torch.Tensor) -> torch.Tensor:
 def _as_complex(real: torch.Tensor) -> torch.Tensor:
     """The complex tensor whose real view is ``real``: a view of it when its real and
     imaginary parts lie side by side (a transposed complex tensor's real view keeps its
-    layout), else of a contiguous copy."""
+    layout), else of a contiguous copy; always of a contiguous one under torch.compile,
+    whose Dynamo cannot trace ``storage_offset()`` (the compile check would otherwise
+    find every complex fn impossible to capture in one graph)."""
+    if torch.compiler.is_compiling():
+        return torch.view_as_complex(real.contiguous())
     paired = (
         real.stride(-1) == 1
         and all(s % 2 == 0 for s in real.stride()[:-1])
