@@ -365,3 +365,12 @@ def test_a_complex_function_is_compiled_in_one_graph():
     report = check_function(rw.SquaredMagnitude, z, reference=lambda z: z.abs() ** 2)
     assert report.ok, report
     assert report["compile"].passed, report
+
+
+def test_a_classmethod_function_is_told_to_use_staticmethods_to_compile():
+    # before: "remove what breaks the graph" for Dynamo's failure to bind a classmethod
+    report = check_function(rw.ClassmethodScaledSoftmax, seeded(4, 5), 2.0)
+    result = report["compile"]
+    assert not result.failed, report
+    if "failed to bind arguments" in result.message:  # Dynamo's words in torch 2.13
+        assert "declare the Function's forward and backward @staticmethod" in result.message

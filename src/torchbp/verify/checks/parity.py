@@ -220,6 +220,12 @@ MARK_DIRTY_HINT = (
 #: How to capture fn in one graph when fn itself breaks it.
 GRAPH_BREAK_HINT = "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)"
 
+#: How to capture a Function whose forward or backward Dynamo cannot bind: a classmethod.
+CLASSMETHOD_HINT = (
+    "declare the Function's forward and backward @staticmethod: Dynamo cannot bind the "
+    "arguments of a @classmethod one (otherwise, " + GRAPH_BREAK_HINT + ")"
+)
+
 
 def _capture_limit(exc: BaseException) -> tuple[str, str]:
     """What kept Dynamo from capturing fn in one graph, in words, and how to avoid it.
@@ -242,9 +248,12 @@ def _capture_limit(exc: BaseException) -> tuple[str, str]:
             f"in fn; Dynamo's words: {message})"
         )
         return note, MARK_DIRTY_HINT
+    hint = GRAPH_BREAK_HINT
+    if "failed to bind arguments when attempting to inline" in message:
+        hint = CLASSMETHOD_HINT
     return (
         f"torch.compile(fullgraph=True) cannot capture fn in one graph ({message})",
-        GRAPH_BREAK_HINT,
+        hint,
     )
 
 
