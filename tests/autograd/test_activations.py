@@ -17,6 +17,7 @@ from tests._support import (
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
+from torchbp.autograd import ELUFunction, LeakyReLUFunction
 from torchbp.ops import activations
 
 # Every activation with each of its registry variants, and LeakyReLU's slope 0 too (its
@@ -355,3 +356,28 @@ def test_complex_input_gradient_is_natives(name):
         torch.testing.assert_close(got, want)
     assert gradcheck(ours, (z,))
     assert gradgradcheck(ours, (z,))
+
+
+@pytest.mark.parametrize(
+    "function, slope, native",
+    [
+        (LeakyReLUFunction, -0.2, torch.nn.functional.leaky_relu_),
+        (ELUFunction, -0.5, torch.nn.functional.elu_),
+    ],
+    ids=["leaky_relu", "elu"],
+)
+def test_function_in_place_with_a_negative_slope_fails_at_backward_as_native(
+    function, slope, native
+):
+    # The in-place form keeps its output, whose sign no longer tells the branch for a
+    # negative slope: the Function applied directly (torchbp.functional refuses it at the
+    # call) returned a gradient of 1 at x = -1 (slope -0.2 there) without an error.
+    x = torch.tensor([-1.0, 2.0], requires_grad=True)
+    for apply in (lambda h: function.apply(h, slope, True), lambda h: native(h, slope)):
+        y = apply(x * 1)
+        with pytest.raises(RuntimeError, match="In-place .* negative slope"):
+            y.sum().backward()
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x.detach() * 1, torch.ones(2))
+        with pytest.raises(RuntimeError, match="In-place .* negative slope"):
+            function.apply(dual, slope, True)

@@ -2,10 +2,11 @@
 
 Each op is a derivative formula ``<op>_backward(g, saved) = g · f'`` in differentiable
 torch ops, then the Function that uses it for both backward (``dx = g · f'``) and jvp
-(``dy = f' · dx``). ``f'`` is written through whatever is cheapest to keep: the output
-``y`` where the formula allows (sigmoid, tanh, ReLU, LeakyReLU with slope >= 0, ELU with
-α >= 0: the next Linear keeps ``y`` alive anyway, so saving it costs nothing), otherwise
-the input ``x``.
+(``dy = f' · dx``). ``f'`` is written through the tensor native's backward keeps, so that
+an in-place op on the same tensors is allowed or refused as natively: the output ``y`` for
+sigmoid, tanh, ReLU and the in-place LeakyReLU / ELU, the input ``x`` otherwise (native's
+out-of-place ``leaky_relu`` and ``elu`` keep their input, so ``h = act(x); h += skip``
+trains).
 :func:`~torchbp.autograd._derivative.derivative` evaluates the formula, or for a
 first-order eager backward a fast kernel of :mod:`torchbp.kernels` that computes the same.
 The piecewise ones (ReLU, LeakyReLU, ELU, Softplus) also give their curvature
@@ -167,8 +168,8 @@ class ReLUFunction(Function):
 
 # --------------------------------------------------------------------------- LeakyReLU
 def leaky_relu_backward(g: torch.Tensor, saved: torch.Tensor, slope: float) -> torch.Tensor:
-    # f'(x) = 1 if x > 0 else slope. For slope >= 0, y > 0 exactly when x > 0, so the
-    # output can stand in for the input (native saves the input).
+    # f'(x) = 1 if x > 0 else slope (slope at x = 0 and for NaN, as native). The in-place
+    # form saves y instead, whose sign is x's for slope >= 0 (in-place refuses slope < 0).
     return torch.where(saved > 0, g, g * slope)
 
 
@@ -177,12 +178,25 @@ def leaky_relu_curvature(v: torch.Tensor, saved: torch.Tensor, slope: float) -> 
     return torch.zeros_like(v)
 
 
+def _check_result_tells_branch(ctx, name: str, slope: float) -> None:
+    """An in-place call saved its output, whose sign tells the branch only for a slope
+    >= 0: refuse a negative one at backward, with native's error (``torchbp.functional``
+    refuses it at the call already; this guards a direct ``Function.apply``)."""
+    if ctx.inplace and slope < 0:
+        raise RuntimeError(
+            f"In-place {name} backward calculation is triggered with a negative slope which "
+            "is not supported. This is caused by calling in-place forward function with a "
+            "negative slope, please call out-of-place version instead."
+        )
+
+
 class LeakyReLUFunction(Function):
     """``y = x if x > 0 else α x``; backward ``dx = g · (1 if x > 0 else α)``.
 
-    Saves the output for ``α >= 0`` (its sign equals the input's), the input otherwise
-    (a negative slope flips the sign, so then only the input tells the branch).
-    ``inplace=True`` overwrites ``x`` and marks it dirty.
+    Saves the input, as native (so the output may be modified in place afterwards);
+    ``inplace=True`` overwrites ``x``, marks it dirty and saves the output, as native's
+    ``leaky_relu_`` (whose backward refuses ``α < 0``: the output's sign no longer tells
+    the branch).
     """
 
     generate_vmap_rule = True
@@ -200,10 +214,11 @@ class LeakyReLUFunction(Function):
         x, ctx.negative_slope, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save(ctx, output if ctx.negative_slope >= 0 else x)
+        _save(ctx, output if ctx.inplace else x)
 
     @staticmethod
     def backward(ctx, dy):
+        _check_result_tells_branch(ctx, "leakyReLu", ctx.negative_slope)
         (saved,) = ctx.saved_tensors
         dx = derivative(
             "leaky_relu",
@@ -217,6 +232,7 @@ class LeakyReLUFunction(Function):
 
     @staticmethod
     def jvp(ctx, dx, _slope, _inplace):
+        _check_result_tells_branch(ctx, "leakyReLu", ctx.negative_slope)
         (saved,) = ctx.saved_tensors
         dy = derivative(
             "leaky_relu",
@@ -303,35 +319,39 @@ class SiLUFunction(Function):
 
 
 # --------------------------------------------------------------------------- ELU
-def elu_backward(g: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
-    # y = x for x > 0, α(eˣ - 1) otherwise;  y' = 1 for x > 0, α eˣ otherwise.
-    # For α >= 0 the output is saved: y > 0 exactly when x > 0, and α eˣ = y + α.
-    # For α < 0 the input is saved (y's sign no longer tells the branch): α eˣ directly.
-    # Written as "saved <= 0 -> negative branch" so that a NaN input passes g, as native.
-    if alpha >= 0:
-        return torch.where(saved <= 0, g * (saved + alpha), g)
-    return torch.where(saved <= 0, g * (alpha * torch.exp(saved)), g)
+def elu_backward(g: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    # y = x for x > 0, α(eˣ - 1) otherwise;  y' = 1 for x > 0, α eˣ otherwise (α at x = 0).
+    # Written as "x <= 0 -> negative branch" so that a NaN input passes g, as native.
+    return torch.where(x <= 0, g * (alpha * torch.exp(x)), g)
 
 
-def elu_curvature(v: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
-    # ∂f'/∂saved on the negative branch: ∂(y + α)/∂y = 1 (α >= 0, saved y), or
-    # ∂(α eˣ)/∂x = α eˣ (α < 0, saved x); 0 for saved > 0. The kink counts as positive
-    # here ("saved < 0"), unlike f' itself ("saved <= 0"): native's second derivative does.
-    if alpha >= 0:
-        return torch.where(saved < 0, v, 0.0)
-    return torch.where(saved < 0, v * (alpha * torch.exp(saved)), 0.0)
+def elu_curvature(v: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    # ∂y'/∂x = α eˣ on the negative branch, 0 for x > 0. The kink counts as positive here
+    # ("x < 0"), unlike y' itself ("x <= 0"): native's second derivative does.
+    return torch.where(x < 0, v * (alpha * torch.exp(x)), 0.0)
+
+
+def elu_result_backward(g: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    # The in-place form's, from the output (α >= 0: y > 0 exactly when x > 0):
+    # y' = 1 for y > 0, α eˣ = y + α otherwise; a NaN passes g, as above.
+    return torch.where(y <= 0, g * (y + alpha), g)
+
+
+def elu_result_curvature(v: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    # ∂y'/∂y = ∂(y + α)/∂y = 1 on the negative branch ("y < 0", as elu_curvature), else 0
+    return torch.where(y < 0, v, 0.0)
 
 
 class ELUFunction(Function):
     """``y = x if x > 0 else α (eˣ - 1)``; backward ``dx = g · (1 if x > 0 else α eˣ)``.
 
-    Saves the output for ``α >= 0`` (then ``α eˣ = y + α``), the input otherwise.
-    ``inplace=True`` overwrites ``x`` and marks it dirty; with ``α < 0`` it is never
-    applied to an input that autograd records (``torchbp.functional.elu`` refuses it at
-    the call, native at backward): ``α (eˣ - 1) > 0`` for ``x < 0`` then, so one ``y > 0``
-    comes from two inputs with different slopes (``x = -0.7``, ``α = -2``: ``y = 1.0068``,
-    slope ``α eˣ = -0.99``; ``x = 1.0068``: the same ``y``, slope 1), and the overwritten
-    input was the only record of the branch.
+    Saves the input, as native (so the output may be modified in place afterwards);
+    ``inplace=True`` overwrites ``x``, marks it dirty and saves the output (``α eˣ = y +
+    α``), as native's ``elu_``. Its backward refuses ``α < 0``, as native's
+    (``torchbp.functional.elu`` refuses it at the call): ``α (eˣ - 1) > 0`` for ``x < 0``
+    then, so one ``y > 0`` comes from two inputs with different slopes (``x = -0.7``,
+    ``α = -2``: ``y = 1.0068``, slope ``α eˣ = -0.99``; ``x = 1.0068``: the same ``y``,
+    slope 1), and the overwritten input was the only record of the branch.
     """
 
     generate_vmap_rule = True
@@ -348,19 +368,26 @@ class ELUFunction(Function):
         x, ctx.alpha, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save(ctx, output if ctx.alpha >= 0 else x)
+        _save(ctx, output if ctx.inplace else x)
 
     @staticmethod
     def backward(ctx, dy):
-        (saved,) = ctx.saved_tensors
-        dx = derivative("elu", elu_backward, dy, saved, ctx.alpha, curvature=elu_curvature)
-        return dx, None, None
+        return _elu_derivative(ctx, dy), None, None
 
     @staticmethod
     def jvp(ctx, dx, _alpha, _inplace):
-        (saved,) = ctx.saved_tensors
-        dy = derivative("elu", elu_backward, dx, saved, ctx.alpha, curvature=elu_curvature)
-        return _tangent_out(ctx, dx, dy)
+        return _tangent_out(ctx, dx, _elu_derivative(ctx, dx))
+
+
+def _elu_derivative(ctx, g: torch.Tensor | None) -> torch.Tensor | None:
+    """``g · y'`` from the tensor ``ctx`` saved: the input, or the in-place form's output."""
+    _check_result_tells_branch(ctx, "elu", ctx.alpha)
+    (saved,) = ctx.saved_tensors
+    if ctx.inplace:
+        name, formula, curvature = "elu_result", elu_result_backward, elu_result_curvature
+    else:
+        name, formula, curvature = "elu", elu_backward, elu_curvature
+    return derivative(name, formula, g, saved, ctx.alpha, curvature=curvature)
 
 
 # --------------------------------------------------------------------------- Softplus
