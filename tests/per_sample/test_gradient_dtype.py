@@ -71,3 +71,24 @@ def test_noise_std_checked_against_the_gradients_dtype_not_the_parameters():
         ps.add_noise(1e5, generator=torch.Generator().manual_seed(0))
     assert all(bool(p.grad.isfinite().all()) for p in model.parameters())
     assert max(float(p.grad.abs().max()) for p in model.parameters()) > 65504
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_a_weight_stored_transposed_gets_its_gradient_in_the_grad_dtype(mode):
+    """A new p.grad takes the strides of a weight stored transposed, as autograd's does;
+    that copy was made in p.dtype, so a float32 grad_dtype of a bfloat16 weight raised
+    torch's grad_dtype error (after writing the later layers' p.grad)."""
+    x, y = torch.randn(8, 4).bfloat16(), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    model = _model()
+    model[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous().t())
+    for p in model.parameters():
+        p.grad_dtype = torch.float32
+    _loss(model, x, y).backward()
+    expected = [p.grad for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with per_sample_grads(model, mode, 1e6 if mode == "clip" else None):
+        _loss(model, x, y).backward()
+    weight = model[0].weight
+    assert (weight.grad.dtype, weight.grad.stride()) == (torch.float32, weight.stride())
+    for p, grad in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, grad, atol=0.02, rtol=0.02)

@@ -323,10 +323,12 @@ def _cat_releasing(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _laid_out_like(p: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
     """``grad`` with the strides of ``p`` where ``p`` is dense and not overlapping (a
-    weight stored transposed), as autograd stores a new gradient; else ``grad``."""
+    weight stored transposed), as autograd stores a new gradient; else ``grad``. In
+    ``grad``'s dtype (``p.grad_dtype``, which may differ from ``p.dtype``)."""
     if grad.stride() == p.stride():
         return grad
-    out = torch.empty_like(p)  # p's strides, where they are dense and not overlapping
+    # p's strides, where they are dense and not overlapping
+    out = torch.empty_like(p, dtype=grad.dtype)
     return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
