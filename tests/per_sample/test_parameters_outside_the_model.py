@@ -7,6 +7,7 @@ by shape, with the ways out; other modes serve it, as without the context."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -72,6 +73,33 @@ def test_a_tuple_or_dict_output_is_looked_through():
     with pytest.raises(RuntimeError, match="not one of the model's"):
         with per_sample_grads(model, mode="clip", max_norm=1.0):
             model(front(torch.randn(5, 4)))
+
+
+@dataclasses.dataclass
+class _Output:
+    """A model output as a dataclass (not a tuple or dict), with the logits nested."""
+
+    aux: torch.Tensor
+    heads: dict
+
+
+def test_a_dataclass_output_is_looked_through():
+    """The walk looked into tuples, lists and dicts only: behind a dataclass output, the
+    trainable model in front got an unclipped p.grad, silently."""
+
+    class DataclassOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _model()
+
+        def forward(self, x):
+            return _Output(aux=x.detach().sum(1), heads={"logits": self.body(x)})
+
+    model, front = DataclassOut(), nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match=r"shape \(4, 4\) that is not one of the model's"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            _loss(model(front(torch.randn(5, 4))).heads["logits"]).backward()
+    assert front.weight.grad is None
 
 
 @pytest.mark.parametrize("mode", ["norms", "grads"])

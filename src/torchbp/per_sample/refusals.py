@@ -9,8 +9,9 @@ Each message starts with ``per_sample_grads:`` and says what to do instead.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -151,8 +152,8 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
 
 
 def _graph_leaves(output: object) -> Iterator[torch.Tensor]:
-    """The leaf tensors whose gradient a backward from the tensors of ``output`` (a
-    tensor, or tuples, lists and dicts of them) accumulates: each graph node is visited
+    """The leaf tensors whose gradient a backward from the tensors of ``output`` (see
+    :func:`_tensors`) accumulates: each graph node is visited
     once."""
     stack = []
     for tensor in _tensors(output):
@@ -173,12 +174,16 @@ def _graph_leaves(output: object) -> Iterator[torch.Tensor]:
 
 
 def _tensors(output: object) -> Iterator[torch.Tensor]:
-    """The tensors of ``output``: itself, or those in its tuples, lists and dict values."""
+    """The tensors of ``output``: itself, or those in its tuples, lists, mapping values and
+    dataclass fields (a model output class such as Hugging Face's ``ModelOutput``)."""
     if isinstance(output, torch.Tensor):
         yield output
     elif isinstance(output, (tuple, list)):
         for item in output:
             yield from _tensors(item)
-    elif isinstance(output, dict):
+    elif isinstance(output, Mapping):
         for item in output.values():
             yield from _tensors(item)
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        for item in dataclasses.fields(output):
+            yield from _tensors(getattr(output, item.name, None))
