@@ -129,15 +129,21 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     DP-SGD protects. A copy of the model (``copy.deepcopy`` copies the hook) is let be.
     """
     guarded = weakref.ref(model)
+    # the model's parameters now, when the context is created: a forward whose leaves are
+    # all among them is let be without listing the model's parameters again
+    at_creation = {id(p): p for p in model.parameters()}
 
     def refuse_parameters_outside(module: nn.Module, args: tuple, output: object) -> None:
         if module is not guarded():
             return
+        others = [p for p in _trainable_parameter_leaves(output) if at_creation.get(id(p)) is not p]
+        if not others:
+            return
         # the model's parameters as they are now: one replaced, frozen or unfrozen since
         # the context was created is refused by name at the backward
         own = {id(p) for p in module.parameters()}
-        for leaf in _graph_leaves(output):
-            if isinstance(leaf, nn.Parameter) and leaf.requires_grad and id(leaf) not in own:
+        for leaf in others:
+            if id(leaf) not in own:
                 raise RuntimeError(
                     f"per_sample_grads: the output of the model given to per_sample_grads "
                     f"depends on a trainable nn.Parameter of shape {tuple(leaf.shape)} that "
@@ -151,26 +157,31 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     return refuse_parameters_outside
 
 
-def _graph_leaves(output: object) -> Iterator[torch.Tensor]:
-    """The leaf tensors whose gradient a backward from the tensors of ``output`` (see
-    :func:`_tensors`) accumulates: each graph node is visited
-    once."""
-    stack = []
+def _trainable_parameter_leaves(output: object) -> list[nn.Parameter]:
+    """The trainable :class:`~torch.nn.Parameter` leaves whose gradient a backward from the
+    tensors of ``output`` (see :func:`_tensors`) accumulates. Each graph node is visited
+    once and its ``next_functions`` (a tuple built at each read) read once; only a node
+    without children can be a leaf's ``AccumulateGrad``."""
+    leaves = []
+    roots = []
     for tensor in _tensors(output):
         if tensor.grad_fn is not None:
-            stack.append(tensor.grad_fn)
+            roots.append(tensor.grad_fn)
         elif tensor.requires_grad:
-            yield tensor
-    seen = set()
+            leaves.append(tensor)
+    stack = list(dict.fromkeys(roots))
+    seen = set(stack)
     while stack:
         node = stack.pop()
-        if node in seen:
+        children = node.next_functions
+        if not children:
+            leaves.append(getattr(node, "variable", None))  # an AccumulateGrad's tensor
             continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)  # an AccumulateGrad node's tensor
-        if leaf is not None:
-            yield leaf
-        stack.extend(child for child, _ in node.next_functions if child is not None)
+        for child, _ in children:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return [t for t in leaves if isinstance(t, nn.Parameter) and t.requires_grad]
 
 
 def _tensors(output: object) -> Iterator[torch.Tensor]:
