@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from experiments.bench import cases, harness
+from experiments.bench import cases, harness, targets
 
 
 def test_inplace_cross_entropy_peak_shows_the_logits_sized_buffer_it_saves():
@@ -62,3 +62,20 @@ def test_auto_compiles_a_reference_exactly_where_a_target_names_one():
     for name in ("cross_entropy", "act_relu", "linear", "linear_cross_entropy"):
         built = "compile" in cases.build(name, opts).impls
         assert built == cases.compile_reference_wanted(name, "cpu"), name
+
+
+def test_leaky_relu_mlp_layers_reach_half_of_natives_saved_bytes_in_place():
+    # LeakyReLU keeps its input, as native (7218d4d), so the torchbp row keeps what
+    # native's does and the issue-5 half is LeakyReLU(inplace=True)'s: measured on a
+    # torchbp_inplace row, the target on it, where it read the plain row's 1.0 as a miss
+    opts = cases.Options(device="cpu", quick=True, compile="none", peers=False)
+    case = cases.build("mlp_layers_saved_leaky_relu", opts)
+    saved = {name: harness.saved_bytes(case, impl) for name, impl in case.impls.items()}
+    assert saved["torchbp"] == saved["native"]
+    assert saved["torchbp_inplace"] == saved["native"] // 2
+    results = {case.name: {"impls": {k: {"saved_bytes": v} for k, v in saved.items()}}}
+    rows = [r for r in targets.evaluate("cpu", results) if r["case"] == case.name]
+    assert {(r["subject"], r["limit"], r["status"]) for r in rows} == {
+        ("torchbp", 1.0, "holds"),
+        ("torchbp_inplace", 0.5, "holds"),
+    }
