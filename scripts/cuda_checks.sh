@@ -4,8 +4,10 @@
 #
 #   wheels          carried pure-Python wheels (.whl/) -> /tmp/site
 #   pytest_changed  pytest -m cuda on the CUDA branches changed last: per-sample gradients
-#                   (noise drawn on the device, backward on autograd's device thread),
-#                   torchbp.verify (seeding only the inputs' CUDA generator)
+#                   (noise drawn on the device, backward on autograd's device thread; a
+#                   step free of host syncs, p.grad_dtype, clip mode's graph walk, a model
+#                   split between CPU and GPU), torchbp.verify (seeding only the inputs'
+#                   CUDA generator)
 #   verify_cuda     python -m torchbp.verify.cli --device cuda --json $OUT/verify_cuda.json
 #   train_dp        DP-SGD fit on the GPU (configs/digits_dp.yaml: per-sample clipping, noise)
 #   train_32-true, train_bf16-mixed   fit configs/digits.yaml on the GPU
@@ -27,9 +29,11 @@
 # A step gets its own limit or what is left, whichever is less, and a step with no time
 # left is reported as skipped. Per-step limits: T_PYTEST_CHANGED, T_VERIFY, T_TRAIN,
 # T_PYTEST, T_TRITON, T_BENCH; T_ENV for each preparation (wheels, environment facts,
-# nvidia-smi); REPORT_RESERVE (10 s) kept for the report. Estimated on an H100 (s): wheels+env 10, pytest_changed 15, verify 30,
-# train_dp 20, each other fit 15, pytest_cuda 35 with pytest-xdist (PYTEST_WORKERS, 8: half the 16 cores; 2445 CUDA tests),
-# pytest_triton 30, bench what is left (~100).
+# nvidia-smi); REPORT_RESERVE (10 s) kept for the report. Estimated, never measured on a GPU
+# (s): wheels+env 10, pytest_changed 20 (75 CUDA tests, one process), verify 30-50 (357 case
+# runs, 28 compiles with aot_eager; its JSON is written only at its end), train_dp 20, each
+# other fit 15, pytest_cuda 35-60 with pytest-xdist (PYTEST_WORKERS, 8: half the 16 cores;
+# 2130 CUDA tests), pytest_triton 30-60 (257 tests, cold Triton cache), bench what is left.
 #
 # Usage, from anywhere:
 #   OUT=/some/dir bash scripts/cuda_checks.sh        (OUT defaults to ./cuda_out)
@@ -225,8 +229,10 @@ bounded "$(time_left 15)" "$WORK/nvidia-smi.log" nvidia-smi -L >/dev/null
 cat "$WORK/nvidia-smi.log" >>"$LOG"
 
 # pytest: -v (a time-out still leaves each finished test's result in the log), pytest-xdist
-# workers and a per-test limit where the plugins are installed (not in a dry run)
-PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider --no-header -rfEX
+# workers and a per-test limit where the plugins are installed (not in a dry run); the
+# tests in the order given (-p no:randomly: pytest-randomly, where installed, would shuffle
+# the class-index check, whose device-side assert is sticky, before other CUDA tests)
+PYTEST=("${PY[@]}" -m pytest -m cuda -v -p no:cacheprovider -p no:randomly --no-header -rfEX
   --continue-on-collection-errors) # one broken module must not cancel the whole step
 PAR=()
 if ! dry; then # (as the environment facts found them)
@@ -235,7 +241,7 @@ if ! dry; then # (as the environment facts found them)
 fi
 # test_cuda_readiness.py last: its class-index check, should it end in a device-side
 # assert (sticky: every later CUDA call in the process fails), spoils nothing after it
-CHANGED=(tests/test_per_sample.py tests/verify tests/test_cuda_readiness.py)
+CHANGED=(tests/test_per_sample.py tests/test_per_sample_devices.py tests/verify tests/test_cuda_readiness.py)
 TRITON=(tests/kernels/test_triton_act.py tests/kernels/test_triton_ce.py)
 IGNORE=()
 for path in "${CHANGED[@]}" "${TRITON[@]}"; do IGNORE+=(--ignore "$path"); done

@@ -344,11 +344,14 @@ def test_cuda_checks_bounded_gives_a_killed_command_its_second_after_sigkill(tmp
 def test_the_class_index_check_runs_after_every_other_cuda_test_of_its_step():
     """A device-side assert is sticky: should the class-index check meet one, every later
     CUDA call of that pytest process fails. cuda_checks.sh's pytest_changed step runs this
-    file last (test_per_sample and tests/verify ran after it, in one process), and the
-    check is this file's last CUDA test."""
+    file last (test_per_sample and tests/verify ran after it, in one process), the check
+    is this file's last CUDA test, and no plugin reorders the tests (pytest-randomly,
+    where installed, shuffled the check before the others)."""
     changed = re.search(r"^CHANGED=\((.*)\)$", SCRIPT.read_text(), re.M)
     assert changed is not None
     assert changed.group(1).split()[-1] == "tests/" + Path(__file__).name
+    pytest_line = re.search(r"^PYTEST=\((.*?)\)", SCRIPT.read_text(), re.M | re.S)
+    assert pytest_line is not None and "-p no:randomly" in pytest_line.group(1)
     cuda_tests = [
         name
         for name, fn in globals().items()

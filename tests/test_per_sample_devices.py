@@ -134,3 +134,74 @@ def test_add_noise_on_meta_takes_any_generator():
         model(torch.randn(5, 4, dtype=torch.float64, device="meta")).sum().backward()
         ps.add_noise(1.0, generator=torch.Generator().manual_seed(0))
     assert all(p.grad.device.type == "meta" for p in ps.parameters)
+
+
+# ---------------------------------------------------- the day's per_sample changes, per device
+GRAD_DTYPE = hasattr(nn.Parameter(torch.zeros(1)), "grad_dtype")
+
+
+@pytest.mark.skipif(not GRAD_DTYPE, reason="this torch has no Tensor.grad_dtype")
+def test_float32_gradients_of_a_bfloat16_model_clipped_and_noised(device):
+    """``p.grad_dtype`` (float32 main gradients of a bfloat16 model, as mixed-precision
+    training keeps them) on each device: clip mode forms ``p.grad`` in float32 on the
+    parameter's device, the float64 model's clipped sum within bfloat16's rounding, and
+    ``add_noise`` adds, with a generator of that device, noise of the expected size."""
+    x = torch.randn(16, 4, dtype=torch.float64)
+    wide = mlp()
+    with per_sample_grads(wide, "clip", 0.1):
+        wide(x).square().sum().backward()
+    model = mlp().bfloat16().to(device)
+    for p in model.parameters():
+        p.grad_dtype = torch.float32
+    with per_sample_grads(model, "clip", 0.1) as ps:
+        model(x.bfloat16().to(device)).float().square().sum().backward()
+        clipped = [p.grad.clone() for p in ps.parameters]
+        ps.add_noise(1.0, generator=torch.Generator(device).manual_seed(0))
+    for p, q, before in zip(model.parameters(), wide.parameters(), clipped):
+        assert p.grad.dtype == torch.float32 and p.grad.device == p.device
+        torch.testing.assert_close(before.double().cpu(), q.grad, rtol=0.05, atol=0.01)
+    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clipped)])
+    assert 0.06 < float(noise.std()) < 0.15  # noise_multiplier * max_norm = 0.1, 51 draws
+
+
+def test_clip_mode_refuses_a_trainable_model_in_front_on_each_device(device):
+    """Clip mode's forward hook walks the output's autograd graph for trainable
+    parameters outside the model: on each device it refuses a torch Linear run before
+    the model, before any gradient, and lets the model alone train."""
+    model, front = mlp().to(device), nn.Linear(4, 4).double().to(device)
+    x = torch.randn(5, 4, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match=r"shape \(4, 4\) that is not one of the model's"):
+        with per_sample_grads(model, "clip", 1.0):
+            model(front(x)).sum().backward()
+    assert all(p.grad is None for p in [*model.parameters(), *front.parameters()])
+    with per_sample_grads(model, "clip", 1.0) as ps:
+        model(front(x).detach()).sum().backward()
+    assert all(p.grad is not None and p.grad.device == x.device for p in ps.parameters)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["norms", "grads", "clip"])
+def test_a_per_sample_step_on_cuda_waits_for_no_host_sync(mode):
+    """A training step inside the context (creating it, the forward with its hooks, the
+    backward with the per-sample results, clip mode's noise) queues GPU work without
+    waiting for it: a host sync per step (an ``.item()``, a ``bool`` of a tensor, a copy
+    from the CPU) would stall every DP-SGD step. ``set_sync_debug_mode('error')`` makes
+    any such sync raise; the first pass, not checked, warms the libraries up."""
+    model = nn.Sequential(torchbp.nn.Linear(4, 6), torchbp.nn.GELU(), torchbp.nn.Linear(6, 3))
+    model.cuda()
+    x = torch.randn(16, 4, device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        for checked in ("default", "error"):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.set_sync_debug_mode(checked)
+            with per_sample_grads(model, mode, 0.1 if mode == "clip" else None) as ps:
+                model(x).square().sum().backward()
+                if mode == "clip":
+                    ps.add_noise(1.0, generator=generator)
+            torch.cuda.set_sync_debug_mode(previous)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert all(p.grad.isfinite().all() for p in model.parameters())
