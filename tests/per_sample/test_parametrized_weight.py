@@ -70,3 +70,20 @@ def test_frozen_parametrized_bias_still_refused():
     model[0].parametrizations.bias.original.requires_grad_(False)
     with pytest.raises(TypeError, match=r"'0' \(ParametrizedLinear\) has a parametrized bias"):
         per_sample_grads(model, mode="clip", max_norm=1.0)
+
+
+def test_frozen_weight_norm_of_two_originals_served_and_a_trainable_one_refused():
+    """torch.nn.utils.parametrizations.weight_norm forms the weight from two originals
+    (magnitude and direction): frozen, the layer's bias is served like any frozen
+    parametrized weight's; either original trainable is refused by name."""
+    model, x, y = _model(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    nn.utils.parametrizations.weight_norm(model[2])
+    model[2].parametrizations.weight.requires_grad_(False)
+    truth = per_sample_truth(model, x, y)
+    with per_sample_grads(model, mode="grads") as ps:
+        summed_cross_entropy(model, x, y).backward()
+    assert ps.parameters == [model[0].bias, model[2].bias]
+    assert_matches_truth(model, ps, truth)
+    model[2].parametrizations.weight.original1.requires_grad_(True)
+    with pytest.raises(TypeError, match=r"'2.parametrizations.weight'.*\(original1\)"):
+        per_sample_grads(model, mode="clip", max_norm=1.0)
