@@ -316,27 +316,28 @@ class _PlainModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit_plain_model(tmp_path, data, ckpt_path=None) -> _PlainModel:
-    """Fit a :class:`_PlainModel` 3 epochs on ``data`` (a checkpoint every 3 steps)."""
+def _fit_plain_model(tmp_path, data, ckpt_path=None, every=3, **trainer_options) -> _PlainModel:
+    """Fit a :class:`_PlainModel` 3 epochs on ``data`` (a checkpoint every ``every`` steps)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     pl.seed_everything(0)
     model = _PlainModel()
-    every_3 = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=3, save_top_k=-1)
+    checkpoints = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=every, save_top_k=-1)
     trainer = pl.Trainer(
         max_epochs=3,
-        callbacks=[every_3],
+        callbacks=[checkpoints],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        **trainer_options,
     )
     with quiet_lightning():
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
 
 
-#: DataModules of 7 training batches an epoch
+#: DataModules of 7 training batches an epoch (Poisson sampling: 6)
 _SEVEN_BATCHES = {
     "shuffled": lambda: SklearnToyDataModule(name="iris", batch_size=16),
     "poisson": lambda: SklearnToyDataModule(name="iris", batch_size=16, poisson_sampling=True),
@@ -356,3 +357,23 @@ def test_any_lightning_module_resumed_within_an_epoch_continues_its_batches(tmp_
         tmp_path / "resumed", _SEVEN_BATCHES[data](), ckpt_path=tmp_path / "step=9.ckpt"
     )
     assert resumed.batches == whole.batches[9:]
+
+
+@pytest.mark.parametrize("data", list(_SEVEN_BATCHES))
+def test_a_fit_resumed_after_an_epochs_last_step_reloading_its_loader_trains_the_next_epoch(
+    tmp_path, data
+):
+    """A checkpoint of epoch 0's last step, resumed with reload_dataloaders_every_n_epochs:
+    Lightning reloads epoch 1's loader while the fit still counts as restarting, and the
+    DataModule continued epoch 1 after as many batches as epoch 0 had: all of them, so
+    epoch 1 was skipped whole."""
+    last_step = len(_SEVEN_BATCHES[data]().train_dataloader())
+    options = {"every": last_step, "reload_dataloaders_every_n_epochs": 1}
+    whole = _fit_plain_model(tmp_path, _SEVEN_BATCHES[data](), **options)
+    resumed = _fit_plain_model(
+        tmp_path / "resumed",
+        _SEVEN_BATCHES[data](),
+        ckpt_path=tmp_path / f"step={last_step}.ckpt",
+        **options,
+    )
+    assert resumed.batches == whole.batches[last_step:]

@@ -45,6 +45,16 @@ def check_num_workers(num_workers: int) -> None:
         raise DataConfigError(f"num_workers must be >= 0, got {num_workers}")
 
 
+def _within_the_checkpoints_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the fit of a restarting ``trainer`` is still in the epoch its checkpoint was
+    saved in, begun and not finished, whose batches its batch counter counts. Not once that
+    epoch is done: a checkpoint of an epoch's last step ends its epoch at the resume, and a
+    train loader reloaded for the next one (``reload_dataloaders_every_n_epochs``) while the
+    fit still restarts starts that epoch from its first batch."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    return epochs.started > epochs.processed
+
+
 class ClassificationDataModule(pl.LightningDataModule):
     """Base class of torchbp's DataModules: a classification task with a known input size.
 
@@ -67,8 +77,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         epoch continues); ``(epoch, 0)`` otherwise. The train loaders of torchbp's
         DataModules continue the epoch after them, whatever the LightningModule."""
         trainer = self.trainer
-        if trainer is None or not trainer.fit_loop.restarting:
-            return (0, 0) if trainer is None else (trainer.current_epoch, 0)
+        if trainer is None:
+            return 0, 0
+        if not (trainer.fit_loop.restarting and _within_the_checkpoints_epoch(trainer)):
+            return trainer.current_epoch, 0
         # the batches whose step ran to its end (a checkpoint saved on an exception inside
         # a step has that batch fetched, not trained: the loop trains it again)
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
