@@ -126,7 +126,8 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     second model before it, or a parameter its forward uses without registering it): the
     backward would give that parameter an unclipped gradient, with no per-sample
     accounting, into its ``p.grad``, where an optimizer stepping it would leak what
-    DP-SGD protects. A copy of the model (``copy.deepcopy`` copies the hook) is let be.
+    DP-SGD protects. A copy of the model (``copy.deepcopy`` copies the hook) is let be,
+    and so is a forward traced by ``torch.compile``, refused at the backward.
     """
     guarded = weakref.ref(model)
     # the model's parameters now, when the context is created: a forward whose leaves are
@@ -135,6 +136,10 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
 
     def refuse_parameters_outside(module: nn.Module, args: tuple, output: object) -> None:
         if module is not guarded():
+            return
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace grad_fn (with fullgraph=True its error would replace
+            # the context's own refusal of torch.compile, at the backward)
             return
         others = [p for p in _trainable_parameter_leaves(output) if at_creation.get(id(p)) is not p]
         if not others:
