@@ -1989,3 +1989,27 @@ def test_an_early_stopping_against_its_metrics_direction_is_a_cli_error_before_t
     err = capsys.readouterr().err
     assert f"error: invalid configuration: an EarlyStopping monitors '{monitor}'" in err, err
     assert f"give it mode: {wanted}" in err and not list(tmp_path.iterdir())
+
+
+def test_an_early_stopping_mode_refusal_says_how_to_fix_it_in_a_config_file(tmp_path, capsys):
+    """The refusal advised only --trainer.callbacks.mode=max, which sets the last callback
+    of the list: for an EarlyStopping of a config file followed by another callback, that
+    flag set the other one's mode, and the same refusal came back."""
+    config = tmp_path / "early_stopping.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: pytorch_lightning.callbacks.EarlyStopping\n"
+        "      init_args: {monitor: val/f1}\n"
+        "    - class_path: pytorch_lightning.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_top_k: 0}\n"
+    )
+    common = ["fit", "--config", str(CONFIGS / "iris.yaml"), "--config", str(config)]
+    for flag in ([], ["--trainer.callbacks.mode=max"]):  # the flag: the monitor's mode
+        with pytest.raises(SystemExit) as e:
+            run_cli(*common, f"--run_dir={tmp_path / 'runs'}", *flag)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "an EarlyStopping monitors 'val/f1' with mode 'min'" in err, err
+    assert "in a config file, init_args: {mode: max}" in err, err
+    assert "right after its --trainer.callbacks+=EarlyStopping" in err, err

@@ -107,8 +107,10 @@ def _check_early_stopping_mode(callback: EarlyStopping) -> None:
     raise ValueError(
         f"an EarlyStopping monitors {callback.monitor!r} with mode {callback.mode!r} "
         f"(Lightning's default is 'min'), and {callback.monitor} improves as it {way}: it "
-        f"would stop the fit while it improves; give it mode: {wanted} "
-        f"(--trainer.callbacks.mode={wanted})"
+        f"would stop the fit while it improves; give it mode: {wanted} (in a config file, "
+        f"init_args: {{mode: {wanted}}}; on the command line, --trainer.callbacks.mode="
+        f"{wanted} right after its --trainer.callbacks+=EarlyStopping: it sets the last "
+        "callback given)"
     )
 
 
