@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchbp.lightning.data_base import (
@@ -342,6 +343,7 @@ class ArrayDataModule(ClassificationDataModule):
             ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
         )
         if trained:
+            self._warn_if_the_rows_per_process_changed(epoch, trained)
             sampler.continue_epoch(epoch, min(trained * self.batch_size, len(sampler)))
         return loader_class(
             ds,
@@ -350,6 +352,35 @@ class ArrayDataModule(ClassificationDataModule):
             shuffle=False,
             **self._loader_options(),
         )
+
+    def _warn_if_the_rows_per_process_changed(self, epoch: int, trained: int) -> None:
+        """The train loader of a fit resumed within ``epoch`` after ``trained`` batches
+        continues each process's share of its rows after as many batches of this
+        ``batch_size``: with another batch size, or another number of processes sharing the
+        rows, than the checkpoint's run had, they are rows it did not train (or did) in
+        the epoch."""
+        saved, size = self.checkpoint_batch_size, self.batch_size
+        if saved is not None and saved != size:
+            rank_zero_warn(
+                f"the fit resumed within epoch {epoch}, after {trained} batches "
+                f"of {saved} rows (the checkpoint's data.batch_size), and continues it after "
+                f"{trained} batches of {size}: rows of the epoch that the checkpoint's run had "
+                f"{'not yet trained are skipped' if size > saved else 'trained are trained again'}"
+                f"; resume with data.batch_size: {saved} to train the uninterrupted fit's "
+                "batches, or change it at an epoch's end",
+                category=UserWarning,
+            )
+        saved_world, world = self.checkpoint_world_size, rank_world()[1]
+        if saved_world is not None and saved_world != world:
+            rank_zero_warn(
+                f"the fit resumed within epoch {epoch}, after {trained} batches "
+                f"per process of a run whose processes ({saved_world}) shared the epoch's rows, "
+                f"and continues it with {world}: each process's share of the rows is another, "
+                "so rows of the epoch are skipped and others trained again; resume with "
+                f"{saved_world} processes to train the uninterrupted fit's batches, or change "
+                "their number at an epoch's end",
+                category=UserWarning,
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -14,7 +14,6 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 
-from torchbp.lightning.data_base import rank_world
 from torchbp.lightning.metrics import EVAL_METRICS, stage_metrics
 from torchbp.lightning.mlp import (
     ACTIVATIONS,
@@ -488,8 +487,6 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         source = _epoch_source(loader)
         if 0 < trained < trainer.num_training_batches:
             if source is not None and not _fetches_before_the_hooks(loader):
-                if isinstance(source, EpochSeededSampler):
-                    self._warn_if_the_rows_per_process_changed(trained)
                 self._continue_epoch(source, loader, trained)
             elif not _is_stateful(loader):
                 rank_zero_warn(
@@ -509,37 +506,6 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
                 f"workers started fetching in epoch {source.epoch}'s order (Lightning sets "
                 "the epoch once they have started): this epoch's batches are not those of "
                 "the uninterrupted fit; " + _exact_resume_hint(source),
-                category=UserWarning,
-            )
-
-    def _warn_if_the_rows_per_process_changed(self, trained: int) -> None:
-        """The epoch resumed after ``trained`` batches continues each process's share of
-        its rows after as many batches of the DataModule's ``batch_size``: with another
-        batch size, or another number of processes sharing the rows, than the checkpoint's
-        run had, they are rows it did not train (or did) in the epoch."""
-        datamodule = self.trainer.datamodule
-        saved = getattr(datamodule, "checkpoint_batch_size", None)
-        size = getattr(datamodule, "batch_size", None)
-        if saved is not None and saved != size:
-            rank_zero_warn(
-                f"the fit resumed within epoch {self.current_epoch}, after {trained} batches "
-                f"of {saved} rows (the checkpoint's data.batch_size), and continues it after "
-                f"{trained} batches of {size}: rows of the epoch that the checkpoint's run had "
-                f"{'not yet trained are skipped' if size > saved else 'trained are trained again'}"
-                f"; resume with data.batch_size: {saved} to train the uninterrupted fit's "
-                "batches, or change it at an epoch's end",
-                category=UserWarning,
-            )
-        saved_world = getattr(datamodule, "checkpoint_world_size", None)
-        world = rank_world()[1]
-        if saved_world is not None and saved_world != world:
-            rank_zero_warn(
-                f"the fit resumed within epoch {self.current_epoch}, after {trained} batches "
-                f"per process of a run whose processes ({saved_world}) shared the epoch's rows, "
-                f"and continues it with {world}: each process's share of the rows is another, "
-                "so rows of the epoch are skipped and others trained again; resume with "
-                f"{saved_world} processes to train the uninterrupted fit's batches, or change "
-                "their number at an epoch's end",
                 category=UserWarning,
             )
 
