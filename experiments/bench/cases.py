@@ -551,8 +551,8 @@ def build_mlp_saved(opts: Options, act: str, with_loss: bool = True) -> Case:
 
     impls, notes, params = _model_impls(native, fwd_bwd)
     if act == "leaky_relu" and "torchbp" in impls:
-        # what backward keeps is native's (LeakyReLU keeps its input); the in-place form
-        # keeps its output instead, which the next Linear keeps anyway: half the bytes
+        # the in-place form keeps its output, which the next Linear keeps anyway: half
+        # native's bytes (native's LeakyReLU keeps its input)
         twin = _to_torchbp(_with_inplace_activations(native))[0]
         if twin is not None:
             impls["torchbp_inplace"] = Impl(fwd_bwd(twin, tbp("cross_entropy")))

@@ -81,9 +81,9 @@ def targets_for(device: str) -> list[Target]:
     out += [T(5, c, "saved", "native", 1.0, text=f"{c} saved <= native") for c in ops]
     # The 0.5x goal is about the layers: with the loss included both sides add the same
     # loss bytes (48 B/sample for 10 classes), which puts the ratio at 0.5015, not 0.5.
-    # LeakyReLU keeps its input, as native (since 2026-11-29: an in-place op on its output
-    # must train as natively), so the half comes from LeakyReLU(inplace=True), which keeps
-    # the output the next Linear keeps anyway (natively too), against native's default.
+    # The half is LeakyReLU(inplace=True)'s, which keeps the output the next Linear keeps
+    # anyway (natively too), against native's default; the default form is held to
+    # native's bytes above (it kept its input, as native, in 7218d4d).
     out.append(
         T(
             5,

@@ -57,7 +57,7 @@ def act_backward_kernel(
         dx = g * (1.0 - s * s)
     elif OP == RELU:  # s = y: 0 where y <= 0, else g (a NaN y passes g)
         dx = tl.where(s <= 0.0, 0.0, g)
-    elif OP == LEAKY_RELU:  # s = x, or y (in place, slope >= 0): g where s > 0, else slope g
+    elif OP == LEAKY_RELU:  # s = x, or y if slope >= 0: g where s > 0, else slope g
         dx = tl.where(s > 0.0, g, g * slope)
     elif OP == GELU:  # s = x: g (Φ(x) + x φ(x)), Φ(x) = ½(1 + erf(x/√2)), φ = e^{-x²/2}/√(2π)
         cdf = 0.5 * (1.0 + tl.erf(s * INV_SQRT_2))

@@ -2,10 +2,10 @@
 
 Computes exactly what the derivative formulas of :mod:`torchbp.autograd.activations`
 compute — ``dx = g · f'`` from the upstream gradient ``g`` and the tensor the Function
-saved (the output ``y`` for sigmoid, tanh, ReLU and the in-place LeakyReLU, whose slope
-is >= 0; the input ``x`` for the out-of-place LeakyReLU, GELU and SiLU) — in ONE pass
-over memory (read ``g`` and the saved tensor, write ``dx``), where the eager torch-op
-kernels make two to eight:
+saved (the output ``y`` for sigmoid, tanh and ReLU; for LeakyReLU its input, or its
+output where the slope is >= 0 and so the output's sign is the input's; the input ``x``
+for GELU and SiLU) — in ONE pass over memory (read ``g`` and the saved tensor, write
+``dx``), where the eager torch-op kernels make two to eight:
 
 * grid ``(cdiv(n, BLOCK),)`` over the flattened tensors, ``BLOCK`` contiguous elements
   per program, the tail masked; offsets in int32 unless ``n`` needs int64;
