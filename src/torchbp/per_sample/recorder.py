@@ -71,6 +71,10 @@ class Recorder:
         def enter(module, args) -> None:
             if module is not linear:
                 return  # a copy of the module (copy.deepcopy copies its hooks)
+            if torch.compiler.is_compiling():
+                # (Dynamo on some torch versions cannot trace the autocast query; a
+                # compiled model is refused at the backward)
+                return
             # read here: the linear wrapper applies autocast itself and calls the Function
             # with it off
             autocast = _autocast_enabled(module.weight.device.type)
