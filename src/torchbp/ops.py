@@ -58,18 +58,18 @@ class Op:
         torch_module: the native module ``module`` subclasses and :func:`torchbp.convert`
             swaps (``None`` if there is none).
         saves: what backward keeps, in words (``"output"``, ``"input"``, ...), with the
-            default keywords, as native's keeps; :meth:`saves_for` resolves it for others
-            (an in-place form keeps its output).
+            default keywords; :meth:`saves_for` resolves it for others (an in-place form
+            keeps its output).
         formula: element-wise activations: the derivative formula
             ``formula(g, saved, *args) = g · f'`` their Function evaluates.
         variants: keyword sets of ``functional`` (and ``module``) that tests and
             verification cover; the first is the default.
         kink: element-wise activations: where ``f'`` jumps (finite-difference checks keep
             their inputs away from it), ``None`` for a smooth one.
-        input_if_negative: the keyword (a slope) whose negative value leaves only the
-            input telling the branch (the output's sign no longer does): the in-place
-            form, which can keep only its output, refuses it when autograd records the
-            input.
+        input_if_negative: the keyword (a slope) whose negative value makes an activation
+            that saves its output keep its input instead (the output's sign no longer
+            tells the branch); the in-place form, which can keep only its output, refuses
+            it when autograd records the input.
         in_place: the in-place wrapper ``<name>_`` in :mod:`torchbp.functional`, where
             :mod:`torch.nn.functional` has one (``relu_``, ``leaky_relu_``, ``elu_``).
     """
@@ -90,10 +90,14 @@ class Op:
 
     def saves_for(self, kwargs: dict[str, Any]) -> str:
         """What backward keeps when called with ``kwargs``: ``"output"`` for an in-place
-        call (its input is overwritten, as natively), else :attr:`saves`."""
+        call (its input is overwritten, as natively), ``"output"`` or ``"input"`` by the
+        sign of :attr:`input_if_negative`, else :attr:`saves`."""
         if self.in_place is not None and kwargs.get("inplace", False):
             return "output"
-        return self.saves
+        key = self.input_if_negative
+        if key is None:
+            return self.saves
+        return "input" if kwargs.get(key, 0) < 0 else "output"
 
 
 # Op(name, kind, Function, functional, nn module, native functional, native module, saves, ...)
@@ -108,7 +112,7 @@ _REGISTRY: tuple[Op, ...] = (
     Op("relu", "activation", A.ReLUFunction, TF.relu, bpnn.ReLU, F.relu, nn.ReLU, "output",
        A.activations.relu_backward, kink=0.0, in_place=TF.relu_),
     Op("leaky_relu", "activation", A.LeakyReLUFunction, TF.leaky_relu, bpnn.LeakyReLU,
-       F.leaky_relu, nn.LeakyReLU, "input",
+       F.leaky_relu, nn.LeakyReLU, "output (input if negative_slope < 0)",
        A.activations.leaky_relu_backward, kink=0.0, input_if_negative="negative_slope",
        variants=({}, {"negative_slope": 0.2}, {"negative_slope": 0.0},
                  {"negative_slope": -0.5}), in_place=TF.leaky_relu_),
@@ -118,7 +122,7 @@ _REGISTRY: tuple[Op, ...] = (
     Op("silu", "activation", A.SiLUFunction, TF.silu, bpnn.SiLU, F.silu, nn.SiLU, "input",
        A.activations.silu_backward),
     Op("elu", "activation", A.ELUFunction, TF.elu, bpnn.ELU, F.elu, nn.ELU,
-       "input", A.activations.elu_backward, kink=0.0,
+       "output (input if alpha < 0)", A.activations.elu_backward, kink=0.0,
        input_if_negative="alpha", variants=({}, {"alpha": 0.5}, {"alpha": -0.5}),
        in_place=TF.elu_),
     Op("softplus", "activation", A.SoftplusFunction, TF.softplus, bpnn.Softplus, F.softplus,

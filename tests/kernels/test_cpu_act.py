@@ -16,7 +16,6 @@ import torch
 from tests._support import ACTIVATIONS, TOL, Variant, grads, make, piecewise_linear, saved_and_args
 
 from torchbp.autograd._derivative import reference
-from torchbp.autograd.activations import elu_result_backward
 from torchbp.kernels import cpu_act
 from torchbp.ops import OPS
 
@@ -25,18 +24,11 @@ N_BLOCKED = 5 * BLOCK + 17  # six blocks, the last one short
 
 # Every activation variant that has a CPU kernel.
 KERNEL_CASES = [v for v in ACTIVATIONS if v.op.name in cpu_act.KERNELS]
-# The kernels of the in-place forms that save their output where the out-of-place form saves
-# its input: kernel name -> (its formula, the op's native function computing the output)
-RESULT_KERNELS = {"elu_result": (elu_result_backward, torch.nn.functional.elu)}
-# ELU's in-place alphas (>= 0; negative ones are refused in place): the registry's, 0, -0
-# (y + alpha at y = -0 is +0 and -0) and a large one
-RESULT_ALPHAS = [kw["alpha"] for kw in OPS["elu"].variants[1:] if kw["alpha"] >= 0]
-RESULT_ALPHAS += [1.0, 0.0, -0.0, 3.3]
 # A slope beyond the registry's variants for the exactness test: one above 1.
 EXTRA_SLOPES = [Variant(OPS["leaky_relu"], {"negative_slope": 3.3})]
 # Kernels that run the formula's own ops on the same values, so bit for bit (sign of zero
-# included): with the registry's variants and beyond -- ELU's alpha 0 and -0 (alpha e^x is
-# +0 and -0), a large one and a second negative one; Softplus thresholds below
+# included): with the registry's variants and beyond -- ELU's alpha 0 and -0 (y + alpha at
+# y = -0 is +0 and -0), a large one and a second negative one; Softplus thresholds below
 # where float32's sigmoid reaches 1 (the kernel's other form), among them 0 and a negative.
 BITWISE_CASES = [v for v in KERNEL_CASES if v.op.name in ("elu", "softplus")] + [
     *(Variant(OPS["elu"], {"alpha": a}) for a in (0.0, -0.0, 3.3, -2.0)),
@@ -76,12 +68,11 @@ def inputs(variant, shape, dtype, device="cpu", special=False):
     return make(shape, dtype, device, seed=1), saved, args
 
 
-def check(variant, g, saved, args, equal=False, kernel=None):
-    """The kernel of ``variant`` (or ``kernel``: ``(name, formula)``) against its formula."""
-    name, formula = kernel or (variant.op.name, variant.op.formula)
+def check(variant, g, saved, args, equal=False):
+    name = variant.op.name
     g_before, saved_before = g.clone(), saved.clone()
     fast = cpu_act.backward(name, g, saved, *args)
-    want = reference(formula, g, saved, *args)
+    want = reference(variant.op.formula, g, saved, *args)
     assert fast.dtype == want.dtype and fast.shape == want.shape
     if equal:
         assert torch.equal(fast.nan_to_num(), want.nan_to_num())
@@ -93,7 +84,7 @@ def check(variant, g, saved, args, equal=False, kernel=None):
 
 
 def test_every_kernel_is_covered():
-    assert {v.op.name for v in KERNEL_CASES} | set(RESULT_KERNELS) == set(cpu_act.KERNELS)
+    assert {v.op.name for v in KERNEL_CASES} == set(cpu_act.KERNELS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -152,37 +143,16 @@ def test_kernel_is_the_formula_bit_for_bit(variant, dtype, numel):
     assert same_bits(fast, reference(variant.op.formula, g, saved, *args))
 
 
-def result_inputs(name, alpha, shape, dtype, special=False):
-    """``(g, y, args)`` for an in-place form's kernel: ``y`` the op's output of ``x``."""
-    x = make(shape, torch.float64, scale=3.0)
-    if special:
-        x.view(-1)[:: max(1, x.numel() // 40)][: len(SPECIAL) * 4] = torch.tensor(SPECIAL * 4)
-    _, native = RESULT_KERNELS[name]
-    return make(shape, dtype, seed=1), native(x.to(dtype), alpha), (alpha,)
-
-
 @NUMELS
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("alpha", RESULT_ALPHAS, ids=str)
-@pytest.mark.parametrize("name", RESULT_KERNELS)
-def test_result_kernel_is_the_formula_bit_for_bit(name, alpha, dtype, numel):
-    g, y, args = result_inputs(name, alpha, (numel,), dtype, special=True)
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], dtype=dtype)
-    g[1::11] = special.repeat(len(g[1::11]))[: len(g[1::11])]
-    formula, _ = RESULT_KERNELS[name]
-    fast = check(None, g, y, args, kernel=(name, formula))
-    assert same_bits(fast, reference(formula, g, y, *args))
-
-
-@NUMELS
-def test_elu_result_kernel_keeps_an_infinite_negative_branch(numel):
-    # the in-place ELU saves y, and alpha e^x = y + alpha: where alpha (e^x - 1) overflows
-    # the dtype (float16 from 65504), y is -inf and the formula's y + alpha too, a negative
+def test_elu_kernel_keeps_an_infinite_negative_branch(numel):
+    # alpha >= 0 saves y, and alpha e^x = y + alpha: where alpha (e^x - 1) overflows the
+    # dtype (float16 from 65504), y is -inf and the formula's y + alpha too, a negative
     # branch the kernel must not take for the positive one (f' = 1): bit for bit.
-    g, y, args = result_inputs("elu_result", 1e5, (numel,), torch.float16, special=True)
-    assert y.isneginf().any()
-    fast = check(None, g, y, args, kernel=("elu_result", elu_result_backward))
-    assert same_bits(fast, reference(elu_result_backward, g, y, *args))
+    variant = Variant(OPS["elu"], {"alpha": 1e5})
+    g, saved, args = inputs(variant, (numel,), torch.float16, special=True)
+    assert saved.isneginf().any()
+    fast = check(variant, g, saved, args)
+    assert same_bits(fast, reference(variant.op.formula, g, saved, *args))
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,13 @@
 
 Each op is a derivative formula ``<op>_backward(g, saved) = g · f'`` in differentiable
 torch ops, then the Function that uses it for both backward (``dx = g · f'``) and jvp
-(``dy = f' · dx``). ``f'`` is written through the tensor native's backward keeps, so that
-an in-place op on the same tensors is allowed or refused as natively: the output ``y`` for
-sigmoid, tanh, ReLU and the in-place LeakyReLU / ELU, the input ``x`` otherwise (native's
-out-of-place ``leaky_relu`` and ``elu`` keep their input, so ``h = act(x); h += skip``
-trains).
+(``dy = f' · dx``). ``f'`` is written through whatever is cheapest to keep: the output
+``y`` where the formula allows (sigmoid, tanh, ReLU, LeakyReLU with slope >= 0, ELU with
+α >= 0: the next Linear keeps ``y`` alive anyway, so saving it costs nothing), otherwise
+the input ``x``. Native's LeakyReLU and ELU keep their input, so modifying their output
+in place before backward (``h += skip``) trains natively and fails here: their backward
+re-raises autograd's "modified by an inplace operation" error with the reason and the
+out-of-place form to write instead (:func:`_saved_tensor`).
 :func:`~torchbp.autograd._derivative.derivative` evaluates the formula, or for a
 first-order eager backward a fast kernel of :mod:`torchbp.kernels` that computes the same.
 The piecewise ones (ReLU, LeakyReLU, ELU, Softplus) also give their curvature
@@ -168,14 +170,46 @@ class ReLUFunction(Function):
 
 # --------------------------------------------------------------------------- LeakyReLU
 def leaky_relu_backward(g: torch.Tensor, saved: torch.Tensor, slope: float) -> torch.Tensor:
-    # f'(x) = 1 if x > 0 else slope (slope at x = 0 and for NaN, as native). The in-place
-    # form saves y instead, whose sign is x's for slope >= 0 (in-place refuses slope < 0).
+    # f'(x) = 1 if x > 0 else slope (slope at x = 0 and for NaN, as native). For slope >= 0,
+    # y > 0 exactly when x > 0, so the output can stand in for the input (native saves the
+    # input); a negative slope flips y's sign, so then the input is saved.
     return torch.where(saved > 0, g, g * slope)
 
 
 def leaky_relu_curvature(v: torch.Tensor, saved: torch.Tensor, slope: float) -> torch.Tensor:
     # ∂f'/∂saved = 0: f' is piecewise constant (1 or slope), as native's second derivative
     return torch.zeros_like(v)
+
+
+# added under autograd's error when an activation's saved output was modified in place
+_OUTPUT_MODIFIED_HINT = (
+    "torchbp's {name} keeps its output for backward (half the saved memory of native's, "
+    "which keeps its input), so an in-place op on it before backward "
+    "(nn.Dropout(inplace=True), h += skip) cannot be undone; use the out-of-place form "
+    "(nn.Dropout(), h = h + skip)."
+)
+
+
+def _save_output_or_input(ctx, output: torch.Tensor, x: torch.Tensor, slope: float) -> None:
+    """Keep the output in place (the input is overwritten) and out of place for a slope
+    >= 0, whose output's sign tells the branch (native keeps the input there: noted in
+    ``ctx`` for :func:`_saved_tensor`'s error); else the input."""
+    ctx.output_saved_out_of_place = not ctx.inplace and slope >= 0
+    _save(ctx, output if ctx.inplace or ctx.output_saved_out_of_place else x)
+
+
+def _saved_tensor(ctx, name: str) -> torch.Tensor:
+    """The one tensor :func:`_save_output_or_input` kept. Where that is the output and
+    native keeps the input, autograd's "modified by an inplace operation" error (the
+    output changed before backward) is re-raised with why and what to write instead; the
+    ``try`` costs nothing until it raises."""
+    try:
+        (saved,) = ctx.saved_tensors
+    except RuntimeError as error:
+        if not (ctx.output_saved_out_of_place and "modified by an inplace" in str(error)):
+            raise
+        raise RuntimeError(f"{error}\n{_OUTPUT_MODIFIED_HINT.format(name=name)}") from None
+    return saved
 
 
 def _check_result_tells_branch(ctx, name: str, slope: float) -> None:
@@ -193,10 +227,12 @@ def _check_result_tells_branch(ctx, name: str, slope: float) -> None:
 class LeakyReLUFunction(Function):
     """``y = x if x > 0 else α x``; backward ``dx = g · (1 if x > 0 else α)``.
 
-    Saves the input, as native (so the output may be modified in place afterwards);
-    ``inplace=True`` overwrites ``x``, marks it dirty and saves the output, as native's
-    ``leaky_relu_`` (whose backward refuses ``α < 0``: the output's sign no longer tells
-    the branch).
+    Saves the output for ``α >= 0`` (its sign equals the input's; native saves the input,
+    so modifying the output in place before backward fails here, with the out-of-place
+    form to write in the error), the input otherwise (a negative slope flips the sign, so
+    then only the input tells the branch). ``inplace=True`` overwrites ``x``, marks it
+    dirty and saves the output, as native's ``leaky_relu_``, whose backward refuses
+    ``α < 0``, as native's.
     """
 
     generate_vmap_rule = True
@@ -214,12 +250,12 @@ class LeakyReLUFunction(Function):
         x, ctx.negative_slope, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save(ctx, output if ctx.inplace else x)
+        _save_output_or_input(ctx, output, x, ctx.negative_slope)
 
     @staticmethod
     def backward(ctx, dy):
         _check_result_tells_branch(ctx, "leakyReLu", ctx.negative_slope)
-        (saved,) = ctx.saved_tensors
+        saved = _saved_tensor(ctx, "LeakyReLU")
         dx = derivative(
             "leaky_relu",
             leaky_relu_backward,
@@ -319,39 +355,36 @@ class SiLUFunction(Function):
 
 
 # --------------------------------------------------------------------------- ELU
-def elu_backward(g: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    # y = x for x > 0, α(eˣ - 1) otherwise;  y' = 1 for x > 0, α eˣ otherwise (α at x = 0).
-    # Written as "x <= 0 -> negative branch" so that a NaN input passes g, as native.
-    return torch.where(x <= 0, g * (alpha * torch.exp(x)), g)
+def elu_backward(g: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
+    # y = x for x > 0, α(eˣ - 1) otherwise;  y' = 1 for x > 0, α eˣ otherwise.
+    # For α >= 0 the output is saved: y > 0 exactly when x > 0, and α eˣ = y + α.
+    # For α < 0 the input is saved (y's sign no longer tells the branch): α eˣ directly.
+    # Written as "saved <= 0 -> negative branch" so that a NaN input passes g, as native.
+    if alpha >= 0:
+        return torch.where(saved <= 0, g * (saved + alpha), g)
+    return torch.where(saved <= 0, g * (alpha * torch.exp(saved)), g)
 
 
-def elu_curvature(v: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    # ∂y'/∂x = α eˣ on the negative branch, 0 for x > 0. The kink counts as positive here
-    # ("x < 0"), unlike y' itself ("x <= 0"): native's second derivative does.
-    return torch.where(x < 0, v * (alpha * torch.exp(x)), 0.0)
-
-
-def elu_result_backward(g: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    # The in-place form's, from the output (α >= 0: y > 0 exactly when x > 0):
-    # y' = 1 for y > 0, α eˣ = y + α otherwise; a NaN passes g, as above.
-    return torch.where(y <= 0, g * (y + alpha), g)
-
-
-def elu_result_curvature(v: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
-    # ∂y'/∂y = ∂(y + α)/∂y = 1 on the negative branch ("y < 0", as elu_curvature), else 0
-    return torch.where(y < 0, v, 0.0)
+def elu_curvature(v: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
+    # ∂f'/∂saved on the negative branch: ∂(y + α)/∂y = 1 (α >= 0, saved y), or
+    # ∂(α eˣ)/∂x = α eˣ (α < 0, saved x); 0 for saved > 0. The kink counts as positive
+    # here ("saved < 0"), unlike f' itself ("saved <= 0"): native's second derivative does.
+    if alpha >= 0:
+        return torch.where(saved < 0, v, 0.0)
+    return torch.where(saved < 0, v * (alpha * torch.exp(saved)), 0.0)
 
 
 class ELUFunction(Function):
     """``y = x if x > 0 else α (eˣ - 1)``; backward ``dx = g · (1 if x > 0 else α eˣ)``.
 
-    Saves the input, as native (so the output may be modified in place afterwards);
-    ``inplace=True`` overwrites ``x``, marks it dirty and saves the output (``α eˣ = y +
-    α``), as native's ``elu_``. Its backward refuses ``α < 0``, as native's
-    (``torchbp.functional.elu`` refuses it at the call): ``α (eˣ - 1) > 0`` for ``x < 0``
-    then, so one ``y > 0`` comes from two inputs with different slopes (``x = -0.7``,
-    ``α = -2``: ``y = 1.0068``, slope ``α eˣ = -0.99``; ``x = 1.0068``: the same ``y``,
-    slope 1), and the overwritten input was the only record of the branch.
+    Saves the output for ``α >= 0`` (then ``α eˣ = y + α``; native saves the input, so
+    modifying the output in place before backward fails here, with the out-of-place form
+    to write in the error), the input otherwise. ``inplace=True`` overwrites ``x``, marks
+    it dirty and saves the output, as native's ``elu_``. Its backward refuses ``α < 0``,
+    as native's (``torchbp.functional.elu`` refuses it at the call): ``α (eˣ - 1) > 0``
+    for ``x < 0`` then, so one ``y > 0`` comes from two inputs with different slopes
+    (``x = -0.7``, ``α = -2``: ``y = 1.0068``, slope ``α eˣ = -0.99``; ``x = 1.0068``: the
+    same ``y``, slope 1), and the overwritten input was the only record of the branch.
     """
 
     generate_vmap_rule = True
@@ -368,26 +401,21 @@ class ELUFunction(Function):
         x, ctx.alpha, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save(ctx, output if ctx.inplace else x)
+        _save_output_or_input(ctx, output, x, ctx.alpha)
 
     @staticmethod
     def backward(ctx, dy):
-        return _elu_derivative(ctx, dy), None, None
+        _check_result_tells_branch(ctx, "elu", ctx.alpha)
+        saved = _saved_tensor(ctx, "ELU")
+        dx = derivative("elu", elu_backward, dy, saved, ctx.alpha, curvature=elu_curvature)
+        return dx, None, None
 
     @staticmethod
     def jvp(ctx, dx, _alpha, _inplace):
-        return _tangent_out(ctx, dx, _elu_derivative(ctx, dx))
-
-
-def _elu_derivative(ctx, g: torch.Tensor | None) -> torch.Tensor | None:
-    """``g · y'`` from the tensor ``ctx`` saved: the input, or the in-place form's output."""
-    _check_result_tells_branch(ctx, "elu", ctx.alpha)
-    (saved,) = ctx.saved_tensors
-    if ctx.inplace:
-        name, formula, curvature = "elu_result", elu_result_backward, elu_result_curvature
-    else:
-        name, formula, curvature = "elu", elu_backward, elu_curvature
-    return derivative(name, formula, g, saved, ctx.alpha, curvature=curvature)
+        _check_result_tells_branch(ctx, "elu", ctx.alpha)
+        (saved,) = ctx.saved_tensors
+        dy = derivative("elu", elu_backward, dx, saved, ctx.alpha, curvature=elu_curvature)
+        return _tangent_out(ctx, dx, dy)
 
 
 # --------------------------------------------------------------------------- Softplus

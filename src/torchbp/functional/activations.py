@@ -56,7 +56,7 @@ def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     view may be modified (not one of several outputs of ``unbind`` / ``split``, nor one
     made under ``no_grad``: native's error then, with the view untouched). A Function that
     writes in place is told only after its forward has written. Costs the memory saving:
-    the Function keeps a tensor of its own (its output, or its input's clone)."""
+    the Function keeps its own output."""
     return view.copy_(result)
 
 
@@ -65,16 +65,17 @@ def _inplace_activation(name: str, functions, native, input: torch.Tensor, *args
     is written where autograd could not record the write (native's error); computed out of
     place and copied in while traced (:func:`_traced`); native's own in-place kernel where
     nothing is recorded; computed out of place and copied in where :func:`_written_by_copy`
-    says so; else the Function writes into ``input`` and marks it dirty. Out of place it
-    runs on a clone of ``input``: LeakyReLU / ELU keep their input, which the copy
-    overwrites."""
+    says so; else the Function writes into ``input`` and marks it dirty. Out of place the
+    Function keeps its output, which the copy leaves alone (ReLU; LeakyReLU / ELU with
+    the slope >= 0 that :func:`~torchbp._checks.check_inplace_slope` leaves where
+    autograd records ``input``), so ``input`` needs no clone."""
     _checks.check_inplace_writable(name, input)
     if _traced():
-        return input.copy_(apply(functions, input.clone(), *args, False))
+        return input.copy_(apply(functions, input, *args, False))
     if not _differentiated(input):  # nothing to record: native's kernel returns input
         return native(input, *args, inplace=True)
     if _written_by_copy(input):
-        return _copied_into_view(input, apply(functions, input.clone(), *args, False))
+        return _copied_into_view(input, apply(functions, input, *args, False))
     return apply(functions, input, *args, True)
 
 
@@ -181,9 +182,11 @@ def leaky_relu(
     input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False
 ) -> torch.Tensor:
     r""":math:`x` for :math:`x \ge 0`, :math:`\alpha x` otherwise (as
-    :func:`torch.nn.functional.leaky_relu`). Saves the input, as native, so the output may
-    be modified in place before backward (``y += residual``); ``inplace=True`` saves the
-    output (the input's storage), which the next Linear keeps anyway.
+    :func:`torch.nn.functional.leaky_relu`). Saves the output rather than the input when
+    ``negative_slope >= 0``, which halves the memory an MLP keeps for backward; unlike
+    native (which saves the input), modifying the output in place before backward
+    (``y += residual``, ``nn.Dropout(inplace=True)``) then raises autograd's "modified by
+    an inplace operation" error, with a line saying why: write ``y = y + residual``.
 
     Args:
         input: any shape.
@@ -293,9 +296,11 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch.Tensor:
     r""":math:`x` for :math:`x > 0`, :math:`\alpha (e^x - 1)` otherwise (as
-    :func:`torch.nn.functional.elu`). Saves the input, as native, so the output may be
-    modified in place before backward (``y += residual``); ``inplace=True`` saves the
-    output (the input's storage).
+    :func:`torch.nn.functional.elu`). Saves the output rather than the input when
+    ``alpha >= 0``; unlike native (which saves the input), modifying the output in place
+    before backward (``y += residual``, ``nn.Dropout(inplace=True)``) then raises
+    autograd's "modified by an inplace operation" error, with a line saying why: write
+    ``y = y + residual``.
 
     Args:
         input: any shape.
