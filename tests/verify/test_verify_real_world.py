@@ -113,7 +113,62 @@ def test_a_wrong_backward_off_by_a_factor_is_named_as_such():
 
     result = check_function(HalfSquare, seeded(3, 4), checks="gradcheck")["gradcheck"]
     assert result.failed
-    assert "is 0.5 times the numerical gradient everywhere: a constant factor" in result.message
+    # before: "a constant factor missing or extra, or a gradient reversal or scaling
+    # layer", as though a deliberate surrogate were as likely as the bug it almost always is
+    assert "is 0.5 times the numerical gradient everywhere: a bug, a constant factor" in (
+        result.message
+    )
+    assert "unless it is a deliberate gradient reversal" in result.message
+
+
+def test_a_numerical_gradient_zero_from_rounding_is_not_called_a_surrogate():
+    # a forward rounding to float16 has central differences over eps=1e-6 of exactly zero;
+    # before, the message also claimed "a piecewise-constant one ... with a
+    # straight-through estimator", for a right backward of a smooth function
+    class SinInHalf(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.half().sin().to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * x.cos()
+
+    result = check_function(SinInHalf, seeded(4, 5), checks="gradcheck")["gradcheck"]
+    assert result.failed
+    assert "fn's float64 outputs hold only torch.float16 numbers" in result.message
+    assert "straight-through" not in result.message, result.message
+
+
+class _SumsToOne(torch.autograd.Function):
+    """x log x of a probability vector, refusing one that does not sum to 1 (a validating
+    forward); backward off by a factor 2."""
+
+    @staticmethod
+    def forward(ctx, p):
+        if not torch.allclose(p.sum(-1), torch.ones((), dtype=p.dtype)):
+            raise ValueError("p must sum to 1")
+        ctx.save_for_backward(p)
+        return p * p.log()
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return 2 * g * (p.log() + 1)
+
+
+def test_a_forward_refusing_inputs_shifted_by_eps_keeps_its_gradcheck_message():
+    # float32 probabilities cast to float64: the float32-outputs hint evaluates fn at the
+    # inputs shifted by eps, which no longer sum to 1; before, fn's ValueError there
+    # replaced the mismatch it was explaining ("gradcheck fail: ValueError: p must sum
+    # to 1")
+    p = torch.softmax(seeded(2, 30), -1).float().double()
+    result = check_function(_SumsToOne, p, checks="gradcheck")["gradcheck"]
+    assert result.failed
+    assert "disagrees with numerical gradient" in result.message, result.message
+    assert "is 2 times the numerical gradient everywhere: a bug" in result.message
 
 
 def test_a_function_computing_in_float32_on_float32_inputs_is_named():
@@ -258,6 +313,8 @@ def test_a_bias_gradient_left_for_autograd_to_sum_is_named_with_how_to_accept_it
     assert result.failed, report
     assert "shape (4, 5) for its input 1, which has shape (5,)" in result.message
     assert "skip=['grad_shapes']" in result.message
+    # what the unreduced gradient costs: 15 float64 elements more than the bias's 5
+    assert "a gradient 120 bytes larger than needed (4 times the input's size)" in (result.message)
     accepted = check_function(rw.FusedBiasGelu, *inputs, reference=reference, skip="grad_shapes")
     assert accepted.ok, accepted
 

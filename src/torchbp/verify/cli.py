@@ -33,6 +33,7 @@ import torch
 
 from torchbp.verify.cases import LOW_PRECISION_CHECKS, Case, cases_for, op_names, unregistered_ops
 from torchbp.verify.checks import CHECKS, check_function
+from torchbp.verify.checks.spelling import command_line_spelling
 from torchbp.verify.report import FAIL, PASS, SKIP, STATUSES, UNSUPPORTED, CheckResult, Report
 from torchbp.verify.target import TargetError, load_symbol, parse_inputs
 
@@ -313,9 +314,10 @@ def run(
         if "compile" in opts["checks"]:
             torch.compiler.reset()
         try:
-            report = check_function(
-                job.case.fn(), *job.case.inputs(), reference=job.case.reference(), **opts
-            )
+            with command_line_spelling():
+                report = check_function(
+                    job.case.fn(), *job.case.inputs(), reference=job.case.reference(), **opts
+                )
         except (TypeError, ValueError) as exc:  # a broken case is a failure, not a crash
             report = Report(opts["name"], [CheckResult("forward", FAIL, f"bad case: {exc}")])
         report.meta.update({"op": job.case.op, "case": job.case.name, "note": job.case.note})
@@ -580,9 +582,10 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
         inputs = parse_inputs(args.inputs, 0 if args.seed is None else args.seed)
         grad_inputs = _grad_inputs(args.grad_inputs, inputs)
         torch.set_num_threads(args.threads)
-        report = check_function(
-            fn, *inputs, reference=reference, grad_inputs=grad_inputs, **options
-        )
+        with command_line_spelling():  # messages advise --skip, not skip=[...]
+            report = check_function(
+                fn, *inputs, reference=reference, grad_inputs=grad_inputs, **options
+            )
     except (UsageError, TargetError, TypeError, ValueError) as exc:
         _print_error(err_console, str(exc))
         return 2

@@ -12,6 +12,7 @@ the wrong index, writes into grad_output or assumes contiguous memory passes it.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -32,6 +33,7 @@ from torchbp.verify.checks.explain import explain_error, first_line
 from torchbp.verify.checks.mutation import STATE_INPUT_HINT
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.rng import draws_random_numbers, require_gradients_of_own_forward
+from torchbp.verify.checks.spelling import option
 
 __all__ = [
     "check_grad_output_safety",
@@ -129,21 +131,45 @@ def _narrower(grad_dtype: torch.dtype, input_dtype: torch.dtype) -> bool:
     return torch.promote_types(grad_dtype, input_dtype) != grad_dtype
 
 
+def _shape_mismatch(grad: torch.Tensor, shape: tuple[int, ...], i: int) -> str:
+    """How ``grad``, of a shape input ``i``'s ``shape`` broadcasts to (autograd refuses any
+    other before this check sees it), is wrong, as the end of a sentence: autograd sums it
+    back without a word, so its values reach the input right, but PyTorch's contract (each
+    gradient w.r.t. its input) is broken and backward built a tensor larger than the
+    input, by the bytes the message names (a weight gradient unreduced over B*T tokens
+    holds B*T copies)."""
+    size = math.prod(shape)
+    extra = (grad.numel() - size) * grad.element_size()
+    times = f" ({grad.numel() / size:.3g} times the input's size)" if size else ""
+    return (
+        f"a gradient of shape {shape_text(grad)} for its input {i}, which has shape "
+        f"{shape_text(shape)}: reduce it over the broadcast (leading) dims yourself "
+        "(grad.sum_to_size(shape)) - autograd sums a gradient it can broadcast from the "
+        "input's shape on its way without a word (the values reaching the input are then "
+        f"right, gradcheck cannot see it), but backward built a gradient {_bytes_text(extra)} "
+        f"larger than needed{times}; if you rely on that sum on "
+        "purpose, as a fused bias-activation's bias gradient may, pass "
+        f"{option('skip', ['grad_shapes'])}"
+    )
+
+
+def _bytes_text(n: int) -> str:
+    """``n`` bytes in words: ``"96 bytes"``, ``"1.5 KiB"``, ``"3.2 GiB"``."""
+    value, unit = float(n), "bytes"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} bytes" if unit == "bytes" else f"{value:.3g} {unit}"
+
+
 def _gradient_mismatch(grad: torch.Tensor, expected: Any, i: int) -> str | None:
     """How ``grad`` differs from input ``i`` it is for (``expected``: that input's shape,
     dtype and device), as the end of a sentence; None if it does not. Eager autograd hides
     a wrong shape (it sums) and a wrong dtype (it casts: a float32 gradient for a float64
     input has lost precision; a wider one, float32 for bfloat16, loses nothing)."""
     if tuple(grad.shape) != tuple(expected.shape):
-        return (
-            f"a gradient of shape {shape_text(grad)} for its input {i}, which has shape "
-            f"{shape_text(tuple(expected.shape))}: reduce it over the broadcast (leading) "
-            "dims yourself (grad.sum_to_size(shape)) - autograd sums a gradient it can "
-            "broadcast from the input's shape on its way without a word (the values "
-            "reaching the input are then right, gradcheck cannot see it, and backward "
-            "built a larger tensor than needed); if you rely on that sum on purpose, as "
-            "a fused bias-activation's bias gradient may, pass skip=['grad_shapes']"
-        )
+        return _shape_mismatch(grad, tuple(expected.shape), i)
     if _narrower(grad.dtype, expected.dtype):
         return (
             f"a {grad.dtype} gradient for its input {i}, which is {expected.dtype}: "

@@ -14,6 +14,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from torchbp.verify.checks.compare import difference, input_grads, max_errors, mismatch, unravel
+from torchbp.verify.checks.spelling import option
 
 __all__ = [
     "FULL_JACOBIAN_LIMIT",
@@ -178,14 +179,20 @@ def compare_jacobians(
     return worst_abs, worst_rel, message
 
 
-#: How a message tells a deliberate surrogate gradient from a wrong one it cannot check.
-SURROGATE_ADVICE = (
-    "; if deliberate, no surrogate gradient can pass this check: leave it out with "
-    "skip=['gradcheck'] "
-    "(and 'forward_ad' for a jvp) and pass reference= a function with the same forward "
-    "and the gradient you intend, e.g. x + (torch.round(x) - x).detach() for a "
-    "straight-through round, so that the other checks compare the gradients with it)"
-)
+def _surrogate_advice(what: str) -> str:
+    """How a message tells a deliberate surrogate gradient from a wrong one it cannot
+    check: leave out the checks comparing ``what`` (backward, or a jvp) with finite
+    differences and give a reference with the gradient meant."""
+    jvp = "jvp" in what
+    skipped = ["gradcheck", "forward_ad"] if jvp else ["gradcheck"]
+    also = "" if jvp else " (and forward_ad if fn has a jvp)"
+    return (
+        "; if deliberate, no surrogate gradient can pass this check: leave it out with "
+        f"{option('skip', skipped)}{also} and pass {option('reference')} a function with "
+        "the same forward and the gradient you intend, e.g. x + (torch.round(x) - "
+        "x).detach() for a straight-through round, so that the other checks compare the "
+        "gradients with it)"
+    )
 
 
 def _constant_ratio(a: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) -> float | None:
@@ -209,10 +216,12 @@ def surrogate_gradient_hint(
     tolerance: tuple[float, float],
 ) -> str:
     """A note when ``actual`` (``what``'s Jacobian) differs from the numerical ``expected``
-    as a deliberate surrogate gradient does, for some input: the numerical one is zero
-    everywhere while ``actual`` is not (a piecewise-constant forward such as round or sign
-    with a straight-through estimator), or ``actual`` is a constant multiple of it (a
-    gradient reversal or scaling layer); empty otherwise."""
+    in a pattern, for some input: the numerical one is zero everywhere while ``actual`` is
+    not, or ``actual`` is a constant multiple of it. Each is worded as the bug it most
+    often is (a gradient for an unused input, a factor missing or extra), with the
+    deliberate surrogate gradient it may also be (a straight-through estimator of a
+    piecewise-constant forward, a gradient reversal or scaling layer) and how to check
+    that; empty otherwise."""
     atol, rtol = tolerance
     for k, (act_k, exp_k) in enumerate(zip(actual, expected)):
         a = torch.cat([m.reshape(-1) for m in act_k]) if act_k else torch.zeros(0)
@@ -222,16 +231,18 @@ def surrogate_gradient_hint(
         if float(e.abs().max()) <= atol < float(a.abs().max()):
             return (
                 f" (the numerical gradient of {input_names[k]} is zero everywhere while "
-                f"{what}'s is not: a forward that does not depend on it, or a "
-                "piecewise-constant one, such as round or sign, with a straight-through "
-                f"estimator{SURROGATE_ADVICE}"
+                f"{what}'s is not: a bug, a gradient for an input forward does not use "
+                "(or at the wrong position), unless forward is piecewise-constant in it, "
+                "such as round or sign, and the gradient a deliberate straight-through "
+                f"estimator{_surrogate_advice(what)}"
             )
         c = _constant_ratio(a, e, atol, rtol)
         if c is not None:
             return (
                 f" ({what} of {input_names[k]} is {c:.4g} times the numerical gradient "
-                "everywhere: a constant factor missing or extra, or a gradient reversal "
-                f"or scaling layer{SURROGATE_ADVICE}"
+                "everywhere: a bug, a constant factor missing or extra (the 2 of x**2, "
+                "the 1/n of a mean, a scale or temperature), unless it is a deliberate "
+                f"gradient reversal or scaling layer{_surrogate_advice(what)}"
             )
     return ""
 

@@ -9,6 +9,7 @@ is no derivative, is checked only against the one-sided differences.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ from torchbp.verify.checks.linearity import (
     require_jvp_linear,
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
+from torchbp.verify.checks.spelling import option
 
 __all__ = [
     "DOUBLE_BACKWARD",
@@ -151,12 +153,14 @@ def _full_comparison(
     out_shapes: Sequence[tuple[int, ...]],
     torch_name: str,
     torch_msg: str | Callable[[], str | None] | None,
+    explain: Callable[[Jacobian, Jacobian], str] | None = None,
 ) -> tuple[float, float, str]:
     """``(max abs, max rel)`` error of the ``(actual, numerical)`` Jacobians of ``inputs``
     (of ``func``) and a note; a failed check on our mismatch (``what`` names the actual
-    one) or else on torch's (``torch_msg`` from ``torch_name``, or a function giving it,
-    run only when it counts). Entries at points where ``func`` is not differentiable (a
-    kink, a tie, a jump) are not compared with central differences
+    one, ``explain`` of the two Jacobians adds a hint) or else on torch's (``torch_msg``
+    from ``torch_name``, or a function giving it, run only when it counts). Entries at
+    points where ``func`` is not differentiable (a kink, a tie, a jump) are not compared
+    with central differences
     (:func:`~torchbp.verify.checks.jacobians.excuse_non_differentiable`); torch's gradcheck
     compares them, so its mismatch then counts only if none was excused."""
     shapes = [tuple(x.shape) for x in inputs]
@@ -167,8 +171,8 @@ def _full_comparison(
     abs_err, rel_err, msg = compare_jacobians(
         jacobians[0], numerical, what, input_names, shapes, out_shapes, tolerance
     )
-    if msg and not grad_mode:
-        msg += surrogate_gradient_hint(jacobians[0], numerical, what, input_names, tolerance)
+    if msg and explain is not None:
+        msg += explain(jacobians[0], numerical)
     if callable(torch_msg):
         torch_msg = None if msg or excused else torch_msg()
     if msg or (torch_msg and not excused):
@@ -196,6 +200,17 @@ def _first_order(
     mismatch."""
     if jacobian_size(ctx.diff_fn, diff) > FULL_JACOBIAN_LIMIT and not torch_msg:
         return None
+    input_names = [ctx.input_name(k) for k in range(len(diff))]
+    tolerance = (ctx.options.atol, ctx.options.rtol)
+    low_precision = functools.cache(lambda: _low_precision_outputs(ctx))
+
+    def surrogate(actual: Jacobian, numerical: Jacobian) -> str:
+        # a numerical gradient rounded to a narrower dtype mimics a surrogate one (zero
+        # where eps vanishes in the rounding): the precision note alone says why
+        if low_precision():
+            return ""
+        return surrogate_gradient_hint(actual, numerical, what, input_names, tolerance)
+
     try:
         return _full_comparison(
             ctx,
@@ -203,14 +218,15 @@ def _first_order(
             func=ctx.diff_fn,
             what=what,
             inputs=diff,
-            input_names=[ctx.input_name(k) for k in range(len(diff))],
+            input_names=input_names,
             out_shapes=ctx.out_shapes,
             torch_name=torch_name,
             torch_msg=torch_msg,
+            explain=surrogate,
         )
     except CheckFailure as failure:
         raise CheckFailure(
-            failure.message + _low_precision_outputs(ctx), failure.abs_err, failure.rel_err
+            failure.message + low_precision(), failure.abs_err, failure.rel_err
         ) from None
 
 
@@ -297,9 +313,15 @@ def _rounding_of_outputs(ctx: CheckContext, inputs: Sequence[torch.Tensor]) -> t
     ``inputs`` hold while ``inputs`` do not; None if none. Inputs holding only float32
     numbers (float32 inputs cast to float64) are checked again shifted by ``eps``, as
     gradcheck evaluates fn: outputs that stay float32 numbers there are computed in
-    float32, while those copying the inputs (relu) no longer are."""
-    with torch.no_grad():
-        dtype = rounded_to(ctx.diff_fn(*inputs))
+    float32, while those copying the inputs (relu) no longer are. None also when fn
+    raises there: the shifted inputs may leave its domain (probabilities that must sum
+    to 1), and the hint must not replace the failure it explains."""
+    try:
+        with torch.no_grad():
+            outputs = ctx.diff_fn(*inputs)
+    except Exception:  # noqa: BLE001 - fn refusing these inputs only loses the hint
+        return None
+    dtype = rounded_to(outputs)
     if dtype is None or _fits(_finite_fractions(inputs), dtype):
         return None
     return dtype
@@ -322,7 +344,7 @@ def _low_precision_backward(ctx: CheckContext) -> str:
         f"every use; and finite differences of backward over eps={ctx.options.eps:g} are "
         f"rounded to {dtype}'s precision, so the numerical second derivative is "
         "unreliable: compute backward in the inputs' dtype, or, if it does so on purpose, "
-        "pass a larger eps (such as 1e-3) or skip gradgradcheck)"
+        f"pass a larger eps (such as 1e-3) or {option('skip', ['gradgradcheck'])})"
     )
 
 
@@ -515,8 +537,7 @@ def _missing_gradients_hint(ctx: CheckContext, diff: Sequence[torch.Tensor]) -> 
         if kept:
             them = "them" if several else "it"
             ways.append(
-                f"leave {them} out of the differentiated inputs with grad_inputs={kept!r} "
-                f"(torchbp-verify: --grad-inputs {','.join(map(str, kept))})"
+                f"leave {them} out of the differentiated inputs with {option('grad_inputs', kept)}"
             )
     if any(ctx.grad_idx[k] in ctx.parameter_names for k in missing):
         ways.append("freeze the parameter with requires_grad_(False)")

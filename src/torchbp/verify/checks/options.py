@@ -16,6 +16,7 @@ import torch
 from torchbp.verify.checks.complex_views import real_view
 from torchbp.verify.checks.context import generator_copy
 from torchbp.verify.checks.explain import first_line
+from torchbp.verify.checks.spelling import option_name
 from torchbp.verify.checks.table import CHECKS
 
 __all__ = ["DEFAULT_OPTIONS", "SCALAR_TYPES", "Options", "prepare_inputs", "resolve_arguments"]
@@ -164,7 +165,7 @@ def _refuse_skipped(
     if both:
         raise ValueError(
             f"check_function: check(s) {', '.join(both)} are both {role} and skipped; "
-            f"drop them from {option} or from skip"
+            f"drop them from {option_name(option)} or from {option_name('skip')}"
         )
 
 

@@ -25,6 +25,7 @@ from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.jacobians import one_sided_bracket
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.parity import grads_or_none
+from torchbp.verify.checks.spelling import option
 
 __all__ = ["PROBES", "Probe", "check_extreme_values"]
 
@@ -90,14 +91,17 @@ def _gradient_pairs(ctx: CheckContext, grads, ref_grads, inputs):
 #: are examined for a kink (two calls of fn each).
 KINK_ELEMENTS = 64
 
-#: What a message adds when fn's gradient on a probe is a valid one at a kink.
-KINK_CHOICE_NOTE = (
-    " (another gradient at a kink: fn is not differentiable at each element where its "
-    "gradient differs from the reference's - a tie, a threshold - and fn's lies there "
-    "between the one-sided differences, a valid choice; the reference picks another: "
-    "follow its choice if you mean to match it, as one matches native relu'(0) = 0, or "
-    "else, the reference's choice being as arbitrary, pass skip=['extreme_values'])"
-)
+
+def _kink_choice_note() -> str:
+    """What a message adds when fn's gradient on a probe is a valid one at a kink."""
+    return (
+        " (another gradient at a kink: fn is not differentiable at each element where its "
+        "gradient differs from the reference's - a tie, a threshold - and fn's lies there "
+        "between the one-sided differences, a valid choice; the reference picks another: "
+        "follow its choice if you mean to match it, as one matches native relu'(0) = 0, "
+        "or else, the reference's choice being as arbitrary, pass "
+        f"{option('skip', ['extreme_values'])})"
+    )
 
 
 def _one_sided_gradient(ctx: CheckContext, inputs, k: int, j: int, mid, vs):
@@ -123,7 +127,7 @@ def _one_sided_gradient(ctx: CheckContext, inputs, k: int, j: int, mid, vs):
 
 
 def _kink_choice(ctx: CheckContext, inputs, vs, mid, k: int, a, b, tolerance) -> str:
-    """:data:`KINK_CHOICE_NOTE` when fn's gradient ``a`` of input ``k`` on a probe differs
+    """:func:`_kink_choice_note` when fn's gradient ``a`` of input ``k`` on a probe differs
     from the reference's ``b`` only at elements (at most :data:`KINK_ELEMENTS`) where fn
     is not differentiable and ``a`` lies between the one-sided differences there; else
     empty (a plain wrong gradient)."""
@@ -137,7 +141,7 @@ def _kink_choice(ctx: CheckContext, inputs, vs, mid, k: int, a, b, tolerance) ->
         slack = atol + rtol * max(abs(low), abs(high))
         if not kink or not low - slack <= value <= high + slack:
             return ""
-    return KINK_CHOICE_NOTE
+    return _kink_choice_note()
 
 
 def _where_reference_finite(
