@@ -189,6 +189,18 @@ def test_detached_output_is_reported():
             ValueError,
             "no floating-point tensor input",
         ),
+        # only integer outputs: nothing to differentiate (torch's gradcheck passes it
+        # silently; before, a forward failure as though the argmax were broken)
+        (
+            lambda: check_function(lambda x: x.argmax(-1), _x(3, 4)),
+            ValueError,
+            r"fn returned only integer or bool tensors \(torch.int64 of shape \(3,\)\)",
+        ),
+        (
+            lambda: check_function(lambda x: (x > 0, x.argmax()), _x(3, 4)),
+            ValueError,
+            r"only integer or bool tensors \(torch.bool of shape \(3, 4\), torch.int64",
+        ),
         (lambda: check_function(torch.tanh, _x(3), bogus=1), TypeError, "unknown option"),
         (lambda: check_function(torch.tanh, _x(3), checks=["nope"]), ValueError, "unknown check"),
         # an empty selection is a mistake (a filter that left nothing), not "run every check"

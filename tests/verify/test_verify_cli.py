@@ -411,7 +411,7 @@ def test_grad_inputs_leaves_an_input_out_of_the_target_check(tmp_path, capsys):
     argv = [f"{module}:ScaleByConstant", "--inputs", "3,4;4", "--no-compile"]
     assert cli.main(argv) == 1
     out = " ".join(capsys.readouterr().out.split())
-    assert "grad_inputs=(0,)" in out and "--grad-inputs 0" in out
+    assert "--grad-inputs 0" in out and "grad_inputs=(0,)" not in out
     path = tmp_path / "report.json"
     assert cli.main([*argv, "--grad-inputs", "0", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["meta"]["grad_inputs"] == [0]
@@ -470,3 +470,44 @@ def test_a_float32_input_runs_reference_dtype_from_the_command_line(tmp_path, ca
     assert code == 1, out
     assert "reference_dtype [fail]: in float32 (the inputs' own dtype)" in out
     assert "gradcheck  " in out and "gradcheck [" not in out  # float64 checks still ran
+
+
+ROUND_STE = (
+    "import torch\n"
+    "class RoundSTE(torch.autograd.Function):\n"
+    "    @staticmethod\n"
+    "    def forward(ctx, x):\n"
+    "        return torch.round(x)\n"
+    "    @staticmethod\n"
+    "    def backward(ctx, g):\n"
+    "        return g\n"
+    "class Argmax(torch.autograd.Function):\n"
+    "    @staticmethod\n"
+    "    def forward(ctx, x):\n"
+    "        return x.argmax(-1)\n"
+    "    @staticmethod\n"
+    "    def backward(ctx, g):\n"
+    "        return None\n"
+)
+
+
+def test_a_target_report_advises_the_command_line_flags(tmp_path, capsys):
+    # before: the CLI printed check_function's Python advice ("skip=['gradcheck']",
+    # "pass reference= a function"), which the shell user cannot type
+    module = tmp_path / "round_ste.py"
+    module.write_text(ROUND_STE)
+    assert cli.main([f"{module}:RoundSTE", "--inputs", "4,5", "--no-compile"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "leave it out with --skip gradcheck" in out, out
+    assert "pass --reference module:Symbol naming a function" in out, out
+    assert "skip=[" not in out and "reference=" not in out, out
+
+
+def test_a_target_with_only_integer_outputs_is_a_usage_error(tmp_path, capsys):
+    # before: a forward failure "fn returned no floating-point tensor (got Tensor)", as
+    # though the argmax-like Function were broken; torch's gradcheck passes it silently
+    module = tmp_path / "argmax_fn.py"
+    module.write_text(ROUND_STE)
+    assert cli.main([f"{module}:Argmax", "--inputs", "4,5", "--no-compile"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "fn returned only integer or bool tensors (torch.int64 of shape (4,))" in err, err

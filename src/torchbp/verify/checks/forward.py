@@ -22,8 +22,9 @@ import torch
 from torchbp.verify.checks.compare import float_tensors, leaves, mismatch, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
-from torchbp.verify.checks.outcomes import CheckFailure, Passed
+from torchbp.verify.checks.outcomes import CheckFailure, Passed, UsageError
 from torchbp.verify.checks.rng import outside_generators_drawn
+from torchbp.verify.checks.spelling import keep_dtype
 
 __all__ = ["check_forward"]
 
@@ -69,9 +70,8 @@ def _cast_hint(ctx: CheckContext, message: str) -> str:
         return ""
     return (
         f" (fn was called with input {i} cast from {before} to {after} by the "
-        "dtype option, float64 by default: if fn takes only its own dtype, pass dtype=None "
-        "to keep each input's dtype, or dtype=that one; the numerical checks need float64 "
-        "and are then skipped)"
+        f"dtype option, float64 by default: if fn takes only its own dtype, pass "
+        f"{keep_dtype(before)}; the numerical checks need float64 and are then skipped)"
     )
 
 
@@ -116,6 +116,23 @@ def _require_repeatable(ctx: CheckContext, tensors: frozenset[int], outs: list) 
     )
 
 
+def _refuse_integer_outputs(out: Any) -> None:
+    """A :class:`UsageError` when fn returned tensors, none of them floating point (an
+    argmax's or top-k's indices, a mask): they have no gradient, so no check has anything
+    to compare (torch's gradcheck passes such a fn having compared nothing)."""
+    tensors = [t for t in leaves(out) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return
+    returned = ", ".join(f"{t.dtype} of shape {shape_text(t)}" for t in tensors[:3])
+    raise UsageError(
+        f"check_function: fn returned only integer or bool tensors ({returned}), which "
+        "have no gradient (an argmax's or a top-k's indices, a mask): nothing to "
+        "differentiate, so nothing to check (torch.autograd.gradcheck passes such a fn "
+        "without comparing anything); check a function with a floating-point output "
+        "instead, such as the values those indices select"
+    )
+
+
 def check_forward(ctx: CheckContext) -> Passed:
     """Calls fn twice; records the shapes of its floating-point outputs and the inputs it
     modifies in place (``mark_dirty``) for later checks; the two calls must agree."""
@@ -133,6 +150,7 @@ def check_forward(ctx: CheckContext) -> Passed:
     )
     outs = float_tensors(out)
     if not outs:
+        _refuse_integer_outputs(out)
         raise CheckFailure(
             f"fn returned no floating-point tensor (got {type(out).__name__}); nothing to "
             "differentiate"

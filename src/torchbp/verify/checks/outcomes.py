@@ -10,13 +10,17 @@
   ``NotImplementedError``, a PyTorch limitation); not a bug, and ``report.ok`` stays true
   unless the check is in ``require``;
 - skipped: the check does not apply (no reference, not float64, an earlier check failed).
+
+A check raises :class:`UsageError` when fn cannot be checked at all as called (all its
+outputs integer: nothing to differentiate); ``check_function`` raises it on, a
+``ValueError`` as for inputs holding nothing to differentiate.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["CheckFailure", "CheckSkip", "CheckUnsupported", "Passed"]
+__all__ = ["CheckFailure", "CheckSkip", "CheckUnsupported", "Passed", "UsageError"]
 
 
 class Passed(NamedTuple):
@@ -81,3 +85,9 @@ class CheckUnsupported(Exception):
 
 class CheckSkip(Exception):
     """Raised inside a check to skip it with a reason."""
+
+
+class UsageError(ValueError):
+    """Raised inside a check when fn, called on the given inputs, leaves nothing to check
+    (every output an integer or bool tensor); the runner lets it out of
+    ``check_function`` as the ValueError of a usage error, not a verdict on fn."""

@@ -24,7 +24,7 @@ from torchbp.verify.checks.options import (
     prepare_inputs,
     resolve_arguments,
 )
-from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, UsageError
 from torchbp.verify.checks.parameters import (
     differentiated_parameters,
     module_of,
@@ -67,7 +67,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
             try:
                 passed = check.run(ctx)
-            except (CheckFailure, CheckUnsupported, CheckSkip):
+            except (CheckFailure, CheckUnsupported, CheckSkip, UsageError):
                 raise
             except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
                 raise outcome_of(exc) from None
