@@ -379,20 +379,33 @@ def test_a_fit_resumed_after_an_epochs_last_step_reloading_its_loader_trains_the
     assert resumed.batches == whole.batches[last_step:]
 
 
-def test_any_lightning_module_resumed_within_an_epoch_with_another_batch_size_warns(tmp_path):
-    """The DataModule continues the epoch of a module of one's own after the batches trained
-    times the new batch size: resumed with data.batch_size 32 after 9 steps of 16 rows, it
-    silently skipped rows of epoch 1 that the checkpoint's run had not trained (only
-    ERMClassifier warned)."""
-    _fit_plain_model(tmp_path, _SEVEN_BATCHES["shuffled"]())
+def _warnings_of_a_resume_with_batch_size_32(tmp_path, step: int) -> list[str]:
+    """The warnings about resuming of a fit resumed with data.batch_size 32 from the
+    checkpoint of ``step`` of a fit of :class:`_PlainModel` with 16 (7 batches an epoch)."""
+    _fit_plain_model(tmp_path, _SEVEN_BATCHES["shuffled"](), every=step)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit_plain_model(
             tmp_path / "resumed",
             SklearnToyDataModule(name="iris", batch_size=32),
-            ckpt_path=tmp_path / "step=9.ckpt",
+            ckpt_path=tmp_path / f"step={step}.ckpt",
+            every=step,
         )
-    messages = [str(w.message) for w in caught if "fit resumed" in str(w.message)]
+    return [str(w.message) for w in caught if "fit resumed" in str(w.message)]
+
+
+def test_any_lightning_module_resumed_within_an_epoch_with_another_batch_size_warns(tmp_path):
+    """The DataModule continues the epoch of a module of one's own after the batches trained
+    times the new batch size: resumed with data.batch_size 32 after 9 steps of 16 rows, it
+    silently skipped rows of epoch 1 that the checkpoint's run had not trained (only
+    ERMClassifier warned)."""
+    messages = _warnings_of_a_resume_with_batch_size_32(tmp_path, step=9)
     assert len(messages) == 1, messages
     assert "after 2 batches of 16 rows (the checkpoint's data.batch_size)" in messages[0]
     assert "not yet trained are skipped" in messages[0]
+
+
+def test_a_resume_after_an_epochs_last_step_with_another_batch_size_does_not_warn(tmp_path):
+    """After a checkpoint of epoch 0's last step no row of it is left to train: the next
+    epochs start from their first rows whatever the batch size, and no warning is due."""
+    assert _warnings_of_a_resume_with_batch_size_32(tmp_path, step=7) == []

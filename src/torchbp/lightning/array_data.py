@@ -358,7 +358,10 @@ class ArrayDataModule(ClassificationDataModule):
         continues each process's share of its rows after as many batches of this
         ``batch_size``: with another batch size, or another number of processes sharing the
         rows, than the checkpoint's run had, they are rows it did not train (or did) in
-        the epoch."""
+        the epoch. Nothing to say after a checkpoint of the epoch's last step: no row of
+        it is left to train."""
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
         saved, size = self.checkpoint_batch_size, self.batch_size
         if saved is not None and saved != size:
             rank_zero_warn(
