@@ -511,3 +511,34 @@ def test_a_target_with_only_integer_outputs_is_a_usage_error(tmp_path, capsys):
     assert cli.main([f"{module}:Argmax", "--inputs", "4,5", "--no-compile"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "fn returned only integer or bool tensors (torch.int64 of shape (4,))" in err, err
+
+
+TANH_IN_FLOAT32 = (
+    "import torch\n"
+    "class TanhInFloat32(torch.autograd.Function):\n"
+    "    @staticmethod\n"
+    "    def forward(ctx, x):\n"
+    "        ctx.save_for_backward(x)\n"
+    "        return torch.tanh(x.float()).to(x.dtype)\n"
+    "    @staticmethod\n"
+    "    def backward(ctx, g):\n"
+    "        (x,) = ctx.saved_tensors\n"
+    "        return g * (1 - torch.tanh(x) ** 2)\n"
+)
+
+
+def test_the_advised_larger_eps_has_a_flag(tmp_path, capsys):
+    # before: "pass a larger eps" had no command-line form (check_function's eps, atol,
+    # rtol, nondet_tol, parity_atol and parity_rtol had no flags)
+    module = tmp_path / "tanh_in_float32.py"
+    module.write_text(TANH_IN_FLOAT32)
+    argv = [f"{module}:TanhInFloat32", "--inputs", "float32:4,5", "--no-compile"]
+    assert cli.main([*argv, "--skip", "reference_dtype"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "or pass a larger --eps" in out, out
+    assert cli.main([*argv, "--skip", "reference_dtype", "--eps", "1e-3"]) == 0, capsys.readouterr()
+
+
+def test_a_tolerance_flag_applies_only_to_a_target(capsys):
+    assert cli.main(["--op", "relu", "--no-progress", "--nondet-tol", "1e-9"]) == 2
+    assert "--nondet-tol applies only to a target" in capsys.readouterr().err

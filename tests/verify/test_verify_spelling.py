@@ -38,6 +38,7 @@ def test_an_option_named_without_a_value():
         assert option("reference") == "--reference module:Symbol naming"
         assert option_name("require") == "--require"
         assert option_name("checks") == "checks"  # no flag: keeps its name
+        assert option_name("nondet_tol") == "--nondet-tol"
 
 
 def test_keeping_the_inputs_dtype_has_no_dtype_none_on_the_command_line():

@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--seed", type=int, help="seed of the target's inputs (default 0)")
+    for flag, metavar, text in TOLERANCE_FLAGS:
+        p.add_argument(flag, type=float, metavar=metavar, help=text)
     p.add_argument(
         "--device",
         action="append",
@@ -183,12 +185,42 @@ def _split(values: Sequence[str] | None) -> list[str]:
     return out
 
 
+#: check_function's numerical options as flags of a target's check: (flag, metavar,
+#: help); each is passed on under its own name (``--nondet-tol`` as ``nondet_tol``).
+TOLERANCE_FLAGS = (
+    ("--eps", "EPS", "finite-difference step of the numerical checks (default 1e-6)"),
+    ("--atol", "ATOL", "absolute tolerance against the numerical gradient (default 1e-5)"),
+    ("--rtol", "RTOL", "relative tolerance against the numerical gradient (default 1e-3)"),
+    (
+        "--nondet-tol",
+        "TOL",
+        "how far two runs of backward on the same inputs may differ (default 0)",
+    ),
+    (
+        "--parity-atol",
+        "ATOL",
+        "absolute tolerance against the reference (default: by dtype)",
+    ),
+    (
+        "--parity-rtol",
+        "RTOL",
+        "relative tolerance against the reference (default: by dtype)",
+    ),
+)
+
+
+def _attribute(flag: str) -> str:
+    """The argparse attribute (and check_function option) of ``flag``: ``nondet_tol``."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
 #: The options that only a target (module:Symbol --inputs SPEC) takes, by attribute.
 TARGET_ONLY = {
     "reference": "--reference",
     "require": "--require",
     "grad_inputs": "--grad-inputs",
     "seed": "--seed",
+    **{_attribute(flag): flag for flag, _, _ in TOLERANCE_FLAGS},
 }
 
 
@@ -493,6 +525,11 @@ def _target_options(args: argparse.Namespace) -> dict[str, Any]:
         "skip": skip,
         # without --fast, check_function's default (fast for a large nn.Module)
         **({"fast_mode": True} if args.fast else {}),
+        **{
+            _attribute(flag): getattr(args, _attribute(flag))
+            for flag, _, _ in TOLERANCE_FLAGS
+            if getattr(args, _attribute(flag)) is not None
+        },
         "compile_backend": args.compile_backend,
     }
 

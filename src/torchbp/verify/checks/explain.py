@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 import torch
 
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
+from torchbp.verify.checks.spelling import option_name
 
 __all__ = ["capability_gap", "explain_error", "first_line", "not_implemented", "outcome_of"]
 
@@ -74,8 +75,9 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
     ),
 )
 
-#: (text found in torch's message or its causes, what it means and how to fix it)
-_EXPLANATIONS: tuple[tuple[str, str], ...] = (
+#: (text found in torch's message or its causes, what it means and how to fix it: a
+#: function making the text where it names an option)
+_EXPLANATIONS: tuple[tuple[str, str | Callable[[], str]], ...] = (
     (
         "override the setup_context staticmethod",
         "Function lacks setup_context: torch.func transforms cannot use it (write "
@@ -135,11 +137,14 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
     ),
     (
         "Backward is not reentrant",
-        "backward gives different gradients for the same input and grad_output on two "
-        "runs: it reads memory it never wrote (torch.empty filled in part), keeps state "
-        "between calls, draws random numbers in backward without restoring the "
-        "generator state forward drew from, or sums in an order that changes between runs "
-        "(atomic adds on CUDA: if so, pass nondet_tol, as to torch's gradcheck)",
+        lambda: (  # spelled when the message is made: --nondet-tol from torchbp-verify
+            "backward gives different gradients for the same input and grad_output on two "
+            "runs: it reads memory it never wrote (torch.empty filled in part), keeps state "
+            "between calls, draws random numbers in backward without restoring the "
+            "generator state forward drew from, or sums in an order that changes between "
+            f"runs (atomic adds on CUDA: if so, pass {option_name('nondet_tol')}, as to "
+            "torch's gradcheck)"
+        ),
     ),
     (
         "tangent have the same layout as primal",
@@ -337,9 +342,9 @@ def explain_error(exc: BaseException) -> str:
     invalid = _invalid_gradient(full) or _non_tensor_gradient(full)
     if invalid is not None:
         return invalid
-    for needle, message in _EXPLANATIONS:
+    for needle, known in _EXPLANATIONS:
         if needle in full:
-            return message
+            return known() if callable(known) else known
     message = f"{type(exc).__name__}: {first_line(text)}"
     if "Explanation:" in text:  # Dynamo errors put the cause on a later line
         explanation = text.split("Explanation:", 1)[1].strip().split(". ")[0]

@@ -36,6 +36,7 @@ from torchbp.verify.checks.jacobians import (
     unit_direction,
 )
 from torchbp.verify.checks.outcomes import CheckFailure
+from torchbp.verify.checks.spelling import option_name
 
 __all__ = [
     "departure_note",
@@ -52,24 +53,28 @@ SCALE = 2.0
 #: result computed in a narrower dtype (float16, float32) than the float64 inputs.
 ROUNDING_SIZE = 1e-2
 
-#: The likely cause of a departure of a rounding error's size, and the options that
-#: accept it (gradcheck's atol / rtol loosen only the comparison with central differences).
-ROUNDING_NOTE = (
-    " (of a rounding error's size: does it compute in a narrower dtype, float16 or "
-    "float32, than its float64 inputs? that loses precision in every use; if it does so "
-    "on purpose, pass parity_atol (above that max abs error) or parity_rtol to accept it: "
-    "atol and rtol loosen only the comparison with the numerical gradient)"
-)
+
+def _rounding_note() -> str:
+    """The likely cause of a departure of a rounding error's size, and the options that
+    accept it (gradcheck's atol / rtol loosen only the comparison with central
+    differences)."""
+    return (
+        " (of a rounding error's size: does it compute in a narrower dtype, float16 or "
+        "float32, than its float64 inputs? that loses precision in every use; if it does "
+        f"so on purpose, pass {option_name('parity_atol')} (above that max abs error) or "
+        f"{option_name('parity_rtol')} to accept it: {option_name('atol')} and "
+        f"{option_name('rtol')} loosen only the comparison with the numerical gradient)"
+    )
 
 
 def departure_note(
     actual: torch.Tensor, expected: torch.Tensor, tolerance: tuple[float, float], note: str
 ) -> str:
     """The note for a failed comparison of ``actual`` with ``expected`` (what linearity
-    says it must be): :data:`ROUNDING_NOTE` when the worst departure is below
+    says it must be): :func:`_rounding_note` when the worst departure is below
     :data:`ROUNDING_SIZE` relative to ``expected``, else ``note`` (the likely bug)."""
     bad = mismatch(actual, expected, *tolerance)
-    return ROUNDING_NOTE if bad is not None and bad[1] < ROUNDING_SIZE else note
+    return _rounding_note() if bad is not None and bad[1] < ROUNDING_SIZE else note
 
 
 @dataclass(frozen=True)
@@ -217,7 +222,7 @@ def _require_repeatable(
             "wrote (torch.empty filled in part), keeps state between calls, draws random "
             "numbers without restoring the generator state forward drew from, or sums in "
             "an order that changes between runs (atomic adds on CUDA: if so, pass "
-            "nondet_tol above that difference, as to torch's gradcheck)"
+            f"{option_name('nondet_tol')} above that difference, as to torch's gradcheck)"
         )
 
 

@@ -46,7 +46,7 @@ from torchbp.verify.checks.linearity import (
     require_jvp_linear,
 )
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
-from torchbp.verify.checks.spelling import option
+from torchbp.verify.checks.spelling import option, option_name
 
 __all__ = [
     "DOUBLE_BACKWARD",
@@ -284,7 +284,7 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
             f" (output {o} is {dtype} although the inputs are float64: finite differences "
             f"over eps={ctx.options.eps:g} of a {dtype} output are rounded to its precision, "
             "so the numerical gradient is unreliable; let fn compute in float64 for the "
-            "check, or pass a larger eps)"
+            f"check, or pass a larger {option_name('eps')})"
         )
     leaves = [x.detach() for x in ctx.leaves()]
     shifted = [x + ctx.options.eps for x in leaves]
@@ -295,7 +295,7 @@ def _low_precision_outputs(ctx: CheckContext) -> str:
         f" (fn's float64 outputs hold only {dtype} numbers: does fn compute in {dtype} and "
         f"cast back? finite differences over eps={ctx.options.eps:g} are then rounded to "
         f"{dtype}'s precision, so the numerical gradient is unreliable; let fn compute in "
-        "float64 for the check, or pass a larger eps"
+        f"float64 for the check, or pass a larger {option_name('eps')}"
         + (_UPCAST_NOTE if dtype == torch.float32 else "")
         + ")"
     )
@@ -344,7 +344,8 @@ def _low_precision_backward(ctx: CheckContext) -> str:
         f"every use; and finite differences of backward over eps={ctx.options.eps:g} are "
         f"rounded to {dtype}'s precision, so the numerical second derivative is "
         "unreliable: compute backward in the inputs' dtype, or, if it does so on purpose, "
-        f"pass a larger eps (such as 1e-3) or {option('skip', ['gradgradcheck'])})"
+        f"pass a larger {option_name('eps')} (such as 1e-3) or "
+        f"{option('skip', ['gradgradcheck'])})"
     )
 
 

@@ -25,6 +25,12 @@ FLAGS = {
     "grad_inputs": ("--grad-inputs", "I,J"),
     "reference": ("--reference", "module:Symbol naming"),
     "dtype": ("--dtype", "NAME"),
+    "eps": ("--eps", "EPS"),
+    "atol": ("--atol", "ATOL"),
+    "rtol": ("--rtol", "RTOL"),
+    "nondet_tol": ("--nondet-tol", "TOL"),
+    "parity_atol": ("--parity-atol", "ATOL"),
+    "parity_rtol": ("--parity-rtol", "RTOL"),
 }
 
 #: Marks an option named without a value (``reference=`` followed by words).
