@@ -151,3 +151,27 @@ def test_backward_twice_keeps_torchs_error_alone():
     with pytest.raises(RuntimeError, match="backward through the graph a second time") as e:
         loss.backward()
     assert "torchbp" not in str(e.value)
+
+
+def _add_skip(act, x, skip):
+    """``h = act(x); h = h + skip`` (out of place), then a loss of ``h``."""
+    h = act(x)
+    h = h + skip
+    return (h * h).sum()
+
+
+@pytest.mark.parametrize("variant", ACTIVATIONS, ids=str)
+def test_compiled_output_modified_in_place_gets_the_true_gradient(variant):
+    # torch.compile functionalizes ``h += skip`` with no version check, so a backward from
+    # the saved output read the modified values: LeakyReLU's slope 1 for 0.01, ReLU's mask
+    # of h + skip, silently (native trains with the true gradient after LeakyReLU, ELU,
+    # and refuses at compile after ReLU, sigmoid, tanh). While compiling, torchbp keeps the
+    # input: the gradient is that of what was computed, written out of place natively.
+    x0, skip = make((3, 4), torch.float64, scale=2.0), make((3, 4), torch.float64, seed=3)
+    torch.compiler.reset()
+    x = x0.clone().requires_grad_()
+    compiled = torch.compile(_add_skip_in_place, backend="aot_eager", fullgraph=True)
+    compiled(variant.ours, x * 1, skip).backward()
+    want = x0.clone().requires_grad_()
+    _add_skip(variant.native, want * 1, skip).backward()
+    torch.testing.assert_close(x.grad, want.grad, rtol=1e-12, atol=1e-14)

@@ -8,7 +8,8 @@ torch ops, then the Function that uses it for both backward (``dx = g · f'``) a
 the input ``x``. Native's LeakyReLU and ELU keep their input, so modifying their output
 in place before backward (``h += skip``) trains natively and fails here: their backward
 re-raises autograd's "modified by an inplace operation" error with the reason and the
-out-of-place form to write instead (:func:`_saved_tensor`).
+out-of-place form to write instead (:func:`_saved_tensor`). While torch.compile traces,
+the out-of-place ones keep the input (:func:`_save_output_or_input`).
 :func:`~torchbp.autograd._derivative.derivative` evaluates the formula, or for a
 first-order eager backward a fast kernel of :mod:`torchbp.kernels` that computes the same.
 The piecewise ones (ReLU, LeakyReLU, ELU, Softplus) also give their curvature
@@ -56,6 +57,28 @@ def _save(ctx, tensor: torch.Tensor) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _save_output_or_input(
+    ctx, output: torch.Tensor, x: torch.Tensor, inplace: bool = False, slope: float = 0.0
+) -> None:
+    """Keep the output where the formula allows (``ctx.saves_output``): in place (the input
+    is overwritten), and out of place for a slope >= 0, whose output's sign tells the
+    branch; else the input.
+
+    While torch.compile traces, out of place keeps the input: there an in-place op on the
+    output after the Function is functionalized without autograd's version check, so a
+    backward from the output read the modified values (a silent wrong gradient, where
+    native trains or refuses); what the compiled graph keeps is its partitioner's choice
+    anyway."""
+    ctx.saves_output = inplace or (slope >= 0 and not torch.compiler.is_compiling())
+    _save(ctx, output if ctx.saves_output else x)
+
+
+def _saved_output(ctx, forward) -> torch.Tensor:
+    """The output :func:`_save_output_or_input` kept, or ``forward`` of the input it kept."""
+    (saved,) = ctx.saved_tensors
+    return saved if ctx.saves_output else forward(saved)
+
+
 def _tangent_out(ctx, x_t: torch.Tensor | None, t: torch.Tensor | None):
     """An in-place forward must update its input's tangent in place too."""
     if ctx.inplace and t is not None:
@@ -70,7 +93,8 @@ def sigmoid_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class SigmoidFunction(Function):
-    """``y = σ(x) = 1 / (1 + e^{-x})``; backward ``dx = g · y (1 - y)`` (saves ``y``)."""
+    """``y = σ(x) = 1 / (1 + e^{-x})``; backward ``dx = g · y (1 - y)`` (saves ``y``; ``x``
+    while torch.compile traces, see :func:`_save_output_or_input`)."""
 
     generate_vmap_rule = True
 
@@ -81,16 +105,16 @@ class SigmoidFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, output)
+        _save_output_or_input(ctx, output, inputs[0])
 
     @staticmethod
     def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
+        y = _saved_output(ctx, torch.sigmoid)
         return derivative("sigmoid", sigmoid_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
-        (y,) = ctx.saved_tensors
+        y = _saved_output(ctx, torch.sigmoid)
         return derivative("sigmoid", sigmoid_backward, dx, y)
 
 
@@ -101,7 +125,8 @@ def tanh_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class TanhFunction(Function):
-    """``y = tanh(x)``; backward ``dx = g · (1 - y²)`` (saves ``y``)."""
+    """``y = tanh(x)``; backward ``dx = g · (1 - y²)`` (saves ``y``; ``x`` while
+    torch.compile traces, see :func:`_save_output_or_input`)."""
 
     generate_vmap_rule = True
 
@@ -111,23 +136,24 @@ class TanhFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, output)
+        _save_output_or_input(ctx, output, inputs[0])
 
     @staticmethod
     def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
+        y = _saved_output(ctx, torch.tanh)
         return derivative("tanh", tanh_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
-        (y,) = ctx.saved_tensors
+        y = _saved_output(ctx, torch.tanh)
         return derivative("tanh", tanh_backward, dx, y)
 
 
 # --------------------------------------------------------------------------- ReLU
 def relu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # relu'(x) = 1 if x > 0 else 0, read off y = max(x, 0): y > 0 exactly when x > 0.
-    # Written as "y <= 0 -> 0" so that a NaN input passes g through, as native does.
+    # relu'(x) = 1 if x > 0 else 0, read off y = max(x, 0): y > 0 exactly when x > 0 (so x
+    # itself, saved while torch.compile traces, gives the same). Written as "y <= 0 -> 0"
+    # so that a NaN input passes g through, as native does.
     return torch.where(y <= 0, 0.0, g)
 
 
@@ -137,8 +163,9 @@ def relu_curvature(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class ReLUFunction(Function):
-    """``y = max(x, 0)``; backward ``dx = g · [y > 0]`` (saves ``y``; 0 at the kink, as
-    native). ``inplace=True`` overwrites ``x`` and marks it dirty."""
+    """``y = max(x, 0)``; backward ``dx = g · [y > 0]`` (saves ``y``, or ``x`` while
+    torch.compile traces out of place, see :func:`_save_output_or_input`; 0 at the kink,
+    as native). ``inplace=True`` overwrites ``x`` and marks it dirty."""
 
     generate_vmap_rule = True
 
@@ -154,7 +181,7 @@ class ReLUFunction(Function):
         x, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save(ctx, output)
+        _save_output_or_input(ctx, output, x, ctx.inplace)
 
     @staticmethod
     def backward(ctx, dy):
@@ -190,23 +217,16 @@ _OUTPUT_MODIFIED_HINT = (
 )
 
 
-def _save_output_or_input(ctx, output: torch.Tensor, x: torch.Tensor, slope: float) -> None:
-    """Keep the output in place (the input is overwritten) and out of place for a slope
-    >= 0, whose output's sign tells the branch (native keeps the input there: noted in
-    ``ctx`` for :func:`_saved_tensor`'s error); else the input."""
-    ctx.output_saved_out_of_place = not ctx.inplace and slope >= 0
-    _save(ctx, output if ctx.inplace or ctx.output_saved_out_of_place else x)
-
-
 def _saved_tensor(ctx, name: str) -> torch.Tensor:
-    """The one tensor :func:`_save_output_or_input` kept. Where that is the output and
-    native keeps the input, autograd's "modified by an inplace operation" error (the
-    output changed before backward) is re-raised with why and what to write instead; the
-    ``try`` costs nothing until it raises."""
+    """The one tensor :func:`_save_output_or_input` kept for LeakyReLU or ELU. Where that
+    is the output out of place (native keeps the input), autograd's "modified by an
+    inplace operation" error (the output changed before backward) is re-raised with why
+    and what to write instead; the ``try`` costs nothing until it raises."""
     try:
         (saved,) = ctx.saved_tensors
     except RuntimeError as error:
-        if not (ctx.output_saved_out_of_place and "modified by an inplace" in str(error)):
+        output_out_of_place = ctx.saves_output and not ctx.inplace
+        if not (output_out_of_place and "modified by an inplace" in str(error)):
             raise
         raise RuntimeError(f"{error}\n{_OUTPUT_MODIFIED_HINT.format(name=name)}") from None
     return saved
@@ -250,7 +270,7 @@ class LeakyReLUFunction(Function):
         x, ctx.negative_slope, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save_output_or_input(ctx, output, x, ctx.negative_slope)
+        _save_output_or_input(ctx, output, x, ctx.inplace, ctx.negative_slope)
 
     @staticmethod
     def backward(ctx, dy):
@@ -362,7 +382,7 @@ def elu_backward(g: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Te
     # Written as "saved <= 0 -> negative branch" so that a NaN input passes g, as native.
     if alpha >= 0:
         return torch.where(saved <= 0, g * (saved + alpha), g)
-    return torch.where(saved <= 0, g * (alpha * torch.exp(saved)), g)
+    return elu_input_backward(g, saved, alpha)
 
 
 def elu_curvature(v: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -371,7 +391,26 @@ def elu_curvature(v: torch.Tensor, saved: torch.Tensor, alpha: float) -> torch.T
     # here ("saved < 0"), unlike f' itself ("saved <= 0"): native's second derivative does.
     if alpha >= 0:
         return torch.where(saved < 0, v, 0.0)
-    return torch.where(saved < 0, v * (alpha * torch.exp(saved)), 0.0)
+    return elu_input_curvature(v, saved, alpha)
+
+
+def elu_input_backward(g: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    # y' from the input, for any α: α eˣ where x <= 0 (a NaN passes g, as above), else 1
+    return torch.where(x <= 0, g * (alpha * torch.exp(x)), g)
+
+
+def elu_input_curvature(v: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    # ∂y'/∂x = α eˣ where x < 0 (the kink counts as positive, as in elu_curvature), else 0
+    return torch.where(x < 0, v * (alpha * torch.exp(x)), 0.0)
+
+
+def _elu_formula(ctx):
+    """``(name, formula, curvature)`` for what ``ctx`` saved: :func:`elu_backward` (the
+    output for α >= 0, the input for α < 0, as its kernel), or from the input with α >= 0
+    (kept so only while torch.compile traces, which uses no kernel)."""
+    if ctx.alpha >= 0 and not ctx.saves_output:
+        return "elu_input", elu_input_backward, elu_input_curvature
+    return "elu", elu_backward, elu_curvature
 
 
 class ELUFunction(Function):
@@ -401,20 +440,22 @@ class ELUFunction(Function):
         x, ctx.alpha, ctx.inplace = inputs
         if ctx.inplace:
             ctx.mark_dirty(x)
-        _save_output_or_input(ctx, output, x, ctx.alpha)
+        _save_output_or_input(ctx, output, x, ctx.inplace, ctx.alpha)
 
     @staticmethod
     def backward(ctx, dy):
         _check_result_tells_branch(ctx, "elu", ctx.alpha)
         saved = _saved_tensor(ctx, "ELU")
-        dx = derivative("elu", elu_backward, dy, saved, ctx.alpha, curvature=elu_curvature)
+        name, formula, curvature = _elu_formula(ctx)
+        dx = derivative(name, formula, dy, saved, ctx.alpha, curvature=curvature)
         return dx, None, None
 
     @staticmethod
     def jvp(ctx, dx, _alpha, _inplace):
         _check_result_tells_branch(ctx, "elu", ctx.alpha)
         (saved,) = ctx.saved_tensors
-        dy = derivative("elu", elu_backward, dx, saved, ctx.alpha, curvature=elu_curvature)
+        name, formula, curvature = _elu_formula(ctx)
+        dy = derivative(name, formula, dx, saved, ctx.alpha, curvature=curvature)
         return _tangent_out(ctx, dx, dy)
 
 
