@@ -384,15 +384,6 @@ def _mlp(sizes: list[int], act: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _with_inplace_activations(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose activation modules taking ``inplace`` have it set."""
-    twin = copy.deepcopy(model)
-    for module in twin.modules():
-        if hasattr(module, "inplace"):
-            module.inplace = True
-    return twin
-
-
 def _to_torchbp(model: nn.Module) -> tuple[nn.Module | None, str]:
     """A deep copy of ``model`` with its layers swapped for torchbp's (same weights)."""
     try:
@@ -550,13 +541,6 @@ def build_mlp_saved(opts: Options, act: str, with_loss: bool = True) -> Case:
         return run
 
     impls, notes, params = _model_impls(native, fwd_bwd)
-    if act == "leaky_relu" and "torchbp" in impls:
-        # the in-place form keeps its output, which the next Linear keeps anyway: half
-        # native's bytes (native's LeakyReLU keeps its input)
-        twin = _to_torchbp(_with_inplace_activations(native))[0]
-        if twin is not None:
-            impls["torchbp_inplace"] = Impl(fwd_bwd(twin, tbp("cross_entropy")))
-            params += list(twin.parameters())
 
     def reset():
         for p in params:
