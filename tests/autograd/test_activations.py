@@ -235,6 +235,28 @@ def test_inplace_on_a_view_is_natives_and_a_refused_one_keeps_its_values(case, v
         assert results[0].endswith(results[1]) or results[1] in results[0]
 
 
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_compiled_inplace_on_a_view_gives_natives_gradient(case):
+    # on a view the activation runs out of place and is copied in; while compiling it keeps
+    # its input, which the copy overwrote without a version check: ELU's backward read
+    # alpha e^y for alpha e^x, silently
+    x0 = make((3, 4), torch.float64, scale=2.0)
+    weights = make((3, 4), torch.float64, seed=5)
+
+    def loss(fn, x):
+        h = x * 2
+        fn(h[1:], inplace=True)
+        return (h * h * weights).sum()
+
+    torch.compiler.reset()
+    grads = []
+    for fn, run in ((case.ours, torch.compile(loss, backend="aot_eager")), (case.native, loss)):
+        x = x0.clone().requires_grad_()
+        run(fn, x).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
 def _inplace_loss(fn):
     """``x -> sum((2x)²)`` after ``fn(2x, inplace=True)``: an in-place activation inside a
     function that torch.func differentiates."""

@@ -68,15 +68,24 @@ def _inplace_activation(name: str, functions, native, input: torch.Tensor, *args
     says so; else the Function writes into ``input`` and marks it dirty. Out of place the
     Function keeps its output, which the copy leaves alone (ReLU; LeakyReLU / ELU with
     the slope >= 0 that :func:`~torchbp._checks.check_inplace_slope` leaves where
-    autograd records ``input``), so ``input`` needs no clone."""
+    autograd records ``input``), but its input while torch.compile traces: there it runs
+    on a clone (:func:`_kept_apart`)."""
     _checks.check_inplace_writable(name, input)
     if _traced():
         return input.copy_(apply(functions, input, *args, False))
     if not _differentiated(input):  # nothing to record: native's kernel returns input
         return native(input, *args, inplace=True)
     if _written_by_copy(input):
-        return _copied_into_view(input, apply(functions, input, *args, False))
+        return _copied_into_view(input, apply(functions, _kept_apart(input), *args, False))
     return apply(functions, input, *args, True)
+
+
+def _kept_apart(input: torch.Tensor) -> torch.Tensor:
+    """``input``, or while torch.compile traces a clone of it: there an out-of-place
+    activation keeps its input (``autograd/activations.py``, ``_save_output_or_input``),
+    which the copy into ``input`` then overwrites, without autograd's version check in the
+    compiled graph (ELU's backward read ``α e^y`` for ``α e^x``, silently)."""
+    return input.clone() if torch.compiler.is_compiling() else input
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
