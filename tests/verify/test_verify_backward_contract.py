@@ -313,3 +313,29 @@ def test_fn_writing_into_a_non_differentiable_input_holding_nan_fails_grad_outpu
     )
     assert report["grad_output_safety"].failed, report
     assert "modified one of its (non-differentiable) inputs" in report["grad_output_safety"].message
+
+
+class _ScaleSavedInPlace(torch.autograd.Function):
+    """2 x, backward scaling its saved input in place through ``.data`` (autograd's
+    version counter does not see it): the caller's tensor changes."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        x.data.mul_(0.5)
+        return 2 * g
+
+
+def test_a_write_into_an_input_in_backward_is_not_taken_for_state():
+    # before: "forward or backward modified input 0 in place" with the advice for state
+    # forward updates on purpose (a buffer of an nn.Module), for a plain backward bug
+    report = check_function(_ScaleSavedInPlace, seeded(3, 4), checks=["grad_output_safety"])
+    message = report["grad_output_safety"].message
+    assert report["grad_output_safety"].failed, report
+    assert message.startswith("backward modified input 0 in place: never write"), message
+    assert "nn.Module" not in message

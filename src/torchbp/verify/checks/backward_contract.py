@@ -522,6 +522,16 @@ def _require_same(ctx: CheckContext, got: tuple, expected: tuple, label: str):
     return worst
 
 
+def _tensor_args(ctx: CheckContext) -> list[torch.Tensor]:
+    """fn's tensor inputs as they are now, dense."""
+    return [dense(a.detach()) for a in ctx.args if isinstance(a, torch.Tensor)]
+
+
+def _changed(tensors: list[torch.Tensor], before: list[torch.Tensor]) -> set[int]:
+    """Positions of the ``tensors`` whose values differ from their copies ``before``."""
+    return {k for k, (t, b) in enumerate(zip(tensors, before)) if not same_values(t.detach(), b)}
+
+
 def check_grad_output_safety(ctx: CheckContext) -> Passed:
     """backward must not write into grad_output or the inputs, and must give the same
     gradients for strided, offset and expanded grad_outputs as for contiguous ones; fn must give
@@ -531,6 +541,9 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
     leaves = ctx.leaves()
     leaves_before = [x.detach().clone() for x in leaves]
     outs = [o for o in ctx.diff_fn(*leaves) if o.requires_grad]
+    # which inputs forward wrote (state, maybe on purpose), told from backward's writes
+    forward_wrote = _changed(leaves, leaves_before)
+    forward_wrote_args = _changed(_tensor_args(ctx), inputs_before)
     vs = ctx.randn_like_outputs(outs)
     vs_copy = [v.clone() for v in vs]
     try:
@@ -559,18 +572,16 @@ def check_grad_output_safety(ctx: CheckContext) -> Passed:
             problem = f"gradient of {ctx.input_name(k)} changes when grad_output is {label}"
             note = " (backward depends on memory layout)"
             worst = max(worst, require_close(a, e, tolerance, problem, note=note))
-    for k, (x, xb) in enumerate(zip(leaves, leaves_before)):
-        if not same_values(x.detach(), xb):
-            raise CheckFailure(
-                f"forward or backward modified {ctx.input_name(k)} in place" + STATE_INPUT_HINT
-            )
-    after = [a for a in ctx.args if isinstance(a, torch.Tensor)]
-    for a, b in zip(after, inputs_before):
-        a = dense(a)
-        if not same_values(a, b):
-            raise CheckFailure(
-                "fn modified one of its (non-differentiable) inputs in place" + STATE_INPUT_HINT
-            )
+    for k in sorted(_changed(leaves, leaves_before)):
+        if k in forward_wrote:
+            raise CheckFailure(f"forward modified {ctx.input_name(k)} in place" + STATE_INPUT_HINT)
+        raise CheckFailure(
+            f"backward modified {ctx.input_name(k)} in place: never write into an input "
+            "(or a tensor saved for backward) in backward, it is the caller's"
+        )
+    if _changed(_tensor_args(ctx), inputs_before):
+        hint = STATE_INPUT_HINT if forward_wrote_args else ""
+        raise CheckFailure("fn modified one of its (non-differentiable) inputs in place" + hint)
     layout_errors, caveat = _require_input_layout_independent(ctx)
     return Passed(
         "grad_output intact; strided, offset and expanded grads and strided inputs accepted",
