@@ -770,3 +770,22 @@ def test_reference_dtype_is_skipped_for_a_module_checked_in_dtype():
     x = torch.randn(3, 4)
     report = check_function(module, x, reference=module, checks=["reference_dtype"])
     assert report["reference_dtype"].skipped and "nn.Module" in report["reference_dtype"].message
+
+
+def test_a_fn_refusing_the_kink_probes_inputs_is_compared_in_full():
+    """gradgradcheck's probe for a kink (large inputs: projections would compare less)
+    moves every input element at once, along a random direction; a fn refusing inputs off
+    its domain raised there and the check failed with fn's error, although the full
+    comparison, one element at a time, stays inside the domain and passes."""
+
+    def sparse_cube(weights):  # a kernel for sparse weights: at most 3 nonzeros
+        if int(torch.count_nonzero(weights)) > 3:
+            raise ValueError("at most 3 nonzero weights")
+        return weights**3
+
+    weights = torch.zeros(50, dtype=torch.float64)  # second-order Jacobian: 50 x 100
+    weights[:2] = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    report = check_function(sparse_cube, weights, checks=["gradgradcheck"])
+    result = report["gradgradcheck"]
+    assert result.passed, str(report)
+    assert "full second-order Jacobian compared" in result.message

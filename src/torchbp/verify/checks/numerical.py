@@ -911,14 +911,21 @@ def _on_a_kink(ctx: CheckContext, func: Callable[..., Any], inputs: Sequence[tor
     """True if ``func``'s right and left differences along a random direction of norm 1
     (:func:`~torchbp.verify.checks.jacobians.unit_direction`) differ beyond gradcheck's
     tolerances: the inputs sit where ``func`` is not differentiable (relu's backward at
-    0, a tie in a max), and projections across them disagree with central differences."""
+    0, a tie in a max), and projections across them disagree with central differences.
+    Also True when ``func`` raises on the shifted inputs, which move every element at once
+    (a fn refusing inputs off its domain, such as weights with at most k nonzeros): the
+    projections would raise too, while the full comparison, which moves one element at a
+    time, may stay inside it."""
     eps, atol, rtol = ctx.options.eps, ctx.options.atol, ctx.options.rtol
     us = unit_direction(inputs, ctx.randn)
     base = [x.detach() for x in inputs]
-    hi, mid, lo = (
-        [t.detach() for t in func(*[x + step * u for x, u in zip(base, us)])]
-        for step in (eps, 0.0, -eps)
-    )
+    try:
+        hi, mid, lo = (
+            [t.detach() for t in func(*[x + step * u for x, u in zip(base, us)])]
+            for step in (eps, 0.0, -eps)
+        )
+    except Exception:  # noqa: BLE001 - fn refusing the shifted inputs: compare in full
+        return True
     return any(
         not torch.allclose((h - m) / eps, (m - low) / eps, rtol, atol, equal_nan=True)
         for h, m, low in zip(hi, mid, lo)
