@@ -43,12 +43,22 @@ def save_split(ctx, inputs, for_backward: tuple, for_forward: tuple) -> None:
     only (whichever ran last) and reads both backward's and jvp's saved tensors with
     them, so two different tuples hand a ``None`` a batch dim, or a batched tensor none
     (crashes deep in torch.func). Eager, each mode keeps only what it needs."""
-    if any(isinstance(t, torch.Tensor) and not has_storage(t) for t in inputs):
+    if _any_without_storage(inputs):
         for_backward = for_forward = tuple(
             b if b is not None else f for b, f in zip(for_backward, for_forward, strict=True)
         )
     ctx.save_for_backward(*for_backward)
     ctx.save_for_forward(*for_forward)
+
+
+def _any_without_storage(inputs) -> bool:
+    """Whether any tensor of ``inputs`` lacks storage (:func:`has_storage`). A plain loop:
+    it runs in every Function's ``setup_context``, where a generator in ``any`` costs
+    more than the checks themselves."""
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and not has_storage(t):
+            return True
+    return False
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +111,8 @@ def column_major(t: torch.Tensor) -> bool:
     that layout too (so that accumulating it into ``.grad`` needs no copy)."""
     if t.layout != torch.strided or t.is_nested or t.dim() != 2:
         return False  # (a sparse tensor has no strides)
-    return t.stride(0) == 1 and t.stride(1) == t.shape[0]
+    strides = t.stride()  # (one call: each stride(i) costs as much as the whole tuple)
+    return strides[0] == 1 and strides[1] == t.shape[0]
 
 
 def _input_grad(ctx, g: torch.Tensor, weight: torch.Tensor, grad_dim: int) -> torch.Tensor:
@@ -161,7 +172,9 @@ class LinearFunction(Function):
         ctx.set_materialize_grads(False)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.x_shape = x.shape
-        ctx.x_column_major, ctx.w_column_major = column_major(x), column_major(weight)
+        # the layouts of the gradients backward forms (asked only of those it forms)
+        ctx.x_column_major = needs_x and column_major(x)
+        ctx.w_column_major = needs_w and column_major(weight)
         recorder = None
         if not torch.compiler.is_compiling():
             recorder = _per_sample_recorder(weight)
