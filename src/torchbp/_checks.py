@@ -118,13 +118,19 @@ def check_tensor(op: str, **tensors) -> None:
     before): a :class:`NotATensorError` naming it otherwise."""
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
-            raise NotATensorError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+            raise _not_a_tensor(op, name, value)
 
 
 def check_optional_tensor(op: str, **tensors) -> None:
     """Every named argument is ``None`` or a tensor: a :class:`NotATensorError` naming it
     otherwise."""
-    check_tensor(op, **{name: value for name, value in tensors.items() if value is not None})
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise _not_a_tensor(op, name, value)
+
+
+def _not_a_tensor(op: str, name: str, value) -> NotATensorError:
+    return NotATensorError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
 
 
 def scalar_argument(op: str, name: str, value) -> float:
@@ -278,10 +284,9 @@ def check_not_inference(op: str, needed_for: str, **tensors: torch.Tensor | None
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
     """The given tensors (``None`` skipped) share one device: a :class:`DeviceError`
     listing each one's otherwise."""
-    named = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in named.values()}
+    devices = {v.device for v in tensors.values() if v is not None}
     if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in named.items())
+        listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
         raise DeviceError(f"{op}: expected all tensors on one device, got {listing}")
 
 
