@@ -47,9 +47,19 @@ def values_inspectable(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     storage = _storage(t)
-    if storage is None or storage.device.type == "meta":
+    if storage is None or _on_meta(t, storage):
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _on_meta(t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
+    """Whether ``t``'s storage is on the meta device. A plain ``torch.Tensor``'s storage is
+    on its own device, so ``t.is_meta`` answers (a fifth of the cost of reading the
+    storage's device, on each query of every call); a subclass's (a fake tensor, whose
+    device is another) is looked at."""
+    if type(t) is torch.Tensor:
+        return t.is_meta
+    return storage.device.type == "meta"
 
 
 def has_storage(t: torch.Tensor) -> bool:
