@@ -257,6 +257,28 @@ def test_compiled_inplace_on_a_view_gives_natives_gradient(case):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_compiled_inplace_then_modified_in_place_gets_the_true_gradient(case):
+    # act(h, inplace=True); h += skip under torch.compile: the in-place Function kept its
+    # output, which the compiled graph let ``h += skip`` overwrite without autograd's
+    # version check, so backward read the mask / slope of h + skip, silently (native
+    # refuses at compile); the gradient is that of the same math written out of place
+    x0, skip = make((3, 4), torch.float64, scale=2.0), make((3, 4), torch.float64, seed=3)
+
+    def loss(x):
+        h = x * 2
+        case.ours(h, inplace=True)
+        h += skip
+        return (h * h).sum()
+
+    torch.compiler.reset()
+    x = x0.clone().requires_grad_()
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(x).backward()
+    want = x0.clone().requires_grad_()
+    ((case.native(want * 2) + skip) ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, want.grad, rtol=1e-12, atol=1e-14)
+
+
 def _inplace_loss(fn):
     """``x -> sum((2x)²)`` after ``fn(2x, inplace=True)``: an in-place activation inside a
     function that torch.func differentiates."""

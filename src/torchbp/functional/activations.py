@@ -35,10 +35,14 @@ _TANH = pair(TanhFunction)
 
 
 def _written_by_copy(input: torch.Tensor) -> bool:
-    """Whether an in-place activation recorded on ``input`` is computed out of place and
-    copied in (:func:`_copied_into_view`): on a view, and under a torch.func transform
-    (no storage: vmap, grad, ...), whose support for Functions cannot batch one that
-    saves an input it returns as its output (in-place: the input is the output).
+    """Whether an in-place activation recorded on ``input`` is computed apart from it and
+    copied in (:func:`_computed_apart`, :func:`_copied_into_view`): on a view, under a
+    torch.func transform (no storage: vmap, grad, ...), whose support for Functions cannot
+    batch one that saves an input it returns as its output (in-place: the input is the
+    output), and while torch.compile traces, whose graph has no version check on what a
+    Function keeps: the in-place form writing ``input`` keeps it, which ``h += skip``
+    after it overwrote (ReLU's backward read the mask of ``h + skip``, silently, where
+    native refuses).
 
     Never while :func:`torch.export.export` traces: there the Function's forward runs
     as plain ops (see :func:`~torchbp.autograd._compile.apply`), whose autograd records
@@ -47,16 +51,17 @@ def _written_by_copy(input: torch.Tensor) -> bool:
     failed: "modified by an inplace operation")."""
     if exporting():
         return False
-    return _recorded_view(input) or not has_storage(input)
+    return torch.compiler.is_compiling() or _recorded_view(input) or not has_storage(input)
 
 
 def _copied_into_view(view: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """An in-place activation recorded on a view: ``result``, computed out of place, copied
-    into ``view`` by a native in-place op, which asks autograd before writing whether the
-    view may be modified (not one of several outputs of ``unbind`` / ``split``, nor one
-    made under ``no_grad``: native's error then, with the view untouched). A Function that
-    writes in place is told only after its forward has written. Costs the memory saving:
-    the Function keeps its own output."""
+    """An in-place activation where :func:`_written_by_copy` says so (a view autograd
+    records, ...): ``result``, computed apart, copied into ``view`` by a native
+    in-place op, which asks autograd before writing whether the view may be modified (not
+    one of several outputs of ``unbind`` / ``split``, nor one made under ``no_grad``:
+    native's error then, with the view untouched). A Function that writes in place is
+    told only after its forward has written. Costs the memory saving: the Function keeps
+    its own output."""
     return view.copy_(result)
 
 
@@ -68,24 +73,35 @@ def _inplace_activation(name: str, functions, native, input: torch.Tensor, *args
     says so; else the Function writes into ``input`` and marks it dirty. Out of place the
     Function keeps its output, which the copy leaves alone (ReLU; LeakyReLU / ELU with
     the slope >= 0 that :func:`~torchbp._checks.check_inplace_slope` leaves where
-    autograd records ``input``), but its input while torch.compile traces: there it runs
-    on a clone (:func:`_kept_apart`)."""
+    autograd records ``input``); while torch.compile traces, see :func:`_computed_apart`."""
     _checks.check_inplace_writable(name, input)
     if _traced():
         return input.copy_(apply(functions, input, *args, False))
     if not _differentiated(input):  # nothing to record: native's kernel returns input
         return native(input, *args, inplace=True)
     if _written_by_copy(input):
-        return _copied_into_view(input, apply(functions, _kept_apart(input), *args, False))
+        return _copied_into_view(input, _computed_apart(functions, input, *args))
     return apply(functions, input, *args, True)
 
 
-def _kept_apart(input: torch.Tensor) -> torch.Tensor:
-    """``input``, or while torch.compile traces a clone of it: there an out-of-place
-    activation keeps its input (``autograd/activations.py``, ``_save_output_or_input``),
-    which the copy into ``input`` then overwrites, without autograd's version check in the
-    compiled graph (ELU's backward read ``α e^y`` for ``α e^x``, silently)."""
-    return input.clone() if torch.compiler.is_compiling() else input
+def _computed_apart(functions, input: torch.Tensor, *args) -> torch.Tensor:
+    """The activation of ``input`` in a tensor of its own, for :func:`_copied_into_view`.
+
+    Eagerly the out-of-place Function, which keeps that output. While torch.compile
+    traces, the out-of-place Function keeps its input (``autograd/activations.py``,
+    ``_save_output_or_input``), which the copy into ``input`` overwrites without
+    autograd's version check (ELU's backward read ``α e^y`` for ``α e^x``, silently):
+    there the in-place Function runs on a clone, which it keeps as its output, as native's
+    in-place op keeps its result (the out-of-place one on a clone would keep the clone as
+    its input: a compiled ``LeakyReLU(inplace=True)`` MLP then kept a one-byte mask per
+    unit more than native's, 10240 vs 8192 bytes per sample with Inductor); under a
+    torch.func transform, which refuses that in-place Function, the out-of-place one on a
+    clone."""
+    if not torch.compiler.is_compiling():
+        return apply(functions, input, *args, False)
+    if has_storage(input):
+        return apply(functions, input.clone(), *args, True)
+    return apply(functions, input.clone(), *args, False)
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
@@ -134,12 +150,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     r""":math:`\max(x, 0)` (as :func:`torch.nn.functional.relu`); gradient 0 at 0.
 
     With ``inplace=True`` the result overwrites ``input`` (which is returned). On a view
-    that autograd records, under torch.func transforms and while :func:`torch.jit.trace`
-    records the call (``relu``, ``leaky_relu``, ``elu`` and ``silu`` alike), it is
-    computed out of place and copied in, so that a view autograd refuses to modify (an
-    ``unbind`` / ``split`` output, one made under ``no_grad``) raises native's error
-    untouched, ``vmap(grad(...))`` runs, and a traced model runs (TorchScript cannot run a
-    Function that writes into its input).
+    that autograd records, under torch.func transforms, while :func:`torch.compile` traces
+    and while :func:`torch.jit.trace` records the call (``relu``, ``leaky_relu``, ``elu``
+    and ``silu`` alike), it is computed out of place and copied in, so that a view
+    autograd refuses to modify (an ``unbind`` / ``split`` output, one made under
+    ``no_grad``) raises native's error untouched, ``vmap(grad(...))`` runs, a compiled
+    ``h += skip`` after it gets the true gradient, and a traced model runs (TorchScript
+    cannot run a Function that writes into its input).
 
     Args:
         input: any shape (not bool, as native).
