@@ -175,3 +175,25 @@ def test_compiled_output_modified_in_place_gets_the_true_gradient(variant):
     want = x0.clone().requires_grad_()
     _add_skip(variant.native, want * 1, skip).backward()
     torch.testing.assert_close(x.grad, want.grad, rtol=1e-12, atol=1e-14)
+
+
+def _backward_with_create_graph(loss, x):
+    torch.autograd.grad(loss(x), x, create_graph=True)
+
+
+def _backward_under_torch_func_grad(loss, x):
+    torch.func.grad(loss)(x.detach())
+
+
+@pytest.mark.parametrize("run", [_backward_with_create_graph, _backward_under_torch_func_grad])
+@pytest.mark.parametrize("op", ["leaky_relu", "elu"])
+def test_clear_error_for_double_backward_and_torch_func(op, run):
+    # the line is added wherever torchbp's backward reads the modified output: a backward
+    # building a graph for double backward, and torch.func.grad's (its own Function class)
+    def loss(x):
+        return _add_skip_in_place(getattr(torchbp.functional, op), x * 1, 1.0)
+
+    x = make((3, 4), torch.float64).requires_grad_()
+    with pytest.raises(RuntimeError, match=CLEAR) as error:
+        run(loss, x)
+    _assert_clear_error(error, _NAMES[op])
