@@ -279,6 +279,27 @@ def test_compiled_inplace_then_modified_in_place_gets_the_true_gradient(case):
     torch.testing.assert_close(x.grad, want.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", INPLACE, ids=str)
+def test_compiled_grad_of_an_inplace_activation_is_natives(case):
+    # torch.compile(torch.func.grad(f)) with an in-place activation of an intermediate
+    # crashed in Dynamo (InternalTorchDynamoError: "Cannot access storage of TensorWrapper",
+    # asking whether the tensor was torch.func-wrapped), where the out-of-place one compiles
+    x0, skip = make((3, 4), torch.float64, scale=2.0), make((3, 4), torch.float64, seed=3)
+
+    def loss(act, inplace):
+        def fn(x):
+            h = x * 2
+            h = act(h, inplace=True) if inplace else act(h)
+            return ((h + skip) ** 2).sum()
+
+        return fn
+
+    torch.compiler.reset()
+    got = torch.compile(torch.func.grad(loss(case.ours, True)), backend="aot_eager")(x0)
+    want = torch.func.grad(loss(case.native, False))(x0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def _inplace_loss(fn):
     """``x -> sum((2x)²)`` after ``fn(2x, inplace=True)``: an in-place activation inside a
     function that torch.func differentiates."""

@@ -94,14 +94,13 @@ def _computed_apart(functions, input: torch.Tensor, *args) -> torch.Tensor:
     there the in-place Function runs on a clone, which it keeps as its output, as native's
     in-place op keeps its result (the out-of-place one on a clone would keep the clone as
     its input: a compiled ``LeakyReLU(inplace=True)`` MLP then kept a one-byte mask per
-    unit more than native's, 10240 vs 8192 bytes per sample with Inductor); under a
-    torch.func transform, which refuses that in-place Function, the out-of-place one on a
-    clone."""
+    unit more than native's, 10240 vs 8192 bytes per sample with Inductor). Dynamo runs
+    that in-place Function under ``torch.func.grad`` too (eager torch.func cannot batch
+    it), and cannot trace :func:`~torchbp._execution.has_storage` of a torch.func-wrapped
+    tensor, so nothing here asks it while compiling."""
     if not torch.compiler.is_compiling():
         return apply(functions, input, *args, False)
-    if has_storage(input):
-        return apply(functions, input.clone(), *args, True)
-    return apply(functions, input.clone(), *args, False)
+    return apply(functions, input.clone(), *args, True)
 
 
 def sigmoid(input: torch.Tensor) -> torch.Tensor:
