@@ -542,3 +542,132 @@ def test_the_advised_larger_eps_has_a_flag(tmp_path, capsys):
 def test_a_tolerance_flag_applies_only_to_a_target(capsys):
     assert cli.main(["--op", "relu", "--no-progress", "--nondet-tol", "1e-9"]) == 2
     assert "--nondet-tol applies only to a target" in capsys.readouterr().err
+
+
+RELU_RUN = ["--op", "relu", "--dtype", "float64", "--no-compile", "--no-progress"]
+
+
+def _results_file(path: Path) -> dict:
+    """The --json file, parsed (a truncated file fails the test)."""
+    return json.loads(path.read_text())
+
+
+def test_json_holds_every_finished_case_run_while_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """--json was written only at the end, so a run killed at a time limit (the CUDA
+    script gives torchbp-verify 60 s) left no verdict at all; the file is now valid after
+    every finished case run, complete: false until the last."""
+    path = tmp_path / "out.json"
+    path.write_text('{"ok": true, "complete": true}')  # a previous run's file
+    seen = []
+
+    def check_function(*args, **kwargs):
+        data = _results_file(path)
+        seen.append((len(data["results"]), data["complete"], data["ok"]))
+        return real(*args, **kwargs)
+
+    real = cli.check_function
+    monkeypatch.setattr(cli, "check_function", check_function)
+    assert cli.main([*RELU_RUN, "--json", str(path)]) == 0, capsys.readouterr().out
+    assert seen == [(k, False, False) for k in range(len(seen))] and len(seen) > 1
+    text = path.read_text()
+    data = json.loads(text)
+    assert data["complete"] is True and data["ok"] is True
+    assert len(data["results"]) == data["planned_case_runs"] == len(seen)
+    assert data["summary"].startswith("ALL PASSED: 1 ops")
+    assert text == json.dumps(data, indent=1)  # as json.dump writes it, indent and all
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+
+
+def _main_not_interrupted(argv: list[str]) -> int:
+    """cli.main's exit status; a test failure if Ctrl-C escapes it (it would stop pytest)."""
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped torchbp-verify's main")
+
+
+def test_ctrl_c_keeps_the_finished_case_runs_and_exits_130(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "out.json"
+    calls = []
+
+    def check_function(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = cli.check_function
+    monkeypatch.setattr(cli, "check_function", check_function)
+    assert _main_not_interrupted([*RELU_RUN, "--json", str(path)]) == cli.INTERRUPTED == 130
+    out, err = capsys.readouterr()
+    data = _results_file(path)
+    planned = data["planned_case_runs"]
+    assert data["complete"] is False and data["ok"] is False and len(data["results"]) == 1
+    assert data["results"][0]["op"] == "relu" and planned > 1
+    summary = f"INCOMPLETE (1 of {planned} case runs finished, no check failed so far)"
+    assert data["summary"].startswith(summary) and summary in out, out
+    assert "relu (cpu)" in out  # the table of what finished
+    assert f"torchbp-verify: interrupted after 1 of {planned} case runs" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_ctrl_c_while_checking_a_target_exits_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "check_function", interrupted)
+    assert _main_not_interrupted(["torch:tanh", "--inputs", "3", "--no-compile"]) == 130
+    assert "torchbp-verify: interrupted" in capsys.readouterr().err
+
+
+def test_a_failed_rewrite_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "out.json"
+    path.write_text('{"results": []}')
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cli.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        cli._write_atomically(str(path), '{"results": [1, 2]}')
+    assert path.read_text() == '{"results": []}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGKILL", -9), ("SIGINT", 130)])
+def test_a_run_killed_midway_leaves_valid_json_of_its_finished_cases(
+    tmp_path, signal_name, exit_code
+):
+    """The CUDA script's time limit kills torchbp-verify (SIGTERM, then SIGKILL); Ctrl-C
+    is SIGINT. Either way the file holds the case runs that finished."""
+    import signal
+    import subprocess
+    import time
+
+    path = tmp_path / "out.json"
+    argv = ["--op", "relu,sigmoid,tanh", "--no-compile", "--no-progress", "--json", str(path)]
+    # Ctrl-C's KeyboardInterrupt also where pytest runs in the background (a shell
+    # starts background jobs with SIGINT ignored, which Python then leaves ignored)
+    cli_with_ctrl_c = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from torchbp.verify.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", cli_with_ctrl_c, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (path.exists() and _results_file(path)["results"]):
+            assert proc.poll() is None and time.monotonic() < deadline, "no result written"
+            time.sleep(0.02)
+        proc.send_signal(getattr(signal, signal_name))
+        assert proc.wait(timeout=60) == exit_code
+    finally:
+        proc.kill()
+    data = _results_file(path)
+    assert data["complete"] is False and data["ok"] is False
+    assert 1 <= len(data["results"]) < data["planned_case_runs"]
+    assert all(r["ok"] for r in data["results"]), data["summary"]

@@ -7,7 +7,9 @@ autograd.Function, a callable or a ``torch.library`` custom op) and ``--inputs``
 that one on the inputs the spec describes (:mod:`torchbp.verify.target`) and prints its
 report.
 
-Exit status: 0 if no check failed, 1 if a check failed, 2 on a usage error.
+Exit status: 0 if no check failed, 1 if a check failed, 2 on a usage error, 130 when
+interrupted (Ctrl-C). ``--json`` is rewritten after every finished case run, marked
+``"complete": false`` until the last, so a run killed at a time limit keeps its verdicts.
 
 Examples:
     $ torchbp-verify                         # every op, cpu (+ cuda if present)
@@ -20,11 +22,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +49,16 @@ DTYPES = {
     "float16": torch.float16,
 }
 DEVICES = ("cpu", "cuda")
+#: The exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
 class UsageError(Exception):
     """Bad command-line arguments (exit status 2)."""
+
+
+class JsonWriteError(Exception):
+    """The ``--json`` file could not be written (exit status 2)."""
 
 
 @dataclass
@@ -81,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
             "float32 one (cast to --dtype, float64 by default, for every check; the "
             "reference_dtype check runs the target on it in float32), =VALUE a "
             "Python literal (=1, =True, ='mean'); @FILE reads one input per line. "
-            "Exit status: 0 nothing failed, 1 a check failed, 2 usage error."
+            "Exit status: 0 nothing failed, 1 a check failed, 2 usage error, 130 "
+            "interrupted."
         ),
     )
     p.add_argument(
@@ -149,7 +159,14 @@ def _parser() -> argparse.ArgumentParser:
         help="gradcheck fast_mode (random projections; the default for a target whose "
         "inputs and parameters hold over 4096 differentiated elements)",
     )
-    p.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        help=(
+            "also write the full results as JSON, rewritten after each case run "
+            '("complete": false until the run ends)'
+        ),
+    )
     p.add_argument(
         "--compile-backend",
         default="aot_eager",
@@ -175,6 +192,13 @@ def _print_error(err_console: Any, message: str) -> None:
     as a style, ``[/x]`` raising) and wrap at the terminal's width."""
     err_console.print(
         f"torchbp-verify: error: {message}", markup=False, highlight=False, soft_wrap=True
+    )
+
+
+def _print_interrupted(err_console: Any, detail: str) -> None:
+    """Print ``torchbp-verify: interrupted<detail>`` (Ctrl-C), as plain text."""
+    err_console.print(
+        f"torchbp-verify: interrupted{detail}", markup=False, highlight=False, soft_wrap=True
     )
 
 
@@ -324,7 +348,11 @@ def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]])
 
 
 def run(
-    jobs: list[Job], args: argparse.Namespace, progress: Any | None = None, task: Any = None
+    jobs: list[Job],
+    args: argparse.Namespace,
+    progress: Any | None = None,
+    task: Any = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Run every job; advance the (rich) progress bar if one is given.
 
@@ -333,6 +361,8 @@ def run(
         args: parsed command-line options.
         progress: a ``rich.progress.Progress`` or None.
         task: its task id.
+        on_outcome: called with each :class:`Outcome` as soon as its job is done (what
+            finished stays known to the caller when a later job is interrupted).
 
     Returns:
         One :class:`Outcome` per job.
@@ -358,6 +388,8 @@ def run(
             if reason and result.status == UNSUPPORTED:
                 result.message = f"{reason}: {result.message}"
         outcomes.append(Outcome(job, report))
+        if on_outcome is not None:
+            on_outcome(outcomes[-1])
         if progress is not None:
             progress.advance(task)
     return outcomes
@@ -401,7 +433,9 @@ def _table_rows(outcomes: list[Outcome]) -> tuple[list[str], list[tuple[str, lis
     return checks, rows
 
 
-def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
+def _print_table(
+    console: Any, outcomes: list[Outcome], wall: float, planned: int | None = None
+) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -448,7 +482,7 @@ def _print_table(console: Any, outcomes: list[Outcome], wall: float) -> None:
     missing = unregistered_ops()
     if missing:
         console.print(f"[yellow]no verification cases for: {', '.join(missing)}[/]")
-    console.print(_summary(outcomes, wall), highlight=False)
+    console.print(_summary(outcomes, wall, planned), highlight=False)
 
 
 def _counts(outcomes: list[Outcome]) -> dict[str, int]:
@@ -456,10 +490,22 @@ def _counts(outcomes: list[Outcome]) -> dict[str, int]:
     return {s: sum(r.status == s for r in results) for s in STATUSES}
 
 
-def _summary(outcomes: list[Outcome], wall: float) -> str:
+def _verdict(failed: int, finished: int, planned: int | None) -> str:
+    """``ALL PASSED`` or ``N CHECK(S) FAILED``; for a run that stopped early (``planned``
+    case runs, of which ``finished`` finished) ``INCOMPLETE (...)`` saying so."""
+    failures = f"{failed} CHECK(S) FAILED"
+    if planned is None:
+        return failures if failed else "ALL PASSED"
+    so_far = failures if failed else "no check failed so far"
+    return f"INCOMPLETE ({finished} of {planned} case runs finished, {so_far})"
+
+
+def _summary(outcomes: list[Outcome], wall: float, planned: int | None = None) -> str:
+    """One line: the verdict and the counts; ``planned``: the number of case runs of a run
+    that has not finished them all (None once it has)."""
     n = _counts(outcomes)
     ops = len({oc.job.case.op for oc in outcomes})
-    verdict = "ALL PASSED" if n[FAIL] == 0 else f"{n[FAIL]} CHECK(S) FAILED"
+    verdict = _verdict(n[FAIL], len(outcomes), planned)
     devices = ",".join(dict.fromkeys(oc.job.device for oc in outcomes))
     return (
         f"{verdict}: {ops} ops, {len(outcomes)} case runs on {devices}, {n[PASS]} checks passed, "
@@ -468,33 +514,90 @@ def _summary(outcomes: list[Outcome], wall: float) -> str:
     )
 
 
-def _write_json(path: str, outcomes: list[Outcome], wall: float, argv: list[str]) -> None:
-    n = _counts(outcomes)
-    data = {
-        "ok": n[FAIL] == 0,
-        "summary": _summary(outcomes, wall),
-        "counts": n,
-        "wall_seconds": round(wall, 3),
-        "argv": argv,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device_names": {
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": [
-            {
-                "op": oc.job.case.op,
-                "case": oc.job.case.name,
-                "device": oc.job.device,
-                "dtype": oc.job.dtype,
-                **oc.report.to_dict(),
-            }
-            for oc in outcomes
-        ],
+def _write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder renamed over
+    it: a reader, or a run killed mid-write, finds the old file or the new one, never a
+    truncated one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(temporary, path)
+    except BaseException:  # an OSError or Ctrl-C: leave no temporary file behind
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def _result_entry(outcome: Outcome) -> dict[str, Any]:
+    """One case run's item of the JSON file's ``results``."""
+    return {
+        "op": outcome.job.case.op,
+        "case": outcome.job.case.name,
+        "device": outcome.job.device,
+        "dtype": outcome.job.dtype,
+        **outcome.report.to_dict(),
     }
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
+
+
+class JsonResults:
+    """The ``--json`` file of a run of torchbp's ops, written whole after each finished
+    case run (:func:`_write_atomically`): valid JSON at any time, ``"complete": false``
+    until the run has finished every case run. Each result is serialized once, so that
+    rewriting the file costs its size, not the run's checks again.
+
+    Args:
+        path: the file.
+        argv: the command line, recorded in the file.
+        planned: the number of case runs of the whole run.
+    """
+
+    def __init__(self, path: str, argv: list[str], planned: int) -> None:
+        self.path, self.argv, self.planned = path, argv, planned
+        self._entries: list[str] = []  # one per outcome written, as the file indents it
+
+    def write(self, outcomes: list[Outcome], wall: float, complete: bool) -> None:
+        """Write the file for ``outcomes`` (those of earlier calls first, then new ones).
+
+        Raises:
+            JsonWriteError: the file cannot be written.
+        """
+        for outcome in outcomes[len(self._entries) :]:
+            # at the file's nesting (an item of "results"): two more spaces per line;
+            # json.dumps escapes newlines in strings, so each newline starts a line
+            text = json.dumps(_result_entry(outcome), indent=1)
+            self._entries.append(text.replace("\n", "\n  "))
+        try:
+            _write_atomically(self.path, self._text(self._header(outcomes, wall, complete)))
+        except OSError as exc:
+            raise JsonWriteError(f"cannot write {self.path}: {exc}") from exc
+
+    def _header(self, outcomes: list[Outcome], wall: float, complete: bool) -> dict[str, Any]:
+        n = _counts(outcomes)
+        return {
+            "ok": complete and n[FAIL] == 0,
+            "complete": complete,
+            "planned_case_runs": self.planned,
+            "summary": _summary(outcomes, wall, None if complete else self.planned),
+            "counts": n,
+            "wall_seconds": round(wall, 3),
+            "argv": self.argv,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "device_names": {
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+            },
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _text(self, header: dict[str, Any]) -> str:
+        """What ``json.dump(..., indent=1)`` writes for ``header`` followed by the key
+        ``results``, a list of the serialized entries."""
+        head = json.dumps(header, indent=1).removesuffix("\n}")
+        items = ",\n  ".join(self._entries)
+        results = f"[\n  {items}\n ]" if self._entries else "[]"
+        return f'{head},\n "results": {results}\n}}'
 
 
 def _list(console: Any) -> None:
@@ -629,8 +732,7 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
     console.print(str(report), highlight=False, markup=False, soft_wrap=True)
     if args.json:
         try:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                json.dump(report.to_dict(), fh, indent=1)
+            _write_atomically(args.json, json.dumps(report.to_dict(), indent=1))
         except OSError as exc:
             _print_error(err_console, f"cannot write {args.json}: {exc}")
             return 2
@@ -660,7 +762,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: command-line arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        0 if every check passed, 1 if a check failed, 2 on a usage error.
+        0 if every check passed, 1 if a check failed, 2 on a usage error, 130 when
+        interrupted (Ctrl-C; ``--json`` then holds the case runs that finished, marked
+        ``"complete": false``).
 
     Examples:
         >>> main(["--op", "relu", "--dtype", "float64", "--no-progress"])  # doctest: +SKIP
@@ -689,7 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(err_console, f"cannot write {args.json}: {unwritable}")
         return 2
     if args.target is not None or args.inputs is not None:
-        return _check_target(args, console, err_console)
+        try:
+            return _check_target(args, console, err_console)
+        except KeyboardInterrupt:
+            _print_interrupted(err_console, "")
+            return INTERRUPTED
     try:
         ops, devices, dtypes = _resolve(args)
     except UsageError as exc:
@@ -700,38 +808,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not jobs:
         _print_error(err_console, "nothing to check")
         return 2
-    start = time.perf_counter()
-    if args.no_progress or not err_console.is_terminal:
-        outcomes = run(jobs, args)
-    else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+    try:
+        return _run_ops(jobs, args, argv, console, err_console)
+    except JsonWriteError as exc:
+        _print_error(err_console, str(exc))
+        return 2
 
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("starting", total=len(jobs))
-            outcomes = run(jobs, args, progress, task)
+
+def _run_ops(
+    jobs: list[Job], args: argparse.Namespace, argv: list[str], console: Any, err_console: Any
+) -> int:
+    """Run ``jobs``, writing ``--json`` after each (:class:`JsonResults`), then print the
+    table and write the file complete. Ctrl-C stops the run: the table of what finished is
+    printed, the file written incomplete, and the exit status is 130."""
+    results = JsonResults(args.json, argv, len(jobs)) if args.json else None
+    finished: list[Outcome] = []
+    start = time.perf_counter()
+
+    def record(outcome: Outcome) -> None:
+        finished.append(outcome)
+        if results is not None:
+            results.write(finished, time.perf_counter() - start, complete=False)
+
+    if results is not None:  # replaces a previous run's file before the first case
+        results.write(finished, 0.0, complete=False)
+    try:
+        _run_with_progress(jobs, args, err_console, record)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
     wall = time.perf_counter() - start
-    _print_table(console, outcomes, wall)
-    if args.json:
-        try:
-            _write_json(args.json, outcomes, wall, argv)
-        except OSError as exc:
-            _print_error(err_console, f"cannot write {args.json}: {exc}")
-            return 2
-        console.print(f"wrote {args.json}", markup=False, highlight=False)
-    return 1 if _counts(outcomes)[FAIL] else 0
+    planned = len(jobs) if interrupted else None
+    if finished:
+        _print_table(console, finished, wall, planned)
+    if results is not None:
+        results.write(finished, wall, complete=not interrupted)
+        incomplete = ' (incomplete: "complete": false)' if interrupted else ""
+        console.print(f"wrote {args.json}{incomplete}", markup=False, highlight=False)
+    if interrupted:
+        _print_interrupted(err_console, f" after {len(finished)} of {len(jobs)} case runs")
+        return INTERRUPTED
+    return 1 if _counts(finished)[FAIL] else 0
+
+
+def _run_with_progress(
+    jobs: list[Job],
+    args: argparse.Namespace,
+    err_console: Any,
+    record: Callable[[Outcome], None],
+) -> None:
+    """:func:`run`, with a progress bar on ``err_console`` unless ``--no-progress`` or
+    not a terminal."""
+    if args.no_progress or not err_console.is_terminal:
+        run(jobs, args, on_outcome=record)
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting", total=len(jobs))
+        run(jobs, args, progress, task, on_outcome=record)
 
 
 if __name__ == "__main__":  # pragma: no cover
