@@ -288,11 +288,13 @@ def statuses(o, acc):
         for v in o:
             statuses(v, acc)
 acc = collections.Counter()
-statuses(d, acc)
+# the top-level ok is the run's verdict, not a case's: counted, an unfinished run's false
+# would read as one failed case (its summary says INCOMPLETE)
+statuses({k: v for k, v in d.items() if k != "ok"} if isinstance(d, dict) else d, acc)
 print("status counts:", dict(acc) if acc else "(none found)")
 if isinstance(d, dict):
     print("top-level keys:", ", ".join(map(str, d)))
-    for k in ("summary", "totals", "counts"):
+    for k in ("complete", "planned_case_runs", "summary", "totals", "counts"):
         if k in d:
             print(f"{k}: {json.dumps(d[k])[:1500]}")
 EOF
