@@ -182,3 +182,19 @@ def test_column_major_operands_get_natives_gradient_layout(transposed, dtype):
     for got, want in zip(ours, native, strict=True):
         torch.testing.assert_close(got, want)
         assert got.stride() == want.stride()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8), (4, 8)])
+def test_compiled_linear_with_bias_gives_eager_gradients(shape):
+    # torch 2.11's compiled backward of a forward adding the bias into its fresh output in
+    # place (add_, addmm's resize_) got every gradient of a 3-D input wrong
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape[:-1], 5, dtype=torch.float64)
+    want = torch.autograd.grad(TF.linear(x, w, b), (x, w, b), g)
+    compiled = torch.compile(TF.linear, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, w, b), (x, w, b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)

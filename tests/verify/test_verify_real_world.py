@@ -50,11 +50,22 @@ CORRECT = {
 }
 
 
+#: torch 2.11's compiled backward of some correct Functions is wrong (plain torch.compile
+#: with aot_eager, checked outside verify): DocsLinear's forward adding into its output in
+#: place, TanhPromoted's; there verify's compile check rightly fails them
+_COMPILE_WRONG_ON_THIS_TORCH = {"docs_linear"} if torch.__version__ < "2.13" else set()
+
+
+def _ok_but_for_this_torchs_compile(report, expect_compile_failure: bool) -> bool:
+    failed = {r.name for r in report.checks if r.failed}
+    return failed == ({"compile"} if expect_compile_failure else set())
+
+
 @pytest.mark.parametrize("name", sorted(CORRECT))
 def test_a_correct_real_world_function_passes(name):
     fn, inputs, reference = CORRECT[name]
     report = check_function(fn, *inputs, reference=reference)
-    assert report.ok, report
+    assert _ok_but_for_this_torchs_compile(report, name in _COMPILE_WRONG_ON_THIS_TORCH), report
 
 
 @pytest.mark.parametrize(
@@ -195,7 +206,7 @@ def test_a_function_computing_in_float32_on_float32_inputs_is_named():
             return g * (1 - torch.tanh(x) ** 2)
 
     promoted = check_function(TanhPromoted, seeded(4, 5).float(), reference=torch.tanh)
-    assert promoted.ok, promoted
+    assert _ok_but_for_this_torchs_compile(promoted, torch.__version__ < "2.13"), promoted
 
 
 def test_a_layer_norm_saving_its_statistics_fails_double_backward_naming_them():
@@ -343,7 +354,9 @@ def test_a_valid_gradient_at_a_kink_other_than_the_references_is_named_so():
     assert "a valid choice; the reference picks another" in result.message
     assert "skip=['extreme_values']" in result.message
     sparse = check_function(rw.Sparsemax, seeded(4, 5), 0, reference=rw.sparsemax_reference)
-    assert "a valid choice; the reference picks another" in sparse["extreme_values"].message
+    # torch 2.14's sort picks the same face at the ties as fn (a pass); 2.11/2.13 another
+    result = sparse["extreme_values"]
+    assert result.passed or "a valid choice; the reference picks another" in result.message
     wrong = check_function(_ReluTwiceAtZero, seeded(4, 5), reference=torch.relu)
     assert wrong["extreme_values"].failed, wrong
     assert "valid choice" not in wrong["extreme_values"].message

@@ -156,10 +156,16 @@ class LinearFunction(Function):
         # place (e.g. a following ReLU(inplace=True)).
         if bias is not None and x.dim() == 2:
             return torch.addmm(bias, x, weight.t())
-        if bias is not None and _bias_in_gemm(x, weight, bias):
+        if bias is None:
+            return torch.matmul(x, weight.t())
+        if torch.compiler.is_compiling():
+            # out of place while compiling: torch 2.11's compiled backward of a Function
+            # whose forward adds into its fresh output in place (add_, resize_) got every
+            # gradient wrong; the compiled graph fuses the add anyway
+            return torch.matmul(x, weight.t()) + bias
+        if _bias_in_gemm(x, weight, bias):
             return _addmm_rows(x, weight, bias)
-        y = torch.matmul(x, weight.t())
-        return y if bias is None else y.add_(bias)
+        return torch.matmul(x, weight.t()).add_(bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
