@@ -2013,3 +2013,31 @@ def test_an_early_stopping_mode_refusal_says_how_to_fix_it_in_a_config_file(tmp_
         assert "an EarlyStopping monitors 'val/f1' with mode 'min'" in err, err
     assert "in a config file, init_args: {mode: max}" in err, err
     assert "right after its --trainer.callbacks+=EarlyStopping" in err, err
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode", "wanted"), [("val/acc", None, "max"), ("val/loss", "max", "min")]
+)
+def test_a_model_checkpoint_against_its_metrics_direction_is_a_cli_error_before_training(
+    tmp_path, capsys, monitor, mode, wanted
+):
+    """A ModelCheckpoint of trainer.callbacks on val/acc takes Lightning's default mode,
+    min: it kept the checkpoints of the lowest accuracy as the best, silently (an
+    EarlyStopping against its metric was already refused)."""
+    args = [f"--trainer.callbacks.mode={mode}"] if mode else []
+    with pytest.raises(SystemExit) as e:
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.monitor={monitor}",
+            *args,
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: invalid configuration: a ModelCheckpoint monitors '{monitor}'" in err, err
+    assert "keep its worst checkpoints as the best" in err, err
+    assert f"give it mode: {wanted}" in err and "callbacks+=ModelCheckpoint" in err, err
+    assert not list(tmp_path.iterdir())

@@ -89,27 +89,32 @@ def check_monitors(model: pl.LightningModule, trainer: pl.Trainer, own: Any) -> 
         option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
         # Lightning adds epoch and step to what a checkpoint may monitor
         _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
+        if callback is not own:  # checkpoint.mode is auto unless given (follow_the_monitor)
+            _check_mode("a ModelCheckpoint", "keep its worst checkpoints as the best", callback)
     for callback in trainer.callbacks:
         if isinstance(callback, EarlyStopping):
             if callback.strict:
                 _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
-            _check_early_stopping_mode(callback)
+            _check_mode("an EarlyStopping", "stop the fit while it improves", callback)
 
 
-def _check_early_stopping_mode(callback: EarlyStopping) -> None:
-    """An EarlyStopping's ``mode`` is the direction its monitored metric improves in:
-    Lightning's default, ``min``, on ``val/acc`` stopped the fit once accuracy had not
-    fallen for ``patience`` epochs, that is while it rose (``max`` on a loss likewise)."""
+def _check_mode(kind: str, harm: str, callback: EarlyStopping | ModelCheckpoint) -> None:
+    """The ``mode`` of an EarlyStopping or of a ModelCheckpoint of trainer.callbacks is the
+    direction its monitored metric improves in: Lightning's default, ``min``, on ``val/acc``
+    stopped the fit once accuracy had not fallen for ``patience`` epochs, that is while it
+    rose, or kept the checkpoints of the lowest accuracy as the best (``max`` on a loss
+    likewise). ``kind`` names the callback, ``harm`` what the wrong mode would do."""
     wanted = improving_direction(callback.monitor)
     if wanted is None or callback.mode == wanted:
         return
     way = "rises" if wanted == "max" else "falls"
+    name = type(callback).__name__
     raise ValueError(
-        f"an EarlyStopping monitors {callback.monitor!r} with mode {callback.mode!r} "
+        f"{kind} monitors {callback.monitor!r} with mode {callback.mode!r} "
         f"(Lightning's default is 'min'), and {callback.monitor} improves as it {way}: it "
-        f"would stop the fit while it improves; give it mode: {wanted} (in a config file, "
+        f"would {harm}; give it mode: {wanted} (in a config file, "
         f"init_args: {{mode: {wanted}}}; on the command line, --trainer.callbacks.mode="
-        f"{wanted} right after its --trainer.callbacks+=EarlyStopping: it sets the last "
+        f"{wanted} right after its --trainer.callbacks+={name}: it sets the last "
         "callback given)"
     )
 
