@@ -405,3 +405,32 @@ def test_a_vmap_rule_of_another_function_of_the_same_name_is_not_blamed():
     assert result.passed, result
     assert "compared with vmap over one sample at a time" in result.caveat
     assert other.vmap is not None  # alive during the check
+
+
+def _rule_less_function_named_wrong_same_mask_rule():
+    """Another module's Function named ``WrongSameMaskRule`` too, without a vmap rule."""
+
+    class WrongSameMaskRule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    return WrongSameMaskRule
+
+
+def test_a_wrong_vmap_rule_is_found_though_a_rule_less_function_bears_its_name():
+    # before: the graph's Functions were matched to rules by class name, and a name borne
+    # by a rule-less Function too was left out, so the wrong rule of the Function the
+    # module calls was compared with itself (vmap over one sample at a time) and passed
+    namesake = _rule_less_function_named_wrong_same_mask_rule()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = _LinearThenMask(WrongSameMaskRule)
+    result = check_function(module, seeded(3, 4), checks=["vmap"])["vmap"]
+    assert result.failed, result
+    assert "calls a Function with its own vmap rule, WrongSameMaskRule.vmap" in result.message
+    assert namesake.vmap is torch.autograd.Function.vmap  # alive, rule-less, during the check

@@ -238,38 +238,22 @@ def own_vmap_rule(fn: Any) -> str | None:
     return f"{cls.__name__}.vmap"
 
 
-def _own_vmap_rules_by_name() -> dict[str, str]:
-    """``{"Name": "Name.vmap"}`` for every name that the Function classes defined so far
-    bear only with their own ``vmap`` staticmethod (:func:`own_vmap_rule`). A graph node
-    names its Function by name alone, so a name also borne by a Function without one
-    (another module's class of the same name) is left out: it would blame a rule fn may
-    never call, and fail a correct fn."""
-    rules, without_rule = {}, set()
-    seen, classes = set(), list(torch.autograd.Function.__subclasses__())
-    while classes:
-        cls = classes.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        classes += cls.__subclasses__()
-        rule = own_vmap_rule(cls)
-        if rule is None:
-            without_rule.add(cls.__name__)
-        else:
-            rules[cls.__name__] = rule
-    return {name: rule for name, rule in rules.items() if name not in without_rule}
+def _function_of_node(node: Any) -> type | None:
+    """The Function class whose ``apply`` made the autograd graph ``node``, or None for
+    PyTorch's own nodes. The node's class records it (``_forward_cls``, set by
+    ``torch.autograd.Function``'s metaclass; no public accessor exists): the class
+    itself, not its name, which another Function may bear too."""
+    cls = getattr(node, "_forward_cls", None)
+    return cls if isinstance(cls, type) else None
 
 
 def own_vmap_rules_reached(ctx: CheckContext) -> list[str]:
     """The hand-written vmap rules (``"Name.vmap"``) of the Functions in fn's autograd
     graph at the example inputs: fn may call them inside an ``nn.Module`` or a wrapper,
-    where :func:`own_vmap_rule` of fn sees none. A graph node is matched to its Function
-    by name (``NameBackward``; a name another Function without a rule bears too is not
-    matched); a Function none of whose outputs requires grad leaves no node and is not
-    found."""
-    rules = _own_vmap_rules_by_name()
-    if not rules:
-        return []
+    where :func:`own_vmap_rule` of fn sees none. A graph node is matched to the Function
+    class that made it, by identity (two classes of one name in different modules or
+    closures, one with a rule and one without, are told apart); a Function none of whose
+    outputs requires grad leaves no node and is not found."""
     outs = ctx.diff_fn(*ctx.leaves())
     nodes = [o.grad_fn for o in outs if o.grad_fn is not None]
     found, seen = [], set()
@@ -279,7 +263,8 @@ def own_vmap_rules_reached(ctx: CheckContext) -> list[str]:
             continue
         seen.add(node)
         nodes += [parent for parent, _ in node.next_functions]
-        rule = rules.get(node.name().removesuffix("Backward"))
+        cls = _function_of_node(node)
+        rule = None if cls is None else own_vmap_rule(cls)
         if rule is not None and rule not in found:
             found.append(rule)
     return sorted(found)
