@@ -173,3 +173,51 @@ def test_a_model_compiled_with_fullgraph_refused_by_the_context_not_by_dynamo(mo
         out = compiled(x)
         with pytest.raises(RuntimeError, match="received a gradient .* torch.compile"):
             _loss(out).backward()
+
+
+class _KeywordInput(nn.Module):
+    """The model of :func:`_model`, its input passed by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _model()
+
+    def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("segment", ["module", "function"])
+@pytest.mark.parametrize("passed", ["by_position", "by_keyword"])
+def test_a_reentrant_checkpoint_in_front_refused_in_clip_mode_before_any_gradient(segment, passed):
+    """A trainable parameter inside a reentrant checkpoint (use_reentrant=True) before the
+    model: the checkpoint's forward keeps no graph, so the graph walk did not see it, and
+    the checkpoint's own backward gave it an unclipped p.grad, silently (a DP leak).
+    Refused at the model's forward, naming the checkpoint, before any gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    front = nn.Linear(4, 4)
+    model = _model() if passed == "by_position" else _KeywordInput()
+    x = torch.randn(5, 4, requires_grad=True)  # (without, the checkpoint has no backward)
+    with pytest.raises(RuntimeError, match=r"reentrant activation checkpoint.*unclipped"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            run = front if segment == "module" else (lambda t: torch.tanh(front(t)))
+            h = checkpoint(run, x, use_reentrant=True)
+            out = model(h) if passed == "by_position" else model(x=h)
+            _loss(out).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *front.parameters()])
+
+
+def test_a_reentrant_checkpoint_inside_the_model_after_one_in_front_still_served():
+    """A reentrant checkpoint inside the model (around every trainable Linear) is not one
+    in front of it: served, with an input that needs its gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = _model()
+    model = nn.Module()
+    model.inner = inner
+    model.forward = lambda t: checkpoint(inner, t, use_reentrant=True)
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        _loss(model(torch.tanh(x))).backward()
+    assert ps.clip_factors.shape == (5,)
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())

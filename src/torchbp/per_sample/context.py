@@ -186,7 +186,7 @@ class PerSampleGrads:
                 self._hooks.append(module.register_forward_pre_hook(guard, with_kwargs=True))
             if self._outside_guard is not None:
                 model, guard = self._outside_guard
-                self._hooks.append(model.register_forward_hook(guard))
+                self._hooks.append(model.register_forward_hook(guard, with_kwargs=True))
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
             if self.parameters:
@@ -591,8 +591,10 @@ def per_sample_grads(
     context was created (``model.train()`` on a BatchNorm, ``dim`` set to 0). In clip mode, a
     trainable ``nn.Parameter`` outside the model that its output depends on (a second model
     run before it, a parameter its forward uses without registering it) is refused at the
-    model's forward, by shape (it would receive an unclipped gradient); one used after the
-    model, in the loss, is not seen and gets its ordinary gradient. Any torchbp or
+    model's forward, by shape (it would receive an unclipped gradient), and so is an input
+    made by a reentrant activation checkpoint (``use_reentrant=True``, whose forward keeps
+    no graph, so its parameters cannot be seen); one used after the model, in the loss, is
+    not seen and gets its ordinary gradient. Any torchbp or
     torch loss works on the model's output (reduction, class weights, label smoothing,
     ignore_index), as long as the loss itself has no trainable parameters. Eager mode only
     (no ``torch.compile``, no autocast; both are refused at the backward); activation

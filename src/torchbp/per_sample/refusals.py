@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointFunction
 
 from torchbp.per_sample.recorder import running_on_this_thread
 
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 _AUTOGRAD_GRAD_CODE = torch.autograd.grad.__code__
+# the class name torch gives a custom Function's graph nodes: its own, + "Backward"
+_CHECKPOINT_NODE_NAME = f"{CheckpointFunction.__name__}Backward"
 
 
 def refuse_second_backward() -> None:
@@ -126,22 +129,29 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     second model before it, or a parameter its forward uses without registering it): the
     backward would give that parameter an unclipped gradient, with no per-sample
     accounting, into its ``p.grad``, where an optimizer stepping it would leak what
-    DP-SGD protects. A copy of the model (``copy.deepcopy`` copies the hook) is let be,
-    and so is a forward traced by ``torch.compile``, refused at the backward.
+    DP-SGD protects; and an input made by a reentrant activation checkpoint, whose
+    parameters no graph shows. A copy of the model (``copy.deepcopy`` copies the hook) is
+    let be, and so is a forward traced by ``torch.compile``, refused at the backward.
+    Register it with ``with_kwargs=True``: it reads the inputs, by position or keyword.
     """
     guarded = weakref.ref(model)
     # the model's parameters now, when the context is created: a forward whose leaves are
     # all among them is let be without listing the model's parameters again
     at_creation = {id(p): p for p in model.parameters()}
 
-    def refuse_parameters_outside(module: nn.Module, args: tuple, output: object) -> None:
+    def refuse_parameters_outside(
+        module: nn.Module, args: tuple, kwargs: dict, output: object
+    ) -> None:
         if module is not guarded():
             return
         if torch.compiler.is_compiling():
             # Dynamo cannot trace grad_fn (with fullgraph=True its error would replace
             # the context's own refusal of torch.compile, at the backward)
             return
-        others = [p for p in _trainable_parameter_leaves(output) if at_creation.get(id(p)) is not p]
+        leaves, checkpoints = _walk_graph(_tensors(output))
+        if checkpoints:
+            _refuse_reentrant_checkpoint_before(checkpoints, (args, kwargs))
+        others = [p for p in leaves if at_creation.get(id(p)) is not p]
         if not others:
             return
         # the model's parameters as they are now: one replaced, frozen or unfrozen since
@@ -162,31 +172,66 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     return refuse_parameters_outside
 
 
-def _trainable_parameter_leaves(output: object) -> list[nn.Parameter]:
-    """The trainable :class:`~torch.nn.Parameter` leaves whose gradient a backward from the
-    tensors of ``output`` (see :func:`_tensors`) accumulates. Each graph node is visited
-    once and its ``next_functions`` (a tuple built at each read) read once; only a node
-    without children can be a leaf's ``AccumulateGrad``."""
+def _walk_graph(tensors: Iterable[torch.Tensor]) -> tuple[list[nn.Parameter], set]:
+    """The trainable :class:`~torch.nn.Parameter` leaves whose gradient a backward from
+    ``tensors`` accumulates, and the nodes of the reentrant activation checkpoints it
+    passes (see :func:`_is_reentrant_checkpoint`). Each graph node is visited once and its
+    ``next_functions`` (a tuple built at each read) read once; only a node without
+    children can be a leaf's ``AccumulateGrad``."""
     leaves = []
     roots = []
-    for tensor in _tensors(output):
+    for tensor in tensors:
         if tensor.grad_fn is not None:
             roots.append(tensor.grad_fn)
         elif tensor.requires_grad:
             leaves.append(tensor)
     stack = list(dict.fromkeys(roots))
     seen = set(stack)
+    checkpoints = set()
     while stack:
         node = stack.pop()
         children = node.next_functions
         if not children:
             leaves.append(getattr(node, "variable", None))  # an AccumulateGrad's tensor
             continue
+        if _is_reentrant_checkpoint(node):
+            checkpoints.add(node)
         for child, _ in children:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return [t for t in leaves if isinstance(t, nn.Parameter) and t.requires_grad]
+    return [t for t in leaves if isinstance(t, nn.Parameter) and t.requires_grad], checkpoints
+
+
+def _is_reentrant_checkpoint(node) -> bool:
+    """Whether the graph node ``node`` is a reentrant activation checkpoint's
+    (``torch.utils.checkpoint`` with ``use_reentrant=True``): its backward recomputes the
+    segment and runs a backward of its own through it, reaching parameters that its
+    ``next_functions`` (the segment's inputs) do not show."""
+    return type(node).__name__ == _CHECKPOINT_NODE_NAME
+
+
+def _refuse_reentrant_checkpoint_before(checkpoints: set, inputs: object) -> None:
+    """Raise if one of the reentrant checkpoint nodes ``checkpoints`` (found in the graph
+    of the model's output) is in the graph of the model's ``inputs``, i.e. was run before
+    the model: whatever trainable parameters its segment uses would receive an unclipped
+    gradient from its inner backward, unseen by the graph walk. (One inside the model,
+    around its trainable Linears, is served: its calls are recorded.)
+
+    Raises:
+        RuntimeError: naming the checkpoint and the ways out.
+    """
+    _, before = _walk_graph(_tensors(inputs))
+    if checkpoints & before:
+        raise RuntimeError(
+            "per_sample_grads: the input of the model given to per_sample_grads comes from "
+            "a reentrant activation checkpoint (torch.utils.checkpoint with "
+            "use_reentrant=True), whose forward keeps no graph, so the trainable parameters "
+            "it uses cannot be seen; in mode='clip' they would receive an unclipped "
+            "gradient outside the per-sample accounting: use use_reentrant=False there "
+            "(its graph is then checked), freeze what it trains (requires_grad_(False)), or "
+            "detach what it produces"
+        )
 
 
 def _tensors(output: object) -> Iterator[torch.Tensor]:
