@@ -1342,6 +1342,28 @@ def test_torch_func_transform_inside_the_context_refused_by_name(transform):
                 vmap(grad(loss), in_dims=(None, 0))(params, x[:, None])
 
 
+@pytest.mark.parametrize("call", ["vmap_model", "vmap_rows_of_one"])
+def test_vmap_of_the_model_inside_the_context_refused_naming_the_transform(call):
+    """torch.func.vmap of the model inside the context: its Linear calls see batched
+    tensors standing for others (an input of shape (6,) for a (5, 6) batch), and the
+    context either refused it as a missing sample dim or filed the batched tensors,
+    which escaped the transform and crashed in forming the norms with torch's "tensor
+    may have escaped" error. Refused at the backward, naming the transform, before any
+    gradient is written; an evaluation under vmap (no backward) still runs."""
+    from torch.func import vmap
+
+    model, x = mlp(nn.Tanh()), torch.randn(5, 4)
+    with per_sample_grads(model, "clip", max_norm=1.0) as ps:
+        with torch.no_grad():
+            assert vmap(model)(x).shape == (5, 3)
+        out = vmap(model)(x) if call == "vmap_model" else vmap(lambda r: model(r[None])[0])(x)
+        with pytest.raises(RuntimeError, match=r"Linear '2' ran inside a torch.func transform"):
+            out.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_functional_call_refusal_names_the_swapped_parameter():
     """torch.func.functional_call with other tensors than the model's parameters is
     refused at the backward. The message asked whether the Linear's forward transforms

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import CheckpointFunction
 
+from torchbp._execution import has_storage
 from torchbp.per_sample.model_check import Layer
 
 
@@ -103,8 +104,11 @@ class Recorder:
         layer = self._by_parameters.get((id(weight), _id_or_none(bias)))
         if layer is None and bias is not None and not weight.requires_grad:
             layer = self._by_bias.get(id(bias))
+        trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+        if (layer is not None or trainable) and _inside_torch_func(x, weight, bias):
+            return Stray(self, self._transform_reason(layer))
         if layer is None:
-            if weight.requires_grad or (bias is not None and bias.requires_grad):
+            if trainable:
                 if self.watch_stray is not None:
                     self.watch_stray([t for t in (weight, bias) if t is not None])
                 return Stray(self, self._stray_reason(self._by_weight.get(id(weight)), weight))
@@ -123,6 +127,20 @@ class Recorder:
             if any(module is tied for _, tied in layer.modules()):
                 return name
         return layer.name
+
+    def _transform_reason(self, layer: Layer | None) -> str:
+        """Why a linear call made inside a ``torch.func`` transform cannot be recorded."""
+        if self.calling:
+            what = f"Linear {self.calling[-1][0]!r}"
+        else:
+            what = "a torchbp linear call" if layer is None else f"Linear {layer.name!r}"
+        return (
+            f"{what} ran inside a torch.func transform (vmap, grad, jacrev, ...), whose "
+            "tensors stand for others (a batch of them, or a copy tracked by the "
+            "transform); the context records calls on the model's own tensors: call the "
+            "model on the whole batch without vmap (the context gives per-sample results "
+            "from the one backward), or run the transform outside the context"
+        )
 
     def _stray_reason(self, layer: Layer | None, weight: torch.Tensor) -> str:
         """What makes a linear call with trainable parameters unrecordable, naming the
@@ -170,6 +188,12 @@ def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``: never for one that has no autocast
     (``meta``), for which torch's query raises."""
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _inside_torch_func(*tensors: torch.Tensor | None) -> bool:
+    """Whether a dense one of ``tensors`` is one that a ``torch.func`` transform wraps or
+    batches (it has no storage of its own; a sparse tensor has none either)."""
+    return any(t is not None and t.layout == torch.strided and not has_storage(t) for t in tensors)
 
 
 def _id_or_none(t: torch.Tensor | None) -> int | None:
