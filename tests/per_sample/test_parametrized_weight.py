@@ -6,6 +6,8 @@ gradient ``Σ_t g_it`` needs no weight."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from tests.per_sample._truth import assert_matches_truth, per_sample_truth, summed_cross_entropy
@@ -13,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import torchbp
+from torchbp.autograd.linear import per_sample_recorders_by_weight
 from torchbp.per_sample import per_sample_grads
 
 
@@ -87,3 +90,44 @@ def test_frozen_weight_norm_of_two_originals_served_and_a_trainable_one_refused(
     model[2].parametrizations.weight.original1.requires_grad_(True)
     with pytest.raises(TypeError, match=r"'2.parametrizations.weight'.*\(original1\)"):
         per_sample_grads(model, mode="clip", max_norm=1.0)
+
+
+def _backward_on_another_thread(loss: torch.Tensor) -> None:
+    """``loss.backward()`` on a thread of its own, where no context is open: as a CUDA
+    backward runs a reentrant checkpoint's recomputation on the device's autograd thread."""
+    errors = []
+
+    def backward() -> None:
+        try:
+            loss.backward()
+        except Exception as error:  # re-raised on the calling thread
+            errors.append(error)
+
+    thread = threading.Thread(target=backward)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_a_reentrant_checkpoint_recomputed_on_another_thread_is_recorded():
+    """A reentrant checkpoint around the model recomputes its segment in the backward, on
+    a device's autograd thread on CUDA, where the Linear call finds its context by its
+    weight's id: a parametrized weight, formed anew by the recomputation, was not found,
+    so the call was not recorded and its bias's ordinary gradient was refused as one
+    "from an op other than its recorded Linear call" (asking whether the forward ran
+    before the context was entered). Each weight formed inside the context is filed
+    now: the results are those of the same step on the calling thread."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, x, y = _model(), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    truth = per_sample_truth(model, x, y)
+    wrapped = nn.Module()
+    wrapped.model = model
+    wrapped.forward = lambda t: checkpoint(model, t, use_reentrant=True)
+    filed = len(per_sample_recorders_by_weight)
+    with per_sample_grads(wrapped, mode="grads") as ps:
+        loss = summed_cross_entropy(wrapped, x.requires_grad_(), y)
+        _backward_on_another_thread(loss)
+    assert_matches_truth(model, ps, truth)
+    assert len(per_sample_recorders_by_weight) == filed  # each formed weight's entry gone

@@ -4,6 +4,7 @@ one ordinary backward pass."""
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -88,6 +89,9 @@ class PerSampleGrads:
             (model, refusals.outside_parameters_guard(model)) if mode == "clip" else None
         )
         self._registered_weights: list[int] = []  # ids in per_sample_recorders_by_weight
+        # the same for each weight a parametrization formed inside the context, removed
+        # when the weight is freed or the context exits (see _register_formed_weight)
+        self._formed_weights: list[weakref.finalize] = []
         self._state = "new"  # -> "open" -> "closed" / "failed"
         self._hooks: list = []
         # the multi-gradient hook that forms the results, on the parameters and on the
@@ -146,6 +150,9 @@ class PerSampleGrads:
         for w in self._registered_weights:
             per_sample_recorders_by_weight.pop(w, None)
         self._registered_weights = []
+        for unregister in self._formed_weights:
+            unregister()  # (a no-op for a weight already freed)
+        self._formed_weights = []
         self._recorder.closed = True
         self._remove_hooks()
         if exc_type is not None or self._recorder.failed or self._backward_cut_short():
@@ -189,12 +196,39 @@ class PerSampleGrads:
                 self._hooks.append(model.register_forward_hook(guard, with_kwargs=True))
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
+                if layer.weight_formed_per_call:
+                    parametrization = layer.module.parametrizations.weight
+                    hook = self._formed_weight_hook(weakref.ref(parametrization))
+                    self._hooks.append(parametrization.register_forward_hook(hook))
             if self.parameters:
                 self._register_results_hook()
                 self._start_hook = torch.autograd.graph.register_multi_grad_hook(
                     self.parameters, self._on_a_backward_reaching_parameters, mode="any"
                 )
                 self._recorder.watch_stray = self._watch_stray
+
+    def _formed_weight_hook(self, guarded: weakref.ref):
+        """A forward hook for the parametrization (``torch.nn.utils.parametrize``) of a
+        layer's frozen weight, which forms the weight anew at every access: it files each
+        weight formed in :data:`per_sample_recorders_by_weight`, as :meth:`__enter__` does
+        a stable weight, so that a Linear call on another thread (a reentrant checkpoint
+        recomputing its segment on a device's autograd thread, where no context is open)
+        is recorded, matched by its bias, rather than left to give the bias an ordinary
+        gradient, refused as one from an unrecorded op. Its entry goes when the weight is
+        freed (before its id can be reused) or the context exits."""
+
+        def register_formed_weight(parametrization: nn.Module, args: tuple, weight) -> None:
+            if parametrization is not guarded() or not isinstance(weight, torch.Tensor):
+                return  # a copy of the model (copy.deepcopy copies its hooks)
+            key = id(weight)
+            if key in per_sample_recorders_by_weight:
+                return  # (parametrize.cached() returns the same tensor at each access)
+            per_sample_recorders_by_weight[key] = self._recorder
+            self._formed_weights.append(
+                weakref.finalize(weight, per_sample_recorders_by_weight.pop, key, None)
+            )
+
+        return register_formed_weight
 
     def _remove_hooks(self) -> None:
         """Remove every hook :meth:`_register_hooks` registered."""
