@@ -44,3 +44,29 @@ def test_the_wrapped_module_is_accepted(one_process_group):
     with ddp.no_sync(), torchbp.per_sample_grads(ddp.module, mode="norms") as ps:
         ddp(x).square().sum().backward()
     assert ps.norms.shape == (5,)
+
+
+def _data_parallel(devices: int) -> nn.DataParallel:
+    """An ``nn.DataParallel`` of a small model, set to ``devices`` devices (ids only: the
+    check reads them; on a machine without GPUs it is built with none)."""
+    dp = nn.DataParallel(nn.Sequential(torchbp.nn.Linear(3, 4), torchbp.nn.Linear(4, 2)))
+    dp.device_ids = list(range(devices))
+    return dp
+
+
+def test_a_data_parallel_model_over_several_devices_is_refused_by_name():
+    """nn.DataParallel over several GPUs runs its module's replicas on threads, whose
+    Linear calls carry copies of the parameters: not recorded, their gradient reaches the
+    parameters through the copies and was left to be refused at the backward as one "from
+    an op other than its recorded Linear call" (asking whether the forward ran before the
+    context). Refused by name when the context is created."""
+    with pytest.raises(TypeError, match=r"the model \(DataParallel\) runs replicas.*dp\.module"):
+        torchbp.per_sample_grads(_data_parallel(2), mode="norms")
+
+
+def test_a_data_parallel_model_without_replicas_is_served():
+    """Over no device (a CPU run) DataParallel calls its module itself."""
+    dp = _data_parallel(0)
+    with torchbp.per_sample_grads(dp, mode="norms") as ps:
+        dp(torch.randn(5, 3)).square().sum().backward()
+    assert ps.norms.shape == (5,)

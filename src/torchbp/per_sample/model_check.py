@@ -486,11 +486,30 @@ def _refuse_distributed_data_parallel(model: nn.Module) -> None:
             )
 
 
+def _refuse_data_parallel_replicas(model: nn.Module) -> None:
+    """Refuse a model that is, or holds, an ``nn.DataParallel`` over several devices: each
+    forward scatters the batch and runs it through replicas of the module on threads of
+    their own, whose Linear calls carry copies of the parameters, which the context cannot
+    record (the gradient reaching the parameters through the copies would be refused at
+    the backward as one from an unrecorded op). One over a single device, or none (a CPU
+    run), calls the module itself and is served."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.DataParallel) and len(module.device_ids) > 1:
+            raise TypeError(
+                f"per_sample_grads: {describe(name, module)} runs replicas of its module on "
+                f"{len(module.device_ids)} devices, whose Linear calls carry copies of the "
+                "parameters, so their per-sample contributions cannot be recorded: pass "
+                "the wrapped module (dp.module) and call it on one device, or use "
+                "DistributedDataParallel's module, one process per device"
+            )
+
+
 def attributable_layers(model: nn.Module) -> list[Layer]:
     """The model's Linear layers with trainable parameters, in module order.
 
     Raises:
-        TypeError: the model is or holds a ``DistributedDataParallel``, a module mixes
+        TypeError: the model is or holds a ``DistributedDataParallel`` or an
+            ``nn.DataParallel`` over several devices, a module mixes
             samples, a trainable Linear is inside a Transformer
             layer built with ``batch_first=False``, a module has trainable parameters
             that are not a :class:`torchbp.nn.Linear`'s, or is a Linear with complex trainable
@@ -508,6 +527,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
             f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}"
         )
     _refuse_distributed_data_parallel(model)
+    _refuse_data_parallel_replicas(model)
     layers: list[Layer] = []
     owner: dict[int, str] = {}
     linear_owners = _linear_owners(model)
