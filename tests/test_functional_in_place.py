@@ -65,6 +65,45 @@ def test_a_leaf_that_requires_grad_is_refused_as_native_refuses_it(op):
         op.in_place(_inputs().requires_grad_())
 
 
+def _version_moves(write, requires_grad: bool) -> int:
+    """How far ``write`` moves the version counter of a non-leaf (one autograd records
+    when ``requires_grad``)."""
+    x = _inputs().requires_grad_(requires_grad) * 1.0
+    before = x._version
+    write(x)
+    return x._version - before
+
+
+@pytest.mark.parametrize("op", IN_PLACE, ids=[op.name for op in IN_PLACE])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["unrecorded", "recorded"])
+def test_the_version_counter_moves_as_natives_does(op, requires_grad):
+    """One write, one version, in every in-place form (the in-place Function moved it
+    twice where autograd records the input: its kernel's write, then ``mark_dirty``)."""
+    module = op.module(inplace=True)
+    forms = [
+        (lambda x: op.in_place(x), lambda x: _native(op)(x)),
+        (lambda x: op.functional(x, inplace=True), lambda x: op.torch_functional(x, inplace=True)),
+        (module, op.torch_module(inplace=True)),
+    ]
+    for ours, native in forms:
+        assert _version_moves(ours, requires_grad) == _version_moves(native, requires_grad)
+
+
+@pytest.mark.parametrize("op", IN_PLACE, ids=[op.name for op in IN_PLACE])
+def test_a_saved_input_overwritten_names_natives_versions(op):
+    """Another op saved ``x``; the in-place activation then overwrote it: backward's
+    error names the versions native's does ("is at version 1; expected version 0")."""
+    messages = []
+    for fn in (op.in_place, _native(op)):
+        x = _inputs().requires_grad_() * 1.0
+        product = x * x  # saves x at its version now
+        fn(x)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as error:
+            product.sum().backward()
+        messages.append(str(error.value).split("is at version")[1].split(".")[0])
+    assert messages[0] == messages[1], messages
+
+
 @pytest.mark.parametrize("op", SLOPED, ids=[op.name for op in SLOPED])
 def test_a_negative_slope_is_refused_when_autograd_records_the_input(op):
     """Native refuses only at backward; torchbp at the call (see ``leaky_relu``)."""

@@ -31,6 +31,7 @@ import math
 import torch
 from torch.autograd import Function
 
+from torchbp._execution import exporting, has_storage
 from torchbp.autograd._derivative import derivative
 
 __all__ = [
@@ -55,6 +56,19 @@ def _save(ctx, tensor: torch.Tensor) -> None:
     ctx.save_for_backward(tensor)
     ctx.save_for_forward(tensor)
     ctx.set_materialize_grads(False)
+
+
+def _write_target(x: torch.Tensor) -> torch.Tensor:
+    """What an in-place ``forward`` writes into: ``x.data`` where ``Function.apply`` runs
+    it eagerly, so that ``x``'s version counter moves once, by ``ctx.mark_dirty``, as
+    native's in-place op moves it (the kernel writing ``x`` itself would move it a
+    second time: "is at version 2; expected version 0" where native says 1). ``x`` itself
+    while torch.compile traces the Function or :func:`torch.export.export` runs its
+    ``forward`` as plain ops (the write must be recorded there), and for a tensor without
+    storage (torch.func-wrapped or batched), which has no ``.data`` of its own."""
+    if torch.compiler.is_compiling() or exporting() or not has_storage(x):
+        return x
+    return x.data
 
 
 def _save_output_or_input(
@@ -172,7 +186,7 @@ class ReLUFunction(Function):
     @staticmethod
     def forward(x, inplace):
         if inplace:
-            x.clamp_min_(0)
+            _write_target(x).clamp_min_(0)
             return x  # the input object itself: Dynamo checks that a dirty input is returned
         return torch.clamp_min(x, 0)
 
@@ -261,7 +275,7 @@ class LeakyReLUFunction(Function):
     def forward(x, negative_slope, inplace):
         # f(x) = x for x > 0 (and at 0, where both branches agree), slope · x otherwise.
         if inplace:
-            torch.nn.functional.leaky_relu_(x, negative_slope)
+            torch.nn.functional.leaky_relu_(_write_target(x), negative_slope)
             return x  # the input object itself, as Dynamo requires of a dirty input
         return torch.nn.functional.leaky_relu(x, negative_slope)
 
@@ -431,7 +445,7 @@ class ELUFunction(Function):
     @staticmethod
     def forward(x, alpha, inplace):
         if inplace:
-            torch.nn.functional.elu_(x, alpha)
+            torch.nn.functional.elu_(_write_target(x), alpha)
             return x  # the input object itself, as Dynamo requires of a dirty input
         return torch.nn.functional.elu(x, alpha)
 
