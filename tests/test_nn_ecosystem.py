@@ -519,3 +519,89 @@ def test_exported_in_place_activations_of_views_train_as_native(strict):
     got_grads = torch.autograd.grad(got, list(module.parameters()), target)
     want_grads = torch.autograd.grad(want, list(native.parameters()), target)
     torch.testing.assert_close(got_grads, want_grads, **TOL)
+
+
+def _onnx_bytes(model: nn.Module, args: tuple, dynamo: bool) -> bytes:
+    """``torch.onnx.export`` of ``model`` (``dynamo=True``: through torch.export; else the
+    TorchScript-based exporter, which traces), as bytes."""
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        return torch.onnx.export(
+            model, args, dynamo=True, verbose=False
+        ).model_proto.SerializeToString()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, args, buffer, dynamo=False)
+    return buffer.getvalue()
+
+
+def _onnx_run(model_bytes: bytes, args: tuple) -> torch.Tensor:
+    """The first output of an ONNX model, run by onnx's reference evaluator."""
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    proto = onnx.load_from_string(model_bytes)
+    feeds = {node.name: a.numpy() for node, a in zip(proto.graph.input, args)}
+    return torch.from_numpy(ReferenceEvaluator(proto).run(None, feeds)[0])
+
+
+def _onnx_model(lib) -> nn.Sequential:
+    """Every torchbp layer that ONNX exports as native's does (in-place ones too)."""
+    return nn.Sequential(
+        lib.Linear(6, 8),
+        lib.ReLU(inplace=True),
+        lib.Linear(8, 8),
+        lib.GELU(),
+        lib.LeakyReLU(0.1, inplace=True),
+        lib.ELU(),
+        lib.SiLU(),
+        lib.Sigmoid(),
+        lib.Tanh(),
+        lib.Linear(8, 4),
+        lib.LogSoftmax(-1),
+        lib.Softmax(0),
+    )
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("how", ["convert", "enable"])
+def test_onnx_export_computes_natives_output(how, dynamo):
+    """A converted model, and a native one exported under ``torchbp.enable()``: the ONNX
+    file computes what the native model does."""
+    pytest.importorskip("onnx")
+    native = _onnx_model(nn).eval()
+    x = torch.randn(5, 6)
+    want = native(x)
+    if how == "convert":
+        model_bytes = _onnx_bytes(torchbp.convert(native, inplace=False), (x,), dynamo)
+    else:
+        with torchbp.enable():
+            model_bytes = _onnx_bytes(native, (x,), dynamo)
+    torch.testing.assert_close(_onnx_run(model_bytes, (x,)), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"reduction": "none"}, {"reduction": "sum", "weight": torch.rand(5)}],
+    ids=["mean", "none", "sum_weighted"],
+)
+def test_onnx_export_of_linear_cross_entropy_loss_computes_natives_loss(kwargs, dynamo):
+    """The TorchScript-based exporter replaced cross_entropy's Function (run by the
+    unfused pair that export and trace take) by the operators its forward recorded,
+    which also compute the logits' gradient: the file returned that gradient's sum, a
+    wrong loss, silently. (B, T, in) input, as torchbp takes it."""
+    native = nn.Linear(6, 5)
+    bp = torchbp.nn.LinearCrossEntropyLoss(6, 5, bias=True, **kwargs).eval()
+    bp.linear.load_state_dict(native.state_dict())
+    x, target = torch.randn(2, 3, 6), torch.randint(5, (2, 3))
+    target[0, 0] = -100
+    logits = native(x).reshape(-1, 5)
+    want = nn.functional.cross_entropy(logits, target.reshape(-1), **kwargs)
+    if kwargs.get("reduction") == "none":
+        want = want.reshape(2, 3)
+    got = _onnx_run(_onnx_bytes(bp, (x, target), dynamo), (x, target))
+    torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
