@@ -797,3 +797,47 @@ def test_synthetic_batches_are_reshuffled_each_epoch_for_any_lightning_module():
     assert not torch.equal(first, second)  # another order
     key = lambda rows: sorted(rows.sum(1).tolist())  # noqa: E731
     assert key(first) == pytest.approx(key(second))  # of the same batches
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("kind", ["iris", "synthetic"])
+def test_overfit_batches_trains_the_first_batches_without_a_shuffling_warning(
+    tmp_path, kind, shuffle
+):
+    """``trainer.overfit_batches`` warned "You requested to overfit but enabled val
+    dataloader shuffling" (and train, with ``shuffle=False`` too): Lightning takes any
+    sampler but a SequentialSampler, such as the EpochSeededSampler of loaders that never
+    shuffle, for a shuffling one. The fit trains the train split's first batches, in order."""
+    import warnings
+
+    from tests.lightning.lightning_helpers import RecordBatches
+
+    from torchbp.lightning import ERMClassifier
+
+    if kind == "iris":
+        dm = SklearnToyDataModule(name="iris", batch_size=16, shuffle=shuffle)
+    else:
+        dm = SyntheticDataModule(n_samples=96, n_val=32, n_test=32, batch_size=16, shuffle=shuffle)
+    model = ERMClassifier(input_size=dm.num_features, num_classes=dm.num_classes, hidden_sizes=[])
+    record = RecordBatches()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        overfit_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[record],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+    assert not [w for w in caught if "overfit" in str(w.message)], [str(w.message) for w in caught]
+    rows = dm.train_dataloader().dataset
+    if kind == "iris":
+        first_rows = [rows[i * 16][0].tolist() for i in range(2)]
+    else:  # a dataset of batches
+        first_rows = [rows[i][0][0].tolist() for i in range(2)]
+    assert [(epoch, i) for epoch, i, _ in record.batches] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [row for _, _, row in record.batches] == first_rows * 2

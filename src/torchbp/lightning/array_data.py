@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
 from torchbp.lightning.data_base import (
     ClassificationDataModule,
@@ -25,6 +25,7 @@ from torchbp.lightning.samplers import (
     EpochSeededSampler,
     FetchOnFirstBatchDataLoader,
     collate_or_empty,
+    evaluation_sampler,
 )
 
 __all__ = ["ArrayDataModule", "DigitsDataModule", "SklearnToyDataModule", "MAX_SPLIT_SEED"]
@@ -321,31 +322,41 @@ class ArrayDataModule(ClassificationDataModule):
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        """The loader of ``split``; the train loader of a fit resumed within an epoch
-        continues it (see :meth:`_batches_trained_before_resuming`), and its workers start
-        fetching at its first batch, so that it does with workers too."""
+        """The loader of ``split``, its rows in order (see :func:`evaluation_sampler`) but
+        for training; the train loader of a fit resumed within an epoch continues it (see
+        :meth:`_batches_trained_before_resuming`), and its workers start fetching at its
+        first batch, so that it does with workers too."""
         ds = self.splits[split]
-        loader_class = FetchOnFirstBatchDataLoader if train else DataLoader
-        epoch, trained = self._batches_trained_before_resuming() if train else (0, 0)
-        if train and self.poisson_sampling:
+        if not train:
+            sampler = evaluation_sampler(ds, self.seed)
+            return DataLoader(
+                ds, batch_size=self.batch_size, sampler=sampler, **self._loader_options()
+            )
+        epoch, trained = self._batches_trained_before_resuming()
+        if self.poisson_sampling:
             refuse_poisson_sampling_across_processes(rank_world()[1])
             rate = min(1.0, self.batch_size / len(ds))
             draws = PoissonBatchSampler(len(ds), rate, seed=self.seed)
             if trained:
                 draws.load_state_dict({"epoch": epoch, "drawn": trained})
-            return loader_class(
+            return FetchOnFirstBatchDataLoader(
                 ds,
                 batch_sampler=draws,
                 collate_fn=functools.partial(collate_or_empty, ds),
                 **self._loader_options(),
             )
-        sampler = EpochSeededSampler(
-            ds, shuffle=train and self.shuffle, seed=self.seed, drop_last=train
-        )
+        if self._trains_first_batches_in_order():
+            return FetchOnFirstBatchDataLoader(
+                ds,
+                batch_size=self.batch_size,
+                sampler=SequentialSampler(ds),
+                **self._loader_options(),
+            )
+        sampler = EpochSeededSampler(ds, shuffle=self.shuffle, seed=self.seed, drop_last=True)
         if trained:
             self._warn_if_the_rows_per_process_changed(epoch, trained)
             sampler.continue_epoch(epoch, min(trained * self.batch_size, len(sampler)))
-        return loader_class(
+        return FetchOnFirstBatchDataLoader(
             ds,
             batch_size=self.batch_size,
             sampler=sampler,

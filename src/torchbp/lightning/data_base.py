@@ -85,6 +85,14 @@ class ClassificationDataModule(pl.LightningDataModule):
         # a step has that batch fetched, not trained: the loop trains it again)
         return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+    def _trains_first_batches_in_order(self) -> bool:
+        """Whether the trainer overfits (``trainer.overfit_batches``) in one process: it
+        then trains the first batches in the rows' order, and replaced the sampler of a
+        train loader that was no ``SequentialSampler``, warning that it turned the loader's
+        shuffling off (also of one that never shuffled)."""
+        overfit = getattr(self.trainer, "overfit_batches", 0)
+        return bool(overfit) and rank_world()[1] == 1
+
     def check_data(self) -> None:
         """Raise :class:`DataError` if the data is unusable, before training starts
         (``torchbp-train`` calls it after instantiating the DataModule). Default: nothing to

@@ -8,11 +8,23 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset, default_collate
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+    default_collate,
+)
 
 from torchbp.lightning.data_base import rank_world
 
-__all__ = ["EpochSeededSampler", "FetchOnFirstBatchDataLoader", "collate_or_empty"]
+__all__ = [
+    "EpochSeededSampler",
+    "FetchOnFirstBatchDataLoader",
+    "collate_or_empty",
+    "evaluation_sampler",
+]
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -121,6 +133,35 @@ class EpochSeededSampler(DistributedSampler):
         if self.drop_last:
             return n // self.num_replicas
         return len(range(self.rank, n, self.num_replicas))
+
+
+def evaluation_sampler(dataset: Sized, seed: int = 0, drop_last: bool = False) -> Sampler:
+    """The sampler of an evaluation loader (validation, test, predict: the rows in order):
+    torch's :class:`~torch.utils.data.SequentialSampler` in one process, an
+    :class:`EpochSeededSampler` of this process's shard under DDP.
+
+    Lightning takes any sampler but a SequentialSampler for a shuffling one: with
+    ``trainer.overfit_batches`` an EpochSeededSampler in one process made it warn "You
+    requested to overfit but enabled val dataloader shuffling" of a loader that never
+    shuffles.
+
+    Args:
+        dataset: The dataset (only its length is used).
+        seed: Seed of the shard's sampler (its order does not depend on it).
+        drop_last: Drop ``n % world_size`` samples under DDP, so every shard has the same
+            length.
+
+    Examples::
+
+        >>> list(evaluation_sampler(range(4)))
+        [0, 1, 2, 3]
+    """
+    rank, world_size = rank_world()
+    if world_size == 1:
+        return SequentialSampler(dataset)
+    return EpochSeededSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=False, seed=seed, drop_last=drop_last
+    )
 
 
 def collate_or_empty(dataset: TensorDataset, samples: list) -> Any:

@@ -8,7 +8,7 @@ from operator import attrgetter
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from torchbp.lightning.data_base import (
     ClassificationDataModule,
@@ -16,7 +16,11 @@ from torchbp.lightning.data_base import (
     check_num_workers,
     rank_world,
 )
-from torchbp.lightning.samplers import EpochSeededSampler, FetchOnFirstBatchDataLoader
+from torchbp.lightning.samplers import (
+    EpochSeededSampler,
+    FetchOnFirstBatchDataLoader,
+    evaluation_sampler,
+)
 
 __all__ = ["SyntheticDataModule"]
 
@@ -144,23 +148,28 @@ class SyntheticDataModule(ClassificationDataModule):
     num_features = property(attrgetter("n_features"))
     num_classes = property(attrgetter("n_classes"))
 
-    def _loader(
-        self, n: int, split_seed: int, shuffle: bool, loader_class: type[DataLoader] = DataLoader
-    ) -> DataLoader:
-        """The loader of ``n`` samples in whole batches; under DDP each process takes every
+    def _loader(self, n: int, split_seed: int, train: bool = False) -> DataLoader:
+        """The loader of ``n`` samples in whole batches, in order (see
+        :func:`evaluation_sampler`) but for training; under DDP each process takes every
         ``world_size``-th batch, their count rounded down so that every process does the
         same number of steps (the rank is the process's when the loader is made: Lightning
         asks for it once the process group is up, and its workers need none)."""
         batches = _SyntheticBatches(self.task, n, self.batch_size, split_seed)
-        rank, world_size = rank_world()
-        sampler = EpochSeededSampler(
-            batches,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=shuffle,
-            seed=split_seed,
-            drop_last=True,
-        )
+        if train and self._trains_first_batches_in_order():
+            sampler = SequentialSampler(batches)
+        elif train:
+            rank, world_size = rank_world()
+            sampler = EpochSeededSampler(
+                batches,
+                num_replicas=world_size,
+                rank=rank,
+                shuffle=self.shuffle,
+                seed=split_seed,
+                drop_last=True,
+            )
+        else:
+            sampler = evaluation_sampler(batches, split_seed, drop_last=True)
+        loader_class = FetchOnFirstBatchDataLoader if train else DataLoader
         return loader_class(
             batches,
             batch_size=None,
@@ -173,19 +182,17 @@ class SyntheticDataModule(ClassificationDataModule):
         """The training batches; a fit resumed within an epoch continues it (see
         :meth:`_batches_trained_before_resuming`), and the workers start at the first batch,
         once the epoch (and where a resumed fit continues it) is set."""
-        loader = self._loader(
-            self.n_samples, self.seed * 3 + 1, self.shuffle, FetchOnFirstBatchDataLoader
-        )
+        loader = self._loader(self.n_samples, self.seed * 3 + 1, train=True)
         epoch, trained = self._batches_trained_before_resuming()
-        if trained:
+        if trained and isinstance(loader.sampler, EpochSeededSampler):
             loader.sampler.continue_epoch(epoch, min(trained, len(loader.sampler)))
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.n_val, self.seed * 3 + 2, False)
+        return self._loader(self.n_val, self.seed * 3 + 2)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.n_test, self.seed * 3 + 3, False)
+        return self._loader(self.n_test, self.seed * 3 + 3)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
