@@ -262,3 +262,51 @@ def test_batch_counts_under_ddp_are_those_of_each_process(option, message):
     check_batch_counts("fit", data, _ddp_trainer(1, **option))  # one process: enough batches
     with pytest.raises(ValueError, match=re.escape(message)):
         check_batch_counts("fit", data, _ddp_trainer(2, **option))
+
+
+# -- seeds --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("environment", "num_nodes", "cause"),
+    [
+        ({"WORLD_SIZE": "2"}, 1, "WORLD_SIZE=2"),  # torchrun
+        ({"SLURM_NTASKS": "4"}, 1, "SLURM_NTASKS=4"),  # srun
+        ({}, 2, "trainer.num_nodes=2"),  # a command per node
+    ],
+)
+def test_a_random_seed_in_processes_started_apart_is_refused(
+    monkeypatch, capsys, environment, num_nodes, cause
+):
+    """``--seed_everything true`` drew a seed in every process that torchrun, srun or each
+    node's command started: the ranks trained with different seeds, and config.yaml recorded
+    rank 0's only. Only Lightning's own workers inherit rank 0's (PL_GLOBAL_SEED)."""
+    from jsonargparse import Namespace
+
+    from torchbp.lightning.cli import _random_seed_if_asked
+
+    for variable in ("PL_GLOBAL_SEED", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    parsed = Namespace(seed_everything=True, trainer=Namespace(num_nodes=num_nodes))
+    with pytest.raises(SystemExit) as e:
+        _random_seed_if_asked(parsed)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed_everything: true draws a random seed in each process" in err, err
+    assert f"started apart ({cause})" in err and "same int seed" in err, err
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # a worker Lightning launched: rank 0's seed
+    _random_seed_if_asked(parsed)
+    assert parsed.seed_everything is True  # left to Lightning, which takes PL_GLOBAL_SEED
+
+
+def test_a_random_seed_in_one_process_is_drawn(monkeypatch):
+    from jsonargparse import Namespace
+
+    from torchbp.lightning.cli import _random_seed_if_asked
+
+    for variable in ("PL_GLOBAL_SEED", "SLURM_NTASKS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    parsed = Namespace(seed_everything=True, trainer=Namespace(num_nodes=1))
+    _random_seed_if_asked(parsed)
+    assert isinstance(parsed.seed_everything, int) and 0 <= parsed.seed_everything < 2**32

@@ -226,13 +226,39 @@ def _random_seed_if_asked(parsed: Namespace) -> None:
     ``seed_everything`` seeds 0 then ("No seed found, seed set to 0"), every such run the
     default run. Drawn here, it is the seed the run uses and its config.yaml records; a
     process Lightning launched for DDP takes rank 0's (``PL_GLOBAL_SEED``, which Lightning
-    reads for ``true`` itself)."""
+    reads for ``true`` itself). Processes started apart (see :func:`_processes_started_apart`)
+    have no rank 0 to take it from before the run starts: refused, as each would draw its
+    own."""
     if parsed.get("seed_everything") is not True:
         return
     inherited = os.environ.get("PL_GLOBAL_SEED")
     if inherited is not None:
         return  # Lightning's seed_everything takes it
+    started_apart = _processes_started_apart(parsed.get("trainer") or {})
+    if started_apart:
+        exit_with_error(
+            f"invalid configuration: seed_everything: true draws a random seed in each "
+            f"process, and this run's processes are started apart ({started_apart}): they "
+            "would train with different seeds, and the run's config.yaml would record one "
+            "of them; give every process the same int seed (--seed_everything N, drawn once "
+            "for the whole job)"
+        )
     parsed["seed_everything"] = secrets.randbelow(_MAX_SEED + 1)
+
+
+def _processes_started_apart(trainer: Any) -> str | None:
+    """What starts this run's processes apart, not as Lightning's workers of one process
+    (which inherit its seed): ``trainer.num_nodes`` > 1 (a command per node), or the
+    launcher's process count: ``WORLD_SIZE`` (torchrun) or ``SLURM_NTASKS`` (srun) > 1;
+    ``None`` for a run of one process, or of one that launches its own workers."""
+    num_nodes = trainer.get("num_nodes") or 1
+    if num_nodes > 1:
+        return f"trainer.num_nodes={num_nodes}"
+    for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 1:
+            return f"{variable}={value}"
+    return None
 
 
 def _check_run_name(name: Any) -> None:
