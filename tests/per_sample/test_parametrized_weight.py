@@ -131,3 +131,20 @@ def test_a_reentrant_checkpoint_recomputed_on_another_thread_is_recorded():
         _backward_on_another_thread(loss)
     assert_matches_truth(model, ps, truth)
     assert len(per_sample_recorders_by_weight) == filed  # each formed weight's entry gone
+
+
+def test_a_reentrant_checkpoint_around_the_layer_served_on_each_device(device):
+    """The same step as above with the backward on the calling thread: on CUDA the
+    engine recomputes the segment on the device's autograd thread (the case above
+    stands in for it on CPU), on CPU on the calling thread."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, x = _model().to(device), torch.randn(5, 4, device=device)
+    y = torch.tensor([0, 1, 2, 0, 1], device=device)
+    truth = per_sample_truth(model, x, y)
+    wrapped = nn.Module()
+    wrapped.model = model
+    wrapped.forward = lambda t: checkpoint(model, t, use_reentrant=True)
+    with per_sample_grads(wrapped, mode="grads") as ps:
+        summed_cross_entropy(wrapped, x.requires_grad_(), y).backward()
+    assert_matches_truth(model, ps, truth)
