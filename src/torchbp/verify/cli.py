@@ -85,11 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Your own Function: torchbp-verify module:Symbol --inputs SPEC, where SPEC lists "
             "the inputs separated by ';': 4,5 is a float tensor of shape (4, 5), () a 0-dim "
-            "one, int:4<10 an int64 tensor of shape (4,) with values in [0, 10), bool:4,5 a "
-            "random mask of shape (4, 5), complex:4,5 a complex128 tensor, float32:4,5 a "
-            "float32 one (cast to --dtype, float64 by default, for every check; the "
-            "reference_dtype check runs the target on it in float32), =VALUE a "
-            "Python literal (=1, =True, ='mean'); @FILE reads one input per line. "
+            "one, 4,5[0.1,2] one drawn uniformly from [0.1, 2] (a fn with a restricted "
+            "domain: log, sqrt), int:4<10 an int64 tensor of shape (4,) with values in "
+            "[0, 10), bool:4,5 a random mask of shape (4, 5), complex:4,5 a complex128 "
+            "tensor, float32:4,5 a float32 one (cast to --dtype, float64 by default, for "
+            "every check; the reference_dtype check runs the target on it in float32), "
+            "=VALUE a Python literal (=1, =True, ='mean'); @FILE reads one input per line. "
             "Exit status: 0 nothing failed, 1 a check failed, 2 usage error, 130 "
             "interrupted."
         ),

@@ -5,6 +5,9 @@ The spec lists the inputs in order, separated by ``;`` (or one per line in a spe
 given as ``@path``; ``#`` starts a comment):
 
 - ``4,5``: a float tensor of shape (4, 5) drawn from a standard normal; ``()`` is 0-dim;
+- ``4,5[0.1,2]``: the float tensor drawn uniformly from [0.1, 2] instead, for a fn whose
+  domain is restricted (a log or sqrt: positive; an acos: ``[-0.9,0.9]``), also after a
+  dtype prefix (``float32:4,5[0.1,2]``);
 - ``int:4<10``: an int64 tensor of shape (4,) with values in [0, 10) (class targets);
 - ``bool:4,5``: a boolean tensor of shape (4, 5), each value true with probability 1/2
   (a mask);
@@ -21,6 +24,8 @@ Examples:
     [(4, 5), (4,)]
     >>> parse_inputs("int:3<2;=-1")[1]
     -1
+    >>> bool((parse_inputs("100[0.5,2]")[0] >= 0.5).all())
+    True
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,6 +165,33 @@ def _shape(text: str, item: str) -> tuple[int, ...]:
     return dims
 
 
+def _float_values(text: str, item: str, generator: torch.Generator) -> torch.Tensor:
+    """The float64 values of a float input, ``SHAPE`` (a standard normal) or
+    ``SHAPE[LO,HI]`` (uniform in [LO, HI], for a fn with a restricted domain)."""
+    shape_text, bracket, bounds = text.partition("[")
+    size = _shape(shape_text, item)
+    if not bracket:
+        return torch.randn(size, generator=generator, dtype=torch.float64)
+    low, high = _bounds(bounds, item)
+    values = torch.rand(size, generator=generator, dtype=torch.float64)
+    return low + (high - low) * values
+
+
+def _bounds(text: str, item: str) -> tuple[float, float]:
+    """``LO`` and ``HI`` of a range ``LO,HI]``, finite with ``LO < HI``."""
+    usage = f"input {item!r}: a range is SHAPE[LO,HI] with LO < HI, e.g. 4,5[0.1,2]"
+    inside, closed, rest = text.partition("]")
+    if not closed or rest.strip():
+        raise TargetError(usage)
+    try:
+        low, high = (float(b) for b in inside.split(","))
+    except ValueError:
+        raise TargetError(usage) from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise TargetError(usage)
+    return low, high
+
+
 def _unknown_prefix(item: str) -> str:
     """The message for an input ``item`` whose prefix before ``:`` names no input kind."""
     known = ", ".join(f"{kind}:" for kind in ("bool", "complex", "int", *FLOAT_DTYPES))
@@ -212,12 +245,10 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
             inputs.append(torch.randint(int(high), size, generator=generator))
         elif item.partition(":")[0] in FLOAT_DTYPES:
             prefix, _, shape_text = item.partition(":")
-            size = _shape(shape_text, item)
-            values = torch.randn(size, generator=generator, dtype=torch.float64)
+            values = _float_values(shape_text, item, generator)
             inputs.append(values.to(FLOAT_DTYPES[prefix]))
         elif ":" in item:
             raise TargetError(_unknown_prefix(item))
         else:
-            size = _shape(item, item)
-            inputs.append(torch.randn(size, generator=generator, dtype=torch.float64))
+            inputs.append(_float_values(item, item, generator))
     return tuple(inputs)

@@ -24,7 +24,7 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed, UsageError
 from torchbp.verify.checks.rng import outside_generators_drawn
-from torchbp.verify.checks.spelling import keep_dtype
+from torchbp.verify.checks.spelling import inputs_in_domain, keep_dtype
 
 __all__ = ["check_forward"]
 
@@ -133,6 +133,81 @@ def _refuse_integer_outputs(out: Any) -> None:
     )
 
 
+def _refused_inputs(error: str) -> UsageError:
+    """The usage error for a fn that raised ``ValueError`` (``error``, in words) on the
+    given inputs: Python's signal of an argument value it refuses (a Function checking
+    that its input is positive), so the inputs lie outside fn's domain, no fault of its
+    backward."""
+    return UsageError(
+        f"check_function: fn refused the given inputs ({error}): every check runs fn on "
+        f"them, so they must lie inside fn's domain; {inputs_in_domain()}"
+    )
+
+
+def _nan_mask(t: torch.Tensor) -> torch.Tensor:
+    """Where ``t`` (dense, sparse or complex) is NaN, as a dense bool tensor."""
+    values = t.detach()
+    return torch.isnan(values.to_dense() if values.layout != torch.strided else values)
+
+
+#: The checks comparing fn's derivatives with its central differences, NaN where fn is.
+_CENTRAL_DIFFERENCE_CHECKS = frozenset({"gradcheck", "gradgradcheck", "forward_ad"})
+
+
+def _central_differences_compared(ctx: CheckContext) -> bool:
+    """True when a check of :data:`_CENTRAL_DIFFERENCE_CHECKS` is among those run."""
+    opts = ctx.options
+    chosen = set(_CENTRAL_DIFFERENCE_CHECKS if opts.checks is None else opts.checks)
+    chosen = (chosen | set(opts.require)) - set(opts.skip or ())
+    return bool(chosen & _CENTRAL_DIFFERENCE_CHECKS)
+
+
+def _holds_nan(arg: object) -> bool:
+    """True when ``arg`` is a floating-point or complex tensor holding a NaN."""
+    if not isinstance(arg, torch.Tensor) or not (arg.is_floating_point() or arg.is_complex()):
+        return False
+    return bool(_nan_mask(arg).any())
+
+
+def _reference_nan_too(ctx: CheckContext, o: int, nan: torch.Tensor) -> bool:
+    """True when there is no reference, it raises, or its output ``o`` is NaN wherever
+    fn's is (the mask ``nan``): the inputs lie outside both one's domain. False when the
+    reference is finite somewhere fn gives NaN (fn's own fault, for the checks to find)."""
+    if ctx.reference is None:
+        return True
+    try:
+        ref_outs = float_tensors(ctx.call(ctx.reference, ctx.leaves()))
+    except Exception:  # noqa: BLE001 - the reference refuses the inputs too
+        return True
+    if o >= len(ref_outs) or ref_outs[o].shape != nan.shape:
+        return False
+    return bool(_nan_mask(ref_outs[o])[nan].all())
+
+
+def _refuse_nan_outside_domain(ctx: CheckContext, outs: list[torch.Tensor]) -> None:
+    """A :class:`UsageError` when an output of fn is NaN at the given inputs (a log or
+    sqrt of a negative number, an acos beyond [-1, 1]) where the reference's is NaN too,
+    or no reference is given: no derivative exists there, and a correct backward would
+    fail gradcheck against NaN central differences. Not when an input holds NaN (the
+    caller's on purpose, which fn's outputs carry on), nor when no check comparing with
+    central differences runs."""
+    if not _central_differences_compared(ctx) or any(_holds_nan(a) for a in ctx.args):
+        return
+    for o, out in enumerate(outs):
+        nan = _nan_mask(out)
+        if not bool(nan.any()) or not _reference_nan_too(ctx, o, nan):
+            continue
+        first = tuple(int(i) for i in nan.nonzero()[0])
+        also = "the reference's too" if ctx.reference is not None else "no reference given"
+        raise UsageError(
+            f"check_function: output {o} of fn is NaN at {int(nan.sum())} of "
+            f"{nan.numel()} elements (first at index {first}) for the given inputs ({also})"
+            ": they lie outside fn's domain (a log or a sqrt of a negative number, an "
+            "acos beyond [-1, 1]?), where no derivative exists to check; "
+            f"{inputs_in_domain()}"
+        )
+
+
 def check_forward(ctx: CheckContext) -> Passed:
     """Calls fn twice; records the shapes of its floating-point outputs and the inputs it
     modifies in place (``mark_dirty``) for later checks; the two calls must agree."""
@@ -143,7 +218,10 @@ def check_forward(ctx: CheckContext) -> Passed:
         out = ctx.fn(*full)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
         error = explain_error(exc)
-        raise CheckFailure(f"fn raised {error}{_cast_hint(ctx, error)}") from None
+        hint = _cast_hint(ctx, error)
+        if isinstance(exc, ValueError) and not hint:
+            raise _refused_inputs(error) from None
+        raise CheckFailure(f"fn raised {error}{hint}") from None
     ctx.dirty_inputs = _written_and_returned(full, versions, out)
     ctx.sparse_outputs = any(
         isinstance(t, torch.Tensor) and t.layout != torch.strided for t in leaves(out)
@@ -160,6 +238,7 @@ def check_forward(ctx: CheckContext) -> Passed:
             "no output requires grad although the inputs do: fn detached its result or "
             "computed it under torch.no_grad()"
         )
+    _refuse_nan_outside_domain(ctx, outs)
     _require_repeatable(ctx, tensors, outs)
     ctx.out_shapes = [tuple(t.shape) for t in outs]
     ctx.out_dtypes = [t.dtype for t in outs]

@@ -5,7 +5,9 @@ of relu at 0 or of clamp(-1, 1) at +-1) - equal the reference's.
 
 Random example inputs of moderate size never reach these regions: a softmax without the
 max trick, or a ReLU whose gradient at 0 differs from the reference's, passes gradcheck.
-A probe on which the reference itself raises is left out; one on which fn raises but the
+A probe on which the reference itself raises is left out, and so is one fn refuses with a
+``ValueError`` (a Function checking that its input is positive, refusing the zero probe:
+outside its domain, said in the note); one on which fn raises anything else but the
 reference works fails. Where the reference overflows on the scaled-up probe (a non-finite
 value where fn's is finite: a textbook formula given as the reference of a stable
 Function), it cannot judge fn, and those values are left out too; on the other probes a
@@ -214,6 +216,17 @@ def _likely_cause(a: torch.Tensor, b: torch.Tensor) -> str:
     return UNDERFLOW_OR_KINK
 
 
+def _nothing_compared(refused: list[str]) -> str:
+    """Why no probe was compared: the reference raised on the others, and fn refused
+    ``refused`` with a ``ValueError`` (inputs outside its domain, not a fault)."""
+    if not refused:
+        return "the reference raised on every probe"
+    return (
+        f"fn refused {', '.join(refused)} with a ValueError (outside its domain) and the "
+        "reference raised on the other probes"
+    )
+
+
 def check_extreme_values(ctx: CheckContext) -> Passed:
     """fn against the reference on each probe (outputs and gradients; dtype-aware
     tolerances relative to each tensor's largest finite magnitude; infinities and NaNs must
@@ -223,7 +236,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
     if ctx.failed("reference"):
         raise CheckSkip("skipped because reference failed (fn differs on the example inputs)")
     tolerance = ctx.parity_tolerances()
-    worst, compared, overflowed = (0.0, 0.0), 0, 0
+    worst, compared, overflowed, refused = (0.0, 0.0), 0, 0, []
     for probe in PROBES:
         label = probe.label
         inputs = _probe_inputs(ctx, probe.transform)
@@ -233,6 +246,9 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
             continue
         try:
             outs, grads, _ = _run(ctx, ctx.fn, inputs, vs)
+        except ValueError:  # fn refuses the probe as outside its domain (x <= 0 for a log)
+            refused.append(label)
+            continue
         except Exception as exc:  # noqa: BLE001
             raise CheckFailure(
                 f"fn failed on {label}, where the reference works: {explain_error(exc)}"
@@ -259,8 +275,10 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
                 raise CheckFailure(message, failure.abs_err, failure.rel_err) from None
             worst, overflowed = max(worst, errors), overflowed + count
     if not compared:
-        raise CheckSkip("the reference raised on every probe")
+        raise CheckSkip(_nothing_compared(refused))
     note = f"{compared} probe(s): large, near-zero, zero and integer inputs"
+    if refused:
+        note += f"; fn refused {', '.join(refused)} (ValueError: outside its domain)"
     if overflowed:
         note += (
             f"; {overflowed} value(s) where the reference overflowed (non-finite where "

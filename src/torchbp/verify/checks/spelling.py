@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["command_line_spelling", "keep_dtype", "option", "option_name"]
+__all__ = ["command_line_spelling", "inputs_in_domain", "keep_dtype", "option", "option_name"]
 
 _ON_COMMAND_LINE = contextvars.ContextVar("torchbp_verify_command_line", default=False)
 
@@ -99,3 +99,19 @@ def keep_dtype(dtype: torch.dtype) -> str:
     if _ON_COMMAND_LINE.get():
         return option("dtype", dtype)
     return f"dtype=None to keep each input's dtype, or {option('dtype', dtype)}"
+
+
+def inputs_in_domain() -> str:
+    """How to give a fn with a restricted domain (a log, a sqrt, an acos, a Function
+    refusing negative inputs) inputs inside it: built in Python, or on the command line
+    drawn from a range after the shape (``--inputs '4,5[0.1,2]'``)."""
+    if _ON_COMMAND_LINE.get():
+        return (
+            "draw the inputs inside fn's domain with a range after their shape, e.g. "
+            "--inputs '4,5[0.1,2]' (uniform in [0.1, 2]) for a log or a sqrt, "
+            "'4,5[-0.9,0.9]' for an acos"
+        )
+    return (
+        "pass inputs inside fn's domain, e.g. x.abs() + 0.1 for a log or a sqrt, "
+        "x.clamp(-0.9, 0.9) for an acos"
+    )
