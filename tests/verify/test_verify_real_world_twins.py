@@ -1,0 +1,193 @@
+"""check_function on more Functions written as people write them, each beside a subtly
+wrong twin (tests/verify/real_world_twins.py): every correct one passes (its unsupported
+checks with a reason), and every twin fails, in the check that can see its mistake."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch.nn.functional as F
+from tests.verify import real_world_twins as rw
+from tests.verify.zoo.entry import seeded
+
+from torchbp.verify import check_function
+
+#: torch.compile of each Function costs a second or more on 2 cores; it is checked for
+#: Functions in tests/verify/test_verify_real_world.py
+FAST = {"skip": ["compile"]}
+
+
+def _clamp_reference(x, low, high):
+    return x.clamp(low, high)
+
+
+#: name: (correct fn, wrong twin, inputs, reference, options, the check the twin fails)
+PAIRS = {
+    "fused_bias_gelu": (
+        rw.FusedBiasGeluTanh,
+        rw.FusedBiasGeluTanhHalfTerm,
+        (seeded(2, 3, 5), seeded(5, seed=1)),
+        rw.bias_gelu_reference,
+        {},
+        "gradcheck",
+    ),
+    "rms_norm": (
+        rw.RMSNorm,
+        rw.RMSNormNoProjection,
+        (seeded(4, 5), seeded(5, seed=1, shift=1.0)),
+        rw.rms_norm_reference,
+        {},
+        "gradcheck",
+    ),
+    "rms_norm_dtype": (
+        rw.RMSNorm,
+        rw.RMSNormFloat32WeightGrad,
+        (seeded(4, 5), seeded(5, seed=1, shift=1.0)),
+        rw.rms_norm_reference,
+        {},
+        "grad_shapes",
+    ),
+    "layer_norm": (
+        rw.LayerNormRecompute,
+        rw.LayerNormUnbiasedInBackward,
+        (seeded(4, 5), seeded(5, seed=1, shift=1.0), seeded(5, seed=2)),
+        rw.layer_norm_reference,
+        {},
+        "gradcheck",
+    ),
+    "rotary": (
+        rw.Rotary,
+        rw.RotaryUntransposed,
+        (seeded(6, 4), *rw.rotary_tables(6, 4)),
+        rw.rotary_reference,
+        {"grad_inputs": (0,)},
+        "gradcheck",
+    ),
+    "temperature_softmax": (
+        rw.TemperatureSoftmax,
+        rw.TemperatureSoftmaxNoScale,
+        (seeded(4, 5), 2.0),
+        rw.temperature_softmax_reference,
+        {},
+        "gradcheck",
+    ),
+    "huber_loss": (
+        rw.HuberLoss,
+        rw.HuberLossSummed,
+        (seeded(4, 5, scale=2.0), seeded(4, 5, seed=1), 1.0),
+        rw.huber_reference,
+        {},
+        "gradcheck",
+    ),
+    "masked_clamp": (
+        rw.MaskedClamp,
+        rw.MaskedClampUpperOnly,
+        (seeded(4, 5, scale=2.0), -1.0, 1.0),
+        _clamp_reference,
+        {},
+        "gradcheck",
+    ),
+    "checkpointed_block": (
+        rw.CheckpointedBlock,
+        rw.CheckpointedBlockSwapped,
+        (seeded(4, 3), seeded(3, 3, seed=1), seeded(3, 3, seed=2)),
+        rw.mlp_block,
+        {},
+        "gradcheck",
+    ),
+    "max_with_index": (
+        rw.MaxWithIndex,
+        rw.MaxWithIndexShifted,
+        (seeded(4, 5),),
+        rw.max_reference,
+        {},
+        "gradcheck",
+    ),
+    "materialize_grads_false": (
+        rw.ScaleAndExp,
+        rw.ScaleAndExpDropsExp,
+        (seeded(4, 5),),
+        rw.scale_and_exp_reference,
+        {},
+        "gradcheck",
+    ),
+    "once_differentiable_mish": (
+        rw.Mish,
+        rw.MishWrongSign,
+        (seeded(4, 5),),
+        F.mish,
+        {},
+        "gradcheck",
+    ),
+    "own_vmap_rule": (
+        rw.RowScale,
+        rw.RowScaleVmapIgnoringInDims,
+        (seeded(4, 5), seeded(4, seed=1)),
+        rw.row_scale_reference,
+        {},
+        "vmap_in_dims",
+    ),
+    "generated_vmap_rule_and_jvp": (
+        rw.Cube,
+        rw.CubeJvpMissingThree,
+        (seeded(4, 5),),
+        lambda x: x**3,
+        {},
+        "forward_ad",
+    ),
+    "int_output": (
+        rw.ClipWithCount,
+        rw.ClipWithCountDoubled,
+        (seeded(4, 5, scale=2.0), 1.0),
+        rw.clip_with_count_reference,
+        {},
+        "gradcheck",
+    ),
+    "keyword_only_options": (
+        functools.partial(rw.scaled_softplus, beta=2.0, scale=3.0),
+        functools.partial(rw.scaled_softplus_no_scale, beta=2.0, scale=3.0),
+        (seeded(4, 5),),
+        functools.partial(rw.scaled_softplus_reference, beta=2.0, scale=3.0),
+        {},
+        "gradcheck",
+    ),
+    "variable_number_of_tensors": (
+        rw.weighted_sum,
+        lambda w, *xs: rw.WeightedSumLastDropped.apply(w, *xs),
+        (seeded(3), seeded(4, 5, seed=1), seeded(4, 5, seed=2), seeded(4, 5, seed=3)),
+        rw.weighted_sum_reference,
+        {},
+        "gradcheck",
+    ),
+    "in_place_mark_dirty": (
+        rw.AddScaledInPlace,
+        rw.AddScaledInPlaceNoAlpha,
+        (seeded(4, 5), seeded(4, 5, seed=1), 0.5),
+        rw.add_scaled_reference,
+        {},
+        "gradcheck",
+    ),
+    "linear_relu": (
+        rw.LinearRelu,
+        rw.LinearReluWrongTranspose,
+        (seeded(4, 5), seeded(5, 5, seed=1)),
+        rw.linear_relu_reference,
+        {},
+        "gradcheck",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_the_correct_function_passes(name):
+    fn, _, inputs, reference, options, _ = PAIRS[name]
+    report = check_function(fn, *inputs, reference=reference, **options, **FAST)
+    assert report.ok, report
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_its_wrong_twin_fails_where_its_mistake_shows(name):
+    _, twin, inputs, reference, options, caught_by = PAIRS[name]
+    report = check_function(twin, *inputs, reference=reference, **options, **FAST)
+    assert report[caught_by].failed, report
