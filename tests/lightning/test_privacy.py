@@ -877,6 +877,34 @@ def test_a_fresh_fits_noise_is_not_the_stream_the_rest_of_the_run_draws_from(tmp
     torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=0)  # seed_everything's
 
 
+def test_a_fresh_fits_noise_depends_on_the_seed_not_on_what_the_run_drew_before(tmp_path):
+    """The noise generator was seeded from a draw of the default generator at the fit's
+    start: a number drawn before by unrelated code (as a subclass's extra layer or a
+    DataLoader made earlier would) changed every noise draw of a run of the same seed. It
+    is now a fixed function of the seed."""
+    pytest.importorskip("opacus")
+    import pytorch_lightning as pl
+
+    from torchbp.lightning import ERMClassifier
+
+    class Probe(ERMClassifier):
+        def on_train_start(self):
+            super().on_train_start()
+            self.noise_draw = torch.randn(64, generator=self._noise_generator)
+
+    def noise_of_a_fit(seed: int, drawn_before: int) -> torch.Tensor:
+        dm, model, trainer = _dp_fit(tmp_path, Privacy(noise_multiplier=1.0), max_steps=1)
+        pl.seed_everything(seed)
+        probe = Probe(**model.hparams)
+        torch.rand(drawn_before)  # unrelated code
+        trainer.fit(probe, datamodule=dm)
+        return probe.noise_draw
+
+    first = noise_of_a_fit(0, 0)
+    torch.testing.assert_close(noise_of_a_fit(0, 1), first, rtol=0, atol=0)
+    assert not torch.equal(noise_of_a_fit(1, 0), first)  # another seed, other noise
+
+
 def test_a_checkpoint_saved_after_loading_one_keeps_its_steps_and_its_noise_together(tmp_path):
     """A fitted model that loads an earlier checkpoint (trainer.validate(model,
     ckpt_path=...)) and is saved again kept the loaded checkpoint's accountant (its steps) but

@@ -183,9 +183,10 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
             batch size; the data must be drawn by Poisson sampling
             (``data.poisson_sampling: true``). ε spent so far is logged as
             ``train/epsilon`` each epoch (Opacus' RDP accountant) and kept in checkpoints,
-            as is the noise's generator (not with ``privacy.secure_rng``), seeded from a
-            draw of the default one at a fresh fit's start, so ``seed_everything`` makes it
-            reproducible, with a stream of its own: a resumed fit draws the noise an
+            as is the noise's generator (not with ``privacy.secure_rng``), seeded at a
+            fresh fit's start from a hash of the run's seed (``torch.initial_seed()``, as
+            ``seed_everything`` sets it), so the seed alone makes it reproducible, with a
+            stream of its own: a resumed fit draws the noise an
             uninterrupted one would, never the first steps' again.
             Needs ``backend='torchbp'`` and ``fused_head=False``, one device and no gradient
             accumulation. An empty Poisson draw (probability ``(1 − q)^N``) still takes its

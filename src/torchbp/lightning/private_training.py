@@ -5,6 +5,7 @@ privacy on a DP-SGD checkpoint's weights."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import sys
 from typing import Any
@@ -18,11 +19,15 @@ from torchbp.per_sample import PerSampleGrads, per_sample_grads
 __all__ = ["PrivateTraining"]
 
 
-def _seed_from_default_generator(device: torch.device) -> int:
-    """A seed drawn from ``device``'s default random generator (which ``seed_everything``
-    seeds): a generator seeded with it has a stream of its own, reproducible from the run's
-    seed, where a copy of the default generator would repeat what the run draws from it."""
-    return int(torch.randint(2**62, (), device=device).item())
+def _noise_seed() -> int:
+    """The seed of a fresh fit's noise generator: a fixed function of the run's seed (the
+    default generator's initial seed, which ``seed_everything`` and ``torch.manual_seed``
+    set), hashed so that the generator has a stream of its own (a copy of the default
+    generator would repeat what the run draws from it). A draw of the default generator
+    depended on how many numbers the run had drawn before the fit started: a change of
+    unrelated code (a DataLoader made earlier, a subclass's extra layer) changed the noise."""
+    digest = hashlib.sha256(f"torchbp DP-SGD noise {torch.initial_seed()}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**62
 
 
 #: the trainer precisions a DP-SGD fit takes (see _refuse_reduced_precision)
@@ -342,10 +347,11 @@ class PrivateTraining:
         """The generator of this fit's DP noise, on the parameters' device: the one of the
         steps taken before (a checkpoint's state, or the last fit's generator), so a resumed
         fit draws the noise an uninterrupted one would; for a fresh run, a generator seeded
-        from a draw of the device's default one (the noise ``seed_everything`` makes
-        reproducible). A copy of the default generator would draw the very numbers that the
-        rest of the run then draws from it (a dataset's augmentation, a subclass's dropout):
-        noise that is a function of them, not the independent draw DP-SGD assumes.
+        from the run's seed (see :func:`_noise_seed`: ``seed_everything`` makes the noise
+        reproducible, whatever the run draws before the fit). A copy of the default
+        generator would draw the very numbers that the rest of the run then draws from it
+        (a dataset's augmentation, a subclass's dropout): noise that is a function of them,
+        not the independent draw DP-SGD assumes.
 
         Noise drawn from the default generator itself repeated on a resume: the run seeds it
         again, and the resumed steps drew the very noise of the first steps, which the
@@ -364,7 +370,7 @@ class PrivateTraining:
             return last
         generator = torch.Generator(device=device)
         if state is None and last is None and steps_taken == 0:
-            return generator.manual_seed(_seed_from_default_generator(device))
+            return generator.manual_seed(_noise_seed())
         try:
             if state is None:
                 raise RuntimeError("no state to continue")
