@@ -151,3 +151,33 @@ def test_the_command_line_advises_a_range_when_fn_refuses_drawn_inputs(capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert "--inputs '4,5[0.1,2]'" in err
+
+
+class StrictLogWithVmapRule(torch.autograd.Function):
+    """Correct, refusing non-positive inputs, with setup_context and a generated vmap rule:
+    d log(x)/dx = 1/x."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        if bool((x <= 0).any()):
+            raise ValueError("StrictLogWithVmapRule: x must be positive")
+        return x.log()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / x
+
+
+def test_a_domain_check_vmap_cannot_run_makes_vmap_unsupported_not_failed():
+    # before: vmap failed with PyTorch's "data-dependent control flow" error, a limitation
+    # of vmap (the Python if on a tensor's values), not a fault of the Function
+    report = check_function(StrictLogWithVmapRule, positive(3, 4), checks=["vmap"])
+    assert report.ok and report["vmap"].status == "unsupported", report
+    assert "torch.where" in report["vmap"].message

@@ -64,6 +64,12 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
         "index_put, masked_scatter)",
     ),
     (
+        "data-dependent control flow",
+        "torch.func.vmap cannot run fn's Python control flow on a tensor's values (an if "
+        "on bool(x.any()), a check raising for bad inputs; a PyTorch limitation)",
+        "branch with torch.where instead, or check the values in a vmap staticmethod",
+    ),
+    (
         "no autograd formula was registered",
         "the custom op has no backward formula: autograd is unsupported",
         "call op.register_autograd(backward, setup_context=...)",
