@@ -915,3 +915,20 @@ def test_torch_jit_script_of_a_combined_class_names_torchbp():
     mha = torchbp.convert(nn.MultiheadAttention(4, 2))
     with pytest.raises(NotImplementedError, match="torchbp.nn.Linear"):
         torch.jit.script(mha)
+
+
+def test_report_names_adaptive_log_softmax_calls_that_only_enable_reaches():
+    """nn.AdaptiveLogSoftmaxWithLoss, a container of Linears (which convert swaps) with no
+    parameter of its own, calls F.log_softmax in its forward: the report said only
+    'converted: Linear x3', as if the whole module now ran torchbp."""
+    torch.manual_seed(0)
+    adaptive = nn.AdaptiveLogSoftmaxWithLoss(8, 10, cutoffs=[4], div_value=2.0)
+    _, report = torchbp.convert(adaptive, report=True)
+    kept = {path: reason for path, _, reason in report.kept}
+    assert kept[""] == (
+        "no module twin; its forward calls torch.nn.functional.log_softmax: torchbp.enable() "
+        "routes those calls"
+    )
+    with torchbp.enable() as mode:
+        adaptive(torch.randn(6, 8, requires_grad=True), torch.randint(10, (6,)))
+    assert mode.counts["log_softmax"] >= 1

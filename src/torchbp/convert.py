@@ -40,9 +40,10 @@ modules were converted and which stayed native, and why; the same summary is log
 ``INFO`` level on the ``torchbp.convert`` logger. Calls in a ``forward`` that only
 :func:`torchbp.enable` reaches are named: a module without a twin whose forward calls
 covered functions (``MultiheadAttention``'s ``F.multi_head_attention_forward``,
-``Softmax2d``'s ``F.softmax``), and one holding a covered function as an attribute to
-call (``TransformerEncoderLayer(activation="gelu")``'s ``F.gelu``, listed even when it is
-a plain container).
+``Softmax2d``'s ``F.softmax``, ``AdaptiveLogSoftmaxWithLoss``'s ``F.log_softmax``), and
+one holding a covered function as an attribute to call
+(``TransformerEncoderLayer(activation="gelu")``'s ``F.gelu``); both are listed even when
+the module is a plain container.
 """
 
 from __future__ import annotations
@@ -382,6 +383,8 @@ _FUNCTIONS_CALLED_BY = {
     ),
     nn.Softmax2d: (torch.nn.functional.softmax, "that call"),
     nn.Softmin: (torch.nn.functional.softmin, "the softmax inside it"),
+    # a container (head / tail Linears, which convert swaps) with log_softmax calls of its own
+    nn.AdaptiveLogSoftmaxWithLoss: (torch.nn.functional.log_softmax, "those calls"),
 }
 
 
@@ -413,12 +416,12 @@ def _covered_functions_held(module: nn.Module) -> str | None:
 def _why_kept(module: nn.Module, reason: str) -> str | None:
     """The report's reason for a module ``convert(to="torchbp")`` leaves as it is, with
     the functional calls it makes that only ``torchbp.enable()`` reaches; ``None`` for a
-    module not listed (a plain container holding no such function)."""
-    if reason == "no torchbp op":
-        reason = _enable_reaches_forward_of(module) or reason
+    module not listed (a plain container holding or calling no such function)."""
+    called = _enable_reaches_forward_of(module) if reason == "no torchbp op" else None
+    reason = called or reason
     held = _covered_functions_held(module)
     if held is None:
-        return reason if _computes_itself(module) else None
+        return reason if called or _computes_itself(module) else None
     calls = f"holds {held}, which no module swap reaches: torchbp.enable() routes its calls"
     return calls if reason == "no torchbp op" else f"{reason}; {calls}"
 
