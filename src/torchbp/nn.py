@@ -349,9 +349,13 @@ class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn
     logits (:func:`torchbp.functional.linear_cross_entropy`).
 
     Mirrors torch 2.13's ``nn.LinearCrossEntropyLoss`` (same arguments, defaults,
-    ``extra_repr`` and errors): it owns the linear layer as ``self.linear`` (an
-    :class:`torch.nn.Linear` ``in_features -> num_classes * prod(out_features)``, default
-    init, no bias by default), reshaped to ``(C, d1, ..., dK, in)`` in forward, so the
+    ``extra_repr`` and errors, but for one deliberate extension: an input of more than
+    2 dims, ``(*, d)`` such as ``(B, T, d)`` with targets ``(B, T)``, is taken with every
+    leading dim a batch dim, the loss of the flattened ``(B * T, d)`` call; native refuses
+    it, and ``F.cross_entropy(F.linear(x, W), t)`` would read dim 1 as the classes).
+    It owns the linear layer as ``self.linear`` (an :class:`torch.nn.Linear`
+    ``in_features -> num_classes * prod(out_features)``, default init, no bias by
+    default), reshaped to ``(C, d1, ..., dK, in)`` in forward, so the
     ``state_dict`` keys (``linear.weight``, ``linear.bias``, and the ``weight`` buffer)
     are the same and a checkpoint moves between the two. On torch 2.13+ it subclasses
     ``nn.LinearCrossEntropyLoss`` (so :func:`torchbp.convert` swaps it); on torch 2.11-2.12,
