@@ -26,6 +26,9 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests._hypothesis import PROFILE
 from tests._support import CUDA
 from tests.kernels._interp import BITS, interp, not_interp, run_interpreter_suite
 
@@ -260,6 +263,52 @@ def test_interpreter_strided_logits_int32_target(interpret):
     zt = z.t().contiguous().t()  # column-major (copied to row-major for the kernel)
     _check(zt, y.to(torch.int32)[:], w, 0.1)
     _check(z[::2], y[::2], None, 0.0)
+
+
+@st.composite
+def kernel_cases(draw):
+    """Rows of logits the kernel may meet: odd class counts against small and large blocks
+    (C = 1, C a block plus one, C far above BLOCK = 16), N = 0 / 1, float32 / half, class
+    weights with zeros, ignore_index on some or every row, label smoothing up to 1, a large
+    offset, and column-major, row-strided or expanded (stride 0) logits and targets."""
+    rows = draw(st.sampled_from([0, 1, 2, 5]))
+    classes = draw(st.sampled_from([1, 2, 3, 17, 33, 100, 257]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    seed = draw(st.integers(0, 999))
+    z, y, w = _inputs(rows, classes, dtype, "cpu", seed=seed)
+    z = (z.double() + draw(st.sampled_from([0.0, 0.0, 100.0, -1e4]))).to(dtype)
+    if rows:
+        y[torch.rand(rows, generator=torch.Generator().manual_seed(seed)) < 0.4] = IGNORE
+        if draw(st.integers(0, 4)) == 0:
+            y.fill_(IGNORE)
+    if draw(st.booleans()):
+        w = torch.linspace(0.5, 2.0, classes, dtype=draw(st.sampled_from(FLOAT_WEIGHTS)))
+        w[draw(st.integers(0, classes - 1))] = 0.0
+    layout = draw(st.sampled_from(["contiguous", "column-major", "row-strided", "expanded"]))
+    if layout == "column-major":
+        z = z.t().contiguous().t()
+    elif layout == "row-strided":
+        z, y = torch.cat([z, z])[::2], torch.cat([y, y])[::2]
+    elif layout == "expanded" and rows:
+        z, y = z[:1].expand(rows, classes), y[:1].expand(rows)
+    y = y.to(draw(st.sampled_from([torch.int64, torch.int32])))
+    return z, y, w, draw(st.sampled_from([0.0, 0.1, 1.0])), draw(st.sampled_from([16, 64, 4096]))
+
+
+FLOAT_WEIGHTS = [torch.float32, torch.float64, torch.bfloat16]
+
+
+@interp
+@settings(PROFILE, max_examples=PROFILE.max_examples * 3)
+@given(case=kernel_cases())
+def test_interpreter_property_matches_reference(case):
+    z, y, w, smoothing, max_block = case
+    original = triton_ce._MAX_BLOCK
+    triton_ce._MAX_BLOCK = max_block
+    try:
+        _check(z, y, w, smoothing)
+    finally:
+        triton_ce._MAX_BLOCK = original
 
 
 @interp
