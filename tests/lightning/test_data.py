@@ -254,6 +254,24 @@ def test_tabular_errors(tmp_path, case, match):
         _ = dm.num_features
 
 
+def test_a_continuous_label_column_is_named_as_the_likely_cause(tmp_path):
+    """A CSV whose label column holds a continuous target (each row a value of its own) was
+    refused as "too few rows: 60 rows with 59 classes", which sent the user after more rows;
+    the error now says that every distinct label is a class."""
+    rng = np.random.default_rng(0)
+    rows = [[f"{a:.4f}", f"{b:.4f}", f"{3 * c:.3f}"] for a, b, c in rng.random((60, 3))]
+    _write_csv(tmp_path / "t.csv", ["a", "b", "price"], rows)
+    dm = TabularFileDataModule(path=str(tmp_path / "t.csv"), label_column="price")
+    with pytest.raises(DataError, match=r"too few rows.*distinct labels in 60 rows.*class label"):
+        _ = dm.num_features
+    few = TabularFileDataModule(path=str(tmp_path / "t.csv"), label_column="price")
+    rows = [[a, b, "xy"[i % 2]] for i, (a, b, _) in enumerate(rows)]
+    _write_csv(tmp_path / "t.csv", ["a", "b", "price"], rows[:8])
+    with pytest.raises(DataError, match="too few rows") as e:
+        _ = few.num_features  # a few classes in too few rows: no such hint
+    assert "distinct labels" not in str(e.value)
+
+
 def test_tabular_npz_errors(tmp_path):
     np.savez(tmp_path / "d.npz", X=np.ones((30, 2)), label=np.zeros(29))
     with pytest.raises(DataError, match="30 feature rows but 29 labels"):

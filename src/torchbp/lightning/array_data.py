@@ -36,6 +36,17 @@ __all__ = ["ArrayDataModule", "DigitsDataModule", "SklearnToyDataModule", "MAX_S
 MAX_SPLIT_SEED = 2**32 - 2
 
 
+def _hint_if_labels_look_continuous(rows: int, classes: int) -> str:
+    """A hint for labels of which most rows hold a value of their own, as a continuous
+    target (a price, a score) does: every distinct value is read as a class."""
+    if classes <= rows // 2:
+        return ""
+    return (
+        f" ({classes} distinct labels in {rows} rows: every distinct value is a class; is "
+        "the label column a class label, and not a continuous target?)"
+    )
+
+
 class ArrayDataModule(ClassificationDataModule):
     """Base class for datasets that fit in memory as a feature matrix and a label vector.
 
@@ -166,7 +177,7 @@ class ArrayDataModule(ClassificationDataModule):
             raise DataError(
                 f"too few rows: {n} rows with {k} classes; val_fraction={self.val_fraction} and "
                 f"test_fraction={self.test_fraction} need at least {need} rows so that every "
-                "split can hold one sample per class"
+                f"split can hold one sample per class{_hint_if_labels_look_continuous(n, k)}"
             )
         if counts.min() < 3:
             rare = classes[counts < 3].tolist()
