@@ -181,3 +181,25 @@ def test_a_domain_check_vmap_cannot_run_makes_vmap_unsupported_not_failed():
     report = check_function(StrictLogWithVmapRule, positive(3, 4), checks=["vmap"])
     assert report.ok and report["vmap"].status == "unsupported", report
     assert "torch.where" in report["vmap"].message
+
+
+def _one_near_zero(*shape: int) -> torch.Tensor:
+    x = positive(*shape)
+    x[0, 0] = 3e-7  # within gradcheck's eps (1e-6) of 0, the edge of a log's domain
+    return x
+
+
+@pytest.mark.parametrize("fn", [Log, StrictSqrt])
+def test_an_input_within_eps_of_the_domain_edge_is_a_usage_error_naming_eps(fn):
+    # before: gradcheck failed with fn's ValueError at the input shifted by -eps
+    # (StrictSqrt) or against a NaN numerical gradient (Log): FAILED for a right backward
+    with pytest.raises(ValueError, match="within eps of the edge of fn's domain") as info:
+        check_function(fn, _one_near_zero(3, 4), checks=["gradcheck"])
+    assert "shifted by -1e-06" in str(info.value) and "eps=1e-08" in str(info.value)
+    report = check_function(fn, _one_near_zero(3, 4), checks=["gradcheck"], eps=1e-8)
+    assert report.ok, report
+
+
+def test_a_wrong_backward_near_the_domain_edge_still_fails():
+    report = check_function(HalfStrictSqrt, _one_near_zero(3, 4), checks=["gradcheck"], eps=1e-8)
+    assert report["gradcheck"].failed, report

@@ -21,6 +21,7 @@ import torch
 
 from torchbp.verify.checks.compare import float_tensors, leaves, mismatch, shape_text
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.domain import CENTRAL_DIFFERENCE_CHECKS
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed, UsageError
 from torchbp.verify.checks.rng import outside_generators_drawn
@@ -150,16 +151,12 @@ def _nan_mask(t: torch.Tensor) -> torch.Tensor:
     return torch.isnan(values.to_dense() if values.layout != torch.strided else values)
 
 
-#: The checks comparing fn's derivatives with its central differences, NaN where fn is.
-_CENTRAL_DIFFERENCE_CHECKS = frozenset({"gradcheck", "gradgradcheck", "forward_ad"})
-
-
 def _central_differences_compared(ctx: CheckContext) -> bool:
-    """True when a check of :data:`_CENTRAL_DIFFERENCE_CHECKS` is among those run."""
+    """True when a check of :data:`CENTRAL_DIFFERENCE_CHECKS` is among those run."""
     opts = ctx.options
-    chosen = set(_CENTRAL_DIFFERENCE_CHECKS if opts.checks is None else opts.checks)
+    chosen = set(CENTRAL_DIFFERENCE_CHECKS if opts.checks is None else opts.checks)
     chosen = (chosen | set(opts.require)) - set(opts.skip or ())
-    return bool(chosen & _CENTRAL_DIFFERENCE_CHECKS)
+    return bool(chosen & CENTRAL_DIFFERENCE_CHECKS)
 
 
 def _holds_nan(arg: object) -> bool:

@@ -17,6 +17,7 @@ from torchbp.verify.checks.compare import dense
 from torchbp.verify.checks.complex_views import complex_positions, real_function
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
+from torchbp.verify.checks.domain import refuse_inputs_near_domain_edge
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.options import (
     SCALAR_TYPES,
@@ -67,9 +68,13 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
             try:
                 passed = check.run(ctx)
-            except (CheckFailure, CheckUnsupported, CheckSkip, UsageError):
+            except CheckFailure as failure:
+                refuse_inputs_near_domain_edge(ctx, check.name, failure)
+                raise
+            except (CheckUnsupported, CheckSkip, UsageError):
                 raise
             except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
+                refuse_inputs_near_domain_edge(ctx, check.name, exc)
                 raise outcome_of(exc) from None
         status, message, abs_err, rel_err = PASS, passed.note, passed.abs_err, passed.rel_err
         caveat = passed.caveat

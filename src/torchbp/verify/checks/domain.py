@@ -1,0 +1,96 @@
+"""Inputs too close to the edge of fn's domain for central differences: a check comparing
+with them (``gradcheck``, ``gradgradcheck``, ``forward_ad``) evaluates fn at each input
+element shifted by +-``eps``, and a log or sqrt of an input within ``eps`` of 0 is NaN or
+refused there (a Function raising ``ValueError`` for ``x <= 0``). Such a check's failure
+is then no fault of fn's derivatives: :func:`refuse_inputs_near_domain_edge` turns it into
+a usage error saying how to give other inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from torchbp.verify.checks.compare import float_tensors
+from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.outcomes import CheckFailure, UsageError
+from torchbp.verify.checks.spelling import inputs_in_domain, option
+
+__all__ = ["CENTRAL_DIFFERENCE_CHECKS", "refuse_inputs_near_domain_edge"]
+
+#: The checks comparing fn's derivatives with its central differences.
+CENTRAL_DIFFERENCE_CHECKS = frozenset({"gradcheck", "gradgradcheck", "forward_ad"})
+
+
+def _nan_output(outs: list[torch.Tensor]) -> tuple[int, int, tuple[int, ...]] | None:
+    """``(output, count, first index)`` of the first output holding NaN, or None."""
+    for o, out in enumerate(outs):
+        values = out.detach()
+        nan = torch.isnan(values.to_dense() if values.layout != torch.strided else values)
+        if bool(nan.any()):
+            return o, int(nan.sum()), tuple(int(i) for i in nan.nonzero()[0])
+    return None
+
+
+def _outside_after_shift(ctx: CheckContext, k: int, step: float) -> str | None:
+    """What fn does outside its domain when differentiable input ``k`` is shifted by
+    ``step`` (every element at once): refuses it with a ``ValueError`` or gives NaN; None
+    when neither (fn raising anything else says nothing of a domain)."""
+    shifted = list(ctx.leaves())
+    shifted[k] = shifted[k].detach() + step
+    try:
+        outs = float_tensors(ctx.call(ctx.fn, shifted))
+    except ValueError as exc:
+        return f"fn raised {explain_error(exc)}"
+    except Exception:  # noqa: BLE001 - not a refusal of values: the failure stands
+        return None
+    nan = _nan_output(outs)
+    if nan is None:
+        return None
+    o, count, first = nan
+    return f"output {o} of fn is NaN at {count} element(s) (first at index {first})"
+
+
+def _finite_at_inputs(ctx: CheckContext) -> bool:
+    """True when fn runs on the given inputs and no output is NaN there."""
+    try:
+        with torch.no_grad():
+            return _nan_output(float_tensors(ctx.call(ctx.fn, ctx.leaves()))) is None
+    except Exception:  # noqa: BLE001 - fn's own failure, for the check to report
+        return False
+
+
+def _domain_like(cause: BaseException) -> bool:
+    """True when a check's failure ``cause`` may come from fn leaving its domain: fn
+    raised ``ValueError`` (refusing values; a check reports it as ``"ValueError: ..."``),
+    or the numerical derivative was NaN. A finite mismatch is a wrong derivative,
+    whatever fn does beside its inputs."""
+    if isinstance(cause, CheckFailure):
+        return cause.message.startswith("ValueError: ") or "vs numerical nan" in cause.message
+    return isinstance(cause, ValueError)
+
+
+def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseException) -> None:
+    """A :class:`UsageError` when ``check`` (one of :data:`CENTRAL_DIFFERENCE_CHECKS`)
+    failed with ``cause`` because the given inputs lie within ``eps`` of the edge of fn's
+    domain: the failure is a ``ValueError`` of fn or a NaN comparison, and fn is finite at
+    the inputs but refuses (``ValueError``) or gives NaN at an input shifted by +-``eps``
+    (every element at once), where central differences evaluate it. Nothing otherwise
+    (the failure stands)."""
+    if check not in CENTRAL_DIFFERENCE_CHECKS or not _domain_like(cause):
+        return
+    if not _finite_at_inputs(ctx):
+        return
+    eps = float(ctx.options.eps)
+    for k in range(len(ctx.grad_idx)):
+        for step in (-eps, eps):
+            with torch.no_grad():
+                found = _outside_after_shift(ctx, k, step)
+            if found is not None:
+                raise UsageError(
+                    f"check_function: {check} compares with central differences, which "
+                    f"evaluate fn at {ctx.input_name(k)} shifted by {step:+g} (eps), and "
+                    f"there {found}: the given inputs lie within eps of the edge of fn's "
+                    "domain (a log or a sqrt of a value below eps?); pass inputs farther "
+                    f"from it or a smaller eps ({option('eps', eps / 100)}); "
+                    f"{inputs_in_domain()}"
+                )
