@@ -10,6 +10,7 @@ import pytest
 import torch.nn.functional as F
 from tests.verify import real_world_twins as rw
 from tests.verify.zoo.entry import seeded
+from torch.autograd import Function
 
 from torchbp.verify import check_function
 
@@ -191,3 +192,25 @@ def test_its_wrong_twin_fails_where_its_mistake_shows(name):
     _, twin, inputs, reference, options, caught_by = PAIRS[name]
     report = check_function(twin, *inputs, reference=reference, **options, **FAST)
     assert report[caught_by].failed, report
+
+
+class _FlattenWithView(Function):
+    """Flattens with x.view(-1) in forward: refuses a transposed input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.view(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.reshape(ctx.shape)
+
+
+def test_a_forward_calling_view_is_not_blamed_on_backward():
+    # before: "backward calls .view() on a non-contiguous tensor (e.g. a transposed
+    # grad_output)", for a .view() in forward given a transposed input
+    report = check_function(_FlattenWithView, seeded(3, 4), checks=["grad_output_safety"])
+    message = report["grad_output_safety"].message
+    assert report["grad_output_safety"].failed, report
+    assert "fn or its backward calls .view()" in message and "transposed input" in message

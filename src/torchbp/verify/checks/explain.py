@@ -123,8 +123,8 @@ _EXPLANATIONS: tuple[tuple[str, str | Callable[[], str]], ...] = (
     ),
     (
         "view size is not compatible with input tensor's size and stride",
-        "backward calls .view() on a non-contiguous tensor (e.g. a transposed grad_output): "
-        "use .reshape()",
+        "fn or its backward calls .view() on a non-contiguous tensor (e.g. a transposed "
+        "input or grad_output): use .reshape()",
     ),
     (
         "a leaf Variable that requires grad",
