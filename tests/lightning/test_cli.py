@@ -2041,3 +2041,23 @@ def test_a_model_checkpoint_against_its_metrics_direction_is_a_cli_error_before_
     assert "keep its worst checkpoints as the best" in err, err
     assert f"give it mode: {wanted}" in err and "callbacks+=ModelCheckpoint" in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_checkpoint_saved_on_ctrl_c_is_said_in_one_tidy_line(tmp_path, caplog):
+    """Lightning said "An KeyboardInterrupt was raised with message:             , saved
+    checkpoint to ..." (a line continuation inside its f-string, and Ctrl-C's empty
+    message)."""
+    import logging
+
+    with caplog.at_level(logging.INFO), pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt",
+            "--trainer.callbacks.step=2",
+        )
+    (saved,) = [r.getMessage() for r in caplog.records if "saved a checkpoint" in r.getMessage()]
+    (path,) = (tmp_path / "iris/version_0/checkpoints").glob("*-interrupted.ckpt")
+    assert saved == f"KeyboardInterrupt: saved a checkpoint to {path}", saved

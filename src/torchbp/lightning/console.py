@@ -153,13 +153,33 @@ class ShortErrorParser(LightningArgumentParser):
         exit_with_error(headline(message), *details, "tip: add --help to list every option")
 
 
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(UNACTIONABLE_LOGS)
+#: Lightning's message on the checkpoint saved on an exception, whose line continuation
+#: inside its f-string puts a run of spaces before the (often empty) exception message:
+#: "An KeyboardInterrupt was raised with message:             , saved checkpoint to ..."
+_EXCEPTION_CHECKPOINT = re.compile(
+    r"^An (\w+) was raised with message:\s*(.*?), saved checkpoint to (.*)$", re.DOTALL
+)
+
+
+def _for_a_person(record: logging.LogRecord) -> bool:
+    """Drop an advert; say Lightning's checkpoint-on-exception message in one tidy line:
+    ``KeyboardInterrupt: saved a checkpoint to PATH`` (with the exception's message, if
+    any, after its name)."""
+    message = record.getMessage()
+    if message.startswith(UNACTIONABLE_LOGS):
+        return False
+    saved = _EXCEPTION_CHECKPOINT.match(message)
+    if saved:
+        name, said, path = saved.groups()
+        record.msg = f"{name}{f' ({said})' if said else ''}: saved a checkpoint to {path}"
+        record.args = ()
+    return True
 
 
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Hide Lightning's warnings and messages that a user cannot act on, inside the block.
+    """Hide Lightning's warnings and messages that a user cannot act on, and tidy its
+    message on the checkpoint saved on an exception, inside the block.
 
     Lightning's "your dataloader is not resumable" on a fit resumed within an epoch is
     hidden too: :class:`~torchbp.lightning.ERMClassifier` continues the epoch with torchbp's
@@ -175,9 +195,9 @@ def quiet_lightning() -> Iterator[None]:
         for pattern in (*UNACTIONABLE_WARNINGS, NOT_RESUMABLE_WARNING):
             warnings.filterwarnings("ignore", message=pattern)
         for logger in loggers:
-            logger.addFilter(_not_an_advert)
+            logger.addFilter(_for_a_person)
         try:
             yield
         finally:
             for logger in loggers:
-                logger.removeFilter(_not_an_advert)
+                logger.removeFilter(_for_a_person)
