@@ -203,3 +203,29 @@ def test_an_input_within_eps_of_the_domain_edge_is_a_usage_error_naming_eps(fn):
 def test_a_wrong_backward_near_the_domain_edge_still_fails():
     report = check_function(HalfStrictSqrt, _one_near_zero(3, 4), checks=["gradcheck"], eps=1e-8)
     assert report["gradcheck"].failed, report
+
+
+class MaxNormalized(torch.autograd.Function):
+    """x / max|x|, the max read as a Python number (a quantizer's scale) and taken for a
+    constant by backward (a surrogate: d(x / s)/dx = 1/s with s fixed)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x / x.abs().max().item()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[0].abs().max().item()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g / ctx.scale
+
+
+def test_an_item_call_vmap_cannot_run_makes_vmap_unsupported_not_failed():
+    # before: vmap failed with PyTorch's "calling .item() on a Tensor" error
+    report = check_function(MaxNormalized, seeded(3, 4), checks=["vmap"])
+    assert report.ok and report["vmap"].status == "unsupported", report
+    assert "amax()" in report["vmap"].message

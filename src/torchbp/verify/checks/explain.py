@@ -70,6 +70,13 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
         "branch with torch.where instead, or check the values in a vmap staticmethod",
     ),
     (
+        "calling .item() on a Tensor",
+        "torch.func.vmap cannot run fn's .item() (a Python number read off a tensor's "
+        "values; a PyTorch limitation)",
+        "keep the value a tensor (x.abs().amax() rather than x.abs().max().item()), or "
+        "write a vmap staticmethod",
+    ),
+    (
         "no autograd formula was registered",
         "the custom op has no backward formula: autograd is unsupported",
         "call op.register_autograd(backward, setup_context=...)",
