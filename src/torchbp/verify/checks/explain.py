@@ -64,19 +64,6 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
         "index_put, masked_scatter)",
     ),
     (
-        "data-dependent control flow",
-        "torch.func.vmap cannot run fn's Python control flow on a tensor's values (an if "
-        "on bool(x.any()), a check raising for bad inputs; a PyTorch limitation)",
-        "branch with torch.where instead, or check the values in a vmap staticmethod",
-    ),
-    (
-        "calling .item() on a Tensor",
-        "torch.func.vmap cannot run fn's .item() (a Python number read off a tensor's "
-        "values; a PyTorch limitation)",
-        "keep the value a tensor (x.abs().amax() rather than x.abs().max().item()), or "
-        "write a vmap staticmethod",
-    ),
-    (
         "no autograd formula was registered",
         "the custom op has no backward formula: autograd is unsupported",
         "call op.register_autograd(backward, setup_context=...)",
@@ -91,6 +78,20 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
 #: (text found in torch's message or its causes, what it means and how to fix it: a
 #: function making the text where it names an option)
 _EXPLANATIONS: tuple[tuple[str, str | Callable[[], str]], ...] = (
+    (
+        "data-dependent control flow",
+        "torch.func.vmap cannot run fn's Python control flow on a tensor's values (an if "
+        "on bool(x.any()), a check raising for bad inputs), yet fn offers vmap (a vmap rule "
+        "or generate_vmap_rule = True): branch with torch.where, or check the values in a "
+        "vmap staticmethod",
+    ),
+    (
+        "calling .item() on a Tensor",
+        "torch.func.vmap cannot run fn's .item() (a Python number read off a tensor's "
+        "values), yet fn offers vmap (a vmap rule or generate_vmap_rule = True): keep the "
+        "value a tensor (x.abs().amax(), not x.abs().max().item()), or write a vmap "
+        "staticmethod",
+    ),
     (
         "override the setup_context staticmethod",
         "Function lacks setup_context: torch.func transforms cannot use it (write "
