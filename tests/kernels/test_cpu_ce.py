@@ -222,3 +222,17 @@ def test_plain_rows_matches_reference_on_either_softmax(
     for got, want in zip(ours, ref):
         assert got.dtype == want.dtype and got.shape == want.shape
         torch.testing.assert_close(got, want, **TOL[dtype], equal_nan=True)
+
+
+# --------------------------------------------------------------------------- one-hot step
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_subtract_one_hot_takes_one_from_each_rows_target_column(dtype):
+    """The CPU's scalar scatter (``reduce='add'``) gives ``p - onehot(y)`` exactly, with
+    classes repeated across rows and a row's target at either end; ``p`` is returned,
+    written in place."""
+    p = torch.softmax(logits(dtype), 1)
+    y = torch.tensor([0, C - 1, 3, 3, 0, 1, 2, 3, 4, 5, 6, C - 1, 0]).unsqueeze(1)
+    want = p - F.one_hot(y.squeeze(1), C).to(dtype)
+    got = cpu_ce.subtract_one_hot(p, y)
+    assert got is p
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -34,6 +34,7 @@ __all__ = [
     "fused_softmax_rows",
     "plain_rows",
     "softmax_rows",
+    "subtract_one_hot",
 ]
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (ℓ (m,), ∂ℓ/∂z (m, C), lse (m,))
@@ -94,13 +95,24 @@ def plain_rows(z: torch.Tensor, target: torch.Tensor, ignore_index: int | None) 
     # ℓ_i = lse_i - z_{i,y_i} = log Σ_c e^{z_ic - m_i} - (z_{i,y_i} - m_i)
     loss = log_total - shifted_y
     # ∂ℓ_i/∂z_i = p_i - onehot(y_i)
-    p.scatter_add_(1, y, torch.full_like(loss, -1.0))
+    subtract_one_hot(p, y)
     if valid is not None:  # ignored rows: 0 loss and gradient
         loss.masked_fill_(~valid, 0.0)
-        if z.device.type != "cpu" or not bool(valid.all()):  # (looking costs no sync on CPU)
+        if not z.is_cpu or not bool(valid.all()):  # (looking costs no sync on CPU)
             p.mul_(valid)
     lse = m.add_(log_total)
     return loss.squeeze(1), p, lse.squeeze(1)
+
+
+def subtract_one_hot(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``p - onehot(y)`` written into ``p`` (m, C), for class indices ``y`` (m, 1) in
+    ``[0, C)``: ``p[i, y_i] -= 1``. On the CPU one scatter of the scalar ``-1`` (no (m, 1)
+    tensor of ``-1`` to build first: one ATen call fewer, ~0.7 us of a 64 x 10 forward's
+    ~16); elsewhere ``scatter_add_`` of such a tensor, as before (scatter's ``reduce=``
+    form is not checked on other devices, e.g. under CUDA's deterministic mode)."""
+    if p.is_cpu:
+        return p.scatter_(1, y, -1.0, reduce="add")
+    return p.scatter_add_(1, y, p.new_full(y.shape, -1.0))
 
 
 def blocked_rows(
