@@ -284,10 +284,24 @@ def check_not_inference(op: str, needed_for: str, **tensors: torch.Tensor | None
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
     """The given tensors (``None`` skipped) share one device: a :class:`DeviceError`
     listing each one's otherwise."""
-    devices = {v.device for v in tensors.values() if v is not None}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
-        raise DeviceError(f"{op}: expected all tensors on one device, got {listing}")
+    if _one_device(tensors.values()):
+        return
+    listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+    raise DeviceError(f"{op}: expected all tensors on one device, got {listing}")
+
+
+def _one_device(tensors) -> bool:
+    """Whether the tensors (``None`` skipped) share one device: a plain loop comparing each
+    with the first (this runs on every loss call; a set of devices costs more)."""
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            return False
+    return True
 
 
 def check_floating(op: str, name: str, t: torch.Tensor) -> None:
@@ -399,13 +413,14 @@ class ClassLayout(NamedTuple):
 
 def class_layout(op: str, input: torch.Tensor) -> ClassLayout:
     """The :class:`ClassLayout` of input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``."""
-    if input.dim() == 0:
+    shape = input.shape  # (read once: each read of it, or of dim(), is a call into torch)
+    if len(shape) == 0:
         raise MissingDimError(
             f"{op}: input must have a class dim: (C,), (N, C) or (N, C, d1, ...); got 0-dim"
         )
-    if input.dim() == 1:
-        return ClassLayout(input.shape[0], 0, ())
-    return ClassLayout(input.shape[1], 1, (input.shape[0], *input.shape[2:]))
+    if len(shape) == 1:
+        return ClassLayout(shape[0], 0, ())
+    return ClassLayout(shape[1], 1, (shape[0],) if len(shape) == 2 else (shape[0], *shape[2:]))
 
 
 def check_batch_size(op: str, input: torch.Tensor, target: torch.Tensor) -> None:
