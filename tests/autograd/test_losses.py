@@ -905,3 +905,23 @@ def test_k_dim_gradients_come_back_in_the_inputs_layout(name, kind, memory_forma
     for got, want, leaf in zip(ours, native, leaves, strict=True):
         torch.testing.assert_close(got, want)
         assert got.stride() == leaf.stride()
+
+
+def test_autocast_device_type_reads_a_subclass_device_not_its_storage():
+    """The wrappers' autocast query reads a plain tensor's device type from ``is_cpu`` /
+    ``is_cuda`` and asks a subclass's ``device`` (a fake tensor, torch.compile's and
+    torch.export's, keeps its storage on the meta device): each is ``t.device.type``, and
+    a fake CPU tensor meets CPU autocast as a real one does."""
+    # FakeTensorMode has no public import path (as tests/test_public_api_only.py uses it)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchbp.functional._autocast import _autocast_dtype, _device_type
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.ones(2))
+    for t in (torch.ones(2), torch.ones(2, device="meta"), fake):
+        assert _device_type(t) == t.device.type
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_dtype(fake) is torch.bfloat16
+        assert _autocast_dtype(torch.ones(2, device="meta")) is None
+    assert _autocast_dtype(fake) is None

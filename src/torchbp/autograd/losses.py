@@ -201,10 +201,15 @@ def ce_forward(logits, target, weight, ignore_index, smoothing, inplace) -> CERo
         ignore = NO_IGNORE if ignore_index is None else ignore_index
         return CERows(*triton_ce.ce_forward_rows(logits, target, weight, ignore, smoothing))
     # torch.func may batch the target or weights alone: the fast paths then step aside too
-    eager = all(values_inspectable(t) for t in (logits, target, weight) if t is not None)
+    # (plain ands, not all() of a generator, which costs more than the queries)
+    eager = (
+        values_inspectable(logits)
+        and values_inspectable(target)
+        and (weight is None or values_inspectable(weight))
+    )
     full_precision = logits.dtype in (torch.float32, torch.float64)
     plain = weight is None and not smoothing and not target.is_floating_point()
-    if eager and full_precision and plain and logits.numel():
+    if eager and full_precision and plain and rows:  # (C > 0 here: rows > 0 is numel > 0)
         return CERows(*cpu_ce.plain_rows(logits, target, ignore_index))
     if eager and not full_precision:
         grad = logits.new_empty((rows, classes))

@@ -8,10 +8,25 @@ import torch
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    device = t.device.type
+    """The dtype autocast casts ``t``'s op inputs to on ``t``'s device, or None where
+    autocast is off there (or the device has none)."""
+    device = _device_type(t)
     if device not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
+
+
+def _device_type(t: torch.Tensor) -> str:
+    """``t.device.type``; for a plain CPU or CUDA tensor read from ``is_cpu`` / ``is_cuda``
+    (a fifth of the cost: ``device`` builds a ``torch.device`` on every call of every
+    wrapper). A subclass may report another device than its storage's (a fake tensor's
+    storage is on the meta device): its ``device`` is asked."""
+    if type(t) is torch.Tensor:
+        if t.is_cpu:
+            return "cpu"
+        if t.is_cuda:
+            return "cuda"
+    return t.device.type
 
 
 def _cast_low(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

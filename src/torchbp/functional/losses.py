@@ -17,7 +17,7 @@ from torchbp.autograd import CrossEntropyFunction, NLLLossFunction
 from torchbp.autograd._compile import apply, pair
 from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.losses import ClassLastRowsFunction
-from torchbp.functional._autocast import _autocast_dtype, _cast_low
+from torchbp.functional._autocast import _autocast_dtype, _cast_low, _device_type
 from torchbp.functional._loss_terms import _probability_loss_dtype, _target_weight_sum
 from torchbp.functional._recording import _differentiated, _recorded_view, _traced
 from torchbp.functional.softmax_family import log_softmax
@@ -71,7 +71,7 @@ def _flat_indices(target: torch.Tensor) -> torch.Tensor:
     """Class indices ``target`` as an int64 ``(M,)`` tensor (uint8 indices are accepted, as
     native does): a 1-D int64 target as it is (no view to make: the common case)."""
     flat = target if target.dim() == 1 else target.reshape(-1)
-    return flat.long()
+    return flat if flat.dtype == torch.int64 else flat.long()  # (.long() dispatches even then)
 
 
 def _differentiated_or_traced(t: torch.Tensor | None) -> bool:
@@ -140,7 +140,7 @@ def _row_mean(rows: torch.Tensor) -> torch.Tensor:
     of two (~2 us of a small loss's forward + backward). Elsewhere the sum, then the
     division, as native's losses divide (CUDA's mean kernel scales by 1/M, which may round
     differently)."""
-    if rows.device.type == "cpu":
+    if _device_type(rows) == "cpu":
         return rows.mean()
     return rows.sum() / rows.shape[0]
 
@@ -207,7 +207,9 @@ def nll_loss(
     denominator = None  # 'mean': every row counts 1
     if reduction == "mean" and not (unmasked and weight is None):
         denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
-    return _reduce(rows.to(acc), reduction, batch_shape, input.dtype, denominator)
+    if rows.dtype != acc:  # (a same-dtype .to costs as much as a small op)
+        rows = rows.to(acc)
+    return _reduce(rows, reduction, batch_shape, input.dtype, denominator)
 
 
 def cross_entropy(
