@@ -194,6 +194,14 @@ def test_its_wrong_twin_fails_where_its_mistake_shows(name):
     assert report[caught_by].failed, report
 
 
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_its_wrong_twin_fails_in_fast_mode_without_a_reference(name):
+    # random projections (the default above 4096 elements) and no reference to lean on
+    _, twin, inputs, _, options, caught_by = PAIRS[name]
+    report = check_function(twin, *inputs, **options, fast_mode=True, **FAST)
+    assert report[caught_by].failed, report
+
+
 class _FlattenWithView(Function):
     """Flattens with x.view(-1) in forward: refuses a transposed input."""
 
