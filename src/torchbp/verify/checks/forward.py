@@ -11,6 +11,11 @@ the same floating-point outputs (within the dtype's tolerance): every check comp
 of fn, and one that keeps state between calls would fail them for misleading reasons. Every
 call starts torch's generators from the run's seed (``checks.rng``), so a dropout drawing
 its mask with ``torch.rand*`` gives the same outputs twice and passes.
+
+Inputs outside fn's domain are a usage error (:class:`UsageError`), not a failure: fn
+refusing them with a ``ValueError`` (a Function checking that its input is positive), or
+giving NaN where the reference does too (a log of a negative number), while a check
+comparing with central differences runs.
 """
 
 from __future__ import annotations
