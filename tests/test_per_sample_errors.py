@@ -1364,6 +1364,24 @@ def test_vmap_of_the_model_inside_the_context_refused_naming_the_transform(call)
         _ = ps.norms
 
 
+@pytest.mark.parametrize("mode", ["norms", "grads"])
+def test_vmap_of_a_trainable_linear_in_front_of_the_model_writes_no_grad(mode):
+    """vmap of a trainable torchbp Linear outside the model, in front of it: its call is
+    refused at its backward, which runs after the model's Linears (made later). The
+    refusal of a call inside a transform no longer made the results wait for that
+    backward, so the model's p.grad was written before it raised; it waits again."""
+    from torch.func import vmap
+
+    model, front, x = mlp(nn.Tanh()), torchbp.nn.Linear(4, 4), torch.randn(5, 4)
+    with per_sample_grads(model, mode) as ps:
+        h = vmap(front)(x)
+        with pytest.raises(RuntimeError, match="ran inside a torch.func transform"):
+            model(h).sum().backward()
+    assert all(p.grad is None for p in [*model.parameters(), *front.parameters()])
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
 def test_functional_call_refusal_names_the_swapped_parameter():
     """torch.func.functional_call with other tensors than the model's parameters is
     refused at the backward. The message asked whether the Linear's forward transforms

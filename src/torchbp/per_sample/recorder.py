@@ -106,17 +106,25 @@ class Recorder:
             layer = self._by_bias.get(id(bias))
         trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
         if (layer is not None or trainable) and _inside_torch_func(x, weight, bias):
-            return Stray(self, self._transform_reason(layer))
+            return self._stray(self._transform_reason(layer), weight, bias)
         if layer is None:
             if trainable:
-                if self.watch_stray is not None:
-                    self.watch_stray([t for t in (weight, bias) if t is not None])
-                return Stray(self, self._stray_reason(self._by_weight.get(id(weight)), weight))
+                reason = self._stray_reason(self._by_weight.get(id(weight)), weight)
+                return self._stray(reason, weight, bias)
             return None
         use = Use(self, layer, x.shape)
         if self.recordings == 0 and not self.segments.checked:
             self.segments.note(use, self._caller_name(layer))
         return use
+
+    def _stray(self, reason: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Stray:
+        """A :class:`Stray` refusing a call for ``reason`` at its backward; the open
+        context's results wait for that backward (:attr:`watch_stray`), which may run
+        after the backward has passed every parameter of the model (a call made before
+        the model's), so that no ``p.grad`` is written before the refusal."""
+        if self.watch_stray is not None:
+            self.watch_stray([t for t in (weight, bias) if t is not None])
+        return Stray(self, reason)
 
     def _caller_name(self, layer: Layer) -> str:
         """The name of the module of ``layer`` (its Linear, or one tied to it) whose forward
@@ -192,8 +200,12 @@ def _autocast_enabled(device_type: str) -> bool:
 
 def _inside_torch_func(*tensors: torch.Tensor | None) -> bool:
     """Whether a dense one of ``tensors`` is one that a ``torch.func`` transform wraps or
-    batches (it has no storage of its own; a sparse tensor has none either)."""
-    return any(t is not None and t.layout == torch.strided and not has_storage(t) for t in tensors)
+    batches (it has no storage of its own; a sparse tensor has none either). A plain loop,
+    the layout read only without storage: it runs at every recorded Linear call."""
+    for t in tensors:
+        if t is not None and not has_storage(t) and t.layout == torch.strided:
+            return True
+    return False
 
 
 def _id_or_none(t: torch.Tensor | None) -> int | None:
