@@ -221,3 +221,42 @@ def test_a_reentrant_checkpoint_inside_the_model_after_one_in_front_still_served
         _loss(model(torch.tanh(x))).backward()
     assert ps.clip_factors.shape == (5,)
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_a_frozen_reentrant_checkpoint_in_front_of_an_input_without_grad_is_served():
+    """A frozen segment checkpointed in front (use_reentrant=True) of an input that
+    needs no gradient: the checkpoint's output has no node, nothing can leak; served."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, front = _model(), nn.Linear(4, 4).requires_grad_(False)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        h = checkpoint(front, torch.randn(5, 4), use_reentrant=True)
+        _loss(model(h)).backward()
+    assert ps.clip_factors.shape == (5,)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_a_frozen_reentrant_checkpoint_in_front_of_an_input_with_grad_names_what_works():
+    """The same frozen segment of an input that requires grad keeps its node, and is
+    refused (what its function trains cannot be seen). The refusal offered "freeze what
+    it trains", which this segment already is: it says to detach its input or output
+    instead, and each way out it names is served."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, front = _model(), nn.Linear(4, 4).requires_grad_(False)
+    x = torch.randn(5, 4, requires_grad=True)
+    refusal = r"freezing what it trains is not enough while its input requires grad.*detach"
+    with pytest.raises(RuntimeError, match=refusal):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            model(checkpoint(front, x, use_reentrant=True))
+    for way_out in ("detach_input", "detach_output", "non_reentrant"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+            if way_out == "detach_input":
+                h = checkpoint(front, x.detach(), use_reentrant=True)
+            elif way_out == "detach_output":
+                h = checkpoint(front, x, use_reentrant=True).detach()
+            else:
+                h = checkpoint(front, x, use_reentrant=False)
+            _loss(model(h)).backward()
+        assert ps.clip_factors.shape == (5,)

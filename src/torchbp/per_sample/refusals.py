@@ -229,8 +229,9 @@ def _refuse_reentrant_checkpoint_before(checkpoints: set, inputs: object) -> Non
             "use_reentrant=True), whose forward keeps no graph, so the trainable parameters "
             "it uses cannot be seen; in mode='clip' they would receive an unclipped "
             "gradient outside the per-sample accounting: use use_reentrant=False there "
-            "(its graph is then checked), freeze what it trains (requires_grad_(False)), or "
-            "detach what it produces"
+            "(its graph is then checked), or detach what it produces; freezing what it "
+            "trains is not enough while its input requires grad (the checkpoint's node is "
+            "kept, and what it trains cannot be seen): then also detach its input"
         )
 
 
