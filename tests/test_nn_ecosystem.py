@@ -606,3 +606,69 @@ def test_onnx_export_of_linear_cross_entropy_loss_computes_natives_loss(kwargs, 
         want = want.reshape(2, 3)
     got = _onnx_run(_onnx_bytes(bp, (x, target), dynamo), (x, target))
     torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
+
+
+#: ``ignore_index`` keywords of a loss, and the target value planted in row 0 (None: none)
+_IGNORED = {
+    "none_ignored": ({}, None),
+    "default_ignore_index": ({}, -100),
+    "ignore_index_2": ({"ignore_index": 2}, 2),
+}
+
+
+#: (loss module, reduction, ``_IGNORED`` key, dynamo): every case for the TorchScript-based
+#: exporter (which traces the Functions' forward), one per loss for the dynamo one (which
+#: exports the ATen operators of torch.export; ~1 s each)
+_LOSS_EXPORTS = [
+    (loss, reduction, ignored, False)
+    for loss in ("CrossEntropyLoss", "NLLLoss")
+    for reduction in ("mean", "sum", "none")
+    for ignored in _IGNORED
+] + [(loss, "none", "default_ignore_index", True) for loss in ("CrossEntropyLoss", "NLLLoss")]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize(("loss", "reduction", "ignored", "dynamo"), _LOSS_EXPORTS)
+def test_onnx_export_of_a_loss_computes_natives_loss(loss, reduction, ignored, dynamo):
+    """The TorchScript-based exporter replaced cross_entropy's Function by the operators
+    its forward recorded, which also build the logits' gradient in place: the export
+    failed (``aten::unsqueeze``), or wrote a file computing a wrong loss."""
+    kwargs, planted = _IGNORED[ignored]
+    bp = getattr(torchbp.nn, loss)(reduction=reduction, **kwargs).eval()
+    native = getattr(nn, loss)(reduction=reduction, **kwargs)
+    x, target = torch.randn(4, 5), torch.randint(5, (4,))
+    if planted is not None:
+        target[0] = planted
+    got = _onnx_run(_onnx_bytes(bp, (x, target), dynamo), (x, target))
+    torch.testing.assert_close(got, native(x, target), atol=1e-6, rtol=1e-5)
+
+
+def _cross_entropy_call(form: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """``(CrossEntropyLoss kwargs, logits, target)`` of one form of call."""
+    logits, target = torch.randn(4, 5), torch.randint(5, (4,))
+    target[0] = -100
+    if form == "k_dim":
+        logits, target = torch.randn(2, 5, 3), torch.randint(5, (2, 3))
+        target[0, 0] = -100
+    if form == "unbatched":
+        logits, target = torch.randn(5), torch.tensor(2)
+    if form == "probabilities":
+        target = torch.rand(4, 5).softmax(1)
+    kwargs = {"weighted": {"weight": torch.rand(5)}, "smoothed": {"label_smoothing": 0.1}}
+    return kwargs.get(form, {}), logits, target
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("form", ["k_dim", "unbatched", "weighted", "smoothed", "probabilities"])
+def test_onnx_export_of_cross_entropy_computes_natives_loss(form, reduction):
+    """Every form of cross-entropy call exports to a file computing native's loss with
+    the TorchScript-based exporter (whose native symbolic refuses an unbatched call, label
+    smoothing and probabilities)."""
+    kwargs, logits, target = _cross_entropy_call(form)
+    bp = torchbp.nn.CrossEntropyLoss(reduction=reduction, **kwargs).eval()
+    want = nn.CrossEntropyLoss(reduction=reduction, **kwargs)(logits, target)
+    got = _onnx_run(_onnx_bytes(bp, (logits, target), dynamo=False), (logits, target))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

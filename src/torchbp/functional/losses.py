@@ -109,6 +109,15 @@ def _writes_gradient_over_logits(
     )
 
 
+def _exported_to_onnx() -> bool:
+    """Whether the TorchScript-based ONNX exporter (``torch.onnx.export(...,
+    dynamo=False)``) traces this call. That exporter replaces each Function by the
+    operators its forward recorded; cross_entropy's Function also builds the logits'
+    gradient there, in place, which for plain class-index targets made the export fail
+    (``aten::unsqueeze``) or, in earlier kernels, write a file computing a wrong loss."""
+    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+
+
 def _kept_from_logits(t: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
     """``t``, or a copy of it where it shares ``logits``' storage: ``inplace=True`` writes
     the gradient over the logits while the target and class weights are still being read
@@ -306,6 +315,11 @@ def cross_entropy(
         input, weight = _cast_loss_for_autocast(input, weight)
     if not soft:
         _checks.check_class_weight_dtype("cross_entropy", weight, input.dtype)
+        if not label_smoothing and _exported_to_onnx():
+            # the unfused pair, which the exporter records faithfully (other calls, with
+            # label smoothing or probabilities, take a path of the Function that it does)
+            logp = log_softmax(input, class_dim)
+            return nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
     if soft:  # promoted with the target and class weights, as native's formula
         common = _probability_loss_dtype(input, target, weight)
         input, target = input.to(common), target.to(common)
