@@ -18,6 +18,16 @@ The piecewise ones (ReLU, LeakyReLU, ELU, Softplus) also give their curvature
 computed with ``create_graph=True`` as native does (ReLU's second derivative is 0, not an
 error).
 
+In place (ReLU, LeakyReLU, ELU), ``forward`` writes into the input itself, so that what
+watches a write by the tensor written (a ``TorchDispatchMode``:
+``torch.autograd.graph.allow_mutation_on_saved_tensors`` clones a saved tensor, found by
+its data pointer and version, before an op overwrites it) sees it as native's. Where
+autograd records the call, the input's version counter then moves by 2 (the write, then
+``ctx.mark_dirty``) where native's moves by 1: a later backward's "modified by an inplace
+operation" error names version 2 where native's names 1. Writing through ``x.data``
+(its own counter, at 0) would move it by 1 but hide the write from such a mode: the
+tensor saved by another op was overwritten, and its backward silently wrong.
+
 Complex input (sigmoid, tanh, SiLU; the others refuse it in forward, as native): backward
 is ``dx = g · conj(f')``, native's convention, and ``conj(f'(s)) = f'(conj(s))`` for these
 real-coefficient formulas, so backward hands the formula ``saved.conj()`` (a no-op for
@@ -31,7 +41,6 @@ import math
 import torch
 from torch.autograd import Function
 
-from torchbp._execution import exporting, has_storage
 from torchbp.autograd._derivative import derivative
 
 __all__ = [
@@ -56,19 +65,6 @@ def _save(ctx, tensor: torch.Tensor) -> None:
     ctx.save_for_backward(tensor)
     ctx.save_for_forward(tensor)
     ctx.set_materialize_grads(False)
-
-
-def _write_target(x: torch.Tensor) -> torch.Tensor:
-    """What an in-place ``forward`` writes into: ``x.data`` where ``Function.apply`` runs
-    it eagerly, so that ``x``'s version counter moves once, by ``ctx.mark_dirty``, as
-    native's in-place op moves it (the kernel writing ``x`` itself would move it a
-    second time: "is at version 2; expected version 0" where native says 1). ``x`` itself
-    while torch.compile traces the Function or :func:`torch.export.export` runs its
-    ``forward`` as plain ops (the write must be recorded there), and for a tensor without
-    storage (torch.func-wrapped or batched), which has no ``.data`` of its own."""
-    if torch.compiler.is_compiling() or exporting() or not has_storage(x):
-        return x
-    return x.data
 
 
 def _save_output_or_input(
@@ -186,7 +182,7 @@ class ReLUFunction(Function):
     @staticmethod
     def forward(x, inplace):
         if inplace:
-            _write_target(x).clamp_min_(0)
+            x.clamp_min_(0)
             return x  # the input object itself: Dynamo checks that a dirty input is returned
         return torch.clamp_min(x, 0)
 
@@ -275,7 +271,7 @@ class LeakyReLUFunction(Function):
     def forward(x, negative_slope, inplace):
         # f(x) = x for x > 0 (and at 0, where both branches agree), slope · x otherwise.
         if inplace:
-            torch.nn.functional.leaky_relu_(_write_target(x), negative_slope)
+            torch.nn.functional.leaky_relu_(x, negative_slope)
             return x  # the input object itself, as Dynamo requires of a dirty input
         return torch.nn.functional.leaky_relu(x, negative_slope)
 
@@ -445,7 +441,7 @@ class ELUFunction(Function):
     @staticmethod
     def forward(x, alpha, inplace):
         if inplace:
-            torch.nn.functional.elu_(_write_target(x), alpha)
+            torch.nn.functional.elu_(x, alpha)
             return x  # the input object itself, as Dynamo requires of a dirty input
         return torch.nn.functional.elu(x, alpha)
 
