@@ -148,3 +148,95 @@ def test_a_reentrant_checkpoint_around_the_layer_served_on_each_device(device):
     with per_sample_grads(wrapped, mode="grads") as ps:
         summed_cross_entropy(wrapped, x.requires_grad_(), y).backward()
     assert_matches_truth(model, ps, truth)
+
+
+def _checkpointed(model: nn.Module) -> nn.Module:
+    """``model`` behind a reentrant activation checkpoint of its whole forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = nn.Module()
+    wrapped.model = model
+    wrapped.forward = lambda t: checkpoint(model, t, use_reentrant=True)
+    return wrapped
+
+
+def test_formed_weights_are_unfiled_at_an_exit_by_an_exception_with_the_graph_alive():
+    """An error inside the context while the forward's graph (and the weights it formed)
+    lives on: their entries go at the exit, and a weight formed after it is not filed
+    (the hook on the parametrization is gone)."""
+    model, filed = _model(), len(per_sample_recorders_by_weight)
+    with pytest.raises(KeyError, match="boom"):
+        with per_sample_grads(model, mode="grads"):
+            out = model(torch.randn(5, 4))
+            formed = model[0].weight
+            assert id(formed) in per_sample_recorders_by_weight
+            raise KeyError("boom")
+    assert out.grad_fn is not None and id(formed) not in per_sample_recorders_by_weight
+    assert id(model[0].weight) not in per_sample_recorders_by_weight
+    assert len(per_sample_recorders_by_weight) == filed
+
+
+def test_a_freed_formed_weight_leaves_no_entry_for_a_tensor_reusing_its_id():
+    """A formed weight's entry goes when it is freed, inside the context: a tensor that
+    Python later places at its address (the same id) is not taken for the weight by a
+    linear call on another thread."""
+    model = _model()
+    with per_sample_grads(model, mode="grads"):
+        formed = model[0].weight
+        key = id(formed)
+        assert per_sample_recorders_by_weight.get(key) is not None
+        del formed
+        assert key not in per_sample_recorders_by_weight
+        reusing = [torch.empty(6, 4) for _ in range(100)]
+        assert all(id(t) not in per_sample_recorders_by_weight for t in reusing)
+
+
+def test_one_model_in_two_contexts_in_turn_recomputed_on_another_thread():
+    """Two steps of one model, each in its own context, its reentrant checkpoint
+    recomputed on another thread: the second finds its own context, not a stale entry
+    of the first, and each step matches its truth."""
+    model, y = _model(), torch.tensor([0, 1, 2, 0, 1])
+    wrapped, filed = _checkpointed(model), len(per_sample_recorders_by_weight)
+    for _ in range(2):
+        x = torch.randn(5, 4)
+        truth = per_sample_truth(model, x, y)
+        model.zero_grad(set_to_none=True)
+        with per_sample_grads(wrapped, mode="grads") as ps:
+            _backward_on_another_thread(summed_cross_entropy(wrapped, x.requires_grad_(), y))
+        assert_matches_truth(model, ps, truth)
+        assert len(per_sample_recorders_by_weight) == filed
+
+
+def test_two_contexts_on_two_threads_each_recomputed_on_a_thread_of_its_own():
+    """Two models, each stepped in its own context on its own thread while the other
+    runs, each backward recomputing its checkpoint on a further thread: each call finds
+    its own context among the entries filed and unfiled concurrently."""
+    models = [_model(), _model()]
+    y = torch.tensor([0, 1, 2, 0, 1])
+    inputs = [torch.randn(5, 4) for _ in models]
+    truths = [per_sample_truth(m, x, y) for m, x in zip(models, inputs)]
+    results, errors = [None, None], []
+    start = threading.Barrier(2)
+
+    def step(i: int) -> None:
+        try:
+            wrapped = _checkpointed(models[i])
+            start.wait()
+            for _ in range(3):
+                models[i].zero_grad(set_to_none=True)
+                with per_sample_grads(wrapped, mode="grads") as ps:
+                    loss = summed_cross_entropy(wrapped, inputs[i].clone().requires_grad_(), y)
+                    _backward_on_another_thread(loss)
+            results[i] = ps
+        except Exception as error:  # re-raised on the calling thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=step, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    for model, ps, truth in zip(models, results, truths):
+        assert_matches_truth(model, ps, truth)
