@@ -65,7 +65,7 @@ def test_clip_step_of_an_unusual_input(kind):
     with per_sample_grads(model, mode="clip", max_norm=MAX_NORM) as ps:
         _loss(model, x, y).backward()
     assert ps.batch_size == x.shape[0]
-    for p, clipped in zip(ps.parameters, expected):
+    for p, clipped in zip(ps.parameters, expected, strict=True):
         torch.testing.assert_close(p.grad, clipped)
 
 
@@ -83,5 +83,5 @@ def test_clip_step_adds_to_gradients_zeroed_in_place_or_held(build):
                 p.grad += 1.0
         with per_sample_grads(model, mode="clip", max_norm=MAX_NORM) as ps:
             _loss(model, x, y).backward()
-        for p, clipped in zip(ps.parameters, expected):
+        for p, clipped in zip(ps.parameters, expected, strict=True):
             torch.testing.assert_close(p.grad, clipped + float(held))
