@@ -114,3 +114,17 @@ def test_a_meta_model_runs_the_whole_step():
     with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
         model(x).square().sum().backward()
     assert ps.norms.shape == (5,) and ps.norms.is_meta
+
+
+@pytest.mark.parametrize("of", ["the_model", "a_linear_outside_it"])
+def test_a_vmap_evaluation_outside_the_loss_holds_nothing_back(of):
+    """vmap of the model (or of a trainable Linear outside it) in grad mode, for a metric
+    the loss does not use: its calls are refused only at a backward through them, and
+    the results, which wait for such a backward, are formed without it."""
+    model, other, x = _model(), torchbp.nn.Linear(4, 3), torch.randn(5, 4)
+    expected = _clipped_step(model, x)
+
+    def evaluate(model, x):
+        return torch.func.vmap(model if of == "the_model" else other)(x)
+
+    torch.testing.assert_close(_clipped_step(model, x, evaluate), expected)
