@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import dataclasses
+import inspect
 import pickle
 import sys
 
@@ -15,12 +16,22 @@ from torch import nn
 
 import torchbp
 from torchbp import nn as bpnn
-from torchbp.ops import module_twins
+from torchbp.ops import OPS, module_twins
 
 pytestmark = pytest.mark.usefixtures("seed")
 
 # every supported torch.nn class and its twin
 PAIRS = list(module_twins().items())
+#: the native modules of the ops' extra_modules (``Softmin``, ``Softmax2d``)
+EXTRA_NATIVE = {native for op in OPS.values() for _, native in op.extra_modules}
+
+
+def _build(cls: type[nn.Module]) -> nn.Module:
+    """An instance of a supported torch.nn class: ``build_module``'s for an op's own
+    module, with a non-default ``dim`` where an extra module takes one (``Softmin``)."""
+    if cls not in EXTRA_NATIVE:
+        return build_module(cls)
+    return cls(dim=1) if "dim" in inspect.signature(cls).parameters else cls()
 
 
 class Block(nn.Module):
@@ -65,7 +76,7 @@ def _loss_and_grads(model, x, y):
 
 @pytest.mark.parametrize("torch_cls, bp_cls", PAIRS, ids=lambda cls: cls.__name__)
 def test_each_supported_module_round_trips(torch_cls, bp_cls):
-    m = build_module(torch_cls)
+    m = _build(torch_cls)
     params = list(m.parameters())
     state = {k: v.clone() for k, v in m.state_dict().items()}
     out = torchbp.convert(m)
@@ -74,7 +85,7 @@ def test_each_supported_module_round_trips(torch_cls, bp_cls):
     back = torchbp.convert(m, to="torch")
     assert back is m and type(m) is torch_cls
     assert m.state_dict().keys() == state.keys()
-    assert repr(m) == repr(build_module(torch_cls))
+    assert repr(m) == repr(_build(torch_cls))
 
 
 def test_recursive_in_containers_and_custom_modules():
@@ -778,7 +789,7 @@ def test_report_names_the_functions_held_or_called_that_only_enable_reaches():
             return self.act(self.proj(x)) * self.gate(x)
 
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
-    model = nn.ModuleDict({"layer": layer, "block": Block(), "softmax": nn.Softmax2d()})
+    model = nn.ModuleDict({"layer": layer, "block": Block()})
     _, report = torchbp.convert(model, report=True)
     kept = {path: reason for path, _, reason in report.kept}
     assert kept["layer"] == (
@@ -788,10 +799,6 @@ def test_report_names_the_functions_held_or_called_that_only_enable_reaches():
     assert kept["block"].startswith(
         "holds torch.nn.functional.silu (.act), torch.sigmoid (.gate), which"
     )
-    assert kept["softmax"] == (
-        "no module twin; its forward calls torch.nn.functional.softmax: torchbp.enable() "
-        "routes that call"
-    )
     assert "" not in kept  # a plain container holding no function stays unlisted
     assert "TransformerEncoderLayer x1 (holds torch.nn.functional.relu" in str(report)
     # and the pointer is right: under enable() those calls are torchbp's
@@ -799,9 +806,8 @@ def test_report_names_the_functions_held_or_called_that_only_enable_reaches():
     with torchbp.enable() as mode:
         layer(x)
         model["block"](torch.randn(2, 4))
-        model["softmax"](torch.randn(2, 3, 4, 4, requires_grad=True))
     assert mode.counts["relu"] == 1 and mode.counts["silu"] == 1
-    assert mode.counts["sigmoid"] == 1 and mode.counts["softmax"] >= 1
+    assert mode.counts["sigmoid"] == 1
 
 
 def test_convert_swaps_native_linear_cross_entropy_loss():
@@ -932,3 +938,22 @@ def test_report_names_adaptive_log_softmax_calls_that_only_enable_reaches():
     with torchbp.enable() as mode:
         adaptive(torch.randn(6, 8, requires_grad=True), torch.randint(10, (6,)))
     assert mode.counts["log_softmax"] >= 1
+
+
+@pytest.mark.parametrize(
+    "native", [nn.Softmin(dim=1), nn.Softmin(dim=-1), nn.Softmax2d()], ids=repr
+)
+def test_converted_softmax_twins_run_torchbps_softmax(native):
+    """``Softmin`` and ``Softmax2d`` converted: native's values and gradients, from
+    torchbp's softmax Function; back with ``to="torch"``."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    converted = torchbp.convert(copy.deepcopy(native))
+    got = converted(x)
+    assert type(got.grad_fn).__name__ == "SoftmaxFunctionBackward"
+    want = native(x)
+    cotangent = torch.randn_like(want)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, x, cotangent), torch.autograd.grad(want, x, cotangent)
+    )
+    assert type(torchbp.convert(converted, to="torch")) is type(native)

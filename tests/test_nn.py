@@ -40,6 +40,10 @@ CASES = {
     # every activation and softmax variant, and each in-place activation with its defaults
     **_any_input((v.op, v.kwargs) for v in UNARY),
     **_any_input((op, {**op.variants[0], "inplace": True}) for op in INPLACE_OPS),
+    # softmax's extra_modules
+    "Softmin": ("Softmin", {"dim": 1}, "any"),
+    "Softmin_dim0": ("Softmin", {"dim": 0}, "any"),
+    "Softmax2d": ("Softmax2d", {}, "image"),
     "NLLLoss": ("NLLLoss", {}, "logp"),
     "NLLLoss_weight_ignore_sum": (
         "NLLLoss",
@@ -78,6 +82,8 @@ def _call_args(case, device):
         return [torch.randn(2, 4, 5, dtype=DT, generator=g).to(device)]
     if kind == "any":
         return [torch.randn(4, 6, dtype=DT, generator=g).to(device)]
+    if kind == "image":
+        return [torch.randn(2, 3, 4, 5, dtype=DT, generator=g).to(device)]
     target = torch.tensor([0, 1, 3, 2, 1, 0], device=device)
     if kind == "logp":
         return [torch.log_softmax(torch.randn(6, 4, dtype=DT, generator=g), 1).to(device), target]
@@ -243,3 +249,58 @@ def test_linear_then_inplace_relu(act):
     x = torch.randn(2, 3, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None
+
+
+def _outcome(module, x):
+    """``module(x)``, or the class and message of what it raised."""
+    try:
+        return module(x)
+    except Exception as e:  # noqa: BLE001 (compared with native's)
+        return type(e), str(e)
+
+
+def _assert_same_outcome(got, want):
+    if isinstance(want, tuple):
+        assert got == want
+    else:
+        torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (4, 5), (2, 4, 5), (2, 3, 4, 5, 6)], ids=str)
+def test_softmax2d_checks_dims_as_native(shape):
+    """3-D inputs (softmax over dim -3, as 4-D in the parity cases); any other number of
+    dims: native's ValueError and message."""
+    x = torch.randn(shape, dtype=DT)
+    _assert_same_outcome(_outcome(torchbp.nn.Softmax2d(), x), _outcome(torch.nn.Softmax2d(), x))
+
+
+@pytest.mark.parametrize("name, kwargs", [("Softmin", {"dim": 2}), ("Softmax2d", {})])
+def test_softmax_twins_refuse_what_native_refuses(name, kwargs):
+    """A dim out of range (IndexError) and a bool input (RuntimeError, from the negation
+    or the softmax): native's class."""
+    bp, native = getattr(torchbp.nn, name)(**kwargs), getattr(torch.nn, name)(**kwargs)
+    for x in (torch.randn(3, 4, dtype=DT), torch.ones(3, 4, 5, dtype=torch.bool)):
+        got, want = _outcome(bp, x), _outcome(native, x)
+        if isinstance(want, tuple):
+            assert isinstance(got, tuple) and issubclass(got[0], want[0]), (got, want)
+        else:
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def _implicit_dim_warning(module, x):
+    """``(message, filename, lineno, output)`` of the implicit-dim warning of ``module(x)``."""
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as record:
+        out = module(x)
+    (warning,) = record
+    return str(warning.message), warning.filename, warning.lineno, out
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (4, 5), (2, 3, 5), (2, 3, 4, 5)], ids=str)
+def test_softmin_without_dim_picks_and_warns_as_native(shape):
+    """``Softmin()``: native's implicit dim for the input's rank, and its warning (same
+    text, pointing to the same line)."""
+    x = torch.randn(shape, dtype=DT)
+    *got_where, got = _implicit_dim_warning(torchbp.nn.Softmin(), x)
+    *want_where, want = _implicit_dim_warning(torch.nn.Softmin(), x)
+    assert got_where == want_where
+    torch.testing.assert_close(got, want, **TOL)

@@ -21,8 +21,17 @@ import torchbp.nn
 from torchbp.ops import OPS, activations, module_twins, of_kind
 
 IDS = {"ids": lambda op: op.name}
-WITH_MODULE = [op for op in OPS.values() if op.module is not None]
-WITH_TWIN = [op for op in WITH_MODULE if op.torch_module is not None]
+#: (torchbp module, native module) of every op (the fused loss aside: torch's takes
+#: other arguments), extra_modules included
+MODULE_PAIRS = [
+    pair
+    for op in OPS.values()
+    if op.kind != "fused_loss"
+    for pair in op.module_pairs()
+    if None not in pair
+]
+#: the modules (both twins) of the ops' extra_modules (``Softmin``, ...): no argument needed
+EXTRA_MODULES = {cls for op in OPS.values() for pair in op.extra_modules for cls in pair}
 
 
 def test_kinds_are_known():
@@ -30,26 +39,33 @@ def test_kinds_are_known():
     assert of_kind(*kinds) == list(OPS.values())
 
 
+def _functionals(op):
+    """The op's wrappers in torchbp.functional: ``<name>``, and ``<name>_`` if any."""
+    return [op.functional] if op.in_place is None else [op.functional, op.in_place]
+
+
+def _modules(op):
+    """The op's torchbp.nn modules: ``module`` and those of ``extra_modules``."""
+    return [ours for ours, _ in op.module_pairs() if ours is not None]
+
+
 @pytest.mark.parametrize(
-    "namespace, name_of",
+    "namespace, objects_of",
     [
-        (torchbp.functional, lambda op: (op.functional, op.name)),
-        (torchbp.nn, lambda op: (op.module, op.module and op.module.__name__)),
-        (torchbp.autograd, lambda op: (op.function, op.function.__name__)),
+        (torchbp.functional, _functionals),
+        (torchbp.nn, _modules),
+        (torchbp.autograd, lambda op: [op.function]),
     ],
     ids=["functional", "nn", "autograd"],
 )
-def test_all_matches_the_registry(namespace, name_of):
-    """Every registry op's object is exported under its name, and every export is one."""
+def test_all_matches_the_registry(namespace, objects_of):
+    """Every registry op's objects are exported under their names, and every export is
+    one."""
     exported = {}
     for op in OPS.values():
-        obj, name = name_of(op)
-        if obj is not None:
-            assert getattr(namespace, name) is obj, name
-            exported[name] = obj
-        if namespace is torchbp.functional and op.in_place is not None:
-            assert getattr(namespace, op.name + "_") is op.in_place, op.name
-            exported[op.name + "_"] = op.in_place
+        for obj in objects_of(op):
+            assert getattr(namespace, obj.__name__) is obj, obj.__name__
+            exported[obj.__name__] = obj
     assert sorted(namespace.__all__) == sorted(exported)
     assert len(set(namespace.__all__)) == len(namespace.__all__)
 
@@ -72,11 +88,10 @@ def test_in_place_wrapper_exactly_where_torch_nn_functional_has_one(op):
         assert op.in_place.__name__ == op.name + "_"
 
 
-# (the fused loss aside: torch's takes other arguments)
-@pytest.mark.parametrize("op", [op for op in WITH_TWIN if op.kind != "fused_loss"], **IDS)
-def test_module_subclasses_its_torch_twin(op):
-    assert issubclass(op.module, op.torch_module)
-    assert op.module.__name__ == op.torch_module.__name__
+@pytest.mark.parametrize("ours, native", MODULE_PAIRS, ids=lambda cls: cls.__name__)
+def test_module_subclasses_its_torch_twin(ours, native):
+    assert issubclass(ours, native)
+    assert ours.__name__ == native.__name__
 
 
 @pytest.mark.parametrize("op", activations(), **IDS)
@@ -123,9 +138,10 @@ def _neighbours() -> list[type[torch.nn.Module]]:
 
 def _instances(classes) -> list[torch.nn.Module]:
     """One instance of each class that builds without arguments, and of every registry
-    module class (built by ``build_module``)."""
-    registry = {op.torch_module for op in WITH_TWIN} | {op.module for op in WITH_MODULE}
-    built = [build_module(cls) for cls in registry if cls is not None]
+    module class (built by ``build_module``; those of extra_modules take no argument)."""
+    registry = {cls for op in OPS.values() for pair in op.module_pairs() for cls in pair}
+    registry.discard(None)
+    built = [cls() if cls in EXTRA_MODULES else build_module(cls) for cls in registry]
     for cls in classes:
         if cls in registry:
             continue

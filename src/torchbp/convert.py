@@ -40,10 +40,9 @@ modules were converted and which stayed native, and why; the same summary is log
 ``INFO`` level on the ``torchbp.convert`` logger. Calls in a ``forward`` that only
 :func:`torchbp.enable` reaches are named: a module without a twin whose forward calls
 covered functions (``MultiheadAttention``'s ``F.multi_head_attention_forward``,
-``Softmax2d``'s ``F.softmax``, ``AdaptiveLogSoftmaxWithLoss``'s ``F.log_softmax``), and
-one holding a covered function as an attribute to call
-(``TransformerEncoderLayer(activation="gelu")``'s ``F.gelu``); both are listed even when
-the module is a plain container.
+``AdaptiveLogSoftmaxWithLoss``'s ``F.log_softmax``), and one holding a covered function
+as an attribute to call (``TransformerEncoderLayer(activation="gelu")``'s ``F.gelu``);
+both are listed even when the module is a plain container.
 """
 
 from __future__ import annotations
@@ -381,8 +380,6 @@ _FUNCTIONS_CALLED_BY = {
         torch.nn.functional.multi_head_attention_forward,
         "the F.linear calls inside it (and its softmax unless need_weights=False)",
     ),
-    nn.Softmax2d: (torch.nn.functional.softmax, "that call"),
-    nn.Softmin: (torch.nn.functional.softmin, "the softmax inside it"),
     # a container (head / tail Linears, which convert swaps) with log_softmax calls of its own
     nn.AdaptiveLogSoftmaxWithLoss: (torch.nn.functional.log_softmax, "those calls"),
 }

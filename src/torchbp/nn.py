@@ -30,6 +30,7 @@ from torch import nn
 
 from torchbp import _checks
 from torchbp import functional as F
+from torchbp.functional.softmax_family import _softmax_dim
 
 __all__ = [
     "Linear",
@@ -42,6 +43,8 @@ __all__ = [
     "ELU",
     "Softplus",
     "Softmax",
+    "Softmin",
+    "Softmax2d",
     "LogSoftmax",
     "NLLLoss",
     "CrossEntropyLoss",
@@ -253,6 +256,54 @@ class Softmax(_TorchbpModule, nn.Softmax):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.softmax(input, self.dim, _stacklevel=5)
+
+
+class Softmin(_TorchbpModule, nn.Softmin):
+    r""":math:`\text{Softmin}(x) = \text{Softmax}(-x)` along ``dim``: torchbp's softmax of
+    the negated input (its backward saves only the output).
+
+    Args:
+        dim: the dim that sums to 1 (``None`` picks one as native does, with its
+            deprecation warning).
+
+    Shape: input ``(*)``, output the same shape.
+
+    Examples::
+
+        >>> Softmin(dim=1)(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+        tensor([[0.5000, 0.5000],
+                [0.8808, 0.1192]])
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        dim = self.dim
+        if dim is None:
+            # the warning points where native's does (4: this forward's caller's caller,
+            # Module.__call__, as F.softmin's _stacklevel=5 from nn.Softmin.forward)
+            dim = _softmax_dim("softmin", input.dim(), stacklevel=4)
+        return F.softmax(-input, dim)
+
+
+class Softmax2d(_TorchbpModule, nn.Softmax2d):
+    r"""Softmax over the channels at each spatial location: dim ``-3`` of a ``(C, H, W)``
+    or ``(N, C, H, W)`` input.
+
+    Shape: input ``(N, C, H, W)`` or ``(C, H, W)``, output the same shape; any other
+    number of dims is a ``ValueError``, as native.
+
+    Examples::
+
+        >>> Softmax2d()(torch.zeros(1, 2, 1, 1)).flatten()
+        tensor([0.5000, 0.5000])
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # (a torch.fx Proxy has no dims to check: the trace records the softmax alone)
+        if isinstance(input, torch.Tensor) and input.dim() not in (3, 4):
+            raise ValueError(
+                f"Softmax2d: expected input to be 3D or 4D, got {input.dim()}D instead"
+            )
+        return F.softmax(input, -3)
 
 
 class LogSoftmax(_TorchbpModule, nn.LogSoftmax):

@@ -72,6 +72,9 @@ class Op:
             it when autograd records the input.
         in_place: the in-place wrapper ``<name>_`` in :mod:`torchbp.functional`, where
             :mod:`torch.nn.functional` has one (``relu_``, ``leaky_relu_``, ``elu_``).
+        extra_modules: more ``(torchbp module, native module)`` twins whose forward runs
+            this op's Function with fixed arguments (softmax: ``Softmin``, ``Softmax2d``);
+            :meth:`module_pairs` lists them after ``(module, torch_module)``.
     """
 
     name: str
@@ -87,6 +90,12 @@ class Op:
     kink: float | None = None
     input_if_negative: str | None = None
     in_place: Callable[..., Any] | None = None
+    extra_modules: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ()
+
+    def module_pairs(self) -> tuple[tuple[type[nn.Module] | None, type[nn.Module] | None], ...]:
+        """Every ``(torchbp module, native module)`` of the op: ``(module, torch_module)``,
+        then :attr:`extra_modules`."""
+        return ((self.module, self.torch_module), *self.extra_modules)
 
     def saves_for(self, kwargs: dict[str, Any]) -> str:
         """What backward keeps when called with ``kwargs``: ``"output"`` for an in-place
@@ -128,7 +137,8 @@ _REGISTRY: tuple[Op, ...] = (
     Op("softplus", "activation", A.SoftplusFunction, TF.softplus, bpnn.Softplus, F.softplus,
        nn.Softplus, "input", A.activations.softplus_backward, variants=({}, {"beta": 2.0})),
     Op("softmax", "softmax", A.SoftmaxFunction, TF.softmax, bpnn.Softmax, F.softmax,
-       nn.Softmax, "output", variants=({"dim": -1}, {"dim": 0})),
+       nn.Softmax, "output", variants=({"dim": -1}, {"dim": 0}),
+       extra_modules=((bpnn.Softmin, nn.Softmin), (bpnn.Softmax2d, nn.Softmax2d))),
     Op("log_softmax", "softmax", A.LogSoftmaxFunction, TF.log_softmax, bpnn.LogSoftmax,
        F.log_softmax, nn.LogSoftmax, "output", variants=({"dim": -1}, {"dim": 0})),
     Op("nll_loss", "loss", A.NLLLossFunction, TF.nll_loss, bpnn.NLLLoss, F.nll_loss,
@@ -159,11 +169,11 @@ def activations() -> list[Op]:
 
 
 def module_twins() -> dict[type[nn.Module], type[nn.Module]]:
-    """Native module class -> torchbp's twin, for every op that has both (exact types)."""
+    """Native module class -> torchbp's twin, for every pair of :meth:`Op.module_pairs`
+    that has both (exact types)."""
     return {
-        op.torch_module: op.module
+        native: ours
         for op in OPS.values()
-        if op.module is not None
-        and op.torch_module is not None
-        and issubclass(op.module, op.torch_module)
+        for ours, native in op.module_pairs()
+        if ours is not None and native is not None and issubclass(ours, native)
     }
