@@ -89,6 +89,20 @@ class InterruptInStep(pl.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptInValidation(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptInValidation``) that
+    presses Ctrl-C at the end of epoch ``epoch``'s validation, after its last batch and
+    before its metrics are computed."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_validation_epoch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            raise KeyboardInterrupt
+
+
 class RecordBatches(pl.Callback):
     """A Lightning callback
     (``--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches``) that records

@@ -2061,3 +2061,41 @@ def test_the_checkpoint_saved_on_ctrl_c_is_said_in_one_tidy_line(tmp_path, caplo
     (saved,) = [r.getMessage() for r in caplog.records if "saved a checkpoint" in r.getMessage()]
     (path,) = (tmp_path / "iris/version_0/checkpoints").glob("*-interrupted.ckpt")
     assert saved == f"KeyboardInterrupt: saved a checkpoint to {path}", saved
+
+
+@pytest.mark.parametrize("interrupt", ["InterruptInValidation", "InterruptAt"])
+def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_is_not_redone(
+    tmp_path, interrupt
+):
+    """Ctrl-C in the end-of-epoch validation, then ``fit --ckpt_path last``: Lightning's
+    saved loop counters made the resumed fit skip that validation silently (metrics.csv had
+    no val/* of the epoch, its weights were no best candidate). The checkpoint records the
+    unfinished validation, and the resumed fit warns, naming the interrupted checkpoint to
+    validate; one saved in training, or at a finished validation, records none."""
+    from torchbp.lightning.run_checkpoint import UNFINISHED_VALIDATION_KEY
+
+    common = [
+        "fit",
+        "--config",
+        str(CONFIGS / "iris.yaml"),
+        f"--run_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+    ]
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(*common, f"--trainer.callbacks+=tests.lightning.lightning_helpers.{interrupt}")
+    folder = tmp_path / "iris/version_0/checkpoints"
+    (interrupted,) = folder.glob("*-interrupted.ckpt")
+    unfinished = torch.load(folder / "last.ckpt", weights_only=True).get(UNFINISHED_VALIDATION_KEY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(*common, "--run_name=iris", "--ckpt_path=last")
+    said = [str(w.message) for w in caught if "saved during the validation" in str(w.message)]
+    if interrupt == "InterruptAt":  # Ctrl-C in training: the validations all finished
+        assert unfinished is None and not said, said
+        return
+    assert unfinished == {"epoch": 0, "step": 7, "checkpoint": interrupted.name}, unfinished
+    assert len(said) == 1, said
+    assert "validation of epoch 0 (step 7), which did not finish" in said[0], said
+    assert f"validate --ckpt_path {interrupted} evaluates them" in said[0], said
+    best = [p for p in folder.glob("epoch001-*.ckpt") if p != interrupted]
+    assert best and UNFINISHED_VALIDATION_KEY not in torch.load(best[0], weights_only=True)

@@ -11,11 +11,13 @@ from jsonargparse import Namespace
 from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from torchbp.lightning.checkpoint_files import INTERRUPTED_SUFFIX, recorded_checkpoint_dir
 from torchbp.lightning.run_folders import SLURM_JOB_KEY, slurm_job
 
 __all__ = [
+    "UNFINISHED_VALIDATION_KEY",
     "RunCheckpoint",
     "evaluating_checkpoint_callback",
     "save_nothing",
@@ -31,6 +33,10 @@ _HIGHER_IS_BETTER = ("acc", "f1")
 _LOWER_IS_BETTER = ("loss", "error")
 #: what Lightning adds to the monitorable metrics: a checkpoint monitoring one keeps the latest
 _PROGRESS = ("epoch", "step")
+#: the key of a checkpoint saved during a fit's validation (Ctrl-C, SLURM's requeue signal):
+#: ``{"epoch", "step", "checkpoint"}``, that validation's epoch and global step, and the name
+#: of the checkpoint saved on the exception (``None`` if none was)
+UNFINISHED_VALIDATION_KEY = "torchbp_unfinished_validation"
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -42,7 +48,10 @@ class RunCheckpoint(ModelCheckpoint):
       stopped after a validation within the epoch, the best weights replaced by later ones;
     - ``last.ckpt`` follows every epoch (and validation within one, and the step at which
       ``max_steps`` stops the fit within one), see :meth:`_save_last_if_skipped`;
-    - its state names the SLURM job that saved it (:meth:`state_dict`).
+    - its state names the SLURM job that saved it (:meth:`state_dict`);
+    - a checkpoint saved during a fit's validation records it, and a fit resumed from one
+      warns that the validation will not be done as the uninterrupted fit did it (see
+      :meth:`on_load_checkpoint`).
     """
 
     _on_exception = False
@@ -52,6 +61,10 @@ class RunCheckpoint(ModelCheckpoint):
     _last_saved_at_step: int | None = None
     #: whether the latest training batch was the last of its epoch
     _ended_epoch = False
+    #: ``(epoch, global step)`` of the fit's validation under way, ``None`` outside one
+    _validating: tuple[int, int] | None = None
+    #: the file name of the checkpoint saved on the exception being handled
+    _interrupted_name: str | None = None
 
     def __init__(self, *args: Any, enable_version_counter: bool = True, **kwargs: Any) -> None:
         """ModelCheckpoint's arguments; ``enable_version_counter`` is kept to name the
@@ -60,7 +73,45 @@ class RunCheckpoint(ModelCheckpoint):
         self.enable_version_counter = enable_version_counter
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
+        """Note the step saved at; record a validation under way (see
+        :meth:`on_validation_start`) in the checkpoint."""
         self._saved_at_step = trainer.global_step
+        if self._validating is not None:
+            epoch, step = self._validating
+            checkpoint[UNFINISHED_VALIDATION_KEY] = {
+                "epoch": epoch,
+                "step": step,
+                "checkpoint": self._interrupted_name,
+            }
+
+    def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._validating = None  # left set by an exception in a validation of an earlier fit
+
+    def on_validation_start(self, trainer: Trainer, pl_module: Any) -> None:
+        """A fit's validation is under way until its metrics are computed (see
+        :meth:`on_validation_epoch_end`): a checkpoint saved meanwhile (on Ctrl-C, on
+        SLURM's requeue signal) holds a step whose validation did not finish."""
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validating = (trainer.current_epoch, trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """The validation's batches are done: Lightning runs the ModelCheckpoints'
+        ``on_validation_epoch_end`` after the other callbacks', and then computes and logs
+        the epoch's metrics, before the ModelCheckpoints save (``on_validation_end``)."""
+        self._validating = None
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
+        """Warn when a fit resumes from a checkpoint saved during a validation: Lightning's
+        saved loop counters make the resumed fit skip that validation (interrupted after its
+        last batch) or finish it on the batches it had not reached, read from its loader's
+        start (interrupted within them), so the step's ``val/*`` metrics are missing or come
+        from part of the validation set, and its weights are no best-checkpoint candidate
+        as the uninterrupted fit's were. Lightning offers no public way to run that
+        validation again before training on."""
+        unfinished = checkpoint.get(UNFINISHED_VALIDATION_KEY)
+        if unfinished is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        rank_zero_warn(_unfinished_validation_warning(unfinished, trainer.ckpt_path))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -151,6 +202,7 @@ class RunCheckpoint(ModelCheckpoint):
             super().on_exception(trainer, pl_module, exception)
         finally:
             self._on_exception = False
+            self._interrupted_name = None
 
     def format_checkpoint_name(
         self,
@@ -163,7 +215,29 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._on_exception or filename is not None:  # a best-k name, or last.ckpt
             return name
         stem, ext = os.path.splitext(name)
-        return f"{stem}{INTERRUPTED_SUFFIX}{ext}"
+        interrupted = f"{stem}{INTERRUPTED_SUFFIX}{ext}"
+        self._interrupted_name = os.path.basename(interrupted)
+        return interrupted
+
+
+def _unfinished_validation_warning(unfinished: dict[str, Any], ckpt_path: Any) -> str:
+    """What a fit resumed from a checkpoint saved during a validation will not do, and how
+    to evaluate the weights that validation was for."""
+    name = unfinished.get("checkpoint")
+    saved = os.path.join(os.path.dirname(str(ckpt_path)), name) if name else None
+    how = (
+        f"torchbp-train validate --ckpt_path {saved} evaluates them"
+        if saved
+        else "validate them (torchbp-train validate --ckpt_path) before this fit replaces "
+        "the checkpoint"
+    )
+    return (
+        f"the checkpoint this fit resumes from was saved during the validation of epoch "
+        f"{unfinished['epoch']} (step {unfinished['step']}), which did not finish: the "
+        "resumed fit skips it or finishes it on part of the validation set, so that "
+        "validation's val/* metrics are missing or partial, and those weights are not a "
+        f"best-checkpoint candidate as the uninterrupted fit's were; {how}"
+    )
 
 
 def _max_steps_reached(trainer: Trainer) -> bool:
