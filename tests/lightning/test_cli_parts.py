@@ -20,7 +20,7 @@ from torchbp.lightning.config_files import (
     describe_bundled_configs,
     with_config_files,
 )
-from torchbp.lightning.console import headline, quiet_lightning
+from torchbp.lightning.console import LIGHTNING_LOGGERS, headline, quiet_lightning
 from torchbp.lightning.run_logger import RunCSVLogger
 
 DIGITS = str(CONFIG_DIR / "digits.yaml")
@@ -194,6 +194,28 @@ def test_quiet_lightning_hides_unactionable_noise(caplog):
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
 
 
+def test_quiet_lightning_nested_keeps_the_outer_blocks_filter_and_leaves_none(caplog):
+    """A quiet_lightning block inside another (torchbp-train's cli_main run within a caller's
+    own block) removed the log filter at its end, which the outer block had added: the
+    outer block's rest showed Lightning's adverts again. No filter is left after both."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    advert = "💡 Tip: For seamless cloud logging, try litlogger"
+    with caplog.at_level(logging.INFO):
+        with quiet_lightning():
+            with quiet_lightning():
+                rank_zero_info(advert)
+            rank_zero_info(advert)
+            rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("after the block")
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU available: False, used: False",
+        "after the block",
+    ]
+    for name in LIGHTNING_LOGGERS:
+        assert logging.getLogger(name).filters == [], name
+
+
 # -- run logger ---------------------------------------------------------------------------------
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     import csv
@@ -283,7 +305,7 @@ def test_a_random_seed_in_processes_started_apart_is_refused(
 
     from torchbp.lightning.cli import _random_seed_if_asked
 
-    for variable in ("PL_GLOBAL_SEED", "WORLD_SIZE", "SLURM_NTASKS"):
+    for variable in ("PL_GLOBAL_SEED", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in environment.items():
         monkeypatch.setenv(variable, value)
@@ -297,6 +319,24 @@ def test_a_random_seed_in_processes_started_apart_is_refused(
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # a worker Lightning launched: rank 0's seed
     _random_seed_if_asked(parsed)
     assert parsed.seed_everything is True  # left to Lightning, which takes PL_GLOBAL_SEED
+
+
+@pytest.mark.parametrize("job_name", ["bash", "interactive"])
+def test_a_random_seed_in_an_interactive_slurm_job_of_several_tasks_is_drawn(monkeypatch, job_name):
+    """``salloc -n 4`` then one command in its shell: SLURM_NTASKS=4, but Lightning takes an
+    interactive job (named bash or interactive) for no srun launch and starts its own
+    workers, which inherit the seed drawn here; it was refused as processes started apart."""
+    from jsonargparse import Namespace
+
+    from torchbp.lightning.cli import _random_seed_if_asked
+
+    for variable in ("PL_GLOBAL_SEED", "WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", job_name)
+    parsed = Namespace(seed_everything=True, trainer=Namespace(num_nodes=1))
+    _random_seed_if_asked(parsed)
+    assert isinstance(parsed.seed_everything, int) and 0 <= parsed.seed_everything < 2**32
 
 
 def test_a_random_seed_in_one_process_is_drawn(monkeypatch):

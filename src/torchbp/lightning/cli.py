@@ -74,6 +74,7 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from torchbp.lightning.ckpt_path import (
     best_checkpoint_to_evaluate,
@@ -250,15 +251,26 @@ def _processes_started_apart(trainer: Any) -> str | None:
     """What starts this run's processes apart, not as Lightning's workers of one process
     (which inherit its seed): ``trainer.num_nodes`` > 1 (a command per node), or the
     launcher's process count: ``WORLD_SIZE`` (torchrun) or ``SLURM_NTASKS`` (srun) > 1;
-    ``None`` for a run of one process, or of one that launches its own workers."""
+    ``None`` for a run of one process, or of one that launches its own workers, as in an
+    interactive SLURM job (see :func:`_slurm_launches_the_processes`)."""
     num_nodes = trainer.get("num_nodes") or 1
     if num_nodes > 1:
         return f"trainer.num_nodes={num_nodes}"
-    for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
-        value = os.environ.get(variable, "")
-        if value.isdigit() and int(value) > 1:
-            return f"{variable}={value}"
+    world_size = os.environ.get("WORLD_SIZE", "")
+    if world_size.isdigit() and int(world_size) > 1:
+        return f"WORLD_SIZE={world_size}"
+    tasks = os.environ.get("SLURM_NTASKS", "")
+    if tasks.isdigit() and int(tasks) > 1 and _slurm_launches_the_processes():
+        return f"SLURM_NTASKS={tasks}"
     return None
+
+
+def _slurm_launches_the_processes() -> bool:
+    """Whether Lightning takes SLURM's tasks for the run's processes: not in an interactive
+    job (named ``bash`` or ``interactive``, Lightning's rule: see
+    :meth:`SLURMEnvironment.detect`), whose allocation of several tasks (``salloc -n 4``)
+    runs this one command, which launches its own workers."""
+    return SLURMEnvironment.job_name() not in ("bash", "interactive")
 
 
 def _check_run_name(name: Any) -> None:

@@ -190,7 +190,9 @@ def quiet_lightning() -> Iterator[None]:
         with quiet_lightning():
             trainer.fit(model, datamodule)
     """
+    # a block within another leaves the filter to the outer block, which added it
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    loggers = [logger for logger in loggers if _for_a_person not in logger.filters]
     with warnings.catch_warnings():
         for pattern in (*UNACTIONABLE_WARNINGS, NOT_RESUMABLE_WARNING):
             warnings.filterwarnings("ignore", message=pattern)
