@@ -260,3 +260,23 @@ def test_a_frozen_reentrant_checkpoint_in_front_of_an_input_with_grad_names_what
                 h = checkpoint(front, x, use_reentrant=False)
             _loss(model(h)).backward()
         assert ps.clip_factors.shape == (5,)
+
+
+def test_the_models_own_reentrant_checkpoint_in_a_later_calls_input_is_not_one_in_front():
+    """The model, holding a reentrant checkpoint of its own, applied to its own output
+    (model(model(x))): the second call's input comes from the model's own checkpoint,
+    whose parameters are the model's, recorded. It was refused at the forward as a
+    checkpoint in front whose parameters cannot be seen; it is now refused where the
+    docs say, at the first Linear backward, as Linear calls split across reentrant
+    segments, naming them, before any gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 4))
+    model = nn.Module()
+    model.inner = inner
+    model.forward = lambda t: checkpoint(inner, t, use_reentrant=True)
+    x = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"split across reentrant .* in segment 2: Linear"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            model(model(x)).square().sum().backward()
+    assert all(p.grad is None for p in model.parameters())

@@ -138,6 +138,10 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     # the model's parameters now, when the context is created: a forward whose leaves are
     # all among them is let be without listing the model's parameters again
     at_creation = {id(p): p for p in model.parameters()}
+    # the nodes of the reentrant checkpoints that the model's own forwards ran (in an
+    # output's graph, not in that call's inputs'): in a later call's input (the model
+    # applied to its own output) they are not checkpoints in front of it
+    own_checkpoints: weakref.WeakSet = weakref.WeakSet()
 
     def refuse_parameters_outside(
         module: nn.Module, args: tuple, kwargs: dict, output: object
@@ -150,7 +154,10 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
             return
         leaves, checkpoints = _walk_graph(_tensors(output))
         if checkpoints:
-            _refuse_reentrant_checkpoint_before(checkpoints, (args, kwargs))
+            _, before = _walk_graph(_tensors((args, kwargs)))
+            if any(node not in own_checkpoints for node in checkpoints & before):
+                _refuse_reentrant_checkpoint_in_front()
+            own_checkpoints.update(checkpoints - before)
         others = [p for p in leaves if at_creation.get(id(p)) is not p]
         if not others:
             return
@@ -211,28 +218,26 @@ def _is_reentrant_checkpoint(node) -> bool:
     return type(node).__name__ == _CHECKPOINT_NODE_NAME
 
 
-def _refuse_reentrant_checkpoint_before(checkpoints: set, inputs: object) -> None:
-    """Raise if one of the reentrant checkpoint nodes ``checkpoints`` (found in the graph
-    of the model's output) is in the graph of the model's ``inputs``, i.e. was run before
-    the model: whatever trainable parameters its segment uses would receive an unclipped
-    gradient from its inner backward, unseen by the graph walk. (One inside the model,
-    around its trainable Linears, is served: its calls are recorded.)
+def _refuse_reentrant_checkpoint_in_front() -> None:
+    """Refuse a reentrant checkpoint found in the graphs of both the model's output and
+    its inputs, i.e. run before the model (and not by an earlier call of the model): the
+    trainable parameters its segment uses would receive an unclipped gradient from its
+    inner backward, unseen by the graph walk. (One inside the model, around its
+    trainable Linears, is served: its calls are recorded.)
 
     Raises:
         RuntimeError: naming the checkpoint and the ways out.
     """
-    _, before = _walk_graph(_tensors(inputs))
-    if checkpoints & before:
-        raise RuntimeError(
-            "per_sample_grads: the input of the model given to per_sample_grads comes from "
-            "a reentrant activation checkpoint (torch.utils.checkpoint with "
-            "use_reentrant=True), whose forward keeps no graph, so the trainable parameters "
-            "it uses cannot be seen; in mode='clip' they would receive an unclipped "
-            "gradient outside the per-sample accounting: use use_reentrant=False there "
-            "(its graph is then checked), or detach what it produces; freezing what it "
-            "trains is not enough while its input requires grad (the checkpoint's node is "
-            "kept, and what it trains cannot be seen): then also detach its input"
-        )
+    raise RuntimeError(
+        "per_sample_grads: the input of the model given to per_sample_grads comes from "
+        "a reentrant activation checkpoint (torch.utils.checkpoint with "
+        "use_reentrant=True), whose forward keeps no graph, so the trainable parameters "
+        "it uses cannot be seen; in mode='clip' they would receive an unclipped "
+        "gradient outside the per-sample accounting: use use_reentrant=False there "
+        "(its graph is then checked), or detach what it produces; freezing what it "
+        "trains is not enough while its input requires grad (the checkpoint's node is "
+        "kept, and what it trains cannot be seen): then also detach its input"
+    )
 
 
 def _tensors(output: object) -> Iterator[torch.Tensor]:
