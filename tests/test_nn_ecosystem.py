@@ -558,6 +558,7 @@ def _onnx_model(lib) -> nn.Sequential:
         lib.SiLU(),
         lib.Sigmoid(),
         lib.Tanh(),
+        lib.Softmin(-1),
         lib.Linear(8, 4),
         lib.LogSoftmax(-1),
         lib.Softmax(0),
@@ -672,3 +673,13 @@ def test_onnx_export_of_cross_entropy_computes_natives_loss(form, reduction):
     want = nn.CrossEntropyLoss(reduction=reduction, **kwargs)(logits, target)
     got = _onnx_run(_onnx_bytes(bp, (logits, target), dynamo=False), (logits, target))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_of_softmax2d_computes_natives_output(dynamo):
+    """Softmax2d (over dim -3 of an image batch) exports as native's."""
+    x = torch.randn(2, 3, 4, 5)
+    got = _onnx_run(_onnx_bytes(torchbp.nn.Softmax2d(), (x,), dynamo), (x,))
+    torch.testing.assert_close(got, nn.Softmax2d()(x), atol=1e-6, rtol=1e-5)
