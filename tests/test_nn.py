@@ -276,10 +276,12 @@ def test_softmax2d_checks_dims_as_native(shape):
 
 @pytest.mark.parametrize("name, kwargs", [("Softmin", {"dim": 2}), ("Softmax2d", {})])
 def test_softmax_twins_refuse_what_native_refuses(name, kwargs):
-    """A dim out of range (IndexError) and a bool input (RuntimeError, from the negation
-    or the softmax): native's class."""
+    """A dim out of range (IndexError), a bool input (RuntimeError, from the negation or
+    the softmax) and an integer one (NotImplementedError): native's class."""
     bp, native = getattr(torchbp.nn, name)(**kwargs), getattr(torch.nn, name)(**kwargs)
-    for x in (torch.randn(3, 4, dtype=DT), torch.ones(3, 4, 5, dtype=torch.bool)):
+    inputs = [torch.randn(3, 4, dtype=DT)]
+    inputs += [torch.ones(3, 4, 5, dtype=dtype) for dtype in (torch.bool, torch.long)]
+    for x in inputs:
         got, want = _outcome(bp, x), _outcome(native, x)
         if isinstance(want, tuple):
             assert isinstance(got, tuple) and issubclass(got[0], want[0]), (got, want)
