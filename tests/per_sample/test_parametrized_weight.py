@@ -240,3 +240,20 @@ def test_two_contexts_on_two_threads_each_recomputed_on_a_thread_of_its_own():
         raise errors[0]
     for model, ps, truth in zip(models, results, truths):
         assert_matches_truth(model, ps, truth)
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_a_compiled_model_with_a_formed_weight_is_refused_by_the_context_not_by_dynamo(mode):
+    """torch.compile(fullgraph=True) traced the hook that files each formed weight, and
+    Dynamo raised its own Unsupported error from inside it: for an evaluation under
+    torch.no_grad() in the context, which ran before, and in place of the context's
+    refusal of torch.compile at the backward. The hook is skipped while compiling, as the
+    context's other hooks are."""
+    model, x = _model(), torch.randn(5, 4)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with per_sample_grads(model, mode, 1.0 if mode == "clip" else None):
+        with torch.no_grad():
+            assert compiled(x).shape == (5, 3)
+        out = compiled(x)
+        with pytest.raises(RuntimeError, match="received a gradient .* torch.compile"):
+            out.sum().backward()

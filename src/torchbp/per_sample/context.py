@@ -220,6 +220,11 @@ class PerSampleGrads:
         def register_formed_weight(parametrization: nn.Module, args: tuple, weight) -> None:
             if parametrization is not guarded() or not isinstance(weight, torch.Tensor):
                 return  # a copy of the model (copy.deepcopy copies its hooks)
+            if torch.compiler.is_compiling():
+                # Dynamo cannot trace id() and weakref.finalize (with fullgraph=True its
+                # error would replace the context's refusal of torch.compile, at the
+                # backward); a compiled Linear call consults no recorder anyway
+                return
             key = id(weight)
             if key in per_sample_recorders_by_weight:
                 return  # (parametrize.cached() returns the same tensor at each access)
