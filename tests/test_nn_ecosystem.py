@@ -683,3 +683,31 @@ def test_onnx_export_of_softmax2d_computes_natives_output(dynamo):
     x = torch.randn(2, 3, 4, 5)
     got = _onnx_run(_onnx_bytes(torchbp.nn.Softmax2d(), (x,), dynamo), (x,))
     torch.testing.assert_close(got, nn.Softmax2d()(x), atol=1e-6, rtol=1e-5)
+
+
+class _ClassifierLoss(nn.Module):
+    """A linear head's K-dim loss: ``(N, T, d)`` features -> ``(N, C, T)`` logits."""
+
+    def __init__(self, lib, **loss_kwargs) -> None:
+        super().__init__()
+        self.head, self.loss = lib.Linear(6, 5), lib.CrossEntropyLoss(**loss_kwargs)
+
+    def forward(self, x, target):
+        # (permute, not movedim(-1, 1): the TorchScript-based exporter folds the sizes
+        # after a negative movedim wrongly, native's ops too)
+        return self.loss(self.head(x).permute(0, 2, 1), target)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_onnx_export_of_a_linear_heads_k_dim_loss_computes_natives_loss(label_smoothing):
+    """Logits that require grad (a torchbp Linear's), permuted to (N, C, T): the K-dim
+    rows are gathered by a Function too, which the TorchScript-based exporter inlines."""
+    native = _ClassifierLoss(nn, label_smoothing=label_smoothing)
+    bp = _ClassifierLoss(torchbp.nn, label_smoothing=label_smoothing).eval()
+    bp.load_state_dict(native.state_dict())
+    x, target = torch.randn(2, 3, 6), torch.randint(5, (2, 3))
+    target[0, 0] = -100
+    got = _onnx_run(_onnx_bytes(bp, (x, target), dynamo=False), (x, target))
+    torch.testing.assert_close(got, native(x, target).detach(), atol=1e-6, rtol=1e-5)
