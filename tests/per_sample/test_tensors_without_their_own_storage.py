@@ -128,3 +128,15 @@ def test_a_vmap_evaluation_outside_the_loss_holds_nothing_back(of):
         return torch.func.vmap(model if of == "the_model" else other)(x)
 
     torch.testing.assert_close(_clipped_step(model, x, evaluate), expected)
+
+
+def test_an_adversarial_step_from_torch_func_grad_inside_the_context():
+    """FGSM inside the context: torch.func.grad w.r.t. the input, its result detached,
+    then the step on the perturbed input: the norms of a step on that input alone."""
+    model, x = _model(), torch.randn(5, 4)
+    perturbed = x + 0.1 * _grad_wrt_input(model, x).detach().sign()
+    expected = _clipped_step(model, perturbed)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        adversarial = x + 0.1 * _grad_wrt_input(model, x).detach().sign()
+        model(adversarial).square().sum().backward()
+    torch.testing.assert_close(ps.norms, expected)
