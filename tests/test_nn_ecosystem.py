@@ -555,6 +555,8 @@ def _onnx_model(lib) -> nn.Sequential:
         lib.GELU(),
         lib.LeakyReLU(0.1, inplace=True),
         lib.ELU(),
+        lib.Softplus(2.0),
+        lib.GELU(approximate="tanh"),
         lib.SiLU(),
         lib.Sigmoid(),
         lib.Tanh(),
