@@ -5,6 +5,7 @@ checks with a reason), and every twin fails, in the check that can see its mista
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch.nn.functional as F
@@ -222,3 +223,18 @@ def test_a_forward_calling_view_is_not_blamed_on_backward():
     message = report["grad_output_safety"].message
     assert report["grad_output_safety"].failed, report
     assert "fn or its backward calls .view()" in message and "transposed input" in message
+
+
+def test_a_factor_on_another_input_is_named_as_such_not_as_the_named_inputs_surrogate():
+    # before: "backward of input 0 disagrees ... (backward of input 1 is 0.8944 times the
+    # numerical gradient everywhere: ... unless it is a deliberate gradient reversal or
+    # scaling layer; if deliberate, ... skip gradcheck)": input 0 is wrong with no factor,
+    # so no deliberate scaling explains the failure the message names
+    _, twin, inputs, _, _, _ = PAIRS["layer_norm"]
+    message = check_function(twin, *inputs, checks=["gradcheck"])["gradcheck"].message
+    assert message.startswith("backward of input 0 disagrees"), message
+    # the weight's gradient (g * xhat).sum(0) is scaled by the unbiased over the biased
+    # 1/std, over 5 features: sqrt(4/5)
+    factor = math.sqrt(4 / 5)
+    assert f"besides, backward of input 1 is {factor:.4g} times" in message, message
+    assert "deliberate" not in message, message

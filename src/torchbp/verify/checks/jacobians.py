@@ -208,6 +208,53 @@ def _constant_ratio(a: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) 
     return c
 
 
+def _pattern(a: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) -> tuple[str, float]:
+    """How the actual Jacobian entries ``a`` of one input differ from the numerical ``e``
+    in a pattern: ``("zero", 0)`` when ``e`` is zero everywhere and ``a`` is not,
+    ``("factor", c)`` when ``a = c e``; ``("", 0)`` for no pattern (or non-finite
+    values)."""
+    if a.numel() == 0 or not (torch.isfinite(a).all() and torch.isfinite(e).all()):
+        return "", 0.0
+    if float(e.abs().max()) <= atol < float(a.abs().max()):
+        return "zero", 0.0
+    c = _constant_ratio(a, e, atol, rtol)
+    return ("factor", c) if c is not None else ("", 0.0)
+
+
+def _deliberate_pattern_hint(kind: str, c: float, what: str, name: str) -> str:
+    """The note for a pattern ``kind`` of input ``name``, the one the message names:
+    the bug it most often is, and the deliberate surrogate gradient it may also be."""
+    if kind == "zero":
+        return (
+            f" (the numerical gradient of {name} is zero everywhere while {what}'s is not: "
+            "a bug, a gradient for an input forward does not use (or at the wrong "
+            "position), unless forward is piecewise-constant in it, such as round or sign, "
+            f"and the gradient a deliberate straight-through estimator{_surrogate_advice(what)}"
+        )
+    return (
+        f" ({what} of {name} is {c:.4g} times the numerical gradient everywhere: a bug, a "
+        "constant factor missing or extra (the 2 of x**2, the 1/n of a mean, a scale or "
+        "temperature), unless it is a deliberate gradient reversal or scaling layer"
+        f"{_surrogate_advice(what)}"
+    )
+
+
+def _other_input_pattern_hint(kind: str, c: float, what: str, name: str) -> str:
+    """The note for a pattern ``kind`` of input ``name`` when the message names another
+    input, wrong with no pattern: no surrogate gradient explains both, so only the bug."""
+    if kind == "zero":
+        return (
+            f" (besides, the numerical gradient of {name} is zero everywhere while "
+            f"{what}'s is not: a gradient for an input forward does not use, or at the "
+            "wrong position)"
+        )
+    return (
+        f" (besides, {what} of {name} is {c:.4g} times the numerical gradient everywhere: "
+        "a constant factor missing or extra there, such as the 2 of x**2, the 1/n of a "
+        "mean, or a normalization computed otherwise than forward's)"
+    )
+
+
 def surrogate_gradient_hint(
     actual: Jacobian,
     expected: Jacobian,
@@ -217,33 +264,24 @@ def surrogate_gradient_hint(
 ) -> str:
     """A note when ``actual`` (``what``'s Jacobian) differs from the numerical ``expected``
     in a pattern, for some input: the numerical one is zero everywhere while ``actual`` is
-    not, or ``actual`` is a constant multiple of it. Each is worded as the bug it most
-    often is (a gradient for an unused input, a factor missing or extra), with the
-    deliberate surrogate gradient it may also be (a straight-through estimator of a
+    not, or ``actual`` is a constant multiple of it. When the first input that differs
+    (the one the message names) shows it, the note words it as the bug it most often is
+    (a gradient for an unused input, a factor missing or extra), with the deliberate
+    surrogate gradient it may also be (a straight-through estimator of a
     piecewise-constant forward, a gradient reversal or scaling layer) and how to check
-    that; empty otherwise."""
+    that; when that input differs with no pattern and a later one shows one, the note
+    names the later input, as a bug only. Empty when no input shows a pattern."""
     atol, rtol = tolerance
+    named_input_differs = False
     for k, (act_k, exp_k) in enumerate(zip(actual, expected)):
         a = torch.cat([m.reshape(-1) for m in act_k]) if act_k else torch.zeros(0)
         e = torch.cat([m.reshape(-1) for m in exp_k]) if exp_k else torch.zeros(0)
-        if a.numel() == 0 or not (torch.isfinite(a).all() and torch.isfinite(e).all()):
-            continue
-        if float(e.abs().max()) <= atol < float(a.abs().max()):
-            return (
-                f" (the numerical gradient of {input_names[k]} is zero everywhere while "
-                f"{what}'s is not: a bug, a gradient for an input forward does not use "
-                "(or at the wrong position), unless forward is piecewise-constant in it, "
-                "such as round or sign, and the gradient a deliberate straight-through "
-                f"estimator{_surrogate_advice(what)}"
-            )
-        c = _constant_ratio(a, e, atol, rtol)
-        if c is not None:
-            return (
-                f" ({what} of {input_names[k]} is {c:.4g} times the numerical gradient "
-                "everywhere: a bug, a constant factor missing or extra (the 2 of x**2, "
-                "the 1/n of a mean, a scale or temperature), unless it is a deliberate "
-                f"gradient reversal or scaling layer{_surrogate_advice(what)}"
-            )
+        kind, c = _pattern(a, e, atol, rtol)
+        if kind and not named_input_differs:
+            return _deliberate_pattern_hint(kind, c, what, input_names[k])
+        if kind:
+            return _other_input_pattern_hint(kind, c, what, input_names[k])
+        named_input_differs = named_input_differs or mismatch(a, e, atol, rtol) is not None
     return ""
 
 
