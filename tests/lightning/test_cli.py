@@ -2099,3 +2099,51 @@ def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_i
     assert f"validate --ckpt_path {interrupted} evaluates them" in said[0], said
     best = [p for p in folder.glob("epoch001-*.ckpt") if p != interrupted]
     assert best and UNFINISHED_VALIDATION_KEY not in torch.load(best[0], weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["--config=iris", "--data.init_args.batch_size=8"],
+        [
+            "--config=synthetic_large",
+            "--data.init_args.n_samples=128",
+            "--data.init_args.n_val=16",
+            "--data.init_args.n_test=16",
+            "--data.init_args.batch_size=16",
+        ],
+    ],
+    ids=["array", "synthetic"],
+)
+def test_an_overfitting_fit_resumed_mid_epoch_continues_the_epochs_batches(tmp_path, data):
+    """With --trainer.overfit_batches the train loader's sampler is sequential (Lightning
+    replaces any other), and started every epoch over: a fit resumed within an epoch trained
+    its first batches again and its last ones never (with a warning that the loader cannot
+    continue). It trains the uninterrupted fit's batches."""
+    from tests.lightning.lightning_helpers import RecordBatches
+
+    def batches(cli):
+        (recorder,) = [c for c in cli.trainer.callbacks if isinstance(c, RecordBatches)]
+        return recorder.batches
+
+    common = [
+        "fit",
+        *data,
+        f"--run_dir={tmp_path}",
+        "--trainer.max_epochs=2",
+        "--trainer.overfit_batches=4",
+        "--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches",
+    ]
+    uninterrupted = batches(run_cli(*common, "--run_name=whole"))
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(
+            *common,
+            "--run_name=cut",
+            "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt",
+            "--trainer.callbacks.step=2",
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = batches(run_cli(*common, "--run_name=cut", "--ckpt_path=last"))
+    assert resumed == uninterrupted[2:], (resumed, uninterrupted)
+    assert not [w for w in caught if "cannot continue the epoch" in str(w.message)]

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchbp.lightning.data_base import (
     ClassificationDataModule,
@@ -22,6 +22,7 @@ from torchbp.lightning.data_base import (
 )
 from torchbp.lightning.privacy import PoissonBatchSampler
 from torchbp.lightning.samplers import (
+    ContinuableSequentialSampler,
     EpochSeededSampler,
     FetchOnFirstBatchDataLoader,
     collate_or_empty,
@@ -357,11 +358,11 @@ class ArrayDataModule(ClassificationDataModule):
                 **self._loader_options(),
             )
         if self._trains_first_batches_in_order():
+            in_order = ContinuableSequentialSampler(ds)
+            if trained:
+                in_order.continue_epoch(epoch, min(trained * self.batch_size, len(ds)))
             return FetchOnFirstBatchDataLoader(
-                ds,
-                batch_size=self.batch_size,
-                sampler=SequentialSampler(ds),
-                **self._loader_options(),
+                ds, batch_size=self.batch_size, sampler=in_order, **self._loader_options()
             )
         sampler = EpochSeededSampler(ds, shuffle=self.shuffle, seed=self.seed, drop_last=True)
         if trained:

@@ -89,7 +89,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Whether the trainer overfits (``trainer.overfit_batches``) in one process: it
         then trains the first batches in the rows' order, and replaced the sampler of a
         train loader that was no ``SequentialSampler``, warning that it turned the loader's
-        shuffling off (also of one that never shuffled)."""
+        shuffling off (also of one that never shuffled), with one that starts every epoch
+        over (a fit resumed within one trained its first batches again): the train loader
+        then has a :class:`~torchbp.lightning.samplers.ContinuableSequentialSampler`."""
         overfit = getattr(self.trainer, "overfit_batches", 0)
         return bool(overfit) and rank_world()[1] == 1
 

@@ -34,7 +34,11 @@ from torchbp.lightning.optimizers import (
 )
 from torchbp.lightning.privacy import PoissonBatchSampler, Privacy, PrivacyAccountant
 from torchbp.lightning.private_training import PrivateTraining
-from torchbp.lightning.samplers import EpochSeededSampler, FetchOnFirstBatchDataLoader
+from torchbp.lightning.samplers import (
+    ContinuableSequentialSampler,
+    EpochSeededSampler,
+    FetchOnFirstBatchDataLoader,
+)
 from torchbp.mode import TorchbpMode, enable
 from torchbp.ops import OPS
 from torchbp.per_sample import PerSampleGrads
@@ -515,7 +519,7 @@ class ERMClassifier(PrivateTraining, pl.LightningModule):
         of the current epoch after the ``trained`` batches (of this rank) that a resumed
         fit trained before."""
         epoch = self.current_epoch
-        if isinstance(source, EpochSeededSampler):
+        if isinstance(source, (EpochSeededSampler, ContinuableSequentialSampler)):
             source.continue_epoch(epoch, trained * (loader.batch_size or 1))
         elif isinstance(source, PoissonBatchSampler):
             # a DP fit loaded the checkpoint's own sampler state (private_training.py)

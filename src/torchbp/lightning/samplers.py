@@ -21,6 +21,7 @@ from torchbp.lightning.data_base import rank_world
 
 __all__ = [
     "EpochSeededSampler",
+    "ContinuableSequentialSampler",
     "FetchOnFirstBatchDataLoader",
     "collate_or_empty",
     "evaluation_sampler",
@@ -133,6 +134,55 @@ class EpochSeededSampler(DistributedSampler):
         if self.drop_last:
             return n // self.num_replicas
         return len(range(self.rank, n, self.num_replicas))
+
+
+class ContinuableSequentialSampler(SequentialSampler):
+    """torch's :class:`~torch.utils.data.SequentialSampler` (the rows ``0..n-1`` every
+    epoch) that a fit resumed within an epoch continues, as :class:`EpochSeededSampler`
+    does: the train sampler of a fit with ``trainer.overfit_batches`` in one process, for
+    which Lightning replaces any sampler but a SequentialSampler (with one that starts
+    every epoch over: a resumed fit trained the epoch's first batches again, its last
+    ones never).
+
+    Args:
+        data_source: The dataset (only its length is used).
+
+    Examples::
+
+        >>> sampler = ContinuableSequentialSampler(range(6))
+        >>> sampler.continue_epoch(2, start=4)
+        >>> sampler.set_epoch(2)  # Lightning sets the resumed epoch: continued
+        >>> list(sampler)
+        [4, 5]
+        >>> sampler.set_epoch(3)
+        >>> list(sampler)
+        [0, 1, 2, 3, 4, 5]
+    """
+
+    def __init__(self, data_source: Sized) -> None:
+        super().__init__(data_source)
+        self.epoch = 0
+        self.start = 0  # the first row of the epoch to yield
+
+    def set_epoch(self, epoch: int) -> None:
+        """Yield epoch ``epoch``'s rows from the first, unless ``epoch`` is the one
+        :meth:`continue_epoch` continues."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def continue_epoch(self, epoch: int, start: int) -> None:
+        """Yield epoch ``epoch``'s rows from the ``start``-th on (the batches trained
+        times the batch size), ``start`` in ``[0, len(self)]``."""
+        if not 0 <= start <= len(self):
+            raise ValueError(
+                f"ContinuableSequentialSampler.continue_epoch: start must be in "
+                f"[0, {len(self)}] (the rows of an epoch), got {start}"
+            )
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, len(self.data_source)))
 
 
 def evaluation_sampler(dataset: Sized, seed: int = 0, drop_last: bool = False) -> Sampler:

@@ -8,7 +8,7 @@ from operator import attrgetter
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from torchbp.lightning.data_base import (
     ClassificationDataModule,
@@ -17,6 +17,7 @@ from torchbp.lightning.data_base import (
     rank_world,
 )
 from torchbp.lightning.samplers import (
+    ContinuableSequentialSampler,
     EpochSeededSampler,
     FetchOnFirstBatchDataLoader,
     evaluation_sampler,
@@ -156,7 +157,7 @@ class SyntheticDataModule(ClassificationDataModule):
         asks for it once the process group is up, and its workers need none)."""
         batches = _SyntheticBatches(self.task, n, self.batch_size, split_seed)
         if train and self._trains_first_batches_in_order():
-            sampler = SequentialSampler(batches)
+            sampler = ContinuableSequentialSampler(batches)
         elif train:
             rank, world_size = rank_world()
             sampler = EpochSeededSampler(
@@ -184,7 +185,7 @@ class SyntheticDataModule(ClassificationDataModule):
         once the epoch (and where a resumed fit continues it) is set."""
         loader = self._loader(self.n_samples, self.seed * 3 + 1, train=True)
         epoch, trained = self._batches_trained_before_resuming()
-        if trained and isinstance(loader.sampler, EpochSeededSampler):
+        if trained:
             loader.sampler.continue_epoch(epoch, min(trained, len(loader.sampler)))
         return loader
 
