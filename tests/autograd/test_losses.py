@@ -714,6 +714,82 @@ def test_infinite_class_weight_gives_natives_infinite_loss(position, smoothing):
     torch.testing.assert_close(ours, native, equal_nan=True)
 
 
+def _mean_and_grads_as_native(logits, target, weight, dtype, smoothing, inplace):
+    """(torchbp, native) of the smoothed weighted ``'mean'`` and its logits' gradient."""
+    results = []
+    for fn, options in ((TF.cross_entropy, {"inplace": inplace}), (F.cross_entropy, {})):
+        x = logits.to(dtype).requires_grad_()
+        loss = fn(x * 1, target, weight=weight.to(dtype), label_smoothing=smoothing, **options)
+        results.append((loss.detach(), *torch.autograd.grad(loss, x)))
+    return results
+
+
+ZERO_TOTAL_WEIGHT = {  # (class weights, class-index target of (2, 3) logits)
+    "zero class weight": ([1.0, 1.0, 0.0], [2, 2]),
+    "one row ignored": ([1.0, 1.0, 0.0], [2, -100]),
+    "every row ignored": ([1.0, 1.0, 0.0], [-100, -100]),
+    "infinite target weight": ([1.0, 1.0, float("inf")], [2, 0]),
+    "infinite other weight": ([float("inf"), 1.0, 1.0], [2, 2]),
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.1, 1.0])
+@pytest.mark.parametrize("case", list(ZERO_TOTAL_WEIGHT))
+def test_smoothed_mean_over_zero_or_infinite_total_weight_is_natives(
+    case, smoothing, dtype, inplace
+):
+    # native's smoothed mean is (1 - ε) Σ w_y nll / W + (ε/C) Σ smooth / W: at W = 0 the
+    # first term is 0/0 = NaN (loss and kept rows' gradient); torchbp divided its combined
+    # rows by W = 0 and gave ±inf
+    weight, target = (torch.tensor(v) for v in ZERO_TOTAL_WEIGHT[case])
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    ours, native = _mean_and_grads_as_native(logits, target, weight, dtype, smoothing, inplace)
+    torch.testing.assert_close(ours, native, equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fully_smoothed_mean_over_negative_weights_summing_to_zero_is_natives_nan(inplace):
+    # W = 1 - 1 = 0 with ε = 1: native's (1 - ε) · (Σ w_y nll / 0) is 0 · ±inf = NaN.
+    # (With ε < 1 native's loss is ±inf where both terms' signs agree; torchbp's is NaN:
+    # see functional._loss_terms._mean_denominator.)
+    weight, target = torch.tensor([1.0, -1.0, 0.5]), torch.tensor([0, 1])
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    ours, native = _mean_and_grads_as_native(logits, target, weight, torch.float32, 1.0, inplace)
+    assert native[0].isnan()
+    torch.testing.assert_close(ours, native, equal_nan=True)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 1.0])
+def test_smoothed_k_dim_mean_over_zero_total_weight_is_natives_nan(smoothing):
+    weight, target = torch.tensor([1.0, 0.0, 1.0]), torch.ones(2, 4, dtype=torch.long)
+    logits = make((2, 3, 4), torch.float64, seed=1)
+    ours, native = _mean_and_grads_as_native(
+        logits, target, weight, torch.float64, smoothing, False
+    )
+    assert native[0].isnan()
+    torch.testing.assert_close(ours, native, equal_nan=True)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("case", list(ZERO_TOTAL_WEIGHT))
+def test_linear_cross_entropy_smoothed_mean_over_zero_total_weight_is_natives(case, chunk_size):
+    # (the chunked Function scales the gradients it forms in forward by 1 / W)
+    weight, target = (torch.tensor(v) for v in ZERO_TOTAL_WEIGHT[case])
+    x0, w0 = make((2, 4), torch.float64, seed=2), make((3, 4), torch.float64, seed=3)
+    results = []
+    for lce in (TF.linear_cross_entropy, None):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        options = {"weight": weight.double(), "label_smoothing": 0.1}
+        if lce is None:
+            loss = F.cross_entropy(F.linear(x, w), target, **options)
+        else:
+            loss = lce(x, w, target, chunk_size=chunk_size, **options)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (x, w))))
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)
+
+
 def test_infinite_probability_mass_in_linear_cross_entropy_as_native():
     # (the chunked Function's loss rows come from the same ce_rows)
     x, w = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [3.0, 0.0]])

@@ -4,6 +4,8 @@ and the dtype of a probability-target loss."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,6 +18,27 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
         return torch.zeros((), dtype=dtype, device=target.device)
     safe = torch.where(valid, target, 0)
     return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
+
+
+def _mean_denominator(target, weight, ignore_index, dtype, smoothing: float) -> torch.Tensor:
+    """The ``'mean'`` denominator ``W = Σ_i w_{y_i}`` (:func:`_target_weight_sum`) of
+    class-index targets, NaN where ``W = 0`` with label smoothing and class weights.
+
+    Native's smoothed mean is two means over the same ``W``::
+
+        loss = (1 - ε) Σ_i w_{y_i} nll_i / W + (ε / C) Σ_i Σ_c w_c nll_ic / W
+
+    At ``W = 0`` (every kept target a class of weight 0) its first term is 0 / 0 = NaN,
+    so the loss and every kept row's gradient are NaN; torchbp's rows hold both terms
+    (``ℓ_i = (1 - ε) w_{y_i} nll_i + (ε / C) Σ_c w_c nll_ic``), whose sum over 0 would be
+    ±inf. (For negative weights summing to 0 native's first term may be ±inf instead, and
+    the loss ±inf where both terms agree in sign; torchbp's is NaN there too.) Dividing by
+    NaN instead gives native's NaN; without smoothing the rows' sum over 0 is native's own
+    formula. One 0-dim ``where``, only on this path."""
+    total = _target_weight_sum(target, weight, ignore_index, dtype)
+    if not smoothing or weight is None:
+        return total
+    return torch.where(total == 0, math.nan, total)
 
 
 def _probability_loss_dtype(logits, target, weight) -> torch.dtype:

@@ -15,7 +15,7 @@ from torchbp.autograd import LinearCrossEntropyFunction
 from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
 from torchbp.functional._autocast import _autocast_dtype, _cast_low, _run_without_autocast
-from torchbp.functional._loss_terms import _probability_loss_dtype, _target_weight_sum
+from torchbp.functional._loss_terms import _mean_denominator, _probability_loss_dtype
 from torchbp.functional._recording import _differentiated
 from torchbp.functional.affine import linear
 from torchbp.functional.losses import cross_entropy
@@ -319,7 +319,7 @@ def linear_cross_entropy(
         if soft:
             denominator = torch.tensor(rows, dtype=acc, device=x.device)
         else:
-            denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
+            denominator = _mean_denominator(flat_target, weight, ignore_index, acc, label_smoothing)
     if chunk_size is None and options is not None:
         chunk_size = chunk_size_from_options(options, rows, features, classes, x.dtype, x.device)
     if chunk_size is None:

@@ -18,7 +18,11 @@ from torchbp.autograd._compile import apply, pair
 from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.losses import ClassLastRowsFunction
 from torchbp.functional._autocast import _autocast_dtype, _cast_low, _device_type
-from torchbp.functional._loss_terms import _probability_loss_dtype, _target_weight_sum
+from torchbp.functional._loss_terms import (
+    _mean_denominator,
+    _probability_loss_dtype,
+    _target_weight_sum,
+)
 from torchbp.functional._recording import _differentiated, _recorded_view, _traced
 from torchbp.functional.softmax_family import log_softmax
 
@@ -345,7 +349,11 @@ def cross_entropy(
             # native divides by numel / C = 0 / 0 for probability targets
             denominator = math.nan
         elif not (soft or (unmasked and weight is None)):
-            denominator = _target_weight_sum(flat_target, weight, ignore_index, rows.dtype)
+            # W = Σ w_y over kept rows; native's smoothed mean is
+            # (1-ε) Σ w_y nll / W + (ε/C) Σ_i Σ_c w_c nll_ic / W, NaN (0/0) at W = 0
+            denominator = _mean_denominator(
+                flat_target, weight, ignore_index, rows.dtype, label_smoothing
+            )
     loss = _reduce(rows, reduction, batch_shape, input.dtype, denominator)
     if reduction == "sum" and classes == 0 and label_smoothing and not soft:
         # native scales the summed smoothing term by ε/C = ε/0 = inf: NaN, with no row too
