@@ -264,7 +264,9 @@ def test_inplace_negative_slope_under_autograd(call):
         call(h.detach().clone())
 
 
-@pytest.mark.parametrize("op", [TF.softmax, TF.log_softmax], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize(
+    "op", [TF.softmax, TF.softmin, TF.log_softmax], ids=["softmax", "softmin", "log_softmax"]
+)
 def test_softmax_dim_out_of_range(op):
     with pytest.raises(IndexError, match="out of range"):
         op(torch.randn(3, 4), dim=2)
@@ -306,6 +308,7 @@ _LAYOUT_CALLS = {
     "relu_inplace": (lambda x: TF.relu(x, inplace=True), lambda x: F.relu(x, inplace=True)),
     "tanh": (TF.tanh, torch.tanh),
     "softmax": (lambda x: TF.softmax(x, -1), lambda x: F.softmax(x, -1)),
+    "softmin": (lambda x: TF.softmin(x, -1), lambda x: F.softmin(x, -1)),
     "log_softmax": (lambda x: TF.log_softmax(x, -1), lambda x: F.log_softmax(x, -1)),
     "linear": (lambda x: TF.linear(x, _W), lambda x: F.linear(x, _W)),
     "nll_loss": (lambda x: TF.nll_loss(x, _TARGET), lambda x: F.nll_loss(x, _TARGET)),
@@ -327,6 +330,9 @@ _LAYOUT_CASES = [
     ("softmax", "coo"),
     ("softmax", "csr"),
     ("softmax", "nested"),
+    ("softmin", "coo"),
+    ("softmin", "csr"),
+    ("softmin", "nested"),
     ("log_softmax", "coo"),
     ("log_softmax", "nested"),
     ("linear", "nested"),
@@ -441,7 +447,7 @@ def test_linear_cross_entropy_target_size_mismatch_is_a_value_error_first_as_nat
         TF.linear_cross_entropy(x, torch.randn(5, 3), target, weight=int_weight)
 
 
-@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("name", ["softmax", "softmin", "log_softmax"])
 def test_softmax_bad_dtype_argument_is_reported_before_a_bad_dim_as_native(name):
     """Native parses ``dtype`` before it looks at ``dim``: with both wrong it raises the
     dtype's TypeError, where torchbp raised the dim's IndexError."""
@@ -501,3 +507,35 @@ def test_ignore_index_outside_int64_is_natives_value_error(name, ignore_index):
     with pytest.raises(ValueError, match="ignore_index must fit in int64"):
         getattr(TF, name)(*args, ignore_index=ignore_index)
     getattr(TF, name)(*args, ignore_index=2**63 - 1 if ignore_index > 0 else -(2**63))  # fits
+
+
+@pytest.mark.parametrize(
+    "x, dtype",
+    [
+        (torch.tensor([[True, False]]), None),  # native's negation refuses a bool tensor
+        (torch.tensor([[True, False]]), torch.float32),  # (before the cast)
+        (torch.tensor([[1, 2]]), None),  # integer input: softmax's NotImplementedError
+        (torch.tensor([[1, 2]]), torch.float64),  # negated, then cast
+        (torch.tensor([[1, 2]], dtype=torch.uint8), torch.float64),  # -1 wraps to 255
+    ],
+    ids=["bool", "bool-dtype", "long", "long-dtype", "uint8-dtype"],
+)
+def test_softmin_negates_before_the_cast_as_native(x, dtype):
+    """native's softmin is ``(-input).softmax(dim, dtype=dtype)``: the negation in the
+    input's own dtype (and its refusal of a bool tensor) comes first."""
+    outcomes = []
+    for fn in (TF.softmin, F.softmin):
+        try:
+            outcomes.append(fn(x, 1, dtype=dtype))
+        except Exception as e:  # noqa: BLE001 -- the error class is compared
+            outcomes.append(type(e))
+    ours, native = outcomes
+    if isinstance(native, type):
+        assert isinstance(ours, type) and issubclass(ours, native), (ours, native)
+    else:
+        torch.testing.assert_close(ours, native)
+
+
+def test_softmin_refuses_a_non_tensor_by_name():
+    with pytest.raises(TypeError, match="softmin"):
+        TF.softmin([1.0, 2.0], 0)

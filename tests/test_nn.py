@@ -181,6 +181,26 @@ def test_fx_symbolic_trace_keeps_torchbps_backward(case):
     torch.testing.assert_close(grad, grad_ref, **TOL)
 
 
+@pytest.mark.parametrize("shape", [(5,), (4, 5), (2, 3, 5)], ids=str)
+def test_fx_symbolic_trace_of_softmin_without_dim(shape):
+    """``Softmin()`` read ``input.dim()`` in its forward for the implicit dim, which a
+    Proxy cannot answer: the trace failed. Its forward now calls
+    ``torchbp.functional.softmin``, which the trace records as one node (the dim is picked,
+    with native's warning, when the GraphModule runs)."""
+    traced = torch.fx.symbolic_trace(torchbp.nn.Softmin())
+    called = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert called == [torchbp.functional.softmin]
+    results = []
+    for module in (traced, torch.nn.Softmin()):
+        x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(0))
+        x.requires_grad_()
+        with pytest.warns(UserWarning, match="Implicit dimension choice for softmin"):
+            out = module(x)
+        out.backward(torch.arange(out.numel(), dtype=DT).reshape(out.shape))
+        results.append((out.detach(), x.grad))
+    torch.testing.assert_close(results[0], results[1], **TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_factory_kwargs(bias, dtype, device):

@@ -39,11 +39,6 @@ def test_kinds_are_known():
     assert of_kind(*kinds) == list(OPS.values())
 
 
-def _functionals(op):
-    """The op's wrappers in torchbp.functional: ``<name>``, and ``<name>_`` if any."""
-    return [op.functional] if op.in_place is None else [op.functional, op.in_place]
-
-
 def _modules(op):
     """The op's torchbp.nn modules: ``module`` and those of ``extra_modules``."""
     return [ours for ours, _ in op.module_pairs() if ours is not None]
@@ -52,7 +47,7 @@ def _modules(op):
 @pytest.mark.parametrize(
     "namespace, objects_of",
     [
-        (torchbp.functional, _functionals),
+        (torchbp.functional, lambda op: op.functionals()),
         (torchbp.nn, _modules),
         (torchbp.autograd, lambda op: [op.function]),
     ],
@@ -86,6 +81,19 @@ def test_in_place_wrapper_exactly_where_torch_nn_functional_has_one(op):
     assert (op.in_place is None) == (native is None)
     if op.in_place is not None:
         assert op.in_place.__name__ == op.name + "_"
+
+
+@pytest.mark.parametrize(
+    "ours, native",
+    [pair for op in OPS.values() for pair in op.extra_functionals],
+    ids=lambda fn: fn.__name__,
+)
+def test_extra_functional_is_named_and_called_as_its_torch_twin(ours, native):
+    """``softmin`` and the like: native's name and parameters (names, order, defaults)."""
+    assert ours.__name__ == native.__name__
+    assert inspect.signature(ours).parameters.keys() == inspect.signature(native).parameters.keys()
+    for name, param in inspect.signature(native).parameters.items():
+        assert inspect.signature(ours).parameters[name].default == param.default, name
 
 
 @pytest.mark.parametrize("ours, native", MODULE_PAIRS, ids=lambda cls: cls.__name__)

@@ -30,7 +30,6 @@ from torch import nn
 
 from torchbp import _checks
 from torchbp import functional as F
-from torchbp.functional.softmax_family import _softmax_dim
 
 __all__ = [
     "Linear",
@@ -259,8 +258,9 @@ class Softmax(_TorchbpModule, nn.Softmax):
 
 
 class Softmin(_TorchbpModule, nn.Softmin):
-    r""":math:`\text{Softmin}(x) = \text{Softmax}(-x)` along ``dim``: torchbp's softmax of
-    the negated input (its backward saves only the output).
+    r""":math:`\text{Softmin}(x) = \text{Softmax}(-x)` along ``dim``:
+    :func:`torchbp.functional.softmin`, torchbp's softmax of the negated input (its
+    backward saves only the output).
 
     Args:
         dim: the dim that sums to 1 (``None`` picks one as native does, with its
@@ -276,12 +276,8 @@ class Softmin(_TorchbpModule, nn.Softmin):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        dim = self.dim
-        if dim is None:
-            # the warning points where native's does (4: this forward's caller's caller,
-            # Module.__call__, as F.softmin's _stacklevel=5 from nn.Softmin.forward)
-            dim = _softmax_dim("softmin", input.dim(), stacklevel=4)
-        return F.softmax(-input, dim)
+        # (_stacklevel=5 as native's: the implicit-dim warning points where native's does)
+        return F.softmin(input, self.dim, _stacklevel=5)
 
 
 class Softmax2d(_TorchbpModule, nn.Softmax2d):

@@ -75,6 +75,10 @@ class Op:
         extra_modules: more ``(torchbp module, native module)`` twins whose forward runs
             this op's Function with fixed arguments (softmax: ``Softmin``, ``Softmax2d``);
             :meth:`module_pairs` lists them after ``(module, torch_module)``.
+        extra_functionals: more ``(torchbp functional, native functional)`` twins, named
+            alike, whose body runs this op's Function (softmax: ``softmin``, the softmax
+            of ``-input``); :meth:`functionals` lists them after ``functional`` and
+            ``in_place``.
     """
 
     name: str
@@ -91,6 +95,13 @@ class Op:
     input_if_negative: str | None = None
     in_place: Callable[..., Any] | None = None
     extra_modules: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ()
+    extra_functionals: tuple[tuple[Callable[..., Any], Callable[..., Any]], ...] = ()
+
+    def functionals(self) -> tuple[Callable[..., Any], ...]:
+        """Every wrapper of the op in :mod:`torchbp.functional`: :attr:`functional`,
+        :attr:`in_place` (if any), then those of :attr:`extra_functionals`."""
+        in_place = () if self.in_place is None else (self.in_place,)
+        return (self.functional, *in_place, *(ours for ours, _ in self.extra_functionals))
 
     def module_pairs(self) -> tuple[tuple[type[nn.Module] | None, type[nn.Module] | None], ...]:
         """Every ``(torchbp module, native module)`` of the op: ``(module, torch_module)``,
@@ -138,7 +149,8 @@ _REGISTRY: tuple[Op, ...] = (
        nn.Softplus, "input", A.activations.softplus_backward, variants=({}, {"beta": 2.0})),
     Op("softmax", "softmax", A.SoftmaxFunction, TF.softmax, bpnn.Softmax, F.softmax,
        nn.Softmax, "output", variants=({"dim": -1}, {"dim": 0}),
-       extra_modules=((bpnn.Softmin, nn.Softmin), (bpnn.Softmax2d, nn.Softmax2d))),
+       extra_modules=((bpnn.Softmin, nn.Softmin), (bpnn.Softmax2d, nn.Softmax2d)),
+       extra_functionals=((TF.softmin, F.softmin),)),
     Op("log_softmax", "softmax", A.LogSoftmaxFunction, TF.log_softmax, bpnn.LogSoftmax,
        F.log_softmax, nn.LogSoftmax, "output", variants=({"dim": -1}, {"dim": 0})),
     Op("nll_loss", "loss", A.NLLLossFunction, TF.nll_loss, bpnn.NLLLoss, F.nll_loss,

@@ -1,4 +1,4 @@
-"""Softmax / log-softmax: parity, dims, dtype argument, max trick, gradcheck."""
+"""Softmax / softmin / log-softmax: parity, dims, dtype argument, max trick, gradcheck."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
 
-OPS = {"softmax": (TF.softmax, F.softmax), "log_softmax": (TF.log_softmax, F.log_softmax)}
+OPS = {
+    "softmax": (TF.softmax, F.softmax),
+    "softmin": (TF.softmin, F.softmin),
+    "log_softmax": (TF.log_softmax, F.log_softmax),
+}
 CASES = [((), 0), ((5,), 0), ((0,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), -1), ((2, 0, 4), 1)]
 
 
@@ -51,6 +55,29 @@ def test_implicit_dim_warns_and_picks_native_dim(name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.testing.assert_close(out, native(x))
+
+
+def _implicit_dim_warning(fn, x, stacklevel):
+    """``(message, filename, lineno)`` of ``fn(x)``'s implicit-dim warning, called from a
+    helper whose caller (this function) ``_stacklevel=4`` names."""
+
+    def helper():
+        return fn(x, _stacklevel=stacklevel)
+
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as record:
+        helper()
+    (warning,) = record
+    return str(warning.message), warning.filename, warning.lineno
+
+
+@pytest.mark.parametrize("stacklevel", [3, 4])
+@pytest.mark.parametrize("name", OPS)
+def test_implicit_dim_warning_names_the_op_and_points_where_natives_does(name, stacklevel):
+    ours, native = OPS[name]
+    x = make((3, 4), torch.float64)
+    got = _implicit_dim_warning(ours, x, stacklevel)
+    assert got == _implicit_dim_warning(native, x, stacklevel)
+    assert f"choice for {name} " in got[0]
 
 
 @pytest.mark.parametrize("name", OPS)

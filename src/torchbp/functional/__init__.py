@@ -43,7 +43,7 @@ from torchbp.functional.activations import (
 from torchbp.functional.affine import linear
 from torchbp.functional.fused_linear_loss import linear_cross_entropy
 from torchbp.functional.losses import cross_entropy, nll_loss
-from torchbp.functional.softmax_family import log_softmax, softmax
+from torchbp.functional.softmax_family import log_softmax, softmax, softmin
 
 __all__ = [
     "linear",
@@ -59,6 +59,7 @@ __all__ = [
     "elu_",
     "softplus",
     "softmax",
+    "softmin",
     "log_softmax",
     "nll_loss",
     "cross_entropy",

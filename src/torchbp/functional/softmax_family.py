@@ -1,5 +1,5 @@
-"""``softmax`` and ``log_softmax`` of :mod:`torchbp.functional`: native's implicit-dim choice
-and warning, the ``dtype`` cast, and CUDA autocast's float32."""
+"""``softmax``, ``softmin`` and ``log_softmax`` of :mod:`torchbp.functional`: native's
+implicit-dim choice and warning, the ``dtype`` cast, and CUDA autocast's float32."""
 
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def _softmax_common(name, function, input, dim, stacklevel, dtype):
+def _softmax_common(name, function, input, dim, stacklevel, dtype, negate=False):
     _checks.check_tensor(name, input=input)
     if dim is None:
         dim = _softmax_dim(name, input.dim(), stacklevel + 1)
+    if negate:  # softmin: negated first, in the input's dtype, as native's (-input).softmax
+        input = -input
     _checks.check_dtype_argument(name, dtype)  # before dim, as native parses them
     dim = _checks.softmax_dim(name, dim, input.dim())
     if dtype is not None:
@@ -77,6 +79,38 @@ def softmax(
     if _checks.native_layout(input):  # sparse or strided nested: native's op
         return torch.nn.functional.softmax(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
+
+
+def softmin(
+    input: torch.Tensor,
+    dim: int | None = None,
+    _stacklevel: int = 3,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r"""Softmin, the softmax of ``-input`` along ``dim`` (as
+    :func:`torch.nn.functional.softmin`): torchbp's softmax Function of the negated input,
+    whose backward saves only the output.
+
+    Args:
+        input: any shape.
+        dim: the dim that sums to 1 (``None`` picks one as native does, with its warning).
+        dtype: a ``torch.dtype`` or ``None``; if given, the negated input is cast to it
+            first (anything else is a ``TypeError``, as native).
+
+    Shape:
+        Output: the input's shape.
+
+    Examples::
+
+        >>> softmin(torch.tensor([[1.0, 1.0], [0.0, 2.0]]), dim=1)
+        tensor([[0.5000, 0.5000],
+                [0.8808, 0.1192]])
+    """
+    if has_torch_function((input,)):
+        return handle_torch_function(softmin, (input,), input, dim, _stacklevel, dtype)
+    if _checks.native_layout(input):  # sparse or strided nested: native's op
+        return torch.nn.functional.softmin(input, dim, _stacklevel + 1, dtype)
+    return _softmax_common("softmin", _SOFTMAX, input, dim, _stacklevel, dtype, negate=True)
 
 
 def log_softmax(
