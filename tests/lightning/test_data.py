@@ -220,9 +220,9 @@ def test_tabular_npz_and_pt(tmp_path):
         ("non_numeric", r"non-numeric value 'abc' in column 'b' at row 5"),
         ("nan", r"non-finite value nan in column 'c' at row 7"),
         ("inf", r"non-finite value inf in column 'a' at row 2"),
-        ("single_class", "single class"),
+        ("single_class", r"single class \(\['c0'\]\)"),  # the CSV's label, not index 0
         ("too_few", "too few rows"),
-        ("rare_class", "fewer than 3 samples"),
+        ("rare_class", r"class\(es\) \['rare'\] have fewer than 3 samples"),
         ("bad_suffix", "unsupported file type"),
     ],
 )
@@ -270,6 +270,19 @@ def test_a_continuous_label_column_is_named_as_the_likely_cause(tmp_path):
     with pytest.raises(DataError, match="too few rows") as e:
         _ = few.num_features  # a few classes in too few rows: no such hint
     assert "distinct labels" not in str(e.value)
+
+
+def test_rare_classes_are_named_by_their_labels_the_first_ten_of_them(tmp_path):
+    """The rare-class error named a CSV's classes by their indices ("class(es) [0]" for
+    the label 'bird'), and listed every one of them: hundreds for a label column of rounded
+    values. It names them by the file's labels, ten of them, and counts the rest."""
+    rows = _good_rows(150, 2) + [[0.1, 0.2, 0.3, f"r{i:02d}"] for i in range(15)]
+    _write_csv(tmp_path / "t.csv", ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(tmp_path / "t.csv"), label_column="target")
+    with pytest.raises(DataError) as e:
+        _ = dm.num_features
+    rare = [f"r{i:02d}" for i in range(10)]
+    assert f"class(es) {rare} and 5 more have fewer than 3 samples" in str(e.value), e.value
 
 
 def test_tabular_npz_errors(tmp_path):

@@ -35,6 +35,8 @@ __all__ = ["ArrayDataModule", "DigitsDataModule", "SklearnToyDataModule", "MAX_S
 #: the largest ``seed`` of an :class:`ArrayDataModule`: its split hands scikit-learn
 #: ``seed`` and ``seed + 1``, which must be below 2**32
 MAX_SPLIT_SEED = 2**32 - 2
+#: how many labels an error about the labels names before counting the rest
+_LABELS_SHOWN = 10
 
 
 def _hint_if_labels_look_continuous(rows: int, classes: int) -> str:
@@ -161,7 +163,7 @@ class ArrayDataModule(ClassificationDataModule):
         classes, counts = np.unique(y, return_counts=True)
         if len(classes) < 2:
             raise DataError(
-                f"the labels contain a single class ({classes.tolist()}); "
+                f"the labels contain a single class ({self._labels_of(classes.tolist())}); "
                 "classification needs at least 2 classes"
             )
         k = len(classes)
@@ -181,11 +183,23 @@ class ArrayDataModule(ClassificationDataModule):
                 f"split can hold one sample per class{_hint_if_labels_look_continuous(n, k)}"
             )
         if counts.min() < 3:
-            rare = classes[counts < 3].tolist()
+            rare = self._labels_of(classes[counts < 3].tolist())
             raise DataError(
                 f"class(es) {rare} have fewer than 3 samples; a stratified "
                 "train/val/test split needs at least 3 per class"
             )
+
+    def _labels_of(self, classes: list[int]) -> str:
+        """The labels of class indices ``classes`` as an error names them, the first
+        :data:`_LABELS_SHOWN` of them: their indices here; a subclass whose labels have
+        names of their own (a CSV's) names them by those (see :meth:`_label_of`)."""
+        shown = [self._label_of(k) for k in classes[:_LABELS_SHOWN]]
+        more = len(classes) - len(shown)
+        return f"{shown} and {more} more" if more else str(shown)
+
+    def _label_of(self, index: int) -> Any:
+        """The label of class ``index`` in messages: the index itself."""
+        return index
 
     def _split(self) -> dict[str, TensorDataset]:
         from sklearn.model_selection import train_test_split

@@ -171,6 +171,10 @@ class TabularFileDataModule(ArrayDataModule):
     def _column_name(self, j: int) -> str:
         return str(self.feature_names[j])
 
+    def _label_of(self, index: int) -> Any:
+        """The label of class ``index`` as the file writes it (``'bird'``, not ``0``)."""
+        return self.class_names[index]
+
     # -- new rows to predict --------------------------------------------------------------
     def check_predict_data(self) -> None:
         """Read ``predict_path`` now: a missing file or column, or a bad value, is a
