@@ -127,8 +127,11 @@ def _reference(op) -> Callable[..., Any]:
     return op.torch_functional
 
 
-#: torchbp.functional name -> native reference callable.
-OPS: dict[str, Callable[..., Any]] = {name: _reference(op) for name, op in REGISTRY.items()}
+#: torchbp.functional name -> native reference callable: each registered op's, then those
+#: of its extra functionals (softmax's softmin), named alike.
+OPS: dict[str, Callable[..., Any]] = {name: _reference(op) for name, op in REGISTRY.items()} | {
+    ours.__name__: native for op in REGISTRY.values() for ours, native in op.extra_functionals
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +396,7 @@ def _all_cases() -> list[Case]:
     cases += _linear_cases()
     cases += _all_activation_cases()
     cases += _softmax_cases("softmax")
+    cases += _softmax_cases("softmin")
     cases += _softmax_cases("log_softmax")
     cases += _nll_cases()
     cases += _ce_cases()
