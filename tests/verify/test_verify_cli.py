@@ -154,6 +154,18 @@ def test_target_from_a_file_passes(tmp_path, capsys):
     assert data["ok"] is True and data["meta"]["inputs"][0]["shape"] == [3, 4]
 
 
+def test_a_target_usage_error_replaces_an_earlier_json_verdict(tmp_path, capsys):
+    # before: nothing was written, and the file of an earlier passing run still said
+    # "ok": true after a run that checked nothing (exit status 2)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"ok": True, "checks": []}))
+    argv = [f"{CORRECT_FILE}:TextbookTanh", "--inputs", "3,4[1,0]", "--json", str(path)]
+    assert cli.main(argv) == 2, capsys.readouterr()
+    data = json.loads(path.read_text())
+    assert data["ok"] is False and data["checks"] == [], data
+    assert "a range is SHAPE[LO,HI]" in data["usage_error"], data
+
+
 def test_target_with_integer_and_literal_inputs(capsys):
     spec = "4,5;int:4<5;=-100;=0.5"
     code = cli.main([f"{CORRECT_FILE}:PickedLoss", "--inputs", spec, "--no-compile"])

@@ -141,6 +141,32 @@ def test_a_malformed_range_is_a_usage_error(item):
         parse_inputs(item)
 
 
+def test_a_range_reads_negative_bounds_spaces_and_exponents():
+    (x, y) = parse_inputs("50[-2,-1]; 3, 4[ -1e-1 , 2E0 ]")
+    assert bool((x >= -2).all()) and bool((x <= -1).all()), x
+    assert tuple(y.shape) == (3, 4) and bool((y >= -0.1).all()) and bool((y <= 2).all()), y
+
+
+def test_a_range_as_wide_as_float64_draws_finite_values():
+    # before: every value inf (HI - LO overflowed)
+    (x,) = parse_inputs("50[-1e308,1e308]")
+    assert bool(torch.isfinite(x).all()) and x.min() < 0 < x.max(), x
+
+
+def test_a_range_beyond_the_dtype_is_refused():
+    # before: float16 values drawn up to 1e5 were cast to inf
+    with pytest.raises(TargetError, match="beyond float16's largest value"):
+        parse_inputs("float16:4[1,1e5]")
+
+
+@pytest.mark.parametrize("item", ["int:4<10[0,1]", "bool:4[0,1]", "complex:4[0,1]"])
+def test_a_range_after_a_kind_of_input_without_one_says_ranges_are_for_floats(item):
+    # before: "a shape is comma-separated sizes" (bool, complex) or "an integer tensor is
+    # int:SHAPE<HIGH", as if the range were not there
+    with pytest.raises(TargetError, match=r"a range \[LO,HI\] is for float inputs only"):
+        parse_inputs(item)
+
+
 def test_the_command_line_checks_a_restricted_domain_function_on_a_range(capsys):
     argv = [f"{__name__}:StrictSqrt", "--inputs", "3,4[0.1,2]", "--reference", "torch:sqrt"]
     assert cli.main([*argv, "--no-compile"]) == 0, capsys.readouterr()
@@ -175,12 +201,34 @@ class StrictLogWithVmapRule(torch.autograd.Function):
         return g / x
 
 
-def test_a_domain_check_vmap_cannot_run_fails_vmap_saying_how_to_write_it():
-    # before: PyTorch's bare "data-dependent control flow" error; fn offers vmap
-    # (generate_vmap_rule) and vmap of it raises, a failure of fn's, now with the fix
+def test_a_domain_check_vmap_cannot_run_makes_vmap_unsupported_saying_how_to_write_it():
+    # before: FAILED with PyTorch's "data-dependent control flow" error: the if on
+    # bool((x <= 0).any()) has no single answer for a batch, a limitation of vmap, while
+    # fn's values and gradients are right (FAILED is kept for wrong results)
     report = check_function(StrictLogWithVmapRule, positive(3, 4), checks=["vmap"])
+    result = report["vmap"]
+    assert report.ok and result.unsupported, report
+    assert "a Python if on a tensor's values" in result.message, result.message
+    assert "not a wrong result" in result.message and "torch.where" in result.message
+
+
+class StrictLogWithWrongVmapRule(StrictLogWithVmapRule):
+    """Wrong: its vmap staticmethod (which runs the domain check on the unbatched
+    tensor, as vmap cannot) computes log1p(x), not log(x)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        if bool((x <= 0).any()):
+            raise ValueError("StrictLogWithWrongVmapRule: x must be positive")
+        return torch.log1p(x).movedim(in_dims[0], 0), 0
+
+
+def test_a_vmap_rule_giving_wrong_values_still_fails():
+    report = check_function(StrictLogWithWrongVmapRule, positive(3, 4), checks=["vmap"])
     assert report["vmap"].failed, report
-    assert "torch.where" in report["vmap"].message, report["vmap"].message
+    assert "vmap output 0 differs from a Python loop" in report["vmap"].message
 
 
 def _one_near_zero(*shape: int) -> torch.Tensor:
@@ -224,8 +272,101 @@ class MaxNormalized(torch.autograd.Function):
         return g / ctx.scale
 
 
-def test_an_item_call_vmap_cannot_run_fails_vmap_saying_how_to_write_it():
-    # before: PyTorch's bare "calling .item() on a Tensor" error
+def test_an_item_call_vmap_cannot_run_makes_vmap_unsupported_saying_how_to_write_it():
+    # before: FAILED with PyTorch's "calling .item() on a Tensor" error
     report = check_function(MaxNormalized, seeded(3, 4), checks=["vmap"])
-    assert report["vmap"].failed, report
-    assert "amax()" in report["vmap"].message, report["vmap"].message
+    result = report["vmap"]
+    assert report.ok and result.unsupported, report
+    assert ".item()" in result.message and "amax()" in result.message, result.message
+
+
+class SqrtGuardingBackward(StrictSqrt):
+    """Wrong: backward refuses small outputs with a ValueError (a guard of its own, where
+    the reference's gradient is finite)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        if bool((y < 1e-2).any()):
+            raise ValueError("SqrtGuardingBackward: y too small")
+        return g / (2 * y)
+
+
+def test_a_value_error_of_backward_on_a_probe_fails_extreme_values():
+    # before: passed, the near-zero probe left out as if forward had refused it
+    report = check_function(
+        SqrtGuardingBackward, positive(3, 4), reference=torch.sqrt, checks=FAST_CHECKS
+    )
+    result = report["extreme_values"]
+    assert result.failed, report
+    assert "backward failed on inputs scaled by 1e-6" in result.message, result.message
+
+
+class LogWithRaisingBackward(Log):
+    """Wrong: backward raises ValueError (a check of its own gone wrong)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ValueError("LogWithRaisingBackward: cannot differentiate")
+
+
+def test_a_value_error_of_backward_near_the_domain_edge_fails_not_a_usage_error():
+    # before: a usage error ("within eps of the edge of fn's domain"), as fn is NaN at
+    # the input shifted by -eps; but the ValueError was backward's, not a refusal of fn's
+    report = check_function(LogWithRaisingBackward, _one_near_zero(3, 4), checks=["gradcheck"])
+    result = report["gradcheck"]
+    assert result.failed and "cannot differentiate" in result.message, report
+
+
+def test_nan_without_a_reference_is_called_either_outside_the_domain_or_fns_mistake():
+    # NanLog is NaN for x < 1, inside log's domain: before, the usage error said only
+    # "they lie outside fn's domain", though nothing told that from a wrong forward
+    with pytest.raises(ValueError, match="or fn produces NaN where it should not") as info:
+        check_function(NanLog, positive(3, 4), checks=FAST_CHECKS)
+    low, high = float(positive(3, 4).min()), float(positive(3, 4).max())
+    assert f"input 0 of shape (3, 4) in [{low:.3g}, {high:.3g}]" in str(info.value)
+
+
+class DoubleOfAMatrix(torch.autograd.Function):
+    """Correct, refusing a tensor that is not 2-D with a ValueError: d(2 x)/dx = 2."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if x.dim() != 2:
+            raise ValueError(f"DoubleOfAMatrix: expected a 2-D input, got {x.dim()}-D")
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+def test_a_value_error_refusing_a_shape_is_not_called_a_domain_problem_only():
+    # before: "they must lie inside fn's domain", for a 1-D input fn refuses by its shape
+    with pytest.raises(ValueError, match="shapes or dtypes it refuses") as info:
+        check_function(DoubleOfAMatrix, seeded(4))
+    assert "input 0 of shape (4,)" in str(info.value)
+    assert "or fn raises it by mistake" in str(info.value)
+
+
+def test_a_domain_check_compile_cannot_capture_in_one_graph_is_unsupported_not_failed():
+    # before: FAILED with Dynamo's UserError "Could not guard on data-dependent
+    # expression": the if on bool((x <= 0).any()) cannot be captured in one graph (a
+    # PyTorch limitation); compiled with graph breaks, fn matches eager
+    report = check_function(StrictSqrt, positive(3, 4), checks=["compile"])
+    result = report["compile"]
+    assert report.ok and result.unsupported, report
+    assert "a Python if on a tensor's values" in result.message, result.message
+    assert "outputs and gradients match eager" in result.message, result.message
+
+
+def _reference_of_two_inputs(x, y):
+    return x.log() + y
+
+
+def test_nan_where_the_reference_raises_a_type_error_is_not_called_outside_both_domains():
+    # before: "(the reference's too): they lie outside fn's domain", for a reference that
+    # raised TypeError (called with one input), which says nothing of the domain
+    with pytest.raises(ValueError, match="or fn produces NaN where it should not") as info:
+        check_function(NanLog, positive(3, 4), reference=_reference_of_two_inputs)
+    assert "the reference raised TypeError" in str(info.value), info.value

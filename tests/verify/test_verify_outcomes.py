@@ -94,6 +94,24 @@ def test_cause_chain_is_searched():
         assert capability_gap(outer) is not None
 
 
+#: torch.func.vmap's own error for an .item() of a batched tensor
+_VMAP_ITEM = "vmap: It looks like you're calling .item() on a Tensor. We don't support vmap"
+
+
+def test_only_vmaps_own_error_for_an_item_is_unsupported():
+    # vmap cannot run a value read (a limitation); an error fn raised while handling it
+    # (a fallback of its own that fails) or one quoting its words is fn's, and fails
+    assert "amax()" in capability_gap(RuntimeError(_VMAP_ITEM))[1]
+    try:
+        try:
+            raise RuntimeError(_VMAP_ITEM)
+        except RuntimeError:
+            raise RuntimeError("MyOp's fallback for vmap failed") from None
+    except RuntimeError as fallback_failed:
+        assert capability_gap(fallback_failed) is None
+    assert capability_gap(ValueError(_VMAP_ITEM)) is None
+
+
 def test_fn_raised_prefix_only_once():
     def bad(x):
         raise RuntimeError("fn-specific problem")

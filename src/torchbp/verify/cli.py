@@ -9,7 +9,9 @@ report.
 
 Exit status: 0 if no check failed, 1 if a check failed, 2 on a usage error, 130 when
 interrupted (Ctrl-C). ``--json`` is rewritten after every finished case run, marked
-``"complete": false`` until the last, so a run killed at a time limit keeps its verdicts.
+``"complete": false`` until the last, so a run killed at a time limit keeps its verdicts;
+for a target that cannot be checked (a usage error: inputs outside its domain, a
+malformed spec) it holds ``"ok": false`` and the ``"usage_error"``, with no checks.
 
 Examples:
     $ torchbp-verify                         # every op, cpu (+ cuda if present)
@@ -165,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=(
             "also write the full results as JSON, rewritten after each case run "
-            '("complete": false until the run ends)'
+            '("complete": false until the run ends); for a target, a usage error is '
+            'written too ("ok": false, "usage_error")'
         ),
     )
     p.add_argument(
@@ -729,6 +732,7 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
             )
     except (UsageError, TargetError, TypeError, ValueError) as exc:
         _print_error(err_console, str(exc))
+        _write_usage_error(args, str(exc))
         return 2
     console.print(str(report), highlight=False, markup=False, soft_wrap=True)
     if args.json:
@@ -738,6 +742,19 @@ def _check_target(args: argparse.Namespace, console: Any, err_console: Any) -> i
             _print_error(err_console, f"cannot write {args.json}: {exc}")
             return 2
     return 0 if report.ok else 1
+
+
+def _write_usage_error(args: argparse.Namespace, message: str) -> None:
+    """Write ``--json``, if given, for a target that could not be checked (a usage error,
+    exit status 2: inputs outside fn's domain, a malformed spec): ``"ok": false`` with
+    the message as ``"usage_error"`` and no checks, so that a file left by an earlier run
+    is not read as this one's verdict. The error is already printed; a file that cannot
+    be written adds nothing to it."""
+    if not args.json:
+        return
+    entry = {"name": args.target, "ok": False, "usage_error": message, "checks": []}
+    with contextlib.suppress(OSError):
+        _write_atomically(args.json, json.dumps(entry, indent=1))
 
 
 def _unwritable_json(path: str | None) -> str | None:

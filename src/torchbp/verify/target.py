@@ -165,20 +165,23 @@ def _shape(text: str, item: str) -> tuple[int, ...]:
     return dims
 
 
-def _float_values(text: str, item: str, generator: torch.Generator) -> torch.Tensor:
-    """The float64 values of a float input, ``SHAPE`` (a standard normal) or
+def _float_values(
+    text: str, item: str, generator: torch.Generator, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """The float64 values of a float input of ``dtype``, ``SHAPE`` (a standard normal) or
     ``SHAPE[LO,HI]`` (uniform in [LO, HI], for a fn with a restricted domain)."""
     shape_text, bracket, bounds = text.partition("[")
     size = _shape(shape_text, item)
     if not bracket:
         return torch.randn(size, generator=generator, dtype=torch.float64)
-    low, high = _bounds(bounds, item)
-    values = torch.rand(size, generator=generator, dtype=torch.float64)
-    return low + (high - low) * values
+    low, high = _bounds(bounds, item, dtype)
+    u = torch.rand(size, generator=generator, dtype=torch.float64)
+    # (1 - u) LO + u HI, not LO + u (HI - LO): HI - LO overflows for [-1e308, 1e308]
+    return (1 - u) * low + u * high
 
 
-def _bounds(text: str, item: str) -> tuple[float, float]:
-    """``LO`` and ``HI`` of a range ``LO,HI]``, finite with ``LO < HI``."""
+def _bounds(text: str, item: str, dtype: torch.dtype) -> tuple[float, float]:
+    """``LO`` and ``HI`` of a range ``LO,HI]``, finite in ``dtype`` with ``LO < HI``."""
     usage = f"input {item!r}: a range is SHAPE[LO,HI] with LO < HI, e.g. 4,5[0.1,2]"
     inside, closed, rest = text.partition("]")
     if not closed or rest.strip():
@@ -189,7 +192,24 @@ def _bounds(text: str, item: str) -> tuple[float, float]:
         raise TargetError(usage) from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise TargetError(usage)
+    largest = torch.finfo(dtype).max
+    if max(-low, high) > largest:
+        name = str(dtype).removeprefix("torch.")
+        raise TargetError(
+            f"input {item!r}: the range goes beyond {name}'s largest value ({largest:g}), "
+            "where its values are infinite"
+        )
     return low, high
+
+
+def _refuse_range(item: str, kind: str) -> None:
+    """A :class:`TargetError` when the ``bool``, ``complex`` or ``int`` input ``item`` has a
+    range ``[LO,HI]``, which only float inputs take."""
+    if "[" in item:
+        raise TargetError(
+            f"input {item!r}: a range [LO,HI] is for float inputs only (4,5[0.1,2], "
+            f"float32:4,5[0.1,2]), not {kind}: inputs"
+        )
 
 
 def _unknown_prefix(item: str) -> str:
@@ -230,12 +250,15 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
                     f"input {item!r}: after '=' give a Python literal (1, -100, True, 'mean')"
                 ) from None
         elif item.startswith("bool:"):
+            _refuse_range(item, "bool")
             size = _shape(item[5:], item)
             inputs.append(torch.rand(size, generator=generator, dtype=torch.float64) < 0.5)
         elif item.startswith("complex:"):
+            _refuse_range(item, "complex")
             size = _shape(item[8:], item)
             inputs.append(torch.randn(size, generator=generator, dtype=torch.complex128))
         elif item.startswith("int:"):
+            _refuse_range(item, "int")
             shape_text, sep, high = item[4:].partition("<")
             if not sep or not high.strip().isdigit() or int(high) < 1:
                 raise TargetError(
@@ -245,7 +268,7 @@ def parse_inputs(spec: str, seed: int = 0) -> tuple[Any, ...]:
             inputs.append(torch.randint(int(high), size, generator=generator))
         elif item.partition(":")[0] in FLOAT_DTYPES:
             prefix, _, shape_text = item.partition(":")
-            values = _float_values(shape_text, item, generator)
+            values = _float_values(shape_text, item, generator, FLOAT_DTYPES[prefix])
             inputs.append(values.to(FLOAT_DTYPES[prefix]))
         elif ":" in item:
             raise TargetError(_unknown_prefix(item))

@@ -9,16 +9,43 @@ from __future__ import annotations
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors
+from torchbp.verify.checks.compare import float_tensors, shape_text
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.explain import explain_error, raised_in_derivative
 from torchbp.verify.checks.outcomes import CheckFailure, UsageError
 from torchbp.verify.checks.spelling import inputs_in_domain, option
 
-__all__ = ["CENTRAL_DIFFERENCE_CHECKS", "refuse_inputs_near_domain_edge"]
+__all__ = ["CENTRAL_DIFFERENCE_CHECKS", "input_ranges", "refuse_inputs_near_domain_edge"]
 
 #: The checks comparing fn's derivatives with its central differences.
 CENTRAL_DIFFERENCE_CHECKS = frozenset({"gradcheck", "gradgradcheck", "forward_ad"})
+
+
+def input_ranges(ctx: CheckContext, limit: int = 4) -> str:
+    """The shape and range of values of each real floating-point tensor input (not a
+    module's parameter), e.g. ``"input 0 of shape (3, 4) in [-2.27, 1.95]"``: what a
+    message about inputs fn refuses names, for the caller to see which inputs it was
+    given (at most ``limit`` of them)."""
+    ranges = []
+    for i, arg in enumerate(ctx.args):
+        if i in ctx.parameter_names or not _has_values(arg):
+            continue
+        low, high = float(arg.detach().min()), float(arg.detach().max())
+        ranges.append(f"input {i} of shape {shape_text(arg)} in [{low:.3g}, {high:.3g}]")
+    if len(ranges) > limit:
+        ranges = [*ranges[:limit], "..."]
+    return ", ".join(ranges) or "no floating-point tensor input"
+
+
+def _has_values(arg: object) -> bool:
+    """True for a real floating-point, strided tensor holding values to read."""
+    return (
+        isinstance(arg, torch.Tensor)
+        and arg.is_floating_point()
+        and arg.layout == torch.strided
+        and not arg.is_meta
+        and arg.numel() > 0
+    )
 
 
 def _nan_output(outs: list[torch.Tensor]) -> tuple[int, int, tuple[int, ...]] | None:
@@ -60,13 +87,16 @@ def _finite_at_inputs(ctx: CheckContext) -> bool:
 
 
 def _domain_like(cause: BaseException) -> bool:
-    """True when a check's failure ``cause`` may come from fn leaving its domain: fn
-    raised ``ValueError`` (refusing values; a check reports it as ``"ValueError: ..."``),
-    or the numerical derivative was NaN. A finite mismatch is a wrong derivative,
-    whatever fn does beside its inputs."""
+    """True when a check's failure ``cause`` may come from fn leaving its domain: fn's
+    forward raised ``ValueError`` (refusing values; a failed check made from it keeps it
+    as its context), or the numerical derivative was NaN. A finite mismatch is a wrong
+    derivative, whatever fn does beside its inputs, and so is a ``ValueError`` raised in
+    a backward or jvp (:func:`~torchbp.verify.checks.explain.raised_in_derivative`)."""
     if isinstance(cause, CheckFailure):
-        return cause.message.startswith("ValueError: ") or "vs numerical nan" in cause.message
-    return isinstance(cause, ValueError)
+        if "vs numerical nan" in cause.message:
+            return True
+        cause = cause.__context__  # what the check's failure was made from, if anything
+    return isinstance(cause, ValueError) and not raised_in_derivative(cause)
 
 
 def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseException) -> None:

@@ -14,7 +14,14 @@ import torch
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
 from torchbp.verify.checks.spelling import option_name
 
-__all__ = ["capability_gap", "explain_error", "first_line", "not_implemented", "outcome_of"]
+__all__ = [
+    "capability_gap",
+    "explain_error",
+    "first_line",
+    "not_implemented",
+    "outcome_of",
+    "raised_in_derivative",
+]
 
 #: (text found in torch's message or its causes, what is missing, how to add it): errors
 #: that say the function does not offer a capability, not that it computes something wrong.
@@ -78,20 +85,6 @@ _CAPABILITY_GAPS: tuple[tuple[str, str, str], ...] = (
 #: (text found in torch's message or its causes, what it means and how to fix it: a
 #: function making the text where it names an option)
 _EXPLANATIONS: tuple[tuple[str, str | Callable[[], str]], ...] = (
-    (
-        "data-dependent control flow",
-        "torch.func.vmap cannot run fn's Python control flow on a tensor's values (an if "
-        "on bool(x.any()), a check raising for bad inputs), yet fn offers vmap (a vmap rule "
-        "or generate_vmap_rule = True): branch with torch.where, or check the values in a "
-        "vmap staticmethod",
-    ),
-    (
-        "calling .item() on a Tensor",
-        "torch.func.vmap cannot run fn's .item() (a Python number read off a tensor's "
-        "values), yet fn offers vmap (a vmap rule or generate_vmap_rule = True): keep the "
-        "value a tensor (x.abs().amax(), not x.abs().max().item()), or write a vmap "
-        "staticmethod",
-    ),
     (
         "override the setup_context staticmethod",
         "Function lacks setup_context: torch.func transforms cannot use it (write "
@@ -198,6 +191,9 @@ def capability_gap(exc: BaseException) -> tuple[str, str] | None:
     for needle, missing, how_to_add in _CAPABILITY_GAPS:
         if needle in full:
             return missing, how_to_add
+    value_read = _value_read_under_vmap(exc)
+    if value_read is not None:
+        return value_read
     if "flat_bdims must not be None" in full and _raised_in(exc, _GENERATED_VMAP_RULE):
         return (
             "PyTorch's generated vmap rule (generate_vmap_rule = True) cannot batch this "
@@ -205,6 +201,43 @@ def capability_gap(exc: BaseException) -> tuple[str, str] | None:
             "write a vmap staticmethod instead of generate_vmap_rule = True",
         )
     return None
+
+
+#: How torch.func.vmap's own error for reading a batched tensor's values into Python
+#: begins (``.item()``, or ``bool()`` of it in an ``if``).
+_VMAP_VALUE_READ = "vmap: It looks like you're"
+
+#: What the error names, by the words it uses for each.
+_ITEM, _CONTROL_FLOW = "calling .item() on a Tensor", "data-dependent control flow"
+
+
+def _value_read_under_vmap(exc: BaseException) -> tuple[str, str] | None:
+    """``(what is missing, how to add it)`` when ``exc`` is torch.func.vmap's own
+    ``RuntimeError`` for fn reading a batched tensor's values into Python: an ``.item()``
+    or a Python ``if`` on ``bool(x.any())`` (an input check). Under vmap one call of fn sees
+    the whole batch, which has no single Python value: a limitation of vmap, not a wrong
+    result (a vmap giving wrong values fails the check's comparison). None for any other
+    error, also one fn raised while handling vmap's (a fallback of fn's that fails)."""
+    text = str(exc)
+    if type(exc) is not RuntimeError or not text.startswith(_VMAP_VALUE_READ):
+        return None
+    item, control_flow = _ITEM in text, _CONTROL_FLOW in text
+    if item and control_flow:  # vmap(grad) of a Function says "either (1) ... or (2)"
+        what = ".item() or a Python if on a tensor's values (vmap does not say which)"
+    elif item:
+        what = ".item() (a Python number read off a tensor's values)"
+    elif control_flow:
+        what = "a Python if on a tensor's values (bool(x.any()), a check raising for bad inputs)"
+    else:
+        return None
+    return (
+        f"torch.func.vmap cannot run {what} in fn's forward or backward: one call sees "
+        "the whole batch, which has no single Python value (a PyTorch limitation, not a "
+        "wrong result)",
+        "keep the values tensors - torch.where for a branch, x.abs().amax() rather than "
+        "x.abs().max().item() for a number, a check of the inputs outside fn - or write a "
+        "vmap staticmethod",
+    )
 
 
 #: The function of PyTorch that runs a Function's generated vmap rule (found by name in a
@@ -394,14 +427,32 @@ def _frames(exc: BaseException) -> Iterator[FrameType]:
         tb = tb.tb_next
 
 
-def _is_backward(frame: FrameType) -> bool:
-    """Whether ``frame`` runs an autograd.Function's ``backward``: a function of that name
-    whose first argument is the Function's ctx, whatever its name."""
+def _is_backward(frame: FrameType, names: frozenset[str] = frozenset({"backward"})) -> bool:
+    """Whether ``frame`` runs an autograd.Function's ``backward`` (or another of its
+    staticmethods named in ``names``): a function of that name whose first argument is
+    the Function's ctx, whatever its name."""
     code = frame.f_code
-    if code.co_name != "backward" or code.co_argcount < 1:
+    if code.co_name not in names or code.co_argcount < 1:
         return False
     first = frame.f_locals.get(code.co_varnames[0])
     return isinstance(first, torch.autograd.function.FunctionCtx)
+
+
+#: The staticmethods of a Function that compute derivatives (``vjp`` is ``backward``'s
+#: other name).
+_DERIVATIVES = frozenset({"backward", "vjp", "jvp"})
+
+
+def raised_in_derivative(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in a Function's ``backward``, ``vjp`` or ``jvp`` (or in
+    what one called), not in a forward: an error there is the derivative's, whatever
+    its type, never fn refusing its inputs.
+
+    Examples:
+        >>> raised_in_derivative(ValueError("x must be positive"))
+        False
+    """
+    return any(_is_backward(frame, _DERIVATIVES) for frame in _frames(exc))
 
 
 def _grad_outputs(frame: FrameType) -> list[tuple[str, Any]]:

@@ -12,10 +12,12 @@ of fn, and one that keeps state between calls would fail them for misleading rea
 call starts torch's generators from the run's seed (``checks.rng``), so a dropout drawing
 its mask with ``torch.rand*`` gives the same outputs twice and passes.
 
-Inputs outside fn's domain are a usage error (:class:`UsageError`), not a failure: fn
-refusing them with a ``ValueError`` (a Function checking that its input is positive), or
-giving NaN where the reference does too (a log of a negative number), while a check
-comparing with central differences runs.
+Inputs outside fn's domain are a usage error (:class:`UsageError`), not a failure: fn's
+first call refusing them with a ``ValueError`` (a Function checking that its input is
+positive, or its shape), or fn giving NaN where the reference does too (a log of a
+negative number) or no reference is given, while a check comparing with central
+differences runs. No backward has run then, and the message names the inputs' shapes and
+ranges and says that fn may also be wrong (raising or producing NaN by mistake).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from torchbp.verify.checks.compare import float_tensors, leaves, mismatch, shape_text
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.domain import CENTRAL_DIFFERENCE_CHECKS
+from torchbp.verify.checks.domain import CENTRAL_DIFFERENCE_CHECKS, input_ranges
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, Passed, UsageError
 from torchbp.verify.checks.rng import outside_generators_drawn
@@ -139,14 +141,17 @@ def _refuse_integer_outputs(out: Any) -> None:
     )
 
 
-def _refused_inputs(error: str) -> UsageError:
-    """The usage error for a fn that raised ``ValueError`` (``error``, in words) on the
-    given inputs: Python's signal of an argument value it refuses (a Function checking
-    that its input is positive), so the inputs lie outside fn's domain, no fault of its
-    backward."""
+def _refused_inputs(ctx: CheckContext, error: str) -> UsageError:
+    """The usage error for a fn whose first call raised ``ValueError`` (``error``, in
+    words) on the given inputs: Python's signal of an argument it refuses (a Function
+    checking that its input is positive, or its shape), so no check can run; no backward
+    has run yet to be blamed. It may also be fn's own mistake, which the message says."""
     return UsageError(
-        f"check_function: fn refused the given inputs ({error}): every check runs fn on "
-        f"them, so they must lie inside fn's domain; {inputs_in_domain()}"
+        f"check_function: fn's first call raised {error}, on the given inputs "
+        f"({input_ranges(ctx)}): "
+        "every check runs fn on them, so either they are not inputs fn takes (values "
+        "outside its domain, or shapes or dtypes it refuses) or fn raises it by mistake; "
+        f"{inputs_in_domain()}"
     )
 
 
@@ -171,43 +176,66 @@ def _holds_nan(arg: object) -> bool:
     return bool(_nan_mask(arg).any())
 
 
-def _reference_nan_too(ctx: CheckContext, o: int, nan: torch.Tensor) -> bool:
-    """True when there is no reference, it raises, or its output ``o`` is NaN wherever
-    fn's is (the mask ``nan``): the inputs lie outside both one's domain. False when the
-    reference is finite somewhere fn gives NaN (fn's own fault, for the checks to find)."""
+def _reference_nan_too(ctx: CheckContext, o: int, nan: torch.Tensor) -> tuple[bool, str] | None:
+    """What the reference says of the inputs where fn's output ``o`` is NaN (the mask
+    ``nan``): ``(True, words)`` when they lie outside its domain too (its output is NaN
+    there, or it refuses them with a ``ValueError``), ``(False, words)`` when it cannot
+    tell (no reference: ``""``, or it raises another error). None when the reference is
+    finite somewhere fn gives NaN (fn's own fault, for the checks to find)."""
     if ctx.reference is None:
-        return True
+        return False, "no reference is given"
     try:
         ref_outs = float_tensors(ctx.call(ctx.reference, ctx.leaves()))
-    except Exception:  # noqa: BLE001 - the reference refuses the inputs too
-        return True
+    except ValueError as exc:
+        return True, f"the reference refuses them too ({explain_error(exc)})"
+    except Exception as exc:  # noqa: BLE001 - the reference cannot judge fn here
+        return False, f"the reference raised {explain_error(exc)} on them"
     if o >= len(ref_outs) or ref_outs[o].shape != nan.shape:
-        return False
-    return bool(_nan_mask(ref_outs[o])[nan].all())
+        return None
+    if not bool(_nan_mask(ref_outs[o])[nan].all()):
+        return None
+    return True, "the reference's output is NaN there too"
 
 
 def _refuse_nan_outside_domain(ctx: CheckContext, outs: list[torch.Tensor]) -> None:
     """A :class:`UsageError` when an output of fn is NaN at the given inputs (a log or
-    sqrt of a negative number, an acos beyond [-1, 1]) where the reference's is NaN too,
-    or no reference is given: no derivative exists there, and a correct backward would
-    fail gradcheck against NaN central differences. Not when an input holds NaN (the
-    caller's on purpose, which fn's outputs carry on), nor when no check comparing with
-    central differences runs."""
+    sqrt of a negative number, an acos beyond [-1, 1]) where the reference's is NaN too
+    or the reference refuses them, or no reference judges them: no derivative exists
+    there, and a correct backward would fail gradcheck against NaN central differences;
+    without a reference's judgement the message also says fn may produce NaN by mistake.
+    Not when an input holds NaN (the caller's on purpose, which fn's outputs carry on),
+    nor when no check comparing with central differences runs."""
     if not _central_differences_compared(ctx) or any(_holds_nan(a) for a in ctx.args):
         return
     for o, out in enumerate(outs):
         nan = _nan_mask(out)
-        if not bool(nan.any()) or not _reference_nan_too(ctx, o, nan):
+        if not bool(nan.any()):
+            continue
+        reference = _reference_nan_too(ctx, o, nan)
+        if reference is None:
             continue
         first = tuple(int(i) for i in nan.nonzero()[0])
-        also = "the reference's too" if ctx.reference is not None else "no reference given"
         raise UsageError(
             f"check_function: output {o} of fn is NaN at {int(nan.sum())} of "
-            f"{nan.numel()} elements (first at index {first}) for the given inputs ({also})"
-            ": they lie outside fn's domain (a log or a sqrt of a negative number, an "
-            "acos beyond [-1, 1]?), where no derivative exists to check; "
-            f"{inputs_in_domain()}"
+            f"{nan.numel()} elements (first at index {first}) for the given inputs "
+            f"({input_ranges(ctx)}){_nan_cause(*reference)}; {inputs_in_domain()}"
         )
+
+
+def _nan_cause(outside_its_domain_too: bool, reference: str) -> str:
+    """Why fn's output may be NaN at the given inputs: outside its domain, when the
+    reference (``reference``, in words) says so too; else nothing tells that from a
+    forward producing NaN by mistake, and the message says both."""
+    outside = (
+        "outside fn's domain (a log or a sqrt of a negative number, an acos beyond "
+        "[-1, 1]), where no derivative exists to check"
+    )
+    if outside_its_domain_too:
+        return f", where {reference}: they lie {outside}"
+    return (
+        f" and {reference}: either they lie {outside}, or fn produces NaN where it should "
+        "not (a reference would tell: its outputs are compared with fn's)"
+    )
 
 
 def check_forward(ctx: CheckContext) -> Passed:
@@ -222,7 +250,7 @@ def check_forward(ctx: CheckContext) -> Passed:
         error = explain_error(exc)
         hint = _cast_hint(ctx, error)
         if isinstance(exc, ValueError) and not hint:
-            raise _refused_inputs(error) from None
+            raise _refused_inputs(ctx, error) from None
         raise CheckFailure(f"fn raised {error}{hint}") from None
     ctx.dirty_inputs = _written_and_returned(full, versions, out)
     ctx.sparse_outputs = any(

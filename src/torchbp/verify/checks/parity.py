@@ -174,10 +174,18 @@ def _fresh_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+#: Dynamo's words for a Python ``if`` on a tensor's value it cannot trace (inside an
+#: autograd.Function's forward, where it may not break the graph, it raises a UserError).
+_DATA_DEPENDENT_GUARD = "Could not guard on data-dependent expression"
+
+
 def _is_capture_limit(exc: BaseException) -> bool:
     """True if Dynamo could not capture fn in one graph (``fullgraph=True``): a graph break
-    (Dynamo's ``Unsupported``), not a wrong or crashing computation."""
-    return any(cls.__name__ == "Unsupported" for cls in type(exc).__mro__)
+    (Dynamo's ``Unsupported``), or a Python ``if`` on a tensor's values (a Function's
+    input check), not a wrong or crashing computation; fn compiled with graph breaks is
+    then compared with eager (:func:`_with_graph_breaks`)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return "Unsupported" in names or ("UserError" in names and _DATA_DEPENDENT_GUARD in str(exc))
 
 
 def _compiled(
@@ -220,6 +228,12 @@ MARK_DIRTY_HINT = (
 #: How to capture fn in one graph when fn itself breaks it.
 GRAPH_BREAK_HINT = "remove what breaks the graph (TORCH_LOGS=graph_breaks shows where)"
 
+#: How to capture a Function whose forward branches on a tensor's values in one graph.
+DATA_DEPENDENT_HINT = (
+    "branch with torch.where, or check the values before calling the Function, outside "
+    "the compiled region"
+)
+
 #: How to capture a Function whose forward or backward Dynamo cannot bind: a classmethod.
 CLASSMETHOD_HINT = (
     "declare the Function's forward and backward @staticmethod: Dynamo cannot bind the "
@@ -248,6 +262,13 @@ def _capture_limit(exc: BaseException) -> tuple[str, str]:
             f"in fn; Dynamo's words: {message})"
         )
         return note, MARK_DIRTY_HINT
+    if _DATA_DEPENDENT_GUARD in message:
+        note = (
+            "torch.compile(fullgraph=True) cannot capture a Python if on a tensor's values "
+            "(bool(x.any()), an input check) in fn or a Function it calls: one graph has "
+            f"no branch for it (a PyTorch limitation, not a wrong result; {message})"
+        )
+        return note, DATA_DEPENDENT_HINT
     hint = GRAPH_BREAK_HINT
     if "failed to bind arguments when attempting to inline" in message:
         hint = CLASSMETHOD_HINT

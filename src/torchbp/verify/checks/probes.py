@@ -5,13 +5,14 @@ of relu at 0 or of clamp(-1, 1) at +-1) - equal the reference's.
 
 Random example inputs of moderate size never reach these regions: a softmax without the
 max trick, or a ReLU whose gradient at 0 differs from the reference's, passes gradcheck.
-A probe on which the reference itself raises is left out, and so is one fn refuses with a
-``ValueError`` (a Function checking that its input is positive, refusing the zero probe:
-outside its domain, said in the note); one on which fn raises anything else but the
-reference works fails. Where the reference overflows on the scaled-up probe (a non-finite
-value where fn's is finite: a textbook formula given as the reference of a stable
-Function), it cannot judge fn, and those values are left out too; on the other probes a
-non-finite reference value is exact (log(0) = -inf) and compared.
+A probe on which the reference itself raises is left out, and so is one fn's forward
+refuses with a ``ValueError`` (a Function checking that its input is positive, refusing
+the zero probe: outside its domain, said in the note); one on which fn raises anything
+else, or its backward raises anything, but the reference works fails. Where the
+reference overflows on the scaled-up probe (a non-finite value where fn's is finite: a
+textbook formula given as the reference of a stable Function), it cannot judge fn, and
+those values are left out too; on the other probes a non-finite reference value is
+exact (log(0) = -inf) and compared.
 """
 
 from __future__ import annotations
@@ -56,14 +57,41 @@ PROBES: tuple[Probe, ...] = (
 )
 
 
+def _forward(ctx: CheckContext, f, inputs):
+    """Fresh leaves of ``inputs`` and the floating-point outputs of ``f`` on them."""
+    leaves = [x.clone().requires_grad_(True) for x in inputs]
+    return leaves, float_tensors(ctx.call(f, leaves))
+
+
 def _run(ctx: CheckContext, f, inputs, vs=None):
     """Outputs of ``f`` on ``inputs`` (fresh leaves) and the gradients for ``vs`` (random
     grad_outputs drawn here when None; None for an input ``f`` does not use)."""
-    leaves = [x.clone().requires_grad_(True) for x in inputs]
-    outs = float_tensors(ctx.call(f, leaves))
+    leaves, outs = _forward(ctx, f, inputs)
     if vs is None:
         vs = ctx.randn_like_outputs(outs)
     return [o.detach() for o in outs], grads_or_none(outs, leaves, vs), vs
+
+
+def _run_fn(ctx: CheckContext, inputs, vs, label: str):
+    """fn's outputs and gradients for ``vs`` on the probe ``label``'s ``inputs``, or None
+    when fn's forward refuses them with a ``ValueError`` (outside its domain: x <= 0 for a
+    log). Any other error of the forward, and any error of its backward (a
+    ``ValueError`` too), fails where the reference works."""
+    try:
+        leaves, outs = _forward(ctx, ctx.fn, inputs)
+    except ValueError:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(
+            f"fn failed on {label}, where the reference works: {explain_error(exc)}"
+        ) from None
+    try:
+        grads = grads_or_none(outs, leaves, vs)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckFailure(
+            f"fn's backward failed on {label}, where the reference's works: {explain_error(exc)}"
+        ) from None
+    return [o.detach() for o in outs], grads
 
 
 def _probe_inputs(ctx: CheckContext, transform: Callable[[torch.Tensor], torch.Tensor]):
@@ -244,15 +272,11 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
             ref_outs, ref_grads, vs = _run(ctx, ctx.reference, inputs)
         except Exception:  # noqa: BLE001 - the probe is outside the reference's domain
             continue
-        try:
-            outs, grads, _ = _run(ctx, ctx.fn, inputs, vs)
-        except ValueError:  # fn refuses the probe as outside its domain (x <= 0 for a log)
+        ran = _run_fn(ctx, inputs, vs, label)
+        if ran is None:  # fn refuses the probe as outside its domain
             refused.append(label)
             continue
-        except Exception as exc:  # noqa: BLE001
-            raise CheckFailure(
-                f"fn failed on {label}, where the reference works: {explain_error(exc)}"
-            ) from None
+        outs, grads = ran
         compared += 1
         if len(outs) != len(ref_outs):
             raise CheckFailure(

@@ -55,7 +55,8 @@ def _sparse_input_gap(
     PyTorch's vmap has no batching rule for most operations on sparse tensors (``expand
     is unsupported for Sparse tensors``), a limitation of PyTorch, not of fn. None when
     every input is strided, or when the same vmap raises with the sparse inputs given
-    dense (fn's own failure, as a data-dependent ``.item()``, which must not be hidden)."""
+    dense: fn's own failure (a vmap rule returning wrong out_dims), or its own limitation
+    (an ``.item()``), whose explanation must not be hidden behind the sparse input's."""
     if not any(_is_sparse(a) for a in ctx.args):
         return None
     if _fails_with_dense_inputs(ctx, attempt):
@@ -378,9 +379,22 @@ _NO_BATCHING_RULE = re.compile(
     r"fallback\.)"
 )
 
-#: Ops that read a tensor's values into Python (``.item()``): no vmap can batch them, so
-#: a backward calling one is fn's own failure, as in the forward.
+#: Ops that read a tensor's values into Python (``.item()``; ``bool()`` of a tensor in an
+#: ``if`` is ``aten::is_nonzero``): no vmap can batch them, as a batch has no single value.
 _VALUE_READS = ("aten::item", "aten::_local_scalar_dense")
+
+
+def _value_read_gap(op: str) -> CheckUnsupported:
+    """Unsupported for backward's ``.item()`` (``op``) under the batched backward: the
+    gradient may be right for every grad_output, but a batch of them has no single
+    Python value, so no vmap can run it (as the ``vmap`` check says of fn's forward)."""
+    return CheckUnsupported(
+        f"batched backward (is_grads_batched, as jacobian(vectorize=True) runs) failed: "
+        f"backward reads a tensor's value into Python ({op}, an .item()), which no vmap "
+        "can batch: a batch of grad_outputs has no single value (a PyTorch limitation, "
+        "not a wrong gradient)",
+        "keep the value a tensor (g.abs().amax() rather than g.abs().max().item())",
+    )
 
 
 def _unbatchable_op_gap(exc: BaseException) -> CheckUnsupported | None:
@@ -388,13 +402,15 @@ def _unbatchable_op_gap(exc: BaseException) -> CheckUnsupported | None:
     for an op backward uses (``g.flatten()``, ``torch.einsum``, ``.detach()``):
     ``is_grads_batched`` runs PyTorch's older vmap (``torch._vmap_internals``), which lacks
     rules that ``torch.func.vmap`` has, a limitation of PyTorch, not a wrong gradient of
-    fn. Only PyTorch's own error counts: a ``RuntimeError`` whose whole message is its
+    fn; and for an op reading values into Python (``.item()``, :func:`_value_read_gap`).
+    Only PyTorch's own error counts: a ``RuntimeError`` whose whole message is its
     message, not an error fn raised while handling one (a fallback of fn's own that
-    fails) nor one of fn's that quotes it. None for any other error, and for an op
-    reading values into Python (``.item()``)."""
+    fails) nor one of fn's that quotes it. None for any other error."""
     found = _NO_BATCHING_RULE.fullmatch(str(exc)) if type(exc) is RuntimeError else None
-    if found is None or found.group(1) in _VALUE_READS:
+    if found is None:
         return None
+    if found.group(1) in _VALUE_READS:
+        return _value_read_gap(found.group(1))
     return CheckUnsupported(
         f"batched backward (is_grads_batched, as jacobian(vectorize=True) runs) failed: "
         f"PyTorch's batched backward has no batching rule for {found.group(1)}, which "
