@@ -611,6 +611,44 @@ def test_onnx_export_of_linear_cross_entropy_loss_computes_natives_loss(kwargs, 
     torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")
+@pytest.mark.parametrize("target_kind", ["indices", "probabilities"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"label_smoothing": 0.1},
+        {"reduction": "none", "label_smoothing": 0.2},
+        {"reduction": "sum", "weight": torch.rand(5), "label_smoothing": 0.1},
+        {"weight": torch.rand(5)},
+    ],
+    ids=["smoothed_mean", "smoothed_none", "smoothed_sum_weighted", "weighted_mean"],
+)
+def test_onnx_export_of_linear_cross_entropy_loss_forms_compute_natives_composition(
+    kwargs, target_kind
+):
+    """The TorchScript-based exporter records torchbp's linear + cross_entropy (which
+    export in every form) for LinearCrossEntropyLoss: label smoothing and probability
+    targets, which native's cross-entropy symbolic refuses, export too, computing
+    native's ``cross_entropy(linear(x))``."""
+    native = nn.Linear(6, 5)
+    bp = torchbp.nn.LinearCrossEntropyLoss(6, 5, bias=True, **kwargs).eval()
+    bp.linear.load_state_dict(native.state_dict())
+    x = torch.randn(2, 3, 6)
+    if target_kind == "indices":
+        target = torch.randint(5, (2, 3))
+        target[0, 0] = -100
+        flat_target = target.reshape(-1)
+    else:
+        target = torch.rand(2, 3, 5).softmax(-1)
+        flat_target = target.reshape(-1, 5)
+    want = nn.functional.cross_entropy(native(x).reshape(-1, 5), flat_target, **kwargs)
+    if kwargs.get("reduction") == "none":
+        want = want.reshape(2, 3)
+    got = _onnx_run(_onnx_bytes(bp, (x, target), dynamo=False), (x, target))
+    torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
+
+
 #: ``ignore_index`` keywords of a loss, and the target value planted in row 0 (None: none)
 _IGNORED = {
     "none_ignored": ({}, None),

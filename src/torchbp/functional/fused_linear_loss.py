@@ -74,26 +74,16 @@ def _native_chunks(options, label_smoothing: float, target: torch.Tensor, out_fe
     )
 
 
-def _unfused_pair():
-    """``(linear, cross_entropy)`` for :func:`_linear_cross_entropy_unfused`: torchbp's, or
-    native's while the TorchScript-based ONNX exporter (``torch.onnx.export(...,
-    dynamo=False)``) traces. That exporter replaces each Function by the operators its
-    forward recorded, which for cross_entropy's Function (it also computes the logits'
-    gradient in forward) made a graph returning the sum of that gradient: the ``.onnx``
-    file computed a wrong loss, silently. Native's ops export by their ONNX symbolics
-    (and refuse what ONNX lacks, such as label smoothing, as the native module does)."""
-    if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
-        return torch.nn.functional.linear, torch.nn.functional.cross_entropy
-    return linear, cross_entropy
-
-
 def _linear_cross_entropy_unfused(
     input, linear_weight, target, linear_bias, weight, reduction, ignore_index, smoothing, soft
 ):
     """Native's reference formula, ``cross_entropy(linear(...))``, with torchbp's
     ``linear`` and ``cross_entropy`` Functions: the logits are materialised, and every
     transform those two support (vmap, jvp, double backward) works. For K-dim weights
-    ``(C, d1, ..., dK, in)`` the logits are ``(N, C, d1, ..., dK)``."""
+    ``(C, d1, ..., dK, in)`` the logits are ``(N, C, d1, ..., dK)``. The TorchScript-based
+    ONNX exporter (``torch.onnx.export(..., dynamo=False)``) records this pair as
+    :func:`~torchbp.functional.cross_entropy` exports itself, label smoothing and
+    probability targets included (which native's ONNX symbolic refuses)."""
     classes, features = linear_weight.shape[0], linear_weight.shape[-1]
     out_features = tuple(linear_weight.shape[1:-1])
     batch_shape = tuple(input.shape[:-1])
@@ -105,9 +95,8 @@ def _linear_cross_entropy_unfused(
     if flatten:
         input = input.reshape(-1, features)
         target = target.reshape(-1, classes) if soft else target.reshape(-1)
-    linear_op, loss_op = _unfused_pair()
-    logits = linear_op(input, w, b).reshape(*input.shape[:-1], classes, *out_features)
-    loss = loss_op(
+    logits = linear(input, w, b).reshape(*input.shape[:-1], classes, *out_features)
+    loss = cross_entropy(
         logits,
         target,
         weight=weight,
