@@ -470,3 +470,21 @@ def test_a_checkpoint_saved_before_module_py_was_split_still_loads():
     assert isinstance(optimizer["optimizer"], torch.optim.SGD)
     assert optimizer["optimizer"].defaults["momentum"] == 0.9
     assert isinstance(optimizer["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+@pytest.mark.parametrize(
+    "extra, routed",
+    [
+        (torchbp.nn.Softmin(dim=1), False),  # an op's extra module twins run torchbp by themselves
+        (torchbp.nn.Softmax2d(), False),
+        (torch.nn.Softmin(dim=1), True),  # a native module: its calls are routed
+    ],
+    ids=["torchbp Softmin", "torchbp Softmax2d", "native Softmin"],
+)
+def test_steps_route_native_calls_only_where_the_network_holds_native_modules(extra, routed):
+    """A step enters the routing context (``torchbp.enable()``, per-call overhead) only when
+    the network may call native ops: every torchbp module twin, the extra ones of an op
+    (softmax's ``Softmin``, ``Softmax2d``) included, runs its own backward."""
+    model = ERMClassifier(input_size=4, num_classes=3, hidden_sizes=[5])
+    model.net.append(extra)
+    assert (model._backend_calls() is model.routing) is routed

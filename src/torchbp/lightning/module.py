@@ -57,7 +57,10 @@ _COMPILE_FUSED_HEAD = (
 _OWN_CODE = ("forward", "features", "loss", "fused_loss")
 #: the module classes that run torchbp's backward by themselves (exact types)
 _TORCHBP_OR_CONTAINER = frozenset(
-    [torch.nn.Sequential, *(op.module for op in OPS.values() if op.module is not None)]
+    [
+        torch.nn.Sequential,
+        *(ours for op in OPS.values() for ours, _ in op.module_pairs() if ours is not None),
+    ]
 )
 
 
