@@ -350,3 +350,32 @@ def test_a_random_seed_in_one_process_is_drawn(monkeypatch):
     parsed = Namespace(seed_everything=True, trainer=Namespace(num_nodes=1))
     _random_seed_if_asked(parsed)
     assert isinstance(parsed.seed_everything, int) and 0 <= parsed.seed_everything < 2**32
+
+
+# -- monitors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("callback", ["ModelCheckpoint", "EarlyStopping"])
+def test_a_subclass_of_erm_classifier_gets_the_monitors_mode_check_too(tmp_path, callback):
+    """A subclass of ERMClassifier logs ERMClassifier's metrics (and maybe more): a callback
+    on its ``val/acc`` left at Lightning's default mode ``min`` would keep its worst
+    checkpoints / stop while it improves, as for ERMClassifier itself; only the check that
+    the monitor is logged is skipped for a subclass (it may log names of its own)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    from torchbp.lightning import ERMClassifier
+    from torchbp.lightning.run_checks import check_monitors
+
+    class Subclass(ERMClassifier):
+        pass
+
+    model = Subclass(input_size=4, num_classes=3, hidden_sizes=[5])
+    kinds = {"ModelCheckpoint": ModelCheckpoint, "EarlyStopping": EarlyStopping}
+
+    def trainer(monitor, **mode):
+        made = kinds[callback](monitor=monitor, **mode)
+        return pl.Trainer(default_root_dir=tmp_path, logger=False, callbacks=[made])
+
+    with pytest.raises(ValueError, match=r"monitors 'val/acc' with mode 'min'.*give it mode: max"):
+        check_monitors(model, trainer("val/acc"), own=None)
+    check_monitors(model, trainer("val/acc", mode="max"), own=None)
+    check_monitors(model, trainer("val/its_own_metric"), own=None)  # a subclass's own name

@@ -79,21 +79,24 @@ def check_monitors(model: pl.LightningModule, trainer: pl.Trainer, own: Any) -> 
     callback, and those of trainer.callbacks) and every strict EarlyStopping's is a metric
     the fit logs (ERMClassifier's own, not a subclass's, which may log more): Lightning finds
     a misspelt one only after the first epoch, with a traceback. An EarlyStopping with
-    ``strict=False`` may monitor a metric that is missing (Lightning trains on)."""
-    if type(model) is not ERMClassifier:
+    ``strict=False`` may monitor a metric that is missing (Lightning trains on). Each one's
+    mode is checked for a subclass too: it logs ERMClassifier's metrics, whose directions
+    are known, beside its own."""
+    if not isinstance(model, ERMClassifier):
         return
+    exact = type(model) is ERMClassifier
     logged = [n for n in model.metric_names() if not n.startswith("test/")]
     for callback in _model_checkpoints(trainer):
         if callback.monitor is None or callback.save_top_k == 0:
             continue  # nothing monitored
         option = "checkpoint.monitor" if callback is own else "a ModelCheckpoint's monitor"
-        # Lightning adds epoch and step to what a checkpoint may monitor
-        _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
+        if exact:  # Lightning adds epoch and step to what a checkpoint may monitor
+            _check_monitor(option, callback.monitor, [*logged, "epoch", "step"])
         if callback is not own:  # checkpoint.mode is auto unless given (follow_the_monitor)
             _check_mode("a ModelCheckpoint", "keep its worst checkpoints as the best", callback)
     for callback in trainer.callbacks:
         if isinstance(callback, EarlyStopping):
-            if callback.strict:
+            if callback.strict and exact:
                 _check_monitor("an EarlyStopping's monitor", callback.monitor, logged)
             _check_mode("an EarlyStopping", "stop the fit while it improves", callback)
 
