@@ -238,6 +238,11 @@ def compare(call: Call) -> None:
             f"torchbp raised {got['error']!r}; native {expected['error']!r}"
         )
         return
+    if "error" in got and "backward_error" in expected:
+        # a call native's forward takes and its backward refuses (torch 2.11: an empty
+        # int32 class-index target): torchbp refuses it at the call (docs/ops.md)
+        assert isinstance(got["error"], type(expected["backward_error"])), got["error"]
+        return
     assert "error" not in got, f"native returned; torchbp raised {got['error']!r}"
     dtypes = call.dtypes()
     low = dtypes & {torch.float16, torch.bfloat16}
