@@ -17,7 +17,7 @@ from tests._support import (
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
-from torchbp.autograd import ELUFunction, LeakyReLUFunction
+from torchbp.autograd import ELUFunction, LeakyReLUFunction, ReLUFunction
 from torchbp.ops import activations
 
 # Every activation with each of its registry variants, and LeakyReLU's slope 0 too (its
@@ -465,3 +465,150 @@ def test_inplace_second_derivative_is_natives(case):
     ours = torch.autograd.functional.hessian(loss(case.ours), x0)
     native = torch.autograd.functional.hessian(loss(case.native), x0)
     torch.testing.assert_close(ours, native, rtol=1e-12, atol=1e-14)
+
+
+# The in-place Functions applied directly, with their native in-place twins.
+FUNCTIONS_IN_PLACE = {
+    "relu": (lambda x: ReLUFunction.apply(x, True), torch.relu_),
+    "leaky_relu": (
+        lambda x: LeakyReLUFunction.apply(x, 0.2, inplace=True),
+        lambda x: torch.nn.functional.leaky_relu_(x, 0.2),
+    ),
+    "elu": (
+        lambda x: ELUFunction.apply(x, 1.0, True),
+        lambda x: torch.nn.functional.elu_(x, 1.0),
+    ),
+}
+
+
+def _leaf():
+    return torch.tensor([[-1.0, 2.0], [0.5, -3.0]], requires_grad=True)
+
+
+def _made_in_inference_mode():
+    with torch.inference_mode():
+        return torch.tensor([[-1.0, 2.0], [0.5, -3.0]])
+
+
+def _view_made_under_no_grad_of_a_leaf():
+    leaf = _leaf()
+    with torch.no_grad():
+        return leaf[1:]
+
+
+# what autograd (or inference mode) refuses to let an in-place op write
+UNWRITABLE = {
+    "leaf": lambda: _leaf(),
+    "view_of_a_leaf": lambda: _leaf()[1:],
+    "view_of_a_view_of_a_leaf": lambda: _leaf()[1:][:, 1:],
+    "inference_tensor": _made_in_inference_mode,
+    "view_made_under_no_grad": _view_made_under_no_grad_of_a_leaf,
+}
+
+
+def _storage_values(x: torch.Tensor) -> torch.Tensor:
+    """A copy of everything ``x``'s storage holds: the whole base of a view."""
+    whole = x if x._base is None else x._base
+    return whole.detach().clone()
+
+
+def _refusal(write, x: torch.Tensor) -> RuntimeError:
+    with pytest.raises(RuntimeError) as refused:
+        write(x)
+    return refused.value
+
+
+@pytest.mark.parametrize("target", UNWRITABLE)
+@pytest.mark.parametrize("name", FUNCTIONS_IN_PLACE)
+def test_function_apply_refuses_before_writing_with_natives_error(name, target):
+    # Function.apply(x, inplace=True) wrote over a leaf that requires grad (or a view of
+    # one, or an inference tensor) and only then did autograd raise ('... has been used in
+    # an in-place operation'), where native raises first and leaves x alone (inference
+    # tensors: native writes, then raises; torchbp refuses first)
+    ours, native = FUNCTIONS_IN_PLACE[name]
+    x = UNWRITABLE[target]()
+    before = _storage_values(x)
+    refused = _refusal(ours, x)
+    assert torch.equal(_storage_values(x), before)
+    natives = _refusal(native, UNWRITABLE[target]())
+    assert type(refused) is type(natives)
+    if target == "view_made_under_no_grad":
+        # native names no_grad or inference mode: no public attribute tells them apart
+        assert str(refused).startswith("A view was created in no_grad mode")
+        assert str(natives).startswith("A view was created in no_grad mode")
+    else:
+        assert str(refused) == str(natives)
+
+
+def test_function_apply_refuses_a_view_made_in_inference_mode():
+    base = _leaf() * 1
+    with torch.inference_mode():
+        view = base[1:]
+    before = base.detach().clone()
+    with pytest.raises(RuntimeError, match="inference mode"):
+        ReLUFunction.apply(view, True)
+    assert torch.equal(base.detach(), before)
+
+
+def _under_no_grad(write, x):
+    with torch.no_grad():
+        return write(x)
+
+
+def _under_inference_mode(write, x):
+    with torch.inference_mode():
+        return write(x)
+
+
+def _on_an_input_of_torch_func_grad(write, x):
+    def loss(x):
+        write(x)
+        return x.sum()
+
+    return torch.func.grad(loss)(x.detach())
+
+
+@pytest.mark.parametrize(
+    "call",
+    [_under_no_grad, _under_inference_mode, _on_an_input_of_torch_func_grad],
+    ids=["no_grad", "inference_mode", "torch.func.grad_input"],
+)
+@pytest.mark.parametrize("name", FUNCTIONS_IN_PLACE)
+def test_function_apply_writes_a_leaf_where_native_does(name, call):
+    # unrecorded, native writes a leaf that requires grad in place (clamping a Parameter);
+    # under torch.func.grad the input is a leaf that requires grad, refused as native
+    ours, native = FUNCTIONS_IN_PLACE[name]
+    results = []
+    for write in (ours, native):
+        x = _leaf()
+        try:
+            out = call(write, x)
+        except RuntimeError as error:
+            results.append(str(error))
+            continue
+        assert out is x or call is _on_an_input_of_torch_func_grad
+        results.append(x.detach())
+    if isinstance(results[1], str):
+        assert results[0] == results[1]
+    else:
+        assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", FUNCTIONS_IN_PLACE)
+def test_function_apply_in_place_under_torch_compile_is_natives(name):
+    # Dynamo breaks the graph at a Function with jvp and then traces its apply: tracing
+    # the check's super().apply crashed it (InternalTorchDynamoError)
+    ours, native = FUNCTIONS_IN_PLACE[name]
+    x0 = torch.tensor([-1.5, -0.2, 0.3, 2.0])
+    results = []
+    for write in (ours, native):
+
+        def loss(x, write=write):
+            h = x * 2
+            write(h)
+            return (h * h).sum()
+
+        x = x0.clone().requires_grad_()
+        torch.compile(loss, backend="eager")(x).backward()
+        results.append(x.grad)
+    torch.testing.assert_close(results[0], results[1])

@@ -27,6 +27,10 @@ autograd records the call, the input's version counter then moves by 2 (the writ
 operation" error names version 2 where native's names 1. Writing through ``x.data``
 (its own counter, at 0) would move it by 1 but hide the write from such a mode: the
 tensor saved by another op was overwritten, and its backward silently wrong.
+Autograd checks such a write only after ``forward`` has run (and ``forward`` runs with
+grad mode off, so it cannot tell a recorded call from one under ``no_grad``): their
+``apply`` refuses, before anything is written, what native's in-place op refuses before
+its kernel runs (:func:`_refuse_unwritable_input`).
 
 Complex input (sigmoid, tanh, SiLU; the others refuse it in forward, as native): backward
 is ``dx = g · conj(f')``, native's convention, and ``conj(f'(s)) = f'(conj(s))`` for these
@@ -87,6 +91,76 @@ def _saved_output(ctx, forward) -> torch.Tensor:
     """The output :func:`_save_output_or_input` kept, or ``forward`` of the input it kept."""
     (saved,) = ctx.saved_tensors
     return saved if ctx.saves_output else forward(saved)
+
+
+# native's errors for an in-place op on a tensor autograd or inference mode keeps unwritten
+_LEAF_WRITTEN = "a leaf Variable that requires grad is being used in an in-place operation."
+_VIEW_OF_LEAF_WRITTEN = (
+    "a view of a leaf Variable that requires grad is being used in an in-place operation."
+)
+_INFERENCE_TENSOR_WRITTEN = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make "
+    "a clone to get a normal tensor before doing inplace update.See "
+    "https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+# native names no_grad or inference mode, which no public attribute of the view tells apart
+_UNRECORDED_VIEW_WRITTEN = (
+    "A view was created in no_grad mode (or in inference mode) and is being modified inplace "
+    "with grad mode enabled. Given that this use case is ambiguous and error-prone, it is "
+    "forbidden. You can clarify your code by moving both the view and the inplace either "
+    "both inside the no_grad (or inference_mode) block (if you don't want the inplace to be "
+    "tracked) or both outside (if you want the inplace to be tracked)."
+)
+
+
+def _refuse_unwritable_input(x) -> None:
+    """Native's ``RuntimeError`` for an in-place write to ``x`` that autograd or inference
+    mode forbids, raised before anything is written: an inference tensor outside inference
+    mode (native's own op writes it, then raises), and where autograd records the call, a
+    leaf that requires grad, a view of one, or a view made under ``no_grad`` (or inference
+    mode) of a tensor that requires grad. Autograd raises those only after the Function's
+    ``forward`` has written into ``x``. Other views that autograd refuses to rebase (one
+    of several outputs of ``unbind`` / ``split``) show nothing public that tells them
+    apart: autograd still refuses them after the write (``torchbp.functional`` refuses
+    them first, by copying into the view with a native op)."""
+    if not isinstance(x, torch.Tensor):
+        return  # forward's own error
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(_INFERENCE_TENSOR_WRITTEN)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return  # nothing recorded: native writes it too
+    base = x._base  # a view's base (torch's "Tensor Views" documentation checks this)
+    if base is None:
+        if x.is_leaf:
+            raise RuntimeError(_LEAF_WRITTEN)
+    elif x.is_leaf and base.requires_grad:  # no history of its own: made unrecorded
+        raise RuntimeError(_UNRECORDED_VIEW_WRITTEN)
+    elif base.is_leaf:
+        raise RuntimeError(_VIEW_OF_LEAF_WRITTEN)
+
+
+class _InPlaceCapableFunction(Function):
+    """Base of the Functions whose last argument ``inplace`` makes ``forward`` write into
+    their first, ``x``: each one's ``apply`` (its ``forward``'s signature) calls
+    :meth:`_apply_checked`."""
+
+    @classmethod
+    @torch.compiler.disable
+    def _apply_checked(cls, x, *args):
+        """``Function.apply(x, *args)``, an in-place call (``args[-1]``) refused first where
+        :func:`_refuse_unwritable_input` says so, and returning ``x`` itself as native's
+        in-place op does (unrecorded, ``Function.apply`` returns an alias of a dirty input
+        that requires grad). ``torchbp.functional`` checks before it calls (and outside
+        torch.func transforms skips this ``apply``).
+
+        Dynamo captures a Function's ``apply`` without running this override; where it
+        runs it (after a graph break at a Function with ``jvp``), it must not trace it:
+        Dynamo crashes on this ``super().apply`` (InternalTorchDynamoError)."""
+        inplace = args[-1]
+        if inplace:
+            _refuse_unwritable_input(x)
+        out = super().apply(x, *args)
+        return x if inplace and not torch.is_grad_enabled() else out
 
 
 def _tangent_out(ctx, x_t: torch.Tensor | None, t: torch.Tensor | None):
@@ -172,12 +246,18 @@ def relu_curvature(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(v)
 
 
-class ReLUFunction(Function):
+class ReLUFunction(_InPlaceCapableFunction):
     """``y = max(x, 0)``; backward ``dx = g · [y > 0]`` (saves ``y``, or ``x`` while
     torch.compile traces out of place, see :func:`_save_output_or_input`; 0 at the kink,
     as native). ``inplace=True`` overwrites ``x`` and marks it dirty."""
 
     generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, x, inplace):
+        """``Function.apply``, which refuses an in-place write autograd forbids before it
+        writes (:func:`_refuse_unwritable_input`)."""
+        return cls._apply_checked(x, inplace)
 
     @staticmethod
     def forward(x, inplace):
@@ -254,7 +334,7 @@ def _check_result_tells_branch(ctx, name: str, slope: float) -> None:
         )
 
 
-class LeakyReLUFunction(Function):
+class LeakyReLUFunction(_InPlaceCapableFunction):
     """``y = x if x > 0 else α x``; backward ``dx = g · (1 if x > 0 else α)``.
 
     Saves the output for ``α >= 0`` (its sign equals the input's; native saves the input,
@@ -266,6 +346,12 @@ class LeakyReLUFunction(Function):
     """
 
     generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, x, negative_slope, inplace):
+        """``Function.apply``, which refuses an in-place write autograd forbids before it
+        writes (:func:`_refuse_unwritable_input`)."""
+        return cls._apply_checked(x, negative_slope, inplace)
 
     @staticmethod
     def forward(x, negative_slope, inplace):
@@ -423,7 +509,7 @@ def _elu_formula(ctx):
     return "elu", elu_backward, elu_curvature
 
 
-class ELUFunction(Function):
+class ELUFunction(_InPlaceCapableFunction):
     """``y = x if x > 0 else α (eˣ - 1)``; backward ``dx = g · (1 if x > 0 else α eˣ)``.
 
     Saves the output for ``α >= 0`` (then ``α eˣ = y + α``; native saves the input, so
@@ -437,6 +523,12 @@ class ELUFunction(Function):
     """
 
     generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, x, alpha, inplace):
+        """``Function.apply``, which refuses an in-place write autograd forbids before it
+        writes (:func:`_refuse_unwritable_input`)."""
+        return cls._apply_checked(x, alpha, inplace)
 
     @staticmethod
     def forward(x, alpha, inplace):
