@@ -132,3 +132,54 @@ def test_model_under_autocast(act, amp_dtype, device):
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == g_ref.dtype == torch.float32
         torch.testing.assert_close(g, g_ref, **tol)
+
+
+class _ReportsHPU(torch.Tensor):
+    """A CPU tensor that reports the ``hpu`` device, as a device backend's tensor subclass
+    (or a fake tensor) reports the device its storage is not on."""
+
+    @property
+    def device(self):
+        return torch.device("hpu")
+
+
+@pytest.mark.parametrize("amp_dtype", AMP_DTYPES, ids=str)
+def test_autocast_on_a_device_beyond_cpu_cuda_xpu_mps_casts(amp_dtype):
+    """Proves that autocast is read for any device type torch has one for, through the
+    public queries, not only for cpu / cuda / xpu / mps: ``torch.autocast("hpu")`` needs no
+    HPU to be entered, and a tensor reporting ``hpu`` gets that autocast's dtype from
+    ``linear`` (torchbp ran float32 there, where native casts), and none outside it. It
+    does not prove a real HPU's kernels run: the storage is on the CPU."""
+    x = torch.randn(4, 5).as_subclass(_ReportsHPU)
+    weight = W.detach().clone().as_subclass(_ReportsHPU).requires_grad_()
+    with torch.autocast("hpu", dtype=amp_dtype):
+        inside = BP.linear(x, weight)
+        with torch.autocast("cpu", enabled=False):  # the storage's device: not asked
+            still = BP.linear(x, weight)
+    outside = BP.linear(x, weight)
+    assert (inside.dtype, still.dtype, outside.dtype) == (amp_dtype, amp_dtype, torch.float32)
+    inside.float().sum().backward()
+    assert weight.grad.dtype == torch.float32
+
+
+def test_autocast_of_a_privateuse1_backend_is_read_through_public_queries(monkeypatch):
+    """Proves that a privateuse1 backend's autocast (which cannot be entered here: no such
+    backend module is registered) is read through ``torch.is_autocast_enabled`` and
+    ``torch.get_autocast_dtype`` of its device type, as torch reports it (monkeypatched to
+    report it on), and that a device without autocast (``meta``, for which torch's
+    queries raise) reads as off."""
+    from torchbp.functional._autocast import _autocast_dtype
+
+    name = "privateuseone"  # the privateuse1 backend's name until one renames it
+
+    class ReportsPrivateUse1(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device(name)
+
+    x = torch.randn(2).as_subclass(ReportsPrivateUse1)
+    assert _autocast_dtype(x) is None
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device: device == name)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
+    assert _autocast_dtype(x) is torch.bfloat16
+    assert _autocast_dtype(torch.empty(2, device="meta")) is None

@@ -9,9 +9,15 @@ import torch
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast casts ``t``'s op inputs to on ``t``'s device, or None where
-    autocast is off there (or the device has none)."""
+    autocast is off there (or the device has none, ``meta``: torch's query raises there).
+    Any device type with an autocast counts (``hpu``, ``xla``, ``mtia``, a privateuse1
+    backend by its registered name), as native's ops see it."""
     device = _device_type(t)
-    if device not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device):
+    # every supported torch (2.11+) has these; a literal tuple, not a global: the common
+    # call stays as fast as before (``is_autocast_available`` adds 0.6 us)
+    if device not in ("cpu", "cuda", "xpu", "mps") and not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 
