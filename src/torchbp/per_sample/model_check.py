@@ -123,6 +123,18 @@ def _mixing_reason(module: nn.Module) -> str | None:
     return None
 
 
+def _mixing_remedy(module: nn.Module) -> str:
+    """What stops ``module``, one that :func:`_mixing_reason` names, from mixing samples."""
+    if isinstance(module, _BATCH_NORMS):
+        return (
+            "switch it to eval mode with running stats, or use a per-sample norm "
+            "(GroupNorm, LayerNorm) instead"
+        )
+    if isinstance(module, nn.Flatten):
+        return "give it start_dim=1"
+    return "give it a dim other than 0"
+
+
 def _action_along_dim(module: nn.Module) -> str:
     """What ``module``, one of :data:`_ALONG_DIM`, does along its dim."""
     return next(action for cls, action in _ACTION_ALONG_DIM.items() if isinstance(module, cls))
@@ -544,7 +556,7 @@ def attributable_layers(model: nn.Module) -> list[Layer]:
         if reason is not None:
             raise TypeError(
                 f"per_sample_grads: {where} {reason}; per-sample gradients are undefined "
-                "through it (remove it, or switch it to eval mode if it has running stats)"
+                f"through it (remove it, or {_mixing_remedy(module)})"
             )
         # first: a Linear's own extra parameters explain a weight that is not one of them
         # (torch.nn.utils.weight_norm's, formed from weight_g and weight_v)
