@@ -259,7 +259,7 @@ def test_a_continuous_label_column_is_named_as_the_likely_cause(tmp_path):
     refused as "too few rows: 60 rows with 59 classes", which sent the user after more rows;
     the error now says that every distinct label is a class."""
     rng = np.random.default_rng(0)
-    rows = [[f"{a:.4f}", f"{b:.4f}", f"{3 * c:.3f}"] for a, b, c in rng.random((60, 3))]
+    rows = [[f"{a:.4f}", f"{b:.4f}", f"{3000 * c:.0f}"] for a, b, c in rng.random((60, 3))]
     _write_csv(tmp_path / "t.csv", ["a", "b", "price"], rows)
     dm = TabularFileDataModule(path=str(tmp_path / "t.csv"), label_column="price")
     with pytest.raises(DataError, match=r"too few rows.*distinct labels in 60 rows.*class label"):
@@ -270,6 +270,40 @@ def test_a_continuous_label_column_is_named_as_the_likely_cause(tmp_path):
     with pytest.raises(DataError, match="too few rows") as e:
         _ = few.num_features  # a few classes in too few rows: no such hint
     assert "distinct labels" not in str(e.value)
+
+
+@pytest.mark.parametrize("rows", [2000, 20000])
+def test_labels_of_many_non_integer_numbers_are_refused_as_a_continuous_target(tmp_path, rows):
+    """Prices rounded to 0.1 as the label column: 2000 rows (301 labels) were refused as
+    "too few rows ... need at least 2007 rows" without a hint (the continuous-label hint
+    wanted more labels than half the rows), and 20000 rows (1001 labels) silently trained
+    a 1001-class model. Non-integer numbers of more than 20 distinct values are refused,
+    naming the column as a likely regression target and how to give class labels."""
+    rng = np.random.default_rng(0)
+    prices = np.round(rng.uniform(10.0, 40.0, rows), 1)
+    features = rng.normal(size=(rows, 2))
+    np.savez(tmp_path / "d.npz", X=features, price=prices)
+    dm = TabularFileDataModule(path=str(tmp_path / "d.npz"), label_column="price")
+    distinct = len(np.unique(prices))
+    with pytest.raises(DataError) as e:
+        _ = dm.num_features
+    said = str(e.value)
+    assert f"label column 'price' holds {distinct} distinct non-integer numbers" in said, said
+    assert "continuous (regression) target" in said and "integer class indices" in said, said
+
+
+def test_a_few_non_integer_labels_are_classes(tmp_path):
+    """Ratings in half steps (ten distinct non-integer numbers) are class labels, and so
+    are many distinct whole numbers written with a decimal point (1.0, 2.0, ...)."""
+    rng = np.random.default_rng(0)
+    ratings = [f"{0.5 * (1 + i % 10):.1f}" for i in range(200)]
+    rows = [[f"{a:.3f}", f"{b:.3f}", r] for (a, b), r in zip(rng.normal(size=(200, 2)), ratings)]
+    _write_csv(tmp_path / "t.csv", ["a", "b", "stars"], rows)
+    dm = TabularFileDataModule(path=str(tmp_path / "t.csv"), label_column="stars")
+    assert dm.num_classes == 10 and dm.class_names[:2] == [0.5, 1.0]
+    whole = np.arange(300) % 30 + 1.0
+    np.savez(tmp_path / "d.npz", X=rng.normal(size=(300, 2)), label=whole)
+    assert TabularFileDataModule(path=str(tmp_path / "d.npz")).num_classes == 30
 
 
 def test_rare_classes_are_named_by_their_labels_the_first_ten_of_them(tmp_path):

@@ -24,6 +24,9 @@ __all__ = ["TabularFileDataModule"]
 
 #: CSV cells that stand for a missing value (compared in upper case)
 _MISSING_MARKERS = frozenset({"", "NA", "N/A", "NULL", "NONE", "?", "-", "MISSING"})
+#: the most distinct labels a label column of non-integer numbers may hold: class labels
+#: written as fractions are few (ratings in half steps: 10); more are a continuous target
+_MAX_FRACTIONAL_CLASSES = 20
 
 
 def _header_hint(header: list[str]) -> str:
@@ -164,9 +167,34 @@ class TabularFileDataModule(ArrayDataModule):
                 f"({int((~np.isfinite(X)).sum())} non-finite value(s) in total); clean or "
                 "impute the data"
             )
+        self._check_labels_are_not_continuous(p, raw_y)
         self.feature_names = names
         self.class_names = np.unique(raw_y).tolist()
         return X, _encode_labels(raw_y)
+
+    def _check_labels_are_not_continuous(self, p: Path, raw_y: np.ndarray) -> None:
+        """Labels that are numbers, some not whole, of more than
+        :data:`_MAX_FRACTIONAL_CLASSES` distinct values are a continuous (regression)
+        target, such as prices: each distinct value would be a class (a 1001-class model
+        trained on prices rounded to 0.1), or the split refused "too few rows" for them.
+
+        Raises:
+            DataError: Such labels, naming the column and how to give class labels.
+        """
+        if raw_y.dtype.kind != "f" or np.all(raw_y == np.round(raw_y)):
+            return
+        distinct = np.unique(raw_y)
+        if len(distinct) <= _MAX_FRACTIONAL_CLASSES:
+            return
+        first, last = [str(float(v)) for v in distinct[:3]], float(distinct[-1])
+        raise DataError(
+            f"{p}: label column {self.label_column!r} holds {len(distinct)} distinct "
+            f"non-integer numbers ({', '.join(first)}, ..., {last}): it looks like a "
+            "continuous (regression) target, and torchbp-train trains classifiers, which "
+            "would make each distinct value a class; if the column really holds class "
+            "labels, give them as integer class indices (or, in a CSV, as text such as "
+            f"'c{first[0]}')"
+        )
 
     def _column_name(self, j: int) -> str:
         return str(self.feature_names[j])
