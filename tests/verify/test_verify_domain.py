@@ -370,3 +370,36 @@ def test_nan_where_the_reference_raises_a_type_error_is_not_called_outside_both_
     with pytest.raises(ValueError, match="or fn produces NaN where it should not") as info:
         check_function(NanLog, positive(3, 4), reference=_reference_of_two_inputs)
     assert "the reference raised TypeError" in str(info.value), info.value
+
+
+class XTimesLogY(torch.autograd.Function):
+    """Wrong in x only: d(x log y)/dx = log y, backward gives 2 log y (d/dy = x / y and the
+    jvp are right)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        ctx.save_for_backward(x, y)
+        ctx.save_for_forward(x, y)
+        return x * y.log()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        return 2 * g * y.log(), g * x / y
+
+    @staticmethod
+    def jvp(ctx, tx, ty):
+        x, y = ctx.saved_tensors
+        return tx * y.log() + x * ty / y
+
+
+def test_a_later_check_near_the_domain_edge_does_not_hide_an_earlier_failure():
+    # before: gradcheck failed for input 0 (x, far from any edge: a finite mismatch),
+    # then forward_ad met NaN central differences at y = 3e-7 and its usage error replaced
+    # the whole report: a wrong backward came back as "pass other inputs", not FAILED
+    report = check_function(
+        XTimesLogY, seeded(3, 4), _one_near_zero(3, 4), checks=["gradcheck", "forward_ad"]
+    )
+    assert report["gradcheck"].failed, report
+    result = report["forward_ad"]
+    assert result.skipped and "within eps of the edge of fn's domain" in result.message, report

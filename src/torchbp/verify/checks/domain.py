@@ -3,7 +3,8 @@ with them (``gradcheck``, ``gradgradcheck``, ``forward_ad``) evaluates fn at eac
 element shifted by +-``eps``, and a log or sqrt of an input within ``eps`` of 0 is NaN or
 refused there (a Function raising ``ValueError`` for ``x <= 0``). Such a check's failure
 is then no fault of fn's derivatives: :func:`refuse_inputs_near_domain_edge` turns it into
-a usage error saying how to give other inputs."""
+a usage error saying how to give other inputs, or, when an earlier check already failed on
+its own, skips the check with those words and lets that failure stand."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torchbp.verify.checks.compare import float_tensors, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, raised_in_derivative
-from torchbp.verify.checks.outcomes import CheckFailure, UsageError
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, UsageError
 from torchbp.verify.checks.spelling import inputs_in_domain, option
 
 __all__ = ["CENTRAL_DIFFERENCE_CHECKS", "input_ranges", "refuse_inputs_near_domain_edge"]
@@ -104,7 +105,8 @@ def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseExc
     failed with ``cause`` because the given inputs lie within ``eps`` of the edge of fn's
     domain: the failure is a ``ValueError`` of fn or a NaN comparison, and fn is finite at
     the inputs but refuses (``ValueError``) or gives NaN at an input shifted by +-``eps``
-    (every element at once), where central differences evaluate it. Nothing otherwise
+    (every element at once), where central differences evaluate it; a :class:`CheckSkip`
+    saying so instead when an earlier check failed (:func:`_near_edge`). Nothing otherwise
     (the failure stands)."""
     if check not in CENTRAL_DIFFERENCE_CHECKS or not _domain_like(cause):
         return
@@ -116,11 +118,26 @@ def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseExc
             with torch.no_grad():
                 found = _outside_after_shift(ctx, k, step)
             if found is not None:
-                raise UsageError(
+                raise _near_edge(
+                    ctx,
                     f"check_function: {check} compares with central differences, which "
                     f"evaluate fn at {ctx.input_name(k)} shifted by {step:+g} (eps), and "
                     f"there {found}: the given inputs lie within eps of the edge of fn's "
                     "domain (a log or a sqrt of a value below eps?); pass inputs farther "
                     f"from it or a smaller eps ({option('eps', eps / 100)}); "
-                    f"{inputs_in_domain()}"
+                    f"{inputs_in_domain()}",
                 )
+
+
+def _near_edge(ctx: CheckContext, message: str) -> UsageError | CheckSkip:
+    """How a check ends on inputs within eps of fn's domain edge (``message`` says so): a
+    :class:`UsageError`, as no verdict on fn can be drawn from them; but when an earlier
+    check already failed on its own (a finite mismatch, which no input near an edge
+    explains), that verdict stands and only this check is skipped, with ``message``."""
+    failed = [name for name, result in ctx.results.items() if result.failed]
+    if not failed:
+        return UsageError(message)
+    return CheckSkip(
+        f"{message.removeprefix('check_function: ')} (not a usage error: "
+        f"{', '.join(failed)} already failed)"
+    )
