@@ -103,6 +103,22 @@ class InterruptInValidation(pl.Callback):
             raise KeyboardInterrupt
 
 
+class RequeueInValidation(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.RequeueInValidation``) that
+    saves ``hpc_ckpt_1.ckpt`` into ``trainer.default_root_dir`` within epoch ``epoch``'s
+    validation, as Lightning's handler of SLURM's requeue signal does (through
+    ``trainer.save_checkpoint``), and then presses Ctrl-C, as the job's end."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            trainer.save_checkpoint(os.path.join(trainer.default_root_dir, "hpc_ckpt_1.ckpt"))
+            raise KeyboardInterrupt
+
+
 class RecordBatches(pl.Callback):
     """A Lightning callback
     (``--trainer.callbacks+=tests.lightning.lightning_helpers.RecordBatches``) that records

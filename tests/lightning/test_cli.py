@@ -2101,6 +2101,29 @@ def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_i
     assert best and UNFINISHED_VALIDATION_KEY not in torch.load(best[0], weights_only=True)
 
 
+def test_a_fit_resumed_from_slurms_requeue_checkpoint_saved_during_validation_names_it(
+    tmp_path,
+):
+    """SLURM's requeue signal within a validation: Lightning's handler saves
+    hpc_ckpt_<n>.ckpt, which records the unfinished validation but no -interrupted.ckpt.
+    The resumed fit's warning said "validate them (torchbp-train validate --ckpt_path)
+    before this fit replaces the checkpoint": no path to give, and the fit replaces no hpc
+    checkpoint. It names the checkpoint resumed from, which holds those weights."""
+    common = ["fit", "--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}"]
+    common += ["--trainer.max_epochs=2", "--checkpoint.save_on_exception=false"]
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(
+            *common, "--trainer.callbacks+=tests.lightning.lightning_helpers.RequeueInValidation"
+        )
+    hpc = tmp_path / "iris/version_0/hpc_ckpt_1.ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli(*common, "--run_name=iris", f"--ckpt_path={hpc}")
+    said = [str(w.message) for w in caught if "saved during the validation" in str(w.message)]
+    assert len(said) == 1, said
+    assert f"torchbp-train validate --ckpt_path {hpc} evaluates them" in said[0], said
+
+
 @pytest.mark.parametrize(
     "data",
     [

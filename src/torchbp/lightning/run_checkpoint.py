@@ -222,15 +222,13 @@ class RunCheckpoint(ModelCheckpoint):
 
 def _unfinished_validation_warning(unfinished: dict[str, Any], ckpt_path: Any) -> str:
     """What a fit resumed from a checkpoint saved during a validation will not do, and how
-    to evaluate the weights that validation was for."""
+    to evaluate the weights that validation was for: those of the ``-interrupted.ckpt``
+    saved on the exception, which ``last.ckpt`` holds too but the resumed fit replaces; or,
+    with none recorded (SLURM's requeue signal saves ``hpc_ckpt_<n>.ckpt`` only), those of
+    the checkpoint resumed from, which the fit keeps."""
     name = unfinished.get("checkpoint")
-    saved = os.path.join(os.path.dirname(str(ckpt_path)), name) if name else None
-    how = (
-        f"torchbp-train validate --ckpt_path {saved} evaluates them"
-        if saved
-        else "validate them (torchbp-train validate --ckpt_path) before this fit replaces "
-        "the checkpoint"
-    )
+    saved = os.path.join(os.path.dirname(str(ckpt_path)), name) if name else ckpt_path
+    how = f"torchbp-train validate --ckpt_path {saved} evaluates them"
     return (
         f"the checkpoint this fit resumes from was saved during the validation of epoch "
         f"{unfinished['epoch']} (step {unfinished['step']}), which did not finish: the "
