@@ -403,3 +403,26 @@ def test_a_later_check_near_the_domain_edge_does_not_hide_an_earlier_failure():
     assert report["gradcheck"].failed, report
     result = report["forward_ad"]
     assert result.skipped and "within eps of the edge of fn's domain" in result.message, report
+
+
+def test_an_item_call_compile_cannot_capture_in_one_graph_is_unsupported_not_failed():
+    # before: FAILED with Dynamo's InternalTorchDynamoError "PendingUnbackedSymbolNotFound:
+    # Pending unbacked symbols {zuf1} not in returned outputs" (torch 2.11 to 2.14): an
+    # .item() in a Function's forward cannot be captured in one graph; with graph breaks
+    # fn matches eager
+    report = check_function(MaxNormalized, seeded(3, 4), checks=["compile"])
+    result = report["compile"]
+    assert report.ok and result.unsupported, report
+    assert ".item()" in result.message, result.message
+    assert "outputs and gradients match eager" in result.message, result.message
+
+
+def _max_normalized_tripled_when_compiled(x):
+    """Wrong under torch.compile only: MaxNormalized's output times 3 there, 2 in eager."""
+    return MaxNormalized.apply(x) * (3.0 if torch.compiler.is_compiling() else 2.0)
+
+
+def test_an_item_call_compiled_with_graph_breaks_still_fails_when_it_differs_from_eager():
+    report = check_function(_max_normalized_tripled_when_compiled, seeded(3, 4), checks=["compile"])
+    result = report["compile"]
+    assert result.failed and "with graph breaks" in result.message, report

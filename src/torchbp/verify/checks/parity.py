@@ -179,13 +179,25 @@ def _fresh_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 _DATA_DEPENDENT_GUARD = "Could not guard on data-dependent expression"
 
 
+#: Dynamo's words for an ``.item()`` in an autograd.Function's forward under
+#: ``fullgraph=True`` (torch 2.11 to 2.14: an ``InternalTorchDynamoError`` from the number's
+#: unbacked symbol, which the Function's captured forward does not return).
+_ITEM_IN_FUNCTION = "PendingUnbackedSymbolNotFound"
+
+
 def _is_capture_limit(exc: BaseException) -> bool:
     """True if Dynamo could not capture fn in one graph (``fullgraph=True``): a graph break
-    (Dynamo's ``Unsupported``), or a Python ``if`` on a tensor's values (a Function's
-    input check), not a wrong or crashing computation; fn compiled with graph breaks is
-    then compared with eager (:func:`_with_graph_breaks`)."""
+    (Dynamo's ``Unsupported``), a Python ``if`` on a tensor's values (a Function's input
+    check) or an ``.item()`` in a Function's forward (a scale read as a number), not a
+    wrong or crashing computation; fn compiled with graph breaks is then compared with
+    eager (:func:`_with_graph_breaks`)."""
     names = {cls.__name__ for cls in type(exc).__mro__}
-    return "Unsupported" in names or ("UserError" in names and _DATA_DEPENDENT_GUARD in str(exc))
+    message = str(exc)
+    return (
+        "Unsupported" in names
+        or ("UserError" in names and _DATA_DEPENDENT_GUARD in message)
+        or ("InternalTorchDynamoError" in names and message.startswith(_ITEM_IN_FUNCTION))
+    )
 
 
 def _compiled(
@@ -234,6 +246,12 @@ DATA_DEPENDENT_HINT = (
     "the compiled region"
 )
 
+#: How to capture a Function whose forward reads a number off a tensor in one graph.
+ITEM_HINT = (
+    "keep the value a tensor (x.abs().amax() rather than x.abs().max().item()), or read it "
+    "before calling the Function, outside the compiled region"
+)
+
 #: How to capture a Function whose forward or backward Dynamo cannot bind: a classmethod.
 CLASSMETHOD_HINT = (
     "declare the Function's forward and backward @staticmethod: Dynamo cannot bind the "
@@ -269,6 +287,14 @@ def _capture_limit(exc: BaseException) -> tuple[str, str]:
             f"no branch for it (a PyTorch limitation, not a wrong result; {message})"
         )
         return note, DATA_DEPENDENT_HINT
+    if _ITEM_IN_FUNCTION in message:
+        words = message.split(" (FakeTensor", 1)[0]  # not the outputs' long repr
+        note = (
+            "torch.compile(fullgraph=True) cannot capture an .item() (a Python number read "
+            "off a tensor's values) in the forward of a Function fn calls (a PyTorch "
+            f"limitation, not a wrong result; {words})"
+        )
+        return note, ITEM_HINT
     hint = GRAPH_BREAK_HINT
     if "failed to bind arguments when attempting to inline" in message:
         hint = CLASSMETHOD_HINT
