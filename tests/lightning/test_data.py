@@ -319,6 +319,31 @@ def test_rare_classes_are_named_by_their_labels_the_first_ten_of_them(tmp_path):
     assert f"class(es) {rare} and 5 more have fewer than 3 samples" in str(e.value), e.value
 
 
+def test_a_class_left_out_of_training_is_named_by_its_label_and_long_labels_are_cut(tmp_path):
+    """The no-training-row error still named a CSV's class by its index ("class(es) [0]"
+    for the label 'rare'), and the label errors printed every character of long labels
+    (a free-text column: ten labels of 300 characters made one 3000-character line).
+    Labels are named, each cut after 40 characters of its repr, its length said."""
+    rng = np.random.default_rng(0)
+    rows = [
+        [f"{v:.3f}" for v in rng.normal(size=3)] + ["rare" if i < 3 else "x"] for i in range(103)
+    ]
+    _write_csv(tmp_path / "t.csv", ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(
+        path=str(tmp_path / "t.csv"), label_column="target", val_fraction=0.45, test_fraction=0.45
+    )
+    with pytest.raises(DataError, match=r"class\(es\) \['rare'\] have no row in the training"):
+        dm.setup()
+    long_label = "Ünïcødé " + "w" * 292
+    rows = _good_rows(150, 2) + [[0.1, 0.2, 0.3, long_label]]
+    _write_csv(tmp_path / "t.csv", ["a", "b", "c", "target"], rows)
+    dm = TabularFileDataModule(path=str(tmp_path / "t.csv"), label_column="target")
+    with pytest.raises(DataError) as e:
+        _ = dm.num_features
+    shown = f"{repr(long_label)[:40]}... (302 characters)"
+    assert f"class(es) [{shown}] have fewer than 3 samples" in str(e.value), e.value
+
+
 def test_tabular_npz_errors(tmp_path):
     np.savez(tmp_path / "d.npz", X=np.ones((30, 2)), label=np.zeros(29))
     with pytest.raises(DataError, match="30 feature rows but 29 labels"):

@@ -37,6 +37,17 @@ __all__ = ["ArrayDataModule", "DigitsDataModule", "SklearnToyDataModule", "MAX_S
 MAX_SPLIT_SEED = 2**32 - 2
 #: how many labels an error about the labels names before counting the rest
 _LABELS_SHOWN = 10
+#: how many characters of a label's repr such an error shows
+_LABEL_CHARS_SHOWN = 40
+
+
+def _shown_label(label: Any) -> str:
+    """``label``'s repr as an error shows it: cut after :data:`_LABEL_CHARS_SHOWN`
+    characters, its length said (a label column of free text holds whole sentences)."""
+    text = repr(label)
+    if len(text) <= _LABEL_CHARS_SHOWN:
+        return text
+    return f"{text[:_LABEL_CHARS_SHOWN]}... ({len(text)} characters)"
 
 
 def _hint_if_labels_look_continuous(rows: int, classes: int) -> str:
@@ -191,11 +202,13 @@ class ArrayDataModule(ClassificationDataModule):
 
     def _labels_of(self, classes: list[int]) -> str:
         """The labels of class indices ``classes`` as an error names them, the first
-        :data:`_LABELS_SHOWN` of them: their indices here; a subclass whose labels have
-        names of their own (a CSV's) names them by those (see :meth:`_label_of`)."""
-        shown = [self._label_of(k) for k in classes[:_LABELS_SHOWN]]
+        :data:`_LABELS_SHOWN` of them (see :func:`_shown_label`): their indices here; a
+        subclass whose labels have names of their own (a CSV's) names them by those (see
+        :meth:`_label_of`)."""
+        shown = [_shown_label(self._label_of(k)) for k in classes[:_LABELS_SHOWN]]
         more = len(classes) - len(shown)
-        return f"{shown} and {more} more" if more else str(shown)
+        listed = f"[{', '.join(shown)}]"
+        return f"{listed} and {more} more" if more else listed
 
     def _label_of(self, index: int) -> Any:
         """The label of class ``index`` in messages: the index itself."""
@@ -244,9 +257,9 @@ class ArrayDataModule(ClassificationDataModule):
         missing = np.setdiff1d(np.unique(y), y_train).tolist()
         if missing:
             raise DataError(
-                f"class(es) {missing} have no row in the training split (val_fraction="
-                f"{self.val_fraction}, test_fraction={self.test_fraction}); lower the "
-                "fractions or add rows of the class"
+                f"class(es) {self._labels_of(missing)} have no row in the training split "
+                f"(val_fraction={self.val_fraction}, test_fraction={self.test_fraction}); "
+                "lower the fractions or add rows of the class"
             )
 
     def _as_float32(
