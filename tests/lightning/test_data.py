@@ -282,13 +282,15 @@ def test_labels_of_many_non_integer_numbers_are_refused_as_a_continuous_target(t
     rng = np.random.default_rng(0)
     prices = np.round(rng.uniform(10.0, 40.0, rows), 1)
     features = rng.normal(size=(rows, 2))
-    np.savez(tmp_path / "d.npz", X=features, price=prices)
+    np.savez(tmp_path / "d.npz", X=features, price=prices.astype(np.float32))
     dm = TabularFileDataModule(path=str(tmp_path / "d.npz"), label_column="price")
-    distinct = len(np.unique(prices))
+    distinct = np.unique(prices)
     with pytest.raises(DataError) as e:
         _ = dm.num_features
     said = str(e.value)
-    assert f"label column 'price' holds {distinct} distinct non-integer numbers" in said, said
+    assert f"label column 'price' holds {len(distinct)} distinct non-integer numbers" in said
+    first = ", ".join(f"{v:.1f}" for v in distinct[:3])  # float32's values as written
+    assert f"({first}, ..., {distinct[-1]:.1f})" in said, said
     assert "continuous (regression) target" in said and "integer class indices" in said, said
 
 

@@ -186,7 +186,7 @@ class TabularFileDataModule(ArrayDataModule):
         distinct = np.unique(raw_y)
         if len(distinct) <= _MAX_FRACTIONAL_CLASSES:
             return
-        first, last = [str(float(v)) for v in distinct[:3]], float(distinct[-1])
+        first, last = [str(v) for v in distinct[:3]], distinct[-1]  # float32's 0.1 as 0.1
         raise DataError(
             f"{p}: label column {self.label_column!r} holds {len(distinct)} distinct "
             f"non-integer numbers ({', '.join(first)}, ..., {last}): it looks like a "
