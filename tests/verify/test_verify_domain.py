@@ -426,3 +426,29 @@ def test_an_item_call_compiled_with_graph_breaks_still_fails_when_it_differs_fro
     report = check_function(_max_normalized_tripled_when_compiled, seeded(3, 4), checks=["compile"])
     result = report["compile"]
     assert result.failed and "with graph breaks" in result.message, report
+
+
+class HalfLog(Log):
+    """Wrong: d log(x)/dx = 1/x, backward gives 1/(2x)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / (2 * x)
+
+
+def _one_at_eps(*shape: int) -> torch.Tensor:
+    x = positive(*shape)
+    x[0, 0] = 1e-6  # exactly gradcheck's eps: log(x - eps) is log(0) = -inf, not NaN
+    return x
+
+
+def test_an_input_eps_from_a_log_s_edge_is_a_usage_error_not_an_infinite_mismatch():
+    # before: gradcheck FAILED a right log ("analytical 1e+06 vs numerical inf"): central
+    # differences met log(0) = -inf, which the near-edge check (NaN or a ValueError) missed
+    with pytest.raises(ValueError, match="within eps of the edge of fn's domain") as info:
+        check_function(Log, _one_at_eps(3, 4), checks=["gradcheck"])
+    assert "is infinite at 1 element(s) (first at index (0, 0))" in str(info.value)
+    assert check_function(Log, _one_at_eps(3, 4), checks=["gradcheck"], eps=1e-8).ok
+    report = check_function(HalfLog, _one_at_eps(3, 4), checks=["gradcheck"], eps=1e-8)
+    assert report["gradcheck"].failed, report

@@ -1,12 +1,15 @@
 """Inputs too close to the edge of fn's domain for central differences: a check comparing
 with them (``gradcheck``, ``gradgradcheck``, ``forward_ad``) evaluates fn at each input
-element shifted by +-``eps``, and a log or sqrt of an input within ``eps`` of 0 is NaN or
-refused there (a Function raising ``ValueError`` for ``x <= 0``). Such a check's failure
+element shifted by +-``eps``, and a log or sqrt of an input within ``eps`` of 0 is NaN,
+-inf (a log at 0 itself) or refused there (a Function raising ``ValueError`` for
+``x <= 0``). Such a check's failure
 is then no fault of fn's derivatives: :func:`refuse_inputs_near_domain_edge` turns it into
 a usage error saying how to give other inputs, or, when an earlier check already failed on
 its own, skips the check with those words and lets that failure stand."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -49,52 +52,76 @@ def _has_values(arg: object) -> bool:
     )
 
 
-def _nan_output(outs: list[torch.Tensor]) -> tuple[int, int, tuple[int, ...]] | None:
-    """``(output, count, first index)`` of the first output holding NaN, or None."""
-    for o, out in enumerate(outs):
-        values = out.detach()
-        nan = torch.isnan(values.to_dense() if values.layout != torch.strided else values)
-        if bool(nan.any()):
-            return o, int(nan.sum()), tuple(int(i) for i in nan.nonzero()[0])
+def _values(out: torch.Tensor) -> torch.Tensor:
+    """``out`` detached and dense (a sparse output through ``.to_dense()``)."""
+    values = out.detach()
+    return values.to_dense() if values.layout != torch.strided else values
+
+
+def _outputs(ctx: CheckContext, inputs: list) -> list[torch.Tensor]:
+    """fn's floating-point outputs on ``inputs`` (without grad), detached and dense."""
+    with torch.no_grad():
+        return [_values(out) for out in float_tensors(ctx.call(ctx.fn, inputs))]
+
+
+def _newly_non_finite(outs: list[torch.Tensor], before: list[torch.Tensor]) -> str | None:
+    """Words for the first output of ``outs`` that is NaN or infinite where the same
+    output at the given inputs, ``before``, is finite (a log's -inf at 0, a sqrt's NaN
+    below it), or None."""
+    for o, (out, was) in enumerate(zip(outs, before)):
+        if out.shape != was.shape:
+            continue
+        new = ~torch.isfinite(out) & torch.isfinite(was)
+        if not bool(new.any()):
+            continue
+        nan = torch.isnan(out[new])
+        kind = "NaN" if bool(nan.all()) else "NaN or infinite" if bool(nan.any()) else "infinite"
+        first = tuple(int(i) for i in new.nonzero()[0])
+        return f"output {o} of fn is {kind} at {int(new.sum())} element(s) (first at index {first})"
     return None
 
 
-def _outside_after_shift(ctx: CheckContext, k: int, step: float) -> str | None:
+def _outside_after_shift(
+    ctx: CheckContext, k: int, step: float, before: list[torch.Tensor]
+) -> str | None:
     """What fn does outside its domain when differentiable input ``k`` is shifted by
-    ``step`` (every element at once): refuses it with a ``ValueError`` or gives NaN; None
-    when neither (fn raising anything else says nothing of a domain)."""
+    ``step`` (every element at once): refuses it with a ``ValueError``, or gives NaN or
+    an infinity where its outputs at the given inputs, ``before``, are finite; None when
+    neither (fn raising anything else says nothing of a domain)."""
     shifted = list(ctx.leaves())
     shifted[k] = shifted[k].detach() + step
     try:
-        outs = float_tensors(ctx.call(ctx.fn, shifted))
+        outs = _outputs(ctx, shifted)
     except ValueError as exc:
         return f"fn raised {explain_error(exc)}"
     except Exception:  # noqa: BLE001 - not a refusal of values: the failure stands
         return None
-    nan = _nan_output(outs)
-    if nan is None:
-        return None
-    o, count, first = nan
-    return f"output {o} of fn is NaN at {count} element(s) (first at index {first})"
+    return _newly_non_finite(outs, before)
 
 
-def _finite_at_inputs(ctx: CheckContext) -> bool:
-    """True when fn runs on the given inputs and no output is NaN there."""
+def _outputs_at_inputs(ctx: CheckContext) -> list[torch.Tensor] | None:
+    """fn's outputs at the given inputs; None when fn raises there or an output is NaN
+    (no edge to be near: fn is outside its domain, or wrong, already)."""
     try:
-        with torch.no_grad():
-            return _nan_output(float_tensors(ctx.call(ctx.fn, ctx.leaves()))) is None
+        outs = _outputs(ctx, ctx.leaves())
     except Exception:  # noqa: BLE001 - fn's own failure, for the check to report
-        return False
+        return None
+    return None if any(bool(torch.isnan(out).any()) for out in outs) else outs
+
+
+#: How a comparison with a non-finite numerical derivative ends a failure's message: the
+#: central differences met NaN or an infinity (a log's -inf at 0) at the shifted input.
+_NON_FINITE_NUMERICAL = re.compile(r"vs numerical (nan|-?inf)\b")
 
 
 def _domain_like(cause: BaseException) -> bool:
     """True when a check's failure ``cause`` may come from fn leaving its domain: fn's
     forward raised ``ValueError`` (refusing values; a failed check made from it keeps it
-    as its context), or the numerical derivative was NaN. A finite mismatch is a wrong
+    as its context), or the numerical derivative was NaN or infinite. A finite mismatch is a wrong
     derivative, whatever fn does beside its inputs, and so is a ``ValueError`` raised in
     a backward or jvp (:func:`~torchbp.verify.checks.explain.raised_in_derivative`)."""
     if isinstance(cause, CheckFailure):
-        if "vs numerical nan" in cause.message:
+        if _NON_FINITE_NUMERICAL.search(cause.message):
             return True
         cause = cause.__context__  # what the check's failure was made from, if anything
     return isinstance(cause, ValueError) and not raised_in_derivative(cause)
@@ -103,20 +130,21 @@ def _domain_like(cause: BaseException) -> bool:
 def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseException) -> None:
     """A :class:`UsageError` when ``check`` (one of :data:`CENTRAL_DIFFERENCE_CHECKS`)
     failed with ``cause`` because the given inputs lie within ``eps`` of the edge of fn's
-    domain: the failure is a ``ValueError`` of fn or a NaN comparison, and fn is finite at
-    the inputs but refuses (``ValueError``) or gives NaN at an input shifted by +-``eps``
+    domain: the failure is a ``ValueError`` of fn or a comparison with a NaN or infinite
+    numerical derivative, and fn is free of NaN at the inputs but refuses (``ValueError``)
+    or gives NaN or an infinity where it was finite at an input shifted by +-``eps``
     (every element at once), where central differences evaluate it; a :class:`CheckSkip`
     saying so instead when an earlier check failed (:func:`_near_edge`). Nothing otherwise
     (the failure stands)."""
     if check not in CENTRAL_DIFFERENCE_CHECKS or not _domain_like(cause):
         return
-    if not _finite_at_inputs(ctx):
+    before = _outputs_at_inputs(ctx)
+    if before is None:
         return
     eps = float(ctx.options.eps)
     for k in range(len(ctx.grad_idx)):
         for step in (-eps, eps):
-            with torch.no_grad():
-                found = _outside_after_shift(ctx, k, step)
+            found = _outside_after_shift(ctx, k, step, before)
             if found is not None:
                 raise _near_edge(
                     ctx,
