@@ -2043,6 +2043,25 @@ def test_a_model_checkpoint_against_its_metrics_direction_is_a_cli_error_before_
     assert not list(tmp_path.iterdir())
 
 
+def test_the_checkpoint_saved_on_ctrl_c_before_any_validation_is_named_by_its_step(tmp_path):
+    """Ctrl-C in the first epoch, before a validation logged val/acc: Lightning wrote the
+    missing metric as 0, epoch000-val_acc0.0000-interrupted.ckpt, as if the weights scored
+    0 accuracy. It is named by epoch and step; after a validation, by the monitor again."""
+    common = ["fit", "--config", str(CONFIGS / "iris.yaml"), "--trainer.max_epochs=2"]
+    interrupt = "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt"
+    for step in (3, 10):  # epoch 0's batches are steps 1-7
+        with pytest.raises((SystemExit, KeyboardInterrupt)):
+            run_cli(
+                *common,
+                f"--run_dir={tmp_path / str(step)}",
+                interrupt,
+                f"--trainer.callbacks.step={step}",
+            )
+        (path,) = (tmp_path / f"{step}/iris/version_0/checkpoints").glob("*-interrupted.ckpt")
+        named = "epoch000-step3" if step == 3 else "epoch001-val_acc"
+        assert path.name.startswith(named), path.name
+
+
 def test_the_checkpoint_saved_on_ctrl_c_is_said_in_one_tidy_line(tmp_path, caplog):
     """Lightning said "An KeyboardInterrupt was raised with message:             , saved
     checkpoint to ..." (a line continuation inside its f-string, and Ctrl-C's empty

@@ -211,9 +211,13 @@ class RunCheckpoint(ModelCheckpoint):
         ver: int | None = None,
         prefix: str | None = None,
     ) -> str:
-        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
         if not self._on_exception or filename is not None:  # a best-k name, or last.ckpt
-            return name
+            return super().format_checkpoint_name(metrics, filename, ver, prefix)
+        if self.monitor is not None and self.monitor not in metrics:
+            # before the monitor is logged (Ctrl-C in the first epoch) Lightning wrote it
+            # as 0 (epoch000-val_acc0.0000-interrupted.ckpt): named by epoch and step
+            filename = checkpoint_filename(None)
+        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
         stem, ext = os.path.splitext(name)
         interrupted = f"{stem}{INTERRUPTED_SUFFIX}{ext}"
         self._interrupted_name = os.path.basename(interrupted)
