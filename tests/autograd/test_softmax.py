@@ -11,6 +11,7 @@ from tests._support import DEVICES, TOL, grads, make
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchbp.functional as TF
+import torchbp.nn
 
 OPS = {
     "softmax": (TF.softmax, F.softmax),
@@ -78,6 +79,25 @@ def test_implicit_dim_warning_names_the_op_and_points_where_natives_does(name, s
     got = _implicit_dim_warning(ours, x, stacklevel)
     assert got == _implicit_dim_warning(native, x, stacklevel)
     assert f"choice for {name} " in got[0]
+
+
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice:UserWarning")
+@pytest.mark.parametrize("module", [False, True], ids=["functional", "module"])
+@pytest.mark.parametrize("name", OPS)
+def test_implicit_dim_compiles_with_fullgraph_as_natives(name, module):
+    """Dynamo cannot trace ``warnings.warn``: the implicit-dim call (and the nn twins
+    built without ``dim``) refused ``torch.compile(fullgraph=True)``, which native's
+    takes (it warns once, at compilation, from inside torch)."""
+    ours, native = OPS[name]
+    if module:
+        twin = {"softmax": "Softmax", "softmin": "Softmin", "log_softmax": "LogSoftmax"}[name]
+        ours = getattr(torchbp.nn, twin)()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    out, (gx,) = grads(compiled, make((3, 4), torch.float64))
+    ref, (rx,) = grads(native, make((3, 4), torch.float64))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -19,11 +19,17 @@ _SOFTMAX = pair(SoftmaxFunction)
 
 
 def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
-    warnings.warn(
-        f"Implicit dimension choice for {name} has been deprecated. "
-        "Change the call to include dim=X as an argument.",
-        stacklevel=stacklevel,
-    )
+    """Native's implicit dim for an ``ndim``-D input, with its deprecation warning
+    ``stacklevel`` frames up. Not while Dynamo traces: it cannot trace ``warnings.warn``
+    (``torch.compile(fullgraph=True)`` refused the call, and graph-broke without it), and
+    native's ``F.softmax`` / ``F.softmin`` warn there only once, at compilation, from
+    inside torch."""
+    if not torch.compiler.is_dynamo_compiling():
+        warnings.warn(
+            f"Implicit dimension choice for {name} has been deprecated. "
+            "Change the call to include dim=X as an argument.",
+            stacklevel=stacklevel,
+        )
     return 0 if ndim in (0, 1, 3) else 1
 
 
