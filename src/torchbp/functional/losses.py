@@ -118,7 +118,13 @@ def _exported_to_onnx() -> bool:
     dynamo=False)``) traces this call. That exporter replaces each Function by the
     operators its forward recorded; cross_entropy's Function also builds the logits'
     gradient there, in place, which for plain class-index targets made the export fail
-    (``aten::unsqueeze``) or, in earlier kernels, write a file computing a wrong loss."""
+    (``aten::unsqueeze``) or, in earlier kernels, write a file computing a wrong loss.
+
+    ``torch.jit.is_tracing()`` is per thread but torch's ONNX flag is process-wide: a plain
+    :func:`torch.jit.trace` in another thread while an export (either exporter) runs also
+    records the unfused pair, which computes the same loss and gradient. Plain traces,
+    ``torch.export`` and the dynamo-based exporter otherwise never take it; eagerly it
+    costs one ``torch.jit.is_tracing()`` call (~0.1 us)."""
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
