@@ -294,6 +294,23 @@ def test_deprecated_size_average_and_reduce():
         torch.testing.assert_close(ours, ref)
 
 
+@pytest.mark.filterwarnings("ignore:size_average and reduce args:UserWarning")
+@pytest.mark.parametrize("kw", [dict(size_average=False), dict(reduce=False)], ids=str)
+@pytest.mark.parametrize("op", ["cross_entropy", "nll_loss"])
+def test_deprecated_size_average_and_reduce_compile_with_fullgraph_as_natives(op, kw):
+    """Dynamo cannot trace ``warnings.warn``: the legacy arguments' deprecation warning
+    made ``torch.compile(fullgraph=True)`` refuse the call, which native's takes."""
+    t = class_target((4,))
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda x: getattr(TF, op)(x, t, **kw), fullgraph=True, backend="aot_eager"
+    )
+    out, (gx,) = grads(compiled, make((4, C), torch.float64))
+    ref, (rx,) = grads(lambda x: getattr(F, op)(x, t, **kw), make((4, C), torch.float64))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)
+
+
 def test_soft_target_dtype_promotion_as_native():
     x = make((3, C), torch.float32)
     t = prob_target((3, C), torch.float64)

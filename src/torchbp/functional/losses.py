@@ -47,11 +47,14 @@ def _legacy_reduction(size_average, reduce, reduction: str) -> str:
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
     legacy = ("mean" if size_average else "sum") if reduce else "none"
-    warnings.warn(
-        "size_average and reduce args will be deprecated, please use "
-        f"reduction='{legacy}' instead.",
-        stacklevel=3,
-    )
+    if not torch.compiler.is_dynamo_compiling():
+        # (Dynamo cannot trace warnings.warn: torch.compile(fullgraph=True) refused the
+        # call; native's loss warns once, at compilation, from inside torch)
+        warnings.warn(
+            "size_average and reduce args will be deprecated, please use "
+            f"reduction='{legacy}' instead.",
+            stacklevel=3,
+        )
     return legacy
 
 
