@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
@@ -405,10 +406,20 @@ def _under_no_grad(fn, *args):
         lambda x: TF.softmax(x),  # torchbp's own functional: the mode hands it on
         lambda x: TF.log_softmax(x),
         lambda x: torchbp.nn.Softmax()(x),  # a converted nn.Softmax()
+        lambda x: TF.softmin(x),  # an op's extra functional (softmax's softmin)
+        lambda x: torchbp.nn.Softmin()(x),  # and its module twin
         lambda x: _under_no_grad(F.softmax, x),  # not routed: nothing recorded
         lambda x: F.log_softmax(x.long(), dtype=torch.float64),  # not routed: int input
     ],
-    ids=["TF.softmax", "TF.log_softmax", "torchbp.nn.Softmax", "no_grad", "int-input"],
+    ids=[
+        "TF.softmax",
+        "TF.log_softmax",
+        "torchbp.nn.Softmax",
+        "TF.softmin",
+        "torchbp.nn.Softmin",
+        "no_grad",
+        "int-input",
+    ],
 )
 def test_implicit_dim_warning_of_a_call_handed_on_points_where_it_does_without_the_mode(call):
     # calls the mode does not route ran below its __torch_function__, so their warning
@@ -980,3 +991,18 @@ def test_routes_on_each_device(device):
     assert mode.counts["linear"] >= 4 and mode.counts["softmax"] >= 2
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grads, want_grads)
+
+
+def test_implicit_dim_softmax_under_the_mode_compiles_with_fullgraph():
+    """``F.softmax(x)`` without ``dim`` routed by the mode inside ``torch.compile(fullgraph=
+    True)``: the implicit-dim warning (a ``warnings.warn`` Dynamo cannot trace) made the
+    compile fail, where native's compiles."""
+
+    def f(x):
+        return F.softmax(x, dim=None, _stacklevel=3)
+
+    x = make((3, 4), torch.float64)
+    with enable(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, torch.softmax(x, 1))

@@ -335,7 +335,7 @@ _ROUTES: dict[Any, _Route] = _build_routes()
 _PASSED_ON: dict[Any, Callable[..., torch.Tensor]] = {
     fn: _warning_as_native(fn, fn)
     for op in OPS.values()
-    for fn in (op.torch_functional, op.functional)
+    for fn in (op.torch_functional, *op.functionals())
     if fn is not None and _takes_stacklevel(fn)
 }
 
