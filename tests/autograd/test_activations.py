@@ -612,3 +612,37 @@ def test_function_apply_in_place_under_torch_compile_is_natives(name):
         torch.compile(loss, backend="eager")(x).backward()
         results.append(x.grad)
     torch.testing.assert_close(results[0], results[1])
+
+
+class _ScaledReLU(ReLUFunction):
+    """A user's subclass whose forward takes one argument more: ``y = s · max(x, 0)``."""
+
+    @staticmethod
+    def forward(x, inplace, scale):
+        return ReLUFunction.forward(x, inplace).mul_(scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, inplace, ctx.scale = inputs
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(output)
+
+    # dy/dx = s · [y > 0]
+    @staticmethod
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        return grad_output * (y > 0) * ctx.scale, None, None
+
+
+def test_subclass_with_another_forward_signature_applies_and_is_checked():
+    # apply's override had ReLUFunction's signature (x, inplace): a subclass adding an
+    # argument to forward raised TypeError ('takes 3 positional arguments but 4 were given')
+    x = torch.tensor([-1.0, 2.0], requires_grad=True)
+    _ScaledReLU.apply(x * 1, False, 3.0).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 3.0]))
+    _ScaledReLU.apply(x * 1, scale=2.0, inplace=True).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 5.0]))
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        _ScaledReLU.apply(x, scale=3.0, inplace=True)
+    torch.testing.assert_close(x.detach(), torch.tensor([-1.0, 2.0]))

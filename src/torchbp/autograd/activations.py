@@ -27,10 +27,14 @@ autograd records the call, the input's version counter then moves by 2 (the writ
 operation" error names version 2 where native's names 1. Writing through ``x.data``
 (its own counter, at 0) would move it by 1 but hide the write from such a mode: the
 tensor saved by another op was overwritten, and its backward silently wrong.
-Autograd checks such a write only after ``forward`` has run (and ``forward`` runs with
-grad mode off, so it cannot tell a recorded call from one under ``no_grad``): their
-``apply`` refuses, before anything is written, what native's in-place op refuses before
-its kernel runs (:func:`_refuse_unwritable_input`).
+Autograd checks such a write only after ``forward`` has run, and ``forward`` runs with
+grad mode off (it cannot tell a recorded call from one under ``no_grad``), so their
+``apply`` (for any ``forward`` signature a subclass gives) refuses, before anything is
+written, what native's in-place op refuses before its kernel runs
+(:func:`_refuse_unwritable_input`). The check is there, not only in
+:mod:`torchbp.functional` (which checks first and calls past it), because the Functions
+are public and applied directly: a documented precondition would still let such a call
+overwrite the caller's tensor before autograd refuses it.
 
 Complex input (sigmoid, tanh, SiLU; the others refuse it in forward, as native): backward
 is ``dx = g · conj(f')``, native's convention, and ``conj(f'(s)) = f'(conj(s))`` for these
@@ -40,7 +44,10 @@ real tensors); jvp, ``dy = f' · dx``, takes no conjugate.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from torch.autograd import Function
@@ -140,14 +147,20 @@ def _refuse_unwritable_input(x) -> None:
 
 
 class _InPlaceCapableFunction(Function):
-    """Base of the Functions whose last argument ``inplace`` makes ``forward`` write into
-    their first, ``x``: each one's ``apply`` (its ``forward``'s signature) calls
-    :meth:`_apply_checked`."""
+    """Base of the Functions whose argument ``inplace`` makes ``forward`` write into its
+    first, ``x``: their ``apply`` is :meth:`_apply_checked`, for any ``forward`` signature
+    (a subclass may add arguments, as ``Function.apply`` allows)."""
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        """``Function.apply``, which refuses an in-place write autograd forbids before it
+        writes (:func:`_refuse_unwritable_input`)."""
+        return cls._apply_checked(*args, **kwargs)
 
     @classmethod
     @torch.compiler.disable
-    def _apply_checked(cls, x, *args):
-        """``Function.apply(x, *args)``, an in-place call (``args[-1]``) refused first where
+    def _apply_checked(cls, *args, **kwargs):
+        """``Function.apply(*args, **kwargs)``, an in-place call refused first where
         :func:`_refuse_unwritable_input` says so, and returning ``x`` itself as native's
         in-place op does (unrecorded, ``Function.apply`` returns an alias of a dirty input
         that requires grad). ``torchbp.functional`` checks before it calls (and outside
@@ -156,11 +169,51 @@ class _InPlaceCapableFunction(Function):
         Dynamo captures a Function's ``apply`` without running this override; where it
         runs it (after a graph break at a Function with ``jvp``), it must not trace it:
         Dynamo crashes on this ``super().apply`` (InternalTorchDynamoError)."""
-        inplace = args[-1]
-        if inplace:
-            _refuse_unwritable_input(x)
-        out = super().apply(x, *args)
-        return x if inplace and not torch.is_grad_enabled() else out
+        call = _bound_call(cls, args, kwargs)
+        if call.inplace:
+            _refuse_unwritable_input(call.x)
+        out = super().apply(*call.args, **call.kwargs)
+        return call.x if call.inplace and not torch.is_grad_enabled() else out
+
+
+class _BoundCall(NamedTuple):
+    args: tuple
+    kwargs: dict
+    x: object  # forward's first argument
+    inplace: bool
+
+
+def _bound_call(function, args, kwargs) -> _BoundCall:
+    """``function.apply(*args, **kwargs)``'s arguments, every one positional where they
+    bind to its ``forward`` (torch 2.11's ``Function.apply`` hands keywords on to the C
+    ``apply``, which takes none), with ``x`` and ``inplace`` (False where ``forward`` has
+    none, or where the arguments do not bind: ``Function.apply`` then raises its error)."""
+    takes_ctx = function.setup_context is Function.setup_context  # forward(ctx, ...)
+    signature, inplace_at = _forward_signature(function.forward, takes_ctx)
+    if not kwargs and len(args) == len(signature.parameters) and inplace_at is not None:
+        return _BoundCall(args, kwargs, args[0], args[inplace_at])  # nothing to bind
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return _BoundCall(args, kwargs, None, False)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    x = next(iter(arguments.values()), None)
+    return _BoundCall(bound.args, bound.kwargs, x, arguments.get("inplace", False))
+
+
+@functools.cache
+def _forward_signature(forward, takes_ctx: bool) -> tuple[inspect.Signature, int | None]:
+    """``forward``'s signature as ``Function.apply`` is called (without ``ctx`` where
+    ``forward`` takes it: no ``setup_context``), and the position of ``inplace`` among
+    its plain positional parameters (None where it is not one). Cached: asking
+    ``inspect.signature`` costs more than the rest of the check."""
+    signature = inspect.signature(forward)
+    parameters = list(signature.parameters.values())[1 if takes_ctx else 0 :]
+    positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    plain = positional == [p.name for p in parameters]
+    inplace_at = positional.index("inplace") if plain and "inplace" in positional else None
+    return signature.replace(parameters=parameters), inplace_at
 
 
 def _tangent_out(ctx, x_t: torch.Tensor | None, t: torch.Tensor | None):
@@ -253,12 +306,6 @@ class ReLUFunction(_InPlaceCapableFunction):
 
     generate_vmap_rule = True
 
-    @classmethod
-    def apply(cls, x, inplace):
-        """``Function.apply``, which refuses an in-place write autograd forbids before it
-        writes (:func:`_refuse_unwritable_input`)."""
-        return cls._apply_checked(x, inplace)
-
     @staticmethod
     def forward(x, inplace):
         if inplace:
@@ -346,12 +393,6 @@ class LeakyReLUFunction(_InPlaceCapableFunction):
     """
 
     generate_vmap_rule = True
-
-    @classmethod
-    def apply(cls, x, negative_slope, inplace):
-        """``Function.apply``, which refuses an in-place write autograd forbids before it
-        writes (:func:`_refuse_unwritable_input`)."""
-        return cls._apply_checked(x, negative_slope, inplace)
 
     @staticmethod
     def forward(x, negative_slope, inplace):
@@ -523,12 +564,6 @@ class ELUFunction(_InPlaceCapableFunction):
     """
 
     generate_vmap_rule = True
-
-    @classmethod
-    def apply(cls, x, alpha, inplace):
-        """``Function.apply``, which refuses an in-place write autograd forbids before it
-        writes (:func:`_refuse_unwritable_input`)."""
-        return cls._apply_checked(x, alpha, inplace)
 
     @staticmethod
     def forward(x, alpha, inplace):
