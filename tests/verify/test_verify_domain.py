@@ -10,7 +10,7 @@ import torch
 from tests.verify.zoo.entry import seeded
 
 from torchbp.verify import check_function, cli
-from torchbp.verify.target import TargetError, parse_inputs
+from torchbp.verify.target import FLOAT_DTYPES, TargetError, parse_inputs
 
 FAST_CHECKS = ["forward", "gradcheck", "reference", "extreme_values"]
 
@@ -157,6 +157,34 @@ def test_a_range_beyond_the_dtype_is_refused():
     # before: float16 values drawn up to 1e5 were cast to inf
     with pytest.raises(TargetError, match="beyond float16's largest value"):
         parse_inputs("float16:4[1,1e5]")
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "float16:2000[1e-8,1e-6]",  # before: 1e-8 and its neighbours rounded to 0
+        "float16:2000[0.1,0.1001]",  # before: 0.0999755859375, below 0.1
+        "bfloat16:2000[-1.001,-1]",
+        "float32:2000[1e-45,3e-45]",  # subnormal bounds
+        "2000[0.1,0.3]",
+    ],
+)
+def test_a_range_in_a_narrow_dtype_keeps_every_value_inside_it(item):
+    dtype_name, _, rest = item.rpartition(":")
+    low, high = (float(b) for b in rest.partition("[")[2].rstrip("]").split(","))
+    (x,) = parse_inputs(item)
+    assert x.dtype == FLOAT_DTYPES.get(dtype_name, torch.float64)
+    values = x.double()
+    assert bool((values >= low).all()) and bool((values <= high).all()), (
+        values.min(),
+        values.max(),
+    )
+
+
+@pytest.mark.parametrize("item", ["float16:4[1e-9,2e-8]", "bfloat16:4[1.001,1.002]"])
+def test_a_range_holding_no_value_of_the_dtype_is_refused(item):
+    with pytest.raises(TargetError, match=r"holds no .*16 value"):
+        parse_inputs(item)
 
 
 @pytest.mark.parametrize("item", ["int:4<10[0,1]", "bool:4[0,1]", "complex:4[0,1]"])
@@ -451,4 +479,65 @@ def test_an_input_eps_from_a_log_s_edge_is_a_usage_error_not_an_infinite_mismatc
     assert "is infinite at 1 element(s) (first at index (0, 0))" in str(info.value)
     assert check_function(Log, _one_at_eps(3, 4), checks=["gradcheck"], eps=1e-8).ok
     report = check_function(HalfLog, _one_at_eps(3, 4), checks=["gradcheck"], eps=1e-8)
+    assert report["gradcheck"].failed, report
+
+
+class SortedGaps(torch.autograd.Function):
+    """Correct, refusing an unsorted x (as searchsorted's boundaries must be sorted):
+    d (x[i+1] - x[i])^2 / dx[i+1] = 2 (x[i+1] - x[i]) = -d (x[i+1] - x[i])^2 / dx[i]."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if bool((x.diff() < 0).any()):
+            raise ValueError("SortedGaps: x must be sorted ascending")
+        gaps = x.diff()
+        ctx.save_for_backward(gaps)
+        return gaps * gaps
+
+    @staticmethod
+    def backward(ctx, g):
+        (gaps,) = ctx.saved_tensors
+        return _scatter_gaps(2 * gaps * g)
+
+
+class HalfSortedGaps(SortedGaps):
+    """Wrong: the 2 of the square forgotten."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (gaps,) = ctx.saved_tensors
+        return _scatter_gaps(gaps * g)
+
+
+def _scatter_gaps(per_gap: torch.Tensor) -> torch.Tensor:
+    """The gradient of x from that of its gaps x[i+1] - x[i]: +per_gap[i] to x[i+1],
+    -per_gap[i] to x[i]."""
+    zero = per_gap.new_zeros(1)
+    return torch.cat([zero, per_gap]) - torch.cat([per_gap, zero])
+
+
+def _sorted_with_a_close_pair() -> torch.Tensor:
+    # 1e-7 apart, within gradcheck's eps (1e-6): shifting x[0] alone by +eps unsorts x
+    return torch.tensor([0.0, 1e-7, 1.0, 2.5], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_two_values_within_eps_of_each_other_are_a_usage_error_naming_the_element(fast_mode):
+    # before: gradcheck FAILED a right Function with its "x must be sorted" ValueError: the
+    # near-edge check shifted the whole input, which keeps it sorted, never one element
+    with pytest.raises(ValueError, match="within eps of the edge of fn's domain") as info:
+        check_function(
+            SortedGaps, _sorted_with_a_close_pair(), checks=["gradcheck"], fast_mode=fast_mode
+        )
+    assert "element (0,) of input 0 shifted by +1e-06" in str(info.value), info.value
+    report = check_function(SortedGaps, _sorted_with_a_close_pair(), checks=["gradcheck"], eps=1e-8)
+    assert report.ok, report
+
+
+def test_a_wrong_backward_of_a_function_refusing_unsorted_input_still_fails():
+    report = check_function(
+        HalfSortedGaps, _sorted_with_a_close_pair(), checks=["gradcheck"], eps=1e-8
+    )
+    assert report["gradcheck"].failed, report
+    report = check_function(HalfSortedGaps, torch.arange(5.0), checks=["gradcheck"])
     assert report["gradcheck"].failed, report

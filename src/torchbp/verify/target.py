@@ -169,15 +169,42 @@ def _float_values(
     text: str, item: str, generator: torch.Generator, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
     """The float64 values of a float input of ``dtype``, ``SHAPE`` (a standard normal) or
-    ``SHAPE[LO,HI]`` (uniform in [LO, HI], for a fn with a restricted domain)."""
+    ``SHAPE[LO,HI]`` (uniform in [LO, HI], for a fn with a restricted domain, each value
+    one of ``dtype``'s, so that casting it to ``dtype`` keeps it inside [LO, HI])."""
     shape_text, bracket, bounds = text.partition("[")
     size = _shape(shape_text, item)
     if not bracket:
         return torch.randn(size, generator=generator, dtype=torch.float64)
     low, high = _bounds(bounds, item, dtype)
+    low_in_dtype, high_in_dtype = _representable_bounds(low, high, item, dtype)
     u = torch.rand(size, generator=generator, dtype=torch.float64)
     # (1 - u) LO + u HI, not LO + u (HI - LO): HI - LO overflows for [-1e308, 1e308]
-    return (1 - u) * low + u * high
+    drawn = ((1 - u) * low + u * high).to(dtype)
+    # rounding to dtype may cross a bound (float16's 0.1 is 0.09998; 1e-8 is its 0)
+    return drawn.clamp(low_in_dtype, high_in_dtype).to(torch.float64)
+
+
+def _representable_bounds(
+    low: float, high: float, item: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest value of ``dtype`` at or above ``low`` and the largest at or below
+    ``high``, as 0-dim tensors of ``dtype``; a :class:`TargetError` when [LO, HI] holds
+    no value of ``dtype`` (``float16:4[1e-9,2e-8]``, between its 0 and its smallest
+    subnormal)."""
+    low_t = torch.tensor(low, dtype=torch.float64).to(dtype)
+    high_t = torch.tensor(high, dtype=torch.float64).to(dtype)
+    if float(low_t) < low:
+        low_t = torch.nextafter(low_t, torch.tensor(math.inf, dtype=dtype))
+    if float(high_t) > high:
+        high_t = torch.nextafter(high_t, torch.tensor(-math.inf, dtype=dtype))
+    if float(low_t) > float(high_t):
+        name = str(dtype).removeprefix("torch.")
+        raise TargetError(
+            f"input {item!r}: the range [{low:g}, {high:g}] holds no {name} value (its "
+            f"nearest are {float(high_t):g} and {float(low_t):g}); widen it or give "
+            "the input in a wider dtype (float32:, float64:)"
+        )
+    return low_t, high_t
 
 
 def _bounds(text: str, item: str, dtype: torch.dtype) -> tuple[float, float]:

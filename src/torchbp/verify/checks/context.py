@@ -15,7 +15,14 @@ from torchbp.verify.report import FAIL, CheckResult
 if TYPE_CHECKING:
     from torchbp.verify.checks.options import Options
 
-__all__ = ["CheckContext", "generator_copy"]
+__all__ = ["FULL_JACOBIAN_ELEMENTS", "CheckContext", "generator_copy"]
+
+#: The most differentiated elements (inputs and an ``nn.Module``'s parameters together)
+#: whose Jacobians torch's gradcheck builds in full by default; above it the numerical
+#: checks compare random projections (``fast_mode``), as a full numerical Jacobian costs
+#: two forward calls per element and memory for (input elements x output elements) entries
+#: (a (256, 512) input of an element-wise fn: 137 GB).
+FULL_JACOBIAN_ELEMENTS = 4096
 
 
 def generator_copy(generator: torch.Generator) -> torch.Generator:

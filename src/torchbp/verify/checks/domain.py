@@ -10,11 +10,12 @@ its own, skips the check with those words and lets that failure stand."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import torch
 
 from torchbp.verify.checks.compare import float_tensors, shape_text
-from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.context import FULL_JACOBIAN_ELEMENTS, CheckContext
 from torchbp.verify.checks.explain import explain_error, raised_in_derivative
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, UsageError
 from torchbp.verify.checks.spelling import inputs_in_domain, option
@@ -81,15 +82,49 @@ def _newly_non_finite(outs: list[torch.Tensor], before: list[torch.Tensor]) -> s
     return None
 
 
-def _outside_after_shift(
-    ctx: CheckContext, k: int, step: float, before: list[torch.Tensor]
-) -> str | None:
-    """What fn does outside its domain when differentiable input ``k`` is shifted by
-    ``step`` (every element at once): refuses it with a ``ValueError``, or gives NaN or
-    an infinity where its outputs at the given inputs, ``before``, are finite; None when
-    neither (fn raising anything else says nothing of a domain)."""
-    shifted = list(ctx.leaves())
-    shifted[k] = shifted[k].detach() + step
+def _shifted_inputs(ctx: CheckContext) -> Iterator[tuple[str, list]]:
+    """The differentiable inputs with one of them shifted by -``eps`` or +``eps``, each
+    with words naming the shift: first every element of an input at once (a log's or a
+    sqrt's edge), then, when the differentiable inputs hold at most
+    :data:`FULL_JACOBIAN_ELEMENTS` elements (as many as gradcheck shifts one at a time),
+    each element alone (two values of an input fn needs sorted or distinct, within eps of
+    each other: shifting all of them keeps their order)."""
+    eps = float(ctx.options.eps)
+    leaves = [x.detach() for x in ctx.leaves()]
+    for k, x in enumerate(leaves):
+        for step in (-eps, eps):
+            yield f"{ctx.input_name(k)} shifted by {step:+g}", _replaced(leaves, k, x + step)
+    if sum(x.numel() for x in leaves) > FULL_JACOBIAN_ELEMENTS:
+        return
+    for k, x in enumerate(leaves):
+        for flat in range(x.numel()):
+            index = _unravel(flat, tuple(x.shape))
+            for step in (-eps, eps):
+                shifted = x.clone()
+                shifted[index] += step
+                where = f"element {index} of {ctx.input_name(k)} shifted by {step:+g}"
+                yield where, _replaced(leaves, k, shifted)
+
+
+def _replaced(leaves: list[torch.Tensor], k: int, x: torch.Tensor) -> list[torch.Tensor]:
+    """``leaves`` with ``x`` in place of its ``k``-th tensor."""
+    return [*leaves[:k], x, *leaves[k + 1 :]]
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index of the ``flat``-th element, in row-major order, of a tensor of ``shape``."""
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
+def _outside_at(ctx: CheckContext, shifted: list, before: list[torch.Tensor]) -> str | None:
+    """What fn does outside its domain at the differentiable inputs ``shifted``: refuses
+    them with a ``ValueError``, or gives NaN or an infinity where its outputs at the given
+    inputs, ``before``, are finite; None when neither (fn raising anything else says
+    nothing of a domain)."""
     try:
         outs = _outputs(ctx, shifted)
     except ValueError as exc:
@@ -133,28 +168,27 @@ def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseExc
     domain: the failure is a ``ValueError`` of fn or a comparison with a NaN or infinite
     numerical derivative, and fn is free of NaN at the inputs but refuses (``ValueError``)
     or gives NaN or an infinity where it was finite at an input shifted by +-``eps``
-    (every element at once), where central differences evaluate it; a :class:`CheckSkip`
-    saying so instead when an earlier check failed (:func:`_near_edge`). Nothing otherwise
-    (the failure stands)."""
+    (every element at once, then each element alone: :func:`_shifted_inputs`), where
+    central differences evaluate it; a :class:`CheckSkip` saying so instead when an
+    earlier check failed (:func:`_near_edge`). Nothing otherwise (the failure stands)."""
     if check not in CENTRAL_DIFFERENCE_CHECKS or not _domain_like(cause):
         return
     before = _outputs_at_inputs(ctx)
     if before is None:
         return
     eps = float(ctx.options.eps)
-    for k in range(len(ctx.grad_idx)):
-        for step in (-eps, eps):
-            found = _outside_after_shift(ctx, k, step, before)
-            if found is not None:
-                raise _near_edge(
-                    ctx,
-                    f"check_function: {check} compares with central differences, which "
-                    f"evaluate fn at {ctx.input_name(k)} shifted by {step:+g} (eps), and "
-                    f"there {found}: the given inputs lie within eps of the edge of fn's "
-                    "domain (a log or a sqrt of a value below eps?); pass inputs farther "
-                    f"from it or a smaller eps ({option('eps', eps / 100)}); "
-                    f"{inputs_in_domain()}",
-                )
+    for where, shifted in _shifted_inputs(ctx):
+        found = _outside_at(ctx, shifted, before)
+        if found is not None:
+            raise _near_edge(
+                ctx,
+                f"check_function: {check} compares with central differences, which "
+                f"evaluate fn at {where} (eps), and there {found}: the given inputs lie "
+                "within eps of the edge of fn's domain (a log or a sqrt of a value below "
+                "eps? two values fn needs sorted or distinct within eps of each other?); "
+                f"pass inputs farther from it or a smaller eps ({option('eps', eps / 100)}); "
+                f"{inputs_in_domain()}",
+            )
 
 
 def _near_edge(ctx: CheckContext, message: str) -> UsageError | CheckSkip:

@@ -15,7 +15,7 @@ import torch
 
 from torchbp.verify.checks.compare import dense
 from torchbp.verify.checks.complex_views import complex_positions, real_function
-from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.context import FULL_JACOBIAN_ELEMENTS, CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
 from torchbp.verify.checks.domain import refuse_inputs_near_domain_edge
 from torchbp.verify.checks.explain import outcome_of
@@ -398,14 +398,6 @@ def check_function(
     # the checks differentiate: the caller's no_grad / inference_mode must not reach them
     with torch.inference_mode(False), torch.enable_grad():
         return _check(fn, inputs, reference, opts, auto_fast_mode="fast_mode" not in options)
-
-
-#: The most differentiated elements (inputs and an ``nn.Module``'s parameters together)
-#: whose Jacobians torch's gradcheck builds in full by default; above it the numerical
-#: checks compare random projections (``fast_mode``), as a full numerical Jacobian costs
-#: two forward calls per element and memory for (input elements x output elements) entries
-#: (a (256, 512) input of an element-wise fn: 137 GB).
-FULL_JACOBIAN_ELEMENTS = 4096
 
 
 def _check(
