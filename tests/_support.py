@@ -12,44 +12,64 @@ from typing import Any
 import pytest
 import torch
 
+import torchbp.functional as TF
 from torchbp.ops import OPS, Op, of_kind
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# The native twin of every torchbp.functional op, by the same name (those this torch has).
+# The native twin of every torchbp.functional op, by the same name (those this torch has),
+# extra functionals included (``softmin``: ``F.softmin``).
 NATIVE = SimpleNamespace(
-    **{op.name: op.torch_functional for op in OPS.values() if op.torch_functional is not None}
+    **{op.name: op.torch_functional for op in OPS.values() if op.torch_functional is not None},
+    **{ours.__name__: native for op in OPS.values() for ours, native in op.extra_functionals},
 )
 
 
 @dataclass
 class Variant:
-    """A registry op called with one keyword set (one of ``op.variants``, or an extra one).
+    """A registry op called with one keyword set (one of ``op.variants``, or an extra one),
+    through its functional ``name``: ``op.name``, or one of ``op.extra_functionals``
+    (``softmin``, which runs softmax's Function).
 
-    ``str()`` is its test id: the op's name, followed by the keywords where there are any,
-    e.g. ``leaky_relu(negative_slope=0.2)``.
+    ``str()`` is its test id: the functional's name, followed by the keywords where there
+    are any, e.g. ``leaky_relu(negative_slope=0.2)``.
     """
 
     op: Op
     kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.op.name
+        if self.name not in {f.__name__ for f in self.op.functionals()}:
+            raise ValueError(f"{self.name!r} is not a functional of the op {self.op.name!r}")
 
     def __str__(self) -> str:
-        return call_id(self.op.name, self.kwargs)
+        return call_id(self.name, self.kwargs)
 
     def call(self, ns, *args, **kwargs):
-        """``ns.<op>(*args, **self.kwargs, **kwargs)``, ``ns`` torchbp.functional or NATIVE."""
-        return getattr(ns, self.op.name)(*args, **self.kwargs, **kwargs)
+        """``ns.<name>(*args, **self.kwargs, **kwargs)``, ``ns`` torchbp.functional or
+        NATIVE."""
+        return getattr(ns, self.name)(*args, **self.kwargs, **kwargs)
 
     def ours(self, *args, **kwargs):
-        return self.op.functional(*args, **self.kwargs, **kwargs)
+        return self.call(TF, *args, **kwargs)
 
     def native(self, *args, **kwargs):
-        return self.op.torch_functional(*args, **self.kwargs, **kwargs)
+        return self.call(NATIVE, *args, **kwargs)
 
     def modules(self):
-        """``(torchbp module, torch.nn module)`` constructors with these keywords."""
+        """``(torchbp module, torch.nn module)`` constructors with these keywords: the op's
+        own pair, or for an extra functional the pair of ``op.extra_modules`` whose native
+        class is named alike (``softmin``: ``Softmin``)."""
+        if self.name == self.op.name:
+            ours, native = self.op.module, self.op.torch_module
+        else:
+            ours, native = next(
+                pair for pair in self.op.extra_modules if pair[1].__name__.lower() == self.name
+            )
         bind = functools.partial
-        return bind(self.op.module, **self.kwargs), bind(self.op.torch_module, **self.kwargs)
+        return bind(ours, **self.kwargs), bind(native, **self.kwargs)
 
     @property
     def args(self) -> dict[str, Any]:
@@ -73,13 +93,21 @@ def call_id(name: str, kwargs: dict[str, Any]) -> str:
 
 
 def variants(*kinds: str) -> list[Variant]:
-    """Every registry op of ``kinds`` with each of its ``op.variants``, in registry order."""
-    return [Variant(op, dict(kwargs)) for op in of_kind(*kinds) for kwargs in op.variants]
+    """Every registry op of ``kinds`` with each of its ``op.variants``, through its own
+    functional and then each of its ``op.extra_functionals`` (softmax's ``softmin``), in
+    registry order."""
+    return [
+        Variant(op, dict(kwargs), name)
+        for op in of_kind(*kinds)
+        for name in (op.name, *(ours.__name__ for ours, _ in op.extra_functionals))
+        for kwargs in op.variants
+    ]
 
 
 # Every element-wise activation with each of its variants.
 ACTIVATIONS = variants("activation")
-# The ops of one tensor: the activations and softmax / log_softmax, with their variants.
+# The ops of one tensor: the activations and softmax / softmin / log_softmax, with their
+# variants.
 UNARY = variants("activation", "softmax")
 # Each activation variant's modules: id -> (torchbp's constructor, its torch.nn twin's).
 ACTIVATION_MODULES = {str(v): v.modules() for v in ACTIVATIONS}

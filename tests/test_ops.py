@@ -12,7 +12,7 @@ import inspect
 
 import pytest
 import torch
-from tests._support import UNARY, Variant, build_module, variants
+from tests._support import UNARY, Variant, build_module, call_id, variants
 
 import torchbp
 import torchbp.autograd
@@ -129,6 +129,29 @@ def test_variant_saves_output_or_input(variant):
 def test_variants_ids_are_unique():
     ids = [str(v) for v in variants(*{op.kind for op in OPS.values()})]
     assert len(set(ids)) == len(ids)
+
+
+def test_unary_matrix_calls_every_out_of_place_functional_and_its_native_twin():
+    """``UNARY``, which the cross-cutting tests (autocast, memory, transforms, checkpoint,
+    CUDA graphs) iterate, calls every out-of-place functional of the activation and
+    softmax ops, extra ones included (``softmin``), each with every ``op.variants``
+    entry, and each variant's native call is the functional's twin."""
+    ops = of_kind("activation", "softmax")
+    want = [
+        call_id(f.__name__, kwargs)
+        for op in ops
+        for f in op.functionals()
+        if f is not op.in_place
+        for kwargs in op.variants
+    ]
+    assert sorted(map(str, UNARY)) == sorted(want)
+    natives = {ours: native for op in ops for ours, native in op.extra_functionals}
+    natives.update({op.functional: op.torch_functional for op in ops})
+    for v in UNARY:
+        x = torch.randn(3, 4, dtype=torch.float64)
+        ours = getattr(torchbp.functional, v.name)
+        torch.testing.assert_close(v.ours(x), ours(x, **v.kwargs), rtol=0, atol=0)
+        torch.testing.assert_close(v.native(x), natives[ours](x, **v.kwargs), rtol=0, atol=0)
 
 
 def _neighbours() -> list[type[torch.nn.Module]]:
