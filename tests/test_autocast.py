@@ -183,3 +183,66 @@ def test_autocast_of_a_privateuse1_backend_is_read_through_public_queries(monkey
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
     assert _autocast_dtype(x) is torch.bfloat16
     assert _autocast_dtype(torch.empty(2, device="meta")) is None
+
+
+def _fake_autocast(monkeypatch, device_type, dtype):
+    """Make torch's public autocast queries and setters report an autocast of
+    ``device_type`` to ``dtype`` that is on (kept in a dict: ``torch.autocast(device_type,
+    enabled=False)`` turns it off and back on); other device types are left to torch."""
+    state = {"enabled": True, "dtype": dtype}
+    names = ("is_autocast_enabled", "get_autocast_dtype", "set_autocast_enabled")
+    real = {name: getattr(torch, name) for name in (*names, "set_autocast_dtype")}
+
+    def query(key, name):
+        return lambda device, *a: state[key] if device == device_type else real[name](device, *a)
+
+    def setter(key, name):
+        def set_(device, value):
+            if device != device_type:
+                return real[name](device, value)
+            state[key] = value
+
+        return set_
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", query("enabled", "is_autocast_enabled"))
+    monkeypatch.setattr(torch, "get_autocast_dtype", query("dtype", "get_autocast_dtype"))
+    monkeypatch.setattr(torch, "set_autocast_enabled", setter("enabled", "set_autocast_enabled"))
+    monkeypatch.setattr(torch, "set_autocast_dtype", setter("dtype", "set_autocast_dtype"))
+    return state
+
+
+SOFTMAX_FAMILY = [v for v in UNARY if v.op.kind == "softmax"]
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "xpu", "mps"])
+@pytest.mark.parametrize("variant", SOFTMAX_FAMILY, ids=str)
+def test_softmax_family_runs_in_float32_under_cuda_xpu_mps_autocast(
+    variant, device_type, monkeypatch
+):
+    """Proves that softmax, softmin and log_softmax follow native's autocast lists for
+    CUDA, XPU and MPS (aten's autocast_mode.cpp: float32 unless a ``dtype`` is given, a
+    float64 input left alone), read through torch's public autocast queries of the
+    input's device type (torchbp's device query monkeypatched to report ``device_type``,
+    torch's autocast queries to report its autocast on, to bfloat16): a bfloat16 input
+    gives native's float32 output and a bfloat16 gradient, a float64 input stays float64,
+    a given ``dtype`` is kept, and the autocast is on again after the call. It does not
+    prove a real device's kernels run (the tensors are on the CPU)."""
+    from torchbp.functional import _autocast, softmax_family
+
+    for module in (_autocast, softmax_family):
+        monkeypatch.setattr(module, "_device_type", lambda t: device_type)
+    state = _fake_autocast(monkeypatch, device_type, torch.bfloat16)
+    x0 = torch.randn(4, 5).to(torch.bfloat16)
+    x, native_x = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    out = variant.call(BP, x)
+    assert state["enabled"]  # switched off for the float32 call only
+    want = variant.call(NATIVE, native_x.float())
+    g = torch.linspace(-1, 1, 20).reshape(4, 5)
+    out.backward(g)
+    want.backward(g)
+    assert (out.dtype, x.grad.dtype) == (torch.float32, torch.bfloat16)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(x.grad, native_x.grad)
+    double = variant.call(BP, x0.double())
+    given = variant.call(BP, x0, dtype=torch.float16)
+    assert (double.dtype, given.dtype) == (torch.float64, torch.float16)

@@ -1,5 +1,6 @@
 """``softmax``, ``softmin`` and ``log_softmax`` of :mod:`torchbp.functional`: native's
-implicit-dim choice and warning, the ``dtype`` cast, and CUDA autocast's float32."""
+implicit-dim choice and warning, the ``dtype`` cast, and CUDA / XPU / MPS autocast's
+float32."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from torch.overrides import handle_torch_function, has_torch_function
 from torchbp import _checks
 from torchbp.autograd import LogSoftmaxFunction, SoftmaxFunction
 from torchbp.autograd._compile import apply, pair
-from torchbp.functional._autocast import _autocast_dtype, _run_without_autocast
+from torchbp.functional._autocast import _autocast_dtype, _device_type, _run_without_autocast
+
+# Where native autocast runs softmax / log_softmax in float32 (aten/src/ATen/autocast_mode.cpp,
+# torch 2.11-2.14): CUDA and XPU (AT_FORALL_FP32_SET_OPT_DTYPE: dtype=float32 unless given)
+# and MPS (KERNEL_MPS softmax / log_softmax, fp32: the input cast to float32). On CPU, and
+# other devices, autocast leaves them in the input's dtype.
+_FLOAT32_AUTOCAST_DEVICES = ("cuda", "xpu", "mps")
 
 # (Function, jvp-free twin) pairs for autograd._compile.apply
 _LOGSOFTMAX = pair(LogSoftmaxFunction)
@@ -44,11 +51,21 @@ def _softmax_common(name, function, input, dim, stacklevel, dtype, negate=False)
     if dtype is not None:
         input = input.to(dtype)
     _checks.check_floating(name, "input", input)
-    if input.device.type == "cuda" and _autocast_dtype(input) is not None and dtype is None:
-        # CUDA autocast runs softmax / log_softmax in float32 (not so on CPU).
-        input = input.float()
-        return _run_without_autocast("cuda", _softmax_apply, function, input, dim)
+    if dtype is None and _float32_under_autocast(input):
+        device = _device_type(input)
+        return _run_without_autocast(device, _softmax_apply, function, input.float(), dim)
     return _softmax_apply(function, input, dim)
+
+
+def _float32_under_autocast(input: torch.Tensor) -> bool:
+    """Whether native autocast would run softmax / log_softmax of ``input`` in float32:
+    on a device of :data:`_FLOAT32_AUTOCAST_DEVICES` with its autocast on, for an input
+    autocast may cast (not float64). A given ``dtype`` is kept, as native does."""
+    return (
+        _device_type(input) in _FLOAT32_AUTOCAST_DEVICES
+        and input.dtype != torch.float64
+        and _autocast_dtype(input) is not None
+    )
 
 
 def _softmax_apply(function, input, dim):
