@@ -249,6 +249,9 @@ def test_a_compiled_model_with_a_formed_weight_is_refused_by_the_context_not_by_
     torch.no_grad() in the context, which ran before, and in place of the context's
     refusal of torch.compile at the backward. The hook is skipped while compiling, as the
     context's other hooks are."""
+    # a fresh Dynamo cache: the compiled frames of torch's module call are shared by every
+    # compiled model of the process, and fullgraph fails once their recompile limit is hit
+    torch.compiler.reset()
     model, x = _model(), torch.randn(5, 4)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with per_sample_grads(model, mode, 1.0 if mode == "clip" else None):
