@@ -1968,12 +1968,20 @@ def test_seed_everything_true_runs_with_a_random_seed_its_config_records(tmp_pat
 @pytest.mark.parametrize(
     ("monitor", "mode", "wanted"), [("val/acc", None, "max"), ("val/loss", "max", "min")]
 )
-def test_an_early_stopping_against_its_metrics_direction_is_a_cli_error_before_training(
-    tmp_path, capsys, monitor, mode, wanted
+@pytest.mark.parametrize(
+    ("callback", "kind", "harm"),
+    [
+        ("EarlyStopping", "an EarlyStopping", "stop the fit while it improves"),
+        ("ModelCheckpoint", "a ModelCheckpoint", "keep its worst checkpoints as the best"),
+    ],
+)
+def test_a_callback_against_its_metrics_direction_is_a_cli_error_before_training(
+    tmp_path, capsys, monitor, mode, wanted, callback, kind, harm
 ):
-    """EarlyStopping on val/acc takes Lightning's default mode, min: iris's fit of 20
-    epochs stopped after 3, while its accuracy rose (0.86, 0.86, 1.0), and was tested
-    as if trained."""
+    """An EarlyStopping or a ModelCheckpoint of trainer.callbacks on val/acc takes
+    Lightning's default mode, min: iris's fit of 20 epochs stopped after 3, while its
+    accuracy rose (0.86, 0.86, 1.0), and was tested as if trained; the checkpoint kept the
+    lowest accuracy's checkpoints as the best, silently."""
     args = [f"--trainer.callbacks.mode={mode}"] if mode else []
     with pytest.raises(SystemExit) as e:
         run_cli(
@@ -1981,14 +1989,16 @@ def test_an_early_stopping_against_its_metrics_direction_is_a_cli_error_before_t
             "--config",
             str(CONFIGS / "iris.yaml"),
             f"--run_dir={tmp_path}",
-            "--trainer.callbacks+=EarlyStopping",
+            f"--trainer.callbacks+={callback}",
             f"--trainer.callbacks.monitor={monitor}",
             *args,
         )
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert f"error: invalid configuration: an EarlyStopping monitors '{monitor}'" in err, err
-    assert f"give it mode: {wanted}" in err and not list(tmp_path.iterdir())
+    assert f"error: invalid configuration: {kind} monitors '{monitor}'" in err, err
+    assert f"it would {harm}" in err, err
+    assert f"give it mode: {wanted}" in err and f"callbacks+={callback}" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_early_stopping_mode_refusal_says_how_to_fix_it_in_a_config_file(tmp_path, capsys):
@@ -2013,34 +2023,6 @@ def test_an_early_stopping_mode_refusal_says_how_to_fix_it_in_a_config_file(tmp_
         assert "an EarlyStopping monitors 'val/f1' with mode 'min'" in err, err
     assert "in a config file, init_args: {mode: max}" in err, err
     assert "right after its --trainer.callbacks+=EarlyStopping" in err, err
-
-
-@pytest.mark.parametrize(
-    ("monitor", "mode", "wanted"), [("val/acc", None, "max"), ("val/loss", "max", "min")]
-)
-def test_a_model_checkpoint_against_its_metrics_direction_is_a_cli_error_before_training(
-    tmp_path, capsys, monitor, mode, wanted
-):
-    """A ModelCheckpoint of trainer.callbacks on val/acc takes Lightning's default mode,
-    min: it kept the checkpoints of the lowest accuracy as the best, silently (an
-    EarlyStopping against its metric was already refused)."""
-    args = [f"--trainer.callbacks.mode={mode}"] if mode else []
-    with pytest.raises(SystemExit) as e:
-        run_cli(
-            "fit",
-            "--config",
-            str(CONFIGS / "iris.yaml"),
-            f"--run_dir={tmp_path}",
-            "--trainer.callbacks+=ModelCheckpoint",
-            f"--trainer.callbacks.monitor={monitor}",
-            *args,
-        )
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert f"error: invalid configuration: a ModelCheckpoint monitors '{monitor}'" in err, err
-    assert "keep its worst checkpoints as the best" in err, err
-    assert f"give it mode: {wanted}" in err and "callbacks+=ModelCheckpoint" in err, err
-    assert not list(tmp_path.iterdir())
 
 
 def test_the_checkpoint_saved_on_ctrl_c_before_any_validation_is_named_by_its_step(tmp_path):
