@@ -109,6 +109,20 @@ def rms_norm_reference(x, weight, eps=1e-6):
 # --- LayerNorm with a hand backward (statistics recomputed in backward) -----------
 
 
+def _layer_norm_grads(ctx, g, unbiased: bool):
+    """LayerNormRecompute's gradients, its statistics recomputed from the saved input
+    (``unbiased``: the variance over n - 1, the twin's mistake)."""
+    x, weight = ctx.saved_tensors
+    mean = x.mean(-1, keepdim=True)
+    inv = torch.rsqrt(x.var(-1, unbiased=unbiased, keepdim=True) + ctx.eps)
+    xhat = (x - mean) * inv
+    gxhat = g * weight
+    # dx = inv (gxhat - mean(gxhat) - xhat mean(gxhat xhat))
+    gx = inv * (gxhat - gxhat.mean(-1, keepdim=True) - xhat * (gxhat * xhat).mean(-1, keepdim=True))
+    rows = g.reshape(-1, x.shape[-1])
+    return gx, (rows * xhat.reshape(rows.shape)).sum(0), rows.sum(0), None
+
+
 class LayerNormRecompute(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps=1e-5):
@@ -118,17 +132,7 @@ class LayerNormRecompute(Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        mean = x.mean(-1, keepdim=True)
-        inv = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + ctx.eps)
-        xhat = (x - mean) * inv
-        gxhat = g * weight
-        # dx = inv (gxhat - mean(gxhat) - xhat mean(gxhat xhat))
-        gx = inv * (
-            gxhat - gxhat.mean(-1, keepdim=True) - xhat * (gxhat * xhat).mean(-1, keepdim=True)
-        )
-        rows = g.reshape(-1, x.shape[-1])
-        return gx, (rows * xhat.reshape(rows.shape)).sum(0), rows.sum(0), None
+        return _layer_norm_grads(ctx, g, unbiased=False)
 
 
 class LayerNormUnbiasedInBackward(LayerNormRecompute):
@@ -136,16 +140,7 @@ class LayerNormUnbiasedInBackward(LayerNormRecompute):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        mean = x.mean(-1, keepdim=True)
-        inv = torch.rsqrt(x.var(-1, unbiased=True, keepdim=True) + ctx.eps)
-        xhat = (x - mean) * inv
-        gxhat = g * weight
-        gx = inv * (
-            gxhat - gxhat.mean(-1, keepdim=True) - xhat * (gxhat * xhat).mean(-1, keepdim=True)
-        )
-        rows = g.reshape(-1, x.shape[-1])
-        return gx, (rows * xhat.reshape(rows.shape)).sum(0), rows.sum(0), None
+        return _layer_norm_grads(ctx, g, unbiased=True)
 
 
 def layer_norm_reference(x, weight, bias, eps=1e-5):
