@@ -541,3 +541,30 @@ def test_a_wrong_backward_of_a_function_refusing_unsorted_input_still_fails():
     assert report["gradcheck"].failed, report
     report = check_function(HalfSortedGaps, torch.arange(5.0), checks=["gradcheck"])
     assert report["gradcheck"].failed, report
+
+
+def _large_sorted_with_a_close_pair(gap: float) -> torch.Tensor:
+    # 5000 elements, above FULL_JACOBIAN_ELEMENTS (4096): no element is shifted alone
+    x = torch.linspace(0.0, 100.0, 5000, dtype=torch.float64)
+    x[1] = x[0] + gap
+    return x
+
+
+@pytest.mark.parametrize(("fast_mode", "gap"), [(False, 1e-7), (True, 1e-11)])
+def test_two_values_within_eps_in_a_large_input_are_a_usage_error_too(fast_mode, gap):
+    # before: gradcheck FAILED a right Function with its "x must be sorted" ValueError
+    # above 4096 elements, where the near-edge check shifted only the whole input (in fast
+    # mode central differences move every element along a random direction, by less than
+    # eps each: a pair 1e-11 apart is unsorted by it)
+    x = _large_sorted_with_a_close_pair(gap)
+    with pytest.raises(ValueError, match="within eps of the edge of fn's domain") as info:
+        check_function(SortedGaps, x, checks=["gradcheck"], fast_mode=fast_mode)
+    where = "element (0,) of input 0 shifted by +1e-06" if not fast_mode else "5000 elements"
+    assert where in str(info.value), info.value
+    assert "x must be sorted ascending" in str(info.value), info.value
+
+
+def test_a_wrong_backward_refusing_unsorted_input_fails_at_a_large_size():
+    x = _large_sorted_with_a_close_pair(1e-3)
+    report = check_function(HalfSortedGaps, x, checks=["gradcheck"])
+    assert report["gradcheck"].failed, report

@@ -95,6 +95,10 @@ class CheckContext:
     results: dict[str, CheckResult] = field(default_factory=dict)
     #: Numerical Jacobian of :meth:`diff_fn`, computed once (see ``checks.numerical``).
     numerical_jacobian: list[list[torch.Tensor]] | None = None
+    #: The differentiable inputs of the latest call of :meth:`diff_fn` that fn refused
+    #: with a ``ValueError`` (central differences shifting two values fn needs sorted
+    #: within eps of each other), or None; cleared before each check.
+    refused_inputs: list[torch.Tensor] | None = None
     #: The device of the inputs and the dtype of the differentiable ones.
     device: torch.device = field(init=False)
     dtype: torch.dtype = field(init=False)
@@ -161,8 +165,13 @@ class CheckContext:
         return fn(*self.full_inputs(diff))
 
     def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """fn of the differentiable inputs only, returning its floating-point outputs."""
-        return tuple(float_tensors(self.call(self.fn, diff)))
+        """fn of the differentiable inputs only, returning its floating-point outputs; a
+        ``ValueError`` of fn leaves a copy of ``diff`` in :attr:`refused_inputs`."""
+        try:
+            return tuple(float_tensors(self.call(self.fn, diff)))
+        except ValueError:
+            self.refused_inputs = [d.detach().clone() for d in diff]
+            raise
 
     def input_name(self, k: int) -> str:
         """How messages name the ``k``-th differentiable input, e.g. ``"input 0"``, or

@@ -168,8 +168,10 @@ def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseExc
     domain: the failure is a ``ValueError`` of fn or a comparison with a NaN or infinite
     numerical derivative, and fn is free of NaN at the inputs but refuses (``ValueError``)
     or gives NaN or an infinity where it was finite at an input shifted by +-``eps``
-    (every element at once, then each element alone: :func:`_shifted_inputs`), where
-    central differences evaluate it; a :class:`CheckSkip` saying so instead when an
+    (every element at once, then each element alone: :func:`_shifted_inputs`), or fn
+    refused, with the failure's ``ValueError``, inputs the check's central differences
+    moved by at most ``eps`` per element (any size, and a fast mode's random direction);
+    a :class:`CheckSkip` saying so instead when an
     earlier check failed (:func:`_near_edge`). Nothing otherwise (the failure stands)."""
     if check not in CENTRAL_DIFFERENCE_CHECKS or not _domain_like(cause):
         return
@@ -177,18 +179,63 @@ def refuse_inputs_near_domain_edge(ctx: CheckContext, check: str, cause: BaseExc
     if before is None:
         return
     eps = float(ctx.options.eps)
+    for where, found in _found_outside(ctx, before, cause):
+        raise _near_edge(
+            ctx,
+            f"check_function: {check} compares with central differences, which "
+            f"evaluate fn at {where} (eps), and there {found}: the given inputs lie "
+            "within eps of the edge of fn's domain (a log or a sqrt of a value below "
+            "eps? two values fn needs sorted or distinct within eps of each other?); "
+            f"pass inputs farther from it or a smaller eps ({option('eps', eps / 100)}); "
+            f"{inputs_in_domain()}",
+        )
+
+
+def _found_outside(
+    ctx: CheckContext, before: list[torch.Tensor], cause: BaseException
+) -> Iterator[tuple[str, str]]:
+    """``(where, what fn does there)`` for the first input within eps of the given ones
+    at which fn leaves its domain: the shifted inputs of :func:`_shifted_inputs`, then
+    those at which the check's central differences called fn and it refused with the
+    ``ValueError`` the check failed with, ``cause`` (:func:`_refused_within_eps`: at any
+    size, and along a fast mode's random direction); nothing when there is none."""
     for where, shifted in _shifted_inputs(ctx):
         found = _outside_at(ctx, shifted, before)
         if found is not None:
-            raise _near_edge(
-                ctx,
-                f"check_function: {check} compares with central differences, which "
-                f"evaluate fn at {where} (eps), and there {found}: the given inputs lie "
-                "within eps of the edge of fn's domain (a log or a sqrt of a value below "
-                "eps? two values fn needs sorted or distinct within eps of each other?); "
-                f"pass inputs farther from it or a smaller eps ({option('eps', eps / 100)}); "
-                f"{inputs_in_domain()}",
-            )
+            yield where, found
+            return
+    refusal = cause.__context__ if isinstance(cause, CheckFailure) else cause
+    refused = _refused_within_eps(ctx)
+    if refused is not None and isinstance(refusal, ValueError):
+        yield refused, f"fn raised {explain_error(refusal)}"
+
+
+def _refused_within_eps(ctx: CheckContext) -> str | None:
+    """Words naming the inputs at which the check called fn and fn refused them with a
+    ``ValueError`` (:attr:`~.context.CheckContext.refused_inputs`), when they differ from
+    the given ones by at most ``eps`` in every element, as central differences shift
+    them: ``"element (0,) of input 0 shifted by +1e-06"``, or ``"input 0 with 5000
+    elements shifted by up to 1.4e-08"`` along a fast mode's random direction; None when
+    fn refused no such inputs."""
+    refused, given = ctx.refused_inputs, [x.detach() for x in ctx.leaves()]
+    if refused is None or [r.shape for r in refused] != [x.shape for x in given]:
+        return None
+    shifts = [r.to(x.dtype) - x for r, x in zip(refused, given)]
+    largest = max((float(s.abs().max()) for s in shifts if s.numel()), default=0.0)
+    if not 0 < largest <= float(ctx.options.eps) * (1 + 1e-6):
+        return None  # not where central differences go: no edge within eps
+    return " and ".join(
+        _shift_words(ctx.input_name(k), shift) for k, shift in enumerate(shifts) if shift.any()
+    )
+
+
+def _shift_words(name: str, shift: torch.Tensor) -> str:
+    """How a message names an input ``name`` moved by ``shift`` (nonzero somewhere)."""
+    moved = shift.nonzero()
+    if len(moved) == 1:
+        index = tuple(int(i) for i in moved[0])
+        return f"element {index} of {name} shifted by {float(shift[index]):+g}"
+    return f"{name} with {len(moved)} elements shifted by up to {float(shift.abs().max()):.2g}"
 
 
 def _near_edge(ctx: CheckContext, message: str) -> UsageError | CheckSkip:

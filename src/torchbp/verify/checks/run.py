@@ -66,6 +66,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     try:
         with seeded_rng(ctx.device, int(ctx.options.seed)):
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
+            ctx.refused_inputs = None
             try:
                 passed = check.run(ctx)
             except CheckFailure as failure:
