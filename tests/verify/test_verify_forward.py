@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.verify.correct_functions import TextbookTanh
 from tests.verify.zoo.entry import seeded
@@ -122,7 +123,8 @@ def test_error_that_is_not_about_dtypes_gets_no_dtype_hint():
         raise RuntimeError("shapes (3, 4) and (5,) do not match")
 
     message = check_function(broken, seeded(3, 4).float(), checks="forward")["forward"].message
-    assert message == "fn raised RuntimeError: shapes (3, 4) and (5,) do not match"
+    assert message.startswith("fn raised RuntimeError: shapes (3, 4) and (5,) do not match")
+    assert "dtype" not in message, message
 
 
 def test_torch_dtype_error_after_the_cast_gets_the_hint():
@@ -193,3 +195,40 @@ def test_complex_input_checked_as_its_real_view_is_not_said_to_be_cast():
     assert "cast from torch.complex64 to torch.complex128 by the dtype option" in (
         message.message
     ), message
+
+
+class UnpackingLinear(torch.autograd.Function):
+    """A bug: ``n, d = x.shape`` takes a 2-D x only, where ``x @ w.t()`` takes any
+    leading dims; a 3-D x raises Python's ValueError of unpacking, not a refusal."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        n, d = x.shape
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+def test_a_value_error_of_a_bug_in_the_first_call_names_the_line_and_shows_its_traceback():
+    # before: "fn's first call raised ValueError: too many values to unpack (expected 2)"
+    # with nothing saying where, and fn's traceback dropped (raise ... from None)
+    with pytest.raises(ValueError, match="too many values to unpack") as info:
+        check_function(UnpackingLinear, seeded(2, 3, 4), seeded(5, 4))
+    message = str(info.value)
+    assert "(at test_verify_forward.py:" in message and "in forward: n, d = x.shape)" in message
+    assert "either fn has a bug there" in message, message
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError) and "too many values to unpack" in str(cause)
+
+
+def test_a_failing_first_call_names_the_line_of_fn_that_raised():
+    def broken(x):
+        return x @ x  # (3, 4) @ (3, 4): a RuntimeError inside torch, called from this line
+
+    message = check_function(broken, seeded(3, 4), checks="forward")["forward"].message
+    assert message.startswith("fn raised RuntimeError"), message
+    assert "in broken: return x @ x" in message, message

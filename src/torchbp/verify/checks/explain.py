@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import inspect
 import re
+import sysconfig
+import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -20,6 +23,7 @@ __all__ = [
     "first_line",
     "not_implemented",
     "outcome_of",
+    "raised_at",
     "raised_in_derivative",
 ]
 
@@ -464,3 +468,47 @@ def _grad_outputs(frame: FrameType) -> list[tuple[str, Any]]:
         varargs = code.co_varnames[code.co_argcount + code.co_kwonlyargcount]
         named += [(f"{varargs}[{i}]", v) for i, v in enumerate(values.get(varargs, ()))]
     return named
+
+
+def _folder(path: str | Path) -> str:
+    """``path`` resolved, ending with a separator (a prefix of the files inside it only)."""
+    return str(Path(path).resolve() / "_")[:-1]
+
+
+#: Folders whose code is not the caller's: torch's and torchbp.verify's own; and Python's
+#: standard library, but not the packages installed inside it (``site-packages`` lies in
+#: the standard library's folder in a conda environment).
+_TORCH_AND_VERIFY = (_folder(Path(torch.__file__).parent), _folder(Path(__file__).parents[1]))
+_STDLIB = _folder(sysconfig.get_paths()["stdlib"])
+_INSTALLED = tuple({_folder(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")})
+
+
+def _callers_code(filename: str) -> bool:
+    """Whether a traceback frame of the file ``filename`` runs the caller's code (fn's,
+    or a library it calls), not torch's, torchbp.verify's or Python's own."""
+    if filename.startswith("<frozen"):
+        return False
+    path = str(Path(filename).resolve())
+    if path.startswith(_TORCH_AND_VERIFY):
+        return False
+    return not path.startswith(_STDLIB) or path.startswith(_INSTALLED)
+
+
+def raised_at(exc: BaseException) -> tuple[str, bool] | None:
+    """Where in the caller's code ``exc`` was raised: the innermost frame of its traceback
+    outside torch, Python's standard library and torchbp.verify, as ``"at ops.py:7 in
+    forward: a, b = x.shape"``, and whether that line is a ``raise`` statement (fn
+    refusing something on purpose) rather than an operation failing (a bug, or an
+    argument the operation refuses); None when no frame is the caller's.
+
+    Examples:
+        >>> raised_at(ValueError("never raised")) is None
+        True
+    """
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _callers_code(f.filename)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    line = first_line(frame.line or "", 120)
+    where = f"at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    return (f"{where}: {line}" if line else where), line.startswith("raise ")

@@ -29,7 +29,7 @@ import torch
 from torchbp.verify.checks.compare import float_tensors, leaves, mismatch, shape_text
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.domain import CENTRAL_DIFFERENCE_CHECKS, input_ranges
-from torchbp.verify.checks.explain import explain_error
+from torchbp.verify.checks.explain import explain_error, raised_at
 from torchbp.verify.checks.outcomes import CheckFailure, Passed, UsageError
 from torchbp.verify.checks.rng import outside_generators_drawn
 from torchbp.verify.checks.spelling import inputs_in_domain, keep_dtype
@@ -141,16 +141,28 @@ def _refuse_integer_outputs(out: Any) -> None:
     )
 
 
-def _refused_inputs(ctx: CheckContext, error: str) -> UsageError:
+def _refused_inputs(ctx: CheckContext, error: str, where: tuple[str, bool] | None) -> UsageError:
     """The usage error for a fn whose first call raised ``ValueError`` (``error``, in
     words) on the given inputs: Python's signal of an argument it refuses (a Function
     checking that its input is positive, or its shape), so no check can run; no backward
-    has run yet to be blamed. It may also be fn's own mistake, which the message says."""
+    has run yet to be blamed. ``where`` (:func:`~.explain.raised_at`) names the line of
+    fn's code that raised it: a ``raise`` statement of fn's refuses the inputs on purpose,
+    while an operation failing (``a, b = x.shape`` on a 3-D x) is more likely a bug, and
+    the message puts that cause first."""
+    at = f" ({where[0]})" if where else ""
+    refused = (
+        "they are not inputs fn takes (values outside its domain, or shapes or dtypes it refuses)"
+    )
+    if where is None or where[1]:
+        causes = f"either {refused} or fn raises it by mistake"
+    else:
+        causes = (
+            "either fn has a bug there (the line is an operation failing, not a raise of "
+            f"fn's own refusing them) or {refused}"
+        )
     return UsageError(
-        f"check_function: fn's first call raised {error}, on the given inputs "
-        f"({input_ranges(ctx)}): "
-        "every check runs fn on them, so either they are not inputs fn takes (values "
-        "outside its domain, or shapes or dtypes it refuses) or fn raises it by mistake; "
+        f"check_function: fn's first call raised {error}{at}, on the given inputs "
+        f"({input_ranges(ctx)}): every check runs fn on them, so {causes}; "
         f"{inputs_in_domain()}"
     )
 
@@ -249,9 +261,11 @@ def check_forward(ctx: CheckContext) -> Passed:
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
         error = explain_error(exc)
         hint = _cast_hint(ctx, error)
+        where = raised_at(exc)
         if isinstance(exc, ValueError) and not hint:
-            raise _refused_inputs(ctx, error) from None
-        raise CheckFailure(f"fn raised {error}{hint}") from None
+            raise _refused_inputs(ctx, error, where) from exc
+        at = f" ({where[0]})" if where else ""
+        raise CheckFailure(f"fn raised {error}{at}{hint}") from None
     ctx.dirty_inputs = _written_and_returned(full, versions, out)
     ctx.sparse_outputs = any(
         isinstance(t, torch.Tensor) and t.layout != torch.strided for t in leaves(out)
