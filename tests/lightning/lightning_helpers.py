@@ -103,6 +103,21 @@ class InterruptInValidation(pl.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptAfterValidation(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAfterValidation``)
+    that presses Ctrl-C at the end of epoch ``epoch``'s validation, after its metrics are
+    logged and before the checkpoint callbacks save (Lightning runs their
+    ``on_validation_end`` after the other callbacks')."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            raise KeyboardInterrupt
+
+
 class RequeueInValidation(pl.Callback):
     """A Lightning callback
     (``--trainer.callbacks+=tests.lightning.lightning_helpers.RequeueInValidation``) that

@@ -1945,24 +1945,27 @@ def test_a_fit_that_trains_nothing_says_its_test_is_of_the_initial_weights(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_seed_everything_true_runs_with_a_random_seed_its_config_records(tmp_path, monkeypatch):
+def test_seed_everything_true_draws_a_seed_per_run_its_config_records(tmp_path, monkeypatch):
     """``--seed_everything true`` (a random seed, LightningCLI's help says) seeded 0, as
-    Lightning's seed_everything does without a seed: every such run was the default run."""
+    Lightning's seed_everything does without a seed: every such run was the default run.
+    A later run in the same process (a notebook's second fit) took the seed an earlier one
+    left in PL_GLOBAL_SEED (for the DDP workers Lightning launches), the default 0 too; a
+    seed the process was started with is still taken, as a launched worker takes rank 0's."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # a fresh process's environment
+    one_batch = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    one_batch += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     seeds = []
-    for run in range(2):
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # a fresh process's environment
-        fit_digits(
-            tmp_path,
-            "--seed_everything=true",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=1",
-            "--trainer.limit_val_batches=1",
-            "--trainer.limit_test_batches=1",
-        )
+    for run, (seed, started_with) in enumerate(
+        [(0, None), (True, None), (True, None), (True, "12345")]
+    ):
+        if started_with:  # as Lightning's launcher passes rank 0's seed to a worker
+            monkeypatch.setenv("PL_GLOBAL_SEED", started_with)
+        fit_digits(tmp_path, f"--seed_everything={str(seed).lower()}", *one_batch)
         config = yaml.safe_load((tmp_path / f"digits/version_{run}/config.yaml").read_text())
         seeds.append(config["seed_everything"])
         assert os.environ["PL_GLOBAL_SEED"] == str(seeds[-1])  # the seed the run used
-    assert seeds[0] != seeds[1]  # two draws in [0, 2**32 - 1]
+    assert seeds[0] == 0 and seeds[3] == 12345
+    assert len({0, seeds[1], seeds[2]}) == 3  # two draws in [0, 2**32 - 1]
 
 
 @pytest.mark.parametrize(
@@ -2064,7 +2067,9 @@ def test_the_checkpoint_saved_on_ctrl_c_is_said_in_one_tidy_line(tmp_path, caplo
     assert saved == f"KeyboardInterrupt: saved a checkpoint to {path}", saved
 
 
-@pytest.mark.parametrize("interrupt", ["InterruptInValidation", "InterruptAt"])
+@pytest.mark.parametrize(
+    "interrupt", ["InterruptInValidation", "InterruptAfterValidation", "InterruptAt"]
+)
 def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_is_not_redone(
     tmp_path, interrupt
 ):
@@ -2072,7 +2077,9 @@ def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_i
     saved loop counters made the resumed fit skip that validation silently (metrics.csv had
     no val/* of the epoch, its weights were no best candidate). The checkpoint records the
     unfinished validation, and the resumed fit warns, naming the interrupted checkpoint to
-    validate; one saved in training, or at a finished validation, records none."""
+    validate; one saved in training, or at a finished validation, records none. Ctrl-C
+    after the validation's metrics were logged, before the checkpoint callback considered
+    its weights, was not recorded: the resumed fit skipped it without a warning."""
     from torchbp.lightning.run_checkpoint import UNFINISHED_VALIDATION_KEY
 
     common = [
@@ -2171,3 +2178,27 @@ def test_an_overfitting_fit_resumed_mid_epoch_continues_the_epochs_batches(tmp_p
         resumed = batches(run_cli(*common, "--run_name=cut", "--ckpt_path=last"))
     assert resumed == uninterrupted[2:], (resumed, uninterrupted)
     assert not [w for w in caught if "cannot continue the epoch" in str(w.message)]
+
+
+def test_last_ckpt_follows_the_epochs_when_another_checkpoint_callback_saves_first(tmp_path):
+    """Another ModelCheckpoint of trainer.callbacks (Lightning runs it before the run's
+    own) saved its best at the end of epoch 0: the run's checkpoint callback took that save
+    for its own and skipped last.ckpt at that step, so a fit killed in epoch 1 (no checkpoint
+    on the exception) left no last.ckpt to resume from, only the other callback's best."""
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.max_epochs=2",
+            "--checkpoint.save_top_k=0",
+            "--checkpoint.save_on_exception=false",
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.monitor=val/loss",
+            "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt",
+            "--trainer.callbacks.step=10",  # epoch 0's batches are steps 1-7
+        )
+    last = tmp_path / "iris/version_0/checkpoints/last.ckpt"
+    assert last.exists(), sorted(p.name for p in last.parent.iterdir())
+    assert torch.load(last, weights_only=True)["global_step"] == 7

@@ -222,18 +222,33 @@ def _check_seed(seed: Any) -> None:
         )
 
 
+#: ``PL_GLOBAL_SEED`` as the latest run of this process seeded it (see :func:`_note_run_seed`)
+_latest_run_seed: str | None = None
+
+
+def _note_run_seed(seed: Any) -> None:
+    """Note the seed a run of this process seeded (Lightning's ``seed_everything`` leaves
+    it in ``PL_GLOBAL_SEED``; ``false`` seeds nothing): a later run's ``--seed_everything
+    true`` draws its own rather than take it (see :func:`_random_seed_if_asked`)."""
+    global _latest_run_seed
+    if seed is not False:
+        _latest_run_seed = os.environ.get("PL_GLOBAL_SEED")
+
+
 def _random_seed_if_asked(parsed: Namespace) -> None:
     """``--seed_everything true`` asks for a random seed (LightningCLI's help): Lightning's
     ``seed_everything`` seeds 0 then ("No seed found, seed set to 0"), every such run the
     default run. Drawn here, it is the seed the run uses and its config.yaml records; a
     process Lightning launched for DDP takes rank 0's (``PL_GLOBAL_SEED``, which Lightning
-    reads for ``true`` itself). Processes started apart (see :func:`_processes_started_apart`)
-    have no rank 0 to take it from before the run starts: refused, as each would draw its
-    own."""
+    reads for ``true`` itself), as one given ``PL_GLOBAL_SEED`` by its environment does;
+    never the seed an earlier run of this process left there (a notebook's second fit took
+    the first one's, also an int such as the configs' 0). Processes started apart (see
+    :func:`_processes_started_apart`) have no rank 0 to take it from before the run starts:
+    refused, as each would draw its own."""
     if parsed.get("seed_everything") is not True:
         return
     inherited = os.environ.get("PL_GLOBAL_SEED")
-    if inherited is not None:
+    if inherited is not None and inherited != _latest_run_seed:
         return  # Lightning's seed_everything takes it
     started_apart = _processes_started_apart(parsed.get("trainer") or {})
     if started_apart:
@@ -411,6 +426,7 @@ class TorchbpCLI(LightningCLI):
         """Resolve what the parsed config leaves open (the checkpoint's mode and file name,
         ``--ckpt_path last``/``best``, the run folder) and refuse what cannot run."""
         cfg = self._subcommand_config(self.config)
+        _note_run_seed(cfg.get("seed_everything"))  # seeded by LightningCLI right before
         if getattr(self, "_held_ckpt_path", None) is not None:
             cfg["ckpt_path"] = self._held_ckpt_path  # see parse_arguments
         _set_num_threads(cfg.get("torch_num_threads"))

@@ -4,6 +4,8 @@ and the settings that follow its monitor or the subcommand."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -55,8 +57,10 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     _on_exception = False
-    #: the global step of the latest checkpoint this trainer saved (any file)
+    #: the global step of the latest checkpoint this callback saved (see :meth:`_own_saves`)
     _saved_at_step: int | None = None
+    #: whether a checkpoint being saved is this callback's own (see :meth:`_own_saves`)
+    _saving_own = False
     #: the global step of the latest ``last.ckpt`` saved by :meth:`_save_last_if_skipped`
     _last_saved_at_step: int | None = None
     #: whether the latest training batch was the last of its epoch
@@ -73,9 +77,11 @@ class RunCheckpoint(ModelCheckpoint):
         self.enable_version_counter = enable_version_counter
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
-        """Note the step saved at; record a validation under way (see
-        :meth:`on_validation_start`) in the checkpoint."""
-        self._saved_at_step = trainer.global_step
+        """Note the step of a save of this callback's own (Lightning calls this hook for
+        every checkpoint: another ModelCheckpoint's, SLURM's hpc one); record a validation
+        under way (see :meth:`on_validation_start`) in the checkpoint."""
+        if self._saving_own:
+            self._saved_at_step = trainer.global_step
         if self._validating is not None:
             epoch, step = self._validating
             checkpoint[UNFINISHED_VALIDATION_KEY] = {
@@ -88,17 +94,13 @@ class RunCheckpoint(ModelCheckpoint):
         self._validating = None  # left set by an exception in a validation of an earlier fit
 
     def on_validation_start(self, trainer: Trainer, pl_module: Any) -> None:
-        """A fit's validation is under way until its metrics are computed (see
-        :meth:`on_validation_epoch_end`): a checkpoint saved meanwhile (on Ctrl-C, on
-        SLURM's requeue signal) holds a step whose validation did not finish."""
+        """A fit's validation is under way until this callback has considered its weights
+        (see :meth:`on_validation_end`): a checkpoint saved meanwhile (on Ctrl-C, on
+        SLURM's requeue signal, by a ModelCheckpoint of ``trainer.callbacks``, which
+        Lightning runs first) holds a step whose validation the resumed fit does not do
+        again, so that it never considers those weights."""
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._validating = (trainer.current_epoch, trainer.global_step)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        """The validation's batches are done: Lightning runs the ModelCheckpoints'
-        ``on_validation_epoch_end`` after the other callbacks', and then computes and logs
-        the epoch's metrics, before the ModelCheckpoints save (``on_validation_end``)."""
-        self._validating = None
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
         """Warn when a fit resumes from a checkpoint saved during a validation: Lightning's
@@ -119,7 +121,8 @@ class RunCheckpoint(ModelCheckpoint):
         """Lightning's save, then ``last.ckpt`` if ``max_steps`` stops the fit within the
         epoch: saved at epoch end, after Lightning has counted the cut epoch as finished, it
         resumed at the next epoch (the cut epoch's remaining batches never trained)."""
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        with self._own_saves():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._ended_epoch = batch_idx + 1 >= trainer.num_training_batches
         if not self._ended_epoch and _max_steps_reached(trainer):
             self._save_last_if_skipped(trainer)
@@ -127,8 +130,13 @@ class RunCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
         """Lightning's save, then ``last.ckpt`` if the validation was within the epoch: the
         epoch's own last validation leaves it to :meth:`on_train_epoch_end`, where Lightning
-        may still save (a best checkpoint and ``last.ckpt``) at this step."""
-        super().on_validation_end(trainer, pl_module)
+        may still save (a best checkpoint and ``last.ckpt``) at this step. The validation
+        is finished: its metrics are logged (Lightning runs the ModelCheckpoints'
+        ``on_validation_end`` after computing and logging them, and after the other
+        callbacks'), and its weights are considered here."""
+        self._validating = None
+        with self._own_saves():
+            super().on_validation_end(trainer, pl_module)
         if not self._ended_epoch:
             self._save_last_if_skipped(trainer)
 
@@ -140,7 +148,8 @@ class RunCheckpoint(ModelCheckpoint):
         cut_by_max_steps = not self._ended_epoch and _max_steps_reached(trainer)
         if cut_by_max_steps and self._last_saved_at_step == trainer.global_step:
             return
-        super().on_train_epoch_end(trainer, pl_module)
+        with self._own_saves():
+            super().on_train_epoch_end(trainer, pl_module)
         self._save_last_if_skipped(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
@@ -149,7 +158,20 @@ class RunCheckpoint(ModelCheckpoint):
         :meth:`_save_last_if_skipped` saved it at this step: it holds this state already."""
         if self._last_saved_at_step == trainer.global_step:
             return
-        super().on_train_end(trainer, pl_module)
+        with self._own_saves():
+            super().on_train_end(trainer, pl_module)
+
+    @contextmanager
+    def _own_saves(self) -> Iterator[None]:
+        """Mark the checkpoints saved within as this callback's own: :meth:`_save_last_if_skipped`
+        skips a step at which this callback saved, never one at which another callback did
+        (another ModelCheckpoint of ``trainer.callbacks``, saving first, left ``last.ckpt``
+        at an older step)."""
+        self._saving_own = True
+        try:
+            yield
+        finally:
+            self._saving_own = False
 
     def _save_last_if_skipped(self, trainer: Trainer) -> None:
         """``last.ckpt`` holds the latest weights, as ``--ckpt_path last`` (resume, evaluate)
@@ -157,8 +179,9 @@ class RunCheckpoint(ModelCheckpoint):
         so after the best epoch it kept the best epoch's state (a resumed fit trained those
         epochs again; ``test --ckpt_path last`` evaluated the best weights). Saved here,
         through the public ``trainer.save_checkpoint`` (weights only with
-        ``save_weights_only``, as Lightning's own), when fitting and no checkpoint was
-        saved at this step (Lightning's own save, when it made one, comes first). With
+        ``save_weights_only``, as Lightning's own), when fitting and this callback saved
+        no checkpoint at this step (Lightning's own save, when it made one, comes first;
+        another callback's save, as of another ModelCheckpoint, does not count). With
         ``save_last="link"`` it is saved as a file in place of the link (which points at an
         older checkpoint, not to be written through); Lightning links it again at its next
         save."""
@@ -171,7 +194,8 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_model_path = self._last_checkpoint_name(trainer)
         if trainer.is_global_zero and os.path.islink(self.last_model_path):
             os.remove(self.last_model_path)
-        trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
+        with self._own_saves():
+            trainer.save_checkpoint(self.last_model_path, weights_only=self.save_weights_only)
         self._last_saved_at_step = trainer.global_step
 
     def _last_checkpoint_name(self, trainer: Trainer) -> str:
@@ -199,7 +223,8 @@ class RunCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
         self._on_exception = True
         try:
-            super().on_exception(trainer, pl_module, exception)
+            with self._own_saves():
+                super().on_exception(trainer, pl_module, exception)
         finally:
             self._on_exception = False
             self._interrupted_name = None
@@ -237,7 +262,7 @@ def _unfinished_validation_warning(unfinished: dict[str, Any], ckpt_path: Any) -
         f"the checkpoint this fit resumes from was saved during the validation of epoch "
         f"{unfinished['epoch']} (step {unfinished['step']}), which did not finish: the "
         "resumed fit skips it or finishes it on part of the validation set, so that "
-        "validation's val/* metrics are missing or partial, and those weights are not a "
+        "validation's val/* metrics may be missing or partial, and those weights are not a "
         f"best-checkpoint candidate as the uninterrupted fit's were; {how}"
     )
 
