@@ -206,3 +206,21 @@ def test_blocked_backward_matches_native(variant, dtype):
     ref, (rx,) = grads(variant.native, x)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(gx, rx, **TOL[dtype])
+
+
+@NUMELS
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_gelu_kernel_near_zero(dtype, numel):
+    # The exact GELU kernel takes Φ(x) = gelu(x) / x at x + copysign(τ, x): at 0 (0/0), at
+    # subnormals (x · ½ rounds), at ±τ itself and where x + τ starts to differ from x, the
+    # derivative is still the formula's ½ g (+ x φ).
+    tiny = cpu_act._TINY[torch.float64 if dtype == torch.float64 else torch.float32]
+    info = torch.finfo(dtype)
+    edges = [0.0, info.tiny, info.tiny * info.eps, 1e-30, tiny, tiny * 2**23, tiny * 2**25]
+    values = torch.tensor(edges + [-v for v in edges], dtype=torch.float64)
+    x = values.repeat(numel // len(values) + 1)[:numel].to(dtype)
+    g = make((numel,), dtype, seed=1)
+    variant = Variant(OPS["gelu"], {})
+    saved, args = saved_and_args(variant, x)
+    fast = check(variant, g, saved, args)
+    torch.testing.assert_close(fast, g * 0.5, **FAST_TOL[dtype])
