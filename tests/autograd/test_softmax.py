@@ -165,6 +165,12 @@ LAYOUTS = {
         memory_format=torch.channels_last
     ),
     "permuted": lambda: torch.randn(2, 3, 4, dtype=torch.float64).permute(2, 0, 1),
+    # empty: contiguous() keeps any strides of an empty tensor (log_softmax kept them)
+    "empty_transposed": lambda: torch.randn(0, 5, dtype=torch.float64).t(),
+    "empty_channels_last": lambda: torch.randn(0, 3, 4, 5, dtype=torch.float64).to(
+        memory_format=torch.channels_last
+    ),
+    "empty_permuted": lambda: torch.randn(3, 0, 5, dtype=torch.float64).permute(2, 0, 1),
 }
 
 
@@ -173,7 +179,8 @@ LAYOUTS = {
 def test_output_is_contiguous_as_natives_for_any_input_layout(name, layout):
     """Native returns a contiguous softmax / log-softmax whatever the input's strides;
     torchbp's output kept a transposed or channels_last input's strides, so ``.view(-1)``
-    after it raised where native's works."""
+    after it raised where native's works (and log_softmax kept an empty input's strides,
+    which ``contiguous()`` leaves as they are)."""
     ours, native = OPS[name]
     x0 = LAYOUTS[layout]()
     for dim in range(x0.dim()):

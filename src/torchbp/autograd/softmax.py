@@ -24,6 +24,17 @@ def _rounded_once(formula, x: torch.Tensor, dim: int) -> torch.Tensor:
     return formula(x, dim)
 
 
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with contiguous strides, as native's softmax / log-softmax read it, so that
+    the output is contiguous for any layout of ``x``. An empty ``x`` is copied:
+    ``contiguous()`` keeps its strides (torch calls every empty tensor contiguous), which
+    the output would inherit (a transposed ``(0, 5)`` input gave strides ``(1, 5)``, native
+    ``(1, 1)``)."""
+    if x.numel() == 0:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x.contiguous()
+
+
 def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
     # Max trick: softmax(x) = softmax(x - m) for m = max_j x_j, and x - m <= 0 keeps
     # exp() from overflowing. A row that is all -inf keeps m = -inf (x - m is then NaN,
@@ -69,8 +80,8 @@ class SoftmaxFunction(Function):
     @staticmethod
     def forward(x, dim):
         # computed on a contiguous input, so the output is contiguous whatever x's strides
-        # (transposed, channels_last), as native's (which also reads x.contiguous())
-        return _rounded_once(_softmax, x.contiguous(), dim)
+        # (transposed, channels_last, empty), as native's (which also reads x.contiguous())
+        return _rounded_once(_softmax, _contiguous(x), dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -103,7 +114,7 @@ class LogSoftmaxFunction(Function):
     @staticmethod
     def forward(x, dim):
         # in the input's dtype, as native's (see the module doc); contiguous, as SoftmaxFunction
-        return _log_softmax(x.contiguous(), dim)
+        return _log_softmax(_contiguous(x), dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
