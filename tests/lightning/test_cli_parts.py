@@ -171,6 +171,22 @@ def test_a_misspelt_config_key_is_named_with_the_key_it_means(tmp_path, capsys, 
     assert first.startswith("error: ") and f"did you mean {meant}?" in first, first
 
 
+@pytest.mark.parametrize(("given", "meant"), [("irs", "iris"), ("my_own.yaml", None)])
+def test_a_config_that_is_no_file_nor_bundled_name_lists_the_bundled_ones(
+    tmp_path, monkeypatch, capsys, given, meant
+):
+    """``--config digit`` (a misspelt bundled name) said only "File does not exist" at a
+    path the user never typed, with nothing to say that names of bundled configs work."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", given)
+    assert e.value.code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert f"no file '{tmp_path / given}', nor a bundled config (" in first, first
+    assert ", ".join(bundled_configs()) in first, first
+    assert first.endswith(f"; did you mean {meant}?" if meant else ")"), first
+
+
 def test_a_misspelt_command_line_option_is_named_with_the_option_it_means(capsys):
     with pytest.raises(SystemExit) as e:
         run_cli("fit", "--model.hiden_sizes", "[4]")

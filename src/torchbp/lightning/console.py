@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import sys
 import warnings
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, NoReturn
 
 from pytorch_lightning.cli import LightningArgumentParser
+
+from torchbp.lightning.config_files import bundled_configs
 
 __all__ = ["ShortErrorParser", "closest_key", "exit_with_error", "headline", "quiet_lightning"]
 
@@ -45,6 +48,8 @@ _FRAMING = re.compile(
 _NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"^Subcommand '([^']+)' does not accept option '([^']+)'")
 _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)")
+#: jsonargparse's message for a ``--config`` that names no file (nor a bundled config)
+_CONFIG_NOT_FOUND = re.compile(r"""^Parser key "config": File does not exist: '(.*)'$""")
 
 
 def closest_key(unknown: str, known: Iterable[str]) -> str | None:
@@ -108,6 +113,22 @@ def headline(message: str) -> str:
     return f"{'.'.join(keys)}: {cause}"
 
 
+def _config_not_found(path: str) -> str:
+    """The message for a ``--config`` that is neither a file nor a bundled config's name
+    (jsonargparse said only "File does not exist"), with the bundled names and the one a
+    misspelt name most likely means.
+
+    Examples::
+
+        >>> _config_not_found("/home/me/irs")  # doctest: +ELLIPSIS
+        "config: no file '/home/me/irs', nor a bundled config (...); did you mean iris?"
+    """
+    names = list(bundled_configs())
+    meant = closest_key(os.path.splitext(os.path.basename(path))[0], names)
+    hint = f"; did you mean {meant}?" if meant else ""
+    return f"config: no file {path!r}, nor a bundled config ({', '.join(names)}){hint}"
+
+
 class ShortErrorParser(LightningArgumentParser):
     """LightningArgumentParser whose errors print their one-line cause first (then the full
     message if it has more to say, and a hint at ``--help``) instead of a long usage dump."""
@@ -125,6 +146,8 @@ class ShortErrorParser(LightningArgumentParser):
         or a command line option) most likely means, after its first line."""
         first, _, rest = message.partition("\n")
         rest = f"\n{rest}" if rest else ""
+        if match := _CONFIG_NOT_FOUND.match(first):
+            return _config_not_found(match.group(1)) + rest
         if match := _NOT_ACCEPTED_BY_SUBCOMMAND.match(first):
             subcommand, key = match.groups()
             parsers = [p for p in self._made if str(p.prog).endswith(f" {subcommand}")]
