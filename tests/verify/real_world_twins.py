@@ -685,3 +685,56 @@ class LinearReluWrongTranspose(LinearRelu):
 
 def linear_relu_reference(x, weight):
     return torch.relu(x @ weight.t())
+
+
+# --- binary cross-entropy of probabilities, torch's own forward (it refuses values ----
+# --- outside [0, 1]) and a hand backward, generate_vmap_rule ----------------------------
+
+
+class BinaryCrossEntropy(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p, t):
+        return F.binary_cross_entropy(p, t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, t = ctx.saved_tensors
+        n = p.numel()
+        # mean of -(t log p + (1 - t) log(1 - p)): d/dp = (p - t) / (p (1 - p)) / n, the
+        # denominator kept from 0 as native's is; d/dt = (log(1 - p) - log p) / n = -logit(p) / n
+        gp = g * (p - t) / (p * (1 - p)).clamp_min(1e-12) / n
+        return gp, -g * torch.logit(p) / n
+
+
+class BinaryCrossEntropyTargetSign(BinaryCrossEntropy):
+    """Wrong: the target's gradient as logit(p) / n, its sign flipped."""
+
+    @staticmethod
+    def backward(ctx, g):
+        gp, gt = BinaryCrossEntropy.backward(ctx, g)
+        return gp, -gt
+
+
+class BinaryCrossEntropyUnclamped(BinaryCrossEntropy):
+    """Right inside (0, 1); at p = 0 or 1, where native's forward is finite, its gradient
+    is NaN (0/0) or infinite: no clamp of the denominator."""
+
+    @staticmethod
+    def backward(ctx, g):
+        p, t = ctx.saved_tensors
+        n = p.numel()
+        return g * (p - t) / (p * (1 - p)) / n, -g * torch.logit(p) / n
+
+
+def probabilities_and_targets() -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities in [0.1, 0.9] (some above 0.8: scaled by 1.25, out of [0, 1]) and
+    targets in [0, 1]."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 4, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    return p, torch.rand(3, 4, generator=g, dtype=torch.float64)

@@ -568,3 +568,29 @@ def test_a_wrong_backward_refusing_unsorted_input_fails_at_a_large_size():
     x = _large_sorted_with_a_close_pair(1e-3)
     report = check_function(HalfSortedGaps, x, checks=["gradcheck"])
     assert report["gradcheck"].failed, report
+
+
+class StrictAcos(Acos):
+    """Correct, refusing |x| >= 1 with a ValueError (a strict acos)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        if bool((x.abs() >= 1).any()):
+            raise ValueError("StrictAcos: |x| must be below 1")
+        return Acos.forward(ctx, x)
+
+
+@pytest.mark.parametrize(
+    ("fn", "x"),
+    [
+        (StrictAcos, seeded(3, 4).clamp(-0.9, 0.9)),
+        (SortedGaps, torch.tensor([0.0, 0.3, 1.0, 2.5], dtype=torch.float64)),
+    ],
+)
+def test_two_calls_before_backward_stay_inside_fns_domain(fn, x):
+    # before: interleave FAILED a right strict acos on x.clamp(-0.9, 0.9), the inputs the
+    # usage error advises, with its "|x| must be below 1", and SortedGaps with its "x must
+    # be sorted": the second call's inputs were the first's flipped and scaled by 1.25
+    # (0.9 -> 1.125, an ascending x made descending); now scaled down, or not flipped
+    report = check_function(fn, x, checks=["interleave"])
+    assert report["interleave"].passed, report

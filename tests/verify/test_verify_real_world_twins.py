@@ -170,6 +170,14 @@ PAIRS = {
         {},
         "gradcheck",
     ),
+    "binary_cross_entropy": (
+        rw.BinaryCrossEntropy,
+        rw.BinaryCrossEntropyTargetSign,
+        rw.probabilities_and_targets(),
+        F.binary_cross_entropy,
+        {},
+        "gradcheck",
+    ),
     "linear_relu": (
         rw.LinearRelu,
         rw.LinearReluWrongTranspose,
@@ -238,3 +246,29 @@ def test_a_factor_on_another_input_is_named_as_such_not_as_the_named_inputs_surr
     factor = math.sqrt(4 / 5)
     assert f"besides, backward of input 1 is {factor:.4g} times" in message, message
     assert "deliberate" not in message, message
+
+
+def test_inputs_of_a_restricted_domain_stay_inside_it_in_every_check():
+    # before: vmap, vmap_in_dims and interleave FAILED the right BinaryCrossEntropy with
+    # torch's "all elements of target should be between 0 and 1": they scaled the
+    # probabilities by 1.25 and 1.5 to make other inputs (now scaled down instead)
+    inputs = rw.probabilities_and_targets()
+    assert float(inputs[0].max()) * 1.25 > 1, "no probability leaves [0, 1] scaled up"
+    checks = ["vmap", "vmap_in_dims", "interleave"]
+    report = check_function(rw.BinaryCrossEntropy, *inputs, checks=checks)
+    assert report.ok and all(report[name].passed for name in checks), report
+
+
+def test_a_mismatch_on_a_probe_at_the_edge_of_the_domain_is_named_not_a_raw_error():
+    # before: "extreme_values [fail]: RuntimeError: all elements of input should be
+    # between 0 and 1": looking for a kink at p = 0, the one-sided difference called fn at
+    # p = -eps, which it refuses; the mismatch itself was lost
+    report = check_function(
+        rw.BinaryCrossEntropyUnclamped,
+        *rw.probabilities_and_targets(),
+        reference=F.binary_cross_entropy,
+        checks=["extreme_values"],
+    )
+    message = report["extreme_values"].message
+    assert report["extreme_values"].failed, report
+    assert "differs from the reference" in message and "NaN where the reference" in message

@@ -10,7 +10,7 @@ its own, skips the check with those words and lets that failure stand."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -20,7 +20,13 @@ from torchbp.verify.checks.explain import explain_error, raised_in_derivative
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, UsageError
 from torchbp.verify.checks.spelling import inputs_in_domain, option
 
-__all__ = ["CENTRAL_DIFFERENCE_CHECKS", "input_ranges", "refuse_inputs_near_domain_edge"]
+__all__ = [
+    "CENTRAL_DIFFERENCE_CHECKS",
+    "batch_scales",
+    "first_accepted",
+    "input_ranges",
+    "refuse_inputs_near_domain_edge",
+]
 
 #: The checks comparing fn's derivatives with its central differences.
 CENTRAL_DIFFERENCE_CHECKS = frozenset({"gradcheck", "gradgradcheck", "forward_ad"})
@@ -250,3 +256,50 @@ def _near_edge(ctx: CheckContext, message: str) -> UsageError | CheckSkip:
         f"{message.removeprefix('check_function: ')} (not a usage error: "
         f"{', '.join(failed)} already failed)"
     )
+
+
+#: A way to make other values of a differentiable input from the given ones.
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _accepts(ctx: CheckContext, inputs: list[torch.Tensor], before: list[torch.Tensor]) -> bool:
+    """Whether fn runs on the differentiable inputs ``inputs`` without raising and without
+    NaN or an infinity where its outputs at the given inputs, ``before``, are finite."""
+    try:
+        outs = _outputs(ctx, inputs)
+    except Exception:  # noqa: BLE001 - refused (a ValueError, or torch's own check)
+        return False
+    return _newly_non_finite(outs, before) is None
+
+
+def first_accepted(ctx: CheckContext, candidates: Sequence[Sequence[Transform]]) -> int:
+    """The position of the first of ``candidates`` (each a few transforms, each applied to
+    every differentiable input) at all of whose values fn runs as at the given ones: no
+    error, no new NaN or infinity. A check needing other inputs (two calls before
+    backward, a batch of scaled copies) must not leave fn's domain, as scaling a
+    probability or an acos input of 0.9 up by 1.25 does. 0 when fn accepts none of them,
+    or fails at the given inputs already (the check then shows why)."""
+    given = [x.detach() for x in ctx.leaves()]
+    try:
+        before = _outputs(ctx, given)
+    except Exception:  # noqa: BLE001 - fn's own failure, for the check to report
+        return 0
+    for position, transforms in enumerate(candidates):
+        if all(_accepts(ctx, [make(x) for x in given], before) for make in transforms):
+            return position
+    return 0
+
+
+def batch_scales(ctx: CheckContext, batch: int) -> list[float]:
+    """The factors of the ``batch`` copies of the differentiable inputs the vmap checks
+    stack: ``1, 1.25, 1.5, ...``, or ``1, 1/1.25, 1/1.5, ...`` when fn refuses a copy
+    scaled up (:func:`first_accepted`: a probability or an acos input near 1)."""
+    up = [1.0 + 0.25 * b for b in range(batch)]
+    candidates = [up, [1.0 / s for s in up]]
+    position = first_accepted(ctx, [[_times(s) for s in scales[1:]] for scales in candidates])
+    return candidates[position]
+
+
+def _times(factor: float) -> Transform:
+    """The transform scaling an input by ``factor``."""
+    return lambda x: x * factor

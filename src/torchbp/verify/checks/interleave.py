@@ -13,21 +13,36 @@ import torch
 
 from torchbp.verify.checks.compare import float_tensors, input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.domain import first_accepted
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 
 __all__ = ["check_interleave", "second_inputs"]
 
 
+def _flipped(x: torch.Tensor) -> torch.Tensor:
+    """``x`` reversed along all its dims."""
+    return x.flip(list(range(x.dim())))
+
+
+#: Ways to make the second call's values, in the order tried: flipped and scaled by 1.25
+#: (same shapes, same signs, different values at every place that is not symmetric);
+#: scaled down instead (a probability, an acos input near 1); not flipped (two values fn
+#: needs sorted); scaled up, not flipped.
+_SECOND_VALUES = (
+    lambda x: _flipped(x) * 1.25,
+    lambda x: _flipped(x) / 1.25,
+    lambda x: x / 1.25,
+    lambda x: x * 1.25,
+)
+
+
 def second_inputs(ctx: CheckContext) -> list[torch.Tensor]:
-    """Other values for the grad inputs: each one flipped along all its dims and scaled by
-    1.25 (same shapes, same signs, different values at every place that is not symmetric)."""
-    return [
-        (ctx.args[i].detach().flip(list(range(ctx.args[i].dim()))) * 1.25)
-        .clone()
-        .requires_grad_(True)
-        for i in ctx.grad_idx
-    ]
+    """Other values for the grad inputs: the first way of :data:`_SECOND_VALUES` whose
+    values fn accepts (:func:`~torchbp.verify.checks.domain.first_accepted`: each one
+    flipped along all its dims and scaled by 1.25 unless that leaves fn's domain)."""
+    make = _SECOND_VALUES[first_accepted(ctx, [[make] for make in _SECOND_VALUES])]
+    return [make(ctx.args[i].detach()).clone().requires_grad_(True) for i in ctx.grad_idx]
 
 
 def _forward(ctx: CheckContext, leaves: list[torch.Tensor]) -> list[torch.Tensor]:

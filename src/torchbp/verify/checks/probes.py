@@ -138,7 +138,8 @@ def _one_sided_gradient(ctx: CheckContext, inputs, k: int, j: int, mid, vs):
     """The range of ``v^T d`` over the derivatives ``d`` of fn along element ``j`` of
     input ``k`` lying between its one-sided differences
     (:func:`~torchbp.verify.checks.jacobians.one_sided_bracket`), and whether those differ
-    (fn is not differentiable there)."""
+    (fn is not differentiable there); None when fn raises on one side (a probe on the
+    edge of its domain, a probability of exactly 1: no difference to take there)."""
     eps = ctx.options.eps
     quotients = []
     for step in (eps, -eps):
@@ -146,8 +147,11 @@ def _one_sided_gradient(ctx: CheckContext, inputs, k: int, j: int, mid, vs):
         flat = moved[k].clone().reshape(-1)
         flat[j] += step
         moved[k] = flat.reshape(inputs[k].shape)
-        with torch.no_grad():
-            outs = float_tensors(ctx.call(ctx.fn, moved))
+        try:
+            with torch.no_grad():
+                outs = float_tensors(ctx.call(ctx.fn, moved))
+        except Exception:  # noqa: BLE001 - outside fn's domain: the mismatch stands
+            return None
         quotients.append([(o.detach() - m) / step for o, m in zip(outs, mid)])
     right, left = quotients
     kink = any(
@@ -166,7 +170,10 @@ def _kink_choice(ctx: CheckContext, inputs, vs, mid, k: int, a, b, tolerance) ->
     if not differing or len(differing) > KINK_ELEMENTS:
         return ""
     for j in differing:
-        (low, high), kink = _one_sided_gradient(ctx, inputs, k, j, mid, vs)
+        one_sided = _one_sided_gradient(ctx, inputs, k, j, mid, vs)
+        if one_sided is None:
+            return ""
+        (low, high), kink = one_sided
         value = float(a.reshape(-1)[j])
         slack = atol + rtol * max(abs(low), abs(high))
         if not kink or not low - slack <= value <= high + slack:

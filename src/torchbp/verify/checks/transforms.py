@@ -17,6 +17,7 @@ import torch
 from torchbp.verify.checks.compare import dense, input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.custom_op import custom_ops_reached, no_torch_func
+from torchbp.verify.checks.domain import batch_scales
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported, Passed
 from torchbp.verify.checks.rng import draws_random_numbers
@@ -104,8 +105,9 @@ def _fails_with_dense_inputs(ctx: CheckContext, attempt: Callable[[CheckContext]
 
 
 def _batched_inputs(ctx: CheckContext, batch: int) -> list[torch.Tensor]:
-    """The grad inputs stacked ``batch`` times, each copy scaled differently."""
-    scales = [1.0 + 0.25 * b for b in range(batch)]
+    """The grad inputs stacked ``batch`` times, each copy scaled differently, inside fn's
+    domain (:func:`~torchbp.verify.checks.domain.batch_scales`)."""
+    scales = batch_scales(ctx, batch)
     return [torch.stack([ctx.args[i].detach() * s for s in scales]) for i in ctx.grad_idx]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from torchbp.verify.checks.compare import require_close
 from torchbp.verify.checks.context import CheckContext
+from torchbp.verify.checks.domain import batch_scales
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 from torchbp.verify.checks.rng import draws_random_numbers
@@ -84,7 +85,7 @@ def check_vmap_in_dims(ctx: CheckContext) -> Passed:
     if vmap_result is not None and not vmap_result.passed:
         raise CheckSkip(f"the vmap check (in_dims=0) did not pass ({vmap_result.status})")
     batch = int(ctx.options.vmap_batch)
-    scales = [1.0 + 0.25 * b for b in range(batch)]
+    scales = batch_scales(ctx, batch)
     worst, caveat = (0.0, 0.0), ""
     for label, in_dims in _layouts(ctx):
         xs = []
