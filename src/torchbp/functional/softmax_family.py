@@ -24,6 +24,13 @@ _FLOAT32_AUTOCAST_DEVICES = ("cuda", "xpu", "mps")
 _LOGSOFTMAX = pair(LogSoftmaxFunction)
 _SOFTMAX = pair(SoftmaxFunction)
 
+# Native's functions, for the inputs torchbp hands to them (sparse, strided nested), bound
+# at import: a user who patches torch.nn.functional.softmax with torchbp's (a drop-in, as
+# kernel libraries patch functions) made that call torchbp's again, a RecursionError.
+_NATIVE_SOFTMAX = torch.nn.functional.softmax
+_NATIVE_SOFTMIN = torch.nn.functional.softmin
+_NATIVE_LOG_SOFTMAX = torch.nn.functional.log_softmax
+
 
 def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     """Native's implicit dim for an ``ndim``-D input, with its deprecation warning
@@ -100,7 +107,7 @@ def softmax(
     if has_torch_function((input,)):
         return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return torch.nn.functional.softmax(input, dim, _stacklevel + 1, dtype)
+        return _NATIVE_SOFTMAX(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
 
 
@@ -132,7 +139,7 @@ def softmin(
     if has_torch_function((input,)):
         return handle_torch_function(softmin, (input,), input, dim, _stacklevel, dtype)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return torch.nn.functional.softmin(input, dim, _stacklevel + 1, dtype)
+        return _NATIVE_SOFTMIN(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("softmin", _SOFTMAX, input, dim, _stacklevel, dtype, negate=True)
 
 
@@ -162,5 +169,5 @@ def log_softmax(
     if has_torch_function((input,)):
         return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return torch.nn.functional.log_softmax(input, dim, _stacklevel + 1, dtype)
+        return _NATIVE_LOG_SOFTMAX(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("log_softmax", _LOGSOFTMAX, input, dim, _stacklevel, dtype)
