@@ -635,6 +635,43 @@ def test_options_batch_chunk_size_bounds_the_working_set(reduction):
     torch.testing.assert_close(loss, native)
 
 
+ACC_DTYPES = [
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.bfloat16, torch.float16),
+    (torch.float32, torch.bfloat16),
+]
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy. ``options`` ignored:UserWarning")
+@pytest.mark.parametrize("dtype, acc_dtype", ACC_DTYPES, ids=str)
+def test_options_acc_dtype_native_refuses_is_refused(dtype, acc_dtype):
+    """Native's chunked path refuses an acc_dtype other than the input's (or float32 for
+    half input); torchbp accepted it and ignored it (a float64 accumulation asked for a
+    float32 input silently ran in float32)."""
+    x, w, t = make((N, D)).to(dtype), make((C, D), seed=1).to(dtype), hard_target((N,))
+    options = torch.nn.LinearCrossEntropyOptions(acc_dtype=acc_dtype)
+    for fn in (F.linear_cross_entropy, TF.linear_cross_entropy):
+        with pytest.raises(RuntimeError, match="acc_dtype"):
+            fn(x, w, t, options=options)
+    # native's reference path (label smoothing) takes any: so does torchbp
+    smoothed = dict(options=options, label_smoothing=0.1)
+    native = F.linear_cross_entropy(x, w, t, **smoothed)
+    torch.testing.assert_close(TF.linear_cross_entropy(x, w, t, **smoothed), native)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "dtype, acc_dtype", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+)
+def test_options_acc_dtype_native_takes_is_taken(dtype, acc_dtype):
+    x, w, t = make((N, D)).to(dtype), make((C, D), seed=1).to(dtype), hard_target((N,))
+    options = torch.nn.LinearCrossEntropyOptions(acc_dtype=acc_dtype)
+    native = F.linear_cross_entropy(x, w, t, options=options)
+    torch.testing.assert_close(TF.linear_cross_entropy(x, w, t, options=options), native)
+
+
 @needs_native
 def test_ignore_index_default_is_none_as_native():
     x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)

@@ -64,13 +64,31 @@ def _lce_loss_dtype(input: torch.Tensor) -> torch.dtype:
 
 def _native_chunks(options, label_smoothing: float, target: torch.Tensor, out_features) -> bool:
     """Whether native's ``linear_cross_entropy`` takes its chunked path (``options`` given,
-    no label smoothing, int64 class indices, a 2-D weight) rather than its reference
-    formula, ``cross_entropy(linear(...))``."""
+    no label smoothing, int64 class indices, a 2-D weight, not recorded by
+    ``torch.jit.trace``) rather than its reference formula, ``cross_entropy(linear(...))``."""
     return (
         options is not None
         and label_smoothing == 0.0
         and target.dtype == torch.int64
         and not out_features
+        and not torch.jit.is_tracing()
+    )
+
+
+def _check_accumulation_dtype(options, dtype: torch.dtype) -> None:
+    """``options.acc_dtype`` where native's chunked path takes the call: ``None``, the
+    input's ``dtype``, or float32 for a float16 / bfloat16 input (torchbp accumulates
+    exactly so); native refuses any other with a RuntimeError, which torchbp raises too
+    instead of accepting a precision it would not use (float64 for a float32 input)."""
+    wanted = options.acc_dtype
+    if wanted is None or wanted == dtype:
+        return
+    if dtype in _LOW_PRECISION and wanted == torch.float32:
+        return
+    raise _checks.OptionError(
+        f"linear_cross_entropy: options.acc_dtype={wanted} is not supported with {dtype} "
+        "input (as native's chunked path: the input's dtype, or torch.float32 for "
+        "float16 / bfloat16 input); pass acc_dtype=None"
     )
 
 
@@ -167,9 +185,11 @@ def linear_cross_entropy(
             per chunk (:func:`torchbp.autograd.linear_cross_entropy.chunk_size_from_options`:
             ``batch_chunk_size``, or ``chunking_method='aspect_ratio[:k]'`` by torch's
             documented formula; ``'auto'`` means torchbp's memory budget below).
-            ``acc_policy`` / ``acc_dtype`` / ``allow_retain_graph`` are accepted and
-            ignored: torchbp accumulates half inputs in float32, others in their dtype, and
-            ``retain_graph=True`` always works.
+            ``acc_policy`` and ``allow_retain_graph`` are accepted and ignored: torchbp
+            accumulates half inputs in float32, others in their dtype, and
+            ``retain_graph=True`` always works. ``acc_dtype`` must agree with that where
+            native's chunked path takes the call (``None``, the input's dtype, or float32
+            for half inputs); another is a RuntimeError, as native's.
         chunk_size: rows per chunk (overrides ``options``). Default: chosen so that the
             ``(chunk, C)`` working set (one logits buffer in which the gradient is built in
             place; half inputs add a float32 one) fits
@@ -260,6 +280,8 @@ def linear_cross_entropy(
     # native's chunked path takes class weights of any dtype; its reference path, as
     # cross_entropy, refuses one of another dtype than the loss's input
     any_weight_dtype = _native_chunks(options, label_smoothing, target, call.out_features)
+    if any_weight_dtype:
+        _check_accumulation_dtype(options, input.dtype)
     loss_dtype = _lce_loss_dtype(input)
     if (
         call.out_features
