@@ -738,3 +738,55 @@ def probabilities_and_targets() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     p = torch.rand(3, 4, generator=g, dtype=torch.float64) * 0.8 + 0.1
     return p, torch.rand(3, 4, generator=g, dtype=torch.float64)
+
+
+# --- causal attention scores, -inf above the diagonal (a constant: derivative 0) ------
+
+
+def _causal_mask(scores: torch.Tensor) -> torch.Tensor:
+    return torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+
+
+class CausalScores(Function):
+    """``q k^T / sqrt(d)`` with -inf above the diagonal, as attention masks its scores
+    before the softmax; setup_context, generate_vmap_rule and a jvp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return scores.masked_fill(_causal_mask(scores), float("-inf"))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        # s = q k^T / sqrt(d) where unmasked: dq = gs k / sqrt(d), dk = gs^T q / sqrt(d)
+        gs = g.masked_fill(_causal_mask(g), 0.0) / math.sqrt(q.shape[-1])
+        return gs @ k, gs.transpose(-2, -1) @ q
+
+    @staticmethod
+    def jvp(ctx, tq, tk):
+        q, k = ctx.saved_tensors
+        t = (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        return t.masked_fill(_causal_mask(t), 0.0)
+
+
+class CausalScoresUnscaled(CausalScores):
+    """Wrong: the 1/sqrt(d) of the forward left out of backward."""
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        gs = g.masked_fill(_causal_mask(g), 0.0)
+        return gs @ k, gs.transpose(-2, -1) @ q
+
+
+def causal_scores_reference(q, k):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(_causal_mask(scores), float("-inf"))

@@ -99,6 +99,11 @@ class CheckContext:
     #: with a ``ValueError`` (central differences shifting two values fn needs sorted
     #: within eps of each other), or None; cleared before each check.
     refused_inputs: list[torch.Tensor] | None = None
+    #: Per floating-point output of fn, where it is the same infinity at the given inputs
+    #: and shifted by +-eps (a masked attention score of -inf: a constant, derivative 0),
+    #: for :meth:`diff_fn` to give 0 there; set only while a check comparing with central
+    #: differences runs (``inf - inf`` is no difference quotient), else None.
+    constant_infinities: list[torch.Tensor] | None = None
     #: The device of the inputs and the dtype of the differentiable ones.
     device: torch.device = field(init=False)
     dtype: torch.dtype = field(init=False)
@@ -165,13 +170,20 @@ class CheckContext:
         return fn(*self.full_inputs(diff))
 
     def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """fn of the differentiable inputs only, returning its floating-point outputs; a
-        ``ValueError`` of fn leaves a copy of ``diff`` in :attr:`refused_inputs`."""
+        """fn of the differentiable inputs only, returning its floating-point outputs (0
+        where :attr:`constant_infinities` says); a ``ValueError`` of fn leaves a copy of
+        ``diff`` in :attr:`refused_inputs`."""
         try:
-            return tuple(float_tensors(self.call(self.fn, diff)))
+            outs = tuple(float_tensors(self.call(self.fn, diff)))
         except ValueError:
             self.refused_inputs = [d.detach().clone() for d in diff]
             raise
+        if self.constant_infinities is None:
+            return outs
+        return tuple(
+            torch.where(mask, 0.0, out) if mask.shape == out.shape else out
+            for out, mask in zip(outs, self.constant_infinities)
+        )
 
     def input_name(self, k: int) -> str:
         """How messages name the ``k``-th differentiable input, e.g. ``"input 0"``, or

@@ -23,6 +23,7 @@ from torchbp.verify.checks.spelling import inputs_in_domain, option
 __all__ = [
     "CENTRAL_DIFFERENCE_CHECKS",
     "batch_scales",
+    "constant_infinities",
     "first_accepted",
     "input_ranges",
     "refuse_inputs_near_domain_edge",
@@ -303,3 +304,24 @@ def batch_scales(ctx: CheckContext, batch: int) -> list[float]:
 def _times(factor: float) -> Transform:
     """The transform scaling an input by ``factor``."""
     return lambda x: x * factor
+
+
+def constant_infinities(ctx: CheckContext) -> list[torch.Tensor] | None:
+    """Per floating-point output of fn, where it is the same infinity at the given inputs
+    and at each differentiable input shifted by -``eps`` and +``eps`` (a masked attention
+    score, ``masked_fill(mask, -inf)``): a constant there, of derivative 0, where central
+    differences would take ``inf - inf``, NaN. None when there is none (or fn raises)."""
+    try:
+        before = _outputs(ctx, [x.detach() for x in ctx.leaves()])
+        masks = [torch.isinf(out) for out in before]
+        if not any(bool(mask.any()) for mask in masks):
+            return None
+        eps = float(ctx.options.eps)
+        leaves = [x.detach() for x in ctx.leaves()]
+        for k, x in enumerate(leaves):
+            for step in (-eps, eps):
+                outs = _outputs(ctx, _replaced(leaves, k, x + step))
+                masks = [m & (out == was) for m, out, was in zip(masks, outs, before)]
+    except Exception:  # noqa: BLE001 - fn's own failure, for the check to report
+        return None
+    return masks if any(bool(mask.any()) for mask in masks) else None

@@ -17,7 +17,11 @@ from torchbp.verify.checks.compare import dense
 from torchbp.verify.checks.complex_views import complex_positions, real_function
 from torchbp.verify.checks.context import FULL_JACOBIAN_ELEMENTS, CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
-from torchbp.verify.checks.domain import refuse_inputs_near_domain_edge
+from torchbp.verify.checks.domain import (
+    CENTRAL_DIFFERENCE_CHECKS,
+    constant_infinities,
+    refuse_inputs_near_domain_edge,
+)
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.options import (
     SCALAR_TYPES,
@@ -25,7 +29,13 @@ from torchbp.verify.checks.options import (
     prepare_inputs,
     resolve_arguments,
 )
-from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, UsageError
+from torchbp.verify.checks.outcomes import (
+    CheckFailure,
+    CheckSkip,
+    CheckUnsupported,
+    Passed,
+    UsageError,
+)
 from torchbp.verify.checks.parameters import (
     differentiated_parameters,
     module_of,
@@ -68,7 +78,7 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
             ctx.generator.manual_seed(_check_seed(int(ctx.options.seed), check.name))
             ctx.refused_inputs = None
             try:
-                passed = check.run(ctx)
+                passed = _run_masking_constant_infinities(check, ctx)
             except CheckFailure as failure:
                 refuse_inputs_near_domain_edge(ctx, check.name, failure)
                 raise
@@ -91,6 +101,19 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
         status, message = SKIP, str(skip)
     seconds = time.perf_counter() - start
     return CheckResult(check.name, status, message, abs_err, rel_err, seconds, caveat)
+
+
+def _run_masking_constant_infinities(check: Check, ctx: CheckContext) -> Passed:
+    """``check.run(ctx)``, with fn's outputs that are a constant infinity near the given
+    inputs (:func:`~torchbp.verify.checks.domain.constant_infinities`) read as 0 when the
+    check compares with central differences."""
+    if check.name not in CENTRAL_DIFFERENCE_CHECKS:
+        return check.run(ctx)
+    ctx.constant_infinities = constant_infinities(ctx)
+    try:
+        return check.run(ctx)
+    finally:
+        ctx.constant_infinities = None
 
 
 def _selected(checks: Any, skip: Any, require: Any, custom_op: bool) -> list[Check]:
