@@ -671,6 +671,22 @@ def test_traced_torchbp_model_converted_to_torch_is_reported_kept_not_silently_p
         assert "TorchScript" in reason and "before torch.jit.trace" in reason
 
 
+def test_fx_traced_torchbp_model_converted_to_torch_is_reported_kept_not_silently_passed():
+    # as the traced TorchScript model above: convert(to="torch") of a torch.fx GraphModule
+    # traced after convert reported 'converted 0, kept 0' while its graph still called
+    # torchbp's linear and relu (a LinearFunctionBackward in the output's graph)
+    converted = torchbp.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    model = nn.Sequential(
+        torch.fx.symbolic_trace(converted),
+        torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 3), nn.ReLU())),
+    )
+    _, report = torchbp.convert(model, to="torch", report=True)
+    assert [(path, name) for path, name, _ in report.kept] == [("0", "Sequential")]
+    reason = report.kept[0][2]
+    assert "torch.fx GraphModule" in reason and "linear, relu" in reason
+    assert "before torch.fx.symbolic_trace" in reason  # (the native trace: not listed)
+
+
 class _ConstantLinearWeight(torch.Tensor):
     """A weight subclass that gives ``F.linear`` its own meaning (as quantized weights do):
     every output element is 42."""

@@ -25,7 +25,9 @@ training flag stay the very same objects:
   no class switch reaches: convert before ``torch.jit.trace``; ``torch.jit.script``
   cannot compile torchbp's Functions, so convert and use ``torch.compile`` or
   ``torch.jit.trace`` instead; with ``to="torch"`` it is reported when its code runs
-  torchbp's Functions: a traced converted model). A class convert
+  torchbp's Functions: a traced converted model). Likewise ``to="torch"`` leaves a
+  ``torch.fx`` GraphModule as it is, reported when its graph calls torchbp's functions
+  (a converted model traced with ``torch.fx.symbolic_trace``). A class convert
   would make that cannot be made (an MRO the twin does not fit, or the class's
   ``__init_subclass__`` / metaclass refusing it) also leaves its module as it is,
   reported with the error, and the others are converted.
@@ -332,15 +334,46 @@ def _torchscript_to_torch(module: torch.jit.ScriptModule) -> str:
     )
 
 
+def _torchbp_functions_in_graph(module: torch.fx.GraphModule) -> list[str]:
+    """The torchbp functions (or Functions' ``apply``) that the graph of a ``torch.fx``
+    GraphModule calls: those a model traced after :func:`convert` records."""
+    names: list[str] = []
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        called = getattr(node.target, "__self__", node.target)  # Function.apply's class
+        if (getattr(called, "__module__", None) or "").startswith("torchbp."):
+            name = getattr(called, "__name__", str(called))
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _graph_module_to_torch(module: torch.fx.GraphModule) -> str:
+    """Why ``to="torch"`` keeps a ``torch.fx`` GraphModule: ``"not torchbp"`` (not
+    reported) unless its graph calls torchbp's functions (a converted model traced with
+    ``torch.fx.symbolic_trace``), which no class switch reaches."""
+    functions = _torchbp_functions_in_graph(module)
+    if not functions:
+        return "not torchbp"
+    return (
+        f"a torch.fx GraphModule whose graph calls torchbp's {', '.join(functions)} (code no "
+        "class switch reaches): convert the model to torch before torch.fx.symbolic_trace"
+    )
+
+
 def _new_class(module: nn.Module, choose) -> tuple[type[nn.Module] | None, str]:
     """``choose`` applied to ``module``'s class, or for a parametrized module to the class
     under torch's parametrized one (which is then rebuilt on the new class). Not converted
     to torchbp: a module whose ``forward`` is set on the instance (it shadows the twin's)
     or with a parameter or buffer of a tensor subclass with its own
     ``__torch_function__``. Not converted to torch: a TorchScript module (reported when
-    its compiled code runs torchbp's Functions)."""
+    its compiled code runs torchbp's Functions), and a ``torch.fx`` GraphModule (reported
+    when its graph calls torchbp's functions)."""
     if choose is _to_torch and isinstance(module, torch.jit.ScriptModule):
         return None, _torchscript_to_torch(module)
+    if choose is _to_torch and isinstance(module, torch.fx.GraphModule):
+        return None, _graph_module_to_torch(module)
     if not parametrize.is_parametrized(module):
         new, reason = choose(type(module))
     else:
@@ -499,7 +532,9 @@ def convert(
         if new is not None:
             done.converted.append((path, cls.__name__, _describe(new)))
         elif choose is _to_torch:
-            if _computes_itself(sub) and reason != "not torchbp":
+            # (a GraphModule's graph is its own computing, its parameters held by children)
+            computes = _computes_itself(sub) or isinstance(sub, torch.fx.GraphModule)
+            if computes and reason != "not torchbp":
                 done.kept.append((path, cls.__name__, reason))
         elif (why := _why_kept(sub, reason)) is not None:
             done.kept.append((path, cls.__name__, why))
