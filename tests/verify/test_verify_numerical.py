@@ -625,3 +625,32 @@ def test_outputs_copying_inputs_of_float32_numbers_do_not_suggest_fn_computes_in
     report = check_function(_ReluWrongAtPositives, x, checks=["gradcheck"])
     assert report["gradcheck"].failed, str(report)
     assert "hold only" not in report["gradcheck"].message
+
+
+class TanhRecomputedFromDetached(torch.autograd.Function):
+    """Recomputes tanh in backward from a detached copy of x and differentiates it with an
+    inner torch.autograd.grad, create_graph=True: the gradient is right and connected to
+    grad_output, but has no path to x, so its second derivative in x comes out zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            copy = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(torch.tanh(copy), copy, g, create_graph=True)
+        return grad
+
+
+def test_a_backward_recomputing_from_a_detached_input_is_named_as_the_cause():
+    # before: "analytical 0 vs numerical ..." and nothing more: backward's gradients are
+    # connected to the graph (through grad_output), so no hint about a disconnected
+    # backward applied, and x itself is saved, so no hint about a saved constant either
+    result = check_function(TanhRecomputedFromDetached, seeded(3, 4), checks=["gradgradcheck"])
+    message = result["gradgradcheck"].message
+    assert result["gradgradcheck"].failed, result
+    assert "have no path to input 0 in the autograd graph, only to grad_output" in message

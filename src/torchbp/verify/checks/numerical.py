@@ -719,6 +719,7 @@ def check_gradgradcheck(ctx: CheckContext) -> Passed:
         return _second_order(ctx)
     except CheckFailure as failure:
         hint = _hint(_low_precision_backward, ctx) + _hint(_saved_constants_hint, ctx)
+        hint += _hint(functools.partial(_detached_inputs_hint, message=failure.message), ctx)
         if not hint:
             raise
         raise CheckFailure(failure.message + hint, failure.abs_err, failure.rel_err) from None
@@ -734,6 +735,39 @@ def _hint(hint: Callable[[CheckContext], str], ctx: CheckContext) -> str:
         return hint(ctx)
     except Exception:  # noqa: BLE001
         return ""
+
+
+def _detached_inputs_hint(ctx: CheckContext, message: str) -> str:
+    """Why double backward may be wrong for the input a gradgradcheck failure ``message``
+    names (``d(grad)/d(input 0)``): backward's gradients, connected to the graph (through
+    grad_output), have no path to that input, as when backward recomputes forward from
+    ``x.detach()`` copies and differentiates them with an inner ``torch.autograd.grad``
+    (``create_graph`` then connects grad_output only); empty otherwise (no gradient is
+    connected at all: :func:`_constant_backward_failure` words that)."""
+    diff = ctx.leaves()
+    outs = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
+    vs = ctx.randn_like_outputs(outs)
+    grads = input_grads(outs, diff, vs, create_graph=True, allow_unused=True)
+    live = [g for g in grads if g is not None and g.requires_grad]
+    if not live:
+        return ""
+    ones = [torch.ones_like(g) for g in live]
+    second = input_grads(live, diff, ones, allow_unused=True)
+    named = [
+        ctx.input_name(k)
+        for k, s in enumerate(second)
+        if s is None and f"d(grad)/d({ctx.input_name(k)})" in message
+    ]
+    if not named:
+        return ""
+    return (
+        f" (backward's gradients have no path to {_list(named)} in the autograd graph, "
+        "only to grad_output: backward recomputes from a detached copy (x.detach(), "
+        "then an inner torch.autograd.grad) or under torch.no_grad(), so double backward "
+        "takes it for a constant; differentiate the saved input itself (with "
+        "create_graph=torch.is_grad_enabled()), or mark backward @once_differentiable to "
+        "make double backward raise instead)"
+    )
 
 
 def _saved_constants_hint(ctx: CheckContext) -> str:
