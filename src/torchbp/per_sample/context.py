@@ -88,6 +88,13 @@ class PerSampleGrads:
         self._outside_guard = (
             (model, refusals.outside_parameters_guard(model)) if mode == "clip" else None
         )
+        # (clip mode) a torch function mode seeing, while the context is open, the
+        # trainable parameters outside the model used after it (in the loss)
+        self._outside_watch = (
+            refusals.OutsideParameterWatch(model, self._refuse_outside_parameter)
+            if mode == "clip"
+            else None
+        )
         self._registered_weights: list[int] = []  # ids in per_sample_recorders_by_weight
         # the same for each weight a parametrization formed inside the context, removed
         # when the weight is freed or the context exits (see _register_formed_weight)
@@ -141,10 +148,16 @@ class PerSampleGrads:
         for w in weights:
             per_sample_recorders_by_weight[w] = self._recorder
         self._registered_weights = weights
+        if self._outside_watch is not None:
+            self._outside_watch.__enter__()
         self._state = "open"
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._outside_watch is not None and self._state != "new":
+            self._outside_watch.remove_hooks()
+            self._outside_watch.__exit__(None, None, None)
+            self._outside_watch = None  # (popped once: a second exit pops nothing)
         per_sample_recording.recorder = None
         # the ids registered on entering (a weight replaced since has another id)
         for w in self._registered_weights:
@@ -416,10 +429,18 @@ class PerSampleGrads:
         """At the first parameter each backward reaches, before its results are formed:
         refuse one that follows a backward which reached parameters and never completed
         (an error raised inside it, and caught), whose recordings would be formed with
-        this one's (the same layers counted twice, or written from half a step)."""
+        this one's (the same layers counted twice, or written from half a step); and (clip
+        mode) one through a reentrant checkpoint whose segment uses a trainable parameter
+        outside the model, whose own backward would give it an unclipped gradient after
+        the results are written."""
         if self._recorder.parameters_reached and not self._recorder.finalised:
             self._fail()
             refusals.refuse_backward_after_one_cut_short()
+        if self._outside_watch is not None:
+            checkpointed = self._outside_watch.checkpointed_parameter()
+            if checkpointed is not None:
+                self._fail()
+                refusals.refuse_checkpointed_outside_parameter(checkpointed)
         self._recorder.parameters_reached = True
 
     def _register_results_hook(self) -> None:
@@ -461,6 +482,12 @@ class PerSampleGrads:
         self._fail()  # even if the caller catches this, nothing is formed
         layer, _ = self._owner(p)
         refusals.refuse_stray_gradient(self._name_of(p), layer_recorded_a_call=bool(layer.traces))
+
+    def _refuse_outside_parameter(self, p: nn.Parameter) -> None:
+        """Raise for a trainable parameter outside the model that a backward reached in
+        clip mode (see :class:`refusals.OutsideParameterWatch`); nothing is formed after it."""
+        self._fail()  # even if the caller catches this, nothing is formed
+        refusals.refuse_outside_parameter_gradient(p)
 
     def _marker(self, p: nn.Parameter):
         def mark_reached(grad):
@@ -632,8 +659,12 @@ def per_sample_grads(
     run before it, a parameter its forward uses without registering it) is refused at the
     model's forward, by shape (it would receive an unclipped gradient), and so is an input
     made by a reentrant activation checkpoint (``use_reentrant=True``, whose forward keeps
-    no graph, so its parameters cannot be seen); one used after the model, in the loss, is
-    not seen and gets its ordinary gradient. Any torchbp or
+    no graph, so its parameters cannot be seen); one given to any torch function inside
+    the context (used after the model, in the loss: a learnable temperature or class
+    bias), or used by a reentrant checkpoint's segment without the model registering it,
+    is refused at the backward, before any gradient is written (a plain tensor with
+    ``requires_grad``, not an ``nn.Parameter``, is not: it may be sample data whose own
+    gradient is wanted). Any torchbp or
     torch loss works on the model's output (reduction, class weights, label smoothing,
     ignore_index), as long as the loss itself has no trainable parameters. Eager mode only
     (no ``torch.compile``, no autocast; both are refused at the backward); activation
@@ -698,7 +729,8 @@ def per_sample_grads(
             context refuses (a second backward, ``torch.autograd.grad`` w.r.t. a
             parameter, autocast or ``torch.compile``, such a parameter change, ...),
             named; in clip mode, at the forward, a trainable parameter outside the
-            model that its output depends on.
+            model that its output depends on, and at the backward one used after the
+            model or inside a reentrant checkpoint.
 
     Examples::
 

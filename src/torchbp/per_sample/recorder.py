@@ -431,7 +431,7 @@ class SegmentMap:
         """File a Use made at the forward by the module named ``caller`` (a Linear tied to
         another is named as itself, not as the layer that records it); one made while a
         reentrant checkpoint recomputes its segment, in the backward, is not noted."""
-        nodes = _running_checkpoint_segments()
+        nodes = running_checkpoint_segments()
         if nodes is None:
             return
         if not nodes:
@@ -456,7 +456,7 @@ class SegmentMap:
         return groups
 
 
-def _running_checkpoint_segments() -> tuple | None:
+def running_checkpoint_segments() -> tuple | None:
     """The nodes of the reentrant checkpoints whose segment forward is running on this
     thread, outermost first; ``None`` while a reentrant checkpoint's backward runs (it
     recomputes its segment)."""

@@ -2,7 +2,8 @@
 their messages: a second backward, ``torch.autograd.grad`` with respect to a trainable
 parameter, a gradient reaching a parameter through an op other than its Linear, a
 backward after one cut short by an error, and (clip mode) a trainable parameter outside
-the model feeding its output.
+the model feeding its output, used after it (in the loss), or used by a reentrant
+checkpoint's segment (:class:`OutsideParameterWatch`).
 
 Each message starts with ``per_sample_grads:`` and says what to do instead.
 """
@@ -15,11 +16,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointFunction
 
-from torchbp.per_sample.recorder import running_on_this_thread
+from torchbp.per_sample.recorder import running_checkpoint_segments, running_on_this_thread
 
 __all__ = [
+    "OutsideParameterWatch",
     "autograd_grad_refusal",
     "inside_autograd_grad",
     "outside_parameters_guard",
@@ -254,3 +257,167 @@ def _tensors(output: object) -> Iterator[torch.Tensor]:
     elif dataclasses.is_dataclass(output) and not isinstance(output, type):
         for item in dataclasses.fields(output):
             yield from _tensors(getattr(output, item.name, None))
+
+
+class OutsideParameterWatch(TorchFunctionMode):
+    """(clip mode, while the context is open) Watches every torch function call for a
+    trainable :class:`~torch.nn.Parameter` that is not the model's (a learnable
+    temperature or class bias applied to the model's output in the loss, a second model
+    whose output joins it): each gets a gradient hook that calls ``refuse(p)`` when a
+    backward computes its gradient, before autograd adds it to ``p.grad``, unclipped.
+    The model's output graph, walked at its forward, cannot show a parameter used after
+    the model; this sees it where it is used.
+
+    A reentrant checkpoint's forward runs its segment without grad, and its backward
+    recomputes it and gives the parameters used there their gradient (one in front of the
+    model, reaching it through an attribute; one the model's own checkpoint uses without
+    registering it), after the context has formed the model's: such a use, with grad mode
+    off inside a checkpoint's forward, is noted with the checkpoint's node
+    (:meth:`checkpointed_parameter`), for the context to refuse at the first parameter the
+    backward reaches. Not seen: a parameter used only through a custom
+    ``autograd.Function`` (whose ``apply`` is not a torch function), or only before the
+    context was entered.
+
+    Args:
+        model: the model given to ``per_sample_grads``; its parameters at creation are
+            its own (one replaced, unfrozen or added since is refused by name elsewhere).
+        refuse: called with the parameter from its gradient hook; raises.
+    """
+
+    def __init__(self, model: nn.Module, refuse: Callable[[nn.Parameter], None]) -> None:
+        super().__init__()
+        self._model = model
+        self._refuse = refuse
+        # held, so that no other tensor takes one's id while the context is open
+        self._own = list(model.parameters())
+        self._own_ids = frozenset(id(p) for p in self._own)
+        self._watched: dict[int, weakref.ref] = {}  # id -> weak reference
+        self._handles: list = []
+        # (id of the parameter, id of the node) -> their weak references, for each
+        # parameter used inside a reentrant checkpoint's forward, with its outermost node
+        self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # (written out, not a generator: this runs for every torch function call, a
+        # property read included, in the forward and the loss)
+        own = self._own_ids
+        for argument in args:
+            if type(argument) in _SEQUENCES:  # torch.cat((x, prompt))
+                for item in argument:
+                    if id(item) not in own and _is_parameter(item):
+                        self._see(item)
+            elif id(argument) not in own and _is_parameter(argument):
+                self._see(argument)
+        for argument in kwargs.values():
+            if id(argument) not in own and _is_parameter(argument):
+                self._see(argument)
+        return func(*args, **kwargs)
+
+    def _see(self, p: nn.Parameter) -> None:
+        """A parameter, not the model's, passed to a torch function: watch it unless it is
+        frozen, and note a use inside a reentrant checkpoint's forward."""
+        if not p.requires_grad or torch.compiler.is_compiling():
+            return
+        self._watch(p)
+        if not torch.is_grad_enabled():
+            self._note_checkpoint_use(p)
+
+    def _watch(self, p: nn.Parameter) -> None:
+        """Hook ``p``'s gradient, unless it is hooked already."""
+        if _holds(self._watched, p):
+            return
+        self._watched[id(p)] = weakref.ref(p)
+        model, refuse = self._model, self._refuse
+
+        def refuse_its_gradient(grad: torch.Tensor) -> None:
+            # one added to the model since its creation is refused by name elsewhere
+            if not any(q is p for q in model.parameters()):
+                refuse(p)
+
+        self._handles.append(p.register_hook(refuse_its_gradient))
+
+    def _note_checkpoint_use(self, p: nn.Parameter) -> None:
+        """Note ``p`` with the outermost reentrant checkpoint whose forward runs now, if any."""
+        nodes = running_checkpoint_segments()
+        if not nodes:
+            return
+        key = (id(p), id(nodes[0]))
+        held = self._checkpointed.get(key)
+        if held is None or held[0]() is not p or held[1]() is not nodes[0]:
+            self._checkpointed[key] = (weakref.ref(p), weakref.ref(nodes[0]))
+
+    def checkpointed_parameter(self) -> nn.Parameter | None:
+        """A noted parameter whose checkpoint's node still lives (its output is in a
+        graph, which a backward may run through), or ``None``."""
+        for parameter, node in self._checkpointed.values():
+            p = parameter()
+            if p is not None and p.requires_grad and node() is not None:
+                return p
+        return None
+
+    def remove_hooks(self) -> None:
+        """Remove every gradient hook it registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+_SEQUENCES = (tuple, list)
+
+
+def _is_parameter(argument: object) -> bool:
+    """``isinstance(argument, nn.Parameter)``, without its Python-level instance check
+    for the common cases: a plain tensor (never a parameter) and a non-tensor."""
+    kind = type(argument)
+    if kind is nn.Parameter:
+        return True
+    if kind is torch.Tensor or not issubclass(kind, torch.Tensor):
+        return False
+    return isinstance(argument, nn.Parameter)  # (a tensor subclass marked as one)
+
+
+def _holds(tensors: dict[int, weakref.ref], t: torch.Tensor) -> bool:
+    """Whether ``tensors`` (id -> weak reference) holds ``t`` itself (not a tensor that
+    had its id)."""
+    held = tensors.get(id(t))
+    return held is not None and held() is t
+
+
+def refuse_outside_parameter_gradient(p: nn.Parameter) -> None:
+    """Raise for a trainable parameter outside the model that a clip-mode backward reached
+    (see :class:`OutsideParameterWatch`), before its unclipped gradient is written.
+
+    Raises:
+        RuntimeError: always, naming its shape and the ways out.
+    """
+    raise RuntimeError(
+        f"per_sample_grads: a trainable nn.Parameter of shape {tuple(p.shape)} that is not "
+        "one of the model's received a gradient in mode='clip' (one used in the loss, such "
+        "as a learnable temperature or class bias, or a second model's output added to it; "
+        "or one used by a reentrant checkpoint's segment without being registered by the "
+        "model): it would be an unclipped gradient outside the per-sample accounting; "
+        "freeze it (requires_grad_(False)) or detach what it produces; a trainable layer "
+        "(a second model, a head in the loss) must be a torchbp.nn.Linear of the module "
+        "given to per_sample_grads"
+    )
+
+
+def refuse_checkpointed_outside_parameter(p: nn.Parameter) -> None:
+    """Raise for a trainable parameter outside the model used inside a reentrant
+    checkpoint's segment (see :meth:`OutsideParameterWatch.checkpointed_parameter`), at
+    the first parameter the backward reaches, before any gradient is written.
+
+    Raises:
+        RuntimeError: always, naming its shape and the ways out.
+    """
+    raise RuntimeError(
+        f"per_sample_grads: a trainable nn.Parameter of shape {tuple(p.shape)} that is not "
+        "one of the model's is used inside a reentrant activation checkpoint "
+        "(torch.utils.checkpoint with use_reentrant=True: one in front of the model whose "
+        "output reaches it other than as an argument, or one of the model's that uses a "
+        "parameter the model does not register), whose backward would give it an "
+        "unclipped gradient outside the per-sample accounting in mode='clip': register it "
+        "in a torchbp.nn.Linear of the model, freeze it (requires_grad_(False)), use "
+        "use_reentrant=False (its graph is then checked), or detach the checkpoint's output"
+    )

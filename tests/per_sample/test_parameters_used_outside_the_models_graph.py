@@ -1,0 +1,183 @@
+"""Trainable parameters that clip mode's walk of the model's output graph cannot see: one
+used after the model, in the loss (a learnable temperature, a class bias, a torch
+Linear head), one used inside a reentrant checkpoint in front of the model whose output
+reaches it through an attribute, and one the model's own reentrant checkpoint uses
+without registering it. Each received its ordinary, unclipped gradient into ``p.grad``,
+silently (a DP leak when stepped). Refused at the backward, before that gradient or any
+other is written; served when frozen or detached, and in the other modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+REFUSAL = r"nn.Parameter of shape \(%s\) that is not one of the model's.*clip.*unclipped"
+CHECKPOINT_REFUSAL = (
+    r"nn.Parameter of shape \(%s\) that is not one of the model's is used inside a "
+    r"reentrant activation checkpoint.*unclipped.*use_reentrant=False"
+)
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3))
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1]), reduction="sum")
+
+
+def _temperature(out, temperature):
+    return out / temperature
+
+
+def _class_bias(out, bias):
+    return torch.add(out, bias)
+
+
+def _stacked(out, bias):
+    return torch.cat((out, bias.expand(5, 3)), dim=1)
+
+
+def _torch_linear_head(out, head):
+    return head(out)
+
+
+LOSS_SIDE = [
+    (_temperature, lambda: nn.Parameter(torch.tensor(2.0)), ""),
+    (_class_bias, lambda: nn.Parameter(torch.zeros(3)), "3,"),
+    (_stacked, lambda: nn.Parameter(torch.zeros(1, 3)), "1, 3"),
+    (_torch_linear_head, lambda: nn.Linear(3, 3), r"3,?[ \d]*"),
+]
+
+
+def _trainable(thing) -> list[torch.Tensor]:
+    return list(thing.parameters()) if isinstance(thing, nn.Module) else [thing]
+
+
+@pytest.mark.parametrize(("apply", "make", "shape"), LOSS_SIDE)
+def test_a_parameter_used_in_the_loss_refused_before_any_gradient(apply, make, shape):
+    model, extra = _model(), make()
+    with pytest.raises(RuntimeError, match=REFUSAL % shape):
+        with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+            _loss(apply(model(torch.randn(5, 4)), extra)).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *_trainable(extra)])
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+@pytest.mark.parametrize(("apply", "make", "shape"), LOSS_SIDE)
+def test_the_same_parameter_frozen_or_detached_is_served(apply, make, shape):
+    model, extra, x = _model(), make(), torch.randn(5, 4)
+    frozen = extra.requires_grad_(False)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        _loss(apply(model(x), frozen)).backward()
+    assert ps.clip_factors.shape == (5,)
+    extra.requires_grad_(True)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        (_loss(model(x)) + apply(model(x), extra).detach().sum()).backward()
+    assert ps.clip_factors.shape == (5,)
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads"])
+def test_other_modes_give_a_loss_parameter_its_ordinary_gradient(mode):
+    model, temperature, x = _model(), nn.Parameter(torch.tensor(2.0)), torch.randn(5, 4)
+    _loss(model(x) / temperature).backward()
+    expected = temperature.grad.clone()
+    temperature.grad = None
+    with per_sample_grads(model, mode=mode):
+        _loss(model(x) / temperature).backward()
+    torch.testing.assert_close(temperature.grad, expected)
+
+
+def test_a_parameter_used_in_the_context_but_not_in_its_backward_is_served():
+    """A second, trainable model evaluated inside the context (with or without grad) whose
+    output the loss does not use: its parameters get no gradient, nothing to refuse; and
+    after the context its own backward runs as without it."""
+    model, other, x = _model(), nn.Linear(4, 3), torch.randn(5, 4)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        unused = other(x)
+        with torch.no_grad():
+            other(x)
+        _loss(model(x)).backward()
+    assert ps.clip_factors.shape == (5,)
+    unused.sum().backward()
+    assert other.weight.grad is not None
+
+
+def test_a_reentrant_checkpoint_in_front_reaching_the_model_through_an_attribute_refused():
+    """The checkpoint's output reached the model through an attribute, not its arguments,
+    so the forward's walk took the checkpoint for one of the model's own; its backward
+    gave the front Linear an unclipped p.grad."""
+
+    class ReadsAnAttribute(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model()
+            self.features: torch.Tensor | None = None
+
+        def forward(self) -> torch.Tensor:
+            return self.inner(self.features)
+
+    model, front = ReadsAnAttribute(), nn.Linear(4, 4)
+    x = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match=CHECKPOINT_REFUSAL % r"4,?[ \d]*"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            model.features = checkpoint(front, x, use_reentrant=True)
+            _loss(model()).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *front.parameters()])
+
+
+def test_an_unregistered_parameter_in_the_models_own_reentrant_checkpoint_refused():
+    """The model's own reentrant checkpoint (served) with a parameter its segment uses
+    without registering it: the checkpoint's backward gave it an unclipped p.grad."""
+    inner, scale = _model(), [nn.Parameter(torch.ones(4))]
+    model = nn.Module()
+    model.inner = inner
+    model.forward = lambda t: checkpoint(lambda u: inner(u * scale[0]), t, use_reentrant=True)
+    x = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match=CHECKPOINT_REFUSAL % "4,"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            _loss(model(x)).backward()
+    assert all(p.grad is None for p in [*inner.parameters(), scale[0]])
+
+
+def test_no_hook_is_left_on_the_outside_parameter_after_the_context():
+    """The refusing gradient hook goes with the context: the parameter's own backward after
+    it runs as without it."""
+    model, temperature, x = _model(), nn.Parameter(torch.tensor(2.0)), torch.randn(5, 4)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        _loss(model(x) / temperature.detach()).backward()
+    assert ps.clip_factors.shape == (5,)
+    (temperature * 3.0).backward()
+    assert temperature.grad == 3.0
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_a_trainable_reentrant_checkpoint_whose_output_keeps_no_graph_is_served():
+    """A trainable Linear checkpointed in front, reaching the model through an attribute,
+    on an input that needs no gradient (or under no_grad): the checkpoint keeps no node,
+    no backward can reach its parameters, nothing to refuse."""
+
+    class ReadsAnAttribute(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model()
+            self.features: torch.Tensor | None = None
+
+        def forward(self) -> torch.Tensor:
+            return self.inner(self.features)
+
+    model, front = ReadsAnAttribute(), nn.Linear(4, 4)
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        with torch.no_grad():
+            checkpoint(front, torch.randn(5, 4, requires_grad=True), use_reentrant=True)
+        model.features = checkpoint(front, torch.randn(5, 4), use_reentrant=True)
+        _loss(model()).backward()
+    assert ps.clip_factors.shape == (5,)
+    assert front.weight.grad is None
