@@ -148,12 +148,15 @@ def test_an_unregistered_parameter_in_the_models_own_reentrant_checkpoint_refuse
 
 
 def test_no_hook_is_left_on_the_outside_parameter_after_the_context():
-    """The refusing gradient hook goes with the context: the parameter's own backward after
-    it runs as without it."""
+    """The refusing gradient hook goes with the context (served or refused): the
+    parameter's own backward after it runs as without it."""
     model, temperature, x = _model(), nn.Parameter(torch.tensor(2.0)), torch.randn(5, 4)
     with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
         _loss(model(x) / temperature.detach()).backward()
     assert ps.clip_factors.shape == (5,)
+    with pytest.raises(RuntimeError, match="not one of the model's"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            _loss(model(x) / temperature).backward()
     (temperature * 3.0).backward()
     assert temperature.grad == 3.0
 
@@ -181,3 +184,14 @@ def test_a_trainable_reentrant_checkpoint_whose_output_keeps_no_graph_is_served(
         _loss(model()).backward()
     assert ps.clip_factors.shape == (5,)
     assert front.weight.grad is None
+
+
+def test_a_loss_parameter_left_out_by_backward_inputs_is_served():
+    """backward(inputs=the model's parameters) does not reach the temperature: no
+    unclipped gradient is written, nothing to refuse."""
+    model, temperature = _model(), nn.Parameter(torch.tensor(2.0))
+    with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+        loss = _loss(model(torch.randn(5, 4)) / temperature)
+        loss.backward(inputs=list(model.parameters()))
+    assert ps.clip_factors.shape == (5,)
+    assert temperature.grad is None and model[0].weight.grad is not None
