@@ -89,7 +89,8 @@ class PerSampleGrads:
             (model, refusals.outside_parameters_guard(model)) if mode == "clip" else None
         )
         # (clip mode) a torch function mode seeing, while the context is open, the
-        # trainable parameters outside the model used after it (in the loss)
+        # trainable parameters outside the model used after it (in the loss) or inside a
+        # reentrant checkpoint's segment, which the forward hook's graph walk cannot see
         self._outside_watch = (
             refusals.OutsideParameterWatch(model, self._refuse_outside_parameter)
             if mode == "clip"
