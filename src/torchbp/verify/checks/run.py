@@ -45,6 +45,7 @@ from torchbp.verify.checks.parameters import (
 from torchbp.verify.checks.rng import SameRandomNumbers, seeded_rng
 from torchbp.verify.checks.table import CHECK_TABLE, Check
 from torchbp.verify.checks.transforms import own_vmap_rule
+from torchbp.verify.checks.unimplemented import refuse_unimplemented_gradients
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
 __all__ = ["check_function", "run_check"]
@@ -81,11 +82,13 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
                 passed = _run_masking_constant_infinities(check, ctx)
             except CheckFailure as failure:
                 refuse_inputs_near_domain_edge(ctx, check.name, failure)
+                refuse_unimplemented_gradients(ctx, failure)
                 raise
             except (CheckUnsupported, CheckSkip, UsageError):
                 raise
             except Exception as exc:  # noqa: BLE001 - never leak a deep traceback
                 refuse_inputs_near_domain_edge(ctx, check.name, exc)
+                refuse_unimplemented_gradients(ctx, exc)
                 raise outcome_of(exc) from None
         status, message, abs_err, rel_err = PASS, passed.note, passed.abs_err, passed.rel_err
         caveat = passed.caveat
