@@ -11,6 +11,9 @@
 - :mod:`.explain`, :mod:`.compare`, :mod:`.jacobians`: plain-word error messages, tensor
   comparison and Jacobians.
 - :mod:`.complex_views`: complex inputs and outputs checked as their real views.
+- :mod:`.domain`, :mod:`.unimplemented`: failures that are no fault of fn's derivatives
+  (inputs within eps of fn's domain edge, a gradient backward does not offer) made usage
+  errors; other inputs kept inside fn's domain.
 """
 
 from torchbp.verify.checks.compare import tolerances
