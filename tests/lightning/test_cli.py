@@ -94,6 +94,10 @@ def test_resume_from_last_matches_uninterrupted(tmp_path):
         # a ValueError traceback from Lightning's seed_everything (numpy's seed range)
         (["--seed_everything=-1"], "seed_everything must be true, false or an int in"),
         (["--seed_everything=4294967296"], "[0, 4294967295], got 4294967296"),
+        # Lightning's Trainer takes these; the fit failed with a ZeroDivisionError traceback
+        (["--trainer.accumulate_grad_batches=0"], "accumulate_grad_batches must be an int >= 1"),
+        (["--trainer.check_val_every_n_epoch=0"], "check_val_every_n_epoch must be an int >= 1"),
+        (["--trainer.val_check_interval=0"], "val_check_interval must be an int >= 1"),
     ],
 )
 def test_invalid_config_is_a_cli_error_before_training(tmp_path, capsys, args, message):

@@ -114,6 +114,7 @@ from torchbp.lightning.run_checks import (
     check_predictions_can_be_written,
     check_privacy,
     check_run_folders_can_be_written,
+    check_trainer_intervals,
     describe_config_error,
 )
 from torchbp.lightning.run_folders import (
@@ -514,6 +515,7 @@ class TorchbpCLI(LightningCLI):
                 check_monitors(self.model, self.trainer, own)
             resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
             check_privacy(self.subcommand, self.model, self.datamodule, self.trainer, resumed)
+            check_trainer_intervals(self.subcommand, self.trainer)
             check_batch_counts(self.subcommand, self.datamodule, self.trainer)
             check_poisson_sampling(self.subcommand, self.datamodule, self.trainer)
             ckpt_path = self._subcommand_config(self.config).get("ckpt_path")

@@ -34,6 +34,7 @@ __all__ = [
     "check_privacy",
     "check_predictions_can_be_written",
     "check_batch_counts",
+    "check_trainer_intervals",
 ]
 
 
@@ -274,6 +275,29 @@ def _fewest_batches(counts: list[int]) -> tuple[int, int]:
 def _of_process(rank: int, world_size: int) -> str:
     """`` of process <rank> (of <world_size>)`` under DDP, nothing in one process."""
     return f" of process {rank} (of {world_size}, DDP)" if world_size > 1 else ""
+
+
+#: the trainer's counts that Lightning takes as given and divides by once a fit has started
+#: (a ZeroDivisionError traceback at 0): the option and the values it takes
+_COUNTS_FROM_ONE = {
+    "accumulate_grad_batches": "an int >= 1 (batches per optimizer step)",
+    "check_val_every_n_epoch": "an int >= 1 (epochs between validations) or null",
+    "val_check_interval": "an int >= 1 (batches between validations) or a fraction of the "
+    "epoch in (0, 1]",
+}
+
+
+def check_trainer_intervals(subcommand: str | None, trainer: pl.Trainer) -> None:
+    """Refuse a ``fit`` whose ``accumulate_grad_batches``, ``check_val_every_n_epoch`` or
+    ``val_check_interval`` (an int: batches) is below 1, as a ``ValueError``: Lightning's
+    Trainer accepts 0 and a negative int, and the fit fails with a ZeroDivisionError
+    traceback after its run folder is written."""
+    if subcommand != "fit":
+        return
+    for name, wanted in _COUNTS_FROM_ONE.items():
+        value = getattr(trainer, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"trainer.{name} must be {wanted}, got {value}")
 
 
 def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trainer) -> None:
