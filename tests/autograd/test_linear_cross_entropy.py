@@ -672,6 +672,35 @@ def test_options_acc_dtype_native_takes_is_taken(dtype, acc_dtype):
     torch.testing.assert_close(TF.linear_cross_entropy(x, w, t, options=options), native)
 
 
+def _raised(fn, *args, **kwargs) -> type[Exception] | None:
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as error:
+        return type(error)
+    return None
+
+
+@needs_native
+@pytest.mark.filterwarnings("ignore:linear_cross_entropy. ``options`` ignored:UserWarning")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("target_requires_grad", [False, True])
+def test_options_acc_dtype_with_probabilities_refused_where_native_refuses_it(
+    reduction, target_dtype, target_requires_grad
+):
+    """torch 2.14's native chunked path also takes probability targets (``'mean'`` /
+    ``'sum'``, the input's dtype, not requiring grad) and refuses a float64 acc_dtype for
+    float32 input there; torchbp accepted and ignored it (2.13 sends probabilities to its
+    reference formula, which ignores acc_dtype: so does torchbp there)."""
+    x, w = make((N, D)), make((C, D), seed=1)
+    t = soft_target((N, C), target_dtype).requires_grad_(target_requires_grad)
+    options = torch.nn.LinearCrossEntropyOptions(acc_dtype=torch.float64)
+    kw = dict(reduction=reduction, options=options)
+    native = _raised(F.linear_cross_entropy, x, w, t, **kw)
+    got = _raised(TF.linear_cross_entropy, x, w, t, **kw)
+    assert (got is None) == (native is None), (got, native)
+
+
 @needs_native
 def test_ignore_index_default_is_none_as_native():
     x, w = make((N, D), torch.float64), make((C, D), torch.float64, seed=1)

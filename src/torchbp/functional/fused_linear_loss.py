@@ -62,16 +62,35 @@ def _lce_loss_dtype(input: torch.Tensor) -> torch.dtype:
     return input.dtype
 
 
-def _native_chunks(options, label_smoothing: float, target: torch.Tensor, out_features) -> bool:
+#: torch 2.14's native chunked path also takes probability targets (2.13's does not)
+_NATIVE_CHUNKS_PROBABILITIES = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
+
+
+def _native_chunks(
+    options, label_smoothing: float, target: torch.Tensor, out_features, probabilities=False
+) -> bool:
     """Whether native's ``linear_cross_entropy`` takes its chunked path (``options`` given,
-    no label smoothing, int64 class indices, a 2-D weight, not recorded by
-    ``torch.jit.trace``) rather than its reference formula, ``cross_entropy(linear(...))``."""
+    no label smoothing, int64 class indices or, with ``probabilities``, a probability
+    target it chunks, a 2-D weight, not recorded by ``torch.jit.trace``) rather than its
+    reference formula, ``cross_entropy(linear(...))``."""
     return (
         options is not None
         and label_smoothing == 0.0
-        and target.dtype == torch.int64
+        and (target.dtype == torch.int64 or probabilities)
         and not out_features
         and not torch.jit.is_tracing()
+    )
+
+
+def _native_chunks_probabilities(input, target, reduction: str, soft: bool) -> bool:
+    """Whether native's chunked path (torch >= 2.14) takes this probability target:
+    ``'mean'`` / ``'sum'``, the input's dtype, and no gradient wanted for it."""
+    return (
+        _NATIVE_CHUNKS_PROBABILITIES
+        and soft
+        and reduction in ("mean", "sum")
+        and target.dtype == input.dtype
+        and not (target.requires_grad and torch.is_grad_enabled())
     )
 
 
@@ -280,7 +299,8 @@ def linear_cross_entropy(
     # native's chunked path takes class weights of any dtype; its reference path, as
     # cross_entropy, refuses one of another dtype than the loss's input
     any_weight_dtype = _native_chunks(options, label_smoothing, target, call.out_features)
-    if any_weight_dtype:
+    probabilities = _native_chunks_probabilities(input, target, reduction, soft)
+    if _native_chunks(options, label_smoothing, target, call.out_features, probabilities):
         _check_accumulation_dtype(options, input.dtype)
     loss_dtype = _lce_loss_dtype(input)
     if (
