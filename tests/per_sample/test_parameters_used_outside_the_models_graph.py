@@ -48,11 +48,17 @@ def _torch_linear_head(out, head):
     return head(out)
 
 
+def _stacked_by_keyword(out, bias):
+    # the parameter only inside a keyword's sequence: torch.cat(tensors=...)
+    return torch.cat(tensors=(out, bias), dim=0)[:5]
+
+
 LOSS_SIDE = [
     (_temperature, lambda: nn.Parameter(torch.tensor(2.0)), ""),
     (_class_bias, lambda: nn.Parameter(torch.zeros(3)), "3,"),
     (_stacked, lambda: nn.Parameter(torch.zeros(1, 3)), "1, 3"),
     (_torch_linear_head, lambda: nn.Linear(3, 3), r"3,?[ \d]*"),
+    (_stacked_by_keyword, lambda: nn.Parameter(torch.zeros(1, 3)), "1, 3"),
 ]
 
 
@@ -69,6 +75,18 @@ def test_a_parameter_used_in_the_loss_refused_before_any_gradient(apply, make, s
     assert all(p.grad is None for p in [*model.parameters(), *_trainable(extra)])
     with pytest.raises(RuntimeError, match="nothing was formed"):
         _ = ps.norms
+
+
+def test_a_loss_term_whose_gradient_comes_after_the_models_refused_before_any_gradient():
+    """A term of the loss made from the parameter before the model's forward, not
+    through the model: its gradient came after the model's, once the clipped p.grad
+    were written (refused, but with p.grad set); the results now wait for it."""
+    model, scale = _model(), nn.Parameter(torch.ones(3))
+    with pytest.raises(RuntimeError, match=REFUSAL % "3,"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            penalty = (scale * 2.0).sum()
+            (_loss(model(torch.randn(5, 4))) + penalty).backward()
+    assert all(p.grad is None for p in [*model.parameters(), scale])
 
 
 @pytest.mark.parametrize(("apply", "make", "shape"), LOSS_SIDE)

@@ -92,7 +92,9 @@ class PerSampleGrads:
         # trainable parameters outside the model used after it (in the loss) or inside a
         # reentrant checkpoint's segment, which the forward hook's graph walk cannot see
         self._outside_watch = (
-            refusals.OutsideParameterWatch(model, self._refuse_outside_parameter)
+            refusals.OutsideParameterWatch(
+                model, self._refuse_outside_parameter, self._hold_results_for
+            )
             if mode == "clip"
             else None
         )
@@ -474,6 +476,14 @@ class PerSampleGrads:
             self._results_hook, self._watched = old_hook, old_watched
             return
         old_hook.remove()
+
+    def _hold_results_for(self, p: nn.Parameter) -> None:
+        """(clip mode) Make the results wait for the gradient of ``p``, a trainable
+        parameter outside the model that a torch function was given inside the context,
+        as :meth:`_watch_stray` does a refused Linear call's tensors: its hook refuses it
+        before any p.grad is written, wherever the backward reaches it."""
+        if self._results_hook is not None:
+            self._watch_stray([p])
 
     def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
         """Raise for a gradient that reached ``p`` through an op other than its Linear

@@ -282,12 +282,23 @@ class OutsideParameterWatch(TorchFunctionMode):
         model: the model given to ``per_sample_grads``; its parameters at creation are
             its own (one replaced, unfrozen or added since is refused by name elsewhere).
         refuse: called with the parameter from its gradient hook; raises.
+        hold_results: called with each parameter as its hook is registered, so that the
+            context's results wait for its gradient (which ``refuse`` refuses first): one
+            whose gradient comes after the model's (a parameter used before the model's
+            forward, in a term of the loss that does not pass through the model) would
+            otherwise be refused after the clipped ``p.grad`` were written.
     """
 
-    def __init__(self, model: nn.Module, refuse: Callable[[nn.Parameter], None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        refuse: Callable[[nn.Parameter], None],
+        hold_results: Callable[[nn.Parameter], None],
+    ) -> None:
         super().__init__()
         self._model = model
         self._refuse = refuse
+        self._hold_results = hold_results
         # held, so that no other tensor takes one's id while the context is open
         self._own = list(model.parameters())
         self._own_ids = frozenset(id(p) for p in self._own)
@@ -298,21 +309,25 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        self._scan(args)
+        if kwargs:
+            self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
+            return func(*args, **kwargs)
+        return func(*args)
+
+    def _scan(self, arguments: Iterable) -> None:
+        """See each parameter among ``arguments``, or among the items of one that is a
+        tuple or list (``torch.cat((x, prompt))``)."""
         # (written out, not a generator: this runs for every torch function call, a
-        # property read included, in the forward and the loss)
+        # property read included, in the forward, the loss and add_noise)
         own = self._own_ids
-        for argument in args:
-            if type(argument) in _SEQUENCES:  # torch.cat((x, prompt))
+        for argument in arguments:
+            if type(argument) in _SEQUENCES:
                 for item in argument:
                     if id(item) not in own and _is_parameter(item):
                         self._see(item)
             elif id(argument) not in own and _is_parameter(argument):
                 self._see(argument)
-        for argument in kwargs.values():
-            if id(argument) not in own and _is_parameter(argument):
-                self._see(argument)
-        return func(*args, **kwargs)
 
     def _see(self, p: nn.Parameter) -> None:
         """A parameter, not the model's, passed to a torch function: watch it unless it is
@@ -336,6 +351,7 @@ class OutsideParameterWatch(TorchFunctionMode):
                 refuse(p)
 
         self._handles.append(p.register_hook(refuse_its_gradient))
+        self._hold_results(p)  # (after the hook: hooks on p run in registration order)
 
     def _note_checkpoint_use(self, p: nn.Parameter) -> None:
         """Note ``p`` with the outermost reentrant checkpoint whose forward runs now, if any."""
