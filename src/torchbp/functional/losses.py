@@ -31,6 +31,13 @@ _CLASSLASTROWS = pair(ClassLastRowsFunction)
 _CROSSENTROPY = pair(CrossEntropyFunction)
 _NLLLOSS = pair(NLLLossFunction)
 
+# Native's functions, for the inputs torchbp hands to them (sparse, strided nested), bound
+# at import: a user who patches torch.nn.functional.cross_entropy / nll_loss with
+# torchbp's (a drop-in, as kernel libraries patch functions) made that call torchbp's
+# again, a RecursionError.
+_NATIVE_NLL_LOSS = torch.nn.functional.nll_loss
+_NATIVE_CROSS_ENTROPY = torch.nn.functional.cross_entropy
+
 
 def _cast_loss_for_autocast(input: torch.Tensor, weight: torch.Tensor | None):
     """``(input, weight)`` as autocast casts them for a loss (native lists ``nll_loss`` /
@@ -211,7 +218,7 @@ def nll_loss(
             reduction,
         )
     if _checks.any_native_layout(input, target, weight):  # sparse or strided nested
-        return torch.nn.functional.nll_loss(
+        return _NATIVE_NLL_LOSS(
             input, target, weight, size_average, ignore_index, reduce, reduction
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
@@ -310,7 +317,7 @@ def cross_entropy(
             inplace=inplace,
         )
     if _checks.any_native_layout(input, target, weight):  # sparse or strided nested
-        return torch.nn.functional.cross_entropy(
+        return _NATIVE_CROSS_ENTROPY(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
