@@ -38,6 +38,22 @@ class HalfSquaredErrorWithoutTargetGradient(SquaredErrorWithoutTargetGradient):
         return g * (x - t), None
 
 
+class SquaredErrorTargetGradientOnlyWithInputs(SquaredErrorWithoutTargetGradient):
+    """Wrong: the target's gradient is computed from the input's, so backward raises
+    NotImplementedError when the target alone requires grad, though it gives it when
+    both do (a bug of its ctx.needs_input_grad paths)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        x, t = ctx.saved_tensors
+        dx = 2 * g * (x - t) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return dx, None
+        if dx is None:
+            raise NotImplementedError("SquaredError: the target's gradient needs the input's")
+        return dx, -dx
+
+
 def _reference(x, t):
     return ((x - t) ** 2).sum()
 
@@ -65,6 +81,17 @@ def test_a_wrong_backward_for_the_inputs_it_offers_still_fails():
         HalfSquaredErrorWithoutTargetGradient, *inputs, grad_inputs=(0,), checks=["gradcheck"]
     )
     assert report["gradcheck"].failed, report
+
+
+def test_a_gradient_refused_only_alone_is_a_failure_not_a_usage_error():
+    # before: a usage error advising grad_inputs=(0,), under which the run passes,
+    # though backward gives the target's gradient when both inputs require grad
+    inputs = (seeded(3, 4), seeded(3, 4, seed=1))
+    report = check_function(
+        SquaredErrorTargetGradientOnlyWithInputs, *inputs, checks=["needs_input_grad"]
+    )
+    message = report["needs_input_grad"].message
+    assert report["needs_input_grad"].failed and "only input 1 requires grad" in message, report
 
 
 def test_the_command_line_spells_the_inputs_to_give(tmp_path, capsys, monkeypatch):

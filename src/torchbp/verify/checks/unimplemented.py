@@ -27,13 +27,14 @@ def _not_implemented(cause: BaseException) -> NotImplementedError | None:
     return None
 
 
-def _refuses_gradient_of(ctx: CheckContext, k: int) -> bool:
-    """Whether backward raises ``NotImplementedError`` when the ``k``-th differentiable
-    input alone requires grad."""
-    diff = [x if j == k else x.detach() for j, x in enumerate(ctx.leaves())]
+def _refuses_gradients(ctx: CheckContext, wanted: list[int]) -> bool:
+    """Whether backward raises ``NotImplementedError`` when the differentiable inputs at
+    the positions ``wanted`` (among them) alone require grad."""
+    diff = [x if j in wanted else x.detach() for j, x in enumerate(ctx.leaves())]
     try:
         outs = [o for o in ctx.diff_fn(*diff) if o.requires_grad]
-        input_grads(outs, [diff[k]], [torch.ones_like(o) for o in outs], allow_unused=True)
+        grads_of = [diff[j] for j in wanted]
+        input_grads(outs, grads_of, [torch.ones_like(o) for o in outs], allow_unused=True)
     except NotImplementedError:
         return True
     except Exception:  # noqa: BLE001 - another failure, for the checks to report
@@ -45,15 +46,19 @@ def refuse_unimplemented_gradients(ctx: CheckContext, cause: BaseException) -> N
     """A :class:`UsageError` when a check failed with ``cause``, a ``NotImplementedError``
     of fn's backward, because some of the differentiated inputs (not all, and none a
     module's parameter) are ones whose gradient backward refuses: it names them and the
-    ``grad_inputs`` leaving them out. Nothing otherwise, nor after an earlier check failed
-    (the failure stands)."""
+    ``grad_inputs`` leaving them out. Nothing otherwise, nor after an earlier check failed,
+    nor when backward gives their gradients once every input requires grad (it refuses
+    them alone only: a bug of its ``ctx.needs_input_grad`` paths; the failure stands)."""
     error = _not_implemented(cause)
     if error is None or any(result.failed for result in ctx.results.values()):
         return  # an earlier check's own failure stands
-    refused = [k for k in range(len(ctx.grad_idx)) if _refuses_gradient_of(ctx, k)]
+    every = list(range(len(ctx.grad_idx)))
+    refused = [k for k in every if _refuses_gradients(ctx, [k])]
     positions = [ctx.grad_idx[k] for k in refused]
     if not refused or len(refused) == len(ctx.grad_idx):
         return
+    if not _refuses_gradients(ctx, every):
+        return  # offered with the others: refusing it alone is a needs_input_grad bug
     if any(i in ctx.parameter_names for i in positions):
         return
     kept = tuple(i for i in ctx.grad_idx if i not in positions and i not in ctx.parameter_names)
