@@ -787,6 +787,38 @@ class CausalScoresUnscaled(CausalScores):
         return gs @ k, gs.transpose(-2, -1) @ q
 
 
+class CausalScoresUnmaskedGradient(CausalScores):
+    """Wrong: backward and jvp leave the mask out, giving the masked scores (constants of
+    -inf, derivative 0) the gradient of unmasked ones."""
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        gs = g / math.sqrt(q.shape[-1])
+        return gs @ k, gs.transpose(-2, -1) @ q
+
+    @staticmethod
+    def jvp(ctx, tq, tk):
+        q, k = ctx.saved_tensors
+        return (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+
+
+class LogSumExpUnshifted(Function):
+    """Wrong: logsumexp without subtracting the max, so forward overflows to inf for
+    inputs above ~710 (float64), while backward gives the softmax of a finite one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.exp().sum(-1).log()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        # d logsumexp(x) / dx = softmax(x)
+        return g.unsqueeze(-1) * torch.softmax(x, -1)
+
+
 def causal_scores_reference(q, k):
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return scores.masked_fill(_causal_mask(scores), float("-inf"))

@@ -290,3 +290,37 @@ def test_an_output_that_is_a_constant_infinity_has_derivative_zero():
     checks = ["gradcheck", "gradgradcheck", "forward_ad"]
     report = check_function(rw.CausalScores, *inputs, checks=checks)
     assert report.ok and all(report[name].passed for name in checks), report
+    # a pass that took the infinities as given says so: without a reference, an
+    # overflow would read as a constant too
+    assert "with no reference" in report["gradcheck"].caveat, report
+
+
+def test_a_gradient_given_to_a_constant_infinity_fails():
+    # before: the constant -inf scores were read as 0 through torch.where, whose
+    # derivative is 0 there too, so a backward and jvp leaving the mask out passed
+    inputs = (seeded(4, 3), seeded(4, 3, seed=1))
+    checks = ["gradcheck", "forward_ad"]
+    report = check_function(rw.CausalScoresUnmaskedGradient, *inputs, checks=checks)
+    assert report["gradcheck"].failed and report["forward_ad"].failed, report
+    message = report["gradcheck"].message
+    assert "numerical 0" in message and "are the same infinity at and near" in message, message
+
+
+def test_a_forward_overflowing_to_infinity_fails_gradcheck():
+    # before: the overflowed logsumexp, inf at and near inputs of ~800, read as a
+    # constant whose backward was compared as 0, and passed with a softmax backward
+    report = check_function(rw.LogSumExpUnshifted, seeded(3, 4, shift=800.0), checks=["gradcheck"])
+    assert report["gradcheck"].failed, report
+
+
+def test_an_infinity_of_an_infinite_input_is_left_out_not_read_as_a_constant():
+    # torch's log_softmax given -inf logits: out_j = x_j - logsumexp(x) stays -inf near
+    # them, but its derivative in the other logits is -softmax, not 0; central
+    # differences cannot measure it, so it is not compared (as before the fix above)
+    x = seeded(3, 4)
+    x[0, 1] = x[2, 3] = float("-inf")
+    checks = ["gradcheck", "gradgradcheck", "forward_ad"]
+    report = check_function(functools.partial(F.log_softmax, dim=-1), x, checks=checks)
+    assert report.ok and all(report[name].passed for name in checks), report
+    assert "2 element(s) of output 0" in report["gradcheck"].caveat, report
+    assert "were not compared" in report["gradcheck"].caveat, report

@@ -15,7 +15,7 @@ from torchbp.verify.report import FAIL, CheckResult
 if TYPE_CHECKING:
     from torchbp.verify.checks.options import Options
 
-__all__ = ["FULL_JACOBIAN_ELEMENTS", "CheckContext", "generator_copy"]
+__all__ = ["FULL_JACOBIAN_ELEMENTS", "CheckContext", "generator_copy", "holds_infinity"]
 
 #: The most differentiated elements (inputs and an ``nn.Module``'s parameters together)
 #: whose Jacobians torch's gradcheck builds in full by default; above it the numerical
@@ -41,6 +41,51 @@ def _fresh(arg: Any) -> Any:
     if isinstance(arg, torch.Generator):
         return generator_copy(arg)
     return arg
+
+
+class _ZeroedConstant(torch.autograd.Function):
+    """``out`` with 0 where ``mask`` is true, its derivatives passed through unchanged:
+    the value central differences see at a constant infinity (0, not ``inf - inf``),
+    while backward and jvp still see, and are compared on, everything fn's derivatives
+    give there. ``torch.where(mask, 0, out)`` would zero them too: a backward leaking
+    gradient through a masked score would then read as right."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, 0.0, out)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pass  # nothing to save: the derivative is the identity
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # d out' / d out = identity, also where masked (see the class docstring)
+        return grad, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: torch.Tensor, _mask_tangent: Any) -> torch.Tensor:
+        # the same identity, forward
+        return tangent.clone()
+
+
+def holds_infinity(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether one of the strided ``tensors`` has an infinite element."""
+    return any(t.layout == torch.strided and bool(torch.isinf(t.detach()).any()) for t in tensors)
+
+
+def _zero_where(out: torch.Tensor, mask: torch.Tensor, inputs_finite: bool) -> torch.Tensor:
+    """``out`` with 0 where ``mask`` (its constant infinities) is true. With finite
+    inputs such an infinity is fn's own (a mask, an overflow), of derivative 0, and fn's
+    derivatives there stay compared with it (:class:`_ZeroedConstant`); with an infinite
+    input it may be that input's (``x_j - logsumexp(x)`` of a log_softmax given ``-inf``,
+    whose derivative in the other logits is not 0), which central differences cannot
+    measure: its derivatives are left out (0 on both sides, ``torch.where``'s)."""
+    if inputs_finite:
+        return _ZeroedConstant.apply(out, mask)
+    return torch.where(mask, 0.0, out)
 
 
 @dataclass(eq=False)
@@ -171,8 +216,9 @@ class CheckContext:
 
     def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """fn of the differentiable inputs only, returning its floating-point outputs (0
-        where :attr:`constant_infinities` says); a ``ValueError`` of fn leaves a copy of
-        ``diff`` in :attr:`refused_inputs`."""
+        where :attr:`constant_infinities` says, fn's derivatives left as they are there:
+        :func:`_zero_where`); a ``ValueError`` of fn leaves a copy of ``diff`` in
+        :attr:`refused_inputs`."""
         try:
             outs = tuple(float_tensors(self.call(self.fn, diff)))
         except ValueError:
@@ -180,8 +226,9 @@ class CheckContext:
             raise
         if self.constant_infinities is None:
             return outs
+        finite = not holds_infinity(diff)
         return tuple(
-            torch.where(mask, 0.0, out) if mask.shape == out.shape else out
+            _zero_where(out, mask, finite) if mask.shape == out.shape else out
             for out, mask in zip(outs, self.constant_infinities)
         )
 
