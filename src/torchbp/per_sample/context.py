@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
 from torchbp.per_sample import arguments, refusals
@@ -355,6 +357,13 @@ class PerSampleGrads:
                 "the next step"
             )
         std = float(noise_multiplier) * self.max_norm
+        _past_the_function_modes(functools.partial(self._noise, noise_multiplier, std, generator))
+        self._noised = True
+
+    def _noise(
+        self, noise_multiplier: float, std: float, generator: torch.Generator | None
+    ) -> None:
+        """:meth:`add_noise`'s checks of the gradients and its draws, with std ``σC``."""
         grad_dtypes = [
             gradient_dtype(p) if p.grad is None else p.grad.dtype for p in self.parameters
         ]
@@ -375,7 +384,6 @@ class PerSampleGrads:
             except BaseException:
                 self._noise_interrupted = True
                 raise
-        self._noised = True
 
     # ------------------------------------------------------------------ internals
     def _fail(self) -> None:
@@ -560,6 +568,26 @@ class PerSampleGrads:
             self._batch, self._norms, self._factors = results.batch, results.norms, results.factors
             results.write()
             self._recorder.finalised = True
+
+
+# a plain tensor, made at import: torch.overrides.has_torch_function((_PLAIN,)) tells
+# whether a torch function mode is active on this thread
+_PLAIN = torch.empty(0)
+
+
+def _past_the_function_modes(step: Callable[[], None]) -> None:
+    """Run ``step()``, torchbp's own work on the model's gradients, as one torch function:
+    each torch function mode active on this thread (clip mode's
+    :class:`~torchbp.per_sample.refusals.OutsideParameterWatch`, a user's) receives it as a
+    call of this function and runs it with itself off, as a mode runs ``loss.backward()``,
+    so that the torch calls inside ``step`` (add_noise's reads of each ``p.grad``, its
+    dtype and strides, the draws: ~20 a parameter) skip the modes' Python dispatch
+    (~1.5 µs a call; 130 of the 180 µs the watch added to a DP step of the digits MLP,
+    batch 64, of about 900). Without a mode it is a plain call."""
+    if has_torch_function((_PLAIN,)):
+        handle_torch_function(_past_the_function_modes, (_PLAIN,), step)
+        return
+    step()
 
 
 def per_sample_grads(
