@@ -72,3 +72,19 @@ def test_the_noise_is_drawn_as_without_a_mode(modes_before, inside):
     noised = _step(modes_before, CountingMode() if inside else contextlib.nullcontext())
     for got, want in zip(noised, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+class DroppingMode(TorchFunctionMode):
+    """Runs torch's own functions, and returns ``None`` for any other (a mode written for
+    the functions it knows)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", "").startswith("torchbp"):
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mode_that_drops_the_noise_call_is_refused():
+    """Before: add_noise returned as if the noise were drawn, with p.grad clipped only."""
+    with pytest.raises(RuntimeError, match="without running it, so no noise was added"):
+        _step([], DroppingMode())

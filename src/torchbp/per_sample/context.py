@@ -583,11 +583,29 @@ def _past_the_function_modes(step: Callable[[], None]) -> None:
     so that the torch calls inside ``step`` (add_noise's reads of each ``p.grad``, its
     dtype and strides, the draws: ~20 a parameter) skip the modes' Python dispatch
     (~1.5 µs a call; 130 of the 180 µs the watch added to a DP step of the digits MLP,
-    batch 64, of about 900). Without a mode it is a plain call."""
-    if has_torch_function((_PLAIN,)):
-        handle_torch_function(_past_the_function_modes, (_PLAIN,), step)
+    batch 64, of about 1 ms). Without a mode it is a plain call.
+
+    Raises:
+        RuntimeError: a mode returned without running the call (``step`` never ran: no
+            noise was drawn, which must not pass silently).
+    """
+    if not has_torch_function((_PLAIN,)):
+        step()
         return
-    step()
+    ran = []
+
+    def step_noted() -> None:
+        step()
+        ran.append(True)
+
+    handle_torch_function(_past_the_function_modes, (_PLAIN,), step_noted)
+    if not ran:
+        raise RuntimeError(
+            "per_sample_grads: a torch function mode active here returned from add_noise's "
+            "call (torchbp.per_sample.context._past_the_function_modes) without running it, "
+            "so no noise was added: a mode must run the functions it does not handle "
+            "(return func(*args, **kwargs))"
+        )
 
 
 def per_sample_grads(
