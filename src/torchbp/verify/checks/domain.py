@@ -22,6 +22,7 @@ from torchbp.verify.checks.spelling import inputs_in_domain, option
 
 __all__ = [
     "CENTRAL_DIFFERENCE_CHECKS",
+    "Transform",
     "batch_scales",
     "constant_infinities",
     "first_accepted",
@@ -259,8 +260,9 @@ def _near_edge(ctx: CheckContext, message: str) -> UsageError | CheckSkip:
     )
 
 
-#: A way to make other values of a differentiable input from the given ones.
-Transform = Callable[[torch.Tensor], torch.Tensor]
+#: A way to make other values of the differentiable inputs (all of them, in order) from
+#: the given ones.
+Transform = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def _accepts(ctx: CheckContext, inputs: list[torch.Tensor], before: list[torch.Tensor]) -> bool:
@@ -274,8 +276,8 @@ def _accepts(ctx: CheckContext, inputs: list[torch.Tensor], before: list[torch.T
 
 
 def first_accepted(ctx: CheckContext, candidates: Sequence[Sequence[Transform]]) -> int:
-    """The position of the first of ``candidates`` (each a few transforms, each applied to
-    every differentiable input) at all of whose values fn runs as at the given ones: no
+    """The position of the first of ``candidates`` (each a few transforms, each making
+    values of the differentiable inputs) at all of whose values fn runs as at the given ones: no
     error, no new NaN or infinity. A check needing other inputs (two calls before
     backward, a batch of scaled copies) must not leave fn's domain, as scaling a
     probability or an acos input of 0.9 up by 1.25 does. 0 when fn accepts none of them,
@@ -286,7 +288,7 @@ def first_accepted(ctx: CheckContext, candidates: Sequence[Sequence[Transform]])
     except Exception:  # noqa: BLE001 - fn's own failure, for the check to report
         return 0
     for position, transforms in enumerate(candidates):
-        if all(_accepts(ctx, [make(x) for x in given], before) for make in transforms):
+        if all(_accepts(ctx, make(given), before) for make in transforms):
             return position
     return 0
 
@@ -302,8 +304,8 @@ def batch_scales(ctx: CheckContext, batch: int) -> list[float]:
 
 
 def _times(factor: float) -> Transform:
-    """The transform scaling an input by ``factor``."""
-    return lambda x: x * factor
+    """The transform scaling every input by ``factor``."""
+    return lambda xs: [x * factor for x in xs]
 
 
 def constant_infinities(ctx: CheckContext) -> list[torch.Tensor] | None:

@@ -9,11 +9,13 @@ micro-batches, a siamese network, a Function used twice in one model).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from torchbp.verify.checks.compare import float_tensors, input_grads, require_close, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.domain import first_accepted
+from torchbp.verify.checks.domain import Transform, first_accepted
 from torchbp.verify.checks.explain import explain_error
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 
@@ -25,24 +27,60 @@ def _flipped(x: torch.Tensor) -> torch.Tensor:
     return x.flip(list(range(x.dim())))
 
 
-#: Ways to make the second call's values, in the order tried: flipped and scaled by 1.25
-#: (same shapes, same signs, different values at every place that is not symmetric);
-#: scaled down instead (a probability, an acos input near 1); not flipped (two values fn
-#: needs sorted); scaled up, not flipped.
-_SECOND_VALUES = (
-    lambda x: _flipped(x) * 1.25,
-    lambda x: _flipped(x) / 1.25,
-    lambda x: x / 1.25,
-    lambda x: x * 1.25,
-)
+#: A way to make other values of one input from its given ones.
+Make = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _each(make: Make) -> Transform:
+    """The transform applying ``make`` to every input."""
+    return lambda xs: [make(x) for x in xs]
+
+
+def _all_but(k: int, make: Make, kth: Make) -> Transform:
+    """The transform applying ``make`` to every input but the ``k``-th, ``kth`` to it."""
+    return lambda xs: [kth(x) if j == k else make(x) for j, x in enumerate(xs)]
+
+
+def _flipped_up(x: torch.Tensor) -> torch.Tensor:
+    return _flipped(x) * 1.25
+
+
+def _flipped_down(x: torch.Tensor) -> torch.Tensor:
+    return _flipped(x) / 1.25
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.25
+
+
+def _down(x: torch.Tensor) -> torch.Tensor:
+    return x / 1.25
+
+
+def _second_values(inputs: int) -> list[Transform]:
+    """Ways to make the second call's values of ``inputs`` differentiable inputs, in the
+    order tried: each flipped and scaled by 1.25 (same shapes, same signs, different
+    values at every place that is not symmetric); scaled down instead (a probability, an
+    acos input near 1); one of them not flipped (an input fn needs sorted, such as the
+    sample points of an interpolation, beside its query points and values: flipping
+    the others keeps the second call's values unlike the first's in more than scale, which
+    a state bug keyed on their order, the buckets of a searchsorted, would hide behind); none
+    flipped, scaled down, then up."""
+    ways = [_each(_flipped_up), _each(_flipped_down)]
+    if inputs > 1:
+        ways += [_all_but(k, _flipped_up, _up) for k in range(inputs)]
+        ways += [_all_but(k, _flipped_down, _down) for k in range(inputs)]
+    return [*ways, _each(_down), _each(_up)]
 
 
 def second_inputs(ctx: CheckContext) -> list[torch.Tensor]:
-    """Other values for the grad inputs: the first way of :data:`_SECOND_VALUES` whose
+    """Other values for the grad inputs: the first way of :func:`_second_values` whose
     values fn accepts (:func:`~torchbp.verify.checks.domain.first_accepted`: each one
     flipped along all its dims and scaled by 1.25 unless that leaves fn's domain)."""
-    make = _SECOND_VALUES[first_accepted(ctx, [[make] for make in _SECOND_VALUES])]
-    return [make(ctx.args[i].detach()).clone().requires_grad_(True) for i in ctx.grad_idx]
+    ways = _second_values(len(ctx.grad_idx))
+    make = ways[first_accepted(ctx, [[way] for way in ways])]
+    given = [ctx.args[i].detach() for i in ctx.grad_idx]
+    return [x.clone().requires_grad_(True) for x in make(given)]
 
 
 def _forward(ctx: CheckContext, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
