@@ -109,6 +109,7 @@ from torchbp.lightning.run_checks import (
     CONFIG_ERRORS,
     check_batch_counts,
     check_config_file_is_new,
+    check_gradient_clip_val,
     check_monitors,
     check_poisson_sampling,
     check_predictions_can_be_written,
@@ -516,6 +517,7 @@ class TorchbpCLI(LightningCLI):
             resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
             check_privacy(self.subcommand, self.model, self.datamodule, self.trainer, resumed)
             check_trainer_intervals(self.subcommand, self.trainer)
+            check_gradient_clip_val(self.subcommand, self.trainer)
             check_batch_counts(self.subcommand, self.datamodule, self.trainer)
             check_poisson_sampling(self.subcommand, self.datamodule, self.trainer)
             ckpt_path = self._subcommand_config(self.config).get("ckpt_path")

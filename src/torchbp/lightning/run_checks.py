@@ -35,6 +35,7 @@ __all__ = [
     "check_predictions_can_be_written",
     "check_batch_counts",
     "check_trainer_intervals",
+    "check_gradient_clip_val",
 ]
 
 
@@ -298,6 +299,21 @@ def check_trainer_intervals(subcommand: str | None, trainer: pl.Trainer) -> None
         value = getattr(trainer, name)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError(f"trainer.{name} must be {wanted}, got {value}")
+
+
+def check_gradient_clip_val(subcommand: str | None, trainer: pl.Trainer) -> None:
+    """Refuse a ``fit`` whose ``gradient_clip_val`` is negative or NaN, as a ``ValueError``:
+    Lightning's Trainer accepts any float and clips only above 0, so a negative value
+    trained unclipped without a word, and NaN made every clipped gradient NaN. ``None`` and
+    0 are Lightning's "no clipping"."""
+    value = trainer.gradient_clip_val
+    if subcommand != "fit" or value is None:
+        return
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"trainer.gradient_clip_val must be >= 0 (the largest gradient norm, or value "
+            f"with gradient_clip_algorithm: value; 0 or null: no clipping), got {value}"
+        )
 
 
 def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trainer) -> None:
