@@ -340,6 +340,36 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
     low, high = int(low), int(high)
     if 0 <= low and high < classes:  # the common case: one reduction
         return not low <= ignore_index <= high
+    if _only_ignored_out_of_range(target, classes, ignore_index, low, high):
+        return False  # some row is ignored (it holds an extreme of the target)
+    _raise_first_bad_class_index(op, target, classes, ignore_index)
+    return False
+
+
+def _only_ignored_out_of_range(
+    target: torch.Tensor, classes: int, ignore_index: int, low: int, high: int
+) -> bool:
+    """Whether the targets outside ``[0, C)`` all equal ``ignore_index``, given the
+    target's extremes ``low`` / ``high`` (one at least outside). The usual case of a
+    padded batch (``ignore_index = -100`` as ``low``): one more reduction, of the target
+    with the ignored entries replaced by the class 0. ``False`` may also mean "not
+    known" (``C = 0``, where 0 is no class): the caller's exact check decides."""
+    low_ignored, high_ignored = low == ignore_index, high == ignore_index
+    if not (low_ignored or 0 <= low) or not (high_ignored or high < classes):
+        return False  # an extreme is outside [0, C) and not ignore_index: a bad target
+    # ignore_index equals an extreme, so it is a value of the target's dtype (no uint8
+    # wrap-around in the comparison)
+    kept = target.masked_fill(target == ignore_index, 0)
+    if low_ignored:  # high is ignore_index too or below C: the low side remains
+        return 0 <= int(kept.amin())
+    return int(kept.amax()) < classes  # (low >= 0 here)
+
+
+def _raise_first_bad_class_index(
+    op: str, target: torch.Tensor, classes: int, ignore_index: int
+) -> None:
+    """Raise :class:`ClassIndexError` naming the first target (in memory order of the
+    flattened target) outside ``[0, C)`` that is not ``ignore_index``, if any."""
     # compared in int64: uint8 would wrap ignore_index (-1 or 511 equal 255 there) and let
     # an out-of-range 255 through to the gather (a RuntimeError, a device assert on CUDA)
     wide = target.long()
@@ -350,7 +380,6 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
             f"{op}: target {value} is out of bounds: class indices must lie in [0, {classes}) "
             f"(C = {classes}) or equal ignore_index = {ignore_index}"
         )
-    return False
 
 
 def check_class_weight(

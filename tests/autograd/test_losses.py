@@ -9,6 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests._hypothesis import PROFILE
 from tests._support import DEVICES, TOL, grads, make
 from torch.autograd import gradcheck, gradgradcheck
 
@@ -435,6 +438,82 @@ def test_class_index_check_says_when_no_row_is_ignored(target, ignore_index, unm
 
     t = torch.tensor(target, dtype=torch.long)
     assert check_class_indices("op", t, C, ignore_index) is unmasked
+
+
+def _expected_class_index_check(values, classes, ignore_index):
+    """What check_class_indices must do, in Python ints (no dtype wrap-around): the
+    first target outside [0, C) that is not ignore_index (or None), and whether some
+    target is ignore_index (then the rows need the mask: the check returns False)."""
+    bad = [v for v in values if not 0 <= v < classes and v != ignore_index]
+    return (bad[0] if bad else None), ignore_index in values
+
+
+def _assert_class_index_check(values, classes, ignore_index, dtype):
+    from torchbp._checks import ClassIndexError, check_class_indices
+
+    target = torch.tensor(values, dtype=dtype)
+    first_bad, some_ignored = _expected_class_index_check(values, classes, ignore_index)
+    if first_bad is not None:
+        with pytest.raises(ClassIndexError, match=rf"^op: target {first_bad} is out of bounds"):
+            check_class_indices("op", target, classes, ignore_index)
+        return
+    unmasked = check_class_indices("op", target, classes, ignore_index)
+    if some_ignored:
+        assert unmasked is False
+    elif unmasked:  # True only where every target is a class index
+        assert all(0 <= v < classes for v in values)
+
+
+@pytest.mark.parametrize(
+    "values, classes, ignore_index",
+    [
+        ([-100, 1, -100], 5, -100),  # padded batch: ignore_index as the minimum
+        ([-100, -3, 1], 5, -100),  # another negative target behind ignore_index
+        ([-3, -100, 1], 5, -100),  # the first bad one is named, not the minimum
+        ([-100, 1, 5], 5, -100),  # ignore_index the minimum, a target too large
+        ([-100, -100], 5, -100),  # every row ignored
+        ([-100, -100], 0, -100),  # every row ignored, no classes
+        ([-100, 0], 0, -100),  # no classes: 0 is out of range
+        ([-100, -1], 0, -100),  # no classes, a negative target behind ignore_index
+        ([7, 1, 7], 5, 7),  # ignore_index >= C as the maximum
+        ([7, 9, 1], 5, 7),  # a larger target behind it
+        ([7, 5, 1], 5, 7),  # C itself behind it
+        ([7, -1, 1], 5, 7),  # ignore_index the maximum, a negative target
+        ([2, 0, 2], 5, 2),  # ignore_index inside [0, C)
+        ([2, 6, 2], 5, 2),  # ignore_index inside [0, C), a target too large
+        ([-1, 0, 4], 5, -1),
+    ],
+)
+def test_class_index_check_with_ignore_index_at_an_extreme(values, classes, ignore_index):
+    _assert_class_index_check(values, classes, ignore_index, torch.long)
+
+
+@pytest.mark.parametrize(
+    "values, ignore_index",
+    [([255, 1], 255), ([255, 200, 1], 255), ([255, 1], -1), ([255, 1], 511), ([0, 3], 255)],
+)
+def test_uint8_class_index_check_with_ignore_index_at_an_extreme(values, ignore_index):
+    _assert_class_index_check(values, 5, ignore_index, torch.uint8)
+
+
+_IGNORE_INDICES = st.sampled_from([-100, -2, -1, 0, 1, 3, 4, 5, 6, 255, 511])
+
+
+@settings(PROFILE, max_examples=max(PROFILE.max_examples, 300))
+@given(
+    classes=st.integers(0, 5),
+    ignore_index=_IGNORE_INDICES,
+    data=st.data(),
+    uint8=st.booleans(),
+)
+def test_class_index_check_matches_its_definition(classes, ignore_index, data, uint8):
+    """The check's fast paths (one reduction; one more with ignore_index at an extreme)
+    against its definition in Python ints, for every boundary: ignore_index negative, in
+    [0, C), at or past C; targets at -1, 0, C-1, C; C = 0; empty and uint8 targets."""
+    near = [-100, -2, -1, 0, 1, classes - 1, classes, classes + 1, ignore_index]
+    pool = sorted({v for v in near if not uint8 or 0 <= v <= 255}) or [0]
+    values = data.draw(st.lists(st.sampled_from(pool), max_size=6))
+    _assert_class_index_check(values, classes, ignore_index, torch.uint8 if uint8 else torch.long)
 
 
 def test_ignore_index_inside_the_target_range_is_still_honoured():
