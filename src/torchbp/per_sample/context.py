@@ -485,13 +485,13 @@ class PerSampleGrads:
             return
         old_hook.remove()
 
-    def _hold_results_for(self, p: nn.Parameter) -> None:
-        """(clip mode) Make the results wait for the gradient of ``p``, a trainable
-        parameter outside the model that a torch function was given inside the context,
-        as :meth:`_watch_stray` does a refused Linear call's tensors: its hook refuses it
-        before any p.grad is written, wherever the backward reaches it."""
+    def _hold_results_for(self, parameters: list[nn.Parameter]) -> None:
+        """(clip mode) Make the results wait for the gradients of ``parameters``, trainable
+        parameters outside the model that torch functions were given inside the context,
+        as :meth:`_watch_stray` does a refused Linear call's tensors: each one's hook
+        refuses it before any p.grad is written, wherever the backward reaches it."""
         if self._results_hook is not None:
-            self._watch_stray([p])
+            self._watch_stray(parameters)
 
     def _refuse_stray_gradient(self, p: nn.Parameter) -> None:
         """Raise for a gradient that reached ``p`` through an op other than its Linear

@@ -282,18 +282,21 @@ class OutsideParameterWatch(TorchFunctionMode):
         model: the model given to ``per_sample_grads``; its parameters at creation are
             its own (one replaced, unfrozen or added since is refused by name elsewhere).
         refuse: called with the parameter from its gradient hook; raises.
-        hold_results: called with each parameter as its hook is registered, so that the
-            context's results wait for its gradient (which ``refuse`` refuses first): one
-            whose gradient comes after the model's (a parameter used before the model's
-            forward, in a term of the loss that does not pass through the model) would
-            otherwise be refused after the clipped ``p.grad`` were written.
+        hold_results: called, as a backward starts (``Tensor.backward``,
+            ``torch.autograd.backward``), with the parameters hooked since the last call
+            that were used with grad enabled, so that the context's results wait for their
+            gradients (which ``refuse`` refuses first): one whose gradient comes after the
+            model's (a parameter used before the model's forward, in a term of the loss
+            that does not pass through the model) would otherwise be refused after the
+            clipped ``p.grad`` were written. Once per backward, not per parameter: each
+            call registers the results' hook anew, on every parameter held so far.
     """
 
     def __init__(
         self,
         model: nn.Module,
         refuse: Callable[[nn.Parameter], None],
-        hold_results: Callable[[nn.Parameter], None],
+        hold_results: Callable[[list[nn.Parameter]], None],
     ) -> None:
         super().__init__()
         self._model = model
@@ -304,6 +307,8 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._own_ids = frozenset(id(p) for p in self._own)
         self._watched: dict[int, weakref.ref] = {}  # id -> weak reference
         self._handles: list = []
+        # hooked parameters used with grad enabled, not yet given to hold_results
+        self._unheld: list[nn.Parameter] = []
         # (id of the parameter, id of the node) -> their weak references, for each
         # parameter used inside a reentrant checkpoint's forward, with its outermost node
         self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
@@ -312,8 +317,10 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._scan(args)
         if kwargs:
             self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
-            return func(*args, **kwargs)
-        return func(*args)
+        if self._unheld and func in _BACKWARDS:
+            unheld, self._unheld = self._unheld, []
+            self._hold_results(unheld)
+        return func(*args, **kwargs) if kwargs else func(*args)
 
     def _scan(self, arguments: Iterable) -> None:
         """See each parameter among ``arguments``, or among the items of one that is a
@@ -334,14 +341,16 @@ class OutsideParameterWatch(TorchFunctionMode):
         frozen, and note a use inside a reentrant checkpoint's forward."""
         if not p.requires_grad or torch.compiler.is_compiling():
             return
-        self._watch(p)
+        newly_watched = self._watch(p)
         if not torch.is_grad_enabled():
             self._note_checkpoint_use(p)
+        elif newly_watched:
+            self._unheld.append(p)
 
-    def _watch(self, p: nn.Parameter) -> None:
-        """Hook ``p``'s gradient, unless it is hooked already."""
+    def _watch(self, p: nn.Parameter) -> bool:
+        """Hook ``p``'s gradient, unless it is hooked already; whether it was not."""
         if _holds(self._watched, p):
-            return
+            return False
         self._watched[id(p)] = weakref.ref(p)
         model, refuse = self._model, self._refuse
 
@@ -351,7 +360,7 @@ class OutsideParameterWatch(TorchFunctionMode):
                 refuse(p)
 
         self._handles.append(p.register_hook(refuse_its_gradient))
-        self._hold_results(p)  # (after the hook: hooks on p run in registration order)
+        return True
 
     def _note_checkpoint_use(self, p: nn.Parameter) -> None:
         """Note ``p`` with the outermost reentrant checkpoint whose forward runs now, if any."""
@@ -380,6 +389,8 @@ class OutsideParameterWatch(TorchFunctionMode):
 
 
 _SEQUENCES = (tuple, list)
+# the torch functions that start a backward (each a torch function, seen by a mode)
+_BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
 
 
 def _is_parameter(argument: object) -> bool:
