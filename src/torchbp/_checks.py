@@ -368,8 +368,8 @@ def _only_ignored_out_of_range(
 def _raise_first_bad_class_index(
     op: str, target: torch.Tensor, classes: int, ignore_index: int
 ) -> None:
-    """Raise :class:`ClassIndexError` naming the first target (in memory order of the
-    flattened target) outside ``[0, C)`` that is not ``ignore_index``, if any."""
+    """Raise :class:`ClassIndexError` naming the first target, in row-major order, outside
+    ``[0, C)`` that is not ``ignore_index``, if any."""
     # compared in int64: uint8 would wrap ignore_index (-1 or 511 equal 255 there) and let
     # an out-of-range 255 through to the gather (a RuntimeError, a device assert on CUDA)
     wide = target.long()
