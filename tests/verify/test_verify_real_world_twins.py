@@ -8,6 +8,7 @@ import functools
 import math
 
 import pytest
+import torch
 import torch.nn.functional as F
 from tests.verify import real_world_twins as rw
 from tests.verify.zoo.entry import seeded
@@ -323,4 +324,21 @@ def test_an_infinity_of_an_infinite_input_is_left_out_not_read_as_a_constant():
     report = check_function(functools.partial(F.log_softmax, dim=-1), x, checks=checks)
     assert report.ok and all(report[name].passed for name in checks), report
     assert "2 element(s) of output 0" in report["gradcheck"].caveat, report
+    assert "were not compared" in report["gradcheck"].caveat, report
+
+
+def test_an_infinity_of_an_input_left_undifferentiated_is_left_out_too():
+    # scores + bias with a -inf bias: autograd's derivative of the masked scores in q and
+    # k is add's 1, not the constant's 0 (a softmax after makes it 0); as for an infinite
+    # differentiated input, central differences cannot measure it: not compared
+    q, k = seeded(4, 3), seeded(4, 3, seed=1)
+    above = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    bias = torch.zeros(4, 4, dtype=torch.float64).masked_fill(above, float("-inf"))
+
+    def biased_scores(q, k, bias):
+        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
+
+    checks = ["gradcheck", "gradgradcheck", "forward_ad"]
+    report = check_function(biased_scores, q, k, bias, grad_inputs=(0, 1), checks=checks)
+    assert report.ok and all(report[name].passed for name in checks), report
     assert "were not compared" in report["gradcheck"].caveat, report

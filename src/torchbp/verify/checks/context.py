@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, tolerances
+from torchbp.verify.checks.compare import float_tensors, leaves, tolerances
 from torchbp.verify.report import FAIL, CheckResult
 
 if TYPE_CHECKING:
@@ -71,18 +71,27 @@ class _ZeroedConstant(torch.autograd.Function):
         return tangent.clone()
 
 
-def holds_infinity(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether one of the strided ``tensors`` has an infinite element."""
-    return any(t.layout == torch.strided and bool(torch.isinf(t.detach()).any()) for t in tensors)
+def holds_infinity(values: Sequence[Any]) -> bool:
+    """Whether one of the strided floating-point or complex tensors among ``values`` (or
+    nested in a list, tuple or dict of them) has an infinite element."""
+    return any(
+        isinstance(t, torch.Tensor)
+        and t.layout == torch.strided
+        and (t.is_floating_point() or t.is_complex())
+        and bool(torch.isinf(t.detach()).any())
+        for t in leaves(values)
+    )
 
 
 def _zero_where(out: torch.Tensor, mask: torch.Tensor, inputs_finite: bool) -> torch.Tensor:
     """``out`` with 0 where ``mask`` (its constant infinities) is true. With finite
     inputs such an infinity is fn's own (a mask, an overflow), of derivative 0, and fn's
     derivatives there stay compared with it (:class:`_ZeroedConstant`); with an infinite
-    input it may be that input's (``x_j - logsumexp(x)`` of a log_softmax given ``-inf``,
-    whose derivative in the other logits is not 0), which central differences cannot
-    measure: its derivatives are left out (0 on both sides, ``torch.where``'s)."""
+    input, differentiated or not, it may be that input's, carried by arithmetic whose
+    derivative autograd does not take as 0 (``x_j - logsumexp(x)`` of a log_softmax given
+    ``-inf``, in the other logits; ``scores + bias`` with a ``-inf`` bias, in the scores),
+    which central differences cannot measure: its derivatives are left out (0 on both
+    sides, ``torch.where``'s)."""
     if inputs_finite:
         return _ZeroedConstant.apply(out, mask)
     return torch.where(mask, 0.0, out)
@@ -226,7 +235,7 @@ class CheckContext:
             raise
         if self.constant_infinities is None:
             return outs
-        finite = not holds_infinity(diff)
+        finite = not holds_infinity(self.args) and not holds_infinity(diff)
         return tuple(
             _zero_where(out, mask, finite) if mask.shape == out.shape else out
             for out, mask in zip(outs, self.constant_infinities)

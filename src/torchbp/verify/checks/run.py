@@ -117,7 +117,7 @@ def _run_masking_constant_infinities(check: Check, ctx: CheckContext) -> Passed:
     try:
         passed = check.run(ctx)
     except CheckFailure as failure:
-        if masks is not None and not holds_infinity(ctx.leaves()):
+        if masks is not None and not holds_infinity(ctx.args):
             # the same failure, its cause kept for the handlers after
             failure.message += _constant_infinities_hint(masks)
             failure.args = (failure.message,)
@@ -156,16 +156,16 @@ def _constant_infinities_hint(masks: list[torch.Tensor]) -> str:
 
 def _constant_infinities_caveat(ctx: CheckContext, masks: list[torch.Tensor]) -> str:
     """What a pass that read fn's constant infinities (``masks``) as 0 left unchecked:
-    at an infinite input, their derivatives (central differences cannot move it); at
-    finite ones, without a reference, whether fn should be infinite there at all (an
-    overflow reads as a constant too). Empty with finite inputs and a reference (whose
-    check compares the values)."""
+    at an infinite input (differentiated or not), their derivatives (central differences
+    cannot measure them); at finite ones, without a reference, whether fn should be
+    infinite there at all (an overflow reads as a constant too). Empty with finite inputs
+    and a reference (whose check compares the values)."""
     elements = _infinite_elements(masks)
-    if holds_infinity(ctx.leaves()):
+    if holds_infinity(ctx.args):
         return (
-            f"{elements} are infinite at and near the given inputs, which "
-            "hold an infinity: their derivatives, which central differences cannot "
-            "measure there, were not compared"
+            f"{elements} are infinite at and near the given inputs, one of which holds "
+            "an infinity: their derivatives, which central differences cannot measure "
+            "there, were not compared"
         )
     if ctx.reference is not None:
         return ""
