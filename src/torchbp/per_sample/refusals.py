@@ -274,22 +274,24 @@ class OutsideParameterWatch(TorchFunctionMode):
     registering it), after the context has formed the model's: such a use, with grad mode
     off inside a checkpoint's forward, is noted with the checkpoint's node
     (:meth:`checkpointed_parameter`), for the context to refuse at the first parameter the
-    backward reaches. Not seen: a parameter used only through a custom
-    ``autograd.Function`` (whose ``apply`` is not a torch function), or only before the
-    context was entered.
+    backward reaches. Not seen: a parameter given to a custom ``autograd.Function`` whose
+    ``forward`` passes it to no torch function (``apply`` is not one), one used on
+    another thread (a mode is active on the thread that entered it only), or only before
+    the context was entered.
 
     Args:
         model: the model given to ``per_sample_grads``; its parameters at creation are
             its own (one replaced, unfrozen or added since is refused by name elsewhere).
         refuse: called with the parameter from its gradient hook; raises.
-        hold_results: called, as a backward starts (``Tensor.backward``,
-            ``torch.autograd.backward``), with the parameters hooked since the last call
-            that were used with grad enabled, so that the context's results wait for their
-            gradients (which ``refuse`` refuses first): one whose gradient comes after the
-            model's (a parameter used before the model's forward, in a term of the loss
-            that does not pass through the model) would otherwise be refused after the
-            clipped ``p.grad`` were written. Once per backward, not per parameter: each
-            call registers the results' hook anew, on every parameter held so far.
+        hold_results: called, as a backward starts (``Tensor.backward``, and
+            ``torch.autograd.backward`` where torch makes it a torch function, as 2.13
+            does), with the parameters hooked since the last call that were used with
+            grad enabled, so that the context's results wait for their gradients (which
+            ``refuse`` refuses first): one whose gradient comes after the model's (a
+            parameter used before the model's forward, in a term of the loss that does
+            not pass through the model) would otherwise be refused after the clipped
+            ``p.grad`` were written. Once per backward, not per parameter: each call
+            registers the results' hook anew, on every parameter held so far.
     """
 
     def __init__(
