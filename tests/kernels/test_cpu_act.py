@@ -224,3 +224,19 @@ def test_gelu_kernel_near_zero(dtype, numel):
     saved, args = saved_and_args(variant, x)
     fast = check(variant, g, saved, args)
     torch.testing.assert_close(fast, g * 0.5, **FAST_TOL[dtype])
+
+
+def test_gelu_kernel_uses_natives_gelu_when_torch_gelu_is_patched(monkeypatch):
+    # a drop-in patch of F.gelu (with torchbp's, or a kernel library's) must not reach the
+    # kernel's own Φ(x) = gelu(x) / x: torchbp's ran a whole Function per backward (and
+    # recursed where its forward looked F.gelu up too)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    expected = cpu_act.backward("gelu", g, x, "none")
+
+    def patched_gelu(input, approximate="none"):
+        raise AssertionError("the kernel called torch.nn.functional.gelu as patched")
+
+    monkeypatch.setattr(torch.nn.functional, "gelu", patched_gelu)
+    got = cpu_act.backward("gelu", g, x, "none")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

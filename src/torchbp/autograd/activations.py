@@ -70,6 +70,17 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_C = 0.044715
 
+# Native's functions that the forwards compute with, bound at import: a user who patches
+# torch.nn.functional.gelu (or silu, ...) with torchbp's (a drop-in, as kernel libraries
+# patch functions) made each forward call torchbp's again, a RecursionError.
+_NATIVE_LEAKY_RELU = torch.nn.functional.leaky_relu
+_NATIVE_LEAKY_RELU_ = torch.nn.functional.leaky_relu_
+_NATIVE_GELU = torch.nn.functional.gelu
+_NATIVE_SILU = torch.nn.functional.silu
+_NATIVE_ELU = torch.nn.functional.elu
+_NATIVE_ELU_ = torch.nn.functional.elu_
+_NATIVE_SOFTPLUS = torch.nn.functional.softplus
+
 
 def _save(ctx, tensor: torch.Tensor) -> None:
     """Keep ``tensor`` for backward and jvp; undefined gradients stay ``None``."""
@@ -398,9 +409,9 @@ class LeakyReLUFunction(_InPlaceCapableFunction):
     def forward(x, negative_slope, inplace):
         # f(x) = x for x > 0 (and at 0, where both branches agree), slope · x otherwise.
         if inplace:
-            torch.nn.functional.leaky_relu_(x, negative_slope)
+            _NATIVE_LEAKY_RELU_(x, negative_slope)
             return x  # the input object itself, as Dynamo requires of a dirty input
-        return torch.nn.functional.leaky_relu(x, negative_slope)
+        return _NATIVE_LEAKY_RELU(x, negative_slope)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -462,7 +473,7 @@ class GELUFunction(Function):
 
     @staticmethod
     def forward(x, approximate):
-        return torch.nn.functional.gelu(x, approximate=approximate)
+        return _NATIVE_GELU(x, approximate=approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -494,7 +505,7 @@ class SiLUFunction(Function):
 
     @staticmethod
     def forward(x):
-        return torch.nn.functional.silu(x)
+        return _NATIVE_SILU(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -568,9 +579,9 @@ class ELUFunction(_InPlaceCapableFunction):
     @staticmethod
     def forward(x, alpha, inplace):
         if inplace:
-            torch.nn.functional.elu_(x, alpha)
+            _NATIVE_ELU_(x, alpha)
             return x  # the input object itself, as Dynamo requires of a dirty input
-        return torch.nn.functional.elu(x, alpha)
+        return _NATIVE_ELU(x, alpha)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -622,7 +633,7 @@ class SoftplusFunction(Function):
 
     @staticmethod
     def forward(x, beta, threshold):
-        return torch.nn.functional.softplus(x, beta, threshold)
+        return _NATIVE_SOFTPLUS(x, beta, threshold)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

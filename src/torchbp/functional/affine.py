@@ -12,6 +12,10 @@ from torchbp.autograd._compile import apply, pair
 from torchbp.functional._autocast import _autocast_dtype, _cast_low, _run_without_autocast
 
 _LINEAR = pair(LinearFunction)
+# Native's linear, for the nested inputs torchbp hands to it, bound at import: a user who
+# patches torch.nn.functional.linear with torchbp's (a drop-in, as kernel libraries patch
+# functions) made that call torchbp's again, a RecursionError.
+_NATIVE_LINEAR = torch.nn.functional.linear
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -41,7 +45,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear, (input, weight, bias), input, weight, bias)
     if _checks.nested(input) or _checks.nested(weight):  # (strided or jagged): native's op
-        return torch.nn.functional.linear(input, weight, bias)
+        return _NATIVE_LINEAR(input, weight, bias)
     op = "linear"
     _checks.validate_linear(input, weight, bias)
     amp = _autocast_dtype(input)

@@ -32,6 +32,9 @@ _GELU_TANH_C = 0.044715
 # τ of the exact GELU kernel, per dtype it computes in (half precision: float32): normal,
 # and so small that where x + τ != x, y'(x) rounds to ½ (float32: |x| < 2^-36)
 _TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
+# Native's GELU, bound at import: a user who patches torch.nn.functional.gelu (with
+# torchbp's, as a drop-in) made the GELU kernel run a whole torchbp Function per backward.
+_NATIVE_GELU = torch.nn.functional.gelu
 
 
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -99,7 +102,7 @@ def gelu(g, x, approximate, *, out, tmp):
     log2_norm = _scalar(-0.5 * math.log2(2 * math.pi), x.dtype, x.device)
     (xh,) = tmp
     torch.copysign(_scalar(_TINY[x.dtype], x.dtype, x.device), x, out=xh).add_(x)  # x̂
-    gelu_xh = torch.nn.functional.gelu(xh)  # x̂ Φ(x̂)
+    gelu_xh = _NATIVE_GELU(xh)  # x̂ Φ(x̂)
     torch.addcmul(log2_norm, xh, xh, value=-0.5 * math.log2(math.e), out=out).exp2_()
     torch.addcdiv(out.mul_(xh), gelu_xh, xh, out=out)  # x̂ φ(x̂) + Φ(x̂)
     return out.mul_(g)
