@@ -342,3 +342,18 @@ def test_an_infinity_of_an_input_left_undifferentiated_is_left_out_too():
     report = check_function(biased_scores, q, k, bias, grad_inputs=(0, 1), checks=checks)
     assert report.ok and all(report[name].passed for name in checks), report
     assert "were not compared" in report["gradcheck"].caveat, report
+
+
+def test_a_minus_inf_mask_added_inside_fn_fails_naming_masked_fill():
+    # the masked scores are constants of derivative 0, but add passes the gradient to them
+    above = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    bias = torch.zeros(4, 4, dtype=torch.float64).masked_fill(above, float("-inf"))
+
+    def scores_plus_mask(q, k):
+        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
+
+    report = check_function(
+        scores_plus_mask, seeded(4, 3), seeded(4, 3, seed=1), checks=["gradcheck"]
+    )
+    assert report["gradcheck"].failed, report
+    assert "masked_fill gives 0" in report["gradcheck"].message, report

@@ -149,8 +149,9 @@ def _constant_infinities_hint(masks: list[torch.Tensor]) -> str:
     return (
         f" ({_infinite_elements(masks)} are the same infinity at and near the given "
         "inputs, constants of derivative 0 there: a backward or "
-        "jvp giving them a gradient misses the mask forward applies, or forward overflows "
-        "where it should be finite)"
+        "jvp giving them a gradient misses the mask forward applies (adding a -inf mask "
+        "passes the gradient through, as autograd's add does; masked_fill gives 0), or "
+        "forward overflows where it should be finite)"
     )
 
 
