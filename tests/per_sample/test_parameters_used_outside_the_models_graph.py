@@ -275,3 +275,18 @@ def test_a_trainable_teacher_served_with_one_hook_registration_per_backward(
     assert ps.clip_factors.shape == (5,)
     assert registered == ([4 + 40] if grad_enabled else [])
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize(("apply", "make", "shape"), LOSS_SIDE)
+def test_a_backward_after_the_with_block_refused_before_the_loss_parameter_gets_a_gradient(
+    apply, make, shape
+):
+    """The loss built inside the context, its backward after the with block: the model's
+    Linears refused it, but the loss parameter, which the backward reaches first, had
+    its unclipped gradient written by then."""
+    model, extra = _model(), make()
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        loss = _loss(apply(model(torch.randn(5, 4)), extra))
+    with pytest.raises(RuntimeError, match=r"after the with block.*unclipped"):
+        loss.backward()
+    assert all(p.grad is None for p in [*model.parameters(), *_trainable(extra)])

@@ -160,7 +160,7 @@ class PerSampleGrads:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self._outside_watch is not None and self._state != "new":
-            self._outside_watch.remove_hooks()
+            self._outside_watch.close(backward_reached_the_model=bool(self._reached))
             self._outside_watch.__exit__(None, None, None)
             self._outside_watch = None  # (popped once: a second exit pops nothing)
         per_sample_recording.recorder = None

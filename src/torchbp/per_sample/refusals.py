@@ -311,43 +311,74 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._handles: list = []
         # hooked parameters used with grad enabled, not yet given to hold_results
         self._unheld: list[nn.Parameter] = []
+        # [True] once the context has closed with no backward reaching the model's
+        # parameters (shared with the graph nodes' pre-hooks, which hold it, not the watch)
+        self._armed = [False]
         # (id of the parameter, id of the node) -> their weak references, for each
         # parameter used inside a reentrant checkpoint's forward, with its outermost node
         self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self._scan(args)
+        joined = self._scan(args)
         if kwargs:
-            self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
+            in_keywords = self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
+            joined = joined if in_keywords is None else in_keywords
         if self._unheld and func in _BACKWARDS:
             unheld, self._unheld = self._unheld, []
             self._hold_results(unheld)
-        return func(*args, **kwargs) if kwargs else func(*args)
+        result = func(*args, **kwargs) if kwargs else func(*args)
+        if joined is not None:
+            self._refuse_backward_after_the_context(result, joined)
+        return result
 
-    def _scan(self, arguments: Iterable) -> None:
+    def _scan(self, arguments: Iterable) -> nn.Parameter | None:
         """See each parameter among ``arguments``, or among the items of one that is a
-        tuple or list (``torch.cat((x, prompt))``)."""
+        tuple or list (``torch.cat((x, prompt))``); the last one whose gradient the
+        call's outputs carry (trainable, with grad enabled), or ``None``."""
         # (written out, not a generator: this runs for every torch function call, a
         # property read included, in the forward, the loss and add_noise)
         own = self._own_ids
+        joined = None
         for argument in arguments:
             if type(argument) in _SEQUENCES:
                 for item in argument:
-                    if id(item) not in own and _is_parameter(item):
-                        self._see(item)
-            elif id(argument) not in own and _is_parameter(argument):
-                self._see(argument)
+                    if id(item) not in own and _is_parameter(item) and self._see(item):
+                        joined = item
+            elif id(argument) not in own and _is_parameter(argument) and self._see(argument):
+                joined = argument
+        return joined
 
-    def _see(self, p: nn.Parameter) -> None:
+    def _see(self, p: nn.Parameter) -> bool:
         """A parameter, not the model's, passed to a torch function: watch it unless it is
-        frozen, and note a use inside a reentrant checkpoint's forward."""
+        frozen, and note a use inside a reentrant checkpoint's forward; whether the
+        call's outputs carry its gradient (trainable, grad enabled)."""
         if not p.requires_grad or torch.compiler.is_compiling():
-            return
+            return False
         newly_watched = self._watch(p)
         if not torch.is_grad_enabled():
             self._note_checkpoint_use(p)
-        elif newly_watched:
+            return False
+        if newly_watched:
             self._unheld.append(p)
+        return True
+
+    def _refuse_backward_after_the_context(self, result: object, p: nn.Parameter) -> None:
+        """Hook the graph nodes of ``result``, the outputs of a call given ``p``, to refuse
+        a backward through them after a context in which no backward reached the model's
+        parameters (its ``loss.backward()`` after the ``with`` block; see :meth:`close`),
+        which would give ``p`` an unclipped gradient: the model's Linears refuse such a
+        backward, but a parameter the backward passes first (in the loss, after the model)
+        got its gradient before. A pre-hook runs before its node computes ``p``'s
+        gradient, and goes with the graph."""
+        armed, shape = self._armed, tuple(p.shape)
+
+        def refuse_once_armed(grad_outputs) -> None:
+            if armed[0]:
+                refuse_outside_parameter_after_the_context(shape)
+
+        nodes = {id(t.grad_fn): t.grad_fn for t in _tensors(result) if t.grad_fn is not None}
+        for node in nodes.values():
+            node.register_prehook(refuse_once_armed)
 
     def _watch(self, p: nn.Parameter) -> bool:
         """Hook ``p``'s gradient, unless it is hooked already; whether it was not."""
@@ -383,11 +414,17 @@ class OutsideParameterWatch(TorchFunctionMode):
                 return p
         return None
 
-    def remove_hooks(self) -> None:
-        """Remove every gradient hook it registered."""
+    def close(self, *, backward_reached_the_model: bool) -> None:
+        """Remove every gradient hook it registered, as the context closes. Unless
+        ``backward_reached_the_model`` (a backward inside the context reached the model's
+        parameters: the step is done), a backward through the outputs of a call given a
+        watched parameter is refused from now on (see
+        :meth:`_refuse_backward_after_the_context`); after a done step those outputs'
+        backward (a second model's) runs as without the context."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._armed[0] = not backward_reached_the_model
 
 
 _SEQUENCES = (tuple, list)
@@ -429,6 +466,23 @@ def refuse_outside_parameter_gradient(p: nn.Parameter) -> None:
         "freeze it (requires_grad_(False)) or detach what it produces; a trainable layer "
         "(a second model, a head in the loss) must be a torchbp.nn.Linear of the module "
         "given to per_sample_grads"
+    )
+
+
+def refuse_outside_parameter_after_the_context(shape: tuple[int, ...]) -> None:
+    """Raise for a backward, after a clip-mode context closed, through a graph that a
+    trainable parameter outside the model (of ``shape``) joined inside it (see
+    :meth:`OutsideParameterWatch._refuse_backward_after_the_context`).
+
+    Raises:
+        RuntimeError: always, naming its shape and the way out.
+    """
+    raise RuntimeError(
+        f"per_sample_grads: a backward after the with block of a mode='clip' context "
+        f"reached a graph that a trainable nn.Parameter of shape {shape}, not one of the "
+        "model's, joined inside it: it would get an unclipped gradient outside the "
+        "per-sample accounting; call loss.backward() inside the with block (where such a "
+        "parameter is refused too: freeze it or detach what it produces)"
     )
 
 
