@@ -2,8 +2,8 @@
 their messages: a second backward, ``torch.autograd.grad`` with respect to a trainable
 parameter, a gradient reaching a parameter through an op other than its Linear, a
 backward after one cut short by an error, and (clip mode) a trainable parameter outside
-the model feeding its output, used after it (in the loss), or used by a reentrant
-checkpoint's segment (:class:`OutsideParameterWatch`).
+the model feeding its output, used after it (in the loss), used by a reentrant
+checkpoint's segment, or reached by a backward after the context (:class:`OutsideParameterWatch`).
 
 Each message starts with ``per_sample_grads:`` and says what to do instead.
 """
@@ -266,7 +266,9 @@ class OutsideParameterWatch(TorchFunctionMode):
     whose output joins it): each gets a gradient hook that calls ``refuse(p)`` when a
     backward computes its gradient, before autograd adds it to ``p.grad``, unclipped.
     The model's output graph, walked at its forward, cannot show a parameter used after
-    the model; this sees it where it is used.
+    the model; this sees it where it is used. The graph nodes fed by such a use also get a
+    pre-hook refusing a backward through them after a context that closed with no
+    backward having reached the model (``loss.backward()`` after the ``with`` block).
 
     A reentrant checkpoint's forward runs its segment without grad, and its backward
     recomputes it and gives the parameters used there their gradient (one in front of the
