@@ -139,3 +139,35 @@ def test_patched_linear_hands_a_nested_input_to_native(monkeypatch):
     expected = F.linear(_strided_nested(), weight, bias)
     _patch_with_torchbp(monkeypatch, "linear")
     _assert_same(F.linear(_strided_nested(), weight, bias), expected)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_patched_torch_sigmoid_and_tanh_run_forward_and_backward(name, monkeypatch):
+    x = _input().requires_grad_()
+    expected = getattr(torch, name)(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    sparse = _input().to_sparse()
+    expected_sparse = _result_or_error(getattr(torch, name), sparse)  # tanh's, sigmoid's error
+    monkeypatch.setattr(torch, name, getattr(torchbp.functional, name))
+    value = getattr(torch, name)(x)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    got_sparse = _result_or_error(getattr(torch, name), sparse)  # handed to native's
+    if isinstance(expected_sparse, type):
+        assert got_sparse is expected_sparse
+    else:
+        torch.testing.assert_close(got_sparse.to_dense(), expected_sparse.to_dense())
+
+
+@pytest.mark.parametrize(("name", "args"), [("silu", ()), ("softplus", (1.0, 20.0))])
+def test_kernels_computing_sigmoid_take_natives_when_torch_sigmoid_is_patched(
+    name, args, monkeypatch
+):
+    expected, expected_grad = _native_value_and_grad(name, *args)
+    monkeypatch.setattr(torch, "sigmoid", torchbp.functional.sigmoid)
+    x = _input().requires_grad_()
+    y = getattr(torchbp.functional, name)(x, *args)
+    y.backward(torch.ones_like(y))  # the first-order kernel writes sigmoid with out=
+    torch.testing.assert_close(y.detach(), expected)
+    torch.testing.assert_close(x.grad, expected_grad)

@@ -71,8 +71,11 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_C = 0.044715
 
 # Native's functions that the forwards compute with, bound at import: a user who patches
-# torch.nn.functional.gelu (or silu, ...) with torchbp's (a drop-in, as kernel libraries
-# patch functions) made each forward call torchbp's again, a RecursionError.
+# torch.nn.functional.gelu (or silu, ..., torch.sigmoid, torch.tanh) with torchbp's (a
+# drop-in, as kernel libraries patch functions) made each forward call torchbp's again, a
+# RecursionError.
+_NATIVE_SIGMOID = torch.sigmoid
+_NATIVE_TANH = torch.tanh
 _NATIVE_LEAKY_RELU = torch.nn.functional.leaky_relu
 _NATIVE_LEAKY_RELU_ = torch.nn.functional.leaky_relu_
 _NATIVE_GELU = torch.nn.functional.gelu
@@ -249,7 +252,7 @@ class SigmoidFunction(Function):
     @staticmethod
     def forward(x):
         # torch.sigmoid never overflows for large |x|
-        return torch.sigmoid(x)
+        return _NATIVE_SIGMOID(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -257,12 +260,12 @@ class SigmoidFunction(Function):
 
     @staticmethod
     def backward(ctx, dy):
-        y = _saved_output(ctx, torch.sigmoid)
+        y = _saved_output(ctx, _NATIVE_SIGMOID)
         return derivative("sigmoid", sigmoid_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
-        y = _saved_output(ctx, torch.sigmoid)
+        y = _saved_output(ctx, _NATIVE_SIGMOID)
         return derivative("sigmoid", sigmoid_backward, dx, y)
 
 
@@ -280,7 +283,7 @@ class TanhFunction(Function):
 
     @staticmethod
     def forward(x):
-        return torch.tanh(x)
+        return _NATIVE_TANH(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -288,12 +291,12 @@ class TanhFunction(Function):
 
     @staticmethod
     def backward(ctx, dy):
-        y = _saved_output(ctx, torch.tanh)
+        y = _saved_output(ctx, _NATIVE_TANH)
         return derivative("tanh", tanh_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
-        y = _saved_output(ctx, torch.tanh)
+        y = _saved_output(ctx, _NATIVE_TANH)
         return derivative("tanh", tanh_backward, dx, y)
 
 

@@ -25,8 +25,11 @@ from torchbp.functional._recording import _differentiated, _recorded_view, _trac
 
 # Native's functions, for the calls torchbp hands to them (sparse and strided nested
 # inputs, an in-place call nothing records), bound at import: a user who patches
-# torch.nn.functional.relu (or gelu, ...) with torchbp's (a drop-in, as kernel libraries
-# patch functions) made that call torchbp's again, a RecursionError.
+# torch.nn.functional.relu (or gelu, ..., torch.sigmoid, torch.tanh) with torchbp's (a
+# drop-in, as kernel libraries patch functions) made that call torchbp's again, a
+# RecursionError.
+_NATIVE_SIGMOID = torch.sigmoid
+_NATIVE_TANH = torch.tanh
 _NATIVE_RELU = torch.nn.functional.relu
 _NATIVE_LEAKY_RELU = torch.nn.functional.leaky_relu
 _NATIVE_GELU = torch.nn.functional.gelu
@@ -131,7 +134,7 @@ def sigmoid(input: torch.Tensor) -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return torch.sigmoid(input)
+        return _NATIVE_SIGMOID(input)
     return apply(_SIGMOID, input)
 
 
@@ -152,7 +155,7 @@ def tanh(input: torch.Tensor) -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(tanh, (input,), input)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return torch.tanh(input)
+        return _NATIVE_TANH(input)
     return apply(_TANH, input)
 
 

@@ -32,9 +32,11 @@ _GELU_TANH_C = 0.044715
 # τ of the exact GELU kernel, per dtype it computes in (half precision: float32): normal,
 # and so small that where x + τ != x, y'(x) rounds to ½ (float32: |x| < 2^-36)
 _TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
-# Native's GELU, bound at import: a user who patches torch.nn.functional.gelu (with
-# torchbp's, as a drop-in) made the GELU kernel run a whole torchbp Function per backward.
+# Native's GELU and sigmoid, bound at import: a user who patches torch.nn.functional.gelu
+# or torch.sigmoid (with torchbp's, as a drop-in) made the GELU kernel run a whole torchbp
+# Function per backward, and the SiLU and Softplus kernels raise (torchbp's has no out=).
 _NATIVE_GELU = torch.nn.functional.gelu
+_NATIVE_SIGMOID = torch.sigmoid
 
 
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -111,7 +113,7 @@ def gelu(g, x, approximate, *, out, tmp):
 def silu(g, x, *, out, tmp):
     # y' = s (1 + x (1 - s)) = s + (x s)(1 - s) = lerp(s, 1, x s), s = σ(x) (lerp takes
     # (1 - s) exactly where s -> 1, and x s is small where s -> 0); times g: four passes
-    s = torch.sigmoid(x, out=tmp[0])
+    s = _NATIVE_SIGMOID(x, out=tmp[0])
     w = torch.mul(x, s, out=out)
     return torch.lerp(s, _scalar(1.0, x.dtype, x.device), w, out=out).mul_(g)
 
@@ -173,7 +175,7 @@ def softplus(g, x, beta, threshold, *, out, tmp):
         torch.mul(x, -beta, out=out)  # -(x beta) exactly
         torch.nn.functional.threshold_(out, -_above(threshold, dtype), -math.inf)
         u = out.neg_()
-    return torch.sigmoid(u, out=out).mul_(g)
+    return _NATIVE_SIGMOID(u, out=out).mul_(g)
 
 
 class Kernel(NamedTuple):
