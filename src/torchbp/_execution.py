@@ -44,8 +44,12 @@ def values_inspectable(t: torch.Tensor) -> bool:
     or batched, where data-dependent control flow and in-place writes mixing batched and
     plain tensors are illegal, or sparse; and not while a CUDA graph is being captured on
     the current stream, where a host sync is illegal."""
-    if torch.compiler.is_compiling():
-        return False
+    return not torch.compiler.is_compiling() and _has_values(t)
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """:func:`values_inspectable` but for the torch.compile check, which callers asking
+    about several tensors make once."""
     storage = _storage(t)
     if storage is None or _on_meta(t, storage):
         return False
@@ -107,9 +111,14 @@ def first_order_eager(*tensors: torch.Tensor) -> bool:
     compiling, no forward-mode AD tangent on any of them) on :func:`dense` tensors: then
     nothing differentiates its result, and a fast kernel with in-place ops may compute
     it."""
-    return not torch.is_grad_enabled() and all(
-        values_inspectable(t) and dense(t) and not carries_tangent(t) for t in tensors
-    )
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    # a plain loop, each question once: this runs in every activation's backward, where
+    # a generator in ``all`` and a compile check per tensor cost more than the answers
+    for t in tensors:
+        if not (_has_values(t) and dense(t) and not carries_tangent(t)):
+            return False
+    return True
 
 
 def graph_retained() -> bool:

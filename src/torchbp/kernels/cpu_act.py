@@ -178,6 +178,14 @@ def softplus(g, x, beta, threshold, *, out, tmp):
     return _NATIVE_SIGMOID(u, out=out).mul_(g)
 
 
+def _blockable(g: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether :func:`backward` may run block by block over ``g`` and ``saved``: both
+    contiguous, of one shape, on the CPU and at least two blocks long. (Asked only of the
+    kernels that block: the small first-order backward of every other pays none of it.)"""
+    contiguous = g.shape == saved.shape and g.is_contiguous() and saved.is_contiguous()
+    return contiguous and g.device.type == "cpu" and g.numel() >= 2 * BLOCK
+
+
 class Kernel(NamedTuple):
     """An in-place kernel ``fn(g, saved, *args, out=, tmp=)`` that writes ``g · f'`` into
     ``out`` using ``scratch`` buffers ``tmp`` shaped like ``out``, and returns ``out``."""
@@ -219,9 +227,7 @@ def backward(name: str, g: torch.Tensor, saved: torch.Tensor, *args) -> torch.Te
     fn, scratch = KERNELS[name]
     dtype = g.dtype
     half = dtype in _HALF
-    contiguous = g.shape == saved.shape and g.is_contiguous() and saved.is_contiguous()
-    big = g.device.type == "cpu" and g.numel() >= 2 * BLOCK
-    if not ((scratch or half) and contiguous and big):
+    if not ((scratch or half) and _blockable(g, saved)):
         if half:
             g, saved = g.float(), saved.float()
         out = torch.empty_like(saved)
