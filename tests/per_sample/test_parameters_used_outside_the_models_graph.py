@@ -8,6 +8,8 @@ other is written; served when frozen or detached, and in the other modes."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -290,3 +292,50 @@ def test_a_backward_after_the_with_block_refused_before_the_loss_parameter_gets_
     with pytest.raises(RuntimeError, match=r"after the with block.*unclipped"):
         loss.backward()
     assert all(p.grad is None for p in [*model.parameters(), *_trainable(extra)])
+
+
+class _ScaleWithoutTorchCalls(torch.autograd.Function):
+    """``out * scale`` whose forward passes ``scale`` to no torch function (a kernel of an
+    extension would not either): the watch never sees it."""
+
+    @staticmethod
+    def forward(ctx, out, scale):
+        ctx.save_for_backward(out, scale)
+        return out.clone()  # (scale is ones: out * scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, scale = ctx.saved_tensors
+        return grad * scale, (grad * out).sum(0)
+
+
+def _used_before_the_context(out, scale, made_before):
+    return out * made_before
+
+
+def _in_a_custom_function(out, scale, made_before):
+    return _ScaleWithoutTorchCalls.apply(out, scale)
+
+
+def _on_another_thread(out, scale, made_before):
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("scaled", out * scale))
+    worker.start()
+    worker.join()
+    return result["scaled"]
+
+
+@pytest.mark.parametrize(
+    "apply", [_used_before_the_context, _in_a_custom_function, _on_another_thread]
+)
+def test_a_parameter_the_watch_never_sees_used_is_refused_from_the_backwards_graph(apply):
+    """Used only before the context, through a custom Function whose forward passes it to
+    no torch function, or on another thread (torch function modes are per thread): no
+    torch call the watch saw was given it, and it got an unclipped gradient. The graph
+    of loss.backward() shows it, refused before the backward runs."""
+    model, scale = _model(), nn.Parameter(torch.ones(3))
+    made_before = scale * 1.0
+    with pytest.raises(RuntimeError, match=REFUSAL % "3,"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            _loss(apply(model(torch.randn(5, 4)), scale, made_before)).backward()
+    assert all(p.grad is None for p in [*model.parameters(), scale])

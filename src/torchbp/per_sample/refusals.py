@@ -276,10 +276,11 @@ class OutsideParameterWatch(TorchFunctionMode):
     registering it), after the context has formed the model's: such a use, with grad mode
     off inside a checkpoint's forward, is noted with the checkpoint's node
     (:meth:`checkpointed_parameter`), for the context to refuse at the first parameter the
-    backward reaches. Not seen: a parameter given to a custom ``autograd.Function`` whose
-    ``forward`` passes it to no torch function (``apply`` is not one), one used on
+    backward reaches. Not seen used: a parameter given to a custom ``autograd.Function``
+    whose ``forward`` passes it to no torch function (``apply`` is not one), one used on
     another thread (a mode is active on the thread that entered it only), or only before
-    the context was entered.
+    the context was entered; each is refused from the graph of the backward the context's
+    ``loss.backward()`` (or ``torch.autograd.backward``) runs (:meth:`_before_a_backward`).
 
     Args:
         model: the model given to ``per_sample_grads``; its parameters at creation are
@@ -325,9 +326,8 @@ class OutsideParameterWatch(TorchFunctionMode):
         if kwargs:
             in_keywords = self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
             joined = joined if in_keywords is None else in_keywords
-        if self._unheld and func in _BACKWARDS:
-            unheld, self._unheld = self._unheld, []
-            self._hold_results(unheld)
+        if func in _BACKWARDS:
+            self._before_a_backward(func, args, kwargs or {})
         result = func(*args, **kwargs) if kwargs else func(*args)
         if joined is not None:
             self._refuse_backward_after_the_context(result, joined)
@@ -349,6 +349,31 @@ class OutsideParameterWatch(TorchFunctionMode):
             elif id(argument) not in own and _is_parameter(argument) and self._see(argument):
                 joined = argument
         return joined
+
+    def _before_a_backward(self, func, args: tuple, kwargs: dict) -> None:
+        """As ``Tensor.backward`` or ``torch.autograd.backward`` starts: refuse a trainable
+        parameter outside the model among the leaves of the graph it runs (those in its
+        ``inputs`` if given) that this watch never saw used (used only before the context
+        was entered, or on another thread, or given to a custom Function whose
+        ``forward`` passes it to no torch function), before any gradient is written (one
+        it saw is refused by its hook, after the refusals that name a torchbp Linear
+        outside the model); then hold the results for the parameters watched since the
+        last backward (see ``hold_results``)."""
+        roots, inputs = _roots_and_inputs(func, args, kwargs)
+        leaves, _ = _walk_graph(_tensors(roots))
+        if inputs is not None:
+            wanted = {id(t) for t in _tensors(inputs)}
+            leaves = [p for p in leaves if id(p) in wanted]
+        outside = [p for p in leaves if id(p) not in self._own_ids and not _holds(self._watched, p)]
+        if outside:
+            # one added to the model since its creation is refused by name elsewhere
+            current = {id(q) for q in self._model.parameters()}
+            for p in outside:
+                if id(p) not in current:
+                    self._refuse(p)
+        if self._unheld:
+            unheld, self._unheld = self._unheld, []
+            self._hold_results(unheld)
 
     def _see(self, p: nn.Parameter) -> bool:
         """A parameter, not the model's, passed to a torch function: watch it unless it is
@@ -430,8 +455,19 @@ class OutsideParameterWatch(TorchFunctionMode):
 
 
 _SEQUENCES = (tuple, list)
-# the torch functions that start a backward (each a torch function, seen by a mode)
+# the torch functions that start a backward (each a torch function, seen by a mode), and
+# the position of their ``inputs`` argument
 _BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
+_INPUTS_POSITION = {torch.Tensor.backward: 4, torch.autograd.backward: 5}
+
+
+def _roots_and_inputs(func, args: tuple, kwargs: dict) -> tuple[object, object]:
+    """The tensors a call of ``func`` (one of :data:`_BACKWARDS`) runs the backward of,
+    and its ``inputs`` (``None`` when not given)."""
+    roots = args[0] if args else kwargs.get("tensors")
+    position = _INPUTS_POSITION[func]
+    inputs = args[position] if len(args) > position else kwargs.get("inputs")
+    return roots, inputs
 
 
 def _is_parameter(argument: object) -> bool:
