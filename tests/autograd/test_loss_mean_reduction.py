@@ -44,17 +44,21 @@ def test_mean_has_the_bits_of_the_row_sum_over_the_row_count(op, rows):
 
 @pytest.mark.parametrize("op", ["cross_entropy", "nll_loss"])
 @pytest.mark.parametrize("rows", [64, 4099])
-def test_weighted_mean_has_the_bits_of_the_rows_summed_over_the_target_weights(op, rows):
+@pytest.mark.parametrize("ignore_index", [3, -100], ids=["some-ignored", "none-ignored"])
+def test_weighted_mean_has_the_bits_of_the_rows_summed_over_the_target_weights(
+    op, rows, ignore_index
+):
     # 'mean' = Σ_i ℓ_i / W with W = Σ_{kept i} w_{y_i}: the bits of the 'none' rows' sum
-    # divided by W, and of its gradient (a guard for a reduction moved into the Function)
+    # divided by W, and of its gradient (a guard for a reduction moved into the Function,
+    # and for W summed without a mask where no target is ignored)
     weight = torch.linspace(0.5, 2.0, 7)
-    loss, z = _call(op, rows, weight=weight, ignore_index=3)
+    loss, z = _call(op, rows, weight=weight, ignore_index=ignore_index)
     loss.backward()
-    losses, z_rows = _call(op, rows, weight=weight, ignore_index=3, reduction="none")
+    losses, z_rows = _call(op, rows, weight=weight, ignore_index=ignore_index, reduction="none")
     gen = torch.Generator().manual_seed(rows)  # _call's target again
     torch.randn(rows, 7, generator=gen)
     target = torch.randint(0, 7, (rows,), generator=gen)
-    total = torch.where(target != 3, weight[target], 0.0).sum()
+    total = torch.where(target != ignore_index, weight[target], 0.0).sum()
     (losses.sum() / total).backward()
     torch.testing.assert_close(loss, losses.sum() / total, rtol=0, atol=0)
     torch.testing.assert_close(z.grad, z_rows.grad, rtol=0, atol=0)

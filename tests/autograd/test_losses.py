@@ -378,7 +378,9 @@ PATHS = [
     (dict(), "plain_rows"),
     (dict(dtype=torch.float64), "plain_rows"),
     (dict(ignore=1), "plain_rows"),
-    (dict(weight=True), "ce_rows"),
+    (dict(weight=True), "weighted_rows"),
+    (dict(weight=True, ignore=1, dtype=torch.float64), "weighted_rows"),
+    (dict(weight=True, smoothing=0.1), "ce_rows"),
     (dict(smoothing=0.1), "ce_rows"),
     (dict(prob=True), "ce_rows"),
     (dict(dtype=torch.bfloat16), "blocked_rows"),
@@ -397,7 +399,8 @@ def test_forward_path_table(inputs, path, monkeypatch):
 
     monkeypatch.delenv("TORCHBP_TRITON", raising=False)
     calls = []
-    for module, name in [(cpu_ce, "plain_rows"), (cpu_ce, "blocked_rows"), (losses, "ce_rows")]:
+    names = ["plain_rows", "weighted_rows", "blocked_rows"]
+    for module, name in [*((cpu_ce, n) for n in names), (losses, "ce_rows")]:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     dtype = inputs.get("dtype", torch.float32)
@@ -808,6 +811,38 @@ def test_infinite_class_weight_gives_natives_infinite_loss(position, smoothing):
     )
     assert torch.isinf(native[0]).any()
     torch.testing.assert_close(ours, native, equal_nan=True)
+
+
+SPECIAL_WEIGHTS = {  # class weights of (6, 5) logits whose rows 1-3 hold inf / NaN
+    "infinite": [1.0, float("inf"), 0.5, float("-inf"), 2.0],
+    "nan": [1.0, float("nan"), 0.5, 2.0, 1.5],
+    "zero and negative": [0.0, -1.5, 0.5, 2.0, 1.0],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("ignore", [None, -100, 1])
+@pytest.mark.parametrize("case", list(SPECIAL_WEIGHTS))
+def test_weighted_loss_of_special_weights_and_logits_is_natives(case, ignore, reduction, dtype):
+    # the weighted fast path (cpu_ce.weighted_rows): every class weight on a row max, a
+    # dominated logit and a confident row (p_y = 1: inf · 0), next to inf / NaN logits and
+    # ignored rows, loss and gradient as native's for every reduction
+    weight = torch.tensor(SPECIAL_WEIGHTS[case], dtype=dtype)
+    logits = make((6, C), torch.float64, scale=3.0)
+    logits[0] = torch.tensor([0.0, 200.0, 1.0, -1.0, 0.5])  # confident in class 1
+    logits[1, 2], logits[2, 0], logits[3, 4] = torch.inf, torch.nan, -torch.inf
+    target = torch.tensor([1, 2, 3, 4, 0, 1])
+    options = dict(weight=weight, reduction=reduction)
+    if ignore is not None:
+        target[::3] = ignore
+        options["ignore_index"] = ignore
+    results = []
+    for fn in (TF.cross_entropy, F.cross_entropy):
+        x = logits.to(dtype).requires_grad_()
+        loss = fn(x * 1, target, **options)
+        results.append((loss.detach(), *torch.autograd.grad(loss.sum(), x)))
+    torch.testing.assert_close(*results, equal_nan=True, **TOL[dtype])
 
 
 def _mean_and_grads_as_native(logits, target, weight, dtype, smoothing, inplace):

@@ -117,6 +117,63 @@ def test_plain_rows_loss_is_as_accurate_as_the_reference(dtype, rows, classes, s
     torch.testing.assert_close(lse, ref_lse, **TOL[dtype])
 
 
+# --------------------------------------------------------------------------- weighted_rows
+def class_weight(dtype, special=None):
+    """Class weights (C,) of ``dtype``; ``special`` puts inf / NaN / 0 / a negative weight
+    on classes 1 and 4."""
+    w = make((C,), dtype, seed=4).abs() + 0.1
+    if special is not None:
+        w[1], w[4] = special
+    return w
+
+
+WEIGHTS = [
+    pytest.param(None, id="positive"),
+    pytest.param((float("inf"), float("-inf")), id="inf"),
+    pytest.param((float("nan"), 2.0), id="nan"),
+    pytest.param((0.0, -1.5), id="zero-negative"),
+]
+
+
+@pytest.mark.parametrize("path", ["composite", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("special", WEIGHTS)
+@pytest.mark.parametrize(
+    "ignore_index, ignored",
+    [(None, None), (-100, None), (-100, -100), (4, 4)],
+    ids=["unmasked", "none-ignored", "some-ignored", "class-in-range"],
+)
+def test_weighted_rows_matches_reference(monkeypatch, path, dtype, special, ignore_index, ignored):
+    monkeypatch.setattr(cpu_ce, "FUSED_SOFTMAX_MIN_CLASSES", C + 1 if path == "composite" else C)
+    z = logits(dtype)
+    z[1, 2], z[2, 3], z[4] = float("inf"), float("nan"), float("-inf")  # (row 3 is ignored)
+    z[3, 0] = float("nan")
+    target = class_target(ignore=ignored)
+    target[0] = 0  # the confident row's max: p_y = 1, so w_y (p_y - 1) meets inf · 0
+    weight = class_weight(dtype, special)
+    before = z.clone(), weight.clone()
+    ours = cpu_ce.weighted_rows(z, target, weight, ignore_index)
+    ref = ce_rows(z, target, weight, ignore_index, 0.0)
+    for kept, was in zip((z, weight), before):  # neither input written
+        torch.testing.assert_close(kept, was, rtol=0, atol=0, equal_nan=True)
+    for got, want in zip(ours, ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **TOL[dtype], equal_nan=True)
+    if ignored is not None:
+        rows = target == ignored
+        assert rows.any() and not ours[0][rows].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_weighted_rows_of_every_row_ignored_is_zero(dtype):
+    z, target = logits(dtype), torch.full((ROWS,), -100)
+    weight = class_weight(dtype, (float("inf"), float("nan")))
+    loss, grad, lse = cpu_ce.weighted_rows(z, target, weight, -100)
+    ref = ce_rows(z, target, weight, -100, 0.0)
+    assert not loss.any() and not grad.any()
+    torch.testing.assert_close(lse, ref.lse, **TOL[dtype])
+
+
 # --------------------------------------------------------------------------- blocked_rows
 TARGETS = [
     pytest.param(dict(kind="index", weighted=False, ignore=None, smoothing=0.0), id="plain"),

@@ -8,21 +8,30 @@ import math
 
 import torch
 
+from torchbp.autograd.cross_entropy import NO_IGNORE
+
 
 def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
-    """Σ over non-ignored rows of ``w_{y_i}``: the denominator of ``reduction='mean'``."""
-    valid = target != ignore_index
+    """Σ over non-ignored rows of ``w_{y_i}``: the denominator of ``reduction='mean'``.
+    ``ignore_index`` None: the caller checked that no target is ignore_index (every one is
+    a class index), so no row is masked."""
+    if weight is not None and ignore_index is None:
+        # the same terms, in the same order, as the masked sum below with no row masked:
+        # the same bits, two ops instead of five
+        return weight.to(dtype).index_select(0, target).sum()
+    valid = target != (NO_IGNORE if ignore_index is None else ignore_index)
     if weight is None:
         return valid.sum().to(dtype)
     if weight.shape[0] == 0:  # no class: every target is ignore_index (checked)
         return torch.zeros((), dtype=dtype, device=target.device)
     safe = torch.where(valid, target, 0)
-    return torch.where(valid, weight.to(dtype)[safe], 0.0).sum()
+    return torch.where(valid, weight.to(dtype).index_select(0, safe), 0.0).sum()
 
 
 def _mean_denominator(target, weight, ignore_index, dtype, smoothing: float) -> torch.Tensor:
-    """The ``'mean'`` denominator ``W = Σ_i w_{y_i}`` (:func:`_target_weight_sum`) of
-    class-index targets, NaN where ``W = 0`` with label smoothing and class weights.
+    """The ``'mean'`` denominator ``W = Σ_i w_{y_i}`` (:func:`_target_weight_sum`;
+    ``ignore_index`` None: no target ignored) of class-index targets, NaN where ``W = 0``
+    with label smoothing and class weights.
 
     Native's smoothed mean is two means over the same ``W``::
 

@@ -235,7 +235,8 @@ def nll_loss(
     acc = accumulation_dtype(input.dtype)
     denominator = None  # 'mean': every row counts 1
     if reduction == "mean" and not (unmasked and weight is None):
-        denominator = _target_weight_sum(flat_target, weight, ignore_index, acc)
+        ignored = None if unmasked else ignore_index
+        denominator = _target_weight_sum(flat_target, weight, ignored, acc)
     if rows.dtype != acc:  # (a same-dtype .to costs as much as a small op)
         rows = rows.to(acc)
     return _reduce(rows, reduction, batch_shape, input.dtype, denominator)
@@ -367,8 +368,9 @@ def cross_entropy(
         elif not (soft or (unmasked and weight is None)):
             # W = Σ w_y over kept rows; native's smoothed mean is
             # (1-ε) Σ w_y nll / W + (ε/C) Σ_i Σ_c w_c nll_ic / W, NaN (0/0) at W = 0
+            ignored = None if unmasked else ignore_index
             denominator = _mean_denominator(
-                flat_target, weight, ignore_index, rows.dtype, label_smoothing
+                flat_target, weight, ignored, rows.dtype, label_smoothing
             )
     loss = _reduce(rows, reduction, batch_shape, input.dtype, denominator)
     if reduction == "sum" and classes == 0 and label_smoothing and not soft:
