@@ -171,3 +171,25 @@ def test_kernels_computing_sigmoid_take_natives_when_torch_sigmoid_is_patched(
     y.backward(torch.ones_like(y))  # the first-order kernel writes sigmoid with out=
     torch.testing.assert_close(y.detach(), expected)
     torch.testing.assert_close(x.grad, expected_grad)
+
+
+_FORMULAS_WITH_SIGMOID_OR_TANH = [
+    ("sigmoid", "silu", {}),
+    ("sigmoid", "softplus", {"beta": 2.0, "threshold": 5.0}),
+    ("tanh", "gelu", {"approximate": "tanh"}),
+]
+
+
+@pytest.mark.parametrize(("patched", "name", "kwargs"), _FORMULAS_WITH_SIGMOID_OR_TANH)
+def test_formulas_take_natives_under_torch_compile_when_patched(patched, name, kwargs, monkeypatch):
+    # a compiled backward runs the derivative formula, which Dynamo traces strictly: torchbp's
+    # sigmoid / tanh in it (reading a layout) was refused, "Strict mode banned op"
+    x = _input().requires_grad_()
+    expected = getattr(F, name)(x, **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    monkeypatch.setattr(torch, patched, getattr(torchbp.functional, patched))
+    compiled = torch.compile(getattr(torchbp.functional, name), backend="aot_eager", fullgraph=True)
+    y = compiled(x, **kwargs)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(grad, expected_grad)

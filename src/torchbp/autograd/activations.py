@@ -70,10 +70,11 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_C = 0.044715
 
-# Native's functions that the forwards compute with, bound at import: a user who patches
-# torch.nn.functional.gelu (or silu, ..., torch.sigmoid, torch.tanh) with torchbp's (a
-# drop-in, as kernel libraries patch functions) made each forward call torchbp's again, a
-# RecursionError.
+# Native's functions that the forwards and derivative formulas compute with, bound at
+# import: a user who patches torch.nn.functional.gelu (or silu, ..., torch.sigmoid,
+# torch.tanh) with torchbp's (a drop-in, as kernel libraries patch functions) made each
+# forward call torchbp's again, a RecursionError, and a formula run torchbp's sigmoid,
+# which torch.compile cannot trace in a backward (fullgraph: "Strict mode banned op").
 _NATIVE_SIGMOID = torch.sigmoid
 _NATIVE_TANH = torch.tanh
 _NATIVE_LEAKY_RELU = torch.nn.functional.leaky_relu
@@ -458,7 +459,7 @@ def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.T
         # y = ½x(1 + tanh u), u = √(2/π)(x + c x³)
         # y' = ½(1 + tanh u) + ½x (1 - tanh²u) √(2/π)(1 + 3c x²)
         x2 = x * x
-        t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x2))
+        t = _NATIVE_TANH(_SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x2))
         inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * x2)
         return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner)
     # y = x Φ(x);  y' = Φ(x) + x φ(x),  Φ(x) = ½(1 + erf(x/√2)),  φ(x) = e^{-x²/2}/√(2π)
@@ -497,7 +498,7 @@ class GELUFunction(Function):
 # --------------------------------------------------------------------------- SiLU
 def silu_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # y = x σ(x);  y' = σ(x) (1 + x (1 - σ(x)))
-    s = torch.sigmoid(x)
+    s = _NATIVE_SIGMOID(x)
     return g * (s * (1 + x * (1 - s)))
 
 
@@ -615,7 +616,7 @@ def softplus_backward(g: torch.Tensor, x: torch.Tensor, beta: float, threshold: 
     # y = log(1 + e^{βx}) / β, and y = x where βx > threshold (linear there, as native);
     # y' = σ(βx), or 1 where βx > threshold. σ never overflows (e^{βx} / (1 + e^{βx}) would).
     bx = x * beta
-    return torch.where(bx > threshold, g, g * torch.sigmoid(bx))
+    return torch.where(bx > threshold, g, g * _NATIVE_SIGMOID(bx))
 
 
 def softplus_curvature(v: torch.Tensor, x: torch.Tensor, beta: float, threshold: float):
@@ -624,7 +625,7 @@ def softplus_curvature(v: torch.Tensor, x: torch.Tensor, beta: float, threshold:
     # side's 0 there ("βx < threshold", not "<="): native's second derivative does. Times
     # the 0/1 mask, not selected by it, so that a NaN x gives NaN, as native.
     bx = x * beta
-    s = torch.sigmoid(bx)
+    s = _NATIVE_SIGMOID(bx)
     return v * (beta * s * (1 - s)) * (bx < threshold).to(v.dtype)
 
 
