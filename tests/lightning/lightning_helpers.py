@@ -118,6 +118,26 @@ class InterruptAfterValidation(pl.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptInSave(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptInSave``) that
+    presses Ctrl-C once, in the first checkpoint save after epoch ``epoch``'s validation
+    (as the run's checkpoint callback writes that validation's best checkpoint)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+        self.validated = self.pressed = False
+
+    def on_validation_epoch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            self.validated = True
+
+    def on_save_checkpoint(self, trainer, *args) -> None:
+        if self.validated and not self.pressed:
+            self.pressed = True
+            raise KeyboardInterrupt
+
+
 class RequeueInValidation(pl.Callback):
     """A Lightning callback
     (``--trainer.callbacks+=tests.lightning.lightning_helpers.RequeueInValidation``) that

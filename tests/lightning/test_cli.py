@@ -27,6 +27,7 @@ from tests.lightning.lightning_helpers import (
 )
 
 from torchbp.lightning import ERMClassifier
+from torchbp.lightning.checkpoint_files import INTERRUPTED_SUFFIX
 
 DIGITS = str(CONFIGS / "digits.yaml")
 
@@ -2209,3 +2210,142 @@ def test_last_ckpt_follows_the_epochs_when_another_checkpoint_callback_saves_fir
     last = tmp_path / "iris/version_0/checkpoints/last.ckpt"
     assert last.exists(), sorted(p.name for p in last.parent.iterdir())
     assert torch.load(last, weights_only=True)["global_step"] == 7
+
+
+def test_a_fit_resumed_from_another_runs_checkpoint_keeps_that_runs_better_best(tmp_path, capsys):
+    """fit --ckpt_path of another run's checkpoint saves into a new run folder: Lightning
+    warned "The dirpath has changed" and dropped the best score that run recorded, so the
+    first validation of the resumed fit became the best however worse, and the fit's test
+    (and a later test --ckpt_path best) evaluated it. That run's best stays a candidate."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    run_cli("fit", *iris, "--trainer.max_epochs=1")
+    old = tmp_path / "iris/version_0/checkpoints"
+    (best,) = old.glob("epoch*.ckpt")
+    checkpoint = torch.load(old / "last.ckpt", weights_only=False)
+    (state,) = [s for k, s in checkpoint["callbacks"].items() if k.startswith("RunCheckpoint")]
+    assert state["best_model_path"] == str(best)
+    unbeatable = torch.tensor(2.0)  # an accuracy no validation of the resumed fit reaches
+    state.update(best_model_score=unbeatable, kth_value=unbeatable)
+    state["best_k_models"] = {str(best): unbeatable}
+    resume_from = tmp_path / "resume_from.ckpt"
+    torch.save(checkpoint, resume_from)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli("fit", *iris, "--trainer.max_epochs=2", f"--ckpt_path={resume_from}")
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "dirpath has changed" in m], messages
+    assert [m for m in messages if f"{best} (val/acc=2.0000), stays this fit's best" in m]
+    assert cli.trainer.log_dir.endswith("version_1")
+    assert cli.config_init["fit"]["checkpoint"].best_model_path == str(best)
+    assert f"test metrics ({best})" in capsys.readouterr().out
+    tested = run_cli("test", *iris, "--ckpt_path=best")
+    assert tested.config_init["test"]["ckpt_path"] == str(best)
+
+
+def test_an_interrupt_never_saves_over_an_earlier_interrupts_checkpoint(tmp_path):
+    """Lightning names its exception checkpoint without its version counter: a second run
+    into the same --checkpoint.dirpath, interrupted at the same epoch and step (or value),
+    saved its -interrupted.ckpt over the first run's. It is numbered as Lightning numbers
+    its other checkpoints."""
+    common = [
+        "--config",
+        str(CONFIGS / "iris.yaml"),
+        f"--run_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path / 'ck'}",
+        "--trainer.max_epochs=1",
+        "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAt",
+        "--trainer.callbacks.step=3",
+    ]
+    for lr in ("0.01", "0.02"):
+        with pytest.raises((SystemExit, KeyboardInterrupt)):
+            run_cli("fit", *common, f"--model.optimizer.lr={lr}")
+    saved = sorted((tmp_path / "ck").glob(f"*{INTERRUPTED_SUFFIX}.ckpt"))
+    names = [p.name for p in saved]
+    assert names == ["epoch000-step3-interrupted.ckpt", "epoch000-step3-v1-interrupted.ckpt"]
+    lrs = [torch.load(p, weights_only=False)["optimizer_states"][0] for p in saved]
+    assert [s["param_groups"][0]["lr"] for s in lrs] == [0.01, 0.02]
+
+
+def test_ctrl_c_in_the_save_of_a_best_checkpoint_leaves_a_fit_that_resumes_and_tests(tmp_path):
+    """Lightning counts a checkpoint among the best before writing it: Ctrl-C in that save
+    left a last.ckpt whose state named a best file never written. The fit resumed from it
+    kept the missing file as its best (epoch 0 stays best by ``epoch`` with mode min) and
+    its final test failed to load it. The resumed fit drops the missing file, saying so."""
+    common = ["fit", "--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}"]
+    common += ["--trainer.max_epochs=2", "--checkpoint.monitor=epoch", "--checkpoint.mode=min"]
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(*common, "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptInSave")
+    folder = tmp_path / "iris/version_0/checkpoints"
+    assert not (folder / "epoch000-step7.ckpt").exists()
+    assert (folder / "last.ckpt").is_file()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(*common, "--run_name=iris", "--ckpt_path=last")
+    said = [str(w.message) for w in caught]
+    assert [m for m in said if "epoch000-step7.ckpt; a save cut short" in m], said
+    best = cli.config_init["fit"]["checkpoint"].best_model_path
+    assert Path(best).name == "epoch001-step14.ckpt" and Path(best).is_file()
+    assert "test/acc" in cli.trainer.callback_metrics
+
+
+def test_ctrl_c_in_the_save_of_a_validations_best_checkpoint_records_it_unfinished(tmp_path):
+    """A validation within the epoch (val_check_interval < 1) saves its best checkpoint in
+    the checkpoint callback's on_validation_end; Ctrl-C in that save (Lightning has counted
+    the weights among the best, not written them) was not recorded as an unfinished
+    validation, so the resumed fit skipped it without a warning."""
+    from torchbp.lightning.run_checkpoint import UNFINISHED_VALIDATION_KEY
+
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        run_cli(
+            "fit",
+            "--config",
+            str(CONFIGS / "iris.yaml"),
+            f"--run_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--trainer.val_check_interval=3",
+            "--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptInSave",
+        )
+    folder = tmp_path / "iris/version_0/checkpoints"
+    (interrupted,) = folder.glob(f"*{INTERRUPTED_SUFFIX}.ckpt")
+    unfinished = torch.load(interrupted, weights_only=True).get(UNFINISHED_VALIDATION_KEY)
+    assert unfinished == {"epoch": 0, "step": 3, "checkpoint": interrupted.name}, unfinished
+
+
+def test_a_random_seed_after_a_ddp_run_of_the_same_process_is_refused(
+    tmp_path, monkeypatch, capsys
+):
+    """Lightning's launcher of a DDP run leaves LOCAL_RANK set in its process and in each
+    worker, which runs the same command: a second fit with --seed_everything true in that
+    command is not launched but run by every process on its own, and each drew its own
+    seed (seen: ranks 0 and 1 trained with 1178447967 and 110015314). Refused, as for
+    processes started apart; a first run takes rank 0's seed, as before."""
+    one_batch = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    one_batch += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fit_digits(tmp_path, "--seed_everything=0", *one_batch)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # as Lightning's launcher leaves it in a worker
+    with pytest.raises(SystemExit) as e:
+        fit_digits(tmp_path, "--seed_everything=true", *one_batch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "started apart (LOCAL_RANK=1, left by Lightning's launch of an earlier" in err, err
+
+
+def test_a_seed_the_process_was_started_with_is_taken_by_every_random_seed_run(
+    tmp_path, monkeypatch
+):
+    """PL_GLOBAL_SEED in the environment the process started with (given by the user, or
+    rank 0's, by Lightning's launcher) is what Lightning's seed_everything takes for
+    --seed_everything true, in every run; only the first run of a process took it, a second
+    drew another seed, as after a seed an earlier run of the process left there."""
+    import torchbp.lightning.cli as cli
+
+    one_batch = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    one_batch += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
+    monkeypatch.setitem(cli._ENVIRONMENT_AT_START, "PL_GLOBAL_SEED", "12345")
+    monkeypatch.setenv("PL_GLOBAL_SEED", "12345")
+    for run in range(2):
+        fit_digits(tmp_path, "--seed_everything=true", *one_batch)
+        config = yaml.safe_load((tmp_path / f"digits/version_{run}/config.yaml").read_text())
+        assert config["seed_everything"] == 12345, (run, config["seed_everything"])

@@ -64,13 +64,17 @@ def newest_last_checkpoint(folder: Path) -> Path | None:
 def best_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
     """The best checkpoint in a run's ``checkpoints`` folder: the one its ``last`` checkpoint
     records as ModelCheckpoint's ``best_model_path`` (looked up in ``folder``, so a moved run
-    folder still works; ``None`` if it records none, as after an interrupt before the first
-    validation, whose exception checkpoint is no best), else, without a readable ``last``,
-    the folder's only checkpoint besides ``last*.ckpt``."""
+    folder still works; where recorded when outside the folder the run saved into: a fit
+    resumed from another run's checkpoint keeps that run's better best; ``None`` if it
+    records none, as after an interrupt before the first validation, whose exception
+    checkpoint is no best), else, without a readable ``last``, the folder's only
+    checkpoint besides ``last*.ckpt``."""
     state = read_checkpoint(folder / last) if (folder / last).is_file() else None
     if state is not None:
         for callback in _best_recording_states(state.get("callbacks")):
             recorded = callback.get("best_model_path")
+            if recorded and _carried_from_another_folder(callback) and Path(recorded).is_file():
+                return Path(recorded)
             if recorded and (folder / Path(recorded).name).is_file():
                 return folder / Path(recorded).name
         return None
@@ -80,6 +84,14 @@ def best_checkpoint(folder: Path, last: str = "last.ckpt") -> Path | None:
         if not p.name.startswith("last") and not p.stem.endswith(INTERRUPTED_SUFFIX)
     ]
     return others[0] if len(others) == 1 else None
+
+
+def _carried_from_another_folder(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint-callback state's best lies outside the folder it saves into: the
+    best of another run that a fit resumed from that run's checkpoint kept (see
+    :meth:`RunCheckpoint.load_state_dict`), never a copied or moved run's own best."""
+    best, dirpath = state.get("best_model_path"), state.get("dirpath")
+    return bool(best and dirpath) and Path(best).parent != Path(dirpath)
 
 
 def _best_recording_states(states: Any) -> list[dict[str, Any]]:

@@ -226,13 +226,21 @@ def _check_seed(seed: Any) -> None:
 
 #: ``PL_GLOBAL_SEED`` as the latest run of this process seeded it (see :func:`_note_run_seed`)
 _latest_run_seed: str | None = None
+#: whether a run of this process has started (see :func:`_note_run_seed`)
+_ran_before = False
+#: the variables of the launchers' seed and ranks as this process was started with them
+_ENVIRONMENT_AT_START = {
+    name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "LOCAL_RANK", "WORLD_SIZE")
+}
 
 
 def _note_run_seed(seed: Any) -> None:
-    """Note the seed a run of this process seeded (Lightning's ``seed_everything`` leaves
-    it in ``PL_GLOBAL_SEED``; ``false`` seeds nothing): a later run's ``--seed_everything
-    true`` draws its own rather than take it (see :func:`_random_seed_if_asked`)."""
-    global _latest_run_seed
+    """Note that a run of this process started, and the seed it seeded (Lightning's
+    ``seed_everything`` leaves it in ``PL_GLOBAL_SEED``; ``false`` seeds nothing): a later
+    run's ``--seed_everything true`` draws its own rather than take it (see
+    :func:`_random_seed_if_asked`)."""
+    global _latest_run_seed, _ran_before
+    _ran_before = True
     if seed is not False:
         _latest_run_seed = os.environ.get("PL_GLOBAL_SEED")
 
@@ -244,15 +252,18 @@ def _random_seed_if_asked(parsed: Namespace) -> None:
     process Lightning launched for DDP takes rank 0's (``PL_GLOBAL_SEED``, which Lightning
     reads for ``true`` itself), as one given ``PL_GLOBAL_SEED`` by its environment does;
     never the seed an earlier run of this process left there (a notebook's second fit took
-    the first one's, also an int such as the configs' 0). Processes started apart (see
-    :func:`_processes_started_apart`) have no rank 0 to take it from before the run starts:
-    refused, as each would draw its own."""
+    the first one's, also an int such as the configs' 0), unless the process was started
+    with it (every such run takes it, as Lightning's do). Processes started apart (see
+    :func:`_processes_started_apart`, :func:`_left_by_an_earlier_ddp_run`) have no rank 0
+    to take it from before the run starts: refused, as each would draw its own."""
     if parsed.get("seed_everything") is not True:
         return
+    after_ddp = _left_by_an_earlier_ddp_run()
     inherited = os.environ.get("PL_GLOBAL_SEED")
-    if inherited is not None and inherited != _latest_run_seed:
+    given = inherited != _latest_run_seed or inherited == _ENVIRONMENT_AT_START["PL_GLOBAL_SEED"]
+    if inherited is not None and given and not after_ddp:
         return  # Lightning's seed_everything takes it
-    started_apart = _processes_started_apart(parsed.get("trainer") or {})
+    started_apart = _processes_started_apart(parsed.get("trainer") or {}) or after_ddp
     if started_apart:
         exit_with_error(
             f"invalid configuration: seed_everything: true draws a random seed in each "
@@ -280,6 +291,28 @@ def _processes_started_apart(trainer: Any) -> str | None:
     if tasks.isdigit() and int(tasks) > 1 and _slurm_launches_the_processes():
         return f"SLURM_NTASKS={tasks}"
     return None
+
+
+def _left_by_an_earlier_ddp_run() -> str | None:
+    """``LOCAL_RANK`` after an earlier run of this process, as Lightning's launcher of a DDP
+    run leaves it (in the process it launched from, and in each worker it launched, which
+    runs the same command): Lightning then takes this run's processes as started apart and
+    launches none, and each process of the earlier run runs this one on its own, so that a
+    seed drawn in each differed between the ranks. ``None`` before this process's first
+    run (a worker's first run takes rank 0's seed, ``PL_GLOBAL_SEED``), and for a
+    ``LOCAL_RANK`` this process was started with outside a launch of several processes
+    (``WORLD_SIZE`` > 1 at start, as Lightning gives its workers)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if not _ran_before or local_rank is None:
+        return None
+    world_size = _ENVIRONMENT_AT_START["WORLD_SIZE"] or ""
+    launched = world_size.isdigit() and int(world_size) > 1
+    if _ENVIRONMENT_AT_START["LOCAL_RANK"] is not None and not launched:
+        return None
+    return (
+        f"LOCAL_RANK={local_rank}, left by Lightning's launch of an earlier DDP run of this "
+        "process, whose every process runs this run on its own"
+    )
 
 
 def _slurm_launches_the_processes() -> bool:

@@ -69,6 +69,9 @@ class RunCheckpoint(ModelCheckpoint):
     _validating: tuple[int, int] | None = None
     #: the file name of the checkpoint saved on the exception being handled
     _interrupted_name: str | None = None
+    #: for a fit resumed from a checkpoint, the best checkpoints of its state that stay
+    #: candidates (see :meth:`load_state_dict`); ``None`` for a checkpoint loaded to evaluate
+    _kept_best: dict[str, Any] | None = None
 
     def __init__(self, *args: Any, enable_version_counter: bool = True, **kwargs: Any) -> None:
         """ModelCheckpoint's arguments; ``enable_version_counter`` is kept to name the
@@ -109,11 +112,62 @@ class RunCheckpoint(ModelCheckpoint):
         start (interrupted within them), so the step's ``val/*`` metrics are missing or come
         from part of the validation set, and its weights are no best-checkpoint candidate
         as the uninterrupted fit's were. Lightning offers no public way to run that
-        validation again before training on."""
-        unfinished = checkpoint.get(UNFINISHED_VALIDATION_KEY)
-        if unfinished is None or trainer.state.fn != TrainerFn.FITTING:
+        validation again before training on. For a fit, find which of the best checkpoints
+        its state records stay candidates (see :meth:`load_state_dict`)."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._kept_best = None
             return
-        rank_zero_warn(_unfinished_validation_warning(unfinished, trainer.ckpt_path))
+        self._kept_best = self._best_to_keep(trainer, checkpoint)
+        unfinished = checkpoint.get(UNFINISHED_VALIDATION_KEY)
+        if unfinished is not None:
+            rank_zero_warn(_unfinished_validation_warning(unfinished, trainer.ckpt_path))
+
+    def _best_to_keep(self, trainer: Trainer, checkpoint: dict) -> dict[str, Any]:
+        """The best checkpoints (path: score) of this callback's state in ``checkpoint``
+        that a fit resumed from it keeps: in the folder it saves into, all but the local
+        files that are gone (a save cut short by Ctrl-C: Lightning counts a checkpoint
+        among the best before writing it, and its final test failed to load the missing
+        file); from another folder, the local files that exist, if that run validated on
+        the configured data. Rank 0's view, so that every process takes the same best."""
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        best_k_models = (state or {}).get("best_k_models") or {}
+        recorded = (state or {}).get("dirpath", self.dirpath)
+        if recorded == self.dirpath:
+            found = {path: path for path in best_k_models if not _missing_local_file(path)}
+        elif _validated_on_the_same_data(trainer.datamodule, checkpoint):
+            found = _existing_files(list(best_k_models), str(self.dirpath))
+        else:
+            found = {}
+        # paths only: a score may be a tensor on rank 0's device
+        found = trainer.strategy.broadcast(found)
+        return {path: best_k_models[recorded_path] for recorded_path, path in found.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's restore, except for a fit resumed from a checkpoint of another folder
+        (``fit --ckpt_path`` of another run's file: this fit saves into a new run folder).
+        Lightning kept only ``best_model_path`` then ("The dirpath has changed"), which the
+        first validation replaced however worse, so the fit's final test took this fit's
+        best even where the checkpoint's run had a better one (``--ckpt_path last`` of a
+        moved run folder, too). Its best checkpoints whose files still exist stay candidates
+        here (never deleted: Lightning removes files of its own folder only) when the
+        checkpoint's run validated on the same data; else this fit's best is among its own
+        validations. A warning says which. Evaluating (validate, test, predict, saving
+        nothing) it keeps its state: the test ending a fit whose best is that other run's
+        checkpoint keeps the fit's."""
+        recorded = state_dict.get("dirpath", self.dirpath)
+        kept, self._kept_best = self._kept_best, None
+        if recorded == self.dirpath:
+            super().load_state_dict(state_dict)
+            if kept is not None and set(kept) != set(self.best_k_models):
+                gone = sorted(set(self.best_k_models) - set(kept))
+                self._keep_best_k_models(kept)
+                rank_zero_warn(_gone_best_warning(gone, self))
+            return
+        if kept is None:
+            return  # evaluating, saving nothing: the test of a fit's best from another run
+        # of the same monitor and mode: Lightning restores the state of a callback of both only
+        self._keep_best_k_models(kept)
+        rank_zero_warn(_carried_best_warning(recorded, self.dirpath, self.monitor, kept, self))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -134,9 +188,15 @@ class RunCheckpoint(ModelCheckpoint):
         is finished: its metrics are logged (Lightning runs the ModelCheckpoints'
         ``on_validation_end`` after computing and logging them, and after the other
         callbacks'), and its weights are considered here."""
-        self._validating = None
-        with self._own_saves():
-            super().on_validation_end(trainer, pl_module)
+        validating, self._validating = self._validating, None
+        try:
+            with self._own_saves():
+                super().on_validation_end(trainer, pl_module)
+        except BaseException:
+            # Ctrl-C in the save of its best checkpoint, which Lightning counts among the
+            # best before writing it: not finished, as before the save
+            self._validating = validating
+            raise
         if not self._ended_epoch:
             self._save_last_if_skipped(trainer)
 
@@ -160,6 +220,22 @@ class RunCheckpoint(ModelCheckpoint):
             return
         with self._own_saves():
             super().on_train_end(trainer, pl_module)
+
+    def _keep_best_k_models(self, best_k_models: dict[str, Any]) -> None:
+        """Take ``best_k_models`` (path: score) as this callback's, with the best and the
+        k-th best among them as Lightning's ``_update_best_and_save`` sets them (none: as
+        a new ModelCheckpoint's)."""
+        self.best_k_models = dict(best_k_models)
+        if not best_k_models:
+            self.kth_best_model_path, self.best_model_path = "", ""
+            self.kth_value = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
+            self.best_model_score = None
+            return
+        worst, best = (max, min) if self.mode == "min" else (min, max)
+        self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)
+        self.kth_value = self.best_k_models[self.kth_best_model_path]
+        self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
+        self.best_model_score = self.best_k_models[self.best_model_path]
 
     @contextmanager
     def _own_saves(self) -> Iterator[None]:
@@ -242,11 +318,25 @@ class RunCheckpoint(ModelCheckpoint):
             # before the monitor is logged (Ctrl-C in the first epoch) Lightning wrote it
             # as 0 (epoch000-val_acc0.0000-interrupted.ckpt): named by epoch and step
             filename = checkpoint_filename(None)
-        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
-        stem, ext = os.path.splitext(name)
-        interrupted = f"{stem}{INTERRUPTED_SUFFIX}{ext}"
+        interrupted = self._interrupted_path(metrics, filename, ver, prefix)
+        version = self.STARTING_VERSION
+        while self.enable_version_counter and ver is None and os.path.exists(interrupted):
+            # an earlier interrupt's file of the same epoch and value (or step): another run
+            # into a shared dirpath, a replay from an older checkpoint. Checked locally, as
+            # Lightning's exception save runs on the failing rank alone
+            interrupted = self._interrupted_path(metrics, filename, version, prefix)
+            version += 1
         self._interrupted_name = os.path.basename(interrupted)
         return interrupted
+
+    def _interrupted_path(
+        self, metrics: dict[str, torch.Tensor], filename: str | None, ver: int | None, prefix: Any
+    ) -> str:
+        """The exception checkpoint's path: Lightning's name (``-v<ver>`` numbered) with
+        ``-interrupted`` before the extension."""
+        name = super().format_checkpoint_name(metrics, filename, ver, prefix)
+        stem, ext = os.path.splitext(name)
+        return f"{stem}{INTERRUPTED_SUFFIX}{ext}"
 
 
 def _unfinished_validation_warning(unfinished: dict[str, Any], ckpt_path: Any) -> str:
@@ -264,6 +354,64 @@ def _unfinished_validation_warning(unfinished: dict[str, Any], ckpt_path: Any) -
         "resumed fit skips it or finishes it on part of the validation set, so that "
         "validation's val/* metrics may be missing or partial, and those weights are not a "
         f"best-checkpoint candidate as the uninterrupted fit's were; {how}"
+    )
+
+
+def _validated_on_the_same_data(datamodule: Any, checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint's run validated on ``datamodule``'s data: the checkpoint holds
+    the state of a DataModule of its class naming the same source (torchbp's DataModules
+    refuse the same source split otherwise); unknown for another DataModule."""
+    if datamodule is None or not hasattr(datamodule, "state_dict"):
+        return False
+    saved = checkpoint.get(type(datamodule).__qualname__)
+    configured = datamodule.state_dict()
+    if not isinstance(saved, dict) or not isinstance(configured, dict):
+        return False
+    return "source" in saved and saved.get("source") == configured.get("source")
+
+
+def _missing_local_file(path: str) -> bool:
+    """Whether ``path`` names a local file that does not exist (a remote one, ``s3://...``,
+    is not looked up)."""
+    return "://" not in path and not os.path.isfile(path)
+
+
+def _gone_best_warning(gone: list[str], callback: ModelCheckpoint) -> str:
+    """What a fit resumed in its own folder takes for its best when files it recorded are gone."""
+    best = callback.best_model_path or "none yet"
+    return (
+        f"best checkpoints the resumed checkpoint records are gone ({', '.join(gone)}; a save "
+        f"cut short by an interrupt): they are no candidates, the best so far is {best}"
+    )
+
+
+def _existing_files(paths: list[str], dirpath: str) -> dict[str, str]:
+    """Of a checkpoint's best ``paths``, those whose local files still exist, each mapped to
+    where: in ``dirpath`` under its name (a run folder moved since), else where recorded."""
+    existing = {}
+    for path in paths:
+        moved = os.path.join(dirpath, os.path.basename(path))
+        found = moved if os.path.isfile(moved) else path
+        if os.path.isfile(found):
+            existing[path] = found
+    return existing
+
+
+def _carried_best_warning(
+    recorded: Any, dirpath: Any, monitor: Any, kept: dict[str, Any], callback: ModelCheckpoint
+) -> str:
+    """What a fit resumed from another folder's checkpoint takes for its best so far."""
+    moved = f"this fit resumes from a checkpoint saved into {recorded} and saves into {dirpath}"
+    if kept:
+        return (
+            f"{moved}: the best checkpoint its run recorded, {callback.best_model_path} "
+            f"({monitor}={float(callback.best_model_score):.4f}), stays this fit's best (and "
+            "the one its test evaluates) until a validation of this fit beats it"
+        )
+    return (
+        f"{moved}: the best checkpoints its run recorded are no candidates (missing, or "
+        "validated on other data), so this fit's best is chosen among "
+        "its own validations"
     )
 
 
