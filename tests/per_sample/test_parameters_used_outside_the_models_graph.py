@@ -339,3 +339,30 @@ def test_a_parameter_the_watch_never_sees_used_is_refused_from_the_backwards_gra
         with per_sample_grads(model, mode="clip", max_norm=1.0):
             _loss(apply(model(torch.randn(5, 4)), scale, made_before)).backward()
     assert all(p.grad is None for p in [*model.parameters(), scale])
+
+
+class _PassingMode(TorchFunctionMode):
+    """A user's torch function mode that runs every call as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_watch_left_active_by_modes_exited_out_of_order_watches_nothing_after_the_context():
+    """A user's mode entered inside the context and exited after it (``__enter__`` and
+    ``__exit__`` in separate hooks, as a training loop's callbacks may): torch pops the
+    top mode at each exit, so the context's exit pops the user's mode and leaves the
+    watch active. Closed, it must watch nothing: it hooked the loss parameter of a
+    later, ordinary step and refused its gradient, on every step after."""
+    model, temperature, x = _model(), nn.Parameter(torch.tensor(2.0)), torch.randn(5, 4)
+    ps = per_sample_grads(model, mode="clip", max_norm=1.0).__enter__()
+    user_mode = _PassingMode().__enter__()
+    _loss(model(x)).backward()
+    ps.__exit__(None, None, None)
+    try:
+        _loss(model(x) / temperature).backward()  # an ordinary step, no context
+    finally:
+        user_mode.__exit__(None, None, None)  # (pops what is left on top: the watch)
+    assert temperature.grad is not None
+    (temperature * 3.0).backward()  # no hook left on it either
+    assert temperature.grad is not None

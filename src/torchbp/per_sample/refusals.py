@@ -320,8 +320,16 @@ class OutsideParameterWatch(TorchFunctionMode):
         # (id of the parameter, id of the node) -> their weak references, for each
         # parameter used inside a reentrant checkpoint's forward, with its outermost node
         self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
+        # set by close(): a watch left active (see __torch_function__) watches nothing
+        self._closed = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self._closed:
+            # left on this thread's mode stack after the context closed: torch pops the
+            # top mode at each exit, so a user's mode entered inside the context and
+            # still active at its exit is popped in its place (this one goes at the
+            # user's mode's exit); until then it must hook and refuse nothing
+            return func(*args, **kwargs) if kwargs else func(*args)
         joined = self._scan(args)
         if kwargs:
             in_keywords = self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
@@ -442,12 +450,13 @@ class OutsideParameterWatch(TorchFunctionMode):
         return None
 
     def close(self, *, backward_reached_the_model: bool) -> None:
-        """Remove every gradient hook it registered, as the context closes. Unless
-        ``backward_reached_the_model`` (a backward inside the context reached the model's
-        parameters: the step is done), a backward through the outputs of a call given a
-        watched parameter is refused from now on (see
+        """Remove every gradient hook it registered and stop watching, as the context
+        closes. Unless ``backward_reached_the_model`` (a backward inside the context
+        reached the model's parameters: the step is done), a backward through the outputs
+        of a call given a watched parameter is refused from now on (see
         :meth:`_refuse_backward_after_the_context`); after a done step those outputs'
         backward (a second model's) runs as without the context."""
+        self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles = []
