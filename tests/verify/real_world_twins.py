@@ -740,7 +740,7 @@ def probabilities_and_targets() -> tuple[torch.Tensor, torch.Tensor]:
     return p, torch.rand(3, 4, generator=g, dtype=torch.float64)
 
 
-# --- causal attention scores, -inf above the diagonal (a constant: derivative 0) ------
+# --- causal attention scores, -inf above the diagonal (masked_fill or an added mask) --
 
 
 def _causal_mask(scores: torch.Tensor) -> torch.Tensor:
@@ -788,12 +788,50 @@ class CausalScoresUnscaled(CausalScores):
 
 
 class CausalScoresUnmaskedGradient(CausalScores):
-    """Wrong: backward and jvp leave the mask out, giving the masked scores (constants of
-    -inf, derivative 0) the gradient of unmasked ones."""
+    """Wrong against a masked_fill reference: backward and jvp leave the mask forward
+    applies with masked_fill out, giving the masked scores (-inf, derivative 0 there) the
+    gradient of unmasked ones. Only a reference can tell: the same Function, its forward
+    adding a -inf mask, is :class:`CausalScoresAdditiveMask`, which is right."""
 
     @staticmethod
     def backward(ctx, g):
         q, k = ctx.saved_tensors
+        gs = g / math.sqrt(q.shape[-1])
+        return gs @ k, gs.transpose(-2, -1) @ q
+
+    @staticmethod
+    def jvp(ctx, tq, tk):
+        q, k = ctx.saved_tensors
+        return (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+
+
+class CausalScoresUnmaskedTangent(CausalScores):
+    """Wrong: jvp leaves out the mask backward applies, giving the masked scores the
+    tangent of unmasked ones (jvp and backward are no longer one Jacobian)."""
+
+    jvp = CausalScoresUnmaskedGradient.jvp
+
+
+def _additive_causal_mask(scores: torch.Tensor) -> torch.Tensor:
+    """0 on and below the diagonal, -inf above: the mask attention adds to its scores."""
+    zeros = torch.zeros(scores.shape[-2:], dtype=scores.dtype, device=scores.device)
+    return zeros.masked_fill(_causal_mask(scores), float("-inf"))
+
+
+class CausalScoresAdditiveMask(CausalScores):
+    """``q k^T / sqrt(d)`` plus a mask of -inf above the diagonal: the add passes the
+    gradient through to the masked scores too (derivative 1 there, as autograd's add
+    gives), which a softmax after them turns into 0."""
+
+    @staticmethod
+    def forward(q, k):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return scores + _additive_causal_mask(scores)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        # s = q k^T / sqrt(d) + mask: dq = g k / sqrt(d), dk = g^T q / sqrt(d)
         gs = g / math.sqrt(q.shape[-1])
         return gs @ k, gs.transpose(-2, -1) @ q
 
@@ -822,3 +860,8 @@ class LogSumExpUnshifted(Function):
 def causal_scores_reference(q, k):
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     return scores.masked_fill(_causal_mask(scores), float("-inf"))
+
+
+def additive_causal_scores_reference(q, k):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return scores + _additive_causal_mask(scores)

@@ -270,6 +270,38 @@ def test_target_json_is_strict_json_with_a_non_finite_literal(tmp_path, capsys):
     assert data["meta"]["inputs"][1] == "-inf"
 
 
+TWINS_FILE = Path(__file__).parent / "real_world_twins.py"
+
+
+@pytest.mark.parametrize(
+    ("target", "reference", "code"),
+    [
+        ("CausalScoresAdditiveMask", None, 0),
+        ("CausalScoresAdditiveMask", "additive_causal_scores_reference", 0),
+        ("CausalScoresUnmaskedGradient", None, 0),
+        ("CausalScoresUnmaskedGradient", "causal_scores_reference", 1),
+    ],
+)
+def test_a_constant_infinity_s_derivatives_left_out_show_in_the_table_and_json(
+    target, reference, code, tmp_path, capsys
+):
+    # the masked scores' derivatives (-inf at and near the inputs) are left out of the
+    # central-difference checks, which pass "not all compared"; the reference decides them
+    path = tmp_path / "report.json"
+    argv = [f"{TWINS_FILE}:{target}", "--inputs", "4,3;4,3", "--no-compile"]
+    skip = ",".join(c for c in cli.CHECKS if c not in ("forward", "gradcheck", "reference"))
+    argv += ["--skip", skip, "--json", str(path)]
+    if reference:
+        argv += ["--reference", f"{TWINS_FILE}:{reference}"]
+    assert cli.main(argv) == code
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gradcheck [pass, not all compared]: 6 element(s) of output 0" in out, out
+    caveat = {c["name"]: c["caveat"] for c in json.loads(path.read_text())["checks"]}
+    assert "derivatives were not compared" in caveat["gradcheck"], caveat
+    decided = "the reference check decides them" if reference else "give a reference"
+    assert decided in caveat["gradcheck"], caveat
+
+
 def test_skip_leaves_checks_out_of_the_ops_run(tmp_path, capsys):
     # --skip was honoured only for a target: torchbp's ops ran every check anyway
     path = tmp_path / "out.json"

@@ -283,41 +283,101 @@ def test_a_mismatch_on_a_probe_at_the_edge_of_the_domain_is_named_not_a_raw_erro
     assert "differs from the reference" in message and "NaN where the reference" in message
 
 
-def test_an_output_that_is_a_constant_infinity_has_derivative_zero():
-    # before: gradcheck FAILED the right CausalScores: "analytical 0 vs numerical nan" at
-    # a masked score, -inf at every input near the given ones, where central differences
-    # took inf - inf; its derivative there is 0, as backward gives
-    inputs = (seeded(4, 3), seeded(4, 3, seed=1))
-    checks = ["gradcheck", "gradgradcheck", "forward_ad"]
-    report = check_function(rw.CausalScores, *inputs, checks=checks)
-    assert report.ok and all(report[name].passed for name in checks), report
-    # a pass that took the infinities as given says so: without a reference, an
-    # overflow would read as a constant too
-    assert "with no reference" in report["gradcheck"].caveat, report
+#: The checks comparing with central differences, which leave constant infinities out.
+CENTRAL = ["gradcheck", "gradgradcheck", "forward_ad"]
 
 
-def test_a_gradient_given_to_a_constant_infinity_fails():
-    # before: the constant -inf scores were read as 0 through torch.where, whose
-    # derivative is 0 there too, so a backward and jvp leaving the mask out passed
-    inputs = (seeded(4, 3), seeded(4, 3, seed=1))
-    checks = ["gradcheck", "forward_ad"]
-    report = check_function(rw.CausalScoresUnmaskedGradient, *inputs, checks=checks)
-    assert report["gradcheck"].failed and report["forward_ad"].failed, report
-    message = report["gradcheck"].message
-    assert "numerical 0" in message and "are the same infinity at and near" in message, message
+def _causal_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return seeded(4, 3), seeded(4, 3, seed=1)
 
 
-def test_a_forward_overflowing_to_infinity_fails_gradcheck():
-    # before: the overflowed logsumexp, inf at and near inputs of ~800, read as a
-    # constant whose backward was compared as 0, and passed with a softmax backward
-    report = check_function(rw.LogSumExpUnshifted, seeded(3, 4, shift=800.0), checks=["gradcheck"])
-    assert report["gradcheck"].failed, report
+def _left_out(report, decided_by: str) -> None:
+    """Every central-difference check passed, its caveat naming the 6 masked scores,
+    saying their derivatives were not compared and what decides them."""
+    for name in CENTRAL:
+        caveat = report[name].caveat
+        assert report[name].passed, report
+        assert "6 element(s) of output 0 (first at (0, 1))" in caveat, caveat
+        assert "derivatives were not compared" in caveat and decided_by in caveat, caveat
+    assert "jvp was held to backward there" in report["forward_ad"].caveat, report
 
 
-def test_an_infinity_of_an_infinite_input_is_left_out_not_read_as_a_constant():
+def test_the_derivatives_at_a_constant_infinity_are_left_out_with_a_caveat():
+    # before da1bc7f: gradcheck FAILED the right CausalScores: "analytical 0 vs numerical
+    # nan" at a masked score, -inf at every input near the given ones (inf - inf)
+    report = check_function(rw.CausalScores, *_causal_inputs(), checks=CENTRAL)
+    assert report.ok, report
+    _left_out(report, "give a reference")
+
+
+@pytest.mark.parametrize("reference", [None, rw.additive_causal_scores_reference])
+def test_a_minus_inf_mask_added_inside_fn_passes(reference):
+    # before: gradcheck FAILED it, comparing add's derivative 1 at the masked scores with
+    # a constant's 0 - the gradient torch's own scores + mask has (a softmax after makes
+    # it 0); masked_fill's 0 is as right for the equal function: only a reference decides
+    checks = [*CENTRAL, "reference"]
+    report = check_function(
+        rw.CausalScoresAdditiveMask, *_causal_inputs(), reference=reference, checks=checks
+    )
+    assert report.ok, report
+    decided_by = "give a reference" if reference is None else "the reference check decides"
+    _left_out(report, decided_by)
+
+
+@pytest.mark.parametrize(
+    ("fn", "reference"),
+    [
+        (rw.CausalScoresUnmaskedGradient, rw.causal_scores_reference),
+        (rw.CausalScoresAdditiveMask, rw.causal_scores_reference),
+        (rw.CausalScores, rw.additive_causal_scores_reference),
+    ],
+)
+def test_the_reference_decides_the_gradient_at_a_constant_infinity(fn, reference):
+    # a backward leaking gradient through a masked_fill mask passes the central-difference
+    # checks (it is right for an added mask) and fails against a masked_fill reference,
+    # as the additive Function does; masked_fill's 0 fails against an additive reference
+    report = check_function(fn, *_causal_inputs(), checks=[*CENTRAL, "reference"])
+    assert report.ok, report
+    _left_out(report, "give a reference")
+    report = check_function(fn, *_causal_inputs(), reference=reference, checks=["reference"])
+    message = report["reference"].message
+    assert report["reference"].failed, report
+    assert "gradient of input 0 differs from the reference" in message, message
+
+
+def test_a_jvp_disagreeing_with_backward_at_a_constant_infinity_fails():
+    # jvp leaking the tangent through the mask backward applies: with those elements left
+    # out of the comparison with central differences, it passed every check, a reference
+    # too (whose check compares gradients); jvp must give backward's Jacobian there
+    checks = ["forward_ad", "reference"]
+    report = check_function(
+        rw.CausalScoresUnmaskedTangent,
+        *_causal_inputs(),
+        reference=rw.causal_scores_reference,
+        checks=checks,
+    )
+    message = report["forward_ad"].message
+    assert report["forward_ad"].failed and report["reference"].passed, report
+    assert "jvp) disagrees with backward at 6 element(s) of output 0" in message, message
+
+
+def test_a_forward_overflowing_to_infinity_is_caught_by_the_reference_only():
+    # the overflowed logsumexp is inf at and near inputs of ~800: a constant infinity to
+    # central differences, which leave its derivatives out; the reference's values differ
+    x = seeded(3, 4, shift=800.0)
+    report = check_function(rw.LogSumExpUnshifted, x, checks=["gradcheck"])
+    assert report.ok, report
+    assert "whether fn should be infinite there" in report["gradcheck"].caveat, report
+    reference = functools.partial(torch.logsumexp, dim=-1)
+    report = check_function(rw.LogSumExpUnshifted, x, reference=reference, checks=["reference"])
+    message = report["reference"].message
+    assert report["reference"].failed and "output 0 differs" in message, report
+
+
+def test_an_infinity_of_an_infinite_input_is_left_out():
     # torch's log_softmax given -inf logits: out_j = x_j - logsumexp(x) stays -inf near
     # them, but its derivative in the other logits is -softmax, not 0; central
-    # differences cannot measure it, so it is not compared (as before the fix above)
+    # differences cannot measure it, so it is not compared
     x = seeded(3, 4)
     x[0, 1] = x[2, 3] = float("-inf")
     checks = ["gradcheck", "gradgradcheck", "forward_ad"]
@@ -329,7 +389,7 @@ def test_an_infinity_of_an_infinite_input_is_left_out_not_read_as_a_constant():
 
 def test_an_infinity_of_an_input_left_undifferentiated_is_left_out_too():
     # scores + bias with a -inf bias: autograd's derivative of the masked scores in q and
-    # k is add's 1, not the constant's 0 (a softmax after makes it 0); as for an infinite
+    # k is add's 1, not masked_fill's 0 (a softmax after makes it 0); as for an infinite
     # differentiated input, central differences cannot measure it: not compared
     q, k = seeded(4, 3), seeded(4, 3, seed=1)
     above = torch.ones(4, 4, dtype=torch.bool).triu(1)
@@ -342,18 +402,3 @@ def test_an_infinity_of_an_input_left_undifferentiated_is_left_out_too():
     report = check_function(biased_scores, q, k, bias, grad_inputs=(0, 1), checks=checks)
     assert report.ok and all(report[name].passed for name in checks), report
     assert "were not compared" in report["gradcheck"].caveat, report
-
-
-def test_a_minus_inf_mask_added_inside_fn_fails_naming_masked_fill():
-    # the masked scores are constants of derivative 0, but add passes the gradient to them
-    above = torch.ones(4, 4, dtype=torch.bool).triu(1)
-    bias = torch.zeros(4, 4, dtype=torch.float64).masked_fill(above, float("-inf"))
-
-    def scores_plus_mask(q, k):
-        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias
-
-    report = check_function(
-        scores_plus_mask, seeded(4, 3), seeded(4, 3, seed=1), checks=["gradcheck"]
-    )
-    assert report["gradcheck"].failed, report
-    assert "masked_fill gives 0" in report["gradcheck"].message, report

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchbp.verify.checks.compare import float_tensors, leaves, tolerances
+from torchbp.verify.checks.compare import float_tensors, tolerances
 from torchbp.verify.report import FAIL, CheckResult
 
 if TYPE_CHECKING:
     from torchbp.verify.checks.options import Options
 
-__all__ = ["FULL_JACOBIAN_ELEMENTS", "CheckContext", "generator_copy", "holds_infinity"]
+__all__ = ["FULL_JACOBIAN_ELEMENTS", "CheckContext", "generator_copy"]
 
 #: The most differentiated elements (inputs and an ``nn.Module``'s parameters together)
 #: whose Jacobians torch's gradcheck builds in full by default; above it the numerical
@@ -43,57 +43,13 @@ def _fresh(arg: Any) -> Any:
     return arg
 
 
-class _ZeroedConstant(torch.autograd.Function):
-    """``out`` with 0 where ``mask`` is true, its derivatives passed through unchanged:
-    the value central differences see at a constant infinity (0, not ``inf - inf``),
-    while backward and jvp still see, and are compared on, everything fn's derivatives
-    give there. ``torch.where(mask, 0, out)`` would zero them too: a backward leaking
-    gradient through a masked score would then read as right."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, 0.0, out)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        pass  # nothing to save: the derivative is the identity
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # d out' / d out = identity, also where masked (see the class docstring)
-        return grad, None
-
-    @staticmethod
-    def jvp(ctx: Any, tangent: torch.Tensor, _mask_tangent: Any) -> torch.Tensor:
-        # the same identity, forward
-        return tangent.clone()
-
-
-def holds_infinity(values: Sequence[Any]) -> bool:
-    """Whether one of the strided floating-point or complex tensors among ``values`` (or
-    nested in a list, tuple or dict of them) has an infinite element."""
-    return any(
-        isinstance(t, torch.Tensor)
-        and t.layout == torch.strided
-        and (t.is_floating_point() or t.is_complex())
-        and bool(torch.isinf(t.detach()).any())
-        for t in leaves(values)
-    )
-
-
-def _zero_where(out: torch.Tensor, mask: torch.Tensor, inputs_finite: bool) -> torch.Tensor:
-    """``out`` with 0 where ``mask`` (its constant infinities) is true. With finite
-    inputs such an infinity is fn's own (a mask, an overflow), of derivative 0, and fn's
-    derivatives there stay compared with it (:class:`_ZeroedConstant`); with an infinite
-    input, differentiated or not, it may be that input's, carried by arithmetic whose
-    derivative autograd does not take as 0 (``x_j - logsumexp(x)`` of a log_softmax given
-    ``-inf``, in the other logits; ``scores + bias`` with a ``-inf`` bias, in the scores),
-    which central differences cannot measure: its derivatives are left out (0 on both
-    sides, ``torch.where``'s)."""
-    if inputs_finite:
-        return _ZeroedConstant.apply(out, mask)
+def _leave_out(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``out`` with 0 where ``mask`` (its constant infinities) is true, and derivative 0
+    there too: fn's derivatives at those elements are left out of a comparison with central
+    differences, which cannot measure them (``inf - inf``). Nor can anything else but a
+    reference: autograd gives a score masked with ``masked_fill(mask, -inf)`` derivative
+    0 and one masked by adding a ``-inf`` mask derivative 1 (add's), and the two functions
+    are equal everywhere."""
     return torch.where(mask, 0.0, out)
 
 
@@ -154,9 +110,9 @@ class CheckContext:
     #: within eps of each other), or None; cleared before each check.
     refused_inputs: list[torch.Tensor] | None = None
     #: Per floating-point output of fn, where it is the same infinity at the given inputs
-    #: and shifted by +-eps (a masked attention score of -inf: a constant, derivative 0),
-    #: for :meth:`diff_fn` to give 0 there; set only while a check comparing with central
-    #: differences runs (``inf - inf`` is no difference quotient), else None.
+    #: and shifted by +-eps (a masked attention score of -inf), for :meth:`diff_fn` to
+    #: leave out; set only while a check comparing with central differences runs (``inf -
+    #: inf`` is no difference quotient), else None.
     constant_infinities: list[torch.Tensor] | None = None
     #: The device of the inputs and the dtype of the differentiable ones.
     device: torch.device = field(init=False)
@@ -224,10 +180,10 @@ class CheckContext:
         return fn(*self.full_inputs(diff))
 
     def diff_fn(self, *diff: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """fn of the differentiable inputs only, returning its floating-point outputs (0
-        where :attr:`constant_infinities` says, fn's derivatives left as they are there:
-        :func:`_zero_where`); a ``ValueError`` of fn leaves a copy of ``diff`` in
-        :attr:`refused_inputs`."""
+        """fn of the differentiable inputs only, returning its floating-point outputs, with
+        the elements :attr:`constant_infinities` marks left out (0, and so are their
+        derivatives: see :func:`_leave_out`); a ``ValueError`` of fn leaves a copy of
+        ``diff`` in :attr:`refused_inputs`."""
         try:
             outs = tuple(float_tensors(self.call(self.fn, diff)))
         except ValueError:
@@ -235,9 +191,8 @@ class CheckContext:
             raise
         if self.constant_infinities is None:
             return outs
-        finite = not holds_infinity(self.args) and not holds_infinity(diff)
         return tuple(
-            _zero_where(out, mask, finite) if mask.shape == out.shape else out
+            _leave_out(out, mask) if mask.shape == out.shape else out
             for out, mask in zip(outs, self.constant_infinities)
         )
 

@@ -311,8 +311,10 @@ def _times(factor: float) -> Transform:
 def constant_infinities(ctx: CheckContext) -> list[torch.Tensor] | None:
     """Per floating-point output of fn, where it is the same infinity at the given inputs
     and at each differentiable input shifted by -``eps`` and +``eps`` (a masked attention
-    score, ``masked_fill(mask, -inf)``): a constant there, of derivative 0, where central
-    differences would take ``inf - inf``, NaN. None when there is none (or fn raises)."""
+    score), where central differences would take ``inf - inf``, NaN: the checks comparing
+    with them leave fn's derivatives there out (which one is right, 0 after
+    ``masked_fill(mask, -inf)`` or 1 after adding a ``-inf`` mask, only a reference can
+    say). None when there is none (or fn raises)."""
     try:
         before = _outputs(ctx, [x.detach() for x in ctx.leaves()])
         masks = [torch.isinf(out) for out in before]

@@ -38,6 +38,7 @@ from torchbp.verify.checks.jacobians import (
     surrogate_gradient_hint,
     unit_direction,
 )
+from torchbp.verify.checks.left_out import require_jvp_like_backward_where_left_out
 from torchbp.verify.checks.linearity import (
     departure_note,
     require_backward_like_central_differences,
@@ -1068,6 +1069,7 @@ def _forward_ad(ctx: CheckContext) -> Passed:
     _require_tangents_like_outputs(ctx)
     _require_jvp_linear(ctx)
     require_jvp_layout_independent(ctx)
+    require_jvp_like_backward_where_left_out(ctx)
     if errors is not None:
         abs_err, rel_err, note = errors
         return Passed(f"full forward Jacobian compared{note}", abs_err, rel_err)

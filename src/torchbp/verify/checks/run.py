@@ -15,7 +15,7 @@ import torch
 
 from torchbp.verify.checks.compare import dense
 from torchbp.verify.checks.complex_views import complex_positions, real_function
-from torchbp.verify.checks.context import FULL_JACOBIAN_ELEMENTS, CheckContext, holds_infinity
+from torchbp.verify.checks.context import FULL_JACOBIAN_ELEMENTS, CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
 from torchbp.verify.checks.domain import (
     CENTRAL_DIFFERENCE_CHECKS,
@@ -23,6 +23,7 @@ from torchbp.verify.checks.domain import (
     refuse_inputs_near_domain_edge,
 )
 from torchbp.verify.checks.explain import outcome_of
+from torchbp.verify.checks.left_out import infinite_elements
 from torchbp.verify.checks.options import (
     SCALAR_TYPES,
     Options,
@@ -107,73 +108,41 @@ def run_check(check: Check, ctx: CheckContext) -> CheckResult:
 
 
 def _run_masking_constant_infinities(check: Check, ctx: CheckContext) -> Passed:
-    """``check.run(ctx)``, with fn's outputs that are a constant infinity near the given
-    inputs (:func:`~torchbp.verify.checks.domain.constant_infinities`) read as 0 when the
-    check compares with central differences; a pass then says so in its caveat, and a
-    failure at finite inputs says that those elements have derivative 0."""
+    """``check.run(ctx)``, with the derivatives at fn's outputs that are a constant
+    infinity near the given inputs
+    (:func:`~torchbp.verify.checks.domain.constant_infinities`) left out when the check
+    compares with central differences; a pass then says so in its caveat."""
     if check.name not in CENTRAL_DIFFERENCE_CHECKS:
         return check.run(ctx)
     masks = ctx.constant_infinities = constant_infinities(ctx)
     try:
         passed = check.run(ctx)
-    except CheckFailure as failure:
-        if masks is not None and not holds_infinity(ctx.args):
-            # the same failure, its cause kept for the handlers after
-            failure.message += _constant_infinities_hint(masks)
-            failure.args = (failure.message,)
-        raise
     finally:
         ctx.constant_infinities = None
-    caveat = _constant_infinities_caveat(ctx, masks) if masks is not None else ""
-    if not caveat:
+    if masks is None:
         return passed
+    caveat = _constant_infinities_caveat(ctx, masks, check.name)
     return passed._replace(caveat="; ".join(c for c in (passed.caveat, caveat) if c))
 
 
-def _infinite_elements(masks: list[torch.Tensor]) -> str:
-    """Words naming the elements ``masks`` (per output) mark, e.g. ``"6 elements of
-    output 0 (first at (0, 1))"``."""
-    return " and ".join(
-        f"{int(mask.sum())} element(s) of output {o} "
-        f"(first at {tuple(int(i) for i in mask.nonzero()[0])})"
-        for o, mask in enumerate(masks)
-        if mask.any()
+def _constant_infinities_caveat(ctx: CheckContext, masks: list[torch.Tensor], name: str) -> str:
+    """What check ``name``, passing with the derivatives at fn's constant infinities
+    (``masks``) left out, did not compare, and what decides them: the reference, whose
+    check compares fn's gradients there with its own (and fn's infinite values with its
+    values), or, without one, nothing (equal functions have different derivatives there,
+    and a forward overflowing to ``inf`` reads as such a constant too)."""
+    held = "; jvp was held to backward there" if name == "forward_ad" else ""
+    left_out = (
+        f"{infinite_elements(masks)} are the same infinity at and near the given inputs: "
+        "their derivatives were not compared with central differences (which cannot "
+        "measure them, and equal functions differ there: autograd gives 0 after "
+        f"masked_fill(mask, -inf), 1 after adding a -inf mask){held}"
     )
-
-
-def _constant_infinities_hint(masks: list[torch.Tensor]) -> str:
-    """Words for a failure of a check that read fn's constant infinities (``masks``, per
-    output) as 0, at finite inputs: which elements, and that their derivative is 0, so
-    that a gradient given to them is fn's mistake (a mask missing from backward, or
-    forward overflowing)."""
-    return (
-        f" ({_infinite_elements(masks)} are the same infinity at and near the given "
-        "inputs, constants of derivative 0 there: a backward or "
-        "jvp giving them a gradient misses the mask forward applies (adding a -inf mask "
-        "passes the gradient through, as autograd's add does; masked_fill gives 0), or "
-        "forward overflows where it should be finite)"
-    )
-
-
-def _constant_infinities_caveat(ctx: CheckContext, masks: list[torch.Tensor]) -> str:
-    """What a pass that read fn's constant infinities (``masks``) as 0 left unchecked:
-    at an infinite input (differentiated or not), their derivatives (central differences
-    cannot measure them); at finite ones, without a reference, whether fn should be
-    infinite there at all (an overflow reads as a constant too). Empty with finite inputs
-    and a reference (whose check compares the values)."""
-    elements = _infinite_elements(masks)
-    if holds_infinity(ctx.args):
-        return (
-            f"{elements} are infinite at and near the given inputs, one of which holds "
-            "an infinity: their derivatives, which central differences cannot measure "
-            "there, were not compared"
-        )
     if ctx.reference is not None:
-        return ""
+        return f"{left_out}; the reference check decides them, with the reference's gradients"
     return (
-        f"{elements} are the same infinity at and near the given inputs: "
-        "compared as constants, of derivative 0; with no reference, nothing checked "
-        "that fn should be infinite there (a mask) rather than overflow"
+        f"{left_out}; give a reference (reference=, --reference) to decide them, and "
+        "whether fn should be infinite there at all rather than overflow"
     )
 
 
