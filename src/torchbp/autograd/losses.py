@@ -280,7 +280,7 @@ def ce_backward(grad, logits, target, weight, ignore_index, smoothing, d_loss, d
         else:
             # Ignored rows get exactly 0, even when the upstream scale is inf or NaN (mean
             # over no valid rows divides by 0: native leaves those rows 0 too).
-            scale = torch.where(target != ignore_index, d_loss, 0)
+            scale = d_loss.masked_fill(target == ignore_index, 0.0)
         # dz_i = g_i ∂ℓ_i/∂z_i
         scale = scale.unsqueeze(1)
         if scale.dtype != grad.dtype:  # (a same-dtype .to costs as much as a small op)

@@ -19,13 +19,15 @@ def _target_weight_sum(target, weight, ignore_index, dtype) -> torch.Tensor:
         # the same terms, in the same order, as the masked sum below with no row masked:
         # the same bits, two ops instead of five
         return weight.to(dtype).index_select(0, target).sum()
-    valid = target != (NO_IGNORE if ignore_index is None else ignore_index)
+    ignore = NO_IGNORE if ignore_index is None else ignore_index
     if weight is None:
-        return valid.sum().to(dtype)
+        return (target != ignore).sum().to(dtype)
     if weight.shape[0] == 0:  # no class: every target is ignore_index (checked)
         return torch.zeros((), dtype=dtype, device=target.device)
-    safe = torch.where(valid, target, 0)
-    return torch.where(valid, weight.to(dtype).index_select(0, safe), 0.0).sum()
+    # (masked_fill, not where of a scalar: ~1 us less each on the CPU)
+    ignored = target == ignore
+    safe = target.masked_fill(ignored, 0)
+    return weight.to(dtype).index_select(0, safe).masked_fill_(ignored, 0.0).sum()
 
 
 def _mean_denominator(target, weight, ignore_index, dtype, smoothing: float) -> torch.Tensor:
