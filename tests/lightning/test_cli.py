@@ -2349,3 +2349,31 @@ def test_a_seed_the_process_was_started_with_is_taken_by_every_random_seed_run(
         fit_digits(tmp_path, "--seed_everything=true", *one_batch)
         config = yaml.safe_load((tmp_path / f"digits/version_{run}/config.yaml").read_text())
         assert config["seed_everything"] == 12345, (run, config["seed_everything"])
+
+
+def test_a_fit_resumed_from_a_checkpoint_of_other_data_chooses_its_own_best(tmp_path):
+    """The best of a run on other data (another file of the same columns) is no candidate
+    for a fit resumed from that run's checkpoint: its score is of another validation set,
+    and a fine-tune that never beat it would have been tested on the other run's weights.
+    A warning says that this fit's best is among its own validations (Lightning's said
+    only "The dirpath has changed")."""
+    data = ["--data=torchbp.lightning.data.TabularFileDataModule", "--data.label_column=kind"]
+    data += ["--data.batch_size=8", f"--run_dir={tmp_path}", "--model.hidden_sizes=[4]"]
+    for name, shift in (("a", 0), ("b", 1)):
+        rows = "".join(f"{(i + shift) % 5},{i % 3},{('cat', 'dog')[i % 2]}\n" for i in range(40))
+        (tmp_path / f"{name}.csv").write_text("w,h,kind\n" + rows)
+    run_cli("fit", *data, f"--data.path={tmp_path / 'a.csv'}", "--trainer.max_epochs=1")
+    last = tmp_path / "a/version_0/checkpoints/last.ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(
+            "fit",
+            *data,
+            f"--data.path={tmp_path / 'b.csv'}",
+            "--trainer.max_epochs=2",
+            f"--ckpt_path={last}",
+        )
+    said = [str(w.message) for w in caught if "no candidates" in str(w.message)]
+    assert len(said) == 1 and "validated on data not known to be the configured" in said[0]
+    best = Path(cli.config_init["fit"]["checkpoint"].best_model_path)
+    assert best.parent == tmp_path / "b/version_0/checkpoints" and best.is_file()

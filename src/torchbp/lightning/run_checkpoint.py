@@ -409,9 +409,9 @@ def _carried_best_warning(
             "the one its test evaluates) until a validation of this fit beats it"
         )
     return (
-        f"{moved}: the best checkpoints its run recorded are no candidates (missing, or "
-        "validated on other data), so this fit's best is chosen among "
-        "its own validations"
+        f"{moved}: the best checkpoints its run recorded are no candidates (gone, or "
+        "validated on data not known to be the configured data: another source, or a "
+        "DataModule that names none), so this fit's best is chosen among its own validations"
     )
 
 
