@@ -381,6 +381,7 @@ PATHS = [
     (dict(weight=True), "weighted_rows"),
     (dict(weight=True, ignore=1, dtype=torch.float64), "weighted_rows"),
     (dict(weight=True, smoothing=0.1), "ce_rows"),
+    (dict(weight=True, dtype=torch.bfloat16), "blocked_rows"),
     (dict(smoothing=0.1), "ce_rows"),
     (dict(prob=True), "ce_rows"),
     (dict(dtype=torch.bfloat16), "blocked_rows"),

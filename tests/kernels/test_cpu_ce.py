@@ -164,6 +164,18 @@ def test_weighted_rows_matches_reference(monkeypatch, path, dtype, special, igno
         assert rows.any() and not ours[0][rows].any()
 
 
+def test_weighted_rows_reads_strided_class_weights_by_class():
+    # torch.take reads its input in row-major order, not memory order: a strided weight
+    # view gives what its contiguous copy gives
+    z, target = logits(torch.float64), class_target(ignore=-100)
+    views = make((2 * C,), torch.float64, seed=4)[::2], make((C, 3), torch.float64, seed=5)[:, 1]
+    for weight in views:
+        assert not weight.is_contiguous()
+        want = cpu_ce.weighted_rows(z, target, weight.contiguous(), -100)
+        for got, expected in zip(cpu_ce.weighted_rows(z, target, weight, -100), want):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_weighted_rows_of_every_row_ignored_is_zero(dtype):
     z, target = logits(dtype), torch.full((ROWS,), -100)
