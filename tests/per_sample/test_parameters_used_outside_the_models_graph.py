@@ -366,3 +366,30 @@ def test_a_watch_left_active_by_modes_exited_out_of_order_watches_nothing_after_
     assert temperature.grad is not None
     (temperature * 3.0).backward()  # no hook left on it either
     assert temperature.grad is not None
+
+
+@pytest.mark.parametrize("before_the_models_backward", [True, False])
+def test_a_second_model_trained_by_its_own_step_inside_the_context_is_refused_naming_the_way_out(
+    before_the_models_backward,
+):
+    """A second model trained by a step of its own, not private (its own loss, backward
+    and optimizer), inside the with block: refused like a loss parameter, but freezing it
+    or detaching what it produces is no way out for a model meant to train; its step
+    after the with block is, and is served as without the context."""
+    model, second, x = _model(), nn.Linear(4, 1), torch.randn(5, 4)
+
+    def second_step() -> None:
+        second(x).pow(2).mean().backward()
+
+    with pytest.raises(RuntimeError, match=r"not one of the model's.*its step outside the with"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            if before_the_models_backward:
+                second_step()
+            _loss(model(x)).backward()
+            second_step()
+    assert all(p.grad is None for p in second.parameters())
+    model.zero_grad(set_to_none=True)
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        _loss(model(x)).backward()
+    second_step()
+    assert all(p.grad is not None for p in [*model.parameters(), *second.parameters()])

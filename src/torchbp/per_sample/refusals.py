@@ -512,7 +512,8 @@ def refuse_outside_parameter_gradient(p: nn.Parameter) -> None:
         "model): it would be an unclipped gradient outside the per-sample accounting; "
         "freeze it (requires_grad_(False)) or detach what it produces; a trainable layer "
         "(a second model, a head in the loss) must be a torchbp.nn.Linear of the module "
-        "given to per_sample_grads"
+        "given to per_sample_grads; a second model trained by a step of its own, not "
+        "private (its own loss and backward): take its step outside the with block"
     )
 
 
