@@ -393,3 +393,34 @@ def test_a_second_model_trained_by_its_own_step_inside_the_context_is_refused_na
         _loss(model(x)).backward()
     second_step()
     assert all(p.grad is not None for p in [*model.parameters(), *second.parameters()])
+
+
+@pytest.mark.parametrize("only_the_parameter", [False, True])
+def test_a_second_loss_through_the_model_after_a_done_step_refused_after_the_with_block(
+    only_the_parameter,
+):
+    """The step done inside the context, a second loss through the model's output and a
+    loss parameter built inside it, its backward after the with block: the parameter,
+    reached first, had its unclipped gradient written before the model's Linears
+    refused the backward; with ``inputs=[temperature]`` nothing refused it."""
+    model, temperature, x = _model(), nn.Parameter(torch.tensor(2.0)), torch.randn(5, 4)
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = model(x)
+        _loss(out).backward(retain_graph=True)
+        second = _loss(out / temperature)
+    with pytest.raises(RuntimeError, match=r"after the with block.*shape \(\).*unclipped"):
+        second.backward(inputs=[temperature] if only_the_parameter else None)
+    assert temperature.grad is None
+
+
+def test_a_second_models_graph_built_after_a_done_step_is_served_after_the_with_block():
+    """The step done inside the context, a second model's loss (not through the model)
+    built inside it and its backward after the with block: served, as without the
+    context; the same on the model's detached output."""
+    model, second, x = _model(), nn.Linear(4, 3), torch.randn(5, 4)
+    with per_sample_grads(model, mode="clip", max_norm=1.0):
+        out = model(x)
+        _loss(out).backward()
+        second_loss = _loss(second(x) + out.detach())
+    second_loss.backward()
+    assert all(p.grad is not None for p in second.parameters())

@@ -267,8 +267,8 @@ class OutsideParameterWatch(TorchFunctionMode):
     backward computes its gradient, before autograd adds it to ``p.grad``, unclipped.
     The model's output graph, walked at its forward, cannot show a parameter used after
     the model; this sees it where it is used. The graph nodes fed by such a use also get a
-    pre-hook refusing a backward through them after a context that closed with no
-    backward having reached the model (``loss.backward()`` after the ``with`` block).
+    pre-hook refusing a backward through them after the context (``loss.backward()``
+    after the ``with`` block; after a done step, only through the model's output).
 
     A reentrant checkpoint's forward runs its segment without grad, and its backward
     recomputes it and gives the parameters used there their gradient (one in front of the
@@ -314,9 +314,10 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._handles: list = []
         # hooked parameters used with grad enabled, not yet given to hold_results
         self._unheld: list[nn.Parameter] = []
-        # [True] once the context has closed with no backward reaching the model's
-        # parameters (shared with the graph nodes' pre-hooks, which hold it, not the watch)
-        self._armed = [False]
+        # what a backward after the context refuses among the graph nodes fed by a
+        # watched parameter, set by close(): [_REFUSE_ALL] or [_REFUSE_THROUGH_THE_MODEL]
+        # ([None] while open; shared with the nodes' pre-hooks, which hold it, not the watch)
+        self._after_close: list[str | None] = [None]
         # (id of the parameter, id of the node) -> their weak references, for each
         # parameter used inside a reentrant checkpoint's forward, with its outermost node
         self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
@@ -399,21 +400,22 @@ class OutsideParameterWatch(TorchFunctionMode):
 
     def _refuse_backward_after_the_context(self, result: object, p: nn.Parameter) -> None:
         """Hook the graph nodes of ``result``, the outputs of a call given ``p``, to refuse
-        a backward through them after a context in which no backward reached the model's
-        parameters (its ``loss.backward()`` after the ``with`` block; see :meth:`close`),
-        which would give ``p`` an unclipped gradient: the model's Linears refuse such a
-        backward, but a parameter the backward passes first (in the loss, after the model)
-        got its gradient before. A pre-hook runs before its node computes ``p``'s
-        gradient, and goes with the graph."""
-        armed, shape = self._armed, tuple(p.shape)
-
-        def refuse_once_armed(grad_outputs) -> None:
-            if armed[0]:
-                refuse_outside_parameter_after_the_context(shape)
-
+        a backward through them after the context (see :meth:`close`), which would give
+        ``p`` an unclipped gradient: after a context in which no backward reached the
+        model's parameters (its ``loss.backward()`` after the ``with`` block), any; after
+        one in which a backward did, one whose graph below the node reaches the model's
+        parameters (a second loss through the model's output). The model's Linears refuse
+        such a backward, but a parameter the backward passes first (in the loss, after
+        the model) got its gradient before, and one named by ``backward(inputs=...)`` got
+        it unrefused. A pre-hook runs before its node computes ``p``'s gradient, and goes
+        with the graph."""
         nodes = {id(t.grad_fn): t.grad_fn for t in _tensors(result) if t.grad_fn is not None}
         for node in nodes.values():
-            node.register_prehook(refuse_once_armed)
+            node.register_prehook(
+                _after_the_context_refusal(
+                    self._after_close, node.next_functions, self._own_ids, tuple(p.shape)
+                )
+            )
 
     def _watch(self, p: nn.Parameter) -> bool:
         """Hook ``p``'s gradient, unless it is hooked already; whether it was not."""
@@ -451,19 +453,67 @@ class OutsideParameterWatch(TorchFunctionMode):
 
     def close(self, *, backward_reached_the_model: bool) -> None:
         """Remove every gradient hook it registered and stop watching, as the context
-        closes. Unless ``backward_reached_the_model`` (a backward inside the context
-        reached the model's parameters: the step is done), a backward through the outputs
-        of a call given a watched parameter is refused from now on (see
-        :meth:`_refuse_backward_after_the_context`); after a done step those outputs'
-        backward (a second model's) runs as without the context."""
+        closes. From now on a backward through the outputs of a call given a watched
+        parameter is refused (see :meth:`_refuse_backward_after_the_context`): any,
+        unless ``backward_reached_the_model`` (a backward inside the context reached the
+        model's parameters: the step is done); after a done step, only one whose graph
+        reaches the model's parameters (a second model's backward runs as without the
+        context)."""
         self._closed = True
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._armed[0] = not backward_reached_the_model
+        self._after_close[0] = (
+            _REFUSE_THROUGH_THE_MODEL if backward_reached_the_model else _REFUSE_ALL
+        )
 
 
 _SEQUENCES = (tuple, list)
+# what a backward after a closed context refuses (see OutsideParameterWatch.close)
+_REFUSE_ALL = "any backward through a watched parameter's call"
+_REFUSE_THROUGH_THE_MODEL = "one whose graph reaches the model's parameters"
+
+
+def _after_the_context_refusal(
+    after_close: list[str | None],
+    children: tuple,
+    own_ids: frozenset[int],
+    shape: tuple[int, ...],
+) -> Callable[[tuple], None]:
+    """The pre-hook of a graph node fed by a watched parameter of ``shape``, whose
+    ``next_functions`` are ``children`` (held by the node itself, not a cycle): refuses a
+    backward through it after the context as ``after_close[0]`` says (see
+    :meth:`OutsideParameterWatch._refuse_backward_after_the_context`)."""
+
+    def refuse_after_the_context(grad_outputs) -> None:
+        refused = after_close[0]
+        if refused == _REFUSE_ALL or (
+            refused == _REFUSE_THROUGH_THE_MODEL and _reaches_parameters(children, own_ids)
+        ):
+            refuse_outside_parameter_after_the_context(shape)
+
+    return refuse_after_the_context
+
+
+def _reaches_parameters(children: tuple, ids: frozenset[int]) -> bool:
+    """Whether the graph below ``children`` (a node's ``next_functions``) accumulates the
+    gradient of a parameter whose id is in ``ids``; each node visited once."""
+    stack = [child for child, _ in children if child is not None]
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        grandchildren = node.next_functions
+        if not grandchildren:
+            if id(getattr(node, "variable", None)) in ids:  # an AccumulateGrad's tensor
+                return True
+            continue
+        for child, _ in grandchildren:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
+
+
 # the torch functions that start a backward (each a torch function, seen by a mode), and
 # the position of their ``inputs`` argument
 _BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
