@@ -841,6 +841,44 @@ class CausalScoresAdditiveMask(CausalScores):
         return (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
 
 
+class _AdditiveScoresBackward(Function):
+    """CausalScoresAdditiveMask's backward as a Function of its own, ``(dq, dk)`` from
+    ``(g, q, k)``, whose backward (fn's double backward) masks the grad_output's
+    derivative: wrong at the masked scores only, whose gradient passes the add."""
+
+    @staticmethod
+    def forward(g, q, k):
+        gs = g / math.sqrt(q.shape[-1])
+        return gs @ k, gs.transpose(-2, -1) @ q
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, gdq, gdk):
+        g, q, k = ctx.saved_tensors
+        scale = math.sqrt(q.shape[-1])
+        # dq = g k / sqrt(d), dk = g^T q / sqrt(d): d/dg = (gdq k^T + q gdk^T) / sqrt(d)
+        # (wrongly masked), d/dq = g gdk / sqrt(d), d/dk = g^T gdq / sqrt(d)
+        gg = (gdq @ k.transpose(-2, -1) + q @ gdk.transpose(-2, -1)) / scale
+        return (
+            gg.masked_fill(_causal_mask(gg), 0.0),
+            g @ gdk / scale,
+            g.transpose(-2, -1) @ gdq / scale,
+        )
+
+
+class CausalScoresAdditiveMaskedDoubleBackward(CausalScoresAdditiveMask):
+    """Wrong: its double backward gives the grad_output at the masked scores no
+    derivative, though backward passes it on (the add's 1)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        return _AdditiveScoresBackward.apply(g, q, k)
+
+
 class LogSumExpUnshifted(Function):
     """Wrong: logsumexp without subtracting the max, so forward overflows to inf for
     inputs above ~710 (float64), while backward gives the softmax of a finite one."""

@@ -283,7 +283,8 @@ def test_a_mismatch_on_a_probe_at_the_edge_of_the_domain_is_named_not_a_raw_erro
     assert "differs from the reference" in message and "NaN where the reference" in message
 
 
-#: The checks comparing with central differences, which leave constant infinities out.
+#: The checks comparing with central differences (of fn's outputs: gradcheck, forward_ad;
+#: of backward's gradients: gradgradcheck).
 CENTRAL = ["gradcheck", "gradgradcheck", "forward_ad"]
 
 
@@ -292,9 +293,11 @@ def _causal_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _left_out(report, decided_by: str) -> None:
-    """Every central-difference check passed, its caveat naming the 6 masked scores,
-    saying their derivatives were not compared and what decides them."""
-    for name in CENTRAL:
+    """gradcheck and forward_ad passed, their caveats naming the 6 masked scores, saying
+    their derivatives were not compared and what decides them; gradgradcheck passed
+    having compared them."""
+    assert report["gradgradcheck"].passed and not report["gradgradcheck"].caveat, report
+    for name in ("gradcheck", "forward_ad"):
         caveat = report[name].caveat
         assert report[name].passed, report
         assert "6 element(s) of output 0 (first at (0, 1))" in caveat, caveat
@@ -343,6 +346,17 @@ def test_the_reference_decides_the_gradient_at_a_constant_infinity(fn, reference
     message = report["reference"].message
     assert report["reference"].failed, report
     assert "gradient of input 0 differs from the reference" in message, message
+
+
+def test_gradgradcheck_compares_the_second_derivatives_at_a_constant_infinity():
+    # its central differences are of backward's gradients, finite at the masked scores:
+    # before, it left them out too, and a double backward wrong there only passed
+    inputs = _causal_inputs()
+    report = check_function(rw.CausalScoresAdditiveMask, *inputs, checks=["gradgradcheck"])
+    assert report["gradgradcheck"].passed and not report["gradgradcheck"].caveat, report
+    wrong = rw.CausalScoresAdditiveMaskedDoubleBackward
+    report = check_function(wrong, *inputs, checks=["gradcheck", "gradgradcheck"])
+    assert report["gradcheck"].passed and report["gradgradcheck"].failed, report
 
 
 def test_a_jvp_disagreeing_with_backward_at_a_constant_infinity_fails():

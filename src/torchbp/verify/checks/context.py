@@ -111,8 +111,8 @@ class CheckContext:
     refused_inputs: list[torch.Tensor] | None = None
     #: Per floating-point output of fn, where it is the same infinity at the given inputs
     #: and shifted by +-eps (a masked attention score of -inf), for :meth:`diff_fn` to
-    #: leave out; set only while a check comparing with central differences runs (``inf -
-    #: inf`` is no difference quotient), else None.
+    #: leave out; set only while a check comparing with central differences of fn's
+    #: outputs runs (``inf - inf`` is no difference quotient), else None.
     constant_infinities: list[torch.Tensor] | None = None
     #: The device of the inputs and the dtype of the differentiable ones.
     device: torch.device = field(init=False)

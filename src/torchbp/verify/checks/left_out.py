@@ -1,6 +1,7 @@
 """fn's output elements whose derivatives the checks comparing with central differences
-leave out: those that are the same infinity at and near the given inputs (a masked
-attention score of ``-inf``), where a central difference is ``inf - inf``. Which
+of fn's outputs (``gradcheck``, ``forward_ad``) leave out: those that are the same
+infinity at and near the given inputs (a masked attention score of ``-inf``), where a
+central difference is ``inf - inf``. Which
 derivative is right there only a reference can say (autograd gives 0 after
 ``masked_fill(mask, -inf)`` and 1 after adding a ``-inf`` mask, to equal functions): the
 reference check compares fn's gradients there with the reference's, and

@@ -17,11 +17,7 @@ from torchbp.verify.checks.compare import dense
 from torchbp.verify.checks.complex_views import complex_positions, real_function
 from torchbp.verify.checks.context import FULL_JACOBIAN_ELEMENTS, CheckContext
 from torchbp.verify.checks.custom_op import as_custom_op, custom_op_name
-from torchbp.verify.checks.domain import (
-    CENTRAL_DIFFERENCE_CHECKS,
-    constant_infinities,
-    refuse_inputs_near_domain_edge,
-)
+from torchbp.verify.checks.domain import constant_infinities, refuse_inputs_near_domain_edge
 from torchbp.verify.checks.explain import outcome_of
 from torchbp.verify.checks.left_out import infinite_elements
 from torchbp.verify.checks.options import (
@@ -50,6 +46,12 @@ from torchbp.verify.checks.unimplemented import refuse_unimplemented_gradients
 from torchbp.verify.report import FAIL, PASS, SKIP, UNSUPPORTED, CheckResult, Report
 
 __all__ = ["check_function", "run_check"]
+
+
+#: The checks comparing with central differences of fn's outputs, which have none at an
+#: output that is a constant infinity (``inf - inf``). gradgradcheck's are of backward's
+#: gradients, finite there: it compares the second derivatives at those elements too.
+OUTPUT_DIFFERENCE_CHECKS = frozenset({"gradcheck", "forward_ad"})
 
 
 def _check_seed(seed: int, name: str) -> int:
@@ -111,8 +113,9 @@ def _run_masking_constant_infinities(check: Check, ctx: CheckContext) -> Passed:
     """``check.run(ctx)``, with the derivatives at fn's outputs that are a constant
     infinity near the given inputs
     (:func:`~torchbp.verify.checks.domain.constant_infinities`) left out when the check
-    compares with central differences; a pass then says so in its caveat."""
-    if check.name not in CENTRAL_DIFFERENCE_CHECKS:
+    compares with central differences of fn's outputs (:data:`OUTPUT_DIFFERENCE_CHECKS`);
+    a pass then says so in its caveat."""
+    if check.name not in OUTPUT_DIFFERENCE_CHECKS:
         return check.run(ctx)
     masks = ctx.constant_infinities = constant_infinities(ctx)
     try:
