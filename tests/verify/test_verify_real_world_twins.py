@@ -327,6 +327,19 @@ def test_a_minus_inf_mask_added_inside_fn_passes(reference):
     _left_out(report, decided_by)
 
 
+def test_a_reference_whose_check_is_not_run_is_said_to_decide_nothing():
+    # reference= given, its check left out: the caveat says to run it, not that it decides
+    report = check_function(
+        rw.CausalScores,
+        *_causal_inputs(),
+        reference=rw.causal_scores_reference,
+        checks=["gradcheck"],
+    )
+    caveat = report["gradcheck"].caveat
+    assert report.ok and "run the reference check (skipped here)" in caveat, caveat
+    assert "the reference check decides" not in caveat, caveat
+
+
 @pytest.mark.parametrize(
     ("fn", "reference"),
     [

@@ -132,8 +132,9 @@ def _constant_infinities_caveat(ctx: CheckContext, masks: list[torch.Tensor], na
     """What check ``name``, passing with the derivatives at fn's constant infinities
     (``masks``) left out, did not compare, and what decides them: the reference, whose
     check compares fn's gradients there with its own (and fn's infinite values with its
-    values), or, without one, nothing (equal functions have different derivatives there,
-    and a forward overflowing to ``inf`` reads as such a constant too)."""
+    values) when it runs, or, without one, nothing (equal functions have different
+    derivatives there, and a forward overflowing to ``inf`` reads as such a constant
+    too)."""
     held = "; jvp was held to backward there" if name == "forward_ad" else ""
     left_out = (
         f"{infinite_elements(masks)} are the same infinity at and near the given inputs: "
@@ -141,12 +142,21 @@ def _constant_infinities_caveat(ctx: CheckContext, masks: list[torch.Tensor], na
         "measure them, and equal functions differ there: autograd gives 0 after "
         f"masked_fill(mask, -inf), 1 after adding a -inf mask){held}"
     )
-    if ctx.reference is not None:
+    if ctx.reference is not None and _runs(ctx, "reference"):
         return f"{left_out}; the reference check decides them, with the reference's gradients"
+    if ctx.reference is not None:
+        return f"{left_out}; run the reference check (skipped here) to decide them"
     return (
         f"{left_out}; give a reference (reference=, --reference) to decide them, and "
         "whether fn should be infinite there at all rather than overflow"
     )
+
+
+def _runs(ctx: CheckContext, name: str) -> bool:
+    """Whether the check ``name`` is among those this run runs."""
+    opts = ctx.options
+    selected = _selected(opts.checks, opts.skip, opts.require, ctx.custom_op is not None)
+    return any(check.name == name for check in selected)
 
 
 def _selected(checks: Any, skip: Any, require: Any, custom_op: bool) -> list[Check]:
