@@ -118,6 +118,20 @@ class InterruptAfterValidation(pl.Callback):
             raise KeyboardInterrupt
 
 
+class InterruptAtEpochEnd(pl.Callback):
+    """A Lightning callback
+    (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptAtEpochEnd``) that
+    presses Ctrl-C at the end of training epoch ``epoch``, after its validation and before
+    the checkpoint callbacks save (Lightning runs their ``on_train_epoch_end`` last)."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
 class InterruptInSave(pl.Callback):
     """A Lightning callback
     (``--trainer.callbacks+=tests.lightning.lightning_helpers.InterruptInSave``) that

@@ -2076,7 +2076,14 @@ def test_the_checkpoint_saved_on_ctrl_c_is_said_in_one_tidy_line(tmp_path, caplo
 
 
 @pytest.mark.parametrize(
-    "interrupt", ["InterruptInValidation", "InterruptAfterValidation", "InterruptAt"]
+    "interrupt",
+    [
+        "InterruptInValidation",
+        "InterruptAfterValidation",
+        "InterruptAtEpochEnd",
+        "InterruptInSave",
+        "InterruptAt",
+    ],
 )
 def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_is_not_redone(
     tmp_path, interrupt
@@ -2087,7 +2094,9 @@ def test_a_fit_resumed_from_a_checkpoint_saved_during_validation_warns_that_it_i
     unfinished validation, and the resumed fit warns, naming the interrupted checkpoint to
     validate; one saved in training, or at a finished validation, records none. Ctrl-C
     after the validation's metrics were logged, before the checkpoint callback considered
-    its weights, was not recorded: the resumed fit skipped it without a warning."""
+    its weights, was not recorded: the resumed fit skipped it without a warning; nor was
+    Ctrl-C at the epoch's end before (InterruptAtEpochEnd) or in (InterruptInSave) the
+    checkpoint callback's save, where Lightning considers the epoch's last validation."""
     from torchbp.lightning.run_checkpoint import UNFINISHED_VALIDATION_KEY
 
     common = [

@@ -85,7 +85,7 @@ class RunCheckpoint(ModelCheckpoint):
         under way (see :meth:`on_validation_start`) in the checkpoint."""
         if self._saving_own:
             self._saved_at_step = trainer.global_step
-        if self._validating is not None:
+        if self._validating is not None and (self._on_exception or not self._saving_own):
             epoch, step = self._validating
             checkpoint[UNFINISHED_VALIDATION_KEY] = {
                 "epoch": epoch,
@@ -98,9 +98,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_validation_start(self, trainer: Trainer, pl_module: Any) -> None:
         """A fit's validation is under way until this callback has considered its weights
-        (see :meth:`on_validation_end`): a checkpoint saved meanwhile (on Ctrl-C, on
-        SLURM's requeue signal, by a ModelCheckpoint of ``trainer.callbacks``, which
-        Lightning runs first) holds a step whose validation the resumed fit does not do
+        (see :meth:`on_validation_end`, :meth:`on_train_epoch_end`): a checkpoint saved
+        meanwhile (on Ctrl-C, on SLURM's requeue signal, by a ModelCheckpoint of
+        ``trainer.callbacks``, which Lightning runs first), other than this callback's own
+        best and last checkpoints, holds a step whose validation the resumed fit does not do
         again, so that it never considers those weights."""
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._validating = (trainer.current_epoch, trainer.global_step)
@@ -184,20 +185,17 @@ class RunCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
         """Lightning's save, then ``last.ckpt`` if the validation was within the epoch: the
         epoch's own last validation leaves it to :meth:`on_train_epoch_end`, where Lightning
-        may still save (a best checkpoint and ``last.ckpt``) at this step. The validation
-        is finished: its metrics are logged (Lightning runs the ModelCheckpoints'
-        ``on_validation_end`` after computing and logging them, and after the other
-        callbacks'), and its weights are considered here."""
-        validating, self._validating = self._validating, None
-        try:
-            with self._own_saves():
-                super().on_validation_end(trainer, pl_module)
-        except BaseException:
-            # Ctrl-C in the save of its best checkpoint, which Lightning counts among the
-            # best before writing it: not finished, as before the save
-            self._validating = validating
-            raise
+        may still save (a best checkpoint and ``last.ckpt``) at this step. A validation
+        within the epoch is finished once Lightning's save returns: its metrics are logged
+        (Lightning runs the ModelCheckpoints' ``on_validation_end`` after computing and
+        logging them, and after the other callbacks'), and its weights are considered here;
+        Ctrl-C in that save, after Lightning has counted them among the best and before it
+        wrote them, leaves it unfinished. The epoch's last validation stays under way until
+        :meth:`on_train_epoch_end`, where Lightning considers its weights by default."""
+        with self._own_saves():
+            super().on_validation_end(trainer, pl_module)
         if not self._ended_epoch:
+            self._validating = None
             self._save_last_if_skipped(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
@@ -210,6 +208,7 @@ class RunCheckpoint(ModelCheckpoint):
             return
         with self._own_saves():
             super().on_train_epoch_end(trainer, pl_module)
+        self._validating = None  # the epoch's last validation is considered (see on_validation_end)
         self._save_last_if_skipped(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
