@@ -22,6 +22,7 @@ from torchbp.per_sample.model_check import (
     trainability,
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
+from torchbp.per_sample.outside_watch import OutsideParameterWatch
 from torchbp.per_sample.recorder import Recorder
 from torchbp.per_sample.results import form_results, gradient_dtype, refuse_unwritable_grad
 
@@ -94,9 +95,7 @@ class PerSampleGrads:
         # trainable parameters outside the model used after it (in the loss) or inside a
         # reentrant checkpoint's segment, which the forward hook's graph walk cannot see
         self._outside_watch = (
-            refusals.OutsideParameterWatch(
-                model, self._refuse_outside_parameter, self._hold_results_for
-            )
+            OutsideParameterWatch(model, self._refuse_outside_parameter, self._hold_results_for)
             if mode == "clip"
             else None
         )
@@ -504,7 +503,8 @@ class PerSampleGrads:
 
     def _refuse_outside_parameter(self, p: nn.Parameter) -> None:
         """Raise for a trainable parameter outside the model that a backward reached in
-        clip mode (see :class:`refusals.OutsideParameterWatch`); nothing is formed after it."""
+        clip mode (see :class:`~torchbp.per_sample.outside_watch.OutsideParameterWatch`);
+        nothing is formed after it."""
         self._fail()  # even if the caller catches this, nothing is formed
         refusals.refuse_outside_parameter_gradient(p)
 
@@ -578,7 +578,7 @@ _PLAIN = torch.empty(0)
 def _past_the_function_modes(step: Callable[[], None]) -> None:
     """Run ``step()``, torchbp's own work on the model's gradients, as one torch function:
     each torch function mode active on this thread (clip mode's
-    :class:`~torchbp.per_sample.refusals.OutsideParameterWatch`, a user's) receives it as a
+    :class:`~torchbp.per_sample.outside_watch.OutsideParameterWatch`, a user's) receives it as a
     call of this function and runs it with itself off, as a mode runs ``loss.backward()``,
     so that the torch calls inside ``step`` (add_noise's reads of each ``p.grad``, its
     dtype and strides, the draws: ~20 a parameter) skip the modes' Python dispatch
