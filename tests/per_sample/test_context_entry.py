@@ -1,7 +1,10 @@
 """Entering a per_sample_grads context: no hook left behind by an entry that fails, entry
-under ``torch.inference_mode()``, and lazy Linear modules before their first forward."""
+under ``torch.inference_mode()``, lazy Linear modules before their first forward, and
+leaving it on the thread that entered it."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -85,3 +88,32 @@ def test_lazy_linear_refused_by_name_until_its_first_forward():
     with per_sample_grads(model, mode="grads") as ps:
         summed_cross_entropy(model, x, y).backward()
     assert_matches_truth(model, ps, truth)
+
+
+@pytest.mark.parametrize("mode", ["norms", "clip"])
+def test_leaving_on_another_thread_refused_and_the_context_stays_open_for_its_own(mode):
+    """``__exit__`` on a thread other than the one that entered the context: the
+    recording and clip mode's torch function mode are that thread's, so it unregistered
+    nothing of the entering thread (every later context there was refused as nested) and
+    clip mode's pop failed with torch's 'trying to pop from empty mode stack'. Refused by
+    name, leaving the context open; its own thread then leaves it as usual."""
+    model, (x, y) = _model(), _data()
+    context = per_sample_grads(model, mode, max_norm=1.0 if mode == "clip" else None)
+    context.__enter__()
+    summed_cross_entropy(model, x, y).backward()
+    raised: list[BaseException] = []
+
+    def leave() -> None:
+        try:
+            context.__exit__(None, None, None)
+        except RuntimeError as error:
+            raised.append(error)
+
+    worker = threading.Thread(target=leave)
+    worker.start()
+    worker.join()
+    assert len(raised) == 1
+    assert "left on the thread that entered it" in str(raised[0])
+    context.__exit__(None, None, None)
+    assert context.norms.shape == (5,)
+    _assert_plain_training_works(model)

@@ -4,6 +4,7 @@ one ordinary backward pass."""
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -104,6 +105,9 @@ class PerSampleGrads:
         # when the weight is freed or the context exits (see _register_formed_weight)
         self._formed_weights: list[weakref.finalize] = []
         self._state = "new"  # -> "open" -> "closed" / "failed"
+        # the thread that entered it, whose recording (and, in clip mode, torch function
+        # mode stack) it left set; None once it has left them
+        self._thread: int | None = None
         self._hooks: list = []
         # the multi-gradient hook that forms the results, on the parameters and on the
         # trainable tensors of every linear call refused at its backward (see _watch_stray)
@@ -154,10 +158,14 @@ class PerSampleGrads:
         self._registered_weights = weights
         if self._outside_watch is not None:
             self._outside_watch.__enter__()
+        self._thread = threading.get_ident()
         self._state = "open"
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._thread is not None and self._thread != threading.get_ident():
+            refusals.refuse_exit_on_another_thread()
+        self._thread = None
         if self._outside_watch is not None and self._state != "new":
             self._outside_watch.close(backward_reached_the_model=bool(self._reached))
             self._outside_watch.__exit__(None, None, None)

@@ -28,6 +28,7 @@ __all__ = [
     "passed_through_autograd_grad",
     "refuse_backward_after_one_cut_short",
     "refuse_checkpointed_outside_parameter",
+    "refuse_exit_on_another_thread",
     "refuse_outside_parameter_after_the_context",
     "refuse_outside_parameter_gradient",
     "refuse_second_backward",
@@ -65,6 +66,22 @@ def refuse_backward_after_one_cut_short() -> None:
         "earlier backward in this context was cut short by an error (caught) before "
         "it completed; the two cannot be told apart, so nothing is formed: open a "
         "new context for the step"
+    )
+
+
+def refuse_exit_on_another_thread() -> None:
+    """Raise for ``__exit__`` on a thread other than the one that entered the context,
+    whose recording and (clip mode) torch function mode are that thread's: left from
+    here they would stay set there. Nothing is changed: the context stays open.
+
+    Raises:
+        RuntimeError: always, naming the way out.
+    """
+    raise RuntimeError(
+        "per_sample_grads: a context must be left on the thread that entered it (its "
+        "recording of the Linear calls and, in mode='clip', its torch function mode are "
+        "that thread's); it stays open: leave it there, or enter and leave it in one "
+        "with block on the thread that runs the step"
     )
 
 
