@@ -424,3 +424,17 @@ def test_a_second_models_graph_built_after_a_done_step_is_served_after_the_with_
         second_loss = _loss(second(x) + out.detach())
     second_loss.backward()
     assert all(p.grad is not None for p in second.parameters())
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_loss_parameter_inside_a_compiled_loss_is_refused_before_any_gradient(backend):
+    """A learnable temperature inside a ``torch.compile``'d loss function (the watch skips
+    what Dynamo traces): refused before any gradient is written, by its gradient hook and
+    by the graph of loss.backward() (each alone refuses it)."""
+    torch.compiler.reset()  # (a fresh compile per backend)
+    model, temperature, x = _model(), nn.Parameter(torch.tensor(2.0)), torch.randn(5, 4)
+    compiled_loss = torch.compile(lambda out, t: _loss(out / t), backend=backend)
+    with pytest.raises(RuntimeError, match=REFUSAL % ""):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            compiled_loss(model(x), temperature).backward()
+    assert all(p.grad is None for p in [*model.parameters(), temperature])
