@@ -93,6 +93,12 @@ class OutsideParameterWatch(TorchFunctionMode):
             # still active at its exit is popped in its place (this one goes at the
             # user's mode's exit); until then it must hook and refuse nothing
             return func(*args, **kwargs) if kwargs else func(*args)
+        if torch.compiler.is_compiling():
+            # nothing to see while Dynamo traces (``_see`` hooks nothing then: the graph
+            # walk as a backward starts sees what a compiled region used), and torch
+            # 2.11's Dynamo cannot trace the scan: the context's own refusal of a
+            # fullgraph compile must come first
+            return func(*args, **kwargs) if kwargs else func(*args)
         joined = self._scan(args)
         if kwargs:
             in_keywords = self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
