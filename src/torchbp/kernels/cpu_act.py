@@ -86,27 +86,36 @@ def leaky_relu(g, saved, slope, *, out, tmp):
 def gelu(g, x, approximate, *, out, tmp):
     if approximate == "tanh":
         # With s = σ(2u) = ½(1 + tanh u), ½(1 - tanh²u) = 2 s (1 - s), so
-        # y' = s + s (1 - s) w' with w' = 2x du/dx = x (2k + 6kc x²), u = x (k + kc x²), and
-        # s + (s w')(1 - s) = lerp(s, 1, s w'), times g: eight passes (the formula's tanh
-        # is a slower kernel than sigmoid).
-        k, c, (s,), w = _SQRT_2_OVER_PI, _GELU_TANH_C, tmp, out
+        # y' = s + x · v s (1 - s) with v = 2k + 6kc x² (2 du/dx), u = x (k + kc x²):
+        # v s (1 - s) = lerp(v s, 0, s) ((1 - s) exact where s -> 1), s + x · that in one
+        # addcmul, times g: eight passes (the formula's tanh is a slower kernel than
+        # sigmoid). x multiplies last, as in native's ½x · (1 - tanh²u) k (1 + 3c x²): where
+        # x³ overflows (float32 |x| > 7e12) the saturated s (1 - s) = 0 has zeroed v s
+        # first, so y' = 1 or 0, where (x v s)(1 - s) was inf · 0 = NaN. (Native is NaN
+        # where x² overflows, float32 |x| > 1.8e19; here only where v does, |x| > 5.6e19.)
+        k, c, (s,), v = _SQRT_2_OVER_PI, _GELU_TANH_C, tmp, out
         two_k = _scalar(2 * k, x.dtype, x.device)
         torch.addcmul(two_k, x, x, value=2 * k * c, out=s).mul_(x).sigmoid_()  # σ(2u)
-        torch.addcmul(two_k, x, x, value=6 * k * c, out=w).mul_(x).mul_(s)  # s w'
-        return torch.lerp(s, _scalar(1.0, x.dtype, x.device), w, out=out).mul_(g)
+        torch.addcmul(two_k, x, x, value=6 * k * c, out=v).mul_(s)  # v s
+        torch.lerp(v, _scalar(0.0, x.dtype, x.device), s, out=v)  # v s (1 - s)
+        return torch.addcmul(s, x, v, out=out).mul_(g)
     # y' = Φ(x) + x φ(x), times g. Φ(x) = gelu(x) / x: the forward's own kernel evaluates
     # erf about four times as fast as torch.erf (MKL's; torch.special.ndtr is slower still),
     # and x Φ(x) rounded once, divided by x, is Φ(x) within an ulp or two. It is taken at
     # x̂ = x + copysign(τ, x), never 0 nor subnormal (gelu(x) / x would be 0/0 at 0, and
     # wrong where x · ½ rounds), and x itself wherever τ is below half its ulp; elsewhere
     # |x| < 2^24 τ and y'(x̂) = ½ + O(τ) rounds as y'(x) = ½ + O(|x|). φ(x̂) = e^{-x̂²/2}/√(2π)
-    # = 2^{-x̂²/(2 ln 2) - log2 √(2π)} (exp2 is a faster CPU kernel than exp). Eight passes.
+    # = 2^{-x̂²/(2 ln 2) - log2 √(2π)} (exp2 is a faster CPU kernel than exp). Nine passes.
     log2_norm = _scalar(-0.5 * math.log2(2 * math.pi), x.dtype, x.device)
     (xh,) = tmp
     torch.copysign(_scalar(_TINY[x.dtype], x.dtype, x.device), x, out=xh).add_(x)  # x̂
     gelu_xh = _NATIVE_GELU(xh)  # x̂ Φ(x̂)
     torch.addcmul(log2_norm, xh, xh, value=-0.5 * math.log2(math.e), out=out).exp2_()
     torch.addcdiv(out.mul_(xh), gelu_xh, xh, out=out)  # x̂ φ(x̂) + Φ(x̂)
+    # gelu(x̂) overflows where |x̂| nears the dtype's max (float32: x > 1.7e38), and
+    # Φ(x̂) = inf / x̂ = inf there, where Φ = 1: y' <= 1.13 anywhere, so +inf is only that
+    # (±inf x is NaN already: x̂ φ(x̂) = inf · 0); one more pass
+    out.nan_to_num_(nan=math.nan, posinf=1.0, neginf=-math.inf)
     return out.mul_(g)
 
 
