@@ -2251,6 +2251,74 @@ def test_a_fit_resumed_from_another_runs_checkpoint_keeps_that_runs_better_best(
     assert tested.config_init["test"]["ckpt_path"] == str(best)
 
 
+def test_a_fit_resumed_from_another_runs_checkpoint_keeps_its_own_save_top_k(tmp_path):
+    """A fit resumed from another run's checkpoint with a smaller save_top_k (3, then 1)
+    took all three of that run's best as its own: Lightning's count of them stayed above
+    k, so it never removed one, and the fit kept every checkpoint it saved. It keeps
+    save_top_k of its own; the other run's files are never deleted."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    short = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    latest = ["--checkpoint.monitor=epoch", "--checkpoint.mode=max", *short]
+    run_cli("fit", *iris, *latest, "--trainer.max_epochs=3", "--checkpoint.save_top_k=3")
+    old = tmp_path / "iris/version_0/checkpoints"
+    before = sorted(p.name for p in old.iterdir())
+    assert len(before) == 4, before  # three best and last.ckpt
+    run_cli(
+        "fit",
+        *iris,
+        *latest,
+        "--trainer.max_epochs=6",
+        "--checkpoint.save_top_k=1",
+        f"--ckpt_path={old / 'last.ckpt'}",
+    )
+    new = sorted(p.name for p in (tmp_path / "iris/version_1/checkpoints").iterdir())
+    assert new == ["epoch005-step12.ckpt", "last.ckpt"], new
+    assert sorted(p.name for p in old.iterdir()) == before
+
+
+def test_a_fit_resumed_from_another_runs_checkpoint_never_takes_a_third_runs_file(tmp_path):
+    """A fit resumed from run A's checkpoint into a --checkpoint.dirpath that a run C had
+    saved into took C's file of the name of A's best (epoch000-step2.ckpt) for A's best,
+    tested C's weights as its own best and deleted C's file once a validation beat it. A's
+    best is looked up under its own name only for a fit resumed from a file of the folder
+    it saves into (a run folder moved since)."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    short = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    latest = ["--checkpoint.monitor=epoch", "--checkpoint.mode=max", *short]
+    a, c = tmp_path / "a", tmp_path / "c"
+    for dirpath in (a, c):
+        run_cli("fit", *iris, *latest, "--trainer.max_epochs=1", f"--checkpoint.dirpath={dirpath}")
+    (a / "epoch000-step2.ckpt").unlink()  # A's best is gone: no candidate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(
+            "fit",
+            *iris,
+            *latest,
+            "--trainer.max_epochs=2",
+            f"--checkpoint.dirpath={c}",
+            f"--ckpt_path={a / 'last.ckpt'}",
+        )
+    said = [str(w.message) for w in caught if "no candidates" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert (c / "epoch000-step2.ckpt").is_file()
+    assert cli.config_init["fit"]["checkpoint"].best_model_path == str(c / "epoch001-step4.ckpt")
+
+
+def test_a_fit_resumed_in_its_moved_run_folder_keeps_its_best(tmp_path):
+    """A run folder moved, then resumed with --ckpt_path last: its best checkpoints are
+    looked up under their names in the folder it now saves into (the checkpoint records
+    the old one), and epoch 0 (best by ``epoch`` with mode min) stays its best."""
+    common = ["--config", str(CONFIGS / "iris.yaml"), "--checkpoint.monitor=epoch"]
+    common += ["--checkpoint.mode=min", "--trainer.limit_train_batches=2"]
+    run_cli("fit", *common, f"--run_dir={tmp_path}/a", "--trainer.max_epochs=1")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = (*common, f"--run_dir={tmp_path}/b", "--trainer.max_epochs=2", "--ckpt_path=last")
+    cli = run_cli("fit", *moved)
+    best = tmp_path / "b/iris/version_0/checkpoints/epoch000-step2.ckpt"
+    assert cli.config_init["fit"]["checkpoint"].best_model_path == str(best)
+
+
 def test_an_interrupt_never_saves_over_an_earlier_interrupts_checkpoint(tmp_path):
     """Lightning names its exception checkpoint without its version counter: a second run
     into the same --checkpoint.dirpath, interrupted at the same epoch and step (or value),

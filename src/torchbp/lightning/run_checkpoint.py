@@ -136,7 +136,8 @@ class RunCheckpoint(ModelCheckpoint):
         if recorded == self.dirpath:
             found = {path: path for path in best_k_models if not _missing_local_file(path)}
         elif _validated_on_the_same_data(trainer.datamodule, checkpoint):
-            found = _existing_files(list(best_k_models), str(self.dirpath))
+            moved_here = _in_folder(trainer.ckpt_path, self.dirpath)
+            found = _existing_files(list(best_k_models), self.dirpath if moved_here else None)
         else:
             found = {}
         # paths only: a score may be a tensor on rank 0's device
@@ -167,7 +168,7 @@ class RunCheckpoint(ModelCheckpoint):
         if kept is None:
             return  # evaluating, saving nothing: the test of a fit's best from another run
         # of the same monitor and mode: Lightning restores the state of a callback of both only
-        self._keep_best_k_models(kept)
+        self._keep_best_k_models(self._best_k_of(kept))
         rank_zero_warn(_carried_best_warning(recorded, self.dirpath, self.monitor, kept, self))
 
     def on_train_batch_end(
@@ -235,6 +236,17 @@ class RunCheckpoint(ModelCheckpoint):
         self.kth_value = self.best_k_models[self.kth_best_model_path]
         self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)
         self.best_model_score = self.best_k_models[self.best_model_path]
+
+    def _best_k_of(self, best_k_models: dict[str, Any]) -> dict[str, Any]:
+        """The ``save_top_k`` best of ``best_k_models`` (all of them for ``save_top_k`` -1 or
+        0): another run's best kept beyond this callback's ``save_top_k`` (that run saved
+        more) left Lightning's count of them above k, so it never again removed one, and
+        this fit kept every checkpoint that beat the worst carried one."""
+        if self.save_top_k <= 0 or len(best_k_models) <= self.save_top_k:
+            return best_k_models
+        ranked = sorted(best_k_models, key=lambda path: float(best_k_models[path]))
+        best_first = ranked[::-1] if self.mode == "max" else ranked
+        return {path: best_k_models[path] for path in best_first[: self.save_top_k]}
 
     @contextmanager
     def _own_saves(self) -> Iterator[None]:
@@ -384,12 +396,21 @@ def _gone_best_warning(gone: list[str], callback: ModelCheckpoint) -> str:
     )
 
 
-def _existing_files(paths: list[str], dirpath: str) -> dict[str, str]:
+def _in_folder(path: Any, folder: Any) -> bool:
+    """Whether the file ``path`` lies in ``folder`` (either may be ``None``)."""
+    if path is None or folder is None:
+        return False
+    return os.path.realpath(os.path.dirname(str(path))) == os.path.realpath(str(folder))
+
+
+def _existing_files(paths: list[str], moved_to: Any) -> dict[str, str]:
     """Of a checkpoint's best ``paths``, those whose local files still exist, each mapped to
-    where: in ``dirpath`` under its name (a run folder moved since), else where recorded."""
+    where: in ``moved_to`` under its name (the folder a run's checkpoints were moved to,
+    ``None`` for another run's checkpoint: a file of that name there is another run's),
+    else where recorded."""
     existing = {}
     for path in paths:
-        moved = os.path.join(dirpath, os.path.basename(path))
+        moved = os.path.join(moved_to, os.path.basename(path)) if moved_to else path
         found = moved if os.path.isfile(moved) else path
         if os.path.isfile(found):
             existing[path] = found
