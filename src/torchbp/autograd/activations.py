@@ -468,6 +468,21 @@ def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.T
     return g * (cdf + x * pdf)
 
 
+def gelu_curvature(v: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    # v · y'' of the exact form, with v = g · gg formed first, as native's double backward
+    # (an infinite g times a nonzero y'' stays infinite, where autograd through
+    # gelu_backward's sum gave inf - inf = NaN). y' = Φ(x) + x φ(x), φ' = -x φ:
+    # y'' = φ(x) (2 - x²) (NaN where x² overflows, as native's)
+    pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    return v * (pdf * (2 - x * x))
+
+
+def _gelu_curvature(approximate: str):
+    """:func:`gelu_curvature` for the exact form; the tanh form's second derivative stays
+    autograd through :func:`gelu_backward` (None), which matches native's at huge x."""
+    return gelu_curvature if approximate == "none" else None
+
+
 class GELUFunction(Function):
     """``y = x Φ(x)`` (``approximate='none'``) or ``½x(1 + tanh(√(2/π)(x + 0.044715x³)))``
     (``'tanh'``); backward ``dx = g · (Φ(x) + x φ(x))`` or the tanh form's derivative.
@@ -487,12 +502,15 @@ class GELUFunction(Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        return derivative("gelu", gelu_backward, dy, x, ctx.approximate), None
+        curvature = _gelu_curvature(ctx.approximate)
+        dx = derivative("gelu", gelu_backward, dy, x, ctx.approximate, curvature=curvature)
+        return dx, None
 
     @staticmethod
     def jvp(ctx, dx, _approximate):
         (x,) = ctx.saved_tensors
-        return derivative("gelu", gelu_backward, dx, x, ctx.approximate)
+        curvature = _gelu_curvature(ctx.approximate)
+        return derivative("gelu", gelu_backward, dx, x, ctx.approximate, curvature=curvature)
 
 
 # --------------------------------------------------------------------------- SiLU
