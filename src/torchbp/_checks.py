@@ -561,6 +561,32 @@ def check_target_kind(op, target, soft: bool, ignore_index: int, prob_shape: str
 
 
 # --------------------------------------------------------------------------- one per wrapper
+def plain_linear(input, weight, bias) -> bool:
+    """Whether ``linear``'s arguments are the common call, which passes every check of
+    :func:`validate_linear` and :func:`check_linear_dtypes` and takes no special path:
+    tensors, none nested, ``input`` ``(*, in)`` (at least 1-D), ``weight`` ``(out, in)``,
+    ``bias`` ``None`` or ``(out,)``, one device and one dtype (then one dtype after
+    autocast's casts too, which cast equal dtypes alike). One cheap test for every call:
+    the checks themselves, with their errors, run only where it fails."""
+    if not (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    if input.is_nested or weight.is_nested:
+        return False
+    in_shape, w_shape = input.shape, weight.shape  # (each read builds a torch.Size)
+    if len(w_shape) != 2 or not in_shape or in_shape[-1] != w_shape[1]:
+        return False
+    device, dtype = weight.device, weight.dtype
+    if input.device != device or input.dtype != dtype:
+        return False
+    return bias is None or (
+        isinstance(bias, torch.Tensor)
+        and bias.dim() == 1  # (first: a nested bias has no shape to read)
+        and bias.shape[0] == w_shape[0]
+        and bias.device == device
+        and bias.dtype == dtype
+    )
+
+
 def validate_linear(input, weight, bias) -> None:
     """``linear``: ``input`` ``(*, in)`` (at least 1-D), ``weight`` ``(out, in)`` or ``(in,)``
     (then the output is ``(*,)``), ``bias`` any shape that broadcasts to the output's

@@ -76,6 +76,16 @@ def has_storage(t: torch.Tensor) -> bool:
     return _storage(t) is not None
 
 
+def any_without_storage(args) -> bool:
+    """Whether any tensor among ``args`` (other values skipped) lacks storage
+    (:func:`has_storage`). A plain loop: it runs on every Function call, where a generator
+    in ``any`` costs more than the checks themselves."""
+    for t in args:
+        if isinstance(t, torch.Tensor) and _storage(t) is None:
+            return True
+    return False
+
+
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
     try:
         return t.untyped_storage()

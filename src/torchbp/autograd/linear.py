@@ -7,7 +7,7 @@ import threading
 import torch
 from torch.autograd import Function
 
-from torchbp._execution import has_storage
+from torchbp._execution import any_without_storage, has_storage
 
 
 class _PerSampleRecording(threading.local):
@@ -43,22 +43,12 @@ def save_split(ctx, inputs, for_backward: tuple, for_forward: tuple) -> None:
     only (whichever ran last) and reads both backward's and jvp's saved tensors with
     them, so two different tuples hand a ``None`` a batch dim, or a batched tensor none
     (crashes deep in torch.func). Eager, each mode keeps only what it needs."""
-    if _any_without_storage(inputs):
+    if any_without_storage(inputs):
         for_backward = for_forward = tuple(
             b if b is not None else f for b, f in zip(for_backward, for_forward, strict=True)
         )
     ctx.save_for_backward(*for_backward)
     ctx.save_for_forward(*for_forward)
-
-
-def _any_without_storage(inputs) -> bool:
-    """Whether any tensor of ``inputs`` lacks storage (:func:`has_storage`). A plain loop:
-    it runs in every Function's ``setup_context``, where a generator in ``any`` costs
-    more than the checks themselves."""
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and not has_storage(t):
-            return True
-    return False
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -44,13 +44,13 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(linear, (input, weight, bias), input, weight, bias)
+    if _checks.plain_linear(input, weight, bias):  # the common call: every check passes
+        return _linear_apply(*_autocast_cast(input, weight, bias))
     if _checks.nested(input) or _checks.nested(weight):  # (strided or jagged): native's op
         return _NATIVE_LINEAR(input, weight, bias)
     op = "linear"
     _checks.validate_linear(input, weight, bias)
-    amp = _autocast_dtype(input)
-    if amp is not None:
-        input, weight, bias = (_cast_low(t, amp) for t in (input, weight, bias))
+    amp, input, weight, bias = _autocast_cast(input, weight, bias)
     _checks.check_linear_dtypes(op, input, weight, bias, "weight", "bias")
     if input.dim() == 1 and bias is not None and bias.dim() > 1:
         # an unbatched input with a (1, out)-like bias: as native, computed as one row
@@ -60,11 +60,20 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         # the output's dim of size 1 (a 0-dim bias broadcasts as it is)
         weight = weight.unsqueeze(0)
         bias = bias if bias is None or bias.dim() == 0 else bias.unsqueeze(-1)
-        return _linear_apply(input, weight, bias, amp).squeeze(-1)
-    return _linear_apply(input, weight, bias, amp)
+        return _linear_apply(amp, input, weight, bias).squeeze(-1)
+    return _linear_apply(amp, input, weight, bias)
 
 
-def _linear_apply(input, weight, bias, amp):
+def _autocast_cast(input, weight, bias):
+    """``(amp, input, weight, bias)``: autocast's dtype on ``input``'s device (``None``
+    where autocast is off) and the three as autocast casts them for native's linear."""
+    amp = _autocast_dtype(input)
+    if amp is None:
+        return None, input, weight, bias
+    return amp, _cast_low(input, amp), _cast_low(weight, amp), _cast_low(bias, amp)
+
+
+def _linear_apply(amp, input, weight, bias):
     if amp is not None:
         return _run_without_autocast(input.device.type, apply, _LINEAR, input, weight, bias)
     return apply(_LINEAR, input, weight, bias)
