@@ -787,22 +787,28 @@ class CausalScoresUnscaled(CausalScores):
         return gs @ k, gs.transpose(-2, -1) @ q
 
 
+def _unmasked_scores_backward(ctx, g):
+    """The gradient of ``s = q k^T / sqrt(d)`` (+ a mask passing it through):
+    ``dq = g k / sqrt(d)``, ``dk = g^T q / sqrt(d)``."""
+    q, k = ctx.saved_tensors
+    gs = g / math.sqrt(q.shape[-1])
+    return gs @ k, gs.transpose(-2, -1) @ q
+
+
+def _unmasked_scores_jvp(ctx, tq, tk):
+    """The tangent of ``s = q k^T / sqrt(d)``: ``(tq k^T + q tk^T) / sqrt(d)``."""
+    q, k = ctx.saved_tensors
+    return (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+
+
 class CausalScoresUnmaskedGradient(CausalScores):
     """Wrong against a masked_fill reference: backward and jvp leave the mask forward
     applies with masked_fill out, giving the masked scores (-inf, derivative 0 there) the
     gradient of unmasked ones. Only a reference can tell: the same Function, its forward
     adding a -inf mask, is :class:`CausalScoresAdditiveMask`, which is right."""
 
-    @staticmethod
-    def backward(ctx, g):
-        q, k = ctx.saved_tensors
-        gs = g / math.sqrt(q.shape[-1])
-        return gs @ k, gs.transpose(-2, -1) @ q
-
-    @staticmethod
-    def jvp(ctx, tq, tk):
-        q, k = ctx.saved_tensors
-        return (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    backward = staticmethod(_unmasked_scores_backward)
+    jvp = staticmethod(_unmasked_scores_jvp)
 
 
 class CausalScoresUnmaskedTangent(CausalScores):
@@ -828,17 +834,8 @@ class CausalScoresAdditiveMask(CausalScores):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         return scores + _additive_causal_mask(scores)
 
-    @staticmethod
-    def backward(ctx, g):
-        q, k = ctx.saved_tensors
-        # s = q k^T / sqrt(d) + mask: dq = g k / sqrt(d), dk = g^T q / sqrt(d)
-        gs = g / math.sqrt(q.shape[-1])
-        return gs @ k, gs.transpose(-2, -1) @ q
-
-    @staticmethod
-    def jvp(ctx, tq, tk):
-        q, k = ctx.saved_tensors
-        return (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    backward = staticmethod(_unmasked_scores_backward)
+    jvp = staticmethod(_unmasked_scores_jvp)
 
 
 class _AdditiveScoresBackward(Function):
