@@ -52,6 +52,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd import Function
 
+from torchbp import _native
 from torchbp.autograd._derivative import derivative
 
 __all__ = [
@@ -69,21 +70,6 @@ _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_C = 0.044715
-
-# Native's functions that the forwards and derivative formulas compute with, bound at
-# import: a user who patches torch.nn.functional.gelu (or silu, ..., torch.sigmoid,
-# torch.tanh) with torchbp's (a drop-in, as kernel libraries patch functions) made each
-# forward call torchbp's again, a RecursionError, and a formula run torchbp's sigmoid,
-# which torch.compile cannot trace in a backward (fullgraph: "Strict mode banned op").
-_NATIVE_SIGMOID = torch.sigmoid
-_NATIVE_TANH = torch.tanh
-_NATIVE_LEAKY_RELU = torch.nn.functional.leaky_relu
-_NATIVE_LEAKY_RELU_ = torch.nn.functional.leaky_relu_
-_NATIVE_GELU = torch.nn.functional.gelu
-_NATIVE_SILU = torch.nn.functional.silu
-_NATIVE_ELU = torch.nn.functional.elu
-_NATIVE_ELU_ = torch.nn.functional.elu_
-_NATIVE_SOFTPLUS = torch.nn.functional.softplus
 
 
 def _save(ctx, tensor: torch.Tensor) -> None:
@@ -253,7 +239,7 @@ class SigmoidFunction(Function):
     @staticmethod
     def forward(x):
         # torch.sigmoid never overflows for large |x|
-        return _NATIVE_SIGMOID(x)
+        return _native.sigmoid(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -261,12 +247,12 @@ class SigmoidFunction(Function):
 
     @staticmethod
     def backward(ctx, dy):
-        y = _saved_output(ctx, _NATIVE_SIGMOID)
+        y = _saved_output(ctx, _native.sigmoid)
         return derivative("sigmoid", sigmoid_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
-        y = _saved_output(ctx, _NATIVE_SIGMOID)
+        y = _saved_output(ctx, _native.sigmoid)
         return derivative("sigmoid", sigmoid_backward, dx, y)
 
 
@@ -284,7 +270,7 @@ class TanhFunction(Function):
 
     @staticmethod
     def forward(x):
-        return _NATIVE_TANH(x)
+        return _native.tanh(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -292,12 +278,12 @@ class TanhFunction(Function):
 
     @staticmethod
     def backward(ctx, dy):
-        y = _saved_output(ctx, _NATIVE_TANH)
+        y = _saved_output(ctx, _native.tanh)
         return derivative("tanh", tanh_backward, dy, y.conj())
 
     @staticmethod
     def jvp(ctx, dx):
-        y = _saved_output(ctx, _NATIVE_TANH)
+        y = _saved_output(ctx, _native.tanh)
         return derivative("tanh", tanh_backward, dx, y)
 
 
@@ -413,9 +399,9 @@ class LeakyReLUFunction(_InPlaceCapableFunction):
     def forward(x, negative_slope, inplace):
         # f(x) = x for x > 0 (and at 0, where both branches agree), slope · x otherwise.
         if inplace:
-            _NATIVE_LEAKY_RELU_(x, negative_slope)
+            _native.leaky_relu_(x, negative_slope)
             return x  # the input object itself, as Dynamo requires of a dirty input
-        return _NATIVE_LEAKY_RELU(x, negative_slope)
+        return _native.leaky_relu(x, negative_slope)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -459,7 +445,7 @@ def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.T
         # y = ½x(1 + tanh u), u = √(2/π)(x + c x³)
         # y' = ½(1 + tanh u) + ½x (1 - tanh²u) √(2/π)(1 + 3c x²)
         x2 = x * x
-        t = _NATIVE_TANH(_SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x2))
+        t = _native.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x2))
         inner = _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_C * x2)
         return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * inner)
     # y = x Φ(x);  y' = Φ(x) + x φ(x),  Φ(x) = ½(1 + erf(x/√2)),  φ(x) = e^{-x²/2}/√(2π)
@@ -492,7 +478,7 @@ class GELUFunction(Function):
 
     @staticmethod
     def forward(x, approximate):
-        return _NATIVE_GELU(x, approximate=approximate)
+        return _native.gelu(x, approximate=approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -516,7 +502,7 @@ class GELUFunction(Function):
 # --------------------------------------------------------------------------- SiLU
 def silu_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # y = x σ(x);  y' = σ(x) (1 + x (1 - σ(x)))
-    s = _NATIVE_SIGMOID(x)
+    s = _native.sigmoid(x)
     return g * (s * (1 + x * (1 - s)))
 
 
@@ -527,7 +513,7 @@ class SiLUFunction(Function):
 
     @staticmethod
     def forward(x):
-        return _NATIVE_SILU(x)
+        return _native.silu(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -601,9 +587,9 @@ class ELUFunction(_InPlaceCapableFunction):
     @staticmethod
     def forward(x, alpha, inplace):
         if inplace:
-            _NATIVE_ELU_(x, alpha)
+            _native.elu_(x, alpha)
             return x  # the input object itself, as Dynamo requires of a dirty input
-        return _NATIVE_ELU(x, alpha)
+        return _native.elu(x, alpha)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -634,7 +620,7 @@ def softplus_backward(g: torch.Tensor, x: torch.Tensor, beta: float, threshold: 
     # y = log(1 + e^{βx}) / β, and y = x where βx > threshold (linear there, as native);
     # y' = σ(βx), or 1 where βx > threshold. σ never overflows (e^{βx} / (1 + e^{βx}) would).
     bx = x * beta
-    return torch.where(bx > threshold, g, g * _NATIVE_SIGMOID(bx))
+    return torch.where(bx > threshold, g, g * _native.sigmoid(bx))
 
 
 def softplus_curvature(v: torch.Tensor, x: torch.Tensor, beta: float, threshold: float):
@@ -643,7 +629,7 @@ def softplus_curvature(v: torch.Tensor, x: torch.Tensor, beta: float, threshold:
     # side's 0 there ("βx < threshold", not "<="): native's second derivative does. Times
     # the 0/1 mask, not selected by it, so that a NaN x gives NaN, as native.
     bx = x * beta
-    s = _NATIVE_SIGMOID(bx)
+    s = _native.sigmoid(bx)
     return v * (beta * s * (1 - s)) * (bx < threshold).to(v.dtype)
 
 
@@ -655,7 +641,7 @@ class SoftplusFunction(Function):
 
     @staticmethod
     def forward(x, beta, threshold):
-        return _NATIVE_SOFTPLUS(x, beta, threshold)
+        return _native.softplus(x, beta, threshold)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

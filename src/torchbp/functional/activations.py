@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
-from torchbp import _checks
+from torchbp import _checks, _native
 from torchbp._execution import exporting, has_storage
 from torchbp.autograd import (
     ELUFunction,
@@ -22,20 +22,6 @@ from torchbp.autograd import (
 )
 from torchbp.autograd._compile import apply, pair
 from torchbp.functional._recording import _differentiated, _recorded_view, _traced
-
-# Native's functions, for the calls torchbp hands to them (sparse and strided nested
-# inputs, an in-place call nothing records), bound at import: a user who patches
-# torch.nn.functional.relu (or gelu, ..., torch.sigmoid, torch.tanh) with torchbp's (a
-# drop-in, as kernel libraries patch functions) made that call torchbp's again, a
-# RecursionError.
-_NATIVE_SIGMOID = torch.sigmoid
-_NATIVE_TANH = torch.tanh
-_NATIVE_RELU = torch.nn.functional.relu
-_NATIVE_LEAKY_RELU = torch.nn.functional.leaky_relu
-_NATIVE_GELU = torch.nn.functional.gelu
-_NATIVE_SILU = torch.nn.functional.silu
-_NATIVE_ELU = torch.nn.functional.elu
-_NATIVE_SOFTPLUS = torch.nn.functional.softplus
 
 # (Function, jvp-free twin) pairs for autograd._compile.apply
 _ELU = pair(ELUFunction)
@@ -134,7 +120,7 @@ def sigmoid(input: torch.Tensor) -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(sigmoid, (input,), input)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_SIGMOID(input)
+        return _native.sigmoid(input)
     return apply(_SIGMOID, input)
 
 
@@ -155,7 +141,7 @@ def tanh(input: torch.Tensor) -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(tanh, (input,), input)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_TANH(input)
+        return _native.tanh(input)
     return apply(_TANH, input)
 
 
@@ -186,13 +172,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(relu, (input,), input, inplace=inplace)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_RELU(input, inplace=inplace)
+        return _native.relu(input, inplace=inplace)
     if not isinstance(input, torch.Tensor) or input.dtype == torch.bool:
         _checks.check_tensor("relu", input=input)
         # native raises RuntimeError (torch 2.13) or NotImplementedError (2.14): this is both
         raise _checks.UnsupportedDTypeError("relu: boolean inputs are not supported (as native)")
     if inplace:
-        return _inplace_activation("relu", _RELU, _NATIVE_RELU, input)
+        return _inplace_activation("relu", _RELU, _native.relu, input)
     return apply(_RELU, input, False)
 
 
@@ -246,12 +232,12 @@ def leaky_relu(
     if has_torch_function((input,)):
         return handle_torch_function(leaky_relu, (input,), input, negative_slope, inplace)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_LEAKY_RELU(input, negative_slope, inplace)
+        return _native.leaky_relu(input, negative_slope, inplace)
     negative_slope = _checks.scalar_argument("leaky_relu", "negative_slope", negative_slope)
     _checks.check_inplace_slope("leaky_relu", "negative_slope", negative_slope, inplace, input)
     if inplace:
         return _inplace_activation(
-            "leaky_relu", _LEAKYRELU, _NATIVE_LEAKY_RELU, input, negative_slope
+            "leaky_relu", _LEAKYRELU, _native.leaky_relu, input, negative_slope
         )
     return apply(_LEAKYRELU, input, negative_slope, False)
 
@@ -299,7 +285,7 @@ def gelu(input: torch.Tensor, *, approximate: str = "none") -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(gelu, (input,), input, approximate=approximate)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_GELU(input, approximate=approximate)
+        return _native.gelu(input, approximate=approximate)
     _checks.validate_gelu(approximate)
     return apply(_GELU, input, approximate)
 
@@ -325,12 +311,12 @@ def silu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if has_torch_function((input,)):
         return handle_torch_function(silu, (input,), input, inplace=inplace)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_SILU(input, inplace=inplace)
+        return _native.silu(input, inplace=inplace)
     if not inplace:
         return apply(_SILU, input)
     if not (_differentiated(input) or _traced()):
         # nothing to record: native's own in-place kernel (x·σ(x) would round twice)
-        return _NATIVE_SILU(input, inplace=True)
+        return _native.silu(input, inplace=True)
     return input.copy_(apply(_SILU, input.clone()))
 
 
@@ -362,11 +348,11 @@ def elu(input: torch.Tensor, alpha: float = 1.0, inplace: bool = False) -> torch
     if has_torch_function((input,)):
         return handle_torch_function(elu, (input,), input, alpha, inplace)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_ELU(input, alpha, inplace)
+        return _native.elu(input, alpha, inplace)
     alpha = _checks.scalar_argument("elu", "alpha", alpha)
     _checks.check_inplace_slope("elu", "alpha", alpha, inplace, input)
     if inplace:
-        return _inplace_activation("elu", _ELU, _NATIVE_ELU, input, alpha)
+        return _inplace_activation("elu", _ELU, _native.elu, input, alpha)
     return apply(_ELU, input, alpha, False)
 
 
@@ -413,7 +399,7 @@ def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) ->
     if has_torch_function((input,)):
         return handle_torch_function(softplus, (input,), input, beta, threshold)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_SOFTPLUS(input, beta, threshold)
+        return _native.softplus(input, beta, threshold)
     beta = _checks.scalar_argument("softplus", "beta", beta)
     threshold = _checks.scalar_argument("softplus", "threshold", threshold)
     return apply(_SOFTPLUS, input, beta, threshold)

@@ -6,16 +6,12 @@ from __future__ import annotations
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
-from torchbp import _checks
+from torchbp import _checks, _native
 from torchbp.autograd import LinearFunction
 from torchbp.autograd._compile import apply, pair
 from torchbp.functional._autocast import _autocast_dtype, _cast_low, _run_without_autocast
 
 _LINEAR = pair(LinearFunction)
-# Native's linear, for the nested inputs torchbp hands to it, bound at import: a user who
-# patches torch.nn.functional.linear with torchbp's (a drop-in, as kernel libraries patch
-# functions) made that call torchbp's again, a RecursionError.
-_NATIVE_LINEAR = torch.nn.functional.linear
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -47,7 +43,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if _checks.plain_linear(input, weight, bias):  # the common call: every check passes
         return _linear_apply(*_autocast_cast(input, weight, bias))
     if _checks.nested(input) or _checks.nested(weight):  # (strided or jagged): native's op
-        return _NATIVE_LINEAR(input, weight, bias)
+        return _native.linear(input, weight, bias)
     op = "linear"
     _checks.validate_linear(input, weight, bias)
     amp, input, weight, bias = _autocast_cast(input, weight, bias)

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
-from torchbp import _checks
+from torchbp import _checks, _native
 from torchbp._execution import shares_storage, values_inspectable
 from torchbp.autograd import CrossEntropyFunction, NLLLossFunction
 from torchbp.autograd._compile import apply, pair
@@ -30,13 +30,6 @@ from torchbp.functional.softmax_family import log_softmax
 _CLASSLASTROWS = pair(ClassLastRowsFunction)
 _CROSSENTROPY = pair(CrossEntropyFunction)
 _NLLLOSS = pair(NLLLossFunction)
-
-# Native's functions, for the inputs torchbp hands to them (sparse, strided nested), bound
-# at import: a user who patches torch.nn.functional.cross_entropy / nll_loss with
-# torchbp's (a drop-in, as kernel libraries patch functions) made that call torchbp's
-# again, a RecursionError.
-_NATIVE_NLL_LOSS = torch.nn.functional.nll_loss
-_NATIVE_CROSS_ENTROPY = torch.nn.functional.cross_entropy
 
 
 def _cast_loss_for_autocast(input: torch.Tensor, weight: torch.Tensor | None):
@@ -218,7 +211,7 @@ def nll_loss(
             reduction,
         )
     if _checks.any_native_layout(input, target, weight):  # sparse or strided nested
-        return _NATIVE_NLL_LOSS(
+        return _native.nll_loss(
             input, target, weight, size_average, ignore_index, reduce, reduction
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
@@ -318,7 +311,7 @@ def cross_entropy(
             inplace=inplace,
         )
     if _checks.any_native_layout(input, target, weight):  # sparse or strided nested
-        return _NATIVE_CROSS_ENTROPY(
+        return _native.cross_entropy(
             input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)

@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
-from torchbp import _checks
+from torchbp import _checks, _native
 from torchbp.autograd import LogSoftmaxFunction, SoftmaxFunction
 from torchbp.autograd._compile import apply, pair
 from torchbp.functional._autocast import _autocast_dtype, _device_type, _run_without_autocast
@@ -23,13 +23,6 @@ _FLOAT32_AUTOCAST_DEVICES = ("cuda", "xpu", "mps")
 # (Function, jvp-free twin) pairs for autograd._compile.apply
 _LOGSOFTMAX = pair(LogSoftmaxFunction)
 _SOFTMAX = pair(SoftmaxFunction)
-
-# Native's functions, for the inputs torchbp hands to them (sparse, strided nested), bound
-# at import: a user who patches torch.nn.functional.softmax with torchbp's (a drop-in, as
-# kernel libraries patch functions) made that call torchbp's again, a RecursionError.
-_NATIVE_SOFTMAX = torch.nn.functional.softmax
-_NATIVE_SOFTMIN = torch.nn.functional.softmin
-_NATIVE_LOG_SOFTMAX = torch.nn.functional.log_softmax
 
 
 def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
@@ -107,7 +100,7 @@ def softmax(
     if has_torch_function((input,)):
         return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_SOFTMAX(input, dim, _stacklevel + 1, dtype)
+        return _native.softmax(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("softmax", _SOFTMAX, input, dim, _stacklevel, dtype)
 
 
@@ -139,7 +132,7 @@ def softmin(
     if has_torch_function((input,)):
         return handle_torch_function(softmin, (input,), input, dim, _stacklevel, dtype)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_SOFTMIN(input, dim, _stacklevel + 1, dtype)
+        return _native.softmin(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("softmin", _SOFTMAX, input, dim, _stacklevel, dtype, negate=True)
 
 
@@ -169,5 +162,5 @@ def log_softmax(
     if has_torch_function((input,)):
         return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype)
     if _checks.native_layout(input):  # sparse or strided nested: native's op
-        return _NATIVE_LOG_SOFTMAX(input, dim, _stacklevel + 1, dtype)
+        return _native.log_softmax(input, dim, _stacklevel + 1, dtype)
     return _softmax_common("log_softmax", _LOGSOFTMAX, input, dim, _stacklevel, dtype)

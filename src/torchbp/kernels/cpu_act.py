@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from torchbp import _native
+
 __all__ = ["BLOCK", "KERNELS", "backward"]
 
 # Elements per block of the blocked kernels (see experiments/results/cpu_act_block.md).
@@ -32,11 +34,6 @@ _GELU_TANH_C = 0.044715
 # τ of the exact GELU kernel, per dtype it computes in (half precision: float32): normal,
 # and so small that where x + τ != x, y'(x) rounds to ½ (float32: |x| < 2^-36)
 _TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-500}
-# Native's GELU and sigmoid, bound at import: a user who patches torch.nn.functional.gelu
-# or torch.sigmoid (with torchbp's, as a drop-in) made the GELU kernel run a whole torchbp
-# Function per backward, and the SiLU and Softplus kernels raise (torchbp's has no out=).
-_NATIVE_GELU = torch.nn.functional.gelu
-_NATIVE_SIGMOID = torch.sigmoid
 
 
 def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -109,7 +106,7 @@ def gelu(g, x, approximate, *, out, tmp):
     log2_norm = _scalar(-0.5 * math.log2(2 * math.pi), x.dtype, x.device)
     (xh,) = tmp
     torch.copysign(_scalar(_TINY[x.dtype], x.dtype, x.device), x, out=xh).add_(x)  # x̂
-    gelu_xh = _NATIVE_GELU(xh)  # x̂ Φ(x̂)
+    gelu_xh = _native.gelu(xh)  # x̂ Φ(x̂)
     torch.addcmul(log2_norm, xh, xh, value=-0.5 * math.log2(math.e), out=out).exp2_()
     torch.addcdiv(out.mul_(xh), gelu_xh, xh, out=out)  # x̂ φ(x̂) + Φ(x̂)
     # gelu(x̂) overflows where |x̂| nears the dtype's max (float32: x > 1.7e38), and
@@ -122,7 +119,7 @@ def gelu(g, x, approximate, *, out, tmp):
 def silu(g, x, *, out, tmp):
     # y' = s (1 + x (1 - s)) = s + (x s)(1 - s) = lerp(s, 1, x s), s = σ(x) (lerp takes
     # (1 - s) exactly where s -> 1, and x s is small where s -> 0); times g: four passes
-    s = _NATIVE_SIGMOID(x, out=tmp[0])
+    s = _native.sigmoid(x, out=tmp[0])
     w = torch.mul(x, s, out=out)
     return torch.lerp(s, _scalar(1.0, x.dtype, x.device), w, out=out).mul_(g)
 
@@ -184,7 +181,7 @@ def softplus(g, x, beta, threshold, *, out, tmp):
         torch.mul(x, -beta, out=out)  # -(x beta) exactly
         torch.nn.functional.threshold_(out, -_above(threshold, dtype), -math.inf)
         u = out.neg_()
-    return _NATIVE_SIGMOID(u, out=out).mul_(g)
+    return _native.sigmoid(u, out=out).mul_(g)
 
 
 def _blockable(g: torch.Tensor, saved: torch.Tensor) -> bool:

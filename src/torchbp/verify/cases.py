@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as TF
 
+from torchbp import _native
 from torchbp.ops import OPS as REGISTRY
 from torchbp.ops import activations
 
@@ -114,16 +114,11 @@ def _torchbp_op(op: str) -> Callable[..., Any]:
     return getattr(F, op)
 
 
-# native's, bound at import: a torch.nn.functional patched later with torchbp's own
-# functions must not make the reference torchbp's
-_NATIVE_LINEAR, _NATIVE_CROSS_ENTROPY = TF.linear, TF.cross_entropy
-
-
 def _native_linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, **kwargs):
     """Reference for the fused op: materialise the logits, then cross_entropy."""
     kwargs.pop("chunk_size", None)
-    logits = _NATIVE_LINEAR(input, linear_weight, linear_bias)
-    return _NATIVE_CROSS_ENTROPY(logits, target, **kwargs)
+    logits = _native.linear(input, linear_weight, linear_bias)
+    return _native.cross_entropy(logits, target, **kwargs)
 
 
 def _reference(op) -> Callable[..., Any]:
