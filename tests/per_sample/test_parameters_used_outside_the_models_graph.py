@@ -163,19 +163,22 @@ def test_a_parameter_used_in_the_context_but_not_in_its_backward_is_served():
     assert other.weight.grad is not None
 
 
+class ReadsAnAttribute(nn.Module):
+    """A model whose input arrives through an attribute, not its forward's arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _model()
+        self.features: torch.Tensor | None = None
+
+    def forward(self) -> torch.Tensor:
+        return self.inner(self.features)
+
+
 def test_a_reentrant_checkpoint_in_front_reaching_the_model_through_an_attribute_refused():
     """The checkpoint's output reached the model through an attribute, not its arguments,
     so the forward's walk took the checkpoint for one of the model's own; its backward
     gave the front Linear an unclipped p.grad."""
-
-    class ReadsAnAttribute(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = _model()
-            self.features: torch.Tensor | None = None
-
-        def forward(self) -> torch.Tensor:
-            return self.inner(self.features)
 
     model, front = ReadsAnAttribute(), nn.Linear(4, 4)
     x = torch.randn(5, 4, requires_grad=True)
@@ -219,15 +222,6 @@ def test_a_trainable_reentrant_checkpoint_whose_output_keeps_no_graph_is_served(
     """A trainable Linear checkpointed in front, reaching the model through an attribute,
     on an input that needs no gradient (or under no_grad): the checkpoint keeps no node,
     no backward can reach its parameters, nothing to refuse."""
-
-    class ReadsAnAttribute(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = _model()
-            self.features: torch.Tensor | None = None
-
-        def forward(self) -> torch.Tensor:
-            return self.inner(self.features)
 
     model, front = ReadsAnAttribute(), nn.Linear(4, 4)
     with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
