@@ -99,6 +99,8 @@ def test_resume_from_last_matches_uninterrupted(tmp_path):
         (["--trainer.accumulate_grad_batches=0"], "accumulate_grad_batches must be an int >= 1"),
         (["--trainer.check_val_every_n_epoch=0"], "check_val_every_n_epoch must be an int >= 1"),
         (["--trainer.val_check_interval=0"], "val_check_interval must be an int >= 1"),
+        # a fraction of no batch: Lightning validated after every batch without a word
+        (["--trainer.val_check_interval=0.0"], "fraction of the epoch in (0, 1], got 0.0"),
         # Lightning clips only above 0: a negative value trained unclipped, NaN gave NaN grads
         (["--trainer.gradient_clip_val=-1.0"], "gradient_clip_val must be >= 0"),
         (["--trainer.gradient_clip_val=.nan"], "gradient_clip_val must be >= 0"),

@@ -292,13 +292,20 @@ def check_trainer_intervals(subcommand: str | None, trainer: pl.Trainer) -> None
     """Refuse a ``fit`` whose ``accumulate_grad_batches``, ``check_val_every_n_epoch`` or
     ``val_check_interval`` (an int: batches) is below 1, as a ``ValueError``: Lightning's
     Trainer accepts 0 and a negative int, and the fit fails with a ZeroDivisionError
-    traceback after its run folder is written."""
+    traceback after its run folder is written. A ``val_check_interval`` of 0.0 (a fraction
+    of no batch) is refused too: Lightning takes it and validates after every batch."""
     if subcommand != "fit":
         return
     for name, wanted in _COUNTS_FROM_ONE.items():
         value = getattr(trainer, name)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError(f"trainer.{name} must be {wanted}, got {value}")
+    if trainer.val_check_interval == 0.0:
+        raise ValueError(
+            f"trainer.val_check_interval must be {_COUNTS_FROM_ONE['val_check_interval']}, "
+            "got 0.0 (Lightning would validate after every batch: give 1 for that; "
+            "--trainer.limit_val_batches 0 turns validation off)"
+        )
 
 
 def check_gradient_clip_val(subcommand: str | None, trainer: pl.Trainer) -> None:
