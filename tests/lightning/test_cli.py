@@ -2307,6 +2307,35 @@ def test_a_fit_resumed_from_another_runs_checkpoint_never_takes_a_third_runs_fil
     assert cli.config_init["fit"]["checkpoint"].best_model_path == str(c / "epoch001-step4.ckpt")
 
 
+def test_a_fit_resumed_from_another_runs_checkpoint_never_deletes_its_files_below(tmp_path):
+    """A fit resumed from run A's checkpoint with a --checkpoint.dirpath above A's folder
+    (here the run folders' root) kept A's best as a candidate, and Lightning's top-k
+    cleanup, which deletes a dropped best anywhere under the folder it saves into, deleted
+    A's file once a validation beat it. A's best files there are no candidates (a warning
+    says why); A's files stay."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    short = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    latest = ["--checkpoint.monitor=epoch", "--checkpoint.mode=max", *short]
+    run_cli("fit", *iris, *latest, "--trainer.max_epochs=1")
+    old = tmp_path / "iris/version_0/checkpoints"
+    before = sorted(p.name for p in old.iterdir())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(
+            "fit",
+            *iris,
+            *latest,
+            "--trainer.max_epochs=2",
+            f"--checkpoint.dirpath={tmp_path}",
+            f"--ckpt_path={old / 'last.ckpt'}",
+        )
+    assert sorted(p.name for p in old.iterdir()) == before
+    said = [str(w.message) for w in caught if "no candidates" in str(w.message)]
+    assert len(said) == 1 and f"inside {tmp_path}" in said[0], [str(w.message) for w in caught]
+    best = cli.config_init["fit"]["checkpoint"].best_model_path
+    assert best == str(tmp_path / "epoch001-step4.ckpt")
+
+
 def test_a_fit_resumed_in_its_moved_run_folder_keeps_its_best(tmp_path):
     """A run folder moved, then resumed with --ckpt_path last: its best checkpoints are
     looked up under their names in the folder it now saves into (the checkpoint records

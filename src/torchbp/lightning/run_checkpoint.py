@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +73,9 @@ class RunCheckpoint(ModelCheckpoint):
     #: for a fit resumed from a checkpoint, the best checkpoints of its state that stay
     #: candidates (see :meth:`load_state_dict`); ``None`` for a checkpoint loaded to evaluate
     _kept_best: dict[str, Any] | None = None
+    #: for a fit resumed from another folder's checkpoint, the best checkpoints of its run
+    #: that lie inside this callback's folder and are no candidates (see :meth:`_best_to_keep`)
+    _inside_dirpath: list[str] = []
 
     def __init__(self, *args: Any, enable_version_counter: bool = True, **kwargs: Any) -> None:
         """ModelCheckpoint's arguments; ``enable_version_counter`` is kept to name the
@@ -129,10 +133,13 @@ class RunCheckpoint(ModelCheckpoint):
         files that are gone (a save cut short by Ctrl-C: Lightning counts a checkpoint
         among the best before writing it, and its final test failed to load the missing
         file); from another folder, the local files that exist, if that run validated on
-        the configured data. Rank 0's view, so that every process takes the same best."""
+        the configured data, except those inside the folder this fit saves into (see
+        :func:`_deleted_when_beaten`), noted in ``_inside_dirpath``. Rank 0's view, so that
+        every process takes the same best."""
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         best_k_models = (state or {}).get("best_k_models") or {}
         recorded = (state or {}).get("dirpath", self.dirpath)
+        moved_here = False
         if recorded == self.dirpath:
             found = {path: path for path in best_k_models if not _missing_local_file(path)}
         elif _validated_on_the_same_data(trainer.datamodule, checkpoint):
@@ -142,7 +149,18 @@ class RunCheckpoint(ModelCheckpoint):
             found = {}
         # paths only: a score may be a tensor on rank 0's device
         found = trainer.strategy.broadcast(found)
-        return {path: best_k_models[recorded_path] for recorded_path, path in found.items()}
+        self._inside_dirpath = []
+        if recorded != self.dirpath and not moved_here:  # another run's files
+            self._inside_dirpath = sorted(
+                path
+                for path in found.values()
+                if _deleted_when_beaten(path, self.dirpath, trainer.ckpt_path)
+            )
+        return {
+            path: best_k_models[recorded_path]
+            for recorded_path, path in found.items()
+            if path not in self._inside_dirpath
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning's restore, except for a fit resumed from a checkpoint of another folder
@@ -158,6 +176,7 @@ class RunCheckpoint(ModelCheckpoint):
         checkpoint keeps the fit's."""
         recorded = state_dict.get("dirpath", self.dirpath)
         kept, self._kept_best = self._kept_best, None
+        inside, self._inside_dirpath = self._inside_dirpath, []
         if recorded == self.dirpath:
             super().load_state_dict(state_dict)
             if kept is not None and set(kept) != set(self.best_k_models):
@@ -169,7 +188,7 @@ class RunCheckpoint(ModelCheckpoint):
             return  # evaluating, saving nothing: the test of a fit's best from another run
         # of the same monitor and mode: Lightning restores the state of a callback of both only
         self._keep_best_k_models(self._best_k_of(kept))
-        rank_zero_warn(_carried_best_warning(recorded, self.dirpath, self.monitor, kept, self))
+        rank_zero_warn(_carried_best_warning(recorded, self, kept, inside))
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -417,22 +436,49 @@ def _existing_files(paths: list[str], moved_to: Any) -> dict[str, str]:
     return existing
 
 
+def _deleted_when_beaten(path: str, dirpath: Any, resume_path: Any) -> bool:
+    """Whether Lightning's top-k cleanup would delete the local file ``path`` once it drops
+    out of the best of a ModelCheckpoint saving into ``dirpath``: it deletes a dropped
+    checkpoint anywhere inside that folder (subfolders too), except the one the fit resumed
+    from, ``resume_path``."""
+    if dirpath is None or "://" in str(path):
+        return False
+    file = Path(path).absolute()
+    if resume_path is not None and file == Path(resume_path).absolute():
+        return False
+    return Path(dirpath).absolute() in file.parents
+
+
 def _carried_best_warning(
-    recorded: Any, dirpath: Any, monitor: Any, kept: dict[str, Any], callback: ModelCheckpoint
+    recorded: Any, callback: ModelCheckpoint, kept: dict[str, Any], inside: list[str]
 ) -> str:
-    """What a fit resumed from another folder's checkpoint takes for its best so far."""
-    moved = f"this fit resumes from a checkpoint saved into {recorded} and saves into {dirpath}"
-    if kept:
-        return (
-            f"{moved}: the best checkpoint its run recorded, {callback.best_model_path} "
-            f"({monitor}={float(callback.best_model_score):.4f}), stays this fit's best (and "
-            "the one its test evaluates) until a validation of this fit beats it"
+    """What a fit resumed from another folder's checkpoint takes for its best so far:
+    ``kept``, the best checkpoints of its run that stay candidates, and not ``inside``,
+    those inside the folder this fit saves into, which Lightning would delete."""
+    dirpath = callback.dirpath
+    said = [f"this fit resumes from a checkpoint saved into {recorded} and saves into {dirpath}"]
+    if inside:
+        said.append(
+            f"the best checkpoints its run recorded inside {dirpath} ({', '.join(inside)}) "
+            "are no candidates: Lightning would delete them from there once a validation of "
+            "this fit beats them (to keep them as candidates, save into a --checkpoint.dirpath "
+            "that does not hold them)"
         )
-    return (
-        f"{moved}: the best checkpoints its run recorded are no candidates (gone, or "
-        "validated on data not known to be the configured data: another source, or a "
-        "DataModule that names none), so this fit's best is chosen among its own validations"
-    )
+    if kept:
+        said.append(
+            f"the best checkpoint its run recorded, {callback.best_model_path} "
+            f"({callback.monitor}={float(callback.best_model_score):.4f}), stays this fit's "
+            "best (and the one its test evaluates) until a validation of this fit beats it"
+        )
+    elif inside:
+        said.append("this fit's best is chosen among its own validations")
+    else:
+        said.append(
+            "the best checkpoints its run recorded are no candidates (gone, or validated on "
+            "data not known to be the configured data: another source, or a DataModule that "
+            "names none), so this fit's best is chosen among its own validations"
+        )
+    return "; ".join(said)
 
 
 def _max_steps_reached(trainer: Trainer) -> bool:
