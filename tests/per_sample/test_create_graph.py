@@ -65,3 +65,45 @@ def test_backward_called_with_grad_mode_on_is_not_create_graph():
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
         torch.testing.assert_close(p.grad_sample.sum(0), q.grad)
+
+
+def test_gradient_penalty_refused_naming_the_way_out():
+    """A gradient penalty (the input gradient taken with create_graph=True, its norm added
+    to the loss): its parameter gradient runs through the Linear backward's own graph,
+    which the context does not record, so it is refused at that first backward, naming
+    torch.func as the way to clip such a loss per sample; nothing is written."""
+    model = _model()
+    x, y = torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(RuntimeError, match=r"gradient penalty.*torch\.func.*vmap\(grad"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x, create_graph=True)
+            (loss + 0.1 * g.norm(dim=1).sum()).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_named_way_out_clips_a_penalised_loss_per_sample():
+    """The way out the refusal names, on the model's torchbp Linears: torch.func's
+    per-sample gradients of a loss holding each sample's own input-gradient penalty match
+    a loop over the samples, so they can be clipped and summed by hand."""
+    from torch.func import functional_call, grad, vmap
+
+    model = _model().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def penalised(params, xi, yi):
+        def loss_of(inp):
+            out = functional_call(model, params, (inp[None],))
+            return nn.functional.cross_entropy(out, yi[None], reduction="sum")
+
+        return loss_of(xi) + 0.1 * grad(loss_of)(xi).norm()
+
+    per_sample = vmap(grad(penalised), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):
+        xi = x[i : i + 1].clone().requires_grad_()
+        loss = nn.functional.cross_entropy(model(xi), y[i : i + 1], reduction="sum")
+        (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        expected = torch.autograd.grad(loss + 0.1 * g.norm(), list(model.parameters()))
+        for (name, _), e in zip(model.named_parameters(), expected):
+            torch.testing.assert_close(per_sample[name][i], e)

@@ -24,7 +24,7 @@ from torchbp.per_sample.model_check import (
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.outside_watch import OutsideParameterWatch
-from torchbp.per_sample.recorder import Recorder
+from torchbp.per_sample.recorder import Recorder, inside_reentrant_checkpoint
 from torchbp.per_sample.results import form_results, gradient_dtype, refuse_unwritable_grad
 
 __all__ = ["MODES", "PerSampleGrads", "per_sample_grads"]
@@ -159,6 +159,8 @@ class PerSampleGrads:
         if self._outside_watch is not None:
             self._outside_watch.__enter__()
         self._thread = threading.get_ident()
+        if self.mode == "clip":
+            self._recorder.step_thread = self._thread
         self._state = "open"
         return self
 
@@ -219,6 +221,9 @@ class PerSampleGrads:
             if self._outside_guard is not None:
                 model, guard = self._outside_guard
                 self._hooks.append(model.register_forward_hook(guard, with_kwargs=True))
+                self._hooks.append(
+                    model.register_forward_pre_hook(self._forward_thread_guard(model))
+                )
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
                 if layer.weight_formed_per_call:
@@ -231,6 +236,24 @@ class PerSampleGrads:
                     self.parameters, self._on_a_backward_reaching_parameters, mode="any"
                 )
                 self._recorder.watch_stray = self._watch_stray
+
+    def _forward_thread_guard(self, model: nn.Module):
+        """(clip mode) A forward pre-hook for ``model`` refusing its forward on a thread
+        other than the one that entered the context, whose torch function mode alone
+        watches for trainable parameters outside the model: a loss built on that thread
+        could give one an unclipped gradient, unseen. A reentrant checkpoint's
+        recomputation of the model in the backward (on a device's autograd thread) is
+        let be, and so is a copy of the model (``copy.deepcopy`` copies its hooks)."""
+        guarded = weakref.ref(model)
+
+        def refuse_forward_on_another_thread(module: nn.Module, args: tuple) -> None:
+            if module is not guarded() or torch.compiler.is_compiling():
+                return  # (a compiled model is refused at the backward)
+            if self._thread in (None, threading.get_ident()) or inside_reentrant_checkpoint():
+                return
+            refusals.refuse_forward_on_another_thread()
+
+        return refuse_forward_on_another_thread
 
     def _formed_weight_hook(self, guarded: weakref.ref):
         """A forward hook for the parametrization (``torch.nn.utils.parametrize``) of a
@@ -795,7 +818,9 @@ def per_sample_grads(
             parameter, autocast or ``torch.compile``, such a parameter change, ...),
             named; in clip mode, at the forward, a trainable parameter outside the
             model that its output depends on, and at the backward one used after the
-            model or inside a reentrant checkpoint.
+            model or inside a reentrant checkpoint; and the model's forward (or, on CPU,
+            a backward through its Linears) on a thread other than the one that entered
+            the context, whose torch function mode alone watches for such parameters.
 
     Examples::
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -60,6 +61,9 @@ class Recorder:
         # called with the trainable tensors of each call that gets a Stray (set by the
         # open context: its results wait for that call's backward, which refuses it)
         self.watch_stray: Callable[[list[torch.Tensor]], None] | None = None
+        # (clip mode, set by the open context) the thread that entered it, whose torch
+        # function mode alone watches for parameters outside the model (see Use.on_backward)
+        self.step_thread: int | None = None
 
     def track_calls(self, layer: Layer) -> list:
         """Hooks on each module of ``layer`` (its Linear and those tied to it) that keep
@@ -256,6 +260,8 @@ class Use:
         if torch.is_grad_enabled():
             # autograd runs a backward's nodes in grad mode exactly when create_graph=True
             self._refuse_create_graph()
+        if self._on_another_threads_cpu_backward(g):
+            self._refuse_backward_on_another_thread()
         if not self.recorder.segments.checked:
             self._refuse_split_segments()
         # every call of one forward is made before its backward files anything; so is
@@ -312,14 +318,50 @@ class Use:
         """Refuse a backward with ``create_graph=True`` (a gradient penalty, a
         Hessian-vector product) before anything of it is filed: the context forms
         ``p.grad`` after the backward, with no graph, so a term built from it would
-        silently contribute no gradient."""
+        silently contribute no gradient. A gradient penalty's own parameter gradient
+        runs through the graph of the Linear backward (``dx = g W``), not through the
+        recorded ``(a, g)`` of each call, so the per-sample norms would leave it out:
+        such a loss is not served, and the refusal names torch.func, which is."""
         self.recorder.failed = True
         raise RuntimeError(
             f"per_sample_grads: a backward with create_graph=True through Linear "
             f"{self.layer.name!r}; the context forms p.grad after the backward, without a "
-            "graph, so the gradients cannot be differentiated (a gradient penalty built "
-            "from them would have no gradient): call backward() without create_graph "
-            "inside the context"
+            "graph, so the gradients cannot be differentiated, and the per-sample norms "
+            "are of first-order gradients only: a loss holding a gradient penalty "
+            "(torch.autograd.grad(loss, x, create_graph=True) in the loss) cannot be "
+            "clipped per sample here; for it, form the per-sample gradients with "
+            "torch.func (vmap(grad(loss_of_one_sample)) over the parameters, each "
+            "sample's loss holding its own penalty), clip and sum them yourself; an input "
+            "gradient without a graph (an adversarial example) is served: take it before "
+            "entering the context; else call backward() without create_graph"
+        )
+
+    def _on_another_threads_cpu_backward(self, g: torch.Tensor) -> bool:
+        """(clip mode) Whether this backward runs on a thread other than the one that
+        entered the context, known on CPU only, where a backward runs on the thread that
+        calls it (on other devices it runs on the device's autograd thread, whichever
+        thread called it)."""
+        step_thread = self.recorder.step_thread
+        return (
+            step_thread is not None
+            and g.device.type == "cpu"
+            and threading.get_ident() != step_thread
+        )
+
+    def _refuse_backward_on_another_thread(self) -> None:
+        """Refuse a clip-mode backward called on a thread other than the one that entered
+        the context, before anything of it is filed: the torch function mode watching for
+        trainable parameters outside the model, active on the entering thread only, saw
+        neither the loss built there nor the graph this backward runs."""
+        self.recorder.failed = True
+        raise RuntimeError(
+            f"per_sample_grads: in mode='clip' a backward through Linear "
+            f"{self.layer.name!r} ran on a thread other than the one that entered the "
+            "context, whose watch for trainable parameters outside the model (which would "
+            "get an unclipped gradient) is active on its own thread only; nothing is "
+            "formed, but a parameter outside the model that this backward reached before "
+            "the model may hold its gradient: zero the gradients, and run the step's "
+            "forward, loss and backward on the thread of the with block"
         )
 
     def _refuse_call_made_after_a_backward(self) -> None:

@@ -85,6 +85,24 @@ def refuse_exit_on_another_thread() -> None:
     )
 
 
+def refuse_forward_on_another_thread() -> None:
+    """(clip mode) Raise for a forward of the model on a thread other than the one that
+    entered the context: the torch function mode watching for trainable parameters outside
+    the model is active on that thread only, so a loss computed here could give one an
+    unclipped gradient, unseen.
+
+    Raises:
+        RuntimeError: always, naming the way out.
+    """
+    raise RuntimeError(
+        "per_sample_grads: in mode='clip' the model's forward ran on a thread other than "
+        "the one that entered the context; the context watches for trainable parameters "
+        "outside the model (which would get an unclipped gradient) with a torch function "
+        "mode, active on its own thread only: run the step's forward, loss and backward "
+        "on the thread of the with block (enter the context on the worker thread)"
+    )
+
+
 def refuse_stray_gradient(parameter_name: str, *, layer_recorded_a_call: bool) -> None:
     """Raise for a gradient that reached the parameter ``parameter_name`` through an op
     other than its Linear: inside the context the Linear backward hands dW, db to the

@@ -1,0 +1,118 @@
+"""Clip mode and a step run on a thread other than the one that entered the context.
+
+Clip mode watches for trainable parameters outside the model with a torch function mode,
+which is active on the entering thread only: a step whose loss used such a parameter
+(a learnable temperature) on another thread gave it its ordinary, unclipped gradient,
+silently, while the model's gradients were clipped (a DP leak). Refused now: the model's
+forward on another thread, before anything runs; a backward through the model's Linears
+on another thread (CPU, where the backward runs on the thread that calls it), before any
+of the model's gradients is formed. The same step on the entering thread is served, and
+so is a reentrant checkpoint's recomputation on another thread (as on a device's
+autograd thread) in the other modes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+from ._truth import per_sample_truth
+
+REFUSAL = r"mode='clip' %s ran on a thread other than the one that entered the context"
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+
+
+def _loss(out: torch.Tensor, temperature: nn.Parameter, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out / temperature, y, reduction="sum")
+
+
+def _on_a_thread_of_its_own(work: Callable[[], None]) -> None:
+    """Run ``work`` on a new thread; re-raise its error here."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # re-raised on the calling thread
+            errors.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+
+
+def test_forward_loss_and_backward_on_another_thread_refused_at_the_forward():
+    model, temperature, (x, y) = _model(), nn.Parameter(torch.tensor(2.0)), _data()
+    with pytest.raises(RuntimeError, match=REFUSAL % "the model's forward"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+            _on_a_thread_of_its_own(lambda: _loss(model(x), temperature, y).backward())
+    assert all(p.grad is None for p in [*model.parameters(), temperature])
+
+
+def test_loss_and_backward_on_another_thread_refused_before_the_models_gradients():
+    """The forward on the entering thread, the loss and its backward on a worker: the
+    temperature, reached before the model's Linears, cannot be kept from its gradient,
+    but the step is refused before any of the model's is formed, and nothing is formed
+    after it."""
+    model, temperature, (x, y) = _model(), nn.Parameter(torch.tensor(2.0)), _data()
+    with pytest.raises(RuntimeError, match=REFUSAL % "a backward through Linear '2'"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+            out = model(x)
+            _on_a_thread_of_its_own(lambda: _loss(out, temperature, y).backward())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="nothing was formed"):
+        _ = ps.norms
+
+
+def test_the_same_step_on_the_entering_thread_refuses_the_temperature_and_serves_the_model():
+    model, temperature, (x, y) = _model(), nn.Parameter(torch.tensor(2.0)), _data()
+    with pytest.raises(RuntimeError, match=r"shape \(\) that is not one of the model's"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+            _loss(model(x), temperature, y).backward()
+    temperature.requires_grad_(False)
+    truth = per_sample_truth(nn.Sequential(model, _Divide(temperature)), x, y)
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        _loss(model(x), temperature, y).backward()
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in truth.values()]).norm(dim=0)
+    torch.testing.assert_close(ps.norms, norms)
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads"])
+def test_other_modes_serve_a_step_on_another_thread(mode):
+    """Norms and grads modes watch no parameter outside the model: a step on a worker
+    thread is recorded as on the entering one."""
+    model, (x, y) = _model(), _data()
+    truth = per_sample_truth(model, x, y)
+    with per_sample_grads(model, mode) as ps:
+        _on_a_thread_of_its_own(
+            lambda: nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        )
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in truth.values()]).norm(dim=0)
+    torch.testing.assert_close(ps.norms, norms)
+
+
+class _Divide(nn.Module):
+    def __init__(self, by: torch.Tensor) -> None:
+        super().__init__()
+        self.by = by
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out / self.by
