@@ -2336,6 +2336,28 @@ def test_a_fit_resumed_from_another_runs_checkpoint_never_deletes_its_files_belo
     assert best == str(tmp_path / "epoch001-step4.ckpt")
 
 
+def test_a_fit_resumed_in_its_own_run_folder_does_not_warn_that_the_folder_is_not_empty(
+    tmp_path,
+):
+    """Lightning's "Checkpoint directory ... exists and is not empty" came on every
+    ``fit --ckpt_path last``, whose checkpoint folder holds the run's own files; a new run
+    into a --checkpoint.dirpath that holds another run's files is still told."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    short = ("--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")
+    shared = f"--checkpoint.dirpath={tmp_path / 'shared'}"
+    run_cli("fit", *iris, *short, "--trainer.max_epochs=1", shared)
+    run_cli("fit", *iris, *short, "--trainer.max_epochs=1")
+    not_empty = []
+    for resume in (["--ckpt_path=last"], [shared]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_cli("fit", *iris, *short, "--trainer.max_epochs=2", *resume)
+        said = [str(w.message) for w in caught]
+        not_empty.append([m for m in said if "exists and is not empty" in m])
+    assert not not_empty[0], not_empty[0]
+    assert len(not_empty[1]) == 1, not_empty[1]
+
+
 def test_a_fit_resumed_in_its_moved_run_folder_keeps_its_best(tmp_path):
     """A run folder moved, then resumed with --ckpt_path last: its best checkpoints are
     looked up under their names in the folder it now saves into (the checkpoint records
@@ -2390,9 +2412,15 @@ def test_ctrl_c_in_the_save_of_a_best_checkpoint_leaves_a_fit_that_resumes_and_t
         warnings.simplefilter("always")
         cli = run_cli(*common, "--run_name=iris", "--ckpt_path=last")
     said = [str(w.message) for w in caught]
-    assert [m for m in said if "epoch000-step7.ckpt; a save cut short" in m], said
     best = cli.config_init["fit"]["checkpoint"].best_model_path
     assert Path(best).name == "epoch001-step14.ckpt" and Path(best).is_file()
+    # what happened, what the fit does instead and what to do, for the missing file
+    (gone,) = [m for m in said if "whose files are missing" in m]
+    missing = str(folder / "epoch000-step7.ckpt")
+    assert f"missing: {missing}. Lightning counts a checkpoint" in gone, gone
+    assert "an interrupt (Ctrl-C, SIGTERM) during that save leaves it unwritten" in gone
+    assert "no best checkpoint is left: this fit's next validation saves the new best" in gone
+    assert "Nothing to do after an interrupt" in gone
     assert "test/acc" in cli.trainer.callback_metrics
 
 

@@ -395,3 +395,20 @@ def test_a_subclass_of_erm_classifier_gets_the_monitors_mode_check_too(tmp_path,
         check_monitors(model, trainer("val/acc"), own=None)
     check_monitors(model, trainer("val/acc", mode="max"), own=None)
     check_monitors(model, trainer("val/its_own_metric"), own=None)  # a subclass's own name
+
+
+# -- checkpoint callback's warnings ----------------------------------------------------------
+def test_the_missing_best_warning_names_the_best_that_is_left():
+    """A fit resumed in its own folder whose checkpoint records a best file that is missing
+    says which file, why, and which best the fit's test and --ckpt_path best take."""
+    import torch
+
+    from torchbp.lightning.run_checkpoint import RunCheckpoint, _gone_best_warning
+
+    callback = RunCheckpoint(monitor="val/acc", mode="max")
+    callback._keep_best_k_models(
+        {"/r/epoch001.ckpt": torch.tensor(0.9), "/r/e2": torch.tensor(0.8)}
+    )
+    said = _gone_best_warning(["/r/epoch003.ckpt"], callback)
+    assert "records best checkpoints whose files are missing: /r/epoch003.ckpt." in said
+    assert "the best so far is /r/epoch001.ckpt (val/acc=0.9000), which the fit's final" in said

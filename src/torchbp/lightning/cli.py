@@ -600,9 +600,14 @@ class TorchbpCLI(LightningCLI):
         """Save the checkpoints into ``run_folder/checkpoints`` (unless the config names a
         folder: Lightning's own choice, the first logger's ``save_dir/name/version``, would
         nest a second run folder in the run folder, RunCSVLogger's ``save_dir``), and save
-        none when evaluating, when checkpointing is off or for a ``fast_dev_run``."""
+        none when evaluating, when checkpointing is off or for a ``fast_dev_run``. A
+        :class:`RunCheckpoint` of a fit resuming its run folder is told so (Lightning's
+        warning that its folder is not empty is for a new run)."""
         if self.subcommand in _EVALUATING_SUBCOMMANDS:
             evaluating_checkpoint_callback(callback, ckpt_path)
+        if isinstance(callback, RunCheckpoint):
+            # its folder holds the checkpoints of the run this fit continues
+            callback.resumes_its_run = self._resumed
         if callback.dirpath is None:
             # inside the run folder, with or without loggers (and when Lightning swaps them
             # out: fast_dev_run)

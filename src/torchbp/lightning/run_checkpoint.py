@@ -4,6 +4,7 @@ and the settings that follow its monitor or the subcommand."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,8 @@ _PROGRESS = ("epoch", "step")
 #: ``{"epoch", "step", "checkpoint"}``, that validation's epoch and global step, and the name
 #: of the checkpoint saved on the exception (``None`` if none was)
 UNFINISHED_VALIDATION_KEY = "torchbp_unfinished_validation"
+#: Lightning's warning, at a fit's setup, that its ModelCheckpoint's folder holds files
+_FOLDER_NOT_EMPTY_WARNING = r"Checkpoint directory .* exists and is not empty"
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -54,8 +57,14 @@ class RunCheckpoint(ModelCheckpoint):
     - its state names the SLURM job that saved it (:meth:`state_dict`);
     - a checkpoint saved during a fit's validation records it, and a fit resumed from one
       warns that the validation will not be done as the uninterrupted fit did it (see
-      :meth:`on_load_checkpoint`).
+      :meth:`on_load_checkpoint`);
+    - with ``resumes_its_run`` set (``torchbp-train fit --ckpt_path last``, a requeued SLURM
+      job), Lightning's "Checkpoint directory ... exists and is not empty" is not given:
+      the folder holds the run's own checkpoints, which the fit continues (see :meth:`setup`).
     """
+
+    #: whether the fit resumes the run whose checkpoints fill this callback's folder
+    resumes_its_run = False
 
     _on_exception = False
     #: the global step of the latest checkpoint this callback saved (see :meth:`_own_saves`)
@@ -82,6 +91,15 @@ class RunCheckpoint(ModelCheckpoint):
         ``last.ckpt`` saved here as Lightning names its own (see :meth:`_last_checkpoint_name`)."""
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
         self.enable_version_counter = enable_version_counter
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """Lightning's setup; for a fit that resumes its run (``resumes_its_run``) without
+        Lightning's warning that the folder is not empty, which is meant for a new run
+        whose checkpoints would mix with those a folder holds already."""
+        with warnings.catch_warnings():
+            if self.resumes_its_run:
+                warnings.filterwarnings("ignore", message=_FOLDER_NOT_EMPTY_WARNING)
+            super().setup(trainer, pl_module, stage)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
         """Note the step of a save of this callback's own (Lightning calls this hook for
@@ -407,11 +425,23 @@ def _missing_local_file(path: str) -> bool:
 
 
 def _gone_best_warning(gone: list[str], callback: ModelCheckpoint) -> str:
-    """What a fit resumed in its own folder takes for its best when files it recorded are gone."""
-    best = callback.best_model_path or "none yet"
+    """What a fit resumed in its own folder takes for its best when best checkpoints that
+    its checkpoint records are missing, why, and what would have kept them."""
+    if callback.best_model_path:
+        best = (
+            f"the best so far is {callback.best_model_path} ({callback.monitor}="
+            f"{float(callback.best_model_score):.4f}), which the fit's final test and "
+            "--ckpt_path best take until a validation of this fit beats it"
+        )
+    else:
+        best = "no best checkpoint is left: this fit's next validation saves the new best"
     return (
-        f"best checkpoints the resumed checkpoint records are gone ({', '.join(gone)}; a save "
-        f"cut short by an interrupt): they are no candidates, the best so far is {best}"
+        f"the checkpoint this fit resumes from records best checkpoints whose files are "
+        f"missing: {', '.join(gone)}. Lightning counts a checkpoint among the best before "
+        "writing it, so an interrupt (Ctrl-C, SIGTERM) during that save leaves it unwritten. "
+        f"This fit drops them from its best checkpoints; {best}. Nothing to do after an "
+        "interrupt; a best checkpoint you moved or deleted must be back in place before a "
+        "resume to stay a candidate"
     )
 
 
