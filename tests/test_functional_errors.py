@@ -119,7 +119,7 @@ def test_float_target_of_wrong_shape():
         ((4, 5), (3,), r"input batch_size \(4\) to match target batch_size \(3\)"),
         ((4, 5, 2), (4, 3), r"must have shape \(4, 2\)"),
         ((4, 5), (4, 1), r"must have shape \(4,\)"),
-        ((5,), (1,), r"must have shape \(\)"),
+        ((5,), (1, 1), r"must have shape \(\)"),
     ],
 )
 def test_target_shape_mismatch(loss, x_shape, t_shape, match):

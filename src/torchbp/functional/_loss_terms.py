@@ -52,6 +52,25 @@ def _mean_denominator(target, weight, ignore_index, dtype, smoothing: float) -> 
     return torch.where(total == 0, math.nan, total)
 
 
+def _one_index_of_unbatched(logits_shape, target, probabilities_possible: bool):
+    """``target`` as a 0-dim class index where native reads it so: an unbatched ``(C,)``
+    input takes a ``(1,)`` class-index target as its one index (native's "For 1D input,
+    1D target must have size 1"; its ``'none'`` result is 0-dim too). Any other target
+    is returned as it is, for the checks. ``probabilities_possible``: a target of the
+    logits' shape holds probabilities (``cross_entropy``), so a ``(1,)`` one of a single
+    class is left to be read as probabilities, as native's."""
+    if (
+        len(logits_shape) == 1
+        and isinstance(target, torch.Tensor)
+        and target.dim() == 1
+        and target.shape[0] == 1
+        and not target.is_floating_point()
+        and not (probabilities_possible and tuple(logits_shape) == (1,))
+    ):
+        return target.reshape(())
+    return target
+
+
 def _probability_loss_dtype(logits, target, weight) -> torch.dtype:
     """The dtype of a probability-target loss: native's ``-Σ_c w_c t_c logp_c`` promotes
     the logits' dtype with the target's and the class weights'."""

@@ -15,7 +15,11 @@ from torchbp.autograd import LinearCrossEntropyFunction
 from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
 from torchbp.functional._autocast import _autocast_dtype, _cast_low, _run_without_autocast
-from torchbp.functional._loss_terms import _mean_denominator, _probability_loss_dtype
+from torchbp.functional._loss_terms import (
+    _mean_denominator,
+    _one_index_of_unbatched,
+    _probability_loss_dtype,
+)
 from torchbp.functional._recording import _differentiated
 from torchbp.functional.affine import linear
 from torchbp.functional.losses import cross_entropy
@@ -278,6 +282,10 @@ def linear_cross_entropy(
             options=options,
             chunk_size=chunk_size,
         )
+    if isinstance(input, torch.Tensor) and input.dim() == 1:
+        # (d,) input: the logits are (C,) for a (C, d) weight
+        logits_shape = getattr(linear_weight, "shape", (None,))[:-1]
+        target = _one_index_of_unbatched(logits_shape, target, True)
     call = _checks.validate_linear_cross_entropy(
         input,
         linear_weight,

@@ -20,6 +20,7 @@ from torchbp.autograd.losses import ClassLastRowsFunction
 from torchbp.functional._autocast import _autocast_dtype, _cast_low, _device_type
 from torchbp.functional._loss_terms import (
     _mean_denominator,
+    _one_index_of_unbatched,
     _probability_loss_dtype,
     _target_weight_sum,
 )
@@ -180,9 +181,9 @@ def nll_loss(
 
     Args:
         input: log-probabilities ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
-        target: class indices of shape ``()``, ``(N,)`` or ``(N, d1, ..., dK)``: int64, or
-            uint8 for ``(C,)`` / ``(N, C)`` input (K-dim input needs int64, as native, even
-            empty: see docs/ops.md).
+        target: class indices of shape ``()`` (or ``(1,)``, as native), ``(N,)`` or
+            ``(N, d1, ..., dK)``: int64, or uint8 for ``(C,)`` / ``(N, C)`` input (K-dim
+            input needs int64, as native, even empty: see docs/ops.md).
         weight: per-class weights ``(C,)`` of the input's dtype (float32 under autocast,
             which casts half weights to it), as native.
         ignore_index: target value that contributes neither loss nor gradient.
@@ -216,6 +217,8 @@ def nll_loss(
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("nll_loss", "ignore_index", ignore_index)
+    if isinstance(input, torch.Tensor):
+        target = _one_index_of_unbatched(input.shape, target, False)
     (classes, class_dim, batch_shape), unmasked = _checks.validate_nll_loss(
         input, target, weight, ignore_index, reduction
     )
@@ -252,9 +255,10 @@ def cross_entropy(
 
     Args:
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dK)``.
-        target: class indices of the input's shape without the class dim (int64, or uint8
-            for ``(C,)`` / ``(N, C)`` input: K-dim input needs int64, as native, even
-            empty), or class probabilities of the input's shape.
+        target: class indices of the input's shape without the class dim (``()``, or
+            ``(1,)`` as native, for ``(C,)`` input; int64, or uint8 for ``(C,)`` /
+            ``(N, C)`` input: K-dim input needs int64, as native, even empty), or class
+            probabilities of the input's shape.
         weight: per-class weights ``(C,)``; with class indices of the input's dtype
             (float32 under autocast, which casts half weights to it), as native; with
             probabilities of any real dtype (integer and bool too), promoted with the
@@ -316,6 +320,8 @@ def cross_entropy(
         )
     reduction = _legacy_reduction(size_average, reduce, reduction)
     ignore_index = _checks.int_argument("cross_entropy", "ignore_index", ignore_index)
+    if isinstance(input, torch.Tensor):
+        target = _one_index_of_unbatched(input.shape, target, True)
     call = _checks.validate_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace
     )

@@ -1,0 +1,118 @@
+"""Drop-in edges of torchbp.functional against torch.nn.functional.
+
+An unbatched ``(C,)`` input takes a class-index target of shape ``(1,)`` natively (its rule
+"For 1D input, 1D target must have size 1"), read as the one index a 0-dim target holds.
+Native's forward computes that loss (under ``no_grad`` too: an evaluation loop) and its
+backward then fails ("size mismatch"); torchbp's computes the same loss and the gradient
+of the 0-dim target's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchbp
+import torchbp.functional as BP
+
+_CLASSES = 5
+
+_LOSS_KWARGS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"weight": torch.tensor([1.0, 2.0, 0.5, 3.0, 0.25])},
+    {"weight": torch.tensor([1.0, 2.0, 0.5, 3.0, 0.25]), "reduction": "none"},
+    {"ignore_index": 2},
+]
+
+
+def _logits() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(_CLASSES, generator=generator, dtype=torch.float64)
+
+
+def _loss_and_grad(loss_fn, input, *args, **kwargs):
+    input = input.detach().requires_grad_()
+    loss = loss_fn(input, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), input)
+    return loss, grad
+
+
+def _assert_same_loss_and_grad(ours, native):
+    assert ours[0].shape == native[0].shape
+    torch.testing.assert_close(ours, native, equal_nan=True)
+
+
+def _assert_as_native(loss_fn, native_fn, input, target, **kwargs):
+    """The loss as native's with the ``(1,)`` target, and with its gradient native's loss
+    and gradient with the 0-dim target."""
+    ours = _loss_and_grad(loss_fn, input, target, **kwargs)
+    with torch.no_grad():
+        native = native_fn(input, target, **kwargs)
+    assert ours[0].shape == native.shape
+    torch.testing.assert_close(ours[0], native, equal_nan=True)
+    _assert_same_loss_and_grad(ours, _loss_and_grad(native_fn, input, target[0], **kwargs))
+
+
+@pytest.mark.parametrize("kwargs", _LOSS_KWARGS)
+@pytest.mark.parametrize("index", [0, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8], ids=str)
+def test_nll_loss_of_unbatched_input_takes_a_one_element_target(kwargs, index, dtype):
+    logp, target = _logits().log_softmax(0), torch.tensor([index], dtype=dtype)
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    _assert_as_native(BP.nll_loss, F.nll_loss, logp, target, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", _LOSS_KWARGS)
+@pytest.mark.parametrize("index", [0, 2, 4])
+def test_cross_entropy_of_unbatched_input_takes_a_one_element_target(kwargs, index):
+    logits, target = _logits(), torch.tensor([index])
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    _assert_as_native(BP.cross_entropy, F.cross_entropy, logits, target, **kwargs)
+
+
+def test_loss_modules_of_unbatched_input_take_a_one_element_target():
+    logits, target = _logits(), torch.tensor([3])
+    for name in ("NLLLoss", "CrossEntropyLoss"):
+        native = getattr(torch.nn, name)(reduction="none")
+        ours = torchbp.convert(getattr(torch.nn, name)(reduction="none"))
+        assert type(ours) is getattr(torchbp.nn, name)
+        _assert_as_native(ours, native, logits, target)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_of_unbatched_input_takes_a_one_element_target(reduction):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, generator=generator, dtype=torch.float64)
+    w = torch.randn(_CLASSES, 4, generator=generator, dtype=torch.float64)
+    target = torch.tensor([3])
+    ours = _loss_and_grad(lambda x: BP.linear_cross_entropy(x, w, target, reduction=reduction), x)
+    # the one index as a 0-dim target
+    expected = _loss_and_grad(
+        lambda x: F.cross_entropy(F.linear(x, w), target[0], reduction=reduction), x
+    )
+    _assert_same_loss_and_grad(ours, expected)
+    native = getattr(F, "linear_cross_entropy", None)  # torch 2.13+
+    if native is not None:
+        with torch.no_grad():
+            torch.testing.assert_close(ours[0], native(x, w, target, reduction=reduction))
+
+
+@pytest.mark.parametrize("loss", ["nll_loss", "cross_entropy"])
+def test_unbatched_input_still_refuses_a_longer_target(loss):
+    logits, target = _logits(), torch.tensor([1, 2])
+    with pytest.raises(ValueError):
+        getattr(F, loss)(logits, target)
+    with pytest.raises(ValueError, match="unbatched"):
+        getattr(BP, loss)(logits, target)
+
+
+def test_cross_entropy_of_one_class_reads_a_target_of_its_shape_as_probabilities():
+    # (1,) logits and a (1,) target: native reads probabilities and refuses class indices
+    logits, target = torch.randn(1), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="floating"):
+        F.cross_entropy(logits, target)
+    with pytest.raises(RuntimeError, match="floating"):
+        BP.cross_entropy(logits, target)
