@@ -9,6 +9,8 @@ of the 0-dim target's.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +118,14 @@ def test_cross_entropy_of_one_class_reads_a_target_of_its_shape_as_probabilities
         F.cross_entropy(logits, target)
     with pytest.raises(RuntimeError, match="floating"):
         BP.cross_entropy(logits, target)
+
+
+@pytest.mark.parametrize("target", ["indices", "probabilities"])
+def test_nan_label_smoothing_is_refused_where_native_reads_it_as_zero(target):
+    # a documented difference (torchbp.functional's module docstring)
+    logits = _logits().reshape(1, _CLASSES)
+    target = torch.tensor([2]) if target == "indices" else logits.softmax(1)
+    native = F.cross_entropy(logits, target, label_smoothing=math.nan)
+    torch.testing.assert_close(native, F.cross_entropy(logits, target))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got nan"):
+        BP.cross_entropy(logits, target, label_smoothing=math.nan)

@@ -3,9 +3,10 @@
 Every function has the signature, defaults and semantics of its native namesake
 (``torch.sigmoid`` / ``torch.tanh`` for those two), plus two keyword-only extras,
 ``cross_entropy(..., inplace=)`` and ``linear_cross_entropy(..., chunk_size=)``, and a few
-deliberate differences: a negative ``label_smoothing`` is refused (native extrapolates),
-and ``linear`` takes a 1-D weight with a bias for 2-D input and ``linear_cross_entropy`` a
-``(*, in)`` input, which native refuses. The wrappers check arguments (clear errors instead
+deliberate differences: a negative or NaN ``label_smoothing`` is refused (native
+extrapolates a negative one and silently reads NaN as 0), and ``linear`` takes a 1-D
+weight with a bias for 2-D input and ``linear_cross_entropy`` a ``(*, in)`` input, which
+native refuses. The wrappers check arguments (clear errors instead
 of failures deep inside), apply autocast the way native ops are listed
 (``linear`` in the low-precision dtype; ``nll_loss`` / ``cross_entropy``, and on CUDA
 also ``softmax`` / ``log_softmax``, in float32), move the class dim of K-dimensional
