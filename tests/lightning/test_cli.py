@@ -930,6 +930,7 @@ def test_checkpoint_of_another_model_is_a_cli_error_before_anything_is_written(
     err = capsys.readouterr().err
     assert "error: --ckpt_path: " in err and "does not fit the configured model" in err, err
     assert "net.0.weight: (256, 64) in the checkpoint, (32, 64) in the model" in err, err
+    assert f"(--config {run.resolve() / 'config.yaml'} runs the model it was trained" in err
     assert "Traceback" not in err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["version_0"]

@@ -192,7 +192,7 @@ def check_checkpoint_fits_model(
         check_resumable(checkpoint, path)
     if subcommand == "fit" and isinstance(model, ERMClassifier):
         _check_resume_privacy(checkpoint, path, model, _same_data(data_state, datamodule))
-    hint = "(its run's config.yaml has the options it was trained with)"
+    hint = _trained_with_hint(local)
     problems = weights_mismatch(checkpoint, model)
     if problems:
         shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
@@ -212,6 +212,17 @@ def check_checkpoint_fits_model(
             f"{type(optimizer).__name__} ({'; '.join(problems)}); resume with the optimizer "
             "the run was trained with (its config.yaml has it)"
         )
+
+
+def _trained_with_hint(checkpoint_file: Path) -> str:
+    """Where the options a checkpoint was trained with are: its run's ``config.yaml``, named
+    for a checkpoint of a run folder's ``checkpoints/`` (in another folder, such as a
+    ``--checkpoint.dirpath``, a config.yaml above it need not be its run's)."""
+    folder = checkpoint_file.resolve().parent
+    config = folder.parent / "config.yaml"
+    if folder.name == "checkpoints" and config.is_file():
+        return f"(--config {config} runs the model it was trained with)"
+    return "(its run's config.yaml has the options it was trained with)"
 
 
 def check_checkpoint_fits_trainer(path: str | None, subcommand: str | None, trainer: Any) -> None:
