@@ -347,7 +347,7 @@ def test_the_class_index_check_runs_after_every_other_cuda_test_of_its_step():
     file last (test_per_sample and tests/verify ran after it, in one process), the check
     is this file's last CUDA test, and no plugin reorders the tests (pytest-randomly,
     where installed, shuffled the check before the others)."""
-    changed = re.search(r"^CHANGED=\((.*)\)$", SCRIPT.read_text(), re.M)
+    changed = re.search(r"^CHANGED=\((.*?)\)$", SCRIPT.read_text(), re.M | re.S)
     assert changed is not None
     assert changed.group(1).split()[-1] == "tests/" + Path(__file__).name
     pytest_line = re.search(r"^PYTEST=\((.*?)\)", SCRIPT.read_text(), re.M | re.S)
@@ -361,6 +361,23 @@ def test_the_class_index_check_runs_after_every_other_cuda_test_of_its_step():
     assert cuda_tests[-1] == (
         "test_cuda_class_index_out_of_range_is_a_clear_error_and_the_device_stays_usable"
     )
+
+
+def test_pytest_changed_runs_each_sessions_cuda_test_files():
+    """Each session's own CUDA test files (``tests/test_cuda_s<N>_*.py``) run in the
+    pytest_changed step, before this file: pytest_cuda leaves out only the files of
+    CHANGED, so a file missing there would run later, or not at all if time runs out."""
+    changed = re.search(r"^CHANGED=\((.*?)\)$", SCRIPT.read_text(), re.M | re.S)
+    assert changed is not None
+    listed = changed.group(1).split()
+    sessions = sorted(
+        p.relative_to(SCRIPT.parents[1]).as_posix()
+        for p in Path(__file__).parent.glob("test_cuda_s[0-9]*_*.py")
+    )
+    assert sessions, "no session CUDA test files found"
+    for path in sessions:
+        assert path in listed, f"{path} is not in cuda_checks.sh's CHANGED"
+        assert listed.index(path) < listed.index("tests/" + Path(__file__).name)
 
 
 def test_cuda_checks_pytest_runs_the_tests_of_a_step_that_has_a_broken_module(tmp_path):

@@ -28,9 +28,11 @@ cancel in places (``_slack``), where the kernel is compared with some absolute s
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests._hypothesis import PROFILE
@@ -40,6 +42,7 @@ from tests.kernels._interp import BITS, interp, not_interp, run_interpreter_suit
 TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not TRITON, reason="triton is not installed")
 
+import torchbp  # noqa: E402
 from torchbp.kernels import triton_act  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -302,6 +305,96 @@ def test_interpreter_dispatch_end_to_end(interpret, monkeypatch, variant, dtype)
     assert not calls, calls
 
 
+# --------------------------------------------------------------------------- GELU specials
+# The inputs of tests/test_properties_s18_ce_gelu.py's GELU properties and regressions
+# (0eb1c86): near 0, subnormal, huge (past x² and x³ overflow, up to the dtype's max),
+# ±0, ±inf, NaN, an infinite grad_output; a size crossing the kernel's block.
+GELU_SPECIALS = [0.0, -0.0, INF, -INF, NAN, 1e30, -1e30, 2.0**-36, -(2.0**-37)]
+GELU_MAGNITUDES = ["normal", "tiny", "subnormal", "huge", "regressions"]
+
+
+def _gelu_special_input(dtype, magnitude, *, seed=1):
+    """``(g, x)`` of ``dtype`` (float32 values first): ``x`` of the magnitude, with the
+    specials at fixed places, ``g`` normal with an inf and a NaN; ``BLOCK + 3`` long."""
+    gen = torch.Generator().manual_seed(seed)
+    n = triton_act._BLOCK + 3
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    if magnitude == "tiny":
+        x *= 2.0**-40
+    elif magnitude == "subnormal":
+        x *= torch.finfo(dtype).tiny / 4
+    elif magnitude == "huge":
+        top = torch.finfo(dtype).max
+        x *= 10 ** torch.empty(n, dtype=torch.float64).uniform_(1, math.log10(top), generator=gen)
+    elif magnitude == "regressions":  # x³ overflows, x² not; near the dtype's max
+        top = torch.finfo(dtype).max
+        values = [1e13, 1e16, 1.5e19, 2e19, top, top / 1.5]
+        values = torch.tensor(values + [-v for v in values], dtype=torch.float64)
+        x[: values.numel()] = values
+    x[-len(GELU_SPECIALS) :] = torch.tensor(GELU_SPECIALS, dtype=torch.float64)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    g[0], g[triton_act._BLOCK] = INF, NAN  # (x[0]: a drawn value, x[BLOCK]: the next block)
+    return g.to(dtype), x.to(dtype)
+
+
+def _gelu_grad(fn, x, g, approximate):
+    leaf = x.detach().clone().requires_grad_()
+    (dx,) = torch.autograd.grad(fn(leaf, approximate=approximate), leaf, g.to(x.dtype))
+    return dx
+
+
+def _assert_gelu_close(ours, native, truth, slack, what):
+    """``ours`` has native's NaN pattern, but where native's NaN is its own overflow (the
+    float64 ``truth`` is a number: float32 GELU-tanh's x² past 1.8e19), where the truth
+    passes too; native's infinities; each finite value within two units in the last
+    place of the truth plus ``slack``, or no farther from it than twice native."""
+    o, n, t = (v.double() for v in (ours, native, truth))
+    overflow = n.isnan() & ~t.isnan()
+    assert bool(torch.where(overflow, True, o.isnan() == n.isnan()).all()), f"{what}: NaN"
+    assert torch.equal(o.isinf() & ~overflow, n.isinf()), f"{what}: inf in other places"
+    assert torch.equal(o[n.isinf()], n[n.isinf()]), f"{what}: infinities of other signs"
+    finite = n.isfinite() & o.isfinite()
+    err, native_err = (o - t).abs()[finite], (n - t).abs()[finite]
+    info = torch.finfo(ours.dtype)
+    tol = 2 * info.eps * t.abs()[finite] + slack[finite] + info.tiny
+    bad = (err > tol) & (err > 2 * native_err)
+    assert not bad.any(), f"{what}: {o[finite][bad][:4].tolist()} vs {t[finite][bad][:4].tolist()}"
+
+
+def _check_gelu_special_values(monkeypatch, dtype, magnitude, approximate, device):
+    """GELU's backward through the kernel (``TORCHBP_TRITON=1``), and through torchbp's
+    default path (the CPU kernel; the torch ops on CUDA), against native's on the same
+    inputs and native's in float64."""
+    g, x = (t.to(device) for t in _gelu_special_input(dtype, magnitude))
+    native = _gelu_grad(F.gelu, x, g, approximate)
+    truth = _gelu_grad(F.gelu, x.double(), g, approximate)
+    default = _gelu_grad(torchbp.functional.gelu, x, g, approximate)
+    calls = []
+    real = triton_act.act_backward
+    monkeypatch.setattr(triton_act, "act_backward", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setenv("TORCHBP_TRITON", "1")
+    kernel = _gelu_grad(torchbp.functional.gelu, x, g, approximate)
+    assert calls == ["gelu"], calls
+    variant = next(v for v in CASES if v.op.name == "gelu" and v.args["approximate"] == approximate)
+    slack = torch.as_tensor(_slack(variant, g)).double().expand(g.shape)
+    _assert_gelu_close(kernel, native, truth, slack, "kernel")
+    _assert_gelu_close(default, native, truth, slack, "default path")
+
+
+@interp
+@numpy_nan_warnings
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("magnitude", GELU_MAGNITUDES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_interpreter_gelu_special_values_match_native(
+    interpret, monkeypatch, dtype, magnitude, approximate
+):
+    """The kernel's GELU backward at the inputs that found 0eb1c86's bugs in the CPU
+    kernel (huge x past x³ / x² overflow and near the dtype's max, subnormal, ±inf, an
+    infinite grad_output) agrees with native and with torchbp's CPU path."""
+    _check_gelu_special_values(monkeypatch, dtype, magnitude, approximate, "cpu")
+
+
 # --------------------------------------------------------------------------- compile only
 @not_interp
 @pytest.mark.parametrize("arch", [90, 80])
@@ -389,3 +482,17 @@ def test_cuda_dispatch_end_to_end(compiled, monkeypatch, variant, dtype):
     xr = x.detach().clone().requires_grad_()
     (ref,) = torch.autograd.grad(variant.native(xr), xr, g)
     _close(on, ref, dtype, _slack(variant, g))
+
+
+@pytest.mark.cuda
+@CUDA
+@not_interp
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("magnitude", GELU_MAGNITUDES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_gelu_special_values_match_native(
+    compiled, monkeypatch, dtype, magnitude, approximate
+):
+    """The compiled kernel's GELU backward at 0eb1c86's inputs agrees with native CUDA's
+    and with torchbp's default CUDA path (the formula's torch ops)."""
+    _check_gelu_special_values(monkeypatch, dtype, magnitude, approximate, "cuda")
