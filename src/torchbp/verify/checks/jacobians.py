@@ -28,6 +28,7 @@ __all__ = [
     "one_sided_bracket",
     "projected_backward_error",
     "surrogate_gradient_hint",
+    "uniform_direction",
     "unit_direction",
 ]
 
@@ -377,6 +378,16 @@ def unit_direction(
     us = [randn(x.shape, x.dtype) for x in inputs]
     norm = math.sqrt(sum(float((u * u).sum()) for u in us))
     return [u / norm for u in us] if norm > 0 else us
+
+
+def uniform_direction(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The direction of norm 1 moving every element of every input by the same amount:
+    ties stay ties along it (``max(a, b)`` at ``a == b`` is ``a + t`` there, a sort of
+    tied values keeps their order), so a tie rule that no valid derivative has (the whole
+    gradient to each tied element) shows along it, where a random direction, breaking the
+    tie, may see only the kink's one-sided differences and accept it."""
+    count = sum(x.numel() for x in inputs)
+    return [torch.full_like(x, 1.0 / math.sqrt(max(count, 1))) for x in inputs]
 
 
 def directional_quotients(

@@ -33,6 +33,7 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.jacobians import (
     directional_quotients,
     one_sided_bracket,
+    uniform_direction,
     unit_direction,
 )
 from torchbp.verify.checks.outcomes import CheckFailure
@@ -252,21 +253,56 @@ def require_backward_linear(ctx: CheckContext) -> None:
 
 def require_backward_like_central_differences(ctx: CheckContext) -> None:
     """Fail unless backward, given random dense grad_outputs ``v``, agrees with fn's
-    central differences along a random direction ``u``: ``v^T J u`` within gradcheck's
-    ``atol + rtol * |v^T J u|``, or within the bracket of the one-sided differences (a
-    kink, :func:`~torchbp.verify.checks.jacobians.one_sided_bracket`).
+    central differences along a random direction ``u``, and along the uniform one
+    (:func:`~torchbp.verify.checks.jacobians.uniform_direction`, which keeps ties tied):
+    ``v^T J u`` within gradcheck's ``atol + rtol * |v^T J u|``, or within the bracket of
+    the one-sided differences (a kink,
+    :func:`~torchbp.verify.checks.jacobians.one_sided_bracket`).
 
     gradcheck's Jacobian comes from one-hot grad_outputs: a backward with another path
     for a dense one (a "fast path" for a single nonzero, right, beside a wrong general
     one) can be linear in the dense ones and wrong for all of them. Nothing to judge when
     a figure is not finite (the finiteness requirement speaks for backward)."""
     leaves = ctx.leaves()
+    _require_backward_along(
+        ctx, leaves, lambda: unit_direction(leaves, ctx.randn), RANDOM_DIRECTION
+    )
+    _require_backward_along(ctx, leaves, lambda: uniform_direction(leaves), UNIFORM_DIRECTION)
+
+
+#: How a failure of :func:`require_backward_like_central_differences` names the random
+#: direction, and the likely cause of a backward failing along it.
+RANDOM_DIRECTION = (
+    "a random direction u",
+    "does backward take another path for a grad_output with several nonzeros (a branch "
+    "on its count of nonzeros, a fast path for a single one)?",
+)
+
+#: ... and the uniform direction (every element moved by the same amount).
+UNIFORM_DIRECTION = (
+    "the direction u moving every element of the inputs by the same amount (ties stay "
+    "tied along it: max(a, b) at a == b moves as a + t)",
+    "at a tie (of a max, a pooling window, a sort), does backward give each tied element "
+    "the whole gradient? A derivative there gives it to one of them, or shares summing "
+    "to it (torch.max(dim) picks one, torch.amax splits it evenly)",
+)
+
+
+def _require_backward_along(
+    ctx: CheckContext,
+    leaves: list[torch.Tensor],
+    direction_of: Callable[[], list[torch.Tensor]],
+    direction: tuple[str, str],
+) -> None:
+    """:func:`require_backward_like_central_differences` along the direction
+    ``direction_of()`` gives, drawn after the grad_outputs (``direction``: its name and
+    the likely cause of a failure along it)."""
     outs = ctx.diff_fn(*leaves)
     wanted = [o for o, out in enumerate(outs) if out.requires_grad]
     if not wanted:
         return
     vs = [ctx.randn(outs[o].shape, outs[o].dtype).to(torch.float64) for o in wanted]
-    us = unit_direction(leaves, ctx.randn)
+    us = direction_of()
     # copies: a backward writing into grad_output is grad_output_safety's finding
     given = [v.to(outs[o].dtype, copy=True) for o, v in zip(wanted, vs)]
     grads = input_grads([outs[o] for o in wanted], leaves, given, allow_unused=True)
@@ -283,14 +319,13 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
     if abs(backward - central) <= slack or low - slack <= backward <= high + slack:
         return
     error = abs(backward - central)
+    name, cause = direction
     raise CheckFailure(
         "backward for dense random grad_outputs v disagrees with central differences "
-        f"along a random direction u: v^T J u is {backward:.6g} from backward, "
+        f"along {name}: v^T J u is {backward:.6g} from backward, "
         f"{central:.6g} from central differences (abs error {error:.1e}, seed "
         f"{ctx.options.seed}), although its results for one-hot grad_outputs (gradcheck's "
-        "Jacobian) agree with them: does backward take another path for a grad_output "
-        "with several nonzeros (a branch on its count of nonzeros, a fast path for a "
-        "single one)?",
+        f"Jacobian) agree with them: {cause}",
         error,
         error / max(abs(central), 1e-12),
     )

@@ -5,6 +5,7 @@ Bad arguments raise ``TypeError`` / ``ValueError`` here, before any check runs.
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -21,8 +22,24 @@ from torchbp.verify.checks.table import CHECKS
 
 __all__ = ["DEFAULT_OPTIONS", "SCALAR_TYPES", "Options", "prepare_inputs", "resolve_arguments"]
 
-#: Non-tensor inputs a function may take (e.g. a ``dim``), passed through unchanged.
-SCALAR_TYPES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
+#: Non-tensor inputs a function may take (a ``dim``, a reduction given as a string or an
+#: enum member, an index given as a slice), passed through unchanged.
+SCALAR_TYPES = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(None),
+    enum.Enum,
+    slice,
+    type(Ellipsis),
+    torch.dtype,
+    torch.device,
+    torch.Size,
+    torch.layout,
+    torch.memory_format,
+)
 
 
 @dataclass(frozen=True)

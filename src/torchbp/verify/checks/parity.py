@@ -31,6 +31,7 @@ from torchbp.verify.checks.compare import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
+from torchbp.verify.checks.own_dtype import require_finite_as_in_cast_dtype
 from torchbp.verify.checks.rng import (
     SameRandomNumbers,
     draws_random_numbers,
@@ -114,6 +115,7 @@ def _compare_runs(
     *,
     raw_errors: bool = False,
     own_parameters: bool = False,
+    undefined: list[str] | None = None,
 ) -> tuple[float, float]:
     """Run fn and ``other`` on the same inputs and grad_outputs; compare everything.
 
@@ -126,7 +128,9 @@ def _compare_runs(
     An exception raised by ``other`` becomes a failed check, or propagates unchanged with
     ``raw_errors`` (for the caller to judge). With ``own_parameters``, a module parameter
     of fn that ``other`` does not use (a reference module with its own parameters, of other
-    names) has no gradient to compare against and is left out.
+    names) has no gradient to compare against and is left out. With an ``undefined``
+    list, gradient elements where ``other``'s is NaN and fn's finite are left out too,
+    and each such gradient described in the list (:func:`_left_out_where_undefined`).
     """
     leaves_a, leaves_b = ctx.leaves(), ctx.leaves()
     raw_a = ctx.call(ctx.fn, leaves_a)
@@ -164,8 +168,28 @@ def _compare_runs(
         if b is None and own_parameters and ctx.grad_idx[k] in ctx.parameter_names:
             continue
         b = torch.zeros_like(leaves_b[k]) if b is None else b
-        worst = max(worst, _compare(ctx, a, b, f"gradient of {ctx.input_name(k)}", label))
+        what = f"gradient of {ctx.input_name(k)}"
+        if undefined is not None:
+            a = _left_out_where_undefined(a, b, what, undefined)
+        worst = max(worst, _compare(ctx, a, b, what, label))
     return worst
+
+
+def _left_out_where_undefined(
+    a: torch.Tensor, b: torch.Tensor, what: str, undefined: list[str]
+) -> torch.Tensor:
+    """``a`` with the reference's NaN where ``b`` (the reference's gradient) is NaN and
+    ``a`` finite, each such ``what`` described in ``undefined``: a NaN gradient is one the
+    reference leaves undefined (torch.logsumexp of a row of -inf: exp(-inf - (-inf))),
+    where fn may give any value (0, as a masked attention row's), not one fn must match."""
+    if a.shape != b.shape:
+        return a  # _compare names the shapes
+    where = b.isnan() & a.isfinite()
+    count = int(where.sum())
+    if count:
+        first = unravel(int(where.flatten().nonzero()[0]), where.shape)
+        undefined.append(f"{count} element(s) of the {what} (first at {first})")
+    return torch.where(where, b, a)
 
 
 def _fresh_code(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -398,8 +422,26 @@ def check_reference(ctx: CheckContext) -> Passed:
     """fn against the reference (outputs and gradients); skipped without a reference."""
     if ctx.reference is None:
         raise CheckSkip("no reference given")
-    abs_err, rel_err = _compare_runs(ctx, ctx.reference, "the reference", own_parameters=True)
-    return Passed("outputs and gradients match", abs_err, rel_err)
+    undefined: list[str] = []
+    abs_err, rel_err = _compare_runs(
+        ctx, ctx.reference, "the reference", own_parameters=True, undefined=undefined
+    )
+    return Passed(
+        "outputs and gradients match", abs_err, rel_err, caveat=_undefined_caveat(undefined)
+    )
+
+
+def _undefined_caveat(undefined: list[str]) -> str:
+    """The caveat of a reference comparison that left out the gradient elements the
+    reference gives NaN at (:func:`_left_out_where_undefined`), or ``""``."""
+    if not undefined:
+        return ""
+    return (
+        f"the reference's gradient is NaN where fn's is finite at {'; '.join(undefined)}: "
+        "the reference leaves them undefined, so fn's values there were not compared with it "
+        "(where gradcheck left them out too, as at an output that is a constant infinity, "
+        "nothing checked them)"
+    )
 
 
 def check_reference_dtype(ctx: CheckContext) -> Passed:
@@ -408,14 +450,16 @@ def check_reference_dtype(ctx: CheckContext) -> Passed:
     same values, its outputs and gradients rounded to fn's dtypes: a backward wrong only
     in float32 (a branch on the dtype, a float16 accumulator) passes every other check.
     Tolerances of the caller's dtype, :data:`OWN_DTYPE_SLACK` times looser (unless set by
-    ``parity_atol`` / ``parity_rtol``). Skipped without a reference, when the reference
+    ``parity_atol`` / ``parity_rtol``). Without a reference, fn in the inputs' own dtypes
+    is compared with fn itself in the cast dtype, only for values it loses to an
+    overflow (:mod:`~torchbp.verify.checks.own_dtype`). Skipped when the reference
     check failed, when no input was cast or one was cast to a narrower dtype, and when fn
     or the reference holds tensors of the cast dtype (an ``nn.Module``'s parameters)."""
-    if ctx.reference is None:
-        raise CheckSkip("no reference given")
-    if ctx.failed("reference"):
+    if ctx.reference is not None and ctx.failed("reference"):
         raise CheckSkip("skipped because reference failed (fn differs in dtype already)")
     if not ctx.cast_from:
+        if ctx.reference is None:
+            raise CheckSkip("no reference given")
         raise CheckSkip("no input was cast: the reference check ran in their own dtypes")
     if any(_narrower(after, before) for before, after in ctx.cast_from.values()):
         raise CheckSkip("an input was cast to a narrower dtype: the reference check ran in it")
@@ -429,6 +473,8 @@ def check_reference_dtype(ctx: CheckContext) -> Passed:
     )
     own = replace(ctx, args=ctx.own_dtype_args, options=_slackened(ctx))
     own.generator = ctx.generator  # the check's seeded grad_outputs
+    if ctx.reference is None:
+        return _without_reference(ctx, own, dtypes)
     try:
         out_dtypes = [t.dtype for t in float_tensors(own.call(own.fn, own.leaves()))]
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
@@ -445,10 +491,27 @@ def check_reference_dtype(ctx: CheckContext) -> Passed:
         reference, label = ctx.reference, f"the reference (run in {dtypes} too)"
         caveat = RANDOM_DTYPE_CAVEAT.format(own=dtypes, cast=cast)
     try:
-        abs_err, rel_err = _compare_runs(own, reference, label, own_parameters=True)
+        undefined: list[str] = []
+        abs_err, rel_err = _compare_runs(
+            own, reference, label, own_parameters=True, undefined=undefined
+        )
     except CheckFailure as failure:
         raise CheckFailure(f"in {dtypes} (the inputs' own dtype): {failure}") from None
+    caveat = "; ".join(c for c in (caveat, _undefined_caveat(undefined)) if c)
     return Passed(f"in {dtypes}", abs_err, rel_err, caveat=caveat)
+
+
+def _without_reference(ctx: CheckContext, own: CheckContext, dtypes: str) -> Passed:
+    """``reference_dtype`` with no reference: fn in the inputs' own dtypes must be finite
+    where fn in the cast dtype is, well inside their range
+    (:func:`~torchbp.verify.checks.own_dtype.require_finite_as_in_cast_dtype`); skipped for
+    a fn drawing random numbers, which draws other ones in another dtype."""
+    if draws_random_numbers(ctx):
+        raise CheckSkip(
+            "no reference given (fn draws random numbers, other ones in another dtype: "
+            "not compared with itself in float64)"
+        )
+    return require_finite_as_in_cast_dtype(ctx, own, dtypes)
 
 
 #: What ``reference_dtype`` could not compare for a random fn.

@@ -195,6 +195,20 @@ def _where_reference_finite(
     return a.masked_fill(overflowed, 0.0), b.masked_fill(overflowed, 0.0), count
 
 
+def _where_reference_defined(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """fn's gradient ``a`` and the reference's ``b`` with the values where the reference's
+    is NaN and fn's finite (a gradient the reference leaves undefined, as the reference
+    check leaves it out: torch.logsumexp of a row of -inf) set to zero in both, and how
+    many there were."""
+    undefined = torch.isnan(b) & torch.isfinite(a)
+    count = int(undefined.sum())
+    if not count:
+        return a, b, 0
+    return a.masked_fill(undefined, 0.0), b.masked_fill(undefined, 0.0), count
+
+
 def _probe_tolerance(
     b: torch.Tensor, tolerance: tuple[float, float], probe: Probe
 ) -> tuple[float, float]:
@@ -215,16 +229,25 @@ def _probe_tolerance(
 
 
 def _require_close_on_probe(
-    a: torch.Tensor, b: torch.Tensor, tolerance: tuple[float, float], what: str, probe: Probe
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tolerance: tuple[float, float],
+    what: str,
+    probe: Probe,
+    *,
+    gradient: bool,
 ) -> tuple[tuple[float, float], int]:
     """The error of fn's ``a`` against the reference's ``b`` (``what``: which tensor on which
-    probe) and how many values were left out where the reference overflowed (only on a
-    ``large`` probe), or a failed check (tolerance: :func:`_probe_tolerance`)."""
+    probe; a ``gradient`` or an output) and how many values were left out where the
+    reference overflowed (only on a ``large`` probe) or, for a gradient, is NaN where fn's
+    is finite, or a failed check (tolerance: :func:`_probe_tolerance`)."""
     if a.shape != b.shape:
         raise CheckFailure(f"{what} has shape {shape_text(a)}, the reference's {shape_text(b)}")
     overflowed = 0
     if probe.large:
         a, b, overflowed = _where_reference_finite(a, b)
+    elif gradient:
+        a, b, overflowed = _where_reference_defined(a, b)
     note = _likely_cause(a, b)
     problem = f"{what} differs from the reference"
     probe_tolerance = _probe_tolerance(b, tolerance, probe)
@@ -294,7 +317,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
         for what, a, b, k in pairs:
             try:
                 errors, count = _require_close_on_probe(
-                    a, b, tolerance, f"on {label}: {what}", probe
+                    a, b, tolerance, f"on {label}: {what}", probe, gradient=k is not None
                 )
             except CheckFailure as failure:
                 if k is None or probe.large:
@@ -313,6 +336,7 @@ def check_extreme_values(ctx: CheckContext) -> Passed:
     if overflowed:
         note += (
             f"; {overflowed} value(s) where the reference overflowed (non-finite where "
-            "fn's is finite, or NaN where fn's is infinite) not compared"
+            "fn's is finite, or NaN where fn's is infinite) or its gradient is NaN "
+            "(undefined) where fn's is finite not compared"
         )
     return Passed(note, *worst)

@@ -364,7 +364,8 @@ def check_function(
     ``torch.library.opcheck`` when fn is a custom op and, if ``reference`` is given, parity
     of outputs and all gradients with it (``reference_dtype``: also in the inputs' own
     dtypes when the ``dtype`` option cast them, against the reference run in ``dtype`` and
-    rounded). Floating inputs are cast to
+    rounded; without a reference, fn there must stay finite where fn in ``dtype`` is
+    finite and inside their range: no overflowing intermediate). Floating inputs are cast to
     ``dtype`` (float64 by default); the numerical checks run only in float64, the others use
     dtype-aware tolerances (:func:`~torchbp.verify.tolerances`). Nothing raises from inside
     torch: every problem becomes a check result with a plain-word message.
@@ -399,8 +400,9 @@ def check_function(
             ``torch.library.custom_op``, or a ``functools.partial`` of one binding its
             keyword-only arguments (then the ``opcheck`` check also runs
             ``torch.library.opcheck``, with the bound arguments).
-        *inputs: example inputs: tensors plus plain Python scalars (e.g. a ``dim``) and
-            tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list),
+        *inputs: example inputs: tensors plus plain Python constants (a ``dim``, a
+            complex number, a string, None, an enum member, a slice or ``Ellipsis``, a
+            dtype, device, layout or memory format) and tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list),
             and ``torch.Generator``s (each call gets a copy in the given state, so a random
             fn drawing from it draws the same numbers every call; the caller's is not
             advanced).
