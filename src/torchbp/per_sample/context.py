@@ -24,7 +24,11 @@ from torchbp.per_sample.model_check import (
 )
 from torchbp.per_sample.noise import add_gaussian_noise_
 from torchbp.per_sample.outside_watch import OutsideParameterWatch
-from torchbp.per_sample.recorder import Recorder, inside_reentrant_checkpoint
+from torchbp.per_sample.recorder import (
+    Recorder,
+    inside_reentrant_checkpoint,
+    no_backward_seen,
+)
 from torchbp.per_sample.results import form_results, gradient_dtype, refuse_unwritable_grad
 
 __all__ = ["MODES", "PerSampleGrads", "per_sample_grads"]
@@ -87,16 +91,26 @@ class PerSampleGrads:
         self._check_parameters = functools.partial(
             refuse_changed_parameters, model, trainability(model)
         )
-        self._recorder = Recorder(self._layers, self._check_parameters)
+        self._recorder = recorder = Recorder(self._layers, self._check_parameters)
+        # (clip mode) the nodes of the reentrant checkpoints the model's forwards ran
+        own_checkpoints: weakref.WeakSet = weakref.WeakSet()
         # (clip mode) a forward hook on the model, refusing parameters outside it
         self._outside_guard = (
-            (model, refusals.outside_parameters_guard(model)) if mode == "clip" else None
+            (model, refusals.outside_parameters_guard(model, own_checkpoints))
+            if mode == "clip"
+            else None
         )
         # (clip mode) a torch function mode seeing, while the context is open, the
         # trainable parameters outside the model used after it (in the loss) or inside a
         # reentrant checkpoint's segment, which the forward hook's graph walk cannot see
         self._outside_watch = (
-            OutsideParameterWatch(model, self._refuse_outside_parameter, self._hold_results_for)
+            OutsideParameterWatch(
+                model,
+                self._refuse_outside_parameter,
+                self._hold_results_for,
+                lambda node: node in own_checkpoints or recorder.segments.ran_model_calls(node),
+                self._fail,
+            )
             if mode == "clip"
             else None
         )
@@ -159,8 +173,10 @@ class PerSampleGrads:
         if self._outside_watch is not None:
             self._outside_watch.__enter__()
         self._thread = threading.get_ident()
-        if self.mode == "clip":
+        if self._outside_watch is not None:
+            watch = self._outside_watch
             self._recorder.step_thread = self._thread
+            self._recorder.backward_seen = lambda: watch.backwards_running > 0
         self._state = "open"
         return self
 
@@ -172,6 +188,9 @@ class PerSampleGrads:
             self._outside_watch.close(backward_reached_the_model=bool(self._reached))
             self._outside_watch.__exit__(None, None, None)
             self._outside_watch = None  # (popped once: a second exit pops nothing)
+            # (the recorder let go of the watch, which holds this context's methods)
+            self._recorder.step_thread = None
+            self._recorder.backward_seen = no_backward_seen
         per_sample_recording.recorder = None
         # the ids registered on entering (a weight replaced since has another id)
         for w in self._registered_weights:

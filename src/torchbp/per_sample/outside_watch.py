@@ -42,7 +42,9 @@ class OutsideParameterWatch(TorchFunctionMode):
     whose ``forward`` passes it to no torch function (``apply`` is not one), one used on
     another thread (a mode is active on the thread that entered it only), or only before
     the context was entered; each is refused from the graph of the backward the context's
-    ``loss.backward()`` (or ``torch.autograd.backward``) runs (:meth:`_before_a_backward`).
+    ``loss.backward()`` (or ``torch.autograd.backward``) runs (:meth:`_before_a_backward`),
+    and so is a backward through a reentrant checkpoint it never saw run (run before the
+    context was entered), whose parameters no graph shows.
 
     Args:
         model: the model given to ``per_sample_grads``; its parameters at creation are
@@ -57,6 +59,11 @@ class OutsideParameterWatch(TorchFunctionMode):
             not pass through the model) would otherwise be refused after the clipped
             ``p.grad`` were written. Once per backward, not per parameter: each call
             registers the results' hook anew, on every parameter held so far.
+        ran_the_model: whether a reentrant checkpoint's node is one the model's forward
+            ran (:func:`~torchbp.per_sample.refusals.outside_parameters_guard`), or one
+            whose segment ran the model (``checkpoint(model, x)``).
+        fail: called before a refusal raised as a backward starts (the context then
+            forms nothing, even if the caller catches it).
     """
 
     def __init__(
@@ -64,11 +71,15 @@ class OutsideParameterWatch(TorchFunctionMode):
         model: nn.Module,
         refuse: Callable[[nn.Parameter], None],
         hold_results: Callable[[list[nn.Parameter]], None],
+        ran_the_model: Callable[[object], bool],
+        fail: Callable[[], None],
     ) -> None:
         super().__init__()
         self._model = model
         self._refuse = refuse
         self._hold_results = hold_results
+        self._ran_the_model = ran_the_model
+        self._fail = fail
         # held, so that no other tensor takes one's id while the context is open
         self._own = list(model.parameters())
         self._own_ids = frozenset(id(p) for p in self._own)
@@ -85,6 +96,8 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._checkpointed: dict[tuple[int, int], tuple[weakref.ref, weakref.ref]] = {}
         # set by close(): a watch left active (see __torch_function__) watches nothing
         self._closed = False
+        # the backwards this watch saw start that are still running (on any thread)
+        self.backwards_running = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self._closed:
@@ -105,6 +118,7 @@ class OutsideParameterWatch(TorchFunctionMode):
             joined = joined if in_keywords is None else in_keywords
         if func in _BACKWARDS:
             self._before_a_backward(func, args, kwargs or {})
+            return self._run_a_backward(func, args, kwargs or {})
         result = func(*args, **kwargs) if kwargs else func(*args)
         if joined is not None:
             self._refuse_backward_after_the_context(result, joined)
@@ -137,7 +151,9 @@ class OutsideParameterWatch(TorchFunctionMode):
         outside the model); then hold the results for the parameters watched since the
         last backward (see ``hold_results``)."""
         roots, inputs = _roots_and_inputs(func, args, kwargs)
-        leaves, _ = walk_graph(tensors_in(roots))
+        leaves, checkpoints = walk_graph(tensors_in(roots))
+        if checkpoints:
+            self._refuse_unseen_checkpoints(checkpoints)
         if inputs is not None:
             wanted = {id(t) for t in tensors_in(inputs)}
             leaves = [p for p in leaves if id(p) in wanted]
@@ -151,6 +167,32 @@ class OutsideParameterWatch(TorchFunctionMode):
         if self._unheld:
             unheld, self._unheld = self._unheld, []
             self._hold_results(unheld)
+
+    def _run_a_backward(self, func, args: tuple, kwargs: dict) -> None:
+        """Run a backward this watch has seen start, counted in :attr:`backwards_running`
+        while it runs (the engine may run it on another thread: a device's)."""
+        self.backwards_running += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.backwards_running -= 1
+
+    def _refuse_unseen_checkpoints(self, checkpoints: set) -> None:
+        """Refuse a backward through a reentrant checkpoint whose segment the context never
+        saw run: not one the model's forward ran or whose segment ran the model, nor one
+        whose segment used a parameter
+        outside the model inside the context (noted, refused by name at the first
+        parameter), nor one run after the model inside the context (the graph below it
+        reaches the model's parameters: a checkpointed loss). Its forward kept no graph,
+        so a trainable parameter its segment uses (a head run before the context was
+        entered) would get an unclipped gradient from its backward, unseen."""
+        noted = {id(node()) for _, node in self._checkpointed.values() if node() is not None}
+        for node in checkpoints:
+            if self._ran_the_model(node) or id(node) in noted:
+                continue
+            if not _reaches_parameters(node.next_functions, self._own_ids):
+                self._fail()
+                refusals.refuse_unseen_checkpoint()
 
     def _see(self, p: nn.Parameter) -> bool:
         """A parameter, not the model's, passed to a torch function: watch it unless it is

@@ -62,8 +62,10 @@ class Recorder:
         # open context: its results wait for that call's backward, which refuses it)
         self.watch_stray: Callable[[list[torch.Tensor]], None] | None = None
         # (clip mode, set by the open context) the thread that entered it, whose torch
-        # function mode alone watches for parameters outside the model (see Use.on_backward)
+        # function mode alone watches for parameters outside the model, and whether that
+        # mode saw a backward start that is still running (see Use.on_backward)
         self.step_thread: int | None = None
+        self.backward_seen: Callable[[], bool] = no_backward_seen
 
     def track_calls(self, layer: Layer) -> list:
         """Hooks on each module of ``layer`` (its Linear and those tied to it) that keep
@@ -194,6 +196,11 @@ class Recorder:
             "holding every trainable Linear of the step (e.g. nn.Sequential or a "
             "ModuleDict), or freeze that one (requires_grad_(False))"
         )
+
+
+def no_backward_seen() -> bool:
+    """:attr:`Recorder.backward_seen` without a clip-mode context open."""
+    return False
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -338,14 +345,15 @@ class Use:
 
     def _on_another_threads_cpu_backward(self, g: torch.Tensor) -> bool:
         """(clip mode) Whether this backward runs on a thread other than the one that
-        entered the context, known on CPU only, where a backward runs on the thread that
-        calls it (on other devices it runs on the device's autograd thread, whichever
-        thread called it)."""
-        step_thread = self.recorder.step_thread
+        entered the context and was not seen starting there, known on CPU only, where a
+        backward runs on the thread that calls it (on other devices it runs on the
+        device's autograd thread, whichever thread called it)."""
+        recorder = self.recorder
         return (
-            step_thread is not None
+            recorder.step_thread is not None
             and g.device.type == "cpu"
-            and threading.get_ident() != step_thread
+            and threading.get_ident() != recorder.step_thread
+            and not recorder.backward_seen()
         )
 
     def _refuse_backward_on_another_thread(self) -> None:
@@ -483,6 +491,11 @@ class SegmentMap:
         names = self._inside.setdefault(nodes[0], {}).setdefault(path, [])
         if caller not in names:
             names.append(caller)
+
+    def ran_model_calls(self, node) -> bool:
+        """Whether the reentrant checkpoint of ``node`` is the outermost segment of a noted
+        call (the model run inside it: ``checkpoint(model, x)``), until the check."""
+        return node in self._inside
 
     def take_groups(self) -> dict[tuple, list[str]]:
         """The names of the modules that made the calls still in a graph, by segment path

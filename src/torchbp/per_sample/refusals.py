@@ -165,7 +165,7 @@ def passed_through_autograd_grad(tb) -> bool:
     return False
 
 
-def outside_parameters_guard(model: nn.Module) -> Callable:
+def outside_parameters_guard(model: nn.Module, own_checkpoints: weakref.WeakSet) -> Callable:
     """A forward hook for ``model`` (clip mode) that refuses an output whose autograd graph
     reaches a trainable :class:`~torch.nn.Parameter` that is not one of the model's (a
     second model before it, or a parameter its forward uses without registering it): the
@@ -175,15 +175,14 @@ def outside_parameters_guard(model: nn.Module) -> Callable:
     parameters no graph shows. A copy of the model (``copy.deepcopy`` copies the hook) is
     let be, and so is a forward traced by ``torch.compile``, refused at the backward.
     Register it with ``with_kwargs=True``: it reads the inputs, by position or keyword.
-    """
+    It adds to ``own_checkpoints`` the nodes of the reentrant checkpoints the model's own
+    forwards ran (in an output's graph, not in that call's inputs')."""
     guarded = weakref.ref(model)
     # the model's parameters now, when the context is created: a forward whose leaves are
     # all among them is let be without listing the model's parameters again
     at_creation = {id(p): p for p in model.parameters()}
-    # the nodes of the reentrant checkpoints that the model's own forwards ran (in an
-    # output's graph, not in that call's inputs'): in a later call's input (the model
-    # applied to its own output) they are not checkpoints in front of it
-    own_checkpoints: weakref.WeakSet = weakref.WeakSet()
+    # (own_checkpoints: in a later call's input, the model applied to its own output,
+    # they are not checkpoints in front of it)
 
     def refuse_parameters_outside(
         module: nn.Module, args: tuple, kwargs: dict, output: object
@@ -334,6 +333,27 @@ def refuse_outside_parameter_after_the_context(shape: tuple[int, ...]) -> None:
         "model's, joined inside it: it would get an unclipped gradient outside the "
         "per-sample accounting; call loss.backward() inside the with block (where such a "
         "parameter is refused too: freeze it or detach what it produces)"
+    )
+
+
+def refuse_unseen_checkpoint() -> None:
+    """Raise for a reentrant checkpoint in the graph of a clip-mode backward whose segment
+    the context never saw run (run before the context was entered, or on another thread;
+    see ``OutsideParameterWatch._refuse_unseen_checkpoints`` in
+    :mod:`torchbp.per_sample.outside_watch`), as the backward starts, before any gradient
+    is written.
+
+    Raises:
+        RuntimeError: always, naming the ways out.
+    """
+    raise RuntimeError(
+        "per_sample_grads: the backward runs through a reentrant activation checkpoint "
+        "(torch.utils.checkpoint with use_reentrant=True) not seen run inside the context "
+        "(run before it was entered, or on another thread), whose forward keeps no graph: "
+        "the trainable parameters its segment uses cannot be seen, and its backward would "
+        "give them an unclipped gradient outside the per-sample accounting in mode='clip': "
+        "run it inside the with block, use use_reentrant=False (its graph is then "
+        "checked), or detach its output"
     )
 
 

@@ -1,0 +1,85 @@
+"""Clip mode and a reentrant activation checkpoint (``use_reentrant=True``) run before
+the context was entered, whose output joins the loss inside it.
+
+Its forward keeps no graph, so nothing inside the context saw the parameters its
+segment uses; its backward recomputes the segment and gave a trainable one (a head
+outside the model) its ordinary, unclipped gradient, silently (a DP leak). The graph of
+``loss.backward()`` shows the checkpoint's node, whose segment the context never saw
+run: refused as the backward starts, before any gradient is written. One run inside the
+context (after the model, in the loss) whose segment uses no trainable parameter outside
+the model stays served, and so is the same step without a checkpoint or with
+``use_reentrant=False``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import torchbp
+from torchbp.per_sample import per_sample_grads
+
+REFUSAL = r"reentrant activation checkpoint.*not seen run inside the context.*unclipped"
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(torchbp.nn.Linear(4, 6), nn.Tanh(), torchbp.nn.Linear(6, 3))
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1]), reduction="sum")
+
+
+def _head_and_input() -> tuple[nn.Linear, torch.Tensor]:
+    torch.manual_seed(2)
+    return nn.Linear(2, 3), torch.randn(5, 2, requires_grad=True)
+
+
+def test_a_checkpoint_run_before_the_context_refused_before_any_gradient():
+    model, (head, z) = _model(), _head_and_input()
+    extra = checkpoint(head, z, use_reentrant=True)
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+            _loss(model(torch.randn(5, 4)) + extra).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *head.parameters()])
+    assert z.grad is None
+
+
+def test_a_parameter_free_checkpoint_in_the_loss_inside_the_context_served():
+    model, x = _model(), torch.randn(5, 4)
+    reference = _model()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        _loss(torch.tanh(reference(x))).backward()
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        _loss(checkpoint(torch.tanh, model(x), use_reentrant=True)).backward()
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_the_model_run_inside_a_checkpoint_of_its_own_inside_the_context_served():
+    """``checkpoint(model, x)`` inside the context: the segment that ran the model's
+    Linears is seen run, and served as without the checkpoint."""
+    model, reference = _model(), _model()
+    x = torch.randn(5, 4, requires_grad=True)
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        _loss(reference(x)).backward()
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        _loss(checkpoint(model, x, use_reentrant=True)).backward()
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("mode", ["norms", "grads"])
+def test_other_modes_give_the_head_its_ordinary_gradient(mode):
+    """Norms and grads modes leave parameters outside the model to autograd."""
+    model, (head, z) = _model(), _head_and_input()
+    extra = checkpoint(head, z, use_reentrant=True)
+    with per_sample_grads(model, mode) as ps:
+        _loss(model(torch.randn(5, 4)) + extra).backward()
+    assert ps.norms.shape == (5,)
+    assert head.weight.grad is not None
