@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import torchbp
 from torchbp.per_sample import per_sample_grads
@@ -116,3 +117,29 @@ class _Divide(nn.Module):
 
     def forward(self, out: torch.Tensor) -> torch.Tensor:
         return out / self.by
+
+
+class _BackwardOnAWorker(TorchFunctionMode):
+    """Runs each ``Tensor.backward`` it receives on a thread of its own, as CUDA's engine
+    runs a backward on the device's thread after the caller's modes have seen it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward:
+            _on_a_thread_of_its_own(lambda: func(*args, **(kwargs or {})))
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_backward_seen_starting_on_the_entering_thread_may_run_on_another():
+    """Entered below the context's watch, the mode hands it the backward first: seen
+    starting (its graph walked), it is served wherever the engine runs it."""
+    model, (x, y) = _model(), _data()
+    reference = _model()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    with _BackwardOnAWorker():
+        with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+            nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
