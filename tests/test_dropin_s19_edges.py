@@ -129,3 +129,85 @@ def test_nan_label_smoothing_is_refused_where_native_reads_it_as_zero(target):
     torch.testing.assert_close(native, F.cross_entropy(logits, target))
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got nan"):
         BP.cross_entropy(logits, target, label_smoothing=math.nan)
+
+
+# Forward-mode AD along the class weights. With probability targets the loss is
+# differentiable in them (native's formula, -Σ_c w_c t'_c logp_c); with class indices
+# native's reverse mode refuses them, as torchbp's does, and its forward mode silently
+# drops their tangent: torchbp refuses there too (torch's own custom-Function machinery
+# crashed with an INTERNAL ASSERT, and cross_entropy's 'mean' gave the tangent of its
+# denominator alone).
+
+
+def _weight_case(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, _CLASSES, generator=generator, dtype=dtype)
+    probabilities = torch.randn(4, _CLASSES, generator=generator, dtype=dtype).softmax(1)
+    weight = torch.rand(_CLASSES, generator=generator, dtype=dtype)
+    tangent = torch.randn(_CLASSES, generator=generator, dtype=dtype)
+    return logits, probabilities, weight, tangent
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_jvp_along_class_weights_of_probability_targets_is_natives(reduction, smoothing):
+    logits, probabilities, weight, tangent = _weight_case()
+
+    def loss(ns):
+        return lambda w: ns.cross_entropy(
+            logits, probabilities, weight=w, reduction=reduction, label_smoothing=smoothing
+        )
+
+    ours = torch.func.jvp(loss(BP), (weight,), (tangent,))
+    torch.testing.assert_close(ours, torch.func.jvp(loss(F), (weight,), (tangent,)))
+    jacobian = torch.func.jacfwd(loss(BP))(weight)
+    torch.testing.assert_close(jacobian, torch.func.jacrev(loss(F))(weight))
+
+
+def test_jvp_along_logits_and_class_weights_of_probability_targets_is_natives():
+    logits, probabilities, weight, tangent = _weight_case()
+    logits_tangent = torch.randn_like(logits)
+
+    def loss(ns):
+        return lambda z, w: ns.cross_entropy(z, probabilities, weight=w, reduction="none")
+
+    primals, tangents = (logits, weight), (logits_tangent, tangent)
+    ours = torch.func.jvp(loss(BP), primals, tangents)
+    torch.testing.assert_close(ours, torch.func.jvp(loss(F), primals, tangents))
+    batched = torch.func.vmap(lambda t: torch.func.jvp(loss(BP), primals, (logits_tangent, t)))
+    many = torch.stack([tangent, -tangent, 2 * tangent])
+    expected = torch.func.vmap(lambda t: torch.func.jvp(loss(F), primals, (logits_tangent, t)))
+    torch.testing.assert_close(batched(many), expected(many))
+
+
+def test_dual_class_weights_of_probability_targets_under_forward_ad():
+    logits, probabilities, weight, tangent = _weight_case()
+    results = []
+    for ns in (BP, F):
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(weight, tangent)
+            loss = ns.cross_entropy(logits, probabilities, weight=dual, label_smoothing=0.1)
+            results.append(tuple(torch.autograd.forward_ad.unpack_dual(loss)))
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("loss", ["nll_loss", "cross_entropy"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_jvp_along_class_weights_of_class_indices_is_refused(loss, reduction):
+    logits, _, weight, tangent = _weight_case()
+    target = torch.tensor([0, 1, 4, 2])
+
+    def call(ns):
+        return lambda w: getattr(ns, loss)(logits, target, weight=w, reduction=reduction)
+
+    # native: reverse mode refuses, forward mode drops the tangent
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.func.jacrev(call(F))(weight)
+    assert torch.func.jvp(call(F), (weight,), (tangent,))[1].eq(0).all()
+    match = f"{loss}: class weights are not differentiable with class-index targets"
+    with pytest.raises(RuntimeError, match=match):
+        torch.func.jvp(call(BP), (weight,), (tangent,))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(weight, tangent)
+        with pytest.raises(RuntimeError, match=match):
+            call(BP)(dual)

@@ -405,10 +405,19 @@ def check_class_weight(
         )
     if weight.requires_grad and torch.is_grad_enabled() and not differentiable:
         # as native: refused only where autograd would record the call (not under no_grad)
-        raise RuntimeError(
-            f"{op}: class weights are not differentiable with class-index targets (as in "
-            "torch.nn.functional; they are with probability targets); pass weight.detach()"
-        )
+        raise class_weight_not_differentiable(op)
+
+
+def class_weight_not_differentiable(op: str, forward_mode: bool = False) -> RuntimeError:
+    """The error for class weights differentiated with class-index targets: native's
+    reverse mode refuses them (its forward mode silently drops their tangent, which
+    torchbp's ``jvp`` refuses instead, ``forward_mode``)."""
+    dropped = "; native's forward-mode AD drops their tangent" if forward_mode else ""
+    return RuntimeError(
+        f"{op}: class weights are not differentiable with class-index targets (as in "
+        f"torch.nn.functional; they are with probability targets{dropped}); pass "
+        "weight.detach()"
+    )
 
 
 def check_class_weight_dtype(op: str, weight: torch.Tensor | None, dtype: torch.dtype) -> None:

@@ -20,6 +20,7 @@ import math
 import torch
 from torch.autograd import Function
 
+from torchbp._checks import class_weight_not_differentiable
 from torchbp._execution import may_reuse_saved, values_inspectable
 from torchbp.autograd.cross_entropy import (
     NO_IGNORE,
@@ -123,7 +124,9 @@ class NLLLossFunction(Function):
         return grad, None, None, None
 
     @staticmethod
-    def jvp(ctx, logp_t, _target_t, _weight_t, _ignore):
+    def jvp(ctx, logp_t, _target_t, weight_t, _ignore):
+        if weight_t is not None:
+            raise class_weight_not_differentiable("nll_loss", forward_mode=True)
         if logp_t is None:
             return None
         target, weight, _ = ctx.saved_tensors
@@ -352,17 +355,30 @@ def ce_jvp(grad, target, weight, ignore_index, smoothing, d_logits) -> CERows:
 
 def ce_target_jvp(logits, weight, smoothing, d_target) -> CERows:
     """Tangents of ``(ℓ, ∂ℓ/∂z, lse)`` along ``d_target`` (M, C) of a probability target,
-    from the logits (M, C). With ``B = w ⊙ ((1-ε) t + ε/C)``: ``dB = (1-ε) w ⊙ dt`` and
-    ``da = Σ_c dB_c``."""
+    from the logits (M, C). With ``B = w ⊙ ((1-ε) t + ε/C)``: ``dB = (1-ε) w ⊙ dt``."""
     acc = accumulation_dtype(logits.dtype)
-    z = logits.to(acc)
     d_b = (1 - smoothing) * d_target.to(acc)
     if weight is not None:
         d_b = d_b * weight.to(acc)
-    logp, _lse = log_softmax_rows(z)
+    return _tangents_along_b(logits, d_b)
+
+
+def ce_weight_jvp(logits, target, smoothing, d_weight) -> CERows:
+    """Tangents of ``(ℓ, ∂ℓ/∂z, lse)`` along the class weights' ``d_weight`` (C,), for a
+    probability target (M, C), from the logits (M, C). With ``B = w ⊙ t'``,
+    ``t' = (1-ε) t + ε/C``: ``dB = dw ⊙ t'``."""
+    acc = accumulation_dtype(logits.dtype)
+    smoothed = (1 - smoothing) * target.to(acc) + smoothing / logits.shape[1]
+    return _tangents_along_b(logits, d_weight.to(acc) * smoothed)
+
+
+def _tangents_along_b(logits, d_b) -> CERows:
+    """Tangents of ``(ℓ, ∂ℓ/∂z, lse)`` along ``dB`` (M, C), the tangent of the target's
+    coefficients ``B`` (``a = Σ_c B_c``, ``da = Σ_c dB_c``), from the logits (M, C)."""
+    logp, _lse = log_softmax_rows(logits.to(d_b.dtype))
     # ℓ_i = a_i lse_i - Σ_c B_ic z_ic:  dℓ_i = Σ_c dB_ic (lse_i - z_ic) = -Σ_c dB_ic logp_ic
     d_loss = -(d_b * logp).sum(1)
-    # ∂ℓ_i/∂z_i = a_i p_i - B_i:  its tangent da_i p_i - dB_i;  lse does not depend on t
+    # ∂ℓ_i/∂z_i = a_i p_i - B_i:  its tangent da_i p_i - dB_i;  lse does not depend on B
     d_grad = d_b.sum(1, keepdim=True) * logp.exp() - d_b
     return CERows(d_loss, d_grad.to(logits.dtype), torch.zeros_like(d_loss))
 
@@ -432,12 +448,15 @@ class CrossEntropyFunction(Function):
         return d_logits, d_target if ctx.needs_input_grad[1] else None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, d_logits, d_target, _weight_t, _ignore, _smoothing, _inplace):
+    def jvp(ctx, d_logits, d_target, d_weight, _ignore, _smoothing, _inplace):
         grad, target, weight, logits = ctx.saved_tensors
-        if d_target is not None and ctx.inplace:
+        if d_weight is not None and not target.is_floating_point():
+            raise class_weight_not_differentiable("cross_entropy", forward_mode=True)
+        if (d_target is not None or d_weight is not None) and ctx.inplace:
             raise NotImplementedError(
-                "torchbp cross_entropy: forward-mode AD w.r.t. a probability target needs "
-                "the logits, which inplace=True overwrote; use inplace=False"
+                "torchbp cross_entropy: forward-mode AD w.r.t. a probability target or "
+                "class weights needs the logits, which inplace=True overwrote; use "
+                "inplace=False"
             )
         tangents = []
         if d_logits is not None:
@@ -446,6 +465,8 @@ class CrossEntropyFunction(Function):
             )
         if d_target is not None:
             tangents.append(ce_target_jvp(logits, weight, ctx.label_smoothing, d_target))
+        if d_weight is not None:
+            tangents.append(ce_weight_jvp(logits, target, ctx.label_smoothing, d_weight))
         if not tangents:
             return None, None, None
         # the tangents along the logits and along the target add up
