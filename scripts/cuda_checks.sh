@@ -37,7 +37,7 @@
 # session-19 cases), verify 30-50 (357 case runs, 28 compiles with aot_eager; its JSON is
 # written only at its end), train_dp 20, each other fit 15, pytest_cuda 35-60 with
 # pytest-xdist (PYTEST_WORKERS, 8: half the 16 cores; 2191 CUDA tests), pytest_triton
-# 30-60 (287 tests, cold Triton cache), bench what is left.
+# 30-60 (299 tests, cold Triton cache), bench what is left.
 #
 # Usage, from anywhere:
 #   OUT=/some/dir bash scripts/cuda_checks.sh        (OUT defaults to ./cuda_out)

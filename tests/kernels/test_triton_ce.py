@@ -351,6 +351,69 @@ def test_interpreter_dispatch_end_to_end(interpret, monkeypatch, smoothing):
     torch.testing.assert_close(za.grad, zb.grad, rtol=1e-5, atol=1e-6)
 
 
+# --------------------------------------------------------------------------- class weights
+# 240eb82's special class weights (the CPU path's weighted_rows forms w_y p - w_y onehot so
+# that an infinite weight gives native's NaN): the kernel's a p - B must give native's
+# values and NaN pattern too, as must the default path beside it.
+SPECIAL_WEIGHTS = {
+    "inf": (float("inf"), float("-inf")),
+    "nan": (float("nan"), 2.0),
+    "zero-negative": (0.0, -1.5),
+}
+
+
+def _special_weight_batch(device, special, ignore_index):
+    """Logits (12, 7) with an inf, a NaN and a -inf row; targets with every third one
+    ``ignore_index``; class weights with ``special`` on classes 1 and 4."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(12, 7, generator=g, dtype=torch.float64) * 3
+    z[1, 2], z[2, 3], z[4] = float("inf"), float("nan"), float("-inf")
+    y = torch.randint(7, (12,), generator=g)
+    y[0] = int(z[0].argmax())
+    y[::3] = ignore_index
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    w[1], w[4] = SPECIAL_WEIGHTS[special]
+    return z.float().to(device), y.to(device), w.float().to(device)
+
+
+def _check_special_weights(monkeypatch, device, special, ignore_index, reduction):
+    """cross_entropy through the kernel (TORCHBP_TRITON=1) and through the default path
+    against native: loss and gradient, NaN in the same places."""
+    z, y, w = _special_weight_batch(device, special, ignore_index)
+    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction)
+    grad_output = torch.rand(12 if reduction == "none" else (), device=device)
+
+    def loss_and_grad(fn):
+        leaf = z.clone().requires_grad_()
+        loss = fn(leaf, y, **kw)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_output)
+        return loss.detach(), grad
+
+    native, default = loss_and_grad(F.cross_entropy), loss_and_grad(TF.cross_entropy)
+    calls = []
+    real = triton_ce.ce_forward_rows
+    monkeypatch.setattr(triton_ce, "ce_forward_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("TORCHBP_TRITON", "1")
+    kernel = loss_and_grad(TF.cross_entropy)
+    assert calls, "the Triton path was not taken"
+    for ours in (kernel, default):
+        for got, want in zip(ours, native):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@interp
+@pytest.mark.filterwarnings(
+    "ignore:(invalid value|overflow|divide by zero) encountered:RuntimeWarning"
+)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("ignore_index", [IGNORE, 4], ids=["padded", "class-4"])
+@pytest.mark.parametrize("special", SPECIAL_WEIGHTS)
+def test_interpreter_special_class_weights_match_native(
+    interpret, monkeypatch, special, ignore_index, reduction
+):
+    _check_special_weights(monkeypatch, "cpu", special, ignore_index, reduction)
+
+
 # --------------------------------------------------------------------------- compile only
 @not_interp
 @pytest.mark.parametrize("arch", [90, 80])
@@ -456,3 +519,17 @@ def test_cuda_dispatch_end_to_end(compiled, monkeypatch, dtype, weighted, smooth
     assert out.dtype == dtype and za.grad.dtype == dtype
     torch.testing.assert_close(out.float(), ref, **tol)
     torch.testing.assert_close(za.grad.float(), zr.grad, **tol)
+
+
+@pytest.mark.cuda
+@CUDA
+@not_interp
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("ignore_index", [IGNORE, 4], ids=["padded", "class-4"])
+@pytest.mark.parametrize("special", SPECIAL_WEIGHTS)
+def test_cuda_special_class_weights_match_native(
+    compiled, monkeypatch, special, ignore_index, reduction
+):
+    """As the interpreter's test, compiled, and beside it torchbp's default CUDA path
+    (weighted_rows) against native CUDA."""
+    _check_special_weights(monkeypatch, "cuda", special, ignore_index, reduction)
