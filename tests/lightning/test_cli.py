@@ -819,18 +819,26 @@ def test_an_unusable_predict_path_is_a_cli_error_before_the_run_folder(
 
 
 @pytest.mark.parametrize("subcommand", ["test", "validate", "predict"])
-def test_evaluating_best_loads_the_latest_runs_best_checkpoint(short_run, tmp_path, subcommand):
+def test_evaluating_best_loads_the_latest_runs_best_checkpoint(
+    short_run, tmp_path, capsys, subcommand
+):
     """``test --ckpt_path best`` in a new process was Lightning's ValueError ("ModelCheckpoint
     is not configured to save the best model") in a traceback: "best" meant the best of a fit
     in the same process. It is now the best checkpoint of the latest run, found as ``last``
-    is, and its run folder is left as it was."""
+    is, and its run folder is left as it was. The new run folder it logs into is named (a
+    test or validate said nothing of where its metrics.csv went, as predict and fit do)."""
     run = _copy_of_run(short_run, tmp_path)
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     (best,) = (run / "checkpoints").glob("epoch*.ckpt")
+    capsys.readouterr()
     cli = run_cli(subcommand, "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=best")
     assert cli.config_init[subcommand]["ckpt_path"] == str(best)
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    assert Path(cli.trainer.log_dir).resolve() == (tmp_path / "digits/version_1").resolve()
+    logged = (tmp_path / "digits/version_1").resolve()
+    assert Path(cli.trainer.log_dir).resolve() == logged
+    said = capsys.readouterr().out
+    shown = f"predictions: {logged / 'predictions.csv'}" if subcommand == "predict" else ""
+    assert (shown or f"run folder: {logged}") in said.splitlines(), said
 
 
 def test_evaluating_best_without_a_run_is_an_error(tmp_path, capsys):

@@ -649,9 +649,19 @@ class TorchbpCLI(LightningCLI):
     # -- predict writes what it predicted --------------------------------------------------
     def after_validate(self) -> None:
         self._release_run_folder()
+        self._print_run_folder()
 
     def after_test(self) -> None:
         self._release_run_folder()
+        self._print_run_folder()
+
+    def _print_run_folder(self) -> None:
+        """Name the run folder that validate or test logged into (a new one, beside the
+        evaluated run's), as fit names its own; none is left by a run that logs nothing
+        (``fast_dev_run``)."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir and os.path.isdir(log_dir):
+            print(f"run folder: {os.path.abspath(log_dir)}")
 
     def after_predict(self) -> None:
         try:
