@@ -351,8 +351,8 @@ class Use:
         recorder = self.recorder
         return (
             recorder.step_thread is not None
-            and g.device.type == "cpu"
             and threading.get_ident() != recorder.step_thread
+            and g.device.type == "cpu"  # (read last: a torch function mode sees it)
             and not recorder.backward_seen()
         )
 
