@@ -101,6 +101,9 @@ def test_resume_from_last_matches_uninterrupted(tmp_path):
         (["--trainer.val_check_interval=0"], "val_check_interval must be an int >= 1"),
         # a fraction of no batch: Lightning validated after every batch without a word
         (["--trainer.val_check_interval=0.0"], "fraction of the epoch in (0, 1], got 0.0"),
+        # Lightning stopped at the maximum without a word
+        (["--trainer.min_epochs=3", "--trainer.max_epochs=2"], "min_epochs=3 is above"),
+        (["--trainer.min_steps=9", "--trainer.max_steps=4"], "min_steps=9 is above"),
         # Lightning clips only above 0: a negative value trained unclipped, NaN gave NaN grads
         (["--trainer.gradient_clip_val=-1.0"], "gradient_clip_val must be >= 0"),
         (["--trainer.gradient_clip_val=.nan"], "gradient_clip_val must be >= 0"),

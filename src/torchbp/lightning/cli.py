@@ -116,6 +116,7 @@ from torchbp.lightning.run_checks import (
     check_privacy,
     check_run_folders_can_be_written,
     check_trainer_intervals,
+    check_training_length,
     describe_config_error,
 )
 from torchbp.lightning.run_folders import (
@@ -550,6 +551,7 @@ class TorchbpCLI(LightningCLI):
             resumed = self._subcommand_config(self.config_init).get("ckpt_path") is not None
             check_privacy(self.subcommand, self.model, self.datamodule, self.trainer, resumed)
             check_trainer_intervals(self.subcommand, self.trainer)
+            check_training_length(self.subcommand, self.trainer)
             check_gradient_clip_val(self.subcommand, self.trainer)
             check_batch_counts(self.subcommand, self.datamodule, self.trainer)
             check_poisson_sampling(self.subcommand, self.datamodule, self.trainer)

@@ -35,6 +35,7 @@ __all__ = [
     "check_predictions_can_be_written",
     "check_batch_counts",
     "check_trainer_intervals",
+    "check_training_length",
     "check_gradient_clip_val",
 ]
 
@@ -305,6 +306,22 @@ def check_trainer_intervals(subcommand: str | None, trainer: pl.Trainer) -> None
             f"trainer.val_check_interval must be {_COUNTS_FROM_ONE['val_check_interval']}, "
             "got 0.0 (Lightning would validate after every batch: give 1 for that; "
             "--trainer.limit_val_batches 0 turns validation off)"
+        )
+
+
+def check_training_length(subcommand: str | None, trainer: pl.Trainer) -> None:
+    """Refuse a ``fit`` whose ``min_epochs`` is above ``max_epochs`` (or ``min_steps``
+    above ``max_steps``), as a ``ValueError``: Lightning takes both and stops at the
+    maximum, so the minimum asked for never held. ``-1`` (or ``None``) is no maximum."""
+    if subcommand != "fit":
+        return
+    for unit in ("epochs", "steps"):
+        least, most = getattr(trainer, f"min_{unit}"), getattr(trainer, f"max_{unit}")
+        if least is None or most is None or most == -1 or least <= most:
+            continue
+        raise ValueError(
+            f"trainer.min_{unit}={least} is above trainer.max_{unit}={most}: the fit would "
+            f"stop at {most} {unit}; lower min_{unit} or raise max_{unit}"
         )
 
 
