@@ -6,7 +6,8 @@
 #   pytest_changed  pytest -m cuda on the CUDA branches changed last: clip mode's
 #                   outside-parameter watch with its hooks on autograd's device thread
 #                   (refusals and served steps), cross-entropy's weighted_rows on CUDA and
-#                   its paths free of host syncs (session 19); per-sample gradients
+#                   its paths free of host syncs, GELU's backward fixes at special inputs
+#                   (session 19); per-sample gradients
 #                   (noise drawn on the device, backward on autograd's device thread; a
 #                   step free of host syncs, p.grad_dtype, clip mode's graph walk, a model
 #                   split between CPU and GPU), torchbp.verify (seeding only the inputs'
@@ -33,7 +34,7 @@
 # left is reported as skipped. Per-step limits: T_PYTEST_CHANGED, T_VERIFY, T_TRAIN,
 # T_PYTEST, T_TRITON, T_BENCH; T_ENV for each preparation (wheels, environment facts,
 # nvidia-smi); REPORT_RESERVE (10 s) kept for the report. Estimated, never measured on a GPU
-# (s): wheels+env 10, pytest_changed 25-35 (154 CUDA tests, one process; 75 of them small
+# (s): wheels+env 10, pytest_changed 25-35 (164 CUDA tests, one process; 85 of them small
 # session-19 cases), verify 30-50 (357 case runs, 28 compiles with aot_eager; its JSON is
 # written only at its end), train_dp 20, each other fit 15, pytest_cuda 35-60 with
 # pytest-xdist (PYTEST_WORKERS, 8: half the 16 cores; 2191 CUDA tests), pytest_triton
@@ -245,8 +246,8 @@ if ! dry; then # (as the environment facts found them)
 fi
 # test_cuda_readiness.py last: its class-index check, should it end in a device-side
 # assert (sticky: every later CUDA call in the process fails), spoils nothing after it
-CHANGED=(tests/test_cuda_s19_watch.py tests/test_cuda_s19_ce_paths.py tests/test_per_sample.py
-  tests/test_per_sample_devices.py tests/verify tests/test_cuda_readiness.py)
+CHANGED=(tests/test_cuda_s19_watch.py tests/test_cuda_s19_ce_paths.py tests/test_cuda_s19_gelu.py
+  tests/test_per_sample.py tests/test_per_sample_devices.py tests/verify tests/test_cuda_readiness.py)
 TRITON=(tests/kernels/test_triton_act.py tests/kernels/test_triton_ce.py)
 IGNORE=()
 for path in "${CHANGED[@]}" "${TRITON[@]}"; do IGNORE+=(--ignore "$path"); done
