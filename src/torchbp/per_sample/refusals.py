@@ -129,8 +129,11 @@ def _stray_gradient_hint(layer_recorded_a_call: bool) -> str:
         return (
             "is it used elsewhere, e.g. tied, passed to a functional op, or in a "
             "penalty term of the loss such as an L2 regularizer (use the optimizer's "
-            "weight_decay instead), or does the model run under torch.compile, which "
-            "is not supported?"
+            "weight_decay instead) or a gradient penalty (an input gradient from "
+            "torch.func.grad in the loss, which cannot be clipped per sample here: form "
+            "such a loss's per-sample gradients with torch.func, "
+            "vmap(grad(loss_of_one_sample)), and clip them yourself), or does the model "
+            "run under torch.compile, which is not supported?"
         )
     return (
         "its Linear recorded no call in this context: was the forward run before the "
