@@ -95,6 +95,11 @@ CORRECT = {
         lambda: (_pairs_with_ties(),),
         lambda x: F.max_pool1d(x.unsqueeze(0), 2).squeeze(0),
     ),
+    "max_pool_jvp": (
+        uk.MaxPool2WithJvp,
+        lambda: (_pairs_with_ties(),),
+        lambda x: x.unflatten(-1, (-1, 2)).max(dim=-1),
+    ),
     "sort": (uk.Sort, lambda: (seeded(3, 5), 1), lambda x, d: torch.sort(x, dim=d)),
     "topk": (
         functools.partial(uk.topk, k=2, dim=0),
@@ -279,6 +284,17 @@ def test_a_tie_rule_giving_each_tied_element_the_whole_gradient_fails_without_a_
     assert report["gradcheck"].failed, report
     assert "moving every element of the inputs by the same amount" in message, message
     assert "whole gradient" in message, message
+
+
+def test_a_jvp_adding_the_tangents_of_tied_elements_fails():
+    # before: passed with seed 1, whose random tangent broke both ties so that each
+    # window's sum lay between its one-sided differences
+    report = check_function(
+        uk.MaxPool2JvpAddingTies, _pairs_with_ties(), checks=["forward_ad"], seed=1
+    )
+    message = report["forward_ad"].message
+    assert report["forward_ad"].failed, report
+    assert "jvp for the tangent u moving every element of the inputs" in message, message
 
 
 class _NaiveLogSumExp(Function):

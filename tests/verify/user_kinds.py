@@ -845,3 +845,57 @@ class AmaxWholeToEachTie(AmaxEven):
     def backward(ctx, g):
         x, m = ctx.saved_tensors
         return g.unsqueeze(-1) * (x == m).to(g.dtype)
+
+
+class MaxPool2WithJvp(Function):
+    """max pool of window 2 returning (values, indices), with ``setup_context``, a
+    backward and a jvp: the first tied element's gradient and tangent."""
+
+    @staticmethod
+    def forward(x):
+        return x.unflatten(-1, (-1, 2)).max(dim=-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, idx = output
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(idx)
+        ctx.save_for_forward(idx)
+
+    @staticmethod
+    def backward(ctx, g, g_idx):
+        (idx,) = ctx.saved_tensors
+        out = g.new_zeros(*g.shape, 2)
+        return out.scatter(-1, idx.unsqueeze(-1), g.unsqueeze(-1)).flatten(-2)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (idx,) = ctx.saved_tensors
+        return t.unflatten(-1, (-1, 2)).gather(-1, idx.unsqueeze(-1)).squeeze(-1), None
+
+
+class MaxPool2JvpAddingTies(Function):
+    """Wrong tie rule in jvp only: the tangent of a window is the sum of its tied
+    elements' tangents (backward, right, gives the first one the gradient)."""
+
+    @staticmethod
+    def forward(x):
+        return x.unflatten(-1, (-1, 2)).amax(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], output)
+        ctx.save_for_forward(inputs[0], output)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        hit = (x.unflatten(-1, (-1, 2)) == y.unsqueeze(-1)).to(g.dtype)
+        first = hit * (hit.cumsum(-1) == 1)
+        return (first * g.unsqueeze(-1)).flatten(-2)
+
+    @staticmethod
+    def jvp(ctx, t):
+        x, y = ctx.saved_tensors
+        hit = (x.unflatten(-1, (-1, 2)) == y.unsqueeze(-1)).to(t.dtype)
+        return (hit * t.unflatten(-1, (-1, 2))).sum(-1)

@@ -357,13 +357,43 @@ def require_jvp_linear(ctx: CheckContext) -> None:
 
 def require_jvp_like_central_differences(ctx: CheckContext) -> None:
     """Fail unless jvp, given random dense tangents ``u`` (every grad input dual at once),
-    gives each output the tangent fn's central differences along ``u`` give, element by
-    element within gradcheck's ``atol + rtol * |J u|``, or between the one-sided
-    differences (a kink): the forward Jacobian comes from one-hot tangents, so a jvp with
-    another path for a dense tangent can be linear in the dense ones and wrong for all
-    of them. Elements where a figure is not finite are not judged."""
+    and the uniform tangent (:func:`~torchbp.verify.checks.jacobians.uniform_direction`,
+    which keeps ties tied), gives each output the tangent fn's central differences along
+    ``u`` give, element by element within gradcheck's ``atol + rtol * |J u|``, or between
+    the one-sided differences (a kink): the forward Jacobian comes from one-hot tangents,
+    so a jvp with another path for a dense tangent can be linear in the dense ones and
+    wrong for all of them. Elements where a figure is not finite are not judged."""
     base = [x.detach() for x in ctx.leaves()]
-    us = unit_direction(base, ctx.randn)
+    _require_jvp_along(ctx, base, unit_direction(base, ctx.randn), JVP_RANDOM_DIRECTION)
+    _require_jvp_along(ctx, base, uniform_direction(base), JVP_UNIFORM_DIRECTION)
+
+
+#: How a failure of :func:`require_jvp_like_central_differences` names the random
+#: tangent, and the likely cause of a jvp failing for it.
+JVP_RANDOM_DIRECTION = (
+    "dense random tangents u",
+    "does jvp take another path for a tangent with several nonzeros (a branch on its "
+    "count of nonzeros, a fast path for a single one)?",
+)
+
+#: ... and the uniform tangent (every element moved by the same amount).
+JVP_UNIFORM_DIRECTION = (
+    "the tangent u moving every element of the inputs by the same amount (ties stay tied "
+    "along it: max(a, b) at a == b moves as a + t)",
+    "at a tie (of a max, a pooling window, a sort), does jvp add the tangents of the tied "
+    "elements? A derivative there takes one of them, or a weighted mean (torch.max(dim) "
+    "takes one, torch.amax the mean)",
+)
+
+
+def _require_jvp_along(
+    ctx: CheckContext,
+    base: list[torch.Tensor],
+    us: list[torch.Tensor],
+    direction: tuple[str, str],
+) -> None:
+    """:func:`require_jvp_like_central_differences` for the tangents ``us``
+    (``direction``: their name and the likely cause of a failure for them)."""
     with fwAD.dual_level():
         duals = [fwAD.make_dual(x, u.clone()) for x, u in zip(base, us)]
         tangents = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
@@ -390,14 +420,13 @@ def require_jvp_like_central_differences(ctx: CheckContext) -> None:
             flat = int(wrong.reshape(-1).nonzero()[0])
             index = unravel(flat, got.shape)
             error = float((got - central).abs().masked_fill(~judged, 0.0).max())
+            name, cause = direction
             raise CheckFailure(
-                f"jvp for dense random tangents u disagrees with central differences along u: "
+                f"jvp for {name} disagrees with central differences along u: "
                 f"the tangent of output {o} is {float(got.reshape(-1)[flat]):.6g} at index "
                 f"{index}, central differences give {float(central.reshape(-1)[flat]):.6g} "
                 f"(seed {ctx.options.seed}), although its results for one-hot tangents (the "
-                "forward Jacobian) agree with them: does jvp take another path for a "
-                "tangent with several nonzeros (a branch on its count of nonzeros, a fast "
-                "path for a single one)?",
+                f"forward Jacobian) agree with them: {cause}",
                 error,
                 math.inf,
             )

@@ -402,10 +402,10 @@ def check_function(
             ``torch.library.opcheck``, with the bound arguments).
         *inputs: example inputs: tensors plus plain Python constants (a ``dim``, a
             complex number, a string, None, an enum member, a slice or ``Ellipsis``, a
-            dtype, device, layout or memory format) and tuples or lists of them (e.g. ``dims``; each call gets its own copy of a list),
-            and ``torch.Generator``s (each call gets a copy in the given state, so a random
-            fn drawing from it draws the same numbers every call; the caller's is not
-            advanced).
+            dtype, device, layout or memory format) and tuples or lists of them (e.g.
+            ``dims``; each call gets its own copy of a list), and ``torch.Generator``s
+            (each call gets a copy in the given state, so a random fn drawing from it
+            draws the same numbers every call; the caller's is not advanced).
             Integer tensors (class targets) are passed through and never differentiated.
             Complex tensors are differentiated as their real views ``(..., 2)``, and
             complex outputs compared so: a backward in PyTorch's convention (the
