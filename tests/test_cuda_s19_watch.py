@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from unittest import mock
 
 import pytest
 import torch
@@ -31,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 
 import torchbp
 from torchbp.per_sample import per_sample_grads
-from torchbp.per_sample.recorder import Use
 
 DT = torch.float64
 REFUSAL = r"nn.Parameter of shape \(%s\) that is not one of the model's.*clip.*unclipped"
@@ -75,22 +73,14 @@ class EngineOnAnotherThread(TorchFunctionMode):
 def backward_on_the_device_thread(device: str):
     """On CPU, :class:`EngineOnAnotherThread` around the block (asserting on leaving that
     it ran a backward off this thread); on CUDA, nothing: the engine's device thread
-    runs the graph. On CPU a Linear backward on a thread other than the context's is
-    refused (``Use._on_another_threads_cpu_backward``: there a backward runs on the thread
-    that calls it, so another one means that ``loss.backward()`` was called there,
-    unseen by the watch); the simulation steps past that check, as a CUDA tensor's
-    device does."""
+    runs the graph. (On CPU a Linear backward on a thread other than the context's is
+    refused unless the watch saw that backward start: here it did, as on CUDA.)"""
     if device != "cpu":
         yield
         return
-    cpu_only_check = mock.patch.object(Use, "_on_another_threads_cpu_backward", _never)
-    with cpu_only_check, EngineOnAnotherThread() as engine:
+    with EngineOnAnotherThread() as engine:
         yield
     assert engine.threads and threading.get_ident() not in engine.threads
-
-
-def _never(*args) -> bool:
-    return False
 
 
 def _model(device: str) -> nn.Sequential:
