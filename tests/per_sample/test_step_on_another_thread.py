@@ -143,3 +143,24 @@ def test_a_backward_seen_starting_on_the_entering_thread_may_run_on_another():
     torch.testing.assert_close(ps.norms, expected.norms)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_checkpoint_recomputing_the_model_in_a_backward_on_another_thread_served(reentrant):
+    """An activation checkpoint of the whole model recomputes its forward in the backward
+    (from the checkpoint's backward, or a saved tensor's unpack hook without reentrancy),
+    which CUDA's engine runs on the device's thread: that forward is not refused as one
+    on another thread."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, (x, y) = _model(), _data()
+    reference = _model()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    with _BackwardOnAWorker():
+        with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+            out = checkpoint(model, x.requires_grad_(), use_reentrant=reentrant)
+            nn.functional.cross_entropy(out, y, reduction="sum").backward()
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

@@ -260,15 +260,20 @@ class PerSampleGrads:
         """(clip mode) A forward pre-hook for ``model`` refusing its forward on a thread
         other than the one that entered the context, whose torch function mode alone
         watches for trainable parameters outside the model: a loss built on that thread
-        could give one an unclipped gradient, unseen. A reentrant checkpoint's
-        recomputation of the model in the backward (on a device's autograd thread) is
-        let be, and so is a copy of the model (``copy.deepcopy`` copies its hooks)."""
+        could give one an unclipped gradient, unseen. A checkpoint's recomputation of
+        the model in the backward (on a device's autograd thread) is let be: one inside
+        a backward the watch saw start, or inside a reentrant checkpoint's backward (on
+        a torch where ``torch.autograd.backward`` is not a torch function, the watch
+        sees ``loss.backward()`` only); and so is a copy of the model
+        (``copy.deepcopy`` copies its hooks)."""
         guarded = weakref.ref(model)
 
         def refuse_forward_on_another_thread(module: nn.Module, args: tuple) -> None:
             if module is not guarded() or torch.compiler.is_compiling():
                 return  # (a compiled model is refused at the backward)
-            if self._thread in (None, threading.get_ident()) or inside_reentrant_checkpoint():
+            if self._thread in (None, threading.get_ident()) or self._recorder.backward_seen():
+                return
+            if inside_reentrant_checkpoint():
                 return
             refusals.refuse_forward_on_another_thread()
 
