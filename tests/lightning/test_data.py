@@ -254,6 +254,21 @@ def test_tabular_errors(tmp_path, case, match):
         _ = dm.num_features
 
 
+@pytest.mark.parametrize("separator, named", [(";", "';'"), ("\t", "tabs")])
+def test_a_csv_separated_by_another_character_is_named_as_the_likely_cause(
+    tmp_path, separator, named
+):
+    """A file saved with semicolons (a spreadsheet in a comma-decimal locale) or tabs reads
+    as one column, and the label column was reported as not found among 'a;b;c;target'."""
+    p = tmp_path / "t.csv"
+    rows = [separator.join(r) for r in _good_rows(40, 2)]
+    p.write_text("\n".join([separator.join(["a", "b", "c", "target"]), *rows]) + "\n")
+    dm = TabularFileDataModule(path=str(p), label_column="target")
+    with pytest.raises(DataError, match=f"separated by {named}, not commas") as e:
+        _ = dm.num_features
+    assert "label column 'target' not found" in str(e.value)
+
+
 def test_a_continuous_label_column_is_named_as_the_likely_cause(tmp_path):
     """A CSV whose label column holds a continuous target (each row a value of its own) was
     refused as "too few rows: 60 rows with 59 classes", which sent the user after more rows;

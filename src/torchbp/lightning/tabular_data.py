@@ -29,9 +29,22 @@ _MISSING_MARKERS = frozenset({"", "NA", "N/A", "NULL", "NONE", "?", "-", "MISSIN
 _MAX_FRACTIONAL_CLASSES = 20
 
 
+#: the characters other than a comma that a table's fields are often separated by, and
+#: how a message names them
+_OTHER_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}
+
+
 def _header_hint(header: list[str]) -> str:
-    """A hint for a CSV whose first row reads as data (every field a number): the file has no
-    header row, and its first data row was taken for one."""
+    """A hint for a CSV whose header is one field holding another separator (a file saved
+    with semicolons or tabs reads as one column), or whose first row reads as data (every
+    field a number): the file has no header row, and its first data row was taken for one."""
+    if len(header) == 1:
+        for separator, name in _OTHER_SEPARATORS.items():
+            if separator in header[0]:
+                return (
+                    f" (its header row is one column holding {name}: the file looks "
+                    f"separated by {name}, not commas; save it as comma-separated values)"
+                )
     try:
         [float(h) for h in header]
     except ValueError:
