@@ -232,6 +232,37 @@ def test_a_double_backward_raising_not_implemented_is_unsupported_not_failed():
     assert "double backward" in report["gradgradcheck"].message, report
 
 
+class _ExpBackwardSayingNotImplemented(Function):
+    @staticmethod
+    def forward(ctx, g, y):
+        return g * y
+
+    @staticmethod
+    def backward(ctx, gg):
+        raise RuntimeError("double backward is not implemented for this exp")
+
+
+class _FirstOrderExpRuntimeError(uk.FirstOrderExp):
+    """exp whose double backward raises RuntimeError("... not implemented"), as many
+    Functions write it."""
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return _ExpBackwardSayingNotImplemented.apply(g, y)
+
+
+def test_a_double_backward_raising_a_runtime_error_saying_not_implemented_is_unsupported():
+    # before: 'gradgradcheck [fail]: RuntimeError: double backward is not implemented ...'
+    checks = ["gradcheck", "gradgradcheck"]
+    report = check_function(_FirstOrderExpRuntimeError, seeded(3, 4), checks=checks)
+    assert report.ok and report["gradgradcheck"].status == "unsupported", report
+    message = report["gradgradcheck"].message
+    assert message.startswith("double backward raised RuntimeError: double backward is not"), (
+        message
+    )
+
+
 @pytest.mark.parametrize(
     "argument",
     [uk.Reduction.MEAN, slice(1, 3), (Ellipsis, slice(0, 2)), 2 - 1j, torch.strided],

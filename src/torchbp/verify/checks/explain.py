@@ -259,10 +259,23 @@ def _raised_in(exc: BaseException, function_name: str) -> bool:
     return False
 
 
-def not_implemented(exc: BaseException) -> NotImplementedError | None:
+def not_implemented(exc: BaseException) -> Exception | None:
     """The ``NotImplementedError`` that ``exc`` is or was caused by (up to four causes
-    deep), or None: the error a function raises to say it does not offer something."""
-    return next((e for e in _chain(exc) if isinstance(e, NotImplementedError)), None)
+    deep), or a ``RuntimeError`` there whose first line says "not implemented" (``raise
+    RuntimeError("double backward is not implemented")``, as many Functions write it), or
+    None: the error a function raises to say it does not offer something."""
+    return next((e for e in _chain(exc) if _says_not_implemented(e)), None)
+
+
+def _says_not_implemented(exc: BaseException) -> bool:
+    """True for a ``NotImplementedError``, or a ``RuntimeError`` whose first line says
+    "not implemented" or "not yet implemented"."""
+    if isinstance(exc, NotImplementedError):
+        return True
+    line = first_line(str(exc)).lower()
+    return isinstance(exc, RuntimeError) and (
+        "not implemented" in line or "not yet implemented" in line
+    )
 
 
 def outcome_of(
@@ -276,8 +289,9 @@ def outcome_of(
         context: what was being done, e.g. ``"vmap of the forward failed: "``.
         capability: ``(name, how to add it)`` of the optional capability the check
             exercises, e.g. ``("double backward", "write backward in ...")``: a
-            ``NotImplementedError`` raised while exercising it says it is absent
-            (unsupported). Without it, a ``NotImplementedError`` is a failure.
+            ``NotImplementedError`` (or a ``RuntimeError`` saying "not implemented")
+            raised while exercising it says it is absent (unsupported). Without it, such
+            an error is a failure.
 
     Examples:
         >>> type(outcome_of(RuntimeError("boom"), "backward failed: ")).__name__
@@ -293,7 +307,7 @@ def outcome_of(
     if missing is not None:
         name, how_to_add = capability
         return CheckUnsupported(
-            f"{name} raised NotImplementedError: {first_line(str(missing))}", how_to_add
+            f"{name} raised {type(missing).__name__}: {first_line(str(missing))}", how_to_add
         )
     return CheckFailure(f"{context}{explain_error(exc)}")
 

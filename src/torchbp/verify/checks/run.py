@@ -373,7 +373,8 @@ def check_function(
     Each check ends ``pass``, ``fail`` (a wrong number, a silent wrong behaviour, a crash in
     a path fn supports), ``unsupported`` (fn does not offer the capability: no jvp, no
     ``setup_context`` / vmap rule, ``once_differentiable`` backward, a double backward,
-    jvp or vmap rule that raises ``NotImplementedError``, a PyTorch limitation such as
+    jvp or vmap rule that raises ``NotImplementedError`` or a ``RuntimeError`` saying
+    "not implemented", a PyTorch limitation such as
     capturing a Function with a jvp in one graph; the message says how to add it) or
     ``skipped`` (does not apply). A Function that modifies an input in place and says so
     with ``ctx.mark_dirty`` gets a fresh copy of that input on every call (a non-leaf one
