@@ -168,7 +168,7 @@ class OutsideParameterWatch(TorchFunctionMode):
             unheld, self._unheld = self._unheld, []
             self._hold_results(unheld)
 
-    def _run_a_backward(self, func, args: tuple, kwargs: dict) -> None:
+    def _run_a_backward(self, func, args: tuple, kwargs: dict) -> object:
         """Run a backward this watch has seen start, counted in :attr:`backwards_running`
         while it runs (the engine may run it on another thread: a device's)."""
         self.backwards_running += 1
@@ -180,12 +180,12 @@ class OutsideParameterWatch(TorchFunctionMode):
     def _refuse_unseen_checkpoints(self, checkpoints: set) -> None:
         """Refuse a backward through a reentrant checkpoint whose segment the context never
         saw run: not one the model's forward ran or whose segment ran the model, nor one
-        whose segment used a parameter
-        outside the model inside the context (noted, refused by name at the first
-        parameter), nor one run after the model inside the context (the graph below it
-        reaches the model's parameters: a checkpointed loss). Its forward kept no graph,
-        so a trainable parameter its segment uses (a head run before the context was
-        entered) would get an unclipped gradient from its backward, unseen."""
+        whose segment used a parameter outside the model inside the context (noted,
+        refused by name at the first parameter), nor one run after the model inside the
+        context (the graph below it reaches the model's parameters: a checkpointed loss).
+        Its forward kept no graph, so a trainable parameter its segment uses (a head run
+        before the context was entered) would get an unclipped gradient from its
+        backward, unseen."""
         noted = {id(node()) for _, node in self._checkpointed.values() if node() is not None}
         for node in checkpoints:
             if self._ran_the_model(node) or id(node) in noted:
