@@ -211,3 +211,55 @@ def test_jvp_along_class_weights_of_class_indices_is_refused(loss, reduction):
         dual = torch.autograd.forward_ad.make_dual(weight, tangent)
         with pytest.raises(RuntimeError, match=match):
             call(BP)(dual)
+
+
+# A Number argument (slope, alpha, beta, threshold): native converts a complex number or
+# 0-dim complex tensor whose imaginary part is zero to its real part, and refuses any
+# other ("value cannot be converted to type float without overflow", a RuntimeError).
+
+_SCALAR_CALLS = {
+    "leaky_relu": lambda ns, x, v: ns.leaky_relu(x, v),
+    "elu": lambda ns, x, v: ns.elu(x, v),
+    "softplus-beta": lambda ns, x, v: ns.softplus(x, v),
+    "softplus-threshold": lambda ns, x, v: ns.softplus(x, 1.0, v),
+}
+
+
+@pytest.mark.parametrize(
+    "value", [0.5 + 0j, complex(-0.25, -0.0), torch.tensor(0.5 + 0j)], ids=repr
+)
+@pytest.mark.parametrize("call", list(_SCALAR_CALLS))
+def test_complex_number_argument_with_zero_imaginary_part_is_its_real_part(call, value):
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    ours = _SCALAR_CALLS[call](BP, x, value)
+    torch.testing.assert_close(ours, _SCALAR_CALLS[call](F, x, value))
+
+
+@pytest.mark.parametrize("value", [0.5 + 1e-30j, torch.tensor(0.5 + 1j)], ids=repr)
+@pytest.mark.parametrize("call", list(_SCALAR_CALLS))
+def test_complex_number_argument_with_an_imaginary_part_is_refused(call, value):
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        _SCALAR_CALLS[call](F, x, value)
+    with pytest.raises(RuntimeError, match="must be a real number"):
+        _SCALAR_CALLS[call](BP, x, value)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_label_smoothing_takes_a_complex_tensor_but_not_a_complex_number(loss):
+    # native's label_smoothing is a float: a Python complex is a TypeError even with a
+    # zero imaginary part; a 0-dim complex tensor converts as a Number does
+    x, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+
+    def call(ns, smoothing):
+        if loss == "cross_entropy":
+            return ns.cross_entropy(F.linear(x, w), t, label_smoothing=smoothing)
+        return ns.linear_cross_entropy(x, w, t, label_smoothing=smoothing)
+
+    expected = F.cross_entropy(F.linear(x, w), t, label_smoothing=0.1)
+    torch.testing.assert_close(call(BP, torch.tensor(0.1 + 0j)), expected)
+    if hasattr(F, loss):  # (native linear_cross_entropy: torch 2.13+)
+        with pytest.raises(TypeError):
+            call(F, 0.1 + 0j)
+    with pytest.raises(TypeError, match="label_smoothing must be a real number"):
+        call(BP, 0.1 + 0j)

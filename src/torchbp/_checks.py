@@ -134,10 +134,12 @@ def _not_a_tensor(op: str, name: str, value) -> NotATensorError:
 
 
 def scalar_argument(op: str, name: str, value) -> float:
-    """``value`` as a float, where native takes a Number: a Python bool / int / float or a
-    0-dim tensor that does not require grad; a ``TypeError`` naming the argument otherwise
-    (a multi-element tensor, a tensor requiring grad, a str...), as native (for a complex
-    number or tensor a :class:`DTypeError`, also native's ``RuntimeError``)."""
+    """``value`` as a float, where native takes a Number: a Python bool / int / float, a
+    0-dim tensor that does not require grad, or either of them complex with a zero
+    imaginary part (its real part, as native converts it); a ``TypeError`` naming the
+    argument otherwise (a multi-element tensor, a tensor requiring grad, a str...), as
+    native (for another complex number or tensor a :class:`DTypeError`, also native's
+    ``RuntimeError``)."""
     if type(value) is float or type(value) is int:  # the common case, first
         return float(value)
     if isinstance(value, numbers.Real):
@@ -145,6 +147,9 @@ def scalar_argument(op: str, name: str, value) -> float:
     if isinstance(value, numbers.Complex) or (
         isinstance(value, torch.Tensor) and value.is_complex()
     ):
+        real = _real_part_if_real(value)
+        if real is not None:
+            return real
         # native cannot convert it ('value cannot be converted to type float without
         # overflow', a RuntimeError): DTypeError is that and a TypeError
         shown = "a complex tensor" if isinstance(value, torch.Tensor) else f"complex {value!r}"
@@ -162,6 +167,26 @@ def scalar_argument(op: str, name: str, value) -> float:
             )
         return float(value.item())
     raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def float_argument(op: str, name: str, value) -> float:
+    """``value`` as a float, where native takes a ``float`` (``label_smoothing``): as
+    :func:`scalar_argument`, but a Python complex number is refused even with a zero
+    imaginary part (native's argument parser: "must be float, not complex"; a
+    :class:`DTypeError` is its ``TypeError``)."""
+    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        raise DTypeError(f"{op}: {name} must be a real number, got complex {value!r}")
+    return scalar_argument(op, name, value)
+
+
+def _real_part_if_real(value) -> float | None:
+    """The real part of a complex number, or of a 0-dim complex tensor that does not
+    require grad, whose imaginary part is zero; ``None`` for any other."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.requires_grad:
+            return None
+        value = complex(value.item())
+    return float(value.real) if value.imag == 0 else None
 
 
 def int_argument(op: str, name: str, value) -> int:
@@ -511,7 +536,7 @@ def check_smoothing(op: str, label_smoothing) -> float:
     :class:`OptionError` (native: ``RuntimeError``) outside [0, 1]. Stricter than native on
     purpose: native accepts a negative value (it extrapolates away from the uniform
     distribution); torchbp refuses it."""
-    value = scalar_argument(op, "label_smoothing", label_smoothing)
+    value = float_argument(op, "label_smoothing", label_smoothing)
     if not 0.0 <= value <= 1.0:
         hint = " (torchbp refuses negative smoothing on purpose)" if value < 0 else ""
         raise OptionError(f"{op}: label_smoothing must be in [0, 1], got {value}{hint}")
@@ -698,7 +723,7 @@ def validate_cross_entropy(
     soft = input.dim() == target.dim() and input.shape == target.shape
     # native checks label_smoothing first with class indices, but after log_softmax (the
     # input's dtype) and the target's dtype and ignore_index with probabilities
-    scalar_argument(op, "label_smoothing", label_smoothing)  # (not a number: a TypeError first)
+    float_argument(op, "label_smoothing", label_smoothing)  # (not a number: a TypeError first)
     if not soft:
         smoothing = check_smoothing(op, label_smoothing)
     layout = class_layout(op, input)
