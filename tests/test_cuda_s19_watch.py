@@ -269,17 +269,7 @@ def _reference(batches, checkpointed: str | None) -> list:
     [
         None,
         "reentrant",
-        pytest.param(
-            "non-reentrant",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=RuntimeError,
-                reason="f2d9633's forward pre-hook refuses the model's forward on a thread "
-                "other than the context's unless inside a reentrant checkpoint's backward: "
-                "a non-reentrant checkpoint recomputes the model from a saved tensor's "
-                "unpack hook on the device's autograd thread (CPU: the caller's, served)",
-            ),
-        ),
+        "non-reentrant",
     ],
     ids=["plain", "reentrant-checkpoint", "non-reentrant-checkpoint"],
 )
