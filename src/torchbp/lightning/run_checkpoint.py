@@ -46,7 +46,7 @@ _FOLDER_NOT_EMPTY_WARNING = r"Checkpoint directory .* exists and is not empty"
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint (``--checkpoint.*``) with three changes:
+    """Lightning's ModelCheckpoint (``--checkpoint.*``), with these changes:
 
     - its checkpoint on an exception (Ctrl-C, SIGTERM, an error) is named
       ``<name>-interrupted.ckpt``: under the best checkpoints' own name (epoch and monitored
@@ -58,6 +58,10 @@ class RunCheckpoint(ModelCheckpoint):
     - a checkpoint saved during a fit's validation records it, and a fit resumed from one
       warns that the validation will not be done as the uninterrupted fit did it (see
       :meth:`on_load_checkpoint`);
+    - a fit resumed from another run's checkpoint keeps that run's best checkpoints as
+      candidates where they exist and were validated on the same data (Lightning dropped
+      them), and one resumed in its own folder drops those whose files are missing (see
+      :meth:`load_state_dict`);
     - with ``resumes_its_run`` set (``torchbp-train fit --ckpt_path last``, a requeued SLURM
       job), Lightning's "Checkpoint directory ... exists and is not empty" is not given:
       the folder holds the run's own checkpoints, which the fit continues (see :meth:`setup`).
