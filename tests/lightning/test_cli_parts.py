@@ -412,3 +412,26 @@ def test_the_missing_best_warning_names_the_best_that_is_left():
     said = _gone_best_warning(["/r/epoch003.ckpt"], callback)
     assert "records best checkpoints whose files are missing: /r/epoch003.ckpt." in said
     assert "the best so far is /r/epoch001.ckpt (val/acc=0.9000), which the fit's final" in said
+
+
+@pytest.mark.parametrize(
+    "monitor, name",
+    [
+        ("val/acc", "epoch004-val_acc0.9666.ckpt"),
+        ("val/f1", "epoch004-val_f1=0.9666.ckpt"),  # was epoch004-val_f10.9666.ckpt
+        ("epoch", "epoch004-step95.ckpt"),
+    ],
+)
+def test_the_best_checkpoints_name_sets_the_monitored_value_apart(monitor, name):
+    """The best checkpoint's file name joins the monitored metric and its value; a name
+    ending in a digit ran into the value: val/f1 at 0.9666 was ``val_f10.9666``."""
+    import torch
+
+    from torchbp.lightning.run_checkpoint import RunCheckpoint, checkpoint_filename
+
+    callback = RunCheckpoint(
+        monitor=monitor, filename=checkpoint_filename(monitor), auto_insert_metric_name=False
+    )
+    metrics = {"epoch": torch.tensor(4), "step": torch.tensor(95)}
+    metrics.setdefault(monitor, torch.tensor(0.9666))
+    assert callback.format_checkpoint_name(metrics) == name

@@ -541,13 +541,16 @@ def save_nothing(callback: ModelCheckpoint) -> None:
 
 def checkpoint_filename(monitor: str | None) -> str:
     """The default checkpoint file name: the epoch and the monitored value, e.g.
-    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``;
-    without a monitor, or monitoring ``epoch`` or ``step`` (the latest checkpoints are kept),
-    the epoch and the global step: ``epoch004-step95`` (the metric names are not inserted:
-    auto_insert_metric_name is off)."""
+    ``epoch004-val_acc0.9666`` for ``val/acc``, ``epoch004-val_loss0.1201`` for ``val/loss``,
+    with ``=`` after a name that ends in a digit (``epoch004-val_f1=0.9650`` for ``val/f1``,
+    not ``val_f10.9650``); without a monitor, or monitoring ``epoch`` or ``step`` (the
+    latest checkpoints are kept), the epoch and the global step: ``epoch004-step95`` (the
+    metric names are not inserted: auto_insert_metric_name is off)."""
     if not monitor or monitor in _PROGRESS:
         return "epoch{epoch:03d}-step{step}"
-    return f"epoch{{epoch:03d}}-{monitor.replace('/', '_')}{{{monitor}:.4f}}"
+    name = monitor.replace("/", "_")
+    joint = "=" if name[-1].isdigit() else ""
+    return f"epoch{{epoch:03d}}-{name}{joint}{{{monitor}:.4f}}"
 
 
 def follow_the_monitor(checkpoint: Namespace) -> None:
