@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import torchbp
 import torchbp.functional as BP
@@ -263,3 +264,23 @@ def test_label_smoothing_takes_a_complex_tensor_but_not_a_complex_number(loss):
             call(F, 0.1 + 0j)
     with pytest.raises(TypeError, match="label_smoothing must be a real number"):
         call(BP, 0.1 + 0j)
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_make_fx_of_linear_cross_entropy_and_its_gradient(tracing_mode):
+    # the chunked Function's backward writes its matmuls with out=, which make_fx refuses
+    # ("functions with out=... arguments don't support automatic differentiation"):
+    # make_fx records the unfused pair, as torch.export does
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, generator=generator, requires_grad=True)
+    w = torch.randn(5, 4, generator=generator, requires_grad=True)
+    target = torch.tensor([0, 1, 4, 2, -100, 3])
+
+    def loss_and_grads(x, w, target):
+        loss = BP.linear_cross_entropy(x, w, target, label_smoothing=0.1)
+        return loss, *torch.autograd.grad(loss, (x, w))
+
+    traced = make_fx(loss_and_grads, tracing_mode=tracing_mode)(x, w, target)
+    expected = F.cross_entropy(F.linear(x, w), target, label_smoothing=0.1)
+    expected = (expected, *torch.autograd.grad(expected, (x, w)))
+    torch.testing.assert_close(traced(x, w, target), expected)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
@@ -41,11 +42,16 @@ def _under_func_transform(*tensors: torch.Tensor | None) -> bool:
 
 
 def _exporting_or_tracing() -> bool:
-    """Whether torch.export or torch.jit.trace records the call: the chunk loop would bake
-    the example's batch size into the graph (export with a dynamic batch refuses it) and
-    its ``needs`` flags differ under jit.trace's no-grad check run, so the unfused pair
-    (one graph for any batch) serves them."""
-    return exporting() or torch.jit.is_tracing()
+    """Whether torch.export, torch.jit.trace or make_fx (``torch.func.linearize`` too)
+    records the call: the chunk loop would bake the example's batch size into the graph
+    (export with a dynamic batch refuses it), its ``needs`` flags differ under
+    jit.trace's no-grad check run, and under make_fx its backward's ``out=`` matmuls are
+    refused ("functions with out=... arguments don't support automatic
+    differentiation"), so the unfused pair (one graph for any batch) serves them. (While
+    torch.compile traces, Dynamo records the Function itself: make_fx is not asked.)"""
+    if exporting() or torch.jit.is_tracing():
+        return True
+    return not torch.compiler.is_compiling() and get_proxy_mode() is not None
 
 
 def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, weight, soft) -> bool:
