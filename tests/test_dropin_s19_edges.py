@@ -284,3 +284,37 @@ def test_make_fx_of_linear_cross_entropy_and_its_gradient(tracing_mode):
     expected = F.cross_entropy(F.linear(x, w), target, label_smoothing=0.1)
     expected = (expected, *torch.autograd.grad(expected, (x, w)))
     torch.testing.assert_close(traced(x, w, target), expected)
+
+
+_TRACED_CALLS = {
+    "linear": lambda ns, x, t, p, w: ns.linear(x, p, w[:3]),
+    "relu-inplace": lambda ns, x, t, p, w: ns.relu(x * 1, inplace=True),
+    "gelu": lambda ns, x, t, p, w: ns.gelu(x),
+    "silu-inplace": lambda ns, x, t, p, w: ns.silu(x * 1, inplace=True),
+    "softplus": lambda ns, x, t, p, w: ns.softplus(x, 2.0, 3.0),
+    "log_softmax": lambda ns, x, t, p, w: ns.log_softmax(x, 1),
+    "nll_loss": lambda ns, x, t, p, w: ns.nll_loss(x, t, weight=w, ignore_index=1),
+    "cross_entropy": lambda ns, x, t, p, w: ns.cross_entropy(x, t, weight=w, label_smoothing=0.1),
+    "cross_entropy-probabilities": lambda ns, x, t, p, w: ns.cross_entropy(x, p),
+}
+
+
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+@pytest.mark.parametrize("call", list(_TRACED_CALLS))
+def test_make_fx_of_each_op_and_its_gradient(call, tracing_mode):
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, generator=generator, requires_grad=True)
+    probabilities = torch.rand(3, 4, generator=generator).softmax(1)
+    weight = torch.rand(4, generator=generator)
+    target = torch.tensor([0, 1, 3])
+
+    def output_and_grad(ns):
+        def run(x, target, probabilities, weight):
+            y = _TRACED_CALLS[call](ns, x, target, probabilities, weight)
+            return y, torch.autograd.grad(y.sum(), x)[0]
+
+        return run
+
+    args = (x, target, probabilities, weight)
+    traced = make_fx(output_and_grad(BP), tracing_mode=tracing_mode)(*args)
+    torch.testing.assert_close(traced(*args), output_and_grad(F)(*args))
