@@ -844,6 +844,24 @@ def test_evaluating_best_loads_the_latest_runs_best_checkpoint(
     assert (shown or f"run folder: {logged}") in said.splitlines(), said
 
 
+def test_evaluating_a_checkpoint_of_other_checkpoint_options_asks_for_no_callback(tmp_path):
+    """A run fitted with --checkpoint.monitor val/f1, then tested with the config's
+    default options: Lightning warned "callbacks used to create the checkpoint need to be
+    provided ... RunCheckpoint{'monitor': 'val/f1', ...}", a warning about a callback that
+    saves nothing when evaluating. The evaluating callback takes that run's state."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    short = ("--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")
+    run_cli("fit", *iris, *short, "--trainer.max_epochs=1", "--checkpoint.monitor=val/f1")
+    (best,) = (tmp_path / "iris/version_0/checkpoints").glob("epoch*.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli("test", *iris, "--ckpt_path=best")
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "callbacks used to create the checkpoint" in m], said
+    assert cli.config_init["test"]["ckpt_path"] == str(best)
+    assert "test/acc" in cli.trainer.callback_metrics
+
+
 def test_evaluating_best_without_a_run_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli("test", "--config", DIGITS, f"--run_dir={tmp_path}", "--ckpt_path=best")

@@ -32,7 +32,7 @@ __all__ = [
     "check_resumable",
     "optimizer_mismatch",
     "configured_optimizer",
-    "recorded_checkpoint_dir",
+    "recorded_checkpoint_state",
 ]
 
 
@@ -269,12 +269,21 @@ def configured_optimizer(model: Any) -> torch.optim.Optimizer | None:
     return configured if isinstance(configured, torch.optim.Optimizer) else None
 
 
-def recorded_checkpoint_dir(ckpt_path: str | None, callback: ModelCheckpoint) -> str | None:
-    """The folder that ``callback``'s state in the checkpoint at ``ckpt_path`` records (the
-    checkpoint's run saved it there), or ``None`` if it records none or cannot be read."""
+def recorded_checkpoint_state(
+    ckpt_path: str | None, callback: ModelCheckpoint
+) -> tuple[str, dict[str, Any]] | None:
+    """``(state key, state)`` of ``callback`` in the checkpoint at ``ckpt_path``: under its
+    own state key, else the only state of a callback of its class (the checkpoint's run
+    configured it otherwise: another monitor, mode or interval); ``None`` if there is none
+    or the checkpoint cannot be read."""
     path = local_checkpoint(ckpt_path)
     checkpoint = None if path is None else read_checkpoint(path)
     states = (checkpoint or {}).get("callbacks") or {}
-    state = states.get(callback.state_key) if isinstance(states, dict) else None
-    dirpath = state.get("dirpath") if isinstance(state, dict) else None
-    return dirpath if isinstance(dirpath, str) else None
+    if not isinstance(states, dict):
+        return None
+    keys = [callback.state_key]
+    if callback.state_key not in states:
+        keys = [k for k in states if str(k).startswith(f"{type(callback).__qualname__}{{")]
+    if len(keys) != 1 or not isinstance(states.get(keys[0]), dict):
+        return None
+    return keys[0], states[keys[0]]

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
-from torchbp.lightning.checkpoint_files import INTERRUPTED_SUFFIX, recorded_checkpoint_dir
+from torchbp.lightning.checkpoint_files import INTERRUPTED_SUFFIX, recorded_checkpoint_state
 from torchbp.lightning.run_folders import SLURM_JOB_KEY, slurm_job
 
 __all__ = [
@@ -69,6 +69,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     #: whether the fit resumes the run whose checkpoints fill this callback's folder
     resumes_its_run = False
+    #: the state key taken to evaluate a checkpoint whose run configured this callback
+    #: otherwise (see :func:`evaluating_checkpoint_callback`)
+    _evaluated_state_key: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Lightning's key of this callback's state in a checkpoint, or, evaluating a
+        checkpoint whose run configured it otherwise, the key of that run's state."""
+        return self._evaluated_state_key or super().state_key
 
     _on_exception = False
     #: the global step of the latest checkpoint this callback saved (see :meth:`_own_saves`)
@@ -525,10 +534,19 @@ def evaluating_checkpoint_callback(callback: ModelCheckpoint, ckpt_path: str | N
     checkpoint it loads, saving nothing: Lightning restores the checkpoint's callback state
     into it, and one with another folder (the new run folder's) warned "The dirpath has
     changed" and dropped the state; without the callback it warned that the checkpoint's
-    callbacks must be provided."""
+    callbacks must be provided, also for a :class:`RunCheckpoint` of other options (the
+    run's ``--checkpoint.monitor val/f1``, evaluated with the config's ``val/acc``), which
+    takes that run's state key here."""
     save_nothing(callback)
-    if callback.dirpath is None:
-        callback.dirpath = recorded_checkpoint_dir(ckpt_path, callback)
+    found = recorded_checkpoint_state(ckpt_path, callback)
+    if found is None:
+        return
+    key, state = found
+    if isinstance(callback, RunCheckpoint):
+        callback._evaluated_state_key = key
+    dirpath = state.get("dirpath")
+    if callback.dirpath is None and isinstance(dirpath, str):
+        callback.dirpath = dirpath
 
 
 def save_nothing(callback: ModelCheckpoint) -> None:
