@@ -255,8 +255,9 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
     """Fail unless backward, given random dense grad_outputs ``v``, agrees with fn's
     central differences along a random direction ``u``, and along the uniform one
     (:func:`~torchbp.verify.checks.jacobians.uniform_direction`, which keeps ties tied):
-    ``v^T J u`` within gradcheck's ``atol + rtol * |v^T J u|``, or within the bracket of
-    the one-sided differences (a kink,
+    ``v^T J u`` within gradcheck's ``atol + rtol * s``, ``s`` the size of the terms it
+    sums (:func:`_magnitude_of_terms`), or within the bracket of the one-sided
+    differences (a kink,
     :func:`~torchbp.verify.checks.jacobians.one_sided_bracket`).
 
     gradcheck's Jacobian comes from one-hot grad_outputs: a backward with another path
@@ -313,9 +314,10 @@ def _require_backward_along(
     pick = {name: [per_output[o] for o in wanted] for name, per_output in quotients.items()}
     central = sum(float((d * v).sum()) for d, v in zip(pick["central"], vs))
     low, high = one_sided_bracket(pick["left"], pick["right"], vs)
-    if not all(math.isfinite(x) for x in (backward, central, low, high)):
+    terms = _magnitude_of_terms(grads, us, pick["central"], vs)
+    if not all(math.isfinite(x) for x in (backward, central, low, high, terms)):
         return
-    slack = float(ctx.options.atol) + float(ctx.options.rtol) * abs(central)
+    slack = float(ctx.options.atol) + float(ctx.options.rtol) * max(abs(central), terms)
     if abs(backward - central) <= slack or low - slack <= backward <= high + slack:
         return
     error = abs(backward - central)
@@ -329,6 +331,27 @@ def _require_backward_along(
         error,
         error / max(abs(central), 1e-12),
     )
+
+
+def _magnitude_of_terms(
+    grads: Sequence[torch.Tensor | None],
+    us: Sequence[torch.Tensor],
+    central: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+) -> float:
+    """The larger of ``sum |g_j u_j|`` (backward's gradients ``g`` along ``us``) and
+    ``sum |v_i d_i|`` (the central differences ``d`` given ``vs``): the size of the terms
+    that ``v^T J u`` sums, the scale of its rounding where they cancel (a shift-invariant
+    fn such as log_softmax along the uniform direction: ``v^T J u`` is 0, its central
+    differences of outputs of order 1e6 off by 1e-4), as gradcheck's ``rtol`` scales
+    with each Jacobian entry, not with their sum."""
+    backward = sum(
+        float((g.detach().to(torch.float64) * u).abs().sum())
+        for g, u in zip(grads, us)
+        if g is not None
+    )
+    differences = sum(float((d * v).abs().sum()) for d, v in zip(central, vs))
+    return max(backward, differences)
 
 
 def require_jvp_linear(ctx: CheckContext) -> None:
