@@ -98,6 +98,9 @@ class OutsideParameterWatch(TorchFunctionMode):
         self._closed = False
         # the backwards this watch saw start that are still running (on any thread)
         self.backwards_running = 0
+        # the nodes of the reentrant checkpoints whose segment ran a torch function while
+        # this watch was active (inside the context, on its thread): seen run
+        self._seen_checkpoints: weakref.WeakSet = weakref.WeakSet()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self._closed:
@@ -112,6 +115,9 @@ class OutsideParameterWatch(TorchFunctionMode):
             # 2.11's Dynamo cannot trace the scan: the context's own refusal of a
             # fullgraph compile must come first
             return func(*args, **kwargs) if kwargs else func(*args)
+        if not torch.is_grad_enabled():
+            # (a reentrant checkpoint's forward runs its segment with grad mode off)
+            self._note_running_checkpoints()
         joined = self._scan(args)
         if kwargs:
             in_keywords = self._scan(kwargs.values())  # torch.cat(tensors=(x, prompt))
@@ -179,20 +185,27 @@ class OutsideParameterWatch(TorchFunctionMode):
 
     def _refuse_unseen_checkpoints(self, checkpoints: set) -> None:
         """Refuse a backward through a reentrant checkpoint whose segment the context never
-        saw run: not one the model's forward ran or whose segment ran the model, nor one
-        whose segment used a parameter outside the model inside the context (noted,
-        refused by name at the first parameter), nor one run after the model inside the
-        context (the graph below it reaches the model's parameters: a checkpointed loss).
-        Its forward kept no graph, so a trainable parameter its segment uses (a head run
-        before the context was entered) would get an unclipped gradient from its
-        backward, unseen."""
-        noted = {id(node()) for _, node in self._checkpointed.values() if node() is not None}
+        saw run: not one whose segment ran a torch function under this watch (one using
+        a parameter outside the model is refused by name at the first parameter), nor one
+        the model's forward ran or whose segment ran the model. Its forward kept no graph,
+        so a trainable parameter its segment uses (a head run before the context was
+        entered, or on another thread) would get an unclipped gradient from its backward,
+        unseen. Where it ran, not what the graph below it reaches, decides: a head's
+        checkpoint on the model's output, made on another thread, reaches the model's
+        parameters too."""
         for node in checkpoints:
-            if self._ran_the_model(node) or id(node) in noted:
+            if node in self._seen_checkpoints or self._ran_the_model(node):
                 continue
-            if not _reaches_parameters(node.next_functions, self._own_ids):
-                self._fail()
-                refusals.refuse_unseen_checkpoint()
+            self._fail()
+            refusals.refuse_unseen_checkpoint()
+
+    def _note_running_checkpoints(self) -> None:
+        """Note the reentrant checkpoints whose segment forward runs now, if any, as seen
+        run (see :meth:`_refuse_unseen_checkpoints`). A walk up this thread's stack, made
+        for torch functions called with grad mode off only."""
+        nodes = running_checkpoint_segments()
+        if nodes and nodes[-1] not in self._seen_checkpoints:
+            self._seen_checkpoints.update(nodes)
 
     def _see(self, p: nn.Parameter) -> bool:
         """A parameter, not the model's, passed to a torch function: watch it unless it is
