@@ -164,3 +164,62 @@ def test_a_checkpoint_recomputing_the_model_in_a_backward_on_another_thread_serv
     torch.testing.assert_close(ps.norms, expected.norms)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("without_grad", [torch.no_grad, torch.inference_mode])
+def test_an_evaluation_forward_without_grad_on_another_thread_let_be(without_grad):
+    """An evaluation thread running the model without grad while a step's context is open
+    (its output joins no graph, so no loss built there can reach a parameter through it)
+    was refused; the step is served as without it."""
+    model, reference, (x, y) = _model(), _model(), _data()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    evaluated = []
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+
+        def evaluate() -> None:
+            with without_grad():
+                evaluated.append(model(x))
+
+        _on_a_thread_of_its_own(evaluate)
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    torch.testing.assert_close(evaluated[0], reference(x))
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_reentrant_checkpoint_of_the_model_on_another_thread_refused():
+    """Its forward runs the model with grad mode off, and its output joins a graph."""
+    from torch.utils.checkpoint import checkpoint
+
+    model, (x, _) = _model(), _data()
+    with pytest.raises(RuntimeError, match=REFUSAL % "the model's forward"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+            _on_a_thread_of_its_own(
+                lambda: checkpoint(model, x.requires_grad_(), use_reentrant=True)
+            )
+
+
+class _GradInside(nn.Module):
+    """A model whose forward turns grad mode on (a caller's no_grad does not hold)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return self.inner(x)
+
+
+def test_a_forward_without_grad_whose_output_joins_a_graph_on_another_thread_refused():
+    model, (x, _) = _GradInside(_model()), _data()
+    with pytest.raises(RuntimeError, match=REFUSAL % "the model's forward"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+
+            def evaluate() -> None:
+                with torch.no_grad():
+                    model(x)
+
+            _on_a_thread_of_its_own(evaluate)

@@ -28,6 +28,7 @@ from torchbp.per_sample.recorder import (
     Recorder,
     inside_reentrant_checkpoint,
     no_backward_seen,
+    running_checkpoint_segments,
 )
 from torchbp.per_sample.results import form_results, gradient_dtype, refuse_unwritable_grad
 
@@ -240,9 +241,7 @@ class PerSampleGrads:
             if self._outside_guard is not None:
                 model, guard = self._outside_guard
                 self._hooks.append(model.register_forward_hook(guard, with_kwargs=True))
-                self._hooks.append(
-                    model.register_forward_pre_hook(self._forward_thread_guard(model))
-                )
+                self._hooks.append(model.register_forward_hook(self._forward_thread_guard(model)))
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
                 if layer.weight_formed_per_call:
@@ -257,23 +256,26 @@ class PerSampleGrads:
                 self._recorder.watch_stray = self._watch_stray
 
     def _forward_thread_guard(self, model: nn.Module):
-        """(clip mode) A forward pre-hook for ``model`` refusing its forward on a thread
-        other than the one that entered the context, whose torch function mode alone
-        watches for trainable parameters outside the model: a loss built on that thread
-        could give one an unclipped gradient, unseen. A checkpoint's recomputation of
-        the model in the backward (on a device's autograd thread) is let be: one inside
-        a backward the watch saw start, or inside a reentrant checkpoint's backward (on
-        a torch where ``torch.autograd.backward`` is not a torch function, the watch
-        sees ``loss.backward()`` only); and so is a copy of the model
-        (``copy.deepcopy`` copies its hooks)."""
+        """(clip mode) A forward hook for ``model`` refusing a forward on a thread other
+        than the one that entered the context, whose torch function mode alone watches
+        for trainable parameters outside the model, if its output can join a graph (an
+        output requiring grad, or the model run by a reentrant checkpoint's forward,
+        whose output does): a loss built on that thread could give one an unclipped
+        gradient, unseen. An evaluation forward without grad there is let be (a
+        background evaluation thread). A checkpoint's recomputation of the model in the
+        backward (on a device's autograd thread) is let be: one inside a backward the
+        watch saw start, or inside a reentrant checkpoint's backward (on a torch where
+        ``torch.autograd.backward`` is not a torch function, the watch sees
+        ``loss.backward()`` only); and so is a copy of the model (``copy.deepcopy``
+        copies its hooks)."""
         guarded = weakref.ref(model)
 
-        def refuse_forward_on_another_thread(module: nn.Module, args: tuple) -> None:
+        def refuse_forward_on_another_thread(module: nn.Module, args: tuple, output) -> None:
             if module is not guarded() or torch.compiler.is_compiling():
                 return  # (a compiled model is refused at the backward)
             if self._thread in (None, threading.get_ident()) or self._recorder.backward_seen():
                 return
-            if inside_reentrant_checkpoint():
+            if inside_reentrant_checkpoint() or not _can_join_a_graph(output):
                 return
             refusals.refuse_forward_on_another_thread()
 
@@ -663,6 +665,15 @@ def _past_the_function_modes(step: Callable[[], None]) -> None:
         )
 
 
+def _can_join_a_graph(output: object) -> bool:
+    """Whether a forward's ``output`` can join an autograd graph: a tensor of it requires
+    grad, or the forward runs inside a reentrant checkpoint's (with grad mode off), whose
+    output does."""
+    return any(t.requires_grad for t in refusals.tensors_in(output)) or bool(
+        running_checkpoint_segments()
+    )
+
+
 def per_sample_grads(
     model: nn.Module,
     mode: str = "norms",
@@ -842,9 +853,10 @@ def per_sample_grads(
             parameter, autocast or ``torch.compile``, such a parameter change, ...),
             named; in clip mode, at the forward, a trainable parameter outside the
             model that its output depends on, and at the backward one used after the
-            model or inside a reentrant checkpoint; and the model's forward (or, on CPU,
-            a backward through its Linears) on a thread other than the one that entered
-            the context, whose torch function mode alone watches for such parameters.
+            model or inside a reentrant checkpoint; and the model's forward with grad
+            (or inside a reentrant checkpoint's forward; or, on CPU, a backward through
+            its Linears) on a thread other than the one that entered the context, whose
+            torch function mode alone watches for such parameters.
 
     Examples::
 

@@ -86,10 +86,10 @@ def refuse_exit_on_another_thread() -> None:
 
 
 def refuse_forward_on_another_thread() -> None:
-    """(clip mode) Raise for a forward of the model on a thread other than the one that
-    entered the context: the torch function mode watching for trainable parameters outside
-    the model is active on that thread only, so a loss computed here could give one an
-    unclipped gradient, unseen.
+    """(clip mode) Raise for a forward of the model whose output can join a graph, on a
+    thread other than the one that entered the context: the torch function mode watching
+    for trainable parameters outside the model is active on that thread only, so a loss
+    computed here could give one an unclipped gradient, unseen.
 
     Raises:
         RuntimeError: always, naming the way out.
@@ -99,7 +99,8 @@ def refuse_forward_on_another_thread() -> None:
         "the one that entered the context; the context watches for trainable parameters "
         "outside the model (which would get an unclipped gradient) with a torch function "
         "mode, active on its own thread only: run the step's forward, loss and backward "
-        "on the thread of the with block (enter the context on the worker thread)"
+        "on the thread of the with block (enter the context on the worker thread); an "
+        "evaluation forward there under torch.no_grad() is let be"
     )
 
 
