@@ -195,6 +195,51 @@ def test_an_unregistered_parameter_in_a_reentrant_checkpoint_refused_on_the_devi
     _assert_no_mode_left()
 
 
+UNSEEN_CHECKPOINT = r"reentrant activation checkpoint.*not seen run inside the context"
+
+
+def test_a_heads_checkpoint_made_on_a_worker_thread_refused_before_the_device_thread_runs(
+    device,
+):
+    """A torch ``nn.Linear`` head's reentrant checkpoint made on a worker thread, on the
+    model's output: the watch never saw its segment run, so the graph walk refuses it as
+    the backward starts, before its recomputation (on the device thread) could give the
+    head an unclipped gradient (4084f5d; the graph below it reaches the model's
+    parameters, which let it be before)."""
+    model, head = _model(device), nn.Linear(3, 3).to(device, DT)
+    x, y = _data(device)
+    with pytest.raises(RuntimeError, match=UNSEEN_CHECKPOINT):
+        with backward_on_the_device_thread(device):
+            with per_sample_grads(model, mode="clip", max_norm=1.0):
+                out, made = model(x), []
+                worker = threading.Thread(
+                    target=lambda: made.append(checkpoint(head, out, use_reentrant=True))
+                )
+                worker.start()
+                worker.join()
+                _loss(made[0], y).backward()
+    assert all(p.grad is None for p in [*model.parameters(), *head.parameters()])
+    _assert_no_mode_left()
+
+
+def test_a_parameter_free_checkpoint_after_the_models_is_served_on_the_device_thread(device):
+    """Two reentrant checkpoints run inside the context, the model's and a parameter-free
+    one on its output (whose graph below shows no parameter): both seen run, served with
+    the clipped gradients of the step without checkpoints."""
+    x, y = _data(device)
+    reference, model = _model(device), _model(device)
+    with per_sample_grads(reference, mode="clip", max_norm=1.0) as expected:
+        _loss(torch.tanh(reference(x)), y).backward()
+    with backward_on_the_device_thread(device):
+        with per_sample_grads(model, mode="clip", max_norm=1.0) as ps:
+            out = checkpoint(model, x.clone().requires_grad_(), use_reentrant=True)
+            _loss(checkpoint(torch.tanh, out, use_reentrant=True), y).backward()
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    _assert_no_mode_left()
+
+
 @pytest.mark.parametrize("done_step", [False, True], ids=["no-step", "after-a-step"])
 def test_a_backward_after_the_with_block_refused_on_the_device_thread(device, done_step):
     """The node pre-hooks armed when the context closes refuse, on the device thread, a
