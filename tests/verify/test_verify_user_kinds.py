@@ -293,6 +293,37 @@ def test_a_gradient_the_reference_leaves_nan_is_not_compared_with_a_caveat():
     assert "4 element(s) of the gradient of input 0 (first at (1, 0))" in caveat, report
 
 
+def _gradient_nan_everywhere(x):
+    """x, with a gradient NaN at every element (0 times the NaN derivative of a square
+    root of negative numbers, which torch.where does not select): a broken reference."""
+    return torch.where(x > -1e9, x, torch.sqrt(-x.abs() - 1))
+
+
+class _TripledGradient(torch.autograd.Function):
+    """The identity with a wrong gradient (three times grad_output)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 3.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_reference_whose_gradient_is_nan_everywhere_compares_nothing_and_passes_nothing(dtype):
+    # before: 'reference [pass, not all compared]' (and reference_dtype likewise) for a
+    # wrong gradient, every element of it left out as one the reference leaves undefined
+    checks = ["reference", "reference_dtype"]
+    x = seeded(5).to(dtype)
+    report = check_function(_TripledGradient, x, reference=_gradient_nan_everywhere, checks=checks)
+    assert not report["reference"].passed, report
+    message = report["reference"].message
+    assert "the reference's gradient of input 0 is NaN at every element" in message, report
+    assert not report["reference_dtype"].passed, report
+
+
 def test_a_gradient_nan_where_the_reference_is_finite_still_fails():
     class NanWhereMasked(uk.LogSumExp):
         @staticmethod

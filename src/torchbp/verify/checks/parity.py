@@ -181,11 +181,20 @@ def _left_out_where_undefined(
     """``a`` with the reference's NaN where ``b`` (the reference's gradient) is NaN and
     ``a`` finite, each such ``what`` described in ``undefined``: a NaN gradient is one the
     reference leaves undefined (torch.logsumexp of a row of -inf: exp(-inf - (-inf))),
-    where fn may give any value (0, as a masked attention row's), not one fn must match."""
+    where fn may give any value (0, as a masked attention row's), not one fn must match.
+    Skipped when that is every element: such a reference (a ``torch.where`` whose branch
+    not taken has a NaN derivative) decides none of them, and a pass would say nothing."""
     if a.shape != b.shape:
         return a  # _compare names the shapes
     where = b.isnan() & a.isfinite()
     count = int(where.sum())
+    if count and count == where.numel():
+        raise CheckSkip(
+            f"the reference's {what} is NaN at every element, where fn's is finite: it "
+            "gives no value to compare fn's with (is the reference differentiable at the "
+            "inputs? a torch.where whose branch not taken has a NaN derivative, such as "
+            "a sqrt of negative numbers, makes every gradient NaN); nothing compared"
+        )
     if count:
         first = unravel(int(where.flatten().nonzero()[0]), where.shape)
         undefined.append(f"{count} element(s) of the {what} (first at {first})")
