@@ -792,7 +792,8 @@ def per_sample_grads(
     ignore_index), as long as the loss itself has no trainable parameters. Eager mode only
     (no ``torch.compile``, no autocast; both are refused at the backward); activation
     checkpointing works with ``use_reentrant=False``. With ``use_reentrant=True`` only a
-    segment that holds every trainable Linear does (frozen layers may follow it): the
+    segment that holds every trainable Linear does (frozen layers may precede or follow
+    it, in segments of their own too): the
     segment runs a backward of its own, and the first of the two backwards to pass the
     trainable layers it reaches ends the recording, so a trainable Linear before or after
     the segment, or one in another segment (a checkpoint called twice included), is
