@@ -44,7 +44,8 @@ class OutsideParameterWatch(TorchFunctionMode):
     the context was entered; each is refused from the graph of the backward the context's
     ``loss.backward()`` (or ``torch.autograd.backward``) runs (:meth:`_before_a_backward`),
     and so is a backward through a reentrant checkpoint it never saw run (run before the
-    context was entered), whose parameters no graph shows.
+    context was entered, or on another thread), whose parameters no graph shows; one run
+    while it is active is seen by its torch calls made with grad mode off.
 
     Args:
         model: the model given to ``per_sample_grads``; its parameters at creation are
