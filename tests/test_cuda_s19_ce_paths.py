@@ -107,3 +107,21 @@ def test_cross_entropy_paths_on_cuda_wait_for_no_host_sync_but_the_class_index_c
     ref = z.clone().requires_grad_()
     F.cross_entropy(ref, target, **kwargs).backward()
     torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3], ids=["outside", "class-3"])
+def test_the_class_index_check_of_an_in_range_target_syncs_once(ignore_index):
+    """The common case (every target in [0, C)) reads both extremes back in one copy:
+    each ``int()`` of a device tensor is a host sync of its own (two before)."""
+    target = torch.arange(12, device="cuda") % C
+    _checks.check_class_indices("cross_entropy", target, C, ignore_index)  # warm-up
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        with pytest.warns(UserWarning) as caught:
+            torch.cuda.set_sync_debug_mode("warn")
+            _checks.check_class_indices("cross_entropy", target, C, ignore_index)
+            torch.cuda.set_sync_debug_mode(previous)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

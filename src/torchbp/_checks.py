@@ -361,8 +361,11 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
         )
     if target.numel() == 0 or torch.jit.is_tracing() or not values_inspectable(target):
         return False
-    low, high = torch.aminmax(target)
-    low, high = int(low), int(high)
+    extremes = torch.aminmax(target)
+    if target.device.type == "cpu":
+        low, high = int(extremes.min), int(extremes.max)
+    else:  # one host sync for both (each int() of a device tensor is one)
+        low, high = torch.stack(extremes).tolist()
     if 0 <= low and high < classes:  # the common case: one reduction
         return not low <= ignore_index <= high
     if _only_ignored_out_of_range(target, classes, ignore_index, low, high):
