@@ -472,6 +472,10 @@ def convert(
 def convert(
     module: nn.Module, inplace: bool = ..., to: str = ..., *, report: Literal[True]
 ) -> tuple[nn.Module, ConvertReport]: ...
+@overload
+def convert(
+    module: nn.Module, inplace: bool = ..., to: str = ..., *, report: bool
+) -> nn.Module | tuple[nn.Module, ConvertReport]: ...
 
 
 def convert(
