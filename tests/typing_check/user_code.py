@@ -250,6 +250,8 @@ def lightning() -> None:
         fused_head=True,
         privacy=Privacy(max_grad_norm=1.0, noise_multiplier=1.0),
     )
+    # a name outside the Literal is a type error (the ignore is unused if the check is lost)
+    ERMClassifier(activation="swish")  # type: ignore[arg-type]
     mlp: torch.nn.Sequential = build_mlp(8, 3, [16], activation="relu", backend="torch")
     data = SyntheticDataModule(n_features=8, n_classes=3)
     digits = DigitsDataModule(batch_size=32, seed=0)
