@@ -171,7 +171,7 @@ def int_argument(op: str, name: str, value) -> int:
     ``ValueError`` for an int outside int64's range (native's argument parser's class)."""
     if type(value) is int:  # the common case, first
         return _within_int64(op, name, value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
         return _within_int64(op, name, int(value))
     if isinstance(value, torch.Tensor):
         integral = not (value.is_floating_point() or value.is_complex())
@@ -336,8 +336,8 @@ def check_class_indices(op: str, target: torch.Tensor, classes: int, ignore_inde
         )
     if target.numel() == 0 or torch.jit.is_tracing() or not values_inspectable(target):
         return False
-    low, high = torch.aminmax(target)
-    low, high = int(low), int(high)
+    smallest, largest = torch.aminmax(target)
+    low, high = int(smallest), int(largest)
     if 0 <= low and high < classes:  # the common case: one reduction
         return not low <= ignore_index <= high
     if _only_ignored_out_of_range(target, classes, ignore_index, low, high):

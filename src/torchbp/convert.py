@@ -171,7 +171,9 @@ def _split_combined_name(name: str) -> tuple[str, str] | None:
     if not name.startswith(_COMBINED):
         return None
     unescape = {code: char for char, code in _ESCAPES.items()}
-    parts, current, codes = [], [], iter(name[len(_COMBINED) :])
+    parts: list[str] = []
+    current: list[str] = []
+    codes = iter(name[len(_COMBINED) :])
     for char in codes:
         code = char + next(codes, "") if char == "_" else char
         if code == _SEPARATOR:

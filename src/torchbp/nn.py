@@ -448,6 +448,9 @@ class LinearCrossEntropyLoss(_TorchbpModule, _LinearCrossEntropyLossBase):
     #: rows per chunk (``None``: from ``options`` or the memory budget); a class default so
     #: that a native module switched to this class by ``convert`` has it too
     chunk_size: int | None = None
+    #: the class weights, a buffer (declared for type checkers: ``nn.Module`` types any
+    #: other attribute as a tensor or a module)
+    weight: torch.Tensor | None
 
     def __init__(
         self,

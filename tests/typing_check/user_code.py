@@ -259,3 +259,10 @@ def lightning() -> None:
     entry: Callable[..., None] = train_main
     cli: type[TorchbpCLI] = TorchbpCLI
     del entry, cli
+
+
+def returns_inside_the_contexts(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """Neither context swallows an exception, so a return inside ends every path."""
+    with torchbp.enable():
+        with torchbp.per_sample_grads(model):
+            return x
