@@ -149,6 +149,15 @@ def converting(model: torch.nn.Module) -> tuple[torch.nn.Module, ConvertReport]:
     assert_type(back, torch.nn.Module)
     pair = torchbp.convert(model, report=True)
     assert_type(pair, tuple[torch.nn.Module, ConvertReport])
+    # converting to torchbp keeps the model's class (docs/per_sample.md indexes the result)
+    mlp = torchbp.convert(torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU()))
+    assert_type(mlp, torch.nn.Sequential)
+    first: torch.nn.Module = mlp[0]
+    head, _ = torchbp.convert(torch.nn.Linear(4, 2), inplace=False, report=True)
+    assert_type(head, torch.nn.Linear)
+    direction: str = "torch"
+    assert_type(torchbp.convert(head, to=direction), torch.nn.Module)
+    del first
     module, report = pair
     flag = len(module.state_dict()) > 0
     either = torchbp.convert(model, report=flag)
