@@ -36,8 +36,10 @@ MYPY_FLAGS = (
 
 def test_user_code_type_checks_strictly_against_torchbp(tmp_path):
     env = dict(os.environ)
-    # the torchbp under test (a checkout's src/ ahead of any installed copy)
-    env["MYPYPATH"] = str(Path(torchbp.__file__).parents[1])
+    root = Path(torchbp.__file__).parents[1]
+    if root.name not in ("site-packages", "dist-packages"):  # (mypy refuses those here)
+        # the torchbp under test: a checkout's src/, ahead of any installed copy
+        env["MYPYPATH"] = str(root)
     result = subprocess.run(
         [sys.executable, "-m", "mypy", *MYPY_FLAGS, "--cache-dir", str(tmp_path), str(USER_CODE)],
         capture_output=True,
