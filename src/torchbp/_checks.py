@@ -196,7 +196,7 @@ def int_argument(op: str, name: str, value) -> int:
     ``ValueError`` for an int outside int64's range (native's argument parser's class)."""
     if type(value) is int:  # the common case, first
         return _within_int64(op, name, value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if not isinstance(value, bool) and isinstance(value, numbers.Integral):
         return _within_int64(op, name, int(value))
     if isinstance(value, torch.Tensor):
         integral = not (value.is_floating_point() or value.is_complex())

@@ -56,7 +56,7 @@ import itertools
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Literal, TypeVar, overload
 
 import torch
 from torch import nn
@@ -171,7 +171,9 @@ def _split_combined_name(name: str) -> tuple[str, str] | None:
     if not name.startswith(_COMBINED):
         return None
     unescape = {code: char for char, code in _ESCAPES.items()}
-    parts, current, codes = [], [], iter(name[len(_COMBINED) :])
+    parts: list[str] = []
+    current: list[str] = []
+    codes = iter(name[len(_COMBINED) :])
     for char in codes:
         code = char + next(codes, "") if char == "_" else char
         if code == _SEPARATOR:
@@ -464,6 +466,23 @@ def _computes_itself(module: nn.Module) -> bool:
     return has_own_state or not any(True for _ in module.children())
 
 
+#: the class of the module converted: to torchbp, it stays an instance of it (a torch.nn
+#: class becomes its torchbp subclass); back to torch, a torchbp class does not
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+
+@overload
+def convert(
+    module: _ModuleT,
+    inplace: bool = ...,
+    to: Literal["torchbp"] = ...,
+    *,
+    report: Literal[False] = ...,
+) -> _ModuleT: ...
+@overload
+def convert(
+    module: _ModuleT, inplace: bool = ..., to: Literal["torchbp"] = ..., *, report: Literal[True]
+) -> tuple[_ModuleT, ConvertReport]: ...
 @overload
 def convert(
     module: nn.Module, inplace: bool = ..., to: str = ..., *, report: Literal[False] = ...
@@ -472,6 +491,10 @@ def convert(
 def convert(
     module: nn.Module, inplace: bool = ..., to: str = ..., *, report: Literal[True]
 ) -> tuple[nn.Module, ConvertReport]: ...
+@overload
+def convert(
+    module: nn.Module, inplace: bool = ..., to: str = ..., *, report: bool
+) -> nn.Module | tuple[nn.Module, ConvertReport]: ...
 
 
 def convert(

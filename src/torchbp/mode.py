@@ -125,7 +125,7 @@ import types
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -492,6 +492,10 @@ class TorchbpMode(TorchFunctionMode):
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.native: Counter[str] = Counter()
+
+    if TYPE_CHECKING:
+        # torch's TorchFunctionMode.__enter__ (which returns the mode) is unannotated
+        def __enter__(self) -> TorchbpMode: ...
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}

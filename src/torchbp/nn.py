@@ -24,6 +24,7 @@ Examples::
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -387,11 +388,16 @@ class CrossEntropyLoss(_TorchbpModule, nn.CrossEntropyLoss):
 
 
 # torch 2.13+ has the native module: torchbp's subclasses it like every other twin (so
-# ``convert`` swaps it and ``isinstance`` holds); on older torch it stands alone.
+# ``convert`` swaps it and ``isinstance`` holds); on older torch it stands alone. Type
+# checkers see an ``nn.Module`` base, the one every supported torch has.
 _NativeLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", None)
+if TYPE_CHECKING:
+    _LinearCrossEntropyLossBase = nn.Module
+else:
+    _LinearCrossEntropyLossBase = _NativeLinearCrossEntropyLoss or nn.Module
 
 
-class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn.Module):
+class LinearCrossEntropyLoss(_TorchbpModule, _LinearCrossEntropyLossBase):
     r"""Linear layer + cross-entropy in one fused op that never holds the ``(N, C)``
     logits (:func:`torchbp.functional.linear_cross_entropy`).
 
@@ -442,6 +448,9 @@ class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn
     #: rows per chunk (``None``: from ``options`` or the memory budget); a class default so
     #: that a native module switched to this class by ``convert`` has it too
     chunk_size: int | None = None
+    #: the class weights, a buffer (declared for type checkers: ``nn.Module`` types any
+    #: other attribute as a tensor or a module)
+    weight: torch.Tensor | None
 
     def __init__(
         self,
@@ -450,13 +459,13 @@ class LinearCrossEntropyLoss(_TorchbpModule, _NativeLinearCrossEntropyLoss or nn
         *,
         out_features: tuple[int, ...] = (),
         bias: bool = False,
-        device=None,
-        dtype=None,
+        device: torch.types.Device = None,
+        dtype: torch.dtype | None = None,
         reduction: str = "mean",
         weight: torch.Tensor | None = None,
         ignore_index: int | None = None,
         label_smoothing: float = 0.0,
-        options=None,
+        options: Any = None,
         chunk_size: int | None = None,
     ) -> None:
         op = "LinearCrossEntropyLoss"

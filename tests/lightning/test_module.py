@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import typing
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 import torchbp.nn
 from torchbp.lightning import ERMClassifier, build_mlp
+from torchbp.lightning.mlp import BACKENDS, Activation, Backend
 from torchbp.lightning.module import ACTIVATIONS
 
 
@@ -27,6 +29,12 @@ def _quiet_trainer(tmp_path, **kwargs):
         enable_model_summary=False,
         **kwargs,
     )
+
+
+def test_the_literal_types_name_every_activation_and_backend():
+    # (ERMClassifier's annotations, read by jsonargparse and by type checkers)
+    assert typing.get_args(Activation) == tuple(ACTIVATIONS)
+    assert typing.get_args(Backend) == tuple(BACKENDS)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd import Function
 
 from torchbp._execution import any_without_storage, has_storage
+
+if TYPE_CHECKING:
+    from torchbp.per_sample.recorder import Recorder
 
 
 class _PerSampleRecording(threading.local):
@@ -17,7 +21,7 @@ class _PerSampleRecording(threading.local):
     and before any context: a class default, so that reading it (on each Linear call)
     finds it at once rather than through a missed thread-local lookup."""
 
-    recorder = None
+    recorder: Recorder | None = None
 
 
 per_sample_recording = _PerSampleRecording()

@@ -14,7 +14,9 @@ from torchbp.functional._autocast import _autocast_dtype, _cast_low, _run_withou
 _LINEAR = pair(LinearFunction)
 
 
-def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Affine map :math:`y = x W^T + b` (as :func:`torch.nn.functional.linear`).
 
     Args:

@@ -5,6 +5,7 @@ weights, float64 probabilities with half input, torch.func transforms, export an
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
@@ -183,7 +184,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-    options=None,
+    options: Any = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     r"""``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` computed

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -196,7 +197,7 @@ class Kernel(NamedTuple):
     """An in-place kernel ``fn(g, saved, *args, out=, tmp=)`` that writes ``g · f'`` into
     ``out`` using ``scratch`` buffers ``tmp`` shaped like ``out``, and returns ``out``."""
 
-    fn: object
+    fn: Callable[..., torch.Tensor]
     scratch: int = 0
 
 

@@ -133,8 +133,20 @@ def _check_number(name: str, value: object, *, optional: bool) -> None:
     """A real number (``None`` too if ``optional``); ``True`` is not a number here."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _is_number(value):
         raise TypeError(f"privacy.{name} must be a number, got {value!r}")
+
+
+def _is_number(value: object) -> bool:
+    """A real number, numpy's too; ``True`` is none here. (A function, not an inline
+    ``isinstance``: type checkers know no ``float`` to be a ``numbers.Real``, and would take
+    the code after such a check of a ``float`` argument for unreachable.)"""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    """An int, numpy's too; ``True`` is none here (a function: see :func:`_is_number`)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_positive(name: str, value: float | None, why: str = "") -> None:
@@ -169,9 +181,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __init__(self, num_samples: int, sample_rate: float, seed: int = 0) -> None:
         for name, value in (("num_samples", num_samples), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not _is_int(value):
                 raise TypeError(f"PoissonBatchSampler: {name} must be an int, got {value!r}")
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
+        if not _is_number(sample_rate):
             raise TypeError(
                 f"PoissonBatchSampler: sample_rate must be a number, got {sample_rate!r}"
             )

@@ -57,9 +57,9 @@ def describe_config_error(error: BaseException) -> str:
     if data is not None:
         return f"invalid data configuration: {data}"
     message = headline(str(error))
-    for cause in map(str, chain[1:]):
-        if cause and headline(cause) not in message:
-            message = f"{message}: {headline(cause)}"
+    for cause_message in map(str, chain[1:]):
+        if cause_message and headline(cause_message) not in message:
+            message = f"{message}: {headline(cause_message)}"
     return f"invalid configuration: {message}"
 
 

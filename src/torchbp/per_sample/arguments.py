@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import TypeGuard
 
 import torch
 
@@ -140,7 +141,7 @@ def refuse_unusable_generator(parameters: Iterable[torch.Tensor], generator: obj
             )
 
 
-def _is_real_scalar_tensor(value: object) -> bool:
+def _is_real_scalar_tensor(value: object) -> TypeGuard[torch.Tensor]:
     """A 0-dim tensor of a real dtype (not bool, not complex), off the meta device."""
     return (
         isinstance(value, torch.Tensor)
@@ -149,7 +150,7 @@ def _is_real_scalar_tensor(value: object) -> bool:
     )
 
 
-def _is_finite(value: numbers.Real) -> bool:
+def _is_finite(value: float) -> bool:
     """Whether ``value`` is a finite float (an int too large for one is not)."""
     try:
         return math.isfinite(value)
@@ -157,6 +158,7 @@ def _is_finite(value: numbers.Real) -> bool:
         return False
 
 
-def _is_number(value: object) -> bool:
-    """A real number: Python's or numpy's (``True`` is not one here)."""
+def _is_number(value: object) -> TypeGuard[float]:
+    """A real number: Python's or numpy's (``True`` is not one here; a type checker takes
+    it for a float)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
+from torch.utils.hooks import RemovableHandle
 
 from torchbp.autograd.linear import per_sample_recorders_by_weight, per_sample_recording
 from torchbp.per_sample import arguments, refusals
@@ -126,11 +128,11 @@ class PerSampleGrads:
         self._hooks: list = []
         # the multi-gradient hook that forms the results, on the parameters and on the
         # trainable tensors of every linear call refused at its backward (see _watch_stray)
-        self._results_hook = None
+        self._results_hook: RemovableHandle | None = None
         self._watched: list[torch.Tensor] = []
         # the multi-gradient hook that fires once per backward, at the first parameter it
         # reaches (see _on_a_backward_reaching_parameters)
-        self._start_hook = None
+        self._start_hook: RemovableHandle | None = None
         # ids of the parameters the backward reached (all of them, unless
         # backward(inputs=...) names some): only those get p.grad, as with autograd
         self._reached: set[int] = set()
@@ -181,7 +183,7 @@ class PerSampleGrads:
         self._state = "open"
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self._thread is not None and self._thread != threading.get_ident():
             refusals.refuse_exit_on_another_thread()
         self._thread = None
@@ -519,7 +521,7 @@ class PerSampleGrads:
             [*self.parameters, *self._watched], self._after_backward, mode="all"
         )
 
-    def _watch_stray(self, tensors: list[torch.Tensor]) -> None:
+    def _watch_stray(self, tensors: Sequence[torch.Tensor]) -> None:
         """Make the results wait for the backward of a linear call with trainable
         ``tensors`` that the context refuses at its backward (a Linear outside the model,
         functional_call with new parameters): one that runs after the backward has passed

@@ -16,7 +16,8 @@ import inspect
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import CheckpointFunction
@@ -474,8 +475,8 @@ class SegmentMap:
         # (Use, name of the module that made it) for the calls made outside any segment
         self._outside: list[tuple[weakref.ref, str]] = []
         # per outermost segment (its checkpoint's node): {path of segment serials: names}
-        self._inside: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._serials: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._inside: MutableMapping[Any, dict[tuple, list[str]]] = weakref.WeakKeyDictionary()
+        self._serials: MutableMapping[Any, int] = weakref.WeakKeyDictionary()
 
     def note(self, use: Use, caller: str) -> None:
         """File a Use made at the forward by the module named ``caller`` (a Linear tied to

@@ -312,7 +312,9 @@ def _jobs(ops: list[str], devices: list[str], dtypes: list[str]) -> list[Job]:
     return jobs
 
 
-def _options(job: Job, args: argparse.Namespace, compiled: set[tuple[str, str]]) -> dict[str, Any]:
+def _options(
+    job: Job, args: argparse.Namespace, compiled: set[tuple[str, str, str]]
+) -> dict[str, Any]:
     # torchbp's ops are autograd.Functions, not torch.library custom ops, and each dtype
     # runs on inputs of that dtype (nothing cast: reference_dtype would only be skipped);
     # a float32 or bfloat16 job's reference check compares the op with native in that
@@ -372,7 +374,7 @@ def run(
         One :class:`Outcome` per job.
     """
     outcomes: list[Outcome] = []
-    compiled: set[tuple[str, str]] = set()
+    compiled: set[tuple[str, str, str]] = set()
     for job in jobs:
         if progress is not None:
             progress.update(task, description=f"{job.case.label} ({job.device}, {job.dtype})")

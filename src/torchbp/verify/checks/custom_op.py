@@ -196,7 +196,8 @@ def check_opcheck(ctx: CheckContext) -> Passed:
     op, bound, keywords = _bound_arguments(ctx.custom_op)
     args = ctx.call(lambda *a: a, ctx.leaves())
     results = torch.library.opcheck(op, (*bound, *args), keywords, raise_exception=False)
-    problems, gaps = [], []
+    problems: list[str] = []
+    gaps: list[tuple[str, str]] = []
     for test in OPCHECK_TESTS:
         outcome = results.get(test, "SUCCESS")
         if outcome == "SUCCESS":

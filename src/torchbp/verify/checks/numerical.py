@@ -828,7 +828,8 @@ def _saved_non_inputs(
     except Exception:  # noqa: BLE001 - a hint only: fn already ran in the failed check
         return []
     roots = [o.grad_fn for o in reversed(outs) if o.grad_fn is not None]
-    found, seen = [], set()
+    found: list[tuple[str, torch.Tensor]] = []
+    seen = set()
     while roots:
         node = roots.pop()
         if node is None or node in seen:
