@@ -223,3 +223,28 @@ def test_a_forward_without_grad_whose_output_joins_a_graph_on_another_thread_ref
                     model(x)
 
             _on_a_thread_of_its_own(evaluate)
+
+
+class _Box:
+    """A model output class of no kind the context looks into (not a tuple, mapping or
+    dataclass)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class _BoxedOutput(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> _Box:
+        return _Box(self.inner(x))
+
+
+def test_a_forward_with_grad_on_another_thread_refused_whatever_its_output_holds():
+    model, temperature, (x, y) = _BoxedOutput(_model()), nn.Parameter(torch.tensor(2.0)), _data()
+    with pytest.raises(RuntimeError, match=REFUSAL % "the model's forward"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+            _on_a_thread_of_its_own(lambda: _loss(model(x).logits, temperature, y).backward())
+    assert all(p.grad is None for p in [*model.parameters(), temperature])

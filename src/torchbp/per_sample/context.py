@@ -668,11 +668,14 @@ def _past_the_function_modes(step: Callable[[], None]) -> None:
 
 
 def _can_join_a_graph(output: object) -> bool:
-    """Whether a forward's ``output`` can join an autograd graph: a tensor of it requires
-    grad, or the forward runs inside a reentrant checkpoint's (with grad mode off), whose
-    output does."""
-    return any(t.requires_grad for t in refusals.tensors_in(output)) or bool(
-        running_checkpoint_segments()
+    """Whether a forward's ``output`` can join an autograd graph, read as the forward
+    ends: grad mode is on (whatever the output holds), a tensor of it requires grad (a
+    forward turning grad mode on inside), or the forward runs inside a reentrant
+    checkpoint's (with grad mode off), whose output does."""
+    return (
+        torch.is_grad_enabled()
+        or any(t.requires_grad for t in refusals.tensors_in(output))
+        or bool(running_checkpoint_segments())
     )
 
 
