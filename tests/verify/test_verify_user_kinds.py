@@ -263,6 +263,37 @@ def test_a_double_backward_raising_a_runtime_error_saying_not_implemented_is_uns
     )
 
 
+class _JvpWithAnIntegerSoftmax(Function):
+    """2 x, whose jvp (a bug) calls softmax on an integer tensor: torch's dispatcher
+    raises NotImplementedError '"softmax_lastdim_kernel_impl" not implemented for
+    'Long''."""
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t * 2 * torch.softmax(torch.ones(1, dtype=torch.long), 0)
+
+
+def test_a_jvp_crashing_on_a_kernel_missing_for_a_dtype_fails_not_unsupported():
+    # before: 'forward_ad [unsupported]: forward-mode AD (jvp) raised NotImplementedError:
+    # "softmax_lastdim_kernel_impl" not implemented for 'Long'; to add it: write the jvp'
+    # (the report ok): the jvp is there, and crashes
+    report = check_function(_JvpWithAnIntegerSoftmax, seeded(4), checks=["forward_ad"])
+    assert report["forward_ad"].failed, report
+    assert "not implemented for 'Long'" in report["forward_ad"].message, report
+
+
 @pytest.mark.parametrize(
     "argument",
     [uk.Reduction.MEAN, slice(1, 3), (Ellipsis, slice(0, 2)), 2 - 1j, torch.strided],

@@ -267,12 +267,21 @@ def not_implemented(exc: BaseException) -> Exception | None:
     return next((e for e in _chain(exc) if _says_not_implemented(e)), None)
 
 
+#: torch's dispatcher's words for a kernel missing for a dtype (``"softmax_lastdim_kernel_impl"
+#: not implemented for 'Long'``): raised in the caller's code, a crash of a rule fn has
+#: (an integer tensor where a float one was meant), not a capability fn says it lacks.
+KERNEL_MISSING_FOR_A_DTYPE = re.compile(r"not implemented for '[^']+'")
+
+
 def _says_not_implemented(exc: BaseException) -> bool:
     """True for a ``NotImplementedError``, or a ``RuntimeError`` whose first line says
-    "not implemented" or "not yet implemented"."""
+    "not implemented" or "not yet implemented"; False for either saying a kernel is
+    missing for a dtype (:data:`KERNEL_MISSING_FOR_A_DTYPE`) in the caller's code."""
+    line = first_line(str(exc)).lower()
+    if KERNEL_MISSING_FOR_A_DTYPE.search(line) and raised_at(exc) is not None:
+        return False
     if isinstance(exc, NotImplementedError):
         return True
-    line = first_line(str(exc)).lower()
     return isinstance(exc, RuntimeError) and (
         "not implemented" in line or "not yet implemented" in line
     )
