@@ -1985,6 +1985,17 @@ def test_a_fit_that_trains_nothing_says_its_test_is_of_the_initial_weights(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_fit_without_test_batches_still_names_its_run_folder(tmp_path, capsys):
+    """With --trainer.limit_test_batches 0 the test that ends a fit returns no metrics,
+    and the fit ended without a word of where its run folder is."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    short = ("--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
+    run_cli("fit", *iris, *short, "--trainer.max_epochs=1", "--trainer.limit_test_batches=0")
+    out = capsys.readouterr().out
+    assert f"run folder: {tmp_path / 'iris/version_0'}" in out.splitlines(), out
+    assert "test metrics" not in out
+
+
 def test_seed_everything_true_draws_a_seed_per_run_its_config_records(tmp_path, monkeypatch):
     """``--seed_everything true`` (a random seed, LightningCLI's help says) seeded 0, as
     Lightning's seed_everything does without a seed: every such run was the default run.

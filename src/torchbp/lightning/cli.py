@@ -641,12 +641,14 @@ class TorchbpCLI(LightningCLI):
             )
         results = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if trainer.is_global_zero and results:
+        if not trainer.is_global_zero:
+            return
+        if results:  # none with limit_test_batches: 0
             shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(results[0].items()))
             weights = "initial weights, untrained" if untrained else "final weights"
             print(f"test metrics ({ckpt or weights}): {shown}")
-            if log_dir:
-                print(f"run folder: {os.path.abspath(log_dir)}")
+        if log_dir and os.path.isdir(log_dir):
+            print(f"run folder: {os.path.abspath(log_dir)}")
 
     # -- predict writes what it predicted --------------------------------------------------
     def after_validate(self) -> None:
