@@ -356,7 +356,7 @@ def refuse_unseen_checkpoint() -> None:
         "(run before it was entered, or on another thread), whose forward keeps no graph: "
         "the trainable parameters its segment uses cannot be seen, and its backward would "
         "give them an unclipped gradient outside the per-sample accounting in mode='clip': "
-        "run it inside the with block, use use_reentrant=False (its graph is then "
+        "run it inside the with block, on its thread, use use_reentrant=False (its graph is then "
         "checked), or detach its output"
     )
 
