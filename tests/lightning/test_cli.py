@@ -1996,6 +1996,18 @@ def test_a_fit_without_test_batches_still_names_its_run_folder(tmp_path, capsys)
     assert "test metrics" not in out
 
 
+def test_a_predict_of_no_batch_says_it_wrote_no_predictions(tmp_path, capsys):
+    """predict with --trainer.limit_predict_batches 0 wrote no predictions.csv and said
+    nothing: the run seemed to have succeeded."""
+    iris = ("--config", str(CONFIGS / "iris.yaml"), f"--run_dir={tmp_path}")
+    run_cli("fit", *iris, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1")
+    capsys.readouterr()
+    run_cli("predict", *iris, "--ckpt_path=last", "--trainer.limit_predict_batches=0")
+    err = capsys.readouterr().err
+    assert "note: predict ran no batch (trainer.limit_predict_batches=0): no predictions" in err
+    assert not list(tmp_path.rglob("predictions.csv"))
+
+
 def test_seed_everything_true_draws_a_seed_per_run_its_config_records(tmp_path, monkeypatch):
     """``--seed_everything true`` (a random seed, LightningCLI's help says) seeded 0, as
     Lightning's seed_everything does without a seed: every such run was the default run.

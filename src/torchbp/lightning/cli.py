@@ -678,6 +678,12 @@ class TorchbpCLI(LightningCLI):
         trainer = self.trainer
         batches = trainer.predict_loop.predictions
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.is_global_zero and not batches and trainer.limit_predict_batches == 0:
+            print(
+                "note: predict ran no batch (trainer.limit_predict_batches=0): no "
+                f"{PREDICTIONS_FILE} written",
+                file=sys.stderr,
+            )
         if not trainer.is_global_zero or not batches or not log_dir:
             return
         if trainer.world_size > 1:
