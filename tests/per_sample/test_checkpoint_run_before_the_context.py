@@ -5,10 +5,12 @@ Its forward keeps no graph, so nothing inside the context saw the parameters its
 segment uses; its backward recomputes the segment and gave a trainable one (a head
 outside the model) its ordinary, unclipped gradient, silently (a DP leak). The graph of
 ``loss.backward()`` shows the checkpoint's node, whose segment the context never saw
-run: refused as the backward starts, before any gradient is written. One run inside the
-context (after the model, in the loss) whose segment uses no trainable parameter outside
-the model stays served, and so is the same step without a checkpoint or with
-``use_reentrant=False``.
+run: refused as the backward starts, before any gradient is written; so is one made on
+another thread, on the model's output (the graph below it reaching the model's
+parameters does not make it seen). One run inside the context on its thread (after the
+model, in the loss; a frozen segment in front of the trainable layers) whose segment uses
+no trainable parameter outside the model stays served, and so is the same step without a
+checkpoint or with ``use_reentrant=False``.
 """
 
 from __future__ import annotations
