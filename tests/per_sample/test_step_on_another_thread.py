@@ -4,7 +4,9 @@ Clip mode watches for trainable parameters outside the model with a torch functi
 which is active on the entering thread only: a step whose loss used such a parameter
 (a learnable temperature) on another thread gave it its ordinary, unclipped gradient,
 silently, while the model's gradients were clipped (a DP leak). Refused now: the model's
-forward on another thread, before anything runs; a backward through the model's Linears
+forward on another thread whose output can join a graph (with grad, or inside a reentrant
+checkpoint's forward), as it ends; an evaluation forward without grad there is let be; a
+backward through the model's Linears
 on another thread (CPU, where the backward runs on the thread that calls it), before any
 of the model's gradients is formed. The same step on the entering thread is served, and
 so is a reentrant checkpoint's recomputation on another thread (as on a device's
