@@ -594,3 +594,26 @@ def test_two_calls_before_backward_stay_inside_fns_domain(fn, x):
     # (0.9 -> 1.125, an ascending x made descending); now scaled down, or not flipped
     report = check_function(fn, x, checks=["interleave"])
     assert report["interleave"].passed, report
+
+
+def _entropy_of_a_distribution(p):
+    """-sum p log p of a probability vector, refusing one whose sum is not 1 (within
+    torch.allclose's 1e-5): moving every element by eps / sqrt(n), the uniform direction
+    moves the sum by sqrt(n) eps, off the simplex for n = 200."""
+    if not torch.allclose(p.sum(-1), torch.ones((), dtype=p.dtype)):
+        raise ValueError("p must sum to 1")
+    return -(p * p.log()).sum(-1)
+
+
+@pytest.mark.parametrize("check", ["gradcheck", "forward_ad"])
+def test_a_domain_the_uniform_direction_leaves_is_no_usage_error(check):
+    # before: check_function raised UsageError 'gradcheck compares with central
+    # differences, which evaluate fn at input 0 shifted by -1e-06 (eps), and there fn
+    # raised ValueError: p must sum to 1' for inputs on the simplex, which one-hot steps
+    # (and torch's gradcheck) keep close enough to it
+    p = torch.softmax(seeded(200), -1)
+    assert torch.autograd.gradcheck(
+        _entropy_of_a_distribution, (p.clone().requires_grad_(),), check_forward_ad=True
+    )
+    report = check_function(_entropy_of_a_distribution, p, checks=[check])
+    assert report[check].passed, report

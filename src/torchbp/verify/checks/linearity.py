@@ -268,7 +268,9 @@ def require_backward_like_central_differences(ctx: CheckContext) -> None:
     _require_backward_along(
         ctx, leaves, lambda: unit_direction(leaves, ctx.randn), RANDOM_DIRECTION
     )
-    _require_backward_along(ctx, leaves, lambda: uniform_direction(leaves), UNIFORM_DIRECTION)
+    _require_backward_along(
+        ctx, leaves, lambda: uniform_direction(leaves), UNIFORM_DIRECTION, refusal_skips=True
+    )
 
 
 #: How a failure of :func:`require_backward_like_central_differences` names the random
@@ -294,10 +296,13 @@ def _require_backward_along(
     leaves: list[torch.Tensor],
     direction_of: Callable[[], list[torch.Tensor]],
     direction: tuple[str, str],
+    *,
+    refusal_skips: bool = False,
 ) -> None:
     """:func:`require_backward_like_central_differences` along the direction
     ``direction_of()`` gives, drawn after the grad_outputs (``direction``: its name and
-    the likely cause of a failure along it)."""
+    the likely cause of a failure along it); nothing judged, with ``refusal_skips``,
+    where fn raises at the inputs moved along it (:func:`_quotients_where_fn_runs`)."""
     outs = ctx.diff_fn(*leaves)
     wanted = [o for o, out in enumerate(outs) if out.requires_grad]
     if not wanted:
@@ -310,7 +315,9 @@ def _require_backward_along(
     backward = sum(
         float((g.detach().to(torch.float64) * u).sum()) for g, u in zip(grads, us) if g is not None
     )
-    quotients = directional_quotients(ctx.diff_fn, leaves, us, float(ctx.options.eps))
+    quotients = _quotients_where_fn_runs(ctx, leaves, us, refusal_skips)
+    if quotients is None:
+        return
     pick = {name: [per_output[o] for o in wanted] for name, per_output in quotients.items()}
     central = sum(float((d * v).sum()) for d, v in zip(pick["central"], vs))
     low, high = one_sided_bracket(pick["left"], pick["right"], vs)
@@ -331,6 +338,28 @@ def _require_backward_along(
         error,
         error / max(abs(central), 1e-12),
     )
+
+
+def _quotients_where_fn_runs(
+    ctx: CheckContext,
+    inputs: list[torch.Tensor],
+    us: list[torch.Tensor],
+    refusal_skips: bool,
+) -> dict[str, list[torch.Tensor]] | None:
+    """fn's difference quotients along ``us``
+    (:func:`~torchbp.verify.checks.jacobians.directional_quotients`), or, with
+    ``refusal_skips``, None where fn raises at the inputs moved along them: the uniform
+    direction moves every element by ``eps / sqrt(n)``, a sum by ``sqrt(n) eps``, off a
+    domain that one-hot steps of ``eps`` keep to (a probability vector whose sum fn
+    checks to 1e-5), and fn's refusal there says nothing of its derivatives. Without
+    ``refusal_skips`` fn's error propagates (to the near-edge usage error)."""
+    eps = float(ctx.options.eps)
+    if not refusal_skips:
+        return directional_quotients(ctx.diff_fn, inputs, us, eps)
+    try:
+        return directional_quotients(ctx.diff_fn, inputs, us, eps)
+    except Exception:  # noqa: BLE001 - fn refusing the moved inputs: nothing to judge
+        return None
 
 
 def _magnitude_of_terms(
@@ -388,7 +417,9 @@ def require_jvp_like_central_differences(ctx: CheckContext) -> None:
     wrong for all of them. Elements where a figure is not finite are not judged."""
     base = [x.detach() for x in ctx.leaves()]
     _require_jvp_along(ctx, base, unit_direction(base, ctx.randn), JVP_RANDOM_DIRECTION)
-    _require_jvp_along(ctx, base, uniform_direction(base), JVP_UNIFORM_DIRECTION)
+    _require_jvp_along(
+        ctx, base, uniform_direction(base), JVP_UNIFORM_DIRECTION, refusal_skips=True
+    )
 
 
 #: How a failure of :func:`require_jvp_like_central_differences` names the random
@@ -414,13 +445,19 @@ def _require_jvp_along(
     base: list[torch.Tensor],
     us: list[torch.Tensor],
     direction: tuple[str, str],
+    *,
+    refusal_skips: bool = False,
 ) -> None:
     """:func:`require_jvp_like_central_differences` for the tangents ``us``
-    (``direction``: their name and the likely cause of a failure for them)."""
+    (``direction``: their name and the likely cause of a failure for them); nothing
+    judged, with ``refusal_skips``, where fn raises at the inputs moved along them
+    (:func:`_quotients_where_fn_runs`)."""
     with fwAD.dual_level():
         duals = [fwAD.make_dual(x, u.clone()) for x, u in zip(base, us)]
         tangents = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
-    quotients = directional_quotients(ctx.diff_fn, base, us, float(ctx.options.eps))
+    quotients = _quotients_where_fn_runs(ctx, base, us, refusal_skips)
+    if quotients is None:
+        return
     atol, rtol = float(ctx.options.atol), float(ctx.options.rtol)
     for o, tangent in enumerate(tangents):
         if tangent is None:
