@@ -432,3 +432,22 @@ def test_a_shift_invariant_fn_of_large_inputs_passes_along_the_uniform_direction
     assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(),), raise_exception=False)
     report = check_function(fn, x, checks=["gradcheck"])
     assert report["gradcheck"].passed, report
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda t: t[..., 1:] - t[..., :-1], lambda t: t - t.mean(-1, keepdim=True)],
+    ids=["differences", "centred"],
+)
+@pytest.mark.parametrize("scale", [1e5, 1e6])
+def test_a_shift_invariant_fn_of_large_inputs_passes_forward_ad(fn, scale):
+    # each output element is 0 along the uniform tangent, and outputs of 1e5 round by
+    # ~1e-11, 1e-5 over a step of 1e-6: before, 'jvp for the tangent u moving every
+    # element of the inputs by the same amount disagrees with central differences' (and
+    # at 1e6 for dense random tangents: atol + rtol |J u| only), which torch's gradcheck
+    # passes
+    x = seeded(4, 6) * scale + scale
+    inputs = (x.clone().requires_grad_(),)
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, raise_exception=False)
+    report = check_function(fn, x, checks=["forward_ad"])
+    assert report["forward_ad"].passed, report

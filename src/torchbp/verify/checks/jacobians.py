@@ -396,7 +396,8 @@ def directional_quotients(
     """Per output of ``func``, in float64, its central, right and left difference
     quotients at ``inputs`` along the direction ``us`` (one tensor per input): the
     derivative ``J u`` where ``func`` is differentiable; where it is not (a kink), the
-    one-sided ones bracket every derivative autograd may pick."""
+    one-sided ones bracket every derivative autograd may pick. Also ``"value"``, the
+    outputs at ``inputs`` (the scale of the quotients' rounding)."""
     base = [x.detach() for x in inputs]
     with torch.no_grad():
         at = {
@@ -410,6 +411,7 @@ def directional_quotients(
         "central": [(hi - lo) / (2 * eps) for hi, lo in zip(at[eps], at[-eps])],
         "right": [(hi - mid) / eps for hi, mid in zip(at[eps], at[0.0])],
         "left": [(mid - lo) / eps for mid, lo in zip(at[0.0], at[-eps])],
+        "value": at[0.0],
     }
 
 

@@ -362,6 +362,16 @@ def _quotients_where_fn_runs(
         return None
 
 
+def _rounding(value: torch.Tensor, eps: float) -> torch.Tensor:
+    """How far rounding may carry a central difference of outputs near ``value`` (fn at
+    the unmoved inputs) over ``2 eps``: each of the two outputs off by 2 ulps
+    (``2 * 2.2e-16 * |value|``), their difference by twice that, divided by ``2 eps``.
+    Outputs of 1e5, rounding by 1e-11, move 1e-5 along a step of 1e-6: beyond ``atol``
+    for an element whose derivative along the direction is 0 (``x - x.mean()`` along the
+    uniform direction), where ``rtol`` gives no slack."""
+    return 2 * torch.finfo(torch.float64).eps * value.abs() / eps
+
+
 def _magnitude_of_terms(
     grads: Sequence[torch.Tensor | None],
     us: Sequence[torch.Tensor],
@@ -452,6 +462,7 @@ def _require_jvp_along(
     (``direction``: their name and the likely cause of a failure for them); nothing
     judged, with ``refusal_skips``, where fn raises at the inputs moved along them
     (:func:`_quotients_where_fn_runs`)."""
+    eps = float(ctx.options.eps)
     with fwAD.dual_level():
         duals = [fwAD.make_dual(x, u.clone()) for x, u in zip(base, us)]
         tangents = [fwAD.unpack_dual(o).tangent for o in ctx.diff_fn(*duals)]
@@ -464,7 +475,7 @@ def _require_jvp_along(
             continue
         got = dense(tangent).detach().to(torch.float64)
         central, left, right = (quotients[k][o] for k in ("central", "left", "right"))
-        slack = atol + rtol * central.abs()
+        slack = atol + rtol * central.abs() + _rounding(quotients["value"][o], eps)
         inside = (got - central).abs() <= slack
         inside |= (got >= torch.minimum(left, right) - slack) & (
             got <= torch.maximum(left, right) + slack
