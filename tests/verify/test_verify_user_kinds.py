@@ -443,3 +443,24 @@ def test_a_float32_infinity_fn_is_right_to_give_passes_without_a_reference(fn):
     report = check_function(fn, _float32_near_95(), checks=["reference_dtype"])
     assert report["reference_dtype"].passed, report
     assert "not for its values" in report["reference_dtype"].caveat, report
+
+
+def _double_without_a_half_kernel(x):
+    """2 x, refusing float16 as torch's dispatcher refuses an op without a kernel for it
+    (torch.cdist on the CPU: '"cdist" not implemented for 'Half'')."""
+    if x.dtype == torch.float16:
+        raise NotImplementedError("\"double_kernel\" not implemented for 'Half'")
+    return x * 2
+
+
+@pytest.mark.parametrize("with_reference", [False, True], ids=["alone", "with a reference"])
+def test_a_fn_without_a_kernel_for_the_inputs_own_dtype_skips_reference_dtype(with_reference):
+    # before: 'reference_dtype [fail]: fn raised on the inputs in their own dtype
+    # (float16): NotImplementedError: ... not implemented for 'Half'' (without a
+    # reference since 8d0bd85): a right fn that torch cannot run in that dtype here
+    reference = (lambda x: x * 2) if with_reference else None
+    x = seeded(3, 4).half()
+    checks = ["reference", "reference_dtype"]
+    report = check_function(_double_without_a_half_kernel, x, reference=reference, checks=checks)
+    assert report.ok and report["reference_dtype"].skipped, report
+    assert "not implemented for 'Half'" in report["reference_dtype"].message, report

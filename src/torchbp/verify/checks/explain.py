@@ -18,6 +18,7 @@ from torchbp.verify.checks.outcomes import CheckFailure, CheckUnsupported
 from torchbp.verify.checks.spelling import option_name
 
 __all__ = [
+    "KERNEL_MISSING_FOR_A_DTYPE",
     "capability_gap",
     "explain_error",
     "first_line",

@@ -16,10 +16,10 @@ import torch
 
 from torchbp.verify.checks.compare import float_tensors, input_grads, unravel, zeros_for_none
 from torchbp.verify.checks.context import CheckContext
-from torchbp.verify.checks.explain import explain_error
-from torchbp.verify.checks.outcomes import CheckFailure, Passed
+from torchbp.verify.checks.explain import KERNEL_MISSING_FOR_A_DTYPE, explain_error, first_line
+from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 
-__all__ = ["HEADROOM", "require_finite_as_in_cast_dtype"]
+__all__ = ["HEADROOM", "raised_in_own_dtype", "require_finite_as_in_cast_dtype"]
 
 #: How far inside the narrow dtype's largest finite value fn's float64 value must lie to
 #: be judged: rounding to the narrow dtype may carry a value just below it over.
@@ -76,6 +76,21 @@ def _first_lost(what: str, narrow: torch.Tensor, wide: torch.Tensor, dtypes: str
     )
 
 
+def raised_in_own_dtype(exc: Exception, dtypes: str) -> CheckFailure | CheckSkip:
+    """What fn raising ``exc`` on the inputs in their own dtypes (``dtypes``) makes of
+    ``reference_dtype``: skipped for torch's dispatcher saying a kernel is missing for the
+    dtype (``"cdist" not implemented for 'Half'`` on the CPU: fn is not wrong there, it
+    cannot run there), else failed."""
+    if KERNEL_MISSING_FOR_A_DTYPE.search(first_line(str(exc))):
+        return CheckSkip(
+            f"fn cannot run on the inputs in their own dtype ({dtypes}) here, torch has no "
+            f"kernel for it ({explain_error(exc)}): checked in the cast dtype only"
+        )
+    return CheckFailure(
+        f"fn raised on the inputs in their own dtype ({dtypes}): {explain_error(exc)}"
+    )
+
+
 def require_finite_as_in_cast_dtype(ctx: CheckContext, own: CheckContext, dtypes: str) -> Passed:
     """Fail where fn on the inputs in their own dtypes (``own``: ``dtypes``) gives a
     non-finite output or gradient that fn in the cast dtype (``ctx``) gives finite and
@@ -85,9 +100,7 @@ def require_finite_as_in_cast_dtype(ctx: CheckContext, own: CheckContext, dtypes
         vs = [ctx.randn(o.shape, torch.float64) for o in outs]
         narrow = _outputs_and_gradients(own, vs)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
-        raise CheckFailure(
-            f"fn raised on the inputs in their own dtype ({dtypes}): {explain_error(exc)}"
-        ) from None
+        raise raised_in_own_dtype(exc, dtypes) from None
     wide = _outputs_and_gradients(ctx, vs)  # fn's errors in float64 are other checks' findings
     for (what, a), (_, b) in zip(narrow, wide):
         message = _first_lost(what, a, b, dtypes)

@@ -31,7 +31,7 @@ from torchbp.verify.checks.compare import (
 from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import explain_error, outcome_of
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, CheckUnsupported, Passed
-from torchbp.verify.checks.own_dtype import require_finite_as_in_cast_dtype
+from torchbp.verify.checks.own_dtype import raised_in_own_dtype, require_finite_as_in_cast_dtype
 from torchbp.verify.checks.rng import (
     SameRandomNumbers,
     draws_random_numbers,
@@ -487,9 +487,7 @@ def check_reference_dtype(ctx: CheckContext) -> Passed:
     try:
         out_dtypes = [t.dtype for t in float_tensors(own.call(own.fn, own.leaves()))]
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
-        raise CheckFailure(
-            f"fn raised on the inputs in their own dtype ({dtypes}): {explain_error(exc)}"
-        ) from None
+        raise raised_in_own_dtype(exc, dtypes) from None
     cast = str(ctx.dtype).removeprefix("torch.")
     reference, label, caveat = (
         _in_cast_dtype(ctx, out_dtypes),
