@@ -464,3 +464,13 @@ def test_a_fn_without_a_kernel_for_the_inputs_own_dtype_skips_reference_dtype(wi
     report = check_function(_double_without_a_half_kernel, x, reference=reference, checks=checks)
     assert report.ok and report["reference_dtype"].skipped, report
     assert "not implemented for 'Half'" in report["reference_dtype"].message, report
+
+
+def test_a_derivative_beyond_the_narrow_range_times_a_small_grad_output_is_no_overflow():
+    # torch.reciprocal's backward -g * (y * y) at float16 inputs of 0.0039: y * y is
+    # 65746, beyond float16's 65504, and so is the derivative itself; before, a random
+    # normal grad_output of 0.03 made the float64 gradient 1755, 'well inside float16's
+    # range', and reference_dtype without a reference FAILED torch's own reciprocal
+    x = torch.linspace(0.0036, 0.0039, 20).half()
+    report = check_function(torch.reciprocal, x, checks=["reference_dtype"])
+    assert report["reference_dtype"].passed, report

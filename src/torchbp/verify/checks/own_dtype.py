@@ -91,13 +91,21 @@ def raised_in_own_dtype(exc: Exception, dtypes: str) -> CheckFailure | CheckSkip
     )
 
 
+def _random_signs(ctx: CheckContext, shape: torch.Size) -> torch.Tensor:
+    """A float64 grad_output of ``shape`` holding 1 or -1 at random: of magnitude 1, so a
+    gradient well inside the narrow range has its derivatives there too. A random normal
+    one of 0.03 times a derivative beyond it (``1 / x**2`` of float16 0.0039: 65746) is
+    a gradient well inside, that no backward computing the derivative first can give."""
+    return torch.where(ctx.randn(shape, torch.float64) >= 0, 1.0, -1.0).to(torch.float64)
+
+
 def require_finite_as_in_cast_dtype(ctx: CheckContext, own: CheckContext, dtypes: str) -> Passed:
     """Fail where fn on the inputs in their own dtypes (``own``: ``dtypes``) gives a
     non-finite output or gradient that fn in the cast dtype (``ctx``) gives finite and
     well inside the narrow dtype's range (:func:`_judged`); the same grad_outputs for both."""
     try:
         outs = float_tensors(own.call(own.fn, own.leaves()))
-        vs = [ctx.randn(o.shape, torch.float64) for o in outs]
+        vs = [_random_signs(ctx, o.shape) for o in outs]
         narrow = _outputs_and_gradients(own, vs)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
         raise raised_in_own_dtype(exc, dtypes) from None
