@@ -318,3 +318,74 @@ def test_make_fx_of_each_op_and_its_gradient(call, tracing_mode):
     args = (x, target, probabilities, weight)
     traced = make_fx(output_and_grad(BP), tracing_mode=tracing_mode)(*args)
     torch.testing.assert_close(traced(*args), output_and_grad(F)(*args))
+
+
+# Reverse mode along class weights that torch.func wraps below the grad transform (a
+# vmap over the weights, or a jvp taking them as a primal): their requires_grad reads
+# False there, so the wrapper's routing and refusal did not see them, and the fused
+# Function's backward dropped their gradient (0 with probability targets; with class
+# indices 'mean' gave the gradient of its denominator alone).
+
+
+def _reverse_over_wrapped_weights(ns, target, wrap):
+    logits, _, weight, tangent = _weight_case()
+
+    def loss(z, w):
+        return ns.cross_entropy(z, target, weight=w, label_smoothing=0.1)
+
+    if wrap == "vmap":
+        # a loss per weighting: the weights batched by vmap
+        def inner(w):
+            return torch.func.vmap(lambda w2: loss(logits, w2))(torch.stack([w, 2 * w])).sum()
+    else:
+        # a directional derivative along the logits, the weights a primal of the jvp
+        direction = torch.linspace(-1.0, 1.0, logits.numel(), dtype=logits.dtype)
+        direction = direction.reshape(logits.shape)
+
+        def inner(w):
+            zero = torch.zeros_like(w)
+            return torch.func.jvp(loss, (logits, w), (direction, zero))[1]
+
+    return torch.func.grad(inner)(weight)
+
+
+@pytest.mark.parametrize("wrap", ["vmap", "jvp"])
+def test_gradient_of_class_weights_wrapped_by_torch_func_with_probability_targets(wrap):
+    _, probabilities, _, _ = _weight_case()
+    ours = _reverse_over_wrapped_weights(BP, probabilities, wrap)
+    expected = _reverse_over_wrapped_weights(F, probabilities, wrap)
+    assert expected.abs().max() > 0.01  # (a gradient dropped to 0 must fail)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_hessian_of_logits_and_class_weights_by_reverse_over_forward():
+    logits, probabilities, weight, _ = _weight_case()
+
+    def loss(ns):
+        return lambda z, w: ns.cross_entropy(z, probabilities, weight=w, label_smoothing=0.1)
+
+    def hessian(ns):
+        jacobian = torch.func.jacfwd(loss(ns), argnums=(0, 1))
+        return torch.func.jacrev(jacobian, argnums=(0, 1))(logits, weight)
+
+    torch.testing.assert_close(hessian(BP), hessian(F))
+
+
+@pytest.mark.parametrize("wrap", ["vmap", "jvp"])
+def test_gradient_of_class_weights_wrapped_by_torch_func_with_class_indices_is_refused(wrap):
+    match = "cross_entropy: class weights are not differentiable with class-index targets"
+    with pytest.raises(RuntimeError, match=match):
+        _reverse_over_wrapped_weights(BP, torch.tensor([0, 1, 4, 2]), wrap)
+
+
+def test_gradient_of_nll_loss_class_weights_wrapped_by_vmap_is_refused():
+    logits, _, weight, _ = _weight_case()
+    target = torch.tensor([0, 1, 4, 2])
+
+    def inner(w):
+        batched = torch.stack([w, 2 * w])
+        return torch.func.vmap(lambda w2: BP.nll_loss(logits, target, weight=w2))(batched).sum()
+
+    match = "nll_loss: class weights are not differentiable with class-index targets"
+    with pytest.raises(RuntimeError, match=match):
+        torch.func.grad(inner)(weight)

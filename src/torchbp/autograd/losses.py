@@ -113,6 +113,10 @@ class NLLLossFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
+        if ctx.needs_input_grad[2]:
+            # class weights that torch.func wraps (vmap, jvp) below a grad transform: the
+            # wrapper's refusal reads their requires_grad as False; None would be a 0
+            raise class_weight_not_differentiable("nll_loss")
         if grad_rows is None:
             return None, None, None, None
         target, weight, rows = ctx.saved_tensors
@@ -435,6 +439,10 @@ class CrossEntropyFunction(Function):
     @staticmethod
     def backward(ctx, d_loss, d_grad, d_lse):
         grad, target, weight, logits = ctx.saved_tensors
+        if ctx.needs_input_grad[2] and not target.is_floating_point():
+            # class weights that torch.func wraps (vmap, jvp) below a grad transform: the
+            # wrapper's refusal reads their requires_grad as False; None would be a 0
+            raise class_weight_not_differentiable("cross_entropy")
         if ctx.needs_input_grad[1]:
             # the target's gradient is recomputed from the logits (under torch.func ∂ℓ/∂z
             # is saved as well, for jvp: see save_split)

@@ -12,7 +12,7 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks, _native
-from torchbp._execution import shares_storage, values_inspectable
+from torchbp._execution import has_storage, shares_storage, values_inspectable
 from torchbp.autograd import CrossEntropyFunction, NLLLossFunction
 from torchbp.autograd._compile import apply, pair
 from torchbp.autograd.cross_entropy import accumulation_dtype
@@ -88,6 +88,13 @@ def _differentiated_or_traced(t: torch.Tensor | None) -> bool:
     traces again under ``no_grad`` (where a computed tensor no longer requires grad) and
     refuses a graph that differs, so the path taken must not depend on either."""
     return _differentiated(t) or (_traced() and isinstance(t, torch.Tensor))
+
+
+def _wrapped_by_torch_func(weight: torch.Tensor | None) -> bool:
+    """Whether the class weights are torch.func-wrapped (batched by ``vmap``, a primal of
+    ``jvp`` / ``jacfwd``): a grad transform above may differentiate them though their
+    ``requires_grad`` reads False there, and the fused Function holds them constant."""
+    return weight is not None and not has_storage(weight)
 
 
 def _weighted_probability_rows(logits, target, weight, smoothing: float) -> torch.Tensor:
@@ -343,7 +350,7 @@ def cross_entropy(
     if soft:  # promoted with the target and class weights, as native's formula
         common = _probability_loss_dtype(input, target, weight)
         input, target = input.to(common), target.to(common)
-    weight_grad = soft and _differentiated_or_traced(weight)
+    weight_grad = soft and (_differentiated_or_traced(weight) or _wrapped_by_torch_func(weight))
     # With inplace, the (N, C) input itself (not a view of it) is modified and marked dirty.
     logits = input if inplace and not weight_grad else _rows(input, class_dim, classes)
     flat_target = _rows(target, class_dim, classes) if soft else _flat_indices(target)
