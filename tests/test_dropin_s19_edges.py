@@ -266,6 +266,21 @@ def test_label_smoothing_takes_a_complex_tensor_but_not_a_complex_number(loss):
         call(BP, 0.1 + 0j)
 
 
+@pytest.mark.parametrize("complex_type", ["complex64", "complex128"])
+def test_label_smoothing_takes_a_numpy_complex_scalar_with_zero_imaginary_part(complex_type):
+    # native's float argument reads a NumPy scalar through its __float__ (a Python complex
+    # has none): a zero imaginary part is its real part; another is refused (native drops
+    # it with a ComplexWarning)
+    numpy = pytest.importorskip("numpy")
+    logits = torch.randn(4, _CLASSES, generator=torch.Generator().manual_seed(5))
+    target = torch.tensor([0, 1, 4, 2])
+    value = getattr(numpy, complex_type)(0.1)
+    ours = BP.cross_entropy(logits, target, label_smoothing=value)
+    torch.testing.assert_close(ours, F.cross_entropy(logits, target, label_smoothing=0.1))
+    with pytest.raises(TypeError, match="label_smoothing must be a real number"):
+        BP.cross_entropy(logits, target, label_smoothing=getattr(numpy, complex_type)(0.1 + 1j))
+
+
 @pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
 def test_make_fx_of_linear_cross_entropy_and_its_gradient(tracing_mode):
     # the chunked Function's backward writes its matmuls with out=, which make_fx refuses

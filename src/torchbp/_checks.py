@@ -171,10 +171,14 @@ def scalar_argument(op: str, name: str, value) -> float:
 
 def float_argument(op: str, name: str, value) -> float:
     """``value`` as a float, where native takes a ``float`` (``label_smoothing``): as
-    :func:`scalar_argument`, but a Python complex number is refused even with a zero
-    imaginary part (native's argument parser: "must be float, not complex"; a
-    :class:`DTypeError` is its ``TypeError``)."""
-    if isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+    :func:`scalar_argument`, but a complex number without ``__float__`` (a Python
+    complex) is refused even with a zero imaginary part (native's argument parser: "must
+    be float, not complex"; a :class:`DTypeError` is its ``TypeError``). A NumPy complex
+    scalar, which native reads through its ``__float__``, is its real part where its
+    imaginary part is zero, as :func:`scalar_argument` reads it (native drops any other
+    with a ``ComplexWarning``; torchbp refuses it)."""
+    complex_number = isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real)
+    if complex_number and not hasattr(value, "__float__"):
         raise DTypeError(f"{op}: {name} must be a real number, got complex {value!r}")
     return scalar_argument(op, name, value)
 
