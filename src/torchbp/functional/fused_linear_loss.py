@@ -256,10 +256,12 @@ def linear_cross_entropy(
     Function (no vmap rule, no jvp) cannot serve, and a sparse (COO / CSR) input or 2-D
     ``linear_weight``, which it cannot chunk (a sparse K-dim ``linear_weight`` is refused
     by name, where native's reshape fails; a sparse ``linear_bias`` fails in ``linear``,
-    as native's does). So do calls that :func:`torch.export.export` or
-    :func:`torch.jit.trace` records: the chunk loop would fix the batch size in the graph
-    (an export with a dynamic batch dim refuses it; a trace would fail its check), and
-    the unfused pair exports and traces as native's does (with the ``(N, C)`` logits).
+    as native's does). So do calls that :func:`torch.export.export`,
+    :func:`torch.jit.trace` or ``make_fx`` (``torch.func.linearize`` too) records: the
+    chunk loop would fix the batch size in the graph (an export with a dynamic batch dim
+    refuses it; a trace would fail its check; make_fx refuses the backward's ``out=``
+    matmuls), and the unfused pair exports and traces as native's does (with the
+    ``(N, C)`` logits).
 
     Examples::
 
