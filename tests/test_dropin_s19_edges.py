@@ -246,6 +246,25 @@ def test_complex_number_argument_with_an_imaginary_part_is_refused(call, value):
         _SCALAR_CALLS[call](BP, x, value)
 
 
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (torch.tensor([0.5 + 0j]), r"got a tensor of shape \(1,\)"),
+        (torch.tensor(0.5 + 0j, requires_grad=True), "a tensor that requires grad"),
+    ],
+    ids=["shape-(1,)", "requires-grad"],
+)
+@pytest.mark.parametrize("call", list(_SCALAR_CALLS))
+def test_complex_tensor_argument_that_is_no_number_is_refused_for_that(call, value, match):
+    # native: "must be Number, not Tensor" (a TypeError) whatever the tensor's dtype; the
+    # message names the tensor's shape or its gradient, not its imaginary part (zero)
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    with pytest.raises(TypeError, match="must be Number, not Tensor"):
+        _SCALAR_CALLS[call](F, x, value)
+    with pytest.raises(TypeError, match=match):
+        _SCALAR_CALLS[call](BP, x, value)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
 def test_label_smoothing_takes_a_complex_tensor_but_not_a_complex_number(loss):
     # native's label_smoothing is a float: a Python complex is a TypeError even with a

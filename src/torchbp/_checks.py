@@ -144,29 +144,38 @@ def scalar_argument(op: str, name: str, value) -> float:
         return float(value)
     if isinstance(value, numbers.Real):
         return float(value)
-    if isinstance(value, numbers.Complex) or (
-        isinstance(value, torch.Tensor) and value.is_complex()
-    ):
-        real = _real_part_if_real(value)
-        if real is not None:
-            return real
-        # native cannot convert it ('value cannot be converted to type float without
-        # overflow', a RuntimeError): DTypeError is that and a TypeError
-        shown = "a complex tensor" if isinstance(value, torch.Tensor) else f"complex {value!r}"
-        raise DTypeError(f"{op}: {name} must be a real number, got {shown}")
     if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise TypeError(
-                f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)} "
-                "(only a 0-dim tensor stands for a number)"
-            )
-        if value.requires_grad:
-            raise TypeError(
-                f"{op}: {name} must be a number; a tensor that requires grad would lose "
-                "its gradient (pass a float, or a detached 0-dim tensor)"
-            )
-        return float(value.item())
+        _check_number_tensor(op, name, value)
+        if not value.is_complex():
+            return float(value.item())
+        return _real_part(op, name, complex(value.item()), "a complex tensor")
+    if isinstance(value, numbers.Complex):
+        return _real_part(op, name, value, f"complex {value!r}")
     raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def _check_number_tensor(op: str, name: str, value: torch.Tensor) -> None:
+    """A ``TypeError`` where the tensor ``value`` cannot stand for a Number, whatever its
+    dtype (native: "must be Number, not Tensor"): more than 0 dims, or requires grad."""
+    if value.dim() != 0:
+        raise TypeError(
+            f"{op}: {name} must be a number, got a tensor of shape {tuple(value.shape)} "
+            "(only a 0-dim tensor stands for a number)"
+        )
+    if value.requires_grad:
+        raise TypeError(
+            f"{op}: {name} must be a number; a tensor that requires grad would lose "
+            "its gradient (pass a float, or a detached 0-dim tensor)"
+        )
+
+
+def _real_part(op: str, name: str, value: numbers.Complex, shown: str) -> float:
+    """The real part of the complex ``value`` whose imaginary part is zero, as native
+    converts it. Native cannot convert another ("value cannot be converted to type float
+    without overflow", a RuntimeError): a :class:`DTypeError`, that and a TypeError."""
+    if value.imag == 0:
+        return float(value.real)
+    raise DTypeError(f"{op}: {name} must be a real number, got {shown}")
 
 
 def float_argument(op: str, name: str, value) -> float:
@@ -181,16 +190,6 @@ def float_argument(op: str, name: str, value) -> float:
     if complex_number and not hasattr(value, "__float__"):
         raise DTypeError(f"{op}: {name} must be a real number, got complex {value!r}")
     return scalar_argument(op, name, value)
-
-
-def _real_part_if_real(value) -> float | None:
-    """The real part of a complex number, or of a 0-dim complex tensor that does not
-    require grad, whose imaginary part is zero; ``None`` for any other."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or value.requires_grad:
-            return None
-        value = complex(value.item())
-    return float(value.real) if value.imag == 0 else None
 
 
 def int_argument(op: str, name: str, value) -> int:
