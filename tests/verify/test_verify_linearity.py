@@ -451,3 +451,30 @@ def test_a_shift_invariant_fn_of_large_inputs_passes_forward_ad(fn, scale):
     assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, raise_exception=False)
     report = check_function(fn, x, checks=["forward_ad"])
     assert report["forward_ad"].passed, report
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [torch.sign, lambda t: 3 * t + torch.sign(t)],
+    ids=["sign", "a line with a step"],
+)
+def test_a_jump_at_every_element_is_no_dense_vector_finding(fn):
+    # a step at 0: its central differences there are a jump over 2 eps (1 / eps), no
+    # derivative, which gradcheck's one-hot comparison excuses; before, 'backward for
+    # dense random grad_outputs v disagrees with central differences along a random
+    # direction u: v^T J u is 0 from backward, 1.65883e+06 from central differences'
+    # (and jvp likewise) for the 0 gradient of torch's own sign
+    report = check_function(fn, torch.zeros(3, 4), checks=["gradcheck", "forward_ad"])
+    assert report.ok, report
+
+
+def test_a_wrong_gradient_beside_a_jump_still_fails_for_dense_grad_outputs():
+    # the elements off the jump are still compared: 2 x (right) off 0, wrong for dense
+    # grad_outputs only
+    x = torch.cat([torch.zeros(4), seeded(8)])
+    fn = square_function(_scaled_when_dense, identity)
+    report = check_function(lambda t: fn.apply(t) + torch.sign(t), x, checks=["gradcheck"])
+    assert report["gradcheck"].failed, report
+    assert "another path for a grad_output with several nonzeros" in (
+        report["gradcheck"].message
+    ), report

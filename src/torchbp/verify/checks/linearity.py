@@ -309,16 +309,18 @@ def _require_backward_along(
         return
     vs = [ctx.randn(outs[o].shape, outs[o].dtype).to(torch.float64) for o in wanted]
     us = direction_of()
+    quotients = _quotients_where_fn_runs(ctx, leaves, us, refusal_skips)
+    if quotients is None:
+        return
+    pick = {name: [per_output[o] for o in wanted] for name, per_output in quotients.items()}
+    # no grad_output at a jump: its central difference there is no derivative
+    vs = [v.masked_fill(jump, 0.0) for v, jump in zip(vs, pick["jump"])]
     # copies: a backward writing into grad_output is grad_output_safety's finding
     given = [v.to(outs[o].dtype, copy=True) for o, v in zip(wanted, vs)]
     grads = input_grads([outs[o] for o in wanted], leaves, given, allow_unused=True)
     backward = sum(
         float((g.detach().to(torch.float64) * u).sum()) for g, u in zip(grads, us) if g is not None
     )
-    quotients = _quotients_where_fn_runs(ctx, leaves, us, refusal_skips)
-    if quotients is None:
-        return
-    pick = {name: [per_output[o] for o in wanted] for name, per_output in quotients.items()}
     central = sum(float((d * v).sum()) for d, v in zip(pick["central"], vs))
     low, high = one_sided_bracket(pick["left"], pick["right"], vs)
     terms = _magnitude_of_terms(grads, us, pick["central"], vs)
@@ -352,14 +354,32 @@ def _quotients_where_fn_runs(
     direction moves every element by ``eps / sqrt(n)``, a sum by ``sqrt(n) eps``, off a
     domain that one-hot steps of ``eps`` keep to (a probability vector whose sum fn
     checks to 1e-5), and fn's refusal there says nothing of its derivatives. Without
-    ``refusal_skips`` fn's error propagates (to the near-edge usage error)."""
-    eps = float(ctx.options.eps)
-    if not refusal_skips:
-        return directional_quotients(ctx.diff_fn, inputs, us, eps)
+    ``refusal_skips`` fn's error propagates (to the near-edge usage error). Also
+    ``"jump"``, per output, where fn jumps (:func:`_jumps`)."""
     try:
-        return directional_quotients(ctx.diff_fn, inputs, us, eps)
+        return _quotients_and_jumps(ctx, inputs, us)
     except Exception:  # noqa: BLE001 - fn refusing the moved inputs: nothing to judge
+        if not refusal_skips:
+            raise
         return None
+
+
+def _quotients_and_jumps(
+    ctx: CheckContext, inputs: list[torch.Tensor], us: list[torch.Tensor]
+) -> dict[str, list[torch.Tensor]]:
+    """fn's difference quotients along ``us`` with ``"jump"``: per output, where its
+    central difference doubles when ``eps`` halves, as over a jump (sign at 0: 1 / eps),
+    a step no derivative spans and gradcheck's one-hot comparison excuses too
+    (:func:`~torchbp.verify.checks.jacobians.excuse_non_differentiable`)."""
+    eps = float(ctx.options.eps)
+    quotients = directional_quotients(ctx.diff_fn, inputs, us, eps)
+    halved = directional_quotients(ctx.diff_fn, inputs, us, eps / 2)["central"]
+    atol = float(ctx.options.atol)
+    quotients["jump"] = [
+        (central.abs() > atol) & ((half - 2 * central).abs() <= 0.1 * central.abs())
+        for central, half in zip(quotients["central"], halved)
+    ]
+    return quotients
 
 
 def _rounding(value: torch.Tensor, eps: float) -> torch.Tensor:
@@ -485,6 +505,7 @@ def _require_jvp_along(
             & torch.isfinite(central)
             & torch.isfinite(left)
             & torch.isfinite(right)
+            & ~quotients["jump"][o]
         )
         wrong = judged & ~inside
         if bool(wrong.any()):
