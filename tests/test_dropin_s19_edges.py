@@ -423,3 +423,17 @@ def test_gradient_of_nll_loss_class_weights_wrapped_by_vmap_is_refused():
     match = "nll_loss: class weights are not differentiable with class-index targets"
     with pytest.raises(RuntimeError, match=match):
         torch.func.grad(inner)(weight)
+
+
+def test_gradient_of_class_weights_batched_by_eager_vmap_with_probability_targets():
+    # plain autograd through vmap over weights that require grad (an ensemble of
+    # weightings): the batched weights' requires_grad reads False inside vmap
+    logits, probabilities, weight, _ = _weight_case()
+    grads = []
+    for ns in (BP, F):
+        weights = torch.stack([weight, 2 * weight + 1]).requires_grad_()
+        losses = torch.func.vmap(lambda w, ns=ns: ns.cross_entropy(logits, probabilities, weight=w))
+        losses(weights).sum().backward()
+        grads.append(weights.grad)
+    assert grads[1] is not None and grads[1].abs().max() > 0.01
+    torch.testing.assert_close(grads[0], grads[1])
