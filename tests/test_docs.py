@@ -342,15 +342,27 @@ def _unknown_verify_flags(flags: list[str]) -> list[str]:
     return ["--" + f for f in flags if "--" + f not in known]
 
 
+#: the configs ``torchbp-train`` bundles; the repository's ``configs/`` links here (a link an
+#: sdist cannot hold: its ``configs/X.yaml`` is this folder's ``X.yaml``)
+_BUNDLED_CONFIGS = ROOT / "src/torchbp/lightning/configs"
+
+
+def _config_file_exists(name: str) -> bool:
+    if (ROOT / name).is_file():
+        return True
+    folder, _, file = name.rpartition("/")
+    return folder == "configs" and (_BUNDLED_CONFIGS / file).is_file()
+
+
 def _unknown_configs(snippet: str) -> list[str]:
     """``--config NAME`` must name a bundled config, ``--config dir/file.yaml`` a file of the
-    repository (``path/to/...`` is a placeholder)."""
-    bundled = {p.stem for p in (ROOT / "src/torchbp/lightning/configs").glob("*.yaml")}
+    repository, ``configs/X.yaml`` one of the bundled files (``path/to/...`` is a placeholder)."""
+    bundled = {p.stem for p in _BUNDLED_CONFIGS.glob("*.yaml")}
     unknown = []
     for name in _CONFIG.findall(snippet):
         if name.startswith("path/to/"):
             continue
-        exists = (ROOT / name).is_file() if "/" in name else name in bundled
+        exists = _config_file_exists(name) if "/" in name else name in bundled
         if not exists:
             unknown.append(name)
     return unknown

@@ -38,7 +38,7 @@ def test_bundled_configs_are_package_data():
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["torchbp"]
-    package = REPO / "src/torchbp"
+    package = CONFIG_DIR.parents[1]  # the imported torchbp: the checkout's or an installed one
     for path in bundled_configs().values():
         rel = path.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(rel, pattern) for pattern in patterns), rel
