@@ -92,7 +92,9 @@ class NLLLossFunction(Function):
     the target column. ``ignore_index=None`` promises that every target is a class index
     in ``[0, C)`` (the wrapper checks it), which skips the masks. Saves the target and
     weight (and the (M,) loss rows, for double backward: do not modify them in place;
-    ``nll_loss(reduction='none')`` hands out a copy), never ``logp`` (native saves it)."""
+    ``nll_loss(reduction='none')`` hands out a copy), never ``logp`` (native saves it).
+    The class weights are not differentiable, as native's: a backward or jvp asked for
+    their gradient raises."""
 
     generate_vmap_rule = True
 
@@ -403,7 +405,10 @@ class CrossEntropyFunction(Function):
     ``inplace=True`` the gradient is written over the logits (marked dirty) instead of
     into a new buffer. Returns ``(ℓ, ∂ℓ/∂z, lse)``; the wrappers expose ``ℓ``. The second
     output is the Function's own buffer: a backward that frees the graph scales it in
-    place and hands it over as the logits' gradient, so do not keep it.
+    place and hands it over as the logits' gradient, so do not keep it. The class
+    weights have a tangent (jvp) with probabilities but no gradient: with class indices
+    a backward or jvp asked for one raises, as native refuses them; with probabilities
+    the wrapper computes native's formula instead where they need one.
     """
 
     generate_vmap_rule = True
