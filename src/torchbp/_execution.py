@@ -16,10 +16,16 @@ without it.
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 #: Whether Dynamo answers ``torch.compiler.is_exporting()`` by torch.export's flag: torch
 #: 2.11's Dynamo (and torch's before it) folds it to True under every torch.compile.
 _DYNAMO_READS_EXPORT_FLAG = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+# bound once: compiling_or_tracing() runs on every call, where looking the name up in
+# torch's namespace each time costs as much as the call
+_autocast_cache_enabled = torch.is_autocast_cache_enabled
 
 
 def exporting() -> bool:
@@ -38,22 +44,45 @@ def exporting() -> bool:
 
 def values_inspectable(t: torch.Tensor) -> bool:
     """Whether code may look at ``t``'s values or write into buffers of its own. Not while
-    torch.compile traces; not on a tensor without values: a meta tensor, or a fake one
-    (FakeTensorMode, as torch's shape and memory estimates use), whose storage is on the
+    torch.compile or make_fx traces (:func:`compiling_or_tracing`); not on a tensor
+    without values: a meta tensor, or a fake one (FakeTensorMode, as torch's shape and
+    memory estimates and make_fx's fake and symbolic tracing use), whose storage is on the
     meta device; not on a tensor without storage (:func:`has_storage`): torch.func-wrapped
     or batched, where data-dependent control flow and in-place writes mixing batched and
     plain tensors are illegal, or sparse; and not while a CUDA graph is being captured on
     the current stream, where a host sync is illegal."""
-    return not torch.compiler.is_compiling() and _has_values(t)
+    return not compiling_or_tracing() and _has_values(t)
+
+
+def compiling_or_tracing() -> bool:
+    """Whether torch.compile traces the running code, or ``make_fx`` records it with real
+    tensors (its default ``tracing_mode="real"``, which ``torch.func.linearize`` runs): a
+    value read there (``.item()``, ``int()``) is refused ("trying to get value out of a
+    tracing tensor"), and an ``out=`` op is recorded into a graph that refuses it when
+    replayed on inputs that require grad.
+
+    make_fx is asked (``get_proxy_mode()``, ~0.4 us) only while the autocast cache is off
+    (~0.03 us to ask), as make_fx turns it off while it traces
+    (``tests/test_dropin_make_fx_real.py`` fails should a torch stop). That flag is the
+    thread's own: a backward on a device thread (CUDA's) does not see it, so
+    :func:`_has_values` asks make_fx itself about a device tensor."""
+    if torch.compiler.is_compiling():
+        return True
+    return not _autocast_cache_enabled() and get_proxy_mode() is not None
 
 
 def _has_values(t: torch.Tensor) -> bool:
-    """:func:`values_inspectable` but for the torch.compile check, which callers asking
-    about several tensors make once."""
+    """:func:`values_inspectable` but for the :func:`compiling_or_tracing` check, which
+    callers asking about several tensors make once. A device tensor's backward may run on
+    a device thread, where that check cannot see make_fx's trace: make_fx is asked here
+    about a device tensor (0.4 us, less than a kernel launch)."""
     storage = _storage(t)
     if storage is None or _on_meta(t, storage):
         return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    if t.is_cpu:
+        return True
+    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    return not capturing and get_proxy_mode() is None
 
 
 def _on_meta(t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
@@ -118,10 +147,10 @@ def dense(t: torch.Tensor) -> bool:
 def first_order_eager(*tensors: torch.Tensor) -> bool:
     """Whether a backward reading ``tensors`` (the incoming gradient ``g`` and what it
     saved) runs first-order and eagerly (grad mode off, no torch.func wrapper, not
-    compiling, no forward-mode AD tangent on any of them) on :func:`dense` tensors: then
-    nothing differentiates its result, and a fast kernel with in-place ops may compute
-    it."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    compiling nor traced by make_fx, no forward-mode AD tangent on any of them) on
+    :func:`dense` tensors: then nothing differentiates its result, and a fast kernel with
+    in-place ops may compute it."""
+    if torch.is_grad_enabled() or compiling_or_tracing():
         return False
     # a plain loop, each question once: this runs in every activation's backward, where
     # a generator in ``all`` and a compile check per tensor cost more than the answers

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.autograd import Function
 
-from torchbp._execution import any_without_storage, has_storage
+from torchbp._execution import any_without_storage, compiling_or_tracing, has_storage
 
 if TYPE_CHECKING:
     from torchbp.per_sample.recorder import Recorder
@@ -152,10 +152,13 @@ class LinearFunction(Function):
             return torch.addmm(bias, x, weight.t())
         if bias is None:
             return torch.matmul(x, weight.t())
-        if torch.compiler.is_compiling():
+        if compiling_or_tracing():
             # out of place while compiling: torch 2.11's compiled backward of a Function
             # whose forward adds into its fresh output in place (add_, resize_) got every
-            # gradient wrong; the compiled graph fuses the add anyway
+            # gradient wrong; the compiled graph fuses the add anyway. And while make_fx
+            # traces: its graph, run on inputs that require grad, refuses the resize_
+            # ("cannot resize variables that require grad"), and torch.func.linearize,
+            # which folds the matmul into a constant (a leaf that requires grad), the add_
             return torch.matmul(x, weight.t()) + bias
         if _bias_in_gemm(x, weight, bias):
             return _addmm_rows(x, weight, bias)
