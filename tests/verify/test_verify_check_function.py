@@ -6,6 +6,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +177,18 @@ def test_detached_output_is_reported():
             lambda: check_function(lambda x, d: x * d["s"], _x(3), {"s": 2.0}),
             TypeError,
             r"input 1 is a dict.*functools.partial\(fn, key=value\)",
+        ),
+        # a function or a NumPy number: torch.as_tensor, the advice given before, is no
+        # way to pass an activation argument, and a NumPy dim is a number
+        (
+            lambda: check_function(lambda x, act: act(x), _x(3), torch.tanh),
+            TypeError,
+            r"input 1 is a builtin_function_or_method.*functools.partial\(fn, key=value\)",
+        ),
+        (
+            lambda: check_function(torch.sum, _x(3, 4), np.int64(1)),
+            TypeError,
+            r"input 1 is a int64.*a Python number: int\(value\) or float\(value\)",
         ),
         (lambda: check_function(torch.tanh), ValueError, "at least one example input"),
         (lambda: check_function(torch.tanh, 3.0), TypeError, "none of the inputs is a tensor"),

@@ -79,19 +79,24 @@ def _function_apply(fn: Any) -> Any:
 
 def _how_to_pass(value: Any) -> str:
     """How to pass an input check_function does not take (the end of a sentence): tensors
-    inside a container as separate inputs, a dict bound in a wrapper of fn, anything else
-    converted to a tensor."""
+    inside a container as separate inputs, a dict or a callable bound in a wrapper of fn,
+    a NumPy number as a Python one, anything else converted to a tensor."""
     items = value.values() if isinstance(value, dict) else value
     if isinstance(value, tuple | list | dict) and any(isinstance(e, torch.Tensor) for e in items):
         return (
             " holding tensors; check_function differentiates tensors given as separate "
             "inputs: pass them so and wrap fn, e.g. lambda a, b: fn([a, b])"
         )
-    if isinstance(value, dict):
+    if isinstance(value, dict) or callable(value):
         return (
             "; inputs are tensors, scalars and tuples or lists of scalars: bind it in a "
             "wrapper of fn, e.g. functools.partial(fn, key=value) for keyword arguments or "
-            "lambda x: fn(x, {...})"
+            "lambda x: fn(x, value)"
+        )
+    if isinstance(value, numbers.Number):
+        return (
+            "; pass a number (a dim, a scale) as a Python number: int(value) or "
+            "float(value), or a value to differentiate as a tensor: torch.as_tensor(value)"
         )
     return (
         "; inputs must be tensors (or plain Python scalars such as a dim argument, "
