@@ -302,6 +302,42 @@ def test_batch_counts_under_ddp_are_those_of_each_process(option, message):
         check_batch_counts("fit", data, _ddp_trainer(2, **option))
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"fast_dev_run": True, "min_epochs": 3},  # Lightning runs one batch, as asked
+        {"fast_dev_run": 2, "min_steps": 50},
+        {"max_epochs": -1, "min_epochs": 3},  # no maximum
+        {"max_steps": -1, "min_steps": 50, "max_epochs": 5},
+        {"min_epochs": 2, "max_epochs": 2},
+    ],
+    ids=["fast_dev_run_epochs", "fast_dev_run_steps", "no_max_epochs", "no_max_steps", "equal"],
+)
+def test_training_length_takes_a_minimum_that_can_hold(option):
+    """``--trainer.fast_dev_run`` (a one-batch check of a config whose min_epochs or
+    min_steps is above 1) was refused as a minimum above the maximum: Lightning sets that
+    maximum to 1 epoch and n steps itself, and means to."""
+    from torchbp.lightning.run_checks import check_training_length
+
+    check_training_length("fit", _ddp_trainer(1, **option))
+
+
+@pytest.mark.parametrize("interval", ["00:00:01:00", {"minutes": 1}], ids=["str", "dict"])
+def test_time_based_val_check_interval_passes_the_checks(interval):
+    """Lightning 2.6 validates every ``val_check_interval`` of wall time given as
+    ``DD:HH:MM:SS``, a dict or a timedelta, and then leaves ``trainer.val_check_interval``
+    unset: the checks raised an AttributeError traceback."""
+    from torchbp.lightning.data import DigitsDataModule
+    from torchbp.lightning.run_checks import check_batch_counts, check_trainer_intervals
+
+    try:
+        trainer = _ddp_trainer(1, val_check_interval=interval)
+    except Exception as e:  # Lightning < 2.6 takes a number of batches or a fraction only
+        pytest.skip(f"this Lightning has no time-based val_check_interval: {e}")
+    check_trainer_intervals("fit", trainer)
+    check_batch_counts("fit", DigitsDataModule(batch_size=32), trainer)
+
+
 # -- seeds --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("environment", "num_nodes", "cause"),

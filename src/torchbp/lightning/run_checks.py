@@ -298,10 +298,10 @@ def check_trainer_intervals(subcommand: str | None, trainer: pl.Trainer) -> None
     if subcommand != "fit":
         return
     for name, wanted in _COUNTS_FROM_ONE.items():
-        value = getattr(trainer, name)
+        value = getattr(trainer, name, None)  # val_check_interval: see _batch_val_check_interval
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise ValueError(f"trainer.{name} must be {wanted}, got {value}")
-    if trainer.val_check_interval == 0.0:
+    if _batch_val_check_interval(trainer) == 0.0:
         raise ValueError(
             f"trainer.val_check_interval must be {_COUNTS_FROM_ONE['val_check_interval']}, "
             "got 0.0 (Lightning would validate after every batch: give 1 for that; "
@@ -309,11 +309,19 @@ def check_trainer_intervals(subcommand: str | None, trainer: pl.Trainer) -> None
         )
 
 
+def _batch_val_check_interval(trainer: pl.Trainer) -> int | float | None:
+    """``trainer.val_check_interval`` in batches or as a fraction of the epoch; None for a
+    time-based one (Lightning 2.6+: ``DD:HH:MM:SS``, a dict or a timedelta), which Lightning
+    keeps elsewhere and leaves that attribute unset for."""
+    return getattr(trainer, "val_check_interval", None)
+
+
 def check_training_length(subcommand: str | None, trainer: pl.Trainer) -> None:
     """Refuse a ``fit`` whose ``min_epochs`` is above ``max_epochs`` (or ``min_steps``
     above ``max_steps``), as a ``ValueError``: Lightning takes both and stops at the
-    maximum, so the minimum asked for never held. ``-1`` (or ``None``) is no maximum."""
-    if subcommand != "fit":
+    maximum, so the minimum asked for never held. ``-1`` (or ``None``) is no maximum;
+    ``fast_dev_run`` sets its own maximum (one epoch of n batches) on purpose."""
+    if subcommand != "fit" or trainer.fast_dev_run:
         return
     for unit in ("epochs", "steps"):
         least, most = getattr(trainer, f"min_{unit}"), getattr(trainer, f"max_{unit}")
@@ -362,7 +370,7 @@ def check_batch_counts(subcommand: str | None, datamodule: Any, trainer: pl.Trai
                 f"batches{_of_process(rank, world)} (a fraction of them, rounded down); give "
                 f"at least {_fraction_of_one_batch(length)}, or a number of batches (an int)"
             )
-    every = trainer.val_check_interval
+    every = _batch_val_check_interval(trainer)
     if subcommand != "fit" or not isinstance(every, int) or isinstance(every, bool):
         return
     if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
