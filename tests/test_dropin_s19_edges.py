@@ -437,3 +437,15 @@ def test_gradient_of_class_weights_batched_by_eager_vmap_with_probability_target
         grads.append(weights.grad)
     assert grads[1] is not None and grads[1].abs().max() > 0.01
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compiled_vmap_over_class_weights_with_probability_targets():
+    # (has_storage of a batched tensor while Dynamo traces fails: asked only eagerly)
+    logits, probabilities, weight, _ = _weight_case()
+    weights = torch.stack([weight, 2 * weight + 1])
+
+    def losses(ns):
+        return torch.func.vmap(lambda w: ns.cross_entropy(logits, probabilities, weight=w))
+
+    compiled = torch.compile(losses(BP), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(weights), losses(F)(weights))

@@ -93,8 +93,11 @@ def _differentiated_or_traced(t: torch.Tensor | None) -> bool:
 def _wrapped_by_torch_func(weight: torch.Tensor | None) -> bool:
     """Whether the class weights are torch.func-wrapped (batched by ``vmap``, a primal of
     ``jvp`` / ``jacfwd``): a grad transform above may differentiate them though their
-    ``requires_grad`` reads False there, and the fused Function holds them constant."""
-    return weight is not None and not has_storage(weight)
+    ``requires_grad`` reads False there, and the fused Function holds them constant.
+    (Never while torch.compile traces: its tensors under vmap have no storage to ask.)"""
+    if weight is None or torch.compiler.is_compiling():
+        return False
+    return not has_storage(weight)
 
 
 def _weighted_probability_rows(logits, target, weight, smoothing: float) -> torch.Tensor:
