@@ -449,3 +449,40 @@ def test_compiled_vmap_over_class_weights_with_probability_targets():
 
     compiled = torch.compile(losses(BP), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(weights), losses(F)(weights))
+
+
+# No class (C = 0) with probability targets, label smoothing and class weights that need
+# a gradient or carry a tangent: the smoothing term ε/C divided by zero in Python
+# (ZeroDivisionError) where native returns its loss (NaN for 'mean', -0 otherwise).
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_no_class_probability_targets_with_differentiated_class_weights(reduction, smoothing):
+    logits, probabilities = torch.randn(3, 0), torch.rand(3, 0)
+    results = []
+    for ns in (BP, F):
+        weight = torch.rand(0, requires_grad=True)
+        loss = ns.cross_entropy(
+            logits, probabilities, weight=weight, reduction=reduction, label_smoothing=smoothing
+        )
+        results.append((loss, *torch.autograd.grad(loss.sum(), weight, allow_unused=True)))
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_no_class_probability_targets_with_dual_class_weights(reduction, smoothing):
+    logits, probabilities = torch.randn(3, 0), torch.rand(3, 0)
+    results = []
+    for ns in (BP, F):
+        with torch.autograd.forward_ad.dual_level():
+            weight = torch.autograd.forward_ad.make_dual(torch.rand(0), torch.rand(0))
+            loss = ns.cross_entropy(
+                logits, probabilities, weight=weight, reduction=reduction, label_smoothing=smoothing
+            )
+            results.append(tuple(torch.autograd.forward_ad.unpack_dual(loss)))
+    if reduction == "mean":
+        # the loss is NaN (0 / 0 rows): torchbp's tangent is NaN with it, native's -0
+        results = [primal for primal, _ in results]
+    torch.testing.assert_close(results[0], results[1], equal_nan=True)

@@ -374,7 +374,10 @@ def ce_weight_jvp(logits, target, smoothing, d_weight) -> CERows:
     probability target (M, C), from the logits (M, C). With ``B = w ⊙ t'``,
     ``t' = (1-ε) t + ε/C``: ``dB = dw ⊙ t'``."""
     acc = accumulation_dtype(logits.dtype)
-    smoothed = (1 - smoothing) * target.to(acc) + smoothing / logits.shape[1]
+    classes = logits.shape[1]
+    # without classes (C = 0) there is nothing to share the smoothing among
+    uniform_share = smoothing / classes if classes else 0.0
+    smoothed = (1 - smoothing) * target.to(acc) + uniform_share
     return _tangents_along_b(logits, d_weight.to(acc) * smoothed)
 
 

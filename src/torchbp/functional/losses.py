@@ -105,7 +105,7 @@ def _weighted_probability_rows(logits, target, weight, smoothing: float) -> torc
     probabilities: native's formula, on torchbp's log-softmax, for class weights that need
     their gradient ``∂ℓ_i/∂w_c = -t'_ic logp_ic`` (the fused Function holds them constant)."""
     logp = log_softmax(logits, 1)
-    if smoothing:
+    if smoothing and logits.shape[1]:  # (with no class, C = 0, there is nothing to smooth)
         target = target * (1 - smoothing) + smoothing / logits.shape[1]
     return -(logp * target * weight).sum(1)
 
