@@ -153,3 +153,15 @@ def test_a_deterministic_fn_with_a_nan_output_is_not_taken_for_a_random_one():
     report = check_function(torch.log, x, reference=torch.log, checks=["reference_dtype"])
     assert report["reference_dtype"].passed, report
     assert "draws random numbers" not in report["reference_dtype"].caveat
+
+
+def test_torch_reciprocal_against_itself_passes_reference_dtype_where_its_derivative_overflows():
+    # torch.reciprocal's derivative at float16 0.0039 (65746) lies beyond float16's range:
+    # its backward gives inf for every grad_output, and the reference run in float64 gives
+    # 0.03 * 65746 = 1755 for a random normal grad_output of 0.03, rounded to float16 and
+    # finite; before, reference_dtype FAILED torch.reciprocal against itself ('max abs
+    # error inf'); grad_outputs of 1 or -1 keep such a gradient beyond the range in both
+    x = torch.linspace(0.0036, 0.0039, 20).half()
+    checks = ["reference", "reference_dtype"]
+    report = check_function(torch.reciprocal, x, reference=torch.reciprocal, checks=checks)
+    assert report.ok and report["reference_dtype"].passed, report

@@ -19,7 +19,12 @@ from torchbp.verify.checks.context import CheckContext
 from torchbp.verify.checks.explain import KERNEL_MISSING_FOR_A_DTYPE, explain_error, first_line
 from torchbp.verify.checks.outcomes import CheckFailure, CheckSkip, Passed
 
-__all__ = ["HEADROOM", "raised_in_own_dtype", "require_finite_as_in_cast_dtype"]
+__all__ = [
+    "HEADROOM",
+    "grad_output_from_one_to_two",
+    "raised_in_own_dtype",
+    "require_finite_as_in_cast_dtype",
+]
 
 #: How far inside the narrow dtype's largest finite value fn's float64 value must lie to
 #: be judged: rounding to the narrow dtype may carry a value just below it over.
@@ -91,12 +96,17 @@ def raised_in_own_dtype(exc: Exception, dtypes: str) -> CheckFailure | CheckSkip
     )
 
 
-def _random_signs(ctx: CheckContext, shape: torch.Size) -> torch.Tensor:
-    """A float64 grad_output of ``shape`` holding 1 or -1 at random: of magnitude 1, so a
-    gradient well inside the narrow range has its derivatives there too. A random normal
-    one of 0.03 times a derivative beyond it (``1 / x**2`` of float16 0.0039: 65746) is
-    a gradient well inside, that no backward computing the derivative first can give."""
-    return torch.where(ctx.randn(shape, torch.float64) >= 0, 1.0, -1.0).to(torch.float64)
+def grad_output_from_one_to_two(
+    ctx: CheckContext, shape: torch.Size, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """A random grad_output of ``shape`` and ``dtype``, each element of magnitude between
+    1 and 2 (and a random sign): a gradient well inside the narrow range has its
+    derivatives there too, where a random normal element of 0.03 times a derivative
+    beyond it (``1 / x**2`` of float16 0.0039: 65746) is a gradient well inside, that no
+    backward computing the derivative first can give; and not 1 itself, which float16
+    holds exactly, hiding a backward that rounds grad_output through it."""
+    r = ctx.randn(shape, torch.float64)
+    return (torch.where(r >= 0, 1.0, -1.0) * (1.0 + r.abs().frac())).to(dtype)
 
 
 def require_finite_as_in_cast_dtype(ctx: CheckContext, own: CheckContext, dtypes: str) -> Passed:
@@ -105,7 +115,7 @@ def require_finite_as_in_cast_dtype(ctx: CheckContext, own: CheckContext, dtypes
     well inside the narrow dtype's range (:func:`_judged`); the same grad_outputs for both."""
     try:
         outs = float_tensors(own.call(own.fn, own.leaves()))
-        vs = [_random_signs(ctx, o.shape) for o in outs]
+        vs = [grad_output_from_one_to_two(ctx, o.shape) for o in outs]
         narrow = _outputs_and_gradients(own, vs)
     except Exception as exc:  # noqa: BLE001 - fn's own error, in words
         raise raised_in_own_dtype(exc, dtypes) from None
