@@ -169,7 +169,7 @@ def _check_number_tensor(op: str, name: str, value: torch.Tensor) -> None:
         )
 
 
-def _real_part(op: str, name: str, value: numbers.Complex, shown: str) -> float:
+def _real_part(op: str, name: str, value: complex | numbers.Complex, shown: str) -> float:
     """The real part of the complex ``value`` whose imaginary part is zero, as native
     converts it. Native cannot convert another ("value cannot be converted to type float
     without overflow", a RuntimeError): a :class:`DTypeError`, that and a TypeError."""

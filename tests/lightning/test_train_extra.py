@@ -64,7 +64,7 @@ def test_console_script_prints_one_line_and_exits_1():
     problem; 2 is a bad command line)."""
     code = (
         "sys.argv = ['/venv/bin/torchbp-train', 'fit']\n"
-        "from torchbp.lightning.cli import main\n"
+        "from torchbp._train_command import main\n"
         "sys.exit(main())\n"
     )
     out = _run("jsonargparse", code)
