@@ -59,9 +59,9 @@ def test_import_names_the_train_extra(missing):
 
 
 def test_console_script_prints_one_line_and_exits_1():
-    """The console script's wrapper imports ``torchbp.lightning.cli`` before ``main`` runs:
-    the error is one line on stderr (no traceback), and the status is 1 (an installation
-    problem; 2 is a bad command line)."""
+    """The console script's entry point (``torchbp._train_command.main``, outside the
+    package whose import fails) prints the error as one line on stderr (no traceback), and
+    the status is 1 (an installation problem; 2 is a bad command line)."""
     code = (
         "sys.argv = ['/venv/bin/torchbp-train', 'fit']\n"
         "from torchbp._train_command import main\n"
@@ -74,7 +74,7 @@ def test_console_script_prints_one_line_and_exits_1():
 
 
 def test_other_programs_keep_the_traceback():
-    """Only ``torchbp-train`` trims the error to one line: a user's script importing the
+    """Only ``torchbp-train`` prints the error as one line: a user's script importing the
     package without the extra gets Python's usual traceback, ending with the same message."""
     out = _run("jsonargparse", "sys.argv = ['train.py']\nimport torchbp.lightning\n")
     assert out.returncode == 1
