@@ -128,20 +128,7 @@ def test_make_fx_real_traces_each_op_as_native(name, traced):
     torch.testing.assert_close(graph(*(new[k] for k in _ARGS)), expected)
 
 
-# linearize folds every op on the primal into a constant, a leaf that requires grad where
-# the weight does: cross-entropy's forward computes exp(s) in place (exp_) unless
-# torch.compile traces, refused on such a constant. autograd/cross_entropy.py's
-# ``in_place`` is to ask _execution.compiling_or_tracing() (then this mark goes)
-_LINEARIZE_XFAIL = {
-    "linear_cross_entropy": pytest.mark.xfail(
-        strict=True, reason="cross_entropy's in-place exp_ under linearize's constant folding"
-    )
-}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=_LINEARIZE_XFAIL.get(name, ())) for name in _CALLS]
-)
+@pytest.mark.parametrize("name", _CALLS)
 def test_linearize_of_each_op_as_native_jvp(name):
     example, tangent = _inputs(0), _inputs(1)
     x = example["x"].detach()

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from torchbp._execution import has_storage, values_inspectable
+from torchbp._execution import compiling_or_tracing, has_storage, values_inspectable
 
 # What ignore_index None (no row is ignored) stands for where a value is needed: no class
 # index is negative, so this matches no target.
@@ -239,8 +239,9 @@ def ce_rows(z, target, weight, ignore_index, smoothing, out=None) -> CERows:
     early = early_terms(coef, s, keep)  # taken before s may be overwritten by e = exp(s)
     # exp(s) over s, and ∂ℓ/∂z in e's buffer, only eagerly: torch.compile, tracing the
     # forward under torch.func.grad, records these ops for autograd (gather's backward, in
-    # early_terms, keeps s), and its compiled graph needs no buffer reuse anyway
-    in_place = not torch.compiler.is_compiling()
+    # early_terms, keeps s), and its compiled graph needs no buffer reuse anyway; make_fx
+    # (torch.func.linearize) folds s into a constant that may not be written in place
+    in_place = not compiling_or_tracing()
     # e = exp(s), evaluated once per logit; Σ e >= 1 because the max contributes e^0
     e = (s.exp() if out is None else torch.exp(s, out=out)) if keep or not in_place else s.exp_()
     total = e.sum(1, keepdim=True)
