@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -178,3 +180,21 @@ def grads(fn, *inputs, grad_output=None):
         grad_output = make(out.shape, out.dtype, out.device, seed=99)
     out.backward(grad_output)
     return out.detach(), [t.grad for t in leaves]
+
+
+def run_on_another_thread(work: Callable[[], object]) -> None:
+    """Run ``work`` on a new thread and wait for it; its exception, if any, is raised again
+    on the calling thread (as CUDA's autograd engine runs a backward on a device thread)."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - raised again on the caller's thread
+            errors.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]

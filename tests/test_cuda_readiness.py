@@ -14,13 +14,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests._support import CUDA, UNARY
+from tests._support import CUDA, UNARY, run_on_another_thread
 from torch.utils.checkpoint import checkpoint
 
 import torchbp
@@ -43,19 +42,7 @@ def _backward_as_on_the_device(loss: torch.Tensor) -> None:
     if loss.is_cuda:
         loss.backward()
         return
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            loss.backward()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
+    run_on_another_thread(loss.backward)
 
 
 def _grad_samples(model, x, target, *, reentrant: bool, device_thread: bool):

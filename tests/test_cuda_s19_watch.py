@@ -24,6 +24,7 @@ import threading
 
 import pytest
 import torch
+from tests._support import run_on_another_thread
 from torch import nn
 from torch.overrides import TorchFunctionMode, has_torch_function
 from torch.utils.checkpoint import checkpoint
@@ -52,20 +53,12 @@ class EngineOnAnotherThread(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in _BACKWARDS:
             return func(*args, **kwargs)
-        errors: list[BaseException] = []
 
         def run() -> None:
             self.threads.append(threading.get_ident())
-            try:
-                func(*args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-                errors.append(exc)
+            func(*args, **kwargs)
 
-        worker = threading.Thread(target=run)
-        worker.start()
-        worker.join()
-        if errors:
-            raise errors[0]
+        run_on_another_thread(run)
         return None
 
 

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from tests._support import run_on_another_thread
 from tests.per_sample._truth import assert_matches_truth, per_sample_truth, summed_cross_entropy
 from torch import nn
 from torch.nn.utils import parametrize
@@ -95,19 +96,7 @@ def test_frozen_weight_norm_of_two_originals_served_and_a_trainable_one_refused(
 def _backward_on_another_thread(loss: torch.Tensor) -> None:
     """``loss.backward()`` on a thread of its own, where no context is open: as a CUDA
     backward runs a reentrant checkpoint's recomputation on the device's autograd thread."""
-    errors = []
-
-    def backward() -> None:
-        try:
-            loss.backward()
-        except Exception as error:  # re-raised on the calling thread
-            errors.append(error)
-
-    thread = threading.Thread(target=backward)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    run_on_another_thread(loss.backward)
 
 
 def test_a_reentrant_checkpoint_recomputed_on_another_thread_is_recorded():

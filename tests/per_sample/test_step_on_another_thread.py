@@ -15,11 +15,11 @@ autograd thread) in the other modes.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import pytest
 import torch
+from tests._support import run_on_another_thread
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -47,19 +47,7 @@ def _loss(out: torch.Tensor, temperature: nn.Parameter, y: torch.Tensor) -> torc
 
 def _on_a_thread_of_its_own(work: Callable[[], None]) -> None:
     """Run ``work`` on a new thread; re-raise its error here."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as error:  # re-raised on the calling thread
-            errors.append(error)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-    if errors:
-        raise errors[0]
+    run_on_another_thread(work)
 
 
 def test_forward_loss_and_backward_on_another_thread_refused_at_the_forward():
