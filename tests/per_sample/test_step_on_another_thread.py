@@ -238,3 +238,43 @@ def test_a_forward_with_grad_on_another_thread_refused_whatever_its_output_holds
         with per_sample_grads(model, mode="clip", max_norm=0.1):
             _on_a_thread_of_its_own(lambda: _loss(model(x).logits, temperature, y).backward())
     assert all(p.grad is None for p in [*model.parameters(), temperature])
+
+
+def _run_the_model(model: nn.Module, x: torch.Tensor, reentrant_checkpoint: bool) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    if reentrant_checkpoint:
+        return checkpoint(model, x.detach().requires_grad_(), use_reentrant=True)
+    return model(x)
+
+
+@pytest.mark.parametrize("worker_checkpoints", [False, True], ids=["worker", "worker-checkpoint"])
+@pytest.mark.parametrize("step_checkpoints", [False, True], ids=["step", "step-checkpoint"])
+def test_a_refused_forward_on_another_thread_leaves_the_step_on_the_entering_thread_as_it_was(
+    worker_checkpoints, step_checkpoints
+):
+    """The refusal comes as the worker's forward ends, after its Linear calls were filed:
+    with its error kept (as a ``concurrent.futures.Future`` keeps it, its traceback holding
+    the forward's graph or its checkpoint's node), the correct step that follows on the
+    entering thread was refused as one whose Linears are split across reentrant checkpoint
+    segments (the worker's calls taken as the step's). It is served as without it."""
+    model, reference, (x, y) = _model(), _model(), _data()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        out = _run_the_model(reference, x, step_checkpoints)
+        nn.functional.cross_entropy(out, y, reduction="sum").backward()
+    kept: list[BaseException] = []
+
+    def forward_on_a_worker() -> None:
+        try:
+            _run_the_model(model, 3 * x, worker_checkpoints)
+        except RuntimeError as error:
+            kept.append(error)
+
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        _on_a_thread_of_its_own(forward_on_a_worker)
+        out = _run_the_model(model, x, step_checkpoints)
+        nn.functional.cross_entropy(out, y, reduction="sum").backward()
+    assert len(kept) == 1 and "ran on a thread other than" in str(kept[0])
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

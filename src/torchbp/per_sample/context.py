@@ -279,6 +279,8 @@ class PerSampleGrads:
                 return
             if inside_reentrant_checkpoint() or not _can_join_a_graph(output):
                 return
+            # (its Linear calls, filed as they ran, must not split the next step's)
+            self._recorder.segments.forget_this_thread()
             refusals.refuse_forward_on_another_thread()
 
         return refuse_forward_on_another_thread

@@ -472,10 +472,12 @@ class SegmentMap:
 
     def __init__(self) -> None:
         self.checked = False
-        # (Use, name of the module that made it) for the calls made outside any segment
-        self._outside: list[tuple[weakref.ref, str]] = []
+        # (Use, name of the module that made it, thread) for the calls made outside any segment
+        self._outside: list[tuple[weakref.ref, str, int]] = []
         # per outermost segment (its checkpoint's node): {path of segment serials: names}
         self._inside: MutableMapping[Any, dict[tuple, list[str]]] = weakref.WeakKeyDictionary()
+        # per outermost segment: the thread its forward ran on
+        self._threads: MutableMapping[Any, int] = weakref.WeakKeyDictionary()
         self._serials: MutableMapping[Any, int] = weakref.WeakKeyDictionary()
 
     def note(self, use: Use, caller: str) -> None:
@@ -485,13 +487,27 @@ class SegmentMap:
         nodes = running_checkpoint_segments()
         if nodes is None:
             return
+        thread = threading.get_ident()
         if not nodes:
-            self._outside.append((weakref.ref(use), caller))
+            self._outside.append((weakref.ref(use), caller, thread))
             return
+        self._threads.setdefault(nodes[0], thread)
         path = tuple(self._serials.setdefault(node, len(self._serials)) for node in nodes)
         names = self._inside.setdefault(nodes[0], {}).setdefault(path, [])
         if caller not in names:
             names.append(caller)
+
+    def forget_this_thread(self) -> None:
+        """Drop what was noted on this thread: the calls of a forward refused as it ends
+        (clip mode's model forward on another thread), which would otherwise stay while
+        its error lives (a ``concurrent.futures.Future`` keeps it, the forward's graph or
+        its checkpoint's node in the traceback) and split the next step's calls into
+        segments, refusing that correct step."""
+        thread = threading.get_ident()
+        self._outside = [note for note in self._outside if note[2] != thread]
+        for node in [node for node, ran_on in self._threads.items() if ran_on == thread]:
+            self._inside.pop(node, None)
+            del self._threads[node]
 
     def ran_model_calls(self, node) -> bool:
         """Whether the reentrant checkpoint of ``node`` is the outermost segment of a noted
@@ -502,13 +518,13 @@ class SegmentMap:
         """The names of the modules that made the calls still in a graph, by segment path
         (``()``: outside any segment); marks the check done and drops what was noted."""
         groups: dict[tuple, list[str]] = {}
-        outside = list(dict.fromkeys(name for use, name in self._outside if use() is not None))
+        outside = list(dict.fromkeys(name for use, name, _ in self._outside if use() is not None))
         if outside:
             groups[()] = outside
         for paths in list(self._inside.values()):
             groups.update(paths)
         self.checked = True
-        self._outside, self._inside, self._serials = [], {}, {}
+        self._outside, self._inside, self._threads, self._serials = [], {}, {}, {}
         return groups
 
 
