@@ -174,11 +174,36 @@ def test_make_fx_real_is_told_apart_from_eager():
 @CUDA
 @pytest.mark.parametrize("name", ["silu", "relu-inplace", "cross_entropy", "linear_cross_entropy"])
 def test_make_fx_real_traces_cuda_gradients_as_native(name):
-    # a CUDA backward runs on a device thread, where make_fx's autocast-cache flag is not
-    # set: the tensor's device sends the question to make_fx itself
+    # a CUDA backward runs on a device thread, which sees make_fx's dispatch mode (not the
+    # thread's autocast-cache flag, which make_fx turns off)
     if name not in _CALLS:
         pytest.skip("native linear_cross_entropy: torch 2.13+")
     example, new = _inputs(0, "cuda"), _inputs(1, "cuda")
     graph = make_fx(_forward_and_grads(TF, name))(*(example[k] for k in _ARGS))
     expected = _forward_and_grads(F, name)(*(new[k] for k in _ARGS))
+    torch.testing.assert_close(graph(*(new[k] for k in _ARGS)), expected)
+
+
+def _under_autocast_cache(ns, name: str):
+    """:func:`_forward_and_grads` inside ``torch.autocast("cpu", enabled=False,
+    cache_enabled=True)``: what the deprecated ``torch.cpu.amp.autocast(enabled=False)``
+    and ``torch.cuda.amp.autocast(...)`` enter by default (``cache_enabled=True``), which
+    turns back on the autocast cache that make_fx turns off while it traces."""
+    traced = _forward_and_grads(ns, name)
+
+    def run(*args):
+        with torch.autocast("cpu", enabled=False, cache_enabled=True):
+            return traced(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["relu-inplace", "linear-3d-bias", "nll_loss", "cross_entropy"])
+def test_make_fx_real_is_told_with_the_autocast_cache_turned_back_on(name):
+    # the trace was told by the autocast cache being off: a region that turns it back on
+    # ran the value checks on tracing tensors ("trying to get value out of a tracing
+    # tensor") and recorded the out= backward kernels
+    example, new = _inputs(0), _inputs(1)
+    graph = make_fx(_under_autocast_cache(TF, name))(*(example[k] for k in _ARGS))
+    expected = _under_autocast_cache(F, name)(*(new[k] for k in _ARGS))
     torch.testing.assert_close(graph(*(new[k] for k in _ARGS)), expected)

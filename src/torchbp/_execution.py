@@ -23,11 +23,6 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 _DYNAMO_READS_EXPORT_FLAG = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
-# bound once: compiling_or_tracing() runs on every call, where looking the name up in
-# torch's namespace each time costs as much as the call
-_autocast_cache_enabled = torch.is_autocast_cache_enabled
-
-
 def exporting() -> bool:
     """Whether :func:`torch.export.export` records the running code (strict or not).
 
@@ -61,28 +56,25 @@ def compiling_or_tracing() -> bool:
     tracing tensor"), and an ``out=`` op is recorded into a graph that refuses it when
     replayed on inputs that require grad.
 
-    make_fx is asked (``get_proxy_mode()``, ~0.4 us) only while the autocast cache is off
-    (~0.03 us to ask), as make_fx turns it off while it traces
-    (``tests/test_dropin_make_fx_real.py`` fails should a torch stop). That flag is the
-    thread's own: a backward on a device thread (CUDA's) does not see it, so
-    :func:`_has_values` asks make_fx itself about a device tensor."""
+    make_fx is asked itself (``get_proxy_mode()``, ~0.4 us). Its dispatch mode reaches
+    the autograd engine's device threads (CUDA's backward), so the answer holds there too.
+    (Asking only while the autocast cache is off, as make_fx turns it off, saved ~0.4 us
+    per query but missed a region that turns the cache back on inside the trace:
+    ``torch.autocast(..., cache_enabled=True)``, the deprecated
+    ``torch.cpu.amp.autocast(enabled=False)``; and that flag is not seen on device
+    threads.)"""
     if torch.compiler.is_compiling():
         return True
-    return not _autocast_cache_enabled() and get_proxy_mode() is not None
+    return get_proxy_mode() is not None
 
 
 def _has_values(t: torch.Tensor) -> bool:
     """:func:`values_inspectable` but for the :func:`compiling_or_tracing` check, which
-    callers asking about several tensors make once. A device tensor's backward may run on
-    a device thread, where that check cannot see make_fx's trace: make_fx is asked here
-    about a device tensor (0.4 us, less than a kernel launch)."""
+    callers asking about several tensors make once."""
     storage = _storage(t)
     if storage is None or _on_meta(t, storage):
         return False
-    if t.is_cpu:
-        return True
-    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    return not capturing and get_proxy_mode() is None
+    return t.is_cpu or not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _on_meta(t: torch.Tensor, storage: torch.UntypedStorage) -> bool:
