@@ -278,3 +278,22 @@ def test_a_refused_forward_on_another_thread_leaves_the_step_on_the_entering_thr
     torch.testing.assert_close(ps.norms, expected.norms)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("call", ["forward-method", "submodules"])
+def test_the_models_linears_run_on_another_thread_without_its_call_refused_at_their_forward(call):
+    """``model.forward(x)``, or the model's submodules called one by one, on a worker skip
+    the model's own forward hook: the loss built there gave the temperature its unclipped
+    gradient before the backward through the Linears was refused (on CPU; on a GPU, whose
+    backward runs on the device's thread, that backward was not refused at all). Each of
+    the model's Linears refuses its own call there, before any loss exists."""
+    model, temperature, (x, y) = _model(), nn.Parameter(torch.tensor(2.0)), _data()
+
+    def step_on_a_worker() -> None:
+        out = model.forward(x) if call == "forward-method" else model[2](model[1](model[0](x)))
+        _loss(out, temperature, y).backward()
+
+    with pytest.raises(RuntimeError, match=REFUSAL % "the model's forward"):
+        with per_sample_grads(model, mode="clip", max_norm=0.1):
+            _on_a_thread_of_its_own(step_on_a_worker)
+    assert all(p.grad is None for p in [*model.parameters(), temperature])

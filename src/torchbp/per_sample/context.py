@@ -246,6 +246,12 @@ class PerSampleGrads:
                 self._hooks.append(model.register_forward_hook(self._forward_thread_guard(model)))
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
+                if self._outside_guard is not None:
+                    # (``model.forward(x)``, or its submodules called one by one, skip
+                    # the model's own hook)
+                    for name, linear in layer.modules():
+                        guard = self._forward_thread_guard(linear, name)
+                        self._hooks.append(linear.register_forward_hook(guard))
                 if layer.weight_formed_per_call:
                     parametrization = layer.module.parametrizations.weight
                     hook = self._formed_weight_hook(weakref.ref(parametrization))
@@ -257,19 +263,20 @@ class PerSampleGrads:
                 )
                 self._recorder.watch_stray = self._watch_stray
 
-    def _forward_thread_guard(self, model: nn.Module):
-        """(clip mode) A forward hook for ``model`` refusing a forward on a thread other
-        than the one that entered the context, whose torch function mode alone watches
-        for trainable parameters outside the model, if its output can join a graph (an
-        output requiring grad, or the model run by a reentrant checkpoint's forward,
-        whose output does): a loss built on that thread could give one an unclipped
-        gradient, unseen. An evaluation forward without grad there is let be (a
-        background evaluation thread). A checkpoint's recomputation of the model in the
-        backward (on a device's autograd thread) is let be: one inside a backward the
-        watch saw start, or inside a reentrant checkpoint's backward (on a torch where
-        ``torch.autograd.backward`` is not a torch function, the watch sees
-        ``loss.backward()`` only); and so is a copy of the model (``copy.deepcopy``
-        copies its hooks)."""
+    def _forward_thread_guard(self, model: nn.Module, linear_name: str | None = None):
+        """(clip mode) A forward hook for ``model`` (or one of its Linears, named
+        ``linear_name``: called without the model's own call, its hook is skipped)
+        refusing a forward on a thread other than the one that entered the context,
+        whose torch function mode alone watches for trainable parameters outside the
+        model, if its output can join a graph (an output requiring grad, or the model
+        run by a reentrant checkpoint's forward, whose output does): a loss built on
+        that thread could give one an unclipped gradient, unseen. An evaluation forward
+        without grad there is let be (a background evaluation thread). A checkpoint's
+        recomputation of the model in the backward (on a device's autograd thread) is
+        let be: one inside a backward the watch saw start, or inside a reentrant
+        checkpoint's backward (on a torch where ``torch.autograd.backward`` is not a
+        torch function, the watch sees ``loss.backward()`` only); and so is a copy of
+        the model (``copy.deepcopy`` copies its hooks)."""
         guarded = weakref.ref(model)
 
         def refuse_forward_on_another_thread(module: nn.Module, args: tuple, output) -> None:
@@ -281,7 +288,7 @@ class PerSampleGrads:
                 return
             # (its Linear calls, filed as they ran, must not split the next step's)
             self._recorder.segments.forget_this_thread()
-            refusals.refuse_forward_on_another_thread()
+            refusals.refuse_forward_on_another_thread(linear_name)
 
         return refuse_forward_on_another_thread
 
@@ -861,10 +868,11 @@ def per_sample_grads(
             parameter, autocast or ``torch.compile``, such a parameter change, ...),
             named; in clip mode, at the forward, a trainable parameter outside the
             model that its output depends on, and at the backward one used after the
-            model or inside a reentrant checkpoint; and the model's forward with grad
-            (or inside a reentrant checkpoint's forward; or, on CPU, a backward through
-            its Linears) on a thread other than the one that entered the context, whose
-            torch function mode alone watches for such parameters.
+            model or inside a reentrant checkpoint; and the model's forward, or a call
+            of one of its Linears, with grad (or inside a reentrant checkpoint's forward;
+            or, on CPU, a backward through its Linears) on a thread other than the one
+            that entered the context, whose torch function mode alone watches for
+            such parameters.
 
     Examples::
 

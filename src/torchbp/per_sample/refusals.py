@@ -85,18 +85,20 @@ def refuse_exit_on_another_thread() -> None:
     )
 
 
-def refuse_forward_on_another_thread() -> None:
-    """(clip mode) Raise for a forward of the model whose output can join a graph, on a
-    thread other than the one that entered the context: the torch function mode watching
-    for trainable parameters outside the model is active on that thread only, so a loss
+def refuse_forward_on_another_thread(linear_name: str | None = None) -> None:
+    """(clip mode) Raise for a forward of the model (or of its Linear ``linear_name``,
+    called without the model's own call) whose output can join a graph, on a thread
+    other than the one that entered the context: the torch function mode watching for
+    trainable parameters outside the model is active on that thread only, so a loss
     computed here could give one an unclipped gradient, unseen.
 
     Raises:
         RuntimeError: always, naming the way out.
     """
+    linear = "" if linear_name is None else f" (its Linear {linear_name!r} called there)"
     raise RuntimeError(
         "per_sample_grads: in mode='clip' the model's forward ran on a thread other than "
-        "the one that entered the context; the context watches for trainable parameters "
+        f"the one that entered the context{linear}; the context watches for trainable parameters "
         "outside the model (which would get an unclipped gradient) with a torch function "
         "mode, active on its own thread only: run the step's forward, loss and backward "
         "on the thread of the with block (enter the context on the worker thread); an "
