@@ -62,6 +62,25 @@ def test_a_parameter_free_checkpoint_in_the_loss_inside_the_context_served():
         torch.testing.assert_close(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("preserve_rng_state", [True, False])
+def test_an_identity_checkpoint_in_the_loss_inside_the_context_served(preserve_rng_state):
+    """A segment returning its input makes no torch call of its own: it is seen run by
+    the checkpoint's own calls made with grad mode off around it (its ``no_grad`` block,
+    the reads of its inputs' properties), without the random state's save too."""
+    model, x = _model(), torch.randn(5, 4)
+    reference = _model()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        _loss(reference(x)).backward()
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+        out = checkpoint(
+            lambda t: t, model(x), use_reentrant=True, preserve_rng_state=preserve_rng_state
+        )
+        _loss(out).backward()
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_the_model_run_inside_a_checkpoint_of_its_own_inside_the_context_served():
     """``checkpoint(model, x)`` inside the context: the segment that ran the model's
     Linears is seen run, and served as without the checkpoint."""
