@@ -215,6 +215,31 @@ def test_a_heads_checkpoint_made_on_a_worker_thread_refused_before_the_device_th
     _assert_no_mode_left()
 
 
+@pytest.mark.parametrize("call", ["forward-method", "submodules"])
+def test_the_models_linears_run_on_a_worker_without_its_call_refused_before_any_gradient(
+    device, call
+):
+    """``model.forward(x)`` (or its submodules one by one) on a worker thread skips the
+    model's own forward hook; a loss with a temperature built there and its
+    ``loss.backward()``, which CUDA's engine runs on the device thread, gave the
+    temperature an unclipped gradient with nothing refused (the Linear backward's thread
+    check is CPU's only). Each of the model's Linears refuses its call there, before any
+    loss exists."""
+    model, (temperature, _) = _model(device), _temperature(device)
+    x, y = _data(device)
+
+    def step_on_a_worker() -> None:
+        out = model.forward(x) if call == "forward-method" else model[2](model[1](model[0](x)))
+        _loss(out / temperature, y).backward()
+
+    with pytest.raises(RuntimeError, match="the model's forward ran on a thread other than"):
+        with per_sample_grads(model, mode="clip", max_norm=1.0):
+            run_on_another_thread(step_on_a_worker)
+    assert all(p.grad is None for p in [*model.parameters(), temperature])
+    _assert_no_mode_left()
+    _assert_the_next_steps_served(model, device)
+
+
 def test_a_parameter_free_checkpoint_after_the_models_is_served_on_the_device_thread(device):
     """Two reentrant checkpoints run inside the context, the model's and a parameter-free
     one on its output (whose graph below shows no parameter): both seen run, served with
