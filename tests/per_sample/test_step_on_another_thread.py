@@ -179,6 +179,44 @@ def test_an_evaluation_forward_without_grad_on_another_thread_let_be(without_gra
         torch.testing.assert_close(p.grad, q.grad)
 
 
+class _CheckpointingInside(nn.Module):
+    """A model whose forward runs its layers as one reentrant checkpoint segment."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, x, use_reentrant=True)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_an_evaluation_forward_of_a_model_checkpointing_inside_on_another_thread_let_be():
+    """Its Linears run inside the checkpoint's segment, whose output could join a graph;
+    the model's call as a whole, under ``torch.no_grad()``, cannot: judged by the model's
+    own hook as it ends, it is let be (its Linears' guards, added for calls made without
+    the model's, refused it)."""
+    model, reference, (x, y) = _CheckpointingInside(_model()), _model(), _data()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    evaluated = []
+    with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
+
+        def evaluate() -> None:
+            with torch.no_grad():
+                evaluated.append(model(x))
+
+        _on_a_thread_of_its_own(evaluate)
+        out = model(x.detach().requires_grad_())
+        nn.functional.cross_entropy(out, y, reduction="sum").backward()
+    torch.testing.assert_close(evaluated[0], reference(x))
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def test_a_reentrant_checkpoint_of_the_model_on_another_thread_refused():
     """Its forward runs the model with grad mode off, and its output joins a graph."""
     from torch.utils.checkpoint import checkpoint

@@ -130,6 +130,8 @@ class PerSampleGrads:
         # trainable tensors of every linear call refused at its backward (see _watch_stray)
         self._results_hook: RemovableHandle | None = None
         self._watched: list[torch.Tensor] = []
+        # (clip mode) per thread, ``depth``: how many calls of the model are running there
+        self._model_calls_running = threading.local()
         # the multi-gradient hook that fires once per backward, at the first parameter it
         # reaches (see _on_a_backward_reaching_parameters)
         self._start_hook: RemovableHandle | None = None
@@ -244,6 +246,9 @@ class PerSampleGrads:
                 model, guard = self._outside_guard
                 self._hooks.append(model.register_forward_hook(guard, with_kwargs=True))
                 self._hooks.append(model.register_forward_hook(self._forward_thread_guard(model)))
+                enter, leave = self._model_call_tracking(model)
+                self._hooks.append(model.register_forward_pre_hook(enter, prepend=True))
+                self._hooks.append(model.register_forward_hook(leave, always_call=True))
             for layer in self._layers:
                 self._hooks += self._recorder.track_calls(layer)
                 if self._outside_guard is not None:
@@ -278,10 +283,15 @@ class PerSampleGrads:
         torch function, the watch sees ``loss.backward()`` only); and so is a copy of
         the model (``copy.deepcopy`` copies its hooks)."""
         guarded = weakref.ref(model)
+        running = self._model_calls_running
 
         def refuse_forward_on_another_thread(module: nn.Module, args: tuple, output) -> None:
             if module is not guarded() or torch.compiler.is_compiling():
                 return  # (a compiled model is refused at the backward)
+            if linear_name is not None and getattr(running, "depth", 0):
+                # inside the model's call, whose own hook judges its output as it ends
+                # (an evaluation forward under no_grad whose model checkpoints a segment)
+                return
             if self._thread in (None, threading.get_ident()) or self._recorder.backward_seen():
                 return
             if inside_reentrant_checkpoint() or not _can_join_a_graph(output):
@@ -291,6 +301,24 @@ class PerSampleGrads:
             refusals.refuse_forward_on_another_thread(linear_name)
 
         return refuse_forward_on_another_thread
+
+    def _model_call_tracking(self, model: nn.Module) -> tuple[Callable, Callable]:
+        """(clip mode) A forward pre-hook and an always-called forward hook for
+        ``model`` keeping, per thread, how many of its calls are running
+        (:attr:`_model_calls_running`), for its Linears' thread guards."""
+        guarded = weakref.ref(model)
+        running = self._model_calls_running
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            if module is guarded():
+                running.depth = getattr(running, "depth", 0) + 1
+
+        def leave(module: nn.Module, args: tuple, output) -> None:
+            # (also after an error in a pre-hook that ran before ``enter``: always_call)
+            if module is guarded():
+                running.depth = max(getattr(running, "depth", 0) - 1, 0)
+
+        return enter, leave
 
     def _formed_weight_hook(self, guarded: weakref.ref):
         """A forward hook for the parametrization (``torch.nn.utils.parametrize``) of a
