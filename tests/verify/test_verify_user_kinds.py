@@ -154,7 +154,7 @@ CORRECT = {
     ),
     "embedding": (uk.Embedding, lambda: (_TOKENS, seeded(4, 3)), F.embedding),
     "complex_mul": (uk.ComplexMul, lambda: (_complex(3, 4), _complex(3, 4, seed=1)), torch.mul),
-    "abs_squared": (uk.AbsSquared, lambda: (_complex(3, 4),), lambda z: z.abs() ** 2),
+    "abs_squared": (uk.SquaredMagnitude, lambda: (_complex(3, 4),), lambda z: z.abs() ** 2),
     "gather": (uk.Gather, lambda: (seeded(3, 4), 1, _GATHER_INDEX), torch.gather),
     "exp_in_place": (uk.ExpInplace, lambda: (seeded(3, 4),), torch.exp),
     "cosine_once": (uk.CosineSim, lambda: (seeded(3, 4), seeded(3, 4, seed=1)), None),

@@ -19,6 +19,7 @@ import enum
 import math
 
 import torch
+from tests.verify.real_world import SquaredMagnitude  # |z|^2, complex to real: 2 g z
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
@@ -472,20 +473,6 @@ class ComplexMul(Function):
         return g * w.conj(), g * z.conj()
 
 
-class AbsSquared(Function):
-    """|z|^2, complex to real: PyTorch's (conjugate Wirtinger) gradient is 2 g z."""
-
-    @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return (z * z.conj()).real
-
-    @staticmethod
-    def backward(ctx, g):
-        (z,) = ctx.saved_tensors
-        return 2 * g * z
-
-
 class Gather(Function):
     """gather along an int dim, the index holding duplicates: scatter_add sums them."""
 
@@ -786,7 +773,7 @@ class ComplexMulNoConj(ComplexMul):
         return g * w, g * z
 
 
-class AbsSquaredConj(AbsSquared):
+class AbsSquaredConj(SquaredMagnitude):
     """Wrong convention: 2 g conj(z)."""
 
     @staticmethod
