@@ -45,6 +45,21 @@ def _loss(out: torch.Tensor, temperature: nn.Parameter, y: torch.Tensor) -> torc
     return nn.functional.cross_entropy(out / temperature, y, reduction="sum")
 
 
+def _step_on_this_thread(x: torch.Tensor, y: torch.Tensor):
+    """The step alone, on this thread: a fresh model and its clip context (for ``norms``)."""
+    reference = _model()
+    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
+        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    return reference, expected
+
+
+def _assert_served_as(ps, model: nn.Module, expected, reference: nn.Module) -> None:
+    """The step gave the norms and clipped gradients of the step alone."""
+    torch.testing.assert_close(ps.norms, expected.norms)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def _on_a_thread_of_its_own(work: Callable[[], None]) -> None:
     """Run ``work`` on a new thread; re-raise its error here."""
     run_on_another_thread(work)
@@ -124,15 +139,11 @@ def test_a_backward_seen_starting_on_the_entering_thread_may_run_on_another():
     """Entered below the context's watch, the mode hands it the backward first: seen
     starting (its graph walked), it is served wherever the engine runs it."""
     model, (x, y) = _model(), _data()
-    reference = _model()
-    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
-        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    reference, expected = _step_on_this_thread(x, y)
     with _BackwardOnAWorker():
         with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
             nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
-    torch.testing.assert_close(ps.norms, expected.norms)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+    _assert_served_as(ps, model, expected, reference)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -144,16 +155,12 @@ def test_a_checkpoint_recomputing_the_model_in_a_backward_on_another_thread_serv
     from torch.utils.checkpoint import checkpoint
 
     model, (x, y) = _model(), _data()
-    reference = _model()
-    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
-        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    reference, expected = _step_on_this_thread(x, y)
     with _BackwardOnAWorker():
         with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
             out = checkpoint(model, x.requires_grad_(), use_reentrant=reentrant)
             nn.functional.cross_entropy(out, y, reduction="sum").backward()
-    torch.testing.assert_close(ps.norms, expected.norms)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+    _assert_served_as(ps, model, expected, reference)
 
 
 @pytest.mark.parametrize("without_grad", [torch.no_grad, torch.inference_mode])
@@ -161,9 +168,8 @@ def test_an_evaluation_forward_without_grad_on_another_thread_let_be(without_gra
     """An evaluation thread running the model without grad while a step's context is open
     (its output joins no graph, so no loss built there can reach a parameter through it)
     was refused; the step is served as without it."""
-    model, reference, (x, y) = _model(), _model(), _data()
-    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
-        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    model, (x, y) = _model(), _data()
+    reference, expected = _step_on_this_thread(x, y)
     evaluated = []
     with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
 
@@ -174,9 +180,7 @@ def test_an_evaluation_forward_without_grad_on_another_thread_let_be(without_gra
         _on_a_thread_of_its_own(evaluate)
         nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     torch.testing.assert_close(evaluated[0], reference(x))
-    torch.testing.assert_close(ps.norms, expected.norms)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+    _assert_served_as(ps, model, expected, reference)
 
 
 class _CheckpointingInside(nn.Module):
@@ -198,9 +202,8 @@ def test_an_evaluation_forward_of_a_model_checkpointing_inside_on_another_thread
     the model's call as a whole, under ``torch.no_grad()``, cannot: judged by the model's
     own hook as it ends, it is let be (its Linears' guards, added for calls made without
     the model's, refused it)."""
-    model, reference, (x, y) = _CheckpointingInside(_model()), _model(), _data()
-    with per_sample_grads(reference, mode="clip", max_norm=0.1) as expected:
-        nn.functional.cross_entropy(reference(x), y, reduction="sum").backward()
+    model, (x, y) = _CheckpointingInside(_model()), _data()
+    reference, expected = _step_on_this_thread(x, y)
     evaluated = []
     with per_sample_grads(model, mode="clip", max_norm=0.1) as ps:
 
@@ -212,9 +215,7 @@ def test_an_evaluation_forward_of_a_model_checkpointing_inside_on_another_thread
         out = model(x.detach().requires_grad_())
         nn.functional.cross_entropy(out, y, reduction="sum").backward()
     torch.testing.assert_close(evaluated[0], reference(x))
-    torch.testing.assert_close(ps.norms, expected.norms)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+    _assert_served_as(ps, model, expected, reference)
 
 
 def test_a_reentrant_checkpoint_of_the_model_on_another_thread_refused():
@@ -313,9 +314,7 @@ def test_a_refused_forward_on_another_thread_leaves_the_step_on_the_entering_thr
         out = _run_the_model(model, x, step_checkpoints)
         nn.functional.cross_entropy(out, y, reduction="sum").backward()
     assert len(kept) == 1 and "ran on a thread other than" in str(kept[0])
-    torch.testing.assert_close(ps.norms, expected.norms)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+    _assert_served_as(ps, model, expected, reference)
 
 
 @pytest.mark.parametrize("call", ["forward-method", "submodules"])
