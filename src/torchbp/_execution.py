@@ -63,8 +63,13 @@ def compiling_or_tracing() -> bool:
     ``torch.autocast(..., cache_enabled=True)``, the deprecated
     ``torch.cpu.amp.autocast(enabled=False)``; and that flag is not seen on device
     threads.)"""
-    if torch.compiler.is_compiling():
-        return True
+    return torch.compiler.is_compiling() or make_fx_tracing()
+
+
+def make_fx_tracing() -> bool:
+    """Whether ``make_fx`` (any ``tracing_mode``; ``torch.func.linearize`` runs it) records
+    the running code: its proxy mode is active, on this thread or, carried by autograd, on
+    the engine's device thread."""
     return get_proxy_mode() is not None
 
 

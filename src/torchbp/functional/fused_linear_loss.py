@@ -11,7 +11,7 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function
 
 from torchbp import _checks
-from torchbp._execution import carries_tangent, compiling_or_tracing, exporting, has_storage
+from torchbp._execution import carries_tangent, exporting, has_storage, make_fx_tracing
 from torchbp.autograd import LinearCrossEntropyFunction
 from torchbp.autograd.cross_entropy import accumulation_dtype
 from torchbp.autograd.linear_cross_entropy import chunk_size_from_options, default_chunk_size
@@ -51,7 +51,7 @@ def _exporting_or_tracing() -> bool:
     torch.compile traces, Dynamo records the Function itself: make_fx is not asked.)"""
     if exporting() or torch.jit.is_tracing():
         return True
-    return not torch.compiler.is_compiling() and compiling_or_tracing()
+    return not torch.compiler.is_compiling() and make_fx_tracing()
 
 
 def _wider_than_accumulation(input: torch.Tensor, target: torch.Tensor, weight, soft) -> bool:
